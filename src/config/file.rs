@@ -1,0 +1,176 @@
+//! The config file as written: serde structs that mirror the TOML, with
+//! every default a named constant. Nothing here is validated; `validate.rs`
+//! turns these into a [`super::Config`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Loopback by default: exposing a proxy must be a decision, not an accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Loopback by default: the admin API changes rooms live.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// HAProxy's and nginx's order of magnitude; past this, accepting more only
+/// trades one slow connection for many.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// nginx allows 4 x 8 KiB header buffers; 32 KiB fits any real browser
+/// request with cookies while bounding what a client can make us hold.
+pub const DEFAULT_MAX_HEADER_SIZE: &str = "32KiB";
+/// Envoy's default `max_headers_count`.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Uploads of scanned documents fit; a client cannot stream gigabytes at the
+/// portal unless the operator raises it.
+pub const DEFAULT_MAX_BODY_SIZE: &str = "100MiB";
+/// hyper's and nginx's order (30-60 s): long enough for a phone on a bad
+/// network, short enough that slowloris cannot hold connections.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "30s";
+/// nginx's `keepalive_timeout`.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "75s";
+/// A TLS handshake is a few round trips; 10 s covers a slow phone link.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+/// Below Kubernetes' default 30 s termination grace, so varco exits on its
+/// own before it is killed.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "25s";
+/// Envoy's default connect timeout; nginx's 60 s is far too long to notice
+/// a dead upstream on a click day.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// nginx's `proxy_read_timeout`: time allowed for the response headers.
+pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
+/// Kept at or below common upstream keep-alive timeouts (nginx 75 s, Apache
+/// 5-15 s is the odd one out) so varco rarely reuses a connection the
+/// upstream is closing.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "30s";
+/// nginx's `keepalive 32` per worker, times a few workers.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
+/// How long an upstream that refused a connection is skipped.
+pub const DEFAULT_FAIL_COOLDOWN: &str = "10s";
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub rooms: BTreeMap<String, RawRoom>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: String,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+    /// Peers whose X-Forwarded-* headers are believed (load balancers).
+    pub trusted_proxies: Vec<String>,
+    pub max_connections: usize,
+    pub max_header_size: String,
+    pub max_headers: usize,
+    pub max_body_size: String,
+    pub header_read_timeout: String,
+    pub keepalive_timeout: String,
+    pub tls_handshake_timeout: String,
+    pub shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            workers: 0,
+            tls: None,
+            trusted_proxies: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE.into(),
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_size: DEFAULT_MAX_BODY_SIZE.into(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT.into(),
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub connect_timeout: String,
+    pub response_timeout: String,
+    pub pool_idle_timeout: String,
+    pub pool_max_idle: usize,
+    pub fail_cooldown: String,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT.into(),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT.into(),
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT.into(),
+            pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+            fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// "text" (human-readable) or "json".
+    pub format: String,
+    /// A tracing filter such as "info" or "varco=debug,hyper=warn".
+    pub level: String,
+    /// One line per request on the `varco::access` target.
+    pub access: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".into(),
+            level: "info".into(),
+            access: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoom {
+    pub upstreams: Vec<String>,
+    #[serde(default = "default_hosts")]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_paths")]
+    pub paths: Vec<String>,
+    /// Send the client's Host to the upstream (true) or the upstream's own
+    /// authority (false).
+    #[serde(default = "default_true")]
+    pub preserve_host: bool,
+}
+
+fn default_hosts() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn default_paths() -> Vec<String> {
+    vec!["/".into()]
+}
+
+fn default_true() -> bool {
+    true
+}

@@ -1,0 +1,213 @@
+//! Configuration: the file as written ([`file`]), its units ([`units`]),
+//! and the validated [`Config`] the rest of varco reads ([`validate`]).
+
+pub mod file;
+pub mod units;
+pub mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use ipnet::IpNet;
+
+pub use file::RawConfig;
+
+/// The demo default, embedded so `varco demo` needs no file on disk.
+pub const DEMO_CONFIG: &str = include_str!("../../config/varco.toml");
+
+/// A validated configuration: every value parsed, every default applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub rooms: Vec<RoomConfig>,
+    /// The file as read, with defaults filled in: what `check-config` prints.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub workers: usize,
+    pub tls: Option<TlsConfig>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_body_size: u64,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub fail_cooldown: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub json: bool,
+    pub level: String,
+    pub access: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub name: String,
+    /// Scheme and authority of each upstream, e.g. `http://10.0.0.5:8000`.
+    pub upstreams: Vec<Uri>,
+    pub hosts: Vec<HostPattern>,
+    pub paths: Vec<String>,
+    pub preserve_host: bool,
+}
+
+/// Which request hosts a room answers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Any,
+    /// `*.example.org`: any subdomain (stored as `.example.org`).
+    Suffix(String),
+    Exact(String),
+}
+
+impl HostPattern {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostPattern::Exact(h) => host == h,
+        }
+    }
+
+    /// More specific patterns win ties between rooms with the same path.
+    pub fn specificity(&self) -> u8 {
+        match self {
+            HostPattern::Exact(_) => 2,
+            HostPattern::Suffix(_) => 1,
+            HostPattern::Any => 0,
+        }
+    }
+}
+
+/// One problem in a config: the key it is about and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Every problem found in a config, reported together so an operator fixes
+/// them in one pass.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid config ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    fn one(key: &str, reason: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }])
+    }
+
+    /// True when some problem names this key (tests pin messages by key).
+    pub fn names(&self, key: &str) -> bool {
+        self.0.iter().any(|e| e.key == key)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths inside it
+    /// (TLS files) are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base)
+    }
+
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigErrors::one(
+                &toml_error_key(text, &e),
+                e.message().to_string() + &location(text, &e),
+            )
+        })?;
+        validate::validate(raw, base)
+    }
+
+    /// The resolved config as TOML, every default spelled out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// Names the key a parse error is about: the table it stands in (the last
+/// `[header]` before it) and, for an unknown field, the field itself.
+fn toml_error_key(text: &str, e: &toml::de::Error) -> String {
+    let offset = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
+    let table = text[..offset].lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_string())
+    });
+    let field = match e.message().split('`').nth(1) {
+        Some(f) if e.message().starts_with("unknown field") => Some(f),
+        _ => None,
+    };
+    match (table, field) {
+        (Some(t), Some(f)) => format!("{t}.{f}"),
+        (None, Some(f)) => f.to_string(),
+        (Some(t), None) => t,
+        (None, None) => "(syntax)".to_string(),
+    }
+}
+
+fn location(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}

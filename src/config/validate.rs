@@ -1,0 +1,314 @@
+//! Turns a [`RawConfig`] into a [`Config`], collecting every problem instead
+//! of stopping at the first, each naming its key and how to fix it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use http::Uri;
+use ipnet::IpNet;
+
+use super::units::{parse_duration, parse_size};
+use super::*;
+
+/// hyper refuses a read buffer below 8 KiB, and nothing sane needs more
+/// than 1 MiB of request headers.
+const MIN_HEADER_SIZE: u64 = 8 * 1024;
+const MAX_HEADER_SIZE: u64 = 1 << 20;
+
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, text: &str) -> Duration {
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                self.add(key, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.add(key, e);
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, text: &str) -> u64 {
+        parse_size(text).unwrap_or_else(|e| {
+            self.add(key, e);
+            0
+        })
+    }
+
+    fn addr(&mut self, key: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.add(
+                key,
+                format!("\"{text}\" is not an address: write ip:port, e.g. \"127.0.0.1:8080\" or \"[::]:443\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn positive(&mut self, key: &str, value: usize) {
+        if value == 0 {
+            self.add(key, "must be at least 1");
+        }
+    }
+}
+
+pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
+    let mut p = Problems(Vec::new());
+    let s = &raw.server;
+
+    let listen = p.addr("server.listen", &s.listen);
+    let admin_listen = p.addr("server.admin_listen", &s.admin_listen);
+    if listen == admin_listen && listen.port() != 0 {
+        p.add(
+            "server.admin_listen",
+            format!("must differ from server.listen ({listen}): the admin API needs its own port"),
+        );
+    }
+    let tls = s.tls.as_ref().map(|t| {
+        let cert = base.join(&t.cert);
+        let key = base.join(&t.key);
+        for (k, path) in [("server.tls.cert", &cert), ("server.tls.key", &key)] {
+            if !path.is_file() {
+                p.add(k, format!("{} is not a readable file", path.display()));
+            }
+        }
+        TlsConfig { cert, key }
+    });
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            parse_cidr(t)
+                .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e))
+                .ok()
+        })
+        .collect();
+    p.positive("server.max_connections", s.max_connections);
+    p.positive("server.max_headers", s.max_headers);
+    let max_header_size = p.size("server.max_header_size", &s.max_header_size);
+    if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&max_header_size) {
+        p.add(
+            "server.max_header_size",
+            format!(
+                "\"{}\" is out of range: use 8KiB to 1MiB",
+                s.max_header_size
+            ),
+        );
+    }
+    let max_body_size = p.size("server.max_body_size", &s.max_body_size);
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        workers: s.workers,
+        tls,
+        trusted_proxies,
+        max_connections: s.max_connections,
+        max_header_size: max_header_size as usize,
+        max_headers: s.max_headers,
+        max_body_size,
+        header_read_timeout: p.duration("server.header_read_timeout", &s.header_read_timeout),
+        keepalive_timeout: p.duration("server.keepalive_timeout", &s.keepalive_timeout),
+        tls_handshake_timeout: p.duration("server.tls_handshake_timeout", &s.tls_handshake_timeout),
+        shutdown_grace: p.duration("server.shutdown_grace", &s.shutdown_grace),
+    };
+
+    let u = &raw.upstream;
+    p.positive("upstream.pool_max_idle", u.pool_max_idle);
+    let upstream = UpstreamConfig {
+        connect_timeout: p.duration("upstream.connect_timeout", &u.connect_timeout),
+        response_timeout: p.duration("upstream.response_timeout", &u.response_timeout),
+        pool_idle_timeout: p.duration("upstream.pool_idle_timeout", &u.pool_idle_timeout),
+        pool_max_idle: u.pool_max_idle,
+        fail_cooldown: p.duration("upstream.fail_cooldown", &u.fail_cooldown),
+    };
+
+    let json = match raw.log.format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            p.add(
+                "log.format",
+                format!("\"{other}\" is not a format: use \"text\" or \"json\""),
+            );
+            false
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        p.add(
+            "log.level",
+            format!(
+                "\"{}\" is not a log filter ({e}): use e.g. \"info\"",
+                raw.log.level
+            ),
+        );
+    }
+    let log = LogConfig {
+        json,
+        level: raw.log.level.clone(),
+        access: raw.log.access,
+    };
+
+    if raw.rooms.is_empty() {
+        p.add(
+            "rooms",
+            "no room is defined: add a [rooms.NAME] table with upstreams",
+        );
+    }
+    let mut rooms = Vec::new();
+    let mut routes: HashMap<(HostPattern, String), String> = HashMap::new();
+    for (name, r) in &raw.rooms {
+        let key = |k: &str| format!("rooms.{name}.{k}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            p.add(
+                format!("rooms.{name}"),
+                "a room name uses only letters, digits, '-' and '_' (it is a metric label)",
+            );
+        }
+        if r.upstreams.is_empty() {
+            p.add(
+                key("upstreams"),
+                "lists no upstream: give at least one, e.g. [\"http://127.0.0.1:9001\"]",
+            );
+        }
+        let upstreams = r
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| {
+                parse_upstream(u)
+                    .map_err(|e| p.add(key(&format!("upstreams[{i}]")), e))
+                    .ok()
+            })
+            .collect();
+        let hosts: Vec<HostPattern> = r
+            .hosts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                parse_host(h)
+                    .map_err(|e| p.add(key(&format!("hosts[{i}]")), e))
+                    .ok()
+            })
+            .collect();
+        if r.hosts.is_empty() {
+            p.add(key("hosts"), "is empty: use [\"*\"] for any host");
+        }
+        if r.paths.is_empty() {
+            p.add(key("paths"), "is empty: use [\"/\"] for every path");
+        }
+        for (i, path) in r.paths.iter().enumerate() {
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                p.add(
+                    key(&format!("paths[{i}]")),
+                    format!("\"{path}\" is not a path prefix: it starts with '/' and has no query"),
+                );
+            }
+            for h in &hosts {
+                if let Some(other) = routes.insert((h.clone(), path.clone()), name.clone()) {
+                    p.add(
+                        key("paths"),
+                        format!(
+                            "host {h:?} and path \"{path}\" are already served by room \"{other}\""
+                        ),
+                    );
+                }
+            }
+        }
+        rooms.push(RoomConfig {
+            name: name.clone(),
+            upstreams,
+            hosts,
+            paths: r.paths.clone(),
+            preserve_host: r.preserve_host,
+        });
+    }
+
+    if p.0.is_empty() {
+        Ok(Config {
+            server,
+            upstream,
+            log,
+            rooms,
+            raw,
+        })
+    } else {
+        Err(ConfigErrors(p.0))
+    }
+}
+
+/// A CIDR ("10.0.0.0/8") or a single address ("192.0.2.7").
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!(
+                "\"{text}\" is not an address or CIDR: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""
+            )
+        })
+}
+
+fn parse_upstream(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a URL: write e.g. \"http://127.0.0.1:9001\""))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(format!("\"{text}\": https upstreams are not supported yet; terminate TLS at the upstream's side or use http on a private network")),
+        _ => return Err(format!("\"{text}\" needs a scheme: write e.g. \"http://{text}\"")),
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("\"{text}\" has no host"))?
+        .clone();
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("\"{text}\" has a path: an upstream is scheme://host:port only; requests keep their own path"));
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query("/")
+        .build()
+        .map_err(|e| format!("\"{text}\": {e}"))
+}
+
+fn parse_host(text: &str) -> Result<HostPattern, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let valid = |h: &str| {
+        !h.is_empty()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    if t == "*" {
+        Ok(HostPattern::Any)
+    } else if let Some(rest) = t.strip_prefix("*.") {
+        if valid(rest) {
+            Ok(HostPattern::Suffix(format!(".{rest}")))
+        } else {
+            Err(format!(
+                "\"{text}\" is not a host pattern: use \"*\", \"*.example.org\" or \"example.org\""
+            ))
+        }
+    } else if valid(&t) {
+        Ok(HostPattern::Exact(t))
+    } else {
+        Err(format!("\"{text}\" is not a host pattern: use \"*\", \"*.example.org\" or \"example.org\" (no port)"))
+    }
+}

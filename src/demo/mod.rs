@@ -1,0 +1,7 @@
+//! The demo: a small public-service portal ([`portal`]) that degrades past
+//! its capacity like a real overloaded site, so varco has something to
+//! protect in `varco demo`, the tests and the benchmarks.
+
+pub mod portal;
+
+pub use portal::{Portal, PortalSettings};

@@ -1,0 +1,261 @@
+//! "Portale Bonus", the demo portal: home, login, application form and
+//! submit, each page personalised with the citizen's id (so a crossed
+//! response is visible). Past its capacity it behaves like the pension
+//! portal in April 2020: latency grows, then it answers 500.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{full, Body};
+use crate::listener::{ConnInfo, Handler};
+use crate::page::escape;
+
+/// Form bodies are tiny; anything larger is not a citizen filling a form.
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct PortalSettings {
+    /// Requests it serves at once at full speed.
+    pub capacity: usize,
+    /// Time one request takes when the portal is not overloaded.
+    pub service_time: Duration,
+}
+
+impl Default for PortalSettings {
+    fn default() -> Self {
+        PortalSettings {
+            capacity: 50,
+            service_time: Duration::from_millis(20),
+        }
+    }
+}
+
+pub struct Portal {
+    settings: PortalSettings,
+    in_flight: AtomicUsize,
+    next_citizen: AtomicU64,
+    applications: AtomicU64,
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Portal {
+    pub fn new(settings: PortalSettings) -> Self {
+        Portal {
+            settings,
+            in_flight: AtomicUsize::new(0),
+            next_citizen: AtomicU64::new(1),
+            applications: AtomicU64::new(0),
+        }
+    }
+
+    pub fn applications(&self) -> u64 {
+        self.applications.load(Ordering::Relaxed)
+    }
+
+    /// Up to capacity: the base service time. Beyond it the time grows with
+    /// the square of the overload; past twice the capacity the portal
+    /// gives up and answers 500.
+    fn delay_for(&self, load: f64) -> Option<Duration> {
+        let base = self.settings.service_time;
+        if load <= 1.0 {
+            Some(base)
+        } else if load <= 2.0 {
+            Some(base.mul_f64(1.0 + 8.0 * (load - 1.0) * (load - 1.0) * 4.0))
+        } else {
+            None
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let citizen = citizen_of(&req);
+        let path = req.uri().path().to_string();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
+            (Method::GET, "/static/style.css") => {
+                let mut r = Response::new(full(STYLE));
+                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/css"));
+                r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+                r
+            }
+            (Method::GET, "/whoami") => match citizen {
+                Some(c) => private(plain(StatusCode::OK, &format!("{c}\n"))),
+                None => plain(StatusCode::UNAUTHORIZED, "no citizen\n"),
+            },
+            (Method::GET, "/") => {
+                let (citizen, new) = match citizen {
+                    Some(c) => (c, false),
+                    None => (format!("C{:06}", self.next_citizen.fetch_add(1, Ordering::Relaxed)), true),
+                };
+                let mut r = html(&citizen, "Home", &format!(
+                    "<p>Welcome, citizen <strong class=\"citizen\">{}</strong>.</p>\
+                     <p>Applications for the bonus are open.</p>\
+                     <p><a href=\"/login\">Log in</a> · <a href=\"/apply\">Apply</a></p>",
+                    escape(&citizen)
+                ));
+                if new {
+                    set_citizen_cookie(&mut r, &citizen);
+                }
+                r
+            }
+            (Method::GET, "/login") => html(citizen.as_deref().unwrap_or("guest"), "Log in",
+                "<form method=\"post\" action=\"/login\"><label>Fiscal code <input name=\"citizen\" required></label> <button>Log in</button></form>"),
+            (Method::POST, "/login") => {
+                let form = match read_form(req).await {
+                    Ok(f) => f,
+                    Err(r) => return r,
+                };
+                match form.iter().find(|(k, _)| k == "citizen").map(|(_, v)| v.clone()) {
+                    Some(c) if valid_citizen(&c) => {
+                        let mut r = redirect("/apply");
+                        set_citizen_cookie(&mut r, &c);
+                        r
+                    }
+                    _ => plain(StatusCode::BAD_REQUEST, "a fiscal code is letters and digits\n"),
+                }
+            }
+            (Method::GET, "/apply") => match citizen {
+                Some(c) => html(&c, "Application", &format!(
+                    "<p>Application for citizen <strong class=\"citizen\">{}</strong>.</p>\
+                     <form method=\"post\" action=\"/apply\"><label>IBAN <input name=\"iban\" required></label> <button>Submit</button></form>",
+                    escape(&c)
+                )),
+                None => redirect("/login"),
+            },
+            (Method::POST, "/apply") => {
+                let Some(c) = citizen else { return redirect("/login") };
+                if let Err(r) = read_form(req).await {
+                    return r;
+                }
+                let n = self.applications.fetch_add(1, Ordering::Relaxed) + 1;
+                html(&c, "Application received", &format!(
+                    "<p>Application number <strong>{n}</strong> received for citizen <strong class=\"citizen\">{}</strong>.</p>",
+                    escape(&c)
+                ))
+            }
+            _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+impl Handler for Portal {
+    async fn handle(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = InFlight(&self.in_flight);
+        let load = now as f64 / self.settings.capacity.max(1) as f64;
+        match self.delay_for(load) {
+            Some(d) => {
+                tokio::time::sleep(d).await;
+                self.route(req).await
+            }
+            None => {
+                tokio::time::sleep(self.settings.service_time * 4).await;
+                plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Request cannot be served\n",
+                )
+            }
+        }
+    }
+}
+
+fn citizen_of(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().strip_prefix("citizen="))
+        .find(|c| valid_citizen(c))
+        .map(str::to_string)
+}
+
+fn valid_citizen(c: &str) -> bool {
+    !c.is_empty() && c.len() <= 32 && c.chars().all(|ch| ch.is_ascii_alphanumeric())
+}
+
+async fn read_form(req: Request<Incoming>) -> Result<Vec<(String, String)>, Response<Body>> {
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_FORM_BYTES)
+        .collect()
+        .await
+        .map_err(|_| plain(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n"))?
+        .to_bytes();
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+fn set_citizen_cookie(r: &mut Response<Body>, citizen: &str) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "citizen={citizen}; Path=/; HttpOnly; SameSite=Lax"
+    )) {
+        r.headers_mut().append(SET_COOKIE, v);
+    }
+}
+
+fn private(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    r
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(full(text.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn redirect(to: &'static str) -> Response<Body> {
+    let mut r = plain(StatusCode::SEE_OTHER, "");
+    r.headers_mut()
+        .insert(LOCATION, HeaderValue::from_static(to));
+    r
+}
+
+fn html(citizen: &str, title: &str, main: &str) -> Response<Body> {
+    let page = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>{title} · Portale Bonus</title><link rel=\"stylesheet\" href=\"/static/style.css\"></head>\
+<body data-citizen=\"{}\"><header><h1>Portale Bonus</h1></header><main><h2>{title}</h2>{main}</main></body></html>\n",
+        escape(citizen)
+    );
+    let mut r = Response::new(full(page));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    private(r)
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:40rem;margin:auto;padding:1rem;line-height:1.5}\
+header{border-bottom:2px solid #06c}h1{color:#06c}\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degrades_past_capacity() {
+        let p = Portal::new(PortalSettings::default());
+        let base = p.delay_for(0.5).unwrap();
+        assert_eq!(p.delay_for(1.0).unwrap(), base);
+        assert!(p.delay_for(1.5).unwrap() > base * 2);
+        assert!(p.delay_for(2.0).unwrap() > p.delay_for(1.5).unwrap());
+        assert!(p.delay_for(2.01).is_none());
+    }
+}

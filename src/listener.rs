@@ -1,0 +1,373 @@
+//! The accept loop and each connection's life: a cap on open connections,
+//! the TLS handshake under a timeout, HTTP/1.1 and HTTP/2 on one port
+//! (hyper-util's auto builder: ALPN under TLS, prior knowledge in clear),
+//! header-read and keep-alive idle timeouts, and graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use crate::body::Body;
+use crate::config::ServerConfig;
+
+/// The connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Whatever answers requests on a listener: the gateway on the public
+/// port, the admin API on the admin port.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// HTTP/2 limits set explicitly (see STYLE.md: one hyper release passed a
+/// wrong local reset limit to h2, leaving it unlimited).
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    pub max_connections: usize,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        ListenerSettings::defaults()
+    }
+}
+
+impl ListenerSettings {
+    pub fn from_server(s: &ServerConfig) -> Self {
+        ListenerSettings {
+            max_connections: s.max_connections,
+            max_header_size: s.max_header_size,
+            max_headers: s.max_headers,
+            header_read_timeout: s.header_read_timeout,
+            keepalive_timeout: s.keepalive_timeout,
+            tls_handshake_timeout: s.tls_handshake_timeout,
+        }
+    }
+
+    /// The defaults of `[server]`, for listeners that are not configured
+    /// (the demo portal's).
+    fn defaults() -> Self {
+        use crate::config::file::*;
+        use crate::config::units::{parse_duration, parse_size};
+        let d = |s: &str| parse_duration(s).expect("default durations parse");
+        ListenerSettings {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_size: parse_size(DEFAULT_MAX_HEADER_SIZE).expect("default size parses")
+                as usize,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_read_timeout: d(DEFAULT_HEADER_READ_TIMEOUT),
+            keepalive_timeout: d(DEFAULT_KEEPALIVE_TIMEOUT),
+            tls_handshake_timeout: d(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+        }
+    }
+
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            // Without a timer, header_read_timeout silently does nothing.
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_size.max(8192))
+            .max_headers(self.max_headers)
+            .keep_alive(true);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_header_list_size(self.max_header_size as u32);
+        b
+    }
+}
+
+/// Accepts until `shutdown` turns true, then returns; connections already
+/// open are told to drain and tracked by `tracker`.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<H>,
+    settings: ListenerSettings,
+    mut shutdown: watch::Receiver<bool>,
+    tracker: TaskTracker,
+    open_connections: Option<prometheus::IntGauge>,
+) {
+    let builder = Arc::new(settings.http_builder());
+    // Past the cap, connections wait in the kernel's backlog rather than
+    // being accepted and starved (HAProxy's maxconn behaviour).
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
+        let handler = handler.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        let settings = settings.clone();
+        let gauge = open_connections.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let _open = gauge.map(OpenGuard::new);
+            match tls {
+                None => {
+                    let info = ConnInfo { peer, tls: false };
+                    serve_connection(stream, info, &builder, handler, &settings, shutdown).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(
+                        settings.tls_handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let info = ConnInfo { peer, tls: true };
+                            serve_connection(stream, info, &builder, handler, &settings, shutdown)
+                                .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_connection<IO, H>(
+    io: IO,
+    info: ConnInfo,
+    builder: &auto::Builder<TokioExecutor>,
+    handler: Arc<H>,
+    settings: &ListenerSettings,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(ActivityIo {
+        inner: io,
+        activity: activity.clone(),
+    });
+    let service_activity = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        let busy = service_activity.begin_request();
+        async move {
+            let resp = handler.handle(req, info).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let idle = idle_expired(activity, settings.keepalive_timeout);
+    tokio::pin!(idle);
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle, if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Keeps `varco_open_connections` true even when a task ends early.
+struct OpenGuard(prometheus::IntGauge);
+
+impl OpenGuard {
+    fn new(g: prometheus::IntGauge) -> Self {
+        g.inc();
+        OpenGuard(g)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// When a connection last moved bytes and how many requests it is working
+/// on: the keep-alive idle timeout closes only connections with neither.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+async fn idle_expired(activity: Arc<Activity>, timeout: Duration) {
+    loop {
+        let deadline = activity.last() + timeout;
+        if Instant::now() < deadline {
+            tokio::time::sleep_until(deadline.into()).await;
+            continue;
+        }
+        if activity.in_flight.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // A request is still being worked on (e.g. a slow upstream).
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+pin_project! {
+    struct ActivityIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

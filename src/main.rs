@@ -1,0 +1,207 @@
+//! The `varco` binary: a thin CLI over the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::task::TaskTracker;
+
+use varco::app::{self, Listeners};
+use varco::config::Config;
+use varco::demo::{Portal, PortalSettings};
+use varco::listener::{self, ListenerSettings};
+
+#[derive(Parser)]
+#[command(
+    name = "varco",
+    version,
+    about = "Admission-control reverse proxy and virtual waiting room"
+)]
+struct Cli {
+    /// Log format, overriding the config's log.format.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print it resolved, with every default.
+    CheckConfig { file: PathBuf },
+    /// Start the demo portal and varco in front of it.
+    Demo {
+        /// Requests the demo portal serves at once before it degrades.
+        #[arg(long, default_value_t = 50)]
+        capacity: usize,
+        /// Where the demo portal listens (the demo config's upstream).
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        portal_listen: SocketAddr,
+        /// Run only the demo portal, without varco (benchmarks, comparisons).
+        #[arg(long)]
+        portal_only: bool,
+        /// A config to use instead of the embedded demo default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    varco::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_toml());
+                eprintln!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            exit(serve(cfg, cli.log_format, None))
+        }
+        Command::Demo {
+            capacity,
+            portal_listen,
+            portal_only,
+            config,
+        } => {
+            let cfg = match &config {
+                Some(path) => Config::load(path),
+                None => Config::from_toml(varco::config::DEMO_CONFIG, Path::new(".")),
+            };
+            let cfg = match cfg {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("demo config: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let portal = PortalSettings {
+                capacity,
+                ..PortalSettings::default()
+            };
+            exit(serve(
+                cfg,
+                cli.log_format,
+                Some((portal_listen, portal, portal_only)),
+            ))
+        }
+    }
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("varco: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    cfg: Config,
+    log_format: Option<String>,
+    demo: Option<(SocketAddr, PortalSettings, bool)>,
+) -> anyhow::Result<()> {
+    let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
+    varco::logging::init(json, &cfg.log.level);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.workers > 0 {
+        rt.worker_threads(cfg.server.workers);
+    }
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let is_demo = demo.is_some();
+    rt.block_on(async move {
+        if let Some((addr, settings, portal_only)) = demo {
+            let portal = start_portal(addr, settings.clone()).await?;
+            if portal_only {
+                println!(
+                    "demo portal listening on http://{portal} (capacity {})",
+                    settings.capacity
+                );
+                shutdown_signal().await;
+                return Ok(());
+            }
+        }
+        let listeners = Listeners::bind(&cfg.server).await?;
+        let scheme = if cfg.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        // Tests and scripts wait for this line: it is printed once both
+        // listeners accept.
+        println!(
+            "varco listening on {scheme}://{} (admin http://{})",
+            listeners.proxy_addr(),
+            listeners.admin_addr()
+        );
+        if is_demo {
+            println!(
+                "open {scheme}://{}/ in a browser: the demo portal is behind varco",
+                listeners.proxy_addr()
+            );
+        }
+        app::run(cfg, listeners, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn start_portal(addr: SocketAddr, settings: PortalSettings) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("demo portal cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        // The sender lives as long as the portal: it never drains.
+        let _tx = _tx;
+        listener::serve(
+            listener,
+            None,
+            Arc::new(Portal::new(settings)),
+            ListenerSettings::default(),
+            rx,
+            TaskTracker::new(),
+            None,
+        )
+        .await
+    });
+    Ok(local)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,90 @@
+//! Pages varco itself answers with. Every one is marked uncacheable:
+//! varco's own responses must never be stored and shown to someone else.
+
+use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::body::{full, Body};
+
+pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
+
+/// True when the client asked for JSON rather than a page (API clients,
+/// the waiting page's own polling).
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"))
+}
+
+/// A small error page (or JSON) for a status varco decided itself.
+pub fn error(status: StatusCode, message: &str, json: bool) -> Response<Body> {
+    let (content_type, body) = if json {
+        let v = serde_json::json!({
+            "status": status.as_u16(),
+            "error": status.canonical_reason().unwrap_or("error"),
+            "message": message,
+        });
+        ("application/json", v.to_string())
+    } else {
+        ("text/html; charset=utf-8", error_html(status, message))
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CACHE_CONTROL, NO_STORE);
+    resp
+}
+
+fn error_html(status: StatusCode, message: &str) -> String {
+    let code = status.as_u16();
+    let reason = status.canonical_reason().unwrap_or("Error");
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>{code} {reason}</title>\
+<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}</style>\
+</head><body><main><h1>{code} {reason}</h1><p>{}</p>\
+<p>Please try again in a moment.</p></main></body></html>\n",
+        escape(message)
+    )
+}
+
+/// Minimal HTML escaping for text placed in an element.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_only_when_asked() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_json(&h));
+        h.insert(ACCEPT, "application/json".parse().unwrap());
+        assert!(wants_json(&h));
+        h.insert(ACCEPT, "text/html,application/json;q=0.9".parse().unwrap());
+        assert!(!wants_json(&h));
+    }
+
+    #[test]
+    fn pages_are_uncacheable_and_escaped() {
+        let r = error(StatusCode::BAD_GATEWAY, "<script>", false);
+        assert_eq!(r.headers()[CACHE_CONTROL], "no-store, private");
+        assert_eq!(r.status(), 502);
+    }
+}

@@ -1,0 +1,123 @@
+//! What can go wrong between a request arriving and a response leaving, and
+//! the one status code each maps to.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::body::BoxError;
+
+/// Who caused a failure: metrics and logs say so, and only upstream-side
+/// failures count against an upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no room serves this host and path")]
+    NoRoute,
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request body not received: {0}")]
+    ClientBody(BoxError),
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable { upstream: String, source: BoxError },
+    #[error("upstream {upstream} sent no response within {timeout:?}")]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream { upstream: String, source: BoxError },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_) => {
+                Side::Client
+            }
+            _ => Side::Upstream,
+        }
+    }
+
+    /// The short label used in metrics (`kind`) and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::ClientBody(_) => "client_body",
+            ProxyError::Unreachable { .. } => "connect",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Upstream { .. } => "upstream",
+        }
+    }
+
+    /// What the person is told: never internal addresses or error chains.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "Nothing is served at this address.",
+            ProxyError::BodyTooLarge { .. } => "The request is too large.",
+            ProxyError::ClientBody(_) => "The request was not received completely.",
+            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => {
+                "The service is not reachable right now."
+            }
+            ProxyError::Timeout { .. } => "The service did not answer in time.",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the one mapping from error to status code.
+    #[test]
+    fn each_error_has_one_status() {
+        let e = || -> BoxError { "x".into() };
+        let up = || "u".to_string();
+        let cases = [
+            (ProxyError::NoRoute, 404, Side::Client),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413, Side::Client),
+            (ProxyError::ClientBody(e()), 400, Side::Client),
+            (
+                ProxyError::Unreachable {
+                    upstream: up(),
+                    source: e(),
+                },
+                502,
+                Side::Upstream,
+            ),
+            (
+                ProxyError::Timeout {
+                    upstream: up(),
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                Side::Upstream,
+            ),
+            (
+                ProxyError::Upstream {
+                    upstream: up(),
+                    source: e(),
+                },
+                502,
+                Side::Upstream,
+            ),
+        ];
+        for (err, status, side) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.side(), side, "{err}");
+        }
+    }
+}

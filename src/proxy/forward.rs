@@ -1,0 +1,282 @@
+//! Sends one request to a room's upstream and streams the answer back:
+//! URI and version normalised for the HTTP/1.1 pool, hop-by-hop headers
+//! removed, X-Forwarded-* set, bodies streamed in both directions, protocol
+//! upgrades (WebSocket) tunnelled.
+
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+
+use super::client::UpstreamClient;
+use super::headers::{is_trusted, is_upgrade, set_forwarded, strip_hop_by_hop};
+use super::ProxyError;
+use crate::body::{self, Body, BoxError};
+use crate::listener::ConnInfo;
+use crate::metrics::Metrics;
+use crate::room::Room;
+
+pub struct Forwarder {
+    client: UpstreamClient,
+    response_timeout: Duration,
+    max_body_size: u64,
+    trusted_proxies: Vec<IpNet>,
+}
+
+/// A response from an upstream, with which one answered.
+pub struct Forwarded {
+    pub response: Response<Body>,
+    pub upstream: String,
+}
+
+impl Forwarder {
+    pub fn new(
+        client: UpstreamClient,
+        response_timeout: Duration,
+        max_body_size: u64,
+        trusted_proxies: Vec<IpNet>,
+    ) -> Self {
+        Forwarder {
+            client,
+            response_timeout,
+            max_body_size,
+            trusted_proxies,
+        }
+    }
+
+    pub async fn forward(
+        &self,
+        room: &Room,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        metrics: &Metrics,
+    ) -> Result<Forwarded, ProxyError> {
+        let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, incoming) = req.into_parts();
+
+        if let Some(len) = content_length(&parts.headers) {
+            if len > self.max_body_size {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_body_size,
+                });
+            }
+        }
+
+        // HTTP/2 carries the host only in :authority; capture it before the
+        // URI is rewritten for the upstream.
+        let host: Option<HeaderValue> = parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let upgrade_protocol = parts.headers.get(UPGRADE).cloned();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        if let (true, Some(proto)) = (upgrade, upgrade_protocol) {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, proto);
+        }
+        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+        let proto = if conn.tls { "https" } else { "http" };
+        set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());
+        match (&host, room.config.preserve_host) {
+            (Some(h), true) => {
+                headers.insert(HOST, h.clone());
+            }
+            // Without a Host, the client sets it from the upstream URI.
+            _ => {
+                headers.remove(HOST);
+            }
+        }
+
+        // A request without a body can be sent again to another upstream
+        // if the first refuses the connection; one with a body cannot.
+        let replayable = incoming.is_end_stream();
+        let mut request_body = if replayable {
+            None
+        } else {
+            let limited = Limited::new(incoming, self.max_body_size as usize);
+            Some(body::stream(limited.map_err(ClientBodyError)))
+        };
+
+        let path = parts.uri.path_and_query().cloned();
+        let mut tried: Vec<usize> = Vec::with_capacity(1);
+        loop {
+            let Some(index) = room.upstreams.pick(&tried) else {
+                // Only after every upstream was tried; the last try returns first.
+                return Err(ProxyError::Unreachable {
+                    upstream: room.name.clone(),
+                    source: "no upstream left to try".into(),
+                });
+            };
+            tried.push(index);
+            let upstream = room.upstreams.get(index);
+            let uri = upstream_uri(&upstream.base, path.as_ref());
+            let mut builder = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri)
+                .version(Version::HTTP_11);
+            let last_try = !replayable || tried.len() == room.upstreams.len();
+            if let Some(h) = builder.headers_mut() {
+                *h = if last_try {
+                    std::mem::take(&mut headers)
+                } else {
+                    headers.clone()
+                };
+            }
+            let body = request_body.take().unwrap_or_else(body::empty);
+            let upstream_req = builder.body(body).map_err(|e| ProxyError::Upstream {
+                upstream: upstream.label.clone(),
+                source: e.into(),
+            })?;
+
+            let started = Instant::now();
+            let sent =
+                tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
+                    .await;
+            let labels = [room.name.as_str(), upstream.label.as_str()];
+            let outcome = match sent {
+                Err(_) => {
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[labels[0], labels[1], "timeout"])
+                        .inc();
+                    return Err(ProxyError::Timeout {
+                        upstream: upstream.label.clone(),
+                        timeout: self.response_timeout,
+                    });
+                }
+                Ok(r) => r,
+            };
+            match outcome {
+                Ok(resp) => {
+                    room.upstreams.mark_healthy(index);
+                    metrics
+                        .upstream_response_seconds
+                        .with_label_values(&labels)
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(Forwarded {
+                        response: into_client_response(resp, client_upgrade),
+                        upstream: upstream.label.clone(),
+                    });
+                }
+                Err(e) if e.is_connect() => {
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[labels[0], labels[1], "connect"])
+                        .inc();
+                    room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the connection; cooling down");
+                    if last_try {
+                        return Err(ProxyError::Unreachable {
+                            upstream: upstream.label.clone(),
+                            source: e.into(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    if has_source::<http_body_util::LengthLimitError>(&e) {
+                        return Err(ProxyError::BodyTooLarge {
+                            limit: self.max_body_size,
+                        });
+                    }
+                    if has_source::<ClientBodyError>(&e) {
+                        return Err(ProxyError::ClientBody(e.into()));
+                    }
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[labels[0], labels[1], "protocol"])
+                        .inc();
+                    return Err(ProxyError::Upstream {
+                        upstream: upstream.label.clone(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        path.cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| base.clone())
+}
+
+/// Strips hop-by-hop headers from the upstream's answer, or, for a
+/// switched protocol, joins the two upgraded connections into a tunnel.
+fn into_client_response(
+    resp: Response<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    match (parts.status, client_upgrade) {
+        (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) => {
+            let upgrade = parts.headers.get(UPGRADE).cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(u) = upgrade {
+                parts
+                    .headers
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(UPGRADE, u);
+            }
+            let upstream_side = parts.extensions.remove::<OnUpgrade>();
+            if let Some(upstream_side) = upstream_side {
+                tokio::spawn(tunnel(client_side, upstream_side));
+            }
+            Response::from_parts(parts, body::empty())
+        }
+        _ => {
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body::stream(incoming))
+        }
+    }
+}
+
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection closed with an error");
+    }
+}
+
+fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Marks an error that came from reading the client's request body (the
+/// client went away, sent a bad chunk, or too much): the client's fault,
+/// never counted against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+struct ClientBodyError(#[source] BoxError);

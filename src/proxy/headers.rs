@@ -1,0 +1,213 @@
+//! Header rules at the proxy boundary: hop-by-hop removal (RFC 9110
+//! §7.6.1), X-Forwarded-* from trusted proxies only, and the client's real
+//! address.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never the message.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes hop-by-hop headers and every header `Connection` names. A
+/// request's `TE: trailers` survives, since gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The comma-separated tokens of every `Connection` header, lowercased.
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// An HTTP/1.1 protocol upgrade request (e.g. WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+}
+
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = canonical(peer);
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
+/// An IPv4 peer on a dual-stack socket arrives as `::ffff:a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Sets X-Forwarded-For, -Proto and -Host. From a trusted proxy, the chain
+/// it sent is kept and the peer appended; from anyone else, whatever the
+/// client claimed is replaced, so nobody can forge an address or scheme.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let peer = canonical(peer).to_string();
+    if trusted_peer {
+        let chain: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let value = if chain.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", chain.join(", "))
+        };
+        set(headers, X_FORWARDED_FOR, &value);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(h) = host {
+                headers.insert(X_FORWARDED_HOST, h.clone());
+            }
+        }
+    } else {
+        headers.remove(header::FORWARDED);
+        set(headers, X_FORWARDED_FOR, &peer);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.remove(&X_FORWARDED_HOST);
+        if let Some(h) = host {
+            headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// The address of the person behind the request: the peer, or, when the
+/// peer is a trusted proxy, the right-most address in X-Forwarded-For that
+/// is not itself a trusted proxy.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return canonical(peer);
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !is_trusted(*ip, trusted))
+        .unwrap_or_else(|| canonical(peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn forwarded_from_untrusted_peer_is_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn forwarded_from_trusted_peer_is_extended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "198.51.100.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, "http", None);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.9, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn client_ip_skips_trusted_hops() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = map(&[("x-forwarded-for", "6.6.6.6, 198.51.100.9, 10.1.1.1")]);
+        let peer = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, peer, &trusted),
+            "198.51.100.9".parse::<IpAddr>().unwrap()
+        );
+        let outsider = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip(&h, outsider, &trusted), outsider);
+    }
+}

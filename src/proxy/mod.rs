@@ -1,0 +1,12 @@
+//! Forwarding to a room's upstreams: the pooled client ([`client`]), the
+//! choice of upstream ([`upstreams`]), header rules ([`headers`]), the
+//! request itself ([`forward`]) and what can fail ([`error`]).
+
+pub mod client;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod upstreams;
+
+pub use error::{ProxyError, Side};
+pub use forward::Forwarder;

@@ -1,0 +1,130 @@
+//! Routes a request to its room by host and path prefix: the longest
+//! prefix wins; between equal prefixes, an exact host beats `*.suffix`
+//! beats `*`.
+
+use std::sync::Arc;
+
+use crate::config::HostPattern;
+use crate::room::Room;
+
+struct Route {
+    host: HostPattern,
+    prefix: String,
+    room: Arc<Room>,
+}
+
+pub struct Router {
+    /// Sorted so the first match is the most specific.
+    routes: Vec<Route>,
+}
+
+impl Router {
+    pub fn new(rooms: &[Arc<Room>]) -> Self {
+        let mut routes: Vec<Route> = rooms
+            .iter()
+            .flat_map(|room| {
+                room.config.hosts.iter().flat_map(move |h| {
+                    room.config.paths.iter().map(move |p| Route {
+                        host: h.clone(),
+                        prefix: p.clone(),
+                        room: room.clone(),
+                    })
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(b.host.specificity().cmp(&a.host.specificity()))
+        });
+        Router { routes }
+    }
+
+    /// `host` may carry a port and any case; `path` is the request path.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Room>> {
+        let host = host.map(normalise_host).unwrap_or_default();
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, path))
+            .map(|r| &r.room)
+    }
+}
+
+/// Lowercase, without port; IPv6 literals keep their brackets.
+fn normalise_host(host: &str) -> String {
+    let h = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
+/// whole path segments.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(toml: &str) -> Router {
+        let cfg = Config::from_toml(toml, std::path::Path::new(".")).unwrap();
+        let rooms: Vec<Arc<Room>> = cfg
+            .rooms
+            .into_iter()
+            .map(|r| Arc::new(Room::new(r, std::time::Duration::from_secs(1))))
+            .collect();
+        Router::new(&rooms)
+    }
+
+    #[test]
+    fn longest_prefix_then_most_specific_host() {
+        let r = router(
+            r#"
+            [rooms.main]
+            upstreams = ["http://127.0.0.1:1"]
+            [rooms.login]
+            upstreams = ["http://127.0.0.1:2"]
+            paths = ["/login"]
+            [rooms.other]
+            upstreams = ["http://127.0.0.1:3"]
+            hosts = ["other.example.org", "*.example.net"]
+            "#,
+        );
+        let name = |h: &str, p: &str| r.route(Some(h), p).map(|r| r.name.clone());
+        assert_eq!(name("a.example.org", "/x").as_deref(), Some("main"));
+        assert_eq!(name("a.example.org", "/login/cb").as_deref(), Some("login"));
+        assert_eq!(name("a.example.org", "/loginx").as_deref(), Some("main"));
+        assert_eq!(
+            name("Other.Example.org:8080", "/x").as_deref(),
+            Some("other")
+        );
+        assert_eq!(name("www.example.net", "/").as_deref(), Some("other"));
+        assert_eq!(
+            name("other.example.org", "/login").as_deref(),
+            Some("login")
+        );
+    }
+
+    #[test]
+    fn no_route_when_nothing_matches() {
+        let r = router(
+            r#"
+            [rooms.only]
+            upstreams = ["http://127.0.0.1:1"]
+            hosts = ["portal.example.org"]
+            "#,
+        );
+        assert!(r.route(Some("evil.example.org"), "/").is_none());
+        assert!(r.route(None, "/").is_none());
+        assert!(r.route(Some("[::1]:80"), "/").is_none());
+    }
+}
