@@ -1,0 +1,103 @@
+//! Small real clients: HTTP/1.1 and HTTP/2 (clear or TLS) over hyper, and
+//! raw bytes over TCP for what a well-behaved client would never send.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use varco::body::{self, Body};
+
+pub type Http1 = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+pub fn http1() -> Http1 {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response with its body read to the end.
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+pub async fn read(resp: Response<hyper::body::Incoming>) -> Got {
+    let (parts, b) = resp.into_parts();
+    let body = b.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Got {
+    send(Request::get(url).body(body::empty()).unwrap()).await
+}
+
+pub async fn send(req: Request<Body>) -> Got {
+    let resp = http1().request(req).await.expect("request");
+    read(resp).await
+}
+
+/// An HTTP/2 connection over any IO (clear TCP or TLS).
+pub async fn h2_handshake<IO>(io: IO) -> hyper::client::conn::http2::SendRequest<Body>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// TLS to `addr` trusting only `ca_der`, offering the given ALPN protocols;
+/// returns the stream and the protocol the server chose.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    alpn: &[&[u8]],
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>) {
+    varco::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.to_vec().into()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    (tls, proto)
+}
+
+/// Sends raw bytes and reads until the server closes or `limit` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,92 @@
+//! Test harness: real upstream servers and real varco instances on port 0,
+//! and small clients. Each test binary uses a part of it.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use varco::app::{self, Listeners};
+use varco::config::Config;
+
+/// An in-process varco serving until dropped or `stop`ped.
+pub struct Varco {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), app::AppError>>>,
+}
+
+impl Varco {
+    /// Starts varco with `toml`; `server.listen` and `admin_listen` are
+    /// forced to 127.0.0.1:0 unless the text sets them.
+    pub async fn start(toml: &str) -> Varco {
+        Self::start_in(toml, Path::new(".")).await
+    }
+
+    pub async fn start_in(toml: &str, base: &Path) -> Varco {
+        varco::tls::install_crypto_provider();
+        let mut cfg = Config::from_toml(toml, base).unwrap_or_else(|e| panic!("test config: {e}"));
+        if !toml.contains("listen =") {
+            cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+            cfg.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+        }
+        let listeners = Listeners::bind(&cfg.server).await.expect("bind");
+        let addr = listeners.proxy_addr();
+        let admin = listeners.admin_addr();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(app::run(cfg, listeners, async move {
+            let _ = rx.await;
+        }));
+        Varco {
+            addr,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful shutdown; returns when `run` has returned.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("run task").expect("run result");
+        }
+    }
+}
+
+impl Drop for Varco {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A room config pointing at the given upstreams, plus extra TOML.
+pub fn room_config(upstreams: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|a| format!("\"http://{a}\""))
+        .collect();
+    format!(
+        "{extra}\n[rooms.portal]\nupstreams = [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// An address nothing listens on (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}

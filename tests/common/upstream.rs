@@ -1,0 +1,209 @@
+//! A real HTTP upstream for tests: echoes requests, streams large bodies,
+//! answers slowly on demand, and accepts WebSocket-style upgrades.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use varco::body::{self, Body};
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    /// Requests being handled right now.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn spawn() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (h, f) = (hits.clone(), in_flight.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, f) = (h.clone(), f.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let f = f.clone();
+                    async move {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        let r = handle(req, addr).await;
+                        f.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        hits,
+        in_flight,
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/slow" => {
+            let ms = query(&req, "ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, "slow done")
+        }
+        "/download" => {
+            let n = query(&req, "bytes").unwrap_or(1024);
+            let mut r = Response::new(body::stream(Generated { remaining: n }));
+            r.headers_mut().insert("content-length", n.into());
+            r
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "body error"),
+                }
+            }
+            text(StatusCode::OK, &n.to_string())
+        }
+        "/hop" => {
+            let mut r = text(StatusCode::OK, "hop");
+            let h = r.headers_mut();
+            h.insert("connection", "x-up-hop".parse().unwrap());
+            h.insert("x-up-hop", "secret".parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("proxy-authenticate", "Basic".parse().unwrap());
+            h.append("set-cookie", "a=1; Path=/".parse().unwrap());
+            h.append("set-cookie", "b=2; Path=/; HttpOnly".parse().unwrap());
+            r
+        }
+        "/ws" => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut r = Response::new(body::empty());
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("upgrade", "websocket".parse().unwrap());
+            r.headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            r
+        }
+        _ => {
+            // Echo: what the upstream saw, as JSON.
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let version = format!("{:?}", req.version());
+            let mut headers = serde_json::Map::new();
+            for (k, v) in req.headers() {
+                let e = headers
+                    .entry(k.as_str().to_string())
+                    .or_insert_with(|| serde_json::json!([]));
+                e.as_array_mut()
+                    .unwrap()
+                    .push(v.to_str().unwrap_or("?").into());
+            }
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let v = serde_json::json!({
+                "upstream": me.to_string(),
+                "method": method,
+                "uri": uri,
+                "version": version,
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            });
+            let mut r = text(StatusCode::OK, &v.to_string());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            r
+        }
+    }
+}
+
+fn text(status: StatusCode, s: &str) -> Response<Body> {
+    let mut r = Response::new(body::full(s.to_string()));
+    *r.status_mut() = status;
+    r
+}
+
+/// A body of `remaining` bytes made on the fly, 64 KiB at a time.
+struct Generated {
+    remaining: u64,
+}
+
+const CHUNK: Bytes = Bytes::from_static(&[b'v'; 64 * 1024]);
+
+impl http_body::Body for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(CHUNK.len() as u64);
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(CHUNK.slice(..n as usize)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+}
+
+pub fn generated(n: u64) -> Body {
+    body::stream(Generated { remaining: n })
+}

@@ -1,0 +1,94 @@
+//! What a person sees when the upstream fails or the request is refused:
+//! 502, 504, 413, as a small page or JSON, never a hang or a panic.
+
+mod common;
+
+use common::client::send;
+use common::{dead_addr, room_config, upstream, Varco};
+use http::Request;
+use varco::body;
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_with_a_page_or_json() {
+    let v = Varco::start(&room_config(&[dead_addr()], "")).await;
+    let got = send(Request::get(v.url("/")).body(body::empty()).unwrap()).await;
+    assert_eq!(got.status, 502);
+    assert!(got.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(got.headers["cache-control"], "no-store, private");
+    assert!(got.text().contains("502"));
+
+    let got = send(
+        Request::get(v.url("/"))
+            .header("accept", "application/json")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["status"], 502);
+
+    let m = common::client::get(&format!("http://{}/metrics", v.admin))
+        .await
+        .text();
+    assert!(m.contains("kind=\"connect\""), "{m}");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_the_response_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let got = send(
+        Request::get(v.url("/slow?ms=5000"))
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 504);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "504 came after the upstream, not the timeout"
+    );
+    let fast = send(
+        Request::get(v.url("/slow?ms=10"))
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(fast.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_declared_or_streamed() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nmax_body_size = \"64KiB\"",
+    ))
+    .await;
+    // Declared too large: refused before anything reaches the upstream.
+    let req = Request::post(v.url("/upload"))
+        .header("content-length", "1000000")
+        .body(upstream::generated(1_000_000))
+        .unwrap();
+    assert_eq!(send(req).await.status, 413);
+    assert_eq!(up.hits(), 0);
+    // Chunked, no length: cut when the limit is crossed.
+    let req = Request::post(v.url("/upload"))
+        .body(upstream::generated(1_000_000))
+        .unwrap();
+    assert_eq!(send(req).await.status, 413);
+    // Within the limit: passes.
+    let req = Request::post(v.url("/upload"))
+        .body(upstream::generated(60_000))
+        .unwrap();
+    let got = send(req).await;
+    assert_eq!((got.status, got.text()), (200, "60000".to_string()));
+}

@@ -1,0 +1,256 @@
+//! The proxy path end to end: real varco, real upstreams.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{self, get, send};
+use common::{dead_addr, room_config, upstream, Varco};
+use http::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use varco::body;
+
+#[tokio::test]
+async fn get_and_post_reach_the_upstream_with_path_query_and_body() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+
+    let got = get(&v.url("/some/path?x=1&y=2")).await;
+    assert_eq!(got.status, 200);
+    let j = got.json();
+    assert_eq!(j["method"], "GET");
+    assert_eq!(j["uri"], "/some/path?x=1&y=2");
+
+    let req = Request::post(v.url("/form"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body::full("name=Maria&iban=IT60X0542811101000000123456"))
+        .unwrap();
+    let got = send(req).await;
+    assert_eq!(got.status, 200);
+    let j = got.json();
+    assert_eq!(j["method"], "POST");
+    assert_eq!(j["body"], "name=Maria&iban=IT60X0542811101000000123456");
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+
+    let req = Request::get(v.url("/echo"))
+        .header("connection", "keep-alive, x-client-hop")
+        .header("x-client-hop", "must-go")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("x-end-to-end", "stays")
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    let h = &j["headers"];
+    for gone in [
+        "x-client-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h}");
+    }
+    assert_eq!(h["x-end-to-end"][0], "stays");
+    assert_eq!(h["te"][0], "trailers", "TE: trailers is end to end");
+
+    let got = get(&v.url("/hop")).await;
+    assert!(got.headers.get("x-up-hop").is_none(), "{:?}", got.headers);
+    assert!(got.headers.get("keep-alive").is_none());
+    assert!(got.headers.get("proxy-authenticate").is_none());
+    let cookies: Vec<_> = got.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(
+        cookies,
+        ["a=1; Path=/", "b=2; Path=/; HttpOnly"],
+        "Set-Cookie passes intact"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_an_untrusted_client_are_replaced() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let req = Request::get(v.url("/echo"))
+        .header("host", "portal.example.org")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    let h = &j["headers"];
+    assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(
+        h["x-forwarded-host"],
+        serde_json::json!(["portal.example.org"])
+    );
+    assert!(h.get("forwarded").is_none());
+    assert_eq!(
+        h["host"],
+        serde_json::json!(["portal.example.org"]),
+        "Host preserved by default"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    ))
+    .await;
+    let req = Request::get(v.url("/echo"))
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-forwarded-proto", "https")
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    let h = &j["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        serde_json::json!(["198.51.100.7, 127.0.0.1"])
+    );
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
+}
+
+#[tokio::test]
+async fn host_is_the_upstreams_own_when_not_preserved() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\"]\npreserve_host = false\n",
+        up.addr
+    );
+    let v = Varco::start(&toml).await;
+    let req = Request::get(v.url("/echo"))
+        .header("host", "portal.example.org")
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    assert_eq!(
+        j["headers"]["host"],
+        serde_json::json!([up.addr.to_string()])
+    );
+}
+
+#[tokio::test]
+async fn round_robin_and_a_dead_upstream_is_skipped() {
+    let a = upstream::spawn().await;
+    let b = upstream::spawn().await;
+    let dead = dead_addr();
+    let v = Varco::start(&room_config(&[a.addr, dead, b.addr], "")).await;
+    for _ in 0..12 {
+        let got = get(&v.url("/echo")).await;
+        assert_eq!(
+            got.status,
+            200,
+            "a GET is retried on the next upstream: {}",
+            got.text()
+        );
+    }
+    assert!(
+        a.hits() >= 4 && b.hits() >= 4,
+        "a={} b={}",
+        a.hits(),
+        b.hits()
+    );
+    assert_eq!(a.hits() + b.hits(), 12);
+}
+
+#[tokio::test]
+async fn unknown_host_gets_404_from_varco() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\"]\nhosts = [\"portal.example.org\"]\n",
+        up.addr
+    );
+    let v = Varco::start(&toml).await;
+    let req = Request::get(v.url("/"))
+        .header("host", "other.example.org")
+        .body(body::empty())
+        .unwrap();
+    let got = send(req).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.headers["cache-control"], "no-store, private");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served_and_normalised_for_the_upstream() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = client::h2_handshake(tcp).await;
+    let req = Request::get(format!(
+        "http://portal.example.org:{}/echo?h2=1",
+        v.addr.port()
+    ))
+    .body(body::empty())
+    .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let j = client::read(resp).await.json();
+    assert_eq!(j["version"], "HTTP/1.1");
+    assert_eq!(j["uri"], "/echo?h2=1");
+    assert_eq!(
+        j["headers"]["host"][0],
+        format!("portal.example.org:{}", v.addr.port())
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"hello through the gate").await.unwrap();
+    let mut echo = [0u8; 22];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echo, b"hello through the gate");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_room_and_class() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    for _ in 0..3 {
+        get(&v.url("/echo")).await;
+    }
+    let m = get(&format!("http://{}/metrics", v.admin)).await.text();
+    assert!(
+        m.contains("varco_requests_total{class=\"2xx\",room=\"portal\"} 3"),
+        "{m}"
+    );
+    assert_eq!(
+        get(&format!("http://{}/healthz", v.admin)).await.status,
+        200
+    );
+    assert_eq!(get(&format!("http://{}/readyz", v.admin)).await.status, 200);
+}
