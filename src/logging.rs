@@ -9,7 +9,8 @@ pub fn init(json: bool, level: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests, demo) keeps the first subscriber.
     let _ = if json {
         builder.json().flatten_event(true).try_init()

@@ -1,0 +1,99 @@
+//! The real `varco` binary as a child process, for what only a process
+//! shows: its memory, its signals, its exit code.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_varco")
+}
+
+/// Writes `toml` to a fresh file and returns its path.
+pub fn write_config(name: &str, toml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("varco-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+impl Process {
+    /// Starts `varco run` and waits for its readiness line on stdout.
+    pub fn start(config: &Path) -> Process {
+        Self::start_with(config, &[], Stdio::inherit())
+    }
+
+    /// As `start`, with extra arguments and a chosen stderr (piped to read
+    /// the logs).
+    pub fn start_with(config: &Path, extra: &[&str], stderr: Stdio) -> Process {
+        let mut child = Command::new(bin())
+            .args(extra)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn varco");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .expect("varco printed nothing")
+            .expect("stdout readable");
+        // "varco listening on http://A (admin http://B)"
+        let addrs: Vec<SocketAddr> = line
+            .split(|c| c == ' ' || c == '(' || c == ')')
+            .filter_map(|w| {
+                w.strip_prefix("http://")
+                    .or_else(|| w.strip_prefix("https://"))
+            })
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        assert_eq!(addrs.len(), 2, "unexpected readiness line: {line}");
+        Process {
+            child,
+            addr: addrs[0],
+            admin: addrs[1],
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Peak resident memory so far, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM in /proc status");
+        kb * 1024
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

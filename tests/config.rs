@@ -1,0 +1,157 @@
+//! Each bad config gives its own error naming the key; good ones resolve
+//! with the documented defaults.
+
+use std::path::Path;
+use std::time::Duration;
+
+use varco::config::Config;
+
+fn errors(toml: &str) -> varco::config::ConfigErrors {
+    match Config::from_toml(toml, Path::new(".")) {
+        Ok(_) => panic!("accepted a bad config:\n{toml}"),
+        Err(e) => e,
+    }
+}
+
+const ROOM: &str = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n";
+
+#[test]
+fn defaults_apply() {
+    let c = Config::from_toml(ROOM, Path::new(".")).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.max_header_size, 32 * 1024);
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.rooms[0].paths, vec!["/"]);
+    assert!(c.rooms[0].preserve_host);
+}
+
+#[test]
+fn the_demo_default_is_valid() {
+    Config::from_toml(varco::config::DEMO_CONFIG, Path::new(".")).unwrap();
+    Config::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/varco.toml"
+    )))
+    .unwrap();
+}
+
+#[test]
+fn every_example_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn each_bad_value_names_its_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nlisten = \"8080\"\n", "server.listen"),
+        (
+            "[server]\nadmin_listen = \"127.0.0.1:8080\"\n",
+            "server.admin_listen",
+        ),
+        ("[server]\nmax_connections = 0\n", "server.max_connections"),
+        ("[server]\nmax_headers = 0\n", "server.max_headers"),
+        (
+            "[server]\nmax_header_size = \"1KiB\"\n",
+            "server.max_header_size",
+        ),
+        (
+            "[server]\nmax_body_size = \"lots\"\n",
+            "server.max_body_size",
+        ),
+        (
+            "[server]\nheader_read_timeout = \"soon\"\n",
+            "server.header_read_timeout",
+        ),
+        (
+            "[server]\nkeepalive_timeout = \"0s\"\n",
+            "server.keepalive_timeout",
+        ),
+        (
+            "[server]\nshutdown_grace = \"25\"\n",
+            "server.shutdown_grace",
+        ),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.0/99\"]\n",
+            "server.trusted_proxies[0]",
+        ),
+        (
+            "[server]\ntls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }\n",
+            "server.tls.cert",
+        ),
+        (
+            "[upstream]\nconnect_timeout = \"-1s\"\n",
+            "upstream.connect_timeout",
+        ),
+        ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[log]\nlevel = \"=[\"\n", "log.level"),
+    ];
+    for (bad, key) in cases {
+        let e = errors(&format!("{bad}{ROOM}"));
+        assert!(e.names(key), "{key} not named for {bad:?}: {e}");
+    }
+}
+
+#[test]
+fn bad_rooms_name_their_keys() {
+    let cases: &[(&str, &str)] = &[
+        ("[rooms.portal]\nupstreams = []\n", "rooms.portal.upstreams"),
+        (
+            "[rooms.portal]\nupstreams = [\"127.0.0.1:9001\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"https://x.example\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x/app\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhosts = [\"bad host\"]\n",
+            "rooms.portal.hosts[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\npaths = [\"app\"]\n",
+            "rooms.portal.paths[0]",
+        ),
+        (
+            "[rooms.\"bad name\"]\nupstreams = [\"http://x\"]\n",
+            "rooms.bad name",
+        ),
+        (
+            "[rooms.a]\nupstreams = [\"http://x\"]\n[rooms.b]\nupstreams = [\"http://y\"]\n",
+            "rooms.b.paths",
+        ),
+        ("[server]\n", "rooms"),
+    ];
+    for (bad, key) in cases {
+        let e = errors(bad);
+        assert!(e.names(key), "{key} not named for {bad:?}: {e}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    let e = errors(&format!("[server]\nlisten_on = \"x\"\n{ROOM}"));
+    assert!(e.names("server.listen_on"), "{e}");
+    let e = errors("[rooms.portal]\nupstreams = [\"http://x\"]\nupstream = \"typo\"\n");
+    assert!(e.names("rooms.portal.upstream"), "{e}");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let e = errors("[server]\nlisten = \"x\"\nmax_headers = 0\n[rooms.portal]\nupstreams = []\n");
+    assert!(e.0.len() >= 3, "{e}");
+}

@@ -1,0 +1,160 @@
+//! Client-side limits: slow headers, oversized heads, idle keep-alive and
+//! the connection cap. Each one closes the offender while others are served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::{get, raw};
+use common::{room_config, upstream, Varco};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn slow_header_sender_is_cut_off_while_others_are_served() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"",
+    ))
+    .await;
+
+    let mut slow = TcpStream::connect(v.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: portal\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        // One header line every 200 ms, never finishing the head.
+        for i in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow
+                .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+        rest
+    };
+    let others = async {
+        let mut ok = 0;
+        for _ in 0..5 {
+            if get(&v.url("/echo")).await.status == 200 {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ok
+    };
+    let (rest, ok) = tokio::join!(trickle, others);
+    assert_eq!(ok, 5, "other clients were served meanwhile");
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after < Duration::from_secs(8),
+        "slow client held on for {cut_after:?}"
+    );
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "{rest}"
+    );
+    assert_eq!(up.hits(), 5, "the slow request never reached the upstream");
+}
+
+#[tokio::test]
+async fn oversized_or_too_many_headers_get_431() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nmax_header_size = \"8KiB\"\nmax_headers = 20",
+    ))
+    .await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: portal\r\nCookie: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let resp = raw(v.addr, big.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: portal\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("X-H{i}: 1\r\n"));
+    }
+    many.push_str("\r\n");
+    let resp = raw(v.addr, many.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_not_a_panic() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let resp = raw(
+        v.addr,
+        b"GARBAGE\x01\x02 / HTTP/9\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn idle_keepalive_connection_is_closed() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nkeepalive_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: portal\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    // The response arrives, then the idle connection is closed (EOF).
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
+    assert!(r.is_ok(), "idle connection still open after 5 s");
+    assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_instead_of_being_served() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "[server]\nmax_connections = 1")).await;
+    // The first connection holds the only slot.
+    let mut first = TcpStream::connect(v.addr).await.unwrap();
+    first
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    // A second one is not served while the first stays open...
+    let waiting = tokio::spawn(raw(
+        v.addr,
+        b"GET /echo HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "second connection served past max_connections"
+    );
+    assert_eq!(up.hits(), 1);
+    // ...and is served once the first closes.
+    drop(first);
+    let resp = waiting.await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}

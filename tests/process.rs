@@ -1,0 +1,202 @@
+//! The `varco` binary itself: bounded memory while streaming a GiB each
+//! way, graceful drain on SIGTERM, and `check-config`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::client::{self, send};
+use common::process::{bin, write_config, Process};
+use common::{room_config, upstream};
+use http::Request;
+use http_body_util::BodyExt;
+use varco::body;
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gib_up_and_a_gib_down_stream_in_bounded_memory() {
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "stream",
+        &room_config(&[up.addr], "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body_size = \"2GiB\"\n[log]\naccess = false"),
+    );
+    let p = Process::start(&cfg);
+    let base = p.peak_rss();
+
+    let req = Request::post(format!("http://{}/upload", p.addr))
+        .body(upstream::generated(GIB))
+        .unwrap();
+    let got = send(req).await;
+    assert_eq!(
+        (got.status, got.text()),
+        (200, GIB.to_string()),
+        "upload arrived whole"
+    );
+
+    let resp = client::http1()
+        .request(
+            Request::get(format!("http://{}/download?bytes={GIB}", p.addr))
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        n += frame
+            .unwrap()
+            .data_ref()
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
+    }
+    assert_eq!(n, GIB, "download arrived whole");
+
+    let peak = p.peak_rss();
+    eprintln!(
+        "varco peak RSS: {} MiB (at start {} MiB)",
+        peak >> 20,
+        base >> 20
+    );
+    assert!(
+        peak < 128 << 20,
+        "varco held {} MiB while streaming 2 GiB",
+        peak >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "drain",
+        &room_config(&[up.addr], "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\""),
+    );
+    let mut p = Process::start(&cfg);
+    let url = format!("http://{}/slow?ms=1500", p.addr);
+    let in_flight =
+        tokio::spawn(async move { send(Request::get(url).body(body::empty()).unwrap()).await });
+    // Wait until the request is at the upstream, then ask varco to stop.
+    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.signal("TERM");
+    let got = in_flight.await.unwrap();
+    assert_eq!(
+        (got.status, got.text()),
+        (200, "slow done".to_string()),
+        "in-flight request finished"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = p.child.wait().unwrap();
+        (s, p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "varco exits 0 after draining");
+    assert!(
+        tokio::net::TcpStream::connect(status.1.addr).await.is_err(),
+        "listener closed after shutdown"
+    );
+}
+
+#[test]
+fn check_config_prints_the_resolved_config() {
+    let cfg = write_config(
+        "good",
+        "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n",
+    );
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("keepalive_timeout = \"75s\""), "{text}");
+    assert!(text.contains("[rooms.portal]"), "{text}");
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_exits_nonzero() {
+    let cfg = write_config(
+        "bad",
+        "[server]\nlisten = \"nowhere\"\nheader_read_timeout = \"30\"\n[rooms.portal]\nupstreams = [\"ftp://x\"]\n",
+    );
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for key in [
+        "server.listen",
+        "server.header_read_timeout",
+        "rooms.portal.upstreams[0]",
+    ] {
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_config() {
+    let cfg = write_config(
+        "bad-run",
+        "[server]\nsurprise = 1\n[rooms.p]\nupstreams = [\"http://127.0.0.1:1\"]\n",
+    );
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("server.surprise"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_access_line_per_request() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "json-log",
+        &room_config(
+            &[up.addr],
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        ),
+    );
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let got = send(
+        Request::get(format!("http://{}/echo?secret=1", p.addr))
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let stderr = p.child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("varco::access"))
+    })
+    .await
+    .unwrap()
+    .expect("an access line");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["room"], "portal");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/echo", "the query is not logged");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["upstream"], up.addr.to_string());
+    assert!(v["duration_ms"].as_f64().is_some());
+}
