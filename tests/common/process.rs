@@ -50,7 +50,7 @@ impl Process {
             .expect("stdout readable");
         // "varco listening on http://A (admin http://B)"
         let addrs: Vec<SocketAddr> = line
-            .split(|c| c == ' ' || c == '(' || c == ')')
+            .split([' ', '(', ')'])
             .filter_map(|w| {
                 w.strip_prefix("http://")
                     .or_else(|| w.strip_prefix("https://"))
