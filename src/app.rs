@@ -84,7 +84,13 @@ pub async fn run(
     let rooms: Vec<Arc<Room>> = config
         .rooms
         .iter()
-        .map(|r| Arc::new(Room::new(r.clone(), config.upstream.fail_cooldown)))
+        .map(|r| {
+            Arc::new(Room::new(
+                r.clone(),
+                config.upstream.fail_cooldown,
+                &metrics,
+            ))
+        })
         .collect();
     let forwarder = Forwarder::new(
         client::build(&config.upstream),

@@ -51,66 +51,70 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
 impl Handler for Gateway {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
-        let method = req.method().clone();
-        // The path without its query: queries can carry personal data.
-        let path = req.uri().path().to_string();
         let json = page::wants_json(req.headers());
         let host = host_of(&req);
-        let room = self.router.route(host.as_deref(), &path).cloned();
+        let room = self
+            .router
+            .route(host.as_deref(), req.uri().path())
+            .cloned();
+        // Only what the access line needs survives the request; the path
+        // without its query, since queries can carry personal data.
+        let logged = self
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
 
-        let (resp, room_name, upstream) = match room {
-            None => (
-                page::error(
-                    StatusCode::NOT_FOUND,
-                    "Nothing is served at this address.",
-                    json,
-                ),
-                "-".to_string(),
-                None,
-            ),
-            Some(room) => match self
-                .forwarder
-                .forward(&room, req, conn, &self.metrics)
-                .await
-            {
-                Ok(f) => (f.response, room.name.clone(), Some(f.upstream)),
-                Err(e) => {
-                    if e.side() == Side::Upstream {
-                        tracing::warn!(room = %room.name, error = %e, "upstream failure");
-                    } else {
-                        tracing::debug!(room = %room.name, error = %e, "client failure");
-                    }
-                    (
-                        page::error(e.status(), e.public_message(), json),
-                        room.name.clone(),
-                        None,
-                    )
-                }
-            },
-        };
-
-        let status = resp.status().as_u16();
-        let elapsed = started.elapsed();
-        self.metrics
-            .requests
-            .with_label_values(&[room_name.as_str(), status_class(status)])
-            .inc();
-        self.metrics
-            .request_seconds
-            .with_label_values(&[room_name.as_str()])
-            .observe(elapsed.as_secs_f64());
-        if self.access_log {
-            tracing::info!(
-                target: "varco::access",
-                room = %room_name,
-                method = %method,
-                path = %path,
-                status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                upstream = upstream.as_deref().unwrap_or("-"),
-                client = %conn.peer.ip(),
+        let Some(room) = room else {
+            let resp = page::error(
+                StatusCode::NOT_FOUND,
+                "Nothing is served at this address.",
+                json,
             );
-        }
+            self.metrics
+                .requests
+                .with_label_values(&["-", status_class(404)])
+                .inc();
+            self.access(logged, "-", &resp, started, None, conn);
+            return resp;
+        };
+        let (resp, upstream) = match self.forwarder.forward(&room, req, conn).await {
+            Ok(f) => (f.response, Some(f.upstream)),
+            Err(e) => {
+                if e.side() == Side::Upstream {
+                    tracing::warn!(room = %room.name, error = %e, "upstream failure");
+                } else {
+                    tracing::debug!(room = %room.name, error = %e, "client failure");
+                }
+                (page::error(e.status(), e.public_message(), json), None)
+            }
+        };
+        room.metrics
+            .observe(resp.status().as_u16(), started.elapsed().as_secs_f64());
+        let label = upstream.map(|i| room.upstreams.get(i).label.as_str());
+        self.access(logged, &room.name, &resp, started, label, conn);
         resp
+    }
+}
+
+impl Gateway {
+    fn access(
+        &self,
+        logged: Option<(http::Method, String)>,
+        room: &str,
+        resp: &Response<Body>,
+        started: Instant,
+        upstream: Option<&str>,
+        conn: ConnInfo,
+    ) {
+        let Some((method, path)) = logged else { return };
+        tracing::info!(
+            target: "varco::access",
+            room,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            upstream = upstream.unwrap_or("-"),
+            client = %conn.peer.ip(),
+        );
     }
 }

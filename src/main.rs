@@ -126,8 +126,14 @@ fn serve(
 ) -> anyhow::Result<()> {
     let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
     varco::logging::init(json, &cfg.log.level);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.server.workers > 0 {
+    // One worker: a current-thread runtime, without the cross-thread
+    // wake-ups of a one-worker multi-thread pool.
+    let mut rt = if cfg.server.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cfg.server.workers > 1 {
         rt.worker_threads(cfg.server.workers);
     }
     let rt = rt

@@ -3,8 +3,8 @@
 //! client address, so cardinality stays bounded on a click day.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -108,6 +108,59 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// One room's series, resolved once when the room is built:
+/// `with_label_values` hashes and locks on every call, too much for the hot
+/// path.
+pub struct RoomMetrics {
+    /// Indexed by status class: 1xx..5xx.
+    requests: [IntCounter; 5],
+    request_seconds: Histogram,
+}
+
+impl RoomMetrics {
+    pub fn new(m: &Metrics, room: &str) -> Self {
+        let class = |c| m.requests.with_label_values(&[room, c]);
+        RoomMetrics {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            request_seconds: m.request_seconds.with_label_values(&[room]),
+        }
+    }
+
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[i].inc();
+        self.request_seconds.observe(seconds);
+    }
+}
+
+/// One upstream's series, resolved once (see [`RoomMetrics`]).
+pub struct UpstreamMetrics {
+    pub response_seconds: Histogram,
+    pub connect_errors: IntCounter,
+    pub timeouts: IntCounter,
+    pub protocol_errors: IntCounter,
+}
+
+impl UpstreamMetrics {
+    pub fn new(m: &Metrics, room: &str, upstream: &str) -> Self {
+        let errors = |kind| m.upstream_errors.with_label_values(&[room, upstream, kind]);
+        UpstreamMetrics {
+            response_seconds: m
+                .upstream_response_seconds
+                .with_label_values(&[room, upstream]),
+            connect_errors: errors("connect"),
+            timeouts: errors("timeout"),
+            protocol_errors: errors("protocol"),
+        }
     }
 }
 

@@ -80,7 +80,13 @@ mod tests {
         let rooms: Vec<Arc<Room>> = cfg
             .rooms
             .into_iter()
-            .map(|r| Arc::new(Room::new(r, std::time::Duration::from_secs(1))))
+            .map(|r| {
+                Arc::new(Room::new(
+                    r,
+                    std::time::Duration::from_secs(1),
+                    &crate::metrics::Metrics::new(),
+                ))
+            })
             .collect();
         Router::new(&rooms)
     }

@@ -19,7 +19,6 @@ use super::headers::{is_trusted, is_upgrade, set_forwarded, strip_hop_by_hop};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
 use crate::listener::ConnInfo;
-use crate::metrics::Metrics;
 use crate::room::Room;
 
 pub struct Forwarder {
@@ -29,10 +28,11 @@ pub struct Forwarder {
     trusted_proxies: Vec<IpNet>,
 }
 
-/// A response from an upstream, with which one answered.
+/// A response from an upstream, with which one answered (an index into
+/// the room's upstreams).
 pub struct Forwarded {
     pub response: Response<Body>,
-    pub upstream: String,
+    pub upstream: usize,
 }
 
 impl Forwarder {
@@ -55,7 +55,6 @@ impl Forwarder {
         room: &Room,
         mut req: Request<Incoming>,
         conn: ConnInfo,
-        metrics: &Metrics,
     ) -> Result<Forwarded, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -142,13 +141,10 @@ impl Forwarder {
             let sent =
                 tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
                     .await;
-            let labels = [room.name.as_str(), upstream.label.as_str()];
+            let metrics = &room.upstream_metrics[index];
             let outcome = match sent {
                 Err(_) => {
-                    metrics
-                        .upstream_errors
-                        .with_label_values(&[labels[0], labels[1], "timeout"])
-                        .inc();
+                    metrics.timeouts.inc();
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
                         timeout: self.response_timeout,
@@ -160,19 +156,15 @@ impl Forwarder {
                 Ok(resp) => {
                     room.upstreams.mark_healthy(index);
                     metrics
-                        .upstream_response_seconds
-                        .with_label_values(&labels)
+                        .response_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(Forwarded {
                         response: into_client_response(resp, client_upgrade),
-                        upstream: upstream.label.clone(),
+                        upstream: index,
                     });
                 }
                 Err(e) if e.is_connect() => {
-                    metrics
-                        .upstream_errors
-                        .with_label_values(&[labels[0], labels[1], "connect"])
-                        .inc();
+                    metrics.connect_errors.inc();
                     room.upstreams.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the connection; cooling down");
                     if last_try {
@@ -191,10 +183,7 @@ impl Forwarder {
                     if has_source::<ClientBodyError>(&e) {
                         return Err(ProxyError::ClientBody(e.into()));
                     }
-                    metrics
-                        .upstream_errors
-                        .with_label_values(&[labels[0], labels[1], "protocol"])
-                        .inc();
+                    metrics.protocol_errors.inc();
                     return Err(ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),

@@ -1,0 +1,102 @@
+//! Micro-benchmarks for the per-request work varco adds before the proxy:
+//!
+//! - `route/*`: is a linear scan over routes sorted by specificity fast
+//!   enough, or does routing need a trie? (Answer in BENCHMARKS.md: with
+//!   the tens of routes a portal has, the scan costs well under a
+//!   microsecond.)
+//! - `headers/*`: what hop-by-hop stripping and X-Forwarded-* cost on a
+//!   browser-sized header set.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::HeaderMap;
+use varco::config::Config;
+use varco::proxy::headers::{set_forwarded, strip_hop_by_hop};
+use varco::room::Room;
+use varco::router::Router;
+
+fn router_with(rooms: usize) -> Router {
+    let mut toml = String::new();
+    for i in 0..rooms {
+        toml.push_str(&format!(
+            "[rooms.r{i}]\nupstreams = [\"http://127.0.0.1:{}\"]\nhosts = [\"site{i}.example.org\", \"*.site{i}.example.net\"]\npaths = [\"/\", \"/area{i}\", \"/area{i}/login\"]\n",
+            10000 + i
+        ));
+    }
+    let cfg = Config::from_toml(&toml, Path::new(".")).expect("valid");
+    let rooms: Vec<Arc<Room>> = cfg
+        .rooms
+        .into_iter()
+        .map(|r| {
+            Arc::new(Room::new(
+                r,
+                Duration::from_secs(1),
+                &varco::metrics::Metrics::new(),
+            ))
+        })
+        .collect();
+    Router::new(&rooms)
+}
+
+fn route(c: &mut Criterion) {
+    for n in [1, 10, 50] {
+        let r = router_with(n);
+        let host = format!("www.site{}.example.net:443", n - 1);
+        c.bench_function(&format!("route/{n}_rooms_worst_case"), |b| {
+            b.iter(|| {
+                black_box(r.route(Some(black_box(&host)), black_box("/area0/login/callback")))
+            })
+        });
+    }
+}
+
+fn browser_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "portal.example.org"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/126 Mobile Safari/537.36",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
+        ("accept-language", "it-IT,it;q=0.9,en;q=0.8"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("connection", "keep-alive"),
+        (
+            "cookie",
+            "citizen=RSSMRA80A01H501U; varco_pass=eyJhbGciOiJIUzI1NiJ9.eyJyb29tIjoicG9ydGFsIn0.sig",
+        ),
+        ("upgrade-insecure-requests", "1"),
+        ("x-forwarded-for", "203.0.113.9"),
+    ] {
+        h.insert(k, v.parse().unwrap());
+    }
+    h
+}
+
+fn headers(c: &mut Criterion) {
+    let base = browser_headers();
+    let peer = "198.51.100.4".parse().unwrap();
+    let host = base.get("host").cloned();
+    c.bench_function("headers/strip_and_forward", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                strip_hop_by_hop(&mut h);
+                set_forwarded(&mut h, peer, false, "https", host.as_ref());
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, route, headers);
+criterion_main!(benches);
