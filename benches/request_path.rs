@@ -10,7 +10,6 @@
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderMap;
@@ -31,13 +30,7 @@ fn router_with(rooms: usize) -> Router {
     let rooms: Vec<Arc<Room>> = cfg
         .rooms
         .into_iter()
-        .map(|r| {
-            Arc::new(Room::new(
-                r,
-                Duration::from_secs(1),
-                &varco::metrics::Metrics::new(),
-            ))
-        })
+        .map(|r| Arc::new(Room::standalone(r)))
         .collect();
     Router::new(&rooms)
 }

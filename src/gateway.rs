@@ -1,39 +1,55 @@
-//! The public listener's request path: route to a room, forward to its
+//! The public listener's request path: varco's own paths (`/.varco/*`),
+//! route to a room, the waiting-room gate for gated rooms, forward to the
 //! upstream, and turn any failure into a small page; one access-log line
 //! and the request metrics per request.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::HOST;
+use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use ipnet::IpNet;
 
 use crate::body::Body;
+use crate::clock::SharedClock;
+use crate::cookies;
+use crate::gate::{self, Gate, GateRequest, RELEASE_HEADER};
 use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page;
+use crate::proxy::headers::client_ip;
 use crate::proxy::{Forwarder, Side};
+use crate::room::Room;
 use crate::router::Router;
 
 pub struct Gateway {
     router: Router,
+    rooms: Vec<Arc<Room>>,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
+    clock: SharedClock,
+    trusted_proxies: Vec<IpNet>,
     access_log: bool,
 }
 
 impl Gateway {
     pub fn new(
         router: Router,
+        rooms: Vec<Arc<Room>>,
         forwarder: Forwarder,
         metrics: Arc<Metrics>,
+        clock: SharedClock,
+        trusted_proxies: Vec<IpNet>,
         access_log: bool,
     ) -> Self {
         Gateway {
             router,
+            rooms,
             forwarder,
             metrics,
+            clock,
+            trusted_proxies,
             access_log,
         }
     }
@@ -48,22 +64,40 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
 }
 
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
 impl Handler for Gateway {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let json = page::wants_json(req.headers());
-        let host = host_of(&req);
-        let room = self
-            .router
-            .route(host.as_deref(), req.uri().path())
-            .cloned();
         // Only what the access line needs survives the request; the path
         // without its query, since queries can carry personal data.
         let logged = self
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_string()));
 
-        let Some(room) = room else {
+        if req.uri().path().starts_with("/.varco/") {
+            let resp = self.own_path(&req, conn, json);
+            self.metrics
+                .requests
+                .with_label_values(&["-", status_class(resp.status().as_u16())])
+                .inc();
+            self.access(logged, "-", &resp, started, None, conn);
+            return resp;
+        }
+
+        let host = host_of(&req);
+        let Some(room) = self
+            .router
+            .route(host.as_deref(), req.uri().path())
+            .cloned()
+        else {
             let resp = page::error(
                 StatusCode::NOT_FOUND,
                 "Nothing is served at this address.",
@@ -76,7 +110,51 @@ impl Handler for Gateway {
             self.access(logged, "-", &resp, started, None, conn);
             return resp;
         };
-        let (resp, upstream) = match self.forwarder.forward(&room, req, conn).await {
+
+        let (resp, upstream) = self.through_room(&room, req, conn, json).await;
+        room.metrics
+            .observe(resp.status().as_u16(), started.elapsed().as_secs_f64());
+        let label = upstream.map(|i| room.upstreams.get(i).label.as_str());
+        self.access(logged, &room.name, &resp, started, label, conn);
+        resp
+    }
+}
+
+impl Gateway {
+    /// The gate (for a gated room), then the upstream.
+    async fn through_room(
+        &self,
+        room: &Room,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        json: bool,
+    ) -> (Response<Body>, Option<usize>) {
+        let (set_cookies, session) = if room.is_gated() {
+            let now = self.clock.now_ms();
+            let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
+            match gate::admit(room, &GateRequest::of(&req, ip, conn.tls, json, now)).await {
+                Ok(Gate::Proxy {
+                    set_cookies,
+                    session,
+                }) => (set_cookies, session),
+                Ok(Gate::Respond(resp)) => return (resp, None),
+                Err(e) => {
+                    tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
+                    let mut resp = page::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "The waiting room is catching up. Please try again in a moment.",
+                        json,
+                    );
+                    resp.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("10"));
+                    return (resp, None);
+                }
+            }
+        } else {
+            (Vec::new(), None)
+        };
+
+        let (mut resp, upstream) = match self.forwarder.forward(room, req, conn).await {
             Ok(f) => (f.response, Some(f.upstream)),
             Err(e) => {
                 if e.side() == Side::Upstream {
@@ -87,15 +165,45 @@ impl Handler for Gateway {
                 (page::error(e.status(), e.public_message(), json), None)
             }
         };
-        room.metrics
-            .observe(resp.status().as_u16(), started.elapsed().as_secs_f64());
-        let label = upstream.map(|i| room.upstreams.get(i).label.as_str());
-        self.access(logged, &room.name, &resp, started, label, conn);
-        resp
+        for c in set_cookies {
+            resp.headers_mut().append(SET_COOKIE, c);
+        }
+        // The portal ends the session (e.g. after the application was
+        // submitted): the slot goes to the next in line at once.
+        if let Some(v) = resp.headers_mut().remove(RELEASE_HEADER) {
+            if v.as_bytes() == b"1" {
+                if let Some(sid) = session {
+                    let _ = room.store.end_session(sid).await;
+                    let _ = room.store.tick(room.limits(), self.clock.now_ms()).await;
+                }
+                resp.headers_mut()
+                    .append(SET_COOKIE, cookies::clear(&room.pass_cookie, conn.tls));
+            }
+        }
+        (resp, upstream)
     }
-}
 
-impl Gateway {
+    fn own_path(&self, req: &Request<Incoming>, conn: ConnInfo, json: bool) -> Response<Body> {
+        match req.uri().path() {
+            "/.varco/status" => {
+                let room = query_param(req.uri().query(), "room")
+                    .and_then(|name| self.rooms.iter().find(|r| r.name == name && r.is_gated()));
+                match room {
+                    Some(room) => {
+                        let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
+                        gate::status(room, req.headers(), ip, self.clock.now_ms())
+                    }
+                    None => page::error(StatusCode::NOT_FOUND, "No such waiting room.", true),
+                }
+            }
+            _ => page::error(
+                StatusCode::NOT_FOUND,
+                "Nothing is served at this address.",
+                json,
+            ),
+        }
+    }
+
     fn access(
         &self,
         logged: Option<(http::Method, String)>,

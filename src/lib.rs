@@ -6,19 +6,24 @@
 //! - [`app`]: wires everything; `run(config, listeners, shutdown)`.
 //! - [`listener`]: accept loop, connection cap, TLS ([`tls`]), HTTP/1+2,
 //!   timeouts, graceful drain.
-//! - [`gateway`]: one request's path: route ([`router`]) to a [`room`],
-//!   forward ([`proxy`]), answer failures with a [`page`].
+//! - [`gateway`]: one request's path: varco's own `/.varco/*` paths, route
+//!   ([`router`]) to a [`room`], the waiting-room [`gate`] (tickets,
+//!   passes, [`cookies`], the [`store`] of counters), forward ([`proxy`]),
+//!   answer with a [`page`] (errors, the waiting page).
 //! - [`proxy`]: upstream choice, pooled client, header rules, streaming.
 //! - [`admin`]: `/metrics` ([`metrics`]), `/healthz`, `/readyz`.
 //! - [`demo`]: the embedded demo portal `varco demo` protects.
-//! - [`body`], [`logging`]: the shared body type; log output.
+//! - [`body`], [`clock`], [`logging`]: the shared body type; time; logs.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod clock;
 pub mod config;
+pub mod cookies;
 pub mod demo;
+pub mod gate;
 pub mod gateway;
 pub mod listener;
 pub mod logging;
@@ -27,4 +32,5 @@ pub mod page;
 pub mod proxy;
 pub mod room;
 pub mod router;
+pub mod store;
 pub mod tls;

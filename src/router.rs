@@ -80,13 +80,7 @@ mod tests {
         let rooms: Vec<Arc<Room>> = cfg
             .rooms
             .into_iter()
-            .map(|r| {
-                Arc::new(Room::new(
-                    r,
-                    std::time::Duration::from_secs(1),
-                    &crate::metrics::Metrics::new(),
-                ))
-            })
+            .map(|r| Arc::new(Room::standalone(r)))
             .collect();
         Router::new(&rooms)
     }

@@ -44,6 +44,28 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "30s";
 pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
 /// How long an upstream that refused a connection is skipped.
 pub const DEFAULT_FAIL_COOLDOWN: &str = "10s";
+/// A pass ends after this long without a request: long enough to read a
+/// form, short enough that a person who left frees the slot soon.
+pub const DEFAULT_SESSION_IDLE: &str = "5m";
+/// The waiting page polls every 10-30 s; a minute covers a few missed
+/// polls (a phone changing networks) before the slot is given back.
+pub const DEFAULT_CLAIM_WINDOW: &str = "60s";
+/// A ticket outlives any realistic click-day queue.
+pub const DEFAULT_TICKET_TTL: &str = "24h";
+pub const DEFAULT_MODE: &str = "queue";
+pub const DEFAULT_LANGUAGE: &str = "it";
+/// Many citizens share one address behind a mobile carrier's NAT: limits
+/// per address must be generous, and only stop scripts.
+pub const DEFAULT_TICKETS_PER_IP_PER_MINUTE: u32 = 120;
+/// A waiting page polls 2-6 times a minute; 1200 covers hundreds of
+/// people behind one NAT.
+pub const DEFAULT_STATUS_PER_IP_PER_MINUTE: u32 = 1200;
+/// One admission tick a second: fine-grained enough that the rate per
+/// minute is smooth, coarse enough to cost nothing.
+pub const DEFAULT_TICK: &str = "1s";
+/// Counters saved every few seconds: a crash loses at most this much
+/// (tickets issued in that span are re-numbered later, never lost).
+pub const DEFAULT_SNAPSHOT_INTERVAL: &str = "5s";
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -55,7 +77,48 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub secrets: RawSecrets,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
     pub rooms: BTreeMap<String, RawRoom>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSecrets {
+    /// A TOML file with `[[keys]] id = "..." secret = "base64"`; the last
+    /// key signs, all verify.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// An environment variable holding `id:base64,id:base64` (last signs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// A random key made at start (the demo): tickets die with the process.
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// "memory" (one node).
+    pub kind: String,
+    /// Where the memory store snapshots its counters; none: not saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    pub snapshot_interval: String,
+    pub tick: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            kind: "memory".into(),
+            snapshot: None,
+            snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL.into(),
+            tick: DEFAULT_TICK.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -161,6 +224,83 @@ pub struct RawRoom {
     /// authority (false).
     #[serde(default = "default_true")]
     pub preserve_host: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission_per_minute: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_active: Option<u64>,
+    #[serde(default = "default_session_idle")]
+    pub session_idle: String,
+    #[serde(default = "default_claim_window")]
+    pub claim_window: String,
+    #[serde(default = "default_ticket_ttl")]
+    pub ticket_ttl: String,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bypass: Option<RawBypass>,
+    #[serde(default)]
+    pub exempt_paths: Vec<String>,
+    /// Waiting page language when Accept-Language names neither it nor en.
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// An operator's own waiting page template (see README).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_template: Option<String>,
+    #[serde(default)]
+    pub per_ip: RawPerIp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBypass {
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The header's secret value, from a file...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    /// ...or from an environment variable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPerIp {
+    pub tickets_per_minute: u32,
+    pub status_per_minute: u32,
+}
+
+impl Default for RawPerIp {
+    fn default() -> Self {
+        RawPerIp {
+            tickets_per_minute: DEFAULT_TICKETS_PER_IP_PER_MINUTE,
+            status_per_minute: DEFAULT_STATUS_PER_IP_PER_MINUTE,
+        }
+    }
+}
+
+fn default_session_idle() -> String {
+    DEFAULT_SESSION_IDLE.into()
+}
+
+fn default_claim_window() -> String {
+    DEFAULT_CLAIM_WINDOW.into()
+}
+
+fn default_ticket_ttl() -> String {
+    DEFAULT_TICKET_TTL.into()
+}
+
+fn default_mode() -> String {
+    DEFAULT_MODE.into()
+}
+
+fn default_language() -> String {
+    DEFAULT_LANGUAGE.into()
 }
 
 fn default_hosts() -> Vec<String> {

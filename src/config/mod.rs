@@ -15,6 +15,9 @@ use ipnet::IpNet;
 
 pub use file::RawConfig;
 
+use crate::room::admission::Mode;
+use crate::room::token::Keyring;
+
 /// The demo default, embedded so `varco demo` needs no file on disk.
 pub const DEMO_CONFIG: &str = include_str!("../../config/varco.toml");
 
@@ -24,6 +27,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
+    pub store: StoreConfig,
+    /// Signing keys for tickets and passes.
+    pub keys: Keyring,
     pub rooms: Vec<RoomConfig>,
     /// The file as read, with defaults filled in: what `check-config` prints.
     pub raw: RawConfig,
@@ -69,6 +75,13 @@ pub struct LogConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub snapshot: Option<PathBuf>,
+    pub snapshot_interval: Duration,
+    pub tick: Duration,
+}
+
+#[derive(Debug, Clone)]
 pub struct RoomConfig {
     pub name: String,
     /// Scheme and authority of each upstream, e.g. `http://10.0.0.5:8000`.
@@ -76,6 +89,44 @@ pub struct RoomConfig {
     pub hosts: Vec<HostPattern>,
     pub paths: Vec<String>,
     pub preserve_host: bool,
+    pub admission_per_minute: Option<f64>,
+    pub max_active: Option<u64>,
+    pub session_idle: Duration,
+    pub claim_window: Duration,
+    pub ticket_ttl: Duration,
+    pub mode: Mode,
+    /// Scheduled opening, unix ms.
+    pub opens_at_ms: Option<u64>,
+    pub bypass: Bypass,
+    pub exempt_paths: Vec<String>,
+    pub language: Language,
+    /// The operator's template text, already read.
+    pub page_template: Option<String>,
+    pub tickets_per_ip_per_minute: u32,
+    pub status_per_ip_per_minute: u32,
+}
+
+impl RoomConfig {
+    /// A room with neither limit is a plain proxy.
+    pub fn is_gated(&self) -> bool {
+        self.mode != Mode::Passthrough
+            && (self.admission_per_minute.is_some()
+                || self.max_active.is_some()
+                || self.opens_at_ms.is_some())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Bypass {
+    pub cidrs: Vec<IpNet>,
+    /// Header name and its secret value.
+    pub header: Option<(http::HeaderName, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    It,
+    En,
 }
 
 /// Which request hosts a room answers.

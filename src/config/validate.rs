@@ -11,6 +11,8 @@ use ipnet::IpNet;
 
 use super::units::{parse_duration, parse_size};
 use super::*;
+use crate::room::admission::Mode;
+use crate::room::token::Keyring;
 
 /// hyper refuses a read buffer below 8 KiB, and nothing sane needs more
 /// than 1 MiB of request headers.
@@ -162,6 +164,19 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         access: raw.log.access,
     };
 
+    if raw.store.kind != "memory" {
+        p.add(
+            "store.kind",
+            format!("\"{}\" is not a store: use \"memory\"", raw.store.kind),
+        );
+    }
+    let store = StoreConfig {
+        snapshot: raw.store.snapshot.as_ref().map(|s| base.join(s)),
+        snapshot_interval: p.duration("store.snapshot_interval", &raw.store.snapshot_interval),
+        tick: p.duration("store.tick", &raw.store.tick),
+    };
+    let keys = load_keys(&raw.secrets, base, &mut p);
+
     if raw.rooms.is_empty() {
         p.add(
             "rooms",
@@ -232,20 +247,114 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 }
             }
         }
-        rooms.push(RoomConfig {
+        if let Some(rate) = r.admission_per_minute {
+            if !(rate > 0.0 && rate.is_finite()) {
+                p.add(
+                    key("admission_per_minute"),
+                    "must be a positive number of new sessions per minute",
+                );
+            }
+        }
+        if r.max_active == Some(0) {
+            p.add(
+                key("max_active"),
+                "must be at least 1 (use mode = \"closed\" to admit nobody)",
+            );
+        }
+        let mode = Mode::parse(&r.mode).unwrap_or_else(|| {
+            p.add(
+                key("mode"),
+                format!(
+                    "\"{}\" is not a mode: use queue, queue_all, paused, passthrough or closed",
+                    r.mode
+                ),
+            );
+            Mode::Queue
+        });
+        let opens_at_ms = r.opens_at.as_ref().and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as u64)
+                .map_err(|e| p.add(key("opens_at"), format!("\"{t}\" is not an RFC 3339 time ({e}): write e.g. \"2026-12-01T09:00:00+01:00\"")))
+                .ok()
+        });
+        let bypass = r
+            .bypass
+            .as_ref()
+            .map(|b| parse_bypass(b, &key, base, &mut p))
+            .unwrap_or_default();
+        for (i, e) in r.exempt_paths.iter().enumerate() {
+            if !e.starts_with('/') {
+                p.add(
+                    key(&format!("exempt_paths[{i}]")),
+                    format!("\"{e}\" is not a path prefix: it starts with '/'"),
+                );
+            }
+        }
+        let language = match r.language.as_str() {
+            "it" => Language::It,
+            "en" => Language::En,
+            other => {
+                p.add(
+                    key("language"),
+                    format!("\"{other}\" is not a language varco speaks: use \"it\" or \"en\""),
+                );
+                Language::It
+            }
+        };
+        let page_template = r.page_template.as_ref().and_then(|t| {
+            let path = base.join(t);
+            std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    p.add(
+                        key("page_template"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })
+                .ok()
+        });
+        if r.per_ip.tickets_per_minute == 0 {
+            p.add(key("per_ip.tickets_per_minute"), "must be at least 1");
+        }
+        if r.per_ip.status_per_minute == 0 {
+            p.add(key("per_ip.status_per_minute"), "must be at least 1");
+        }
+        let room = RoomConfig {
             name: name.clone(),
             upstreams,
             hosts,
             paths: r.paths.clone(),
             preserve_host: r.preserve_host,
-        });
+            admission_per_minute: r.admission_per_minute,
+            max_active: r.max_active,
+            session_idle: p.duration(&key("session_idle"), &r.session_idle),
+            claim_window: p.duration(&key("claim_window"), &r.claim_window),
+            ticket_ttl: p.duration(&key("ticket_ttl"), &r.ticket_ttl),
+            mode,
+            opens_at_ms,
+            bypass,
+            exempt_paths: r.exempt_paths.clone(),
+            language,
+            page_template,
+            tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
+            status_per_ip_per_minute: r.per_ip.status_per_minute,
+        };
+        if room.is_gated() && keys.is_none() {
+            p.add(
+                "secrets",
+                format!("room \"{name}\" has admission limits, so tickets need a signing key: set secrets.key_file or secrets.key_env (secrets.ephemeral = true only for a demo: tickets then die with the process)"),
+            );
+        }
+        rooms.push(room);
     }
 
     if p.0.is_empty() {
+        let keys = keys.unwrap_or_else(Keyring::ephemeral);
         Ok(Config {
             server,
             upstream,
             log,
+            store,
+            keys,
             rooms,
             raw,
         })
@@ -311,4 +420,156 @@ fn parse_host(text: &str) -> Result<HostPattern, String> {
     } else {
         Err(format!("\"{text}\" is not a host pattern: use \"*\", \"*.example.org\" or \"example.org\" (no port)"))
     }
+}
+
+fn parse_bypass(
+    b: &file::RawBypass,
+    key: &dyn Fn(&str) -> String,
+    base: &Path,
+    p: &mut Problems,
+) -> Bypass {
+    let cidrs = b
+        .cidrs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            parse_cidr(c)
+                .map_err(|e| p.add(key(&format!("bypass.cidrs[{i}]")), e))
+                .ok()
+        })
+        .collect();
+    let secret = match (&b.secret_file, &b.secret_env) {
+        (Some(f), None) => std::fs::read_to_string(base.join(f))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| p.add(key("bypass.secret_file"), format!("cannot read {f}: {e}")))
+            .ok(),
+        (None, Some(v)) => std::env::var(v)
+            .map_err(|_| {
+                p.add(
+                    key("bypass.secret_env"),
+                    format!("the environment variable {v} is not set"),
+                )
+            })
+            .ok(),
+        (Some(_), Some(_)) => {
+            p.add(key("bypass"), "set secret_file or secret_env, not both");
+            None
+        }
+        (None, None) => None,
+    };
+    if let Some(s) = &secret {
+        if s.len() < 16 {
+            p.add(
+                key("bypass"),
+                "the bypass secret is shorter than 16 characters: anyone could guess it",
+            );
+        }
+    }
+    let header = match (&b.header, secret) {
+        (Some(h), Some(s)) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => Some((name, s)),
+            Err(_) => {
+                p.add(
+                    key("bypass.header"),
+                    format!("\"{h}\" is not a header name"),
+                );
+                None
+            }
+        },
+        (Some(_), None) => {
+            p.add(
+                key("bypass.header"),
+                "needs its secret: set bypass.secret_file or bypass.secret_env",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            p.add(
+                key("bypass.header"),
+                "a secret is set but no header carries it",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    Bypass { cidrs, header }
+}
+
+/// The keys that sign tickets and passes, from a file or the environment.
+fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyring> {
+    use base64::Engine;
+    let decode = |text: &str| {
+        let t = text.trim();
+        base64::engine::general_purpose::STANDARD
+            .decode(t)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
+    };
+    let mut keys = Vec::new();
+    let mut problem = |key: &str, reason: String| p.add(key, reason);
+    if let Some(f) = &s.key_file {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeyFile {
+            keys: Vec<KeyEntry>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeyEntry {
+            id: String,
+            secret: String,
+        }
+        let path = base.join(f);
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(kf) => keys.extend(kf.keys.into_iter().map(|k| (k.id, decode(&k.secret)))),
+            Err(e) => problem(
+                "secrets.key_file",
+                format!("cannot use {}: {e}", path.display()),
+            ),
+        }
+    }
+    if let Some(var) = &s.key_env {
+        match std::env::var(var) {
+            Ok(v) => {
+                for part in v.split(',').filter(|x| !x.trim().is_empty()) {
+                    match part.split_once(':') {
+                        Some((id, secret)) => keys.push((id.trim().to_string(), decode(secret))),
+                        None => problem(
+                            "secrets.key_env",
+                            format!(
+                                "{var} holds an entry without \"id:\"; write id:base64,id:base64"
+                            ),
+                        ),
+                    }
+                }
+            }
+            Err(_) => problem(
+                "secrets.key_env",
+                format!("the environment variable {var} is not set"),
+            ),
+        }
+    }
+    let mut ring = Vec::new();
+    for (id, secret) in keys {
+        match secret {
+            Ok(b) if b.len() >= 32 => ring.push(crate::room::token::SigningKey { id, secret: b }),
+            Ok(_) => problem("secrets", format!("key \"{id}\" is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`")),
+            Err(_) => problem("secrets", format!("key \"{id}\" is not base64")),
+        }
+    }
+    if ring.is_empty() {
+        if s.key_file.is_some() || s.key_env.is_some() {
+            problem("secrets", "no usable key found".into());
+        }
+        return s.ephemeral.then(Keyring::ephemeral);
+    }
+    if s.ephemeral {
+        problem(
+            "secrets.ephemeral",
+            "cannot be true when keys are given".into(),
+        );
+    }
+    Some(Keyring::new(ring))
 }

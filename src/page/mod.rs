@@ -1,6 +1,8 @@
 //! Pages varco itself answers with. Every one is marked uncacheable:
 //! varco's own responses must never be stored and shown to someone else.
 
+pub mod waiting;
+
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 

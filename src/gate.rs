@@ -1,0 +1,391 @@
+//! The waiting room's part of the request path, for a gated room:
+//!
+//! bypass? -> exempt path? -> live pass? -> eligible ticket? -> room free
+//! and nobody waiting? -> otherwise a ticket and the waiting page.
+//!
+//! The store makes each admission atomically; this module turns cookies
+//! into claims and decisions into responses.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::header::{HeaderValue, SET_COOKIE};
+use http::{HeaderMap, Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
+use crate::cookies;
+use crate::page::waiting::{self, Status};
+use crate::room::admission::{Claim, Issued, Mode};
+use crate::room::lottery::Lottery;
+use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
+use crate::room::Room;
+use crate::store::{NewSession, RoomView, StoreError};
+
+/// The upstream ends a session with this response header.
+pub const RELEASE_HEADER: &str = "x-varco-release";
+
+/// What the gate decided for one request.
+pub enum Gate {
+    /// Send it upstream; add these cookies to the response; `session` is
+    /// the pass's session, for a release by the portal.
+    Proxy {
+        set_cookies: Vec<HeaderValue>,
+        session: Option<u128>,
+    },
+    /// Answer it here (waiting page, JSON, 429, closed).
+    Respond(Response<Body>),
+}
+
+pub struct GateRequest<'a> {
+    pub headers: &'a HeaderMap,
+    pub method: &'a Method,
+    pub path_and_query: &'a str,
+    pub client_ip: IpAddr,
+    pub tls: bool,
+    pub json: bool,
+    pub now_ms: u64,
+}
+
+impl<'a> GateRequest<'a> {
+    pub fn of(
+        req: &'a Request<Incoming>,
+        client_ip: IpAddr,
+        tls: bool,
+        json: bool,
+        now_ms: u64,
+    ) -> Self {
+        GateRequest {
+            headers: req.headers(),
+            method: req.method(),
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+            client_ip,
+            tls,
+            json,
+            now_ms,
+        }
+    }
+}
+
+fn is_bypass(room: &Room, r: &GateRequest) -> bool {
+    let b = &room.config.bypass;
+    if b.cidrs.iter().any(|n| n.contains(&r.client_ip)) {
+        return true;
+    }
+    match &b.header {
+        Some((name, secret)) => r
+            .headers
+            .get(name)
+            .is_some_and(|v| constant_time_eq(v.as_bytes(), secret.as_bytes())),
+        None => false,
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// says nothing about how much of a guessed secret was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The live pass a request carries, if any, renewed in the store.
+fn live_pass(room: &Room, r: &GateRequest) -> Option<PassClaims> {
+    let token = cookies::get(r.headers, &room.pass_cookie)?;
+    let pass: PassClaims = room
+        .keys
+        .verify(token, &audience("pass", &room.name), r.now_ms)?;
+    let sid = pass.session_id()?;
+    let idle = room.config.session_idle.as_millis() as u64;
+    room.store.touch(sid, r.now_ms, idle).then_some(pass)
+}
+
+/// A path the person may be sent back to: local, never `//host`.
+fn safe_path(p: &str) -> Option<&str> {
+    (p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') && p.len() <= 1024)
+        .then_some(p)
+}
+
+fn pass_cookie(room: &Room, sid: u128, n: u64, r: &GateRequest) -> HeaderValue {
+    let idle = room.config.session_idle.as_millis() as u64;
+    // The cookie lives twice the idle time and is renewed when half gone:
+    // the store's session, not the cookie, decides when it ends.
+    let claims = PassClaims::new(&room.name, sid, n, r.now_ms, 2 * idle);
+    cookies::set(
+        &room.pass_cookie,
+        &room.keys.sign(&claims),
+        2 * idle / 1000,
+        r.tls,
+    )
+}
+
+fn new_session(room: &Room, r: &GateRequest) -> NewSession {
+    NewSession {
+        sid: random_u128(),
+        expires_ms: r.now_ms + room.config.session_idle.as_millis() as u64,
+    }
+}
+
+/// The place of a ticket in the current order, or None before the opening.
+fn effective_number(room: &Room, t: &TicketClaims, view: &RoomView) -> Option<u64> {
+    if t.pre == 0 {
+        return Some(t.n);
+    }
+    if !view.opened {
+        return None;
+    }
+    Lottery::new(&room.lottery_seed(), view.prequeue).place(t.pre)
+}
+
+pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {
+    if is_bypass(room, r)
+        || room
+            .config
+            .exempt_paths
+            .iter()
+            .any(|p| r.path_and_query.starts_with(p.as_str()))
+    {
+        return Ok(Gate::Proxy {
+            set_cookies: vec![],
+            session: None,
+        });
+    }
+    if let Some(pass) = live_pass(room, r) {
+        let mut set_cookies = vec![];
+        let idle = room.config.session_idle.as_millis() as u64;
+        if pass.exp * 1000 < r.now_ms + idle {
+            set_cookies.push(pass_cookie(room, pass.session_id().unwrap_or(0), pass.n, r));
+        }
+        return Ok(Gate::Proxy {
+            set_cookies,
+            session: pass.session_id(),
+        });
+    }
+
+    let limits = room.limits();
+    let view = room.store.view();
+    let ticket: Option<TicketClaims> = cookies::get(r.headers, &room.ticket_cookie).and_then(|t| {
+        room.keys
+            .verify(t, &audience("ticket", &room.name), r.now_ms)
+    });
+    let safe_get = matches!(*r.method, Method::GET | Method::HEAD);
+    let next_url = if safe_get {
+        safe_path(r.path_and_query).unwrap_or("/").to_string()
+    } else {
+        ticket
+            .as_ref()
+            .and_then(|t| safe_path(&t.u))
+            .unwrap_or("/")
+            .to_string()
+    };
+
+    if limits.mode == Mode::Closed {
+        let status = status_for(room, ticket.as_ref(), &view, r.now_ms, "closed");
+        return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
+    }
+
+    if let Some(t) = &ticket {
+        match effective_number(room, t, &view) {
+            Some(n) if safe_get => {
+                let session = new_session(room, r);
+                match room.store.claim(n, limits, session, r.now_ms).await? {
+                    Claim::Admitted => {
+                        let set_cookies = vec![
+                            pass_cookie(room, session.sid, n, r),
+                            cookies::clear(&room.ticket_cookie, r.tls),
+                        ];
+                        return Ok(Gate::Proxy {
+                            set_cookies,
+                            session: Some(session.sid),
+                        });
+                    }
+                    Claim::NotYet { .. } => {
+                        let status =
+                            status_for(room, Some(t), &room.store.view(), r.now_ms, "waiting");
+                        // Re-sign only when the destination changed.
+                        let cookie = (t.u != next_url).then(|| {
+                            let mut t = t.clone();
+                            t.u = next_url.clone();
+                            ticket_cookie(room, &t, r)
+                        });
+                        return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
+                    }
+                    // Used or lapsed: this ticket admits nobody any more.
+                    Claim::AlreadyClaimed | Claim::Expired => {}
+                }
+            }
+            // Not a GET: never forwarded without a pass; the page says
+            // where the person stands.
+            _ => {
+                let status = status_for(room, Some(t), &view, r.now_ms, "waiting");
+                return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
+            }
+        }
+    }
+
+    if safe_get && limits.mode == Mode::Queue && view.waiting == 0 {
+        let session = new_session(room, r);
+        if let Some(n) = room.store.admit_directly(limits, session, r.now_ms).await? {
+            let mut set_cookies = vec![pass_cookie(room, session.sid, n, r)];
+            if ticket.is_some() {
+                set_cookies.push(cookies::clear(&room.ticket_cookie, r.tls));
+            }
+            return Ok(Gate::Proxy {
+                set_cookies,
+                session: Some(session.sid),
+            });
+        }
+    }
+
+    if let Err(not_until) = room.ticket_limiter.check_key(&r.client_ip) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Ok(Gate::Respond(too_many(wait, r.json)));
+    }
+    let issued = room.store.issue(limits, r.now_ms).await?;
+    let (n, pre) = match issued {
+        Issued::Number(n) => (n, 0),
+        Issued::PreQueue(p) => (0, p),
+    };
+    let ttl = room.config.ticket_ttl.as_millis() as u64;
+    let claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
+    let cookie = ticket_cookie(room, &claims, r);
+    let status = status_for(room, Some(&claims), &room.store.view(), r.now_ms, "waiting");
+    Ok(Gate::Respond(page(
+        room,
+        r,
+        &status,
+        &next_url,
+        Some(cookie),
+    )))
+}
+
+fn ticket_cookie(room: &Room, t: &TicketClaims, r: &GateRequest) -> HeaderValue {
+    let max_age = t.exp.saturating_sub(r.now_ms / 1000);
+    cookies::set(&room.ticket_cookie, &room.keys.sign(t), max_age, r.tls)
+}
+
+fn page(
+    room: &Room,
+    r: &GateRequest,
+    status: &Status,
+    next_url: &str,
+    cookie: Option<HeaderValue>,
+) -> Response<Body> {
+    let lang = waiting::language(r.headers, room.config.language);
+    let template = room
+        .config
+        .page_template
+        .as_deref()
+        .unwrap_or(waiting::DEFAULT_TEMPLATE);
+    let mut resp = waiting::respond(template, status, lang, next_url, r.json);
+    if let Some(c) = cookie {
+        resp.headers_mut().append(SET_COOKIE, c);
+    }
+    resp
+}
+
+fn too_many(wait: Duration, json: bool) -> Response<Body> {
+    let mut resp = crate::page::error(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests from this address. Your place in line, if you have one, is kept.",
+        json,
+    );
+    let secs = wait.as_secs().max(1);
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Where a ticket stands, honestly: the estimate comes from the rate
+/// actually observed over the last minute, given as a range.
+pub fn status_for(
+    room: &Room,
+    ticket: Option<&TicketClaims>,
+    view: &RoomView,
+    now_ms: u64,
+    state: &'static str,
+) -> Status {
+    let n = ticket.and_then(|t| effective_number(room, t, view));
+    let prequeue = ticket.is_some_and(|t| t.pre > 0) && !view.opened;
+    let eligible = n.is_some_and(|n| n <= view.serving);
+    let state = if state == "waiting" && eligible {
+        "admitted"
+    } else {
+        state
+    };
+    let position = n.filter(|_| !eligible).map(|n| n - view.serving);
+    let ahead = position.map(|p| p - 1);
+    let rate = view.observed_rate;
+    let (eta, lo, hi) = match position {
+        Some(p) if rate > 0.0 => {
+            let eta = p as f64 / rate;
+            (
+                Some(eta as u64),
+                Some((eta * 0.8) as u64),
+                Some((eta * 1.5).ceil() as u64),
+            )
+        }
+        _ => (None, None, None),
+    };
+    Status {
+        room: room.name.clone(),
+        state,
+        position,
+        ahead,
+        eta_seconds: eta,
+        eta_low_seconds: lo,
+        eta_high_seconds: hi,
+        queue_length: view.waiting,
+        prequeue,
+        opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms).map(rfc3339),
+        updated: rfc3339(now_ms),
+        ticket: ticket.map(|t| if t.n > 0 { t.n } else { t.pre }),
+        paused: room.config.mode == Mode::Paused,
+    }
+}
+
+/// `GET /.varco/status?room=NAME`: where the caller stands, as JSON.
+pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) -> Response<Body> {
+    if let Err(not_until) = room.status_limiter.check_key(&client_ip) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return too_many(wait, true);
+    }
+    let view = room.store.view();
+    let has_pass = cookies::get(headers, &room.pass_cookie)
+        .and_then(|t| {
+            room.keys
+                .verify::<PassClaims>(t, &audience("pass", &room.name), now_ms)
+        })
+        .is_some();
+    let ticket: Option<TicketClaims> = cookies::get(headers, &room.ticket_cookie)
+        .and_then(|t| room.keys.verify(t, &audience("ticket", &room.name), now_ms));
+    let state = if room.config.mode == Mode::Closed {
+        "closed"
+    } else if has_pass {
+        "admitted"
+    } else if ticket.is_none() {
+        "none"
+    } else {
+        "waiting"
+    };
+    waiting::status_json(&status_for(room, ticket.as_ref(), &view, now_ms, state))
+}

@@ -1,0 +1,449 @@
+//! The admission state of one room and the rules that move it: the queue
+//! counter, the serving counter advanced each tick by
+//! min(rate budget, free capacity, people waiting), the claim window that
+//! gives unclaimed slots back, and the pre-queue opening. Pure data and
+//! arithmetic on a `now` passed in: the store holds it, tests drive it.
+//!
+//! Memory is fixed-size whatever the queue length: counters, a token
+//! bucket, the batches still inside the claim window, and the claimed
+//! ticket numbers inside that window (at most rate x claim window).
+
+use std::collections::{BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// How a room lets people in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Admit directly while there is room and nobody waits; queue otherwise.
+    Queue,
+    /// Everyone without a pass takes a ticket; admission only by the queue.
+    QueueAll,
+    /// Nobody new is admitted; tickets are still handed out.
+    Paused,
+    /// No gate at all: a plain proxy.
+    Passthrough,
+    /// Nobody new gets in or in line; pass holders finish.
+    Closed,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "queue" => Mode::Queue,
+            "queue_all" => Mode::QueueAll,
+            "paused" => Mode::Paused,
+            "passthrough" => Mode::Passthrough,
+            "closed" => Mode::Closed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Queue => "queue",
+            Mode::QueueAll => "queue_all",
+            Mode::Paused => "paused",
+            Mode::Passthrough => "passthrough",
+            Mode::Closed => "closed",
+        }
+    }
+
+    fn admits(self) -> bool {
+        matches!(self, Mode::Queue | Mode::QueueAll)
+    }
+}
+
+/// A room's limits as the admission rules need them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// New sessions per minute; `None`: unlimited.
+    pub per_minute: Option<f64>,
+    /// Live sessions at once; `None`: unlimited.
+    pub max_active: Option<u64>,
+    pub claim_window_ms: u64,
+    pub tick_ms: u64,
+    /// Scheduled opening, unix ms.
+    pub opens_at_ms: Option<u64>,
+    pub mode: Mode,
+}
+
+impl Limits {
+    /// Token bucket size: one tick's worth of admissions (at least one), so
+    /// any 60 s window admits at most the rate plus one tick's worth.
+    fn burst(&self) -> f64 {
+        match self.per_minute {
+            Some(r) => (r * self.tick_ms as f64 / 60_000.0).max(1.0),
+            None => f64::INFINITY,
+        }
+    }
+}
+
+/// Tickets that became eligible together, while their claim window is open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Batch {
+    pub at_ms: u64,
+    pub from: u64,
+    pub to: u64,
+    pub claimed: u64,
+}
+
+impl Batch {
+    fn unclaimed(&self) -> u64 {
+        (self.to + 1 - self.from) - self.claimed
+    }
+}
+
+/// What a fresh arrival gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issued {
+    /// A place in line.
+    Number(u64),
+    /// A pre-queue number: the place is drawn by lot at opening.
+    PreQueue(u64),
+}
+
+/// What a ticket holder's claim comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Admitted,
+    /// Not eligible yet: this many places from the front (1 = next).
+    NotYet {
+        position: u64,
+    },
+    /// Eligible once, but not claimed within the claim window.
+    Expired,
+    /// This ticket already became a pass.
+    AlreadyClaimed,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdmissionState {
+    /// Tickets issued: effective numbers 1..=queue.
+    pub queue: u64,
+    /// The highest number that may claim a pass.
+    pub serving: u64,
+    /// Pre-queue tickets issued before the opening.
+    pub prequeue: u64,
+    /// True once a scheduled opening has happened (or when there is none).
+    pub opened: bool,
+    pub tokens: f64,
+    pub refilled_ms: u64,
+    pub batches: VecDeque<Batch>,
+    pub claimed: BTreeSet<u64>,
+    /// Numbers at or below this can no longer claim.
+    pub floor: u64,
+    pub admitted_total: u64,
+    pub abandoned_total: u64,
+    /// (time, serving) samples over the last minute: the observed rate.
+    pub history: VecDeque<(u64, u64)>,
+}
+
+const HISTORY_MS: u64 = 60_000;
+
+impl AdmissionState {
+    pub fn new(limits: &Limits, now_ms: u64) -> Self {
+        AdmissionState {
+            opened: limits.opens_at_ms.is_none_or(|t| now_ms >= t),
+            tokens: limits.burst().min(1.0),
+            refilled_ms: now_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Slots promised to eligible tickets that have not claimed yet.
+    pub fn reserved(&self) -> u64 {
+        self.batches.iter().map(Batch::unclaimed).sum()
+    }
+
+    pub fn waiting(&self) -> u64 {
+        self.queue - self.serving
+    }
+
+    fn refill(&mut self, limits: &Limits, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.refilled_ms);
+        self.refilled_ms = self.refilled_ms.max(now_ms);
+        if let Some(r) = limits.per_minute {
+            self.tokens = (self.tokens + r * elapsed as f64 / 60_000.0).min(limits.burst());
+        }
+    }
+
+    fn free(&self, limits: &Limits, active: u64) -> u64 {
+        match limits.max_active {
+            Some(max) => max.saturating_sub(active + self.reserved()),
+            None => u64::MAX,
+        }
+    }
+
+    fn budget(&self, limits: &Limits) -> u64 {
+        match limits.per_minute {
+            Some(_) => self.tokens.max(0.0).floor() as u64,
+            None => u64::MAX,
+        }
+    }
+
+    fn maybe_open(&mut self, limits: &Limits, now_ms: u64) -> bool {
+        if self.opened || limits.opens_at_ms.is_some_and(|t| now_ms < t) {
+            return false;
+        }
+        // The pre-queue takes places 1..=P in the lottery's order; those
+        // who come after follow in arrival order.
+        self.opened = true;
+        self.queue += self.prequeue;
+        true
+    }
+
+    fn expire_batches(&mut self, limits: &Limits, now_ms: u64) {
+        while let Some(b) = self.batches.front() {
+            if b.at_ms + limits.claim_window_ms > now_ms {
+                break;
+            }
+            let b = self.batches.pop_front().expect("front exists");
+            self.abandoned_total += b.unclaimed();
+            self.floor = self.floor.max(b.to);
+        }
+        let floor = self.floor;
+        self.claimed = self.claimed.split_off(&(floor + 1));
+    }
+
+    fn record(&mut self, now_ms: u64) {
+        self.history.push_back((now_ms, self.serving));
+        while self
+            .history
+            .front()
+            .is_some_and(|(t, _)| *t + HISTORY_MS < now_ms)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// One admission tick. Returns how many tickets became eligible.
+    pub fn tick(&mut self, limits: &Limits, active: u64, now_ms: u64) -> u64 {
+        self.maybe_open(limits, now_ms);
+        self.refill(limits, now_ms);
+        self.expire_batches(limits, now_ms);
+        let mut advanced = 0;
+        if limits.mode.admits() && self.opened {
+            advanced = self
+                .waiting()
+                .min(self.free(limits, active))
+                .min(self.budget(limits));
+            if advanced > 0 {
+                self.batches.push_back(Batch {
+                    at_ms: now_ms,
+                    from: self.serving + 1,
+                    to: self.serving + advanced,
+                    claimed: 0,
+                });
+                self.serving += advanced;
+                if limits.per_minute.is_some() {
+                    self.tokens -= advanced as f64;
+                }
+            }
+        }
+        self.record(now_ms);
+        advanced
+    }
+
+    /// A new arrival: a number, or a pre-queue number before the opening.
+    pub fn issue(&mut self, limits: &Limits, now_ms: u64) -> Issued {
+        self.maybe_open(limits, now_ms);
+        if self.opened {
+            self.queue += 1;
+            Issued::Number(self.queue)
+        } else {
+            self.prequeue += 1;
+            Issued::PreQueue(self.prequeue)
+        }
+    }
+
+    /// An arrival admitted at once: only in `queue` mode, when nobody is
+    /// waiting and both capacity and rate allow. Returns its number.
+    pub fn admit_directly(&mut self, limits: &Limits, active: u64, now_ms: u64) -> Option<u64> {
+        self.maybe_open(limits, now_ms);
+        if limits.mode != Mode::Queue || !self.opened || self.waiting() > 0 {
+            return None;
+        }
+        self.refill(limits, now_ms);
+        self.expire_batches(limits, now_ms);
+        if self.free(limits, active) == 0 || self.budget(limits) == 0 {
+            return None;
+        }
+        if limits.per_minute.is_some() {
+            self.tokens -= 1.0;
+        }
+        self.queue += 1;
+        self.serving += 1;
+        let n = self.serving;
+        self.admitted_total += 1;
+        // Recorded as a claimed batch so the numbers stay contiguous.
+        match self.batches.back_mut() {
+            Some(b) if b.to + 1 == n && b.at_ms + limits.tick_ms > now_ms => {
+                b.to = n;
+                b.claimed += 1;
+            }
+            _ => self.batches.push_back(Batch {
+                at_ms: now_ms,
+                from: n,
+                to: n,
+                claimed: 1,
+            }),
+        }
+        self.claimed.insert(n);
+        Some(n)
+    }
+
+    /// A ticket holder asks to come in.
+    pub fn claim(&mut self, n: u64, limits: &Limits, now_ms: u64) -> Claim {
+        self.expire_batches(limits, now_ms);
+        if n > self.serving {
+            return Claim::NotYet {
+                position: n - self.serving,
+            };
+        }
+        if n <= self.floor {
+            return Claim::Expired;
+        }
+        if !self.claimed.insert(n) {
+            return Claim::AlreadyClaimed;
+        }
+        if let Some(b) = self.batches.iter_mut().find(|b| b.from <= n && n <= b.to) {
+            b.claimed += 1;
+        }
+        self.admitted_total += 1;
+        Claim::Admitted
+    }
+
+    /// Tickets made eligible per second over the last minute.
+    pub fn observed_rate(&self) -> f64 {
+        match (self.history.front(), self.history.back()) {
+            (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
+                (s1 - s0) as f64 * 1000.0 / (t1 - t0) as f64
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_minute: Option<f64>, max_active: Option<u64>) -> Limits {
+        Limits {
+            per_minute,
+            max_active,
+            claim_window_ms: 60_000,
+            tick_ms: 1_000,
+            opens_at_ms: None,
+            mode: Mode::Queue,
+        }
+    }
+
+    #[test]
+    fn direct_admission_until_full_then_fifo_numbers() {
+        let l = limits(None, Some(3));
+        let mut s = AdmissionState::new(&l, 0);
+        let mut active = 0;
+        for expect in 1..=3 {
+            assert_eq!(s.admit_directly(&l, active, 0), Some(expect));
+            active += 1;
+        }
+        assert_eq!(s.admit_directly(&l, active, 0), None);
+        assert_eq!(s.issue(&l, 0), Issued::Number(4));
+        assert_eq!(s.issue(&l, 0), Issued::Number(5));
+        assert_eq!(s.claim(5, &l, 0), Claim::NotYet { position: 2 });
+        // Someone leaves: the next tick makes number 4 (only) eligible.
+        active -= 1;
+        assert_eq!(s.tick(&l, active, 1_000), 1);
+        assert_eq!(s.claim(5, &l, 1_000), Claim::NotYet { position: 1 });
+        assert_eq!(s.claim(4, &l, 1_000), Claim::Admitted);
+        assert_eq!(s.claim(4, &l, 1_000), Claim::AlreadyClaimed);
+        // Nobody may jump the line while people wait.
+        assert_eq!(s.admit_directly(&l, active, 1_000), None);
+    }
+
+    #[test]
+    fn rate_holds_over_a_simulated_hour() {
+        let l = limits(Some(600.0), None);
+        let mut s = AdmissionState::new(&l, 0);
+        for _ in 0..100_000 {
+            s.issue(&l, 0);
+        }
+        let mut per_minute = Vec::new();
+        let mut last = 0;
+        for sec in 1..=3600u64 {
+            s.tick(&l, 0, sec * 1000);
+            if sec % 60 == 0 {
+                per_minute.push(s.serving - last);
+                last = s.serving;
+            }
+        }
+        // Every minute: 600, at most one tick's worth (10) over.
+        assert!(
+            per_minute.iter().all(|&m| (590..=610).contains(&m)),
+            "{per_minute:?}"
+        );
+        let total: u64 = per_minute.iter().sum();
+        assert!((36_000 - 10..=36_000 + 10).contains(&total), "{total}");
+    }
+
+    #[test]
+    fn unclaimed_slots_come_back_after_the_claim_window() {
+        let l = limits(None, Some(2));
+        let mut s = AdmissionState::new(&l, 0);
+        for _ in 0..5 {
+            s.issue(&l, 0);
+        }
+        assert_eq!(s.tick(&l, 0, 1_000), 2, "two eligible, both reserved");
+        assert_eq!(s.tick(&l, 0, 2_000), 0, "nothing free while reserved");
+        assert_eq!(s.claim(1, &l, 2_000), Claim::Admitted);
+        // Number 2 never comes back; after the window its slot is free.
+        assert_eq!(s.tick(&l, 1, 61_000), 1);
+        assert_eq!(s.claim(2, &l, 61_000), Claim::Expired);
+        assert_eq!(s.abandoned_total, 1);
+        assert_eq!(s.serving, 3);
+    }
+
+    #[test]
+    fn paused_and_closed_admit_nobody() {
+        for mode in [Mode::Paused, Mode::Closed] {
+            let mut l = limits(None, None);
+            l.mode = mode;
+            let mut s = AdmissionState::new(&l, 0);
+            s.issue(&l, 0);
+            assert_eq!(s.tick(&l, 0, 1_000), 0, "{mode:?}");
+            assert_eq!(s.admit_directly(&l, 0, 1_000), None, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn queue_all_admits_only_through_the_queue() {
+        let mut l = limits(None, Some(10));
+        l.mode = Mode::QueueAll;
+        let mut s = AdmissionState::new(&l, 0);
+        assert_eq!(s.admit_directly(&l, 0, 0), None);
+        assert_eq!(s.issue(&l, 0), Issued::Number(1));
+        assert_eq!(s.tick(&l, 0, 1_000), 1);
+        assert_eq!(s.claim(1, &l, 1_000), Claim::Admitted);
+    }
+
+    #[test]
+    fn prequeue_opens_into_the_first_places() {
+        let mut l = limits(None, Some(100));
+        l.opens_at_ms = Some(10_000);
+        let mut s = AdmissionState::new(&l, 0);
+        assert_eq!(s.issue(&l, 0), Issued::PreQueue(1));
+        assert_eq!(s.issue(&l, 5_000), Issued::PreQueue(2));
+        assert_eq!(
+            s.admit_directly(&l, 0, 5_000),
+            None,
+            "closed before opening"
+        );
+        assert_eq!(s.tick(&l, 0, 6_000), 0);
+        // After the opening, newcomers come after the whole pre-queue.
+        assert_eq!(s.issue(&l, 10_000), Issued::Number(3));
+        assert_eq!(s.tick(&l, 0, 11_000), 3);
+    }
+}

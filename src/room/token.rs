@@ -1,0 +1,361 @@
+//! Tickets and passes as signed JWTs (HS256, algorithm pinned, `kid` for
+//! key rotation: the newest key signs, every key verifies). Anything that
+//! fails to verify, for whatever reason, is simply no token: the caller
+//! sees `None`, never an error it could turn into a 5xx.
+//!
+//! The HMAC runs on ring (already in the tree for rustls) through
+//! jsonwebtoken's `CryptoProvider`, so neither aws-lc nor the RustCrypto
+//! RSA crate (an open advisory) is pulled in.
+
+use std::sync::Arc;
+
+use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtSigner, JwtVerifier};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Clock skew tolerated between nodes when checking `exp` and `nbf`
+/// (jsonwebtoken's default is 60 s; a pass that outlives its idle timeout
+/// by a minute is too generous for a waiting room).
+pub const LEEWAY_MS: u64 = 5_000;
+const ISSUER: &str = "varco";
+
+/// One signing key with its id.
+#[derive(Clone)]
+pub struct SigningKey {
+    pub id: String,
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({}, {} bytes)", self.id, self.secret.len())
+    }
+}
+
+/// The keys varco knows; the last one signs.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    keys: Arc<Vec<(SigningKey, EncodingKey, DecodingKey)>>,
+}
+
+/// What a ticket says: the room, the place in line and when it was issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketClaims {
+    pub iss: String,
+    pub aud: String,
+    /// Ticket number (effective place), or 0 for a pre-queue ticket.
+    pub n: u64,
+    /// Pre-queue number, drawn by lot at opening; 0 after opening.
+    #[serde(default)]
+    pub pre: u64,
+    /// Arrival: when the ticket was first issued, unix ms.
+    pub at: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    /// Where the person wanted to go (a path), so admission lands there.
+    #[serde(default)]
+    pub u: String,
+}
+
+/// What a pass says: the room, a session id and when it stops being valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassClaims {
+    pub iss: String,
+    pub aud: String,
+    /// Session id (hex of 128 random bits).
+    pub sid: String,
+    /// The ticket number it was admitted with.
+    #[serde(default)]
+    pub n: u64,
+    /// When the session began, unix ms.
+    pub at: u64,
+    pub nbf: u64,
+    pub exp: u64,
+}
+
+pub fn audience(kind: &str, room: &str) -> String {
+    format!("varco:{kind}:{room}")
+}
+
+impl Keyring {
+    pub fn new(keys: Vec<SigningKey>) -> Self {
+        install_provider();
+        let keys = keys
+            .into_iter()
+            .map(|k| {
+                let e = EncodingKey::from_secret(&k.secret);
+                let d = DecodingKey::from_secret(&k.secret);
+                (k, e, d)
+            })
+            .collect();
+        Keyring {
+            keys: Arc::new(keys),
+        }
+    }
+
+    /// A fresh random key that lives as long as the process (the demo).
+    pub fn ephemeral() -> Self {
+        Keyring::new(vec![SigningKey {
+            id: "ephemeral".into(),
+            secret: random_bytes::<32>().to_vec(),
+        }])
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.keys.last().expect("a keyring has at least one key").0
+    }
+
+    pub fn key(&self, id: &str) -> Option<&SigningKey> {
+        self.keys
+            .iter()
+            .find(|(k, _, _)| k.id == id)
+            .map(|(k, _, _)| k)
+    }
+
+    pub fn sign<T: Serialize>(&self, claims: &T) -> String {
+        let (k, enc, _) = self.keys.last().expect("a keyring has at least one key");
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(k.id.clone());
+        jsonwebtoken::encode(&header, claims, enc)
+            .expect("HS256 signing with a valid key cannot fail")
+    }
+
+    /// Verifies signature, algorithm, key id, issuer, audience and the
+    /// time claims against `now_ms`. Any failure is `None`.
+    pub fn verify<T: DeserializeOwned + TimeClaims>(
+        &self,
+        token: &str,
+        aud: &str,
+        now_ms: u64,
+    ) -> Option<T> {
+        if token.len() > 4096 {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::HS256 {
+            return None;
+        }
+        let kid = header.kid?;
+        let (_, _, dec) = self.keys.iter().find(|(k, _, _)| k.id == kid)?;
+        let mut v = Validation::new(Algorithm::HS256);
+        v.algorithms = vec![Algorithm::HS256];
+        v.set_audience(&[aud]);
+        v.set_issuer(&[ISSUER]);
+        // Time is checked below against varco's clock (in ms), not the
+        // library's; `exp` stays required so a token without it fails.
+        v.validate_exp = false;
+        v.validate_nbf = false;
+        v.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
+        let data = jsonwebtoken::decode::<T>(token, dec, &v).ok()?;
+        let c = data.claims;
+        if c.exp_ms() + LEEWAY_MS <= now_ms || c.nbf_ms() > now_ms + LEEWAY_MS {
+            return None;
+        }
+        Some(c)
+    }
+}
+
+/// Time claims in unix milliseconds.
+pub trait TimeClaims {
+    fn exp_ms(&self) -> u64;
+    fn nbf_ms(&self) -> u64;
+}
+
+impl TimeClaims for TicketClaims {
+    fn exp_ms(&self) -> u64 {
+        self.exp * 1000
+    }
+    fn nbf_ms(&self) -> u64 {
+        self.nbf * 1000
+    }
+}
+
+impl TimeClaims for PassClaims {
+    fn exp_ms(&self) -> u64 {
+        self.exp * 1000
+    }
+    fn nbf_ms(&self) -> u64 {
+        self.nbf * 1000
+    }
+}
+
+impl TicketClaims {
+    pub fn new(room: &str, n: u64, pre: u64, now_ms: u64, ttl_ms: u64, url: &str) -> Self {
+        TicketClaims {
+            iss: ISSUER.into(),
+            aud: audience("ticket", room),
+            n,
+            pre,
+            at: now_ms,
+            nbf: now_ms / 1000,
+            exp: (now_ms + ttl_ms) / 1000,
+            u: url.into(),
+        }
+    }
+}
+
+impl PassClaims {
+    pub fn new(room: &str, sid: u128, n: u64, now_ms: u64, valid_ms: u64) -> Self {
+        PassClaims {
+            iss: ISSUER.into(),
+            aud: audience("pass", room),
+            sid: format!("{sid:032x}"),
+            n,
+            at: now_ms,
+            nbf: now_ms / 1000,
+            exp: (now_ms + valid_ms).div_ceil(1000),
+        }
+    }
+
+    pub fn session_id(&self) -> Option<u128> {
+        if self.sid.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(&self.sid, 16).ok()
+    }
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the OS random source works");
+    b
+}
+
+pub fn random_u128() -> u128 {
+    u128::from_le_bytes(random_bytes::<16>())
+}
+
+struct RingHs256(ring::hmac::Key);
+
+impl signature::Signer<Vec<u8>> for RingHs256 {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
+        Ok(ring::hmac::sign(&self.0, msg).as_ref().to_vec())
+    }
+}
+
+impl JwtSigner for RingHs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+impl signature::Verifier<Vec<u8>> for RingHs256 {
+    fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> Result<(), signature::Error> {
+        // Constant-time comparison inside ring.
+        ring::hmac::verify(&self.0, msg, sig).map_err(|_| signature::Error::new())
+    }
+}
+
+impl JwtVerifier for RingHs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+static PROVIDER: CryptoProvider = CryptoProvider {
+    signer_factory: |alg, key| match alg {
+        Algorithm::HS256 => Ok(Box::new(RingHs256(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.try_get_hmac_secret()?,
+        )))),
+        _ => Err(ErrorKind::InvalidAlgorithm.into()),
+    },
+    verifier_factory: |alg, key| match alg {
+        Algorithm::HS256 => Ok(Box::new(RingHs256(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.try_get_hmac_secret()?,
+        )))),
+        _ => Err(ErrorKind::InvalidAlgorithm.into()),
+    },
+    jwk_utils: JwkUtils::new_unimplemented(),
+};
+
+/// jsonwebtoken panics without a provider; this one is HS256 only.
+pub fn install_provider() {
+    let _ = PROVIDER.install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring2() -> Keyring {
+        Keyring::new(vec![
+            SigningKey {
+                id: "old".into(),
+                secret: vec![1; 32],
+            },
+            SigningKey {
+                id: "new".into(),
+                secret: vec![2; 32],
+            },
+        ])
+    }
+
+    #[test]
+    fn sign_verify_round_trip_with_the_newest_key() {
+        let k = ring2();
+        let now = 1_800_000_000_000;
+        let t = TicketClaims::new("portal", 7, 0, now, 3_600_000, "/apply");
+        let token = k.sign(&t);
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.kid.as_deref(), Some("new"));
+        let back: TicketClaims = k
+            .verify(&token, &audience("ticket", "portal"), now)
+            .unwrap();
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn old_keys_still_verify_and_unknown_keys_do_not() {
+        let old = Keyring::new(vec![SigningKey {
+            id: "old".into(),
+            secret: vec![1; 32],
+        }]);
+        let now = 1_800_000_000_000;
+        let token = old.sign(&TicketClaims::new("portal", 1, 0, now, 60_000, "/"));
+        let aud = audience("ticket", "portal");
+        assert!(ring2().verify::<TicketClaims>(&token, &aud, now).is_some());
+        let other = Keyring::new(vec![SigningKey {
+            id: "x".into(),
+            secret: vec![1; 32],
+        }]);
+        assert!(
+            other.verify::<TicketClaims>(&token, &aud, now).is_none(),
+            "unknown kid"
+        );
+    }
+
+    #[test]
+    fn wrong_room_expired_not_yet_valid_and_tampered_are_none() {
+        let k = ring2();
+        let now = 1_800_000_000_000;
+        let token = k.sign(&TicketClaims::new("portal", 1, 0, now, 60_000, "/"));
+        let aud = audience("ticket", "portal");
+        assert!(k
+            .verify::<TicketClaims>(&token, &audience("ticket", "login"), now)
+            .is_none());
+        assert!(k
+            .verify::<TicketClaims>(&token, &audience("pass", "portal"), now)
+            .is_none());
+        assert!(k
+            .verify::<TicketClaims>(&token, &aud, now + 60_000 + LEEWAY_MS)
+            .is_none());
+        assert!(k
+            .verify::<TicketClaims>(&token, &aud, now - 60_000)
+            .is_none());
+        let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+        let forged = TicketClaims::new("portal", 0, 0, now, 60_000, "/");
+        parts[1] = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(&forged).unwrap(),
+        );
+        assert!(k
+            .verify::<TicketClaims>(&parts.join("."), &aud, now)
+            .is_none());
+    }
+}

@@ -1,0 +1,68 @@
+//! Where a room's counters and live sessions are kept: [`memory`] on one
+//! node (the default, with snapshots), Redis for many nodes (cluster mode).
+//! Every operation that changes who may enter happens atomically inside the
+//! store; the hot path of an admitted person only touches a local session.
+
+pub mod memory;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+use crate::room::admission::{Claim, Issued, Limits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A room's counters as last seen: what the waiting page and the metrics
+/// show. Never used to decide admission.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoomView {
+    pub queue: u64,
+    pub serving: u64,
+    pub waiting: u64,
+    pub active: u64,
+    pub reserved: u64,
+    pub opened: bool,
+    pub prequeue: u64,
+    /// Admissions per second over the last minute.
+    pub observed_rate: f64,
+    pub admitted_total: u64,
+    pub abandoned_total: u64,
+}
+
+/// A new session to record together with an admission, so the count of
+/// live sessions and the decision to admit never disagree.
+#[derive(Debug, Clone, Copy)]
+pub struct NewSession {
+    pub sid: u128,
+    pub expires_ms: u64,
+}
+
+pub trait RoomStore: Send + Sync + 'static {
+    fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>>;
+    fn admit_directly(
+        &self,
+        limits: Limits,
+        session: NewSession,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+    fn claim(
+        &self,
+        n: u64,
+        limits: Limits,
+        session: NewSession,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Claim, StoreError>>;
+    /// Advances the serving counter; returns how many became eligible.
+    fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Renews a live session; false when it is unknown or expired.
+    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> bool;
+    fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>>;
+    fn view(&self) -> RoomView;
+    /// The key id whose key draws this room's lottery (fixed at opening).
+    fn lottery_key_id(&self) -> Option<String>;
+    fn set_lottery_key_id(&self, kid: &str);
+}
