@@ -143,6 +143,74 @@ fn bad_rooms_name_their_keys() {
 }
 
 #[test]
+fn bad_waiting_room_keys_name_their_keys() {
+    let gated = "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://x\"]\n";
+    let cases: &[(&str, &str)] = &[
+        (
+            "admission_per_minute = -5\n",
+            "rooms.portal.admission_per_minute",
+        ),
+        ("max_active = 0\n", "rooms.portal.max_active"),
+        ("mode = \"open\"\n", "rooms.portal.mode"),
+        ("opens_at = \"tomorrow 9am\"\n", "rooms.portal.opens_at"),
+        ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
+        ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
+        ("language = \"fr\"\n", "rooms.portal.language"),
+        (
+            "exempt_paths = [\"static\"]\n",
+            "rooms.portal.exempt_paths[0]",
+        ),
+        (
+            "page_template = \"/nonexistent/page.html\"\n",
+            "rooms.portal.page_template",
+        ),
+        (
+            "bypass = { header = \"X-B\" }\n",
+            "rooms.portal.bypass.header",
+        ),
+        (
+            "bypass = { cidrs = [\"nope\"] }\n",
+            "rooms.portal.bypass.cidrs[0]",
+        ),
+        (
+            "bypass = { header = \"X-B\", secret_env = \"VARCO_TEST_UNSET_VARIABLE\" }\n",
+            "rooms.portal.bypass.secret_env",
+        ),
+        (
+            "per_ip = { tickets_per_minute = 0, status_per_minute = 1 }\n",
+            "rooms.portal.per_ip.tickets_per_minute",
+        ),
+    ];
+    for (bad, key) in cases {
+        let e = errors(&format!("{gated}{bad}"));
+        assert!(e.names(key), "{key} not named for {bad:?}: {e}");
+    }
+}
+
+#[test]
+fn a_gated_room_needs_a_signing_key() {
+    let e = errors("[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
+    assert!(e.names("secrets"), "{e}");
+    let e = errors("[secrets]\nkey_env = \"VARCO_TEST_UNSET_VARIABLE\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
+    assert!(e.names("secrets.key_env"), "{e}");
+    std::env::set_var("VARCO_TEST_SHORT_KEY", "k1:c2hvcnQ=");
+    let e = errors("[secrets]\nkey_env = \"VARCO_TEST_SHORT_KEY\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
+    assert!(
+        e.0.iter()
+            .any(|p| p.reason.contains("shorter than 32 bytes")),
+        "{e}"
+    );
+    std::env::set_var("VARCO_TEST_GOOD_KEYS", "old:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=,new:ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=");
+    let c = Config::from_toml(
+        "[secrets]\nkey_env = \"VARCO_TEST_GOOD_KEYS\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.keys.signing_key().id, "new", "the last key signs");
+    assert!(c.keys.key("old").is_some(), "older keys still verify");
+}
+
+#[test]
 fn unknown_keys_are_refused_by_name() {
     let e = errors(&format!("[server]\nlisten_on = \"x\"\n{ROOM}"));
     assert!(e.names("server.listen_on"), "{e}");

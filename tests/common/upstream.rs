@@ -102,6 +102,13 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             }
             text(StatusCode::OK, &n.to_string())
         }
+        "/release" => {
+            // The portal ends the session, e.g. after a submitted form.
+            let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");
+            r.headers_mut()
+                .insert("x-varco-release", "1".parse().unwrap());
+            r
+        }
         "/hop" => {
             let mut r = text(StatusCode::OK, "hop");
             let h = r.headers_mut();

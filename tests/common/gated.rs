@@ -1,0 +1,189 @@
+//! A varco whose clock and admission ticks the test drives, and citizens:
+//! clients with their own cookie jars.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Request;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use varco::app::{App, AppError, Listeners};
+use varco::body::{self, Body};
+use varco::clock::ManualClock;
+use varco::config::Config;
+
+use super::client::{self, Got, Http1};
+
+/// 2027-01-15T08:00:00Z: far from any real clock, so nothing passes by luck.
+pub const T0: u64 = 1_800_000_000_000;
+
+pub struct Gated {
+    pub app: Arc<App>,
+    pub clock: ManualClock,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), AppError>>>,
+}
+
+impl Gated {
+    pub async fn start(toml: &str) -> Gated {
+        Self::start_at(toml, T0, Path::new(".")).await
+    }
+
+    pub async fn start_at(toml: &str, now_ms: u64, base: &Path) -> Gated {
+        let clock = ManualClock::new(now_ms);
+        let mut cfg = Config::from_toml(toml, base).unwrap_or_else(|e| panic!("test config: {e}"));
+        cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(&cfg.server).await.expect("bind");
+        let addr = listeners.proxy_addr();
+        let admin = listeners.admin_addr();
+        let app = Arc::new(App::new(cfg, Arc::new(clock.clone())).expect("app"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.clone().serve(
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+            false,
+        ));
+        Gated {
+            app,
+            clock,
+            addr,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Moves the clock on, then runs one admission tick.
+    pub async fn advance(&self, ms: u64) {
+        self.clock.advance_ms(ms);
+        self.app.tick().await;
+    }
+
+    pub fn citizen(&self) -> Citizen {
+        Citizen::new(self.addr)
+    }
+
+    /// Graceful stop (which also saves the snapshot).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("serve task").expect("serve result");
+        }
+    }
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// One person with one browser: a cookie jar and a connection pool.
+pub struct Citizen {
+    addr: SocketAddr,
+    client: Http1,
+    pub jar: HashMap<String, String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Citizen {
+    pub fn new(addr: SocketAddr) -> Citizen {
+        Citizen {
+            addr,
+            client: client::http1(),
+            jar: HashMap::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.jar.get(name).map(String::as_str)
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Body,
+        extra: &[(&str, &str)],
+    ) -> Got {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        if !self.jar.is_empty() {
+            let c: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            b = b.header("cookie", c.join("; "));
+        }
+        for (k, v) in self.headers.iter() {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(b.body(body).unwrap())
+            .await
+            .expect("request");
+        let got = client::read(resp).await;
+        for sc in got.headers.get_all("set-cookie") {
+            let text = sc.to_str().unwrap();
+            let (kv, attrs) = text.split_once(';').unwrap_or((text, ""));
+            let (k, v) = kv.split_once('=').unwrap();
+            if attrs.contains("Max-Age=0") {
+                self.jar.remove(k);
+            } else {
+                self.jar.insert(k.to_string(), v.to_string());
+            }
+        }
+        got
+    }
+
+    pub async fn get(&mut self, path: &str) -> Got {
+        self.request("GET", path, body::empty(), &[]).await
+    }
+
+    pub async fn status(&mut self, room: &str) -> serde_json::Value {
+        let got = self
+            .request(
+                "GET",
+                &format!("/.varco/status?room={room}"),
+                body::empty(),
+                &[("accept", "application/json")],
+            )
+            .await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        got.json()
+    }
+}
+
+impl Got {
+    /// True when the test upstream answered (its echo is JSON naming it).
+    pub fn reached_upstream(&self) -> bool {
+        self.status == 200 && self.body.starts_with(b"{") && self.text().contains("\"upstream\"")
+    }
+
+    pub fn is_waiting_page(&self) -> bool {
+        self.status == 200 && self.text().contains("id=\"position\"")
+    }
+}
+
+/// A gated room in front of `up`, with generous per-address limits (every
+/// test citizen comes from 127.0.0.1), plus extra room keys.
+pub fn gated_config(up: SocketAddr, room_keys: &str) -> String {
+    format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{up}\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room_keys}\n"
+    )
+}

@@ -1,0 +1,537 @@
+//! The waiting room end to end: real varco, real upstream, citizens with
+//! their own cookies, and a clock the test moves (no real minutes pass).
+
+mod common;
+
+use common::gated::{gated_config, Citizen, Gated};
+use common::upstream;
+use varco::body;
+
+const MIN: u64 = 60_000;
+
+#[tokio::test]
+async fn admits_up_to_max_active_then_queues_in_arrival_order() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 3")).await;
+    let mut people: Vec<Citizen> = (0..8).map(|_| g.citizen()).collect();
+    for (i, c) in people.iter_mut().enumerate() {
+        let got = c.get("/home").await;
+        if i < 3 {
+            assert!(
+                got.reached_upstream(),
+                "citizen {i} admitted directly: {}",
+                got.text()
+            );
+            assert!(c.cookie("varco_pass_portal").is_some());
+        } else {
+            assert!(got.is_waiting_page(), "citizen {i} waits");
+            assert_eq!(got.headers["cache-control"], "no-store, private");
+            assert!(c.cookie("varco_ticket_portal").is_some());
+        }
+    }
+    for (i, c) in people.iter_mut().enumerate().skip(3) {
+        let s = c.status("portal").await;
+        assert_eq!(s["state"], "waiting");
+        assert_eq!(s["position"], (i - 2) as u64, "{s}");
+        assert_eq!(s["ahead"], (i - 3) as u64);
+        assert_eq!(s["queue_length"], 5);
+    }
+    // Admitted people keep going without touching the queue.
+    for c in people.iter_mut().take(3) {
+        assert!(c.get("/apply").await.reached_upstream());
+    }
+    assert_eq!(up.hits(), 6);
+}
+
+#[tokio::test]
+async fn sessions_expire_and_the_queue_moves_in_order() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 2\nsession_idle = \"5m\"",
+    ))
+    .await;
+    let mut first: Vec<Citizen> = (0..2).map(|_| g.citizen()).collect();
+    for c in first.iter_mut() {
+        assert!(c.get("/").await.reached_upstream());
+    }
+    let mut waiting: Vec<Citizen> = (0..4).map(|_| g.citizen()).collect();
+    for c in waiting.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    // One of the first two keeps working; the other goes idle.
+    g.advance(4 * MIN).await;
+    assert!(first[0].get("/more").await.reached_upstream());
+    g.advance(2 * MIN).await; // 6 min: the idle one expired
+    let s = waiting[0].status("portal").await;
+    assert_eq!(s["state"], "admitted", "the first in line is called: {s}");
+    assert_eq!(waiting[1].status("portal").await["state"], "waiting");
+    let got = waiting[0].get("/").await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    assert!(
+        waiting[0].cookie("varco_ticket_portal").is_none(),
+        "ticket spent"
+    );
+    // The expired pass no longer works: its holder is back in line.
+    assert!(first[1].get("/").await.is_waiting_page());
+    // The active one times out too; next in order is number 2 in line.
+    g.advance(6 * MIN).await;
+    assert_eq!(waiting[1].status("portal").await["state"], "admitted");
+    assert_eq!(waiting[2].status("portal").await["state"], "admitted");
+    assert_eq!(waiting[3].status("portal").await["state"], "waiting");
+}
+
+#[tokio::test]
+async fn rate_limits_new_sessions_per_minute_in_order() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "admission_per_minute = 6")).await;
+    let mut people: Vec<Citizen> = (0..40).map(|_| g.citizen()).collect();
+    let mut admitted_at: Vec<Option<u64>> = vec![None; people.len()];
+    for c in people.iter_mut() {
+        c.get("/").await;
+    }
+    for minute in 0..6u64 {
+        for _ in 0..60 {
+            g.advance(1000).await;
+            for (i, c) in people.iter_mut().enumerate() {
+                if admitted_at[i].is_none() && c.status("portal").await["state"] == "admitted" {
+                    assert!(c.get("/").await.reached_upstream());
+                    admitted_at[i] = Some(minute);
+                }
+            }
+        }
+    }
+    let per_minute: Vec<usize> = (0..6)
+        .map(|m| admitted_at.iter().filter(|a| **a == Some(m)).count())
+        .collect();
+    // One direct admission at the start, then 6 a minute, one tick's
+    // worth (here 1) of tolerance.
+    assert!(per_minute.iter().all(|&n| n <= 7), "{per_minute:?}");
+    assert!(per_minute.iter().skip(1).all(|&n| n >= 5), "{per_minute:?}");
+    // FIFO: whoever came earlier was admitted no later.
+    let order: Vec<u64> = admitted_at.iter().map(|a| a.unwrap_or(u64::MAX)).collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+}
+
+#[tokio::test]
+async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nclaim_window = \"60s\"\nsession_idle = \"1m\"",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut leaver = g.citizen();
+    let mut stayer = g.citizen();
+    assert!(leaver.get("/").await.is_waiting_page());
+    assert!(stayer.get("/").await.is_waiting_page());
+    g.advance(61_000).await; // a's session ends; the leaver is called
+    assert_eq!(leaver.status("portal").await["state"], "admitted");
+    assert_eq!(stayer.status("portal").await["state"], "waiting");
+    // The leaver never comes back: after the claim window the slot moves on.
+    g.advance(30_000).await;
+    assert_eq!(
+        stayer.status("portal").await["state"],
+        "waiting",
+        "slot still reserved"
+    );
+    g.advance(31_000).await;
+    assert_eq!(stayer.status("portal").await["state"], "admitted");
+    assert!(stayer.get("/").await.reached_upstream());
+    // Too late: the leaver's ticket no longer admits; a new ticket does.
+    let got = leaver.get("/").await;
+    assert!(got.is_waiting_page());
+}
+
+#[tokio::test]
+async fn a_ticket_admits_only_once() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ))
+    .await;
+    let mut a = g.citizen();
+    a.get("/").await;
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let ticket = b.cookie("varco_ticket_portal").unwrap().to_string();
+    g.advance(61_000).await;
+    assert!(b.get("/").await.reached_upstream());
+    // Someone replays b's ticket (copied before admission).
+    let mut replay = g.citizen();
+    replay.jar.insert("varco_ticket_portal".into(), ticket);
+    let got = replay.get("/").await;
+    assert!(got.is_waiting_page(), "replayed ticket must not admit");
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn bad_tokens_never_admit_and_never_error() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let pass = holder.cookie("varco_pass_portal").unwrap().to_string();
+    let mut parts: Vec<&str> = pass.split('.').collect();
+    let garbage = "x".repeat(3000);
+    let none_alg = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", parts[1]);
+    let flipped_sig = format!("{}.{}.{}", parts[0], parts[1], "AAAA".repeat(10));
+    parts[1] = "eyJpc3MiOiJ2YXJjbyJ9";
+    let edited = parts.join(".");
+    for (name, value) in [
+        ("varco_pass_portal", garbage.as_str()),
+        ("varco_pass_portal", none_alg.as_str()),
+        ("varco_pass_portal", flipped_sig.as_str()),
+        ("varco_pass_portal", edited.as_str()),
+        ("varco_ticket_portal", garbage.as_str()),
+        ("varco_ticket_portal", "a.b.c"),
+        ("varco_ticket_portal", ""),
+    ] {
+        let mut forger = g.citizen();
+        forger.jar.insert(name.into(), value.into());
+        let got = forger.get("/").await;
+        assert!(got.status < 500, "{name}={value:.30}: {}", got.status);
+        assert!(!got.reached_upstream(), "{name}={value:.30} admitted");
+    }
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn api_clients_get_json_with_429_and_retry_after() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    g.citizen().get("/").await;
+    let mut api = g.citizen();
+    let got = api
+        .request(
+            "GET",
+            "/api/x",
+            body::empty(),
+            &[("accept", "application/json")],
+        )
+        .await;
+    assert_eq!(got.status, 429);
+    let retry: u64 = got.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let j = got.json();
+    for k in [
+        "room",
+        "state",
+        "position",
+        "ahead",
+        "eta_seconds",
+        "queue_length",
+    ] {
+        assert!(j.get(k).is_some(), "{k} missing: {j}");
+    }
+    assert_eq!(j["state"], "waiting");
+    assert_eq!(j["position"], 1);
+}
+
+#[tokio::test]
+async fn a_post_without_a_pass_never_reaches_the_upstream() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 5")).await;
+    let mut bot = g.citizen();
+    let got = bot
+        .request("POST", "/apply", body::full("iban=IT00"), &[])
+        .await;
+    assert!(!got.reached_upstream());
+    assert!(got.is_waiting_page(), "{}", got.text());
+    assert_eq!(up.hits(), 0);
+    // The POST took a ticket, so it holds a place; once it is called, a
+    // newcomer finds nobody waiting and enters, and a POST with a pass
+    // goes through.
+    g.advance(1000).await;
+    let mut person = g.citizen();
+    assert!(person.get("/apply").await.reached_upstream());
+    let got = person
+        .request("POST", "/apply", body::full("iban=IT00"), &[])
+        .await;
+    assert!(got.reached_upstream());
+    assert_eq!(got.json()["body"], "iban=IT00");
+}
+
+#[tokio::test]
+async fn the_waiting_page_lands_where_the_person_was_going() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ))
+    .await;
+    g.citizen().get("/").await;
+    let mut c = g.citizen();
+    let got = c.get("/apply?step=2").await;
+    assert!(
+        got.text().contains("data-next=\"/apply?step=2\""),
+        "{}",
+        got.text()
+    );
+    assert!(
+        got.text().contains("url=/apply?step=2"),
+        "meta refresh without JavaScript"
+    );
+    g.advance(61_000).await;
+    let got = c.get("/apply?step=2").await;
+    assert_eq!(got.json()["uri"], "/apply?step=2");
+}
+
+#[tokio::test]
+async fn the_portal_releases_a_session_and_the_next_gets_in_at_once() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let got = a.get("/release").await;
+    assert_eq!(got.status, 200);
+    assert!(
+        got.headers.get("x-varco-release").is_none(),
+        "header stripped"
+    );
+    assert!(a.cookie("varco_pass_portal").is_none(), "pass cleared");
+    // No clock movement: the release itself ticked.
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    assert!(b.get("/").await.reached_upstream());
+}
+
+#[tokio::test]
+async fn each_mode_behaves() {
+    let up = upstream::spawn().await;
+    // queue_all: nobody enters directly, even with room to spare.
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 10\nmode = \"queue_all\"",
+    ))
+    .await;
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    g.advance(1000).await;
+    assert!(c.get("/").await.reached_upstream());
+    drop(g);
+
+    // paused: tickets, no admission.
+    let g = Gated::start(&gated_config(up.addr, "max_active = 10\nmode = \"paused\"")).await;
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    g.advance(60_000).await;
+    let got = c.get("/").await;
+    assert!(got.is_waiting_page());
+    assert!(got.text().contains("sospeso"), "the page says it is paused");
+    drop(g);
+
+    // closed: no tickets, a closed page.
+    let g = Gated::start(&gated_config(up.addr, "max_active = 10\nmode = \"closed\"")).await;
+    let mut c = g.citizen();
+    let got = c.get("/").await;
+    assert_eq!(got.status, 503);
+    assert!(c.cookie("varco_ticket_portal").is_none());
+    drop(g);
+
+    // passthrough: a plain proxy.
+    let before = up.hits();
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"passthrough\"",
+    ))
+    .await;
+    for _ in 0..3 {
+        let mut c = g.citizen();
+        assert!(c.get("/").await.reached_upstream());
+        assert!(c.jar.is_empty(), "no cookies in passthrough");
+    }
+    assert_eq!(up.hits(), before + 3);
+}
+
+#[tokio::test]
+async fn bypass_by_address_or_secret_header_and_exempt_paths() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-bypass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bypass.secret"), "correct-horse-battery-staple\n").unwrap();
+    let cfg = gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"closed\"\nexempt_paths = [\"/static/\"]\n\
+         bypass = { header = \"X-Varco-Bypass\", secret_file = \"bypass.secret\" }",
+    );
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let mut op = g.citizen();
+    let got = op
+        .request(
+            "GET",
+            "/",
+            body::empty(),
+            &[("x-varco-bypass", "correct-horse-battery-staple")],
+        )
+        .await;
+    assert!(got.reached_upstream());
+    let got = op
+        .request(
+            "GET",
+            "/",
+            body::empty(),
+            &[("x-varco-bypass", "wrong-horse")],
+        )
+        .await;
+    assert_eq!(got.status, 503);
+    assert!(g.citizen().get("/static/app.css").await.reached_upstream());
+    drop(g);
+
+    let cfg = gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"closed\"\nbypass = { cidrs = [\"127.0.0.0/8\"] }",
+    );
+    let g = Gated::start(&cfg).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+}
+
+#[tokio::test]
+async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n",
+        up.addr
+    );
+    let g = Gated::start(&cfg).await;
+    g.citizen().get("/").await; // admitted directly, no ticket
+    let mut people: Vec<Citizen> = (0..6).map(|_| g.citizen()).collect();
+    let mut statuses = Vec::new();
+    for c in people.iter_mut() {
+        statuses.push(c.get("/").await.status);
+    }
+    assert_eq!(
+        &statuses[..2],
+        &[200, 200],
+        "a burst of 2 (8/min / 4) is allowed"
+    );
+    assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+    let got = people[5].get("/").await;
+    assert_eq!(got.status, 429);
+    assert!(
+        got.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert!(people[5].cookie("varco_ticket_portal").is_none());
+    // Someone who already holds a ticket keeps it and its place.
+    let got = people[1].get("/").await;
+    assert!(got.is_waiting_page(), "{}", got.status);
+    assert!(people[1].cookie("varco_ticket_portal").is_some());
+}
+
+#[tokio::test]
+async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * MIN;
+    let opens_text = varco::gate::rfc3339(opens);
+    let g = Gated::start(&gated_config(
+        up.addr,
+        &format!("max_active = 100\nadmission_per_minute = 60\nopens_at = \"{opens_text}\""),
+    ))
+    .await;
+    let mut early: Vec<Citizen> = (0..20).map(|_| g.citizen()).collect();
+    for c in early.iter_mut() {
+        let got = c.get("/").await;
+        assert!(got.is_waiting_page(), "nobody enters before the opening");
+        let s = c.status("portal").await;
+        assert_eq!(s["prequeue"], true);
+        assert!(s["position"].is_null(), "no position before the draw: {s}");
+    }
+    assert_eq!(up.hits(), 0);
+    g.advance(10 * MIN).await; // opening
+    let mut late = g.citizen();
+    late.get("/").await;
+    let mut positions = Vec::new();
+    for c in early.iter_mut() {
+        let s = c.status("portal").await;
+        assert_eq!(s["prequeue"], false);
+        positions.push(s["position"].as_u64().map(|p| p + 1).unwrap_or(1));
+    }
+    let mut sorted = positions.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        20,
+        "every early arrival has its own place: {positions:?}"
+    );
+    assert_ne!(
+        positions,
+        (1..=20).collect::<Vec<u64>>(),
+        "not arrival order"
+    );
+    // The one who came after the opening is behind the whole pre-queue.
+    let s = late.status("portal").await;
+    assert!(s["position"].as_u64().unwrap() >= 20 - 1, "{s}");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_place_and_every_pass() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("state.json"));
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 2\n\
+         per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+        up.addr
+    );
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let mut people: Vec<Citizen> = (0..6).map(|_| g.citizen()).collect();
+    for c in people.iter_mut() {
+        c.get("/").await;
+    }
+    let mut before = Vec::new();
+    for c in people.iter_mut().skip(2) {
+        before.push(c.status("portal").await["position"].clone());
+    }
+    let jars: Vec<_> = people.iter().map(|c| c.jar.clone()).collect();
+    g.stop().await;
+
+    let g = Gated::start_at(&cfg, common::gated::T0 + 5_000, &dir).await;
+    let mut people: Vec<Citizen> = jars
+        .into_iter()
+        .map(|jar| {
+            let mut c = g.citizen();
+            c.jar = jar;
+            c
+        })
+        .collect();
+    for c in people.iter_mut().take(2) {
+        assert!(
+            c.get("/").await.reached_upstream(),
+            "passes survive the restart"
+        );
+    }
+    let mut after = Vec::new();
+    for c in people.iter_mut().skip(2) {
+        after.push(c.status("portal").await["position"].clone());
+    }
+    assert_eq!(before, after, "every place in line kept");
+    let mut newcomer = g.citizen();
+    newcomer.get("/").await;
+    assert_eq!(
+        newcomer.status("portal").await["position"],
+        5,
+        "numbering continues"
+    );
+}
