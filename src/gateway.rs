@@ -18,7 +18,7 @@ use crate::gate::{self, Gate, GateRequest, RELEASE_HEADER};
 use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page;
-use crate::proxy::headers::client_ip;
+use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::{Forwarder, Side};
 use crate::room::Room;
 use crate::router::Router;
@@ -129,10 +129,11 @@ impl Gateway {
         conn: ConnInfo,
         json: bool,
     ) -> (Response<Body>, Option<usize>) {
+        let secure = self.is_https(&req, conn);
         let (set_cookies, session) = if room.is_gated() {
             let now = self.clock.now_ms();
             let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
-            match gate::admit(room, &GateRequest::of(&req, ip, conn.tls, json, now)).await {
+            match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
                 Ok(Gate::Proxy {
                     set_cookies,
                     session,
@@ -177,10 +178,22 @@ impl Gateway {
                     let _ = room.store.tick(room.limits(), self.clock.now_ms()).await;
                 }
                 resp.headers_mut()
-                    .append(SET_COOKIE, cookies::clear(&room.pass_cookie, conn.tls));
+                    .append(SET_COOKIE, cookies::clear(&room.pass_cookie, secure));
             }
         }
         (resp, upstream)
+    }
+
+    /// Whether the person's browser spoke HTTPS: varco's own TLS, or a
+    /// trusted load balancer in front that says so. Cookies are then
+    /// marked Secure.
+    fn is_https(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
+        conn.tls
+            || (is_trusted(conn.peer.ip(), &self.trusted_proxies)
+                && req
+                    .headers()
+                    .get(&X_FORWARDED_PROTO)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
     }
 
     fn own_path(&self, req: &Request<Incoming>, conn: ConnInfo, json: bool) -> Response<Body> {

@@ -52,6 +52,24 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// A click day in miniature: citizens against the demo portal, without
+    /// and then with varco in front; prints the comparison.
+    Simulate {
+        #[arg(long, default_value_t = 300)]
+        citizens: usize,
+        /// The demo portal's capacity (requests at once before it degrades).
+        #[arg(long, default_value_t = 20)]
+        capacity: usize,
+        /// varco's admission rate for the run.
+        #[arg(long, default_value_t = 1200)]
+        rate: u32,
+        /// varco's max_active for the run.
+        #[arg(long, default_value_t = 20)]
+        max_active: u64,
+        /// Seconds a citizen keeps trying before giving up.
+        #[arg(long, default_value_t = 90)]
+        patience: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +96,42 @@ fn main() -> ExitCode {
                 }
             };
             exit(serve(cfg, cli.log_format, None))
+        }
+        Command::Simulate {
+            citizens,
+            capacity,
+            rate,
+            max_active,
+            patience,
+        } => {
+            varco::logging::init(false, "warn");
+            let settings = varco::demo::simulate::SimSettings {
+                citizens,
+                capacity,
+                admission_per_minute: rate,
+                max_active,
+                patience: std::time::Duration::from_secs(patience),
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("varco: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(varco::demo::simulate::run(&settings)) {
+                Ok((without, with)) => {
+                    print!(
+                        "{}",
+                        varco::demo::simulate::report(&settings, &without, &with)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("varco simulate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Demo {
             capacity,

@@ -3,5 +3,6 @@
 //! protect in `varco demo`, the tests and the benchmarks.
 
 pub mod portal;
+pub mod simulate;
 
 pub use portal::{Portal, PortalSettings};

@@ -140,10 +140,14 @@ impl Portal {
                     return r;
                 }
                 let n = self.applications.fetch_add(1, Ordering::Relaxed) + 1;
-                html(&c, "Application received", &format!(
+                let mut r = html(&c, "Application received", &format!(
                     "<p>Application number <strong>{n}</strong> received for citizen <strong class=\"citizen\">{}</strong>.</p>",
                     escape(&c)
-                ))
+                ));
+                // Done: the portal tells varco to give the slot to the next
+                // person in line (see README, "For portal developers").
+                r.headers_mut().insert("x-varco-release", HeaderValue::from_static("1"));
+                r
             }
             _ => plain(StatusCode::NOT_FOUND, "not found\n"),
         }

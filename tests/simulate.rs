@@ -1,0 +1,32 @@
+//! `varco simulate` in small: the demo portal falls over without varco and
+//! serves everyone cleanly with it, in ticket order, nobody seeing another
+//! citizen's page.
+
+use std::time::Duration;
+
+use varco::demo::simulate::{report, run, SimSettings};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn varco_turns_a_crash_into_a_queue() {
+    let s = SimSettings {
+        citizens: 80,
+        capacity: 8,
+        admission_per_minute: 1200,
+        max_active: 8,
+        patience: Duration::from_secs(60),
+    };
+    let (without, with) = run(&s).await.unwrap();
+    eprintln!("{}", report(&s, &without, &with));
+    assert!(
+        without.portal_5xx > 0,
+        "the crowd must overload the bare portal, or this test proves nothing"
+    );
+    assert_eq!(with.portal_5xx, 0, "varco let the portal fail");
+    assert_eq!(
+        with.completed, s.citizens,
+        "everyone submitted through varco"
+    );
+    assert_eq!(with.order_inversions, 0, "admitted out of ticket order");
+    assert_eq!(with.crossed, 0);
+    assert_eq!(without.crossed, 0);
+}
