@@ -4,7 +4,15 @@
 #
 #   benches/load.sh                 # 5 alternating rounds of 10 s each
 #   ROUNDS=3 SECONDS_PER_ROUND=5 CONNECTIONS=64 benches/load.sh
-#   benches/load.sh --smoke         # 1 short round: checks the harness
+#   benches/load.sh --smoke         # 1 short round of each part: checks the harness
+#   PARTS="proxy waiting memory" benches/load.sh   # the default: all three
+#
+# Parts:
+#   proxy    varco and nginx proxying the origin (1 KiB page)
+#   waiting  varco's waiting page (a new ticket per request) against nginx
+#            limit_req answering 503: the cost of telling people to wait
+#   memory   varco's resident memory after 1,000 tickets and after
+#            1,000,000 (100,000 with --smoke): must stay flat
 #
 # Layout on a 2-core machine: each proxy (varco with 1 worker thread,
 # nginx with 1 worker process) alone on core 0; the load generator (wrk,
@@ -20,7 +28,9 @@ cd "$here"
 ROUNDS=${ROUNDS:-5}
 SECS=${SECONDS_PER_ROUND:-10}
 CONNS=${CONNECTIONS:-64}
-if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; fi
+PARTS=${PARTS:-proxy waiting memory}
+MANY_TICKETS=${MANY_TICKETS:-1000000}
+if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -42,7 +52,8 @@ cleanup() {
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ORIGIN=$(port); NGX=$(port); VAR=$(port); VADM=$(port)
+ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); VAR=$(port); VADM=$(port)
+VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
 
 # A 1 KiB page: the size of a small personalised response.
 head -c 1024 /dev/zero | tr '\0' 'x' > "$work/page.html"
@@ -70,6 +81,18 @@ NGINX
 nginx_conf origin "server { listen 127.0.0.1:$ORIGIN; location / { root $work; try_files /page.html =404; } }" > "$work/origin.conf"
 # nginx as a reverse proxy, configured as an operator would.
 nginx_conf proxy "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
+  # nginx's answer to a crowd: limit_req turning the excess away with 503.
+  limit_req_zone \$binary_remote_addr zone=click:10m rate=1r/m;
+  server {
+    listen 127.0.0.1:$NGX_LIMIT;
+    location / {
+      limit_req zone=click;
+      limit_req_status 503;
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
+  }
   server {
     listen 127.0.0.1:$NGX;
     location / {
@@ -86,31 +109,50 @@ pids+=($!)
 taskset -c 0 "$NGINX" -p "$work" -c "$work/proxy.conf" -g 'daemon off;' &
 pids+=($!)
 
-cat > "$work/varco.toml" <<VARCO
-[server]
-listen = "127.0.0.1:$VAR"
-admin_listen = "127.0.0.1:$VADM"
-workers = 1
-[log]
+start_varco() { # name, toml; prints the pid
+  printf '%s\n' "$2" > "$work/$1.toml"
+  taskset -c 0 "$VARCO" run --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
+  echo $!
+}
+common="[log]
 access = false
-level = "warn"
+level = \"warn\""
+VARCO_PID=$(start_varco proxy "[server]
+listen = \"127.0.0.1:$VAR\"
+admin_listen = \"127.0.0.1:$VADM\"
+workers = 1
+$common
 [upstream]
 pool_max_idle = 128
 [rooms.origin]
-upstreams = ["http://127.0.0.1:$ORIGIN"]
-VARCO
-taskset -c 0 "$VARCO" run --config "$work/varco.toml" > "$work/varco.out" &
-pids+=($!)
+upstreams = [\"http://127.0.0.1:$ORIGIN\"]")
+pids+=("$VARCO_PID")
+# The waiting room at its busiest: everyone is queued (queue_all, one
+# admission a minute), so every request without a cookie takes a ticket and
+# gets the waiting page.
+gated="[secrets]
+ephemeral = true
+[rooms.origin]
+upstreams = [\"http://127.0.0.1:$ORIGIN\"]
+mode = \"queue_all\"
+admission_per_minute = 1
+per_ip = { tickets_per_minute = 100000000, status_per_minute = 100000000 }"
+VWAIT_PID=$(start_varco waiting "[server]
+listen = \"127.0.0.1:$VWAIT\"
+admin_listen = \"127.0.0.1:$VWADM\"
+workers = 1
+$common
+$gated")
+pids+=("$VWAIT_PID")
 
 wait_port() {
   for _ in $(seq 1 100); do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$1/"; then return 0; fi
+    if curl -sS -o /dev/null "http://127.0.0.1:$1/"; then return 0; fi
     sleep 0.1
   done
   echo "nothing answers on port $1" >&2; exit 1
 }
-wait_port "$ORIGIN"; wait_port "$NGX"; wait_port "$VAR"
-VARCO_PID=${pids[2]}
+wait_port "$ORIGIN"; wait_port "$NGX"; wait_port "$VAR"; wait_port "$VWAIT"; wait_port "$NGX_LIMIT"
 NGINX_WORKER=$(pgrep -P "${pids[1]}" | head -n1)
 
 # wrk's latency report gives p99 in us/ms/s; normalise to milliseconds.
@@ -123,7 +165,7 @@ run_wrk() { # port, pid of the proxy's worker
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}' "$work/wrk.out")
   local errs
-  errs=$(awk '/Non-2xx|Socket errors/ {print}' "$work/wrk.out")
+  errs=$(awk '/Socket errors/ {print}' "$work/wrk.out")
   [ -n "$errs" ] && echo "  wrk reported: $errs" >&2
   after=$(cpu_ticks "$2")
   local cpu=$(( (after - before) * 100 / $(getconf CLK_TCK) / SECS ))
@@ -132,26 +174,76 @@ run_wrk() { # port, pid of the proxy's worker
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-# Warm both pools up.
-run_wrk "$VAR" "$VARCO_PID" >/dev/null; run_wrk "$NGX" "$NGINX_WORKER" >/dev/null
-
-: > "$work/varco.res"; : > "$work/nginx.res"
-for r in $(seq 1 "$ROUNDS"); do
-  if [ $((r % 2)) -eq 1 ]; then order="varco nginx"; else order="nginx varco"; fi
-  for who in $order; do
-    if [ "$who" = varco ]; then res=$(run_wrk "$VAR" "$VARCO_PID"); else res=$(run_wrk "$NGX" "$NGINX_WORKER"); fi
-    echo "$res" >> "$work/$who.res"
-    printf 'round %d %-5s  %10s req/s  p99 %8s ms  proxy CPU %3s%%\n' "$r" "$who" $res
+compare() { # title, varco port, varco pid, nginx port
+  echo "== $1"
+  run_wrk "$2" "$3" >/dev/null; run_wrk "$4" "$NGINX_WORKER" >/dev/null
+  : > "$work/varco.res"; : > "$work/nginx.res"
+  for r in $(seq 1 "$ROUNDS"); do
+    if [ $((r % 2)) -eq 1 ]; then order="varco nginx"; else order="nginx varco"; fi
+    for who in $order; do
+      if [ "$who" = varco ]; then res=$(run_wrk "$2" "$3"); else res=$(run_wrk "$4" "$NGINX_WORKER"); fi
+      echo "$res" >> "$work/$who.res"
+      printf 'round %d %-5s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "$who" $res
+    done
   done
-done
+  local v_rps n_rps v_p99 n_p99
+  v_rps=$(awk '{print $1}' "$work/varco.res" | median)
+  n_rps=$(awk '{print $1}' "$work/nginx.res" | median)
+  v_p99=$(awk '{print $2}' "$work/varco.res" | median)
+  n_p99=$(awk '{print $2}' "$work/nginx.res" | median)
+  echo "medians over $ROUNDS rounds of ${SECS}s, $CONNS connections:"
+  printf '  varco  %10.0f req/s  p99 %8.2f ms\n' "$v_rps" "$v_p99"
+  printf '  nginx  %10.0f req/s  p99 %8.2f ms\n' "$n_rps" "$n_p99"
+  awk -v a="$v_rps" -v b="$n_rps" 'BEGIN {printf "  throughput ratio varco/nginx: %.2f (target >= 1.0)\n", a/b}'
+  awk -v a="$v_p99" -v b="$n_p99" 'BEGIN {printf "  p99 latency ratio varco/nginx: %.2f\n", a/b}'
+  echo
+}
 
-v_rps=$(awk '{print $1}' "$work/varco.res" | median)
-n_rps=$(awk '{print $1}' "$work/nginx.res" | median)
-v_p99=$(awk '{print $2}' "$work/varco.res" | median)
-n_p99=$(awk '{print $2}' "$work/nginx.res" | median)
-echo
-echo "medians over $ROUNDS rounds of ${SECS}s, $CONNS connections, 1 KiB responses:"
-printf '  varco  %10.0f req/s  p99 %8.2f ms\n' "$v_rps" "$v_p99"
-printf '  nginx  %10.0f req/s  p99 %8.2f ms\n' "$n_rps" "$n_p99"
-awk -v a="$v_rps" -v b="$n_rps" 'BEGIN {printf "  throughput ratio varco/nginx: %.2f (target >= 1.0)\n", a/b}'
-awk -v a="$v_p99" -v b="$n_p99" 'BEGIN {printf "  p99 latency ratio varco/nginx: %.2f (target <= 1.0)\n", a/b}'
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+issued() { # admin port: waiting pages served so far (one ticket each)
+  curl -s "http://127.0.0.1:$1/metrics" | awk '/^varco_requests_total\{class="2xx",room="origin"\}/ {print $2}'
+}
+# Requests without cookies (each takes a new ticket) until the room has
+# issued at least N tickets.
+tickets() { # port, admin port, count
+  local have
+  have=$(issued "$2"); have=${have:-0}
+  if [ "$3" -le 2000 ]; then
+    while [ "$have" -lt "$3" ]; do
+      seq 1 100 | xargs -P 8 -I{} curl -s -o /dev/null "http://127.0.0.1:$1/"
+      have=$(issued "$2"); have=${have:-0}
+    done
+    return
+  fi
+  while [ "$have" -lt "$3" ]; do
+    taskset -c 1 wrk -t1 -c16 -d2s "http://127.0.0.1:$1/" > /dev/null
+    have=$(issued "$2"); have=${have:-0}
+  done
+}
+
+for part in $PARTS; do
+  case $part in
+    proxy) compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" "$VAR" "$VARCO_PID" "$NGX" ;;
+    waiting) compare "turning a crowd away (varco: ticket + waiting page; nginx: limit_req 503)" "$VWAIT" "$VWAIT_PID" "$NGX_LIMIT" ;;
+    memory)
+      echo "== resident memory of varco as tickets are issued"
+      VMEM_PID=$(start_varco memory "[server]
+listen = \"127.0.0.1:$VMEM\"
+admin_listen = \"127.0.0.1:$VMADM\"
+workers = 1
+$common
+$gated")
+      pids+=("$VMEM_PID")
+      wait_port "$VMEM"
+      tickets "$VMEM" "$VMADM" 1000
+      small=$(rss_kib "$VMEM_PID"); n_small=$(issued "$VMADM")
+      tickets "$VMEM" "$VMADM" "$MANY_TICKETS"
+      big=$(rss_kib "$VMEM_PID"); n_big=$(issued "$VMADM")
+      printf '  after %9s tickets: %8d KiB\n' "$n_small" "$small"
+      printf '  after %9s tickets: %8d KiB\n' "$n_big" "$big"
+      awk -v a="$big" -v b="$small" 'BEGIN {printf "  ratio: %.2f (target: flat, ~1.0)\n", a/b}'
+      echo
+      ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done

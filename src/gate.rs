@@ -279,12 +279,7 @@ fn page(
     cookie: Option<HeaderValue>,
 ) -> Response<Body> {
     let lang = waiting::language(r.headers, room.config.language);
-    let template = room
-        .config
-        .page_template
-        .as_deref()
-        .unwrap_or(waiting::DEFAULT_TEMPLATE);
-    let mut resp = waiting::respond(template, status, lang, next_url, r.json);
+    let mut resp = waiting::respond(&room.template, status, lang, next_url, r.json);
     if let Some(c) = cookie {
         resp.headers_mut().append(SET_COOKIE, c);
     }

@@ -7,7 +7,7 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use super::{escape, NO_STORE};
+use super::{escape_into, NO_STORE};
 use crate::body::{full, Body};
 use crate::config::Language;
 
@@ -148,74 +148,145 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 /// the README lists them all for operators who bring their own.
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
-/// The page for `status`, rendered from `template`.
-pub fn render(template: &str, status: &Status, lang: Language, next_url: &str) -> String {
+/// Every variable a template may use, in the order `render` fills them.
+pub const VARIABLES: [&str; 22] = [
+    "lang",
+    "title",
+    "intro",
+    "label_position",
+    "label_ahead",
+    "label_eta",
+    "label_updated",
+    "label_ticket",
+    "eta_range_format",
+    "eta_unknown",
+    "message",
+    "room",
+    "position",
+    "ahead",
+    "eta",
+    "updated",
+    "ticket",
+    "queue_length",
+    "status_url",
+    "next_url",
+    "poll_seconds",
+    "refresh_seconds",
+];
+
+enum Part {
+    Text(Box<str>),
+    Var(usize),
+}
+
+/// A template split once into text and variables, so rendering a page is
+/// a run of copies (the waiting page is served to every person in line on
+/// every reload: it is varco's second hot path).
+pub struct Template {
+    parts: Vec<Part>,
+    text_len: usize,
+}
+
+impl Template {
+    /// Unknown `{{names}}` stay in the page as written.
+    pub fn compile(text: &str) -> Template {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        let mut literal = String::new();
+        while let Some(start) = rest.find("{{") {
+            literal.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find("}}") else {
+                literal.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            match VARIABLES.iter().position(|v| *v == after[..end].trim()) {
+                Some(i) => {
+                    parts.push(Part::Text(std::mem::take(&mut literal).into()));
+                    parts.push(Part::Var(i));
+                }
+                None => literal.push_str(&rest[start..start + end + 4]),
+            }
+            rest = &after[end + 2..];
+        }
+        literal.push_str(rest);
+        parts.push(Part::Text(literal.into()));
+        Template {
+            text_len: text.len(),
+            parts,
+        }
+    }
+
+    pub fn default_template() -> &'static Template {
+        static DEFAULT: std::sync::OnceLock<Template> = std::sync::OnceLock::new();
+        DEFAULT.get_or_init(|| Template::compile(DEFAULT_TEMPLATE))
+    }
+}
+
+/// The page for `status`, rendered from `template`; every value escaped.
+pub fn render(template: &Template, status: &Status, lang: Language, next_url: &str) -> String {
+    use std::borrow::Cow;
     let s = strings(lang);
-    let message = if status.state == "closed" {
-        s.closed.to_string()
+    let message: Cow<str> = if status.state == "closed" {
+        s.closed.into()
     } else if status.prequeue {
         s.prequeue
             .replace("{opens}", status.opens_at.as_deref().unwrap_or("?"))
+            .into()
     } else if status.paused {
-        s.paused.to_string()
+        s.paused.into()
     } else {
-        s.keep_open.to_string()
+        s.keep_open.into()
     };
-    let show = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "–".into());
+    let show =
+        |v: Option<u64>| -> Cow<str> { v.map(|n| n.to_string().into()).unwrap_or("–".into()) };
     let poll = status.poll_seconds();
-    let vars: [(&str, String); 22] = [
-        ("lang", s.lang.into()),
-        ("title", s.title.into()),
-        ("intro", s.intro.into()),
-        ("label_position", s.position.into()),
-        ("label_ahead", s.ahead.into()),
-        ("label_eta", s.eta.into()),
-        ("label_updated", s.updated.into()),
-        ("label_ticket", s.ticket.into()),
-        ("eta_range_format", s.eta_range.into()),
-        ("eta_unknown", s.eta_unknown.into()),
-        ("message", message),
-        ("room", status.room.clone()),
-        ("position", show(status.position)),
-        ("ahead", show(status.ahead)),
-        ("eta", minutes_range(s, status)),
-        ("updated", status.updated.clone()),
-        ("ticket", show(status.ticket)),
-        ("queue_length", status.queue_length.to_string()),
-        ("status_url", format!("/.varco/status?room={}", status.room)),
-        ("next_url", next_url.to_string()),
-        ("poll_seconds", poll.to_string()),
+    let values: [Cow<str>; 22] = [
+        s.lang.into(),
+        s.title.into(),
+        s.intro.into(),
+        s.position.into(),
+        s.ahead.into(),
+        s.eta.into(),
+        s.updated.into(),
+        s.ticket.into(),
+        s.eta_range.into(),
+        s.eta_unknown.into(),
+        message,
+        status.room.as_str().into(),
+        show(status.position),
+        show(status.ahead),
+        minutes_range(s, status).into(),
+        status.updated.as_str().into(),
+        show(status.ticket),
+        status.queue_length.to_string().into(),
+        format!("/.varco/status?room={}", status.room).into(),
+        next_url.into(),
+        poll.to_string().into(),
         // Without JavaScript: reload a little later than the script would.
-        ("refresh_seconds", (poll + 5).to_string()),
+        (poll + 5).to_string().into(),
     ];
-    let mut out = String::with_capacity(template.len() + 512);
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        match after.find("}}") {
-            Some(end) => {
-                let name = after[..end].trim();
-                match vars.iter().find(|(k, _)| *k == name) {
-                    Some((_, v)) => out.push_str(&escape(v)),
-                    None => out.push_str(&rest[start..start + 2 + end + 2]),
-                }
-                rest = &after[end + 2..];
-            }
-            None => {
-                out.push_str(&rest[start..]);
-                rest = "";
-            }
+    let mut out = String::with_capacity(template.text_len + 512);
+    for part in &template.parts {
+        match part {
+            Part::Text(t) => out.push_str(t),
+            // The language strings are varco's own and HTML-safe (a test
+            // pins it); everything else is escaped.
+            Part::Var(i) if *i < TRUSTED_VARIABLES => out.push_str(&values[*i]),
+            Part::Var(i) => escape_into(&mut out, &values[*i]),
         }
     }
-    out.push_str(rest);
     out
 }
+
+/// The first variables come from the `Strings` tables, not from requests.
+const TRUSTED_VARIABLES: usize = 10;
 
 /// The waiting page (HTML, 200) or, for API clients, the status JSON with
 /// 429 and Retry-After. Never cacheable.
 pub fn respond(
-    template: &str,
+    template: &Template,
     status: &Status,
     lang: Language,
     next_url: &str,
@@ -288,7 +359,12 @@ mod tests {
     #[test]
     fn page_is_small_localised_and_complete() {
         for (lang, word) in [(Language::It, "Il tuo posto"), (Language::En, "Your place")] {
-            let html = render(DEFAULT_TEMPLATE, &status(), lang, "/apply?x=<1>");
+            let html = render(
+                Template::default_template(),
+                &status(),
+                lang,
+                "/apply?x=<1>",
+            );
             assert!(html.len() < 30 * 1024, "{} bytes", html.len());
             assert!(html.contains(word));
             assert!(html.contains(">42<"), "position shown");
@@ -300,6 +376,31 @@ mod tests {
                 "no external assets"
             );
         }
+    }
+
+    #[test]
+    fn language_strings_are_html_safe() {
+        for s in [&IT, &EN] {
+            for text in [
+                s.lang,
+                s.title,
+                s.intro,
+                s.position,
+                s.ahead,
+                s.eta,
+                s.eta_unknown,
+                s.eta_range,
+                s.updated,
+                s.keep_open,
+                s.prequeue,
+                s.paused,
+                s.closed,
+                s.ticket,
+            ] {
+                assert!(!text.contains(['<', '>', '&', '"']), "{text}");
+            }
+        }
+        assert_eq!(VARIABLES[TRUSTED_VARIABLES - 1], "eta_unknown");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::config::RoomConfig;
 use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
+use crate::page::waiting::Template;
 use crate::proxy::upstreams::UpstreamPool;
 use crate::store::RoomStore;
 use admission::Limits;
@@ -52,6 +53,8 @@ pub struct Room {
     pub ticket_limiter: IpLimiter,
     /// Status polls per client address.
     pub status_limiter: IpLimiter,
+    /// The waiting page: the operator's template or the built-in one.
+    pub template: Arc<Template>,
     tick_ms: u64,
 }
 
@@ -90,6 +93,10 @@ impl Room {
             ticket_limiter: RateLimiter::keyed(per_minute(config.tickets_per_ip_per_minute)),
             status_limiter: RateLimiter::keyed(per_minute(config.status_per_ip_per_minute)),
             tick_ms: tick.as_millis() as u64,
+            template: match &config.page_template {
+                Some(text) => Arc::new(Template::compile(text)),
+                None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
+            },
             config,
         }
     }
