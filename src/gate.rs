@@ -352,7 +352,7 @@ pub fn status_for(
         opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms).map(rfc3339),
         updated: rfc3339(now_ms),
         ticket: ticket.map(|t| if t.n > 0 { t.n } else { t.pre }),
-        paused: room.config.mode == Mode::Paused,
+        paused: room.mode() == Mode::Paused,
     }
 }
 
@@ -373,7 +373,7 @@ pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) 
         .is_some();
     let ticket: Option<TicketClaims> = cookies::get(headers, &room.ticket_cookie)
         .and_then(|t| room.keys.verify(t, &audience("ticket", &room.name), now_ms));
-    let state = if room.config.mode == Mode::Closed {
+    let state = if room.mode() == Mode::Closed {
         "closed"
     } else if has_pass {
         "admitted"

@@ -535,3 +535,62 @@ async fn a_restart_keeps_every_place_and_every_pass() {
         "numbering continues"
     );
 }
+
+#[tokio::test]
+async fn an_operators_template_replaces_the_page() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("page.html"),
+        "<!doctype html><html lang=\"{{lang}}\"><title>Comune</title>\
+         <p id=\"position\">{{position}}</p><p>{{ahead}} before you; ticket {{ticket}}; {{unknown_var}}</p></html>",
+    )
+    .unwrap();
+    let cfg = gated_config(up.addr, "max_active = 1\npage_template = \"page.html\"");
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    g.citizen().get("/").await;
+    let mut c = g.citizen();
+    let got = c
+        .request(
+            "GET",
+            "/",
+            body::empty(),
+            &[("accept-language", "en-US,en;q=0.9")],
+        )
+        .await;
+    let page = got.text();
+    assert!(page.contains("<title>Comune</title>"), "{page}");
+    assert!(page.contains("lang=\"en\""));
+    assert!(page.contains("<p id=\"position\">1</p>"), "{page}");
+    assert!(page.contains("0 before you; ticket 2;"), "{page}");
+    assert!(
+        page.contains("{{unknown_var}}"),
+        "unknown variables stay as written"
+    );
+}
+
+#[tokio::test]
+async fn status_polls_are_limited_per_address() {
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 100, status_per_minute = 8 }}\n",
+        up.addr
+    );
+    let g = Gated::start(&cfg).await;
+    let mut c = g.citizen();
+    c.get("/").await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let got = c
+            .request("GET", "/.varco/status?room=portal", body::empty(), &[])
+            .await;
+        codes.push(got.status);
+        if got.status == 429 {
+            assert!(got.headers.contains_key("retry-after"));
+            assert_eq!(got.headers["cache-control"], "no-store, private");
+        }
+    }
+    assert_eq!(codes, [200, 200, 429, 429], "a burst of 8/4 = 2 polls");
+}

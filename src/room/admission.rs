@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// How a room lets people in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum Mode {
     /// Admit directly while there is room and nobody waits; queue otherwise.
     Queue,
@@ -38,6 +39,23 @@ impl Mode {
             "closed" => Mode::Closed,
             _ => return None,
         })
+    }
+
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(v: u8) -> Mode {
+        [
+            Mode::Queue,
+            Mode::QueueAll,
+            Mode::Paused,
+            Mode::Passthrough,
+            Mode::Closed,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Mode::Queue)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -9,6 +9,7 @@ pub mod token;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
 use crate::proxy::upstreams::UpstreamPool;
 use crate::store::RoomStore;
-use admission::Limits;
+use admission::{Limits, Mode};
 use token::Keyring;
 
 /// A room's config as the admission rules read it.
@@ -56,7 +57,15 @@ pub struct Room {
     /// The waiting page: the operator's template or the built-in one.
     pub template: Arc<Template>,
     tick_ms: u64,
+    /// What an operator may change live (admin API); starts from config.
+    mode: AtomicU8,
+    /// f64 bits of new sessions per minute; NaN: no rate limit.
+    per_minute: AtomicU64,
+    /// u64::MAX: no cap.
+    max_active: AtomicU64,
 }
+
+const UNLIMITED: u64 = u64::MAX;
 
 fn per_minute(n: u32) -> Quota {
     let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
@@ -93,6 +102,9 @@ impl Room {
             ticket_limiter: RateLimiter::keyed(per_minute(config.tickets_per_ip_per_minute)),
             status_limiter: RateLimiter::keyed(per_minute(config.status_per_ip_per_minute)),
             tick_ms: tick.as_millis() as u64,
+            mode: AtomicU8::new(config.mode.to_u8()),
+            per_minute: AtomicU64::new(config.admission_per_minute.unwrap_or(f64::NAN).to_bits()),
+            max_active: AtomicU64::new(config.max_active.unwrap_or(UNLIMITED)),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -119,11 +131,54 @@ impl Room {
     }
 
     pub fn limits(&self) -> Limits {
-        limits_of(&self.config, self.tick_ms)
+        Limits {
+            per_minute: self.per_minute(),
+            max_active: self.max_active(),
+            mode: self.mode(),
+            ..limits_of(&self.config, self.tick_ms)
+        }
     }
 
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    pub fn per_minute(&self) -> Option<f64> {
+        let r = f64::from_bits(self.per_minute.load(Ordering::Relaxed));
+        (!r.is_nan()).then_some(r)
+    }
+
+    pub fn max_active(&self) -> Option<u64> {
+        let m = self.max_active.load(Ordering::Relaxed);
+        (m != UNLIMITED).then_some(m)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+    }
+
+    pub fn set_per_minute(&self, rate: Option<f64>) {
+        self.per_minute
+            .store(rate.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn set_max_active(&self, max: Option<u64>) {
+        self.max_active
+            .store(max.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    /// Whether requests pass the gate at all: limits or a scheduled
+    /// opening, or an operator who paused, closed or queued the room.
     pub fn is_gated(&self) -> bool {
-        self.config.is_gated()
+        match self.mode() {
+            Mode::Passthrough => false,
+            Mode::Paused | Mode::Closed | Mode::QueueAll => true,
+            Mode::Queue => {
+                self.per_minute().is_some()
+                    || self.max_active().is_some()
+                    || self.config.opens_at_ms.is_some()
+            }
+        }
     }
 
     /// The seed of this room's pre-queue lottery: secret (derived from a
