@@ -1,27 +1,54 @@
 //! The admin listener: `/metrics` for Prometheus, `/healthz` (the process
-//! answers) and `/readyz` (config loaded, ready for traffic).
+//! answers), `/readyz` (ready for traffic), and, when tokens are
+//! configured, the admin API under `/api/` (bearer token): list rooms,
+//! change a room's mode, rate or cap live, drain it, reload the config.
+//! Every change is logged on target `varco::audit` with the token's id.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde_json::{json, Value};
 
+use crate::app::App;
 use crate::body::{full, Body};
+use crate::config::AdminToken;
 use crate::listener::{ConnInfo, Handler};
-use crate::metrics::Metrics;
 use crate::page::NO_STORE;
+use crate::room::admission::Mode;
+use crate::room::Room;
 
 pub struct Admin {
-    metrics: Arc<Metrics>,
+    app: Arc<App>,
     ready: Arc<AtomicBool>,
+    tokens: Vec<AdminToken>,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Self {
-        Admin { metrics, ready }
+    pub fn new(app: Arc<App>, ready: Arc<AtomicBool>, tokens: Vec<AdminToken>) -> Self {
+        Admin { app, ready, tokens }
     }
+
+    /// The id of the token the request carries, if it is one of ours.
+    fn caller(&self, req: &Request<Incoming>) -> Option<&str> {
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?
+            .trim();
+        self.tokens
+            .iter()
+            .find(|t| constant_time_eq(t.token.as_bytes(), presented.as_bytes()))
+            .map(|t| t.id.as_str())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
@@ -33,17 +60,165 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
+fn json_response(status: StatusCode, v: Value) -> Response<Body> {
+    text(status, "application/json", v.to_string() + "\n")
+}
+
+fn problem(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, json!({ "error": message }))
+}
+
+/// A room's live state, as the API and `varco ctl status` show it.
+pub fn room_state(room: &Room) -> Value {
+    let v = room.store.view();
+    let per_second = v.observed_rate;
+    let wait = (per_second > 0.0).then(|| (v.waiting as f64 / per_second).round() as u64);
+    let upstreams: Vec<Value> = room
+        .upstreams
+        .all()
+        .iter()
+        .enumerate()
+        .map(|(i, u)| json!({ "upstream": u.label, "healthy": room.upstreams.is_healthy(i) }))
+        .collect();
+    json!({
+        "name": room.name,
+        "mode": room.mode().as_str(),
+        "gated": room.is_gated(),
+        "admission_per_minute": room.per_minute(),
+        "max_active": room.max_active(),
+        "queue_length": v.waiting,
+        "active_sessions": v.active,
+        "reserved": v.reserved,
+        "queue_counter": v.queue,
+        "serving_counter": v.serving,
+        "observed_admissions_per_minute": per_second * 60.0,
+        "estimated_wait_seconds": wait,
+        "admitted_total": v.admitted_total,
+        "abandoned_total": v.abandoned_total,
+        "upstreams": upstreams,
+    })
+}
+
+fn query_value(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("value="))
+        .map(str::to_string)
+}
+
+/// A positive number, or "unlimited".
+fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
+    raw: Option<String>,
+) -> Result<Option<T>, &'static str> {
+    match raw.as_deref() {
+        None => Err("give ?value=N (a positive number) or ?value=unlimited"),
+        Some("unlimited") => Ok(None),
+        Some(v) => match v.parse::<T>() {
+            Ok(n) if n > T::default() => Ok(Some(n)),
+            _ => Err("value must be a positive number or \"unlimited\""),
+        },
+    }
+}
+
+impl Admin {
+    async fn api(&self, req: Request<Incoming>, who: &str) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (Method::GET, ["rooms"]) => {
+                let rooms: Vec<Value> = self.app.rooms().iter().map(|r| room_state(r)).collect();
+                json_response(StatusCode::OK, json!({ "rooms": rooms }))
+            }
+            (Method::GET, ["rooms", name]) => match self.app.room(name) {
+                Some(r) => json_response(StatusCode::OK, room_state(&r)),
+                None => problem(StatusCode::NOT_FOUND, "no such room"),
+            },
+            (Method::POST, ["reload"]) => {
+                tracing::info!(target: "varco::audit", who, action = "reload", "config reload requested");
+                match self.app.reload().await {
+                    Ok(n) => json_response(StatusCode::OK, json!({ "reloaded": true, "rooms": n })),
+                    Err(e) => {
+                        tracing::error!(target: "varco::audit", who, error = %e, "reload refused; the running config stays");
+                        json_response(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            json!({ "reloaded": false, "error": e.to_string() }),
+                        )
+                    }
+                }
+            }
+            (Method::POST, ["rooms", name, action]) => {
+                let Some(room) = self.app.room(name) else {
+                    return problem(StatusCode::NOT_FOUND, "no such room");
+                };
+                let value = query_value(&req);
+                let mode = match *action {
+                    "pause" | "drain" => Some(Mode::Paused),
+                    "resume" | "open" => Some(Mode::Queue),
+                    "queue_all" => Some(Mode::QueueAll),
+                    "close" => Some(Mode::Closed),
+                    "passthrough" => Some(Mode::Passthrough),
+                    _ => None,
+                };
+                if let Some(mode) = mode {
+                    let before = room.mode();
+                    room.set_mode(mode);
+                    tracing::info!(target: "varco::audit", who, room = %room.name, action, from = before.as_str(), to = mode.as_str(), "room mode changed");
+                    return json_response(StatusCode::OK, room_state(&room));
+                }
+                match *action {
+                    "rate" => match limit_value::<f64>(value) {
+                        Ok(rate) => {
+                            let before = room.per_minute();
+                            room.set_per_minute(rate);
+                            tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?rate, "admission rate changed");
+                            json_response(StatusCode::OK, room_state(&room))
+                        }
+                        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+                    },
+                    "max_active" => match limit_value::<u64>(value) {
+                        Ok(max) => {
+                            let before = room.max_active();
+                            room.set_max_active(max);
+                            tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?max, "max_active changed");
+                            json_response(StatusCode::OK, room_state(&room))
+                        }
+                        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+                    },
+                    _ => problem(
+                        StatusCode::NOT_FOUND,
+                        "actions: pause, resume, queue_all, close, open, drain, passthrough, rate, max_active",
+                    ),
+                }
+            }
+            _ => problem(StatusCode::NOT_FOUND, "see README: admin API"),
+        }
+    }
+}
+
 impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
         const PLAIN: &str = "text/plain; charset=utf-8";
+        let path = req.uri().path();
+        if path.starts_with("/api/") && !self.tokens.is_empty() {
+            let Some(who) = self.caller(&req).map(str::to_string) else {
+                let mut r = problem(StatusCode::UNAUTHORIZED, "a bearer token is required");
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"varco\""),
+                );
+                return r;
+            };
+            return self.api(req, &who).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());
         }
-        match req.uri().path() {
+        match path {
             "/metrics" => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
+                self.app.metrics().render(),
             ),
             "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
             "/readyz" if self.ready.load(Ordering::Relaxed) => {

@@ -6,22 +6,25 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::clock::{self, SharedClock};
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, ConfigErrors, ServerConfig};
 use crate::gateway::Gateway;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::{client, Forwarder};
+use crate::room::token::Keyring;
 use crate::room::{limits_of, Room};
-use crate::router::Router;
+use crate::router::{Routing, SharedRouting};
 use crate::store::memory::MemoryStore;
 use crate::store::RoomStore;
 use crate::tls;
@@ -74,11 +77,27 @@ impl Listeners {
 
 /// One varco's state, built before it serves.
 pub struct App {
+    /// The config varco started with: listeners, timeouts and the store
+    /// come from it; rooms may since have been reloaded.
     config: Config,
+    /// The file to reload from (SIGHUP, admin API); none in tests.
+    config_path: Option<PathBuf>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
     memory: Arc<MemoryStore>,
-    rooms: Vec<Arc<Room>>,
+    routing: SharedRouting,
+    /// Serialises reloads, and holds the keys in force: an ephemeral key
+    /// must outlive a reload, or every ticket and pass would die with it.
+    reloading: tokio::sync::Mutex<Keyring>,
+}
+
+/// Why a reload was refused; the old config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload from")]
+    NoFile,
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
 }
 
 impl App {
@@ -86,46 +105,84 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let memory =
             Arc::new(MemoryStore::open(config.store.snapshot.clone()).map_err(AppError::Store)?);
-        let tick = config.store.tick;
-        let now = clock.now_ms();
-        let rooms = config
-            .rooms
-            .iter()
-            .map(|r| {
-                let store: Arc<dyn RoomStore> =
-                    memory.room(&r.name, &limits_of(r, tick.as_millis() as u64), now);
-                Arc::new(Room::new(
-                    r.clone(),
-                    config.upstream.fail_cooldown,
-                    &metrics,
-                    store,
-                    config.keys.clone(),
-                    tick,
-                ))
-            })
-            .collect();
+        let rooms = build_rooms(&config, &config.keys, &memory, &metrics, clock.now_ms());
+        let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
+        metrics.watch_rooms(routing.clone());
+        let keys = config.keys.clone();
         Ok(App {
             config,
+            config_path: None,
             clock,
             metrics,
             memory,
-            rooms,
+            routing,
+            reloading: tokio::sync::Mutex::new(keys),
         })
     }
 
-    pub fn rooms(&self) -> &[Arc<Room>] {
-        &self.rooms
+    /// Remembers the file the config came from, for reloads.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
-    pub fn room(&self, name: &str) -> Option<&Arc<Room>> {
-        self.rooms.iter().find(|r| r.name == name)
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.routing.load().rooms.clone()
+    }
+
+    pub fn room(&self, name: &str) -> Option<Arc<Room>> {
+        self.routing.load().room(name).cloned()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Re-reads the config file and swaps in its rooms. Places in line and
+    /// live sessions stay (the store is kept by room name); open
+    /// connections stay; a bad file changes nothing.
+    pub async fn reload(&self) -> Result<usize, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let mut keys = self.reloading.lock().await;
+        let result = Config::load(path);
+        self.metrics
+            .config_reloads
+            .with_label_values(&[if result.is_ok() { "ok" } else { "refused" }])
+            .inc();
+        let new = result?;
+        if !new.raw.secrets.ephemeral {
+            *keys = new.keys.clone();
+        }
+        self.apply(new, &keys);
+        Ok(self.routing.load().rooms.len())
+    }
+
+    /// Swaps in the rooms of `new`, signing with `keys`.
+    fn apply(&self, new: Config, keys: &Keyring) {
+        let (old, next) = (&self.config.server, &new.server);
+        if old.listen != next.listen
+            || old.admin_listen != next.admin_listen
+            || old.workers != next.workers
+        {
+            tracing::warn!(
+                "server.listen, server.admin_listen and server.workers change only at a restart"
+            );
+        }
+        let rooms = build_rooms(&new, keys, &self.memory, &self.metrics, self.clock.now_ms());
+        let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
+        tracing::info!(rooms = ?names, "config reloaded");
+        self.routing.store(Arc::new(Routing::new(rooms)));
     }
 
     /// One admission tick for every gated room.
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
-        for room in self.rooms.iter().filter(|r| r.is_gated()) {
+        for room in self.rooms().iter().filter(|r| r.is_gated()) {
             if let Err(e) = room.store.tick(room.limits(), now).await {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&[room.name.as_str()])
+                    .inc();
                 tracing::warn!(room = %room.name, error = %e, "admission tick failed");
             }
         }
@@ -161,8 +218,7 @@ impl App {
             config.server.trusted_proxies.clone(),
         );
         let gateway = Arc::new(Gateway::new(
-            Router::new(&self.rooms),
-            self.rooms.clone(),
+            self.routing.clone(),
             forwarder,
             self.metrics.clone(),
             self.clock.clone(),
@@ -170,7 +226,11 @@ impl App {
             config.log.access,
         ));
         let ready = Arc::new(AtomicBool::new(true));
-        let admin = Arc::new(Admin::new(self.metrics.clone(), ready.clone()));
+        let admin = Arc::new(Admin::new(
+            self.clone(),
+            ready.clone(),
+            config.admin_tokens.clone(),
+        ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let background = TaskTracker::new();
@@ -179,6 +239,9 @@ impl App {
         }
         if config.store.snapshot.is_some() {
             background.spawn(snapshot_loop(self.clone(), stop_rx.clone()));
+        }
+        if self.config_path.is_some() {
+            background.spawn(reload_on_sighup(self.clone(), stop_rx.clone()));
         }
         let settings = ListenerSettings::from_server(&config.server);
         let connections = TaskTracker::new();
@@ -249,6 +312,25 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// SIGHUP reloads the config file, as nginx and HAProxy do.
+async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the admin API");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = stop.changed() => return,
+        }
+        tracing::info!(who = "SIGHUP", "reload requested");
+        if let Err(e) = app.reload().await {
+            tracing::error!(error = %e, "reload refused; the running config stays");
+        }
+    }
+}
+
 async fn snapshot_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(app.config.store.snapshot_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -271,4 +353,43 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let app = Arc::new(App::new(config, clock::system())?);
     app.serve(listeners, shutdown, true).await
+}
+
+/// As `run`, remembering `path` so SIGHUP and the admin API can reload it.
+pub async fn run_file(
+    config: Config,
+    path: PathBuf,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    let app = Arc::new(App::new(config, clock::system())?.with_config_path(path));
+    app.serve(listeners, shutdown, true).await
+}
+
+/// A room per config table; each keeps its store (places, sessions) by
+/// name across reloads.
+fn build_rooms(
+    config: &Config,
+    keys: &Keyring,
+    memory: &MemoryStore,
+    metrics: &Metrics,
+    now_ms: u64,
+) -> Vec<Arc<Room>> {
+    let tick = config.store.tick;
+    config
+        .rooms
+        .iter()
+        .map(|r| {
+            let store: Arc<dyn RoomStore> =
+                memory.room(&r.name, &limits_of(r, tick.as_millis() as u64), now_ms);
+            Arc::new(Room::new(
+                r.clone(),
+                config.upstream.fail_cooldown,
+                metrics,
+                store,
+                keys.clone(),
+                tick,
+            ))
+        })
+        .collect()
 }

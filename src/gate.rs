@@ -185,6 +185,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     };
 
     if limits.mode == Mode::Closed {
+        room.metrics.rejected_closed.inc();
         let status = status_for(room, ticket.as_ref(), &view, r.now_ms, "closed");
         return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
     }
@@ -195,6 +196,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 let session = new_session(room, r);
                 match room.store.claim(n, limits, session, r.now_ms).await? {
                     Claim::Admitted => {
+                        room.metrics
+                            .wait_seconds
+                            .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
                         let set_cookies = vec![
                             pass_cookie(room, session.sid, n, r),
                             cookies::clear(&room.ticket_cookie, r.tls),
@@ -243,6 +247,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     }
 
     if let Err(not_until) = room.ticket_limiter.check_key(&r.client_ip) {
+        room.metrics.rejected_ip_limit.inc();
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
@@ -359,6 +364,7 @@ pub fn status_for(
 /// `GET /.varco/status?room=NAME`: where the caller stands, as JSON.
 pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) -> Response<Body> {
     if let Err(not_until) = room.status_limiter.check_key(&client_ip) {
+        room.metrics.rejected_status_ip_limit.inc();
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));

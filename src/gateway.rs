@@ -21,11 +21,10 @@ use crate::page;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::{Forwarder, Side};
 use crate::room::Room;
-use crate::router::Router;
+use crate::router::SharedRouting;
 
 pub struct Gateway {
-    router: Router,
-    rooms: Vec<Arc<Room>>,
+    routing: SharedRouting,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
     clock: SharedClock,
@@ -35,8 +34,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        router: Router,
-        rooms: Vec<Arc<Room>>,
+        routing: SharedRouting,
         forwarder: Forwarder,
         metrics: Arc<Metrics>,
         clock: SharedClock,
@@ -44,8 +42,7 @@ impl Gateway {
         access_log: bool,
     ) -> Self {
         Gateway {
-            router,
-            rooms,
+            routing,
             forwarder,
             metrics,
             clock,
@@ -93,11 +90,13 @@ impl Handler for Gateway {
         }
 
         let host = host_of(&req);
-        let Some(room) = self
+        let room = self
+            .routing
+            .load()
             .router
             .route(host.as_deref(), req.uri().path())
-            .cloned()
-        else {
+            .cloned();
+        let Some(room) = room else {
             let resp = page::error(
                 StatusCode::NOT_FOUND,
                 "Nothing is served at this address.",
@@ -199,8 +198,10 @@ impl Gateway {
     fn own_path(&self, req: &Request<Incoming>, conn: ConnInfo, json: bool) -> Response<Body> {
         match req.uri().path() {
             "/.varco/status" => {
+                let routing = self.routing.load();
                 let room = query_param(req.uri().query(), "room")
-                    .and_then(|name| self.rooms.iter().find(|r| r.name == name && r.is_gated()));
+                    .and_then(|name| routing.room(name))
+                    .filter(|r| r.is_gated());
                 match room {
                     Some(room) => {
                         let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);

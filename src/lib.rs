@@ -22,6 +22,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod cookies;
+pub mod ctl;
 pub mod demo;
 pub mod gate;
 pub mod gateway;

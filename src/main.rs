@@ -52,6 +52,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Operate a running varco through its admin API.
+    Ctl {
+        /// The admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// The environment variable holding the admin token.
+        #[arg(long, default_value = "VARCO_ADMIN_TOKEN")]
+        token_env: String,
+        #[command(subcommand)]
+        action: varco::ctl::Action,
+    },
     /// A click day in miniature: citizens against the demo portal, without
     /// and then with varco in front; prints the comparison.
     Simulate {
@@ -95,8 +106,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            exit(serve(cfg, cli.log_format, None))
+            let path = std::fs::canonicalize(&config).unwrap_or(config);
+            exit(serve(cfg, cli.log_format, None, Some(path)))
         }
+        Command::Ctl {
+            admin,
+            token_env,
+            action,
+        } => exit(varco::ctl::run(&admin, &token_env, action)),
         Command::Simulate {
             citizens,
             capacity,
@@ -158,6 +175,7 @@ fn main() -> ExitCode {
                 cfg,
                 cli.log_format,
                 Some((portal_listen, portal, portal_only)),
+                config,
             ))
         }
     }
@@ -177,6 +195,7 @@ fn serve(
     cfg: Config,
     log_format: Option<String>,
     demo: Option<(SocketAddr, PortalSettings, bool)>,
+    config_path: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
     varco::logging::init(json, &cfg.log.level);
@@ -226,7 +245,10 @@ fn serve(
                 listeners.proxy_addr()
             );
         }
-        app::run(cfg, listeners, shutdown_signal()).await?;
+        match config_path {
+            Some(path) => app::run_file(cfg, path, listeners, shutdown_signal()).await?,
+            None => app::run(cfg, listeners, shutdown_signal()).await?,
+        }
         Ok(())
     })
 }

@@ -2,10 +2,40 @@
 //! place. Labels are room, upstream, class or kind: never a raw path or a
 //! client address, so cardinality stays bounded on a click day.
 
+use crate::router::SharedRouting;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Every metric family varco exports (deploy/ is checked against this).
+pub const NAMES: &[&str] = &[
+    "varco_requests_total",
+    "varco_request_duration_seconds",
+    "varco_upstream_response_seconds",
+    "varco_upstream_errors_total",
+    "varco_upstream_responses_total",
+    "varco_upstream_in_flight",
+    "varco_open_connections",
+    "varco_build_info",
+    "varco_store_errors_total",
+    "varco_config_reloads_total",
+    "varco_rejected_total",
+    "varco_wait_seconds",
+    "varco_room_queue_length",
+    "varco_room_active_sessions",
+    "varco_room_queue_counter",
+    "varco_room_serving_counter",
+    "varco_room_reserved_slots",
+    "varco_room_admission_rate_per_minute",
+    "varco_room_max_active",
+    "varco_room_observed_admissions_per_second",
+    "varco_room_estimated_wait_seconds",
+    "varco_room_mode",
+    "varco_tickets_issued_total",
+    "varco_admitted_total",
+    "varco_abandoned_total",
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -15,7 +45,18 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
     pub build_info: IntGaugeVec,
+    pub upstream_responses: IntCounterVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub store_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub wait_seconds: HistogramVec,
 }
+
+/// Waits in line: seconds to hours.
+const WAIT_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
 
 /// Latency buckets from 5 ms to 60 s: a portal under click-day load lives
 /// in the upper half.
@@ -76,6 +117,46 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let upstream_responses = counter(
+            "varco_upstream_responses_total",
+            "Responses from upstreams, by status class",
+            &["room", "upstream", "class"],
+        );
+        let upstream_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "varco_upstream_in_flight",
+                "Requests waiting for an upstream's response headers",
+            ),
+            &["room", "upstream"],
+        )
+        .expect("valid metric");
+        let store_errors = counter(
+            "varco_store_errors_total",
+            "Store operations that failed (the room kept serving on what it knew)",
+            &["room"],
+        );
+        let config_reloads = counter(
+            "varco_config_reloads_total",
+            "Config reloads, by result: ok or refused",
+            &["result"],
+        );
+        let rejected = counter(
+            "varco_rejected_total",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), closed",
+            &["room", "reason"],
+        );
+        let wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "varco_wait_seconds",
+                "Time in line, from ticket to admission",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+            &["room"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -83,6 +164,12 @@ impl Metrics {
             Box::new(upstream_errors.clone()),
             Box::new(open_connections.clone()),
             Box::new(build_info.clone()),
+            Box::new(upstream_responses.clone()),
+            Box::new(upstream_in_flight.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(rejected.clone()),
+            Box::new(wait_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -94,7 +181,21 @@ impl Metrics {
             upstream_errors,
             open_connections,
             build_info,
+            upstream_responses,
+            upstream_in_flight,
+            store_errors,
+            config_reloads,
+            rejected,
+            wait_seconds,
         }
+    }
+
+    /// Registers the per-room gauges and counters, read from the rooms'
+    /// stores at each scrape (so they cost nothing between scrapes).
+    pub fn watch_rooms(&self, routing: SharedRouting) {
+        let _ = self
+            .registry
+            .register(Box::new(RoomCollector::new(routing)));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -118,11 +219,16 @@ pub struct RoomMetrics {
     /// Indexed by status class: 1xx..5xx.
     requests: [IntCounter; 5],
     request_seconds: Histogram,
+    pub rejected_ip_limit: IntCounter,
+    pub rejected_status_ip_limit: IntCounter,
+    pub rejected_closed: IntCounter,
+    pub wait_seconds: Histogram,
 }
 
 impl RoomMetrics {
     pub fn new(m: &Metrics, room: &str) -> Self {
         let class = |c| m.requests.with_label_values(&[room, c]);
+        let rejected = |reason| m.rejected.with_label_values(&[room, reason]);
         RoomMetrics {
             requests: [
                 class("1xx"),
@@ -132,6 +238,10 @@ impl RoomMetrics {
                 class("5xx"),
             ],
             request_seconds: m.request_seconds.with_label_values(&[room]),
+            rejected_ip_limit: rejected("ip_limit"),
+            rejected_status_ip_limit: rejected("status_ip_limit"),
+            rejected_closed: rejected("closed"),
+            wait_seconds: m.wait_seconds.with_label_values(&[room]),
         }
     }
 
@@ -148,11 +258,15 @@ pub struct UpstreamMetrics {
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
     pub protocol_errors: IntCounter,
+    /// Indexed by status class: 1xx..5xx.
+    responses: [IntCounter; 5],
+    pub in_flight: IntGauge,
 }
 
 impl UpstreamMetrics {
     pub fn new(m: &Metrics, room: &str, upstream: &str) -> Self {
         let errors = |kind| m.upstream_errors.with_label_values(&[room, upstream, kind]);
+        let class = |c| m.upstream_responses.with_label_values(&[room, upstream, c]);
         UpstreamMetrics {
             response_seconds: m
                 .upstream_response_seconds
@@ -160,7 +274,179 @@ impl UpstreamMetrics {
             connect_errors: errors("connect"),
             timeouts: errors("timeout"),
             protocol_errors: errors("protocol"),
+            responses: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            in_flight: m.upstream_in_flight.with_label_values(&[room, upstream]),
         }
+    }
+
+    pub fn response(&self, status: u16) {
+        self.responses[(status / 100).clamp(1, 5) as usize - 1].inc();
+    }
+}
+
+type Gauges = Vec<(&'static str, prometheus::GaugeVec)>;
+
+/// The rooms' own state as metrics, read at scrape time.
+struct RoomCollector {
+    routing: SharedRouting,
+    gauges: Gauges,
+    mode: IntGaugeVec,
+    counters: Vec<(&'static str, IntCounterVec)>,
+}
+
+impl RoomCollector {
+    fn new(routing: SharedRouting) -> Self {
+        let gauge = |name: &'static str, help: &str| {
+            let g =
+                prometheus::GaugeVec::new(Opts::new(name, help), &["room"]).expect("valid metric");
+            (name, g)
+        };
+        let counter = |name: &'static str, help: &str| {
+            (
+                name,
+                IntCounterVec::new(Opts::new(name, help), &["room"]).expect("valid metric"),
+            )
+        };
+        RoomCollector {
+            routing,
+            gauges: vec![
+                gauge(
+                    "varco_room_queue_length",
+                    "People waiting in line (queue counter minus serving counter)",
+                ),
+                gauge(
+                    "varco_room_active_sessions",
+                    "Live passes (seen within session_idle)",
+                ),
+                gauge(
+                    "varco_room_queue_counter",
+                    "The queue counter: numbers handed out (tickets and direct admissions)",
+                ),
+                gauge(
+                    "varco_room_serving_counter",
+                    "The serving counter: the highest number that may claim a pass",
+                ),
+                gauge(
+                    "varco_room_reserved_slots",
+                    "Slots held for called tickets not yet claimed (claim window)",
+                ),
+                gauge(
+                    "varco_room_admission_rate_per_minute",
+                    "The admission rate in force (absent: unlimited)",
+                ),
+                gauge(
+                    "varco_room_max_active",
+                    "The cap on live sessions in force (absent: unlimited)",
+                ),
+                gauge(
+                    "varco_room_observed_admissions_per_second",
+                    "Admissions per second over the last minute",
+                ),
+                gauge(
+                    "varco_room_estimated_wait_seconds",
+                    "Estimated wait for the last in line at the observed rate (absent: unknown)",
+                ),
+            ],
+            mode: IntGaugeVec::new(
+                Opts::new("varco_room_mode", "1 for the room's current mode"),
+                &["room", "mode"],
+            )
+            .expect("valid metric"),
+            counters: vec![
+                counter(
+                    "varco_tickets_issued_total",
+                    "Numbers handed out: tickets and direct admissions",
+                ),
+                counter("varco_admitted_total", "People admitted (passes issued)"),
+                counter(
+                    "varco_abandoned_total",
+                    "Called tickets never claimed within the claim window",
+                ),
+            ],
+        }
+    }
+
+    fn set(&self, metric: &str, room: &str, value: f64) {
+        if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == metric) {
+            g.with_label_values(&[room]).set(value);
+        }
+    }
+}
+
+impl prometheus::core::Collector for RoomCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d: Vec<&prometheus::core::Desc> = Vec::new();
+        for (_, g) in &self.gauges {
+            d.extend(g.desc());
+        }
+        d.extend(self.mode.desc());
+        for (_, c) in &self.counters {
+            d.extend(c.desc());
+        }
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        for (_, g) in &self.gauges {
+            g.reset();
+        }
+        self.mode.reset();
+        for (_, c) in &self.counters {
+            c.reset();
+        }
+        let routing = self.routing.load();
+        for room in &routing.rooms {
+            let v = room.store.view();
+            let name = room.name.as_str();
+            self.set("varco_room_queue_length", name, v.waiting as f64);
+            self.set("varco_room_active_sessions", name, v.active as f64);
+            self.set("varco_room_queue_counter", name, v.queue as f64);
+            self.set("varco_room_serving_counter", name, v.serving as f64);
+            self.set("varco_room_reserved_slots", name, v.reserved as f64);
+            if let Some(r) = room.per_minute() {
+                self.set("varco_room_admission_rate_per_minute", name, r);
+            }
+            if let Some(m) = room.max_active() {
+                self.set("varco_room_max_active", name, m as f64);
+            }
+            self.set(
+                "varco_room_observed_admissions_per_second",
+                name,
+                v.observed_rate,
+            );
+            if v.observed_rate > 0.0 {
+                self.set(
+                    "varco_room_estimated_wait_seconds",
+                    name,
+                    v.waiting as f64 / v.observed_rate,
+                );
+            }
+            let current = room.mode().as_str();
+            for mode in ["queue", "queue_all", "paused", "passthrough", "closed"] {
+                self.mode
+                    .with_label_values(&[name, mode])
+                    .set((current == mode) as i64);
+            }
+            let totals = [v.queue.max(v.prequeue), v.admitted_total, v.abandoned_total];
+            for ((_, c), total) in self.counters.iter().zip(totals) {
+                c.with_label_values(&[name]).inc_by(total);
+            }
+        }
+        let mut out = Vec::new();
+        for (_, g) in &self.gauges {
+            out.extend(g.collect());
+        }
+        out.extend(self.mode.collect());
+        for (_, c) in &self.counters {
+            out.extend(c.collect());
+        }
+        out
     }
 }
 

@@ -18,6 +18,28 @@ pub struct Router {
     routes: Vec<Route>,
 }
 
+/// The rooms and the router over them: replaced whole on a reload, so a
+/// request sees either the old set or the new one, never a mix.
+pub struct Routing {
+    pub router: Router,
+    pub rooms: Vec<Arc<Room>>,
+}
+
+impl Routing {
+    pub fn new(rooms: Vec<Arc<Room>>) -> Self {
+        Routing {
+            router: Router::new(&rooms),
+            rooms,
+        }
+    }
+
+    pub fn room(&self, name: &str) -> Option<&Arc<Room>> {
+        self.rooms.iter().find(|r| r.name == name)
+    }
+}
+
+pub type SharedRouting = Arc<arc_swap::ArcSwap<Routing>>;
+
 impl Router {
     pub fn new(rooms: &[Arc<Room>]) -> Self {
         let mut routes: Vec<Route> = rooms

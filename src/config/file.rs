@@ -79,9 +79,22 @@ pub struct RawConfig {
     #[serde(default)]
     pub secrets: RawSecrets,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub store: RawStore,
     #[serde(default)]
     pub rooms: BTreeMap<String, RawRoom>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// A TOML file with `[[tokens]] id = "anna" token = "..."`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<String>,
+    /// An environment variable holding `id:token,id:token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -30,6 +30,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Signing keys for tickets and passes.
     pub keys: Keyring,
+    /// Bearer tokens for the admin API, by id (who made a change).
+    pub admin_tokens: Vec<AdminToken>,
     pub rooms: Vec<RoomConfig>,
     /// The file as read, with defaults filled in: what `check-config` prints.
     pub raw: RawConfig,
@@ -72,6 +74,18 @@ pub struct LogConfig {
     pub json: bool,
     pub level: String,
     pub access: bool,
+}
+
+#[derive(Clone)]
+pub struct AdminToken {
+    pub id: String,
+    pub token: String,
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminToken({})", self.id)
+    }
 }
 
 #[derive(Debug, Clone)]

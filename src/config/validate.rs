@@ -176,6 +176,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         tick: p.duration("store.tick", &raw.store.tick),
     };
     let keys = load_keys(&raw.secrets, base, &mut p);
+    let admin_tokens = load_admin_tokens(&raw.admin, base, &mut p);
 
     if raw.rooms.is_empty() {
         p.add(
@@ -355,6 +356,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             log,
             store,
             keys,
+            admin_tokens,
             rooms,
             raw,
         })
@@ -572,4 +574,67 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         );
     }
     Some(Keyring::new(ring))
+}
+
+/// The admin API's bearer tokens; without any, the admin listener answers
+/// only /metrics, /healthz and /readyz.
+fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<AdminToken> {
+    let mut tokens = Vec::new();
+    if let Some(f) = &a.tokens_file {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct TokenFile {
+            tokens: Vec<AdminToken_>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct AdminToken_ {
+            id: String,
+            token: String,
+        }
+        let path = base.join(f);
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(tf) => tokens.extend(tf.tokens.into_iter().map(|t| AdminToken {
+                id: t.id,
+                token: t.token,
+            })),
+            Err(e) => p.add(
+                "admin.tokens_file",
+                format!("cannot use {}: {e}", path.display()),
+            ),
+        }
+    }
+    if let Some(var) = &a.tokens_env {
+        match std::env::var(var) {
+            Ok(v) => {
+                for part in v.split(',').filter(|x| !x.trim().is_empty()) {
+                    match part.split_once(':') {
+                        Some((id, token)) => tokens.push(AdminToken {
+                            id: id.trim().into(),
+                            token: token.trim().into(),
+                        }),
+                        None => p.add(
+                            "admin.tokens_env",
+                            format!(
+                                "{var} holds an entry without \"id:\"; write id:token,id:token"
+                            ),
+                        ),
+                    }
+                }
+            }
+            Err(_) => p.add(
+                "admin.tokens_env",
+                format!("the environment variable {var} is not set"),
+            ),
+        }
+    }
+    for t in &tokens {
+        if t.token.len() < 16 {
+            p.add("admin", format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
+        }
+    }
+    tokens
 }

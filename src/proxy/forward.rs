@@ -138,10 +138,12 @@ impl Forwarder {
             })?;
 
             let started = Instant::now();
+            let metrics = &room.upstream_metrics[index];
+            metrics.in_flight.inc();
             let sent =
                 tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
                     .await;
-            let metrics = &room.upstream_metrics[index];
+            metrics.in_flight.dec();
             let outcome = match sent {
                 Err(_) => {
                     metrics.timeouts.inc();
@@ -155,6 +157,7 @@ impl Forwarder {
             match outcome {
                 Ok(resp) => {
                     room.upstreams.mark_healthy(index);
+                    metrics.response(resp.status().as_u16());
                     metrics
                         .response_seconds
                         .observe(started.elapsed().as_secs_f64());

@@ -34,6 +34,22 @@ impl Gated {
     }
 
     pub async fn start_at(toml: &str, now_ms: u64, base: &Path) -> Gated {
+        Self::start_with(toml, now_ms, base, None).await
+    }
+
+    /// From a config file, which the admin API can then reload.
+    pub async fn start_file(path: &Path) -> Gated {
+        let toml = std::fs::read_to_string(path).unwrap();
+        let base = path.parent().unwrap().to_path_buf();
+        Self::start_with(&toml, T0, &base, Some(path.to_path_buf())).await
+    }
+
+    async fn start_with(
+        toml: &str,
+        now_ms: u64,
+        base: &Path,
+        file: Option<std::path::PathBuf>,
+    ) -> Gated {
         let clock = ManualClock::new(now_ms);
         let mut cfg = Config::from_toml(toml, base).unwrap_or_else(|e| panic!("test config: {e}"));
         cfg.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -41,7 +57,11 @@ impl Gated {
         let listeners = Listeners::bind(&cfg.server).await.expect("bind");
         let addr = listeners.proxy_addr();
         let admin = listeners.admin_addr();
-        let app = Arc::new(App::new(cfg, Arc::new(clock.clone())).expect("app"));
+        let mut app = App::new(cfg, Arc::new(clock.clone())).expect("app");
+        if let Some(f) = file {
+            app = app.with_config_path(f);
+        }
+        let app = Arc::new(app);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.clone().serve(
             listeners,

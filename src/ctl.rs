@@ -1,0 +1,126 @@
+//! `varco ctl`: the admin API from the command line, so operators need no
+//! curl. The token comes from an environment variable, never an argument
+//! (arguments show in `ps`).
+
+use clap::Subcommand;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::body::{self, Body};
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Action {
+    /// Every room's live state.
+    Status,
+    /// Stop admitting; tickets are still handed out.
+    Pause { room: String },
+    /// Admit again (mode queue).
+    Resume { room: String },
+    /// Everyone without a pass goes through the queue.
+    QueueAll { room: String },
+    /// Nobody new gets in or in line; pass holders finish.
+    Close { room: String },
+    /// Open the room (mode queue).
+    Open { room: String },
+    /// Stop admitting and let active sessions finish.
+    Drain { room: String },
+    /// Set the admission rate: new sessions a minute, or "unlimited".
+    Rate { room: String, per_minute: String },
+    /// Set the cap on live sessions, or "unlimited".
+    MaxActive { room: String, value: String },
+    /// Re-read the config file (a bad one is refused; the old one stays).
+    Reload,
+}
+
+impl Action {
+    fn request(&self) -> (&'static str, String) {
+        let room = |r: &str, a: &str| format!("/api/rooms/{r}/{a}");
+        match self {
+            Action::Status => ("GET", "/api/rooms".into()),
+            Action::Pause { room: r } => ("POST", room(r, "pause")),
+            Action::Resume { room: r } => ("POST", room(r, "resume")),
+            Action::QueueAll { room: r } => ("POST", room(r, "queue_all")),
+            Action::Close { room: r } => ("POST", room(r, "close")),
+            Action::Open { room: r } => ("POST", room(r, "open")),
+            Action::Drain { room: r } => ("POST", room(r, "drain")),
+            Action::Rate {
+                room: r,
+                per_minute,
+            } => ("POST", format!("{}?value={per_minute}", room(r, "rate"))),
+            Action::MaxActive { room: r, value } => {
+                ("POST", format!("{}?value={value}", room(r, "max_active")))
+            }
+            Action::Reload => ("POST", "/api/reload".into()),
+        }
+    }
+}
+
+pub fn run(admin: &str, token_env: &str, action: Action) -> anyhow::Result<()> {
+    let token = std::env::var(token_env).map_err(|_| {
+        anyhow::anyhow!("set {token_env} to an admin token (see README: admin API)")
+    })?;
+    let (method, path) = action.request();
+    let url = format!("{}{path}", admin.trim_end_matches('/'));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, text) = rt.block_on(async {
+        let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(body::empty())?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    })?;
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", v.get("error").unwrap_or(&v));
+    }
+    match action {
+        Action::Status => print!("{}", status_table(&v)),
+        _ => println!("{}", serde_json::to_string_pretty(&v)?),
+    }
+    Ok(())
+}
+
+fn status_table(v: &Value) -> String {
+    let mut out = format!(
+        "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}\n",
+        "ROOM", "MODE", "WAITING", "ACTIVE", "MAX_ACTIVE", "RATE/MIN", "WAIT"
+    );
+    let show = |x: &Value| match x {
+        Value::Null => "-".to_string(),
+        Value::Number(n) => n
+            .as_f64()
+            .map(|f| format!("{}", f.round()))
+            .unwrap_or_default(),
+        other => other.to_string(),
+    };
+    for r in v["rooms"].as_array().into_iter().flatten() {
+        let wait = match r["estimated_wait_seconds"].as_u64() {
+            Some(s) => format!("{}m{:02}s", s / 60, s % 60),
+            None => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}\n",
+            r["name"].as_str().unwrap_or("?"),
+            r["mode"].as_str().unwrap_or("?"),
+            show(&r["queue_length"]),
+            show(&r["active_sessions"]),
+            show(&r["max_active"]),
+            show(&r["admission_per_minute"]),
+            wait
+        ));
+    }
+    out
+}

@@ -1,0 +1,398 @@
+//! The deployment files under `deploy/`: every JSON and YAML file parses;
+//! the Grafana dashboard's panels each have a title and a query; every
+//! `varco_*` metric the dashboard and the Prometheus rules name is one
+//! varco exports (`varco::metrics::NAMES`); each alert rule has its name,
+//! expression, `for`, severity, summary and description; and the
+//! Kubernetes ConfigMap's varco.toml is a valid config that agrees with the
+//! Deployment's ports and volumes.
+//!
+//! YAML is read by Python's PyYAML (`python3 -c "import yaml"`), so these
+//! tests need python3 and PyYAML installed (Debian: python3-yaml).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// Every file under `dir`, recursively, in a stable order.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let entries =
+            std::fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display()));
+        for entry in entries {
+            let path = entry
+                .unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display()))
+                .path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files under `dir` (recursively) whose extension is one of `exts`.
+fn files_with_ext(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| exts.contains(&e))
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&read(path))
+        .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
+}
+
+const INSTALL_PYYAML: &str =
+    "these tests read YAML with Python's PyYAML: install it (Debian: apt-get install python3-yaml)";
+
+/// Runs `python3 -c script args...`, after checking PyYAML is importable.
+fn python(script: &str, args: &[&Path]) -> Output {
+    match Command::new("python3").args(["-c", "import yaml"]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "python3 cannot import yaml: {INSTALL_PYYAML}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("cannot run python3 ({e}): {INSTALL_PYYAML}"),
+    }
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"))
+}
+
+/// The documents of a YAML file, as JSON values (converted by PyYAML).
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    const TO_JSON: &str = "import sys, json, yaml; \
+        json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout, default=str)";
+    let out = python(TO_JSON, &[path]);
+    assert!(
+        out.status.success(),
+        "{} is not valid YAML:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{}: PyYAML's JSON did not parse: {e}", path.display()))
+}
+
+/// A string field at a `/`-separated JSON pointer, or a panic naming the file.
+fn str_at<'a>(doc: &'a Value, pointer: &str, file: &Path) -> &'a str {
+    doc.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{}: no string at {pointer}", file.display()))
+}
+
+#[test]
+fn every_json_file_parses() {
+    let files = files_with_ext(&deploy_dir(), &["json"]);
+    assert!(!files.is_empty(), "no .json file under deploy/");
+    for path in &files {
+        read_json(path);
+    }
+}
+
+#[test]
+fn every_yaml_file_parses() {
+    const LOAD: &str = "import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))";
+    let files = files_with_ext(&deploy_dir(), &["yaml", "yml"]);
+    assert!(!files.is_empty(), "no .yaml file under deploy/");
+    for path in &files {
+        let out = python(LOAD, &[path.as_path()]);
+        assert!(
+            out.status.success(),
+            "{} is not valid YAML:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn each_dashboard_panel_has_a_title_and_a_query() {
+    let path = deploy_dir().join("grafana/varco-dashboard.json");
+    let dashboard = read_json(&path);
+    let panels = dashboard["panels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no `panels` array", path.display()));
+    assert!(!panels.is_empty(), "{}: `panels` is empty", path.display());
+    // A row only groups panels: check the panels inside it instead.
+    let mut all = Vec::new();
+    for p in panels {
+        if p["type"] == "row" {
+            all.extend(p["panels"].as_array().into_iter().flatten());
+        } else {
+            all.push(p);
+        }
+    }
+    for (i, p) in all.iter().enumerate() {
+        let title = p["title"].as_str().unwrap_or("");
+        assert!(
+            !title.trim().is_empty(),
+            "{}: panel {i} has no title",
+            path.display()
+        );
+        let has_query = p["targets"].as_array().is_some_and(|ts| {
+            ts.iter()
+                .any(|t| t["expr"].as_str().is_some_and(|e| !e.trim().is_empty()))
+        });
+        assert!(
+            has_query,
+            "{}: panel \"{title}\" has no target with an `expr`",
+            path.display()
+        );
+    }
+}
+
+/// Every `varco_[a-z_]+` identifier in `text` (not part of a longer word),
+/// with a histogram's `_bucket`, `_sum` or `_count` suffix removed.
+fn metric_names(text: &str) -> Vec<String> {
+    let bytes = text.as_bytes();
+    let mut names = Vec::new();
+    let mut from = 0;
+    while let Some(at) = text[from..].find("varco_").map(|i| from + i) {
+        let mut end = at + "varco_".len();
+        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let starts_word =
+            at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+        if starts_word && end > at + "varco_".len() {
+            let name = &text[at..end];
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.push(family.to_string());
+        }
+        from = end;
+    }
+    names
+}
+
+#[test]
+fn every_metric_in_the_dashboard_and_the_rules_is_exported() {
+    let dir = deploy_dir();
+    let mut files = files_with_ext(&dir.join("grafana"), &["json"]);
+    files.extend(files_with_ext(&dir.join("prometheus"), &["yaml"]));
+    let mut seen = 0;
+    let mut unknown = Vec::new();
+    for path in &files {
+        for name in metric_names(&read(path)) {
+            seen += 1;
+            if !varco::metrics::NAMES.contains(&name.as_str()) {
+                unknown.push(format!("{name} (in {})", path.display()));
+            }
+        }
+    }
+    assert!(seen > 0, "no varco_* metric found in {files:?}");
+    unknown.sort();
+    unknown.dedup();
+    assert!(
+        unknown.is_empty(),
+        "metrics that varco does not export (varco::metrics::NAMES):\n  {}\nNAMES: {:?}",
+        unknown.join("\n  "),
+        varco::metrics::NAMES
+    );
+}
+
+#[test]
+fn every_alert_rule_is_complete() {
+    let path = deploy_dir().join("prometheus/varco-rules.yaml");
+    let docs = yaml_documents(&path);
+    assert_eq!(
+        docs.len(),
+        1,
+        "{}: expected one YAML document",
+        path.display()
+    );
+    let groups = docs[0]["groups"]
+        .as_array()
+        .filter(|g| !g.is_empty())
+        .unwrap_or_else(|| panic!("{}: no `groups`", path.display()));
+    let first = groups[0]["rules"].as_array().map_or(0, Vec::len);
+    assert!(first > 0, "{}: groups[0].rules is empty", path.display());
+    let mut names = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let rules = group["rules"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: groups[{g}] has no `rules`", path.display()));
+        for (r, rule) in rules.iter().enumerate() {
+            let name = rule["alert"]
+                .as_str()
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| {
+                    panic!("{}: groups[{g}].rules[{r}] has no `alert`", path.display())
+                });
+            for field in [
+                "expr",
+                "for",
+                "labels/severity",
+                "annotations/summary",
+                "annotations/description",
+            ] {
+                let v = rule
+                    .pointer(&format!("/{field}"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                assert!(
+                    !v.trim().is_empty(),
+                    "{}: alert {name} (groups[{g}].rules[{r}]) has no {}",
+                    path.display(),
+                    field.replace('/', ".")
+                );
+            }
+            let severity = str_at(rule, "/labels/severity", &path);
+            assert!(
+                ["critical", "warning", "info"].contains(&severity),
+                "{}: alert {name} has severity {severity:?}: use critical, warning or info",
+                path.display()
+            );
+            names.push(name.to_string());
+        }
+    }
+    let count = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        count,
+        "{}: two alerts share a name",
+        path.display()
+    );
+}
+
+/// The ConfigMap's varco.toml validates (with a test key standing in for
+/// the Secret, whose placeholder must not validate), and its listeners and
+/// snapshot path match the Deployment's ports and volume mounts.
+#[test]
+fn the_kubernetes_config_is_valid_and_matches_the_deployment() {
+    let k8s = deploy_dir().join("kubernetes");
+    let configmap = k8s.join("configmap.yaml");
+    let secret = k8s.join("secret.yaml");
+    let deployment = k8s.join("deployment.yaml");
+
+    let toml = str_at(
+        &yaml_documents(&configmap)[0],
+        "/data/varco.toml",
+        &configmap,
+    )
+    .to_string();
+    let placeholder = str_at(
+        &yaml_documents(&secret)[0],
+        "/stringData/keys.toml",
+        &secret,
+    )
+    .to_string();
+    const KEY_FILE: &str = "\"/etc/varco/keys/keys.toml\"";
+    assert!(
+        toml.contains(KEY_FILE),
+        "{}: expected key_file = {KEY_FILE}",
+        configmap.display()
+    );
+
+    let dir = std::env::temp_dir().join(format!("varco-deploy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let with_keys = |keys: &str| {
+        let file = dir.join("keys.toml");
+        std::fs::write(&file, keys).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text = toml.replace(KEY_FILE, &format!("'{}'", file.display()));
+        varco::config::Config::from_toml(&text, Path::new("/etc/varco"))
+    };
+    let refused = with_keys(&placeholder);
+    // 32 bytes, base64: "test-key-for-deploy-tests-012345".
+    let accepted = with_keys(
+        "[[keys]]\nid = \"test\"\nsecret = \"dGVzdC1rZXktZm9yLWRlcGxveS10ZXN0cy0wMTIzNDU=\"\n",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    match refused {
+        Ok(_) => panic!(
+            "{}: varco accepts the placeholder key; it must refuse it",
+            secret.display()
+        ),
+        Err(e) => assert!(
+            e.0.iter().any(|p| p.key.starts_with("secrets")),
+            "{}: the placeholder is refused, but not for its key:\n{e}",
+            secret.display()
+        ),
+    }
+    let config = accepted
+        .unwrap_or_else(|e| panic!("{}: varco.toml is not valid:\n{e}", configmap.display()));
+    assert_eq!(config.rooms.len(), 1, "{}", configmap.display());
+    assert_eq!(config.rooms[0].name, "portal", "{}", configmap.display());
+    assert!(config.rooms[0].is_gated(), "{}", configmap.display());
+
+    let deploy = yaml_documents(&deployment);
+    let container = deploy[0]
+        .pointer("/spec/template/spec/containers/0")
+        .unwrap_or_else(|| panic!("{}: no container", deployment.display()));
+    let port = |name: &str| {
+        container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("{}: no container port {name}", deployment.display()))
+    };
+    assert_eq!(
+        u64::from(config.server.listen.port()),
+        port("http"),
+        "server.listen in {} and the http port in {}",
+        configmap.display(),
+        deployment.display()
+    );
+    assert_eq!(
+        u64::from(config.server.admin_listen.port()),
+        port("admin"),
+        "server.admin_listen in {} and the admin port in {}",
+        configmap.display(),
+        deployment.display()
+    );
+
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    let snapshot = config
+        .store
+        .snapshot
+        .unwrap_or_else(|| panic!("{}: no store.snapshot", configmap.display()));
+    for (what, path) in [
+        ("the config", Path::new("/etc/varco/varco.toml")),
+        ("secrets.key_file", Path::new("/etc/varco/keys/keys.toml")),
+        ("store.snapshot", snapshot.as_path()),
+    ] {
+        let parent = path.parent().and_then(Path::to_str).unwrap_or("");
+        assert!(
+            mounts.contains(&parent),
+            "{}: {what} ({}) is not on a mounted volume ({mounts:?})",
+            deployment.display(),
+            path.display()
+        );
+    }
+}

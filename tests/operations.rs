@@ -1,0 +1,426 @@
+//! Operating varco live: the admin API behind its token, mode and limit
+//! changes, reloads that keep connections and places, and the metrics
+//! Prometheus scrapes, parsed by a real exposition-format parser.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{get, send};
+use common::gated::{gated_config, Gated};
+use common::upstream;
+use http::Request;
+use varco::body;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn with_admin(cfg: &str) -> String {
+    std::env::set_var("VARCO_TEST_ADMIN_TOKENS", format!("anna:{TOKEN}"));
+    format!("[admin]\ntokens_env = \"VARCO_TEST_ADMIN_TOKENS\"\n{cfg}")
+}
+
+async fn api(g: &Gated, method: &str, path: &str, token: Option<&str>) -> common::client::Got {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", g.admin));
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    send(b.body(body::empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_a_configured_token() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    assert_eq!(
+        api(&g, "GET", "/api/rooms", Some(TOKEN)).await.status,
+        404,
+        "no tokens: no API"
+    );
+    assert_eq!(
+        get(&format!("http://{}/metrics", g.admin)).await.status,
+        200
+    );
+    drop(g);
+
+    let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 1"))).await;
+    assert_eq!(api(&g, "GET", "/api/rooms", None).await.status, 401);
+    assert_eq!(
+        api(&g, "GET", "/api/rooms", Some("wrong-token-wrong-token"))
+            .await
+            .status,
+        401
+    );
+    let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
+    assert_eq!(got.status, 200);
+    let rooms = got.json()["rooms"].clone();
+    assert_eq!(rooms[0]["name"], "portal");
+    assert_eq!(rooms[0]["max_active"], 1);
+    assert_eq!(rooms[0]["mode"], "queue");
+}
+
+#[tokio::test]
+async fn rooms_change_live_through_the_api() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 1"))).await;
+    let mut first = g.citizen();
+    assert!(first.get("/").await.reached_upstream());
+    let mut second = g.citizen();
+    assert!(second.get("/").await.is_waiting_page());
+
+    // Raise the cap: the next tick lets the second in.
+    let got = api(
+        &g,
+        "POST",
+        "/api/rooms/portal/max_active?value=2",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(got.json()["max_active"], 2);
+    g.advance(1000).await;
+    assert!(second.get("/").await.reached_upstream());
+
+    // Pause: nobody new enters even with room to spare.
+    api(
+        &g,
+        "POST",
+        "/api/rooms/portal/max_active?value=unlimited",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        api(&g, "POST", "/api/rooms/portal/pause", Some(TOKEN))
+            .await
+            .json()["mode"],
+        "paused"
+    );
+    let mut third = g.citizen();
+    assert!(third.get("/").await.is_waiting_page());
+    g.advance(1000).await;
+    assert!(third.get("/").await.is_waiting_page());
+    assert!(
+        first.get("/").await.reached_upstream(),
+        "pass holders carry on while paused"
+    );
+    // Resume: the queue moves again.
+    api(&g, "POST", "/api/rooms/portal/resume", Some(TOKEN)).await;
+    g.advance(1000).await;
+    assert!(third.get("/").await.reached_upstream());
+
+    // A rate, then close and open.
+    let got = api(&g, "POST", "/api/rooms/portal/rate?value=30", Some(TOKEN)).await;
+    assert_eq!(got.json()["admission_per_minute"], 30.0);
+    assert_eq!(
+        api(&g, "POST", "/api/rooms/portal/rate?value=-3", Some(TOKEN))
+            .await
+            .status,
+        400
+    );
+    api(&g, "POST", "/api/rooms/portal/close", Some(TOKEN)).await;
+    assert_eq!(g.citizen().get("/").await.status, 503);
+    api(&g, "POST", "/api/rooms/portal/open", Some(TOKEN)).await;
+    assert_ne!(g.citizen().get("/").await.status, 503);
+    assert_eq!(
+        api(&g, "POST", "/api/rooms/nowhere/pause", Some(TOKEN))
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_bad_reload_is_refused_and_a_good_one_keeps_connections_and_places() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("varco.toml");
+    std::fs::write(&path, with_admin(&gated_config(up.addr, "max_active = 1"))).unwrap();
+    let g = Gated::start_file(&path).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut waiting: Vec<_> = (0..3).map(|_| g.citizen()).collect();
+    for c in waiting.iter_mut() {
+        c.get("/").await;
+    }
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for c in waiting.iter_mut() {
+            v.push(c.status("portal").await["position"].clone());
+        }
+        v
+    };
+    // A keep-alive connection open across the reloads (the holder's pass
+    // rides on it).
+    let pass = format!(
+        "varco_pass_portal={}",
+        holder.cookie("varco_pass_portal").unwrap()
+    );
+    let mut conn = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    assert!(ask(&mut conn, &pass).await.starts_with("HTTP/1.1 200"));
+
+    std::fs::write(
+        &path,
+        "[rooms.portal]\nupstreams = []\nmode = \"sideways\"\n",
+    )
+    .unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422);
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("rooms.portal.upstreams") && err.contains("rooms.portal.mode"),
+        "{err}"
+    );
+    assert_eq!(
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+            .await
+            .json()["max_active"],
+        1,
+        "old config stays"
+    );
+
+    let good = with_admin(&gated_config(
+        up.addr,
+        "max_active = 2\nexempt_paths = [\"/static/\"]",
+    )) + &format!(
+        "[rooms.login]\nupstreams = [\"http://{}\"]\npaths = [\"/login\"]\n",
+        up.addr
+    );
+    std::fs::write(&path, good).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["rooms"], 2);
+    assert_eq!(
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+            .await
+            .json()["max_active"],
+        2
+    );
+    assert!(
+        ask(&mut conn, &pass).await.starts_with("HTTP/1.1 200"),
+        "the open connection survived"
+    );
+    assert!(
+        holder.get("/").await.reached_upstream(),
+        "the pass survived"
+    );
+    for (c, pos) in waiting.iter_mut().zip(before) {
+        assert_eq!(c.status("portal").await["position"], pos, "places survived");
+    }
+    let m = get(&format!("http://{}/metrics", g.admin)).await.text();
+    assert!(
+        m.contains("varco_config_reloads_total{result=\"refused\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("varco_config_reloads_total{result=\"ok\"} 1"));
+}
+
+async fn ask(conn: &mut tokio::net::TcpStream, cookie: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET /echo HTTP/1.1\r\nHost: portal\r\nCookie: {cookie}\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+fn scrape(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("valid exposition format")
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_parse_and_move_with_traffic() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nadmission_per_minute = 60",
+    ))
+    .await;
+    let metrics_url = format!("http://{}/metrics", g.admin);
+    let s0 = scrape(&get(&metrics_url).await.text());
+    assert_eq!(
+        value(&s0, "varco_room_queue_length", &[("room", "portal")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&s0, "varco_room_max_active", &[("room", "portal")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s0,
+            "varco_room_admission_rate_per_minute",
+            &[("room", "portal")]
+        ),
+        Some(60.0)
+    );
+    assert_eq!(
+        value(
+            &s0,
+            "varco_room_mode",
+            &[("room", "portal"), ("mode", "queue")]
+        ),
+        Some(1.0)
+    );
+
+    let mut people: Vec<_> = (0..4).map(|_| g.citizen()).collect();
+    for c in people.iter_mut() {
+        c.get("/").await;
+    }
+    let s1 = scrape(&get(&metrics_url).await.text());
+    assert_eq!(
+        value(&s1, "varco_room_queue_length", &[("room", "portal")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&s1, "varco_room_active_sessions", &[("room", "portal")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s1, "varco_tickets_issued_total", &[("room", "portal")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(&s1, "varco_admitted_total", &[("room", "portal")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s1,
+            "varco_upstream_responses_total",
+            &[("room", "portal"), ("class", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s1,
+            "varco_requests_total",
+            &[("room", "portal"), ("class", "2xx")]
+        ),
+        Some(4.0)
+    );
+
+    // Time passes: the first session ends, the next is called and claims.
+    g.advance(6 * 60_000).await;
+    people[1].get("/").await;
+    let s2 = scrape(&get(&metrics_url).await.text());
+    assert_eq!(
+        value(&s2, "varco_admitted_total", &[("room", "portal")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&s2, "varco_room_serving_counter", &[("room", "portal")]),
+        Some(2.0)
+    );
+    let waited = s2
+        .samples
+        .iter()
+        .find(|x| x.metric == "varco_wait_seconds_count" || x.metric == "varco_wait_seconds")
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
+            _ => 0.0,
+        });
+    assert_eq!(waited, Some(1.0), "one wait observed");
+    for name in varco::metrics::NAMES {
+        let text = get(&metrics_url).await.text();
+        let optional = [
+            "varco_room_estimated_wait_seconds",
+            "varco_store_errors_total",
+            "varco_config_reloads_total",
+        ];
+        if !optional.contains(name) {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} not exported"
+            );
+        }
+    }
+}
+
+#[test]
+fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
+    use common::process::{bin, write_config, Process};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(upstream::spawn());
+    let cfg_text = |max: u32| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[admin]\ntokens_env = \"VARCO_TEST_ADMIN_TOKENS\"\n{}",
+            gated_config(up.addr, &format!("max_active = {max}"))
+        )
+    };
+    std::env::set_var("VARCO_TEST_ADMIN_TOKENS", format!("ops:{TOKEN}"));
+    let path = write_config("ctl", &cfg_text(5));
+    let p = Process::start(&path);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(["ctl", "--admin", &format!("http://{}", p.admin)])
+            .args(args)
+            .env("VARCO_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status = ctl(&["status"]);
+    assert!(
+        status.contains("portal") && status.contains("queue"),
+        "{status}"
+    );
+    let out = ctl(&["pause", "portal"]);
+    assert!(out.contains("\"mode\": \"paused\""), "{out}");
+    let out = ctl(&["rate", "portal", "1200"]);
+    assert!(out.contains("\"admission_per_minute\": 1200"), "{out}");
+
+    // SIGHUP: a good file applies...
+    std::fs::write(&path, cfg_text(7)).unwrap();
+    p.signal("HUP");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = ctl(&["status"]);
+        if seen.contains(" 7 ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen.contains(" 7 "), "max_active 7 after SIGHUP: {seen}");
+    // ...a bad one is refused and the old one stays.
+    std::fs::write(&path, "[rooms.portal]\nupstreams = \"not a list\"\n").unwrap();
+    p.signal("HUP");
+    let metrics_url = format!("http://{}/metrics", p.admin);
+    let mut refused = false;
+    for _ in 0..100 {
+        let m = rt.block_on(get(&metrics_url)).text();
+        if m.contains("varco_config_reloads_total{result=\"refused\"} 1") {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused, "the bad reload was counted as refused");
+    assert!(
+        ctl(&["status"]).contains(" 7 "),
+        "the old config keeps serving"
+    );
+}
