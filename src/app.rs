@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::clock::{self, SharedClock};
-use crate::config::{Config, ConfigErrors, ServerConfig};
+use crate::config::{Config, ConfigErrors, ServerConfig, StoreKind};
 use crate::gateway::Gateway;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
@@ -26,6 +26,7 @@ use crate::room::token::Keyring;
 use crate::room::{limits_of, Room};
 use crate::router::{Routing, SharedRouting};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 use crate::store::RoomStore;
 use crate::tls;
 
@@ -84,7 +85,7 @@ pub struct App {
     config_path: Option<PathBuf>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    memory: Arc<MemoryStore>,
+    stores: Stores,
     routing: SharedRouting,
     /// Serialises reloads, and holds the keys in force: an ephemeral key
     /// must outlive a reload, or every ticket and pass would die with it.
@@ -101,11 +102,19 @@ pub enum ReloadError {
 }
 
 impl App {
-    pub fn new(config: Config, clock: SharedClock) -> Result<App, AppError> {
+    pub async fn new(config: Config, clock: SharedClock) -> Result<App, AppError> {
         let metrics = Arc::new(Metrics::new());
-        let memory =
-            Arc::new(MemoryStore::open(config.store.snapshot.clone()).map_err(AppError::Store)?);
-        let rooms = build_rooms(&config, &config.keys, &memory, &metrics, clock.now_ms());
+        let stores = match &config.store.kind {
+            StoreKind::Memory => Stores::Memory(Arc::new(
+                MemoryStore::open(config.store.snapshot.clone()).map_err(AppError::Store)?,
+            )),
+            StoreKind::Redis { url, prefix } => Stores::Redis(Arc::new(
+                RedisStore::connect(url, prefix, config.store.lease)
+                    .await
+                    .map_err(AppError::Store)?,
+            )),
+        };
+        let rooms = build_rooms(&config, &config.keys, &stores, &metrics, clock.now_ms());
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
@@ -114,7 +123,7 @@ impl App {
             config_path: None,
             clock,
             metrics,
-            memory,
+            stores,
             routing,
             reloading: tokio::sync::Mutex::new(keys),
         })
@@ -150,7 +159,10 @@ impl App {
             .with_label_values(&[if result.is_ok() { "ok" } else { "refused" }])
             .inc();
         let new = result?;
-        if !new.raw.secrets.ephemeral {
+        // A generated key (ephemeral, or none configured) stays: a new
+        // random one would void every ticket and pass in hand.
+        let generated = new.raw.secrets.key_file.is_none() && new.raw.secrets.key_env.is_none();
+        if !generated {
             *keys = new.keys.clone();
         }
         self.apply(new, &keys);
@@ -159,16 +171,22 @@ impl App {
 
     /// Swaps in the rooms of `new`, signing with `keys`.
     fn apply(&self, new: Config, keys: &Keyring) {
-        let (old, next) = (&self.config.server, &new.server);
-        if old.listen != next.listen
-            || old.admin_listen != next.admin_listen
-            || old.workers != next.workers
-        {
-            tracing::warn!(
-                "server.listen, server.admin_listen and server.workers change only at a restart"
-            );
+        let (old, next) = (&self.config.raw, &new.raw);
+        for (table, changed) in [
+            ("server", differs(&old.server, &next.server)),
+            ("upstream", differs(&old.upstream, &next.upstream)),
+            ("log", differs(&old.log, &next.log)),
+            ("store", differs(&old.store, &next.store)),
+            ("admin", differs(&old.admin, &next.admin)),
+        ] {
+            if changed {
+                tracing::warn!(
+                    table,
+                    "changes in this table apply at the next restart; rooms and keys apply now"
+                );
+            }
         }
-        let rooms = build_rooms(&new, keys, &self.memory, &self.metrics, self.clock.now_ms());
+        let rooms = build_rooms(&new, keys, &self.stores, &self.metrics, self.clock.now_ms());
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
         self.routing.store(Arc::new(Routing::new(rooms)));
@@ -189,7 +207,10 @@ impl App {
     }
 
     pub fn save(&self) {
-        if let Err(e) = self.memory.save(self.clock.now_ms()) {
+        let Stores::Memory(memory) = &self.stores else {
+            return;
+        };
+        if let Err(e) = memory.save(self.clock.now_ms()) {
             tracing::error!(error = %e, "cannot write the snapshot; the queue would not survive a restart");
         }
     }
@@ -351,7 +372,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
-    let app = Arc::new(App::new(config, clock::system())?);
+    let app = Arc::new(App::new(config, clock::system()).await?);
     app.serve(listeners, shutdown, true).await
 }
 
@@ -362,8 +383,23 @@ pub async fn run_file(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
-    let app = Arc::new(App::new(config, clock::system())?.with_config_path(path));
+    let app = Arc::new(
+        App::new(config, clock::system())
+            .await?
+            .with_config_path(path),
+    );
     app.serve(listeners, shutdown, true).await
+}
+
+/// Compares two config tables by their TOML form.
+fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    toml::to_string(a).ok() != toml::to_string(b).ok()
+}
+
+/// Where the rooms' counters live.
+enum Stores {
+    Memory(Arc<MemoryStore>),
+    Redis(Arc<RedisStore>),
 }
 
 /// A room per config table; each keeps its store (places, sessions) by
@@ -371,7 +407,7 @@ pub async fn run_file(
 fn build_rooms(
     config: &Config,
     keys: &Keyring,
-    memory: &MemoryStore,
+    stores: &Stores,
     metrics: &Metrics,
     now_ms: u64,
 ) -> Vec<Arc<Room>> {
@@ -380,8 +416,12 @@ fn build_rooms(
         .rooms
         .iter()
         .map(|r| {
-            let store: Arc<dyn RoomStore> =
-                memory.room(&r.name, &limits_of(r, tick.as_millis() as u64), now_ms);
+            let store: Arc<dyn RoomStore> = match stores {
+                Stores::Memory(m) => {
+                    m.room(&r.name, &limits_of(r, tick.as_millis() as u64), now_ms)
+                }
+                Stores::Redis(redis) => redis.room(&r.name),
+            };
             Arc::new(Room::new(
                 r.clone(),
                 config.upstream.fail_cooldown,

@@ -20,7 +20,7 @@ use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lottery::Lottery;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::Room;
-use crate::store::{NewSession, RoomView, StoreError};
+use crate::store::{Liveness, NewSession, RoomView, StoreError};
 
 /// The upstream ends a session with this response header.
 pub const RELEASE_HEADER: &str = "x-varco-release";
@@ -95,14 +95,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The live pass a request carries, if any, renewed in the store.
-fn live_pass(room: &Room, r: &GateRequest) -> Option<PassClaims> {
-    let token = cookies::get(r.headers, &room.pass_cookie)?;
-    let pass: PassClaims = room
-        .keys
-        .verify(token, &audience("pass", &room.name), r.now_ms)?;
-    let sid = pass.session_id()?;
+async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims>, StoreError> {
+    let Some(token) = cookies::get(r.headers, &room.pass_cookie) else {
+        return Ok(None);
+    };
+    let aud = audience("pass", &room.name);
+    let Some(pass) = room.keys.verify::<PassClaims>(token, &aud, r.now_ms) else {
+        return Ok(None);
+    };
+    let Some(sid) = pass.session_id() else {
+        return Ok(None);
+    };
     let idle = room.config.session_idle.as_millis() as u64;
-    room.store.touch(sid, r.now_ms, idle).then_some(pass)
+    let alive = match room.store.touch(sid, r.now_ms, idle) {
+        Liveness::Alive => true,
+        Liveness::Dead => false,
+        Liveness::Unknown => room.store.check_session(sid, r.now_ms, idle).await?,
+    };
+    Ok(alive.then_some(pass))
 }
 
 /// A path the person may be sent back to: local, never `//host`.
@@ -155,7 +165,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             session: None,
         });
     }
-    if let Some(pass) = live_pass(room, r) {
+    if let Some(pass) = live_pass(room, r).await? {
         let mut set_cookies = vec![];
         let idle = room.config.session_idle.as_millis() as u64;
         if pass.exp * 1000 < r.now_ms + idle {

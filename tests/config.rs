@@ -39,7 +39,10 @@ fn the_demo_default_is_valid() {
 #[test]
 fn every_example_is_valid() {
     // The examples read their secrets from the environment.
-    std::env::set_var("VARCO_KEYS", "example:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
+    std::env::set_var(
+        "VARCO_KEYS",
+        "example:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
     std::env::set_var("VARCO_ADMIN_TOKENS", "ops:an-example-token-for-tests");
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
     let mut n = 0;

@@ -66,6 +66,8 @@ pub const DEFAULT_TICK: &str = "1s";
 /// Counters saved every few seconds: a crash loses at most this much
 /// (tickets issued in that span are re-numbered later, never lost).
 pub const DEFAULT_SNAPSHOT_INTERVAL: &str = "5s";
+/// A few ticks: a dead leader's room stands still for at most this long.
+pub const DEFAULT_LEASE: &str = "3s";
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -114,8 +116,16 @@ pub struct RawSecrets {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
-    /// "memory" (one node).
+    /// "memory" (one node) or "redis" (many nodes).
     pub kind: String,
+    /// Redis URL, e.g. "redis://:password@10.0.0.9:6379/0".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Prefix of every Redis key varco writes.
+    pub prefix: String,
+    /// How long the node advancing the counters holds its lease; another
+    /// node takes over within this after it dies.
+    pub lease: String,
     /// Where the memory store snapshots its counters; none: not saved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
@@ -127,6 +137,9 @@ impl Default for RawStore {
     fn default() -> Self {
         RawStore {
             kind: "memory".into(),
+            url: None,
+            prefix: "varco:".into(),
+            lease: DEFAULT_LEASE.into(),
             snapshot: None,
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL.into(),
             tick: DEFAULT_TICK.into(),

@@ -88,8 +88,16 @@ impl fmt::Debug for AdminToken {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis { url: String, prefix: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub lease: Duration,
     pub snapshot: Option<PathBuf>,
     pub snapshot_interval: Duration,
     pub tick: Duration,

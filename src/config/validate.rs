@@ -164,13 +164,50 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         access: raw.log.access,
     };
 
-    if raw.store.kind != "memory" {
+    let kind = match (raw.store.kind.as_str(), &raw.store.url) {
+        ("memory", _) => StoreKind::Memory,
+        ("redis", Some(url)) if url.starts_with("redis://") => StoreKind::Redis {
+            url: url.clone(),
+            prefix: raw.store.prefix.clone(),
+        },
+        ("redis", Some(url)) if url.starts_with("rediss://") => {
+            p.add(
+                "store.url",
+                "TLS to Redis (rediss://) is not supported yet: use redis:// on a private network",
+            );
+            StoreKind::Memory
+        }
+        ("redis", Some(url)) => {
+            p.add(
+                "store.url",
+                format!("\"{url}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\""),
+            );
+            StoreKind::Memory
+        }
+        ("redis", None) => {
+            p.add(
+                "store.url",
+                "store.kind = \"redis\" needs a url, e.g. \"redis://10.0.0.9:6379/0\"",
+            );
+            StoreKind::Memory
+        }
+        (other, _) => {
+            p.add(
+                "store.kind",
+                format!("\"{other}\" is not a store: use \"memory\" or \"redis\""),
+            );
+            StoreKind::Memory
+        }
+    };
+    if kind != StoreKind::Memory && raw.store.snapshot.is_some() {
         p.add(
-            "store.kind",
-            format!("\"{}\" is not a store: use \"memory\"", raw.store.kind),
+            "store.snapshot",
+            "only the memory store snapshots; Redis keeps the counters itself",
         );
     }
     let store = StoreConfig {
+        kind,
+        lease: p.duration("store.lease", &raw.store.lease),
         snapshot: raw.store.snapshot.as_ref().map(|s| base.join(s)),
         snapshot_interval: p.duration("store.snapshot_interval", &raw.store.snapshot_interval),
         tick: p.duration("store.tick", &raw.store.tick),

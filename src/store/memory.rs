@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::{Deserialize, Serialize};
 
-use super::{NewSession, RoomStore, RoomView, StoreError};
+use super::{Liveness, NewSession, RoomStore, RoomView, StoreError};
 use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
 
 pub struct MemoryRoom {
@@ -95,14 +95,24 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(advanced)).boxed()
     }
 
-    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> bool {
+    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness {
         match self.sessions.get(&sid) {
             Some(exp) if exp.load(Ordering::Relaxed) > now_ms => {
                 exp.store(now_ms + idle_ms, Ordering::Relaxed);
-                true
+                Liveness::Alive
             }
-            _ => false,
+            _ => Liveness::Dead,
         }
+    }
+
+    fn check_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        idle_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        // One node knows every session: the local answer is the answer.
+        future::ready(Ok(self.touch(sid, now_ms, idle_ms) == Liveness::Alive)).boxed()
     }
 
     fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>> {

@@ -4,6 +4,7 @@
 //! store; the hot path of an admitted person only touches a local session.
 
 pub mod memory;
+pub mod redis;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
@@ -41,6 +42,15 @@ pub struct NewSession {
     pub expires_ms: u64,
 }
 
+/// What a node knows about a session on the hot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Dead,
+    /// Not known on this node: ask the store (cluster mode only).
+    Unknown,
+}
+
 pub trait RoomStore: Send + Sync + 'static {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>>;
     fn admit_directly(
@@ -58,10 +68,22 @@ pub trait RoomStore: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Claim, StoreError>>;
     /// Advances the serving counter; returns how many became eligible.
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
-    /// Renews a live session; false when it is unknown or expired.
-    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> bool;
+    /// Renews a live session, locally, without a store round trip.
+    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness;
+    /// Asks the store about a session this node does not know, renewing it
+    /// when alive.
+    fn check_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        idle_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn view(&self) -> RoomView;
+    /// Whether this node advances the room's counters (always, alone).
+    fn leads(&self) -> bool {
+        true
+    }
     /// The key id whose key draws this room's lottery (fixed at opening).
     fn lottery_key_id(&self) -> Option<String>;
     fn set_lottery_key_id(&self, kid: &str);

@@ -57,7 +57,7 @@ impl Gated {
         let listeners = Listeners::bind(&cfg.server).await.expect("bind");
         let addr = listeners.proxy_addr();
         let admin = listeners.admin_addr();
-        let mut app = App::new(cfg, Arc::new(clock.clone())).expect("app");
+        let mut app = App::new(cfg, Arc::new(clock.clone())).await.expect("app");
         if let Some(f) = file {
             app = app.with_config_path(f);
         }

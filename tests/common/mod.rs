@@ -5,6 +5,7 @@
 pub mod client;
 pub mod gated;
 pub mod process;
+pub mod redis;
 pub mod upstream;
 
 use std::net::SocketAddr;

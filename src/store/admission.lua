@@ -1,0 +1,205 @@
+-- One room's admission state in Redis: the same rules as
+-- src/room/admission.rs, applied atomically for every node at once.
+-- KEYS: 1 state hash, 2 batches list ("at:from:to:claimed"), 3 claimed
+-- zset (score = ticket number), 4 sessions zset (score = expiry ms),
+-- 5 history list ("at:serving").
+-- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
+-- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
+-- Returns {result, detail, queue, serving, prequeue, opened, active,
+-- reserved, rate (milli per second), admitted, abandoned, lottery kid}.
+local st, batches, claimed, sess, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local per_minute = tonumber(ARGV[3])
+local max_active = tonumber(ARGV[4])
+local claim_window = tonumber(ARGV[5])
+local tick_ms = tonumber(ARGV[6])
+local opens_at = tonumber(ARGV[7])
+local mode = ARGV[8]
+local INF = 1e300
+
+local raw = redis.call('HGETALL', st)
+local h = {}
+for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+local burst = INF
+if per_minute >= 0 then burst = math.max(1, per_minute * tick_ms / 60000) end
+local queue = tonumber(h.queue or '0')
+local serving = tonumber(h.serving or '0')
+local prequeue = tonumber(h.prequeue or '0')
+local opened = h.opened
+if opened == nil then
+  if opens_at < 0 or now >= opens_at then opened = '1' else opened = '0' end
+end
+local tokens = tonumber(h.tokens or tostring(math.min(burst, 1)))
+local refilled = tonumber(h.refilled or string.format('%d', now))
+local floor = tonumber(h.floor or '0')
+local admitted = tonumber(h.admitted or '0')
+local abandoned = tonumber(h.abandoned or '0')
+
+local function parse(b)
+  local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
+  return tonumber(at), tonumber(f), tonumber(t), tonumber(c)
+end
+local function fmt(at, f, t, c)
+  return string.format('%d:%d:%d:%d', at, f, t, c)
+end
+local function maybe_open()
+  if opened == '1' then return end
+  if opens_at >= 0 and now < opens_at then return end
+  opened = '1'
+  queue = queue + prequeue
+end
+local function refill()
+  local elapsed = now - refilled
+  if elapsed < 0 then elapsed = 0 end
+  if now > refilled then refilled = now end
+  if per_minute >= 0 then tokens = math.min(tokens + per_minute * elapsed / 60000, burst) end
+end
+local function expire()
+  while true do
+    local b = redis.call('LINDEX', batches, 0)
+    if not b then break end
+    local at, f, t, c = parse(b)
+    if at + claim_window > now then break end
+    redis.call('LPOP', batches)
+    abandoned = abandoned + (t - f + 1 - c)
+    if t > floor then floor = t end
+  end
+  redis.call('ZREMRANGEBYSCORE', claimed, '-inf', floor)
+end
+local function reserved()
+  local r = 0
+  for _, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
+    local _, f, t, c = parse(b)
+    r = r + (t - f + 1 - c)
+  end
+  return r
+end
+local function active()
+  redis.call('ZREMRANGEBYSCORE', sess, '-inf', now)
+  return redis.call('ZCARD', sess)
+end
+local function free()
+  if max_active < 0 then return INF end
+  return max_active - active() - reserved()
+end
+local function budget()
+  if per_minute < 0 then return INF end
+  return math.floor(math.max(tokens, 0))
+end
+
+local result, detail = 0, 0
+if op == 'issue' then
+  maybe_open()
+  if opened == '1' then
+    queue = queue + 1
+    result, detail = 1, queue
+  else
+    prequeue = prequeue + 1
+    result, detail = 2, prequeue
+  end
+elseif op == 'direct' then
+  maybe_open()
+  if mode == 'queue' and opened == '1' and queue == serving then
+    refill()
+    expire()
+    if free() > 0 and budget() > 0 then
+      if per_minute >= 0 then tokens = tokens - 1 end
+      queue = queue + 1
+      serving = serving + 1
+      admitted = admitted + 1
+      local last = redis.call('LINDEX', batches, -1)
+      local merged = false
+      if last then
+        local at, f, t, c = parse(last)
+        if t + 1 == serving and at + tick_ms > now then
+          redis.call('LSET', batches, -1, fmt(at, f, serving, c + 1))
+          merged = true
+        end
+      end
+      if not merged then redis.call('RPUSH', batches, fmt(now, serving, serving, 1)) end
+      redis.call('ZADD', claimed, serving, serving)
+      redis.call('ZADD', sess, tonumber(ARGV[10]), ARGV[9])
+      result = serving
+    end
+  end
+elseif op == 'claim' then
+  local n = tonumber(ARGV[9])
+  expire()
+  if n > serving then
+    result, detail = 2, n - serving
+  elseif n <= floor then
+    result = 3
+  elseif redis.call('ZSCORE', claimed, n) then
+    result = 4
+  else
+    redis.call('ZADD', claimed, n, n)
+    local list = redis.call('LRANGE', batches, 0, -1)
+    for i, b in ipairs(list) do
+      local at, f, t, c = parse(b)
+      if f <= n and n <= t then
+        redis.call('LSET', batches, i - 1, fmt(at, f, t, c + 1))
+        break
+      end
+    end
+    admitted = admitted + 1
+    redis.call('ZADD', sess, tonumber(ARGV[11]), ARGV[10])
+    result = 1
+  end
+elseif op == 'tick' then
+  maybe_open()
+  refill()
+  expire()
+  if (mode == 'queue' or mode == 'queue_all') and opened == '1' then
+    local advanced = math.min(queue - serving, free(), budget())
+    if advanced > 0 then
+      redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, 0))
+      serving = serving + advanced
+      if per_minute >= 0 then tokens = tokens - advanced end
+      result = advanced
+    end
+  end
+  redis.call('RPUSH', hist, string.format('%d:%d', now, serving))
+  while true do
+    local first = redis.call('LINDEX', hist, 0)
+    if not first then break end
+    local t = tonumber(string.match(first, '^(%d+):'))
+    if t + 60000 >= now then break end
+    redis.call('LPOP', hist)
+  end
+elseif op == 'end' then
+  result = redis.call('ZREM', sess, ARGV[9])
+elseif op == 'check' then
+  local exp = redis.call('ZSCORE', sess, ARGV[9])
+  if exp and tonumber(exp) > now then
+    redis.call('ZADD', sess, tonumber(ARGV[10]), ARGV[9])
+    result = 1
+  end
+elseif op == 'touch' then
+  -- Batched activity from one node: sid, expiry pairs; only raise expiries.
+  for i = 9, #ARGV, 2 do
+    redis.call('ZADD', sess, 'XX', 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+  end
+elseif op == 'lottery' then
+  redis.call('HSETNX', st, 'lkid', ARGV[9])
+end
+
+redis.call('HSET', st,
+  'queue', string.format('%d', queue), 'serving', string.format('%d', serving),
+  'prequeue', string.format('%d', prequeue), 'opened', opened,
+  'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
+  'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
+  'abandoned', string.format('%d', abandoned))
+
+local rate = 0
+local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
+if first and last then
+  local t0, s0 = string.match(first, '^(%d+):(%d+)$')
+  local t1, s1 = string.match(last, '^(%d+):(%d+)$')
+  if tonumber(t1) > tonumber(t0) then
+    rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
+  end
+end
+local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
+return {result, detail, queue, serving, prequeue, tonumber(opened), live, reserved(), rate,
+  admitted, abandoned, redis.call('HGET', st, 'lkid') or ''}

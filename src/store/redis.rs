@@ -1,0 +1,373 @@
+//! The cluster store: every node's rooms share their counters, claim
+//! windows and sessions in Redis, changed atomically by one Lua script
+//! (loaded once, run by EVALSHA, re-sent on NOSCRIPT by the redis crate).
+//! Exactly one node at a time advances the serving counter: the holder of
+//! a lease with a TTL, which another node takes over when it lapses.
+//!
+//! The hot path stays local: a pass is checked against a local cache of
+//! live sessions (one Redis look-up the first time a node sees it), and
+//! activity is sent in one batch per tick.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use super::{Liveness, NewSession, RoomStore, RoomView, StoreError};
+use crate::room::admission::{Claim, Issued, Limits};
+
+const SCRIPT: &str = include_str!("admission.lua");
+
+/// Takes or renews the lease: the value is the node's id.
+const LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#;
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    node: String,
+    lease: Duration,
+    script: Arc<Script>,
+    lease_script: Arc<Script>,
+}
+
+impl RedisStore {
+    /// Connects (the connection manager reconnects by itself afterwards).
+    pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("store.url: {e}"))?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(|e| format!("store.url: cannot reach Redis at {url}: {e}"))?;
+        let node = format!("{:032x}", crate::room::token::random_u128());
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_string(),
+            node,
+            lease,
+            script: Arc::new(Script::new(SCRIPT)),
+            lease_script: Arc::new(Script::new(LEASE)),
+        })
+    }
+
+    pub fn room(&self, name: &str) -> Arc<RedisRoom> {
+        let k = |s: &str| format!("{}{{{name}}}:{s}", self.prefix);
+        Arc::new(RedisRoom {
+            conn: self.conn.clone(),
+            keys: [
+                k("state"),
+                k("batches"),
+                k("claimed"),
+                k("sessions"),
+                k("history"),
+            ],
+            lease_key: k("lease"),
+            node: self.node.clone(),
+            lease_ms: self.lease.as_millis() as u64,
+            script: self.script.clone(),
+            lease_script: self.lease_script.clone(),
+            view: Mutex::new(RoomView::default()),
+            lottery_kid: Mutex::new(None),
+            sessions: DashMap::new(),
+            touched: DashMap::new(),
+            holder: AtomicBool::new(false),
+        })
+    }
+}
+
+pub struct RedisRoom {
+    conn: ConnectionManager,
+    /// state, batches, claimed, sessions, history: one hash slot per room.
+    keys: [String; 5],
+    lease_key: String,
+    node: String,
+    lease_ms: u64,
+    script: Arc<Script>,
+    lease_script: Arc<Script>,
+    /// The counters as of the last call: at most one tick old.
+    view: Mutex<RoomView>,
+    lottery_kid: Mutex<Option<String>>,
+    /// Sessions this node has seen alive, with their expiry.
+    sessions: DashMap<u128, AtomicU64>,
+    /// Sessions renewed here since the last tick (sent in one batch).
+    touched: DashMap<u128, u64>,
+    holder: AtomicBool,
+}
+
+type Reply = (
+    i64,
+    i64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    String,
+);
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisRoom {
+    /// Is this node the one advancing the serving counter?
+    pub fn holds_lease(&self) -> bool {
+        self.holder.load(Ordering::Relaxed)
+    }
+
+    async fn call(
+        &self,
+        op: &str,
+        limits: &Limits,
+        now_ms: u64,
+        args: &[String],
+    ) -> Result<Reply, StoreError> {
+        let mut inv = self.script.prepare_invoke();
+        for k in &self.keys {
+            inv.key(k);
+        }
+        let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-1".into());
+        inv.arg(op)
+            .arg(now_ms)
+            .arg(opt(limits.per_minute))
+            .arg(opt(limits.max_active.map(|m| m as f64)))
+            .arg(limits.claim_window_ms)
+            .arg(limits.tick_ms)
+            .arg(opt(limits.opens_at_ms.map(|t| t as f64)))
+            .arg(limits.mode.as_str());
+        for a in args {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        let r: Reply = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        *v = RoomView {
+            queue: r.2,
+            serving: r.3,
+            waiting: r.2.saturating_sub(r.3),
+            prequeue: r.4,
+            opened: r.5 == 1,
+            active: r.6,
+            reserved: r.7,
+            observed_rate: r.8 as f64 / 1000.0,
+            admitted_total: r.9,
+            abandoned_total: r.10,
+        };
+        if !r.11.is_empty() {
+            *self.lottery_kid.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.11.clone());
+        }
+        Ok(r)
+    }
+
+    fn remember(&self, s: NewSession) {
+        self.sessions.insert(s.sid, AtomicU64::new(s.expires_ms));
+    }
+}
+
+fn hex(sid: u128) -> String {
+    format!("{sid:032x}")
+}
+
+impl RoomStore for RedisRoom {
+    fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
+        async move {
+            let r = self.call("issue", &limits, now_ms, &[]).await?;
+            Ok(if r.0 == 2 {
+                Issued::PreQueue(r.1 as u64)
+            } else {
+                Issued::Number(r.1 as u64)
+            })
+        }
+        .boxed()
+    }
+
+    fn admit_directly(
+        &self,
+        limits: Limits,
+        session: NewSession,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        async move {
+            let args = [hex(session.sid), session.expires_ms.to_string()];
+            let r = self.call("direct", &limits, now_ms, &args).await?;
+            if r.0 > 0 {
+                self.remember(session);
+                Ok(Some(r.0 as u64))
+            } else {
+                Ok(None)
+            }
+        }
+        .boxed()
+    }
+
+    fn claim(
+        &self,
+        n: u64,
+        limits: Limits,
+        session: NewSession,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Claim, StoreError>> {
+        async move {
+            let args = [
+                n.to_string(),
+                hex(session.sid),
+                session.expires_ms.to_string(),
+            ];
+            let r = self.call("claim", &limits, now_ms, &args).await?;
+            Ok(match r.0 {
+                1 => {
+                    self.remember(session);
+                    Claim::Admitted
+                }
+                2 => Claim::NotYet {
+                    position: r.1 as u64,
+                },
+                3 => Claim::Expired,
+                _ => Claim::AlreadyClaimed,
+            })
+        }
+        .boxed()
+    }
+
+    fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        async move {
+            // Activity first, so the session count the tick sees is fresh.
+            let touched: Vec<(u128, u64)> = self
+                .touched
+                .iter()
+                .map(|e| (*e.key(), *e.value()))
+                .collect();
+            if !touched.is_empty() {
+                let mut args = Vec::with_capacity(touched.len() * 2);
+                for (sid, exp) in &touched {
+                    args.push(hex(*sid));
+                    args.push(exp.to_string());
+                }
+                self.call("touch", &limits, now_ms, &args).await?;
+                for (sid, exp) in touched {
+                    self.touched.remove_if(&sid, |_, v| *v == exp);
+                }
+            }
+            self.sessions
+                .retain(|_, exp| exp.load(Ordering::Relaxed) > now_ms);
+            let mut conn = self.conn.clone();
+            let held: i64 = self
+                .lease_script
+                .key(&self.lease_key)
+                .arg(&self.node)
+                .arg(self.lease_ms)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            self.holder.store(held == 1, Ordering::Relaxed);
+            let op = if held == 1 { "tick" } else { "view" };
+            let r = self.call(op, &limits, now_ms, &[]).await?;
+            // The first node to draw a lottery records which key drew it,
+            // so every node draws the same order.
+            if r.11.is_empty() {
+                if let Some(kid) = self.lottery_key_id() {
+                    self.call("lottery", &limits, now_ms, &[kid]).await?;
+                }
+            }
+            Ok(r.0.max(0) as u64)
+        }
+        .boxed()
+    }
+
+    fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness {
+        match self.sessions.get(&sid) {
+            Some(exp) if exp.load(Ordering::Relaxed) > now_ms => {
+                exp.store(now_ms + idle_ms, Ordering::Relaxed);
+                self.touched.insert(sid, now_ms + idle_ms);
+                Liveness::Alive
+            }
+            // Unknown here, or expired locally: Redis decides (another
+            // node may have renewed it).
+            _ => Liveness::Unknown,
+        }
+    }
+
+    fn check_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        idle_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        async move {
+            let limits = Limits {
+                per_minute: None,
+                max_active: None,
+                claim_window_ms: 0,
+                tick_ms: 1000,
+                opens_at_ms: None,
+                mode: crate::room::admission::Mode::Queue,
+            };
+            let exp = now_ms + idle_ms;
+            let r = self
+                .call("check", &limits, now_ms, &[hex(sid), exp.to_string()])
+                .await;
+            // `check` must not change counters: the limits above are only
+            // read by ops that admit, which `check` is not.
+            let alive = r?.0 == 1;
+            if alive {
+                self.sessions.insert(sid, AtomicU64::new(exp));
+            }
+            Ok(alive)
+        }
+        .boxed()
+    }
+
+    fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>> {
+        async move {
+            self.sessions.remove(&sid);
+            self.touched.remove(&sid);
+            let limits = Limits {
+                per_minute: None,
+                max_active: None,
+                claim_window_ms: 0,
+                tick_ms: 1000,
+                opens_at_ms: None,
+                mode: crate::room::admission::Mode::Queue,
+            };
+            let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+            let r = self.call("end", &limits, now, &[hex(sid)]).await?;
+            Ok(r.0 == 1)
+        }
+        .boxed()
+    }
+
+    fn view(&self) -> RoomView {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn leads(&self) -> bool {
+        self.holds_lease()
+    }
+
+    fn lottery_key_id(&self) -> Option<String> {
+        self.lottery_kid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_lottery_key_id(&self, kid: &str) {
+        let mut k = self.lottery_kid.lock().unwrap_or_else(|e| e.into_inner());
+        if k.is_none() {
+            *k = Some(kid.to_string());
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Cluster mode: three varco nodes and a real Redis behave as one waiting
+//! room: one queue, one cap, one rate, one leader at a time.
+
+mod common;
+
+use common::gated::{Citizen, Gated};
+use common::redis::RedisServer;
+use common::upstream;
+
+const KEYS: &str = "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+fn cluster_config(
+    redis: &RedisServer,
+    up: std::net::SocketAddr,
+    room: &str,
+    lease: &str,
+) -> String {
+    std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
+    format!(
+        "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\nlease = \"{lease}\"\n\
+         [rooms.portal]\nupstreams = [\"http://{up}\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n",
+        redis.url()
+    )
+}
+
+async fn nodes(cfg: &str, n: usize) -> Vec<Gated> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(Gated::start(cfg).await);
+    }
+    v
+}
+
+/// Moves every node's clock on and ticks them all (only the leader
+/// advances the counters).
+async fn advance(nodes: &[Gated], ms: u64) {
+    for g in nodes {
+        g.clock.advance_ms(ms);
+    }
+    for g in nodes {
+        g.app.tick().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_one_queue_and_one_cap() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 3\nsession_idle = \"5m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 3).await;
+    advance(&nodes, 1000).await;
+    let mut people: Vec<Citizen> = (0..9).map(|i| nodes[i % 3].citizen()).collect();
+    for (i, c) in people.iter_mut().enumerate() {
+        let got = c.get("/").await;
+        assert_eq!(
+            got.reached_upstream(),
+            i < 3,
+            "citizen {i} via node {}",
+            i % 3
+        );
+    }
+    assert_eq!(up.hits(), 3, "the cap holds across nodes");
+    // Places are global: the sixth arrival is third in line on any node.
+    for (i, c) in people.iter_mut().enumerate().skip(3) {
+        assert_eq!(c.status("portal").await["position"], (i - 2) as u64);
+    }
+    // A pass made on one node works on another.
+    let mut moved = Citizen::new(nodes[1].addr);
+    moved.jar = people[0].jar.clone();
+    assert!(moved.get("/again").await.reached_upstream());
+
+    // Sessions end; the next three are called, in order, on any node.
+    advance(&nodes, 6 * 60_000).await;
+    advance(&nodes, 1000).await;
+    for (i, c) in people.iter_mut().enumerate().skip(3) {
+        let mut elsewhere = Citizen::new(nodes[(i + 1) % 3].addr);
+        elsewhere.jar = c.jar.clone();
+        let s = elsewhere.status("portal").await;
+        let expect = if i < 6 { "admitted" } else { "waiting" };
+        assert_eq!(s["state"], expect, "citizen {i}: {s}");
+    }
+    for (i, c) in people.iter_mut().enumerate().skip(3).take(3) {
+        let mut elsewhere = Citizen::new(nodes[(i + 2) % 3].addr);
+        elsewhere.jar = c.jar.clone();
+        assert!(
+            elsewhere.get("/").await.reached_upstream(),
+            "citizen {i} claims on another node"
+        );
+    }
+    assert_eq!(up.hits(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_holds_across_nodes() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 60\nmode = \"queue_all\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 3).await;
+    let mut people: Vec<Citizen> = (0..150).map(|i| nodes[i % 3].citizen()).collect();
+    for c in people.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    for _ in 0..60 {
+        advance(&nodes, 1000).await;
+    }
+    let view = nodes[2].app.room("portal").unwrap().store.view();
+    assert!(
+        (59..=61).contains(&view.serving),
+        "a minute at 60/min across 3 nodes called {}",
+        view.serving
+    );
+    let leaders = nodes
+        .iter()
+        .filter(|g| g.app.room("portal").unwrap().store.leads())
+        .count();
+    assert_eq!(leaders, 1, "exactly one node advances the counters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 60\nmode = \"queue_all\"",
+        "300ms",
+    );
+    let mut nodes = nodes(&cfg, 3).await;
+    advance(&nodes, 1000).await;
+    let leader = nodes
+        .iter()
+        .position(|g| g.app.room("portal").unwrap().store.leads())
+        .expect("a leader");
+    let mut people: Vec<Citizen> = (0..5).map(|i| nodes[i % 3].citizen()).collect();
+    for c in people.iter_mut() {
+        c.get("/").await;
+    }
+    let gone = nodes.remove(leader);
+    gone.stop().await;
+    // The lease lapses in real time; a survivor takes it at its next tick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        advance(&nodes, 1000).await;
+        if nodes
+            .iter()
+            .any(|g| g.app.room("portal").unwrap().store.leads())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody took the lease over"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let serving = nodes[0].app.room("portal").unwrap().store.view().serving;
+    assert!(serving >= 1, "the new leader calls people");
+
+    // Every node restarts: places are where they were.
+    let mut before = Vec::new();
+    for c in people.iter() {
+        let mut survivor = Citizen::new(nodes[0].addr);
+        survivor.jar = c.jar.clone();
+        let s = survivor.status("portal").await;
+        assert!(s["ticket"].is_u64(), "{s}");
+        before.push(s["ticket"].clone());
+    }
+    for g in nodes.drain(..) {
+        g.stop().await;
+    }
+    let nodes = self::nodes(&cfg, 3).await;
+    for (i, c) in people.iter().enumerate() {
+        let mut again = Citizen::new(nodes[(i + 1) % 3].addr);
+        again.jar = c.jar.clone();
+        assert_eq!(
+            again.status("portal").await["ticket"],
+            before[i],
+            "ticket {i} kept"
+        );
+    }
+}
