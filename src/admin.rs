@@ -221,9 +221,13 @@ impl Handler for Admin {
                 self.app.metrics().render(),
             ),
             "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
-            "/readyz" if self.ready.load(Ordering::Relaxed) => {
-                text(StatusCode::OK, PLAIN, "ready\n".into())
-            }
+            // Degraded is still ready: a node without its store keeps
+            // serving admitted people, and taking every node out of the
+            // load balancer at once would lock everyone out.
+            "/readyz" if self.ready.load(Ordering::Relaxed) => match self.app.store_trouble() {
+                None => text(StatusCode::OK, PLAIN, "ready\n".into()),
+                Some(why) => text(StatusCode::OK, PLAIN, format!("degraded: {why}\n")),
+            },
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 PLAIN,

@@ -87,6 +87,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     stores: Stores,
     routing: SharedRouting,
+    /// Why the store is failing, as of the last tick; None while healthy.
+    store_trouble: std::sync::Mutex<Option<String>>,
     /// Serialises reloads, and holds the keys in force: an ephemeral key
     /// must outlive a reload, or every ticket and pass would die with it.
     reloading: tokio::sync::Mutex<Keyring>,
@@ -125,6 +127,7 @@ impl App {
             metrics,
             stores,
             routing,
+            store_trouble: std::sync::Mutex::new(None),
             reloading: tokio::sync::Mutex::new(keys),
         })
     }
@@ -195,6 +198,7 @@ impl App {
     /// One admission tick for every gated room.
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
+        let mut trouble = None;
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             if let Err(e) = room.store.tick(room.limits(), now).await {
                 self.metrics
@@ -202,8 +206,22 @@ impl App {
                     .with_label_values(&[room.name.as_str()])
                     .inc();
                 tracing::warn!(room = %room.name, error = %e, "admission tick failed");
+                trouble = Some(format!("room {}: {e}", room.name));
             }
         }
+        let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_some() && trouble.is_none() {
+            tracing::info!("the store answers again");
+        }
+        *t = trouble;
+    }
+
+    /// Why the store is failing, if it is (for /readyz).
+    pub fn store_trouble(&self) -> Option<String> {
+        self.store_trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn save(&self) {

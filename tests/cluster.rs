@@ -192,3 +192,75 @@ async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
+    let dir = std::env::temp_dir().join(format!("varco-redis-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 2\nsession_idle = \"5m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut other = nodes[1].citizen();
+    assert!(other.get("/").await.reached_upstream());
+    let mut waiting = nodes[1].citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    let readyz = |g: &Gated| format!("http://{}/readyz", g.admin);
+
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let r = common::client::get(&readyz(&nodes[0])).await;
+    assert_eq!(r.status, 200, "degraded is still ready");
+    assert!(r.text().starts_with("degraded:"), "{}", r.text());
+    // Admitted people carry on; nobody new gets in.
+    assert!(holder.get("/next").await.reached_upstream());
+    let hits = up.hits();
+    for g in &nodes {
+        let got = g.citizen().get("/").await;
+        assert!(!got.reached_upstream());
+        assert!(got.status < 500 || got.status == 503, "{}", got.status);
+        assert!(got.headers.contains_key("retry-after"));
+    }
+    assert_eq!(up.hits(), hits, "no admission while the store is down");
+    let m = common::client::get(&format!("http://{}/metrics", nodes[0].admin))
+        .await
+        .text();
+    assert!(
+        m.contains("varco_store_errors_total{room=\"portal\"}"),
+        "{m}"
+    );
+
+    // Redis returns (with its data); the nodes recover by themselves.
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        advance(&nodes, 1000).await;
+        if common::client::get(&readyz(&nodes[1])).await.text() == "ready\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        waiting.status("portal").await["position"],
+        1,
+        "the place in line survived"
+    );
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    assert_eq!(
+        newcomer.status("portal").await["position"],
+        2,
+        "newcomers queue behind"
+    );
+}

@@ -22,6 +22,9 @@ use crate::room::admission::{Claim, Issued, Limits};
 
 const SCRIPT: &str = include_str!("admission.lua");
 
+/// How long one Redis call may take before the node treats Redis as down.
+const STORE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Takes or renews the lease: the value is the node's id.
 const LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -42,12 +45,19 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects (the connection manager reconnects by itself afterwards).
+    /// Prepares the connection without waiting for Redis: a node starts
+    /// (degraded) even while Redis is down, and the connection manager
+    /// reconnects by itself. Short timeouts keep a slow Redis from holding
+    /// requests: an answer later than this counts as a failure.
     pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("store.url: {e}"))?;
-        let conn = ConnectionManager::new(client)
-            .await
-            .map_err(|e| format!("store.url: cannot reach Redis at {url}: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(STORE_TIMEOUT))
+            .set_connection_timeout(Some(STORE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("store.url: {e}"))?;
         let node = format!("{:032x}", crate::room::token::random_u128());
         Ok(RedisStore {
             conn,
