@@ -13,6 +13,9 @@
 #            limit_req answering 503: the cost of telling people to wait
 #   memory   varco's resident memory after 1,000 tickets and after
 #            1,000,000 (100,000 with --smoke): must stay flat
+#   cluster  admitted traffic (a pass in hand) through varco with the
+#            redis store against the memory store, and Redis commands per
+#            admitted request (redis-server on the generator's core)
 #
 # Layout on a 2-core machine: each proxy (varco with 1 worker thread,
 # nginx with 1 worker process) alone on core 0; the load generator (wrk,
@@ -28,14 +31,14 @@ cd "$here"
 ROUNDS=${ROUNDS:-5}
 SECS=${SECONDS_PER_ROUND:-10}
 CONNS=${CONNECTIONS:-64}
-PARTS=${PARTS:-proxy waiting memory}
+PARTS=${PARTS:-proxy waiting memory cluster}
 MANY_TICKETS=${MANY_TICKETS:-1000000}
 if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-  echo "installing nginx and wrk" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+if ! need nginx || ! need wrk || ! need redis-server; then
+  echo "installing nginx, wrk and redis-server" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk redis-server >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
@@ -54,6 +57,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); VAR=$(port); VADM=$(port)
 VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
+VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port)
 
 # A 1 KiB page: the size of a small personalised response.
 head -c 1024 /dev/zero | tr '\0' 'x' > "$work/page.html"
@@ -221,6 +225,19 @@ tickets() { # port, admin port, count
   done
 }
 
+pass_cookie() { # port: a pass for the gated room, as a Cookie header value
+  curl -s -o /dev/null -c "$work/jar" "http://127.0.0.1:$1/"
+  awk '$6 == "varco_pass_origin" {print $6 "=" $7}' "$work/jar"
+}
+redis_commands() { redis-cli -p "$REDIS" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
+run_wrk_cookie() { # port, pid, cookie
+  local before after
+  before=$(cpu_ticks "$2")
+  taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H "Cookie: $3" "http://127.0.0.1:$1/" > "$work/wrk.out"
+  after=$(cpu_ticks "$2")
+  awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out"
+}
+
 for part in $PARTS; do
   case $part in
     proxy) compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" "$VAR" "$VARCO_PID" "$NGX" ;;
@@ -243,6 +260,54 @@ $gated")
       printf '  after %9s tickets: %8d KiB\n' "$n_big" "$big"
       awk -v a="$big" -v b="$small" 'BEGIN {printf "  ratio: %.2f (target: flat, ~1.0)\n", a/b}'
       echo
+      ;;
+    cluster)
+      echo "== admitted traffic: redis store vs memory store"
+      taskset -c 1 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no > "$work/redis.out" 2>&1 &
+      pids+=($!)
+      until redis-cli -p "$REDIS" ping >/dev/null 2>&1; do sleep 0.1; done
+      open="[secrets]
+ephemeral = true
+[rooms.origin]
+upstreams = [\"http://127.0.0.1:$ORIGIN\"]
+max_active = 100000000
+session_idle = \"1h\""
+      VGM_PID=$(start_varco gm "[server]
+listen = \"127.0.0.1:$VGM\"
+admin_listen = \"127.0.0.1:$VGMADM\"
+workers = 1
+$common
+$open")
+      VGR_PID=$(start_varco gr "[server]
+listen = \"127.0.0.1:$VGR\"
+admin_listen = \"127.0.0.1:$VGRADM\"
+workers = 1
+$common
+[store]
+kind = \"redis\"
+url = \"redis://127.0.0.1:$REDIS/\"
+prefix = \"bench:\"
+$open")
+      pids+=("$VGM_PID" "$VGR_PID")
+      wait_port "$VGM"; wait_port "$VGR"
+      cm=$(pass_cookie "$VGM"); cr=$(pass_cookie "$VGR")
+      [ -n "$cm" ] && [ -n "$cr" ] || { echo "no pass cookie" >&2; exit 1; }
+      run_wrk_cookie "$VGM" "$VGM_PID" "$cm" >/dev/null; run_wrk_cookie "$VGR" "$VGR_PID" "$cr" >/dev/null
+      : > "$work/gm.res"; : > "$work/gr.res"; : > "$work/cmds.res"
+      for r in $(seq 1 "$ROUNDS"); do
+        m=$(run_wrk_cookie "$VGM" "$VGM_PID" "$cm")
+        c0=$(redis_commands)
+        rr=$(run_wrk_cookie "$VGR" "$VGR_PID" "$cr")
+        c1=$(redis_commands)
+        n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+        echo "$m" >> "$work/gm.res"; echo "$rr" >> "$work/gr.res"
+        awk -v c=$((c1 - c0)) -v n="$n" 'BEGIN {printf "%.6f\n", c/n}' >> "$work/cmds.res"
+        printf 'round %d  memory %10s req/s  redis %10s req/s  redis commands %d for %d requests\n' "$r" "$m" "$rr" $((c1 - c0)) "$n"
+      done
+      m=$(median < "$work/gm.res"); rr=$(median < "$work/gr.res"); cpr=$(median < "$work/cmds.res")
+      printf '  memory store %10.0f req/s\n  redis store  %10.0f req/s\n' "$m" "$rr"
+      awk -v a="$rr" -v b="$m" 'BEGIN {printf "  throughput ratio redis/memory: %.2f (target >= 0.9)\n", a/b}'
+      printf '  Redis commands per admitted request: %s (target <= 0.1)\n\n' "$cpr"
       ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
