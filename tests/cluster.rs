@@ -216,6 +216,7 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
     let mut waiting = nodes[1].citizen();
     assert!(waiting.get("/").await.is_waiting_page());
     let readyz = |g: &Gated| format!("http://{}/readyz", g.admin);
+    advance(&nodes, 1000).await; // every node has seen the counters
 
     redis.kill();
     advance(&nodes, 1000).await;
@@ -262,5 +263,68 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
         newcomer.status("portal").await["position"],
         2,
         "newcomers queue behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_on(port);
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 10\nsession_idle = \"5m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    for g in &nodes {
+        assert!(g.citizen().get("/").await.reached_upstream());
+    }
+    advance(&nodes, 1000).await; // both nodes have seen each other and the counters
+    redis.kill();
+    advance(&nodes, 1000).await;
+    // 8 slots were free when Redis went away; two nodes: 4 each, at most.
+    let mut admitted = 0;
+    for g in &nodes {
+        let mut mine = 0;
+        for _ in 0..8 {
+            let mut c = g.citizen();
+            let got = c.get("/").await;
+            if got.reached_upstream() {
+                mine += 1;
+                assert!(
+                    c.get("/again").await.reached_upstream(),
+                    "a pass made without Redis works"
+                );
+            } else {
+                assert_eq!(got.status, 503);
+            }
+        }
+        assert_eq!(mine, 4, "a node's share");
+        admitted += mine;
+    }
+    assert_eq!(admitted + 2, 10, "together within max_active");
+    // Redis returns (empty: this one kept no data); the sessions admitted
+    // meanwhile are handed over and count against the cap.
+    let _redis = RedisServer::start_on(port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        advance(&nodes, 1000).await;
+        let r = common::client::get(&format!("http://{}/readyz", nodes[0].admin))
+            .await
+            .text();
+        if r == "ready\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    advance(&nodes, 1000).await;
+    let active = nodes[0].app.room("portal").unwrap().store.view().active;
+    assert!(
+        active >= 8,
+        "sessions admitted without Redis were handed over: {active}"
     );
 }

@@ -180,6 +180,11 @@ elseif op == 'touch' then
   for i = 9, #ARGV, 2 do
     redis.call('ZADD', sess, 'XX', 'GT', tonumber(ARGV[i + 1]), ARGV[i])
   end
+elseif op == 'adopt' then
+  -- Sessions a node admitted on its own while Redis was away.
+  for i = 9, #ARGV, 2 do
+    redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+  end
 elseif op == 'lottery' then
   redis.call('HSETNX', st, 'lkid', ARGV[9])
 end

@@ -25,6 +25,13 @@ const SCRIPT: &str = include_str!("admission.lua");
 /// How long one Redis call may take before the node treats Redis as down.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Records this node as alive and counts the nodes seen within a window.
+const NODES: &str = r#"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
+return redis.call('ZCARD', KEYS[1])
+"#;
+
 /// Takes or renews the lease: the value is the node's id.
 const LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -42,6 +49,7 @@ pub struct RedisStore {
     lease: Duration,
     script: Arc<Script>,
     lease_script: Arc<Script>,
+    nodes_script: Arc<Script>,
 }
 
 impl RedisStore {
@@ -66,6 +74,7 @@ impl RedisStore {
             lease,
             script: Arc::new(Script::new(SCRIPT)),
             lease_script: Arc::new(Script::new(LEASE)),
+            nodes_script: Arc::new(Script::new(NODES)),
         })
     }
 
@@ -81,10 +90,14 @@ impl RedisStore {
                 k("history"),
             ],
             lease_key: k("lease"),
+            nodes_key: k("nodes"),
             node: self.node.clone(),
             lease_ms: self.lease.as_millis() as u64,
             script: self.script.clone(),
             lease_script: self.lease_script.clone(),
+            nodes_script: self.nodes_script.clone(),
+            peers: AtomicU64::new(1),
+            fallback: Mutex::new(Fallback::default()),
             view: Mutex::new(RoomView::default()),
             lottery_kid: Mutex::new(None),
             sessions: DashMap::new(),
@@ -94,11 +107,30 @@ impl RedisStore {
     }
 }
 
+/// What a node may do on its own while Redis is away: its share of the
+/// capacity and rate that were free when Redis was last seen, split among
+/// the nodes then alive, so all nodes together stay within the limits.
+#[derive(Default)]
+struct Fallback {
+    degraded: bool,
+    /// Admissions made on this node in this outage.
+    admitted: u64,
+    tokens: f64,
+    refilled_ms: u64,
+    /// Sessions admitted here meanwhile, handed to Redis on its return.
+    pending: Vec<(u128, u64)>,
+}
+
 pub struct RedisRoom {
     conn: ConnectionManager,
     /// state, batches, claimed, sessions, history: one hash slot per room.
     keys: [String; 5],
     lease_key: String,
+    nodes_key: String,
+    nodes_script: Arc<Script>,
+    /// Nodes seen alive recently (at least 1).
+    peers: AtomicU64,
+    fallback: Mutex<Fallback>,
     node: String,
     lease_ms: u64,
     script: Arc<Script>,
@@ -182,6 +214,67 @@ impl RedisRoom {
         Ok(r)
     }
 
+    /// A direct admission decided locally while Redis is away: only in
+    /// `queue` mode, only if nobody was waiting when Redis was last seen,
+    /// and within this node's share of the free capacity and the rate.
+    fn admit_on_my_own(&self, limits: &Limits, session: NewSession, now_ms: u64) -> Option<u64> {
+        let v = self.view();
+        if limits.mode != crate::room::admission::Mode::Queue || v.waiting > 0 || !v.opened {
+            return None;
+        }
+        let peers = self.peers.load(Ordering::Relaxed).max(1);
+        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.degraded {
+            f.degraded = true;
+            f.admitted = 0;
+            f.tokens = 1.0;
+            f.refilled_ms = now_ms;
+        }
+        if let Some(max) = limits.max_active {
+            let share = max.saturating_sub(v.active + v.reserved) / peers;
+            if f.admitted >= share {
+                return None;
+            }
+        }
+        if let Some(rate) = limits.per_minute {
+            let elapsed = now_ms.saturating_sub(f.refilled_ms) as f64;
+            f.refilled_ms = f.refilled_ms.max(now_ms);
+            f.tokens = (f.tokens + rate / peers as f64 * elapsed / 60_000.0).min(1.0);
+            if f.tokens < 1.0 {
+                return None;
+            }
+            f.tokens -= 1.0;
+        }
+        f.admitted += 1;
+        f.pending.push((session.sid, session.expires_ms));
+        drop(f);
+        self.remember(session);
+        tracing::info!(node = %self.node, "admitted on this node's own share while the store is down");
+        Some(0)
+    }
+
+    /// Redis answers again: hand over what was done without it.
+    async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
+        let pending = {
+            let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+            if !f.degraded {
+                return Ok(());
+            }
+            f.pending.clone()
+        };
+        if !pending.is_empty() {
+            let args: Vec<String> = pending
+                .iter()
+                .flat_map(|(sid, exp)| [hex(*sid), exp.to_string()])
+                .collect();
+            self.call("adopt", limits, now_ms, &args).await?;
+        }
+        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        f.degraded = false;
+        f.pending.clear();
+        Ok(())
+    }
+
     fn remember(&self, s: NewSession) {
         self.sessions.insert(s.sid, AtomicU64::new(s.expires_ms));
     }
@@ -212,7 +305,15 @@ impl RoomStore for RedisRoom {
     ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         async move {
             let args = [hex(session.sid), session.expires_ms.to_string()];
-            let r = self.call("direct", &limits, now_ms, &args).await?;
+            let r = match self.call("direct", &limits, now_ms, &args).await {
+                Ok(r) => r,
+                Err(e) => {
+                    return self
+                        .admit_on_my_own(&limits, session, now_ms)
+                        .ok_or(e)
+                        .map(Some)
+                }
+            };
             if r.0 > 0 {
                 self.remember(session);
                 Ok(Some(r.0 as u64))
@@ -254,7 +355,20 @@ impl RoomStore for RedisRoom {
 
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         async move {
-            // Activity first, so the session count the tick sees is fresh.
+            let mut conn = self.conn.clone();
+            let peers: u64 = self
+                .nodes_script
+                .key(&self.nodes_key)
+                .arg(now_ms)
+                .arg(&self.node)
+                .arg(3 * self.lease_ms.max(1000))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            self.peers.store(peers.max(1), Ordering::Relaxed);
+            // Sessions admitted without Redis first, then activity, so the
+            // session count the tick sees is complete and fresh.
+            self.recovered(&limits, now_ms).await?;
             let touched: Vec<(u128, u64)> = self
                 .touched
                 .iter()
@@ -273,7 +387,6 @@ impl RoomStore for RedisRoom {
             }
             self.sessions
                 .retain(|_, exp| exp.load(Ordering::Relaxed) > now_ms);
-            let mut conn = self.conn.clone();
             let held: i64 = self
                 .lease_script
                 .key(&self.lease_key)
