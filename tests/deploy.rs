@@ -396,3 +396,23 @@ fn the_kubernetes_config_is_valid_and_matches_the_deployment() {
         );
     }
 }
+
+/// Prometheus's own checker accepts the rules file (promtool comes with
+/// Debian's prometheus package; scripts/test installs it).
+#[test]
+fn promtool_accepts_the_rules() {
+    let rules = deploy_dir().join("prometheus/varco-rules.yaml");
+    let out = std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+        .expect("promtool (scripts/test installs Debian's prometheus package for it)");
+    assert!(
+        out.status.success(),
+        "promtool rejected {}:\n{}{}",
+        rules.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
