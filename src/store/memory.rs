@@ -12,12 +12,12 @@ use dashmap::DashMap;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::{Deserialize, Serialize};
 
-use super::{Liveness, NewSession, RoomStore, RoomView, StoreError};
+use super::{KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
 use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
 
 pub struct MemoryRoom {
     state: Mutex<AdmissionState>,
-    lottery_kid: Mutex<Option<String>>,
+    lottery_kid: KeyId,
     /// Session id -> expiry (unix ms). Only admitted people are here.
     sessions: DashMap<u128, AtomicU64>,
 }
@@ -26,7 +26,7 @@ impl MemoryRoom {
     fn new(state: AdmissionState) -> Self {
         MemoryRoom {
             state: Mutex::new(state),
-            lottery_kid: Mutex::new(None),
+            lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
         }
     }
@@ -136,17 +136,11 @@ impl RoomStore for MemoryRoom {
     }
 
     fn lottery_key_id(&self) -> Option<String> {
-        self.lottery_kid
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.lottery_kid.get()
     }
 
     fn set_lottery_key_id(&self, kid: &str) {
-        let mut k = self.lottery_kid.lock().unwrap_or_else(|e| e.into_inner());
-        if k.is_none() {
-            *k = Some(kid.to_string());
-        }
+        self.lottery_kid.set_once(kid);
     }
 }
 
@@ -193,7 +187,9 @@ impl MemoryStore {
                 })?;
                 for (name, r) in snap.rooms {
                     let room = MemoryRoom::new(r.state);
-                    *room.lottery_kid.lock().unwrap_or_else(|e| e.into_inner()) = r.lottery_kid;
+                    if let Some(kid) = &r.lottery_kid {
+                        room.lottery_kid.replace(kid);
+                    }
                     for (sid, exp) in r.sessions {
                         if let Ok(sid) = u128::from_str_radix(&sid, 16) {
                             room.sessions.insert(sid, AtomicU64::new(exp));

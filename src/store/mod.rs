@@ -42,6 +42,29 @@ pub struct NewSession {
     pub expires_ms: u64,
 }
 
+/// The id of the key that draws a room's lottery: set once, at the first
+/// draw, so a later key rotation cannot reshuffle the pre-queue.
+#[derive(Debug, Default)]
+pub struct KeyId(std::sync::Mutex<Option<String>>);
+
+impl KeyId {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_once(&self, kid: &str) {
+        let mut k = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if k.is_none() {
+            *k = Some(kid.to_string());
+        }
+    }
+
+    /// What the shared store says wins over a local guess.
+    pub fn replace(&self, kid: &str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(kid.to_string());
+    }
+}
+
 /// What a node knows about a session on the hot path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {

@@ -17,7 +17,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::{Liveness, NewSession, RoomStore, RoomView, StoreError};
+use super::{KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
 use crate::room::admission::{Claim, Issued, Limits};
 
 const SCRIPT: &str = include_str!("admission.lua");
@@ -99,7 +99,7 @@ impl RedisStore {
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
             view: Mutex::new(RoomView::default()),
-            lottery_kid: Mutex::new(None),
+            lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             touched: DashMap::new(),
             holder: AtomicBool::new(false),
@@ -137,7 +137,7 @@ pub struct RedisRoom {
     lease_script: Arc<Script>,
     /// The counters as of the last call: at most one tick old.
     view: Mutex<RoomView>,
-    lottery_kid: Mutex<Option<String>>,
+    lottery_kid: KeyId,
     /// Sessions this node has seen alive, with their expiry.
     sessions: DashMap<u128, AtomicU64>,
     /// Sessions renewed here since the last tick (sent in one batch).
@@ -209,7 +209,7 @@ impl RedisRoom {
             abandoned_total: r.10,
         };
         if !r.11.is_empty() {
-            *self.lottery_kid.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.11.clone());
+            self.lottery_kid.replace(&r.11);
         }
         Ok(r)
     }
@@ -277,6 +277,19 @@ impl RedisRoom {
 
     fn remember(&self, s: NewSession) {
         self.sessions.insert(s.sid, AtomicU64::new(s.expires_ms));
+    }
+}
+
+/// Limits for script ops that only read or touch sessions (check, end):
+/// those ops never admit, so no limit is ever applied.
+fn inert_limits() -> Limits {
+    Limits {
+        per_minute: None,
+        max_active: None,
+        claim_window_ms: 0,
+        tick_ms: 1000,
+        opens_at_ms: None,
+        mode: crate::room::admission::Mode::Queue,
     }
 }
 
@@ -430,20 +443,11 @@ impl RoomStore for RedisRoom {
         idle_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
-            let limits = Limits {
-                per_minute: None,
-                max_active: None,
-                claim_window_ms: 0,
-                tick_ms: 1000,
-                opens_at_ms: None,
-                mode: crate::room::admission::Mode::Queue,
-            };
+            let limits = inert_limits();
             let exp = now_ms + idle_ms;
             let r = self
                 .call("check", &limits, now_ms, &[hex(sid), exp.to_string()])
                 .await;
-            // `check` must not change counters: the limits above are only
-            // read by ops that admit, which `check` is not.
             let alive = r?.0 == 1;
             if alive {
                 self.sessions.insert(sid, AtomicU64::new(exp));
@@ -457,14 +461,7 @@ impl RoomStore for RedisRoom {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
-            let limits = Limits {
-                per_minute: None,
-                max_active: None,
-                claim_window_ms: 0,
-                tick_ms: 1000,
-                opens_at_ms: None,
-                mode: crate::room::admission::Mode::Queue,
-            };
+            let limits = inert_limits();
             let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
             let r = self.call("end", &limits, now, &[hex(sid)]).await?;
             Ok(r.0 == 1)
@@ -481,16 +478,10 @@ impl RoomStore for RedisRoom {
     }
 
     fn lottery_key_id(&self) -> Option<String> {
-        self.lottery_kid
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.lottery_kid.get()
     }
 
     fn set_lottery_key_id(&self, kid: &str) {
-        let mut k = self.lottery_kid.lock().unwrap_or_else(|e| e.into_inner());
-        if k.is_none() {
-            *k = Some(kid.to_string());
-        }
+        self.lottery_kid.set_once(kid);
     }
 }
