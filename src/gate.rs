@@ -143,6 +143,11 @@ fn new_session(room: &Room, r: &GateRequest) -> NewSession {
 
 /// The place of a ticket in the current order, or None before the opening.
 fn effective_number(room: &Room, t: &TicketClaims, view: &RoomView) -> Option<u64> {
+    if let Some((epoch, seq)) = t.dg.split_once(':') {
+        let epoch = u64::from_str_radix(epoch, 16).ok()?;
+        let seq: u64 = seq.parse().ok()?;
+        return room.store.provisional_base(epoch).map(|base| base + seq);
+    }
     if t.pre == 0 {
         return Some(t.n);
     }
@@ -264,12 +269,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::Respond(too_many(wait, r.json)));
     }
     let issued = room.store.issue(limits, r.now_ms).await?;
-    let (n, pre) = match issued {
-        Issued::Number(n) => (n, 0),
-        Issued::PreQueue(p) => (0, p),
+    let (n, pre, provisional) = match issued {
+        Issued::Number(n) => (n, 0, String::new()),
+        Issued::PreQueue(p) => (0, p, String::new()),
+        Issued::Provisional { epoch, seq } => (0, 0, format!("{epoch:016x}:{seq}")),
     };
     let ttl = room.config.ticket_ttl.as_millis() as u64;
-    let claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
+    let mut claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
+    claims.dg = provisional;
     let cookie = ticket_cookie(room, &claims, r);
     let status = status_for(room, Some(&claims), &room.store.view(), r.now_ms, "waiting");
     Ok(Gate::Respond(page(
@@ -366,7 +373,8 @@ pub fn status_for(
         prequeue,
         opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms).map(rfc3339),
         updated: rfc3339(now_ms),
-        ticket: ticket.map(|t| if t.n > 0 { t.n } else { t.pre }),
+        // The number in line once known; before that the pre-queue number.
+        ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
         paused: room.mode() == Mode::Paused,
     }
 }

@@ -223,14 +223,21 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
     let r = common::client::get(&readyz(&nodes[0])).await;
     assert_eq!(r.status, 200, "degraded is still ready");
     assert!(r.text().starts_with("degraded:"), "{}", r.text());
-    // Admitted people carry on; nobody new gets in.
+    // Admitted people carry on; nobody new gets in (people were waiting),
+    // but newcomers get provisional tickets, in their order.
     assert!(holder.get("/next").await.reached_upstream());
     let hits = up.hits();
-    for g in &nodes {
-        let got = g.citizen().get("/").await;
+    let mut late: Vec<Citizen> = (0..3).map(|_| nodes[0].citizen()).collect();
+    for c in late.iter_mut() {
+        let got = c.get("/").await;
         assert!(!got.reached_upstream());
-        assert!(got.status < 500 || got.status == 503, "{}", got.status);
+        assert!(got.is_waiting_page(), "{}", got.status);
         assert!(got.headers.contains_key("retry-after"));
+        let s = c.status("portal").await;
+        assert!(
+            s["position"].is_null(),
+            "no place yet while Redis is away: {s}"
+        );
     }
     assert_eq!(up.hits(), hits, "no admission while the store is down");
     let m = common::client::get(&format!("http://{}/metrics", nodes[0].admin))
@@ -257,11 +264,21 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
         1,
         "the place in line survived"
     );
+    for (i, c) in late.iter().enumerate() {
+        let mut elsewhere = Citizen::new(nodes[1].addr);
+        elsewhere.jar = c.jar.clone();
+        let s = elsewhere.status("portal").await;
+        assert_eq!(
+            s["position"],
+            2 + i as u64,
+            "provisional tickets placed in their order: {s}"
+        );
+    }
     let mut newcomer = nodes[0].citizen();
     assert!(newcomer.get("/").await.is_waiting_page());
     assert_eq!(
         newcomer.status("portal").await["position"],
-        2,
+        5,
         "newcomers queue behind"
     );
 }

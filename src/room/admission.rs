@@ -120,6 +120,9 @@ pub enum Issued {
     Number(u64),
     /// A pre-queue number: the place is drawn by lot at opening.
     PreQueue(u64),
+    /// Handed out by one node while the shared store was away: the
+    /// `seq`-th of its outage `epoch`; placed when the store returns.
+    Provisional { epoch: u64, seq: u64 },
 }
 
 /// What a ticket holder's claim comes to.

@@ -56,6 +56,10 @@ pub struct TicketClaims {
     /// Where the person wanted to go (a path), so admission lands there.
     #[serde(default)]
     pub u: String,
+    /// A provisional ticket ("epoch:seq" in hex and decimal), handed out
+    /// while the shared store was away; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dg: String,
 }
 
 /// What a pass says: the room, a session id and when it stops being valid.
@@ -191,6 +195,7 @@ impl TicketClaims {
             nbf: now_ms / 1000,
             exp: (now_ms + ttl_ms) / 1000,
             u: url.into(),
+            dg: String::new(),
         }
     }
 }

@@ -2,12 +2,13 @@
 -- src/room/admission.rs, applied atomically for every node at once.
 -- KEYS: 1 state hash, 2 batches list ("at:from:to:claimed"), 3 claimed
 -- zset (score = ticket number), 4 sessions zset (score = expiry ms),
--- 5 history list ("at:serving").
+-- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base).
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
--- reserved, rate (milli per second), admitted, abandoned, lottery kid}.
-local st, batches, claimed, sess, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+-- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
+-- then provisional blocks as a flat epoch, base list}}.
+local st, batches, claimed, sess, hist, prov = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local per_minute = tonumber(ARGV[3])
@@ -185,6 +186,18 @@ elseif op == 'adopt' then
   for i = 9, #ARGV, 2 do
     redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
   end
+elseif op == 'reserve' then
+  -- Tickets a node handed out while Redis was away, in their order: they
+  -- take the next block of numbers, at the back of the line.
+  local count = tonumber(ARGV[10])
+  local base = redis.call('HGET', prov, ARGV[9])
+  if not base then
+    maybe_open()
+    base = queue
+    queue = queue + count
+    redis.call('HSET', prov, ARGV[9], string.format('%d', base))
+  end
+  result = tonumber(base)
 elseif op == 'lottery' then
   redis.call('HSETNX', st, 'lkid', ARGV[9])
 end
@@ -205,6 +218,8 @@ if first and last then
     rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
   end
 end
+local extras = {redis.call('HGET', st, 'lkid') or ''}
+for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
 return {result, detail, queue, serving, prequeue, tonumber(opened), live, reserved(), rate,
-  admitted, abandoned, redis.call('HGET', st, 'lkid') or ''}
+  admitted, abandoned, extras}

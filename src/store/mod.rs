@@ -103,6 +103,11 @@ pub trait RoomStore: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn view(&self) -> RoomView;
+    /// Where the block of provisional tickets of outage `epoch` starts in
+    /// the queue, once the store has placed it.
+    fn provisional_base(&self, _epoch: u64) -> Option<u64> {
+        None
+    }
     /// Whether this node advances the room's counters (always, alone).
     fn leads(&self) -> bool {
         true

@@ -88,6 +88,7 @@ impl RedisStore {
                 k("claimed"),
                 k("sessions"),
                 k("history"),
+                k("provisional"),
             ],
             lease_key: k("lease"),
             nodes_key: k("nodes"),
@@ -98,6 +99,7 @@ impl RedisStore {
             nodes_script: self.nodes_script.clone(),
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
+            provisional: DashMap::new(),
             view: Mutex::new(RoomView::default()),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
@@ -115,6 +117,9 @@ struct Fallback {
     degraded: bool,
     /// Admissions made on this node in this outage.
     admitted: u64,
+    /// This outage's id and the provisional tickets handed out in it.
+    epoch: u64,
+    issued: u64,
     tokens: f64,
     refilled_ms: u64,
     /// Sessions admitted here meanwhile, handed to Redis on its return.
@@ -123,8 +128,11 @@ struct Fallback {
 
 pub struct RedisRoom {
     conn: ConnectionManager,
-    /// state, batches, claimed, sessions, history: one hash slot per room.
-    keys: [String; 5],
+    /// state, batches, claimed, sessions, history, provisional: one hash
+    /// slot per room.
+    keys: [String; 6],
+    /// Where each outage's provisional tickets were placed (epoch -> base).
+    provisional: DashMap<u64, u64>,
     lease_key: String,
     nodes_key: String,
     nodes_script: Arc<Script>,
@@ -145,6 +153,8 @@ pub struct RedisRoom {
     holder: AtomicBool,
 }
 
+/// result, detail, queue, serving, prequeue, opened, active, reserved,
+/// rate (milli/s), admitted, abandoned, [lottery kid, epoch, base, ...].
 type Reply = (
     i64,
     i64,
@@ -157,7 +167,7 @@ type Reply = (
     u64,
     u64,
     u64,
-    String,
+    Vec<String>,
 );
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -208,8 +218,16 @@ impl RedisRoom {
             admitted_total: r.9,
             abandoned_total: r.10,
         };
-        if !r.11.is_empty() {
-            self.lottery_kid.replace(&r.11);
+        let lottery_kid = r.11.first().cloned().unwrap_or_default();
+        for pair in r.11.get(1..).unwrap_or_default().chunks(2) {
+            if let [epoch, base] = pair {
+                if let (Ok(e), Ok(b)) = (u64::from_str_radix(epoch, 16), base.parse()) {
+                    self.provisional.insert(e, b);
+                }
+            }
+        }
+        if !lottery_kid.is_empty() {
+            self.lottery_kid.replace(&lottery_kid);
         }
         Ok(r)
     }
@@ -253,15 +271,35 @@ impl RedisRoom {
         Some(0)
     }
 
+    /// A ticket handed out while Redis is away: numbered within this
+    /// node's outage, so these keep their order among themselves, and
+    /// placed at the back of the line, as one block, when Redis returns.
+    fn issue_provisionally(&self) -> Issued {
+        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        if f.epoch == 0 {
+            f.epoch = (crate::room::token::random_u128() as u64).max(1);
+        }
+        f.issued += 1;
+        Issued::Provisional {
+            epoch: f.epoch,
+            seq: f.issued,
+        }
+    }
+
     /// Redis answers again: hand over what was done without it.
     async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
-        let pending = {
+        let (pending, epoch, issued) = {
             let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-            if !f.degraded {
+            if !f.degraded && f.issued == 0 {
                 return Ok(());
             }
-            f.pending.clone()
+            (f.pending.clone(), f.epoch, f.issued)
         };
+        if issued > 0 {
+            let args = [format!("{epoch:016x}"), issued.to_string()];
+            let r = self.call("reserve", limits, now_ms, &args).await?;
+            self.provisional.insert(epoch, r.0.max(0) as u64);
+        }
         if !pending.is_empty() {
             let args: Vec<String> = pending
                 .iter()
@@ -272,6 +310,8 @@ impl RedisRoom {
         let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
         f.degraded = false;
         f.pending.clear();
+        f.epoch = 0;
+        f.issued = 0;
         Ok(())
     }
 
@@ -300,7 +340,10 @@ fn hex(sid: u128) -> String {
 impl RoomStore for RedisRoom {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
         async move {
-            let r = self.call("issue", &limits, now_ms, &[]).await?;
+            let r = match self.call("issue", &limits, now_ms, &[]).await {
+                Ok(r) => r,
+                Err(_) => return Ok(self.issue_provisionally()),
+            };
             Ok(if r.0 == 2 {
                 Issued::PreQueue(r.1 as u64)
             } else {
@@ -413,7 +456,7 @@ impl RoomStore for RedisRoom {
             let r = self.call(op, &limits, now_ms, &[]).await?;
             // The first node to draw a lottery records which key drew it,
             // so every node draws the same order.
-            if r.11.is_empty() {
+            if r.11.first().is_none_or(|k| k.is_empty()) {
                 if let Some(kid) = self.lottery_key_id() {
                     self.call("lottery", &limits, now_ms, &[kid]).await?;
                 }
@@ -475,6 +518,10 @@ impl RoomStore for RedisRoom {
 
     fn leads(&self) -> bool {
         self.holds_lease()
+    }
+
+    fn provisional_base(&self, epoch: u64) -> Option<u64> {
+        self.provisional.get(&epoch).map(|b| *b)
     }
 
     fn lottery_key_id(&self) -> Option<String> {
