@@ -149,7 +149,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 22] = [
+pub const VARIABLES: [&str; 23] = [
     "lang",
     "title",
     "intro",
@@ -172,6 +172,7 @@ pub const VARIABLES: [&str; 22] = [
     "next_url",
     "poll_seconds",
     "refresh_seconds",
+    "updated_time",
 ];
 
 enum Part {
@@ -242,7 +243,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let show =
         |v: Option<u64>| -> Cow<str> { v.map(|n| n.to_string().into()).unwrap_or("–".into()) };
     let poll = status.poll_seconds();
-    let values: [Cow<str>; 22] = [
+    let values: [Cow<str>; 23] = [
         s.lang.into(),
         s.title.into(),
         s.intro.into(),
@@ -266,6 +267,13 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         poll.to_string().into(),
         // Without JavaScript: reload a little later than the script would.
         (poll + 5).to_string().into(),
+        // "12:00:59 UTC": readable; the script shows local time instead.
+        status
+            .updated
+            .get(11..19)
+            .map(|t| format!("{t} UTC"))
+            .unwrap_or_else(|| status.updated.clone())
+            .into(),
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.parts {
