@@ -110,8 +110,12 @@ impl App {
             StoreKind::Memory => Stores::Memory(Arc::new(
                 MemoryStore::open(config.store.snapshot.clone()).map_err(AppError::Store)?,
             )),
-            StoreKind::Redis { url, prefix } => Stores::Redis(Arc::new(
-                RedisStore::connect(url, prefix, config.store.lease)
+            StoreKind::Redis {
+                url,
+                prefix,
+                tls_ca,
+            } => Stores::Redis(Arc::new(
+                RedisStore::connect(url, prefix, config.store.lease, tls_ca.as_deref())
                     .await
                     .map_err(AppError::Store)?,
             )),

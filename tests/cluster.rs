@@ -345,3 +345,45 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
         "sessions admitted without Redis were handed over: {active}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
+    varco::tls::install_crypto_provider();
+    let dir = std::env::temp_dir().join(format!("varco-redis-tls-{}", std::process::id()));
+    let (redis, ca) = RedisServer::start_tls(&dir);
+    let up = upstream::spawn().await;
+    std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
+    let cfg = |tls_ca: &str| {
+        format!(
+            "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
+             [store]\nkind = \"redis\"\nurl = \"{}\"\n{tls_ca}\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n",
+            redis.tls_url(),
+            up.addr
+        )
+    };
+    let trusted = cfg(&format!("tls_ca = \"{}\"", ca.display()));
+    let nodes = nodes(&trusted, 2).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        common::client::get(&format!("http://{}/readyz", nodes[0].admin))
+            .await
+            .text(),
+        "ready\n"
+    );
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    assert!(
+        nodes[1].citizen().get("/").await.is_waiting_page(),
+        "one cap across nodes, over TLS"
+    );
+
+    // Without the CA, the server's certificate is not trusted: the node
+    // starts degraded instead of talking to it.
+    let untrusted = Gated::start(&cfg("")).await;
+    untrusted.app.tick().await;
+    let r = common::client::get(&format!("http://{}/readyz", untrusted.admin))
+        .await
+        .text();
+    assert!(r.starts_with("degraded:"), "{r}");
+}

@@ -100,6 +100,21 @@ fn each_bad_value_names_its_key() {
         ),
         ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[store]\nkind = \"etcd\"\n", "store.kind"),
+        ("[store]\nkind = \"redis\"\n", "store.url"),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"http://x\"\n",
+            "store.url",
+        ),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"rediss://x\"\ntls_ca = \"/nonexistent/ca.pem\"\n",
+            "store.tls_ca",
+        ),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"redis://x\"\nsnapshot = \"s.json\"\n",
+            "store.snapshot",
+        ),
+        ("[store]\nlease = \"3\"\n", "store.lease"),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
     ];
     for (bad, key) in cases {

@@ -123,6 +123,10 @@ pub struct RawStore {
     pub url: Option<String>,
     /// Prefix of every Redis key varco writes.
     pub prefix: String,
+    /// PEM root certificate(s) that sign the Redis server's certificate,
+    /// for a rediss:// URL; without it, the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
     /// How long the node advancing the counters holds its lease; another
     /// node takes over within this after it dies.
     pub lease: String,
@@ -139,6 +143,7 @@ impl Default for RawStore {
             kind: "memory".into(),
             url: None,
             prefix: "varco:".into(),
+            tls_ca: None,
             lease: DEFAULT_LEASE.into(),
             snapshot: None,
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL.into(),

@@ -91,7 +91,12 @@ impl fmt::Debug for AdminToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
-    Redis { url: String, prefix: String },
+    Redis {
+        url: String,
+        prefix: String,
+        /// PEM roots for rediss://; None: the system's roots.
+        tls_ca: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -164,24 +164,29 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         access: raw.log.access,
     };
 
+    let tls_ca = raw.store.tls_ca.as_ref().map(|f| base.join(f));
+    if let Some(ca) = &tls_ca {
+        if !ca.is_file() {
+            p.add(
+                "store.tls_ca",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
+    }
     let kind = match (raw.store.kind.as_str(), &raw.store.url) {
         ("memory", _) => StoreKind::Memory,
-        ("redis", Some(url)) if url.starts_with("redis://") => StoreKind::Redis {
-            url: url.clone(),
-            prefix: raw.store.prefix.clone(),
-        },
-        ("redis", Some(url)) if url.starts_with("rediss://") => {
-            p.add(
-                "store.url",
-                "TLS to Redis (rediss://) is not supported yet: use redis:// on a private network",
-            );
-            StoreKind::Memory
+        ("redis", Some(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            if tls_ca.is_some() && url.starts_with("redis://") {
+                p.add("store.tls_ca", "is for TLS: write the url as rediss://");
+            }
+            StoreKind::Redis {
+                url: url.clone(),
+                prefix: raw.store.prefix.clone(),
+                tls_ca: tls_ca.clone(),
+            }
         }
         ("redis", Some(url)) => {
-            p.add(
-                "store.url",
-                format!("\"{url}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\""),
-            );
+            p.add("store.url", format!("\"{url}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS"));
             StoreKind::Memory
         }
         ("redis", None) => {

@@ -57,8 +57,25 @@ impl RedisStore {
     /// (degraded) even while Redis is down, and the connection manager
     /// reconnects by itself. Short timeouts keep a slow Redis from holding
     /// requests: an answer later than this counts as a failure.
-    pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("store.url: {e}"))?;
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        lease: Duration,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let client = match tls_ca {
+            None => redis::Client::open(url),
+            Some(ca) => {
+                let root = std::fs::read(ca)
+                    .map_err(|e| format!("store.tls_ca: cannot read {}: {e}", ca.display()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                };
+                redis::Client::build_with_tls(url, certs)
+            }
+        }
+        .map_err(|e| format!("store.url: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(STORE_TIMEOUT))
             .set_connection_timeout(Some(STORE_TIMEOUT))

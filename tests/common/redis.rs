@@ -52,6 +52,59 @@ impl RedisServer {
         server
     }
 
+    /// A Redis that speaks only TLS, with a certificate for "localhost"
+    /// made here; returns the server and the CA file to trust.
+    pub fn start_tls(dir: &std::path::Path) -> (RedisServer, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert_file, key_file) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let port = super::dead_addr().port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(&cert_file)
+            .arg("--tls-key-file")
+            .arg(&key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&cert_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let server = RedisServer {
+            child: Some(child),
+            port,
+        };
+        // Listening is the readiness signal here (PING would need TLS).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server (TLS) did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (server, cert_file)
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}/", self.port)
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
