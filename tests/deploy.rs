@@ -416,3 +416,57 @@ fn promtool_accepts_the_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The cluster variant: its varco.toml validates with the Redis store,
+/// keeps no snapshot, and its Deployment runs several replicas that mount
+/// no state volume.
+#[test]
+fn the_kubernetes_cluster_variant_uses_redis_and_several_replicas() {
+    let dir = deploy_dir().join("kubernetes/cluster");
+    let configmap = dir.join("configmap.yaml");
+    let toml = str_at(
+        &yaml_documents(&configmap)[0],
+        "/data/varco.toml",
+        &configmap,
+    )
+    .replace("\"/etc/varco/keys/keys.toml\"", "\"keys.toml\"");
+    let tmp = std::env::temp_dir().join(format!("varco-deploy-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    std::fs::write(
+        tmp.join("keys.toml"),
+        "[[keys]]\nid = \"test\"\nsecret = \"dGVzdC1rZXktZm9yLWRlcGxveS10ZXN0cy0wMTIzNDU=\"\n",
+    )
+    .expect("key file");
+    let config = varco::config::Config::from_toml(&toml, &tmp)
+        .unwrap_or_else(|e| panic!("{}: varco.toml is not valid:\n{e}", configmap.display()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(
+        matches!(config.store.kind, varco::config::StoreKind::Redis { .. }),
+        "{}: cluster mode needs the redis store",
+        configmap.display()
+    );
+    assert!(config.store.snapshot.is_none());
+
+    let deployment = dir.join("deployment.yaml");
+    let doc = &yaml_documents(&deployment)[0];
+    let replicas = doc
+        .pointer("/spec/replicas")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        replicas >= 3,
+        "{}: {replicas} replicas",
+        deployment.display()
+    );
+    assert!(
+        !read(&deployment).contains("persistentVolumeClaim"),
+        "{}: cluster nodes keep no local state",
+        deployment.display()
+    );
+    let redis = dir.join("redis.yaml");
+    assert!(
+        read(&redis).contains("--appendonly"),
+        "{}: Redis must persist",
+        redis.display()
+    );
+}
