@@ -104,7 +104,7 @@ async fn the_rate_holds_across_nodes() {
     let cfg = cluster_config(
         &redis,
         up.addr,
-        "admission_per_minute = 60\nmode = \"queue_all\"",
+        "admission_per_minute = 60\nmode = \"queue_all\"\nclaim_window = \"5m\"",
         "3s",
     );
     let nodes = nodes(&cfg, 3).await;
@@ -120,6 +120,18 @@ async fn the_rate_holds_across_nodes() {
         (59..=61).contains(&view.serving),
         "a minute at 60/min across 3 nodes called {}",
         view.serving
+    );
+    // Counted at the upstream: everyone tries once, on another node than
+    // the one that gave the ticket; only those called get through.
+    for (i, c) in people.iter().enumerate() {
+        let mut elsewhere = Citizen::new(nodes[(i + 1) % 3].addr);
+        elsewhere.jar = c.jar.clone();
+        elsewhere.get("/").await;
+    }
+    assert!(
+        (59..=61).contains(&up.hits()),
+        "{} new sessions reached the upstream in a minute at 60/min",
+        up.hits()
     );
     let leaders = nodes
         .iter()
