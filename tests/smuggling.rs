@@ -1,0 +1,165 @@
+//! Request smuggling and desync: ambiguous framing from a client is
+//! refused (400) or rewritten, never passed on for the upstream to read
+//! differently. Raw bytes over TCP, as an attacker would send them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::raw;
+use common::{room_config, upstream, Varco};
+
+async fn send(v: &Varco, bytes: &str) -> String {
+    raw(v.addr, bytes.as_bytes(), Duration::from_secs(3)).await
+}
+
+fn status(resp: &str) -> u16 {
+    resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// The JSON the echo upstream returned, if the request reached it.
+fn echoed(resp: &str) -> Option<serde_json::Value> {
+    let body = resp.split("\r\n\r\n").nth(1)?;
+    let start = body.find('{')?;
+    let end = body.rfind('}')?;
+    serde_json::from_str(&body[start..=end]).ok()
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_never_passed_on_ambiguously() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let resp = send(
+        &v,
+        "POST /echo HTTP/1.1\r\nHost: p\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: p\r\n\r\n",
+    )
+    .await;
+    match status(&resp) {
+        400 => assert_eq!(up.hits(), 0),
+        200 => {
+            let j = echoed(&resp).expect("echo");
+            assert_eq!(j["body"], "hello", "chunked framing wins, as RFC 9112 says");
+            let h = &j["headers"];
+            assert!(
+                h.get("transfer-encoding").is_none() || h.get("content-length").is_none(),
+                "{h}"
+            );
+            assert_ne!(
+                h["content-length"][0], "4",
+                "the stale length is not forwarded"
+            );
+        }
+        other => panic!("unexpected {other}: {resp}"),
+    }
+    assert!(
+        !resp.contains("/smuggled"),
+        "nothing after the body was treated as a request for the upstream"
+    );
+    assert!(
+        up.hits() <= 1,
+        "the trailing bytes never became a second upstream request"
+    );
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_refused() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let resp = send(
+        &v,
+        "POST /echo HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn obsolete_line_folding_and_spaces_in_names_are_refused() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    for bad in [
+        "GET /echo HTTP/1.1\r\nHost: p\r\nX-Folded: a\r\n  b\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: p\r\nBad Header: x\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: p\r\nBad-Header : x\r\n\r\n",
+    ] {
+        let resp = send(&v, bad).await;
+        assert_eq!(status(&resp), 400, "{bad:?} -> {resp}");
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn invalid_chunk_sizes_never_reach_the_upstream_as_a_body() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let resp = send(
+        &v,
+        "POST /upload HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let code = status(&resp);
+    assert!(code == 400 || code == 0 || resp.is_empty(), "{resp}");
+    // If the upstream saw the request at all, it saw a failed body, not
+    // bytes varco and it could read differently.
+    if let Some(j) = echoed(&resp) {
+        panic!("a malformed chunk was answered by the upstream: {j}");
+    }
+}
+
+#[tokio::test]
+async fn bare_line_feeds_are_normalised_before_the_upstream() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let resp = send(
+        &v,
+        "GET /echo HTTP/1.1\nHost: p\nX-Seen: yes\nConnection: close\n\n",
+    )
+    .await;
+    match status(&resp) {
+        400 => assert_eq!(up.hits(), 0),
+        200 => {
+            // varco parsed it and wrote a fresh, CRLF-framed request.
+            let j = echoed(&resp).expect("echo");
+            assert_eq!(j["headers"]["x-seen"][0], "yes");
+            assert_eq!(j["uri"], "/echo");
+        }
+        other => panic!("unexpected {other}: {resp}"),
+    }
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_is_forwarded_consistently() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\"]\nhosts = [\"portal.example.org\"]\n",
+        up.addr
+    );
+    let v = Varco::start(&toml).await;
+    let resp = send(
+        &v,
+        "GET http://evil.example/echo HTTP/1.1\r\nHost: portal.example.org\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    match status(&resp) {
+        400 | 404 => assert_eq!(up.hits(), 0),
+        200 => {
+            // Routed by one host and forwarded with that same host, in
+            // origin form: the upstream cannot read it another way.
+            let j = echoed(&resp).expect("echo");
+            assert_eq!(j["uri"], "/echo");
+            let host = j["headers"]["host"][0].as_str().unwrap_or("");
+            assert!(
+                host == "portal.example.org" || host == "evil.example",
+                "{host}"
+            );
+            assert_eq!(j["headers"]["host"].as_array().map(Vec::len), Some(1));
+            assert_eq!(
+                host, "portal.example.org",
+                "the host varco routed by is the host forwarded"
+            );
+        }
+        other => panic!("unexpected {other}: {resp}"),
+    }
+}
