@@ -258,6 +258,7 @@ impl App {
             client::build(&config.upstream),
             config.upstream.response_timeout,
             config.server.max_body_size,
+            config.server.body_read_timeout,
             config.server.trusted_proxies.clone(),
         );
         let gateway = Arc::new(Gateway::new(

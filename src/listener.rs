@@ -6,13 +6,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -53,6 +54,10 @@ const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
     pub max_connections: usize,
+    /// Open connections one address may hold; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Addresses the per-address limit does not apply to (load balancers).
+    pub exempt: Vec<ipnet::IpNet>,
     pub max_header_size: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
@@ -70,6 +75,8 @@ impl ListenerSettings {
     pub fn from_server(s: &ServerConfig) -> Self {
         ListenerSettings {
             max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            exempt: s.trusted_proxies.clone(),
             max_header_size: s.max_header_size,
             max_headers: s.max_headers,
             header_read_timeout: s.header_read_timeout,
@@ -86,6 +93,8 @@ impl ListenerSettings {
         let d = |s: &str| parse_duration(s).expect("default durations parse");
         ListenerSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: 0,
+            exempt: Vec::new(),
             max_header_size: parse_size(DEFAULT_MAX_HEADER_SIZE).expect("default size parses")
                 as usize,
             max_headers: DEFAULT_MAX_HEADERS,
@@ -129,6 +138,7 @@ pub async fn serve<H: Handler>(
     // Past the cap, connections wait in the kernel's backlog rather than
     // being accepted and starved (HAProxy's maxconn behaviour).
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -146,6 +156,16 @@ pub async fn serve<H: Handler>(
             },
             _ = shutdown.changed() => return,
         };
+        let held = match PerIp::take(&per_ip, peer.ip(), &settings) {
+            Some(held) => held,
+            None => {
+                // Over its share: closed at once, so one address cannot
+                // take the connection slots everyone else needs.
+                tracing::debug!(%peer, "too many connections from this address");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let tls = tls.clone();
         let handler = handler.clone();
@@ -155,6 +175,7 @@ pub async fn serve<H: Handler>(
         let gauge = open_connections.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _held = held;
             let _open = gauge.map(OpenGuard::new);
             match tls {
                 None => {
@@ -232,6 +253,39 @@ async fn serve_connection<IO, H>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+        }
+    }
+}
+
+/// One connection counted against its address; released on drop. Entries
+/// at zero are removed, so the map holds only addresses with connections.
+struct PerIp {
+    map: Option<(Arc<DashMap<IpAddr, usize>>, IpAddr)>,
+}
+
+impl PerIp {
+    fn take(map: &Arc<DashMap<IpAddr, usize>>, ip: IpAddr, s: &ListenerSettings) -> Option<PerIp> {
+        if s.max_connections_per_ip == 0 || crate::proxy::headers::is_trusted(ip, &s.exempt) {
+            return Some(PerIp { map: None });
+        }
+        let mut n = map.entry(ip).or_insert(0);
+        if *n >= s.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(PerIp {
+            map: Some((map.clone(), ip)),
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        if let Some((map, ip)) = self.map.take() {
+            map.remove_if_mut(&ip, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
         }
     }
 }

@@ -158,3 +158,85 @@ async fn connections_past_the_cap_wait_instead_of_being_served() {
     let resp = waiting.await.unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off_with_408() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nbody_read_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 408") || text.is_empty(),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nmax_connections_per_ip = 2",
+    ))
+    .await;
+    let ask = |mut s: TcpStream| async move {
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        (s, String::from_utf8_lossy(&buf[..n]).to_string())
+    };
+    let (a, ra) = ask(TcpStream::connect(v.addr).await.unwrap()).await;
+    let (b, rb) = ask(TcpStream::connect(v.addr).await.unwrap()).await;
+    assert_eq!((ra.as_str(), rb.as_str()), ("HTTP/1.1 200", "HTTP/1.1 200"));
+    // A third from the same address is closed at once...
+    let mut third = TcpStream::connect(v.addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
+    assert!(
+        buf.is_empty(),
+        "served past the per-address limit: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    // ...while another address is served.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let (_c, rc) = ask(sock.connect(v.addr).await.unwrap()).await;
+    assert_eq!(rc, "HTTP/1.1 200");
+    // Closing one frees its place.
+    drop(a);
+    let mut again = None;
+    for _ in 0..50 {
+        let (s, r) = ask(TcpStream::connect(v.addr).await.unwrap()).await;
+        if r == "HTTP/1.1 200" {
+            again = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the freed place was not given back");
+    drop(b);
+}

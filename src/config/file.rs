@@ -24,6 +24,12 @@ pub const DEFAULT_MAX_BODY_SIZE: &str = "100MiB";
 /// hyper's and nginx's order (30-60 s): long enough for a phone on a bad
 /// network, short enough that slowloris cannot hold connections.
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "30s";
+/// nginx's `client_body_timeout` is 60 s between reads; 30 s is ample for
+/// a phone, and bounds a client that stops sending half-way.
+pub const DEFAULT_BODY_READ_TIMEOUT: &str = "30s";
+/// Connections one address may hold open at once. Generous: many citizens
+/// share one address behind a carrier's NAT; trusted proxies are exempt.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// nginx's `keepalive_timeout`.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "75s";
 /// A TLS handshake is a few round trips; 10 s covers a slow phone link.
@@ -168,6 +174,8 @@ pub struct RawServer {
     pub max_headers: usize,
     pub max_body_size: String,
     pub header_read_timeout: String,
+    pub body_read_timeout: String,
+    pub max_connections_per_ip: usize,
     pub keepalive_timeout: String,
     pub tls_handshake_timeout: String,
     pub shutdown_grace: String,
@@ -186,6 +194,8 @@ impl Default for RawServer {
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_size: DEFAULT_MAX_BODY_SIZE.into(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT.into(),
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT.into(),
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub max_body_size: u64,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// 0: no limit per address.
+    pub max_connections_per_ip: usize,
     pub keepalive_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub shutdown_grace: Duration,

@@ -314,6 +314,7 @@ pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
         start_portal(s.capacity).await.map_err(|e| e.to_string())?;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         max_connections_per_ip = 0\n\
          [log]\naccess = false\nlevel = \"warn\"\n[secrets]\nephemeral = true\n\
          [rooms.portal]\nupstreams = [\"http://{portal_addr}\"]\n\
          admission_per_minute = {}\nmax_active = {}\nsession_idle = \"30s\"\nclaim_window = \"30s\"\n\

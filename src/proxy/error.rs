@@ -23,6 +23,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("request body not received: {0}")]
     ClientBody(BoxError),
+    #[error("request body stalled")]
+    BodyTimeout,
     #[error("upstream {upstream} unreachable: {source}")]
     Unreachable { upstream: String, source: BoxError },
     #[error("upstream {upstream} sent no response within {timeout:?}")]
@@ -37,6 +39,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -44,9 +47,10 @@ impl ProxyError {
 
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_) => {
-                Side::Client
-            }
+            ProxyError::NoRoute
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody(_)
+            | ProxyError::BodyTimeout => Side::Client,
             _ => Side::Upstream,
         }
     }
@@ -57,6 +61,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body",
+            ProxyError::BodyTimeout => "body_timeout",
             ProxyError::Unreachable { .. } => "connect",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "upstream",
@@ -69,6 +74,7 @@ impl ProxyError {
             ProxyError::NoRoute => "Nothing is served at this address.",
             ProxyError::BodyTooLarge { .. } => "The request is too large.",
             ProxyError::ClientBody(_) => "The request was not received completely.",
+            ProxyError::BodyTimeout => "The request took too long to arrive.",
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => {
                 "The service is not reachable right now."
             }
@@ -90,6 +96,7 @@ mod tests {
             (ProxyError::NoRoute, 404, Side::Client),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, Side::Client),
             (ProxyError::ClientBody(e()), 400, Side::Client),
+            (ProxyError::BodyTimeout, 408, Side::Client),
             (
                 ProxyError::Unreachable {
                     upstream: up(),

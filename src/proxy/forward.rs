@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use super::client::UpstreamClient;
 use super::headers::{is_trusted, is_upgrade, set_forwarded, strip_hop_by_hop};
+use super::timeout::TimedBody;
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
 use crate::listener::ConnInfo;
@@ -25,6 +26,7 @@ pub struct Forwarder {
     client: UpstreamClient,
     response_timeout: Duration,
     max_body_size: u64,
+    body_read_timeout: Duration,
     trusted_proxies: Vec<IpNet>,
 }
 
@@ -40,12 +42,14 @@ impl Forwarder {
         client: UpstreamClient,
         response_timeout: Duration,
         max_body_size: u64,
+        body_read_timeout: Duration,
         trusted_proxies: Vec<IpNet>,
     ) -> Self {
         Forwarder {
             client,
             response_timeout,
             max_body_size,
+            body_read_timeout,
             trusted_proxies,
         }
     }
@@ -102,7 +106,8 @@ impl Forwarder {
         let mut request_body = if replayable {
             None
         } else {
-            let limited = Limited::new(incoming, self.max_body_size as usize);
+            let timed = TimedBody::new(incoming, self.body_read_timeout);
+            let limited = Limited::new(timed, self.max_body_size as usize);
             Some(body::stream(limited.map_err(ClientBodyError)))
         };
 
@@ -182,6 +187,9 @@ impl Forwarder {
                         return Err(ProxyError::BodyTooLarge {
                             limit: self.max_body_size,
                         });
+                    }
+                    if has_source::<super::timeout::BodyReadTimeout>(&e) {
+                        return Err(ProxyError::BodyTimeout);
                     }
                     if has_source::<ClientBodyError>(&e) {
                         return Err(ProxyError::ClientBody(e.into()));

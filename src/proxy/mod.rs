@@ -6,6 +6,7 @@ pub mod client;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod timeout;
 pub mod upstreams;
 
 pub use error::{ProxyError, Side};
