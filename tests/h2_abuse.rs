@@ -1,0 +1,96 @@
+//! HTTP/2 abuse: the limits set in src/listener.rs (concurrent streams,
+//! pending reset streams) close the offending connection while other
+//! clients are served. A raw h2 client plays the attacker.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::client::get;
+use common::{room_config, upstream, Varco};
+use http::Request;
+
+async fn attacker(v: &Varco) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// CVE-2023-44487: open streams and reset them at once, thousands of
+/// times. The server answers with GOAWAY and closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_closes_the_connection_and_others_are_served() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "[log]\naccess = false")).await;
+    let mut send = attacker(&v).await;
+    let mut refused = false;
+    for _ in 0..5000 {
+        let req = Request::get(format!("http://p:{}/slow?ms=2000", v.addr.port()))
+            .body(())
+            .unwrap();
+        let ready = tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await;
+        match ready {
+            Ok(Ok(s)) => send = s,
+            _ => {
+                refused = true;
+                break;
+            }
+        }
+        match send.send_request(req, true) {
+            Ok((resp, _)) => drop(resp), // drops the stream: RST_STREAM(CANCEL)
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "5000 opened-and-reset streams were all accepted");
+    // The upstream did not get thousands of requests, and others are served.
+    assert!(
+        up.hits() < 1000,
+        "{} requests reached the upstream",
+        up.hits()
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200);
+}
+
+/// More concurrent streams than the server allows never reach the
+/// upstream at once: the server's SETTINGS cap them (128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_are_capped() {
+    use std::sync::atomic::Ordering;
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "[log]\naccess = false")).await;
+    let mut send = attacker(&v).await.ready().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        send = send.ready().await.unwrap();
+        let req = Request::get(format!("http://p:{}/slow?ms=3000", v.addr.port()))
+            .body(())
+            .unwrap();
+        if let Ok((resp, _)) = send.send_request(req, true) {
+            held.push(resp);
+        }
+    }
+    // Watch the upstream while the streams are open.
+    let mut most = 0;
+    for _ in 0..100 {
+        most = most.max(up.in_flight.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        most >= 64,
+        "the streams never reached the upstream ({most}): the test proves nothing"
+    );
+    assert!(
+        most <= 128,
+        "{most} streams of one connection in flight at once"
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
+    drop(held);
+}
