@@ -46,6 +46,21 @@ fn whoami(url: String, citizen: &str) -> Request<varco::body::Body> {
         .unwrap()
 }
 
+type Answer = tokio::task::JoinHandle<(String, u16, String)>;
+
+/// How many citizens got a page that was not theirs.
+async fn crossed(tasks: Vec<Answer>) -> usize {
+    let mut crossed = 0;
+    for t in tasks {
+        let (me, status, text) = t.await.unwrap();
+        assert_eq!(status, 200, "{me}: {text}");
+        if text.trim() != me {
+            crossed += 1;
+        }
+    }
+    crossed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_goes_to_its_own_citizen_over_keep_alive_and_http2() {
     let (portal, _stop) = portal().await;
@@ -67,15 +82,8 @@ async fn every_response_goes_to_its_own_citizen_over_keep_alive_and_http2() {
             (me, got.status, got.text())
         }));
     }
-    let mut crossed = 0;
-    for t in tasks {
-        let (me, status, text) = t.await.unwrap();
-        assert_eq!(status, 200, "{me}: {text}");
-        if text.trim() != me {
-            crossed += 1;
-        }
-    }
-    assert_eq!(crossed, 0, "responses crossed over HTTP/1.1 keep-alive");
+    let n = crossed(tasks).await;
+    assert_eq!(n, 0, "responses crossed over HTTP/1.1 keep-alive");
 
     // HTTP/2: every citizen a stream on one shared connection.
     let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
@@ -92,13 +100,6 @@ async fn every_response_goes_to_its_own_citizen_over_keep_alive_and_http2() {
             (me, got.status, got.text())
         }));
     }
-    let mut crossed = 0;
-    for t in tasks {
-        let (me, status, text) = t.await.unwrap();
-        assert_eq!(status, 200, "{me}: {text}");
-        if text.trim() != me {
-            crossed += 1;
-        }
-    }
-    assert_eq!(crossed, 0, "responses crossed over HTTP/2");
+    let n = crossed(tasks).await;
+    assert_eq!(n, 0, "responses crossed over HTTP/2");
 }
