@@ -85,6 +85,10 @@ struct Strings {
     eta: &'static str,
     eta_unknown: &'static str,
     eta_range: &'static str,
+    /// When the range collapses to one figure.
+    eta_about: &'static str,
+    /// When the turn is less than a minute away.
+    eta_soon: &'static str,
     updated: &'static str,
     keep_open: &'static str,
     prequeue: &'static str,
@@ -102,6 +106,8 @@ const IT: Strings = Strings {
     eta: "Attesa stimata",
     eta_unknown: "non ancora stimabile",
     eta_range: "tra {lo} e {hi} minuti",
+    eta_about: "circa {n} minuti",
+    eta_soon: "meno di un minuto",
     updated: "Ultimo aggiornamento",
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
     prequeue: "Il servizio apre alle {opens}. Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
@@ -119,6 +125,8 @@ const EN: Strings = Strings {
     eta: "Estimated wait",
     eta_unknown: "not yet known",
     eta_range: "between {lo} and {hi} minutes",
+    eta_about: "about {n} minutes",
+    eta_soon: "under a minute",
     updated: "Last updated",
     keep_open: "Keep this page open: you will get in automatically. Reloading does not lose your place.",
     prequeue: "The service opens at {opens}. Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
@@ -136,10 +144,18 @@ fn strings(l: Language) -> &'static Strings {
 
 fn minutes_range(s: &Strings, status: &Status) -> String {
     match (status.eta_low_seconds, status.eta_high_seconds) {
-        (Some(lo), Some(hi)) => s
-            .eta_range
-            .replace("{lo}", &lo.div_ceil(60).to_string())
-            .replace("{hi}", &hi.div_ceil(60).max(1).to_string()),
+        (Some(lo), Some(hi)) => {
+            let (lo, hi) = (lo.div_ceil(60), hi.div_ceil(60).max(1));
+            if hi <= 1 {
+                s.eta_soon.to_string()
+            } else if lo >= hi {
+                s.eta_about.replace("{n}", &hi.to_string())
+            } else {
+                s.eta_range
+                    .replace("{lo}", &lo.to_string())
+                    .replace("{hi}", &hi.to_string())
+            }
+        }
         _ => s.eta_unknown.to_string(),
     }
 }
@@ -149,7 +165,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 23] = [
+pub const VARIABLES: [&str; 25] = [
     "lang",
     "title",
     "intro",
@@ -173,6 +189,8 @@ pub const VARIABLES: [&str; 23] = [
     "poll_seconds",
     "refresh_seconds",
     "updated_time",
+    "eta_about_format",
+    "eta_soon",
 ];
 
 enum Part {
@@ -243,7 +261,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let show =
         |v: Option<u64>| -> Cow<str> { v.map(|n| n.to_string().into()).unwrap_or("–".into()) };
     let poll = status.poll_seconds();
-    let values: [Cow<str>; 23] = [
+    let values: [Cow<str>; 25] = [
         s.lang.into(),
         s.title.into(),
         s.intro.into(),
@@ -274,6 +292,8 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             .map(|t| format!("{t} UTC"))
             .unwrap_or_else(|| status.updated.clone())
             .into(),
+        s.eta_about.into(),
+        s.eta_soon.into(),
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.parts {
@@ -387,6 +407,20 @@ mod tests {
     }
 
     #[test]
+    fn the_wait_reads_naturally() {
+        let mut st = status();
+        let eta = |st: &Status| minutes_range(&IT, st);
+        (st.eta_low_seconds, st.eta_high_seconds) = (Some(240), Some(450));
+        assert_eq!(eta(&st), "tra 4 e 8 minuti");
+        (st.eta_low_seconds, st.eta_high_seconds) = (Some(61), Some(100));
+        assert_eq!(eta(&st), "circa 2 minuti");
+        (st.eta_low_seconds, st.eta_high_seconds) = (Some(10), Some(40));
+        assert_eq!(eta(&st), "meno di un minuto");
+        (st.eta_low_seconds, st.eta_high_seconds) = (None, None);
+        assert_eq!(eta(&st), "non ancora stimabile");
+    }
+
+    #[test]
     fn language_strings_are_html_safe() {
         for s in [&IT, &EN] {
             for text in [
@@ -404,6 +438,8 @@ mod tests {
                 s.paused,
                 s.closed,
                 s.ticket,
+                s.eta_about,
+                s.eta_soon,
             ] {
                 assert!(!text.contains(['<', '>', '&', '"']), "{text}");
             }
