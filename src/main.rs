@@ -3,16 +3,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::task::TaskTracker;
 
 use varco::app::{self, Listeners};
 use varco::config::Config;
-use varco::demo::{Portal, PortalSettings};
-use varco::listener::{self, ListenerSettings};
+use varco::demo::PortalSettings;
 
 #[derive(Parser)]
 #[command(
@@ -215,16 +212,19 @@ fn serve(
         .context("cannot start the runtime")?;
     let is_demo = demo.is_some();
     rt.block_on(async move {
+        // The portal serves as long as this handle lives: to the end.
+        let mut _portal = None;
         if let Some((addr, settings, portal_only)) = demo {
             let portal = start_portal(addr, settings.clone()).await?;
             if portal_only {
                 println!(
-                    "demo portal listening on http://{portal} (capacity {})",
-                    settings.capacity
+                    "demo portal listening on http://{} (capacity {})",
+                    portal.addr, settings.capacity
                 );
                 shutdown_signal().await;
                 return Ok(());
             }
+            _portal = Some(portal);
         }
         let listeners = Listeners::bind(&cfg.server).await?;
         let scheme = if cfg.server.tls.is_some() {
@@ -253,27 +253,14 @@ fn serve(
     })
 }
 
-async fn start_portal(addr: SocketAddr, settings: PortalSettings) -> anyhow::Result<SocketAddr> {
+async fn start_portal(
+    addr: SocketAddr,
+    settings: PortalSettings,
+) -> anyhow::Result<varco::demo::RunningPortal> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("demo portal cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        // The sender lives as long as the portal: it never drains.
-        let _tx = _tx;
-        listener::serve(
-            listener,
-            None,
-            Arc::new(Portal::new(settings)),
-            ListenerSettings::default(),
-            rx,
-            TaskTracker::new(),
-            None,
-        )
-        .await
-    });
-    Ok(local)
+    Ok(varco::demo::spawn(listener, settings)?)
 }
 
 async fn shutdown_signal() {

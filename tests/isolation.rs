@@ -11,32 +11,19 @@ use common::client::{self, h2_handshake};
 use common::Varco;
 use http::Request;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio_util::task::TaskTracker;
+use tokio::sync::Semaphore;
 use varco::body;
-use varco::demo::{Portal, PortalSettings};
-use varco::listener::{self, ListenerSettings};
+use varco::demo::PortalSettings;
 
 const CITIZENS: usize = 2000;
 
-async fn portal() -> (std::net::SocketAddr, watch::Sender<bool>) {
+async fn portal() -> varco::demo::RunningPortal {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = watch::channel(false);
     let settings = PortalSettings {
         capacity: 10_000,
         service_time: std::time::Duration::from_millis(1),
     };
-    tokio::spawn(listener::serve(
-        l,
-        None,
-        Arc::new(Portal::new(settings)),
-        ListenerSettings::default(),
-        rx,
-        TaskTracker::new(),
-        None,
-    ));
-    (addr, tx)
+    varco::demo::spawn(l, settings).unwrap()
 }
 
 fn whoami(url: String, citizen: &str) -> Request<varco::body::Body> {
@@ -63,9 +50,10 @@ async fn crossed(tasks: Vec<Answer>) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_goes_to_its_own_citizen_over_keep_alive_and_http2() {
-    let (portal, _stop) = portal().await;
+    let portal = portal().await;
     let v = Varco::start(&format!(
-        "[log]\naccess = false\n[rooms.portal]\nupstreams = [\"http://{portal}\"]\n"
+        "[log]\naccess = false\n[rooms.portal]\nupstreams = [\"http://{}\"]\n",
+        portal.addr
     ))
     .await;
 

@@ -5,4 +5,4 @@
 pub mod portal;
 pub mod simulate;
 
-pub use portal::{Portal, PortalSettings};
+pub use portal::{spawn, Portal, PortalSettings, RunningPortal};

@@ -4,6 +4,7 @@
 //! portal in April 2020: latency grows, then it answers 500.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -248,6 +249,39 @@ fn html(citizen: &str, title: &str, main: &str) -> Response<Body> {
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:40rem;margin:auto;padding:1rem;line-height:1.5}\
 header{border-bottom:2px solid #06c}h1{color:#06c}\n";
+
+/// A demo portal serving on a listener until its handle is dropped.
+pub struct RunningPortal {
+    pub addr: std::net::SocketAddr,
+    pub portal: Arc<Portal>,
+    /// Dropping the sender stops the accept loop.
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Serves a demo portal on `listener`, with varco's default listener
+/// limits (not the proxy's), until the returned handle is dropped.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    settings: PortalSettings,
+) -> std::io::Result<RunningPortal> {
+    let addr = listener.local_addr()?;
+    let portal = Arc::new(Portal::new(settings));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::listener::serve(
+        listener,
+        None,
+        portal.clone(),
+        crate::listener::ListenerSettings::default(),
+        rx,
+        tokio_util::task::TaskTracker::new(),
+        None,
+    ));
+    Ok(RunningPortal {
+        addr,
+        portal,
+        _stop: stop,
+    })
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,7 @@
 //! not claimed.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -15,14 +13,11 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 
-use super::{Portal, PortalSettings};
+use super::{PortalSettings, RunningPortal};
 use crate::app::{self, Listeners};
 use crate::body::{self, Body};
 use crate::config::Config;
-use crate::listener::{self, ListenerSettings};
 
 #[derive(Debug, Clone)]
 pub struct SimSettings {
@@ -281,37 +276,25 @@ async fn crowd(base: String, s: &SimSettings, through_varco: bool) -> Outcome {
     o
 }
 
-async fn start_portal(
-    capacity: usize,
-) -> std::io::Result<(SocketAddr, Arc<Portal>, watch::Sender<bool>)> {
+async fn start_portal(capacity: usize) -> std::io::Result<RunningPortal> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let portal = Arc::new(Portal::new(PortalSettings {
-        capacity,
-        ..PortalSettings::default()
-    }));
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(listener::serve(
+    super::spawn(
         listener,
-        None,
-        portal.clone(),
-        ListenerSettings::default(),
-        rx,
-        TaskTracker::new(),
-        None,
-    ));
-    Ok((addr, portal, tx))
+        PortalSettings {
+            capacity,
+            ..PortalSettings::default()
+        },
+    )
 }
 
 /// Runs both halves and returns (without varco, with varco).
 pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
-    let (portal_addr, _portal, stop_portal) =
-        start_portal(s.capacity).await.map_err(|e| e.to_string())?;
-    let without = crowd(format!("http://{portal_addr}"), s, false).await;
-    let _ = stop_portal.send(true);
+    let portal = start_portal(s.capacity).await.map_err(|e| e.to_string())?;
+    let without = crowd(format!("http://{}", portal.addr), s, false).await;
+    drop(portal);
 
-    let (portal_addr, _portal, stop_portal) =
-        start_portal(s.capacity).await.map_err(|e| e.to_string())?;
+    let portal = start_portal(s.capacity).await.map_err(|e| e.to_string())?;
+    let portal_addr = portal.addr;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          max_connections_per_ip = 0\n\
@@ -333,7 +316,7 @@ pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
     let with = crowd(format!("http://{varco_addr}"), s, true).await;
     let _ = stop_tx.send(());
     let _ = varco.await;
-    let _ = stop_portal.send(true);
+    drop(portal);
     Ok((without, with))
 }
 
