@@ -113,6 +113,9 @@ pids+=($!)
 taskset -c 0 "$NGINX" -p "$work" -c "$work/proxy.conf" -g 'daemon off;' &
 pids+=($!)
 
+server_block() { # port, admin port: one worker, as nginx gets one
+  printf '[server]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nworkers = 1' "$1" "$2"
+}
 start_varco() { # name, toml; prints the pid
   printf '%s\n' "$2" > "$work/$1.toml"
   taskset -c 0 "$VARCO" run --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
@@ -121,10 +124,7 @@ start_varco() { # name, toml; prints the pid
 common="[log]
 access = false
 level = \"warn\""
-VARCO_PID=$(start_varco proxy "[server]
-listen = \"127.0.0.1:$VAR\"
-admin_listen = \"127.0.0.1:$VADM\"
-workers = 1
+VARCO_PID=$(start_varco proxy "$(server_block "$VAR" "$VADM")
 $common
 [upstream]
 pool_max_idle = 128
@@ -141,10 +141,7 @@ upstreams = [\"http://127.0.0.1:$ORIGIN\"]
 mode = \"queue_all\"
 admission_per_minute = 1
 per_ip = { tickets_per_minute = 100000000, status_per_minute = 100000000 }"
-VWAIT_PID=$(start_varco waiting "[server]
-listen = \"127.0.0.1:$VWAIT\"
-admin_listen = \"127.0.0.1:$VWADM\"
-workers = 1
+VWAIT_PID=$(start_varco waiting "$(server_block "$VWAIT" "$VWADM")
 $common
 $gated")
 pids+=("$VWAIT_PID")
@@ -244,10 +241,7 @@ for part in $PARTS; do
     waiting) compare "turning a crowd away (varco: ticket + waiting page; nginx: limit_req 503)" "$VWAIT" "$VWAIT_PID" "$NGX_LIMIT" ;;
     memory)
       echo "== resident memory of varco as tickets are issued"
-      VMEM_PID=$(start_varco memory "[server]
-listen = \"127.0.0.1:$VMEM\"
-admin_listen = \"127.0.0.1:$VMADM\"
-workers = 1
+      VMEM_PID=$(start_varco memory "$(server_block "$VMEM" "$VMADM")
 $common
 $gated")
       pids+=("$VMEM_PID")
@@ -272,16 +266,10 @@ ephemeral = true
 upstreams = [\"http://127.0.0.1:$ORIGIN\"]
 max_active = 100000000
 session_idle = \"1h\""
-      VGM_PID=$(start_varco gm "[server]
-listen = \"127.0.0.1:$VGM\"
-admin_listen = \"127.0.0.1:$VGMADM\"
-workers = 1
+      VGM_PID=$(start_varco gm "$(server_block "$VGM" "$VGMADM")
 $common
 $open")
-      VGR_PID=$(start_varco gr "[server]
-listen = \"127.0.0.1:$VGR\"
-admin_listen = \"127.0.0.1:$VGRADM\"
-workers = 1
+      VGR_PID=$(start_varco gr "$(server_block "$VGR" "$VGRADM")
 $common
 [store]
 kind = \"redis\"
