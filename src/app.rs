@@ -194,6 +194,17 @@ impl App {
             }
         }
         let rooms = build_rooms(&new, keys, &self.stores, &self.metrics, self.clock.now_ms());
+        // What adaptive admission learned survives a reload (within the
+        // new bounds); starting over would re-probe a portal we know.
+        for room in &rooms {
+            if let (Some(a), Some(old)) = (&room.adaptive, self.room(&room.name)) {
+                if let (Some(_), Some(rate)) = (&old.adaptive, old.per_minute()) {
+                    room.set_per_minute(Some(
+                        rate.clamp(a.config.min_per_minute, a.config.max_per_minute),
+                    ));
+                }
+            }
+        }
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
         self.routing.store(Arc::new(Routing::new(rooms)));
@@ -204,6 +215,7 @@ impl App {
         let now = self.clock.now_ms();
         let mut trouble = None;
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
+            room.adapt(now);
             if let Err(e) = room.store.tick(room.limits(), now).await {
                 self.metrics
                     .store_errors

@@ -4,10 +4,11 @@
 //! and the request metrics per request.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
@@ -19,6 +20,7 @@ use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
+use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
 use crate::room::Room;
 use crate::router::SharedRouting;
@@ -59,6 +61,41 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// An in-flight slot, or the 503 for a person who is admitted but whose
+/// request found the cap and its queue full.
+async fn enter(room: &Room, cap: &InFlight, json: bool) -> Result<Slot, Response<Body>> {
+    let waited = Instant::now();
+    let refused = match cap.enter().await {
+        Ok(slot) => {
+            let w = waited.elapsed();
+            if w > Duration::from_millis(1) {
+                room.metrics.in_flight_wait_seconds.observe(w.as_secs_f64());
+            }
+            return Ok(slot);
+        }
+        Err(r) => r,
+    };
+    match refused {
+        Refused::QueueFull => room.metrics.rejected_in_flight_full.inc(),
+        Refused::Waited => {
+            room.metrics.rejected_in_flight_wait.inc();
+            room.metrics
+                .in_flight_wait_seconds
+                .observe(waited.elapsed().as_secs_f64());
+        }
+    }
+    let mut resp = page::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The service is very busy right now. You have been admitted and you keep your place: try again in a few seconds.",
+        json,
+    );
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(cap.retry_after().as_secs()),
+    );
+    Err(resp)
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -154,6 +191,19 @@ impl Gateway {
             (Vec::new(), None)
         };
 
+        let slot = match &room.in_flight {
+            Some(cap) => match enter(room, cap, json).await {
+                Ok(slot) => Some(slot),
+                Err(mut resp) => {
+                    // Whatever the gate granted (a new pass) still holds.
+                    for c in set_cookies {
+                        resp.headers_mut().append(SET_COOKIE, c);
+                    }
+                    return (resp, None);
+                }
+            },
+            None => None,
+        };
         let (mut resp, upstream) = match self.forwarder.forward(room, req, conn).await {
             Ok(f) => (f.response, Some(f.upstream)),
             Err(e) => {
@@ -180,6 +230,17 @@ impl Gateway {
                     .append(SET_COOKIE, cookies::clear(&room.pass_cookie, secure));
             }
         }
+        let resp = match slot {
+            // The slot is held until the response body has been sent.
+            Some(slot) => resp.map(|body| {
+                body.map_frame(move |frame| {
+                    let _held = &slot;
+                    frame
+                })
+                .boxed_unsync()
+            }),
+            None => resp,
+        };
         (resp, upstream)
     }
 

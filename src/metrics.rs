@@ -2,6 +2,7 @@
 //! place. Labels are room, upstream, class or kind: never a raw path or a
 //! client address, so cardinality stays bounded on a click day.
 
+use crate::room::adaptive::{Direction, Reason};
 use crate::router::SharedRouting;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -35,6 +36,16 @@ pub const NAMES: &[&str] = &[
     "varco_tickets_issued_total",
     "varco_admitted_total",
     "varco_abandoned_total",
+    "varco_adaptive_adjustments_total",
+    "varco_adaptive_latency_seconds",
+    "varco_adaptive_failure_ratio",
+    "varco_adaptive_target_latency_seconds",
+    "varco_adaptive_min_per_minute",
+    "varco_adaptive_max_per_minute",
+    "varco_in_flight_wait_seconds",
+    "varco_room_in_flight",
+    "varco_room_in_flight_limit",
+    "varco_room_in_flight_queued",
 ];
 
 pub struct Metrics {
@@ -51,6 +62,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub rejected: IntCounterVec,
     pub wait_seconds: HistogramVec,
+    pub adaptive_adjustments: IntCounterVec,
+    pub in_flight_wait_seconds: HistogramVec,
 }
 
 /// Waits in line: seconds to hours.
@@ -145,7 +158,7 @@ impl Metrics {
         );
         let rejected = counter(
             "varco_rejected_total",
-            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), closed",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), closed, in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full)",
             &["room", "reason"],
         );
         let wait_seconds = HistogramVec::new(
@@ -157,8 +170,24 @@ impl Metrics {
             &["room"],
         )
         .expect("valid metric");
+        let adaptive_adjustments = counter(
+            "varco_adaptive_adjustments_total",
+            "Changes of the adaptive admission rate, by direction and reason (headroom, latency, failures)",
+            &["room", "direction", "reason"],
+        );
+        let in_flight_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "varco_in_flight_wait_seconds",
+                "Time an admitted request waited for an in-flight slot (those that had to wait)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["room"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(adaptive_adjustments.clone()),
+            Box::new(in_flight_wait_seconds.clone()),
             Box::new(request_seconds.clone()),
             Box::new(upstream_response_seconds.clone()),
             Box::new(upstream_errors.clone()),
@@ -187,6 +216,8 @@ impl Metrics {
             config_reloads,
             rejected,
             wait_seconds,
+            adaptive_adjustments,
+            in_flight_wait_seconds,
         }
     }
 
@@ -222,7 +253,12 @@ pub struct RoomMetrics {
     pub rejected_ip_limit: IntCounter,
     pub rejected_status_ip_limit: IntCounter,
     pub rejected_closed: IntCounter,
+    pub rejected_in_flight_full: IntCounter,
+    pub rejected_in_flight_wait: IntCounter,
     pub wait_seconds: Histogram,
+    pub in_flight_wait_seconds: Histogram,
+    adjustments: IntCounterVec,
+    room: String,
 }
 
 impl RoomMetrics {
@@ -241,8 +277,20 @@ impl RoomMetrics {
             rejected_ip_limit: rejected("ip_limit"),
             rejected_status_ip_limit: rejected("status_ip_limit"),
             rejected_closed: rejected("closed"),
+            rejected_in_flight_full: rejected("in_flight_full"),
+            rejected_in_flight_wait: rejected("in_flight_wait"),
             wait_seconds: m.wait_seconds.with_label_values(&[room]),
+            in_flight_wait_seconds: m.in_flight_wait_seconds.with_label_values(&[room]),
+            adjustments: m.adaptive_adjustments.clone(),
+            room: room.to_string(),
         }
+    }
+
+    /// Rare (once an interval at most): resolved when it happens.
+    pub fn adjusted(&self, direction: Direction, reason: Reason) {
+        self.adjustments
+            .with_label_values(&[&self.room, direction.as_str(), reason.as_str()])
+            .inc();
     }
 
     pub fn observe(&self, status: u16, seconds: f64) {
@@ -349,6 +397,38 @@ impl RoomCollector {
                     "Admissions per second over the last minute",
                 ),
                 gauge(
+                    "varco_adaptive_latency_seconds",
+                    "Adaptive admission: the upstream latency percentile over the last interval (absent: no answers)",
+                ),
+                gauge(
+                    "varco_adaptive_failure_ratio",
+                    "Adaptive admission: failed upstream answers (5xx, timeouts, connection errors) over the last interval",
+                ),
+                gauge(
+                    "varco_adaptive_target_latency_seconds",
+                    "Adaptive admission: the latency the percentile is held under",
+                ),
+                gauge(
+                    "varco_adaptive_min_per_minute",
+                    "Adaptive admission: the rate's floor",
+                ),
+                gauge(
+                    "varco_adaptive_max_per_minute",
+                    "Adaptive admission: the rate's ceiling",
+                ),
+                gauge(
+                    "varco_room_in_flight",
+                    "Requests holding an in-flight slot towards the upstreams",
+                ),
+                gauge(
+                    "varco_room_in_flight_limit",
+                    "The in-flight cap (absent: no cap)",
+                ),
+                gauge(
+                    "varco_room_in_flight_queued",
+                    "Admitted requests waiting for an in-flight slot",
+                ),
+                gauge(
                     "varco_room_estimated_wait_seconds",
                     "Estimated wait for the last in line at the observed rate (absent: unknown)",
                 ),
@@ -426,6 +506,33 @@ impl prometheus::core::Collector for RoomCollector {
                     name,
                     v.waiting as f64 / v.observed_rate,
                 );
+            }
+            if let Some(a) = &room.adaptive {
+                let (latency, failures) = a.last_signals();
+                if let Some(l) = latency {
+                    self.set("varco_adaptive_latency_seconds", name, l.as_secs_f64());
+                }
+                self.set("varco_adaptive_failure_ratio", name, failures);
+                self.set(
+                    "varco_adaptive_target_latency_seconds",
+                    name,
+                    a.config.target_latency.as_secs_f64(),
+                );
+                self.set(
+                    "varco_adaptive_min_per_minute",
+                    name,
+                    a.config.min_per_minute,
+                );
+                self.set(
+                    "varco_adaptive_max_per_minute",
+                    name,
+                    a.config.max_per_minute,
+                );
+            }
+            if let Some(f) = &room.in_flight {
+                self.set("varco_room_in_flight", name, f.in_flight() as f64);
+                self.set("varco_room_in_flight_limit", name, f.limit() as f64);
+                self.set("varco_room_in_flight_queued", name, f.queued() as f64);
             }
             let current = room.mode().as_str();
             for mode in ["queue", "queue_all", "paused", "passthrough", "closed"] {

@@ -74,6 +74,25 @@ pub const DEFAULT_TICK: &str = "1s";
 pub const DEFAULT_SNAPSHOT_INTERVAL: &str = "5s";
 /// A few ticks: a dead leader's room stands still for at most this long.
 pub const DEFAULT_LEASE: &str = "3s";
+/// Adaptive admission backs off when more than 1% of upstream answers fail.
+pub const DEFAULT_ADAPTIVE_MAX_ERROR_RATE: f64 = 0.01;
+/// p90: the slow tail a crowd notices, with samples enough to be stable
+/// over a few seconds.
+pub const DEFAULT_ADAPTIVE_PERCENTILE: f64 = 0.9;
+/// Admitted people reach the portal within a second or two; deciding more
+/// often would react to load the last change has not yet caused.
+pub const DEFAULT_ADAPTIVE_INTERVAL: &str = "2s";
+/// Each overloaded interval cuts the rate to 70%: TCP Reno halves, which
+/// leaves a waiting room idle too long; 0.7 reaches half in two steps.
+pub const DEFAULT_ADAPTIVE_BACKOFF: f64 = 0.7;
+/// The additive step, as a fraction of (max - min): from min to max in 20
+/// healthy intervals.
+pub const DEFAULT_ADAPTIVE_STEP_FRACTION: f64 = 0.05;
+/// Past the in-flight limit, an admitted person's request waits this long
+/// for a free slot before a 503: a click, not a timeout.
+pub const DEFAULT_IN_FLIGHT_WAIT: &str = "3s";
+/// Requests that may wait for an in-flight slot, as a multiple of the limit.
+pub const DEFAULT_IN_FLIGHT_QUEUE_FACTOR: usize = 4;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +310,66 @@ pub struct RawRoom {
     pub page_template: Option<String>,
     #[serde(default)]
     pub per_ip: RawPerIp,
+    /// Adaptive admission: the rate follows the portal's health.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<RawAdaptive>,
+    /// A cap on requests at once towards the upstreams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<RawInFlight>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdaptive {
+    pub min_per_minute: f64,
+    pub max_per_minute: f64,
+    pub target_latency: String,
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+    #[serde(default = "default_adaptive_interval")]
+    pub interval: String,
+    /// Default: (max - min) x DEFAULT_ADAPTIVE_STEP_FRACTION.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_per_minute: Option<f64>,
+    #[serde(default = "default_backoff")]
+    pub backoff: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInFlight {
+    pub limit: usize,
+    /// Default: limit x DEFAULT_IN_FLIGHT_QUEUE_FACTOR.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<usize>,
+    #[serde(default = "default_in_flight_wait")]
+    pub wait: String,
+    /// With the room's `adaptive`: `limit` is the ceiling, and the limit
+    /// in force follows the same signals as the rate.
+    #[serde(default)]
+    pub adaptive: bool,
+}
+
+fn default_max_error_rate() -> f64 {
+    DEFAULT_ADAPTIVE_MAX_ERROR_RATE
+}
+
+fn default_percentile() -> f64 {
+    DEFAULT_ADAPTIVE_PERCENTILE
+}
+
+fn default_adaptive_interval() -> String {
+    DEFAULT_ADAPTIVE_INTERVAL.into()
+}
+
+fn default_backoff() -> f64 {
+    DEFAULT_ADAPTIVE_BACKOFF
+}
+
+fn default_in_flight_wait() -> String {
+    DEFAULT_IN_FLIGHT_WAIT.into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -134,6 +134,33 @@ pub struct RoomConfig {
     pub page_template: Option<String>,
     pub tickets_per_ip_per_minute: u32,
     pub status_per_ip_per_minute: u32,
+    /// With adaptive admission, `admission_per_minute` is where the rate
+    /// starts (and always set).
+    pub adaptive: Option<AdaptiveConfig>,
+    pub in_flight: Option<InFlightConfig>,
+}
+
+/// Bounds and signals of adaptive admission (see `room::adaptive`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveConfig {
+    pub min_per_minute: f64,
+    pub max_per_minute: f64,
+    pub target_latency: Duration,
+    pub max_error_rate: f64,
+    pub percentile: f64,
+    pub interval: Duration,
+    pub step_per_minute: f64,
+    pub backoff: f64,
+}
+
+/// The cap on requests at once towards a room's upstreams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InFlightConfig {
+    /// With `adaptive`, the ceiling.
+    pub limit: usize,
+    pub queue: usize,
+    pub wait: Duration,
+    pub adaptive: bool,
 }
 
 impl RoomConfig {

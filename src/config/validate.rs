@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::Uri;
 use ipnet::IpNet;
 
+use super::file::{RawAdaptive, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_IN_FLIGHT_QUEUE_FACTOR};
 use super::units::{parse_duration, parse_size};
 use super::*;
 use crate::room::admission::Mode;
@@ -363,13 +364,46 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         if r.per_ip.status_per_minute == 0 {
             p.add(key("per_ip.status_per_minute"), "must be at least 1");
         }
+        let adaptive = r
+            .adaptive
+            .as_ref()
+            .map(|a| parse_adaptive(a, r.admission_per_minute, &key, &mut p));
+        let in_flight = r.in_flight.as_ref().map(|f| {
+            if f.adaptive && r.adaptive.is_none() {
+                p.add(
+                    key("in_flight.adaptive"),
+                    "an adaptive limit follows the room's adaptive admission: add an adaptive table to the room, or set a fixed limit",
+                );
+            }
+            if f.limit == 0 {
+                p.add(
+                    key("in_flight.limit"),
+                    "must be at least 1 request at once (remove in_flight for no cap)",
+                );
+            }
+            InFlightConfig {
+                limit: f.limit.max(1),
+                queue: f
+                    .queue
+                    .unwrap_or(f.limit.saturating_mul(DEFAULT_IN_FLIGHT_QUEUE_FACTOR)),
+                wait: p.duration(&key("in_flight.wait"), &f.wait),
+                adaptive: f.adaptive,
+            }
+        });
         let room = RoomConfig {
             name: name.clone(),
             upstreams,
             hosts,
             paths: r.paths.clone(),
             preserve_host: r.preserve_host,
-            admission_per_minute: r.admission_per_minute,
+            admission_per_minute: adaptive
+                .as_ref()
+                .map(|a| {
+                    r.admission_per_minute
+                        .unwrap_or(a.min_per_minute)
+                        .clamp(a.min_per_minute, a.max_per_minute.max(a.min_per_minute))
+                })
+                .or(r.admission_per_minute),
             max_active: r.max_active,
             session_idle: p.duration(&key("session_idle"), &r.session_idle),
             claim_window: p.duration(&key("claim_window"), &r.claim_window),
@@ -382,6 +416,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             page_template,
             tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
             status_per_ip_per_minute: r.per_ip.status_per_minute,
+            adaptive,
+            in_flight,
         };
         if room.is_gated() && keys.is_none() {
             p.add(
@@ -406,6 +442,80 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         })
     } else {
         Err(ConfigErrors(p.0))
+    }
+}
+
+fn parse_adaptive(
+    a: &RawAdaptive,
+    start: Option<f64>,
+    key: &dyn Fn(&str) -> String,
+    p: &mut Problems,
+) -> AdaptiveConfig {
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    if !positive(a.min_per_minute) {
+        p.add(
+            key("adaptive.min_per_minute"),
+            "must be a positive number of new sessions per minute",
+        );
+    }
+    if !positive(a.max_per_minute) || a.max_per_minute < a.min_per_minute {
+        p.add(
+            key("adaptive.max_per_minute"),
+            "must be a number of new sessions per minute at least min_per_minute",
+        );
+    }
+    if let Some(s) = start {
+        if s < a.min_per_minute || s > a.max_per_minute {
+            p.add(
+                key("admission_per_minute"),
+                "with adaptive, it is where the rate starts: it must lie within adaptive.min_per_minute and adaptive.max_per_minute",
+            );
+        }
+    }
+    if !(0.0..1.0).contains(&a.max_error_rate) {
+        p.add(
+            key("adaptive.max_error_rate"),
+            "must be a fraction of failed upstream answers, 0 or more and below 1 (0.01 is 1%)",
+        );
+    }
+    if !(a.percentile > 0.0 && a.percentile < 1.0) {
+        p.add(
+            key("adaptive.percentile"),
+            "must be a fraction between 0 and 1 (0.9 is the 90th percentile)",
+        );
+    }
+    if !(a.backoff > 0.0 && a.backoff < 1.0) {
+        p.add(
+            key("adaptive.backoff"),
+            "must be a factor between 0 and 1 (0.7 cuts the rate to 70% on overload)",
+        );
+    }
+    let step = a.step_per_minute.unwrap_or_else(|| {
+        ((a.max_per_minute - a.min_per_minute) * DEFAULT_ADAPTIVE_STEP_FRACTION)
+            .max(a.min_per_minute.min(1.0))
+    });
+    if !positive(step) {
+        p.add(
+            key("adaptive.step_per_minute"),
+            "must be a positive number of new sessions per minute",
+        );
+    }
+    let interval = p.duration(&key("adaptive.interval"), &a.interval);
+    if interval < Duration::from_millis(100) {
+        p.add(
+            key("adaptive.interval"),
+            "must be at least 100ms: each decision needs upstream answers to judge",
+        );
+    }
+    AdaptiveConfig {
+        min_per_minute: a.min_per_minute,
+        max_per_minute: a.max_per_minute,
+        target_latency: p.duration(&key("adaptive.target_latency"), &a.target_latency),
+        max_error_rate: a.max_error_rate,
+        percentile: a.percentile,
+        interval,
+        step_per_minute: step,
+        backoff: a.backoff,
     }
 }
 

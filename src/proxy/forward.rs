@@ -143,6 +143,14 @@ impl Forwarder {
             })?;
 
             let started = Instant::now();
+            // What adaptive admission learns from: the upstream's own
+            // latency and failures, never the client's.
+            let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
+            let mut signal = |failed: bool| {
+                if let Some(o) = outstanding.as_mut() {
+                    o.answer(started.elapsed(), failed);
+                }
+            };
             let metrics = &room.upstream_metrics[index];
             metrics.in_flight.inc();
             let sent =
@@ -152,6 +160,7 @@ impl Forwarder {
             let outcome = match sent {
                 Err(_) => {
                     metrics.timeouts.inc();
+                    signal(true);
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
                         timeout: self.response_timeout,
@@ -163,6 +172,7 @@ impl Forwarder {
                 Ok(resp) => {
                     room.upstreams.mark_healthy(index);
                     metrics.response(resp.status().as_u16());
+                    signal(resp.status().is_server_error());
                     metrics
                         .response_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -173,6 +183,7 @@ impl Forwarder {
                 }
                 Err(e) if e.is_connect() => {
                     metrics.connect_errors.inc();
+                    signal(true);
                     room.upstreams.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the connection; cooling down");
                     if last_try {
@@ -195,6 +206,7 @@ impl Forwarder {
                         return Err(ProxyError::ClientBody(e.into()));
                     }
                     metrics.protocol_errors.inc();
+                    signal(true);
                     return Err(ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),

@@ -6,6 +6,7 @@ pub mod client;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod in_flight;
 pub mod timeout;
 pub mod upstreams;
 

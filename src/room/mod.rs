@@ -3,6 +3,7 @@
 //! tickets and passes ([`token`]), the pre-queue draw ([`lottery`]), and
 //! the per-address abuse limits.
 
+pub mod adaptive;
 pub mod admission;
 pub mod lottery;
 pub mod token;
@@ -20,8 +21,10 @@ use governor::{Quota, RateLimiter};
 use crate::config::RoomConfig;
 use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
+use crate::proxy::in_flight::InFlight;
 use crate::proxy::upstreams::UpstreamPool;
 use crate::store::RoomStore;
+use adaptive::{Change, Controller, Verdict};
 use admission::{Limits, Mode};
 use token::Keyring;
 
@@ -63,6 +66,10 @@ pub struct Room {
     per_minute: AtomicU64,
     /// u64::MAX: no cap.
     max_active: AtomicU64,
+    /// Adaptive admission, when the room has it.
+    pub adaptive: Option<Controller>,
+    /// The cap on requests at once towards the upstreams, if any.
+    pub in_flight: Option<InFlight>,
 }
 
 const UNLIMITED: u64 = u64::MAX;
@@ -105,6 +112,8 @@ impl Room {
             mode: AtomicU8::new(config.mode.to_u8()),
             per_minute: AtomicU64::new(config.admission_per_minute.unwrap_or(f64::NAN).to_bits()),
             max_active: AtomicU64::new(config.max_active.unwrap_or(UNLIMITED)),
+            adaptive: config.adaptive.clone().map(Controller::new),
+            in_flight: config.in_flight.map(InFlight::new),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -204,6 +213,67 @@ impl Room {
             self.config.opens_at_ms.unwrap_or(0)
         );
         ring::hmac::sign(&key, label.as_bytes()).as_ref().to_vec()
+    }
+
+    /// One adaptive-admission step (each tick; the controller judges once
+    /// an interval): the rate, and an adaptive in-flight limit, follow the
+    /// verdict; each change is logged and counted.
+    pub fn adapt(&self, now_ms: u64) -> Option<Change> {
+        let ctl = self.adaptive.as_ref()?;
+        let rate = self.per_minute()?;
+        let verdict = ctl.step(now_ms)?;
+        let demand = self.store.view().waiting > 0;
+        let (latency, failures) = ctl.last_signals();
+        let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
+        let (mut changed, mut settle) = (false, 0);
+        if let Some(cap) = self.in_flight.as_ref().filter(|c| c.config().adaptive) {
+            let (limit, ceiling) = (cap.limit(), cap.config().limit);
+            let next =
+                adaptive::next_limit(&ctl.config, verdict, cap.take_saturated(), limit, ceiling);
+            if next != limit {
+                cap.resize(next);
+                changed = true;
+                if verdict == Verdict::Overloaded(adaptive::Reason::Latency) {
+                    settle = adaptive::SETTLE_INTERVALS;
+                }
+                tracing::info!(room = %self.name, from = limit, to = next, latency_ms, failure_rate = failures, "adaptive in-flight limit {}", if next > limit { "raised" } else { "lowered" });
+            }
+        }
+        let change =
+            adaptive::next_rate(&ctl.config, verdict, latency, demand, rate).map(|(to, reason)| {
+                Change {
+                    from: rate,
+                    to,
+                    direction: if to > rate {
+                        adaptive::Direction::Increase
+                    } else {
+                        adaptive::Direction::Decrease
+                    },
+                    reason,
+                }
+            });
+        if let Some(change) = &change {
+            self.set_per_minute(Some(change.to));
+            self.metrics.adjusted(change.direction, change.reason);
+            changed = true;
+            if change.reason == adaptive::Reason::Latency {
+                settle = adaptive::SETTLE_INTERVALS;
+            }
+            tracing::info!(
+                room = %self.name,
+                from = change.from,
+                to = change.to,
+                reason = change.reason.as_str(),
+                latency_ms,
+                failure_rate = failures,
+                "adaptive admission rate {}",
+                if change.direction == adaptive::Direction::Increase { "raised" } else { "lowered" },
+            );
+        }
+        if changed {
+            ctl.changed(settle);
+        }
+        change
     }
 
     /// Drops per-address limiter state that no longer limits anyone, so

@@ -1,0 +1,224 @@
+//! The in-flight cap: at most `limit` requests of a room at once towards
+//! its upstreams, counted until the response body ends. A request over
+//! the cap waits, first come first served, in a bounded queue for at most
+//! `wait`; only past that is it refused (503 and Retry-After), and the
+//! person keeps their pass: being admitted is never taken back.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::InFlightConfig;
+
+pub struct InFlight {
+    config: InFlightConfig,
+    // tokio's semaphore is fair: waiters get permits in arrival order.
+    slots: Arc<Semaphore>,
+    sizes: Arc<Mutex<Sizes>>,
+    queued: AtomicUsize,
+    /// Whether a request found every slot taken since the last look: the
+    /// adaptive limit grows only when it was the limit that held.
+    saturated: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    limit: usize,
+    /// Slots to retire as they come back (the limit shrank while they
+    /// were held).
+    debt: usize,
+}
+
+/// Why a request did not get a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue was full on arrival.
+    QueueFull,
+    /// It waited `wait` and no slot came free.
+    Waited,
+}
+
+/// A slot held; dropping it frees the slot for the next in the queue.
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    sizes: Arc<Mutex<Sizes>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        if sizes.debt > 0 {
+            sizes.debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl InFlight {
+    pub fn new(config: InFlightConfig) -> Self {
+        InFlight {
+            slots: Arc::new(Semaphore::new(config.limit)),
+            sizes: Arc::new(Mutex::new(Sizes {
+                limit: config.limit,
+                debt: 0,
+            })),
+            queued: AtomicUsize::new(0),
+            saturated: AtomicBool::new(false),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &InFlightConfig {
+        &self.config
+    }
+
+    /// The limit in force (the configured one, or what adaptive admission
+    /// made of it).
+    pub fn limit(&self) -> usize {
+        self.sizes().limit
+    }
+
+    fn sizes(&self) -> Sizes {
+        *self.sizes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests holding a slot now.
+    pub fn in_flight(&self) -> usize {
+        let s = self.sizes();
+        (s.limit + s.debt).saturating_sub(self.slots.available_permits())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the limit held anyone back since the last call.
+    pub fn take_saturated(&self) -> bool {
+        self.saturated.swap(false, Ordering::Relaxed)
+    }
+
+    /// Sets the limit (at least 1): more slots at once, or fewer as the
+    /// held ones come back.
+    pub fn resize(&self, limit: usize) {
+        let limit = limit.max(1);
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        if limit > sizes.limit {
+            let mut grow = limit - sizes.limit;
+            let repaid = grow.min(sizes.debt);
+            sizes.debt -= repaid;
+            grow -= repaid;
+            self.slots.add_permits(grow);
+        } else {
+            let shrink = sizes.limit - limit;
+            let forgotten = self.slots.forget_permits(shrink);
+            sizes.debt += shrink - forgotten;
+        }
+        sizes.limit = limit;
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            sizes: self.sizes.clone(),
+        }
+    }
+
+    /// A slot, at once or after waiting in line.
+    pub async fn enter(&self) -> Result<Slot, Refused> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(self.slot(permit));
+        }
+        self.saturated.store(true, Ordering::Relaxed);
+        let before = self.queued.fetch_add(1, Ordering::Relaxed);
+        let _queued = Queued(&self.queued);
+        if before >= self.config.queue {
+            return Err(Refused::QueueFull);
+        }
+        match tokio::time::timeout(self.config.wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(self.slot(permit)),
+            // The semaphore is never closed; a timeout is the only refusal.
+            _ => Err(Refused::Waited),
+        }
+    }
+
+    /// What a refused person is told to wait before trying again.
+    pub fn retry_after(&self) -> Duration {
+        self.config.wait.max(Duration::from_secs(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(limit: usize, queue: usize, wait_ms: u64) -> InFlight {
+        InFlight::new(InFlightConfig {
+            limit,
+            queue,
+            wait: Duration::from_millis(wait_ms),
+            adaptive: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_slot_then_gets_it() {
+        let c = Arc::new(cap(1, 1, 10_000));
+        let held = c.enter().await.unwrap();
+        assert_eq!(c.in_flight(), 1);
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.enter().await.map(drop) })
+        };
+        while c.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue (1) is full: the next is refused at once.
+        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!((c.in_flight(), c.queued()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn shrinks_as_held_slots_come_back_and_grows_at_once() {
+        let c = cap(3, 0, 10);
+        let a = c.enter().await.unwrap();
+        let b = c.enter().await.unwrap();
+        c.resize(1);
+        assert_eq!((c.limit(), c.in_flight()), (1, 2));
+        drop(a);
+        // One of the two held slots is retired; one is still out.
+        assert_eq!(c.in_flight(), 1);
+        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        assert!(c.take_saturated());
+        drop(b);
+        let only = c.enter().await.unwrap();
+        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        c.resize(2);
+        let second = c.enter().await.unwrap();
+        assert_eq!(c.in_flight(), 2);
+        drop((only, second));
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_the_wait() {
+        let c = cap(1, 4, 50);
+        let _held = c.enter().await.unwrap();
+        assert_eq!(c.enter().await.err(), Some(Refused::Waited));
+        assert_eq!(c.queued(), 0);
+    }
+}

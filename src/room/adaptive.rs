@@ -1,0 +1,643 @@
+//! Adaptive admission: the room's admission rate follows what the portal's
+//! answers say about its health, within the operator's bounds.
+//!
+//! The control law is AIMD (additive increase, multiplicative decrease),
+//! the law of TCP congestion control (Chiu and Jain, 1989): while the
+//! portal is healthy and people are waiting, the rate grows by a fixed
+//! step each interval; when the upstream latency percentile passes the
+//! target, or too many answers fail, it is cut by a factor (for latency,
+//! as deep as the overshoot, down to `backoff`). AIMD rather
+//! than a gradient limiter (Netflix's concurrency-limits, Envoy's adaptive
+//! concurrency) because what varco controls is a *rate of people*, whose
+//! effect on the portal lags by the seconds each admitted person takes to
+//! arrive and click: a gradient law reacts to the size of a signal that
+//! lags, and oscillates; AIMD only reads its sign, probes gently and
+//! backs off hard, which is stable with lag and never overshoots by more
+//! than one step. The in-flight cap (`proxy::in_flight`) absorbs what one
+//! step too many sends.
+//!
+//! After a cut for latency the controller waits for the people admitted
+//! just before it to arrive (two intervals), and then holds as long as
+//! each slow window is faster than the last: the portal is working off
+//! its backlog, and a second cut would overshoot downwards.
+//!
+//! Signals are kept per decision: answers to requests sent before the
+//! last change are dropped, so a cut is judged on the load it made, not on
+//! the tail of the load before it. A request still unanswered past the
+//! target counts as a slow answer already: an overloaded portal answers
+//! late, and waiting for those answers is what lets a rate overshoot.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::AdaptiveConfig;
+
+/// Latency buckets grow by this factor: percentiles within 10%.
+const BUCKET_GROWTH: f64 = 1.1;
+/// The first bucket's upper bound, in seconds.
+const FIRST_BUCKET: f64 = 0.001;
+/// 1 ms x 1.1^160: past an hour; slower answers share the last bucket.
+const BUCKETS: usize = 160;
+
+fn bucket_of(seconds: f64) -> usize {
+    if seconds <= FIRST_BUCKET {
+        return 0;
+    }
+    let i = (seconds / FIRST_BUCKET).ln() / BUCKET_GROWTH.ln();
+    (i.ceil() as usize).min(BUCKETS - 1)
+}
+
+fn upper_bound(bucket: usize) -> f64 {
+    FIRST_BUCKET * BUCKET_GROWTH.powi(bucket as i32)
+}
+
+/// Requests awaiting an answer are counted per slot of send time; the
+/// ring covers this many slots (older ones alias, and the upstream's
+/// response timeout ends them long before).
+const PENDING_SLOTS: usize = 1024;
+
+/// What the request path reports: lock-free, a few atomic adds a request.
+pub struct Signals {
+    latency: [AtomicU64; BUCKETS],
+    answers: AtomicU64,
+    failures: AtomicU64,
+    /// Bumped at each change of rate; answers to requests sent under an
+    /// older epoch are not counted.
+    epoch: AtomicU64,
+    /// When the current epoch began, ms since `origin`.
+    epoch_ms: AtomicU64,
+    /// Unanswered requests by slot of send time.
+    pending: Box<[AtomicI64]>,
+    slot_ms: u64,
+    origin: Instant,
+}
+
+/// A request on its way upstream; hand it back to [`Signals::record`].
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    epoch: u64,
+    at_ms: u64,
+}
+
+/// A request awaiting the upstream's answer. Dropped unanswered (the
+/// client went away, its body failed), it is forgotten, not counted.
+pub struct Outstanding<'a> {
+    signals: &'a Signals,
+    sent: Option<Sent>,
+}
+
+impl Outstanding<'_> {
+    /// The upstream answered (or failed: 5xx, timeout, connection error)
+    /// after `latency`.
+    pub fn answer(&mut self, latency: Duration, failed: bool) {
+        if let Some(sent) = self.sent.take() {
+            self.signals.record(sent, latency, failed);
+        }
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            self.signals
+                .slot(sent.at_ms)
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What one interval saw.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub answers: u64,
+    pub failures: u64,
+    /// Requests sent in this epoch, unanswered for longer than the target.
+    pub overdue: u64,
+    latency: Vec<u64>,
+}
+
+impl Window {
+    /// Answers slower than `target`, plus the overdue: as a share of both.
+    pub fn slow_share(&self, target: Duration) -> f64 {
+        let first_slow = bucket_of(target.as_secs_f64()) + 1;
+        let slow: u64 = self.latency.iter().skip(first_slow).sum::<u64>() + self.overdue;
+        let all = self.answers + self.overdue;
+        if all == 0 {
+            0.0
+        } else {
+            slow as f64 / all as f64
+        }
+    }
+
+    /// The latency under which `p` of the answers came, as the upper
+    /// bound of its bucket; None without answers.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * p).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Duration::from_secs_f64(upper_bound(i)));
+            }
+        }
+        None
+    }
+
+    pub fn failure_rate(&self) -> f64 {
+        if self.answers == 0 {
+            0.0
+        } else {
+            self.failures as f64 / self.answers as f64
+        }
+    }
+}
+
+impl Signals {
+    /// `target`: the latency held under; it sets how finely unanswered
+    /// requests are aged.
+    pub fn new(target: Duration) -> Self {
+        Signals {
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            answers: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            epoch_ms: AtomicU64::new(0),
+            pending: (0..PENDING_SLOTS).map(|_| AtomicI64::new(0)).collect(),
+            slot_ms: (target.as_millis() as u64 / 8).clamp(1, 1000),
+            origin: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn slot(&self, at_ms: u64) -> &AtomicI64 {
+        &self.pending[(at_ms / self.slot_ms) as usize % PENDING_SLOTS]
+    }
+
+    /// A request leaves for the upstream now.
+    pub fn send(&self) -> Outstanding<'_> {
+        Outstanding {
+            signals: self,
+            sent: Some(self.send_at(self.now_ms())),
+        }
+    }
+
+    fn send_at(&self, at_ms: u64) -> Sent {
+        self.slot(at_ms).fetch_add(1, Ordering::Relaxed);
+        Sent {
+            epoch: self.epoch.load(Ordering::Relaxed),
+            at_ms,
+        }
+    }
+
+    fn record(&self, sent: Sent, latency: Duration, failed: bool) {
+        self.slot(sent.at_ms).fetch_sub(1, Ordering::Relaxed);
+        if sent.epoch != self.epoch.load(Ordering::Relaxed) {
+            return;
+        }
+        self.latency[bucket_of(latency.as_secs_f64())].fetch_add(1, Ordering::Relaxed);
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests sent in this epoch and unanswered after `target`.
+    fn overdue_at(&self, now_ms: u64, target: Duration) -> u64 {
+        let Some(sent_before) = now_ms.checked_sub(target.as_millis() as u64) else {
+            return 0;
+        };
+        let first = self.epoch_ms.load(Ordering::Relaxed) / self.slot_ms;
+        // Only whole slots sent before the cut-off: never a young request.
+        let Some(last) = (sent_before / self.slot_ms).checked_sub(1) else {
+            return 0;
+        };
+        let first = first.max(last.saturating_sub(PENDING_SLOTS as u64 - 1));
+        (first..=last)
+            .map(|k| {
+                self.pending[k as usize % PENDING_SLOTS]
+                    .load(Ordering::Relaxed)
+                    .max(0) as u64
+            })
+            .sum()
+    }
+
+    /// Everything since the last take, and a fresh start.
+    fn take_at(&self, now_ms: u64, target: Duration) -> Window {
+        Window {
+            answers: self.answers.swap(0, Ordering::Relaxed),
+            failures: self.failures.swap(0, Ordering::Relaxed),
+            overdue: self.overdue_at(now_ms, target),
+            latency: self
+                .latency
+                .iter()
+                .map(|b| b.swap(0, Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    fn new_epoch_at(&self, now_ms: u64) {
+        self.epoch_ms.store(now_ms, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Increase,
+    Decrease,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Increase => "increase",
+            Direction::Decrease => "decrease",
+        }
+    }
+}
+
+/// Why the law moved the rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Healthy, and people are waiting.
+    Headroom,
+    /// The latency percentile passed the target.
+    Latency,
+    /// Too many answers failed.
+    Failures,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Headroom => "headroom",
+            Reason::Latency => "latency",
+            Reason::Failures => "failures",
+        }
+    }
+}
+
+/// A change of rate, for the log and the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub from: f64,
+    pub to: f64,
+    pub direction: Direction,
+    pub reason: Reason,
+}
+
+/// What one interval's signals say, when they say anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy,
+    Overloaded(Reason),
+}
+
+/// Judges a window; None without evidence (no answers, none overdue):
+/// before an opening, or with nobody admitted yet, growing blindly would
+/// only store up a surge.
+pub fn judge(c: &AdaptiveConfig, window: &Window) -> Option<Verdict> {
+    if window.answers == 0 && window.overdue == 0 {
+        return None;
+    }
+    // The percentile is above the target when more than (1 - p) of the
+    // answers are slower than it.
+    Some(if window.failure_rate() > c.max_error_rate {
+        Verdict::Overloaded(Reason::Failures)
+    } else if window.slow_share(c.target_latency) > 1.0 - c.percentile {
+        Verdict::Overloaded(Reason::Latency)
+    } else {
+        Verdict::Healthy
+    })
+}
+
+/// The pure law for the rate: the next rate (or None to hold). `observed`
+/// is the window's latency percentile: a cut for latency is as deep as
+/// the overshoot (target / observed), never gentler than 0.95 nor deeper
+/// than `backoff`, so a rate a little over the knee is trimmed, not
+/// halved, while a collapsing portal gets the full cut at once.
+pub fn next_rate(
+    c: &AdaptiveConfig,
+    verdict: Verdict,
+    observed: Option<Duration>,
+    demand: bool,
+    rate: f64,
+) -> Option<(f64, Reason)> {
+    let next = match verdict {
+        Verdict::Overloaded(reason) => {
+            let factor = match (reason, observed) {
+                (Reason::Latency, Some(p)) if p > c.target_latency => {
+                    (c.target_latency.as_secs_f64() / p.as_secs_f64()).clamp(c.backoff, 0.95)
+                }
+                _ => c.backoff,
+            };
+            ((rate * factor).max(c.min_per_minute), reason)
+        }
+        // Growing while nobody waits would raise a limit nothing tests.
+        Verdict::Healthy if demand => (
+            (rate + c.step_per_minute).min(c.max_per_minute),
+            Reason::Headroom,
+        ),
+        Verdict::Healthy => return None,
+    };
+    (next.0 != rate).then_some(next)
+}
+
+/// The same law for an adaptive in-flight limit, in whole requests: one
+/// more while healthy and the limit held someone back; cut on overload.
+pub fn next_limit(
+    c: &AdaptiveConfig,
+    verdict: Verdict,
+    saturated: bool,
+    limit: usize,
+    ceiling: usize,
+) -> usize {
+    match verdict {
+        Verdict::Overloaded(_) => ((limit as f64 * c.backoff).floor() as usize).max(1),
+        Verdict::Healthy if saturated => (limit + 1).min(ceiling),
+        Verdict::Healthy => limit,
+    }
+}
+
+/// One room's controller: its signals and when it last decided.
+pub struct Controller {
+    pub config: AdaptiveConfig,
+    pub signals: Signals,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    decided_ms: Option<u64>,
+    last: Window,
+    /// Intervals left unjudged after a cut (see [`SETTLE_INTERVALS`]).
+    settling: u32,
+    /// The latency percentile of the last window judged slow: while each
+    /// slow window is faster than the one before, the last cut is working
+    /// off the backlog, and cutting again would overshoot downwards.
+    slow_before: Option<Duration>,
+}
+
+/// After a cut for latency, this many intervals pass unjudged: people
+/// admitted just before the cut are still arriving at the portal (a poll,
+/// then a few pages), and judging the load they make would cut again for
+/// the same overload. A cut for failures settles for none: failing
+/// answers are damage, and the next interval may cut again at once.
+pub const SETTLE_INTERVALS: u32 = 2;
+
+impl Controller {
+    pub fn new(config: AdaptiveConfig) -> Self {
+        Controller {
+            signals: Signals::new(config.target_latency),
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Called every tick; judges once per interval. A caller that acts on
+    /// the verdict calls [`Self::changed`], so the next verdict is about
+    /// the new setting only.
+    pub fn step(&self, now_ms: u64) -> Option<Verdict> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let interval = self.config.interval.as_millis() as u64;
+        // A tick may come a little early: a tenth of the interval is
+        // close enough, or the controller would skip every other one.
+        match state.decided_ms {
+            Some(t) if now_ms + interval / 10 < t + interval => return None,
+            _ => {}
+        }
+        state.decided_ms = Some(now_ms);
+        let window = self
+            .signals
+            .take_at(self.signals.now_ms(), self.config.target_latency);
+        let verdict = judge(&self.config, &window);
+        let p = window.percentile(self.config.percentile);
+        state.last = window;
+        if state.settling > 0 {
+            state.settling -= 1;
+            return None;
+        }
+        match verdict {
+            Some(Verdict::Overloaded(Reason::Latency)) => {
+                let before = std::mem::replace(&mut state.slow_before, p);
+                if let (Some(now), Some(before)) = (p, before) {
+                    if now < before {
+                        return None;
+                    }
+                }
+            }
+            Some(_) => state.slow_before = None,
+            None => {}
+        }
+        verdict
+    }
+
+    /// The rate or the limit changed: what was sent before is not the new
+    /// setting's doing; `settle` intervals pass unjudged.
+    pub fn changed(&self, settle: u32) {
+        self.signals.new_epoch_at(self.signals.now_ms());
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settling = settle;
+    }
+
+    /// The last interval's latency percentile and failure rate, for the
+    /// metrics and the admin API.
+    pub fn last_signals(&self) -> (Option<Duration>, f64) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            state.last.percentile(self.config.percentile),
+            state.last.failure_rate(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AdaptiveConfig {
+        AdaptiveConfig {
+            min_per_minute: 60.0,
+            max_per_minute: 1200.0,
+            target_latency: Duration::from_millis(500),
+            max_error_rate: 0.01,
+            percentile: 0.9,
+            interval: Duration::from_secs(1),
+            step_per_minute: 60.0,
+            backoff: 0.7,
+        }
+    }
+
+    fn rate_after(
+        c: &AdaptiveConfig,
+        w: &Window,
+        demand: bool,
+        rate: f64,
+    ) -> Option<(f64, Reason)> {
+        judge(c, w).and_then(|v| next_rate(c, v, w.percentile(c.percentile), demand, rate))
+    }
+
+    #[test]
+    fn the_limit_follows_the_same_law_in_whole_requests() {
+        let c = config();
+        let over = Verdict::Overloaded(Reason::Latency);
+        assert_eq!(next_limit(&c, over, true, 10, 64), 7);
+        assert_eq!(next_limit(&c, over, true, 1, 64), 1);
+        assert_eq!(next_limit(&c, Verdict::Healthy, true, 10, 64), 11);
+        assert_eq!(next_limit(&c, Verdict::Healthy, true, 64, 64), 64);
+        assert_eq!(next_limit(&c, Verdict::Healthy, false, 10, 64), 10);
+    }
+
+    fn window(latencies_ms: &[u64], failures: u64) -> Window {
+        let s = Signals::new(Duration::from_millis(500));
+        for (i, ms) in latencies_ms.iter().enumerate() {
+            let sent = s.send_at(0);
+            s.record(sent, Duration::from_millis(*ms), (i as u64) < failures);
+        }
+        s.take_at(0, Duration::from_millis(500))
+    }
+
+    #[test]
+    fn percentile_is_within_a_bucket() {
+        let w = window(&(1..=100).map(|i| i * 10).collect::<Vec<_>>(), 0);
+        let p90 = w.percentile(0.9).unwrap().as_secs_f64();
+        assert!((0.9..=0.9 * BUCKET_GROWTH).contains(&p90), "{p90}");
+        let p50 = w.percentile(0.5).unwrap().as_secs_f64();
+        assert!((0.5..=0.5 * BUCKET_GROWTH).contains(&p50), "{p50}");
+        assert_eq!(Window::default().percentile(0.9), None);
+    }
+
+    #[test]
+    fn grows_by_a_step_only_when_healthy_and_people_wait() {
+        let c = config();
+        let fast = window(&[50; 100], 0);
+        assert_eq!(
+            rate_after(&c, &fast, true, 300.0),
+            Some((360.0, Reason::Headroom))
+        );
+        assert_eq!(rate_after(&c, &fast, false, 300.0), None);
+        assert_eq!(rate_after(&c, &fast, true, 1200.0), None, "at max");
+        assert_eq!(
+            rate_after(&c, &fast, true, 1180.0),
+            Some((1200.0, Reason::Headroom))
+        );
+        assert_eq!(rate_after(&c, &Window::default(), true, 300.0), None);
+    }
+
+    #[test]
+    fn cuts_on_slow_tail_or_failures() {
+        let c = config();
+        // 85 fast, 15 slow: the p90 is slow.
+        let mut ms = vec![50; 85];
+        ms.extend([900; 15]);
+        assert_eq!(
+            rate_after(&c, &window(&ms, 0), true, 1000.0),
+            Some((700.0, Reason::Latency))
+        );
+        // 95 fast, 5 slow: p90 fine.
+        let mut ms = vec![50; 95];
+        ms.extend([900; 5]);
+        assert_eq!(
+            rate_after(&c, &window(&ms, 0), true, 1000.0),
+            Some((1060.0, Reason::Headroom))
+        );
+        // Just over the target: trimmed, not cut by the full backoff.
+        let mut ms = vec![50; 80];
+        ms.extend([600; 20]);
+        let (trimmed, _) = rate_after(&c, &window(&ms, 0), true, 1000.0).unwrap();
+        assert!((750.0..950.0).contains(&trimmed), "{trimmed}");
+        // 2% failed, all fast.
+        assert_eq!(
+            rate_after(&c, &window(&[50; 100], 2), true, 1000.0),
+            Some((700.0, Reason::Failures))
+        );
+        // Never below the floor, and no change once there.
+        assert_eq!(
+            rate_after(&c, &window(&[900; 10], 0), true, 70.0),
+            Some((60.0, Reason::Latency))
+        );
+        assert_eq!(rate_after(&c, &window(&[900; 10], 0), true, 60.0), None);
+    }
+
+    #[test]
+    fn overdue_requests_count_as_slow_before_they_answer() {
+        let c = config();
+        let s = Signals::new(c.target_latency);
+        for _ in 0..20 {
+            let sent = s.send_at(0);
+            s.record(sent, Duration::from_millis(50), false);
+        }
+        // Three still out since t=0; at 400 ms they are not yet overdue.
+        let _out: Vec<Sent> = (0..3).map(|_| s.send_at(0)).collect();
+        let young = s.take_at(400, c.target_latency);
+        assert_eq!(young.overdue, 0);
+        assert_eq!(
+            rate_after(&c, &young, true, 300.0),
+            Some((360.0, Reason::Headroom))
+        );
+        // At 2 s they are: 3 of 3 slow, with no answers at all.
+        let late = s.take_at(2_000, c.target_latency);
+        assert_eq!((late.answers, late.overdue), (0, 3));
+        assert_eq!(
+            rate_after(&c, &late, true, 300.0),
+            Some((210.0, Reason::Latency))
+        );
+        // A request dropped unanswered is forgotten, not overdue forever.
+        drop(s.send());
+        assert_eq!(s.take_at(2_000, c.target_latency).overdue, 3);
+        // After a change, what was sent before it is no longer this
+        // rate's doing.
+        s.new_epoch_at(2_000);
+        assert_eq!(s.take_at(4_000, c.target_latency).overdue, 0);
+    }
+
+    #[test]
+    fn decides_once_an_interval_and_drops_answers_from_before_a_change() {
+        let ctl = Controller::new(config());
+        ctl.signals.send().answer(Duration::from_millis(50), false);
+        let mut before = ctl.signals.send();
+        assert_eq!(ctl.step(1_000), Some(Verdict::Healthy));
+        ctl.changed(0);
+        // Sent before the change, answered after: not this setting's doing.
+        before.answer(Duration::from_secs(5), true);
+        assert_eq!(ctl.step(1_500), None, "within the interval");
+        assert_eq!(ctl.step(2_000), None, "stale answers dropped: no evidence");
+        ctl.signals.send().answer(Duration::from_secs(5), false);
+        assert_eq!(ctl.step(3_000), Some(Verdict::Overloaded(Reason::Latency)));
+        let (p, failures) = ctl.last_signals();
+        assert!(p.unwrap() >= Duration::from_secs(5));
+        assert_eq!(failures, 0.0);
+        // Slow but faster than the last slow window: the cut is working.
+        ctl.changed(0);
+        ctl.signals.send().answer(Duration::from_secs(2), false);
+        assert_eq!(ctl.step(3_500), None, "within the interval");
+        assert_eq!(ctl.step(3_950), None, "improving: hold");
+        ctl.signals.send().answer(Duration::from_secs(3), false);
+        assert_eq!(
+            ctl.step(5_000),
+            Some(Verdict::Overloaded(Reason::Latency)),
+            "worse again: cut"
+        );
+        // After a cut for latency, the settling intervals pass unjudged.
+        ctl.changed(SETTLE_INTERVALS);
+        for i in 0..SETTLE_INTERVALS as u64 {
+            ctl.signals.send().answer(Duration::from_secs(5), false);
+            assert_eq!(ctl.step(6_000 + 1_000 * i), None, "settling");
+        }
+        ctl.signals.send().answer(Duration::from_secs(5), false);
+        assert_eq!(
+            ctl.step(6_000 + 1_000 * SETTLE_INTERVALS as u64),
+            Some(Verdict::Overloaded(Reason::Latency))
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The in-flight cap towards the upstream: an admitted person's request
+//! over the cap waits for a slot instead of failing; past the queue or
+//! the wait it gets a 503 with Retry-After, and keeps the pass.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::get;
+use common::gated::{gated_config, Citizen, Gated};
+use common::upstream;
+
+async fn metric(g: &Gated, name: &str, labels: &str) -> Option<f64> {
+    let text = get(&format!("http://{}/metrics", g.admin)).await.text();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `cond` until it holds: the readiness signal of a request that
+/// is now held by the upstream or queued in varco.
+async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    for _ in 0..500 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+fn hold(mut c: Citizen, ms: u64) -> tokio::task::JoinHandle<(Citizen, u16)> {
+    tokio::spawn(async move {
+        let got = c.get(&format!("/slow?ms={ms}")).await;
+        (c, got.status)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "admission_per_minute = 6000\nin_flight = { limit = 2, queue = 1, wait = \"1s\" }",
+    ))
+    .await;
+    // One tick fills the rate's bucket: everyone below is admitted at once.
+    g.advance(1_000).await;
+    assert_eq!(
+        metric(&g, "varco_room_in_flight_limit", "portal").await,
+        Some(2.0)
+    );
+
+    // Two people hold both slots for a moment; a third waits in line and
+    // is served when one comes free, not refused.
+    let (a, b) = (hold(g.citizen(), 600), hold(g.citizen(), 600));
+    until("two requests at the upstream", async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    let mut c = g.citizen();
+    let got = c.get("/").await;
+    assert!(got.reached_upstream(), "{} {}", got.status, got.text());
+    let (a, a_status) = a.await.unwrap();
+    let (b, b_status) = b.await.unwrap();
+    assert_eq!((a_status, b_status), (200, 200));
+    let waited = get(&format!("http://{}/metrics", g.admin)).await.text();
+    assert!(
+        waited.contains("varco_in_flight_wait_seconds_count{room=\"portal\"} 1"),
+        "the third request waited for its slot:\n{waited}"
+    );
+
+    // Now both slots are held for long: one more waits (the queue holds
+    // one), and a newcomer finds the queue full.
+    let (a, b) = (hold(a, 5000), hold(b, 5000));
+    until("two requests at the upstream", async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    let queued = tokio::spawn(async move {
+        let got = c.get("/").await;
+        (c, got)
+    });
+    until("one request queued in varco", async || {
+        metric(&g, "varco_room_in_flight_queued", "portal").await == Some(1.0)
+    })
+    .await;
+    let mut d = g.citizen();
+    let full = d.get("/").await;
+    assert_eq!(full.status, 503, "{}", full.text());
+    assert!(full.headers.contains_key("retry-after"));
+    assert!(
+        d.cookie("varco_pass_portal").is_some(),
+        "admitted on this very request: the pass comes with the 503"
+    );
+    let (mut c, timed_out) = queued.await.unwrap();
+    assert_eq!(timed_out.status, 503, "waited past the wait: refused");
+    assert!(timed_out.headers.contains_key("retry-after"));
+    assert_eq!(
+        metric(&g, "varco_rejected_total", "reason=\"in_flight_full\"").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&g, "varco_rejected_total", "reason=\"in_flight_wait\"").await,
+        Some(1.0)
+    );
+
+    // Once the slots come free, both refused people get through on the
+    // passes they hold: nobody was sent back to the waiting room.
+    let (_, a_status) = a.await.unwrap();
+    let (_, b_status) = b.await.unwrap();
+    assert_eq!((a_status, b_status), (200, 200));
+    for p in [&mut c, &mut d] {
+        let got = p.get("/").await;
+        assert!(got.reached_upstream(), "{} {}", got.status, got.text());
+    }
+    assert_eq!(
+        metric(&g, "varco_room_in_flight", "portal").await,
+        Some(0.0),
+        "every slot came back"
+    );
+}
+
+#[tokio::test]
+async fn adaptive_rooms_export_their_signals() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"250ms\" }\n\
+         in_flight = { limit = 16, adaptive = true }",
+    ))
+    .await;
+    let mut c = g.citizen();
+    assert!(c.get("/").await.reached_upstream());
+    let text = get(&format!("http://{}/metrics", g.admin)).await.text();
+    for name in [
+        "varco_adaptive_failure_ratio",
+        "varco_adaptive_target_latency_seconds",
+        "varco_adaptive_min_per_minute",
+        "varco_adaptive_max_per_minute",
+        "varco_room_in_flight",
+        "varco_room_in_flight_limit",
+        "varco_room_in_flight_queued",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} not exported"
+        );
+    }
+    // The rate starts at the floor when no admission_per_minute is given.
+    assert_eq!(
+        metric(&g, "varco_room_admission_rate_per_minute", "portal").await,
+        Some(60.0)
+    );
+    // One healthy interval with someone waiting raises it (the tick is
+    // the test's; the answer above is the evidence).
+    let mut waiting = g.citizen();
+    for _ in 0..20 {
+        waiting.get("/").await;
+    }
+    g.advance(3_000).await;
+    let raised = metric(&g, "varco_room_admission_rate_per_minute", "portal")
+        .await
+        .unwrap();
+    assert!(raised > 60.0, "rate still {raised}");
+    assert!(metric(
+        &g,
+        "varco_adaptive_adjustments_total",
+        "direction=\"increase\""
+    )
+    .await
+    .is_some_and(|n| n >= 1.0));
+}
+
+#[test]
+fn bad_adaptive_and_in_flight_tables_are_named() {
+    let err = varco::config::Config::from_toml(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:1\"]\n\
+         admission_per_minute = 5000\n\
+         adaptive = { min_per_minute = 600, max_per_minute = 60, target_latency = \"0s\", backoff = 1.5 }\n\
+         in_flight = { limit = 0, adaptive = true }\n\
+         [rooms.other]\nupstreams = [\"http://127.0.0.1:1\"]\npaths = [\"/other\"]\n\
+         in_flight = { limit = 4, adaptive = true }\n",
+        std::path::Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    for key in [
+        "rooms.portal.adaptive.max_per_minute",
+        "rooms.portal.adaptive.target_latency",
+        "rooms.portal.adaptive.backoff",
+        "rooms.portal.admission_per_minute",
+        "rooms.portal.in_flight.limit",
+        "rooms.other.in_flight.adaptive",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+}
