@@ -61,22 +61,33 @@ enum Command {
         action: varco::ctl::Action,
     },
     /// A click day in miniature: citizens against the demo portal, without
-    /// and then with varco in front; prints the comparison.
+    /// and then with varco in front; prints the comparison. With
+    /// --compare: a fixed rate too high, one too low, and adaptive.
     Simulate {
-        #[arg(long, default_value_t = 300)]
-        citizens: usize,
-        /// The demo portal's capacity (requests at once before it degrades).
-        #[arg(long, default_value_t = 20)]
-        capacity: usize,
+        /// Default 300; 1200 with --compare.
+        #[arg(long)]
+        citizens: Option<usize>,
+        /// The demo portal's capacity (requests at once before it
+        /// degrades). Default 20; 8 with --compare.
+        #[arg(long)]
+        capacity: Option<usize>,
         /// varco's admission rate for the run.
         #[arg(long, default_value_t = 1200)]
         rate: u32,
         /// varco's max_active for the run.
         #[arg(long, default_value_t = 20)]
         max_active: u64,
-        /// Seconds a citizen keeps trying before giving up.
-        #[arg(long, default_value_t = 90)]
-        patience: u64,
+        /// Seconds a citizen keeps trying before giving up. Default 90;
+        /// 60 with --compare.
+        #[arg(long)]
+        patience: Option<u64>,
+        /// Compare a fixed rate too high, one too low, and adaptive
+        /// admission, all through varco on the same demo portal.
+        #[arg(long)]
+        compare: bool,
+        /// With --compare: write an SVG chart of rate and latency here.
+        #[arg(long)]
+        chart: Option<PathBuf>,
     },
 }
 
@@ -117,15 +128,10 @@ fn main() -> ExitCode {
             rate,
             max_active,
             patience,
+            compare,
+            chart,
         } => {
             varco::logging::init(false, "warn");
-            let settings = varco::demo::simulate::SimSettings {
-                citizens,
-                capacity,
-                admission_per_minute: rate,
-                max_active,
-                patience: std::time::Duration::from_secs(patience),
-            };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -133,14 +139,55 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(varco::demo::simulate::run(&settings)) {
-                Ok((without, with)) => {
-                    print!(
-                        "{}",
-                        varco::demo::simulate::report(&settings, &without, &with)
-                    );
-                    ExitCode::SUCCESS
+            let result = if compare {
+                let mut c = varco::demo::compare::CompareSettings::default_for(
+                    citizens.unwrap_or(1200),
+                    patience.unwrap_or(60),
+                );
+                if let Some(cap) = capacity {
+                    c = varco::demo::compare::CompareSettings {
+                        sim: varco::demo::simulate::SimSettings {
+                            capacity: cap,
+                            ..c.sim
+                        },
+                        ..c
+                    };
                 }
+                rt.block_on(varco::demo::compare::run(&c)).and_then(|runs| {
+                    print!("{}", varco::demo::compare::report(&c, &runs));
+                    match chart {
+                        Some(path) => {
+                            let svg = varco::demo::chart::svg(
+                                "varco simulate --compare: rate in force and portal p90 latency",
+                                &runs,
+                                c.knee_per_minute(),
+                                c.target_latency.as_secs_f64() * 1000.0,
+                            );
+                            std::fs::write(&path, svg)
+                                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                        }
+                        None => Ok(()),
+                    }
+                })
+            } else {
+                let settings = varco::demo::simulate::SimSettings {
+                    citizens: citizens.unwrap_or(300),
+                    capacity: capacity.unwrap_or(20),
+                    admission_per_minute: rate,
+                    max_active,
+                    patience: std::time::Duration::from_secs(patience.unwrap_or(90)),
+                    ..Default::default()
+                };
+                rt.block_on(varco::demo::simulate::run(&settings))
+                    .map(|(without, with)| {
+                        print!(
+                            "{}",
+                            varco::demo::simulate::report(&settings, &without, &with)
+                        )
+                    })
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("varco simulate: {e}");
                     ExitCode::FAILURE

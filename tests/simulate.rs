@@ -10,10 +10,11 @@ use varco::demo::simulate::{report, run, SimSettings};
 async fn varco_turns_a_crash_into_a_queue() {
     let s = SimSettings {
         citizens: 80,
-        capacity: 8,
+        capacity: 4,
         admission_per_minute: 1200,
         max_active: 8,
         patience: Duration::from_secs(60),
+        ..SimSettings::default()
     };
     let (without, with) = run(&s).await.unwrap();
     eprintln!("{}", report(&s, &without, &with));

@@ -2,6 +2,8 @@
 //! its capacity like a real overloaded site, so varco has something to
 //! protect in `varco demo`, the tests and the benchmarks.
 
+pub mod chart;
+pub mod compare;
 pub mod portal;
 pub mod simulate;
 

@@ -1,7 +1,8 @@
 //! "Portale Bonus", the demo portal: home, login, application form and
 //! submit, each page personalised with the citizen's id (so a crossed
 //! response is visible). Past its capacity it behaves like the pension
-//! portal in April 2020: latency grows, then it answers 500.
+//! portal in April 2020: every request slows down, then they time out
+//! with 500s.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,10 @@ use hyper::body::Incoming;
 use crate::body::{full, Body};
 use crate::listener::{ConnInfo, Handler};
 use crate::page::escape;
+
+/// A request that has taken this many service times is abandoned with a
+/// 500, as an application server's request timeout would.
+const PORTAL_TIMEOUT_FACTOR: u32 = 10;
 
 /// Form bodies are tiny; anything larger is not a citizen filling a form.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -39,6 +44,11 @@ impl Default for PortalSettings {
 
 pub struct Portal {
     settings: PortalSettings,
+    /// Starts at `settings.capacity`; a test or a demo may change it live
+    /// (a database failover halving the portal's strength).
+    capacity: AtomicUsize,
+    answered: AtomicU64,
+    failed: AtomicU64,
     in_flight: AtomicUsize,
     next_citizen: AtomicU64,
     applications: AtomicU64,
@@ -55,7 +65,10 @@ impl Drop for InFlight<'_> {
 impl Portal {
     pub fn new(settings: PortalSettings) -> Self {
         Portal {
+            capacity: AtomicUsize::new(settings.capacity),
             settings,
+            answered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             next_citizen: AtomicU64::new(1),
             applications: AtomicU64::new(0),
@@ -66,18 +79,56 @@ impl Portal {
         self.applications.load(Ordering::Relaxed)
     }
 
-    /// Up to capacity: the base service time. Beyond it the time grows with
-    /// the square of the overload; past twice the capacity the portal
-    /// gives up and answers 500.
-    fn delay_for(&self, load: f64) -> Option<Duration> {
-        let base = self.settings.service_time;
-        if load <= 1.0 {
-            Some(base)
-        } else if load <= 2.0 {
-            Some(base.mul_f64(1.0 + 8.0 * (load - 1.0) * (load - 1.0) * 4.0))
-        } else {
-            None
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered so far, and how many of them with a 5xx.
+    pub fn answers(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The steady rate of new sessions at which the portal reaches its
+    /// capacity, for sessions of `requests` requests each, by Little's
+    /// law: in flight = arrivals x service time.
+    pub fn knee_per_minute(&self, requests: u32) -> f64 {
+        60.0 * self.capacity() as f64
+            / (self.settings.service_time.as_secs_f64() * requests.max(1) as f64)
+    }
+
+    /// The share of full speed each request gets with `in_flight` at once:
+    /// the portal's `capacity` is shared out (processor sharing), so past
+    /// it every request slows down together.
+    fn share(capacity: usize, in_flight: usize) -> f64 {
+        (capacity.max(1) as f64 / in_flight.max(1) as f64).min(1.0)
+    }
+
+    /// Serves the work of one request at the speed the crowd leaves it;
+    /// false if it took longer than the portal's own timeout.
+    async fn work(&self) -> bool {
+        let need = self.settings.service_time;
+        let step = (need / 10).max(Duration::from_millis(2));
+        let started = tokio::time::Instant::now();
+        let mut last = started;
+        let mut done = Duration::ZERO;
+        while done < need {
+            if last - started > need * PORTAL_TIMEOUT_FACTOR {
+                return false;
+            }
+            tokio::time::sleep(step.min(need - done)).await;
+            let now = tokio::time::Instant::now();
+            let share = Self::share(self.capacity(), self.in_flight.load(Ordering::Relaxed));
+            done += (now - last).mul_f64(share);
+            last = now;
         }
+        true
     }
 
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
@@ -157,22 +208,21 @@ impl Portal {
 
 impl Handler for Portal {
     async fn handle(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
-        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
-        let load = now as f64 / self.settings.capacity.max(1) as f64;
-        match self.delay_for(load) {
-            Some(d) => {
-                tokio::time::sleep(d).await;
-                self.route(req).await
-            }
-            None => {
-                tokio::time::sleep(self.settings.service_time * 4).await;
-                plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Request cannot be served\n",
-                )
-            }
+        let resp = if self.work().await {
+            self.route(req).await
+        } else {
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Request cannot be served\n",
+            )
+        };
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if resp.status().is_server_error() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
+        resp
     }
 }
 
@@ -288,12 +338,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn degrades_past_capacity() {
-        let p = Portal::new(PortalSettings::default());
-        let base = p.delay_for(0.5).unwrap();
-        assert_eq!(p.delay_for(1.0).unwrap(), base);
-        assert!(p.delay_for(1.5).unwrap() > base * 2);
-        assert!(p.delay_for(2.0).unwrap() > p.delay_for(1.5).unwrap());
-        assert!(p.delay_for(2.01).is_none());
+    fn shares_its_capacity_past_it() {
+        assert_eq!(Portal::share(8, 4), 1.0);
+        assert_eq!(Portal::share(8, 8), 1.0);
+        assert_eq!(Portal::share(8, 16), 0.5);
+        assert_eq!(Portal::share(8, 0), 1.0);
+    }
+
+    #[tokio::test]
+    async fn slows_down_then_times_out_under_a_crowd() {
+        let p = Portal::new(PortalSettings {
+            capacity: 1,
+            service_time: Duration::from_millis(20),
+        });
+        let t = std::time::Instant::now();
+        assert!(p.work().await, "alone: served");
+        assert!(t.elapsed() < Duration::from_millis(20 * PORTAL_TIMEOUT_FACTOR as u64));
+        // Twenty at once on a capacity of one: each gets 1/20 of the
+        // speed, past its timeout.
+        p.in_flight.store(20, Ordering::Relaxed);
+        assert!(!p.work().await, "overloaded: timed out");
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -23,11 +24,32 @@ use crate::config::Config;
 pub struct SimSettings {
     pub citizens: usize,
     pub capacity: usize,
+    /// The demo portal's time per request below its capacity.
+    pub service_time: Duration,
     pub admission_per_minute: u32,
     pub max_active: u64,
     /// How long a citizen keeps trying before giving up.
     pub patience: Duration,
+    /// How often a waiting citizen's page asks where they stand.
+    pub poll: Duration,
 }
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        SimSettings {
+            citizens: 300,
+            capacity: 20,
+            service_time: PortalSettings::default().service_time,
+            admission_per_minute: 1200,
+            max_active: 20,
+            patience: Duration::from_secs(90),
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Portal requests one citizen's application takes: home, login, submit.
+pub const REQUESTS_PER_APPLICATION: u32 = 3;
 
 /// What one run (with or without varco) achieved.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +62,8 @@ pub struct Outcome {
     pub done_seconds: Vec<f64>,
     /// Seconds spent in line (through varco only).
     pub wait_seconds: Vec<f64>,
+    /// 503s from varco itself: admitted, but the in-flight cap was full.
+    pub busy: u64,
     /// Responses that named another citizen.
     pub crossed: u64,
     /// Pairs admitted against ticket order by more than one admission tick.
@@ -57,7 +81,7 @@ impl Outcome {
     }
 }
 
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -140,6 +164,34 @@ impl Person {
     }
 }
 
+/// One portal answer as a citizen saw it, seconds from the start.
+#[derive(Debug, Clone, Copy)]
+struct Hit {
+    at: f64,
+    latency: f64,
+    failed: bool,
+}
+
+/// What the crowd saw, shared by its citizens.
+#[derive(Default)]
+struct Log {
+    hits: std::sync::Mutex<Vec<Hit>>,
+    admissions: std::sync::Mutex<Vec<f64>>,
+}
+
+impl Log {
+    fn hit(&self, h: Hit) {
+        self.hits.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+    }
+
+    fn admitted(&self, at: f64) {
+        self.admissions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(at);
+    }
+}
+
 #[derive(Default)]
 struct Trace {
     done: Option<f64>,
@@ -148,11 +200,20 @@ struct Trace {
     ticket: Option<u64>,
     requests: u64,
     errors_5xx: u64,
+    busy: u64,
     crossed: u64,
 }
 
 /// One citizen's click day: get in (waiting if asked to), log in, apply.
-async fn citizen(mut p: Person, start: Instant, patience: Duration, through_varco: bool) -> Trace {
+async fn citizen(
+    mut p: Person,
+    start: Instant,
+    s: SimSettings,
+    through_varco: bool,
+    log: Arc<Log>,
+) -> Trace {
+    let patience = s.patience;
+    let arrived = start.elapsed().as_secs_f64();
     let mut t = Trace::default();
     let deadline = start + patience;
     let login = format!("citizen={}", p.id);
@@ -164,16 +225,29 @@ async fn citizen(mut p: Person, start: Instant, patience: Duration, through_varc
     let mut step = 0;
     while step < steps.len() && Instant::now() < deadline {
         let (method, path, form) = steps[step];
+        let sent = Instant::now();
         let Some(r) = p.send(method, path, form.map(str::to_string), false).await else {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
         let from_portal = r.body.contains("Portale Bonus") || r.body.contains("cannot be served");
-        if from_portal || r.status >= 500 {
+        if from_portal {
             t.requests += 1;
         }
+        if from_portal {
+            log.hit(Hit {
+                at: start.elapsed().as_secs_f64(),
+                latency: sent.elapsed().as_secs_f64(),
+                failed: r.status >= 500,
+            });
+        }
         if r.status >= 500 {
-            t.errors_5xx += 1;
+            if from_portal {
+                t.errors_5xx += 1;
+            } else {
+                // varco's own 503: the in-flight cap was full.
+                t.busy += 1;
+            }
             // A person hits reload after a second.
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -192,7 +266,7 @@ async fn citizen(mut p: Person, start: Instant, patience: Duration, through_varc
                 if Instant::now() >= deadline {
                     return t;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(s.poll).await;
                 let s = p
                     .send("GET", "/.varco/status?room=portal", None, true)
                     .await;
@@ -208,7 +282,8 @@ async fn citizen(mut p: Person, start: Instant, patience: Duration, through_varc
         if step == 0 && t.admitted_at.is_none() {
             let now = start.elapsed().as_secs_f64();
             t.admitted_at = Some(now);
-            t.waited = Some(now);
+            t.waited = Some(now - arrived);
+            log.admitted(now);
         }
         // Every portal page names its citizen: after login it must be us.
         if step > 0
@@ -228,12 +303,23 @@ async fn citizen(mut p: Person, start: Instant, patience: Duration, through_varc
     t
 }
 
-async fn crowd(base: String, s: &SimSettings, through_varco: bool) -> Outcome {
-    let start = Instant::now();
+async fn crowd(
+    base: String,
+    s: &SimSettings,
+    through_varco: bool,
+    start: Instant,
+    log: Arc<Log>,
+) -> Outcome {
     let mut tasks = Vec::with_capacity(s.citizens);
     for i in 0..s.citizens {
         let p = Person::new(format!("SIM{i:06}"), base.clone());
-        tasks.push(tokio::spawn(citizen(p, start, s.patience, through_varco)));
+        tasks.push(tokio::spawn(citizen(
+            p,
+            start,
+            s.clone(),
+            through_varco,
+            log.clone(),
+        )));
         // Arrivals spread over the first second, like a click at 09:00.
         if i % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -248,6 +334,7 @@ async fn crowd(base: String, s: &SimSettings, through_varco: bool) -> Outcome {
         let Ok(t) = t.await else { continue };
         o.portal_requests += t.requests;
         o.portal_5xx += t.errors_5xx;
+        o.busy += t.busy;
         o.crossed += t.crossed;
         if let Some(d) = t.done {
             o.completed += 1;
@@ -276,48 +363,246 @@ async fn crowd(base: String, s: &SimSettings, through_varco: bool) -> Outcome {
     o
 }
 
-async fn start_portal(capacity: usize) -> std::io::Result<RunningPortal> {
+async fn start_portal(s: &SimSettings) -> std::io::Result<RunningPortal> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     super::spawn(
         listener,
         PortalSettings {
-            capacity,
-            ..PortalSettings::default()
+            capacity: s.capacity,
+            service_time: s.service_time,
         },
     )
 }
 
-/// Runs both halves and returns (without varco, with varco).
-pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
-    let portal = start_portal(s.capacity).await.map_err(|e| e.to_string())?;
-    let without = crowd(format!("http://{}", portal.addr), s, false).await;
-    drop(portal);
+/// One second of a run through varco.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// Seconds from the start (the end of this second).
+    pub t: f64,
+    /// The admission rate in force, as varco's metrics said.
+    pub rate_per_minute: Option<f64>,
+    /// The portal's capacity in this second (it may change mid-run).
+    pub capacity: usize,
+    /// People admitted in this second.
+    pub admitted: u64,
+    pub portal_answers: u64,
+    pub portal_5xx: u64,
+    /// p90 of the portal's answers in this second, as citizens saw them.
+    pub p90_latency: Option<f64>,
+}
 
-    let portal = start_portal(s.capacity).await.map_err(|e| e.to_string())?;
+/// A run through varco: the outcome, second by second.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub outcome: Outcome,
+    pub timeline: Vec<Sample>,
+    /// Seconds the run lasted.
+    pub seconds: f64,
+}
+
+impl Run {
+    /// Completed applications per minute of the run.
+    pub fn completed_per_minute(&self) -> f64 {
+        self.outcome.completed as f64 * 60.0 / self.seconds.max(1.0)
+    }
+
+    /// The mean admission rate in force over [from, to) seconds.
+    pub fn mean_rate(&self, from: f64, to: f64) -> Option<f64> {
+        let r: Vec<f64> = self
+            .timeline
+            .iter()
+            .filter(|s| s.t > from && s.t <= to)
+            .filter_map(|s| s.rate_per_minute)
+            .collect();
+        (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
+    }
+
+    /// The median admission rate in force over [from, to) seconds: where
+    /// a sawtooth sits, whatever the depth of its troughs.
+    pub fn median_rate(&self, from: f64, to: f64) -> Option<f64> {
+        let r: Vec<f64> = self
+            .timeline
+            .iter()
+            .filter(|s| s.t > from && s.t <= to)
+            .filter_map(|s| s.rate_per_minute)
+            .collect();
+        percentile(&r, 0.5)
+    }
+
+    /// Portal answers and 5xx over [from, to) seconds.
+    pub fn portal_answers(&self, from: f64, to: f64) -> (u64, u64) {
+        self.timeline
+            .iter()
+            .filter(|s| s.t > from && s.t <= to)
+            .fold((0, 0), |(a, f), s| (a + s.portal_answers, f + s.portal_5xx))
+    }
+}
+
+/// A change to the portal during a run: at `at` from the start, its
+/// capacity becomes `capacity`.
+#[derive(Debug, Clone, Copy)]
+pub struct CapacityChange {
+    pub at: Duration,
+    pub capacity: usize,
+}
+
+/// The crowd through varco with `room` (TOML lines of the room table, e.g.
+/// the rate) in front of a fresh demo portal, sampled every second.
+pub async fn through_varco(
+    s: &SimSettings,
+    room: &str,
+    changes: &[CapacityChange],
+) -> Result<Run, String> {
+    let portal = start_portal(s).await.map_err(|e| e.to_string())?;
     let portal_addr = portal.addr;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          max_connections_per_ip = 0\n\
          [log]\naccess = false\nlevel = \"warn\"\n[secrets]\nephemeral = true\n\
          [rooms.portal]\nupstreams = [\"http://{portal_addr}\"]\n\
-         admission_per_minute = {}\nmax_active = {}\nsession_idle = \"30s\"\nclaim_window = \"30s\"\n\
-         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n",
-        s.admission_per_minute, s.max_active
+         session_idle = \"30s\"\nclaim_window = \"30s\"\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n"
     );
     let cfg = Config::from_toml(&toml, Path::new(".")).map_err(|e| e.to_string())?;
     let listeners = Listeners::bind(&cfg.server)
         .await
         .map_err(|e| e.to_string())?;
     let varco_addr = listeners.proxy_addr();
+    let admin_addr = listeners.admin_addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let varco = tokio::spawn(app::run(cfg, listeners, async move {
         let _ = stop_rx.await;
     }));
-    let with = crowd(format!("http://{varco_addr}"), s, true).await;
+
+    let start = Instant::now();
+    let log = Arc::new(Log::default());
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(sample_rate(admin_addr, start, done_rx.clone()));
+    let changer = {
+        let portal = portal.portal.clone();
+        let changes = changes.to_vec();
+        let mut done = done_rx;
+        tokio::spawn(async move {
+            let mut plan = vec![(0.0, portal.capacity())];
+            for c in changes {
+                tokio::select! {
+                    _ = tokio::time::sleep_until((start + c.at).into()) => {}
+                    _ = done.changed() => break,
+                }
+                portal.set_capacity(c.capacity);
+                plan.push((c.at.as_secs_f64(), c.capacity));
+            }
+            plan
+        })
+    };
+    let outcome = crowd(format!("http://{varco_addr}"), s, true, start, log.clone()).await;
+    let seconds = start.elapsed().as_secs_f64();
+    let _ = done_tx.send(true);
+    let rates = sampler.await.unwrap_or_default();
+    let plan = changer.await.unwrap_or_default();
     let _ = stop_tx.send(());
     let _ = varco.await;
     drop(portal);
-    Ok((without, with))
+    Ok(Run {
+        outcome,
+        timeline: timeline(&log, &rates, &plan, seconds),
+        seconds,
+    })
+}
+
+/// The admission rate in force, read from varco's own metrics once a
+/// second, as Prometheus would.
+async fn sample_rate(
+    admin: std::net::SocketAddr,
+    start: Instant,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> Vec<(f64, f64)> {
+    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = done.changed() => return out,
+        }
+        let Ok(req) = Request::get(format!("http://{admin}/metrics")).body(body::empty()) else {
+            continue;
+        };
+        let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), client.request(req)).await
+        else {
+            continue;
+        };
+        let Ok(bytes) = resp.into_body().collect().await.map(|b| b.to_bytes()) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        if let Some(v) = metric_value(&text, "varco_room_admission_rate_per_minute") {
+            out.push((start.elapsed().as_secs_f64(), v));
+        }
+    }
+}
+
+/// The value of a metric's first series in a Prometheus text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn timeline(log: &Log, rates: &[(f64, f64)], plan: &[(f64, usize)], seconds: f64) -> Vec<Sample> {
+    let hits = log.hits.lock().unwrap_or_else(|e| e.into_inner());
+    let admissions = log.admissions.lock().unwrap_or_else(|e| e.into_inner());
+    let n = seconds.ceil() as usize;
+    (0..n)
+        .map(|i| {
+            let (from, to) = (i as f64, i as f64 + 1.0);
+            let within = |t: f64| t >= from && t < to;
+            let mut latencies: Vec<f64> = hits
+                .iter()
+                .filter(|h| within(h.at))
+                .map(|h| h.latency)
+                .collect();
+            latencies.sort_by(|a, b| a.total_cmp(b));
+            Sample {
+                t: to,
+                rate_per_minute: rates.iter().rfind(|(t, _)| *t < to).map(|(_, r)| *r),
+                capacity: plan
+                    .iter()
+                    .rfind(|(t, _)| *t < to)
+                    .map(|(_, c)| *c)
+                    .unwrap_or(0),
+                admitted: admissions.iter().filter(|t| within(**t)).count() as u64,
+                portal_answers: latencies.len() as u64,
+                portal_5xx: hits.iter().filter(|h| within(h.at) && h.failed).count() as u64,
+                p90_latency: percentile(&latencies, 0.9),
+            }
+        })
+        .collect()
+}
+
+/// Runs both halves and returns (without varco, with varco).
+pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
+    let portal = start_portal(s).await.map_err(|e| e.to_string())?;
+    let without = crowd(
+        format!("http://{}", portal.addr),
+        s,
+        false,
+        Instant::now(),
+        Arc::new(Log::default()),
+    )
+    .await;
+    drop(portal);
+    let room = format!(
+        "admission_per_minute = {}\nmax_active = {}",
+        s.admission_per_minute, s.max_active
+    );
+    let with = through_varco(s, &room, &[]).await?;
+    Ok((without, with.outcome))
 }
 
 /// The comparison as a table.
