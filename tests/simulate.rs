@@ -11,6 +11,7 @@ async fn varco_turns_a_crash_into_a_queue() {
     let s = SimSettings {
         citizens: 80,
         capacity: 4,
+        service_time: Duration::from_millis(20),
         admission_per_minute: 1200,
         max_active: 8,
         patience: Duration::from_secs(60),

@@ -40,7 +40,7 @@ impl CompareSettings {
             too_low_per_minute: 0.0,
             adaptive_min_per_minute: 60.0,
             adaptive_max_per_minute: 0.0,
-            target_latency: Duration::from_millis(600),
+            target_latency: Duration::from_millis(400),
         };
         let knee = c.knee_per_minute();
         c.too_high_per_minute = (3.0 * knee).round();

@@ -20,7 +20,7 @@ use crate::page::escape;
 
 /// A request that has taken this many service times is abandoned with a
 /// 500, as an application server's request timeout would.
-const PORTAL_TIMEOUT_FACTOR: u32 = 10;
+pub const PORTAL_TIMEOUT_FACTOR: u32 = 10;
 
 /// Form bodies are tiny; anything larger is not a citizen filling a form.
 const MAX_FORM_BYTES: usize = 16 * 1024;

@@ -39,7 +39,9 @@ impl Default for SimSettings {
         SimSettings {
             citizens: 300,
             capacity: 20,
-            service_time: PortalSettings::default().service_time,
+            // Slower than the demo's default portal, so that a crowd of a
+            // few hundred is well past its knee.
+            service_time: Duration::from_millis(100),
             admission_per_minute: 1200,
             max_active: 20,
             patience: Duration::from_secs(90),
@@ -610,10 +612,11 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
     let secs = |v: Option<f64>| v.map(|x| format!("{x:.1} s")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
     out.push_str(&format!(
-        "click day: {} citizens at once, demo portal capacity {} (500s past {}), varco: {} new sessions/min, max_active {}\n\n",
+        "click day: {} citizens at once, demo portal capacity {} at {} ms a request (500 past {} ms), varco: {} new sessions/min, max_active {}\n\n",
         s.citizens,
         s.capacity,
-        2 * s.capacity,
+        s.service_time.as_millis(),
+        s.service_time.as_millis() * super::portal::PORTAL_TIMEOUT_FACTOR as u128,
         s.admission_per_minute,
         s.max_active
     ));
