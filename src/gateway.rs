@@ -65,7 +65,11 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
 
 /// An in-flight slot, or the 503 for a person who is admitted but whose
 /// request found the cap and its queue full.
-async fn enter(room: &Room, cap: &InFlight, json: bool) -> Result<Slot, Response<Body>> {
+async fn enter(
+    room: &Room,
+    cap: &InFlight,
+    json: bool,
+) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
     let refused = match cap.enter().await {
         Ok(slot) => {
@@ -73,10 +77,15 @@ async fn enter(room: &Room, cap: &InFlight, json: bool) -> Result<Slot, Response
             if w > Duration::from_millis(1) {
                 room.metrics.in_flight_wait_seconds.observe(w.as_secs_f64());
             }
-            return Ok(slot);
+            return Ok((slot, w));
         }
         Err(r) => r,
     };
+    // An admitted person turned away is a failure of the path to the
+    // portal, as adaptive admission sees it.
+    if let Some(a) = &room.adaptive {
+        a.signals.send().answer(waited.elapsed(), true);
+    }
     match refused {
         Refused::QueueFull => room.metrics.rejected_in_flight_full.inc(),
         Refused::Waited => {
@@ -191,9 +200,9 @@ impl Gateway {
             (Vec::new(), None)
         };
 
-        let slot = match &room.in_flight {
+        let (slot, queued) = match &room.in_flight {
             Some(cap) => match enter(room, cap, json).await {
-                Ok(slot) => Some(slot),
+                Ok((slot, queued)) => (Some(slot), queued),
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.
                     for c in set_cookies {
@@ -202,9 +211,9 @@ impl Gateway {
                     return (resp, None);
                 }
             },
-            None => None,
+            None => (None, Duration::ZERO),
         };
-        let (mut resp, upstream) = match self.forwarder.forward(room, req, conn).await {
+        let (mut resp, upstream) = match self.forwarder.forward(room, req, conn, queued).await {
             Ok(f) => (f.response, Some(f.upstream)),
             Err(e) => {
                 if e.side() == Side::Upstream {

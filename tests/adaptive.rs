@@ -30,10 +30,14 @@ async fn finds_the_knee_backs_off_and_recovers() {
     let low = knee(CAPACITY / 2);
     // The operator knows only a floor, a generous ceiling and the latency
     // the portal should keep (twice its unloaded time); the rate starts
-    // at the floor.
+    // at the floor. The in-flight cap, twice the capacity they believe
+    // in, keeps the admitted people's retries from piling onto a portal
+    // that just lost half its strength (the collapse no rate can undo).
     let room = format!(
-        "adaptive = {{ min_per_minute = 60, max_per_minute = {}, target_latency = \"400ms\", interval = \"1s\", step_per_minute = 60 }}",
+        "adaptive = {{ min_per_minute = 60, max_per_minute = {}, target_latency = \"400ms\", interval = \"1s\", step_per_minute = 60 }}\n\
+         in_flight = {{ limit = {} }}",
         5.0 * high,
+        2 * CAPACITY,
     );
     let run = through_varco(
         &s,

@@ -54,11 +54,15 @@ impl Forwarder {
         }
     }
 
+    /// `queued`: how long the request waited for an in-flight slot; it
+    /// counts in the latency adaptive admission judges, since admitted
+    /// people waited it.
     pub async fn forward(
         &self,
         room: &Room,
         mut req: Request<Incoming>,
         conn: ConnInfo,
+        queued: Duration,
     ) -> Result<Forwarded, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -148,7 +152,7 @@ impl Forwarder {
             let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
             let mut signal = |failed: bool| {
                 if let Some(o) = outstanding.as_mut() {
-                    o.answer(started.elapsed(), failed);
+                    o.answer(queued + started.elapsed(), failed);
                 }
             };
             let metrics = &room.upstream_metrics[index];

@@ -323,13 +323,18 @@ pub fn judge(c: &AdaptiveConfig, window: &Window) -> Option<Verdict> {
 /// is the window's latency percentile: a cut for latency is as deep as
 /// the overshoot (target / observed), never gentler than 0.95 nor deeper
 /// than `backoff`, so a rate a little over the knee is trimmed, not
-/// halved, while a collapsing portal gets the full cut at once.
+/// halved, while a collapsing portal gets the full cut at once. `peak` is
+/// the rate of the last cut: within 10% of it either way the step is
+/// halved, so the rate creeps past the knee it found instead of running
+/// through it, and moves at full speed elsewhere (TCP CUBIC's idea, in
+/// its simplest form).
 pub fn next_rate(
     c: &AdaptiveConfig,
     verdict: Verdict,
     observed: Option<Duration>,
     demand: bool,
     rate: f64,
+    peak: Option<f64>,
 ) -> Option<(f64, Reason)> {
     let next = match verdict {
         Verdict::Overloaded(reason) => {
@@ -342,10 +347,16 @@ pub fn next_rate(
             ((rate * factor).max(c.min_per_minute), reason)
         }
         // Growing while nobody waits would raise a limit nothing tests.
-        Verdict::Healthy if demand => (
-            (rate + c.step_per_minute).min(c.max_per_minute),
-            Reason::Headroom,
-        ),
+        Verdict::Healthy if demand => {
+            let next = rate + c.step_per_minute;
+            let near_the_knee = peak.is_some_and(|p| (0.9 * p..=1.1 * p).contains(&next));
+            let step = if near_the_knee {
+                c.step_per_minute / 2.0
+            } else {
+                c.step_per_minute
+            };
+            ((rate + step).min(c.max_per_minute), Reason::Headroom)
+        }
         Verdict::Healthy => return None,
     };
     (next.0 != rate).then_some(next)
@@ -380,6 +391,8 @@ struct State {
     last: Window,
     /// Intervals left unjudged after a cut (see [`SETTLE_INTERVALS`]).
     settling: u32,
+    /// The rate at the last cut: where the knee was last seen.
+    peak: Option<f64>,
     /// The latency percentile of the last window judged slow: while each
     /// slow window is faster than the one before, the last cut is working
     /// off the backlog, and cutting again would overshoot downwards.
@@ -440,6 +453,15 @@ impl Controller {
         verdict
     }
 
+    /// Where the knee was last seen: the rate when it was last cut.
+    pub fn peak(&self) -> Option<f64> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).peak
+    }
+
+    pub fn cut_from(&self, rate: f64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).peak = Some(rate);
+    }
+
     /// The rate or the limit changed: what was sent before is not the new
     /// setting's doing; `settle` intervals pass unjudged.
     pub fn changed(&self, settle: u32) {
@@ -484,7 +506,28 @@ mod tests {
         demand: bool,
         rate: f64,
     ) -> Option<(f64, Reason)> {
-        judge(c, w).and_then(|v| next_rate(c, v, w.percentile(c.percentile), demand, rate))
+        judge(c, w).and_then(|v| next_rate(c, v, w.percentile(c.percentile), demand, rate, None))
+    }
+
+    #[test]
+    fn creeps_up_on_the_last_knee() {
+        let c = config();
+        let h = Verdict::Healthy;
+        assert_eq!(
+            next_rate(&c, h, None, true, 500.0, Some(1000.0)),
+            Some((560.0, Reason::Headroom)),
+            "far below the last cut: the full step"
+        );
+        assert_eq!(
+            next_rate(&c, h, None, true, 880.0, Some(1000.0)),
+            Some((910.0, Reason::Headroom)),
+            "near it: half a step"
+        );
+        assert_eq!(
+            next_rate(&c, h, None, true, 1100.0, Some(1000.0)),
+            Some((1160.0, Reason::Headroom)),
+            "well past it (the portal got stronger): the full step"
+        );
     }
 
     #[test]

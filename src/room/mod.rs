@@ -239,18 +239,16 @@ impl Room {
                 tracing::info!(room = %self.name, from = limit, to = next, latency_ms, failure_rate = failures, "adaptive in-flight limit {}", if next > limit { "raised" } else { "lowered" });
             }
         }
-        let change =
-            adaptive::next_rate(&ctl.config, verdict, latency, demand, rate).map(|(to, reason)| {
-                Change {
-                    from: rate,
-                    to,
-                    direction: if to > rate {
-                        adaptive::Direction::Increase
-                    } else {
-                        adaptive::Direction::Decrease
-                    },
-                    reason,
-                }
+        let change = adaptive::next_rate(&ctl.config, verdict, latency, demand, rate, ctl.peak())
+            .map(|(to, reason)| Change {
+                from: rate,
+                to,
+                direction: if to > rate {
+                    adaptive::Direction::Increase
+                } else {
+                    adaptive::Direction::Decrease
+                },
+                reason,
             });
         if let Some(change) = &change {
             self.set_per_minute(Some(change.to));
@@ -258,6 +256,9 @@ impl Room {
             changed = true;
             if change.reason == adaptive::Reason::Latency {
                 settle = adaptive::SETTLE_INTERVALS;
+            }
+            if change.direction == adaptive::Direction::Decrease {
+                ctl.cut_from(change.from);
             }
             tracing::info!(
                 room = %self.name,
