@@ -62,6 +62,8 @@ pub struct ListenerSettings {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub keepalive_timeout: Duration,
+    /// A write that makes no progress for this long ends the connection.
+    pub send_timeout: Duration,
     pub tls_handshake_timeout: Duration,
 }
 
@@ -81,6 +83,7 @@ impl ListenerSettings {
             max_headers: s.max_headers,
             header_read_timeout: s.header_read_timeout,
             keepalive_timeout: s.keepalive_timeout,
+            send_timeout: s.send_timeout,
             tls_handshake_timeout: s.tls_handshake_timeout,
         }
     }
@@ -100,6 +103,7 @@ impl ListenerSettings {
             max_headers: DEFAULT_MAX_HEADERS,
             header_read_timeout: d(DEFAULT_HEADER_READ_TIMEOUT),
             keepalive_timeout: d(DEFAULT_KEEPALIVE_TIMEOUT),
+            send_timeout: d(DEFAULT_SEND_TIMEOUT),
             tls_handshake_timeout: d(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
         }
     }
@@ -218,6 +222,8 @@ async fn serve_connection<IO, H>(
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
+        send_timeout: settings.send_timeout,
+        stalled: None,
     });
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -363,10 +369,40 @@ async fn idle_expired(activity: Arc<Activity>, timeout: Duration) {
 }
 
 pin_project! {
+    /// The connection's bytes: marks activity for the idle timeout, and
+    /// ends a write that makes no progress for `send_timeout` (a client
+    /// that stopped reading a response would otherwise hold the
+    /// connection, and its upstream request, forever; the idle timeout
+    /// does not apply while a request is in flight).
     struct ActivityIo<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        send_timeout: Duration,
+        // Armed when a write first finds the socket full.
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+/// Disarms on progress; on a blocked write, arms the timer (once) and
+/// fails the write when it fires.
+fn watch_write<R>(
+    stalled: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    send_timeout: Duration,
+    cx: &mut Context<'_>,
+    r: Poll<io::Result<R>>,
+) -> Poll<io::Result<R>> {
+    if r.is_ready() {
+        *stalled = None;
+        return r;
+    }
+    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took no data within send_timeout",
+        ))),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -397,7 +433,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
         }
-        r
+        watch_write(this.stalled, *this.send_timeout, cx, r)
     }
 
     fn poll_write_vectored(
@@ -410,7 +446,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
         }
-        r
+        watch_write(this.stalled, *this.send_timeout, cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -418,7 +454,9 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        watch_write(this.stalled, *this.send_timeout, cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

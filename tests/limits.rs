@@ -240,3 +240,48 @@ async fn one_address_cannot_take_every_connection() {
     assert!(again.is_some(), "the freed place was not given back");
     drop(b);
 }
+
+/// A client that asks for a large response and stops reading it is
+/// disconnected after `send_timeout`, though a request is in flight (the
+/// keep-alive idle timeout does not apply then).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
+    ))
+    .await;
+    let open = || async {
+        let text = get(&format!("http://{}/metrics", v.admin)).await.text();
+        text.lines()
+            .find(|l| l.starts_with("varco_open_connections "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut reader = TcpStream::connect(v.addr).await.unwrap();
+    reader
+        .write_all(b"GET /download?bytes=1000000000 HTTP/1.1\r\nHost: portal\r\n\r\n")
+        .await
+        .unwrap();
+    // The response starts (the head arrives), then nothing more is read.
+    let mut head = [0u8; 512];
+    let n = reader.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(open().await, 1, "the reader's connection is open");
+    let mut closed = false;
+    for _ in 0..200 {
+        if open().await == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed,
+        "a client reading nothing still holds its connection"
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
+    drop(reader);
+}

@@ -30,6 +30,9 @@ pub const DEFAULT_BODY_READ_TIMEOUT: &str = "30s";
 /// Connections one address may hold open at once. Generous: many citizens
 /// share one address behind a carrier's NAT; trusted proxies are exempt.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// nginx's `send_timeout`: a client that takes nothing of a response for
+/// this long is gone, or is holding the connection on purpose (slow read).
+pub const DEFAULT_SEND_TIMEOUT: &str = "60s";
 /// nginx's `keepalive_timeout`.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "75s";
 /// A TLS handshake is a few round trips; 10 s covers a slow phone link.
@@ -196,6 +199,7 @@ pub struct RawServer {
     pub body_read_timeout: String,
     pub max_connections_per_ip: usize,
     pub keepalive_timeout: String,
+    pub send_timeout: String,
     pub tls_handshake_timeout: String,
     pub shutdown_grace: String,
 }
@@ -216,6 +220,7 @@ impl Default for RawServer {
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT.into(),
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
+            send_timeout: DEFAULT_SEND_TIMEOUT.into(),
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),
         }

@@ -53,6 +53,7 @@ pub struct ServerConfig {
     /// 0: no limit per address.
     pub max_connections_per_ip: usize,
     pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub shutdown_grace: Duration,
 }

@@ -127,6 +127,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         body_read_timeout: p.duration("server.body_read_timeout", &s.body_read_timeout),
         max_connections_per_ip: s.max_connections_per_ip,
         keepalive_timeout: p.duration("server.keepalive_timeout", &s.keepalive_timeout),
+        send_timeout: p.duration("server.send_timeout", &s.send_timeout),
         tls_handshake_timeout: p.duration("server.tls_handshake_timeout", &s.tls_handshake_timeout),
         shutdown_grace: p.duration("server.shutdown_grace", &s.shutdown_grace),
     };
