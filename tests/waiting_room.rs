@@ -594,3 +594,35 @@ async fn status_polls_are_limited_per_address() {
     }
     assert_eq!(codes, [200, 200, 429, 429], "a burst of 8/4 = 2 polls");
 }
+
+/// A pass is a bearer credential: copied into another browser it lets the
+/// copy in, but it is still one session. It takes no second slot, a third
+/// person still waits, and when the session ends it ends for both.
+#[tokio::test]
+async fn a_copied_pass_is_one_session_not_two() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut owner = g.citizen();
+    assert!(owner.get("/").await.reached_upstream());
+    let mut copy = g.citizen();
+    copy.jar.insert(
+        "varco_pass_portal".into(),
+        owner.cookie("varco_pass_portal").unwrap().to_string(),
+    );
+    assert!(copy.get("/").await.reached_upstream(), "the copy is let in");
+    let mut third = g.citizen();
+    assert!(
+        third.get("/").await.is_waiting_page(),
+        "the copy took no second slot"
+    );
+    let room = g.app.room("portal").unwrap();
+    assert_eq!(room.store.view().active, 1, "one session, two browsers");
+    // The portal ends the session through the owner: the copy is out too.
+    assert_eq!(owner.get("/release").await.status, 200);
+    let after = copy.get("/").await;
+    assert!(
+        !after.reached_upstream(),
+        "the copied pass outlived its session"
+    );
+    assert!(third.get("/").await.reached_upstream(), "the slot went on");
+}
