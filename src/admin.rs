@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` for Prometheus, `/healthz` (the process
 //! answers), `/readyz` (ready for traffic), and, when tokens are
 //! configured, the admin API under `/api/` (bearer token): list rooms,
-//! change a room's mode, rate or cap live, drain it, reload the config.
+//! change a room's mode, rate or cap live, drain it, reload the config;
+//! and `/status`, the operator page over that API (same tokens).
 //! Every change is logged on target `varco::audit` with the token's id.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,19 +32,63 @@ impl Admin {
         Admin { app, ready, tokens }
     }
 
-    /// The id of the token the request carries, if it is one of ours.
+    /// The id of the token the request carries, if it is one of ours: as
+    /// a bearer token (scripts, `varco ctl`), or as the password of HTTP
+    /// Basic (a browser on the operator page asks for it natively).
     fn caller(&self, req: &Request<Incoming>) -> Option<&str> {
-        let presented = req
-            .headers()
-            .get(AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")?
-            .trim();
+        let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+        let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
+            bearer.trim().to_string()
+        } else {
+            use base64::Engine;
+            let encoded = header.strip_prefix("Basic ")?.trim();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            text.split_once(':')?.1.to_string()
+        };
         self.tokens
             .iter()
             .find(|t| constant_time_eq(t.token.as_bytes(), presented.as_bytes()))
             .map(|t| t.id.as_str())
+    }
+
+    /// The operator page: for each room its mode, line, sessions, rates,
+    /// wait and upstream health, live, with the last hour drawn.
+    fn operator_page(&self, req: &Request<Incoming>) -> Response<Body> {
+        if self.tokens.is_empty() {
+            return text(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "the operator page needs admin tokens: see [admin] in the README\n".into(),
+            );
+        }
+        if self.caller(req).is_none() {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                "an admin token is required (as the password)\n".into(),
+            );
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"varco admin\", charset=\"UTF-8\""),
+            );
+            return r;
+        }
+        let mut r = text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::page::OPERATOR_PAGE.to_string(),
+        );
+        // Nothing from elsewhere: the page and its own API, no more.
+        r.headers_mut().insert(
+            http::header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+        );
+        r
     }
 }
 
@@ -129,6 +174,9 @@ impl Admin {
             (Method::GET, ["rooms"]) => {
                 let rooms: Vec<Value> = self.app.rooms().iter().map(|r| room_state(r)).collect();
                 json_response(StatusCode::OK, json!({ "rooms": rooms }))
+            }
+            (Method::GET, ["history"]) => {
+                json_response(StatusCode::OK, self.app.history().to_json())
             }
             (Method::GET, ["rooms", name]) => match self.app.room(name) {
                 Some(r) => json_response(StatusCode::OK, room_state(&r)),
@@ -221,6 +269,7 @@ impl Handler for Admin {
                 self.app.metrics().render(),
             ),
             "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+            "/status" => self.operator_page(&req),
             // Degraded is still ready: a node without its store keeps
             // serving admitted people, and taking every node out of the
             // load balancer at once would lock everyone out.

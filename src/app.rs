@@ -19,6 +19,7 @@ use crate::admin::Admin;
 use crate::clock::{self, SharedClock};
 use crate::config::{Config, ConfigErrors, ServerConfig, StoreKind};
 use crate::gateway::Gateway;
+use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::{client, Forwarder};
@@ -92,6 +93,8 @@ pub struct App {
     /// Serialises reloads, and holds the keys in force: an ephemeral key
     /// must outlive a reload, or every ticket and pass would die with it.
     reloading: tokio::sync::Mutex<Keyring>,
+    /// The last hour of each room, for the operator page.
+    history: History,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -133,6 +136,7 @@ impl App {
             routing,
             store_trouble: std::sync::Mutex::new(None),
             reloading: tokio::sync::Mutex::new(keys),
+            history: History::default(),
         })
     }
 
@@ -152,6 +156,10 @@ impl App {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// Re-reads the config file and swaps in its rooms. Places in line and
@@ -225,6 +233,7 @@ impl App {
                 trouble = Some(format!("room {}: {e}", room.name));
             }
         }
+        self.history.sample(&self.rooms(), now);
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_some() && trouble.is_none() {
             tracing::info!("the store answers again");

@@ -26,6 +26,7 @@ pub mod ctl;
 pub mod demo;
 pub mod gate;
 pub mod gateway;
+pub mod history;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -204,13 +204,26 @@ fn main() -> ExitCode {
                 Some(path) => Config::load(path),
                 None => Config::from_toml(varco::config::DEMO_CONFIG, Path::new(".")),
             };
-            let cfg = match cfg {
+            let mut cfg = match cfg {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("demo config: {e}");
                     return ExitCode::from(2);
                 }
             };
+            // The demo has no token file: one made now opens the operator
+            // page (and the API) for this run only.
+            if cfg.admin_tokens.is_empty() {
+                let token = format!("{:032x}", varco::room::token::random_u128());
+                println!(
+                    "operator page: http://{}/status (any user name; password {token})",
+                    cfg.server.admin_listen
+                );
+                cfg.admin_tokens.push(varco::config::AdminToken {
+                    id: "demo".into(),
+                    token,
+                });
+            }
             let portal = PortalSettings {
                 capacity,
                 ..PortalSettings::default()

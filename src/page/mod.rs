@@ -10,6 +10,10 @@ use crate::body::{full, Body};
 
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
 
+/// The operator page the admin listener serves at `/status`: one file,
+/// no external assets, drawing from `/api/rooms` and `/api/history`.
+pub const OPERATOR_PAGE: &str = include_str!("operator.html");
+
 /// True when the client asked for JSON rather than a page (API clients,
 /// the waiting page's own polling).
 pub fn wants_json(headers: &HeaderMap) -> bool {

@@ -1,0 +1,240 @@
+// A citizen and an operator in Debian's Chromium, driven by playwright-core.
+// Run by tests/browser.rs, which starts the demo portal and varco in front
+// of it (max_active = 1) and passes their addresses in the environment:
+//   VARCO_URL, ADMIN_URL, ADMIN_TOKEN, ARTIFACTS (screenshot folder),
+//   CHROMIUM (the browser binary).
+// Other people in line are plain HTTP clients with their own cookie jars.
+// Any failed check throws: the process exits non-zero with the reason.
+
+import { chromium } from "playwright-core";
+import { readFileSync, mkdirSync } from "node:fs";
+import { createRequire } from "node:module";
+
+const VARCO = process.env.VARCO_URL;
+const ADMIN = process.env.ADMIN_URL;
+const TOKEN = process.env.ADMIN_TOKEN;
+const ARTIFACTS = process.env.ARTIFACTS;
+mkdirSync(ARTIFACTS, { recursive: true });
+const require = createRequire(import.meta.url);
+const AXE = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+
+function check(cond, what) {
+  if (!cond) throw new Error("check failed: " + what);
+  console.log("ok: " + what);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Polls `f` until it returns a truthy value: the readiness signal of a
+// change in varco (a tick, a claim), never a fixed sleep.
+async function until(what, f, ms = 20000) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    // A page in the middle of a navigation throws: not yet.
+    const v = await f().catch(() => false);
+    if (v) return v;
+    await sleep(100);
+  }
+  throw new Error("never: " + what);
+}
+
+/** A person with a cookie jar, outside the browser. */
+class Person {
+  constructor(name) {
+    this.name = name;
+    this.jar = new Map();
+  }
+  async req(method, path, form) {
+    const headers = {};
+    if (this.jar.size) headers.cookie = [...this.jar].map(([k, v]) => `${k}=${v}`).join("; ");
+    if (form) headers["content-type"] = "application/x-www-form-urlencoded";
+    const r = await fetch(VARCO + path, { method, headers, body: form, redirect: "manual" });
+    for (const c of r.headers.getSetCookie()) {
+      const [kv, ...attrs] = c.split(";");
+      const i = kv.indexOf("=");
+      if (attrs.some((a) => a.trim() === "Max-Age=0")) this.jar.delete(kv.slice(0, i));
+      else this.jar.set(kv.slice(0, i), kv.slice(i + 1));
+    }
+    return { status: r.status, text: await r.text() };
+  }
+  async status() {
+    const headers = { accept: "application/json" };
+    if (this.jar.size) headers.cookie = [...this.jar].map(([k, v]) => `${k}=${v}`).join("; ");
+    return (await fetch(VARCO + "/.varco/status?room=portal", { headers })).json();
+  }
+  /** Logs in and submits an application: the portal then releases the slot. */
+  async applyAndLeave() {
+    const login = await this.req("POST", "/login", "citizen=" + this.name);
+    check(login.status === 303, `${this.name} logged in (${login.status})`);
+    const apply = await this.req("POST", "/apply", "iban=IT60X0542811101000000123456");
+    check(apply.status === 200 && apply.text.includes("received"), `${this.name} applied and left`);
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-dev-shm-usage"],
+});
+
+try {
+  // 1. The portal is at capacity: one person holds the only slot, one more waits.
+  const holder = new Person("HOLDER1");
+  const first = await holder.req("GET", "/");
+  check(first.text.includes("Portale Bonus"), "the first person is admitted straight to the portal");
+  const second = new Person("SECOND2");
+  const waiting = await second.req("GET", "/");
+  check(waiting.text.includes('id="position"'), "the second person gets the waiting page");
+
+  // 2. A phone opens the login page through varco: the waiting page, third in line.
+  const phone = await browser.newContext({
+    viewport: { width: 360, height: 740 },
+    deviceScaleFactor: 2,
+    isMobile: true,
+    hasTouch: true,
+    locale: "it-IT",
+  });
+  const tab = await phone.newPage();
+  await tab.clock.install();
+  await tab.goto(VARCO + "/login");
+  const pos = async (p) => (await p.textContent("#position")).trim();
+  const ticketOf = async (p) => (await p.textContent("#ticket")).trim();
+  check((await pos(tab)) === "2", "the waiting page shows place 2 in line (one waits ahead)");
+  const ticket = await ticketOf(tab);
+  check(/^\d+$/.test(ticket), `the page shows the ticket number (${ticket})`);
+  await tab.screenshot({ path: `${ARTIFACTS}/waiting-360.png`, fullPage: true });
+
+  // 3. Accessibility: axe-core in the page finds nothing serious or critical.
+  await tab.addScriptTag({ content: AXE });
+  const axe = await tab.evaluate(async () => {
+    const r = await window.axe.run(document, { resultTypes: ["violations"] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.length }));
+  });
+  const grave = axe.filter((v) => v.impact === "serious" || v.impact === "critical");
+  console.log("axe violations: " + JSON.stringify(axe));
+  check(grave.length === 0, "axe-core: no serious or critical violation on the waiting page");
+
+  // 4. A reload keeps the place; a second tab of the same browser shares it.
+  await tab.reload();
+  check((await ticketOf(tab)) === ticket && (await pos(tab)) === "2", "reload keeps the ticket and the place");
+  const tab2 = await phone.newPage();
+  await tab2.goto(VARCO + "/login");
+  check((await ticketOf(tab2)) === ticket, "a second tab shows the same ticket, not a new one");
+  const line = (await second.status()).queue_length;
+  check(line === 2, `still two in line after reload and a second tab (${line})`);
+  await tab2.close();
+
+  // The same page at desktop width, for the record.
+  const desk = await browser.newContext({ viewport: { width: 1280, height: 800 }, locale: "en-GB" });
+  const deskTab = await desk.newPage();
+  // A look only: the ticket would join the line, so the page is shown from
+  // the phone's cookies.
+  await desk.addCookies(await phone.cookies());
+  await deskTab.goto(VARCO + "/login");
+  check((await ticketOf(deskTab)) === ticket, "the 1280 px view is the same ticket");
+  await deskTab.screenshot({ path: `${ARTIFACTS}/waiting-1280.png`, fullPage: true });
+  await desk.close();
+
+  // 5. Someone leaves: the one ahead is called, comes in, and the page
+  // (polling on its own) shows place 1.
+  await holder.applyAndLeave();
+  await until("the second person is called", async () => (await second.status()).state === "admitted");
+  const in2 = await second.req("GET", "/");
+  check(in2.text.includes("Portale Bonus"), "the second person comes in on their own ticket");
+  await until("the page shows place 1", async () => {
+    await tab.clock.runFor(31000);
+    return (await pos(tab)) === "1";
+  });
+  check(true, "the place improved from 2 to 1 without touching the page");
+
+  // 6. The one ahead leaves: the page lets the phone in, by itself, onto
+  // the page first asked for.
+  await second.applyAndLeave();
+  await until("the phone is admitted onto /login", async () => {
+    await tab.clock.runFor(31000);
+    return new URL(tab.url()).pathname === "/login" && (await tab.content()).includes("Portale Bonus");
+  });
+  check((await tab.textContent("h2")).includes("Log in"), "admitted without a touch, on the login page first asked for");
+  await tab.screenshot({ path: `${ARTIFACTS}/admitted-360.png`, fullPage: true });
+
+  // 7. Without JavaScript it still gets through (the page refreshes itself).
+  const nojs = await browser.newContext({ javaScriptEnabled: false, viewport: { width: 360, height: 740 } });
+  const plain = await nojs.newPage();
+  await plain.goto(VARCO + "/login");
+  check((await plain.content()).includes('id="position"'), "without JavaScript: the waiting page");
+  // The phone fills in the form and submits: the portal releases its slot.
+  await tab.fill('input[name="citizen"]', "PHONE3");
+  await tab.click("button");
+  await tab.waitForURL(/\/apply$/);
+  await tab.fill('input[name="iban"]', "IT60X0542811101000000123456");
+  await tab.click("button");
+  await tab.waitForSelector("text=received");
+  check(true, "the phone applied through varco; its slot is given back");
+  await plain.waitForURL(/\/login$/, { timeout: 60000 });
+  await until("the no-JavaScript page reaches the portal", async () => (await plain.content()).includes("Portale Bonus"), 60000);
+  check(true, "without JavaScript: admitted by the page's own refresh");
+  await nojs.close();
+  await phone.close();
+
+  // 8. The operator page: behind the token, live, with the last hour.
+  // (A browser would now ask for a password; headless, it just fails.)
+  const denied = await fetch(ADMIN + "/status");
+  check(
+    denied.status === 401 && (denied.headers.get("www-authenticate") || "").startsWith("Basic"),
+    "without the token: 401, and the browser is asked for it"
+  );
+  const wrong = await fetch(ADMIN + "/status", {
+    headers: { authorization: "Basic " + Buffer.from("anna:not-the-token").toString("base64") },
+  });
+  check(wrong.status === 401, "a wrong password: 401");
+  // As a browser does once the operator typed the token as the password.
+  const ops = await browser.newContext({
+    viewport: { width: 1280, height: 800 },
+    httpCredentials: { username: "operator", password: TOKEN },
+  });
+  const op = await ops.newPage();
+  const external = [];
+  op.on("request", (r) => {
+    if (!r.url().startsWith(ADMIN)) external.push(r.url());
+  });
+  await op.clock.install();
+  await op.goto(ADMIN + "/status");
+  const card = 'section[data-room="portal"]';
+  await op.waitForSelector(card);
+  const field = async (f) => (await op.textContent(`${card} [data-field="${f}"]`)).trim();
+  check((await field("mode")) === "queue", "the operator sees the room's mode");
+  const active = await field("active_sessions");
+  check(/^\d+ \/ 1$/.test(active), `active sessions against max_active (${active})`);
+  check(/^\d+$/.test(await field("queue_length")), "the queue length");
+  check((await field("admission_per_minute")) === "600", "the admission rate");
+  check((await field("estimated_wait")).length > 0, "the estimated wait");
+  check(
+    (await op.textContent(`${card} li[data-upstream]`)).includes("healthy"),
+    "the upstream's health"
+  );
+  const points = await op.getAttribute(`${card} figure[data-chart="people"] polyline[data-series="queue_length"]`, "points");
+  check(points !== null && points.trim().split(" ").length >= 1, "a chart of the last hour");
+  // Live: the room is paused through the API, and the page shows it.
+  const paused = await fetch(ADMIN + "/api/rooms/portal/pause", {
+    method: "POST",
+    headers: { authorization: "Bearer " + TOKEN },
+  });
+  check(paused.status === 200, "paused through the admin API");
+  await until("the page shows the pause", async () => {
+    await op.clock.runFor(2500);
+    return (await field("mode")) === "paused";
+  });
+  check(true, "the operator page updates live");
+  await op.screenshot({ path: `${ARTIFACTS}/operator-1280.png`, fullPage: true });
+  check(external.length === 0, "the operator page loads nothing from elsewhere: " + external.join(", "));
+  await op.addScriptTag({ content: AXE });
+  const opAxe = await op.evaluate(async () =>
+    (await window.axe.run(document, { resultTypes: ["violations"] })).violations
+      .filter((v) => v.impact === "serious" || v.impact === "critical")
+      .map((v) => v.id)
+  );
+  check(opAxe.length === 0, "axe-core: no serious or critical violation on the operator page " + opAxe.join(", "));
+  await ops.close();
+} finally {
+  await browser.close();
+}
+console.log("all browser checks passed");
