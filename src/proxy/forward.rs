@@ -147,8 +147,9 @@ impl Forwarder {
             })?;
 
             let started = Instant::now();
-            // What adaptive admission learns from: the upstream's own
-            // latency and failures, never the client's.
+            // What adaptive admission learns from: the upstream's latency
+            // (with the wait for an in-flight slot) and its failures,
+            // never the client's.
             let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
             let mut signal = |failed: bool| {
                 if let Some(o) = outstanding.as_mut() {

@@ -363,4 +363,46 @@ mod tests {
             .verify::<TicketClaims>(&parts.join("."), &aud, now)
             .is_none());
     }
+
+    /// Algorithm confusion: a token correctly signed with the room's own
+    /// secret, but under another algorithm the header names (HS384,
+    /// HS512), or under "none", is refused: the algorithm is pinned.
+    #[test]
+    fn another_algorithm_with_the_right_key_is_refused() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let k = ring2();
+        let now = 1_800_000_000_000;
+        let claims = PassClaims::new("portal", 42, 1, now, 600_000);
+        let payload = b64(&serde_json::to_vec(&claims).unwrap());
+        let aud = audience("pass", "portal");
+        for (alg, hmac) in [
+            ("HS384", Some(ring::hmac::HMAC_SHA384)),
+            ("HS512", Some(ring::hmac::HMAC_SHA512)),
+            ("none", None),
+        ] {
+            let header =
+                b64(format!("{{\"alg\":\"{alg}\",\"kid\":\"new\",\"typ\":\"JWT\"}}").as_bytes());
+            let signing_input = format!("{header}.{payload}");
+            let sig = match hmac {
+                Some(a) => b64(ring::hmac::sign(
+                    &ring::hmac::Key::new(a, &[2; 32]),
+                    signing_input.as_bytes(),
+                )
+                .as_ref()),
+                None => String::new(),
+            };
+            let token = format!("{signing_input}.{sig}");
+            assert!(
+                k.verify::<PassClaims>(&token, &aud, now).is_none(),
+                "{alg} accepted"
+            );
+        }
+        // The same claims signed as varco signs them do verify: the
+        // refusals above are about the algorithm, not the claims.
+        assert_eq!(
+            k.verify::<PassClaims>(&k.sign(&claims), &aud, now),
+            Some(claims)
+        );
+    }
 }
