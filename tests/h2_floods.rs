@@ -128,14 +128,9 @@ async fn an_endless_header_block_is_cut_off() {
 
 /// Client connections open on varco's public listener.
 async fn open_connections(v: &Varco) -> u64 {
-    get(&format!("http://{}/metrics", v.admin))
+    common::client::metric(v.admin, "varco_open_connections", "")
         .await
-        .text()
-        .lines()
-        .find(|l| l.starts_with("varco_open_connections "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,7 @@ use common::gated::{gated_config, Citizen, Gated};
 use common::upstream;
 
 async fn metric(g: &Gated, name: &str, labels: &str) -> Option<f64> {
-    let text = get(&format!("http://{}/metrics", g.admin)).await.text();
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    common::client::metric(g.admin, name, labels).await
 }
 
 /// Polls `cond` until it holds: the readiness signal of a request that

@@ -253,12 +253,9 @@ async fn a_client_that_stops_reading_is_cut_off() {
     ))
     .await;
     let open = || async {
-        let text = get(&format!("http://{}/metrics", v.admin)).await.text();
-        text.lines()
-            .find(|l| l.starts_with("varco_open_connections "))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
+        common::client::metric(v.admin, "varco_open_connections", "")
+            .await
+            .unwrap_or(0.0) as u64
     };
     let mut reader = TcpStream::connect(v.addr).await.unwrap();
     reader

@@ -408,27 +408,25 @@ impl Run {
         self.outcome.completed as f64 * 60.0 / self.seconds.max(1.0)
     }
 
-    /// The mean admission rate in force over [from, to) seconds.
-    pub fn mean_rate(&self, from: f64, to: f64) -> Option<f64> {
-        let r: Vec<f64> = self
-            .timeline
+    /// The samples of the rate in force within (from, to] seconds.
+    fn rates(&self, from: f64, to: f64) -> Vec<f64> {
+        self.timeline
             .iter()
             .filter(|s| s.t > from && s.t <= to)
             .filter_map(|s| s.rate_per_minute)
-            .collect();
+            .collect()
+    }
+
+    /// The mean admission rate in force over (from, to] seconds.
+    pub fn mean_rate(&self, from: f64, to: f64) -> Option<f64> {
+        let r = self.rates(from, to);
         (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
     }
 
-    /// The median admission rate in force over [from, to) seconds: where
+    /// The median admission rate in force over (from, to] seconds: where
     /// a sawtooth sits, whatever the depth of its troughs.
     pub fn median_rate(&self, from: f64, to: f64) -> Option<f64> {
-        let r: Vec<f64> = self
-            .timeline
-            .iter()
-            .filter(|s| s.t > from && s.t <= to)
-            .filter_map(|s| s.rate_per_minute)
-            .collect();
-        percentile(&r, 0.5)
+        percentile(&self.rates(from, to), 0.5)
     }
 
     /// Portal answers and 5xx over [from, to) seconds.

@@ -53,6 +53,22 @@ pub async fn get(url: &str) -> Got {
     send(Request::get(url).body(body::empty()).unwrap()).await
 }
 
+/// The value of the first series of metric `name` on varco's admin
+/// listener whose line contains `labels` ("" for the unlabelled one).
+pub async fn metric(admin: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    get(&format!("http://{admin}/metrics"))
+        .await
+        .text()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|l| l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub async fn send(req: Request<Body>) -> Got {
     let resp = http1().request(req).await.expect("request");
     read(resp).await
