@@ -196,6 +196,20 @@ async fn bad_tokens_never_admit_and_never_error() {
         assert!(got.status < 500, "{name}={value:.30}: {}", got.status);
         assert!(!got.reached_upstream(), "{name}={value:.30} admitted");
     }
+    // Garbage of every size up to past the header limit (32 KiB): a page
+    // or a 431, never a pass and never a 5xx.
+    for size in [1, 100, 1000, 4095, 4097, 8000, 16_000, 32_000, 40_000] {
+        for name in ["varco_pass_portal", "varco_ticket_portal"] {
+            let mut forger = g.citizen();
+            forger.jar.insert(
+                name.into(),
+                "A.b-_".repeat(size / 5 + 1)[..size].to_string(),
+            );
+            let got = forger.get("/").await;
+            assert!(got.status < 500, "{name} of {size} bytes: {}", got.status);
+            assert!(!got.reached_upstream(), "{name} of {size} bytes admitted");
+        }
+    }
     assert_eq!(up.hits(), 1);
 }
 
