@@ -67,6 +67,14 @@ async fn finds_the_knee_backs_off_and_recovers() {
             x.p90_latency.unwrap_or(0.0) * 1000.0
         );
     }
+    // How long after `from` the rate in force first satisfied `ok`.
+    let first_after = |from: f64, ok: &dyn Fn(f64) -> bool| {
+        run.timeline
+            .iter()
+            .filter(|x| x.t > from)
+            .find(|x| x.rate_per_minute.is_some_and(ok))
+            .map(|x| x.t - from)
+    };
     let rate_at = |t: f64| {
         run.timeline
             .iter()
@@ -91,12 +99,7 @@ async fn finds_the_knee_backs_off_and_recovers() {
     );
 
     // Backs off within seconds of the portal losing half its strength...
-    let backed_off = run
-        .timeline
-        .iter()
-        .filter(|x| x.t > drop_at)
-        .find(|x| x.rate_per_minute.is_some_and(|r| r <= 1.1 * low))
-        .map(|x| x.t - drop_at);
+    let backed_off = first_after(drop_at, &|r| r <= 1.1 * low);
     assert!(
         backed_off.is_some_and(|d| d <= 8.0),
         "rate not under {:.0}/min within 8 s of the drop: {backed_off:?}",
@@ -135,12 +138,7 @@ async fn finds_the_knee_backs_off_and_recovers() {
     );
 
     // Recovers when the capacity returns.
-    let recovered = run
-        .timeline
-        .iter()
-        .filter(|x| x.t > back_at)
-        .find(|x| x.rate_per_minute.is_some_and(|r| r >= 0.8 * high))
-        .map(|x| x.t - back_at);
+    let recovered = first_after(back_at, &|r| r >= 0.8 * high);
     assert!(
         recovered.is_some_and(|d| d <= 14.0),
         "rate not back over {:.0}/min within 14 s: {recovered:?}",
