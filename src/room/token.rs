@@ -9,9 +9,11 @@
 
 use std::sync::Arc;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
 use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtSigner, JwtVerifier};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Clock skew tolerated between nodes when checking `exp` and `nbf`
@@ -36,7 +38,23 @@ impl std::fmt::Debug for SigningKey {
 /// The keys varco knows; the last one signs.
 #[derive(Clone, Debug)]
 pub struct Keyring {
-    keys: Arc<Vec<(SigningKey, EncodingKey, DecodingKey)>>,
+    keys: Arc<Vec<(SigningKey, DecodingKey)>>,
+    signer: Arc<Signer>,
+}
+
+/// The newest key, ready to sign: its HMAC key schedule and its encoded
+/// JWT header are computed once, not per ticket (jsonwebtoken's `encode`
+/// rebuilds both on every call; a click day signs a ticket per arrival).
+struct Signer {
+    hmac: ring::hmac::Key,
+    /// `base64url(header) + "."`
+    header: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer")
+    }
 }
 
 /// What a ticket says: the room, the place in line and when it was issued.
@@ -85,16 +103,24 @@ pub fn audience(kind: &str, room: &str) -> String {
 impl Keyring {
     pub fn new(keys: Vec<SigningKey>) -> Self {
         install_provider();
-        let keys = keys
+        let keys: Vec<_> = keys
             .into_iter()
             .map(|k| {
-                let e = EncodingKey::from_secret(&k.secret);
                 let d = DecodingKey::from_secret(&k.secret);
-                (k, e, d)
+                (k, d)
             })
             .collect();
+        let newest = &keys.last().expect("a keyring has at least one key").0;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(newest.id.clone());
+        let header = serde_json::to_vec(&header).expect("a JWT header serialises");
+        let signer = Signer {
+            hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
+            header: format!("{}.", B64.encode(header)),
+        };
         Keyring {
             keys: Arc::new(keys),
+            signer: Arc::new(signer),
         }
     }
 
@@ -111,18 +137,21 @@ impl Keyring {
     }
 
     pub fn key(&self, id: &str) -> Option<&SigningKey> {
-        self.keys
-            .iter()
-            .find(|(k, _, _)| k.id == id)
-            .map(|(k, _, _)| k)
+        self.keys.iter().find(|(k, _)| k.id == id).map(|(k, _)| k)
     }
 
+    /// A compact JWT (RFC 7519) signed HS256 with the newest key: what
+    /// `jsonwebtoken::encode` produces, and what `verify` (through
+    /// jsonwebtoken) accepts.
     pub fn sign<T: Serialize>(&self, claims: &T) -> String {
-        let (k, enc, _) = self.keys.last().expect("a keyring has at least one key");
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some(k.id.clone());
-        jsonwebtoken::encode(&header, claims, enc)
-            .expect("HS256 signing with a valid key cannot fail")
+        let payload = serde_json::to_vec(claims).expect("claims serialise");
+        let mut token = String::with_capacity(self.signer.header.len() + payload.len() * 2 + 48);
+        token.push_str(&self.signer.header);
+        B64.encode_string(payload, &mut token);
+        let tag = ring::hmac::sign(&self.signer.hmac, token.as_bytes());
+        token.push('.');
+        B64.encode_string(tag.as_ref(), &mut token);
+        token
     }
 
     /// Verifies signature, algorithm, key id, issuer, audience and the
@@ -141,7 +170,7 @@ impl Keyring {
             return None;
         }
         let kid = header.kid?;
-        let (_, _, dec) = self.keys.iter().find(|(k, _, _)| k.id == kid)?;
+        let (_, dec) = self.keys.iter().find(|(k, _)| k.id == kid)?;
         let mut v = Validation::new(Algorithm::HS256);
         v.algorithms = vec![Algorithm::HS256];
         v.set_audience(&[aud]);
@@ -313,6 +342,23 @@ mod tests {
             .verify(&token, &audience("ticket", "portal"), now)
             .unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn signing_matches_jsonwebtoken_byte_for_byte() {
+        // The signer skips jsonwebtoken's per-call key setup; its output
+        // must stay exactly the library's, so any JWT tool reads it.
+        let k = ring2();
+        let t = TicketClaims::new("portal", 7, 3, 1_800_000_000_000, 60_000, "/a?b=\"c\"");
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("new".into());
+        let expected = jsonwebtoken::encode(
+            &header,
+            &t,
+            &jsonwebtoken::EncodingKey::from_secret(&[2; 32]),
+        )
+        .unwrap();
+        assert_eq!(k.sign(&t), expected);
     }
 
     #[test]
