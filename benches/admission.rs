@@ -129,6 +129,9 @@ fn page(c: &mut Criterion) {
         updated: "2026-12-01T08:00:00Z".into(),
         ticket: Some(12_345),
         paused: false,
+        receipt: Some("portal-12345-20261201T075500Z-K7QX9M2A".into()),
+        arrived: Some("2026-12-01T07:55:00Z".into()),
+        lottery: None,
     };
     c.bench_function("page/render_waiting_page", |b| {
         b.iter(|| {

@@ -175,6 +175,31 @@ impl Admin {
                 let rooms: Vec<Value> = self.app.rooms().iter().map(|r| room_state(r)).collect();
                 json_response(StatusCode::OK, json!({ "rooms": rooms }))
             }
+            // A citizen's receipt or ticket, checked for them (the same as
+            // `varco receipt verify`, with the keys of this running varco).
+            (Method::GET, ["receipts", text]) => {
+                match crate::room::receipt::verify(&self.app.keys(), text) {
+                    Ok(v) => json_response(StatusCode::OK, v.to_json()),
+                    Err(why) => {
+                        json_response(StatusCode::OK, json!({ "genuine": false, "reason": why }))
+                    }
+                }
+            }
+            // The admission log as written: one JSON record per line, for
+            // `varco audit verify`.
+            (Method::GET, ["audit"]) => match self.app.audit() {
+                None => problem(
+                    StatusCode::NOT_FOUND,
+                    "no admission log: set audit.log in the config",
+                ),
+                Some(log) => match std::fs::read_to_string(log.path()) {
+                    Ok(t) => text(StatusCode::OK, "application/x-ndjson", t),
+                    Err(e) => problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("cannot read the admission log: {e}"),
+                    ),
+                },
+            },
             (Method::GET, ["history"]) => {
                 json_response(StatusCode::OK, self.app.history().to_json())
             }

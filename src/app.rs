@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::audit::AuditLog;
 use crate::clock::{self, SharedClock};
 use crate::config::{Config, ConfigErrors, ServerConfig, StoreKind};
 use crate::gateway::Gateway;
@@ -95,6 +96,11 @@ pub struct App {
     reloading: tokio::sync::Mutex<Keyring>,
     /// The last hour of each room, for the operator page.
     history: History,
+    /// The admission log, when `audit.log` is set.
+    audit: Option<AuditLog>,
+    /// Rooms this node advanced at the last tick: a room it starts
+    /// advancing (a lease taken over) is logged from where it stands.
+    audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -127,6 +133,24 @@ impl App {
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
+        let audit = match &config.audit_log {
+            Some(path) => Some(AuditLog::open(path, &node_name()).map_err(|e| {
+                AppError::Store(format!("audit.log: cannot open {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        if let (Some(log), Stores::Memory(_)) = (&audit, &stores) {
+            let routing = routing.load();
+            for room in routing.rooms.iter() {
+                log.baseline_if_new(&room.name, room.store.view().serving);
+            }
+        }
+        // One node alone advances every room from the start; in a cluster
+        // a node logs only what it advances once it holds the lease.
+        let audit_led = match &stores {
+            Stores::Memory(_) => config.rooms.iter().map(|r| r.name.clone()).collect(),
+            Stores::Redis(_) => Default::default(),
+        };
         Ok(App {
             config,
             config_path: None,
@@ -137,7 +161,46 @@ impl App {
             store_trouble: std::sync::Mutex::new(None),
             reloading: tokio::sync::Mutex::new(keys),
             history: History::default(),
+            audit,
+            audit_led: std::sync::Mutex::new(audit_led),
         })
+    }
+
+    /// The keys in force (the rooms sign with them; a reload may have
+    /// rotated them since the start).
+    pub fn keys(&self) -> Keyring {
+        self.rooms()
+            .first()
+            .map(|r| r.keys.clone())
+            .unwrap_or_else(|| self.config.keys.clone())
+    }
+
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
+    /// Appends what `room` admitted since the last record, if this node
+    /// advances it.
+    fn log_admissions(&self, room: &Room, now: u64) {
+        let Some(audit) = &self.audit else { return };
+        let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
+        if !room.store.leads() {
+            led.remove(&room.name);
+            return;
+        }
+        let serving = room.store.view().serving;
+        if led.insert(room.name.clone()) {
+            audit.baseline(&room.name, serving);
+            return;
+        }
+        match audit.observe(&room.name, serving, now) {
+            Ok(Some(_)) => self.metrics.audit_records.inc(),
+            Ok(None) => {}
+            Err(e) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!(room = %room.name, error = %e, path = %audit.path().display(), "cannot append to the admission log");
+            }
+        }
     }
 
     /// Remembers the file the config came from, for reloads.
@@ -231,7 +294,9 @@ impl App {
                     .inc();
                 tracing::warn!(room = %room.name, error = %e, "admission tick failed");
                 trouble = Some(format!("room {}: {e}", room.name));
+                continue;
             }
+            self.log_admissions(room, now);
         }
         self.history.sample(&self.rooms(), now);
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
@@ -440,6 +505,15 @@ fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     toml::to_string(a).ok() != toml::to_string(b).ok()
 }
 
+/// This machine's name, for the admission log's `node` field.
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "varco".into())
+}
+
 /// Where the rooms' counters live.
 enum Stores {
     Memory(Arc<MemoryStore>),
@@ -466,14 +540,17 @@ fn build_rooms(
                 }
                 Stores::Redis(redis) => redis.room(&r.name),
             };
-            Arc::new(Room::new(
-                r.clone(),
-                config.upstream.fail_cooldown,
-                metrics,
-                store,
-                keys.clone(),
-                tick,
-            ))
+            Arc::new(
+                Room::new(
+                    r.clone(),
+                    config.upstream.fail_cooldown,
+                    metrics,
+                    store,
+                    keys.clone(),
+                    tick,
+                )
+                .with_arrival_key(config.arrival_key.as_deref()),
+            )
         })
         .collect()
 }

@@ -1,7 +1,9 @@
 //! The waiting room's part of the request path, for a gated room:
 //!
-//! bypass? -> exempt path? -> live pass? -> eligible ticket? -> room free
-//! and nobody waiting? -> otherwise a ticket and the waiting page.
+//! bypass? -> exempt path? -> live pass? -> a lapsed pass coming back
+//! (after a portal failure, or from a login detour)? -> a ticket on a login
+//! detour? -> eligible ticket? -> room free and nobody waiting? ->
+//! otherwise a ticket and the waiting page.
 //!
 //! The store makes each admission atomically; this module turns cookies
 //! into claims and decisions into responses.
@@ -18,6 +20,7 @@ use crate::cookies;
 use crate::page::waiting::{self, Status};
 use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lottery::Lottery;
+use crate::room::receipt::Receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::Room;
 use crate::store::{Liveness, NewSession, RoomView, StoreError};
@@ -27,11 +30,12 @@ pub const RELEASE_HEADER: &str = "x-varco-release";
 
 /// What the gate decided for one request.
 pub enum Gate {
-    /// Send it upstream; add these cookies to the response; `session` is
-    /// the pass's session, for a release by the portal.
+    /// Send it upstream; add these cookies to the response; `pass` is the
+    /// pass in force (its session, for a release by the portal; its place
+    /// in the order of arrival, for `X-Varco-Arrival`).
     Proxy {
         set_cookies: Vec<HeaderValue>,
-        session: Option<u128>,
+        pass: Option<PassClaims>,
     },
     /// Answer it here (waiting page, JSON, 429, closed).
     Respond(Response<Body>),
@@ -87,7 +91,7 @@ fn is_bypass(room: &Room, r: &GateRequest) -> bool {
 
 /// Compares without stopping at the first difference, so the time taken
 /// says nothing about how much of a guessed secret was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -121,17 +125,81 @@ fn safe_path(p: &str) -> Option<&str> {
         .then_some(p)
 }
 
-fn pass_cookie(room: &Room, sid: u128, n: u64, r: &GateRequest) -> HeaderValue {
+/// A new pass for ticket number `n`, who arrived at `arrived_ms`.
+fn new_pass(room: &Room, sid: u128, n: u64, arrived_ms: u64, now_ms: u64) -> PassClaims {
     let idle = room.config.session_idle.as_millis() as u64;
     // The cookie lives twice the idle time and is renewed when half gone:
     // the store's session, not the cookie, decides when it ends.
-    let claims = PassClaims::new(&room.name, sid, n, r.now_ms, 2 * idle);
-    cookies::set(
-        &room.pass_cookie,
-        &room.keys.sign(&claims),
-        2 * idle / 1000,
-        r.tls,
-    )
+    PassClaims {
+        arr: arrived_ms,
+        ..PassClaims::new(&room.name, sid, n, now_ms, 2 * idle)
+    }
+}
+
+/// The same pass, valid for another two idle times from now.
+pub fn renewed(room: &Room, pass: &PassClaims, now_ms: u64) -> PassClaims {
+    let idle = room.config.session_idle.as_millis() as u64;
+    PassClaims {
+        nbf: now_ms / 1000,
+        exp: (now_ms + 2 * idle).div_ceil(1000),
+        ..pass.clone()
+    }
+}
+
+pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
+    let max_age = (claims.exp * 1000).saturating_sub(claims.nbf * 1000) / 1000;
+    cookies::set(&room.pass_cookie, &room.keys.sign(claims), max_age, tls)
+}
+
+/// A pass that lapsed, coming back ahead of the queue: on a login detour's
+/// callback within `flow_window` of its expiry, or after the portal failed
+/// the person (within `failure_grace` of the extended session's end, at
+/// most `max_reentries` times). None: not such a pass; the usual gate.
+async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, StoreError> {
+    let Some(token) = cookies::get(r.headers, &room.pass_cookie) else {
+        return Ok(None);
+    };
+    let c = &room.config;
+    let ms = |d: Duration| d.as_millis() as u64;
+    let (idle, grace, window) = (ms(c.session_idle), ms(c.failure_grace), ms(c.flow_window));
+    let aud = audience("pass", &room.name);
+    let Some(pass) =
+        room.keys
+            .verify_lapsed::<PassClaims>(token, &aud, r.now_ms, window.max(2 * grace))
+    else {
+        return Ok(None);
+    };
+    let Some(sid) = pass.session_id() else {
+        return Ok(None);
+    };
+    let detour = room.is_flow_path(r.path_and_query) && pass.exp * 1000 + window >= r.now_ms;
+    // The failure extended the session to f + idle + grace; a grace more
+    // to come back.
+    let failed = pass.f > 0 && r.now_ms <= pass.f + idle + 2 * grace;
+    let mut back = renewed(room, &pass, r.now_ms);
+    if detour {
+        if !room.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
+            return Ok(None);
+        }
+        room.metrics.reentries_after_detour.inc();
+    } else if failed {
+        if pass.re >= c.max_reentries {
+            room.metrics.reentries_refused.inc();
+            return Ok(None);
+        }
+        if !room.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
+            return Ok(None);
+        }
+        back.re += 1;
+        room.metrics.reentries_after_failure.inc();
+    } else {
+        return Ok(None);
+    }
+    tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");
+    Ok(Some(Gate::Proxy {
+        set_cookies: vec![pass_cookie(room, &back, r.tls)],
+        pass: Some(back),
+    }))
 }
 
 fn new_session(room: &Room, r: &GateRequest) -> NewSession {
@@ -167,19 +235,26 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     {
         return Ok(Gate::Proxy {
             set_cookies: vec![],
-            session: None,
+            pass: None,
         });
     }
     if let Some(pass) = live_pass(room, r).await? {
         let mut set_cookies = vec![];
         let idle = room.config.session_idle.as_millis() as u64;
-        if pass.exp * 1000 < r.now_ms + idle {
-            set_cookies.push(pass_cookie(room, pass.session_id().unwrap_or(0), pass.n, r));
-        }
+        let pass = if pass.exp * 1000 < r.now_ms + idle {
+            let pass = renewed(room, &pass, r.now_ms);
+            set_cookies.push(pass_cookie(room, &pass, r.tls));
+            pass
+        } else {
+            pass
+        };
         return Ok(Gate::Proxy {
             set_cookies,
-            session: pass.session_id(),
+            pass: Some(pass),
         });
+    }
+    if let Some(gate) = come_back(room, r).await? {
+        return Ok(gate);
     }
 
     let limits = room.limits();
@@ -199,6 +274,15 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             .to_string()
     };
 
+    // A login detour is never queued for someone already in line: the
+    // identity provider's callback reaches the portal, whatever its method.
+    if ticket.is_some() && room.is_flow_path(r.path_and_query) {
+        return Ok(Gate::Proxy {
+            set_cookies: vec![],
+            pass: None,
+        });
+    }
+
     if limits.mode == Mode::Closed {
         room.metrics.rejected_closed.inc();
         let status = status_for(room, ticket.as_ref(), &view, r.now_ms, "closed");
@@ -214,13 +298,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         room.metrics
                             .wait_seconds
                             .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
+                        let pass = new_pass(room, session.sid, n, t.at, r.now_ms);
                         let set_cookies = vec![
-                            pass_cookie(room, session.sid, n, r),
+                            pass_cookie(room, &pass, r.tls),
                             cookies::clear(&room.ticket_cookie, r.tls),
                         ];
                         return Ok(Gate::Proxy {
                             set_cookies,
-                            session: Some(session.sid),
+                            pass: Some(pass),
                         });
                     }
                     Claim::NotYet { .. } => {
@@ -250,13 +335,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     if safe_get && limits.mode == Mode::Queue && view.waiting == 0 {
         let session = new_session(room, r);
         if let Some(n) = room.store.admit_directly(limits, session, r.now_ms).await? {
-            let mut set_cookies = vec![pass_cookie(room, session.sid, n, r)];
+            let pass = new_pass(room, session.sid, n, r.now_ms, r.now_ms);
+            let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
             if ticket.is_some() {
                 set_cookies.push(cookies::clear(&room.ticket_cookie, r.tls));
             }
             return Ok(Gate::Proxy {
                 set_cookies,
-                session: Some(session.sid),
+                pass: Some(pass),
             });
         }
     }
@@ -376,6 +462,11 @@ pub fn status_for(
         // The number in line once known; before that the pre-queue number.
         ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
         paused: room.mode() == Mode::Paused,
+        receipt: ticket
+            .and_then(|t| Receipt::of(&room.name, t))
+            .map(|r| r.to_text(&room.keys)),
+        arrived: ticket.map(|t| rfc3339(t.at)),
+        lottery: room.lottery_info(view, now_ms),
     }
 }
 

@@ -22,6 +22,8 @@ use crate::page;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
+use crate::room::arrival;
+use crate::room::token::PassClaims;
 use crate::room::Room;
 use crate::router::SharedRouting;
 
@@ -175,14 +177,14 @@ impl Gateway {
         json: bool,
     ) -> (Response<Body>, Option<usize>) {
         let secure = self.is_https(&req, conn);
-        let (set_cookies, session) = if room.is_gated() {
+        let mut req = req;
+        // Only varco says where someone stands in line.
+        req.headers_mut().remove(arrival::HEADER);
+        let (set_cookies, pass) = if room.is_gated() {
             let now = self.clock.now_ms();
             let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
-                Ok(Gate::Proxy {
-                    set_cookies,
-                    session,
-                }) => (set_cookies, session),
+                Ok(Gate::Proxy { set_cookies, pass }) => (set_cookies, pass),
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
                     tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
@@ -213,26 +215,50 @@ impl Gateway {
             },
             None => (None, Duration::ZERO),
         };
-        let (mut resp, upstream) = match self.forwarder.forward(room, req, conn, queued).await {
-            Ok(f) => (f.response, Some(f.upstream)),
-            Err(e) => {
-                if e.side() == Side::Upstream {
-                    tracing::warn!(room = %room.name, error = %e, "upstream failure");
-                } else {
-                    tracing::debug!(room = %room.name, error = %e, "client failure");
+        if let (Some(key), Some(p)) = (&room.arrival_key, &pass) {
+            let a = arrival::Arrival {
+                room: room.name.clone(),
+                n: p.n,
+                at_ms: if p.arr > 0 { p.arr } else { p.at },
+            };
+            req.headers_mut()
+                .insert(arrival::HEADER, arrival::header(key, &a));
+        }
+        let (mut resp, upstream, portal_failed) =
+            match self.forwarder.forward(room, req, conn, queued).await {
+                Ok(f) => {
+                    let failed = f.response.status().is_server_error();
+                    (f.response, Some(f.upstream), failed)
                 }
-                (page::error(e.status(), e.public_message(), json), None)
-            }
-        };
+                Err(e) => {
+                    let upstream_side = e.side() == Side::Upstream;
+                    if upstream_side {
+                        tracing::warn!(room = %room.name, error = %e, "upstream failure");
+                    } else {
+                        tracing::debug!(room = %room.name, error = %e, "client failure");
+                    }
+                    (
+                        page::error(e.status(), e.public_message(), json),
+                        None,
+                        upstream_side,
+                    )
+                }
+            };
         for c in set_cookies {
             resp.headers_mut().append(SET_COOKIE, c);
         }
+        if portal_failed {
+            if let Some(p) = &pass {
+                self.keep_turn(room, p, &mut resp, secure);
+            }
+        }
+        let session = pass.as_ref().and_then(|p| p.session_id());
         // The portal ends the session (e.g. after the application was
         // submitted): the slot goes to the next in line at once.
         if let Some(v) = resp.headers_mut().remove(RELEASE_HEADER) {
             if v.as_bytes() == b"1" {
                 if let Some(sid) = session {
-                    let _ = room.store.end_session(sid).await;
+                    let _ = room.store.end_session(sid, self.clock.now_ms()).await;
                     let _ = room.store.tick(room.limits(), self.clock.now_ms()).await;
                 }
                 resp.headers_mut()
@@ -251,6 +277,26 @@ impl Gateway {
             None => resp,
         };
         (resp, upstream)
+    }
+
+    /// The portal failed an admitted person: their session lives
+    /// `failure_grace` longer, and their pass (re-sent, marked with the
+    /// failure's time) can bring them back ahead of the queue if it lapses
+    /// anyway. The last Set-Cookie for a name wins, so this one replaces
+    /// any pass the gate set on the same response.
+    fn keep_turn(&self, room: &Room, pass: &PassClaims, resp: &mut Response<Body>, secure: bool) {
+        let Some(sid) = pass.session_id() else { return };
+        let now = self.clock.now_ms();
+        let c = &room.config;
+        let extended = (c.session_idle + c.failure_grace).as_millis() as u64;
+        room.store.touch(sid, now, extended);
+        let marked = PassClaims {
+            f: now,
+            ..gate::renewed(room, pass, now)
+        };
+        resp.headers_mut()
+            .append(SET_COOKIE, gate::pass_cookie(room, &marked, secure));
+        room.metrics.pass_extensions.inc();
     }
 
     /// Whether the person's browser spoke HTTPS: varco's own TLS, or a

@@ -12,13 +12,17 @@
 //!   answer with a [`page`] (errors, the waiting page).
 //! - [`proxy`]: upstream choice, pooled client, header rules, streaming.
 //! - [`admin`]: `/metrics` ([`metrics`]), `/healthz`, `/readyz`.
+//! - [`audit`]: the hash-chained admission log the ticker appends to.
+//! - [`checks`]: the receipt, lottery and audit checks anyone can run.
 //! - [`demo`]: the embedded demo portal `varco demo` protects.
 //! - [`body`], [`clock`], [`logging`]: the shared body type; time; logs.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod body;
+pub mod checks;
 pub mod clock;
 pub mod config;
 pub mod cookies;

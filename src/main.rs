@@ -60,6 +60,21 @@ enum Command {
         #[command(subcommand)]
         action: varco::ctl::Action,
     },
+    /// Check a queue receipt or ticket.
+    Receipt {
+        #[command(subcommand)]
+        action: varco::checks::ReceiptAction,
+    },
+    /// Check the pre-queue draw.
+    Lottery {
+        #[command(subcommand)]
+        action: varco::checks::LotteryAction,
+    },
+    /// Check or export the admission log.
+    Audit {
+        #[command(subcommand)]
+        action: varco::checks::AuditAction,
+    },
     /// A click day in miniature: citizens against the demo portal, without
     /// and then with varco in front; prints the comparison. With
     /// --compare: a fixed rate too high, one too low, and adaptive.
@@ -117,6 +132,9 @@ fn main() -> ExitCode {
             let path = std::fs::canonicalize(&config).unwrap_or(config);
             exit(serve(cfg, cli.log_format, None, Some(path)))
         }
+        Command::Receipt { action } => checked(varco::checks::receipt(action)),
+        Command::Lottery { action } => checked(varco::checks::lottery(action)),
+        Command::Audit { action } => checked(varco::checks::audit(action)),
         Command::Ctl {
             admin,
             token_env,
@@ -332,5 +350,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// A check's answer: on stdout when it passed (exit 0), on stderr when
+/// it did not (exit 1).
+fn checked(o: varco::checks::Outcome) -> ExitCode {
+    if o.ok {
+        println!("{}", o.text);
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{}", o.text);
+        ExitCode::FAILURE
     }
 }

@@ -46,6 +46,11 @@ pub const NAMES: &[&str] = &[
     "varco_room_in_flight",
     "varco_room_in_flight_limit",
     "varco_room_in_flight_queued",
+    "varco_pass_extensions_total",
+    "varco_reentries_total",
+    "varco_reentries_refused_total",
+    "varco_audit_records_total",
+    "varco_audit_write_errors_total",
 ];
 
 pub struct Metrics {
@@ -64,6 +69,11 @@ pub struct Metrics {
     pub wait_seconds: HistogramVec,
     pub adaptive_adjustments: IntCounterVec,
     pub in_flight_wait_seconds: HistogramVec,
+    pub pass_extensions: IntCounterVec,
+    pub reentries: IntCounterVec,
+    pub reentries_refused: IntCounterVec,
+    pub audit_records: IntCounter,
+    pub audit_write_errors: IntCounter,
 }
 
 /// Waits in line: seconds to hours.
@@ -184,8 +194,38 @@ impl Metrics {
             &["room"],
         )
         .expect("valid metric");
+        let pass_extensions = counter(
+            "varco_pass_extensions_total",
+            "Passes extended because the portal failed the person (5xx or no answer)",
+            &["room"],
+        );
+        let reentries = counter(
+            "varco_reentries_total",
+            "Lapsed passes given back ahead of the queue, by reason: upstream_failure (the portal had failed them) or login_detour (a login callback came back)",
+            &["room", "reason"],
+        );
+        let reentries_refused = counter(
+            "varco_reentries_refused_total",
+            "Re-entries after a portal failure refused because the pass had used its max_reentries",
+            &["room"],
+        );
+        let audit_records = IntCounter::new(
+            "varco_audit_records_total",
+            "Records appended to the admission log",
+        )
+        .expect("valid metric");
+        let audit_write_errors = IntCounter::new(
+            "varco_audit_write_errors_total",
+            "Admission log records that could not be written durably",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pass_extensions.clone()),
+            Box::new(reentries.clone()),
+            Box::new(reentries_refused.clone()),
+            Box::new(audit_records.clone()),
+            Box::new(audit_write_errors.clone()),
             Box::new(adaptive_adjustments.clone()),
             Box::new(in_flight_wait_seconds.clone()),
             Box::new(request_seconds.clone()),
@@ -218,6 +258,11 @@ impl Metrics {
             wait_seconds,
             adaptive_adjustments,
             in_flight_wait_seconds,
+            pass_extensions,
+            reentries,
+            reentries_refused,
+            audit_records,
+            audit_write_errors,
         }
     }
 
@@ -257,6 +302,10 @@ pub struct RoomMetrics {
     pub rejected_in_flight_wait: IntCounter,
     pub wait_seconds: Histogram,
     pub in_flight_wait_seconds: Histogram,
+    pub pass_extensions: IntCounter,
+    pub reentries_after_failure: IntCounter,
+    pub reentries_after_detour: IntCounter,
+    pub reentries_refused: IntCounter,
     adjustments: IntCounterVec,
     room: String,
 }
@@ -281,6 +330,10 @@ impl RoomMetrics {
             rejected_in_flight_wait: rejected("in_flight_wait"),
             wait_seconds: m.wait_seconds.with_label_values(&[room]),
             in_flight_wait_seconds: m.in_flight_wait_seconds.with_label_values(&[room]),
+            pass_extensions: m.pass_extensions.with_label_values(&[room]),
+            reentries_after_failure: m.reentries.with_label_values(&[room, "upstream_failure"]),
+            reentries_after_detour: m.reentries.with_label_values(&[room, "login_detour"]),
+            reentries_refused: m.reentries_refused.with_label_values(&[room]),
             adjustments: m.adaptive_adjustments.clone(),
             room: room.to_string(),
         }

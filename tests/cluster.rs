@@ -399,3 +399,78 @@ async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
         .text();
     assert!(r.starts_with("degraded:"), "{r}");
 }
+
+/// Issue 10 in cluster mode: a turn kept after a portal failure and a
+/// login detour are honoured by any node, a pass the portal ended comes
+/// back on none, only the node advancing the counters writes the
+/// admission log, and every node publishes the same lottery commitment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_kept_detours_and_the_admission_log_across_nodes() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-cluster-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let room = "max_active = 1\nsession_idle = \"1m\"\nfailure_grace = \"2m\"\n\
+                flow_paths = [\"/oidc/callback\"]\nopens_at = \"2020-01-01T00:00:00Z\"";
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let log = dir.join(format!("node{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let cfg = cluster_config(&redis, up.addr, room, "3s")
+            + &format!("[audit]\nlog = \"{}\"\n", log.display());
+        nodes.push(Gated::start(&cfg).await);
+    }
+    advance(&nodes, 1000).await;
+    assert!(nodes[0].app.room("portal").unwrap().store.leads());
+
+    // a, admitted on node 0, fails on node 1 and comes back on node 0
+    // after the extended session lapsed, ahead of b.
+    let mut a = nodes[0].citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = nodes[1].citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let mut a1 = Citizen::new(nodes[1].addr);
+    a1.jar = a.jar.clone();
+    assert_eq!(a1.get("/fail").await.status, 500);
+    // Activity reaches Redis at each node's next tick (once a second).
+    advance(&nodes, 1000).await;
+    advance(&nodes, 60_000 + 30_000).await;
+    assert_eq!(b.status("portal").await["state"], "waiting", "extended");
+    advance(&nodes, 3 * 60_000).await;
+    let mut a0 = Citizen::new(nodes[0].addr);
+    a0.jar = a1.jar.clone();
+    assert!(
+        a0.get("/").await.reached_upstream(),
+        "back ahead of the line"
+    );
+
+    // A login detour: the lapsed pass comes back through the other node.
+    advance(&nodes, 3 * 60_000).await;
+    let mut a1 = Citizen::new(nodes[1].addr);
+    a1.jar = a0.jar.clone();
+    a1.jar.retain(|k, _| k == "varco_pass_portal");
+    assert!(a1.get("/oidc/callback?code=1").await.reached_upstream());
+    // Released on node 1: the same pass does not come back on node 0.
+    let kept = a1.jar.clone();
+    a1.get("/release").await;
+    let mut c = nodes[1].citizen();
+    assert!(c.get("/").await.reached_upstream(), "the released slot");
+    let mut replay = Citizen::new(nodes[0].addr);
+    replay.jar = kept;
+    assert!(!replay.get("/oidc/callback?code=2").await.reached_upstream());
+
+    // The leader logged the admissions; the other node wrote nothing.
+    advance(&nodes, 1000).await;
+    let log0 = std::fs::read_to_string(dir.join("node0.log")).unwrap();
+    let log1 = std::fs::read_to_string(dir.join("node1.log")).unwrap();
+    let summary = varco::audit::verify(log0.as_bytes()).expect("an intact chain");
+    assert!(summary.records >= 1, "{log0}");
+    assert!(log1.is_empty(), "{log1}");
+
+    // One lottery, one commitment, on every node.
+    let c0 = a0.status("portal").await["lottery"].clone();
+    let c1 = a1.status("portal").await["lottery"].clone();
+    assert_eq!(c0["commitment"], c1["commitment"]);
+    assert!(c0["seed"].is_string(), "the opening has passed: {c0}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

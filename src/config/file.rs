@@ -113,7 +113,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub store: RawStore,
     #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
     pub rooms: BTreeMap<String, RawRoom>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    /// The admission log: append-only, hash-chained, one JSON record per
+    /// line, written (and fsynced) by the node that advances the counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -139,6 +150,13 @@ pub struct RawSecrets {
     pub key_env: Option<String>,
     /// A random key made at start (the demo): tickets die with the process.
     pub ephemeral: bool,
+    /// A file holding the base64 key that signs `X-Varco-Arrival` for the
+    /// portal (a different key from the ticket keys: the portal gets it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_key_file: Option<String>,
+    /// An environment variable holding that key, in base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_key_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -307,6 +325,21 @@ pub struct RawRoom {
     pub bypass: Option<RawBypass>,
     #[serde(default)]
     pub exempt_paths: Vec<String>,
+    /// Login detours (an OIDC callback, a SAML ACS): never queued for a
+    /// person holding a ticket or a pass.
+    #[serde(default)]
+    pub flow_paths: Vec<String>,
+    /// How long after a pass lapsed a login callback still brings it back.
+    #[serde(default = "default_flow_window")]
+    pub flow_window: String,
+    /// After the portal fails an admitted person (5xx, no answer): how much
+    /// longer their pass lives, and how long after it lapses they may
+    /// still come back ahead of the queue.
+    #[serde(default = "default_failure_grace")]
+    pub failure_grace: String,
+    /// Re-entries after portal failures one pass may use (0: none).
+    #[serde(default = "default_max_reentries")]
+    pub max_reentries: u64,
     /// Waiting page language when Accept-Language names neither it nor en.
     #[serde(default = "default_language")]
     pub language: String,
@@ -434,6 +467,18 @@ fn default_hosts() -> Vec<String> {
 
 fn default_paths() -> Vec<String> {
     vec!["/".into()]
+}
+
+fn default_flow_window() -> String {
+    "10m".into()
+}
+
+fn default_failure_grace() -> String {
+    "2m".into()
+}
+
+fn default_max_reentries() -> u64 {
+    2
 }
 
 fn default_true() -> bool {

@@ -33,6 +33,10 @@ pub struct Config {
     /// Bearer tokens for the admin API, by id (who made a change).
     pub admin_tokens: Vec<AdminToken>,
     pub rooms: Vec<RoomConfig>,
+    /// The admission log's file, if any.
+    pub audit_log: Option<PathBuf>,
+    /// The key that signs `X-Varco-Arrival`, if the portal wants it.
+    pub arrival_key: Option<Vec<u8>>,
     /// The file as read, with defaults filled in: what `check-config` prints.
     pub raw: RawConfig,
 }
@@ -130,6 +134,10 @@ pub struct RoomConfig {
     pub opens_at_ms: Option<u64>,
     pub bypass: Bypass,
     pub exempt_paths: Vec<String>,
+    pub flow_paths: Vec<String>,
+    pub flow_window: Duration,
+    pub failure_grace: Duration,
+    pub max_reentries: u64,
     pub language: Language,
     /// The operator's template text, already read.
     pub page_template: Option<String>,

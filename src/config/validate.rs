@@ -337,6 +337,25 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 );
             }
         }
+        for (i, e) in r.flow_paths.iter().enumerate() {
+            if !e.starts_with('/') {
+                p.add(
+                    key(&format!("flow_paths[{i}]")),
+                    format!("\"{e}\" is not a path prefix: it starts with '/'"),
+                );
+            }
+        }
+        // Ended sessions are remembered this long; a lapsed pass must not
+        // be able to come back after its release is forgotten.
+        let window_limit = Duration::from_millis(crate::store::ENDED_MEMORY_MS);
+        let flow_window = p.duration(&key("flow_window"), &r.flow_window);
+        if flow_window > window_limit {
+            p.add(key("flow_window"), "must be at most 1h");
+        }
+        let failure_grace = p.duration(&key("failure_grace"), &r.failure_grace);
+        if failure_grace * 2 > window_limit {
+            p.add(key("failure_grace"), "must be at most 30m");
+        }
         let language = match r.language.as_str() {
             "it" => Language::It,
             "en" => Language::En,
@@ -413,6 +432,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             opens_at_ms,
             bypass,
             exempt_paths: r.exempt_paths.clone(),
+            flow_paths: r.flow_paths.clone(),
+            flow_window,
+            failure_grace,
+            max_reentries: r.max_reentries,
             language,
             page_template,
             tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
@@ -429,6 +452,19 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         rooms.push(room);
     }
 
+    let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
+    if let Some(dir) = audit_log.as_ref().and_then(|l| l.parent()) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            p.add(
+                "audit.log",
+                format!(
+                    "{} is not a directory varco can write the log in",
+                    dir.display()
+                ),
+            );
+        }
+    }
+    let arrival_key = load_arrival_key(&raw.secrets, base, &mut p);
     if p.0.is_empty() {
         let keys = keys.unwrap_or_else(Keyring::ephemeral);
         Ok(Config {
@@ -439,6 +475,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             keys,
             admin_tokens,
             rooms,
+            audit_log,
+            arrival_key,
             raw,
         })
     } else {
@@ -729,6 +767,59 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         );
     }
     Some(Keyring::new(ring))
+}
+
+/// The key that signs `X-Varco-Arrival`: base64, at least 32 bytes.
+fn load_arrival_key(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let (key, text) = match (&s.arrival_key_file, &s.arrival_key_env) {
+        (Some(_), Some(_)) => {
+            p.add(
+                "secrets.arrival_key_env",
+                "give the arrival key once: a file or an environment variable",
+            );
+            return None;
+        }
+        (Some(f), None) => {
+            let path = base.join(f);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => ("secrets.arrival_key_file", t),
+                Err(e) => {
+                    p.add(
+                        "secrets.arrival_key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(t) => ("secrets.arrival_key_env", t),
+            Err(_) => {
+                p.add(
+                    "secrets.arrival_key_env",
+                    format!("the environment variable {var} is not set"),
+                );
+                return None;
+            }
+        },
+        (None, None) => return None,
+    };
+    let t = text.trim();
+    match base64::engine::general_purpose::STANDARD
+        .decode(t)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
+    {
+        Ok(b) if b.len() >= 32 => Some(b),
+        Ok(_) => {
+            p.add(key, "the key is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`");
+            None
+        }
+        Err(_) => {
+            p.add(key, "the key is not base64");
+            None
+        }
+    }
 }
 
 /// The admin API's bearer tokens; without any, the admin listener answers

@@ -32,6 +32,25 @@ pub struct Status {
     /// Ticket number (its arrival order), for the person's own record.
     pub ticket: Option<u64>,
     pub paused: bool,
+    /// The person's queue receipt (`room-number-time-code`), to keep.
+    pub receipt: Option<String>,
+    /// When the ticket was first issued (RFC 3339, UTC).
+    pub arrived: Option<String>,
+    /// The pre-queue draw, for a room with a scheduled opening.
+    pub lottery: Option<LotteryInfo>,
+}
+
+/// The pre-queue draw, published so anyone can check it: before the
+/// opening only the SHA-256 of the seed (varco is bound to it); from the
+/// opening the seed and the number of pre-queue tickets, so
+/// `varco lottery verify` recomputes every place.
+#[derive(Debug, Clone, Serialize)]
+pub struct LotteryInfo {
+    pub commitment: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 impl Status {
@@ -95,6 +114,12 @@ struct Strings {
     paused: &'static str,
     closed: &'static str,
     ticket: &'static str,
+    receipt: &'static str,
+    arrived: &'static str,
+    /// "{c}": the commitment.
+    lottery_committed: &'static str,
+    /// "{s}", "{n}", "{c}": seed, pre-queue size, commitment.
+    lottery_revealed: &'static str,
 }
 
 const IT: Strings = Strings {
@@ -114,6 +139,10 @@ const IT: Strings = Strings {
     paused: "L'accesso è sospeso per qualche minuto. Il tuo posto è conservato.",
     closed: "Il servizio è chiuso. Il tuo posto, se ne hai uno, è conservato.",
     ticket: "Biglietto numero",
+    receipt: "Ricevuta",
+    arrived: "arrivo",
+    lottery_committed: "Sorteggio della pre-coda: varco si è impegnato sul seme, di cui questo è lo SHA-256: {c}",
+    lottery_revealed: "Sorteggio della pre-coda: seme {s} su {n} biglietti (SHA-256 pubblicato prima: {c}). Verificalo con varco lottery verify.",
 };
 
 const EN: Strings = Strings {
@@ -133,6 +162,10 @@ const EN: Strings = Strings {
     paused: "Entry is paused for a few minutes. Your place is kept.",
     closed: "The service is closed. Your place, if you have one, is kept.",
     ticket: "Ticket number",
+    receipt: "Receipt",
+    arrived: "arrived",
+    lottery_committed: "Pre-queue draw: varco is bound to a seed whose SHA-256 is {c}",
+    lottery_revealed: "Pre-queue draw: seed {s} over {n} tickets (SHA-256 published before: {c}). Check it with varco lottery verify.",
 };
 
 fn strings(l: Language) -> &'static Strings {
@@ -165,7 +198,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 25] = [
+pub const VARIABLES: [&str; 30] = [
     "lang",
     "title",
     "intro",
@@ -191,6 +224,11 @@ pub const VARIABLES: [&str; 25] = [
     "updated_time",
     "eta_about_format",
     "eta_soon",
+    "label_receipt",
+    "receipt",
+    "receipt_code",
+    "arrived_time",
+    "lottery",
 ];
 
 enum Part {
@@ -261,7 +299,22 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let show =
         |v: Option<u64>| -> Cow<str> { v.map(|n| n.to_string().into()).unwrap_or("–".into()) };
     let poll = status.poll_seconds();
-    let values: [Cow<str>; 25] = [
+    let lottery: Cow<str> = match &status.lottery {
+        None => "".into(),
+        Some(LotteryInfo {
+            commitment,
+            seed: Some(seed),
+            size,
+        }) => s
+            .lottery_revealed
+            .replace("{s}", seed)
+            .replace("{n}", &size.unwrap_or(0).to_string())
+            .replace("{c}", commitment)
+            .into(),
+        Some(l) => s.lottery_committed.replace("{c}", &l.commitment).into(),
+    };
+    let receipt = status.receipt.as_deref().unwrap_or("–");
+    let values: [Cow<str>; 30] = [
         s.lang.into(),
         s.title.into(),
         s.intro.into(),
@@ -294,6 +347,14 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             .into(),
         s.eta_about.into(),
         s.eta_soon.into(),
+        s.receipt.into(),
+        receipt.into(),
+        receipt.rsplit('-').next().unwrap_or("–").into(),
+        match &status.arrived {
+            Some(a) => format!("{} {} UTC", s.arrived, a.get(11..19).unwrap_or(a)).into(),
+            None => "".into(),
+        },
+        lottery,
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.parts {
@@ -381,6 +442,9 @@ mod tests {
             updated: "2026-12-01T08:00:00Z".into(),
             ticket: Some(142),
             paused: false,
+            receipt: Some("portal-142-20261201T075500Z-K7QX9M2A".into()),
+            arrived: Some("2026-12-01T07:55:00Z".into()),
+            lottery: None,
         }
     }
 
@@ -396,6 +460,12 @@ mod tests {
             assert!(html.len() < 30 * 1024, "{} bytes", html.len());
             assert!(html.contains(word));
             assert!(html.contains(">42<"), "position shown");
+            assert!(
+                html.contains("portal-142-20261201T075500Z-K7QX9M2A"),
+                "receipt shown"
+            );
+            assert!(html.contains(">K7QX9M2A<"), "receipt code shown");
+            assert!(html.contains("07:55:00 UTC"), "arrival shown");
             assert!(html.contains("aria-live"));
             assert!(!html.contains("{{"), "unfilled variable");
             assert!(html.contains("/apply?x=&lt;1&gt;"), "escaped");
@@ -440,6 +510,10 @@ mod tests {
                 s.ticket,
                 s.eta_about,
                 s.eta_soon,
+                s.receipt,
+                s.arrived,
+                s.lottery_committed,
+                s.lottery_revealed,
             ] {
                 assert!(!text.contains(['<', '>', '&', '"']), "{text}");
             }

@@ -9,6 +9,28 @@ use ring::hmac;
 /// pseudo-random permutation; 8 leaves a margin for small domains.
 const ROUNDS: u8 = 8;
 
+/// Lower-case hex, as the seed and its commitment are published.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    let t = text.trim();
+    if t.len() % 2 != 0 || !t.is_ascii() {
+        return None;
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// The SHA-256 of the seed, published before the pre-queue opens: once
+/// it is out, varco cannot change the seed without everyone seeing.
+pub fn commitment(seed: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, seed).as_ref())
+}
+
 pub struct Lottery {
     key: hmac::Key,
     size: u64,

@@ -5,7 +5,9 @@
 
 pub mod adaptive;
 pub mod admission;
+pub mod arrival;
 pub mod lottery;
+pub mod receipt;
 pub mod token;
 
 use std::net::IpAddr;
@@ -70,6 +72,8 @@ pub struct Room {
     pub adaptive: Option<Controller>,
     /// The cap on requests at once towards the upstreams, if any.
     pub in_flight: Option<InFlight>,
+    /// Signs `X-Varco-Arrival` for the portal, when it has the key.
+    pub arrival_key: Option<ring::hmac::Key>,
 }
 
 const UNLIMITED: u64 = u64::MAX;
@@ -114,6 +118,7 @@ impl Room {
             max_active: AtomicU64::new(config.max_active.unwrap_or(UNLIMITED)),
             adaptive: config.adaptive.clone().map(Controller::new),
             in_flight: config.in_flight.map(InFlight::new),
+            arrival_key: None,
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -137,6 +142,19 @@ impl Room {
             Keyring::ephemeral(),
             tick,
         )
+    }
+
+    pub fn with_arrival_key(mut self, secret: Option<&[u8]>) -> Self {
+        self.arrival_key = secret.map(arrival::key);
+        self
+    }
+
+    /// Whether `path` is one of the room's login detours.
+    pub fn is_flow_path(&self, path: &str) -> bool {
+        self.config
+            .flow_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
     }
 
     pub fn limits(&self) -> Limits {
@@ -213,6 +231,25 @@ impl Room {
             self.config.opens_at_ms.unwrap_or(0)
         );
         ring::hmac::sign(&key, label.as_bytes()).as_ref().to_vec()
+    }
+
+    /// What the waiting page and the status publish about the pre-queue
+    /// draw: the seed's SHA-256 from the start, the seed itself (and the
+    /// pre-queue's size) once the room has opened. None without a
+    /// scheduled opening.
+    pub fn lottery_info(
+        &self,
+        view: &crate::store::RoomView,
+        now_ms: u64,
+    ) -> Option<crate::page::waiting::LotteryInfo> {
+        let opens_at = self.config.opens_at_ms?;
+        let seed = self.lottery_seed();
+        let open = view.opened && now_ms >= opens_at;
+        Some(crate::page::waiting::LotteryInfo {
+            commitment: lottery::commitment(&seed),
+            seed: open.then(|| lottery::hex(&seed)),
+            size: open.then_some(view.prequeue),
+        })
     }
 
     /// One adaptive-admission step (each tick; the controller judges once

@@ -94,6 +94,21 @@ pub struct PassClaims {
     pub at: u64,
     pub nbf: u64,
     pub exp: u64,
+    /// When the person first arrived (their ticket's `at`), unix ms: what
+    /// the portal gets in `X-Varco-Arrival`.
+    #[serde(default)]
+    pub arr: u64,
+    /// When the portal last failed this person (5xx or no answer), unix
+    /// ms; 0: never. Lets them back in at the head of the line.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub f: u64,
+    /// Re-entries after a portal failure already used.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub re: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub fn audience(kind: &str, room: &str) -> String {
@@ -154,6 +169,38 @@ impl Keyring {
         token
     }
 
+    /// Every key, oldest first.
+    pub fn all(&self) -> impl Iterator<Item = &SigningKey> {
+        self.keys.iter().map(|(k, _)| k)
+    }
+
+    /// A ticket's claims and the id of the key that signed it, whatever
+    /// its room and however old: for checking a receipt after the fact,
+    /// never for admission.
+    pub fn verify_ticket_any_time(&self, token: &str) -> Option<(TicketClaims, String)> {
+        if token.len() > 4096 {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::HS256 {
+            return None;
+        }
+        let kid = header.kid?;
+        let (_, dec) = self.keys.iter().find(|(k, _)| k.id == kid)?;
+        let mut v = Validation::new(Algorithm::HS256);
+        v.algorithms = vec![Algorithm::HS256];
+        v.set_issuer(&[ISSUER]);
+        v.validate_aud = false;
+        v.validate_exp = false;
+        v.validate_nbf = false;
+        v.set_required_spec_claims(&["aud", "iss"]);
+        let data = jsonwebtoken::decode::<TicketClaims>(token, dec, &v).ok()?;
+        data.claims
+            .aud
+            .starts_with("varco:ticket:")
+            .then_some((data.claims, kid))
+    }
+
     /// Verifies signature, algorithm, key id, issuer, audience and the
     /// time claims against `now_ms`. Any failure is `None`.
     pub fn verify<T: DeserializeOwned + TimeClaims>(
@@ -161,6 +208,19 @@ impl Keyring {
         token: &str,
         aud: &str,
         now_ms: u64,
+    ) -> Option<T> {
+        self.verify_lapsed(token, aud, now_ms, 0)
+    }
+
+    /// `verify`, but a token that expired less than `grace_ms` ago still
+    /// counts: for a pass that may come back after a portal failure or a
+    /// login detour. Everything else is checked as strictly.
+    pub fn verify_lapsed<T: DeserializeOwned + TimeClaims>(
+        &self,
+        token: &str,
+        aud: &str,
+        now_ms: u64,
+        grace_ms: u64,
     ) -> Option<T> {
         if token.len() > 4096 {
             return None;
@@ -182,7 +242,7 @@ impl Keyring {
         v.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
         let data = jsonwebtoken::decode::<T>(token, dec, &v).ok()?;
         let c = data.claims;
-        if c.exp_ms() + LEEWAY_MS <= now_ms || c.nbf_ms() > now_ms + LEEWAY_MS {
+        if c.exp_ms() + LEEWAY_MS + grace_ms <= now_ms || c.nbf_ms() > now_ms + LEEWAY_MS {
             return None;
         }
         Some(c)
@@ -239,6 +299,9 @@ impl PassClaims {
             at: now_ms,
             nbf: now_ms / 1000,
             exp: (now_ms + valid_ms).div_ceil(1000),
+            arr: now_ms,
+            f: 0,
+            re: 0,
         }
     }
 

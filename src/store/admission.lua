@@ -2,13 +2,14 @@
 -- src/room/admission.rs, applied atomically for every node at once.
 -- KEYS: 1 state hash, 2 batches list ("at:from:to:claimed"), 3 claimed
 -- zset (score = ticket number), 4 sessions zset (score = expiry ms),
--- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base).
+-- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base),
+-- 7 ended sessions zset (score = when to forget them, ms).
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
 -- then provisional blocks as a flat epoch, base list}}.
-local st, batches, claimed, sess, hist, prov = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local per_minute = tonumber(ARGV[3])
@@ -170,6 +171,14 @@ elseif op == 'tick' then
   end
 elseif op == 'end' then
   result = redis.call('ZREM', sess, ARGV[9])
+  redis.call('ZADD', ended, tonumber(ARGV[10]), ARGV[9])
+elseif op == 'restore' then
+  -- A lapsed session back ahead of the queue, unless it was ended.
+  redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
+  if not redis.call('ZSCORE', ended, ARGV[9]) then
+    redis.call('ZADD', sess, 'GT', tonumber(ARGV[10]), ARGV[9])
+    result = 1
+  end
 elseif op == 'check' then
   local exp = redis.call('ZSCORE', sess, ARGV[9])
   if exp and tonumber(exp) > now then

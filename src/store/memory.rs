@@ -20,6 +20,8 @@ pub struct MemoryRoom {
     lottery_kid: KeyId,
     /// Session id -> expiry (unix ms). Only admitted people are here.
     sessions: DashMap<u128, AtomicU64>,
+    /// Sessions the portal ended -> when to forget them (unix ms).
+    ended: DashMap<u128, u64>,
 }
 
 impl MemoryRoom {
@@ -28,6 +30,7 @@ impl MemoryRoom {
             state: Mutex::new(state),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
+            ended: DashMap::new(),
         }
     }
 
@@ -40,6 +43,7 @@ impl MemoryRoom {
     fn purge(&self, now_ms: u64) -> u64 {
         self.sessions
             .retain(|_, exp| exp.load(Ordering::Relaxed) > now_ms);
+        self.ended.retain(|_, until| *until > now_ms);
         self.sessions.len() as u64
     }
 
@@ -115,8 +119,27 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(self.touch(sid, now_ms, idle_ms) == Liveness::Alive)).boxed()
     }
 
-    fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>> {
+    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.ended.insert(sid, now_ms + super::ENDED_MEMORY_MS);
         future::ready(Ok(self.sessions.remove(&sid).is_some())).boxed()
+    }
+
+    fn restore(
+        &self,
+        sid: u128,
+        expires_ms: u64,
+        _now_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        if self.ended.contains_key(&sid) {
+            return future::ready(Ok(false)).boxed();
+        }
+        self.sessions
+            .entry(sid)
+            .and_modify(|e| {
+                e.fetch_max(expires_ms, Ordering::Relaxed);
+            })
+            .or_insert_with(|| AtomicU64::new(expires_ms));
+        future::ready(Ok(true)).boxed()
     }
 
     fn view(&self) -> RoomView {

@@ -17,6 +17,10 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// How long an ended session is remembered: longer than any window in
+/// which a lapsed pass may come back (config validation keeps them below).
+pub const ENDED_MEMORY_MS: u64 = 3_600_000;
+
 /// A room's counters as last seen: what the waiting page and the metrics
 /// show. Never used to decide admission.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -101,7 +105,20 @@ pub trait RoomStore: Send + Sync + 'static {
         now_ms: u64,
         idle_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
-    fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Ends a session (the portal released it): its slot is free at once,
+    /// and it is remembered as ended for [`ENDED_MEMORY_MS`], so `restore`
+    /// cannot bring it back.
+    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Brings back a session that lapsed (or extends a live one) until
+    /// `expires_ms`, ahead of anyone in line: for a person the portal
+    /// failed, or one coming back from a login detour. False when the
+    /// session was ended on purpose.
+    fn restore(
+        &self,
+        sid: u128,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn view(&self) -> RoomView;
     /// Where the block of provisional tickets of outage `epoch` starts in
     /// the queue, once the store has placed it.

@@ -106,6 +106,7 @@ impl RedisStore {
                 k("sessions"),
                 k("history"),
                 k("provisional"),
+                k("ended"),
             ],
             lease_key: k("lease"),
             nodes_key: k("nodes"),
@@ -147,7 +148,7 @@ pub struct RedisRoom {
     conn: ConnectionManager,
     /// state, batches, claimed, sessions, history, provisional: one hash
     /// slot per room.
-    keys: [String; 6],
+    keys: [String; 7],
     /// Where each outage's provisional tickets were placed (epoch -> base).
     provisional: DashMap<u64, u64>,
     lease_key: String,
@@ -517,14 +518,41 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn end_session(&self, sid: u128) -> BoxFuture<'_, Result<bool, StoreError>> {
+    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
             let limits = inert_limits();
-            let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-            let r = self.call("end", &limits, now, &[hex(sid)]).await?;
+            let forget = (now_ms + super::ENDED_MEMORY_MS).to_string();
+            let r = self
+                .call("end", &limits, now_ms, &[hex(sid), forget])
+                .await?;
             Ok(r.0 == 1)
+        }
+        .boxed()
+    }
+
+    fn restore(
+        &self,
+        sid: u128,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        async move {
+            let limits = inert_limits();
+            let r = self
+                .call(
+                    "restore",
+                    &limits,
+                    now_ms,
+                    &[hex(sid), expires_ms.to_string()],
+                )
+                .await?;
+            let restored = r.0 == 1;
+            if restored {
+                self.sessions.insert(sid, AtomicU64::new(expires_ms));
+            }
+            Ok(restored)
         }
         .boxed()
     }

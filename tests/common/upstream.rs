@@ -102,6 +102,7 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             }
             text(StatusCode::OK, &n.to_string())
         }
+        "/fail" => text(StatusCode::INTERNAL_SERVER_ERROR, "the portal broke"),
         "/release" => {
             // The portal ends the session, e.g. after a submitted form.
             let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");

@@ -1,0 +1,196 @@
+//! What a citizen, a portal's developer or an auditor runs to check the
+//! queue without trusting varco's word: `varco receipt verify`,
+//! `varco lottery verify`, `varco audit verify` and `varco audit export`.
+//! Each returns what to print and whether the check passed.
+
+use std::path::Path;
+
+use clap::Subcommand;
+
+use crate::audit;
+use crate::config::Config;
+use crate::room::lottery::{self, Lottery};
+use crate::room::receipt;
+
+#[derive(Subcommand)]
+pub enum ReceiptAction {
+    /// Is this receipt (room-number-time-code, as the waiting page shows
+    /// it) or ticket (the cookie) genuine? Prints its room, number and
+    /// arrival time.
+    Verify {
+        /// The config whose keys issued it.
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+        receipt: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LotteryAction {
+    /// Where pre-queue ticket P landed, from the seed varco revealed at
+    /// the opening and the number of pre-queue tickets.
+    Verify {
+        /// The seed in hex, as the status published it at the opening.
+        #[arg(long)]
+        seed: String,
+        /// How many pre-queue tickets there were.
+        #[arg(long)]
+        size: u64,
+        /// The pre-queue number (P17 on a receipt is 17).
+        #[arg(long)]
+        position: String,
+        /// The SHA-256 published before the pre-queue opened: checked
+        /// against the seed.
+        #[arg(long)]
+        commitment: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditAction {
+    /// Checks a log's hash chain; names the record where it breaks.
+    Verify {
+        /// The log file, or - for standard input.
+        file: String,
+    },
+    /// Prints the admission log of a config (checked first) as JSON lines.
+    Export {
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+}
+
+pub struct Outcome {
+    pub ok: bool,
+    pub text: String,
+}
+
+fn fail(text: impl Into<String>) -> Outcome {
+    Outcome {
+        ok: false,
+        text: text.into(),
+    }
+}
+
+pub fn receipt(action: ReceiptAction) -> Outcome {
+    let ReceiptAction::Verify { config, receipt } = action;
+    let cfg = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: {e}", config.display())),
+    };
+    if cfg.raw.secrets.key_file.is_none() && cfg.raw.secrets.key_env.is_none() {
+        return fail("this config's key is made at start and dies with the process: ask the running varco instead (admin API: GET /api/receipts/RECEIPT)");
+    }
+    match receipt::verify(&cfg.keys, &receipt) {
+        Ok(v) => Outcome {
+            ok: true,
+            text: format!(
+                "genuine: room {}, ticket {}, arrived {} (key {}, from the {})",
+                v.receipt.room,
+                v.receipt.number_label(),
+                crate::gate::rfc3339(v.receipt.arrived * 1000),
+                v.key_id,
+                v.from
+            ),
+        },
+        Err(why) => fail(format!("not genuine: {why}")),
+    }
+}
+
+pub fn lottery(action: LotteryAction) -> Outcome {
+    let LotteryAction::Verify {
+        seed,
+        size,
+        position,
+        commitment,
+    } = action;
+    let Some(seed_bytes) = lottery::from_hex(&seed).filter(|s| !s.is_empty()) else {
+        return fail("--seed: not hex");
+    };
+    let Ok(pre) = position.trim_start_matches(['P', 'p']).parse::<u64>() else {
+        return fail("--position: a pre-queue number such as 17 or P17");
+    };
+    let mut text = String::new();
+    if let Some(c) = commitment {
+        let actual = lottery::commitment(&seed_bytes);
+        if !actual.eq_ignore_ascii_case(c.trim()) {
+            return fail(format!(
+                "the seed does NOT match the commitment: its SHA-256 is {actual}"
+            ));
+        }
+        text.push_str("the seed matches the commitment published before the opening\n");
+    }
+    match Lottery::new(&seed_bytes, size).place(pre) {
+        Some(place) => {
+            text.push_str(&format!(
+                "pre-queue ticket P{pre} of {size} landed at place {place}"
+            ));
+            Outcome { ok: true, text }
+        }
+        None => fail(format!(
+            "--position {pre} is not between 1 and --size {size}"
+        )),
+    }
+}
+
+pub fn audit(action: AuditAction) -> Outcome {
+    match action {
+        AuditAction::Verify { file } => {
+            let result = if file == "-" {
+                audit::verify(std::io::stdin().lock())
+            } else {
+                match std::fs::File::open(&file) {
+                    Ok(f) => audit::verify(f),
+                    Err(e) => return fail(format!("cannot read {file}: {e}")),
+                }
+            };
+            match result {
+                Ok(s) => {
+                    let mut rooms: Vec<_> = s.admitted.iter().collect();
+                    rooms.sort();
+                    let per_room: Vec<String> =
+                        rooms.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+                    Outcome {
+                        ok: true,
+                        text: format!(
+                            "ok: {} records, chain intact, head {}\nadmitted: {}",
+                            s.records,
+                            s.head,
+                            if per_room.is_empty() {
+                                "none".into()
+                            } else {
+                                per_room.join(", ")
+                            }
+                        ),
+                    }
+                }
+                Err(b) => fail(b.to_string()),
+            }
+        }
+        AuditAction::Export { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("{}: {e}", config.display())),
+            };
+            let Some(path) = cfg.audit_log else {
+                return fail("this config has no audit.log");
+            };
+            export(&path)
+        }
+    }
+}
+
+/// The log, if its chain holds; otherwise where it breaks.
+fn export(path: &Path) -> Outcome {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+    };
+    match audit::verify(text.as_bytes()) {
+        Ok(_) => Outcome {
+            ok: true,
+            text: text.trim_end().to_string(),
+        },
+        Err(b) => fail(format!("{}: {b}", path.display())),
+    }
+}

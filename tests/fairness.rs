@@ -1,0 +1,474 @@
+//! Fairness a citizen, a portal and an auditor can check, and flows that
+//! never strand anyone: queue receipts and `X-Varco-Arrival`, the committed
+//! and revealed lottery, the hash-chained admission log, login detours,
+//! and turns kept after a portal failure. Real varco, real upstream,
+//! the real binary for the checks anyone would run.
+
+mod common;
+
+use std::process::Command;
+
+use common::client::metric;
+use common::gated::{Citizen, Gated, T0};
+use common::process::{bin, write_config};
+use common::upstream;
+use varco::room::arrival;
+
+const MIN: u64 = 60_000;
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const ARRIVAL_KEY: &str = "YXJyaXZhbC1rZXktZm9yLXRoZS1wb3J0YWwtMDEyMzQ1";
+const ADMIN: &str = "auditor:let-me-see-the-admission-log";
+
+/// A room with real keys (so the binary can check receipts offline), the
+/// arrival key the portal shares, and an admin token.
+fn config(up: std::net::SocketAddr, room: &str, top: &str) -> String {
+    std::env::set_var("VARCO_TEST_FAIR_KEYS", format!("k1:{KEY}"));
+    std::env::set_var("VARCO_TEST_FAIR_ARRIVAL", ARRIVAL_KEY);
+    std::env::set_var("VARCO_TEST_FAIR_ADMIN", ADMIN);
+    format!(
+        "{top}\n[secrets]\nkey_env = \"VARCO_TEST_FAIR_KEYS\"\narrival_key_env = \"VARCO_TEST_FAIR_ARRIVAL\"\n\
+         [admin]\ntokens_env = \"VARCO_TEST_FAIR_ADMIN\"\n\
+         [rooms.portal]\nupstreams = [\"http://{up}\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n"
+    )
+}
+
+fn arrival_key() -> ring::hmac::Key {
+    use base64::Engine;
+    arrival::key(
+        &base64::engine::general_purpose::STANDARD
+            .decode(ARRIVAL_KEY)
+            .unwrap(),
+    )
+}
+
+/// What the upstream's echo says it got in X-Varco-Arrival.
+fn arrivals_seen(got: &common::client::Got) -> Vec<String> {
+    got.json()["headers"]["x-varco-arrival"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).output().expect("run varco");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+async fn admin_get(g: &Gated, path: &str) -> common::client::Got {
+    let req = http::Request::get(format!("http://{}{path}", g.admin))
+        .header("authorization", "Bearer let-me-see-the-admission-log")
+        .body(varco::body::empty())
+        .unwrap();
+    common::client::send(req).await
+}
+
+#[tokio::test]
+async fn receipts_verify_and_the_portal_gets_a_signed_arrival() {
+    let up = upstream::spawn().await;
+    let toml = config(up.addr, "max_active = 1", "");
+    let file = write_config("fair-receipts", &toml);
+    let g = Gated::start(&toml).await;
+
+    // Admitted at once: the portal learns number 1, arrived now, signed;
+    // whatever the client claimed is gone.
+    let mut a = g.citizen();
+    let got = a
+        .request(
+            "GET",
+            "/",
+            varco::body::empty(),
+            &[("x-varco-arrival", "room=portal; n=0; at=0; sig=forged")],
+        )
+        .await;
+    assert!(got.reached_upstream());
+    let seen = arrivals_seen(&got);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let a_arrival = arrival::verify(&arrival_key(), &seen[0]).expect("signed by the arrival key");
+    assert_eq!(
+        a_arrival,
+        arrival::Arrival {
+            room: "portal".into(),
+            n: 1,
+            at_ms: T0
+        }
+    );
+
+    // In line: a receipt on the page and in the status.
+    g.advance(7_000).await;
+    let mut b = g.citizen();
+    let page = b.get("/").await;
+    assert!(page.is_waiting_page());
+    let s = b.status("portal").await;
+    let receipt = s["receipt"].as_str().expect("a receipt").to_string();
+    assert!(receipt.starts_with("portal-2-"), "{receipt}");
+    let code = receipt.rsplit('-').next().unwrap();
+    assert_eq!(code.len(), 8);
+    let html = page.text();
+    assert!(html.contains(&receipt), "the page shows the receipt");
+    assert!(html.contains(&format!(">{code}<")), "and its code");
+    assert_eq!(s["arrived"], varco::gate::rfc3339(T0 + 7_000));
+
+    // Anyone can check it: the binary with the config's keys...
+    let (ok, out) = run(&[
+        "receipt",
+        "verify",
+        "--config",
+        file.to_str().unwrap(),
+        &receipt,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("room portal, ticket 2"), "{out}");
+    let ticket = b.cookie("varco_ticket_portal").unwrap().to_string();
+    let (ok, out) = run(&[
+        "receipt",
+        "verify",
+        "--config",
+        file.to_str().unwrap(),
+        &ticket,
+    ]);
+    assert!(ok && out.contains("ticket 2"), "{out}");
+    let forged = receipt.replace("portal-2-", "portal-1-");
+    let (ok, out) = run(&[
+        "receipt",
+        "verify",
+        "--config",
+        file.to_str().unwrap(),
+        &forged,
+    ]);
+    assert!(!ok && out.contains("not genuine"), "{out}");
+    // ... and the admin API of the running varco.
+    let v = admin_get(&g, &format!("/api/receipts/{receipt}"))
+        .await
+        .json();
+    assert_eq!(v["genuine"], true, "{v}");
+    assert_eq!(v["number"], "2");
+    let v = admin_get(&g, &format!("/api/receipts/{forged}"))
+        .await
+        .json();
+    assert_eq!(v["genuine"], false, "{v}");
+
+    // Admitted later: the portal gets b's arrival, not the admission time,
+    // and a genuine header copied from someone else does not get through.
+    let copied = seen[0].clone();
+    a.get("/release").await;
+    g.advance(10_000).await;
+    let got = b
+        .request(
+            "GET",
+            "/apply",
+            varco::body::empty(),
+            &[("x-varco-arrival", copied.as_str())],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    let seen = arrivals_seen(&got);
+    assert_eq!(
+        seen.len(),
+        1,
+        "a copied header does not get through: {seen:?}"
+    );
+    let b_arrival = arrival::verify(&arrival_key(), &seen[0]).unwrap();
+    assert_eq!((b_arrival.n, b_arrival.at_ms), (2, T0 + 7_000));
+}
+
+#[tokio::test]
+async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
+    let up = upstream::spawn().await;
+    let opens = T0 + 10 * MIN;
+    let toml = config(
+        up.addr,
+        &format!(
+            "max_active = 100\nadmission_per_minute = 60\nopens_at = \"{}\"",
+            varco::gate::rfc3339(opens)
+        ),
+        "",
+    );
+    let g = Gated::start(&toml).await;
+    let mut early: Vec<Citizen> = (0..12).map(|_| g.citizen()).collect();
+    let mut commitment = None;
+    for c in early.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+        let s = c.status("portal").await;
+        let l = &s["lottery"];
+        assert!(l["seed"].is_null(), "no seed before the opening: {l}");
+        let this = l["commitment"].as_str().unwrap().to_string();
+        assert_eq!(this.len(), 64);
+        // The same commitment for everyone, from the first ticket on.
+        assert!(commitment.get_or_insert(this.clone()) == &this);
+    }
+    let commitment = commitment.unwrap();
+    assert!(
+        early[0].get("/").await.text().contains(&commitment),
+        "on the page"
+    );
+
+    g.advance(10 * MIN).await;
+    let mut checked = 0;
+    for c in early.iter_mut() {
+        let s = c.status("portal").await;
+        let l = &s["lottery"];
+        let seed = l["seed"].as_str().expect("the seed, at the opening");
+        assert_eq!(l["size"], 12);
+        assert_eq!(l["commitment"], commitment.as_str());
+        // The receipt keeps the pre-queue number; the status gives the place.
+        let receipt = s["receipt"].as_str().unwrap();
+        let pre = receipt.split('-').nth(1).unwrap();
+        assert!(pre.starts_with('P'), "{receipt}");
+        let place = s["ticket"].as_u64().unwrap();
+        let (ok, out) = run(&[
+            "lottery",
+            "verify",
+            "--seed",
+            seed,
+            "--size",
+            "12",
+            "--position",
+            pre,
+            "--commitment",
+            &commitment,
+        ]);
+        assert!(ok, "{out}");
+        assert!(out.contains("matches the commitment"), "{out}");
+        assert!(
+            out.ends_with(&format!("landed at place {place}\n")),
+            "{out} vs {place}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+    // A seed that is not the committed one is caught.
+    let (ok, out) = run(&[
+        "lottery",
+        "verify",
+        "--seed",
+        "00ff",
+        "--size",
+        "12",
+        "--position",
+        "1",
+        "--commitment",
+        &commitment,
+    ]);
+    assert!(!ok && out.contains("does NOT match"), "{out}");
+}
+
+#[tokio::test]
+async fn the_admission_log_is_chained_and_tampering_is_caught() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("admissions.log");
+    let _ = std::fs::remove_file(&log);
+    let toml = config(
+        up.addr,
+        "max_active = 100\nadmission_per_minute = 2\nmode = \"queue_all\"",
+        &format!("[audit]\nlog = \"{}\"", log.display()),
+    );
+    let file = write_config("fair-audit", &toml);
+    let g = Gated::start(&toml).await;
+    let mut people: Vec<Citizen> = (0..6).map(|_| g.citizen()).collect();
+    for p in people.iter_mut() {
+        assert!(p.get("/").await.is_waiting_page());
+    }
+    // Two a minute: three minutes admit all six, a record per step.
+    for _ in 0..6 {
+        g.advance(30_000).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records.len() >= 3, "{text}");
+    assert_eq!(records[0]["from"], 1);
+    assert_eq!(records.last().unwrap()["to"], 6);
+    assert_eq!(
+        metric(g.admin, "varco_audit_records_total", "").await,
+        Some(records.len() as f64)
+    );
+
+    let (ok, out) = run(&["audit", "verify", log.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("chain intact") && out.contains("portal: 6"),
+        "{out}"
+    );
+    let (ok, out) = run(&["audit", "export", "--config", file.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim_end(), text.trim_end());
+    let api = admin_get(&g, "/api/audit").await;
+    assert_eq!(api.status, 200);
+    assert_eq!(api.text(), text);
+
+    // An edited record: caught at that record.
+    let edited = text.replacen("\"to\":1,", "\"to\":2,", 1);
+    assert_ne!(edited, text);
+    let bad = dir.join("edited.log");
+    std::fs::write(&bad, &edited).unwrap();
+    let (ok, out) = run(&["audit", "verify", bad.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("broken at record 1 (line 1)"), "{out}");
+    // A removed record: caught where the chain skips.
+    let lines: Vec<&str> = text.lines().collect();
+    let removed = [lines[0]]
+        .into_iter()
+        .chain(lines[2..].iter().copied())
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&bad, removed + "\n").unwrap();
+    let (ok, out) = run(&["audit", "verify", bad.to_str().unwrap()]);
+    assert!(!ok && out.contains("line 2"), "{out}");
+    g.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_login_detour_never_strands_anyone() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"",
+        "",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    // Someone in line whose identity provider calls back (a POST, as SAML
+    // does): through, not queued.
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let got = b
+        .request(
+            "POST",
+            "/oidc/callback",
+            varco::body::full("SAMLResponse=x"),
+            &[],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    // Nobody else gets past the queue by that path.
+    let mut c = g.citizen();
+    let got = c
+        .request("POST", "/oidc/callback", varco::body::full("x"), &[])
+        .await;
+    assert!(!got.reached_upstream());
+    let hits = up.hits();
+
+    // a leaves for a slow login; the pass lapses meanwhile.
+    g.advance(3 * MIN).await;
+    assert!(!a.get("/somewhere").await.reached_upstream(), "lapsed");
+    a.jar.retain(|k, _| k == "varco_pass_portal");
+    let got = a.get("/oidc/callback?code=1").await;
+    assert!(got.reached_upstream(), "the callback brings the pass back");
+    assert!(
+        a.get("/apply").await.reached_upstream(),
+        "and it is live again"
+    );
+    assert_eq!(up.hits(), hits + 2);
+    assert_eq!(
+        metric(g.admin, "varco_reentries_total", "reason=\"login_detour\"").await,
+        Some(1.0)
+    );
+
+    // A pass the portal ended does not come back that way.
+    let kept = a.jar.clone();
+    a.get("/release").await;
+    let mut replay = g.citizen();
+    replay.jar = kept;
+    assert!(!replay.get("/oidc/callback?code=2").await.reached_upstream());
+    assert_eq!(
+        metric(g.admin, "varco_reentries_total", "reason=\"login_detour\"").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_login_detour_is_bounded_by_its_window() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"",
+        "",
+    ))
+    .await;
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    let old_pass = d.jar.clone();
+    // d's session lapsed at 1m and the cookie ran out at 2m; at 11m the
+    // slot is someone else's, yet the callback still brings d back.
+    g.advance(11 * MIN).await;
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream());
+    assert!(d.get("/oidc/callback?code=1").await.reached_upstream());
+    // At 14m (2m + the 10m window is past) the old pass is only a lapsed
+    // pass: the room is full (f), so it is the queue.
+    g.advance(3 * MIN).await;
+    let mut f = g.citizen();
+    assert!(f.get("/").await.reached_upstream());
+    let mut late = g.citizen();
+    late.jar = old_pass;
+    let got = late.get("/oidc/callback?code=2").await;
+    assert!(
+        !got.reached_upstream() && got.is_waiting_page(),
+        "{}",
+        got.status
+    );
+}
+
+#[tokio::test]
+async fn a_portal_failure_does_not_cost_the_turn() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nfailure_grace = \"2m\"\nmax_reentries = 1",
+        "",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+
+    // The portal fails a: the pass lives past its idle time.
+    assert_eq!(a.get("/fail").await.status, 500);
+    assert_eq!(
+        metric(g.admin, "varco_pass_extensions_total", "").await,
+        Some(1.0)
+    );
+    g.advance(90_000).await; // past session_idle, within the grace
+    assert!(a.get("/").await.reached_upstream(), "extended");
+    assert_eq!(b.status("portal").await["state"], "waiting");
+
+    // Failed again, then away past the extension: the slot went to b...
+    assert_eq!(a.get("/fail").await.status, 500);
+    g.advance(3 * MIN + 30_000).await;
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    // ... but a comes back ahead of everyone still in line.
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    assert!(
+        a.get("/").await.reached_upstream(),
+        "back at the head of the line"
+    );
+    assert_eq!(
+        metric(
+            g.admin,
+            "varco_reentries_total",
+            "reason=\"upstream_failure\""
+        )
+        .await,
+        Some(1.0)
+    );
+
+    // Capped: after max_reentries, a lapsed pass is just a lapsed pass.
+    assert_eq!(a.get("/fail").await.status, 500);
+    g.advance(4 * MIN).await;
+    assert!(a.get("/").await.is_waiting_page());
+    assert_eq!(
+        metric(g.admin, "varco_reentries_refused_total", "").await,
+        Some(1.0)
+    );
+}
