@@ -78,9 +78,12 @@ impl Receipt {
         base32_40(tag.as_ref())
     }
 
-    /// The code under the key that signs now.
+    /// The code under the key that signs now (its key schedule cached).
     pub fn code(&self, keys: &Keyring) -> String {
-        self.code_with(&keys.signing_key().secret)
+        base32_40(
+            keys.mac_with_signing_key(self.message().as_bytes())
+                .as_ref(),
+        )
     }
 
     /// The whole receipt as printed on the waiting page.
@@ -298,6 +301,13 @@ mod tests {
         parts[2] = parts[2].chars().rev().collect();
         assert!(verify(&k, &parts.join(".")).is_err());
         assert!(verify(&keys(2), &token).is_err());
+    }
+
+    #[test]
+    fn the_cached_key_and_the_secret_give_the_same_code() {
+        let k = keys(3);
+        let r = Receipt::of("portal", &ticket(9, 0)).unwrap();
+        assert_eq!(r.code(&k), r.code_with(&[3; 32]));
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Keyring {
 /// rebuilds both on every call; a click day signs a ticket per arrival).
 struct Signer {
     hmac: ring::hmac::Key,
+    /// The same secret's key for queue receipt codes (`receipt.rs`).
+    receipts: ring::hmac::Key,
     /// `base64url(header) + "."`
     header: String,
 }
@@ -131,6 +133,7 @@ impl Keyring {
         let header = serde_json::to_vec(&header).expect("a JWT header serialises");
         let signer = Signer {
             hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
+            receipts: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
             header: format!("{}.", B64.encode(header)),
         };
         Keyring {
@@ -167,6 +170,12 @@ impl Keyring {
         token.push('.');
         B64.encode_string(tag.as_ref(), &mut token);
         token
+    }
+
+    /// HMAC-SHA256 of `msg` under the signing key, its schedule computed
+    /// once: a receipt code on every waiting page.
+    pub fn mac_with_signing_key(&self, msg: &[u8]) -> ring::hmac::Tag {
+        ring::hmac::sign(&self.signer.receipts, msg)
     }
 
     /// Every key, oldest first.
