@@ -115,7 +115,7 @@ fn problem(status: StatusCode, message: &str) -> Response<Body> {
 
 /// A room's live state, as the API and `varco ctl status` show it.
 pub fn room_state(room: &Room) -> Value {
-    let v = room.store.view();
+    let v = room.view();
     let per_second = v.observed_rate;
     let wait = (per_second > 0.0).then(|| (v.waiting as f64 / per_second).round() as u64);
     let upstreams: Vec<Value> = room
@@ -141,7 +141,31 @@ pub fn room_state(room: &Room) -> Value {
         "admitted_total": v.admitted_total,
         "abandoned_total": v.abandoned_total,
         "upstreams": upstreams,
+        "lanes": lanes_state(room),
     })
+}
+
+/// Each lane's line, when the room has lanes (else an empty list).
+fn lanes_state(room: &Room) -> Vec<Value> {
+    if room.lanes.len() < 2 {
+        return vec![];
+    }
+    room.lanes
+        .iter()
+        .map(|l| {
+            let v = l.store.view();
+            json!({
+                "name": l.name,
+                "weight": l.weight,
+                "default": l.is_default(),
+                "rate_per_minute": room.lane_limits(l).per_minute,
+                "queue_length": v.waiting,
+                "active_sessions": v.active,
+                "observed_admissions_per_minute": v.observed_rate * 60.0,
+                "admitted_total": v.admitted_total,
+            })
+        })
+        .collect()
 }
 
 fn query_value(req: &Request<Incoming>) -> Option<String> {

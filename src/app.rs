@@ -24,6 +24,7 @@ use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::{client, Forwarder};
+use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
 use crate::room::{limits_of, Room};
 use crate::router::{Routing, SharedRouting};
@@ -142,13 +143,20 @@ impl App {
         if let (Some(log), Stores::Memory(_)) = (&audit, &stores) {
             let routing = routing.load();
             for room in routing.rooms.iter() {
-                log.baseline_if_new(&room.name, room.store.view().serving);
+                for lane in &room.lanes {
+                    log.baseline_if_new(&room.line_name(lane), lane.store.view().serving);
+                }
             }
         }
         // One node alone advances every room from the start; in a cluster
         // a node logs only what it advances once it holds the lease.
         let audit_led = match &stores {
-            Stores::Memory(_) => config.rooms.iter().map(|r| r.name.clone()).collect(),
+            Stores::Memory(_) => routing
+                .load()
+                .rooms
+                .iter()
+                .flat_map(|r| r.lanes.iter().map(|l| r.line_name(l)).collect::<Vec<_>>())
+                .collect(),
             Stores::Redis(_) => Default::default(),
         };
         Ok(App {
@@ -179,21 +187,22 @@ impl App {
         self.audit.as_ref()
     }
 
-    /// Appends what `room` admitted since the last record, if this node
-    /// advances it.
-    fn log_admissions(&self, room: &Room, now: u64) {
+    /// Appends what a room's lane admitted since the last record, if this
+    /// node advances it.
+    fn log_admissions(&self, room: &Room, lane: &Lane, now: u64) {
         let Some(audit) = &self.audit else { return };
+        let line = room.line_name(lane);
         let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
-        if !room.store.leads() {
-            led.remove(&room.name);
+        if !lane.store.leads() {
+            led.remove(&line);
             return;
         }
-        let serving = room.store.view().serving;
-        if led.insert(room.name.clone()) {
-            audit.baseline(&room.name, serving);
+        let serving = lane.store.view().serving;
+        if led.insert(line.clone()) {
+            audit.baseline(&line, serving);
             return;
         }
-        match audit.observe(&room.name, serving, now) {
+        match audit.observe(&line, serving, now) {
             Ok(Some(_)) => self.metrics.audit_records.inc(),
             Ok(None) => {}
             Err(e) => {
@@ -287,16 +296,21 @@ impl App {
         let mut trouble = None;
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             room.adapt(now);
-            if let Err(e) = room.store.tick(room.limits(), now).await {
-                self.metrics
-                    .store_errors
-                    .with_label_values(&[room.name.as_str()])
-                    .inc();
-                tracing::warn!(room = %room.name, error = %e, "admission tick failed");
-                trouble = Some(format!("room {}: {e}", room.name));
-                continue;
+            for lane in &room.lanes {
+                // Shares from the counts as they are after the lanes before
+                // this one ticked: together they never pass max_active.
+                lanes::share(&room.lanes, &room.limits());
+                if let Err(e) = lane.store.tick(room.lane_limits(lane), now).await {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&[room.name.as_str()])
+                        .inc();
+                    tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "admission tick failed");
+                    trouble = Some(format!("room {}: {e}", room.name));
+                    continue;
+                }
+                self.log_admissions(room, lane, now);
             }
-            self.log_admissions(room, now);
         }
         self.history.sample(&self.rooms(), now);
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
@@ -534,12 +548,15 @@ fn build_rooms(
         .rooms
         .iter()
         .map(|r| {
-            let store: Arc<dyn RoomStore> = match stores {
-                Stores::Memory(m) => {
-                    m.room(&r.name, &limits_of(r, tick.as_millis() as u64), now_ms)
+            let store_for = |name: &str| -> Arc<dyn RoomStore> {
+                match stores {
+                    Stores::Memory(m) => {
+                        m.room(name, &limits_of(r, tick.as_millis() as u64), now_ms)
+                    }
+                    Stores::Redis(redis) => redis.room(name),
                 }
-                Stores::Redis(redis) => redis.room(&r.name),
             };
+            let store = store_for(&r.name);
             Arc::new(
                 Room::new(
                     r.clone(),
@@ -549,7 +566,8 @@ fn build_rooms(
                     keys.clone(),
                     tick,
                 )
-                .with_arrival_key(config.arrival_key.as_deref()),
+                .with_arrival_key(config.arrival_key.as_deref())
+                .with_lanes(&store_for),
             )
         })
         .collect()

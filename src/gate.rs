@@ -19,6 +19,7 @@ use crate::body::Body;
 use crate::cookies;
 use crate::page::waiting::{self, Status};
 use crate::room::admission::{Claim, Issued, Mode};
+use crate::room::lanes::Lane;
 use crate::room::lottery::Lottery;
 use crate::room::receipt::Receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
@@ -110,11 +111,14 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
     let Some(sid) = pass.session_id() else {
         return Ok(None);
     };
+    let Some(lane) = room.lane(&pass.l) else {
+        return Ok(None);
+    };
     let idle = room.config.session_idle.as_millis() as u64;
-    let alive = match room.store.touch(sid, r.now_ms, idle) {
+    let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
         Liveness::Dead => false,
-        Liveness::Unknown => room.store.check_session(sid, r.now_ms, idle).await?,
+        Liveness::Unknown => lane.store.check_session(sid, r.now_ms, idle).await?,
     };
     Ok(alive.then_some(pass))
 }
@@ -125,13 +129,21 @@ fn safe_path(p: &str) -> Option<&str> {
         .then_some(p)
 }
 
-/// A new pass for ticket number `n`, who arrived at `arrived_ms`.
-fn new_pass(room: &Room, sid: u128, n: u64, arrived_ms: u64, now_ms: u64) -> PassClaims {
+/// A new pass for ticket number `n` of `lane`, who arrived at `arrived_ms`.
+fn new_pass(
+    room: &Room,
+    lane: &Lane,
+    sid: u128,
+    n: u64,
+    arrived_ms: u64,
+    now_ms: u64,
+) -> PassClaims {
     let idle = room.config.session_idle.as_millis() as u64;
     // The cookie lives twice the idle time and is renewed when half gone:
     // the store's session, not the cookie, decides when it ends.
     PassClaims {
         arr: arrived_ms,
+        l: room.lane_label(lane).to_string(),
         ..PassClaims::new(&room.name, sid, n, now_ms, 2 * idle)
     }
 }
@@ -172,13 +184,16 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     let Some(sid) = pass.session_id() else {
         return Ok(None);
     };
+    let Some(lane) = room.lane(&pass.l) else {
+        return Ok(None);
+    };
     let detour = room.is_flow_path(r.path_and_query) && pass.exp * 1000 + window >= r.now_ms;
     // The failure extended the session to f + idle + grace; a grace more
     // to come back.
     let failed = pass.f > 0 && r.now_ms <= pass.f + idle + 2 * grace;
     let mut back = renewed(room, &pass, r.now_ms);
     if detour {
-        if !room.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
+        if !lane.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
             return Ok(None);
         }
         room.metrics.reentries_after_detour.inc();
@@ -187,7 +202,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
             room.metrics.reentries_refused.inc();
             return Ok(None);
         }
-        if !room.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
+        if !lane.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
             return Ok(None);
         }
         back.re += 1;
@@ -209,12 +224,12 @@ fn new_session(room: &Room, r: &GateRequest) -> NewSession {
     }
 }
 
-/// The place of a ticket in the current order, or None before the opening.
-fn effective_number(room: &Room, t: &TicketClaims, view: &RoomView) -> Option<u64> {
+/// The place of a ticket in its lane's order, or None before the opening.
+fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView) -> Option<u64> {
     if let Some((epoch, seq)) = t.dg.split_once(':') {
         let epoch = u64::from_str_radix(epoch, 16).ok()?;
         let seq: u64 = seq.parse().ok()?;
-        return room.store.provisional_base(epoch).map(|base| base + seq);
+        return lane.store.provisional_base(epoch).map(|base| base + seq);
     }
     if t.pre == 0 {
         return Some(t.n);
@@ -257,12 +272,20 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(gate);
     }
 
-    let limits = room.limits();
-    let view = room.store.view();
-    let ticket: Option<TicketClaims> = cookies::get(r.headers, &room.ticket_cookie).and_then(|t| {
-        room.keys
-            .verify(t, &audience("ticket", &room.name), r.now_ms)
-    });
+    let ticket: Option<(TicketClaims, &Lane)> = cookies::get(r.headers, &room.ticket_cookie)
+        .and_then(|t| {
+            room.keys
+                .verify::<TicketClaims>(t, &audience("ticket", &room.name), r.now_ms)
+        })
+        .and_then(|t| room.lane(&t.l).map(|lane| (t, lane)));
+    // A ticket keeps its lane; a new arrival joins the lane it selects.
+    let lane = match &ticket {
+        Some((_, lane)) => *lane,
+        None => room.lane_for(r.headers, r.client_ip),
+    };
+    let ticket = ticket.map(|(t, _)| t);
+    let limits = room.lane_limits(lane);
+    let view = lane.store.view();
     let safe_get = matches!(*r.method, Method::GET | Method::HEAD);
     let next_url = if safe_get {
         safe_path(r.path_and_query).unwrap_or("/").to_string()
@@ -285,20 +308,20 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
 
     if limits.mode == Mode::Closed {
         room.metrics.rejected_closed.inc();
-        let status = status_for(room, ticket.as_ref(), &view, r.now_ms, "closed");
+        let status = status_for(room, lane, ticket.as_ref(), &view, r.now_ms, "closed");
         return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
     }
 
     if let Some(t) = &ticket {
-        match effective_number(room, t, &view) {
+        match effective_number(room, lane, t, &view) {
             Some(n) if safe_get => {
                 let session = new_session(room, r);
-                match room.store.claim(n, limits, session, r.now_ms).await? {
+                match lane.store.claim(n, limits, session, r.now_ms).await? {
                     Claim::Admitted => {
                         room.metrics
                             .wait_seconds
                             .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
-                        let pass = new_pass(room, session.sid, n, t.at, r.now_ms);
+                        let pass = new_pass(room, lane, session.sid, n, t.at, r.now_ms);
                         let set_cookies = vec![
                             pass_cookie(room, &pass, r.tls),
                             cookies::clear(&room.ticket_cookie, r.tls),
@@ -309,8 +332,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         });
                     }
                     Claim::NotYet { .. } => {
-                        let status =
-                            status_for(room, Some(t), &room.store.view(), r.now_ms, "waiting");
+                        let status = status_for(
+                            room,
+                            lane,
+                            Some(t),
+                            &lane.store.view(),
+                            r.now_ms,
+                            "waiting",
+                        );
                         // Re-sign only when the destination changed.
                         let cookie = (t.u != next_url).then(|| {
                             let mut t = t.clone();
@@ -326,16 +355,24 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             // Not a GET: never forwarded without a pass; the page says
             // where the person stands.
             _ => {
-                let status = status_for(room, Some(t), &view, r.now_ms, "waiting");
+                let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
                 return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
             }
         }
     }
 
+    // A used or lapsed ticket is no ticket: its holder arrives afresh.
+    let lane = if ticket.is_some() {
+        room.lane_for(r.headers, r.client_ip)
+    } else {
+        lane
+    };
+    let limits = room.lane_limits(lane);
+    let view = lane.store.view();
     if safe_get && limits.mode == Mode::Queue && view.waiting == 0 {
         let session = new_session(room, r);
-        if let Some(n) = room.store.admit_directly(limits, session, r.now_ms).await? {
-            let pass = new_pass(room, session.sid, n, r.now_ms, r.now_ms);
+        if let Some(n) = lane.store.admit_directly(limits, session, r.now_ms).await? {
+            let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
             let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
             if ticket.is_some() {
                 set_cookies.push(cookies::clear(&room.ticket_cookie, r.tls));
@@ -354,7 +391,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         ));
         return Ok(Gate::Respond(too_many(wait, r.json)));
     }
-    let issued = room.store.issue(limits, r.now_ms).await?;
+    let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
         Issued::Number(n) => (n, 0, String::new()),
         Issued::PreQueue(p) => (0, p, String::new()),
@@ -363,8 +400,16 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     let ttl = room.config.ticket_ttl.as_millis() as u64;
     let mut claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
     claims.dg = provisional;
+    claims.l = room.lane_label(lane).to_string();
     let cookie = ticket_cookie(room, &claims, r);
-    let status = status_for(room, Some(&claims), &room.store.view(), r.now_ms, "waiting");
+    let status = status_for(
+        room,
+        lane,
+        Some(&claims),
+        &lane.store.view(),
+        r.now_ms,
+        "waiting",
+    );
     Ok(Gate::Respond(page(
         room,
         r,
@@ -420,12 +465,13 @@ pub fn rfc3339(ms: u64) -> String {
 /// actually observed over the last minute, given as a range.
 pub fn status_for(
     room: &Room,
+    lane: &Lane,
     ticket: Option<&TicketClaims>,
     view: &RoomView,
     now_ms: u64,
     state: &'static str,
 ) -> Status {
-    let n = ticket.and_then(|t| effective_number(room, t, view));
+    let n = ticket.and_then(|t| effective_number(room, lane, t, view));
     let prequeue = ticket.is_some_and(|t| t.pre > 0) && !view.opened;
     let eligible = n.is_some_and(|n| n <= view.serving);
     let state = if state == "waiting" && eligible {
@@ -463,7 +509,7 @@ pub fn status_for(
         ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
         paused: room.mode() == Mode::Paused,
         receipt: ticket
-            .and_then(|t| Receipt::of(&room.name, t))
+            .and_then(|t| Receipt::of(&room.line_name(lane), t))
             .map(|r| r.to_text(&room.keys)),
         arrived: ticket.map(|t| rfc3339(t.at)),
         lottery: room.lottery_info(view, now_ms),
@@ -479,15 +525,24 @@ pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) 
         ));
         return too_many(wait, true);
     }
-    let view = room.store.view();
     let has_pass = cookies::get(headers, &room.pass_cookie)
         .and_then(|t| {
             room.keys
                 .verify::<PassClaims>(t, &audience("pass", &room.name), now_ms)
         })
         .is_some();
-    let ticket: Option<TicketClaims> = cookies::get(headers, &room.ticket_cookie)
-        .and_then(|t| room.keys.verify(t, &audience("ticket", &room.name), now_ms));
+    let ticket: Option<(TicketClaims, &Lane)> = cookies::get(headers, &room.ticket_cookie)
+        .and_then(|t| {
+            room.keys
+                .verify::<TicketClaims>(t, &audience("ticket", &room.name), now_ms)
+        })
+        .and_then(|t| room.lane(&t.l).map(|lane| (t, lane)));
+    let lane = match &ticket {
+        Some((_, lane)) => *lane,
+        None => room.lane_for(headers, client_ip),
+    };
+    let ticket = ticket.map(|(t, _)| t);
+    let view = lane.store.view();
     let state = if room.mode() == Mode::Closed {
         "closed"
     } else if has_pass {
@@ -497,5 +552,12 @@ pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) 
     } else {
         "waiting"
     };
-    waiting::status_json(&status_for(room, ticket.as_ref(), &view, now_ms, state))
+    waiting::status_json(&status_for(
+        room,
+        lane,
+        ticket.as_ref(),
+        &view,
+        now_ms,
+        state,
+    ))
 }

@@ -216,8 +216,9 @@ impl Gateway {
             None => (None, Duration::ZERO),
         };
         if let (Some(key), Some(p)) = (&room.arrival_key, &pass) {
+            let line = room.lane(&p.l).map(|l| room.line_name(l));
             let a = arrival::Arrival {
-                room: room.name.clone(),
+                room: line.unwrap_or_else(|| room.name.clone()),
                 n: p.n,
                 at_ms: if p.arr > 0 { p.arr } else { p.at },
             };
@@ -257,9 +258,11 @@ impl Gateway {
         // submitted): the slot goes to the next in line at once.
         if let Some(v) = resp.headers_mut().remove(RELEASE_HEADER) {
             if v.as_bytes() == b"1" {
-                if let Some(sid) = session {
-                    let _ = room.store.end_session(sid, self.clock.now_ms()).await;
-                    let _ = room.store.tick(room.limits(), self.clock.now_ms()).await;
+                let lane = pass.as_ref().and_then(|p| room.lane(&p.l));
+                if let (Some(sid), Some(lane)) = (session, lane) {
+                    let now = self.clock.now_ms();
+                    let _ = lane.store.end_session(sid, now).await;
+                    let _ = lane.store.tick(room.lane_limits(lane), now).await;
                 }
                 resp.headers_mut()
                     .append(SET_COOKIE, cookies::clear(&room.pass_cookie, secure));
@@ -285,11 +288,13 @@ impl Gateway {
     /// anyway. The last Set-Cookie for a name wins, so this one replaces
     /// any pass the gate set on the same response.
     fn keep_turn(&self, room: &Room, pass: &PassClaims, resp: &mut Response<Body>, secure: bool) {
-        let Some(sid) = pass.session_id() else { return };
+        let (Some(sid), Some(lane)) = (pass.session_id(), room.lane(&pass.l)) else {
+            return;
+        };
         let now = self.clock.now_ms();
         let c = &room.config;
         let extended = (c.session_idle + c.failure_grace).as_millis() as u64;
-        room.store.touch(sid, now, extended);
+        lane.store.touch(sid, now, extended);
         let marked = PassClaims {
             f: now,
             ..gate::renewed(room, pass, now)

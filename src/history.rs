@@ -49,7 +49,7 @@ impl History {
             .rooms
             .retain(|name, _| rooms.iter().any(|r| &r.name == name));
         for room in rooms {
-            let v = room.store.view();
+            let v = room.view();
             let series = inner.rooms.entry(room.name.clone()).or_default();
             if series.len() == KEEP {
                 series.pop_front();

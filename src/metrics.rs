@@ -51,6 +51,10 @@ pub const NAMES: &[&str] = &[
     "varco_reentries_refused_total",
     "varco_audit_records_total",
     "varco_audit_write_errors_total",
+    "varco_lane_queue_length",
+    "varco_lane_active_sessions",
+    "varco_lane_admission_rate_per_minute",
+    "varco_lane_admitted_total",
 ];
 
 pub struct Metrics {
@@ -399,6 +403,9 @@ struct RoomCollector {
     gauges: Gauges,
     mode: IntGaugeVec,
     counters: Vec<(&'static str, IntCounterVec)>,
+    /// Rooms with lanes: each lane's line, labelled room and lane.
+    lane_gauges: Gauges,
+    lane_admitted: IntCounterVec,
 }
 
 impl RoomCollector {
@@ -414,8 +421,35 @@ impl RoomCollector {
                 IntCounterVec::new(Opts::new(name, help), &["room"]).expect("valid metric"),
             )
         };
+        let lane_gauge = |name: &'static str, help: &str| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), &["room", "lane"])
+                .expect("valid metric");
+            (name, g)
+        };
         RoomCollector {
             routing,
+            lane_gauges: vec![
+                lane_gauge(
+                    "varco_lane_queue_length",
+                    "Rooms with lanes: people waiting in each lane",
+                ),
+                lane_gauge(
+                    "varco_lane_active_sessions",
+                    "Rooms with lanes: live passes admitted from each lane",
+                ),
+                lane_gauge(
+                    "varco_lane_admission_rate_per_minute",
+                    "Rooms with lanes: each lane's share of the rate in force (its weight over the weights of lanes with people waiting)",
+                ),
+            ],
+            lane_admitted: IntCounterVec::new(
+                Opts::new(
+                    "varco_lane_admitted_total",
+                    "Rooms with lanes: people admitted from each lane",
+                ),
+                &["room", "lane"],
+            )
+            .expect("valid metric"),
             gauges: vec![
                 gauge(
                     "varco_room_queue_length",
@@ -522,6 +556,10 @@ impl prometheus::core::Collector for RoomCollector {
         for (_, c) in &self.counters {
             d.extend(c.desc());
         }
+        for (_, g) in &self.lane_gauges {
+            d.extend(g.desc());
+        }
+        d.extend(self.lane_admitted.desc());
         d
     }
 
@@ -533,10 +571,33 @@ impl prometheus::core::Collector for RoomCollector {
         for (_, c) in &self.counters {
             c.reset();
         }
+        for (_, g) in &self.lane_gauges {
+            g.reset();
+        }
+        self.lane_admitted.reset();
         let routing = self.routing.load();
         for room in &routing.rooms {
-            let v = room.store.view();
+            let v = room.view();
             let name = room.name.as_str();
+            if room.lanes.len() > 1 {
+                for lane in &room.lanes {
+                    let lv = lane.store.view();
+                    let labels = [name, lane.name.as_str()];
+                    let set = |metric: &str, value: f64| {
+                        if let Some((_, g)) = self.lane_gauges.iter().find(|(n, _)| *n == metric) {
+                            g.with_label_values(&labels).set(value);
+                        }
+                    };
+                    set("varco_lane_queue_length", lv.waiting as f64);
+                    set("varco_lane_active_sessions", lv.active as f64);
+                    if let Some(r) = room.lane_limits(lane).per_minute {
+                        set("varco_lane_admission_rate_per_minute", r);
+                    }
+                    self.lane_admitted
+                        .with_label_values(&labels)
+                        .inc_by(lv.admitted_total);
+                }
+            }
             self.set("varco_room_queue_length", name, v.waiting as f64);
             self.set("varco_room_active_sessions", name, v.active as f64);
             self.set("varco_room_queue_counter", name, v.queue as f64);
@@ -606,6 +667,10 @@ impl prometheus::core::Collector for RoomCollector {
         for (_, c) in &self.counters {
             out.extend(c.collect());
         }
+        for (_, g) in &self.lane_gauges {
+            out.extend(g.collect());
+        }
+        out.extend(self.lane_admitted.collect());
         out
     }
 }

@@ -61,7 +61,9 @@ async fn a_citizen_and_an_operator_in_chromium() {
              [admin]\ntokens_file = \"tokens.toml\"\n[store]\ntick = \"200ms\"\n\
              [rooms.portal]\nupstreams = [\"http://{}\"]\n\
              admission_per_minute = 600\nmax_active = 1\nsession_idle = \"10m\"\n\
-             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n\
+             [rooms.portal.lanes.citizens]\nweight = 0.8\n\
+             [rooms.portal.lanes.partners]\nweight = 0.2\ncidrs = [\"192.0.2.0/24\"]\n",
             portal.addr
         ),
         &tmp,

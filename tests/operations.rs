@@ -348,11 +348,12 @@ async fn metrics_parse_and_move_with_traffic() {
             "varco_config_reloads_total",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
-        // (checked in tests/in_flight.rs).
+        // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).
         let adaptive_or_capped = [
             "varco_adaptive_",
             "varco_in_flight_",
             "varco_room_in_flight",
+            "varco_lane_",
         ]
         .iter()
         .any(|p| name.starts_with(p));

@@ -472,7 +472,9 @@ async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
     for c in early.iter_mut() {
         let s = c.status("portal").await;
         assert_eq!(s["prequeue"], false);
-        positions.push(s["position"].as_u64().map(|p| p + 1).unwrap_or(1));
+        // The place drawn (the ticket's number in line): distinct even for
+        // those the opening tick already called.
+        positions.push(s["ticket"].as_u64().unwrap());
     }
     let mut sorted = positions.clone();
     sorted.sort();

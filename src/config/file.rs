@@ -354,6 +354,31 @@ pub struct RawRoom {
     /// A cap on requests at once towards the upstreams.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<RawInFlight>,
+    /// Lanes sharing the room's admission rate by weight.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lanes: BTreeMap<String, RawLane>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLane {
+    /// Its share of the room's admission rate (weights are relative).
+    pub weight: f64,
+    /// Client addresses that belong to this lane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidrs: Vec<String>,
+    /// A header that puts a request in this lane when it carries the
+    /// secret (or, with `signed`, a token signed with the secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// The header holds an HS256 token signed with the secret (audience
+    /// `varco:lane:ROOM:LANE`, with `exp`), not the secret itself.
+    #[serde(default)]
+    pub signed: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

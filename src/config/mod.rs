@@ -147,6 +147,19 @@ pub struct RoomConfig {
     /// starts (and always set).
     pub adaptive: Option<AdaptiveConfig>,
     pub in_flight: Option<InFlightConfig>,
+    /// Empty: one queue. Otherwise every lane, the default one included.
+    pub lanes: Vec<LaneConfig>,
+}
+
+/// A lane: a FIFO line of its own with a share of the room's rate.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    pub name: String,
+    pub weight: f64,
+    /// Who belongs (empty: the default lane, everyone else).
+    pub selector: Bypass,
+    /// The selector's header holds a token signed with its secret.
+    pub signed: bool,
 }
 
 /// Bounds and signals of adaptive admission (see `room::adaptive`).

@@ -327,7 +327,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         let bypass = r
             .bypass
             .as_ref()
-            .map(|b| parse_bypass(b, &key, base, &mut p))
+            .map(|b| parse_bypass(b, "bypass", &key, base, &mut p))
             .unwrap_or_default();
         for (i, e) in r.exempt_paths.iter().enumerate() {
             if !e.starts_with('/') {
@@ -410,6 +410,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 adaptive: f.adaptive,
             }
         });
+        let lanes = parse_lanes(&r.lanes, &key, base, &mut p);
         let room = RoomConfig {
             name: name.clone(),
             upstreams,
@@ -442,6 +443,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             status_per_ip_per_minute: r.per_ip.status_per_minute,
             adaptive,
             in_flight,
+            lanes,
         };
         if room.is_gated() && keys.is_none() {
             p.add(
@@ -619,6 +621,7 @@ fn parse_host(text: &str) -> Result<HostPattern, String> {
 
 fn parse_bypass(
     b: &file::RawBypass,
+    table: &str,
     key: &dyn Fn(&str) -> String,
     base: &Path,
     p: &mut Problems,
@@ -629,25 +632,30 @@ fn parse_bypass(
         .enumerate()
         .filter_map(|(i, c)| {
             parse_cidr(c)
-                .map_err(|e| p.add(key(&format!("bypass.cidrs[{i}]")), e))
+                .map_err(|e| p.add(key(&format!("{table}.cidrs[{i}]")), e))
                 .ok()
         })
         .collect();
     let secret = match (&b.secret_file, &b.secret_env) {
         (Some(f), None) => std::fs::read_to_string(base.join(f))
             .map(|s| s.trim().to_string())
-            .map_err(|e| p.add(key("bypass.secret_file"), format!("cannot read {f}: {e}")))
+            .map_err(|e| {
+                p.add(
+                    key(&format!("{table}.secret_file")),
+                    format!("cannot read {f}: {e}"),
+                )
+            })
             .ok(),
         (None, Some(v)) => std::env::var(v)
             .map_err(|_| {
                 p.add(
-                    key("bypass.secret_env"),
+                    key(&format!("{table}.secret_env")),
                     format!("the environment variable {v} is not set"),
                 )
             })
             .ok(),
         (Some(_), Some(_)) => {
-            p.add(key("bypass"), "set secret_file or secret_env, not both");
+            p.add(key(table), "set secret_file or secret_env, not both");
             None
         }
         (None, None) => None,
@@ -655,8 +663,8 @@ fn parse_bypass(
     if let Some(s) = &secret {
         if s.len() < 16 {
             p.add(
-                key("bypass"),
-                "the bypass secret is shorter than 16 characters: anyone could guess it",
+                key(table),
+                "the secret is shorter than 16 characters: anyone could guess it",
             );
         }
     }
@@ -665,7 +673,7 @@ fn parse_bypass(
             Ok(name) => Some((name, s)),
             Err(_) => {
                 p.add(
-                    key("bypass.header"),
+                    key(&format!("{table}.header")),
                     format!("\"{h}\" is not a header name"),
                 );
                 None
@@ -673,14 +681,14 @@ fn parse_bypass(
         },
         (Some(_), None) => {
             p.add(
-                key("bypass.header"),
-                "needs its secret: set bypass.secret_file or bypass.secret_env",
+                key(&format!("{table}.header")),
+                format!("needs its secret: set {table}.secret_file or {table}.secret_env"),
             );
             None
         }
         (None, Some(_)) => {
             p.add(
-                key("bypass.header"),
+                key(&format!("{table}.header")),
                 "a secret is set but no header carries it",
             );
             None
@@ -767,6 +775,72 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         );
     }
     Some(Keyring::new(ring))
+}
+
+/// A room's lanes: each a weight and a selector (addresses, a header with
+/// a secret, or a header carrying a token signed with that secret); the
+/// one lane without a selector takes everyone else.
+fn parse_lanes(
+    raw: &std::collections::BTreeMap<String, file::RawLane>,
+    key: &dyn Fn(&str) -> String,
+    base: &Path,
+    p: &mut Problems,
+) -> Vec<LaneConfig> {
+    let mut lanes = Vec::new();
+    for (name, l) in raw {
+        let table = format!("lanes.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            p.add(
+                key(&table),
+                "a lane's name is letters, digits, '-' and '_' (it is a metric label)",
+            );
+        }
+        if !(l.weight > 0.0 && l.weight.is_finite()) {
+            p.add(
+                key(&format!("{table}.weight")),
+                "must be a positive share of the room's rate, e.g. 0.2",
+            );
+        }
+        let selector = parse_bypass(
+            &file::RawBypass {
+                cidrs: l.cidrs.clone(),
+                header: l.header.clone(),
+                secret_file: l.secret_file.clone(),
+                secret_env: l.secret_env.clone(),
+            },
+            &table,
+            key,
+            base,
+            p,
+        );
+        if l.signed && selector.header.is_none() {
+            p.add(
+                key(&format!("{table}.signed")),
+                "a signed lane header needs header and its secret",
+            );
+        }
+        lanes.push(LaneConfig {
+            name: name.clone(),
+            weight: l.weight,
+            selector,
+            signed: l.signed,
+        });
+    }
+    let defaults = lanes
+        .iter()
+        .filter(|l| l.selector.cidrs.is_empty() && l.selector.header.is_none())
+        .count();
+    if !lanes.is_empty() && defaults != 1 {
+        p.add(
+            key("lanes"),
+            format!("exactly one lane has no cidrs and no header: it takes everyone else (found {defaults})"),
+        );
+    }
+    lanes
 }
 
 /// The key that signs `X-Varco-Arrival`: base64, at least 32 bytes.

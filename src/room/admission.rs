@@ -88,11 +88,14 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Token bucket size: one tick's worth of admissions (at least one), so
-    /// any 60 s window admits at most the rate plus one tick's worth.
+    /// Token bucket size: one tick's worth of admissions plus one, so any
+    /// 60 s window admits at most the rate plus about one tick's worth.
+    /// The one more keeps the fraction a tick leaves over: with a bucket
+    /// of exactly a tick's worth (or 1), 0.8 admissions a tick refilled to
+    /// 1.6, was cut to 1, and 48 a minute became 30.
     fn burst(&self) -> f64 {
         match self.per_minute {
-            Some(r) => (r * self.tick_ms as f64 / 60_000.0).max(1.0),
+            Some(r) => r * self.tick_ms as f64 / 60_000.0 + 1.0,
             None => f64::INFINITY,
         }
     }
@@ -408,6 +411,26 @@ mod tests {
         );
         let total: u64 = per_minute.iter().sum();
         assert!((36_000 - 10..=36_000 + 10).contains(&total), "{total}");
+    }
+
+    #[test]
+    fn a_rate_that_is_not_whole_admissions_a_tick_holds_too() {
+        // 48 a minute is 0.8 a tick: the fraction must carry over.
+        for rate in [48.0, 12.0, 150.0, 7.5] {
+            let l = limits(Some(rate), None);
+            let mut s = AdmissionState::new(&l, 0);
+            for _ in 0..10_000 {
+                s.issue(&l, 0);
+            }
+            for sec in 1..=600u64 {
+                s.tick(&l, 0, sec * 1000);
+            }
+            let per_minute = s.serving as f64 / 10.0;
+            assert!(
+                (per_minute - rate).abs() <= 0.2 + 2.0 / 10.0,
+                "{rate}: {per_minute}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod adaptive;
 pub mod admission;
 pub mod arrival;
+pub mod lanes;
 pub mod lottery;
 pub mod receipt;
 pub mod token;
@@ -74,6 +75,9 @@ pub struct Room {
     pub in_flight: Option<InFlight>,
     /// Signs `X-Varco-Arrival` for the portal, when it has the key.
     pub arrival_key: Option<ring::hmac::Key>,
+    /// The room's lines: one (unnamed, on `store`) without lanes; with
+    /// lanes, the default lane first (on `store`), then the others.
+    pub lanes: Vec<lanes::Lane>,
 }
 
 const UNLIMITED: u64 = u64::MAX;
@@ -95,6 +99,13 @@ impl Room {
         keys: Keyring,
         tick: Duration,
     ) -> Self {
+        let default_lane = lanes::Lane::new(
+            config
+                .lanes
+                .iter()
+                .find(|l| l.selector.cidrs.is_empty() && l.selector.header.is_none()),
+            store.clone(),
+        );
         let upstreams = UpstreamPool::new(&config.upstreams, fail_cooldown);
         let upstream_metrics = upstreams
             .all()
@@ -119,6 +130,7 @@ impl Room {
             adaptive: config.adaptive.clone().map(Controller::new),
             in_flight: config.in_flight.map(InFlight::new),
             arrival_key: None,
+            lanes: vec![default_lane],
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -142,6 +154,71 @@ impl Room {
             Keyring::ephemeral(),
             tick,
         )
+    }
+
+    /// Adds the lanes other than the default one, each on the store
+    /// `store_for` gives for its name (`room#lane`).
+    pub fn with_lanes(mut self, store_for: &dyn Fn(&str) -> Arc<dyn RoomStore>) -> Self {
+        for l in &self.config.lanes {
+            let name = lanes::Lane::store_name(&self.name, l);
+            if name != self.name {
+                self.lanes.push(lanes::Lane::new(Some(l), store_for(&name)));
+            }
+        }
+        self
+    }
+
+    /// The lane a new arrival joins.
+    pub fn lane_for(&self, headers: &http::HeaderMap, ip: IpAddr) -> &lanes::Lane {
+        self.lanes
+            .iter()
+            .skip(1)
+            .find(|l| l.selects(&self.name, headers, ip))
+            .unwrap_or(&self.lanes[0])
+    }
+
+    /// The lane a ticket or pass names (empty: the default lane). None
+    /// for a lane that no longer exists: such a token counts as none.
+    pub fn lane(&self, name: &str) -> Option<&lanes::Lane> {
+        if name.is_empty() {
+            return self.lanes.first();
+        }
+        self.lanes.iter().skip(1).find(|l| l.name == name)
+    }
+
+    /// The name a lane's tokens carry: empty for the default lane, so a
+    /// room's tokens are the same with lanes as without.
+    pub fn lane_label<'a>(&self, lane: &'a lanes::Lane) -> &'a str {
+        if lane.is_default() {
+            ""
+        } else {
+            &lane.name
+        }
+    }
+
+    /// The name receipts and the admission log give a lane's line:
+    /// `room`, or `room#lane`.
+    pub fn line_name(&self, lane: &lanes::Lane) -> String {
+        match self.lane_label(lane) {
+            "" => self.name.clone(),
+            l => format!("{}#{l}", self.name),
+        }
+    }
+
+    /// A lane's limits: its share of the room's, as of the last tick.
+    pub fn lane_limits(&self, lane: &lanes::Lane) -> Limits {
+        if self.lanes.len() < 2 {
+            return self.limits();
+        }
+        lane.limits(self.limits())
+    }
+
+    /// The room as a whole, across its lanes.
+    pub fn view(&self) -> crate::store::RoomView {
+        if self.lanes.len() < 2 {
+            return self.store.view();
+        }
+        lanes::total(&self.lanes)
     }
 
     pub fn with_arrival_key(mut self, secret: Option<&[u8]>) -> Self {
@@ -259,7 +336,7 @@ impl Room {
         let ctl = self.adaptive.as_ref()?;
         let rate = self.per_minute()?;
         let verdict = ctl.step(now_ms)?;
-        let demand = self.store.view().waiting > 0;
+        let demand = self.view().waiting > 0;
         let (latency, failures) = ctl.last_signals();
         let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
         let (mut changed, mut settle) = (false, 0);

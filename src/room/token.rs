@@ -80,6 +80,9 @@ pub struct TicketClaims {
     /// while the shared store was away; empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dg: String,
+    /// The lane it waits in; empty: the room's default lane.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub l: String,
 }
 
 /// What a pass says: the room, a session id and when it stops being valid.
@@ -107,6 +110,9 @@ pub struct PassClaims {
     /// Re-entries after a portal failure already used.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub re: u64,
+    /// The lane it was admitted from; empty: the default lane.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub l: String,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -294,6 +300,7 @@ impl TicketClaims {
             exp: (now_ms + ttl_ms) / 1000,
             u: url.into(),
             dg: String::new(),
+            l: String::new(),
         }
     }
 }
@@ -311,6 +318,7 @@ impl PassClaims {
             arr: now_ms,
             f: 0,
             re: 0,
+            l: String::new(),
         }
     }
 

@@ -24,7 +24,7 @@ local raw = redis.call('HGETALL', st)
 local h = {}
 for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
 local burst = INF
-if per_minute >= 0 then burst = math.max(1, per_minute * tick_ms / 60000) end
+if per_minute >= 0 then burst = per_minute * tick_ms / 60000 + 1 end
 local queue = tonumber(h.queue or '0')
 local serving = tonumber(h.serving or '0')
 local prequeue = tonumber(h.prequeue or '0')

@@ -211,6 +211,8 @@ try {
     (await op.textContent(`${card} li[data-upstream]`)).includes("healthy"),
     "the upstream's health"
   );
+  const lane = await op.textContent(`${card} table[data-field="lanes"] tr[data-lane="partners"]`);
+  check(lane !== null && lane.includes("0.2"), `each lane with its weight (${lane})`);
   const points = await op.getAttribute(`${card} figure[data-chart="people"] polyline[data-series="queue_length"]`, "points");
   check(points !== null && points.trim().split(" ").length >= 1, "a chart of the last hour");
   // Live: the room is paused through the API, and the page shows it.

@@ -1,0 +1,197 @@
+//! Lanes: a room's admission rate split by weight between separate lines
+//! (citizens 0.8, registered intermediaries 0.2), each FIFO with its own
+//! counters in the store, all under the room's one `max_active`. A request
+//! joins the first lane whose selector it matches (an address range, a
+//! header carrying the lane's secret, or a header carrying a token signed
+//! with it); everyone else joins the default lane.
+//!
+//! Each tick gives every lane its share of the rate: weight over the sum
+//! of the weights of lanes with someone waiting, so an empty lane's share
+//! goes to the others rather than to waste. Capacity is shared the same
+//! way: each lane with people waiting is kept its weight's share of
+//! `max_active`, and may fill what the other lanes leave unused.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::HeaderMap;
+use serde::Deserialize;
+
+use super::admission::Limits;
+use crate::config::{Bypass, LaneConfig};
+use crate::store::{RoomStore, RoomView};
+
+const UNLIMITED: u64 = u64::MAX;
+
+pub struct Lane {
+    /// Empty for a room without lanes.
+    pub name: String,
+    pub weight: f64,
+    /// Who belongs; empty for the default lane.
+    selector: Bypass,
+    signed: bool,
+    pub store: Arc<dyn RoomStore>,
+    /// The share of the rate this lane may use now (f64 bits; NaN: all).
+    rate: AtomicU64,
+    /// The sessions this lane may hold now (u64::MAX: the room's cap).
+    max_active: AtomicU64,
+}
+
+/// What a signed lane header must hold.
+#[derive(Deserialize)]
+struct LaneClaims {
+    #[allow(dead_code)]
+    exp: u64,
+}
+
+impl Lane {
+    pub fn new(config: Option<&LaneConfig>, store: Arc<dyn RoomStore>) -> Lane {
+        Lane {
+            name: config.map(|c| c.name.clone()).unwrap_or_default(),
+            weight: config.map(|c| c.weight).unwrap_or(1.0),
+            selector: config.map(|c| c.selector.clone()).unwrap_or_default(),
+            signed: config.is_some_and(|c| c.signed),
+            store,
+            rate: AtomicU64::new(f64::NAN.to_bits()),
+            max_active: AtomicU64::new(UNLIMITED),
+        }
+    }
+
+    /// The store's name for a lane's counters: the room's own for the
+    /// default lane (its places survive turning lanes on), `room#lane`
+    /// for the others.
+    pub fn store_name(room: &str, lane: &LaneConfig) -> String {
+        if is_default(lane) {
+            room.to_string()
+        } else {
+            format!("{room}#{}", lane.name)
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.selector.cidrs.is_empty() && self.selector.header.is_none()
+    }
+
+    /// Does this request belong here? (Never asked of the default lane.)
+    pub fn selects(&self, room: &str, headers: &HeaderMap, ip: IpAddr) -> bool {
+        if self.selector.cidrs.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
+        let Some((name, secret)) = &self.selector.header else {
+            return false;
+        };
+        let Some(value) = headers.get(name) else {
+            return false;
+        };
+        if !self.signed {
+            return crate::gate::constant_time_eq(value.as_bytes(), secret.as_bytes());
+        }
+        let Ok(token) = value.to_str() else {
+            return false;
+        };
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        v.algorithms = vec![jsonwebtoken::Algorithm::HS256];
+        v.set_audience(&[format!("varco:lane:{room}:{}", self.name)]);
+        v.set_required_spec_claims(&["exp", "aud"]);
+        v.leeway = 5;
+        token.len() <= 4096
+            && jsonwebtoken::decode::<LaneClaims>(
+                token,
+                &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+                &v,
+            )
+            .is_ok()
+    }
+
+    /// The room's limits narrowed to this lane's share.
+    pub fn limits(&self, room: Limits) -> Limits {
+        let rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        let max = self.max_active.load(Ordering::Relaxed);
+        Limits {
+            per_minute: if rate.is_nan() {
+                room.per_minute
+            } else {
+                Some(rate)
+            },
+            max_active: if max == UNLIMITED {
+                room.max_active
+            } else {
+                Some(max)
+            },
+            ..room
+        }
+    }
+}
+
+fn is_default(lane: &LaneConfig) -> bool {
+    lane.selector.cidrs.is_empty() && lane.selector.header.is_none()
+}
+
+/// Sets every lane's share for the next tick from what each holds now.
+pub fn share(lanes: &[Lane], room: &Limits) {
+    if lanes.len() < 2 {
+        return;
+    }
+    let views: Vec<RoomView> = lanes.iter().map(|l| l.store.view()).collect();
+    let waiting: f64 = lanes
+        .iter()
+        .zip(&views)
+        .filter(|(_, v)| v.waiting > 0)
+        .map(|(l, _)| l.weight)
+        .sum();
+    let all: f64 = lanes.iter().map(|l| l.weight).sum();
+    // Under contention each lane with people waiting is kept its weight's
+    // share of max_active (rounded down); what a lane leaves unused, the
+    // others may fill. Nobody is pre-empted: a lane that filled more while
+    // the others were empty keeps its sessions until they end.
+    let held: Vec<u64> = lanes
+        .iter()
+        .zip(&views)
+        .map(|(l, v)| {
+            let used = v.active + v.reserved;
+            match room.max_active {
+                Some(m) if v.waiting > 0 && waiting > 0.0 => {
+                    used.max((m as f64 * l.weight / waiting).floor() as u64)
+                }
+                _ => used,
+            }
+        })
+        .collect();
+    let held_all: u64 = held.iter().sum();
+    for ((lane, v), own) in lanes.iter().zip(&views).zip(&held) {
+        // With nobody waiting anywhere, the shares are the weights.
+        let of = if waiting > 0.0 { waiting } else { all };
+        let rate = match room.per_minute {
+            Some(r) if v.waiting > 0 || waiting == 0.0 => r * lane.weight / of,
+            Some(_) => 0.0,
+            None => f64::NAN,
+        };
+        lane.rate.store(rate.to_bits(), Ordering::Relaxed);
+        // What the other lanes hold (or are kept) is not this lane's.
+        let max = match room.max_active {
+            Some(m) => m.saturating_sub(held_all - own),
+            None => UNLIMITED,
+        };
+        lane.max_active.store(max, Ordering::Relaxed);
+    }
+}
+
+/// The room as a whole: the lanes' counts added up (numbers are per lane,
+/// so the counters become how many were handed out and called in all).
+pub fn total(lanes: &[Lane]) -> RoomView {
+    let mut views = lanes.iter().map(|l| l.store.view());
+    let first = views.next().unwrap_or_default();
+    views.fold(first, |mut t, v| {
+        t.queue += v.queue;
+        t.serving += v.serving;
+        t.waiting += v.waiting;
+        t.active += v.active;
+        t.reserved += v.reserved;
+        t.prequeue += v.prequeue;
+        t.observed_rate += v.observed_rate;
+        t.admitted_total += v.admitted_total;
+        t.abandoned_total += v.abandoned_total;
+        t
+    })
+}

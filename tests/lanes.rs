@@ -1,0 +1,231 @@
+//! Lanes: a room's rate split by weight between FIFO lines chosen by a
+//! secret header, a signed header or an address range, under one shared
+//! `max_active`; single node and cluster (real Redis).
+
+mod common;
+
+use common::client::metric;
+use common::gated::{Citizen, Gated};
+use common::redis::RedisServer;
+use common::upstream;
+
+const SECRET: &str = "intermediaries-only-0123456789";
+
+fn lanes_room(up: std::net::SocketAddr, room: &str, signed: bool) -> String {
+    std::env::set_var("VARCO_TEST_LANE_SECRET", SECRET);
+    format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{up}\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n\
+         [rooms.portal.lanes.citizens]\nweight = 0.8\n\
+         [rooms.portal.lanes.intermediaries]\nweight = 0.2\nheader = \"X-Intermediary\"\n\
+         secret_env = \"VARCO_TEST_LANE_SECRET\"\nsigned = {signed}\n"
+    )
+}
+
+fn intermediary(addr: std::net::SocketAddr, value: &str) -> Citizen {
+    let mut c = Citizen::new(addr);
+    c.headers.push(("x-intermediary".into(), value.into()));
+    c
+}
+
+/// How many of `people` have been called, and whether exactly the first
+/// ones (in arrival order) were.
+async fn called(people: &mut [Citizen]) -> (usize, bool) {
+    let mut states = Vec::new();
+    for p in people.iter_mut() {
+        states.push(p.status("portal").await["state"] == "admitted");
+    }
+    let n = states.iter().filter(|s| **s).count();
+    let fifo = states.iter().take(n).all(|s| *s);
+    (n, fifo)
+}
+
+#[tokio::test]
+async fn the_rate_is_split_by_weight_and_each_lane_is_fifo() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(
+        up.addr,
+        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
+        false,
+    ))
+    .await;
+    let mut citizens: Vec<Citizen> = (0..80).map(|_| g.citizen()).collect();
+    let mut brokers: Vec<Citizen> = (0..40).map(|_| intermediary(g.addr, SECRET)).collect();
+    for i in 0..80 {
+        assert!(citizens[i].get("/").await.is_waiting_page());
+        if i % 2 == 0 {
+            assert!(brokers[i / 2].get("/").await.is_waiting_page());
+        }
+    }
+    // Each lane counts its own places.
+    let s = brokers[39].status("portal").await;
+    assert_eq!(s["position"], 40, "{s}");
+    assert!(s["receipt"]
+        .as_str()
+        .unwrap()
+        .starts_with("portal#intermediaries-40-"));
+    let s = citizens[79].status("portal").await;
+    assert_eq!(s["position"], 80, "{s}");
+    // A wrong secret is just a citizen.
+    let mut pretender = intermediary(g.addr, "intermediaries-only-guess-000000");
+    pretender.get("/").await;
+    assert_eq!(pretender.status("portal").await["position"], 81);
+
+    for _ in 0..60 {
+        g.advance(1000).await;
+    }
+    let (c, c_fifo) = called(&mut citizens).await;
+    let (b, b_fifo) = called(&mut brokers).await;
+    assert!(c_fifo && b_fifo, "each lane in arrival order");
+    assert!((46..=50).contains(&c), "citizens called in a minute: {c}");
+    assert!(
+        (10..=14).contains(&b),
+        "intermediaries called in a minute: {b}"
+    );
+    let labels = "lane=\"intermediaries\",room=\"portal\"";
+    assert_eq!(
+        metric(g.admin, "varco_lane_admission_rate_per_minute", labels).await,
+        Some(12.0)
+    );
+    assert_eq!(
+        metric(g.admin, "varco_lane_queue_length", labels).await,
+        Some((40 - b) as f64)
+    );
+    // The room's own series add the lanes up.
+    assert_eq!(
+        metric(g.admin, "varco_room_queue_length", "room=\"portal\"").await,
+        Some((120 + 1 - c - b) as f64)
+    );
+    let api = common::client::get(&format!("http://{}/metrics", g.admin)).await;
+    assert!(api.text().contains("varco_lane_admitted_total"));
+}
+
+#[tokio::test]
+async fn an_empty_lane_gives_its_share_to_the_others() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(
+        up.addr,
+        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
+        false,
+    ))
+    .await;
+    let mut citizens: Vec<Citizen> = (0..100).map(|_| g.citizen()).collect();
+    for c in citizens.iter_mut() {
+        c.get("/").await;
+    }
+    for _ in 0..60 {
+        g.advance(1000).await;
+    }
+    let (c, fifo) = called(&mut citizens).await;
+    assert!(fifo);
+    assert!((58..=62).contains(&c), "the whole rate: {c}");
+}
+
+#[tokio::test]
+async fn lanes_share_one_max_active_and_a_signed_header_chooses_one() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(
+        up.addr,
+        "admission_per_minute = 600\nmax_active = 5\nmode = \"queue_all\"",
+        true,
+    ))
+    .await;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let token = |aud: &str, secret: &str, exp: u64| {
+        encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({ "aud": aud, "exp": exp }),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let far = 4_000_000_000;
+    let good = token("varco:lane:portal:intermediaries", SECRET, far);
+    let mut brokers: Vec<Citizen> = (0..6).map(|_| intermediary(g.addr, &good)).collect();
+    for b in brokers.iter_mut() {
+        b.get("/").await;
+        let r = b.status("portal").await["receipt"].clone();
+        assert!(
+            r.as_str().unwrap().starts_with("portal#intermediaries-"),
+            "{r}"
+        );
+    }
+    // The secret itself, another lane's audience, another key, or an
+    // expired token: the default lane.
+    let mut citizens: Vec<Citizen> = Vec::new();
+    for bad in [
+        SECRET.to_string(),
+        token("varco:lane:portal:citizens", SECRET, far),
+        token(
+            "varco:lane:portal:intermediaries",
+            "another-secret-0123456789",
+            far,
+        ),
+        token("varco:lane:portal:intermediaries", SECRET, 1_000),
+    ] {
+        let mut c = intermediary(g.addr, &bad);
+        c.get("/").await;
+        let r = c.status("portal").await["receipt"].clone();
+        assert!(r.as_str().unwrap().starts_with("portal-"), "{bad}: {r}");
+        citizens.push(c);
+    }
+    for _ in 0..6 {
+        let mut c = g.citizen();
+        c.get("/").await;
+        citizens.push(c);
+    }
+    for _ in 0..5 {
+        g.advance(1000).await;
+    }
+    let (c, _) = called(&mut citizens).await;
+    let (b, _) = called(&mut brokers).await;
+    // 5 x 0.8 and 5 x 0.2: each lane waiting keeps its share of the cap.
+    assert_eq!((c, b), (4, 1), "one cap for all lanes, shared by weight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_hold_across_a_cluster() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    std::env::set_var(
+        "VARCO_TEST_LANE_KEYS",
+        "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+    let cfg = lanes_room(
+        up.addr,
+        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
+        false,
+    )
+    .replace(
+        "[secrets]\nephemeral = true\n",
+        &format!(
+            "[secrets]\nkey_env = \"VARCO_TEST_LANE_KEYS\"\n[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"lanes:\"\nlease = \"3s\"\n",
+            redis.url()
+        ),
+    );
+    let nodes = [Gated::start(&cfg).await, Gated::start(&cfg).await];
+    let mut citizens: Vec<Citizen> = (0..40).map(|i| nodes[i % 2].citizen()).collect();
+    let mut brokers: Vec<Citizen> = (0..20)
+        .map(|i| intermediary(nodes[i % 2].addr, SECRET))
+        .collect();
+    for c in citizens.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    for b in brokers.iter_mut() {
+        assert!(b.get("/").await.is_waiting_page());
+    }
+    assert_eq!(brokers[19].status("portal").await["position"], 20);
+    for _ in 0..30 {
+        for n in &nodes {
+            n.clock.advance_ms(1000);
+        }
+        for n in &nodes {
+            n.app.tick().await;
+        }
+    }
+    let (c, c_fifo) = called(&mut citizens).await;
+    let (b, b_fifo) = called(&mut brokers).await;
+    assert!(c_fifo && b_fifo);
+    assert!((22..=26).contains(&c), "citizens: {c}");
+    assert!((5..=8).contains(&b), "intermediaries: {b}");
+}
