@@ -472,3 +472,36 @@ async fn a_portal_failure_does_not_cost_the_turn() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn the_identity_provider_can_stand_behind_its_own_room() {
+    // The portal and, under /idp, the identity provider: each its own
+    // room with its own limits, so a login stampede queues at the IdP
+    // without taking the portal's places, and the other way round.
+    let portal = upstream::spawn().await;
+    let idp = upstream::spawn().await;
+    let g = Gated::start(&format!(
+        "[secrets]\nephemeral = true\n\
+         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 2\n\
+         flow_paths = [\"/oidc/callback\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n\
+         [rooms.idp]\nupstreams = [\"http://{}\"]\npaths = [\"/idp\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n",
+        portal.addr, idp.addr
+    ))
+    .await;
+    let mut a = g.citizen();
+    let mut b = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    assert!(b.get("/").await.reached_upstream());
+    // Both go to log in: the IdP's room admits one at a time.
+    assert!(a.get("/idp/login").await.reached_upstream());
+    let got = b.get("/idp/login").await;
+    assert!(got.is_waiting_page(), "queued at the IdP");
+    assert_eq!(b.status("idp").await["position"], 1);
+    // b's place at the portal is untouched meanwhile, and the portal's
+    // callback is never queued for b.
+    assert!(b.get("/oidc/callback?code=1").await.reached_upstream());
+    assert_eq!(portal.hits(), 3);
+    assert_eq!(idp.hits(), 1);
+}
