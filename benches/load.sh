@@ -10,7 +10,9 @@
 # Parts:
 #   proxy    varco and nginx proxying the origin (1 KiB page)
 #   waiting  varco's waiting page (a new ticket per request) against nginx
-#            limit_req answering 503: the cost of telling people to wait
+#            limit_req answering 503: the cost of telling people to wait;
+#            then against nginx answering with a static copy of the same
+#            page (error_page 503): like for like
 #   memory   varco's resident memory after 1,000 tickets and after
 #            1,000,000 (100,000 with --smoke): must stay flat
 #   cluster  admitted traffic (a pass in hand) through varco with the
@@ -55,7 +57,7 @@ cleanup() {
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); VAR=$(port); VADM=$(port)
+ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); NGX_PAGE=$(port); VAR=$(port); VADM=$(port)
 VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
 VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port)
 
@@ -95,6 +97,27 @@ nginx_conf proxy "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
+    }
+  }
+  # The same, answering with a static copy of varco's waiting page (same
+  # bytes, no ticket, nothing personal): what an operator could build
+  # with nginx alone, for a like-for-like figure.
+  server {
+    listen 127.0.0.1:$NGX_PAGE;
+    location / {
+      limit_req zone=click;
+      limit_req_status 503;
+      error_page 503 /waiting.html;
+      proxy_pass http://origin;
+    }
+    location = /waiting.html {
+      internal;
+      root $work;
+      # nginx at its best for a small static file.
+      open_file_cache max=16 inactive=60s;
+      sendfile on;
+      tcp_nopush on;
+      add_header Cache-Control \"no-store, private\" always;
     }
   }
   server {
@@ -153,7 +176,7 @@ wait_port() {
   done
   echo "nothing answers on port $1" >&2; exit 1
 }
-wait_port "$ORIGIN"; wait_port "$NGX"; wait_port "$VAR"; wait_port "$VWAIT"; wait_port "$NGX_LIMIT"
+wait_port "$ORIGIN"; wait_port "$NGX"; wait_port "$VAR"; wait_port "$VWAIT"; wait_port "$NGX_LIMIT"; wait_port "$NGX_PAGE"
 NGINX_WORKER=$(pgrep -P "${pids[1]}" | head -n1)
 
 # wrk's latency report gives p99 in us/ms/s; normalise to milliseconds.
@@ -238,7 +261,12 @@ run_wrk_cookie() { # port, pid, cookie
 for part in $PARTS; do
   case $part in
     proxy) compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" "$VAR" "$VARCO_PID" "$NGX" ;;
-    waiting) compare "turning a crowd away (varco: ticket + waiting page; nginx: limit_req 503)" "$VWAIT" "$VWAIT_PID" "$NGX_LIMIT" ;;
+    waiting)
+      compare "turning a crowd away (varco: ticket + waiting page; nginx: limit_req 503)" "$VWAIT" "$VWAIT_PID" "$NGX_LIMIT"
+      # Like for like: nginx answers with the same page's bytes.
+      curl -s "http://127.0.0.1:$VWAIT/" > "$work/waiting.html"
+      compare "the same page (varco: ticket + waiting page; nginx: limit_req + a static copy of that page)" "$VWAIT" "$VWAIT_PID" "$NGX_PAGE"
+      ;;
     memory)
       echo "== resident memory of varco as tickets are issued"
       VMEM_PID=$(start_varco memory "$(server_block "$VMEM" "$VMADM")
