@@ -452,13 +452,7 @@ fn too_many(wait: Duration, json: bool) -> Response<Body> {
 }
 
 pub fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    crate::timefmt::rfc3339(ms)
 }
 
 /// Where a ticket stands, honestly: the estimate comes from the rate

@@ -15,7 +15,8 @@
 //! - [`audit`]: the hash-chained admission log the ticker appends to.
 //! - [`checks`]: the receipt, lottery and audit checks anyone can run.
 //! - [`demo`]: the embedded demo portal `varco demo` protects.
-//! - [`body`], [`clock`], [`logging`]: the shared body type; time; logs.
+//! - [`body`], [`clock`], [`timefmt`], [`logging`]: the shared body type;
+//!   time and writing it; logs.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -39,4 +40,5 @@ pub mod proxy;
 pub mod room;
 pub mod router;
 pub mod store;
+pub mod timefmt;
 pub mod tls;

@@ -56,19 +56,29 @@ impl Receipt {
 
     /// `17` or `P17`.
     pub fn number_label(&self) -> String {
-        match self.kind {
-            Kind::Queue => self.number.to_string(),
-            Kind::PreQueue => format!("P{}", self.number),
-        }
+        let mut out = String::with_capacity(12);
+        self.push_number_label(&mut out);
+        out
     }
 
+    fn push_number_label(&self, out: &mut String) {
+        if self.kind == Kind::PreQueue {
+            out.push('P');
+        }
+        crate::timefmt::push_number(out, self.number);
+    }
+
+    // Built by hand, not with format!: a receipt is made for every
+    // waiting page served.
     fn message(&self) -> String {
-        format!(
-            "varco-receipt/v1\n{}\n{}\n{}",
-            self.room,
-            self.number_label(),
-            self.arrived
-        )
+        let mut m = String::with_capacity(48 + self.room.len());
+        m.push_str("varco-receipt/v1\n");
+        m.push_str(&self.room);
+        m.push('\n');
+        self.push_number_label(&mut m);
+        m.push('\n');
+        crate::timefmt::push_number(&mut m, self.arrived);
+        m
     }
 
     /// The code under one key's secret.
@@ -88,7 +98,15 @@ impl Receipt {
 
     /// The whole receipt as printed on the waiting page.
     pub fn to_text(&self, keys: &Keyring) -> String {
-        format!("{self}-{}", self.code(keys))
+        let mut out = String::with_capacity(self.room.len() + 48);
+        out.push_str(&self.room);
+        out.push('-');
+        self.push_number_label(&mut out);
+        out.push('-');
+        out.push_str(&compact_time(self.arrived));
+        out.push('-');
+        out.push_str(&self.code(keys));
+        out
     }
 }
 
@@ -133,19 +151,7 @@ fn normalise_code(code: &str) -> String {
 /// `20261124T090003Z`: sortable, no separators that clash with the
 /// receipt's own hyphens.
 fn compact_time(secs: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs as i64)
-        .map(|t| {
-            format!(
-                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-                t.year(),
-                t.month() as u8,
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        })
-        .unwrap_or_default()
+    crate::timefmt::compact(secs)
 }
 
 fn parse_compact_time(s: &str) -> Option<u64> {

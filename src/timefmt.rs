@@ -1,0 +1,143 @@
+//! Writing times for people and for JSON, fast: the waiting page shows two
+//! or three on every request, and the general-purpose formatter cost more
+//! than the rest of the page (BENCHMARKS.md). Unix time in, UTC out; the
+//! `time` crate remains the reference (a test compares them).
+
+/// (year, month, day) of a day counted from 1970-01-01: Howard Hinnant's
+/// `civil_from_days`.
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097) as u64;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe as i64 + era * 400;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn push_digits(out: &mut String, v: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut n = v;
+    let mut i = buf.len();
+    while n > 0 || i == buf.len() {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    for _ in (buf.len() - i)..width {
+        out.push('0');
+    }
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
+}
+
+/// Date and time parts, or None past year 9999 (no 4-digit year).
+fn parts(secs: u64) -> Option<(i64, u32, u32, u64, u64, u64)> {
+    let (y, m, d) = civil((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    (y <= 9999).then_some((y, m, d, s / 3600, s / 60 % 60, s % 60))
+}
+
+/// RFC 3339 in UTC, with milliseconds when there are any (trailing zeros
+/// dropped): `2026-11-24T09:00:03Z`, `2026-11-24T09:00:03.25Z`.
+pub fn rfc3339(ms: u64) -> String {
+    let Some((y, mo, d, h, mi, s)) = parts(ms / 1000) else {
+        return String::new();
+    };
+    let mut out = String::with_capacity(24);
+    push_digits(&mut out, y as u64, 4);
+    out.push('-');
+    push_digits(&mut out, mo as u64, 2);
+    out.push('-');
+    push_digits(&mut out, d as u64, 2);
+    out.push('T');
+    push_digits(&mut out, h, 2);
+    out.push(':');
+    push_digits(&mut out, mi, 2);
+    out.push(':');
+    push_digits(&mut out, s, 2);
+    let mut frac = ms % 1000;
+    if frac > 0 {
+        let mut width = 3;
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
+        }
+        out.push('.');
+        push_digits(&mut out, frac, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// ISO 8601 basic, to the second: `20261124T090003Z`.
+pub fn compact(secs: u64) -> String {
+    let Some((y, mo, d, h, mi, s)) = parts(secs) else {
+        return String::new();
+    };
+    let mut out = String::with_capacity(16);
+    push_digits(&mut out, y as u64, 4);
+    push_digits(&mut out, mo as u64, 2);
+    push_digits(&mut out, d as u64, 2);
+    out.push('T');
+    push_digits(&mut out, h, 2);
+    push_digits(&mut out, mi, 2);
+    push_digits(&mut out, s, 2);
+    out.push('Z');
+    out
+}
+
+/// Decimal digits of `v`, appended.
+pub fn push_number(out: &mut String, v: u64) {
+    push_digits(out, v, 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(ms: u64) -> String {
+        time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_same_as_the_time_crate() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut samples = vec![
+            0,
+            1,
+            999,
+            1000,
+            951_782_400_000,
+            1_795_534_878_338,
+            4_102_444_799_999,
+        ];
+        for _ in 0..20_000 {
+            // xorshift: spread over 1970..2100, with every millisecond kind.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x % 4_102_444_800_000);
+        }
+        for ms in samples {
+            assert_eq!(rfc3339(ms), reference(ms), "{ms}");
+            let r = reference(ms / 1000 * 1000);
+            let expected: String = r.chars().filter(|c| *c != '-' && *c != ':').collect();
+            assert_eq!(compact(ms / 1000), expected, "{ms}");
+        }
+    }
+
+    #[test]
+    fn numbers() {
+        for v in [0, 7, 10, 1234, u64::MAX] {
+            let mut s = String::new();
+            push_number(&mut s, v);
+            assert_eq!(s, v.to_string());
+        }
+    }
+}
