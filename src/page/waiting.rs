@@ -296,8 +296,6 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     } else {
         s.keep_open.into()
     };
-    let show =
-        |v: Option<u64>| -> Cow<str> { v.map(|n| n.to_string().into()).unwrap_or("–".into()) };
     let poll = status.poll_seconds();
     let lottery: Cow<str> = match &status.lottery {
         None => "".into(),
@@ -314,47 +312,80 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         Some(l) => s.lottery_committed.replace("{c}", &l.commitment).into(),
     };
     let receipt = status.receipt.as_deref().unwrap_or("–");
-    let values: [Cow<str>; 30] = [
-        s.lang.into(),
-        s.title.into(),
-        s.intro.into(),
-        s.position.into(),
-        s.ahead.into(),
-        s.eta.into(),
-        s.updated.into(),
-        s.ticket.into(),
-        s.eta_range.into(),
-        s.eta_unknown.into(),
-        message,
-        status.room.as_str().into(),
-        show(status.position),
-        show(status.ahead),
-        minutes_range(s, status).into(),
-        status.updated.as_str().into(),
-        show(status.ticket),
-        status.queue_length.to_string().into(),
-        format!("/.varco/status?room={}", status.room).into(),
-        next_url.into(),
-        poll.to_string().into(),
-        // Without JavaScript: reload a little later than the script would.
-        (poll + 5).to_string().into(),
-        // "12:00:59 UTC": readable; the script shows local time instead.
-        status
-            .updated
-            .get(11..19)
-            .map(|t| format!("{t} UTC"))
-            .unwrap_or_else(|| status.updated.clone())
-            .into(),
-        s.eta_about.into(),
-        s.eta_soon.into(),
-        s.receipt.into(),
-        receipt.into(),
-        receipt.rsplit('-').next().unwrap_or("–").into(),
-        match &status.arrived {
-            Some(a) => format!("{} {} UTC", s.arrived, a.get(11..19).unwrap_or(a)).into(),
-            None => "".into(),
-        },
-        lottery,
+    // The figures are written once into one scratch string and referred
+    // to by range: the page is rendered for every person on every reload,
+    // and a string per figure was a good part of its cost.
+    let mut scratch = String::with_capacity(160);
+    let mut add = |f: &dyn Fn(&mut String)| {
+        let start = scratch.len();
+        f(&mut scratch);
+        Value::Scratch(start..scratch.len())
+    };
+    let number = |v: Option<u64>| {
+        move |out: &mut String| match v {
+            Some(n) => crate::timefmt::push_number(out, n),
+            None => out.push('–'),
+        }
+    };
+    let position = add(&number(status.position));
+    let ahead = add(&number(status.ahead));
+    let ticket = add(&number(status.ticket));
+    let queue_length = add(&number(Some(status.queue_length)));
+    let status_url = add(&|out: &mut String| {
+        out.push_str("/.varco/status?room=");
+        out.push_str(&status.room);
+    });
+    let poll_text = add(&number(Some(poll)));
+    // Without JavaScript: reload a little later than the script would.
+    let refresh = add(&number(Some(poll + 5)));
+    // "12:00:59 UTC": readable; the script shows local time instead.
+    let updated_time = add(&|out: &mut String| match status.updated.get(11..19) {
+        Some(t) => {
+            out.push_str(t);
+            out.push_str(" UTC");
+        }
+        None => out.push_str(&status.updated),
+    });
+    let arrived_time = add(&|out: &mut String| {
+        if let Some(a) = &status.arrived {
+            out.push_str(s.arrived);
+            out.push(' ');
+            out.push_str(a.get(11..19).unwrap_or(a));
+            out.push_str(" UTC");
+        }
+    });
+    let eta = minutes_range(s, status);
+    let values: [Value; 30] = [
+        Value::Text(s.lang),
+        Value::Text(s.title),
+        Value::Text(s.intro),
+        Value::Text(s.position),
+        Value::Text(s.ahead),
+        Value::Text(s.eta),
+        Value::Text(s.updated),
+        Value::Text(s.ticket),
+        Value::Text(s.eta_range),
+        Value::Text(s.eta_unknown),
+        Value::Text(&message),
+        Value::Text(&status.room),
+        position,
+        ahead,
+        Value::Text(&eta),
+        Value::Text(&status.updated),
+        ticket,
+        queue_length,
+        status_url,
+        Value::Text(next_url),
+        poll_text,
+        refresh,
+        updated_time,
+        Value::Text(s.eta_about),
+        Value::Text(s.eta_soon),
+        Value::Text(s.receipt),
+        Value::Text(receipt),
+        Value::Text(receipt.rsplit('-').next().unwrap_or("–")),
+        arrived_time,
+        Value::Text(&lottery),
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.parts {
@@ -362,8 +393,8 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             Part::Text(t) => out.push_str(t),
             // The language strings are varco's own and HTML-safe (a test
             // pins it); everything else is escaped.
-            Part::Var(i) if *i < TRUSTED_VARIABLES => out.push_str(&values[*i]),
-            Part::Var(i) => escape_into(&mut out, &values[*i]),
+            Part::Var(i) if *i < TRUSTED_VARIABLES => out.push_str(values[*i].get(&scratch)),
+            Part::Var(i) => escape_into(&mut out, values[*i].get(&scratch)),
         }
     }
     out
@@ -371,6 +402,24 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
 
 /// The first variables come from the `Strings` tables, not from requests.
 const TRUSTED_VARIABLES: usize = 10;
+
+/// A variable's value: borrowed text, or a range of the render's scratch.
+enum Value<'a> {
+    Text(&'a str),
+    Scratch(std::ops::Range<usize>),
+}
+
+impl<'a> Value<'a> {
+    fn get<'b>(&'b self, scratch: &'b str) -> &'b str
+    where
+        'a: 'b,
+    {
+        match self {
+            Value::Text(t) => t,
+            Value::Scratch(r) => scratch.get(r.clone()).unwrap_or(""),
+        }
+    }
+}
 
 /// The waiting page (HTML, 200) or, for API clients, the status JSON with
 /// 429 and Retry-After. Never cacheable.
