@@ -17,6 +17,9 @@ use varco::room::arrival;
 const MIN: u64 = 60_000;
 const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const ARRIVAL_KEY: &str = "YXJyaXZhbC1rZXktZm9yLXRoZS1wb3J0YWwtMDEyMzQ1";
+/// One slot, a one-minute idle time, and a login callback.
+const DETOUR_ROOM: &str =
+    "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"";
 const ADMIN: &str = "auditor:let-me-see-the-admission-log";
 
 /// A room with real keys (so the binary can check receipts offline), the
@@ -328,12 +331,7 @@ async fn the_admission_log_is_chained_and_tampering_is_caught() {
 #[tokio::test]
 async fn a_login_detour_never_strands_anyone() {
     let up = upstream::spawn().await;
-    let g = Gated::start(&config(
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"",
-        "",
-    ))
-    .await;
+    let g = Gated::start(&config(up.addr, DETOUR_ROOM, "")).await;
     let mut a = g.citizen();
     assert!(a.get("/").await.reached_upstream());
     // Someone in line whose identity provider calls back (a POST, as SAML
@@ -388,12 +386,7 @@ async fn a_login_detour_never_strands_anyone() {
 #[tokio::test]
 async fn a_login_detour_is_bounded_by_its_window() {
     let up = upstream::spawn().await;
-    let g = Gated::start(&config(
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"",
-        "",
-    ))
-    .await;
+    let g = Gated::start(&config(up.addr, DETOUR_ROOM, "")).await;
     let mut d = g.citizen();
     assert!(d.get("/").await.reached_upstream());
     let old_pass = d.jar.clone();

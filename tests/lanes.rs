@@ -10,6 +10,9 @@ use common::redis::RedisServer;
 use common::upstream;
 
 const SECRET: &str = "intermediaries-only-0123456789";
+/// Everyone queued, 60 a minute, called tickets kept long enough to count.
+const SIXTY_A_MINUTE: &str =
+    "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"";
 
 fn lanes_room(up: std::net::SocketAddr, room: &str, signed: bool) -> String {
     std::env::set_var("VARCO_TEST_LANE_SECRET", SECRET);
@@ -43,12 +46,7 @@ async fn called(people: &mut [Citizen]) -> (usize, bool) {
 #[tokio::test]
 async fn the_rate_is_split_by_weight_and_each_lane_is_fifo() {
     let up = upstream::spawn().await;
-    let g = Gated::start(&lanes_room(
-        up.addr,
-        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
-        false,
-    ))
-    .await;
+    let g = Gated::start(&lanes_room(up.addr, SIXTY_A_MINUTE, false)).await;
     let mut citizens: Vec<Citizen> = (0..80).map(|_| g.citizen()).collect();
     let mut brokers: Vec<Citizen> = (0..40).map(|_| intermediary(g.addr, SECRET)).collect();
     for i in 0..80 {
@@ -103,12 +101,7 @@ async fn the_rate_is_split_by_weight_and_each_lane_is_fifo() {
 #[tokio::test]
 async fn an_empty_lane_gives_its_share_to_the_others() {
     let up = upstream::spawn().await;
-    let g = Gated::start(&lanes_room(
-        up.addr,
-        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
-        false,
-    ))
-    .await;
+    let g = Gated::start(&lanes_room(up.addr, SIXTY_A_MINUTE, false)).await;
     let mut citizens: Vec<Citizen> = (0..100).map(|_| g.citizen()).collect();
     for c in citizens.iter_mut() {
         c.get("/").await;
@@ -193,7 +186,7 @@ async fn lanes_hold_across_a_cluster() {
     );
     let cfg = lanes_room(
         up.addr,
-        "admission_per_minute = 60\nmax_active = 1000\nmode = \"queue_all\"\nclaim_window = \"10m\"",
+        SIXTY_A_MINUTE,
         false,
     )
     .replace(

@@ -193,6 +193,20 @@ impl Keyring {
     /// its room and however old: for checking a receipt after the fact,
     /// never for admission.
     pub fn verify_ticket_any_time(&self, token: &str) -> Option<(TicketClaims, String)> {
+        let (dec, kid) = self.key_for(token)?;
+        let mut v = validation();
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["aud", "iss"]);
+        let data = jsonwebtoken::decode::<TicketClaims>(token, dec, &v).ok()?;
+        data.claims
+            .aud
+            .starts_with("varco:ticket:")
+            .then_some((data.claims, kid))
+    }
+
+    /// The key a token names, if it is HS256, not absurdly long, and the
+    /// key is one of ours.
+    fn key_for(&self, token: &str) -> Option<(&DecodingKey, String)> {
         if token.len() > 4096 {
             return None;
         }
@@ -202,18 +216,7 @@ impl Keyring {
         }
         let kid = header.kid?;
         let (_, dec) = self.keys.iter().find(|(k, _)| k.id == kid)?;
-        let mut v = Validation::new(Algorithm::HS256);
-        v.algorithms = vec![Algorithm::HS256];
-        v.set_issuer(&[ISSUER]);
-        v.validate_aud = false;
-        v.validate_exp = false;
-        v.validate_nbf = false;
-        v.set_required_spec_claims(&["aud", "iss"]);
-        let data = jsonwebtoken::decode::<TicketClaims>(token, dec, &v).ok()?;
-        data.claims
-            .aud
-            .starts_with("varco:ticket:")
-            .then_some((data.claims, kid))
+        Some((dec, kid))
     }
 
     /// Verifies signature, algorithm, key id, issuer, audience and the
@@ -237,23 +240,10 @@ impl Keyring {
         now_ms: u64,
         grace_ms: u64,
     ) -> Option<T> {
-        if token.len() > 4096 {
-            return None;
-        }
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        if header.alg != Algorithm::HS256 {
-            return None;
-        }
-        let kid = header.kid?;
-        let (_, dec) = self.keys.iter().find(|(k, _)| k.id == kid)?;
-        let mut v = Validation::new(Algorithm::HS256);
-        v.algorithms = vec![Algorithm::HS256];
+        let (dec, _) = self.key_for(token)?;
+        let mut v = validation();
         v.set_audience(&[aud]);
-        v.set_issuer(&[ISSUER]);
-        // Time is checked below against varco's clock (in ms), not the
-        // library's; `exp` stays required so a token without it fails.
-        v.validate_exp = false;
-        v.validate_nbf = false;
+        // `exp` stays required so a token without it fails.
         v.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
         let data = jsonwebtoken::decode::<T>(token, dec, &v).ok()?;
         let c = data.claims;
@@ -262,6 +252,17 @@ impl Keyring {
         }
         Some(c)
     }
+}
+
+/// HS256 only, issuer varco. Time is checked by the callers against
+/// varco's clock (in ms), not the library's.
+fn validation() -> Validation {
+    let mut v = Validation::new(Algorithm::HS256);
+    v.algorithms = vec![Algorithm::HS256];
+    v.set_issuer(&[ISSUER]);
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v
 }
 
 /// Time claims in unix milliseconds.
