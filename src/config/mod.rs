@@ -162,6 +162,13 @@ pub struct LaneConfig {
     pub signed: bool,
 }
 
+impl LaneConfig {
+    /// The lane without a selector takes everyone the others do not.
+    pub fn is_default(&self) -> bool {
+        self.selector.cidrs.is_empty() && self.selector.header.is_none()
+    }
+}
+
 /// Bounds and signals of adaptive admission (see `room::adaptive`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptiveConfig {

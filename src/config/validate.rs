@@ -830,10 +830,7 @@ fn parse_lanes(
             signed: l.signed,
         });
     }
-    let defaults = lanes
-        .iter()
-        .filter(|l| l.selector.cidrs.is_empty() && l.selector.header.is_none())
-        .count();
+    let defaults = lanes.iter().filter(|l| l.is_default()).count();
     if !lanes.is_empty() && defaults != 1 {
         p.add(
             key("lanes"),

@@ -62,7 +62,7 @@ impl Lane {
     /// default lane (its places survive turning lanes on), `room#lane`
     /// for the others.
     pub fn store_name(room: &str, lane: &LaneConfig) -> String {
-        if is_default(lane) {
+        if lane.is_default() {
             room.to_string()
         } else {
             format!("{room}#{}", lane.name)
@@ -122,10 +122,6 @@ impl Lane {
             ..room
         }
     }
-}
-
-fn is_default(lane: &LaneConfig) -> bool {
-    lane.selector.cidrs.is_empty() && lane.selector.header.is_none()
 }
 
 /// Sets every lane's share for the next tick from what each holds now.

@@ -99,13 +99,8 @@ impl Room {
         keys: Keyring,
         tick: Duration,
     ) -> Self {
-        let default_lane = lanes::Lane::new(
-            config
-                .lanes
-                .iter()
-                .find(|l| l.selector.cidrs.is_empty() && l.selector.header.is_none()),
-            store.clone(),
-        );
+        let default_lane =
+            lanes::Lane::new(config.lanes.iter().find(|l| l.is_default()), store.clone());
         let upstreams = UpstreamPool::new(&config.upstreams, fail_cooldown);
         let upstream_metrics = upstreams
             .all()
