@@ -324,10 +324,10 @@ pub fn judge(c: &AdaptiveConfig, window: &Window) -> Option<Verdict> {
 /// the overshoot (target / observed), never gentler than 0.95 nor deeper
 /// than `backoff`, so a rate a little over the knee is trimmed, not
 /// halved, while a collapsing portal gets the full cut at once. `peak` is
-/// the rate of the last cut: within 10% of it either way the step is
-/// halved, so the rate creeps past the knee it found instead of running
-/// through it, and moves at full speed elsewhere (TCP CUBIC's idea, in
-/// its simplest form).
+/// the rate where the last overload began: from 20% under it to 10% over
+/// it the step is halved, so the rate creeps up on the knee it found and
+/// spends its time near it instead of running through it, and moves at
+/// full speed elsewhere (TCP CUBIC's idea, in its simplest form).
 pub fn next_rate(
     c: &AdaptiveConfig,
     verdict: Verdict,
@@ -349,7 +349,7 @@ pub fn next_rate(
         // Growing while nobody waits would raise a limit nothing tests.
         Verdict::Healthy if demand => {
             let next = rate + c.step_per_minute;
-            let near_the_knee = peak.is_some_and(|p| (0.9 * p..=1.1 * p).contains(&next));
+            let near_the_knee = peak.is_some_and(|p| (0.8 * p..=1.1 * p).contains(&next));
             let step = if near_the_knee {
                 c.step_per_minute / 2.0
             } else {
@@ -391,11 +391,18 @@ struct State {
     last: Window,
     /// Intervals left unjudged after a cut (see [`SETTLE_INTERVALS`]).
     settling: u32,
-    /// The rate at the last cut: where the knee was last seen.
+    /// The rate at the last cut that began an overload: where the knee
+    /// was last seen.
     peak: Option<f64>,
-    /// The latency percentile of the last window judged slow: while each
-    /// slow window is faster than the one before, the last cut is working
-    /// off the backlog, and cutting again would overshoot downwards.
+    /// The last judged window was overloaded.
+    overloaded: bool,
+    /// ...and so was the one before it: a cut now is for the same
+    /// overload (see [`Controller::cut_from`]).
+    follow_up: bool,
+    /// The latency percentile of the last slow window (settling ones
+    /// included): while each slow window is faster than the one before,
+    /// the last cut is working off the backlog, and cutting again would
+    /// overshoot downwards.
     slow_before: Option<Duration>,
 }
 
@@ -436,7 +443,19 @@ impl Controller {
         state.last = window;
         if state.settling > 0 {
             state.settling -= 1;
+            // Unjudged, but the next judgement compares with it: the
+            // backlog peaks while the people admitted before the cut
+            // arrive, and a window faster than that peak is the cut
+            // working, even if still slower than the window that caused it.
+            if verdict == Some(Verdict::Overloaded(Reason::Latency)) {
+                state.slow_before = p;
+            }
             return None;
+        }
+        if let Some(v) = verdict {
+            let overloaded = matches!(v, Verdict::Overloaded(_));
+            state.follow_up = overloaded && state.overloaded;
+            state.overloaded = overloaded;
         }
         match verdict {
             Some(Verdict::Overloaded(Reason::Latency)) => {
@@ -458,8 +477,17 @@ impl Controller {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).peak
     }
 
+    /// The rate was cut from `rate`. Only the cut that begins an overload
+    /// (the first overloaded window after a healthy one) marks the knee: a
+    /// second cut for the same overload (the people admitted before the
+    /// first were still arriving) is from a rate already below it, and remembering that rate as the knee would make
+    /// the climb back creep from too low. TCP CUBIC likewise records its
+    /// window at the loss, not at the reductions of the same recovery.
     pub fn cut_from(&self, rate: f64) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).peak = Some(rate);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.follow_up || state.peak.is_none() {
+            state.peak = Some(rate);
+        }
     }
 
     /// The rate or the limit changed: what was sent before is not the new
@@ -522,6 +550,11 @@ mod tests {
             next_rate(&c, h, None, true, 880.0, Some(1000.0)),
             Some((910.0, Reason::Headroom)),
             "near it: half a step"
+        );
+        assert_eq!(
+            next_rate(&c, h, None, true, 760.0, Some(1000.0)),
+            Some((790.0, Reason::Headroom)),
+            "a step into the last fifth under it: half a step"
         );
         assert_eq!(
             next_rate(&c, h, None, true, 1100.0, Some(1000.0)),
@@ -660,6 +693,13 @@ mod tests {
         let (p, failures) = ctl.last_signals();
         assert!(p.unwrap() >= Duration::from_secs(5));
         assert_eq!(failures, 0.0);
+        ctl.cut_from(800.0);
+        ctl.cut_from(900.0);
+        assert_eq!(
+            ctl.peak(),
+            Some(900.0),
+            "a cut that begins an overload marks the knee"
+        );
         // Slow but faster than the last slow window: the cut is working.
         ctl.changed(0);
         ctl.signals.send().answer(Duration::from_secs(2), false);
@@ -671,6 +711,8 @@ mod tests {
             Some(Verdict::Overloaded(Reason::Latency)),
             "worse again: cut"
         );
+        ctl.cut_from(630.0);
+        assert_eq!(ctl.peak(), Some(900.0), "the same overload: the knee stays");
         // After a cut for latency, the settling intervals pass unjudged.
         ctl.changed(SETTLE_INTERVALS);
         for i in 0..SETTLE_INTERVALS as u64 {
@@ -681,6 +723,19 @@ mod tests {
         assert_eq!(
             ctl.step(6_000 + 1_000 * SETTLE_INTERVALS as u64),
             Some(Verdict::Overloaded(Reason::Latency))
+        );
+        // The backlog peaks while settling: a judged window faster than
+        // that peak holds, though slower than the window cut for (5 s).
+        ctl.changed(SETTLE_INTERVALS);
+        for i in 0..SETTLE_INTERVALS as u64 {
+            ctl.signals.send().answer(Duration::from_secs(8), false);
+            assert_eq!(ctl.step(9_000 + 1_000 * i), None, "settling");
+        }
+        ctl.signals.send().answer(Duration::from_secs(6), false);
+        assert_eq!(
+            ctl.step(9_000 + 1_000 * SETTLE_INTERVALS as u64),
+            None,
+            "past the backlog's peak: hold"
         );
     }
 }
