@@ -18,8 +18,9 @@
 //!
 //! After a cut for latency the controller waits for the people admitted
 //! just before it to arrive (two intervals), and then holds as long as
-//! each slow window is faster than the last: the portal is working off
-//! its backlog, and a second cut would overshoot downwards.
+//! each slow window is faster than the slowest of the overload: the
+//! portal is working off its backlog, and a second cut would overshoot
+//! downwards.
 //!
 //! Signals are kept per decision: answers to requests sent before the
 //! last change are dropped, so a cut is judged on the load it made, not on
@@ -399,11 +400,12 @@ struct State {
     /// ...and so was the one before it: a cut now is for the same
     /// overload (see [`Controller::cut_from`]).
     follow_up: bool,
-    /// The latency percentile of the last slow window (settling ones
-    /// included): while each slow window is faster than the one before,
+    /// The latency percentile of the slowest window of this overload
+    /// (settling ones included): while slow windows stay faster than it,
     /// the last cut is working off the backlog, and cutting again would
-    /// overshoot downwards.
-    slow_before: Option<Duration>,
+    /// overshoot downwards. Comparing with the worst rather than with the
+    /// window before keeps the noise of one window from cutting again.
+    worst: Option<Duration>,
 }
 
 /// After a cut for latency, this many intervals pass unjudged: people
@@ -443,12 +445,11 @@ impl Controller {
         state.last = window;
         if state.settling > 0 {
             state.settling -= 1;
-            // Unjudged, but the next judgement compares with it: the
-            // backlog peaks while the people admitted before the cut
-            // arrive, and a window faster than that peak is the cut
-            // working, even if still slower than the window that caused it.
+            // Unjudged, but the backlog peaks while the people admitted
+            // before the cut arrive, and later windows are judged
+            // against that peak.
             if verdict == Some(Verdict::Overloaded(Reason::Latency)) {
-                state.slow_before = p;
+                state.worst = state.worst.max(p);
             }
             return None;
         }
@@ -459,14 +460,15 @@ impl Controller {
         }
         match verdict {
             Some(Verdict::Overloaded(Reason::Latency)) => {
-                let before = std::mem::replace(&mut state.slow_before, p);
-                if let (Some(now), Some(before)) = (p, before) {
-                    if now < before {
+                let worst = state.worst;
+                state.worst = worst.max(p);
+                if let (Some(now), Some(worst)) = (p, worst) {
+                    if now < worst {
                         return None;
                     }
                 }
             }
-            Some(_) => state.slow_before = None,
+            Some(_) => state.worst = None,
             None => {}
         }
         verdict
@@ -700,7 +702,8 @@ mod tests {
             Some(900.0),
             "a cut that begins an overload marks the knee"
         );
-        // Slow but faster than the last slow window: the cut is working.
+        // Slow but faster than the overload's worst window: the cut is
+        // working off the backlog.
         ctl.changed(0);
         ctl.signals.send().answer(Duration::from_secs(2), false);
         assert_eq!(ctl.step(3_500), None, "within the interval");
@@ -708,34 +711,46 @@ mod tests {
         ctl.signals.send().answer(Duration::from_secs(3), false);
         assert_eq!(
             ctl.step(5_000),
+            None,
+            "slower than the window before, faster than the worst: hold"
+        );
+        ctl.signals.send().answer(Duration::from_secs(6), false);
+        assert_eq!(
+            ctl.step(6_000),
             Some(Verdict::Overloaded(Reason::Latency)),
-            "worse again: cut"
+            "worse than the worst: cut"
         );
         ctl.cut_from(630.0);
         assert_eq!(ctl.peak(), Some(900.0), "the same overload: the knee stays");
-        // After a cut for latency, the settling intervals pass unjudged.
-        ctl.changed(SETTLE_INTERVALS);
-        for i in 0..SETTLE_INTERVALS as u64 {
-            ctl.signals.send().answer(Duration::from_secs(5), false);
-            assert_eq!(ctl.step(6_000 + 1_000 * i), None, "settling");
-        }
-        ctl.signals.send().answer(Duration::from_secs(5), false);
-        assert_eq!(
-            ctl.step(6_000 + 1_000 * SETTLE_INTERVALS as u64),
-            Some(Verdict::Overloaded(Reason::Latency))
-        );
+        // After a cut for latency, the settling intervals pass unjudged;
+        // then the window after them is judged, at the returned time.
+        let settle = |from_ms: u64, secs: u64| {
+            ctl.changed(SETTLE_INTERVALS);
+            for i in 0..SETTLE_INTERVALS as u64 {
+                ctl.signals.send().answer(Duration::from_secs(secs), false);
+                assert_eq!(ctl.step(from_ms + 1_000 * i), None, "settling");
+            }
+            from_ms + 1_000 * SETTLE_INTERVALS as u64
+        };
+        let judged = settle(7_000, 5);
+        ctl.signals.send().answer(Duration::from_secs(7), false);
+        assert_eq!(ctl.step(judged), Some(Verdict::Overloaded(Reason::Latency)));
         // The backlog peaks while settling: a judged window faster than
-        // that peak holds, though slower than the window cut for (5 s).
-        ctl.changed(SETTLE_INTERVALS);
-        for i in 0..SETTLE_INTERVALS as u64 {
-            ctl.signals.send().answer(Duration::from_secs(8), false);
-            assert_eq!(ctl.step(9_000 + 1_000 * i), None, "settling");
-        }
-        ctl.signals.send().answer(Duration::from_secs(6), false);
+        // that peak holds, though slower than the window cut for (7 s).
+        let judged = settle(10_000, 9);
+        ctl.signals.send().answer(Duration::from_secs(8), false);
+        assert_eq!(ctl.step(judged), None, "past the backlog's peak: hold");
+        // A healthy window ends the overload; the next one starts afresh,
+        // and its first cut marks the knee again.
+        ctl.signals.send().answer(Duration::from_millis(50), false);
+        assert_eq!(ctl.step(judged + 1_000), Some(Verdict::Healthy));
+        ctl.signals.send().answer(Duration::from_secs(1), false);
         assert_eq!(
-            ctl.step(9_000 + 1_000 * SETTLE_INTERVALS as u64),
-            None,
-            "past the backlog's peak: hold"
+            ctl.step(judged + 2_000),
+            Some(Verdict::Overloaded(Reason::Latency)),
+            "a new overload is cut for at once, however mild"
         );
+        ctl.cut_from(700.0);
+        assert_eq!(ctl.peak(), Some(700.0), "a new overload: a new knee");
     }
 }
