@@ -474,7 +474,8 @@ impl Controller {
         verdict
     }
 
-    /// Where the knee was last seen: the rate when it was last cut.
+    /// Where the knee was last seen: the rate at the cut that began the
+    /// last overload.
     pub fn peak(&self) -> Option<f64> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).peak
     }
