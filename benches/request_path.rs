@@ -6,6 +6,10 @@
 //!   microsecond.)
 //! - `headers/*`: what hop-by-hop stripping and X-Forwarded-* cost on a
 //!   browser-sized header set.
+//! - `gate/*`: the whole gate for someone turned away, response included:
+//!   a new arrival (a ticket signed, the page rendered) and a reload by
+//!   someone already in line (the ticket verified, the page rendered).
+//!   This is varco's share of the waiting-page rate in `benches/load.sh`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -91,5 +95,51 @@ fn headers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route, headers);
+fn gate(c: &mut Criterion) {
+    use varco::gate::{admit, Gate, GateRequest};
+    let cfg = Config::from_toml(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9\"]\nmode = \"queue_all\"\nadmission_per_minute = 1\nper_ip = { tickets_per_minute = 100000000 }\n",
+        Path::new("."),
+    )
+    .expect("valid");
+    let room = Room::standalone(cfg.rooms.into_iter().next().expect("one room"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut h = browser_headers();
+    h.remove("cookie");
+    let method = http::Method::GET;
+    let now = 1_795_000_000_000;
+    let request = |headers| GateRequest {
+        headers,
+        method: &method,
+        path_and_query: "/apply?step=1",
+        client_ip: "198.51.100.4".parse().unwrap(),
+        tls: true,
+        json: false,
+        now_ms: now,
+    };
+    let page = |g: Gate| match g {
+        Gate::Respond(r) => r,
+        Gate::Proxy { .. } => panic!("a queue_all room admitted someone"),
+    };
+    c.bench_function("gate/new_arrival_page", |b| {
+        b.iter(|| page(rt.block_on(admit(&room, &request(black_box(&h)))).unwrap()))
+    });
+    // Someone already in line reloads: the ticket from a first visit.
+    let first = page(rt.block_on(admit(&room, &request(&h))).unwrap());
+    let ticket = first.headers()["set-cookie"].to_str().unwrap();
+    let mut again = h.clone();
+    again.insert("cookie", ticket.split(';').next().unwrap().parse().unwrap());
+    c.bench_function("gate/reload_page", |b| {
+        b.iter(|| {
+            page(
+                rt.block_on(admit(&room, &request(black_box(&again))))
+                    .unwrap(),
+            )
+        })
+    });
+}
+
+criterion_group!(benches, route, headers, gate);
 criterion_main!(benches);
