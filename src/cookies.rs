@@ -20,10 +20,20 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// it), SameSite=Lax (survives following a link into the portal), Secure
 /// under TLS, Path=/ so every page of the room sees it.
 pub fn set(name: &str, value: &str, max_age_secs: u64, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
-    let text =
-        format!("{name}={value}; Path=/; Max-Age={max_age_secs}; HttpOnly; SameSite=Lax{secure}");
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("varco=; Max-Age=0"))
+    // Built by hand and handed over without a copy: every new arrival
+    // gets one.
+    let mut text = String::with_capacity(name.len() + value.len() + 64);
+    text.push_str(name);
+    text.push('=');
+    text.push_str(value);
+    text.push_str("; Path=/; Max-Age=");
+    crate::timefmt::push_number(&mut text, max_age_secs);
+    text.push_str("; HttpOnly; SameSite=Lax");
+    if secure {
+        text.push_str("; Secure");
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("varco=; Max-Age=0"))
 }
 
 /// A Set-Cookie that deletes `name`.
@@ -49,5 +59,7 @@ mod tests {
         assert_eq!(get(&h, "missing"), None);
         let c = set("x", "v", 60, true);
         assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure");
+        let c = clear("x", false);
+        assert_eq!(c, "x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
     }
 }

@@ -285,7 +285,6 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     };
     let ticket = ticket.map(|(t, _)| t);
     let limits = room.lane_limits(lane);
-    let view = lane.store.view();
     let safe_get = matches!(*r.method, Method::GET | Method::HEAD);
     let next_url = if safe_get {
         safe_path(r.path_and_query).unwrap_or("/").to_string()
@@ -308,11 +307,19 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
 
     if limits.mode == Mode::Closed {
         room.metrics.rejected_closed.inc();
-        let status = status_for(room, lane, ticket.as_ref(), &view, r.now_ms, "closed");
+        let status = status_for(
+            room,
+            lane,
+            ticket.as_ref(),
+            &lane.store.view(),
+            r.now_ms,
+            "closed",
+        );
         return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
     }
 
     if let Some(t) = &ticket {
+        let view = lane.store.view();
         match effective_number(room, lane, t, &view) {
             Some(n) if safe_get => {
                 let session = new_session(room, r);
@@ -368,8 +375,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         lane
     };
     let limits = room.lane_limits(lane);
-    let view = lane.store.view();
-    if safe_get && limits.mode == Mode::Queue && view.waiting == 0 {
+    // Each view of the counters takes the store's lock: only when needed.
+    if safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0 {
         let session = new_session(room, r);
         if let Some(n) = lane.store.admit_directly(limits, session, r.now_ms).await? {
             let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
@@ -487,6 +494,7 @@ pub fn status_for(
         }
         _ => (None, None, None),
     };
+    let updated = rfc3339(now_ms);
     Status {
         room: room.name.clone(),
         state,
@@ -498,14 +506,18 @@ pub fn status_for(
         queue_length: view.waiting,
         prequeue,
         opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms).map(rfc3339),
-        updated: rfc3339(now_ms),
+        // A new arrival's page shows the same instant twice.
+        arrived: ticket.map(|t| match t.at == now_ms {
+            true => updated.clone(),
+            false => rfc3339(t.at),
+        }),
+        updated,
         // The number in line once known; before that the pre-queue number.
         ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
         paused: room.mode() == Mode::Paused,
         receipt: ticket
             .and_then(|t| Receipt::of(&room.line_name(lane), t))
             .map(|r| r.to_text(&room.keys)),
-        arrived: ticket.map(|t| rfc3339(t.at)),
         lottery: room.lottery_info(view, now_ms),
     }
 }

@@ -19,6 +19,14 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 fn push_digits(out: &mut String, v: u64, width: usize) {
+    // Most calls are the two-digit fields of a time.
+    if v < 100 && width <= 2 {
+        if v >= 10 || width == 2 {
+            out.push(char::from(b'0' + (v / 10) as u8));
+        }
+        out.push(char::from(b'0' + (v % 10) as u8));
+        return;
+    }
     let mut buf = [b'0'; 20];
     let mut n = v;
     let mut i = buf.len();
@@ -30,7 +38,7 @@ fn push_digits(out: &mut String, v: u64, width: usize) {
     for _ in (buf.len() - i)..width {
         out.push('0');
     }
-    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
+    out.extend(buf[i..].iter().map(|&b| char::from(b)));
 }
 
 /// Date and time parts, or None past year 9999 (no 4-digit year).
@@ -134,7 +142,7 @@ mod tests {
 
     #[test]
     fn numbers() {
-        for v in [0, 7, 10, 1234, u64::MAX] {
+        for v in [0, 7, 10, 42, 99, 100, 1234, u64::MAX] {
             let mut s = String::new();
             push_number(&mut s, v);
             assert_eq!(s, v.to_string());

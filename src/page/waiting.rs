@@ -76,18 +76,18 @@ pub fn language(headers: &HeaderMap, default: Language) -> Language {
     let mut best: Option<(f32, Language)> = None;
     for part in accept.split(',') {
         let mut it = part.trim().split(';');
-        let tag = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        // Every browser sends this header on every reload: the tag is
+        // matched in place rather than lower-cased into a new string.
+        let tag = it.next().unwrap_or("").trim().as_bytes();
+        let lang = match tag.get(..2) {
+            Some(p) if p.eq_ignore_ascii_case(b"it") => Language::It,
+            Some(p) if p.eq_ignore_ascii_case(b"en") => Language::En,
+            _ => continue,
+        };
         let q = it
             .find_map(|p| p.trim().strip_prefix("q="))
             .and_then(|q| q.parse::<f32>().ok())
             .unwrap_or(1.0);
-        let lang = if tag.starts_with("it") {
-            Language::It
-        } else if tag.starts_with("en") {
-            Language::En
-        } else {
-            continue;
-        };
         if best.is_none_or(|(bq, _)| q > bq) {
             best = Some((q, lang));
         }
