@@ -322,9 +322,18 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         let view = lane.store.view();
         match effective_number(room, lane, t, &view) {
             Some(n) if safe_get => {
-                let session = new_session(room, r);
-                match lane.store.claim(n, limits, session, r.now_ms).await? {
-                    Claim::Admitted => {
+                // Not yet eligible by the counters in hand: no claim to try.
+                // A reload in line then costs no store round trip (in
+                // cluster mode, none to Redis) and no session id.
+                let claim = if n > view.serving {
+                    None
+                } else {
+                    let session = new_session(room, r);
+                    let c = lane.store.claim(n, limits, session, r.now_ms).await?;
+                    Some((c, session))
+                };
+                match claim {
+                    Some((Claim::Admitted, session)) => {
                         room.metrics
                             .wait_seconds
                             .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
@@ -338,7 +347,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                             pass: Some(pass),
                         });
                     }
-                    Claim::NotYet { .. } => {
+                    None | Some((Claim::NotYet { .. }, _)) => {
                         let status = status_for(
                             room,
                             lane,
@@ -356,7 +365,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
                     }
                     // Used or lapsed: this ticket admits nobody any more.
-                    Claim::AlreadyClaimed | Claim::Expired => {}
+                    Some((Claim::AlreadyClaimed | Claim::Expired, _)) => {}
                 }
             }
             // Not a GET: never forwarded without a pass; the page says

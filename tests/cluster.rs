@@ -238,6 +238,14 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
     // Admitted people carry on; nobody new gets in (people were waiting),
     // but newcomers get provisional tickets, in their order.
     assert!(holder.get("/next").await.reached_upstream());
+    // Someone already in line reloads: the counters in hand say where
+    // they stand, with no store to ask.
+    let again = waiting.get("/").await;
+    assert!(again.is_waiting_page(), "{}", again.status);
+    assert!(
+        again.text().contains("id=\"position\">1<"),
+        "place 1 on the page"
+    );
     let hits = up.hits();
     let mut late: Vec<Citizen> = (0..3).map(|_| nodes[0].citizen()).collect();
     for c in late.iter_mut() {
