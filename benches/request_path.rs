@@ -10,6 +10,8 @@
 //!   a new arrival (a ticket signed, the page rendered) and a reload by
 //!   someone already in line (the ticket verified, the page rendered).
 //!   This is varco's share of the waiting-page rate in `benches/load.sh`.
+//!   And a new arrival before a scheduled opening (a pre-queue ticket;
+//!   the page publishes the draw's commitment).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -138,6 +140,17 @@ fn gate(c: &mut Criterion) {
                     .unwrap(),
             )
         })
+    });
+    // Before a scheduled opening: a pre-queue ticket, and the page
+    // publishes the draw's commitment.
+    let cfg = Config::from_toml(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9\"]\nadmission_per_minute = 1\nopens_at = \"2026-12-01T09:00:00+01:00\"\nper_ip = { tickets_per_minute = 100000000 }\n",
+        Path::new("."),
+    )
+    .expect("valid");
+    let room = Room::standalone(cfg.rooms.into_iter().next().expect("one room"));
+    c.bench_function("gate/prequeue_arrival_page", |b| {
+        b.iter(|| page(rt.block_on(admit(&room, &request(black_box(&h)))).unwrap()))
     });
 }
 

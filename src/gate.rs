@@ -20,7 +20,6 @@ use crate::cookies;
 use crate::page::waiting::{self, Status};
 use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lanes::Lane;
-use crate::room::lottery::Lottery;
 use crate::room::receipt::Receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::Room;
@@ -237,7 +236,7 @@ fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView)
     if !view.opened {
         return None;
     }
-    Lottery::new(&room.lottery_seed(), view.prequeue).place(t.pre)
+    room.lottery_place(t.pre, view.prequeue)
 }
 
 pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {

@@ -14,7 +14,7 @@ pub mod token;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::DefaultClock;
@@ -78,6 +78,18 @@ pub struct Room {
     /// The room's lines: one (unnamed, on `store`) without lanes; with
     /// lanes, the default lane first (on `store`), then the others.
     pub lanes: Vec<lanes::Lane>,
+    draw: Mutex<Option<Arc<Draw>>>,
+}
+
+/// A room's pre-queue draw under one lottery key.
+struct Draw {
+    kid: String,
+    seed: Vec<u8>,
+    /// The seed's SHA-256, published before the opening.
+    commitment: String,
+    seed_hex: String,
+    /// The permutation for the pre-queue's size (fixed at the opening).
+    lottery: Mutex<Option<Arc<lottery::Lottery>>>,
 }
 
 const UNLIMITED: u64 = u64::MAX;
@@ -126,6 +138,7 @@ impl Room {
             in_flight: config.in_flight.map(InFlight::new),
             arrival_key: None,
             lanes: vec![default_lane],
+            draw: Mutex::new(None),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -280,9 +293,11 @@ impl Room {
         }
     }
 
-    /// The seed of this room's pre-queue lottery: secret (derived from a
-    /// signing key) and the same on every node.
-    pub fn lottery_seed(&self) -> Vec<u8> {
+    /// The seed of this room's pre-queue lottery (secret, derived from a
+    /// signing key, the same on every node) and what is published about
+    /// it, derived once per lottery key: at the opening every pre-queue
+    /// ticket's page and status poll needs them.
+    fn draw(&self) -> Arc<Draw> {
         let kid = match self.store.lottery_key_id() {
             Some(k) => k,
             None => {
@@ -291,6 +306,10 @@ impl Room {
                 self.store.lottery_key_id().unwrap_or(k)
             }
         };
+        let mut cached = self.draw.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = cached.as_ref().filter(|d| d.kid == kid) {
+            return d.clone();
+        }
         let secret = self
             .keys
             .key(&kid)
@@ -302,7 +321,27 @@ impl Room {
             self.name,
             self.config.opens_at_ms.unwrap_or(0)
         );
-        ring::hmac::sign(&key, label.as_bytes()).as_ref().to_vec()
+        let seed = ring::hmac::sign(&key, label.as_bytes()).as_ref().to_vec();
+        let d = Arc::new(Draw {
+            commitment: lottery::commitment(&seed),
+            seed_hex: lottery::hex(&seed),
+            lottery: Mutex::new(None),
+            seed,
+            kid,
+        });
+        *cached = Some(d.clone());
+        d
+    }
+
+    /// The place drawn for pre-queue ticket `pre` among `size`.
+    pub fn lottery_place(&self, pre: u64, size: u64) -> Option<u64> {
+        let draw = self.draw();
+        let mut l = draw.lottery.lock().unwrap_or_else(|e| e.into_inner());
+        if l.as_ref().is_none_or(|l| l.size() != size) {
+            *l = Some(Arc::new(lottery::Lottery::new(&draw.seed, size)));
+        }
+        let l = l.clone()?;
+        l.place(pre)
     }
 
     /// What the waiting page and the status publish about the pre-queue
@@ -315,11 +354,11 @@ impl Room {
         now_ms: u64,
     ) -> Option<crate::page::waiting::LotteryInfo> {
         let opens_at = self.config.opens_at_ms?;
-        let seed = self.lottery_seed();
+        let draw = self.draw();
         let open = view.opened && now_ms >= opens_at;
         Some(crate::page::waiting::LotteryInfo {
-            commitment: lottery::commitment(&seed),
-            seed: open.then(|| lottery::hex(&seed)),
+            commitment: draw.commitment.clone(),
+            seed: open.then(|| draw.seed_hex.clone()),
             size: open.then_some(view.prequeue),
         })
     }
