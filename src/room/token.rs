@@ -39,7 +39,19 @@ impl std::fmt::Debug for SigningKey {
 #[derive(Clone, Debug)]
 pub struct Keyring {
     keys: Arc<Vec<(SigningKey, DecodingKey)>>,
+    /// Each key's encoded JWT header, as varco writes it (same order as
+    /// `keys`): a token's key is found by comparing bytes, without
+    /// decoding its header.
+    headers: Arc<Vec<String>>,
     signer: Arc<Signer>,
+}
+
+/// `base64url` of the JWT header varco writes for key `kid`: what
+/// `jsonwebtoken::encode` writes too.
+fn encoded_header(kid: &str) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(kid.to_string());
+    B64.encode(serde_json::to_vec(&header).expect("a JWT header serialises"))
 }
 
 /// The newest key, ready to sign: its HMAC key schedule and its encoded
@@ -134,15 +146,13 @@ impl Keyring {
             })
             .collect();
         let newest = &keys.last().expect("a keyring has at least one key").0;
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some(newest.id.clone());
-        let header = serde_json::to_vec(&header).expect("a JWT header serialises");
         let signer = Signer {
             hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
             receipts: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
-            header: format!("{}.", B64.encode(header)),
+            header: format!("{}.", encoded_header(&newest.id)),
         };
         Keyring {
+            headers: Arc::new(keys.iter().map(|(k, _)| encoded_header(&k.id)).collect()),
             keys: Arc::new(keys),
             signer: Arc::new(signer),
         }
@@ -209,6 +219,13 @@ impl Keyring {
     fn key_for(&self, token: &str) -> Option<(&DecodingKey, String)> {
         if token.len() > 4096 {
             return None;
+        }
+        // Every token varco wrote has one of its own headers, byte for
+        // byte; jsonwebtoken still checks the header (HS256) in `decode`.
+        let segment = token.split('.').next()?;
+        if let Some(i) = self.headers.iter().position(|h| h == segment) {
+            let (k, dec) = &self.keys[i];
+            return Some((dec, k.id.clone()));
         }
         let header = jsonwebtoken::decode_header(token).ok()?;
         if header.alg != Algorithm::HS256 {
@@ -460,6 +477,31 @@ mod tests {
             other.verify::<TicketClaims>(&token, &aud, now).is_none(),
             "unknown kid"
         );
+    }
+
+    /// Keys are found by comparing the header's bytes with varco's own;
+    /// an HS256 header written otherwise (another field order) is still
+    /// read and checked.
+    #[test]
+    fn a_header_in_another_form_still_verifies() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let k = ring2();
+        let now = 1_800_000_000_000;
+        let claims = TicketClaims::new("portal", 3, 0, now, 60_000, "/");
+        let header = b64(br#"{"kid":"new","alg":"HS256"}"#);
+        assert_ne!(header, k.headers[1]);
+        let input = format!("{header}.{}", b64(&serde_json::to_vec(&claims).unwrap()));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[2; 32]);
+        let token = format!(
+            "{input}.{}",
+            b64(ring::hmac::sign(&key, input.as_bytes()).as_ref())
+        );
+        let aud = audience("ticket", "portal");
+        assert_eq!(k.verify::<TicketClaims>(&token, &aud, now), Some(claims));
+        // Under the wrong key's header (byte for byte "old"'s), refused.
+        let as_old = token.replacen(&header, &k.headers[0], 1);
+        assert!(k.verify::<TicketClaims>(&as_old, &aud, now).is_none());
     }
 
     #[test]
