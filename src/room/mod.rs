@@ -336,12 +336,17 @@ impl Room {
     /// The place drawn for pre-queue ticket `pre` among `size`.
     pub fn lottery_place(&self, pre: u64, size: u64) -> Option<u64> {
         let draw = self.draw();
-        let mut l = draw.lottery.lock().unwrap_or_else(|e| e.into_inner());
-        if l.as_ref().is_none_or(|l| l.size() != size) {
-            *l = Some(Arc::new(lottery::Lottery::new(&draw.seed, size)));
-        }
-        let l = l.clone()?;
-        l.place(pre)
+        let lottery = {
+            let mut l = draw.lottery.lock().unwrap_or_else(|e| e.into_inner());
+            match l.as_ref().filter(|l| l.size() == size) {
+                Some(l) => l.clone(),
+                None => l
+                    .insert(Arc::new(lottery::Lottery::new(&draw.seed, size)))
+                    .clone(),
+            }
+        };
+        // Drawn outside the lock: every pre-queue ticket polls at once.
+        lottery.place(pre)
     }
 
     /// What the waiting page and the status publish about the pre-queue
