@@ -355,7 +355,8 @@ impl Gateway {
             method = %method,
             path = %path,
             status = resp.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            // Whole microseconds: `0.054`, not `0.054450000000000005`.
+            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
             upstream = upstream.unwrap_or("-"),
             client = %conn.peer.ip(),
         );
