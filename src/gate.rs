@@ -347,14 +347,13 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         });
                     }
                     None | Some((Claim::NotYet { .. }, _)) => {
-                        let status = status_for(
-                            room,
-                            lane,
-                            Some(t),
-                            &lane.store.view(),
-                            r.now_ms,
-                            "waiting",
-                        );
+                        // After a claim the store's reply is the fresher
+                        // view (in cluster mode it refreshed the counters).
+                        let view = match claim {
+                            Some(_) => lane.store.view(),
+                            None => view,
+                        };
+                        let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
                         // Re-sign only when the destination changed.
                         let cookie = (t.u != next_url).then(|| {
                             let mut t = t.clone();

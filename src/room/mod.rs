@@ -88,8 +88,9 @@ struct Draw {
     /// The seed's SHA-256, published before the opening.
     commitment: String,
     seed_hex: String,
-    /// The permutation for the pre-queue's size (fixed at the opening).
-    lottery: Mutex<Option<Arc<lottery::Lottery>>>,
+    /// The permutations for the pre-queues' sizes (each lane's is fixed
+    /// at the opening).
+    lotteries: Mutex<Vec<Arc<lottery::Lottery>>>,
 }
 
 const UNLIMITED: u64 = u64::MAX;
@@ -325,7 +326,7 @@ impl Room {
         let d = Arc::new(Draw {
             commitment: lottery::commitment(&seed),
             seed_hex: lottery::hex(&seed),
-            lottery: Mutex::new(None),
+            lotteries: Mutex::new(Vec::new()),
             seed,
             kid,
         });
@@ -337,12 +338,19 @@ impl Room {
     pub fn lottery_place(&self, pre: u64, size: u64) -> Option<u64> {
         let draw = self.draw();
         let lottery = {
-            let mut l = draw.lottery.lock().unwrap_or_else(|e| e.into_inner());
-            match l.as_ref().filter(|l| l.size() == size) {
+            let mut ls = draw.lotteries.lock().unwrap_or_else(|e| e.into_inner());
+            match ls.iter().find(|l| l.size() == size) {
                 Some(l) => l.clone(),
-                None => l
-                    .insert(Arc::new(lottery::Lottery::new(&draw.seed, size)))
-                    .clone(),
+                None => {
+                    // One size per lane once open; before that, sizes
+                    // come and go as the pre-queue grows.
+                    if ls.len() >= 2 * self.lanes.len() {
+                        ls.clear();
+                    }
+                    let l = Arc::new(lottery::Lottery::new(&draw.seed, size));
+                    ls.push(l.clone());
+                    l
+                }
             }
         };
         // Drawn outside the lock: every pre-queue ticket polls at once.
@@ -437,5 +445,37 @@ impl Room {
         self.ticket_limiter.shrink_to_fit();
         self.status_limiter.retain_recent();
         self.status_limiter.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached permutations answer as fresh ones would, for lanes'
+    /// pre-queues of different sizes asked in turn.
+    #[test]
+    fn cached_draws_match_fresh_ones() {
+        let cfg = crate::config::Config::from_toml(
+            "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9\"]\nadmission_per_minute = 60\nopens_at = \"2030-01-01T09:00:00Z\"\n",
+            std::path::Path::new("."),
+        )
+        .expect("valid");
+        let room = Room::standalone(cfg.rooms.into_iter().next().expect("one room"));
+        let seed = room.draw().seed.clone();
+        for round in 0..3 {
+            for size in [10, 1000, 7] {
+                let fresh = lottery::Lottery::new(&seed, size);
+                for pre in [1, size / 2 + round, size] {
+                    assert_eq!(room.lottery_place(pre, size), fresh.place(pre));
+                }
+                assert_eq!(room.lottery_place(size + 1, size), None);
+            }
+        }
+        let info = room
+            .lottery_info(&crate::store::RoomView::default(), 0)
+            .expect("a scheduled opening");
+        assert_eq!(info.commitment, lottery::commitment(&seed));
+        assert_eq!(info.seed, None, "the seed stays secret before the opening");
     }
 }
