@@ -54,15 +54,14 @@ fn encoded_header(kid: &str) -> String {
     B64.encode(serde_json::to_vec(&header).expect("a JWT header serialises"))
 }
 
-/// The newest key, ready to sign: its HMAC key schedule and its encoded
-/// JWT header are computed once, not per ticket (jsonwebtoken's `encode`
-/// rebuilds both on every call; a click day signs a ticket per arrival).
+/// The newest key, ready to sign: its HMAC key schedule (and, in
+/// `Keyring::headers`, its encoded JWT header) computed once, not per
+/// ticket (jsonwebtoken's `encode` rebuilds both on every call; a click
+/// day signs a ticket per arrival).
 struct Signer {
     hmac: ring::hmac::Key,
     /// The same secret's key for queue receipt codes (`receipt.rs`).
     receipts: ring::hmac::Key,
-    /// `base64url(header) + "."`
-    header: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -149,7 +148,6 @@ impl Keyring {
         let signer = Signer {
             hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
             receipts: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
-            header: format!("{}.", encoded_header(&newest.id)),
         };
         Keyring {
             headers: Arc::new(keys.iter().map(|(k, _)| encoded_header(&k.id)).collect()),
@@ -179,8 +177,11 @@ impl Keyring {
     /// jsonwebtoken) accepts.
     pub fn sign<T: Serialize>(&self, claims: &T) -> String {
         let payload = serde_json::to_vec(claims).expect("claims serialise");
-        let mut token = String::with_capacity(self.signer.header.len() + payload.len() * 2 + 48);
-        token.push_str(&self.signer.header);
+        // The newest key signs: its header is the last.
+        let header = self.headers.last().expect("a keyring has at least one key");
+        let mut token = String::with_capacity(header.len() + payload.len() * 2 + 48);
+        token.push_str(header);
+        token.push('.');
         B64.encode_string(payload, &mut token);
         let tag = ring::hmac::sign(&self.signer.hmac, token.as_bytes());
         token.push('.');
