@@ -57,12 +57,11 @@ impl Gateway {
 }
 
 /// The request's host: the Host header (HTTP/1.1) or :authority (HTTP/2).
-fn host_of(req: &Request<Incoming>) -> Option<String> {
+fn host_of(req: &Request<Incoming>) -> Option<&str> {
     req.headers()
         .get(HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
 /// An in-flight slot, or the 503 for a person who is admitted but whose
@@ -137,12 +136,11 @@ impl Handler for Gateway {
             return resp;
         }
 
-        let host = host_of(&req);
         let room = self
             .routing
             .load()
             .router
-            .route(host.as_deref(), req.uri().path())
+            .route(host_of(&req), req.uri().path())
             .cloned();
         let Some(room) = room else {
             let resp = page::error(
@@ -179,7 +177,7 @@ impl Gateway {
         let secure = self.is_https(&req, conn);
         let mut req = req;
         // Only varco says where someone stands in line.
-        req.headers_mut().remove(arrival::HEADER);
+        req.headers_mut().remove(&arrival::HEADER);
         let (set_cookies, pass) = if room.is_gated() {
             let now = self.clock.now_ms();
             let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);

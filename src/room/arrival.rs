@@ -12,9 +12,9 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
-pub const HEADER: &str = "x-varco-arrival";
+pub const HEADER: HeaderName = HeaderName::from_static("x-varco-arrival");
 
 /// What the header says, once its signature is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
