@@ -20,12 +20,22 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// it), SameSite=Lax (survives following a link into the portal), Secure
 /// under TLS, Path=/ so every page of the room sees it.
 pub fn set(name: &str, value: &str, max_age_secs: u64, secure: bool) -> HeaderValue {
-    // Built by hand and handed over without a copy: every new arrival
-    // gets one.
-    let mut text = String::with_capacity(name.len() + value.len() + 64);
+    set_with(name, max_age_secs, secure, |out| out.push_str(value))
+}
+
+/// `set`, with the value written in place by `value` (a token signed
+/// straight into the header: every new arrival gets one). A value that
+/// is not a valid header gives a cookie that clears itself.
+pub fn set_with(
+    name: &str,
+    max_age_secs: u64,
+    secure: bool,
+    value: impl FnOnce(&mut String),
+) -> HeaderValue {
+    let mut text = String::with_capacity(name.len() + 448);
     text.push_str(name);
     text.push('=');
-    text.push_str(value);
+    value(&mut text);
     text.push_str("; Path=/; Max-Age=");
     crate::timefmt::push_number(&mut text, max_age_secs);
     text.push_str("; HttpOnly; SameSite=Lax");

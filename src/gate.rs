@@ -159,7 +159,9 @@ pub fn renewed(room: &Room, pass: &PassClaims, now_ms: u64) -> PassClaims {
 
 pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
     let max_age = (claims.exp * 1000).saturating_sub(claims.nbf * 1000) / 1000;
-    cookies::set(&room.pass_cookie, &room.keys.sign(claims), max_age, tls)
+    cookies::set_with(&room.pass_cookie, max_age, tls, |out| {
+        room.keys.sign_into(claims, out)
+    })
 }
 
 /// A pass that lapsed, coming back ahead of the queue: on a login detour's
@@ -435,7 +437,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
 
 fn ticket_cookie(room: &Room, t: &TicketClaims, r: &GateRequest) -> HeaderValue {
     let max_age = t.exp.saturating_sub(r.now_ms / 1000);
-    cookies::set(&room.ticket_cookie, &room.keys.sign(t), max_age, r.tls)
+    cookies::set_with(&room.ticket_cookie, max_age, r.tls, |out| {
+        room.keys.sign_into(t, out)
+    })
 }
 
 fn page(

@@ -20,25 +20,17 @@ fn civil(days: i64) -> (i64, u32, u32) {
 
 fn push_digits(out: &mut String, v: u64, width: usize) {
     // Most calls are the two-digit fields of a time.
-    if v < 100 && width <= 2 {
-        if v >= 10 || width == 2 {
-            out.push(char::from(b'0' + (v / 10) as u8));
-        }
+    if v < 100 && width == 2 {
+        out.push(char::from(b'0' + (v / 10) as u8));
         out.push(char::from(b'0' + (v % 10) as u8));
         return;
     }
-    let mut buf = [b'0'; 20];
-    let mut n = v;
-    let mut i = buf.len();
-    while n > 0 || i == buf.len() {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    for _ in (buf.len() - i)..width {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v);
+    for _ in digits.len()..width {
         out.push('0');
     }
-    out.extend(buf[i..].iter().map(|&b| char::from(b)));
+    out.push_str(digits);
 }
 
 /// Date and time parts, or None past year 9999 (no 4-digit year).
@@ -51,21 +43,24 @@ fn parts(secs: u64) -> Option<(i64, u32, u32, u64, u64, u64)> {
 /// RFC 3339 in UTC, with milliseconds when there are any (trailing zeros
 /// dropped): `2026-11-24T09:00:03Z`, `2026-11-24T09:00:03.25Z`.
 pub fn rfc3339(ms: u64) -> String {
-    let Some((y, mo, d, h, mi, s)) = parts(ms / 1000) else {
-        return String::new();
-    };
     let mut out = String::with_capacity(24);
-    push_digits(&mut out, y as u64, 4);
+    push_rfc3339(&mut out, ms);
+    out
+}
+
+/// `rfc3339`, appended: the waiting page writes its times into the page
+/// itself rather than into strings of their own. Nothing past year 9999.
+pub fn push_rfc3339(out: &mut String, ms: u64) {
+    let Some((y, mo, d, h, mi, s)) = parts(ms / 1000) else {
+        return;
+    };
+    push_digits(out, y as u64, 4);
     out.push('-');
-    push_digits(&mut out, mo as u64, 2);
+    push_digits(out, mo as u64, 2);
     out.push('-');
-    push_digits(&mut out, d as u64, 2);
+    push_digits(out, d as u64, 2);
     out.push('T');
-    push_digits(&mut out, h, 2);
-    out.push(':');
-    push_digits(&mut out, mi, 2);
-    out.push(':');
-    push_digits(&mut out, s, 2);
+    push_clock(out, h, mi, s);
     let mut frac = ms % 1000;
     if frac > 0 {
         let mut width = 3;
@@ -74,27 +69,45 @@ pub fn rfc3339(ms: u64) -> String {
             width -= 1;
         }
         out.push('.');
-        push_digits(&mut out, frac, width);
+        push_digits(out, frac, width);
     }
     out.push('Z');
-    out
+}
+
+/// The time of day of `ms`, `HH:MM:SS` (UTC), appended.
+pub fn push_time_of_day(out: &mut String, ms: u64) {
+    let s = ms / 1000 % 86_400;
+    push_clock(out, s / 3600, s / 60 % 60, s % 60);
+}
+
+fn push_clock(out: &mut String, h: u64, mi: u64, s: u64) {
+    push_digits(out, h, 2);
+    out.push(':');
+    push_digits(out, mi, 2);
+    out.push(':');
+    push_digits(out, s, 2);
 }
 
 /// ISO 8601 basic, to the second: `20261124T090003Z`.
 pub fn compact(secs: u64) -> String {
-    let Some((y, mo, d, h, mi, s)) = parts(secs) else {
-        return String::new();
-    };
     let mut out = String::with_capacity(16);
-    push_digits(&mut out, y as u64, 4);
-    push_digits(&mut out, mo as u64, 2);
-    push_digits(&mut out, d as u64, 2);
-    out.push('T');
-    push_digits(&mut out, h, 2);
-    push_digits(&mut out, mi, 2);
-    push_digits(&mut out, s, 2);
-    out.push('Z');
+    push_compact(&mut out, secs);
     out
+}
+
+/// `compact`, appended.
+pub fn push_compact(out: &mut String, secs: u64) {
+    let Some((y, mo, d, h, mi, s)) = parts(secs) else {
+        return;
+    };
+    push_digits(out, y as u64, 4);
+    push_digits(out, mo as u64, 2);
+    push_digits(out, d as u64, 2);
+    out.push('T');
+    push_digits(out, h, 2);
+    push_digits(out, mi, 2);
+    push_digits(out, s, 2);
+    out.push('Z');
 }
 
 /// Decimal digits of `v`, appended.
@@ -137,6 +150,9 @@ mod tests {
             let r = reference(ms / 1000 * 1000);
             let expected: String = r.chars().filter(|c| *c != '-' && *c != ':').collect();
             assert_eq!(compact(ms / 1000), expected, "{ms}");
+            let mut clock = String::new();
+            push_time_of_day(&mut clock, ms);
+            assert_eq!(clock, r[11..19], "{ms}");
         }
     }
 

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use varco::config::Config;
 use varco::cookies;
 use varco::room::admission::{AdmissionState, Claim, Issued, Limits, Mode};
-use varco::room::token::{audience, Keyring, PassClaims, TicketClaims};
+use varco::room::token::{audience, Claims, Keyring, PassClaims, TicketClaims};
 
 const NOW: u64 = 1_800_000_000_000;
 
@@ -21,6 +21,32 @@ fn keys() -> Keyring {
 }
 
 proptest! {
+    /// A ticket writes its own JSON on the hot path: whenever it does, the
+    /// bytes are serde_json's, whatever its strings hold (quotes, escapes,
+    /// control characters, any script); and the signed token verifies to
+    /// the same claims.
+    #[test]
+    fn a_tickets_own_json_is_serde_jsons(
+        room in "\\PC{0,30}|[a-z]{1,12}",
+        url in "\\PC{0,60}|/[a-z/?=&]{0,40}|.{0,20}",
+        lane in "|[a-z]{1,8}|\\PC{0,6}",
+        n in any::<u64>(),
+        pre in any::<u64>(),
+        at in 0u64..4_102_444_800_000,
+    ) {
+        let mut t = TicketClaims::new(&room, n, pre, at, 60_000, &url);
+        t.l = lane;
+        let mut buf = [0u8; 1024];
+        let expected = serde_json::to_vec(&t).unwrap();
+        if let Some(len) = t.write_json(&mut buf) {
+            prop_assert_eq!(&buf[..len], expected.as_slice());
+        }
+        let k = keys();
+        let token = k.sign(&t);
+        let back = k.verify::<TicketClaims>(&token, &audience("ticket", &room), at);
+        prop_assert_eq!(back, Some(t));
+    }
+
     /// Any string of any size up to the header limit: never a panic, never
     /// a pass or a ticket.
     #[test]

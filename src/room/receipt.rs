@@ -40,12 +40,7 @@ impl Receipt {
     /// The receipt of a ticket; None for a provisional one (handed out
     /// while the shared store was away: its number is not known yet).
     pub fn of(room: &str, t: &TicketClaims) -> Option<Receipt> {
-        let (kind, number) = match (t.n, t.pre) {
-            _ if !t.dg.is_empty() => return None,
-            (0, 0) => return None,
-            (0, p) => (Kind::PreQueue, p),
-            (n, _) => (Kind::Queue, n),
-        };
+        let (kind, number) = kind_and_number(t)?;
         Some(Receipt {
             room: room.to_string(),
             kind,
@@ -57,57 +52,98 @@ impl Receipt {
     /// `17` or `P17`.
     pub fn number_label(&self) -> String {
         let mut out = String::with_capacity(12);
-        self.push_number_label(&mut out);
+        push_number_label(&mut out, self.kind, self.number);
         out
-    }
-
-    fn push_number_label(&self, out: &mut String) {
-        if self.kind == Kind::PreQueue {
-            out.push('P');
-        }
-        crate::timefmt::push_number(out, self.number);
-    }
-
-    // Built by hand, not with format!: a receipt is made for every
-    // waiting page served.
-    fn message(&self) -> String {
-        let mut m = String::with_capacity(48 + self.room.len());
-        m.push_str("varco-receipt/v1\n");
-        m.push_str(&self.room);
-        m.push('\n');
-        self.push_number_label(&mut m);
-        m.push('\n');
-        crate::timefmt::push_number(&mut m, self.arrived);
-        m
     }
 
     /// The code under one key's secret.
     pub fn code_with(&self, secret: &[u8]) -> String {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-        let tag = ring::hmac::sign(&key, self.message().as_bytes());
-        base32_40(tag.as_ref())
+        self.code_under(&key)
     }
 
     /// The code under the key that signs now (its key schedule cached).
     pub fn code(&self, keys: &Keyring) -> String {
-        base32_40(
-            keys.mac_with_signing_key(self.message().as_bytes())
-                .as_ref(),
-        )
+        self.code_under(keys.receipt_key())
+    }
+
+    fn code_under(&self, key: &ring::hmac::Key) -> String {
+        let code = code(key, &self.room, self.kind, self.number, self.arrived);
+        code.iter().map(|&b| char::from(b)).collect()
     }
 
     /// The whole receipt as printed on the waiting page.
     pub fn to_text(&self, keys: &Keyring) -> String {
-        let mut out = String::with_capacity(self.room.len() + 48);
-        out.push_str(&self.room);
-        out.push('-');
-        self.push_number_label(&mut out);
-        out.push('-');
-        out.push_str(&compact_time(self.arrived));
-        out.push('-');
-        out.push_str(&self.code(keys));
-        out
+        text(
+            keys.receipt_key(),
+            &self.room,
+            self.kind,
+            self.number,
+            self.arrived,
+        )
     }
+}
+
+/// The text of a ticket's receipt in `room` (what `Receipt::of` then
+/// `to_text` give), written without the intermediate receipt: one is
+/// printed on every waiting page served.
+pub fn text_of(room: &str, t: &TicketClaims, keys: &Keyring) -> Option<String> {
+    let (kind, number) = kind_and_number(t)?;
+    Some(text(keys.receipt_key(), room, kind, number, t.at / 1000))
+}
+
+fn kind_and_number(t: &TicketClaims) -> Option<(Kind, u64)> {
+    match (t.n, t.pre) {
+        _ if !t.dg.is_empty() => None,
+        (0, 0) => None,
+        (0, p) => Some((Kind::PreQueue, p)),
+        (n, _) => Some((Kind::Queue, n)),
+    }
+}
+
+fn push_number_label(out: &mut String, kind: Kind, number: u64) {
+    if kind == Kind::PreQueue {
+        out.push('P');
+    }
+    crate::timefmt::push_number(out, number);
+}
+
+/// `room-number-time-code`.
+fn text(key: &ring::hmac::Key, room: &str, kind: Kind, number: u64, arrived: u64) -> String {
+    let mut out = String::with_capacity(room.len() + 48);
+    out.push_str(room);
+    out.push('-');
+    push_number_label(&mut out, kind, number);
+    out.push('-');
+    crate::timefmt::push_compact(&mut out, arrived);
+    out.push('-');
+    let code = code(key, room, kind, number, arrived);
+    out.extend(code.iter().map(|&b| char::from(b)));
+    out
+}
+
+/// The HMAC of `varco-receipt/v1\n{room}\n{number label}\n{arrived}`,
+/// its first 40 bits in Crockford base32. The message is fed to the HMAC
+/// in pieces rather than built first.
+fn code(
+    key: &ring::hmac::Key,
+    room: &str,
+    kind: Kind,
+    number: u64,
+    arrived: u64,
+) -> [u8; CODE_LEN] {
+    let mut digits = itoa::Buffer::new();
+    let mut mac = ring::hmac::Context::with_key(key);
+    mac.update(b"varco-receipt/v1\n");
+    mac.update(room.as_bytes());
+    mac.update(b"\n");
+    if kind == Kind::PreQueue {
+        mac.update(b"P");
+    }
+    mac.update(digits.format(number).as_bytes());
+    mac.update(b"\n");
+    mac.update(digits.format(arrived).as_bytes());
+    base32_40(mac.sign().as_ref())
 }
 
 impl fmt::Display for Receipt {
@@ -124,15 +160,16 @@ impl fmt::Display for Receipt {
 }
 
 /// The first 40 bits in Crockford base32.
-fn base32_40(bytes: &[u8]) -> String {
+fn base32_40(bytes: &[u8]) -> [u8; CODE_LEN] {
     let mut v: u64 = 0;
     for b in &bytes[..5] {
         v = (v << 8) | *b as u64;
     }
-    (0..CODE_LEN)
-        .rev()
-        .map(|i| ALPHABET[((v >> (i * 5)) & 31) as usize] as char)
-        .collect()
+    let mut out = [0u8; CODE_LEN];
+    for (i, c) in out.iter_mut().enumerate() {
+        *c = ALPHABET[((v >> ((CODE_LEN - 1 - i) * 5)) & 31) as usize];
+    }
+    out
 }
 
 /// Crockford's reading rules: case does not matter, O is 0, I and L are 1,
@@ -307,6 +344,35 @@ mod tests {
         parts[2] = parts[2].chars().rev().collect();
         assert!(verify(&k, &parts.join(".")).is_err());
         assert!(verify(&keys(2), &token).is_err());
+    }
+
+    /// The code is the HMAC of the message the receipt format defines,
+    /// whichever way it is fed in: pinned against the message built whole.
+    #[test]
+    fn the_code_is_the_hmac_of_the_documented_message() {
+        let k = keys(5);
+        for (n, pre, room) in [(1234, 0, "portal"), (0, 17, "portal#priority"), (7, 0, "x")] {
+            let t = ticket(n, pre);
+            let r = Receipt::of(room, &t).unwrap();
+            let label = if pre > 0 {
+                format!("P{pre}")
+            } else {
+                n.to_string()
+            };
+            let message = format!("varco-receipt/v1\n{room}\n{label}\n{}", t.at / 1000);
+            let tag = ring::hmac::sign(
+                &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[5; 32]),
+                message.as_bytes(),
+            );
+            let expected: String = base32_40(tag.as_ref()).iter().map(|&b| b as char).collect();
+            assert_eq!(r.code(&k), expected);
+            let text = r.to_text(&k);
+            assert_eq!(text, format!("{r}-{expected}"));
+            assert_eq!(text_of(room, &t, &k).as_deref(), Some(text.as_str()));
+        }
+        let mut provisional = ticket(0, 0);
+        provisional.dg = "1:2".into();
+        assert_eq!(text_of("portal", &provisional, &k), None);
     }
 
     #[test]

@@ -131,7 +131,12 @@ fn is_zero(v: &u64) -> bool {
 }
 
 pub fn audience(kind: &str, room: &str) -> String {
-    format!("varco:{kind}:{room}")
+    let mut aud = String::with_capacity(7 + kind.len() + room.len());
+    aud.push_str("varco:");
+    aud.push_str(kind);
+    aud.push(':');
+    aud.push_str(room);
+    aud
 }
 
 impl Keyring {
@@ -175,24 +180,47 @@ impl Keyring {
     /// A compact JWT (RFC 7519) signed HS256 with the newest key: what
     /// `jsonwebtoken::encode` produces, and what `verify` (through
     /// jsonwebtoken) accepts.
-    pub fn sign<T: Serialize>(&self, claims: &T) -> String {
-        let payload = serde_json::to_vec(claims).expect("claims serialise");
-        // The newest key signs: its header is the last.
-        let header = self.headers.last().expect("a keyring has at least one key");
-        let mut token = String::with_capacity(header.len() + payload.len() * 2 + 48);
-        token.push_str(header);
-        token.push('.');
-        B64.encode_string(payload, &mut token);
-        let tag = ring::hmac::sign(&self.signer.hmac, token.as_bytes());
-        token.push('.');
-        B64.encode_string(tag.as_ref(), &mut token);
+    pub fn sign<T: Claims>(&self, claims: &T) -> String {
+        let mut token = String::with_capacity(384);
+        self.sign_into(claims, &mut token);
         token
     }
 
-    /// HMAC-SHA256 of `msg` under the signing key, its schedule computed
-    /// once: a receipt code on every waiting page.
-    pub fn mac_with_signing_key(&self, msg: &[u8]) -> ring::hmac::Tag {
-        ring::hmac::sign(&self.signer.receipts, msg)
+    /// `sign`, appended to `out` (a Set-Cookie being written).
+    pub fn sign_into<T: Claims>(&self, claims: &T, out: &mut String) {
+        // varco's claims fit in a few hundred bytes: serialised on the
+        // stack, since a ticket is signed for every new arrival.
+        const STACK: usize = 768;
+        let mut stack = [0u8; STACK];
+        let used = match claims.write_json(&mut stack) {
+            Some(n) => n,
+            None => {
+                let mut rest: &mut [u8] = &mut stack;
+                match serde_json::to_writer(&mut rest, claims) {
+                    Ok(()) => STACK - rest.len(),
+                    Err(_) => usize::MAX,
+                }
+            }
+        };
+        let spilled =
+            (used == usize::MAX).then(|| serde_json::to_vec(claims).expect("claims serialise"));
+        let payload = spilled.as_deref().unwrap_or_else(|| &stack[..used]);
+        // The newest key signs: its header is the last.
+        let header = self.headers.last().expect("a keyring has at least one key");
+        let start = out.len();
+        out.reserve(header.len() + payload.len() * 4 / 3 + 48);
+        out.push_str(header);
+        out.push('.');
+        B64.encode_string(payload, out);
+        let tag = ring::hmac::sign(&self.signer.hmac, &out.as_bytes()[start..]);
+        out.push('.');
+        B64.encode_string(tag.as_ref(), out);
+    }
+
+    /// The signing key's HMAC key for receipt codes, its schedule
+    /// computed once: a receipt code on every waiting page.
+    pub fn receipt_key(&self) -> &ring::hmac::Key {
+        &self.signer.receipts
     }
 
     /// Every key, oldest first.
@@ -281,6 +309,82 @@ fn validation() -> Validation {
     v.validate_exp = false;
     v.validate_nbf = false;
     v
+}
+
+/// What varco signs. `write_json` may write the claims' JSON itself,
+/// byte for byte what `serde_json` writes (a test pins it), or decline.
+pub trait Claims: Serialize {
+    /// The JSON's length in `out`, or None: serde_json writes it.
+    fn write_json(&self, _out: &mut [u8]) -> Option<usize> {
+        None
+    }
+}
+
+impl Claims for PassClaims {}
+
+impl Claims for TicketClaims {
+    /// A ticket is signed for every new arrival on a click day, and
+    /// serde_json's general path was a tenth of that arrival's cost.
+    /// Declines when a string would need escaping.
+    fn write_json(&self, out: &mut [u8]) -> Option<usize> {
+        let mut w = JsonWriter { out, len: 0 };
+        w.raw(b"{\"iss\":")?;
+        w.string(&self.iss)?;
+        w.raw(b",\"aud\":")?;
+        w.string(&self.aud)?;
+        w.raw(b",\"n\":")?;
+        w.number(self.n)?;
+        w.raw(b",\"pre\":")?;
+        w.number(self.pre)?;
+        w.raw(b",\"at\":")?;
+        w.number(self.at)?;
+        w.raw(b",\"nbf\":")?;
+        w.number(self.nbf)?;
+        w.raw(b",\"exp\":")?;
+        w.number(self.exp)?;
+        w.raw(b",\"u\":")?;
+        w.string(&self.u)?;
+        if !self.dg.is_empty() {
+            w.raw(b",\"dg\":")?;
+            w.string(&self.dg)?;
+        }
+        if !self.l.is_empty() {
+            w.raw(b",\"l\":")?;
+            w.string(&self.l)?;
+        }
+        w.raw(b"}")?;
+        Some(w.len)
+    }
+}
+
+/// Compact JSON into a fixed buffer; None when it is full or a string
+/// needs escaping (serde_json then writes the whole).
+struct JsonWriter<'a> {
+    out: &'a mut [u8],
+    len: usize,
+}
+
+impl JsonWriter<'_> {
+    fn raw(&mut self, bytes: &[u8]) -> Option<()> {
+        let end = self.len.checked_add(bytes.len())?;
+        self.out.get_mut(self.len..end)?.copy_from_slice(bytes);
+        self.len = end;
+        Some(())
+    }
+
+    fn number(&mut self, v: u64) -> Option<()> {
+        self.raw(itoa::Buffer::new().format(v).as_bytes())
+    }
+
+    /// serde_json escapes `"`, `\` and control characters, nothing else.
+    fn string(&mut self, s: &str) -> Option<()> {
+        if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            return None;
+        }
+        self.raw(b"\"")?;
+        self.raw(s.as_bytes())?;
+        self.raw(b"\"")
+    }
 }
 
 /// Time claims in unix milliseconds.
@@ -458,6 +562,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(k.sign(&t), expected);
+        // Appended after a cookie's name, the same token.
+        let mut cookie = String::from("varco_ticket_portal=");
+        k.sign_into(&t, &mut cookie);
+        assert_eq!(cookie, format!("varco_ticket_portal={expected}"));
+        // Claims too long for the stack buffer take the heap, same bytes.
+        let long = TicketClaims::new("portal", 7, 3, 1_800_000_000_000, 60_000, &"/x".repeat(600));
+        let expected = jsonwebtoken::encode(
+            &header,
+            &long,
+            &jsonwebtoken::EncodingKey::from_secret(&[2; 32]),
+        )
+        .unwrap();
+        assert_eq!(k.sign(&long), expected);
     }
 
     #[test]
