@@ -116,7 +116,7 @@ fn lottery(c: &mut Criterion) {
 
 fn page(c: &mut Criterion) {
     let s = Status {
-        room: "portal".into(),
+        room: "portal",
         state: "waiting",
         position: Some(4321),
         ahead: Some(4320),
@@ -126,11 +126,13 @@ fn page(c: &mut Criterion) {
         queue_length: 9000,
         prequeue: false,
         opens_at: None,
-        updated: "2026-12-01T08:00:00Z".into(),
+        // 2026-12-01T08:00:00Z
+        updated: 1_796_112_000_000,
         ticket: Some(12_345),
         paused: false,
         receipt: Some("portal-12345-20261201T075500Z-K7QX9M2A".into()),
-        arrived: Some("2026-12-01T07:55:00Z".into()),
+        // 2026-12-01T07:55:00Z
+        arrived: Some(1_796_111_700_000),
         lottery: None,
     };
     c.bench_function("page/render_waiting_page", |b| {

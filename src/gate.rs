@@ -20,7 +20,7 @@ use crate::cookies;
 use crate::page::waiting::{self, Status};
 use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lanes::Lane;
-use crate::room::receipt::Receipt;
+use crate::room::receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::Room;
 use crate::store::{Liveness, NewSession, RoomView, StoreError};
@@ -475,14 +475,14 @@ pub fn rfc3339(ms: u64) -> String {
 
 /// Where a ticket stands, honestly: the estimate comes from the rate
 /// actually observed over the last minute, given as a range.
-pub fn status_for(
-    room: &Room,
+pub fn status_for<'a>(
+    room: &'a Room,
     lane: &Lane,
     ticket: Option<&TicketClaims>,
     view: &RoomView,
     now_ms: u64,
     state: &'static str,
-) -> Status {
+) -> Status<'a> {
     let n = ticket.and_then(|t| effective_number(room, lane, t, view));
     let prequeue = ticket.is_some_and(|t| t.pre > 0) && !view.opened;
     let eligible = n.is_some_and(|n| n <= view.serving);
@@ -505,9 +505,8 @@ pub fn status_for(
         }
         _ => (None, None, None),
     };
-    let updated = rfc3339(now_ms);
     Status {
-        room: room.name.clone(),
+        room: &room.name,
         state,
         position,
         ahead,
@@ -516,19 +515,13 @@ pub fn status_for(
         eta_high_seconds: hi,
         queue_length: view.waiting,
         prequeue,
-        opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms).map(rfc3339),
-        // A new arrival's page shows the same instant twice.
-        arrived: ticket.map(|t| match t.at == now_ms {
-            true => updated.clone(),
-            false => rfc3339(t.at),
-        }),
-        updated,
+        opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms),
+        updated: now_ms,
+        arrived: ticket.map(|t| t.at),
         // The number in line once known; before that the pre-queue number.
         ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
         paused: room.mode() == Mode::Paused,
-        receipt: ticket
-            .and_then(|t| Receipt::of(&room.line_name(lane), t))
-            .map(|r| r.to_text(&room.keys)),
+        receipt: ticket.and_then(|t| receipt::text_of(&room.line_name_cow(lane), t, &room.keys)),
         lottery: room.lottery_info(view, now_ms),
     }
 }

@@ -208,9 +208,15 @@ impl Room {
     /// The name receipts and the admission log give a lane's line:
     /// `room`, or `room#lane`.
     pub fn line_name(&self, lane: &lanes::Lane) -> String {
+        self.line_name_cow(lane).into_owned()
+    }
+
+    /// `line_name`, borrowed for the default lane (every receipt on a
+    /// waiting page names its line).
+    pub fn line_name_cow(&self, lane: &lanes::Lane) -> std::borrow::Cow<'_, str> {
         match self.lane_label(lane) {
-            "" => self.name.clone(),
-            l => format!("{}#{l}", self.name),
+            "" => self.name.as_str().into(),
+            l => format!("{}#{l}", self.name).into(),
         }
     }
 
