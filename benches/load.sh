@@ -10,7 +10,9 @@
 # Parts:
 #   proxy    varco and nginx proxying the origin (1 KiB page)
 #   waiting  varco's waiting page (a new ticket per request) against nginx
-#            limit_req answering 503: the cost of telling people to wait;
+#            limit_req answering 503: the cost of telling people to wait,
+#            with the floor beside them (examples/page_floor.rs: varco's
+#            listener answering with a fixed copy of the page, no gate);
 #            then against nginx answering with a static copy of the same
 #            page (error_page 503): like for like
 #   memory   varco's resident memory after 1,000 tickets and after
@@ -44,8 +46,9 @@ if ! need nginx || ! need wrk || ! need redis-server; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --quiet
+cargo build --release --quiet --bin varco --example page_floor
 VARCO="$here/target/release/varco"
+FLOOR_BIN="$here/target/release/examples/page_floor"
 
 work=$(mktemp -d /tmp/varco-load.XXXXXX)
 pids=()
@@ -59,7 +62,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); NGX_PAGE=$(port); VAR=$(port); VADM=$(port)
 VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
-VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port)
+VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port); VFLOOR=$(port)
 
 # A 1 KiB page: the size of a small personalised response.
 head -c 1024 /dev/zero | tr '\0' 'x' > "$work/page.html"
@@ -198,28 +201,40 @@ run_wrk() { # port, pid of the proxy's worker
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-compare() { # title, varco port, varco pid, nginx port
-  echo "== $1"
-  run_wrk "$2" "$3" >/dev/null; run_wrk "$4" "$NGINX_WORKER" >/dev/null
-  : > "$work/varco.res"; : > "$work/nginx.res"
+compare() { # title, then name port pid for each contender; nginx last
+  local title=$1; shift
+  local names=() ports=() procs=()
+  while [ $# -gt 0 ]; do names+=("$1"); ports+=("$2"); procs+=("$3"); shift 3; done
+  local n=${#names[@]} i r k
+  echo "== $title"
+  for i in $(seq 0 $((n - 1))); do
+    run_wrk "${ports[$i]}" "${procs[$i]}" >/dev/null
+    : > "$work/${names[$i]}.res"
+  done
   for r in $(seq 1 "$ROUNDS"); do
-    if [ $((r % 2)) -eq 1 ]; then order="varco nginx"; else order="nginx varco"; fi
-    for who in $order; do
-      if [ "$who" = varco ]; then res=$(run_wrk "$2" "$3"); else res=$(run_wrk "$4" "$NGINX_WORKER"); fi
-      echo "$res" >> "$work/$who.res"
-      printf 'round %d %-5s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "$who" $res
+    # Each round starts with the next contender, to cancel drift.
+    for k in $(seq 0 $((n - 1))); do
+      i=$(( (r - 1 + k) % n ))
+      res=$(run_wrk "${ports[$i]}" "${procs[$i]}")
+      echo "$res" >> "$work/${names[$i]}.res"
+      printf 'round %d %-5s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "${names[$i]}" $res
     done
   done
-  local v_rps n_rps v_p99 n_p99
-  v_rps=$(awk '{print $1}' "$work/varco.res" | median)
-  n_rps=$(awk '{print $1}' "$work/nginx.res" | median)
-  v_p99=$(awk '{print $2}' "$work/varco.res" | median)
-  n_p99=$(awk '{print $2}' "$work/nginx.res" | median)
   echo "medians over $ROUNDS rounds of ${SECS}s, $CONNS connections:"
-  printf '  varco  %10.0f req/s  p99 %8.2f ms\n' "$v_rps" "$v_p99"
-  printf '  nginx  %10.0f req/s  p99 %8.2f ms\n' "$n_rps" "$n_p99"
-  awk -v a="$v_rps" -v b="$n_rps" 'BEGIN {printf "  throughput ratio varco/nginx: %.2f (target >= 1.0)\n", a/b}'
-  awk -v a="$v_p99" -v b="$n_p99" 'BEGIN {printf "  p99 latency ratio varco/nginx: %.2f\n", a/b}'
+  local rps=() p99=()
+  for i in $(seq 0 $((n - 1))); do
+    rps+=("$(awk '{print $1}' "$work/${names[$i]}.res" | median)")
+    p99+=("$(awk '{print $2}' "$work/${names[$i]}.res" | median)")
+    printf '  %-5s  %10.0f req/s  p99 %8.2f ms\n' "${names[$i]}" "${rps[$i]}" "${p99[$i]}"
+  done
+  local last=$((n - 1)) target
+  for i in $(seq 0 $((last - 1))); do
+    target=""; [ "$i" -eq 0 ] && target=" (target >= 1.0)"
+    awk -v a="${rps[$i]}" -v b="${rps[$last]}" -v w="${names[$i]}/${names[$last]}" -v t="$target" \
+      'BEGIN {printf "  throughput ratio %s: %.2f%s\n", w, a/b, t}'
+    awk -v a="${p99[$i]}" -v b="${p99[$last]}" -v w="${names[$i]}/${names[$last]}" \
+      'BEGIN {printf "  p99 latency ratio %s: %.2f\n", w, a/b}'
+  done
   echo
 }
 
@@ -260,12 +275,27 @@ run_wrk_cookie() { # port, pid, cookie
 
 for part in $PARTS; do
   case $part in
-    proxy) compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" "$VAR" "$VARCO_PID" "$NGX" ;;
+    proxy)
+      compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" \
+        varco "$VAR" "$VARCO_PID" nginx "$NGX" "$NGINX_WORKER"
+      ;;
     waiting)
-      compare "turning a crowd away (varco: ticket + waiting page; nginx: limit_req 503)" "$VWAIT" "$VWAIT_PID" "$NGX_LIMIT"
+      # One waiting page and its ticket's Set-Cookie, for the floor and for
+      # nginx's static copy.
+      curl -s -D "$work/waiting.head" -o "$work/waiting.html" "http://127.0.0.1:$VWAIT/"
+      cookie=$(awk 'tolower($1) == "set-cookie:" {sub(/^[^:]*: /, ""); sub(/\r$/, ""); print; exit}' "$work/waiting.head")
+      taskset -c 0 "$FLOOR_BIN" "127.0.0.1:$VFLOOR" "$work/waiting.html" "$cookie" > "$work/floor.out" 2>&1 &
+      FLOOR_PID=$!
+      pids+=("$FLOOR_PID")
+      wait_port "$VFLOOR"
+      # floor: varco's own listener answering with that fixed page, no
+      # gate. varco/floor is the gate's share; floor/nginx the HTTP
+      # stack's and the page's.
+      compare "turning a crowd away (varco: ticket + waiting page; floor: the same listener, a fixed page; nginx: limit_req 503)" \
+        varco "$VWAIT" "$VWAIT_PID" floor "$VFLOOR" "$FLOOR_PID" nginx "$NGX_LIMIT" "$NGINX_WORKER"
       # Like for like: nginx answers with the same page's bytes.
-      curl -s "http://127.0.0.1:$VWAIT/" > "$work/waiting.html"
-      compare "the same page (varco: ticket + waiting page; nginx: limit_req + a static copy of that page)" "$VWAIT" "$VWAIT_PID" "$NGX_PAGE"
+      compare "the same page (varco: ticket + waiting page; nginx: limit_req + a static copy of that page)" \
+        varco "$VWAIT" "$VWAIT_PID" nginx "$NGX_PAGE" "$NGINX_WORKER"
       ;;
     memory)
       echo "== resident memory of varco as tickets are issued"
