@@ -50,6 +50,8 @@ pub trait Handler: Send + Sync + 'static {
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// The request header count hyper allows when it is not told one.
+const HYPER_MAX_HEADERS: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
@@ -110,18 +112,25 @@ impl ListenerSettings {
 
     fn http_builder(&self) -> auto::Builder<TokioExecutor> {
         let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
+        let mut h1 = b.http1();
+        h1
             // Without a timer, header_read_timeout silently does nothing.
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(self.max_header_size.max(8192))
-            .max_headers(self.max_headers)
             // Head and body copied into one buffer and sent with one
             // write, rather than a writev of the two: a waiting page is a
             // few KiB, and the copy costs less than the vectored write
             // (BENCHMARKS.md, the waiting page).
             .writev(false)
             .keep_alive(true);
+        // hyper parses into arrays on the stack for its own default count,
+        // but into ones it fills first for any count it is given: 6 KiB
+        // written per request. Its default is varco's, so only another
+        // count is passed (tests/limits.rs checks both).
+        if self.max_headers != HYPER_MAX_HEADERS {
+            h1.max_headers(self.max_headers);
+        }
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)

@@ -90,6 +90,30 @@ async fn oversized_or_too_many_headers_get_431() {
     assert_eq!(up.hits(), 0);
 }
 
+/// varco's default header count is hyper's own, which varco then leaves
+/// unset (hyper is faster without one given): the limit must hold anyway.
+#[tokio::test]
+async fn the_default_header_count_holds_without_being_configured() {
+    assert_eq!(varco::config::file::DEFAULT_MAX_HEADERS, 100);
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let head = |n: usize| {
+        // n headers: Host, Connection and n - 2 others.
+        let mut h = String::from("GET /echo HTTP/1.1\r\nHost: portal\r\n");
+        for i in 2..n {
+            h.push_str(&format!("X-H{i}: 1\r\n"));
+        }
+        h.push_str("Connection: close\r\n\r\n");
+        h
+    };
+    let resp = raw(v.addr, head(100).as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(up.hits(), 1, "100 headers reached the upstream");
+    let resp = raw(v.addr, head(101).as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert_eq!(up.hits(), 1, "101 headers did not");
+}
+
 #[tokio::test]
 async fn malformed_request_gets_400_not_a_panic() {
     let up = upstream::spawn().await;
