@@ -5,6 +5,8 @@
 #   benches/load.sh                 # 5 alternating rounds of 10 s each
 #   ROUNDS=3 SECONDS_PER_ROUND=5 CONNECTIONS=64 benches/load.sh
 #   benches/load.sh --smoke         # 1 short round of each part: checks the harness
+#   BEFORE=/path/to/older/varco PARTS=waiting benches/load.sh
+#                                   # that build too, in the same rounds (an A/B)
 #   PARTS="proxy waiting memory" benches/load.sh   # the default: all three
 #
 # Parts:
@@ -14,7 +16,8 @@
 #            with the floor beside them (examples/page_floor.rs: varco's
 #            listener answering with a fixed copy of the page, no gate);
 #            then against nginx answering with a static copy of the same
-#            page (error_page 503): like for like
+#            page (error_page 503): like for like. With BEFORE set, that
+#            varco build joins the first comparison (contender "before")
 #   memory   varco's resident memory after 1,000 tickets and after
 #            1,000,000 (100,000 with --smoke): must stay flat
 #   cluster  admitted traffic (a pass in hand) through varco with the
@@ -142,9 +145,9 @@ pids+=($!)
 server_block() { # port, admin port: one worker, as nginx gets one
   printf '[server]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nworkers = 1' "$1" "$2"
 }
-start_varco() { # name, toml; prints the pid
+start_varco() { # name, toml[, binary]; prints the pid
   printf '%s\n' "$2" > "$work/$1.toml"
-  taskset -c 0 "$VARCO" run --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
+  taskset -c 0 "${3:-$VARCO}" run --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
   echo $!
 }
 common="[log]
@@ -171,6 +174,16 @@ VWAIT_PID=$(start_varco waiting "$(server_block "$VWAIT" "$VWADM")
 $common
 $gated")
 pids+=("$VWAIT_PID")
+# Another build of varco on the same gated room, for an A/B in one run.
+before=()
+if [ -n "${BEFORE:-}" ]; then
+  VBEFORE=$(port); VBADM=$(port)
+  VBEFORE_PID=$(start_varco before "$(server_block "$VBEFORE" "$VBADM")
+$common
+$gated" "$BEFORE")
+  pids+=("$VBEFORE_PID")
+  before=(before "$VBEFORE" "$VBEFORE_PID")
+fi
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -217,7 +230,7 @@ compare() { # title, then name port pid for each contender; nginx last
       i=$(( (r - 1 + k) % n ))
       res=$(run_wrk "${ports[$i]}" "${procs[$i]}")
       echo "$res" >> "$work/${names[$i]}.res"
-      printf 'round %d %-5s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "${names[$i]}" $res
+      printf 'round %d %-6s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "${names[$i]}" $res
     done
   done
   echo "medians over $ROUNDS rounds of ${SECS}s, $CONNS connections:"
@@ -225,7 +238,7 @@ compare() { # title, then name port pid for each contender; nginx last
   for i in $(seq 0 $((n - 1))); do
     rps+=("$(awk '{print $1}' "$work/${names[$i]}.res" | median)")
     p99+=("$(awk '{print $2}' "$work/${names[$i]}.res" | median)")
-    printf '  %-5s  %10.0f req/s  p99 %8.2f ms\n' "${names[$i]}" "${rps[$i]}" "${p99[$i]}"
+    printf '  %-6s  %10.0f req/s  p99 %8.2f ms\n' "${names[$i]}" "${rps[$i]}" "${p99[$i]}"
   done
   local last=$((n - 1)) target
   for i in $(seq 0 $((last - 1))); do
@@ -288,11 +301,12 @@ for part in $PARTS; do
       FLOOR_PID=$!
       pids+=("$FLOOR_PID")
       wait_port "$VFLOOR"
+      [ -n "${BEFORE:-}" ] && wait_port "$VBEFORE"
       # floor: varco's own listener answering with that fixed page, no
       # gate. varco/floor is the gate's share; floor/nginx the HTTP
       # stack's and the page's.
       compare "turning a crowd away (varco: ticket + waiting page; floor: the same listener, a fixed page; nginx: limit_req 503)" \
-        varco "$VWAIT" "$VWAIT_PID" floor "$VFLOOR" "$FLOOR_PID" nginx "$NGX_LIMIT" "$NGINX_WORKER"
+        varco "$VWAIT" "$VWAIT_PID" "${before[@]}" floor "$VFLOOR" "$FLOOR_PID" nginx "$NGX_LIMIT" "$NGINX_WORKER"
       # Like for like: nginx answers with the same page's bytes.
       compare "the same page (varco: ticket + waiting page; nginx: limit_req + a static copy of that page)" \
         varco "$VWAIT" "$VWAIT_PID" nginx "$NGX_PAGE" "$NGINX_WORKER"
