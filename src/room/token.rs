@@ -188,23 +188,18 @@ impl Keyring {
 
     /// `sign`, appended to `out` (a Set-Cookie being written).
     pub fn sign_into<T: Claims>(&self, claims: &T, out: &mut String) {
-        // varco's claims fit in a few hundred bytes: serialised on the
-        // stack, since a ticket is signed for every new arrival.
-        const STACK: usize = 768;
-        let mut stack = [0u8; STACK];
-        let used = match claims.write_json(&mut stack) {
-            Some(n) => n,
+        // A ticket (signed for every new arrival) writes its JSON on the
+        // stack; anything else, or a ticket that declines, goes through
+        // serde_json: passes are signed once per admission or renewal.
+        let mut stack = [0u8; 768];
+        let heap;
+        let payload: &[u8] = match claims.write_json(&mut stack) {
+            Some(n) => &stack[..n],
             None => {
-                let mut rest: &mut [u8] = &mut stack;
-                match serde_json::to_writer(&mut rest, claims) {
-                    Ok(()) => STACK - rest.len(),
-                    Err(_) => usize::MAX,
-                }
+                heap = serde_json::to_vec(claims).expect("claims serialise");
+                &heap
             }
         };
-        let spilled =
-            (used == usize::MAX).then(|| serde_json::to_vec(claims).expect("claims serialise"));
-        let payload = spilled.as_deref().unwrap_or_else(|| &stack[..used]);
         // The newest key signs: its header is the last.
         let header = self.headers.last().expect("a keyring has at least one key");
         let start = out.len();
