@@ -451,18 +451,18 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     });
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
-    // template already and not looked up here.
+    // template already (`language_constant`).
     let values: [Value; 30] = [
-        Value::Escaped(s.lang),
-        Value::Escaped(s.title),
-        Value::Escaped(s.intro),
-        Value::Escaped(s.position),
-        Value::Escaped(s.ahead),
-        Value::Escaped(s.eta),
-        Value::Escaped(s.updated),
-        Value::Escaped(s.ticket),
-        Value::Escaped(s.eta_range),
-        Value::Escaped(s.eta_unknown),
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
         Value::Escaped(&message),
         Value::Escaped(status.room),
         position,
@@ -476,9 +476,9 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         poll_text,
         refresh,
         updated_time,
-        Value::Escaped(s.eta_about),
-        Value::Escaped(s.eta_soon),
-        Value::Escaped(s.receipt),
+        Value::Baked,
+        Value::Baked,
+        Value::Baked,
         Value::Escaped(receipt),
         Value::Escaped(receipt.rsplit('-').next().unwrap_or("–")),
         arrived_time,
@@ -491,17 +491,20 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             Part::Var(i) => match &values[*i] {
                 Value::Escaped(t) => escape_into(&mut out, t),
                 Value::Scratch(r) => out.push_str(scratch.get(r.clone()).unwrap_or("")),
+                Value::Baked => {}
             },
         }
     }
     out
 }
 
-/// A variable's value: text, escaped as it goes into the page, or a
-/// range of the render's scratch.
+/// A variable's value: text, escaped as it goes into the page; a range of
+/// the render's scratch; or a language's string, which `bake` wrote into
+/// the template, so no part asks for it.
 enum Value<'a> {
     Escaped(&'a str),
     Scratch(std::ops::Range<usize>),
+    Baked,
 }
 
 /// The waiting page (HTML, 200) or, for API clients, the status JSON with
