@@ -39,6 +39,10 @@ impl std::fmt::Debug for SigningKey {
 #[derive(Clone, Debug)]
 pub struct Keyring {
     keys: Arc<Vec<(SigningKey, DecodingKey)>>,
+    /// Each key's HMAC key schedule, computed once (same order as
+    /// `keys`): every reload and status poll of a waiting crowd verifies
+    /// a ticket.
+    verifiers: Arc<Vec<ring::hmac::Key>>,
     /// Each key's encoded JWT header, as varco writes it (same order as
     /// `keys`): a token's key is found by comparing bytes, without
     /// decoding its header.
@@ -156,6 +160,11 @@ impl Keyring {
         };
         Keyring {
             headers: Arc::new(keys.iter().map(|(k, _)| encoded_header(&k.id)).collect()),
+            verifiers: Arc::new(
+                keys.iter()
+                    .map(|(k, _)| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k.secret))
+                    .collect(),
+            ),
             keys: Arc::new(keys),
             signer: Arc::new(signer),
         }
@@ -227,42 +236,14 @@ impl Keyring {
     /// its room and however old: for checking a receipt after the fact,
     /// never for admission.
     pub fn verify_ticket_any_time(&self, token: &str) -> Option<(TicketClaims, String)> {
-        let (dec, kid) = self.key_for(token)?;
-        let mut v = validation();
-        v.validate_aud = false;
-        v.set_required_spec_claims(&["aud", "iss"]);
-        let data = jsonwebtoken::decode::<TicketClaims>(token, dec, &v).ok()?;
-        data.claims
-            .aud
-            .starts_with("varco:ticket:")
-            .then_some((data.claims, kid))
-    }
-
-    /// The key a token names, if it is HS256, not absurdly long, and the
-    /// key is one of ours.
-    fn key_for(&self, token: &str) -> Option<(&DecodingKey, String)> {
-        if token.len() > 4096 {
-            return None;
-        }
-        // Every token varco wrote has one of its own headers, byte for
-        // byte; jsonwebtoken still checks the header (HS256) in `decode`.
-        let segment = token.split('.').next()?;
-        if let Some(i) = self.headers.iter().position(|h| h == segment) {
-            let (k, dec) = &self.keys[i];
-            return Some((dec, k.id.clone()));
-        }
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        if header.alg != Algorithm::HS256 {
-            return None;
-        }
-        let kid = header.kid?;
-        let (_, dec) = self.keys.iter().find(|(k, _)| k.id == kid)?;
-        Some((dec, kid))
+        let (claims, i) =
+            self.decode::<TicketClaims>(token, |aud| aud.starts_with("varco:ticket:"))?;
+        Some((claims, self.keys[i].0.id.clone()))
     }
 
     /// Verifies signature, algorithm, key id, issuer, audience and the
     /// time claims against `now_ms`. Any failure is `None`.
-    pub fn verify<T: DeserializeOwned + TimeClaims>(
+    pub fn verify<T: Claims + DeserializeOwned + RegisteredClaims>(
         &self,
         token: &str,
         aud: &str,
@@ -274,28 +255,103 @@ impl Keyring {
     /// `verify`, but a token that expired less than `grace_ms` ago still
     /// counts: for a pass that may come back after a portal failure or a
     /// login detour. Everything else is checked as strictly.
-    pub fn verify_lapsed<T: DeserializeOwned + TimeClaims>(
+    pub fn verify_lapsed<T: Claims + DeserializeOwned + RegisteredClaims>(
         &self,
         token: &str,
         aud: &str,
         now_ms: u64,
         grace_ms: u64,
     ) -> Option<T> {
-        let (dec, _) = self.key_for(token)?;
-        let mut v = validation();
-        v.set_audience(&[aud]);
-        // `exp` stays required so a token without it fails.
-        v.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
-        let data = jsonwebtoken::decode::<T>(token, dec, &v).ok()?;
-        let c = data.claims;
+        let (c, _) = self.decode::<T>(token, |a| a == aud)?;
         if c.exp_ms() + LEEWAY_MS + grace_ms <= now_ms || c.nbf_ms() > now_ms + LEEWAY_MS {
             return None;
         }
         Some(c)
     }
+
+    /// A token's claims and the index of the key that signed it, if the
+    /// signature, the algorithm, the issuer and the audience hold (time
+    /// is the caller's). `exp`, `nbf`, `aud` and `iss` are required: the
+    /// claim types have no default for them.
+    fn decode<T: Claims + DeserializeOwned + RegisteredClaims>(
+        &self,
+        token: &str,
+        aud_ok: impl Fn(&str) -> bool,
+    ) -> Option<(T, usize)> {
+        if token.len() > MAX_TOKEN {
+            return None;
+        }
+        let (claims, i): (T, usize) = match self.decode_own(token) {
+            Own::Claims(c, i) => (c, i),
+            Own::Refused => return None,
+            Own::OtherHeader => self.decode_by_library(token)?,
+        };
+        (claims.issuer() == ISSUER && aud_ok(claims.audience())).then_some((claims, i))
+    }
+
+    /// Every token varco wrote starts with one of its own headers, byte
+    /// for byte: then the key is known without parsing the header, and
+    /// the signature is checked with the key schedule computed once.
+    /// What this accepts, `decode_by_library` accepts too (a test holds
+    /// the two to the same answers).
+    fn decode_own<T: Claims + DeserializeOwned>(&self, token: &str) -> Own<T> {
+        let mut parts = token.splitn(3, '.');
+        let (Some(header), Some(payload), Some(signature)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Own::Refused;
+        };
+        let Some(i) = self.headers.iter().position(|h| h == header) else {
+            return Own::OtherHeader;
+        };
+        // A dot left in the signature (jsonwebtoken splits from the right)
+        // is not base64: refused here as there.
+        let mut tag = [0u8; 64];
+        let Ok(n) = B64.decode_slice(signature, &mut tag) else {
+            return Own::Refused;
+        };
+        let message = &token[..header.len() + 1 + payload.len()];
+        if ring::hmac::verify(&self.verifiers[i], message.as_bytes(), &tag[..n]).is_err() {
+            return Own::Refused;
+        }
+        // Fits: the token is at most MAX_TOKEN long.
+        let mut json = [0u8; MAX_TOKEN / 4 * 3];
+        let Ok(n) = B64.decode_slice(payload, &mut json) else {
+            return Own::Refused;
+        };
+        let json = &json[..n];
+        match T::read_json(json).or_else(|| serde_json::from_slice(json).ok()) {
+            Some(c) => Own::Claims(c, i),
+            None => Own::Refused,
+        }
+    }
+
+    /// A token under a header varco did not write byte for byte (another
+    /// field order): jsonwebtoken reads the header and checks the rest.
+    fn decode_by_library<T: DeserializeOwned>(&self, token: &str) -> Option<(T, usize)> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::HS256 {
+            return None;
+        }
+        let kid = header.kid?;
+        let i = self.keys.iter().position(|(k, _)| k.id == kid)?;
+        let data = jsonwebtoken::decode::<T>(token, &self.keys[i].1, &validation()).ok()?;
+        Some((data.claims, i))
+    }
 }
 
-/// HS256 only, issuer varco. Time is checked by the callers against
+/// Longer than any token varco writes by far, short enough to decode on
+/// the stack.
+const MAX_TOKEN: usize = 4096;
+
+enum Own<T> {
+    Claims(T, usize),
+    Refused,
+    OtherHeader,
+}
+
+/// HS256 only, issuer varco, the claims varco requires present. The
+/// audience is checked by `Keyring::decode`, time by its callers against
 /// varco's clock (in ms), not the library's.
 fn validation() -> Validation {
     let mut v = Validation::new(Algorithm::HS256);
@@ -303,14 +359,23 @@ fn validation() -> Validation {
     v.set_issuer(&[ISSUER]);
     v.validate_exp = false;
     v.validate_nbf = false;
+    v.validate_aud = false;
+    v.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
     v
 }
 
 /// What varco signs. `write_json` may write the claims' JSON itself,
-/// byte for byte what `serde_json` writes (a test pins it), or decline.
-pub trait Claims: Serialize {
+/// byte for byte what `serde_json` writes (a test pins it), or decline;
+/// `read_json` may read it back, to what serde_json reads (a test pins
+/// that too), or decline.
+pub trait Claims: Serialize + Sized {
     /// The JSON's length in `out`, or None: serde_json writes it.
     fn write_json(&self, _out: &mut [u8]) -> Option<usize> {
+        None
+    }
+
+    /// The claims in `json`, or None: serde_json reads it.
+    fn read_json(_json: &[u8]) -> Option<Self> {
         None
     }
 }
@@ -350,6 +415,98 @@ impl Claims for TicketClaims {
         w.raw(b"}")?;
         Some(w.len)
     }
+
+    /// Every reload and status poll of a waiting crowd reads a ticket,
+    /// and serde_json's general path was a third of that read. Reads
+    /// exactly what `write_json` writes; declines anything else.
+    fn read_json(json: &[u8]) -> Option<Self> {
+        let mut r = JsonReader { rest: json };
+        r.raw(b"{\"iss\":")?;
+        let iss = r.string()?;
+        r.raw(b",\"aud\":")?;
+        let aud = r.string()?;
+        r.raw(b",\"n\":")?;
+        let n = r.number()?;
+        r.raw(b",\"pre\":")?;
+        let pre = r.number()?;
+        r.raw(b",\"at\":")?;
+        let at = r.number()?;
+        r.raw(b",\"nbf\":")?;
+        let nbf = r.number()?;
+        r.raw(b",\"exp\":")?;
+        let exp = r.number()?;
+        r.raw(b",\"u\":")?;
+        let u = r.string()?;
+        let dg = match r.raw(b",\"dg\":") {
+            Some(()) => r.string()?,
+            None => String::new(),
+        };
+        let l = match r.raw(b",\"l\":") {
+            Some(()) => r.string()?,
+            None => String::new(),
+        };
+        r.raw(b"}")?;
+        // Trailing bytes (whitespace is allowed, anything else not):
+        // serde_json's call.
+        if !r.rest.is_empty() {
+            return None;
+        }
+        Some(TicketClaims {
+            iss,
+            aud,
+            n,
+            pre,
+            at,
+            nbf,
+            exp,
+            u,
+            dg,
+            l,
+        })
+    }
+}
+
+/// The counterpart of `JsonWriter`: compact JSON in a fixed field order,
+/// strings without escapes; None at the first byte off that form.
+struct JsonReader<'a> {
+    rest: &'a [u8],
+}
+
+impl JsonReader<'_> {
+    fn raw(&mut self, bytes: &[u8]) -> Option<()> {
+        self.rest = self.rest.strip_prefix(bytes)?;
+        Some(())
+    }
+
+    /// Digits without a leading zero (serde_json refuses one) that fit
+    /// in a u64.
+    fn number(&mut self) -> Option<u64> {
+        let len = self.rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let (digits, rest) = self.rest.split_at(len);
+        if digits.is_empty() || (digits[0] == b'0' && len > 1) {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &d in digits {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        self.rest = rest;
+        Some(v)
+    }
+
+    /// A string with nothing escaped and no control character.
+    fn string(&mut self) -> Option<String> {
+        let body = self.rest.strip_prefix(b"\"")?;
+        let len = body
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if body[len] != b'"' {
+            return None;
+        }
+        let s = std::str::from_utf8(&body[..len]).ok()?;
+        self.rest = &body[len + 1..];
+        Some(s.to_owned())
+    }
 }
 
 /// Compact JSON into a fixed buffer; None when it is full or a string
@@ -382,13 +539,22 @@ impl JsonWriter<'_> {
     }
 }
 
-/// Time claims in unix milliseconds.
-pub trait TimeClaims {
+/// The registered claims varco checks: issuer, audience, and time in
+/// unix milliseconds.
+pub trait RegisteredClaims {
+    fn issuer(&self) -> &str;
+    fn audience(&self) -> &str;
     fn exp_ms(&self) -> u64;
     fn nbf_ms(&self) -> u64;
 }
 
-impl TimeClaims for TicketClaims {
+impl RegisteredClaims for TicketClaims {
+    fn issuer(&self) -> &str {
+        &self.iss
+    }
+    fn audience(&self) -> &str {
+        &self.aud
+    }
     fn exp_ms(&self) -> u64 {
         self.exp * 1000
     }
@@ -397,7 +563,13 @@ impl TimeClaims for TicketClaims {
     }
 }
 
-impl TimeClaims for PassClaims {
+impl RegisteredClaims for PassClaims {
+    fn issuer(&self) -> &str {
+        &self.iss
+    }
+    fn audience(&self) -> &str {
+        &self.aud
+    }
     fn exp_ms(&self) -> u64 {
         self.exp * 1000
     }
@@ -643,6 +815,109 @@ mod tests {
         assert!(k
             .verify::<TicketClaims>(&parts.join("."), &aud, now)
             .is_none());
+    }
+
+    /// `decode_own` skips jsonwebtoken for varco's own headers; on every
+    /// token under such a header, signed or not, well formed or not, it
+    /// must answer as jsonwebtoken does.
+    #[test]
+    fn the_own_header_path_answers_as_jsonwebtoken_does() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let b64 = |b: &[u8]| B64.encode(b);
+        let k = ring2();
+        let sign = |key: &[u8], input: &str| {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+            b64(ring::hmac::sign(&key, input.as_bytes()).as_ref())
+        };
+        let token = |header: &str, json: &str, key: &[u8]| {
+            let input = format!("{header}.{}", b64(json.as_bytes()));
+            format!("{input}.{}", sign(key, &input))
+        };
+        let accepted = std::cell::Cell::new(0);
+        let agree = |t: &str| {
+            assert!(!matches!(k.decode_own::<TicketClaims>(t), Own::OtherHeader));
+            let ticket = |a: &str| a == "varco:ticket:p";
+            let own = k.decode::<TicketClaims>(t, ticket);
+            let library = k.decode_by_library::<TicketClaims>(t);
+            assert_eq!(own, library.filter(|(c, _)| ticket(&c.aud)), "ticket {t}");
+            let pass = |a: &str| a == "varco:pass:p";
+            let own_pass = k.decode::<PassClaims>(t, pass);
+            let library = k.decode_by_library::<PassClaims>(t);
+            assert_eq!(own_pass, library.filter(|(c, _)| pass(&c.aud)), "pass {t}");
+            accepted.set(accepted.get() + own.is_some() as u32 + own_pass.is_some() as u32);
+        };
+        let now = 1_800_000_000_000;
+        let ticket = serde_json::to_string(&TicketClaims::new("p", 1, 0, now, 9, "/")).unwrap();
+        let pass = serde_json::to_string(&PassClaims::new("p", 7, 1, now, 9)).unwrap();
+        let claims = [
+            ticket.clone(),
+            pass.clone(),
+            ticket.replace(r#""iss":"varco""#, r#""iss":"other""#),
+            ticket.replace(r#""iss":"varco""#, r#""iss":["varco"]"#),
+            ticket.replace(r#""aud":"varco:ticket:p""#, r#""aud":["varco:ticket:p"]"#),
+            ticket.replace(r#""aud":"varco:ticket:p","#, ""),
+            ticket.replace(r#""iss":"varco","#, ""),
+            ticket.replace(r#","exp":"#, r#","old_exp":"#),
+            ticket.replace(r#","nbf":"#, r#","nbf":null,"x":"#),
+            ticket.replace(r#","exp":"#, r#","exp":1.5,"x":"#),
+            ticket.replace(r#","exp":"#, r#","exp":"9","x":"#),
+            ticket.replace(r#","exp":"#, r#","exp":-1,"x":"#),
+            ticket.replace(r#","n":1"#, r#","n":1,"n":2"#),
+            ticket.replace(r#""u":"/""#, r#""u":"/\u00e9","sub":5"#),
+            pass.replace(r#","sid":"#, r#","sid":7,"x":"#),
+            "[]".into(),
+            "{".into(),
+            "".into(),
+            "null".into(),
+        ];
+        for (i, header) in k.headers.iter().enumerate() {
+            let key = [i as u8 + 1; 32];
+            for json in &claims {
+                let t = token(header, json, &key);
+                agree(&t);
+                // The other key, a dot more, a padded or cut signature.
+                agree(&token(header, json, &[9; 32]));
+                agree(&format!("{t}.x"));
+                agree(&format!("{t}="));
+                agree(&t[..t.len() - 1]);
+                let (input, _) = t.rsplit_once('.').unwrap();
+                agree(&format!("{input}."));
+                agree(input);
+                // Padding and trailing bits in the payload, re-signed.
+                let (h, p) = input.split_once('.').unwrap();
+                for p in [format!("{p}="), format!("{p}A"), format!("{p}.")] {
+                    let input = format!("{h}.{p}");
+                    agree(&format!("{input}.{}", sign(&key, &input)));
+                }
+            }
+        }
+        // Any byte changed anywhere in a good token, or anything at all
+        // after our header, signed with our key: the same answers.
+        let good = token(&k.headers[1], &ticket, &[2; 32]);
+        let mut runner = TestRunner::new(Config {
+            cases: 2000,
+            ..Config::default()
+        });
+        let strategy = (0..good.len(), any::<u8>(), ".*");
+        runner
+            .run(&strategy, |(at, byte, rest)| {
+                let mut bytes = good.clone().into_bytes();
+                bytes[at] = byte;
+                if let Ok(t) = String::from_utf8(bytes) {
+                    if t.starts_with(&*k.headers[1]) {
+                        agree(&t);
+                    }
+                }
+                let input = format!("{}.{rest}", k.headers[1]);
+                agree(&format!("{input}.{}", sign(&[2; 32], &input)));
+                agree(&format!("{}.{rest}", k.headers[1]));
+                Ok(())
+            })
+            .unwrap();
+        // Not vacuous: each key's good ticket and pass, and every intact
+        // copy of the good token among the mutations, got through.
+        assert!(accepted.get() >= 4, "{}", accepted.get());
     }
 
     /// Algorithm confusion: a token correctly signed with the room's own
