@@ -3,17 +3,43 @@
 
 use http::header::{HeaderMap, HeaderValue, COOKIE};
 
-/// The value of the first cookie called `name`, if well-formed.
+/// The value of the first cookie called `name`, if well-formed: visible
+/// ASCII, not empty, at most 4 KiB. The header is read as bytes, so
+/// another cookie with bytes beyond ASCII (a portal's, a tracker's) does
+/// not hide varco's; each request reads it for the pass and the ticket.
 pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+    let name = name.as_bytes();
+    let value = headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-        .filter(|v| !v.is_empty() && v.len() <= 4096)
+        .flat_map(|v| pairs(v.as_bytes()))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let value = pair.strip_prefix(name)?.strip_prefix(b"=")?;
+            Some(value.strip_prefix(b"\"").unwrap_or(value))
+        })?;
+    let value = value.strip_suffix(b"\"").unwrap_or(value);
+    // Every byte looked at (no early exit), so the check vectorises.
+    let visible = value
+        .iter()
+        .fold(true, |ok, &b| ok & (b' '..=b'~').contains(&b));
+    if !visible || value.is_empty() || value.len() > 4096 {
+        return None;
+    }
+    // Visible ASCII is UTF-8.
+    std::str::from_utf8(value).ok()
+}
+
+/// The `name=value` pairs of one Cookie header, untrimmed.
+fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b';', header)
+        .chain(std::iter::once(header.len()))
+        .map(move |end| {
+            let pair = &header[start..end];
+            start = end + 1;
+            pair
+        })
 }
 
 /// A Set-Cookie for one of varco's tokens: HttpOnly (scripts never need
@@ -67,6 +93,24 @@ mod tests {
         assert_eq!(get(&h, "c"), Some("3"));
         assert_eq!(get(&h, "b"), None);
         assert_eq!(get(&h, "missing"), None);
+        assert_eq!(get(&h, "varco_ticket"), None, "a prefix is not the name");
+        assert_eq!(get(&h, "a=1"), None);
+        // Quoted, and with spaces around the pair.
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "x=\"q.r\" ;  y=2  ".parse().unwrap());
+        assert_eq!(get(&h, "x"), Some("q.r"));
+        assert_eq!(get(&h, "y"), Some("2"));
+        // The first of two with the same name, even when it is empty.
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "x=; x=2".parse().unwrap());
+        assert_eq!(get(&h, "x"), None);
+        // Bytes beyond ASCII in another cookie hide nothing; in ours
+        // they make it no cookie.
+        let mut h = HeaderMap::new();
+        let raw = "tracker=caf\u{e9}; varco_pass_portal=p.q.r; other=\u{fc}ber";
+        h.append(COOKIE, HeaderValue::from_bytes(raw.as_bytes()).unwrap());
+        assert_eq!(get(&h, "varco_pass_portal"), Some("p.q.r"));
+        assert_eq!(get(&h, "other"), None);
         let c = set("x", "v", 60, true);
         assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure");
         let c = clear("x", false);
