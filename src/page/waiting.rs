@@ -563,7 +563,12 @@ fn seconds(secs: u64) -> HeaderValue {
 
 /// The JSON answer of `/.varco/status`.
 pub fn status_json(status: &Status) -> Response<Body> {
-    let mut r = Response::new(full(serde_json::to_string(status).unwrap_or_default()));
+    // Sized for the usual answer (~500 bytes), not grown to it.
+    let mut json = Vec::with_capacity(640);
+    if serde_json::to_writer(&mut json, status).is_err() {
+        json.clear();
+    }
+    let mut r = Response::new(full(json));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CACHE_CONTROL, NO_STORE);
