@@ -16,8 +16,10 @@
 #            with the floor beside them (examples/page_floor.rs: varco's
 #            listener answering with a fixed copy of the page, no gate);
 #            then against nginx answering with a static copy of the same
-#            page (error_page 503): like for like. With BEFORE set, that
-#            varco build joins the first comparison (contender "before")
+#            page (error_page 503): like for like; then a ticket holder
+#            reloading the page, and the page polling /.varco/status, each
+#            against the same 503. With BEFORE set, that varco build joins
+#            the comparisons with the 503 (contender "before")
 #   memory   varco's resident memory after 1,000 tickets and after
 #            1,000,000 (100,000 with --smoke): must stay flat
 #   cluster  admitted traffic (a pass in hand) through varco with the
@@ -197,10 +199,12 @@ NGINX_WORKER=$(pgrep -P "${pids[1]}" | head -n1)
 
 # wrk's latency report gives p99 in us/ms/s; normalise to milliseconds.
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-run_wrk() { # port, pid of the proxy's worker
+run_wrk() { # port, pid of the proxy's worker[, cookie[, path]]
   local before after
+  local with=()
+  [ -n "${3:-}" ] && with=(-H "Cookie: $3")
   before=$(cpu_ticks "$2")
-  taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$1/" > "$work/wrk.out"
+  taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${with[@]}" "http://127.0.0.1:$1${4:-/}" > "$work/wrk.out"
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}' "$work/wrk.out")
@@ -212,23 +216,29 @@ run_wrk() { # port, pid of the proxy's worker
   echo "$rps $p99 $cpu"
 }
 
+# What each contender's requests carry: its own ticket, by name (set by a
+# part; empty: no cookie), and the path asked for.
+declare -A jar=()
+ASK=/
+
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 compare() { # title, then name port pid for each contender; nginx last
+  # (each sends the Cookie jar[name], if any, and asks for $ASK)
   local title=$1; shift
   local names=() ports=() procs=()
   while [ $# -gt 0 ]; do names+=("$1"); ports+=("$2"); procs+=("$3"); shift 3; done
   local n=${#names[@]} i r k
   echo "== $title"
   for i in $(seq 0 $((n - 1))); do
-    run_wrk "${ports[$i]}" "${procs[$i]}" >/dev/null
+    run_wrk "${ports[$i]}" "${procs[$i]}" "${jar[${names[$i]}]:-}" "$ASK" >/dev/null
     : > "$work/${names[$i]}.res"
   done
   for r in $(seq 1 "$ROUNDS"); do
     # Each round starts with the next contender, to cancel drift.
     for k in $(seq 0 $((n - 1))); do
       i=$(( (r - 1 + k) % n ))
-      res=$(run_wrk "${ports[$i]}" "${procs[$i]}")
+      res=$(run_wrk "${ports[$i]}" "${procs[$i]}" "${jar[${names[$i]}]:-}" "$ASK")
       echo "$res" >> "$work/${names[$i]}.res"
       printf 'round %d %-6s  %10s req/s  p99 %8s ms  CPU %3s%%\n' "$r" "${names[$i]}" $res
     done
@@ -273,6 +283,10 @@ tickets() { # port, admin port, count
   done
 }
 
+ticket_cookie() { # port: a ticket for the gated room, as a Cookie header value
+  curl -s -o /dev/null -c "$work/jar" "http://127.0.0.1:$1/"
+  awk '$6 == "varco_ticket_origin" {print $6 "=" $7}' "$work/jar"
+}
 pass_cookie() { # port: a pass for the gated room, as a Cookie header value
   curl -s -o /dev/null -c "$work/jar" "http://127.0.0.1:$1/"
   awk '$6 == "varco_pass_origin" {print $6 "=" $7}' "$work/jar"
@@ -310,6 +324,26 @@ for part in $PARTS; do
       # Like for like: nginx answers with the same page's bytes.
       compare "the same page (varco: ticket + waiting page; nginx: limit_req + a static copy of that page)" \
         varco "$VWAIT" "$VWAIT_PID" nginx "$NGX_PAGE" "$NGINX_WORKER"
+      # Most of a click day's crowd already holds a ticket: it reloads
+      # the page and the page polls its status. Each varco build gets a
+      # ticket of its own (the rounds above put it far back in line, so it
+      # stays waiting); nginx gets the same Cookie header, and its 503.
+      jar[varco]=$(ticket_cookie "$VWAIT")
+      [ -n "${BEFORE:-}" ] && jar[before]=$(ticket_cookie "$VBEFORE")
+      jar[nginx]=${jar[varco]}
+      for who in varco ${BEFORE:+before}; do
+        port=$VWAIT; [ "$who" = before ] && port=$VBEFORE
+        # Measured only while it really is waiting (not admitted, not a
+        # fresh arrival each time).
+        curl -s -H "Cookie: ${jar[$who]}" "http://127.0.0.1:$port/.varco/status?room=origin" |
+          grep -q '"state":"waiting"' || { echo "$who: no waiting ticket" >&2; exit 1; }
+      done
+      compare "a ticket holder reloading (varco: ticket verified + waiting page; nginx: limit_req 503)" \
+        varco "$VWAIT" "$VWAIT_PID" "${before[@]}" nginx "$NGX_LIMIT" "$NGINX_WORKER"
+      ASK="/.varco/status?room=origin"
+      compare "the page polling for status (varco: ticket verified + status JSON; nginx: limit_req 503)" \
+        varco "$VWAIT" "$VWAIT_PID" "${before[@]}" nginx "$NGX_LIMIT" "$NGINX_WORKER"
+      ASK=/; jar=()
       ;;
     memory)
       echo "== resident memory of varco as tickets are issued"
