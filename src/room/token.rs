@@ -318,12 +318,21 @@ impl Keyring {
         if ring::hmac::verify(&self.verifiers[i], message.as_bytes(), &tag[..n]).is_err() {
             return Own::Refused;
         }
-        // Fits: the token is at most MAX_TOKEN long.
-        let mut json = [0u8; MAX_TOKEN / 4 * 3];
-        let Ok(n) = B64.decode_slice(payload, &mut json) else {
+        // varco's claims are a few hundred bytes: on the stack, where the
+        // buffer is zeroed on every call, so no larger than that; anything
+        // longer (at most MAX_TOKEN) on the heap.
+        let mut stack = [0u8; 512];
+        let mut heap = Vec::new();
+        let buf = if payload.len() <= stack.len() / 3 * 4 {
+            &mut stack[..]
+        } else {
+            heap.resize(payload.len() / 4 * 3 + 3, 0);
+            &mut heap[..]
+        };
+        let Ok(n) = B64.decode_slice(payload, buf) else {
             return Own::Refused;
         };
-        let json = &json[..n];
+        let json = &buf[..n];
         match T::read_json(json).or_else(|| serde_json::from_slice(json).ok()) {
             Some(c) => Own::Claims(c, i),
             None => Own::Refused,
@@ -854,9 +863,12 @@ mod tests {
         let now = 1_800_000_000_000;
         let ticket = serde_json::to_string(&TicketClaims::new("p", 1, 0, now, 9, "/")).unwrap();
         let pass = serde_json::to_string(&PassClaims::new("p", 7, 1, now, 9)).unwrap();
+        // Long enough to be decoded on the heap.
+        let long = TicketClaims::new("p", 1, 0, now, 9, &"/x".repeat(600));
         let claims = [
             ticket.clone(),
             pass.clone(),
+            serde_json::to_string(&long).unwrap(),
             ticket.replace(r#""iss":"varco""#, r#""iss":"other""#),
             ticket.replace(r#""iss":"varco""#, r#""iss":["varco"]"#),
             ticket.replace(r#""aud":"varco:ticket:p""#, r#""aud":["varco:ticket:p"]"#),
