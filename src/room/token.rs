@@ -353,8 +353,8 @@ impl Keyring {
     }
 }
 
-/// Longer than any token varco writes by far, short enough to decode on
-/// the stack.
+/// Longer than any token varco writes by far: anything longer is refused
+/// unread.
 const MAX_TOKEN: usize = 4096;
 
 enum Own<T> {
@@ -430,7 +430,7 @@ impl Claims for TicketClaims {
     }
 
     /// Every reload and status poll of a waiting crowd reads a ticket,
-    /// and serde_json's general path was a third of that read. Reads
+    /// and serde_json's general path was nearly half of that read. Reads
     /// exactly what `write_json` writes; declines anything else.
     fn read_json(json: &[u8]) -> Option<Self> {
         let mut r = JsonReader { rest: json };
