@@ -83,6 +83,46 @@ proptest! {
         }
     }
 
+    /// A pass is read by the same kind of reader on every admitted
+    /// request: it reads serde_json's own output back whenever no string
+    /// needed escaping, and on anything edited it declines or agrees with
+    /// serde_json.
+    #[test]
+    fn a_passs_own_reading_is_serde_jsons(
+        room in "\\PC{0,30}|[a-z]{1,12}",
+        lane in "|[a-z]{1,8}|\\PC{0,6}",
+        sid in any::<u128>(),
+        n in any::<u64>(),
+        at in 0u64..4_102_444_800_000,
+        f in prop::option::of(any::<u64>()),
+        re in 0u64..4,
+        at_byte in any::<prop::sample::Index>(),
+        byte in prop::sample::select(b"0123456789-.e\"\\,:{}[] \x01a\xc3\xa9".to_vec()),
+        edit in 0..3u8,
+    ) {
+        let mut p = PassClaims::new(&room, sid, n, at, 600_000);
+        p.f = f.unwrap_or(0);
+        p.re = re;
+        p.l = lane;
+        let json = serde_json::to_vec(&p).unwrap();
+        let plain = |s: &str| !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+        if plain(&p.aud) && plain(&p.l) {
+            prop_assert_eq!(PassClaims::read_json(&json), Some(p.clone()));
+        }
+        let mut changed = json.clone();
+        let i = at_byte.index(changed.len());
+        match edit {
+            0 => changed[i] = byte,
+            1 => { changed.remove(i); }
+            _ => changed.insert(i, byte),
+        }
+        for j in [&json, &changed] {
+            if let Some(own) = PassClaims::read_json(j) {
+                prop_assert_eq!(Some(own), serde_json::from_slice::<PassClaims>(j).ok());
+            }
+        }
+    }
+
     /// Any string of any size up to the header limit: never a panic, never
     /// a pass or a ticket.
     #[test]
