@@ -399,32 +399,18 @@ impl Claims for PassClaims {
     /// else.
     fn read_json(json: &[u8]) -> Option<Self> {
         let mut r = JsonReader { rest: json };
-        r.raw(b"{\"iss\":")?;
-        let iss = r.string()?;
-        r.raw(b",\"aud\":")?;
-        let aud = r.string()?;
-        r.raw(b",\"sid\":")?;
-        let sid = r.string()?;
-        r.raw(b",\"n\":")?;
-        let n = r.number()?;
-        r.raw(b",\"at\":")?;
-        let at = r.number()?;
-        r.raw(b",\"nbf\":")?;
-        let nbf = r.number()?;
-        r.raw(b",\"exp\":")?;
-        let exp = r.number()?;
-        r.raw(b",\"arr\":")?;
-        let arr = r.number()?;
-        let f = r.optional_number(b",\"f\":")?;
-        let re = r.optional_number(b",\"re\":")?;
-        let l = match r.raw(b",\"l\":") {
-            Some(()) => r.string()?,
-            None => String::new(),
-        };
-        r.raw(b"}")?;
-        if !r.rest.is_empty() {
-            return None;
-        }
+        let iss = r.string_at(b"{\"iss\":")?;
+        let aud = r.string_at(b",\"aud\":")?;
+        let sid = r.string_at(b",\"sid\":")?;
+        let n = r.number_at(b",\"n\":")?;
+        let at = r.number_at(b",\"at\":")?;
+        let nbf = r.number_at(b",\"nbf\":")?;
+        let exp = r.number_at(b",\"exp\":")?;
+        let arr = r.number_at(b",\"arr\":")?;
+        let f = r.optional_number_at(b",\"f\":")?;
+        let re = r.optional_number_at(b",\"re\":")?;
+        let l = r.optional_string_at(b",\"l\":")?;
+        r.end()?;
         Some(PassClaims {
             iss,
             aud,
@@ -480,36 +466,17 @@ impl Claims for TicketClaims {
     /// exactly what `write_json` writes; declines anything else.
     fn read_json(json: &[u8]) -> Option<Self> {
         let mut r = JsonReader { rest: json };
-        r.raw(b"{\"iss\":")?;
-        let iss = r.string()?;
-        r.raw(b",\"aud\":")?;
-        let aud = r.string()?;
-        r.raw(b",\"n\":")?;
-        let n = r.number()?;
-        r.raw(b",\"pre\":")?;
-        let pre = r.number()?;
-        r.raw(b",\"at\":")?;
-        let at = r.number()?;
-        r.raw(b",\"nbf\":")?;
-        let nbf = r.number()?;
-        r.raw(b",\"exp\":")?;
-        let exp = r.number()?;
-        r.raw(b",\"u\":")?;
-        let u = r.string()?;
-        let dg = match r.raw(b",\"dg\":") {
-            Some(()) => r.string()?,
-            None => String::new(),
-        };
-        let l = match r.raw(b",\"l\":") {
-            Some(()) => r.string()?,
-            None => String::new(),
-        };
-        r.raw(b"}")?;
-        // Trailing bytes (whitespace is allowed, anything else not):
-        // serde_json's call.
-        if !r.rest.is_empty() {
-            return None;
-        }
+        let iss = r.string_at(b"{\"iss\":")?;
+        let aud = r.string_at(b",\"aud\":")?;
+        let n = r.number_at(b",\"n\":")?;
+        let pre = r.number_at(b",\"pre\":")?;
+        let at = r.number_at(b",\"at\":")?;
+        let nbf = r.number_at(b",\"nbf\":")?;
+        let exp = r.number_at(b",\"exp\":")?;
+        let u = r.string_at(b",\"u\":")?;
+        let dg = r.optional_string_at(b",\"dg\":")?;
+        let l = r.optional_string_at(b",\"l\":")?;
+        r.end()?;
         Some(TicketClaims {
             iss,
             aud,
@@ -553,13 +520,37 @@ impl JsonReader<'_> {
         Some(v)
     }
 
-    /// `key` and its number if it is next (Some(0) if not); None if the
-    /// key is there and its number is not.
-    fn optional_number(&mut self, key: &[u8]) -> Option<u64> {
+    fn number_at(&mut self, key: &[u8]) -> Option<u64> {
+        self.raw(key)?;
+        self.number()
+    }
+
+    fn string_at(&mut self, key: &[u8]) -> Option<String> {
+        self.raw(key)?;
+        self.string()
+    }
+
+    /// A field serde skips when it is zero: 0 if `key` is not next.
+    fn optional_number_at(&mut self, key: &[u8]) -> Option<u64> {
         match self.raw(key) {
             Some(()) => self.number(),
             None => Some(0),
         }
+    }
+
+    /// A field serde skips when it is empty: "" if `key` is not next.
+    fn optional_string_at(&mut self, key: &[u8]) -> Option<String> {
+        match self.raw(key) {
+            Some(()) => self.string(),
+            None => Some(String::new()),
+        }
+    }
+
+    /// The closing brace and nothing after it (whitespace is allowed by
+    /// serde_json, anything else not: its call).
+    fn end(mut self) -> Option<()> {
+        self.raw(b"}")?;
+        self.rest.is_empty().then_some(())
     }
 
     /// A string with nothing escaped and no control character.
