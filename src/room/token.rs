@@ -44,14 +44,14 @@ impl std::fmt::Debug for SigningKey {
 pub struct Keyring {
     keys: Arc<Vec<(SigningKey, DecodingKey)>>,
     /// Each key's HMAC key schedule, computed once (same order as
-    /// `keys`): every reload and status poll of a waiting crowd verifies
-    /// a ticket.
-    verifiers: Arc<Vec<ring::hmac::Key>>,
+    /// `keys`; the last signs tickets, passes and receipt codes):
+    /// jsonwebtoken rebuilds it on every call, and a click day signs a
+    /// ticket per arrival and verifies one per reload and status poll.
+    hmacs: Arc<Vec<ring::hmac::Key>>,
     /// Each key's encoded JWT header, as varco writes it (same order as
     /// `keys`): a token's key is found by comparing bytes, without
     /// decoding its header.
     headers: Arc<Vec<String>>,
-    signer: Arc<Signer>,
 }
 
 /// `base64url` of the JWT header varco writes for key `kid`: what
@@ -60,22 +60,6 @@ fn encoded_header(kid: &str) -> String {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(kid.to_string());
     B64.encode(serde_json::to_vec(&header).expect("a JWT header serialises"))
-}
-
-/// The newest key, ready to sign: its HMAC key schedule (and, in
-/// `Keyring::headers`, its encoded JWT header) computed once, not per
-/// ticket (jsonwebtoken's `encode` rebuilds both on every call; a click
-/// day signs a ticket per arrival).
-struct Signer {
-    hmac: ring::hmac::Key,
-    /// The same secret's key for queue receipt codes (`receipt.rs`).
-    receipts: ring::hmac::Key,
-}
-
-impl std::fmt::Debug for Signer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Signer")
-    }
 }
 
 /// What a ticket says: the room, the place in line and when it was issued.
@@ -157,20 +141,15 @@ impl Keyring {
                 (k, d)
             })
             .collect();
-        let newest = &keys.last().expect("a keyring has at least one key").0;
-        let signer = Signer {
-            hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
-            receipts: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &newest.secret),
-        };
+        assert!(!keys.is_empty(), "a keyring has at least one key");
         Keyring {
             headers: Arc::new(keys.iter().map(|(k, _)| encoded_header(&k.id)).collect()),
-            verifiers: Arc::new(
+            hmacs: Arc::new(
                 keys.iter()
                     .map(|(k, _)| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k.secret))
                     .collect(),
             ),
             keys: Arc::new(keys),
-            signer: Arc::new(signer),
         }
     }
 
@@ -220,15 +199,19 @@ impl Keyring {
         out.push_str(header);
         out.push('.');
         B64.encode_string(payload, out);
-        let tag = ring::hmac::sign(&self.signer.hmac, &out.as_bytes()[start..]);
+        let tag = ring::hmac::sign(self.signing_hmac(), &out.as_bytes()[start..]);
         out.push('.');
         B64.encode_string(tag.as_ref(), out);
     }
 
-    /// The signing key's HMAC key for receipt codes, its schedule
-    /// computed once: a receipt code on every waiting page.
+    /// The HMAC key for receipt codes (one on every waiting page): the
+    /// signing key's.
     pub fn receipt_key(&self) -> &ring::hmac::Key {
-        &self.signer.receipts
+        self.signing_hmac()
+    }
+
+    fn signing_hmac(&self) -> &ring::hmac::Key {
+        self.hmacs.last().expect("a keyring has at least one key")
     }
 
     /// Every key, oldest first.
@@ -315,7 +298,7 @@ impl Keyring {
             return Own::Refused;
         };
         let message = &token[..header.len() + 1 + payload.len()];
-        if ring::hmac::verify(&self.verifiers[i], message.as_bytes(), &tag[..n]).is_err() {
+        if ring::hmac::verify(&self.hmacs[i], message.as_bytes(), &tag[..n]).is_err() {
             return Own::Refused;
         }
         // varco's claims are a few hundred bytes: on the stack, where the
