@@ -237,7 +237,7 @@ impl AuditLog {
             room: room.to_string(),
             from: logged + 1,
             to: serving,
-            time: crate::gate::rfc3339(now_ms),
+            time: crate::timefmt::rfc3339(now_ms),
             time_ms: now_ms,
             node: self.node.clone(),
             prev: c.head.clone(),

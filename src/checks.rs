@@ -88,7 +88,7 @@ pub fn receipt(action: ReceiptAction) -> Outcome {
                 "genuine: room {}, ticket {}, arrived {} (key {}, from the {})",
                 v.receipt.room,
                 v.receipt.number_label(),
-                crate::gate::rfc3339(v.receipt.arrived * 1000),
+                crate::timefmt::rfc3339(v.receipt.arrived * 1000),
                 v.key_id,
                 v.from
             ),

@@ -469,10 +469,6 @@ fn too_many(wait: Duration, json: bool) -> Response<Body> {
     resp
 }
 
-pub fn rfc3339(ms: u64) -> String {
-    crate::timefmt::rfc3339(ms)
-}
-
 /// Where a ticket stands, honestly: the estimate comes from the rate
 /// actually observed over the last minute, given as a range.
 pub fn status_for<'a>(

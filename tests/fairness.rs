@@ -112,7 +112,7 @@ async fn receipts_verify_and_the_portal_gets_a_signed_arrival() {
     let html = page.text();
     assert!(html.contains(&receipt), "the page shows the receipt");
     assert!(html.contains(&format!(">{code}<")), "and its code");
-    assert_eq!(s["arrived"], varco::gate::rfc3339(T0 + 7_000));
+    assert_eq!(s["arrived"], varco::timefmt::rfc3339(T0 + 7_000));
 
     // Anyone can check it: the binary with the config's keys...
     let (ok, out) = run(&[
@@ -185,7 +185,7 @@ async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
         up.addr,
         &format!(
             "max_active = 100\nadmission_per_minute = 60\nopens_at = \"{}\"",
-            varco::gate::rfc3339(opens)
+            varco::timefmt::rfc3339(opens)
         ),
         "",
     );

@@ -450,7 +450,7 @@ async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
 async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
     let up = upstream::spawn().await;
     let opens = common::gated::T0 + 10 * MIN;
-    let opens_text = varco::gate::rfc3339(opens);
+    let opens_text = varco::timefmt::rfc3339(opens);
     let g = Gated::start(&gated_config(
         up.addr,
         &format!("max_active = 100\nadmission_per_minute = 60\nopens_at = \"{opens_text}\""),

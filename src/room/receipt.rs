@@ -225,7 +225,7 @@ impl Verified {
             "room": self.receipt.room,
             "number": self.receipt.number_label(),
             "kind": match self.receipt.kind { Kind::Queue => "queue", Kind::PreQueue => "prequeue" },
-            "arrived": crate::gate::rfc3339(self.receipt.arrived * 1000),
+            "arrived": crate::timefmt::rfc3339(self.receipt.arrived * 1000),
             "arrived_unix": self.receipt.arrived,
             "key_id": self.key_id,
             "checked": self.from,
