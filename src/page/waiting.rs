@@ -47,9 +47,7 @@ pub struct Status<'a> {
 }
 
 fn rfc3339<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
-    let mut text = String::with_capacity(24);
-    crate::timefmt::push_rfc3339(&mut text, *ms);
-    s.serialize_str(&text)
+    s.serialize_str(&crate::timefmt::rfc3339(*ms))
 }
 
 fn opt_rfc3339<S: serde::Serializer>(ms: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
@@ -523,11 +521,7 @@ pub fn respond(
         } else {
             StatusCode::TOO_MANY_REQUESTS
         };
-        (
-            code,
-            "application/json",
-            serde_json::to_string(status).unwrap_or_default(),
-        )
+        (code, "application/json", to_json(status))
     } else {
         let code = if status.state == "closed" {
             StatusCode::SERVICE_UNAVAILABLE
@@ -537,7 +531,7 @@ pub fn respond(
         (
             code,
             "text/html; charset=utf-8",
-            render(template, status, lang, next_url),
+            render(template, status, lang, next_url).into_bytes(),
         )
     };
     let mut r = Response::new(full(body));
@@ -561,14 +555,19 @@ fn seconds(secs: u64) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from(secs))
 }
 
-/// The JSON answer of `/.varco/status`.
-pub fn status_json(status: &Status) -> Response<Body> {
-    // Sized for the usual answer (~500 bytes), not grown to it.
+/// The status as JSON, written into a buffer sized for the usual answer
+/// (~500 bytes), not grown to it.
+fn to_json(status: &Status) -> Vec<u8> {
     let mut json = Vec::with_capacity(640);
     if serde_json::to_writer(&mut json, status).is_err() {
         json.clear();
     }
-    let mut r = Response::new(full(json));
+    json
+}
+
+/// The JSON answer of `/.varco/status`.
+pub fn status_json(status: &Status) -> Response<Body> {
+    let mut r = Response::new(full(to_json(status)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CACHE_CONTROL, NO_STORE);
