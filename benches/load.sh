@@ -283,22 +283,12 @@ tickets() { # port, admin port, count
   done
 }
 
-ticket_cookie() { # port: a ticket for the gated room, as a Cookie header value
+cookie_from() { # port, kind (ticket or pass): what the room hands a new
+  # arrival, as a Cookie header value
   curl -s -o /dev/null -c "$work/jar" "http://127.0.0.1:$1/"
-  awk '$6 == "varco_ticket_origin" {print $6 "=" $7}' "$work/jar"
-}
-pass_cookie() { # port: a pass for the gated room, as a Cookie header value
-  curl -s -o /dev/null -c "$work/jar" "http://127.0.0.1:$1/"
-  awk '$6 == "varco_pass_origin" {print $6 "=" $7}' "$work/jar"
+  awk -v name="varco_$2_origin" '$6 == name {print $6 "=" $7}' "$work/jar"
 }
 redis_commands() { redis-cli -p "$REDIS" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
-run_wrk_cookie() { # port, pid, cookie
-  local before after
-  before=$(cpu_ticks "$2")
-  taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H "Cookie: $3" "http://127.0.0.1:$1/" > "$work/wrk.out"
-  after=$(cpu_ticks "$2")
-  awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out"
-}
 
 for part in $PARTS; do
   case $part in
@@ -328,8 +318,8 @@ for part in $PARTS; do
       # the page and the page polls its status. Each varco build gets a
       # ticket of its own (the rounds above put it far back in line, so it
       # stays waiting); nginx gets the same Cookie header, and its 503.
-      jar[varco]=$(ticket_cookie "$VWAIT")
-      [ -n "${BEFORE:-}" ] && jar[before]=$(ticket_cookie "$VBEFORE")
+      jar[varco]=$(cookie_from "$VWAIT" ticket)
+      [ -n "${BEFORE:-}" ] && jar[before]=$(cookie_from "$VBEFORE" ticket)
       jar[nginx]=${jar[varco]}
       for who in varco ${BEFORE:+before}; do
         port=$VWAIT; [ "$who" = before ] && port=$VBEFORE
@@ -384,14 +374,14 @@ prefix = \"bench:\"
 $open")
       pids+=("$VGM_PID" "$VGR_PID")
       wait_port "$VGM"; wait_port "$VGR"
-      cm=$(pass_cookie "$VGM"); cr=$(pass_cookie "$VGR")
+      cm=$(cookie_from "$VGM" pass); cr=$(cookie_from "$VGR" pass)
       [ -n "$cm" ] && [ -n "$cr" ] || { echo "no pass cookie" >&2; exit 1; }
-      run_wrk_cookie "$VGM" "$VGM_PID" "$cm" >/dev/null; run_wrk_cookie "$VGR" "$VGR_PID" "$cr" >/dev/null
+      run_wrk "$VGM" "$VGM_PID" "$cm" >/dev/null; run_wrk "$VGR" "$VGR_PID" "$cr" >/dev/null
       : > "$work/gm.res"; : > "$work/gr.res"; : > "$work/cmds.res"
       for r in $(seq 1 "$ROUNDS"); do
-        m=$(run_wrk_cookie "$VGM" "$VGM_PID" "$cm")
+        m=$(run_wrk "$VGM" "$VGM_PID" "$cm" | awk '{print $1}')
         c0=$(redis_commands)
-        rr=$(run_wrk_cookie "$VGR" "$VGR_PID" "$cr")
+        rr=$(run_wrk "$VGR" "$VGR_PID" "$cr" | awk '{print $1}')
         c1=$(redis_commands)
         n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
         echo "$m" >> "$work/gm.res"; echo "$rr" >> "$work/gr.res"
