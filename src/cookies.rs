@@ -8,17 +8,7 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 /// another cookie with bytes beyond ASCII (a portal's, a tracker's) does
 /// not hide varco's; each request reads it for the pass and the ticket.
 pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let name = name.as_bytes();
-    let value = headers
-        .get_all(COOKIE)
-        .iter()
-        .flat_map(|v| pairs(v.as_bytes()))
-        .find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let value = pair.strip_prefix(name)?.strip_prefix(b"=")?;
-            Some(value.strip_prefix(b"\"").unwrap_or(value))
-        })?;
-    let value = value.strip_suffix(b"\"").unwrap_or(value);
+    let value = all(headers, name).next()?;
     // Every byte looked at (no early exit), so the check vectorises.
     let visible = value
         .iter()
@@ -28,6 +18,24 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     }
     // Visible ASCII is UTF-8.
     std::str::from_utf8(value).ok()
+}
+
+/// Every cookie called `name`, in the order sent, as raw bytes (quotes
+/// around a value taken off), whatever else the header holds.
+pub fn all<'h: 'n, 'n>(
+    headers: &'h HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'h [u8]> + 'n {
+    let name = name.as_bytes();
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .flat_map(|v| pairs(v.as_bytes()))
+        .filter_map(move |pair| {
+            let value = pair.trim_ascii().strip_prefix(name)?.strip_prefix(b"=")?;
+            let value = value.strip_prefix(b"\"").unwrap_or(value);
+            Some(value.strip_suffix(b"\"").unwrap_or(value))
+        })
 }
 
 /// The `name=value` pairs of one Cookie header, untrimmed.

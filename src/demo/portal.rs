@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use http::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -132,7 +132,7 @@ impl Portal {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
-        let citizen = citizen_of(&req);
+        let citizen = citizen_of(req.headers());
         let path = req.uri().path().to_string();
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
@@ -226,13 +226,11 @@ impl Handler for Portal {
     }
 }
 
-fn citizen_of(req: &Request<Incoming>) -> Option<String> {
-    req.headers()
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().strip_prefix("citizen="))
+/// The first valid `citizen` cookie: another cookie with bytes beyond
+/// ASCII hides nothing (the Cookie header is read as bytes).
+fn citizen_of(headers: &HeaderMap) -> Option<String> {
+    crate::cookies::all(headers, "citizen")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .find(|c| valid_citizen(c))
         .map(str::to_string)
 }
@@ -336,6 +334,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::COOKIE;
 
     #[test]
     fn shares_its_capacity_past_it() {
@@ -358,5 +357,20 @@ mod tests {
         // speed, past its timeout.
         p.in_flight.store(20, Ordering::Relaxed);
         assert!(!p.work().await, "overloaded: timed out");
+    }
+
+    #[test]
+    fn a_cookie_beyond_ascii_hides_no_citizen() {
+        let mut h = HeaderMap::new();
+        let raw = "tracker=caf\u{e9}; citizen=; citizen=c42; other=\u{fc}ber";
+        h.append(COOKIE, HeaderValue::from_bytes(raw.as_bytes()).unwrap());
+        assert_eq!(
+            citizen_of(&h).as_deref(),
+            Some("c42"),
+            "the first valid one"
+        );
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("citizen=a-b; x=1"));
+        assert_eq!(citizen_of(&h), None, "not alphanumeric: no citizen");
     }
 }
