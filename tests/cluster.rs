@@ -304,6 +304,44 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_its_data_the_nodes_take_its_new_counters() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"5m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    let mut line: Vec<Citizen> = (0..5).map(|i| nodes[i % 2].citizen()).collect();
+    for c in line.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    advance(&nodes, 1000).await;
+    assert_eq!(line[4].status("portal").await["queue_length"], 5);
+
+    // Each node keeps the highest counters it has seen, so that a late
+    // reply cannot move the line back; that must not outlive the state
+    // those counters belonged to.
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    advance(&nodes, 1000).await;
+    for (i, g) in nodes.iter().enumerate() {
+        let mut c = Citizen::new(g.addr);
+        c.jar = line[0].jar.clone();
+        let s = c.status("portal").await;
+        assert_eq!(s["queue_length"], 0, "node {i} follows the new state: {s}");
+    }
+    let mut newcomer = nodes[1].citizen();
+    assert!(
+        newcomer.get("/").await.reached_upstream(),
+        "the new state is empty: admitted at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_on(port);

@@ -8,7 +8,8 @@
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
--- then provisional blocks as a flat epoch, base list}}.
+-- the state's generation, then provisional blocks as a flat epoch, base
+-- list}}.
 local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -37,6 +38,10 @@ local refilled = tonumber(h.refilled or string.format('%d', now))
 local floor = tonumber(h.floor or '0')
 local admitted = tonumber(h.admitted or '0')
 local abandoned = tonumber(h.abandoned or '0')
+-- When this room's state was created: a new value means the counters
+-- started again (Redis lost its data), so nodes take the new ones as they
+-- are instead of keeping the higher ones they had seen.
+local gen = h.gen or string.format('%d', now)
 
 local function parse(b)
   local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
@@ -216,7 +221,7 @@ redis.call('HSET', st,
   'prequeue', string.format('%d', prequeue), 'opened', opened,
   'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
-  'abandoned', string.format('%d', abandoned))
+  'abandoned', string.format('%d', abandoned), 'gen', gen)
 
 local rate = 0
 local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
@@ -227,7 +232,7 @@ if first and last then
     rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
   end
 end
-local extras = {redis.call('HGET', st, 'lkid') or ''}
+local extras = {redis.call('HGET', st, 'lkid') or '', gen}
 for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
 return {result, detail, queue, serving, prequeue, tonumber(opened), live, reserved(), rate,

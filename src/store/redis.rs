@@ -118,7 +118,7 @@ impl RedisStore {
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
             provisional: DashMap::new(),
-            view: Mutex::new(RoomView::default()),
+            view: Mutex::new((String::new(), RoomView::default())),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             touched: DashMap::new(),
@@ -161,8 +161,9 @@ pub struct RedisRoom {
     lease_ms: u64,
     script: Arc<Script>,
     lease_script: Arc<Script>,
-    /// The counters as of the last call: at most one tick old.
-    view: Mutex<RoomView>,
+    /// The counters as of the last call (at most one tick old), and the
+    /// generation of the room's state they came from.
+    view: Mutex<(String, RoomView)>,
     lottery_kid: KeyId,
     /// Sessions this node has seen alive, with their expiry.
     sessions: DashMap<u128, AtomicU64>,
@@ -172,7 +173,8 @@ pub struct RedisRoom {
 }
 
 /// result, detail, queue, serving, prequeue, opened, active, reserved,
-/// rate (milli/s), admitted, abandoned, [lottery kid, epoch, base, ...].
+/// rate (milli/s), admitted, abandoned, [lottery kid, generation, epoch,
+/// base, ...].
 type Reply = (
     i64,
     i64,
@@ -190,6 +192,31 @@ type Reply = (
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// The view after a reply. Two calls' replies can be taken in the other
+/// order than Redis answered them (each task locks the view after its own
+/// await), so within one generation of the room's state the queue and
+/// serving counters, which only grow there, never move back: a place in
+/// line never jumps back, and a reload never skips a claim it is due. A
+/// new generation (the state started again: Redis lost its data) is taken
+/// as it is.
+fn followed_by(seen: &str, had: RoomView, generation: &str, replied: RoomView) -> RoomView {
+    if seen != generation {
+        return replied;
+    }
+    let queue = had.queue.max(replied.queue);
+    let serving = had.serving.max(replied.serving);
+    RoomView {
+        queue,
+        serving,
+        waiting: queue.saturating_sub(serving),
+        admitted_total: had.admitted_total.max(replied.admitted_total),
+        abandoned_total: had.abandoned_total.max(replied.abandoned_total),
+        prequeue: had.prequeue.max(replied.prequeue),
+        opened: had.opened || replied.opened,
+        ..replied
+    }
 }
 
 impl RedisRoom {
@@ -223,8 +250,7 @@ impl RedisRoom {
         }
         let mut conn = self.conn.clone();
         let r: Reply = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        *v = RoomView {
+        let replied = RoomView {
             queue: r.2,
             serving: r.3,
             waiting: r.2.saturating_sub(r.3),
@@ -236,8 +262,16 @@ impl RedisRoom {
             admitted_total: r.9,
             abandoned_total: r.10,
         };
+        let generation = r.11.get(1).map(String::as_str).unwrap_or_default();
+        {
+            let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            v.1 = followed_by(&v.0, v.1, generation, replied);
+            if v.0 != generation {
+                v.0 = generation.to_string();
+            }
+        }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
-        for pair in r.11.get(1..).unwrap_or_default().chunks(2) {
+        for pair in r.11.get(2..).unwrap_or_default().chunks(2) {
             if let [epoch, base] = pair {
                 if let (Ok(e), Ok(b)) = (u64::from_str_radix(epoch, 16), base.parse()) {
                     self.provisional.insert(e, b);
@@ -558,7 +592,7 @@ impl RoomStore for RedisRoom {
     }
 
     fn view(&self) -> RoomView {
-        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
     fn leads(&self) -> bool {
@@ -575,5 +609,44 @@ impl RoomStore for RedisRoom {
 
     fn set_lottery_key_id(&self, kid: &str) {
         self.lottery_kid.set_once(kid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(queue: u64, serving: u64, active: u64) -> RoomView {
+        RoomView {
+            queue,
+            serving,
+            waiting: queue - serving,
+            active,
+            opened: true,
+            admitted_total: serving,
+            ..RoomView::default()
+        }
+    }
+
+    #[test]
+    fn a_late_reply_never_moves_the_line_back() {
+        let newer = counters(500, 120, 40);
+        let older = counters(480, 100, 45);
+        let v = followed_by("1", newer, "1", older);
+        assert_eq!((v.queue, v.serving, v.waiting), (500, 120, 380));
+        assert_eq!(v.admitted_total, 120);
+        assert_eq!(v.active, 45, "a gauge is taken as replied");
+        let v = followed_by("1", older, "1", newer);
+        assert_eq!((v.queue, v.serving, v.waiting), (500, 120, 380));
+    }
+
+    #[test]
+    fn a_new_generation_starts_the_view_again() {
+        let before = counters(500, 120, 40);
+        let started_again = counters(3, 0, 0);
+        let v = followed_by("1796000000000", before, "1796000900000", started_again);
+        assert_eq!((v.queue, v.serving, v.admitted_total), (3, 0, 0));
+        let first = followed_by("", RoomView::default(), "1796000000000", before);
+        assert_eq!(first.serving, 120);
     }
 }

@@ -128,6 +128,21 @@ impl RedisServer {
         panic!("redis-server did not answer on port {}", self.port);
     }
 
+    /// Sends one inline command and returns the first line of the reply.
+    #[allow(dead_code)] // not every test file uses it
+    pub fn command(&self, cmd: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let mut reply = Vec::new();
+        let mut b = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            s.read_exact(&mut b).expect("a reply from redis");
+            reply.push(b[0]);
+        }
+        String::from_utf8_lossy(&reply).trim_end().to_string()
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
