@@ -1,5 +1,5 @@
-//! The public listener's request path: varco's own paths (`/.varco/*`),
-//! route to a room, the waiting-room gate for gated rooms, forward to the
+//! The public listener's request path: the path made canonical, varco's
+//! own paths (`/.varco/*`), route to a room, the waiting-room gate for gated rooms, forward to the
 //! upstream, and turn any failure into a small page; one access-log line
 //! and the request metrics per request.
 
@@ -22,6 +22,7 @@ use crate::page;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
+use crate::request_path;
 use crate::room::arrival;
 use crate::room::token::PassClaims;
 use crate::room::Room;
@@ -117,14 +118,26 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
 }
 
 impl Handler for Gateway {
-    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let json = page::wants_json(req.headers());
+        // Everything after this matches on the path the portal will see.
+        let canonical = request_path::canonicalise(&mut req);
         // Only what the access line needs survives the request; the path
         // without its query, since queries can carry personal data.
         let logged = self
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_string()));
+        if let Err(e) = canonical {
+            tracing::debug!(error = %e, "request path refused");
+            let resp = page::error(StatusCode::BAD_REQUEST, "This address is malformed.", json);
+            self.metrics
+                .requests
+                .with_label_values(&["-", status_class(400)])
+                .inc();
+            self.access(logged, "-", &resp, started, None, conn);
+            return resp;
+        }
 
         if req.uri().path().starts_with("/.varco/") {
             let resp = self.own_path(&req, conn, json);

@@ -6,7 +6,8 @@
 //! - [`app`]: wires everything; `run(config, listeners, shutdown)`.
 //! - [`listener`]: accept loop, connection cap, TLS ([`tls`]), HTTP/1+2,
 //!   timeouts, graceful drain.
-//! - [`gateway`]: one request's path: varco's own `/.varco/*` paths, route
+//! - [`gateway`]: one request's path: its path made canonical
+//!   ([`request_path`]), varco's own `/.varco/*` paths, route
 //!   ([`router`]) to a [`room`], the waiting-room [`gate`] (tickets,
 //!   passes, [`cookies`], the [`store`] of counters), forward ([`proxy`]),
 //!   answer with a [`page`] (errors, the waiting page).
@@ -37,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod page;
 pub mod proxy;
+pub mod request_path;
 pub mod room;
 pub mod router;
 pub mod store;

@@ -642,3 +642,57 @@ async fn a_copied_pass_is_one_session_not_two() {
     );
     assert!(third.get("/").await.reached_upstream(), "the slot went on");
 }
+
+#[tokio::test]
+async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"queue_all\"\nexempt_paths = [\"/static/\"]",
+    ))
+    .await;
+    let mut asset = g.citizen();
+    let got = asset.get("/static/app.css").await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    // The portal is given the path varco matched: no dot segment, no
+    // repeated slash, escapes of unreserved characters decoded.
+    let got = asset.get("/static/./img//logo.png").await;
+    assert!(got.reached_upstream());
+    assert_eq!(got.json()["uri"], "/static/img/logo.png");
+    for skip in [
+        "/static/../apply",
+        "/static/%2e%2e/apply",
+        "/static/.%2E/apply?x=1",
+        "/static/img/../../apply",
+    ] {
+        let mut c = g.citizen();
+        let got = c.get(skip).await;
+        assert!(
+            got.is_waiting_page(),
+            "{skip} skipped the queue: {}",
+            got.text()
+        );
+        assert!(c.cookie("varco_ticket_portal").is_some(), "{skip}");
+    }
+    // What varco cannot resolve the way every portal would is refused.
+    for bad in [
+        "/static/..%2Fapply",
+        "/static/..%5Capply",
+        "/static/%zz",
+        "/../apply",
+    ] {
+        let got = g.citizen().get(bad).await;
+        assert_eq!(got.status, 400, "{bad}: {}", got.text());
+    }
+    let hits = up.hits();
+    assert_eq!(hits, 2, "only the two assets reached the portal");
+    // A person sent to the page from a dot-segment path lands on the
+    // path the portal will serve.
+    let mut c = g.citizen();
+    let got = c.get("/static/../apply/./form").await;
+    assert!(
+        got.text().contains("data-next=\"/apply/form\""),
+        "{}",
+        got.text()
+    );
+}
