@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, HOST, SET_COOKIE};
+use http::header::{HeaderValue, CACHE_CONTROL, EXPIRES, HOST, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -107,6 +107,17 @@ async fn enter(
         HeaderValue::from(cap.retry_after().as_secs()),
     );
     Err(resp)
+}
+
+/// Adds one of varco's cookies to a response, whatever the portal said
+/// about caching it: a response that sets a pass must never be stored by a
+/// cache in front of varco and handed to the next person (invariant 6).
+fn set_cookie(resp: &mut Response<Body>, cookie: HeaderValue) {
+    let h = resp.headers_mut();
+    h.append(SET_COOKIE, cookie);
+    h.insert(CACHE_CONTROL, page::NO_STORE);
+    // An HTTP/1.0 cache reads Expires, not Cache-Control.
+    h.remove(EXPIRES);
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -219,7 +230,7 @@ impl Gateway {
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.
                     for c in set_cookies {
-                        resp.headers_mut().append(SET_COOKIE, c);
+                        set_cookie(&mut resp, c);
                     }
                     return (resp, None);
                 }
@@ -257,7 +268,7 @@ impl Gateway {
                 }
             };
         for c in set_cookies {
-            resp.headers_mut().append(SET_COOKIE, c);
+            set_cookie(&mut resp, c);
         }
         if portal_failed {
             if let Some(p) = &pass {
@@ -275,8 +286,7 @@ impl Gateway {
                     let _ = lane.store.end_session(sid, now).await;
                     let _ = lane.store.tick(room.lane_limits(lane), now).await;
                 }
-                resp.headers_mut()
-                    .append(SET_COOKIE, cookies::clear(&room.pass_cookie, secure));
+                set_cookie(&mut resp, cookies::clear(&room.pass_cookie, secure));
             }
         }
         let resp = match slot {
@@ -310,8 +320,7 @@ impl Gateway {
             f: now,
             ..gate::renewed(room, pass, now)
         };
-        resp.headers_mut()
-            .append(SET_COOKIE, gate::pass_cookie(room, &marked, secure));
+        set_cookie(resp, gate::pass_cookie(room, &marked, secure));
         room.metrics.pass_extensions.inc();
     }
 

@@ -696,3 +696,23 @@ async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
         got.text()
     );
 }
+
+#[tokio::test]
+async fn a_response_that_sets_a_pass_is_never_cacheable() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 5")).await;
+    let mut c = g.citizen();
+    // Admitted directly on a request for an asset the portal marks public:
+    // a cache in front of varco must not keep this response, or the next
+    // person would get the pass with it.
+    let got = c.get("/cacheable").await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    assert!(got.headers.get("set-cookie").is_some());
+    assert_eq!(got.headers["cache-control"], "no-store, private");
+    assert!(got.headers.get("expires").is_none());
+    // With the pass in hand and nothing set, the portal's own caching
+    // stands.
+    let got = c.get("/cacheable").await;
+    assert!(got.headers.get("set-cookie").is_none());
+    assert_eq!(got.headers["cache-control"], "public, max-age=3600");
+}

@@ -107,6 +107,14 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             text(StatusCode::OK, &n.to_string())
         }
         "/fail" => text(StatusCode::INTERNAL_SERVER_ERROR, "the portal broke"),
+        "/cacheable" => {
+            // A portal's asset, marked for any cache to keep for an hour.
+            let mut r = text(StatusCode::OK, "{\"upstream\": \"cacheable\"}");
+            let h = r.headers_mut();
+            h.insert("cache-control", "public, max-age=3600".parse().unwrap());
+            h.insert("expires", "Thu, 01 Jan 2099 00:00:00 GMT".parse().unwrap());
+            r
+        }
         "/release" => {
             // The portal ends the session, e.g. after a submitted form.
             let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");
