@@ -523,7 +523,12 @@ pub fn status_for<'a>(
 }
 
 /// `GET /.varco/status?room=NAME`: where the caller stands, as JSON.
-pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) -> Response<Body> {
+pub async fn status(
+    room: &Room,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+    now_ms: u64,
+) -> Response<Body> {
     if let Err(not_until) = room.status_limiter.check_key(&client_ip) {
         room.metrics.rejected_status_ip_limit.inc();
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
@@ -531,12 +536,20 @@ pub fn status(room: &Room, headers: &HeaderMap, client_ip: IpAddr, now_ms: u64) 
         ));
         return too_many(wait, true);
     }
-    let has_pass = cookies::get(headers, &room.pass_cookie)
+    let has_pass = match cookies::get(headers, &room.pass_cookie)
         .and_then(|t| {
             room.keys
                 .verify::<PassClaims>(t, &audience("pass", &room.name), now_ms)
         })
-        .is_some();
+        .and_then(|p| Some((p.session_id()?, room.lane(&p.l)?)))
+    {
+        // A pass cookie outlives its session (twice the idle time): only a
+        // session still alive is "admitted", or a person whose session
+        // lapsed and who queued again would be sent round in a loop. With
+        // the store away, the pass is taken at its word; the gate decides.
+        Some((sid, lane)) => lane.store.peek(sid, now_ms).await.unwrap_or(true),
+        None => false,
+    };
     let ticket: Option<(TicketClaims, &Lane)> = cookies::get(headers, &room.ticket_cookie)
         .and_then(|t| {
             room.keys

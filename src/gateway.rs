@@ -151,7 +151,7 @@ impl Handler for Gateway {
         }
 
         if req.uri().path().starts_with("/.varco/") {
-            let resp = self.own_path(&req, conn, json);
+            let resp = self.own_path(&req, conn, json).await;
             self.metrics
                 .requests
                 .with_label_values(&["-", status_class(resp.status().as_u16())])
@@ -336,17 +336,21 @@ impl Gateway {
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
     }
 
-    fn own_path(&self, req: &Request<Incoming>, conn: ConnInfo, json: bool) -> Response<Body> {
+    async fn own_path(
+        &self,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        json: bool,
+    ) -> Response<Body> {
         match req.uri().path() {
             "/.varco/status" => {
-                let routing = self.routing.load();
                 let room = query_param(req.uri().query(), "room")
-                    .and_then(|name| routing.room(name))
+                    .and_then(|name| self.routing.load().room(name).cloned())
                     .filter(|r| r.is_gated());
                 match room {
                     Some(room) => {
                         let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
-                        gate::status(room, req.headers(), ip, self.clock.now_ms())
+                        gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
                     }
                     None => page::error(StatusCode::NOT_FOUND, "No such waiting room.", true),
                 }

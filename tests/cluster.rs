@@ -520,3 +520,30 @@ async fn turns_kept_detours_and_the_admission_log_across_nodes() {
     assert!(c0["seed"].is_string(), "the opening has passed: {c0}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_asks_redis_about_a_session_another_node_made() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 3\nsession_idle = \"1m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut a = nodes[0].citizen();
+    assert!(a.get("/").await.reached_upstream());
+    // The same browser asks the other node, which has never seen this
+    // session: Redis answers.
+    let mut b = Citizen::new(nodes[1].addr);
+    b.jar = a.jar.clone();
+    advance(&nodes, 30_000).await;
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    // Asking renewed nothing: a minute after its last request the session
+    // is over, on both nodes.
+    advance(&nodes, 31_000).await;
+    assert_eq!(b.status("portal").await["state"], "none");
+    assert_eq!(a.status("portal").await["state"], "none");
+}

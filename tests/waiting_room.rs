@@ -716,3 +716,39 @@ async fn a_response_that_sets_a_pass_is_never_cacheable() {
     assert!(got.headers.get("set-cookie").is_none());
     assert_eq!(got.headers["cache-control"], "public, max-age=3600");
 }
+
+#[tokio::test]
+async fn the_status_of_a_lapsed_pass_is_not_admitted() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ))
+    .await;
+    let mut idle = g.citizen();
+    assert!(idle.get("/").await.reached_upstream());
+    assert_eq!(idle.status("portal").await["state"], "admitted");
+    // Idle past session_idle: the session ends (the pass cookie lives on,
+    // twice as long) and its slot goes to someone else.
+    g.advance(MIN + 1_000).await;
+    let mut next = g.citizen();
+    assert!(next.get("/").await.reached_upstream());
+    let got = idle.get("/").await;
+    assert!(got.is_waiting_page(), "back in line: {}", got.text());
+    assert!(
+        idle.cookie("varco_pass_portal").is_some(),
+        "the cookie lives on"
+    );
+    // The page's script follows "admitted" to the portal: it must say
+    // where the person really stands, or the page reloads in a loop.
+    let s = idle.status("portal").await;
+    assert_eq!(s["state"], "waiting", "{s}");
+    assert_eq!(s["position"], 1, "{s}");
+    // Polling keeps nobody's session alive: `next` came in a minute and a
+    // second after the start, and polls without going to the portal.
+    assert_eq!(next.status("portal").await["state"], "admitted");
+    g.clock.advance_ms(40_000);
+    assert_eq!(next.status("portal").await["state"], "admitted");
+    g.advance(21_000).await;
+    assert_eq!(next.status("portal").await["state"], "none");
+}

@@ -184,6 +184,9 @@ elseif op == 'restore' then
     redis.call('ZADD', sess, 'GT', tonumber(ARGV[10]), ARGV[9])
     result = 1
   end
+elseif op == 'peek' then
+  local exp = redis.call('ZSCORE', sess, ARGV[9])
+  if exp and tonumber(exp) > now then result = 1 end
 elseif op == 'check' then
   local exp = redis.call('ZSCORE', sess, ARGV[9])
   if exp and tonumber(exp) > now then

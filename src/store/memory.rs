@@ -109,6 +109,14 @@ impl RoomStore for MemoryRoom {
         }
     }
 
+    fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let alive = self
+            .sessions
+            .get(&sid)
+            .is_some_and(|exp| exp.load(Ordering::Relaxed) > now_ms);
+        future::ready(Ok(alive)).boxed()
+    }
+
     fn check_session(
         &self,
         sid: u128,

@@ -97,6 +97,9 @@ pub trait RoomStore: Send + Sync + 'static {
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Renews a live session, locally, without a store round trip.
     fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness;
+    /// Whether a session is alive, without renewing it: for the status
+    /// endpoint, which must not keep a session alive by polling.
+    fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Asks the store about a session this node does not know, renewing it
     /// when alive.
     fn check_session(

@@ -531,6 +531,24 @@ impl RoomStore for RedisRoom {
         }
     }
 
+    fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        async move {
+            if self
+                .sessions
+                .get(&sid)
+                .is_some_and(|exp| exp.load(Ordering::Relaxed) > now_ms)
+            {
+                return Ok(true);
+            }
+            // Another node may hold it.
+            let r = self
+                .call("peek", &inert_limits(), now_ms, &[hex(sid)])
+                .await?;
+            Ok(r.0 == 1)
+        }
+        .boxed()
+    }
+
     fn check_session(
         &self,
         sid: u128,
