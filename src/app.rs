@@ -296,11 +296,15 @@ impl App {
         let mut trouble = None;
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             room.adapt(now);
-            for lane in &room.lanes {
+            for (i, lane) in room.lanes.iter().enumerate() {
                 // Shares from the counts as they are after the lanes before
                 // this one ticked: together they never pass max_active.
-                lanes::share(&room.lanes, &room.limits());
-                if let Err(e) = lane.store.tick(room.lane_limits(lane), now).await {
+                let for_tick = lanes::share(&room.lanes, &room.limits());
+                let mut limits = room.lane_limits(lane);
+                if let Some(&max) = for_tick.get(i) {
+                    limits.max_active = limits.max_active.map(|_| max);
+                }
+                if let Err(e) = lane.store.tick(limits, now).await {
                     self.metrics
                         .store_errors
                         .with_label_values(&[room.name.as_str()])
@@ -311,6 +315,8 @@ impl App {
                 }
                 self.log_admissions(room, lane, now);
             }
+            // The shares until the next tick, from the counts after it.
+            lanes::share(&room.lanes, &room.limits());
         }
         self.history.sample(&self.rooms(), now);
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());

@@ -222,3 +222,37 @@ async fn lanes_hold_across_a_cluster() {
     assert!((22..=26).contains(&c), "citizens: {c}");
     assert!((5..=8).contains(&b), "intermediaries: {b}");
 }
+
+#[tokio::test]
+async fn lanes_admitting_at_once_never_pass_max_active() {
+    let up = upstream::spawn().await;
+    // Two lanes of equal weight, direct admission, no rate: only
+    // max_active holds the crowd back.
+    let toml = lanes_room(up.addr, "max_active = 10", false)
+        .replace("weight = 0.8", "weight = 0.5")
+        .replace("weight = 0.2", "weight = 0.5");
+    let g = Gated::start(&toml).await;
+    let admitted = |got: common::client::Got| usize::from(got.reached_upstream());
+    let mut early = 0;
+    for _ in 0..3 {
+        early += admitted(g.citizen().get("/").await);
+    }
+    assert_eq!(early, 3, "an empty room lets people in");
+    g.advance(1000).await;
+    // Both lanes at the same moment, before the next tick: each may use
+    // only its part of the 7 places left, not all 7.
+    let (mut citizens, mut brokers) = (0, 0);
+    for _ in 0..10 {
+        citizens += admitted(g.citizen().get("/").await);
+        brokers += admitted(intermediary(g.addr, SECRET).get("/").await);
+    }
+    let room = g.app.room("portal").unwrap();
+    let active = room.view().active;
+    assert!(
+        early + citizens + brokers <= 10 && active <= 10,
+        "max_active passed: {citizens} citizens and {brokers} intermediaries after {early}, {active} live"
+    );
+    assert!(brokers >= 3, "the other lane got its part: {brokers}");
+    g.advance(1000).await;
+    assert!(room.view().active <= 10);
+}

@@ -9,7 +9,9 @@
 //! of the weights of lanes with someone waiting, so an empty lane's share
 //! goes to the others rather than to waste. Capacity is shared the same
 //! way: each lane with people waiting is kept its weight's share of
-//! `max_active`, and may fill what the other lanes leave unused.
+//! `max_active`, and may fill what the other lanes leave unused: in a
+//! tick, all of it; between ticks (direct admissions), its weight's part,
+//! so that lanes admitting at the same moment never pass `max_active`.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,10 +126,18 @@ impl Lane {
     }
 }
 
-/// Sets every lane's share for the next tick from what each holds now.
-pub fn share(lanes: &[Lane], room: &Limits) {
+/// Sets every lane's share until the next tick from what each holds now,
+/// and returns what each lane may hold if it ticked now, in lane order
+/// (empty for a room without lanes).
+///
+/// Between ticks every lane admits on its own (directly, or on a release
+/// by the portal), so the capacity nobody holds is split between the
+/// lanes by weight: together they can never pass `max_active`. A tick is
+/// taken one lane at a time, shares recomputed before each, so the lane
+/// ticking may take all of it.
+pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
     if lanes.len() < 2 {
-        return;
+        return Vec::new();
     }
     let views: Vec<RoomView> = lanes.iter().map(|l| l.store.view()).collect();
     let waiting: f64 = lanes
@@ -155,6 +165,7 @@ pub fn share(lanes: &[Lane], room: &Limits) {
         })
         .collect();
     let held_all: u64 = held.iter().sum();
+    let mut for_tick = Vec::with_capacity(lanes.len());
     for ((lane, v), own) in lanes.iter().zip(&views).zip(&held) {
         // With nobody waiting anywhere, the shares are the weights.
         let of = if waiting > 0.0 { waiting } else { all };
@@ -164,13 +175,21 @@ pub fn share(lanes: &[Lane], room: &Limits) {
             None => f64::NAN,
         };
         lane.rate.store(rate.to_bits(), Ordering::Relaxed);
-        // What the other lanes hold (or are kept) is not this lane's.
-        let max = match room.max_active {
-            Some(m) => m.saturating_sub(held_all - own),
-            None => UNLIMITED,
+        // What the other lanes hold (or are kept) is not this lane's; what
+        // nobody holds is this lane's in a tick, its weight's part of it
+        // until then.
+        let (now, until_next) = match room.max_active {
+            Some(m) => {
+                let free = m.saturating_sub(held_all);
+                let part = (free as f64 * lane.weight / all).floor() as u64;
+                (m.saturating_sub(held_all - own), own + part.min(free))
+            }
+            None => (UNLIMITED, UNLIMITED),
         };
-        lane.max_active.store(max, Ordering::Relaxed);
+        lane.max_active.store(until_next, Ordering::Relaxed);
+        for_tick.push(now);
     }
+    for_tick
 }
 
 /// The room as a whole: the lanes' counts added up (numbers are per lane,

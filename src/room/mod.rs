@@ -174,6 +174,9 @@ impl Room {
                 self.lanes.push(lanes::Lane::new(Some(l), store_for(&name)));
             }
         }
+        // Shares from the start: until the first tick, lanes admitting at
+        // once would otherwise each take the whole room.
+        lanes::share(&self.lanes, &self.limits());
         self
     }
 
