@@ -146,7 +146,8 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         .filter(|(_, v)| v.waiting > 0)
         .map(|(l, _)| l.weight)
         .sum();
-    let all: f64 = lanes.iter().map(|l| l.weight).sum();
+    let weights: Vec<f64> = lanes.iter().map(|l| l.weight).collect();
+    let all: f64 = weights.iter().sum();
     // Under contention each lane with people waiting is kept its weight's
     // share of max_active (rounded down); what a lane leaves unused, the
     // others may fill. Nobody is pre-empted: a lane that filled more while
@@ -165,8 +166,11 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         })
         .collect();
     let held_all: u64 = held.iter().sum();
+    let parts = room
+        .max_active
+        .map(|m| split(m.saturating_sub(held_all), &weights));
     let mut for_tick = Vec::with_capacity(lanes.len());
-    for ((lane, v), own) in lanes.iter().zip(&views).zip(&held) {
+    for (i, ((lane, v), own)) in lanes.iter().zip(&views).zip(&held).enumerate() {
         // With nobody waiting anywhere, the shares are the weights.
         let of = if waiting > 0.0 { waiting } else { all };
         let rate = match room.per_minute {
@@ -178,18 +182,44 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         // What the other lanes hold (or are kept) is not this lane's; what
         // nobody holds is this lane's in a tick, its weight's part of it
         // until then.
-        let (now, until_next) = match room.max_active {
-            Some(m) => {
-                let free = m.saturating_sub(held_all);
-                let part = (free as f64 * lane.weight / all).floor() as u64;
-                (m.saturating_sub(held_all - own), own + part.min(free))
-            }
-            None => (UNLIMITED, UNLIMITED),
+        let (now, until_next) = match (room.max_active, &parts) {
+            (Some(m), Some(parts)) => (m.saturating_sub(held_all - own), own + parts[i]),
+            _ => (UNLIMITED, UNLIMITED),
         };
         lane.max_active.store(until_next, Ordering::Relaxed);
         for_tick.push(now);
     }
     for_tick
+}
+
+/// `free` places split by weight, whole places only, adding up to `free`:
+/// each lane its share rounded down, then one more to each of the lanes
+/// with the largest remainders (the first of equal ones). One free place
+/// goes to the heaviest lane rather than to nobody.
+fn split(free: u64, weights: &[f64]) -> Vec<u64> {
+    let all: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| free as f64 * w / all).collect();
+    let mut parts: Vec<u64> = exact.iter().map(|x| x.floor() as u64).collect();
+    let given: u64 = parts.iter().sum();
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    for &i in by_remainder
+        .iter()
+        .take(free.saturating_sub(given) as usize)
+    {
+        parts[i] += 1;
+    }
+    // Rounding in the float division must never hand out a place more.
+    let mut excess = given.saturating_sub(free);
+    for p in parts.iter_mut().rev() {
+        let d = excess.min(*p);
+        *p -= d;
+        excess -= d;
+    }
+    parts
 }
 
 /// The room as a whole: the lanes' counts added up (numbers are per lane,
@@ -209,4 +239,31 @@ pub fn total(lanes: &[Lane]) -> RoomView {
         t.abandoned_total += v.abandoned_total;
         t
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn free_places_are_split_whole_and_all_given() {
+        assert_eq!(split(1, &[0.8, 0.2]), [1, 0]);
+        assert_eq!(split(7, &[0.5, 0.5]), [4, 3]);
+        assert_eq!(split(0, &[0.5, 0.5]), [0, 0]);
+        assert_eq!(split(10, &[1.0, 1.0, 1.0]), [4, 3, 3]);
+        assert_eq!(split(5, &[0.2, 0.8]), [1, 4]);
+        for free in 0..200 {
+            for weights in [[0.1, 0.2, 0.7], [0.3, 0.3, 0.4], [1.0, 3.0, 7.0]] {
+                let parts = split(free, &weights);
+                assert_eq!(parts.iter().sum::<u64>(), free, "{free} {weights:?}");
+                for (p, w) in parts.iter().zip(weights) {
+                    let exact = free as f64 * w / weights.iter().sum::<f64>();
+                    assert!(
+                        (*p as f64 - exact).abs() < 1.0,
+                        "{free} {weights:?} {parts:?}"
+                    );
+                }
+            }
+        }
+    }
 }
