@@ -547,3 +547,63 @@ async fn the_status_asks_redis_about_a_session_another_node_made() {
     assert_eq!(b.status("portal").await["state"], "none");
     assert_eq!(a.status("portal").await["state"], "none");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_redis_is_away_keeps_what_the_node_holds() {
+    let dir = std::env::temp_dir().join(format!("varco-redis-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"5m\"\nadmission_per_minute = 60",
+        "3s",
+    );
+    let file = dir.join("varco.toml");
+    std::fs::write(&file, &cfg).unwrap();
+    let node = Gated::start_file(&file).await;
+    let nodes = [node];
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut waiting = nodes[0].citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    advance(&nodes, 1000).await;
+
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut late = nodes[0].citizen();
+    assert!(late.get("/").await.is_waiting_page());
+    assert!(late.status("portal").await["position"].is_null());
+    // The operator lowers the rate by a reload in the middle of it.
+    std::fs::write(
+        &file,
+        cfg.replace("admission_per_minute = 60", "admission_per_minute = 30"),
+    )
+    .unwrap();
+    nodes[0].app.reload().await.expect("reload");
+    // What the node held for the room is still there: the admitted person
+    // goes on without asking Redis, the provisional ticket is kept.
+    assert!(
+        holder.get("/next").await.reached_upstream(),
+        "the admitted person carries on"
+    );
+
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        advance(&nodes, 1000).await;
+        let ready = common::client::get(&format!("http://{}/readyz", nodes[0].admin)).await;
+        if ready.text() == "ready\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(waiting.status("portal").await["position"], 1);
+    let s = late.status("portal").await;
+    assert_eq!(s["position"], 2, "the provisional ticket was placed: {s}");
+}

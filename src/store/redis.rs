@@ -50,6 +50,10 @@ pub struct RedisStore {
     script: Arc<Script>,
     lease_script: Arc<Script>,
     nodes_script: Arc<Script>,
+    /// Each room's node-side state (session cache, the view, and while
+    /// Redis is away the outage budget and provisional tickets), kept by
+    /// name across reloads, as the memory store keeps its rooms.
+    rooms: DashMap<String, Arc<RedisRoom>>,
 }
 
 impl RedisStore {
@@ -92,10 +96,20 @@ impl RedisStore {
             script: Arc::new(Script::new(SCRIPT)),
             lease_script: Arc::new(Script::new(LEASE)),
             nodes_script: Arc::new(Script::new(NODES)),
+            rooms: DashMap::new(),
         })
     }
 
+    /// The room named `name`: the one already made, if any, so a reload
+    /// loses none of what this node holds for it.
     pub fn room(&self, name: &str) -> Arc<RedisRoom> {
+        self.rooms
+            .entry(name.to_string())
+            .or_insert_with(|| self.new_room(name))
+            .clone()
+    }
+
+    fn new_room(&self, name: &str) -> Arc<RedisRoom> {
         let k = |s: &str| format!("{}{{{name}}}:{s}", self.prefix);
         Arc::new(RedisRoom {
             conn: self.conn.clone(),
