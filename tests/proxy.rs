@@ -236,6 +236,56 @@ async fn websocket_upgrade_is_tunnelled() {
     assert_eq!(&echo, b"hello through the gate");
 }
 
+/// Reads one HTTP/1.1 response head from a raw connection.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
+    // A tunnel speaking HTTP/2 to the portal would carry any request past
+    // the gate: only WebSocket is tunnelled.
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let headers = seen["headers"].as_object().unwrap();
+    assert!(!headers.contains_key("upgrade"), "{seen}");
+    assert!(!headers.contains_key("http2-settings"), "{seen}");
+
+    // Offered beside WebSocket, h2c is dropped: the portal sees WebSocket.
+    let got = send(
+        Request::get(v.url("/echo"))
+            .header("connection", "upgrade")
+            .header("upgrade", "h2c, websocket")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.json()["headers"]["upgrade"][0], "websocket");
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_room_and_class() {
     let up = upstream::spawn().await;

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
 use super::client::UpstreamClient;
-use super::headers::{is_trusted, is_upgrade, set_forwarded, strip_hop_by_hop};
+use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::TimedBody;
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
@@ -64,7 +64,7 @@ impl Forwarder {
         conn: ConnInfo,
         queued: Duration,
     ) -> Result<Forwarded, ProxyError> {
-        let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        let upgrade = req.version() == Version::HTTP_11 && is_websocket_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, incoming) = req.into_parts();
 
@@ -84,12 +84,12 @@ impl Forwarder {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let upgrade_protocol = parts.headers.get(UPGRADE).cloned();
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        if let (true, Some(proto)) = (upgrade, upgrade_protocol) {
+        if upgrade {
+            // WebSocket alone, whatever else the client offered.
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(UPGRADE, proto);
+            headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
         }
         let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };

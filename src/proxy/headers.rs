@@ -57,9 +57,22 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + 
         .filter(|t| !t.is_empty())
 }
 
-/// An HTTP/1.1 protocol upgrade request (e.g. WebSocket).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+/// An HTTP/1.1 upgrade to WebSocket: the one protocol varco tunnels. Any
+/// other upgrade goes out as an ordinary request, its `Upgrade` removed
+/// with the other hop-by-hop headers: above all h2c, whose tunnel would
+/// speak HTTP/2 to the portal and carry any request past the gate.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    connection_tokens(headers).any(|t| t == "upgrade")
+        && headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| {
+                // `websocket`, or with a version: `websocket/13`.
+                let name = p.trim().split('/').next().unwrap_or("");
+                name.eq_ignore_ascii_case("websocket")
+            })
 }
 
 pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
