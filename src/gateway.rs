@@ -244,8 +244,8 @@ impl Gateway {
                 n: p.n,
                 at_ms: if p.arr > 0 { p.arr } else { p.at },
             };
-            req.headers_mut()
-                .insert(arrival::HEADER, arrival::header(key, &a));
+            req.extensions_mut()
+                .insert(arrival::Stamp(arrival::header(key, &a)));
         }
         let (mut resp, upstream, portal_failed) =
             match self.forwarder.forward(room, req, conn, queued).await {

@@ -175,6 +175,22 @@ async fn receipts_verify_and_the_portal_gets_a_signed_arrival() {
     );
     let b_arrival = arrival::verify(&arrival_key(), &seen[0]).unwrap();
     assert_eq!((b_arrival.n, b_arrival.at_ms), (2, T0 + 7_000));
+    // Naming it in Connection (hop-by-hop, so stripped on the way) does
+    // not take varco's own header away from the portal.
+    let got = b
+        .request(
+            "GET",
+            "/apply",
+            varco::body::empty(),
+            &[("connection", "x-varco-arrival")],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    assert_eq!(
+        arrivals_seen(&got).len(),
+        1,
+        "the portal still gets the arrival"
+    );
 }
 
 #[tokio::test]

@@ -91,6 +91,11 @@ impl Forwarder {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
         }
+        // varco's own headers go in after the client's hop-by-hop ones are
+        // gone: a client naming one in `Connection` cannot remove it.
+        if let Some(crate::room::arrival::Stamp(v)) = parts.extensions.get() {
+            headers.insert(crate::room::arrival::HEADER, v.clone());
+        }
         let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };
         set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());

@@ -16,6 +16,12 @@ use http::{HeaderName, HeaderValue};
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-varco-arrival");
 
+/// The header's value for one request, carried in the request's extensions
+/// to the forwarder, which adds it after the client's hop-by-hop headers
+/// are gone.
+#[derive(Debug, Clone)]
+pub struct Stamp(pub HeaderValue);
+
 /// What the header says, once its signature is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
