@@ -287,6 +287,55 @@ async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
 }
 
 #[tokio::test]
+async fn a_slow_upload_is_not_the_portals_delay() {
+    // A person on a slow line sends 10 bytes over about a second; the
+    // portal answers within its 300 ms once it has them.
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"x").await.unwrap();
+    }
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut body = [0u8; 2];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"10", "the portal got the whole upload");
+    // The portal's own slowness is still a 504.
+    let got = get(&v.url("/slow?ms=2000")).await;
+    assert_eq!(got.status, 504);
+}
+
+#[tokio::test]
+async fn an_answer_stalled_midway_is_cut_off() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nHost: portal\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // The connection ends (the answer cut short) instead of hanging on.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still waiting after 5 s");
+    assert!(rest.len() < 1000, "a stalled answer cannot be whole");
+}
+
+#[tokio::test]
 async fn metrics_count_requests_by_room_and_class() {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(&[up.addr], "")).await;

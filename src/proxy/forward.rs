@@ -3,6 +3,7 @@
 //! removed, X-Forwarded-* set, bodies streamed in both directions, protocol
 //! upgrades (WebSocket) tunnelled.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
@@ -13,10 +14,11 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
+use tokio::sync::watch;
 
 use super::client::UpstreamClient;
 use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
-use super::timeout::TimedBody;
+use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
 use crate::listener::ConnInfo;
@@ -112,12 +114,13 @@ impl Forwarder {
         // A request without a body can be sent again to another upstream
         // if the first refuses the connection; one with a body cannot.
         let replayable = incoming.is_end_stream();
-        let mut request_body = if replayable {
-            None
+        let (mut request_body, mut taken) = if replayable {
+            (None, None)
         } else {
             let timed = TimedBody::new(incoming, self.body_read_timeout);
             let limited = Limited::new(timed, self.max_body_size as usize);
-            Some(body::stream(limited.map_err(ClientBodyError)))
+            let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
+            (Some(body::stream(watched)), Some(taken))
         };
 
         let path = parts.uri.path_and_query().cloned();
@@ -151,24 +154,28 @@ impl Forwarder {
                 source: e.into(),
             })?;
 
-            let started = Instant::now();
+            let mut started = Instant::now();
             // What adaptive admission learns from: the upstream's latency
             // (with the wait for an in-flight slot) and its failures,
             // never the client's.
             let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
+            let metrics = &room.upstream_metrics[index];
+            metrics.in_flight.inc();
+            let sent = self
+                .answer(
+                    self.client.request(upstream_req),
+                    taken.take(),
+                    &mut started,
+                )
+                .await;
+            metrics.in_flight.dec();
             let mut signal = |failed: bool| {
                 if let Some(o) = outstanding.as_mut() {
                     o.answer(queued + started.elapsed(), failed);
                 }
             };
-            let metrics = &room.upstream_metrics[index];
-            metrics.in_flight.inc();
-            let sent =
-                tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
-                    .await;
-            metrics.in_flight.dec();
             let outcome = match sent {
-                Err(_) => {
+                None => {
                     metrics.timeouts.inc();
                     signal(true);
                     return Err(ProxyError::Timeout {
@@ -176,7 +183,7 @@ impl Forwarder {
                         timeout: self.response_timeout,
                     });
                 }
-                Ok(r) => r,
+                Some(r) => r,
             };
             match outcome {
                 Ok(resp) => {
@@ -187,7 +194,7 @@ impl Forwarder {
                         .response_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(Forwarded {
-                        response: into_client_response(resp, client_upgrade),
+                        response: into_client_response(resp, client_upgrade, self.response_timeout),
                         upstream: index,
                     });
                 }
@@ -227,6 +234,45 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// The upstream's answer to `request`, or None when it took too long.
+    /// `response_timeout` counts from when the upstream has the whole
+    /// request: an upload at the pace of the person's line is not the
+    /// portal's delay, nor its failure. While the body goes out, the
+    /// upstream must take a part of it within the same time (nginx's
+    /// `proxy_send_timeout`; a stalled client is `body_read_timeout`'s). The
+    /// latency adaptive admission learns is timed from `started`, moved on
+    /// to when the body was sent.
+    async fn answer<F: Future>(
+        &self,
+        request: F,
+        taken: Option<watch::Receiver<Taken>>,
+        started: &mut Instant,
+    ) -> Option<F::Output> {
+        let mut request = std::pin::pin!(request);
+        if let Some(mut taken) = taken {
+            while *taken.borrow_and_update() != Taken::All {
+                tokio::select! {
+                    answer = &mut request => return Some(answer),
+                    changed = tokio::time::timeout(self.response_timeout, taken.changed()) => {
+                        match changed {
+                            Err(_) => return None,
+                            // The body is gone: sent, or failed (the
+                            // request says which).
+                            Ok(Err(_)) => break,
+                            Ok(Ok(())) => {}
+                        }
+                    }
+                }
+            }
+            *started = Instant::now();
+        }
+        tokio::time::timeout(self.response_timeout, request)
+            .await
+            .ok()
+    }
+}
+
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
@@ -245,6 +291,7 @@ fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
 fn into_client_response(
     resp: Response<Incoming>,
     client_upgrade: Option<OnUpgrade>,
+    read_timeout: Duration,
 ) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     match (parts.status, client_upgrade) {
@@ -265,7 +312,11 @@ fn into_client_response(
         }
         _ => {
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body::stream(incoming))
+            // An upstream that stops in the middle of its answer must not
+            // hold the person's connection and the in-flight slot for ever
+            // (nginx's proxy_read_timeout): the answer is cut off.
+            let body = TimedBody::new(incoming, read_timeout);
+            Response::from_parts(parts, body::stream(body))
         }
     }
 }

@@ -1,7 +1,10 @@
-//! hyper has no body-read timeout: a client that sends its headers and
-//! then trickles (or stops sending) its body would hold a connection and an
-//! upstream request open for ever. This wrapper fails the body when no
-//! data arrives for a while.
+//! Time around bodies, which hyper does not keep. A client that sends its
+//! headers and then trickles (or stops sending) its body, or an upstream
+//! that stops in the middle of its answer, would hold a connection, an
+//! upstream request and an in-flight slot for ever: [`TimedBody`] fails
+//! a body when no data arrives for a while. An upload takes as long as the
+//! person's line allows: [`Watched`] says when the upstream has the whole
+//! request, so the wait for its answer is timed from then.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,12 +13,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 
 #[derive(Debug, thiserror::Error)]
-#[error("no request body data for {0:?}")]
+#[error("no body data for {0:?}")]
 pub struct BodyReadTimeout(pub Duration);
 
 pin_project! {
@@ -67,6 +71,72 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How much of a request body the upstream has taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// This many parts so far.
+    Parts(u64),
+    All,
+}
+
+pin_project! {
+    /// A request body that tells, through a watch channel, each time the
+    /// upstream takes a part of it and when it has taken all of it.
+    pub struct Watched<B> {
+        #[pin]
+        inner: B,
+        taken: watch::Sender<Taken>,
+    }
+}
+
+impl<B> Watched<B> {
+    pub fn new(inner: B) -> (Self, watch::Receiver<Taken>) {
+        let (taken, rx) = watch::channel(Taken::Parts(0));
+        (Watched { inner, taken }, rx)
+    }
+}
+
+impl<B: Body> Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                this.taken.send_replace(Taken::All);
+            }
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                this.taken.send_replace(Taken::All);
+            }
+            Poll::Ready(Some(Ok(_))) => this.taken.send_modify(|t| {
+                if let Taken::Parts(n) = t {
+                    *n += 1;
+                }
+            }),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // hyper asks this, and may not poll again, once the length is met.
+        let end = self.inner.is_end_stream();
+        if end {
+            self.taken.send_replace(Taken::All);
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -107,6 +107,13 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             text(StatusCode::OK, &n.to_string())
         }
         "/fail" => text(StatusCode::INTERNAL_SERVER_ERROR, "the portal broke"),
+        "/stall" => {
+            // Headers and the first part of a 1000-byte answer, then
+            // nothing, for ever: a portal stuck in the middle.
+            let mut r = Response::new(body::stream(Stalled { first: true }));
+            r.headers_mut().insert("content-length", 1000.into());
+            r
+        }
         "/cacheable" => {
             // A portal's asset, marked for any cache to keep for an hour.
             let mut r = text(StatusCode::OK, "{\"upstream\": \"cacheable\"}");
@@ -221,6 +228,26 @@ impl http_body::Body for Generated {
 
     fn is_end_stream(&self) -> bool {
         self.remaining == 0
+    }
+}
+
+/// One 100-byte frame, then pending for ever (nothing will wake it).
+struct Stalled {
+    first: bool,
+}
+
+impl http_body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if std::mem::take(&mut self.first) {
+            return Poll::Ready(Some(Ok(Frame::data(CHUNK.slice(..100)))));
+        }
+        Poll::Pending
     }
 }
 
