@@ -118,7 +118,8 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let stores = match &config.store.kind {
             StoreKind::Memory => Stores::Memory(Arc::new(
-                MemoryStore::open(config.store.snapshot.clone()).map_err(AppError::Store)?,
+                MemoryStore::open(config.store.snapshot.clone(), clock.now_ms())
+                    .map_err(AppError::Store)?,
             )),
             StoreKind::Redis {
                 url,

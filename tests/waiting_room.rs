@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::gated::{gated_config, Citizen, Gated};
+use common::gated::{gated_config, Citizen, Gated, T0};
 use common::upstream;
 use varco::body;
 
@@ -751,4 +751,76 @@ async fn the_status_of_a_lapsed_pass_is_not_admitted() {
     assert_eq!(next.status("portal").await["state"], "admitted");
     g.advance(21_000).await;
     assert_eq!(next.status("portal").await["state"], "none");
+}
+
+#[tokio::test]
+async fn a_turn_called_before_a_long_restart_is_still_there_after() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-gap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("state.json"));
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+         session_idle = \"1m\"\nclaim_window = \"60s\"\n\
+         per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+        up.addr
+    );
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut called = g.citizen();
+    assert!(called.get("/").await.is_waiting_page());
+    let mut behind = g.citizen();
+    assert!(behind.get("/").await.is_waiting_page());
+    // The holder's session ends; the next tick calls the second person.
+    g.advance(MIN + 1_000).await;
+    assert_eq!(called.status("portal").await["state"], "admitted");
+    let jars = [called.jar.clone(), behind.jar.clone()];
+    g.stop().await;
+
+    // varco is down for five minutes, far longer than the claim window:
+    // nobody could come in meanwhile, so the turn is still there.
+    let g = Gated::start_at(&cfg, T0 + MIN + 1_000 + 5 * MIN, &dir).await;
+    g.advance(1_000).await;
+    let mut called = g.citizen();
+    called.jar = jars[0].clone();
+    let got = called.get("/apply").await;
+    assert!(
+        got.reached_upstream(),
+        "the called turn survived: {}",
+        got.text()
+    );
+    let mut behind = g.citizen();
+    behind.jar = jars[1].clone();
+    assert_eq!(behind.status("portal").await["position"], 1);
+    // Down again, for a minute and a half: the session it became (idle
+    // for a minute at most) is still there too, within the pass cookie's
+    // own life (twice session_idle).
+    let jars = [called.jar.clone(), behind.jar.clone()];
+    g.stop().await;
+    let restart = T0 + MIN + 1_000 + 5 * MIN + 1_000 + 90_000;
+    let g = Gated::start_at(&cfg, restart, &dir).await;
+    let mut called = g.citizen();
+    called.jar = jars[0].clone();
+    let mut behind = g.citizen();
+    behind.jar = jars[1].clone();
+    assert!(
+        called.get("/apply").await.reached_upstream(),
+        "the session survived"
+    );
+    // And the window still closes for a turn nobody takes, once called:
+    // when `called` has been idle a minute, `behind` is called and never
+    // comes.
+    g.advance(MIN + 1_000).await;
+    assert_eq!(behind.status("portal").await["state"], "admitted");
+    let room = g.app.room("portal").unwrap();
+    assert_eq!(room.view().abandoned_total, 0);
+    g.advance(MIN + 1_000).await;
+    assert_eq!(room.view().abandoned_total, 1, "a turn nobody took lapsed");
 }

@@ -152,7 +152,7 @@ impl Room {
     /// benchmarks that need a room outside a running varco.
     pub fn standalone(config: RoomConfig) -> Self {
         let tick = Duration::from_secs(1);
-        let store = crate::store::memory::MemoryStore::open(None)
+        let store = crate::store::memory::MemoryStore::open(None, 0)
             .expect("no snapshot to read")
             .room(&config.name, &limits_of(&config, 1000), 0);
         Room::new(

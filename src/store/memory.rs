@@ -201,7 +201,12 @@ impl MemoryStore {
     /// Restores from `snapshot` when the file exists; a missing file is a
     /// first start, an unreadable one is an error (refusing to start beats
     /// silently throwing everyone out of line).
-    pub fn open(snapshot: Option<PathBuf>) -> Result<Self, String> {
+    ///
+    /// Nobody could come in, nor make a request, while varco was down: the
+    /// time between the snapshot and `now_ms` counts against nobody's claim
+    /// window and nobody's idle time. A person called just before a crash
+    /// keeps the rest of their window, an admitted person their session.
+    pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Self, String> {
         let store = MemoryStore {
             rooms: DashMap::new(),
             snapshot,
@@ -216,19 +221,23 @@ impl MemoryStore {
                         path.display()
                     )
                 })?;
-                for (name, r) in snap.rooms {
+                let down = now_ms.saturating_sub(snap.saved_ms);
+                for (name, mut r) in snap.rooms {
+                    for b in r.state.batches.iter_mut() {
+                        b.at_ms += down;
+                    }
                     let room = MemoryRoom::new(r.state);
                     if let Some(kid) = &r.lottery_kid {
                         room.lottery_kid.replace(kid);
                     }
                     for (sid, exp) in r.sessions {
                         if let Ok(sid) = u128::from_str_radix(&sid, 16) {
-                            room.sessions.insert(sid, AtomicU64::new(exp));
+                            room.sessions.insert(sid, AtomicU64::new(exp + down));
                         }
                     }
                     store.rooms.insert(name, Arc::new(room));
                 }
-                tracing::info!(path = %path.display(), rooms = store.rooms.len(), "restored the queue from the snapshot");
+                tracing::info!(path = %path.display(), rooms = store.rooms.len(), down_ms = down, "restored the queue from the snapshot");
             }
         }
         Ok(store)
