@@ -183,6 +183,11 @@ fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
     match raw.as_deref() {
         None => Err("give ?value=N (a positive number) or ?value=unlimited"),
         Some("unlimited") => Ok(None),
+        // "inf" reads as a number: a rate of infinity turns the token
+        // bucket into NaN.
+        Some(v) if v.parse::<f64>().is_ok_and(|f| !f.is_finite()) => {
+            Err("value must be a positive number or \"unlimited\"")
+        }
         Some(v) => match v.parse::<T>() {
             Ok(n) if n > T::default() => Ok(Some(n)),
             _ => Err("value must be a positive number or \"unlimited\""),

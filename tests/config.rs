@@ -229,6 +229,23 @@ fn a_gated_room_needs_a_signing_key() {
     .unwrap();
     assert_eq!(c.keys.signing_key().id, "new", "the last key signs");
     assert!(c.keys.key("old").is_some(), "older keys still verify");
+    // One id twice: the first would verify, the last sign, and every
+    // token varco made would be refused.
+    std::env::set_var("VARCO_TEST_TWICE_KEYS", "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=,k1:ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=");
+    let e = errors("[secrets]\nkey_env = \"VARCO_TEST_TWICE_KEYS\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
+    assert!(
+        e.0.iter()
+            .any(|p| p.reason.contains("\"k1\" is given twice")),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_duration_too_long_to_compute_with_is_refused_not_a_panic() {
+    let e = errors(&format!(
+        "{ROOM}max_active = 10\nfailure_grace = \"18000000000000000000s\"\n"
+    ));
+    assert!(e.names("rooms.portal.failure_grace"), "{e}");
 }
 
 #[test]

@@ -111,11 +111,22 @@ async fn rooms_change_live_through_the_api() {
     // A rate, then close and open.
     let got = api(&g, "POST", "/api/rooms/portal/rate?value=30", Some(TOKEN)).await;
     assert_eq!(got.json()["admission_per_minute"], 30.0);
+    for bad in ["-3", "inf", "infinity", "NaN"] {
+        let got = api(
+            &g,
+            "POST",
+            &format!("/api/rooms/portal/rate?value={bad}"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(got.status, 400, "rate {bad}");
+    }
     assert_eq!(
-        api(&g, "POST", "/api/rooms/portal/rate?value=-3", Some(TOKEN))
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
             .await
-            .status,
-        400
+            .json()["admission_per_minute"],
+        30.0,
+        "a refused value changes nothing"
     );
     api(&g, "POST", "/api/rooms/portal/close", Some(TOKEN)).await;
     assert_eq!(g.citizen().get("/").await.status, 503);

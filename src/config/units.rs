@@ -13,10 +13,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "\"{text}\" has no unit: write e.g. \"{text}s\" or \"{text}ms\""
         ));
     }
-    humantime::parse_duration(text).map_err(|e| {
+    let d = humantime::parse_duration(text).map_err(|e| {
         format!("\"{text}\" is not a duration ({e}): write e.g. \"30s\", \"5m\" or \"250ms\"")
-    })
+    })?;
+    // Far past any window varco keeps, and short of the arithmetic on
+    // times overflowing.
+    if d > MAX_DURATION {
+        return Err(format!("\"{text}\" is longer than ten years"));
+    }
+    Ok(d)
 }
+
+/// The longest duration any key accepts.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Formats a duration the way the config file accepts it.
 pub fn format_duration(d: Duration) -> String {
@@ -62,6 +71,11 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
         assert!(parse_duration("soon").is_err());
+        // Twice this overflowed a Duration: a panic at start.
+        assert!(parse_duration("18000000000000000000s")
+            .unwrap_err()
+            .contains("ten years"));
+        assert!(parse_duration("3650d").is_ok());
         assert_eq!(format_duration(Duration::from_secs(90)), "1m 30s");
     }
 

@@ -755,7 +755,17 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         }
     }
     let mut ring = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (id, secret) in keys {
+        // Verification takes the first key of an id, signing the newest:
+        // two keys under one id would reject every token varco signs.
+        if !seen.insert(id.clone()) {
+            problem(
+                "secrets",
+                format!("key id \"{id}\" is given twice (key_file and key_env together?): give each key its own id"),
+            );
+            continue;
+        }
         match secret {
             Ok(b) if b.len() >= 32 => ring.push(crate::room::token::SigningKey { id, secret: b }),
             Ok(_) => problem("secrets", format!("key \"{id}\" is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`")),
