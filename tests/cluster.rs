@@ -607,3 +607,37 @@ async fn a_reload_while_redis_is_away_keeps_what_the_node_holds() {
     let s = late.status("portal").await;
     assert_eq!(s["position"], 2, "the provisional ticket was placed: {s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_portal_ends_ends_on_every_node() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"5m\"",
+        "3s",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut owner = nodes[0].citizen();
+    assert!(owner.get("/").await.reached_upstream());
+    // A copy of the pass, used through the other node, which caches it.
+    let mut copy = Citizen::new(nodes[1].addr);
+    copy.jar = owner.jar.clone();
+    assert!(copy.get("/").await.reached_upstream());
+    // The portal ends the session through the first node, and the slot
+    // goes to the next person. The other node learns of the end when it
+    // next reports the copy's activity, at its tick.
+    assert_eq!(owner.get("/release").await.status, 200);
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.reached_upstream(), "the slot went on");
+    copy.get("/").await;
+    advance(&nodes, 1000).await;
+    let got = copy.get("/").await;
+    assert!(
+        got.is_waiting_page(),
+        "the copy outlived the session on the other node"
+    );
+    assert!(next.get("/").await.reached_upstream());
+}

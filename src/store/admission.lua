@@ -8,8 +8,9 @@
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
--- the state's generation, then provisional blocks as a flat epoch, base
--- list}}.
+-- the state's generation, how many session ids follow, those ids (the
+-- sessions a 'touch' found gone), then provisional blocks as a flat
+-- epoch, base list}}.
 local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -96,6 +97,7 @@ local function budget()
 end
 
 local result, detail = 0, 0
+local gone = {}
 if op == 'issue' then
   maybe_open()
   if opened == '1' then
@@ -195,8 +197,14 @@ elseif op == 'check' then
   end
 elseif op == 'touch' then
   -- Batched activity from one node: sid, expiry pairs; only raise expiries.
+  -- A session the portal ended (through another node) is named back, so
+  -- the node stops letting its pass in.
   for i = 9, #ARGV, 2 do
-    redis.call('ZADD', sess, 'XX', 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+    if redis.call('ZSCORE', ended, ARGV[i]) then
+      table.insert(gone, ARGV[i])
+    else
+      redis.call('ZADD', sess, 'XX', 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+    end
   end
 elseif op == 'adopt' then
   -- Sessions a node admitted on its own while Redis was away.
@@ -235,7 +243,8 @@ if first and last then
     rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
   end
 end
-local extras = {redis.call('HGET', st, 'lkid') or '', gen}
+local extras = {redis.call('HGET', st, 'lkid') or '', gen, tostring(#gone)}
+for _, v in ipairs(gone) do table.insert(extras, v) end
 for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
 return {result, detail, queue, serving, prequeue, tonumber(opened), live, reserved(), rate,

@@ -187,8 +187,8 @@ pub struct RedisRoom {
 }
 
 /// result, detail, queue, serving, prequeue, opened, active, reserved,
-/// rate (milli/s), admitted, abandoned, [lottery kid, generation, epoch,
-/// base, ...].
+/// rate (milli/s), admitted, abandoned, [lottery kid, generation, n, n
+/// session ids gone, epoch, base, ...].
 type Reply = (
     i64,
     i64,
@@ -285,7 +285,16 @@ impl RedisRoom {
             }
         }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
-        for pair in r.11.get(2..).unwrap_or_default().chunks(2) {
+        let n_gone: usize = r.11.get(2).and_then(|n| n.parse().ok()).unwrap_or_default();
+        let gone = r.11.get(3..3 + n_gone).unwrap_or_default();
+        for sid in gone {
+            // The portal ended it through another node: not alive here.
+            if let Ok(sid) = u128::from_str_radix(sid, 16) {
+                self.sessions.remove(&sid);
+                self.touched.remove(&sid);
+            }
+        }
+        for pair in r.11.get(3 + n_gone..).unwrap_or_default().chunks(2) {
             if let [epoch, base] = pair {
                 if let (Ok(e), Ok(b)) = (u64::from_str_radix(epoch, 16), base.parse()) {
                     self.provisional.insert(e, b);
