@@ -1,6 +1,8 @@
 //! `varco ctl`: the admin API from the command line, so operators need no
 //! curl. The token comes from an environment variable, never an argument
-//! (arguments show in `ps`).
+//! (arguments show in `ps`). Given several admin listeners (the nodes of a
+//! cluster, whose mode, rate and `max_active` are each node's own), it
+//! sends the same action to every one.
 
 use clap::Subcommand;
 use http::Request;
@@ -58,16 +60,46 @@ impl Action {
     }
 }
 
+/// `admin`: one admin listener, or several separated by commas: each is
+/// told in turn, and a failure on one does not stop the others (the error
+/// then names every listener that failed).
 pub fn run(admin: &str, token_env: &str, action: Action) -> anyhow::Result<()> {
     let token = std::env::var(token_env).map_err(|_| {
         anyhow::anyhow!("set {token_env} to an admin token (see README: admin API)")
     })?;
-    let (method, path) = action.request();
-    let url = format!("{}{path}", admin.trim_end_matches('/'));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, text) = rt.block_on(async {
+    let listeners: Vec<&str> = admin
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut failed = Vec::new();
+    for a in &listeners {
+        if listeners.len() > 1 {
+            println!("== {a}");
+        }
+        if let Err(e) = rt.block_on(one(a, &token, &action)) {
+            eprintln!("{a}: {e}");
+            failed.push(*a);
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "failed on {} of {} admin listeners: {}",
+            failed.len(),
+            listeners.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
+    let (method, path) = action.request();
+    let url = format!("{}{path}", admin.trim_end_matches('/'));
+    let (status, text) = async {
         let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
         let req = Request::builder()
             .method(method)
@@ -81,7 +113,8 @@ pub fn run(admin: &str, token_env: &str, action: Action) -> anyhow::Result<()> {
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-    })?;
+    }
+    .await?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if !status.is_success() {
         anyhow::bail!("{status}: {}", v.get("error").unwrap_or(&v));

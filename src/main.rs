@@ -51,7 +51,8 @@ enum Command {
     },
     /// Operate a running varco through its admin API.
     Ctl {
-        /// The admin listener.
+        /// The admin listener; several, separated by commas, for the nodes
+        /// of a cluster: each gets the same action.
         #[arg(long, default_value = "http://127.0.0.1:9090")]
         admin: String,
         /// The environment variable holding the admin token.

@@ -415,6 +415,46 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     let out = ctl(&["rate", "portal", "1200"]);
     assert!(out.contains("\"admission_per_minute\": 1200"), "{out}");
 
+    // Several nodes (a cluster's mode and rate are each node's own): one
+    // action for all; a node that does not answer is named, and the
+    // others are still told.
+    let second = Process::start(&write_config("ctl-second", &cfg_text(5)));
+    let dead = format!("http://{}", common::dead_addr());
+    let both = format!("http://{},http://{}", p.admin, second.admin);
+    let fan = |admin: &str, args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["ctl", "--admin", admin])
+            .args(args)
+            .env("VARCO_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    };
+    let out = fan(&both, &["close", "portal"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.matches("\"mode\": \"closed\"").count(), 2, "{text}");
+    let out = fan(
+        &format!("{dead},http://{}", second.admin),
+        &["open", "portal"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && err.contains("1 of 2"), "{err}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("\"mode\": \"queue\""),
+        "the live node was told: {text}"
+    );
+    assert!(
+        ctl(&["status"]).contains("closed"),
+        "the first node was not in the list"
+    );
+    ctl(&["pause", "portal"]);
+
     // SIGHUP: a good file applies...
     std::fs::write(&path, cfg_text(7)).unwrap();
     p.signal("HUP");
