@@ -100,11 +100,15 @@ async fn finds_the_knee_backs_off_and_recovers() {
         "portal 5xx {failed} of {answers} while converging"
     );
 
-    // Backs off within seconds of the portal losing half its strength...
+    // Backs off within seconds of the portal losing half its strength:
+    // from the top of the sawtooth under 1.1 x the new knee takes two
+    // cuts, each after a second of slow answers; 10 s leaves a 2-core CI
+    // machine room for one slow second (9 s was seen, against an 8 s
+    // bound that failed one run in several).
     let backed_off = first_after(drop_at, &|r| r <= 1.1 * low);
     assert!(
-        backed_off.is_some_and(|d| d <= 8.0),
-        "rate not under {:.0}/min within 8 s of the drop: {backed_off:?}",
+        backed_off.is_some_and(|d| d <= 10.0),
+        "rate not under {:.0}/min within 10 s of the drop: {backed_off:?}",
         1.1 * low
     );
     // ...and then holds around the new knee: each
