@@ -547,7 +547,11 @@ pub async fn status(
         // session still alive is "admitted", or a person whose session
         // lapsed and who queued again would be sent round in a loop. With
         // the store away, the pass is taken at its word; the gate decides.
-        Some((sid, lane)) => lane.store.peek(sid, now_ms).await.unwrap_or(true),
+        Some((sid, lane)) => match lane.store.peek_local(sid, now_ms) {
+            Liveness::Alive => true,
+            Liveness::Dead => false,
+            Liveness::Unknown => lane.store.peek(sid, now_ms).await.unwrap_or(true),
+        },
         None => false,
     };
     let ticket: Option<(TicketClaims, &Lane)> = cookies::get(headers, &room.ticket_cookie)

@@ -6,6 +6,7 @@
 //! person's line allows: [`Watched`] says when the upstream has the whole
 //! request, so the wait for its answer is timed from then.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,8 +27,11 @@ pin_project! {
     pub struct TimedBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        deadline: Sleep,
+        // Made the first time the body has to wait, and set again only
+        // when it waits after progress: a body whose data is there when
+        // asked (most answers of a few KiB) never touches the timer.
+        deadline: Option<Pin<Box<Sleep>>>,
+        progressed: bool,
         timeout: Duration,
     }
 }
@@ -36,7 +40,8 @@ impl<B> TimedBody<B> {
     pub fn new(inner: B, timeout: Duration) -> Self {
         TimedBody {
             inner,
-            deadline: tokio::time::sleep(timeout),
+            deadline: None,
+            progressed: false,
             timeout,
         }
     }
@@ -54,18 +59,34 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                // Progress: the clock starts again.
-                let next = Instant::now() + *this.timeout;
-                this.deadline.as_mut().reset(next);
+                // Progress: the clock starts again at the next wait.
+                *this.progressed = true;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match std::future::Future::poll(this.deadline, cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyReadTimeout(*this.timeout))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let deadline = match this.deadline {
+                    Some(d) => {
+                        if std::mem::take(this.progressed) {
+                            d.as_mut().reset(Instant::now() + timeout);
+                        }
+                        d
+                    }
+                    None => {
+                        *this.progressed = false;
+                        this.deadline.insert(Box::pin(tokio::time::sleep(timeout)))
+                    }
+                };
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(Box::new(BodyReadTimeout(*this.timeout)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

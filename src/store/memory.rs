@@ -109,11 +109,15 @@ impl RoomStore for MemoryRoom {
         }
     }
 
+    fn peek_local(&self, sid: u128, now_ms: u64) -> Liveness {
+        match self.sessions.get(&sid) {
+            Some(exp) if exp.load(Ordering::Relaxed) > now_ms => Liveness::Alive,
+            _ => Liveness::Dead,
+        }
+    }
+
     fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let alive = self
-            .sessions
-            .get(&sid)
-            .is_some_and(|exp| exp.load(Ordering::Relaxed) > now_ms);
+        let alive = self.peek_local(sid, now_ms) == Liveness::Alive;
         future::ready(Ok(alive)).boxed()
     }
 

@@ -97,8 +97,12 @@ pub trait RoomStore: Send + Sync + 'static {
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Renews a live session, locally, without a store round trip.
     fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness;
-    /// Whether a session is alive, without renewing it: for the status
-    /// endpoint, which must not keep a session alive by polling.
+    /// Whether a session is alive, without renewing it, as this node knows
+    /// (no store round trip): for the status endpoint, which must not keep
+    /// a session alive by polling.
+    fn peek_local(&self, sid: u128, now_ms: u64) -> Liveness;
+    /// The same, asking the store (for a session [`Self::peek_local`] does
+    /// not know).
     fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Asks the store about a session this node does not know, renewing it
     /// when alive.

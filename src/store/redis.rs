@@ -554,16 +554,19 @@ impl RoomStore for RedisRoom {
         }
     }
 
+    fn peek_local(&self, sid: u128, now_ms: u64) -> Liveness {
+        match self.sessions.get(&sid) {
+            Some(exp) if exp.load(Ordering::Relaxed) > now_ms => Liveness::Alive,
+            // Another node may hold it: Redis knows.
+            _ => Liveness::Unknown,
+        }
+    }
+
     fn peek(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
-            if self
-                .sessions
-                .get(&sid)
-                .is_some_and(|exp| exp.load(Ordering::Relaxed) > now_ms)
-            {
+            if self.peek_local(sid, now_ms) == Liveness::Alive {
                 return Ok(true);
             }
-            // Another node may hold it.
             let r = self
                 .call("peek", &inert_limits(), now_ms, &[hex(sid)])
                 .await?;
