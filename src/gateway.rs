@@ -248,7 +248,10 @@ impl Gateway {
                 .insert(arrival::Stamp(arrival::header(key, &a)));
         }
         let (mut resp, upstream, portal_failed) =
-            match self.forwarder.forward(room, req, conn, queued).await {
+            // Boxed: the forwarding state machine is the largest part of a
+            // request's future, and every request (the waiting page too)
+            // would otherwise carry, and copy, its size.
+            match Box::pin(self.forwarder.forward(room, req, conn, queued)).await {
                 Ok(f) => {
                     let failed = f.response.status().is_server_error();
                     (f.response, Some(f.upstream), failed)
