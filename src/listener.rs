@@ -191,14 +191,21 @@ pub async fn serve<H: Handler>(
         let shutdown = shutdown.clone();
         let settings = settings.clone();
         let gauge = open_connections.clone();
+        let tasks = tracker.clone();
         tracker.spawn(async move {
-            let _permit = permit;
-            let _held = held;
-            let _open = gauge.map(OpenGuard::new);
+            let hold = Arc::new(ConnectionHold {
+                _permit: permit,
+                _per_ip: held,
+                _open: gauge.map(OpenGuard::new),
+                tracker: tasks,
+                activity: Arc::new(Activity::new()),
+                idle: settings.keepalive_timeout,
+            });
             match tls {
                 None => {
                     let info = ConnInfo { peer, tls: false };
-                    serve_connection(stream, info, &builder, handler, &settings, shutdown).await
+                    serve_connection(stream, info, &builder, handler, &settings, shutdown, hold)
+                        .await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(
@@ -209,8 +216,10 @@ pub async fn serve<H: Handler>(
                     {
                         Ok(Ok(stream)) => {
                             let info = ConnInfo { peer, tls: true };
-                            serve_connection(stream, info, &builder, handler, &settings, shutdown)
-                                .await
+                            serve_connection(
+                                stream, info, &builder, handler, &settings, shutdown, hold,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -228,11 +237,12 @@ async fn serve_connection<IO, H>(
     handler: Arc<H>,
     settings: &ListenerSettings,
     mut shutdown: watch::Receiver<bool>,
+    hold: Arc<ConnectionHold>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let activity = Arc::new(Activity::new());
+    let activity = hold.activity.clone();
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
@@ -240,9 +250,14 @@ async fn serve_connection<IO, H>(
         stalled: None,
     });
     let service_activity = activity.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let handler = handler.clone();
         let busy = service_activity.begin_request();
+        // A protocol upgrade may turn into a tunnel that outlives this
+        // connection's serving: it takes the connection's hold along.
+        if req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(hold.clone());
+        }
         async move {
             let resp = handler.handle(req, info).await;
             drop(busy);
@@ -274,6 +289,40 @@ async fn serve_connection<IO, H>(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// What an open connection holds: its place under `max_connections` and
+/// its address's limit, the open-connections gauge, its activity. A
+/// WebSocket tunnel outlives the HTTP serving of its connection (hyper
+/// hands the socket over and returns): it takes the hold along, so the
+/// connection stays counted, the graceful drain waits for it, and it
+/// ends after `keepalive_timeout` without a byte either way.
+pub struct ConnectionHold {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _per_ip: PerIp,
+    _open: Option<OpenGuard>,
+    tracker: TaskTracker,
+    activity: Arc<Activity>,
+    idle: Duration,
+}
+
+impl ConnectionHold {
+    /// Runs an upgraded connection's tunnel under this hold.
+    pub fn spawn_tunnel<F>(self: Arc<Self>, tunnel: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = tunnel => {}
+                () = idle_expired(self.activity.clone(), self.idle) => {
+                    tracing::debug!("an upgraded connection idle for keepalive_timeout closed");
+                }
+            }
+            drop(self);
+        });
     }
 }
 

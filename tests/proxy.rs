@@ -248,6 +248,47 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
 }
 
 #[tokio::test]
+async fn a_websocket_tunnel_holds_its_connection_slot_until_it_ends() {
+    // One connection at a time, closed after half a second without bytes.
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nmax_connections = 1\nkeepalive_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut ws = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut ws).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    ws.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    ws.read_exact(&mut echo).await.unwrap();
+    // The tunnel is a connection: the only slot is taken, and a second
+    // connection waits in the backlog.
+    let mut other = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    other
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: portal\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(200), other.read(&mut byte)).await;
+    assert!(early.is_err(), "served while the tunnel held the only slot");
+    // Idle for keepalive_timeout, the tunnel ends, and the slot goes on.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle tunnel stayed open");
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut other))
+        .await
+        .expect("served once the tunnel ended");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+}
+
+#[tokio::test]
 async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
     // A tunnel speaking HTTP/2 to the portal would carry any request past
     // the gate: only WebSocket is tunnelled.

@@ -4,6 +4,7 @@
 //! upgrades (WebSocket) tunnelled.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
@@ -21,7 +22,7 @@ use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
-use crate::listener::ConnInfo;
+use crate::listener::{ConnInfo, ConnectionHold};
 use crate::room::Room;
 
 pub struct Forwarder {
@@ -68,7 +69,10 @@ impl Forwarder {
     ) -> Result<Forwarded, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && is_websocket_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
+        // The connection's hold, for a tunnel to take along.
+        let hold = parts.extensions.remove::<Arc<ConnectionHold>>();
+        let client_upgrade = client_upgrade.map(|u| (u, hold));
 
         if let Some(len) = content_length(&parts.headers) {
             if len > self.max_body_size {
@@ -290,12 +294,12 @@ fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
 /// switched protocol, joins the two upgraded connections into a tunnel.
 fn into_client_response(
     resp: Response<Incoming>,
-    client_upgrade: Option<OnUpgrade>,
+    client_upgrade: Option<(OnUpgrade, Option<Arc<ConnectionHold>>)>,
     read_timeout: Duration,
 ) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     match (parts.status, client_upgrade) {
-        (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) => {
+        (StatusCode::SWITCHING_PROTOCOLS, Some((client_side, hold))) => {
             let upgrade = parts.headers.get(UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
             if let Some(u) = upgrade {
@@ -306,7 +310,13 @@ fn into_client_response(
             }
             let upstream_side = parts.extensions.remove::<OnUpgrade>();
             if let Some(upstream_side) = upstream_side {
-                tokio::spawn(tunnel(client_side, upstream_side));
+                let t = tunnel(client_side, upstream_side);
+                match hold {
+                    Some(hold) => hold.spawn_tunnel(t),
+                    None => {
+                        tokio::spawn(t);
+                    }
+                }
             }
             Response::from_parts(parts, body::empty())
         }
