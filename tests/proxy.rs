@@ -211,20 +211,7 @@ async fn h2c_prior_knowledge_is_served_and_normalised_for_the_upstream() {
 async fn websocket_upgrade_is_tunnelled() {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(&[up.addr], "")).await;
-    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let (mut s, head) = open_websocket(v.addr).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     s.write_all(b"hello through the gate").await.unwrap();
@@ -234,6 +221,20 @@ async fn websocket_upgrade_is_tunnelled() {
         .expect("echo in time")
         .unwrap();
     assert_eq!(&echo, b"hello through the gate");
+}
+
+/// A raw connection that asks for a WebSocket at the test upstream's
+/// echoing `/ws`, and the head of the answer.
+async fn open_websocket(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    (s, head)
 }
 
 /// Reads one HTTP/1.1 response head from a raw connection.
@@ -256,14 +257,7 @@ async fn a_websocket_tunnel_holds_its_connection_slot_until_it_ends() {
         "[server]\nmax_connections = 1\nkeepalive_timeout = \"500ms\"",
     ))
     .await;
-    let mut ws = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = read_head(&mut ws).await;
+    let (mut ws, head) = open_websocket(v.addr).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     ws.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];

@@ -494,10 +494,14 @@ async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
     assert!(s["position"].as_u64().unwrap() >= 20 - 1, "{s}");
 }
 
-#[tokio::test]
-async fn a_restart_keeps_every_place_and_every_pass() {
-    let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-snap-{}", std::process::id()));
+/// A folder with a fixed key and no snapshot yet, and a config whose
+/// memory store snapshots there: what a restart needs to keep places.
+fn snapshotted_room(
+    name: &str,
+    up: std::net::SocketAddr,
+    room_keys: &str,
+) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let _ = std::fs::remove_file(dir.join("state.json"));
     std::fs::write(
@@ -507,10 +511,16 @@ async fn a_restart_keeps_every_place_and_every_pass() {
     .unwrap();
     let cfg = format!(
         "[secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
-         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 2\n\
-         per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
-        up.addr
+         [rooms.portal]\nupstreams = [\"http://{up}\"]\n{room_keys}\n\
+         per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n"
     );
+    (dir, cfg)
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_place_and_every_pass() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("snap", up.addr, "max_active = 2");
     let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
     let mut people: Vec<Citizen> = (0..6).map(|_| g.citizen()).collect();
     for c in people.iter_mut() {
@@ -756,20 +766,10 @@ async fn the_status_of_a_lapsed_pass_is_not_admitted() {
 #[tokio::test]
 async fn a_turn_called_before_a_long_restart_is_still_there_after() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-gap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _ = std::fs::remove_file(dir.join("state.json"));
-    std::fs::write(
-        dir.join("keys.toml"),
-        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
-    )
-    .unwrap();
-    let cfg = format!(
-        "[secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
-         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
-         session_idle = \"1m\"\nclaim_window = \"60s\"\n\
-         per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
-        up.addr
+    let (dir, cfg) = snapshotted_room(
+        "gap",
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
     );
     let g = Gated::start_at(&cfg, T0, &dir).await;
     let mut holder = g.citizen();
