@@ -1,7 +1,7 @@
 //! The public listener's request path: the path made canonical, varco's
-//! own paths (`/.varco/*`), route to a room, the waiting-room gate for gated rooms, forward to the
-//! upstream, and turn any failure into a small page; one access-log line
-//! and the request metrics per request.
+//! own paths (`/.varco/*`), route to a room, the waiting-room gate for
+//! gated rooms, forward to the upstream, and turn any failure into a small
+//! page; one access-log line and the request metrics per request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
