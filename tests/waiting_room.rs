@@ -824,3 +824,38 @@ async fn a_turn_called_before_a_long_restart_is_still_there_after() {
     g.advance(MIN + 1_000).await;
     assert_eq!(room.view().abandoned_total, 1, "a turn nobody took lapsed");
 }
+
+#[tokio::test]
+async fn a_pass_the_portal_ended_stays_ended_across_a_restart() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room(
+        "ended",
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"",
+    );
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let kept = a.jar.clone();
+    a.get("/release").await;
+    assert!(b.get("/").await.reached_upstream(), "b took the freed slot");
+    // The control: before the restart, the kept copy cannot come back.
+    let mut replay = g.citizen();
+    replay.jar = kept.clone();
+    assert!(!replay.get("/oidc/callback?code=1").await.reached_upstream());
+    g.stop().await;
+
+    let g = Gated::start_at(&cfg, T0 + 5_000, &dir).await;
+    let mut replay = g.citizen();
+    replay.jar = kept;
+    let got = replay.get("/oidc/callback?code=2").await;
+    assert!(
+        !got.reached_upstream() && got.is_waiting_page(),
+        "a released pass came back after a restart: {}",
+        got.status
+    );
+    g.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -199,6 +199,11 @@ struct RoomSnapshot {
     lottery_kid: Option<String>,
     /// (session id as hex, expiry ms)
     sessions: Vec<(String, u64)>,
+    /// Sessions the portal ended (session id as hex, forget at ms): without
+    /// them a restart would let a kept copy of a released pass come back
+    /// through a login callback.
+    #[serde(default)]
+    ended: Vec<(String, u64)>,
 }
 
 impl MemoryStore {
@@ -237,6 +242,11 @@ impl MemoryStore {
                     for (sid, exp) in r.sessions {
                         if let Ok(sid) = u128::from_str_radix(&sid, 16) {
                             room.sessions.insert(sid, AtomicU64::new(exp + down));
+                        }
+                    }
+                    for (sid, until) in r.ended {
+                        if let Ok(sid) = u128::from_str_radix(&sid, 16) {
+                            room.ended.insert(sid, until + down);
                         }
                     }
                     store.rooms.insert(name, Arc::new(room));
@@ -278,6 +288,11 @@ impl MemoryStore {
                         )
                     })
                     .collect();
+                let ended = room
+                    .ended
+                    .iter()
+                    .map(|e| (format!("{:032x}", e.key()), *e.value()))
+                    .collect();
                 let lottery_kid = room.lottery_key_id();
                 (
                     r.key().clone(),
@@ -285,6 +300,7 @@ impl MemoryStore {
                         state,
                         lottery_kid,
                         sessions,
+                        ended,
                     },
                 )
             })
