@@ -519,6 +519,7 @@ pub fn status_for<'a>(
         paused: room.mode() == Mode::Paused,
         receipt: ticket.and_then(|t| receipt::text_of(&room.line_name_cow(lane), t, &room.keys)),
         lottery: room.lottery_info(view, now_ms),
+        claim_window_seconds: room.config.claim_window.as_secs(),
     }
 }
 

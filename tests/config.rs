@@ -176,6 +176,7 @@ fn bad_waiting_room_keys_name_their_keys() {
         ("opens_at = \"tomorrow 9am\"\n", "rooms.portal.opens_at"),
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
+        ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),
         ("language = \"fr\"\n", "rooms.portal.language"),
         (
             "exempt_paths = [\"static\"]\n",

@@ -859,3 +859,37 @@ async fn a_pass_the_portal_ended_stays_ended_across_a_restart() {
     g.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_short_claim_window_makes_the_page_ask_sooner() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nclaim_window = \"20s\"",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    let page = b.get("/").await;
+    assert!(page.is_waiting_page());
+    let html = page.text();
+    let poll: u64 = html
+        .split("data-poll=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|s| s.parse().ok())
+        .expect("the page says how often it polls");
+    // The page waits up to 1.3 times this: two polls inside 20 s.
+    assert!((5..=7).contains(&poll), "polls every {poll}s");
+    let got = b
+        .request("GET", "/", body::empty(), &[("accept", "application/json")])
+        .await;
+    assert_eq!(got.status, 429);
+    let retry: u64 = got.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((5..=7).contains(&retry), "Retry-After {retry}");
+}

@@ -345,6 +345,19 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 );
             }
         }
+        // The waiting page asks at most every 5 s (jittered up to 6.5 s):
+        // a shorter window could call and lapse a turn between two polls
+        // of a page that is open and waiting.
+        let claim_window = p.duration(&key("claim_window"), &r.claim_window);
+        if claim_window < crate::page::waiting::MIN_CLAIM_WINDOW {
+            p.add(
+                key("claim_window"),
+                format!(
+                    "must be at least {}s: the waiting page polls every 5 s at the soonest, and a turn must outlast two polls",
+                    crate::page::waiting::MIN_CLAIM_WINDOW.as_secs()
+                ),
+            );
+        }
         // Ended sessions are remembered this long; a lapsed pass must not
         // be able to come back after its release is forgotten.
         let window_limit = Duration::from_millis(crate::store::ENDED_MEMORY_MS);
@@ -427,7 +440,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 .or(r.admission_per_minute),
             max_active: r.max_active,
             session_idle: p.duration(&key("session_idle"), &r.session_idle),
-            claim_window: p.duration(&key("claim_window"), &r.claim_window),
+            claim_window,
             ticket_ttl: p.duration(&key("ticket_ttl"), &r.ticket_ttl),
             mode,
             opens_at_ms,

@@ -44,6 +44,10 @@ pub struct Status<'a> {
     pub arrived: Option<u64>,
     /// The pre-queue draw, for a room with a scheduled opening.
     pub lottery: Option<LotteryInfo>,
+    /// The room's claim window, which bounds how long the page may wait
+    /// between polls (not part of the JSON).
+    #[serde(skip)]
+    pub claim_window_seconds: u64,
 }
 
 fn rfc3339<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -70,14 +74,23 @@ pub struct LotteryInfo {
     pub size: Option<u64>,
 }
 
+/// The shortest `claim_window` a room may have: two of the page's
+/// soonest polls, jitter included, and some margin for a slow phone.
+pub const MIN_CLAIM_WINDOW: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl Status<'_> {
     /// Seconds the page should wait before asking again: sooner when the
-    /// turn is near, never 0 (a stampede), at most 30.
+    /// turn is near, never under 5 (a stampede), at most 30, and at most
+    /// the claim window over 2.6: the page waits up to 1.3 times this, so
+    /// two polls fall inside the window and an estimate that was too long
+    /// (or a rate raised meanwhile) cannot call and lapse an open page's
+    /// turn.
     pub fn poll_seconds(&self) -> u64 {
+        let cap = (self.claim_window_seconds * 10 / 26).clamp(5, 30);
         match (self.state, self.eta_seconds) {
             ("admitted", _) => 1,
-            (_, Some(eta)) => (eta / 4).clamp(5, 30),
-            _ => 20,
+            (_, Some(eta)) => (eta / 4).clamp(5, cap),
+            _ => cap.min(20),
         }
     }
 }
@@ -598,6 +611,7 @@ mod tests {
             // 2026-12-01T07:55:00Z
             arrived: Some(1_796_111_700_000),
             lottery: None,
+            claim_window_seconds: 60,
         }
     }
 
@@ -753,5 +767,27 @@ mod tests {
         assert!(s.poll_seconds() >= 5);
         s.eta_seconds = None;
         assert!(s.poll_seconds() >= 5);
+    }
+
+    #[test]
+    fn two_polls_fit_in_the_claim_window() {
+        let mut s = status();
+        for window in [15, 20, 30, 60, 300] {
+            s.claim_window_seconds = window;
+            for eta in [None, Some(0), Some(40), Some(120), Some(100_000)] {
+                s.eta_seconds = eta;
+                // The page waits up to 1.3 times the poll delay.
+                let longest = s.poll_seconds() as f64 * 1.3;
+                assert!(
+                    2.0 * longest <= window as f64 + 0.01,
+                    "window {window}s, eta {eta:?}: polls {longest}s apart"
+                );
+                assert!(s.poll_seconds() >= 5);
+            }
+        }
+        // Far from the turn a long window still lets the page rest.
+        s.claim_window_seconds = 300;
+        s.eta_seconds = Some(100_000);
+        assert_eq!(s.poll_seconds(), 30);
     }
 }
