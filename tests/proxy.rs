@@ -83,11 +83,25 @@ async fn forwarded_headers_from_an_untrusted_client_are_replaced() {
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "evil.example")
         .header("forwarded", "for=6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("true-client-ip", "6.6.6.6")
+        .header("x-forwarded-ssl", "on")
+        .header("x-forwarded-port", "443")
+        .header("x-forwarded-prefix", "/admin")
         .body(body::empty())
         .unwrap();
     let j = send(req).await.json();
     let h = &j["headers"];
     assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(h["x-real-ip"], serde_json::json!(["127.0.0.1"]));
+    for forged in [
+        "true-client-ip",
+        "x-forwarded-ssl",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+    ] {
+        assert!(h.get(forged).is_none(), "{forged} passed through");
+    }
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
     assert_eq!(
         h["x-forwarded-host"],
@@ -112,6 +126,7 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     let req = Request::get(v.url("/echo"))
         .header("x-forwarded-for", "198.51.100.7")
         .header("x-forwarded-proto", "https")
+        .header("x-real-ip", "198.51.100.7")
         .body(body::empty())
         .unwrap();
     let j = send(req).await.json();
@@ -121,6 +136,11 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
         serde_json::json!(["198.51.100.7, 127.0.0.1"])
     );
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(
+        h["x-real-ip"],
+        serde_json::json!(["198.51.100.7"]),
+        "a trusted proxy's own X-Real-IP is kept"
+    );
 }
 
 #[tokio::test]

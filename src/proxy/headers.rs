@@ -10,6 +10,7 @@ use ipnet::IpNet;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Removes hop-by-hop headers and every header `Connection` names. A
 /// request's `TE: trailers` survives, since gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -139,14 +140,48 @@ pub fn set_forwarded(
             }
         }
     } else {
-        headers.remove(header::FORWARDED);
+        let claimed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_claimed_by_a_proxy(name))
+            .cloned()
+            .collect();
+        for name in &claimed {
+            headers.remove(name);
+        }
         set(headers, X_FORWARDED_FOR, &peer);
+        set(headers, X_REAL_IP, &peer);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        headers.remove(&X_FORWARDED_HOST);
         if let Some(h) = host {
             headers.insert(X_FORWARDED_HOST, h.clone());
         }
     }
+}
+
+/// Headers that only a proxy in front of the portal may set: the client's
+/// address, scheme, port or path prefix as the portal's frameworks read
+/// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
+/// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
+/// and a portal that logs or rate-limits by them would be fooled.
+/// (X-Forwarded-For, -Proto and X-Real-IP are replaced by varco's own.)
+fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "forwarded"
+            | "x-forwarded-host"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-forwarded-ssl"
+            | "x-forwarded-scheme"
+            | "x-url-scheme"
+            | "front-end-https"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "true-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+    )
 }
 
 /// An address as X-Forwarded-For writes it; IPv4 by hand, since the
@@ -271,6 +306,7 @@ mod tests {
         set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-real-ip"], "192.0.2.1");
     }
 
     #[test]
