@@ -13,12 +13,12 @@ fn cluster_config(
     redis: &RedisServer,
     up: std::net::SocketAddr,
     room: &str,
-    lease: &str,
+    store: &str,
 ) -> String {
     std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
     format!(
         "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
-         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\nlease = \"{lease}\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\n{store}\n\
          [rooms.portal]\nupstreams = [\"http://{up}\"]\n\
          per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n",
         redis.url()
@@ -52,7 +52,7 @@ async fn three_nodes_share_one_queue_and_one_cap() {
         &redis,
         up.addr,
         "max_active = 3\nsession_idle = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 3).await;
     advance(&nodes, 1000).await;
@@ -105,7 +105,7 @@ async fn the_rate_holds_across_nodes() {
         &redis,
         up.addr,
         "admission_per_minute = 60\nmode = \"queue_all\"\nclaim_window = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 3).await;
     let mut people: Vec<Citizen> = (0..150).map(|i| nodes[i % 3].citizen()).collect();
@@ -148,7 +148,8 @@ async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
         &redis,
         up.addr,
         "admission_per_minute = 60\nmode = \"queue_all\"",
-        "300ms",
+        // A lease that lapses in real time, still two ticks long.
+        "lease = \"300ms\"\ntick = \"100ms\"",
     );
     let mut nodes = nodes(&cfg, 3).await;
     advance(&nodes, 1000).await;
@@ -217,7 +218,7 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
         &redis,
         up.addr,
         "max_active = 2\nsession_idle = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;
@@ -311,7 +312,7 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters() {
         &redis,
         up.addr,
         "max_active = 1\nsession_idle = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;
@@ -350,7 +351,7 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
         &redis,
         up.addr,
         "max_active = 10\nsession_idle = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;
@@ -462,7 +463,7 @@ async fn turns_kept_detours_and_the_admission_log_across_nodes() {
     for i in 0..2 {
         let log = dir.join(format!("node{i}.log"));
         let _ = std::fs::remove_file(&log);
-        let cfg = cluster_config(&redis, up.addr, room, "3s")
+        let cfg = cluster_config(&redis, up.addr, room, "lease = \"3s\"")
             + &format!("[audit]\nlog = \"{}\"\n", log.display());
         nodes.push(Gated::start(&cfg).await);
     }
@@ -529,7 +530,7 @@ async fn the_status_asks_redis_about_a_session_another_node_made() {
         &redis,
         up.addr,
         "max_active = 3\nsession_idle = \"1m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;
@@ -560,7 +561,7 @@ async fn a_reload_while_redis_is_away_keeps_what_the_node_holds() {
         &redis,
         up.addr,
         "max_active = 1\nsession_idle = \"5m\"\nadmission_per_minute = 60",
-        "3s",
+        "lease = \"3s\"",
     );
     let file = dir.join("varco.toml");
     std::fs::write(&file, &cfg).unwrap();
@@ -616,7 +617,7 @@ async fn a_session_the_portal_ends_ends_on_every_node() {
         &redis,
         up.addr,
         "max_active = 1\nsession_idle = \"5m\"",
-        "3s",
+        "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;

@@ -103,6 +103,10 @@ fn each_bad_value_names_its_key() {
         ("[store]\nkind = \"etcd\"\n", "store.kind"),
         ("[store]\nkind = \"redis\"\n", "store.url"),
         (
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nlease = \"1s\"\n",
+            "store.lease",
+        ),
+        (
             "[store]\nkind = \"redis\"\nurl = \"http://x\"\n",
             "store.url",
         ),

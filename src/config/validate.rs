@@ -221,6 +221,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         snapshot_interval: p.duration("store.snapshot_interval", &raw.store.snapshot_interval),
         tick: p.duration("store.tick", &raw.store.tick),
     };
+    // The lease is renewed once a tick: shorter than two ticks, one late
+    // tick lets it lapse and the room's counters change hands for nothing.
+    if matches!(store.kind, StoreKind::Redis { .. }) && store.lease < store.tick * 2 {
+        p.add(
+            "store.lease",
+            format!(
+                "must be at least twice store.tick ({:?}): the lease is renewed once a tick",
+                store.tick
+            ),
+        );
+    }
     let keys = load_keys(&raw.secrets, base, &mut p);
     let admin_tokens = load_admin_tokens(&raw.admin, base, &mut p);
 
