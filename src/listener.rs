@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -136,7 +136,12 @@ impl ListenerSettings {
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
-            .max_header_list_size(self.max_header_size as u32);
+            .max_header_list_size(self.max_header_size as u32)
+            // varco PINGs a client quiet for keepalive_timeout, and closes
+            // one that does not answer: the goodbye of an idle connection
+            // waits for such an answer, and would otherwise wait for ever.
+            .keep_alive_interval(self.keepalive_timeout)
+            .keep_alive_timeout(self.keepalive_timeout.min(Duration::from_secs(20)));
         b
     }
 }
@@ -248,6 +253,7 @@ async fn serve_connection<IO, H>(
         activity: activity.clone(),
         send_timeout: settings.send_timeout,
         stalled: None,
+        sniffed: 0,
     });
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -258,9 +264,17 @@ async fn serve_connection<IO, H>(
         if req.headers().contains_key(http::header::UPGRADE) {
             req.extensions_mut().insert(hold.clone());
         }
+        let h2 = req.version() == http::Version::HTTP_2;
         async move {
             let resp = handler.handle(req, info).await;
-            drop(busy);
+            // An HTTP/2 connection is idle by its streams alone: one
+            // still sending its response body is busy.
+            let resp = if h2 {
+                resp.map(|body| crate::body::stream(Held { body, _busy: busy }))
+            } else {
+                drop(busy);
+                resp
+            };
             Ok::<_, Infallible>(resp)
         }
     });
@@ -377,10 +391,15 @@ impl Drop for OpenGuard {
 
 /// When a connection last moved bytes and how many requests it is working
 /// on: the keep-alive idle timeout closes only connections with neither.
+///
+/// HTTP/2 counts requests only: its bytes include PINGs and SETTINGS, which
+/// a client can send forever to hold a connection (and its place under
+/// `max_connections`) without asking for anything.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    by_streams: AtomicBool,
 }
 
 impl Activity {
@@ -389,12 +408,20 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            by_streams: AtomicBool::new(false),
         }
     }
 
     fn touch(&self) {
         self.last_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes moved on the connection: activity unless it speaks HTTP/2.
+    fn moved(&self) {
+        if !self.by_streams.load(Ordering::Relaxed) {
+            self.touch();
+        }
     }
 
     fn last(&self) -> Instant {
@@ -408,6 +435,36 @@ impl Activity {
 }
 
 struct InFlight(Arc<Activity>);
+
+pin_project! {
+    /// An HTTP/2 response body that keeps its stream counted as in flight
+    /// until it is sent (or dropped with its stream).
+    struct Held {
+        #[pin]
+        body: Body,
+        _busy: InFlight,
+    }
+}
+
+impl hyper::body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -444,6 +501,30 @@ pin_project! {
         send_timeout: Duration,
         // Armed when a write first finds the socket full.
         stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+        // How many bytes of the HTTP/2 preface the connection began with
+        // so far; SNIFFED once it is known either way.
+        sniffed: u8,
+    }
+}
+
+/// The start of the HTTP/2 connection preface (in clear with prior
+/// knowledge, or inside TLS after ALPN alike): RFC 9113 reserved the
+/// method `PRI` so that no HTTP/1 request starts so.
+const H2_PREFACE: &[u8] = b"PRI ";
+const SNIFFED: u8 = u8::MAX;
+
+/// Looks at a connection's next bytes for the HTTP/2 preface; a slow client
+/// may send it a byte at a time.
+fn sniff(sniffed: &mut u8, bytes: &[u8], activity: &Activity) {
+    let at = *sniffed as usize;
+    let n = bytes.len().min(H2_PREFACE.len() - at);
+    if bytes[..n] != H2_PREFACE[at..at + n] {
+        *sniffed = SNIFFED;
+    } else if at + n == H2_PREFACE.len() {
+        *sniffed = SNIFFED;
+        activity.by_streams.store(true, Ordering::Relaxed);
+    } else {
+        *sniffed = (at + n) as u8;
     }
 }
 
@@ -479,7 +560,10 @@ impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
+            if *this.sniffed != SNIFFED {
+                sniff(this.sniffed, &buf.filled()[before..], this.activity);
+            }
+            this.activity.moved();
         }
         r
     }
@@ -494,7 +578,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+            this.activity.moved();
         }
         watch_write(this.stalled, *this.send_timeout, cx, r)
     }
@@ -507,7 +591,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+            this.activity.moved();
         }
         watch_write(this.stalled, *this.send_timeout, cx, r)
     }

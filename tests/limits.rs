@@ -306,3 +306,128 @@ async fn a_client_that_stops_reading_is_cut_off() {
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
     drop(reader);
 }
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HTTP/2 client on raw TCP that sends a PING every 100 ms and never a
+/// request; `polite` ones acknowledge varco's PINGs (and SETTINGS), as
+/// every real client does. Returns how long varco kept it open, or None
+/// if it still was after 10 s.
+async fn pinger(v: &Varco, polite: bool) -> Option<Duration> {
+    let mut tcp = TcpStream::connect(v.addr).await.unwrap();
+    tcp.write_all(H2_PREFACE).await.unwrap();
+    tcp.write_all(&h2_frame(H2_SETTINGS, 0, &[])).await.unwrap();
+    let started = Instant::now();
+    let ping = h2_frame(H2_PING, 0, &[7u8; 8]);
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let mut seen: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return None,
+            _ = every.tick() => {
+                if tcp.write_all(&ping).await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+            r = tcp.read(&mut buf) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return Some(started.elapsed()),
+                    Ok(n) => n,
+                };
+                seen.extend_from_slice(&buf[..n]);
+                // Whole frames: acknowledge varco's PINGs and SETTINGS.
+                while seen.len() >= 9 {
+                    let len = u32::from_be_bytes([0, seen[0], seen[1], seen[2]]) as usize;
+                    if seen.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, flags) = (seen[3], seen[4]);
+                    let payload = seen[9..9 + len].to_vec();
+                    seen.drain(..9 + len);
+                    let ack = match (kind, flags & 1) {
+                        (H2_PING, 0) => Some(h2_frame(H2_PING, 1, &payload)),
+                        (H2_SETTINGS, 0) => Some(h2_frame(H2_SETTINGS, 1, &[])),
+                        _ => None,
+                    };
+                    if let (true, Some(ack)) = (polite, ack) {
+                        if tcp.write_all(&ack).await.is_err() {
+                            return Some(started.elapsed());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP/2 client that only pings: bytes move both ways, nothing is
+/// asked. Like a client that sends nothing, it is closed once idle; one
+/// that also ignores varco's own PINGs is closed as well.
+#[tokio::test]
+async fn an_http2_connection_that_only_pings_is_closed_when_idle() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nkeepalive_timeout = \"500ms\"",
+    ))
+    .await;
+    let (polite, rude) = tokio::join!(pinger(&v, true), pinger(&v, false));
+    let polite = polite.expect("a client that only pings stayed open");
+    assert!(
+        polite >= Duration::from_millis(400),
+        "closed before the idle timeout"
+    );
+    rude.expect("a client that ignores varco's PINGs stayed open");
+    assert_eq!(up.hits(), 0);
+}
+
+/// An HTTP/2 response still being sent keeps its connection busy: the
+/// portal trickles it out for longer than the idle timeout, and the
+/// client then asks again on the same connection.
+#[tokio::test]
+async fn an_http2_response_still_coming_keeps_its_connection() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nkeepalive_timeout = \"500ms\"",
+    ))
+    .await;
+    let tcp = TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = common::client::h2_handshake(tcp).await;
+    let url = |p: &str| format!("http://portal:{}{p}", v.addr.port());
+    let started = Instant::now();
+    let req = http::Request::get(url("/trickle?chunks=12&ms=100"))
+        .body(varco::body::empty())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = common::client::read(resp).await;
+    assert_eq!(got.body.len(), 12 * 1024);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "the response came faster than twice the idle timeout: the test proves nothing"
+    );
+    h2.ready().await.expect("the connection is still open");
+    let again = h2
+        .send_request(
+            http::Request::get(url("/echo"))
+                .body(varco::body::empty())
+                .unwrap(),
+        )
+        .await
+        .expect("a second request on the same connection");
+    assert_eq!(again.status(), 200);
+}

@@ -95,6 +95,21 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             r.headers_mut().insert("content-length", n.into());
             r
         }
+        "/trickle" => {
+            // `chunks` pieces of 1 KiB, one every `ms`: a response the
+            // portal is still producing.
+            let chunks = query(&req, "chunks").unwrap_or(10);
+            let ms = query(&req, "ms").unwrap_or(100);
+            let pieces = futures_util::stream::unfold(chunks, move |left| async move {
+                if left == 0 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let piece = Frame::data(CHUNK.slice(..1024));
+                Some((Ok::<_, Infallible>(piece), left - 1))
+            });
+            Response::new(body::stream(http_body_util::StreamBody::new(pieces)))
+        }
         "/upload" => {
             let mut body = req.into_body();
             let mut n: u64 = 0;
