@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::clock::{self, SharedClock};
-use crate::config::{Config, ConfigErrors, ServerConfig, StoreKind};
+use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind};
 use crate::gateway::Gateway;
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
@@ -241,7 +241,9 @@ impl App {
     pub async fn reload(&self) -> Result<usize, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let mut keys = self.reloading.lock().await;
-        let result = Config::load(path);
+        let result = Config::load(path)
+            .map_err(ReloadError::from)
+            .and_then(|new| self.keeps_drawn_places(&new).map(|()| new));
         self.metrics
             .config_reloads
             .with_label_values(&[if result.is_ok() { "ok" } else { "refused" }])
@@ -255,6 +257,34 @@ impl App {
         }
         self.apply(new, &keys);
         Ok(self.routing.load().rooms.len())
+    }
+
+    /// Refuses a new `opens_at` for a room that has opened with a
+    /// pre-queue: the opening is part of the lottery's seed, so the draw
+    /// already revealed would be made again and every pre-queue ticket
+    /// moved to another place.
+    fn keeps_drawn_places(&self, new: &Config) -> Result<(), ReloadError> {
+        let errors: Vec<ConfigError> = new
+            .rooms
+            .iter()
+            .filter_map(|next| {
+                let room = self.room(&next.name)?;
+                let view = room.view();
+                let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
+                (drawn && next.opens_at_ms != room.config.opens_at_ms).then(|| ConfigError {
+                    key: format!("rooms.{}.opens_at", next.name),
+                    reason: format!(
+                        "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
+                        view.prequeue
+                    ),
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ReloadError::Invalid(ConfigErrors(errors)))
+        }
     }
 
     /// Swaps in the rooms of `new`, signing with `keys`.

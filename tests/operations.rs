@@ -486,3 +486,66 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         "the old config keeps serving"
     );
 }
+
+#[tokio::test]
+async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-opening-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("varco.toml");
+    let room = |opens: u64, max: u32| {
+        with_admin(&gated_config(
+            up.addr,
+            &format!(
+                "max_active = {max}\nadmission_per_minute = 60\nopens_at = \"{}\"",
+                varco::timefmt::rfc3339(opens)
+            ),
+        ))
+    };
+    let opens = common::gated::T0 + 10 * 60_000;
+    std::fs::write(&path, room(opens, 1)).unwrap();
+    let g = Gated::start_file(&path).await;
+    let mut early: Vec<_> = (0..8).map(|_| g.citizen()).collect();
+    for c in early.iter_mut() {
+        c.get("/").await;
+    }
+    // Before the opening a new opening is the operator's to choose.
+    std::fs::write(&path, room(opens + 60_000, 1)).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    g.advance(11 * 60_000).await; // the opening
+    let mut drawn = Vec::new();
+    for c in early.iter_mut() {
+        drawn.push(c.status("portal").await["ticket"].clone());
+    }
+    assert!(drawn.iter().all(|t| t.is_u64()), "{drawn:?}");
+
+    // After it, moving it would draw every place again.
+    std::fs::write(&path, room(opens + 2 * 60_000, 2)).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(err.contains("rooms.portal.opens_at"), "{err}");
+    assert_eq!(
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+            .await
+            .json()["max_active"],
+        1,
+        "the old config stays"
+    );
+    let mut again = Vec::new();
+    for c in early.iter_mut() {
+        again.push(c.status("portal").await["ticket"].clone());
+    }
+    assert_eq!(drawn, again, "every drawn place kept");
+    // The same opening with other changes is fine.
+    std::fs::write(&path, room(opens + 60_000, 2)).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let m = get(&format!("http://{}/metrics", g.admin)).await.text();
+    assert!(
+        m.contains("varco_config_reloads_total{result=\"refused\"} 1"),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
