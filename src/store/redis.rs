@@ -156,6 +156,8 @@ struct Fallback {
     refilled_ms: u64,
     /// Sessions admitted here meanwhile, handed to Redis on its return.
     pending: Vec<(u128, u64)>,
+    /// Earlier outages' blocks (epoch, count) whose hand-over failed.
+    unplaced: Vec<(u64, u64)>,
 }
 
 pub struct RedisRoom {
@@ -362,31 +364,58 @@ impl RedisRoom {
     }
 
     /// Redis answers again: hand over what was done without it.
+    ///
+    /// What is handed over is taken out under the lock first: a request
+    /// whose own call failed meanwhile starts a new block of provisional
+    /// tickets (or a new list of sessions) for the next tick, rather than
+    /// numbering past a block already placed or joining a list already
+    /// cleared. What fails to go over is put back.
     async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
-        let (pending, epoch, issued) = {
-            let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-            if !f.degraded && f.issued == 0 {
+        let (mut blocks, pending) = {
+            let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+            if !f.degraded && f.issued == 0 && f.unplaced.is_empty() {
                 return Ok(());
             }
-            (f.pending.clone(), f.epoch, f.issued)
+            let mut blocks = std::mem::take(&mut f.unplaced);
+            if f.issued > 0 {
+                blocks.push((f.epoch, f.issued));
+            }
+            f.epoch = 0;
+            f.issued = 0;
+            (blocks, std::mem::take(&mut f.pending))
         };
-        if issued > 0 {
+        let give_back = |blocks: Vec<(u64, u64)>, pending: Vec<(u128, u64)>| {
+            let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+            f.unplaced.extend(blocks);
+            let newer = std::mem::replace(&mut f.pending, pending);
+            f.pending.extend(newer);
+        };
+        while let Some(&(epoch, issued)) = blocks.first() {
+            // Idempotent per epoch: a retry gets the block placed before.
             let args = [format!("{epoch:016x}"), issued.to_string()];
-            let r = self.call("reserve", limits, now_ms, &args).await?;
-            self.provisional.insert(epoch, r.0.max(0) as u64);
+            match self.call("reserve", limits, now_ms, &args).await {
+                Ok(r) => {
+                    self.provisional.insert(epoch, r.0.max(0) as u64);
+                    blocks.remove(0);
+                }
+                Err(e) => {
+                    give_back(blocks, pending);
+                    return Err(e);
+                }
+            }
         }
         if !pending.is_empty() {
             let args: Vec<String> = pending
                 .iter()
                 .flat_map(|(sid, exp)| [hex(*sid), exp.to_string()])
                 .collect();
-            self.call("adopt", limits, now_ms, &args).await?;
+            if let Err(e) = self.call("adopt", limits, now_ms, &args).await {
+                give_back(Vec::new(), pending);
+                return Err(e);
+            }
         }
         let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-        f.degraded = false;
-        f.pending.clear();
-        f.epoch = 0;
-        f.issued = 0;
+        f.degraded = f.issued > 0 || !f.pending.is_empty() || !f.unplaced.is_empty();
         Ok(())
     }
 
