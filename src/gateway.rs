@@ -286,7 +286,10 @@ impl Gateway {
                 let lane = pass.as_ref().and_then(|p| room.lane(&p.l));
                 if let (Some(sid), Some(lane)) = (session, lane) {
                     let now = self.clock.now_ms();
-                    let _ = lane.store.end_session(sid, now).await;
+                    let _ = lane
+                        .store
+                        .end_session(sid, now, room.ended_memory_ms())
+                        .await;
                     let _ = lane.store.tick(room.lane_limits(lane), now).await;
                 }
                 set_cookie(&mut resp, cookies::clear(&room.pass_cookie, secure));

@@ -399,6 +399,38 @@ async fn a_login_detour_never_strands_anyone() {
     );
 }
 
+/// A pass lives twice the idle time: with an idle time of an hour, a
+/// released pass is still within its life (and its login window) long
+/// after the first hour; its release must be remembered that long.
+#[tokio::test]
+async fn a_release_is_remembered_as_long_as_the_pass_could_come_back() {
+    let up = upstream::spawn().await;
+    let room =
+        "max_active = 1\nsession_idle = \"1h\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"";
+    let g = Gated::start(&config(up.addr, room, "")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let kept = a.jar.clone();
+    a.get("/release").await;
+    assert!(b.get("/").await.reached_upstream(), "b took the slot");
+    // b stays busy; the kept copy of a's pass comes back after 65 min,
+    // when a one-hour memory would have forgotten the release.
+    for _ in 0..13 {
+        g.advance(5 * MIN).await;
+        assert!(b.get("/apply").await.reached_upstream());
+    }
+    let mut replay = g.citizen();
+    replay.jar = kept;
+    let got = replay.get("/oidc/callback?code=1").await;
+    assert!(
+        !got.reached_upstream(),
+        "a released pass came back after an hour: {}",
+        got.status
+    );
+}
+
 #[tokio::test]
 async fn a_login_detour_is_bounded_by_its_window() {
     let up = upstream::spawn().await;

@@ -369,8 +369,9 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
-        // Ended sessions are remembered this long; a lapsed pass must not
-        // be able to come back after its release is forgotten.
+        // A lapsed pass that may come back hours later is a session that
+        // never ends: the windows stay within an hour (and a release is
+        // remembered for as long as they last, `Room::ended_memory_ms`).
         let window_limit = Duration::from_millis(crate::store::ENDED_MEMORY_MS);
         let flow_window = p.duration(&key("flow_window"), &r.flow_window);
         if flow_window > window_limit {

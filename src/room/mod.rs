@@ -289,6 +289,20 @@ impl Room {
             .store(max.unwrap_or(UNLIMITED), Ordering::Relaxed);
     }
 
+    /// How long a session the portal ended must be remembered: as long as
+    /// its pass could still come back through `come_back` (a login
+    /// detour: the pass's own life, twice the idle time, then the flow
+    /// window; a failure: the idle time and twice the grace), and never
+    /// less than an hour.
+    pub fn ended_memory_ms(&self) -> u64 {
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        let c = &self.config;
+        let idle = ms(c.session_idle);
+        let detour = 2 * idle + ms(c.flow_window);
+        let failure = idle + 2 * ms(c.failure_grace);
+        detour.max(failure).max(crate::store::ENDED_MEMORY_MS)
+    }
+
     /// Whether requests pass the gate at all: limits or a scheduled
     /// opening, or an operator who paused, closed or queued the room.
     pub fn is_gated(&self) -> bool {

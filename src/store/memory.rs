@@ -131,8 +131,13 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(self.touch(sid, now_ms, idle_ms) == Liveness::Alive)).boxed()
     }
 
-    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.ended.insert(sid, now_ms + super::ENDED_MEMORY_MS);
+    fn end_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.ended.insert(sid, now_ms + remember_ms);
         future::ready(Ok(self.sessions.remove(&sid).is_some())).boxed()
     }
 

@@ -17,8 +17,9 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// How long an ended session is remembered: longer than any window in
-/// which a lapsed pass may come back (config validation keeps them below).
+/// How long an ended session is remembered at the least; a room whose
+/// passes may come back later than this remembers longer (see
+/// `Room::ended_memory_ms`).
 pub const ENDED_MEMORY_MS: u64 = 3_600_000;
 
 /// A room's counters as last seen: what the waiting page and the metrics
@@ -113,9 +114,14 @@ pub trait RoomStore: Send + Sync + 'static {
         idle_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Ends a session (the portal released it): its slot is free at once,
-    /// and it is remembered as ended for [`ENDED_MEMORY_MS`], so `restore`
+    /// and it is remembered as ended for `remember_ms`, so `restore`
     /// cannot bring it back.
-    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
+    fn end_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Brings back a session that lapsed (or extends a live one) until
     /// `expires_ms`, ahead of anyone in line: for a person the portal
     /// failed, or one coming back from a login detour. False when the

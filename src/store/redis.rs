@@ -625,12 +625,17 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn end_session(&self, sid: u128, now_ms: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+    fn end_session(
+        &self,
+        sid: u128,
+        now_ms: u64,
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
             let limits = inert_limits();
-            let forget = (now_ms + super::ENDED_MEMORY_MS).to_string();
+            let forget = (now_ms + remember_ms).to_string();
             let r = self
                 .call("end", &limits, now_ms, &[hex(sid), forget])
                 .await?;
