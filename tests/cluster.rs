@@ -206,6 +206,83 @@ async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
     }
 }
 
+/// Provisional tickets handed out before a scheduled opening take no
+/// place of the pre-queue's: their block waits for the opening and goes
+/// behind the places drawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
+    let dir = std::env::temp_dir().join(format!("varco-redis-open-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * 60_000;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        &format!(
+            "max_active = 100\nadmission_per_minute = 60\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let mut early: Vec<Citizen> = (0..5).map(|_| nodes[0].citizen()).collect();
+    for c in early.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut during: Vec<Citizen> = (0..3).map(|_| nodes[0].citizen()).collect();
+    for c in during.iter_mut() {
+        let got = c.get("/").await;
+        assert!(got.is_waiting_page(), "{} {}", got.status, got.text());
+    }
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    let readyz = format!("http://{}/readyz", nodes[0].admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::client::get(&readyz).await.text() != "ready\n" {
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        advance(&nodes, 1000).await;
+    }
+    advance(&nodes, 1000).await;
+    for c in during.iter_mut() {
+        let s = c.status("portal").await;
+        assert!(s["ticket"].is_null(), "placed before the opening: {s}");
+    }
+    advance(&nodes, 10 * 60_000).await; // the opening
+    let mut drawn = Vec::new();
+    for c in early.iter_mut() {
+        drawn.push(
+            c.status("portal").await["ticket"]
+                .as_u64()
+                .expect("a place"),
+        );
+    }
+    let mut behind = Vec::new();
+    for c in during.iter_mut() {
+        behind.push(
+            c.status("portal").await["ticket"]
+                .as_u64()
+                .expect("a place"),
+        );
+    }
+    drawn.sort();
+    assert_eq!(
+        drawn,
+        vec![1, 2, 3, 4, 5],
+        "the pre-queue has the first places"
+    );
+    assert_eq!(
+        behind,
+        vec![6, 7, 8],
+        "the outage's block behind it, in order"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = std::env::temp_dir().join(format!("varco-redis-{}", std::process::id()));
@@ -375,7 +452,9 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
                     "a pass made without Redis works"
                 );
             } else {
-                assert_eq!(got.status, 503);
+                // Beyond the share: a provisional ticket, a place in line.
+                assert!(got.is_waiting_page(), "{}", got.status);
+                assert!(c.cookie("varco_ticket_portal").is_some());
             }
         }
         assert_eq!(mine, 4, "a node's share");

@@ -214,15 +214,19 @@ elseif op == 'adopt' then
 elseif op == 'reserve' then
   -- Tickets a node handed out while Redis was away, in their order: they
   -- take the next block of numbers, at the back of the line.
+  -- Before the opening the first places are the pre-queue's, drawn at
+  -- the opening: the block waits for it (-1), and then goes behind them.
   local count = tonumber(ARGV[10])
   local base = redis.call('HGET', prov, ARGV[9])
   if not base then
     maybe_open()
-    base = queue
-    queue = queue + count
-    redis.call('HSET', prov, ARGV[9], string.format('%d', base))
+    if opened == '1' then
+      base = queue
+      queue = queue + count
+      redis.call('HSET', prov, ARGV[9], string.format('%d', base))
+    end
   end
-  result = tonumber(base)
+  result = base and tonumber(base) or -1
 elseif op == 'lottery' then
   redis.call('HSETNX', st, 'lkid', ARGV[9])
 end

@@ -390,19 +390,30 @@ impl RedisRoom {
             let newer = std::mem::replace(&mut f.pending, pending);
             f.pending.extend(newer);
         };
+        let mut waiting = Vec::new();
         while let Some(&(epoch, issued)) = blocks.first() {
             // Idempotent per epoch: a retry gets the block placed before.
             let args = [format!("{epoch:016x}"), issued.to_string()];
             match self.call("reserve", limits, now_ms, &args).await {
+                // Before the opening: placed behind the pre-queue at it.
+                Ok(r) if r.0 < 0 => waiting.push(blocks.remove(0)),
                 Ok(r) => {
-                    self.provisional.insert(epoch, r.0.max(0) as u64);
+                    self.provisional.insert(epoch, r.0 as u64);
                     blocks.remove(0);
                 }
                 Err(e) => {
+                    blocks.extend(waiting);
                     give_back(blocks, pending);
                     return Err(e);
                 }
             }
+        }
+        if !waiting.is_empty() {
+            self.fallback
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unplaced
+                .extend(waiting);
         }
         if !pending.is_empty() {
             let args: Vec<String> = pending
@@ -415,7 +426,7 @@ impl RedisRoom {
             }
         }
         let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-        f.degraded = f.issued > 0 || !f.pending.is_empty() || !f.unplaced.is_empty();
+        f.degraded = f.issued > 0 || !f.pending.is_empty();
         Ok(())
     }
 
@@ -467,12 +478,10 @@ impl RoomStore for RedisRoom {
             let args = [hex(session.sid), session.expires_ms.to_string()];
             let r = match self.call("direct", &limits, now_ms, &args).await {
                 Ok(r) => r,
-                Err(e) => {
-                    return self
-                        .admit_on_my_own(&limits, session, now_ms)
-                        .ok_or(e)
-                        .map(Some)
-                }
+                // Beyond this node's own share the newcomer takes a
+                // provisional ticket, as when people are waiting: a place
+                // in line rather than an error page to retry.
+                Err(_) => return Ok(self.admit_on_my_own(&limits, session, now_ms)),
             };
             if r.0 > 0 {
                 self.remember(session);
