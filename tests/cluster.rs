@@ -34,13 +34,20 @@ async fn nodes(cfg: &str, n: usize) -> Vec<Gated> {
 }
 
 /// Moves every node's clock on and ticks them all (only the leader
-/// advances the counters).
+/// advances the counters), at least every 5 s of the clock: a longer
+/// silence is what an outage looks like to the room (see admission.lua's
+/// catch_up), and the turns called before it are kept.
 async fn advance(nodes: &[Gated], ms: u64) {
-    for g in nodes {
-        g.clock.advance_ms(ms);
-    }
-    for g in nodes {
-        g.app.tick().await;
+    let mut left = ms;
+    while left > 0 {
+        let step = left.min(5_000);
+        left -= step;
+        for g in nodes {
+            g.clock.advance_ms(step);
+        }
+        for g in nodes {
+            g.app.tick().await;
+        }
     }
 }
 
@@ -76,8 +83,9 @@ async fn three_nodes_share_one_queue_and_one_cap() {
     moved.jar = people[0].jar.clone();
     assert!(moved.get("/again").await.reached_upstream());
 
-    // Sessions end; the next three are called, in order, on any node.
-    advance(&nodes, 6 * 60_000).await;
+    // Sessions end (5 min after their last request); the next three are
+    // called, in order, on any node.
+    advance(&nodes, 5 * 60_000 + 5_000).await;
     advance(&nodes, 1000).await;
     for (i, c) in people.iter_mut().enumerate().skip(3) {
         let mut elsewhere = Citizen::new(nodes[(i + 1) % 3].addr);
@@ -281,6 +289,69 @@ async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
         vec![6, 7, 8],
         "the outage's block behind it, in order"
     );
+}
+
+/// A turn called just before Redis went away is still there when it
+/// returns, however long that took: nobody could claim it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
+    let dir = std::env::temp_dir().join(format!("varco-redis-gap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut called = nodes[1].citizen();
+    assert!(called.get("/").await.is_waiting_page());
+    let mut behind = nodes[1].citizen();
+    assert!(behind.get("/").await.is_waiting_page());
+    // The holder's session ends; a tick calls the next person.
+    advance(&nodes, 61_000).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(called.status("portal").await["state"], "admitted");
+
+    // Redis is away for five minutes (of the nodes' clock), far longer
+    // than the claim window, and comes back with its data.
+    redis.kill();
+    for _ in 0..5 {
+        advance(&nodes, 60_000).await;
+    }
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    let readyz = format!("http://{}/readyz", nodes[1].admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::client::get(&readyz).await.text() != "ready\n" {
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        advance(&nodes, 1000).await;
+    }
+    let got = called.get("/apply").await;
+    assert!(
+        got.reached_upstream(),
+        "the called turn survived the outage: {}",
+        got.status
+    );
+    assert_eq!(behind.status("portal").await["position"], 1);
+    // And the window still closes on a turn nobody takes: once `called`
+    // has been idle a minute, `behind` is called and never comes.
+    advance(&nodes, 61_000).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(behind.status("portal").await["state"], "admitted");
+    let abandoned = || nodes[0].app.room("portal").unwrap().view().abandoned_total;
+    assert_eq!(abandoned(), 0, "no turn lapsed over the outage");
+    for _ in 0..62 {
+        advance(&nodes, 1000).await;
+    }
+    assert_eq!(abandoned(), 1, "a turn nobody took lapsed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

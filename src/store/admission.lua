@@ -43,6 +43,8 @@ local abandoned = tonumber(h.abandoned or '0')
 -- started again (Redis lost its data), so nodes take the new ones as they
 -- are instead of keeping the higher ones they had seen.
 local gen = h.gen or string.format('%d', now)
+-- When a node last ticked this room (or an op caught up after a gap).
+local ticked = tonumber(h.ticked or string.format('%d', now))
 
 local function parse(b)
   local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
@@ -63,7 +65,22 @@ local function refill()
   if now > refilled then refilled = now end
   if per_minute >= 0 then tokens = math.min(tokens + per_minute * elapsed / 60000, burst) end
 end
+-- Nobody could claim a called turn while no node could tick (Redis or
+-- every node down): time past a few ticks without one counts against no
+-- claim window, as a single node's restart does not.
+local function catch_up()
+  local gap = now - ticked
+  if gap > 5 * tick_ms then
+    local shift = gap - tick_ms
+    for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
+      local at, f, t, c = parse(b)
+      redis.call('LSET', batches, i - 1, fmt(at + shift, f, t, c))
+    end
+    ticked = now - tick_ms
+  end
+end
 local function expire()
+  catch_up()
   while true do
     local b = redis.call('LINDEX', batches, 0)
     if not b then break end
@@ -159,6 +176,9 @@ elseif op == 'tick' then
   maybe_open()
   refill()
   expire()
+  -- Never back: a node whose clock is behind must not open a gap for the
+  -- others (the cluster's clocks are assumed in step, as for sessions).
+  ticked = math.max(ticked, now)
   if (mode == 'queue' or mode == 'queue_all') and opened == '1' then
     local advanced = math.min(queue - serving, free(), budget())
     if advanced > 0 then
@@ -236,7 +256,8 @@ redis.call('HSET', st,
   'prequeue', string.format('%d', prequeue), 'opened', opened,
   'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
-  'abandoned', string.format('%d', abandoned), 'gen', gen)
+  'abandoned', string.format('%d', abandoned), 'gen', gen,
+  'ticked', string.format('%d', ticked))
 
 local rate = 0
 local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
