@@ -175,7 +175,6 @@ fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
             | "x-forwarded-scheme"
             | "x-url-scheme"
             | "front-end-https"
-            | "x-real-ip"
             | "x-client-ip"
             | "true-client-ip"
             | "x-cluster-client-ip"

@@ -402,8 +402,9 @@ impl RedisRoom {
                     blocks.remove(0);
                 }
                 Err(e) => {
-                    blocks.extend(waiting);
-                    give_back(blocks, pending);
+                    // Oldest first, as they were taken.
+                    waiting.extend(blocks);
+                    give_back(waiting, pending);
                     return Err(e);
                 }
             }
