@@ -93,8 +93,8 @@ async fn forwarded_headers_from_an_untrusted_client_are_replaced() {
     let j = send(req).await.json();
     let h = &j["headers"];
     assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
-    assert_eq!(h["x-real-ip"], serde_json::json!(["127.0.0.1"]));
     for forged in [
+        "x-real-ip",
         "true-client-ip",
         "x-forwarded-ssl",
         "x-forwarded-port",

@@ -10,7 +10,6 @@ use ipnet::IpNet;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Removes hop-by-hop headers and every header `Connection` names. A
 /// request's `TE: trailers` survives, since gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -149,7 +148,6 @@ pub fn set_forwarded(
             headers.remove(name);
         }
         set(headers, X_FORWARDED_FOR, &peer);
-        set(headers, X_REAL_IP, &peer);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(h) = host {
             headers.insert(X_FORWARDED_HOST, h.clone());
@@ -162,7 +160,7 @@ pub fn set_forwarded(
 /// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
 /// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
 /// and a portal that logs or rate-limits by them would be fooled.
-/// (X-Forwarded-For, -Proto and X-Real-IP are replaced by varco's own.)
+/// (X-Forwarded-For and -Proto are replaced by varco's own.)
 fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -175,6 +173,7 @@ fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
             | "x-forwarded-scheme"
             | "x-url-scheme"
             | "front-end-https"
+            | "x-real-ip"
             | "x-client-ip"
             | "true-client-ip"
             | "x-cluster-client-ip"
@@ -301,11 +300,13 @@ mod tests {
         let mut h = map(&[
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-proto", "https"),
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
         ]);
         set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
+        assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-real-ip"], "192.0.2.1");
     }
 
     #[test]
