@@ -356,9 +356,9 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 );
             }
         }
-        // The waiting page asks at most every 5 s (jittered up to 6.5 s):
-        // a shorter window could call and lapse a turn between two polls
-        // of a page that is open and waiting.
+        // The waiting page polls every 5 s at the soonest (6.5 s with its
+        // jitter): a shorter window could call and lapse a turn between
+        // two polls of a page that is open and waiting.
         let claim_window = p.duration(&key("claim_window"), &r.claim_window);
         if claim_window < crate::page::waiting::MIN_CLAIM_WINDOW {
             p.add(
