@@ -51,6 +51,29 @@ async fn advance(nodes: &[Gated], ms: u64) {
     }
 }
 
+/// Ticks the nodes until `node` says it is ready again (Redis answered),
+/// failing after 15 s.
+async fn until_recovered(nodes: &[Gated], node: usize) {
+    let readyz = format!("http://{}/readyz", nodes[node].admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        advance(nodes, 1000).await;
+        if common::client::get(&readyz).await.text() == "ready\n" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// An empty folder of this test process, for Redis's data.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_queue_and_one_cap() {
     let redis = RedisServer::start();
@@ -219,9 +242,7 @@ async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
 /// behind the places drawn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
-    let dir = std::env::temp_dir().join(format!("varco-redis-open-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("redis-open");
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
     let up = upstream::spawn().await;
@@ -249,13 +270,7 @@ async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
         assert!(got.is_waiting_page(), "{} {}", got.status, got.text());
     }
     let _redis = RedisServer::start_with(port, Some(&dir));
-    let readyz = format!("http://{}/readyz", nodes[0].admin);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while common::client::get(&readyz).await.text() != "ready\n" {
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        advance(&nodes, 1000).await;
-    }
+    until_recovered(&nodes, 0).await;
     advance(&nodes, 1000).await;
     for c in during.iter_mut() {
         let s = c.status("portal").await;
@@ -295,9 +310,7 @@ async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
 /// returns, however long that took: nobody could claim it meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
-    let dir = std::env::temp_dir().join(format!("varco-redis-gap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("redis-gap");
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
     let up = upstream::spawn().await;
@@ -327,13 +340,7 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
         advance(&nodes, 60_000).await;
     }
     let _redis = RedisServer::start_with(port, Some(&dir));
-    let readyz = format!("http://{}/readyz", nodes[1].admin);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while common::client::get(&readyz).await.text() != "ready\n" {
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        advance(&nodes, 1000).await;
-    }
+    until_recovered(&nodes, 1).await;
     let got = called.get("/apply").await;
     assert!(
         got.reached_upstream(),
@@ -356,9 +363,7 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
-    let dir = std::env::temp_dir().join(format!("varco-redis-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("redis");
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
     let up = upstream::spawn().await;
@@ -419,15 +424,7 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
 
     // Redis returns (with its data); the nodes recover by themselves.
     let _redis = RedisServer::start_with(port, Some(&dir));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        advance(&nodes, 1000).await;
-        if common::client::get(&readyz(&nodes[1])).await.text() == "ready\n" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    until_recovered(&nodes, 1).await;
     assert_eq!(
         waiting.status("portal").await["position"],
         1,
@@ -535,18 +532,7 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     // Redis returns (empty: this one kept no data); the sessions admitted
     // meanwhile are handed over and count against the cap.
     let _redis = RedisServer::start_on(port);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        advance(&nodes, 1000).await;
-        let r = common::client::get(&format!("http://{}/readyz", nodes[0].admin))
-            .await
-            .text();
-        if r == "ready\n" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    until_recovered(&nodes, 0).await;
     advance(&nodes, 1000).await;
     let active = nodes[0].app.room("portal").unwrap().store.view().active;
     assert!(
@@ -701,9 +687,7 @@ async fn the_status_asks_redis_about_a_session_another_node_made() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_while_redis_is_away_keeps_what_the_node_holds() {
-    let dir = std::env::temp_dir().join(format!("varco-redis-reload-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("redis-reload");
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
     let up = upstream::spawn().await;
@@ -744,16 +728,7 @@ async fn a_reload_while_redis_is_away_keeps_what_the_node_holds() {
     );
 
     let _redis = RedisServer::start_with(port, Some(&dir));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        advance(&nodes, 1000).await;
-        let ready = common::client::get(&format!("http://{}/readyz", nodes[0].admin)).await;
-        if ready.text() == "ready\n" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    until_recovered(&nodes, 0).await;
     assert_eq!(waiting.status("portal").await["position"], 1);
     let s = late.status("portal").await;
     assert_eq!(s["position"], 2, "the provisional ticket was placed: {s}");
