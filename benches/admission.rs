@@ -6,6 +6,9 @@
 //! - `admission/*`: one admission decision in the state machine: a claim,
 //!   a direct admission, a ticket issued, a tick with a long queue (is a
 //!   mutex-guarded state fast enough, or does it need atomics?).
+//! - `store/issue_ticket*`: a ticket issued through the memory store,
+//!   without a snapshot file and with one (each number covered by a mark
+//!   on disk first: what writing ahead costs, its fsyncs included).
 //! - `lottery/place`: drawing one pre-queue place in a pre-queue of a
 //!   million (cycle-walking cost).
 //! - `page/render`: rendering the waiting page.
@@ -18,6 +21,8 @@ use varco::page::waiting::{render, Status, Template};
 use varco::room::admission::{AdmissionState, Limits, Mode};
 use varco::room::lottery::Lottery;
 use varco::room::token::{audience, Keyring, PassClaims, SigningKey, TicketClaims};
+use varco::store::memory::MemoryStore;
+use varco::store::RoomStore;
 
 const NOW: u64 = 1_800_000_000_000;
 
@@ -103,6 +108,26 @@ fn admission(c: &mut Criterion) {
     });
 }
 
+fn store(c: &mut Criterion) {
+    let l = limits();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let plain = MemoryStore::open(None, NOW).expect("store");
+    let room = plain.room("portal", &l, NOW);
+    c.bench_function("store/issue_ticket", |b| {
+        b.iter(|| rt.block_on(room.issue(l, NOW)).expect("issued"))
+    });
+    let dir = std::env::temp_dir().join(format!("varco-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("folder");
+    let ahead = MemoryStore::open(Some(dir.join("state.json")), NOW).expect("store");
+    let room = ahead.room("portal", &l, NOW);
+    c.bench_function("store/issue_ticket_written_ahead", |b| {
+        b.iter(|| rt.block_on(room.issue(l, NOW)).expect("issued"))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn lottery(c: &mut Criterion) {
     let l = Lottery::new(b"seed", 1_000_000);
     let mut p = 0u64;
@@ -148,5 +173,5 @@ fn page(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, admission, lottery, page);
+criterion_group!(benches, tokens, admission, store, lottery, page);
 criterion_main!(benches);

@@ -117,10 +117,10 @@ impl App {
     pub async fn new(config: Config, clock: SharedClock) -> Result<App, AppError> {
         let metrics = Arc::new(Metrics::new());
         let stores = match &config.store.kind {
-            StoreKind::Memory => Stores::Memory(Arc::new(
+            StoreKind::Memory => Stores::Memory(
                 MemoryStore::open(config.store.snapshot.clone(), clock.now_ms())
                     .map_err(AppError::Store)?,
-            )),
+            ),
             StoreKind::Redis {
                 url,
                 prefix,
@@ -374,6 +374,17 @@ impl App {
         }
     }
 
+    /// The snapshot at a clean stop, which also removes the numbers written
+    /// ahead: the next start then knows nothing was lost.
+    fn save_last(&self) {
+        let Stores::Memory(memory) = &self.stores else {
+            return;
+        };
+        if let Err(e) = memory.close(self.clock.now_ms()) {
+            tracing::error!(error = %e, "cannot write the last snapshot; the queue would not survive a restart");
+        }
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish within `server.shutdown_grace`, saves the
     /// snapshot and returns. With `auto_tick` false the caller ticks.
@@ -467,7 +478,7 @@ impl App {
         }
         let _ = tokio::time::timeout(grace, admin_connections.wait()).await;
         background.wait().await;
-        self.save();
+        self.save_last();
         tracing::info!("stopped");
         Ok(())
     }

@@ -116,7 +116,7 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
     let idle = room.config.session_idle.as_millis() as u64;
     let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
-        Liveness::Dead => false,
+        Liveness::Dead => lane.store.adopt(sid, pass.at, r.now_ms, idle),
         Liveness::Unknown => lane.store.check_session(sid, r.now_ms, idle).await?,
     };
     Ok(alive.then_some(pass))

@@ -1,5 +1,6 @@
 //! The `varco` binary itself: bounded memory while streaming a GiB each
-//! way, graceful drain on SIGTERM, and `check-config`.
+//! way, graceful drain on SIGTERM, `check-config`, and a crash (SIGKILL)
+//! that loses nobody's place.
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::client::{self, send};
+use common::gated::Citizen;
 use common::process::{bin, write_config, Process};
 use common::{room_config, upstream};
 use http::Request;
@@ -199,4 +201,101 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["upstream"], up.addr.to_string());
     assert!(v["duration_ms"].as_f64().is_some());
+}
+
+/// A crash leaves no last snapshot. Kill -9 after a snapshot taken at the
+/// start: everything since is only in the marks written ahead. Nobody's
+/// place goes to somebody else, the order holds, a newcomer queues behind
+/// everyone, and the pass admitted since the snapshot keeps its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_hands_nobodys_place_to_somebody_else() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n\
+             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start(&cfg);
+    let mut first = Citizen::new(p.addr);
+    assert!(
+        first.get("/").await.reached_upstream(),
+        "the first is let in"
+    );
+    let pass = first
+        .cookie("varco_pass_portal")
+        .expect("a pass")
+        .to_string();
+    let mut line: Vec<Citizen> = (0..3).map(|_| Citizen::new(p.addr)).collect();
+    let mut before = Vec::new();
+    for c in line.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+        before.push(c.status("portal").await["position"].as_u64().unwrap());
+    }
+    assert_eq!(before, [1, 2, 3]);
+    p.signal("KILL");
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = p.child.wait();
+    })
+    .await;
+    assert!(
+        std::fs::metadata(dir.join("state.json.marks")).is_ok(),
+        "the marks outlive the crash"
+    );
+
+    let p = Process::start(&cfg);
+    let moved = |c: &Citizen| {
+        let mut n = Citizen::new(p.addr);
+        n.jar = c.jar.clone();
+        n
+    };
+    let mut first = moved(&first);
+    let mut line: Vec<Citizen> = line.iter().map(moved).collect();
+    let got = first.get("/").await;
+    assert!(
+        got.reached_upstream(),
+        "the pass is still good: {}",
+        got.status
+    );
+    assert_eq!(
+        first.cookie("varco_pass_portal"),
+        Some(pass.as_str()),
+        "the same session, not a new admission"
+    );
+    let mut after = Vec::new();
+    for c in line.iter_mut() {
+        let s = c.status("portal").await;
+        assert_eq!(s["state"], "waiting", "{s}");
+        after.push(s["position"].as_u64().unwrap());
+    }
+    assert!(
+        after.windows(2).all(|w| w[0] < w[1]),
+        "order kept: {after:?}"
+    );
+    let mut late = Citizen::new(p.addr);
+    assert!(
+        late.get("/").await.is_waiting_page(),
+        "nobody jumps the line"
+    );
+    let pos = late.status("portal").await["position"].as_u64().unwrap();
+    assert!(
+        pos > after[2],
+        "the newcomer is behind everyone who held a ticket before the crash: {pos} vs {after:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -207,15 +207,20 @@ impl AdmissionState {
         }
     }
 
-    fn maybe_open(&mut self, limits: &Limits, now_ms: u64) -> bool {
+    /// Opens the room if its time has come; true when it opened now.
+    pub fn maybe_open(&mut self, limits: &Limits, now_ms: u64) -> bool {
         if self.opened || limits.opens_at_ms.is_some_and(|t| now_ms < t) {
             return false;
         }
+        self.open();
+        true
+    }
+
+    pub fn open(&mut self) {
         // The pre-queue takes places 1..=P in the lottery's order; those
         // who come after follow in arrival order.
         self.opened = true;
         self.queue += self.prequeue;
-        true
     }
 
     fn expire_batches(&mut self, limits: &Limits, now_ms: u64) {

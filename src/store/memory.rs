@@ -1,18 +1,22 @@
 //! The one-node store: each room's admission state under a mutex (held for
 //! microseconds, never across an await), live sessions in a dashmap, and
 //! snapshots to a file (write, fsync, rename) so a restart keeps every
-//! place in line and every live session.
+//! place in line and every live session. Between snapshots, numbers are
+//! written ahead ([`super::ahead`]) so a crash hands nobody's place to
+//! somebody else, and passes begun after the last snapshot are taken back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::{Deserialize, Serialize};
 
-use super::{KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
+use super::ahead::{self, Ahead, Marks, Wake};
+use super::{write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
 use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
 
 pub struct MemoryRoom {
@@ -22,15 +26,23 @@ pub struct MemoryRoom {
     sessions: DashMap<u128, AtomicU64>,
     /// Sessions the portal ended -> when to forget them (unix ms).
     ended: DashMap<u128, u64>,
+    /// The numbers on disk ahead of those handed out; none without a
+    /// snapshot file (nothing survives a restart then anyway).
+    ahead: Option<Ahead>,
+    /// After a crash: (sessions begun from then on were lost with it, the
+    /// start that found them lost), both unix ms.
+    lost: Option<(u64, u64)>,
 }
 
 impl MemoryRoom {
-    fn new(state: AdmissionState) -> Self {
+    fn new(state: AdmissionState, ahead: Option<Ahead>, lost: Option<(u64, u64)>) -> Self {
         MemoryRoom {
             state: Mutex::new(state),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             ended: DashMap::new(),
+            ahead,
+            lost,
         }
     }
 
@@ -50,12 +62,52 @@ impl MemoryRoom {
     fn live(&self) -> u64 {
         self.sessions.len() as u64
     }
+
+    /// Runs `step` on the state once the marks on disk cover what it may
+    /// hand out (`covered` says whether they do; the room opens first if
+    /// its time has come). Without a snapshot file, at once.
+    fn durably<'a, T: Send + 'a>(
+        &'a self,
+        limits: Limits,
+        now_ms: u64,
+        covered: fn(&Ahead, &AdmissionState) -> bool,
+        step: impl FnOnce(&mut AdmissionState) -> T + Send + 'a,
+    ) -> BoxFuture<'a, T> {
+        let Some(ahead) = &self.ahead else {
+            return future::ready(step(&mut self.lock())).boxed();
+        };
+        {
+            let mut st = self.lock();
+            st.maybe_open(&limits, now_ms);
+            if covered(ahead, &st) {
+                return future::ready(step(&mut st)).boxed();
+            }
+        }
+        async move {
+            loop {
+                // Registered before the check, so a write between the check
+                // and the wait still wakes it.
+                let mut written = std::pin::pin!(ahead.written());
+                written.as_mut().enable();
+                {
+                    let mut st = self.lock();
+                    st.maybe_open(&limits, now_ms);
+                    if covered(ahead, &st) {
+                        return step(&mut st);
+                    }
+                }
+                written.await;
+            }
+        }
+        .boxed()
+    }
 }
 
 impl RoomStore for MemoryRoom {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
-        let issued = self.lock().issue(&limits, now_ms);
-        future::ready(Ok(issued)).boxed()
+        self.durably(limits, now_ms, Ahead::covers_next, move |st| {
+            Ok(st.issue(&limits, now_ms))
+        })
     }
 
     fn admit_directly(
@@ -64,14 +116,14 @@ impl RoomStore for MemoryRoom {
         session: NewSession,
         now_ms: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
-        let mut state = self.lock();
-        let n = state.admit_directly(&limits, self.live(), now_ms);
-        if n.is_some() {
-            self.sessions
-                .insert(session.sid, AtomicU64::new(session.expires_ms));
-        }
-        drop(state);
-        future::ready(Ok(n)).boxed()
+        self.durably(limits, now_ms, Ahead::covers_next, move |st| {
+            let n = st.admit_directly(&limits, self.live(), now_ms);
+            if n.is_some() {
+                self.sessions
+                    .insert(session.sid, AtomicU64::new(session.expires_ms));
+            }
+            Ok(n)
+        })
     }
 
     fn claim(
@@ -92,11 +144,12 @@ impl RoomStore for MemoryRoom {
     }
 
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let mut state = self.lock();
-        let active = self.purge(now_ms);
-        let advanced = state.tick(&limits, active, now_ms);
-        drop(state);
-        future::ready(Ok(advanced)).boxed()
+        // Nobody is called after an opening that is not on disk yet: a
+        // crash would draw the lottery again.
+        self.durably(limits, now_ms, Ahead::covers_opening, move |st| {
+            let active = self.purge(now_ms);
+            Ok(st.tick(&limits, active, now_ms))
+        })
     }
 
     fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness {
@@ -159,6 +212,28 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(true)).boxed()
     }
 
+    fn adopt(&self, sid: u128, began_ms: u64, now_ms: u64, idle_ms: u64) -> bool {
+        let Some((lost_from, restarted)) = self.lost else {
+            return false;
+        };
+        // A second of slack: the snapshot's time is read before its
+        // sessions are.
+        if began_ms + 1_000 < lost_from
+            || now_ms >= restarted + idle_ms
+            || self.ended.contains_key(&sid)
+        {
+            return false;
+        }
+        self.sessions.entry(sid).or_insert_with(|| {
+            tracing::info!(
+                session = format_args!("{sid:032x}"),
+                "a session lost in the crash is taken back"
+            );
+            AtomicU64::new(now_ms + idle_ms)
+        });
+        true
+    }
+
     fn view(&self) -> RoomView {
         let s = self.lock();
         RoomView {
@@ -184,10 +259,18 @@ impl RoomStore for MemoryRoom {
     }
 }
 
-/// All rooms of one node, and their snapshot file.
+/// All rooms of one node, their snapshot file and the marks beside it.
 pub struct MemoryStore {
     rooms: DashMap<String, Arc<MemoryRoom>>,
     snapshot: Option<PathBuf>,
+    /// Wakes the thread that writes numbers ahead (with a snapshot file).
+    wake: Option<Arc<Wake>>,
+    /// See [`MemoryRoom::lost`].
+    lost: Option<(u64, u64)>,
+    /// True once the last snapshot is written: no more marks (their
+    /// absence tells the next start that this one stopped cleanly). Held
+    /// while the marks are written, so none land after they are removed.
+    closed: Mutex<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -214,59 +297,116 @@ struct RoomSnapshot {
 impl MemoryStore {
     /// Restores from `snapshot` when the file exists; a missing file is a
     /// first start, an unreadable one is an error (refusing to start beats
-    /// silently throwing everyone out of line).
+    /// silently throwing everyone out of line). Marks left by a crash
+    /// raise the counters past every number handed out before it.
     ///
     /// Nobody could come in, nor make a request, while varco was down: the
     /// time between the snapshot and `now_ms` counts against nobody's claim
     /// window and nobody's idle time. A person called just before a crash
     /// keeps the rest of their window, an admitted person their session.
-    pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Self, String> {
-        let store = MemoryStore {
-            rooms: DashMap::new(),
-            snapshot,
+    pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Arc<Self>, String> {
+        let snap = match &snapshot {
+            Some(path) if path.exists() => Some(read_snapshot(path)?),
+            _ => None,
         };
-        if let Some(path) = &store.snapshot {
-            if path.exists() {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
-                let snap: Snapshot = serde_json::from_str(&text).map_err(|e| {
-                    format!(
-                        "store.snapshot: {} is not a varco snapshot: {e}",
-                        path.display()
-                    )
-                })?;
-                let down = now_ms.saturating_sub(snap.saved_ms);
-                for (name, mut r) in snap.rooms {
-                    for b in r.state.batches.iter_mut() {
-                        b.at_ms += down;
-                    }
-                    let room = MemoryRoom::new(r.state);
-                    if let Some(kid) = &r.lottery_kid {
-                        room.lottery_kid.replace(kid);
-                    }
-                    for (sid, exp) in r.sessions {
-                        if let Ok(sid) = u128::from_str_radix(&sid, 16) {
-                            room.sessions.insert(sid, AtomicU64::new(exp + down));
-                        }
-                    }
-                    for (sid, until) in r.ended {
-                        if let Ok(sid) = u128::from_str_radix(&sid, 16) {
-                            room.ended.insert(sid, until + down);
-                        }
-                    }
-                    store.rooms.insert(name, Arc::new(room));
+        let marks_path = snapshot.as_deref().map(ahead::path_for);
+        let crashed = match &marks_path {
+            Some(p) => ahead::read(p)?,
+            None => None,
+        };
+        let lost = crashed.as_ref().map(|left| {
+            let saved_ms = snap.as_ref().map_or(0, |s| s.saved_ms);
+            (saved_ms.max(left.since_ms), now_ms)
+        });
+        let store = Arc::new(MemoryStore {
+            rooms: DashMap::new(),
+            wake: snapshot.is_some().then(|| Arc::new(Wake::default())),
+            snapshot,
+            lost,
+            closed: Mutex::new(false),
+        });
+        if let Some(snap) = snap {
+            let down = now_ms.saturating_sub(snap.saved_ms);
+            for (name, mut r) in snap.rooms {
+                for b in r.state.batches.iter_mut() {
+                    b.at_ms += down;
                 }
+                let room = store.new_room(r.state);
+                if let Some(kid) = &r.lottery_kid {
+                    room.lottery_kid.replace(kid);
+                }
+                for (sid, exp) in r.sessions {
+                    if let Ok(sid) = u128::from_str_radix(&sid, 16) {
+                        room.sessions.insert(sid, AtomicU64::new(exp + down));
+                    }
+                }
+                for (sid, until) in r.ended {
+                    if let Ok(sid) = u128::from_str_radix(&sid, 16) {
+                        room.ended.insert(sid, until + down);
+                    }
+                }
+                store.rooms.insert(name, Arc::new(room));
+            }
+            if let Some(path) = &store.snapshot {
                 tracing::info!(path = %path.display(), rooms = store.rooms.len(), down_ms = down, "restored the queue from the snapshot");
             }
         }
+        if let Some(left) = crashed {
+            for (name, marks) in left.rooms {
+                store.recover(&name, &marks);
+            }
+        }
+        if let (Some(wake), Some(path)) = (&store.wake, marks_path) {
+            let (weak, writer_wake) = (Arc::downgrade(&store), wake.clone());
+            std::thread::Builder::new()
+                .name("varco-marks".into())
+                .spawn(move || write_ahead(weak, writer_wake, path, now_ms))
+                .map_err(|e| format!("store.snapshot: cannot start the marks writer: {e}"))?;
+            // Marks from the start: the first arrival need not wait, and a
+            // crash's marks are replaced by this run's.
+            wake.wake();
+        }
         Ok(store)
+    }
+
+    fn new_room(&self, state: AdmissionState) -> MemoryRoom {
+        let ahead = self.wake.as_ref().map(|w| Ahead::new(w.clone()));
+        MemoryRoom::new(state, ahead, self.lost)
+    }
+
+    /// Raises a room's counters to the marks a crash left.
+    fn recover(&self, name: &str, marks: &Marks) {
+        let (from, to) = match self.rooms.get(name) {
+            Some(room) => {
+                let mut st = room.lock();
+                let before = (st.queue, st.prequeue);
+                marks.apply(&mut st, false);
+                (before, (st.queue, st.prequeue))
+            }
+            None => {
+                let mut st = AdmissionState::default();
+                marks.apply(&mut st, true);
+                let to = (st.queue, st.prequeue);
+                self.rooms
+                    .insert(name.to_string(), Arc::new(self.new_room(st)));
+                ((0, 0), to)
+            }
+        };
+        tracing::warn!(
+            room = name,
+            queue_from = from.0,
+            queue_to = to.0,
+            prequeue_from = from.1,
+            prequeue_to = to.1,
+            "the last run stopped without its last snapshot (a crash?): numbering resumes past every number it handed out; those it wrote ahead and never handed out belong to nobody"
+        );
     }
 
     /// The room's store, created fresh unless a snapshot restored it.
     pub fn room(&self, name: &str, limits: &Limits, now_ms: u64) -> Arc<MemoryRoom> {
         self.rooms
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(MemoryRoom::new(AdmissionState::new(limits, now_ms))))
+            .or_insert_with(|| Arc::new(self.new_room(AdmissionState::new(limits, now_ms))))
             .clone()
     }
 
@@ -318,25 +458,230 @@ impl MemoryStore {
         let bytes = serde_json::to_vec(&snap).map_err(std::io::Error::other)?;
         write_atomically(path, &bytes)
     }
+
+    /// The last snapshot, at a clean stop: then the marks go, so the next
+    /// start knows nothing was lost. Kept if the snapshot fails.
+    pub fn close(&self, now_ms: u64) -> std::io::Result<()> {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        *closed = true;
+        self.save(now_ms)?;
+        if let Some(path) = &self.snapshot {
+            match std::fs::remove_file(ahead::path_for(path)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
-            let _ = d.sync_all();
+fn read_snapshot(path: &Path) -> Result<Snapshot, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "store.snapshot: {} is not a varco snapshot: {e}",
+            path.display()
+        )
+    })
+}
+
+/// The marks writer: wakes when a room runs low (or the first time, at
+/// start), writes every room's marks in one file, and lets the waiting
+/// hand out their numbers. Ends with the store.
+fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_ms: u64) {
+    loop {
+        let woken = wake.wait(Duration::from_secs(1));
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if !woken {
+            continue;
+        }
+        let rooms: Vec<(String, Arc<MemoryRoom>)> = store
+            .rooms
+            .iter()
+            .map(|r| (r.key().clone(), r.value().clone()))
+            .collect();
+        let now = Instant::now();
+        let plans: Vec<_> = rooms
+            .into_iter()
+            .filter_map(|(name, room)| {
+                let plan = room.ahead.as_ref()?.plan(&room.lock(), now);
+                Some((name, room, plan))
+            })
+            .collect();
+        let closed = store.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if !*closed {
+            let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
+            if let Err(e) = ahead::write(&path, since_ms, marks) {
+                // Serving goes on: a stalled queue on a click day is worse
+                // than a crash that might come.
+                tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead; a crash now could hand a place to two people");
+            }
+        }
+        drop(closed);
+        for (_, room, (marks, low_water)) in &plans {
+            if let Some(ahead) = &room.ahead {
+                ahead.now_written(marks, *low_water);
+            }
         }
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::admission::{Issued, Mode};
+
+    fn limits(opens_at_ms: Option<u64>) -> Limits {
+        Limits {
+            per_minute: None,
+            max_active: Some(1),
+            claim_window_ms: 60_000,
+            tick_ms: 1_000,
+            opens_at_ms,
+            mode: Mode::QueueAll,
+        }
+    }
+
+    fn folder(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("varco-marks-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("state.json")
+    }
+
+    fn marks_on_disk(snapshot: &Path) -> Marks {
+        let left = ahead::read(&ahead::path_for(snapshot))
+            .unwrap()
+            .expect("marks");
+        left.rooms["r"]
+    }
+
+    async fn number(room: &MemoryRoom, l: Limits, now: u64) -> u64 {
+        match room.issue(l, now).await.unwrap() {
+            Issued::Number(n) | Issued::PreQueue(n) => n,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_number_is_handed_out_before_a_mark_covers_it_on_disk() {
+        let snap = folder("cover");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        for expect in 1..=500 {
+            let n = number(&room, limits(None), 0).await;
+            assert_eq!(n, expect);
+            let m = marks_on_disk(&snap);
+            assert!(m.queue >= n, "number {n} handed out with {m:?} on disk");
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_numbering_resumes_past_every_number_handed_out() {
+        let snap = folder("crash");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        for _ in 0..10 {
+            number(&room, limits(None), 0).await;
+        }
+        store.save(0).unwrap();
+        for _ in 0..10 {
+            number(&room, limits(None), 0).await;
+        }
+        // A crash: no close, so no last snapshot and the marks stay.
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap.clone()), 5_000).unwrap();
+        let room = store.room("r", &limits(None), 5_000);
+        let n = number(&room, limits(None), 5_000).await;
+        assert!(n > 20, "number {n} was handed out before the crash");
+        // A clean stop after it: numbering goes on exactly.
+        store.close(6_000).unwrap();
+        drop((room, store));
+        assert!(
+            !ahead::path_for(&snap).exists(),
+            "a clean stop removes the marks"
+        );
+        let store = MemoryStore::open(Some(snap), 7_000).unwrap();
+        let room = store.room("r", &limits(None), 7_000);
+        assert_eq!(number(&room, limits(None), 7_000).await, n + 1);
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_opening_keeps_the_prequeue_numbers_apart() {
+        let snap = folder("pre");
+        let l = limits(Some(10_000));
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for expect in 1..=5 {
+            assert_eq!(room.issue(l, 0).await.unwrap(), Issued::PreQueue(expect));
+        }
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap), 1_000).unwrap();
+        let room = store.room("r", &l, 1_000);
+        match room.issue(l, 1_000).await.unwrap() {
+            Issued::PreQueue(p) => assert!(p > 5, "pre-queue number {p} reissued"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_opening_after_the_last_snapshot_draws_the_same_lottery_after_a_crash() {
+        let snap = folder("open");
+        let l = limits(Some(10_000));
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for _ in 0..7 {
+            room.issue(l, 0).await.unwrap();
+        }
+        store.save(0).unwrap();
+        // The opening, then one arrival after it, then a crash.
+        room.tick(l, 10_000).await.unwrap();
+        let after = number(&room, l, 10_500).await;
+        assert_eq!(after, 8, "the pre-queue takes places 1..=7");
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap), 20_000).unwrap();
+        let room = store.room("r", &l, 20_000);
+        let v = room.view();
+        assert!(v.opened, "the opening survives");
+        assert_eq!(
+            v.prequeue, 7,
+            "the lottery is drawn over the same pre-queue"
+        );
+        assert!(number(&room, l, 20_000).await > after);
+    }
+
+    #[tokio::test]
+    async fn passes_begun_after_the_last_snapshot_are_taken_back_once() {
+        let snap = folder("adopt");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        number(&room, limits(None), 0).await;
+        store.save(10_000).unwrap();
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap.clone()), 15_000).unwrap();
+        let room = store.room("r", &limits(None), 15_000);
+        let idle = 60_000;
+        assert!(
+            !room.adopt(1, 2_000, 15_000, idle),
+            "begun before the snapshot: it would be in it"
+        );
+        assert!(
+            room.adopt(2, 12_000, 15_000, idle),
+            "begun after the snapshot"
+        );
+        assert_eq!(room.touch(2, 16_000, idle), Liveness::Alive);
+        assert!(
+            !room.adopt(3, 12_000, 15_000 + idle, idle),
+            "only within one idle time of the start"
+        );
+        // A clean start knows of no crash: nothing is taken back.
+        store.close(20_000).unwrap();
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap), 21_000).unwrap();
+        let room = store.room("r", &limits(None), 21_000);
+        assert!(!room.adopt(4, 20_500, 21_000, idle));
+    }
 }

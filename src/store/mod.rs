@@ -3,6 +3,7 @@
 //! Every operation that changes who may enter happens atomically inside the
 //! store; the hot path of an admitted person only touches a local session.
 
+pub mod ahead;
 pub mod memory;
 pub mod redis;
 
@@ -132,6 +133,12 @@ pub trait RoomStore: Send + Sync + 'static {
         expires_ms: u64,
         now_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Takes back the session of a valid pass this node lost in a crash
+    /// (begun after its last snapshot), for one idle time after the start
+    /// that found the crash. Only the memory store loses sessions so.
+    fn adopt(&self, _sid: u128, _began_ms: u64, _now_ms: u64, _idle_ms: u64) -> bool {
+        false
+    }
     fn view(&self) -> RoomView;
     /// Where the block of provisional tickets of outage `epoch` starts in
     /// the queue, once the store has placed it.
@@ -145,4 +152,30 @@ pub trait RoomStore: Send + Sync + 'static {
     /// The key id whose key draws this room's lottery (fixed at opening).
     fn lottery_key_id(&self) -> Option<String>;
     fn set_lottery_key_id(&self, kid: &str);
+}
+
+/// Writes `bytes` to `path` so that a crash mid-write leaves the previous
+/// file whole: to `path.tmp`, synced, renamed over, the folder synced.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
