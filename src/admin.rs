@@ -20,6 +20,7 @@ use crate::listener::{ConnInfo, Handler};
 use crate::page::NO_STORE;
 use crate::room::admission::Mode;
 use crate::room::Room;
+use crate::store::{LiveChange, StoreError};
 
 pub struct Admin {
     app: Arc<App>,
@@ -114,6 +115,24 @@ fn problem(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 /// A room's live state, as the API and `varco ctl status` show it.
+/// The room's state after a change; 503 when the change holds on this
+/// node only because the cluster's store could not take it.
+fn changed(room: &Room, shared: Result<(), StoreError>) -> Response<Body> {
+    match shared {
+        Ok(()) => json_response(StatusCode::OK, room_state(room)),
+        Err(e) => {
+            tracing::error!(target: "varco::audit", room = %room.name, error = %e, "the change holds on this node only: the other nodes were not told");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
+                    "error": format!("changed on this node only; the other nodes were not told ({e}): try again"),
+                    "room": room_state(room),
+                }),
+            )
+        }
+    }
+}
+
 pub fn room_state(room: &Room) -> Value {
     let v = room.view();
     let per_second = v.observed_rate;
@@ -264,32 +283,37 @@ impl Admin {
                 };
                 if let Some(mode) = mode {
                     let before = room.mode();
-                    room.set_mode(mode);
+                    let shared = room.change_live(LiveChange::Mode(mode)).await;
                     tracing::info!(target: "varco::audit", who, room = %room.name, action, from = before.as_str(), to = mode.as_str(), "room mode changed");
-                    return json_response(StatusCode::OK, room_state(&room));
+                    return changed(&room, shared);
                 }
                 match *action {
                     "rate" => match limit_value::<f64>(value) {
                         Ok(rate) => {
                             let before = room.per_minute();
-                            room.set_per_minute(rate);
+                            let shared = room.change_live(LiveChange::PerMinute(rate)).await;
                             tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?rate, "admission rate changed");
-                            json_response(StatusCode::OK, room_state(&room))
+                            changed(&room, shared)
                         }
                         Err(e) => problem(StatusCode::BAD_REQUEST, e),
                     },
                     "max_active" => match limit_value::<u64>(value) {
                         Ok(max) => {
                             let before = room.max_active();
-                            room.set_max_active(max);
+                            let shared = room.change_live(LiveChange::MaxActive(max)).await;
                             tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?max, "max_active changed");
-                            json_response(StatusCode::OK, room_state(&room))
+                            changed(&room, shared)
                         }
                         Err(e) => problem(StatusCode::BAD_REQUEST, e),
                     },
+                    "reset" => {
+                        let shared = room.reset_live().await;
+                        tracing::info!(target: "varco::audit", who, room = %room.name, action, mode = room.mode().as_str(), admission_per_minute = ?room.per_minute(), max_active = ?room.max_active(), "live changes dropped: back to the config");
+                        changed(&room, shared)
+                    }
                     _ => problem(
                         StatusCode::NOT_FOUND,
-                        "actions: pause, resume, queue_all, close, open, drain, passthrough, rate, max_active",
+                        "actions: pause, resume, queue_all, close, open, drain, passthrough, rate, max_active, reset",
                     ),
                 }
             }

@@ -325,6 +325,11 @@ impl App {
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
         let mut trouble = None;
+        // Every room, gated or not: an operator may have paused a plain
+        // proxy through another node.
+        for room in self.rooms().iter() {
+            room.follow_shared().await;
+        }
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             room.adapt(now);
             for (i, lane) in room.lanes.iter().enumerate() {

@@ -1,8 +1,9 @@
 //! `varco ctl`: the admin API from the command line, so operators need no
 //! curl. The token comes from an environment variable, never an argument
-//! (arguments show in `ps`). Given several admin listeners (the nodes of a
-//! cluster, whose mode, rate and `max_active` are each node's own), it
-//! sends the same action to every one.
+//! (arguments show in `ps`). Given several admin listeners it sends the
+//! same action to every one (a cluster's nodes follow a change made on any
+//! of them within a tick; telling each also reaches a node that cannot
+//! reach Redis, and reloads each one's file).
 
 use clap::Subcommand;
 use http::Request;
@@ -33,6 +34,9 @@ pub enum Action {
     Rate { room: String, per_minute: String },
     /// Set the cap on live sessions, or "unlimited".
     MaxActive { room: String, value: String },
+    /// Drop the live changes: mode, rate and cap back to the config (on
+    /// every node of a cluster).
+    Reset { room: String },
     /// Re-read the config file (a bad one is refused; the old one stays).
     Reload,
 }
@@ -55,6 +59,7 @@ impl Action {
             Action::MaxActive { room: r, value } => {
                 ("POST", format!("{}?value={value}", room(r, "max_active")))
             }
+            Action::Reset { room: r } => ("POST", room(r, "reset")),
             Action::Reload => ("POST", "/api/reload".into()),
         }
     }

@@ -767,3 +767,93 @@ async fn a_session_the_portal_ends_ends_on_every_node() {
     );
     assert!(next.get("/").await.reached_upstream());
 }
+
+/// The admin API of one node of the cluster, with the test's token.
+async fn api(g: &Gated, method: &str, path: &str) -> common::client::Got {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", g.admin))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(varco::body::empty())
+        .unwrap();
+    common::client::send(req).await
+}
+
+const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+
+/// An operator's change through any node reaches every node at its next
+/// tick, a node started later too; a reset through any node takes every
+/// node back to its config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_change_through_one_node_reaches_every_node() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    std::env::set_var("VARCO_TEST_CLUSTER_ADMIN", format!("ops:{ADMIN_TOKEN}"));
+    let cfg = format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_CLUSTER_ADMIN\"\n{}",
+        cluster_config(
+            &redis,
+            up.addr,
+            "max_active = 5\nadmission_per_minute = 600",
+            ""
+        )
+    );
+    let nodes = nodes(&cfg, 2).await;
+    let live = |v: serde_json::Value| {
+        (
+            v["mode"].as_str().unwrap_or_default().to_string(),
+            v["admission_per_minute"].as_f64(),
+            v["max_active"].as_u64(),
+        )
+    };
+    let got = api(&nodes[0], "POST", "/api/rooms/portal/pause").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()).0,
+        "queue",
+        "the other node learns it at its tick"
+    );
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("paused".to_string(), Some(600.0), Some(5))
+    );
+    let mut first = Citizen::new(nodes[1].addr);
+    assert!(
+        first.get("/").await.is_waiting_page(),
+        "paused on the node that was not asked too"
+    );
+
+    for change in ["rate?value=120", "max_active?value=2"] {
+        let got = api(&nodes[1], "POST", &format!("/api/rooms/portal/{change}")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    advance(&nodes, 1000).await;
+    let changed = ("paused".to_string(), Some(120.0), Some(2));
+    assert_eq!(
+        live(api(&nodes[0], "GET", "/api/rooms/portal").await.json()),
+        changed
+    );
+    let late = Gated::start(&cfg).await;
+    late.app.tick().await;
+    assert_eq!(
+        live(api(&late, "GET", "/api/rooms/portal").await.json()),
+        changed,
+        "a node started later follows the cluster, not its file"
+    );
+
+    let got = api(&late, "POST", "/api/rooms/portal/reset").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    advance(&nodes, 1000).await;
+    for g in nodes.iter().chain([&late]) {
+        assert_eq!(
+            live(api(g, "GET", "/api/rooms/portal").await.json()),
+            ("queue".to_string(), Some(600.0), Some(5)),
+            "back to the config"
+        );
+    }
+    assert!(
+        first.get("/").await.reached_upstream(),
+        "the line moves again"
+    );
+}

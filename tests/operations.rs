@@ -138,6 +138,25 @@ async fn rooms_change_live_through_the_api() {
             .status,
         404
     );
+
+    // Reset: mode, rate and cap back to the config.
+    api(&g, "POST", "/api/rooms/portal/pause", Some(TOKEN)).await;
+    let got = api(&g, "POST", "/api/rooms/portal/reset", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let state = got.json();
+    assert_eq!(
+        (
+            &state["mode"],
+            &state["admission_per_minute"],
+            &state["max_active"]
+        ),
+        (
+            &serde_json::json!("queue"),
+            &serde_json::Value::Null,
+            &serde_json::json!(1)
+        ),
+        "{state}"
+    );
 }
 
 #[tokio::test]
@@ -414,10 +433,16 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     assert!(out.contains("\"mode\": \"paused\""), "{out}");
     let out = ctl(&["rate", "portal", "1200"]);
     assert!(out.contains("\"admission_per_minute\": 1200"), "{out}");
+    let out = ctl(&["reset", "portal"]);
+    assert!(
+        out.contains("\"mode\": \"queue\"") && out.contains("\"admission_per_minute\": null"),
+        "back to the file: {out}"
+    );
+    ctl(&["pause", "portal"]);
 
-    // Several nodes (a cluster's mode and rate are each node's own): one
-    // action for all; a node that does not answer is named, and the
-    // others are still told.
+    // Several nodes (separate ones here, without Redis): one action for
+    // all; a node that does not answer is named, and the others are still
+    // told.
     let second = Process::start(&write_config("ctl-second", &cfg_text(5)));
     let dead = format!("http://{}", common::dead_addr());
     let both = format!("http://{},http://{}", p.admin, second.admin);

@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
 use crate::proxy::in_flight::InFlight;
 use crate::proxy::upstreams::UpstreamPool;
-use crate::store::RoomStore;
+use crate::store::{LiveChange, RoomStore, SharedLive, StoreError};
 use adaptive::{Change, Controller, Verdict};
 use admission::{Limits, Mode};
 use token::Keyring;
@@ -79,6 +79,8 @@ pub struct Room {
     /// lanes, the default lane first (on `store`), then the others.
     pub lanes: Vec<lanes::Lane>,
     draw: Mutex<Option<Arc<Draw>>>,
+    /// The cluster's live changes this room last followed.
+    followed: Mutex<SharedLive>,
 }
 
 /// A room's pre-queue draw under one lottery key.
@@ -140,6 +142,7 @@ impl Room {
             arrival_key: None,
             lanes: vec![default_lane],
             draw: Mutex::new(None),
+            followed: Mutex::new(SharedLive::default()),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -287,6 +290,71 @@ impl Room {
     pub fn set_max_active(&self, max: Option<u64>) {
         self.max_active
             .store(max.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    /// An operator's change: here at once, and shared with every node
+    /// of a cluster (an error: it holds on this node only).
+    pub async fn change_live(&self, change: LiveChange) -> Result<(), StoreError> {
+        self.apply(change);
+        self.store.share_live(change).await
+    }
+
+    fn apply(&self, change: LiveChange) {
+        match change {
+            LiveChange::Mode(m) => self.set_mode(m),
+            LiveChange::PerMinute(r) => self.set_per_minute(r),
+            LiveChange::MaxActive(m) => self.set_max_active(m),
+        }
+    }
+
+    /// Back to the config's mode, rate and `max_active`, here and (in a
+    /// cluster) on every node.
+    pub async fn reset_live(&self) -> Result<(), StoreError> {
+        self.set_mode(self.config.mode);
+        self.set_per_minute(self.config.admission_per_minute);
+        self.set_max_active(self.config.max_active);
+        self.store.reset_live().await
+    }
+
+    /// Follows the live changes an operator made through any node of the
+    /// cluster (each tick): a field shared is taken; a field no longer
+    /// shared (a reset) goes back to the config. What was never shared
+    /// stays as this node has it (an adaptive rate, say).
+    pub async fn follow_shared(&self) {
+        let shared = match self.store.shared_live().await {
+            Ok(Some(s)) => s,
+            // One node, or the store away: nothing new to follow.
+            Ok(None) | Err(_) => return,
+        };
+        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        if followed.version == shared.version {
+            return;
+        }
+        let c = &self.config;
+        match (shared.mode, followed.mode) {
+            (Some(m), _) => self.set_mode(m),
+            (None, Some(_)) => self.set_mode(c.mode),
+            (None, None) => {}
+        }
+        match (shared.per_minute, followed.per_minute) {
+            (Some(r), _) => self.set_per_minute(r),
+            (None, Some(_)) => self.set_per_minute(c.admission_per_minute),
+            (None, None) => {}
+        }
+        match (shared.max_active, followed.max_active) {
+            (Some(m), _) => self.set_max_active(m),
+            (None, Some(_)) => self.set_max_active(c.max_active),
+            (None, None) => {}
+        }
+        tracing::info!(
+            room = %self.name,
+            version = %shared.version,
+            mode = self.mode().as_str(),
+            admission_per_minute = ?self.per_minute(),
+            max_active = ?self.max_active(),
+            "following the cluster's live settings"
+        );
+        *followed = shared;
     }
 
     /// How long a session the portal ended must be remembered: as long as

@@ -7,10 +7,10 @@ pub mod ahead;
 pub mod memory;
 pub mod redis;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::Serialize;
 
-use crate::room::admission::{Claim, Issued, Limits};
+use crate::room::admission::{Claim, Issued, Limits, Mode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -69,6 +69,28 @@ impl KeyId {
     pub fn replace(&self, kid: &str) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(kid.to_string());
     }
+}
+
+/// One change an operator made live (admin API).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LiveChange {
+    Mode(Mode),
+    /// New sessions per minute; `None`: unlimited.
+    PerMinute(Option<f64>),
+    /// `None`: unlimited.
+    MaxActive(Option<u64>),
+}
+
+/// The live changes every node of a cluster follows, as the store holds
+/// them: each field an operator set through any node since the last
+/// reset, and a version that moves with every change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedLive {
+    /// Empty: nothing shared (never set, or reset).
+    pub version: String,
+    pub mode: Option<Mode>,
+    pub per_minute: Option<Option<f64>>,
+    pub max_active: Option<Option<u64>>,
 }
 
 /// What a node knows about a session on the hot path.
@@ -140,6 +162,19 @@ pub trait RoomStore: Send + Sync + 'static {
         false
     }
     fn view(&self) -> RoomView;
+    /// Shares an operator's change with every node (cluster mode); one
+    /// node has nobody to tell.
+    fn share_live(&self, _change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
+    /// Drops every shared change: each node goes back to its config.
+    fn reset_live(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
+    /// The shared changes as they stand; `None`: a store that shares none.
+    fn shared_live(&self) -> BoxFuture<'_, Result<Option<SharedLive>, StoreError>> {
+        future::ready(Ok(None)).boxed()
+    }
     /// Where the block of provisional tickets of outage `epoch` starts in
     /// the queue, once the store has placed it.
     fn provisional_base(&self, _epoch: u64) -> Option<u64> {

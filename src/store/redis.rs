@@ -17,8 +17,8 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::{KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
-use crate::room::admission::{Claim, Issued, Limits};
+use super::{KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError};
+use crate::room::admission::{Claim, Issued, Limits, Mode};
 
 const SCRIPT: &str = include_str!("admission.lua");
 
@@ -124,6 +124,7 @@ impl RedisStore {
             ],
             lease_key: k("lease"),
             nodes_key: k("nodes"),
+            live_key: k("live"),
             node: self.node.clone(),
             lease_ms: self.lease.as_millis() as u64,
             script: self.script.clone(),
@@ -169,6 +170,9 @@ pub struct RedisRoom {
     provisional: DashMap<u64, u64>,
     lease_key: String,
     nodes_key: String,
+    /// The operators' live changes every node follows (a hash: `version`
+    /// and the fields set).
+    live_key: String,
     nodes_script: Arc<Script>,
     /// Nodes seen alive recently (at least 1).
     peers: AtomicU64,
@@ -208,6 +212,30 @@ type Reply = (
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// `-1` is unlimited, as in the admission script's arguments.
+fn limit_text(v: Option<f64>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-1".into())
+}
+
+fn limit_of(text: &str) -> Option<Option<f64>> {
+    let v: f64 = text.parse().ok()?;
+    Some((v >= 0.0).then_some(v))
+}
+
+/// The shared live changes from their hash; a field that does not parse
+/// (written by a newer varco, say) is left to each node's config.
+fn shared_from(fields: std::collections::HashMap<String, String>) -> SharedLive {
+    SharedLive {
+        version: fields.get("version").cloned().unwrap_or_default(),
+        mode: fields.get("mode").and_then(|m| Mode::parse(m)),
+        per_minute: fields.get("rate").and_then(|r| limit_of(r)),
+        max_active: fields
+            .get("max_active")
+            .and_then(|m| limit_of(m))
+            .map(|m| m.map(|v| v as u64)),
+    }
 }
 
 /// The view after a reply. Two calls' replies can be taken in the other
@@ -675,6 +703,52 @@ impl RoomStore for RedisRoom {
                 self.sessions.insert(sid, AtomicU64::new(expires_ms));
             }
             Ok(restored)
+        }
+        .boxed()
+    }
+
+    fn share_live(&self, change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
+        let (field, value) = match change {
+            LiveChange::Mode(m) => ("mode", m.as_str().to_string()),
+            LiveChange::PerMinute(r) => ("rate", limit_text(r)),
+            LiveChange::MaxActive(m) => ("max_active", limit_text(m.map(|v| v as f64))),
+        };
+        async move {
+            let mut conn = self.conn.clone();
+            redis::pipe()
+                .atomic()
+                .hset(&self.live_key, field, value)
+                .ignore()
+                .hincr(&self.live_key, "version", 1)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn reset_live(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("DEL")
+                .arg(&self.live_key)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn shared_live(&self) -> BoxFuture<'_, Result<Option<SharedLive>, StoreError>> {
+        async move {
+            let mut conn = self.conn.clone();
+            let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&self.live_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(Some(shared_from(fields)))
         }
         .boxed()
     }
