@@ -111,6 +111,7 @@ fn admission(c: &mut Criterion) {
 fn store(c: &mut Criterion) {
     let l = limits();
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .expect("runtime");
     let plain = MemoryStore::open(None, NOW).expect("store");

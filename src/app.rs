@@ -386,7 +386,7 @@ impl App {
             return;
         };
         if let Err(e) = memory.close(self.clock.now_ms()) {
-            tracing::error!(error = %e, "cannot write the last snapshot; the queue would not survive a restart");
+            tracing::error!(error = %e, "cannot write the last snapshot or remove the marks; the next start will take this stop for a crash");
         }
     }
 

@@ -116,7 +116,11 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
     let idle = room.config.session_idle.as_millis() as u64;
     let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
-        Liveness::Dead => lane.store.adopt(sid, pass.at, r.now_ms, idle),
+        Liveness::Dead => {
+            let limits = room.lane_limits(lane);
+            lane.store
+                .adopt(sid, pass.n, pass.at, r.now_ms, idle, &limits)
+        }
         Liveness::Unknown => lane.store.check_session(sid, r.now_ms, idle).await?,
     };
     Ok(alive.then_some(pass))

@@ -4,8 +4,9 @@
 //! and removes the marks; a crash leaves them, and the next start numbers
 //! from the marks, so nobody's place is handed to somebody else. The
 //! numbers between the last one handed out before the crash and the mark
-//! belong to nobody: they are passed over like anyone who left (each holds
-//! a slot for one claim window).
+//! belong to nobody: they are called like anyone who left (each holds a
+//! slot for one claim window), so the lead is kept short: what arrives in
+//! about four writes' time.
 //!
 //! The marks also tell the next start that the last one crashed, and
 //! when the lost stretch began: passes whose session began after the last
@@ -22,11 +23,13 @@ use serde::{Deserialize, Serialize};
 use crate::room::admission::AdmissionState;
 
 /// The fewest numbers written ahead at once.
-const MIN_AHEAD: u64 = 64;
-/// The most: a crash wastes at most this many places.
+const MIN_AHEAD: u64 = 8;
+/// The most: a crash leaves at most this many places nobody holds.
 const MAX_AHEAD: u64 = 100_000;
-/// How far ahead, in time: about a second of arrivals at the latest rate.
-const AHEAD_FOR: Duration = Duration::from_secs(1);
+/// The shortest time ahead the lead covers.
+const MIN_SPAN: Duration = Duration::from_millis(20);
+/// The arrival rate is measured over at least this long.
+const RATE_OVER: Duration = Duration::from_millis(100);
 
 /// One room's marks on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +99,13 @@ pub fn read(path: &Path) -> Result<Option<Left>, String> {
             path.display()
         )
     })?;
+    if f.version != 1 {
+        return Err(format!(
+            "store.snapshot: {} is marks version {}, this varco reads version 1",
+            path.display(),
+            f.version
+        ));
+    }
     Ok(Some(Left {
         since_ms: f.since_ms,
         rooms: f.rooms,
@@ -110,6 +120,8 @@ pub struct Wake {
     /// Set from the first wake until the writer takes it up: every arrival
     /// past the low water asks, and only the first takes the lock.
     pending: AtomicBool,
+    /// The writer stopped (it panicked): numbering goes on without marks.
+    gone: AtomicBool,
 }
 
 impl Wake {
@@ -119,6 +131,14 @@ impl Wake {
         }
         *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_one();
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    pub fn set_gone(&self) {
+        self.gone.store(true, Ordering::Release);
     }
 
     /// Waits until woken or `timeout`; true when woken.
@@ -144,8 +164,18 @@ pub struct Ahead {
     low_water: AtomicU64,
     wake: Arc<Wake>,
     written: tokio::sync::Notify,
-    /// (when, numbers handed out) at the last write: the latest rate.
-    last: Mutex<Option<(Instant, u64)>>,
+    pace: Mutex<Pace>,
+}
+
+/// How fast a room hands out numbers, for how far ahead to write.
+#[derive(Default)]
+struct Pace {
+    /// Start of the current measure: when, and the count then.
+    since: Option<(Instant, u64)>,
+    /// Numbers a second, smoothed.
+    rate: f64,
+    /// The last write's lead.
+    ahead: u64,
 }
 
 impl Ahead {
@@ -157,7 +187,7 @@ impl Ahead {
             low_water: AtomicU64::new(0),
             wake,
             written: tokio::sync::Notify::new(),
-            last: Mutex::new(None),
+            pace: Mutex::new(Pace::default()),
         }
     }
 
@@ -166,6 +196,9 @@ impl Ahead {
     /// and has already let it open if the time has come: a room that
     /// opened numbers nobody until the opening is on disk.
     pub fn covers_next(&self, st: &AdmissionState) -> bool {
+        if self.wake.is_gone() {
+            return true;
+        }
         let (next, mark) = if st.opened {
             if !self.opened.load(Ordering::Acquire) {
                 self.wake.wake();
@@ -184,7 +217,7 @@ impl Ahead {
     /// Whether the opening, if it happened, is on disk (the admission
     /// tick waits for it before calling anyone).
     pub fn covers_opening(&self, st: &AdmissionState) -> bool {
-        if st.opened && !self.opened.load(Ordering::Acquire) {
+        if st.opened && !self.opened.load(Ordering::Acquire) && !self.wake.is_gone() {
             self.wake.wake();
             return false;
         }
@@ -197,30 +230,46 @@ impl Ahead {
         self.written.notified()
     }
 
-    /// The marks to write now for `st` (about a second of arrivals beyond
-    /// what is handed out), and the number past which to ask again.
-    pub fn plan(&self, st: &AdmissionState, now: Instant) -> (Marks, u64) {
+    /// The marks to write now for `st`, and the number past which to ask
+    /// again. The lead is what arrives in about four writes' time (so the
+    /// next write lands before it runs out), doubled when it ran out:
+    /// every number written ahead and not handed out before a crash is a
+    /// place nobody holds. Marks never go down: numbers up to the marks on
+    /// disk may be out already.
+    pub fn plan(&self, st: &AdmissionState, now: Instant, write_took: Duration) -> (Marks, u64) {
         let issued = if st.opened { st.queue } else { st.prequeue };
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let ahead = match *last {
-            Some((t, n)) => {
-                let secs = now.duration_since(t).as_secs_f64().max(0.05);
-                let rate = issued.saturating_sub(n) as f64 / secs;
-                ((rate * AHEAD_FOR.as_secs_f64()) as u64).clamp(MIN_AHEAD, MAX_AHEAD)
+        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        match pace.since {
+            Some((t, n)) if now.duration_since(t) >= RATE_OVER => {
+                let r = issued.saturating_sub(n) as f64 / now.duration_since(t).as_secs_f64();
+                pace.rate = (pace.rate + r) / 2.0;
+                pace.since = Some((now, issued));
             }
-            None => MIN_AHEAD,
+            Some(_) => {}
+            None => pace.since = Some((now, issued)),
+        }
+        let on_disk = if st.opened {
+            self.queue.load(Ordering::Acquire)
+        } else {
+            self.prequeue.load(Ordering::Acquire)
         };
-        *last = Some((now, issued));
+        let span = (4.0 * write_took.as_secs_f64()).max(MIN_SPAN.as_secs_f64());
+        let mut ahead = (pace.rate * span) as u64;
+        if issued >= on_disk {
+            ahead = ahead.max(2 * pace.ahead);
+        }
+        let ahead = ahead.clamp(MIN_AHEAD, MAX_AHEAD);
+        pace.ahead = ahead;
         let marks = if st.opened {
             Marks {
-                queue: st.queue + ahead,
+                queue: (st.queue + ahead).max(self.queue.load(Ordering::Acquire)),
                 prequeue: st.prequeue,
                 opened_with: Some(st.prequeue),
             }
         } else {
             Marks {
                 queue: 0,
-                prequeue: st.prequeue + ahead,
+                prequeue: (st.prequeue + ahead).max(on_disk),
                 opened_with: None,
             }
         };
@@ -236,6 +285,19 @@ impl Ahead {
         self.low_water.store(low_water, Ordering::Relaxed);
         self.written.notify_waiters();
     }
+
+    /// At a clean stop, before the last snapshot: no number beyond the
+    /// counters `st` holds is covered any more, so none is handed out
+    /// that the snapshot would not keep.
+    pub fn freeze(&self, st: &AdmissionState) {
+        self.queue.store(st.queue, Ordering::Release);
+        self.prequeue.store(st.prequeue, Ordering::Release);
+    }
+
+    /// Lets everyone waiting go on (the writer stopped).
+    pub fn release(&self) {
+        self.written.notify_waiters();
+    }
 }
 
 /// Writes every room's marks: to a temporary file, synced, renamed.
@@ -247,4 +309,52 @@ pub fn write(path: &Path, since_ms: u64, rooms: HashMap<String, Marks>) -> std::
     };
     let bytes = serde_json::to_vec(&f).map_err(std::io::Error::other)?;
     super::write_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_never_go_down_and_the_lead_grows_when_it_ran_out() {
+        let a = Ahead::new(Arc::new(Wake::default()));
+        let t0 = Instant::now();
+        let mut st = AdmissionState {
+            opened: true,
+            queue: 10,
+            ..AdmissionState::default()
+        };
+        let took = Duration::from_millis(3);
+        let (m, _) = a.plan(&st, t0, took);
+        assert_eq!(m.queue, 10 + MIN_AHEAD);
+        a.now_written(&m, 0);
+        // A write planned earlier with a longer lead is on disk: a later,
+        // slower estimate must not undercut it.
+        a.now_written(&Marks { queue: 5_000, ..m }, 0);
+        let (m, _) = a.plan(&st, t0 + Duration::from_millis(1), took);
+        assert!(m.queue >= 5_000, "{m:?}");
+        // Handed out up to the mark: the next lead is at least twice the last.
+        st.queue = 5_000;
+        let before = a.pace.lock().unwrap().ahead;
+        let (m, _) = a.plan(&st, t0 + Duration::from_millis(2), took);
+        assert!(m.queue >= 5_000 + 2 * before, "{m:?}");
+    }
+
+    #[test]
+    fn the_lead_follows_the_arrival_rate() {
+        let a = Ahead::new(Arc::new(Wake::default()));
+        let t0 = Instant::now();
+        let took = Duration::from_millis(5);
+        let st = |queue| AdmissionState {
+            opened: true,
+            queue,
+            ..AdmissionState::default()
+        };
+        let (m, _) = a.plan(&st(0), t0, took);
+        a.now_written(&m, 0);
+        // 10,000 a second for 200 ms: a lead of about 4 writes (20 ms).
+        let (m, _) = a.plan(&st(2_000), t0 + Duration::from_millis(200), took);
+        let lead = m.queue - 2_000;
+        assert!((50..=400).contains(&lead), "lead {lead}");
+    }
 }

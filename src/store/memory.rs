@@ -19,6 +19,10 @@ use super::ahead::{self, Ahead, Marks, Wake};
 use super::{write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
 use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
 
+/// How long an arrival waits for its number to be written ahead before it
+/// is handed out anyway.
+const WRITE_AHEAD_WAIT: Duration = Duration::from_secs(2);
+
 pub struct MemoryRoom {
     state: Mutex<AdmissionState>,
     lottery_kid: KeyId,
@@ -84,6 +88,7 @@ impl MemoryRoom {
             }
         }
         async move {
+            let deadline = tokio::time::Instant::now() + WRITE_AHEAD_WAIT;
             loop {
                 // Registered before the check, so a write between the check
                 // and the wait still wakes it.
@@ -96,7 +101,17 @@ impl MemoryRoom {
                         return step(&mut st);
                     }
                 }
-                written.await;
+                if tokio::time::timeout_at(deadline, written).await.is_err() {
+                    // A disk that hangs must not stop a click day: a crash
+                    // that may come is the lesser harm.
+                    tracing::error!(
+                        wait = ?WRITE_AHEAD_WAIT,
+                        "the ticket numbers were not written ahead in time; numbering goes on without them"
+                    );
+                    let mut st = self.lock();
+                    st.maybe_open(&limits, now_ms);
+                    return step(&mut st);
+                }
             }
         }
         .boxed()
@@ -212,25 +227,48 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(true)).boxed()
     }
 
-    fn adopt(&self, sid: u128, began_ms: u64, now_ms: u64, idle_ms: u64) -> bool {
+    fn adopt(
+        &self,
+        sid: u128,
+        n: u64,
+        began_ms: u64,
+        now_ms: u64,
+        idle_ms: u64,
+        limits: &Limits,
+    ) -> bool {
         let Some((lost_from, restarted)) = self.lost else {
             return false;
         };
         // A second of slack: the snapshot's time is read before its
-        // sessions are.
+        // sessions are. A session this node knows (even idled out) was
+        // not lost.
         if began_ms + 1_000 < lost_from
             || now_ms >= restarted + idle_ms
             || self.ended.contains_key(&sid)
+            || self.sessions.contains_key(&sid)
         {
             return false;
         }
-        self.sessions.entry(sid).or_insert_with(|| {
-            tracing::info!(
-                session = format_args!("{sid:032x}"),
-                "a session lost in the crash is taken back"
-            );
-            AtomicU64::new(now_ms + idle_ms)
-        });
+        // The serving counter went back to the snapshot's, so the pass's
+        // own number may be called again: then it takes that slot. Else
+        // only a free one: its slot may have gone to somebody else (its
+        // number called again and lapsed).
+        let mut st = self.lock();
+        let own = st.claim(n, limits, now_ms) == Claim::Admitted;
+        if !own
+            && limits
+                .max_active
+                .is_some_and(|max| self.live() + st.reserved() >= max)
+        {
+            return false;
+        }
+        self.sessions.insert(sid, AtomicU64::new(now_ms + idle_ms));
+        drop(st);
+        tracing::info!(
+            session = format_args!("{sid:032x}"),
+            number = n,
+            "a session lost in the crash is taken back"
+        );
         true
     }
 
@@ -353,7 +391,7 @@ impl MemoryStore {
         }
         if let Some(left) = crashed {
             for (name, marks) in left.rooms {
-                store.recover(&name, &marks);
+                store.recover(&name, &marks, now_ms);
             }
         }
         if let (Some(wake), Some(path)) = (&store.wake, marks_path) {
@@ -362,9 +400,6 @@ impl MemoryStore {
                 .name("varco-marks".into())
                 .spawn(move || write_ahead(weak, writer_wake, path, now_ms))
                 .map_err(|e| format!("store.snapshot: cannot start the marks writer: {e}"))?;
-            // Marks from the start: the first arrival need not wait, and a
-            // crash's marks are replaced by this run's.
-            wake.wake();
         }
         Ok(store)
     }
@@ -375,7 +410,7 @@ impl MemoryStore {
     }
 
     /// Raises a room's counters to the marks a crash left.
-    fn recover(&self, name: &str, marks: &Marks) {
+    fn recover(&self, name: &str, marks: &Marks, now_ms: u64) {
         let (from, to) = match self.rooms.get(name) {
             Some(room) => {
                 let mut st = room.lock();
@@ -384,7 +419,12 @@ impl MemoryStore {
                 (before, (st.queue, st.prequeue))
             }
             None => {
-                let mut st = AdmissionState::default();
+                let mut st = AdmissionState {
+                    // As a fresh room's: one admission's worth.
+                    tokens: 1.0,
+                    refilled_ms: now_ms,
+                    ..AdmissionState::default()
+                };
                 marks.apply(&mut st, true);
                 let to = (st.queue, st.prequeue);
                 self.rooms
@@ -464,6 +504,11 @@ impl MemoryStore {
     pub fn close(&self, now_ms: u64) -> std::io::Result<()> {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         *closed = true;
+        for room in self.rooms.iter() {
+            if let Some(ahead) = &room.ahead {
+                ahead.freeze(&room.lock());
+            }
+        }
         self.save(now_ms)?;
         if let Some(path) = &self.snapshot {
             match std::fs::remove_file(ahead::path_for(path)) {
@@ -486,10 +531,31 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, String> {
     })
 }
 
-/// The marks writer: wakes when a room runs low (or the first time, at
-/// start), writes every room's marks in one file, and lets the waiting
-/// hand out their numbers. Ends with the store.
+/// The marks writer: wakes when a room runs low, writes every room's marks
+/// in one file, and lets the waiting hand out their numbers. Ends with the
+/// store.
 fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_ms: u64) {
+    /// Should the writer ever panic, numbering goes on without marks
+    /// rather than waiting for a writer that is gone.
+    struct Gone(Weak<MemoryStore>, Arc<Wake>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            self.1.set_gone();
+            if let Some(store) = self.0.upgrade() {
+                tracing::error!(
+                    "the marks writer stopped; ticket numbers are no longer written ahead"
+                );
+                for room in store.rooms.iter() {
+                    if let Some(ahead) = &room.ahead {
+                        ahead.release();
+                    }
+                }
+            }
+        }
+    }
+    let _gone = Gone(store.clone(), wake.clone());
+    // A guess until the first write is timed.
+    let mut took = Duration::from_millis(5);
     loop {
         let woken = wake.wait(Duration::from_secs(1));
         let Some(store) = store.upgrade() else {
@@ -507,19 +573,24 @@ fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_m
         let plans: Vec<_> = rooms
             .into_iter()
             .filter_map(|(name, room)| {
-                let plan = room.ahead.as_ref()?.plan(&room.lock(), now);
+                let plan = room.ahead.as_ref()?.plan(&room.lock(), now, took);
                 Some((name, room, plan))
             })
             .collect();
         let closed = store.closed.lock().unwrap_or_else(|e| e.into_inner());
-        if !*closed {
-            let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
-            if let Err(e) = ahead::write(&path, since_ms, marks) {
-                // Serving goes on: a stalled queue on a click day is worse
-                // than a crash that might come.
-                tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead; a crash now could hand a place to two people");
-            }
+        if *closed {
+            // The last snapshot holds every number handed out; nothing
+            // more is covered (see `close`).
+            continue;
         }
+        let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
+        let started = Instant::now();
+        if let Err(e) = ahead::write(&path, since_ms, marks) {
+            // Serving goes on: a stalled queue on a click day is worse
+            // than a crash that might come.
+            tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead; a crash now could hand a place to two people");
+        }
+        took = started.elapsed();
         drop(closed);
         for (_, room, (marks, low_water)) in &plans {
             if let Some(ahead) = &room.ahead {
@@ -532,7 +603,7 @@ fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::room::admission::{Issued, Mode};
+    use crate::room::admission::{Claim, Issued, Mode};
 
     fn limits(opens_at_ms: Option<u64>) -> Limits {
         Limits {
@@ -542,6 +613,20 @@ mod tests {
             tick_ms: 1_000,
             opens_at_ms,
             mode: Mode::QueueAll,
+        }
+    }
+
+    fn limits_unbounded() -> Limits {
+        Limits {
+            max_active: None,
+            ..limits(None)
+        }
+    }
+
+    fn session(sid: u128) -> NewSession {
+        NewSession {
+            sid,
+            expires_ms: 11_500 + 60_000,
         }
     }
 
@@ -656,25 +741,46 @@ mod tests {
     #[tokio::test]
     async fn passes_begun_after_the_last_snapshot_are_taken_back_once() {
         let snap = folder("adopt");
+        let l = limits(None);
         let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
-        let room = store.room("r", &limits(None), 0);
-        number(&room, limits(None), 0).await;
+        let room = store.room("r", &l, 0);
+        for _ in 0..2 {
+            number(&room, l, 0).await;
+        }
         store.save(10_000).unwrap();
+        // Number 1 is called and admitted after the snapshot; then a crash.
+        room.tick(l, 11_000).await.unwrap();
+        assert_eq!(
+            room.claim(1, l, session(7), 11_500).await.unwrap(),
+            Claim::Admitted
+        );
         drop((room, store));
+
         let store = MemoryStore::open(Some(snap.clone()), 15_000).unwrap();
-        let room = store.room("r", &limits(None), 15_000);
+        let room = store.room("r", &l, 15_000);
+        // The serving counter went back: number 1 is called again.
+        room.tick(l, 15_000).await.unwrap();
         let idle = 60_000;
         assert!(
-            !room.adopt(1, 2_000, 15_000, idle),
+            !room.adopt(1, 1, 2_000, 15_000, idle, &l),
             "begun before the snapshot: it would be in it"
         );
         assert!(
-            room.adopt(2, 12_000, 15_000, idle),
-            "begun after the snapshot"
+            room.adopt(7, 1, 11_500, 15_000, idle, &l),
+            "begun after the snapshot: back, in its own number's slot"
         );
-        assert_eq!(room.touch(2, 16_000, idle), Liveness::Alive);
+        assert_eq!(room.touch(7, 16_000, idle), Liveness::Alive);
+        assert_eq!(room.view().reserved, 0, "its number's slot is taken");
         assert!(
-            !room.adopt(3, 12_000, 15_000 + idle, idle),
+            !room.adopt(7, 1, 11_500, 16_000, idle, &l),
+            "a session this node knows is not taken back again"
+        );
+        assert!(
+            !room.adopt(5, 0, 12_000, 16_000, idle, &l),
+            "another only into a free slot (max_active 1)"
+        );
+        assert!(
+            !room.adopt(3, 0, 12_000, 15_000 + idle, idle, &limits_unbounded()),
             "only within one idle time of the start"
         );
         // A clean start knows of no crash: nothing is taken back.
@@ -682,6 +788,6 @@ mod tests {
         drop((room, store));
         let store = MemoryStore::open(Some(snap), 21_000).unwrap();
         let room = store.room("r", &limits(None), 21_000);
-        assert!(!room.adopt(4, 20_500, 21_000, idle));
+        assert!(!room.adopt(4, 0, 20_500, 21_000, idle, &l));
     }
 }

@@ -155,10 +155,20 @@ pub trait RoomStore: Send + Sync + 'static {
         expires_ms: u64,
         now_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
-    /// Takes back the session of a valid pass this node lost in a crash
-    /// (begun after its last snapshot), for one idle time after the start
-    /// that found the crash. Only the memory store loses sessions so.
-    fn adopt(&self, _sid: u128, _began_ms: u64, _now_ms: u64, _idle_ms: u64) -> bool {
+    /// Takes back the session `sid` of a valid pass (admitted with
+    /// number `n`) this node lost in a crash (begun after its last
+    /// snapshot), for one idle time after the start that found the crash,
+    /// into its own number's slot if that is called again, else into a
+    /// free one. Only the memory store loses sessions so.
+    fn adopt(
+        &self,
+        _sid: u128,
+        _n: u64,
+        _began_ms: u64,
+        _now_ms: u64,
+        _idle_ms: u64,
+        _limits: &Limits,
+    ) -> bool {
         false
     }
     fn view(&self) -> RoomView;
