@@ -114,7 +114,6 @@ fn problem(status: StatusCode, message: &str) -> Response<Body> {
     json_response(status, json!({ "error": message }))
 }
 
-/// A room's live state, as the API and `varco ctl status` show it.
 /// The room's state after a change; 503 when the change holds on this
 /// node only because the cluster's store could not take it.
 fn changed(room: &Room, shared: Result<(), StoreError>) -> Response<Body> {
@@ -133,6 +132,7 @@ fn changed(room: &Room, shared: Result<(), StoreError>) -> Response<Body> {
     }
 }
 
+/// A room's live state, as the API and `varco ctl status` show it.
 pub fn room_state(room: &Room) -> Value {
     let v = room.view();
     let per_second = v.observed_rate;

@@ -305,6 +305,12 @@ impl App {
             }
         }
         let rooms = build_rooms(&new, keys, &self.stores, &self.metrics, self.clock.now_ms());
+        // The cluster's shared changes hold across a reload.
+        for room in &rooms {
+            if let Some(old) = self.room(&room.name) {
+                room.follow_as(&old);
+            }
+        }
         // What adaptive admission learned survives a reload (within the
         // new bounds); starting over would re-probe a portal we know.
         for room in &rooms {
@@ -326,9 +332,12 @@ impl App {
         let now = self.clock.now_ms();
         let mut trouble = None;
         // Every room, gated or not: an operator may have paused a plain
-        // proxy through another node.
+        // proxy through another node. A store that does not answer for
+        // one will not for the next: one wait a tick, not one a room.
         for room in self.rooms().iter() {
-            room.follow_shared().await;
+            if !room.follow_shared().await {
+                break;
+            }
         }
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             room.adapt(now);

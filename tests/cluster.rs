@@ -798,7 +798,12 @@ async fn a_live_change_through_one_node_reaches_every_node() {
             ""
         )
     );
-    let nodes = nodes(&cfg, 2).await;
+    let file = fresh_dir("live").join("varco.toml");
+    std::fs::write(&file, &cfg).unwrap();
+    let nodes = vec![
+        Gated::start_file(&file).await,
+        Gated::start_file(&file).await,
+    ];
     let live = |v: serde_json::Value| {
         (
             v["mode"].as_str().unwrap_or_default().to_string(),
@@ -855,5 +860,58 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     assert!(
         first.get("/").await.reached_upstream(),
         "the line moves again"
+    );
+
+    // A reset and a change within one tick: the version only moves up,
+    // so no node takes the new change for one it already followed.
+    api(&nodes[0], "POST", "/api/rooms/portal/rate?value=300").await;
+    advance(&nodes, 1000).await;
+    for action in ["reset", "rate?value=240"] {
+        let got = api(&nodes[0], "POST", &format!("/api/rooms/portal/{action}")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("queue".to_string(), Some(240.0), Some(5))
+    );
+    // A change of one field leaves the others as each node has them (an
+    // adaptive rate, say).
+    nodes[1]
+        .app
+        .room("portal")
+        .unwrap()
+        .set_per_minute(Some(999.0));
+    api(&nodes[0], "POST", "/api/rooms/portal/max_active?value=3").await;
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("queue".to_string(), Some(999.0), Some(3))
+    );
+    // A reload keeps what the cluster shares, at once.
+    let got = api(&nodes[1], "POST", "/api/reload").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("queue".to_string(), Some(240.0), Some(3)),
+        "the shared rate and cap, not the file's"
+    );
+    // Redis loses its data: what is in force stays (a pause would not lift
+    // itself), and the next change is followed again.
+    api(&nodes[0], "POST", "/api/rooms/portal/pause").await;
+    advance(&nodes, 1000).await;
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    advance(&nodes, 1000).await;
+    for g in &nodes {
+        assert_eq!(
+            live(api(g, "GET", "/api/rooms/portal").await.json()).0,
+            "paused"
+        );
+    }
+    api(&nodes[0], "POST", "/api/rooms/portal/resume").await;
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("queue".to_string(), Some(240.0), Some(3))
     );
 }

@@ -81,6 +81,9 @@ pub struct Room {
     draw: Mutex<Option<Arc<Draw>>>,
     /// The cluster's live changes this room last followed.
     followed: Mutex<SharedLive>,
+    /// Changes made through this node's API, counted: a read of the
+    /// shared ones that overlaps one is not applied.
+    local_changes: AtomicU64,
 }
 
 /// A room's pre-queue draw under one lottery key.
@@ -143,6 +146,7 @@ impl Room {
             lanes: vec![default_lane],
             draw: Mutex::new(None),
             followed: Mutex::new(SharedLive::default()),
+            local_changes: AtomicU64::new(0),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
@@ -295,56 +299,74 @@ impl Room {
     /// An operator's change: here at once, and shared with every node
     /// of a cluster (an error: it holds on this node only).
     pub async fn change_live(&self, change: LiveChange) -> Result<(), StoreError> {
-        self.apply(change);
-        self.store.share_live(change).await
-    }
-
-    fn apply(&self, change: LiveChange) {
+        self.local_changes.fetch_add(1, Ordering::SeqCst);
         match change {
             LiveChange::Mode(m) => self.set_mode(m),
             LiveChange::PerMinute(r) => self.set_per_minute(r),
             LiveChange::MaxActive(m) => self.set_max_active(m),
         }
+        self.store.share_live(change).await
     }
 
     /// Back to the config's mode, rate and `max_active`, here and (in a
     /// cluster) on every node.
     pub async fn reset_live(&self) -> Result<(), StoreError> {
-        self.set_mode(self.config.mode);
-        self.set_per_minute(self.config.admission_per_minute);
-        self.set_max_active(self.config.max_active);
+        self.local_changes.fetch_add(1, Ordering::SeqCst);
+        self.back_to_config();
         self.store.reset_live().await
     }
 
+    fn back_to_config(&self) {
+        self.set_mode(self.config.mode);
+        self.set_per_minute(self.config.admission_per_minute);
+        self.set_max_active(self.config.max_active);
+    }
+
     /// Follows the live changes an operator made through any node of the
-    /// cluster (each tick): a field shared is taken; a field no longer
-    /// shared (a reset) goes back to the config. What was never shared
-    /// stays as this node has it (an adaptive rate, say).
-    pub async fn follow_shared(&self) {
+    /// cluster (each tick). Only what changed since the last look is
+    /// applied: a field newly shared is taken, a field no longer shared
+    /// goes back to the config, a reset takes all three back first; the
+    /// rest stays as this node has it (an adaptive rate, a change made
+    /// here while the store was away). False: the store did not answer.
+    pub async fn follow_shared(&self) -> bool {
+        let before = self.local_changes.load(Ordering::SeqCst);
         let shared = match self.store.shared_live().await {
             Ok(Some(s)) => s,
-            // One node, or the store away: nothing new to follow.
-            Ok(None) | Err(_) => return,
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::warn!(room = %self.name, error = %e, "cannot read the cluster's live settings");
+                return false;
+            }
         };
+        // An operator changed something here while the answer was on its
+        // way: it may predate the change; look again next tick.
+        if self.local_changes.load(Ordering::SeqCst) != before {
+            return true;
+        }
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
-        if followed.version == shared.version {
-            return;
+        if *followed == shared {
+            return true;
+        }
+        if shared.version.is_empty() {
+            // The hash is gone with Redis's data: keep what is in force
+            // (a pause must not lift itself), and follow what comes next.
+            tracing::warn!(room = %self.name, "the cluster's live settings are gone from the store; keeping the ones in force");
+            *followed = SharedLive::default();
+            return true;
+        }
+        let reset = shared.reset != followed.reset;
+        if reset {
+            self.back_to_config();
         }
         let c = &self.config;
-        match (shared.mode, followed.mode) {
-            (Some(m), _) => self.set_mode(m),
-            (None, Some(_)) => self.set_mode(c.mode),
-            (None, None) => {}
+        if reset || shared.mode != followed.mode {
+            self.set_mode(shared.mode.unwrap_or(c.mode));
         }
-        match (shared.per_minute, followed.per_minute) {
-            (Some(r), _) => self.set_per_minute(r),
-            (None, Some(_)) => self.set_per_minute(c.admission_per_minute),
-            (None, None) => {}
+        if reset || shared.per_minute != followed.per_minute {
+            self.set_per_minute(shared.per_minute.unwrap_or(c.admission_per_minute));
         }
-        match (shared.max_active, followed.max_active) {
-            (Some(m), _) => self.set_max_active(m),
-            (None, Some(_)) => self.set_max_active(c.max_active),
-            (None, None) => {}
+        if reset || shared.max_active != followed.max_active {
+            self.set_max_active(shared.max_active.unwrap_or(c.max_active));
         }
         tracing::info!(
             room = %self.name,
@@ -355,6 +377,28 @@ impl Room {
             "following the cluster's live settings"
         );
         *followed = shared;
+        true
+    }
+
+    /// A room built by a reload takes over what the room it replaces
+    /// followed, so a shared change holds across the reload without
+    /// waiting for the next tick (or for the store to come back).
+    pub fn follow_as(&self, old: &Room) {
+        let followed = old
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(m) = followed.mode {
+            self.set_mode(m);
+        }
+        if let Some(r) = followed.per_minute {
+            self.set_per_minute(r);
+        }
+        if let Some(m) = followed.max_active {
+            self.set_max_active(m);
+        }
+        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = followed;
     }
 
     /// How long a session the portal ended must be remembered: as long as

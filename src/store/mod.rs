@@ -83,11 +83,14 @@ pub enum LiveChange {
 
 /// The live changes every node of a cluster follows, as the store holds
 /// them: each field an operator set through any node since the last
-/// reset, and a version that moves with every change.
+/// reset, a version that only ever moves up, and the version of the last
+/// reset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SharedLive {
-    /// Empty: nothing shared (never set, or reset).
+    /// Empty: nothing ever shared.
     pub version: String,
+    /// Empty: never reset.
+    pub reset: String,
     pub mode: Option<Mode>,
     pub per_minute: Option<Option<f64>>,
     pub max_active: Option<Option<u64>>,

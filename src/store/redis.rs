@@ -214,6 +214,14 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Drops the shared fields and records the reset under a new version.
+const RESET_LIVE: &str = r#"
+redis.call('HDEL', KEYS[1], 'mode', 'rate', 'max_active')
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'reset', v)
+return 0
+"#;
+
 /// `-1` is unlimited, as in the admission script's arguments.
 fn limit_text(v: Option<f64>) -> String {
     v.map(|x| x.to_string()).unwrap_or_else(|| "-1".into())
@@ -229,12 +237,13 @@ fn limit_of(text: &str) -> Option<Option<f64>> {
 fn shared_from(fields: std::collections::HashMap<String, String>) -> SharedLive {
     SharedLive {
         version: fields.get("version").cloned().unwrap_or_default(),
+        reset: fields.get("reset").cloned().unwrap_or_default(),
         mode: fields.get("mode").and_then(|m| Mode::parse(m)),
         per_minute: fields.get("rate").and_then(|r| limit_of(r)),
-        max_active: fields
-            .get("max_active")
-            .and_then(|m| limit_of(m))
-            .map(|m| m.map(|v| v as u64)),
+        max_active: fields.get("max_active").and_then(|m| match m.as_str() {
+            "-1" => Some(None),
+            m => m.parse().ok().map(Some),
+        }),
     }
 }
 
@@ -711,7 +720,10 @@ impl RoomStore for RedisRoom {
         let (field, value) = match change {
             LiveChange::Mode(m) => ("mode", m.as_str().to_string()),
             LiveChange::PerMinute(r) => ("rate", limit_text(r)),
-            LiveChange::MaxActive(m) => ("max_active", limit_text(m.map(|v| v as f64))),
+            LiveChange::MaxActive(m) => (
+                "max_active",
+                m.map(|v| v.to_string()).unwrap_or_else(|| "-1".into()),
+            ),
         };
         async move {
             let mut conn = self.conn.clone();
@@ -731,9 +743,11 @@ impl RoomStore for RedisRoom {
     fn reset_live(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let mut conn = self.conn.clone();
-            redis::cmd("DEL")
-                .arg(&self.live_key)
-                .query_async::<()>(&mut conn)
+            // The hash is never deleted: a version that started again at 1
+            // could equal one a node already followed.
+            Script::new(RESET_LIVE)
+                .key(&self.live_key)
+                .invoke_async::<()>(&mut conn)
                 .await
                 .map_err(unavailable)
         }
