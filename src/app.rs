@@ -131,6 +131,9 @@ impl App {
                     .map_err(AppError::Store)?,
             )),
         };
+        if let Stores::Memory(m) = &stores {
+            m.count_marks_errors(metrics.state_write_errors.with_label_values(&["marks"]));
+        }
         let rooms = build_rooms(&config, &config.keys, &stores, &metrics, clock.now_ms());
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -384,8 +387,16 @@ impl App {
             return;
         };
         if let Err(e) = memory.save(self.clock.now_ms()) {
+            self.count_snapshot_error();
             tracing::error!(error = %e, "cannot write the snapshot; the queue would not survive a restart");
         }
+    }
+
+    fn count_snapshot_error(&self) {
+        self.metrics
+            .state_write_errors
+            .with_label_values(&["snapshot"])
+            .inc();
     }
 
     /// The snapshot at a clean stop, which also removes the numbers written
@@ -395,6 +406,7 @@ impl App {
             return;
         };
         if let Err(e) = memory.close(self.clock.now_ms()) {
+            self.count_snapshot_error();
             tracing::error!(error = %e, "cannot write the last snapshot or remove the marks; the next start will take this stop for a crash");
         }
     }

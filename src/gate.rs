@@ -118,8 +118,13 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         Liveness::Alive => true,
         Liveness::Dead => {
             let limits = room.lane_limits(lane);
-            lane.store
-                .adopt(sid, pass.n, pass.at, r.now_ms, idle, &limits)
+            let back = lane
+                .store
+                .adopt(sid, pass.n, pass.at, r.now_ms, idle, &limits);
+            if back {
+                room.metrics.reentries_after_crash.inc();
+            }
+            back
         }
         Liveness::Unknown => lane.store.check_session(sid, r.now_ms, idle).await?,
     };

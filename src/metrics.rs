@@ -51,6 +51,7 @@ pub const NAMES: &[&str] = &[
     "varco_reentries_refused_total",
     "varco_audit_records_total",
     "varco_audit_write_errors_total",
+    "varco_state_write_errors_total",
     "varco_lane_queue_length",
     "varco_lane_active_sessions",
     "varco_lane_admission_rate_per_minute",
@@ -78,6 +79,8 @@ pub struct Metrics {
     pub reentries_refused: IntCounterVec,
     pub audit_records: IntCounter,
     pub audit_write_errors: IntCounter,
+    /// By kind: `snapshot` or `marks`.
+    pub state_write_errors: IntCounterVec,
 }
 
 /// Waits in line: seconds to hours.
@@ -223,6 +226,11 @@ impl Metrics {
             "Admission log records that could not be written durably",
         )
         .expect("valid metric");
+        let state_write_errors = counter(
+            "varco_state_write_errors_total",
+            "Writes of the memory store's snapshot or of its ticket numbers written ahead (marks) that failed: a restart or a crash could lose places",
+            &["kind"],
+        );
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pass_extensions.clone()),
@@ -230,6 +238,7 @@ impl Metrics {
             Box::new(reentries_refused.clone()),
             Box::new(audit_records.clone()),
             Box::new(audit_write_errors.clone()),
+            Box::new(state_write_errors.clone()),
             Box::new(adaptive_adjustments.clone()),
             Box::new(in_flight_wait_seconds.clone()),
             Box::new(request_seconds.clone()),
@@ -267,6 +276,7 @@ impl Metrics {
             reentries_refused,
             audit_records,
             audit_write_errors,
+            state_write_errors,
         }
     }
 
@@ -309,6 +319,7 @@ pub struct RoomMetrics {
     pub pass_extensions: IntCounter,
     pub reentries_after_failure: IntCounter,
     pub reentries_after_detour: IntCounter,
+    pub reentries_after_crash: IntCounter,
     pub reentries_refused: IntCounter,
     adjustments: IntCounterVec,
     room: String,
@@ -337,6 +348,7 @@ impl RoomMetrics {
             pass_extensions: m.pass_extensions.with_label_values(&[room]),
             reentries_after_failure: m.reentries.with_label_values(&[room, "upstream_failure"]),
             reentries_after_detour: m.reentries.with_label_values(&[room, "login_detour"]),
+            reentries_after_crash: m.reentries.with_label_values(&[room, "crash"]),
             reentries_refused: m.reentries_refused.with_label_values(&[room]),
             adjustments: m.adaptive_adjustments.clone(),
             room: room.to_string(),

@@ -232,6 +232,13 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
     )
     .unwrap();
     let mut p = Process::start(&cfg);
+    // The snapshot taken at the start: everything after it is lost in the
+    // crash but for the marks.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("state.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut first = Citizen::new(p.addr);
     assert!(
         first.get("/").await.reached_upstream(),
@@ -276,6 +283,10 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
         first.cookie("varco_pass_portal"),
         Some(pass.as_str()),
         "the same session, not a new admission"
+    );
+    assert_eq!(
+        client::metric(p.admin, "varco_reentries_total", "reason=\"crash\"").await,
+        Some(1.0)
     );
     let mut after = Vec::new();
     for c in line.iter_mut() {

@@ -517,6 +517,43 @@ fn snapshotted_room(
     (dir, cfg)
 }
 
+/// A snapshot that cannot be written (its folder is a file: even root
+/// cannot) is counted for the operator's alert, and never stops the queue:
+/// the numbers are handed out all the same.
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("unwritable", up.addr, "max_active = 1");
+    std::fs::write(dir.join("not-a-folder"), "").unwrap();
+    let cfg = cfg.replace(
+        "snapshot = \"state.json\"",
+        "snapshot = \"not-a-folder/state.json\"",
+    );
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let errors = |kind: &'static str| {
+        let admin = g.admin;
+        async move {
+            common::client::metric(
+                admin,
+                "varco_state_write_errors_total",
+                &format!("kind=\"{kind}\""),
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    assert!(g.citizen().get("/").await.reached_upstream());
+    for expect in 1..=3 {
+        let mut c = g.citizen();
+        assert!(c.get("/").await.is_waiting_page());
+        assert_eq!(c.status("portal").await["position"], expect);
+    }
+    assert!(errors("marks").await >= 1.0, "marks not written, counted");
+    let before = errors("snapshot").await;
+    g.app.save();
+    assert_eq!(errors("snapshot").await, before + 1.0);
+}
+
 #[tokio::test]
 async fn a_restart_keeps_every_place_and_every_pass() {
     let up = upstream::spawn().await;

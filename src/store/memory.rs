@@ -309,6 +309,8 @@ pub struct MemoryStore {
     /// absence tells the next start that this one stopped cleanly). Held
     /// while the marks are written, so none land after they are removed.
     closed: Mutex<bool>,
+    /// Counts marks that could not be written, once the metrics are known.
+    marks_errors: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -362,6 +364,7 @@ impl MemoryStore {
             snapshot,
             lost,
             closed: Mutex::new(false),
+            marks_errors: std::sync::OnceLock::new(),
         });
         if let Some(snap) = snap {
             let down = now_ms.saturating_sub(snap.saved_ms);
@@ -402,6 +405,11 @@ impl MemoryStore {
                 .map_err(|e| format!("store.snapshot: cannot start the marks writer: {e}"))?;
         }
         Ok(store)
+    }
+
+    /// Where to count marks that could not be written.
+    pub fn count_marks_errors(&self, counter: prometheus::IntCounter) {
+        let _ = self.marks_errors.set(counter);
     }
 
     fn new_room(&self, state: AdmissionState) -> MemoryRoom {
@@ -589,6 +597,9 @@ fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_m
             // Serving goes on: a stalled queue on a click day is worse
             // than a crash that might come.
             tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead; a crash now could hand a place to two people");
+            if let Some(c) = store.marks_errors.get() {
+                c.inc();
+            }
         }
         took = started.elapsed();
         drop(closed);
