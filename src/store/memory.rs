@@ -675,6 +675,43 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_arrivals_are_all_covered_and_a_crash_reissues_none() {
+        let snap = folder("concurrent");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (room, snap) = (room.clone(), snap.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    for _ in 0..2_000 {
+                        let n = number(&room, limits(None), 0).await;
+                        if n % 97 == 0 {
+                            let m = marks_on_disk(&snap);
+                            assert!(m.queue >= n, "{n} handed out with {m:?} on disk");
+                        }
+                        got.push(n);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 8_000, "every number once");
+        let max = *all.last().unwrap();
+        assert!(marks_on_disk(&snap).queue >= max);
+        drop((room, store));
+        let store = MemoryStore::open(Some(snap), 1).unwrap();
+        let room = store.room("r", &limits(None), 1);
+        assert!(number(&room, limits(None), 1).await > max);
+    }
+
     #[tokio::test]
     async fn after_a_crash_numbering_resumes_past_every_number_handed_out() {
         let snap = folder("crash");
