@@ -7,7 +7,7 @@
 #   benches/load.sh --smoke         # 1 short round of each part: checks the harness
 #   BEFORE=/path/to/older/varco PARTS=waiting benches/load.sh
 #                                   # that build too, in the same rounds (an A/B)
-#   PARTS="proxy waiting memory" benches/load.sh   # the default: all three
+#   PARTS="proxy waiting" benches/load.sh   # some parts (default: all below)
 #
 # Parts:
 #   proxy    varco and nginx proxying the origin (1 KiB page)
@@ -25,6 +25,9 @@
 #   cluster  admitted traffic (a pass in hand) through varco with the
 #            redis store against the memory store, and Redis commands per
 #            admitted request (redis-server on the generator's core)
+#   snapshot new arrivals on the waiting room above with store.snapshot
+#            set (each ticket number written ahead to disk before it is
+#            handed out) against the same room without one
 #
 # Layout on a 2-core machine: each proxy (varco with 1 worker thread,
 # nginx with 1 worker process) alone on core 0; the load generator (wrk,
@@ -40,7 +43,7 @@ cd "$here"
 ROUNDS=${ROUNDS:-5}
 SECS=${SECONDS_PER_ROUND:-10}
 CONNS=${CONNECTIONS:-64}
-PARTS=${PARTS:-proxy waiting memory cluster}
+PARTS=${PARTS:-proxy waiting memory cluster snapshot}
 MANY_TICKETS=${MANY_TICKETS:-1000000}
 if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; fi
 
@@ -68,6 +71,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); NGX_PAGE=$(port); VAR=$(port); VADM=$(port)
 VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
 VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port); VFLOOR=$(port)
+VSNAP=$(port); VSNADM=$(port)
 
 # A 1 KiB page: the size of a small personalised response.
 head -c 1024 /dev/zero | tr '\0' 'x' > "$work/page.html"
@@ -252,7 +256,7 @@ compare() { # title, then name port pid for each contender; nginx last
   done
   local last=$((n - 1)) target
   for i in $(seq 0 $((last - 1))); do
-    target=""; [ "$i" -eq 0 ] && target=" (target >= 1.0)"
+    target=""; [ "$i" -eq 0 ] && target="${TARGET- (target >= 1.0)}"
     awk -v a="${rps[$i]}" -v b="${rps[$last]}" -v w="${names[$i]}/${names[$last]}" -v t="$target" \
       'BEGIN {printf "  throughput ratio %s: %.2f%s\n", w, a/b, t}'
     awk -v a="${p99[$i]}" -v b="${p99[$last]}" -v w="${names[$i]}/${names[$last]}" \
@@ -392,6 +396,18 @@ $open")
       printf '  memory store %10.0f req/s\n  redis store  %10.0f req/s\n' "$m" "$rr"
       awk -v a="$rr" -v b="$m" 'BEGIN {printf "  throughput ratio redis/memory: %.2f (target >= 0.9)\n", a/b}'
       printf '  Redis commands per admitted request: %s (target <= 0.1)\n\n' "$cpr"
+      ;;
+    snapshot)
+      VSNAP_PID=$(start_varco snapshot "$(server_block "$VSNAP" "$VSNADM")
+$common
+[store]
+snapshot = \"$work/state.json\"
+$gated")
+      pids+=("$VSNAP_PID")
+      wait_port "$VSNAP"
+      TARGET=" (the cost of writing numbers ahead)" compare \
+        "new arrivals with a snapshot file (numbers written ahead) and without" \
+        snapshot "$VSNAP" "$VSNAP_PID" varco "$VWAIT" "$VWAIT_PID"
       ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
