@@ -168,6 +168,9 @@ pub struct Ahead {
     wake: Arc<Wake>,
     written: tokio::sync::Notify,
     pace: Mutex<Pace>,
+    /// A write did not come in time: numbers go out uncovered until the
+    /// next one lands, rather than each arrival waiting in turn.
+    late: AtomicBool,
 }
 
 /// How fast a room hands out numbers, for how far ahead to write.
@@ -191,6 +194,7 @@ impl Ahead {
             wake,
             written: tokio::sync::Notify::new(),
             pace: Mutex::new(Pace::default()),
+            late: AtomicBool::new(false),
         }
     }
 
@@ -199,7 +203,7 @@ impl Ahead {
     /// and has already let it open if the time has come: a room that
     /// opened numbers nobody until the opening is on disk.
     pub fn covers_next(&self, st: &AdmissionState) -> bool {
-        if self.wake.is_gone() {
+        if self.wake.is_gone() || self.late.load(Ordering::Acquire) {
             return true;
         }
         let (next, mark) = if st.opened {
@@ -220,7 +224,11 @@ impl Ahead {
     /// Whether the opening, if it happened, is on disk (the admission
     /// tick waits for it before calling anyone).
     pub fn covers_opening(&self, st: &AdmissionState) -> bool {
-        if st.opened && !self.opened.load(Ordering::Acquire) && !self.wake.is_gone() {
+        if st.opened
+            && !self.opened.load(Ordering::Acquire)
+            && !self.wake.is_gone()
+            && !self.late.load(Ordering::Acquire)
+        {
             self.wake.wake();
             return false;
         }
@@ -280,8 +288,23 @@ impl Ahead {
         (marks, issued + ahead / 2)
     }
 
+    /// No write came within `waited`: numbers go out uncovered until the
+    /// next write lands (said once, not once an arrival).
+    pub fn too_late(&self, waited: Duration) {
+        if !self.late.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                ?waited,
+                "the ticket numbers were not written ahead in time; numbering goes on without them until the disk answers"
+            );
+        }
+        self.wake.wake();
+    }
+
     /// `marks` are on disk (or could not be written, and serving goes on).
     pub fn now_written(&self, marks: &Marks, low_water: u64) {
+        if self.late.swap(false, Ordering::AcqRel) {
+            tracing::info!("the ticket numbers are written ahead again");
+        }
         self.queue.store(marks.queue, Ordering::Release);
         self.prequeue.store(marks.prequeue, Ordering::Release);
         self.opened

@@ -104,10 +104,7 @@ impl MemoryRoom {
                 if tokio::time::timeout_at(deadline, written).await.is_err() {
                     // A disk that hangs must not stop a click day: a crash
                     // that may come is the lesser harm.
-                    tracing::error!(
-                        wait = ?WRITE_AHEAD_WAIT,
-                        "the ticket numbers were not written ahead in time; numbering goes on without them"
-                    );
+                    ahead.too_late(WRITE_AHEAD_WAIT);
                     let mut st = self.lock();
                     st.maybe_open(&limits, now_ms);
                     return step(&mut st);
@@ -710,6 +707,35 @@ mod tests {
         let store = MemoryStore::open(Some(snap), 1).unwrap();
         let room = store.room("r", &limits(None), 1);
         assert!(number(&room, limits(None), 1).await > max);
+    }
+
+    /// A disk that never answers: the first arrival waits 2 s (a paused
+    /// clock here), then numbering goes on without marks, nobody else
+    /// waiting, until a write lands.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_disk_delays_numbering_once_then_not_at_all() {
+        // No writer listens to this wake: every write is "stuck".
+        let room = MemoryRoom::new(
+            AdmissionState::new(&limits(None), 0),
+            Some(Ahead::new(Arc::new(Wake::default()))),
+            None,
+        );
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(number(&room, limits(None), 0).await, 1);
+        assert_eq!(t0.elapsed(), WRITE_AHEAD_WAIT, "the first waited");
+        let t1 = tokio::time::Instant::now();
+        for expect in 2..=10 {
+            assert_eq!(number(&room, limits(None), 0).await, expect);
+        }
+        assert_eq!(t1.elapsed(), Duration::ZERO, "the others did not");
+        // A write lands: the marks cover again, and bind again.
+        let ahead = room.ahead.as_ref().unwrap();
+        let (marks, low) = ahead.plan(&room.lock(), Instant::now(), Duration::from_millis(1));
+        ahead.now_written(&marks, low);
+        assert!(ahead.covers_next(&room.lock()));
+        let past = Marks { queue: 10, ..marks };
+        ahead.now_written(&past, 0);
+        assert!(!ahead.covers_next(&room.lock()), "number 11 is not covered");
     }
 
     #[tokio::test]
