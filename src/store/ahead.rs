@@ -198,6 +198,15 @@ impl Ahead {
         }
     }
 
+    /// A room restored at start (from the snapshot, or the marks a crash
+    /// left) or made fresh: what it holds is already on disk, or needs
+    /// no disk (a fresh room's opening has no pre-queue to draw).
+    pub fn restored(&self, st: &AdmissionState) {
+        self.queue.store(st.queue, Ordering::Release);
+        self.prequeue.store(st.prequeue, Ordering::Release);
+        self.opened.store(st.opened, Ordering::Release);
+    }
+
     /// Whether the next number `st` hands out is covered by the marks on
     /// disk (asks for more when they run low). The caller holds the state
     /// and has already let it open if the time has come: a room that
@@ -224,15 +233,19 @@ impl Ahead {
     /// Whether the opening, if it happened, is on disk (the admission
     /// tick waits for it before calling anyone).
     pub fn covers_opening(&self, st: &AdmissionState) -> bool {
-        if st.opened
-            && !self.opened.load(Ordering::Acquire)
-            && !self.wake.is_gone()
-            && !self.late.load(Ordering::Acquire)
-        {
+        if st.opened && !self.opening_on_disk() {
             self.wake.wake();
             return false;
         }
         true
+    }
+
+    /// Whether an opening would be on disk (or goes on without it: the
+    /// writer gone, or late).
+    pub fn opening_on_disk(&self) -> bool {
+        self.opened.load(Ordering::Acquire)
+            || self.wake.is_gone()
+            || self.late.load(Ordering::Acquire)
     }
 
     /// A future that completes at the next write; created before the

@@ -271,13 +271,22 @@ impl RoomStore for MemoryRoom {
 
     fn view(&self) -> RoomView {
         let s = self.lock();
+        // An opening not on disk yet is not shown: a crash before the write
+        // would draw the lottery over another size, and the places and seed
+        // published would not be the ones that hold.
+        let unwritten = s.opened && self.ahead.as_ref().is_some_and(|a| !a.opening_on_disk());
+        let queue = if unwritten {
+            s.queue - s.prequeue
+        } else {
+            s.queue
+        };
         RoomView {
-            queue: s.queue,
+            queue,
             serving: s.serving,
-            waiting: s.waiting(),
+            waiting: queue.saturating_sub(s.serving),
             active: self.live(),
             reserved: s.reserved(),
-            opened: s.opened,
+            opened: s.opened && !unwritten,
             prequeue: s.prequeue,
             observed_rate: s.observed_rate(),
             admitted_total: s.admitted_total,
@@ -410,7 +419,11 @@ impl MemoryStore {
     }
 
     fn new_room(&self, state: AdmissionState) -> MemoryRoom {
-        let ahead = self.wake.as_ref().map(|w| Ahead::new(w.clone()));
+        let ahead = self.wake.as_ref().map(|w| {
+            let a = Ahead::new(w.clone());
+            a.restored(&state);
+            a
+        });
         MemoryRoom::new(state, ahead, self.lost)
     }
 
@@ -421,6 +434,9 @@ impl MemoryStore {
                 let mut st = room.lock();
                 let before = (st.queue, st.prequeue);
                 marks.apply(&mut st, false);
+                if let Some(ahead) = &room.ahead {
+                    ahead.restored(&st);
+                }
                 (before, (st.queue, st.prequeue))
             }
             None => {
@@ -736,6 +752,43 @@ mod tests {
         let past = Marks { queue: 10, ..marks };
         ahead.now_written(&past, 0);
         assert!(!ahead.covers_next(&room.lock()), "number 11 is not covered");
+    }
+
+    /// Between the opening and its write, the room shows itself not yet
+    /// open (no drawn places, no seed), then open once it is on disk.
+    #[tokio::test(start_paused = true)]
+    async fn an_opening_shows_only_once_it_is_on_disk() {
+        let l = limits(Some(10_000));
+        let room = Arc::new(MemoryRoom::new(
+            AdmissionState::new(&l, 0),
+            Some(Ahead::new(Arc::new(Wake::default()))),
+            None,
+        ));
+        // The pre-queue's numbers, covered by a write (by hand: no writer).
+        let ahead = room.ahead.as_ref().unwrap();
+        let (marks, low) = ahead.plan(&room.lock(), Instant::now(), Duration::from_millis(1));
+        ahead.now_written(&marks, low);
+        for expect in 1..=3 {
+            assert_eq!(room.issue(l, 0).await.unwrap(), Issued::PreQueue(expect));
+        }
+        // The opening: the tick opens the room in memory, then waits for the
+        // write that (here) does not come.
+        let ticking = tokio::spawn({
+            let room = room.clone();
+            async move { room.tick(l, 10_000).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(room.lock().opened, "opened in memory");
+        let v = room.view();
+        assert!(!v.opened, "not shown before it is on disk");
+        assert_eq!((v.queue, v.prequeue), (0, 3));
+        let (marks, low) = ahead.plan(&room.lock(), Instant::now(), Duration::from_millis(1));
+        assert_eq!(marks.opened_with, Some(3));
+        ahead.now_written(&marks, low);
+        ticking.await.unwrap().unwrap();
+        let v = room.view();
+        assert!(v.opened, "shown once on disk");
+        assert_eq!((v.queue, v.prequeue), (3, 3));
     }
 
     #[tokio::test]
