@@ -94,14 +94,7 @@ pub fn read(path: &Path) -> Result<Option<Left>, String> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
-    let f: MarksFile = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "store.snapshot: {} is not a varco marks file: {e}",
-            path.display()
-        )
-    })?;
+    let f: MarksFile = super::read_json(path, "marks file")?;
     if f.version != 1 {
         return Err(format!(
             "store.snapshot: {} is marks version {}, this varco reads version 1",

@@ -6,7 +6,7 @@
 //! somebody else, and passes begun after the last snapshot are taken back.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -16,7 +16,9 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::{Deserialize, Serialize};
 
 use super::ahead::{self, Ahead, Marks, Wake};
-use super::{write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError};
+use super::{
+    read_json, write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError,
+};
 use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
 
 /// How long an arrival waits for its number to be written ahead before it
@@ -352,7 +354,7 @@ impl MemoryStore {
     /// keeps the rest of their window, an admitted person their session.
     pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Arc<Self>, String> {
         let snap = match &snapshot {
-            Some(path) if path.exists() => Some(read_snapshot(path)?),
+            Some(path) if path.exists() => Some(read_json::<Snapshot>(path, "snapshot")?),
             _ => None,
         };
         let marks_path = snapshot.as_deref().map(ahead::path_for);
@@ -541,17 +543,6 @@ impl MemoryStore {
     }
 }
 
-fn read_snapshot(path: &Path) -> Result<Snapshot, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "store.snapshot: {} is not a varco snapshot: {e}",
-            path.display()
-        )
-    })
-}
-
 /// The marks writer: wakes when a room runs low, writes every room's marks
 /// in one file, and lets the waiting hand out their numbers. Ends with the
 /// store.
@@ -661,7 +652,7 @@ mod tests {
         dir.join("state.json")
     }
 
-    fn marks_on_disk(snapshot: &Path) -> Marks {
+    fn marks_on_disk(snapshot: &std::path::Path) -> Marks {
         let left = ahead::read(&ahead::path_for(snapshot))
             .unwrap()
             .expect("marks");

@@ -202,6 +202,22 @@ pub trait RoomStore: Send + Sync + 'static {
     fn set_lottery_key_id(&self, kid: &str);
 }
 
+/// Reads one of the memory store's JSON files (`what`: "snapshot", "marks
+/// file"), each error naming `store.snapshot`, the file and the reason.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "store.snapshot: {} is not a varco {what}: {e}",
+            path.display()
+        )
+    })
+}
+
 /// Writes `bytes` to `path` so that a crash mid-write leaves the previous
 /// file whole: to `path.tmp`, synced, renamed over, the folder synced.
 pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -289,14 +289,13 @@ impl RedisRoom {
         for k in &self.keys {
             inv.key(k);
         }
-        let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-1".into());
         inv.arg(op)
             .arg(now_ms)
-            .arg(opt(limits.per_minute))
-            .arg(opt(limits.max_active.map(|m| m as f64)))
+            .arg(limit_text(limits.per_minute))
+            .arg(limit_text(limits.max_active.map(|m| m as f64)))
             .arg(limits.claim_window_ms)
             .arg(limits.tick_ms)
-            .arg(opt(limits.opens_at_ms.map(|t| t as f64)))
+            .arg(limit_text(limits.opens_at_ms.map(|t| t as f64)))
             .arg(limits.mode.as_str());
         for a in args {
             inv.arg(a);
