@@ -17,8 +17,10 @@
 //! thing. Refused with a 400 (as nginx refuses them): a malformed escape,
 //! a `..` above the root, and a `.` or `..` hidden behind an escaped slash
 //! or a backslash (`/static/..%2Fapply`), which some servers decode or
-//! treat as a separator after varco has matched. Browsers send none of
-//! these: they resolve dot segments themselves.
+//! treat as a separator after varco has matched, or behind a path
+//! parameter (`/static/..;/apply`), which Java servers strip before they
+//! resolve dot segments. Browsers send none of these: they resolve dot
+//! segments themselves.
 
 use http::{Request, Uri};
 use thiserror::Error;
@@ -30,7 +32,9 @@ pub enum BadPath {
     BadEscape,
     #[error("the path climbs above the root with ..")]
     AboveRoot,
-    #[error("the path hides a . or .. segment behind an escaped slash or a backslash")]
+    #[error(
+        "the path hides a . or .. segment behind an escaped slash, a backslash or a ;parameter"
+    )]
     HiddenDotSegment,
     #[error("the normalised path does not parse")]
     Malformed,
@@ -90,14 +94,15 @@ pub fn normalise(path: &str) -> Result<Option<String>, BadPath> {
     Ok((out != path).then_some(out))
 }
 
-/// No escape, backslash, repeated slash, `.` or `..` segment: nothing to
-/// do. One pass, since every request is asked; `path` starts with `/`.
+/// No escape, backslash, path parameter, repeated slash, `.` or `..`
+/// segment: nothing to do. One pass, since every request is asked; `path`
+/// starts with `/`.
 fn is_canonical(path: &[u8]) -> bool {
     // The segment so far: its length, and whether it is all dots.
     let (mut len, mut dots) = (0usize, true);
     for &b in &path[1..] {
         match b {
-            b'%' | b'\\' => return false,
+            b'%' | b'\\' | b';' => return false,
             b'/' => {
                 // The segment ending here is empty (`//`), `.` or `..`.
                 if len == 0 || (dots && len <= 2) {
@@ -152,9 +157,10 @@ fn decode_unreserved(path: &[u8]) -> Result<String, BadPath> {
 }
 
 /// A segment that becomes `.` or `..` wherever `%2F`, `%5C` or `\` is
-/// taken for a slash.
+/// taken for a slash, or once its `;parameters` are stripped (Tomcat,
+/// Jetty and WebLogic resolve `/static/..;/apply` to `/apply`).
 fn hides_dot_segment(segment: &str) -> bool {
-    if !segment.contains(['%', '\\']) {
+    if !segment.contains(['%', '\\', ';']) {
         return false;
     }
     segment
@@ -162,7 +168,8 @@ fn hides_dot_segment(segment: &str) -> bool {
         .replace("%5C", "/")
         .replace('\\', "/")
         .split('/')
-        .any(|piece| piece == "." || piece == "..")
+        .map(|piece| piece.split(';').next().unwrap_or(piece))
+        .any(|name| name == "." || name == "..")
 }
 
 #[cfg(test)]
@@ -242,6 +249,11 @@ mod tests {
             "/static/%2e%2e%2fapply",
             "/static/x%2F..%2F..%2Fapply",
             "/static/.%2Fapply",
+            "/static/..;/apply",
+            "/static/..;jsessionid=x/apply",
+            "/static/.;/../apply",
+            "/static/%2e%2e;/apply",
+            "/oidc/callback/..;x=1/apply",
         ] {
             assert_eq!(normalise(p), Err(BadPath::HiddenDotSegment), "{p}");
         }
@@ -249,6 +261,9 @@ mod tests {
         // only a character.
         assert_eq!(n("/a%2Fb..c"), Ok("/a%2Fb..c".into()));
         assert_eq!(n("/a\\b"), Ok("/a\\b".into()));
+        // Nor is a path parameter on any other segment.
+        assert_eq!(normalise("/cart;jsessionid=ab12/view"), Ok(None));
+        assert_eq!(n("/a;x/./b"), Ok("/a;x/b".into()));
     }
 
     #[test]
@@ -276,11 +291,11 @@ mod tests {
     #[test]
     fn the_one_pass_check_agrees_with_the_definition() {
         let slow = |p: &[u8]| {
-            !p.iter().any(|&b| b == b'%' || b == b'\\')
+            !p.iter().any(|&b| b == b'%' || b == b'\\' || b == b';')
                 && !p.windows(2).any(|w| w == b"//")
                 && !p.split(|&b| b == b'/').any(|s| s == b"." || s == b"..")
         };
-        let parts = ["", "/", ".", "..", "...", "a", "%2e", "\\", "a.b"];
+        let parts = ["", "/", ".", "..", "...", "a", "%2e", "\\", "a.b", ";"];
         for a in parts {
             for b in parts {
                 for c in parts {

@@ -725,6 +725,8 @@ async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
     for bad in [
         "/static/..%2Fapply",
         "/static/..%5Capply",
+        "/static/..;/apply",
+        "/static/%2e%2e;jsessionid=1/apply",
         "/static/%zz",
         "/../apply",
     ] {
