@@ -361,6 +361,63 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
     assert_eq!(abandoned(), 1, "a turn nobody took lapsed");
 }
 
+/// A session used through an outage longer than its idle time still
+/// counts when Redis returns: its node could not report the activity, so
+/// neither the first request Redis answers nor the node's late report may
+/// leave the slot free for somebody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
+    let dir = fresh_dir("redis-sessions");
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+
+    // Two minutes without Redis; the holder keeps working through node 0.
+    redis.kill();
+    for _ in 0..4 {
+        advance(&nodes, 30_000).await;
+        assert!(holder.get("/next").await.reached_upstream());
+    }
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    // Node 1, which never saw the session, is the first to reach Redis.
+    let readyz = format!("http://{}/readyz", nodes[1].admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::client::get(&readyz).await.text() != "ready\n" {
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        nodes[1].app.tick().await;
+    }
+    let mut newcomer = nodes[1].citizen();
+    let got = newcomer.get("/").await;
+    assert!(
+        got.is_waiting_page(),
+        "admitted beside a live session: max_active exceeded ({})",
+        got.status
+    );
+    // Node 0 reports the activity; the session is alive for every node.
+    advance(&nodes, 1000).await;
+    let mut elsewhere = Citizen::new(nodes[1].addr);
+    elsewhere.jar = holder.jar.clone();
+    assert!(elsewhere.get("/next").await.reached_upstream());
+    assert_eq!(
+        nodes[1].app.room("portal").unwrap().view().active,
+        1,
+        "one live session, counted once"
+    );
+    assert!(newcomer.get("/").await.is_waiting_page());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = fresh_dir("redis");

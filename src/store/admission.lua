@@ -67,7 +67,10 @@ local function refill()
 end
 -- Nobody could claim a called turn while no node could tick (Redis or
 -- every node down): time past a few ticks without one counts against no
--- claim window, as a single node's restart does not.
+-- claim window, as a single node's restart does not. Nor against a
+-- session's idle time: the nodes kept serving their sessions and could
+-- not report it, so a session alive at the last tick is as alive now,
+-- and counts against max_active until its nodes' reports arrive.
 local function catch_up()
   local gap = now - ticked
   if gap > 5 * tick_ms then
@@ -76,11 +79,16 @@ local function catch_up()
       local at, f, t, c = parse(b)
       redis.call('LSET', batches, i - 1, fmt(at + shift, f, t, c))
     end
+    local alive = redis.call('ZRANGEBYSCORE', sess, '(' .. string.format('%d', ticked), '+inf', 'WITHSCORES')
+    for i = 1, #alive, 2 do
+      redis.call('ZADD', sess, tonumber(alive[i + 1]) + shift, alive[i])
+    end
     ticked = now - tick_ms
   end
 end
+-- Before any op reads a session or a batch.
+catch_up()
 local function expire()
-  catch_up()
   while true do
     local b = redis.call('LINDEX', batches, 0)
     if not b then break end
@@ -176,6 +184,7 @@ elseif op == 'tick' then
   maybe_open()
   refill()
   expire()
+  redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
   -- Never back: a node whose clock is behind must not open a gap for the
   -- others (the cluster's clocks are assumed in step, as for sessions).
   ticked = math.max(ticked, now)
@@ -219,11 +228,14 @@ elseif op == 'touch' then
   -- Batched activity from one node: sid, expiry pairs; only raise expiries.
   -- A session the portal ended (through another node) is named back, so
   -- the node stops letting its pass in.
+  -- A session Redis let lapse while the node could not report it (the
+  -- node cut off from Redis) is added back: the node saw it used, and it
+  -- counts against max_active again.
   for i = 9, #ARGV, 2 do
     if redis.call('ZSCORE', ended, ARGV[i]) then
       table.insert(gone, ARGV[i])
     else
-      redis.call('ZADD', sess, 'XX', 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+      redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
     end
   end
 elseif op == 'adopt' then
