@@ -931,4 +931,17 @@ async fn a_short_claim_window_makes_the_page_ask_sooner() {
         .parse()
         .unwrap();
     assert!((5..=7).contains(&retry), "Retry-After {retry}");
+    // Every later poll too: the status answer says when to ask again, and
+    // the page's script follows it (tests/browser checks that part).
+    let got = b
+        .request("GET", "/.varco/status?room=portal", body::empty(), &[])
+        .await;
+    assert_eq!(got.status, 200);
+    assert!(got.json()["eta_seconds"].is_null(), "{}", got.text());
+    let retry: u64 = got.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((5..=7).contains(&retry), "status Retry-After {retry}");
 }

@@ -578,12 +578,15 @@ fn to_json(status: &Status) -> Vec<u8> {
     json
 }
 
-/// The JSON answer of `/.varco/status`.
+/// The JSON answer of `/.varco/status`. Retry-After says when to ask
+/// again: the waiting page's script follows it, so the claim window's cap
+/// holds for every poll, not only the first.
 pub fn status_json(status: &Status) -> Response<Body> {
     let mut r = Response::new(full(to_json(status)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CACHE_CONTROL, NO_STORE);
+    h.insert(RETRY_AFTER, seconds(status.poll_seconds()));
     r
 }
 

@@ -123,6 +123,31 @@ try {
   check(line === 2, `still two in line after reload and a second tab (${line})`);
   await tab2.close();
 
+  // 4b. Every poll waits as long as the status answer's Retry-After says
+  // (the server caps it by the claim window), not a delay of the script's
+  // own: here an unknown estimate, which the script alone would wait 20 s
+  // on, with Retry-After 5.
+  let polls = 0;
+  await tab.route("**/.varco/status*", async (route) => {
+    const r = await route.fetch();
+    const s = await r.json();
+    s.eta_seconds = s.eta_low_seconds = s.eta_high_seconds = null;
+    polls++;
+    await route.fulfill({ response: r, headers: { ...r.headers(), "retry-after": "5" }, json: s });
+  });
+  await tab.evaluate(() => {
+    const set = window.setTimeout;
+    window.__delays = [];
+    window.setTimeout = (f, ms) => (window.__delays.push(ms), set(f, ms));
+  });
+  await until("the page polls", async () => {
+    await tab.clock.runFor(1000);
+    return polls >= 1;
+  });
+  const delay = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  check(delay >= 3500 && delay <= 6500, `the next poll follows Retry-After: 5 s +-30% (${delay} ms)`);
+  await tab.unroute("**/.varco/status*");
+
   // The same page at desktop width, for the record.
   const desk = await browser.newContext({ viewport: { width: 1280, height: 800 }, locale: "en-GB" });
   const deskTab = await desk.newPage();
