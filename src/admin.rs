@@ -35,11 +35,16 @@ impl Admin {
 
     /// The id of the token the request carries, if it is one of ours: as
     /// a bearer token (scripts, `varco ctl`), or as the password of HTTP
-    /// Basic (a browser on the operator page asks for it natively).
+    /// Basic (a browser on the operator page asks for it natively) on a
+    /// request that only reads. A browser sends cached Basic credentials
+    /// with any site's form posted to this address; a Bearer header no
+    /// other site can make it send, so only a Bearer token changes things.
     fn caller(&self, req: &Request<Incoming>) -> Option<&str> {
         let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
         let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
             bearer.trim().to_string()
+        } else if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
         } else {
             use base64::Engine;
             let encoded = header.strip_prefix("Basic ")?.trim();

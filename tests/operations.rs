@@ -58,6 +58,28 @@ async fn the_admin_api_needs_a_configured_token() {
     assert_eq!(rooms[0]["name"], "portal");
     assert_eq!(rooms[0]["max_active"], 1);
     assert_eq!(rooms[0]["mode"], "queue");
+
+    // HTTP Basic (what a browser caches for the operator page, and sends
+    // with a form any other site posts here) reads, and changes nothing.
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("anna:{TOKEN}"))
+    );
+    let with_basic = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", g.admin))
+            .header("authorization", basic.as_str())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(with_basic("GET", "/api/rooms")).await.status, 200);
+    let forged = send(with_basic("POST", "/api/rooms/portal/passthrough")).await;
+    assert_eq!(forged.status, 401, "{}", forged.text());
+    let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
+    assert_eq!(got.json()["rooms"][0]["mode"], "queue", "the mode held");
 }
 
 #[tokio::test]
