@@ -1,6 +1,6 @@
 //! Routes a request to its room by host and path prefix: the longest
 //! prefix wins; between equal prefixes, an exact host beats `*.suffix`
-//! beats `*`.
+//! (the longest suffix first) beats `*`.
 
 use std::sync::Arc;
 
@@ -134,6 +134,23 @@ mod tests {
             name("other.example.org", "/login").as_deref(),
             Some("login")
         );
+    }
+
+    #[test]
+    fn the_longest_host_suffix_wins_whatever_the_rooms_are_called() {
+        let r = router(
+            r#"
+            [rooms.a_main]
+            upstreams = ["http://127.0.0.1:1"]
+            hosts = ["*.example.org"]
+            [rooms.z_apply]
+            upstreams = ["http://127.0.0.1:2"]
+            hosts = ["*.apply.example.org"]
+            "#,
+        );
+        let name = |h: &str| r.route(Some(h), "/").map(|r| r.name.clone());
+        assert_eq!(name("www.apply.example.org").as_deref(), Some("z_apply"));
+        assert_eq!(name("www.example.org").as_deref(), Some("a_main"));
     }
 
     #[test]

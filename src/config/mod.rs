@@ -233,12 +233,14 @@ impl HostPattern {
         }
     }
 
-    /// More specific patterns win ties between rooms with the same path.
-    pub fn specificity(&self) -> u8 {
+    /// More specific patterns win ties between rooms with the same path:
+    /// an exact host, then the longest suffix (`*.apply.example.org`
+    /// before `*.example.org`, as nginx's `server_name` does), then `*`.
+    pub fn specificity(&self) -> (u8, usize) {
         match self {
-            HostPattern::Exact(_) => 2,
-            HostPattern::Suffix(_) => 1,
-            HostPattern::Any => 0,
+            HostPattern::Exact(_) => (2, 0),
+            HostPattern::Suffix(s) => (1, s.len()),
+            HostPattern::Any => (0, 0),
         }
     }
 }
