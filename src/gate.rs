@@ -137,6 +137,40 @@ fn safe_path(p: &str) -> Option<&str> {
         .then_some(p)
 }
 
+/// Where admission lands someone with no page to remember: a form posted
+/// after the session lapsed (a POST is never replayed), or a path too long
+/// to keep. The page they were on, when the Referer names one of this
+/// room's; else the room's first path. Not `/` blindly: that may be
+/// another room, where this room's ticket claims nothing and lapses.
+fn landing(room: &Room, r: &GateRequest) -> String {
+    let in_room = |path: &str| {
+        room.config
+            .paths
+            .iter()
+            .any(|p| crate::router::prefix_matches(p, path))
+    };
+    let from_referer = r
+        .headers
+        .get(http::header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<http::Uri>().ok())
+        .and_then(|u| {
+            let canonical = crate::request_path::normalise(u.path()) == Ok(None);
+            let pq = u.path_and_query()?.as_str();
+            (canonical && in_room(u.path()))
+                .then(|| safe_path(pq).map(str::to_string))
+                .flatten()
+        });
+    from_referer.unwrap_or_else(|| {
+        room.config
+            .paths
+            .first()
+            .and_then(|p| safe_path(p))
+            .unwrap_or("/")
+            .to_string()
+    })
+}
+
 /// A new pass for ticket number `n` of `lane`, who arrived at `arrived_ms`.
 fn new_pass(
     room: &Room,
@@ -297,14 +331,11 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     let limits = room.lane_limits(lane);
     let safe_get = matches!(*r.method, Method::GET | Method::HEAD);
     let next_url = if safe_get {
-        safe_path(r.path_and_query).unwrap_or("/").to_string()
+        safe_path(r.path_and_query)
     } else {
-        ticket
-            .as_ref()
-            .and_then(|t| safe_path(&t.u))
-            .unwrap_or("/")
-            .to_string()
-    };
+        ticket.as_ref().and_then(|t| safe_path(&t.u))
+    }
+    .map_or_else(|| landing(room, r), str::to_string);
 
     // A login detour is never queued for someone already in line: the
     // identity provider's callback reaches the portal, whatever its method.

@@ -85,7 +85,7 @@ fn normalise_host(host: &str) -> String {
 
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
 /// whole path segments.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),

@@ -273,6 +273,44 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
     assert_eq!(got.json()["body"], "iban=IT00");
 }
 
+/// A form posted after the session lapsed: the POST is not replayed, so
+/// admission lands on the page the form was on (its Referer), or else on
+/// the room's own path, never on `/`, which may be another room's.
+#[tokio::test]
+async fn a_post_without_a_pass_lands_back_in_its_room() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "paths = [\"/bonus\"]\nmax_active = 1",
+    ))
+    .await;
+    assert!(g.citizen().get("/bonus").await.reached_upstream());
+    // The page's landing (data-next) for a POST with this Referer.
+    let landing = |referer: Option<String>| {
+        let mut c = g.citizen();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                referer.iter().map(|r| ("referer", r.as_str())).collect();
+            let got = c
+                .request("POST", "/bonus/submit", body::full("iban=IT00"), &headers)
+                .await;
+            assert!(got.is_waiting_page(), "{}", got.text());
+            let text = got.text();
+            let next = text.split("data-next=\"").nth(1).expect("data-next");
+            next.split('"').next().unwrap().to_string()
+        }
+    };
+    let form = format!("http://{}/bonus/form?step=2", g.addr);
+    assert_eq!(landing(Some(form)).await, "/bonus/form?step=2");
+    assert_eq!(landing(None).await, "/bonus");
+    // A Referer outside the room, or one varco would not route as written,
+    // is not a landing.
+    let outside = "http://elsewhere.example/other".to_string();
+    assert_eq!(landing(Some(outside)).await, "/bonus");
+    let dotted = "http://x/bonus/../other".to_string();
+    assert_eq!(landing(Some(dotted)).await, "/bonus");
+}
+
 #[tokio::test]
 async fn the_waiting_page_lands_where_the_person_was_going() {
     let up = upstream::spawn().await;
