@@ -119,6 +119,7 @@ pub fn set_forwarded(
 ) {
     let peer = address_text(canonical(peer));
     if trusted_peer {
+        remove_where(headers, is_underscore_twin);
         let chain: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -139,14 +140,9 @@ pub fn set_forwarded(
             }
         }
     } else {
-        let claimed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| is_claimed_by_a_proxy(name))
-            .cloned()
-            .collect();
-        for name in &claimed {
-            headers.remove(name);
-        }
+        remove_where(headers, |name| {
+            is_claimed_by_a_proxy(name.as_str()) || is_underscore_twin(name)
+        });
         set(headers, X_FORWARDED_FOR, &peer);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(h) = host {
@@ -161,9 +157,9 @@ pub fn set_forwarded(
 /// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
 /// and a portal that logs or rate-limits by them would be fooled.
 /// (X-Forwarded-For and -Proto are replaced by varco's own.)
-fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
+fn is_claimed_by_a_proxy(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "forwarded"
             | "x-forwarded-host"
             | "x-forwarded-port"
@@ -180,6 +176,28 @@ fn is_claimed_by_a_proxy(name: &HeaderName) -> bool {
             | "cf-connecting-ip"
             | "fastly-client-ip"
     )
+}
+
+/// `X_Real_IP`, `X_Forwarded_For`: servers that hand headers to the
+/// application CGI-style (gunicorn before 22, PHP-FPM behind some
+/// gateways) read them as `X-Real-IP` and `X-Forwarded-For`, beside or
+/// over varco's own. Never sent by a legitimate proxy; nginx drops every
+/// header with an underscore by default.
+fn is_underscore_twin(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    if !name.contains('_') {
+        return false;
+    }
+    let dashed = name.replace('_', "-");
+    matches!(dashed.as_str(), "x-forwarded-for" | "x-forwarded-proto")
+        || is_claimed_by_a_proxy(&dashed)
+}
+
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in &names {
+        headers.remove(name);
+    }
 }
 
 /// An address as X-Forwarded-For writes it; IPv4 by hand, since the
@@ -303,8 +321,16 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("true-client-ip", "6.6.6.6"),
         ]);
+        h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
+        h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
+        h.insert("x_request_id", "kept".parse().unwrap());
         set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
         assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
+        assert!(h.get("x_real_ip").is_none() && h.get("x_forwarded_for").is_none());
+        assert_eq!(
+            h["x_request_id"], "kept",
+            "other underscores are the portal's"
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
     }
@@ -315,8 +341,10 @@ mod tests {
             ("x-forwarded-for", "198.51.100.9"),
             ("x-forwarded-proto", "https"),
         ]);
+        h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
         set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, "http", None);
         assert_eq!(h["x-forwarded-for"], "198.51.100.9, 10.0.0.2");
+        assert!(h.get("x_forwarded_for").is_none());
         assert_eq!(h["x-forwarded-proto"], "https");
     }
 
