@@ -134,7 +134,14 @@ impl App {
         if let Stores::Memory(m) = &stores {
             m.count_marks_errors(metrics.state_write_errors.with_label_values(&["marks"]));
         }
-        let rooms = build_rooms(&config, &config.keys, &stores, &metrics, clock.now_ms());
+        let rooms = build_rooms(
+            &config,
+            &config.keys,
+            &stores,
+            &metrics,
+            clock.now_ms(),
+            &|_| None,
+        );
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
@@ -307,7 +314,14 @@ impl App {
                 );
             }
         }
-        let rooms = build_rooms(&new, keys, &self.stores, &self.metrics, self.clock.now_ms());
+        let rooms = build_rooms(
+            &new,
+            keys,
+            &self.stores,
+            &self.metrics,
+            self.clock.now_ms(),
+            &|name| self.room(name),
+        );
         // The cluster's shared changes hold across a reload.
         for room in &rooms {
             if let Some(old) = self.room(&room.name) {
@@ -610,12 +624,15 @@ enum Stores {
 
 /// A room per config table; each keeps its store (places, sessions) by
 /// name across reloads.
+/// The rooms of `config`; `old` finds a room of the same name from before
+/// a reload, whose requests in flight keep counting.
 fn build_rooms(
     config: &Config,
     keys: &Keyring,
     stores: &Stores,
     metrics: &Metrics,
     now_ms: u64,
+    old: &dyn Fn(&str) -> Option<Arc<Room>>,
 ) -> Vec<Arc<Room>> {
     let tick = config.store.tick;
     config
@@ -641,7 +658,8 @@ fn build_rooms(
                     tick,
                 )
                 .with_arrival_key(config.arrival_key.as_deref())
-                .with_lanes(&store_for),
+                .with_lanes(&store_for)
+                .with_in_flight_of(old(&r.name).as_deref()),
             )
         })
         .collect()

@@ -118,6 +118,49 @@ async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
     );
 }
 
+/// A reload rebuilds the room, not its slots: requests held across it
+/// still count against the cap, so the portal never carries the old
+/// requests and a new cap's worth beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_held_across_a_reload_still_count() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-in-flight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("varco.toml");
+    let cfg = gated_config(
+        up.addr,
+        "admission_per_minute = 6000\nin_flight = { limit = 2, queue = 0, wait = \"1s\" }",
+    );
+    std::fs::write(&file, &cfg).unwrap();
+    let g = Gated::start_file(&file).await;
+    g.advance(1_000).await;
+    let (a, b) = (hold(g.citizen(), 3000), hold(g.citizen(), 3000));
+    until("two requests at the upstream", async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    std::fs::write(&file, cfg.replace("wait = \"1s\"", "wait = \"2s\"")).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(
+        metric(&g, "varco_room_in_flight", "portal").await,
+        Some(2.0),
+        "the held requests count after the reload"
+    );
+    let mut c = g.citizen();
+    let got = c.get("/").await;
+    assert_eq!(
+        got.status,
+        503,
+        "a third request beside two held: {}",
+        got.text()
+    );
+    let ((_, a_status), (_, b_status)) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!((a_status, b_status), (200, 200));
+    let got = c.get("/").await;
+    assert!(got.reached_upstream(), "{} {}", got.status, got.text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn adaptive_rooms_export_their_signals() {
     let up = upstream::spawn().await;

@@ -81,6 +81,28 @@ impl InFlight {
         }
     }
 
+    /// The cap of a room rebuilt by a reload: the same slots, so requests
+    /// held across the reload still count (a fresh cap beside them would
+    /// let the portal carry both); the new config's sizes, and, adaptive
+    /// before and after, the limit adaptive admission had reached, within
+    /// the new ceiling.
+    pub fn continuing(config: InFlightConfig, old: &InFlight) -> Self {
+        let limit = if config.adaptive && old.config.adaptive {
+            old.limit().min(config.limit)
+        } else {
+            config.limit
+        };
+        let cap = InFlight {
+            slots: old.slots.clone(),
+            sizes: old.sizes.clone(),
+            queued: AtomicUsize::new(0),
+            saturated: AtomicBool::new(false),
+            config,
+        };
+        cap.resize(limit);
+        cap
+    }
+
     pub fn config(&self) -> &InFlightConfig {
         &self.config
     }
@@ -212,6 +234,49 @@ mod tests {
         assert_eq!(c.in_flight(), 2);
         drop((only, second));
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_cap_counts_the_requests_held_across_it() {
+        let old = cap(2, 0, 10);
+        let a = old.enter().await.unwrap();
+        let b = old.enter().await.unwrap();
+        let new = InFlight::continuing(
+            InFlightConfig {
+                limit: 3,
+                queue: 0,
+                wait: Duration::from_millis(10),
+                adaptive: false,
+            },
+            &old,
+        );
+        assert_eq!((new.limit(), new.in_flight()), (3, 2));
+        let c = new.enter().await.unwrap();
+        assert_eq!(new.enter().await.err(), Some(Refused::QueueFull));
+        drop((a, b, c));
+        assert_eq!(new.in_flight(), 0);
+
+        // Adaptive on both sides: the learned limit holds, under the new
+        // ceiling; a fixed cap takes its configured limit.
+        let learned = InFlight::new(InFlightConfig {
+            adaptive: true,
+            ..*old.config()
+        });
+        learned.resize(1);
+        let adaptive = |limit| InFlightConfig {
+            limit,
+            queue: 0,
+            wait: Duration::from_millis(10),
+            adaptive: true,
+        };
+        assert_eq!(InFlight::continuing(adaptive(8), &learned).limit(), 1);
+        learned.resize(5);
+        assert_eq!(InFlight::continuing(adaptive(4), &learned).limit(), 4);
+        let fixed = InFlightConfig {
+            adaptive: false,
+            ..adaptive(6)
+        };
+        assert_eq!(InFlight::continuing(fixed, &learned).limit(), 6);
     }
 
     #[tokio::test]

@@ -155,6 +155,18 @@ impl Room {
         }
     }
 
+    /// Carries `old`'s in-flight slots over a reload (see
+    /// `InFlight::continuing`).
+    pub fn with_in_flight_of(mut self, old: Option<&Room>) -> Self {
+        if let (Some(config), Some(old_cap)) = (
+            self.config.in_flight,
+            old.and_then(|o| o.in_flight.as_ref()),
+        ) {
+            self.in_flight = Some(InFlight::continuing(config, old_cap));
+        }
+        self
+    }
+
     /// A room with a private memory store and a fresh key: for tests and
     /// benchmarks that need a room outside a running varco.
     pub fn standalone(config: RoomConfig) -> Self {
