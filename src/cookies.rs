@@ -50,11 +50,21 @@ fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
+/// How a response's cookies are scoped: Secure under HTTPS; sent with
+/// cross-site requests too when the room asks (`cookie_same_site =
+/// "none"`), which browsers accept only with Secure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attrs {
+    pub secure: bool,
+    pub cross_site: bool,
+}
+
 /// A Set-Cookie for one of varco's tokens: HttpOnly (scripts never need
-/// it), SameSite=Lax (survives following a link into the portal), Secure
-/// under TLS, Path=/ so every page of the room sees it.
-pub fn set(name: &str, value: &str, max_age_secs: u64, secure: bool) -> HeaderValue {
-    set_with(name, max_age_secs, secure, |out| out.push_str(value))
+/// it), SameSite=Lax (survives following a link into the portal; None
+/// when the room asks, under HTTPS), Secure under HTTPS, Path=/ so every
+/// page of the room sees it.
+pub fn set(name: &str, value: &str, max_age_secs: u64, attrs: Attrs) -> HeaderValue {
+    set_with(name, max_age_secs, attrs, |out| out.push_str(value))
 }
 
 /// `set`, with the value written in place by `value` (a token signed
@@ -63,7 +73,7 @@ pub fn set(name: &str, value: &str, max_age_secs: u64, secure: bool) -> HeaderVa
 pub fn set_with(
     name: &str,
     max_age_secs: u64,
-    secure: bool,
+    attrs: Attrs,
     value: impl FnOnce(&mut String),
 ) -> HeaderValue {
     let mut text = String::with_capacity(name.len() + 448);
@@ -72,17 +82,18 @@ pub fn set_with(
     value(&mut text);
     text.push_str("; Path=/; Max-Age=");
     crate::timefmt::push_number(&mut text, max_age_secs);
-    text.push_str("; HttpOnly; SameSite=Lax");
-    if secure {
-        text.push_str("; Secure");
-    }
+    text.push_str(match (attrs.secure, attrs.cross_site) {
+        (true, true) => "; HttpOnly; SameSite=None; Secure",
+        (true, false) => "; HttpOnly; SameSite=Lax; Secure",
+        (false, _) => "; HttpOnly; SameSite=Lax",
+    });
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
         .unwrap_or_else(|_| HeaderValue::from_static("varco=; Max-Age=0"))
 }
 
 /// A Set-Cookie that deletes `name`.
-pub fn clear(name: &str, secure: bool) -> HeaderValue {
-    set(name, "", 0, secure)
+pub fn clear(name: &str, attrs: Attrs) -> HeaderValue {
+    set(name, "", 0, attrs)
 }
 
 #[cfg(test)]
@@ -119,9 +130,19 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_bytes(raw.as_bytes()).unwrap());
         assert_eq!(get(&h, "varco_pass_portal"), Some("p.q.r"));
         assert_eq!(get(&h, "other"), None);
-        let c = set("x", "v", 60, true);
+        let attrs = |secure, cross_site| Attrs { secure, cross_site };
+        let c = set("x", "v", 60, attrs(true, false));
         assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure");
-        let c = clear("x", false);
+        let c = clear("x", attrs(false, false));
         assert_eq!(c, "x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+        let c = set("x", "v", 60, attrs(true, true));
+        assert_eq!(
+            c,
+            "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=None; Secure"
+        );
+        // Browsers refuse SameSite=None without Secure: over plain HTTP
+        // the room's cookies stay Lax rather than be dropped.
+        let c = set("x", "v", 60, attrs(false, true));
+        assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax");
     }
 }

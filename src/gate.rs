@@ -202,7 +202,7 @@ pub fn renewed(room: &Room, pass: &PassClaims, now_ms: u64) -> PassClaims {
 
 pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
     let max_age = (claims.exp * 1000).saturating_sub(claims.nbf * 1000) / 1000;
-    cookies::set_with(&room.pass_cookie, max_age, tls, |out| {
+    cookies::set_with(&room.pass_cookie, max_age, room.cookie_attrs(tls), |out| {
         room.keys.sign_into(claims, out)
     })
 }
@@ -381,7 +381,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         let pass = new_pass(room, lane, session.sid, n, t.at, r.now_ms);
                         let set_cookies = vec![
                             pass_cookie(room, &pass, r.tls),
-                            cookies::clear(&room.ticket_cookie, r.tls),
+                            cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
                         ];
                         return Ok(Gate::Proxy {
                             set_cookies,
@@ -431,7 +431,10 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
             let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
             if ticket.is_some() {
-                set_cookies.push(cookies::clear(&room.ticket_cookie, r.tls));
+                set_cookies.push(cookies::clear(
+                    &room.ticket_cookie,
+                    room.cookie_attrs(r.tls),
+                ));
             }
             return Ok(Gate::Proxy {
                 set_cookies,
@@ -477,9 +480,12 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
 
 fn ticket_cookie(room: &Room, t: &TicketClaims, r: &GateRequest) -> HeaderValue {
     let max_age = t.exp.saturating_sub(r.now_ms / 1000);
-    cookies::set_with(&room.ticket_cookie, max_age, r.tls, |out| {
-        room.keys.sign_into(t, out)
-    })
+    cookies::set_with(
+        &room.ticket_cookie,
+        max_age,
+        room.cookie_attrs(r.tls),
+        |out| room.keys.sign_into(t, out),
+    )
 }
 
 fn page(

@@ -292,7 +292,10 @@ impl Gateway {
                         .await;
                     let _ = lane.store.tick(room.lane_limits(lane), now).await;
                 }
-                set_cookie(&mut resp, cookies::clear(&room.pass_cookie, secure));
+                set_cookie(
+                    &mut resp,
+                    cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)),
+                );
             }
         }
         let resp = match slot {

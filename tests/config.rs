@@ -183,6 +183,10 @@ fn bad_waiting_room_keys_name_their_keys() {
         ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),
         ("language = \"fr\"\n", "rooms.portal.language"),
         (
+            "cookie_same_site = \"strict\"\n",
+            "rooms.portal.cookie_same_site",
+        ),
+        (
             "exempt_paths = [\"static\"]\n",
             "rooms.portal.exempt_paths[0]",
         ),

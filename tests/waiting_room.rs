@@ -784,6 +784,35 @@ async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
     );
 }
 
+/// `cookie_same_site = "none"`: an identity provider's POST back from its
+/// own site carries varco's cookies. Browsers accept that only with
+/// Secure, so over plain HTTP the cookies stay Lax.
+#[tokio::test]
+async fn a_room_for_a_cross_site_login_sets_cookies_that_cross_sites() {
+    let up = upstream::spawn().await;
+    let cfg = gated_config(up.addr, "max_active = 1\ncookie_same_site = \"none\"")
+        + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let g = Gated::start(&cfg).await;
+    let https = [("x-forwarded-proto", "https")];
+    let mut a = g.citizen();
+    let got = a.request("GET", "/", body::empty(), &https).await;
+    assert!(got.reached_upstream());
+    let pass = got.headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(pass.starts_with("varco_pass_portal="), "{pass}");
+    assert!(
+        pass.ends_with("; HttpOnly; SameSite=None; Secure"),
+        "{pass}"
+    );
+    let mut b = g.citizen();
+    let got = b.request("GET", "/", body::empty(), &https).await;
+    assert!(got.is_waiting_page());
+    let ticket = got.headers["set-cookie"].to_str().unwrap();
+    assert!(ticket.ends_with("; SameSite=None; Secure"), "{ticket}");
+    let got = g.citizen().get("/").await;
+    let plain = got.headers["set-cookie"].to_str().unwrap();
+    assert!(plain.ends_with("; HttpOnly; SameSite=Lax"), "{plain}");
+}
+
 #[tokio::test]
 async fn a_response_that_sets_a_pass_is_never_cacheable() {
     let up = upstream::spawn().await;

@@ -343,6 +343,10 @@ pub struct RawRoom {
     /// Waiting page language when Accept-Language names neither it nor en.
     #[serde(default = "default_language")]
     pub language: String,
+    /// SameSite of varco's cookies: "lax", or "none" (under HTTPS) for a
+    /// login whose identity provider posts back across sites.
+    #[serde(default = "default_cookie_same_site")]
+    pub cookie_same_site: String,
     /// An operator's own waiting page template (see README).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_template: Option<String>,
@@ -484,6 +488,10 @@ fn default_mode() -> String {
 
 fn default_language() -> String {
     DEFAULT_LANGUAGE.into()
+}
+
+fn default_cookie_same_site() -> String {
+    "lax".into()
 }
 
 fn default_hosts() -> Vec<String> {

@@ -139,6 +139,10 @@ pub struct RoomConfig {
     pub failure_grace: Duration,
     pub max_reentries: u64,
     pub language: Language,
+    /// `cookie_same_site = "none"`: varco's cookies go with cross-site
+    /// requests too (under HTTPS only), so an identity provider's POST
+    /// back to a flow path carries them.
+    pub cross_site_cookies: bool,
     /// The operator's template text, already read.
     pub page_template: Option<String>,
     pub tickets_per_ip_per_minute: u32,

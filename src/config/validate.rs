@@ -392,6 +392,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 Language::It
             }
         };
+        let cross_site_cookies = match r.cookie_same_site.as_str() {
+            "lax" => false,
+            "none" => true,
+            other => {
+                p.add(
+                    key("cookie_same_site"),
+                    format!("\"{other}\" is not a SameSite varco sets: use \"lax\" or \"none\""),
+                );
+                false
+            }
+        };
         let page_template = r.page_template.as_ref().and_then(|t| {
             let path = base.join(t);
             std::fs::read_to_string(&path)
@@ -463,6 +474,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             failure_grace,
             max_reentries: r.max_reentries,
             language,
+            cross_site_cookies,
             page_template,
             tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
             status_per_ip_per_minute: r.per_ip.status_per_minute,

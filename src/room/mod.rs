@@ -155,6 +155,15 @@ impl Room {
         }
     }
 
+    /// How this room's cookies are scoped on a response over HTTPS
+    /// (`secure`) or not.
+    pub fn cookie_attrs(&self, secure: bool) -> crate::cookies::Attrs {
+        crate::cookies::Attrs {
+            secure,
+            cross_site: self.config.cross_site_cookies,
+        }
+    }
+
     /// Carries `old`'s in-flight slots over a reload (see
     /// `InFlight::continuing`).
     pub fn with_in_flight_of(mut self, old: Option<&Room>) -> Self {
