@@ -270,7 +270,8 @@ async fn serve_connection<IO, H>(
             // An HTTP/2 connection is idle by its streams alone: one
             // still sending its response body is busy.
             let resp = if h2 {
-                resp.map(|body| crate::body::stream(Held { body, _busy: busy }))
+                let park = busy.0.park();
+                resp.map(|body| crate::body::stream(Held { body, busy, park }))
             } else {
                 drop(busy);
                 resp
@@ -280,8 +281,15 @@ async fn serve_connection<IO, H>(
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let idle = idle_expired(activity, settings.keepalive_timeout);
+    let idle = idle_expired(activity.clone(), settings.keepalive_timeout);
     tokio::pin!(idle);
+    // HTTP/2's send_timeout: a stream parked on a client that never opens
+    // its window. Closing the connection (as a blocked write does) drops
+    // its streams, their upstream requests and their in-flight slots.
+    let every =
+        (settings.send_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut stall_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = *shutdown.borrow();
     if draining {
         conn.as_mut().graceful_shutdown();
@@ -301,6 +309,16 @@ async fn serve_connection<IO, H>(
             _ = &mut idle, if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            // Whether the connection speaks HTTP/2 is known only once its
+            // first bytes are read: until then, ticks ask.
+            _ = stall_check.tick(), if !activity.http1.load(Ordering::Relaxed) => {
+                if activity.by_streams.load(Ordering::Relaxed)
+                    && activity.stream_stalled(settings.send_timeout)
+                {
+                    tracing::debug!(peer = %info.peer, "an HTTP/2 client took no data of a response within send_timeout: connection closed");
+                    return;
+                }
             }
         }
     }
@@ -400,7 +418,21 @@ struct Activity {
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     by_streams: AtomicBool,
+    /// The connection's first bytes were not HTTP/2's preface.
+    http1: AtomicBool,
+    /// The HTTP/2 response bodies being sent, each with when it last
+    /// handed hyper a frame that hyper has not come back for.
+    parks: std::sync::Mutex<Vec<std::sync::Weak<Park>>>,
 }
+
+/// When an HTTP/2 response body last gave hyper a frame, in ms of the
+/// connection's epoch plus one (0: hyper has come back for the next one).
+/// hyper asks for the next frame only once the client's flow-control
+/// window takes the last: a client that never opens it leaves the body
+/// parked, holding its in-flight slot and its upstream request, while the
+/// socket (no bytes to write) never looks stalled.
+#[derive(Default)]
+struct Park(AtomicU64);
 
 impl Activity {
     fn new() -> Self {
@@ -409,12 +441,38 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             by_streams: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
+            parks: std::sync::Mutex::new(Vec::new()),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn park(&self) -> Arc<Park> {
+        let park = Arc::new(Park::default());
+        let mut parks = self.parks.lock().unwrap_or_else(|e| e.into_inner());
+        parks.retain(|p| p.strong_count() > 0);
+        parks.push(Arc::downgrade(&park));
+        park
+    }
+
+    /// Whether some HTTP/2 response body has waited `timeout` for the
+    /// client to take a frame.
+    fn stream_stalled(&self, timeout: Duration) -> bool {
+        let now = self.now_ms();
+        let limit = timeout.as_millis() as u64;
+        let mut parks = self.parks.lock().unwrap_or_else(|e| e.into_inner());
+        parks.retain(|p| p.strong_count() > 0);
+        parks.iter().filter_map(|p| p.upgrade()).any(|p| {
+            let since = p.0.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since - 1) >= limit
+        })
+    }
+
     fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Bytes moved on the connection: activity unless it speaks HTTP/2.
@@ -438,11 +496,13 @@ struct InFlight(Arc<Activity>);
 
 pin_project! {
     /// An HTTP/2 response body that keeps its stream counted as in flight
-    /// until it is sent (or dropped with its stream).
+    /// until it is sent (or dropped with its stream), and says when it is
+    /// parked on the client's flow-control window.
     struct Held {
         #[pin]
         body: Body,
-        _busy: InFlight,
+        busy: InFlight,
+        park: Arc<Park>,
     }
 }
 
@@ -454,7 +514,14 @@ impl hyper::body::Body for Held {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        this.park.0.store(0, Ordering::Relaxed);
+        let frame = this.body.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            let now = this.busy.0.now_ms();
+            this.park.0.store(now + 1, Ordering::Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -520,6 +587,7 @@ fn sniff(sniffed: &mut u8, bytes: &[u8], activity: &Activity) {
     let n = bytes.len().min(H2_PREFACE.len() - at);
     if bytes[..n] != H2_PREFACE[at..at + n] {
         *sniffed = SNIFFED;
+        activity.http1.store(true, Ordering::Relaxed);
     } else if at + n == H2_PREFACE.len() {
         *sniffed = SNIFFED;
         activity.by_streams.store(true, Ordering::Relaxed);

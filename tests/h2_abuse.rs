@@ -101,3 +101,41 @@ async fn concurrent_streams_are_capped() {
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
     drop(held);
 }
+
+/// A client that never opens its flow-control window: the response's body
+/// parks in hyper and the socket has nothing to write, so no blocked write
+/// can time out; the stream's own `send_timeout` closes the connection,
+/// and with it the upstream request and any in-flight slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_window_never_opens_is_cut_off() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let ended = tokio::spawn(conn);
+    let req = Request::get(format!(
+        "http://p:{}/download?bytes=100000000",
+        v.addr.port()
+    ))
+    .body(())
+    .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.expect("the response head arrives");
+    assert_eq!(resp.status(), 200);
+    // The body is kept and never read: no window is ever given.
+    let _body = resp.into_body();
+    let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
+    assert!(
+        closed.is_ok(),
+        "a stream parked on a closed window held its connection"
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
+}
