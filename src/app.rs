@@ -498,8 +498,18 @@ impl App {
         ));
 
         shutdown.await;
-        tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: no new connections, draining the open ones");
         ready.store(false, Ordering::Relaxed);
+        // Load balancers take a few probes to see /readyz fail; until then
+        // they still send people here, who are served, not refused.
+        let delay = config.server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutting down: /readyz says 503; still serving until the delay is over"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: no new connections, draining the open ones");
         let _ = stop_tx.send(true);
         let _ = public.await;
         let _ = private.await;

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::client::{self, send};
+use common::client::{self, get, send};
 use common::gated::Citizen;
 use common::process::{bin, write_config, Process};
 use common::{room_config, upstream};
@@ -102,6 +102,41 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert!(
         tokio::net::TcpStream::connect(status.1.addr).await.is_err(),
         "listener closed after shutdown"
+    );
+}
+
+/// With `shutdown_delay`, SIGTERM first turns `/readyz` to 503 and keeps
+/// serving new connections, so a load balancer stops sending people here
+/// before anyone is refused; then varco drains and exits as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_first_and_serves_through_the_delay() {
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "delay",
+        &room_config(&[up.addr], "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_delay = \"3s\""),
+    );
+    let mut p = Process::start(&cfg);
+    let readyz = format!("http://{}/readyz", p.admin);
+    assert_eq!(get(&readyz).await.status, 200);
+    p.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while get(&readyz).await.status != 503 {
+        assert!(std::time::Instant::now() < deadline, "/readyz still 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new connection, after readiness failed, is still served.
+    let got = get(&format!("http://{}/echo", p.addr)).await;
+    assert_eq!(got.status, 200, "refused during the delay");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = p.child.wait().unwrap();
+        (s, p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(status.1.addr).await.is_err(),
+        "listener closed after the delay"
     );
 }
 

@@ -220,6 +220,9 @@ pub struct RawServer {
     pub send_timeout: String,
     pub tls_handshake_timeout: String,
     pub shutdown_grace: String,
+    /// After SIGTERM, how long `/readyz` says 503 while varco still
+    /// accepts, so load balancers stop sending first ("0s": none).
+    pub shutdown_delay: String,
 }
 
 impl Default for RawServer {
@@ -241,6 +244,7 @@ impl Default for RawServer {
             send_timeout: DEFAULT_SEND_TIMEOUT.into(),
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),
+            shutdown_delay: "0s".into(),
         }
     }
 }

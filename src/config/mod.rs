@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub send_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Zero: stop accepting at once.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -130,6 +130,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         send_timeout: p.duration("server.send_timeout", &s.send_timeout),
         tls_handshake_timeout: p.duration("server.tls_handshake_timeout", &s.tls_handshake_timeout),
         shutdown_grace: p.duration("server.shutdown_grace", &s.shutdown_grace),
+        shutdown_delay: parse_duration(&s.shutdown_delay).unwrap_or_else(|e| {
+            p.add("server.shutdown_delay", e);
+            Duration::ZERO
+        }),
     };
 
     let u = &raw.upstream;
