@@ -361,6 +361,69 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
     assert_eq!(abandoned(), 1, "a turn nobody took lapsed");
 }
 
+/// Redis runs a claim but answers after the node stopped waiting (500 ms):
+/// the node asks whether the session it asked for exists and admits the
+/// person, who would otherwise find their ticket used on the next try and
+/// be sent to the back of the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_comes_too_late_still_admits() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut waiter = nodes[0].citizen();
+    assert!(waiter.get("/").await.is_waiting_page());
+    advance(&nodes, 61_000).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(waiter.status("portal").await["state"], "admitted");
+
+    // Redis is busy for 0.8 s (a long script): the claim waits in line
+    // behind it and its answer comes after the node's 500 ms.
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let url = redis.url();
+    let busy = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let spin = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] \
+                    repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 800000 return 1";
+        let _: i64 = redis::cmd("EVAL").arg(spin).arg(0).query(&mut c).unwrap();
+    });
+    // Busy once a PING goes unanswered for 100 ms.
+    let ping = redis::cmd("PING");
+    loop {
+        let answer = ping.query_async::<String>(&mut probe);
+        if tokio::time::timeout(std::time::Duration::from_millis(100), answer)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let got = waiter.get("/apply").await;
+    busy.join().unwrap();
+    assert!(
+        got.reached_upstream(),
+        "the claim ran but its holder was turned away: {} {}",
+        got.status,
+        got.text()
+    );
+    assert!(
+        waiter.get("/next").await.reached_upstream(),
+        "the pass holds"
+    );
+}
+
 /// A session used through an outage longer than its idle time still
 /// counts when Redis returns: its node could not report the activity, so
 /// neither the first request Redis answers nor the node's late report may
