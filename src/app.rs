@@ -126,9 +126,15 @@ impl App {
                 prefix,
                 tls_ca,
             } => Stores::Redis(Arc::new(
-                RedisStore::connect(url, prefix, config.store.lease, tls_ca.as_deref())
-                    .await
-                    .map_err(AppError::Store)?,
+                RedisStore::connect(
+                    url,
+                    prefix,
+                    config.store.lease,
+                    config.store.tick,
+                    tls_ca.as_deref(),
+                )
+                .await
+                .map_err(AppError::Store)?,
             )),
         };
         if let Stores::Memory(m) = &stores {

@@ -361,6 +361,46 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
     assert_eq!(abandoned(), 1, "a turn nobody took lapsed");
 }
 
+/// With a slow tick, questions asked between two ticks (a status page
+/// asking about a session another node made) are not taken for the end of
+/// an outage: a session idle past `session_idle` lapses on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_between_slow_ticks_do_not_stretch_sessions() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        "lease = \"15s\"\ntick = \"5s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 5000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut asker = Citizen::new(nodes[1].addr);
+    asker.jar = holder.jar.clone();
+    // 66 s without a request from the holder; each 5.5 s (a tick running
+    // a little late), just before the tick, the status asks Redis whether
+    // the session lives.
+    for _ in 0..12 {
+        for g in &nodes {
+            g.clock.advance_ms(5500);
+        }
+        asker.status("portal").await;
+        for g in &nodes {
+            g.app.tick().await;
+        }
+    }
+    let mut next = nodes[0].citizen();
+    let got = next.get("/").await;
+    assert!(
+        got.reached_upstream(),
+        "a session idle for 66 s still held the only slot ({})",
+        got.status
+    );
+}
+
 /// Redis runs a claim but answers after the node stopped waiting (500 ms):
 /// the node asks whether the session it asked for exists and admits the
 /// person, who would otherwise find their ticket used on the next try and

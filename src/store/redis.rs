@@ -47,6 +47,9 @@ pub struct RedisStore {
     prefix: String,
     node: String,
     lease: Duration,
+    /// `store.tick`: the script tells an outage from a tick's gap by it,
+    /// whichever op it runs.
+    tick_ms: u64,
     script: Arc<Script>,
     lease_script: Arc<Script>,
     nodes_script: Arc<Script>,
@@ -65,6 +68,7 @@ impl RedisStore {
         url: &str,
         prefix: &str,
         lease: Duration,
+        tick: Duration,
         tls_ca: Option<&std::path::Path>,
     ) -> Result<Self, String> {
         let client = match tls_ca {
@@ -93,6 +97,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             node,
             lease,
+            tick_ms: tick.as_millis() as u64,
             script: Arc::new(Script::new(SCRIPT)),
             lease_script: Arc::new(Script::new(LEASE)),
             nodes_script: Arc::new(Script::new(NODES)),
@@ -127,6 +132,7 @@ impl RedisStore {
             live_key: k("live"),
             node: self.node.clone(),
             lease_ms: self.lease.as_millis() as u64,
+            tick_ms: self.tick_ms,
             script: self.script.clone(),
             lease_script: self.lease_script.clone(),
             nodes_script: self.nodes_script.clone(),
@@ -179,6 +185,7 @@ pub struct RedisRoom {
     fallback: Mutex<Fallback>,
     node: String,
     lease_ms: u64,
+    tick_ms: u64,
     script: Arc<Script>,
     lease_script: Arc<Script>,
     /// The counters as of the last call (at most one tick old), and the
@@ -473,13 +480,14 @@ impl RedisRoom {
 }
 
 /// Limits for script ops that only read or touch sessions (check, end):
-/// those ops never admit, so no limit is ever applied.
-fn inert_limits() -> Limits {
+/// those ops never admit, so no limit is ever applied. The tick is the
+/// room's: by it the script tells an outage from the gap between ticks.
+fn inert_limits(tick_ms: u64) -> Limits {
     Limits {
         per_minute: None,
         max_active: None,
         claim_window_ms: 0,
-        tick_ms: 1000,
+        tick_ms,
         opens_at_ms: None,
         mode: crate::room::admission::Mode::Queue,
     }
@@ -552,7 +560,10 @@ impl RoomStore for RedisRoom {
                     // a retry would find the ticket used and send its
                     // holder to the back of the line.
                     let sid = [hex(session.sid)];
-                    return match self.call("peek", &inert_limits(), now_ms, &sid).await {
+                    return match self
+                        .call("peek", &inert_limits(self.tick_ms), now_ms, &sid)
+                        .await
+                    {
                         Ok(p) if p.0 == 1 => {
                             self.remember(session);
                             Ok(Claim::Admitted)
@@ -660,7 +671,7 @@ impl RoomStore for RedisRoom {
                 return Ok(true);
             }
             let r = self
-                .call("peek", &inert_limits(), now_ms, &[hex(sid)])
+                .call("peek", &inert_limits(self.tick_ms), now_ms, &[hex(sid)])
                 .await?;
             Ok(r.0 == 1)
         }
@@ -674,7 +685,7 @@ impl RoomStore for RedisRoom {
         idle_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
-            let limits = inert_limits();
+            let limits = inert_limits(self.tick_ms);
             let exp = now_ms + idle_ms;
             let r = self
                 .call("check", &limits, now_ms, &[hex(sid), exp.to_string()])
@@ -697,7 +708,7 @@ impl RoomStore for RedisRoom {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
-            let limits = inert_limits();
+            let limits = inert_limits(self.tick_ms);
             let forget = (now_ms + remember_ms).to_string();
             let r = self
                 .call("end", &limits, now_ms, &[hex(sid), forget])
@@ -714,7 +725,7 @@ impl RoomStore for RedisRoom {
         now_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
-            let limits = inert_limits();
+            let limits = inert_limits(self.tick_ms);
             let r = self
                 .call(
                     "restore",
