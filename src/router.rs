@@ -84,11 +84,18 @@ fn normalise_host(host: &str) -> String {
 }
 
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
-/// whole path segments.
+/// whole path segments. "/app;jsessionid=1" is "/app" with a path
+/// parameter, which Java servers strip: it is in "/app" too, or it would
+/// reach a catch-all room's gate (or none) and the portal as "/app".
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        Some(rest) => {
+            prefix.ends_with('/')
+                || rest.is_empty()
+                || rest.starts_with('/')
+                || rest.starts_with(';')
+        }
     }
 }
 
@@ -125,6 +132,15 @@ mod tests {
         assert_eq!(name("a.example.org", "/x").as_deref(), Some("main"));
         assert_eq!(name("a.example.org", "/login/cb").as_deref(), Some("login"));
         assert_eq!(name("a.example.org", "/loginx").as_deref(), Some("main"));
+        assert_eq!(
+            name("a.example.org", "/login;jsessionid=1").as_deref(),
+            Some("login"),
+            "a path parameter does not take a request out of its room"
+        );
+        assert_eq!(
+            name("a.example.org", "/login;x/cb").as_deref(),
+            Some("login")
+        );
         assert_eq!(
             name("Other.Example.org:8080", "/x").as_deref(),
             Some("other")
