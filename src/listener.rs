@@ -271,7 +271,14 @@ async fn serve_connection<IO, H>(
             // still sending its response body is busy.
             let resp = if h2 {
                 let park = busy.0.park();
-                resp.map(|body| crate::body::stream(Held { body, busy, park }))
+                resp.map(|body| {
+                    crate::body::stream(Held {
+                        body,
+                        busy,
+                        park,
+                        rest: bytes::Bytes::new(),
+                    })
+                })
             } else {
                 drop(busy);
                 resp
@@ -494,15 +501,26 @@ impl Activity {
 
 struct InFlight(Arc<Activity>);
 
+/// The most of a body hyper is handed at once over HTTP/2. hyper asks for
+/// more only once the client's window has taken all it was handed, so
+/// the time a body stays parked is the time the client takes this much:
+/// `send_timeout` then means what it means for HTTP/1 (and nginx), a
+/// client that takes almost nothing, not one that takes a 400 KB chunk
+/// slowly.
+const H2_PIECE: usize = 16 * 1024;
+
 pin_project! {
     /// An HTTP/2 response body that keeps its stream counted as in flight
-    /// until it is sent (or dropped with its stream), and says when it is
-    /// parked on the client's flow-control window.
+    /// until it is sent (or dropped with its stream), hands it to hyper in
+    /// pieces, and says when it is parked on the client's flow-control
+    /// window.
     struct Held {
         #[pin]
         body: Body,
         busy: InFlight,
         park: Arc<Park>,
+        // What is left of a frame larger than a piece.
+        rest: bytes::Bytes,
     }
 }
 
@@ -516,20 +534,40 @@ impl hyper::body::Body for Held {
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         this.park.0.store(0, Ordering::Relaxed);
-        let frame = this.body.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &frame {
-            let now = this.busy.0.now_ms();
-            this.park.0.store(now + 1, Ordering::Relaxed);
-        }
-        frame
+        let frame = if this.rest.is_empty() {
+            match this.body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) if data.len() > H2_PIECE => {
+                        *this.rest = data.split_off(H2_PIECE);
+                        hyper::body::Frame::data(data)
+                    }
+                    Ok(data) => hyper::body::Frame::data(data),
+                    Err(frame) => frame,
+                },
+                other => return other,
+            }
+        } else {
+            let at = this.rest.len().min(H2_PIECE);
+            hyper::body::Frame::data(this.rest.split_to(at))
+        };
+        let now = this.busy.0.now_ms();
+        this.park.0.store(now + 1, Ordering::Relaxed);
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 

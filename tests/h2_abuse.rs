@@ -139,3 +139,53 @@ async fn a_stream_whose_window_never_opens_is_cut_off() {
     );
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
 }
+
+/// A client that reads slowly but steadily over HTTP/2 (a poor mobile
+/// link: 32 KB/s through a 16 KiB window) is not taken for one that
+/// stopped: `send_timeout` counts from the last piece it took, as over
+/// HTTP/1, not from the start of whatever chunk the portal sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_not_cut_off() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nsend_timeout = \"2s\"\n[log]\naccess = false",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get(format!(
+        "http://p:{}/download?bytes=10000000",
+        v.addr.port()
+    ))
+    .body(())
+    .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let mut body = resp.await.expect("the response head arrives").into_body();
+    let (mut got, mut unreleased) = (0usize, 0usize);
+    let mut pace = tokio::time::interval(Duration::from_millis(250));
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        tokio::select! {
+            chunk = body.data() => match chunk {
+                Some(Ok(chunk)) => {
+                    got += chunk.len();
+                    unreleased += chunk.len();
+                }
+                Some(Err(e)) => panic!("cut off after {got} bytes: {e}"),
+                None => panic!("the body ended after {got} bytes"),
+            },
+            _ = pace.tick() => {
+                let n = unreleased.min(8 * 1024);
+                body.flow_control().release_capacity(n).unwrap();
+                unreleased -= n;
+            }
+        }
+    }
+    assert!(got >= 128 * 1024, "only {got} bytes in 6 s");
+}
