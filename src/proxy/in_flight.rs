@@ -21,6 +21,9 @@ pub struct InFlight {
     /// Whether a request found every slot taken since the last look: the
     /// adaptive limit grows only when it was the limit that held.
     saturated: AtomicBool,
+    /// A reload handed the slots to the room's successor: a tick still
+    /// running over the old room must not resize them.
+    retired: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +80,7 @@ impl InFlight {
             })),
             queued: AtomicUsize::new(0),
             saturated: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             config,
         }
     }
@@ -92,11 +96,13 @@ impl InFlight {
         } else {
             config.limit
         };
+        old.retired.store(true, Ordering::Relaxed);
         let cap = InFlight {
             slots: old.slots.clone(),
             sizes: old.sizes.clone(),
             queued: AtomicUsize::new(0),
             saturated: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             config,
         };
         cap.resize(limit);
@@ -135,6 +141,9 @@ impl InFlight {
     /// Sets the limit (at least 1): more slots at once, or fewer as the
     /// held ones come back.
     pub fn resize(&self, limit: usize) {
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let limit = limit.max(1);
         let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
         if limit > sizes.limit {
@@ -251,6 +260,9 @@ mod tests {
             &old,
         );
         assert_eq!((new.limit(), new.in_flight()), (3, 2));
+        // A tick still adapting the old room changes nothing any more.
+        old.resize(1);
+        assert_eq!(new.limit(), 3);
         let c = new.enter().await.unwrap();
         assert_eq!(new.enter().await.err(), Some(Refused::QueueFull));
         drop((a, b, c));
@@ -258,25 +270,24 @@ mod tests {
 
         // Adaptive on both sides: the learned limit holds, under the new
         // ceiling; a fixed cap takes its configured limit.
-        let learned = InFlight::new(InFlightConfig {
-            adaptive: true,
-            ..*old.config()
-        });
-        learned.resize(1);
         let adaptive = |limit| InFlightConfig {
             limit,
             queue: 0,
             wait: Duration::from_millis(10),
             adaptive: true,
         };
-        assert_eq!(InFlight::continuing(adaptive(8), &learned).limit(), 1);
-        learned.resize(5);
-        assert_eq!(InFlight::continuing(adaptive(4), &learned).limit(), 4);
+        let learned = |limit| {
+            let cap = InFlight::new(adaptive(8));
+            cap.resize(limit);
+            cap
+        };
+        assert_eq!(InFlight::continuing(adaptive(8), &learned(1)).limit(), 1);
+        assert_eq!(InFlight::continuing(adaptive(4), &learned(5)).limit(), 4);
         let fixed = InFlightConfig {
             adaptive: false,
             ..adaptive(6)
         };
-        assert_eq!(InFlight::continuing(fixed, &learned).limit(), 6);
+        assert_eq!(InFlight::continuing(fixed, &learned(1)).limit(), 6);
     }
 
     #[tokio::test]
