@@ -116,6 +116,7 @@ fn gate(c: &mut Criterion) {
         headers,
         method: &method,
         path_and_query: "/apply?step=1",
+        host: Some("portal.example.org"),
         client_ip: "198.51.100.4".parse().unwrap(),
         tls: true,
         json: false,

@@ -45,6 +45,8 @@ pub struct GateRequest<'a> {
     pub headers: &'a HeaderMap,
     pub method: &'a Method,
     pub path_and_query: &'a str,
+    /// The authority asked for (Host, or HTTP/2's :authority).
+    pub host: Option<&'a str>,
     pub client_ip: IpAddr,
     pub tls: bool,
     pub json: bool,
@@ -67,6 +69,11 @@ impl<'a> GateRequest<'a> {
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/"),
+            host: req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str())),
             client_ip,
             tls,
             json,
@@ -140,8 +147,8 @@ fn safe_path(p: &str) -> Option<&str> {
 /// Where admission lands someone with no page to remember: a form posted
 /// after the session lapsed (a POST is never replayed), or a path too long
 /// to keep. The page they were on, when the Referer names one of this
-/// room's; else the room's first path. Not `/` blindly: that may be
-/// another room, where this room's ticket claims nothing and lapses.
+/// room's on this host; else the room's first path. Not `/` blindly: that
+/// may be another room, where this room's ticket claims nothing and lapses.
 fn landing(room: &Room, r: &GateRequest) -> String {
     let in_room = |path: &str| {
         room.config
@@ -155,6 +162,13 @@ fn landing(room: &Room, r: &GateRequest) -> String {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<http::Uri>().ok())
         .and_then(|u| {
+            let here = u
+                .authority()
+                .zip(r.host)
+                .is_some_and(|(a, h)| a.as_str().eq_ignore_ascii_case(h));
+            if !here {
+                return None;
+            }
             let canonical = crate::request_path::normalise(u.path()) == Ok(None);
             let pq = u.path_and_query()?.as_str();
             (canonical && in_room(u.path()))

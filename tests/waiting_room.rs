@@ -303,11 +303,13 @@ async fn a_post_without_a_pass_lands_back_in_its_room() {
     let form = format!("http://{}/bonus/form?step=2", g.addr);
     assert_eq!(landing(Some(form)).await, "/bonus/form?step=2");
     assert_eq!(landing(None).await, "/bonus");
-    // A Referer outside the room, or one varco would not route as written,
-    // is not a landing.
-    let outside = "http://elsewhere.example/other".to_string();
+    // A Referer outside the room or from another site, or one varco
+    // would not route as written, is not a landing.
+    let outside = format!("http://{}/other", g.addr);
     assert_eq!(landing(Some(outside)).await, "/bonus");
-    let dotted = "http://x/bonus/../other".to_string();
+    let elsewhere = "http://elsewhere.example/bonus/form".to_string();
+    assert_eq!(landing(Some(elsewhere)).await, "/bonus");
+    let dotted = format!("http://{}/bonus/../other", g.addr);
     assert_eq!(landing(Some(dotted)).await, "/bonus");
 }
 
