@@ -220,7 +220,9 @@ fn bad_adaptive_and_in_flight_tables_are_named() {
          adaptive = { min_per_minute = 600, max_per_minute = 60, target_latency = \"0s\", backoff = 1.5 }\n\
          in_flight = { limit = 0, adaptive = true }\n\
          [rooms.other]\nupstreams = [\"http://127.0.0.1:1\"]\npaths = [\"/other\"]\n\
-         in_flight = { limit = 4, adaptive = true }\n",
+         in_flight = { limit = 4, adaptive = true }\n\
+         [rooms.slow]\nupstreams = [\"http://127.0.0.1:1\"]\npaths = [\"/slow\"]\n\
+         adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"2s\" }\n",
         std::path::Path::new("."),
     )
     .unwrap_err()
@@ -232,6 +234,9 @@ fn bad_adaptive_and_in_flight_tables_are_named() {
         "rooms.portal.admission_per_minute",
         "rooms.portal.in_flight.limit",
         "rooms.other.in_flight.adaptive",
+        // A target as long as the interval: slow answers would never be
+        // seen before the next raise.
+        "rooms.slow.adaptive.interval",
     ] {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }

@@ -589,10 +589,25 @@ fn parse_adaptive(
             "must be at least 100ms: each decision needs upstream answers to judge",
         );
     }
+    let target_latency = p.duration(&key("adaptive.target_latency"), &a.target_latency);
+    // Each change of rate starts the count afresh, so a decision sees only
+    // answers sent and received within one interval: none slower than the
+    // interval. With the target that close, a portal slowing down would
+    // look healthy while the rate climbs.
+    if interval < target_latency * 2 {
+        p.add(
+            key("adaptive.interval"),
+            format!(
+                "must be at least twice adaptive.target_latency ({}), or answers slower than the target never arrive within one interval: set it to \"{}\" or more",
+                humantime::format_duration(target_latency),
+                humantime::format_duration(target_latency * 2)
+            ),
+        );
+    }
     AdaptiveConfig {
         min_per_minute: a.min_per_minute,
         max_per_minute: a.max_per_minute,
-        target_latency: p.duration(&key("adaptive.target_latency"), &a.target_latency),
+        target_latency,
         max_error_rate: a.max_error_rate,
         percentile: a.percentile,
         interval,
