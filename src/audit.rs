@@ -246,8 +246,21 @@ impl AuditLog {
         r.hash = r.digest();
         let mut line = serde_json::to_string(&r).map_err(std::io::Error::other)?;
         line.push('\n');
-        c.file.write_all(line.as_bytes())?;
-        c.file.sync_data()?;
+        let before = c.file.metadata()?.len();
+        let written = c
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| c.file.sync_data());
+        if let Err(e) = written {
+            // A torn line, or one written twice under the same number by
+            // the next try, would make the chain fail verification from
+            // here on, as if tampered with: take it back, and the next
+            // record covers this range too.
+            if let Err(undo) = c.file.set_len(before) {
+                tracing::error!(error = %undo, "could not take back a partly written admission record");
+            }
+            return Err(e);
+        }
         c.seq = r.seq;
         c.head = r.hash.clone();
         c.logged.insert(room.to_string(), serving);
