@@ -189,3 +189,34 @@ async fn a_slow_but_steady_reader_is_not_cut_off() {
     }
     assert!(got >= 128 * 1024, "only {got} bytes in 6 s");
 }
+
+/// A browser that leaves a page the portal is slow to answer resets its
+/// stream: the upstream request is dropped, and the gauge of requests at
+/// the upstream comes back down (it used to count such requests forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_leaves_no_upstream_request_counted() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "[log]\naccess = false")).await;
+    let gauge = || common::client::metric(v.admin, "varco_upstream_in_flight", "room=");
+    let mut send = attacker(&v).await;
+    let req = Request::get(format!("http://p:{}/slow?ms=3000", v.addr.port()))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gauge().await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never at the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(resp); // RST_STREAM(CANCEL)
+    while gauge().await != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a reset request is still counted at the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

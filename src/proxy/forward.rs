@@ -164,7 +164,9 @@ impl Forwarder {
             // never the client's.
             let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
             let metrics = &room.upstream_metrics[index];
-            metrics.in_flight.inc();
+            // Lowered on drop too: a client that goes away (an HTTP/2
+            // reset) drops this future mid-wait.
+            let counted = Counted::new(&metrics.in_flight);
             let sent = self
                 .answer(
                     self.client.request(upstream_req),
@@ -172,7 +174,7 @@ impl Forwarder {
                     &mut started,
                 )
                 .await;
-            metrics.in_flight.dec();
+            drop(counted);
             let mut signal = |failed: bool| {
                 if let Some(o) = outstanding.as_mut() {
                     o.answer(queued + started.elapsed(), failed);
@@ -363,3 +365,19 @@ fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stat
 #[derive(Debug, thiserror::Error)]
 #[error("client request body: {0}")]
 struct ClientBodyError(#[source] BoxError);
+
+/// One more in a gauge for as long as it lives.
+struct Counted<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
