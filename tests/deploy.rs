@@ -417,6 +417,25 @@ fn promtool_accepts_the_rules() {
     );
 }
 
+/// The rules behave as meant on sample series (tests/prometheus): with
+/// several varco nodes too, each exporting the same room.
+#[test]
+fn the_rules_fire_on_a_cluster_s_series() {
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prometheus/rules_test.yaml");
+    let out = std::process::Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&tests)
+        .output()
+        .expect("promtool (scripts/test installs Debian's prometheus package for it)");
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The cluster variant: its varco.toml validates with the Redis store,
 /// keeps no snapshot, and its Deployment runs several replicas that mount
 /// no state volume.
