@@ -418,6 +418,10 @@ struct RoomCollector {
     /// Rooms with lanes: each lane's line, labelled room and lane.
     lane_gauges: Gauges,
     lane_admitted: IntCounterVec,
+    /// One scrape at a time fills the vectors above: the registry lets
+    /// two gather at once (two Prometheus servers), and interleaved resets
+    /// and fills would report a counter twice or a gauge not at all.
+    scraping: std::sync::Mutex<()>,
 }
 
 impl RoomCollector {
@@ -440,6 +444,7 @@ impl RoomCollector {
         };
         RoomCollector {
             routing,
+            scraping: std::sync::Mutex::new(()),
             lane_gauges: vec![
                 lane_gauge(
                     "varco_lane_queue_length",
@@ -576,6 +581,7 @@ impl prometheus::core::Collector for RoomCollector {
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one_at_a_time = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
         for (_, g) in &self.gauges {
             g.reset();
         }

@@ -296,6 +296,40 @@ fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> O
         })
 }
 
+/// Two Prometheus servers scraping at once each get the true figures: the
+/// room metrics are filled per scrape, one scrape at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_at_once_report_the_same_counters() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    for _ in 0..5 {
+        g.citizen().get("/").await;
+    }
+    let url = format!("http://{}/metrics", g.admin);
+    let scrapers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..100 {
+                    let s = scrape(&get(&url).await.text());
+                    seen.push(value(
+                        &s,
+                        "varco_tickets_issued_total",
+                        &[("room", "portal")],
+                    ));
+                }
+                seen
+            })
+        })
+        .collect();
+    for s in scrapers {
+        for v in s.await.unwrap() {
+            assert_eq!(v, Some(5.0), "a scrape at the same time as another");
+        }
+    }
+}
+
 #[tokio::test]
 async fn metrics_parse_and_move_with_traffic() {
     let up = upstream::spawn().await;
