@@ -219,6 +219,25 @@ fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
     }
 }
 
+/// `text` with its `%XX` escapes decoded; None if one is malformed or the
+/// result is not UTF-8.
+fn percent_decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Admin {
     async fn api(&self, req: Request<Incoming>, who: &str) -> Response<Body> {
         let path = req.uri().path().to_string();
@@ -231,7 +250,11 @@ impl Admin {
             // A citizen's receipt or ticket, checked for them (the same as
             // `varco receipt verify`, with the keys of this running varco).
             (Method::GET, ["receipts", text]) => {
-                match crate::room::receipt::verify(&self.app.keys(), text) {
+                // A lane's receipt holds a `#`, sent as `%23`.
+                let Some(text) = percent_decoded(text) else {
+                    return problem(StatusCode::BAD_REQUEST, "a malformed %-escape");
+                };
+                match crate::room::receipt::verify(&self.app.keys(), &text) {
                     Ok(v) => json_response(StatusCode::OK, v.to_json()),
                     Err(why) => {
                         json_response(StatusCode::OK, json!({ "genuine": false, "reason": why }))

@@ -256,3 +256,39 @@ async fn lanes_admitting_at_once_never_pass_max_active() {
     g.advance(1000).await;
     assert!(room.view().active <= 10);
 }
+
+/// A lane's receipt (`portal#intermediaries-1-...`, its `#` sent as `%23`)
+/// and a lane's ticket are checked by the admin API against the lane's own
+/// line, not the default one.
+#[tokio::test]
+async fn a_lane_receipt_is_checked_through_the_admin_api() {
+    const TOKEN: &str = "lane-admin-token-0123456789";
+    std::env::set_var("VARCO_TEST_LANE_ADMIN", format!("anna:{TOKEN}"));
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_LANE_ADMIN\"\n{}",
+        lanes_room(up.addr, SIXTY_A_MINUTE, false)
+    );
+    let g = Gated::start(&cfg).await;
+    let mut broker = intermediary(g.addr, SECRET);
+    assert!(broker.get("/").await.is_waiting_page());
+    let receipt = broker.status("portal").await["receipt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(receipt.starts_with("portal#intermediaries-1-"), "{receipt}");
+    let ticket = broker.cookie("varco_ticket_portal").unwrap().to_string();
+    let check = |what: String| async move {
+        let req = http::Request::get(format!("http://{}/api/receipts/{what}", g.admin))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(varco::body::empty())
+            .unwrap();
+        common::client::send(req).await.json()
+    };
+    for what in [receipt.replace('#', "%23"), ticket] {
+        let v = check(what).await;
+        assert_eq!(v["genuine"], true, "{v}");
+        assert_eq!(v["room"], "portal#intermediaries", "{v}");
+        assert_eq!(v["number"], "1", "{v}");
+    }
+}

@@ -244,11 +244,12 @@ pub fn verify(keys: &Keyring, text: &str) -> Result<Verified, String> {
         let (t, kid) = keys
             .verify_ticket_any_time(text)
             .ok_or("not a ticket signed by any key varco has")?;
-        let room = t
-            .aud
-            .strip_prefix("varco:ticket:")
-            .ok_or("not a ticket")?
-            .to_string();
+        let room = t.aud.strip_prefix("varco:ticket:").ok_or("not a ticket")?;
+        // A lane's ticket is numbered in its lane's line, as its receipt.
+        let room = match t.l.as_str() {
+            "" => room.to_string(),
+            lane => format!("{room}#{lane}"),
+        };
         let receipt =
             Receipt::of(&room, &t).ok_or("a provisional ticket: it has no number of its own")?;
         return Ok(Verified {
@@ -344,6 +345,15 @@ mod tests {
         parts[2] = parts[2].chars().rev().collect();
         assert!(verify(&k, &parts.join(".")).is_err());
         assert!(verify(&keys(2), &token).is_err());
+        // A lane's ticket gives its lane's receipt, not the default line's.
+        let mut t = ticket(12, 0);
+        t.l = "partners".into();
+        let v = verify(&k, &k.sign(&t)).unwrap();
+        assert_eq!(v.receipt.room, "portal#partners");
+        assert_eq!(
+            Some(v.receipt.to_text(&k)),
+            text_of("portal#partners", &t, &k)
+        );
     }
 
     /// The code is the HMAC of the message the receipt format defines,
