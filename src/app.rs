@@ -140,6 +140,11 @@ impl App {
         if let Stores::Memory(m) = &stores {
             m.count_marks_errors(metrics.state_write_errors.with_label_values(&["marks"]));
         }
+        // From 0, so increase() sees the first failure (a series born at 1
+        // shows none).
+        if config.store.snapshot.is_some() {
+            metrics.state_write_errors.with_label_values(&["snapshot"]);
+        }
         let rooms = build_rooms(
             &config,
             &config.keys,

@@ -208,7 +208,7 @@ impl Metrics {
         );
         let reentries = counter(
             "varco_reentries_total",
-            "Lapsed passes given back ahead of the queue, by reason: upstream_failure (the portal had failed them) or login_detour (a login callback came back)",
+            "Lapsed passes given back ahead of the queue, by reason: upstream_failure (the portal had failed them), login_detour (a login callback came back) or crash (a session a memory store's crash lost, taken back)",
             &["room", "reason"],
         );
         let reentries_refused = counter(

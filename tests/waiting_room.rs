@@ -599,6 +599,17 @@ async fn a_restart_keeps_every_place_and_every_pass() {
     let up = upstream::spawn().await;
     let (dir, cfg) = snapshotted_room("snap", up.addr, "max_active = 2");
     let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    // The error counter is there from the start, at 0, so an alert on
+    // increase() sees the first failure.
+    assert_eq!(
+        common::client::metric(
+            g.admin,
+            "varco_state_write_errors_total",
+            "kind=\"snapshot\""
+        )
+        .await,
+        Some(0.0)
+    );
     let mut people: Vec<Citizen> = (0..6).map(|_| g.citizen()).collect();
     for c in people.iter_mut() {
         c.get("/").await;
