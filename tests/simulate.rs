@@ -29,6 +29,15 @@ async fn varco_turns_a_crash_into_a_queue() {
         "everyone submitted through varco"
     );
     assert_eq!(with.order_inversions, 0, "admitted out of ticket order");
+    // Every completed application took three portal answers at least (the
+    // page, the login's redirect, the submission): all counted in the 5xx
+    // rate's denominator.
+    assert!(
+        with.portal_requests >= 3 * with.completed as u64,
+        "{} portal answers for {} applications",
+        with.portal_requests,
+        with.completed
+    );
     assert_eq!(with.crossed, 0);
     assert_eq!(without.crossed, 0);
 }

@@ -217,7 +217,8 @@ async fn citizen(
     let patience = s.patience;
     let arrived = start.elapsed().as_secs_f64();
     let mut t = Trace::default();
-    let deadline = start + patience;
+    // Each citizen's own patience, from their own arrival.
+    let deadline = Instant::now() + patience;
     let login = format!("citizen={}", p.id);
     let steps: [(&str, &str, Option<&str>); 3] = [
         ("GET", "/", None),
@@ -232,7 +233,11 @@ async fn citizen(
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
-        let from_portal = r.body.contains("Portale Bonus") || r.body.contains("cannot be served");
+        // The portal's pages, its error page, and its redirects (a login
+        // answers 303 with no body; varco itself never redirects).
+        let from_portal = r.body.contains("Portale Bonus")
+            || r.body.contains("cannot be served")
+            || (300..400).contains(&r.status);
         if from_portal {
             t.requests += 1;
         }
@@ -300,7 +305,7 @@ async fn citizen(
         }
     }
     if step == steps.len() {
-        t.done = Some(start.elapsed().as_secs_f64());
+        t.done = Some(start.elapsed().as_secs_f64() - arrived);
     }
     t
 }
@@ -322,7 +327,8 @@ async fn crowd(
             through_varco,
             log.clone(),
         )));
-        // Arrivals spread over the first second, like a click at 09:00.
+        // Arrivals in bursts of 50 every quarter second, like a click at
+        // 09:00.
         if i % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
