@@ -136,11 +136,19 @@ fn status_table(v: &Value) -> String {
         "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}\n",
         "ROOM", "MODE", "WAITING", "ACTIVE", "MAX_ACTIVE", "RATE/MIN", "WAIT"
     );
+    // Whole numbers as such; a fractional rate (0.4 a minute) to two
+    // decimals, not rounded to a misleading 0.
     let show = |x: &Value| match x {
         Value::Null => "-".to_string(),
         Value::Number(n) => n
             .as_f64()
-            .map(|f| format!("{}", f.round()))
+            .map(|f| {
+                if f.fract() == 0.0 {
+                    format!("{f}")
+                } else {
+                    format!("{f:.2}")
+                }
+            })
             .unwrap_or_default(),
         other => other.to_string(),
     };
@@ -161,4 +169,22 @@ fn status_table(v: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_keeps_a_fractional_rate() {
+        let v = serde_json::json!({"rooms": [{
+            "name": "portal", "mode": "queue", "queue_length": 12,
+            "active_sessions": 3, "max_active": null,
+            "admission_per_minute": 0.4, "estimated_wait_seconds": 95
+        }]});
+        let table = status_table(&v);
+        let row = table.lines().nth(1).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols, ["portal", "queue", "12", "3", "-", "0.40", "1m35s"]);
+    }
 }
