@@ -242,7 +242,12 @@ impl Admin {
     async fn api(&self, req: Request<Incoming>, who: &str) -> Response<Body> {
         let path = req.uri().path().to_string();
         let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
-        match (req.method().clone(), parts.as_slice()) {
+        // HEAD is GET without the body (hyper leaves the body out).
+        let method = match req.method() {
+            &Method::HEAD => Method::GET,
+            m => m.clone(),
+        };
+        match (method, parts.as_slice()) {
             (Method::GET, ["rooms"]) => {
                 let rooms: Vec<Value> = self.app.rooms().iter().map(|r| room_state(r)).collect();
                 json_response(StatusCode::OK, json!({ "rooms": rooms }))

@@ -54,6 +54,12 @@ async fn the_admin_api_needs_a_configured_token() {
     );
     let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
     assert_eq!(got.status, 200);
+    let head = api(&g, "HEAD", "/api/rooms", Some(TOKEN)).await;
+    assert_eq!(
+        (head.status, head.body.len()),
+        (200, 0),
+        "HEAD is GET without the body"
+    );
     let rooms = got.json()["rooms"].clone();
     assert_eq!(rooms[0]["name"], "portal");
     assert_eq!(rooms[0]["max_active"], 1);
