@@ -66,15 +66,34 @@ impl Router {
     /// `host` may carry a port and any case; `path` is the request path.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Room>> {
         let host = host.map(normalise_host).unwrap_or_default();
+        let path = without_parameters(path);
         self.routes
             .iter()
-            .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, path))
+            .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, &path))
             .map(|r| &r.room)
     }
 }
 
+/// `path` with each segment's `;parameters` taken off, as Java servers
+/// read it: `/servizi;x/bonus/apply` is in `/servizi/bonus`, or it would
+/// reach another room (or none) and the portal as that room's path.
+/// Borrowed when there is no `;` (nearly always).
+fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(';') {
+        return path.into();
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(segment));
+    }
+    out.into()
+}
+
 /// Lowercase, without port; IPv6 literals keep their brackets.
-fn normalise_host(host: &str) -> String {
+pub fn normalise_host(host: &str) -> String {
     let h = if host.starts_with('[') {
         host.split_inclusive(']').next().unwrap_or(host)
     } else {
@@ -150,6 +169,28 @@ mod tests {
             name("other.example.org", "/login").as_deref(),
             Some("login")
         );
+    }
+
+    #[test]
+    fn path_parameters_inside_a_room_s_prefix_keep_the_request_there() {
+        let r = router(
+            r#"
+            [rooms.main]
+            upstreams = ["http://127.0.0.1:1"]
+            [rooms.bonus]
+            upstreams = ["http://127.0.0.1:2"]
+            paths = ["/servizi/bonus", "/app/"]
+            "#,
+        );
+        let name = |p: &str| r.route(Some("x"), p).map(|r| r.name.clone());
+        for p in [
+            "/servizi;x/bonus/apply",
+            "/servizi/bonus;jsessionid=1",
+            "/app;x/form",
+        ] {
+            assert_eq!(name(p).as_deref(), Some("bonus"), "{p}");
+        }
+        assert_eq!(name("/servizi;x/other").as_deref(), Some("main"));
     }
 
     #[test]
