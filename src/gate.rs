@@ -162,10 +162,11 @@ fn landing(room: &Room, r: &GateRequest) -> String {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<http::Uri>().ok())
         .and_then(|u| {
-            let here = u
-                .authority()
-                .zip(r.host)
-                .is_some_and(|(a, h)| a.as_str().eq_ignore_ascii_case(h));
+            // The same host as rooms match it: any case, any port (a
+            // balancer may write Host with :443, a browser never).
+            let here = u.authority().zip(r.host).is_some_and(|(a, h)| {
+                crate::router::normalise_host(a.as_str()) == crate::router::normalise_host(h)
+            });
             if !here {
                 return None;
             }

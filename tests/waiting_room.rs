@@ -302,6 +302,9 @@ async fn a_post_without_a_pass_lands_back_in_its_room() {
     };
     let form = format!("http://{}/bonus/form?step=2", g.addr);
     assert_eq!(landing(Some(form)).await, "/bonus/form?step=2");
+    // The same host without the port the request's Host carries.
+    let bare = "http://127.0.0.1/bonus/form".to_string();
+    assert_eq!(landing(Some(bare)).await, "/bonus/form");
     assert_eq!(landing(None).await, "/bonus");
     // A Referer outside the room or from another site, or one varco
     // would not route as written, is not a landing.
