@@ -151,6 +151,7 @@ impl App {
             &stores,
             &metrics,
             clock.now_ms(),
+            config.store.tick,
             &|_| None,
         );
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
@@ -331,6 +332,7 @@ impl App {
             &self.stores,
             &self.metrics,
             self.clock.now_ms(),
+            self.config.store.tick,
             &|name| self.room(name),
         );
         // The cluster's shared changes hold across a reload.
@@ -645,17 +647,19 @@ enum Stores {
 
 /// A room per config table; each keeps its store (places, sessions) by
 /// name across reloads.
-/// The rooms of `config`; `old` finds a room of the same name from before
-/// a reload, whose requests in flight keep counting.
+/// The rooms of `config`, ticked every `tick` (the running one: `[store]`
+/// changes wait for a restart, and the tick loop and the Redis store keep
+/// the tick they started with); `old` finds a room of the same name from
+/// before a reload, whose requests in flight keep counting.
 fn build_rooms(
     config: &Config,
     keys: &Keyring,
     stores: &Stores,
     metrics: &Metrics,
     now_ms: u64,
+    tick: std::time::Duration,
     old: &dyn Fn(&str) -> Option<Arc<Room>>,
 ) -> Vec<Arc<Room>> {
-    let tick = config.store.tick;
     config
         .rooms
         .iter()

@@ -636,3 +636,27 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[store]` changes wait for a restart (a reload says so): the rooms a
+/// reload builds keep the tick the tick loop and the store run with, or
+/// a cluster's script would take each tick's gap for an outage.
+#[tokio::test]
+async fn a_reload_keeps_the_running_tick() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-reload-tick-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("varco.toml");
+    let cfg = gated_config(up.addr, "max_active = 1") + "[store]\ntick = \"5s\"\n";
+    std::fs::write(&path, &cfg).unwrap();
+    let g = Gated::start_file(&path).await;
+    let tick = || g.app.room("portal").unwrap().limits().tick_ms;
+    assert_eq!(tick(), 5000);
+    std::fs::write(&path, cfg.replace("tick = \"5s\"", "tick = \"1s\"")).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(
+        tick(),
+        5000,
+        "the reloaded room ticks as the running loop does"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
