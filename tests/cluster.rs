@@ -401,6 +401,58 @@ async fn questions_between_slow_ticks_do_not_stretch_sessions() {
     );
 }
 
+/// The lease holder dies: the ticks stop until the lease moves, but the
+/// other nodes still reach Redis, so that pause is not an outage for
+/// sessions: an idle session lapses on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_moving_does_not_stretch_sessions() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        "lease = \"2s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
+    let mut holder = nodes[1].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    // Node 0 dies. Node 1 goes on for 10 s of its clock, reaching Redis
+    // every tick, while the lease still names node 0.
+    let survivor = &nodes[1..];
+    advance(survivor, 10_000).await;
+    // The lease lapses (in Redis's own time); node 1 takes it over.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while redis::cmd("EXISTS")
+        .arg("t:{portal}:lease")
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap()
+        == 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // 61 s after the holder's only request: the session has lapsed.
+    advance(survivor, 51_000).await;
+    let mut next = nodes[1].citizen();
+    let got = next.get("/").await;
+    assert!(
+        got.reached_upstream(),
+        "a session idle for 61 s still held the only slot ({})",
+        got.status
+    );
+}
+
 /// Redis runs a claim but answers after the node stopped waiting (500 ms):
 /// the node asks whether the session it asked for exists and admits the
 /// person, who would otherwise find their ticket used on the next try and

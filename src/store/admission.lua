@@ -45,6 +45,8 @@ local abandoned = tonumber(h.abandoned or '0')
 local gen = h.gen or string.format('%d', now)
 -- When a node last ticked this room (or an op caught up after a gap).
 local ticked = tonumber(h.ticked or string.format('%d', now))
+-- When any node last reached this room's state, with any op.
+local seen = tonumber(h.seen or string.format('%d', now))
 
 local function parse(b)
   local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
@@ -68,9 +70,11 @@ end
 -- Nobody could claim a called turn while no node could tick (Redis or
 -- every node down): time past a few ticks without one counts against no
 -- claim window, as a single node's restart does not. Nor against a
--- session's idle time: the nodes kept serving their sessions and could
--- not report it, so a session alive at the last tick is as alive now,
--- and counts against max_active until its nodes' reports arrive.
+-- session's idle time while no node could reach Redis at all: the nodes
+-- kept serving their sessions and could not report it, so a session alive
+-- then is as alive now, and counts against max_active until its nodes'
+-- reports arrive. (A lease moving from a dead holder stops the ticks, not
+-- the other nodes' reports: sessions are not shifted for that.)
 local function catch_up()
   local gap = now - ticked
   if gap > 5 * tick_ms then
@@ -79,12 +83,17 @@ local function catch_up()
       local at, f, t, c = parse(b)
       redis.call('LSET', batches, i - 1, fmt(at + shift, f, t, c))
     end
-    local alive = redis.call('ZRANGEBYSCORE', sess, '(' .. string.format('%d', ticked), '+inf', 'WITHSCORES')
+    ticked = now - tick_ms
+  end
+  local quiet = now - seen
+  if quiet > 5 * tick_ms then
+    local shift = quiet - tick_ms
+    local alive = redis.call('ZRANGEBYSCORE', sess, '(' .. string.format('%d', seen), '+inf', 'WITHSCORES')
     for i = 1, #alive, 2 do
       redis.call('ZADD', sess, tonumber(alive[i + 1]) + shift, alive[i])
     end
-    ticked = now - tick_ms
   end
+  if now > seen then seen = now end
 end
 -- Before any op reads a session or a batch.
 catch_up()
@@ -269,7 +278,7 @@ redis.call('HSET', st,
   'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
   'abandoned', string.format('%d', abandoned), 'gen', gen,
-  'ticked', string.format('%d', ticked))
+  'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen))
 
 local rate = 0
 local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
