@@ -96,7 +96,12 @@ impl InFlight {
         } else {
             config.limit
         };
-        old.retired.store(true, Ordering::Relaxed);
+        {
+            // Under the lock resize takes: a resize of the old cap already
+            // past its check finishes before this, and none starts after.
+            let _sizes = old.sizes.lock().unwrap_or_else(|e| e.into_inner());
+            old.retired.store(true, Ordering::Relaxed);
+        }
         let cap = InFlight {
             slots: old.slots.clone(),
             sizes: old.sizes.clone(),
@@ -141,11 +146,11 @@ impl InFlight {
     /// Sets the limit (at least 1): more slots at once, or fewer as the
     /// held ones come back.
     pub fn resize(&self, limit: usize) {
+        let limit = limit.max(1);
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
         if self.retired.load(Ordering::Relaxed) {
             return;
         }
-        let limit = limit.max(1);
-        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
         if limit > sizes.limit {
             let mut grow = limit - sizes.limit;
             let repaid = grow.min(sizes.debt);
