@@ -227,8 +227,11 @@ fn percent_decoded(text: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -394,6 +397,23 @@ impl Handler for Admin {
                 "not ready: shutting down\n".into(),
             ),
             _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decoded;
+
+    #[test]
+    fn escapes_decode_and_malformed_ones_are_refused() {
+        assert_eq!(
+            percent_decoded("portal%23partners-1-X").as_deref(),
+            Some("portal#partners-1-X")
+        );
+        assert_eq!(percent_decoded("plain").as_deref(), Some("plain"));
+        for bad in ["%", "%2", "%zz", "%+1", "%-1", "%ff"] {
+            assert_eq!(percent_decoded(bad), None, "{bad}");
         }
     }
 }

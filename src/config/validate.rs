@@ -594,13 +594,13 @@ fn parse_adaptive(
     // answers sent and received within one interval: none slower than the
     // interval. With the target that close, a portal slowing down would
     // look healthy while the rate climbs.
-    if interval < target_latency * 2 {
+    if interval < target_latency.saturating_mul(2) {
         p.add(
             key("adaptive.interval"),
             format!(
                 "must be at least twice adaptive.target_latency ({}), or answers slower than the target never arrive within one interval: set it to \"{}\" or more",
                 humantime::format_duration(target_latency),
-                humantime::format_duration(target_latency * 2)
+                humantime::format_duration(target_latency.saturating_mul(2))
             ),
         );
     }

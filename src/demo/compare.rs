@@ -87,7 +87,7 @@ type Row = Box<dyn Fn(&Run) -> String>;
 
 pub fn report(c: &CompareSettings, runs: &[(String, Run)]) -> String {
     let mut out = format!(
-        "click day through varco: {} citizens within {} s; demo portal capacity {} at {} ms a request, \
+        "click day through varco: {} citizens, each patient for {} s; demo portal capacity {} at {} ms a request, \
          so its knee is {:.0} new sessions/min ({} requests each); adaptive: {}\n\n",
         c.sim.citizens,
         c.sim.patience.as_secs(),

@@ -1,5 +1,6 @@
 //! `varco simulate`: a click day in miniature. N citizens, each with their
-//! own cookies, arrive at once at the demo portal and try to log in and
+//! own cookies, arrive in bursts of 50 a quarter second apart at the demo
+//! portal and try to log in and
 //! submit an application: first straight at the portal, then through
 //! varco. Prints what each run achieved, so the difference is measured,
 //! not claimed.
@@ -616,7 +617,7 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
     let secs = |v: Option<f64>| v.map(|x| format!("{x:.1} s")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
     out.push_str(&format!(
-        "click day: {} citizens at once, demo portal capacity {} at {} ms a request (500 past {} ms), varco: {} new sessions/min, max_active {}\n\n",
+        "click day: {} citizens arriving 200 a second, demo portal capacity {} at {} ms a request (500 past {} ms), varco: {} new sessions/min, max_active {}\n\n",
         s.citizens,
         s.capacity,
         s.service_time.as_millis(),
