@@ -72,7 +72,13 @@ pub fn normalise(path: &str) -> Result<Option<String>, BadPath> {
         match segment {
             "" | "." => {}
             ".." => {
-                segments.pop().ok_or(BadPath::AboveRoot)?;
+                let popped = segments.pop().ok_or(BadPath::AboveRoot)?;
+                // `/static/;x/../apply`: a Java server strips `;x`, merges
+                // the slashes and takes `..` past `static` (`/apply`);
+                // here it would take `;x` (`/static/apply`).
+                if popped.starts_with(';') {
+                    return Err(BadPath::HiddenDotSegment);
+                }
             }
             s => {
                 if hides_dot_segment(s) {
@@ -254,6 +260,7 @@ mod tests {
             "/static/.;/../apply",
             "/static/%2e%2e;/apply",
             "/oidc/callback/..;x=1/apply",
+            "/static/;x/../bonus/apply",
         ] {
             assert_eq!(normalise(p), Err(BadPath::HiddenDotSegment), "{p}");
         }

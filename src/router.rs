@@ -76,18 +76,27 @@ impl Router {
 
 /// `path` with each segment's `;parameters` taken off, as Java servers
 /// read it: `/servizi;x/bonus/apply` is in `/servizi/bonus`, or it would
-/// reach another room (or none) and the portal as that room's path.
-/// Borrowed when there is no `;` (nearly always).
+/// reach another room (or none) and the portal as that room's path. A
+/// segment that was only parameters goes (`/servizi/;x/bonus` is
+/// `/servizi/bonus` once the server merges the slashes). Borrowed when
+/// there is no `;` (nearly always).
 fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains(';') {
         return path.into();
     }
     let mut out = String::with_capacity(path.len());
-    for (i, segment) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let name = segment.split(';').next().unwrap_or(segment);
+        let last = i + 1 == segments.len();
+        if name.is_empty() && !segment.is_empty() && !last {
+            continue;
         }
-        out.push_str(segment.split(';').next().unwrap_or(segment));
+        out.push('/');
+        out.push_str(name);
+    }
+    if out.is_empty() {
+        out.push('/');
     }
     out.into()
 }
@@ -187,6 +196,8 @@ mod tests {
             "/servizi;x/bonus/apply",
             "/servizi/bonus;jsessionid=1",
             "/app;x/form",
+            "/servizi/;x/bonus/apply",
+            "/;x/servizi/bonus/apply",
         ] {
             assert_eq!(name(p).as_deref(), Some("bonus"), "{p}");
         }
