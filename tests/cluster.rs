@@ -453,6 +453,44 @@ async fn a_lease_moving_does_not_stretch_sessions() {
     );
 }
 
+/// No node gets its tick through (here: nobody ticks), so nobody reports
+/// the sessions it serves, though quick questions still reach Redis: when
+/// admissions resume, a session used all along still holds its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_questions_do_not_hide_unreported_sessions() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    let mut asker = Citizen::new(nodes[1].addr);
+    asker.jar = holder.jar.clone();
+    // 80 s without a tick: the holder keeps working through node 0 (which
+    // cannot report it), and node 1 keeps asking Redis about the session.
+    for _ in 0..16 {
+        for g in &nodes {
+            g.clock.advance_ms(5000);
+        }
+        assert!(holder.get("/next").await.reached_upstream());
+        asker.status("portal").await;
+    }
+    let mut newcomer = nodes[1].citizen();
+    let got = newcomer.get("/").await;
+    assert!(
+        got.is_waiting_page(),
+        "admitted beside a session in use: max_active exceeded ({})",
+        got.status
+    );
+}
+
 /// Redis runs a claim but answers after the node stopped waiting (500 ms):
 /// the node asks whether the session it asked for exists and admits the
 /// person, who would otherwise find their ticket used on the next try and

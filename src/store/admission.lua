@@ -45,8 +45,9 @@ local abandoned = tonumber(h.abandoned or '0')
 local gen = h.gen or string.format('%d', now)
 -- When a node last ticked this room (or an op caught up after a gap).
 local ticked = tonumber(h.ticked or string.format('%d', now))
--- When any node last reached this room's state, with any op.
-local seen = tonumber(h.seen or string.format('%d', now))
+-- When a node last reported its sessions (its tick's touch, then view or
+-- tick): state written before this field existed counts from its tick.
+local seen = tonumber(h.seen or h.ticked or string.format('%d', now))
 
 local function parse(b)
   local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
@@ -70,11 +71,12 @@ end
 -- Nobody could claim a called turn while no node could tick (Redis or
 -- every node down): time past a few ticks without one counts against no
 -- claim window, as a single node's restart does not. Nor against a
--- session's idle time while no node could reach Redis at all: the nodes
--- kept serving their sessions and could not report it, so a session alive
--- then is as alive now, and counts against max_active until its nodes'
--- reports arrive. (A lease moving from a dead holder stops the ticks, not
--- the other nodes' reports: sessions are not shifted for that.)
+-- session's idle time while no node could report its sessions (Redis
+-- away, or too slow for the nodes' ticks, though a quick op may get
+-- through): the nodes kept serving them, so a session alive then is as
+-- alive now, and counts against max_active until its nodes' reports
+-- arrive. (A lease moving from a dead holder stops the ticks, not the
+-- other nodes' reports: sessions are not shifted for that.)
 local function catch_up()
   local gap = now - ticked
   if gap > 5 * tick_ms then
@@ -92,8 +94,8 @@ local function catch_up()
     for i = 1, #alive, 2 do
       redis.call('ZADD', sess, tonumber(alive[i + 1]) + shift, alive[i])
     end
+    seen = now - tick_ms
   end
-  if now > seen then seen = now end
 end
 -- Before any op reads a session or a batch.
 catch_up()
@@ -270,6 +272,11 @@ elseif op == 'reserve' then
   result = base and tonumber(base) or -1
 elseif op == 'lottery' then
   redis.call('HSETNX', st, 'lkid', ARGV[9])
+end
+
+-- A node's tick: its touch went first, so its sessions are reported.
+if (op == 'tick' or op == 'view' or op == 'touch' or op == 'adopt') and now > seen then
+  seen = now
 end
 
 redis.call('HSET', st,
