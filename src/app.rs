@@ -147,11 +147,11 @@ impl App {
         }
         let rooms = build_rooms(
             &config,
+            &config,
             &config.keys,
             &stores,
             &metrics,
             clock.now_ms(),
-            config.store.tick,
             &|_| None,
         );
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
@@ -328,11 +328,11 @@ impl App {
         }
         let rooms = build_rooms(
             &new,
+            &self.config,
             keys,
             &self.stores,
             &self.metrics,
             self.clock.now_ms(),
-            self.config.store.tick,
             &|name| self.room(name),
         );
         // The cluster's shared changes hold across a reload.
@@ -647,19 +647,21 @@ enum Stores {
 
 /// A room per config table; each keeps its store (places, sessions) by
 /// name across reloads.
-/// The rooms of `config`, ticked every `tick` (the running one: `[store]`
-/// changes wait for a restart, and the tick loop and the Redis store keep
-/// the tick they started with); `old` finds a room of the same name from
-/// before a reload, whose requests in flight keep counting.
+/// The rooms of `config`, with the `[store]` and `[upstream]` settings of
+/// `running` (changes there wait for a restart: the tick loop, the Redis
+/// store and the client keep what they started with); `old` finds a room
+/// of the same name from before a reload, whose requests in flight keep
+/// counting.
 fn build_rooms(
     config: &Config,
+    running: &Config,
     keys: &Keyring,
     stores: &Stores,
     metrics: &Metrics,
     now_ms: u64,
-    tick: std::time::Duration,
     old: &dyn Fn(&str) -> Option<Arc<Room>>,
 ) -> Vec<Arc<Room>> {
+    let tick = running.store.tick;
     config
         .rooms
         .iter()
@@ -676,7 +678,7 @@ fn build_rooms(
             Arc::new(
                 Room::new(
                     r.clone(),
-                    config.upstream.fail_cooldown,
+                    running.upstream.fail_cooldown,
                     metrics,
                     store,
                     keys.clone(),

@@ -165,7 +165,7 @@ fn landing(room: &Room, r: &GateRequest) -> String {
             // The same host as rooms match it: any case, any port (a
             // balancer may write Host with :443, a browser never).
             let here = u.authority().zip(r.host).is_some_and(|(a, h)| {
-                crate::router::normalise_host(a.as_str()) == crate::router::normalise_host(h)
+                crate::router::normalise_host(a.host()) == crate::router::normalise_host(h)
             });
             if !here {
                 return None;

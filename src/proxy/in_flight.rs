@@ -91,17 +91,19 @@ impl InFlight {
     /// before and after, the limit adaptive admission had reached, within
     /// the new ceiling.
     pub fn continuing(config: InFlightConfig, old: &InFlight) -> Self {
+        let learned = {
+            // Under the lock resize takes: a resize of the old cap already
+            // past its check finishes before this (and its limit is the
+            // one read here), and none starts after.
+            let sizes = old.sizes.lock().unwrap_or_else(|e| e.into_inner());
+            old.retired.store(true, Ordering::Relaxed);
+            sizes.limit
+        };
         let limit = if config.adaptive && old.config.adaptive {
-            old.limit().min(config.limit)
+            learned.min(config.limit)
         } else {
             config.limit
         };
-        {
-            // Under the lock resize takes: a resize of the old cap already
-            // past its check finishes before this, and none starts after.
-            let _sizes = old.sizes.lock().unwrap_or_else(|e| e.into_inner());
-            old.retired.store(true, Ordering::Relaxed);
-        }
         let cap = InFlight {
             slots: old.slots.clone(),
             sizes: old.sizes.clone(),
