@@ -201,7 +201,7 @@ pub async fn serve<H: Handler>(
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
-                _open: gauge.map(OpenGuard::new),
+                _open: gauge.map(crate::metrics::Counted::new),
                 tracker: tasks,
                 activity: Arc::new(Activity::new()),
                 idle: settings.keepalive_timeout,
@@ -340,7 +340,8 @@ async fn serve_connection<IO, H>(
 pub struct ConnectionHold {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _per_ip: PerIp,
-    _open: Option<OpenGuard>,
+    /// Keeps `varco_open_connections` true even when a task ends early.
+    _open: Option<crate::metrics::Counted>,
     tracker: TaskTracker,
     activity: Arc<Activity>,
     idle: Duration,
@@ -395,22 +396,6 @@ impl Drop for PerIp {
                 *n == 0
             });
         }
-    }
-}
-
-/// Keeps `varco_open_connections` true even when a task ends early.
-struct OpenGuard(prometheus::IntGauge);
-
-impl OpenGuard {
-    fn new(g: prometheus::IntGauge) -> Self {
-        g.inc();
-        OpenGuard(g)
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -703,3 +703,21 @@ pub fn status_class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// One more in a gauge for as long as it lives: the gauge comes back down
+/// however its holder ends (a task that stops early, a future dropped
+/// when its client goes away).
+pub struct Counted(IntGauge);
+
+impl Counted {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -166,7 +166,7 @@ impl Forwarder {
             let metrics = &room.upstream_metrics[index];
             // Lowered on drop too: a client that goes away (an HTTP/2
             // reset) drops this future mid-wait.
-            let counted = Counted::new(&metrics.in_flight);
+            let counted = crate::metrics::Counted::new(metrics.in_flight.clone());
             let sent = self
                 .answer(
                     self.client.request(upstream_req),
@@ -365,19 +365,3 @@ fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stat
 #[derive(Debug, thiserror::Error)]
 #[error("client request body: {0}")]
 struct ClientBodyError(#[source] BoxError);
-
-/// One more in a gauge for as long as it lives.
-struct Counted<'a>(&'a prometheus::IntGauge);
-
-impl<'a> Counted<'a> {
-    fn new(gauge: &'a prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Counted(gauge)
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
