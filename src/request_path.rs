@@ -76,7 +76,7 @@ pub fn normalise(path: &str) -> Result<Option<String>, BadPath> {
                 // `/static/;x/../apply`: a Java server strips `;x`, merges
                 // the slashes and takes `..` past `static` (`/apply`);
                 // here it would take `;x` (`/static/apply`).
-                if popped.starts_with(';') {
+                if segment_name(popped).is_empty() {
                     return Err(BadPath::HiddenDotSegment);
                 }
             }
@@ -174,8 +174,14 @@ fn hides_dot_segment(segment: &str) -> bool {
         .replace("%5C", "/")
         .replace('\\', "/")
         .split('/')
-        .map(|piece| piece.split(';').next().unwrap_or(piece))
+        .map(segment_name)
         .any(|name| name == "." || name == "..")
+}
+
+/// A segment as Java servers read it: its `;parameters` taken off
+/// (`..;x` is `..`, `bonus;jsessionid=1` is `bonus`).
+pub fn segment_name(segment: &str) -> &str {
+    segment.split(';').next().unwrap_or(segment)
 }
 
 #[cfg(test)]

@@ -75,19 +75,19 @@ impl Router {
 }
 
 /// `path` with each segment's `;parameters` taken off, as Java servers
-/// read it: `/servizi;x/bonus/apply` is in `/servizi/bonus`, or it would
+/// read it (rooms are matched on this, the portal gets the path as sent): `/servizi;x/bonus/apply` is in `/servizi/bonus`, or it would
 /// reach another room (or none) and the portal as that room's path. A
 /// segment that was only parameters goes (`/servizi/;x/bonus` is
 /// `/servizi/bonus` once the server merges the slashes). Borrowed when
 /// there is no `;` (nearly always).
-fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
+pub fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains(';') {
         return path.into();
     }
     let mut out = String::with_capacity(path.len());
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     for (i, segment) in segments.iter().enumerate() {
-        let name = segment.split(';').next().unwrap_or(segment);
+        let name = crate::request_path::segment_name(segment);
         let last = i + 1 == segments.len();
         if name.is_empty() && !segment.is_empty() && !last {
             continue;
@@ -112,18 +112,12 @@ pub fn normalise_host(host: &str) -> String {
 }
 
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
-/// whole path segments. "/app;jsessionid=1" is "/app" with a path
-/// parameter, which Java servers strip: it is in "/app" too, or it would
-/// reach a catch-all room's gate (or none) and the portal as "/app".
+/// whole path segments (of a path without parameters: see
+/// `without_parameters`).
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
-        Some(rest) => {
-            prefix.ends_with('/')
-                || rest.is_empty()
-                || rest.starts_with('/')
-                || rest.starts_with(';')
-        }
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
     }
 }
 
