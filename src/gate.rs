@@ -69,11 +69,7 @@ impl<'a> GateRequest<'a> {
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/"),
-            host: req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str())),
+            host: crate::gateway::host_of(req),
             client_ip,
             tls,
             json,

@@ -58,7 +58,7 @@ impl Gateway {
 }
 
 /// The request's host: the Host header (HTTP/1.1) or :authority (HTTP/2).
-fn host_of(req: &Request<Incoming>) -> Option<&str> {
+pub fn host_of(req: &Request<Incoming>) -> Option<&str> {
     req.headers()
         .get(HOST)
         .and_then(|h| h.to_str().ok())
