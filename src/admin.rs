@@ -227,11 +227,7 @@ fn percent_decoded(text: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            out.push(crate::request_path::escaped_byte(bytes, i)?);
             i += 3;
         } else {
             out.push(bytes[i]);

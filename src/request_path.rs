@@ -130,9 +130,16 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// The byte `%XX` at `at` stands for; None unless two hex digits follow.
+pub fn escaped_byte(text: &[u8], at: usize) -> Option<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let hi = text.get(at + 1).copied().and_then(hex)?;
+    let lo = text.get(at + 2).copied().and_then(hex)?;
+    Some(hi << 4 | lo)
+}
+
 /// Escapes of unreserved characters decoded, the rest upper-cased.
 fn decode_unreserved(path: &[u8]) -> Result<String, BadPath> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < path.len() {
@@ -141,13 +148,7 @@ fn decode_unreserved(path: &[u8]) -> Result<String, BadPath> {
             i += 1;
             continue;
         }
-        let (Some(hi), Some(lo)) = (
-            path.get(i + 1).copied().and_then(hex),
-            path.get(i + 2).copied().and_then(hex),
-        ) else {
-            return Err(BadPath::BadEscape);
-        };
-        let b = hi << 4 | lo;
+        let b = escaped_byte(path, i).ok_or(BadPath::BadEscape)?;
         if is_unreserved(b) {
             out.push(b);
         } else {
