@@ -33,6 +33,19 @@ async fn nodes(cfg: &str, n: usize) -> Vec<Gated> {
     v
 }
 
+/// `n` nodes over `redis` (with `store` settings) for a room of one slot
+/// whose sessions lapse after a minute idle, and its upstream.
+async fn one_slot(redis: &RedisServer, store: &str, n: usize) -> (upstream::Upstream, Vec<Gated>) {
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+        store,
+    );
+    (up, nodes(&cfg, n).await)
+}
+
 /// Moves every node's clock on and ticks them all (only the leader
 /// advances the counters), at least every 5 s of the clock: a longer
 /// silence is what an outage looks like to the room (see admission.lua's
@@ -367,14 +380,7 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn questions_between_slow_ticks_do_not_stretch_sessions() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        "lease = \"15s\"\ntick = \"5s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let (_up, nodes) = one_slot(&redis, "lease = \"15s\"\ntick = \"5s\"", 2).await;
     advance(&nodes, 5000).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -407,14 +413,7 @@ async fn questions_between_slow_ticks_do_not_stretch_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_moving_does_not_stretch_sessions() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        "lease = \"2s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let (_up, nodes) = one_slot(&redis, "lease = \"2s\"", 2).await;
     advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
     let mut holder = nodes[1].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -459,14 +458,7 @@ async fn a_lease_moving_does_not_stretch_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_questions_do_not_hide_unreported_sessions() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
     advance(&nodes, 1000).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -498,14 +490,7 @@ async fn quick_questions_do_not_hide_unreported_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_answer_comes_too_late_still_admits() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 1).await;
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 1).await;
     advance(&nodes, 1000).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -563,14 +548,7 @@ async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
     let dir = fresh_dir("redis-sessions");
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
     advance(&nodes, 1000).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -584,13 +562,7 @@ async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
     }
     let _redis = RedisServer::start_with(port, Some(&dir));
     // Node 1, which never saw the session, is the first to reach Redis.
-    let readyz = format!("http://{}/readyz", nodes[1].admin);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while common::client::get(&readyz).await.text() != "ready\n" {
-        assert!(std::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        nodes[1].app.tick().await;
-    }
+    until_recovered(&nodes[1..], 0).await;
     let mut newcomer = nodes[1].citizen();
     let got = newcomer.get("/").await;
     assert!(

@@ -401,17 +401,21 @@ fn the_kubernetes_config_is_valid_and_matches_the_deployment() {
 /// Debian's prometheus package; scripts/test installs it).
 #[test]
 fn promtool_accepts_the_rules() {
-    let rules = deploy_dir().join("prometheus/varco-rules.yaml");
+    promtool("check", &deploy_dir().join("prometheus/varco-rules.yaml"));
+}
+
+/// `promtool <what> rules <file>`, which must succeed.
+fn promtool(what: &str, file: &Path) {
     let out = std::process::Command::new("promtool")
-        .arg("check")
+        .arg(what)
         .arg("rules")
-        .arg(&rules)
+        .arg(file)
         .output()
         .expect("promtool (scripts/test installs Debian's prometheus package for it)");
     assert!(
         out.status.success(),
-        "promtool rejected {}:\n{}{}",
-        rules.display(),
+        "promtool {what} rules {}:\n{}{}",
+        file.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -421,18 +425,9 @@ fn promtool_accepts_the_rules() {
 /// several varco nodes too, each exporting the same room.
 #[test]
 fn the_rules_fire_on_a_cluster_s_series() {
-    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prometheus/rules_test.yaml");
-    let out = std::process::Command::new("promtool")
-        .arg("test")
-        .arg("rules")
-        .arg(&tests)
-        .output()
-        .expect("promtool (scripts/test installs Debian's prometheus package for it)");
-    assert!(
-        out.status.success(),
-        "promtool test rules failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    promtool(
+        "test",
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prometheus/rules_test.yaml"),
     );
 }
 

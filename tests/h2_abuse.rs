@@ -12,12 +12,26 @@ use common::{room_config, upstream, Varco};
 use http::Request;
 
 async fn attacker(v: &Varco) -> h2::client::SendRequest<Bytes> {
+    // h2's default window.
+    client_with_window(v, 65_535).await.0
+}
+
+/// An HTTP/2 client that gives each stream `window` bytes of flow-control
+/// window, and its connection's task, which ends when varco closes it.
+async fn client_with_window(
+    v: &Varco,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    (send, tokio::spawn(conn))
 }
 
 /// CVE-2023-44487: open streams and reset them at once, thousands of
@@ -114,13 +128,7 @@ async fn a_stream_whose_window_never_opens_is_cut_off() {
         "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
     ))
     .await;
-    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    let (mut send, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    let ended = tokio::spawn(conn);
+    let (mut send, ended) = client_with_window(&v, 0).await;
     let req = Request::get(format!(
         "http://p:{}/download?bytes=100000000",
         v.addr.port()
@@ -152,13 +160,7 @@ async fn a_slow_but_steady_reader_is_not_cut_off() {
         "[server]\nsend_timeout = \"2s\"\n[log]\naccess = false",
     ))
     .await;
-    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    let (mut send, conn) = h2::client::Builder::new()
-        .initial_window_size(16 * 1024)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (mut send, _conn) = client_with_window(&v, 16 * 1024).await;
     let req = Request::get(format!(
         "http://p:{}/download?bytes=10000000",
         v.addr.port()
