@@ -124,15 +124,11 @@ async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_held_across_a_reload_still_count() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-in-flight-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("varco.toml");
     let cfg = gated_config(
         up.addr,
         "admission_per_minute = 6000\nin_flight = { limit = 2, queue = 0, wait = \"1s\" }",
     );
-    std::fs::write(&file, &cfg).unwrap();
-    let g = Gated::start_file(&file).await;
+    let (g, file) = Gated::start_written("in-flight", &cfg).await;
     g.advance(1_000).await;
     let (a, b) = (hold(g.citizen(), 3000), hold(g.citizen(), 3000));
     until("two requests at the upstream", async || {
@@ -158,7 +154,7 @@ async fn requests_held_across_a_reload_still_count() {
     assert_eq!((a_status, b_status), (200, 200));
     let got = c.get("/").await;
     assert!(got.reached_upstream(), "{} {}", got.status, got.text());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
 #[tokio::test]

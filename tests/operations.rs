@@ -190,11 +190,11 @@ async fn rooms_change_live_through_the_api() {
 #[tokio::test]
 async fn a_bad_reload_is_refused_and_a_good_one_keeps_connections_and_places() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("varco.toml");
-    std::fs::write(&path, with_admin(&gated_config(up.addr, "max_active = 1"))).unwrap();
-    let g = Gated::start_file(&path).await;
+    let (g, path) = Gated::start_written(
+        "reload",
+        &with_admin(&gated_config(up.addr, "max_active = 1")),
+    )
+    .await;
     let mut holder = g.citizen();
     assert!(holder.get("/").await.reached_upstream());
     let mut waiting: Vec<_> = (0..3).map(|_| g.citizen()).collect();
@@ -577,9 +577,6 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
 #[tokio::test]
 async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-opening-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("varco.toml");
     let room = |opens: u64, max: u32| {
         with_admin(&gated_config(
             up.addr,
@@ -590,8 +587,7 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
         ))
     };
     let opens = common::gated::T0 + 10 * 60_000;
-    std::fs::write(&path, room(opens, 1)).unwrap();
-    let g = Gated::start_file(&path).await;
+    let (g, path) = Gated::start_written("opening", &room(opens, 1)).await;
     let mut early: Vec<_> = (0..8).map(|_| g.citizen()).collect();
     for c in early.iter_mut() {
         c.get("/").await;
@@ -634,7 +630,7 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
         m.contains("varco_config_reloads_total{result=\"refused\"} 1"),
         "{m}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
@@ -643,12 +639,8 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
 #[tokio::test]
 async fn a_reload_keeps_the_running_tick() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-reload-tick-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("varco.toml");
     let cfg = gated_config(up.addr, "max_active = 1") + "[store]\ntick = \"5s\"\n";
-    std::fs::write(&path, &cfg).unwrap();
-    let g = Gated::start_file(&path).await;
+    let (g, path) = Gated::start_written("reload-tick", &cfg).await;
     let tick = || g.app.room("portal").unwrap().limits().tick_ms;
     assert_eq!(tick(), 5000);
     std::fs::write(&path, cfg.replace("tick = \"5s\"", "tick = \"1s\"")).unwrap();
@@ -658,5 +650,5 @@ async fn a_reload_keeps_the_running_tick() {
         5000,
         "the reloaded room ticks as the running loop does"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

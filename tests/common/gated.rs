@@ -37,6 +37,16 @@ impl Gated {
         Self::start_with(toml, now_ms, base, None).await
     }
 
+    /// From `toml` written to `varco.toml` in a fresh folder named after
+    /// `name`: the test rewrites that file (the path returned) and reloads.
+    pub async fn start_written(name: &str, toml: &str) -> (Gated, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("varco.toml");
+        std::fs::write(&path, toml).unwrap();
+        (Self::start_file(&path).await, path)
+    }
+
     /// From a config file, which the admin API can then reload.
     pub async fn start_file(path: &Path) -> Gated {
         let toml = std::fs::read_to_string(path).unwrap();
