@@ -451,6 +451,73 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
     assert!(g.citizen().get("/").await.reached_upstream());
 }
 
+/// Behind a trusted load balancer that writes `address:port` into
+/// X-Forwarded-For, what the client wrote to the left of that entry must
+/// not choose its address: not a bypass range, not a fresh per-IP budget.
+#[tokio::test]
+async fn a_forwarded_address_left_of_one_varco_cannot_read_is_the_clients_own_claim() {
+    let up = upstream::spawn().await;
+    let cfg = gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"closed\"\nbypass = { cidrs = [\"10.9.0.0/16\"] }",
+    ) + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let g = Gated::start(&cfg).await;
+    // The balancer's own entry for a bypassed address lets it through...
+    let got = g
+        .citizen()
+        .request(
+            "POST",
+            "/apply",
+            body::empty(),
+            &[("x-forwarded-for", "10.9.0.1:50123")],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    // ...but a forged one to its left does not.
+    let got = g
+        .citizen()
+        .request(
+            "POST",
+            "/apply",
+            body::empty(),
+            &[("x-forwarded-for", "10.9.0.1, unknown")],
+        )
+        .await;
+    assert!(!got.reached_upstream());
+    assert_eq!(got.status, 503, "the closed page");
+    drop(g);
+
+    // Three people behind the balancer, each with their own address and
+    // port: three budgets, not one shared by everyone behind it.
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n\
+         [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        up.addr
+    );
+    let g = Gated::start(&cfg).await;
+    g.citizen().get("/").await; // admitted directly, no ticket
+    for who in [
+        "198.51.100.1:5000",
+        "198.51.100.2:5000",
+        "[2001:db8::3]:5000",
+    ] {
+        for _ in 0..2 {
+            let got = g
+                .citizen()
+                .request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
+                .await;
+            assert!(got.is_waiting_page(), "{who}: {}", got.status);
+        }
+        // A burst of 2 (8/min / 4) each, then that address is limited.
+        let got = g
+            .citizen()
+            .request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
+            .await;
+        assert_eq!(got.status, 429, "{who}");
+    }
+}
+
 #[tokio::test]
 async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
     let up = upstream::spawn().await;

@@ -226,22 +226,60 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 
 /// The address of the person behind the request: the peer, or, when the
 /// peer is a trusted proxy, the right-most address in X-Forwarded-For that
-/// is not itself a trusted proxy.
+/// is not itself a trusted proxy. The walk stops at the first entry it
+/// cannot read (`unknown`, an obfuscated name): everything left of it was
+/// written by whoever sent the request, so reading past it would let a
+/// client choose its own address (a bypass range, a lane, a fresh per-IP
+/// budget). Then, as nginx's realip does, the peer stands. Entries with a
+/// port (`192.0.2.7:50123`, `[2001:db8::1]:443`), as some load balancers
+/// write them, are read without it.
 pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
     if !is_trusted(peer, trusted) {
         return canonical(peer);
     }
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
         .collect();
-    hops.into_iter()
-        .rev()
-        .find(|ip| !is_trusted(*ip, trusted))
-        .unwrap_or_else(|| canonical(peer))
+    for hop in hops.into_iter().rev() {
+        let Some(ip) = hop_address(hop.trim()) else {
+            break;
+        };
+        if !is_trusted(ip, trusted) {
+            return ip;
+        }
+    }
+    canonical(peer)
+}
+
+/// One X-Forwarded-For entry: an address, bare or with a port.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`.
+        let (inside, after) = rest.split_once(']')?;
+        if !(after.is_empty() || is_port(after.strip_prefix(':')?)) {
+            return None;
+        }
+        return inside
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|v6| canonical(IpAddr::V6(v6)));
+    }
+    // `v4:port`; a bare v6 has more than one colon and parsed above.
+    let (addr, port) = hop.split_once(':')?;
+    if !is_port(port) {
+        return None;
+    }
+    addr.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+fn is_port(text: &str) -> bool {
+    text.parse::<u16>().is_ok()
 }
 
 #[cfg(test)]
@@ -359,5 +397,28 @@ mod tests {
         );
         let outsider = "192.0.2.1".parse().unwrap();
         assert_eq!(client_ip(&h, outsider, &trusted), outsider);
+    }
+
+    #[test]
+    fn client_ip_stops_at_an_entry_it_cannot_read() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let ip = |xff: &str| client_ip(&map(&[("x-forwarded-for", xff)]), peer, &trusted);
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        // What the client wrote on the left is never reached past garbage.
+        assert_eq!(ip("192.0.2.66, unknown"), peer);
+        assert_eq!(ip("192.0.2.66, _hidden, 10.1.1.1"), peer);
+        assert_eq!(ip("192.0.2.66, 198.51.100.7:"), peer);
+        assert_eq!(ip("192.0.2.66, 198.51.100.7:99999"), peer);
+        assert_eq!(ip("192.0.2.66, [2001:db8::1]x"), peer);
+        // Ports, as Azure Application Gateway and IIS ARR write them.
+        assert_eq!(ip("192.0.2.66, 198.51.100.7:50123"), v4("198.51.100.7"));
+        assert_eq!(ip("192.0.2.66, [2001:db8::1]:443"), v4("2001:db8::1"));
+        assert_eq!(ip("192.0.2.66, [2001:db8::1]"), v4("2001:db8::1"));
+        assert_eq!(ip("192.0.2.66, 2001:db8::1"), v4("2001:db8::1"));
+        // A mapped address is the IPv4 one, as the peer's is.
+        assert_eq!(ip("192.0.2.66, ::ffff:198.51.100.8"), v4("198.51.100.8"));
+        // Trusted hops with ports are still skipped.
+        assert_eq!(ip("198.51.100.9, 10.1.1.1:8080"), v4("198.51.100.9"));
     }
 }
