@@ -39,6 +39,9 @@ pub enum AppError {
     Tls(String),
     #[error("{0}")]
     Store(String),
+    /// The config does not fit the state restored: `store.snapshot`.
+    #[error("{0}")]
+    Config(ConfigErrors),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -154,6 +157,18 @@ impl App {
             clock.now_ms(),
             &|_| None,
         );
+        // The memory store's state is restored by now; the shared store's
+        // is read at the first tick, and a reload checks it then.
+        if let Stores::Memory(_) = &stores {
+            let now = clock.now_ms();
+            let errors: Vec<ConfigError> = rooms
+                .iter()
+                .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
+                .collect();
+            if !errors.is_empty() {
+                return Err(AppError::Config(ConfigErrors(errors)));
+            }
+        }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
@@ -281,25 +296,33 @@ impl App {
         Ok(self.routing.load().rooms.len())
     }
 
-    /// Refuses a new `opens_at` for a room that has opened with a
-    /// pre-queue: the opening is part of the lottery's seed, so the draw
+    /// Refuses a new `opens_at` for a room that has opened: with a
+    /// pre-queue, the opening is part of the lottery's seed, so the draw
     /// already revealed would be made again and every pre-queue ticket
-    /// moved to another place.
+    /// moved to another place; and an opening still to come would not
+    /// hold back a queue that is already admitting (see `not_reopened`).
     fn keeps_drawn_places(&self, new: &Config) -> Result<(), ReloadError> {
+        let now = self.clock.now_ms();
         let errors: Vec<ConfigError> = new
             .rooms
             .iter()
             .filter_map(|next| {
                 let room = self.room(&next.name)?;
+                if next.opens_at_ms == room.config.opens_at_ms {
+                    return None;
+                }
                 let view = room.view();
                 let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
-                (drawn && next.opens_at_ms != room.config.opens_at_ms).then(|| ConfigError {
-                    key: format!("rooms.{}.opens_at", next.name),
-                    reason: format!(
-                        "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
-                        view.prequeue
-                    ),
-                })
+                if drawn {
+                    return Some(ConfigError {
+                        key: format!("rooms.{}.opens_at", next.name),
+                        reason: format!(
+                            "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
+                            view.prequeue
+                        ),
+                    });
+                }
+                not_reopened(&next.name, next.opens_at_ms, &view, now).err()
             })
             .collect();
         if errors.is_empty() {
@@ -597,6 +620,31 @@ async fn snapshot_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let app = app.clone();
         // File I/O off the async workers.
         let _ = tokio::task::spawn_blocking(move || app.save()).await;
+    }
+}
+
+/// An opening still to come for a queue that has already opened. A
+/// queue opens once: its pre-queue takes the first places, so a second
+/// opening has no places to draw, and the rules (and the Lua script) do
+/// not hold back a queue that has opened. Left alone, people would be
+/// admitted before the time the waiting page announces; refused, the
+/// operator hears it when setting the date, not on the day.
+fn not_reopened(
+    room: &str,
+    opens_at_ms: Option<u64>,
+    view: &crate::store::RoomView,
+    now_ms: u64,
+) -> Result<(), ConfigError> {
+    match opens_at_ms {
+        Some(t) if view.opened && t > now_ms => Err(ConfigError {
+            key: format!("rooms.{room}.opens_at"),
+            reason: format!(
+                "{} is still to come, but this room's queue has already opened ({} numbers handed out): a queue opens once, and this one would go on admitting before then. Keep the old value, or close the room (mode = \"closed\") until the day; a second opening with its own pre-queue needs a fresh queue (a room of a new name, or a restart with the snapshot moved away)",
+                crate::timefmt::rfc3339(t),
+                view.queue
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

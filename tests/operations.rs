@@ -633,6 +633,42 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// An opening set for later on a room that is already admitting would
+/// announce a time the queue does not wait for: the reload is refused,
+/// naming the key, and the room goes on as before.
+#[tokio::test]
+async fn a_reload_cannot_schedule_an_opening_for_a_queue_that_has_opened() {
+    let up = upstream::spawn().await;
+    let room = |extra: &str| {
+        with_admin(&gated_config(
+            up.addr,
+            &format!("max_active = 1\nadmission_per_minute = 60\n{extra}"),
+        ))
+    };
+    let (g, path) = Gated::start_written("reopening", &room("")).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    let later = varco::timefmt::rfc3339(common::gated::T0 + 24 * 3_600_000);
+    std::fs::write(&path, room(&format!("opens_at = \"{later}\""))).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("rooms.portal.opens_at") && err.contains("already opened"),
+        "{err}"
+    );
+    let s = waiting.status("portal").await;
+    assert!(s["opens_at"].is_null(), "no opening announced: {s}");
+    assert_eq!(s["position"], 1);
+    // An opening already past changes nothing and is accepted.
+    let past = varco::timefmt::rfc3339(common::gated::T0 - 3_600_000);
+    std::fs::write(&path, room(&format!("opens_at = \"{past}\""))).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
 /// reload builds keep the tick the tick loop and the store run with, or
 /// a cluster's script would take each tick's gap for an outage.

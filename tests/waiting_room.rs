@@ -664,6 +664,34 @@ async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
     assert_eq!(errors("snapshot").await, before + 1.0);
 }
 
+/// A restart onto a config whose opening is still to come, over a queue
+/// the snapshot shows already admitting, is refused: the queue would go
+/// on admitting before the time the page announces.
+#[tokio::test]
+async fn a_restart_refuses_an_opening_to_come_for_a_queue_that_has_opened() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("reopen", up.addr, "max_active = 1");
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    g.stop().await;
+    let later = varco::timefmt::rfc3339(T0 + 24 * 3_600_000);
+    let cfg = cfg.replace(
+        "max_active = 1",
+        &format!("max_active = 1\nopens_at = \"{later}\""),
+    );
+    let config = varco::config::Config::from_toml(&cfg, &dir).expect("a valid file");
+    let clock = std::sync::Arc::new(varco::clock::ManualClock::new(T0 + 5_000));
+    let err = match varco::app::App::new(config, clock).await {
+        Ok(_) => panic!("started over a queue that has opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("rooms.portal.opens_at") && err.contains("already opened"),
+        "{err}"
+    );
+    assert!(dir.join("state.json").exists(), "the snapshot is kept");
+}
+
 #[tokio::test]
 async fn a_restart_keeps_every_place_and_every_pass() {
     let up = upstream::spawn().await;
