@@ -66,6 +66,13 @@ fn each_bad_value_names_its_key() {
         ),
         ("[server]\nmax_connections = 0\n", "server.max_connections"),
         ("[server]\nmax_headers = 0\n", "server.max_headers"),
+        // Above tokio's semaphore limit: the listeners panicked at start.
+        (
+            "[server]\nmax_connections = 2305843009213693952\n",
+            "server.max_connections",
+        ),
+        // hyper reserves a slot per header on every request.
+        ("[server]\nmax_headers = 1000000\n", "server.max_headers"),
         (
             "[server]\nmax_header_size = \"1KiB\"\n",
             "server.max_header_size",
@@ -178,6 +185,19 @@ fn bad_waiting_room_keys_name_their_keys() {
         ("max_active = 0\n", "rooms.portal.max_active"),
         ("mode = \"open\"\n", "rooms.portal.mode"),
         ("opens_at = \"tomorrow 9am\"\n", "rooms.portal.opens_at"),
+        // 1926 for 2026: as unix ms it wrapped to an opening that never came.
+        (
+            "opens_at = \"1926-12-01T09:00:00Z\"\n",
+            "rooms.portal.opens_at",
+        ),
+        (
+            "in_flight = { limit = 2305843009213693952 }\n",
+            "rooms.portal.in_flight.limit",
+        ),
+        (
+            "in_flight = { limit = 8, queue = 2305843009213693952 }\n",
+            "rooms.portal.in_flight.queue",
+        ),
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
         ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),

@@ -627,19 +627,23 @@ fn snapshotted_room(
     (dir, cfg)
 }
 
-/// A snapshot that cannot be written (its folder is a file: even root
-/// cannot) is counted for the operator's alert, and never stops the queue:
-/// the numbers are handed out all the same.
+/// A snapshot that cannot be written (its folder became a file after the
+/// start: even root cannot) is counted for the operator's alert, and never
+/// stops the queue: the numbers are handed out all the same.
 #[tokio::test]
 async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
     let up = upstream::spawn().await;
     let (dir, cfg) = snapshotted_room("unwritable", up.addr, "max_active = 1");
-    std::fs::write(dir.join("not-a-folder"), "").unwrap();
+    let folder = dir.join("state");
+    let _ = std::fs::remove_file(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
     let cfg = cfg.replace(
         "snapshot = \"state.json\"",
-        "snapshot = \"not-a-folder/state.json\"",
+        "snapshot = \"state/state.json\"",
     );
     let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::write(&folder, "").unwrap();
     let errors = |kind: &'static str| {
         let admin = g.admin;
         async move {

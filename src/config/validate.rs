@@ -19,6 +19,11 @@ use crate::room::token::Keyring;
 /// than 1 MiB of request headers.
 const MIN_HEADER_SIZE: u64 = 8 * 1024;
 const MAX_HEADER_SIZE: u64 = 1 << 20;
+/// Connections or requests at once: far beyond any real deployment, and
+/// far below tokio's semaphore limit (2^61), which panics above it.
+const MAX_COUNT: usize = 1 << 30;
+/// Headers in a request: hyper reserves this many slots per request.
+const MAX_HEADERS: usize = 1000;
 
 struct Problems(Vec<ConfigError>);
 
@@ -66,6 +71,27 @@ impl Problems {
             self.add(key, "must be at least 1");
         }
     }
+
+    /// A file varco writes: its folder must exist.
+    fn in_a_folder(&mut self, key: &str, file: Option<&Path>, what: &str) {
+        if let Some(dir) = file.and_then(Path::parent) {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                self.add(
+                    key,
+                    format!(
+                        "{} is not a directory varco can write {what} in",
+                        dir.display()
+                    ),
+                );
+            }
+        }
+    }
+
+    fn at_most(&mut self, key: &str, value: usize, max: usize, why: &str) {
+        if value > max {
+            self.add(key, format!("must be at most {max}: {why}"));
+        }
+    }
 }
 
 pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
@@ -101,7 +127,19 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         })
         .collect();
     p.positive("server.max_connections", s.max_connections);
+    p.at_most(
+        "server.max_connections",
+        s.max_connections,
+        MAX_COUNT,
+        "more connections than one process can open",
+    );
     p.positive("server.max_headers", s.max_headers);
+    p.at_most(
+        "server.max_headers",
+        s.max_headers,
+        MAX_HEADERS,
+        "hyper sets aside a slot for each on every request",
+    );
     let max_header_size = p.size("server.max_header_size", &s.max_header_size);
     if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&max_header_size) {
         p.add(
@@ -335,9 +373,16 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         });
         let opens_at_ms = r.opens_at.as_ref().and_then(|t| {
             time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as u64)
                 .map_err(|e| p.add(key("opens_at"), format!("\"{t}\" is not an RFC 3339 time ({e}): write e.g. \"2026-12-01T09:00:00+01:00\"")))
                 .ok()
+                .and_then(|d| {
+                    // Before 1970 is a typo for the year (1926 for 2026):
+                    // as unix milliseconds it would wrap to an opening
+                    // that never comes.
+                    u64::try_from(d.unix_timestamp_nanos() / 1_000_000)
+                        .map_err(|_| p.add(key("opens_at"), format!("\"{t}\" is before 1970: check the year")))
+                        .ok()
+                })
         });
         let bypass = r
             .bypass
@@ -441,6 +486,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     "must be at least 1 request at once (remove in_flight for no cap)",
                 );
             }
+            let why = "more requests at once than one process can hold";
+            p.at_most(&key("in_flight.limit"), f.limit, MAX_COUNT, why);
+            if let Some(q) = f.queue {
+                p.at_most(&key("in_flight.queue"), q, MAX_COUNT, why);
+            }
             InFlightConfig {
                 limit: f.limit.max(1),
                 queue: f
@@ -496,17 +546,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     }
 
     let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
-    if let Some(dir) = audit_log.as_ref().and_then(|l| l.parent()) {
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            p.add(
-                "audit.log",
-                format!(
-                    "{} is not a directory varco can write the log in",
-                    dir.display()
-                ),
-            );
-        }
-    }
+    p.in_a_folder("audit.log", audit_log.as_deref(), "the log");
     let arrival_key = load_arrival_key(&raw.secrets, base, &mut p);
     if p.0.is_empty() {
         let keys = keys.unwrap_or_else(Keyring::ephemeral);

@@ -176,6 +176,38 @@ impl AdmissionState {
         }
     }
 
+    /// Whether counters read back from a file hang together: a hand edit
+    /// or a flipped digit that put `serving` past `queue` would underflow
+    /// the people waiting (a panic, or in release a wrapped count and a
+    /// broken FIFO).
+    pub fn check(&self) -> Result<(), String> {
+        if self.serving > self.queue {
+            return Err(format!(
+                "serving ({}) is past queue ({})",
+                self.serving, self.queue
+            ));
+        }
+        if self.floor > self.serving {
+            return Err(format!(
+                "floor ({}) is past serving ({})",
+                self.floor, self.serving
+            ));
+        }
+        for b in &self.batches {
+            if b.from == 0 || b.from > b.to || b.to > self.serving || b.claimed > b.to - b.from + 1
+            {
+                return Err(format!(
+                    "batch {}..={} (claimed {}) does not fit serving {}",
+                    b.from, b.to, b.claimed, self.serving
+                ));
+            }
+        }
+        if !self.tokens.is_finite() {
+            return Err("tokens is not a number".into());
+        }
+        Ok(())
+    }
+
     /// Slots promised to eligible tickets that have not claimed yet.
     pub fn reserved(&self) -> u64 {
         self.batches.iter().map(Batch::unclaimed).sum()

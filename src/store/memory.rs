@@ -321,6 +321,9 @@ pub struct MemoryStore {
     marks_errors: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
+/// What `version` a snapshot this varco writes carries.
+const SNAPSHOT_VERSION: u32 = 1;
+
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
@@ -353,10 +356,39 @@ impl MemoryStore {
     /// window and nobody's idle time. A person called just before a crash
     /// keeps the rest of their window, an admitted person their session.
     pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Arc<Self>, String> {
+        // Without its folder every snapshot and mark would fail: the queue
+        // would run undurable and a restart would lose every place. Checked
+        // here, not by `check-config`, which may run on another machine
+        // (and systemd's StateDirectory= makes the folder just before).
+        if let Some(dir) = snapshot.as_deref().and_then(std::path::Path::parent) {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(format!(
+                    "store.snapshot: {} is not a directory varco can write the snapshot in",
+                    dir.display()
+                ));
+            }
+        }
         let snap = match &snapshot {
             Some(path) if path.exists() => Some(read_json::<Snapshot>(path, "snapshot")?),
             _ => None,
         };
+        if let (Some(snap), Some(path)) = (&snap, &snapshot) {
+            if snap.version != SNAPSHOT_VERSION {
+                return Err(format!(
+                    "store.snapshot: {} is version {}; this varco reads version {SNAPSHOT_VERSION}",
+                    path.display(),
+                    snap.version
+                ));
+            }
+            for (name, r) in &snap.rooms {
+                r.state.check().map_err(|e| {
+                    format!(
+                        "store.snapshot: {}: room \"{name}\": {e}; the file is left as it is",
+                        path.display()
+                    )
+                })?;
+            }
+        }
         let marks_path = snapshot.as_deref().map(ahead::path_for);
         let crashed = match &marks_path {
             Some(p) => ahead::read(p)?,
@@ -514,7 +546,7 @@ impl MemoryStore {
             })
             .collect();
         let snap = Snapshot {
-            version: 1,
+            version: SNAPSHOT_VERSION,
             saved_ms: now_ms,
             rooms,
         };
@@ -854,6 +886,63 @@ mod tests {
             "the lottery is drawn over the same pre-queue"
         );
         assert!(number(&room, l, 20_000).await > after);
+    }
+
+    /// A snapshot that parses but does not hang together (a hand edit, a
+    /// flipped digit), or of another version, is refused with the file
+    /// named and left as it is; so is a snapshot whose folder is missing.
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_hang_together_is_refused_and_kept() {
+        let snap = folder("inconsistent");
+        let l = limits(None);
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for _ in 0..3 {
+            room.issue(l, 0).await.unwrap();
+        }
+        store.save(0).unwrap();
+        drop((room, store));
+        let good: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&snap).unwrap()).unwrap();
+        assert_eq!(good["rooms"]["r"]["state"]["queue"], 3);
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), expect: &str| {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let text = bad.to_string();
+            std::fs::write(&snap, &text).unwrap();
+            let err = match MemoryStore::open(Some(snap.clone()), 1_000) {
+                Ok(_) => panic!("opened {text}"),
+                Err(e) => e,
+            };
+            assert!(
+                err.starts_with("store.snapshot: ") && err.contains(expect),
+                "{err}"
+            );
+            assert_eq!(std::fs::read_to_string(&snap).unwrap(), text, "file kept");
+        };
+        refused(
+            &|v| v["rooms"]["r"]["state"]["serving"] = 5.into(),
+            "serving (5) is past queue (3)",
+        );
+        refused(
+            &|v| v["rooms"]["r"]["state"]["floor"] = 1.into(),
+            "floor (1) is past serving (0)",
+        );
+        refused(
+            &|v| {
+                v["rooms"]["r"]["state"]["serving"] = 2.into();
+                v["rooms"]["r"]["state"]["batches"] =
+                    serde_json::json!([{"at_ms": 0, "from": 1, "to": 2, "claimed": 3}]);
+            },
+            "batch 1..=2 (claimed 3)",
+        );
+        refused(&|v| v["version"] = 2.into(), "is version 2");
+        std::fs::write(&snap, good.to_string()).unwrap();
+        assert!(MemoryStore::open(Some(snap.clone()), 1_000).is_ok());
+
+        let lost = snap.parent().unwrap().join("gone").join("state.json");
+        let err = MemoryStore::open(Some(lost), 0).err().expect("no folder");
+        assert!(err.contains("is not a directory"), "{err}");
     }
 
     #[tokio::test]
