@@ -241,6 +241,22 @@ fn bad_waiting_room_keys_name_their_keys() {
 fn a_gated_room_needs_a_signing_key() {
     let e = errors("[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
     assert!(e.names("secrets"), "{e}");
+    // Without limits, a room that queues everyone or pauses still hands
+    // out tickets: a key generated per process would lose every place at
+    // a restart.
+    for mode in ["queue_all", "paused", "closed"] {
+        let e = errors(&format!(
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nmode = \"{mode}\"\n"
+        ));
+        assert!(e.names("secrets"), "{mode}: {e}");
+    }
+    for mode in ["queue", "passthrough"] {
+        let toml = format!("[rooms.portal]\nupstreams = [\"http://x\"]\nmode = \"{mode}\"\n");
+        assert!(
+            Config::from_toml(&toml, Path::new(".")).is_ok(),
+            "{mode}: a plain proxy"
+        );
+    }
     let e = errors("[secrets]\nkey_env = \"VARCO_TEST_UNSET_VARIABLE\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
     assert!(e.names("secrets.key_env"), "{e}");
     std::env::set_var("VARCO_TEST_SHORT_KEY", "k1:c2hvcnQ=");

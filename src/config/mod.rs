@@ -199,12 +199,20 @@ pub struct InFlightConfig {
 }
 
 impl RoomConfig {
-    /// A room with neither limit is a plain proxy.
+    /// Whether the room starts gated, as `Room::is_gated` decides at run
+    /// time: limits or an opening in `queue` mode, and always in a mode
+    /// that queues, pauses or closes. A room without limits is a plain
+    /// proxy only in `queue` or `passthrough` mode.
     pub fn is_gated(&self) -> bool {
-        self.mode != Mode::Passthrough
-            && (self.admission_per_minute.is_some()
-                || self.max_active.is_some()
-                || self.opens_at_ms.is_some())
+        match self.mode {
+            Mode::Passthrough => false,
+            Mode::Paused | Mode::Closed | Mode::QueueAll => true,
+            Mode::Queue => {
+                self.admission_per_minute.is_some()
+                    || self.max_active.is_some()
+                    || self.opens_at_ms.is_some()
+            }
+        }
     }
 }
 

@@ -539,7 +539,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         if room.is_gated() && keys.is_none() {
             p.add(
                 "secrets",
-                format!("room \"{name}\" has admission limits, so tickets need a signing key: set secrets.key_file or secrets.key_env (secrets.ephemeral = true only for a demo: tickets then die with the process)"),
+                format!("room \"{name}\" is gated (admission limits, an opening, or mode {}), so tickets need a signing key: set secrets.key_file or secrets.key_env (secrets.ephemeral = true only for a demo: tickets then die with the process)", room.mode.as_str()),
             );
         }
         rooms.push(room);
