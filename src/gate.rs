@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::body::Body;
 use crate::cookies;
 use crate::page::waiting::{self, Status};
+use crate::proxy::headers::limit_key;
 use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lanes::Lane;
 use crate::room::receipt;
@@ -454,7 +455,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         }
     }
 
-    if let Err(not_until) = room.ticket_limiter.check_key(&r.client_ip) {
+    if let Err(not_until) = room.ticket_limiter.check_key(&limit_key(r.client_ip)) {
         room.metrics.rejected_ip_limit.inc();
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
@@ -587,7 +588,7 @@ pub async fn status(
     client_ip: IpAddr,
     now_ms: u64,
 ) -> Response<Body> {
-    if let Err(not_until) = room.status_limiter.check_key(&client_ip) {
+    if let Err(not_until) = room.status_limiter.check_key(&limit_key(client_ip)) {
         room.metrics.rejected_status_ip_limit.inc();
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),

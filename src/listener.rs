@@ -377,6 +377,7 @@ impl PerIp {
         if s.max_connections_per_ip == 0 || crate::proxy::headers::is_trusted(ip, &s.exempt) {
             return Some(PerIp { map: None });
         }
+        let ip = crate::proxy::headers::limit_key(ip);
         let mut n = map.entry(ip).or_insert(0);
         if *n >= s.max_connections_per_ip {
             return None;

@@ -518,6 +518,35 @@ async fn a_forwarded_address_left_of_one_varco_cannot_read_is_the_clients_own_cl
     }
 }
 
+/// An IPv6 subscriber holds a whole /64: fresh addresses from it share
+/// one budget of new tickets; a neighbouring /64 has its own.
+#[tokio::test]
+async fn new_tickets_are_counted_per_ipv6_64_not_per_address() {
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n\
+         [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        up.addr
+    );
+    let g = Gated::start(&cfg).await;
+    g.citizen().get("/").await; // admitted directly, no ticket
+    let from = |who: &'static str| {
+        let mut c = g.citizen();
+        async move {
+            c.request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
+                .await
+                .status
+        }
+    };
+    // A burst of 2 (8/min / 4), then the same /64 is limited, whatever
+    // address within it asks.
+    assert_eq!(from("2001:db8:7:1::1").await, 200);
+    assert_eq!(from("2001:db8:7:1:dead:beef:0:2").await, 200);
+    assert_eq!(from("2001:db8:7:1:ffff::3").await, 429);
+    assert_eq!(from("2001:db8:7:2::1").await, 200, "another /64");
+}
+
 #[tokio::test]
 async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
     let up = upstream::spawn().await;

@@ -254,6 +254,22 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
     canonical(peer)
 }
 
+/// What a per-address limit counts by: an IPv4 address, or an IPv6
+/// address's /64. One IPv6 subscriber (a phone, a home) is handed a whole
+/// /64 and may take a fresh source address for every connection, so
+/// counting each address would give a bot as many ticket budgets as it
+/// cares to make. Providers hand out no less than a /64 to anyone.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// One X-Forwarded-For entry: an address, bare or with a port.
 fn hop_address(hop: &str) -> Option<IpAddr> {
     if let Ok(ip) = hop.parse::<IpAddr>() {
@@ -397,6 +413,15 @@ mod tests {
         );
         let outsider = "192.0.2.1".parse().unwrap();
         assert_eq!(client_ip(&h, outsider, &trusted), outsider);
+    }
+
+    #[test]
+    fn limits_count_an_ipv6_subscriber_by_its_64() {
+        let key = |s: &str| limit_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(key("198.51.100.7"), "198.51.100.7");
     }
 
     #[test]
