@@ -102,6 +102,9 @@ pub struct App {
     history: History,
     /// The admission log, when `audit.log` is set.
     audit: Option<AuditLog>,
+    /// SIGHUP's stream when the caller installed it before saying it
+    /// listens; the reload task takes it.
+    hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
     /// Rooms this node advanced at the last tick: a room it starts
     /// advancing (a lease taken over) is logged from where it stands.
     audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -209,6 +212,7 @@ impl App {
             history: History::default(),
             audit,
             audit_led: std::sync::Mutex::new(audit_led),
+            hangup: std::sync::Mutex::new(None),
         })
     }
 
@@ -593,7 +597,8 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 /// SIGHUP reloads the config file, as nginx and HAProxy do.
 async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let installed = app.hangup.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut hup) = installed.or_else(|| signal(SignalKind::hangup()).ok()) else {
         tracing::warn!("cannot listen for SIGHUP; reload through the admin API");
         return;
     };
@@ -658,19 +663,21 @@ pub async fn run(
     app.serve(listeners, shutdown, true).await
 }
 
-/// As `run`, remembering `path` so SIGHUP and the admin API can reload it.
+/// As `run`, remembering `path` so SIGHUP (`hangup`, its handler
+/// installed by the caller before it said it listens) and the admin API
+/// can reload it.
 pub async fn run_file(
     config: Config,
     path: PathBuf,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    hangup: tokio::signal::unix::Signal,
 ) -> Result<(), AppError> {
-    let app = Arc::new(
-        App::new(config, clock::system())
-            .await?
-            .with_config_path(path),
-    );
-    app.serve(listeners, shutdown, true).await
+    let app = App::new(config, clock::system())
+        .await?
+        .with_config_path(path);
+    *app.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
+    Arc::new(app).serve(listeners, shutdown, true).await
 }
 
 /// Compares two config tables by their TOML form.

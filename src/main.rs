@@ -300,12 +300,22 @@ fn serve(
                     "demo portal listening on http://{} (capacity {})",
                     portal.addr, settings.capacity
                 );
-                shutdown_signal().await;
+                shutdown_signal()?.await;
                 return Ok(());
             }
             _portal = Some(portal);
         }
         let listeners = Listeners::bind(&cfg.server).await?;
+        // Before the line below: a signal sent as soon as it appears must
+        // find varco's handlers, not the default action that kills.
+        let shutdown = shutdown_signal()?;
+        let hangup = match config_path {
+            Some(_) => Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .context("cannot listen for SIGHUP")?,
+            ),
+            None => None,
+        };
         let scheme = if cfg.server.tls.is_some() {
             "https"
         } else {
@@ -324,9 +334,11 @@ fn serve(
                 listeners.proxy_addr()
             );
         }
-        match config_path {
-            Some(path) => app::run_file(cfg, path, listeners, shutdown_signal()).await?,
-            None => app::run(cfg, listeners, shutdown_signal()).await?,
+        match (config_path, hangup) {
+            (Some(path), Some(hangup)) => {
+                app::run_file(cfg, path, listeners, shutdown, hangup).await?
+            }
+            _ => app::run(cfg, listeners, shutdown).await?,
         }
         Ok(())
     })
@@ -342,16 +354,18 @@ async fn start_portal(
     Ok(varco::demo::spawn(listener, settings)?)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, their handlers installed now (a future alone would
+/// install them only when first polled, after the start-up work).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// A check's answer: on stdout when it passed (exit 0), on stderr when

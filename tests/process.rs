@@ -95,6 +95,85 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     exits_0_with_its_listener_closed(p).await;
 }
 
+/// A folder with a key and a snapshot of `sessions` live sessions: a
+/// start that takes a while to read them back, after the readiness line.
+fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut list = String::with_capacity(sessions as usize * 60);
+    for i in 1..=sessions {
+        if i > 1 {
+            list.push(',');
+        }
+        list.push_str(&format!("[\"{i:032x}\",{}]", now + 3_600_000));
+    }
+    std::fs::write(
+        dir.join("state.json"),
+        format!(
+            "{{\"version\":1,\"saved_ms\":{now},\"rooms\":{{\"portal\":{{\"state\":\
+             {{\"queue\":{sessions},\"serving\":{sessions},\"prequeue\":0,\"opened\":true,\
+             \"tokens\":1.0,\"refilled_ms\":{now},\"batches\":[],\"claimed\":[],\"floor\":{sessions},\
+             \"admitted_total\":{sessions},\"abandoned_total\":0,\"history\":[]}},\
+             \"sessions\":[{list}]}}}}}}"
+        ),
+    )
+    .unwrap();
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+             [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 10000000\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Scripts signal varco as soon as it says it listens: the signal must
+/// find varco's handlers, not the default action, which kills, even while
+/// varco is still reading its snapshot back. A SIGHUP then reloads, and a
+/// SIGTERM drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_as_soon_as_varco_says_it_listens_are_varcos() {
+    let up = upstream::spawn().await;
+    let cfg = slow_start("early-signals", up.addr, 300_000);
+    let p = Process::start(&cfg);
+    p.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let reloads = loop {
+        if let Some(n) =
+            client::metric(p.admin, "varco_config_reloads_total", "result=\"ok\"").await
+        {
+            if n >= 1.0 {
+                break n;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the early SIGHUP was not taken as a reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(reloads, 1.0);
+    drop(p);
+
+    let p = Process::start(&cfg);
+    p.signal("TERM");
+    exits_0_with_its_listener_closed(p).await;
+}
+
 /// Waits for a varco told to stop: it exits 0 and no longer listens.
 async fn exits_0_with_its_listener_closed(mut p: Process) {
     let (status, p) = tokio::task::spawn_blocking(move || {
