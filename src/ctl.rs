@@ -68,7 +68,12 @@ impl Action {
 /// `admin`: one admin listener, or several separated by commas: each is
 /// told in turn, and a failure on one does not stop the others (the error
 /// then names every listener that failed).
-pub fn run(admin: &str, token_env: &str, action: Action) -> anyhow::Result<()> {
+pub fn run(
+    admin: &str,
+    token_env: &str,
+    timeout: std::time::Duration,
+    action: Action,
+) -> anyhow::Result<()> {
     let token = std::env::var(token_env).map_err(|_| {
         anyhow::anyhow!("set {token_env} to an admin token (see README: admin API)")
     })?;
@@ -80,12 +85,21 @@ pub fn run(admin: &str, token_env: &str, action: Action) -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|a| !a.is_empty())
         .collect();
+    // An empty variable in a script must not report a change nobody heard.
+    if listeners.is_empty() {
+        anyhow::bail!("--admin names no admin listener");
+    }
     let mut failed = Vec::new();
     for a in &listeners {
         if listeners.len() > 1 {
             println!("== {a}");
         }
-        if let Err(e) = rt.block_on(one(a, &token, &action)) {
+        let told = rt.block_on(async {
+            tokio::time::timeout(timeout, one(a, &token, &action))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {timeout:?}")))
+        });
+        if let Err(e) = told {
             eprintln!("{a}: {e}");
             failed.push(*a);
         }

@@ -58,6 +58,10 @@ enum Command {
         /// The environment variable holding the admin token.
         #[arg(long, default_value = "VARCO_ADMIN_TOKEN")]
         token_env: String,
+        /// How long each listener may take to answer ("10s"): a node that
+        /// accepts but never answers must not keep the others untold.
+        #[arg(long, default_value = "10s", value_parser = varco::config::units::parse_duration)]
+        timeout: std::time::Duration,
         #[command(subcommand)]
         action: varco::ctl::Action,
     },
@@ -139,8 +143,9 @@ fn main() -> ExitCode {
         Command::Ctl {
             admin,
             token_env,
+            timeout,
             action,
-        } => exit(varco::ctl::run(&admin, &token_env, action)),
+        } => exit(varco::ctl::run(&admin, &token_env, timeout, action)),
         Command::Simulate {
             citizens,
             capacity,

@@ -540,6 +540,34 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         ctl(&["status"]).contains("closed"),
         "the first node was not in the list"
     );
+    // A node that accepts but never answers (a full backlog, a wedged
+    // process) is given up on after --timeout; the others are told.
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stuck = format!("http://{}", stuck.local_addr().unwrap());
+    let out = fan(
+        &format!("{stuck},http://{}", second.admin),
+        &["--timeout", "1s", "pause", "portal"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&stuck) && err.contains("no answer within 1s"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("\"mode\": \"paused\""),
+        "the node after the stuck one was told"
+    );
+    // An empty list (an unset variable in a script) tells nobody: a failure.
+    let out = fan("", &["pause", "portal"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("names no admin listener"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ctl(&["pause", "portal"]);
 
     // SIGHUP: a good file applies...
