@@ -124,7 +124,18 @@ pub fn verify(reader: impl Read) -> Result<Summary, Break> {
         if r.to < r.from {
             return Err(fail(Some(r.seq), "its range ends before it starts".into()));
         }
-        *admitted.entry(r.room.clone()).or_default() += r.to + 1 - r.from;
+        // Anyone can write a record whose plain hash checks: a range as
+        // wide as u64 must be a break, not an overflow.
+        let total = admitted.entry(r.room.clone()).or_default();
+        *total = (r.to - r.from)
+            .checked_add(1)
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(|| {
+                fail(
+                    Some(r.seq),
+                    "its range is wider than any count of people".into(),
+                )
+            })?;
         head = r.hash;
         expected_seq += 1;
     }
@@ -303,6 +314,41 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
+    }
+
+    /// The hash is plain SHA-256, so anyone can forge a record that
+    /// checks: one whose range covers every u64, or two whose counts add
+    /// past u64, is a break, not a panic or a wrapped count.
+    #[test]
+    fn a_forged_range_too_wide_to_count_is_a_break() {
+        let record = |seq: u64, from: u64, to: u64, prev: &str| {
+            let mut r = Record {
+                seq,
+                room: "a".into(),
+                from,
+                to,
+                time: "2026-12-02T00:00:00Z".into(),
+                time_ms: 0,
+                node: "n".into(),
+                prev: prev.into(),
+                hash: String::new(),
+            };
+            r.hash = r.digest();
+            r
+        };
+        let lines = |rs: &[Record]| {
+            rs.iter()
+                .map(|r| serde_json::to_string(r).unwrap() + "\n")
+                .collect::<String>()
+        };
+        let whole = record(1, 0, u64::MAX, GENESIS);
+        let b = verify(lines(&[whole]).as_bytes()).unwrap_err();
+        assert_eq!((b.line, b.seq), (1, Some(1)), "{}", b.reason);
+        let first = record(1, 1, u64::MAX - 1, GENESIS);
+        let second = record(2, 1, 5, &first.hash);
+        let b = verify(lines(&[first, second]).as_bytes()).unwrap_err();
+        assert_eq!((b.line, b.seq), (2, Some(2)), "{}", b.reason);
+        assert!(b.reason.contains("wider than any count"), "{}", b.reason);
     }
 
     #[test]
