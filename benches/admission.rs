@@ -160,6 +160,7 @@ fn page(c: &mut Criterion) {
         // 2026-12-01T07:55:00Z
         arrived: Some(1_796_111_700_000),
         lottery: None,
+        missed_turn: false,
         claim_window_seconds: 60,
     };
     c.bench_function("page/render_waiting_page", |b| {

@@ -371,6 +371,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
     }
 
+    // The person's turn came and went while they were away: said on the
+    // page of the new ticket.
+    let mut missed_turn = false;
     if let Some(t) = &ticket {
         let view = lane.store.view();
         match effective_number(room, lane, t, &view) {
@@ -417,7 +420,11 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
                     }
                     // Used or lapsed: this ticket admits nobody any more.
-                    Some((Claim::AlreadyClaimed | Claim::Expired, _)) => {}
+                    Some((Claim::AlreadyClaimed, _)) => {}
+                    Some((Claim::Expired, _)) => {
+                        room.metrics.missed_turns.inc();
+                        missed_turn = true;
+                    }
                 }
             }
             // Not a GET: never forwarded without a pass; the page says
@@ -473,7 +480,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     claims.dg = provisional;
     claims.l = room.lane_label(lane).to_string();
     let cookie = ticket_cookie(room, &claims, r);
-    let status = status_for(
+    let mut status = status_for(
         room,
         lane,
         Some(&claims),
@@ -481,6 +488,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         r.now_ms,
         "waiting",
     );
+    status.missed_turn = missed_turn;
     Ok(Gate::Respond(page(
         room,
         r,
@@ -577,6 +585,7 @@ pub fn status_for<'a>(
         paused: room.mode() == Mode::Paused,
         receipt: ticket.and_then(|t| receipt::text_of(&room.line_name_cow(lane), t, &room.keys)),
         lottery: room.lottery_info(view, now_ms),
+        missed_turn: false,
         claim_window_seconds: room.config.claim_window.as_secs(),
     }
 }

@@ -49,6 +49,7 @@ pub const NAMES: &[&str] = &[
     "varco_pass_extensions_total",
     "varco_reentries_total",
     "varco_reentries_refused_total",
+    "varco_missed_turns_total",
     "varco_audit_records_total",
     "varco_audit_write_errors_total",
     "varco_state_write_errors_total",
@@ -77,6 +78,7 @@ pub struct Metrics {
     pub pass_extensions: IntCounterVec,
     pub reentries: IntCounterVec,
     pub reentries_refused: IntCounterVec,
+    pub missed_turns: IntCounterVec,
     pub audit_records: IntCounter,
     pub audit_write_errors: IntCounter,
     /// By kind: `snapshot` or `marks`.
@@ -216,6 +218,11 @@ impl Metrics {
             "Re-entries after a portal failure refused because the pass had used its max_reentries",
             &["room"],
         );
+        let missed_turns = counter(
+            "varco_missed_turns_total",
+            "Tickets that came back after their turn's claim window had passed (a closed tab, a phone asleep): each took a new place at the back",
+            &["room"],
+        );
         let audit_records = IntCounter::new(
             "varco_audit_records_total",
             "Records appended to the admission log",
@@ -236,6 +243,7 @@ impl Metrics {
             Box::new(pass_extensions.clone()),
             Box::new(reentries.clone()),
             Box::new(reentries_refused.clone()),
+            Box::new(missed_turns.clone()),
             Box::new(audit_records.clone()),
             Box::new(audit_write_errors.clone()),
             Box::new(state_write_errors.clone()),
@@ -274,6 +282,7 @@ impl Metrics {
             pass_extensions,
             reentries,
             reentries_refused,
+            missed_turns,
             audit_records,
             audit_write_errors,
             state_write_errors,
@@ -321,6 +330,7 @@ pub struct RoomMetrics {
     pub reentries_after_detour: IntCounter,
     pub reentries_after_crash: IntCounter,
     pub reentries_refused: IntCounter,
+    pub missed_turns: IntCounter,
     adjustments: IntCounterVec,
     room: String,
 }
@@ -350,6 +360,7 @@ impl RoomMetrics {
             reentries_after_detour: m.reentries.with_label_values(&[room, "login_detour"]),
             reentries_after_crash: m.reentries.with_label_values(&[room, "crash"]),
             reentries_refused: m.reentries_refused.with_label_values(&[room]),
+            missed_turns: m.missed_turns.with_label_values(&[room]),
             adjustments: m.adaptive_adjustments.clone(),
             room: room.to_string(),
         }

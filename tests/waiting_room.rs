@@ -140,9 +140,49 @@ async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
     g.advance(31_000).await;
     assert_eq!(stayer.status("portal").await["state"], "admitted");
     assert!(stayer.get("/").await.reached_upstream());
-    // Too late: the leaver's ticket no longer admits; a new ticket does.
-    let got = leaver.get("/").await;
+    // Too late: the leaver's ticket no longer admits; a new ticket does,
+    // and the page says why the place is later than the one held.
+    let before = leaver.cookie("varco_ticket_portal").unwrap().to_string();
+    let got = leaver
+        .request("GET", "/", body::empty(), &[("accept-language", "en")])
+        .await;
     assert!(got.is_waiting_page());
+    assert_ne!(leaver.cookie("varco_ticket_portal").unwrap(), before);
+    let page = got.text();
+    assert!(
+        page.contains(
+            "Your turn came, but nobody came back to this page to go in within 60 seconds"
+        ),
+        "{page}"
+    );
+    assert_eq!(
+        common::client::metric(g.admin, "varco_missed_turns_total", "room=\"portal\"").await,
+        Some(1.0)
+    );
+    // Only that once: the new ticket's page is the usual one.
+    let got = leaver.get("/").await;
+    assert!(
+        !got.text().contains("Il tuo turno era arrivato"),
+        "{}",
+        got.text()
+    );
+    assert!(got.text().contains("Tieni aperta questa pagina"));
+    // An API client is told in the JSON.
+    let mut api = g.citizen();
+    api.get("/").await;
+    let s = api.status("portal").await;
+    assert!(s.get("missed_turn").is_none(), "absent unless true: {s}");
+    let mut behind = g.citizen();
+    assert!(behind.get("/").await.is_waiting_page());
+    g.advance(61_000).await; // stayer's session ends; the leaver's new turn
+    g.advance(61_000).await; // it lapses too; api's turn
+    assert_eq!(api.status("portal").await["state"], "admitted");
+    g.advance(61_000).await; // and api's lapses
+    let got = api
+        .request("GET", "/", body::empty(), &[("accept", "application/json")])
+        .await;
+    assert_eq!(got.status, 429);
+    assert_eq!(got.json()["missed_turn"], true, "{}", got.text());
 }
 
 #[tokio::test]

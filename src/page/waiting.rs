@@ -44,6 +44,11 @@ pub struct Status<'a> {
     pub arrived: Option<u64>,
     /// The pre-queue draw, for a room with a scheduled opening.
     pub lottery: Option<LotteryInfo>,
+    /// This ticket is new because the person's turn came and its claim
+    /// window passed before they were back (a closed tab, a phone asleep):
+    /// the page says so, rather than showing a later place unexplained.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub missed_turn: bool,
     /// The room's claim window, which bounds how long the page may wait
     /// between polls (not part of the JSON).
     #[serde(skip)]
@@ -142,6 +147,11 @@ struct Strings {
     keep_open: &'static str,
     prequeue: &'static str,
     paused: &'static str,
+    /// "{w}": the claim window in words.
+    missed_turn: &'static str,
+    /// "{n}": seconds, minutes.
+    seconds: &'static str,
+    minutes: &'static str,
     closed: &'static str,
     ticket: &'static str,
     receipt: &'static str,
@@ -167,6 +177,9 @@ const IT: Strings = Strings {
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
     prequeue: "Il servizio apre alle {opens}. Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
     paused: "L'accesso è sospeso per qualche minuto. Il tuo posto è conservato.",
+    missed_turn: "Il tuo turno era arrivato, ma entro {w} nessuno è tornato su questa pagina per entrare (una scheda chiusa, un telefono in standby), e il posto è passato al successivo. Questo è un nuovo posto in coda: tieni aperta questa pagina per non perderlo.",
+    seconds: "{n} secondi",
+    minutes: "{n} minuti",
     closed: "Il servizio è chiuso. Il tuo posto, se ne hai uno, è conservato.",
     ticket: "Biglietto numero",
     receipt: "Ricevuta",
@@ -190,6 +203,9 @@ const EN: Strings = Strings {
     keep_open: "Keep this page open: you will get in automatically. Reloading does not lose your place.",
     prequeue: "The service opens at {opens}. Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
     paused: "Entry is paused for a few minutes. Your place is kept.",
+    missed_turn: "Your turn came, but nobody came back to this page to go in within {w} (a closed tab, a phone asleep), and the place went to the next person. This is a new place in line: keep this page open so you do not miss it.",
+    seconds: "{n} seconds",
+    minutes: "{n} minutes",
     closed: "The service is closed. Your place, if you have one, is kept.",
     ticket: "Ticket number",
     receipt: "Receipt",
@@ -399,6 +415,14 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             .into()
     } else if status.paused {
         s.paused.into()
+    } else if status.missed_turn {
+        let w = status.claim_window_seconds;
+        let window = if w >= 120 && w % 60 == 0 {
+            s.minutes.replace("{n}", &(w / 60).to_string())
+        } else {
+            s.seconds.replace("{n}", &w.to_string())
+        };
+        s.missed_turn.replace("{w}", &window).into()
     } else {
         s.keep_open.into()
     };
@@ -614,8 +638,33 @@ mod tests {
             // 2026-12-01T07:55:00Z
             arrived: Some(1_796_111_700_000),
             lottery: None,
+            missed_turn: false,
             claim_window_seconds: 60,
         }
+    }
+
+    #[test]
+    fn a_missed_turn_is_told_in_the_window_s_own_unit() {
+        let mut st = status();
+        st.missed_turn = true;
+        st.claim_window_seconds = 300;
+        let page = |st: &Status, lang| render(Template::default_template(), st, lang, "/");
+        assert!(page(&st, Language::It).contains("entro 5 minuti nessuno"));
+        assert!(page(&st, Language::En).contains("within 5 minutes (a closed tab"));
+        st.claim_window_seconds = 90;
+        assert!(page(&st, Language::En).contains("within 90 seconds"));
+        st.paused = true;
+        assert!(
+            !page(&st, Language::En).contains("Your turn came"),
+            "a pause says what matters now"
+        );
+        st.paused = false;
+        st.missed_turn = false;
+        assert!(!page(&st, Language::En).contains("Your turn came"));
+        let json = |st: &Status| String::from_utf8(to_json(st)).unwrap();
+        assert!(!json(&st).contains("missed_turn"), "{}", json(&st));
+        st.missed_turn = true;
+        assert!(json(&st).contains("\"missed_turn\":true"));
     }
 
     #[test]
