@@ -77,9 +77,13 @@ end
 -- alive now, and counts against max_active until its nodes' reports
 -- arrive. (A lease moving from a dead holder stops the ticks, not the
 -- other nodes' reports: sessions are not shifted for that.)
+-- Only a tick moves the claim windows on past such a gap: the ticker
+-- measures it with its own clock. A node whose clock ran ahead of the
+-- ticker's would otherwise see a gap at every other op, and keep pushing
+-- every called turn's window into the future: no turn would ever lapse.
 local function catch_up()
   local gap = now - ticked
-  if gap > 5 * tick_ms then
+  if op == 'tick' and gap > 5 * tick_ms then
     local shift = gap - tick_ms
     for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
       local at, f, t, c = parse(b)
@@ -99,12 +103,18 @@ local function catch_up()
 end
 -- Before any op reads a session or a batch.
 catch_up()
+-- How far the claim windows have run for this op: to now, but for an op
+-- that is not a tick no further than a tick past the last tick while
+-- none has come for five (nobody could claim meanwhile; or this node's
+-- clock runs ahead of the ticker's, and the ticker's clock decides).
+local windows_at = now
+if op ~= 'tick' and now - ticked > 5 * tick_ms then windows_at = ticked + tick_ms end
 local function expire()
   while true do
     local b = redis.call('LINDEX', batches, 0)
     if not b then break end
     local at, f, t, c = parse(b)
-    if at + claim_window > now then break end
+    if at + claim_window > windows_at then break end
     redis.call('LPOP', batches)
     abandoned = abandoned + (t - f + 1 - c)
     if t > floor then floor = t end
