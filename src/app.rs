@@ -531,7 +531,7 @@ impl App {
             listeners.admin,
             None,
             admin,
-            settings,
+            settings.for_admin(),
             stop_rx,
             admin_connections.clone(),
             None,

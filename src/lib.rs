@@ -38,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod page;
 pub mod proxy;
+pub mod proxy_header;
 pub mod request_path;
 pub mod room;
 pub mod router;

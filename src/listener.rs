@@ -67,6 +67,9 @@ pub struct ListenerSettings {
     /// A write that makes no progress for this long ends the connection.
     pub send_timeout: Duration,
     pub tls_handshake_timeout: Duration,
+    /// Every connection starts with a PROXY protocol header from one of
+    /// `exempt` (the load balancers), naming the client; others are closed.
+    pub proxy_protocol: bool,
 }
 
 impl Default for ListenerSettings {
@@ -87,6 +90,16 @@ impl ListenerSettings {
             keepalive_timeout: s.keepalive_timeout,
             send_timeout: s.send_timeout,
             tls_handshake_timeout: s.tls_handshake_timeout,
+            proxy_protocol: s.proxy_protocol,
+        }
+    }
+
+    /// The same, for the admin listener: operators and Prometheus reach it
+    /// directly, never through the balancer's PROXY header.
+    pub fn for_admin(&self) -> Self {
+        ListenerSettings {
+            proxy_protocol: false,
+            ..self.clone()
         }
     }
 
@@ -107,6 +120,7 @@ impl ListenerSettings {
             keepalive_timeout: d(DEFAULT_KEEPALIVE_TIMEOUT),
             send_timeout: d(DEFAULT_SEND_TIMEOUT),
             tls_handshake_timeout: d(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+            proxy_protocol: false,
         }
     }
 
@@ -179,17 +193,29 @@ pub async fn serve<H: Handler>(
             },
             _ = shutdown.changed() => return,
         };
-        let held = match PerIp::take(&per_ip, peer.ip(), &settings) {
-            Some(held) => held,
-            None => {
-                // Over its share: closed at once, so one address cannot
-                // take the connection slots everyone else needs.
-                tracing::debug!(%peer, "too many connections from this address");
-                drop(stream);
+        // Behind a balancer speaking the PROXY protocol the client is known
+        // only once its header is read (in the connection's task): only
+        // the balancers may send one, so nobody else can name a client.
+        let held = if settings.proxy_protocol {
+            if !crate::proxy::headers::is_trusted(peer.ip(), &settings.exempt) {
+                tracing::debug!(%peer, "not a trusted proxy: no PROXY header accepted from it");
                 continue;
+            }
+            None
+        } else {
+            match PerIp::take(&per_ip, peer.ip(), &settings) {
+                Some(held) => Some(held),
+                None => {
+                    // Over its share: closed at once, so one address cannot
+                    // take the connection slots everyone else needs.
+                    tracing::debug!(%peer, "too many connections from this address");
+                    drop(stream);
+                    continue;
+                }
             }
         };
         let _ = stream.set_nodelay(true);
+        let per_ip = per_ip.clone();
         let tls = tls.clone();
         let handler = handler.clone();
         let builder = builder.clone();
@@ -198,6 +224,14 @@ pub async fn serve<H: Handler>(
         let gauge = open_connections.clone();
         let tasks = tracker.clone();
         tracker.spawn(async move {
+            let mut stream = stream;
+            let (peer, held) = match held {
+                Some(held) => (peer, held),
+                None => match from_balancer(&mut stream, peer, &per_ip, &settings).await {
+                    Some(x) => x,
+                    None => return,
+                },
+            };
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
@@ -232,6 +266,40 @@ pub async fn serve<H: Handler>(
                 }
             }
         });
+    }
+}
+
+/// The client a balancer's PROXY header names (or the balancer itself,
+/// for its own checks), and its share of connections; None when the
+/// header is missing, bad or late, or the client is over its share: the
+/// connection is then closed.
+async fn from_balancer(
+    stream: &mut tokio::net::TcpStream,
+    balancer: SocketAddr,
+    per_ip: &Arc<DashMap<IpAddr, usize>>,
+    settings: &ListenerSettings,
+) -> Option<(SocketAddr, PerIp)> {
+    let read = tokio::time::timeout(
+        settings.header_read_timeout,
+        crate::proxy_header::read(stream),
+    );
+    let client = match read.await {
+        Ok(Ok(client)) => client.unwrap_or(balancer),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %balancer, error = %e, "PROXY header refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %balancer, "no PROXY header within header_read_timeout");
+            return None;
+        }
+    };
+    match PerIp::take(per_ip, client.ip(), settings) {
+        Some(held) => Some((client, held)),
+        None => {
+            tracing::debug!(peer = %client, "too many connections from this address");
+            None
+        }
     }
 }
 

@@ -71,6 +71,8 @@ fn each_bad_value_names_its_key() {
             "[server]\nmax_connections = 2305843009213693952\n",
             "server.max_connections",
         ),
+        // Anyone could name any client.
+        ("[server]\nproxy_protocol = true\n", "server.proxy_protocol"),
         // hyper reserves a slot per header on every request.
         ("[server]\nmax_headers = 1000000\n", "server.max_headers"),
         (

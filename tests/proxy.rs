@@ -147,6 +147,146 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
 }
 
+/// A PROXY protocol v2 header, as AWS NLB and HAProxy's send-proxy-v2
+/// write it: `command` 1 PROXY or 0 LOCAL, then TCP over IPv4 or IPv6.
+pub fn proxy_v2(command: u8, source: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x20 | command);
+    let mut addresses = Vec::new();
+    match source {
+        std::net::SocketAddr::V4(a) => {
+            h.push(0x11);
+            addresses.extend_from_slice(&a.ip().octets());
+            addresses.extend_from_slice(&[10, 0, 0, 1]);
+        }
+        std::net::SocketAddr::V6(a) => {
+            h.push(0x21);
+            addresses.extend_from_slice(&a.ip().octets());
+            addresses.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    addresses.extend_from_slice(&source.port().to_be_bytes());
+    addresses.extend_from_slice(&443u16.to_be_bytes());
+    h.extend_from_slice(&(addresses.len() as u16).to_be_bytes());
+    h.extend_from_slice(&addresses);
+    h
+}
+
+/// Behind a TCP load balancer that speaks the PROXY protocol, the client
+/// is the one its header names (v1 or v2), for the forwarded headers as
+/// for every per-address rule; its own checks (LOCAL) are its own; a
+/// connection without the header, or from a peer not in trusted_proxies,
+/// is closed unanswered.
+#[tokio::test]
+async fn the_client_is_the_one_a_balancers_proxy_header_names() {
+    use common::client::raw;
+    use std::time::Duration;
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true",
+    ))
+    .await;
+    let request = b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n";
+    let forwarded_for = |header: &[u8]| {
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(request);
+        async move {
+            let got = raw(v.addr, &bytes, Duration::from_secs(5)).await;
+            let body = got.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let j: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_default();
+            j["headers"]["x-forwarded-for"][0]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("no answer: {got:?}"))
+        }
+    };
+    assert_eq!(
+        forwarded_for(b"PROXY TCP4 198.51.100.7 10.0.0.1 50123 443\r\n").await,
+        "198.51.100.7"
+    );
+    assert_eq!(
+        forwarded_for(b"PROXY TCP6 2001:db8::7 2001:db8::1 50123 443\r\n").await,
+        "2001:db8::7"
+    );
+    assert_eq!(
+        forwarded_for(&proxy_v2(1, "198.51.100.8:40000".parse().unwrap())).await,
+        "198.51.100.8"
+    );
+    assert_eq!(
+        forwarded_for(&proxy_v2(1, "[2001:db8::8]:40000".parse().unwrap())).await,
+        "2001:db8::8"
+    );
+    assert_eq!(
+        forwarded_for(&proxy_v2(0, "198.51.100.9:1".parse().unwrap())).await,
+        "127.0.0.1",
+        "LOCAL: the balancer's own check"
+    );
+    assert_eq!(forwarded_for(b"PROXY UNKNOWN\r\n").await, "127.0.0.1");
+    // A client that sends its own X-Forwarded-For names nobody: the
+    // header's client is not a trusted proxy.
+    let mut forged = b"PROXY TCP4 198.51.100.7 10.0.0.1 50123 443\r\n".to_vec();
+    forged.extend_from_slice(
+        b"GET /echo HTTP/1.1\r\nhost: portal\r\nx-forwarded-for: 10.9.9.9\r\nconnection: close\r\n\r\n",
+    );
+    let got = raw(v.addr, &forged, Duration::from_secs(5)).await;
+    assert!(
+        got.contains("\"x-forwarded-for\":[\"198.51.100.7\"]"),
+        "{got}"
+    );
+    // No header, or a broken one: closed, nothing answered.
+    assert_eq!(raw(v.addr, request, Duration::from_secs(5)).await, "");
+    let mut broken = b"PROXY TCP4 nonsense\r\n".to_vec();
+    broken.extend_from_slice(request);
+    assert_eq!(raw(v.addr, &broken, Duration::from_secs(5)).await, "");
+    let hits = up.hits();
+    assert_eq!(hits, 7, "only the connections with a header were served");
+    drop(v);
+
+    // The per-address connection cap counts the named client, not the
+    // balancer (which is exempt).
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\nmax_connections_per_ip = 1",
+    ))
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    held.write_all(
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 50123 443\r\nGET /echo HTTP/1.1\r\nhost: portal\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 12];
+    held.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200", "the first connection is served");
+    let mut again = b"PROXY TCP4 198.51.100.7 10.0.0.1 50124 443\r\n".to_vec();
+    again.extend_from_slice(request);
+    assert_eq!(
+        raw(v.addr, &again, Duration::from_secs(5)).await,
+        "",
+        "a second at once from the same client is over its share"
+    );
+    let mut other = b"PROXY TCP4 198.51.100.77 10.0.0.1 50124 443\r\n".to_vec();
+    other.extend_from_slice(request);
+    assert!(raw(v.addr, &other, Duration::from_secs(5))
+        .await
+        .starts_with("HTTP/1.1 200"));
+    drop((held, v));
+    let hits = up.hits();
+
+    // Only the balancers may name a client.
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol = true",
+    ))
+    .await;
+    let mut bytes = b"PROXY TCP4 198.51.100.7 10.0.0.1 50123 443\r\n".to_vec();
+    bytes.extend_from_slice(request);
+    assert_eq!(raw(v.addr, &bytes, Duration::from_secs(5)).await, "");
+    assert_eq!(up.hits(), hits);
+}
+
 #[tokio::test]
 async fn host_is_the_upstreams_own_when_not_preserved() {
     let up = upstream::spawn().await;

@@ -76,6 +76,38 @@ async fn http1_over_tls_still_works() {
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
+/// A TCP balancer in front of varco's TLS: its PROXY v2 header comes
+/// first, then the client's own handshake, which varco still finishes.
+#[tokio::test]
+async fn tls_behind_a_balancer_speaking_the_proxy_protocol() {
+    let pki = make_cert("proxied");
+    let up = upstream::spawn().await;
+    let cfg = tls_config(up.addr).replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\n",
+    );
+    let v = Varco::start_in(&cfg, &pki.dir).await;
+    // PROXY v2, TCP over IPv4, 203.0.113.5:61000 -> 10.0.0.1:443.
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend_from_slice(&[203, 0, 113, 5, 10, 0, 0, 1]);
+    header.extend_from_slice(&61000u16.to_be_bytes());
+    header.extend_from_slice(&443u16.to_be_bytes());
+    let (tls, _) = client::tls_connect_after(v.addr, &header, &pki.ca_der, &[b"http/1.1"]).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/echo")
+        .header("host", "localhost")
+        .body(body::empty())
+        .unwrap();
+    let got = client::read(send.send_request(req).await.unwrap()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["headers"]["x-forwarded-for"][0], "203.0.113.5");
+    assert_eq!(got.json()["headers"]["x-forwarded-proto"][0], "https");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     let pki = make_cert("hs");

@@ -209,6 +209,9 @@ pub struct RawServer {
     pub tls: Option<RawTls>,
     /// Peers whose X-Forwarded-* headers are believed (load balancers).
     pub trusted_proxies: Vec<String>,
+    /// The public listener expects a PROXY protocol header (v1 or v2)
+    /// from each connection, sent by one of `trusted_proxies`.
+    pub proxy_protocol: bool,
     pub max_connections: usize,
     pub max_header_size: String,
     pub max_headers: usize,
@@ -233,6 +236,7 @@ impl Default for RawServer {
             workers: 0,
             tls: None,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_header_size: DEFAULT_MAX_HEADER_SIZE.into(),
             max_headers: DEFAULT_MAX_HEADERS,

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub workers: usize,
     pub tls: Option<TlsConfig>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Each public connection starts with a PROXY protocol header from
+    /// one of `trusted_proxies`.
+    pub proxy_protocol: bool,
     pub max_connections: usize,
     pub max_header_size: usize,
     pub max_headers: usize,

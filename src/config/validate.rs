@@ -126,6 +126,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 .ok()
         })
         .collect();
+    if s.proxy_protocol && s.trusted_proxies.is_empty() {
+        p.add(
+            "server.proxy_protocol",
+            "needs server.trusted_proxies: only the load balancers listed there may send a PROXY header (anyone else could name any client)",
+        );
+    }
     p.positive("server.max_connections", s.max_connections);
     p.at_most(
         "server.max_connections",
@@ -157,6 +163,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         workers: s.workers,
         tls,
         trusted_proxies,
+        proxy_protocol: s.proxy_protocol,
         max_connections: s.max_connections,
         max_header_size: max_header_size as usize,
         max_headers: s.max_headers,

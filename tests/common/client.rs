@@ -94,6 +94,17 @@ pub async fn tls_connect(
     ca_der: &[u8],
     alpn: &[&[u8]],
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>) {
+    tls_connect_after(addr, &[], ca_der, alpn).await
+}
+
+/// As `tls_connect`, sending `first` (a load balancer's PROXY header)
+/// before the handshake.
+pub async fn tls_connect_after(
+    addr: SocketAddr,
+    first: &[u8],
+    ca_der: &[u8],
+    alpn: &[&[u8]],
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>) {
     varco::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_der.to_vec().into()).unwrap();
@@ -102,7 +113,8 @@ pub async fn tls_connect(
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(first).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
     let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
