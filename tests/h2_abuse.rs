@@ -84,7 +84,7 @@ async fn concurrent_streams_are_capped() {
     let mut held = Vec::new();
     for _ in 0..300 {
         send = send.ready().await.unwrap();
-        let req = Request::get(format!("http://p:{}/slow?ms=3000", v.addr.port()))
+        let req = Request::get(format!("http://p:{}/slow?ms=6000", v.addr.port()))
             .body(())
             .unwrap();
         if let Ok((resp, _)) = send.send_request(req, true) {
@@ -93,10 +93,13 @@ async fn concurrent_streams_are_capped() {
     }
     // Watch the upstream while the streams are open: until they have
     // reached it (a busy machine is slower to get them there), then for a
-    // second more (10 s at most; each stream holds for 3 s).
+    // second more (20 s at most). Each stream holds for 6 s, so even a
+    // slow ramp overlaps them (3 s was not enough on a busy CI machine:
+    // the first had ended before the last arrived); dropping them at the
+    // end resets them.
     let mut most = 0;
     let mut after = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while after < 100 && std::time::Instant::now() < deadline {
         most = most.max(up.in_flight.load(Ordering::SeqCst));
         if most >= 64 {
