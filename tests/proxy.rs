@@ -330,6 +330,31 @@ async fn round_robin_and_a_dead_upstream_is_skipped() {
     assert_eq!(a.hits() + b.hits(), 12);
 }
 
+/// An upstream that accepts connections but never answers (hung, or
+/// stopped with SIGSTOP) is cooled down after its first timeout, as one
+/// that refuses is: it no longer costs every other request a 504.
+#[tokio::test]
+async fn an_upstream_that_never_answers_is_cooled_down() {
+    let good = upstream::spawn().await;
+    // Accepts (the kernel's backlog) and never reads or answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let v = Varco::start(&room_config(
+        &[hung.local_addr().unwrap(), good.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"\nfail_cooldown = \"1h\"",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(get(&v.url("/echo")).await.status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 504).count(),
+        1,
+        "only the first request sent to the hung upstream waited: {statuses:?}"
+    );
+    assert_eq!(good.hits(), 7);
+}
+
 #[tokio::test]
 async fn unknown_host_gets_404_from_varco() {
     let up = upstream::spawn().await;

@@ -184,6 +184,12 @@ impl Forwarder {
                 None => {
                     metrics.timeouts.inc();
                     signal(true);
+                    // A hung upstream still accepts connections: without
+                    // this, it kept its share of the rotation, and every
+                    // request sent to it waited response_timeout for a 504
+                    // (nginx counts a timeout as a failure too).
+                    room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, timeout = ?self.response_timeout, "upstream gave no answer in time; cooling down");
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
                         timeout: self.response_timeout,
@@ -230,6 +236,8 @@ impl Forwarder {
                     }
                     metrics.protocol_errors.inc();
                     signal(true);
+                    room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream broke the exchange; cooling down");
                     return Err(ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),

@@ -1,5 +1,6 @@
 //! A room's upstreams: round-robin choice, skipping any that recently
-//! refused a connection (passive health with a cool-down).
+//! failed (refused a connection, gave no answer within the response
+//! timeout, or broke the exchange): passive health with a cool-down.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
