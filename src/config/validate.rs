@@ -74,16 +74,8 @@ impl Problems {
 
     /// A file varco writes: its folder must exist.
     fn in_a_folder(&mut self, key: &str, file: Option<&Path>, what: &str) {
-        if let Some(dir) = file.and_then(Path::parent) {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                self.add(
-                    key,
-                    format!(
-                        "{} is not a directory varco can write {what} in",
-                        dir.display()
-                    ),
-                );
-            }
+        if let Some(problem) = file.and_then(|f| folder_missing(f, what)) {
+            self.add(key, problem);
         }
     }
 
@@ -92,6 +84,18 @@ impl Problems {
             self.add(key, format!("must be at most {max}: {why}"));
         }
     }
+}
+
+/// Why varco cannot write `file` (`what`) where it is: its folder is not
+/// there; None when it is.
+pub fn folder_missing(file: &Path, what: &str) -> Option<String> {
+    let dir = file.parent()?;
+    (!dir.as_os_str().is_empty() && !dir.is_dir()).then(|| {
+        format!(
+            "{} is not a directory varco can write {what} in",
+            dir.display()
+        )
+    })
 }
 
 pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {

@@ -360,13 +360,11 @@ impl MemoryStore {
         // would run undurable and a restart would lose every place. Checked
         // here, not by `check-config`, which may run on another machine
         // (and systemd's StateDirectory= makes the folder just before).
-        if let Some(dir) = snapshot.as_deref().and_then(std::path::Path::parent) {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                return Err(format!(
-                    "store.snapshot: {} is not a directory varco can write the snapshot in",
-                    dir.display()
-                ));
-            }
+        if let Some(problem) = snapshot
+            .as_deref()
+            .and_then(|s| crate::config::validate::folder_missing(s, "the snapshot"))
+        {
+            return Err(format!("store.snapshot: {problem}"));
         }
         let snap = match &snapshot {
             Some(path) if path.exists() => Some(read_json::<Snapshot>(path, "snapshot")?),
