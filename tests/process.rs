@@ -95,9 +95,9 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     exits_0_with_its_listener_closed(p).await;
 }
 
-/// A folder with a key and a snapshot of `sessions` live sessions: a
-/// start that takes a while to read them back, after the readiness line.
-fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path::PathBuf {
+/// A fresh folder named after `name` holding `keys.toml`, a fixed key:
+/// what a restart needs to verify the tickets it handed out before.
+fn keyed_folder(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -106,6 +106,13 @@ fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path:
         "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
     )
     .unwrap();
+    dir
+}
+
+/// A folder with a key and a snapshot of `sessions` live sessions: a
+/// start that takes a while to read them back, after the readiness line.
+fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path::PathBuf {
+    let dir = keyed_folder(name);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -319,14 +326,7 @@ async fn json_logs_carry_one_access_line_per_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_hands_nobodys_place_to_somebody_else() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("keys.toml"),
-        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
-    )
-    .unwrap();
+    let dir = keyed_folder("crash");
     let cfg = dir.join("varco.toml");
     std::fs::write(
         &cfg,

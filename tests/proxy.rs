@@ -147,31 +147,6 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
 }
 
-/// A PROXY protocol v2 header, as AWS NLB and HAProxy's send-proxy-v2
-/// write it: `command` 1 PROXY or 0 LOCAL, then TCP over IPv4 or IPv6.
-pub fn proxy_v2(command: u8, source: std::net::SocketAddr) -> Vec<u8> {
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.push(0x20 | command);
-    let mut addresses = Vec::new();
-    match source {
-        std::net::SocketAddr::V4(a) => {
-            h.push(0x11);
-            addresses.extend_from_slice(&a.ip().octets());
-            addresses.extend_from_slice(&[10, 0, 0, 1]);
-        }
-        std::net::SocketAddr::V6(a) => {
-            h.push(0x21);
-            addresses.extend_from_slice(&a.ip().octets());
-            addresses.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
-        }
-    }
-    addresses.extend_from_slice(&source.port().to_be_bytes());
-    addresses.extend_from_slice(&443u16.to_be_bytes());
-    h.extend_from_slice(&(addresses.len() as u16).to_be_bytes());
-    h.extend_from_slice(&addresses);
-    h
-}
-
 /// Behind a TCP load balancer that speaks the PROXY protocol, the client
 /// is the one its header names (v1 or v2), for the forwarded headers as
 /// for every per-address rule; its own checks (LOCAL) are its own; a
@@ -179,7 +154,7 @@ pub fn proxy_v2(command: u8, source: std::net::SocketAddr) -> Vec<u8> {
 /// is closed unanswered.
 #[tokio::test]
 async fn the_client_is_the_one_a_balancers_proxy_header_names() {
-    use common::client::raw;
+    use common::client::{proxy_v2, raw};
     use std::time::Duration;
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(

@@ -55,13 +55,10 @@ async fn http2_over_tls_by_alpn() {
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
-#[tokio::test]
-async fn http1_over_tls_still_works() {
-    let pki = make_cert("h1");
-    let up = upstream::spawn().await;
-    let v = Varco::start_in(&tls_config(up.addr), &pki.dir).await;
-    let (tls, proto) = tls_connect(v.addr, &pki.ca_der, &[b"http/1.1"]).await;
-    assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
+/// `GET /echo` over HTTP/1.1 on an open TLS connection.
+async fn echo_over_http1(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> client::Got {
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .unwrap();
@@ -70,7 +67,17 @@ async fn http1_over_tls_still_works() {
         .header("host", "localhost")
         .body(body::empty())
         .unwrap();
-    let got = client::read(send.send_request(req).await.unwrap()).await;
+    client::read(send.send_request(req).await.unwrap()).await
+}
+
+#[tokio::test]
+async fn http1_over_tls_still_works() {
+    let pki = make_cert("h1");
+    let up = upstream::spawn().await;
+    let v = Varco::start_in(&tls_config(up.addr), &pki.dir).await;
+    let (tls, proto) = tls_connect(v.addr, &pki.ca_der, &[b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
+    let got = echo_over_http1(tls).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["headers"]["x-forwarded-proto"][0], "https");
     let _ = std::fs::remove_dir_all(&pki.dir);
@@ -87,21 +94,9 @@ async fn tls_behind_a_balancer_speaking_the_proxy_protocol() {
         "[server]\ntrusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\n",
     );
     let v = Varco::start_in(&cfg, &pki.dir).await;
-    // PROXY v2, TCP over IPv4, 203.0.113.5:61000 -> 10.0.0.1:443.
-    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
-    header.extend_from_slice(&[203, 0, 113, 5, 10, 0, 0, 1]);
-    header.extend_from_slice(&61000u16.to_be_bytes());
-    header.extend_from_slice(&443u16.to_be_bytes());
+    let header = client::proxy_v2(1, "203.0.113.5:61000".parse().unwrap());
     let (tls, _) = client::tls_connect_after(v.addr, &header, &pki.ca_der, &[b"http/1.1"]).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/echo")
-        .header("host", "localhost")
-        .body(body::empty())
-        .unwrap();
-    let got = client::read(send.send_request(req).await.unwrap()).await;
+    let got = echo_over_http1(tls).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["headers"]["x-forwarded-for"][0], "203.0.113.5");
     assert_eq!(got.json()["headers"]["x-forwarded-proto"][0], "https");

@@ -491,6 +491,23 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
     assert!(g.citizen().get("/").await.reached_upstream());
 }
 
+/// A room of one slot behind a balancer trusted at 127.0.0.0/8, with a
+/// per-address budget of 8 new tickets a minute (bursts of 2).
+fn behind_a_balancer(up: std::net::SocketAddr) -> String {
+    format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 1\n\
+         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n\
+         [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"
+    )
+}
+
+/// A new citizen's `GET /`, as the balancer forwards it for `who`.
+async fn get_forwarded_for(g: &Gated, who: &str) -> common::client::Got {
+    g.citizen()
+        .request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
+        .await
+}
+
 /// Behind a trusted load balancer that writes `address:port` into
 /// X-Forwarded-For, what the client wrote to the left of that entry must
 /// not choose its address: not a bypass range, not a fresh per-IP budget.
@@ -502,40 +519,30 @@ async fn a_forwarded_address_left_of_one_varco_cannot_read_is_the_clients_own_cl
         "max_active = 1\nmode = \"closed\"\nbypass = { cidrs = [\"10.9.0.0/16\"] }",
     ) + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
     let g = Gated::start(&cfg).await;
+    let post_from = |forwarded_for: &'static str| {
+        let mut c = g.citizen();
+        async move {
+            c.request(
+                "POST",
+                "/apply",
+                body::empty(),
+                &[("x-forwarded-for", forwarded_for)],
+            )
+            .await
+        }
+    };
     // The balancer's own entry for a bypassed address lets it through...
-    let got = g
-        .citizen()
-        .request(
-            "POST",
-            "/apply",
-            body::empty(),
-            &[("x-forwarded-for", "10.9.0.1:50123")],
-        )
-        .await;
+    let got = post_from("10.9.0.1:50123").await;
     assert!(got.reached_upstream(), "{}", got.status);
     // ...but a forged one to its left does not.
-    let got = g
-        .citizen()
-        .request(
-            "POST",
-            "/apply",
-            body::empty(),
-            &[("x-forwarded-for", "10.9.0.1, unknown")],
-        )
-        .await;
+    let got = post_from("10.9.0.1, unknown").await;
     assert!(!got.reached_upstream());
     assert_eq!(got.status, 503, "the closed page");
     drop(g);
 
     // Three people behind the balancer, each with their own address and
     // port: three budgets, not one shared by everyone behind it.
-    let cfg = format!(
-        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
-         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n\
-         [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
-        up.addr
-    );
-    let g = Gated::start(&cfg).await;
+    let g = Gated::start(&behind_a_balancer(up.addr)).await;
     g.citizen().get("/").await; // admitted directly, no ticket
     for who in [
         "198.51.100.1:5000",
@@ -543,18 +550,11 @@ async fn a_forwarded_address_left_of_one_varco_cannot_read_is_the_clients_own_cl
         "[2001:db8::3]:5000",
     ] {
         for _ in 0..2 {
-            let got = g
-                .citizen()
-                .request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
-                .await;
+            let got = get_forwarded_for(&g, who).await;
             assert!(got.is_waiting_page(), "{who}: {}", got.status);
         }
         // A burst of 2 (8/min / 4) each, then that address is limited.
-        let got = g
-            .citizen()
-            .request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
-            .await;
-        assert_eq!(got.status, 429, "{who}");
+        assert_eq!(get_forwarded_for(&g, who).await.status, 429, "{who}");
     }
 }
 
@@ -563,21 +563,11 @@ async fn a_forwarded_address_left_of_one_varco_cannot_read_is_the_clients_own_cl
 #[tokio::test]
 async fn new_tickets_are_counted_per_ipv6_64_not_per_address() {
     let up = upstream::spawn().await;
-    let cfg = format!(
-        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
-         per_ip = {{ tickets_per_minute = 8, status_per_minute = 8 }}\n\
-         [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
-        up.addr
-    );
-    let g = Gated::start(&cfg).await;
+    let g = Gated::start(&behind_a_balancer(up.addr)).await;
     g.citizen().get("/").await; // admitted directly, no ticket
     let from = |who: &'static str| {
-        let mut c = g.citizen();
-        async move {
-            c.request("GET", "/", body::empty(), &[("x-forwarded-for", who)])
-                .await
-                .status
-        }
+        let g = &g;
+        async move { get_forwarded_for(g, who).await.status }
     };
     // A burst of 2 (8/min / 4), then the same /64 is limited, whatever
     // address within it asks.

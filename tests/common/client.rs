@@ -129,3 +129,28 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A PROXY protocol v2 header, as AWS NLB and HAProxy's send-proxy-v2
+/// write it: `command` 1 PROXY or 0 LOCAL, then TCP over IPv4 or IPv6.
+pub fn proxy_v2(command: u8, source: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x20 | command);
+    let mut addresses = Vec::new();
+    match source {
+        std::net::SocketAddr::V4(a) => {
+            h.push(0x11);
+            addresses.extend_from_slice(&a.ip().octets());
+            addresses.extend_from_slice(&[10, 0, 0, 1]);
+        }
+        std::net::SocketAddr::V6(a) => {
+            h.push(0x21);
+            addresses.extend_from_slice(&a.ip().octets());
+            addresses.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    addresses.extend_from_slice(&source.port().to_be_bytes());
+    addresses.extend_from_slice(&443u16.to_be_bytes());
+    h.extend_from_slice(&(addresses.len() as u16).to_be_bytes());
+    h.extend_from_slice(&addresses);
+    h
+}
