@@ -202,20 +202,14 @@ pub struct InFlightConfig {
 }
 
 impl RoomConfig {
-    /// Whether the room starts gated, as `Room::is_gated` decides at run
-    /// time: limits or an opening in `queue` mode, and always in a mode
-    /// that queues, pauses or closes. A room without limits is a plain
-    /// proxy only in `queue` or `passthrough` mode.
+    /// Whether the room starts gated: the rule `Room::is_gated` applies
+    /// at run time (`Mode::gates`), on the configured values.
     pub fn is_gated(&self) -> bool {
-        match self.mode {
-            Mode::Passthrough => false,
-            Mode::Paused | Mode::Closed | Mode::QueueAll => true,
-            Mode::Queue => {
-                self.admission_per_minute.is_some()
-                    || self.max_active.is_some()
-                    || self.opens_at_ms.is_some()
-            }
-        }
+        self.mode.gates(|| {
+            self.admission_per_minute.is_some()
+                || self.max_active.is_some()
+                || self.opens_at_ms.is_some()
+        })
     }
 }
 

@@ -68,6 +68,18 @@ impl Mode {
         }
     }
 
+    /// Whether a room in this mode passes requests through the gate, when
+    /// it has limits or an opening (`limited`): always in a mode that
+    /// queues, pauses or closes; never in passthrough; in `queue` only
+    /// with limits (without, it is a plain proxy).
+    pub fn gates(self, limited: impl FnOnce() -> bool) -> bool {
+        match self {
+            Mode::Passthrough => false,
+            Mode::Paused | Mode::Closed | Mode::QueueAll => true,
+            Mode::Queue => limited(),
+        }
+    }
+
     fn admits(self) -> bool {
         matches!(self, Mode::Queue | Mode::QueueAll)
     }

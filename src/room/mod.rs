@@ -439,15 +439,11 @@ impl Room {
     /// Whether requests pass the gate at all: limits or a scheduled
     /// opening, or an operator who paused, closed or queued the room.
     pub fn is_gated(&self) -> bool {
-        match self.mode() {
-            Mode::Passthrough => false,
-            Mode::Paused | Mode::Closed | Mode::QueueAll => true,
-            Mode::Queue => {
-                self.per_minute().is_some()
-                    || self.max_active().is_some()
-                    || self.config.opens_at_ms.is_some()
-            }
-        }
+        self.mode().gates(|| {
+            self.per_minute().is_some()
+                || self.max_active().is_some()
+                || self.config.opens_at_ms.is_some()
+        })
     }
 
     /// The seed of this room's pre-queue lottery (secret, derived from a
