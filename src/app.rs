@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::clock::{self, SharedClock};
+use crate::config::file::RawServer;
 use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind};
 use crate::gateway::Gateway;
 use crate::history::History;
@@ -35,8 +36,6 @@ use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("{0}")]
-    Tls(String),
     #[error("{0}")]
     Store(String),
     /// The config does not fit the state restored: `store.snapshot`.
@@ -108,6 +107,9 @@ pub struct App {
     /// Rooms this node advanced at the last tick: a room it starts
     /// advancing (a lease taken over) is logged from where it stands.
     audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The certificate the public listener presents (`server.tls`); a
+    /// reload swaps in the one its file holds then.
+    certificate: Option<Arc<tls::Certificate>>,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -201,7 +203,6 @@ impl App {
             Stores::Redis(_) => Default::default(),
         };
         Ok(App {
-            config,
             config_path: None,
             clock,
             metrics,
@@ -213,6 +214,12 @@ impl App {
             audit,
             audit_led: std::sync::Mutex::new(audit_led),
             hangup: std::sync::Mutex::new(None),
+            certificate: config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| tls::Certificate::new(t.certified.clone())),
+            config,
         })
     }
 
@@ -340,7 +347,7 @@ impl App {
     fn apply(&self, new: Config, keys: &Keyring) {
         let (old, next) = (&self.config.raw, &new.raw);
         for (table, changed) in [
-            ("server", differs(&old.server, &next.server)),
+            ("server", differs_but_certificate(&old.server, &next.server)),
             ("upstream", differs(&old.upstream, &next.upstream)),
             ("log", differs(&old.log, &next.log)),
             ("store", differs(&old.store, &next.store)),
@@ -352,6 +359,10 @@ impl App {
                     "changes in this table apply at the next restart; rooms and keys apply now"
                 );
             }
+        }
+        if let (Some(served), Some(t)) = (&self.certificate, &new.server.tls) {
+            served.replace(t.certified.clone());
+            tracing::info!(cert = %t.cert.display(), key = %t.key.display(), "TLS certificate read again: new connections get it");
         }
         let rooms = build_rooms(
             &new,
@@ -475,13 +486,7 @@ impl App {
         auto_tick: bool,
     ) -> Result<(), AppError> {
         let config = &self.config;
-        let tls = config
-            .server
-            .tls
-            .as_ref()
-            .map(tls::acceptor)
-            .transpose()
-            .map_err(AppError::Tls)?;
+        let tls = self.certificate.as_ref().map(|c| c.acceptor());
         let forwarder = Forwarder::new(
             client::build(&config.upstream),
             config.upstream.response_timeout,
@@ -683,6 +688,17 @@ pub async fn run_file(
 /// Compares two config tables by their TOML form.
 fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     toml::to_string(a).ok() != toml::to_string(b).ok()
+}
+
+/// Whether `[server]` changed in a way that waits for a restart: the
+/// certificate's files may change (a reload reads them), TLS turned on or
+/// off may not (the listener speaks one or the other).
+fn differs_but_certificate(a: &RawServer, b: &RawServer) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    if a.tls.is_some() && b.tls.is_some() {
+        (a.tls, b.tls) = (None, None);
+    }
+    differs(&a, &b)
 }
 
 /// This machine's name, for the admission log's `node` field.

@@ -308,3 +308,35 @@ fn all_problems_are_reported_at_once() {
     let e = errors("[server]\nlisten = \"x\"\nmax_headers = 0\n[rooms.portal]\nupstreams = []\n");
     assert!(e.0.len() >= 3, "{e}");
 }
+
+/// A file that exists but holds no certificate (a renewal gone wrong, a
+/// key and certificate swapped) fails the check, naming its key, rather
+/// than the first handshake or the start.
+#[test]
+fn certificate_files_are_read_by_the_check() {
+    let dir = std::env::temp_dir().join(format!("varco-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let toml = format!("[server]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n{ROOM}");
+    let check = || Config::from_toml(&toml, &dir);
+
+    std::fs::write(dir.join("cert.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.pem()).unwrap();
+    let e = check().expect_err("swapped files").to_string();
+    assert!(
+        e.contains("server.tls.cert") && e.contains("holds no certificate"),
+        "{e}"
+    );
+
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    let e = check().expect_err("a certificate as the key").to_string();
+    assert!(e.contains("server.tls.key"), "{e}");
+
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    if let Err(e) = check() {
+        panic!("good files refused: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

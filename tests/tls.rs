@@ -4,6 +4,7 @@
 mod common;
 
 use common::client::{self, h2_handshake, tls_connect};
+use common::gated::Gated;
 use common::{upstream, Varco};
 use http::Request;
 use varco::body;
@@ -14,17 +15,22 @@ struct Pki {
 }
 
 fn make_cert(name: &str) -> Pki {
+    let dir = std::env::temp_dir().join(format!("varco-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_der = write_cert(&dir);
+    Pki { dir, ca_der }
+}
+
+/// A new self-signed certificate for localhost and its key, written to
+/// `cert.pem` and `key.pem` in `dir`; returns the certificate (DER) for a
+/// client to trust.
+fn write_cert(dir: &std::path::Path) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
-    let dir = std::env::temp_dir().join(format!("varco-tls-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    Pki {
-        dir,
-        ca_der: cert.der().to_vec(),
-    }
+    cert.der().to_vec()
 }
 
 fn tls_config(up: std::net::SocketAddr) -> String {
@@ -55,19 +61,31 @@ async fn http2_over_tls_by_alpn() {
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
-/// `GET /echo` over HTTP/1.1 on an open TLS connection.
-async fn echo_over_http1(
-    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-) -> client::Got {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+type Http1Sender = hyper::client::conn::http1::SendRequest<body::Body>;
+
+/// HTTP/1.1 on an open TLS connection, kept alive between requests.
+async fn http1_over(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Http1Sender {
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+/// `GET /echo` on a connection `http1_over` opened.
+async fn echo(send: &mut Http1Sender) -> client::Got {
     let req = Request::get("/echo")
         .header("host", "localhost")
         .body(body::empty())
         .unwrap();
     client::read(send.send_request(req).await.unwrap()).await
+}
+
+/// `GET /echo` over HTTP/1.1 on an open TLS connection.
+async fn echo_over_http1(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> client::Got {
+    echo(&mut http1_over(tls).await).await
 }
 
 #[tokio::test]
@@ -126,4 +144,68 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     assert!(r.is_ok(), "connection without a handshake kept open");
     assert!(started.elapsed() < std::time::Duration::from_secs(4));
     let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// Certificates are renewed every few weeks (Let's Encrypt, cert-manager):
+/// a reload puts the renewed one in force for new connections without
+/// closing the open ones, and files that do not make a usable certificate
+/// are refused, naming the key, with the one in force kept.
+#[tokio::test]
+async fn a_reload_puts_a_renewed_certificate_in_force() {
+    let first = make_cert("renewed");
+    let up = upstream::spawn().await;
+    let path = first.dir.join("varco.toml");
+    std::fs::write(&path, tls_config(up.addr)).unwrap();
+    let g = Gated::start_file(&path).await;
+    let (tls, _) = tls_connect(g.addr, &first.ca_der, &[b"http/1.1"]).await;
+    let mut open = http1_over(tls).await;
+    assert_eq!(echo(&mut open).await.status, 200);
+
+    let renewed = write_cert(&first.dir);
+    g.app.reload().await.expect("reload");
+    assert!(
+        client::try_tls_connect(g.addr, &first.ca_der)
+            .await
+            .is_err(),
+        "a new connection still got the old certificate"
+    );
+    let (tls, _) = tls_connect(g.addr, &renewed, &[b"http/1.1"]).await;
+    assert_eq!(echo_over_http1(tls).await.status, 200);
+    assert_eq!(
+        echo(&mut open).await.status,
+        200,
+        "the connection opened before the reload was kept"
+    );
+
+    // Not PEM at all; then a key that belongs to another certificate.
+    let cert = first.dir.join("cert.pem");
+    let good = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, "renewal went wrong\n").unwrap();
+    let err = g
+        .app
+        .reload()
+        .await
+        .expect_err("a file without a certificate");
+    assert!(err.to_string().contains("server.tls.cert"), "{err}");
+    let other = make_cert("renewed-other");
+    std::fs::write(&cert, good).unwrap();
+    std::fs::copy(other.dir.join("key.pem"), first.dir.join("key.pem")).unwrap();
+    let err = g
+        .app
+        .reload()
+        .await
+        .expect_err("a key of another certificate");
+    assert!(
+        err.to_string()
+            .contains("server.tls: certificate and key do not fit"),
+        "{err}"
+    );
+    let (tls, _) = tls_connect(g.addr, &renewed, &[b"http/1.1"]).await;
+    assert_eq!(
+        echo_over_http1(tls).await.status,
+        200,
+        "the certificate in force stayed after the refused reloads"
+    );
+    let _ = std::fs::remove_dir_all(&first.dir);
+    let _ = std::fs::remove_dir_all(&other.dir);
 }

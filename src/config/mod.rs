@@ -71,6 +71,8 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The two files as read when the config was checked.
+    pub certified: std::sync::Arc<rustls::sign::CertifiedKey>,
 }
 
 #[derive(Debug, Clone)]

@@ -110,15 +110,30 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             format!("must differ from server.listen ({listen}): the admin API needs its own port"),
         );
     }
-    let tls = s.tls.as_ref().map(|t| {
+    let tls = s.tls.as_ref().and_then(|t| {
         let cert = base.join(&t.cert);
         let key = base.join(&t.key);
+        let mut readable = true;
         for (k, path) in [("server.tls.cert", &cert), ("server.tls.key", &key)] {
             if !path.is_file() {
                 p.add(k, format!("{} is not a readable file", path.display()));
+                readable = false;
             }
         }
-        TlsConfig { cert, key }
+        if !readable {
+            return None;
+        }
+        match crate::tls::certified_key(&cert, &key) {
+            Ok(certified) => Some(TlsConfig {
+                cert,
+                key,
+                certified,
+            }),
+            Err(e) => {
+                p.add(e.key, e.reason);
+                None
+            }
+        }
     });
     let trusted_proxies = s
         .trusted_proxies

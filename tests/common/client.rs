@@ -105,6 +105,27 @@ pub async fn tls_connect_after(
     ca_der: &[u8],
     alpn: &[&[u8]],
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>) {
+    let tls = try_tls_connect_after(addr, first, ca_der, alpn).await;
+    let tls = tls.expect("TLS handshake");
+    let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    (tls, proto)
+}
+
+/// A TLS handshake with `addr` trusting only `ca_der`: its error when the
+/// server's certificate is not one `ca_der` signed.
+pub async fn try_tls_connect(
+    addr: SocketAddr,
+    ca_der: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    try_tls_connect_after(addr, &[], ca_der, &[b"http/1.1"]).await
+}
+
+async fn try_tls_connect_after(
+    addr: SocketAddr,
+    first: &[u8],
+    ca_der: &[u8],
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     varco::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_der.to_vec().into()).unwrap();
@@ -116,9 +137,7 @@ pub async fn tls_connect_after(
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(first).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
-    let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-    (tls, proto)
+    connector.connect(name, tcp).await
 }
 
 /// Sends raw bytes and reads until the server closes or `limit` passes.
