@@ -19,7 +19,7 @@ use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::clock::{self, SharedClock};
 use crate::config::file::RawServer;
-use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind};
+use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind, TlsConfig};
 use crate::gateway::Gateway;
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
@@ -173,6 +173,9 @@ impl App {
             if !errors.is_empty() {
                 return Err(AppError::Config(ConfigErrors(errors)));
             }
+        }
+        if let Some(t) = &config.server.tls {
+            certificate_in_force(&metrics, t, clock.now_ms());
         }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -362,7 +365,7 @@ impl App {
         }
         if let (Some(served), Some(t)) = (&self.certificate, &new.server.tls) {
             served.replace(t.certified.clone());
-            tracing::info!(cert = %t.cert.display(), key = %t.key.display(), "TLS certificate read again: new connections get it");
+            certificate_in_force(&self.metrics, t, self.clock.now_ms());
         }
         let rooms = build_rooms(
             &new,
@@ -688,6 +691,22 @@ pub async fn run_file(
 /// Compares two config tables by their TOML form.
 fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     toml::to_string(a).ok() != toml::to_string(b).ok()
+}
+
+/// Tells the log and the metrics which certificate is in force and until
+/// when, warning when it has expired (browsers refuse it).
+fn certificate_in_force(metrics: &Metrics, t: &TlsConfig, now_ms: u64) {
+    let Some(until) = tls::expires_at(&t.certified) else {
+        tracing::info!(cert = %t.cert.display(), "TLS certificate in force for new connections");
+        return;
+    };
+    metrics.certificate_expires(until);
+    let valid_until = crate::timefmt::rfc3339(until.saturating_mul(1000));
+    if until.saturating_mul(1000) <= now_ms {
+        tracing::warn!(cert = %t.cert.display(), %valid_until, "the TLS certificate in force has expired: browsers refuse it");
+    } else {
+        tracing::info!(cert = %t.cert.display(), %valid_until, "TLS certificate in force for new connections");
+    }
 }
 
 /// Whether `[server]` changed in a way that waits for a restart: the

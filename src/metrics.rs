@@ -21,6 +21,7 @@ pub const NAMES: &[&str] = &[
     "varco_build_info",
     "varco_store_errors_total",
     "varco_config_reloads_total",
+    "varco_tls_certificate_expiry_timestamp_seconds",
     "varco_rejected_total",
     "varco_wait_seconds",
     "varco_room_queue_length",
@@ -71,6 +72,8 @@ pub struct Metrics {
     pub upstream_in_flight: IntGaugeVec,
     pub store_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// Registered only when the public listener speaks TLS.
+    tls_certificate_expiry: IntGauge,
     pub rejected: IntCounterVec,
     pub wait_seconds: HistogramVec,
     pub adaptive_adjustments: IntCounterVec,
@@ -175,6 +178,11 @@ impl Metrics {
             "Config reloads, by result: ok or refused",
             &["result"],
         );
+        let tls_certificate_expiry = IntGauge::new(
+            "varco_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate the public listener presents stops being valid (unix seconds; the earliest of its chain); only with server.tls",
+        )
+        .expect("valid metric");
         let rejected = counter(
             "varco_rejected_total",
             "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), closed, in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full)",
@@ -275,6 +283,7 @@ impl Metrics {
             upstream_in_flight,
             store_errors,
             config_reloads,
+            tls_certificate_expiry,
             rejected,
             wait_seconds,
             adaptive_adjustments,
@@ -287,6 +296,18 @@ impl Metrics {
             audit_write_errors,
             state_write_errors,
         }
+    }
+
+    /// Shows when the certificate in force expires (at start and after
+    /// each reload); the series exists only once TLS is served.
+    pub fn certificate_expires(&self, unix_seconds: u64) {
+        if self.tls_certificate_expiry.get() == 0 {
+            let _ = self
+                .registry
+                .register(Box::new(self.tls_certificate_expiry.clone()));
+        }
+        self.tls_certificate_expiry
+            .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
 
     /// Registers the per-room gauges and counters, read from the rooms'

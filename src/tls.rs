@@ -64,6 +64,24 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Confi
         })
 }
 
+/// When the first certificate of the chain stops being valid (unix
+/// seconds): the leaf, or an intermediate that expires before it. None
+/// when no certificate of the chain can be read for it.
+pub fn expires_at(key: &CertifiedKey) -> Option<u64> {
+    use x509_cert::der::Decode;
+    key.cert
+        .iter()
+        .filter_map(|der| x509_cert::Certificate::from_der(der).ok())
+        .map(|c| {
+            c.tbs_certificate
+                .validity
+                .not_after
+                .to_unix_duration()
+                .as_secs()
+        })
+        .min()
+}
+
 /// The certificate varco presents: a handshake takes the one in force
 /// when it starts, so a reload changes it for new connections only.
 #[derive(Debug)]

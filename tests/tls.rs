@@ -17,16 +17,17 @@ struct Pki {
 fn make_cert(name: &str) -> Pki {
     let dir = std::env::temp_dir().join(format!("varco-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ca_der = write_cert(&dir);
+    let ca_der = write_cert(&dir, 2040);
     Pki { dir, ca_der }
 }
 
-/// A new self-signed certificate for localhost and its key, written to
-/// `cert.pem` and `key.pem` in `dir`; returns the certificate (DER) for a
-/// client to trust.
-fn write_cert(dir: &std::path::Path) -> Vec<u8> {
+/// A new self-signed certificate for localhost valid until the first of
+/// March of `until`, and its key, written to `cert.pem` and `key.pem` in
+/// `dir`; returns the certificate (DER) for a client to trust.
+fn write_cert(dir: &std::path::Path, until: i32) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(until, 3, 1);
     let cert = params.self_signed(&key).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
@@ -160,9 +161,30 @@ async fn a_reload_puts_a_renewed_certificate_in_force() {
     let (tls, _) = tls_connect(g.addr, &first.ca_der, &[b"http/1.1"]).await;
     let mut open = http1_over(tls).await;
     assert_eq!(echo(&mut open).await.status, 200);
+    let expiry = || {
+        client::metric(
+            g.admin,
+            "varco_tls_certificate_expiry_timestamp_seconds",
+            "",
+        )
+    };
+    let march = |y| rcgen::date_time_ymd(y, 3, 1).unix_timestamp() as f64;
+    assert_eq!(expiry().await, Some(march(2040)));
+    let plain = Varco::start(&common::room_config(&[up.addr], "")).await;
+    assert_eq!(
+        client::metric(
+            plain.admin,
+            "varco_tls_certificate_expiry_timestamp_seconds",
+            ""
+        )
+        .await,
+        None,
+        "a varco without TLS has no certificate to expire"
+    );
 
-    let renewed = write_cert(&first.dir);
+    let renewed = write_cert(&first.dir, 2041);
     g.app.reload().await.expect("reload");
+    assert_eq!(expiry().await, Some(march(2041)));
     assert!(
         client::try_tls_connect(g.addr, &first.ca_der)
             .await
@@ -206,6 +228,7 @@ async fn a_reload_puts_a_renewed_certificate_in_force() {
         200,
         "the certificate in force stayed after the refused reloads"
     );
+    assert_eq!(expiry().await, Some(march(2041)));
     let _ = std::fs::remove_dir_all(&first.dir);
     let _ = std::fs::remove_dir_all(&other.dir);
 }
