@@ -11,7 +11,9 @@
 //! way: each lane with people waiting is kept its weight's share of
 //! `max_active`, and may fill what the other lanes leave unused: in a
 //! tick, all of it; between ticks (direct admissions), its weight's part,
-//! so that lanes admitting at the same moment never pass `max_active`.
+//! so that lanes admitting at the same moment never pass `max_active`
+//! (on one node: in a cluster each node splits from its own view, a tick
+//! old at most, so nodes' shares can overlap by what changed in a tick).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
