@@ -107,9 +107,9 @@ pub struct App {
     /// Rooms this node advanced at the last tick: a room it starts
     /// advancing (a lease taken over) is logged from where it stands.
     audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// The certificate the public listener presents (`server.tls`); a
+    /// The certificates the public listener presents (`server.tls`); a
     /// reload swaps in the one its file holds then.
-    certificate: Option<Arc<tls::Certificate>>,
+    certificates: Option<Arc<tls::Certificates>>,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -217,11 +217,7 @@ impl App {
             audit,
             audit_led: std::sync::Mutex::new(audit_led),
             hangup: std::sync::Mutex::new(None),
-            certificate: config
-                .server
-                .tls
-                .as_ref()
-                .map(|t| tls::Certificate::new(t.certified.clone())),
+            certificates: config.server.tls.as_ref().map(tls::Certificates::new),
             config,
         })
     }
@@ -363,8 +359,8 @@ impl App {
                 );
             }
         }
-        if let (Some(served), Some(t)) = (&self.certificate, &new.server.tls) {
-            served.replace(t.certified.clone());
+        if let (Some(served), Some(t)) = (&self.certificates, &new.server.tls) {
+            served.replace(t);
             certificate_in_force(&self.metrics, t, self.clock.now_ms());
         }
         let rooms = build_rooms(
@@ -489,7 +485,7 @@ impl App {
         auto_tick: bool,
     ) -> Result<(), AppError> {
         let config = &self.config;
-        let tls = self.certificate.as_ref().map(|c| c.acceptor());
+        let tls = self.certificates.as_ref().map(|c| c.acceptor());
         let forwarder = Forwarder::new(
             client::build(&config.upstream),
             config.upstream.response_timeout,
@@ -693,20 +689,26 @@ fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     toml::to_string(a).ok() != toml::to_string(b).ok()
 }
 
-/// Tells the log and the metrics which certificate is in force and until
-/// when, warning when it has expired (browsers refuse it).
-fn certificate_in_force(metrics: &Metrics, t: &TlsConfig, now_ms: u64) {
-    let Some(until) = tls::expires_at(&t.certified) else {
-        tracing::info!(cert = %t.cert.display(), "TLS certificate in force for new connections");
-        return;
-    };
-    metrics.certificate_expires(until);
-    let valid_until = crate::timefmt::rfc3339(until.saturating_mul(1000));
-    if until.saturating_mul(1000) <= now_ms {
-        tracing::warn!(cert = %t.cert.display(), %valid_until, "the TLS certificate in force has expired: browsers refuse it");
-    } else {
-        tracing::info!(cert = %t.cert.display(), %valid_until, "TLS certificate in force for new connections");
+/// Tells the log and the metrics which certificates are in force and
+/// until when, warning for one that has expired (browsers refuse it).
+fn certificate_in_force(metrics: &Metrics, tls: &TlsConfig, now_ms: u64) {
+    let mut expiries = Vec::new();
+    for c in &tls.certificates {
+        let cert = c.cert.display().to_string();
+        let names = c.names.join(" ");
+        let Some(until) = tls::expires_at(&c.certified) else {
+            tracing::info!(%cert, %names, "TLS certificate in force for new connections");
+            continue;
+        };
+        let valid_until = crate::timefmt::rfc3339(until.saturating_mul(1000));
+        if until.saturating_mul(1000) <= now_ms {
+            tracing::warn!(%cert, %names, %valid_until, "a TLS certificate in force has expired: browsers refuse it");
+        } else {
+            tracing::info!(%cert, %names, %valid_until, "TLS certificate in force for new connections");
+        }
+        expiries.push((cert, until));
     }
+    metrics.certificates_expire(&expiries);
 }
 
 /// Whether `[server]` changed in a way that waits for a restart: the

@@ -72,8 +72,8 @@ pub struct Metrics {
     pub upstream_in_flight: IntGaugeVec,
     pub store_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
-    /// Registered only when the public listener speaks TLS.
-    tls_certificate_expiry: IntGauge,
+    /// By `cert` file; no series without TLS.
+    tls_certificate_expiry: IntGaugeVec,
     pub rejected: IntCounterVec,
     pub wait_seconds: HistogramVec,
     pub adaptive_adjustments: IntCounterVec,
@@ -178,9 +178,12 @@ impl Metrics {
             "Config reloads, by result: ok or refused",
             &["result"],
         );
-        let tls_certificate_expiry = IntGauge::new(
-            "varco_tls_certificate_expiry_timestamp_seconds",
-            "When the certificate the public listener presents stops being valid (unix seconds; the earliest of its chain); only with server.tls",
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "varco_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate the public listener presents stops being valid (unix seconds; the earliest of its chain), by cert file; only with server.tls",
+            ),
+            &["cert"],
         )
         .expect("valid metric");
         let rejected = counter(
@@ -266,6 +269,7 @@ impl Metrics {
             Box::new(upstream_in_flight.clone()),
             Box::new(store_errors.clone()),
             Box::new(config_reloads.clone()),
+            Box::new(tls_certificate_expiry.clone()),
             Box::new(rejected.clone()),
             Box::new(wait_seconds.clone()),
         ] {
@@ -298,16 +302,16 @@ impl Metrics {
         }
     }
 
-    /// Shows when the certificate in force expires (at start and after
-    /// each reload); the series exists only once TLS is served.
-    pub fn certificate_expires(&self, unix_seconds: u64) {
-        if self.tls_certificate_expiry.get() == 0 {
-            let _ = self
-                .registry
-                .register(Box::new(self.tls_certificate_expiry.clone()));
+    /// Shows when each certificate in force expires (`cert` file, unix
+    /// seconds), at start and after each reload: certificates a reload
+    /// dropped go.
+    pub fn certificates_expire(&self, expiries: &[(String, u64)]) {
+        self.tls_certificate_expiry.reset();
+        for (cert, at) in expiries {
+            self.tls_certificate_expiry
+                .with_label_values(&[cert])
+                .set(i64::try_from(*at).unwrap_or(i64::MAX));
         }
-        self.tls_certificate_expiry
-            .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
 
     /// Registers the per-room gauges and counters, read from the rooms'

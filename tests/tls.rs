@@ -25,12 +25,24 @@ fn make_cert(name: &str) -> Pki {
 /// March of `until`, and its key, written to `cert.pem` and `key.pem` in
 /// `dir`; returns the certificate (DER) for a client to trust.
 fn write_cert(dir: &std::path::Path, until: i32) -> Vec<u8> {
+    write_cert_for(dir, "cert", &["localhost"], until)
+}
+
+/// As `write_cert`, for `names` (host names, or IP addresses), to
+/// `STEM.pem` and `STEM-key.pem` (`cert.pem` and `key.pem` for "cert").
+fn write_cert_for(dir: &std::path::Path, stem: &str, names: &[&str], until: i32) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
     params.not_after = rcgen::date_time_ymd(until, 3, 1);
     let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let key_file = if stem == "cert" {
+        "key.pem".to_string()
+    } else {
+        format!("{stem}-key.pem")
+    };
+    std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(key_file), key.serialize_pem()).unwrap();
     cert.der().to_vec()
 }
 
@@ -186,7 +198,7 @@ async fn a_reload_puts_a_renewed_certificate_in_force() {
     g.app.reload().await.expect("reload");
     assert_eq!(expiry().await, Some(march(2041)));
     assert!(
-        client::try_tls_connect(g.addr, &first.ca_der)
+        client::try_tls_connect(g.addr, "localhost", &first.ca_der)
             .await
             .is_err(),
         "a new connection still got the old certificate"
@@ -231,4 +243,61 @@ async fn a_reload_puts_a_renewed_certificate_in_force() {
     assert_eq!(expiry().await, Some(march(2041)));
     let _ = std::fs::remove_dir_all(&first.dir);
     let _ = std::fs::remove_dir_all(&other.dir);
+}
+
+/// One varco in front of several portals with a certificate each: the
+/// host the client asks for (SNI) chooses, exactly first, then by a
+/// wildcard; a client naming no host gets the first.
+#[tokio::test]
+async fn the_host_the_client_asks_for_chooses_the_certificate() {
+    let pki = make_cert("sni");
+    let fallback = write_cert_for(&pki.dir, "default", &["localhost", "127.0.0.1"], 2040);
+    let pension = write_cert_for(&pki.dir, "pension", &["pensioni.example.it"], 2041);
+    let bonus = write_cert_for(&pki.dir, "bonus", &["*.bonus.example.it"], 2042);
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[server]\ntls = [{{ cert = \"default.pem\", key = \"default-key.pem\" }}, {{ cert = \"pension.pem\", key = \"pension-key.pem\" }}, {{ cert = \"bonus.pem\", key = \"bonus-key.pem\" }}]\n{}",
+        common::room_config(&[up.addr], "")
+    );
+    let v = Varco::start_in(&cfg, &pki.dir).await;
+    for (host, ca) in [
+        ("pensioni.example.it", &pension),
+        ("www.bonus.example.it", &bonus),
+        ("localhost", &fallback),
+        ("127.0.0.1", &fallback),
+    ] {
+        let tls = client::try_tls_connect(v.addr, host, ca)
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(echo_over_http1(tls).await.status, 200, "{host}");
+    }
+    assert!(
+        client::try_tls_connect(v.addr, "pensioni.example.it", &bonus)
+            .await
+            .is_err(),
+        "the wildcard's certificate went to a host another names"
+    );
+    let metrics = client::get(&format!("http://{}/metrics", v.admin))
+        .await
+        .text();
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("varco_tls_certificate_expiry_timestamp_seconds{"))
+        .count();
+    assert_eq!(series, 3, "{metrics}");
+
+    // A certificate after the first that names no host could never be
+    // chosen: refused, naming it.
+    write_cert_for(&pki.dir, "bare", &["192.0.2.1"], 2040);
+    let bad = cfg
+        .replace("bonus.pem", "bare.pem")
+        .replace("bonus-key", "bare-key");
+    let err = varco::config::Config::from_toml(&bad, &pki.dir)
+        .expect_err("a certificate nobody can be given")
+        .to_string();
+    assert!(
+        err.contains("server.tls[2].cert") && err.contains("names no DNS host"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }

@@ -206,7 +206,7 @@ pub struct RawServer {
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<RawTls>,
+    pub tls: Option<RawTlsList>,
     /// Peers whose X-Forwarded-* headers are believed (load balancers).
     pub trusted_proxies: Vec<String>,
     /// The public listener expects a PROXY protocol header (v1 or v2)
@@ -258,6 +258,52 @@ impl Default for RawServer {
 pub struct RawTls {
     pub cert: String,
     pub key: String,
+}
+
+/// `server.tls`: one certificate (a table), or several chosen by the name
+/// the client asks for (an array of tables, the first the default).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RawTlsList {
+    One(RawTls),
+    Several(Vec<RawTls>),
+}
+
+impl RawTlsList {
+    /// Each certificate with the key an error about it names.
+    pub fn entries(&self) -> Vec<(String, &RawTls)> {
+        match self {
+            RawTlsList::One(t) => vec![("server.tls".into(), t)],
+            RawTlsList::Several(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("server.tls[{i}]"), t))
+                .collect(),
+        }
+    }
+}
+
+// By hand rather than `untagged`: serde's untagged enums drop the inner
+// error ("unknown field `crt`") for a vague "did not match any variant".
+impl<'de> Deserialize<'de> for RawTlsList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawTlsList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table { cert, key } or an array of such tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<RawTlsList, A::Error> {
+                RawTls::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(RawTlsList::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, s: A) -> Result<RawTlsList, A::Error> {
+                Vec::<RawTls>::deserialize(serde::de::value::SeqAccessDeserializer::new(s))
+                    .map(RawTlsList::Several)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -67,12 +67,22 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
 }
 
+/// The certificates the public listener presents: the first to a client
+/// that names no host, or one no other certificate names.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
+    pub certificates: Vec<TlsCertificate>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsCertificate {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// The two files as read when the config was checked.
     pub certified: std::sync::Arc<rustls::sign::CertifiedKey>,
+    /// The DNS names it is valid for (its subjectAltName), lower case;
+    /// `*.example.it` for a wildcard.
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -110,30 +110,41 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             format!("must differ from server.listen ({listen}): the admin API needs its own port"),
         );
     }
-    let tls = s.tls.as_ref().and_then(|t| {
-        let cert = base.join(&t.cert);
-        let key = base.join(&t.key);
-        let mut readable = true;
-        for (k, path) in [("server.tls.cert", &cert), ("server.tls.key", &key)] {
-            if !path.is_file() {
-                p.add(k, format!("{} is not a readable file", path.display()));
-                readable = false;
+    let tls = s.tls.as_ref().and_then(|list| {
+        let entries = list.entries();
+        if entries.is_empty() {
+            p.add("server.tls", "lists no certificate");
+        }
+        let mut certificates = Vec::new();
+        for (i, (at, t)) in entries.iter().enumerate() {
+            let cert = base.join(&t.cert);
+            let key = base.join(&t.key);
+            let mut readable = true;
+            for (k, path) in [(format!("{at}.cert"), &cert), (format!("{at}.key"), &key)] {
+                if !path.is_file() {
+                    p.add(k, format!("{} is not a readable file", path.display()));
+                    readable = false;
+                }
+            }
+            if !readable {
+                continue;
+            }
+            match crate::tls::read_certificate(at, cert, key) {
+                // Only the first is given without a name: another that
+                // names none would never be presented.
+                Ok(c) if i > 0 && c.names.is_empty() => p.add(
+                    format!("{at}.cert"),
+                    format!(
+                        "{} names no DNS host (subjectAltName): no client asking for a host would be given it, and only the first certificate is given to the others",
+                        c.cert.display()
+                    ),
+                ),
+                Ok(c) => certificates.push(c),
+                Err(e) => p.add(e.key, e.reason),
             }
         }
-        if !readable {
-            return None;
-        }
-        match crate::tls::certified_key(&cert, &key) {
-            Ok(certified) => Some(TlsConfig {
-                cert,
-                key,
-                certified,
-            }),
-            Err(e) => {
-                p.add(e.key, e.reason);
-                None
-            }
-        }
+        (certificates.len() == entries.len() && !certificates.is_empty())
+            .then_some(TlsConfig { certificates })
     });
     let trusted_proxies = s
         .trusted_proxies

@@ -111,17 +111,29 @@ pub async fn tls_connect_after(
     (tls, proto)
 }
 
-/// A TLS handshake with `addr` trusting only `ca_der`: its error when the
-/// server's certificate is not one `ca_der` signed.
+/// A TLS handshake with `addr` for `host` (sent by SNI; an IP address is
+/// not), trusting only `ca_der`: its error when the server's certificate
+/// is not one `ca_der` signed for `host`.
 pub async fn try_tls_connect(
     addr: SocketAddr,
+    host: &str,
     ca_der: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    try_tls_connect_after(addr, &[], ca_der, &[b"http/1.1"]).await
+    try_tls_connect_as(addr, host, &[], ca_der, &[b"http/1.1"]).await
 }
 
 async fn try_tls_connect_after(
     addr: SocketAddr,
+    first: &[u8],
+    ca_der: &[u8],
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    try_tls_connect_as(addr, "localhost", first, ca_der, alpn).await
+}
+
+async fn try_tls_connect_as(
+    addr: SocketAddr,
+    host: &str,
     first: &[u8],
     ca_der: &[u8],
     alpn: &[&[u8]],
@@ -136,7 +148,7 @@ async fn try_tls_connect_after(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(first).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     connector.connect(name, tcp).await
 }
 
