@@ -196,7 +196,11 @@ wait_port() {
     if curl -sS -o /dev/null "http://127.0.0.1:$1/"; then return 0; fi
     sleep 0.1
   done
-  echo "nothing answers on port $1" >&2; exit 1
+  echo "nothing answers on port $1; the servers' output:" >&2
+  for f in "$work"/*.out "$work"/logs/*.log; do
+    [ -s "$f" ] && { echo "== $f" >&2; tail -n 20 "$f" >&2; }
+  done
+  exit 1
 }
 wait_port "$ORIGIN"; wait_port "$NGX"; wait_port "$VAR"; wait_port "$VWAIT"; wait_port "$NGX_LIMIT"; wait_port "$NGX_PAGE"
 NGINX_WORKER=$(pgrep -P "${pids[1]}" | head -n1)
