@@ -697,7 +697,7 @@ fn certificate_in_force(metrics: &Metrics, tls: &TlsConfig, now_ms: u64) {
         let cert = c.cert.display().to_string();
         let names = c.names.join(" ");
         let Some(until) = tls::expires_at(&c.certified) else {
-            tracing::info!(%cert, %names, "TLS certificate in force for new connections");
+            tracing::warn!(%cert, %names, "TLS certificate in force, but its validity cannot be read: varco_tls_certificate_expiry_timestamp_seconds cannot warn before it expires");
             continue;
         };
         let valid_until = crate::timefmt::rfc3339(until.saturating_mul(1000));

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// By `cert` file; no series without TLS.
     tls_certificate_expiry: IntGaugeVec,
+    /// The `cert` labels set last, so a reload drops only those it
+    /// dropped (a reset first would show a scrape no series at all).
+    tls_certificates: std::sync::Mutex<Vec<String>>,
     pub rejected: IntCounterVec,
     pub wait_seconds: HistogramVec,
     pub adaptive_adjustments: IntCounterVec,
@@ -178,6 +181,11 @@ impl Metrics {
             "Config reloads, by result: ok or refused",
             &["result"],
         );
+        // From 0, so increase() sees the first refused reload (a series
+        // born at 1 shows none, and VarcoReloadRefused would miss it).
+        for result in ["ok", "refused"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let tls_certificate_expiry = IntGaugeVec::new(
             Opts::new(
                 "varco_tls_certificate_expiry_timestamp_seconds",
@@ -288,6 +296,7 @@ impl Metrics {
             store_errors,
             config_reloads,
             tls_certificate_expiry,
+            tls_certificates: Default::default(),
             rejected,
             wait_seconds,
             adaptive_adjustments,
@@ -306,12 +315,21 @@ impl Metrics {
     /// seconds), at start and after each reload: certificates a reload
     /// dropped go.
     pub fn certificates_expire(&self, expiries: &[(String, u64)]) {
-        self.tls_certificate_expiry.reset();
+        let mut shown = self
+            .tls_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (cert, at) in expiries {
             self.tls_certificate_expiry
                 .with_label_values(&[cert])
                 .set(i64::try_from(*at).unwrap_or(i64::MAX));
         }
+        for gone in shown.iter() {
+            if !expiries.iter().any(|(cert, _)| cert == gone) {
+                let _ = self.tls_certificate_expiry.remove_label_values(&[gone]);
+            }
+        }
+        *shown = expiries.iter().map(|(cert, _)| cert.clone()).collect();
     }
 
     /// Registers the per-room gauges and counters, read from the rooms'

@@ -12,6 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ConfigError, TlsCertificate, TlsConfig};
@@ -64,11 +65,15 @@ fn certified_key(at: &str, cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>,
             format!("{} holds no certificate", cert.display()),
         ));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        bad(
-            key_key,
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::Io(e) => bad(
+            key_key.clone(),
+            format!("cannot read {}: {e}", key.display()),
+        ),
+        e => bad(
+            key_key.clone(),
             format!("{} holds no usable private key: {e}", key.display()),
-        )
+        ),
     })?;
     CertifiedKey::from_der(chain, private, &rustls::crypto::ring::default_provider())
         .map(Arc::new)
@@ -153,24 +158,37 @@ impl Certificates {
         self.0.store(Arc::new(tls.certificates.clone()));
     }
 
-    /// The first certificate naming `host` exactly, else the first whose
-    /// wildcard covers it, else the first of all (for a client that named
-    /// no host, or one no certificate names: its own check decides).
-    fn choose(&self, host: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    /// A certificate naming `host` exactly, else one whose wildcard
+    /// covers it, else any (for a client that named no host, or one no
+    /// certificate names: its own check decides); among those, one whose
+    /// key signs with a scheme the client offers (an ECDSA and an RSA
+    /// certificate for the same host, as nginx serves both); then the
+    /// first in the file.
+    fn choose(&self, host: Option<&str>, schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         let all = self.0.load();
         let host = host.map(str::to_ascii_lowercase);
-        let named = |wildcard: bool| {
-            let host = host.as_deref()?;
-            all.iter().find(|c| {
+        let rank = |c: &TlsCertificate| {
+            let Some(host) = host.as_deref() else {
+                return 2;
+            };
+            let named = |wildcard: bool| {
                 c.names
                     .iter()
                     .any(|n| n.starts_with("*.") == wildcard && covers(n, host))
-            })
+            };
+            if named(false) {
+                0
+            } else if named(true) {
+                1
+            } else {
+                2
+            }
         };
-        named(false)
-            .or_else(|| named(true))
-            .or_else(|| all.first())
-            .map(|c| c.certified.clone())
+        let cannot_sign = |c: &TlsCertificate| c.certified.key.choose_scheme(schemes).is_none();
+        all.iter()
+            .enumerate()
+            .min_by_key(|(i, c)| (rank(c), cannot_sign(c), *i))
+            .map(|(_, c)| c.certified.clone())
     }
 
     /// The acceptor for the public listener, ALPN offering h2 first.
@@ -186,13 +204,94 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.choose(hello.server_name())
+        self.choose(hello.server_name(), hello.signature_schemes())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::covers;
+    use super::*;
+
+    /// A certificate for `names` with a key of `alg`, as read from files.
+    fn certificate(names: &[&str], alg: &'static rcgen::SignatureAlgorithm) -> TlsCertificate {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let private = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let certified = Arc::new(
+            CertifiedKey::from_der(
+                vec![cert.der().clone()],
+                private,
+                &rustls::crypto::ring::default_provider(),
+            )
+            .unwrap(),
+        );
+        TlsCertificate {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            names: dns_names(&certified),
+            certified,
+        }
+    }
+
+    #[test]
+    fn the_host_chooses_exact_names_before_wildcards_before_the_first() {
+        let ecdsa = &rcgen::PKCS_ECDSA_P256_SHA256;
+        let list = vec![
+            certificate(&["localhost"], ecdsa),
+            certificate(&["*.example.it"], ecdsa),
+            certificate(&["pensioni.example.it"], ecdsa),
+        ];
+        assert_eq!(list[1].names, ["*.example.it"]);
+        let served = Certificates::new(&TlsConfig {
+            certificates: list.clone(),
+        });
+        let schemes = [SignatureScheme::ECDSA_NISTP256_SHA256];
+        let chosen = |host| served.choose(host, &schemes).unwrap();
+        let is = |c: Arc<CertifiedKey>, i: usize| Arc::ptr_eq(&c, &list[i].certified);
+        assert!(
+            is(chosen(Some("pensioni.example.it")), 2),
+            "exact, though listed after a wildcard"
+        );
+        assert!(
+            is(chosen(Some("PENSIONI.Example.it")), 2),
+            "case does not matter"
+        );
+        assert!(is(chosen(Some("bonus.example.it")), 1));
+        assert!(
+            is(chosen(Some("a.bonus.example.it")), 0),
+            "a wildcard covers one label"
+        );
+        assert!(is(chosen(Some("example.it")), 0));
+        assert!(is(chosen(None), 0));
+    }
+
+    #[test]
+    fn a_key_the_client_can_verify_is_chosen_among_equals() {
+        let list = vec![
+            certificate(&["portal.example.it"], &rcgen::PKCS_ED25519),
+            certificate(&["portal.example.it"], &rcgen::PKCS_ECDSA_P256_SHA256),
+        ];
+        let served = Certificates::new(&TlsConfig {
+            certificates: list.clone(),
+        });
+        let host = Some("portal.example.it");
+        let ecdsa_only = [SignatureScheme::ECDSA_NISTP256_SHA256];
+        let both = [
+            SignatureScheme::ED25519,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+        ];
+        let chosen = served.choose(host, &ecdsa_only).unwrap();
+        assert!(Arc::ptr_eq(&chosen, &list[1].certified));
+        let chosen = served.choose(host, &both).unwrap();
+        assert!(
+            Arc::ptr_eq(&chosen, &list[0].certified),
+            "the file's order among equals"
+        );
+    }
 
     #[test]
     fn a_wildcard_covers_one_label_only() {

@@ -437,7 +437,8 @@ async fn metrics_parse_and_move_with_traffic() {
         let optional = [
             "varco_room_estimated_wait_seconds",
             "varco_store_errors_total",
-            "varco_config_reloads_total",
+            // Only with server.tls (tests/tls.rs).
+            "varco_tls_certificate_expiry_timestamp_seconds",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
         // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).

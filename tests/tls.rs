@@ -259,7 +259,9 @@ async fn the_host_the_client_asks_for_chooses_the_certificate() {
         "[server]\ntls = [{{ cert = \"default.pem\", key = \"default-key.pem\" }}, {{ cert = \"pension.pem\", key = \"pension-key.pem\" }}, {{ cert = \"bonus.pem\", key = \"bonus-key.pem\" }}]\n{}",
         common::room_config(&[up.addr], "")
     );
-    let v = Varco::start_in(&cfg, &pki.dir).await;
+    let path = pki.dir.join("varco.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let v = Gated::start_file(&path).await;
     for (host, ca) in [
         ("pensioni.example.it", &pension),
         ("www.bonus.example.it", &bonus),
@@ -271,20 +273,32 @@ async fn the_host_the_client_asks_for_chooses_the_certificate() {
             .unwrap_or_else(|e| panic!("{host}: {e}"));
         assert_eq!(echo_over_http1(tls).await.status, 200, "{host}");
     }
+    let series = || async {
+        let metrics = client::get(&format!("http://{}/metrics", v.admin))
+            .await
+            .text();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("varco_tls_certificate_expiry_timestamp_seconds{"))
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(series().await.len(), 3, "{:?}", series().await);
+
+    // A reload that drops a certificate drops its host and its series.
+    let fewer = cfg.replace(", { cert = \"bonus.pem\", key = \"bonus-key.pem\" }", "");
+    assert_ne!(fewer, cfg);
+    std::fs::write(&path, &fewer).unwrap();
+    v.app.reload().await.expect("reload");
     assert!(
-        client::try_tls_connect(v.addr, "pensioni.example.it", &bonus)
+        client::try_tls_connect(v.addr, "www.bonus.example.it", &bonus)
             .await
             .is_err(),
-        "the wildcard's certificate went to a host another names"
+        "the certificate the reload dropped is still presented"
     );
-    let metrics = client::get(&format!("http://{}/metrics", v.admin))
-        .await
-        .text();
-    let series = metrics
-        .lines()
-        .filter(|l| l.starts_with("varco_tls_certificate_expiry_timestamp_seconds{"))
-        .count();
-    assert_eq!(series, 3, "{metrics}");
+    let left = series().await;
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.iter().any(|l| l.contains("bonus.pem")), "{left:?}");
 
     // A certificate after the first that names no host could never be
     // chosen: refused, naming it.
