@@ -62,6 +62,12 @@ work=$(mktemp -d /tmp/varco-load.XXXXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # varco writes its last snapshot as it stops, and the servers started in
+  # $(...) are not this shell's children, so `wait` alone does not wait
+  # for them: removing the folder under a stopping varco failed the run.
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
