@@ -24,7 +24,7 @@ use crate::gateway::Gateway;
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
-use crate::proxy::{client, Forwarder};
+use crate::proxy::{client, health, Forwarder};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
 use crate::room::{limits_of, Room};
@@ -176,6 +176,9 @@ impl App {
         }
         if let Some(t) = &config.server.tls {
             certificate_in_force(&metrics, t, clock.now_ms());
+        }
+        for room in &rooms {
+            health::watch(room, &config.upstream, &metrics);
         }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -388,6 +391,14 @@ impl App {
                     ));
                 }
             }
+        }
+        // An upstream the checks took out stays out until they pass it
+        // again, rather than getting citizens' requests for `fall` checks.
+        for room in &rooms {
+            if let Some(old) = self.room(&room.name) {
+                room.upstreams.keep_checks_of(&old.upstreams);
+            }
+            health::watch(room, &self.config.upstream, &self.metrics);
         }
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");

@@ -17,6 +17,8 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_errors_total",
     "varco_upstream_responses_total",
     "varco_upstream_in_flight",
+    "varco_upstream_up",
+    "varco_upstream_health_checks_total",
     "varco_open_connections",
     "varco_build_info",
     "varco_store_errors_total",
@@ -70,6 +72,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub upstream_responses: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
+    /// Rooms with `health_check` only.
+    pub upstream_health_checks: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// By `cert` file; no series without TLS.
@@ -171,6 +175,11 @@ impl Metrics {
             &["room", "upstream"],
         )
         .expect("valid metric");
+        let upstream_health_checks = counter(
+            "varco_upstream_health_checks_total",
+            "Active health checks of an upstream (rooms with health_check), by result: passed or failed",
+            &["room", "upstream", "result"],
+        );
         let store_errors = counter(
             "varco_store_errors_total",
             "Store operations that failed (the room kept serving on what it knew)",
@@ -275,6 +284,7 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(upstream_responses.clone()),
             Box::new(upstream_in_flight.clone()),
+            Box::new(upstream_health_checks.clone()),
             Box::new(store_errors.clone()),
             Box::new(config_reloads.clone()),
             Box::new(tls_certificate_expiry.clone()),
@@ -293,6 +303,7 @@ impl Metrics {
             build_info,
             upstream_responses,
             upstream_in_flight,
+            upstream_health_checks,
             store_errors,
             config_reloads,
             tls_certificate_expiry,
@@ -472,6 +483,8 @@ struct RoomCollector {
     /// Rooms with lanes: each lane's line, labelled room and lane.
     lane_gauges: Gauges,
     lane_admitted: IntCounterVec,
+    /// Each upstream of each room: 1 in rotation, 0 out.
+    upstream_up: IntGaugeVec,
     /// One scrape at a time fills the vectors above: the registry lets
     /// two gather at once (two Prometheus servers), and interleaved resets
     /// and fills would report a counter twice or a gauge not at all.
@@ -499,6 +512,14 @@ impl RoomCollector {
         RoomCollector {
             routing,
             scraping: std::sync::Mutex::new(()),
+            upstream_up: IntGaugeVec::new(
+                Opts::new(
+                    "varco_upstream_up",
+                    "1 while an upstream is in rotation; 0 while it is out: cooling down after a failed request (upstream.fail_cooldown), or failing its health checks",
+                ),
+                &["room", "upstream"],
+            )
+            .expect("valid metric"),
             lane_gauges: vec![
                 lane_gauge(
                     "varco_lane_queue_length",
@@ -631,6 +652,7 @@ impl prometheus::core::Collector for RoomCollector {
             d.extend(g.desc());
         }
         d.extend(self.lane_admitted.desc());
+        d.extend(self.upstream_up.desc());
         d
     }
 
@@ -647,10 +669,16 @@ impl prometheus::core::Collector for RoomCollector {
             g.reset();
         }
         self.lane_admitted.reset();
+        self.upstream_up.reset();
         let routing = self.routing.load();
         for room in &routing.rooms {
             let v = room.view();
             let name = room.name.as_str();
+            for (i, u) in room.upstreams.all().iter().enumerate() {
+                self.upstream_up
+                    .with_label_values(&[name, &u.label])
+                    .set(room.upstreams.is_healthy(i) as i64);
+            }
             if room.lanes.len() > 1 {
                 for lane in &room.lanes {
                     let lv = lane.store.view();
@@ -743,6 +771,7 @@ impl prometheus::core::Collector for RoomCollector {
             out.extend(g.collect());
         }
         out.extend(self.lane_admitted.collect());
+        out.extend(self.upstream_up.collect());
         out
     }
 }

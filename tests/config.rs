@@ -169,6 +169,22 @@ fn bad_rooms_name_their_keys() {
             "rooms.b.paths",
         ),
         ("[server]\n", "rooms"),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"healthz\" }\n",
+            "rooms.portal.health_check.path",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", fall = 0 }\n",
+            "rooms.portal.health_check.fall",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", interval = \"1s\", timeout = \"2s\" }\n",
+            "rooms.portal.health_check.timeout",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", interval = \"10ms\", timeout = \"5ms\" }\n",
+            "rooms.portal.health_check.interval",
+        ),
     ];
     for (bad, key) in cases {
         let e = errors(bad);

@@ -439,6 +439,8 @@ async fn metrics_parse_and_move_with_traffic() {
             "varco_store_errors_total",
             // Only with server.tls (tests/tls.rs).
             "varco_tls_certificate_expiry_timestamp_seconds",
+            // Only with health_check (tests/proxy.rs).
+            "varco_upstream_health_checks_total",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
         // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).

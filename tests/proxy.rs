@@ -552,3 +552,77 @@ async fn metrics_count_requests_by_room_and_class() {
     );
     assert_eq!(get(&format!("http://{}/readyz", v.admin)).await.status, 200);
 }
+
+/// Waits (10 s at most) until metric `name` with `labels` satisfies
+/// `holds`; panics naming what it last saw.
+async fn until_metric(
+    admin: std::net::SocketAddr,
+    name: &str,
+    labels: &str,
+    holds: impl Fn(f64) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = client::metric(admin, name, labels).await;
+        if seen.is_some_and(&holds) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{{{labels}}} stayed at {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Which upstream answered a `GET /echo`.
+async fn answered_by(v: &Varco) -> String {
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 200);
+    got.json()["upstream"].as_str().unwrap().to_string()
+}
+
+/// Active health checks: an upstream whose health page fails leaves the
+/// rotation before any citizen's request meets it, and comes back once
+/// the page passes again.
+#[tokio::test]
+async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_back() {
+    let sick = upstream::spawn().await;
+    let well = upstream::spawn().await;
+    let toml = format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\", \"http://{}\"]\n[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 2\n",
+        sick.addr, well.addr
+    );
+    sick.healthy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let v = Varco::start(&toml).await;
+    let of = |u: &upstream::Upstream| format!("room=\"portal\",upstream=\"{}\"", u.addr);
+    until_metric(v.admin, "varco_upstream_up", &of(&sick), |up| up == 0.0).await;
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", &of(&well)).await,
+        Some(1.0)
+    );
+    for _ in 0..6 {
+        assert_eq!(answered_by(&v).await, well.addr.to_string());
+    }
+    let failed = format!("result=\"failed\",{}", of(&sick));
+    until_metric(
+        v.admin,
+        "varco_upstream_health_checks_total",
+        &failed,
+        |n| n >= 2.0,
+    )
+    .await;
+
+    sick.healthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    until_metric(v.admin, "varco_upstream_up", &of(&sick), |up| up == 1.0).await;
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        answered.push(answered_by(&v).await);
+    }
+    assert!(
+        answered.contains(&sick.addr.to_string()),
+        "back in rotation: {answered:?}"
+    );
+}

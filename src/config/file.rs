@@ -94,6 +94,13 @@ pub const DEFAULT_ADAPTIVE_STEP_FRACTION: f64 = 0.05;
 /// Past the in-flight limit, an admitted person's request waits this long
 /// for a free slot before a 503: a click, not a timeout.
 pub const DEFAULT_IN_FLIGHT_WAIT: &str = "3s";
+/// HAProxy's `inter` is 2 s; a portal's health page is often not free,
+/// and a click day's portal is busy enough.
+pub const DEFAULT_HEALTH_INTERVAL: &str = "5s";
+pub const DEFAULT_HEALTH_TIMEOUT: &str = "2s";
+/// HAProxy's defaults: three failures out, two successes back.
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Requests that may wait for an in-flight slot, as a multiple of the limit.
 pub const DEFAULT_IN_FLIGHT_QUEUE_FACTOR: usize = 4;
 
@@ -415,6 +422,27 @@ pub struct RawRoom {
     /// Lanes sharing the room's admission rate by weight.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lanes: BTreeMap<String, RawLane>,
+    /// Active health checks of the upstreams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+/// HAProxy's `check` with `inter`, `timeout check`, `fall` and `rise`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// What each upstream is asked for (GET): 2xx or 3xx is healthy.
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: String,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: String,
+    /// Failed checks in a row that take an upstream out of rotation.
+    #[serde(default = "default_health_fall")]
+    pub fall: u32,
+    /// Passed checks in a row that bring it back.
+    #[serde(default = "default_health_rise")]
+    pub rise: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -487,6 +515,22 @@ fn default_adaptive_interval() -> String {
 
 fn default_backoff() -> f64 {
     DEFAULT_ADAPTIVE_BACKOFF
+}
+
+fn default_health_interval() -> String {
+    DEFAULT_HEALTH_INTERVAL.into()
+}
+
+fn default_health_timeout() -> String {
+    DEFAULT_HEALTH_TIMEOUT.into()
+}
+
+fn default_health_fall() -> u32 {
+    DEFAULT_HEALTH_FALL
+}
+
+fn default_health_rise() -> u32 {
+    DEFAULT_HEALTH_RISE
 }
 
 fn default_in_flight_wait() -> String {

@@ -168,6 +168,7 @@ pub struct RoomConfig {
     /// starts (and always set).
     pub adaptive: Option<AdaptiveConfig>,
     pub in_flight: Option<InFlightConfig>,
+    pub health_check: Option<HealthCheckConfig>,
     /// Empty: one queue. Otherwise every lane, the default one included.
     pub lanes: Vec<LaneConfig>,
 }
@@ -211,6 +212,17 @@ pub struct InFlightConfig {
     pub queue: usize,
     pub wait: Duration,
     pub adaptive: bool,
+}
+
+/// Active health checks of a room's upstreams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    /// `/healthz`, with its query if any.
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
 }
 
 impl RoomConfig {

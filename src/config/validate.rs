@@ -9,7 +9,9 @@ use std::time::Duration;
 use http::Uri;
 use ipnet::IpNet;
 
-use super::file::{RawAdaptive, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_IN_FLIGHT_QUEUE_FACTOR};
+use super::file::{
+    RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_IN_FLIGHT_QUEUE_FACTOR,
+};
 use super::units::{parse_duration, parse_size};
 use super::*;
 use crate::room::admission::Mode;
@@ -83,6 +85,55 @@ impl Problems {
         if value > max {
             self.add(key, format!("must be at most {max}: {why}"));
         }
+    }
+}
+
+fn parse_health_check(
+    h: &RawHealthCheck,
+    key: &dyn Fn(&str) -> String,
+    p: &mut Problems,
+) -> HealthCheckConfig {
+    let path = match h.path.parse::<http::uri::PathAndQuery>() {
+        Ok(path) if h.path.starts_with('/') => path,
+        _ => {
+            p.add(
+                key("health_check.path"),
+                format!("{:?} is not a path (write it as \"/healthz\")", h.path),
+            );
+            http::uri::PathAndQuery::from_static("/")
+        }
+    };
+    let interval = p.duration(&key("health_check.interval"), &h.interval);
+    let timeout = p.duration(&key("health_check.timeout"), &h.timeout);
+    if interval < Duration::from_millis(100) {
+        p.add(
+            key("health_check.interval"),
+            "must be at least 100ms: more often only loads the portal",
+        );
+    }
+    if timeout > interval {
+        p.add(
+            key("health_check.timeout"),
+            format!(
+                "must be at most the interval ({}): a check must end before the next begins",
+                h.interval
+            ),
+        );
+    }
+    for (name, value) in [("fall", h.fall), ("rise", h.rise)] {
+        if !(1..=100).contains(&value) {
+            p.add(
+                key(&format!("health_check.{name}")),
+                "must be between 1 and 100 checks in a row",
+            );
+        }
+    }
+    HealthCheckConfig {
+        path,
+        interval,
+        timeout,
+        fall: h.fall.clamp(1, 100),
+        rise: h.rise.clamp(1, 100),
     }
 }
 
@@ -538,6 +589,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
         });
         let lanes = parse_lanes(&r.lanes, &key, base, &mut p);
+        let health_check = r
+            .health_check
+            .as_ref()
+            .map(|h| parse_health_check(h, &key, &mut p));
         let room = RoomConfig {
             name: name.clone(),
             upstreams,
@@ -571,6 +626,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             status_per_ip_per_minute: r.per_ip.status_per_minute,
             adaptive,
             in_flight,
+            health_check,
             lanes,
         };
         if room.is_gated() && keys.is_none() {

@@ -291,7 +291,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
+pub(crate) fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(
         path.cloned()

@@ -1,11 +1,13 @@
 //! Forwarding to a room's upstreams: the pooled client ([`client`]), the
-//! choice of upstream ([`upstreams`]), header rules ([`headers`]), the
+//! choice of upstream ([`upstreams`]) and its active checks ([`health`]),
+//! header rules ([`headers`]), the
 //! request itself ([`forward`]) and what can fail ([`error`]).
 
 pub mod client;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod health;
 pub mod in_flight;
 pub mod timeout;
 pub mod upstreams;

@@ -1,8 +1,10 @@
 //! A room's upstreams: round-robin choice, skipping any that recently
 //! failed (refused a connection, gave no answer within the response
-//! timeout, or broke the exchange): passive health with a cool-down.
+//! timeout, or broke the exchange): passive health with a cool-down; and
+//! any that failed `fall` active health checks in a row, until they pass
+//! `rise` (see `health.rs`).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Uri;
@@ -15,6 +17,11 @@ pub struct Upstream {
     /// Milliseconds since the pool's epoch until which this upstream is
     /// skipped; 0 when healthy.
     down_until_ms: AtomicU64,
+    /// Out of rotation by the active health checks.
+    checked_down: AtomicBool,
+    /// Checks in a row that disagree with `checked_down` (one checker
+    /// per upstream writes it).
+    streak: AtomicU32,
 }
 
 pub struct UpstreamPool {
@@ -32,6 +39,8 @@ impl UpstreamPool {
                 label: b.authority().map(|a| a.to_string()).unwrap_or_default(),
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
+                checked_down: AtomicBool::new(false),
+                streak: AtomicU32::new(0),
             })
             .collect();
         UpstreamPool {
@@ -63,7 +72,39 @@ impl UpstreamPool {
     }
 
     pub fn is_healthy(&self, index: usize) -> bool {
-        self.upstreams[index].down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        let u = &self.upstreams[index];
+        !u.checked_down.load(Ordering::Relaxed)
+            && u.down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    /// Takes the checks' verdicts from the same upstreams (by address) of
+    /// the pool a reload replaces.
+    pub fn keep_checks_of(&self, old: &UpstreamPool) {
+        for u in &self.upstreams {
+            if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
+                let down = o.checked_down.load(Ordering::Relaxed);
+                u.checked_down.store(down, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts one active check; `Some(in_rotation)` when this check moved
+    /// the upstream out of rotation (`fall` failures in a row) or back
+    /// (`rise` passes in a row).
+    pub fn record_check(&self, index: usize, passed: bool, fall: u32, rise: u32) -> Option<bool> {
+        let u = &self.upstreams[index];
+        let down = u.checked_down.load(Ordering::Relaxed);
+        if passed != down {
+            u.streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = u.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < if down { rise } else { fall } {
+            return None;
+        }
+        u.streak.store(0, Ordering::Relaxed);
+        u.checked_down.store(!down, Ordering::Relaxed);
+        Some(passed)
     }
 
     /// The next upstream in rotation that is healthy and not in `tried`.
@@ -129,6 +170,57 @@ mod tests {
         p.mark_healthy(1);
         let picks: Vec<usize> = (0..3).map(|_| p.pick(&[]).unwrap()).collect();
         assert!(picks.contains(&1));
+    }
+
+    #[test]
+    fn checks_take_an_upstream_out_after_fall_and_back_after_rise() {
+        let p = pool(2);
+        let (fall, rise) = (3, 2);
+        assert_eq!(p.record_check(0, false, fall, rise), None);
+        assert_eq!(p.record_check(0, false, fall, rise), None);
+        assert_eq!(
+            p.record_check(0, true, fall, rise),
+            None,
+            "a pass breaks the run"
+        );
+        assert_eq!(p.record_check(0, false, fall, rise), None);
+        assert_eq!(p.record_check(0, false, fall, rise), None);
+        assert!(p.is_healthy(0));
+        assert_eq!(p.record_check(0, false, fall, rise), Some(false));
+        assert!(!p.is_healthy(0));
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![1, 1, 1, 1]);
+        assert_eq!(p.record_check(0, true, fall, rise), None);
+        assert_eq!(
+            p.record_check(0, false, fall, rise),
+            None,
+            "a failure breaks the run"
+        );
+        assert_eq!(p.record_check(0, true, fall, rise), None);
+        assert_eq!(p.record_check(0, true, fall, rise), Some(true));
+        assert!(p.is_healthy(0));
+        p.mark_healthy(0);
+        assert!(p.is_healthy(0));
+    }
+
+    #[test]
+    fn a_reload_keeps_what_the_checks_found_by_address() {
+        let old = pool(2);
+        for _ in 0..3 {
+            old.record_check(1, false, 3, 2);
+        }
+        assert!(!old.is_healthy(1));
+        let bases: Vec<Uri> = [9001, 9002]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let new = UpstreamPool::new(&bases, Duration::from_secs(60));
+        new.keep_checks_of(&old);
+        assert!(
+            !new.is_healthy(0),
+            "127.0.0.1:9001 was out, at index 1 then"
+        );
+        assert!(new.is_healthy(1));
     }
 
     #[test]

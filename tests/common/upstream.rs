@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +25,8 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     /// Requests being handled right now.
     pub in_flight: Arc<AtomicUsize>,
+    /// What `GET /healthz` says: 200 while true, 503 while false.
+    pub healthy: Arc<AtomicBool>,
 }
 
 impl Upstream {
@@ -38,20 +40,29 @@ pub async fn spawn() -> Upstream {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let (h, f) = (hits.clone(), in_flight.clone());
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (h, f, well) = (hits.clone(), in_flight.clone(), healthy.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (h, f) = (h.clone(), f.clone());
+            let (h, f, well) = (h.clone(), f.clone(), well.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     h.fetch_add(1, Ordering::SeqCst);
                     let f = f.clone();
+                    let well = well.load(Ordering::SeqCst);
                     async move {
                         f.fetch_add(1, Ordering::SeqCst);
-                        let r = handle(req, addr).await;
+                        let r = if req.uri().path() == "/healthz" {
+                            match well {
+                                true => text(StatusCode::OK, "ok"),
+                                false => text(StatusCode::SERVICE_UNAVAILABLE, "down"),
+                            }
+                        } else {
+                            handle(req, addr).await
+                        };
                         f.fetch_sub(1, Ordering::SeqCst);
                         Ok::<_, Infallible>(r)
                     }
@@ -70,6 +81,7 @@ pub async fn spawn() -> Upstream {
         addr,
         hits,
         in_flight,
+        healthy,
     }
 }
 
