@@ -163,16 +163,27 @@ impl App {
             &|_| None,
         );
         // The memory store's state is restored by now; the shared store's
-        // is read at the first tick, and a reload checks it then.
-        if let Stores::Memory(_) = &stores {
-            let now = clock.now_ms();
-            let errors: Vec<ConfigError> = rooms
+        // is read here for the rooms announcing an opening (a node that
+        // cannot reach Redis starts, degraded, and a reload checks then).
+        let now = clock.now_ms();
+        if let Stores::Redis(_) = &stores {
+            let announced = rooms
                 .iter()
-                .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
-                .collect();
-            if !errors.is_empty() {
-                return Err(AppError::Config(ConfigErrors(errors)));
+                .filter(|r| r.config.opens_at_ms.is_some_and(|t| t > now));
+            for room in announced {
+                for lane in &room.lanes {
+                    if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
+                        tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
+                    }
+                }
             }
+        }
+        let errors: Vec<ConfigError> = rooms
+            .iter()
+            .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
+            .collect();
+        if !errors.is_empty() {
+            return Err(AppError::Config(ConfigErrors(errors)));
         }
         if let Some(t) = &config.server.tls {
             certificate_in_force(&metrics, t, clock.now_ms());

@@ -1180,3 +1180,75 @@ async fn a_live_change_through_one_node_reaches_every_node() {
         ("queue".to_string(), Some(240.0), Some(3))
     );
 }
+
+/// Questions about one session (a status poll with a pass, a release, a
+/// pass coming back) are sent without the room's opening: one that finds
+/// no state in Redis (Redis lost its data before a scheduled opening)
+/// must not open the room, or arrivals would get places at once and the
+/// pre-queue would never be drawn.
+#[tokio::test]
+async fn a_question_about_a_session_does_not_open_a_scheduled_room() {
+    use varco::room::admission::{Issued, Limits, Mode};
+    use varco::store::RoomStore;
+    let redis = RedisServer::start();
+    let store = varco::store::redis::RedisStore::connect(
+        &redis.url(),
+        "t:",
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(1),
+        None,
+    )
+    .await
+    .unwrap();
+    let room = store.room("portal");
+    let now = common::gated::T0;
+    assert!(!room.peek(42, now).await.unwrap());
+    assert!(!room.check_session(42, now, 60_000).await.unwrap());
+    room.end_session(42, now, 3_600_000).await.unwrap();
+    assert!(
+        !room.view().opened,
+        "the node's view must not say so either"
+    );
+    let limits = Limits {
+        per_minute: Some(60.0),
+        max_active: None,
+        claim_window_ms: 60_000,
+        tick_ms: 1_000,
+        opens_at_ms: Some(now + 3_600_000),
+        mode: Mode::Queue,
+    };
+    assert_eq!(room.issue(limits, now).await.unwrap(), Issued::PreQueue(1));
+    let opening = now + 3_600_000;
+    assert_eq!(
+        room.issue(limits, opening).await.unwrap(),
+        Issued::Number(2),
+        "at the opening the line starts behind the pre-queue"
+    );
+}
+
+/// A queue opens once (as with the memory store's snapshot): a node
+/// started with an opening still to come for a room whose shared queue
+/// has already opened would announce the opening while the cluster goes
+/// on admitting. It refuses to start, naming the key.
+#[tokio::test]
+async fn a_node_will_not_start_announcing_an_opening_for_an_open_queue() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let open = cluster_config(&redis, up.addr, "admission_per_minute = 60", "");
+    let running = nodes(&open, 1).await;
+    assert!(running[0].citizen().get("/").await.reached_upstream());
+    // T0 is 08:00Z: an opening an hour later.
+    let announced = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 60\nopens_at = \"2027-01-15T09:00:00Z\"",
+        "",
+    );
+    let cfg = varco::config::Config::from_toml(&announced, std::path::Path::new(".")).unwrap();
+    let clock = varco::clock::ManualClock::new(common::gated::T0);
+    let refused = varco::app::App::new(cfg, std::sync::Arc::new(clock)).await;
+    let err = refused
+        .err()
+        .expect("a node announcing an opening the queue cannot keep");
+    assert!(err.to_string().contains("rooms.portal.opens_at"), "{err}");
+}

@@ -31,6 +31,12 @@ local queue = tonumber(h.queue or '0')
 local serving = tonumber(h.serving or '0')
 local prequeue = tonumber(h.prequeue or '0')
 local opened = h.opened
+-- Ops about one session are sent without the room's limits (opens_at -1):
+-- one that finds no state (Redis lost its data) must not decide that the
+-- room has opened, or a scheduled room would open at once, its pre-queue
+-- never drawn. The first op that knows the opening decides.
+local knows_opening = not (op == 'peek' or op == 'check' or op == 'end' or op == 'restore')
+local opened_known = opened ~= nil or knows_opening
 if opened == nil then
   if opens_at < 0 or now >= opens_at then opened = '1' else opened = '0' end
 end
@@ -291,11 +297,12 @@ end
 
 redis.call('HSET', st,
   'queue', string.format('%d', queue), 'serving', string.format('%d', serving),
-  'prequeue', string.format('%d', prequeue), 'opened', opened,
+  'prequeue', string.format('%d', prequeue),
   'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
   'abandoned', string.format('%d', abandoned), 'gen', gen,
   'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen))
+if opened_known then redis.call('HSET', st, 'opened', opened) end
 
 local rate = 0
 local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
@@ -310,5 +317,8 @@ local extras = {redis.call('HGET', st, 'lkid') or '', gen, tostring(#gone)}
 for _, v in ipairs(gone) do table.insert(extras, v) end
 for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
-return {result, detail, queue, serving, prequeue, tonumber(opened), live, reserved(), rate,
+-- Not known yet: "not opened" (nodes' views keep an opening once seen).
+local opened_reply = 0
+if opened_known then opened_reply = tonumber(opened) end
+return {result, detail, queue, serving, prequeue, opened_reply, live, reserved(), rate,
   admitted, abandoned, extras}

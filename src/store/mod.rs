@@ -175,6 +175,12 @@ pub trait RoomStore: Send + Sync + 'static {
         false
     }
     fn view(&self) -> RoomView;
+    /// Reads the room's counters from the store into [`Self::view`],
+    /// advancing nothing: for the checks at start (the memory store's
+    /// are restored by then; the shared store's come at the first tick).
+    fn refresh(&self, _limits: Limits, _now_ms: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
     /// Shares an operator's change with every node (cluster mode); one
     /// node has nobody to tell.
     fn share_live(&self, _change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {

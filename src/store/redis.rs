@@ -644,6 +644,10 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
+    fn refresh(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move { self.call("view", &limits, now_ms, &[]).await.map(|_| ()) }.boxed()
+    }
+
     fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness {
         match self.sessions.get(&sid) {
             Some(exp) if exp.load(Ordering::Relaxed) > now_ms => {
