@@ -189,7 +189,7 @@ impl App {
             certificate_in_force(&metrics, t, clock.now_ms());
         }
         for room in &rooms {
-            health::watch(room, &config.upstream, &metrics);
+            health::watch(room, &metrics);
         }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -403,13 +403,19 @@ impl App {
                 }
             }
         }
-        // An upstream the checks took out stays out until they pass it
-        // again, rather than getting citizens' requests for `fall` checks.
+        // The old rooms' checks stop before their verdicts are taken
+        // over, so none is lost and no upstream has two checkers. An
+        // upstream the checks took out stays out until they pass it again,
+        // rather than getting citizens' requests for `fall` checks; a room
+        // whose checks were removed starts with every upstream in.
+        for old in self.rooms() {
+            old.upstreams.stop_checks();
+        }
         for room in &rooms {
-            if let Some(old) = self.room(&room.name) {
+            if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);
             }
-            health::watch(room, &self.config.upstream, &self.metrics);
+            health::watch(room, &self.metrics);
         }
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");

@@ -185,6 +185,14 @@ fn bad_rooms_name_their_keys() {
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", interval = \"10ms\", timeout = \"5ms\" }\n",
             "rooms.portal.health_check.interval",
         ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", rise = 101 }\n",
+            "rooms.portal.health_check.rise",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", host = \"a b\" }\n",
+            "rooms.portal.health_check.host",
+        ),
     ];
     for (bad, key) in cases {
         let e = errors(bad);
@@ -355,4 +363,30 @@ fn certificate_files_are_read_by_the_check() {
         panic!("good files refused: {e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Health checks' defaults are HAProxy's order of magnitude, and a short
+/// interval without a timeout takes the interval as its timeout instead
+/// of being refused for the default's sake.
+#[test]
+fn health_check_defaults_fit_the_interval() {
+    let room = |hc: &str| {
+        let toml = format!(
+            "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\nhealth_check = {hc}\n"
+        );
+        let c = Config::from_toml(&toml, Path::new(".")).unwrap_or_else(|e| panic!("{hc}: {e}"));
+        c.rooms[0].health_check.clone().unwrap()
+    };
+    let h = room("{ path = \"/healthz\" }");
+    assert_eq!(
+        (h.interval, h.timeout, h.fall, h.rise, h.host),
+        (Duration::from_secs(5), Duration::from_secs(2), 3, 2, None)
+    );
+    assert_eq!(h.path.as_str(), "/healthz");
+    let h = room("{ path = \"/healthz?deep=1\", interval = \"1s\" }");
+    assert_eq!(
+        (h.interval, h.timeout),
+        (Duration::from_secs(1), Duration::from_secs(1))
+    );
+    assert_eq!(h.path.as_str(), "/healthz?deep=1");
 }

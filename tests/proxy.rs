@@ -626,3 +626,46 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_bac
         "back in rotation: {answered:?}"
     );
 }
+
+/// A reload keeps what the checks found (an upstream they took out gets no
+/// citizen's request while the new checks count again), and a reload that
+/// removes the checks puts every upstream back.
+#[tokio::test]
+async fn a_reload_keeps_the_checks_verdict_and_removing_the_checks_ends_it() {
+    let sick = upstream::spawn().await;
+    let well = upstream::spawn().await;
+    let plain = format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\", \"http://{}\"]\n",
+        sick.addr, well.addr
+    );
+    let checked = format!(
+        "{plain}[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"300ms\"\nfall = 3\nrise = 3\nhost = \"portal.example.it\"\n"
+    );
+    sick.healthy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (g, path) = common::gated::Gated::start_written("health-reload", &checked).await;
+    let of = format!("room=\"portal\",upstream=\"{}\"", sick.addr);
+    until_metric(g.admin, "varco_upstream_up", &of, |up| up == 0.0).await;
+    assert_eq!(
+        sick.health_host.lock().unwrap().as_deref(),
+        Some("portal.example.it"),
+        "the checks name the configured host"
+    );
+
+    // The same file again: new checks, that would need three failures
+    // (600 ms at least) to take the upstream out on their own.
+    g.app.reload().await.expect("reload");
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_up", &of).await,
+        Some(0.0),
+        "the reload put a dead upstream back in rotation"
+    );
+
+    std::fs::write(&path, &plain).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_up", &of).await,
+        Some(1.0),
+        "without checks nothing can bring the upstream back: it must start in"
+    );
+}

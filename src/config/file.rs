@@ -435,8 +435,13 @@ pub struct RawHealthCheck {
     pub path: String,
     #[serde(default = "default_health_interval")]
     pub interval: String,
-    #[serde(default = "default_health_timeout")]
-    pub timeout: String,
+    /// Default: DEFAULT_HEALTH_TIMEOUT, or the interval if shorter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// The Host the checks name (default: the upstream's address), for
+    /// an upstream that serves several sites by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Failed checks in a row that take an upstream out of rotation.
     #[serde(default = "default_health_fall")]
     pub fall: u32,
@@ -519,10 +524,6 @@ fn default_backoff() -> f64 {
 
 fn default_health_interval() -> String {
     DEFAULT_HEALTH_INTERVAL.into()
-}
-
-fn default_health_timeout() -> String {
-    DEFAULT_HEALTH_TIMEOUT.into()
 }
 
 fn default_health_fall() -> u32 {

@@ -221,6 +221,8 @@ pub struct HealthCheckConfig {
     pub path: http::uri::PathAndQuery,
     pub interval: Duration,
     pub timeout: Duration,
+    /// None: the upstream's own address.
+    pub host: Option<http::HeaderValue>,
     pub fall: u32,
     pub rise: u32,
 }

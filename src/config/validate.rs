@@ -10,7 +10,8 @@ use http::Uri;
 use ipnet::IpNet;
 
 use super::file::{
-    RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_IN_FLIGHT_QUEUE_FACTOR,
+    RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_IN_FLIGHT_QUEUE_FACTOR,
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -103,15 +104,22 @@ fn parse_health_check(
             http::uri::PathAndQuery::from_static("/")
         }
     };
+    let before = p.0.len();
     let interval = p.duration(&key("health_check.interval"), &h.interval);
-    let timeout = p.duration(&key("health_check.timeout"), &h.timeout);
-    if interval < Duration::from_millis(100) {
+    let interval_read = p.0.len() == before;
+    if interval_read && interval < Duration::from_millis(100) {
         p.add(
             key("health_check.interval"),
             "must be at least 100ms: more often only loads the portal",
         );
     }
-    if timeout > interval {
+    let timeout = match &h.timeout {
+        Some(t) => p.duration(&key("health_check.timeout"), t),
+        None => parse_duration(DEFAULT_HEALTH_TIMEOUT)
+            .unwrap_or(Duration::from_secs(2))
+            .min(interval),
+    };
+    if interval_read && timeout > interval {
         p.add(
             key("health_check.timeout"),
             format!(
@@ -120,6 +128,19 @@ fn parse_health_check(
             ),
         );
     }
+    let host = h.host.as_ref().and_then(|host| {
+        let valid = host.parse::<http::uri::Authority>().is_ok();
+        match http::HeaderValue::from_str(host) {
+            Ok(v) if valid => Some(v),
+            _ => {
+                p.add(
+                    key("health_check.host"),
+                    format!("{host:?} is not a host name (with an optional :port)"),
+                );
+                None
+            }
+        }
+    });
     for (name, value) in [("fall", h.fall), ("rise", h.rise)] {
         if !(1..=100).contains(&value) {
             p.add(
@@ -132,6 +153,7 @@ fn parse_health_check(
         path,
         interval,
         timeout,
+        host,
         fall: h.fall.clamp(1, 100),
         rise: h.rise.clamp(1, 100),
     }

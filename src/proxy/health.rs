@@ -11,27 +11,31 @@ use std::time::Duration;
 
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounter;
 use tokio::time::MissedTickBehavior;
 
 use crate::body;
-use crate::config::{HealthCheckConfig, UpstreamConfig};
+use crate::config::HealthCheckConfig;
 use crate::metrics::Metrics;
-use crate::proxy::client::{self, UpstreamClient};
+use crate::proxy::client::UpstreamClient;
 use crate::proxy::forward::upstream_uri;
 use crate::room::Room;
 
-/// How much of a health page is read, so its connection can be reused.
+/// How much of a health page is read.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
 
 /// Starts checking each of `room`'s upstreams, if it has health checks;
-/// the checks stop once the room is gone (replaced by a reload, or varco
-/// stopped).
-pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
+/// the checks stop with the room's upstream pool (replaced by a reload,
+/// or varco stopped).
+pub fn watch(room: &Arc<Room>, metrics: &Metrics) {
     let Some(cfg) = room.config.health_check.clone() else {
         return;
     };
-    let client = client::build(upstream);
+    let client = checker(&cfg);
+    let mut tasks = Vec::with_capacity(room.upstreams.len());
     for index in 0..room.upstreams.len() {
         let label = room.upstreams.get(index).label.as_str();
         let counted = |result| {
@@ -40,14 +44,29 @@ pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
                 .with_label_values(&[&room.name, label, result])
         };
         let counters = (counted("passed"), counted("failed"));
-        tokio::spawn(check_loop(
+        let task = tokio::spawn(check_loop(
             Arc::downgrade(room),
             index,
             cfg.clone(),
             client.clone(),
             counters,
         ));
+        tasks.push(task.abort_handle());
     }
+    room.upstreams.run_checks(tasks);
+}
+
+/// A client that opens a connection for each check, as HAProxy does: one
+/// kept alive would pass a server that no longer accepts connections,
+/// and fail when the server closes it idle just as a check goes out.
+fn checker(cfg: &HealthCheckConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
 }
 
 async fn check_loop(
@@ -62,20 +81,19 @@ async fn check_loop(
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        // Held only for one check: a room a reload replaced goes.
+        // Held only for one check.
         let Some(room) = room.upgrade() else {
             return;
         };
         let upstream = room.upstreams.get(index);
-        let verdict = check(
-            &client,
-            upstream_uri(&upstream.base, Some(&cfg.path)),
-            cfg.timeout,
-        )
-        .await;
+        let uri = upstream_uri(&upstream.base, Some(&cfg.path));
+        let verdict = check(&client, uri, cfg.host.as_ref(), cfg.timeout).await;
         match &verdict {
             Ok(()) => passed.inc(),
-            Err(_) => failed.inc(),
+            Err(reason) => {
+                failed.inc();
+                tracing::debug!(room = %room.name, upstream = %upstream.label, %reason, "health check failed");
+            }
         }
         let moved = room
             .upstreams
@@ -86,12 +104,14 @@ async fn check_loop(
                 upstream = %upstream.label,
                 %reason,
                 checks = cfg.fall,
+                in_rotation = %in_rotation(&room),
                 "upstream out of rotation: it failed its health checks"
             ),
             (Some(true), _) => tracing::info!(
                 room = %room.name,
                 upstream = %upstream.label,
                 checks = cfg.rise,
+                in_rotation = %in_rotation(&room),
                 "upstream back in rotation: it passed its health checks"
             ),
             _ => {}
@@ -99,10 +119,27 @@ async fn check_loop(
     }
 }
 
-/// One check: Ok for a 2xx or 3xx within `timeout`, else why not.
-async fn check(client: &UpstreamClient, uri: Uri, timeout: Duration) -> Result<(), String> {
-    let req = Request::get(uri)
-        .header(http::header::USER_AGENT, "varco-health-check")
+/// "2 of 3": the room's upstreams in rotation, for the log.
+fn in_rotation(room: &Room) -> String {
+    let n = room.upstreams.len();
+    let up = (0..n).filter(|&i| room.upstreams.is_healthy(i)).count();
+    format!("{up} of {n}")
+}
+
+/// One check: Ok for a 2xx or 3xx, its page read to the end (or to 64
+/// KiB), within `timeout`; else why not.
+async fn check(
+    client: &UpstreamClient,
+    uri: Uri,
+    host: Option<&http::HeaderValue>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut req = Request::get(uri).header(http::header::USER_AGENT, "varco-health-check");
+    // The client sets Host from the URI only when none is given.
+    if let Some(host) = host {
+        req = req.header(http::header::HOST, host);
+    }
+    let req = req
         .body(body::empty())
         .map_err(|e| format!("cannot ask: {e}"))?;
     let exchange = async {
@@ -117,9 +154,15 @@ async fn check(client: &UpstreamClient, uri: Uri, timeout: Duration) -> Result<(
             format!("no answer ({why})")
         })?;
         let status = resp.status();
-        let _ = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
+        let read = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
             .collect()
             .await;
+        // A long page is an answer; a page broken off is not.
+        if let Err(e) = read {
+            if !e.is::<http_body_util::LengthLimitError>() {
+                return Err(format!("answered {status}, then broke off: {e}"));
+            }
+        }
         if status.is_success() || status.is_redirection() {
             Ok(())
         } else {

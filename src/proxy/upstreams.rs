@@ -29,6 +29,15 @@ pub struct UpstreamPool {
     next: AtomicUsize,
     cooldown: Duration,
     epoch: Instant,
+    /// The health checks' tasks: stopped with the pool (a reload replaced
+    /// it), so two checkers never judge one upstream.
+    checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        self.stop_checks();
+    }
 }
 
 impl UpstreamPool {
@@ -48,6 +57,26 @@ impl UpstreamPool {
             next: AtomicUsize::new(0),
             cooldown,
             epoch: Instant::now(),
+            checks: Default::default(),
+        }
+    }
+
+    /// Takes the health checks' tasks, to stop them with the pool.
+    pub fn run_checks(&self, tasks: Vec<tokio::task::AbortHandle>) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(tasks);
+    }
+
+    pub fn stop_checks(&self) {
+        for task in self
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
         }
     }
 
@@ -84,6 +113,8 @@ impl UpstreamPool {
             if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
                 let down = o.checked_down.load(Ordering::Relaxed);
                 u.checked_down.store(down, Ordering::Relaxed);
+                let streak = o.streak.load(Ordering::Relaxed);
+                u.streak.store(streak, Ordering::Relaxed);
             }
         }
     }
@@ -108,22 +139,28 @@ impl UpstreamPool {
     }
 
     /// The next upstream in rotation that is healthy and not in `tried`.
-    /// When every untried one is cooling down, the next untried one anyway:
-    /// a pool that is all down must still be probed, or it never recovers.
+    /// When every untried one is out, the next untried one anyway (one
+    /// merely cooling down after a failed request before one the health
+    /// checks found dead): a pool that is all down must still be probed,
+    /// or it never recovers without checks.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let candidates = (0..n)
             .map(|i| (start + i) % n)
             .filter(|i| !tried.contains(i));
-        let mut fallback = None;
+        let (mut cooling, mut checked_out) = (None, None);
         for i in candidates {
             if self.is_healthy(i) {
                 return Some(i);
             }
-            fallback.get_or_insert(i);
+            if self.upstreams[i].checked_down.load(Ordering::Relaxed) {
+                checked_out.get_or_insert(i);
+            } else {
+                cooling.get_or_insert(i);
+            }
         }
-        fallback
+        cooling.or(checked_out)
     }
 
     pub fn mark_failed(&self, index: usize) {
@@ -221,6 +258,18 @@ mod tests {
             "127.0.0.1:9001 was out, at index 1 then"
         );
         assert!(new.is_healthy(1));
+    }
+
+    #[test]
+    fn when_all_are_out_one_cooling_down_is_tried_before_one_checked_dead() {
+        let p = pool(2);
+        for _ in 0..3 {
+            p.record_check(0, false, 3, 2);
+        }
+        p.mark_failed(1);
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![1, 1, 1, 1]);
+        assert_eq!(p.pick(&[1]), Some(0), "and the dead one after it");
     }
 
     #[test]

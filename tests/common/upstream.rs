@@ -27,6 +27,8 @@ pub struct Upstream {
     pub in_flight: Arc<AtomicUsize>,
     /// What `GET /healthz` says: 200 while true, 503 while false.
     pub healthy: Arc<AtomicBool>,
+    /// The Host the last `GET /healthz` named.
+    pub health_host: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Upstream {
@@ -41,21 +43,27 @@ pub async fn spawn() -> Upstream {
     let hits = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(AtomicBool::new(true));
+    let health_host = Arc::new(std::sync::Mutex::new(None));
     let (h, f, well) = (hits.clone(), in_flight.clone(), healthy.clone());
+    let named = health_host.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (h, f, well) = (h.clone(), f.clone(), well.clone());
+            let (h, f, well, named) = (h.clone(), f.clone(), well.clone(), named.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     h.fetch_add(1, Ordering::SeqCst);
                     let f = f.clone();
                     let well = well.load(Ordering::SeqCst);
+                    let named = named.clone();
                     async move {
                         f.fetch_add(1, Ordering::SeqCst);
                         let r = if req.uri().path() == "/healthz" {
+                            let host = req.headers().get("host");
+                            *named.lock().unwrap() =
+                                host.and_then(|v| v.to_str().ok()).map(String::from);
                             match well {
                                 true => text(StatusCode::OK, "ok"),
                                 false => text(StatusCode::SERVICE_UNAVAILABLE, "down"),
@@ -82,6 +90,7 @@ pub async fn spawn() -> Upstream {
         hits,
         in_flight,
         healthy,
+        health_host,
     }
 }
 
