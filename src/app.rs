@@ -189,7 +189,7 @@ impl App {
             certificate_in_force(&metrics, t, clock.now_ms());
         }
         for room in &rooms {
-            health::watch(room, &metrics);
+            health::watch(room, &config.upstream, &metrics);
         }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -415,7 +415,7 @@ impl App {
             if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);
             }
-            health::watch(room, &self.metrics);
+            health::watch(room, &self.config.upstream, &self.metrics);
         }
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");

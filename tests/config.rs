@@ -107,6 +107,10 @@ fn each_bad_value_names_its_key() {
             "[upstream]\nconnect_timeout = \"-1s\"\n",
             "upstream.connect_timeout",
         ),
+        (
+            "[upstream]\ntls_ca = \"/nonexistent/ca.pem\"\n",
+            "upstream.tls_ca",
+        ),
         ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[store]\nkind = \"etcd\"\n", "store.kind"),
@@ -145,7 +149,7 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.upstreams[0]",
         ),
         (
-            "[rooms.portal]\nupstreams = [\"https://x.example\"]\n",
+            "[rooms.portal]\nupstreams = [\"ftp://x.example\"]\n",
             "rooms.portal.upstreams[0]",
         ),
         (

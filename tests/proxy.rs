@@ -669,3 +669,41 @@ async fn a_reload_keeps_the_checks_verdict_and_removing_the_checks_ends_it() {
         "without checks nothing can bring the upstream back: it must start in"
     );
 }
+
+/// An upstream across a network varco does not trust is reached over
+/// TLS, its certificate verified: against `upstream.tls_ca` here (a
+/// private CA); a certificate that does not chain to it is never sent a
+/// request.
+#[tokio::test]
+async fn an_https_upstream_is_reached_over_verified_tls() {
+    let dir = std::env::temp_dir().join(format!("varco-https-upstream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = upstream::spawn_tls(&dir.join("ca.pem")).await;
+    let toml = format!(
+        "[upstream]\ntls_ca = \"ca.pem\"\n[rooms.portal]\nupstreams = [\"https://localhost:{}\"]\npreserve_host = false\n",
+        up.addr.port()
+    );
+    let v = Varco::start_in(&toml, &dir).await;
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        got.json()["headers"]["host"][0],
+        format!("localhost:{}", up.addr.port())
+    );
+    assert_eq!(up.hits(), 1);
+
+    // Another CA: the handshake fails, nothing reaches the upstream.
+    let other = std::env::temp_dir().join(format!("varco-https-other-{}", std::process::id()));
+    std::fs::create_dir_all(&other).unwrap();
+    let _stranger = upstream::spawn_tls(&other.join("ca.pem")).await;
+    let v = Varco::start_in(&toml, &other).await;
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 502, "{}", got.text());
+    assert_eq!(
+        up.hits(),
+        1,
+        "a request went to an upstream varco cannot verify"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other);
+}

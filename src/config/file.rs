@@ -321,6 +321,10 @@ pub struct RawUpstream {
     pub pool_idle_timeout: String,
     pub pool_max_idle: usize,
     pub fail_cooldown: String,
+    /// A PEM file of the root(s) that sign https upstreams' certificates
+    /// (a private CA); without it, the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 impl Default for RawUpstream {
@@ -331,6 +335,7 @@ impl Default for RawUpstream {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT.into(),
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
+            tls_ca: None,
         }
     }
 }

@@ -92,6 +92,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     pub fail_cooldown: Duration,
+    /// The roots https upstreams' certificates must chain to, from
+    /// `upstream.tls_ca`; empty: the system's.
+    pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone)]

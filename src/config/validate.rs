@@ -292,6 +292,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         pool_idle_timeout: p.duration("upstream.pool_idle_timeout", &u.pool_idle_timeout),
         pool_max_idle: u.pool_max_idle,
         fail_cooldown: p.duration("upstream.fail_cooldown", &u.fail_cooldown),
+        tls_roots: u
+            .tls_ca
+            .as_ref()
+            .map(|f| read_roots(&base.join(f)).map_err(|e| p.add("upstream.tls_ca", e)))
+            .and_then(Result::ok)
+            .unwrap_or_default(),
     };
 
     let json = match raw.log.format.as_str() {
@@ -782,15 +788,31 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         })
 }
 
+/// The certificates of a PEM file of roots (a private CA).
+fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let roots = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(roots)
+}
+
 fn parse_upstream(text: &str) -> Result<Uri, String> {
     let uri: Uri = text
         .parse()
         .map_err(|_| format!("\"{text}\" is not a URL: write e.g. \"http://127.0.0.1:9001\""))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(format!("\"{text}\": https upstreams are not supported yet; terminate TLS at the upstream's side or use http on a private network")),
-        _ => return Err(format!("\"{text}\" needs a scheme: write e.g. \"http://{text}\"")),
-    }
+    let scheme = match uri.scheme_str() {
+        Some(s @ ("http" | "https")) => s.to_string(),
+        _ => {
+            return Err(format!(
+                "\"{text}\" needs a scheme: write e.g. \"http://{text}\""
+            ))
+        }
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| format!("\"{text}\" has no host"))?
@@ -799,7 +821,7 @@ fn parse_upstream(text: &str) -> Result<Uri, String> {
         return Err(format!("\"{text}\" has a path: an upstream is scheme://host:port only; requests keep their own path"));
     }
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme.as_str())
         .authority(authority)
         .path_and_query("/")
         .build()

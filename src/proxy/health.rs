@@ -18,9 +18,9 @@ use prometheus::IntCounter;
 use tokio::time::MissedTickBehavior;
 
 use crate::body;
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::proxy::client::UpstreamClient;
+use crate::proxy::client::{self, UpstreamClient};
 use crate::proxy::forward::upstream_uri;
 use crate::room::Room;
 
@@ -30,11 +30,11 @@ const MAX_HEALTH_BODY: usize = 64 * 1024;
 /// Starts checking each of `room`'s upstreams, if it has health checks;
 /// the checks stop with the room's upstream pool (replaced by a reload,
 /// or varco stopped).
-pub fn watch(room: &Arc<Room>, metrics: &Metrics) {
+pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
     let Some(cfg) = room.config.health_check.clone() else {
         return;
     };
-    let client = checker(&cfg);
+    let client = checker(&cfg, upstream);
     let mut tasks = Vec::with_capacity(room.upstreams.len());
     for index in 0..room.upstreams.len() {
         let label = room.upstreams.get(index).label.as_str();
@@ -59,14 +59,13 @@ pub fn watch(room: &Arc<Room>, metrics: &Metrics) {
 /// A client that opens a connection for each check, as HAProxy does: one
 /// kept alive would pass a server that no longer accepts connections,
 /// and fail when the server closes it idle just as a check goes out.
-fn checker(cfg: &HealthCheckConfig) -> UpstreamClient {
+fn checker(cfg: &HealthCheckConfig, upstream: &UpstreamConfig) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(cfg.timeout));
     connector.set_nodelay(true);
-    connector.enforce_http(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build(connector)
+        .build(client::with_tls(connector, upstream))
 }
 
 async fn check_loop(

@@ -38,6 +38,28 @@ impl Upstream {
 }
 
 pub async fn spawn() -> Upstream {
+    spawn_with(None).await
+}
+
+/// The same upstream behind TLS, with a new self-signed certificate for
+/// `localhost`, written to `ca_file` for varco to trust.
+pub async fn spawn_tls(ca_file: &std::path::Path) -> Upstream {
+    varco::tls::install_crypto_provider();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(ca_file, cert.pem()).unwrap();
+    let private = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], private)
+        .unwrap();
+    spawn_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await
+}
+
+async fn spawn_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -52,6 +74,7 @@ pub async fn spawn() -> Upstream {
                 return;
             };
             let (h, f, well, named) = (h.clone(), f.clone(), well.clone(), named.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     h.fetch_add(1, Ordering::SeqCst);
@@ -79,9 +102,21 @@ pub async fn spawn() -> Upstream {
                 // More than varco lets through, so a test sees varco's
                 // limit and not this portal's.
                 b.http1().max_headers(200);
-                let _ = b
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
+                match tls {
+                    None => {
+                        let _ = b
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                    }
+                    Some(tls) => {
+                        let Ok(stream) = tls.accept(stream).await else {
+                            return;
+                        };
+                        let _ = b
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                    }
+                }
             });
         }
     });
