@@ -111,6 +111,10 @@ fn each_bad_value_names_its_key() {
             "[upstream]\ntls_ca = \"/nonexistent/ca.pem\"\n",
             "upstream.tls_ca",
         ),
+        (
+            "[upstream]\ntls_client = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }\n",
+            "upstream.tls_client.cert",
+        ),
         ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[store]\nkind = \"etcd\"\n", "store.kind"),

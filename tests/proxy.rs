@@ -707,3 +707,38 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&other);
 }
+
+/// A portal that lets only varco in (mutual TLS) is shown
+/// `upstream.tls_client`; without it the handshake fails and no request
+/// reaches the portal.
+#[tokio::test]
+async fn an_https_upstream_that_asks_who_calls_is_shown_varcos_certificate() {
+    let dir = std::env::temp_dir().join(format!("varco-mtls-upstream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mine = rcgen::CertificateParams::new(vec!["varco.example.it".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("varco.pem"), mine.pem()).unwrap();
+    std::fs::write(dir.join("varco-key.pem"), key.serialize_pem()).unwrap();
+    let up = upstream::spawn_tls_for(&dir.join("ca.pem"), Some(mine.der())).await;
+    let room = format!(
+        "[rooms.portal]\nupstreams = [\"https://localhost:{}\"]\n",
+        up.addr.port()
+    );
+
+    let anonymous = format!("[upstream]\ntls_ca = \"ca.pem\"\n{room}");
+    let v = Varco::start_in(&anonymous, &dir).await;
+    assert_eq!(get(&v.url("/echo")).await.status, 502);
+    assert_eq!(up.hits(), 0);
+
+    let known = format!(
+        "[upstream]\ntls_ca = \"ca.pem\"\ntls_client = {{ cert = \"varco.pem\", key = \"varco-key.pem\" }}\n{room}"
+    );
+    let v = Varco::start_in(&known, &dir).await;
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(up.hits(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

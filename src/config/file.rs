@@ -325,6 +325,10 @@ pub struct RawUpstream {
     /// (a private CA); without it, the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<String>,
+    /// The certificate and key varco shows https upstreams that ask for
+    /// one (mutual TLS: the portal lets only varco in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client: Option<RawTls>,
 }
 
 impl Default for RawUpstream {
@@ -336,6 +340,7 @@ impl Default for RawUpstream {
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
             tls_ca: None,
+            tls_client: None,
         }
     }
 }

@@ -95,6 +95,8 @@ pub struct UpstreamConfig {
     /// The roots https upstreams' certificates must chain to, from
     /// `upstream.tls_ca`; empty: the system's.
     pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// What varco shows an https upstream that asks who it is.
+    pub tls_client: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
 }
 
 #[derive(Debug, Clone)]

@@ -298,6 +298,16 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             .map(|f| read_roots(&base.join(f)).map_err(|e| p.add("upstream.tls_ca", e)))
             .and_then(Result::ok)
             .unwrap_or_default(),
+        tls_client: u.tls_client.as_ref().and_then(|t| {
+            crate::tls::read_certificate(
+                "upstream.tls_client",
+                base.join(&t.cert),
+                base.join(&t.key),
+            )
+            .map(|c| c.certified)
+            .map_err(|e| p.add(e.key, e.reason))
+            .ok()
+        }),
     };
 
     let json = match raw.log.format.as_str() {

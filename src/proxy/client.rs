@@ -10,7 +10,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 
 use crate::body::Body;
 use crate::config::UpstreamConfig;
@@ -48,13 +51,30 @@ pub fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector
     ))
     .with_safe_default_protocol_versions()
     .expect("ring supports the default TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let tls = match &cfg.tls_client {
+        Some(identity) => tls.with_client_cert_resolver(Arc::new(Identity(identity.clone()))),
+        None => tls.with_no_client_auth(),
+    };
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http)
+}
+
+/// `upstream.tls_client`, shown to an upstream that asks (and only then).
+#[derive(Debug)]
+struct Identity(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Identity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The system's roots, read once (a reload and each room's health

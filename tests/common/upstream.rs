@@ -44,6 +44,12 @@ pub async fn spawn() -> Upstream {
 /// The same upstream behind TLS, with a new self-signed certificate for
 /// `localhost`, written to `ca_file` for varco to trust.
 pub async fn spawn_tls(ca_file: &std::path::Path) -> Upstream {
+    spawn_tls_for(ca_file, None).await
+}
+
+/// As `spawn_tls`; with `client`, only a client showing that certificate
+/// (DER) finishes the handshake.
+pub async fn spawn_tls_for(ca_file: &std::path::Path, client: Option<&[u8]>) -> Upstream {
     varco::tls::install_crypto_provider();
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
@@ -52,10 +58,19 @@ pub async fn spawn_tls(ca_file: &std::path::Path) -> Upstream {
         .unwrap();
     std::fs::write(ca_file, cert.pem()).unwrap();
     let private = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], private)
-        .unwrap();
+    let server = match client {
+        None => rustls::ServerConfig::builder().with_no_client_auth(),
+        Some(der) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(der.to_vec().into()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap();
+            rustls::ServerConfig::builder().with_client_cert_verifier(verifier)
+        }
+    }
+    .with_single_cert(vec![cert.der().clone()], private)
+    .unwrap();
     spawn_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await
 }
 
