@@ -167,16 +167,18 @@ impl App {
         // cannot reach Redis starts, degraded, and a reload checks then).
         let now = clock.now_ms();
         if let Stores::Redis(_) = &stores {
-            let announced = rooms
+            // At once: with Redis away each waits for the store's timeout.
+            let reads = rooms
                 .iter()
-                .filter(|r| r.config.opens_at_ms.is_some_and(|t| t > now));
-            for room in announced {
-                for lane in &room.lanes {
-                    if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
-                        tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
-                    }
-                }
-            }
+                .filter(|r| r.config.opens_at_ms.is_some_and(|t| t > now))
+                .flat_map(|room| {
+                    room.lanes.iter().map(move |lane| async move {
+                        if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
+                            tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
+                        }
+                    })
+                });
+            futures_util::future::join_all(reads).await;
         }
         let errors: Vec<ConfigError> = rooms
             .iter()
@@ -676,7 +678,7 @@ fn not_reopened(
         Some(t) if view.opened && t > now_ms => Err(ConfigError {
             key: format!("rooms.{room}.opens_at"),
             reason: format!(
-                "{} is still to come, but this room's queue has already opened ({} numbers handed out): a queue opens once, and this one would go on admitting before then. Keep the old value, or close the room (mode = \"closed\") until the day; a second opening with its own pre-queue needs a fresh queue (a room of a new name, or a restart with the snapshot moved away)",
+                "{} is still to come, but this room's queue has already opened ({} numbers handed out): a queue opens once, and this one would go on admitting before then. Keep the old value, or close the room (mode = \"closed\") until the day; a second opening with its own pre-queue needs a fresh queue (a room of a new name; or a restart with the snapshot moved away, or in cluster mode with another store.prefix)",
                 crate::timefmt::rfc3339(t),
                 view.queue
             ),

@@ -157,6 +157,10 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.upstreams[0]",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x.example\", \"https://x.example:80\"]\n",
+            "rooms.portal.upstreams[1]",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x/app\"]\n",
             "rooms.portal.upstreams[0]",
         ),

@@ -732,6 +732,16 @@ async fn an_https_upstream_that_asks_who_calls_is_shown_varcos_certificate() {
     let v = Varco::start_in(&anonymous, &dir).await;
     assert_eq!(get(&v.url("/echo")).await.status, 502);
     assert_eq!(up.hits(), 0);
+    // TLS 1.3 says no only after the handshake: still a refused
+    // connection, not a broken exchange.
+    let of = format!(
+        "kind=\"connect\",room=\"portal\",upstream=\"localhost:{}\"",
+        up.addr.port()
+    );
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+        Some(1.0)
+    );
 
     let known = format!(
         "[upstream]\ntls_ca = \"ca.pem\"\ntls_client = {{ cert = \"varco.pem\", key = \"varco-key.pem\" }}\n{room}"
@@ -741,4 +751,29 @@ async fn an_https_upstream_that_asks_who_calls_is_shown_varcos_certificate() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(up.hits(), 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An https upstream that accepts the connection and never finishes the
+/// TLS handshake is a failed connection within connect_timeout (502, the
+/// next upstream), not a request waiting response_timeout.
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_is_a_failed_connection() {
+    let good = upstream::spawn().await;
+    // Accepts (the kernel's backlog) and never answers the handshake.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let toml = format!(
+        "[upstream]\nconnect_timeout = \"300ms\"\nresponse_timeout = \"30s\"\n[rooms.portal]\nupstreams = [\"https://127.0.0.1:{}\", \"http://{}\"]\n",
+        mute.local_addr().unwrap().port(),
+        good.addr
+    );
+    let v = Varco::start(&toml).await;
+    let started = std::time::Instant::now();
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 200, "the next upstream answers: {}", got.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}: the handshake was not bounded by connect_timeout",
+        started.elapsed()
+    );
+    assert_eq!(good.hits(), 1);
 }

@@ -429,16 +429,33 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 "lists no upstream: give at least one, e.g. [\"http://127.0.0.1:9001\"]",
             );
         }
-        let upstreams = r
-            .upstreams
-            .iter()
-            .enumerate()
-            .filter_map(|(i, u)| {
-                parse_upstream(u)
-                    .map_err(|e| p.add(key(&format!("upstreams[{i}]")), e))
-                    .ok()
-            })
-            .collect();
+        let mut upstreams: Vec<Uri> = Vec::new();
+        for (i, u) in r.upstreams.iter().enumerate() {
+            let at = key(&format!("upstreams[{i}]"));
+            let Ok(uri) = parse_upstream(u).map_err(|e| p.add(&at, e)) else {
+                continue;
+            };
+            // One server, one line in the metrics and one health verdict.
+            if let Some(j) = upstreams.iter().position(|o| {
+                crate::proxy::upstreams::label(o) == crate::proxy::upstreams::label(&uri)
+            }) {
+                p.add(
+                    &at,
+                    format!("\"{u}\" is the same host and port as upstreams[{j}]"),
+                );
+                continue;
+            }
+            if uri.scheme_str() == Some("https")
+                && raw.upstream.tls_ca.is_none()
+                && crate::proxy::client::system_roots().is_empty()
+            {
+                p.add(
+                    &at,
+                    "an https upstream, but this system has no TLS roots to verify it with (a minimal image?): set upstream.tls_ca",
+                );
+            }
+            upstreams.push(uri);
+        }
         let hosts: Vec<HostPattern> = r
             .hosts
             .iter()
@@ -807,6 +824,14 @@ fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
         .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
     if roots.is_empty() {
         return Err(format!("{} holds no certificate", path.display()));
+    }
+    let (_, ignored) = rustls::RootCertStore::empty().add_parsable_certificates(roots.clone());
+    if ignored > 0 {
+        return Err(format!(
+            "{}: {ignored} of its {} certificates cannot be used as roots",
+            path.display(),
+            roots.len()
+        ));
     }
     Ok(roots)
 }

@@ -18,11 +18,10 @@ use rustls::SignatureScheme;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type UpstreamClient = Client<Connector, Body>;
 
 pub fn build(cfg: &UpstreamConfig) -> UpstreamClient {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
     Client::builder(TokioExecutor::new())
@@ -31,12 +30,71 @@ pub fn build(cfg: &UpstreamConfig) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)
-        .build(with_tls(connector, cfg))
+        .build(Connector::new(connector, cfg, cfg.connect_timeout))
+}
+
+/// Connections to upstreams, `http://` in clear and `https://` over TLS,
+/// each made within a time limit that covers the TLS handshake too (as
+/// nginx's `proxy_connect_timeout`): an upstream that accepts TCP and
+/// never finishes the handshake is a failed connection (502, cool-down,
+/// the next upstream), not a request that waits `response_timeout`.
+#[derive(Clone)]
+pub struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    limit: Duration,
+}
+
+type Connecting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+                    BoxError,
+                >,
+            > + Send,
+    >,
+>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Connector {
+    pub fn new(http: HttpConnector, cfg: &UpstreamConfig, limit: Duration) -> Connector {
+        Connector {
+            inner: with_tls(http, cfg),
+            limit,
+        }
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(made) => made,
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection (TLS included) within {limit:?}"),
+                )) as BoxError),
+            }
+        })
+    }
 }
 
 /// `http` for `http://` upstreams and, under TLS, for `https://` ones
-/// (HTTP/1.1 by ALPN, the upstream's host name checked).
-pub fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector<HttpConnector> {
+/// (HTTP/1.1, the upstream's host name checked).
+fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector<HttpConnector> {
     // The request URI's scheme chooses; TLS is this connector's to add.
     http.enforce_http(false);
     let mut roots = rustls::RootCertStore::empty();
@@ -78,9 +136,9 @@ impl ResolvesClientCert for Identity {
 }
 
 /// The system's roots, read once (a reload and each room's health
-/// checks build clients too). None readable: no https upstream verifies,
-/// and each says why in its error.
-fn system_roots() -> &'static [CertificateDer<'static>] {
+/// checks build clients too). The config check refuses https upstreams
+/// without `upstream.tls_ca` when there are none.
+pub fn system_roots() -> &'static [CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
     ROOTS.get_or_init(|| {
         let found = rustls_native_certs::load_native_certs();

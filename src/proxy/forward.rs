@@ -234,6 +234,20 @@ impl Forwarder {
                     if has_source::<ClientBodyError>(&e) {
                         return Err(ProxyError::ClientBody(e.into()));
                     }
+                    // Under TLS 1.3 an https upstream refuses varco's
+                    // client certificate (or its lack of one) only after
+                    // the handshake, with an alert on the first read: a
+                    // refused connection, not a broken exchange.
+                    if tls_alert(&e) {
+                        metrics.connect_errors.inc();
+                        signal(true);
+                        room.upstreams.mark_failed(index);
+                        tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the TLS connection (upstream.tls_client?); cooling down");
+                        return Err(ProxyError::Unreachable {
+                            upstream: upstream.label.clone(),
+                            source: e.into(),
+                        });
+                    }
                     metrics.protocol_errors.inc();
                     signal(true);
                     room.upstreams.mark_failed(index);
@@ -354,6 +368,25 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed with an error");
     }
+}
+
+/// Whether a TLS peer sent an alert (refused the connection) somewhere in
+/// `e`'s chain; rustls's error arrives inside an `io::Error`, whose
+/// `source()` skips it.
+fn tls_alert(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>());
+        let tls = err.downcast_ref::<rustls::Error>().or(inner);
+        if matches!(tls, Some(rustls::Error::AlertReceived(_))) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {

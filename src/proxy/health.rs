@@ -61,11 +61,10 @@ pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
 /// and fail when the server closes it idle just as a check goes out.
 fn checker(cfg: &HealthCheckConfig, upstream: &UpstreamConfig) -> UpstreamClient {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.timeout));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build(client::with_tls(connector, upstream))
+        .build(client::Connector::new(connector, upstream, cfg.timeout))
 }
 
 async fn check_loop(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 pub struct Upstream {
-    /// `http://host:port/`, the base every request's path is put on.
+    /// `http(s)://host[:port]/`, the base every request's path is put on.
     pub base: Uri,
     /// `host:port`, the metric label and log field.
     pub label: String,
@@ -34,6 +34,24 @@ pub struct UpstreamPool {
     checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
+/// `host:port`, the port written out (80 for http, 443 for https): two
+/// upstreams differ by it, `http://x` and `https://x` included.
+pub fn label(base: &Uri) -> String {
+    let host = base.host().unwrap_or_default();
+    let port = base
+        .port_u16()
+        .unwrap_or(if base.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 impl Drop for UpstreamPool {
     fn drop(&mut self) {
         self.stop_checks();
@@ -45,7 +63,7 @@ impl UpstreamPool {
         let upstreams = bases
             .iter()
             .map(|b| Upstream {
-                label: b.authority().map(|a| a.to_string()).unwrap_or_default(),
+                label: label(b),
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
                 checked_down: AtomicBool::new(false),
