@@ -310,6 +310,15 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         });
     }
     if let Some(pass) = live_pass(room, r).await? {
+        if let (Some(limiter), Some(sid)) = (&room.session_limiter, pass.session_id()) {
+            if let Err(not_until) = limiter.check_key(&sid) {
+                room.metrics.rejected_session_limit.inc();
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                return Ok(Gate::Respond(too_fast(wait, r.json)));
+            }
+        }
         let mut set_cookies = vec![];
         let idle = room.config.session_idle.as_millis() as u64;
         let pass = if pass.exp * 1000 < r.now_ms + idle {
@@ -527,6 +536,20 @@ fn too_many(wait: Duration, json: bool) -> Response<Body> {
     let mut resp = crate::page::error(
         http::StatusCode::TOO_MANY_REQUESTS,
         "Too many requests from this address. Your place in line, if you have one, is kept.",
+        json,
+    );
+    let secs = wait.as_secs().max(1);
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// A pass holder over `per_session`: the session is kept, only this
+/// request is refused.
+fn too_fast(wait: Duration, json: bool) -> Response<Body> {
+    let mut resp = crate::page::error(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests in this session. Wait a moment and try again: you keep your place inside.",
         json,
     );
     let secs = wait.as_secs().max(1);

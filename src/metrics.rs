@@ -205,7 +205,7 @@ impl Metrics {
         .expect("valid metric");
         let rejected = counter(
             "varco_rejected_total",
-            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), closed, in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full)",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over per_session), closed, in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full)",
             &["room", "reason"],
         );
         let wait_seconds = HistogramVec::new(
@@ -374,6 +374,7 @@ pub struct RoomMetrics {
     request_seconds: Histogram,
     pub rejected_ip_limit: IntCounter,
     pub rejected_status_ip_limit: IntCounter,
+    pub rejected_session_limit: IntCounter,
     pub rejected_closed: IntCounter,
     pub rejected_in_flight_full: IntCounter,
     pub rejected_in_flight_wait: IntCounter,
@@ -404,6 +405,7 @@ impl RoomMetrics {
             request_seconds: m.request_seconds.with_label_values(&[room]),
             rejected_ip_limit: rejected("ip_limit"),
             rejected_status_ip_limit: rejected("status_ip_limit"),
+            rejected_session_limit: rejected("session_limit"),
             rejected_closed: rejected("closed"),
             rejected_in_flight_full: rejected("in_flight_full"),
             rejected_in_flight_wait: rejected("in_flight_wait"),

@@ -186,6 +186,14 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.health_check.path",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nper_session = { requests_per_second = 0 }\n",
+            "rooms.portal.per_session.requests_per_second",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nper_session = { requests_per_second = 10, burst = 5 }\n",
+            "rooms.portal.per_session.burst",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", fall = 0 }\n",
             "rooms.portal.health_check.fall",
         ),

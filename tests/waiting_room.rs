@@ -1186,3 +1186,51 @@ async fn a_short_claim_window_makes_the_page_ask_sooner() {
         .unwrap();
     assert!((5..=7).contains(&retry), "status Retry-After {retry}");
 }
+
+/// A script holding a pass could take the portal's capacity from
+/// everyone admitted with it: `per_session` caps each pass's requests.
+/// Past it, 429 with Retry-After; the session and everyone else's carry on.
+#[tokio::test]
+async fn a_pass_holder_over_its_request_budget_gets_429_and_keeps_the_pass() {
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 2\n\
+         per_session = {{ requests_per_second = 1, burst = 3 }}\n",
+        up.addr
+    );
+    let g = Gated::start(&cfg).await;
+    let mut script = g.citizen();
+    assert!(script.get("/").await.reached_upstream(), "admitted");
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(script.get("/echo").await.status);
+    }
+    assert_eq!(
+        &statuses[..3],
+        &[200, 200, 200],
+        "a burst of 3: {statuses:?}"
+    );
+    assert_eq!(&statuses[3..], &[429, 429], "{statuses:?}");
+    let refused = script.get("/echo").await;
+    assert_eq!(refused.status, 429);
+    assert!(refused.headers.get("retry-after").is_some());
+    assert!(
+        script.cookie("varco_pass_portal").is_some(),
+        "the pass is kept"
+    );
+    assert!(
+        !refused.text().contains("id=\"position\""),
+        "not sent back to the line"
+    );
+    let mut other = g.citizen();
+    assert!(other.get("/").await.reached_upstream());
+    assert_eq!(
+        other.get("/echo").await.status,
+        200,
+        "another session's budget"
+    );
+    assert_eq!(
+        common::client::metric(g.admin, "varco_rejected_total", "reason=\"session_limit\"").await,
+        Some(3.0)
+    );
+}

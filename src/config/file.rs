@@ -97,6 +97,8 @@ pub const DEFAULT_IN_FLIGHT_WAIT: &str = "3s";
 /// HAProxy's `inter` is 2 s; a portal's health page is often not free,
 /// and a click day's portal is busy enough.
 pub const DEFAULT_HEALTH_INTERVAL: &str = "5s";
+/// A pass's burst over its rate: seconds' worth of requests.
+pub const DEFAULT_SESSION_BURST_SECONDS: u32 = 5;
 pub const DEFAULT_HEALTH_TIMEOUT: &str = "2s";
 /// HAProxy's defaults: three failures out, two successes back.
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
@@ -423,6 +425,10 @@ pub struct RawRoom {
     pub page_template: Option<String>,
     #[serde(default)]
     pub per_ip: RawPerIp,
+    /// A cap on each admitted person's requests (a script holding a pass
+    /// would otherwise take the portal's capacity from everyone else).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_session: Option<RawPerSession>,
     /// Adaptive admission: the rate follows the portal's health.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<RawAdaptive>,
@@ -561,6 +567,16 @@ pub struct RawBypass {
     /// ...or from an environment variable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerSession {
+    pub requests_per_second: u32,
+    /// Default: DEFAULT_SESSION_BURST_SECONDS seconds' worth (a page
+    /// with its assets, a form and its redirect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -169,6 +169,8 @@ pub struct RoomConfig {
     pub page_template: Option<String>,
     pub tickets_per_ip_per_minute: u32,
     pub status_per_ip_per_minute: u32,
+    /// Each pass's requests: (per second, burst).
+    pub per_session: Option<(u32, u32)>,
     /// With adaptive admission, `admission_per_minute` is where the rate
     /// starts (and always set).
     pub adaptive: Option<AdaptiveConfig>,

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::file::{
     RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_IN_FLIGHT_QUEUE_FACTOR,
+    DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS,
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -644,6 +644,25 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
         });
         let lanes = parse_lanes(&r.lanes, &key, base, &mut p);
+        let per_session = r.per_session.as_ref().map(|s| {
+            if !(1..=10_000).contains(&s.requests_per_second) {
+                p.add(
+                    key("per_session.requests_per_second"),
+                    "must be between 1 and 10000 requests a second",
+                );
+            }
+            let rate = s.requests_per_second.clamp(1, 10_000);
+            let burst = s
+                .burst
+                .unwrap_or(rate.saturating_mul(DEFAULT_SESSION_BURST_SECONDS));
+            if burst < rate {
+                p.add(
+                    key("per_session.burst"),
+                    format!("must be at least requests_per_second ({rate}): a second's worth"),
+                );
+            }
+            (rate, burst.max(rate))
+        });
         let health_check = r
             .health_check
             .as_ref()
@@ -679,6 +698,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             page_template,
             tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
             status_per_ip_per_minute: r.per_ip.status_per_minute,
+            per_session,
             adaptive,
             in_flight,
             health_check,

@@ -44,6 +44,7 @@ pub fn limits_of(config: &RoomConfig, tick_ms: u64) -> Limits {
 }
 
 pub type IpLimiter = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>;
+pub type SessionLimiter = RateLimiter<u128, DefaultKeyedStateStore<u128>, DefaultClock>;
 
 pub struct Room {
     pub name: String,
@@ -60,6 +61,8 @@ pub struct Room {
     pub ticket_limiter: IpLimiter,
     /// Status polls per client address.
     pub status_limiter: IpLimiter,
+    /// Each pass's requests (`per_session`): state per live session only.
+    pub session_limiter: Option<SessionLimiter>,
     /// The waiting page: the operator's template or the built-in one.
     pub template: Arc<Template>,
     tick_ms: u64,
@@ -136,6 +139,10 @@ impl Room {
             pass_cookie: format!("varco_pass_{}", config.name),
             ticket_limiter: RateLimiter::keyed(per_minute(config.tickets_per_ip_per_minute)),
             status_limiter: RateLimiter::keyed(per_minute(config.status_per_ip_per_minute)),
+            session_limiter: config.per_session.map(|(rate, burst)| {
+                let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+                RateLimiter::keyed(Quota::per_second(nz(rate)).allow_burst(nz(burst)))
+            }),
             tick_ms: tick.as_millis() as u64,
             mode: AtomicU8::new(config.mode.to_u8()),
             per_minute: AtomicU64::new(config.admission_per_minute.unwrap_or(f64::NAN).to_bits()),
@@ -597,6 +604,10 @@ impl Room {
         self.ticket_limiter.shrink_to_fit();
         self.status_limiter.retain_recent();
         self.status_limiter.shrink_to_fit();
+        if let Some(l) = &self.session_limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
     }
 }
 
