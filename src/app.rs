@@ -108,7 +108,7 @@ pub struct App {
     /// advancing (a lease taken over) is logged from where it stands.
     audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The certificates the public listener presents (`server.tls`); a
-    /// reload swaps in the one its file holds then.
+    /// reload swaps in the ones its files hold then.
     certificates: Option<Arc<tls::Certificates>>,
 }
 
