@@ -187,9 +187,12 @@ impl App {
         if !errors.is_empty() {
             return Err(AppError::Config(ConfigErrors(errors)));
         }
-        if let Some(t) = &config.server.tls {
-            certificate_in_force(&metrics, t, clock.now_ms());
-        }
+        certificates_in_force(
+            &metrics,
+            &config,
+            config.server.tls.as_ref(),
+            clock.now_ms(),
+        );
         for room in &rooms {
             health::watch(room, &config.upstream, &metrics);
         }
@@ -377,7 +380,7 @@ impl App {
         }
         if let (Some(served), Some(t)) = (&self.certificates, &new.server.tls) {
             served.replace(t);
-            certificate_in_force(&self.metrics, t, self.clock.now_ms());
+            certificates_in_force(&self.metrics, &self.config, Some(t), self.clock.now_ms());
         }
         let rooms = build_rooms(
             &new,
@@ -720,10 +723,19 @@ fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
 }
 
 /// Tells the log and the metrics which certificates are in force and
-/// until when, warning for one that has expired (browsers refuse it).
-fn certificate_in_force(metrics: &Metrics, tls: &TlsConfig, now_ms: u64) {
+/// until when, warning for one that has expired (browsers, or a portal
+/// that asks for varco's, refuse it): `served` to citizens (a reload's),
+/// and the client certificate `running` shows https upstreams (read at
+/// start only).
+fn certificates_in_force(
+    metrics: &Metrics,
+    running: &Config,
+    served: Option<&TlsConfig>,
+    now_ms: u64,
+) {
     let mut expiries = Vec::new();
-    for c in &tls.certificates {
+    let served = served.iter().flat_map(|t| t.certificates.iter());
+    for c in served.chain(running.upstream.tls_client.as_ref()) {
         let cert = c.cert.display().to_string();
         let names = c.names.join(" ");
         let Some(until) = tls::expires_at(&c.certified) else {

@@ -198,7 +198,7 @@ impl Metrics {
         let tls_certificate_expiry = IntGaugeVec::new(
             Opts::new(
                 "varco_tls_certificate_expiry_timestamp_seconds",
-                "When each certificate the public listener presents stops being valid (unix seconds; the earliest of its chain), by cert file; only with server.tls",
+                "When each certificate varco presents stops being valid (unix seconds; the earliest of its chain), by cert file: server.tls's, and upstream.tls_client's",
             ),
             &["cert"],
         )

@@ -437,7 +437,8 @@ async fn metrics_parse_and_move_with_traffic() {
         let optional = [
             "varco_room_estimated_wait_seconds",
             "varco_store_errors_total",
-            // Only with server.tls (tests/tls.rs).
+            // Only with server.tls or upstream.tls_client (tests/tls.rs,
+            // tests/proxy.rs).
             "varco_tls_certificate_expiry_timestamp_seconds",
             // Only with health_check (tests/proxy.rs).
             "varco_upstream_health_checks_total",

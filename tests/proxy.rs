@@ -750,6 +750,15 @@ async fn an_https_upstream_that_asks_who_calls_is_shown_varcos_certificate() {
     let got = get(&v.url("/echo")).await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(up.hits(), 1);
+    // When it runs out the portal refuses varco: its expiry is watched
+    // like the certificates citizens see.
+    let expiry = client::metric(
+        v.admin,
+        "varco_tls_certificate_expiry_timestamp_seconds",
+        "varco.pem",
+    )
+    .await;
+    assert!(expiry.is_some_and(|t| t > 1.7e9), "{expiry:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -96,7 +96,7 @@ pub struct UpstreamConfig {
     /// `upstream.tls_ca`; empty: the system's.
     pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// What varco shows an https upstream that asks who it is.
-    pub tls_client: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
+    pub tls_client: Option<TlsCertificate>,
 }
 
 #[derive(Debug, Clone)]

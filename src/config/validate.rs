@@ -304,7 +304,6 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 base.join(&t.cert),
                 base.join(&t.key),
             )
-            .map(|c| c.certified)
             .map_err(|e| p.add(e.key, e.reason))
             .ok()
         }),

@@ -111,7 +111,9 @@ fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector<Htt
     .expect("ring supports the default TLS versions")
     .with_root_certificates(roots);
     let tls = match &cfg.tls_client {
-        Some(identity) => tls.with_client_cert_resolver(Arc::new(Identity(identity.clone()))),
+        Some(identity) => {
+            tls.with_client_cert_resolver(Arc::new(Identity(identity.certified.clone())))
+        }
         None => tls.with_no_client_auth(),
     };
     hyper_rustls::HttpsConnectorBuilder::new()
