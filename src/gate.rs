@@ -316,7 +316,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                return Ok(Gate::Respond(too_fast(wait, r.json)));
+                return Ok(Gate::Respond(too_many(wait, r.json, IN_SESSION)));
             }
         }
         let mut set_cookies = vec![];
@@ -476,7 +476,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
-        return Ok(Gate::Respond(too_many(wait, r.json)));
+        return Ok(Gate::Respond(too_many(wait, r.json, FROM_ADDRESS)));
     }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
@@ -532,26 +532,17 @@ fn page(
     resp
 }
 
-fn too_many(wait: Duration, json: bool) -> Response<Body> {
-    let mut resp = crate::page::error(
-        http::StatusCode::TOO_MANY_REQUESTS,
-        "Too many requests from this address. Your place in line, if you have one, is kept.",
-        json,
-    );
-    let secs = wait.as_secs().max(1);
-    resp.headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-    resp
-}
-
+/// Too many requests from one address (tickets, status polls).
+const FROM_ADDRESS: &str =
+    "Too many requests from this address. Your place in line, if you have one, is kept.";
 /// A pass holder over `per_session`: the session is kept, only this
 /// request is refused.
-fn too_fast(wait: Duration, json: bool) -> Response<Body> {
-    let mut resp = crate::page::error(
-        http::StatusCode::TOO_MANY_REQUESTS,
-        "Too many requests in this session. Wait a moment and try again: you keep your place inside.",
-        json,
-    );
+const IN_SESSION: &str =
+    "Too many requests in this session. Wait a moment and try again: you keep your place inside.";
+
+/// 429 saying `why`, with Retry-After: `wait`, a second at least.
+fn too_many(wait: Duration, json: bool, why: &str) -> Response<Body> {
+    let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, json);
     let secs = wait.as_secs().max(1);
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
@@ -625,7 +616,7 @@ pub async fn status(
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
-        return too_many(wait, true);
+        return too_many(wait, true, FROM_ADDRESS);
     }
     let has_pass = match cookies::get(headers, &room.pass_cookie)
         .and_then(|t| {
