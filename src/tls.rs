@@ -42,29 +42,23 @@ pub fn read_certificate(
     })
 }
 
+/// The certificates of a PEM file, at least one: a chain to present, or
+/// roots to trust (`upstream.tls_ca`).
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
 fn certified_key(at: &str, cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, ConfigError> {
     let bad = |key: String, reason: String| ConfigError { key, reason };
-    let (cert_key, key_key) = (format!("{at}.cert"), format!("{at}.key"));
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| {
-            bad(
-                cert_key.clone(),
-                format!("cannot read {}: {e}", cert.display()),
-            )
-        })?
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            bad(
-                cert_key.clone(),
-                format!("{} is not PEM certificates: {e}", cert.display()),
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(bad(
-            cert_key,
-            format!("{} holds no certificate", cert.display()),
-        ));
-    }
+    let key_key = format!("{at}.key");
+    let chain = read_certificates(cert).map_err(|e| bad(format!("{at}.cert"), e))?;
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
         rustls::pki_types::pem::Error::Io(e) => bad(
             key_key.clone(),

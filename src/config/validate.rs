@@ -836,14 +836,7 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 
 /// The certificates of a PEM file of roots (a private CA).
 fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let roots = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
-    if roots.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
+    let roots = crate::tls::read_certificates(path)?;
     let (_, ignored) = rustls::RootCertStore::empty().add_parsable_certificates(roots.clone());
     if ignored > 0 {
         return Err(format!(
