@@ -14,16 +14,10 @@ async fn metric(g: &Gated, name: &str, labels: &str) -> Option<f64> {
     common::client::metric(g.admin, name, labels).await
 }
 
-/// Polls `cond` until it holds: the readiness signal of a request that
-/// is now held by the upstream or queued in varco.
-async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    for _ in 0..500 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never: {what}");
+/// Polls `cond` (5 s at most) until it holds: the readiness signal of a
+/// request that is now held by the upstream or queued in varco.
+async fn until(what: &str, cond: impl AsyncFnMut() -> bool) {
+    common::client::until(what, Duration::from_secs(5), cond).await
 }
 
 fn hold(mut c: Citizen, ms: u64) -> tokio::task::JoinHandle<(Citizen, u16)> {

@@ -554,25 +554,20 @@ async fn metrics_count_requests_by_room_and_class() {
 }
 
 /// Waits (10 s at most) until metric `name` with `labels` satisfies
-/// `holds`; panics naming what it last saw.
+/// `holds`.
 async fn until_metric(
     admin: std::net::SocketAddr,
     name: &str,
     labels: &str,
     holds: impl Fn(f64) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = client::metric(admin, name, labels).await;
-        if seen.is_some_and(&holds) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name}{{{labels}}} stayed at {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{name}{{{labels}}} as expected");
+    client::until(&what, Duration::from_secs(10), async || {
+        client::metric(admin, name, labels)
+            .await
+            .is_some_and(&holds)
+    })
+    .await
 }
 
 /// Which upstream answered a `GET /echo`.
@@ -589,10 +584,8 @@ async fn answered_by(v: &Varco) -> String {
 async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_back() {
     let sick = upstream::spawn().await;
     let well = upstream::spawn().await;
-    let toml = format!(
-        "[rooms.portal]\nupstreams = [\"http://{}\", \"http://{}\"]\n[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 2\n",
-        sick.addr, well.addr
-    );
+    let toml = room_config(&[sick.addr, well.addr], "")
+        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 2\n";
     sick.healthy
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let v = Varco::start(&toml).await;
@@ -634,10 +627,7 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_bac
 async fn a_reload_keeps_the_checks_verdict_and_removing_the_checks_ends_it() {
     let sick = upstream::spawn().await;
     let well = upstream::spawn().await;
-    let plain = format!(
-        "[rooms.portal]\nupstreams = [\"http://{}\", \"http://{}\"]\n",
-        sick.addr, well.addr
-    );
+    let plain = room_config(&[sick.addr, well.addr], "");
     let checked = format!(
         "{plain}[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"300ms\"\nfall = 3\nrise = 3\nhost = \"portal.example.it\"\n"
     );

@@ -105,7 +105,7 @@ pub async fn tls_connect_after(
     ca_der: &[u8],
     alpn: &[&[u8]],
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>) {
-    let tls = try_tls_connect_after(addr, first, ca_der, alpn).await;
+    let tls = try_tls_connect_as(addr, "localhost", first, ca_der, alpn).await;
     let tls = tls.expect("TLS handshake");
     let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
     (tls, proto)
@@ -120,15 +120,6 @@ pub async fn try_tls_connect(
     ca_der: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     try_tls_connect_as(addr, host, &[], ca_der, &[b"http/1.1"]).await
-}
-
-async fn try_tls_connect_after(
-    addr: SocketAddr,
-    first: &[u8],
-    ca_der: &[u8],
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    try_tls_connect_as(addr, "localhost", first, ca_der, alpn).await
 }
 
 async fn try_tls_connect_as(
@@ -150,6 +141,16 @@ async fn try_tls_connect_as(
     tcp.write_all(first).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     connector.connect(name, tcp).await
+}
+
+/// Polls `cond` every 10 ms until it holds, failing after `within`: the
+/// readiness signal of something varco does on its own time.
+pub async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Sends raw bytes and reads until the server closes or `limit` passes.
