@@ -24,6 +24,7 @@ use crate::gateway::Gateway;
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
+use crate::proxy::buffer::RequestBuffer;
 use crate::proxy::{client, health, Forwarder};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
@@ -523,11 +524,18 @@ impl App {
             client::build(&config.upstream),
             config.upstream.response_timeout,
             config.server.max_body_size,
-            config.server.body_read_timeout,
             config.server.trusted_proxies.clone(),
+        );
+        let buffer = RequestBuffer::new(
+            config.upstream.request_buffer,
+            config.upstream.request_buffer_memory,
+            config.server.max_body_size,
+            config.server.body_read_timeout,
+            &self.metrics,
         );
         let gateway = Arc::new(Gateway::new(
             self.routing.clone(),
+            buffer,
             forwarder,
             self.metrics.clone(),
             self.clock.clone(),

@@ -19,6 +19,7 @@ use crate::gate::{self, Gate, GateRequest, RELEASE_HEADER};
 use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page;
+use crate::proxy::buffer::RequestBuffer;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
@@ -30,6 +31,7 @@ use crate::router::SharedRouting;
 
 pub struct Gateway {
     routing: SharedRouting,
+    buffer: RequestBuffer,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
     clock: SharedClock,
@@ -40,6 +42,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         routing: SharedRouting,
+        buffer: RequestBuffer,
         forwarder: Forwarder,
         metrics: Arc<Metrics>,
         clock: SharedClock,
@@ -48,6 +51,7 @@ impl Gateway {
     ) -> Self {
         Gateway {
             routing,
+            buffer,
             forwarder,
             metrics,
             clock,
@@ -224,6 +228,20 @@ impl Gateway {
             (Vec::new(), None)
         };
 
+        // Before a slot of the portal's is taken: an upload at the pace
+        // of a slow line holds varco's memory, not the portal's capacity.
+        let (parts, incoming) = req.into_parts();
+        let mut req = match self.buffer.read(&parts.headers, incoming).await {
+            Ok(body) => Request::from_parts(parts, body),
+            Err(e) => {
+                tracing::debug!(room = %room.name, error = %e, "client failure");
+                let mut resp = page::error(e.status(), e.public_message(), json);
+                for c in set_cookies {
+                    set_cookie(&mut resp, c);
+                }
+                return (resp, None);
+            }
+        };
         let (slot, queued) = match &room.in_flight {
             Some(cap) => match enter(room, cap, json).await {
                 Ok((slot, queued)) => (Some(slot), queued),

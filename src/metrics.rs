@@ -20,6 +20,9 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_up",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
+    "varco_request_bodies_total",
+    "varco_request_buffer_bytes",
+    "varco_request_buffer_limit_bytes",
     "varco_build_info",
     "varco_store_errors_total",
     "varco_config_reloads_total",
@@ -69,6 +72,10 @@ pub struct Metrics {
     pub upstream_response_seconds: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    /// By handling: buffered, streamed_large, streamed_memory_full.
+    pub request_bodies: IntCounterVec,
+    pub request_buffer_bytes: IntGauge,
+    pub request_buffer_limit_bytes: IntGauge,
     pub build_info: IntGaugeVec,
     pub upstream_responses: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
@@ -148,6 +155,16 @@ impl Metrics {
             "Client connections open on the public listener",
         )
         .expect("valid metric");
+        let request_buffer_bytes = IntGauge::new(
+            "varco_request_buffer_bytes",
+            "Memory set aside for request bodies being read whole before they go upstream (upstream.request_buffer)",
+        )
+        .expect("valid metric");
+        let request_buffer_limit_bytes = IntGauge::new(
+            "varco_request_buffer_limit_bytes",
+            "upstream.request_buffer_memory: the most request bodies read whole may hold together",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "varco_build_info",
@@ -180,6 +197,16 @@ impl Metrics {
             "Active health checks of an upstream (rooms with health_check), by result: passed or failed",
             &["room", "upstream", "result"],
         );
+        let request_bodies = counter(
+            "varco_request_bodies_total",
+            "Request bodies forwarded, by handling: buffered (read whole first), streamed_large (larger than upstream.request_buffer), streamed_memory_full (upstream.request_buffer_memory was in use)",
+            &["handling"],
+        );
+        // From 0, so increase() sees the first body streamed for want of
+        // memory.
+        for handling in ["buffered", "streamed_large", "streamed_memory_full"] {
+            request_bodies.with_label_values(&[handling]);
+        }
         let store_errors = counter(
             "varco_store_errors_total",
             "Store operations that failed (the room kept serving on what it knew)",
@@ -281,6 +308,9 @@ impl Metrics {
             Box::new(upstream_response_seconds.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(open_connections.clone()),
+            Box::new(request_bodies.clone()),
+            Box::new(request_buffer_bytes.clone()),
+            Box::new(request_buffer_limit_bytes.clone()),
             Box::new(build_info.clone()),
             Box::new(upstream_responses.clone()),
             Box::new(upstream_in_flight.clone()),
@@ -300,6 +330,9 @@ impl Metrics {
             upstream_response_seconds,
             upstream_errors,
             open_connections,
+            request_bodies,
+            request_buffer_bytes,
+            request_buffer_limit_bytes,
             build_info,
             upstream_responses,
             upstream_in_flight,

@@ -22,6 +22,8 @@ fn defaults_apply() {
     assert_eq!(c.server.header_read_timeout, Duration::from_secs(30));
     assert_eq!(c.server.max_header_size, 32 * 1024);
     assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.upstream.request_buffer, 1 << 20);
+    assert_eq!(c.upstream.request_buffer_memory, 256 << 20);
     assert_eq!(c.rooms[0].paths, vec!["/"]);
     assert!(c.rooms[0].preserve_host);
 }
@@ -116,6 +118,22 @@ fn each_bad_value_names_its_key() {
             "upstream.tls_client.cert",
         ),
         ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
+        (
+            "[upstream]\nrequest_buffer = \"1MB2\"\n",
+            "upstream.request_buffer",
+        ),
+        (
+            "[upstream]\nrequest_buffer_memory = \"lots\"\n",
+            "upstream.request_buffer_memory",
+        ),
+        (
+            "[upstream]\nrequest_buffer = \"2MiB\"\nrequest_buffer_memory = \"1MiB\"\n",
+            "upstream.request_buffer",
+        ),
+        (
+            "[upstream]\nrequest_buffer = \"2GiB\"\nrequest_buffer_memory = \"8GiB\"\n",
+            "upstream.request_buffer",
+        ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[store]\nkind = \"etcd\"\n", "store.kind"),
         ("[store]\nkind = \"redis\"\n", "store.url"),

@@ -67,10 +67,20 @@ async fn slow_upstream_is_504_after_the_response_timeout() {
 
 #[tokio::test]
 async fn oversized_body_is_413_declared_or_streamed() {
+    // Read whole by varco, streamed after a part was read, or streamed
+    // from the start.
+    for request_buffer in ["1MiB", "16KiB", "0"] {
+        oversized_body_is_413(request_buffer).await;
+    }
+}
+
+async fn oversized_body_is_413(request_buffer: &str) {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(
         &[up.addr],
-        "[server]\nmax_body_size = \"64KiB\"",
+        &format!(
+            "[server]\nmax_body_size = \"64KiB\"\n[upstream]\nrequest_buffer = \"{request_buffer}\""
+        ),
     ))
     .await;
     // Declared too large: refused before anything reaches the upstream.

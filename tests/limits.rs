@@ -185,10 +185,19 @@ async fn connections_past_the_cap_wait_instead_of_being_served() {
 
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_off_with_408() {
+    // Read whole by varco (the default), or streamed to the portal.
+    for request_buffer in ["1MiB", "0"] {
+        stalled_body_is_cut_off(request_buffer).await;
+    }
+}
+
+async fn stalled_body_is_cut_off(request_buffer: &str) {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(
         &[up.addr],
-        "[server]\nbody_read_timeout = \"500ms\"",
+        &format!(
+            "[server]\nbody_read_timeout = \"500ms\"\n[upstream]\nrequest_buffer = \"{request_buffer}\""
+        ),
     ))
     .await;
     let mut s = TcpStream::connect(v.addr).await.unwrap();
@@ -201,7 +210,7 @@ async fn a_stalled_request_body_is_cut_off_with_408() {
     let text = String::from_utf8_lossy(&out);
     assert!(
         text.starts_with("HTTP/1.1 408") || text.is_empty(),
-        "{text}"
+        "request_buffer {request_buffer}: {text}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -488,11 +488,13 @@ async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
 #[tokio::test]
 async fn a_slow_upload_is_not_the_portals_delay() {
     // A person on a slow line sends 10 bytes over about a second; the
-    // portal answers within its 300 ms once it has them.
+    // portal answers within its 300 ms once it has them. Streamed to the
+    // portal as they come (request_buffer = "0"): read whole by varco
+    // first, the portal would wait for nothing.
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(
         &[up.addr],
-        "[upstream]\nresponse_timeout = \"300ms\"",
+        "[upstream]\nresponse_timeout = \"300ms\"\nrequest_buffer = \"0\"",
     ))
     .await;
     let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();

@@ -51,6 +51,12 @@ pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
 pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "30s";
 /// nginx's `keepalive 32` per worker, times a few workers.
 pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
+/// Scanned documents and every form fit: read whole, an upload on a slow
+/// line holds varco's memory instead of a portal connection.
+pub const DEFAULT_REQUEST_BUFFER: &str = "1MiB";
+/// Hundreds of uploads at once, a small share of a server's memory; past
+/// it bodies stream (as nginx with buffering off), never refused.
+pub const DEFAULT_REQUEST_BUFFER_MEMORY: &str = "256MiB";
 /// How long an upstream that refused a connection is skipped.
 pub const DEFAULT_FAIL_COOLDOWN: &str = "10s";
 /// A pass ends after this long without a request: long enough to read a
@@ -323,6 +329,11 @@ pub struct RawUpstream {
     pub pool_idle_timeout: String,
     pub pool_max_idle: usize,
     pub fail_cooldown: String,
+    /// Request bodies up to this size are read whole before an upstream
+    /// is asked; "0" streams every body.
+    pub request_buffer: String,
+    /// What all bodies being read whole may hold together.
+    pub request_buffer_memory: String,
     /// A PEM file of the root(s) that sign https upstreams' certificates
     /// (a private CA); without it, the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -341,6 +352,8 @@ impl Default for RawUpstream {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT.into(),
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
+            request_buffer: DEFAULT_REQUEST_BUFFER.into(),
+            request_buffer_memory: DEFAULT_REQUEST_BUFFER_MEMORY.into(),
             tls_ca: None,
             tls_client: None,
         }

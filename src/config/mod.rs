@@ -92,6 +92,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     pub fail_cooldown: Duration,
+    /// Largest request body read whole before forwarding; 0: none.
+    pub request_buffer: u64,
+    /// What bodies read whole may hold together.
+    pub request_buffer_memory: u64,
     /// The roots https upstreams' certificates must chain to, from
     /// `upstream.tls_ca`; empty: the system's.
     pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,

@@ -27,6 +27,8 @@ const MAX_HEADER_SIZE: u64 = 1 << 20;
 const MAX_COUNT: usize = 1 << 30;
 /// Headers in a request: hyper reserves this many slots per request.
 const MAX_HEADERS: usize = 1000;
+/// A body read whole is held in memory; uploads past this stream.
+const MAX_REQUEST_BUFFER: u64 = 1 << 30;
 
 struct Problems(Vec<ConfigError>);
 
@@ -286,12 +288,27 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
 
     let u = &raw.upstream;
     p.positive("upstream.pool_max_idle", u.pool_max_idle);
+    let request_buffer = p.size("upstream.request_buffer", &u.request_buffer);
+    let request_buffer_memory = p.size("upstream.request_buffer_memory", &u.request_buffer_memory);
+    if request_buffer > MAX_REQUEST_BUFFER {
+        p.add(
+            "upstream.request_buffer",
+            "at most 1GiB: a body larger than that streams to the upstream anyway",
+        );
+    } else if request_buffer > request_buffer_memory {
+        p.add(
+            "upstream.request_buffer",
+            format!("{} is more than upstream.request_buffer_memory ({}): no body that size could be read whole", u.request_buffer, u.request_buffer_memory),
+        );
+    }
     let upstream = UpstreamConfig {
         connect_timeout: p.duration("upstream.connect_timeout", &u.connect_timeout),
         response_timeout: p.duration("upstream.response_timeout", &u.response_timeout),
         pool_idle_timeout: p.duration("upstream.pool_idle_timeout", &u.pool_idle_timeout),
         pool_max_idle: u.pool_max_idle,
         fail_cooldown: p.duration("upstream.fail_cooldown", &u.fail_cooldown),
+        request_buffer,
+        request_buffer_memory,
         tls_roots: u
             .tls_ca
             .as_ref()

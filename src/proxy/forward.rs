@@ -7,9 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -17,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
+use super::buffer::ClientBody;
 use super::client::UpstreamClient;
 use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
@@ -29,7 +29,6 @@ pub struct Forwarder {
     client: UpstreamClient,
     response_timeout: Duration,
     max_body_size: u64,
-    body_read_timeout: Duration,
     trusted_proxies: Vec<IpNet>,
 }
 
@@ -45,14 +44,12 @@ impl Forwarder {
         client: UpstreamClient,
         response_timeout: Duration,
         max_body_size: u64,
-        body_read_timeout: Duration,
         trusted_proxies: Vec<IpNet>,
     ) -> Self {
         Forwarder {
             client,
             response_timeout,
             max_body_size,
-            body_read_timeout,
             trusted_proxies,
         }
     }
@@ -63,24 +60,16 @@ impl Forwarder {
     pub async fn forward(
         &self,
         room: &Room,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         queued: Duration,
     ) -> Result<Forwarded, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && is_websocket_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, incoming) = req.into_parts();
+        let (mut parts, client_body) = req.into_parts();
         // The connection's hold, for a tunnel to take along.
         let hold = parts.extensions.remove::<Arc<ConnectionHold>>();
         let client_upgrade = client_upgrade.map(|u| (u, hold));
-
-        if let Some(len) = content_length(&parts.headers) {
-            if len > self.max_body_size {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: self.max_body_size,
-                });
-            }
-        }
 
         // HTTP/2 carries the host only in :authority; capture it before the
         // URI is rewritten for the upstream.
@@ -115,17 +104,18 @@ impl Forwarder {
             }
         }
 
-        // A request without a body can be sent again to another upstream
-        // if the first refuses the connection; one with a body cannot.
-        let replayable = incoming.is_end_stream();
-        let (mut request_body, mut taken) = if replayable {
-            (None, None)
-        } else {
-            let timed = TimedBody::new(incoming, self.body_read_timeout);
-            let limited = Limited::new(timed, self.max_body_size as usize);
-            let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
-            (Some(body::stream(watched)), Some(taken))
+        // A body read whole (or none) can be sent again to another
+        // upstream if the first refuses the connection; a streamed one
+        // cannot.
+        let (whole, mut request_body, mut taken) = match client_body {
+            ClientBody::Whole(whole) => (Some(whole), None, None),
+            ClientBody::Streaming(streaming) => {
+                let limited = Limited::new(streaming, self.max_body_size as usize);
+                let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
+                (None, Some(body::stream(watched)), Some(taken))
+            }
         };
+        let replayable = whole.is_some();
 
         let path = parts.uri.path_and_query().cloned();
         let mut tried: Vec<usize> = Vec::with_capacity(1);
@@ -152,7 +142,11 @@ impl Forwarder {
                     headers.clone()
                 };
             }
-            let body = request_body.take().unwrap_or_else(body::empty);
+            let body = match &whole {
+                Some(w) if !w.bytes.is_empty() => body::full(w.bytes.clone()),
+                Some(_) => body::empty(),
+                None => request_body.take().unwrap_or_else(body::empty),
+            };
             let upstream_req = builder.body(body).map_err(|e| ProxyError::Upstream {
                 upstream: upstream.label.clone(),
                 source: e.into(),
@@ -299,10 +293,6 @@ impl Forwarder {
             .await
             .ok()
     }
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 pub(crate) fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {

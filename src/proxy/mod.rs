@@ -1,8 +1,10 @@
-//! Forwarding to a room's upstreams: the pooled client ([`client`]), the
-//! choice of upstream ([`upstreams`]) and its active checks ([`health`]),
-//! header rules ([`headers`]), the
-//! request itself ([`forward`]) and what can fail ([`error`]).
+//! Forwarding to a room's upstreams: request bodies read whole first
+//! ([`buffer`]), the pooled client ([`client`]), the choice of upstream
+//! ([`upstreams`]) and its active checks ([`health`]), header rules
+//! ([`headers`]), the request itself ([`forward`]) and what can fail
+//! ([`error`]).
 
+pub mod buffer;
 pub mod client;
 pub mod error;
 pub mod forward;

@@ -1,0 +1,278 @@
+//! Request buffering: a body is read whole before the portal is asked, so
+//! a slow upload holds no portal connection or in-flight slot, and a body
+//! read whole can go to the next upstream; past the per-request size or
+//! the memory for all of them, bodies stream, whole and in order.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::client::{get, send};
+use common::{dead_addr, upstream, Varco};
+use varco::body;
+
+fn config(upstreams: &[SocketAddr], upstream_table: &str, room: &str) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|a| format!("\"http://{a}\""))
+        .collect();
+    format!(
+        "[upstream]\n{upstream_table}\n[rooms.portal]\nupstreams = [{}]\n{room}\n",
+        list.join(", ")
+    )
+}
+
+async fn metric(v: &Varco, name: &str, labels: &str) -> Option<f64> {
+    common::client::metric(v.admin, name, labels).await
+}
+
+async fn until(what: &str, cond: impl AsyncFnMut() -> bool) {
+    common::client::until(what, Duration::from_secs(5), cond).await
+}
+
+/// Starts a POST of `len` bytes and sends only `sent` of them.
+async fn start_upload(v: &Varco, len: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'x'; sent]).await.unwrap();
+    s
+}
+
+/// Sends the rest of an upload begun with `start_upload`; the status line
+/// and the body of the answer (the number of bytes the portal got).
+async fn finish_upload(mut s: TcpStream, rest: usize) -> (String, String) {
+    s.write_all(&vec![b'x'; rest]).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(String::from)
+                })
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            if n == 0 || length.is_some_and(|n| body.len() >= n) {
+                let status = head.lines().next().unwrap_or("").to_string();
+                return (status, body.to_string());
+            }
+        }
+        assert!(n > 0, "connection closed before an answer");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_upload_reaches_the_portal_only_whole_and_holds_no_slot_meanwhile() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(
+        &[up.addr],
+        "",
+        "in_flight = { limit = 1, queue = 0, wait = \"100ms\" }",
+    ))
+    .await;
+    let upload = start_upload(&v, 10, 5).await;
+    // varco has the first half and set memory aside for the whole.
+    until("the upload is being read whole", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(10.0)
+    })
+    .await;
+    assert_eq!(
+        up.hits(),
+        0,
+        "the portal has seen nothing of the upload yet"
+    );
+    // The room's one in-flight slot is free for somebody else.
+    let other = get(&v.url("/page")).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    assert_eq!(up.hits(), 1);
+
+    let (status, body) = finish_upload(upload, 5).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "10", "the portal got the whole upload");
+    assert_eq!(up.hits(), 2);
+    assert_eq!(
+        metric(&v, "varco_request_bodies_total", "handling=\"buffered\"").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&v, "varco_request_buffer_bytes", "").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn a_body_read_whole_goes_to_the_next_upstream_when_the_first_refuses() {
+    let up = upstream::spawn().await;
+    let dead = dead_addr();
+    // Round robin starts with the first: the dead one.
+    let v = Varco::start(&config(&[dead, up.addr], "", "")).await;
+    let got = send(
+        Request::post(v.url("/form"))
+            .body(body::full("name=Ada"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["body"], "name=Ada");
+    assert_eq!(
+        metric(
+            &v,
+            "varco_upstream_errors_total",
+            &format!("upstream=\"{dead}\"")
+        )
+        .await,
+        Some(1.0),
+        "the dead upstream was tried first"
+    );
+}
+
+/// A body of `pieces` chunks of 300 bytes, each of its own letter, sent
+/// without a length (chunked).
+fn chunked(pieces: u8) -> (body::Body, String) {
+    let chunks: Vec<Bytes> = (0..pieces)
+        .map(|i| Bytes::from(vec![b'a' + i; 300]))
+        .collect();
+    let whole = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    let frames = futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
+    );
+    (body::stream(http_body_util::StreamBody::new(frames)), whole)
+}
+
+#[tokio::test]
+async fn a_body_without_a_length_is_read_whole_or_streamed_past_the_size() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(&[up.addr], "request_buffer = \"1KiB\"", "")).await;
+
+    // Read whole: the portal gets it with its length.
+    let (small, sent) = chunked(3);
+    let got = send(Request::post(v.url("/small")).body(small).unwrap()).await;
+    assert_eq!(got.status, 200);
+    let seen = got.json();
+    assert_eq!(seen["body"], sent.as_str());
+    assert_eq!(seen["headers"]["content-length"][0], "900");
+    assert!(seen["headers"]["transfer-encoding"].is_null(), "{seen}");
+
+    // Past 1 KiB: what was read goes first, then the rest as it comes.
+    let (large, sent) = chunked(20);
+    let got = send(Request::post(v.url("/large")).body(large).unwrap()).await;
+    assert_eq!(got.status, 200);
+    let seen = got.json();
+    assert_eq!(seen["body"], sent.as_str(), "the whole body, in order");
+    assert_eq!(seen["headers"]["transfer-encoding"][0], "chunked");
+
+    // A declared length past 1 KiB streams from the start.
+    let got = send(
+        Request::post(v.url("/declared"))
+            .body(body::full(vec![b'z'; 2000]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.json()["body"].as_str().map(str::len), Some(2000));
+
+    let handled = async |how: &str| {
+        metric(
+            &v,
+            "varco_request_bodies_total",
+            &format!("handling=\"{how}\""),
+        )
+        .await
+    };
+    assert_eq!(handled("buffered").await, Some(1.0));
+    assert_eq!(handled("streamed_large").await, Some(2.0));
+}
+
+#[tokio::test]
+async fn bodies_stream_while_the_buffer_memory_is_in_use() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(
+        &[up.addr],
+        "request_buffer = \"1KiB\"\nrequest_buffer_memory = \"1KiB\"",
+        "",
+    ))
+    .await;
+    assert_eq!(
+        metric(&v, "varco_request_buffer_limit_bytes", "").await,
+        Some(1024.0)
+    );
+    let upload = start_upload(&v, 1024, 10).await;
+    until("the first upload holds all the memory", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(1024.0)
+    })
+    .await;
+    let got = send(
+        Request::post(v.url("/second"))
+            .body(body::full("second"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["body"], "second");
+    assert_eq!(
+        metric(
+            &v,
+            "varco_request_bodies_total",
+            "handling=\"streamed_memory_full\""
+        )
+        .await,
+        Some(1.0)
+    );
+    let (status, body) = finish_upload(upload, 1014).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "1024");
+    // With the memory back, the next body is read whole again.
+    let got = send(
+        Request::post(v.url("/third"))
+            .body(body::full("third"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.json()["body"], "third");
+    assert_eq!(
+        metric(&v, "varco_request_bodies_total", "handling=\"buffered\"").await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_upload_being_read_whole_gets_408() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&format!(
+        "[server]\nbody_read_timeout = \"200ms\"\n{}",
+        config(&[up.addr], "", "")
+    ))
+    .await;
+    let mut s = start_upload(&v, 10, 5).await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .expect("cut off within 5 s")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(up.hits(), 0, "nothing of it reached the portal");
+    assert_eq!(
+        metric(&v, "varco_request_buffer_bytes", "").await,
+        Some(0.0)
+    );
+}
