@@ -228,6 +228,14 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.health_check.rise",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", slow_start = \"2h\" }\n",
+            "rooms.portal.health_check.slow_start",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", slow_start = \"soon\" }\n",
+            "rooms.portal.health_check.slow_start",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", host = \"a b\" }\n",
             "rooms.portal.health_check.host",
         ),

@@ -622,6 +622,43 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_bac
     );
 }
 
+/// With `slow_start`, an upstream the checks bring back gets a growing
+/// share of the requests, not its full share at once.
+#[tokio::test]
+async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
+    let sick = upstream::spawn().await;
+    let well = upstream::spawn().await;
+    let toml = room_config(&[sick.addr, well.addr], "")
+        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\nslow_start = \"5s\"\n";
+    sick.healthy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let v = Varco::start(&toml).await;
+    let of = format!("room=\"portal\",upstream=\"{}\"", sick.addr);
+    until_metric(v.admin, "varco_upstream_up", &of, |up| up == 0.0).await;
+    sick.healthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    until_metric(v.admin, "varco_upstream_up", &of, |up| up == 1.0).await;
+    // Round robin alone would send it every other request: 20 of 40.
+    let mut back = 0;
+    for _ in 0..40 {
+        if answered_by(&v).await == sick.addr.to_string() {
+            back += 1;
+        }
+    }
+    assert!(back <= 10, "{back} of 40 at the start of its slow start");
+    // Within the slow start's 5 s it comes to its full share.
+    client::until("its full share", Duration::from_secs(15), async || {
+        let mut back = 0;
+        for _ in 0..10 {
+            if answered_by(&v).await == sick.addr.to_string() {
+                back += 1;
+            }
+        }
+        back == 5
+    })
+    .await;
+}
+
 /// A reload keeps what the checks found (an upstream they took out gets no
 /// citizen's request while the new checks count again), and a reload that
 /// removes the checks puts every upstream back.

@@ -477,6 +477,10 @@ pub struct RawHealthCheck {
     /// Passed checks in a row that bring it back.
     #[serde(default = "default_health_rise")]
     pub rise: u32,
+    /// Once the checks bring an upstream back, its share of requests
+    /// grows from nothing to full over this long (HAProxy's `slowstart`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

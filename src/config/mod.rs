@@ -236,6 +236,8 @@ pub struct HealthCheckConfig {
     pub host: Option<http::HeaderValue>,
     pub fall: u32,
     pub rise: u32,
+    /// Zero: an upstream back takes its full share at once.
+    pub slow_start: Duration,
 }
 
 impl RoomConfig {

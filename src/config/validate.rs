@@ -27,6 +27,8 @@ const MAX_HEADER_SIZE: u64 = 1 << 20;
 const MAX_COUNT: usize = 1 << 30;
 /// Headers in a request: hyper reserves this many slots per request.
 const MAX_HEADERS: usize = 1000;
+/// HAProxy allows any; an hour of warming up is already a server not ready.
+const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 /// A body read whole is held in memory; uploads past this stream.
 const MAX_REQUEST_BUFFER: u64 = 1 << 30;
 
@@ -151,11 +153,22 @@ fn parse_health_check(
             );
         }
     }
+    let slow_start = match &h.slow_start {
+        Some(s) => p.duration(&key("health_check.slow_start"), s),
+        None => Duration::ZERO,
+    };
+    if slow_start > MAX_SLOW_START {
+        p.add(
+            key("health_check.slow_start"),
+            "must be at most 1h: a server that needs longer to warm up is not ready",
+        );
+    }
     HealthCheckConfig {
         path,
         interval,
         timeout,
         host,
+        slow_start: slow_start.min(MAX_SLOW_START),
         fall: h.fall.clamp(1, 100),
         rise: h.rise.clamp(1, 100),
     }

@@ -110,6 +110,7 @@ async fn check_loop(
                 upstream = %upstream.label,
                 checks = cfg.rise,
                 in_rotation = %in_rotation(&room),
+                slow_start = ?cfg.slow_start,
                 "upstream back in rotation: it passed its health checks"
             ),
             _ => {}

@@ -2,9 +2,11 @@
 //! failed (refused a connection, gave no answer within the response
 //! timeout, or broke the exchange): passive health with a cool-down; and
 //! any that failed `fall` active health checks in a row, until they pass
-//! `rise` (see `health.rs`).
+//! `rise` (see `health.rs`). One the checks bring back may take its turns
+//! gradually over `slow_start`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use http::Uri;
@@ -22,13 +24,18 @@ pub struct Upstream {
     /// Checks in a row that disagree with `checked_down` (one checker
     /// per upstream writes it).
     streak: AtomicU32,
+    /// When the checks brought it back (milliseconds since the epoch),
+    /// while its slow start runs; 0 otherwise.
+    back_at_ms: AtomicU64,
+    /// Its turns in rotation since then, taken or passed on.
+    turns: AtomicU64,
 }
 
 pub struct UpstreamPool {
     upstreams: Vec<Upstream>,
     next: AtomicUsize,
     cooldown: Duration,
-    epoch: Instant,
+    slow_start_ms: u64,
     /// The health checks' tasks: stopped with the pool (a reload replaced
     /// it), so two checkers never judge one upstream.
     checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
@@ -58,8 +65,14 @@ impl Drop for UpstreamPool {
     }
 }
 
+/// One clock for every pool, so a reload can carry a slow start over.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 impl UpstreamPool {
-    pub fn new(bases: &[Uri], cooldown: Duration) -> Self {
+    pub fn new(bases: &[Uri], cooldown: Duration, slow_start: Duration) -> Self {
         let upstreams = bases
             .iter()
             .map(|b| Upstream {
@@ -68,13 +81,15 @@ impl UpstreamPool {
                 down_until_ms: AtomicU64::new(0),
                 checked_down: AtomicBool::new(false),
                 streak: AtomicU32::new(0),
+                back_at_ms: AtomicU64::new(0),
+                turns: AtomicU64::new(0),
             })
             .collect();
         UpstreamPool {
             upstreams,
             next: AtomicUsize::new(0),
             cooldown,
-            epoch: Instant::now(),
+            slow_start_ms: slow_start.as_millis() as u64,
             checks: Default::default(),
         }
     }
@@ -115,13 +130,17 @@ impl UpstreamPool {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        // Never 0, which marks no slow start.
+        (epoch().elapsed().as_millis() as u64).max(1)
     }
 
     pub fn is_healthy(&self, index: usize) -> bool {
+        self.is_healthy_at(index, self.now_ms())
+    }
+
+    fn is_healthy_at(&self, index: usize, now_ms: u64) -> bool {
         let u = &self.upstreams[index];
-        !u.checked_down.load(Ordering::Relaxed)
-            && u.down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        !u.checked_down.load(Ordering::Relaxed) && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
     /// Takes the checks' verdicts from the same upstreams (by address) of
@@ -133,6 +152,8 @@ impl UpstreamPool {
                 u.checked_down.store(down, Ordering::Relaxed);
                 let streak = o.streak.load(Ordering::Relaxed);
                 u.streak.store(streak, Ordering::Relaxed);
+                let back = o.back_at_ms.load(Ordering::Relaxed);
+                u.back_at_ms.store(back, Ordering::Relaxed);
             }
         }
     }
@@ -152,8 +173,36 @@ impl UpstreamPool {
             return None;
         }
         u.streak.store(0, Ordering::Relaxed);
+        if passed && self.slow_start_ms > 0 {
+            u.turns.store(0, Ordering::Relaxed);
+            u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
         u.checked_down.store(!down, Ordering::Relaxed);
         Some(passed)
+    }
+
+    /// Whether upstream `index`, in rotation, takes this turn: always,
+    /// but during its slow start only the share of its turns that the
+    /// slow start has run (a tenth of them a tenth of the way in), spread
+    /// evenly. A server just back (restarted, caches cold) that got its
+    /// full share at once on a click day could fall over again, and flap.
+    fn takes_turn(&self, index: usize, now_ms: u64) -> bool {
+        let u = &self.upstreams[index];
+        let back = u.back_at_ms.load(Ordering::Relaxed);
+        if back == 0 {
+            return true;
+        }
+        let ran = now_ms.saturating_sub(back);
+        if ran >= self.slow_start_ms {
+            // A check may have started a new slow start meanwhile.
+            let _ = u
+                .back_at_ms
+                .compare_exchange(back, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return true;
+        }
+        let share = ran * 1000 / self.slow_start_ms;
+        let k = u.turns.fetch_add(1, Ordering::Relaxed);
+        (k + 1) * share / 1000 > k * share / 1000
     }
 
     /// The next upstream in rotation that is healthy and not in `tried`.
@@ -162,15 +211,23 @@ impl UpstreamPool {
     /// checks found dead): a pool that is all down must still be probed,
     /// or it never recovers without checks.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        self.pick_at(tried, self.now_ms())
+    }
+
+    fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let candidates = (0..n)
             .map(|i| (start + i) % n)
             .filter(|i| !tried.contains(i));
-        let (mut cooling, mut checked_out) = (None, None);
+        let (mut ramping, mut cooling, mut checked_out) = (None, None, None);
         for i in candidates {
-            if self.is_healthy(i) {
-                return Some(i);
+            if self.is_healthy_at(i, now) {
+                if self.takes_turn(i, now) {
+                    return Some(i);
+                }
+                ramping.get_or_insert(i);
+                continue;
             }
             if self.upstreams[i].checked_down.load(Ordering::Relaxed) {
                 checked_out.get_or_insert(i);
@@ -178,7 +235,7 @@ impl UpstreamPool {
                 cooling.get_or_insert(i);
             }
         }
-        cooling.or(checked_out)
+        ramping.or(cooling).or(checked_out)
     }
 
     pub fn mark_failed(&self, index: usize) {
@@ -206,7 +263,7 @@ mod tests {
         let bases: Vec<Uri> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
             .collect();
-        UpstreamPool::new(&bases, Duration::from_secs(60))
+        UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO)
     }
 
     #[test]
@@ -269,7 +326,7 @@ mod tests {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
-        let new = UpstreamPool::new(&bases, Duration::from_secs(60));
+        let new = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO);
         new.keep_checks_of(&old);
         assert!(
             !new.is_healthy(0),
@@ -298,5 +355,48 @@ mod tests {
         assert!(p.pick(&[]).is_some());
         assert_eq!(p.pick(&[0]), Some(1));
         assert_eq!(p.pick(&[0, 1]), None);
+    }
+
+    #[test]
+    fn an_upstream_back_from_its_checks_takes_its_turns_gradually() {
+        let bases: Vec<Uri> = [9001, 9002]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        for _ in 0..3 {
+            p.record_check(1, false, 3, 1);
+        }
+        assert_eq!(p.record_check(1, true, 3, 1), Some(true));
+        // Just back: its turns go to the other.
+        let picks: Vec<usize> = (0..20).map(|_| p.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![0; 20]);
+        // Alone (the other tried), it is used whatever its slow start.
+        assert_eq!(p.pick(&[0]), Some(1));
+        // A quarter of the way in: a quarter of its turns.
+        let back = p.upstreams[1].back_at_ms.load(Ordering::Relaxed);
+        let at = |ms: u64| back + ms;
+        let taken = (0..4000)
+            .filter(|_| p.pick_at(&[], at(25_000)) == Some(1))
+            .count();
+        // Of 2000 turns, a quarter; without the slow start, all 2000.
+        assert_eq!(taken, 500);
+        // Once it has run, every turn, and the mark is gone.
+        let taken = (0..100)
+            .filter(|_| p.pick_at(&[], at(100_000)) == Some(1))
+            .count();
+        assert_eq!(taken, 50);
+        assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn without_slow_start_an_upstream_back_takes_every_turn() {
+        let p = pool(2);
+        for _ in 0..3 {
+            p.record_check(1, false, 3, 1);
+        }
+        p.record_check(1, true, 3, 1);
+        let taken = (0..20).filter(|_| p.pick(&[]) == Some(1)).count();
+        assert_eq!(taken, 10);
     }
 }

@@ -122,7 +122,11 @@ impl Room {
     ) -> Self {
         let default_lane =
             lanes::Lane::new(config.lanes.iter().find(|l| l.is_default()), store.clone());
-        let upstreams = UpstreamPool::new(&config.upstreams, fail_cooldown);
+        let slow_start = config
+            .health_check
+            .as_ref()
+            .map_or(Duration::ZERO, |h| h.slow_start);
+        let upstreams = UpstreamPool::new(&config.upstreams, fail_cooldown, slow_start);
         let upstream_metrics = upstreams
             .all()
             .iter()
