@@ -111,6 +111,9 @@ pub struct App {
     /// The certificates the public listener presents (`server.tls`); a
     /// reload swaps in the ones its files hold then.
     certificates: Option<Arc<tls::Certificates>>,
+    /// The rooms' `tls_server_name`s, shared by every client towards
+    /// upstreams (requests and health checks); a reload swaps them.
+    server_names: client::ServerNames,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -194,8 +197,9 @@ impl App {
             config.server.tls.as_ref(),
             clock.now_ms(),
         );
+        let server_names = client::ServerNames::new(&config.rooms);
         for room in &rooms {
-            health::watch(room, &config.upstream, &metrics);
+            health::watch(room, &config.upstream, &server_names, &metrics);
         }
         let routing: SharedRouting = Arc::new(ArcSwap::from_pointee(Routing::new(rooms)));
         metrics.watch_rooms(routing.clone());
@@ -238,6 +242,7 @@ impl App {
             audit_led: std::sync::Mutex::new(audit_led),
             hangup: std::sync::Mutex::new(None),
             certificates: config.server.tls.as_ref().map(tls::Certificates::new),
+            server_names,
             config,
         })
     }
@@ -417,11 +422,19 @@ impl App {
         for old in self.rooms() {
             old.upstreams.stop_checks();
         }
+        // Before the new rooms take requests: new connections to their
+        // https upstreams use the names they give now.
+        self.server_names.replace(&new.rooms);
         for room in &rooms {
             if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);
             }
-            health::watch(room, &self.config.upstream, &self.metrics);
+            health::watch(
+                room,
+                &self.config.upstream,
+                &self.server_names,
+                &self.metrics,
+            );
         }
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
@@ -521,7 +534,7 @@ impl App {
         let config = &self.config;
         let tls = self.certificates.as_ref().map(|c| c.acceptor());
         let forwarder = Forwarder::new(
-            client::build(&config.upstream),
+            client::build(&config.upstream, &self.server_names),
             config.upstream.response_timeout,
             config.server.max_body_size,
             config.server.trusted_proxies.clone(),

@@ -228,6 +228,18 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.health_check.rise",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"https://10.0.0.1\"]\ntls_server_name = \"not a name\"\n",
+            "rooms.portal.tls_server_name",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://10.0.0.1\"]\ntls_server_name = \"portal.internal\"\n",
+            "rooms.portal.tls_server_name",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"https://10.0.0.1\"]\ntls_server_name = \"portal.internal\"\n[rooms.shop]\nupstreams = [\"https://10.0.0.1:443\"]\npaths = [\"/shop\"]\n",
+            "rooms.shop.tls_server_name",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", slow_start = \"2h\" }\n",
             "rooms.portal.health_check.slow_start",
         ),
@@ -435,4 +447,15 @@ fn health_check_defaults_fit_the_interval() {
         (Duration::from_secs(1), Duration::from_secs(1))
     );
     assert_eq!(h.path.as_str(), "/healthz?deep=1");
+}
+
+#[test]
+fn rooms_sharing_an_https_upstream_may_name_it_alike() {
+    for name in ["", "tls_server_name = \"portal.internal\"\n"] {
+        let toml = format!(
+            "[rooms.portal]\nupstreams = [\"https://10.0.0.1\"]\n{name}[rooms.shop]\nupstreams = [\"https://10.0.0.1:443\"]\npaths = [\"/shop\"]\n{name}"
+        );
+        Config::from_toml(&toml, Path::new("."))
+            .unwrap_or_else(|e| panic!("refused {toml:?}: {e}"));
+    }
 }

@@ -737,6 +737,58 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
     let _ = std::fs::remove_dir_all(&other);
 }
 
+/// An https upstream reached by its address but certified for a name (a
+/// private network) is checked against the room's `tls_server_name`:
+/// requests and health checks reach it; without the name, or with
+/// another, nothing does. A reload puts a new name in force.
+#[tokio::test]
+async fn an_https_upstream_reached_by_address_is_checked_against_the_rooms_name() {
+    let dir = std::env::temp_dir().join(format!("varco-server-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    // Its certificate names localhost; varco reaches it at 127.0.0.1.
+    let up = upstream::spawn_tls(&ca).await;
+    let room = |extra: &str| {
+        format!(
+            "[upstream]\ntls_ca = \"{}\"\n[rooms.portal]\nupstreams = [\"https://127.0.0.1:{}\"]\npreserve_host = false\n{extra}",
+            ca.display(),
+            up.addr.port()
+        )
+    };
+    let (g, path) = common::gated::Gated::start_written("server-name", &room("")).await;
+    let url = format!("http://{}/echo", g.addr);
+    let got = get(&url).await;
+    assert_eq!(got.status, 502, "{}", got.text());
+
+    std::fs::write(&path, room("tls_server_name = \"portal.example.it\"\n")).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(get(&url).await.status, 502);
+    assert_eq!(
+        up.hits(),
+        0,
+        "a request went to an upstream varco cannot verify"
+    );
+
+    let checked = "tls_server_name = \"localhost\"\nhealth_check = { path = \"/healthz\", interval = \"100ms\", fall = 1, rise = 1 }\n";
+    std::fs::write(&path, room(checked)).unwrap();
+    g.app.reload().await.expect("reload");
+    let got = get(&url).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["uri"], "/echo");
+    let passed = format!(
+        "result=\"passed\",room=\"portal\",upstream=\"127.0.0.1:{}\"",
+        up.addr.port()
+    );
+    until_metric(
+        g.admin,
+        "varco_upstream_health_checks_total",
+        &passed,
+        |n| n >= 1.0,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A portal that lets only varco in (mutual TLS) is shown
 /// `upstream.tls_client`; without it the handshake fails and no request
 /// reaches the portal.

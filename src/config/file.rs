@@ -393,6 +393,11 @@ pub struct RawRoom {
     /// authority (false).
     #[serde(default = "default_true")]
     pub preserve_host: bool,
+    /// The name an https upstream is asked for (SNI) and its certificate
+    /// checked against, instead of the host in its URL (nginx's
+    /// `proxy_ssl_name`): an upstream reached by address, certified by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admission_per_minute: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -150,6 +150,9 @@ pub struct RoomConfig {
     pub hosts: Vec<HostPattern>,
     pub paths: Vec<String>,
     pub preserve_host: bool,
+    /// For its https upstreams: the TLS server name, when not the host of
+    /// their URLs.
+    pub tls_server_name: Option<rustls::pki_types::ServerName<'static>>,
     pub admission_per_minute: Option<f64>,
     pub max_active: Option<u64>,
     pub session_idle: Duration,

@@ -174,6 +174,45 @@ fn parse_health_check(
     }
 }
 
+/// An https upstream in two rooms is one pool of connections, made with
+/// one TLS server name: the rooms must agree on it.
+fn same_server_names(rooms: &[RoomConfig], p: &mut Problems) {
+    let mut named: HashMap<String, (&str, Option<String>)> = HashMap::new();
+    for room in rooms {
+        let name = room.tls_server_name.as_ref().map(server_name_text);
+        for u in room
+            .upstreams
+            .iter()
+            .filter(|u| u.scheme_str() == Some("https"))
+        {
+            let label = crate::proxy::upstreams::label(u);
+            match named.get(&label) {
+                Some((other, theirs)) if *theirs != name => p.add(
+                    format!("rooms.{}.tls_server_name", room.name),
+                    format!(
+                        "upstream {label} is also in room {other}, which names it {}: one pool of connections serves both rooms, so they must name it alike",
+                        theirs
+                            .as_ref()
+                            .map_or("by its address".to_string(), |t| format!("{t:?}"))
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    named.insert(label, (room.name.as_str(), name.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn server_name_text(name: &rustls::pki_types::ServerName<'_>) -> String {
+    match name {
+        rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
+        rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => format!("{name:?}"),
+    }
+}
+
 /// Why varco cannot write `file` (`what`) where it is: its folder is not
 /// there; None when it is.
 pub fn folder_missing(file: &Path, what: &str) -> Option<String> {
@@ -485,6 +524,23 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
             upstreams.push(uri);
         }
+        let tls_server_name = r.tls_server_name.as_ref().and_then(|n| {
+            let name = rustls::pki_types::ServerName::try_from(n.clone())
+                .map_err(|_| {
+                    p.add(
+                        key("tls_server_name"),
+                        format!("{n:?} is not a DNS name or an IP address"),
+                    )
+                })
+                .ok()?;
+            if !upstreams.iter().any(|u| u.scheme_str() == Some("https")) {
+                p.add(
+                    key("tls_server_name"),
+                    "no upstream of this room is https://: the name would never be used",
+                );
+            }
+            Some(name)
+        });
         let hosts: Vec<HostPattern> = r
             .hosts
             .iter()
@@ -702,6 +758,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             hosts,
             paths: r.paths.clone(),
             preserve_host: r.preserve_host,
+            tls_server_name,
             admission_per_minute: adaptive
                 .as_ref()
                 .map(|a| {
@@ -741,6 +798,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         }
         rooms.push(room);
     }
+    same_server_names(&rooms, &mut p);
 
     let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
     p.in_a_folder("audit.log", audit_log.as_deref(), "the log");

@@ -1,26 +1,69 @@
 //! The pooled HTTP client towards upstreams, with the timeouts hyper does
 //! not set by default (connect) and a bounded idle pool; `https://`
 //! upstreams over rustls, their certificates verified against
-//! `upstream.tls_ca` or the system's roots.
+//! `upstream.tls_ca` or the system's roots, for the host in their URL or
+//! the room's `tls_server_name`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hyper_rustls::HttpsConnector;
+use arc_swap::ArcSwap;
+use hyper_rustls::{DefaultServerNameResolver, HttpsConnector, ResolveServerName};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::client::ResolvesClientCert;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 
 use crate::body::Body;
-use crate::config::UpstreamConfig;
+use crate::config::{RoomConfig, UpstreamConfig};
+use crate::proxy::upstreams::label;
 
 pub type UpstreamClient = Client<Connector, Body>;
 
-pub fn build(cfg: &UpstreamConfig) -> UpstreamClient {
+/// The TLS server name of each https upstream (by `host:port`) whose
+/// room names one (`rooms.NAME.tls_server_name`): what it is asked for
+/// (SNI) and what its certificate must carry. Others go by their URL's
+/// host. A reload swaps it whole; connections already made keep theirs.
+#[derive(Clone, Default)]
+pub struct ServerNames(Arc<ArcSwap<HashMap<String, ServerName<'static>>>>);
+
+impl ServerNames {
+    pub fn new(rooms: &[RoomConfig]) -> Self {
+        let names = ServerNames::default();
+        names.replace(rooms);
+        names
+    }
+
+    pub fn replace(&self, rooms: &[RoomConfig]) {
+        let mut named = HashMap::new();
+        for room in rooms {
+            let Some(name) = &room.tls_server_name else {
+                continue;
+            };
+            for u in &room.upstreams {
+                if u.scheme_str() == Some("https") {
+                    named.insert(label(u), name.clone());
+                }
+            }
+        }
+        self.0.store(Arc::new(named));
+    }
+}
+
+impl ResolveServerName for ServerNames {
+    fn resolve(&self, uri: &http::Uri) -> Result<ServerName<'static>, BoxError> {
+        match self.0.load().get(&label(uri)) {
+            Some(name) => Ok(name.clone()),
+            None => DefaultServerNameResolver::default().resolve(uri),
+        }
+    }
+}
+
+pub fn build(cfg: &UpstreamConfig, names: &ServerNames) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
@@ -30,7 +73,7 @@ pub fn build(cfg: &UpstreamConfig) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)
-        .build(Connector::new(connector, cfg, cfg.connect_timeout))
+        .build(Connector::new(connector, cfg, names, cfg.connect_timeout))
 }
 
 /// Connections to upstreams, `http://` in clear and `https://` over TLS,
@@ -57,9 +100,14 @@ type Connecting = std::pin::Pin<
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connector {
-    pub fn new(http: HttpConnector, cfg: &UpstreamConfig, limit: Duration) -> Connector {
+    pub fn new(
+        http: HttpConnector,
+        cfg: &UpstreamConfig,
+        names: &ServerNames,
+        limit: Duration,
+    ) -> Connector {
         Connector {
-            inner: with_tls(http, cfg),
+            inner: with_tls(http, cfg, names),
             limit,
         }
     }
@@ -93,8 +141,13 @@ impl tower_service::Service<http::Uri> for Connector {
 }
 
 /// `http` for `http://` upstreams and, under TLS, for `https://` ones
-/// (HTTP/1.1, the upstream's host name checked).
-fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector<HttpConnector> {
+/// (HTTP/1.1, the upstream's host name, or the room's name for it,
+/// checked).
+fn with_tls(
+    mut http: HttpConnector,
+    cfg: &UpstreamConfig,
+    names: &ServerNames,
+) -> HttpsConnector<HttpConnector> {
     // The request URI's scheme chooses; TLS is this connector's to add.
     http.enforce_http(false);
     let mut roots = rustls::RootCertStore::empty();
@@ -119,6 +172,7 @@ fn with_tls(mut http: HttpConnector, cfg: &UpstreamConfig) -> HttpsConnector<Htt
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
+        .with_server_name_resolver(names.clone())
         .enable_http1()
         .wrap_connector(http)
 }

@@ -30,11 +30,16 @@ const MAX_HEALTH_BODY: usize = 64 * 1024;
 /// Starts checking each of `room`'s upstreams, if it has health checks;
 /// the checks stop with the room's upstream pool (replaced by a reload,
 /// or varco stopped).
-pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
+pub fn watch(
+    room: &Arc<Room>,
+    upstream: &UpstreamConfig,
+    names: &client::ServerNames,
+    metrics: &Metrics,
+) {
     let Some(cfg) = room.config.health_check.clone() else {
         return;
     };
-    let client = checker(&cfg, upstream);
+    let client = checker(&cfg, upstream, names);
     let mut tasks = Vec::with_capacity(room.upstreams.len());
     for index in 0..room.upstreams.len() {
         let label = room.upstreams.get(index).label.as_str();
@@ -59,12 +64,21 @@ pub fn watch(room: &Arc<Room>, upstream: &UpstreamConfig, metrics: &Metrics) {
 /// A client that opens a connection for each check, as HAProxy does: one
 /// kept alive would pass a server that no longer accepts connections,
 /// and fail when the server closes it idle just as a check goes out.
-fn checker(cfg: &HealthCheckConfig, upstream: &UpstreamConfig) -> UpstreamClient {
+fn checker(
+    cfg: &HealthCheckConfig,
+    upstream: &UpstreamConfig,
+    names: &client::ServerNames,
+) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build(client::Connector::new(connector, upstream, cfg.timeout))
+        .build(client::Connector::new(
+            connector,
+            upstream,
+            names,
+            cfg.timeout,
+        ))
 }
 
 async fn check_loop(
