@@ -24,7 +24,7 @@ use crate::gateway::Gateway;
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
-use crate::proxy::buffer::RequestBuffer;
+use crate::proxy::buffer::{BufferLimits, RequestBuffer};
 use crate::proxy::{client, health, Forwarder};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
@@ -540,10 +540,13 @@ impl App {
             config.server.trusted_proxies.clone(),
         );
         let buffer = RequestBuffer::new(
-            config.upstream.request_buffer,
-            config.upstream.request_buffer_memory,
-            config.server.max_body_size,
-            config.server.body_read_timeout,
+            BufferLimits {
+                per_request: config.upstream.request_buffer,
+                memory: config.upstream.request_buffer_memory,
+                within: config.upstream.request_buffer_time,
+                max_body_size: config.server.max_body_size,
+                read_timeout: config.server.body_read_timeout,
+            },
             &self.metrics,
         );
         let gateway = Arc::new(Gateway::new(

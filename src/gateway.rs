@@ -231,7 +231,7 @@ impl Gateway {
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.
         let (parts, incoming) = req.into_parts();
-        let mut req = match self.buffer.read(&parts.headers, incoming).await {
+        let mut req = match self.buffer.read(incoming).await {
             Ok(body) => Request::from_parts(parts, body),
             Err(e) => {
                 tracing::debug!(room = %room.name, error = %e, "client failure");

@@ -157,7 +157,7 @@ impl Metrics {
         .expect("valid metric");
         let request_buffer_bytes = IntGauge::new(
             "varco_request_buffer_bytes",
-            "Memory set aside for request bodies being read whole before they go upstream (upstream.request_buffer)",
+            "Memory set aside for request bodies read whole (upstream.request_buffer), from their first byte until an upstream takes them",
         )
         .expect("valid metric");
         let request_buffer_limit_bytes = IntGauge::new(
@@ -199,12 +199,17 @@ impl Metrics {
         );
         let request_bodies = counter(
             "varco_request_bodies_total",
-            "Request bodies forwarded, by handling: buffered (read whole first), streamed_large (larger than upstream.request_buffer), streamed_memory_full (upstream.request_buffer_memory was in use)",
+            "Request bodies forwarded, by handling: buffered (read whole first), streamed_large (larger than upstream.request_buffer), streamed_memory_full (upstream.request_buffer_memory was in use), streamed_slow (not whole within upstream.request_buffer_time)",
             &["handling"],
         );
         // From 0, so increase() sees the first body streamed for want of
         // memory.
-        for handling in ["buffered", "streamed_large", "streamed_memory_full"] {
+        for handling in [
+            "buffered",
+            "streamed_large",
+            "streamed_memory_full",
+            "streamed_slow",
+        ] {
             request_bodies.with_label_values(&[handling]);
         }
         let store_errors = counter(

@@ -276,3 +276,88 @@ async fn a_stalled_upload_being_read_whole_gets_408() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn a_body_not_whole_in_time_streams_and_gives_its_memory_back() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(&[up.addr], "request_buffer_time = \"300ms\"", "")).await;
+    let upload = start_upload(&v, 10, 5).await;
+    // Past 300 ms the portal gets what was read, and the rest as it comes.
+    until("the portal has the upload's start", async || up.hits() == 1).await;
+    until("the memory is given back", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &v,
+            "varco_request_bodies_total",
+            "handling=\"streamed_slow\""
+        )
+        .await,
+        Some(1.0)
+    );
+    let (status, body) = finish_upload(upload, 5).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "10");
+}
+
+#[tokio::test]
+async fn an_upload_abandoned_half_way_gives_its_memory_back() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(&[up.addr], "", "")).await;
+    let upload = start_upload(&v, 10, 5).await;
+    until("the upload is being read whole", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(10.0)
+    })
+    .await;
+    drop(upload);
+    until("the memory is given back", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(up.hits(), 0);
+}
+
+/// varco answers `Expect: 100-continue` itself (it reads the body); the
+/// portal gets the body whole, without the expectation.
+#[tokio::test]
+async fn an_expectation_of_100_continue_is_answered_by_varco() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(&[up.addr], "", "")).await;
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(
+        b"POST /form HTTP/1.1\r\nHost: portal\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("an interim answer within 5 s")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let (status, body) = finish_upload(s, 4).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["body"], "xxxx");
+    assert!(seen["headers"]["expect"].is_null(), "{seen}");
+}
+
+/// An HTTP/2 body without content-length reaches the portal with one.
+#[tokio::test]
+async fn an_http2_body_without_a_length_gets_one() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&config(&[up.addr], "", "")).await;
+    let tcp = TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = common::client::h2_handshake(tcp).await;
+    let (chunks, sent) = chunked(2);
+    let req = Request::post(format!("http://portal:{}/h2", v.addr.port()))
+        .body(chunks)
+        .unwrap();
+    let got = common::client::read(h2.send_request(req).await.unwrap()).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let seen = got.json();
+    assert_eq!(seen["body"], sent.as_str());
+    assert_eq!(seen["headers"]["content-length"][0], "600");
+}

@@ -134,6 +134,10 @@ fn each_bad_value_names_its_key() {
             "[upstream]\nrequest_buffer = \"2GiB\"\nrequest_buffer_memory = \"8GiB\"\n",
             "upstream.request_buffer",
         ),
+        (
+            "[upstream]\nrequest_buffer_time = \"0s\"\n",
+            "upstream.request_buffer_time",
+        ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[store]\nkind = \"etcd\"\n", "store.kind"),
         ("[store]\nkind = \"redis\"\n", "store.url"),

@@ -57,6 +57,9 @@ pub const DEFAULT_REQUEST_BUFFER: &str = "1MiB";
 /// Hundreds of uploads at once, a small share of a server's memory; past
 /// it bodies stream (as nginx with buffering off), never refused.
 pub const DEFAULT_REQUEST_BUFFER_MEMORY: &str = "256MiB";
+/// A megabyte in a minute is a slow phone line; a body not whole by then
+/// would hold its memory for the rest of its upload, which may be long.
+pub const DEFAULT_REQUEST_BUFFER_TIME: &str = "60s";
 /// How long an upstream that refused a connection is skipped.
 pub const DEFAULT_FAIL_COOLDOWN: &str = "10s";
 /// A pass ends after this long without a request: long enough to read a
@@ -334,6 +337,8 @@ pub struct RawUpstream {
     pub request_buffer: String,
     /// What all bodies being read whole may hold together.
     pub request_buffer_memory: String,
+    /// How long a body may take to be read whole; past it, it streams.
+    pub request_buffer_time: String,
     /// A PEM file of the root(s) that sign https upstreams' certificates
     /// (a private CA); without it, the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -354,6 +359,7 @@ impl Default for RawUpstream {
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
             request_buffer: DEFAULT_REQUEST_BUFFER.into(),
             request_buffer_memory: DEFAULT_REQUEST_BUFFER_MEMORY.into(),
+            request_buffer_time: DEFAULT_REQUEST_BUFFER_TIME.into(),
             tls_ca: None,
             tls_client: None,
         }

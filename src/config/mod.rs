@@ -96,6 +96,8 @@ pub struct UpstreamConfig {
     pub request_buffer: u64,
     /// What bodies read whole may hold together.
     pub request_buffer_memory: u64,
+    /// Longest a body is read whole for; then it streams.
+    pub request_buffer_time: Duration,
     /// The roots https upstreams' certificates must chain to, from
     /// `upstream.tls_ca`; empty: the system's.
     pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,

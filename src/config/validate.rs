@@ -342,6 +342,13 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     p.positive("upstream.pool_max_idle", u.pool_max_idle);
     let request_buffer = p.size("upstream.request_buffer", &u.request_buffer);
     let request_buffer_memory = p.size("upstream.request_buffer_memory", &u.request_buffer_memory);
+    let request_buffer_time = p.duration("upstream.request_buffer_time", &u.request_buffer_time);
+    if request_buffer_time.is_zero() {
+        p.add(
+            "upstream.request_buffer_time",
+            "must be more than 0s (request_buffer = \"0\" turns buffering off)",
+        );
+    }
     if request_buffer > MAX_REQUEST_BUFFER {
         p.add(
             "upstream.request_buffer",
@@ -361,6 +368,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         fail_cooldown: p.duration("upstream.fail_cooldown", &u.fail_cooldown),
         request_buffer,
         request_buffer_memory,
+        request_buffer_time,
         tls_roots: u
             .tls_ca
             .as_ref()

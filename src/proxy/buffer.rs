@@ -6,18 +6,19 @@
 //! next upstream when the first refuses the connection.
 //!
 //! Memory is bounded twice: `upstream.request_buffer` per request and
-//! `upstream.request_buffer_memory` for all of them together. A body past
-//! either streams as it arrives, as without buffering (never refused for
-//! it), and the metrics say so.
+//! `upstream.request_buffer_memory` for all of them together, counted from
+//! the first byte read until the body is handed to the upstream. A body
+//! past either, or not whole within `upstream.request_buffer_time`,
+//! streams as it arrives (what was read first), as without buffering:
+//! never refused for it, and the metrics say so.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
-use http::HeaderMap;
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -32,15 +33,16 @@ use crate::metrics::Metrics;
 
 /// A request's body as it goes to the upstream.
 pub enum ClientBody {
-    /// Empty, or read whole: it can be sent again to another upstream.
+    /// Empty, or read whole: it can be sent again to another upstream
+    /// until one takes it.
     Whole(Whole),
-    /// Sent as the client sends it, after `prefix` (what was read while
-    /// trying to buffer it).
+    /// Sent as the client sends it, after what was read while trying to
+    /// buffer it.
     Streaming(Prefixed<TimedBody<Incoming>>),
 }
 
 /// A body read whole, and the share of the buffer memory it holds (given
-/// back when the request is done with it).
+/// back when an upstream takes it, or the request ends).
 pub struct Whole {
     pub bytes: Bytes,
     _held: Option<Held>,
@@ -52,23 +54,28 @@ pub struct RequestBuffer {
     memory: Arc<Semaphore>,
     max_body_size: u64,
     read_timeout: Duration,
+    /// How long reading a body whole may take in all.
+    within: Duration,
     in_use: IntGauge,
     buffered: IntCounter,
     too_large: IntCounter,
     memory_full: IntCounter,
+    too_slow: IntCounter,
+}
+
+pub struct BufferLimits {
+    pub per_request: u64,
+    pub memory: u64,
+    pub within: Duration,
+    pub max_body_size: u64,
+    pub read_timeout: Duration,
 }
 
 impl RequestBuffer {
-    pub fn new(
-        per_request: u64,
-        memory: u64,
-        max_body_size: u64,
-        read_timeout: Duration,
-        metrics: &Metrics,
-    ) -> Self {
+    pub fn new(limits: BufferLimits, metrics: &Metrics) -> Self {
         // A semaphore counts at most usize::MAX >> 3 permits; no machine
         // has that much memory to lend.
-        let memory = usize::try_from(memory)
+        let memory = usize::try_from(limits.memory)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         metrics
@@ -78,17 +85,20 @@ impl RequestBuffer {
         RequestBuffer {
             // One body's permits are a u32, and never more than the
             // memory there is, nor than a body may be.
-            per_request: per_request
+            per_request: limits
+                .per_request
                 .min(u64::from(u32::MAX))
                 .min(memory as u64)
-                .min(max_body_size),
+                .min(limits.max_body_size),
             memory: Arc::new(Semaphore::new(memory)),
-            max_body_size,
-            read_timeout,
+            max_body_size: limits.max_body_size,
+            read_timeout: limits.read_timeout,
+            within: limits.within,
             in_use: metrics.request_buffer_bytes.clone(),
             buffered: bodies("buffered"),
             too_large: bodies("streamed_large"),
             memory_full: bodies("streamed_memory_full"),
+            too_slow: bodies("streamed_slow"),
         }
     }
 
@@ -96,12 +106,10 @@ impl RequestBuffer {
     /// fits, or ready to stream. Errors are the client's: a body larger
     /// than `server.max_body_size` (413), one that stalls for
     /// `server.body_read_timeout` (408), or a broken one (400).
-    pub async fn read(
-        &self,
-        headers: &HeaderMap,
-        body: Incoming,
-    ) -> Result<ClientBody, ProxyError> {
-        let declared = content_length(headers);
+    pub async fn read(&self, body: Incoming) -> Result<ClientBody, ProxyError> {
+        // hyper's reading of Content-Length (or HTTP/2's), which it holds
+        // the body to.
+        let declared = body.size_hint().exact();
         if declared.is_some_and(|n| n > self.max_body_size) {
             return Err(ProxyError::BodyTooLarge {
                 limit: self.max_body_size,
@@ -114,51 +122,75 @@ impl RequestBuffer {
             }));
         }
         let body = TimedBody::new(body, self.read_timeout);
-        let stream = |prefix: Bytes, rest| ClientBody::Streaming(Prefixed::new(prefix, rest));
+        let stream = |read, held, rest| ClientBody::Streaming(Prefixed::new(read, held, rest));
         if self.per_request == 0 {
-            return Ok(stream(Bytes::new(), body));
+            return Ok(stream(VecDeque::new(), None, body));
         }
         // Without a length (chunked, or HTTP/2 without content-length):
-        // room for the largest body buffered, and a switch to streaming
-        // past it.
+        // room for the largest body read whole, the rest given back once
+        // it is.
         let room = match declared {
             Some(n) if n > self.per_request => {
                 self.too_large.inc();
-                return Ok(stream(Bytes::new(), body));
+                return Ok(stream(VecDeque::new(), None, body));
             }
             Some(n) => n,
             None => self.per_request,
         };
         let Ok(permit) = self.memory.clone().try_acquire_many_owned(room as u32) else {
             self.memory_full.inc();
-            return Ok(stream(Bytes::new(), body));
+            return Ok(stream(VecDeque::new(), None, body));
         };
-        let held = Held::new(permit, room, self.in_use.clone());
-        let mut read = BytesMut::with_capacity(if declared.is_some() { room as usize } else { 0 });
+        let mut held = Held::new(permit, self.in_use.clone());
         let mut body = body;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(client_error)?;
+        let mut read: VecDeque<Bytes> = VecDeque::new();
+        let mut len: u64 = 0;
+        let deadline = tokio::time::Instant::now() + self.within;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(frame)) => frame.map_err(client_error)?,
+                Ok(None) => break,
+                // A line too slow to fill the buffer in time: the memory
+                // would be held for its whole upload; it streams instead.
+                Err(_) => {
+                    self.too_slow.inc();
+                    return Ok(stream(read, Some(held), body));
+                }
+            };
             // Request trailers are not kept (nginx drops them too): no
             // browser sends them, and a body read whole has its length.
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            read.extend_from_slice(&data);
-            if read.len() as u64 > room {
+            len += data.len() as u64;
+            read.push_back(data);
+            if len > room {
                 // Only without a declared length: hyper holds a declared
                 // one to its word.
-                if read.len() as u64 > self.max_body_size {
+                if len > self.max_body_size {
                     return Err(ProxyError::BodyTooLarge {
                         limit: self.max_body_size,
                     });
                 }
                 self.too_large.inc();
-                return Ok(stream(read.freeze(), body));
+                return Ok(stream(read, Some(held), body));
             }
         }
+        held.shrink_to(len);
         self.buffered.inc();
+        let bytes = match read.len() {
+            0 => Bytes::new(),
+            1 => read.pop_front().unwrap_or_default(),
+            _ => {
+                let mut whole = BytesMut::with_capacity(len as usize);
+                for part in read {
+                    whole.extend_from_slice(&part);
+                }
+                whole.freeze()
+            }
+        };
         Ok(ClientBody::Whole(Whole {
-            bytes: read.freeze(),
+            bytes,
             _held: Some(held),
         }))
     }
@@ -172,51 +204,123 @@ fn client_error(e: BoxError) -> ProxyError {
     }
 }
 
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
 /// A share of the buffer memory, shown in `varco_request_buffer_bytes`
 /// while held.
 struct Held {
-    _permit: OwnedSemaphorePermit,
-    bytes: i64,
+    permit: OwnedSemaphorePermit,
     in_use: IntGauge,
 }
 
 impl Held {
-    fn new(permit: OwnedSemaphorePermit, bytes: u64, in_use: IntGauge) -> Self {
-        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-        in_use.add(bytes);
-        Held {
-            _permit: permit,
-            bytes,
-            in_use,
+    fn new(permit: OwnedSemaphorePermit, in_use: IntGauge) -> Self {
+        in_use.add(permit.num_permits() as i64);
+        Held { permit, in_use }
+    }
+
+    /// Gives back what a body without a length did not need.
+    fn shrink_to(&mut self, bytes: u64) {
+        let keep = usize::try_from(bytes).unwrap_or(usize::MAX);
+        let spare = self.permit.num_permits().saturating_sub(keep);
+        if let Some(spare) = self.permit.split(spare) {
+            self.in_use.sub(spare.num_permits() as i64);
         }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.in_use.sub(self.bytes);
+        self.in_use.sub(self.permit.num_permits() as i64);
+    }
+}
+
+/// A body read whole, shared by the tries at sending it: the first
+/// upstream that takes it takes it from here (and with it the memory it
+/// holds, given back as it goes out). While it is here, no upstream has
+/// taken it, and another may be asked.
+#[derive(Clone)]
+pub struct Sendable(Arc<Mutex<Option<Whole>>>);
+
+impl Sendable {
+    pub fn new(whole: Whole) -> Self {
+        Sendable(Arc::new(Mutex::new(Some(whole))))
+    }
+
+    /// Whether no upstream has taken the body yet.
+    pub fn is_here(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The body for one try; None once an upstream took it.
+    pub fn body(&self) -> Option<OneTry> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let len = guard.as_ref()?.bytes.len() as u64;
+        Some(OneTry {
+            from: self.clone(),
+            len,
+            sent: false,
+        })
+    }
+}
+
+/// One try's body: the whole body in one frame, taken from its
+/// [`Sendable`] when the upstream first asks for it.
+pub struct OneTry {
+    from: Sendable,
+    len: u64,
+    sent: bool,
+}
+
+impl http_body::Body for OneTry {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return Poll::Ready(None);
+        }
+        let taken = self.from.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match taken {
+            // The memory is given back here, as hyper takes the bytes.
+            Some(whole) if !whole.bytes.is_empty() => {
+                Poll::Ready(Some(Ok(Frame::data(whole.bytes))))
+            }
+            Some(_) => Poll::Ready(None),
+            None => Poll::Ready(Some(
+                Err("the request body went to another upstream".into()),
+            )),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent || self.len == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sent {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::with_exact(self.len)
+        }
     }
 }
 
 pin_project! {
-    /// `prefix`, then the rest of the body.
+    /// What was read first, then the rest of the body; the memory the
+    /// first part held is given back once it is handed on.
     pub struct Prefixed<B> {
-        prefix: Option<Bytes>,
+        read: VecDeque<Bytes>,
+        held: Option<Held>,
         #[pin]
         rest: B,
     }
 }
 
 impl<B> Prefixed<B> {
-    fn new(prefix: Bytes, rest: B) -> Self {
-        Prefixed {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            rest,
-        }
+    fn new(read: VecDeque<Bytes>, held: Option<Held>, rest: B) -> Self {
+        Prefixed { read, held, rest }
     }
 }
 
@@ -232,18 +336,19 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        if let Some(prefix) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        if let Some(part) = this.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(part))));
         }
+        this.held.take();
         this.rest.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.rest.is_end_stream()
+        self.read.is_empty() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let ahead = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let ahead: u64 = self.read.iter().map(|p| p.len() as u64).sum();
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + ahead);
@@ -257,24 +362,52 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::StreamBody;
+
+    fn parts(p: &[&'static [u8]]) -> VecDeque<Bytes> {
+        p.iter().map(|b| Bytes::from_static(b)).collect()
+    }
 
     #[tokio::test]
-    async fn a_prefix_comes_before_the_rest() {
+    async fn what_was_read_comes_before_the_rest() {
         let rest = StreamBody::new(futures_util::stream::iter(vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"cd"))),
-            Ok(Frame::data(Bytes::from_static(b"ef"))),
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"ef"))),
+            Ok(Frame::data(Bytes::from_static(b"gh"))),
         ]));
-        let body = Prefixed::new(Bytes::from_static(b"ab"), rest);
+        let body = Prefixed::new(parts(&[b"ab", b"cd"]), None, rest);
         let all = body.collect().await.unwrap().to_bytes();
-        assert_eq!(&all[..], b"abcdef");
+        assert_eq!(&all[..], b"abcdefgh");
     }
 
     #[test]
-    fn the_size_hint_counts_the_prefix() {
+    fn the_size_hint_counts_what_was_read() {
         let rest = http_body_util::Full::new(Bytes::from_static(b"xyz"));
-        let body = Prefixed::new(Bytes::from_static(b"ab"), rest);
+        let body = Prefixed::new(parts(&[b"ab"]), None, rest);
         assert_eq!(body.size_hint().exact(), Some(5));
         assert!(!body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn the_memory_is_given_back_as_the_upstream_takes_the_body() {
+        let metrics = Metrics::new();
+        let memory = Arc::new(Semaphore::new(100));
+        let permit = memory.clone().try_acquire_many_owned(10).unwrap();
+        let mut held = Held::new(permit, metrics.request_buffer_bytes.clone());
+        held.shrink_to(4);
+        assert_eq!(memory.available_permits(), 96);
+        assert_eq!(metrics.request_buffer_bytes.get(), 4);
+        let sendable = Sendable::new(Whole {
+            bytes: Bytes::from_static(b"form"),
+            _held: Some(held),
+        });
+        // A try that never sent it (a refused connection) leaves it.
+        drop(sendable.body().unwrap());
+        assert!(sendable.is_here());
+        let sent = sendable.body().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(&sent[..], b"form");
+        assert!(!sendable.is_here());
+        assert!(sendable.body().is_none());
+        assert_eq!(memory.available_permits(), 100);
+        assert_eq!(metrics.request_buffer_bytes.get(), 0);
     }
 }

@@ -1,13 +1,14 @@
 //! Sends one request to a room's upstream and streams the answer back:
 //! URI and version normalised for the HTTP/1.1 pool, hop-by-hop headers
-//! removed, X-Forwarded-* set, bodies streamed in both directions, protocol
-//! upgrades (WebSocket) tunnelled.
+//! removed, X-Forwarded-* set, the request body sent whole (read by
+//! `buffer.rs`) or streamed, the answer streamed back, protocol upgrades
+//! (WebSocket) tunnelled.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -16,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
-use super::buffer::ClientBody;
+use super::buffer::{ClientBody, Sendable};
 use super::client::UpstreamClient;
 use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
@@ -30,6 +31,14 @@ pub struct Forwarder {
     response_timeout: Duration,
     max_body_size: u64,
     trusted_proxies: Vec<IpNet>,
+}
+
+/// A request body on its way out.
+enum Outgoing {
+    Empty,
+    Whole(Sendable),
+    /// Taken by the first try.
+    Streaming(Option<Body>),
 }
 
 /// A response from an upstream, with which one answered (an index into
@@ -104,18 +113,27 @@ impl Forwarder {
             }
         }
 
-        // A body read whole (or none) can be sent again to another
-        // upstream if the first refuses the connection; a streamed one
-        // cannot.
-        let (whole, mut request_body, mut taken) = match client_body {
-            ClientBody::Whole(whole) => (Some(whole), None, None),
+        // A body read whole (or none) can go to another upstream when the
+        // first refuses the connection, as long as none has taken it; a
+        // streamed one cannot.
+        let (mut outgoing, mut taken) = match client_body {
+            ClientBody::Whole(whole) if whole.bytes.is_empty() => (Outgoing::Empty, None),
+            ClientBody::Whole(whole) => {
+                // varco answered the client's `Expect: 100-continue` by
+                // reading the body; the upstream gets it whole, with no
+                // promise to wait for (nginx clears it too).
+                headers.remove(EXPECT);
+                (Outgoing::Whole(Sendable::new(whole)), None)
+            }
             ClientBody::Streaming(streaming) => {
                 let limited = Limited::new(streaming, self.max_body_size as usize);
                 let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
-                (None, Some(body::stream(watched)), Some(taken))
+                (
+                    Outgoing::Streaming(Some(body::stream(watched))),
+                    Some(taken),
+                )
             }
         };
-        let replayable = whole.is_some();
 
         let path = parts.uri.path_and_query().cloned();
         let mut tried: Vec<usize> = Vec::with_capacity(1);
@@ -134,6 +152,11 @@ impl Forwarder {
                 .method(parts.method.clone())
                 .uri(uri)
                 .version(Version::HTTP_11);
+            let replayable = match &outgoing {
+                Outgoing::Empty => true,
+                Outgoing::Whole(sendable) => sendable.is_here(),
+                Outgoing::Streaming(_) => false,
+            };
             let last_try = !replayable || tried.len() == room.upstreams.len();
             if let Some(h) = builder.headers_mut() {
                 *h = if last_try {
@@ -142,10 +165,18 @@ impl Forwarder {
                     headers.clone()
                 };
             }
-            let body = match &whole {
-                Some(w) if !w.bytes.is_empty() => body::full(w.bytes.clone()),
-                Some(_) => body::empty(),
-                None => request_body.take().unwrap_or_else(body::empty),
+            let body = match &mut outgoing {
+                Outgoing::Empty => body::empty(),
+                Outgoing::Whole(sendable) => match sendable.body() {
+                    Some(b) => body::stream(b),
+                    None => {
+                        return Err(ProxyError::Upstream {
+                            upstream: upstream.label.clone(),
+                            source: "the request body went to an upstream that failed".into(),
+                        })
+                    }
+                },
+                Outgoing::Streaming(b) => b.take().unwrap_or_else(body::empty),
             };
             let upstream_req = builder.body(body).map_err(|e| ProxyError::Upstream {
                 upstream: upstream.label.clone(),
