@@ -114,6 +114,8 @@ pub struct App {
     /// The rooms' `tls_server_name`s, shared by every client towards
     /// upstreams (requests and health checks); a reload swaps them.
     server_names: client::ServerNames,
+    /// The client requests go out with.
+    upstream_client: client::SharedClient,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -242,6 +244,10 @@ impl App {
             audit_led: std::sync::Mutex::new(audit_led),
             hangup: std::sync::Mutex::new(None),
             certificates: config.server.tls.as_ref().map(tls::Certificates::new),
+            upstream_client: Arc::new(ArcSwap::from_pointee(client::build(
+                &config.upstream,
+                &server_names,
+            ))),
             server_names,
             config,
         })
@@ -424,7 +430,13 @@ impl App {
         }
         // Before the new rooms take requests: new connections to their
         // https upstreams use the names they give now.
-        self.server_names.replace(&new.rooms);
+        if self.server_names.replace(&new.rooms) {
+            // hyper's pool knows connections by address alone: one made
+            // under the old name would be reused for as long as it is busy.
+            let fresh = client::build(&self.config.upstream, &self.server_names);
+            self.upstream_client.store(Arc::new(fresh));
+            tracing::info!("TLS server names changed: new connections to the upstreams concerned");
+        }
         for room in &rooms {
             if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);
@@ -534,7 +546,7 @@ impl App {
         let config = &self.config;
         let tls = self.certificates.as_ref().map(|c| c.acceptor());
         let forwarder = Forwarder::new(
-            client::build(&config.upstream, &self.server_names),
+            self.upstream_client.clone(),
             config.upstream.response_timeout,
             config.server.max_body_size,
             config.server.trusted_proxies.clone(),

@@ -232,6 +232,14 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.health_check.rise",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nresponse_timeout = \"0s\"\n",
+            "rooms.portal.response_timeout",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nresponse_timeout = \"fast\"\n",
+            "rooms.portal.response_timeout",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"https://10.0.0.1\"]\ntls_server_name = \"not a name\"\n",
             "rooms.portal.tls_server_name",
         ),

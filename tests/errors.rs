@@ -65,6 +65,35 @@ async fn slow_upstream_is_504_after_the_response_timeout() {
     assert_eq!(fast.status, 200);
 }
 
+/// A room's own `response_timeout` holds for it alone, and a reload
+/// changes it (the one in `[upstream]` waits for a restart).
+#[tokio::test]
+async fn a_rooms_response_timeout_is_its_own_and_a_reload_changes_it() {
+    let up = upstream::spawn().await;
+    let toml = |portal: &str| {
+        format!(
+            "[upstream]\nresponse_timeout = \"5s\"\n[rooms.portal]\nupstreams = [\"http://{0}\"]\nresponse_timeout = \"{portal}\"\n[rooms.pdf]\nupstreams = [\"http://{0}\"]\nhosts = [\"pdf.example.it\"]\n",
+            up.addr
+        )
+    };
+    let (g, path) = common::gated::Gated::start_written("room-timeout", &toml("300ms")).await;
+    let slow = |host: &'static str| {
+        Request::get(format!("http://{}/slow?ms=1000", g.addr))
+            .header("host", host)
+            .body(body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(slow("portal.example.it")).await.status, 504);
+    assert_eq!(
+        send(slow("pdf.example.it")).await.status,
+        200,
+        "the other room keeps upstream.response_timeout"
+    );
+    std::fs::write(&path, toml("3s")).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(send(slow("portal.example.it")).await.status, 200);
+}
+
 #[tokio::test]
 async fn oversized_body_is_413_declared_or_streamed() {
     // Read whole by varco, streamed after a part was read, or streamed

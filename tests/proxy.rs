@@ -629,7 +629,7 @@ async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
     let sick = upstream::spawn().await;
     let well = upstream::spawn().await;
     let toml = room_config(&[sick.addr, well.addr], "")
-        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\nslow_start = \"5s\"\n";
+        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"200ms\"\nfall = 3\nrise = 1\nslow_start = \"5s\"\n";
     sick.healthy
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let v = Varco::start(&toml).await;
@@ -786,6 +786,14 @@ async fn an_https_upstream_reached_by_address_is_checked_against_the_rooms_name(
         |n| n >= 1.0,
     )
     .await;
+
+    // A name changed by a reload holds for the next request, though a
+    // connection made under the old one is idle in the pool.
+    std::fs::write(&path, room("tls_server_name = \"portal.example.it\"\n")).unwrap();
+    g.app.reload().await.expect("reload");
+    let hits = up.hits();
+    assert_eq!(get(&url).await.status, 502);
+    assert_eq!(up.hits(), hits);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

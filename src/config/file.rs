@@ -404,6 +404,11 @@ pub struct RawRoom {
     /// `proxy_ssl_name`): an upstream reached by address, certified by name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// This room's `upstream.response_timeout`: a portal whose pages
+    /// differ (a PDF made on the spot, a login) needs its own, and a
+    /// reload changes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admission_per_minute: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]

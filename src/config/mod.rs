@@ -155,6 +155,8 @@ pub struct RoomConfig {
     /// For its https upstreams: the TLS server name, when not the host of
     /// their URLs.
     pub tls_server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// None: `upstream.response_timeout`.
+    pub response_timeout: Option<Duration>,
     pub admission_per_minute: Option<f64>,
     pub max_active: Option<u64>,
     pub session_idle: Duration,

@@ -190,7 +190,8 @@ fn same_server_names(rooms: &[RoomConfig], p: &mut Problems) {
                 Some((other, theirs)) if *theirs != name => p.add(
                     format!("rooms.{}.tls_server_name", room.name),
                     format!(
-                        "upstream {label} is also in room {other}, which names it {}: one pool of connections serves both rooms, so they must name it alike",
+                        "upstream {label} (in rooms.{}.upstreams) is also in room {other}, which names it {}: one pool of connections serves both rooms, so they must name it alike",
+                        room.name,
                         theirs
                             .as_ref()
                             .map_or("by its address".to_string(), |t| format!("{t:?}"))
@@ -532,8 +533,24 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
             upstreams.push(uri);
         }
+        let response_timeout = r.response_timeout.as_ref().map(|t| {
+            let before = p.0.len();
+            let timeout = p.duration(&key("response_timeout"), t);
+            if p.0.len() == before && timeout.is_zero() {
+                p.add(
+                    key("response_timeout"),
+                    "must be more than 0s: every request would be a 504",
+                );
+            }
+            timeout
+        });
         let tls_server_name = r.tls_server_name.as_ref().and_then(|n| {
-            let name = rustls::pki_types::ServerName::try_from(n.clone())
+            // An IPv6 address as written in a URL.
+            let bare = n
+                .strip_prefix('[')
+                .and_then(|a| a.strip_suffix(']'))
+                .unwrap_or(n);
+            let name = rustls::pki_types::ServerName::try_from(bare.to_string())
                 .map_err(|_| {
                     p.add(
                         key("tls_server_name"),
@@ -767,6 +784,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             paths: r.paths.clone(),
             preserve_host: r.preserve_host,
             tls_server_name,
+            response_timeout,
             admission_per_minute: adaptive
                 .as_ref()
                 .map(|a| {

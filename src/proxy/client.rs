@@ -24,6 +24,11 @@ use crate::proxy::upstreams::label;
 
 pub type UpstreamClient = Client<Connector, Body>;
 
+/// The client requests go out with; a reload that changes a TLS server
+/// name puts a new one in (with its own pool: connections made under the
+/// old name are not reused once the requests on them end).
+pub type SharedClient = Arc<ArcSwap<UpstreamClient>>;
+
 /// The TLS server name of each https upstream (by `host:port`) whose
 /// room names one (`rooms.NAME.tls_server_name`): what it is asked for
 /// (SNI) and what its certificate must carry. Others go by their URL's
@@ -38,7 +43,8 @@ impl ServerNames {
         names
     }
 
-    pub fn replace(&self, rooms: &[RoomConfig]) {
+    /// Whether any name changed.
+    pub fn replace(&self, rooms: &[RoomConfig]) -> bool {
         let mut named = HashMap::new();
         for room in rooms {
             let Some(name) = &room.tls_server_name else {
@@ -50,7 +56,9 @@ impl ServerNames {
                 }
             }
         }
+        let changed = **self.0.load() != named;
         self.0.store(Arc::new(named));
+        changed
     }
 }
 

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 
 use super::buffer::{ClientBody, Sendable};
-use super::client::UpstreamClient;
+use super::client::SharedClient;
 use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
@@ -27,7 +27,7 @@ use crate::listener::{ConnInfo, ConnectionHold};
 use crate::room::Room;
 
 pub struct Forwarder {
-    client: UpstreamClient,
+    client: SharedClient,
     response_timeout: Duration,
     max_body_size: u64,
     trusted_proxies: Vec<IpNet>,
@@ -50,7 +50,7 @@ pub struct Forwarded {
 
 impl Forwarder {
     pub fn new(
-        client: UpstreamClient,
+        client: SharedClient,
         response_timeout: Duration,
         max_body_size: u64,
         trusted_proxies: Vec<IpNet>,
@@ -135,6 +135,11 @@ impl Forwarder {
             }
         };
 
+        let timeout = room
+            .config
+            .response_timeout
+            .unwrap_or(self.response_timeout);
+        let client = self.client.load_full();
         let path = parts.uri.path_and_query().cloned();
         let mut tried: Vec<usize> = Vec::with_capacity(1);
         loop {
@@ -194,8 +199,9 @@ impl Forwarder {
             let counted = crate::metrics::Counted::new(metrics.in_flight.clone());
             let sent = self
                 .answer(
-                    self.client.request(upstream_req),
+                    client.request(upstream_req),
                     taken.take(),
+                    timeout,
                     &mut started,
                 )
                 .await;
@@ -214,10 +220,10 @@ impl Forwarder {
                     // request sent to it waited response_timeout for a 504
                     // (nginx counts a timeout as a failure too).
                     room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, timeout = ?self.response_timeout, "upstream gave no answer in time; cooling down");
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, ?timeout, "upstream gave no answer in time; cooling down");
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
-                        timeout: self.response_timeout,
+                        timeout,
                     });
                 }
                 Some(r) => r,
@@ -231,7 +237,7 @@ impl Forwarder {
                         .response_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(Forwarded {
-                        response: into_client_response(resp, client_upgrade, self.response_timeout),
+                        response: into_client_response(resp, client_upgrade, timeout),
                         upstream: index,
                     });
                 }
@@ -289,7 +295,8 @@ impl Forwarder {
 
 impl Forwarder {
     /// The upstream's answer to `request`, or None when it took too long.
-    /// `response_timeout` counts from when the upstream has the whole
+    /// `timeout` (the room's `response_timeout`, or `upstream.`'s) counts
+    /// from when the upstream has the whole
     /// request: an upload at the pace of the person's line is not the
     /// portal's delay, nor its failure. While the body goes out, the
     /// upstream must take a part of it within the same time (nginx's
@@ -300,6 +307,7 @@ impl Forwarder {
         &self,
         request: F,
         taken: Option<watch::Receiver<Taken>>,
+        timeout: Duration,
         started: &mut Instant,
     ) -> Option<F::Output> {
         let mut request = std::pin::pin!(request);
@@ -307,7 +315,7 @@ impl Forwarder {
             while *taken.borrow_and_update() != Taken::All {
                 tokio::select! {
                     answer = &mut request => return Some(answer),
-                    changed = tokio::time::timeout(self.response_timeout, taken.changed()) => {
+                    changed = tokio::time::timeout(timeout, taken.changed()) => {
                         match changed {
                             Err(_) => return None,
                             // The body is gone: sent, or failed (the
@@ -320,9 +328,7 @@ impl Forwarder {
             }
             *started = Instant::now();
         }
-        tokio::time::timeout(self.response_timeout, request)
-            .await
-            .ok()
+        tokio::time::timeout(timeout, request).await.ok()
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Upstream {
 pub struct UpstreamPool {
     upstreams: Vec<Upstream>,
     next: AtomicUsize,
+    /// Where a turn an upstream in its slow start passes up goes: spread
+    /// over the others, not always to the next in line.
+    spill: AtomicUsize,
     cooldown: Duration,
     slow_start_ms: u64,
     /// The health checks' tasks: stopped with the pool (a reload replaced
@@ -88,6 +91,7 @@ impl UpstreamPool {
         UpstreamPool {
             upstreams,
             next: AtomicUsize::new(0),
+            spill: AtomicUsize::new(0),
             cooldown,
             slow_start_ms: slow_start.as_millis() as u64,
             checks: Default::default(),
@@ -140,7 +144,8 @@ impl UpstreamPool {
 
     fn is_healthy_at(&self, index: usize, now_ms: u64) -> bool {
         let u = &self.upstreams[index];
-        !u.checked_down.load(Ordering::Relaxed) && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
+        // Acquire: an upstream seen back sees its slow start's mark too.
+        !u.checked_down.load(Ordering::Acquire) && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
     /// Takes the checks' verdicts from the same upstreams (by address) of
@@ -177,7 +182,7 @@ impl UpstreamPool {
             u.turns.store(0, Ordering::Relaxed);
             u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
         }
-        u.checked_down.store(!down, Ordering::Relaxed);
+        u.checked_down.store(!down, Ordering::Release);
         Some(passed)
     }
 
@@ -217,17 +222,32 @@ impl UpstreamPool {
     fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let candidates = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|i| !tried.contains(i));
+        let order = |from: usize| {
+            (0..n)
+                .map(move |i| (from + i) % n)
+                .filter(|i| !tried.contains(i))
+        };
         let (mut ramping, mut cooling, mut checked_out) = (None, None, None);
-        for i in candidates {
+        for i in order(start) {
             if self.is_healthy_at(i, now) {
                 if self.takes_turn(i, now) {
                     return Some(i);
                 }
-                ramping.get_or_insert(i);
-                continue;
+                // The turn it passes up goes to another, chosen in turn:
+                // the next in line would carry its whole share besides
+                // its own for the whole slow start.
+                let others: Vec<usize> = order(0)
+                    .filter(|&j| j != i && self.is_healthy_at(j, now))
+                    .collect();
+                let from = self.spill.fetch_add(1, Ordering::Relaxed);
+                for k in 0..others.len() {
+                    let j = others[(from + k) % others.len()];
+                    if self.takes_turn(j, now) {
+                        return Some(j);
+                    }
+                }
+                ramping = Some(i);
+                break;
             }
             if self.upstreams[i].checked_down.load(Ordering::Relaxed) {
                 checked_out.get_or_insert(i);
@@ -398,5 +418,25 @@ mod tests {
         p.record_check(1, true, 3, 1);
         let taken = (0..20).filter(|_| p.pick(&[]) == Some(1)).count();
         assert_eq!(taken, 10);
+    }
+
+    #[test]
+    fn the_turns_it_passes_up_are_spread_over_the_others() {
+        let bases: Vec<Uri> = [9001, 9002, 9003]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        for _ in 0..3 {
+            p.record_check(1, false, 3, 1);
+        }
+        p.record_check(1, true, 3, 1);
+        let back = p.upstreams[1].back_at_ms.load(Ordering::Relaxed);
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[p.pick_at(&[], back).unwrap()] += 1;
+        }
+        // Round robin to the next in line would give 2000 and 1000.
+        assert_eq!(counts, [1500, 0, 1500]);
     }
 }
