@@ -147,7 +147,13 @@ pub fn room_state(room: &Room) -> Value {
         .all()
         .iter()
         .enumerate()
-        .map(|(i, u)| json!({ "upstream": u.label, "healthy": room.upstreams.is_healthy(i) }))
+        .map(|(i, u)| {
+            json!({
+                "upstream": u.label,
+                "healthy": room.upstreams.is_healthy(i),
+                "taken_out": room.upstreams.is_taken_out(i),
+            })
+        })
         .collect();
     json!({
         "name": room.name,
@@ -297,6 +303,33 @@ impl Admin {
                             StatusCode::UNPROCESSABLE_ENTITY,
                             json!({ "reloaded": false, "error": e.to_string() }),
                         )
+                    }
+                }
+            }
+            (Method::POST, ["rooms", name, "upstreams", upstream, action]) => {
+                let Some(room) = self.app.room(name) else {
+                    return problem(StatusCode::NOT_FOUND, "no such room");
+                };
+                let out = match *action {
+                    "out" => true,
+                    "in" => false,
+                    _ => return problem(StatusCode::NOT_FOUND, "actions: out, in"),
+                };
+                // An IPv6 upstream's brackets come escaped.
+                let Some(label) = percent_decoded(upstream) else {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "a malformed escape in the upstream",
+                    );
+                };
+                match room.upstreams.take_out(&label, out) {
+                    None => problem(
+                        StatusCode::NOT_FOUND,
+                        "no such upstream in this room: name it host:port, as in GET /api/rooms/NAME",
+                    ),
+                    Some(was) => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, upstream = %label, action, was_out = was, "upstream taken out of rotation or put back by hand");
+                        json_response(StatusCode::OK, room_state(&room))
                     }
                 }
             }

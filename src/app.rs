@@ -438,6 +438,9 @@ impl App {
             tracing::info!("TLS server names changed: new connections to the upstreams concerned");
         }
         for room in &rooms {
+            if let Some(old) = self.room(&room.name) {
+                room.upstreams.keep_taken_out_of(&old.upstreams);
+            }
             if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);
             }

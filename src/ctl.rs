@@ -37,6 +37,11 @@ pub enum Action {
     /// Drop the live changes: mode, rate and cap back to the config (on
     /// every node of a cluster).
     Reset { room: String },
+    /// Take an upstream (host:port) out of rotation on this node, e.g. for
+    /// a deploy on that server; a reload keeps it out, a restart does not.
+    UpstreamOut { room: String, upstream: String },
+    /// Put an upstream taken out back in rotation.
+    UpstreamIn { room: String, upstream: String },
     /// Re-read the config file (a bad one is refused; the old one stays).
     Reload,
 }
@@ -60,9 +65,22 @@ impl Action {
                 ("POST", format!("{}?value={value}", room(r, "max_active")))
             }
             Action::Reset { room: r } => ("POST", room(r, "reset")),
+            Action::UpstreamOut { room: r, upstream } => (
+                "POST",
+                room(r, &format!("upstreams/{}/out", escaped(upstream))),
+            ),
+            Action::UpstreamIn { room: r, upstream } => (
+                "POST",
+                room(r, &format!("upstreams/{}/in", escaped(upstream))),
+            ),
             Action::Reload => ("POST", "/api/reload".into()),
         }
     }
+}
+
+/// An upstream's label in a path: an IPv6 address's brackets escaped.
+fn escaped(upstream: &str) -> String {
+    upstream.replace('[', "%5B").replace(']', "%5D")
 }
 
 /// `admin`: one admin listener, or several separated by commas: each is

@@ -18,6 +18,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_responses_total",
     "varco_upstream_in_flight",
     "varco_upstream_up",
+    "varco_upstream_taken_out",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
     "varco_request_bodies_total",
@@ -525,6 +526,8 @@ struct RoomCollector {
     lane_admitted: IntCounterVec,
     /// Each upstream of each room: 1 in rotation, 0 out.
     upstream_up: IntGaugeVec,
+    /// Each upstream of each room: 1 while an operator keeps it out.
+    upstream_taken_out: IntGaugeVec,
     /// One scrape at a time fills the vectors above: the registry lets
     /// two gather at once (two Prometheus servers), and interleaved resets
     /// and fills would report a counter twice or a gauge not at all.
@@ -555,7 +558,15 @@ impl RoomCollector {
             upstream_up: IntGaugeVec::new(
                 Opts::new(
                     "varco_upstream_up",
-                    "1 while an upstream is in rotation; 0 while it is out: cooling down after a failed request (upstream.fail_cooldown), or failing its health checks",
+                    "1 while an upstream is in rotation; 0 while it is out: cooling down after a failed request (upstream.fail_cooldown), failing its health checks, or taken out by an operator",
+                ),
+                &["room", "upstream"],
+            )
+            .expect("valid metric"),
+            upstream_taken_out: IntGaugeVec::new(
+                Opts::new(
+                    "varco_upstream_taken_out",
+                    "1 while an operator keeps an upstream out of rotation (varco ctl upstream-out), else 0",
                 ),
                 &["room", "upstream"],
             )
@@ -693,6 +704,7 @@ impl prometheus::core::Collector for RoomCollector {
         }
         d.extend(self.lane_admitted.desc());
         d.extend(self.upstream_up.desc());
+        d.extend(self.upstream_taken_out.desc());
         d
     }
 
@@ -710,6 +722,7 @@ impl prometheus::core::Collector for RoomCollector {
         }
         self.lane_admitted.reset();
         self.upstream_up.reset();
+        self.upstream_taken_out.reset();
         let routing = self.routing.load();
         for room in &routing.rooms {
             let v = room.view();
@@ -718,6 +731,9 @@ impl prometheus::core::Collector for RoomCollector {
                 self.upstream_up
                     .with_label_values(&[name, &u.label])
                     .set(room.upstreams.is_healthy(i) as i64);
+                self.upstream_taken_out
+                    .with_label_values(&[name, &u.label])
+                    .set(room.upstreams.is_taken_out(i) as i64);
             }
             if room.lanes.len() > 1 {
                 for lane in &room.lanes {
@@ -812,6 +828,7 @@ impl prometheus::core::Collector for RoomCollector {
         }
         out.extend(self.lane_admitted.collect());
         out.extend(self.upstream_up.collect());
+        out.extend(self.upstream_taken_out.collect());
         out
     }
 }

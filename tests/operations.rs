@@ -505,6 +505,11 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         "back to the file: {out}"
     );
     ctl(&["pause", "portal"]);
+    let upstream = up.addr.to_string();
+    let out = ctl(&["upstream-out", "portal", &upstream]);
+    assert!(out.contains("\"taken_out\": true"), "{out}");
+    let out = ctl(&["upstream-in", "portal", &upstream]);
+    assert!(out.contains("\"taken_out\": false"), "{out}");
 
     // Several nodes (separate ones here, without Redis): one action for
     // all; a node that does not answer is named, and the others are still

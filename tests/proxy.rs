@@ -659,6 +659,75 @@ async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
     .await;
 }
 
+/// An operator takes an upstream out of rotation (a deploy on that
+/// server): it gets no request until put back, and a reload keeps it out.
+#[tokio::test]
+async fn an_operator_takes_an_upstream_out_and_puts_it_back() {
+    const TOKEN: &str = "take-it-out-for-a-deploy";
+    std::env::set_var("VARCO_TEST_PROXY_ADMIN", format!("ops:{TOKEN}"));
+    let a = upstream::spawn().await;
+    let b = upstream::spawn().await;
+    let toml = format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_PROXY_ADMIN\"\n{}",
+        room_config(&[a.addr, b.addr], "")
+    );
+    let (g, _path) = common::gated::Gated::start_written("taken-out", &toml).await;
+    let api = async |upstream: &str, action: &str| {
+        client::send(
+            Request::post(format!(
+                "http://{}/api/rooms/portal/upstreams/{upstream}/{action}",
+                g.admin
+            ))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body::empty())
+            .unwrap(),
+        )
+        .await
+    };
+    let answered = async || {
+        let got = get(&format!("http://{}/echo", g.addr)).await;
+        assert_eq!(got.status, 200);
+        got.json()["upstream"].as_str().unwrap().to_string()
+    };
+    let (a_label, b_label) = (a.addr.to_string(), b.addr.to_string());
+
+    let got = api(&a_label, "out").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let state = got.json();
+    assert_eq!(state["upstreams"][0]["upstream"], a_label.as_str());
+    assert_eq!(state["upstreams"][0]["taken_out"], true);
+    assert_eq!(state["upstreams"][0]["healthy"], false);
+    for _ in 0..6 {
+        assert_eq!(answered().await, b_label);
+    }
+    let of = format!("room=\"portal\",upstream=\"{a_label}\"");
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_taken_out", &of).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_up", &of).await,
+        Some(0.0)
+    );
+    g.app.reload().await.expect("reload");
+    for _ in 0..6 {
+        assert_eq!(answered().await, b_label, "a reload put it back");
+    }
+
+    assert_eq!(api(&a_label, "in").await.status, 200);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(answered().await);
+    }
+    assert!(seen.contains(&a_label), "{seen:?}");
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_taken_out", &of).await,
+        Some(0.0)
+    );
+    assert_eq!(api("10.9.9.9:1", "out").await.status, 404);
+    assert_eq!(api(&a_label, "sideways").await.status, 404);
+}
+
 /// A reload keeps what the checks found (an upstream they took out gets no
 /// citizen's request while the new checks count again), and a reload that
 /// removes the checks puts every upstream back.

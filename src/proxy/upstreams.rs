@@ -3,7 +3,8 @@
 //! timeout, or broke the exchange): passive health with a cool-down; and
 //! any that failed `fall` active health checks in a row, until they pass
 //! `rise` (see `health.rs`). One the checks bring back may take its turns
-//! gradually over `slow_start`.
+//! gradually over `slow_start`. An operator may take one out by hand (a
+//! deploy on that server) and put it back.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -21,6 +22,9 @@ pub struct Upstream {
     down_until_ms: AtomicU64,
     /// Out of rotation by the active health checks.
     checked_down: AtomicBool,
+    /// Taken out by an operator: never sent a request, even when every
+    /// other upstream is down, until put back.
+    taken_out: AtomicBool,
     /// Checks in a row that disagree with `checked_down` (one checker
     /// per upstream writes it).
     streak: AtomicU32,
@@ -83,6 +87,7 @@ impl UpstreamPool {
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
                 checked_down: AtomicBool::new(false),
+                taken_out: AtomicBool::new(false),
                 streak: AtomicU32::new(0),
                 back_at_ms: AtomicU64::new(0),
                 turns: AtomicU64::new(0),
@@ -145,7 +150,36 @@ impl UpstreamPool {
     fn is_healthy_at(&self, index: usize, now_ms: u64) -> bool {
         let u = &self.upstreams[index];
         // Acquire: an upstream seen back sees its slow start's mark too.
-        !u.checked_down.load(Ordering::Acquire) && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
+        !u.checked_down.load(Ordering::Acquire)
+            && !u.taken_out.load(Ordering::Acquire)
+            && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    pub fn is_taken_out(&self, index: usize) -> bool {
+        self.upstreams[index].taken_out.load(Ordering::Relaxed)
+    }
+
+    /// An operator takes the upstream `label` out of rotation (`out`) or
+    /// puts it back; put back, it starts its slow start. Whether it was
+    /// out before; None when the room has no such upstream.
+    pub fn take_out(&self, label: &str, out: bool) -> Option<bool> {
+        let u = self.upstreams.iter().find(|u| u.label == label)?;
+        if !out && self.slow_start_ms > 0 && u.taken_out.load(Ordering::Relaxed) {
+            u.turns.store(0, Ordering::Relaxed);
+            u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        Some(u.taken_out.swap(out, Ordering::AcqRel))
+    }
+
+    /// Keeps out what an operator took out of the pool a reload replaces
+    /// (by address).
+    pub fn keep_taken_out_of(&self, old: &UpstreamPool) {
+        for u in &self.upstreams {
+            if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
+                let out = o.taken_out.load(Ordering::Relaxed);
+                u.taken_out.store(out, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Takes the checks' verdicts from the same upstreams (by address) of
@@ -248,6 +282,9 @@ impl UpstreamPool {
                 }
                 ramping = Some(i);
                 break;
+            }
+            if self.upstreams[i].taken_out.load(Ordering::Relaxed) {
+                continue;
             }
             if self.upstreams[i].checked_down.load(Ordering::Relaxed) {
                 checked_out.get_or_insert(i);
@@ -438,5 +475,29 @@ mod tests {
         }
         // Round robin to the next in line would give 2000 and 1000.
         assert_eq!(counts, [1500, 0, 1500]);
+    }
+
+    #[test]
+    fn an_upstream_taken_out_gets_nothing_until_put_back() {
+        let p = pool(2);
+        assert_eq!(p.take_out("127.0.0.1:9000", true), Some(false));
+        assert_eq!(p.take_out("127.0.0.1:9999", true), None);
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![1, 1, 1, 1]);
+        // Not even when the other is down.
+        p.mark_failed(1);
+        assert_eq!(p.pick(&[]), Some(1));
+        assert_eq!(p.pick(&[1]), None);
+        p.mark_healthy(1);
+        let bases: Vec<Uri> = [9000, 9001]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let reloaded = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO);
+        reloaded.keep_taken_out_of(&p);
+        assert!(reloaded.is_taken_out(0) && !reloaded.is_healthy(0));
+        assert_eq!(reloaded.take_out("127.0.0.1:9000", false), Some(true));
+        let picks: Vec<usize> = (0..4).map(|_| reloaded.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 0, 1]);
     }
 }
