@@ -18,6 +18,7 @@ use crate::body::{full, Body};
 use crate::config::AdminToken;
 use crate::listener::{ConnInfo, Handler};
 use crate::page::NO_STORE;
+use crate::proxy::upstreams::NotTakenOut;
 use crate::room::admission::Mode;
 use crate::room::Room;
 use crate::store::{LiveChange, StoreError};
@@ -152,6 +153,9 @@ pub fn room_state(room: &Room) -> Value {
                 "upstream": u.label,
                 "healthy": room.upstreams.is_healthy(i),
                 "taken_out": room.upstreams.is_taken_out(i),
+                "checks_pass": room
+                    .upstreams
+                    .checks_pass(i, room.config.health_check.is_some()),
             })
         })
         .collect();
@@ -307,9 +311,6 @@ impl Admin {
                 }
             }
             (Method::POST, ["rooms", name, "upstreams", upstream, action]) => {
-                let Some(room) = self.app.room(name) else {
-                    return problem(StatusCode::NOT_FOUND, "no such room");
-                };
                 let out = match *action {
                     "out" => true,
                     "in" => false,
@@ -322,13 +323,22 @@ impl Admin {
                         "a malformed escape in the upstream",
                     );
                 };
-                match room.upstreams.take_out(&label, out) {
-                    None => problem(
+                let force = req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "force=true"));
+                match self.app.take_upstream_out(name, &label, out, force).await {
+                    Err(NotTakenOut::NoSuchRoom) => problem(StatusCode::NOT_FOUND, "no such room"),
+                    Err(NotTakenOut::NoSuchUpstream) => problem(
                         StatusCode::NOT_FOUND,
                         "no such upstream in this room: name it host:port, as in GET /api/rooms/NAME",
                     ),
-                    Some(was) => {
-                        tracing::info!(target: "varco::audit", who, room = %room.name, upstream = %label, action, was_out = was, "upstream taken out of rotation or put back by hand");
+                    Err(NotTakenOut::LastInRotation) => problem(
+                        StatusCode::CONFLICT,
+                        "it is the last upstream of the room in rotation: everyone would get 502. Add ?force=true (varco ctl upstream-out --force) if that is what you want",
+                    ),
+                    Ok((room, was)) => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, upstream = %label, action, was_out = was, force, "upstream taken out of rotation or put back by hand");
                         json_response(StatusCode::OK, room_state(&room))
                     }
                 }

@@ -25,6 +25,7 @@ use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::buffer::{BufferLimits, RequestBuffer};
+use crate::proxy::upstreams::NotTakenOut;
 use crate::proxy::{client, health, Forwarder};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
@@ -316,6 +317,23 @@ impl App {
     /// Re-reads the config file and swaps in its rooms. Places in line and
     /// live sessions stay (the store is kept by room name); open
     /// connections stay; a bad file changes nothing.
+    /// An operator takes an upstream of `room` out of rotation (`out`) or
+    /// puts it back, on this node: whether it was out before. Serialised
+    /// with reloads, so one under way cannot build its rooms from the
+    /// pool before the change and lose it.
+    pub async fn take_upstream_out(
+        &self,
+        room: &str,
+        upstream: &str,
+        out: bool,
+        force: bool,
+    ) -> Result<(Arc<Room>, bool), NotTakenOut> {
+        let _no_reload_meanwhile = self.reloading.lock().await;
+        let room = self.room(room).ok_or(NotTakenOut::NoSuchRoom)?;
+        let was = room.upstreams.take_out(upstream, out, force)?;
+        Ok((room, was))
+    }
+
     pub async fn reload(&self) -> Result<usize, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let mut keys = self.reloading.lock().await;

@@ -39,7 +39,14 @@ pub enum Action {
     Reset { room: String },
     /// Take an upstream (host:port) out of rotation on this node, e.g. for
     /// a deploy on that server; a reload keeps it out, a restart does not.
-    UpstreamOut { room: String, upstream: String },
+    UpstreamOut {
+        room: String,
+        upstream: String,
+        /// Even the last upstream of the room in rotation (everyone then
+        /// gets 502).
+        #[arg(long)]
+        force: bool,
+    },
     /// Put an upstream taken out back in rotation.
     UpstreamIn { room: String, upstream: String },
     /// Re-read the config file (a bad one is refused; the old one stays).
@@ -65,9 +72,20 @@ impl Action {
                 ("POST", format!("{}?value={value}", room(r, "max_active")))
             }
             Action::Reset { room: r } => ("POST", room(r, "reset")),
-            Action::UpstreamOut { room: r, upstream } => (
+            Action::UpstreamOut {
+                room: r,
+                upstream,
+                force,
+            } => (
                 "POST",
-                room(r, &format!("upstreams/{}/out", escaped(upstream))),
+                room(
+                    r,
+                    &format!(
+                        "upstreams/{}/out{}",
+                        escaped(upstream),
+                        if *force { "?force=true" } else { "" }
+                    ),
+                ),
             ),
             Action::UpstreamIn { room: r, upstream } => (
                 "POST",
@@ -165,8 +183,8 @@ async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
 
 fn status_table(v: &Value) -> String {
     let mut out = format!(
-        "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}\n",
-        "ROOM", "MODE", "WAITING", "ACTIVE", "MAX_ACTIVE", "RATE/MIN", "WAIT"
+        "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}  {}\n",
+        "ROOM", "MODE", "WAITING", "ACTIVE", "MAX_ACTIVE", "RATE/MIN", "WAIT", "UPSTREAMS"
     );
     // Whole numbers as such; a fractional rate (0.4 a minute) to two
     // decimals, not rounded to a misleading 0.
@@ -189,15 +207,36 @@ fn status_table(v: &Value) -> String {
             Some(s) => format!("{}m{:02}s", s / 60, s % 60),
             None => "-".into(),
         };
+        let upstreams: Vec<&Value> = r["upstreams"].as_array().into_iter().flatten().collect();
+        let in_rotation = upstreams.iter().filter(|u| u["healthy"] == true).count();
+        // With health checks, whether a server taken out (redeployed)
+        // would pass: the operator puts it back on that.
+        let taken_out: Vec<String> = upstreams
+            .iter()
+            .filter(|u| u["taken_out"] == true)
+            .map(|u| {
+                let name = u["upstream"].as_str().unwrap_or("?");
+                match u["checks_pass"].as_bool() {
+                    Some(true) => format!("{name} (checks pass)"),
+                    Some(false) => format!("{name} (checks fail)"),
+                    None => name.to_string(),
+                }
+            })
+            .collect();
+        let mut rotation = format!("{in_rotation}/{} in rotation", upstreams.len());
+        if !taken_out.is_empty() {
+            rotation.push_str(&format!("; taken out: {}", taken_out.join(", ")));
+        }
         out.push_str(&format!(
-            "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}\n",
+            "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}  {}\n",
             r["name"].as_str().unwrap_or("?"),
             r["mode"].as_str().unwrap_or("?"),
             show(&r["queue_length"]),
             show(&r["active_sessions"]),
             show(&r["max_active"]),
             show(&r["admission_per_minute"]),
-            wait
+            wait,
+            rotation
         ));
     }
     out
@@ -217,6 +256,39 @@ mod tests {
         let table = status_table(&v);
         let row = table.lines().nth(1).unwrap();
         let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cols, ["portal", "queue", "12", "3", "-", "0.40", "1m35s"]);
+        assert_eq!(
+            cols,
+            ["portal", "queue", "12", "3", "-", "0.40", "1m35s", "0/0", "in", "rotation"]
+        );
+    }
+
+    #[test]
+    fn the_status_table_names_upstreams_taken_out() {
+        let v = serde_json::json!({"rooms": [{
+            "name": "portal", "mode": "queue", "upstreams": [
+                {"upstream": "10.0.0.1:80", "healthy": true, "taken_out": false},
+                {"upstream": "10.0.0.2:80", "healthy": false, "taken_out": true, "checks_pass": true},
+                {"upstream": "[::1]:80", "healthy": false, "taken_out": false}
+            ]
+        }]});
+        let row = status_table(&v).lines().nth(1).unwrap().to_string();
+        assert!(
+            row.ends_with("1/3 in rotation; taken out: 10.0.0.2:80 (checks pass)"),
+            "{row}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_upstream_is_escaped_in_the_path() {
+        let (_, path) = Action::UpstreamOut {
+            room: "portal".into(),
+            upstream: "[::1]:8080".into(),
+            force: true,
+        }
+        .request();
+        assert_eq!(
+            path,
+            "/api/rooms/portal/upstreams/%5B::1%5D:8080/out?force=true"
+        );
     }
 }

@@ -506,8 +506,26 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     );
     ctl(&["pause", "portal"]);
     let upstream = up.addr.to_string();
-    let out = ctl(&["upstream-out", "portal", &upstream]);
+    // The room's only upstream: taken out only when meant.
+    let refused = std::process::Command::new(bin())
+        .args(["ctl", "--admin", &format!("http://{}", p.admin)])
+        .args(["upstream-out", "portal", &upstream])
+        .env("VARCO_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("last upstream"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = ctl(&["upstream-out", "--force", "portal", &upstream]);
     assert!(out.contains("\"taken_out\": true"), "{out}");
+    let status = ctl(&["status"]);
+    assert!(
+        status.contains(&format!("taken out: {upstream}")),
+        "{status}"
+    );
     let out = ctl(&["upstream-in", "portal", &upstream]);
     assert!(out.contains("\"taken_out\": false"), "{out}");
 

@@ -713,6 +713,14 @@ async fn an_operator_takes_an_upstream_out_and_puts_it_back() {
     for _ in 0..6 {
         assert_eq!(answered().await, b_label, "a reload put it back");
     }
+    // The other is now the last in rotation: taken out only when meant,
+    // and then nobody gets through (not even to the one taken out).
+    assert_eq!(api(&b_label, "out").await.status, 409);
+    assert_eq!(api(&b_label, "out?force=true").await.status, 200);
+    let hits = (a.hits(), b.hits());
+    assert_eq!(get(&format!("http://{}/echo", g.addr)).await.status, 502);
+    assert_eq!((a.hits(), b.hits()), hits);
+    assert_eq!(api(&b_label, "in").await.status, 200);
 
     assert_eq!(api(&a_label, "in").await.status, 200);
     let mut seen = Vec::new();

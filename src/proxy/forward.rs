@@ -142,13 +142,16 @@ impl Forwarder {
         let client = self.client.load_full();
         let path = parts.uri.path_and_query().cloned();
         let mut tried: Vec<usize> = Vec::with_capacity(1);
+        let mut refused: Option<ProxyError> = None;
         loop {
             let Some(index) = room.upstreams.pick(&tried) else {
-                // Only after every upstream was tried; the last try returns first.
-                return Err(ProxyError::Unreachable {
+                // Every upstream in play was tried (the last try returns
+                // first, unless one was taken out meanwhile), or all are
+                // taken out.
+                return Err(refused.unwrap_or_else(|| ProxyError::Unreachable {
                     upstream: room.name.clone(),
-                    source: "no upstream left to try".into(),
-                });
+                    source: "no upstream in rotation: every one is taken out".into(),
+                }));
             };
             tried.push(index);
             let upstream = room.upstreams.get(index);
@@ -162,7 +165,8 @@ impl Forwarder {
                 Outgoing::Whole(sendable) => sendable.is_here(),
                 Outgoing::Streaming(_) => false,
             };
-            let last_try = !replayable || tried.len() == room.upstreams.len();
+            // Those taken out by an operator are never tried.
+            let last_try = !replayable || tried.len() >= room.upstreams.in_play();
             if let Some(h) = builder.headers_mut() {
                 *h = if last_try {
                     std::mem::take(&mut headers)
@@ -246,12 +250,14 @@ impl Forwarder {
                     signal(true);
                     room.upstreams.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the connection; cooling down");
+                    let error = ProxyError::Unreachable {
+                        upstream: upstream.label.clone(),
+                        source: e.into(),
+                    };
                     if last_try {
-                        return Err(ProxyError::Unreachable {
-                            upstream: upstream.label.clone(),
-                            source: e.into(),
-                        });
+                        return Err(error);
                     }
+                    refused = Some(error);
                 }
                 Err(e) => {
                     if has_source::<http_body_util::LengthLimitError>(&e) {

@@ -72,6 +72,15 @@ impl Drop for UpstreamPool {
     }
 }
 
+/// Why an upstream was not taken out or put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotTakenOut {
+    NoSuchRoom,
+    NoSuchUpstream,
+    /// No other upstream of the room is in rotation.
+    LastInRotation,
+}
+
 /// One clock for every pool, so a reload can carry a slow start over.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -155,20 +164,44 @@ impl UpstreamPool {
             && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// Upstreams a request may go to: all but those taken out.
+    pub fn in_play(&self) -> usize {
+        self.upstreams
+            .iter()
+            .filter(|u| !u.taken_out.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// The active checks' verdict: None without checks.
+    pub fn checks_pass(&self, index: usize, checked: bool) -> Option<bool> {
+        checked.then(|| !self.upstreams[index].checked_down.load(Ordering::Relaxed))
+    }
+
     pub fn is_taken_out(&self, index: usize) -> bool {
         self.upstreams[index].taken_out.load(Ordering::Relaxed)
     }
 
     /// An operator takes the upstream `label` out of rotation (`out`) or
     /// puts it back; put back, it starts its slow start. Whether it was
-    /// out before; None when the room has no such upstream.
-    pub fn take_out(&self, label: &str, out: bool) -> Option<bool> {
-        let u = self.upstreams.iter().find(|u| u.label == label)?;
+    /// out before. Taking out the last upstream in rotation leaves the
+    /// room answering 502 to everyone: only with `force`.
+    pub fn take_out(&self, label: &str, out: bool, force: bool) -> Result<bool, NotTakenOut> {
+        let Some(index) = self
+            .upstreams
+            .iter()
+            .position(|u| u.label.eq_ignore_ascii_case(label))
+        else {
+            return Err(NotTakenOut::NoSuchUpstream);
+        };
+        let u = &self.upstreams[index];
+        if out && !force && !(0..self.len()).any(|i| i != index && self.is_healthy(i)) {
+            return Err(NotTakenOut::LastInRotation);
+        }
         if !out && self.slow_start_ms > 0 && u.taken_out.load(Ordering::Relaxed) {
             u.turns.store(0, Ordering::Relaxed);
             u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
         }
-        Some(u.taken_out.swap(out, Ordering::AcqRel))
+        Ok(u.taken_out.swap(out, Ordering::AcqRel))
     }
 
     /// Keeps out what an operator took out of the pool a reload replaces
@@ -480,8 +513,16 @@ mod tests {
     #[test]
     fn an_upstream_taken_out_gets_nothing_until_put_back() {
         let p = pool(2);
-        assert_eq!(p.take_out("127.0.0.1:9000", true), Some(false));
-        assert_eq!(p.take_out("127.0.0.1:9999", true), None);
+        assert_eq!(p.take_out("127.0.0.1:9000", true, false), Ok(false));
+        assert_eq!(
+            p.take_out("127.0.0.1:9999", true, false),
+            Err(NotTakenOut::NoSuchUpstream)
+        );
+        assert_eq!(
+            p.take_out("127.0.0.1:9001", true, false),
+            Err(NotTakenOut::LastInRotation),
+            "the last in rotation only with force"
+        );
         let picks: Vec<usize> = (0..4).map(|_| p.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![1, 1, 1, 1]);
         // Not even when the other is down.
@@ -496,8 +537,29 @@ mod tests {
         let reloaded = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO);
         reloaded.keep_taken_out_of(&p);
         assert!(reloaded.is_taken_out(0) && !reloaded.is_healthy(0));
-        assert_eq!(reloaded.take_out("127.0.0.1:9000", false), Some(true));
+        assert_eq!(reloaded.take_out("127.0.0.1:9000", false, false), Ok(true));
         let picks: Vec<usize> = (0..4).map(|_| reloaded.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn an_upstream_put_back_starts_its_slow_start() {
+        let bases: Vec<Uri> = [9001, 9002]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        assert_eq!(p.take_out("127.0.0.1:9002", true, false), Ok(false));
+        assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(p.take_out("127.0.0.1:9002", false, false), Ok(true));
+        let back = p.upstreams[1].back_at_ms.load(Ordering::Relaxed);
+        assert!(back > 0, "put back, it warms up");
+        let picks: Vec<usize> = (0..10).map(|_| p.pick_at(&[], back).unwrap()).collect();
+        assert_eq!(picks, vec![0; 10]);
+        // Forced, the last one goes too, and then nothing is in play.
+        assert_eq!(p.take_out("127.0.0.1:9002", true, false), Ok(false));
+        assert_eq!(p.take_out("127.0.0.1:9001", true, true), Ok(false));
+        assert_eq!(p.in_play(), 0);
+        assert_eq!(p.pick(&[]), None);
     }
 }

@@ -251,6 +251,25 @@ try {
     return (await field("mode")) === "paused";
   });
   check(true, "the operator page updates live");
+  // An upstream taken out by hand (a deploy) shows as such, not failing.
+  const bearer = { authorization: "Bearer " + TOKEN };
+  const state = await (await fetch(ADMIN + "/api/rooms/portal", { headers: bearer })).json();
+  const upstream = state.upstreams[0].upstream;
+  const taken = await fetch(`${ADMIN}/api/rooms/portal/upstreams/${upstream}/out?force=true`, {
+    method: "POST",
+    headers: bearer,
+  });
+  check(taken.status === 200, "an upstream taken out through the admin API");
+  await until("the page shows it taken out", async () => {
+    await op.clock.runFor(2500);
+    return (await op.textContent(`${card} li[data-upstream]`)).includes("taken out");
+  });
+  check(true, "the operator page shows an upstream taken out by hand");
+  const back = await fetch(`${ADMIN}/api/rooms/portal/upstreams/${upstream}/in`, {
+    method: "POST",
+    headers: bearer,
+  });
+  check(back.status === 200, "and put back");
   await op.screenshot({ path: `${ARTIFACTS}/operator-1280.png`, fullPage: true });
   check(external.length === 0, "the operator page loads nothing from elsewhere: " + external.join(", "));
   await op.addScriptTag({ content: AXE });
