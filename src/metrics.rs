@@ -158,7 +158,7 @@ impl Metrics {
         .expect("valid metric");
         let request_buffer_bytes = IntGauge::new(
             "varco_request_buffer_bytes",
-            "Memory set aside for request bodies read whole (upstream.request_buffer), from their first byte until an upstream takes them",
+            "Memory set aside for request bodies read whole (upstream.request_buffer), from their first byte until they are written to an upstream",
         )
         .expect("valid metric");
         let request_buffer_limit_bytes = IntGauge::new(

@@ -7,7 +7,7 @@
 //!
 //! Memory is bounded twice: `upstream.request_buffer` per request and
 //! `upstream.request_buffer_memory` for all of them together, counted from
-//! the first byte read until the body is handed to the upstream. A body
+//! the first byte read until the body is written to the upstream. A body
 //! past either, or not whole within `upstream.request_buffer_time`,
 //! streams as it arrives (what was read first), as without buffering:
 //! never refused for it, and the metrics say so.
@@ -42,7 +42,8 @@ pub enum ClientBody {
 }
 
 /// A body read whole, and the share of the buffer memory it holds (given
-/// back when an upstream takes it, or the request ends).
+/// back once an upstream's connection has written it, or the request
+/// ends).
 pub struct Whole {
     pub bytes: Bytes,
     _held: Option<Held>,
@@ -262,6 +263,15 @@ impl Sendable {
     }
 }
 
+/// A body read whole as the bytes of a frame, holding its memory share.
+struct Owned(Whole);
+
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
 /// One try's body: the whole body in one frame, taken from its
 /// [`Sendable`] when the upstream first asks for it.
 pub struct OneTry {
@@ -283,9 +293,11 @@ impl http_body::Body for OneTry {
         }
         let taken = self.from.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         match taken {
-            // The memory is given back here, as hyper takes the bytes.
+            // The memory is given back when hyper is done with the bytes
+            // (written to the upstream), not when it takes them: a slow
+            // upstream still holds them meanwhile.
             Some(whole) if !whole.bytes.is_empty() => {
-                Poll::Ready(Some(Ok(Frame::data(whole.bytes))))
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(Owned(whole))))))
             }
             Some(_) => Poll::Ready(None),
             None => Poll::Ready(Some(
@@ -407,6 +419,9 @@ mod tests {
         assert_eq!(&sent[..], b"form");
         assert!(!sendable.is_here());
         assert!(sendable.body().is_none());
+        // Counted until the bytes are written (dropped), not just taken.
+        assert_eq!(memory.available_permits(), 96);
+        drop(sent);
         assert_eq!(memory.available_permits(), 100);
         assert_eq!(metrics.request_buffer_bytes.get(), 0);
     }
