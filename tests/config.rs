@@ -252,6 +252,14 @@ fn bad_rooms_name_their_keys() {
             "rooms.shop.tls_server_name",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", expect_status = [] }\n",
+            "rooms.portal.health_check.expect_status",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", expect_status = [200, 42] }\n",
+            "rooms.portal.health_check.expect_status",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhealth_check = { path = \"/healthz\", slow_start = \"2h\" }\n",
             "rooms.portal.health_check.slow_start",
         ),

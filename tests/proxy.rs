@@ -622,6 +622,31 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_bac
     );
 }
 
+/// `expect_status` narrows what passes: an upstream answering its health
+/// page with 200 fails a check that expects 204, and leaves the rotation.
+#[tokio::test]
+async fn a_health_check_expecting_another_status_takes_the_upstream_out() {
+    let picky = upstream::spawn().await;
+    let well = upstream::spawn().await;
+    let toml = room_config(&[picky.addr, well.addr], "")
+        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 2\nexpect_status = [204]\n";
+    let v = Varco::start(&toml).await;
+    let of = |u: &upstream::Upstream| format!("room=\"portal\",upstream=\"{}\"", u.addr);
+    let failed = |u: &upstream::Upstream| format!("result=\"failed\",{}", of(u));
+    until_metric(v.admin, "varco_upstream_up", &of(&picky), |up| up == 0.0).await;
+    until_metric(v.admin, "varco_upstream_up", &of(&well), |up| up == 0.0).await;
+    assert!(
+        client::metric(
+            v.admin,
+            "varco_upstream_health_checks_total",
+            &failed(&well)
+        )
+        .await
+        .is_some_and(|n| n >= 2.0),
+        "200 is not 204"
+    );
+}
+
 /// With `slow_start`, an upstream the checks bring back gets a growing
 /// share of the requests, not its full share at once.
 #[tokio::test]

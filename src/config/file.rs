@@ -493,6 +493,10 @@ pub struct RawHealthCheck {
     /// Passed checks in a row that bring it back.
     #[serde(default = "default_health_rise")]
     pub rise: u32,
+    /// The statuses that pass (HAProxy's `http-check expect status`):
+    /// without it any 2xx or 3xx, and a redirect to a login page passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<Vec<u16>>,
     /// Once the checks bring an upstream back, its share of requests
     /// grows from nothing to full over this long (HAProxy's `slowstart`).
     #[serde(skip_serializing_if = "Option::is_none")]

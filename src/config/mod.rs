@@ -245,6 +245,8 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     /// Zero: an upstream back takes its full share at once.
     pub slow_start: Duration,
+    /// Empty: any 2xx or 3xx passes.
+    pub expect_status: Vec<u16>,
 }
 
 impl RoomConfig {

@@ -163,11 +163,25 @@ fn parse_health_check(
             "must be at most 1h: a server that needs longer to warm up is not ready",
         );
     }
+    let expect_status = h.expect_status.clone().unwrap_or_default();
+    if h.expect_status.as_ref().is_some_and(Vec::is_empty) {
+        p.add(
+            key("health_check.expect_status"),
+            "lists no status: leave it out for any 2xx or 3xx",
+        );
+    }
+    if let Some(bad) = expect_status.iter().find(|s| !(100..=599).contains(*s)) {
+        p.add(
+            key("health_check.expect_status"),
+            format!("{bad} is not an HTTP status (100 to 599)"),
+        );
+    }
     HealthCheckConfig {
         path,
         interval,
         timeout,
         host,
+        expect_status,
         slow_start: slow_start.min(MAX_SLOW_START),
         fall: h.fall.clamp(1, 100),
         rise: h.rise.clamp(1, 100),

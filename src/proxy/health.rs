@@ -7,7 +7,6 @@
 //! another; the checks learn both first.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Limited};
@@ -99,7 +98,7 @@ async fn check_loop(
         };
         let upstream = room.upstreams.get(index);
         let uri = upstream_uri(&upstream.base, Some(&cfg.path));
-        let verdict = check(&client, uri, cfg.host.as_ref(), cfg.timeout).await;
+        let verdict = check(&client, uri, &cfg).await;
         match &verdict {
             Ok(()) => passed.inc(),
             Err(reason) => {
@@ -139,14 +138,20 @@ fn in_rotation(room: &Room) -> String {
     format!("{up} of {n}")
 }
 
-/// One check: Ok for a 2xx or 3xx, its page read to the end (or to 64
-/// KiB), within `timeout`; else why not.
-async fn check(
-    client: &UpstreamClient,
-    uri: Uri,
-    host: Option<&http::HeaderValue>,
-    timeout: Duration,
-) -> Result<(), String> {
+/// Whether a check's answer passes: one of `expect_status`, or without
+/// it any 2xx or 3xx.
+fn passes(status: http::StatusCode, expect_status: &[u16]) -> bool {
+    if expect_status.is_empty() {
+        status.is_success() || status.is_redirection()
+    } else {
+        expect_status.contains(&status.as_u16())
+    }
+}
+
+/// One check: Ok for a status that passes, its page read to the end (or
+/// to 64 KiB), within `timeout`; else why not.
+async fn check(client: &UpstreamClient, uri: Uri, cfg: &HealthCheckConfig) -> Result<(), String> {
+    let (host, timeout) = (cfg.host.as_ref(), cfg.timeout);
     let mut req = Request::get(uri).header(http::header::USER_AGENT, "varco-health-check");
     // The client sets Host from the URI only when none is given.
     if let Some(host) = host {
@@ -176,7 +181,7 @@ async fn check(
                 return Err(format!("answered {status}, then broke off: {e}"));
             }
         }
-        if status.is_success() || status.is_redirection() {
+        if passes(status, &cfg.expect_status) {
             Ok(())
         } else {
             Err(format!("answered {status}"))
@@ -185,4 +190,20 @@ async fn check(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn without_expect_status_any_2xx_or_3xx_passes() {
+        assert!(passes(StatusCode::OK, &[]));
+        assert!(passes(StatusCode::FOUND, &[]));
+        assert!(!passes(StatusCode::SERVICE_UNAVAILABLE, &[]));
+        // A redirect to the login page is no longer health.
+        assert!(!passes(StatusCode::FOUND, &[200]));
+        assert!(passes(StatusCode::NO_CONTENT, &[200, 204]));
+    }
 }
