@@ -28,7 +28,7 @@ pub struct Upstream {
     /// Checks in a row that disagree with `checked_down` (one checker
     /// per upstream writes it).
     streak: AtomicU32,
-    /// When the checks brought it back (milliseconds since the epoch),
+    /// When the checks or an operator brought it back (ms since the epoch),
     /// while its slow start runs; 0 otherwise.
     back_at_ms: AtomicU64,
     /// Its turns in rotation since then, taken or passed on.
