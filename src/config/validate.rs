@@ -193,7 +193,10 @@ fn parse_health_check(
 fn same_server_names(rooms: &[RoomConfig], p: &mut Problems) {
     let mut named: HashMap<String, (&str, Option<String>)> = HashMap::new();
     for room in rooms {
-        let name = room.tls_server_name.as_ref().map(server_name_text);
+        let name = room
+            .tls_server_name
+            .as_ref()
+            .map(|n| n.to_str().into_owned());
         for u in room
             .upstreams
             .iter()
@@ -217,14 +220,6 @@ fn same_server_names(rooms: &[RoomConfig], p: &mut Problems) {
                 }
             }
         }
-    }
-}
-
-fn server_name_text(name: &rustls::pki_types::ServerName<'_>) -> String {
-    match name {
-        rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
-        rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-        _ => format!("{name:?}"),
     }
 }
 
