@@ -350,10 +350,17 @@ mod tests {
     use super::*;
 
     fn pool(n: usize) -> UpstreamPool {
-        let bases: Vec<Uri> = (0..n)
-            .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
+        let ports: Vec<u16> = (9000..).take(n).collect();
+        pool_on(&ports, Duration::ZERO)
+    }
+
+    /// Upstreams on 127.0.0.1 at `ports`, a minute's cool-down.
+    fn pool_on(ports: &[u16], slow_start: Duration) -> UpstreamPool {
+        let bases: Vec<Uri> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
-        UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO)
+        UpstreamPool::new(&bases, Duration::from_secs(60), slow_start)
     }
 
     #[test]
@@ -412,11 +419,7 @@ mod tests {
             old.record_check(1, false, 3, 2);
         }
         assert!(!old.is_healthy(1));
-        let bases: Vec<Uri> = [9001, 9002]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let new = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO);
+        let new = pool_on(&[9001, 9002], Duration::ZERO);
         new.keep_checks_of(&old);
         assert!(
             !new.is_healthy(0),
@@ -449,11 +452,7 @@ mod tests {
 
     #[test]
     fn an_upstream_back_from_its_checks_takes_its_turns_gradually() {
-        let bases: Vec<Uri> = [9001, 9002]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        let p = pool_on(&[9001, 9002], Duration::from_secs(100));
         for _ in 0..3 {
             p.record_check(1, false, 3, 1);
         }
@@ -492,11 +491,7 @@ mod tests {
 
     #[test]
     fn the_turns_it_passes_up_are_spread_over_the_others() {
-        let bases: Vec<Uri> = [9001, 9002, 9003]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        let p = pool_on(&[9001, 9002, 9003], Duration::from_secs(100));
         for _ in 0..3 {
             p.record_check(1, false, 3, 1);
         }
@@ -530,11 +525,7 @@ mod tests {
         assert_eq!(p.pick(&[]), Some(1));
         assert_eq!(p.pick(&[1]), None);
         p.mark_healthy(1);
-        let bases: Vec<Uri> = [9000, 9001]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let reloaded = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::ZERO);
+        let reloaded = pool_on(&[9000, 9001], Duration::ZERO);
         reloaded.keep_taken_out_of(&p);
         assert!(reloaded.is_taken_out(0) && !reloaded.is_healthy(0));
         assert_eq!(reloaded.take_out("127.0.0.1:9000", false, false), Ok(true));
@@ -544,11 +535,7 @@ mod tests {
 
     #[test]
     fn an_upstream_put_back_starts_its_slow_start() {
-        let bases: Vec<Uri> = [9001, 9002]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let p = UpstreamPool::new(&bases, Duration::from_secs(60), Duration::from_secs(100));
+        let p = pool_on(&[9001, 9002], Duration::from_secs(100));
         assert_eq!(p.take_out("127.0.0.1:9002", true, false), Ok(false));
         assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), 0);
         assert_eq!(p.take_out("127.0.0.1:9002", false, false), Ok(true));
