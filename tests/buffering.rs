@@ -15,18 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use common::client::{get, send};
-use common::{dead_addr, upstream, Varco};
+use common::{dead_addr, room_config, upstream, Varco};
 use varco::body;
 
+/// A room on `upstreams` with `room` keys, under `[upstream]` keys.
 fn config(upstreams: &[SocketAddr], upstream_table: &str, room: &str) -> String {
-    let list: Vec<String> = upstreams
-        .iter()
-        .map(|a| format!("\"http://{a}\""))
-        .collect();
-    format!(
-        "[upstream]\n{upstream_table}\n[rooms.portal]\nupstreams = [{}]\n{room}\n",
-        list.join(", ")
-    )
+    room_config(upstreams, &format!("[upstream]\n{upstream_table}")) + room + "\n"
 }
 
 async fn metric(v: &Varco, name: &str, labels: &str) -> Option<f64> {
