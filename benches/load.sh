@@ -5,6 +5,8 @@
 #   benches/load.sh                 # 5 alternating rounds of 10 s each
 #   ROUNDS=3 SECONDS_PER_ROUND=5 CONNECTIONS=64 benches/load.sh
 #   benches/load.sh --smoke         # 1 short round of each part: checks the harness
+#                                   # (with the test build's binaries: figures
+#                                   # of unoptimised code, never to be quoted)
 #   BEFORE=/path/to/older/varco PARTS=waiting benches/load.sh
 #                                   # that build too, in the same rounds (an A/B)
 #   PARTS="proxy waiting" benches/load.sh   # some parts (default: all below)
@@ -45,7 +47,12 @@ SECS=${SECONDS_PER_ROUND:-10}
 CONNS=${CONNECTIONS:-64}
 PARTS=${PARTS:-proxy waiting memory cluster snapshot}
 MANY_TICKETS=${MANY_TICKETS:-1000000}
-if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; fi
+# Cargo profile of the binaries measured. The smoke run only proves the
+# harness works, so it takes the test build's (`dev`, the profile
+# `cargo test` builds in): a release build of its own added 8 minutes
+# to CI on 2 cores.
+PROFILE=${PROFILE:-release}
+if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; PROFILE=dev; fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk || ! need redis-server; then
@@ -54,9 +61,12 @@ if ! need nginx || ! need wrk || ! need redis-server; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --quiet --bin varco --example page_floor
-VARCO="$here/target/release/varco"
-FLOOR_BIN="$here/target/release/examples/page_floor"
+cargo build --profile "$PROFILE" --quiet --bin varco --example page_floor
+out="$here/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+VARCO="$out/varco"
+FLOOR_BIN="$out/examples/page_floor"
+[ "$PROFILE" = release ] ||
+  echo "(profile $PROFILE: varco's own code unoptimised; these figures are not varco's)"
 
 work=$(mktemp -d /tmp/varco-load.XXXXXX)
 pids=()
