@@ -153,6 +153,7 @@ pub fn room_state(room: &Room) -> Value {
                 "upstream": u.label,
                 "healthy": room.upstreams.is_healthy(i),
                 "taken_out": room.upstreams.is_taken_out(i),
+                "share": room.upstreams.share(i),
                 "checks_pass": room
                     .upstreams
                     .checks_pass(i, room.config.health_check.is_some()),

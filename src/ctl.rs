@@ -223,7 +223,20 @@ fn status_table(v: &Value) -> String {
                 }
             })
             .collect();
+        // In its slow start: how far it has come.
+        let warming: Vec<String> = upstreams
+            .iter()
+            .filter(|u| u["healthy"] == true)
+            .filter_map(|u| {
+                let share = u["share"].as_f64().filter(|s| *s < 1.0)?;
+                let name = u["upstream"].as_str().unwrap_or("?");
+                Some(format!("{name} ({:.0}%)", share * 100.0))
+            })
+            .collect();
         let mut rotation = format!("{in_rotation}/{} in rotation", upstreams.len());
+        if !warming.is_empty() {
+            rotation.push_str(&format!("; warming up: {}", warming.join(", ")));
+        }
         if !taken_out.is_empty() {
             rotation.push_str(&format!("; taken out: {}", taken_out.join(", ")));
         }
@@ -263,17 +276,20 @@ mod tests {
     }
 
     #[test]
-    fn the_status_table_names_upstreams_taken_out() {
+    fn the_status_table_names_upstreams_taken_out_and_warming_up() {
         let v = serde_json::json!({"rooms": [{
             "name": "portal", "mode": "queue", "upstreams": [
-                {"upstream": "10.0.0.1:80", "healthy": true, "taken_out": false},
-                {"upstream": "10.0.0.2:80", "healthy": false, "taken_out": true, "checks_pass": true},
-                {"upstream": "[::1]:80", "healthy": false, "taken_out": false}
+                {"upstream": "10.0.0.1:80", "healthy": true, "taken_out": false, "share": 1.0},
+                {"upstream": "10.0.0.2:80", "healthy": false, "taken_out": true, "checks_pass": true, "share": 0.0},
+                {"upstream": "[::1]:80", "healthy": false, "taken_out": false, "share": 0.0},
+                {"upstream": "10.0.0.3:80", "healthy": true, "taken_out": false, "share": 0.4}
             ]
         }]});
         let row = status_table(&v).lines().nth(1).unwrap().to_string();
         assert!(
-            row.ends_with("1/3 in rotation; taken out: 10.0.0.2:80 (checks pass)"),
+            row.ends_with(
+                "2/4 in rotation; warming up: 10.0.0.3:80 (40%); taken out: 10.0.0.2:80 (checks pass)"
+            ),
             "{row}"
         );
     }

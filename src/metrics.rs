@@ -19,6 +19,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_in_flight",
     "varco_upstream_up",
     "varco_upstream_taken_out",
+    "varco_upstream_share",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
     "varco_request_bodies_total",
@@ -528,6 +529,8 @@ struct RoomCollector {
     upstream_up: IntGaugeVec,
     /// Each upstream of each room: 1 while an operator keeps it out.
     upstream_taken_out: IntGaugeVec,
+    /// Each upstream of each room: the share of its turns it takes.
+    upstream_share: prometheus::GaugeVec,
     /// One scrape at a time fills the vectors above: the registry lets
     /// two gather at once (two Prometheus servers), and interleaved resets
     /// and fills would report a counter twice or a gauge not at all.
@@ -567,6 +570,14 @@ impl RoomCollector {
                 Opts::new(
                     "varco_upstream_taken_out",
                     "1 while an operator keeps an upstream out of rotation (varco ctl upstream-out), else 0",
+                ),
+                &["room", "upstream"],
+            )
+            .expect("valid metric"),
+            upstream_share: prometheus::GaugeVec::new(
+                Opts::new(
+                    "varco_upstream_share",
+                    "The share of its turns in rotation an upstream takes: 1 in full rotation, growing from 0 to 1 over health_check.slow_start after it comes back, 0 while out",
                 ),
                 &["room", "upstream"],
             )
@@ -705,6 +716,7 @@ impl prometheus::core::Collector for RoomCollector {
         d.extend(self.lane_admitted.desc());
         d.extend(self.upstream_up.desc());
         d.extend(self.upstream_taken_out.desc());
+        d.extend(self.upstream_share.desc());
         d
     }
 
@@ -723,6 +735,7 @@ impl prometheus::core::Collector for RoomCollector {
         self.lane_admitted.reset();
         self.upstream_up.reset();
         self.upstream_taken_out.reset();
+        self.upstream_share.reset();
         let routing = self.routing.load();
         for room in &routing.rooms {
             let v = room.view();
@@ -734,6 +747,9 @@ impl prometheus::core::Collector for RoomCollector {
                 self.upstream_taken_out
                     .with_label_values(&[name, &u.label])
                     .set(room.upstreams.is_taken_out(i) as i64);
+                self.upstream_share
+                    .with_label_values(&[name, &u.label])
+                    .set(room.upstreams.share(i));
             }
             if room.lanes.len() > 1 {
                 for lane in &room.lanes {
@@ -829,6 +845,7 @@ impl prometheus::core::Collector for RoomCollector {
         out.extend(self.lane_admitted.collect());
         out.extend(self.upstream_up.collect());
         out.extend(self.upstream_taken_out.collect());
+        out.extend(self.upstream_share.collect());
         out
     }
 }

@@ -660,9 +660,16 @@ async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
     let v = Varco::start(&toml).await;
     let of = format!("room=\"portal\",upstream=\"{}\"", sick.addr);
     until_metric(v.admin, "varco_upstream_up", &of, |up| up == 0.0).await;
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_share", &of).await,
+        Some(0.0)
+    );
     sick.healthy
         .store(true, std::sync::atomic::Ordering::SeqCst);
     until_metric(v.admin, "varco_upstream_up", &of, |up| up == 1.0).await;
+    // The operator sees it warm up.
+    let share = client::metric(v.admin, "varco_upstream_share", &of).await;
+    assert!(share.is_some_and(|s| s < 1.0), "{share:?} just back");
     // Round robin alone would send it every other request: 20 of 40.
     let mut back = 0;
     for _ in 0..40 {
@@ -682,6 +689,7 @@ async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
         back == 5
     })
     .await;
+    until_metric(v.admin, "varco_upstream_share", &of, |s| s == 1.0).await;
 }
 
 /// An operator takes an upstream out of rotation (a deploy on that
@@ -722,6 +730,8 @@ async fn an_operator_takes_an_upstream_out_and_puts_it_back() {
     assert_eq!(state["upstreams"][0]["upstream"], a_label.as_str());
     assert_eq!(state["upstreams"][0]["taken_out"], true);
     assert_eq!(state["upstreams"][0]["healthy"], false);
+    assert_eq!(state["upstreams"][0]["share"], 0.0);
+    assert_eq!(state["upstreams"][1]["share"], 1.0);
     for _ in 0..6 {
         assert_eq!(answered().await, b_label);
     }

@@ -277,6 +277,27 @@ impl UpstreamPool {
         (k + 1) * share / 1000 > k * share / 1000
     }
 
+    /// The share of its turns upstream `index` takes now (HAProxy's
+    /// effective weight): 0 out of rotation, growing to 1 over its slow
+    /// start, 1 in full rotation. What an operator watches while a
+    /// server warms up.
+    pub fn share(&self, index: usize) -> f64 {
+        self.share_at(index, self.now_ms())
+    }
+
+    fn share_at(&self, index: usize, now_ms: u64) -> f64 {
+        if !self.is_healthy_at(index, now_ms) {
+            return 0.0;
+        }
+        let back = self.upstreams[index].back_at_ms.load(Ordering::Relaxed);
+        if back == 0 || self.slow_start_ms == 0 {
+            return 1.0;
+        }
+        let ran = now_ms.saturating_sub(back).min(self.slow_start_ms);
+        // In thousandths, as `takes_turn` counts it.
+        (ran * 1000 / self.slow_start_ms) as f64 / 1000.0
+    }
+
     /// The next upstream in rotation that is healthy and not in `tried`.
     /// When every untried one is out, the next untried one anyway (one
     /// merely cooling down after a failed request before one the health
@@ -470,12 +491,21 @@ mod tests {
             .count();
         // Of 2000 turns, a quarter; without the slow start, all 2000.
         assert_eq!(taken, 500);
+        assert_eq!(p.share_at(1, at(25_000)), 0.25);
+        assert_eq!(
+            p.share_at(0, at(25_000)),
+            1.0,
+            "the other takes its full share"
+        );
         // Once it has run, every turn, and the mark is gone.
         let taken = (0..100)
             .filter(|_| p.pick_at(&[], at(100_000)) == Some(1))
             .count();
         assert_eq!(taken, 50);
         assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(p.share(1), 1.0);
+        p.mark_failed(1);
+        assert_eq!(p.share(1), 0.0, "out of rotation, no share");
     }
 
     #[test]

@@ -270,6 +270,12 @@ try {
     headers: bearer,
   });
   check(back.status === 200, "and put back");
+  // Put back, it takes its turns gradually (health_check.slow_start).
+  await until("the page shows it warming up", async () => {
+    await op.clock.runFor(2500);
+    return (await op.textContent(`${card} li[data-upstream]`)).includes("warming up");
+  });
+  check(true, "the operator page shows an upstream put back warming up");
   await op.screenshot({ path: `${ARTIFACTS}/operator-1280.png`, fullPage: true });
   check(external.length === 0, "the operator page loads nothing from elsewhere: " + external.join(", "));
   await op.addScriptTag({ content: AXE });
