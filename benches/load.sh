@@ -21,7 +21,8 @@
 #            page (error_page 503): like for like; then a ticket holder
 #            reloading the page, and the page polling /.varco/status, each
 #            against the same 503. With BEFORE set, that varco build joins
-#            the comparisons with the 503 (contender "before")
+#            the comparisons with the 503 (contender "before"), and the
+#            proxy comparison
 #   memory   varco's resident memory after 1,000 tickets and after
 #            1,000,000 (100,000 with --smoke): must stay flat
 #   cluster  admitted traffic (a pass in hand) through varco with the
@@ -175,12 +176,13 @@ start_varco() { # name, toml[, binary]; prints the pid
 common="[log]
 access = false
 level = \"warn\""
-VARCO_PID=$(start_varco proxy "$(server_block "$VAR" "$VADM")
-$common
-[upstream]
+proxied="[upstream]
 pool_max_idle = 128
 [rooms.origin]
-upstreams = [\"http://127.0.0.1:$ORIGIN\"]")
+upstreams = [\"http://127.0.0.1:$ORIGIN\"]"
+VARCO_PID=$(start_varco proxy "$(server_block "$VAR" "$VADM")
+$common
+$proxied")
 pids+=("$VARCO_PID")
 # The waiting room at its busiest: everyone is queued (queue_all, one
 # admission a minute), so every request without a cookie takes a ticket and
@@ -196,8 +198,9 @@ VWAIT_PID=$(start_varco waiting "$(server_block "$VWAIT" "$VWADM")
 $common
 $gated")
 pids+=("$VWAIT_PID")
-# Another build of varco on the same gated room, for an A/B in one run.
-before=()
+# Another build of varco on the same gated room, and proxying the same
+# origin, for an A/B in one run.
+before=(); before_proxy=()
 if [ -n "${BEFORE:-}" ]; then
   VBEFORE=$(port); VBADM=$(port)
   VBEFORE_PID=$(start_varco before "$(server_block "$VBEFORE" "$VBADM")
@@ -205,6 +208,12 @@ $common
 $gated" "$BEFORE")
   pids+=("$VBEFORE_PID")
   before=(before "$VBEFORE" "$VBEFORE_PID")
+  VBPROXY=$(port); VBPADM=$(port)
+  VBPROXY_PID=$(start_varco before-proxy "$(server_block "$VBPROXY" "$VBPADM")
+$common
+$proxied" "$BEFORE")
+  pids+=("$VBPROXY_PID")
+  before_proxy=(before "$VBPROXY" "$VBPROXY_PID")
 fi
 
 wait_port() {
@@ -317,8 +326,9 @@ redis_commands() { redis-cli -p "$REDIS" info stats | awk -F: '/^total_commands_
 for part in $PARTS; do
   case $part in
     proxy)
+      [ -n "${BEFORE:-}" ] && wait_port "$VBPROXY"
       compare "proxying a 1 KiB page (varco: proxy; nginx: proxy_pass, keepalive)" \
-        varco "$VAR" "$VARCO_PID" nginx "$NGX" "$NGINX_WORKER"
+        varco "$VAR" "$VARCO_PID" "${before_proxy[@]}" nginx "$NGX" "$NGINX_WORKER"
       ;;
     waiting)
       # One waiting page and its ticket's Set-Cookie, for the floor and for
