@@ -5,7 +5,8 @@
 //!   the tens of routes a portal has, the scan costs well under a
 //!   microsecond.)
 //! - `headers/*`: what hop-by-hop stripping and X-Forwarded-* cost on a
-//!   browser-sized header set.
+//!   browser-sized header set, and what a request's `X-Request-Id` costs
+//!   (made for every request let through to the portal).
 //! - `gate/*`: the whole gate for someone turned away, response included:
 //!   a new arrival (a ticket signed, the page rendered) and a reload by
 //!   someone already in line (the ticket verified, the page rendered).
@@ -21,6 +22,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderMap;
 use varco::config::Config;
 use varco::proxy::headers::{set_forwarded, strip_hop_by_hop};
+use varco::request_id::RequestIds;
 use varco::room::Room;
 use varco::router::Router;
 
@@ -90,6 +92,17 @@ fn headers(c: &mut Criterion) {
             |mut h| {
                 strip_hop_by_hop(&mut h);
                 set_forwarded(&mut h, peer, false, "https", host.as_ref());
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let ids = RequestIds::new();
+    c.bench_function("headers/request_id", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                black_box(ids.assign(&mut h, false));
                 h
             },
             criterion::BatchSize::SmallInput,

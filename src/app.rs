@@ -589,7 +589,7 @@ impl App {
             self.metrics.clone(),
             self.clock.clone(),
             config.server.trusted_proxies.clone(),
-            config.log.access,
+            (config.log.access, config.server.request_id),
         ));
         let ready = Arc::new(AtomicBool::new(true));
         let admin = Arc::new(Admin::new(

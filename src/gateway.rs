@@ -23,6 +23,7 @@ use crate::proxy::buffer::RequestBuffer;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
+use crate::request_id::{self, RequestIds};
 use crate::request_path;
 use crate::room::arrival;
 use crate::room::token::PassClaims;
@@ -37,9 +38,23 @@ pub struct Gateway {
     clock: SharedClock,
     trusted_proxies: Vec<IpNet>,
     access_log: bool,
+    /// `server.request_id`: None when off.
+    request_ids: Option<RequestIds>,
+}
+
+/// What the end of a request needs of its start: the access line's
+/// fields, and the request ID once the request is let through to the
+/// portal.
+struct Record {
+    started: Instant,
+    /// Method and path, when access lines are written.
+    logged: Option<(http::Method, String)>,
+    conn: ConnInfo,
+    id: Option<HeaderValue>,
 }
 
 impl Gateway {
+    /// `settings`: `log.access` and `server.request_id`.
     pub fn new(
         routing: SharedRouting,
         buffer: RequestBuffer,
@@ -47,7 +62,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         clock: SharedClock,
         trusted_proxies: Vec<IpNet>,
-        access_log: bool,
+        (access_log, request_id): (bool, bool),
     ) -> Self {
         Gateway {
             routing,
@@ -57,6 +72,7 @@ impl Gateway {
             clock,
             trusted_proxies,
             access_log,
+            request_ids: request_id.then(RequestIds::new),
         }
     }
 }
@@ -143,6 +159,12 @@ impl Handler for Gateway {
         let logged = self
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let mut record = Record {
+            started,
+            logged,
+            conn,
+            id: None,
+        };
         if let Err(e) = canonical {
             tracing::debug!(error = %e, "request path refused");
             let resp = page::error(StatusCode::BAD_REQUEST, "This address is malformed.", json);
@@ -150,8 +172,7 @@ impl Handler for Gateway {
                 .requests
                 .with_label_values(&["-", status_class(400)])
                 .inc();
-            self.access(logged, "-", &resp, started, None, conn);
-            return resp;
+            return self.finish(record, resp, "-", None);
         }
 
         if req.uri().path().starts_with("/.varco/") {
@@ -160,8 +181,7 @@ impl Handler for Gateway {
                 .requests
                 .with_label_values(&["-", status_class(resp.status().as_u16())])
                 .inc();
-            self.access(logged, "-", &resp, started, None, conn);
-            return resp;
+            return self.finish(record, resp, "-", None);
         }
 
         let room = self
@@ -180,16 +200,14 @@ impl Handler for Gateway {
                 .requests
                 .with_label_values(&["-", status_class(404)])
                 .inc();
-            self.access(logged, "-", &resp, started, None, conn);
-            return resp;
+            return self.finish(record, resp, "-", None);
         };
 
-        let (resp, upstream) = self.through_room(&room, req, conn, json).await;
+        let (resp, upstream) = self.through_room(&room, req, &mut record, json).await;
         room.metrics
             .observe(resp.status().as_u16(), started.elapsed().as_secs_f64());
         let label = upstream.map(|i| room.upstreams.get(i).label.as_str());
-        self.access(logged, &room.name, &resp, started, label, conn);
-        resp
+        self.finish(record, resp, &room.name, label)
     }
 }
 
@@ -199,9 +217,10 @@ impl Gateway {
         &self,
         room: &Room,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        record: &mut Record,
         json: bool,
     ) -> (Response<Body>, Option<usize>) {
+        let conn = record.conn;
         let secure = self.is_https(&req, conn);
         let mut req = req;
         // Only varco says where someone stands in line.
@@ -227,6 +246,13 @@ impl Gateway {
         } else {
             (Vec::new(), None)
         };
+        // Only requests for the portal: one the gate answers (the waiting
+        // page, the crowd of a click day) needs no ID to follow there, and
+        // would pay for one.
+        record.id = self.request_ids.as_ref().map(|ids| {
+            let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+            ids.assign(req.headers_mut(), trusted)
+        });
 
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.
@@ -277,7 +303,12 @@ impl Gateway {
                 Err(e) => {
                     let upstream_side = e.side() == Side::Upstream;
                     if upstream_side {
-                        tracing::warn!(room = %room.name, error = %e, "upstream failure");
+                        tracing::warn!(
+                            room = %room.name,
+                            error = %e,
+                            request_id = request_id::text(record.id.as_ref()),
+                            "upstream failure"
+                        );
                     } else {
                         tracing::debug!(room = %room.name, error = %e, "client failure");
                     }
@@ -390,26 +421,35 @@ impl Gateway {
         }
     }
 
-    fn access(
+    /// Every answer's last step: its request ID, and the access line.
+    fn finish(
         &self,
-        logged: Option<(http::Method, String)>,
+        record: Record,
+        mut resp: Response<Body>,
         room: &str,
-        resp: &Response<Body>,
-        started: Instant,
         upstream: Option<&str>,
-        conn: ConnInfo,
-    ) {
-        let Some((method, path)) = logged else { return };
-        tracing::info!(
-            target: "varco::access",
-            room,
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            // Whole microseconds: `0.054`, not `0.054450000000000005`.
-            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-            upstream = upstream.unwrap_or("-"),
-            client = %conn.peer.ip(),
-        );
+    ) -> Response<Body> {
+        if let Some(id) = &record.id {
+            // A portal that answers with an ID (this one, or its own) is
+            // left to say it.
+            resp.headers_mut()
+                .entry(request_id::HEADER)
+                .or_insert_with(|| id.clone());
+        }
+        if let Some((method, path)) = &record.logged {
+            tracing::info!(
+                target: "varco::access",
+                room,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                // Whole microseconds: `0.054`, not `0.054450000000000005`.
+                duration_ms = record.started.elapsed().as_micros() as f64 / 1000.0,
+                upstream = upstream.unwrap_or("-"),
+                client = %record.conn.peer.ip(),
+                request_id = request_id::text(record.id.as_ref()),
+            );
+        }
+        resp
     }
 }

@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod page;
 pub mod proxy;
 pub mod proxy_header;
+pub mod request_id;
 pub mod request_path;
 pub mod room;
 pub mod router;

@@ -317,6 +317,10 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["upstream"], up.addr.to_string());
     assert!(v["duration_ms"].as_f64().is_some());
+    // The line names the request as the portal and the client saw it.
+    let id = got.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(v["request_id"], id);
+    assert_eq!(got.json()["headers"]["x-request-id"][0], id);
 }
 
 /// A crash leaves no last snapshot. Kill -9 after a snapshot taken at the

@@ -147,6 +147,67 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
 }
 
+/// Every request for the portal gets an ID, sent there and back to the
+/// client (one varco made, for a client's own could be anyone's), on
+/// varco's error page for it too; a trusted proxy's ID is kept;
+/// `request_id = false` leaves the header alone.
+#[tokio::test]
+async fn every_request_gets_an_id_for_the_portal_and_the_client() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let with_id = |url: String, id: &str| {
+        Request::get(url)
+            .header("x-request-id", id)
+            .body(body::empty())
+            .unwrap()
+    };
+    let got = send(with_id(v.url("/echo"), "forged-by-the-client")).await;
+    let id = got.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+    assert_eq!(
+        got.json()["headers"]["x-request-id"],
+        serde_json::json!([id]),
+        "the portal gets the same ID, and only that"
+    );
+    let next = get(&v.url("/echo")).await;
+    assert_ne!(next.headers["x-request-id"], id.as_str());
+    let own = get(&v.url("/.varco/nothing-here")).await;
+    assert_eq!(own.status, 404);
+    assert!(
+        own.headers.get("x-request-id").is_none(),
+        "not for the portal"
+    );
+    let down = Varco::start(&room_config(&[common::dead_addr()], "")).await;
+    let failed = get(&down.url("/echo")).await;
+    assert_eq!(failed.status, 502);
+    assert_eq!(
+        failed.headers["x-request-id"].len(),
+        32,
+        "quoted from the error page"
+    );
+
+    let behind = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    ))
+    .await;
+    let got = send(with_id(behind.url("/echo"), "lb-7f3a-0001")).await;
+    assert_eq!(got.headers["x-request-id"], "lb-7f3a-0001");
+    assert_eq!(
+        got.json()["headers"]["x-request-id"],
+        serde_json::json!(["lb-7f3a-0001"])
+    );
+
+    let off = Varco::start(&room_config(&[up.addr], "[server]\nrequest_id = false")).await;
+    let got = send(with_id(off.url("/echo"), "the-clients-own")).await;
+    assert!(got.headers.get("x-request-id").is_none());
+    assert_eq!(
+        got.json()["headers"]["x-request-id"],
+        serde_json::json!(["the-clients-own"])
+    );
+}
+
 /// Behind a TCP load balancer that speaks the PROXY protocol, the client
 /// is the one its header names (v1 or v2), for the forwarded headers as
 /// for every per-address rule; its own checks (LOCAL) are its own; a

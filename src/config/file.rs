@@ -244,6 +244,8 @@ pub struct RawServer {
     /// After SIGTERM, how long `/readyz` says 503 while varco still
     /// accepts, so load balancers stop sending first ("0s": none).
     pub shutdown_delay: String,
+    /// Each request gets an `X-Request-Id` (a trusted proxy's is kept).
+    pub request_id: bool,
 }
 
 impl Default for RawServer {
@@ -267,6 +269,7 @@ impl Default for RawServer {
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),
             shutdown_delay: "0s".into(),
+            request_id: true,
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Zero: stop accepting at once.
     pub shutdown_delay: Duration,
+    /// Each request gets an `X-Request-Id` (a trusted proxy's is kept).
+    pub request_id: bool,
 }
 
 /// The certificates the public listener presents: the first to a client

@@ -346,6 +346,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             p.add("server.shutdown_delay", e);
             Duration::ZERO
         }),
+        request_id: s.request_id,
     };
 
     let u = &raw.upstream;
