@@ -230,7 +230,8 @@ fn status_table(v: &Value) -> String {
             .filter_map(|u| {
                 let share = u["share"].as_f64().filter(|s| *s < 1.0)?;
                 let name = u["upstream"].as_str().unwrap_or("?");
-                Some(format!("{name} ({:.0}%)", share * 100.0))
+                // Floored, as the operator page shows it: 99.9% is not yet 100.
+                Some(format!("{name} ({}%)", (share * 100.0).floor()))
             })
             .collect();
         let mut rotation = format!("{in_rotation}/{} in rotation", upstreams.len());
