@@ -52,8 +52,8 @@ MANY_TICKETS=${MANY_TICKETS:-1000000}
 # harness works, so it takes the test build's (`dev`, the profile
 # `cargo test` builds in): a release build of its own added 8 minutes
 # to CI on 2 cores.
-PROFILE=${PROFILE:-release}
-if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; PROFILE=dev; fi
+LOAD_PROFILE=${LOAD_PROFILE:-release}
+if [ "${1:-}" = "--smoke" ]; then ROUNDS=1; SECS=2; CONNS=16; MANY_TICKETS=100000; LOAD_PROFILE=dev; fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk || ! need redis-server; then
@@ -62,12 +62,18 @@ if ! need nginx || ! need wrk || ! need redis-server; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --profile "$PROFILE" --quiet --bin varco --example page_floor
-out="$here/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+cargo build --profile "$LOAD_PROFILE" --quiet --bin varco --example page_floor
+case $LOAD_PROFILE in
+  dev | test) out="$here/target/debug" ;;
+  bench) out="$here/target/release" ;;
+  *) out="$here/target/$LOAD_PROFILE" ;;
+esac
 VARCO="$out/varco"
 FLOOR_BIN="$out/examples/page_floor"
-[ "$PROFILE" = release ] ||
-  echo "(profile $PROFILE: varco's own code unoptimised; these figures are not varco's)"
+case $LOAD_PROFILE in
+  release | bench) ;;
+  *) echo "(profile $LOAD_PROFILE, not release: these figures are not varco's)" ;;
+esac
 
 work=$(mktemp -d /tmp/varco-load.XXXXXX)
 pids=()
