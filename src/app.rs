@@ -20,7 +20,7 @@ use crate::audit::AuditLog;
 use crate::clock::{self, SharedClock};
 use crate::config::file::RawServer;
 use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind, TlsConfig};
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
@@ -588,8 +588,11 @@ impl App {
             forwarder,
             self.metrics.clone(),
             self.clock.clone(),
-            config.server.trusted_proxies.clone(),
-            (config.log.access, config.server.request_id),
+            gateway::Settings {
+                trusted_proxies: config.server.trusted_proxies.clone(),
+                access_log: config.log.access,
+                request_id: config.server.request_id,
+            },
         ));
         let ready = Arc::new(AtomicBool::new(true));
         let admin = Arc::new(Admin::new(

@@ -53,16 +53,23 @@ struct Record {
     id: Option<HeaderValue>,
 }
 
+/// What the gateway follows of `[server]` and `[log]`.
+pub struct Settings {
+    pub trusted_proxies: Vec<IpNet>,
+    /// `log.access`.
+    pub access_log: bool,
+    /// `server.request_id`.
+    pub request_id: bool,
+}
+
 impl Gateway {
-    /// `settings`: `log.access` and `server.request_id`.
     pub fn new(
         routing: SharedRouting,
         buffer: RequestBuffer,
         forwarder: Forwarder,
         metrics: Arc<Metrics>,
         clock: SharedClock,
-        trusted_proxies: Vec<IpNet>,
-        (access_log, request_id): (bool, bool),
+        settings: Settings,
     ) -> Self {
         Gateway {
             routing,
@@ -70,9 +77,9 @@ impl Gateway {
             forwarder,
             metrics,
             clock,
-            trusted_proxies,
-            access_log,
-            request_ids: request_id.then(RequestIds::new),
+            trusted_proxies: settings.trusted_proxies,
+            access_log: settings.access_log,
+            request_ids: settings.request_id.then(RequestIds::new),
         }
     }
 }
@@ -249,10 +256,12 @@ impl Gateway {
         // Only requests for the portal: one the gate answers (the waiting
         // page, the crowd of a click day) needs no ID to follow there, and
         // would pay for one.
-        record.id = self.request_ids.as_ref().map(|ids| {
+        if let Some(ids) = &self.request_ids {
             let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
-            ids.assign(req.headers_mut(), trusted)
-        });
+            let id = ids.choose(req.headers(), trusted);
+            req.extensions_mut().insert(request_id::Stamp(id.clone()));
+            record.id = Some(id);
+        }
 
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.

@@ -1,7 +1,7 @@
 //! A request ID for every request let through to the portal (nginx's
 //! `$request_id`, Envoy's `x-request-id`; `server.request_id`): sent to
 //! the upstream and back to the client in `X-Request-Id`, and written in
-//! the access line and in the warnings about the request, so an operator
+//! the access line and in the warning when it fails upstream, so an operator
 //! can follow one request from varco's log to the portal's, and a person
 //! who met an error page can quote it. A trusted proxy's own ID is kept (the load balancer's log
 //! names it); anyone else's is replaced: a client choosing IDs could make
@@ -15,6 +15,12 @@ use http::HeaderMap;
 use crate::room::token::random_bytes;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The ID chosen for a request, set in its headers by the forwarder after
+/// the client's hop-by-hop headers are gone: a client naming
+/// `X-Request-Id` in `Connection` cannot keep it from the portal.
+#[derive(Clone)]
+pub struct Stamp(pub HeaderValue);
 
 /// The longest ID kept from a trusted proxy.
 const MAX_LEN: usize = 128;
@@ -40,22 +46,21 @@ impl RequestIds {
         }
     }
 
-    /// The request's ID, set in its headers for the upstream: the one a
-    /// trusted proxy sent, if it is a plain token, else a new one.
-    pub fn assign(&self, headers: &mut HeaderMap, from_trusted_proxy: bool) -> HeaderValue {
+    /// The request's ID: the one a trusted proxy sent, if it is a plain
+    /// token, else a new one. Of several, the last: a proxy that adds its
+    /// own after what the client sent is the one believed (as the
+    /// right-most hop of X-Forwarded-For).
+    pub fn choose(&self, headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue {
         let kept = from_trusted_proxy
-            .then(|| headers.get(&HEADER).filter(|v| is_plain(v)))
-            .flatten();
-        let id = kept.cloned().unwrap_or_else(|| self.make());
-        // One value only, whatever came in.
-        headers.insert(HEADER, id.clone());
-        id
+            .then(|| headers.get_all(&HEADER).iter().next_back())
+            .flatten()
+            .filter(|v| is_plain(v));
+        kept.cloned().unwrap_or_else(|| self.make())
     }
 
     /// 32 hex digits: the prefix, then the counter through a bijective
-    /// mix (never the same twice in a process, and not a count of the
-    /// requests served for anyone reading their IDs). No system call: it
-    /// is made for every request to the portal.
+    /// mix, so never the same twice in a process. No system call: it is
+    /// made for every request to the portal.
     fn make(&self) -> HeaderValue {
         let n = mix(self.next.fetch_add(1, Ordering::Relaxed));
         let mut out = [0u8; 32];
@@ -110,7 +115,7 @@ mod tests {
         let ids = RequestIds::new();
         let made: std::collections::HashSet<String> = (0..10_000)
             .map(|_| {
-                let id = ids.assign(&mut HeaderMap::new(), false);
+                let id = ids.choose(&HeaderMap::new(), false);
                 let s = id.to_str().unwrap().to_string();
                 assert_eq!(s.len(), 32);
                 assert!(s.bytes().all(|c| c.is_ascii_hexdigit()), "{s}");
@@ -119,7 +124,7 @@ mod tests {
             .collect();
         assert_eq!(made.len(), 10_000);
         // Two processes (here, two sets) do not share a prefix.
-        let other = RequestIds::new().assign(&mut HeaderMap::new(), false);
+        let other = RequestIds::new().choose(&HeaderMap::new(), false);
         assert!(!made.contains(other.to_str().unwrap()));
     }
 
@@ -127,22 +132,19 @@ mod tests {
     fn only_a_trusted_proxys_plain_id_is_kept() {
         let ids = RequestIds::new();
         let aws = "Root=1-67891233-abcdef012345678912345678";
-        let mut h = with(aws);
-        assert_eq!(ids.assign(&mut h, true), aws);
-        assert_eq!(h[HEADER], aws);
-
-        let mut h = with(aws);
-        let id = ids.assign(&mut h, false);
-        assert_ne!(id, aws, "a client's own is replaced");
-        assert_eq!(h.get_all(HEADER).iter().collect::<Vec<_>>(), [&id]);
+        assert_eq!(ids.choose(&with(aws), true), aws);
+        assert_ne!(
+            ids.choose(&with(aws), false),
+            aws,
+            "a client's own is replaced"
+        );
 
         for odd in ["a b", "<script>", "x\"y", &"a".repeat(MAX_LEN + 1)] {
-            let mut h = with(odd);
-            assert_ne!(ids.assign(&mut h, true), odd, "{odd} kept");
+            assert_ne!(ids.choose(&with(odd), true), odd, "{odd} kept");
         }
-        let mut h = with("first");
-        h.append(HEADER, HeaderValue::from_static("second"));
-        assert_eq!(ids.assign(&mut h, true), "first");
-        assert_eq!(h.get_all(HEADER).iter().count(), 1, "one value goes on");
+        // A client's, then the proxy's own added after it.
+        let mut h = with("the-clients");
+        h.append(HEADER, HeaderValue::from_static("the-proxys"));
+        assert_eq!(ids.choose(&h, true), "the-proxys");
     }
 }

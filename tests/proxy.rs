@@ -172,11 +172,41 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     );
     let next = get(&v.url("/echo")).await;
     assert_ne!(next.headers["x-request-id"], id.as_str());
+    // Named in Connection, the client's header goes; varco's still comes.
+    let hop = send(
+        Request::get(v.url("/echo"))
+            .header("connection", "x-request-id")
+            .header("x-request-id", "forged-by-the-client")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        hop.json()["headers"]["x-request-id"],
+        serde_json::json!([hop.headers["x-request-id"].to_str().unwrap()])
+    );
+    let named = get(&v.url("/own-request-id")).await;
+    assert_eq!(
+        named.headers["x-request-id"], "portal-7",
+        "the portal's own stays"
+    );
     let own = get(&v.url("/.varco/nothing-here")).await;
     assert_eq!(own.status, 404);
     assert!(
         own.headers.get("x-request-id").is_none(),
         "not for the portal"
+    );
+    let gated = Varco::start(
+        &(room_config(&[up.addr], "[secrets]\nephemeral = true")
+            + "mode = \"queue_all\"\nadmission_per_minute = 1\n"),
+    )
+    .await;
+    let page = get(&gated.url("/echo")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("varco"), "the waiting page");
+    assert!(
+        page.headers.get("x-request-id").is_none(),
+        "the gate's own answer"
     );
     let down = Varco::start(&room_config(&[common::dead_addr()], "")).await;
     let failed = get(&down.url("/echo")).await;

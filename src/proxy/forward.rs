@@ -100,6 +100,10 @@ impl Forwarder {
         if let Some(crate::room::arrival::Stamp(v)) = parts.extensions.get() {
             headers.insert(crate::room::arrival::HEADER, v.clone());
         }
+        // One value only, whatever the client sent.
+        if let Some(crate::request_id::Stamp(v)) = parts.extensions.get() {
+            headers.insert(crate::request_id::HEADER, v.clone());
+        }
         let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };
         set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());

@@ -178,19 +178,21 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
     )
 }
 
-/// `X_Real_IP`, `X_Forwarded_For`: servers that hand headers to the
-/// application CGI-style (gunicorn before 22, PHP-FPM behind some
-/// gateways) read them as `X-Real-IP` and `X-Forwarded-For`, beside or
-/// over varco's own. Never sent by a legitimate proxy; nginx drops every
-/// header with an underscore by default.
+/// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`: servers that hand
+/// headers to the application CGI-style (gunicorn before 22, PHP-FPM
+/// behind some gateways) read them as `X-Real-IP`, `X-Forwarded-For` and
+/// `X-Request-Id`, beside or over varco's own. Never sent by a legitimate
+/// proxy; nginx drops every header with an underscore by default.
 fn is_underscore_twin(name: &HeaderName) -> bool {
     let name = name.as_str();
     if !name.contains('_') {
         return false;
     }
     let dashed = name.replace('_', "-");
-    matches!(dashed.as_str(), "x-forwarded-for" | "x-forwarded-proto")
-        || is_claimed_by_a_proxy(&dashed)
+    matches!(
+        dashed.as_str(),
+        "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"
+    ) || is_claimed_by_a_proxy(&dashed)
 }
 
 fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
@@ -377,12 +379,17 @@ mod tests {
         ]);
         h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
-        h.insert("x_request_id", "kept".parse().unwrap());
+        h.insert("x_request_id", "forged".parse().unwrap());
+        h.insert("x_portal_token", "kept".parse().unwrap());
         set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
         assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
         assert!(h.get("x_real_ip").is_none() && h.get("x_forwarded_for").is_none());
+        assert!(
+            h.get("x_request_id").is_none(),
+            "a twin of varco's request ID"
+        );
         assert_eq!(
-            h["x_request_id"], "kept",
+            h["x_portal_token"], "kept",
             "other underscores are the portal's"
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");

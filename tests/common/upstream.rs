@@ -208,6 +208,13 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             h.insert("expires", "Thu, 01 Jan 2099 00:00:00 GMT".parse().unwrap());
             r
         }
+        "/own-request-id" => {
+            // A portal that names its answers with its own ID.
+            let mut r = text(StatusCode::OK, "{\"upstream\": \"own-id\"}");
+            r.headers_mut()
+                .insert("x-request-id", "portal-7".parse().unwrap());
+            r
+        }
         "/release" => {
             // The portal ends the session, e.g. after a submitted form.
             let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");
