@@ -1,11 +1,12 @@
 //! A request ID for every request let through to the portal (nginx's
 //! `$request_id`, Envoy's `x-request-id`; `server.request_id`): sent to
 //! the upstream and back to the client in `X-Request-Id`, and written in
-//! the access line and in the warning when it fails upstream, so an operator
-//! can follow one request from varco's log to the portal's, and a person
-//! who met an error page can quote it. A trusted proxy's own ID is kept (the load balancer's log
-//! names it); anyone else's is replaced: a client choosing IDs could make
-//! its requests look like another person's in the logs.
+//! the access line and in the warning when it fails upstream, so an
+//! operator can follow one request from varco's log to the portal's, and
+//! a person who met an error page can quote it. A trusted proxy's own ID
+//! is kept (the load balancer's log names it); anyone else's is replaced:
+//! a client choosing IDs could make its requests look like another
+//! person's in the logs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,7 +27,8 @@ pub struct Stamp(pub HeaderValue);
 const MAX_LEN: usize = 128;
 
 pub struct RequestIds {
-    /// Random per process: IDs from two varco nodes never meet.
+    /// Random per process: IDs from two varco nodes (practically) never
+    /// meet.
     prefix: u64,
     next: AtomicU64,
 }
@@ -59,8 +61,9 @@ impl RequestIds {
     }
 
     /// 32 hex digits: the prefix, then the counter through a bijective
-    /// mix, so never the same twice in a process. No system call: it is
-    /// made for every request to the portal.
+    /// mix, so never the same twice in a process. By hand, with no system
+    /// call and no formatter: it is made for every request to the portal
+    /// (`format!` measured about 100 ns more in `headers/request_id`).
     fn make(&self) -> HeaderValue {
         let n = mix(self.next.fetch_add(1, Ordering::Relaxed));
         let mut out = [0u8; 32];
