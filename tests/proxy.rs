@@ -173,14 +173,11 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     let next = get(&v.url("/echo")).await;
     assert_ne!(next.headers["x-request-id"], id.as_str());
     // Named in Connection, the client's header goes; varco's still comes.
-    let hop = send(
-        Request::get(v.url("/echo"))
-            .header("connection", "x-request-id")
-            .header("x-request-id", "forged-by-the-client")
-            .body(body::empty())
-            .unwrap(),
-    )
-    .await;
+    let mut named_hop_by_hop = with_id(v.url("/echo"), "forged-by-the-client");
+    named_hop_by_hop
+        .headers_mut()
+        .insert("connection", "x-request-id".parse().unwrap());
+    let hop = send(named_hop_by_hop).await;
     assert_eq!(
         hop.json()["headers"]["x-request-id"],
         serde_json::json!([hop.headers["x-request-id"].to_str().unwrap()])
