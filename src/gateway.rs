@@ -98,6 +98,7 @@ async fn enter(
     room: &Room,
     cap: &InFlight,
     json: bool,
+    reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
     let refused = match cap.enter().await {
@@ -124,10 +125,11 @@ async fn enter(
                 .observe(waited.elapsed().as_secs_f64());
         }
     }
-    let mut resp = page::error(
+    let mut resp = page::error_with_reference(
         StatusCode::SERVICE_UNAVAILABLE,
         "The service is very busy right now. You have been admitted and you keep your place: try again in a few seconds.",
         json,
+        reference,
     );
     resp.headers_mut().insert(
         http::header::RETRY_AFTER,
@@ -270,7 +272,12 @@ impl Gateway {
             Ok(body) => Request::from_parts(parts, body),
             Err(e) => {
                 tracing::debug!(room = %room.name, error = %e, "client failure");
-                let mut resp = page::error(e.status(), e.public_message(), json);
+                let mut resp = page::error_with_reference(
+                    e.status(),
+                    e.public_message(),
+                    json,
+                    record.id.as_ref(),
+                );
                 for c in set_cookies {
                     set_cookie(&mut resp, c);
                 }
@@ -278,7 +285,7 @@ impl Gateway {
             }
         };
         let (slot, queued) = match &room.in_flight {
-            Some(cap) => match enter(room, cap, json).await {
+            Some(cap) => match enter(room, cap, json, record.id.as_ref()).await {
                 Ok((slot, queued)) => (Some(slot), queued),
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.
@@ -322,7 +329,12 @@ impl Gateway {
                         tracing::debug!(room = %room.name, error = %e, "client failure");
                     }
                     (
-                        page::error(e.status(), e.public_message(), json),
+                        page::error_with_reference(
+                            e.status(),
+                            e.public_message(),
+                            json,
+                            record.id.as_ref(),
+                        ),
                         None,
                         upstream_side,
                     )

@@ -323,6 +323,53 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(got.json()["headers"]["x-request-id"][0], id);
 }
 
+/// A portal that fails a request: the warnings an operator reads (the
+/// upstream cooling down, the failure) name the same request ID as the
+/// error page the person holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_warnings_name_the_request_a_failed_upstream_met() {
+    use std::io::{BufRead, BufReader};
+    let cfg = write_config(
+        "json-warn",
+        &room_config(
+            &[common::dead_addr()],
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        ),
+    );
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let got = get(&format!("http://{}/echo", p.addr)).await;
+    assert_eq!(got.status, 502);
+    let id = got.headers["x-request-id"].to_str().unwrap().to_string();
+    let stderr = p.child.stderr.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| !l.contains("varco::access"))
+            .filter(|l| l.contains("\"level\":\"WARN\""))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let warned = |what: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no warning {what:?} in {lines:?}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["request_id"].as_str().map(str::to_string)
+    };
+    assert_eq!(
+        warned("upstream refused the connection; cooling down").as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(warned("upstream failure").as_deref(), Some(id.as_str()));
+}
+
 /// A crash leaves no last snapshot. Kill -9 after a snapshot taken at the
 /// start: everything since is only in the marks written ahead. Nobody's
 /// place goes to somebody else, the order holds, a newcomer queues behind

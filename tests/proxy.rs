@@ -149,7 +149,8 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
 
 /// Every request for the portal gets an ID, sent there and back to the
 /// client (one varco made, for a client's own could be anyone's), on
-/// varco's error page for it too; a trusted proxy's ID is kept;
+/// varco's error page for it too, in the page's text and its JSON as a
+/// reference for a help desk; a trusted proxy's ID is kept;
 /// `request_id = false` leaves the header alone.
 #[tokio::test]
 async fn every_request_gets_an_id_for_the_portal_and_the_client() {
@@ -208,10 +209,29 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     let down = Varco::start(&room_config(&[common::dead_addr()], "")).await;
     let failed = get(&down.url("/echo")).await;
     assert_eq!(failed.status, 502);
+    let reference = failed.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(reference.len(), 32);
+    assert!(
+        failed
+            .text()
+            .contains(&format!("this reference: <code>{reference}</code>")),
+        "the page gives the reader the same ID: {}",
+        failed.text()
+    );
+    let failed_json = send(
+        Request::get(down.url("/echo"))
+            .header("accept", "application/json")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(
-        failed.headers["x-request-id"].len(),
-        32,
-        "quoted from the error page"
+        failed_json.json()["request_id"].as_str(),
+        failed_json.headers["x-request-id"].to_str().ok()
+    );
+    assert!(
+        !own.text().contains("reference"),
+        "none on a page for a request the portal never saw"
     );
 
     let behind = Varco::start(&room_config(

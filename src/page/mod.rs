@@ -25,15 +25,26 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 
 /// A small error page (or JSON) for a status varco decided itself.
 pub fn error(status: StatusCode, message: &str, json: bool) -> Response<Body> {
+    error_with_reference(status, message, json, None)
+}
+
+/// The same page for a request that was on its way to the portal, with
+/// its request ID as a reference a person can read out to a help desk,
+/// and an operator can find in the access log and the portal's own logs.
+pub fn error_with_reference(
+    status: StatusCode,
+    message: &str,
+    json: bool,
+    reference: Option<&HeaderValue>,
+) -> Response<Body> {
+    let reference = reference.and_then(|r| r.to_str().ok());
     let (content_type, body) = if json {
-        let v = serde_json::json!({
-            "status": status.as_u16(),
-            "error": status.canonical_reason().unwrap_or("error"),
-            "message": message,
-        });
-        ("application/json", v.to_string())
+        ("application/json", error_json(status, message, reference))
     } else {
-        ("text/html; charset=utf-8", error_html(status, message))
+        (
+            "text/html; charset=utf-8",
+            error_html(status, message, reference),
+        )
     };
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -43,16 +54,38 @@ pub fn error(status: StatusCode, message: &str, json: bool) -> Response<Body> {
     resp
 }
 
-fn error_html(status: StatusCode, message: &str) -> String {
+fn error_json(status: StatusCode, message: &str, reference: Option<&str>) -> String {
+    let mut v = serde_json::json!({
+        "status": status.as_u16(),
+        "error": status.canonical_reason().unwrap_or("error"),
+        "message": message,
+    });
+    if let Some(r) = reference {
+        v["request_id"] = r.into();
+    }
+    v.to_string()
+}
+
+fn error_html(status: StatusCode, message: &str, reference: Option<&str>) -> String {
     let code = status.as_u16();
     let reason = status.canonical_reason().unwrap_or("Error");
+    let reference = reference
+        .map(|r| {
+            format!(
+                "<p>If you contact the help desk about this, give them this reference: \
+<code>{}</code></p>",
+                escape(r)
+            )
+        })
+        .unwrap_or_default();
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{code} {reason}</title>\
-<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}</style>\
+<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
+code{{overflow-wrap:anywhere}}</style>\
 </head><body><main><h1>{code} {reason}</h1><p>{}</p>\
-<p>Please try again in a moment.</p></main></body></html>\n",
+<p>Please try again in a moment.</p>{reference}</main></body></html>\n",
         escape(message)
     )
 }
@@ -123,5 +156,27 @@ mod tests {
         let r = error(StatusCode::BAD_GATEWAY, "<script>", false);
         assert_eq!(r.headers()[CACHE_CONTROL], "no-store, private");
         assert_eq!(r.status(), 502);
+        let html = error_html(StatusCode::BAD_GATEWAY, "<script>", None);
+        assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
+        assert!(!html.contains("reference"));
+    }
+
+    #[test]
+    fn a_reference_is_shown_escaped_and_sent_in_json() {
+        let html = error_html(StatusCode::BAD_GATEWAY, "down", Some("ab<c"));
+        assert!(
+            html.contains("this reference: <code>ab&lt;c</code>"),
+            "{html}"
+        );
+        let json = |reference| {
+            let text = error_json(StatusCode::GATEWAY_TIMEOUT, "m", reference);
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        };
+        let v = json(Some("a1b2"));
+        assert_eq!(
+            (v["request_id"].as_str(), v["status"].as_u64()),
+            (Some("a1b2"), Some(504))
+        );
+        assert!(json(None).get("request_id").is_none());
     }
 }

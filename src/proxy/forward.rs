@@ -101,9 +101,16 @@ impl Forwarder {
             headers.insert(crate::room::arrival::HEADER, v.clone());
         }
         // One value only, whatever the client sent.
-        if let Some(crate::request_id::Stamp(v)) = parts.extensions.get() {
+        let request_id = parts
+            .extensions
+            .get::<crate::request_id::Stamp>()
+            .map(|s| &s.0);
+        if let Some(v) = request_id {
             headers.insert(crate::request_id::HEADER, v.clone());
         }
+        // The warnings below name it: a request that moved on to another
+        // upstream has no other trace of the one that failed it.
+        let request_id = crate::request_id::text(request_id);
         let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };
         set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());
@@ -228,7 +235,7 @@ impl Forwarder {
                     // request sent to it waited response_timeout for a 504
                     // (nginx counts a timeout as a failure too).
                     room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, ?timeout, "upstream gave no answer in time; cooling down");
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?timeout, "upstream gave no answer in time; cooling down");
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
                         timeout,
@@ -253,7 +260,7 @@ impl Forwarder {
                     metrics.connect_errors.inc();
                     signal(true);
                     room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the connection; cooling down");
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the connection; cooling down");
                     let error = ProxyError::Unreachable {
                         upstream: upstream.label.clone(),
                         source: e.into(),
@@ -283,7 +290,7 @@ impl Forwarder {
                         metrics.connect_errors.inc();
                         signal(true);
                         room.upstreams.mark_failed(index);
-                        tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream refused the TLS connection (upstream.tls_client?); cooling down");
+                        tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); cooling down");
                         return Err(ProxyError::Unreachable {
                             upstream: upstream.label.clone(),
                             source: e.into(),
@@ -292,7 +299,7 @@ impl Forwarder {
                     metrics.protocol_errors.inc();
                     signal(true);
                     room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, error = %e, "upstream broke the exchange; cooling down");
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; cooling down");
                     return Err(ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),
