@@ -102,32 +102,57 @@ impl Status<'_> {
 
 /// Picks Italian or English from Accept-Language, else the room default.
 pub fn language(headers: &HeaderMap, default: Language) -> Language {
-    let Some(accept) = headers
-        .get(http::header::ACCEPT_LANGUAGE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(accept) = headers.get(http::header::ACCEPT_LANGUAGE) else {
         return default;
     };
-    let mut best: Option<(f32, Language)> = None;
-    for part in accept.split(',') {
-        let mut it = part.trim().split(';');
-        // Every browser sends this header on every reload: the tag is
-        // matched in place rather than lower-cased into a new string.
-        let tag = it.next().unwrap_or("").trim().as_bytes();
+    // Every browser sends this header on every reload (and every request
+    // to the portal reads it, for the page should the way there fail): it
+    // is read as bytes in place, q-values as whole thousandths.
+    let mut best: Option<(u16, Language)> = None;
+    for part in accept.as_bytes().split(|b| *b == b',') {
+        let mut it = part.split(|b| *b == b';');
+        let tag = it.next().unwrap_or_default().trim_ascii();
         let lang = match tag.get(..2) {
             Some(p) if p.eq_ignore_ascii_case(b"it") => Language::It,
             Some(p) if p.eq_ignore_ascii_case(b"en") => Language::En,
             _ => continue,
         };
         let q = it
-            .find_map(|p| p.trim().strip_prefix("q="))
-            .and_then(|q| q.parse::<f32>().ok())
-            .unwrap_or(1.0);
-        if best.is_none_or(|(bq, _)| q > bq) {
+            .find_map(|p| match p.trim_ascii() {
+                // The parameter's name is case-insensitive (RFC 9110 12.4.2).
+                [b'q' | b'Q', b'=', v @ ..] => Some(v),
+                _ => None,
+            })
+            .map_or(1000, qvalue);
+        // q=0: "not this one".
+        if q > 0 && best.is_none_or(|(bq, _)| q > bq) {
             best = Some((q, lang));
         }
     }
     best.map(|(_, l)| l).unwrap_or(default)
+}
+
+/// An Accept-Language q-value in thousandths (RFC 9110: `0.###` or
+/// `1`); anything else counts as 1, as an absent one does.
+fn qvalue(v: &[u8]) -> u16 {
+    let v = v.trim_ascii();
+    let fraction = match v {
+        [b'0'] => return 0,
+        [b'0', b'.', rest @ ..] | [b'.', rest @ ..] => rest,
+        _ => return 1000,
+    };
+    let mut q = 0u16;
+    for i in 0..3 {
+        match fraction.get(i) {
+            Some(d) if d.is_ascii_digit() => q = q * 10 + u16::from(d - b'0'),
+            None => q *= 10,
+            Some(_) => return 1000,
+        }
+    }
+    if fraction.len() > 3 {
+        return 1000;
+    }
+    q
 }
 
 struct Strings {
@@ -803,6 +828,45 @@ mod tests {
             "de-DE, it;q=0.5".parse().unwrap(),
         );
         assert_eq!(language(&h, Language::En), Language::It);
+        let pick = |accept: &[u8], default| {
+            let mut h = HeaderMap::new();
+            let v = http::HeaderValue::from_bytes(accept).unwrap();
+            h.insert(http::header::ACCEPT_LANGUAGE, v);
+            language(&h, default)
+        };
+        assert_eq!(pick(b"en;q=0", Language::It), Language::It, "q=0 refuses");
+        assert_eq!(pick(b"it;q=0.000, en;q=0.001", Language::It), Language::En);
+        assert_eq!(pick(b"it;q=0.5,en;q=0.55", Language::It), Language::En);
+        assert_eq!(pick(b"en;q=0.9,it", Language::En), Language::It);
+        assert_eq!(
+            pick(b"EN-us;Q=0.1 , IT ; q=0.2", Language::En),
+            Language::It
+        );
+        assert_eq!(pick(b"it;q=0.2,en;q=bogus", Language::It), Language::En);
+        assert_eq!(
+            pick(b"fr-CA,\xe9t;q=0.3,en;q=0.3", Language::It),
+            Language::En
+        );
+    }
+
+    #[test]
+    fn q_values_read_as_thousandths() {
+        for (v, q) in [
+            ("0", 0),
+            ("0.", 0),
+            ("0.5", 500),
+            ("0.05", 50),
+            ("0.999", 999),
+            (" 0.25 ", 250),
+            (".5", 500),
+            ("1", 1000),
+            ("1.000", 1000),
+            ("0.1234", 1000),
+            ("0.x", 1000),
+            ("", 1000),
+        ] {
+            assert_eq!(qvalue(v.as_bytes()), q, "{v:?}");
+        }
     }
 
     #[test]
