@@ -97,6 +97,11 @@ fn headers(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+    // Paid by every request let through to the portal: the language of
+    // varco's own page, should the way there fail.
+    c.bench_function("headers/reader", |b| {
+        b.iter(|| varco::page::Reader::of(black_box(&base), false, varco::config::Language::It))
+    });
     let ids = RequestIds::new();
     c.bench_function("headers/request_id", |b| {
         b.iter_batched(

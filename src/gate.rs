@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::body::Body;
 use crate::cookies;
 use crate::page::waiting::{self, Status};
+use crate::page::{Reader, Said};
 use crate::proxy::headers::limit_key;
 use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lanes::Lane;
@@ -76,6 +77,11 @@ impl<'a> GateRequest<'a> {
             json,
             now_ms,
         }
+    }
+
+    /// Who reads what the gate answers: the room's language by default.
+    fn reader(&self, room: &Room) -> Reader {
+        Reader::of(self.headers, self.json, room.config.language)
     }
 }
 
@@ -316,7 +322,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                return Ok(Gate::Respond(too_many(wait, r.json, IN_SESSION)));
+                return Ok(Gate::Respond(too_many(wait, r.reader(room), &IN_SESSION)));
             }
         }
         let mut set_cookies = vec![];
@@ -476,7 +482,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
-        return Ok(Gate::Respond(too_many(wait, r.json, FROM_ADDRESS)));
+        return Ok(Gate::Respond(too_many(wait, r.reader(room), &FROM_ADDRESS)));
     }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
@@ -533,16 +539,20 @@ fn page(
 }
 
 /// Too many requests from one address (tickets, status polls).
-const FROM_ADDRESS: &str =
-    "Too many requests from this address. Your place in line, if you have one, is kept.";
+const FROM_ADDRESS: Said = Said {
+    en: "Too many requests from this address. Your place in line, if you have one, is kept.",
+    it: "Troppe richieste da questo indirizzo. Il tuo posto in coda, se ne hai uno, è conservato.",
+};
 /// A pass holder over `per_session`: the session is kept, only this
 /// request is refused.
-const IN_SESSION: &str =
-    "Too many requests in this session. Wait a moment and try again: you keep your place inside.";
+const IN_SESSION: Said = Said {
+    en: "Too many requests in this session. Wait a moment and try again: you keep your place inside.",
+    it: "Troppe richieste in questa sessione. Attendi un momento e riprova: resti dentro e non perdi il tuo posto.",
+};
 
 /// 429 saying `why`, with Retry-After: `wait`, a second at least.
-fn too_many(wait: Duration, json: bool, why: &str) -> Response<Body> {
-    let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, json);
+fn too_many(wait: Duration, reader: Reader, why: &Said) -> Response<Body> {
+    let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, reader);
     let secs = wait.as_secs().max(1);
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
@@ -616,7 +626,7 @@ pub async fn status(
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
-        return too_many(wait, true, FROM_ADDRESS);
+        return too_many(wait, Reader::Program, &FROM_ADDRESS);
     }
     let has_pass = match cookies::get(headers, &room.pass_cookie)
         .and_then(|t| {

@@ -14,11 +14,12 @@ use ipnet::IpNet;
 
 use crate::body::Body;
 use crate::clock::SharedClock;
+use crate::config::Language;
 use crate::cookies;
 use crate::gate::{self, Gate, GateRequest, RELEASE_HEADER};
 use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
-use crate::page;
+use crate::page::{self, Reader, Said};
 use crate::proxy::buffer::RequestBuffer;
 use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
@@ -92,12 +93,30 @@ pub fn host_of(req: &Request<Incoming>) -> Option<&str> {
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
+const MALFORMED: Said = Said {
+    en: "This address is malformed.",
+    it: "Questo indirizzo non è valido.",
+};
+const CATCHING_UP: Said = Said {
+    en: "The waiting room is catching up. Please try again in a moment.",
+    it: "La sala d'attesa si sta aggiornando. Riprova tra un momento.",
+};
+const VERY_BUSY: Said = Said {
+    en: "The service is very busy right now. You have been admitted and you keep your place: try again in a few seconds.",
+    it: "Il servizio è molto affollato in questo momento. Il tuo ingresso è già confermato e il posto resta tuo: riprova tra qualche secondo.",
+};
+/// Only asked for by the waiting page's script and API clients.
+const NO_SUCH_ROOM: Said = Said {
+    en: "No such waiting room.",
+    it: "Questa sala d'attesa non esiste.",
+};
+
 /// An in-flight slot, or the 503 for a person who is admitted but whose
 /// request found the cap and its queue full.
 async fn enter(
     room: &Room,
     cap: &InFlight,
-    json: bool,
+    reader: Reader,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
@@ -127,8 +146,8 @@ async fn enter(
     }
     let mut resp = page::error_with_reference(
         StatusCode::SERVICE_UNAVAILABLE,
-        "The service is very busy right now. You have been admitted and you keep your place: try again in a few seconds.",
-        json,
+        &VERY_BUSY,
+        reader,
         reference,
     );
     resp.headers_mut().insert(
@@ -176,7 +195,8 @@ impl Handler for Gateway {
         };
         if let Err(e) = canonical {
             tracing::debug!(error = %e, "request path refused");
-            let resp = page::error(StatusCode::BAD_REQUEST, "This address is malformed.", json);
+            let reader = Reader::of(req.headers(), json, Language::En);
+            let resp = page::error(StatusCode::BAD_REQUEST, &MALFORMED, reader);
             self.metrics
                 .requests
                 .with_label_values(&["-", status_class(400)])
@@ -200,11 +220,8 @@ impl Handler for Gateway {
             .route(host_of(&req), req.uri().path())
             .cloned();
         let Some(room) = room else {
-            let resp = page::error(
-                StatusCode::NOT_FOUND,
-                "Nothing is served at this address.",
-                json,
-            );
+            let reader = Reader::of(req.headers(), json, Language::En);
+            let resp = page::error(StatusCode::NOT_FOUND, &page::NOTHING_HERE, reader);
             self.metrics
                 .requests
                 .with_label_values(&["-", status_class(404)])
@@ -242,11 +259,9 @@ impl Gateway {
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
                     tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
-                    let mut resp = page::error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "The waiting room is catching up. Please try again in a moment.",
-                        json,
-                    );
+                    let reader = Reader::of(req.headers(), json, room.config.language);
+                    let mut resp =
+                        page::error(StatusCode::SERVICE_UNAVAILABLE, &CATCHING_UP, reader);
                     resp.headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("10"));
                     return (resp, None);
@@ -265,6 +280,10 @@ impl Gateway {
             record.id = Some(id);
         }
 
+        // Read now: the request goes to the portal, and its page for a
+        // failure on the way is written after.
+        let reader = Reader::of(req.headers(), json, room.config.language);
+
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.
         let (parts, incoming) = req.into_parts();
@@ -275,7 +294,7 @@ impl Gateway {
                 let mut resp = page::error_with_reference(
                     e.status(),
                     e.public_message(),
-                    json,
+                    reader,
                     record.id.as_ref(),
                 );
                 for c in set_cookies {
@@ -285,7 +304,7 @@ impl Gateway {
             }
         };
         let (slot, queued) = match &room.in_flight {
-            Some(cap) => match enter(room, cap, json, record.id.as_ref()).await {
+            Some(cap) => match enter(room, cap, reader, record.id.as_ref()).await {
                 Ok((slot, queued)) => (Some(slot), queued),
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.
@@ -332,7 +351,7 @@ impl Gateway {
                         page::error_with_reference(
                             e.status(),
                             e.public_message(),
-                            json,
+                            reader,
                             record.id.as_ref(),
                         ),
                         None,
@@ -431,13 +450,13 @@ impl Gateway {
                         let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
                         gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
                     }
-                    None => page::error(StatusCode::NOT_FOUND, "No such waiting room.", true),
+                    None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),
                 }
             }
             _ => page::error(
                 StatusCode::NOT_FOUND,
-                "Nothing is served at this address.",
-                json,
+                &page::NOTHING_HERE,
+                Reader::of(req.headers(), json, Language::En),
             ),
         }
     }

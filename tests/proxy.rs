@@ -214,7 +214,7 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     assert!(
         failed
             .text()
-            .contains(&format!("this reference: <code>{reference}</code>")),
+            .contains(&format!("questo codice: <code>{reference}</code>")),
         "the page gives the reader the same ID: {}",
         failed.text()
     );
@@ -454,6 +454,84 @@ async fn unknown_host_gets_404_from_varco() {
     assert_eq!(got.status, 404);
     assert_eq!(got.headers["cache-control"], "no-store, private");
     assert_eq!(up.hits(), 0);
+}
+
+/// varco's own error pages speak the person's language as the waiting
+/// page does: Accept-Language, else the room's `language`; with no room,
+/// English. A program reading JSON gets English.
+#[tokio::test]
+async fn varcos_own_pages_speak_the_persons_language() {
+    let v = Varco::start(&room_config(&[common::dead_addr()], "")).await;
+    let asking = |lang: Option<&str>, accept: &str, host: Option<&str>| {
+        let mut r = Request::get(v.url("/echo")).header("accept", accept);
+        if let Some(l) = lang {
+            r = r.header("accept-language", l);
+        }
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        r.body(body::empty()).unwrap()
+    };
+    let html = "text/html";
+    let page = send(asking(None, html, None)).await;
+    assert_eq!(page.status, 502);
+    assert!(
+        page.text().contains("<html lang=\"it\">"),
+        "{}",
+        page.text()
+    );
+    assert!(page.text().contains("Il servizio non è raggiungibile"));
+    assert!(page.text().contains("comunica questo codice"));
+    let page = send(asking(Some("en-GB,en;q=0.9,it;q=0.5"), html, None)).await;
+    assert!(
+        page.text().contains("<html lang=\"en\">"),
+        "{}",
+        page.text()
+    );
+    assert!(page
+        .text()
+        .contains("The service is not reachable right now."));
+    let api = send(asking(Some("it"), "application/json", None)).await;
+    assert_eq!(
+        api.json()["message"],
+        "The service is not reachable right now."
+    );
+
+    let english_room = Varco::start(&room_config(&[common::dead_addr()], "").replace(
+        "[rooms.portal]",
+        "[rooms.portal]\nlanguage = \"en\"\nhosts = [\"portal.example.org\"]",
+    ))
+    .await;
+    let nowhere = |lang: Option<&str>| {
+        let mut r = Request::get(english_room.url("/echo")).header("host", "elsewhere.example.org");
+        if let Some(l) = lang {
+            r = r.header("accept-language", l);
+        }
+        r.body(body::empty()).unwrap()
+    };
+    let page = send(nowhere(None)).await;
+    assert_eq!(page.status, 404, "no room for this host");
+    assert!(
+        page.text().contains("Nothing is served at this address."),
+        "no room, no room's language: {}",
+        page.text()
+    );
+    let page = send(nowhere(Some("it-IT"))).await;
+    assert_eq!(page.status, 404);
+    assert!(page.text().contains("nessun servizio"), "{}", page.text());
+    let room_default = send(
+        Request::get(english_room.url("/echo"))
+            .header("host", "portal.example.org")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(room_default.status, 502);
+    assert!(
+        room_default.text().contains("<html lang=\"en\">"),
+        "the room's language: {}",
+        room_default.text()
+    );
 }
 
 #[tokio::test]

@@ -601,6 +601,12 @@ async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
     let got = people[5].get("/").await;
     assert_eq!(got.status, 429);
     assert!(
+        got.text().contains("<html lang=\"it\">")
+            && got.text().contains("Troppe richieste da questo indirizzo"),
+        "in the room's language: {}",
+        got.text()
+    );
+    assert!(
         got.headers["retry-after"]
             .to_str()
             .unwrap()

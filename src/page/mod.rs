@@ -7,6 +7,7 @@ use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::{full, Body};
+use crate::config::Language;
 
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
 
@@ -23,9 +24,52 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"))
 }
 
+/// Who reads an answer varco makes itself: a program (JSON, whose
+/// `message` is in English, the API's one language), or a person, in the
+/// language the waiting page would speak to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Program,
+    Person(Language),
+}
+
+impl Reader {
+    /// A program when `json` (see [`wants_json`]), else a person in the
+    /// language of Accept-Language, `default` when it names neither.
+    pub fn of(headers: &HeaderMap, json: bool, default: Language) -> Reader {
+        if json {
+            Reader::Program
+        } else {
+            Reader::Person(waiting::language(headers, default))
+        }
+    }
+}
+
+/// Something varco says to a person itself, in each language the
+/// waiting page speaks.
+pub struct Said {
+    pub en: &'static str,
+    pub it: &'static str,
+}
+
+impl Said {
+    pub fn in_language(&self, lang: Language) -> &'static str {
+        match lang {
+            Language::It => self.it,
+            Language::En => self.en,
+        }
+    }
+}
+
+/// No room, and none of varco's own paths, serves the address.
+pub const NOTHING_HERE: Said = Said {
+    en: "Nothing is served at this address.",
+    it: "A questo indirizzo non c'è nessun servizio.",
+};
+
 /// A small error page (or JSON) for a status varco decided itself.
-pub fn error(status: StatusCode, message: &str, json: bool) -> Response<Body> {
-    error_with_reference(status, message, json, None)
+pub fn error(status: StatusCode, said: &Said, reader: Reader) -> Response<Body> {
+    error_with_reference(status, said, reader, None)
 }
 
 /// The same page for a request that was on its way to the portal, with
@@ -33,18 +77,17 @@ pub fn error(status: StatusCode, message: &str, json: bool) -> Response<Body> {
 /// and an operator can find in the access log and the portal's own logs.
 pub fn error_with_reference(
     status: StatusCode,
-    message: &str,
-    json: bool,
+    said: &Said,
+    reader: Reader,
     reference: Option<&HeaderValue>,
 ) -> Response<Body> {
     let reference = reference.and_then(|r| r.to_str().ok());
-    let (content_type, body) = if json {
-        ("application/json", error_json(status, message, reference))
-    } else {
-        (
+    let (content_type, body) = match reader {
+        Reader::Program => ("application/json", error_json(status, said.en, reference)),
+        Reader::Person(lang) => (
             "text/html; charset=utf-8",
-            error_html(status, message, reference),
-        )
+            error_html(status, said, lang, reference),
+        ),
     };
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -66,27 +109,60 @@ fn error_json(status: StatusCode, message: &str, reference: Option<&str>) -> Str
     v.to_string()
 }
 
-fn error_html(status: StatusCode, message: &str, reference: Option<&str>) -> String {
+/// The page's heading: the status in the reader's words.
+fn heading(status: StatusCode, lang: Language) -> &'static str {
+    let english = status.canonical_reason().unwrap_or("Error");
+    match lang {
+        Language::En => english,
+        Language::It => match status.as_u16() {
+            400 => "Richiesta non valida",
+            404 => "Pagina non trovata",
+            408 => "Richiesta scaduta",
+            413 => "Richiesta troppo grande",
+            429 => "Troppe richieste",
+            502 => "Servizio non raggiungibile",
+            503 => "Servizio non disponibile",
+            504 => "Il servizio non ha risposto",
+            _ => "Errore",
+        },
+    }
+}
+
+const TRY_AGAIN: Said = Said {
+    en: "Please try again in a moment.",
+    it: "Riprova tra un momento.",
+};
+const REFERENCE: Said = Said {
+    en: "If you contact the help desk about this, give them this reference:",
+    it: "Se contatti l'assistenza per questo problema, comunica questo codice:",
+};
+
+fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option<&str>) -> String {
     let code = status.as_u16();
-    let reason = status.canonical_reason().unwrap_or("Error");
+    let heading = heading(status, lang);
+    let lang_tag = match lang {
+        Language::It => "it",
+        Language::En => "en",
+    };
     let reference = reference
         .map(|r| {
             format!(
-                "<p>If you contact the help desk about this, give them this reference: \
-<code>{}</code></p>",
+                "<p>{} <code>{}</code></p>",
+                escape(REFERENCE.in_language(lang)),
                 escape(r)
             )
         })
         .unwrap_or_default();
     format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+        "<!doctype html>\n<html lang=\"{lang_tag}\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>{code} {reason}</title>\
+<title>{code} {heading}</title>\
 <style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
 code{{overflow-wrap:anywhere}}</style>\
-</head><body><main><h1>{code} {reason}</h1><p>{}</p>\
-<p>Please try again in a moment.</p>{reference}</main></body></html>\n",
-        escape(message)
+</head><body><main><h1>{code} {heading}</h1><p>{}</p>\
+<p>{}</p>{reference}</main></body></html>\n",
+        escape(said.in_language(lang)),
+        escape(TRY_AGAIN.in_language(lang)),
     )
 }
 
@@ -125,6 +201,7 @@ pub fn escape_into(out: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::ACCEPT_LANGUAGE;
 
     #[test]
     fn json_only_when_asked() {
@@ -151,23 +228,52 @@ mod tests {
         assert_eq!(escape("a&b\"c'd>"), "a&amp;b&quot;c&#39;d&gt;");
     }
 
+    const SAID: Said = Said {
+        en: "<script>",
+        it: "non <b>qui</b>",
+    };
+
     #[test]
     fn pages_are_uncacheable_and_escaped() {
-        let r = error(StatusCode::BAD_GATEWAY, "<script>", false);
+        let r = error(StatusCode::BAD_GATEWAY, &SAID, Reader::Person(Language::En));
         assert_eq!(r.headers()[CACHE_CONTROL], "no-store, private");
         assert_eq!(r.status(), 502);
-        let html = error_html(StatusCode::BAD_GATEWAY, "<script>", None);
+        let html = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::En, None);
         assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
         assert!(!html.contains("reference"));
     }
 
     #[test]
+    fn a_person_reads_the_page_in_their_language() {
+        let it = error_html(StatusCode::SERVICE_UNAVAILABLE, &SAID, Language::It, None);
+        assert!(it.contains("<html lang=\"it\">"), "{it}");
+        assert!(it.contains("<h1>503 Servizio non disponibile</h1>"), "{it}");
+        assert!(it.contains("non &lt;b&gt;qui&lt;/b&gt;") && it.contains("Riprova"));
+        let en = error_html(StatusCode::SERVICE_UNAVAILABLE, &SAID, Language::En, None);
+        assert!(en.contains("<html lang=\"en\">"), "{en}");
+        assert!(en.contains("<h1>503 Service Unavailable</h1>"), "{en}");
+        let mut h = HeaderMap::new();
+        h.insert(ACCEPT_LANGUAGE, "en-GB,en;q=0.9".parse().unwrap());
+        assert_eq!(
+            Reader::of(&h, false, Language::It),
+            Reader::Person(Language::En)
+        );
+        assert_eq!(Reader::of(&h, true, Language::It), Reader::Program);
+        assert_eq!(
+            Reader::of(&HeaderMap::new(), false, Language::It),
+            Reader::Person(Language::It)
+        );
+    }
+
+    #[test]
     fn a_reference_is_shown_escaped_and_sent_in_json() {
-        let html = error_html(StatusCode::BAD_GATEWAY, "down", Some("ab<c"));
+        let html = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::En, Some("ab<c"));
         assert!(
             html.contains("this reference: <code>ab&lt;c</code>"),
             "{html}"
         );
+        let it = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::It, Some("ab"));
+        assert!(it.contains("questo codice: <code>ab</code>"), "{it}");
         let json = |reference| {
             let text = error_json(StatusCode::GATEWAY_TIMEOUT, "m", reference);
             serde_json::from_str::<serde_json::Value>(&text).unwrap()

@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::body::BoxError;
+use crate::page::{Said, NOTHING_HERE};
 
 /// Who caused a failure: metrics and logs say so, and only upstream-side
 /// failures count against an upstream's health.
@@ -69,16 +70,29 @@ impl ProxyError {
     }
 
     /// What the person is told: never internal addresses or error chains.
-    pub fn public_message(&self) -> &'static str {
+    pub fn public_message(&self) -> &'static Said {
         match self {
-            ProxyError::NoRoute => "Nothing is served at this address.",
-            ProxyError::BodyTooLarge { .. } => "The request is too large.",
-            ProxyError::ClientBody(_) => "The request was not received completely.",
-            ProxyError::BodyTimeout => "The request took too long to arrive.",
-            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => {
-                "The service is not reachable right now."
-            }
-            ProxyError::Timeout { .. } => "The service did not answer in time.",
+            ProxyError::NoRoute => &NOTHING_HERE,
+            ProxyError::BodyTooLarge { .. } => &Said {
+                en: "The request is too large.",
+                it: "La richiesta è troppo grande.",
+            },
+            ProxyError::ClientBody(_) => &Said {
+                en: "The request was not received completely.",
+                it: "La richiesta non è arrivata per intero.",
+            },
+            ProxyError::BodyTimeout => &Said {
+                en: "The request took too long to arrive.",
+                it: "La richiesta ha impiegato troppo tempo ad arrivare.",
+            },
+            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => &Said {
+                en: "The service is not reachable right now.",
+                it: "Il servizio non è raggiungibile in questo momento.",
+            },
+            ProxyError::Timeout { .. } => &Said {
+                en: "The service did not answer in time.",
+                it: "Il servizio non ha risposto in tempo.",
+            },
         }
     }
 }
