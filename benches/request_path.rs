@@ -97,8 +97,8 @@ fn headers(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
-    // Paid by every request let through to the portal: the language of
-    // varco's own page, should the way there fail.
+    // Paid by the waiting page on every reload, and by varco's own page
+    // for a request that fails.
     c.bench_function("headers/reader", |b| {
         b.iter(|| varco::page::Reader::of(black_box(&base), false, varco::config::Language::It))
     });

@@ -540,8 +540,8 @@ fn page(
 
 /// Too many requests from one address (tickets, status polls).
 const FROM_ADDRESS: Said = Said {
-    en: "Too many requests from this address. Your place in line, if you have one, is kept.",
-    it: "Troppe richieste da questo indirizzo. Il tuo posto in coda, se ne hai uno, è conservato.",
+    en: "Too many requests from this address. Your place in line, if you have one, is kept: wait a moment and try again.",
+    it: "Troppe richieste dal tuo indirizzo di rete. Il tuo posto in coda, se ne hai uno, è conservato: attendi un momento e riprova.",
 };
 /// A pass holder over `per_session`: the session is kept, only this
 /// request is refused.

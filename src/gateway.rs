@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CACHE_CONTROL, EXPIRES, HOST, SET_COOKIE};
+use http::header::{HeaderValue, ACCEPT_LANGUAGE, CACHE_CONTROL, EXPIRES, HOST, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -52,6 +52,19 @@ struct Record {
     logged: Option<(http::Method, String)>,
     conn: ConnInfo,
     id: Option<HeaderValue>,
+}
+
+/// Who asked, for a page made after the request has gone to the portal.
+struct Asked {
+    json: bool,
+    accept_language: Option<HeaderValue>,
+    default: Language,
+}
+
+impl Asked {
+    fn reader(&self) -> Reader {
+        Reader::of_value(self.accept_language.as_ref(), self.json, self.default)
+    }
 }
 
 /// What the gateway follows of `[server]` and `[log]`.
@@ -103,7 +116,7 @@ const CATCHING_UP: Said = Said {
 };
 const VERY_BUSY: Said = Said {
     en: "The service is very busy right now. You have been admitted and you keep your place: try again in a few seconds.",
-    it: "Il servizio è molto affollato in questo momento. Il tuo ingresso è già confermato e il posto resta tuo: riprova tra qualche secondo.",
+    it: "Il servizio è molto richiesto in questo momento. Sei già dentro e non perdi il tuo posto: riprova tra qualche secondo.",
 };
 /// Only asked for by the waiting page's script and API clients.
 const NO_SUCH_ROOM: Said = Said {
@@ -116,7 +129,7 @@ const NO_SUCH_ROOM: Said = Said {
 async fn enter(
     room: &Room,
     cap: &InFlight,
-    reader: Reader,
+    asked: &Asked,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
@@ -147,7 +160,7 @@ async fn enter(
     let mut resp = page::error_with_reference(
         StatusCode::SERVICE_UNAVAILABLE,
         &VERY_BUSY,
-        reader,
+        asked.reader(),
         reference,
     );
     resp.headers_mut().insert(
@@ -280,9 +293,14 @@ impl Gateway {
             record.id = Some(id);
         }
 
-        // Read now: the request goes to the portal, and its page for a
-        // failure on the way is written after.
-        let reader = Reader::of(req.headers(), json, room.config.language);
+        // Kept now: the request goes to the portal, and a page for a
+        // failure on the way is written after. Read only then: most
+        // requests never need it.
+        let asked = Asked {
+            json,
+            accept_language: req.headers().get(ACCEPT_LANGUAGE).cloned(),
+            default: room.config.language,
+        };
 
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.
@@ -294,7 +312,7 @@ impl Gateway {
                 let mut resp = page::error_with_reference(
                     e.status(),
                     e.public_message(),
-                    reader,
+                    asked.reader(),
                     record.id.as_ref(),
                 );
                 for c in set_cookies {
@@ -304,7 +322,7 @@ impl Gateway {
             }
         };
         let (slot, queued) = match &room.in_flight {
-            Some(cap) => match enter(room, cap, reader, record.id.as_ref()).await {
+            Some(cap) => match enter(room, cap, &asked, record.id.as_ref()).await {
                 Ok((slot, queued)) => (Some(slot), queued),
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.
@@ -351,7 +369,7 @@ impl Gateway {
                         page::error_with_reference(
                             e.status(),
                             e.public_message(),
-                            reader,
+                            asked.reader(),
                             record.id.as_ref(),
                         ),
                         None,

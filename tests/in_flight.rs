@@ -80,6 +80,15 @@ async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
     let full = d.get("/").await;
     assert_eq!(full.status, 503, "{}", full.text());
     assert!(full.headers.contains_key("retry-after"));
+    // In the room's language, with the request's ID to quote.
+    let id = full.headers["x-request-id"].to_str().unwrap();
+    assert!(
+        full.text()
+            .contains("Sei già dentro e non perdi il tuo posto")
+            && full.text().contains(&format!("<code>{id}</code>")),
+        "{}",
+        full.text()
+    );
     assert!(
         d.cookie("varco_pass_portal").is_some(),
         "admitted on this very request: the pass comes with the 503"

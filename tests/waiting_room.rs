@@ -602,9 +602,15 @@ async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
     assert_eq!(got.status, 429);
     assert!(
         got.text().contains("<html lang=\"it\">")
-            && got.text().contains("Troppe richieste da questo indirizzo"),
+            && got
+                .text()
+                .contains("Troppe richieste dal tuo indirizzo di rete"),
         "in the room's language: {}",
         got.text()
+    );
+    assert!(
+        !got.text().contains("<code>") && got.headers.get("x-request-id").is_none(),
+        "the gate's own answer has no request ID to give as a reference"
     );
     assert!(
         got.headers["retry-after"]

@@ -3,7 +3,7 @@
 
 pub mod waiting;
 
-use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, ACCEPT_LANGUAGE, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::{full, Body};
@@ -37,10 +37,15 @@ impl Reader {
     /// A program when `json` (see [`wants_json`]), else a person in the
     /// language of Accept-Language, `default` when it names neither.
     pub fn of(headers: &HeaderMap, json: bool, default: Language) -> Reader {
+        Reader::of_value(headers.get(ACCEPT_LANGUAGE), json, default)
+    }
+
+    /// The same from the Accept-Language value alone.
+    pub fn of_value(accept: Option<&HeaderValue>, json: bool, default: Language) -> Reader {
         if json {
             Reader::Program
         } else {
-            Reader::Person(waiting::language(headers, default))
+            Reader::Person(waiting::language_of(accept, default))
         }
     }
 }
@@ -128,13 +133,9 @@ fn heading(status: StatusCode, lang: Language) -> &'static str {
     }
 }
 
-const TRY_AGAIN: Said = Said {
-    en: "Please try again in a moment.",
-    it: "Riprova tra un momento.",
-};
 const REFERENCE: Said = Said {
     en: "If you contact the help desk about this, give them this reference:",
-    it: "Se contatti l'assistenza per questo problema, comunica questo codice:",
+    it: "Se contatti l'assistenza per questo problema, comunica questo codice di riferimento:",
 };
 
 fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option<&str>) -> String {
@@ -159,10 +160,8 @@ fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option
 <title>{code} {heading}</title>\
 <style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
 code{{overflow-wrap:anywhere}}</style>\
-</head><body><main><h1>{code} {heading}</h1><p>{}</p>\
-<p>{}</p>{reference}</main></body></html>\n",
+</head><body><main><h1>{code} {heading}</h1><p>{}</p>{reference}</main></body></html>\n",
         escape(said.in_language(lang)),
-        escape(TRY_AGAIN.in_language(lang)),
     )
 }
 
@@ -201,7 +200,6 @@ pub fn escape_into(out: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::ACCEPT_LANGUAGE;
 
     #[test]
     fn json_only_when_asked() {
@@ -248,7 +246,7 @@ mod tests {
         let it = error_html(StatusCode::SERVICE_UNAVAILABLE, &SAID, Language::It, None);
         assert!(it.contains("<html lang=\"it\">"), "{it}");
         assert!(it.contains("<h1>503 Servizio non disponibile</h1>"), "{it}");
-        assert!(it.contains("non &lt;b&gt;qui&lt;/b&gt;") && it.contains("Riprova"));
+        assert!(it.contains("<p>non &lt;b&gt;qui&lt;/b&gt;</p>"), "{it}");
         let en = error_html(StatusCode::SERVICE_UNAVAILABLE, &SAID, Language::En, None);
         assert!(en.contains("<html lang=\"en\">"), "{en}");
         assert!(en.contains("<h1>503 Service Unavailable</h1>"), "{en}");
@@ -273,7 +271,12 @@ mod tests {
             "{html}"
         );
         let it = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::It, Some("ab"));
-        assert!(it.contains("questo codice: <code>ab</code>"), "{it}");
+        assert!(
+            it.contains("questo codice di riferimento: <code>ab</code>"),
+            "{it}"
+        );
+        let none = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::It, None);
+        assert!(!none.contains("<code>"), "{none}");
         let json = |reference| {
             let text = error_json(StatusCode::GATEWAY_TIMEOUT, "m", reference);
             serde_json::from_str::<serde_json::Value>(&text).unwrap()

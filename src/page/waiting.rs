@@ -102,13 +102,20 @@ impl Status<'_> {
 
 /// Picks Italian or English from Accept-Language, else the room default.
 pub fn language(headers: &HeaderMap, default: Language) -> Language {
-    let Some(accept) = headers.get(http::header::ACCEPT_LANGUAGE) else {
+    language_of(headers.get(http::header::ACCEPT_LANGUAGE), default)
+}
+
+/// [`language`] from the Accept-Language value alone, kept where the
+/// request itself is gone.
+pub fn language_of(accept: Option<&HeaderValue>, default: Language) -> Language {
+    let Some(accept) = accept else {
         return default;
     };
-    // Every browser sends this header on every reload (and every request
-    // to the portal reads it, for the page should the way there fail): it
-    // is read as bytes in place, q-values as whole thousandths.
+    // Every browser sends this header on every reload: it is read as
+    // bytes in place, q-values as whole thousandths.
     let mut best: Option<(u16, Language)> = None;
+    // Named with q=0: "not this one", the default included.
+    let mut refused = [false; 2];
     for part in accept.as_bytes().split(|b| *b == b',') {
         let mut it = part.split(|b| *b == b';');
         let tag = it.next().unwrap_or_default().trim_ascii();
@@ -124,21 +131,34 @@ pub fn language(headers: &HeaderMap, default: Language) -> Language {
                 _ => None,
             })
             .map_or(1000, qvalue);
-        // q=0: "not this one".
-        if q > 0 && best.is_none_or(|(bq, _)| q > bq) {
+        if q == 0 {
+            refused[lang_index(lang)] = true;
+        } else if best.is_none_or(|(bq, _)| q > bq) {
             best = Some((q, lang));
         }
     }
-    best.map(|(_, l)| l).unwrap_or(default)
+    if let Some((_, l)) = best {
+        return l;
+    }
+    let other = match default {
+        Language::It => Language::En,
+        Language::En => Language::It,
+    };
+    if refused[lang_index(default)] && !refused[lang_index(other)] {
+        other
+    } else {
+        default
+    }
 }
 
-/// An Accept-Language q-value in thousandths (RFC 9110: `0.###` or
-/// `1`); anything else counts as 1, as an absent one does.
+/// An Accept-Language q-value in thousandths (RFC 9110: `0`, `0.` and up
+/// to three digits, or `1`); anything else counts as 1, as an absent one
+/// does.
 fn qvalue(v: &[u8]) -> u16 {
     let v = v.trim_ascii();
     let fraction = match v {
         [b'0'] => return 0,
-        [b'0', b'.', rest @ ..] | [b'.', rest @ ..] => rest,
+        [b'0', b'.', rest @ ..] if rest.len() <= 3 => rest,
         _ => return 1000,
     };
     let mut q = 0u16;
@@ -148,9 +168,6 @@ fn qvalue(v: &[u8]) -> u16 {
             None => q *= 10,
             Some(_) => return 1000,
         }
-    }
-    if fraction.len() > 3 {
-        return 1000;
     }
     q
 }
@@ -835,6 +852,13 @@ mod tests {
             language(&h, default)
         };
         assert_eq!(pick(b"en;q=0", Language::It), Language::It, "q=0 refuses");
+        assert_eq!(
+            pick(b"it;q=0", Language::It),
+            Language::En,
+            "the default too"
+        );
+        assert_eq!(pick(b"de, it;q=0", Language::It), Language::En);
+        assert_eq!(pick(b"it;q=0, en;q=0", Language::It), Language::It);
         assert_eq!(pick(b"it;q=0.000, en;q=0.001", Language::It), Language::En);
         assert_eq!(pick(b"it;q=0.5,en;q=0.55", Language::It), Language::En);
         assert_eq!(pick(b"en;q=0.9,it", Language::En), Language::It);
@@ -858,7 +882,8 @@ mod tests {
             ("0.05", 50),
             ("0.999", 999),
             (" 0.25 ", 250),
-            (".5", 500),
+            (".5", 1000),
+            (".", 1000),
             ("1", 1000),
             ("1.000", 1000),
             ("0.1234", 1000),

@@ -78,20 +78,20 @@ impl ProxyError {
                 it: "La richiesta è troppo grande.",
             },
             ProxyError::ClientBody(_) => &Said {
-                en: "The request was not received completely.",
-                it: "La richiesta non è arrivata per intero.",
+                en: "The request was not received completely. Please try again.",
+                it: "La richiesta non è arrivata per intero. Riprova.",
             },
             ProxyError::BodyTimeout => &Said {
-                en: "The request took too long to arrive.",
-                it: "La richiesta ha impiegato troppo tempo ad arrivare.",
+                en: "The request took too long to arrive. Please try again.",
+                it: "La richiesta ha impiegato troppo tempo ad arrivare. Riprova.",
             },
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => &Said {
-                en: "The service is not reachable right now.",
-                it: "Il servizio non è raggiungibile in questo momento.",
+                en: "The service is not reachable right now. Please try again in a moment.",
+                it: "Il servizio non è raggiungibile in questo momento. Riprova tra un momento.",
             },
             ProxyError::Timeout { .. } => &Said {
-                en: "The service did not answer in time.",
-                it: "Il servizio non ha risposto in tempo.",
+                en: "The service did not answer in time. Please try again in a moment.",
+                it: "Il servizio non ha risposto in tempo. Riprova tra un momento.",
             },
         }
     }
