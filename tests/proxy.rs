@@ -517,6 +517,10 @@ async fn varcos_own_pages_speak_the_persons_language() {
     let page = send(nowhere(Some("it-IT"))).await;
     assert_eq!(page.status, 404);
     assert!(page.text().contains("nessun servizio"), "{}", page.text());
+    assert!(
+        !page.text().contains("Riprova"),
+        "no advice to retry an address that serves nothing"
+    );
     let room_default = send(
         Request::get(english_room.url("/echo"))
             .header("host", "portal.example.org")

@@ -119,6 +119,10 @@ pub fn language_of(accept: Option<&HeaderValue>, default: Language) -> Language 
     for part in accept.as_bytes().split(|b| *b == b',') {
         let mut it = part.split(|b| *b == b';');
         let tag = it.next().unwrap_or_default().trim_ascii();
+        // `it`, `it-CH`, not `ita` or `enm`.
+        if tag.len() > 2 && tag[2] != b'-' {
+            continue;
+        }
         let lang = match tag.get(..2) {
             Some(p) if p.eq_ignore_ascii_case(b"it") => Language::It,
             Some(p) if p.eq_ignore_ascii_case(b"en") => Language::En,
@@ -132,7 +136,10 @@ pub fn language_of(accept: Option<&HeaderValue>, default: Language) -> Language 
             })
             .map_or(1000, qvalue);
         if q == 0 {
-            refused[lang_index(lang)] = true;
+            // `en-US;q=0` refuses one variety, not English.
+            if tag.len() == 2 {
+                refused[lang_index(lang)] = true;
+            }
         } else if best.is_none_or(|(bq, _)| q > bq) {
             best = Some((q, lang));
         }
@@ -867,6 +874,13 @@ mod tests {
             Language::It
         );
         assert_eq!(pick(b"it;q=0.2,en;q=bogus", Language::It), Language::En);
+        assert_eq!(pick(b"en-US;q=0", Language::En), Language::En);
+        assert_eq!(
+            pick(b"enm, itx", Language::It),
+            Language::It,
+            "not en, not it"
+        );
+        assert_eq!(pick(b"it-CH", Language::En), Language::It);
         assert_eq!(
             pick(b"fr-CA,\xe9t;q=0.3,en;q=0.3", Language::It),
             Language::En
