@@ -80,8 +80,8 @@ impl<'a> GateRequest<'a> {
     }
 
     /// Who reads what the gate answers: the room's language by default.
-    fn reader(&self, room: &Room) -> Reader {
-        Reader::of(self.headers, self.json, room.config.language)
+    fn reader<'r>(&self, room: &'r Room) -> Reader<'r> {
+        Reader::of(self.headers, self.json, room.config.language).with(room.error_template.as_ref())
     }
 }
 

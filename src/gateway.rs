@@ -55,15 +55,21 @@ struct Record {
 }
 
 /// Who asked, for a page made after the request has gone to the portal.
-struct Asked {
+struct Asked<'r> {
     json: bool,
     accept_language: Option<HeaderValue>,
-    default: Language,
+    room: &'r Room,
 }
 
-impl Asked {
-    fn reader(&self) -> Reader {
-        Reader::of_value(self.accept_language.as_ref(), self.json, self.default)
+impl Asked<'_> {
+    fn reader(&self) -> Reader<'_> {
+        let room = self.room;
+        Reader::of_value(
+            self.accept_language.as_ref(),
+            self.json,
+            room.config.language,
+        )
+        .with(room.error_template.as_ref())
     }
 }
 
@@ -129,7 +135,7 @@ const NO_SUCH_ROOM: Said = Said {
 async fn enter(
     room: &Room,
     cap: &InFlight,
-    asked: &Asked,
+    asked: &Asked<'_>,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
@@ -272,7 +278,8 @@ impl Gateway {
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
                     tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
-                    let reader = Reader::of(req.headers(), json, room.config.language);
+                    let reader = Reader::of(req.headers(), json, room.config.language)
+                        .with(room.error_template.as_ref());
                     let mut resp =
                         page::error(StatusCode::SERVICE_UNAVAILABLE, &CATCHING_UP, reader);
                     resp.headers_mut()
@@ -299,7 +306,7 @@ impl Gateway {
         let asked = Asked {
             json,
             accept_language: req.headers().get(ACCEPT_LANGUAGE).cloned(),
-            default: room.config.language,
+            room,
         };
 
         // Before a slot of the portal's is taken: an upload at the pace

@@ -319,6 +319,10 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.page_template",
         ),
         (
+            "error_template = \"/nonexistent/error.html\"\n",
+            "rooms.portal.error_template",
+        ),
+        (
             "bypass = { header = \"X-B\" }\n",
             "rooms.portal.bypass.header",
         ),

@@ -857,6 +857,63 @@ async fn an_operators_template_replaces_the_page() {
     );
 }
 
+/// A room's `error_template` makes varco's own pages for it: the portal
+/// failing an admitted person (with the request's reference), and the
+/// gate's 429, each in the person's language.
+#[tokio::test]
+async fn an_operators_error_template_makes_the_rooms_error_pages() {
+    let dir = std::env::temp_dir().join(format!("varco-error-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("error.html"),
+        "<!doctype html><html lang=\"{{lang}}\"><title>Comune: {{status}}</title>\
+         <h1>{{heading}}</h1><p>{{message}}</p><p>{{reference_label}} <b>{{reference}}</b></p></html>",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\n\
+         max_active = 1\nerror_template = \"error.html\"\n\
+         per_ip = {{ tickets_per_minute = 4, status_per_minute = 100 }}\n",
+        common::dead_addr()
+    );
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let english = [("accept-language", "en-GB,en;q=0.9")];
+    let failed = g
+        .citizen()
+        .request("GET", "/", body::empty(), &english)
+        .await;
+    assert_eq!(failed.status, 502, "admitted, and the portal is down");
+    let id = failed.headers["x-request-id"].to_str().unwrap().to_string();
+    let page = failed.text();
+    assert!(
+        page.starts_with("<!doctype html><html lang=\"en\"><title>Comune: 502</title>"),
+        "{page}"
+    );
+    assert!(page.contains("<h1>Bad Gateway</h1>"), "{page}");
+    assert!(
+        page.contains("The service is not reachable right now."),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("this reference: <b>{id}</b>")),
+        "{page}"
+    );
+    // New arrivals from one address: a burst of one ticket, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let got = g.citizen().get("/").await;
+        statuses.push(got.status);
+        if got.status == 429 {
+            let page = got.text();
+            assert!(page.contains("<title>Comune: 429</title>"), "{page}");
+            assert!(page.contains("<h1>Troppe richieste</h1>"), "{page}");
+            assert!(page.contains("<p> <b></b></p>"), "no reference: {page}");
+        }
+    }
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
+
 #[tokio::test]
 async fn status_polls_are_limited_per_address() {
     let up = upstream::spawn().await;

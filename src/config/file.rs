@@ -455,6 +455,9 @@ pub struct RawRoom {
     /// An operator's own waiting page template (see README).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_template: Option<String>,
+    /// An operator's own template for varco's error pages (see README).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_template: Option<String>,
     #[serde(default)]
     pub per_ip: RawPerIp,
     /// A cap on each admitted person's requests (a script holding a pass

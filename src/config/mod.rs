@@ -180,6 +180,8 @@ pub struct RoomConfig {
     pub cross_site_cookies: bool,
     /// The operator's template text, already read.
     pub page_template: Option<String>,
+    /// The operator's error page template text, already read.
+    pub error_template: Option<String>,
     pub tickets_per_ip_per_minute: u32,
     pub status_per_ip_per_minute: u32,
     /// Each pass's requests: (per second, burst).

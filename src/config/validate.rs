@@ -715,17 +715,16 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 false
             }
         };
-        let page_template = r.page_template.as_ref().and_then(|t| {
-            let path = base.join(t);
-            std::fs::read_to_string(&path)
-                .map_err(|e| {
-                    p.add(
-                        key("page_template"),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })
-                .ok()
-        });
+        let mut read = |name: &str, file: &Option<String>| {
+            file.as_ref().and_then(|t| {
+                let path = base.join(t);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| p.add(key(name), format!("cannot read {}: {e}", path.display())))
+                    .ok()
+            })
+        };
+        let page_template = read("page_template", &r.page_template);
+        let error_template = read("error_template", &r.error_template);
         if r.per_ip.tickets_per_minute == 0 {
             p.add(key("per_ip.tickets_per_minute"), "must be at least 1");
         }
@@ -818,6 +817,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             language,
             cross_site_cookies,
             page_template,
+            error_template,
             tickets_per_ip_per_minute: r.per_ip.tickets_per_minute,
             status_per_ip_per_minute: r.per_ip.status_per_minute,
             per_session,

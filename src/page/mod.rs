@@ -27,26 +27,133 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 /// Who reads an answer varco makes itself: a program (JSON, whose
 /// `message` is in English, the API's one language), or a person, in the
 /// language the waiting page would speak to them.
+/// A person's page is the room's `error_template` when it has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reader {
+pub enum Reader<'a> {
     Program,
-    Person(Language),
+    Person(Language, Option<&'a ErrorTemplate>),
 }
 
-impl Reader {
+impl<'a> Reader<'a> {
     /// A program when `json` (see [`wants_json`]), else a person in the
     /// language of Accept-Language, `default` when it names neither.
-    pub fn of(headers: &HeaderMap, json: bool, default: Language) -> Reader {
+    pub fn of(headers: &HeaderMap, json: bool, default: Language) -> Reader<'a> {
         Reader::of_value(headers.get(ACCEPT_LANGUAGE), json, default)
     }
 
     /// The same from the Accept-Language value alone.
-    pub fn of_value(accept: Option<&HeaderValue>, json: bool, default: Language) -> Reader {
+    pub fn of_value(accept: Option<&HeaderValue>, json: bool, default: Language) -> Reader<'a> {
         if json {
             Reader::Program
         } else {
-            Reader::Person(waiting::language_of(accept, default))
+            Reader::Person(waiting::language_of(accept, default), None)
         }
+    }
+
+    /// A person's page made with the operator's `template`.
+    pub fn with(self, template: Option<&'a ErrorTemplate>) -> Reader<'a> {
+        match self {
+            Reader::Person(lang, _) => Reader::Person(lang, template),
+            Reader::Program => Reader::Program,
+        }
+    }
+}
+
+/// An operator's own error page (a room's `error_template`): each
+/// `{{name}}` is replaced by its value, HTML-escaped; an unknown name is
+/// left as written, as in the waiting page's template.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ErrorTemplate {
+    parts: Vec<ErrorPart>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ErrorPart {
+    Text(String),
+    Var(ErrorVar),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorVar {
+    Lang,
+    Status,
+    Heading,
+    Message,
+    ReferenceLabel,
+    Reference,
+}
+
+/// The variables an error template may use (README: "Customising the
+/// error pages").
+const ERROR_VARIABLES: [(&str, ErrorVar); 6] = [
+    ("lang", ErrorVar::Lang),
+    ("status", ErrorVar::Status),
+    ("heading", ErrorVar::Heading),
+    ("message", ErrorVar::Message),
+    ("reference_label", ErrorVar::ReferenceLabel),
+    ("reference", ErrorVar::Reference),
+];
+
+impl ErrorTemplate {
+    pub fn compile(text: &str) -> ErrorTemplate {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{{") {
+            literal.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find("}}") else {
+                literal.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let name = after[..end].trim();
+            match ERROR_VARIABLES.iter().find(|(n, _)| *n == name) {
+                Some((_, var)) => {
+                    parts.push(ErrorPart::Text(std::mem::take(&mut literal)));
+                    parts.push(ErrorPart::Var(*var));
+                }
+                None => literal.push_str(&rest[start..start + end + 4]),
+            }
+            rest = &after[end + 2..];
+        }
+        literal.push_str(rest);
+        parts.push(ErrorPart::Text(literal));
+        ErrorTemplate { parts }
+    }
+
+    fn render(
+        &self,
+        status: StatusCode,
+        said: &Said,
+        lang: Language,
+        reference: Option<&str>,
+    ) -> String {
+        let mut out = String::with_capacity(4096);
+        for part in &self.parts {
+            match part {
+                ErrorPart::Text(t) => out.push_str(t),
+                ErrorPart::Var(v) => {
+                    let code;
+                    let value = match v {
+                        ErrorVar::Lang => lang_tag(lang),
+                        ErrorVar::Status => {
+                            code = status.as_u16().to_string();
+                            &code
+                        }
+                        ErrorVar::Heading => heading(status, lang),
+                        ErrorVar::Message => said.in_language(lang),
+                        ErrorVar::ReferenceLabel => match reference {
+                            Some(_) => REFERENCE.in_language(lang),
+                            None => "",
+                        },
+                        ErrorVar::Reference => reference.unwrap_or(""),
+                    };
+                    escape_into(&mut out, value);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -89,9 +196,13 @@ pub fn error_with_reference(
     let reference = reference.and_then(|r| r.to_str().ok());
     let (content_type, body) = match reader {
         Reader::Program => ("application/json", error_json(status, said.en, reference)),
-        Reader::Person(lang) => (
+        Reader::Person(lang, None) => (
             "text/html; charset=utf-8",
             error_html(status, said, lang, reference),
+        ),
+        Reader::Person(lang, Some(template)) => (
+            "text/html; charset=utf-8",
+            template.render(status, said, lang, reference),
         ),
     };
     let mut resp = Response::new(full(body));
@@ -133,6 +244,13 @@ fn heading(status: StatusCode, lang: Language) -> &'static str {
     }
 }
 
+fn lang_tag(lang: Language) -> &'static str {
+    match lang {
+        Language::It => "it",
+        Language::En => "en",
+    }
+}
+
 const REFERENCE: Said = Said {
     en: "If you contact the help desk about this, give them this reference:",
     it: "Se contatti l'assistenza per questo problema, comunica questo codice di riferimento:",
@@ -141,10 +259,7 @@ const REFERENCE: Said = Said {
 fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option<&str>) -> String {
     let code = status.as_u16();
     let heading = heading(status, lang);
-    let lang_tag = match lang {
-        Language::It => "it",
-        Language::En => "en",
-    };
+    let lang_tag = lang_tag(lang);
     let reference = reference
         .map(|r| {
             format!(
@@ -233,7 +348,11 @@ mod tests {
 
     #[test]
     fn pages_are_uncacheable_and_escaped() {
-        let r = error(StatusCode::BAD_GATEWAY, &SAID, Reader::Person(Language::En));
+        let r = error(
+            StatusCode::BAD_GATEWAY,
+            &SAID,
+            Reader::Person(Language::En, None),
+        );
         assert_eq!(r.headers()[CACHE_CONTROL], "no-store, private");
         assert_eq!(r.status(), 502);
         let html = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::En, None);
@@ -254,12 +373,12 @@ mod tests {
         h.insert(ACCEPT_LANGUAGE, "en-GB,en;q=0.9".parse().unwrap());
         assert_eq!(
             Reader::of(&h, false, Language::It),
-            Reader::Person(Language::En)
+            Reader::Person(Language::En, None)
         );
         assert_eq!(Reader::of(&h, true, Language::It), Reader::Program);
         assert_eq!(
             Reader::of(&HeaderMap::new(), false, Language::It),
-            Reader::Person(Language::It)
+            Reader::Person(Language::It, None)
         );
     }
 
@@ -287,5 +406,29 @@ mod tests {
             (Some("a1b2"), Some(504))
         );
         assert!(json(None).get("request_id").is_none());
+    }
+
+    #[test]
+    fn an_operators_template_gets_each_value_escaped() {
+        let t = ErrorTemplate::compile(
+            "<html lang=\"{{lang}}\"><h1>{{ status }} {{heading}}</h1><p>{{message}}</p>\
+<p>{{reference_label}} {{reference}}</p>{{unknown}} {{ open",
+        );
+        let it = t.render(StatusCode::TOO_MANY_REQUESTS, &SAID, Language::It, None);
+        assert_eq!(
+            it,
+            "<html lang=\"it\"><h1>429 Troppe richieste</h1><p>non &lt;b&gt;qui&lt;/b&gt;</p>\
+<p> </p>{{unknown}} {{ open"
+        );
+        let en = t.render(StatusCode::BAD_GATEWAY, &SAID, Language::En, Some("a<b"));
+        assert!(
+            en.contains(
+                "<p>If you contact the help desk about this, give them this reference: a&lt;b</p>"
+            ),
+            "{en}"
+        );
+        let reader = Reader::Person(Language::En, None).with(Some(&t));
+        assert_eq!(reader, Reader::Person(Language::En, Some(&t)));
+        assert_eq!(Reader::Program.with(Some(&t)), Reader::Program);
     }
 }

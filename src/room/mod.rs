@@ -65,6 +65,8 @@ pub struct Room {
     pub session_limiter: Option<SessionLimiter>,
     /// The waiting page: the operator's template or the built-in one.
     pub template: Arc<Template>,
+    /// The operator's error page (`error_template`), or varco's own.
+    pub error_template: Option<crate::page::ErrorTemplate>,
     tick_ms: u64,
     /// What an operator may change live (admin API); starts from config.
     mode: AtomicU8,
@@ -158,6 +160,10 @@ impl Room {
             draw: Mutex::new(None),
             followed: Mutex::new(SharedLive::default()),
             local_changes: AtomicU64::new(0),
+            error_template: config
+                .error_template
+                .as_deref()
+                .map(crate::page::ErrorTemplate::compile),
             template: match &config.page_template {
                 Some(text) => Arc::new(Template::compile(text)),
                 None => Arc::new(Template::compile(crate::page::waiting::DEFAULT_TEMPLATE)),
