@@ -910,8 +910,7 @@ async fn an_operators_error_template_makes_the_rooms_error_pages() {
             assert!(page.contains("<p> <b></b></p>"), "no reference: {page}");
         }
     }
-    assert_eq!(statuses[0], 200, "{statuses:?}");
-    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(statuses, [200, 429, 429], "a burst of one ticket");
 }
 
 #[tokio::test]
