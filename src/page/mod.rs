@@ -64,13 +64,44 @@ impl<'a> Reader<'a> {
 /// left as written, as in the waiting page's template.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ErrorTemplate {
-    parts: Vec<ErrorPart>,
+    parts: Vec<Piece<ErrorVar>>,
 }
 
+/// A piece of a template: text as written, or a variable.
 #[derive(Debug, PartialEq, Eq)]
-enum ErrorPart {
+enum Piece<T> {
     Text(String),
-    Var(ErrorVar),
+    Var(T),
+}
+
+/// A template's text cut at its `{{name}}`s, for the waiting page's
+/// template and the error pages' alike: `lookup` says which names are
+/// variables; any other `{{...}}`, and a `{{` never closed, stays as
+/// written.
+fn cut_template<T>(text: &str, lookup: impl Fn(&str) -> Option<T>) -> Vec<Piece<T>> {
+    let mut parts = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        literal.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            literal.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        match lookup(after[..end].trim()) {
+            Some(var) => {
+                parts.push(Piece::Text(std::mem::take(&mut literal)));
+                parts.push(Piece::Var(var));
+            }
+            None => literal.push_str(&rest[start..start + end + 4]),
+        }
+        rest = &after[end + 2..];
+    }
+    literal.push_str(rest);
+    parts.push(Piece::Text(literal));
+    parts
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,30 +127,14 @@ const ERROR_VARIABLES: [(&str, ErrorVar); 6] = [
 
 impl ErrorTemplate {
     pub fn compile(text: &str) -> ErrorTemplate {
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut rest = text;
-        while let Some(start) = rest.find("{{") {
-            literal.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let Some(end) = after.find("}}") else {
-                literal.push_str(&rest[start..]);
-                rest = "";
-                break;
-            };
-            let name = after[..end].trim();
-            match ERROR_VARIABLES.iter().find(|(n, _)| *n == name) {
-                Some((_, var)) => {
-                    parts.push(ErrorPart::Text(std::mem::take(&mut literal)));
-                    parts.push(ErrorPart::Var(*var));
-                }
-                None => literal.push_str(&rest[start..start + end + 4]),
-            }
-            rest = &after[end + 2..];
+        ErrorTemplate {
+            parts: cut_template(text, |name| {
+                ERROR_VARIABLES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| *v)
+            }),
         }
-        literal.push_str(rest);
-        parts.push(ErrorPart::Text(literal));
-        ErrorTemplate { parts }
     }
 
     fn render(
@@ -132,8 +147,8 @@ impl ErrorTemplate {
         let mut out = String::with_capacity(4096);
         for part in &self.parts {
             match part {
-                ErrorPart::Text(t) => out.push_str(t),
-                ErrorPart::Var(v) => {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => {
                     let code;
                     let value = match v {
                         ErrorVar::Lang => lang_tag(lang),

@@ -391,28 +391,14 @@ fn language_constant(name: &str, s: &Strings) -> Option<&'static str> {
 impl Template {
     /// Unknown `{{names}}` stay in the page as written.
     pub fn compile(text: &str) -> Template {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        let mut literal = String::new();
-        while let Some(start) = rest.find("{{") {
-            literal.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let Some(end) = after.find("}}") else {
-                literal.push_str(&rest[start..]);
-                rest = "";
-                break;
-            };
-            match VARIABLES.iter().position(|v| *v == after[..end].trim()) {
-                Some(i) => {
-                    parts.push(Part::Text(std::mem::take(&mut literal).into()));
-                    parts.push(Part::Var(i));
-                }
-                None => literal.push_str(&rest[start..start + end + 4]),
-            }
-            rest = &after[end + 2..];
-        }
-        literal.push_str(rest);
-        parts.push(Part::Text(literal.into()));
+        let parts: Vec<Part> =
+            super::cut_template(text, |name| VARIABLES.iter().position(|v| *v == name))
+                .into_iter()
+                .map(|p| match p {
+                    super::Piece::Text(t) => Part::Text(t.into()),
+                    super::Piece::Var(i) => Part::Var(i),
+                })
+                .collect();
         Template {
             text_len: text.len(),
             baked: [&IT, &EN].map(|s| bake(&parts, s)),
