@@ -81,7 +81,7 @@ impl<'a> GateRequest<'a> {
 
     /// Who reads what the gate answers: the room's language by default.
     fn reader<'r>(&self, room: &'r Room) -> Reader<'r> {
-        Reader::of(self.headers, self.json, room.config.language).with(room.error_template.as_ref())
+        room.reader(self.headers.get(http::header::ACCEPT_LANGUAGE), self.json)
     }
 }
 

@@ -63,13 +63,7 @@ struct Asked<'r> {
 
 impl Asked<'_> {
     fn reader(&self) -> Reader<'_> {
-        let room = self.room;
-        Reader::of_value(
-            self.accept_language.as_ref(),
-            self.json,
-            room.config.language,
-        )
-        .with(room.error_template.as_ref())
+        self.room.reader(self.accept_language.as_ref(), self.json)
     }
 }
 
@@ -278,8 +272,7 @@ impl Gateway {
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
                     tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
-                    let reader = Reader::of(req.headers(), json, room.config.language)
-                        .with(room.error_template.as_ref());
+                    let reader = room.reader(req.headers().get(ACCEPT_LANGUAGE), json);
                     let mut resp =
                         page::error(StatusCode::SERVICE_UNAVAILABLE, &CATCHING_UP, reader);
                     resp.headers_mut()

@@ -24,6 +24,7 @@ use governor::{Quota, RateLimiter};
 use crate::config::RoomConfig;
 use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
+use crate::page::Reader;
 use crate::proxy::in_flight::InFlight;
 use crate::proxy::upstreams::UpstreamPool;
 use crate::store::{LiveChange, RoomStore, SharedLive, StoreError};
@@ -170,6 +171,13 @@ impl Room {
             },
             config,
         }
+    }
+
+    /// Who reads a page varco makes for this room: a program (`json`), or
+    /// a person in the language of `accept` (Accept-Language), the room's
+    /// by default, on the room's `error_template` when it has one.
+    pub fn reader(&self, accept: Option<&http::HeaderValue>, json: bool) -> Reader<'_> {
+        Reader::of_value(accept, json, self.config.language).with(self.error_template.as_ref())
     }
 
     /// How this room's cookies are scoped on a response over HTTPS
