@@ -155,6 +155,14 @@ impl App {
         if let Stores::Memory(m) = &stores {
             m.count_marks_errors(metrics.state_write_errors.with_label_values(&["marks"]));
         }
+        // /readyz says degraded from the start, not from the first tick.
+        let mut trouble = None;
+        if let Stores::Redis(redis) = &stores {
+            if let Err(e) = redis.reach().await {
+                tracing::warn!(error = %e, "cannot reach Redis at start: starting degraded, and trying again");
+                trouble = Some(e.to_string());
+            }
+        }
         // From 0, so increase() sees the first failure (a series born at 1
         // shows none).
         if config.store.snapshot.is_some() {
@@ -238,7 +246,7 @@ impl App {
             metrics,
             stores,
             routing,
-            store_trouble: std::sync::Mutex::new(None),
+            store_trouble: std::sync::Mutex::new(trouble),
             reloading: tokio::sync::Mutex::new(keys),
             history: History::default(),
             audit,

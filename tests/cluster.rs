@@ -844,12 +844,33 @@ async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
 
     // Without the CA, the server's certificate is not trusted: the node
     // starts degraded instead of talking to it.
+    // It says so from the start, before its first tick.
     let untrusted = Gated::start(&cfg("")).await;
-    untrusted.app.tick().await;
-    let r = common::client::get(&format!("http://{}/readyz", untrusted.admin))
-        .await
-        .text();
+    let readyz = format!("http://{}/readyz", untrusted.admin);
+    let r = common::client::get(&readyz).await.text();
     assert!(r.starts_with("degraded:"), "{r}");
+    untrusted.app.tick().await;
+    let r = common::client::get(&readyz).await.text();
+    assert!(r.starts_with("degraded:"), "{r}");
+}
+
+/// A node connects to Redis before it serves: otherwise its first visitor
+/// waits for the connection inside the store's timeout, and on a busy
+/// host gets the 503 of a store away instead of a pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_connects_to_redis_before_it_serves() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    assert_eq!(redis.connected_clients(), 1, "only the question's own");
+    let node = Gated::start(&cluster_config(&redis, up.addr, "max_active = 1", "")).await;
+    assert_eq!(
+        redis.connected_clients(),
+        2,
+        "the node is connected before any request or tick"
+    );
+    let r = common::client::get(&format!("http://{}/readyz", node.admin)).await;
+    assert_eq!(r.text(), "ready\n");
+    assert!(node.citizen().get("/").await.reached_upstream());
 }
 
 /// Issue 10 in cluster mode: a turn kept after a portal failure and a

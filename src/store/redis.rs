@@ -105,6 +105,19 @@ impl RedisStore {
         })
     }
 
+    /// Connects now rather than on the first request: a visitor arriving
+    /// just after the node starts would otherwise wait for the connection
+    /// inside the store's timeout (and on a busy host get the 503 of a
+    /// store away). An error here is not fatal: the node starts degraded
+    /// and the connection manager keeps trying.
+    pub async fn reach(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     /// The room named `name`: the one already made, if any, so a reload
     /// loses none of what this node holds for it.
     pub fn room(&self, name: &str) -> Arc<RedisRoom> {

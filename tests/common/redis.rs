@@ -143,6 +143,31 @@ impl RedisServer {
         String::from_utf8_lossy(&reply).trim_end().to_string()
     }
 
+    /// How many clients are connected, this question's own connection
+    /// included (from `INFO clients`, a bulk reply).
+    #[allow(dead_code)] // not every test file uses it
+    pub fn connected_clients(&self) -> usize {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"INFO clients\r\n").unwrap();
+        let mut reply = Vec::new();
+        let mut b = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            s.read_exact(&mut b).expect("a reply from redis");
+            reply.push(b[0]);
+        }
+        let len: usize = String::from_utf8_lossy(&reply[1..reply.len() - 2])
+            .parse()
+            .expect("a bulk reply");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).expect("the reply's body");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("connected_clients in INFO clients")
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
