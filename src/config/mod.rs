@@ -278,6 +278,16 @@ pub enum Language {
     En,
 }
 
+impl Language {
+    /// The BCP 47 tag, for `<html lang>` and the templates' `{{lang}}`.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Language::It => "it",
+            Language::En => "en",
+        }
+    }
+}
+
 /// Which request hosts a room answers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostPattern {

@@ -151,7 +151,7 @@ impl ErrorTemplate {
                 Piece::Var(v) => {
                     let code;
                     let value = match v {
-                        ErrorVar::Lang => lang_tag(lang),
+                        ErrorVar::Lang => lang.tag(),
                         ErrorVar::Status => {
                             code = status.as_u16().to_string();
                             &code
@@ -259,13 +259,6 @@ fn heading(status: StatusCode, lang: Language) -> &'static str {
     }
 }
 
-fn lang_tag(lang: Language) -> &'static str {
-    match lang {
-        Language::It => "it",
-        Language::En => "en",
-    }
-}
-
 const REFERENCE: Said = Said {
     en: "If you contact the help desk about this, give them this reference:",
     it: "Se contatti l'assistenza per questo problema, comunica questo codice di riferimento:",
@@ -274,7 +267,7 @@ const REFERENCE: Said = Said {
 fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option<&str>) -> String {
     let code = status.as_u16();
     let heading = heading(status, lang);
-    let lang_tag = lang_tag(lang);
+    let lang_tag = lang.tag();
     let reference = reference
         .map(|r| {
             format!(

@@ -180,7 +180,7 @@ fn qvalue(v: &[u8]) -> u16 {
 }
 
 struct Strings {
-    lang: &'static str,
+    language: Language,
     title: &'static str,
     intro: &'static str,
     position: &'static str,
@@ -212,7 +212,7 @@ struct Strings {
 }
 
 const IT: Strings = Strings {
-    lang: "it",
+    language: Language::It,
     title: "Sei in coda",
     intro: "Il servizio è molto richiesto in questo momento. Ti faremo entrare appena è il tuo turno, nell'ordine di arrivo.",
     position: "Il tuo posto in coda",
@@ -238,7 +238,7 @@ const IT: Strings = Strings {
 };
 
 const EN: Strings = Strings {
-    lang: "en",
+    language: Language::En,
     title: "You are in line",
     intro: "The service is very busy right now. You will be let in as soon as it is your turn, in order of arrival.",
     position: "Your place in line",
@@ -371,7 +371,7 @@ fn lang_index(l: Language) -> usize {
 /// when the template is compiled, like every other value).
 fn language_constant(name: &str, s: &Strings) -> Option<&'static str> {
     Some(match name {
-        "lang" => s.lang,
+        "lang" => s.language.tag(),
         "title" => s.title,
         "intro" => s.intro,
         "label_position" => s.position,
@@ -798,7 +798,7 @@ mod tests {
     fn language_strings_are_html_safe() {
         for s in [&IT, &EN] {
             for text in [
-                s.lang,
+                s.language.tag(),
                 s.title,
                 s.intro,
                 s.position,
