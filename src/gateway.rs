@@ -471,11 +471,17 @@ impl Gateway {
                     None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),
                 }
             }
-            _ => page::error(
-                StatusCode::NOT_FOUND,
-                &page::NOTHING_HERE,
-                Reader::of(req.headers(), json, Language::En),
-            ),
+            // In the language (and on the template) of the room whose
+            // site it is, as the room's other pages.
+            _ => {
+                let routing = self.routing.load();
+                let accept = req.headers().get(ACCEPT_LANGUAGE);
+                let reader = match routing.router.route(host_of(req), req.uri().path()) {
+                    Some(room) => room.reader(accept, json),
+                    None => Reader::of_value(accept, json, Language::En),
+                };
+                page::error(StatusCode::NOT_FOUND, &page::NOTHING_HERE, reader)
+            }
         }
     }
 

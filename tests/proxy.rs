@@ -491,6 +491,20 @@ async fn varcos_own_pages_speak_the_persons_language() {
         api.json()["message"],
         "The service is not reachable right now. Please try again in a moment."
     );
+    // varco's own paths on the room's site speak the room's language too.
+    let unknown = send(
+        Request::get(v.url("/.varco/nowhere"))
+            .header("accept", html)
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.text().contains("<html lang=\"it\">"),
+        "{}",
+        unknown.text()
+    );
 
     let english_room = Varco::start(&room_config(&[common::dead_addr()], "").replace(
         "[rooms.portal]",
