@@ -25,7 +25,7 @@ use crate::history::History;
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::buffer::{BufferLimits, RequestBuffer};
-use crate::proxy::upstreams::NotTakenOut;
+use crate::proxy::upstreams::{NotTakenOut, PassiveHealth};
 use crate::proxy::{client, health, Forwarder};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
@@ -880,7 +880,10 @@ fn build_rooms(
             Arc::new(
                 Room::new(
                     r.clone(),
-                    running.upstream.fail_cooldown,
+                    PassiveHealth {
+                        max_fails: running.upstream.max_fails,
+                        cooldown: running.upstream.fail_cooldown,
+                    },
                     metrics,
                     store,
                     keys.clone(),

@@ -561,7 +561,7 @@ impl RoomCollector {
             upstream_up: IntGaugeVec::new(
                 Opts::new(
                     "varco_upstream_up",
-                    "1 while an upstream is in rotation; 0 while it is out: cooling down after a failed request (upstream.fail_cooldown), failing its health checks, or taken out by an operator",
+                    "1 while an upstream is in rotation; 0 while it is out: cooling down after failed requests (upstream.max_fails, upstream.fail_cooldown), failing its health checks, or taken out by an operator",
                 ),
                 &["room", "upstream"],
             )

@@ -434,6 +434,34 @@ async fn an_upstream_that_never_answers_is_cooled_down() {
     assert_eq!(good.hits(), 7);
 }
 
+/// `max_fails`: an upstream is cooled down at its third failed request
+/// (as nginx's `max_fails=3`), and never with 0 (the health checks alone
+/// take it out then).
+#[tokio::test]
+async fn max_fails_failed_requests_cool_an_upstream_down() {
+    let good = upstream::spawn().await;
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let timeouts = |max_fails: u32| {
+        let config = room_config(
+            &[hung.local_addr().unwrap(), good.addr],
+            &format!(
+                "[upstream]\nresponse_timeout = \"200ms\"\nfail_cooldown = \"1h\"\nmax_fails = {max_fails}"
+            ),
+        );
+        async move {
+            let v = Varco::start(&config).await;
+            let mut statuses = Vec::new();
+            for _ in 0..12 {
+                statuses.push(get(&v.url("/echo")).await.status);
+            }
+            statuses.iter().filter(|s| **s == 504).count()
+        }
+    };
+    // Round robin: requests 1, 3 and 5 go to the hung upstream, then none.
+    assert_eq!(timeouts(3).await, 3, "cooled down at the third failure");
+    assert_eq!(timeouts(0).await, 6, "every other request, for ever");
+}
+
 #[tokio::test]
 async fn unknown_host_gets_404_from_varco() {
     let up = upstream::spawn().await;

@@ -335,6 +335,9 @@ pub struct RawUpstream {
     pub pool_idle_timeout: String,
     pub pool_max_idle: usize,
     pub fail_cooldown: String,
+    /// Failed requests within `fail_cooldown` that cool an upstream down;
+    /// 0: never.
+    pub max_fails: u32,
     /// Request bodies up to this size are read whole before an upstream
     /// is asked; "0" streams every body.
     pub request_buffer: String,
@@ -360,6 +363,7 @@ impl Default for RawUpstream {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT.into(),
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
+            max_fails: 1,
             request_buffer: DEFAULT_REQUEST_BUFFER.into(),
             request_buffer_memory: DEFAULT_REQUEST_BUFFER_MEMORY.into(),
             request_buffer_time: DEFAULT_REQUEST_BUFFER_TIME.into(),

@@ -93,7 +93,10 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Passive health: `max_fails` failed requests within `fail_cooldown`
+    /// cool an upstream down for `fail_cooldown`.
     pub fail_cooldown: Duration,
+    pub max_fails: u32,
     /// Largest request body read whole before forwarding; 0: none.
     pub request_buffer: u64,
     /// What bodies read whole may hold together.

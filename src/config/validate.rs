@@ -377,6 +377,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         pool_idle_timeout: p.duration("upstream.pool_idle_timeout", &u.pool_idle_timeout),
         pool_max_idle: u.pool_max_idle,
         fail_cooldown: p.duration("upstream.fail_cooldown", &u.fail_cooldown),
+        max_fails: u.max_fails,
         request_buffer,
         request_buffer_memory,
         request_buffer_time,

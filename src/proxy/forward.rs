@@ -234,8 +234,8 @@ impl Forwarder {
                     // this, it kept its share of the rotation, and every
                     // request sent to it waited response_timeout for a 504
                     // (nginx counts a timeout as a failure too).
-                    room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?timeout, "upstream gave no answer in time; cooling down");
+                    let then = room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?timeout, "upstream gave no answer in time; {then}");
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
                         timeout,
@@ -259,8 +259,8 @@ impl Forwarder {
                 Err(e) if e.is_connect() => {
                     metrics.connect_errors.inc();
                     signal(true);
-                    room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the connection; cooling down");
+                    let then = room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the connection; {then}");
                     let error = ProxyError::Unreachable {
                         upstream: upstream.label.clone(),
                         source: e.into(),
@@ -289,8 +289,8 @@ impl Forwarder {
                     if tls_alert(&e) {
                         metrics.connect_errors.inc();
                         signal(true);
-                        room.upstreams.mark_failed(index);
-                        tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); cooling down");
+                        let then = room.upstreams.mark_failed(index);
+                        tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); {then}");
                         return Err(ProxyError::Unreachable {
                             upstream: upstream.label.clone(),
                             source: e.into(),
@@ -298,8 +298,8 @@ impl Forwarder {
                     }
                     metrics.protocol_errors.inc();
                     signal(true);
-                    room.upstreams.mark_failed(index);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; cooling down");
+                    let then = room.upstreams.mark_failed(index);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; {then}");
                     return Err(ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),

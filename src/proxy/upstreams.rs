@@ -1,6 +1,7 @@
 //! A room's upstreams: round-robin choice, skipping any that recently
 //! failed (refused a connection, gave no answer within the response
-//! timeout, or broke the exchange): passive health with a cool-down; and
+//! timeout, or broke the exchange) `max_fails` times: passive health with
+//! a cool-down; and
 //! any that failed `fall` active health checks in a row, until they pass
 //! `rise` (see `health.rs`). One the checks bring back may take its turns
 //! gradually over `slow_start`. An operator may take one out by hand (a
@@ -20,6 +21,10 @@ pub struct Upstream {
     /// Milliseconds since the pool's epoch until which this upstream is
     /// skipped; 0 when healthy.
     down_until_ms: AtomicU64,
+    /// Failed requests counted towards `max_fails` since `first_fail_ms`
+    /// (0: none counted).
+    fails: AtomicU32,
+    first_fail_ms: AtomicU64,
     /// Out of rotation by the active health checks.
     checked_down: AtomicBool,
     /// Taken out by an operator: never sent a request, even when every
@@ -41,7 +46,7 @@ pub struct UpstreamPool {
     /// Where a turn an upstream in its slow start passes up goes: spread
     /// over the others, not always to the next in line.
     spill: AtomicUsize,
-    cooldown: Duration,
+    passive: PassiveHealth,
     slow_start_ms: u64,
     /// The health checks' tasks: stopped with the pool (a reload replaced
     /// it), so two checkers never judge one upstream.
@@ -72,6 +77,43 @@ impl Drop for UpstreamPool {
     }
 }
 
+/// Passive health: `max_fails` failed requests within `cooldown` of the
+/// first of them take an upstream out for `cooldown` (nginx's `max_fails`
+/// and `fail_timeout`); 0 never takes one out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub max_fails: u32,
+    pub cooldown: Duration,
+}
+
+/// What a failed request did to its upstream, for the warning about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    CoolingDown,
+    /// Not yet out: this many of `max` failures counted.
+    Counted {
+        fails: u32,
+        max: u32,
+    },
+    /// `max_fails = 0`.
+    NotCounted,
+}
+
+impl std::fmt::Display for AfterFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AfterFailure::CoolingDown => f.write_str("cooling down"),
+            AfterFailure::Counted { fails, max } => {
+                write!(
+                    f,
+                    "{fails} of {max} failures before a cool-down (max_fails)"
+                )
+            }
+            AfterFailure::NotCounted => f.write_str("not cooling down (max_fails = 0)"),
+        }
+    }
+}
+
 /// Why an upstream was not taken out or put back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotTakenOut {
@@ -88,13 +130,15 @@ fn epoch() -> Instant {
 }
 
 impl UpstreamPool {
-    pub fn new(bases: &[Uri], cooldown: Duration, slow_start: Duration) -> Self {
+    pub fn new(bases: &[Uri], passive: PassiveHealth, slow_start: Duration) -> Self {
         let upstreams = bases
             .iter()
             .map(|b| Upstream {
                 label: label(b),
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
+                fails: AtomicU32::new(0),
+                first_fail_ms: AtomicU64::new(0),
                 checked_down: AtomicBool::new(false),
                 taken_out: AtomicBool::new(false),
                 streak: AtomicU32::new(0),
@@ -106,7 +150,7 @@ impl UpstreamPool {
             upstreams,
             next: AtomicUsize::new(0),
             spill: AtomicUsize::new(0),
-            cooldown,
+            passive,
             slow_start_ms: slow_start.as_millis() as u64,
             checks: Default::default(),
         }
@@ -349,11 +393,42 @@ impl UpstreamPool {
         ramping.or(cooling).or(checked_out)
     }
 
-    pub fn mark_failed(&self, index: usize) {
-        let until = self.now_ms() + self.cooldown.as_millis() as u64;
-        self.upstreams[index]
-            .down_until_ms
-            .store(until, Ordering::Relaxed);
+    /// Counts a failed request against the upstream. Successes in between
+    /// do not undo the count (as nginx): an upstream failing one request
+    /// in two still reaches `max_fails`. Concurrent failures may be
+    /// counted a little loosely; the cool-down is what matters.
+    pub fn mark_failed(&self, index: usize) -> AfterFailure {
+        self.mark_failed_at(index, self.now_ms())
+    }
+
+    fn mark_failed_at(&self, index: usize, now: u64) -> AfterFailure {
+        let PassiveHealth {
+            max_fails,
+            cooldown,
+        } = self.passive;
+        if max_fails == 0 {
+            return AfterFailure::NotCounted;
+        }
+        let u = &self.upstreams[index];
+        let window = cooldown.as_millis() as u64;
+        let first = u.first_fail_ms.load(Ordering::Relaxed);
+        let fails = if first == 0 || now.saturating_sub(first) >= window {
+            u.first_fail_ms.store(now, Ordering::Relaxed);
+            u.fails.store(1, Ordering::Relaxed);
+            1
+        } else {
+            u.fails.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if fails < max_fails {
+            return AfterFailure::Counted {
+                fails,
+                max: max_fails,
+            };
+        }
+        u.fails.store(0, Ordering::Relaxed);
+        u.first_fail_ms.store(0, Ordering::Relaxed);
+        u.down_until_ms.store(now + window, Ordering::Relaxed);
+        AfterFailure::CoolingDown
     }
 
     pub fn mark_healthy(&self, index: usize) {
@@ -381,7 +456,15 @@ mod tests {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
-        UpstreamPool::new(&bases, Duration::from_secs(60), slow_start)
+        UpstreamPool::new(&bases, passive(1), slow_start)
+    }
+
+    /// A minute's cool-down after `max_fails`.
+    fn passive(max_fails: u32) -> PassiveHealth {
+        PassiveHealth {
+            max_fails,
+            cooldown: Duration::from_secs(60),
+        }
     }
 
     #[test]
@@ -400,6 +483,46 @@ mod tests {
         p.mark_healthy(1);
         let picks: Vec<usize> = (0..3).map(|_| p.pick(&[]).unwrap()).collect();
         assert!(picks.contains(&1));
+    }
+
+    #[test]
+    fn max_fails_within_the_cooldown_take_an_upstream_out() {
+        let bases: Vec<Uri> = ["http://127.0.0.1:9000/", "http://127.0.0.1:9001/"]
+            .iter()
+            .map(|b| b.parse().unwrap())
+            .collect();
+        let p = UpstreamPool::new(&bases, passive(3), Duration::ZERO);
+        let t = 1_000;
+        assert_eq!(
+            p.mark_failed_at(0, t),
+            AfterFailure::Counted { fails: 1, max: 3 }
+        );
+        assert!(p.is_healthy_at(0, t));
+        // A success in between does not undo the count.
+        p.mark_healthy(0);
+        assert_eq!(
+            p.mark_failed_at(0, t + 10),
+            AfterFailure::Counted { fails: 2, max: 3 }
+        );
+        assert_eq!(p.mark_failed_at(0, t + 20), AfterFailure::CoolingDown);
+        assert!(!p.is_healthy_at(0, t + 20));
+        assert!(!p.is_healthy_at(0, t + 20 + 59_999));
+        assert!(p.is_healthy_at(0, t + 20 + 60_000));
+
+        // Failures further apart than the cool-down do not add up.
+        for i in 0..5 {
+            assert_eq!(
+                p.mark_failed_at(1, t + i * 60_000),
+                AfterFailure::Counted { fails: 1, max: 3 }
+            );
+        }
+        assert!(p.is_healthy_at(1, t + 5 * 60_000));
+
+        let never = UpstreamPool::new(&bases, passive(0), Duration::ZERO);
+        for i in 0..10 {
+            assert_eq!(never.mark_failed_at(0, t + i), AfterFailure::NotCounted);
+        }
+        assert!(never.is_healthy_at(0, t + 10));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
 use crate::page::Reader;
 use crate::proxy::in_flight::InFlight;
-use crate::proxy::upstreams::UpstreamPool;
+use crate::proxy::upstreams::{PassiveHealth, UpstreamPool};
 use crate::store::{LiveChange, RoomStore, SharedLive, StoreError};
 use adaptive::{Change, Controller, Verdict};
 use admission::{Limits, Mode};
@@ -117,7 +117,7 @@ fn per_minute(n: u32) -> Quota {
 impl Room {
     pub fn new(
         config: RoomConfig,
-        fail_cooldown: Duration,
+        passive: PassiveHealth,
         metrics: &Metrics,
         store: Arc<dyn RoomStore>,
         keys: Keyring,
@@ -129,7 +129,7 @@ impl Room {
             .health_check
             .as_ref()
             .map_or(Duration::ZERO, |h| h.slow_start);
-        let upstreams = UpstreamPool::new(&config.upstreams, fail_cooldown, slow_start);
+        let upstreams = UpstreamPool::new(&config.upstreams, passive, slow_start);
         let upstream_metrics = upstreams
             .all()
             .iter()
@@ -210,7 +210,10 @@ impl Room {
             .room(&config.name, &limits_of(&config, 1000), 0);
         Room::new(
             config,
-            Duration::from_secs(10),
+            PassiveHealth {
+                max_fails: 1,
+                cooldown: Duration::from_secs(10),
+            },
             &Metrics::new(),
             store,
             Keyring::ephemeral(),
