@@ -118,6 +118,7 @@ fn each_bad_value_names_its_key() {
             "upstream.tls_client.cert",
         ),
         ("[upstream]\npool_max_idle = 0\n", "upstream.pool_max_idle"),
+        ("[upstream]\nmax_fails = 101\n", "upstream.max_fails"),
         (
             "[upstream]\nrequest_buffer = \"1MB2\"\n",
             "upstream.request_buffer",

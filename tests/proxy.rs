@@ -445,7 +445,7 @@ async fn max_fails_failed_requests_cool_an_upstream_down() {
         let config = room_config(
             &[hung.local_addr().unwrap(), good.addr],
             &format!(
-                "[upstream]\nresponse_timeout = \"200ms\"\nfail_cooldown = \"1h\"\nmax_fails = {max_fails}"
+                "[upstream]\nresponse_timeout = \"500ms\"\nfail_cooldown = \"1h\"\nmax_fails = {max_fails}"
             ),
         );
         async move {

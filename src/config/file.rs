@@ -60,8 +60,15 @@ pub const DEFAULT_REQUEST_BUFFER_MEMORY: &str = "256MiB";
 /// A megabyte in a minute is a slow phone line; a body not whole by then
 /// would hold its memory for the rest of its upload, which may be long.
 pub const DEFAULT_REQUEST_BUFFER_TIME: &str = "60s";
-/// How long an upstream that refused a connection is skipped.
+/// How long an upstream that failed `max_fails` requests is skipped (as
+/// nginx's `fail_timeout`): a restart's length, not a deploy's.
 pub const DEFAULT_FAIL_COOLDOWN: &str = "10s";
+/// nginx's default: one failed request cools an upstream down, the
+/// quickest way to stop sending people to a server that is gone.
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+/// More than this many failures in a row is a server that is down; the
+/// health checks are the tool for tolerance beyond it.
+pub const MAX_MAX_FAILS: u32 = 100;
 /// A pass ends after this long without a request: long enough to read a
 /// form, short enough that a person who left frees the slot soon.
 pub const DEFAULT_SESSION_IDLE: &str = "5m";
@@ -363,7 +370,7 @@ impl Default for RawUpstream {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT.into(),
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             fail_cooldown: DEFAULT_FAIL_COOLDOWN.into(),
-            max_fails: 1,
+            max_fails: DEFAULT_MAX_FAILS,
             request_buffer: DEFAULT_REQUEST_BUFFER.into(),
             request_buffer_memory: DEFAULT_REQUEST_BUFFER_MEMORY.into(),
             request_buffer_time: DEFAULT_REQUEST_BUFFER_TIME.into(),

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::file::{
     RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS,
+    DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS, MAX_MAX_FAILS,
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -351,6 +351,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
 
     let u = &raw.upstream;
     p.positive("upstream.pool_max_idle", u.pool_max_idle);
+    if u.max_fails > MAX_MAX_FAILS {
+        p.add(
+            "upstream.max_fails",
+            format!("at most {MAX_MAX_FAILS} (0: failed requests never cool an upstream down; health_check takes it out then)"),
+        );
+    }
     let request_buffer = p.size("upstream.request_buffer", &u.request_buffer);
     let request_buffer_memory = p.size("upstream.request_buffer_memory", &u.request_buffer_memory);
     let request_buffer_time = p.duration("upstream.request_buffer_time", &u.request_buffer_time);

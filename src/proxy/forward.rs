@@ -204,6 +204,9 @@ impl Forwarder {
             })?;
 
             let mut started = Instant::now();
+            // By the pool's clock: an answer tells of the upstream's health
+            // only as it was when the request left.
+            let sent_ms = room.upstreams.now_ms();
             // What adaptive admission learns from: the upstream's latency
             // (with the wait for an in-flight slot) and its failures,
             // never the client's.
@@ -245,7 +248,7 @@ impl Forwarder {
             };
             match outcome {
                 Ok(resp) => {
-                    room.upstreams.mark_healthy(index);
+                    room.upstreams.mark_healthy(index, sent_ms);
                     metrics.response(resp.status().as_u16());
                     signal(resp.status().is_server_error());
                     metrics

@@ -2,7 +2,7 @@
 //! each upstream of the room is asked for `path` (GET, answered 2xx or
 //! 3xx within `timeout`); `fall` failures in a row take it out of
 //! rotation, `rise` passes in a row bring it back. Passive health (a
-//! cool-down after a failed request) learns of a dead upstream only from
+//! cool-down after `max_fails` failed requests) learns of a dead upstream only from
 //! a citizen's request that met it, and of its recovery only by risking
 //! another; the checks learn both first.
 

@@ -1,8 +1,8 @@
 //! A room's upstreams: round-robin choice, skipping any that recently
-//! failed (refused a connection, gave no answer within the response
-//! timeout, or broke the exchange) `max_fails` times: passive health with
-//! a cool-down; and
-//! any that failed `fall` active health checks in a row, until they pass
+//! failed requests (refused a connection, gave no answer within the
+//! response timeout, or broke the exchange) `max_fails` times: passive
+//! health with a cool-down; and any that failed `fall` active health
+//! checks in a row, until they pass
 //! `rise` (see `health.rs`). One the checks bring back may take its turns
 //! gradually over `slow_start`. An operator may take one out by hand (a
 //! deploy on that server) and put it back.
@@ -21,10 +21,11 @@ pub struct Upstream {
     /// Milliseconds since the pool's epoch until which this upstream is
     /// skipped; 0 when healthy.
     down_until_ms: AtomicU64,
-    /// Failed requests counted towards `max_fails` since `first_fail_ms`
-    /// (0: none counted).
+    /// Failed requests counted towards `max_fails` (kept at `max_fails`
+    /// once there, so the first failure after a cool-down starts the
+    /// next), and when the last was.
     fails: AtomicU32,
-    first_fail_ms: AtomicU64,
+    last_fail_ms: AtomicU64,
     /// Out of rotation by the active health checks.
     checked_down: AtomicBool,
     /// Taken out by an operator: never sent a request, even when every
@@ -77,9 +78,10 @@ impl Drop for UpstreamPool {
     }
 }
 
-/// Passive health: `max_fails` failed requests within `cooldown` of the
-/// first of them take an upstream out for `cooldown` (nginx's `max_fails`
-/// and `fail_timeout`); 0 never takes one out.
+/// Passive health: `max_fails` failed requests take an upstream out for
+/// `cooldown`; they add up until a request sent `cooldown` after the last
+/// of them succeeds (nginx's `max_fails` and `fail_timeout`). 0 never
+/// takes one out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassiveHealth {
     pub max_fails: u32,
@@ -138,7 +140,7 @@ impl UpstreamPool {
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
                 fails: AtomicU32::new(0),
-                first_fail_ms: AtomicU64::new(0),
+                last_fail_ms: AtomicU64::new(0),
                 checked_down: AtomicBool::new(false),
                 taken_out: AtomicBool::new(false),
                 streak: AtomicU32::new(0),
@@ -191,7 +193,9 @@ impl UpstreamPool {
         &self.upstreams
     }
 
-    fn now_ms(&self) -> u64 {
+    /// The pool's clock: `mark_healthy` takes when the request was sent
+    /// by it.
+    pub fn now_ms(&self) -> u64 {
         // Never 0, which marks no slow start.
         (epoch().elapsed().as_millis() as u64).max(1)
     }
@@ -393,7 +397,7 @@ impl UpstreamPool {
         ramping.or(cooling).or(checked_out)
     }
 
-    /// Counts a failed request against the upstream. Successes in between
+    /// Counts a failed request against the upstream. Successes soon after
     /// do not undo the count (as nginx): an upstream failing one request
     /// in two still reaches `max_fails`. Concurrent failures may be
     /// counted a little loosely; the cool-down is what matters.
@@ -402,42 +406,50 @@ impl UpstreamPool {
     }
 
     fn mark_failed_at(&self, index: usize, now: u64) -> AfterFailure {
-        let PassiveHealth {
-            max_fails,
-            cooldown,
-        } = self.passive;
-        if max_fails == 0 {
+        let max = self.passive.max_fails;
+        if max == 0 {
             return AfterFailure::NotCounted;
         }
         let u = &self.upstreams[index];
-        let window = cooldown.as_millis() as u64;
-        let first = u.first_fail_ms.load(Ordering::Relaxed);
-        let fails = if first == 0 || now.saturating_sub(first) >= window {
-            u.first_fail_ms.store(now, Ordering::Relaxed);
-            u.fails.store(1, Ordering::Relaxed);
-            1
-        } else {
-            u.fails.fetch_add(1, Ordering::Relaxed) + 1
-        };
-        if fails < max_fails {
-            return AfterFailure::Counted {
-                fails,
-                max: max_fails,
-            };
+        u.last_fail_ms.store(now, Ordering::Relaxed);
+        let fails = u.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if fails < max {
+            return AfterFailure::Counted { fails, max };
         }
-        u.fails.store(0, Ordering::Relaxed);
-        u.first_fail_ms.store(0, Ordering::Relaxed);
-        u.down_until_ms.store(now + window, Ordering::Relaxed);
+        u.fails.store(max, Ordering::Relaxed);
+        u.down_until_ms
+            .store(now + self.cooldown_ms(), Ordering::Relaxed);
         AfterFailure::CoolingDown
     }
 
-    pub fn mark_healthy(&self, index: usize) {
-        // A plain load first: the common case (already healthy) stays a read.
-        if self.upstreams[index].down_until_ms.load(Ordering::Relaxed) != 0 {
-            self.upstreams[index]
-                .down_until_ms
-                .store(0, Ordering::Relaxed);
+    /// A request sent at `sent_ms` (by `now_ms`) was answered.
+    pub fn mark_healthy(&self, index: usize, sent_ms: u64) {
+        let u = &self.upstreams[index];
+        // Plain loads first: the common case (nothing counted) stays a read.
+        let down_until = u.down_until_ms.load(Ordering::Relaxed);
+        let fails = u.fails.load(Ordering::Relaxed);
+        if down_until == 0 && fails == 0 {
+            return;
         }
+        let window = self.cooldown_ms();
+        // Sent after it was cooled down (every upstream was, and it was
+        // tried anyway, or the cool-down is over): it is back. An answer
+        // to a request sent before says nothing about that.
+        if down_until != 0 && sent_ms >= down_until.saturating_sub(window) {
+            u.down_until_ms.store(0, Ordering::Relaxed);
+            u.fails.store(0, Ordering::Relaxed);
+        } else if fails != 0
+            && sent_ms
+                >= u.last_fail_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_add(window)
+        {
+            u.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn cooldown_ms(&self) -> u64 {
+        self.passive.cooldown.as_millis() as u64
     }
 }
 
@@ -457,6 +469,14 @@ mod tests {
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
         UpstreamPool::new(&bases, passive(1), slow_start)
+    }
+
+    fn pool_with(n: usize, passive: PassiveHealth) -> UpstreamPool {
+        let bases: Vec<Uri> = (9000..)
+            .take(n)
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        UpstreamPool::new(&bases, passive, Duration::ZERO)
     }
 
     /// A minute's cool-down after `max_fails`.
@@ -480,45 +500,58 @@ mod tests {
         p.mark_failed(1);
         let picks: Vec<usize> = (0..6).map(|_| p.pick(&[]).unwrap()).collect();
         assert!(!picks.contains(&1), "{picks:?}");
-        p.mark_healthy(1);
+        p.mark_healthy(1, p.now_ms());
         let picks: Vec<usize> = (0..3).map(|_| p.pick(&[]).unwrap()).collect();
         assert!(picks.contains(&1));
     }
 
     #[test]
-    fn max_fails_within_the_cooldown_take_an_upstream_out() {
-        let bases: Vec<Uri> = ["http://127.0.0.1:9000/", "http://127.0.0.1:9001/"]
-            .iter()
-            .map(|b| b.parse().unwrap())
-            .collect();
-        let p = UpstreamPool::new(&bases, passive(3), Duration::ZERO);
-        let t = 1_000;
+    fn max_fails_take_an_upstream_out_until_a_later_request_succeeds() {
+        let p = pool_with(2, passive(3));
+        let t = 1_000_000;
         assert_eq!(
             p.mark_failed_at(0, t),
             AfterFailure::Counted { fails: 1, max: 3 }
         );
         assert!(p.is_healthy_at(0, t));
-        // A success in between does not undo the count.
-        p.mark_healthy(0);
+        // A success soon after does not undo the count.
+        p.mark_healthy(0, t + 5);
         assert_eq!(
             p.mark_failed_at(0, t + 10),
             AfterFailure::Counted { fails: 2, max: 3 }
         );
-        assert_eq!(p.mark_failed_at(0, t + 20), AfterFailure::CoolingDown);
-        assert!(!p.is_healthy_at(0, t + 20));
-        assert!(!p.is_healthy_at(0, t + 20 + 59_999));
-        assert!(p.is_healthy_at(0, t + 20 + 60_000));
+        // Nor does time alone: a hung upstream met rarely adds up too.
+        assert_eq!(p.mark_failed_at(0, t + 500_000), AfterFailure::CoolingDown);
+        let tripped = t + 500_000;
+        assert!(!p.is_healthy_at(0, tripped + 59_999));
+        // An answer to a request sent before the cool-down ends nothing.
+        p.mark_healthy(0, tripped - 1);
+        assert!(!p.is_healthy_at(0, tripped + 1));
+        assert!(p.is_healthy_at(0, tripped + 60_000));
+        // After the cool-down one more failure is enough...
+        assert_eq!(
+            p.mark_failed_at(0, tripped + 60_001),
+            AfterFailure::CoolingDown
+        );
+        // ...and an answer to a request sent since (tried anyway, every
+        // upstream out) brings it back, the count afresh.
+        p.mark_healthy(0, tripped + 60_002);
+        assert!(p.is_healthy_at(0, tripped + 60_003));
+        assert_eq!(
+            p.mark_failed_at(0, tripped + 60_004),
+            AfterFailure::Counted { fails: 1, max: 3 }
+        );
 
-        // Failures further apart than the cool-down do not add up.
-        for i in 0..5 {
-            assert_eq!(
-                p.mark_failed_at(1, t + i * 60_000),
-                AfterFailure::Counted { fails: 1, max: 3 }
-            );
-        }
-        assert!(p.is_healthy_at(1, t + 5 * 60_000));
+        // A success sent a cool-down after the last failure clears it.
+        p.mark_failed_at(1, t);
+        p.mark_failed_at(1, t + 1);
+        p.mark_healthy(1, t + 1 + 60_000);
+        assert_eq!(
+            p.mark_failed_at(1, t + 70_000),
+            AfterFailure::Counted { fails: 1, max: 3 }
+        );
 
-        let never = UpstreamPool::new(&bases, passive(0), Duration::ZERO);
+        let never = pool_with(1, passive(0));
         for i in 0..10 {
             assert_eq!(never.mark_failed_at(0, t + i), AfterFailure::NotCounted);
         }
@@ -552,7 +585,7 @@ mod tests {
         assert_eq!(p.record_check(0, true, fall, rise), None);
         assert_eq!(p.record_check(0, true, fall, rise), Some(true));
         assert!(p.is_healthy(0));
-        p.mark_healthy(0);
+        p.mark_healthy(0, p.now_ms());
         assert!(p.is_healthy(0));
     }
 
@@ -677,7 +710,7 @@ mod tests {
         p.mark_failed(1);
         assert_eq!(p.pick(&[]), Some(1));
         assert_eq!(p.pick(&[1]), None);
-        p.mark_healthy(1);
+        p.mark_healthy(1, p.now_ms());
         let reloaded = pool_on(&[9000, 9001], Duration::ZERO);
         reloaded.keep_taken_out_of(&p);
         assert!(reloaded.is_taken_out(0) && !reloaded.is_healthy(0));

@@ -211,7 +211,7 @@ impl Room {
         Room::new(
             config,
             PassiveHealth {
-                max_fails: 1,
+                max_fails: crate::config::file::DEFAULT_MAX_FAILS,
                 cooldown: Duration::from_secs(10),
             },
             &Metrics::new(),
