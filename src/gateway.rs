@@ -476,7 +476,7 @@ impl Gateway {
             _ => {
                 let routing = self.routing.load();
                 let accept = req.headers().get(ACCEPT_LANGUAGE);
-                let reader = match routing.router.route(host_of(req), req.uri().path()) {
+                let reader = match routing.router.site(host_of(req), req.uri().path()) {
                     Some(room) => room.reader(accept, json),
                     None => Reader::of_value(accept, json, Language::En),
                 };

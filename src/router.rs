@@ -72,6 +72,21 @@ impl Router {
             .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, &path))
             .map(|r| &r.room)
     }
+
+    /// The room whose site `path` is on, for a page varco makes outside
+    /// any room's paths (`/.varco/...`): the room the path routes to, else
+    /// the one serving the most of the host (the shortest prefix, then the
+    /// host named most exactly).
+    pub fn site(&self, host: Option<&str>, path: &str) -> Option<&Arc<Room>> {
+        self.route(host, path).or_else(|| {
+            let host = host.map(normalise_host).unwrap_or_default();
+            self.routes
+                .iter()
+                .filter(|r| r.host.matches(&host))
+                .min_by_key(|r| (r.prefix.len(), std::cmp::Reverse(r.host.specificity())))
+                .map(|r| &r.room)
+        })
+    }
 }
 
 /// `path` with each segment's `;parameters` taken off, as Java servers
@@ -172,6 +187,47 @@ mod tests {
             name("other.example.org", "/login").as_deref(),
             Some("login")
         );
+    }
+
+    #[test]
+    fn a_path_outside_every_room_is_on_the_site_of_the_room_serving_most_of_its_host() {
+        let r = router(
+            r#"
+            [rooms.bonus]
+            upstreams = ["http://127.0.0.1:1"]
+            hosts = ["bonus.example.org"]
+            paths = ["/bonus"]
+            [rooms.login]
+            upstreams = ["http://127.0.0.1:2"]
+            hosts = ["bonus.example.org"]
+            paths = ["/login/callback"]
+            [rooms.any]
+            upstreams = ["http://127.0.0.1:3"]
+            hosts = ["*.example.net"]
+            paths = ["/app"]
+            [rooms.exact]
+            upstreams = ["http://127.0.0.1:4"]
+            hosts = ["www.example.net"]
+            paths = ["/api"]
+            "#,
+        );
+        let site = |h: &str, p: &str| r.site(Some(h), p).map(|r| r.name.clone());
+        assert!(r.route(Some("bonus.example.org"), "/.varco/x").is_none());
+        assert_eq!(
+            site("bonus.example.org", "/.varco/x").as_deref(),
+            Some("bonus")
+        );
+        assert_eq!(
+            site("bonus.example.org", "/login/callback").as_deref(),
+            Some("login"),
+            "a path a room serves stays that room's"
+        );
+        assert_eq!(
+            site("www.example.net", "/.varco/x").as_deref(),
+            Some("exact"),
+            "prefixes alike: the host named exactly"
+        );
+        assert_eq!(site("elsewhere.example.com", "/.varco/x"), None::<String>);
     }
 
     #[test]

@@ -911,6 +911,14 @@ async fn an_operators_error_template_makes_the_rooms_error_pages() {
         }
     }
     assert_eq!(statuses, [200, 429, 429], "a burst of one ticket");
+    // varco's own paths on the room's site too.
+    let unknown = g.citizen().get("/.varco/nowhere").await;
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.text().contains("<title>Comune: 404</title>"),
+        "{}",
+        unknown.text()
+    );
 }
 
 #[tokio::test]
