@@ -160,7 +160,7 @@ impl App {
         if let Stores::Redis(redis) = &stores {
             if let Err(e) = redis.reach().await {
                 tracing::warn!(error = %e, "cannot reach Redis at start: starting degraded, and trying again");
-                trouble = Some(e.to_string());
+                trouble = Some(format!("at start: {e}"));
             }
         }
         // From 0, so increase() sees the first failure (a series born at 1
