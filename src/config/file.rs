@@ -342,7 +342,7 @@ pub struct RawUpstream {
     pub pool_idle_timeout: String,
     pub pool_max_idle: usize,
     pub fail_cooldown: String,
-    /// Failed requests within `fail_cooldown` that cool an upstream down;
+    /// Failed requests that cool an upstream down (see `PassiveHealth`);
     /// 0: never.
     pub max_fails: u32,
     /// Request bodies up to this size are read whole before an upstream

@@ -93,8 +93,8 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
-    /// Passive health: `max_fails` failed requests within `fail_cooldown`
-    /// cool an upstream down for `fail_cooldown`.
+    /// Passive health: `max_fails` failed requests cool an upstream down
+    /// for `fail_cooldown` (see `PassiveHealth`).
     pub fail_cooldown: Duration,
     pub max_fails: u32,
     /// Largest request body read whole before forwarding; 0: none.
