@@ -151,6 +151,7 @@ pub fn room_state(room: &Room) -> Value {
         .map(|(i, u)| {
             json!({
                 "upstream": u.label,
+                "weight": u.weight,
                 "healthy": room.upstreams.is_healthy(i),
                 "taken_out": room.upstreams.is_taken_out(i),
                 "share": room.upstreams.share(i),

@@ -188,6 +188,22 @@ fn bad_rooms_name_their_keys() {
             "rooms.portal.upstreams[0]",
         ),
         (
+            "[rooms.portal]\nupstreams = [\"http://x\", { url = \"http://y\", weight = 0 }]\n",
+            "rooms.portal.upstreams[1].weight",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [{ url = \"http://y\", weight = 101 }]\n",
+            "rooms.portal.upstreams[0].weight",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [{ url = \"http://y/app\", weight = 2 }]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [{ url = \"http://y\", wieght = 2 }]\n",
+            "rooms.portal.wieght",
+        ),
+        (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhosts = [\"bad host\"]\n",
             "rooms.portal.hosts[0]",
         ),

@@ -409,6 +409,35 @@ async fn round_robin_and_a_dead_upstream_is_skipped() {
     assert_eq!(a.hits() + b.hits(), 12);
 }
 
+/// Weighted upstreams (nginx's `weight`): a server of three times the
+/// others' strength takes three turns to their one, spread out.
+#[tokio::test]
+async fn a_heavier_upstream_takes_its_weight_in_requests() {
+    let big = upstream::spawn().await;
+    let small = upstream::spawn().await;
+    let toml = format!(
+        "[rooms.portal]\nupstreams = [{{ url = \"http://{}\", weight = 3 }}, \"http://{}\"]\n",
+        big.addr, small.addr
+    );
+    let (g, _path) = common::gated::Gated::start_written("weights", &toml).await;
+    let mut order = Vec::new();
+    for _ in 0..40 {
+        let got = get(&format!("http://{}/echo", g.addr)).await;
+        assert_eq!(got.status, 200);
+        order.push(got.json()["upstream"].as_str().unwrap().to_string());
+    }
+    assert_eq!((big.hits(), small.hits()), (30, 10));
+    let (b, s) = (big.addr.to_string(), small.addr.to_string());
+    assert_eq!(
+        order[..4],
+        [b.clone(), b.clone(), s, b],
+        "spread out, not three in a row"
+    );
+    let state = varco::admin::room_state(&g.app.room("portal").unwrap());
+    assert_eq!(state["upstreams"][0]["weight"], 3);
+    assert_eq!(state["upstreams"][1]["weight"], 1);
+}
+
 /// An upstream that accepts connections but never answers (hung, or
 /// stopped with SIGSTOP) is cooled down after its first timeout, as one
 /// that refuses is: it no longer costs every other request a 504.

@@ -401,10 +401,79 @@ impl Default for RawLog {
     }
 }
 
+/// One of a room's `upstreams`: its URL, or `{ url, weight }` for a
+/// server that takes more of the room's requests than the others.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RawUpstreamEntry {
+    Url(String),
+    Weighted(RawWeighted),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeighted {
+    pub url: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+/// An upstream's weight when none is given: all take equal turns.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// As HAProxy's 256 and nginx's practice: a ratio finer than 1 to 100
+/// between two servers of one portal says nothing a load balancer can
+/// keep, and the rotation is laid out once per reload in that many turns.
+pub const MAX_WEIGHT: u32 = 100;
+
+impl RawUpstreamEntry {
+    pub fn url(&self) -> &str {
+        match self {
+            RawUpstreamEntry::Url(u) => u,
+            RawUpstreamEntry::Weighted(w) => &w.url,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            RawUpstreamEntry::Url(_) => DEFAULT_WEIGHT,
+            RawUpstreamEntry::Weighted(w) => w.weight,
+        }
+    }
+}
+
+// By hand for the same reason as `RawTlsList`: an unknown field in the
+// table is named, not "did not match any variant".
+impl<'de> Deserialize<'de> for RawUpstreamEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawUpstreamEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL (\"http://10.0.0.5:8000\") or a table { url, weight }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUpstreamEntry, E> {
+                Ok(RawUpstreamEntry::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<RawUpstreamEntry, A::Error> {
+                RawWeighted::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(RawUpstreamEntry::Weighted)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoom {
-    pub upstreams: Vec<String>,
+    pub upstreams: Vec<RawUpstreamEntry>,
     #[serde(default = "default_hosts")]
     pub hosts: Vec<String>,
     #[serde(default = "default_paths")]

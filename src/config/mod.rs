@@ -154,6 +154,9 @@ pub struct RoomConfig {
     pub name: String,
     /// Scheme and authority of each upstream, e.g. `http://10.0.0.5:8000`.
     pub upstreams: Vec<Uri>,
+    /// Each upstream's weight, in the order of `upstreams`: its turns in
+    /// the rotation against the others'.
+    pub weights: Vec<u32>,
     pub hosts: Vec<HostPattern>,
     pub paths: Vec<String>,
     pub preserve_host: bool,

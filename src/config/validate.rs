@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::file::{
     RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS, MAX_MAX_FAILS,
+    DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS, MAX_MAX_FAILS, MAX_WEIGHT,
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -524,11 +524,21 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             );
         }
         let mut upstreams: Vec<Uri> = Vec::new();
-        for (i, u) in r.upstreams.iter().enumerate() {
+        let mut weights: Vec<u32> = Vec::new();
+        for (i, entry) in r.upstreams.iter().enumerate() {
             let at = key(&format!("upstreams[{i}]"));
+            let u = entry.url();
             let Ok(uri) = parse_upstream(u).map_err(|e| p.add(&at, e)) else {
                 continue;
             };
+            let weight = entry.weight();
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                p.add(
+                    format!("{at}.weight"),
+                    format!("{weight} is not 1 to {MAX_WEIGHT} (to send an upstream nothing for a while, take it out: varco ctl upstream-out)"),
+                );
+                continue;
+            }
             // One server, one line in the metrics and one health verdict.
             if let Some(j) = upstreams.iter().position(|o| {
                 crate::proxy::upstreams::label(o) == crate::proxy::upstreams::label(&uri)
@@ -549,6 +559,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 );
             }
             upstreams.push(uri);
+            weights.push(weight);
         }
         let response_timeout = r.response_timeout.as_ref().map(|t| {
             let before = p.0.len();
@@ -796,6 +807,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         let room = RoomConfig {
             name: name.clone(),
             upstreams,
+            weights,
             hosts,
             paths: r.paths.clone(),
             preserve_host: r.preserve_host,

@@ -18,6 +18,8 @@ pub struct Upstream {
     pub base: Uri,
     /// `host:port`, the metric label and log field.
     pub label: String,
+    /// Its turns in the rotation against the others' (`weight`).
+    pub weight: u32,
     /// Milliseconds since the pool's epoch until which this upstream is
     /// skipped; 0 when healthy.
     down_until_ms: AtomicU64,
@@ -43,6 +45,10 @@ pub struct Upstream {
 
 pub struct UpstreamPool {
     upstreams: Vec<Upstream>,
+    /// The rotation: each upstream's index as many times as its weight,
+    /// spread out (nginx's smooth weighted round robin, laid out once),
+    /// so a weight of 3 against 1 goes a, a, b, a rather than a, a, a, b.
+    wheel: Vec<usize>,
     next: AtomicUsize,
     /// Where a turn an upstream in its slow start passes up goes: spread
     /// over the others, not always to the next in line.
@@ -125,6 +131,27 @@ pub enum NotTakenOut {
     LastInRotation,
 }
 
+/// The rotation for `weights` (each at least 1): nginx's smooth weighted
+/// round robin run once through a whole cycle. Equal weights give plain
+/// round robin, 0, 1, 2, ...
+fn wheel(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            let mut best = 0;
+            for (i, w) in weights.iter().enumerate() {
+                current[i] += i64::from(*w);
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] -= total;
+            best
+        })
+        .collect()
+}
+
 /// One clock for every pool, so a reload can carry a slow start over.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -132,11 +159,22 @@ fn epoch() -> Instant {
 }
 
 impl UpstreamPool {
-    pub fn new(bases: &[Uri], passive: PassiveHealth, slow_start: Duration) -> Self {
+    /// `weights` in the order of `bases`; an upstream missing one weighs 1.
+    pub fn new(
+        bases: &[Uri],
+        weights: &[u32],
+        passive: PassiveHealth,
+        slow_start: Duration,
+    ) -> Self {
+        let weights: Vec<u32> = (0..bases.len())
+            .map(|i| weights.get(i).copied().unwrap_or(1).max(1))
+            .collect();
         let upstreams = bases
             .iter()
-            .map(|b| Upstream {
+            .zip(&weights)
+            .map(|(b, &weight)| Upstream {
                 label: label(b),
+                weight,
                 base: b.clone(),
                 down_until_ms: AtomicU64::new(0),
                 fails: AtomicU32::new(0),
@@ -150,6 +188,7 @@ impl UpstreamPool {
             .collect();
         UpstreamPool {
             upstreams,
+            wheel: wheel(&weights),
             next: AtomicUsize::new(0),
             spill: AtomicUsize::new(0),
             passive,
@@ -356,11 +395,13 @@ impl UpstreamPool {
     }
 
     fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {
-        let n = self.upstreams.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let w = self.wheel.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % w.max(1);
+        // An upstream comes up as often as its weight: one that is out is
+        // looked at again, at no cost but the look.
         let order = |from: usize| {
-            (0..n)
-                .map(move |i| (from + i) % n)
+            (0..w)
+                .map(move |k| self.wheel[(from + k) % w])
                 .filter(|i| !tried.contains(i))
         };
         let (mut ramping, mut cooling, mut checked_out) = (None, None, None);
@@ -468,7 +509,7 @@ mod tests {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
-        UpstreamPool::new(&bases, passive(1), slow_start)
+        UpstreamPool::new(&bases, &[], passive(1), slow_start)
     }
 
     fn pool_with(n: usize, passive: PassiveHealth) -> UpstreamPool {
@@ -476,7 +517,7 @@ mod tests {
             .take(n)
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
             .collect();
-        UpstreamPool::new(&bases, passive, Duration::ZERO)
+        UpstreamPool::new(&bases, &[], passive, Duration::ZERO)
     }
 
     /// A minute's cool-down after `max_fails`.
@@ -485,6 +526,24 @@ mod tests {
             max_fails,
             cooldown: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn weights_lay_out_a_smooth_rotation() {
+        assert_eq!(wheel(&[1, 1, 1]), [0, 1, 2]);
+        assert_eq!(wheel(&[3, 1]), [0, 0, 1, 0]);
+        assert_eq!(wheel(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+        let bases: Vec<Uri> = (9000..9002)
+            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+            .collect();
+        let p = UpstreamPool::new(&bases, &[3, 1], passive(1), Duration::ZERO);
+        let picks: Vec<usize> = (0..400).map(|_| p.pick(&[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 300);
+        // The heavier one out: the lighter takes every turn.
+        p.mark_failed(0);
+        assert!((0..8).all(|_| p.pick(&[]) == Some(1)));
+        // A retry never goes back to an upstream already tried.
+        assert_eq!(p.pick(&[1]), Some(0), "out, but the only untried one");
     }
 
     #[test]

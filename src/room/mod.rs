@@ -129,7 +129,7 @@ impl Room {
             .health_check
             .as_ref()
             .map_or(Duration::ZERO, |h| h.slow_start);
-        let upstreams = UpstreamPool::new(&config.upstreams, passive, slow_start);
+        let upstreams = UpstreamPool::new(&config.upstreams, &config.weights, passive, slow_start);
         let upstream_metrics = upstreams
             .all()
             .iter()
