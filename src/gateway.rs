@@ -1,7 +1,8 @@
 //! The public listener's request path: the path made canonical, varco's
 //! own paths (`/.varco/*`), route to a room, the waiting-room gate for
 //! gated rooms, forward to the upstream, and turn any failure into a small
-//! page; one access-log line and the request metrics per request.
+//! page; the request metrics, and one access line per request (written
+//! when the answer's body is done: `access_log`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
+use crate::access_log;
 use crate::body::Body;
 use crate::clock::SharedClock;
 use crate::config::Language;
@@ -500,20 +502,21 @@ impl Gateway {
                 .entry(request_id::HEADER)
                 .or_insert_with(|| id.clone());
         }
-        if let Some((method, path)) = &record.logged {
-            tracing::info!(
-                target: "varco::access",
-                room,
-                method = %method,
-                path = %path,
-                status = resp.status().as_u16(),
-                // Whole microseconds: `0.054`, not `0.054450000000000005`.
-                duration_ms = record.started.elapsed().as_micros() as f64 / 1000.0,
-                upstream = upstream.unwrap_or("-"),
-                client = %record.conn.peer.ip(),
-                request_id = request_id::text(record.id.as_ref()),
-            );
+        match record.logged {
+            Some((method, path)) => {
+                let line = access_log::Line {
+                    started: record.started,
+                    room: room.to_string(),
+                    method,
+                    path,
+                    status: resp.status(),
+                    upstream: upstream.map(str::to_string),
+                    client: record.conn.peer.ip(),
+                    request_id: record.id,
+                };
+                resp.map(|body| line.on_end_of(body))
+            }
+            None => resp,
         }
-        resp
     }
 }

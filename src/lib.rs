@@ -20,6 +20,7 @@
 //!   time and writing it; logs.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod audit;

@@ -317,10 +317,61 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["upstream"], up.addr.to_string());
     assert!(v["duration_ms"].as_f64().is_some());
+    assert_eq!(v["bytes"], got.body.len(), "the body's bytes, as sent");
+    assert_eq!(v["completed"], true);
     // The line names the request as the portal and the client saw it.
     let id = got.headers["x-request-id"].to_str().unwrap();
     assert_eq!(v["request_id"], id);
     assert_eq!(got.json()["headers"]["x-request-id"][0], id);
+}
+
+/// A download the person gives up on is logged when it ends, as not
+/// completed, with what went out: not as a plain 200 at its first byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_line_of_a_download_cut_short_says_so() {
+    use std::io::{BufRead, BufReader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "json-log-cut",
+        &room_config(
+            &[up.addr],
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        ),
+    );
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let total: u64 = 1 << 30;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /download?bytes={total} HTTP/1.1\r\nHost: p\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    let mut read = 0;
+    while read < first.len() {
+        let n = s.read(&mut first[read..]).await.unwrap();
+        assert!(n > 0, "the download began");
+        read += n;
+    }
+    drop(s);
+    let stderr = p.child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("varco::access"))
+    })
+    .await
+    .unwrap()
+    .expect("an access line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["completed"], false, "{line}");
+    let bytes = v["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < total, "{line}");
 }
 
 /// A portal that fails a request: the warnings an operator reads (the
