@@ -1,4 +1,4 @@
-//! A room's upstreams: round-robin choice, skipping any that recently
+//! A room's upstreams: weighted round-robin choice, skipping any that recently
 //! failed requests (refused a connection, gave no answer within the
 //! response timeout, or broke the exchange) `max_fails` times: passive
 //! health with a cool-down; and any that failed `fall` active health
@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use http::Uri;
+
+use crate::config::file::DEFAULT_WEIGHT;
 
 pub struct Upstream {
     /// `http(s)://host[:port]/`, the base every request's path is put on.
@@ -53,6 +55,8 @@ pub struct UpstreamPool {
     /// Where a turn an upstream in its slow start passes up goes: spread
     /// over the others, not always to the next in line.
     spill: AtomicUsize,
+    /// Where the turn of an upstream that is out goes, likewise.
+    detour: AtomicUsize,
     passive: PassiveHealth,
     slow_start_ms: u64,
     /// The health checks' tasks: stopped with the pool (a reload replaced
@@ -167,7 +171,7 @@ impl UpstreamPool {
         slow_start: Duration,
     ) -> Self {
         let weights: Vec<u32> = (0..bases.len())
-            .map(|i| weights.get(i).copied().unwrap_or(1).max(1))
+            .map(|i| weights.get(i).copied().unwrap_or(DEFAULT_WEIGHT).max(1))
             .collect();
         let upstreams = bases
             .iter()
@@ -191,6 +195,7 @@ impl UpstreamPool {
             wheel: wheel(&weights),
             next: AtomicUsize::new(0),
             spill: AtomicUsize::new(0),
+            detour: AtomicUsize::new(0),
             passive,
             slow_start_ms: slow_start.as_millis() as u64,
             checks: Default::default(),
@@ -284,9 +289,13 @@ impl UpstreamPool {
         if out && !force && !(0..self.len()).any(|i| i != index && self.is_healthy(i)) {
             return Err(NotTakenOut::LastInRotation);
         }
-        if !out && self.slow_start_ms > 0 && u.taken_out.load(Ordering::Relaxed) {
-            u.turns.store(0, Ordering::Relaxed);
-            u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+        if !out && u.taken_out.load(Ordering::Relaxed) {
+            // Failures from before it was taken out say nothing of it now.
+            u.fails.store(0, Ordering::Relaxed);
+            if self.slow_start_ms > 0 {
+                u.turns.store(0, Ordering::Relaxed);
+                u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+            }
         }
         Ok(u.taken_out.swap(out, Ordering::AcqRel))
     }
@@ -298,6 +307,25 @@ impl UpstreamPool {
             if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
                 let out = o.taken_out.load(Ordering::Relaxed);
                 u.taken_out.store(out, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Keeps the cool-downs and the failures counted towards `max_fails`
+    /// of the pool a reload replaces (by address): a reload (a renewed
+    /// certificate, say) would otherwise send people to a server that is
+    /// down until it failed them again.
+    pub fn keep_cooldowns_of(&self, old: &UpstreamPool) {
+        for u in &self.upstreams {
+            if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
+                for (to, from) in [
+                    (&u.down_until_ms, &o.down_until_ms),
+                    (&u.last_fail_ms, &o.last_fail_ms),
+                ] {
+                    to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                u.fails
+                    .store(o.fails.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
     }
@@ -332,9 +360,16 @@ impl UpstreamPool {
             return None;
         }
         u.streak.store(0, Ordering::Relaxed);
-        if passed && self.slow_start_ms > 0 {
-            u.turns.store(0, Ordering::Relaxed);
-            u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+        if passed {
+            // Back by `rise` passes: the failed requests that counted
+            // towards `max_fails` before it went down are old news (a
+            // cool-down still running is not ended: the health page can
+            // pass while the portal's own pages fail).
+            u.fails.store(0, Ordering::Relaxed);
+            if self.slow_start_ms > 0 {
+                u.turns.store(0, Ordering::Relaxed);
+                u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+            }
         }
         u.checked_down.store(!down, Ordering::Release);
         Some(passed)
@@ -395,47 +430,72 @@ impl UpstreamPool {
     }
 
     fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {
-        let w = self.wheel.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % w.max(1);
-        // An upstream comes up as often as its weight: one that is out is
-        // looked at again, at no cost but the look.
-        let order = |from: usize| {
-            (0..w)
-                .map(move |k| self.wheel[(from + k) % w])
-                .filter(|i| !tried.contains(i))
+        let n = self.upstreams.len();
+        let usable = |j: usize| !tried.contains(&j) && self.is_healthy_at(j, now);
+        let slot = self.wheel[self.next.fetch_add(1, Ordering::Relaxed) % self.wheel.len()];
+        // A turn whose upstream cannot take it (out, or already tried) goes
+        // to the others by weight: the next on the wheel would take every
+        // turn of one that is out besides its own.
+        let first = if usable(slot) {
+            Some(slot)
+        } else {
+            self.by_weight(&self.detour, &usable).next()
         };
-        let (mut ramping, mut cooling, mut checked_out) = (None, None, None);
-        for i in order(start) {
-            if self.is_healthy_at(i, now) {
-                if self.takes_turn(i, now) {
-                    return Some(i);
-                }
-                // The turn it passes up goes to another, chosen in turn:
-                // the next in line would carry its whole share besides
-                // its own for the whole slow start.
-                let others: Vec<usize> = order(0)
-                    .filter(|&j| j != i && self.is_healthy_at(j, now))
-                    .collect();
-                let from = self.spill.fetch_add(1, Ordering::Relaxed);
-                for k in 0..others.len() {
-                    let j = others[(from + k) % others.len()];
-                    if self.takes_turn(j, now) {
-                        return Some(j);
-                    }
-                }
-                ramping = Some(i);
-                break;
+        if let Some(i) = first {
+            if self.takes_turn(i, now) {
+                return Some(i);
             }
-            if self.upstreams[i].taken_out.load(Ordering::Relaxed) {
+            // The turn it passes up in its slow start goes to another, by
+            // weight too: the next in line would carry its whole share
+            // besides its own for the whole slow start.
+            let other = self
+                .by_weight(&self.spill, &|j| j != i && usable(j))
+                .find(|&j| self.takes_turn(j, now));
+            return other.or(Some(i));
+        }
+        // Every untried one is out: one cooling down before one the checks
+        // found dead, never one an operator took out.
+        let (mut cooling, mut checked_out) = (None, None);
+        for i in (0..n)
+            .map(|k| (slot + k) % n)
+            .filter(|i| !tried.contains(i))
+        {
+            let u = &self.upstreams[i];
+            if u.taken_out.load(Ordering::Relaxed) {
                 continue;
             }
-            if self.upstreams[i].checked_down.load(Ordering::Relaxed) {
+            if u.checked_down.load(Ordering::Relaxed) {
                 checked_out.get_or_insert(i);
             } else {
                 cooling.get_or_insert(i);
             }
         }
-        ramping.or(cooling).or(checked_out)
+        cooling.or(checked_out)
+    }
+
+    /// The upstreams `ok` allows, each once, from one chosen by weight on
+    /// `counter` on: over many turns each gets its weight's share.
+    fn by_weight(
+        &self,
+        counter: &AtomicUsize,
+        ok: &dyn Fn(usize) -> bool,
+    ) -> impl Iterator<Item = usize> {
+        let candidates: Vec<usize> = (0..self.upstreams.len()).filter(|&j| ok(j)).collect();
+        let weight = |j: usize| self.upstreams[j].weight as usize;
+        let total: usize = candidates.iter().map(|&j| weight(j)).sum();
+        let mut first = 0;
+        if total > 0 {
+            let mut k = counter.fetch_add(1, Ordering::Relaxed) % total;
+            for (p, &j) in candidates.iter().enumerate() {
+                if k < weight(j) {
+                    first = p;
+                    break;
+                }
+                k -= weight(j);
+            }
+        }
+        let len = candidates.len();
+        (0..len).map(move |p| candidates[(first + p) % len])
     }
 
     /// Counts a failed request against the upstream. Successes soon after
@@ -476,9 +536,15 @@ impl UpstreamPool {
         // Sent after it was cooled down (every upstream was, and it was
         // tried anyway, or the cool-down is over): it is back. An answer
         // to a request sent before says nothing about that.
+        // (A request sent in the trip's own millisecond counts as after.)
         if down_until != 0 && sent_ms >= down_until.saturating_sub(window) {
-            u.down_until_ms.store(0, Ordering::Relaxed);
-            u.fails.store(0, Ordering::Relaxed);
+            // Not over a cool-down a failure started meanwhile.
+            if u.down_until_ms
+                .compare_exchange(down_until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                u.fails.store(0, Ordering::Relaxed);
+            }
         } else if fails != 0
             && sent_ms
                 >= u.last_fail_ms
@@ -547,6 +613,27 @@ mod tests {
     }
 
     #[test]
+    fn the_turns_of_an_upstream_out_go_to_the_others_by_weight() {
+        let count = |weights: &[u32]| {
+            let bases: Vec<Uri> = (9000..)
+                .take(weights.len())
+                .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
+                .collect();
+            let p = UpstreamPool::new(&bases, weights, passive(1), Duration::ZERO);
+            p.mark_failed(0);
+            let mut hits = vec![0; weights.len()];
+            for _ in 0..1200 {
+                hits[p.pick(&[]).unwrap()] += 1;
+            }
+            hits
+        };
+        // Not all of 0's turns to the one after it on the wheel.
+        assert_eq!(count(&[2, 1, 1]), [0, 600, 600]);
+        assert_eq!(count(&[1, 1, 1]), [0, 600, 600]);
+        assert_eq!(count(&[3, 3, 1]), [0, 900, 300]);
+    }
+
+    #[test]
     fn round_robin_visits_each() {
         let p = pool(3);
         let picks: Vec<usize> = (0..6).map(|_| p.pick(&[]).unwrap()).collect();
@@ -610,6 +697,27 @@ mod tests {
             AfterFailure::Counted { fails: 1, max: 3 }
         );
 
+        // Back from the health checks, or put back by an operator: the
+        // failures counted before are forgotten.
+        let q = pool_with(2, passive(3));
+        q.mark_failed_at(0, t);
+        q.mark_failed_at(0, t + 1);
+        assert_eq!(q.record_check(0, false, 1, 1), Some(false));
+        assert_eq!(q.record_check(0, true, 1, 1), Some(true));
+        assert_eq!(
+            q.mark_failed_at(0, t + 2),
+            AfterFailure::Counted { fails: 1, max: 3 }
+        );
+        q.mark_failed_at(1, t);
+        q.mark_failed_at(1, t + 1);
+        let label = q.get(1).label.clone();
+        assert_eq!(q.take_out(&label, true, false), Ok(false));
+        assert_eq!(q.take_out(&label, false, false), Ok(true));
+        assert_eq!(
+            q.mark_failed_at(1, t + 2),
+            AfterFailure::Counted { fails: 1, max: 3 }
+        );
+
         let never = pool_with(1, passive(0));
         for i in 0..10 {
             assert_eq!(never.mark_failed_at(0, t + i), AfterFailure::NotCounted);
@@ -646,6 +754,20 @@ mod tests {
         assert!(p.is_healthy(0));
         p.mark_healthy(0, p.now_ms());
         assert!(p.is_healthy(0));
+    }
+
+    #[test]
+    fn a_reload_keeps_cooldowns_and_counts_by_address() {
+        let old = pool_on(&[9000, 9001], Duration::ZERO);
+        old.mark_failed(1);
+        let new = UpstreamPool::new(
+            &["http://127.0.0.1:9001/".parse().unwrap()],
+            &[],
+            passive(3),
+            Duration::ZERO,
+        );
+        new.keep_cooldowns_of(&old);
+        assert!(!new.is_healthy(0), "still cooling down after the reload");
     }
 
     #[test]
