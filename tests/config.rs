@@ -199,6 +199,11 @@ fn bad_rooms_name_their_keys() {
             "[rooms.portal]\nupstreams = [{ url = \"http://y/app\", weight = 2 }]\n",
             "rooms.portal.upstreams[0]",
         ),
+        // Both problems of one entry at once.
+        (
+            "[rooms.portal]\nupstreams = [{ url = \"http://y/app\", weight = 0 }]\n",
+            "rooms.portal.upstreams[0].weight",
+        ),
         (
             "[rooms.portal]\nupstreams = [{ url = \"http://y\", wieght = 2 }]\n",
             "rooms.portal.wieght",
@@ -499,4 +504,14 @@ fn rooms_sharing_an_https_upstream_may_name_it_alike() {
         Config::from_toml(&toml, Path::new("."))
             .unwrap_or_else(|e| panic!("refused {toml:?}: {e}"));
     }
+}
+
+#[test]
+fn a_second_upstream_on_one_host_and_port_names_the_first_where_it_stands() {
+    let e = errors("[rooms.portal]\nupstreams = [\"ftp://x\", \"http://x:80\", \"http://x\"]\n");
+    assert!(e.names("rooms.portal.upstreams[2]"), "{e}");
+    assert!(
+        e.to_string().contains("same host and port as upstreams[1]"),
+        "{e}"
+    );
 }

@@ -225,7 +225,7 @@ async fn sigterm_fails_readiness_first_and_serves_through_the_delay() {
 fn check_config_prints_the_resolved_config() {
     let cfg = write_config(
         "good",
-        "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n",
+        "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\", { url = \"http://127.0.0.1:9002\", weight = 3 }]\n",
     );
     let out = Command::new(bin())
         .arg("check-config")
@@ -236,6 +236,22 @@ fn check_config_prints_the_resolved_config() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("keepalive_timeout = \"75s\""), "{text}");
     assert!(text.contains("[rooms.portal]"), "{text}");
+    assert!(
+        text.contains("{ url = \"http://127.0.0.1:9002\", weight = 3 }"),
+        "{text}"
+    );
+    // What it prints is a config varco reads back.
+    let resolved = write_config("good-resolved", &text);
+    let again = Command::new(bin())
+        .arg("check-config")
+        .arg(&resolved)
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 }
 
 #[test]

@@ -525,18 +525,24 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         }
         let mut upstreams: Vec<Uri> = Vec::new();
         let mut weights: Vec<u32> = Vec::new();
+        // Where each kept upstream stands in the file, for the message
+        // about a second one on the same host and port.
+        let mut written_at: Vec<usize> = Vec::new();
         for (i, entry) in r.upstreams.iter().enumerate() {
             let at = key(&format!("upstreams[{i}]"));
-            let u = entry.url();
-            let Ok(uri) = parse_upstream(u).map_err(|e| p.add(&at, e)) else {
-                continue;
-            };
             let weight = entry.weight();
-            if !(1..=MAX_WEIGHT).contains(&weight) {
+            let weight_ok = (1..=MAX_WEIGHT).contains(&weight);
+            if !weight_ok {
                 p.add(
                     format!("{at}.weight"),
                     format!("{weight} is not 1 to {MAX_WEIGHT} (to send an upstream nothing for a while, take it out: varco ctl upstream-out)"),
                 );
+            }
+            let u = entry.url();
+            let Ok(uri) = parse_upstream(u).map_err(|e| p.add(&at, e)) else {
+                continue;
+            };
+            if !weight_ok {
                 continue;
             }
             // One server, one line in the metrics and one health verdict.
@@ -545,7 +551,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }) {
                 p.add(
                     &at,
-                    format!("\"{u}\" is the same host and port as upstreams[{j}]"),
+                    format!(
+                        "\"{u}\" is the same host and port as upstreams[{}]",
+                        written_at[j]
+                    ),
                 );
                 continue;
             }
@@ -560,6 +569,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
             upstreams.push(uri);
             weights.push(weight);
+            written_at.push(i);
         }
         let response_timeout = r.response_timeout.as_ref().map(|t| {
             let before = p.0.len();
