@@ -20,6 +20,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_up",
     "varco_upstream_taken_out",
     "varco_upstream_share",
+    "varco_upstream_weight",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
     "varco_request_bodies_total",
@@ -531,6 +532,8 @@ struct RoomCollector {
     upstream_taken_out: IntGaugeVec,
     /// Each upstream of each room: the share of its turns it takes.
     upstream_share: prometheus::GaugeVec,
+    /// Each upstream of each room: its turns against the others'.
+    upstream_weight: IntGaugeVec,
     /// One scrape at a time fills the vectors above: the registry lets
     /// two gather at once (two Prometheus servers), and interleaved resets
     /// and fills would report a counter twice or a gauge not at all.
@@ -578,6 +581,14 @@ impl RoomCollector {
                 Opts::new(
                     "varco_upstream_share",
                     "The share of its turns in rotation an upstream takes: 1 in full rotation, growing from 0 to 1 over health_check.slow_start after it comes back, 0 while out",
+                ),
+                &["room", "upstream"],
+            )
+            .expect("valid metric"),
+            upstream_weight: IntGaugeVec::new(
+                Opts::new(
+                    "varco_upstream_weight",
+                    "An upstream's weight: its turns in the room's rotation against the others' (share x weight is what it takes now)",
                 ),
                 &["room", "upstream"],
             )
@@ -717,6 +728,7 @@ impl prometheus::core::Collector for RoomCollector {
         d.extend(self.upstream_up.desc());
         d.extend(self.upstream_taken_out.desc());
         d.extend(self.upstream_share.desc());
+        d.extend(self.upstream_weight.desc());
         d
     }
 
@@ -736,6 +748,7 @@ impl prometheus::core::Collector for RoomCollector {
         self.upstream_up.reset();
         self.upstream_taken_out.reset();
         self.upstream_share.reset();
+        self.upstream_weight.reset();
         let routing = self.routing.load();
         for room in &routing.rooms {
             let v = room.view();
@@ -750,6 +763,9 @@ impl prometheus::core::Collector for RoomCollector {
                 self.upstream_share
                     .with_label_values(&[name, &u.label])
                     .set(room.upstreams.share(i));
+                self.upstream_weight
+                    .with_label_values(&[name, &u.label])
+                    .set(i64::from(u.weight));
             }
             if room.lanes.len() > 1 {
                 for lane in &room.lanes {
@@ -846,6 +862,7 @@ impl prometheus::core::Collector for RoomCollector {
         out.extend(self.upstream_up.collect());
         out.extend(self.upstream_taken_out.collect());
         out.extend(self.upstream_share.collect());
+        out.extend(self.upstream_weight.collect());
         out
     }
 }

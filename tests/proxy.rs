@@ -436,6 +436,11 @@ async fn a_heavier_upstream_takes_its_weight_in_requests() {
     let state = varco::admin::room_state(&g.app.room("portal").unwrap());
     assert_eq!(state["upstreams"][0]["weight"], 3);
     assert_eq!(state["upstreams"][1]["weight"], 1);
+    let of = format!("room=\"portal\",upstream=\"{}\"", big.addr);
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_weight", &of).await,
+        Some(3.0)
+    );
 }
 
 /// An upstream that accepts connections but never answers (hung, or
