@@ -13,6 +13,9 @@
 //!   This is varco's share of the waiting-page rate in `benches/load.sh`.
 //!   And a new arrival before a scheduled opening (a pre-queue ticket;
 //!   the page publishes the draw's commitment).
+//! - `upstreams/*`: choosing an upstream for a request, with weights,
+//!   every upstream in rotation (the wheel's slot) and one out (its turn
+//!   shared out by weight).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -174,5 +177,20 @@ fn gate(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route, headers, gate);
+fn upstreams(c: &mut Criterion) {
+    let toml = "[rooms.portal]\nupstreams = [{ url = \"http://127.0.0.1:9001\", weight = 2 }, \"http://127.0.0.1:9002\", \"http://127.0.0.1:9003\"]\n";
+    let cfg = Config::from_toml(toml, Path::new(".")).expect("valid");
+    let room = Room::standalone(cfg.rooms.into_iter().next().expect("one room"));
+    c.bench_function("upstreams/pick_all_in", |b| {
+        b.iter(|| black_box(room.upstreams.pick(black_box(&[]))))
+    });
+    room.upstreams
+        .take_out("127.0.0.1:9001", true, true)
+        .expect("taken out");
+    c.bench_function("upstreams/pick_one_out", |b| {
+        b.iter(|| black_box(room.upstreams.pick(black_box(&[]))))
+    });
+}
+
+criterion_group!(benches, route, headers, gate, upstreams);
 criterion_main!(benches);
