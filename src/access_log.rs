@@ -30,6 +30,15 @@ pub struct Line {
     pub request_id: Option<HeaderValue>,
 }
 
+/// An answer sent without a body whatever it holds (to HEAD; a 1xx, 204
+/// or 304): hyper drops such a body unpolled, which is its end.
+fn has_no_body(method: &Method, status: StatusCode) -> bool {
+    method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
 impl Line {
     /// `body`, which writes this line once it is done.
     pub fn on_end_of(self, body: Body) -> Body {
@@ -80,6 +89,10 @@ impl http_body::Body for Logged {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 }
+                // hyper writes trailers last and asks for nothing after.
+                if frame.is_trailers() {
+                    self.ended = true;
+                }
             }
             Poll::Ready(None) => self.ended = true,
             _ => {}
@@ -101,9 +114,60 @@ impl Drop for Logged {
     // away first (or the body failed): either way the request is over.
     fn drop(&mut self) {
         if let Some(line) = self.line.take() {
+            if has_no_body(&line.method, line.status) {
+                // (HTTP/2 reads the body of a HEAD and sends none of it.)
+                line.write(0, true);
+                return;
+            }
             // hyper stops polling once the body says it is at its end.
             let completed = self.ended || self.inner.is_end_stream();
             line.write(self.bytes, completed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn line(method: Method, status: StatusCode) -> Line {
+        Line {
+            started: Instant::now(),
+            room: "portal".into(),
+            method,
+            path: "/".into(),
+            status,
+            upstream: None,
+            client: IpAddr::from([127, 0, 0, 1]),
+            request_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_end_a_body_and_its_bytes_are_counted() {
+        let frames = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(http::HeaderMap::new())),
+        ]);
+        let mut logged = Logged {
+            inner: body::stream(http_body_util::StreamBody::new(frames)),
+            line: Some(line(Method::GET, StatusCode::OK)),
+            bytes: 0,
+            ended: false,
+        };
+        assert!(logged.frame().await.is_some());
+        assert!(!logged.ended);
+        assert!(logged.frame().await.is_some());
+        assert_eq!(logged.bytes, 5);
+        assert!(logged.ended, "hyper asks for nothing after trailers");
+    }
+
+    #[test]
+    fn head_204_and_304_have_no_body() {
+        assert!(has_no_body(&Method::HEAD, StatusCode::OK));
+        assert!(has_no_body(&Method::GET, StatusCode::NO_CONTENT));
+        assert!(has_no_body(&Method::GET, StatusCode::NOT_MODIFIED));
+        assert!(!has_no_body(&Method::GET, StatusCode::NOT_FOUND));
     }
 }

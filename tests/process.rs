@@ -315,18 +315,35 @@ async fn json_logs_carry_one_access_line_per_request() {
     )
     .await;
     assert_eq!(got.status, 200);
+    // A HEAD of a page varco makes: hyper sends none of its body.
+    let head = send(
+        Request::head(format!("http://{}/.varco/nowhere", p.addr))
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, 404);
     let stderr = p.child.stderr.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
+    let lines = tokio::task::spawn_blocking(move || {
         BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
-            .find(|l| l.contains("varco::access"))
+            .filter(|l| l.contains("varco::access"))
+            .take(2)
+            .collect::<Vec<_>>()
     })
     .await
-    .unwrap()
-    .expect("an access line");
+    .unwrap();
+    let (line, head_line) = (&lines[0], &lines[1]);
+    let h: serde_json::Value = serde_json::from_str(head_line).unwrap();
+    assert_eq!(h["method"], "HEAD");
+    assert_eq!(h["bytes"], 0, "{head_line}");
+    assert_eq!(
+        h["completed"], true,
+        "a HEAD is done without a body: {head_line}"
+    );
     let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     assert_eq!(v["room"], "portal");
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/echo", "the query is not logged");

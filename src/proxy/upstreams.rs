@@ -316,6 +316,9 @@ impl UpstreamPool {
     /// certificate, say) would otherwise send people to a server that is
     /// down until it failed them again.
     pub fn keep_cooldowns_of(&self, old: &UpstreamPool) {
+        if self.passive.max_fails == 0 {
+            return;
+        }
         for u in &self.upstreams {
             if let Some(o) = old.upstreams.iter().find(|o| o.label == u.label) {
                 for (to, from) in [
@@ -768,6 +771,15 @@ mod tests {
         );
         new.keep_cooldowns_of(&old);
         assert!(!new.is_healthy(0), "still cooling down after the reload");
+        // Unless failures no longer cool anything down.
+        let never = UpstreamPool::new(
+            &["http://127.0.0.1:9001/".parse().unwrap()],
+            &[],
+            passive(0),
+            Duration::ZERO,
+        );
+        never.keep_cooldowns_of(&old);
+        assert!(never.is_healthy(0));
     }
 
     #[test]
