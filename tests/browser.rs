@@ -2,7 +2,8 @@
 //! portal behind a real varco, and Debian's Chromium driven by
 //! playwright-core (tests/browser/citizen_and_operator.mjs). A citizen
 //! waits on a phone, watches the place improve, is let in by the page
-//! itself onto the page first asked for, keeps the place across a reload
+//! itself onto the page first asked for (at once when the page comes back
+//! into view, its timers held back meanwhile), keeps the place across a reload
 //! and a second tab, and gets through without JavaScript; axe-core checks
 //! the pages; an operator watches the room live. Screenshots at 360 and
 //! 1280 px land in target/browser-artifacts/.
