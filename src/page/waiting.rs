@@ -307,7 +307,12 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 }
 
 /// The default template. `{{name}}` is replaced by a variable (escaped);
-/// the README lists them all for operators who bring their own.
+/// the README lists them all for operators who bring their own. Its
+/// script carries no comments (every person in line downloads them), so
+/// here: it polls when the page comes back into view, from the
+/// back-forward cache, or online, because browsers hold a hidden page's
+/// timers back for a minute or more while its turn comes and the claim
+/// window runs; the poll pending then is cancelled, so two never chain.
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
