@@ -60,7 +60,7 @@ async fn a_citizen_and_an_operator_in_chromium() {
         &format!(
             "[log]\naccess = false\n[secrets]\nephemeral = true\n\
              [admin]\ntokens_file = \"tokens.toml\"\n[store]\ntick = \"200ms\"\n\
-             [rooms.portal]\nupstreams = [\"http://{}\"]\n\
+             [rooms.portal]\nupstreams = [{{ url = \"http://{}\", weight = 2 }}]\n\
              admission_per_minute = 600\nmax_active = 1\nsession_idle = \"10m\"\n\
              per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n\
              [rooms.portal.health_check]\npath = \"/healthz\"\nslow_start = \"1h\"\n\

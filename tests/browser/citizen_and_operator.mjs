@@ -248,6 +248,10 @@ try {
     (await op.textContent(`${card} li[data-upstream]`)).includes("healthy"),
     "the upstream's health"
   );
+  check(
+    (await op.textContent(`${card} li[data-upstream]`)).includes("(weight 2)"),
+    "the upstream's weight"
+  );
   const lane = await op.textContent(`${card} table[data-field="lanes"] tr[data-lane="partners"]`);
   check(lane !== null && lane.includes("0.2"), `each lane with its weight (${lane})`);
   const points = await op.getAttribute(`${card} figure[data-chart="people"] polyline[data-series="queue_length"]`, "points");
