@@ -24,6 +24,7 @@ pub struct Line {
     pub method: Method,
     /// Without the query, which can carry personal data.
     pub path: String,
+    pub user_agent: Option<HeaderValue>,
     pub status: StatusCode,
     pub upstream: Option<String>,
     pub client: IpAddr,
@@ -63,6 +64,10 @@ impl Line {
             completed,
             upstream = self.upstream.as_deref().unwrap_or("-"),
             client = %self.client,
+            user_agent = %self
+                .user_agent
+                .as_ref()
+                .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes())),
             request_id = request_id::text(self.request_id.as_ref()),
         );
     }
@@ -137,6 +142,7 @@ mod tests {
             room: "portal".into(),
             method,
             path: "/".into(),
+            user_agent: None,
             status,
             upstream: None,
             client: IpAddr::from([127, 0, 0, 1]),

@@ -310,6 +310,7 @@ async fn json_logs_carry_one_access_line_per_request() {
     );
     let got = send(
         Request::get(format!("http://{}/echo?secret=1", p.addr))
+            .header("user-agent", "Mozilla/5.0 (Linux; Android 14) varco-test")
             .body(body::empty())
             .unwrap(),
     )
@@ -351,6 +352,10 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(v["upstream"], up.addr.to_string());
     assert!(v["duration_ms"].as_f64().is_some());
     assert_eq!(v["bytes"], got.body.len(), "the body's bytes, as sent");
+    assert_eq!(
+        v["user_agent"],
+        "Mozilla/5.0 (Linux; Android 14) varco-test"
+    );
     assert_eq!(v["completed"], true);
     // The line names the request as the portal and the client saw it.
     let id = got.headers["x-request-id"].to_str().unwrap();
