@@ -52,9 +52,15 @@ impl Line {
     }
 
     fn write(&self, bytes: u64, completed: bool) {
+        let user_agent = self
+            .user_agent
+            .as_ref()
+            .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes()));
+        // Strings as `&str`: the text format quotes them (a User-Agent has
+        // spaces), as it quoted the room before.
         tracing::info!(
             target: "varco::access",
-            room = %self.room,
+            room = self.room.as_str(),
             method = %self.method,
             path = %self.path,
             status = self.status.as_u16(),
@@ -64,10 +70,7 @@ impl Line {
             completed,
             upstream = self.upstream.as_deref().unwrap_or("-"),
             client = %self.client,
-            user_agent = %self
-                .user_agent
-                .as_ref()
-                .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes())),
+            user_agent = user_agent.as_ref(),
             request_id = request_id::text(self.request_id.as_ref()),
         );
     }
