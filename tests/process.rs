@@ -292,22 +292,50 @@ fn run_refuses_a_bad_config() {
     assert!(err.contains("server.surprise"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_one_access_line_per_request() {
-    use std::io::{BufRead, BufReader};
-    let up = upstream::spawn().await;
+/// varco in front of `upstreams`, its logs in JSON on a piped stderr.
+fn json_logging(name: &str, upstreams: &[std::net::SocketAddr]) -> Process {
     let cfg = write_config(
-        "json-log",
+        name,
         &room_config(
-            &[up.addr],
+            upstreams,
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
         ),
     );
-    let mut p = Process::start_with(
+    Process::start_with(
         &cfg,
         &["--log-format", "json"],
         std::process::Stdio::piped(),
-    );
+    )
+}
+
+/// The process's first `n` access lines, as written and parsed.
+async fn access_lines(p: &mut Process, n: usize) -> Vec<(String, serde_json::Value)> {
+    use std::io::{BufRead, BufReader};
+    let stderr = p.child.stderr.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("varco::access"))
+            .take(n)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines.len(), n, "{n} access lines: {lines:?}");
+    lines
+        .into_iter()
+        .map(|l| {
+            let v = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            (l, v)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_access_line_per_request() {
+    let up = upstream::spawn().await;
+    let mut p = json_logging("json-log", &[up.addr]);
     let got = send(
         Request::get(format!("http://{}/echo?secret=1", p.addr))
             .header("user-agent", "Mozilla/5.0 (Linux; Android 14) varco-test")
@@ -324,28 +352,15 @@ async fn json_logs_carry_one_access_line_per_request() {
     )
     .await;
     assert_eq!(head.status, 404);
-    let stderr = p.child.stderr.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .filter(|l| l.contains("varco::access"))
-            .take(2)
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    let (line, head_line) = (&lines[0], &lines[1]);
-    let h: serde_json::Value = serde_json::from_str(head_line).unwrap();
+    let lines = access_lines(&mut p, 2).await;
+    let ((line, v), (head_line, h)) = (&lines[0], &lines[1]);
     assert_eq!(h["method"], "HEAD");
     assert_eq!(h["bytes"], 0, "{head_line}");
     assert_eq!(
         h["completed"], true,
         "a HEAD is done without a body: {head_line}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-    assert_eq!(v["room"], "portal");
+    assert_eq!(v["room"], "portal", "{line}");
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/echo", "the query is not logged");
     assert_eq!(v["status"], 200);
@@ -367,21 +382,9 @@ async fn json_logs_carry_one_access_line_per_request() {
 /// completed, with what went out: not as a plain 200 at its first byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_line_of_a_download_cut_short_says_so() {
-    use std::io::{BufRead, BufReader};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upstream::spawn().await;
-    let cfg = write_config(
-        "json-log-cut",
-        &room_config(
-            &[up.addr],
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
-        ),
-    );
-    let mut p = Process::start_with(
-        &cfg,
-        &["--log-format", "json"],
-        std::process::Stdio::piped(),
-    );
+    let mut p = json_logging("json-log-cut", &[up.addr]);
     let total: u64 = 1 << 30;
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     s.write_all(format!("GET /download?bytes={total} HTTP/1.1\r\nHost: p\r\n\r\n").as_bytes())
@@ -395,17 +398,8 @@ async fn the_access_line_of_a_download_cut_short_says_so() {
         read += n;
     }
     drop(s);
-    let stderr = p.child.stderr.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains("varco::access"))
-    })
-    .await
-    .unwrap()
-    .expect("an access line");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let lines = access_lines(&mut p, 1).await;
+    let (line, v) = &lines[0];
     assert_eq!(v["status"], 200);
     assert_eq!(v["completed"], false, "{line}");
     let bytes = v["bytes"].as_u64().unwrap();
@@ -418,18 +412,7 @@ async fn the_access_line_of_a_download_cut_short_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_warnings_name_the_request_a_failed_upstream_met() {
     use std::io::{BufRead, BufReader};
-    let cfg = write_config(
-        "json-warn",
-        &room_config(
-            &[common::dead_addr()],
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
-        ),
-    );
-    let mut p = Process::start_with(
-        &cfg,
-        &["--log-format", "json"],
-        std::process::Stdio::piped(),
-    );
+    let mut p = json_logging("json-warn", &[common::dead_addr()]);
     let got = get(&format!("http://{}/echo", p.addr)).await;
     assert_eq!(got.status, 502);
     let id = got.headers["x-request-id"].to_str().unwrap().to_string();
