@@ -221,17 +221,22 @@ async fn sigterm_fails_readiness_first_and_serves_through_the_delay() {
     exits_0_with_its_listener_closed(p).await;
 }
 
+/// `varco check-config FILE`, run to its end.
+fn check_config(file: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_prints_the_resolved_config() {
     let cfg = write_config(
         "good",
         "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\", { url = \"http://127.0.0.1:9002\", weight = 3 }]\n",
     );
-    let out = Command::new(bin())
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("keepalive_timeout = \"75s\""), "{text}");
@@ -242,11 +247,7 @@ fn check_config_prints_the_resolved_config() {
     );
     // What it prints is a config varco reads back.
     let resolved = write_config("good-resolved", &text);
-    let again = Command::new(bin())
-        .arg("check-config")
-        .arg(&resolved)
-        .output()
-        .unwrap();
+    let again = check_config(&resolved);
     assert!(
         again.status.success(),
         "{}",
@@ -260,11 +261,7 @@ fn check_config_names_every_bad_key_and_exits_nonzero() {
         "bad",
         "[server]\nlisten = \"nowhere\"\nheader_read_timeout = \"30\"\n[rooms.portal]\nupstreams = [\"ftp://x\"]\n",
     );
-    let out = Command::new(bin())
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     for key in [
