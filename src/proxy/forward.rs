@@ -206,7 +206,7 @@ impl Forwarder {
             let mut started = Instant::now();
             // By the pool's clock: an answer tells of the upstream's health
             // only as it was when the request left.
-            let sent_ms = room.upstreams.now_ms();
+            let sent_ms = room.upstreams.ms_at(started);
             // What adaptive admission learns from: the upstream's latency
             // (with the wait for an in-flight slot) and its failures,
             // never the client's.

@@ -240,8 +240,14 @@ impl UpstreamPool {
     /// The pool's clock: `mark_healthy` takes when the request was sent
     /// by it.
     pub fn now_ms(&self) -> u64 {
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` by the pool's clock, for an instant the caller already read
+    /// (no second clock read on the request path).
+    pub fn ms_at(&self, at: Instant) -> u64 {
         // Never 0, which marks no slow start.
-        (epoch().elapsed().as_millis() as u64).max(1)
+        (at.saturating_duration_since(epoch()).as_millis() as u64).max(1)
     }
 
     pub fn is_healthy(&self, index: usize) -> bool {
@@ -572,21 +578,21 @@ mod tests {
         pool_on(&ports, Duration::ZERO)
     }
 
-    /// Upstreams on 127.0.0.1 at `ports`, a minute's cool-down.
-    fn pool_on(ports: &[u16], slow_start: Duration) -> UpstreamPool {
-        let bases: Vec<Uri> = ports
-            .iter()
+    /// `http://127.0.0.1:PORT/` for each of `ports`.
+    fn bases(ports: impl IntoIterator<Item = u16>) -> Vec<Uri> {
+        ports
+            .into_iter()
             .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        UpstreamPool::new(&bases, &[], passive(1), slow_start)
+            .collect()
     }
 
-    fn pool_with(n: usize, passive: PassiveHealth) -> UpstreamPool {
-        let bases: Vec<Uri> = (9000..)
-            .take(n)
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        UpstreamPool::new(&bases, &[], passive, Duration::ZERO)
+    /// Upstreams on 127.0.0.1 at `ports`, a minute's cool-down.
+    fn pool_on(ports: &[u16], slow_start: Duration) -> UpstreamPool {
+        UpstreamPool::new(&bases(ports.iter().copied()), &[], passive(1), slow_start)
+    }
+
+    fn pool_with(n: u16, passive: PassiveHealth) -> UpstreamPool {
+        UpstreamPool::new(&bases(9000..9000 + n), &[], passive, Duration::ZERO)
     }
 
     /// A minute's cool-down after `max_fails`.
@@ -602,10 +608,7 @@ mod tests {
         assert_eq!(wheel(&[1, 1, 1]), [0, 1, 2]);
         assert_eq!(wheel(&[3, 1]), [0, 0, 1, 0]);
         assert_eq!(wheel(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
-        let bases: Vec<Uri> = (9000..9002)
-            .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-            .collect();
-        let p = UpstreamPool::new(&bases, &[3, 1], passive(1), Duration::ZERO);
+        let p = UpstreamPool::new(&bases(9000..9002), &[3, 1], passive(1), Duration::ZERO);
         let picks: Vec<usize> = (0..400).map(|_| p.pick(&[]).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 300);
         // The heavier one out: the lighter takes every turn.
@@ -618,11 +621,12 @@ mod tests {
     #[test]
     fn the_turns_of_an_upstream_out_go_to_the_others_by_weight() {
         let count = |weights: &[u32]| {
-            let bases: Vec<Uri> = (9000..)
-                .take(weights.len())
-                .map(|p| format!("http://127.0.0.1:{p}/").parse().unwrap())
-                .collect();
-            let p = UpstreamPool::new(&bases, weights, passive(1), Duration::ZERO);
+            let p = UpstreamPool::new(
+                &bases((9000..).take(weights.len())),
+                weights,
+                passive(1),
+                Duration::ZERO,
+            );
             p.mark_failed(0);
             let mut hits = vec![0; weights.len()];
             for _ in 0..1200 {
@@ -763,21 +767,11 @@ mod tests {
     fn a_reload_keeps_cooldowns_and_counts_by_address() {
         let old = pool_on(&[9000, 9001], Duration::ZERO);
         old.mark_failed(1);
-        let new = UpstreamPool::new(
-            &["http://127.0.0.1:9001/".parse().unwrap()],
-            &[],
-            passive(3),
-            Duration::ZERO,
-        );
+        let new = UpstreamPool::new(&bases([9001]), &[], passive(3), Duration::ZERO);
         new.keep_cooldowns_of(&old);
         assert!(!new.is_healthy(0), "still cooling down after the reload");
         // Unless failures no longer cool anything down.
-        let never = UpstreamPool::new(
-            &["http://127.0.0.1:9001/".parse().unwrap()],
-            &[],
-            passive(0),
-            Duration::ZERO,
-        );
+        let never = UpstreamPool::new(&bases([9001]), &[], passive(0), Duration::ZERO);
         never.keep_cooldowns_of(&old);
         assert!(never.is_healthy(0));
     }
