@@ -206,7 +206,7 @@ fn bad_rooms_name_their_keys() {
         ),
         (
             "[rooms.portal]\nupstreams = [{ url = \"http://y\", wieght = 2 }]\n",
-            "rooms.portal.wieght",
+            "rooms.portal.upstreams[0].wieght",
         ),
         (
             "[rooms.portal]\nupstreams = [\"http://x\"]\nhosts = [\"bad host\"]\n",
@@ -429,6 +429,51 @@ fn unknown_keys_are_refused_by_name() {
     assert!(e.names("server.listen_on"), "{e}");
     let e = errors("[rooms.portal]\nupstreams = [\"http://x\"]\nupstream = \"typo\"\n");
     assert!(e.names("rooms.portal.upstream"), "{e}");
+    let e = errors("[server]\ntls = [{ cert = \"a\", key = \"b\" }, { crt = \"a\" }]\n");
+    assert!(e.names("server.tls[1].crt"), "{e}");
+}
+
+/// A value of the wrong type is named by its own key, not by the table it
+/// stands in: "rooms.portal" leaves the operator reading thirty lines.
+#[test]
+fn a_value_of_the_wrong_type_is_named_by_its_key() {
+    for (toml, key) in [
+        (
+            format!("{ROOM}max_active = \"1000\"\n"),
+            "rooms.portal.max_active",
+        ),
+        (
+            "[server]\nlisten = 8080\n".to_string() + ROOM,
+            "server.listen",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [{ url = \"http://y\", weight = \"2\" }]\n".into(),
+            "rooms.portal.upstreams[0].weight",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\", 3]\n".into(),
+            "rooms.portal.upstreams[1]",
+        ),
+    ] {
+        let e = errors(&toml);
+        assert!(e.names(key), "{toml}: {e}");
+        assert!(e.to_string().contains("invalid type"), "{e}");
+    }
+}
+
+/// A file that does not parse names the table the error stands in, and its
+/// line, on one line of the report.
+#[test]
+fn a_broken_file_names_its_table_and_line() {
+    let e = errors("[server]\nlisten = \"127.0.0.1:8080\"\n[rooms.portal\nupstreams = []\n");
+    assert!(e.names("rooms.portal"), "{e}");
+    let shown = e.to_string();
+    assert!(shown.contains("(line 3)"), "{shown}");
+    assert_eq!(e.0.len(), 1, "{shown}");
+    assert!(!e.0[0].reason.contains('\n'), "{shown}");
+    let e = errors(&format!("{ROOM}upstreams = [\"http://y\"]\n"));
+    assert!(e.names("rooms.portal"), "{e}");
+    assert!(e.to_string().contains("duplicate key"), "{e}");
 }
 
 #[test]

@@ -383,12 +383,17 @@ impl Config {
     }
 
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigErrors::one(
-                &toml_error_key(text, &e),
-                e.message().to_string() + &location(text, &e),
-            )
-        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let path = e.path().clone();
+                let e = e.into_inner();
+                ConfigErrors::one(
+                    &toml_error_key(&path, text, &e),
+                    // toml puts what it expected on a second line; the
+                    // report gives each problem one.
+                    e.message().trim().replace('\n', ": ") + &location(text, &e),
+                )
+            })?;
         validate::validate(raw, base)
     }
 
@@ -398,26 +403,25 @@ impl Config {
     }
 }
 
-/// Names the key a parse error is about: the table it stands in (the last
-/// `[header]` before it) and, for an unknown field, the field itself.
-fn toml_error_key(text: &str, e: &toml::de::Error) -> String {
-    let offset = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
-    let table = text[..offset].lines().rev().find_map(|l| {
-        l.trim()
-            .strip_prefix('[')
-            .and_then(|l| l.split(']').next())
-            .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_string())
-    });
-    let field = match e.message().split('`').nth(1) {
-        Some(f) if e.message().starts_with("unknown field") => Some(f),
-        _ => None,
-    };
-    match (table, field) {
-        (Some(t), Some(f)) => format!("{t}.{f}"),
-        (None, Some(f)) => f.to_string(),
-        (Some(t), None) => t,
-        (None, None) => "(syntax)".to_string(),
+/// Names the key a parse error is about: the path serde followed, down to
+/// the field of an inline table in an array (`rooms.portal.upstreams[0].url`);
+/// when the file itself is broken (no path yet), the table the error stands
+/// in, the last `[header]` before it.
+fn toml_error_key(path: &serde_path_to_error::Path, text: &str, e: &toml::de::Error) -> String {
+    if path.iter().next().is_some() {
+        return path.to_string();
     }
+    let offset = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
+    text[..offset]
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix('[')
+                .and_then(|l| l.split(']').next())
+                .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_string())
+        })
+        .unwrap_or_else(|| "(syntax)".to_string())
 }
 
 fn location(text: &str, e: &toml::de::Error) -> String {
