@@ -234,7 +234,19 @@ fn status_table(v: &Value) -> String {
                 Some(format!("{name} ({}%)", (share * 100.0).floor()))
             })
             .collect();
+        // Only the heavier ones: all at 1 is the plain rotation.
+        let weighted: Vec<String> = upstreams
+            .iter()
+            .filter_map(|u| {
+                let weight = u["weight"].as_u64().filter(|w| *w > 1)?;
+                let name = u["upstream"].as_str().unwrap_or("?");
+                Some(format!("{name} (weight {weight})"))
+            })
+            .collect();
         let mut rotation = format!("{in_rotation}/{} in rotation", upstreams.len());
+        if !weighted.is_empty() {
+            rotation.push_str(&format!("; weighted: {}", weighted.join(", ")));
+        }
         if !warming.is_empty() {
             rotation.push_str(&format!("; warming up: {}", warming.join(", ")));
         }
@@ -277,11 +289,11 @@ mod tests {
     }
 
     #[test]
-    fn the_status_table_names_upstreams_taken_out_and_warming_up() {
+    fn the_status_table_names_upstreams_weighted_taken_out_and_warming_up() {
         let v = serde_json::json!({"rooms": [{
             "name": "portal", "mode": "queue", "upstreams": [
-                {"upstream": "10.0.0.1:80", "healthy": true, "taken_out": false, "share": 1.0},
-                {"upstream": "10.0.0.2:80", "healthy": false, "taken_out": true, "checks_pass": true, "share": 0.0},
+                {"upstream": "10.0.0.1:80", "healthy": true, "taken_out": false, "share": 1.0, "weight": 3},
+                {"upstream": "10.0.0.2:80", "healthy": false, "taken_out": true, "checks_pass": true, "share": 0.0, "weight": 1},
                 {"upstream": "[::1]:80", "healthy": false, "taken_out": false, "share": 0.0},
                 {"upstream": "10.0.0.3:80", "healthy": true, "taken_out": false, "share": 0.4}
             ]
@@ -289,7 +301,8 @@ mod tests {
         let row = status_table(&v).lines().nth(1).unwrap().to_string();
         assert!(
             row.ends_with(
-                "2/4 in rotation; warming up: 10.0.0.3:80 (40%); taken out: 10.0.0.2:80 (checks pass)"
+                "2/4 in rotation; weighted: 10.0.0.1:80 (weight 3); warming up: 10.0.0.3:80 (40%); \
+                 taken out: 10.0.0.2:80 (checks pass)"
             ),
             "{row}"
         );
