@@ -1,5 +1,6 @@
 //! The deployment files under `deploy/`: every JSON and YAML file parses;
-//! the Grafana dashboard's panels each have a title and a query; every
+//! the Grafana dashboard's panels each have a title and a query that
+//! Prometheus parses (the weights panel's arithmetic checked on series); every
 //! `varco_*` metric the dashboard and the Prometheus rules name is one
 //! varco exports (`varco::metrics::NAMES`); each alert rule has its name,
 //! expression, `for`, severity, summary and description; and the
@@ -402,6 +403,126 @@ fn the_kubernetes_config_is_valid_and_matches_the_deployment() {
 #[test]
 fn promtool_accepts_the_rules() {
     promtool("check", &deploy_dir().join("prometheus/varco-rules.yaml"));
+}
+
+/// Every panel's query with Grafana's variables filled in, by the
+/// panel's title and the target's refId.
+fn dashboard_queries() -> Vec<(String, String, String)> {
+    let dashboard = read_json(&deploy_dir().join("grafana/varco-dashboard.json"));
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else {
+                continue;
+            };
+            let expr = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$__interval", "1m")
+                .replace("$room", ".*");
+            out.push((
+                p["title"].as_str().unwrap_or("").to_string(),
+                t["refId"].as_str().unwrap_or("").to_string(),
+                expr,
+            ));
+        }
+    }
+    out
+}
+
+/// A rules file recording each (name, expression), and the directory it
+/// is in (JSON strings are YAML's double-quoted scalars).
+fn recording_rules(name: &str, rules: &[(String, String)]) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("varco-deploy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (record, expr) in rules {
+        yaml.push_str(&format!(
+            "      - record: {record}\n        expr: {}\n",
+            serde_json::to_string(expr).unwrap()
+        ));
+    }
+    let path = dir.join("rules.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    (dir, path)
+}
+
+/// Prometheus parses every query of the dashboard: a panel whose query
+/// does not parse shows an error on the day instead of a graph.
+#[test]
+fn promtool_parses_every_dashboard_query() {
+    let queries = dashboard_queries();
+    assert!(queries.len() > 20, "{queries:?}");
+    let rules: Vec<(String, String)> = queries
+        .iter()
+        .map(|(title, refid, expr)| {
+            let slug: String = title
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            (format!("dashboard:{slug}:{refid}"), expr.clone())
+        })
+        .collect();
+    let (dir, path) = recording_rules("queries", &rules);
+    promtool("check", &path);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The weights panel on two nodes' series: a 3 to 1 room is due 3/4 and
+/// 1/4 and takes what its request counters say; an upstream out of
+/// rotation is due nothing and the other all.
+#[test]
+fn the_weights_panel_shows_what_each_upstream_is_due_and_takes() {
+    let queries = dashboard_queries();
+    let query = |r: &str| {
+        queries
+            .iter()
+            .find(|(title, refid, _)| title == "Requests by upstream: taken vs due" && refid == r)
+            .map(|(_, _, expr)| expr.clone())
+            .expect("the weights panel")
+    };
+    // Rounded: promtool compares floats exactly, and rates divide.
+    let rounded = |r: &str| format!("round(({}), 0.001)", query(r));
+    let (dir, rules) = recording_rules(
+        "weights",
+        &[("taken".into(), rounded("A")), ("due".into(), rounded("B"))],
+    );
+    let mut series = String::new();
+    for node in ["a", "b"] {
+        for (upstream, weight, share, per_minute) in
+            [("x:80", 3, "1x10", 60 * 3), ("y:80", 1, "1x5 0x5", 60)]
+        {
+            let labels = format!("instance=\"{node}\",room=\"portal\",upstream=\"{upstream}\"");
+            series.push_str(&format!(
+                "      - series: 'varco_upstream_weight{{{labels}}}'\n        values: '{weight}x10'\n\
+                 \x20     - series: 'varco_upstream_share{{{labels}}}'\n        values: '{share}'\n\
+                 \x20     - series: 'varco_upstream_responses_total{{{labels},class=\"2xx\"}}'\n        values: '0+{per_minute}x10'\n"
+            ));
+        }
+    }
+    let expect = |at: &str, record: &str, x: f64, y: f64| {
+        format!(
+            "      - eval_time: {at}\n        expr: {record}\n        exp_samples:\n\
+             \x20         - labels: '{record}{{room=\"portal\",upstream=\"x:80\"}}'\n            value: {x}\n\
+             \x20         - labels: '{record}{{room=\"portal\",upstream=\"y:80\"}}'\n            value: {y}\n"
+        )
+    };
+    let test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{}{}{}",
+        rules.display(),
+        expect("4m", "due", 0.75, 0.25),
+        expect("4m", "taken", 0.75, 0.25),
+        expect("7m", "due", 1.0, 0.0),
+    );
+    let path = dir.join("weights_test.yaml");
+    std::fs::write(&path, test).unwrap();
+    promtool("test", &path);
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// `promtool <what> rules <file>`, which must succeed.
