@@ -580,7 +580,7 @@ impl RoomCollector {
             upstream_share: prometheus::GaugeVec::new(
                 Opts::new(
                     "varco_upstream_share",
-                    "The share of its turns in rotation an upstream takes: 1 in full rotation, growing from 0 to 1 over health_check.slow_start after it comes back, 0 while out",
+                    "The share of its turns in rotation an upstream takes: 1 in full rotation, growing from 0 to 1 over health_check.slow_start after it comes back (checks, an operator, a cool-down's end), 0 while out",
                 ),
                 &["room", "upstream"],
             )

@@ -953,6 +953,36 @@ async fn an_upstream_back_from_its_checks_takes_its_share_gradually() {
     until_metric(v.admin, "varco_upstream_share", &of, |s| s == 1.0).await;
 }
 
+/// With `slow_start`, an upstream back from a cool-down after a failed
+/// request warms up too (nginx's slow_start), rather than taking its
+/// full share of a click day at once.
+#[tokio::test]
+async fn an_upstream_back_from_a_cool_down_takes_its_share_gradually() {
+    let sick = upstream::spawn().await;
+    let well = upstream::spawn().await;
+    // An hour's slow start: a few seconds in, its share is still nothing.
+    let toml = room_config(
+        &[sick.addr, well.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"\nfail_cooldown = \"1s\"",
+    ) + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"10s\"\nslow_start = \"1h\"\n";
+    let v = Varco::start(&toml).await;
+    let of = format!("room=\"portal\",upstream=\"{}\"", sick.addr);
+    // The rotation's first turn is the sick one's: it times out, and
+    // cools down (a timeout is never retried elsewhere).
+    assert_eq!(get(&v.url("/slow?ms=2000")).await.status, 504);
+    until_metric(v.admin, "varco_upstream_up", &of, |up| up == 1.0).await;
+    let share = client::metric(v.admin, "varco_upstream_share", &of).await;
+    assert!(share.is_some_and(|s| s < 0.01), "{share:?} just back");
+    // Round robin alone would send it every other request: 10 of 20.
+    let mut back = 0;
+    for _ in 0..20 {
+        if answered_by(&v).await == sick.addr.to_string() {
+            back += 1;
+        }
+    }
+    assert_eq!(back, 0, "at the start of its slow start");
+}
+
 /// An operator takes an upstream out of rotation (a deploy on that
 /// server): it gets no request until put back, and a reload keeps it out.
 #[tokio::test]

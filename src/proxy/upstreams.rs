@@ -3,8 +3,8 @@
 //! response timeout, or broke the exchange) `max_fails` times: passive
 //! health with a cool-down; and any that failed `fall` active health
 //! checks in a row, until they pass
-//! `rise` (see `health.rs`). One the checks bring back may take its turns
-//! gradually over `slow_start`. An operator may take one out by hand (a
+//! `rise` (see `health.rs`). One the checks bring back, or back from a
+//! cool-down, may take its turns gradually over `slow_start`. An operator may take one out by hand (a
 //! deploy on that server) and put it back.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -259,7 +259,7 @@ impl UpstreamPool {
         // Acquire: an upstream seen back sees its slow start's mark too.
         !u.checked_down.load(Ordering::Acquire)
             && !u.taken_out.load(Ordering::Acquire)
-            && u.down_until_ms.load(Ordering::Relaxed) <= now_ms
+            && u.down_until_ms.load(Ordering::Acquire) <= now_ms
     }
 
     /// Upstreams a request may go to: all but those taken out.
@@ -527,8 +527,17 @@ impl UpstreamPool {
             return AfterFailure::Counted { fails, max };
         }
         u.fails.store(max, Ordering::Relaxed);
-        u.down_until_ms
-            .store(now + self.cooldown_ms(), Ordering::Relaxed);
+        let until = now + self.cooldown_ms();
+        if self.slow_start_ms > 0 {
+            // Back at the cool-down's end, as after a check's return
+            // (nginx's slow_start): the failures said something is wrong
+            // there, and a click day's full share at once could make more.
+            // Stored before the cool-down, so a pick that sees it over
+            // sees the slow start too.
+            u.turns.store(0, Ordering::Relaxed);
+            u.back_at_ms.store(until, Ordering::Relaxed);
+        }
+        u.down_until_ms.store(until, Ordering::Release);
         AfterFailure::CoolingDown
     }
 
@@ -553,6 +562,12 @@ impl UpstreamPool {
                 .is_ok()
             {
                 u.fails.store(0, Ordering::Relaxed);
+                if self.slow_start_ms > 0 {
+                    // Back now rather than at the cool-down's planned end:
+                    // its slow start runs from here.
+                    u.turns.store(0, Ordering::Relaxed);
+                    u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+                }
             }
         } else if fails != 0
             && sent_ms
@@ -849,6 +864,43 @@ mod tests {
         assert_eq!(p.share(1), 1.0);
         p.mark_failed(1);
         assert_eq!(p.share(1), 0.0, "out of rotation, no share");
+    }
+
+    /// As nginx's slow_start: back from a cool-down (its end, or a later
+    /// request answered before it), it warms up as after the checks.
+    #[test]
+    fn an_upstream_back_from_a_cool_down_takes_its_turns_gradually() {
+        let p = pool_on(&[9001, 9002], Duration::from_secs(100));
+        let t0 = p.now_ms();
+        assert_eq!(p.mark_failed_at(1, t0), AfterFailure::CoolingDown);
+        let end = t0 + 60_000;
+        let taken_at = |ms: u64| {
+            (0..400)
+                .filter(|_| p.pick_at(&[], end + ms) == Some(1))
+                .count()
+        };
+        assert_eq!(taken_at(0), 0, "just back: its turns go to the other");
+        assert_eq!(p.share_at(1, end + 50_000), 0.5);
+        assert_eq!(taken_at(50_000), 100, "half of its 200 turns");
+        assert_eq!(taken_at(100_000), 200);
+        assert_eq!(p.share_at(1, end + 100_000), 1.0);
+
+        // Ended early by a request sent after the trip: from then on, not
+        // from the cool-down's planned end.
+        let p = pool_on(&[9001, 9002], Duration::from_secs(100));
+        let t0 = p.now_ms();
+        p.mark_failed_at(1, t0);
+        p.mark_healthy(1, t0);
+        let back = p.upstreams[1].back_at_ms.load(Ordering::Relaxed);
+        assert!(back >= t0 && back < t0 + 60_000, "{back} vs {t0}");
+        assert_eq!(p.share_at(1, back + 50_000), 0.5);
+
+        // Without a slow start, its full share at the cool-down's end.
+        let p = pool(2);
+        let t0 = p.now_ms();
+        p.mark_failed_at(1, t0);
+        assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(p.share_at(1, t0 + 60_000), 1.0);
     }
 
     #[test]
