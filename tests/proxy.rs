@@ -776,6 +776,37 @@ async fn a_slow_upload_is_not_the_portals_delay() {
     assert_eq!(got.status, 504);
 }
 
+/// A person's upload that pauses longer than the portal's
+/// `response_timeout` is the person's delay (`body_read_timeout`'s), not
+/// the portal's: no 504, no failure counted against the upstream.
+#[tokio::test]
+async fn a_paused_upload_is_not_the_portals_delay() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nresponse_timeout = \"300ms\"\nrequest_buffer = \"0\"",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: 10\r\n\r\nxxxxx")
+        .await
+        .unwrap();
+    // The pause itself is what is tested: the person's line goes quiet.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(b"xxxxx").await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut body = [0u8; 2];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"10", "the portal got the whole upload");
+    let of = format!("room=\"portal\",upstream=\"{}\"", up.addr);
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", &of).await,
+        Some(1.0),
+        "not cooled down"
+    );
+}
+
 #[tokio::test]
 async fn an_answer_stalled_midway_is_cut_off() {
     let up = upstream::spawn().await;

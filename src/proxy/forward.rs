@@ -320,7 +320,8 @@ impl Forwarder {
     /// request: an upload at the pace of the person's line is not the
     /// portal's delay, nor its failure. While the body goes out, the
     /// upstream must take a part of it within the same time (nginx's
-    /// `proxy_send_timeout`; a stalled client is `body_read_timeout`'s). The
+    /// `proxy_send_timeout`; while the upstream waits for a part the client
+    /// has not sent, the wait is the client's, `body_read_timeout`'s). The
     /// latency adaptive admission learns is timed from `started`, moved on
     /// to when the body was sent.
     async fn answer<F: Future>(
@@ -332,10 +333,22 @@ impl Forwarder {
     ) -> Option<F::Output> {
         let mut request = std::pin::pin!(request);
         if let Some(mut taken) = taken {
-            while *taken.borrow_and_update() != Taken::All {
+            loop {
+                let state = *taken.borrow_and_update();
+                if state == Taken::All {
+                    break;
+                }
+                let client_owes = matches!(state, Taken::AwaitingClient(_));
+                let changed = async {
+                    if client_owes {
+                        Ok(taken.changed().await)
+                    } else {
+                        tokio::time::timeout(timeout, taken.changed()).await
+                    }
+                };
                 tokio::select! {
                     answer = &mut request => return Some(answer),
-                    changed = tokio::time::timeout(timeout, taken.changed()) => {
+                    changed = changed => {
                         match changed {
                             Err(_) => return None,
                             // The body is gone: sent, or failed (the

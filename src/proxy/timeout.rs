@@ -104,6 +104,9 @@ where
 pub enum Taken {
     /// This many parts so far.
     Parts(u64),
+    /// This many, and the upstream asked for the next, which the client
+    /// has not sent yet: the wait is the client's, not the upstream's.
+    AwaitingClient(u64),
     All,
 }
 
@@ -142,10 +145,20 @@ impl<B: Body> Body for Watched<B> {
                 this.taken.send_replace(Taken::All);
             }
             Poll::Ready(Some(Ok(_))) => this.taken.send_modify(|t| {
-                if let Taken::Parts(n) = t {
-                    *n += 1;
+                if let Taken::Parts(n) | Taken::AwaitingClient(n) = *t {
+                    *t = Taken::Parts(n + 1);
                 }
             }),
+            // Told once per wait, not at every poll.
+            Poll::Pending => {
+                this.taken.send_if_modified(|t| match *t {
+                    Taken::Parts(n) => {
+                        *t = Taken::AwaitingClient(n);
+                        true
+                    }
+                    _ => false,
+                });
+            }
             _ => {}
         }
         polled
