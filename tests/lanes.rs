@@ -96,6 +96,12 @@ async fn the_rate_is_split_by_weight_and_each_lane_is_fifo() {
     );
     let api = common::client::get(&format!("http://{}/metrics", g.admin)).await;
     assert!(api.text().contains("varco_lane_admitted_total"));
+    // Called, the intermediary reaches the portal without its lane's
+    // secret: that stays with varco, out of the portal's logs.
+    let got = brokers[0].get("/").await;
+    assert!(got.reached_upstream());
+    let seen: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert!(seen["headers"].get("x-intermediary").is_none(), "{seen}");
 }
 
 #[tokio::test]

@@ -807,6 +807,58 @@ async fn a_paused_upload_is_not_the_portals_delay() {
     );
 }
 
+/// An answer framed both ways (chunked and a Content-Length, the shape of
+/// response smuggling) reaches the client whole, by its chunks.
+#[tokio::test]
+async fn an_answer_with_chunks_and_a_length_is_taken_by_its_chunks() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
+                          b\r\nhello world\r\n0\r\n\r\n",
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let v = Varco::start(&room_config(&[addr], "")).await;
+    let got = get(&v.url("/")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "hello world");
+    assert!(
+        !got.headers.contains_key("content-length"),
+        "{:?}",
+        got.headers
+    );
+}
+
+/// A browser may send its cookies over HTTP/2 as separate fields; the
+/// HTTP/1.1 portal gets one Cookie line (RFC 9113 section 8.2.3).
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_portal_as_one_line() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = client::h2_handshake(tcp).await;
+    let req = Request::get(format!("http://portal.example.org:{}/echo", v.addr.port()))
+        .header("cookie", "lang=it")
+        .header("cookie", "SESSION=abc")
+        .body(body::empty())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    let j = client::read(resp).await.json();
+    assert_eq!(
+        j["headers"]["cookie"],
+        serde_json::json!(["lang=it; SESSION=abc"])
+    );
+}
+
 #[tokio::test]
 async fn an_answer_stalled_midway_is_cut_off() {
     let up = upstream::spawn().await;

@@ -471,6 +471,9 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
         )
         .await;
     assert!(got.reached_upstream());
+    // The secret stays with varco: not in the portal's logs.
+    let seen: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert!(seen["headers"].get("x-varco-bypass").is_none(), "{seen}");
     let got = op
         .request(
             "GET",

@@ -260,6 +260,15 @@ pub struct HealthCheckConfig {
 }
 
 impl RoomConfig {
+    /// The headers whose values are varco's secrets (`bypass`'s, the
+    /// lanes' selectors'): never passed on to the portal, whose logs and
+    /// error pages would show them to whoever reads those.
+    pub fn secret_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        std::iter::once(&self.bypass)
+            .chain(self.lanes.iter().map(|l| &l.selector))
+            .filter_map(|b| b.header.as_ref().map(|(name, _)| name))
+    }
+
     /// Whether the room starts gated: the rule `Room::is_gated` applies
     /// at run time (`Mode::gates`), on the configured values.
     pub fn is_gated(&self) -> bool {

@@ -8,7 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, UPGRADE};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -90,6 +92,12 @@ impl Forwarder {
         });
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
+        for name in room.config.secret_headers() {
+            headers.remove(name);
+        }
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut headers);
+        }
         if upgrade {
             // WebSocket alone, whatever else the client offered.
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -365,6 +373,26 @@ impl Forwarder {
     }
 }
 
+/// HTTP/2 lets a browser send its cookies as separate `cookie` fields
+/// (header compression works better on each); an HTTP/1.1 server expects
+/// one `Cookie` line, and some join repeated headers with commas, which
+/// breaks a session cookie. RFC 9113 section 8.2.3: joined with "; ", as
+/// nginx does.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut all = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, v);
+    }
+}
+
 pub(crate) fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -> Uri {
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(
@@ -405,6 +433,14 @@ fn into_client_response(
             Response::from_parts(parts, body::empty())
         }
         _ => {
+            // hyper read a chunked answer by its chunks but keeps a
+            // Content-Length sent alongside (request smuggling's shape on
+            // the way back); once Transfer-Encoding is gone, the client
+            // would take the body by that length: cut short or waiting
+            // for bytes that never come. As HAProxy: the length goes.
+            if parts.headers.contains_key(TRANSFER_ENCODING) {
+                parts.headers.remove(CONTENT_LENGTH);
+            }
             strip_hop_by_hop(&mut parts.headers);
             // An upstream that stops in the middle of its answer must not
             // hold the person's connection and the in-flight slot for ever
