@@ -8,7 +8,21 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 /// another cookie with bytes beyond ASCII (a portal's, a tracker's) does
 /// not hide varco's; each request reads it for the pass and the ticket.
 pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let value = all(headers, name).next()?;
+    well_formed(all(headers, name).next()?)
+}
+
+/// Every well-formed cookie called `name`, in the order sent. A browser
+/// sends the cookie of the longest path first, and a sibling subdomain
+/// may set one for the parent domain: a reader that takes the first that
+/// verifies, not merely the first, is not shadowed by such a cookie.
+pub fn each<'h: 'n, 'n>(
+    headers: &'h HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'h str> + 'n {
+    all(headers, name).filter_map(well_formed)
+}
+
+fn well_formed(value: &[u8]) -> Option<&str> {
     // Every byte looked at (no early exit), so the check vectorises.
     let visible = value
         .iter()
@@ -123,6 +137,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(COOKIE, "x=; x=2".parse().unwrap());
         assert_eq!(get(&h, "x"), None);
+        // Every well-formed one, in order, across headers: the empty one
+        // skipped.
+        h.append(COOKIE, "y=1; x=\"3\"".parse().unwrap());
+        assert_eq!(each(&h, "x").collect::<Vec<_>>(), ["2", "3"]);
         // Bytes beyond ASCII in another cookie hide nothing; in ours
         // they make it no cookie.
         let mut h = HeaderMap::new();

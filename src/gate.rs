@@ -110,11 +110,10 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The live pass a request carries, if any, renewed in the store.
 async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims>, StoreError> {
-    let Some(token) = cookies::get(r.headers, &room.pass_cookie) else {
-        return Ok(None);
-    };
     let aud = audience("pass", &room.name);
-    let Some(pass) = room.keys.verify::<PassClaims>(token, &aud, r.now_ms) else {
+    let Some(pass) = cookies::each(r.headers, &room.pass_cookie)
+        .find_map(|token| room.keys.verify::<PassClaims>(token, &aud, r.now_ms))
+    else {
         return Ok(None);
     };
     let Some(sid) = pass.session_id() else {
@@ -230,17 +229,14 @@ pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
 /// the person (within `failure_grace` of the extended session's end, at
 /// most `max_reentries` times). None: not such a pass; the usual gate.
 async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, StoreError> {
-    let Some(token) = cookies::get(r.headers, &room.pass_cookie) else {
-        return Ok(None);
-    };
     let c = &room.config;
     let ms = |d: Duration| d.as_millis() as u64;
     let (idle, grace, window) = (ms(c.session_idle), ms(c.failure_grace), ms(c.flow_window));
     let aud = audience("pass", &room.name);
-    let Some(pass) =
+    let Some(pass) = cookies::each(r.headers, &room.pass_cookie).find_map(|token| {
         room.keys
             .verify_lapsed::<PassClaims>(token, &aud, r.now_ms, window.max(2 * grace))
-    else {
+    }) else {
         return Ok(None);
     };
     let Some(sid) = pass.session_id() else {
@@ -343,8 +339,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(gate);
     }
 
-    let ticket: Option<(TicketClaims, &Lane)> = cookies::get(r.headers, &room.ticket_cookie)
-        .and_then(|t| {
+    let ticket: Option<(TicketClaims, &Lane)> = cookies::each(r.headers, &room.ticket_cookie)
+        .find_map(|t| {
             room.keys
                 .verify::<TicketClaims>(t, &audience("ticket", &room.name), r.now_ms)
         })
@@ -628,8 +624,8 @@ pub async fn status(
         ));
         return too_many(wait, Reader::Program, &FROM_ADDRESS);
     }
-    let has_pass = match cookies::get(headers, &room.pass_cookie)
-        .and_then(|t| {
+    let has_pass = match cookies::each(headers, &room.pass_cookie)
+        .find_map(|t| {
             room.keys
                 .verify::<PassClaims>(t, &audience("pass", &room.name), now_ms)
         })
@@ -646,8 +642,8 @@ pub async fn status(
         },
         None => false,
     };
-    let ticket: Option<(TicketClaims, &Lane)> = cookies::get(headers, &room.ticket_cookie)
-        .and_then(|t| {
+    let ticket: Option<(TicketClaims, &Lane)> = cookies::each(headers, &room.ticket_cookie)
+        .find_map(|t| {
             room.keys
                 .verify::<TicketClaims>(t, &audience("ticket", &room.name), now_ms)
         })

@@ -253,6 +253,56 @@ async fn bad_tokens_never_admit_and_never_error() {
     assert_eq!(up.hits(), 1);
 }
 
+/// A cookie of the same name sent first (one a sibling subdomain set for
+/// the parent domain on a longer path, a stale one) does not hide the
+/// person's own: the first that verifies counts, for the pass and the
+/// ticket, at the gate and at the status endpoint.
+#[tokio::test]
+async fn a_junk_cookie_of_the_same_name_does_not_hide_the_real_one() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let pass = holder.cookie("varco_pass_portal").unwrap().to_string();
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    let ticket = waiting.cookie("varco_ticket_portal").unwrap().to_string();
+
+    let shadowed = |name: &str, value: &str| format!("{name}=junk.junk.junk; {name}={value}");
+    let mut fresh = Citizen::new(g.addr);
+    let cookie = shadowed("varco_pass_portal", &pass);
+    let got = fresh
+        .request("GET", "/", body::empty(), &[("cookie", &cookie)])
+        .await;
+    assert!(
+        got.reached_upstream(),
+        "the pass behind the junk: {}",
+        got.status
+    );
+
+    let cookie = shadowed("varco_ticket_portal", &ticket);
+    let mut fresh = Citizen::new(g.addr);
+    let got = fresh
+        .request("GET", "/", body::empty(), &[("cookie", &cookie)])
+        .await;
+    assert!(got.is_waiting_page());
+    assert!(
+        got.text().contains("id=\"position\">1<"),
+        "still first in line, not a new ticket at the back"
+    );
+    let mut fresh = Citizen::new(g.addr);
+    let got = fresh
+        .request(
+            "GET",
+            "/.varco/status?room=portal",
+            body::empty(),
+            &[("cookie", &cookie), ("accept", "application/json")],
+        )
+        .await;
+    assert_eq!(got.json()["position"], 1, "{}", got.text());
+    assert_eq!(up.hits(), 2);
+}
+
 #[tokio::test]
 async fn api_clients_get_json_with_429_and_retry_after() {
     let up = upstream::spawn().await;
