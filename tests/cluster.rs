@@ -661,6 +661,12 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
     // Admitted people carry on; nobody new gets in (people were waiting),
     // but newcomers get provisional tickets, in their order.
     assert!(holder.get("/next").await.reached_upstream());
+    // ...on a node that never saw their session too (their phone changed
+    // network, the balancer sent them elsewhere): the pass at its word.
+    let mut moved = Citizen::new(nodes[1].addr);
+    moved.jar = holder.jar.clone();
+    let got = moved.get("/next").await;
+    assert!(got.reached_upstream(), "{}: {}", got.status, got.text());
     // Someone already in line reloads: the counters in hand say where
     // they stand, with no store to ask.
     let again = waiting.get("/").await;
