@@ -519,6 +519,32 @@ impl App {
             // The shares until the next tick, from the counts after it.
             lanes::share(&room.lanes, &room.limits());
         }
+        // A room not gated now (passthrough, or its limits lifted live)
+        // still holds the sessions and called turns of its gated time:
+        // they run out as time passes, admitting nobody. Left alone, the
+        // Redis store would take the ungated time for an outage when the
+        // room is gated again, and keep every session of before alive
+        // for one more idle time: a room full of people long gone.
+        for room in self.rooms().iter().filter(|r| !r.is_gated()) {
+            for lane in &room.lanes {
+                let v = lane.store.view();
+                if v.active == 0 && v.reserved == 0 && v.waiting == 0 {
+                    continue;
+                }
+                let limits = crate::room::admission::Limits {
+                    mode: crate::room::admission::Mode::Passthrough,
+                    ..room.lane_limits(lane)
+                };
+                if let Err(e) = lane.store.tick(limits, now).await {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&[room.name.as_str()])
+                        .inc();
+                    tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "tick of a room not gated failed");
+                    trouble = Some(format!("room {}: {e}", room.name));
+                }
+            }
+        }
         self.history.sample(&self.rooms(), now);
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_some() && trouble.is_none() {

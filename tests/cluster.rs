@@ -1075,6 +1075,46 @@ async fn a_session_the_portal_ends_ends_on_every_node() {
     assert!(next.get("/").await.reached_upstream());
 }
 
+/// A room an operator ungates for a while (passthrough) lets the sessions
+/// of its gated time run out meanwhile: gated again, it admits the next
+/// person, rather than taking the quiet for an outage and keeping every
+/// old session alive for one more idle time (as the memory store never
+/// did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_out_while_a_room_is_not_gated() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    std::env::set_var("VARCO_TEST_CLUSTER_ADMIN", format!("ops:{ADMIN_TOKEN}"));
+    let cfg = format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_CLUSTER_ADMIN\"\n{}",
+        cluster_config(
+            &redis,
+            up.addr,
+            "max_active = 1\nsession_idle = \"10s\"",
+            ""
+        )
+    );
+    let file = fresh_dir("ungated").join("varco.toml");
+    std::fs::write(&file, &cfg).unwrap();
+    let nodes = vec![Gated::start_file(&file).await];
+    advance(&nodes, 1000).await;
+    let mut left = nodes[0].citizen();
+    assert!(left.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    let got = api(&nodes[0], "POST", "/api/rooms/portal/passthrough").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    // Half a minute ungated, a tick a second as on a real node.
+    for _ in 0..30 {
+        advance(&nodes, 1000).await;
+    }
+    let got = api(&nodes[0], "POST", "/api/rooms/portal/resume").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    advance(&nodes, 1000).await;
+    let got = api(&nodes[0], "GET", "/api/rooms/portal").await.json();
+    assert_eq!(got["active_sessions"], 0, "{got}");
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+}
+
 /// The admin API of one node of the cluster, with the test's token.
 async fn api(g: &Gated, method: &str, path: &str) -> common::client::Got {
     let req = http::Request::builder()
