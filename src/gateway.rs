@@ -50,10 +50,21 @@ pub struct Gateway {
 /// portal.
 struct Record {
     started: Instant,
-    /// Method, path and User-Agent, when access lines are written.
-    logged: Option<(http::Method, String, Option<HeaderValue>)>,
+    /// What the access line needs, when access lines are written.
+    logged: Option<Logged>,
     conn: ConnInfo,
     id: Option<HeaderValue>,
+}
+
+/// The request's part of its access line.
+struct Logged {
+    method: http::Method,
+    path: String,
+    user_agent: Option<HeaderValue>,
+    /// The client as every rule sees it: behind a trusted load balancer,
+    /// the address it forwards for, not the balancer's own (nginx's
+    /// `$remote_addr` with its realip module).
+    client: std::net::IpAddr,
 }
 
 /// Who asked, for a page made after the request has gone to the portal.
@@ -201,12 +212,11 @@ impl Handler for Gateway {
         // without its query, since queries can carry personal data.
         // The User-Agent, as nginx's combined log has it: what tells a
         // script taking tickets from a person on a click day.
-        let logged = self.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.uri().path().to_string(),
-                req.headers().get(http::header::USER_AGENT).cloned(),
-            )
+        let logged = self.access_log.then(|| Logged {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            client: client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies),
         });
         let mut record = Record {
             started,
@@ -509,7 +519,12 @@ impl Gateway {
                 .or_insert_with(|| id.clone());
         }
         match record.logged {
-            Some((method, path, user_agent)) => {
+            Some(Logged {
+                method,
+                path,
+                user_agent,
+                client,
+            }) => {
                 let line = access_log::Line {
                     started: record.started,
                     room: room.to_string(),
@@ -518,7 +533,7 @@ impl Gateway {
                     user_agent,
                     status: resp.status(),
                     upstream: upstream.map(str::to_string),
-                    client: record.conn.peer.ip(),
+                    client,
                     request_id: record.id,
                 };
                 resp.map(|body| line.on_end_of(body))

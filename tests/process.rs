@@ -290,12 +290,14 @@ fn run_refuses_a_bad_config() {
 }
 
 /// varco in front of `upstreams`, its logs in JSON on a piped stderr.
-fn json_logging(name: &str, upstreams: &[std::net::SocketAddr]) -> Process {
+fn json_logging(name: &str, upstreams: &[std::net::SocketAddr], server: &str) -> Process {
     let cfg = write_config(
         name,
         &room_config(
             upstreams,
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}"
+            ),
         ),
     );
     Process::start_with(
@@ -332,7 +334,7 @@ async fn access_lines(p: &mut Process, n: usize) -> Vec<(String, serde_json::Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_one_access_line_per_request() {
     let up = upstream::spawn().await;
-    let mut p = json_logging("json-log", &[up.addr]);
+    let mut p = json_logging("json-log", &[up.addr], "");
     let got = send(
         Request::get(format!("http://{}/echo?secret=1", p.addr))
             .header("user-agent", "Mozilla/5.0 (Linux; Android 14) varco-test")
@@ -377,11 +379,34 @@ async fn json_logs_carry_one_access_line_per_request() {
 
 /// A download the person gives up on is logged when it ends, as not
 /// completed, with what went out: not as a plain 200 at its first byte.
+/// Behind a trusted load balancer the access line names the client it
+/// forwards for, as every rule sees them, not the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_line_names_the_client_behind_a_trusted_balancer() {
+    let up = upstream::spawn().await;
+    let mut p = json_logging(
+        "json-log-behind",
+        &[up.addr],
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let got = send(
+        Request::get(format!("http://{}/echo", p.addr))
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let lines = access_lines(&mut p, 1).await;
+    let (line, v) = &lines[0];
+    assert_eq!(v["client"], "203.0.113.9", "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_line_of_a_download_cut_short_says_so() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upstream::spawn().await;
-    let mut p = json_logging("json-log-cut", &[up.addr]);
+    let mut p = json_logging("json-log-cut", &[up.addr], "");
     let total: u64 = 1 << 30;
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     s.write_all(format!("GET /download?bytes={total} HTTP/1.1\r\nHost: p\r\n\r\n").as_bytes())
@@ -409,7 +434,7 @@ async fn the_access_line_of_a_download_cut_short_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_warnings_name_the_request_a_failed_upstream_met() {
     use std::io::{BufRead, BufReader};
-    let mut p = json_logging("json-warn", &[common::dead_addr()]);
+    let mut p = json_logging("json-warn", &[common::dead_addr()], "");
     let got = get(&format!("http://{}/echo", p.addr)).await;
     assert_eq!(got.status, 502);
     let id = got.headers["x-request-id"].to_str().unwrap().to_string();
