@@ -38,8 +38,9 @@ pub struct Upstream {
     /// Checks in a row that disagree with `checked_down` (one checker
     /// per upstream writes it).
     streak: AtomicU32,
-    /// When the checks or an operator brought it back (ms since the epoch),
-    /// while its slow start runs; 0 otherwise.
+    /// When the checks, an operator or the end of a cool-down brought it
+    /// back (ms since the epoch; the cool-down's end may be ahead), while
+    /// its slow start runs; 0 otherwise.
     back_at_ms: AtomicU64,
     /// Its turns in rotation since then, taken or passed on.
     turns: AtomicU64,
@@ -543,6 +544,11 @@ impl UpstreamPool {
 
     /// A request sent at `sent_ms` (by `now_ms`) was answered.
     pub fn mark_healthy(&self, index: usize, sent_ms: u64) {
+        self.mark_healthy_with(index, sent_ms, || self.now_ms())
+    }
+
+    /// `now` is read only when the answer ends a cool-down.
+    fn mark_healthy_with(&self, index: usize, sent_ms: u64, now: impl FnOnce() -> u64) {
         let u = &self.upstreams[index];
         // Plain loads first: the common case (nothing counted) stays a read.
         let down_until = u.down_until_ms.load(Ordering::Relaxed);
@@ -562,11 +568,14 @@ impl UpstreamPool {
                 .is_ok()
             {
                 u.fails.store(0, Ordering::Relaxed);
-                if self.slow_start_ms > 0 {
-                    // Back now rather than at the cool-down's planned end:
-                    // its slow start runs from here.
+                // Ended early, it is back now rather than at the cool-down's
+                // planned end: its slow start runs from here. (The first
+                // answer after a cool-down that simply ran out lands here
+                // too; its slow start began at the end, and goes on.)
+                let now = now();
+                if self.slow_start_ms > 0 && now < down_until {
                     u.turns.store(0, Ordering::Relaxed);
-                    u.back_at_ms.store(self.now_ms(), Ordering::Relaxed);
+                    u.back_at_ms.store(now, Ordering::Relaxed);
                 }
             }
         } else if fails != 0
@@ -880,6 +889,10 @@ mod tests {
                 .count()
         };
         assert_eq!(taken_at(0), 0, "just back: its turns go to the other");
+        // The first answer after the cool-down ran out does not start the
+        // slow start again.
+        p.mark_healthy_with(1, end + 1, || end + 1);
+        assert_eq!(p.upstreams[1].back_at_ms.load(Ordering::Relaxed), end);
         assert_eq!(p.share_at(1, end + 50_000), 0.5);
         assert_eq!(taken_at(50_000), 100, "half of its 200 turns");
         assert_eq!(taken_at(100_000), 200);
