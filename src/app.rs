@@ -520,7 +520,7 @@ impl App {
             lanes::share(&room.lanes, &room.limits());
         }
         // A room not gated now (passthrough, or its limits lifted live)
-        // still holds the sessions and called turns of its gated time:
+        // may still hold the sessions and called turns of its gated time:
         // they run out as time passes, admitting nobody. Left alone, the
         // Redis store would take the ungated time for an outage when the
         // room is gated again, and keep every session of before alive
@@ -528,7 +528,9 @@ impl App {
         for room in self.rooms().iter().filter(|r| !r.is_gated()) {
             for lane in &room.lanes {
                 let v = lane.store.view();
-                if v.active == 0 && v.reserved == 0 && v.waiting == 0 {
+                // People left waiting need no tick: passthrough calls
+                // nobody, and the store keeps their places as they are.
+                if v.active == 0 && v.reserved == 0 {
                     continue;
                 }
                 let limits = crate::room::admission::Limits {
