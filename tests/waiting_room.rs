@@ -534,6 +534,21 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
         .await;
     assert_eq!(got.status, 503);
     assert!(g.citizen().get("/static/app.css").await.reached_upstream());
+    // A header of that name with another value is the portal's business.
+    let got = g
+        .citizen()
+        .request(
+            "GET",
+            "/static/app.css",
+            body::empty(),
+            &[("x-varco-bypass", "for-the-portal")],
+        )
+        .await;
+    let seen: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-varco-bypass"][0], "for-the-portal",
+        "{seen}"
+    );
     drop(g);
 
     let cfg = gated_config(

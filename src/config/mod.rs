@@ -260,13 +260,16 @@ pub struct HealthCheckConfig {
 }
 
 impl RoomConfig {
-    /// The headers whose values are varco's secrets (`bypass`'s, the
-    /// lanes' selectors'): never passed on to the portal, whose logs and
-    /// error pages would show them to whoever reads those.
-    pub fn secret_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+    /// The headers that carry varco's own secrets (`bypass`'s, unsigned
+    /// lanes' selectors'), with the secret: a request carrying one is
+    /// not passed on with it, or the portal's logs and error pages would
+    /// show it to whoever reads those. (A signed lane's token expires and
+    /// is the portal's to hand out.)
+    pub fn secret_headers(&self) -> impl Iterator<Item = &(http::HeaderName, String)> {
+        let lanes = self.lanes.iter().filter(|l| !l.signed).map(|l| &l.selector);
         std::iter::once(&self.bypass)
-            .chain(self.lanes.iter().map(|l| &l.selector))
-            .filter_map(|b| b.header.as_ref().map(|(name, _)| name))
+            .chain(lanes)
+            .filter_map(|b| b.header.as_ref())
     }
 
     /// Whether the room starts gated: the rule `Room::is_gated` applies

@@ -92,8 +92,15 @@ impl Forwarder {
         });
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        for name in room.config.secret_headers() {
-            headers.remove(name);
+        // Only the secret itself: a header of that name with another value
+        // (an `Authorization` meant for the portal) is the portal's.
+        for (name, secret) in room.config.secret_headers() {
+            let carries = headers
+                .get(name)
+                .is_some_and(|v| crate::gate::constant_time_eq(v.as_bytes(), secret.as_bytes()));
+            if carries {
+                headers.remove(name);
+            }
         }
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
@@ -388,7 +395,7 @@ fn join_cookies(headers: &mut http::HeaderMap) {
         joined.extend_from_slice(b"; ");
         joined.extend_from_slice(v.as_bytes());
     }
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(COOKIE, v);
     }
 }
