@@ -377,8 +377,6 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(got.json()["headers"]["x-request-id"][0], id);
 }
 
-/// A download the person gives up on is logged when it ends, as not
-/// completed, with what went out: not as a plain 200 at its first byte.
 /// Behind a trusted load balancer the access line names the client it
 /// forwards for, as every rule sees them, not the balancer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,6 +400,8 @@ async fn the_access_line_names_the_client_behind_a_trusted_balancer() {
     assert_eq!(v["client"], "203.0.113.9", "{line}");
 }
 
+/// A download the person gives up on is logged when it ends, as not
+/// completed, with what went out: not as a plain 200 at its first byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_line_of_a_download_cut_short_says_so() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
