@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::proxy::buffer::{BufferLimits, RequestBuffer};
 use crate::proxy::upstreams::{NotTakenOut, PassiveHealth};
 use crate::proxy::{client, health, Forwarder};
+use crate::room::admission::{Limits, Mode};
 use crate::room::lanes::{self, Lane};
 use crate::room::token::Keyring;
 use crate::room::{limits_of, Room};
@@ -483,7 +484,27 @@ impl App {
         self.routing.store(Arc::new(Routing::new(rooms)));
     }
 
-    /// One admission tick for every gated room.
+    /// One lane's tick; a failure is counted and logged, and said for
+    /// /readyz.
+    async fn tick_lane(
+        &self,
+        room: &Room,
+        lane: &Lane,
+        limits: Limits,
+        now: u64,
+    ) -> Result<(), String> {
+        lane.store.tick(limits, now).await.map(drop).map_err(|e| {
+            self.metrics
+                .store_errors
+                .with_label_values(&[room.name.as_str()])
+                .inc();
+            tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "admission tick failed");
+            format!("room {}: {e}", room.name)
+        })
+    }
+
+    /// One admission tick for every gated room, and for a room not gated
+    /// that still holds sessions.
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
         let mut trouble = None;
@@ -505,16 +526,10 @@ impl App {
                 if let Some(&max) = for_tick.get(i) {
                     limits.max_active = limits.max_active.map(|_| max);
                 }
-                if let Err(e) = lane.store.tick(limits, now).await {
-                    self.metrics
-                        .store_errors
-                        .with_label_values(&[room.name.as_str()])
-                        .inc();
-                    tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "admission tick failed");
-                    trouble = Some(format!("room {}: {e}", room.name));
-                    continue;
+                match self.tick_lane(room, lane, limits, now).await {
+                    Ok(()) => self.log_admissions(room, lane, now),
+                    Err(why) => trouble = Some(why),
                 }
-                self.log_admissions(room, lane, now);
             }
             // The shares until the next tick, from the counts after it.
             lanes::share(&room.lanes, &room.limits());
@@ -533,17 +548,12 @@ impl App {
                 if v.active == 0 && v.reserved == 0 {
                     continue;
                 }
-                let limits = crate::room::admission::Limits {
-                    mode: crate::room::admission::Mode::Passthrough,
+                let limits = Limits {
+                    mode: Mode::Passthrough,
                     ..room.lane_limits(lane)
                 };
-                if let Err(e) = lane.store.tick(limits, now).await {
-                    self.metrics
-                        .store_errors
-                        .with_label_values(&[room.name.as_str()])
-                        .inc();
-                    tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "tick of a room not gated failed");
-                    trouble = Some(format!("room {}: {e}", room.name));
+                if let Err(why) = self.tick_lane(room, lane, limits, now).await {
+                    trouble = Some(why);
                 }
             }
         }
