@@ -4,8 +4,8 @@
 //! health with a cool-down; and any that failed `fall` active health
 //! checks in a row, until they pass
 //! `rise` (see `health.rs`). One the checks bring back, or back from a
-//! cool-down, may take its turns gradually over `slow_start`. An operator may take one out by hand (a
-//! deploy on that server) and put it back.
+//! cool-down, may take its turns gradually over `slow_start`. An operator
+//! may take one out by hand (a deploy on that server) and put it back.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
