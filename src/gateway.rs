@@ -284,7 +284,11 @@ impl Gateway {
         req.headers_mut().remove(&arrival::HEADER);
         let (set_cookies, pass) = if room.is_gated() {
             let now = self.clock.now_ms();
-            let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
+            // Found once per request: the access line's, when it is kept.
+            let ip = match &record.logged {
+                Some(logged) => logged.client,
+                None => client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies),
+            };
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
                 Ok(Gate::Proxy { set_cookies, pass }) => (set_cookies, pass),
                 Ok(Gate::Respond(resp)) => return (resp, None),
