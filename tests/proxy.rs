@@ -746,18 +746,34 @@ async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
     assert_eq!(got.json()["headers"]["upgrade"][0], "websocket");
 }
 
-#[tokio::test]
-async fn a_slow_upload_is_not_the_portals_delay() {
-    // A person on a slow line sends 10 bytes over about a second; the
-    // portal answers within its 300 ms once it has them. Streamed to the
-    // portal as they come (request_buffer = "0"): read whole by varco
-    // first, the portal would wait for nothing.
+/// A portal that answers within 300 ms, behind varco streaming every
+/// request body to it as it comes (`request_buffer = "0"`): read whole
+/// by varco first, the portal would wait for nothing.
+async fn streaming_uploads() -> (upstream::Upstream, Varco) {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(
         &[up.addr],
         "[upstream]\nresponse_timeout = \"300ms\"\nrequest_buffer = \"0\"",
     ))
     .await;
+    (up, v)
+}
+
+/// The answer to a 10-byte `POST /upload` on `s`: a 200 saying the
+/// portal got all 10.
+async fn the_portal_got_ten_bytes(s: &mut tokio::net::TcpStream) {
+    let head = read_head(s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut body = [0u8; 2];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"10", "the portal got the whole upload");
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_not_the_portals_delay() {
+    // A person on a slow line sends 10 bytes over about a second; the
+    // portal answers within its 300 ms once it has them.
+    let (_up, v) = streaming_uploads().await;
     let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: 10\r\n\r\n")
         .await
@@ -766,11 +782,7 @@ async fn a_slow_upload_is_not_the_portals_delay() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         s.write_all(b"x").await.unwrap();
     }
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    let mut body = [0u8; 2];
-    s.read_exact(&mut body).await.unwrap();
-    assert_eq!(&body, b"10", "the portal got the whole upload");
+    the_portal_got_ten_bytes(&mut s).await;
     // The portal's own slowness is still a 504.
     let got = get(&v.url("/slow?ms=2000")).await;
     assert_eq!(got.status, 504);
@@ -781,12 +793,7 @@ async fn a_slow_upload_is_not_the_portals_delay() {
 /// the portal's: no 504, no failure counted against the upstream.
 #[tokio::test]
 async fn a_paused_upload_is_not_the_portals_delay() {
-    let up = upstream::spawn().await;
-    let v = Varco::start(&room_config(
-        &[up.addr],
-        "[upstream]\nresponse_timeout = \"300ms\"\nrequest_buffer = \"0\"",
-    ))
-    .await;
+    let (up, v) = streaming_uploads().await;
     let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: 10\r\n\r\nxxxxx")
         .await
@@ -794,11 +801,7 @@ async fn a_paused_upload_is_not_the_portals_delay() {
     // The pause itself is what is tested: the person's line goes quiet.
     tokio::time::sleep(Duration::from_millis(900)).await;
     s.write_all(b"xxxxx").await.unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    let mut body = [0u8; 2];
-    s.read_exact(&mut body).await.unwrap();
-    assert_eq!(&body, b"10", "the portal got the whole upload");
+    the_portal_got_ten_bytes(&mut s).await;
     let of = format!("room=\"portal\",upstream=\"{}\"", up.addr);
     assert_eq!(
         client::metric(v.admin, "varco_upstream_up", &of).await,
