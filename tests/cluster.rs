@@ -1084,18 +1084,12 @@ async fn a_session_the_portal_ends_ends_on_every_node() {
 async fn sessions_run_out_while_a_room_is_not_gated() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    std::env::set_var("VARCO_TEST_CLUSTER_ADMIN", format!("ops:{ADMIN_TOKEN}"));
-    let cfg = format!(
-        "[admin]\ntokens_env = \"VARCO_TEST_CLUSTER_ADMIN\"\n{}",
-        cluster_config(
-            &redis,
-            up.addr,
-            "max_active = 1\nsession_idle = \"10s\"",
-            ""
-        )
+    let file = with_admin_api(
+        "ungated",
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"10s\"",
     );
-    let file = fresh_dir("ungated").join("varco.toml");
-    std::fs::write(&file, &cfg).unwrap();
     let nodes = vec![Gated::start_file(&file).await];
     advance(&nodes, 1000).await;
     let mut left = nodes[0].citizen();
@@ -1128,6 +1122,23 @@ async fn api(g: &Gated, method: &str, path: &str) -> common::client::Got {
 
 const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
 
+/// A cluster config file for `room` whose admin API takes `ADMIN_TOKEN`.
+fn with_admin_api(
+    name: &str,
+    redis: &RedisServer,
+    up: std::net::SocketAddr,
+    room: &str,
+) -> std::path::PathBuf {
+    std::env::set_var("VARCO_TEST_CLUSTER_ADMIN", format!("ops:{ADMIN_TOKEN}"));
+    let cfg = format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_CLUSTER_ADMIN\"\n{}",
+        cluster_config(redis, up, room, "")
+    );
+    let file = fresh_dir(name).join("varco.toml");
+    std::fs::write(&file, &cfg).unwrap();
+    file
+}
+
 /// An operator's change through any node reaches every node at its next
 /// tick, a node started later too; a reset through any node takes every
 /// node back to its config.
@@ -1135,18 +1146,12 @@ const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
 async fn a_live_change_through_one_node_reaches_every_node() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    std::env::set_var("VARCO_TEST_CLUSTER_ADMIN", format!("ops:{ADMIN_TOKEN}"));
-    let cfg = format!(
-        "[admin]\ntokens_env = \"VARCO_TEST_CLUSTER_ADMIN\"\n{}",
-        cluster_config(
-            &redis,
-            up.addr,
-            "max_active = 5\nadmission_per_minute = 600",
-            ""
-        )
+    let file = with_admin_api(
+        "live",
+        &redis,
+        up.addr,
+        "max_active = 5\nadmission_per_minute = 600",
     );
-    let file = fresh_dir("live").join("varco.toml");
-    std::fs::write(&file, &cfg).unwrap();
     let nodes = vec![
         Gated::start_file(&file).await,
         Gated::start_file(&file).await,
@@ -1186,7 +1191,7 @@ async fn a_live_change_through_one_node_reaches_every_node() {
         live(api(&nodes[0], "GET", "/api/rooms/portal").await.json()),
         changed
     );
-    let late = Gated::start(&cfg).await;
+    let late = Gated::start(&std::fs::read_to_string(&file).unwrap()).await;
     late.app.tick().await;
     assert_eq!(
         live(api(&late, "GET", "/api/rooms/portal").await.json()),
