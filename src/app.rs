@@ -577,10 +577,21 @@ impl App {
         let Stores::Memory(memory) = &self.stores else {
             return;
         };
-        if let Err(e) = memory.save(self.clock.now_ms()) {
-            self.count_snapshot_error();
-            tracing::error!(error = %e, "cannot write the snapshot; the queue would not survive a restart");
+        let now = self.clock.now_ms();
+        match memory.save(now) {
+            Ok(()) => self.count_snapshot_written(now),
+            Err(e) => {
+                self.count_snapshot_error();
+                tracing::error!(error = %e, "cannot write the snapshot; the queue would not survive a restart");
+            }
         }
+    }
+
+    fn count_snapshot_written(&self, now_ms: u64) {
+        self.metrics
+            .snapshot_written
+            .with_label_values::<&str>(&[])
+            .set((now_ms / 1000) as i64);
     }
 
     fn count_snapshot_error(&self) {

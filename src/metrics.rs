@@ -62,6 +62,7 @@ pub const NAMES: &[&str] = &[
     "varco_audit_records_total",
     "varco_audit_write_errors_total",
     "varco_state_write_errors_total",
+    "varco_state_snapshot_timestamp_seconds",
     "varco_lane_queue_length",
     "varco_lane_active_sessions",
     "varco_lane_admission_rate_per_minute",
@@ -103,6 +104,9 @@ pub struct Metrics {
     pub audit_write_errors: IntCounter,
     /// By kind: `snapshot` or `marks`.
     pub state_write_errors: IntCounterVec,
+    /// No labels: a vec so that a node without a snapshot exports no
+    /// series (a 0 would look like a snapshot stale since 1970).
+    pub snapshot_written: IntGaugeVec,
 }
 
 /// Waits in line: seconds to hours.
@@ -301,6 +305,14 @@ impl Metrics {
             "Writes of the memory store's snapshot or of its ticket numbers written ahead (marks) that failed: a restart or a crash could lose places",
             &["kind"],
         );
+        let snapshot_written = IntGaugeVec::new(
+            Opts::new(
+                "varco_state_snapshot_timestamp_seconds",
+                "When the memory store's snapshot was last written whole (unix seconds): one older than a few store.snapshot_intervals means a restart would lose the places taken since",
+            ),
+            &[],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pass_extensions.clone()),
@@ -310,6 +322,7 @@ impl Metrics {
             Box::new(audit_records.clone()),
             Box::new(audit_write_errors.clone()),
             Box::new(state_write_errors.clone()),
+            Box::new(snapshot_written.clone()),
             Box::new(adaptive_adjustments.clone()),
             Box::new(in_flight_wait_seconds.clone()),
             Box::new(request_seconds.clone()),
@@ -360,6 +373,7 @@ impl Metrics {
             audit_records,
             audit_write_errors,
             state_write_errors,
+            snapshot_written,
         }
     }
 

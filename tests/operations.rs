@@ -442,6 +442,8 @@ async fn metrics_parse_and_move_with_traffic() {
             "varco_tls_certificate_expiry_timestamp_seconds",
             // Only with health_check (tests/proxy.rs).
             "varco_upstream_health_checks_total",
+            // Only with store.snapshot (tests/waiting_room.rs).
+            "varco_state_snapshot_timestamp_seconds",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
         // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).
@@ -460,6 +462,9 @@ async fn metrics_parse_and_move_with_traffic() {
             );
         }
     }
+    // No snapshot, no time of the last one: a 0 would read as one stale
+    // since 1970, and VarcoQueueStateStale would fire.
+    assert!(!text.contains("varco_state_snapshot_timestamp_seconds"));
 }
 
 #[test]

@@ -781,6 +781,19 @@ async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
         "snapshot = \"state/state.json\"",
     );
     let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    // The snapshot written at start, before the folder goes: one late
+    // would be a second error counted below.
+    let admin = g.admin;
+    common::client::until(
+        "the first snapshot",
+        std::time::Duration::from_secs(10),
+        async || {
+            common::client::metric(admin, "varco_state_snapshot_timestamp_seconds", "")
+                .await
+                .is_some_and(|at| at == (common::gated::T0 / 1000) as f64)
+        },
+    )
+    .await;
     std::fs::remove_dir_all(&folder).unwrap();
     std::fs::write(&folder, "").unwrap();
     let errors = |kind: &'static str| {
