@@ -630,6 +630,52 @@ async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
     assert!(newcomer.get("/").await.is_waiting_page());
 }
 
+/// Sessions the portal ends while Redis is away free their slots when it
+/// returns: one Redis admitted (whose end could not be sent), and one a
+/// node admitted on its own share, ended through the other node (which
+/// took the pass at its word): handed over later, it must not come back
+/// alive. Before, both held a slot for another `session_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
+    let dir = fresh_dir("redis-ended");
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 4\nsession_idle = \"5m\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut before = nodes[0].citizen();
+    assert!(before.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut during = nodes[0].citizen();
+    assert!(
+        during.get("/").await.reached_upstream(),
+        "admitted on node 0's own share"
+    );
+    let mut moved = Citizen::new(nodes[1].addr);
+    moved.jar = during.jar.clone();
+    assert_eq!(before.get("/release").await.status, 200);
+    assert_eq!(moved.get("/release").await.status, 200);
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    // The end reaches Redis before the session it ends is handed over.
+    until_recovered(&nodes[1..], 0).await;
+    until_recovered(&nodes, 0).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        nodes[0].app.room("portal").unwrap().view().active,
+        0,
+        "ended sessions still hold slots"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = fresh_dir("redis");

@@ -233,8 +233,13 @@ elseif op == 'tick' then
     redis.call('LPOP', hist)
   end
 elseif op == 'end' then
-  result = redis.call('ZREM', sess, ARGV[9])
-  redis.call('ZADD', ended, tonumber(ARGV[10]), ARGV[9])
+  -- sid, when-to-forget pairs: one release, or those a node could not
+  -- send while Redis was away.
+  result = 0
+  for i = 9, #ARGV, 2 do
+    result = result + redis.call('ZREM', sess, ARGV[i])
+    redis.call('ZADD', ended, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+  end
 elseif op == 'restore' then
   -- A lapsed session back ahead of the queue, unless it was ended.
   redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
@@ -266,9 +271,13 @@ elseif op == 'touch' then
     end
   end
 elseif op == 'adopt' then
-  -- Sessions a node admitted on its own while Redis was away.
+  -- Sessions a node admitted on its own while Redis was away, unless the
+  -- portal has ended them since (through another node, which took the
+  -- pass at its word).
   for i = 9, #ARGV, 2 do
-    redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+    if not redis.call('ZSCORE', ended, ARGV[i]) then
+      redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
+    end
   end
 elseif op == 'reserve' then
   -- Tickets a node handed out while Redis was away, in their order: they

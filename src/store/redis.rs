@@ -178,6 +178,10 @@ struct Fallback {
     pending: Vec<(u128, u64)>,
     /// Earlier outages' blocks (epoch, count) whose hand-over failed.
     unplaced: Vec<(u64, u64)>,
+    /// Sessions the portal ended while Redis was away (sid, when to
+    /// forget them): their slots are freed when it returns, not after
+    /// `session_idle`.
+    unended: Vec<(u128, u64)>,
 }
 
 pub struct RedisRoom {
@@ -429,7 +433,7 @@ impl RedisRoom {
     async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
         let (mut blocks, pending) = {
             let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-            if !f.degraded && f.issued == 0 && f.unplaced.is_empty() {
+            if !f.degraded && f.issued == 0 && f.unplaced.is_empty() && f.unended.is_empty() {
                 return Ok(());
             }
             let mut blocks = std::mem::take(&mut f.unplaced);
@@ -446,6 +450,31 @@ impl RedisRoom {
             let newer = std::mem::replace(&mut f.pending, pending);
             f.pending.extend(newer);
         };
+        // Ends first: a session ended here or on another node is not
+        // adopted back.
+        let unended = std::mem::take(
+            &mut self
+                .fallback
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unended,
+        );
+        if !unended.is_empty() {
+            let args: Vec<String> = unended
+                .iter()
+                .flat_map(|(sid, forget)| [hex(*sid), forget.to_string()])
+                .collect();
+            let inert = inert_limits(self.tick_ms);
+            if let Err(e) = self.call("end", &inert, now_ms, &args).await {
+                self.fallback
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unended
+                    .extend(unended);
+                give_back(blocks, pending);
+                return Err(e);
+            }
+        }
         let mut waiting = Vec::new();
         while let Some(&(epoch, issued)) = blocks.first() {
             // Idempotent per epoch: a retry gets the block placed before.
@@ -725,12 +754,28 @@ impl RoomStore for RedisRoom {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
+            let forget = now_ms + remember_ms;
+            self.fallback
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pending
+                .retain(|(s, _)| *s != sid);
             let limits = inert_limits(self.tick_ms);
-            let forget = (now_ms + remember_ms).to_string();
-            let r = self
-                .call("end", &limits, now_ms, &[hex(sid), forget])
-                .await?;
-            Ok(r.0 == 1)
+            match self
+                .call("end", &limits, now_ms, &[hex(sid), forget.to_string()])
+                .await
+            {
+                Ok(r) => Ok(r.0 == 1),
+                Err(e) => {
+                    // Sent again when Redis answers (the next tick).
+                    self.fallback
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unended
+                        .push((sid, forget));
+                    Err(e)
+                }
+            }
         }
         .boxed()
     }
