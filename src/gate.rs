@@ -141,11 +141,15 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         // cannot have idled out: some node admitted it, and shutting
         // admitted people out of a portal they are using is worse than a
         // session counted late (DESIGN.md's invariant 7). A release clears
-        // the cookie; an older pass gets the 503 "try again".
+        // the cookie; an older pass gets the 503 "try again". Kept as
+        // seen: the next requests do not wait on the store again, and the
+        // store hears of the session when it returns, even if the node
+        // that admitted it is gone by then.
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
             Err(_) if pass.nbf * 1000 + idle > r.now_ms => {
                 tracing::debug!(room = %room.name, "store away: a recent pass taken at its word");
+                lane.store.vouch(sid, r.now_ms + idle);
                 true
             }
             Err(e) => return Err(e),

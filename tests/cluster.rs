@@ -676,6 +676,53 @@ async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
     );
 }
 
+/// A pass a node took at its word while Redis was away is kept as seen
+/// there: when Redis returns, that node reports the session, so the person
+/// carries on even if the node that admitted them (on its own share, in
+/// the outage) is gone by then and never handed it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_taken_at_its_word_is_reported_by_the_node_that_took_it() {
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_on(port);
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 2\nsession_idle = \"5m\"",
+        "lease = \"3s\"",
+    );
+    let mut nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut admitted = nodes[0].citizen();
+    assert!(
+        admitted.get("/").await.reached_upstream(),
+        "admitted on node 0's own share"
+    );
+    let mut moved = Citizen::new(nodes[1].addr);
+    moved.jar = admitted.jar.clone();
+    assert!(moved.get("/form").await.reached_upstream(), "at its word");
+    nodes.remove(0).stop().await;
+
+    let _redis = RedisServer::start_on(port);
+    until_recovered(&nodes, 0).await;
+    advance(&nodes, 1000).await;
+    // Newcomers take what Redis says is free: one slot, not two.
+    let mut newcomers = 0;
+    while nodes[0].citizen().get("/").await.reached_upstream() {
+        newcomers += 1;
+        assert!(newcomers <= 2, "max_active passed");
+    }
+    assert_eq!(newcomers, 1, "the moved person's session was not counted");
+    let got = moved.get("/form").await;
+    assert!(
+        got.reached_upstream(),
+        "sent back to the line mid-flow: {}",
+        got.status
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = fresh_dir("redis");

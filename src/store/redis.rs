@@ -745,6 +745,11 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
+    fn vouch(&self, sid: u128, expires_ms: u64) {
+        self.sessions.insert(sid, AtomicU64::new(expires_ms));
+        self.touched.insert(sid, expires_ms);
+    }
+
     fn end_session(
         &self,
         sid: u128,
