@@ -293,10 +293,26 @@ impl Gateway {
                 Ok(Gate::Proxy { set_cookies, pass }) => (set_cookies, pass),
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
-                    tracing::warn!(room = %room.name, error = %e, "store failure at the gate");
+                    // A failure, unlike the waiting page: a reference for
+                    // the help desk and the log line, as the portal's own
+                    // failures have.
+                    if let Some(ids) = &self.request_ids {
+                        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+                        record.id = Some(ids.choose(req.headers(), trusted));
+                    }
+                    tracing::warn!(
+                        room = %room.name,
+                        error = %e,
+                        request_id = request_id::text(record.id.as_ref()),
+                        "store failure at the gate"
+                    );
                     let reader = room.reader(req.headers().get(ACCEPT_LANGUAGE), json);
-                    let mut resp =
-                        page::error(StatusCode::SERVICE_UNAVAILABLE, &CATCHING_UP, reader);
+                    let mut resp = page::error_with_reference(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &CATCHING_UP,
+                        reader,
+                        record.id.as_ref(),
+                    );
                     resp.headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("10"));
                     return (resp, None);

@@ -723,6 +723,35 @@ async fn a_pass_taken_at_its_word_is_reported_by_the_node_that_took_it() {
     );
 }
 
+/// The gate's own "try again" when Redis fails at a turn carries a
+/// reference, as the portal's failures do: in its header, on the page and
+/// in the log, so a help desk can find what happened to this person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_on(port);
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 1).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    assert_eq!(holder.get("/release").await.status, 200);
+    advance(&nodes, 1000).await;
+    assert_eq!(next.status("portal").await["state"], "admitted");
+
+    redis.kill();
+    let got = next.get("/").await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    let reference = got.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(reference.len(), 32, "{reference}");
+    assert!(
+        got.text().contains(&format!("<code>{reference}</code>")),
+        "the page names the same reference: {}",
+        got.text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = fresh_dir("redis");
