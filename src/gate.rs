@@ -24,6 +24,7 @@ use crate::room::admission::{Claim, Issued, Mode};
 use crate::room::lanes::Lane;
 use crate::room::receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
+use crate::room::undelivered::Delivery;
 use crate::room::Room;
 use crate::store::{Liveness, NewSession, RoomView, StoreError};
 
@@ -38,6 +39,8 @@ pub enum Gate {
     Proxy {
         set_cookies: Vec<HeaderValue>,
         pass: Option<PassClaims>,
+        /// For an answer carrying a claimed pass: marks it delivered.
+        delivery: Option<Delivery>,
     },
     /// Answer it here (waiting page, JSON, 429, closed).
     Respond(Response<Body>),
@@ -206,6 +209,28 @@ fn landing(room: &Room, r: &GateRequest) -> String {
     })
 }
 
+/// Lets a claimed ticket's request through with session `sid`'s pass,
+/// the ticket cleared.
+fn claimed(
+    room: &Room,
+    lane: &Lane,
+    r: &GateRequest,
+    sid: u128,
+    n: u64,
+    arrived_ms: u64,
+    delivery: Option<Delivery>,
+) -> Gate {
+    let pass = new_pass(room, lane, sid, n, arrived_ms, r.now_ms);
+    Gate::Proxy {
+        set_cookies: vec![
+            pass_cookie(room, &pass, r.tls),
+            cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
+        ],
+        pass: Some(pass),
+        delivery,
+    }
+}
+
 /// A new pass for ticket number `n` of `lane`, who arrived at `arrived_ms`.
 fn new_pass(
     room: &Room,
@@ -290,6 +315,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     Ok(Some(Gate::Proxy {
         set_cookies: vec![pass_cookie(room, &back, r.tls)],
         pass: Some(back),
+        delivery: None,
     }))
 }
 
@@ -327,6 +353,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::Proxy {
             set_cookies: vec![],
             pass: None,
+            delivery: None,
         });
     }
     if let Some(pass) = live_pass(room, r).await? {
@@ -351,6 +378,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::Proxy {
             set_cookies,
             pass: Some(pass),
+            delivery: None,
         });
     }
     if let Some(gate) = come_back(room, r).await? {
@@ -384,6 +412,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::Proxy {
             set_cookies: vec![],
             pass: None,
+            delivery: None,
         });
     }
 
@@ -422,15 +451,18 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         room.metrics
                             .wait_seconds
                             .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
-                        let pass = new_pass(room, lane, session.sid, n, t.at, r.now_ms);
-                        let set_cookies = vec![
-                            pass_cookie(room, &pass, r.tls),
-                            cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
-                        ];
-                        return Ok(Gate::Proxy {
-                            set_cookies,
-                            pass: Some(pass),
-                        });
+                        // Until the session could idle out: after that its
+                        // pass would let nobody in anyway.
+                        let idle = room.config.session_idle.as_millis() as u64;
+                        let delivery = room.undelivered.hold(
+                            room.lane_label(lane),
+                            n,
+                            t.at,
+                            session.sid,
+                            r.now_ms,
+                            r.now_ms + idle,
+                        );
+                        return Ok(claimed(room, lane, r, session.sid, n, t.at, delivery));
                     }
                     None | Some((Claim::NotYet { .. }, _)) => {
                         // After a claim the store's reply is the fresher
@@ -448,8 +480,21 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         });
                         return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
                     }
-                    // Used or lapsed: this ticket admits nobody any more.
-                    Some((Claim::AlreadyClaimed, _)) => {}
+                    // Used or lapsed: this ticket admits nobody any more,
+                    // unless the answer with its pass never reached the
+                    // person: then the same session's pass again.
+                    Some((Claim::AlreadyClaimed, _)) => {
+                        let lost = room
+                            .undelivered
+                            .again(room.lane_label(lane), n, t.at, r.now_ms);
+                        let idle = room.config.session_idle.as_millis() as u64;
+                        if let Some((sid, delivery)) = lost {
+                            if lane.store.touch(sid, r.now_ms, idle) == Liveness::Alive {
+                                tracing::info!(room = %room.name, n, "a claimed pass that never reached its holder sent again");
+                                return Ok(claimed(room, lane, r, sid, n, t.at, Some(delivery)));
+                            }
+                        }
+                    }
                     Some((Claim::Expired, _)) => {
                         room.metrics.missed_turns.inc();
                         missed_turn = true;
@@ -487,6 +532,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             return Ok(Gate::Proxy {
                 set_cookies,
                 pass: Some(pass),
+                delivery: None,
             });
         }
     }

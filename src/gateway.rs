@@ -30,6 +30,7 @@ use crate::request_id::{self, RequestIds};
 use crate::request_path;
 use crate::room::arrival;
 use crate::room::token::PassClaims;
+use crate::room::undelivered::Delivery;
 use crate::room::Room;
 use crate::router::SharedRouting;
 
@@ -54,6 +55,8 @@ struct Record {
     logged: Option<Logged>,
     conn: ConnInfo,
     id: Option<HeaderValue>,
+    /// A claimed pass on its way: spent once the answer has gone out.
+    delivery: Option<Delivery>,
 }
 
 /// The request's part of its access line.
@@ -223,6 +226,7 @@ impl Handler for Gateway {
             logged,
             conn,
             id: None,
+            delivery: None,
         };
         if let Err(e) = canonical {
             tracing::debug!(error = %e, "request path refused");
@@ -290,7 +294,14 @@ impl Gateway {
                 None => client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies),
             };
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
-                Ok(Gate::Proxy { set_cookies, pass }) => (set_cookies, pass),
+                Ok(Gate::Proxy {
+                    set_cookies,
+                    pass,
+                    delivery,
+                }) => {
+                    record.delivery = delivery;
+                    (set_cookies, pass)
+                }
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
                     // A failure, unlike the waiting page: a reference for
@@ -537,6 +548,9 @@ impl Gateway {
             resp.headers_mut()
                 .entry(request_id::HEADER)
                 .or_insert_with(|| id.clone());
+        }
+        if let Some(delivery) = record.delivery {
+            resp = resp.map(|body| delivery.on_end_of(body));
         }
         match record.logged {
             Some(Logged {

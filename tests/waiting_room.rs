@@ -208,6 +208,59 @@ async fn a_ticket_admits_only_once() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A claim whose answer never reaches the person (they give up on a slow
+/// portal and reload; the connection drops) does not cost their place:
+/// the same ticket fetches the same session's pass again, rather than a
+/// new ticket at the back while the session made for them holds the slot
+/// for nobody. Once an answer with the pass has gone out, the ticket
+/// admits nobody any more.
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_does_not_lose_the_place() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ))
+    .await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    assert_eq!(holder.get("/release").await.status, 200);
+    g.advance(1_000).await;
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    let ticket = b.cookie("varco_ticket_portal").unwrap().to_string();
+
+    // The claim goes to a portal that takes its time; b gives up on it.
+    let mut tcp = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    let claim = format!(
+        "GET /slow?ms=30000 HTTP/1.1\r\nhost: localhost\r\ncookie: varco_ticket_portal={ticket}\r\n\r\n"
+    );
+    tcp.write_all(claim.as_bytes()).await.unwrap();
+    let in_flight = up.in_flight.clone();
+    common::client::until(
+        "the claim at the portal",
+        std::time::Duration::from_secs(10),
+        async || in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1,
+    )
+    .await;
+    drop(tcp);
+
+    let got = b.get("/").await;
+    assert!(got.reached_upstream(), "sent to the back: {}", got.status);
+    assert!(b.cookie("varco_pass_portal").is_some());
+    assert_eq!(
+        g.app.room("portal").unwrap().view().active,
+        1,
+        "the same session, not a second one"
+    );
+    // The pass reached b: a copy of the ticket admits nobody.
+    let mut replay = g.citizen();
+    replay.jar.insert("varco_ticket_portal".into(), ticket);
+    assert!(replay.get("/").await.is_waiting_page());
+}
+
 #[tokio::test]
 async fn bad_tokens_never_admit_and_never_error() {
     let up = upstream::spawn().await;

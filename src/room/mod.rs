@@ -10,6 +10,7 @@ pub mod lanes;
 pub mod lottery;
 pub mod receipt;
 pub mod token;
+pub mod undelivered;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -79,6 +80,8 @@ pub struct Room {
     pub adaptive: Option<Controller>,
     /// The cap on requests at once towards the upstreams, if any.
     pub in_flight: Option<InFlight>,
+    /// Claims whose pass has not reached its holder yet (this node's).
+    pub undelivered: undelivered::Undelivered,
     /// Signs `X-Varco-Arrival` for the portal, when it has the key.
     pub arrival_key: Option<ring::hmac::Key>,
     /// The room's lines: one (unnamed, on `store`) without lanes; with
@@ -156,6 +159,7 @@ impl Room {
             max_active: AtomicU64::new(config.max_active.unwrap_or(UNLIMITED)),
             adaptive: config.adaptive.clone().map(Controller::new),
             in_flight: config.in_flight.map(InFlight::new),
+            undelivered: Default::default(),
             arrival_key: None,
             lanes: vec![default_lane],
             draw: Mutex::new(None),

@@ -1,0 +1,232 @@
+//! Passes not yet delivered. A claim marks its ticket used in the store
+//! at once, but the pass reaches the person only with the portal's answer
+//! to the claiming request. If that answer never gets there (the person
+//! reloads while a slow portal thinks, the phone changes network, an
+//! HTTP/2 stream is reset), the next request with the same ticket would
+//! find it used and start again at the back of the line, while the session
+//! made for it held a slot for nobody.
+//!
+//! So this node remembers each claim until the end of its answer's body
+//! has gone out; until then, the same ticket gets the same session's pass
+//! again. A ticket whose pass was delivered admits nobody any more (issue
+//! 3's "a ticket that was admitted cannot admit a second time"): a copy
+//! presented in the moment between claim and delivery shares the one
+//! session and its one slot, as a copied pass would. Per node: in cluster
+//! mode a retry through another node finds the ticket used, as before.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::body::{self, Body, BoxError};
+
+/// Claims waiting for delivery, at most: a flood of abandoned claims
+/// (each held until its deadline) cannot grow memory past this; beyond
+/// it, a claim is simply not held, as before this existed.
+const MAX_HELD: usize = 100_000;
+
+/// One ticket: its lane's label, its number, its arrival time (so a
+/// number handed out again after Redis lost its data is another ticket).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Ticket {
+    lane: String,
+    n: u64,
+    arrived_ms: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Held {
+    sid: u128,
+    until_ms: u64,
+}
+
+#[derive(Default)]
+pub struct Undelivered {
+    held: Arc<DashMap<Ticket, Held>>,
+}
+
+impl Undelivered {
+    /// Remembers that ticket (`lane`, `n`, `arrived_ms`) claimed session
+    /// `sid`, until `until_ms` or the delivery of the returned guard's
+    /// answer, whichever comes first.
+    pub fn hold(
+        &self,
+        lane: &str,
+        n: u64,
+        arrived_ms: u64,
+        sid: u128,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Option<Delivery> {
+        if self.held.len() >= MAX_HELD {
+            self.held.retain(|_, h| h.until_ms > now_ms);
+            if self.held.len() >= MAX_HELD {
+                return None;
+            }
+        }
+        let ticket = Ticket {
+            lane: lane.to_string(),
+            n,
+            arrived_ms,
+        };
+        self.held.insert(ticket.clone(), Held { sid, until_ms });
+        Some(self.delivery(ticket))
+    }
+
+    /// The session a ticket claimed whose pass has not been delivered, with
+    /// a guard for the answer that carries it again.
+    pub fn again(
+        &self,
+        lane: &str,
+        n: u64,
+        arrived_ms: u64,
+        now_ms: u64,
+    ) -> Option<(u128, Delivery)> {
+        let ticket = Ticket {
+            lane: lane.to_string(),
+            n,
+            arrived_ms,
+        };
+        let held = *self.held.get(&ticket)?;
+        if held.until_ms <= now_ms {
+            self.held.remove_if(&ticket, |_, h| h.until_ms <= now_ms);
+            return None;
+        }
+        Some((held.sid, self.delivery(ticket)))
+    }
+
+    fn delivery(&self, ticket: Ticket) -> Delivery {
+        Delivery {
+            held: self.held.clone(),
+            ticket,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// The answer that carries a claimed pass: once its body has gone out
+/// whole, the ticket is spent.
+pub struct Delivery {
+    held: Arc<DashMap<Ticket, Held>>,
+    ticket: Ticket,
+}
+
+impl Delivery {
+    fn delivered(&self) {
+        self.held.remove(&self.ticket);
+    }
+
+    /// `body`, which marks the pass delivered when its end has gone out.
+    /// An answer dropped before (the person gone, the connection reset)
+    /// leaves the ticket able to fetch its pass again.
+    pub fn on_end_of(self, body: Body) -> Body {
+        body::stream(Watched {
+            inner: body,
+            delivery: Some(self),
+        })
+    }
+}
+
+struct Watched {
+    inner: Body,
+    delivery: Option<Delivery>,
+}
+
+impl Watched {
+    fn ended(&mut self) {
+        if let Some(d) = self.delivery.take() {
+            d.delivered();
+        }
+    }
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // hyper writes trailers last and asks for nothing after.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.ended(),
+            Poll::Ready(None) => self.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // An empty body (a HEAD, a 204) is dropped unpolled once hyper has
+        // written the head: its end.
+        if self.inner.is_end_stream() {
+            self.ended();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_pass_is_held_until_its_answer_ends() {
+        let u = Undelivered::default();
+        let d = u.hold("", 7, 1_000, 42, 2_000, 62_000).unwrap();
+        let (sid, again) = u.again("", 7, 1_000, 3_000).expect("held");
+        assert_eq!(sid, 42);
+        assert!(u.again("", 7, 999, 3_000).is_none(), "another ticket");
+        assert!(u.again("", 8, 1_000, 3_000).is_none(), "another number");
+        // An answer dropped half sent delivers nothing.
+        let two_parts = futures_util::stream::iter(
+            ["pa", "ge"]
+                .map(|part| Ok::<_, BoxError>(Frame::data(Bytes::from_static(part.as_bytes())))),
+        );
+        let mut cut = again.on_end_of(body::stream(http_body_util::StreamBody::new(two_parts)));
+        drop(cut.frame().await);
+        drop(cut);
+        assert!(u.again("", 7, 1_000, 3_000).is_some(), "still held");
+        let whole = d.on_end_of(body::full("page")).collect().await.unwrap();
+        assert_eq!(whole.to_bytes(), "page");
+        assert!(u.again("", 7, 1_000, 3_000).is_none(), "delivered: spent");
+        assert_eq!(u.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_is_delivered_when_dropped() {
+        let u = Undelivered::default();
+        let d = u.hold("", 1, 0, 1, 0, 60_000).unwrap();
+        drop(d.on_end_of(body::empty()));
+        assert!(u.again("", 1, 0, 1).is_none());
+    }
+
+    #[test]
+    fn a_held_claim_lapses_at_its_deadline() {
+        let u = Undelivered::default();
+        let _d = u.hold("", 1, 0, 1, 0, 60_000).unwrap();
+        assert!(u.again("", 1, 0, 59_999).is_some());
+        assert!(u.again("", 1, 0, 60_000).is_none());
+        assert_eq!(u.len(), 0, "forgotten once found lapsed");
+    }
+}
