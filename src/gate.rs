@@ -151,9 +151,9 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
             Err(_) if pass.nbf * 1000 + idle > r.now_ms => {
-                tracing::debug!(room = %room.name, "store away: a recent pass taken at its word");
-                lane.store.vouch(sid, r.now_ms + idle);
-                true
+                let vouched = lane.store.vouch(sid, r.now_ms + idle);
+                tracing::debug!(room = %room.name, vouched, "store away: a recent pass taken at its word");
+                vouched
             }
             Err(e) => return Err(e),
         },

@@ -662,8 +662,12 @@ async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
     );
     let mut moved = Citizen::new(nodes[1].addr);
     moved.jar = during.jar.clone();
+    let mut copy = Citizen::new(nodes[0].addr);
+    copy.jar = before.jar.clone();
     assert_eq!(before.get("/release").await.status, 200);
     assert_eq!(moved.get("/release").await.status, 200);
+    // A copy of a pass this node ended is not taken at its word.
+    assert!(!copy.get("/").await.reached_upstream());
     let _redis = RedisServer::start_with(port, Some(&dir));
     // The end reaches Redis before the session it ends is handed over.
     until_recovered(&nodes[1..], 0).await;
@@ -749,6 +753,20 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
         got.text().contains(&format!("<code>{reference}</code>")),
         "the page names the same reference: {}",
         got.text()
+    );
+    let api = next
+        .request(
+            "GET",
+            "/",
+            varco::body::empty(),
+            &[("accept", "application/json")],
+        )
+        .await;
+    assert_eq!(api.status, 503);
+    assert_eq!(
+        api.json()["request_id"].as_str(),
+        api.headers["x-request-id"].to_str().ok(),
+        "the JSON names it too"
     );
 }
 

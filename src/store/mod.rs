@@ -142,9 +142,11 @@ pub trait RoomStore: Send + Sync + 'static {
     /// Keeps a session the gate took at its pass's word while the store
     /// was away, as one this node saw alive: its next requests ask the
     /// store nothing, and the store hears of it when it answers again
-    /// (which names it back if it was ended). Only a shared store fails
-    /// so.
-    fn vouch(&self, _sid: u128, _expires_ms: u64) {}
+    /// (which names it back if it was ended). False: this node ended it
+    /// itself meanwhile. Only a shared store fails so.
+    fn vouch(&self, _sid: u128, _expires_ms: u64) -> bool {
+        true
+    }
     /// Ends a session (the portal released it): its slot is free at once,
     /// and it is remembered as ended for `remember_ms`, so `restore`
     /// cannot bring it back.

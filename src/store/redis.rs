@@ -157,6 +157,7 @@ impl RedisStore {
             sessions: DashMap::new(),
             touched: DashMap::new(),
             holder: AtomicBool::new(false),
+            recovering: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -178,9 +179,10 @@ struct Fallback {
     pending: Vec<(u128, u64)>,
     /// Earlier outages' blocks (epoch, count) whose hand-over failed.
     unplaced: Vec<(u64, u64)>,
-    /// Sessions the portal ended while Redis was away (sid, when to
-    /// forget them): their slots are freed when it returns, not after
-    /// `session_idle`.
+    /// Sessions the portal ended while Redis was away (sid, how long to
+    /// remember the end once sent): their slots are freed when it
+    /// returns, not after `session_idle`. In memory only: a node restarted
+    /// in the outage forgets them, and they idle out.
     unended: Vec<(u128, u64)>,
 }
 
@@ -214,6 +216,8 @@ pub struct RedisRoom {
     /// Sessions renewed here since the last tick (sent in one batch).
     touched: DashMap<u128, u64>,
     holder: AtomicBool,
+    /// Held while what was done without Redis is handed over.
+    recovering: tokio::sync::Mutex<()>,
 }
 
 /// result, detail, queue, serving, prequeue, opened, active, reserved,
@@ -431,9 +435,20 @@ impl RedisRoom {
     /// numbering past a block already placed or joining a list already
     /// cleared. What fails to go over is put back.
     async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
+        // One hand-over at a time (a release ticks beside the tick loop):
+        // two would split the blocks and could place a later outage's
+        // before an earlier one's. The other tick hands over next time.
+        let Ok(_alone) = self.recovering.try_lock() else {
+            return Ok(());
+        };
         let (mut blocks, pending) = {
             let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-            if !f.degraded && f.issued == 0 && f.unplaced.is_empty() && f.unended.is_empty() {
+            if !f.degraded
+                && f.issued == 0
+                && f.unplaced.is_empty()
+                && f.unended.is_empty()
+                && f.pending.is_empty()
+            {
                 return Ok(());
             }
             let mut blocks = std::mem::take(&mut f.unplaced);
@@ -460,9 +475,11 @@ impl RedisRoom {
                 .unended,
         );
         if !unended.is_empty() {
+            // Remembered from now: counted from the release, an outage
+            // longer than the memory would have the end forgotten at once.
             let args: Vec<String> = unended
                 .iter()
-                .flat_map(|(sid, forget)| [hex(*sid), forget.to_string()])
+                .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
             let inert = inert_limits(self.tick_ms);
             if let Err(e) = self.call("end", &inert, now_ms, &args).await {
@@ -745,9 +762,16 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn vouch(&self, sid: u128, expires_ms: u64) {
+    fn vouch(&self, sid: u128, expires_ms: u64) -> bool {
+        // Ended here in this outage: a copy of its pass is not let in.
+        let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        if f.unended.iter().any(|(s, _)| *s == sid) {
+            return false;
+        }
+        drop(f);
         self.sessions.insert(sid, AtomicU64::new(expires_ms));
         self.touched.insert(sid, expires_ms);
+        true
     }
 
     fn end_session(
@@ -759,7 +783,6 @@ impl RoomStore for RedisRoom {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
-            let forget = now_ms + remember_ms;
             self.fallback
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -767,7 +790,12 @@ impl RoomStore for RedisRoom {
                 .retain(|(s, _)| *s != sid);
             let limits = inert_limits(self.tick_ms);
             match self
-                .call("end", &limits, now_ms, &[hex(sid), forget.to_string()])
+                .call(
+                    "end",
+                    &limits,
+                    now_ms,
+                    &[hex(sid), (now_ms + remember_ms).to_string()],
+                )
                 .await
             {
                 Ok(r) => Ok(r.0 == 1),
@@ -777,7 +805,7 @@ impl RoomStore for RedisRoom {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .unended
-                        .push((sid, forget));
+                        .push((sid, remember_ms));
                     Err(e)
                 }
             }
