@@ -577,6 +577,9 @@ impl App {
         let Stores::Memory(memory) = &self.stores else {
             return;
         };
+        if self.config.store.snapshot.is_none() {
+            return;
+        }
         let now = self.clock.now_ms();
         match memory.save(now) {
             Ok(()) => self.count_snapshot_written(now),
