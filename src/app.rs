@@ -944,7 +944,8 @@ fn build_rooms(
                 )
                 .with_arrival_key(config.arrival_key.as_deref())
                 .with_lanes(&store_for)
-                .with_in_flight_of(old(&r.name).as_deref()),
+                .with_in_flight_of(old(&r.name).as_deref())
+                .with_undelivered_of(old(&r.name).as_deref()),
             )
         })
         .collect()

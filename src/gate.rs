@@ -209,6 +209,20 @@ fn landing(room: &Room, r: &GateRequest) -> String {
     })
 }
 
+/// The pass of a claim by ticket `t` (number `n`) whose answer never
+/// went out, again: while this node holds the claim and its session lives.
+fn resend(room: &Room, lane: &Lane, r: &GateRequest, n: u64, t: &TicketClaims) -> Option<Gate> {
+    let label = room.lane_label(lane);
+    let (sid, delivery) = room.undelivered.again(label, n, t.at, r.now_ms)?;
+    let idle = room.config.session_idle.as_millis() as u64;
+    if lane.store.touch(sid, r.now_ms, idle) != Liveness::Alive {
+        room.undelivered.forget(label, n, t.at);
+        return None;
+    }
+    tracing::info!(room = %room.name, n, "a claimed pass that never reached its holder sent again");
+    Some(claimed(room, lane, r, sid, n, t.at, Some(delivery)))
+}
+
 /// Lets a claimed ticket's request through with session `sid`'s pass,
 /// the ticket cleared.
 fn claimed(
@@ -482,20 +496,17 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                     }
                     // Used or lapsed: this ticket admits nobody any more,
                     // unless the answer with its pass never reached the
-                    // person: then the same session's pass again.
+                    // person: then the same session's pass again. (A used
+                    // ticket past its claim window says Expired.)
                     Some((Claim::AlreadyClaimed, _)) => {
-                        let lost = room
-                            .undelivered
-                            .again(room.lane_label(lane), n, t.at, r.now_ms);
-                        let idle = room.config.session_idle.as_millis() as u64;
-                        if let Some((sid, delivery)) = lost {
-                            if lane.store.touch(sid, r.now_ms, idle) == Liveness::Alive {
-                                tracing::info!(room = %room.name, n, "a claimed pass that never reached its holder sent again");
-                                return Ok(claimed(room, lane, r, sid, n, t.at, Some(delivery)));
-                            }
+                        if let Some(gate) = resend(room, lane, r, n, t) {
+                            return Ok(gate);
                         }
                     }
                     Some((Claim::Expired, _)) => {
+                        if let Some(gate) = resend(room, lane, r, n, t) {
+                            return Ok(gate);
+                        }
                         room.metrics.missed_turns.inc();
                         missed_turn = true;
                     }

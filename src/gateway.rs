@@ -299,7 +299,8 @@ impl Gateway {
                     pass,
                     delivery,
                 }) => {
-                    record.delivery = delivery;
+                    let head = req.method() == http::Method::HEAD;
+                    record.delivery = delivery.map(|d| d.answering_head(head));
                     (set_cookies, pass)
                 }
                 Ok(Gate::Respond(resp)) => return (resp, None),
@@ -550,7 +551,8 @@ impl Gateway {
                 .or_insert_with(|| id.clone());
         }
         if let Some(delivery) = record.delivery {
-            resp = resp.map(|body| delivery.on_end_of(body));
+            let status = resp.status();
+            resp = resp.map(|body| delivery.on_end_of(body, status));
         }
         match record.logged {
             Some(Logged {

@@ -216,11 +216,24 @@ async fn a_ticket_admits_only_once() {
 /// admits nobody any more.
 #[tokio::test]
 async fn a_claim_whose_answer_is_lost_does_not_lose_the_place() {
+    lost_claim(0).await;
+}
+
+/// The same after the turn's claim window has passed (the portal took
+/// its time, the person came back later): not a missed turn.
+#[tokio::test]
+async fn a_lost_claim_is_kept_past_the_claim_window() {
+    lost_claim(61_000).await;
+}
+
+/// A claim whose connection is dropped while the portal thinks; the
+/// person comes back `later_ms` after.
+async fn lost_claim(later_ms: u64) {
     use tokio::io::AsyncWriteExt;
     let up = upstream::spawn().await;
     let g = Gated::start(&gated_config(
         up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
+        "max_active = 1\nsession_idle = \"5m\"\nclaim_window = \"60s\"",
     ))
     .await;
     let mut holder = g.citizen();
@@ -238,14 +251,20 @@ async fn a_claim_whose_answer_is_lost_does_not_lose_the_place() {
         "GET /slow?ms=30000 HTTP/1.1\r\nhost: localhost\r\ncookie: varco_ticket_portal={ticket}\r\n\r\n"
     );
     tcp.write_all(claim.as_bytes()).await.unwrap();
-    let in_flight = up.in_flight.clone();
-    common::client::until(
-        "the claim at the portal",
-        std::time::Duration::from_secs(10),
-        async || in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1,
-    )
+    let forwarding = async |n: f64| {
+        common::client::metric(g.admin, "varco_upstream_in_flight", "room=\"portal\"").await
+            == Some(n)
+    };
+    let wait = std::time::Duration::from_secs(10);
+    common::client::until("the claim at the portal", wait, async || {
+        forwarding(1.0).await
+    })
     .await;
     drop(tcp);
+    // varco sees the person gone and drops the request: no answer left
+    // to deliver the pass.
+    common::client::until("the claim dropped", wait, async || forwarding(0.0).await).await;
+    g.clock.advance_ms(later_ms);
 
     let got = b.get("/").await;
     assert!(got.reached_upstream(), "sent to the back: {}", got.status);

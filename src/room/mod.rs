@@ -193,6 +193,14 @@ impl Room {
         }
     }
 
+    /// Carries `old`'s claims not yet delivered over a reload.
+    pub fn with_undelivered_of(mut self, old: Option<&Room>) -> Self {
+        if let Some(old) = old {
+            self.undelivered = undelivered::Undelivered::continuing(&old.undelivered);
+        }
+        self
+    }
+
     /// Carries `old`'s in-flight slots over a reload (see
     /// `InFlight::continuing`).
     pub fn with_in_flight_of(mut self, old: Option<&Room>) -> Self {

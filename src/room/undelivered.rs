@@ -99,10 +99,28 @@ impl Undelivered {
         Some((held.sid, self.delivery(ticket)))
     }
 
+    /// Drops a hold whose session is gone: its pass would let nobody in.
+    pub fn forget(&self, lane: &str, n: u64, arrived_ms: u64) {
+        self.held.remove(&Ticket {
+            lane: lane.to_string(),
+            n,
+            arrived_ms,
+        });
+    }
+
+    /// The holds of the room this one replaces (a reload): a claim in
+    /// flight across it keeps its pass.
+    pub fn continuing(old: &Undelivered) -> Undelivered {
+        Undelivered {
+            held: old.held.clone(),
+        }
+    }
+
     fn delivery(&self, ticket: Ticket) -> Delivery {
         Delivery {
             held: self.held.clone(),
             ticket,
+            bodiless: false,
         }
     }
 
@@ -117,6 +135,9 @@ impl Undelivered {
 pub struct Delivery {
     held: Arc<DashMap<Ticket, Held>>,
     ticket: Ticket,
+    /// An answer that is sent without its body (to a HEAD): hyper drops
+    /// it unpolled once the head is written, which is its delivery.
+    bodiless: bool,
 }
 
 impl Delivery {
@@ -124,12 +145,24 @@ impl Delivery {
         self.held.remove(&self.ticket);
     }
 
+    /// For an answer to a HEAD, whose body (a page varco made, say) is
+    /// never sent.
+    pub fn answering_head(mut self, head: bool) -> Self {
+        self.bodiless = head;
+        self
+    }
+
     /// `body`, which marks the pass delivered when its end has gone out.
     /// An answer dropped before (the person gone, the connection reset)
     /// leaves the ticket able to fetch its pass again.
-    pub fn on_end_of(self, body: Body) -> Body {
+    pub fn on_end_of(self, body: Body, status: http::StatusCode) -> Body {
+        let bodiless = self.bodiless
+            || status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED;
         body::stream(Watched {
             inner: body,
+            bodiless,
             delivery: Some(self),
         })
     }
@@ -137,6 +170,7 @@ impl Delivery {
 
 struct Watched {
     inner: Body,
+    bodiless: bool,
     delivery: Option<Delivery>,
 }
 
@@ -177,9 +211,9 @@ impl http_body::Body for Watched {
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        // An empty body (a HEAD, a 204) is dropped unpolled once hyper has
-        // written the head: its end.
-        if self.inner.is_end_stream() {
+        // An empty body, or one never sent (a HEAD's, a 304's), is
+        // dropped unpolled once hyper has written the head: its end.
+        if self.bodiless || self.inner.is_end_stream() {
             self.ended();
         }
     }
@@ -203,11 +237,18 @@ mod tests {
             ["pa", "ge"]
                 .map(|part| Ok::<_, BoxError>(Frame::data(Bytes::from_static(part.as_bytes())))),
         );
-        let mut cut = again.on_end_of(body::stream(http_body_util::StreamBody::new(two_parts)));
+        let mut cut = again.on_end_of(
+            body::stream(http_body_util::StreamBody::new(two_parts)),
+            http::StatusCode::OK,
+        );
         drop(cut.frame().await);
         drop(cut);
         assert!(u.again("", 7, 1_000, 3_000).is_some(), "still held");
-        let whole = d.on_end_of(body::full("page")).collect().await.unwrap();
+        let whole = d
+            .on_end_of(body::full("page"), http::StatusCode::OK)
+            .collect()
+            .await
+            .unwrap();
         assert_eq!(whole.to_bytes(), "page");
         assert!(u.again("", 7, 1_000, 3_000).is_none(), "delivered: spent");
         assert_eq!(u.len(), 0);
@@ -217,8 +258,20 @@ mod tests {
     async fn an_empty_answer_is_delivered_when_dropped() {
         let u = Undelivered::default();
         let d = u.hold("", 1, 0, 1, 0, 60_000).unwrap();
-        drop(d.on_end_of(body::empty()));
+        drop(d.on_end_of(body::empty(), http::StatusCode::OK));
         assert!(u.again("", 1, 0, 1).is_none());
+        // A HEAD's answer: its page is never sent, nor polled.
+        let d = u.hold("", 2, 0, 2, 0, 60_000).unwrap();
+        let page = body::full("a page varco made");
+        drop(
+            d.answering_head(true)
+                .on_end_of(page, http::StatusCode::BAD_GATEWAY),
+        );
+        assert!(u.again("", 2, 0, 1).is_none());
+        // A GET's, dropped before any of it went: not delivered.
+        let d = u.hold("", 3, 0, 3, 0, 60_000).unwrap();
+        drop(d.on_end_of(body::full("a page"), http::StatusCode::BAD_GATEWAY));
+        assert!(u.again("", 3, 0, 1).is_some());
     }
 
     #[test]
