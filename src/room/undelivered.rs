@@ -14,15 +14,11 @@
 //! session and its one slot, as a copied pass would. Per node: in cluster
 //! mode a retry through another node finds the ticket used, as before.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use dashmap::DashMap;
-use http_body::{Body as _, Frame, SizeHint};
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body};
 
 /// Claims waiting for delivery, at most: a flood of abandoned claims
 /// (each held until its deadline) cannot grow memory past this; beyond
@@ -120,7 +116,7 @@ impl Undelivered {
         Delivery {
             held: self.held.clone(),
             ticket,
-            bodiless: false,
+            head: false,
         }
     }
 
@@ -135,9 +131,9 @@ impl Undelivered {
 pub struct Delivery {
     held: Arc<DashMap<Ticket, Held>>,
     ticket: Ticket,
-    /// An answer that is sent without its body (to a HEAD): hyper drops
-    /// it unpolled once the head is written, which is its delivery.
-    bodiless: bool,
+    /// An answer to a HEAD: sent without its body, which hyper drops
+    /// unpolled once the head is written, its delivery.
+    head: bool,
 }
 
 impl Delivery {
@@ -148,7 +144,7 @@ impl Delivery {
     /// For an answer to a HEAD, whose body (a page varco made, say) is
     /// never sent.
     pub fn answering_head(mut self, head: bool) -> Self {
-        self.bodiless = head;
+        self.head = head;
         self
     }
 
@@ -156,72 +152,24 @@ impl Delivery {
     /// An answer dropped before (the person gone, the connection reset)
     /// leaves the ticket able to fetch its pass again.
     pub fn on_end_of(self, body: Body, status: http::StatusCode) -> Body {
-        let bodiless = self.bodiless
-            || status.is_informational()
-            || status == http::StatusCode::NO_CONTENT
-            || status == http::StatusCode::NOT_MODIFIED;
-        body::stream(Watched {
-            inner: body,
-            bodiless,
-            delivery: Some(self),
+        let method = match self.head {
+            true => http::Method::HEAD,
+            false => http::Method::GET,
+        };
+        body::on_end(body, body::has_no_body(&method, status), move |e| {
+            if e.completed {
+                self.delivered();
+            }
         })
-    }
-}
-
-struct Watched {
-    inner: Body,
-    bodiless: bool,
-    delivery: Option<Delivery>,
-}
-
-impl Watched {
-    fn ended(&mut self) {
-        if let Some(d) = self.delivery.take() {
-            d.delivered();
-        }
-    }
-}
-
-impl http_body::Body for Watched {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            // hyper writes trailers last and asks for nothing after.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.ended(),
-            Poll::Ready(None) => self.ended(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        // An empty body, or one never sent (a HEAD's, a 304's), is
-        // dropped unpolled once hyper has written the head: its end.
-        if self.bodiless || self.inner.is_end_stream() {
-            self.ended();
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::BoxError;
+    use bytes::Bytes;
+    use http_body::Frame;
     use http_body_util::BodyExt;
 
     #[tokio::test]
