@@ -79,6 +79,31 @@ async fn until_recovered(nodes: &[Gated], node: usize) {
     }
 }
 
+/// A Redis on a port of the test's own (so the test can kill it and
+/// start another there; with `dir`, one that keeps its data), `n` nodes
+/// with a 3 s lease for a room with `room`, their upstream; ticked once.
+struct OverRedis {
+    redis: RedisServer,
+    port: u16,
+    up: upstream::Upstream,
+    nodes: Vec<Gated>,
+}
+
+async fn over_a_redis_to_kill(room: &str, n: usize, dir: Option<&std::path::Path>) -> OverRedis {
+    let port = common::dead_addr().port();
+    let redis = RedisServer::start_with(port, dir);
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(&redis, up.addr, room, "lease = \"3s\"");
+    let nodes = nodes(&cfg, n).await;
+    advance(&nodes, 1000).await;
+    OverRedis {
+        redis,
+        port,
+        up,
+        nodes,
+    }
+}
+
 /// An empty folder of this test process, for Redis's data.
 fn fresh_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("varco-{name}-{}", std::process::id()));
@@ -328,17 +353,17 @@ async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
     let dir = fresh_dir("redis-gap");
-    let port = common::dead_addr().port();
-    let mut redis = RedisServer::start_with(port, Some(&dir));
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill(
         "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
+        2,
+        Some(&dir),
+    )
+    .await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
     let mut called = nodes[1].citizen();
@@ -638,17 +663,12 @@ async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
     let dir = fresh_dir("redis-ended");
-    let port = common::dead_addr().port();
-    let mut redis = RedisServer::start_with(port, Some(&dir));
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 4\nsession_idle = \"5m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 4\nsession_idle = \"5m\"", 2, Some(&dir)).await;
     let mut before = nodes[0].citizen();
     assert!(before.get("/").await.reached_upstream());
     advance(&nodes, 1000).await;
@@ -686,17 +706,12 @@ async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
 /// the outage) is gone by then and never handed it over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_taken_at_its_word_is_reported_by_the_node_that_took_it() {
-    let port = common::dead_addr().port();
-    let mut redis = RedisServer::start_on(port);
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 2\nsession_idle = \"5m\"",
-        "lease = \"3s\"",
-    );
-    let mut nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        mut nodes,
+    } = over_a_redis_to_kill("max_active = 2\nsession_idle = \"5m\"", 2, None).await;
     redis.kill();
     advance(&nodes, 1000).await;
     let mut admitted = nodes[0].citizen();
@@ -773,17 +788,12 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() {
     let dir = fresh_dir("redis");
-    let port = common::dead_addr().port();
-    let mut redis = RedisServer::start_with(port, Some(&dir));
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 2\nsession_idle = \"5m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
+    let OverRedis {
+        mut redis,
+        port,
+        up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 2\nsession_idle = \"5m\"", 2, Some(&dir)).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
     let mut other = nodes[1].citizen();
@@ -904,17 +914,12 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
-    let port = common::dead_addr().port();
-    let mut redis = RedisServer::start_on(port);
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 10\nsession_idle = \"5m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 10\nsession_idle = \"5m\"", 2, None).await;
     for g in &nodes {
         assert!(g.citizen().get("/").await.reached_upstream());
     }
