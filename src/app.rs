@@ -577,12 +577,14 @@ impl App {
         let Stores::Memory(memory) = &self.stores else {
             return;
         };
+        // The store succeeds without writing when there is no file: no
+        // time to report for it.
         if self.config.store.snapshot.is_none() {
             return;
         }
         let now = self.clock.now_ms();
         match memory.save(now) {
-            Ok(()) => self.count_snapshot_written(now),
+            Ok(()) => self.note_snapshot_written(now),
             Err(e) => {
                 self.count_snapshot_error();
                 tracing::error!(error = %e, "cannot write the snapshot; the queue would not survive a restart");
@@ -590,7 +592,7 @@ impl App {
         }
     }
 
-    fn count_snapshot_written(&self, now_ms: u64) {
+    fn note_snapshot_written(&self, now_ms: u64) {
         self.metrics
             .snapshot_written
             .with_label_values::<&str>(&[])

@@ -1,5 +1,7 @@
 //! The one body type varco's services speak: boxed, so upstream streams,
-//! client streams and varco's own small pages share a type.
+//! client streams and varco's own small pages share a type; and the one
+//! watcher of how an answer's body went out (whole or cut short), which
+//! the access line and a claimed pass's delivery both wait on.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -151,9 +151,9 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
             Err(_) if pass.nbf * 1000 + idle > r.now_ms => {
-                let vouched = lane.store.vouch(sid, r.now_ms + idle);
-                tracing::debug!(room = %room.name, vouched, "store away: a recent pass taken at its word");
-                vouched
+                let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
+                tracing::debug!(room = %room.name, taken, "store away: a recent pass taken at its word");
+                taken
             }
             Err(e) => return Err(e),
         },
@@ -213,7 +213,7 @@ fn landing(room: &Room, r: &GateRequest) -> String {
 /// went out, again: while this node holds the claim and its session lives.
 fn resend(room: &Room, lane: &Lane, r: &GateRequest, n: u64, t: &TicketClaims) -> Option<Gate> {
     let label = room.lane_label(lane);
-    let (sid, delivery) = room.undelivered.again(label, n, t.at, r.now_ms)?;
+    let (sid, delivery) = room.undelivered.held_for(label, n, t.at, r.now_ms)?;
     let idle = room.config.session_idle.as_millis() as u64;
     if lane.store.touch(sid, r.now_ms, idle) != Liveness::Alive {
         room.undelivered.forget(label, n, t.at);

@@ -16,8 +16,8 @@
 //! - [`audit`]: the hash-chained admission log the ticker appends to.
 //! - [`checks`]: the receipt, lottery and audit checks anyone can run.
 //! - [`demo`]: the embedded demo portal `varco demo` protects.
-//! - [`body`], [`clock`], [`timefmt`], [`logging`]: the shared body type;
-//!   time and writing it; logs.
+//! - [`body`], [`clock`], [`timefmt`], [`logging`]: the shared body type
+//!   and the watcher of its end; time and writing it; logs.
 #![forbid(unsafe_code)]
 
 pub mod access_log;

@@ -1,15 +1,15 @@
 //! Passes not yet delivered. A claim marks its ticket used in the store
 //! at once, but the pass reaches the person only with the portal's answer
 //! to the claiming request. If that answer never gets there (the person
-//! reloads while a slow portal thinks, the phone changes network, an
-//! HTTP/2 stream is reset), the next request with the same ticket would
+//! gives up on a slow portal and reloads, the connection drops, an HTTP/2
+//! stream is reset), the next request with the same ticket would
 //! find it used and start again at the back of the line, while the session
 //! made for it held a slot for nobody.
 //!
 //! So this node remembers each claim until the end of its answer's body
 //! has gone out; until then, the same ticket gets the same session's pass
-//! again. A ticket whose pass was delivered admits nobody any more (issue
-//! 3's "a ticket that was admitted cannot admit a second time"): a copy
+//! again. A ticket whose pass was delivered admits nobody any more (a
+//! ticket that was admitted cannot admit a second time): a copy
 //! presented in the moment between claim and delivery shares the one
 //! session and its one slot, as a copied pass would. Per node: in cluster
 //! mode a retry through another node finds the ticket used, as before.
@@ -25,10 +25,11 @@ use crate::body::{self, Body};
 /// it, a claim is simply not held, as before this existed.
 const MAX_HELD: usize = 100_000;
 
-/// One ticket: its lane's label, its number, its arrival time (so a
-/// number handed out again after Redis lost its data is another ticket).
+/// The ticket a claim was made with: its lane's label, its number, its
+/// arrival time (so a number handed out again after Redis lost its data
+/// is another ticket).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Ticket {
+struct Claimed {
     lane: String,
     n: u64,
     arrived_ms: u64,
@@ -42,7 +43,7 @@ struct Held {
 
 #[derive(Default)]
 pub struct Undelivered {
-    held: Arc<DashMap<Ticket, Held>>,
+    held: Arc<DashMap<Claimed, Held>>,
 }
 
 impl Undelivered {
@@ -64,7 +65,7 @@ impl Undelivered {
                 return None;
             }
         }
-        let ticket = Ticket {
+        let ticket = Claimed {
             lane: lane.to_string(),
             n,
             arrived_ms,
@@ -75,14 +76,14 @@ impl Undelivered {
 
     /// The session a ticket claimed whose pass has not been delivered, with
     /// a guard for the answer that carries it again.
-    pub fn again(
+    pub fn held_for(
         &self,
         lane: &str,
         n: u64,
         arrived_ms: u64,
         now_ms: u64,
     ) -> Option<(u128, Delivery)> {
-        let ticket = Ticket {
+        let ticket = Claimed {
             lane: lane.to_string(),
             n,
             arrived_ms,
@@ -97,7 +98,7 @@ impl Undelivered {
 
     /// Drops a hold whose session is gone: its pass would let nobody in.
     pub fn forget(&self, lane: &str, n: u64, arrived_ms: u64) {
-        self.held.remove(&Ticket {
+        self.held.remove(&Claimed {
             lane: lane.to_string(),
             n,
             arrived_ms,
@@ -112,7 +113,7 @@ impl Undelivered {
         }
     }
 
-    fn delivery(&self, ticket: Ticket) -> Delivery {
+    fn delivery(&self, ticket: Claimed) -> Delivery {
         Delivery {
             held: self.held.clone(),
             ticket,
@@ -129,8 +130,8 @@ impl Undelivered {
 /// The answer that carries a claimed pass: once its body has gone out
 /// whole, the ticket is spent.
 pub struct Delivery {
-    held: Arc<DashMap<Ticket, Held>>,
-    ticket: Ticket,
+    held: Arc<DashMap<Claimed, Held>>,
+    ticket: Claimed,
     /// An answer to a HEAD: sent without its body, which hyper drops
     /// unpolled once the head is written, its delivery.
     head: bool,
@@ -176,10 +177,10 @@ mod tests {
     async fn a_pass_is_held_until_its_answer_ends() {
         let u = Undelivered::default();
         let d = u.hold("", 7, 1_000, 42, 2_000, 62_000).unwrap();
-        let (sid, again) = u.again("", 7, 1_000, 3_000).expect("held");
+        let (sid, again) = u.held_for("", 7, 1_000, 3_000).expect("held");
         assert_eq!(sid, 42);
-        assert!(u.again("", 7, 999, 3_000).is_none(), "another ticket");
-        assert!(u.again("", 8, 1_000, 3_000).is_none(), "another number");
+        assert!(u.held_for("", 7, 999, 3_000).is_none(), "another ticket");
+        assert!(u.held_for("", 8, 1_000, 3_000).is_none(), "another number");
         // An answer dropped half sent delivers nothing.
         let two_parts = futures_util::stream::iter(
             ["pa", "ge"]
@@ -191,14 +192,17 @@ mod tests {
         );
         drop(cut.frame().await);
         drop(cut);
-        assert!(u.again("", 7, 1_000, 3_000).is_some(), "still held");
+        assert!(u.held_for("", 7, 1_000, 3_000).is_some(), "still held");
         let whole = d
             .on_end_of(body::full("page"), http::StatusCode::OK)
             .collect()
             .await
             .unwrap();
         assert_eq!(whole.to_bytes(), "page");
-        assert!(u.again("", 7, 1_000, 3_000).is_none(), "delivered: spent");
+        assert!(
+            u.held_for("", 7, 1_000, 3_000).is_none(),
+            "delivered: spent"
+        );
         assert_eq!(u.len(), 0);
     }
 
@@ -207,7 +211,7 @@ mod tests {
         let u = Undelivered::default();
         let d = u.hold("", 1, 0, 1, 0, 60_000).unwrap();
         drop(d.on_end_of(body::empty(), http::StatusCode::OK));
-        assert!(u.again("", 1, 0, 1).is_none());
+        assert!(u.held_for("", 1, 0, 1).is_none());
         // A HEAD's answer: its page is never sent, nor polled.
         let d = u.hold("", 2, 0, 2, 0, 60_000).unwrap();
         let page = body::full("a page varco made");
@@ -215,19 +219,19 @@ mod tests {
             d.answering_head(true)
                 .on_end_of(page, http::StatusCode::BAD_GATEWAY),
         );
-        assert!(u.again("", 2, 0, 1).is_none());
+        assert!(u.held_for("", 2, 0, 1).is_none());
         // A GET's, dropped before any of it went: not delivered.
         let d = u.hold("", 3, 0, 3, 0, 60_000).unwrap();
         drop(d.on_end_of(body::full("a page"), http::StatusCode::BAD_GATEWAY));
-        assert!(u.again("", 3, 0, 1).is_some());
+        assert!(u.held_for("", 3, 0, 1).is_some());
     }
 
     #[test]
     fn a_held_claim_lapses_at_its_deadline() {
         let u = Undelivered::default();
         let _d = u.hold("", 1, 0, 1, 0, 60_000).unwrap();
-        assert!(u.again("", 1, 0, 59_999).is_some());
-        assert!(u.again("", 1, 0, 60_000).is_none());
+        assert!(u.held_for("", 1, 0, 59_999).is_some());
+        assert!(u.held_for("", 1, 0, 60_000).is_none());
         assert_eq!(u.len(), 0, "forgotten once found lapsed");
     }
 }

@@ -144,7 +144,7 @@ pub trait RoomStore: Send + Sync + 'static {
     /// store nothing, and the store hears of it when it answers again
     /// (which names it back if it was ended). False: this node ended it
     /// itself meanwhile. Only a shared store fails so.
-    fn vouch(&self, _sid: u128, _expires_ms: u64) -> bool {
+    fn take_at_its_word(&self, _sid: u128, _expires_ms: u64) -> bool {
         true
     }
     /// Ends a session (the portal released it): its slot is free at once,

@@ -183,7 +183,7 @@ struct Fallback {
     /// remember the end once sent): their slots are freed when it
     /// returns, not after `session_idle`. In memory only: a node restarted
     /// in the outage forgets them, and they idle out.
-    unended: Vec<(u128, u64)>,
+    ends_to_send: Vec<(u128, u64)>,
 }
 
 pub struct RedisRoom {
@@ -434,22 +434,22 @@ impl RedisRoom {
     /// tickets (or a new list of sessions) for the next tick, rather than
     /// numbering past a block already placed or joining a list already
     /// cleared. What fails to go over is put back.
-    async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<(), StoreError> {
+    async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<bool, StoreError> {
         // One hand-over at a time (a release ticks beside the tick loop):
         // two would split the blocks and could place a later outage's
-        // before an earlier one's. The other tick hands over next time.
+        // before an earlier one's. False: another is under way.
         let Ok(_alone) = self.recovering.try_lock() else {
-            return Ok(());
+            return Ok(false);
         };
         let (mut blocks, pending) = {
             let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
             if !f.degraded
                 && f.issued == 0
                 && f.unplaced.is_empty()
-                && f.unended.is_empty()
+                && f.ends_to_send.is_empty()
                 && f.pending.is_empty()
             {
-                return Ok(());
+                return Ok(true);
             }
             let mut blocks = std::mem::take(&mut f.unplaced);
             if f.issued > 0 {
@@ -467,17 +467,17 @@ impl RedisRoom {
         };
         // Ends first: a session ended here or on another node is not
         // adopted back.
-        let unended = std::mem::take(
+        let ends_to_send = std::mem::take(
             &mut self
                 .fallback
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .unended,
+                .ends_to_send,
         );
-        if !unended.is_empty() {
+        if !ends_to_send.is_empty() {
             // Remembered from now: counted from the release, an outage
             // longer than the memory would have the end forgotten at once.
-            let args: Vec<String> = unended
+            let args: Vec<String> = ends_to_send
                 .iter()
                 .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
@@ -486,8 +486,8 @@ impl RedisRoom {
                 self.fallback
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .unended
-                    .extend(unended);
+                    .ends_to_send
+                    .extend(ends_to_send);
                 give_back(blocks, pending);
                 return Err(e);
             }
@@ -530,7 +530,7 @@ impl RedisRoom {
         }
         let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
         f.degraded = f.issued > 0 || !f.pending.is_empty();
-        Ok(())
+        Ok(true)
     }
 
     fn remember(&self, s: NewSession) {
@@ -660,8 +660,11 @@ impl RoomStore for RedisRoom {
                 .map_err(unavailable)?;
             self.peers.store(peers.max(1), Ordering::Relaxed);
             // Sessions admitted without Redis first, then activity, so the
-            // session count the tick sees is complete and fresh.
-            self.recovered(&limits, now_ms).await?;
+            // session count the tick sees is complete and fresh: while
+            // another tick hands them over, this one admits nobody.
+            if !self.recovered(&limits, now_ms).await? {
+                return Ok(0);
+            }
             let touched: Vec<(u128, u64)> = self
                 .touched
                 .iter()
@@ -762,10 +765,10 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn vouch(&self, sid: u128, expires_ms: u64) -> bool {
+    fn take_at_its_word(&self, sid: u128, expires_ms: u64) -> bool {
         // Ended here in this outage: a copy of its pass is not let in.
         let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-        if f.unended.iter().any(|(s, _)| *s == sid) {
+        if f.ends_to_send.iter().any(|(s, _)| *s == sid) {
             return false;
         }
         drop(f);
@@ -804,7 +807,7 @@ impl RoomStore for RedisRoom {
                     self.fallback
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .unended
+                        .ends_to_send
                         .push((sid, remember_ms));
                     Err(e)
                 }
