@@ -301,6 +301,10 @@ fn followed_by(seen: &str, had: RoomView, generation: &str, replied: RoomView) -
 }
 
 impl RedisRoom {
+    fn lock_fallback(&self) -> std::sync::MutexGuard<'_, Fallback> {
+        self.fallback.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Is this node the one advancing the serving counter?
     pub fn holds_lease(&self) -> bool {
         self.holder.load(Ordering::Relaxed)
@@ -382,7 +386,7 @@ impl RedisRoom {
             return None;
         }
         let peers = self.peers.load(Ordering::Relaxed).max(1);
-        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.lock_fallback();
         if !f.degraded {
             f.degraded = true;
             f.admitted = 0;
@@ -416,7 +420,7 @@ impl RedisRoom {
     /// node's outage, so these keep their order among themselves, and
     /// placed at the back of the line, as one block, when Redis returns.
     fn issue_provisionally(&self) -> Issued {
-        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.lock_fallback();
         if f.epoch == 0 {
             f.epoch = (crate::room::token::random_u128() as u64).max(1);
         }
@@ -441,8 +445,8 @@ impl RedisRoom {
         let Ok(_alone) = self.recovering.try_lock() else {
             return Ok(false);
         };
-        let (mut blocks, pending) = {
-            let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut blocks, pending, ends_to_send) = {
+            let mut f = self.lock_fallback();
             if !f.degraded
                 && f.issued == 0
                 && f.unplaced.is_empty()
@@ -457,23 +461,17 @@ impl RedisRoom {
             }
             f.epoch = 0;
             f.issued = 0;
-            (blocks, std::mem::take(&mut f.pending))
+            let pending = std::mem::take(&mut f.pending);
+            (blocks, pending, std::mem::take(&mut f.ends_to_send))
         };
         let give_back = |blocks: Vec<(u64, u64)>, pending: Vec<(u128, u64)>| {
-            let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = self.lock_fallback();
             f.unplaced.extend(blocks);
             let newer = std::mem::replace(&mut f.pending, pending);
             f.pending.extend(newer);
         };
         // Ends first: a session ended here or on another node is not
         // adopted back.
-        let ends_to_send = std::mem::take(
-            &mut self
-                .fallback
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .ends_to_send,
-        );
         if !ends_to_send.is_empty() {
             // Remembered from now: counted from the release, an outage
             // longer than the memory would have the end forgotten at once.
@@ -483,11 +481,7 @@ impl RedisRoom {
                 .collect();
             let inert = inert_limits(self.tick_ms);
             if let Err(e) = self.call("end", &inert, now_ms, &args).await {
-                self.fallback
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ends_to_send
-                    .extend(ends_to_send);
+                self.lock_fallback().ends_to_send.extend(ends_to_send);
                 give_back(blocks, pending);
                 return Err(e);
             }
@@ -512,11 +506,7 @@ impl RedisRoom {
             }
         }
         if !waiting.is_empty() {
-            self.fallback
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .unplaced
-                .extend(waiting);
+            self.lock_fallback().unplaced.extend(waiting);
         }
         if !pending.is_empty() {
             let args: Vec<String> = pending
@@ -528,7 +518,7 @@ impl RedisRoom {
                 return Err(e);
             }
         }
-        let mut f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.lock_fallback();
         f.degraded = f.issued > 0 || !f.pending.is_empty();
         Ok(true)
     }
@@ -767,7 +757,7 @@ impl RoomStore for RedisRoom {
 
     fn take_at_its_word(&self, sid: u128, expires_ms: u64) -> bool {
         // Ended here in this outage: a copy of its pass is not let in.
-        let f = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.lock_fallback();
         if f.ends_to_send.iter().any(|(s, _)| *s == sid) {
             return false;
         }
@@ -786,11 +776,7 @@ impl RoomStore for RedisRoom {
         async move {
             self.sessions.remove(&sid);
             self.touched.remove(&sid);
-            self.fallback
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pending
-                .retain(|(s, _)| *s != sid);
+            self.lock_fallback().pending.retain(|(s, _)| *s != sid);
             let limits = inert_limits(self.tick_ms);
             match self
                 .call(
@@ -804,11 +790,7 @@ impl RoomStore for RedisRoom {
                 Ok(r) => Ok(r.0 == 1),
                 Err(e) => {
                     // Sent again when Redis answers (the next tick).
-                    self.fallback
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .ends_to_send
-                        .push((sid, remember_ms));
+                    self.lock_fallback().ends_to_send.push((sid, remember_ms));
                     Err(e)
                 }
             }
