@@ -273,6 +273,13 @@ impl Handler for Gateway {
 }
 
 impl Gateway {
+    /// The request's ID (a trusted proxy's kept), when IDs are on.
+    fn request_id(&self, headers: &http::HeaderMap, conn: ConnInfo) -> Option<HeaderValue> {
+        let ids = self.request_ids.as_ref()?;
+        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+        Some(ids.choose(headers, trusted))
+    }
+
     /// The gate (for a gated room), then the upstream.
     async fn through_room(
         &self,
@@ -308,10 +315,7 @@ impl Gateway {
                     // A failure, unlike the waiting page: a reference for
                     // the help desk and the log line, as the portal's own
                     // failures have.
-                    if let Some(ids) = &self.request_ids {
-                        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
-                        record.id = Some(ids.choose(req.headers(), trusted));
-                    }
+                    record.id = self.request_id(req.headers(), conn);
                     tracing::warn!(
                         room = %room.name,
                         error = %e,
@@ -336,9 +340,7 @@ impl Gateway {
         // Only requests for the portal: one the gate answers (the waiting
         // page, the crowd of a click day) needs no ID to follow there, and
         // would pay for one.
-        if let Some(ids) = &self.request_ids {
-            let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
-            let id = ids.choose(req.headers(), trusted);
+        if let Some(id) = self.request_id(req.headers(), conn) {
             req.extensions_mut().insert(request_id::Stamp(id.clone()));
             record.id = Some(id);
         }
