@@ -36,8 +36,13 @@ where
 /// An answer sent without a body whatever it holds (to HEAD; a 1xx, 204
 /// or 304): hyper drops such a body unpolled, which is its end.
 pub fn has_no_body(method: &Method, status: StatusCode) -> bool {
-    method == Method::HEAD
-        || status.is_informational()
+    method == Method::HEAD || status_has_no_body(status)
+}
+
+/// A status whose answer has no body, whatever the request (1xx, 204,
+/// 304).
+pub fn status_has_no_body(status: StatusCode) -> bool {
+    status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
 }

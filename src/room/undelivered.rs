@@ -35,6 +35,16 @@ struct Claimed {
     arrived_ms: u64,
 }
 
+impl Claimed {
+    fn of(lane: &str, n: u64, arrived_ms: u64) -> Claimed {
+        Claimed {
+            lane: lane.to_string(),
+            n,
+            arrived_ms,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Held {
     sid: u128,
@@ -65,11 +75,7 @@ impl Undelivered {
                 return None;
             }
         }
-        let ticket = Claimed {
-            lane: lane.to_string(),
-            n,
-            arrived_ms,
-        };
+        let ticket = Claimed::of(lane, n, arrived_ms);
         self.held.insert(ticket.clone(), Held { sid, until_ms });
         Some(self.delivery(ticket))
     }
@@ -83,11 +89,7 @@ impl Undelivered {
         arrived_ms: u64,
         now_ms: u64,
     ) -> Option<(u128, Delivery)> {
-        let ticket = Claimed {
-            lane: lane.to_string(),
-            n,
-            arrived_ms,
-        };
+        let ticket = Claimed::of(lane, n, arrived_ms);
         let held = *self.held.get(&ticket)?;
         if held.until_ms <= now_ms {
             self.held.remove_if(&ticket, |_, h| h.until_ms <= now_ms);
@@ -98,11 +100,7 @@ impl Undelivered {
 
     /// Drops a hold whose session is gone: its pass would let nobody in.
     pub fn forget(&self, lane: &str, n: u64, arrived_ms: u64) {
-        self.held.remove(&Claimed {
-            lane: lane.to_string(),
-            n,
-            arrived_ms,
-        });
+        self.held.remove(&Claimed::of(lane, n, arrived_ms));
     }
 
     /// The holds of the room this one replaces (a reload): a claim in
@@ -153,11 +151,8 @@ impl Delivery {
     /// An answer dropped before (the person gone, the connection reset)
     /// leaves the ticket able to fetch its pass again.
     pub fn on_end_of(self, body: Body, status: http::StatusCode) -> Body {
-        let method = match self.head {
-            true => http::Method::HEAD,
-            false => http::Method::GET,
-        };
-        body::on_end(body, body::has_no_body(&method, status), move |e| {
+        let bodiless = self.head || body::status_has_no_body(status);
+        body::on_end(body, bodiless, move |e| {
             if e.completed {
                 self.delivered();
             }
