@@ -94,12 +94,16 @@ fn is_bypass(room: &Room, r: &GateRequest) -> bool {
         return true;
     }
     match &b.header {
-        Some((name, secret)) => r
-            .headers
-            .get(name)
-            .is_some_and(|v| constant_time_eq(v.as_bytes(), secret.as_bytes())),
+        Some((name, secret)) => carries_secret(r.headers, name, secret),
         None => false,
     }
+}
+
+/// Whether `headers` carry `secret` in `name` (compared in constant time).
+pub(crate) fn carries_secret(headers: &HeaderMap, name: &http::HeaderName, secret: &str) -> bool {
+    headers
+        .get(name)
+        .is_some_and(|v| constant_time_eq(v.as_bytes(), secret.as_bytes()))
 }
 
 /// Compares without stopping at the first difference, so the time taken
