@@ -168,6 +168,14 @@ impl App {
         // shows none).
         if config.store.snapshot.is_some() {
             metrics.state_write_errors.with_label_values(&["snapshot"]);
+            // What is on disk now is the whole queue (just restored from it,
+            // or nothing yet to lose): from here, a first write that hangs
+            // ages the series, and VarcoQueueStateStale sees it, where an
+            // absent series would stay silent.
+            metrics
+                .snapshot_written
+                .with_label_values::<&str>(&[])
+                .set((clock.now_ms() / 1000) as i64);
         }
         let rooms = build_rooms(
             &config,

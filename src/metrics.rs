@@ -308,7 +308,7 @@ impl Metrics {
         let snapshot_written = IntGaugeVec::new(
             Opts::new(
                 "varco_state_snapshot_timestamp_seconds",
-                "When the memory store's snapshot was last written whole (unix seconds): one older than a few store.snapshot_intervals means a restart would lose the places taken since",
+                "When the memory store's snapshot was last written whole, or varco started from it (unix seconds): one older than a few store.snapshot_intervals means a restart would lose the places taken since",
             ),
             &[],
         )

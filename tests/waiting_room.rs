@@ -854,16 +854,13 @@ async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
     );
     let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
     // The snapshot written at start, before the folder goes: one late
-    // would be a second error counted below.
-    let admin = g.admin;
+    // would be a second error counted below. (Its time is set from the
+    // start, so the file, renamed into place whole, is the signal.)
+    let written = folder.join("state.json");
     common::client::until(
         "the first snapshot",
         std::time::Duration::from_secs(10),
-        async || {
-            common::client::metric(admin, "varco_state_snapshot_timestamp_seconds", "")
-                .await
-                .is_some_and(|at| at == (common::gated::T0 / 1000) as f64)
-        },
+        async || written.exists(),
     )
     .await;
     std::fs::remove_dir_all(&folder).unwrap();
@@ -890,6 +887,78 @@ async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
     let before = errors("snapshot").await;
     g.app.save();
     assert_eq!(errors("snapshot").await, before + 1.0);
+}
+
+/// A first snapshot whose write hangs (a stuck disk raises no error) ages
+/// the snapshot's time from the start, so `VarcoQueueStateStale` can fire:
+/// a series that appeared only with the first write would stay absent,
+/// and the alert silent, for as long as the write hung.
+#[tokio::test]
+async fn a_first_snapshot_that_hangs_ages_the_time_of_the_last_one() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("first-hangs", up.addr, "max_active = 1");
+    let cfg = cfg.replace(
+        "snapshot = \"state.json\"",
+        "snapshot = \"state.json\"\nsnapshot_interval = \"100ms\"",
+    );
+    // A FIFO where the write goes first: opening it to write waits for a
+    // reader, as a write to a stuck disk waits.
+    let fifo = dir.join("state.json.tmp");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stuck = dir.join("stuck.fifo");
+    let _unstick = Unstick(vec![fifo.clone(), stuck.clone()]);
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let at = || async {
+        common::client::metric(g.admin, "varco_state_snapshot_timestamp_seconds", "").await
+    };
+    assert_eq!(at().await, Some((T0 / 1000) as f64), "set at the start");
+    g.advance(600_000).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    assert_eq!(at().await, Some((T0 / 1000) as f64), "ten minutes stale");
+    assert!(!dir.join("state.json").exists(), "the write hangs");
+    // The disk comes back: the writes after this one go to a plain file,
+    // stamped now; the stuck one, moved aside with its FIFO, ends (a FIFO
+    // cannot be synced: one error).
+    std::fs::rename(&fifo, &stuck).unwrap();
+    let reader = {
+        let stuck = stuck.clone();
+        std::thread::spawn(move || std::fs::read(&stuck).map(|b| b.len()))
+    };
+    let bytes = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(bytes > 0, "the stuck write held the snapshot");
+    std::fs::remove_file(&stuck).unwrap();
+    common::client::until(
+        "a snapshot written at the moved clock",
+        std::time::Duration::from_secs(10),
+        async || at().await == Some((T0 / 1000 + 600) as f64),
+    )
+    .await;
+    assert!(dir.join("state.json").exists());
+}
+
+/// Reads the FIFOs left on drop, so that a failed test does not leave
+/// varco's writers waiting on them for ever (the runtime waits for them).
+struct Unstick(Vec<std::path::PathBuf>);
+
+impl Drop for Unstick {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        for path in self.0.drain(..) {
+            std::thread::spawn(move || {
+                while std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_fifo()) {
+                    let _ = std::fs::read(&path);
+                }
+            });
+        }
+    }
 }
 
 /// A restart onto a config whose opening is still to come, over a queue
