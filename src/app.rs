@@ -476,6 +476,7 @@ impl App {
             if let Some(old) = self.room(&room.name) {
                 room.upstreams.keep_taken_out_of(&old.upstreams);
                 room.upstreams.keep_cooldowns_of(&old.upstreams);
+                room.upstreams.keep_rotation_of(&old.upstreams);
             }
             if let (Some(old), Some(_)) = (self.room(&room.name), &room.config.health_check) {
                 room.upstreams.keep_checks_of(&old.upstreams);

@@ -1069,6 +1069,27 @@ async fn an_upstream_back_from_a_cool_down_takes_its_share_gradually() {
     assert_eq!(back, 0, "at the start of its slow start");
 }
 
+/// A reload (a renewed certificate, say) goes on with the rotation where
+/// it was: started again, the first upstream would take the turn after
+/// every reload, and every turn where reloads outnumber requests.
+#[tokio::test]
+async fn a_reload_goes_on_with_the_rotation_where_it_was() {
+    let a = upstream::spawn().await;
+    let b = upstream::spawn().await;
+    let (g, _path) =
+        common::gated::Gated::start_written("rotation-reload", &room_config(&[a.addr, b.addr], ""))
+            .await;
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let got = get(&format!("http://{}/echo", g.addr)).await;
+        assert_eq!(got.status, 200);
+        answered.push(got.json()["upstream"].as_str().unwrap().to_string());
+        g.app.reload().await.expect("reload");
+    }
+    let (a, b) = (a.addr.to_string(), b.addr.to_string());
+    assert_eq!(answered, [a.clone(), b.clone(), a, b]);
+}
+
 /// An operator takes an upstream out of rotation (a deploy on that
 /// server): it gets no request until put back, and a reload keeps it out.
 #[tokio::test]

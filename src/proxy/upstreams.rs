@@ -318,6 +318,31 @@ impl UpstreamPool {
         }
     }
 
+    /// Goes on with the rotation of the pool a reload replaces when it is
+    /// the same one (the same upstreams, by address, with the same
+    /// weights, in the same order): started again at its first slot, the
+    /// first upstream would take an extra turn at every reload, and all of
+    /// them where reloads come more often than requests (a renewed
+    /// certificate every few minutes on a quiet night).
+    pub fn keep_rotation_of(&self, old: &UpstreamPool) {
+        let slots = |p: &UpstreamPool| {
+            p.wheel
+                .iter()
+                .map(|&i| p.upstreams[i].label.clone())
+                .collect::<Vec<_>>()
+        };
+        if slots(self) != slots(old) {
+            return;
+        }
+        for (to, from) in [
+            (&self.next, &old.next),
+            (&self.spill, &old.spill),
+            (&self.detour, &old.detour),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Keeps the cool-downs and the failures counted towards `max_fails`
     /// of the pool a reload replaces (by address): a reload (a renewed
     /// certificate, say) would otherwise send people to a server that is
@@ -969,6 +994,20 @@ mod tests {
         assert_eq!(reloaded.take_out("127.0.0.1:9000", false, false), Ok(true));
         let picks: Vec<usize> = (0..4).map(|_| reloaded.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_reload_goes_on_with_the_same_rotation() {
+        let p = pool_on(&[9001, 9002, 9003], Duration::ZERO);
+        assert_eq!(p.pick(&[]), Some(0));
+        let reloaded = pool_on(&[9001, 9002, 9003], Duration::ZERO);
+        reloaded.keep_rotation_of(&p);
+        let picks: Vec<usize> = (0..3).map(|_| reloaded.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![1, 2, 0]);
+        // Another rotation starts at its own beginning.
+        let changed = pool_on(&[9001, 9003], Duration::ZERO);
+        changed.keep_rotation_of(&reloaded);
+        assert_eq!(changed.pick(&[]), Some(0));
     }
 
     #[test]
