@@ -309,6 +309,15 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.admission_per_minute",
         ),
         ("max_active = 0\n", "rooms.portal.max_active"),
+        // NaN bounds once panicked before the error was told.
+        (
+            "adaptive = { min_per_minute = nan, max_per_minute = 600, target_latency = \"100ms\" }\n",
+            "rooms.portal.adaptive.min_per_minute",
+        ),
+        (
+            "adaptive = { min_per_minute = 60, max_per_minute = nan, target_latency = \"100ms\" }\n",
+            "rooms.portal.adaptive.max_per_minute",
+        ),
         ("mode = \"open\"\n", "rooms.portal.mode"),
         ("opens_at = \"tomorrow 9am\"\n", "rooms.portal.opens_at"),
         // 1926 for 2026: as unix ms it wrapped to an opening that never came.

@@ -826,9 +826,13 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             admission_per_minute: adaptive
                 .as_ref()
                 .map(|a| {
+                    // max then min, not clamp: with the bounds refused
+                    // above (NaN, crossed), clamp would panic before the
+                    // errors are told.
                     r.admission_per_minute
                         .unwrap_or(a.min_per_minute)
-                        .clamp(a.min_per_minute, a.max_per_minute.max(a.min_per_minute))
+                        .max(a.min_per_minute)
+                        .min(a.max_per_minute.max(a.min_per_minute))
                 })
                 .or(r.admission_per_minute),
             max_active: r.max_active,

@@ -322,8 +322,8 @@ pub fn judge(c: &AdaptiveConfig, window: &Window) -> Option<Verdict> {
 
 /// The pure law for the rate: the next rate (or None to hold). `observed`
 /// is the window's latency percentile: a cut for latency is as deep as
-/// the overshoot (target / observed), never gentler than 0.95 nor deeper
-/// than `backoff`, so a rate a little over the knee is trimmed, not
+/// the overshoot (target / observed), never gentler than 0.95 (or than
+/// `backoff`, if that is gentler still) nor deeper than `backoff`, so a rate a little over the knee is trimmed, not
 /// halved, while a collapsing portal gets the full cut at once. `peak` is
 /// the rate where the last overload began: from 20% under it to 10% over
 /// it the step is halved, so the rate creeps up on the knee it found and
@@ -341,7 +341,10 @@ pub fn next_rate(
         Verdict::Overloaded(reason) => {
             let factor = match (reason, observed) {
                 (Reason::Latency, Some(p)) if p > c.target_latency => {
-                    (c.target_latency.as_secs_f64() / p.as_secs_f64()).clamp(c.backoff, 0.95)
+                    // A backoff gentler than 0.95 is the whole range (and
+                    // clamp's bounds must not cross: it panics).
+                    (c.target_latency.as_secs_f64() / p.as_secs_f64())
+                        .clamp(c.backoff, c.backoff.max(0.95))
                 }
                 _ => c.backoff,
             };
@@ -647,6 +650,19 @@ mod tests {
             Some((60.0, Reason::Latency))
         );
         assert_eq!(rate_after(&c, &window(&[900; 10], 0), true, 60.0), None);
+    }
+
+    #[test]
+    fn a_backoff_gentler_than_the_trim_cuts_by_the_backoff() {
+        let c = AdaptiveConfig {
+            backoff: 0.97,
+            ..config()
+        };
+        for slow_ms in [600, 900, 5000] {
+            let (cut, why) = rate_after(&c, &window(&[slow_ms; 100], 0), true, 1000.0).unwrap();
+            assert_eq!(why, Reason::Latency);
+            assert!((969.0..=971.0).contains(&cut), "{slow_ms} ms: {cut}");
+        }
     }
 
     #[test]
