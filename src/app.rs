@@ -6,11 +6,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -752,7 +754,11 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
-        app.tick().await;
+        // A panicking tick would end the loop for good, every room frozen
+        // while /readyz still said ready: told, and the next tick runs.
+        if AssertUnwindSafe(app.tick()).catch_unwind().await.is_err() {
+            tracing::error!("an admission tick panicked (a bug: please report it); ticking on");
+        }
         ticks += 1;
         // About once a minute, forget addresses no limiter is holding back.
         if ticks % 60 == 0 {
@@ -777,8 +783,13 @@ async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         tracing::info!(who = "SIGHUP", "reload requested");
-        if let Err(e) = app.reload().await {
-            tracing::error!(error = %e, "reload refused; the running config stays");
+        // A panic would end this loop, and every later SIGHUP go unheard.
+        match AssertUnwindSafe(app.reload()).catch_unwind().await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reload refused; the running config stays")
+            }
+            Err(_) => tracing::error!("the reload panicked (a bug: please report it)"),
         }
     }
 }
