@@ -274,6 +274,41 @@ async fn one_address_cannot_take_every_connection() {
     drop(b);
 }
 
+/// On a dual-stack listener (`[::]`) IPv4 clients arrive as
+/// `::ffff:a.b.c.d`: each still counts as its own address, not as one
+/// IPv6 subscriber's /64 all of them would share, so one busy address
+/// does not shut out every IPv4 citizen.
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_count_one_by_one() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nlisten = \"[::]:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_connections_per_ip = 1",
+    ))
+    .await;
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], v.addr.port()));
+    let ask = |from: [u8; 4]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((from, 0).into()).unwrap();
+        let mut s = sock.connect(at).await.unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        (s, String::from_utf8_lossy(&buf[..n]).to_string())
+    };
+    let (_held, first) = ask([127, 0, 0, 1]).await;
+    assert_eq!(first, "HTTP/1.1 200");
+    let (_, same) = ask([127, 0, 0, 1]).await;
+    assert_eq!(same, "", "the limit holds for the same address");
+    let (_, other) = ask([127, 0, 0, 2]).await;
+    assert_eq!(other, "HTTP/1.1 200", "another IPv4 address was shut out");
+}
+
 /// A client that asks for a large response and stops reading it is
 /// disconnected after `send_timeout`, though a request is in flight (the
 /// keep-alive idle timeout does not apply then).

@@ -260,9 +260,11 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
 /// address's /64. One IPv6 subscriber (a phone, a home) is handed a whole
 /// /64 and may take a fresh source address for every connection, so
 /// counting each address would give a bot as many ticket budgets as it
-/// cares to make. Providers hand out no less than a /64 to anyone.
+/// cares to make. Providers hand out no less than a /64 to anyone. An
+/// IPv4 client of a dual-stack listener counts as its IPv4 address, not
+/// as the /64 every such client shares (`::ffff:0:0/96`).
 pub fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip {
+    match canonical(ip) {
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();
             octets[8..].fill(0);
@@ -429,6 +431,7 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
         assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
         assert_eq!(key("198.51.100.7"), "198.51.100.7");
+        assert_eq!(key("::ffff:198.51.100.7"), "198.51.100.7");
     }
 
     #[test]
