@@ -114,6 +114,26 @@ impl Gateway {
     }
 }
 
+/// A Host the portal could read as another than varco routes by: two
+/// Host fields, one out of syntax (`router::valid_host`), or, in HTTP/2,
+/// one naming another than :authority (RFC 9113 8.3.1). The URI's own
+/// authority hyper and `http` have checked.
+fn host_is_ambiguous(req: &Request<Incoming>) -> bool {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let Some(host) = hosts.next() else {
+        return false;
+    };
+    if hosts.next().is_some() || !crate::router::valid_host(host.as_bytes()) {
+        return true;
+    }
+    match (req.version(), req.uri().authority()) {
+        (http::Version::HTTP_2, Some(authority)) => host.to_str().map_or(true, |h| {
+            crate::router::normalise_host(h) != crate::router::normalise_host(authority.as_str())
+        }),
+        _ => false,
+    }
+}
+
 /// The request's host: the Host header (HTTP/1.1) or :authority (HTTP/2).
 pub fn host_of(req: &Request<Incoming>) -> Option<&str> {
     req.headers()
@@ -228,8 +248,13 @@ impl Handler for Gateway {
             id: None,
             delivery: None,
         };
-        if let Err(e) = canonical {
-            tracing::debug!(error = %e, "request path refused");
+        let refused = match canonical {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if host_is_ambiguous(&req) => Some("ambiguous Host".into()),
+            Ok(()) => None,
+        };
+        if let Some(e) = refused {
+            tracing::debug!(error = %e, "request refused");
             let reader = Reader::of(req.headers(), json, Language::En);
             let resp = page::error(StatusCode::BAD_REQUEST, &MALFORMED, reader);
             self.metrics

@@ -116,6 +116,43 @@ pub fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// Whether `host` is a Host (or :authority) varco and the portal can only
+/// read one way: a name of RFC 3986's reg-name characters or an IP
+/// literal in brackets, then at most a port of digits. Anything else
+/// (a second colon, a path, userinfo, bytes past ASCII) is read one way
+/// here and another by the portal (nginx keeps what comes before the
+/// first colon; this router what comes before the last): routed to one
+/// room, served as another, past its gate.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host.first() {
+        Some(b'[') => {
+            let Some(end) = host.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = std::str::from_utf8(&host[1..end]).ok();
+            if literal
+                .and_then(|l| l.parse::<std::net::Ipv6Addr>().ok())
+                .is_none()
+            {
+                return false;
+            }
+            match &host[end + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (&[][..], port),
+                _ => return false,
+            }
+        }
+        _ => match host.iter().position(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon + 1..]),
+            None => (host, &b"0"[..]),
+        },
+    };
+    let name_ok = name
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b));
+    name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
+}
+
 /// Lowercase, without port; IPv6 literals keep their brackets.
 pub fn normalise_host(host: &str) -> String {
     let h = if host.starts_with('[') {
@@ -139,6 +176,37 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_reads_one_way_or_not_at_all() {
+        for good in [
+            "portal.example.org",
+            "PORTAL.example.org.:8443",
+            "10.0.0.1:80",
+            "[::1]",
+            "[2001:db8::1]:443",
+            "intranet_host",
+            "portal.example.org:",
+            "",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "portal.example.org:1:2",
+            "portal.example.org:80x",
+            "portal.example.org:123456",
+            "user@portal.example.org",
+            "portal.example.org/apply",
+            "portal.example.org\\x",
+            "portäl.example.org",
+            "[::1",
+            "[not-an-ip]",
+            "[::1]x",
+            "a b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
     use crate::config::Config;
 
     fn router(toml: &str) -> Router {

@@ -862,6 +862,28 @@ async fn http2_cookie_fields_reach_the_portal_as_one_line() {
     );
 }
 
+/// In HTTP/2 a Host field naming another than :authority is malformed
+/// (RFC 9113 8.3.1): varco routes by one, the portal might read the
+/// other. The same host written otherwise (case, port) is served.
+#[tokio::test]
+async fn http2_host_and_authority_that_differ_are_refused() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = client::h2_handshake(tcp).await;
+    let ask = |host: &'static str| {
+        Request::get(format!("http://portal.example.org:{}/echo", v.addr.port()))
+            .header("host", host)
+            .body(body::empty())
+            .unwrap()
+    };
+    let resp = h2.send_request(ask("other.example.org")).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(up.hits(), 0);
+    let resp = h2.send_request(ask("PORTAL.example.org")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn an_answer_stalled_midway_is_cut_off() {
     let up = upstream::spawn().await;

@@ -163,3 +163,52 @@ async fn an_absolute_form_target_is_forwarded_consistently() {
         other => panic!("unexpected {other}: {resp}"),
     }
 }
+
+/// A Host varco and the portal could read differently is refused: nginx
+/// serves `bonus.example.org:1:2` as bonus.example.org, while a lenient
+/// router took it for another host and sent it, past the bonus room's
+/// gate, to the room serving every other host.
+#[tokio::test]
+async fn a_host_read_two_ways_never_passes_the_gate() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[secrets]\nephemeral = true\n\
+         [rooms.bonus]\nupstreams = [\"http://{up}\"]\nhosts = [\"bonus.example.org\"]\n\
+         max_active = 1\nmode = \"queue_all\"\n\
+         [rooms.www]\nupstreams = [\"http://{up}\"]\n",
+        up = up.addr
+    );
+    let v = Varco::start(&toml).await;
+    for host in [
+        "bonus.example.org:1:2",
+        "bonus.example.org:80x",
+        "bonus.example.org/x",
+        "someone@bonus.example.org",
+        "bonus.example.org\u{e4}",
+    ] {
+        let resp = send(
+            &v,
+            &format!("GET /apply HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status(&resp), 400, "{host:?} -> {resp}");
+    }
+    let two = "GET /apply HTTP/1.1\r\nHost: www.example.org\r\nHost: bonus.example.org\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(&v, two).await), 400, "two Host fields");
+    assert_eq!(up.hits(), 0);
+    // Read one way, however written: the bonus room's gate.
+    let resp = send(
+        &v,
+        "GET /apply HTTP/1.1\r\nHost: BONUS.example.org.:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(resp.contains("aria-live"), "the waiting page: {resp}");
+    assert_eq!(up.hits(), 0);
+    let resp = send(
+        &v,
+        "GET /echo HTTP/1.1\r\nHost: www.example.org:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), 200, "{resp}");
+}
