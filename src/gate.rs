@@ -199,7 +199,7 @@ fn landing(room: &Room, r: &GateRequest) -> String {
             }
             let canonical = crate::request_path::normalise(u.path()) == Ok(None);
             let pq = u.path_and_query()?.as_str();
-            (canonical && in_room(&crate::router::without_parameters(u.path())))
+            (canonical && in_room(&crate::router::as_matched(u.path())))
                 .then(|| safe_path(pq).map(str::to_string))
                 .flatten()
         });

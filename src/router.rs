@@ -66,7 +66,7 @@ impl Router {
     /// `host` may carry a port and any case; `path` is the request path.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Room>> {
         let host = host.map(normalise_host).unwrap_or_default();
-        let path = without_parameters(path);
+        let path = as_matched(path);
         self.routes
             .iter()
             .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, &path))
@@ -114,6 +114,54 @@ pub fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
         out.push('/');
     }
     out.into()
+}
+
+/// The path rooms are matched on: without `;parameters`
+/// (`without_parameters`), and with escaped slashes and backslashes read
+/// as slashes, repeats merged, as nginx, WSGI servers and IIS read them
+/// before they route: `/servizi%2Fbonus/apply` is in `/servizi/bonus`,
+/// or it would reach another room (ungated, say) and the portal as the
+/// bonus room's path. The portal still gets the path as sent.
+pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
+    let path = without_parameters(path);
+    let escaped = |p: &str| {
+        p.contains('\\')
+            || p.contains("%2F")
+            || p.contains("%2f")
+            || p.contains("%5C")
+            || p.contains("%5c")
+    };
+    if !escaped(&path) {
+        return path;
+    }
+    // Bytes, not chars: what follows a `%` may be anything.
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes.get(i + 1..i + 3);
+        let len = match bytes[i] {
+            b'/' | b'\\' => 1,
+            b'%' if escape.is_some_and(|e| {
+                e.eq_ignore_ascii_case(b"2f") || e.eq_ignore_ascii_case(b"5c")
+            }) =>
+            {
+                3
+            }
+            b => {
+                out.push(b);
+                i += 1;
+                continue;
+            }
+        };
+        if out.last() != Some(&b'/') {
+            out.push(b'/');
+        }
+        i += len;
+    }
+    // Only ASCII bytes were replaced, by ASCII.
+    let out = String::from_utf8(out).unwrap_or_default();
+    without_parameters(&out).into_owned().into()
 }
 
 /// Whether `host` is a Host (or :authority) varco and the portal can only
@@ -164,8 +212,7 @@ pub fn normalise_host(host: &str) -> String {
 }
 
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
-/// whole path segments (of a path without parameters: see
-/// `without_parameters`).
+/// whole path segments (of the path as matched: see `as_matched`).
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
@@ -176,6 +223,22 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_slashes_are_matched_as_slashes() {
+        for (sent, matched) in [
+            ("/servizi/bonus/apply", "/servizi/bonus/apply"),
+            ("/servizi%2Fbonus/apply", "/servizi/bonus/apply"),
+            ("/servizi%2fbonus/apply", "/servizi/bonus/apply"),
+            ("/servizi%5Cbonus/apply", "/servizi/bonus/apply"),
+            ("/servizi\\bonus/apply", "/servizi/bonus/apply"),
+            ("/servizi%2F%2Fbonus", "/servizi/bonus"),
+            ("/servizi%2F;x/bonus", "/servizi/bonus"),
+            ("/caf%C3%A8/%2", "/caf%C3%A8/%2"),
+        ] {
+            assert_eq!(as_matched(sent), matched, "{sent}");
+        }
+    }
 
     #[test]
     fn a_host_reads_one_way_or_not_at_all() {

@@ -1256,6 +1256,46 @@ async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
     );
 }
 
+/// A slash escaped (`%2F`, `%5C`) or written as a backslash does not take
+/// a request out of a gated room on a sub-path: nginx, WSGI servers and
+/// IIS read them as slashes before they route, so the portal would serve
+/// the gated path to someone the site's other room let through.
+#[tokio::test]
+async fn an_escaped_slash_does_not_walk_out_of_a_gated_room() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[secrets]\nephemeral = true\n\
+         [rooms.bonus]\nupstreams = [\"http://{up}\"]\npaths = [\"/servizi/bonus\"]\n\
+         max_active = 1\nmode = \"queue_all\"\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n\
+         [rooms.main]\nupstreams = [\"http://{up}\"]\n",
+        up = up.addr
+    );
+    let g = Gated::start(&toml).await;
+    assert!(g.citizen().get("/servizi/altro").await.reached_upstream());
+    for sneak in [
+        "/servizi%2Fbonus/apply",
+        "/servizi%2fbonus/apply",
+        "/servizi%5Cbonus/apply",
+        "/servizi%2F%2Fbonus/apply",
+        "/servizi%2F;x/bonus/apply",
+    ] {
+        let mut c = g.citizen();
+        let got = c.get(sneak).await;
+        assert!(
+            got.is_waiting_page(),
+            "{sneak} skipped the queue: {}",
+            got.text()
+        );
+        assert!(c.cookie("varco_ticket_bonus").is_some(), "{sneak}");
+    }
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the other room's page reached the portal"
+    );
+}
+
 /// `cookie_same_site = "none"`: an identity provider's POST back from its
 /// own site carries varco's cookies. Browsers accept that only with
 /// Secure, so over plain HTTP the cookies stay Lax.
