@@ -735,7 +735,9 @@ pub async fn status(
     let view = lane.store.view();
     let state = if room.mode() == Mode::Closed {
         "closed"
-    } else if has_pass {
+    } else if has_pass || !room.is_gated() {
+        // A room not gated (passthrough, its limits lifted) lets everyone
+        // in: a page still open there moves on.
         "admitted"
     } else if ticket.is_none() {
         "none"

@@ -538,8 +538,7 @@ impl Gateway {
         match req.uri().path() {
             "/.varco/status" => {
                 let room = query_param(req.uri().query(), "room")
-                    .and_then(|name| self.routing.load().room(name).cloned())
-                    .filter(|r| r.is_gated());
+                    .and_then(|name| self.routing.load().room(name).cloned());
                 match room {
                     Some(room) => {
                         let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);

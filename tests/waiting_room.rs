@@ -567,6 +567,8 @@ async fn each_mode_behaves() {
         let mut c = g.citizen();
         assert!(c.get("/").await.reached_upstream());
         assert!(c.jar.is_empty(), "no cookies in passthrough");
+        // A page left open from before the gate was lifted moves on.
+        assert_eq!(c.status("portal").await["state"], "admitted");
     }
     assert_eq!(up.hits(), before + 3);
 }

@@ -84,6 +84,22 @@ pub struct LotteryInfo {
 pub const MIN_CLAIM_WINDOW: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Status<'_> {
+    /// What the page's message says: `closed`, `prequeue`, `paused` or
+    /// `waiting` (a missed turn's note is a waiting page's). The script
+    /// works it out of each status answer as here, and loads the page
+    /// afresh when it changes, so the message never goes stale.
+    pub fn situation(&self) -> &'static str {
+        if self.state == "closed" {
+            "closed"
+        } else if self.prequeue {
+            "prequeue"
+        } else if self.paused {
+            "paused"
+        } else {
+            "waiting"
+        }
+    }
+
     /// Seconds the page should wait before asking again: sooner when the
     /// turn is near, never under 5 (a stampede), at most 30, and at most
     /// the claim window over 2.6: the page waits up to 1.3 times this, so
@@ -316,7 +332,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 30] = [
+pub const VARIABLES: [&str; 31] = [
     "lang",
     "title",
     "intro",
@@ -347,6 +363,7 @@ pub const VARIABLES: [&str; 30] = [
     "receipt_code",
     "arrived_time",
     "lottery",
+    "situation",
 ];
 
 enum Part {
@@ -446,6 +463,7 @@ fn bake(parts: &[Part], s: &Strings) -> Vec<Part> {
 pub fn render(template: &Template, status: &Status, lang: Language, next_url: &str) -> String {
     use std::borrow::Cow;
     let s = strings(lang);
+    let situation = status.situation();
     let message: Cow<str> = if status.state == "closed" {
         s.closed.into()
     } else if status.prequeue {
@@ -527,7 +545,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
     // template already (`language_constant`).
-    let values: [Value; 30] = [
+    let values: [Value; 31] = [
         Value::Baked,
         Value::Baked,
         Value::Baked,
@@ -558,6 +576,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         Value::Escaped(receipt.rsplit('-').next().unwrap_or("–")),
         arrived_time,
         Value::Escaped(&lottery),
+        Value::Escaped(situation),
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.baked[lang_index(lang)] {

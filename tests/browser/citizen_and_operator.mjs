@@ -148,6 +148,30 @@ try {
   check(delay >= 3500 && delay <= 6500, `the next poll follows Retry-After: 5 s +-30% (${delay} ms)`);
   await tab.unroute("**/.varco/status*");
 
+  // 4c. A poll answered with an error (429 from the per-address limit,
+  // Retry-After 1) keeps the figures and their time, and the page waits
+  // longer, not shorter: pages behind one carrier's address must not all
+  // poll every second once throttled.
+  const before = { eta: await tab.textContent("#eta"), updated: await tab.textContent("#updated") };
+  let throttled = 0;
+  await tab.route("**/.varco/status*", async (route) => {
+    throttled++;
+    await route.fulfill({ status: 429, headers: { "retry-after": "1" }, json: { error: "too many requests" } });
+  });
+  await tab.evaluate(() => (window.__delays = []));
+  await until("the page polls into a 429", async () => {
+    await tab.clock.runFor(1000);
+    return throttled >= 1;
+  });
+  const after429 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  const poll = +(await tab.getAttribute("#varco", "data-poll"));
+  check(after429 >= 2 * poll * 700, `after a 429 the page waits at least twice its poll (${after429} ms)`);
+  check(
+    (await tab.textContent("#eta")) === before.eta && (await tab.textContent("#updated")) === before.updated,
+    "a 429 leaves the figures and their time as they were"
+  );
+  await tab.unroute("**/.varco/status*");
+
   // The same page at desktop width, for the record.
   const desk = await browser.newContext({ viewport: { width: 1280, height: 800 }, locale: "en-GB" });
   const deskTab = await desk.newPage();
@@ -302,6 +326,44 @@ try {
   );
   check(opAxe.length === 0, "axe-core: no serious or critical violation on the operator page " + opAxe.join(", "));
   await ops.close();
+
+  // 9. A page left open follows the room: the message of a pause goes
+  // when admission resumes; a page from a closed room (no ticket) takes
+  // its place when the room opens; a page still waiting when the gate is
+  // lifted (passthrough) moves on to the portal.
+  const later = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+  const page = await later.newPage();
+  await page.clock.install();
+  await page.goto(VARCO + "/login");
+  const message = async () => (await page.textContent("#message")).trim();
+  check((await message()).includes("paused"), `a page in a paused room says so (${await message()})`);
+  const api = (what) => fetch(`${ADMIN}/api/rooms/portal/${what}`, { method: "POST", headers: bearer });
+  check((await api("resume")).status === 200, "admission resumed");
+  await until("the page drops the pause", async () => {
+    await page.clock.runFor(31000);
+    return !(await message()).includes("paused") && (await page.textContent("#position")).trim() === "1";
+  });
+  check(true, "resumed, the open page's message is no longer the pause's");
+  check((await api("close")).status === 200, "the room closed");
+  const stranger = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+  const shut = await stranger.newPage();
+  await shut.clock.install();
+  const closedAnswer = await shut.goto(VARCO + "/apply");
+  check(closedAnswer.status() === 503, "a newcomer to a closed room gets the closed page");
+  check((await api("open")).status === 200, "the room opened");
+  await until("the closed page takes a place", async () => {
+    await shut.clock.runFor(31000);
+    return /^\d+$/.test((await shut.textContent("#ticket")).trim());
+  });
+  check(true, "opened, the page left open from the closed room holds a ticket");
+  await stranger.close();
+  check((await api("passthrough")).status === 200, "the gate lifted");
+  await until("the waiting page moves on to the portal", async () => {
+    await page.clock.runFor(31000);
+    return (await page.content()).includes("Portale Bonus");
+  });
+  check(true, "the gate lifted, a page still waiting moves on by itself");
+  await later.close();
 } finally {
   await browser.close();
 }
