@@ -356,9 +356,13 @@ impl App {
     pub async fn reload(&self) -> Result<usize, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let mut keys = self.reloading.lock().await;
-        let result = Config::load(path)
-            .map_err(ReloadError::from)
-            .and_then(|new| self.keeps_drawn_places(&new).map(|()| new));
+        let result = match Config::load(path).map_err(ReloadError::from) {
+            Ok(new) => match self.keeps_drawn_places(&new) {
+                Ok(()) => self.returns_unopened(&new).await.map(|()| new),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         self.metrics
             .config_reloads
             .with_label_values(&[if result.is_ok() { "ok" } else { "refused" }])
@@ -403,6 +407,53 @@ impl App {
                 not_reopened(&next.name, next.opens_at_ms, &view, now).err()
             })
             .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ReloadError::Invalid(ConfigErrors(errors)))
+        }
+    }
+
+    /// Refuses an opening still to come for a room the file brings back
+    /// (removed by an earlier reload, or renamed back) whose queue has
+    /// opened: its state outlived it in the store, and the restart
+    /// `App::new` checks would refuse what this reload let in, after a
+    /// day of admitting before the time the page announces.
+    async fn returns_unopened(&self, new: &Config) -> Result<(), ReloadError> {
+        let now = self.clock.now_ms();
+        let tick = self.config.store.tick.as_millis() as u64;
+        let mut errors = Vec::new();
+        for next in &new.rooms {
+            if self.room(&next.name).is_some() || next.opens_at_ms.is_none_or(|t| t <= now) {
+                continue;
+            }
+            let lines = std::iter::once(next.name.clone()).chain(
+                next.lanes
+                    .iter()
+                    .map(|l| format!("{}#{}", next.name, l.name)),
+            );
+            for line in lines {
+                let view = match &self.stores {
+                    Stores::Memory(m) => m.existing(&line).map(|r| r.view()),
+                    Stores::Redis(redis) => {
+                        let room = redis.room(&line);
+                        match room.refresh(limits_of(next, tick), now).await {
+                            Ok(()) => Some(room.view()),
+                            Err(e) => {
+                                tracing::warn!(room = %next.name, error = %e, "cannot read the room's state: whether its queue has already opened is not checked");
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(e) =
+                    view.and_then(|v| not_reopened(&next.name, next.opens_at_ms, &v, now).err())
+                {
+                    errors.push(e);
+                    break;
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {

@@ -729,6 +729,46 @@ async fn a_reload_cannot_schedule_an_opening_for_a_queue_that_has_opened() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// The same for a room a reload brings back after an earlier one took it
+/// out: its queue outlived it in the store, opened, and the restart would
+/// refuse what the reload let in.
+#[tokio::test]
+async fn a_room_brought_back_cannot_schedule_an_opening_for_its_opened_queue() {
+    let up = upstream::spawn().await;
+    let room = |extra: &str| {
+        with_admin(&gated_config(
+            up.addr,
+            &format!("max_active = 1\nadmission_per_minute = 60\n{extra}"),
+        ))
+    };
+    let (g, path) = Gated::start_written("brought-back", &room("")).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let other = room("").replace("[rooms.portal]", "[rooms.other]");
+    std::fs::write(&path, &other).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(g.app.room("portal").is_none());
+    let later = varco::timefmt::rfc3339(common::gated::T0 + 24 * 3_600_000);
+    std::fs::write(&path, room(&format!("opens_at = \"{later}\""))).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("rooms.portal.opens_at") && err.contains("already opened"),
+        "{err}"
+    );
+    assert!(g.app.room("portal").is_none(), "the old config stays");
+    // Without the opening it comes back, its queue as it was.
+    std::fs::write(&path, room("")).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(
+        g.citizen().get("/").await.is_waiting_page(),
+        "its one place is still taken"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
 /// reload builds keep the tick the tick loop and the store run with, or
 /// a cluster's script would take each tick's gap for an outage.

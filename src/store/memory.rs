@@ -495,6 +495,12 @@ impl MemoryStore {
         );
     }
 
+    /// The room's store if it has one (a room removed by a reload keeps
+    /// it), without making one.
+    pub fn existing(&self, name: &str) -> Option<Arc<MemoryRoom>> {
+        self.rooms.get(name).map(|r| r.clone())
+    }
+
     /// The room's store, created fresh unless a snapshot restored it.
     pub fn room(&self, name: &str, limits: &Limits, now_ms: u64) -> Arc<MemoryRoom> {
         self.rooms
