@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::body::{full, Body};
-use crate::config::AdminToken;
 use crate::listener::{ConnInfo, Handler};
 use crate::page::NO_STORE;
 use crate::proxy::upstreams::NotTakenOut;
@@ -26,12 +25,11 @@ use crate::store::{LiveChange, StoreError};
 pub struct Admin {
     app: Arc<App>,
     ready: Arc<AtomicBool>,
-    tokens: Vec<AdminToken>,
 }
 
 impl Admin {
-    pub fn new(app: Arc<App>, ready: Arc<AtomicBool>, tokens: Vec<AdminToken>) -> Self {
-        Admin { app, ready, tokens }
+    pub fn new(app: Arc<App>, ready: Arc<AtomicBool>) -> Self {
+        Admin { app, ready }
     }
 
     /// The id of the token the request carries, if it is one of ours: as
@@ -40,7 +38,7 @@ impl Admin {
     /// request that only reads. A browser sends cached Basic credentials
     /// with any site's form posted to this address; a Bearer header no
     /// other site can make it send, so only a Bearer token changes things.
-    fn caller(&self, req: &Request<Incoming>) -> Option<&str> {
+    fn caller(&self, req: &Request<Incoming>) -> Option<String> {
         let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
         let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
             bearer.trim().to_string()
@@ -55,16 +53,17 @@ impl Admin {
             let text = String::from_utf8(decoded).ok()?;
             text.split_once(':')?.1.to_string()
         };
-        self.tokens
+        self.app
+            .admin_tokens()
             .iter()
             .find(|t| constant_time_eq(t.token.as_bytes(), presented.as_bytes()))
-            .map(|t| t.id.as_str())
+            .map(|t| t.id.clone())
     }
 
     /// The operator page: for each room its mode, line, sessions, rates,
     /// wait and upstream health, live, with the last hour drawn.
     fn operator_page(&self, req: &Request<Incoming>) -> Response<Body> {
-        if self.tokens.is_empty() {
+        if self.app.admin_tokens().is_empty() {
             return text(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
@@ -403,8 +402,8 @@ impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
         const PLAIN: &str = "text/plain; charset=utf-8";
         let path = req.uri().path();
-        if path.starts_with("/api/") && !self.tokens.is_empty() {
-            let Some(who) = self.caller(&req).map(str::to_string) else {
+        if path.starts_with("/api/") && !self.app.admin_tokens().is_empty() {
+            let Some(who) = self.caller(&req) else {
                 let mut r = problem(StatusCode::UNAUTHORIZED, "a bearer token is required");
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,

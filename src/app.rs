@@ -120,6 +120,9 @@ pub struct App {
     server_names: client::ServerNames,
     /// The client requests go out with.
     upstream_client: client::SharedClient,
+    /// The admin API's tokens: a reload swaps them, so a leaked one is
+    /// revoked without a restart.
+    admin_tokens: ArcSwap<Vec<crate::config::AdminToken>>,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -269,8 +272,14 @@ impl App {
                 &server_names,
             ))),
             server_names,
+            admin_tokens: ArcSwap::from_pointee(config.admin_tokens.clone()),
             config,
         })
+    }
+
+    /// The admin API's tokens in force.
+    pub fn admin_tokens(&self) -> Arc<Vec<crate::config::AdminToken>> {
+        self.admin_tokens.load_full()
     }
 
     /// The keys in force (the rooms sign with them; a reload may have
@@ -469,14 +478,19 @@ impl App {
             ("upstream", differs(&old.upstream, &next.upstream)),
             ("log", differs(&old.log, &next.log)),
             ("store", differs(&old.store, &next.store)),
-            ("admin", differs(&old.admin, &next.admin)),
+            ("audit", differs(&old.audit, &next.audit)),
         ] {
             if changed {
                 tracing::warn!(
                     table,
-                    "changes in this table apply at the next restart; rooms and keys apply now"
+                    "changes in this table apply at the next restart; rooms, keys and admin tokens apply now"
                 );
             }
+        }
+        if **self.admin_tokens.load() != new.admin_tokens {
+            let ids: Vec<&str> = new.admin_tokens.iter().map(|t| t.id.as_str()).collect();
+            tracing::info!(tokens = ?ids, "admin tokens replaced");
+            self.admin_tokens.store(Arc::new(new.admin_tokens.clone()));
         }
         if let (Some(served), Some(t)) = (&self.certificates, &new.server.tls) {
             served.replace(t);
@@ -720,11 +734,7 @@ impl App {
             },
         ));
         let ready = Arc::new(AtomicBool::new(true));
-        let admin = Arc::new(Admin::new(
-            self.clone(),
-            ready.clone(),
-            config.admin_tokens.clone(),
-        ));
+        let admin = Arc::new(Admin::new(self.clone(), ready.clone()));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let background = TaskTracker::new();

@@ -769,6 +769,37 @@ async fn a_room_brought_back_cannot_schedule_an_opening_for_its_opened_queue() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// A leaked admin token is revoked by editing the tokens file and
+/// reloading: no restart (and no queue put at risk) for it.
+#[tokio::test]
+async fn a_reload_revokes_an_admin_token_taken_off_the_file() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-revoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = |list: &[(&str, &str)]| {
+        let text: String = list
+            .iter()
+            .map(|(id, t)| format!("[[tokens]]\nid = \"{id}\"\ntoken = \"{t}\"\n"))
+            .collect();
+        std::fs::write(dir.join("tokens.toml"), text).unwrap();
+    };
+    const LEAKED: &str = "a-token-pasted-into-a-public-chat";
+    tokens(&[("anna", TOKEN), ("bob", LEAKED)]);
+    let cfg = format!(
+        "[admin]\ntokens_file = \"tokens.toml\"\n{}",
+        gated_config(up.addr, "max_active = 1")
+    );
+    let (g, path) = Gated::start_written("revoke", &cfg).await;
+    assert_eq!(path.parent().unwrap(), dir);
+    assert_eq!(api(&g, "GET", "/api/rooms", Some(LEAKED)).await.status, 200);
+    tokens(&[("anna", TOKEN)]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(api(&g, "GET", "/api/rooms", Some(LEAKED)).await.status, 401);
+    assert_eq!(api(&g, "GET", "/api/rooms", Some(TOKEN)).await.status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
 /// reload builds keep the tick the tick loop and the store run with, or
 /// a cluster's script would take each tick's gap for an outage.

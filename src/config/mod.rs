@@ -117,7 +117,7 @@ pub struct LogConfig {
     pub access: bool,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminToken {
     pub id: String,
     pub token: String,
