@@ -366,7 +366,10 @@ impl App {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let mut keys = self.reloading.lock().await;
         let result = match Config::load(path).map_err(ReloadError::from) {
-            Ok(new) => match self.keeps_drawn_places(&new) {
+            Ok(new) => match self
+                .keeps_drawn_places(&new)
+                .and_then(|()| self.keeps_lottery_keys(&new, &keys))
+            {
                 Ok(()) => self.returns_unopened(&new).await.map(|()| new),
                 Err(e) => Err(e),
             },
@@ -414,6 +417,45 @@ impl App {
                     });
                 }
                 not_reopened(&next.name, next.opens_at_ms, &view, now).err()
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ReloadError::Invalid(ConfigErrors(errors)))
+        }
+    }
+
+    /// Refuses a key file without the key a room's pre-queue lottery is
+    /// drawn with, while the draw matters: its commitment is published,
+    /// and until every pre-queue ticket has expired (`ticket_ttl` past
+    /// the opening) each one's place is computed from it. Without the
+    /// key the draw would fall back to another (`Room::draw`): the
+    /// published commitment changed, every pre-queue place drawn again.
+    fn keeps_lottery_keys(&self, new: &Config, running: &Keyring) -> Result<(), ReloadError> {
+        let generated = new.raw.secrets.key_file.is_none() && new.raw.secrets.key_env.is_none();
+        if generated {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let errors: Vec<ConfigError> = new
+            .rooms
+            .iter()
+            .filter_map(|next| {
+                let room = self.room(&next.name)?;
+                let opens = next.opens_at_ms?;
+                let kid = room.store.lottery_key_id()?;
+                let ttl = next.ticket_ttl.as_millis() as u64;
+                let drawn_for = opens.saturating_add(ttl);
+                let in_use = now < drawn_for && running.key(&kid).is_some();
+                (in_use && new.keys.key(&kid).is_none()).then(|| ConfigError {
+                    key: "secrets.key_file".into(),
+                    reason: format!(
+                        "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus ticket_ttl)",
+                        next.name,
+                        crate::timefmt::rfc3339(drawn_for)
+                    ),
+                })
             })
             .collect();
         if errors.is_empty() {

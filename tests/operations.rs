@@ -800,6 +800,74 @@ async fn a_reload_revokes_an_admin_token_taken_off_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key rotation that drops the key a scheduled opening's lottery is
+/// drawn with is refused while the draw matters: its commitment is
+/// published, and every pre-queue place is computed from it until the
+/// last pre-queue ticket expires.
+#[tokio::test]
+async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-lottery-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = |ids: &[&str]| {
+        let text: String = ids
+            .iter()
+            .map(|id| {
+                let secret = match *id {
+                    "k1" => "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+                    _ => "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=",
+                };
+                format!("[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n")
+            })
+            .collect();
+        std::fs::write(dir.join("keys.toml"), text).unwrap();
+    };
+    keys(&["k1"]);
+    let opens = common::gated::T0 + 10 * 60_000;
+    let cfg = with_admin(&gated_config(
+        up.addr,
+        &format!(
+            "max_active = 100\nadmission_per_minute = 60\nticket_ttl = \"2h\"\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+    ))
+    .replace(
+        "[secrets]\nephemeral = true",
+        "[secrets]\nkey_file = \"keys.toml\"",
+    );
+    let (g, path) = Gated::start_written("lottery-key", &cfg).await;
+    assert_eq!(path.parent().unwrap(), dir);
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    let commitment = early.status("portal").await["lottery"]["commitment"].clone();
+    assert!(commitment.is_string());
+    // Rotated out before the opening: refused, naming the key file.
+    keys(&["k2"]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("secrets.key_file") && err.contains("\"k1\""),
+        "{err}"
+    );
+    // Kept beside the new one: taken, and the draw is the same.
+    keys(&["k1", "k2"]);
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    assert_eq!(
+        early.status("portal").await["lottery"]["commitment"],
+        commitment
+    );
+    // Once every pre-queue ticket has expired, it may go.
+    g.advance(10 * 60_000 + 2 * 3_600_000).await;
+    keys(&["k2"]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
 /// reload builds keep the tick the tick loop and the store run with, or
 /// a cluster's script would take each tick's gap for an outage.
