@@ -165,6 +165,20 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
     Ok(alive.then_some(pass))
 }
 
+/// Whether a GET is a page the person asked for, not something the
+/// browser fetched for one (the site's icon, an image, a script): by
+/// `Sec-Fetch-Dest` where the browser sends it, else by an Accept that
+/// takes HTML (or none at all: a script or an old browser).
+fn is_navigation(headers: &HeaderMap) -> bool {
+    if let Some(dest) = headers.get("sec-fetch-dest") {
+        return matches!(dest.as_bytes(), b"document" | b"iframe" | b"frame");
+    }
+    headers
+        .get(http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_none_or(|a| a.contains("text/html") || a.trim() == "*/*")
+}
+
 /// A path the person may be sent back to: local, never `//host`.
 fn safe_path(p: &str) -> Option<&str> {
     (p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') && p.len() <= 1024)
@@ -490,8 +504,11 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                             None => view,
                         };
                         let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
-                        // Re-sign only when the destination changed.
-                        let cookie = (t.u != next_url).then(|| {
+                        // Re-sign only when the destination changed, and
+                        // only for a page the person went to: the icon or
+                        // an image the browser fetched meanwhile is not
+                        // where a form posted later should land.
+                        let cookie = (t.u != next_url && is_navigation(r.headers)).then(|| {
                             let mut t = t.clone();
                             t.u = next_url.clone();
                             ticket_cookie(room, &t, r)

@@ -498,6 +498,28 @@ async fn the_waiting_page_lands_where_the_person_was_going() {
         got.text().contains("url=/apply?step=2"),
         "meta refresh without JavaScript"
     );
+    // The icon the browser fetches for the page is not where the person
+    // was going: a form posted later still lands on the page.
+    let icon = c
+        .request(
+            "GET",
+            "/favicon.ico",
+            body::empty(),
+            &[
+                ("accept", "image/avif,image/webp,*/*"),
+                ("sec-fetch-dest", "image"),
+            ],
+        )
+        .await;
+    assert!(icon.is_waiting_page());
+    let got = c
+        .request("POST", "/apply", body::full("iban=IT00"), &[])
+        .await;
+    assert!(
+        got.text().contains("data-next=\"/apply?step=2\""),
+        "{}",
+        got.text()
+    );
     g.advance(61_000).await;
     let got = c.get("/apply?step=2").await;
     assert_eq!(got.json()["uri"], "/apply?step=2");
