@@ -152,6 +152,7 @@ fn page(c: &mut Criterion) {
         queue_length: 9000,
         prequeue: false,
         opens_at: None,
+        opens_offset_s: 0,
         // 2026-12-01T08:00:00Z
         updated: 1_796_112_000_000,
         ticket: Some(12_345),

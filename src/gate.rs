@@ -694,6 +694,7 @@ pub fn status_for<'a>(
         queue_length: view.waiting,
         prequeue,
         opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms),
+        opens_offset_s: room.config.opens_at_offset_s,
         updated: now_ms,
         arrived: ticket.map(|t| t.at),
         // The number in line once known; before that the pre-queue number.

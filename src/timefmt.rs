@@ -74,6 +74,36 @@ pub fn push_rfc3339(out: &mut String, ms: u64) {
     out.push('Z');
 }
 
+/// An opening for people: `ms` in the zone of `offset_s` (the offset the
+/// operator wrote in `opens_at`) as its day (`2026-12-01`), its time
+/// (`09:00`) and the zone (`UTC+01:00`, or `UTC`), so a page need not
+/// leave a citizen to convert from UTC.
+pub fn opening(ms: u64, offset_s: i32) -> (String, String, String) {
+    let local = (ms / 1000).saturating_add_signed(i64::from(offset_s));
+    let Some((y, mo, d, h, mi, _)) = parts(local) else {
+        return ("?".into(), "?".into(), "UTC".into());
+    };
+    let mut day = String::with_capacity(10);
+    push_digits(&mut day, y as u64, 4);
+    day.push('-');
+    push_digits(&mut day, mo as u64, 2);
+    day.push('-');
+    push_digits(&mut day, d as u64, 2);
+    let mut time = String::with_capacity(5);
+    push_digits(&mut time, h, 2);
+    time.push(':');
+    push_digits(&mut time, mi, 2);
+    let mut zone = String::from("UTC");
+    if offset_s != 0 {
+        let a = offset_s.unsigned_abs() / 60;
+        zone.push(if offset_s < 0 { '-' } else { '+' });
+        push_digits(&mut zone, u64::from(a / 60), 2);
+        zone.push(':');
+        push_digits(&mut zone, u64::from(a % 60), 2);
+    }
+    (day, time, zone)
+}
+
 /// The time of day of `ms`, `HH:MM:SS` (UTC), appended.
 pub fn push_time_of_day(out: &mut String, ms: u64) {
     let s = ms / 1000 % 86_400;

@@ -29,6 +29,21 @@ fn defaults_apply() {
 }
 
 #[test]
+fn an_opening_keeps_the_zone_it_was_written_in() {
+    let at = |t: &str| {
+        let c = Config::from_toml(
+            &format!("[secrets]\nephemeral = true\n{ROOM}opens_at = \"{t}\"\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        (c.rooms[0].opens_at_ms, c.rooms[0].opens_at_offset_s)
+    };
+    let rome = at("2026-12-01T09:00:00+01:00");
+    assert_eq!(rome, (Some(1_796_112_000_000), 3600));
+    assert_eq!(at("2026-12-01T08:00:00Z"), (Some(1_796_112_000_000), 0));
+}
+
+#[test]
 fn the_demo_default_is_valid() {
     Config::from_toml(varco::config::DEMO_CONFIG, Path::new(".")).unwrap();
     Config::load(Path::new(concat!(

@@ -173,6 +173,9 @@ pub struct RoomConfig {
     pub mode: Mode,
     /// Scheduled opening, unix ms.
     pub opens_at_ms: Option<u64>,
+    /// The UTC offset `opens_at` was written with (seconds): the waiting
+    /// page tells the opening in the operator's zone.
+    pub opens_at_offset_s: i32,
     pub bypass: Bypass,
     pub exempt_paths: Vec<String>,
     pub flow_paths: Vec<String>,

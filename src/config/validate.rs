@@ -662,6 +662,13 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             );
             Mode::Queue
         });
+        let opens_at_offset_s = r
+            .opens_at
+            .as_ref()
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map_or(0, |d| d.offset().whole_seconds());
         let opens_at_ms = r.opens_at.as_ref().and_then(|t| {
             time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
                 .map_err(|e| p.add(key("opens_at"), format!("\"{t}\" is not an RFC 3339 time ({e}): write e.g. \"2026-12-01T09:00:00+01:00\"")))
@@ -841,6 +848,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             ticket_ttl: p.duration(&key("ticket_ttl"), &r.ticket_ttl),
             mode,
             opens_at_ms,
+            opens_at_offset_s,
             bypass,
             exempt_paths: r.exempt_paths.clone(),
             flow_paths: r.flow_paths.clone(),

@@ -31,6 +31,10 @@ pub struct Status<'a> {
     /// When a scheduled opening is ahead (unix ms; RFC 3339 in JSON).
     #[serde(serialize_with = "opt_rfc3339")]
     pub opens_at: Option<u64>,
+    /// The offset the operator wrote the opening with, for the page (not
+    /// part of the JSON, which says it in UTC).
+    #[serde(skip)]
+    pub opens_offset_s: i32,
     /// When this was computed (unix ms; RFC 3339, UTC, in JSON).
     #[serde(serialize_with = "rfc3339")]
     pub updated: u64,
@@ -240,7 +244,7 @@ const IT: Strings = Strings {
     eta_soon: "meno di un minuto",
     updated: "Ultimo aggiornamento",
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
-    prequeue: "Il servizio apre alle {opens}. Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
+    prequeue: "Il servizio apre il {day} alle {time} ({zone}). Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
     paused: "L'accesso è sospeso per qualche minuto. Il tuo posto è conservato.",
     missed_turn: "Il tuo turno era arrivato, ma entro {w} nessuno è tornato su questa pagina per entrare (una scheda chiusa, un telefono in standby), e il posto è passato al successivo. Questo è un nuovo posto in coda: tieni aperta questa pagina per non perderlo.",
     seconds: "{n} secondi",
@@ -266,7 +270,7 @@ const EN: Strings = Strings {
     eta_soon: "under a minute",
     updated: "Last updated",
     keep_open: "Keep this page open: you will get in automatically. Reloading does not lose your place.",
-    prequeue: "The service opens at {opens}. Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
+    prequeue: "The service opens on {day} at {time} ({zone}). Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
     paused: "Entry is paused for a few minutes. Your place is kept.",
     missed_turn: "Your turn came, but nobody came back to this page to go in within {w} (a closed tab, a phone asleep), and the place went to the next person. This is a new place in line: keep this page open so you do not miss it.",
     seconds: "{n} seconds",
@@ -467,9 +471,14 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let message: Cow<str> = if status.state == "closed" {
         s.closed.into()
     } else if status.prequeue {
-        let opens = status.opens_at.map(crate::timefmt::rfc3339);
+        let (day, time, zone) = match status.opens_at {
+            Some(t) => crate::timefmt::opening(t, status.opens_offset_s),
+            None => ("?".into(), "?".into(), "UTC".into()),
+        };
         s.prequeue
-            .replace("{opens}", opens.as_deref().unwrap_or("?"))
+            .replace("{day}", &day)
+            .replace("{time}", &time)
+            .replace("{zone}", &zone)
             .into()
     } else if status.paused {
         s.paused.into()
@@ -689,6 +698,7 @@ mod tests {
             queue_length: 100,
             prequeue: false,
             opens_at: None,
+            opens_offset_s: 0,
             // 2026-12-01T08:00:00Z
             updated: 1_796_112_000_000,
             ticket: Some(142),
@@ -700,6 +710,22 @@ mod tests {
             missed_turn: false,
             claim_window_seconds: 60,
         }
+    }
+
+    #[test]
+    fn the_opening_is_told_in_the_zone_it_was_set_in() {
+        let mut st = status();
+        st.prequeue = true;
+        // 2026-12-01T08:00:00Z, set as 09:00+01:00.
+        st.opens_at = Some(1_796_112_000_000);
+        st.opens_offset_s = 3600;
+        let page = |st: &Status, lang| render(Template::default_template(), st, lang, "/");
+        assert!(page(&st, Language::It).contains("apre il 2026-12-01 alle 09:00 (UTC+01:00)."));
+        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 09:00 (UTC+01:00)."));
+        st.opens_offset_s = 0;
+        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 08:00 (UTC)."));
+        st.opens_offset_s = -5 * 3600 - 1800;
+        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 02:30 (UTC-05:30)."));
     }
 
     #[test]
