@@ -356,6 +356,15 @@ impl Gateway {
                     );
                     resp.headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("10"));
+                    // Browsers ignore Retry-After: a person called as
+                    // Redis blinked would sit on this page, phone down,
+                    // while the claim window ran. Refresh (as a meta
+                    // refresh) asks again; a GET only, no body to lose.
+                    let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+                    if safe && !json {
+                        resp.headers_mut()
+                            .insert("refresh", HeaderValue::from_static("10"));
+                    }
                     return (resp, None);
                 }
             }

@@ -762,6 +762,10 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
     redis.kill();
     let got = next.get("/").await;
     assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(
+        got.headers["refresh"], "10",
+        "a browser asks again by itself"
+    );
     let reference = got.headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(reference.len(), 32, "{reference}");
     assert!(
@@ -778,6 +782,10 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
         )
         .await;
     assert_eq!(api.status, 503);
+    assert!(
+        api.headers.get("refresh").is_none(),
+        "a program reads Retry-After"
+    );
     assert_eq!(
         api.json()["request_id"].as_str(),
         api.headers["x-request-id"].to_str().ok(),
