@@ -363,6 +363,13 @@ async fn a_login_detour_never_strands_anyone() {
         )
         .await;
     assert!(got.reached_upstream(), "{}", got.status);
+    // Only that path, on whole segments: not one that merely begins so.
+    for other in ["/oidc/callbacks/apply", "/oidc/callback-apply"] {
+        let got = b
+            .request("POST", other, varco::body::full("iban=IT00"), &[])
+            .await;
+        assert!(!got.reached_upstream(), "{other}");
+    }
     // Nobody else gets past the queue by that path.
     let mut c = g.citizen();
     let got = c

@@ -312,12 +312,17 @@ impl Room {
         self
     }
 
-    /// Whether `path` is one of the room's login detours.
-    pub fn is_flow_path(&self, path: &str) -> bool {
+    /// Whether `path_and_query` is one of the room's login detours: its
+    /// path matched on whole segments, as rooms' `paths` are, since a
+    /// detour lets a ticket holder through with any method
+    /// (`/oidc/callback` is not `/oidc/callbacks/apply`).
+    pub fn is_flow_path(&self, path_and_query: &str) -> bool {
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        let path = crate::router::as_matched(path);
         self.config
             .flow_paths
             .iter()
-            .any(|p| path.starts_with(p.as_str()))
+            .any(|p| crate::router::prefix_matches(p, &path))
     }
 
     pub fn limits(&self) -> Limits {
