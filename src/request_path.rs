@@ -15,6 +15,7 @@
 //! The normalised path is the one routed, matched, remembered for after
 //! admission, logged and forwarded, so varco and the portal see the same
 //! thing. Refused with a 400 (as nginx refuses them): a malformed escape,
+//! an escaped NUL,
 //! a `..` above the root, and a `.` or `..` hidden behind an escaped slash
 //! or a backslash (`/static/..%2Fapply`), which some servers decode or
 //! treat as a separator after varco has matched, or behind a path
@@ -36,6 +37,8 @@ pub enum BadPath {
         "the path hides a . or .. segment behind an escaped slash, a backslash or a ;parameter"
     )]
     HiddenDotSegment,
+    #[error("the path holds an escaped NUL (%00)")]
+    Nul,
     #[error("the normalised path does not parse")]
     Malformed,
 }
@@ -149,6 +152,11 @@ fn decode_unreserved(path: &[u8]) -> Result<String, BadPath> {
             continue;
         }
         let b = escaped_byte(path, i).ok_or(BadPath::BadEscape)?;
+        // A NUL ends the path early in C-string code (old Jetty resolved
+        // `/static/.%00/apply` out of `/static/`); nginx refuses it too.
+        if b == 0 {
+            return Err(BadPath::Nul);
+        }
         if is_unreserved(b) {
             out.push(b);
         } else {

@@ -1262,6 +1262,7 @@ async fn a_dot_segment_cannot_walk_out_of_an_exempt_path() {
         "/static/..;/apply",
         "/static/%2e%2e;jsessionid=1/apply",
         "/static/%zz",
+        "/static/.%00/apply",
         "/../apply",
     ] {
         let got = g.citizen().get(bad).await;
