@@ -195,6 +195,13 @@ async fn a_host_read_two_ways_never_passes_the_gate() {
     }
     let two = "GET /apply HTTP/1.1\r\nHost: www.example.org\r\nHost: bonus.example.org\r\nConnection: close\r\n\r\n";
     assert_eq!(status(&send(&v, two).await), 400, "two Host fields");
+    // Without a Host, the target's authority is held to the same syntax.
+    let target = "GET http://someone@bonus.example.org/apply HTTP/1.1\r\nConnection: close\r\n\r\n";
+    assert_eq!(
+        status(&send(&v, target).await),
+        400,
+        "userinfo in the target"
+    );
     assert_eq!(up.hits(), 0);
     // Read one way, however written: the bonus room's gate.
     let resp = send(
