@@ -481,7 +481,8 @@ impl App {
             let lines = std::iter::once(next.name.clone()).chain(
                 next.lanes
                     .iter()
-                    .map(|l| format!("{}#{}", next.name, l.name)),
+                    .filter(|l| !l.is_default())
+                    .map(|l| lanes::Lane::store_name(&next.name, l)),
             );
             for line in lines {
                 let view = match &self.stores {
@@ -861,6 +862,10 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         // while /readyz still said ready: told, and the next tick runs.
         if AssertUnwindSafe(app.tick()).catch_unwind().await.is_err() {
             tracing::error!("an admission tick panicked (a bug: please report it); ticking on");
+            // Not ready while ticks fail: a balancer sends people to
+            // another node rather than to rooms that do not move.
+            *app.store_trouble.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some("an admission tick panicked".into());
         }
         ticks += 1;
         // About once a minute, forget addresses no limiter is holding back.
