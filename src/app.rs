@@ -419,11 +419,7 @@ impl App {
                 not_reopened(&next.name, next.opens_at_ms, &view, now).err()
             })
             .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ReloadError::Invalid(ConfigErrors(errors)))
-        }
+        refused(errors)
     }
 
     /// Refuses a key file without the key a room's pre-queue lottery is
@@ -458,11 +454,7 @@ impl App {
                 })
             })
             .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ReloadError::Invalid(ConfigErrors(errors)))
-        }
+        refused(errors)
     }
 
     /// Refuses an opening still to come for a room the file brings back
@@ -506,11 +498,7 @@ impl App {
                 }
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ReloadError::Invalid(ConfigErrors(errors)))
-        }
+        refused(errors)
     }
 
     /// Swaps in the rooms of `new`, signing with `keys`.
@@ -966,6 +954,15 @@ pub async fn run_file(
         .with_config_path(path);
     *app.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
     Arc::new(app).serve(listeners, shutdown, true).await
+}
+
+/// A reload refused for `errors`, if there are any.
+fn refused(errors: Vec<ConfigError>) -> Result<(), ReloadError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ReloadError::Invalid(ConfigErrors(errors)))
+    }
 }
 
 /// Compares two config tables by their TOML form.
