@@ -467,10 +467,12 @@ fn bake(parts: &[Part], s: &Strings) -> Vec<Part> {
 pub fn render(template: &Template, status: &Status, lang: Language, next_url: &str) -> String {
     use std::borrow::Cow;
     let s = strings(lang);
+    // The message is the situation's, so the page and its script read
+    // the same state off a status answer.
     let situation = status.situation();
-    let message: Cow<str> = if status.state == "closed" {
+    let message: Cow<str> = if situation == "closed" {
         s.closed.into()
-    } else if status.prequeue {
+    } else if situation == "prequeue" {
         let (day, time, zone) = match status.opens_at {
             Some(t) => crate::timefmt::opening(t, status.opens_offset_s),
             None => ("?".into(), "?".into(), "UTC".into()),
@@ -480,7 +482,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             .replace("{time}", &time)
             .replace("{zone}", &zone)
             .into()
-    } else if status.paused {
+    } else if situation == "paused" {
         s.paused.into()
     } else if status.missed_turn {
         let w = status.claim_window_seconds;
