@@ -159,9 +159,9 @@ pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
         }
         i += len;
     }
-    // Only ASCII bytes were replaced, by ASCII.
-    let out = String::from_utf8(out).unwrap_or_default();
-    without_parameters(&out).into_owned().into()
+    // Only ASCII bytes were replaced, by ASCII; the parameters went
+    // before, and decoding slashes makes none.
+    String::from_utf8(out).unwrap_or_default().into()
 }
 
 /// Whether `host` is a Host (or :authority) varco and the portal can only
