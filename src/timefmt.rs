@@ -54,11 +54,7 @@ pub fn push_rfc3339(out: &mut String, ms: u64) {
     let Some((y, mo, d, h, mi, s)) = parts(ms / 1000) else {
         return;
     };
-    push_digits(out, y as u64, 4);
-    out.push('-');
-    push_digits(out, mo as u64, 2);
-    out.push('-');
-    push_digits(out, d as u64, 2);
+    push_date(out, y, mo, d);
     out.push('T');
     push_clock(out, h, mi, s);
     let mut frac = ms % 1000;
@@ -84,11 +80,7 @@ pub fn opening(ms: u64, offset_s: i32) -> (String, String, String) {
         return ("?".into(), "?".into(), "UTC".into());
     };
     let mut day = String::with_capacity(10);
-    push_digits(&mut day, y as u64, 4);
-    day.push('-');
-    push_digits(&mut day, mo as u64, 2);
-    day.push('-');
-    push_digits(&mut day, d as u64, 2);
+    push_date(&mut day, y, mo, d);
     let mut time = String::with_capacity(5);
     push_digits(&mut time, h, 2);
     time.push(':');
@@ -102,6 +94,15 @@ pub fn opening(ms: u64, offset_s: i32) -> (String, String, String) {
         push_digits(&mut zone, u64::from(a % 60), 2);
     }
     (day, time, zone)
+}
+
+/// `YYYY-MM-DD`, appended.
+fn push_date(out: &mut String, y: i64, mo: u32, d: u32) {
+    push_digits(out, y as u64, 4);
+    out.push('-');
+    push_digits(out, u64::from(mo), 2);
+    out.push('-');
+    push_digits(out, u64::from(d), 2);
 }
 
 /// The time of day of `ms`, `HH:MM:SS` (UTC), appended.
