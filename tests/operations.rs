@@ -693,31 +693,44 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
-/// An opening set for later on a room that is already admitting would
-/// announce a time the queue does not wait for: the reload is refused,
-/// naming the key, and the room goes on as before.
-#[tokio::test]
-async fn a_reload_cannot_schedule_an_opening_for_a_queue_that_has_opened() {
-    let up = upstream::spawn().await;
-    let room = |extra: &str| {
-        with_admin(&gated_config(
-            up.addr,
-            &format!("max_active = 1\nadmission_per_minute = 60\n{extra}"),
-        ))
-    };
-    let (g, path) = Gated::start_written("reopening", &room("")).await;
-    assert!(g.citizen().get("/").await.reached_upstream());
-    let mut waiting = g.citizen();
-    assert!(waiting.get("/").await.is_waiting_page());
+/// The room of the opening tests: one slot, a minute's rate, `extra`.
+fn one_slot_room(up: std::net::SocketAddr, extra: &str) -> String {
+    with_admin(&gated_config(
+        up,
+        &format!("max_active = 1\nadmission_per_minute = 60\n{extra}"),
+    ))
+}
+
+/// Writes `room` with an opening a day ahead and reloads: refused,
+/// naming the key and why.
+async fn a_later_opening_is_refused(
+    g: &Gated,
+    path: &std::path::Path,
+    room: &dyn Fn(&str) -> String,
+) {
     let later = varco::timefmt::rfc3339(common::gated::T0 + 24 * 3_600_000);
-    std::fs::write(&path, room(&format!("opens_at = \"{later}\""))).unwrap();
-    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    std::fs::write(path, room(&format!("opens_at = \"{later}\""))).unwrap();
+    let got = api(g, "POST", "/api/reload", Some(TOKEN)).await;
     assert_eq!(got.status, 422, "{}", got.text());
     let err = got.json()["error"].as_str().unwrap().to_string();
     assert!(
         err.contains("rooms.portal.opens_at") && err.contains("already opened"),
         "{err}"
     );
+}
+
+/// An opening set for later on a room that is already admitting would
+/// announce a time the queue does not wait for: the reload is refused,
+/// naming the key, and the room goes on as before.
+#[tokio::test]
+async fn a_reload_cannot_schedule_an_opening_for_a_queue_that_has_opened() {
+    let up = upstream::spawn().await;
+    let room = |extra: &str| one_slot_room(up.addr, extra);
+    let (g, path) = Gated::start_written("reopening", &room("")).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    a_later_opening_is_refused(&g, &path, &room).await;
     let s = waiting.status("portal").await;
     assert!(s["opens_at"].is_null(), "no opening announced: {s}");
     assert_eq!(s["position"], 1);
@@ -735,12 +748,7 @@ async fn a_reload_cannot_schedule_an_opening_for_a_queue_that_has_opened() {
 #[tokio::test]
 async fn a_room_brought_back_cannot_schedule_an_opening_for_its_opened_queue() {
     let up = upstream::spawn().await;
-    let room = |extra: &str| {
-        with_admin(&gated_config(
-            up.addr,
-            &format!("max_active = 1\nadmission_per_minute = 60\n{extra}"),
-        ))
-    };
+    let room = |extra: &str| one_slot_room(up.addr, extra);
     let (g, path) = Gated::start_written("brought-back", &room("")).await;
     assert!(g.citizen().get("/").await.reached_upstream());
     let other = room("").replace("[rooms.portal]", "[rooms.other]");
@@ -748,15 +756,7 @@ async fn a_room_brought_back_cannot_schedule_an_opening_for_its_opened_queue() {
     let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert!(g.app.room("portal").is_none());
-    let later = varco::timefmt::rfc3339(common::gated::T0 + 24 * 3_600_000);
-    std::fs::write(&path, room(&format!("opens_at = \"{later}\""))).unwrap();
-    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
-    assert_eq!(got.status, 422, "{}", got.text());
-    let err = got.json()["error"].as_str().unwrap().to_string();
-    assert!(
-        err.contains("rooms.portal.opens_at") && err.contains("already opened"),
-        "{err}"
-    );
+    a_later_opening_is_refused(&g, &path, &room).await;
     assert!(g.app.room("portal").is_none(), "the old config stays");
     // Without the opening it comes back, its queue as it was.
     std::fs::write(&path, room("")).unwrap();
