@@ -220,6 +220,27 @@ async fn stalled_body_is_cut_off(request_buffer: &str) {
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
 }
 
+/// Sends a GET on `s` and reads the first bytes of the answer: `""` when
+/// the connection was closed instead.
+async fn ask(mut s: TcpStream) -> (TcpStream, String) {
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    (s, String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+/// A connection to `to` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((from, 0).into()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
 #[tokio::test]
 async fn one_address_cannot_take_every_connection() {
     let up = upstream::spawn().await;
@@ -228,17 +249,6 @@ async fn one_address_cannot_take_every_connection() {
         "[server]\nmax_connections_per_ip = 2",
     ))
     .await;
-    let ask = |mut s: TcpStream| async move {
-        s.write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 12];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap_or(0);
-        (s, String::from_utf8_lossy(&buf[..n]).to_string())
-    };
     let (a, ra) = ask(TcpStream::connect(v.addr).await.unwrap()).await;
     let (b, rb) = ask(TcpStream::connect(v.addr).await.unwrap()).await;
     assert_eq!((ra.as_str(), rb.as_str()), ("HTTP/1.1 200", "HTTP/1.1 200"));
@@ -255,9 +265,7 @@ async fn one_address_cannot_take_every_connection() {
         String::from_utf8_lossy(&buf)
     );
     // ...while another address is served.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let (_c, rc) = ask(sock.connect(v.addr).await.unwrap()).await;
+    let (_c, rc) = ask(connect_from([127, 0, 0, 2], v.addr).await).await;
     assert_eq!(rc, "HTTP/1.1 200");
     // Closing one frees its place.
     drop(a);
@@ -287,20 +295,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_count_one_by_one() {
     ))
     .await;
     let at = std::net::SocketAddr::from(([127, 0, 0, 1], v.addr.port()));
-    let ask = |from: [u8; 4]| async move {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind((from, 0).into()).unwrap();
-        let mut s = sock.connect(at).await.unwrap();
-        s.write_all(b"GET /echo HTTP/1.1\r\nHost: p\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 12];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap_or(0);
-        (s, String::from_utf8_lossy(&buf[..n]).to_string())
-    };
+    let ask = |from: [u8; 4]| async move { ask(connect_from(from, at).await).await };
     let (_held, first) = ask([127, 0, 0, 1]).await;
     assert_eq!(first, "HTTP/1.1 200");
     let (_, same) = ask([127, 0, 0, 1]).await;
