@@ -238,29 +238,49 @@ fn resend(room: &Room, lane: &Lane, r: &GateRequest, n: u64, t: &TicketClaims) -
         return None;
     }
     tracing::info!(room = %room.name, n, "a claimed pass that never reached its holder sent again");
-    Some(claimed(room, lane, r, sid, n, t.at, Some(delivery)))
+    Some(claimed(room, lane, r, sid, n, t, Some(delivery)))
 }
 
-/// Lets a claimed ticket's request through with session `sid`'s pass,
-/// the ticket cleared.
+/// Hands session `sid`'s pass to ticket `t` (number `n`), the ticket
+/// cleared. A GET or HEAD goes on to the portal with it. Any other
+/// request's body never reaches the portal on a ticket: it is answered
+/// here, the page (or JSON) saying the turn has come, and carries the
+/// pass, so the same request sent again passes. (Answered "admitted"
+/// without the pass, an API client would POST again for ever, and its
+/// turn lapse unseen.)
 fn claimed(
     room: &Room,
     lane: &Lane,
     r: &GateRequest,
     sid: u128,
     n: u64,
-    arrived_ms: u64,
+    t: &TicketClaims,
     delivery: Option<Delivery>,
 ) -> Gate {
-    let pass = new_pass(room, lane, sid, n, arrived_ms, r.now_ms);
-    Gate::Proxy {
-        set_cookies: vec![
-            pass_cookie(room, &pass, r.tls),
-            cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
-        ],
-        pass: Some(pass),
-        delivery,
+    let pass = new_pass(room, lane, sid, n, t.at, r.now_ms);
+    let set_cookies = vec![
+        pass_cookie(room, &pass, r.tls),
+        cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
+    ];
+    if matches!(*r.method, Method::GET | Method::HEAD) {
+        return Gate::Proxy {
+            set_cookies,
+            pass: Some(pass),
+            delivery,
+        };
     }
+    let view = lane.store.view();
+    let status = status_for(room, lane, Some(t), &view, r.now_ms, "admitted");
+    let next_url = safe_path(&t.u).map_or_else(|| landing(room, r), str::to_string);
+    let mut resp = page(room, r, &status, &next_url, None);
+    for cookie in set_cookies {
+        resp.headers_mut().append(SET_COOKIE, cookie);
+    }
+    if let Some(delivery) = delivery {
+        let code = resp.status();
+        resp = resp.map(|body| delivery.on_end_of(body, code));
+    }
+    Gate::Respond(resp)
 }
 
 /// A new pass for ticket number `n` of `lane`, who arrived at `arrived_ms`.
@@ -467,7 +487,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     if let Some(t) = &ticket {
         let view = lane.store.view();
         match effective_number(room, lane, t, &view) {
-            Some(n) if safe_get => {
+            Some(n) => {
                 // Not yet eligible by the counters in hand: no claim to try.
                 // A reload in line then costs no store round trip (in
                 // cluster mode, none to Redis) and no session id.
@@ -494,7 +514,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                             r.now_ms,
                             r.now_ms + idle,
                         );
-                        return Ok(claimed(room, lane, r, session.sid, n, t.at, delivery));
+                        return Ok(claimed(room, lane, r, session.sid, n, t, delivery));
                     }
                     None | Some((Claim::NotYet { .. }, _)) => {
                         // After a claim the store's reply is the fresher
@@ -508,11 +528,12 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                         // only for a page the person went to: the icon or
                         // an image the browser fetched meanwhile is not
                         // where a form posted later should land.
-                        let cookie = (t.u != next_url && is_navigation(r.headers)).then(|| {
-                            let mut t = t.clone();
-                            t.u = next_url.clone();
-                            ticket_cookie(room, &t, r)
-                        });
+                        let cookie = (safe_get && t.u != next_url && is_navigation(r.headers))
+                            .then(|| {
+                                let mut t = t.clone();
+                                t.u = next_url.clone();
+                                ticket_cookie(room, &t, r)
+                            });
                         return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
                     }
                     // Used or lapsed: this ticket admits nobody any more,
@@ -533,9 +554,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                     }
                 }
             }
-            // Not a GET: never forwarded without a pass; the page says
-            // where the person stands.
-            _ => {
+            // Before the opening's draw: the page says where the
+            // pre-queue stands.
+            None => {
                 let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
                 return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
             }

@@ -435,6 +435,56 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
     assert_eq!(got.json()["body"], "iban=IT00");
 }
 
+/// An API client whose turn comes while it POSTs: the body is still not
+/// forwarded on a ticket, but the turn is claimed and the answer carries
+/// the pass, so the POST sent again goes through. A turn left to lapse
+/// is told as such, with a new place, not "admitted" for ever.
+#[tokio::test]
+async fn a_post_at_its_turn_takes_the_pass_for_the_next_try() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
+    ))
+    .await;
+    let mut first = g.citizen();
+    assert!(first.get("/").await.reached_upstream());
+    let json = [("accept", "application/json")];
+    let (mut api, mut late) = (g.citizen(), g.citizen());
+    for c in [&mut api, &mut late] {
+        let got = c.request("GET", "/apply", body::empty(), &json).await;
+        assert_eq!(got.json()["state"], "waiting", "{}", got.text());
+    }
+    g.advance(61_000).await; // first's session ends; api's turn
+    let got = post_json(&mut api).await;
+    assert!(!got.reached_upstream(), "no body forwarded on a ticket");
+    assert_eq!(got.status, 429);
+    assert_eq!(got.json()["state"], "admitted", "{}", got.text());
+    assert!(api.cookie("varco_pass_portal").is_some(), "the pass came");
+    assert!(api.cookie("varco_ticket_portal").is_none(), "ticket spent");
+    let got = post_json(&mut api).await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    assert_eq!(got.json()["body"], "iban=IT00");
+    assert_eq!(up.hits(), 2);
+
+    g.advance(61_000).await; // api's session ends; late's turn
+    assert_eq!(late.status("portal").await["state"], "admitted");
+    g.advance(61_000).await; // and it lapses unclaimed
+    let got = post_json(&mut late).await;
+    assert_eq!(got.status, 429);
+    let j = got.json();
+    assert_eq!(j["state"], "waiting", "{j}");
+    assert_eq!(j["missed_turn"], true, "{j}");
+    assert!(late.cookie("varco_pass_portal").is_none());
+    assert_eq!(up.hits(), 2);
+}
+
+async fn post_json(c: &mut Citizen) -> common::client::Got {
+    let json = [("accept", "application/json")];
+    c.request("POST", "/apply", body::full("iban=IT00"), &json)
+        .await
+}
+
 /// A form posted after the session lapsed: the POST is not replayed, so
 /// admission lands on the page the form was on (its Referer), or else on
 /// the room's own path, never on `/`, which may be another room's.
