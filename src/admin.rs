@@ -140,6 +140,7 @@ fn changed(room: &Room, shared: Result<(), StoreError>) -> Response<Body> {
 /// A room's live state, as the API and `varco ctl status` show it.
 pub fn room_state(room: &Room) -> Value {
     let v = room.view();
+    let counted = room.counted();
     let per_second = v.observed_rate;
     let wait = (per_second > 0.0).then(|| (v.waiting as f64 / per_second).round() as u64);
     let upstreams: Vec<Value> = room
@@ -173,8 +174,9 @@ pub fn room_state(room: &Room) -> Value {
         "serving_counter": v.serving,
         "observed_admissions_per_minute": per_second * 60.0,
         "estimated_wait_seconds": wait,
-        "admitted_total": v.admitted_total,
-        "abandoned_total": v.abandoned_total,
+        // As Prometheus has them: lanes a reload removed still count.
+        "admitted_total": counted.admitted,
+        "abandoned_total": counted.abandoned,
         "upstreams": upstreams,
         "lanes": lanes_state(room),
     })

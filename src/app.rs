@@ -1072,6 +1072,7 @@ fn build_rooms(
                 .with_arrival_key(config.arrival_key.as_deref())
                 .with_lanes(&store_for)
                 .with_in_flight_of(old(&r.name).as_deref())
+                .with_retired_lanes_of(old(&r.name).as_deref())
                 .with_undelivered_of(old(&r.name).as_deref()),
             )
         })

@@ -856,7 +856,8 @@ impl prometheus::core::Collector for RoomCollector {
                     .with_label_values(&[name, mode])
                     .set((current == mode) as i64);
             }
-            let totals = [v.queue.max(v.prequeue), v.admitted_total, v.abandoned_total];
+            let c = room.counted();
+            let totals = [c.issued, c.admitted, c.abandoned];
             for ((_, c), total) in self.counters.iter().zip(totals) {
                 c.with_label_values(&[name]).inc_by(total);
             }

@@ -298,3 +298,51 @@ async fn a_lane_receipt_is_checked_through_the_admin_api() {
         assert_eq!(v["number"], "1", "{v}");
     }
 }
+
+/// A reload that removes a lane keeps the room's counters going up: they
+/// add the lanes up, and a drop would read to Prometheus as a restart
+/// (`rate()` and `increase()` counting the whole total again). The lane
+/// brought back counts once, not twice.
+#[tokio::test]
+async fn removing_a_lane_never_moves_the_room_counters_back() {
+    let up = upstream::spawn().await;
+    let with = lanes_room(up.addr, SIXTY_A_MINUTE, false);
+    let (g, file) = Gated::start_written("lane-removed", &with).await;
+    let mut brokers: Vec<Citizen> = (0..4).map(|_| intermediary(g.addr, SECRET)).collect();
+    let mut citizens: Vec<Citizen> = (0..4).map(|_| g.citizen()).collect();
+    for c in brokers.iter_mut().chain(citizens.iter_mut()) {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    for _ in 0..10 {
+        g.advance(1000).await;
+    }
+    for c in brokers.iter_mut().chain(citizens.iter_mut()) {
+        c.get("/").await;
+    }
+    let room = "room=\"portal\"";
+    let counters = || async {
+        let mut got = Vec::new();
+        for name in ["varco_tickets_issued_total", "varco_admitted_total"] {
+            got.push(metric(g.admin, name, room).await.expect(name));
+        }
+        got
+    };
+    let lane = "lane=\"intermediaries\",room=\"portal\"";
+    let in_lane = metric(g.admin, "varco_lane_admitted_total", lane)
+        .await
+        .unwrap();
+    assert!(in_lane >= 1.0, "the lane admitted someone: {in_lane}");
+    let before = counters().await;
+    assert_eq!(before[0], 8.0, "{before:?}");
+
+    let without = with
+        .split("[rooms.portal.lanes.intermediaries]")
+        .next()
+        .unwrap();
+    std::fs::write(&file, without).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(counters().await, before, "the removed lane still counts");
+    std::fs::write(&file, &with).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(counters().await, before, "the lane back counts once");
+}

@@ -224,6 +224,33 @@ fn split(free: u64, weights: &[f64]) -> Vec<u64> {
     parts
 }
 
+/// A line's counters, as Prometheus reads them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counted {
+    /// Numbers handed out (tickets, pre-queue tickets, direct admissions).
+    pub issued: u64,
+    pub admitted: u64,
+    pub abandoned: u64,
+}
+
+impl Counted {
+    pub fn of(v: &RoomView) -> Counted {
+        Counted {
+            issued: v.queue.max(v.prequeue),
+            admitted: v.admitted_total,
+            abandoned: v.abandoned_total,
+        }
+    }
+
+    pub fn plus(self, o: &Counted) -> Counted {
+        Counted {
+            issued: self.issued + o.issued,
+            admitted: self.admitted + o.admitted,
+            abandoned: self.abandoned + o.abandoned,
+        }
+    }
+}
+
 /// The room as a whole: the lanes' counts added up (numbers are per lane,
 /// so the counters become how many were handed out and called in all).
 pub fn total(lanes: &[Lane]) -> RoomView {

@@ -87,6 +87,9 @@ pub struct Room {
     /// The room's lines: one (unnamed, on `store`) without lanes; with
     /// lanes, the default lane first (on `store`), then the others.
     pub lanes: Vec<lanes::Lane>,
+    /// The counts of lanes reloads removed, by line name: see
+    /// [`Room::counted`].
+    retired_lanes: Vec<(String, lanes::Counted)>,
     draw: Mutex<Option<Arc<Draw>>>,
     /// The cluster's live changes this room last followed.
     followed: Mutex<SharedLive>,
@@ -162,6 +165,7 @@ impl Room {
             undelivered: Default::default(),
             arrival_key: None,
             lanes: vec![default_lane],
+            retired_lanes: Vec::new(),
             draw: Mutex::new(None),
             followed: Mutex::new(SharedLive::default()),
             local_changes: AtomicU64::new(0),
@@ -199,6 +203,40 @@ impl Room {
             self.undelivered = undelivered::Undelivered::continuing(&old.undelivered);
         }
         self
+    }
+
+    /// Goes on counting the lanes `old` had and this room has not (and
+    /// those `old` went on counting), as they stood at this reload: a
+    /// removed lane's people can no longer come in by it.
+    pub fn with_retired_lanes_of(mut self, old: Option<&Room>) -> Self {
+        let Some(old) = old else {
+            return self;
+        };
+        let here: Vec<String> = self.lanes.iter().map(|l| self.line_name(l)).collect();
+        let now = old
+            .lanes
+            .iter()
+            .map(|l| (old.line_name(l), lanes::Counted::of(&l.store.view())));
+        self.retired_lanes = old
+            .retired_lanes
+            .iter()
+            .cloned()
+            .chain(now)
+            .filter(|(name, _)| !here.contains(name))
+            .collect();
+        self
+    }
+
+    /// Tickets issued, people admitted, turns abandoned: across the
+    /// lanes, those reloads removed included. Prometheus counters, so
+    /// never less than they were: a removed lane's counts dropped from
+    /// the sum would read as a restart, and `increase()` would count the
+    /// room's whole history again. A lane brought back counts by its
+    /// store again (which kept its counts), once.
+    pub fn counted(&self) -> lanes::Counted {
+        self.retired_lanes
+            .iter()
+            .fold(lanes::Counted::of(&self.view()), |t, (_, c)| t.plus(c))
     }
 
     /// Carries `old`'s in-flight slots over a reload (see
