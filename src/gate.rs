@@ -395,13 +395,7 @@ fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView)
 }
 
 pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {
-    if is_bypass(room, r)
-        || room
-            .config
-            .exempt_paths
-            .iter()
-            .any(|p| r.path_and_query.starts_with(p.as_str()))
-    {
+    if is_bypass(room, r) || room.is_exempt(r.path_and_query) {
         return Ok(Gate::Proxy {
             set_cookies: vec![],
             pass: None,

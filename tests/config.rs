@@ -361,6 +361,10 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.exempt_paths[0]",
         ),
         (
+            "exempt_paths = [\"/static/\", \"/api?public=1\"]\n",
+            "rooms.portal.exempt_paths[1]",
+        ),
+        (
             "page_template = \"/nonexistent/page.html\"\n",
             "rooms.portal.page_template",
         ),

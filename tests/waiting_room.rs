@@ -680,6 +680,26 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
         .await;
     assert_eq!(got.status, 503);
     assert!(g.citizen().get("/static/app.css").await.reached_upstream());
+    drop(g);
+
+    // Exempt paths match whole segments of the path, the query aside:
+    // `/static` is not `/static-admin/`.
+    let cfg = gated_config(
+        up.addr,
+        "max_active = 1\nmode = \"closed\"\nexempt_paths = [\"/static\", \"/ping\"]",
+    );
+    let g = Gated::start(&cfg).await;
+    for open in ["/static", "/static/app.css?v=2", "/ping", "/ping?full=1"] {
+        assert!(g.citizen().get(open).await.reached_upstream(), "{open}");
+    }
+    for gated in [
+        "/static-admin/apply",
+        "/staticapply",
+        "/ping2",
+        "/static%2Fapp.css",
+    ] {
+        assert_eq!(g.citizen().get(gated).await.status, 503, "{gated}");
+    }
     // A header of that name with another value is the portal's business.
     let got = g
         .citizen()

@@ -350,6 +350,19 @@ impl Room {
         self
     }
 
+    /// Whether `path_and_query` is on one of the room's `exempt_paths`,
+    /// which skip the gate entirely: on whole segments (`/static` is not
+    /// `/static-admin/apply`), the query aside, of the path as sent.
+    /// Not as rooms match it (escaped slashes read as slashes): a path
+    /// that is exempt only once read that way is left to the gate.
+    pub fn is_exempt(&self, path_and_query: &str) -> bool {
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        self.config
+            .exempt_paths
+            .iter()
+            .any(|p| crate::router::prefix_matches(p, path))
+    }
+
     /// Whether `path_and_query` is one of the room's login detours: its
     /// path matched on whole segments, as rooms' `paths` are, since a
     /// detour lets a ticket holder through with any method
