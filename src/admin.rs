@@ -103,7 +103,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(full(body));
+    typed(status, content_type, full(body))
+}
+
+fn typed(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -232,6 +236,16 @@ fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
     }
 }
 
+/// The file at `path`, to be read up to its length now.
+async fn open_to_length(
+    path: &std::path::Path,
+) -> std::io::Result<tokio::io::Take<tokio::fs::File>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    Ok(file.take(len))
+}
+
 /// `text` with its `%XX` escapes decoded; None if one is malformed or the
 /// result is not UTF-8.
 fn percent_decoded(text: &str) -> Option<String> {
@@ -285,8 +299,24 @@ impl Admin {
                     StatusCode::NOT_FOUND,
                     "no admission log: set audit.log in the config",
                 ),
-                Some(log) => match std::fs::read_to_string(log.path()) {
-                    Ok(t) => text(StatusCode::OK, "application/x-ndjson", t),
+                // Streamed from the file: after a click day it holds a line
+                // per admission (hundreds of MB), not to be read whole into
+                // memory by a worker the proxy shares.
+                // The log as long as it was when asked for: the lines written
+                // meanwhile are the next read's, and none is cut half way. No
+                // Content-Length: a file cut short meanwhile would make it a
+                // lie.
+                Some(log) => match open_to_length(log.path()).await {
+                    Ok(file) => {
+                        use futures_util::TryStreamExt;
+                        let frames =
+                            tokio_util::io::ReaderStream::new(file).map_ok(http_body::Frame::data);
+                        typed(
+                            StatusCode::OK,
+                            "application/x-ndjson",
+                            crate::body::stream(http_body_util::StreamBody::new(frames)),
+                        )
+                    }
                     Err(e) => problem(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         &format!("cannot read the admission log: {e}"),

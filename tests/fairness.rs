@@ -321,6 +321,12 @@ async fn the_admission_log_is_chained_and_tampering_is_caught() {
     let api = admin_get(&g, "/api/audit").await;
     assert_eq!(api.status, 200);
     assert_eq!(api.text(), text);
+    // Streamed from the file, not read whole first: no length ahead.
+    assert!(
+        api.headers.get("content-length").is_none(),
+        "{:?}",
+        api.headers
+    );
 
     // An edited record: caught at that record.
     let edited = text.replacen("\"to\":1,", "\"to\":2,", 1);
