@@ -41,6 +41,13 @@ pub enum Gate {
         pass: Option<PassClaims>,
         /// For an answer carrying a claimed pass: marks it delivered.
         delivery: Option<Delivery>,
+        /// Let through without a pass or the bypass (an exempt path, a
+        /// login detour): its body must come whole, within
+        /// `upstream.request_buffer` and `request_buffer_time`, or it is
+        /// refused rather than streamed, so that nobody the gate has not
+        /// admitted holds a portal connection and an `in_flight` slot
+        /// for as long as an upload takes.
+        whole_body: bool,
     },
     /// Answer it here (waiting page, JSON, 429, closed).
     Respond(Response<Body>),
@@ -267,6 +274,7 @@ fn claimed(
             set_cookies,
             pass: Some(pass),
             delivery,
+            whole_body: false,
         };
     }
     let view = lane.store.view();
@@ -368,6 +376,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         set_cookies: vec![pass_cookie(room, &back, r.tls)],
         pass: Some(back),
         delivery: None,
+        whole_body: false,
     }))
 }
 
@@ -395,11 +404,29 @@ fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView)
 }
 
 pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {
-    if is_bypass(room, r) || room.is_exempt(r.path_and_query) {
+    if is_bypass(room, r) {
         return Ok(Gate::Proxy {
             set_cookies: vec![],
             pass: None,
             delivery: None,
+            whole_body: false,
+        });
+    }
+    if room.is_exempt(r.path_and_query) {
+        // An asset or a health check sends no upload; one that does
+        // without a pass must send it whole. (A pass is only verified,
+        // not looked up: an exempt path costs no store round trip.)
+        let whole_body = matches!(*r.method, Method::GET | Method::HEAD)
+            || !cookies::each(r.headers, &room.pass_cookie).any(|token| {
+                room.keys
+                    .verify::<PassClaims>(token, &audience("pass", &room.name), r.now_ms)
+                    .is_some()
+            });
+        return Ok(Gate::Proxy {
+            set_cookies: vec![],
+            pass: None,
+            delivery: None,
+            whole_body,
         });
     }
     if let Some(pass) = live_pass(room, r).await? {
@@ -425,6 +452,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             set_cookies,
             pass: Some(pass),
             delivery: None,
+            whole_body: false,
         });
     }
     if let Some(gate) = come_back(room, r).await? {
@@ -459,6 +487,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
             set_cookies: vec![],
             pass: None,
             delivery: None,
+            whole_body: true,
         });
     }
 
@@ -580,6 +609,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 set_cookies,
                 pass: Some(pass),
                 delivery: None,
+                whole_body: false,
             });
         }
     }

@@ -323,7 +323,7 @@ impl Gateway {
         let mut req = req;
         // Only varco says where someone stands in line.
         req.headers_mut().remove(&arrival::HEADER);
-        let (set_cookies, pass) = if room.is_gated() {
+        let (set_cookies, pass, whole_body) = if room.is_gated() {
             let now = self.clock.now_ms();
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
@@ -335,10 +335,11 @@ impl Gateway {
                     set_cookies,
                     pass,
                     delivery,
+                    whole_body,
                 }) => {
                     let head = req.method() == http::Method::HEAD;
                     record.delivery = delivery.map(|d| d.answering_head(head));
-                    (set_cookies, pass)
+                    (set_cookies, pass, whole_body)
                 }
                 Ok(Gate::Respond(resp)) => return (resp, None),
                 Err(e) => {
@@ -374,7 +375,7 @@ impl Gateway {
                 }
             }
         } else {
-            (Vec::new(), None)
+            (Vec::new(), None, false)
         };
         // Only requests for the portal: one the gate answers (the waiting
         // page, the crowd of a click day) needs no ID to follow there, and
@@ -396,7 +397,7 @@ impl Gateway {
         // Before a slot of the portal's is taken: an upload at the pace
         // of a slow line holds varco's memory, not the portal's capacity.
         let (parts, incoming) = req.into_parts();
-        let mut req = match self.buffer.read(incoming).await {
+        let mut req = match self.buffer.read(incoming, whole_body).await {
             Ok(body) => Request::from_parts(parts, body),
             Err(e) => {
                 tracing::debug!(room = %room.name, error = %e, "client failure");
@@ -406,6 +407,10 @@ impl Gateway {
                     asked.reader(),
                     record.id.as_ref(),
                 );
+                if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    resp.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                }
                 for c in set_cookies {
                     set_cookie(&mut resp, c);
                 }

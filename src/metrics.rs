@@ -206,7 +206,7 @@ impl Metrics {
         );
         let request_bodies = counter(
             "varco_request_bodies_total",
-            "Request bodies forwarded, by handling: buffered (read whole first), streamed_large (larger than upstream.request_buffer), streamed_memory_full (upstream.request_buffer_memory was in use), streamed_slow (not whole within upstream.request_buffer_time)",
+            "Request bodies, by handling: buffered (read whole first), streamed_large (larger than upstream.request_buffer), streamed_memory_full (upstream.request_buffer_memory was in use), streamed_slow (not whole within upstream.request_buffer_time); refused_large, refused_memory_full, refused_slow: the same for a request let through without a pass (an exempt path, a login detour), refused rather than streamed",
             &["handling"],
         );
         // From 0, so increase() sees the first body streamed for want of
@@ -216,6 +216,9 @@ impl Metrics {
             "streamed_large",
             "streamed_memory_full",
             "streamed_slow",
+            "refused_large",
+            "refused_memory_full",
+            "refused_slow",
         ] {
             request_bodies.with_label_values(&[handling]);
         }

@@ -355,3 +355,97 @@ async fn an_http2_body_without_a_length_gets_one() {
     assert_eq!(seen["body"], sent.as_str());
     assert_eq!(seen["headers"]["content-length"][0], "600");
 }
+
+/// A gated room whose `/upload` is exempt, nobody admitted yet
+/// (`max_active = 1`, taken by whoever comes first), under `[upstream]`
+/// keys `upstream_table`.
+fn gated_with_exempt_upload(up: SocketAddr, upstream_table: &str) -> String {
+    config(
+        &[up],
+        &format!("{upstream_table}\n[secrets]\nephemeral = true"),
+        "max_active = 1\nexempt_paths = [\"/upload\"]",
+    )
+}
+
+/// A request the gate let through without a pass (here an exempt path)
+/// may not stream its body: past `request_buffer` it is refused (413),
+/// not whole within `request_buffer_time` too (408), and while the
+/// buffer memory is in use it is told to come back (503). Nobody the gate
+/// has not admitted holds a portal connection and a slot for the length
+/// of an upload. Someone admitted still streams a large body.
+#[tokio::test]
+async fn a_body_sent_without_a_pass_comes_whole_or_not_at_all() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&gated_with_exempt_upload(
+        up.addr,
+        "request_buffer = \"1KiB\"\nrequest_buffer_memory = \"1KiB\"",
+    ))
+    .await;
+    let refused = async |handling: &str| {
+        let labels = format!("handling=\"{handling}\"");
+        metric(&v, "varco_request_bodies_total", &labels).await
+    };
+    let upload = |body: Vec<u8>, cookie: Option<&str>| {
+        let mut b = Request::post(v.url("/upload"));
+        if let Some(c) = cookie {
+            b = b.header("cookie", c);
+        }
+        send(b.body(body::full(body)).unwrap())
+    };
+    let got = upload(vec![b'x'; 2048], None).await;
+    assert_eq!(got.status, 413, "{}", got.text());
+    assert_eq!(up.hits(), 0, "nothing of it reached the portal");
+    assert_eq!(refused("refused_large").await, Some(1.0));
+    assert_eq!(refused("streamed_large").await, Some(0.0));
+
+    // One upload holds all the buffer memory: the next is told to wait.
+    let first = start_upload(&v, 1024, 10).await;
+    until("the first upload holds all the memory", async || {
+        metric(&v, "varco_request_buffer_bytes", "").await == Some(1024.0)
+    })
+    .await;
+    let got = upload(b"small".to_vec(), None).await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.headers["retry-after"], "5");
+    assert_eq!(refused("refused_memory_full").await, Some(1.0));
+    let (status, body) = finish_upload(first, 1014).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "1024", "a body that fits goes whole");
+
+    // Admitted (the room's one place), the same large body streams.
+    let entered = get(&v.url("/")).await;
+    let pass = entered.headers["set-cookie"].to_str().unwrap();
+    let pass = pass.split(';').next().unwrap().to_string();
+    assert!(pass.starts_with("varco_pass_portal="), "{pass}");
+    let got = upload(vec![b'x'; 2048], Some(&pass)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "2048", "the portal got it all");
+    assert_eq!(refused("streamed_large").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn a_body_sent_without_a_pass_not_whole_in_time_gets_408() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&gated_with_exempt_upload(
+        up.addr,
+        "request_buffer_time = \"300ms\"",
+    ))
+    .await;
+    let mut s = start_upload(&v, 10, 5).await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .expect("cut off within 5 s")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(up.hits(), 0, "nothing of it reached the portal");
+    assert_eq!(
+        metric(
+            &v,
+            "varco_request_bodies_total",
+            "handling=\"refused_slow\""
+        )
+        .await,
+        Some(1.0)
+    );
+}

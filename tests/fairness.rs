@@ -369,6 +369,13 @@ async fn a_login_detour_never_strands_anyone() {
         )
         .await;
     assert!(got.reached_upstream(), "{}", got.status);
+    // Not an upload, though: past `upstream.request_buffer` (1 MiB) a body
+    // from someone nobody admitted is refused, not streamed to the portal.
+    let hits = up.hits();
+    let big = varco::body::full(vec![b'x'; 2 << 20]);
+    let got = b.request("POST", "/oidc/callback", big, &[]).await;
+    assert_eq!(got.status, 413);
+    assert_eq!(up.hits(), hits);
     // Only that path, on whole segments: not one that merely begins so.
     for other in ["/oidc/callbacks/apply", "/oidc/callback-apply"] {
         let got = b

@@ -62,6 +62,9 @@ pub struct RequestBuffer {
     too_large: IntCounter,
     memory_full: IntCounter,
     too_slow: IntCounter,
+    refused_large: IntCounter,
+    refused_memory_full: IntCounter,
+    refused_slow: IntCounter,
 }
 
 pub struct BufferLimits {
@@ -100,6 +103,9 @@ impl RequestBuffer {
             too_large: bodies("streamed_large"),
             memory_full: bodies("streamed_memory_full"),
             too_slow: bodies("streamed_slow"),
+            refused_large: bodies("refused_large"),
+            refused_memory_full: bodies("refused_memory_full"),
+            refused_slow: bodies("refused_slow"),
         }
     }
 
@@ -107,7 +113,12 @@ impl RequestBuffer {
     /// fits, or ready to stream. Errors are the client's: a body larger
     /// than `server.max_body_size` (413), one that stalls for
     /// `server.body_read_timeout` (408), or a broken one (400).
-    pub async fn read(&self, body: Incoming) -> Result<ClientBody, ProxyError> {
+    ///
+    /// `whole_only`: a request nobody admitted (an exempt path, a login
+    /// detour) may not stream: a body past `request_buffer` is refused
+    /// (413), one not whole in `request_buffer_time` too (408), and one
+    /// that finds the memory in use is told to come back (503).
+    pub async fn read(&self, body: Incoming, whole_only: bool) -> Result<ClientBody, ProxyError> {
         // hyper's reading of Content-Length (or HTTP/2's), which it holds
         // the body to.
         let declared = body.size_hint().exact();
@@ -132,13 +143,16 @@ impl RequestBuffer {
         // it is.
         let room = match declared {
             Some(n) if n > self.per_request => {
-                self.too_large.inc();
-                return Ok(stream(VecDeque::new(), None, body));
+                return self.too_large(whole_only, || stream(VecDeque::new(), None, body));
             }
             Some(n) => n,
             None => self.per_request,
         };
         let Ok(permit) = self.memory.clone().try_acquire_many_owned(room as u32) else {
+            if whole_only {
+                self.refused_memory_full.inc();
+                return Err(ProxyError::BufferFull);
+            }
             self.memory_full.inc();
             return Ok(stream(VecDeque::new(), None, body));
         };
@@ -153,6 +167,10 @@ impl RequestBuffer {
                 Ok(None) => break,
                 // A line too slow to fill the buffer in time: the memory
                 // would be held for its whole upload; it streams instead.
+                Err(_) if whole_only => {
+                    self.refused_slow.inc();
+                    return Err(ProxyError::BodyTimeout);
+                }
                 Err(_) => {
                     self.too_slow.inc();
                     return Ok(stream(read, Some(held), body));
@@ -173,8 +191,7 @@ impl RequestBuffer {
                         limit: self.max_body_size,
                     });
                 }
-                self.too_large.inc();
-                return Ok(stream(read, Some(held), body));
+                return self.too_large(whole_only, || stream(read, Some(held), body));
             }
         }
         held.shrink_to(len);
@@ -194,6 +211,25 @@ impl RequestBuffer {
             bytes,
             _held: Some(held),
         }))
+    }
+}
+
+impl RequestBuffer {
+    /// A body past `request_buffer`: streamed, or refused when it must
+    /// come whole.
+    fn too_large(
+        &self,
+        whole_only: bool,
+        stream: impl FnOnce() -> ClientBody,
+    ) -> Result<ClientBody, ProxyError> {
+        if whole_only {
+            self.refused_large.inc();
+            return Err(ProxyError::BodyTooLarge {
+                limit: self.per_request,
+            });
+        }
+        self.too_large.inc();
+        Ok(stream())
     }
 }
 

@@ -26,6 +26,9 @@ pub enum ProxyError {
     ClientBody(BoxError),
     #[error("request body stalled")]
     BodyTimeout,
+    /// A body that may not stream found the buffer memory in use.
+    #[error("request buffer memory in use")]
+    BufferFull,
     #[error("upstream {upstream} unreachable: {source}")]
     Unreachable { upstream: String, source: BoxError },
     #[error("upstream {upstream} sent no response within {timeout:?}")]
@@ -41,6 +44,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -51,7 +55,8 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody(_)
-            | ProxyError::BodyTimeout => Side::Client,
+            | ProxyError::BodyTimeout
+            | ProxyError::BufferFull => Side::Client,
             _ => Side::Upstream,
         }
     }
@@ -63,6 +68,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body",
             ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::BufferFull => "buffer_full",
             ProxyError::Unreachable { .. } => "connect",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "upstream",
@@ -84,6 +90,10 @@ impl ProxyError {
             ProxyError::BodyTimeout => &Said {
                 en: "The request took too long to arrive. Please try again.",
                 it: "La richiesta ha impiegato troppo tempo ad arrivare. Riprova.",
+            },
+            ProxyError::BufferFull => &Said {
+                en: "The service is busy right now. Please try again in a moment.",
+                it: "Il servizio è molto richiesto in questo momento. Riprova tra un momento.",
             },
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => &Said {
                 en: "The service is not reachable right now. Please try again in a moment.",
@@ -111,6 +121,7 @@ mod tests {
             (ProxyError::BodyTooLarge { limit: 1 }, 413, Side::Client),
             (ProxyError::ClientBody(e()), 400, Side::Client),
             (ProxyError::BodyTimeout, 408, Side::Client),
+            (ProxyError::BufferFull, 503, Side::Client),
             (
                 ProxyError::Unreachable {
                     upstream: up(),
