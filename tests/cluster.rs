@@ -1492,3 +1492,41 @@ async fn a_node_will_not_start_announcing_an_opening_for_an_open_queue() {
         .expect("a node announcing an opening the queue cannot keep");
     assert!(err.to_string().contains("rooms.portal.opens_at"), "{err}");
 }
+
+/// People admitted at once when the nodes come back after a long
+/// silence (every node down), before their first tick: their batch is
+/// not taken for one called before the gap and pushed past it, which
+/// would hold every turn called after it open for as long as the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_after_a_long_silence_do_not_hold_later_turns_open() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 60\nclaim_window = \"60s\"",
+        "",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    // Ten minutes without a tick; then someone comes before the first.
+    for g in &nodes {
+        g.clock.advance_ms(600_000);
+    }
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    // A crowd: the rate calls them a second apart, and nobody comes.
+    let mut crowd: Vec<Citizen> = (0..5).map(|_| nodes[1].citizen()).collect();
+    for c in crowd.iter_mut() {
+        c.get("/").await;
+    }
+    let abandoned = || nodes[0].app.room("portal").unwrap().view().abandoned_total;
+    for _ in 0..70 {
+        advance(&nodes, 1000).await;
+    }
+    assert!(
+        abandoned() >= 3,
+        "turns nobody took lapsed after their window: {}",
+        abandoned()
+    );
+}

@@ -87,13 +87,19 @@ end
 -- measures it with its own clock. A node whose clock ran ahead of the
 -- ticker's would otherwise see a gap at every other op, and keep pushing
 -- every called turn's window into the future: no turn would ever lapse.
+-- Only batches called before the gap: one made during it (arrivals
+-- admitted at once when the nodes came back, before their first tick)
+-- froze for no time, and pushed past the gap it would hold every turn
+-- called after it open that long (expiry stops at the first open batch).
 local function catch_up()
   local gap = now - ticked
   if op == 'tick' and gap > 5 * tick_ms then
     local shift = gap - tick_ms
     for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
       local at, f, t, c = parse(b)
-      redis.call('LSET', batches, i - 1, fmt(at + shift, f, t, c))
+      if at <= ticked then
+        redis.call('LSET', batches, i - 1, fmt(at + shift, f, t, c))
+      end
     end
     ticked = now - tick_ms
   end
