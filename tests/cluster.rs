@@ -1530,3 +1530,31 @@ async fn admissions_after_a_long_silence_do_not_hold_later_turns_open() {
         abandoned()
     );
 }
+
+/// A room without `max_active` still forgets its lapsed sessions in
+/// Redis (which must not evict): the set does not grow with everyone
+/// ever admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_sessions_leave_redis_without_max_active() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 6000\nsession_idle = \"1m\"",
+        "",
+    );
+    let nodes = nodes(&cfg, 1).await;
+    // The leader's first tick makes the room's state; the next fills
+    // its bucket.
+    advance(&nodes, 1000).await;
+    advance(&nodes, 1000).await;
+    for i in 0..20 {
+        let got = nodes[0].citizen().get("/").await;
+        assert!(got.reached_upstream(), "{i}: {}", got.status);
+    }
+    let live = || redis.command("ZCARD t:{portal}:sessions");
+    assert_eq!(live(), ":20");
+    advance(&nodes, 120_000).await;
+    assert_eq!(live(), ":0", "lapsed sessions forgotten");
+}

@@ -218,6 +218,10 @@ elseif op == 'tick' then
   refill()
   expire()
   redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
+  -- Lapsed sessions go at every tick, as the memory store's do: not only
+  -- when max_active asks how many live (a room without one would keep
+  -- every session it ever admitted, in a Redis that must not evict).
+  redis.call('ZREMRANGEBYSCORE', sess, '-inf', now)
   -- Never back: a node whose clock is behind must not open a gap for the
   -- others (the cluster's clocks are assumed in step, as for sessions).
   ticked = math.max(ticked, now)
