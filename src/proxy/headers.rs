@@ -120,17 +120,17 @@ pub fn set_forwarded(
     let peer = address_text(canonical(peer));
     if trusted_peer {
         remove_where(headers, is_underscore_twin);
-        let chain: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let value = if chain.is_empty() {
-            peer
-        } else {
-            format!("{}, {peer}", chain.join(", "))
-        };
-        set(headers, X_FORWARDED_FOR, &value);
+        // As sent, bytes past ASCII too: a line dropped for one of them
+        // would drop the addresses the proxies added after it.
+        let mut chain: Vec<u8> = Vec::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            chain.extend_from_slice(v.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&chain) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
@@ -239,14 +239,18 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(peer, trusted) {
         return canonical(peer);
     }
-    let hops: Vec<&str> = headers
+    // Split as bytes: a byte past ASCII spoils its own entry (where the
+    // walk stops), not the line a balancer extended with the real address.
+    let hops: Vec<&[u8]> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .collect();
     for hop in hops.into_iter().rev() {
-        let Some(ip) = hop_address(hop.trim()) else {
+        let Some(ip) = std::str::from_utf8(hop)
+            .ok()
+            .and_then(|hop| hop_address(hop.trim()))
+        else {
             break;
         };
         if !is_trusted(ip, trusted) {
@@ -455,5 +459,36 @@ mod tests {
         assert_eq!(ip("192.0.2.66, ::ffff:198.51.100.8"), v4("198.51.100.8"));
         // Trusted hops with ports are still skipped.
         assert_eq!(ip("198.51.100.9, 10.1.1.1:8080"), v4("198.51.100.9"));
+    }
+
+    /// A byte past ASCII the client wrote on the left of the line its
+    /// balancer extended is that entry's problem, not the line's: the
+    /// address the balancer added still stands, and goes to the portal.
+    #[test]
+    fn a_byte_past_ascii_spoils_only_its_own_entry() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 203.0.113.7").unwrap(),
+        );
+        let seen = client_ip(&h, peer, &trusted);
+        assert_eq!(seen, "203.0.113.7".parse::<IpAddr>().unwrap());
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"203.0.113.7, \xff").unwrap(),
+        );
+        assert_eq!(client_ip(&h, peer, &trusted), peer, "unreadable: stop");
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 203.0.113.7").unwrap(),
+        );
+        set_forwarded(&mut h, peer, true, "http", None);
+        assert_eq!(
+            h["x-forwarded-for"].as_bytes(),
+            b"\xff, 203.0.113.7, 10.0.0.2",
+            "the chain goes on as sent"
+        );
     }
 }
