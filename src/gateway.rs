@@ -218,9 +218,21 @@ fn set_cookie(resp: &mut Response<Body>, cookie: HeaderValue) {
     let h = resp.headers_mut();
     h.append(SET_COOKIE, cookie);
     h.insert(CACHE_CONTROL, page::NO_STORE);
-    // An HTTP/1.0 cache reads Expires, not Cache-Control.
+    // An HTTP/1.0 cache reads Expires, not Cache-Control; CDNs read
+    // their own headers instead of it (RFC 9213, Akamai's Edge-Control,
+    // Fastly's and Varnish's Surrogate-Control).
     h.remove(EXPIRES);
+    for cdn in CDN_CACHE_HEADERS {
+        h.remove(cdn);
+    }
 }
+
+const CDN_CACHE_HEADERS: [&str; 4] = [
+    "cdn-cache-control",
+    "cloudflare-cdn-cache-control",
+    "surrogate-control",
+    "edge-control",
+];
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     query?

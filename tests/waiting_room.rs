@@ -1433,11 +1433,16 @@ async fn a_response_that_sets_a_pass_is_never_cacheable() {
     assert!(got.headers.get("set-cookie").is_some());
     assert_eq!(got.headers["cache-control"], "no-store, private");
     assert!(got.headers.get("expires").is_none());
+    // Nor a CDN that reads its own header instead of Cache-Control.
+    for cdn in ["cdn-cache-control", "surrogate-control"] {
+        assert!(got.headers.get(cdn).is_none(), "{cdn}");
+    }
     // With the pass in hand and nothing set, the portal's own caching
     // stands.
     let got = c.get("/cacheable").await;
     assert!(got.headers.get("set-cookie").is_none());
     assert_eq!(got.headers["cache-control"], "public, max-age=3600");
+    assert_eq!(got.headers["surrogate-control"], "max-age=3600");
 }
 
 #[tokio::test]

@@ -206,6 +206,9 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             let h = r.headers_mut();
             h.insert("cache-control", "public, max-age=3600".parse().unwrap());
             h.insert("expires", "Thu, 01 Jan 2099 00:00:00 GMT".parse().unwrap());
+            // Read by CDNs instead of Cache-Control (RFC 9213).
+            h.insert("cdn-cache-control", "max-age=3600".parse().unwrap());
+            h.insert("surrogate-control", "max-age=3600".parse().unwrap());
             r
         }
         "/own-request-id" => {
