@@ -178,10 +178,12 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
     )
 }
 
-/// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`: servers that hand
-/// headers to the application CGI-style (gunicorn before 22, PHP-FPM
-/// behind some gateways) read them as `X-Real-IP`, `X-Forwarded-For` and
-/// `X-Request-Id`, beside or over varco's own. Never sent by a legitimate
+/// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`, `X_Varco_Arrival`:
+/// servers that hand headers to the application CGI-style (gunicorn
+/// before 22, PHP-FPM behind some gateways) read them as `X-Real-IP`,
+/// `X-Forwarded-For`, `X-Request-Id` and `X-Varco-Arrival`, beside or over
+/// varco's own (an arrival replayed from another person, or one blanking
+/// the real one). Never sent by a legitimate
 /// proxy; nginx drops every header with an underscore by default.
 fn is_underscore_twin(name: &HeaderName) -> bool {
     let name = name.as_str();
@@ -191,7 +193,7 @@ fn is_underscore_twin(name: &HeaderName) -> bool {
     let dashed = name.replace('_', "-");
     matches!(
         dashed.as_str(),
-        "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"
+        "x-forwarded-for" | "x-forwarded-proto" | "x-request-id" | "x-varco-arrival"
     ) || is_claimed_by_a_proxy(&dashed)
 }
 
@@ -386,8 +388,13 @@ mod tests {
         h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
         h.insert("x_request_id", "forged".parse().unwrap());
+        h.insert("x_varco_arrival", "replayed".parse().unwrap());
         h.insert("x_portal_token", "kept".parse().unwrap());
         set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false, "http", None);
+        assert!(
+            h.get("x_varco_arrival").is_none(),
+            "a twin of varco's signed arrival"
+        );
         assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
         assert!(h.get("x_real_ip").is_none() && h.get("x_forwarded_for").is_none());
         assert!(
