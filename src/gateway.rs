@@ -151,6 +151,27 @@ const MALFORMED: Said = Said {
     en: "This address is malformed.",
     it: "Questo indirizzo non è valido.",
 };
+const UNKNOWN_CODING: Said = Said {
+    en: "This request is sent in a form this site does not take.",
+    it: "Questa richiesta è inviata in una forma che il sito non accetta.",
+};
+
+/// A transfer coding besides HTTP/1.1's chunked (`gzip, chunked`): hyper
+/// takes the chunks off and leaves the rest, which would reach the
+/// portal as a plain body it reads as sent. Refused (501), as nginx does.
+fn has_unknown_coding(req: &Request<Incoming>) -> bool {
+    let mut codings = req
+        .headers()
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        _ => true,
+    }
+}
 const CATCHING_UP: Said = Said {
     en: "The waiting room is catching up. Please try again in a moment.",
     it: "La sala d'attesa si sta aggiornando. Riprova tra un momento.",
@@ -266,17 +287,24 @@ impl Handler for Gateway {
             delivery: None,
         };
         let refused = match canonical {
-            Err(e) => Some(e.to_string()),
-            Ok(()) if host_is_ambiguous(&req) => Some("ambiguous Host".into()),
+            Err(e) => Some((StatusCode::BAD_REQUEST, &MALFORMED, e.to_string())),
+            Ok(()) if host_is_ambiguous(&req) => {
+                Some((StatusCode::BAD_REQUEST, &MALFORMED, "ambiguous Host".into()))
+            }
+            Ok(()) if has_unknown_coding(&req) => Some((
+                StatusCode::NOT_IMPLEMENTED,
+                &UNKNOWN_CODING,
+                "a transfer coding besides chunked".into(),
+            )),
             Ok(()) => None,
         };
-        if let Some(e) = refused {
+        if let Some((code, said, e)) = refused {
             tracing::debug!(error = %e, "request refused");
             let reader = Reader::of(req.headers(), json, Language::En);
-            let resp = page::error(StatusCode::BAD_REQUEST, &MALFORMED, reader);
+            let resp = page::error(code, said, reader);
             self.metrics
                 .requests
-                .with_label_values(&["-", status_class(400)])
+                .with_label_values(&["-", status_class(code.as_u16())])
                 .inc();
             return self.finish(record, resp, "-", None);
         }

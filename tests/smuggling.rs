@@ -219,3 +219,32 @@ async fn a_host_read_two_ways_never_passes_the_gate() {
     .await;
     assert_eq!(status(&resp), 200, "{resp}");
 }
+
+/// A transfer coding other than chunked (`gzip, chunked`): hyper takes
+/// the chunks off and leaves the gzip, which would reach the portal as a
+/// plain body it reads as sent. Refused with 501, as nginx does.
+#[tokio::test]
+async fn a_transfer_coding_besides_chunked_is_refused() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    for coding in ["gzip, chunked", "chunked, chunked", "x-custom,chunked"] {
+        let resp = send(
+            &v,
+            &format!(
+                "POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: {coding}\r\n\
+                 Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status(&resp), 501, "{coding}: {resp}");
+    }
+    assert_eq!(up.hits(), 0);
+    // Chunked alone, in any case, is HTTP/1.1's own framing.
+    let resp = send(
+        &v,
+        "POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: Chunked\r\n\
+         Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(echoed(&resp).expect("echo")["body"], "hello", "{resp}");
+}
