@@ -10,7 +10,9 @@
 //! the first byte read until the body is written to the upstream. A body
 //! past either, or not whole within `upstream.request_buffer_time`,
 //! streams as it arrives (what was read first), as without buffering:
-//! never refused for it, and the metrics say so.
+//! never refused for it, and the metrics say so; except the body of a
+//! request nobody admitted (an exempt path, a login detour), which must
+//! come whole or is refused.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -110,8 +112,8 @@ impl RequestBuffer {
     }
 
     /// The body of a request about to be forwarded: read whole when it
-    /// fits, or ready to stream. Errors are the client's: a body larger
-    /// than `server.max_body_size` (413), one that stalls for
+    /// fits, or ready to stream. Errors: a body larger than
+    /// `server.max_body_size` (413), one that stalls for
     /// `server.body_read_timeout` (408), or a broken one (400).
     ///
     /// `whole_only`: a request nobody admitted (an exempt path, a login
