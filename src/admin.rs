@@ -236,13 +236,13 @@ fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
     }
 }
 
-/// The file at `path`, to be read up to its length now.
+/// The admission log, to be read up to its last whole record now.
 async fn open_to_length(
-    path: &std::path::Path,
+    log: &crate::audit::AuditLog,
 ) -> std::io::Result<tokio::io::Take<tokio::fs::File>> {
     use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::open(path).await?;
-    let len = file.metadata().await?.len();
+    let file = tokio::fs::File::open(log.path()).await?;
+    let len = log.committed_len()?;
     Ok(file.take(len))
 }
 
@@ -303,14 +303,15 @@ impl Admin {
                 // per admission (hundreds of MB), not to be read whole into
                 // memory by a worker the proxy shares.
                 // The log as long as it was when asked for: the lines written
-                // meanwhile are the next read's, and none is cut half way. No
+                // meanwhile are the next read's, and none is cut half way
+                // (read in 64 KiB parts, each a task of the blocking pool). No
                 // Content-Length: a file cut short meanwhile would make it a
                 // lie.
-                Some(log) => match open_to_length(log.path()).await {
+                Some(log) => match open_to_length(log).await {
                     Ok(file) => {
                         use futures_util::TryStreamExt;
-                        let frames =
-                            tokio_util::io::ReaderStream::new(file).map_ok(http_body::Frame::data);
+                        let frames = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10)
+                            .map_ok(http_body::Frame::data);
                         typed(
                             StatusCode::OK,
                             "application/x-ndjson",

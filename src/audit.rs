@@ -202,6 +202,14 @@ impl AuditLog {
         &self.path
     }
 
+    /// How long the log is with only whole records in it: read under the
+    /// chain's lock, so never in the middle of a record being written or
+    /// taken back.
+    pub fn committed_len(&self) -> std::io::Result<u64> {
+        let c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(c.file.metadata()?.len())
+    }
+
     /// Starts counting a room from `serving` without logging: when this
     /// node starts advancing a room it did not log before (a new room, or
     /// a lease taken over from another node that logged the rest).
