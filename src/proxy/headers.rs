@@ -124,12 +124,19 @@ pub fn set_forwarded(
         // would drop the addresses the proxies added after it.
         let mut chain: Vec<u8> = Vec::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
-            chain.extend_from_slice(v.as_bytes());
-            chain.extend_from_slice(b", ");
+            if !v.as_bytes().trim_ascii().is_empty() {
+                chain.extend_from_slice(v.as_bytes());
+                chain.extend_from_slice(b", ");
+            }
         }
         chain.extend_from_slice(peer.as_bytes());
-        if let Ok(v) = HeaderValue::from_bytes(&chain) {
-            headers.insert(X_FORWARDED_FOR, v);
+        match HeaderValue::from_bytes(&chain) {
+            Ok(v) => {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+            // Never: what headers held, joined by ", ", is a header. But the
+            // peer is the one address that must be there.
+            Err(_) => set(headers, X_FORWARDED_FOR, &peer),
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -247,6 +254,8 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        // Empty elements are no entry (RFC 9110, 5.6.1): `a, b,` is `a, b`.
+        .filter(|hop| !hop.trim_ascii().is_empty())
         .collect();
     for hop in hops.into_iter().rev() {
         let Some(ip) = std::str::from_utf8(hop)
@@ -487,6 +496,14 @@ mod tests {
             HeaderValue::from_bytes(b"203.0.113.7, \xff").unwrap(),
         );
         assert_eq!(client_ip(&h, peer, &trusted), peer, "unreadable: stop");
+        h.insert(X_FORWARDED_FOR, "203.0.113.7, ".parse().unwrap());
+        h.append(X_FORWARDED_FOR, " ".parse().unwrap());
+        let seen = client_ip(&h, peer, &trusted);
+        assert_eq!(
+            seen,
+            "203.0.113.7".parse::<IpAddr>().unwrap(),
+            "empty: none"
+        );
         h.insert(
             X_FORWARDED_FOR,
             HeaderValue::from_bytes(b"\xff, 203.0.113.7").unwrap(),
