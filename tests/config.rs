@@ -364,6 +364,15 @@ fn bad_waiting_room_keys_name_their_keys() {
             "exempt_paths = [\"/static/\", \"/api?public=1\"]\n",
             "rooms.portal.exempt_paths[1]",
         ),
+        ("exempt_paths = [\"/\"]\n", "rooms.portal.exempt_paths[0]"),
+        (
+            "exempt_paths = [\"/static/\", \"/a//b\"]\n",
+            "rooms.portal.exempt_paths[1]",
+        ),
+        (
+            "exempt_paths = [\"/static%2fx\"]\n",
+            "rooms.portal.exempt_paths[0]",
+        ),
         (
             "page_template = \"/nonexistent/page.html\"\n",
             "rooms.portal.page_template",

@@ -686,10 +686,16 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
     // `/static` is not `/static-admin/`.
     let cfg = gated_config(
         up.addr,
-        "max_active = 1\nmode = \"closed\"\nexempt_paths = [\"/static\", \"/ping\"]",
+        "max_active = 1\nmode = \"closed\"\nexempt_paths = [\"/static\", \"/ping\", \"/img/\"]",
     );
     let g = Gated::start(&cfg).await;
-    for open in ["/static", "/static/app.css?v=2", "/ping", "/ping?full=1"] {
+    for open in [
+        "/static",
+        "/static/app.css?v=2",
+        "/ping",
+        "/ping?full=1",
+        "/img/logo.png",
+    ] {
         assert!(g.citizen().get(open).await.reached_upstream(), "{open}");
     }
     for gated in [
@@ -697,6 +703,8 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
         "/staticapply",
         "/ping2",
         "/static%2Fapp.css",
+        // An entry ending in `/` covers what lies under it, not itself.
+        "/img",
     ] {
         assert_eq!(g.citizen().get(gated).await.status, 503, "{gated}");
     }

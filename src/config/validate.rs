@@ -700,6 +700,18 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     key(&format!("exempt_paths[{i}]")),
                     format!("\"{e}\" holds a query: exempt paths match the path alone, on whole segments"),
                 );
+            } else if e == "/" {
+                p.add(
+                    key(&format!("exempt_paths[{i}]")),
+                    "\"/\" exempts every path: for a room without a gate, set mode = \"passthrough\"".to_string(),
+                );
+            } else if crate::request_path::normalise(e) != Ok(None) {
+                // Paths are matched once made canonical: `/a//b` or
+                // `/static%2f` would never match anything.
+                p.add(
+                    key(&format!("exempt_paths[{i}]")),
+                    format!("\"{e}\" is not a path in canonical form (no `//`, `.` or `..` segments, escapes of unreserved characters, or lower-case escapes): it would never match"),
+                );
             }
         }
         for (i, e) in r.flow_paths.iter().enumerate() {

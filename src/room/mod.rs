@@ -98,6 +98,18 @@ pub struct Room {
     local_changes: AtomicU64,
 }
 
+/// The path of a request target, the query aside.
+fn path_of(path_and_query: &str) -> &str {
+    path_and_query.split('?').next().unwrap_or_default()
+}
+
+/// Whether `path` is on one of `prefixes`, on whole segments.
+fn on_any(prefixes: &[String], path: &str) -> bool {
+    prefixes
+        .iter()
+        .any(|p| crate::router::prefix_matches(p, path))
+}
+
 /// A room's pre-queue draw under one lottery key.
 struct Draw {
     kid: String,
@@ -356,11 +368,7 @@ impl Room {
     /// Not as rooms match it (escaped slashes read as slashes): a path
     /// that is exempt only once read that way is left to the gate.
     pub fn is_exempt(&self, path_and_query: &str) -> bool {
-        let path = path_and_query.split('?').next().unwrap_or_default();
-        self.config
-            .exempt_paths
-            .iter()
-            .any(|p| crate::router::prefix_matches(p, path))
+        on_any(&self.config.exempt_paths, path_of(path_and_query))
     }
 
     /// Whether `path_and_query` is one of the room's login detours: its
@@ -368,12 +376,8 @@ impl Room {
     /// detour lets a ticket holder through with any method
     /// (`/oidc/callback` is not `/oidc/callbacks/apply`).
     pub fn is_flow_path(&self, path_and_query: &str) -> bool {
-        let path = path_and_query.split('?').next().unwrap_or_default();
-        let path = crate::router::as_matched(path);
-        self.config
-            .flow_paths
-            .iter()
-            .any(|p| crate::router::prefix_matches(p, &path))
+        let path = crate::router::as_matched(path_of(path_and_query));
+        on_any(&self.config.flow_paths, &path)
     }
 
     pub fn limits(&self) -> Limits {
