@@ -53,6 +53,19 @@ pub enum Gate {
     Respond(Response<Body>),
 }
 
+impl Gate {
+    /// Proxied without a pass (the bypass, an exempt path, a login
+    /// detour): no cookie to set, no pass in force.
+    fn without_pass(whole_body: bool) -> Gate {
+        Gate::Proxy {
+            set_cookies: vec![],
+            pass: None,
+            delivery: None,
+            whole_body,
+        }
+    }
+}
+
 pub struct GateRequest<'a> {
     pub headers: &'a HeaderMap,
     pub method: &'a Method,
@@ -192,6 +205,18 @@ fn safe_path(p: &str) -> Option<&str> {
         .then_some(p)
 }
 
+/// Where admission lands the person: the page asked for (a GET), else
+/// the page their ticket remembers (a POST is never replayed), else
+/// [`landing`].
+fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> String {
+    if matches!(*r.method, Method::GET | Method::HEAD) {
+        safe_path(r.path_and_query)
+    } else {
+        ticket.and_then(|t| safe_path(&t.u))
+    }
+    .map_or_else(|| landing(room, r), str::to_string)
+}
+
 /// Where admission lands someone with no page to remember: a form posted
 /// after the session lapsed (a POST is never replayed), or a path too long
 /// to keep. The page they were on, when the Referer names one of this
@@ -279,8 +304,7 @@ fn claimed(
     }
     let view = lane.store.view();
     let status = status_for(room, lane, Some(t), &view, r.now_ms, "admitted");
-    let next_url = safe_path(&t.u).map_or_else(|| landing(room, r), str::to_string);
-    let mut resp = page(room, r, &status, &next_url, None);
+    let mut resp = page(room, r, &status, &destination(room, r, Some(t)), None);
     for cookie in set_cookies {
         resp.headers_mut().append(SET_COOKIE, cookie);
     }
@@ -405,12 +429,7 @@ fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView)
 
 pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {
     if is_bypass(room, r) {
-        return Ok(Gate::Proxy {
-            set_cookies: vec![],
-            pass: None,
-            delivery: None,
-            whole_body: false,
-        });
+        return Ok(Gate::without_pass(false));
     }
     if room.is_exempt(r.path_and_query) {
         // An asset or a health check sends no upload; one that does
@@ -422,12 +441,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                     .verify::<PassClaims>(token, &audience("pass", &room.name), r.now_ms)
                     .is_some()
             });
-        return Ok(Gate::Proxy {
-            set_cookies: vec![],
-            pass: None,
-            delivery: None,
-            whole_body,
-        });
+        return Ok(Gate::without_pass(whole_body));
     }
     if let Some(pass) = live_pass(room, r).await? {
         if let (Some(limiter), Some(sid)) = (&room.session_limiter, pass.session_id()) {
@@ -473,22 +487,12 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     let ticket = ticket.map(|(t, _)| t);
     let limits = room.lane_limits(lane);
     let safe_get = matches!(*r.method, Method::GET | Method::HEAD);
-    let next_url = if safe_get {
-        safe_path(r.path_and_query)
-    } else {
-        ticket.as_ref().and_then(|t| safe_path(&t.u))
-    }
-    .map_or_else(|| landing(room, r), str::to_string);
+    let next_url = destination(room, r, ticket.as_ref());
 
     // A login detour is never queued for someone already in line: the
     // identity provider's callback reaches the portal, whatever its method.
     if ticket.is_some() && room.is_flow_path(r.path_and_query) {
-        return Ok(Gate::Proxy {
-            set_cookies: vec![],
-            pass: None,
-            delivery: None,
-            whole_body: true,
-        });
+        return Ok(Gate::without_pass(true));
     }
 
     if limits.mode == Mode::Closed {
