@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, ACCEPT_LANGUAGE, CACHE_CONTROL, EXPIRES, HOST, SET_COOKIE};
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT_LANGUAGE, CACHE_CONTROL, EXPIRES, HOST, SET_COOKIE,
+};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -155,23 +157,6 @@ const UNKNOWN_CODING: Said = Said {
     en: "This request is sent in a form this site does not take.",
     it: "Questa richiesta è inviata in una forma che il sito non accetta.",
 };
-
-/// A transfer coding besides HTTP/1.1's chunked (`gzip, chunked`): hyper
-/// takes the chunks off and leaves the rest, which would reach the
-/// portal as a plain body it reads as sent. Refused (501), as nginx does.
-fn has_unknown_coding(req: &Request<Incoming>) -> bool {
-    let mut codings = req
-        .headers()
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii);
-    match (codings.next(), codings.next()) {
-        (None, _) => false,
-        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
-        _ => true,
-    }
-}
 const CATCHING_UP: Said = Said {
     en: "The waiting room is catching up. Please try again in a moment.",
     it: "La sala d'attesa si sta aggiornando. Riprova tra un momento.",
@@ -185,6 +170,24 @@ const NO_SUCH_ROOM: Said = Said {
     en: "No such waiting room.",
     it: "Questa sala d'attesa non esiste.",
 };
+
+/// A transfer coding besides HTTP/1.1's chunked (`gzip, chunked`): hyper
+/// takes the chunks off and leaves the rest, which would reach the
+/// portal as a plain body it reads as sent. Refused (501), as nginx does;
+/// an empty element beside chunked too (strict: no client sends one).
+fn has_unknown_coding(req: &Request<Incoming>) -> bool {
+    let mut codings = req
+        .headers()
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        _ => true,
+    }
+}
 
 /// An in-flight slot, or the 503 for a person who is admitted but whose
 /// request found the cap and its queue full.
@@ -239,20 +242,23 @@ fn set_cookie(resp: &mut Response<Body>, cookie: HeaderValue) {
     let h = resp.headers_mut();
     h.append(SET_COOKIE, cookie);
     h.insert(CACHE_CONTROL, page::NO_STORE);
-    // An HTTP/1.0 cache reads Expires, not Cache-Control; CDNs read
-    // their own headers instead of it (RFC 9213, Akamai's Edge-Control,
-    // Fastly's and Varnish's Surrogate-Control).
+    // An HTTP/1.0 cache reads Expires, not Cache-Control; CDNs and nginx
+    // read their own headers instead of it (RFC 9213, Akamai's
+    // Edge-Control, Fastly's and Varnish's Surrogate-Control, nginx's
+    // X-Accel-Expires).
     h.remove(EXPIRES);
-    for cdn in CDN_CACHE_HEADERS {
+    for cdn in &CDN_CACHE_HEADERS {
         h.remove(cdn);
     }
 }
 
-const CDN_CACHE_HEADERS: [&str; 4] = [
-    "cdn-cache-control",
-    "cloudflare-cdn-cache-control",
-    "surrogate-control",
-    "edge-control",
+const CDN_CACHE_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("cdn-cache-control"),
+    HeaderName::from_static("cloudflare-cdn-cache-control"),
+    HeaderName::from_static("surrogate-control"),
+    HeaderName::from_static("edge-control"),
+    // nginx, in front of varco, takes it over Cache-Control.
+    HeaderName::from_static("x-accel-expires"),
 ];
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -447,9 +453,9 @@ impl Gateway {
                     asked.reader(),
                     record.id.as_ref(),
                 );
-                if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+                if let Some(secs) = e.retry_after() {
                     resp.headers_mut()
-                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
                 }
                 for c in set_cookies {
                     set_cookie(&mut resp, c);

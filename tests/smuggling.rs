@@ -238,6 +238,14 @@ async fn a_transfer_coding_besides_chunked_is_refused() {
         .await;
         assert_eq!(status(&resp), 501, "{coding}: {resp}");
     }
+    // The same over two lines: one list (RFC 9110 5.3).
+    let resp = send(
+        &v,
+        "POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: gzip\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), 501, "{resp}");
     assert_eq!(up.hits(), 0);
     // Chunked alone, in any case, is HTTP/1.1's own framing.
     let resp = send(

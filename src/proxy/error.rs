@@ -50,6 +50,14 @@ impl ProxyError {
         }
     }
 
+    /// `Retry-After` for an error worth trying again soon, in seconds.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::BufferFull => Some(5),
+            _ => None,
+        }
+    }
+
     pub fn side(&self) -> Side {
         match self {
             ProxyError::NoRoute

@@ -209,6 +209,7 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             // Read by CDNs instead of Cache-Control (RFC 9213).
             h.insert("cdn-cache-control", "max-age=3600".parse().unwrap());
             h.insert("surrogate-control", "max-age=3600".parse().unwrap());
+            h.insert("x-accel-expires", "3600".parse().unwrap());
             r
         }
         "/own-request-id" => {
