@@ -322,7 +322,11 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
     let room = "room=\"portal\"";
     let counters = || async {
         let mut got = Vec::new();
-        for name in ["varco_tickets_issued_total", "varco_admitted_total"] {
+        for name in [
+            "varco_tickets_issued_total",
+            "varco_admitted_total",
+            "varco_abandoned_total",
+        ] {
             got.push(metric(g.admin, name, room).await.expect(name));
         }
         got
@@ -342,6 +346,9 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
     std::fs::write(&file, without).unwrap();
     g.app.reload().await.expect("reload");
     assert_eq!(counters().await, before, "the removed lane still counts");
+    // And across a reload that keeps it removed.
+    g.app.reload().await.expect("reload");
+    assert_eq!(counters().await, before, "carried on");
     std::fs::write(&file, &with).unwrap();
     g.app.reload().await.expect("reload");
     assert_eq!(counters().await, before, "the lane back counts once");

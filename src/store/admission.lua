@@ -91,6 +91,9 @@ end
 -- admitted at once when the nodes came back, before their first tick)
 -- froze for no time, and pushed past the gap it would hold every turn
 -- called after it open that long (expiry stops at the first open batch).
+-- The list is then out of time order: a batch made during the gap waits
+-- behind the shifted ones to be dropped, which costs nothing, as such
+-- batches are direct admissions, claimed whole.
 local function catch_up()
   local gap = now - ticked
   if op == 'tick' and gap > 5 * tick_ms then
