@@ -40,6 +40,18 @@ async fn start_upload(v: &Varco, len: usize, sent: usize) -> TcpStream {
     s
 }
 
+/// Sends half of a 10-byte upload and nothing more: varco cuts it off
+/// with 408 within 5 s.
+async fn assert_half_an_upload_gets_408(v: &Varco) {
+    let mut s = start_upload(v, 10, 5).await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .expect("cut off within 5 s")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
 /// Sends the rest of an upload begun with `start_upload`; the status line
 /// and the body of the answer (the number of bytes the portal got).
 async fn finish_upload(mut s: TcpStream, rest: usize) -> (String, String) {
@@ -257,13 +269,7 @@ async fn a_stalled_upload_being_read_whole_gets_408() {
         config(&[up.addr], "", "")
     ))
     .await;
-    let mut s = start_upload(&v, 10, 5).await;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
-        .await
-        .expect("cut off within 5 s")
-        .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_half_an_upload_gets_408(&v).await;
     assert_eq!(up.hits(), 0, "nothing of it reached the portal");
     assert_eq!(
         metric(&v, "varco_request_buffer_bytes", "").await,
@@ -431,13 +437,7 @@ async fn a_body_sent_without_a_pass_not_whole_in_time_gets_408() {
         "request_buffer_time = \"300ms\"",
     ))
     .await;
-    let mut s = start_upload(&v, 10, 5).await;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
-        .await
-        .expect("cut off within 5 s")
-        .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_half_an_upload_gets_408(&v).await;
     assert_eq!(up.hits(), 0, "nothing of it reached the portal");
     assert_eq!(
         metric(
