@@ -299,14 +299,13 @@ impl Admin {
                     StatusCode::NOT_FOUND,
                     "no admission log: set audit.log in the config",
                 ),
-                // Streamed from the file: after a click day it holds a line
-                // per admission (hundreds of MB), not to be read whole into
-                // memory by a worker the proxy shares.
-                // The log as long as it was when asked for: the lines written
-                // meanwhile are the next read's, and none is cut half way
-                // (read in 64 KiB parts, each a task of the blocking pool). No
-                // Content-Length: a file cut short meanwhile would make it a
-                // lie.
+                // Streamed from the file, 64 KiB at a time: after a click
+                // day it holds a line per admission (hundreds of MB), not
+                // to be read whole by a worker the proxy shares. As long as
+                // it was when asked for: the lines written meanwhile are
+                // the next read's, and none is cut half way. No
+                // Content-Length: a file cut short meanwhile would make it
+                // a lie.
                 Some(log) => match open_to_length(log).await {
                     Ok(file) => {
                         use futures_util::TryStreamExt;

@@ -214,9 +214,7 @@ impl RequestBuffer {
             _held: Some(held),
         }))
     }
-}
 
-impl RequestBuffer {
     /// A body past `request_buffer`: streamed, or refused when it must
     /// come whole.
     fn too_large(

@@ -190,8 +190,8 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
 /// before 22, PHP-FPM behind some gateways) read them as `X-Real-IP`,
 /// `X-Forwarded-For`, `X-Request-Id` and `X-Varco-Arrival`, beside or over
 /// varco's own (an arrival replayed from another person, or one blanking
-/// the real one). Never sent by a legitimate
-/// proxy; nginx drops every header with an underscore by default.
+/// the real one). Never sent by a legitimate proxy; nginx drops every
+/// header with an underscore by default.
 fn is_underscore_twin(name: &HeaderName) -> bool {
     let name = name.as_str();
     if !name.contains('_') {
