@@ -397,29 +397,23 @@ impl App {
     /// hold back a queue that is already admitting (see `not_reopened`).
     fn keeps_drawn_places(&self, new: &Config) -> Result<(), ReloadError> {
         let now = self.clock.now_ms();
-        let errors: Vec<ConfigError> = new
-            .rooms
-            .iter()
-            .filter_map(|next| {
-                let room = self.room(&next.name)?;
-                if next.opens_at_ms == room.config.opens_at_ms {
-                    return None;
-                }
-                let view = room.view();
-                let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
-                if drawn {
-                    return Some(ConfigError {
-                        key: format!("rooms.{}.opens_at", next.name),
-                        reason: format!(
-                            "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
-                            view.prequeue
-                        ),
-                    });
-                }
-                not_reopened(&next.name, next.opens_at_ms, &view, now).err()
-            })
-            .collect();
-        refused(errors)
+        self.check_running_rooms(new, |next, room| {
+            if next.opens_at_ms == room.config.opens_at_ms {
+                return None;
+            }
+            let view = room.view();
+            let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
+            if drawn {
+                return Some(ConfigError {
+                    key: format!("rooms.{}.opens_at", next.name),
+                    reason: format!(
+                        "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
+                        view.prequeue
+                    ),
+                });
+            }
+            not_reopened(&next.name, next.opens_at_ms, &view, now).err()
+        })
     }
 
     /// Refuses a key file without the key a room's pre-queue lottery is
@@ -434,25 +428,34 @@ impl App {
             return Ok(());
         }
         let now = self.clock.now_ms();
-        let errors: Vec<ConfigError> = new
+        self.check_running_rooms(new, |next, room| {
+            let opens = next.opens_at_ms?;
+            let kid = room.store.lottery_key_id()?;
+            let ttl = next.ticket_ttl.as_millis() as u64;
+            let drawn_for = opens.saturating_add(ttl);
+            let in_use = now < drawn_for && running.key(&kid).is_some();
+            (in_use && new.keys.key(&kid).is_none()).then(|| ConfigError {
+                key: "secrets.key_file".into(),
+                reason: format!(
+                    "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus ticket_ttl)",
+                    next.name,
+                    crate::timefmt::rfc3339(drawn_for)
+                ),
+            })
+        })
+    }
+
+    /// The reload's refusal for what `check` finds wrong in the rooms of
+    /// `new` that are running now (each with the running room).
+    fn check_running_rooms(
+        &self,
+        new: &Config,
+        check: impl Fn(&crate::config::RoomConfig, &Room) -> Option<ConfigError>,
+    ) -> Result<(), ReloadError> {
+        let errors = new
             .rooms
             .iter()
-            .filter_map(|next| {
-                let room = self.room(&next.name)?;
-                let opens = next.opens_at_ms?;
-                let kid = room.store.lottery_key_id()?;
-                let ttl = next.ticket_ttl.as_millis() as u64;
-                let drawn_for = opens.saturating_add(ttl);
-                let in_use = now < drawn_for && running.key(&kid).is_some();
-                (in_use && new.keys.key(&kid).is_none()).then(|| ConfigError {
-                    key: "secrets.key_file".into(),
-                    reason: format!(
-                        "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus ticket_ttl)",
-                        next.name,
-                        crate::timefmt::rfc3339(drawn_for)
-                    ),
-                })
-            })
+            .filter_map(|next| check(next, &*self.room(&next.name)?))
             .collect();
         refused(errors)
     }
