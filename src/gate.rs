@@ -135,12 +135,17 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The first of the request's pass cookies that is genuine and in date
+/// for this room; the store not asked whether its session lives.
+fn signed_pass(room: &Room, headers: &HeaderMap, now_ms: u64) -> Option<PassClaims> {
+    let aud = audience("pass", &room.name);
+    cookies::each(headers, &room.pass_cookie)
+        .find_map(|token| room.keys.verify::<PassClaims>(token, &aud, now_ms))
+}
+
 /// The live pass a request carries, if any, renewed in the store.
 async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims>, StoreError> {
-    let aud = audience("pass", &room.name);
-    let Some(pass) = cookies::each(r.headers, &room.pass_cookie)
-        .find_map(|token| room.keys.verify::<PassClaims>(token, &aud, r.now_ms))
-    else {
+    let Some(pass) = signed_pass(room, r.headers, r.now_ms) else {
         return Ok(None);
     };
     let Some(sid) = pass.session_id() else {
@@ -436,11 +441,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         // without a pass must send it whole. (A pass is only verified,
         // not looked up: an exempt path costs no store round trip.)
         let whole_body = matches!(*r.method, Method::GET | Method::HEAD)
-            || !cookies::each(r.headers, &room.pass_cookie).any(|token| {
-                room.keys
-                    .verify::<PassClaims>(token, &audience("pass", &room.name), r.now_ms)
-                    .is_some()
-            });
+            || signed_pass(room, r.headers, r.now_ms).is_none();
         return Ok(Gate::without_pass(whole_body));
     }
     if let Some(pass) = live_pass(room, r).await? {
@@ -770,11 +771,7 @@ pub async fn status(
         ));
         return too_many(wait, Reader::Program, &FROM_ADDRESS);
     }
-    let has_pass = match cookies::each(headers, &room.pass_cookie)
-        .find_map(|t| {
-            room.keys
-                .verify::<PassClaims>(t, &audience("pass", &room.name), now_ms)
-        })
+    let has_pass = match signed_pass(room, headers, now_ms)
         .and_then(|p| Some((p.session_id()?, room.lane(&p.l)?)))
     {
         // A pass cookie outlives its session (twice the idle time): only a
