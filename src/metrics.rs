@@ -16,6 +16,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_response_seconds",
     "varco_upstream_errors_total",
     "varco_upstream_responses_total",
+    "varco_upstream_closed_idle_total",
     "varco_upstream_in_flight",
     "varco_upstream_up",
     "varco_upstream_taken_out",
@@ -82,6 +83,7 @@ pub struct Metrics {
     pub request_buffer_limit_bytes: IntGauge,
     pub build_info: IntGaugeVec,
     pub upstream_responses: IntCounterVec,
+    pub upstream_closed_idle: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
     /// Rooms with `health_check` only.
     pub upstream_health_checks: IntCounterVec,
@@ -190,6 +192,11 @@ impl Metrics {
             "varco_upstream_responses_total",
             "Responses from upstreams, by status class",
             &["room", "upstream", "class"],
+        );
+        let upstream_closed_idle = counter(
+            "varco_upstream_closed_idle_total",
+            "Requests that met a kept-alive connection the upstream had closed and went again (not failures; many mean upstream.pool_idle_timeout is above the upstream's keep-alive)",
+            &["room", "upstream"],
         );
         let upstream_in_flight = IntGaugeVec::new(
             Opts::new(
@@ -337,6 +344,7 @@ impl Metrics {
             Box::new(request_buffer_limit_bytes.clone()),
             Box::new(build_info.clone()),
             Box::new(upstream_responses.clone()),
+            Box::new(upstream_closed_idle.clone()),
             Box::new(upstream_in_flight.clone()),
             Box::new(upstream_health_checks.clone()),
             Box::new(store_errors.clone()),
@@ -359,6 +367,7 @@ impl Metrics {
             request_buffer_limit_bytes,
             build_info,
             upstream_responses,
+            upstream_closed_idle,
             upstream_in_flight,
             upstream_health_checks,
             store_errors,
@@ -500,6 +509,7 @@ pub struct UpstreamMetrics {
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
     pub protocol_errors: IntCounter,
+    pub closed_idle: IntCounter,
     /// Indexed by status class: 1xx..5xx.
     responses: [IntCounter; 5],
     pub in_flight: IntGauge,
@@ -516,6 +526,7 @@ impl UpstreamMetrics {
             connect_errors: errors("connect"),
             timeouts: errors("timeout"),
             protocol_errors: errors("protocol"),
+            closed_idle: m.upstream_closed_idle.with_label_values(&[room, upstream]),
             responses: [
                 class("1xx"),
                 class("2xx"),

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::client::{self, get, send};
@@ -494,6 +496,178 @@ async fn max_fails_failed_requests_cool_an_upstream_down() {
     // Round robin: requests 1, 3 and 5 go to the hung upstream, then none.
     assert_eq!(timeouts(3).await, 3, "cooled down at the third failure");
     assert_eq!(timeouts(0).await, 6, "every other request, for ever");
+}
+
+/// An upstream that answers the first request on each connection and
+/// closes it, unanswered, at the next: as a portal whose keep-alive
+/// timeout ends just as varco sends a request on the idle connection.
+/// Counts the requests it answered and those it closed on.
+struct ClosesKeptAlive {
+    addr: std::net::SocketAddr,
+    answered: Arc<AtomicUsize>,
+    closed_on: Arc<AtomicUsize>,
+}
+
+async fn closes_kept_alive() -> ClosesKeptAlive {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = ClosesKeptAlive {
+        addr: l.local_addr().unwrap(),
+        answered: Arc::default(),
+        closed_on: Arc::default(),
+    };
+    let (answered, closed_on) = (up.answered.clone(), up.closed_on.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (answered, closed_on) = (answered.clone(), closed_on.clone());
+            tokio::spawn(async move {
+                // Bodyless requests only: a head is a request.
+                if read_request_head(&mut s).await.is_none() {
+                    return;
+                }
+                // Counted before it goes: whoever reads the answer sees it.
+                answered.fetch_add(1, Ordering::SeqCst);
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+                if read_request_head(&mut s).await.is_some() {
+                    closed_on.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    up
+}
+
+/// A request that is safe to send twice and meets a kept-alive connection
+/// the portal closes as it goes out is sent again on another connection:
+/// the person gets the answer, not a 502, and the upstream is not counted
+/// as failing (nginx tries another connection too). A POST is never sent
+/// twice: the portal may have acted on it.
+#[tokio::test]
+async fn a_get_that_meets_a_closed_kept_alive_connection_goes_again() {
+    let up = closes_kept_alive().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
+    ))
+    .await;
+    // The idle connection goes back to the pool as the answer ends: a few
+    // tries make sure one request meets it.
+    for _ in 0..20 {
+        let got = get(&v.url("/again")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(got.text(), "ok");
+        if up.closed_on.load(Ordering::SeqCst) >= 2 {
+            break;
+        }
+    }
+    let closed = up.closed_on.load(Ordering::SeqCst);
+    assert!(closed >= 2, "no request met a kept-alive connection");
+    let of = "room=\"portal\"";
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_closed_idle_total", of).await,
+        Some(closed as f64)
+    );
+    for kind in ["connect", "timeout", "protocol"] {
+        let of = format!("kind=\"{kind}\",room=\"portal\"");
+        assert_eq!(
+            client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+            Some(0.0),
+            "no {kind} failure counted"
+        );
+    }
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", of).await,
+        Some(1.0)
+    );
+
+    let post = || send(Request::post(v.url("/submit")).body(body::empty()).unwrap());
+    let mut statuses = Vec::new();
+    loop {
+        let (seen, before) = (up.answered.load(Ordering::SeqCst), closed_on(&up));
+        let status = post().await.status;
+        statuses.push(status);
+        if closed_on(&up) > before {
+            assert_eq!(status, 502, "a POST on a closed connection: {statuses:?}");
+            assert_eq!(
+                up.answered.load(Ordering::SeqCst),
+                seen,
+                "the POST was not sent again"
+            );
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(statuses.len() < 20, "no POST met a kept-alive connection");
+    }
+}
+
+fn closed_on(up: &ClosesKeptAlive) -> usize {
+    up.closed_on.load(Ordering::SeqCst)
+}
+
+/// A GET that an upstream breaks before any answer goes to the next
+/// upstream (nginx's `proxy_next_upstream error`); a POST gets the 502.
+#[tokio::test]
+async fn a_get_broken_by_one_upstream_goes_to_the_next_a_post_does_not() {
+    let good = upstream::spawn().await;
+    // Reads the request head and closes: every request breaks there.
+    let breaks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken = breaks.local_addr().unwrap();
+    let met = Arc::new(AtomicUsize::new(0));
+    let counted = met.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = breaks.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let _ = read_request_head(&mut s).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let v = Varco::start(&room_config(
+        &[broken, good.addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 0",
+    ))
+    .await;
+    for _ in 0..6 {
+        let got = get(&v.url("/echo")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    assert!(
+        met.load(Ordering::SeqCst) >= 1,
+        "no GET met the broken upstream"
+    );
+    assert_eq!(good.hits(), 6);
+    let mut statuses = Vec::new();
+    loop {
+        let (before, hits) = (met.load(Ordering::SeqCst), good.hits());
+        let got = send(
+            Request::post(v.url("/echo"))
+                .body(body::full("form"))
+                .unwrap(),
+        )
+        .await;
+        statuses.push(got.status);
+        if met.load(Ordering::SeqCst) > before {
+            assert_eq!(got.status, 502, "{statuses:?}");
+            assert_eq!(good.hits(), hits, "the POST went nowhere else");
+            break;
+        }
+        assert_eq!(got.status, 200);
+        assert!(statuses.len() < 6, "no POST met the broken upstream");
+    }
+}
+
+/// Reads one request head from a raw connection; None if it closed first.
+async fn read_request_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.ok()?;
+        head.push(byte[0]);
+    }
+    Some(head)
 }
 
 #[tokio::test]

@@ -5,12 +5,15 @@
 //! the room's `tls_server_name`.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_rustls::{DefaultServerNameResolver, HttpsConnector, ResolveServerName};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::client::ResolvesClientCert;
@@ -95,16 +98,8 @@ pub struct Connector {
     limit: Duration,
 }
 
-type Connecting = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<
-                    hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
-                    BoxError,
-                >,
-            > + Send,
-    >,
->;
+type Stream = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+type Connecting = Pin<Box<dyn std::future::Future<Output = Result<Tracked, BoxError>> + Send>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connector {
@@ -122,7 +117,7 @@ impl Connector {
 }
 
 impl tower_service::Service<http::Uri> for Connector {
-    type Response = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+    type Response = Tracked;
     type Error = BoxError;
     type Future = Connecting;
 
@@ -138,13 +133,97 @@ impl tower_service::Service<http::Uri> for Connector {
         let limit = self.limit;
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
-                Ok(made) => made,
+                Ok(made) => made.map(|stream| Tracked {
+                    stream,
+                    answered: Answered::default(),
+                }),
                 Err(_) => Err(Box::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no connection (TLS included) within {limit:?}"),
                 )) as BoxError),
             }
         })
+    }
+}
+
+/// A connection to an upstream, marked once it has answered a request.
+/// A request that fails on one that had, before any answer, most likely
+/// met the keep-alive race (the upstream closed it, idle, as the request
+/// went out): that says nothing of the upstream's health, and a request
+/// that is safe to send twice can go again (nginx tries another
+/// connection for it too).
+pub struct Tracked {
+    stream: Stream,
+    answered: Answered,
+}
+
+/// The mark of a [`Tracked`] connection, found in the extensions of each
+/// response it brings and in the error of a request that failed on it.
+#[derive(Clone, Default)]
+pub struct Answered(Arc<AtomicBool>);
+
+impl Answered {
+    /// The connection brought a response.
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection `error` came on had answered before.
+    pub fn before(error: &hyper_util::client::legacy::Error) -> bool {
+        let Some(connected) = error.connect_info() else {
+            return false;
+        };
+        let mut found = http::Extensions::new();
+        connected.get_extras(&mut found);
+        found
+            .get::<Answered>()
+            .is_some_and(|a| a.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Connection for Tracked {
+    fn connected(&self) -> Connected {
+        self.stream.connected().extra(self.answered.clone())
+    }
+}
+
+impl hyper::rt::Read for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http::header::{
     HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
 };
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 
 use super::buffer::{ClientBody, Sendable};
-use super::client::SharedClient;
+use super::client::{Answered, SharedClient};
 use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
@@ -42,6 +42,23 @@ enum Outgoing {
     /// Taken by the first try.
     Streaming(Option<Body>),
 }
+
+impl Outgoing {
+    /// Whether the body can still go to an upstream (none has taken it).
+    fn replayable(&self) -> bool {
+        match self {
+            Outgoing::Empty => true,
+            Outgoing::Whole(sendable) => sendable.is_here(),
+            Outgoing::Streaming(_) => false,
+        }
+    }
+}
+
+/// How many times a request goes again after a kept-alive connection
+/// closed under it. One is the race; a few more cover the rest of an idle
+/// pool the upstream closed at once; more would be an upstream that
+/// answers once per connection and then breaks, which is a failure.
+const STALE_TRIES: u32 = 3;
 
 /// A response from an upstream, with which one answered (an index into
 /// the room's upstreams).
@@ -165,13 +182,27 @@ impl Forwarder {
         let client = self.client.load_full();
         let path = parts.uri.path_and_query().cloned();
         let mut tried: Vec<usize> = Vec::with_capacity(1);
-        let mut refused: Option<ProxyError> = None;
+        let mut failed: Option<ProxyError> = None;
+        // A request safe to send twice (RFC 9110, 9.2.2) may go again when
+        // it failed before any answer; others never do, as nginx's
+        // `proxy_next_upstream` without `non_idempotent`: a POST the portal
+        // may have acted on is the person's to send again.
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        let mut stale_tries = 0;
         loop {
             let Some(index) = room.upstreams.pick(&tried) else {
                 // Every upstream in play was tried (the last try returns
                 // first, unless one was taken out meanwhile), or all are
                 // taken out.
-                return Err(refused.unwrap_or_else(|| ProxyError::Unreachable {
+                return Err(failed.unwrap_or_else(|| ProxyError::Unreachable {
                     upstream: room.name.clone(),
                     source: "no upstream in rotation: every one is taken out".into(),
                 }));
@@ -183,18 +214,17 @@ impl Forwarder {
                 .method(parts.method.clone())
                 .uri(uri)
                 .version(Version::HTTP_11);
-            let replayable = match &outgoing {
-                Outgoing::Empty => true,
-                Outgoing::Whole(sendable) => sendable.is_here(),
-                Outgoing::Streaming(_) => false,
-            };
+            let replayable = outgoing.replayable();
             // Those taken out by an operator are never tried.
-            let last_try = !replayable || tried.len() >= room.upstreams.in_play();
+            let last_upstream = tried.len() >= room.upstreams.in_play();
+            let last_try = !replayable || last_upstream;
+            let may_go_again =
+                replayable && (!last_upstream || idempotent && stale_tries < STALE_TRIES);
             if let Some(h) = builder.headers_mut() {
-                *h = if last_try {
-                    std::mem::take(&mut headers)
-                } else {
+                *h = if may_go_again {
                     headers.clone()
+                } else {
+                    std::mem::take(&mut headers)
                 };
             }
             let body = match &mut outgoing {
@@ -260,6 +290,9 @@ impl Forwarder {
             };
             match outcome {
                 Ok(resp) => {
+                    if let Some(answered) = resp.extensions().get::<Answered>() {
+                        answered.mark();
+                    }
                     room.upstreams.mark_healthy(index, sent_ms);
                     metrics.response(resp.status().as_u16());
                     signal(resp.status().is_server_error());
@@ -283,7 +316,7 @@ impl Forwarder {
                     if last_try {
                         return Err(error);
                     }
-                    refused = Some(error);
+                    failed = Some(error);
                 }
                 Err(e) => {
                     if has_source::<http_body_util::LengthLimitError>(&e) {
@@ -311,14 +344,29 @@ impl Forwarder {
                             source: e.into(),
                         });
                     }
+                    let again = idempotent && outgoing.replayable();
+                    if again && stale_tries < STALE_TRIES && Answered::before(&e) {
+                        // Not the upstream's failure: no signal, no count
+                        // towards a cool-down. Any upstream may take it,
+                        // this one included (on another connection).
+                        stale_tries += 1;
+                        metrics.closed_idle.inc();
+                        tracing::debug!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "a kept-alive connection closed as the request went out; sending it again");
+                        tried.pop();
+                        continue;
+                    }
                     metrics.protocol_errors.inc();
                     signal(true);
                     let then = room.upstreams.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; {then}");
-                    return Err(ProxyError::Upstream {
+                    let error = ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),
-                    });
+                    };
+                    if !again || tried.len() >= room.upstreams.in_play() {
+                        return Err(error);
+                    }
+                    failed = Some(error);
                 }
             }
         }
