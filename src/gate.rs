@@ -713,11 +713,16 @@ pub fn status_for<'a>(
 ) -> Status<'a> {
     let n = ticket.and_then(|t| effective_number(room, lane, t, view));
     let prequeue = ticket.is_some_and(|t| t.pre > 0) && !view.opened;
+    // A turn that came and went unclaimed: the ticket admits nobody any
+    // more. Said "admitted", a program would try to come in and find a
+    // new ticket; `none` is what it is (the page then asks, as for any
+    // ticket gone, and gets its new place with `missed_turn`).
+    let lapsed = n.is_some_and(|n| n <= view.floor);
     let eligible = n.is_some_and(|n| n <= view.serving);
-    let state = if state == "waiting" && eligible {
-        "admitted"
-    } else {
-        state
+    let state = match state {
+        "waiting" if lapsed => "none",
+        "waiting" if eligible => "admitted",
+        _ => state,
     };
     let position = n.filter(|_| !eligible).map(|n| n - view.serving);
     let ahead = position.map(|p| p - 1);

@@ -443,6 +443,8 @@ async fn a_node_whose_clock_runs_ahead_does_not_hold_turns_open() {
     }
     assert_eq!(abandoned(), 1, "the leaver's turn lapsed");
     assert_eq!(next.status("portal").await["state"], "admitted");
+    // Its node says so too (the floor comes back from Redis).
+    assert_eq!(leaver.status("portal").await["state"], "none");
     assert!(next.get("/").await.reached_upstream());
 }
 

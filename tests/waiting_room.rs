@@ -139,6 +139,10 @@ async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
     );
     g.advance(31_000).await;
     assert_eq!(stayer.status("portal").await["state"], "admitted");
+    // The leaver's turn is gone: its status says so, not "admitted".
+    let s = leaver.status("portal").await;
+    assert_eq!(s["state"], "none", "{s}");
+    assert_eq!(s["position"], serde_json::Value::Null, "{s}");
     assert!(stayer.get("/").await.reached_upstream());
     // Too late: the leaver's ticket no longer admits; a new ticket does,
     // and the page says why the place is later than the one held.
@@ -178,6 +182,7 @@ async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
     g.advance(61_000).await; // it lapses too; api's turn
     assert_eq!(api.status("portal").await["state"], "admitted");
     g.advance(61_000).await; // and api's lapses
+    assert_eq!(api.status("portal").await["state"], "none");
     let got = api
         .request("GET", "/", body::empty(), &[("accept", "application/json")])
         .await;

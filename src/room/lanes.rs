@@ -256,7 +256,7 @@ impl Counted {
 pub fn total(lanes: &[Lane]) -> RoomView {
     let mut views = lanes.iter().map(|l| l.store.view());
     let first = views.next().unwrap_or_default();
-    views.fold(first, |mut t, v| {
+    let total = views.fold(first, |mut t, v| {
         t.queue += v.queue;
         t.serving += v.serving;
         t.waiting += v.waiting;
@@ -267,7 +267,9 @@ pub fn total(lanes: &[Lane]) -> RoomView {
         t.admitted_total += v.admitted_total;
         t.abandoned_total += v.abandoned_total;
         t
-    })
+    });
+    // Numbers are a lane's own: a floor of the room says nothing.
+    RoomView { floor: 0, ..total }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
--- the state's generation, how many session ids follow, those ids (the
+-- the state's generation, the floor (numbers at or below it can no
+-- longer claim), how many session ids follow, those ids (the
 -- sessions a 'touch' found gone), then provisional blocks as a flat
 -- epoch, base list}}.
 local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -335,7 +336,7 @@ if first and last then
     rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
   end
 end
-local extras = {redis.call('HGET', st, 'lkid') or '', gen, tostring(#gone)}
+local extras = {redis.call('HGET', st, 'lkid') or '', gen, string.format('%d', floor), tostring(#gone)}
 for _, v in ipairs(gone) do table.insert(extras, v) end
 for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')

@@ -293,6 +293,7 @@ impl RoomStore for MemoryRoom {
             observed_rate: s.observed_rate(),
             admitted_total: s.admitted_total,
             abandoned_total: s.abandoned_total,
+            floor: s.floor,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct RoomView {
     pub observed_rate: f64,
     pub admitted_total: u64,
     pub abandoned_total: u64,
+    /// Numbers at or below this can no longer claim: their turn came and
+    /// its claim window passed (as of the last tick or claim).
+    pub floor: u64,
 }
 
 /// A new session to record together with an admission, so the count of

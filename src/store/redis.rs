@@ -294,6 +294,7 @@ fn followed_by(seen: &str, had: RoomView, generation: &str, replied: RoomView) -
         waiting: queue.saturating_sub(serving),
         admitted_total: had.admitted_total.max(replied.admitted_total),
         abandoned_total: had.abandoned_total.max(replied.abandoned_total),
+        floor: had.floor.max(replied.floor),
         prequeue: had.prequeue.max(replied.prequeue),
         opened: had.opened || replied.opened,
         ..replied
@@ -345,6 +346,7 @@ impl RedisRoom {
             observed_rate: r.8 as f64 / 1000.0,
             admitted_total: r.9,
             abandoned_total: r.10,
+            floor: r.11.get(2).and_then(|f| f.parse().ok()).unwrap_or_default(),
         };
         let generation = r.11.get(1).map(String::as_str).unwrap_or_default();
         {
@@ -355,8 +357,8 @@ impl RedisRoom {
             }
         }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
-        let n_gone: usize = r.11.get(2).and_then(|n| n.parse().ok()).unwrap_or_default();
-        let gone = r.11.get(3..3 + n_gone).unwrap_or_default();
+        let n_gone: usize = r.11.get(3).and_then(|n| n.parse().ok()).unwrap_or_default();
+        let gone = r.11.get(4..4 + n_gone).unwrap_or_default();
         for sid in gone {
             // The portal ended it through another node: not alive here.
             if let Ok(sid) = u128::from_str_radix(sid, 16) {
@@ -364,7 +366,7 @@ impl RedisRoom {
                 self.touched.remove(&sid);
             }
         }
-        for pair in r.11.get(3 + n_gone..).unwrap_or_default().chunks(2) {
+        for pair in r.11.get(4 + n_gone..).unwrap_or_default().chunks(2) {
             if let [epoch, base] = pair {
                 if let (Ok(e), Ok(b)) = (u64::from_str_radix(epoch, 16), base.parse()) {
                     self.provisional.insert(e, b);
