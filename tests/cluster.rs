@@ -971,6 +971,36 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     );
 }
 
+/// Without Redis a node admits newcomers on its own share only while
+/// nobody waits on a provisional ticket from it: once someone does, a
+/// newcomer whose token refilled meanwhile queues behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_newcomer_never_passes_a_provisional_ticket() {
+    let OverRedis {
+        mut redis,
+        up: _up,
+        nodes,
+        ..
+    } = over_a_redis_to_kill("admission_per_minute = 60\nsession_idle = \"5m\"", 1, None).await;
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let g = &nodes[0];
+    assert!(
+        g.citizen().get("/").await.reached_upstream(),
+        "the node's own share: one admission a second"
+    );
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page(), "no token left");
+    assert!(waiting.cookie("varco_ticket_portal").is_some());
+    advance(&nodes, 5000).await; // tokens for five more
+    let got = g.citizen().get("/").await;
+    assert!(
+        got.is_waiting_page(),
+        "behind the one waiting: {}",
+        got.status
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();

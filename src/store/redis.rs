@@ -389,6 +389,11 @@ impl RedisRoom {
         }
         let peers = self.peers.load(Ordering::Relaxed).max(1);
         let mut f = self.lock_fallback();
+        // Someone took a provisional ticket here and waits: a newcomer
+        // whose token refilled meanwhile goes behind them, not ahead.
+        if f.issued > 0 || !f.unplaced.is_empty() {
+            return None;
+        }
         if !f.degraded {
             f.degraded = true;
             f.admitted = 0;
