@@ -604,10 +604,7 @@ impl App {
         now: u64,
     ) -> Result<(), String> {
         lane.store.tick(limits, now).await.map(drop).map_err(|e| {
-            self.metrics
-                .store_errors
-                .with_label_values(&[room.name.as_str()])
-                .inc();
+            room.metrics.store_errors.inc();
             tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "admission tick failed");
             format!("room {}: {e}", room.name)
         })

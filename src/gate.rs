@@ -180,6 +180,7 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
             Err(_) if pass.nbf * 1000 + idle > r.now_ms => {
+                room.metrics.store_errors.inc();
                 let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
                 tracing::debug!(room = %room.name, taken, "store away: a recent pass taken at its word");
                 taken
@@ -786,7 +787,10 @@ pub async fn status(
         Some((sid, lane)) => match lane.store.peek_local(sid, now_ms) {
             Liveness::Alive => true,
             Liveness::Dead => false,
-            Liveness::Unknown => lane.store.peek(sid, now_ms).await.unwrap_or(true),
+            Liveness::Unknown => lane.store.peek(sid, now_ms).await.unwrap_or_else(|_| {
+                room.metrics.store_errors.inc();
+                true
+            }),
         },
         None => false,
     };

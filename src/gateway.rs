@@ -393,6 +393,7 @@ impl Gateway {
                     // the help desk and the log line, as the portal's own
                     // failures have.
                     record.id = self.request_id(req.headers(), conn);
+                    room.metrics.store_errors.inc();
                     tracing::warn!(
                         room = %room.name,
                         error = %e,
@@ -535,11 +536,17 @@ impl Gateway {
                 let lane = pass.as_ref().and_then(|p| room.lane(&p.l));
                 if let (Some(sid), Some(lane)) = (session, lane) {
                     let now = self.clock.now_ms();
-                    let _ = lane
+                    let ended = lane
                         .store
                         .end_session(sid, now, room.ended_memory_ms())
                         .await;
-                    let _ = lane.store.tick(room.lane_limits(lane), now).await;
+                    let ticked = lane.store.tick(room.lane_limits(lane), now).await;
+                    // Its slot is freed when the store answers again (a
+                    // Redis node sends the end then); the next tick calls
+                    // the next in line.
+                    if ended.is_err() || ticked.is_err() {
+                        room.metrics.store_errors.inc();
+                    }
                 }
                 set_cookie(
                     &mut resp,

@@ -231,7 +231,7 @@ impl Metrics {
         }
         let store_errors = counter(
             "varco_store_errors_total",
-            "Store operations that failed (the room kept serving on what it knew)",
+            "Store operations that failed: ticks, the gate's and the status's questions, operators' changes",
             &["room"],
         );
         let config_reloads = counter(
@@ -453,6 +453,9 @@ pub struct RoomMetrics {
     pub reentries_after_crash: IntCounter,
     pub reentries_refused: IntCounter,
     pub missed_turns: IntCounter,
+    /// Resolved with the room, so the series is there at 0 before the
+    /// first failure: a brief outage shows in `increase()`.
+    pub store_errors: IntCounter,
     adjustments: IntCounterVec,
     room: String,
 }
@@ -484,6 +487,7 @@ impl RoomMetrics {
             reentries_after_crash: m.reentries.with_label_values(&[room, "crash"]),
             reentries_refused: m.reentries_refused.with_label_values(&[room]),
             missed_turns: m.missed_turns.with_label_values(&[room]),
+            store_errors: m.store_errors.with_label_values(&[room]),
             adjustments: m.adaptive_adjustments.clone(),
             room: room.to_string(),
         }

@@ -761,9 +761,19 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
     advance(&nodes, 1000).await;
     assert_eq!(next.status("portal").await["state"], "admitted");
 
+    let errors = async || {
+        common::client::metric(
+            nodes[0].admin,
+            "varco_store_errors_total",
+            "room=\"portal\"",
+        )
+        .await
+    };
+    assert_eq!(errors().await, Some(0.0), "there before the first");
     redis.kill();
     let got = next.get("/").await;
     assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(errors().await, Some(1.0), "the gate's failure is counted");
     assert_eq!(
         got.headers["refresh"], "10",
         "a browser asks again by itself"
@@ -849,13 +859,13 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
         );
     }
     assert_eq!(up.hits(), hits, "no admission while the store is down");
-    let m = common::client::get(&format!("http://{}/metrics", nodes[0].admin))
-        .await
-        .text();
-    assert!(
-        m.contains("varco_store_errors_total{room=\"portal\"}"),
-        "{m}"
-    );
+    let errors = common::client::metric(
+        nodes[0].admin,
+        "varco_store_errors_total",
+        "room=\"portal\"",
+    )
+    .await;
+    assert!(errors.is_some_and(|e| e >= 1.0), "{errors:?}");
 
     // Redis returns (with its data); the nodes recover by themselves.
     let _redis = RedisServer::start_with(port, Some(&dir));

@@ -436,7 +436,6 @@ async fn metrics_parse_and_move_with_traffic() {
         // Absent until something happens.
         let optional = [
             "varco_room_estimated_wait_seconds",
-            "varco_store_errors_total",
             // Only with server.tls or upstream.tls_client (tests/tls.rs,
             // tests/proxy.rs).
             "varco_tls_certificate_expiry_timestamp_seconds",

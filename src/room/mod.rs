@@ -426,7 +426,9 @@ impl Room {
             LiveChange::PerMinute(r) => self.set_per_minute(r),
             LiveChange::MaxActive(m) => self.set_max_active(m),
         }
-        self.store.share_live(change).await
+        self.store.share_live(change).await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })
     }
 
     /// Back to the config's mode, rate and `max_active`, here and (in a
@@ -434,7 +436,9 @@ impl Room {
     pub async fn reset_live(&self) -> Result<(), StoreError> {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
         self.back_to_config();
-        self.store.reset_live().await
+        self.store.reset_live().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })
     }
 
     fn back_to_config(&self) {
@@ -455,6 +459,7 @@ impl Room {
             Ok(Some(s)) => s,
             Ok(None) => return true,
             Err(e) => {
+                self.metrics.store_errors.inc();
                 tracing::warn!(room = %self.name, error = %e, "cannot read the cluster's live settings");
                 return false;
             }
