@@ -369,6 +369,7 @@ async fn serve_connection<IO, H>(
     if draining {
         conn.as_mut().graceful_shutdown();
     }
+    let mut drain_began = Instant::now();
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -379,10 +380,12 @@ async fn serve_connection<IO, H>(
             }
             _ = shutdown.changed(), if !draining => {
                 draining = true;
+                drain_began = Instant::now();
                 conn.as_mut().graceful_shutdown();
             }
             _ = &mut idle, if !draining => {
                 draining = true;
+                drain_began = Instant::now();
                 conn.as_mut().graceful_shutdown();
             }
             // Whether the connection speaks HTTP/2 is known only once its
@@ -392,6 +395,19 @@ async fn serve_connection<IO, H>(
                     && activity.stream_stalled(settings.send_timeout)
                 {
                     tracing::debug!(peer = %info.peer, "an HTTP/2 client took no data of a response within send_timeout: connection closed");
+                    return;
+                }
+                // Draining with no stream in flight, the connection should
+                // end as soon as its last frames are out. What keeps it is
+                // a body's last piece hyper took whole (the body gone, the
+                // stream no longer watched) and the client's window never
+                // lets out, while the client answers pings: for ever.
+                if draining
+                    && activity.by_streams.load(Ordering::Relaxed)
+                    && activity.in_flight.load(Ordering::Relaxed) == 0
+                    && drain_began.max(activity.last()).elapsed() >= settings.send_timeout
+                {
+                    tracing::debug!(peer = %info.peer, "an HTTP/2 connection draining with data its client never took within send_timeout: closed");
                     return;
                 }
             }

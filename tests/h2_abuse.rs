@@ -152,6 +152,36 @@ async fn a_stream_whose_window_never_opens_is_cut_off() {
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
 }
 
+/// A small answer hyper took whole (the body gone, the stream no longer
+/// counted) but could not send, the client's window at a byte: once the
+/// connection idles out and drains, what is left is data the client never
+/// takes, while it answers pings. The drain ends within `send_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_connection_with_data_the_client_never_takes_is_closed() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"1s\"\n[log]\naccess = false",
+    ))
+    .await;
+    let (mut send, ended) = client_with_window(&v, 1).await;
+    let req = Request::get(format!("http://p:{}/echo", v.addr.port()))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.expect("the response head arrives");
+    assert_eq!(resp.status(), 200);
+    let _body = resp.into_body();
+    let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
+    assert!(closed.is_ok(), "the drain waited for ever");
+    common::client::until(
+        "no connection left open",
+        Duration::from_secs(5),
+        async || common::client::metric(v.admin, "varco_open_connections", "").await == Some(0.0),
+    )
+    .await;
+}
+
 /// A client that reads slowly but steadily over HTTP/2 (a poor mobile
 /// link: 32 KB/s through a 16 KiB window) is not taken for one that
 /// stopped: `send_timeout` counts from the last piece it took, as over
