@@ -1028,19 +1028,38 @@ async fn a_first_snapshot_that_hangs_ages_the_time_of_the_last_one() {
     assert!(g.citizen().get("/").await.reached_upstream());
     assert_eq!(at().await, Some((T0 / 1000) as f64), "ten minutes stale");
     assert!(!dir.join("state.json").exists(), "the write hangs");
+    // The writer is at the FIFO before it is moved aside (its first bytes
+    // come once a reader opens it): on a loaded machine it may not have
+    // reached it yet, and a reader of a FIFO no writer will open again
+    // waits for ever.
+    let stuck_write = tokio::net::unix::pipe::OpenOptions::new()
+        .open_receiver(&fifo)
+        .unwrap();
+    let mut bytes = Vec::new();
+    common::client::until(
+        "the stuck write's first bytes",
+        std::time::Duration::from_secs(10),
+        async || {
+            // Ok(0): no writer yet; WouldBlock: one, nothing written yet.
+            let _ = stuck_write.try_read_buf(&mut bytes);
+            !bytes.is_empty()
+        },
+    )
+    .await;
     // The disk comes back: the writes after this one go to a plain file,
     // stamped now; the stuck one, moved aside with its FIFO, ends (a FIFO
     // cannot be synced: one error).
     std::fs::rename(&fifo, &stuck).unwrap();
-    let reader = {
-        let stuck = stuck.clone();
-        std::thread::spawn(move || std::fs::read(&stuck).map(|b| b.len()))
-    };
-    let bytes = tokio::task::spawn_blocking(move || reader.join().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(bytes > 0, "the stuck write held the snapshot");
+    loop {
+        stuck_write.readable().await.unwrap();
+        match stuck_write.try_read_buf(&mut bytes) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("reading the stuck write: {e}"),
+        }
+    }
+    assert!(!bytes.is_empty(), "the stuck write held the snapshot");
     std::fs::remove_file(&stuck).unwrap();
     common::client::until(
         "a snapshot written at the moved clock",
