@@ -130,7 +130,11 @@ impl ListenerSettings {
         h1
             // Without a timer, header_read_timeout silently does nothing.
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            // hyper times the head from when it starts waiting for one,
+            // an idle keep-alive included: given header_read_timeout, it
+            // cut every keep-alive there (30 s, not 75). The connection's
+            // loop times heads from their first byte; this is a backstop.
+            .header_read_timeout(self.header_read_timeout.max(self.keepalive_timeout))
             .max_buf_size(self.max_header_size.max(8192))
             // Head and body copied into one buffer and sent with one
             // write, rather than a writev of the two: a waiting page is a
@@ -361,8 +365,9 @@ async fn serve_connection<IO, H>(
     // HTTP/2's send_timeout: a stream parked on a client that never opens
     // its window. Closing the connection (as a blocked write does) drops
     // its streams, their upstream requests and their in-flight slots.
-    let every =
-        (settings.send_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    // HTTP/1's header_read_timeout: a head begun and not whole.
+    let every = (settings.send_timeout.min(settings.header_read_timeout) / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut stall_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = *shutdown.borrow();
@@ -389,11 +394,18 @@ async fn serve_connection<IO, H>(
                 conn.as_mut().graceful_shutdown();
             }
             // Whether the connection speaks HTTP/2 is known only once its
-            // first bytes are read: until then, ticks ask.
-            _ = stall_check.tick(), if !activity.http1.load(Ordering::Relaxed) => {
-                if activity.by_streams.load(Ordering::Relaxed)
-                    && activity.stream_stalled(settings.send_timeout)
-                {
+            // first bytes are read: until then, it is timed as HTTP/1.
+            _ = stall_check.tick() => {
+                if !activity.by_streams.load(Ordering::Relaxed) {
+                    // Closed without a word, as by hyper's own timer (and
+                    // nginx).
+                    if activity.head_overdue(settings.header_read_timeout) {
+                        tracing::debug!(peer = %info.peer, "no whole request head within header_read_timeout: connection closed");
+                        return;
+                    }
+                    continue;
+                }
+                if activity.stream_stalled(settings.send_timeout) {
                     tracing::debug!(peer = %info.peer, "an HTTP/2 client took no data of a response within send_timeout: connection closed");
                     return;
                 }
@@ -403,7 +415,6 @@ async fn serve_connection<IO, H>(
                 // stream no longer watched) and the client's window never
                 // lets out, while the client answers pings: for ever.
                 if draining
-                    && activity.by_streams.load(Ordering::Relaxed)
                     && activity.in_flight.load(Ordering::Relaxed) == 0
                     && drain_began.max(activity.last()).elapsed() >= settings.send_timeout
                 {
@@ -495,8 +506,11 @@ struct Activity {
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     by_streams: AtomicBool,
-    /// The connection's first bytes were not HTTP/2's preface.
-    http1: AtomicBool,
+    /// When the request head being read began (its first bytes, or the
+    /// connection's accept), in ms of the epoch plus one; 0: none.
+    head_since: AtomicU64,
+    /// When bytes last went out, in ms of the epoch.
+    wrote_ms: AtomicU64,
     /// The HTTP/2 response bodies being sent, each with when it last
     /// handed hyper a frame that hyper has not come back for.
     parks: std::sync::Mutex<Vec<std::sync::Weak<Park>>>,
@@ -518,7 +532,10 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             by_streams: AtomicBool::new(false),
-            http1: AtomicBool::new(false),
+            // The first request's head is due from the accept on, as
+            // with nginx's client_header_timeout.
+            head_since: AtomicU64::new(1),
+            wrote_ms: AtomicU64::new(0),
             parks: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -552,18 +569,50 @@ impl Activity {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Bytes moved on the connection: activity unless it speaks HTTP/2.
-    fn moved(&self) {
-        if !self.by_streams.load(Ordering::Relaxed) {
-            self.touch();
-        }
-    }
-
     fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
+    /// Bytes came in. Over HTTP/1, with no request in flight, they begin
+    /// the next request's head: due within `header_read_timeout` from
+    /// them, not from the end of the last answer (hyper's own timer
+    /// counts from there, which cut every keep-alive at the header
+    /// timeout).
+    fn read(&self) {
+        if self.by_streams.load(Ordering::Relaxed) {
+            return;
+        }
+        self.touch();
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self) {
+        if self.by_streams.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        self.wrote_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether a request head begun has taken `limit` without an answer
+    /// going out meanwhile (a pipelined head waits for a download before
+    /// it).
+    fn head_overdue(&self, limit: Duration) -> bool {
+        let since = self.head_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let from = (since - 1).max(self.wrote_ms.load(Ordering::Relaxed));
+        self.now_ms().saturating_sub(from) >= limit.as_millis() as u64
+    }
+
     fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.head_since.store(0, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -695,7 +744,6 @@ fn sniff(sniffed: &mut u8, bytes: &[u8], activity: &Activity) {
     let n = bytes.len().min(H2_PREFACE.len() - at);
     if bytes[..n] != H2_PREFACE[at..at + n] {
         *sniffed = SNIFFED;
-        activity.http1.store(true, Ordering::Relaxed);
     } else if at + n == H2_PREFACE.len() {
         *sniffed = SNIFFED;
         activity.by_streams.store(true, Ordering::Relaxed);
@@ -739,7 +787,7 @@ impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
             if *this.sniffed != SNIFFED {
                 sniff(this.sniffed, &buf.filled()[before..], this.activity);
             }
-            this.activity.moved();
+            this.activity.read();
         }
         r
     }
@@ -754,7 +802,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved();
+            this.activity.wrote();
         }
         watch_write(this.stalled, *this.send_timeout, cx, r)
     }
@@ -767,7 +815,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved();
+            this.activity.wrote();
         }
         watch_write(this.stalled, *this.send_timeout, cx, r)
     }

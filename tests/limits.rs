@@ -152,6 +152,64 @@ async fn idle_keepalive_connection_is_closed() {
     );
 }
 
+/// An idle keep-alive connection lasts `keepalive_timeout`, not the header
+/// timeout: the next request's head is timed from its first byte (hyper
+/// timed it from the end of the last answer, so a balancer keeping
+/// connections 60 s met closed ones after 30).
+#[tokio::test]
+async fn a_keepalive_outlasts_the_header_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"30s\"",
+    ))
+    .await;
+    let tcp = TcpStream::connect(v.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for round in 0..2 {
+        let req = http::Request::get("/echo")
+            .header("host", "portal")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {round}: {e}"));
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        if round == 0 {
+            // Idle past the header timeout, well within the keep-alive:
+            // the time that passes is what is tested.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+    }
+    assert!(!conn.is_finished(), "the connection is still open");
+}
+
+/// A connection that sends nothing at all is closed after
+/// `header_read_timeout`, not kept for `keepalive_timeout`.
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_header_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"60s\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all)).await;
+    assert!(r.is_ok(), "a silent connection still open after 10 s");
+    assert!(all.is_empty(), "{}", String::from_utf8_lossy(&all));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
 #[tokio::test]
 async fn connections_past_the_cap_wait_instead_of_being_served() {
     let up = upstream::spawn().await;
