@@ -283,7 +283,11 @@ impl Handler for Gateway {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-            client: client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies),
+            client: client_ip(
+                req.headers(),
+                conn.peer.ip(),
+                conn.forwarders(&self.trusted_proxies),
+            ),
         });
         let mut record = Record {
             started,
@@ -352,7 +356,7 @@ impl Gateway {
     /// The request's ID (a trusted proxy's kept), when IDs are on.
     fn request_id(&self, headers: &http::HeaderMap, conn: ConnInfo) -> Option<HeaderValue> {
         let ids = self.request_ids.as_ref()?;
-        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+        let trusted = is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies));
         Some(ids.choose(headers, trusted))
     }
 
@@ -374,7 +378,11 @@ impl Gateway {
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
                 Some(logged) => logged.client,
-                None => client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies),
+                None => client_ip(
+                    req.headers(),
+                    conn.peer.ip(),
+                    conn.forwarders(&self.trusted_proxies),
+                ),
             };
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
                 Ok(Gate::Proxy {
@@ -594,7 +602,7 @@ impl Gateway {
     /// marked Secure.
     fn is_https(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
         conn.tls
-            || (is_trusted(conn.peer.ip(), &self.trusted_proxies)
+            || (is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies))
                 && req
                     .headers()
                     .get(&X_FORWARDED_PROTO)
@@ -613,7 +621,11 @@ impl Gateway {
                     .and_then(|name| self.routing.load().room(name).cloned());
                 match room {
                     Some(room) => {
-                        let ip = client_ip(req.headers(), conn.peer.ip(), &self.trusted_proxies);
+                        let ip = client_ip(
+                            req.headers(),
+                            conn.peer.ip(),
+                            conn.forwarders(&self.trusted_proxies),
+                        );
                         gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
                     }
                     None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),

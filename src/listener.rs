@@ -33,6 +33,25 @@ use crate::config::ServerConfig;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// A balancer's PROXY header named no client (LOCAL, UNKNOWN): `peer`
+    /// is the balancer, standing in for someone unknown.
+    pub anonymous: bool,
+}
+
+impl ConnInfo {
+    /// The proxies whose forwarded headers (X-Forwarded-For, -Proto,
+    /// request IDs) this connection's requests may carry. None for one a
+    /// PROXY header named no client on: a TCP balancer passes the
+    /// client's bytes as they came, so such headers there are the
+    /// client's own, and trusted they would let anyone choose their
+    /// address (a bypass range, another's budget).
+    pub fn forwarders<'a>(&self, trusted: &'a [ipnet::IpNet]) -> &'a [ipnet::IpNet] {
+        if self.anonymous {
+            &[]
+        } else {
+            trusted
+        }
+    }
 }
 
 /// Whatever answers requests on a listener: the gateway on the public
@@ -229,8 +248,8 @@ pub async fn serve<H: Handler>(
         let tasks = tracker.clone();
         tracker.spawn(async move {
             let mut stream = stream;
-            let (peer, held) = match held {
-                Some(held) => (peer, held),
+            let (peer, held, anonymous) = match held {
+                Some(held) => (peer, held, false),
                 None => match from_balancer(&mut stream, peer, &per_ip, &settings).await {
                     Some(x) => x,
                     None => return,
@@ -246,7 +265,11 @@ pub async fn serve<H: Handler>(
             });
             match tls {
                 None => {
-                    let info = ConnInfo { peer, tls: false };
+                    let info = ConnInfo {
+                        peer,
+                        tls: false,
+                        anonymous,
+                    };
                     serve_connection(stream, info, &builder, handler, &settings, shutdown, hold)
                         .await
                 }
@@ -258,7 +281,11 @@ pub async fn serve<H: Handler>(
                     .await
                     {
                         Ok(Ok(stream)) => {
-                            let info = ConnInfo { peer, tls: true };
+                            let info = ConnInfo {
+                                peer,
+                                tls: true,
+                                anonymous,
+                            };
                             serve_connection(
                                 stream, info, &builder, handler, &settings, shutdown, hold,
                             )
@@ -282,13 +309,14 @@ async fn from_balancer(
     balancer: SocketAddr,
     per_ip: &Arc<DashMap<IpAddr, usize>>,
     settings: &ListenerSettings,
-) -> Option<(SocketAddr, PerIp)> {
+) -> Option<(SocketAddr, PerIp, bool)> {
     let read = tokio::time::timeout(
         settings.header_read_timeout,
         crate::proxy_header::read(stream),
     );
-    let client = match read.await {
-        Ok(Ok(client)) => client.unwrap_or(balancer),
+    let (client, anonymous) = match read.await {
+        Ok(Ok(Some(client))) => (client, false),
+        Ok(Ok(None)) => (balancer, true),
         Ok(Err(e)) => {
             tracing::debug!(peer = %balancer, error = %e, "PROXY header refused");
             return None;
@@ -299,7 +327,7 @@ async fn from_balancer(
         }
     };
     match PerIp::take(per_ip, client.ip(), settings) {
-        Some(held) => Some((client, held)),
+        Some(held) => Some((client, held, anonymous)),
         None => {
             tracing::debug!(peer = %client, "too many connections from this address");
             None

@@ -315,13 +315,29 @@ async fn the_client_is_the_one_a_balancers_proxy_header_names() {
         got.contains("\"x-forwarded-for\":[\"198.51.100.7\"]"),
         "{got}"
     );
+    // Nor when the header named no client: the balancer stands in for
+    // someone unknown, whose bytes (and forwarded headers) it passed on
+    // as they came.
+    for header in [
+        b"PROXY UNKNOWN\r\n".to_vec(),
+        proxy_v2(0, "198.51.100.9:1".parse().unwrap()),
+    ] {
+        let mut forged = header;
+        forged.extend_from_slice(
+            b"GET /echo HTTP/1.1\r\nhost: portal\r\nx-forwarded-for: 10.9.9.9\r\n\
+              x-forwarded-proto: https\r\nconnection: close\r\n\r\n",
+        );
+        let got = raw(v.addr, &forged, Duration::from_secs(5)).await;
+        assert!(got.contains("\"x-forwarded-for\":[\"127.0.0.1\"]"), "{got}");
+        assert!(got.contains("\"x-forwarded-proto\":[\"http\"]"), "{got}");
+    }
     // No header, or a broken one: closed, nothing answered.
     assert_eq!(raw(v.addr, request, Duration::from_secs(5)).await, "");
     let mut broken = b"PROXY TCP4 nonsense\r\n".to_vec();
     broken.extend_from_slice(request);
     assert_eq!(raw(v.addr, &broken, Duration::from_secs(5)).await, "");
     let hits = up.hits();
-    assert_eq!(hits, 7, "only the connections with a header were served");
+    assert_eq!(hits, 9, "only the connections with a header were served");
     drop(v);
 
     // The per-address connection cap counts the named client, not the

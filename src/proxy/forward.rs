@@ -140,7 +140,7 @@ impl Forwarder {
         // The warnings below name it: a request that moved on to another
         // upstream has no other trace of the one that failed it.
         let request_id = crate::request_id::text(request_id);
-        let trusted = is_trusted(conn.peer.ip(), &self.trusted_proxies);
+        let trusted = is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies));
         let proto = if conn.tls { "https" } else { "http" };
         set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());
         match (&host, room.config.preserve_host) {
