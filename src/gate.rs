@@ -529,9 +529,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 };
                 match claim {
                     Some((Claim::Admitted, session)) => {
+                        // A pre-queue ticket's line starts at the opening.
+                        let from = match room.config.opens_at_ms {
+                            Some(opens) if t.pre > 0 => t.at.max(opens),
+                            _ => t.at,
+                        };
                         room.metrics
                             .wait_seconds
-                            .observe(r.now_ms.saturating_sub(t.at) as f64 / 1000.0);
+                            .observe(r.now_ms.saturating_sub(from) as f64 / 1000.0);
                         // Until the session could idle out: after that its
                         // pass would let nobody in anyway.
                         let idle = room.config.session_idle.as_millis() as u64;

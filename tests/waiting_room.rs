@@ -920,6 +920,27 @@ async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
     // The one who came after the opening is behind the whole pre-queue.
     let s = late.status("portal").await;
     assert!(s["position"].as_u64().unwrap() >= 20 - 1, "{s}");
+    // The wait of those admitted counts from the opening, not from their
+    // arrival ten minutes before it: the panel shows the line moving.
+    g.advance(5_000).await;
+    let mut admitted = 0;
+    for c in early.iter_mut() {
+        if c.status("portal").await["state"] == "admitted" {
+            assert!(c.get("/").await.reached_upstream());
+            admitted += 1;
+        }
+    }
+    assert!(admitted > 0);
+    let of = "room=\"portal\"";
+    assert_eq!(
+        common::client::metric(g.admin, "varco_wait_seconds_count", of).await,
+        Some(admitted as f64)
+    );
+    let waited = common::client::metric(g.admin, "varco_wait_seconds_sum", of).await;
+    assert!(
+        waited.is_some_and(|w| w <= 5.0 * admitted as f64),
+        "{waited:?} for {admitted}"
+    );
 }
 
 /// A folder with a fixed key and no snapshot yet, and a config whose
