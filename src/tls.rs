@@ -192,6 +192,17 @@ impl Certificates {
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Stateless resumption, as nginx's default tickets: without, only
+        // the last 256 sessions (two per connection) could resume, and on
+        // a click day nearly every phone that reconnects pays a full
+        // handshake. The ticket key is random per process and rotated
+        // every 6 hours; another node's ticket makes a full handshake.
+        match rustls::crypto::ring::Ticketer::new() {
+            Ok(ticketer) => server.ticketer = ticketer,
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS session tickets: sessions resume only from a small cache")
+            }
+        }
         TlsAcceptor::from(Arc::new(server))
     }
 }

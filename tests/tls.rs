@@ -114,6 +114,42 @@ async fn http1_over_tls_still_works() {
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
+/// A client that comes back resumes its TLS session however many came in
+/// between (stateless tickets, as nginx issues by default): a click day's
+/// phones reconnecting each cost a full handshake when only the last 256
+/// sessions (two per connection) were kept.
+#[tokio::test]
+async fn a_client_that_comes_back_resumes_its_session_after_many_others() {
+    let pki = make_cert("resume");
+    let up = upstream::spawn().await;
+    let v = Varco::start_in(&tls_config(up.addr), &pki.dir).await;
+    let client = || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone().into()).unwrap();
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    };
+    // A request read whole: the tickets come after the handshake.
+    let visit = async |connector: &tokio_rustls::TlsConnector| {
+        let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        let kind = tls.get_ref().1.handshake_kind();
+        assert_eq!(echo_over_http1(tls).await.status, 200);
+        kind
+    };
+    varco::tls::install_crypto_provider();
+    let ours = client();
+    assert_eq!(visit(&ours).await, Some(rustls::HandshakeKind::Full));
+    for _ in 0..200 {
+        visit(&client()).await;
+    }
+    assert_eq!(visit(&ours).await, Some(rustls::HandshakeKind::Resumed));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
 /// A TCP balancer in front of varco's TLS: its PROXY v2 header comes
 /// first, then the client's own handshake, which varco still finishes.
 #[tokio::test]
