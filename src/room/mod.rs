@@ -640,7 +640,10 @@ impl Room {
         let ctl = self.adaptive.as_ref()?;
         let rate = self.per_minute()?;
         let verdict = ctl.step(now_ms)?;
-        let demand = self.view().waiting > 0;
+        // People waiting are a demand the rate can meet only where the
+        // queue is called: paused (or closed, or passthrough), a higher
+        // rate is tested by nobody, and `resume` would start at it.
+        let demand = self.view().waiting > 0 && matches!(self.mode(), Mode::Queue | Mode::QueueAll);
         let (latency, failures) = ctl.last_signals();
         let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
         let (mut changed, mut settle) = (false, 0);
