@@ -525,6 +525,11 @@ struct ClosesKeptAlive {
 }
 
 async fn closes_kept_alive() -> ClosesKeptAlive {
+    answers_then(b"").await
+}
+
+/// As [`closes_kept_alive`], writing `second` before it closes.
+async fn answers_then(second: &'static [u8]) -> ClosesKeptAlive {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = ClosesKeptAlive {
         addr: l.local_addr().unwrap(),
@@ -548,6 +553,7 @@ async fn closes_kept_alive() -> ClosesKeptAlive {
                 }
                 if read_request_head(&mut s).await.is_some() {
                     closed_on.fetch_add(1, Ordering::SeqCst);
+                    let _ = s.write_all(second).await;
                 }
             });
         }
@@ -611,11 +617,52 @@ async fn a_get_that_meets_a_closed_kept_alive_connection_goes_again() {
                 seen,
                 "the POST was not sent again"
             );
+            assert_eq!(
+                client::metric(v.admin, "varco_upstream_up", of).await,
+                Some(1.0),
+                "nor the upstream cooled down for it"
+            );
             break;
         }
         assert_eq!(status, 200);
         assert!(statuses.len() < 20, "no POST met a kept-alive connection");
     }
+}
+
+/// A malformed answer on a kept-alive connection is the upstream's
+/// failure, not the race: not sent again, counted.
+#[tokio::test]
+async fn a_broken_answer_on_a_kept_alive_connection_is_not_the_race() {
+    let up = answers_then(b"NOT HTTP AT ALL\r\n\r\n").await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 0",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    while closed_on(&up) == 0 {
+        statuses.push(get(&v.url("/again")).await.status);
+        assert!(
+            statuses.len() < 20,
+            "no request met a kept-alive connection"
+        );
+    }
+    assert_eq!(statuses.last(), Some(&502), "{statuses:?}");
+    assert_eq!(closed_on(&up), 1, "not sent again");
+    let of = "room=\"portal\"";
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_closed_idle_total", of).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        client::metric(
+            v.admin,
+            "varco_upstream_errors_total",
+            "kind=\"protocol\",room=\"portal\""
+        )
+        .await,
+        Some(1.0)
+    );
 }
 
 fn closed_on(up: &ClosesKeptAlive) -> usize {

@@ -154,7 +154,8 @@ impl Forwarder {
         }
 
         // A body read whole (or none) can go to another upstream when the
-        // first refuses the connection, as long as none has taken it; a
+        // first refuses the connection (or, for a request safe to send
+        // twice, breaks the exchange), as long as none has taken it; a
         // streamed one cannot.
         let (mut outgoing, mut taken) = match client_body {
             ClientBody::Whole(whole) if whole.bytes.is_empty() => (Outgoing::Empty, None),
@@ -345,7 +346,8 @@ impl Forwarder {
                         });
                     }
                     let again = idempotent && outgoing.replayable();
-                    if again && stale_tries < STALE_TRIES && Answered::before(&e) {
+                    let race = Answered::closed_under(&e);
+                    if race && again && stale_tries < STALE_TRIES {
                         // Not the upstream's failure: no signal, no count
                         // towards a cool-down. Any upstream may take it,
                         // this one included (on another connection).
@@ -356,14 +358,21 @@ impl Forwarder {
                         continue;
                     }
                     metrics.protocol_errors.inc();
-                    signal(true);
-                    let then = room.upstreams.mark_failed(index);
+                    let then = if race {
+                        // The person's failure all the same (a POST is not
+                        // sent twice), not the upstream's.
+                        "not counted against the upstream (a kept-alive connection closed)".into()
+                    } else {
+                        signal(true);
+                        room.upstreams.mark_failed(index).to_string()
+                    };
                     tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; {then}");
                     let error = ProxyError::Upstream {
                         upstream: upstream.label.clone(),
                         source: e.into(),
                     };
-                    if !again || tried.len() >= room.upstreams.in_play() {
+                    // By the count the headers were kept for.
+                    if !again || last_upstream {
                         return Err(error);
                     }
                     failed = Some(error);
