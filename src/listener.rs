@@ -348,6 +348,11 @@ async fn serve_connection<IO, H>(
     H: Handler,
 {
     let activity = hold.activity.clone();
+    // The first head is due from here: a TLS handshake or a PROXY header
+    // has its own time, and must not use up the request's.
+    activity
+        .head_since
+        .store(activity.now_ms() + 1, Ordering::Relaxed);
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
@@ -560,8 +565,8 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             by_streams: AtomicBool::new(false),
-            // The first request's head is due from the accept on, as
-            // with nginx's client_header_timeout.
+            // Due from the accept until serving begins (see
+            // `serve_connection`), as with nginx's client_header_timeout.
             head_since: AtomicU64::new(1),
             wrote_ms: AtomicU64::new(0),
             parks: std::sync::Mutex::new(Vec::new()),
