@@ -539,8 +539,9 @@ struct Activity {
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     by_streams: AtomicBool,
-    /// When the request head being read began (its first bytes, or the
-    /// connection's accept), in ms of the epoch plus one; 0: none.
+    /// When the request head being read began (its first bytes; for the
+    /// first request, when serving began), in ms of the epoch plus one;
+    /// 0: none.
     head_since: AtomicU64,
     /// When bytes last went out, in ms of the epoch.
     wrote_ms: AtomicU64,
