@@ -25,7 +25,7 @@ use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page::{self, Reader, Said};
 use crate::proxy::buffer::RequestBuffer;
-use crate::proxy::headers::{client_ip, is_trusted, X_FORWARDED_PROTO};
+use crate::proxy::headers::X_FORWARDED_PROTO;
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
 use crate::proxy::{Forwarder, Side};
 use crate::request_id::{self, RequestIds};
@@ -283,11 +283,7 @@ impl Handler for Gateway {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-            client: client_ip(
-                req.headers(),
-                conn.peer.ip(),
-                conn.forwarders(&self.trusted_proxies),
-            ),
+            client: conn.client(req.headers(), &self.trusted_proxies),
         });
         let mut record = Record {
             started,
@@ -356,7 +352,7 @@ impl Gateway {
     /// The request's ID (a trusted proxy's kept), when IDs are on.
     fn request_id(&self, headers: &http::HeaderMap, conn: ConnInfo) -> Option<HeaderValue> {
         let ids = self.request_ids.as_ref()?;
-        let trusted = is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies));
+        let trusted = conn.forwards(&self.trusted_proxies);
         Some(ids.choose(headers, trusted))
     }
 
@@ -378,11 +374,7 @@ impl Gateway {
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
                 Some(logged) => logged.client,
-                None => client_ip(
-                    req.headers(),
-                    conn.peer.ip(),
-                    conn.forwarders(&self.trusted_proxies),
-                ),
+                None => conn.client(req.headers(), &self.trusted_proxies),
             };
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
                 Ok(Gate::Proxy {
@@ -602,7 +594,7 @@ impl Gateway {
     /// marked Secure.
     fn is_https(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
         conn.tls
-            || (is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies))
+            || (conn.forwards(&self.trusted_proxies)
                 && req
                     .headers()
                     .get(&X_FORWARDED_PROTO)
@@ -621,11 +613,7 @@ impl Gateway {
                     .and_then(|name| self.routing.load().room(name).cloned());
                 match room {
                     Some(room) => {
-                        let ip = client_ip(
-                            req.headers(),
-                            conn.peer.ip(),
-                            conn.forwarders(&self.trusted_proxies),
-                        );
+                        let ip = conn.client(req.headers(), &self.trusted_proxies);
                         gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
                     }
                     None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),

@@ -39,18 +39,23 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The proxies whose forwarded headers (X-Forwarded-For, -Proto,
-    /// request IDs) this connection's requests may carry. None for one a
-    /// PROXY header named no client on: a TCP balancer passes the
-    /// client's bytes as they came, so such headers there are the
-    /// client's own, and trusted they would let anyone choose their
-    /// address (a bypass range, another's budget).
-    pub fn forwarders<'a>(&self, trusted: &'a [ipnet::IpNet]) -> &'a [ipnet::IpNet] {
+    /// Whether the forwarded headers (X-Forwarded-For, -Proto, request
+    /// IDs) of this connection's requests are believed: it comes from one
+    /// of `trusted`, and not for someone a PROXY header left unnamed (a
+    /// TCP balancer passes the client's bytes as they came, so such
+    /// headers there are the client's own, and believed they would let
+    /// anyone choose their address: a bypass range, another's budget).
+    pub fn forwards(&self, trusted: &[ipnet::IpNet]) -> bool {
+        !self.anonymous && crate::proxy::headers::is_trusted(self.peer.ip(), trusted)
+    }
+
+    /// The client, as every rule sees it: the peer, or whom the trusted
+    /// proxies it forwards for name.
+    pub fn client(&self, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
         if self.anonymous {
-            &[]
-        } else {
-            trusted
+            return self.peer.ip();
         }
+        crate::proxy::headers::client_ip(headers, self.peer.ip(), trusted)
     }
 }
 

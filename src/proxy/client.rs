@@ -168,44 +168,17 @@ impl Answered {
         self.0.store(true, Ordering::Relaxed);
     }
 
-    /// Whether `error` is the keep-alive race: the connection had answered
-    /// before, and it was closed (or reset) with no answer to this
-    /// request. A malformed or oversized answer is the upstream's failure.
-    pub fn closed_under(error: &hyper_util::client::legacy::Error) -> bool {
+    /// Whether the connection `error` came on had answered before.
+    pub fn before(error: &hyper_util::client::legacy::Error) -> bool {
         let Some(connected) = error.connect_info() else {
             return false;
         };
         let mut found = http::Extensions::new();
         connected.get_extras(&mut found);
-        let answered = found
+        found
             .get::<Answered>()
-            .is_some_and(|a| a.0.load(Ordering::Relaxed));
-        answered && closed(error)
+            .is_some_and(|a| a.0.load(Ordering::Relaxed))
     }
-}
-
-/// Whether the connection went away under a request: hyper saw it end
-/// before an answer, or the socket was reset.
-fn closed(error: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind::*;
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message())
-        {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    false
 }
 
 impl Connection for Tracked {

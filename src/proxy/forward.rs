@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::buffer::{ClientBody, Sendable};
 use super::client::{Answered, SharedClient};
-use super::headers::{is_trusted, is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
+use super::headers::{is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
@@ -140,7 +140,7 @@ impl Forwarder {
         // The warnings below name it: a request that moved on to another
         // upstream has no other trace of the one that failed it.
         let request_id = crate::request_id::text(request_id);
-        let trusted = is_trusted(conn.peer.ip(), conn.forwarders(&self.trusted_proxies));
+        let trusted = conn.forwards(&self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };
         set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());
         match (&host, room.config.preserve_host) {
@@ -346,7 +346,10 @@ impl Forwarder {
                         });
                     }
                     let again = idempotent && outgoing.replayable();
-                    let race = Answered::closed_under(&e);
+                    // The keep-alive race: a connection that had answered
+                    // went away with no answer to this one. A malformed or
+                    // oversized answer there is the upstream's failure.
+                    let race = Answered::before(&e) && closed_under(&e);
                     if race && again && stale_tries < STALE_TRIES {
                         // Not the upstream's failure: no signal, no count
                         // towards a cool-down. Any upstream may take it,
@@ -531,30 +534,41 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
 /// `e`'s chain; rustls's error arrives inside an `io::Error`, whose
 /// `source()` skips it.
 fn tls_alert(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
+    chain(e).any(|err| {
         let inner = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
             .and_then(|i| i.downcast_ref::<rustls::Error>());
         let tls = err.downcast_ref::<rustls::Error>().or(inner);
-        if matches!(tls, Some(rustls::Error::AlertReceived(_))) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+        matches!(tls, Some(rustls::Error::AlertReceived(_)))
+    })
+}
+
+/// Whether the connection went away under a request: hyper saw it end
+/// before an answer, or the socket was reset.
+fn closed_under(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    chain(e).any(|err| {
+        err.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+            || err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                )
+            })
+    })
 }
 
 fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    chain(e).any(|err| err.is::<T>())
+}
+
+/// `e` and its sources, outermost first.
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| err.source())
 }
 
 /// Marks an error that came from reading the client's request body (the
