@@ -34,6 +34,26 @@ async fn client_with_window(
     (send, tokio::spawn(conn))
 }
 
+/// Asks for `path` over a connection giving `window` bytes of window,
+/// and keeps the answer's body, never read; with the connection's task.
+async fn ask_and_never_read(
+    v: &Varco,
+    window: u32,
+    path: &str,
+) -> (
+    h2::RecvStream,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let (mut send, ended) = client_with_window(v, window).await;
+    let req = Request::get(format!("http://p:{}{path}", v.addr.port()))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.expect("the response head arrives");
+    assert_eq!(resp.status(), 200);
+    (resp.into_body(), ended)
+}
+
 /// CVE-2023-44487: open streams and reset them at once, thousands of
 /// times. The server answers with GOAWAY and closes the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,18 +152,8 @@ async fn a_stream_whose_window_never_opens_is_cut_off() {
         "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
     ))
     .await;
-    let (mut send, ended) = client_with_window(&v, 0).await;
-    let req = Request::get(format!(
-        "http://p:{}/download?bytes=100000000",
-        v.addr.port()
-    ))
-    .body(())
-    .unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
-    let resp = resp.await.expect("the response head arrives");
-    assert_eq!(resp.status(), 200);
-    // The body is kept and never read: no window is ever given.
-    let _body = resp.into_body();
+    // No window is ever given.
+    let (_body, ended) = ask_and_never_read(&v, 0, "/download?bytes=100000000").await;
     let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
     assert!(
         closed.is_ok(),
@@ -164,14 +174,7 @@ async fn a_draining_connection_with_data_the_client_never_takes_is_closed() {
         "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"1s\"\n[log]\naccess = false",
     ))
     .await;
-    let (mut send, ended) = client_with_window(&v, 1).await;
-    let req = Request::get(format!("http://p:{}/echo", v.addr.port()))
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
-    let resp = resp.await.expect("the response head arrives");
-    assert_eq!(resp.status(), 200);
-    let _body = resp.into_body();
+    let (_body, ended) = ask_and_never_read(&v, 1, "/echo").await;
     let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
     assert!(closed.is_ok(), "the drain waited for ever");
     common::client::until(
