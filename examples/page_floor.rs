@@ -61,7 +61,10 @@ fn main() -> anyhow::Result<()> {
             None,
             handler,
             ListenerSettings::default(),
-            shutdown,
+            varco::listener::Stop {
+                drain: shutdown,
+                close: tokio_util::sync::CancellationToken::new(),
+            },
             tokio_util::task::TaskTracker::new(),
             None,
         )

@@ -779,6 +779,11 @@ impl App {
             background.spawn(reload_on_sighup(self.clone(), stop_rx.clone()));
         }
         let settings = ListenerSettings::from_server(&config.server);
+        let close = tokio_util::sync::CancellationToken::new();
+        let stop = listener::Stop {
+            drain: stop_rx.clone(),
+            close: close.clone(),
+        };
         let connections = TaskTracker::new();
         let admin_connections = TaskTracker::new();
         let public = tokio::spawn(listener::serve(
@@ -786,7 +791,7 @@ impl App {
             tls,
             gateway,
             settings.clone(),
-            stop_rx.clone(),
+            stop.clone(),
             connections.clone(),
             Some(self.metrics.open_connections.clone()),
         ));
@@ -795,7 +800,7 @@ impl App {
             None,
             admin,
             settings.for_admin(),
-            stop_rx,
+            stop,
             admin_connections.clone(),
             None,
         ));
@@ -819,17 +824,26 @@ impl App {
         connections.close();
         admin_connections.close();
         background.close();
-        let grace = config.server.shutdown_grace;
-        if tokio::time::timeout(grace, connections.wait())
-            .await
-            .is_err()
-        {
+        // One grace for both listeners: the admin's must not stretch the
+        // exit past what the supervisor allows (it kills, and the last
+        // snapshot is never written).
+        let deadline = tokio::time::Instant::now() + config.server.shutdown_grace;
+        let drained = tokio::time::timeout_at(deadline, async {
+            connections.wait().await;
+            admin_connections.wait().await;
+        })
+        .await;
+        if drained.is_err() {
             tracing::warn!(
-                open = connections.len(),
+                open = connections.len() + admin_connections.len(),
                 "grace period over; closing the remaining connections"
             );
+            // Before the last snapshot: a connection left serving could
+            // still admit somebody whose claim it would miss.
+            close.cancel();
+            connections.wait().await;
+            admin_connections.wait().await;
         }
-        let _ = tokio::time::timeout(grace, admin_connections.wait()).await;
         background.wait().await;
         self.save_last();
         tracing::info!("stopped");

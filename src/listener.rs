@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::Body;
@@ -188,17 +189,31 @@ impl ListenerSettings {
     }
 }
 
-/// Accepts until `shutdown` turns true, then returns; connections already
-/// open are told to drain and tracked by `tracker`.
+/// How a listener is told to stop: `drain` turning true (or its sender
+/// dropped) ends the accepting and tells open connections to finish what
+/// they are doing; `close`, once the grace is over, ends those left at
+/// once, whatever they are doing.
+#[derive(Clone)]
+pub struct Stop {
+    pub drain: watch::Receiver<bool>,
+    pub close: CancellationToken,
+}
+
+/// Accepts until `stop.drain` turns true, then returns; connections
+/// already open are told to drain and tracked by `tracker`.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
     settings: ListenerSettings,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
     tracker: TaskTracker,
     open_connections: Option<prometheus::IntGauge>,
 ) {
+    let Stop {
+        drain: mut shutdown,
+        close,
+    } = stop;
     let builder = Arc::new(settings.http_builder());
     // Past the cap, connections wait in the kernel's backlog rather than
     // being accepted and starved (HAProxy's maxconn behaviour).
@@ -251,7 +266,11 @@ pub async fn serve<H: Handler>(
         let settings = settings.clone();
         let gauge = open_connections.clone();
         let tasks = tracker.clone();
-        tracker.spawn(async move {
+        let close = close.clone();
+        // Past the grace, a connection (its TLS handshake, its PROXY
+        // header, its requests) is dropped where it stands: what is left
+        // must not admit anyone after the last snapshot is written.
+        tracker.spawn(close.clone().run_until_cancelled_owned(async move {
             let mut stream = stream;
             let (peer, held, anonymous) = match held {
                 Some(held) => (peer, held, false),
@@ -265,6 +284,7 @@ pub async fn serve<H: Handler>(
                 _per_ip: held,
                 _open: gauge.map(crate::metrics::Counted::new),
                 tracker: tasks,
+                close,
                 activity: Arc::new(Activity::new()),
                 idle: settings.keepalive_timeout,
             });
@@ -301,7 +321,7 @@ pub async fn serve<H: Handler>(
                     }
                 }
             }
-        });
+        }));
     }
 }
 
@@ -476,6 +496,8 @@ pub struct ConnectionHold {
     /// Keeps `varco_open_connections` true even when a task ends early.
     _open: Option<crate::metrics::Counted>,
     tracker: TaskTracker,
+    /// Cut at the end of the grace, as the connection it came from.
+    close: CancellationToken,
     activity: Arc<Activity>,
     idle: Duration,
 }
@@ -493,6 +515,7 @@ impl ConnectionHold {
                 () = idle_expired(self.activity.clone(), self.idle) => {
                     tracing::debug!("an upgraded connection idle for keepalive_timeout closed");
                 }
+                () = self.close.cancelled() => {}
             }
             drop(self);
         });

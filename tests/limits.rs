@@ -528,3 +528,78 @@ async fn an_http2_response_still_coming_keeps_its_connection() {
         .expect("a second request on the same connection");
     assert_eq!(again.status(), 200);
 }
+
+/// At a stop, one `shutdown_grace` covers both listeners, and what is
+/// still open when it ends is closed then, before the last snapshot: an
+/// operator's download on the admin port got a second grace (stretching
+/// the exit past a supervisor's kill, which loses the last snapshot), and
+/// a citizen's request left open went on being served (and could admit
+/// somebody) after the snapshot.
+#[tokio::test]
+async fn the_shutdown_grace_is_one_deadline_and_ends_what_is_left() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-grace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // An admission log far larger than the loopback's socket buffers: a
+    // download of it that is never read holds its connection.
+    let log = dir.join("audit.log");
+    std::fs::write(&log, format!("{}\n", "x".repeat(1023)).repeat(64 << 10)).unwrap();
+    std::env::set_var("VARCO_TEST_GRACE_TOKENS", "anna:grace-token-0123456789");
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        &format!(
+            "[server]\nshutdown_grace = \"2s\"\n[admin]\ntokens_env = \"VARCO_TEST_GRACE_TOKENS\"\n\
+             [audit]\nlog = \"{}\"",
+            log.display()
+        ),
+    ))
+    .await;
+
+    let mut download = TcpStream::connect(v.admin).await.unwrap();
+    download
+        .write_all(
+            b"GET /api/audit HTTP/1.1\r\nHost: admin\r\n\
+              Authorization: Bearer grace-token-0123456789\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    download.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let citizen = tokio::spawn(raw(
+        v.addr,
+        b"GET /slow?ms=20000 HTTP/1.1\r\nHost: portal\r\n\r\n",
+        Duration::from_secs(25),
+    ));
+    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let stopping = Instant::now();
+    v.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "the stop took {took:?} with a 2 s grace"
+    );
+    // Closed at the grace, not answered by a varco that has stopped.
+    let answer = tokio::time::timeout(Duration::from_secs(5), citizen)
+        .await
+        .expect("the citizen's connection is closed at the end of the grace")
+        .unwrap();
+    assert!(
+        !answer.contains("slow done"),
+        "served after the stop: {answer}"
+    );
+    // What was in the sockets' buffers, then the end: not the whole log.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), download.read_to_end(&mut rest))
+        .await
+        .expect("the download's connection is closed at the end of the grace");
+    assert!(
+        (rest.len() as u64) < std::fs::metadata(&log).unwrap().len(),
+        "the download went on after the stop: {} bytes",
+        rest.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

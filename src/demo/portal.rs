@@ -320,7 +320,10 @@ pub fn spawn(
         None,
         portal.clone(),
         crate::listener::ListenerSettings::default(),
-        rx,
+        crate::listener::Stop {
+            drain: rx,
+            close: tokio_util::sync::CancellationToken::new(),
+        },
         tokio_util::task::TaskTracker::new(),
         None,
     ));
