@@ -33,6 +33,8 @@ use crate::config::ServerConfig;
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The person's browser spoke TLS: to varco, or to a balancer in front
+    /// whose PROXY header says it ended it.
     pub tls: bool,
     /// A balancer's PROXY header named no client (LOCAL, UNKNOWN): `peer`
     /// is the balancer, standing in for someone unknown.
@@ -272,13 +274,21 @@ pub async fn serve<H: Handler>(
         // must not admit anyone after the last snapshot is written.
         tracker.spawn(close.clone().run_until_cancelled_owned(async move {
             let mut stream = stream;
-            let (peer, held, anonymous) = match held {
-                Some(held) => (peer, held, false),
+            let (behind, held) = match held {
+                Some(held) => (
+                    Behind {
+                        client: peer,
+                        anonymous: false,
+                        tls: false,
+                    },
+                    held,
+                ),
                 None => match from_balancer(&mut stream, peer, &per_ip, &settings).await {
                     Some(x) => x,
                     None => return,
                 },
             };
+            let peer = behind.client;
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
@@ -292,8 +302,8 @@ pub async fn serve<H: Handler>(
                 None => {
                     let info = ConnInfo {
                         peer,
-                        tls: false,
-                        anonymous,
+                        tls: behind.tls,
+                        anonymous: behind.anonymous,
                     };
                     serve_connection(stream, info, &builder, handler, &settings, shutdown, hold)
                         .await
@@ -309,7 +319,7 @@ pub async fn serve<H: Handler>(
                             let info = ConnInfo {
                                 peer,
                                 tls: true,
-                                anonymous,
+                                anonymous: behind.anonymous,
                             };
                             serve_connection(
                                 stream, info, &builder, handler, &settings, shutdown, hold,
@@ -325,6 +335,16 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Who is on a connection's other end, as its balancer's PROXY header
+/// says.
+struct Behind {
+    client: SocketAddr,
+    /// Nobody named: `client` is the balancer (see `ConnInfo::anonymous`).
+    anonymous: bool,
+    /// The client spoke TLS to the balancer (see `ConnInfo::tls`).
+    tls: bool,
+}
+
 /// The client a balancer's PROXY header names (or the balancer itself,
 /// for its own checks), and its share of connections; None when the
 /// header is missing, bad or late, or the client is over its share: the
@@ -334,14 +354,25 @@ async fn from_balancer(
     balancer: SocketAddr,
     per_ip: &Arc<DashMap<IpAddr, usize>>,
     settings: &ListenerSettings,
-) -> Option<(SocketAddr, PerIp, bool)> {
+) -> Option<(Behind, PerIp)> {
     let read = tokio::time::timeout(
         settings.header_read_timeout,
         crate::proxy_header::read(stream),
     );
-    let (client, anonymous) = match read.await {
-        Ok(Ok(Some(client))) => (client, false),
-        Ok(Ok(None)) => (balancer, true),
+    let behind = match read.await {
+        Ok(Ok(crate::proxy_header::Accepted {
+            client: Some(client),
+            tls,
+        })) => Behind {
+            client,
+            anonymous: false,
+            tls,
+        },
+        Ok(Ok(_)) => Behind {
+            client: balancer,
+            anonymous: true,
+            tls: false,
+        },
         Ok(Err(e)) => {
             tracing::debug!(peer = %balancer, error = %e, "PROXY header refused");
             return None;
@@ -351,10 +382,10 @@ async fn from_balancer(
             return None;
         }
     };
-    match PerIp::take(per_ip, client.ip(), settings) {
-        Some(held) => Some((client, held, anonymous)),
+    match PerIp::take(per_ip, behind.client.ip(), settings) {
+        Some(held) => Some((behind, held)),
         None => {
-            tracing::debug!(peer = %client, "too many connections from this address");
+            tracing::debug!(peer = %behind.client, "too many connections from this address");
             None
         }
     }

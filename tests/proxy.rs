@@ -258,6 +258,40 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
 /// for every per-address rule; its own checks (LOCAL) are its own; a
 /// connection without the header, or from a peer not in trusted_proxies,
 /// is closed unanswered.
+/// Behind a balancer that ends TLS and says so in its PROXY header
+/// (HAProxy `send-proxy-v2-ssl`), a pass is a Secure cookie, as under
+/// varco's own TLS; without the TLV it is not (the bytes came in clear).
+#[tokio::test]
+async fn a_balancer_that_ended_tls_gets_secure_cookies() {
+    use common::client::{proxy_v2, proxy_v2_tls, raw};
+    use std::time::Duration;
+    let up = upstream::spawn().await;
+    let v = Varco::start(
+        &(room_config(
+            &[up.addr],
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
+             [secrets]\nephemeral = true",
+        ) + "max_active = 5\n"),
+    )
+    .await;
+    let pass = |header: Vec<u8>| async move {
+        let mut bytes = header;
+        bytes.extend_from_slice(b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n");
+        let got = raw(v.addr, &bytes, Duration::from_secs(5)).await;
+        got.lines()
+            .find(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("set-cookie: varco_pass_portal=")
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no pass: {got}"))
+    };
+    let secure = pass(proxy_v2_tls("198.51.100.7:40000".parse().unwrap())).await;
+    assert!(secure.ends_with("; Secure"), "{secure}");
+    let clear = pass(proxy_v2(1, "198.51.100.8:40000".parse().unwrap())).await;
+    assert!(!clear.contains("Secure"), "{clear}");
+}
+
 #[tokio::test]
 async fn the_client_is_the_one_a_balancers_proxy_header_names() {
     use common::client::{proxy_v2, raw};
@@ -331,13 +365,23 @@ async fn the_client_is_the_one_a_balancers_proxy_header_names() {
         assert!(got.contains("\"x-forwarded-for\":[\"127.0.0.1\"]"), "{got}");
         assert!(got.contains("\"x-forwarded-proto\":[\"http\"]"), "{got}");
     }
+    // A balancer that ended the client's TLS and says so: HTTPS for the
+    // portal. Without that TLV it stays http (above).
+    let mut ended = common::client::proxy_v2_tls("198.51.100.10:40000".parse().unwrap());
+    ended.extend_from_slice(request);
+    let got = raw(v.addr, &ended, Duration::from_secs(5)).await;
+    assert!(
+        got.contains("\"x-forwarded-for\":[\"198.51.100.10\"]"),
+        "{got}"
+    );
+    assert!(got.contains("\"x-forwarded-proto\":[\"https\"]"), "{got}");
     // No header, or a broken one: closed, nothing answered.
     assert_eq!(raw(v.addr, request, Duration::from_secs(5)).await, "");
     let mut broken = b"PROXY TCP4 nonsense\r\n".to_vec();
     broken.extend_from_slice(request);
     assert_eq!(raw(v.addr, &broken, Duration::from_secs(5)).await, "");
     let hits = up.hits();
-    assert_eq!(hits, 9, "only the connections with a header were served");
+    assert_eq!(hits, 10, "only the connections with a header were served");
     drop(v);
 
     // The per-address connection cap counts the named client, not the

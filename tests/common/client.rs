@@ -186,3 +186,18 @@ pub fn proxy_v2(command: u8, source: std::net::SocketAddr) -> Vec<u8> {
     h.extend_from_slice(&addresses);
     h
 }
+
+/// `proxy_v2(1, source)` from a balancer that ended the client's TLS and
+/// says so, as HAProxy's `send-proxy-v2-ssl`: a PP2_TYPE_SSL TLV with
+/// PP2_CLIENT_SSL (after one of AWS's, which varco passes over).
+pub fn proxy_v2_tls(source: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = proxy_v2(1, source);
+    let tlvs: &[u8] = &[
+        0xEA, 0, 5, 1, b'v', b'p', b'c', b'e', // PP2_TYPE_AWS
+        0x20, 0, 5, 0x01, 0, 0, 0, 0, // PP2_TYPE_SSL: PP2_CLIENT_SSL, verified
+    ];
+    h.extend_from_slice(tlvs);
+    let len = u16::from_be_bytes([h[14], h[15]]) + tlvs.len() as u16;
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    h
+}
