@@ -145,7 +145,7 @@ impl Metrics {
         let upstream_response_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "varco_upstream_response_seconds",
-                "Time an upstream took to send response headers",
+                "Time an upstream took to send response headers; a request it left unanswered past response_timeout counts at the time waited",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["room", "upstream"],

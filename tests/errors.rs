@@ -63,6 +63,19 @@ async fn slow_upstream_is_504_after_the_response_timeout() {
     )
     .await;
     assert_eq!(fast.status, 200);
+    // The timeout is in the latency histogram at the time it waited, so
+    // the p99 panel shows the portal hanging rather than hiding it.
+    let seconds =
+        |what: &'static str, labels: &'static str| common::client::metric(v.admin, what, labels);
+    assert_eq!(
+        seconds("varco_upstream_response_seconds_count", "room=\"portal\"").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        seconds("varco_upstream_response_seconds_bucket", "le=\"0.25\"").await,
+        Some(1.0),
+        "only the fast answer came within 0.25 s"
+    );
 }
 
 /// A room's own `response_timeout` holds for it alone, and a reload

@@ -275,6 +275,11 @@ impl Forwarder {
             let outcome = match sent {
                 None => {
                     metrics.timeouts.inc();
+                    // At the time waited: left out, the slowest requests
+                    // (a portal hanging) vanished from the percentiles.
+                    metrics
+                        .response_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     signal(true);
                     // A hung upstream still accepts connections: without
                     // this, it kept its share of the rotation, and every
