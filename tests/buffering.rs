@@ -187,6 +187,18 @@ async fn a_body_without_a_length_is_read_whole_or_streamed_past_the_size() {
     let seen = got.json();
     assert_eq!(seen["body"], sent.as_str(), "the whole body, in order");
     assert_eq!(seen["headers"]["transfer-encoding"][0], "chunked");
+    // A GET's too (hyper's client sends a GET of unknown length with no
+    // body at all unless told it is chunked).
+    let (large, sent) = chunked(20);
+    let got = send(
+        Request::get(v.url("/search"))
+            .header("transfer-encoding", "chunked")
+            .body(large)
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["body"], sent.as_str(), "a GET's body, whole");
 
     // A declared length past 1 KiB streams from the start.
     let got = send(
@@ -206,7 +218,7 @@ async fn a_body_without_a_length_is_read_whole_or_streamed_past_the_size() {
         .await
     };
     assert_eq!(handled("buffered").await, Some(1.0));
-    assert_eq!(handled("streamed_large").await, Some(2.0));
+    assert_eq!(handled("streamed_large").await, Some(3.0));
 }
 
 #[tokio::test]

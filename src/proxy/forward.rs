@@ -167,6 +167,12 @@ impl Forwarder {
                 (Outgoing::Whole(Sendable::new(whole)), None)
             }
             ClientBody::Streaming(streaming) => {
+                // Without a length, hyper's client sends a GET (or HEAD)
+                // with no body at all unless told it is chunked: the
+                // portal got the request and never the body.
+                if !headers.contains_key(CONTENT_LENGTH) {
+                    headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                }
                 let limited = Limited::new(streaming, self.max_body_size as usize);
                 let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
                 (
