@@ -147,6 +147,11 @@ fn each_dashboard_panel_has_a_title_and_a_query() {
             all.push(p);
         }
     }
+    // Line breaks in the README's prose are spaces.
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     for (i, p) in all.iter().enumerate() {
         let title = p["title"].as_str().unwrap_or("");
         assert!(
@@ -162,6 +167,11 @@ fn each_dashboard_panel_has_a_title_and_a_query() {
             has_query,
             "{}: panel \"{title}\" has no target with an `expr`",
             path.display()
+        );
+        // "Watching a click day in Grafana" names each panel as titled.
+        assert!(
+            readme.contains(&format!("**{title}**")),
+            "README.md does not name the panel **{title}**"
         );
     }
 }
