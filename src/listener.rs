@@ -426,6 +426,11 @@ async fn serve_connection<IO, H>(
             req.extensions_mut().insert(hold.clone());
         }
         let h2 = req.version() == http::Version::HTTP_2;
+        if !h2 && !hyper::body::Body::is_end_stream(req.body()) {
+            req.extensions_mut().insert(BodyComing {
+                _busy: Arc::new(service_activity.busy()),
+            });
+        }
         async move {
             let resp = handler.handle(req, info).await;
             // An HTTP/2 connection is idle by its streams alone: one
@@ -706,12 +711,66 @@ impl Activity {
 
     fn begin_request(self: &Arc<Self>) -> InFlight {
         self.head_since.store(0, Ordering::Relaxed);
+        self.busy()
+    }
+
+    fn busy(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 }
 
 struct InFlight(Arc<Activity>);
+
+/// An HTTP/1 request whose body is still coming in (a request's
+/// extension): its connection stays busy, so the body's bytes are not
+/// taken for the next request's head, until the body is whole or let go.
+/// Over HTTP/1 a request is otherwise done once its answer's head is out,
+/// and a portal may answer before an upload ends.
+#[derive(Clone)]
+pub struct BodyComing {
+    _busy: Arc<InFlight>,
+}
+
+pin_project! {
+    /// A request body that keeps its `BodyComing` until it ends.
+    pub struct WhileComing<B> {
+        #[pin]
+        body: B,
+        coming: Option<BodyComing>,
+    }
+}
+
+impl<B> WhileComing<B> {
+    pub fn new(body: B, coming: Option<BodyComing>) -> Self {
+        WhileComing { body, coming }
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for WhileComing<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let r = this.body.poll_frame(cx);
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            *this.coming = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// The most of a body hyper is handed at once over HTTP/2. hyper asks for
 /// more only once the client's window has taken all it was handed, so

@@ -603,3 +603,48 @@ async fn the_shutdown_grace_is_one_deadline_and_ends_what_is_left() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A portal may answer before an upload ends (the head of its answer at
+/// once, the rest when it has read everything). The upload's bytes after
+/// that head are still the request's body, not the next request's head
+/// under `header_read_timeout` (which cut such an upload there).
+#[tokio::test]
+async fn an_upload_the_portal_answered_early_is_not_cut_by_the_header_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\n[upstream]\nrequest_buffer = \"0\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(
+        b"POST /duplex HTTP/1.1\r\nHost: portal\r\nContent-Length: 600\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the portal's early answer")
+            .unwrap();
+        assert!(n > 0, "closed before the answer's head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // 2.4 s of upload, well past the header timeout, after the answer.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if s.write_all(&[b'u'; 100]).await.is_err() {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("\r\n600\r\n"),
+        "the portal did not get the whole upload: {text}"
+    );
+}

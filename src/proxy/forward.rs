@@ -25,7 +25,7 @@ use super::headers::{is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
-use crate::listener::{ConnInfo, ConnectionHold};
+use crate::listener::{BodyComing, ConnInfo, ConnectionHold, WhileComing};
 use crate::room::Room;
 
 pub struct Forwarder {
@@ -97,6 +97,9 @@ impl Forwarder {
         let (mut parts, client_body) = req.into_parts();
         // The connection's hold, for a tunnel to take along.
         let hold = parts.extensions.remove::<Arc<ConnectionHold>>();
+        // A body read whole is no longer coming; a streamed one is until
+        // it ends.
+        let coming = parts.extensions.remove::<BodyComing>();
         let client_upgrade = client_upgrade.map(|u| (u, hold));
 
         // HTTP/2 carries the host only in :authority; capture it before the
@@ -157,6 +160,10 @@ impl Forwarder {
         // first refuses the connection (or, for a request safe to send
         // twice, breaks the exchange), as long as none has taken it; a
         // streamed one cannot.
+        let coming = match client_body {
+            ClientBody::Streaming(_) => coming,
+            ClientBody::Whole(_) => None,
+        };
         let (mut outgoing, mut taken) = match client_body {
             ClientBody::Whole(whole) if whole.bytes.is_empty() => (Outgoing::Empty, None),
             ClientBody::Whole(whole) => {
@@ -173,6 +180,7 @@ impl Forwarder {
                 if !headers.contains_key(CONTENT_LENGTH) {
                     headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
+                let streaming = WhileComing::new(streaming, coming);
                 let limited = Limited::new(streaming, self.max_body_size as usize);
                 let (watched, taken) = Watched::new(limited.map_err(ClientBodyError));
                 (

@@ -181,6 +181,22 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             });
             Response::new(body::stream(http_body_util::StreamBody::new(pieces)))
         }
+        "/duplex" => {
+            // The answer's head at once, its body (the bytes of the
+            // upload) once the upload ends: a portal that answers before
+            // it has read what is sent.
+            let mut body = req.into_body();
+            let counted = async move {
+                let mut n: u64 = 0;
+                while let Some(Ok(f)) = body.frame().await {
+                    n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+                }
+                Ok::<_, Infallible>(Frame::data(Bytes::from(n.to_string())))
+            };
+            Response::new(body::stream(http_body_util::StreamBody::new(
+                futures_util::stream::once(counted),
+            )))
+        }
         "/upload" => {
             let mut body = req.into_body();
             let mut n: u64 = 0;
