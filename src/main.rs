@@ -134,7 +134,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let path = std::fs::canonicalize(&config).unwrap_or(config);
+            // Absolute, as given: a reload reads whatever the path names
+            // then. Resolving its symlinks here pinned the file of the
+            // start (a Kubernetes ConfigMap's old folder, deleted at the
+            // next edit: every reload failed until a restart).
+            let path = std::path::absolute(&config).unwrap_or(config);
             exit(serve(cfg, cli.log_format, None, Some(path)))
         }
         Command::Receipt { action } => checked(varco::checks::receipt(action)),

@@ -564,3 +564,59 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Kubernetes ConfigMap mounted as a folder: `varco.toml` is a symlink
+/// through `..data` to a timestamped folder, and an edit swaps `..data`
+/// and deletes the old folder. A reload reads the file by the path varco
+/// was given, now the new one (it read the old folder's path it had
+/// resolved at start, gone, and every reload failed until a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_a_configmap_edited_through_its_symlinks() {
+    use std::os::unix::fs::symlink;
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-configmap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let version = |name: &str, max_active: u32| {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("varco.toml"),
+            room_config(
+                &[up.addr],
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [secrets]\nephemeral = true",
+            ) + &format!("max_active = {max_active}\n"),
+        )
+        .unwrap();
+    };
+    version("..2026_12_05_first", 5);
+    symlink("..2026_12_05_first", dir.join("..data")).unwrap();
+    symlink("..data/varco.toml", dir.join("varco.toml")).unwrap();
+    let p = Process::start(&dir.join("varco.toml"));
+    let max_active = || client::metric(p.admin, "varco_room_max_active", "room=\"portal\"");
+    assert_eq!(max_active().await, Some(5.0));
+
+    // The kubelet's edit: the new folder, `..data` swapped in one rename,
+    // the old folder removed.
+    version("..2026_12_05_second", 7);
+    symlink("..2026_12_05_second", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join("..2026_12_05_first")).unwrap();
+
+    p.signal("HUP");
+    let reloads = async |result: &str| {
+        let labels = format!("result=\"{result}\"");
+        client::metric(p.admin, "varco_config_reloads_total", &labels)
+            .await
+            .unwrap_or(0.0)
+    };
+    client::until("the reload is done", Duration::from_secs(10), async || {
+        reloads("ok").await + reloads("refused").await >= 1.0
+    })
+    .await;
+    assert_eq!(reloads("ok").await, 1.0, "the reload failed");
+    assert_eq!(max_active().await, Some(7.0));
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
