@@ -373,6 +373,19 @@ fn bad_waiting_room_keys_name_their_keys() {
             "exempt_paths = [\"/static%2fx\"]\n",
             "rooms.portal.exempt_paths[0]",
         ),
+        // A detour covering the room lets every ticket holder past the
+        // queue.
+        ("flow_paths = [\"/\"]\n", "rooms.portal.flow_paths[0]"),
+        (
+            "paths = [\"/bonus\"]\nflow_paths = [\"/bonus/oidc\", \"/bonus\"]\n",
+            "rooms.portal.flow_paths[1]",
+        ),
+        (
+            "flow_paths = [\"/oidc/callback\", \"/saml/acs?binding=post\"]\n",
+            "rooms.portal.flow_paths[1]",
+        ),
+        ("flow_paths = [\"/oidc//cb\"]\n", "rooms.portal.flow_paths[0]"),
+        ("flow_paths = [\"oidc\"]\n", "rooms.portal.flow_paths[0]"),
         (
             "page_template = \"/nonexistent/page.html\"\n",
             "rooms.portal.page_template",

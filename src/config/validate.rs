@@ -688,38 +688,31 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             .map(|b| parse_bypass(b, "bypass", &key, base, &mut p))
             .unwrap_or_default();
         for (i, e) in r.exempt_paths.iter().enumerate() {
-            if !e.starts_with('/') {
+            let at = key(&format!("exempt_paths[{i}]"));
+            if e == "/" {
                 p.add(
-                    key(&format!("exempt_paths[{i}]")),
-                    format!("\"{e}\" is not a path prefix: it starts with '/'"),
-                );
-            } else if e.contains('?') {
-                // Entries were once prefixes of path and query: a config
-                // written for that is told, not read another way.
-                p.add(
-                    key(&format!("exempt_paths[{i}]")),
-                    format!("\"{e}\" holds a query: exempt paths match the path alone, on whole segments"),
-                );
-            } else if e == "/" {
-                p.add(
-                    key(&format!("exempt_paths[{i}]")),
+                    at,
                     "\"/\" exempts every path: for a room without a gate, set mode = \"passthrough\"".to_string(),
                 );
-            } else if crate::request_path::normalise(e) != Ok(None) {
-                // Paths are matched once made canonical: `/a//b` or
-                // `/static%2f` would never match anything.
-                p.add(
-                    key(&format!("exempt_paths[{i}]")),
-                    format!("\"{e}\" is not a path in canonical form (no `//`, `.` or `..` segments, escapes of unreserved characters, or lower-case escapes): it would never match"),
-                );
+            } else if let Some(why) = prefix_problem(e, "exempt") {
+                p.add(at, why);
             }
         }
         for (i, e) in r.flow_paths.iter().enumerate() {
-            if !e.starts_with('/') {
+            let at = key(&format!("flow_paths[{i}]"));
+            // A detour that covers the whole room lets every ticket holder
+            // past the queue (and a closed room) on any path.
+            if let Some(room_path) = r
+                .paths
+                .iter()
+                .find(|room_path| crate::router::prefix_matches(e, room_path))
+            {
                 p.add(
-                    key(&format!("flow_paths[{i}]")),
-                    format!("\"{e}\" is not a path prefix: it starts with '/'"),
+                    at,
+                    format!("\"{e}\" covers the room's path \"{room_path}\": every ticket holder would skip the queue; name the login callback itself (e.g. \"/oidc/callback\")"),
                 );
+            } else if let Some(why) = prefix_problem(e, "flow") {
+                p.add(at, why);
             }
         }
         // The waiting page polls every 5 s at the soonest (6.5 s with its
@@ -1428,4 +1421,24 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
         }
     }
     tokens
+}
+
+/// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
+/// as written, if it could not.
+fn prefix_problem(e: &str, kind: &str) -> Option<String> {
+    if !e.starts_with('/') {
+        Some(format!("\"{e}\" is not a path prefix: it starts with '/'"))
+    } else if e.contains('?') {
+        // Exempt entries were once prefixes of path and query: a config
+        // written for that is told, not read another way.
+        Some(format!(
+            "\"{e}\" holds a query: {kind} paths match the path alone, on whole segments"
+        ))
+    } else if crate::request_path::normalise(e) != Ok(None) {
+        // Paths are matched once made canonical: `/a//b` or `/static%2f`
+        // would never match anything.
+        Some(format!("\"{e}\" is not a path in canonical form (no `//`, `.` or `..` segments, escapes of unreserved characters, or lower-case escapes): it would never match"))
+    } else {
+        None
+    }
 }
