@@ -88,6 +88,8 @@ fn each_bad_value_names_its_key() {
             "[server]\nmax_connections = 2305843009213693952\n",
             "server.max_connections",
         ),
+        // Past what the OS grants: tokio panicked at start, naming nothing.
+        ("[server]\nworkers = 5000\n", "server.workers"),
         // Anyone could name any client.
         ("[server]\nproxy_protocol = true\n", "server.proxy_protocol"),
         // hyper reserves a slot per header on every request.

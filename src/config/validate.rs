@@ -22,6 +22,8 @@ use crate::room::token::Keyring;
 /// than 1 MiB of request headers.
 const MIN_HEADER_SIZE: u64 = 8 * 1024;
 const MAX_HEADER_SIZE: u64 = 1 << 20;
+/// The most worker threads `server.workers` may ask for.
+const MAX_WORKERS: usize = 1024;
 /// Connections or requests at once: far beyond any real deployment, and
 /// far below tokio's semaphore limit (2^61), which panics above it.
 const MAX_COUNT: usize = 1 << 30;
@@ -299,6 +301,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             "needs server.trusted_proxies: only the load balancers listed there may send a PROXY header (anyone else could name any client)",
         );
     }
+    // tokio panics (and varco exits 101 naming nothing) when the OS
+    // refuses a worker thread: systemd's default TasksMax is about 4900.
+    p.at_most(
+        "server.workers",
+        s.workers,
+        MAX_WORKERS,
+        "more threads than any machine has cores (0 is one per core)",
+    );
     p.positive("server.max_connections", s.max_connections);
     p.at_most(
         "server.max_connections",
