@@ -17,7 +17,9 @@ pub struct InFlight {
     // tokio's semaphore is fair: waiters get permits in arrival order.
     slots: Arc<Semaphore>,
     sizes: Arc<Mutex<Sizes>>,
-    queued: AtomicUsize,
+    /// Shared with the cap a reload replaces: those still waiting in the
+    /// old one's line count against the new one's `queue`.
+    queued: Arc<AtomicUsize>,
     /// Whether a request found every slot taken since the last look: the
     /// adaptive limit grows only when it was the limit that held.
     saturated: AtomicBool,
@@ -78,7 +80,7 @@ impl InFlight {
                 limit: config.limit,
                 debt: 0,
             })),
-            queued: AtomicUsize::new(0),
+            queued: Arc::new(AtomicUsize::new(0)),
             saturated: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             config,
@@ -107,7 +109,7 @@ impl InFlight {
         let cap = InFlight {
             slots: old.slots.clone(),
             sizes: old.sizes.clone(),
-            queued: AtomicUsize::new(0),
+            queued: old.queued.clone(),
             saturated: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             config,
@@ -228,6 +230,27 @@ mod tests {
         drop(held);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!((c.in_flight(), c.queued()), (0, 0));
+    }
+
+    /// A reload's cap counts those still waiting in the old one's line:
+    /// a fresh count let another full queue in beside them.
+    #[tokio::test]
+    async fn a_reloaded_cap_counts_the_line_of_the_old_one() {
+        let old = Arc::new(cap(1, 1, 10_000));
+        let held = old.enter().await.unwrap();
+        let waiter = {
+            let old = old.clone();
+            tokio::spawn(async move { old.enter().await.map(drop) })
+        };
+        while old.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let new = InFlight::continuing(*old.config(), &old);
+        assert_eq!(new.queued(), 1);
+        assert_eq!(new.enter().await.err(), Some(Refused::QueueFull));
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!((new.in_flight(), new.queued()), (0, 0));
     }
 
     #[tokio::test]
