@@ -813,9 +813,11 @@ impl prometheus::core::Collector for RoomCollector {
                     if let Some(r) = room.lane_limits(lane).per_minute {
                         set("varco_lane_admission_rate_per_minute", r);
                     }
-                    self.lane_admitted
-                        .with_label_values(&labels)
-                        .inc_by(lv.admitted_total);
+                    if lane.store.heard() {
+                        self.lane_admitted
+                            .with_label_values(&labels)
+                            .inc_by(lv.admitted_total);
+                    }
                 }
             }
             self.set("varco_room_queue_length", name, v.waiting as f64);
@@ -874,10 +876,15 @@ impl prometheus::core::Collector for RoomCollector {
                     .with_label_values(&[name, mode])
                     .set((current == mode) as i64);
             }
-            let c = room.counted();
-            let totals = [c.issued, c.admitted, c.abandoned];
-            for ((_, c), total) in self.counters.iter().zip(totals) {
-                c.with_label_values(&[name]).inc_by(total);
+            // Left out, not 0, until the store has answered this node (a
+            // node that just started): the jump to the cluster's count
+            // would read as that many admissions at once.
+            if room.heard() {
+                let c = room.counted();
+                let totals = [c.issued, c.admitted, c.abandoned];
+                for ((_, c), total) in self.counters.iter().zip(totals) {
+                    c.with_label_values(&[name]).inc_by(total);
+                }
             }
         }
         let mut out = Vec::new();

@@ -1601,3 +1601,26 @@ async fn lapsed_sessions_leave_redis_without_max_active() {
     advance(&nodes, 120_000).await;
     assert_eq!(live(), ":0", "lapsed sessions forgotten");
 }
+
+/// A node that has not heard from Redis yet (it just started) exports no
+/// room counters, rather than 0: Prometheus would take the jump to the
+/// cluster's count at its first answer for that many admissions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_exports_room_counters_only_once_redis_has_answered() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(&redis, up.addr, "max_active = 5", "");
+    let first = Gated::start(&cfg).await;
+    for _ in 0..3 {
+        assert!(first.citizen().get("/").await.reached_upstream());
+    }
+    let admitted = async |g: &Gated| {
+        common::client::metric(g.admin, "varco_admitted_total", "room=\"portal\"").await
+    };
+    advance(std::slice::from_ref(&first), 1_000).await;
+    assert_eq!(admitted(&first).await, Some(3.0));
+    let second = Gated::start(&cfg).await;
+    assert_eq!(admitted(&second).await, None, "a 0 before Redis answered");
+    advance(std::slice::from_ref(&second), 1_000).await;
+    assert_eq!(admitted(&second).await, Some(3.0));
+}

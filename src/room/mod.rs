@@ -350,6 +350,11 @@ impl Room {
     }
 
     /// The room as a whole, across its lanes.
+    /// Whether `view` holds the room's counters (see `RoomStore::heard`).
+    pub fn heard(&self) -> bool {
+        self.store.heard() && self.lanes.iter().all(|l| l.store.heard())
+    }
+
     pub fn view(&self) -> crate::store::RoomView {
         if self.lanes.len() < 2 {
             return self.store.view();

@@ -210,6 +210,11 @@ pub trait RoomStore: Send + Sync + 'static {
     fn provisional_base(&self, _epoch: u64) -> Option<u64> {
         None
     }
+    /// Whether `view` holds the room's counters: at once for a store of
+    /// its own; for a shared one, once it has answered this node.
+    fn heard(&self) -> bool {
+        true
+    }
     /// Whether this node advances the room's counters (always, alone).
     fn leads(&self) -> bool {
         true

@@ -885,6 +885,16 @@ impl RoomStore for RedisRoom {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
+    fn heard(&self) -> bool {
+        // Every answer carries the state's generation.
+        !self
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .is_empty()
+    }
+
     fn leads(&self) -> bool {
         self.holds_lease()
     }
