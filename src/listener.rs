@@ -34,7 +34,8 @@ use crate::config::ServerConfig;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The person's browser spoke TLS: to varco, or to a balancer in front
-    /// whose PROXY header says it ended it.
+    /// whose PROXY header says it ended it (or that `server.assume_https`
+    /// says ends it).
     pub tls: bool,
     /// A balancer's PROXY header named no client (LOCAL, UNKNOWN): `peer`
     /// is the balancer, standing in for someone unknown.
@@ -97,6 +98,8 @@ pub struct ListenerSettings {
     /// Every connection starts with a PROXY protocol header from one of
     /// `exempt` (the load balancers), naming the client; others are closed.
     pub proxy_protocol: bool,
+    /// Every connection counts as HTTPS for the person (`ConnInfo::tls`).
+    pub assume_https: bool,
 }
 
 impl Default for ListenerSettings {
@@ -118,6 +121,7 @@ impl ListenerSettings {
             send_timeout: s.send_timeout,
             tls_handshake_timeout: s.tls_handshake_timeout,
             proxy_protocol: s.proxy_protocol,
+            assume_https: s.assume_https,
         }
     }
 
@@ -126,6 +130,7 @@ impl ListenerSettings {
     pub fn for_admin(&self) -> Self {
         ListenerSettings {
             proxy_protocol: false,
+            assume_https: false,
             ..self.clone()
         }
     }
@@ -148,6 +153,7 @@ impl ListenerSettings {
             send_timeout: d(DEFAULT_SEND_TIMEOUT),
             tls_handshake_timeout: d(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
             proxy_protocol: false,
+            assume_https: false,
         }
     }
 
@@ -302,7 +308,7 @@ pub async fn serve<H: Handler>(
                 None => {
                     let info = ConnInfo {
                         peer,
-                        tls: behind.tls,
+                        tls: behind.tls || settings.assume_https,
                         anonymous: behind.anonymous,
                     };
                     serve_connection(stream, info, &builder, handler, &settings, shutdown, hold)

@@ -290,6 +290,27 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
     assert!(secure.ends_with("; Secure"), "{secure}");
     let clear = pass(proxy_v2(1, "198.51.100.8:40000".parse().unwrap())).await;
     assert!(!clear.contains("Secure"), "{clear}");
+    drop(v);
+
+    // A balancer that ends TLS without saying so (an AWS NLB TLS
+    // listener): the operator says it.
+    let v = Varco::start(
+        &(room_config(
+            &[up.addr],
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
+             assume_https = true\n[secrets]\nephemeral = true",
+        ) + "max_active = 5\n"),
+    )
+    .await;
+    let mut bytes = proxy_v2(1, "198.51.100.9:40000".parse().unwrap());
+    bytes.extend_from_slice(b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n");
+    let got = raw(v.addr, &bytes, Duration::from_secs(5)).await;
+    assert!(got.contains("\"x-forwarded-proto\":[\"https\"]"), "{got}");
+    assert!(
+        got.lines()
+            .any(|l| l.starts_with("set-cookie: varco_pass_portal=") && l.ends_with("; Secure")),
+        "{got}"
+    );
 }
 
 #[tokio::test]

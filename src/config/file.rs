@@ -237,6 +237,9 @@ pub struct RawServer {
     /// The public listener expects a PROXY protocol header (v1 or v2)
     /// from each connection, sent by one of `trusted_proxies`.
     pub proxy_protocol: bool,
+    /// Every public connection is HTTPS for the person: a balancer in
+    /// front ends TLS without saying so.
+    pub assume_https: bool,
     pub max_connections: usize,
     pub max_header_size: String,
     pub max_headers: usize,
@@ -264,6 +267,7 @@ impl Default for RawServer {
             tls: None,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            assume_https: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_header_size: DEFAULT_MAX_HEADER_SIZE.into(),
             max_headers: DEFAULT_MAX_HEADERS,

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// Each public connection starts with a PROXY protocol header from
     /// one of `trusted_proxies`.
     pub proxy_protocol: bool,
+    /// Every public connection counts as HTTPS (a balancer in front ends
+    /// TLS without saying so).
+    pub assume_https: bool,
     pub max_connections: usize,
     pub max_header_size: usize,
     pub max_headers: usize,

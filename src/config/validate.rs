@@ -341,6 +341,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         tls,
         trusted_proxies,
         proxy_protocol: s.proxy_protocol,
+        assume_https: s.assume_https,
         max_connections: s.max_connections,
         max_header_size: max_header_size as usize,
         max_headers: s.max_headers,
