@@ -349,12 +349,12 @@ impl Room {
         lane.limits(self.limits())
     }
 
-    /// The room as a whole, across its lanes.
     /// Whether `view` holds the room's counters (see `RoomStore::heard`).
     pub fn heard(&self) -> bool {
         self.store.heard() && self.lanes.iter().all(|l| l.store.heard())
     }
 
+    /// The room as a whole, across its lanes.
     pub fn view(&self) -> crate::store::RoomView {
         if self.lanes.len() < 2 {
             return self.store.view();
