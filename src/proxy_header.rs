@@ -34,6 +34,7 @@ pub struct Accepted {
     pub tls: bool,
 }
 
+/// Reads a connection's PROXY header, to its exact end.
 pub async fn read(stream: &mut TcpStream) -> io::Result<Accepted> {
     let header = read_header(stream).await?;
     parse(&header)
