@@ -417,6 +417,15 @@ fn new_session(room: &Room, r: &GateRequest) -> NewSession {
     }
 }
 
+/// Whether a ticket's turn has come and its claim window is still open.
+fn called(room: &Room, lane: &Lane, ticket: Option<&TicketClaims>) -> bool {
+    let Some(t) = ticket else {
+        return false;
+    };
+    let view = lane.store.view();
+    effective_number(room, lane, t, &view).is_some_and(|n| n <= view.serving && n > view.floor)
+}
+
 /// The place of a ticket in its lane's order, or None before the opening.
 fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView) -> Option<u64> {
     if let Some((epoch, seq)) = t.dg.split_once(':') {
@@ -497,17 +506,17 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(Gate::without_pass(true));
     }
 
-    if limits.mode == Mode::Closed {
+    // Closed: nobody new gets in or in line. A turn called before the
+    // close is still its holder's, as a pass is (its slot is held for
+    // it): it goes on to its claim; so does a pass whose answer never
+    // reached its holder. Anyone else gets the closed page.
+    let closed_page = |ticket: Option<&TicketClaims>| {
         room.metrics.rejected_closed.inc();
-        let status = status_for(
-            room,
-            lane,
-            ticket.as_ref(),
-            &lane.store.view(),
-            r.now_ms,
-            "closed",
-        );
-        return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
+        let status = status_for(room, lane, ticket, &lane.store.view(), r.now_ms, "closed");
+        Gate::Respond(page(room, r, &status, &next_url, None))
+    };
+    if limits.mode == Mode::Closed && !called(room, lane, ticket.as_ref()) {
+        return Ok(closed_page(ticket.as_ref()));
     }
 
     // The person's turn came and went while they were away: said on the
@@ -597,6 +606,11 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         }
     }
 
+    // Its turn gone after all (claimed, lapsed meanwhile): no new place
+    // while closed.
+    if limits.mode == Mode::Closed {
+        return Ok(closed_page(ticket.as_ref()));
+    }
     // A used or lapsed ticket is no ticket: its holder arrives afresh.
     let lane = if ticket.is_some() {
         room.lane_for(r.headers, r.client_ip)
@@ -811,7 +825,9 @@ pub async fn status(
     };
     let ticket = ticket.map(|(t, _)| t);
     let view = lane.store.view();
-    let state = if room.mode() == Mode::Closed {
+    // A turn called before the close can still be claimed: "waiting"
+    // then reads "admitted" (see `status_for`), and the page goes on.
+    let state = if room.mode() == Mode::Closed && !called(room, lane, ticket.as_ref()) {
         "closed"
     } else if has_pass || !room.is_gated() {
         // A room not gated (passthrough, its limits lifted) lets everyone

@@ -1755,3 +1755,46 @@ async fn a_paused_room_keeps_its_adaptive_rate() {
     }
     assert_eq!(room.per_minute(), start);
 }
+
+/// A turn called before the room closes is still its holder's: closed
+/// means nobody new gets in or in line, and the slot was held for them.
+/// (They got the closed page until their claim window lapsed, and a new
+/// place at the back once the room opened: "your place is kept" was
+/// false.) Anyone else still gets the closed page, and no ticket.
+#[tokio::test]
+async fn a_turn_called_before_a_close_can_still_be_claimed() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ))
+    .await;
+    let mut first = g.citizen();
+    assert!(first.get("/").await.reached_upstream());
+    let mut called = g.citizen();
+    assert!(called.get("/").await.is_waiting_page());
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    // The first session idles out and the next in line is called.
+    g.advance(61_000).await;
+    assert_eq!(called.status("portal").await["state"], "admitted");
+
+    let room = g.app.room("portal").unwrap();
+    room.change_live(varco::store::LiveChange::Mode(
+        varco::room::admission::Mode::Closed,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(called.status("portal").await["state"], "admitted");
+    assert!(
+        called.get("/").await.reached_upstream(),
+        "the called turn comes in"
+    );
+    // Not yet called: the closed page, the place kept.
+    assert_eq!(waiting.status("portal").await["state"], "closed");
+    let got = waiting.get("/").await;
+    assert_eq!(got.status, 503);
+    let mut newcomer = g.citizen();
+    assert_eq!(newcomer.get("/").await.status, 503);
+    assert!(newcomer.cookie("varco_ticket_portal").is_none());
+}
