@@ -295,7 +295,7 @@ fn claimed(
     t: &TicketClaims,
     delivery: Option<Delivery>,
 ) -> Gate {
-    let pass = new_pass(room, lane, sid, n, t.at, r.now_ms);
+    let pass = new_pass(room, lane, sid, n, line_start(room, t), r.now_ms);
     let set_cookies = vec![
         pass_cookie(room, &pass, r.tls),
         cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
@@ -414,6 +414,16 @@ fn new_session(room: &Room, r: &GateRequest) -> NewSession {
     NewSession {
         sid: random_u128(),
         expires_ms: r.now_ms + room.config.session_idle.as_millis() as u64,
+    }
+}
+
+/// When a ticket's holder joined the line: its arrival, or for a
+/// pre-queue ticket the opening (the draw, not the hour of arrival,
+/// orders the pre-queue: the portal's `X-Varco-Arrival` must not undo it).
+fn line_start(room: &Room, t: &TicketClaims) -> u64 {
+    match room.config.opens_at_ms {
+        Some(opens) if t.pre > 0 => t.at.max(opens),
+        _ => t.at,
     }
 }
 
@@ -538,14 +548,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                 };
                 match claim {
                     Some((Claim::Admitted, session)) => {
-                        // A pre-queue ticket's line starts at the opening.
-                        let from = match room.config.opens_at_ms {
-                            Some(opens) if t.pre > 0 => t.at.max(opens),
-                            _ => t.at,
-                        };
                         room.metrics
                             .wait_seconds
-                            .observe(r.now_ms.saturating_sub(from) as f64 / 1000.0);
+                            .observe(r.now_ms.saturating_sub(line_start(room, t)) as f64 / 1000.0);
                         // Until the session could idle out: after that its
                         // pass would let nobody in anyway.
                         let idle = room.config.session_idle.as_millis() as u64;

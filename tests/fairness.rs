@@ -566,3 +566,39 @@ async fn the_identity_provider_can_stand_behind_its_own_room() {
     assert_eq!(portal.hits(), 3);
     assert_eq!(idp.hits(), 1);
 }
+
+/// The portal learns a pre-queue ticket's arrival as the opening: the
+/// draw, not the hour of arrival, orders the pre-queue, and a portal that
+/// serves first-come-first-served from `at` would otherwise hand its
+/// budget to whoever came at midnight.
+#[tokio::test]
+async fn the_portal_gets_the_opening_as_a_prequeue_arrival() {
+    let up = upstream::spawn().await;
+    let opens = T0 + 10 * MIN;
+    let toml = config(
+        up.addr,
+        &format!(
+            "max_active = 100\nadmission_per_minute = 600\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+        "",
+    );
+    let g = Gated::start(&toml).await;
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    g.advance(5 * MIN).await;
+    let mut later = g.citizen();
+    assert!(later.get("/").await.is_waiting_page());
+    g.advance(5 * MIN + 1_000).await;
+    for c in [&mut early, &mut later] {
+        let got = c.get("/echo").await;
+        assert!(got.reached_upstream(), "{}", got.text());
+        let seen = arrivals_seen(&got);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].contains(&format!("; at={opens};")),
+            "{} (opening {opens})",
+            seen[0]
+        );
+    }
+}
