@@ -215,6 +215,8 @@ async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
         assert!(l["seed"].is_null(), "no seed before the opening: {l}");
         let this = l["commitment"].as_str().unwrap().to_string();
         assert_eq!(this.len(), 64);
+        // Those in line before the opening hold pre-queue tickets.
+        assert!(s["queue_length"].as_u64() > Some(0), "{s}");
         // The same commitment for everyone, from the first ticket on.
         assert!(commitment.get_or_insert(this.clone()) == &this);
     }
