@@ -280,12 +280,12 @@ pub async fn serve<H: Handler>(
         // must not admit anyone after the last snapshot is written.
         tracker.spawn(close.clone().run_until_cancelled_owned(async move {
             let mut stream = stream;
-            let (behind, held) = match held {
+            let (mut info, held) = match held {
                 Some(held) => (
-                    Behind {
-                        client: peer,
-                        anonymous: false,
+                    ConnInfo {
+                        peer,
                         tls: false,
+                        anonymous: false,
                     },
                     held,
                 ),
@@ -294,7 +294,7 @@ pub async fn serve<H: Handler>(
                     None => return,
                 },
             };
-            let peer = behind.client;
+            let peer = info.peer;
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
@@ -306,11 +306,7 @@ pub async fn serve<H: Handler>(
             });
             match tls {
                 None => {
-                    let info = ConnInfo {
-                        peer,
-                        tls: behind.tls || settings.assume_https,
-                        anonymous: behind.anonymous,
-                    };
+                    info.tls |= settings.assume_https;
                     serve_connection(stream, info, &builder, handler, &settings, shutdown, hold)
                         .await
                 }
@@ -322,11 +318,7 @@ pub async fn serve<H: Handler>(
                     .await
                     {
                         Ok(Ok(stream)) => {
-                            let info = ConnInfo {
-                                peer,
-                                tls: true,
-                                anonymous: behind.anonymous,
-                            };
+                            info.tls = true;
                             serve_connection(
                                 stream, info, &builder, handler, &settings, shutdown, hold,
                             )
@@ -341,18 +333,9 @@ pub async fn serve<H: Handler>(
     }
 }
 
-/// Who is on a connection's other end, as its balancer's PROXY header
-/// says.
-struct Behind {
-    client: SocketAddr,
-    /// Nobody named: `client` is the balancer (see `ConnInfo::anonymous`).
-    anonymous: bool,
-    /// The client spoke TLS to the balancer (see `ConnInfo::tls`).
-    tls: bool,
-}
-
-/// The client a balancer's PROXY header names (or the balancer itself,
-/// for its own checks), and its share of connections; None when the
+/// The connection as a balancer's PROXY header tells it (the client it
+/// names, or the balancer itself for its own checks; whether the client
+/// spoke TLS to it), and the client's share of connections; None when the
 /// header is missing, bad or late, or the client is over its share: the
 /// connection is then closed.
 async fn from_balancer(
@@ -360,24 +343,24 @@ async fn from_balancer(
     balancer: SocketAddr,
     per_ip: &Arc<DashMap<IpAddr, usize>>,
     settings: &ListenerSettings,
-) -> Option<(Behind, PerIp)> {
+) -> Option<(ConnInfo, PerIp)> {
     let read = tokio::time::timeout(
         settings.header_read_timeout,
         crate::proxy_header::read(stream),
     );
-    let behind = match read.await {
+    let info = match read.await {
         Ok(Ok(crate::proxy_header::Accepted {
             client: Some(client),
             tls,
-        })) => Behind {
-            client,
-            anonymous: false,
+        })) => ConnInfo {
+            peer: client,
             tls,
+            anonymous: false,
         },
-        Ok(Ok(_)) => Behind {
-            client: balancer,
-            anonymous: true,
+        Ok(Ok(_)) => ConnInfo {
+            peer: balancer,
             tls: false,
+            anonymous: true,
         },
         Ok(Err(e)) => {
             tracing::debug!(peer = %balancer, error = %e, "PROXY header refused");
@@ -388,10 +371,10 @@ async fn from_balancer(
             return None;
         }
     };
-    match PerIp::take(per_ip, behind.client.ip(), settings) {
-        Some(held) => Some((behind, held)),
+    match PerIp::take(per_ip, info.peer.ip(), settings) {
+        Some(held) => Some((info, held)),
         None => {
-            tracing::debug!(peer = %behind.client, "too many connections from this address");
+            tracing::debug!(peer = %info.peer, "too many connections from this address");
             None
         }
     }
