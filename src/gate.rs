@@ -427,6 +427,22 @@ fn line_start(room: &Room, t: &TicketClaims) -> u64 {
     }
 }
 
+/// The person's ticket, with the lane it waits in: one that verifies, of
+/// a lane the room still has, and of this run of its queue (one from an
+/// earlier run holds no place in it: it counts as none).
+fn held_ticket<'r>(
+    room: &'r Room,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Option<(TicketClaims, &'r Lane)> {
+    let aud = audience("ticket", &room.name);
+    cookies::each(headers, &room.ticket_cookie).find_map(|t| {
+        let t = room.keys.verify::<TicketClaims>(t, &aud, now_ms)?;
+        let lane = room.lane(&t.l)?;
+        lane.store.holds_place(t.g).then_some((t, lane))
+    })
+}
+
 /// Whether a ticket's turn has come and its claim window is still open.
 fn called(room: &Room, lane: &Lane, ticket: Option<&TicketClaims>) -> bool {
     let Some(t) = ticket else {
@@ -494,12 +510,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
         return Ok(gate);
     }
 
-    let ticket: Option<(TicketClaims, &Lane)> = cookies::each(r.headers, &room.ticket_cookie)
-        .find_map(|t| {
-            room.keys
-                .verify::<TicketClaims>(t, &audience("ticket", &room.name), r.now_ms)
-        })
-        .and_then(|t| room.lane(&t.l).map(|lane| (t, lane)));
+    let ticket = held_ticket(room, r.headers, r.now_ms);
     // A ticket keeps its lane; a new arrival joins the lane it selects.
     let lane = match &ticket {
         Some((_, lane)) => *lane,
@@ -661,6 +672,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
     let mut claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
     claims.dg = provisional;
     claims.l = room.lane_label(lane).to_string();
+    claims.g = lane.store.generation();
     let cookie = ticket_cookie(room, &claims, r);
     let mut status = status_for(
         room,
@@ -823,12 +835,7 @@ pub async fn status(
         },
         None => false,
     };
-    let ticket: Option<(TicketClaims, &Lane)> = cookies::each(headers, &room.ticket_cookie)
-        .find_map(|t| {
-            room.keys
-                .verify::<TicketClaims>(t, &audience("ticket", &room.name), now_ms)
-        })
-        .and_then(|t| room.lane(&t.l).map(|lane| (t, lane)));
+    let ticket = held_ticket(room, headers, now_ms);
     let lane = match &ticket {
         Some((_, lane)) => *lane,
         None => room.lane_for(headers, client_ip),

@@ -895,7 +895,7 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_redis_loses_its_data_the_nodes_take_its_new_counters() {
+async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
     let cfg = cluster_config(
@@ -918,18 +918,40 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters() {
     // reply cannot move the line back; that must not outlive the state
     // those counters belonged to.
     assert_eq!(redis.command("FLUSHALL"), "+OK");
+    // Node 0 hears of the new state first; node 1 has not asked since.
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(
+        newcomer.get("/").await.reached_upstream(),
+        "the new state is empty: admitted at once"
+    );
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    let mut elsewhere = Citizen::new(nodes[1].addr);
+    elsewhere.jar = next.jar.clone();
+    let s = elsewhere.status("portal").await;
+    assert_eq!(
+        s["state"], "waiting",
+        "a ticket of a state node 1 has not heard of yet holds its place there: {s}"
+    );
     advance(&nodes, 1000).await;
     for (i, g) in nodes.iter().enumerate() {
         let mut c = Citizen::new(g.addr);
         c.jar = line[0].jar.clone();
         let s = c.status("portal").await;
-        assert_eq!(s["queue_length"], 0, "node {i} follows the new state: {s}");
+        assert_eq!(s["queue_length"], 1, "node {i} follows the new state: {s}");
+        // Its number 1 is the newcomer's now.
+        assert_eq!(
+            s["state"], "none",
+            "node {i}: a ticket of the lost state holds no place: {s}"
+        );
+        c.jar = next.jar.clone();
+        let s = c.status("portal").await;
+        assert_eq!(s["position"], 1, "node {i}: {s}");
     }
-    let mut newcomer = nodes[1].citizen();
-    assert!(
-        newcomer.get("/").await.reached_upstream(),
-        "the new state is empty: admitted at once"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

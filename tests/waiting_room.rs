@@ -1192,6 +1192,49 @@ async fn a_restart_keeps_every_place_and_every_pass() {
     );
 }
 
+/// A start without the snapshot begins the queue again, and a ticket
+/// from the run before holds no place in it: its number is somebody
+/// else's now. It counts as no ticket, and its holder joins the new line
+/// behind whoever came first (the ticket still verifies: same key).
+#[tokio::test]
+async fn a_ticket_from_an_earlier_queue_holds_no_place_in_the_new_one() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("earlier", up.addr, "max_active = 1");
+    let cfg = cfg.replace("[store]\nsnapshot = \"state.json\"\n", "");
+    assert!(!cfg.contains("snapshot"), "{cfg}");
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let mut first = g.citizen();
+    assert!(first.get("/").await.reached_upstream());
+    let mut earlier = g.citizen();
+    assert!(earlier.get("/").await.is_waiting_page());
+    assert_eq!(earlier.status("portal").await["position"], 1);
+    let old = earlier.cookie("varco_ticket_portal").unwrap().to_string();
+    g.stop().await;
+
+    let g = Gated::start_at(&cfg, common::gated::T0 + 5_000, &dir).await;
+    let mut newcomers: Vec<Citizen> = (0..2).map(|_| g.citizen()).collect();
+    assert!(newcomers[0].get("/").await.reached_upstream());
+    assert!(newcomers[1].get("/").await.is_waiting_page());
+    assert_eq!(newcomers[1].status("portal").await["position"], 1);
+    let mut back = g.citizen();
+    back.jar = earlier.jar.clone();
+    let s = back.status("portal").await;
+    assert_eq!(
+        s["state"], "none",
+        "the old number 1 is not this queue's: {s}"
+    );
+    assert!(back.get("/").await.is_waiting_page());
+    let new = back.cookie("varco_ticket_portal").unwrap();
+    assert_ne!(new, old, "a ticket of the new queue");
+    assert_eq!(back.status("portal").await["position"], 2);
+    assert_eq!(
+        newcomers[1].status("portal").await["position"],
+        1,
+        "the first in the new line stays first"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn an_operators_template_replaces_the_page() {
     let up = upstream::spawn().await;

@@ -174,6 +174,18 @@ pub struct AdmissionState {
     pub abandoned_total: u64,
     /// (time, serving) samples over the last minute: the observed rate.
     pub history: VecDeque<(u64, u64)>,
+    /// This run of the queue, drawn at random when its counters start
+    /// from nothing; tickets carry it, so one from an earlier run (a
+    /// start without the snapshot) is not taken for a number of this one.
+    /// A snapshot from before it was kept gets a new one: its tickets
+    /// carry none, and count as of any run.
+    #[serde(default = "new_generation")]
+    pub generation: u64,
+}
+
+/// A queue generation: random, never 0 (0 on a ticket: not known).
+pub fn new_generation() -> u64 {
+    (crate::room::token::random_u128() as u64).max(1)
 }
 
 const HISTORY_MS: u64 = 60_000;
@@ -184,6 +196,7 @@ impl AdmissionState {
             opened: limits.opens_at_ms.is_none_or(|t| now_ms >= t),
             tokens: limits.burst().min(1.0),
             refilled_ms: now_ms,
+            generation: new_generation(),
             ..Default::default()
         }
     }

@@ -86,6 +86,10 @@ pub struct TicketClaims {
     /// The lane it waits in; empty: the room's default lane.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub l: String,
+    /// The run of the queue it was issued in (`RoomStore::generation`);
+    /// 0: not known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub g: u64,
 }
 
 /// What a pass says: the room, a session id and when it stops being valid.
@@ -440,6 +444,10 @@ impl Claims for TicketClaims {
             w.raw(b",\"l\":")?;
             w.string(&self.l)?;
         }
+        if self.g != 0 {
+            w.raw(b",\"g\":")?;
+            w.number(self.g)?;
+        }
         w.raw(b"}")?;
         Some(w.len)
     }
@@ -459,6 +467,7 @@ impl Claims for TicketClaims {
         let u = r.string_at(b",\"u\":")?;
         let dg = r.optional_string_at(b",\"dg\":")?;
         let l = r.optional_string_at(b",\"l\":")?;
+        let g = r.optional_number_at(b",\"g\":")?;
         r.end()?;
         Some(TicketClaims {
             iss,
@@ -471,6 +480,7 @@ impl Claims for TicketClaims {
             u,
             dg,
             l,
+            g,
         })
     }
 }
@@ -633,6 +643,7 @@ impl TicketClaims {
             u: url.into(),
             dg: String::new(),
             l: String::new(),
+            g: 0,
         }
     }
 }
@@ -778,6 +789,10 @@ mod tests {
             let t = ticket(url);
             assert_eq!(k.sign(&t), library(&t), "{url}");
         }
+        // With every field serde may skip.
+        let mut t = ticket("/apply");
+        (t.dg, t.l, t.g) = ("00000000000000ff:3".into(), "residents".into(), u64::MAX);
+        assert_eq!(k.sign(&t), library(&t));
         // Appended after a cookie's name, the same token.
         let t = ticket("/apply");
         let mut cookie = String::from("varco_ticket_portal=");
@@ -892,6 +907,9 @@ mod tests {
         let now = 1_800_000_000_000;
         let ticket = serde_json::to_string(&TicketClaims::new("p", 1, 0, now, 9, "/")).unwrap();
         let pass = serde_json::to_string(&PassClaims::new("p", 7, 1, now, 9)).unwrap();
+        let mut of_a_run = TicketClaims::new("p", 1, 0, now, 9, "/");
+        (of_a_run.l, of_a_run.g) = ("l".into(), 12_345);
+        let of_a_run = serde_json::to_string(&of_a_run).unwrap();
         // Long enough to be decoded on the heap.
         let long = TicketClaims::new("p", 1, 0, now, 9, &"/x".repeat(600));
         let claims = [
@@ -910,6 +928,10 @@ mod tests {
             ticket.replace(r#","exp":"#, r#","exp":-1,"x":"#),
             ticket.replace(r#","n":1"#, r#","n":1,"n":2"#),
             ticket.replace(r#""u":"/""#, r#""u":"/\u00e9","sub":5"#),
+            of_a_run.clone(),
+            of_a_run.replace(r#","g":12345"#, r#","g":012345"#),
+            of_a_run.replace(r#","g":12345"#, r#","g":-1"#),
+            of_a_run.replace(r#","l":"l""#, ""),
             pass.replace(r#","sid":"#, r#","sid":7,"x":"#),
             "[]".into(),
             "{".into(),

@@ -44,6 +44,10 @@ pub struct Marks {
     /// The pre-queue's size when the room opened; none: not opened yet.
     /// Exact, so a start after a crash draws the same lottery.
     pub opened_with: Option<u64>,
+    /// The queue's generation, for a room the crash kept out of the
+    /// snapshot: its tickets stay good. 0: marks of an older varco.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Marks {
@@ -53,6 +57,9 @@ impl Marks {
     pub fn apply(&self, st: &mut AdmissionState, fresh: bool) {
         if fresh {
             st.opened = false;
+            if self.generation != 0 {
+                st.generation = self.generation;
+            }
         }
         if !st.opened {
             st.prequeue = st.prequeue.max(self.prequeue);
@@ -283,12 +290,14 @@ impl Ahead {
                 queue: (st.queue + ahead).max(self.queue.load(Ordering::Acquire)),
                 prequeue: st.prequeue,
                 opened_with: Some(st.prequeue),
+                generation: st.generation,
             }
         } else {
             Marks {
                 queue: 0,
                 prequeue: (st.prequeue + ahead).max(on_disk),
                 opened_with: None,
+                generation: st.generation,
             }
         };
         (marks, issued + ahead / 2)

@@ -19,7 +19,7 @@ use super::ahead::{self, Ahead, Marks, Wake};
 use super::{
     read_json, write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError,
 };
-use crate::room::admission::{AdmissionState, Claim, Issued, Limits};
+use crate::room::admission::{new_generation, AdmissionState, Claim, Issued, Limits};
 
 /// How long an arrival waits for its number to be written ahead before it
 /// is handed out anyway.
@@ -38,11 +38,15 @@ pub struct MemoryRoom {
     /// After a crash: (sessions begun from then on were lost with it, the
     /// start that found them lost), both unix ms.
     lost: Option<(u64, u64)>,
+    /// The state's generation, which never changes in a room's life:
+    /// read on every ticket without taking the lock.
+    generation: u64,
 }
 
 impl MemoryRoom {
     fn new(state: AdmissionState, ahead: Option<Ahead>, lost: Option<(u64, u64)>) -> Self {
         MemoryRoom {
+            generation: state.generation,
             state: Mutex::new(state),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
@@ -297,6 +301,10 @@ impl RoomStore for MemoryRoom {
         }
     }
 
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn lottery_key_id(&self) -> Option<String> {
         self.lottery_kid.get()
     }
@@ -477,6 +485,8 @@ impl MemoryStore {
                     // As a fresh room's: one admission's worth.
                     tokens: 1.0,
                     refilled_ms: now_ms,
+                    // Unless the marks keep the one it had.
+                    generation: new_generation(),
                     ..AdmissionState::default()
                 };
                 marks.apply(&mut st, true);
@@ -824,6 +834,7 @@ mod tests {
         let snap = folder("crash");
         let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
         let room = store.room("r", &limits(None), 0);
+        let generation = room.generation();
         for _ in 0..10 {
             number(&room, limits(None), 0).await;
         }
@@ -837,6 +848,7 @@ mod tests {
         let room = store.room("r", &limits(None), 5_000);
         let n = number(&room, limits(None), 5_000).await;
         assert!(n > 20, "number {n} was handed out before the crash");
+        assert_eq!(room.generation(), generation, "the same run of the queue");
         // A clean stop after it: numbering goes on exactly.
         store.close(6_000).unwrap();
         drop((room, store));
@@ -847,6 +859,7 @@ mod tests {
         let store = MemoryStore::open(Some(snap), 7_000).unwrap();
         let room = store.room("r", &limits(None), 7_000);
         assert_eq!(number(&room, limits(None), 7_000).await, n + 1);
+        assert_eq!(room.generation(), generation);
     }
 
     #[tokio::test]
@@ -855,12 +868,15 @@ mod tests {
         let l = limits(Some(10_000));
         let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
         let room = store.room("r", &l, 0);
+        let generation = room.generation();
         for expect in 1..=5 {
             assert_eq!(room.issue(l, 0).await.unwrap(), Issued::PreQueue(expect));
         }
         drop((room, store));
         let store = MemoryStore::open(Some(snap), 1_000).unwrap();
         let room = store.room("r", &l, 1_000);
+        // No snapshot held the room: the marks keep its tickets good.
+        assert_eq!(room.generation(), generation);
         match room.issue(l, 1_000).await.unwrap() {
             Issued::PreQueue(p) => assert!(p > 5, "pre-queue number {p} reissued"),
             other => panic!("{other:?}"),
@@ -891,6 +907,47 @@ mod tests {
             "the lottery is drawn over the same pre-queue"
         );
         assert!(number(&room, l, 20_000).await > after);
+    }
+
+    /// Each start from nothing is a new run of the queue, whose tickets
+    /// hold no place in another; a snapshot keeps its run, and one from
+    /// before runs were kept gets one (its tickets, of no run, hold theirs).
+    #[tokio::test]
+    async fn a_queue_started_from_nothing_is_a_new_run() {
+        let runs: Vec<u64> = (0..2)
+            .map(|_| {
+                let store = MemoryStore::open(None, 0).unwrap();
+                store.room("r", &limits(None), 0).generation()
+            })
+            .collect();
+        assert!(
+            runs[0] != 0 && runs[1] != 0 && runs[0] != runs[1],
+            "{runs:?}"
+        );
+        let store = MemoryStore::open(None, 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        assert!(room.holds_place(room.generation()));
+        assert!(room.holds_place(0), "a ticket of no run");
+        assert!(!room.holds_place(runs[0]), "a ticket of another run");
+
+        let snap = folder("runs");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let generation = store.room("r", &limits(None), 0).generation();
+        store.close(0).unwrap();
+        let mut old: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&snap).unwrap()).unwrap();
+        assert_eq!(old["rooms"]["r"]["state"]["generation"], generation);
+        old["rooms"]["r"]["state"]
+            .as_object_mut()
+            .unwrap()
+            .remove("generation");
+        std::fs::write(&snap, old.to_string()).unwrap();
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let given = store.room("r", &limits(None), 0).generation();
+        assert!(given != 0 && given != generation, "{given}");
+        store.close(0).unwrap();
+        let store = MemoryStore::open(Some(snap), 0).unwrap();
+        assert_eq!(store.room("r", &limits(None), 0).generation(), given);
     }
 
     /// A snapshot that parses but does not hang together (a hand edit, a

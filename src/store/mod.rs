@@ -219,6 +219,19 @@ pub trait RoomStore: Send + Sync + 'static {
     fn leads(&self) -> bool {
         true
     }
+    /// The run of the room's queue this store holds, which every ticket
+    /// carries: its counters started from nothing then (a first start, a
+    /// start without the snapshot, a shared store that lost its data).
+    /// 0: not known yet (a shared store not heard from).
+    fn generation(&self) -> u64;
+    /// Whether a ticket of generation `g` holds a place in this queue. One
+    /// from an earlier run does not: its number is somebody else's now, or
+    /// a place the new run never gave. 0 (a ticket of an older varco, or
+    /// signed before the generation was known) holds one of any run.
+    fn holds_place(&self, g: u64) -> bool {
+        let current = self.generation();
+        g == 0 || current == 0 || g == current
+    }
     /// The key id whose key draws this room's lottery (fixed at opening).
     fn lottery_key_id(&self) -> Option<String>;
     fn set_lottery_key_id(&self, kid: &str);

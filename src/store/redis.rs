@@ -899,6 +899,20 @@ impl RoomStore for RedisRoom {
         self.holds_lease()
     }
 
+    fn generation(&self) -> u64 {
+        // The time the state started from nothing, in ms (admission.lua).
+        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        v.0.parse().unwrap_or_default()
+    }
+
+    fn holds_place(&self, g: u64) -> bool {
+        // A later generation than this node's is one another node heard
+        // of first (Redis lost its data, and this node has not asked it
+        // since): the ticket is of the new run, not of an earlier one.
+        let current = self.generation();
+        g == 0 || current == 0 || g >= current
+    }
+
     fn provisional_base(&self, epoch: u64) -> Option<u64> {
         self.provisional.get(&epoch).map(|b| *b)
     }
