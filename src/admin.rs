@@ -146,7 +146,7 @@ pub fn room_state(room: &Room) -> Value {
     let v = room.view();
     let counted = room.counted();
     let per_second = v.observed_rate;
-    let wait = (per_second > 0.0).then(|| (v.waiting as f64 / per_second).round() as u64);
+    let wait = (per_second > 0.0).then(|| (v.in_line() as f64 / per_second).round() as u64);
     let upstreams: Vec<Value> = room
         .upstreams
         .all()
@@ -171,7 +171,7 @@ pub fn room_state(room: &Room) -> Value {
         "gated": room.is_gated(),
         "admission_per_minute": room.per_minute(),
         "max_active": room.max_active(),
-        "queue_length": v.waiting,
+        "queue_length": v.in_line(),
         "active_sessions": v.active,
         "reserved": v.reserved,
         "queue_counter": v.queue,
@@ -200,7 +200,7 @@ fn lanes_state(room: &Room) -> Vec<Value> {
                 "weight": l.weight,
                 "default": l.is_default(),
                 "rate_per_minute": room.lane_limits(l).per_minute,
-                "queue_length": v.waiting,
+                "queue_length": v.in_line(),
                 "active_sessions": v.active,
                 "observed_admissions_per_minute": v.observed_rate * 60.0,
                 "admitted_total": v.admitted_total,

@@ -783,12 +783,7 @@ pub fn status_for<'a>(
         eta_seconds: eta,
         eta_low_seconds: lo,
         eta_high_seconds: hi,
-        // Before the opening everyone in line holds a pre-queue ticket.
-        queue_length: if view.opened {
-            view.waiting
-        } else {
-            view.waiting + view.prequeue
-        },
+        queue_length: view.in_line(),
         prequeue,
         opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms),
         opens_offset_s: room.config.opens_at_offset_s,

@@ -56,7 +56,7 @@ impl History {
             }
             series.push_back(Sample {
                 t_ms: now_ms,
-                queue_length: v.waiting,
+                queue_length: v.in_line(),
                 active_sessions: v.active,
                 admitted_per_minute: v.observed_rate * 60.0,
                 rate_per_minute: room.per_minute(),

@@ -808,7 +808,7 @@ impl prometheus::core::Collector for RoomCollector {
                             g.with_label_values(&labels).set(value);
                         }
                     };
-                    set("varco_lane_queue_length", lv.waiting as f64);
+                    set("varco_lane_queue_length", lv.in_line() as f64);
                     set("varco_lane_active_sessions", lv.active as f64);
                     if let Some(r) = room.lane_limits(lane).per_minute {
                         set("varco_lane_admission_rate_per_minute", r);
@@ -820,7 +820,7 @@ impl prometheus::core::Collector for RoomCollector {
                     }
                 }
             }
-            self.set("varco_room_queue_length", name, v.waiting as f64);
+            self.set("varco_room_queue_length", name, v.in_line() as f64);
             self.set("varco_room_active_sessions", name, v.active as f64);
             self.set("varco_room_queue_counter", name, v.queue as f64);
             self.set("varco_room_serving_counter", name, v.serving as f64);
@@ -840,7 +840,7 @@ impl prometheus::core::Collector for RoomCollector {
                 self.set(
                     "varco_room_estimated_wait_seconds",
                     name,
-                    v.waiting as f64 / v.observed_rate,
+                    v.in_line() as f64 / v.observed_rate,
                 );
             }
             if let Some(a) = &room.adaptive {

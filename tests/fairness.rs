@@ -225,6 +225,13 @@ async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
         early[0].get("/").await.text().contains(&commitment),
         "on the page"
     );
+    // The operator counts them too, as the page does.
+    assert_eq!(
+        metric(g.admin, "varco_room_queue_length", "room=\"portal\"").await,
+        Some(12.0)
+    );
+    let state = admin_get(&g, "/api/rooms/portal").await.json();
+    assert_eq!(state["queue_length"], 12, "{state}");
 
     g.advance(10 * MIN).await;
     let mut checked = 0;

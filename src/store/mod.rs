@@ -43,6 +43,19 @@ pub struct RoomView {
     pub floor: u64,
 }
 
+impl RoomView {
+    /// People waiting, as the page, the admin API and the metrics report
+    /// them: before the opening everyone in line holds a pre-queue ticket
+    /// (`waiting` counts the queue's numbers only).
+    pub fn in_line(&self) -> u64 {
+        if self.opened {
+            self.waiting
+        } else {
+            self.waiting + self.prequeue
+        }
+    }
+}
+
 /// A new session to record together with an admission, so the count of
 /// live sessions and the decision to admit never disagree.
 #[derive(Debug, Clone, Copy)]
