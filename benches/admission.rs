@@ -69,6 +69,7 @@ fn limits() -> Limits {
         tick_ms: 1_000,
         opens_at_ms: None,
         mode: Mode::Queue,
+        ticket_ttl_ms: 86_400_000,
     }
 }
 

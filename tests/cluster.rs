@@ -1033,6 +1033,62 @@ async fn without_redis_a_newcomer_never_passes_a_provisional_ticket() {
     );
 }
 
+/// A block of provisional tickets stays placed in Redis as long as any
+/// ticket of it is good, and is forgotten after (Redis and the node's
+/// own copy): outages do not make the hash, and the answers that carry
+/// it, grow for ever. Redis comes back with its data, so the block is
+/// placed in the state its tickets were handed out in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_of_provisional_tickets_is_forgotten_once_they_all_expire() {
+    use base64::Engine;
+    let dir = fresh_dir("redis-blocks");
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill(
+        "max_active = 1\nsession_idle = \"1h\"\nticket_ttl = \"10m\"",
+        1,
+        Some(&dir),
+    )
+    .await;
+    let g = &nodes[0];
+    assert!(g.citizen().get("/").await.reached_upstream());
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    let ticket = waiting.cookie("varco_ticket_portal").unwrap().to_string();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(ticket.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let epoch = claims["dg"].as_str().expect("a provisional ticket");
+    let epoch = u64::from_str_radix(epoch.split(':').next().unwrap(), 16).unwrap();
+    let placed = || {
+        g.app.room("portal").unwrap().lanes[0]
+            .store
+            .provisional_base(epoch)
+    };
+
+    let redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes, 0).await;
+    let kept = || redis.command("HLEN t:{portal}:provisional");
+    assert_eq!(kept(), ":2", "the block, and when to forget it");
+    assert_eq!(placed(), Some(1));
+    assert_eq!(waiting.status("portal").await["position"], 1);
+    advance(&nodes, 9 * 60_000).await;
+    assert_eq!(kept(), ":2", "its ticket is still good");
+    assert_eq!(waiting.status("portal").await["position"], 1);
+    advance(&nodes, 2 * 60_000).await;
+    assert_eq!(kept(), ":0");
+    assert_eq!(placed(), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();
@@ -1520,6 +1576,7 @@ async fn a_question_about_a_session_does_not_open_a_scheduled_room() {
         tick_ms: 1_000,
         opens_at_ms: Some(now + 3_600_000),
         mode: Mode::Queue,
+        ticket_ttl_ms: 86_400_000,
     };
     assert_eq!(room.issue(limits, now).await.unwrap(), Issued::PreQueue(1));
     let opening = now + 3_600_000;

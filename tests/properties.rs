@@ -260,6 +260,7 @@ proptest! {
             tick_ms: 1_000,
             opens_at_ms: None,
             mode: Mode::Queue,
+            ticket_ttl_ms: 86_400_000,
         };
         let mut now = NOW;
         let mut s = AdmissionState::new(&limits, now);

@@ -97,6 +97,9 @@ pub struct Limits {
     /// Scheduled opening, unix ms.
     pub opens_at_ms: Option<u64>,
     pub mode: Mode,
+    /// How long a ticket stays valid: what the shared store keeps a block
+    /// of provisional tickets for. 0: not known (a block is kept).
+    pub ticket_ttl_ms: u64,
 }
 
 impl Limits {
@@ -424,6 +427,7 @@ mod tests {
             tick_ms: 1_000,
             opens_at_ms: None,
             mode: Mode::Queue,
+            ticket_ttl_ms: 86_400_000,
         }
     }
 

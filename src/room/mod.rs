@@ -42,6 +42,7 @@ pub fn limits_of(config: &RoomConfig, tick_ms: u64) -> Limits {
         tick_ms,
         opens_at_ms: config.opens_at_ms,
         mode: config.mode,
+        ticket_ttl_ms: config.ticket_ttl.as_millis() as u64,
     }
 }
 

@@ -10,8 +10,12 @@
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
 -- the state's generation, the floor (numbers at or below it can no
 -- longer claim), how many session ids follow, those ids (the
--- sessions a 'touch' found gone), then provisional blocks as a flat
--- epoch, base list}}.
+-- sessions a 'touch' found gone), then, for a 'tick', 'view' or
+-- 'reserve' (every node makes one of the first two each tick), the
+-- provisional blocks as a flat epoch, base list}}.
+-- The provisional blocks hash also holds, under '~' .. epoch, when a
+-- block may be forgotten (ms): every ticket of it has expired by then.
+-- A 'tick' drops those past it, so the hash does not grow without end.
 local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -306,6 +310,8 @@ elseif op == 'reserve' then
       base = queue
       queue = queue + count
       redis.call('HSET', prov, ARGV[9], string.format('%d', base))
+      -- Sent by a varco that knows it; a block without it is kept.
+      if ARGV[11] then redis.call('HSET', prov, '~' .. ARGV[9], ARGV[11]) end
     end
   end
   result = base and tonumber(base) or -1
@@ -338,7 +344,27 @@ if first and last then
 end
 local extras = {redis.call('HGET', st, 'lkid') or '', gen, string.format('%d', floor), tostring(#gone)}
 for _, v in ipairs(gone) do table.insert(extras, v) end
-for _, v in ipairs(redis.call('HGETALL', prov)) do table.insert(extras, v) end
+if op == 'tick' or op == 'view' or op == 'reserve' then
+  local blocks = redis.call('HGETALL', prov)
+  local forgotten = {}
+  if op == 'tick' then
+    for i = 1, #blocks, 2 do
+      local field = blocks[i]
+      if string.sub(field, 1, 1) == '~' and tonumber(blocks[i + 1]) < now then
+        local epoch = string.sub(field, 2)
+        redis.call('HDEL', prov, field, epoch)
+        forgotten[epoch] = true
+      end
+    end
+  end
+  for i = 1, #blocks, 2 do
+    local field = blocks[i]
+    if string.sub(field, 1, 1) ~= '~' and not forgotten[field] then
+      table.insert(extras, field)
+      table.insert(extras, blocks[i + 1])
+    end
+  end
+end
 local live = redis.call('ZCOUNT', sess, '(' .. string.format('%d', now), '+inf')
 -- Not known yet: "not opened" (nodes' views keep an opening once seen).
 local opened_reply = 0

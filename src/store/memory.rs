@@ -675,6 +675,7 @@ mod tests {
             tick_ms: 1_000,
             opens_at_ms,
             mode: Mode::QueueAll,
+            ticket_ttl_ms: 86_400_000,
         }
     }
 

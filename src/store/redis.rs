@@ -366,12 +366,24 @@ impl RedisRoom {
                 self.touched.remove(&sid);
             }
         }
-        for pair in r.11.get(4 + n_gone..).unwrap_or_default().chunks(2) {
-            if let [epoch, base] = pair {
-                if let (Ok(e), Ok(b)) = (u64::from_str_radix(epoch, 16), base.parse()) {
-                    self.provisional.insert(e, b);
-                }
-            }
+        let blocks: Vec<(u64, u64)> = r
+            .11
+            .get(4 + n_gone..)
+            .unwrap_or_default()
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [epoch, base] => Some((u64::from_str_radix(epoch, 16).ok()?, base.parse().ok()?)),
+                _ => None,
+            })
+            .collect();
+        // A tick's or a view's answer names every block Redis keeps: one
+        // it no longer names was forgotten (its tickets have all expired).
+        if matches!(op, "tick" | "view") {
+            self.provisional
+                .retain(|e, _| blocks.iter().any(|(epoch, _)| epoch == e));
+        }
+        for (epoch, base) in blocks {
+            self.provisional.insert(epoch, base);
         }
         if !lottery_kid.is_empty() {
             self.lottery_kid.replace(&lottery_kid);
@@ -496,7 +508,13 @@ impl RedisRoom {
         let mut waiting = Vec::new();
         while let Some(&(epoch, issued)) = blocks.first() {
             // Idempotent per epoch: a retry gets the block placed before.
-            let args = [format!("{epoch:016x}"), issued.to_string()];
+            // Forgotten once every ticket of it has expired (each within
+            // `ticket_ttl` of its issue, before now).
+            let mut args = vec![format!("{epoch:016x}"), issued.to_string()];
+            if limits.ticket_ttl_ms > 0 {
+                let forget_at = now_ms + limits.ticket_ttl_ms + crate::room::token::LEEWAY_MS;
+                args.push(forget_at.to_string());
+            }
             match self.call("reserve", limits, now_ms, &args).await {
                 // Before the opening: placed behind the pre-queue at it.
                 Ok(r) if r.0 < 0 => waiting.push(blocks.remove(0)),
@@ -546,6 +564,7 @@ fn inert_limits(tick_ms: u64) -> Limits {
         tick_ms,
         opens_at_ms: None,
         mode: crate::room::admission::Mode::Queue,
+        ticket_ttl_ms: 0,
     }
 }
 
