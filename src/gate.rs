@@ -429,7 +429,9 @@ fn line_start(room: &Room, t: &TicketClaims) -> u64 {
 
 /// The person's ticket, with the lane it waits in: one that verifies, of
 /// a lane the room still has, and of this run of its queue (one from an
-/// earlier run holds no place in it: it counts as none).
+/// earlier run holds no place in it: it counts as none). A provisional
+/// ticket's place is its block's, wherever the store placed it: in the
+/// state it came back with, whatever the run it was handed out in.
 fn held_ticket<'r>(
     room: &'r Room,
     headers: &HeaderMap,
@@ -439,7 +441,7 @@ fn held_ticket<'r>(
     cookies::each(headers, &room.ticket_cookie).find_map(|t| {
         let t = room.keys.verify::<TicketClaims>(t, &aud, now_ms)?;
         let lane = room.lane(&t.l)?;
-        lane.store.holds_place(t.g).then_some((t, lane))
+        (!t.dg.is_empty() || lane.store.holds_place(t.g)).then_some((t, lane))
     })
 }
 

@@ -1089,6 +1089,39 @@ async fn a_block_of_provisional_tickets_is_forgotten_once_they_all_expire() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A provisional ticket takes the place its block gets in whatever state
+/// Redis comes back with: one that lost its data too (a new generation),
+/// where a ticket of the old state holds no place, places the block anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisional_ticket_is_placed_in_a_redis_that_came_back_empty() {
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 1\nsession_idle = \"1h\"", 1, None).await;
+    let g = &nodes[0];
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let mut before = g.citizen();
+    assert!(before.get("/").await.is_waiting_page());
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut during = g.citizen();
+    assert!(during.get("/").await.is_waiting_page());
+    assert!(
+        during.status("portal").await["ticket"].is_null(),
+        "not placed yet"
+    );
+
+    let _redis = RedisServer::start_on(port);
+    until_recovered(&nodes, 0).await;
+    let s = during.status("portal").await;
+    assert_eq!(s["ticket"], 1, "the first place of the new state: {s}");
+    assert_ne!(s["state"], "none", "{s}");
+    let s = before.status("portal").await;
+    assert_eq!(s["state"], "none", "the old state's number 2: {s}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();
