@@ -470,7 +470,24 @@ fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView)
     room.lottery_place(t.pre, view.prequeue)
 }
 
-pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError> {
+/// The store failed the gate: the "try again" page, with a cookie to set
+/// when the failure may have admitted the person all the same.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: StoreError,
+    pub set_cookie: Option<HeaderValue>,
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure {
+            error,
+            set_cookie: None,
+        }
+    }
+}
+
+pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     if is_bypass(room, r) {
         return Ok(Gate::without_pass(false));
     }
@@ -556,7 +573,25 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, StoreError>
                     None
                 } else {
                     let session = new_session(room, r);
-                    let c = lane.store.claim(n, limits, session, r.now_ms).await?;
+                    let c = match lane.store.claim(n, limits, session, r.now_ms).await {
+                        Ok(c) => c,
+                        // The claim may have been made, its answer (and
+                        // the question after it) lost: retried, the
+                        // ticket would be found used and its holder sent
+                        // to the back. So the "try again" brings the pass
+                        // of the session it would have made: good if the
+                        // store has it, nothing if not (the ticket, kept,
+                        // claims again then).
+                        Err(error @ StoreError::Unanswered(_)) => {
+                            let pass =
+                                new_pass(room, lane, session.sid, n, line_start(room, t), r.now_ms);
+                            return Err(Failure {
+                                error,
+                                set_cookie: Some(pass_cookie(room, &pass, r.tls)),
+                            });
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     Some((c, session))
                 };
                 match claim {

@@ -388,7 +388,10 @@ impl Gateway {
                     (set_cookies, pass, whole_body)
                 }
                 Ok(Gate::Respond(resp)) => return (resp, None),
-                Err(e) => {
+                Err(gate::Failure {
+                    error: e,
+                    set_cookie,
+                }) => {
                     // A failure, unlike the waiting page: a reference for
                     // the help desk and the log line, as the portal's own
                     // failures have.
@@ -417,6 +420,9 @@ impl Gateway {
                     if safe && !json {
                         resp.headers_mut()
                             .insert("refresh", HeaderValue::from_static("10"));
+                    }
+                    if let Some(cookie) = set_cookie {
+                        resp.headers_mut().append(http::header::SET_COOKIE, cookie);
                     }
                     return (resp, None);
                 }

@@ -557,6 +557,37 @@ async fn quick_questions_do_not_hide_unreported_sessions() {
     );
 }
 
+/// Keeps Redis busy for `ms` with one long script, from another thread;
+/// returns once it is (a PING goes unanswered for 100 ms). Join the
+/// handle for its end.
+async fn keep_busy(redis: &RedisServer, ms: u64) -> std::thread::JoinHandle<()> {
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let url = redis.url();
+    let busy = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let spin = format!(
+            "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] \
+             repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > {} return 1",
+            ms * 1000
+        );
+        let _: i64 = redis::cmd("EVAL").arg(spin).arg(0).query(&mut c).unwrap();
+    });
+    let ping = redis::cmd("PING");
+    loop {
+        let answer = ping.query_async::<String>(&mut probe);
+        if tokio::time::timeout(std::time::Duration::from_millis(100), answer)
+            .await
+            .is_err()
+        {
+            return busy;
+        }
+    }
+}
+
 /// Redis runs a claim but answers after the node stopped waiting (500 ms):
 /// the node asks whether the session it asked for exists and admits the
 /// person, who would otherwise find their ticket used on the next try and
@@ -576,29 +607,7 @@ async fn a_claim_whose_answer_comes_too_late_still_admits() {
 
     // Redis is busy for 0.8 s (a long script): the claim waits in line
     // behind it and its answer comes after the node's 500 ms.
-    let mut probe = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let url = redis.url();
-    let busy = std::thread::spawn(move || {
-        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
-        let spin = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] \
-                    repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 800000 return 1";
-        let _: i64 = redis::cmd("EVAL").arg(spin).arg(0).query(&mut c).unwrap();
-    });
-    // Busy once a PING goes unanswered for 100 ms.
-    let ping = redis::cmd("PING");
-    loop {
-        let answer = ping.query_async::<String>(&mut probe);
-        if tokio::time::timeout(std::time::Duration::from_millis(100), answer)
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
+    let busy = keep_busy(&redis, 800).await;
     let got = waiter.get("/apply").await;
     busy.join().unwrap();
     assert!(
@@ -617,6 +626,49 @@ async fn a_claim_whose_answer_comes_too_late_still_admits() {
 /// counts when Redis returns: its node could not report the activity, so
 /// neither the first request Redis answers nor the node's late report may
 /// leave the slot free for somebody else.
+/// Redis is busy for longer: neither the claim's answer nor the question
+/// after it comes in time. The "try again" brings the pass of the session
+/// the claim made, and the next try gets in with it, instead of finding
+/// the ticket used and going to the back of the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_nobody_could_confirm_keeps_its_turn() {
+    let redis = RedisServer::start();
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 1).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut waiter = nodes[0].citizen();
+    assert!(waiter.get("/").await.is_waiting_page());
+    advance(&nodes, 61_000).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(waiter.status("portal").await["state"], "admitted");
+
+    let busy = keep_busy(&redis, 1_500).await;
+    let got = waiter.get("/apply").await;
+    busy.join().unwrap();
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert!(
+        waiter.cookie("varco_pass_portal").is_some(),
+        "the pass of the session the claim made"
+    );
+    assert!(
+        waiter.cookie("varco_ticket_portal").is_some(),
+        "the ticket is kept, should the claim not have been made"
+    );
+    let again = waiter.get("/apply").await;
+    assert!(
+        again.reached_upstream(),
+        "the claim ran but its holder was sent away: {} {}",
+        again.status,
+        again.text()
+    );
+    assert_eq!(
+        nodes[0].app.room("portal").unwrap().view().admitted_total,
+        2,
+        "one admission, not a second claim"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
     let dir = fresh_dir("redis-sessions");

@@ -16,6 +16,10 @@ use crate::room::admission::{Claim, Issued, Limits, Mode};
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Asked, but the answer did not come in time: what was asked may
+    /// have been done all the same (the shared store runs what it got).
+    #[error("store did not answer in time: {0}")]
+    Unanswered(String),
 }
 
 /// How long an ended session is remembered at the least; a room whose

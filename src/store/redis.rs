@@ -239,7 +239,11 @@ type Reply = (
 );
 
 fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    if e.is_timeout() {
+        StoreError::Unanswered(e.to_string())
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
 }
 
 /// Drops the shared fields and records the reset under a new version.
