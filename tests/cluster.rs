@@ -1006,6 +1006,92 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     }
 }
 
+/// Redis comes back without its last writes (a restart from its last
+/// save): the same state, its queue counter behind two tickets already
+/// handed out. The node that saw them raises it again: a newcomer queues
+/// behind them, not on one of their numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_its_last_writes_no_number_is_handed_out_twice() {
+    let dir = fresh_dir("redis-saved");
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_saved(port, &dir);
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 1).await;
+    advance(&nodes, 1000).await;
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    let mut first = nodes[0].citizen();
+    assert!(first.get("/").await.is_waiting_page());
+    assert_eq!(redis.command("SAVE"), "+OK");
+    let mut lost: Vec<Citizen> = (0..2).map(|_| nodes[0].citizen()).collect();
+    for c in lost.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    let mut numbers = vec![first.status("portal").await["ticket"].as_u64().unwrap()];
+    for c in lost.iter_mut() {
+        numbers.push(c.status("portal").await["ticket"].as_u64().unwrap());
+    }
+    assert_eq!(numbers, [2, 3, 4]);
+
+    redis.kill();
+    let redis = RedisServer::start_saved(port, &dir);
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let queue: String = redis::cmd("HGET")
+        .arg("t:{portal}:state")
+        .arg("queue")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(queue, "2", "Redis is back as of the save");
+    until_recovered(&nodes, 0).await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    let s = newcomer.status("portal").await;
+    assert_eq!(s["ticket"], 5, "behind every number handed out: {s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same before a scheduled opening: the pre-queue counter is raised
+/// again, so no pre-queue number is handed out twice and the draw at the
+/// opening is over everyone who holds one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_its_last_writes_before_the_opening_no_prequeue_number_repeats() {
+    let dir = fresh_dir("redis-saved-pre");
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_saved(port, &dir);
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * 60_000;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        &format!(
+            "max_active = 100\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let mut early: Vec<Citizen> = (0..3).map(|_| nodes[0].citizen()).collect();
+    assert!(early[0].get("/").await.is_waiting_page());
+    assert_eq!(redis.command("SAVE"), "+OK");
+    for c in early.iter_mut().skip(1) {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    assert_eq!(early[2].status("portal").await["ticket"], 3);
+    redis.kill();
+    let _redis = RedisServer::start_saved(port, &dir);
+    until_recovered(&nodes, 0).await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    let s = newcomer.status("portal").await;
+    assert_eq!(s["ticket"], 4, "a pre-queue number nobody holds: {s}");
+    advance(&nodes, 10 * 60_000).await;
+    let s = newcomer.status("portal").await;
+    assert_eq!(s["lottery"]["size"], 4, "drawn over all four: {s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     let OverRedis {

@@ -5,7 +5,9 @@
 -- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base),
 -- 7 ended sessions zset (score = when to forget them, ms).
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
--- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, 9.. op args.
+-- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
+-- the asking node last saw of the state: 9 its generation ('' : nothing
+-- yet), 10 queue, 11 pre-queue; 12.. op args.
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
 -- the state's generation, the floor (numbers at or below it can no
@@ -54,6 +56,20 @@ local abandoned = tonumber(h.abandoned or '0')
 -- started again (Redis lost its data), so nodes take the new ones as they
 -- are instead of keeping the higher ones they had seen.
 local gen = h.gen or string.format('%d', now)
+-- Redis that lost its last writes (a restart from an older save, a
+-- failover to a replica that was behind) comes back with the same
+-- generation and counters behind numbers already handed out. The first
+-- node that asks raises them to what it saw, so no number it saw is
+-- handed out twice (one only another node saw can be, if this one asks
+-- first). The pre-queue only before the opening, whose draw is over its
+-- size; the queue only after it, which adds the pre-queue to it.
+if h.gen and ARGV[9] == h.gen then
+  if h.opened == '1' then
+    queue = math.max(queue, tonumber(ARGV[10]))
+  elseif h.opened == '0' then
+    prequeue = math.max(prequeue, tonumber(ARGV[11]))
+  end
+end
 -- When a node last ticked this room (or an op caught up after a gap).
 local ticked = tonumber(h.ticked or string.format('%d', now))
 -- When a node last reported its sessions (its tick's touch, then view or
@@ -194,12 +210,12 @@ elseif op == 'direct' then
       end
       if not merged then redis.call('RPUSH', batches, fmt(now, serving, serving, 1)) end
       redis.call('ZADD', claimed, serving, serving)
-      redis.call('ZADD', sess, tonumber(ARGV[10]), ARGV[9])
+      redis.call('ZADD', sess, tonumber(ARGV[13]), ARGV[12])
       result = serving
     end
   end
 elseif op == 'claim' then
-  local n = tonumber(ARGV[9])
+  local n = tonumber(ARGV[12])
   expire()
   if n > serving then
     result, detail = 2, n - serving
@@ -218,7 +234,7 @@ elseif op == 'claim' then
       end
     end
     admitted = admitted + 1
-    redis.call('ZADD', sess, tonumber(ARGV[11]), ARGV[10])
+    redis.call('ZADD', sess, tonumber(ARGV[14]), ARGV[13])
     result = 1
   end
 elseif op == 'tick' then
@@ -254,24 +270,24 @@ elseif op == 'end' then
   -- sid, when-to-forget pairs: one release, or those a node could not
   -- send while Redis was away.
   result = 0
-  for i = 9, #ARGV, 2 do
+  for i = 12, #ARGV, 2 do
     result = result + redis.call('ZREM', sess, ARGV[i])
     redis.call('ZADD', ended, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
   end
 elseif op == 'restore' then
   -- A lapsed session back ahead of the queue, unless it was ended.
   redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
-  if not redis.call('ZSCORE', ended, ARGV[9]) then
-    redis.call('ZADD', sess, 'GT', tonumber(ARGV[10]), ARGV[9])
+  if not redis.call('ZSCORE', ended, ARGV[12]) then
+    redis.call('ZADD', sess, 'GT', tonumber(ARGV[13]), ARGV[12])
     result = 1
   end
 elseif op == 'peek' then
-  local exp = redis.call('ZSCORE', sess, ARGV[9])
+  local exp = redis.call('ZSCORE', sess, ARGV[12])
   if exp and tonumber(exp) > now then result = 1 end
 elseif op == 'check' then
-  local exp = redis.call('ZSCORE', sess, ARGV[9])
+  local exp = redis.call('ZSCORE', sess, ARGV[12])
   if exp and tonumber(exp) > now then
-    redis.call('ZADD', sess, tonumber(ARGV[10]), ARGV[9])
+    redis.call('ZADD', sess, tonumber(ARGV[13]), ARGV[12])
     result = 1
   end
 elseif op == 'touch' then
@@ -281,7 +297,7 @@ elseif op == 'touch' then
   -- A session Redis let lapse while the node could not report it (the
   -- node cut off from Redis) is added back: the node saw it used, and it
   -- counts against max_active again.
-  for i = 9, #ARGV, 2 do
+  for i = 12, #ARGV, 2 do
     if redis.call('ZSCORE', ended, ARGV[i]) then
       table.insert(gone, ARGV[i])
     else
@@ -292,7 +308,7 @@ elseif op == 'adopt' then
   -- Sessions a node admitted on its own while Redis was away, unless the
   -- portal has ended them since (through another node, which took the
   -- pass at its word).
-  for i = 9, #ARGV, 2 do
+  for i = 12, #ARGV, 2 do
     if not redis.call('ZSCORE', ended, ARGV[i]) then
       redis.call('ZADD', sess, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
     end
@@ -302,21 +318,21 @@ elseif op == 'reserve' then
   -- take the next block of numbers, at the back of the line.
   -- Before the opening the first places are the pre-queue's, drawn at
   -- the opening: the block waits for it (-1), and then goes behind them.
-  local count = tonumber(ARGV[10])
-  local base = redis.call('HGET', prov, ARGV[9])
+  local count = tonumber(ARGV[13])
+  local base = redis.call('HGET', prov, ARGV[12])
   if not base then
     maybe_open()
     if opened == '1' then
       base = queue
       queue = queue + count
-      redis.call('HSET', prov, ARGV[9], string.format('%d', base))
+      redis.call('HSET', prov, ARGV[12], string.format('%d', base))
       -- Sent by a varco that knows it; a block without it is kept.
-      if ARGV[11] then redis.call('HSET', prov, '~' .. ARGV[9], ARGV[11]) end
+      if ARGV[14] then redis.call('HSET', prov, '~' .. ARGV[12], ARGV[14]) end
     end
   end
   result = base and tonumber(base) or -1
 elseif op == 'lottery' then
-  redis.call('HSETNX', st, 'lkid', ARGV[9])
+  redis.call('HSETNX', st, 'lkid', ARGV[12])
 end
 
 -- A node's tick: its touch went first, so its sessions are reported.

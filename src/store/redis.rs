@@ -315,6 +315,14 @@ impl RedisRoom {
         self.holder.load(Ordering::Relaxed)
     }
 
+    /// The generation and counters this node last saw, sent with every
+    /// call: a Redis that lost its last writes takes its counters back up
+    /// to them (see admission.lua).
+    fn seen(&self) -> (String, RoomView) {
+        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        (v.0.clone(), v.1)
+    }
+
     async fn call(
         &self,
         op: &str,
@@ -334,6 +342,8 @@ impl RedisRoom {
             .arg(limits.tick_ms)
             .arg(limit_text(limits.opens_at_ms.map(|t| t as f64)))
             .arg(limits.mode.as_str());
+        let (generation, seen) = self.seen();
+        inv.arg(generation).arg(seen.queue).arg(seen.prequeue);
         for a in args {
             inv.arg(a);
         }

@@ -21,6 +21,27 @@ impl RedisServer {
         Self::start_with(port, None)
     }
 
+    /// A Redis that keeps only what a `SAVE` wrote to `dir`: a restart on
+    /// the same port comes back as of the last save, its later writes
+    /// lost (as `appendfsync everysec`, or a replica that was behind).
+    #[allow(dead_code)] // not every test file uses it
+    pub fn start_saved(port: u16, dir: &std::path::Path) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        let server = RedisServer {
+            child: Some(child),
+            port,
+        };
+        server.wait_ready();
+        server
+    }
+
     /// With `dir`, Redis keeps an append-only file there, so a restart on
     /// the same port finds its data again (as a production Redis would).
     pub fn start_with(port: u16, dir: Option<&std::path::Path>) -> RedisServer {
