@@ -177,9 +177,11 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
         // seen: the next requests do not wait on the store again, and the
         // store hears of the session when it returns, even if the node
         // that admitted it is gone by then.
+        // A pass of a claim never confirmed is not: the session may not
+        // exist, and its ticket was kept to claim again.
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
-            Err(_) if pass.nbf * 1000 + idle > r.now_ms => {
+            Err(_) if pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms => {
                 room.metrics.store_errors.inc();
                 let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
                 tracing::debug!(room = %room.name, taken, "store away: a recent pass taken at its word");
@@ -372,6 +374,11 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     }) else {
         return Ok(None);
     };
+    // Never confirmed: its session may never have been made (its ticket,
+    // kept, claims again instead).
+    if pass.uc != 0 {
+        return Ok(None);
+    }
     let Some(sid) = pass.session_id() else {
         return Ok(None);
     };
@@ -511,7 +518,20 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         }
         let mut set_cookies = vec![];
         let idle = room.config.session_idle.as_millis() as u64;
-        let pass = if pass.exp * 1000 < r.now_ms + idle {
+        let pass = if pass.uc != 0 {
+            // The store has the session of a claim whose answer never
+            // came: the claim was made, and its ticket is used.
+            let pass = PassClaims {
+                uc: 0,
+                ..renewed(room, &pass, r.now_ms)
+            };
+            set_cookies.push(pass_cookie(room, &pass, r.tls));
+            set_cookies.push(cookies::clear(
+                &room.ticket_cookie,
+                room.cookie_attrs(r.tls),
+            ));
+            pass
+        } else if pass.exp * 1000 < r.now_ms + idle {
             let pass = renewed(room, &pass, r.now_ms);
             set_cookies.push(pass_cookie(room, &pass, r.tls));
             pass
@@ -583,8 +603,17 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                         // store has it, nothing if not (the ticket, kept,
                         // claims again then).
                         Err(error @ StoreError::Unanswered(_)) => {
-                            let pass =
-                                new_pass(room, lane, session.sid, n, line_start(room, t), r.now_ms);
+                            let pass = PassClaims {
+                                uc: 1,
+                                ..new_pass(
+                                    room,
+                                    lane,
+                                    session.sid,
+                                    n,
+                                    line_start(room, t),
+                                    r.now_ms,
+                                )
+                            };
                             return Err(Failure {
                                 error,
                                 set_cookie: Some(pass_cookie(room, &pass, r.tls)),

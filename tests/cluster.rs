@@ -626,14 +626,11 @@ async fn a_claim_whose_answer_comes_too_late_still_admits() {
 /// counts when Redis returns: its node could not report the activity, so
 /// neither the first request Redis answers nor the node's late report may
 /// leave the slot free for somebody else.
-/// Redis is busy for longer: neither the claim's answer nor the question
-/// after it comes in time. The "try again" brings the pass of the session
-/// the claim made, and the next try gets in with it, instead of finding
-/// the ticket used and going to the back of the line.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_nobody_could_confirm_keeps_its_turn() {
-    let redis = RedisServer::start();
-    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 1).await;
+/// One node over `redis` for a room of one slot; a person called, whose
+/// claim Redis (busy for 1.5 s) answers neither in time nor when asked
+/// about after: the "try again", with the pass of the claim's session.
+async fn a_claim_left_unanswered(redis: &RedisServer) -> (upstream::Upstream, Vec<Gated>, Citizen) {
+    let (up, nodes) = one_slot(redis, "lease = \"3s\"", 1).await;
     advance(&nodes, 1000).await;
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -643,7 +640,7 @@ async fn a_claim_nobody_could_confirm_keeps_its_turn() {
     advance(&nodes, 1000).await;
     assert_eq!(waiter.status("portal").await["state"], "admitted");
 
-    let busy = keep_busy(&redis, 1_500).await;
+    let busy = keep_busy(redis, 1_500).await;
     let got = waiter.get("/apply").await;
     busy.join().unwrap();
     assert_eq!(got.status, 503, "{}", got.text());
@@ -655,6 +652,17 @@ async fn a_claim_nobody_could_confirm_keeps_its_turn() {
         waiter.cookie("varco_ticket_portal").is_some(),
         "the ticket is kept, should the claim not have been made"
     );
+    (up, nodes, waiter)
+}
+
+/// Redis is busy for longer: neither the claim's answer nor the question
+/// after it comes in time. The "try again" brings the pass of the session
+/// the claim made, and the next try gets in with it, instead of finding
+/// the ticket used and going to the back of the line; the ticket goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_nobody_could_confirm_keeps_its_turn() {
+    let redis = RedisServer::start();
+    let (_up, nodes, mut waiter) = a_claim_left_unanswered(&redis).await;
     let again = waiter.get("/apply").await;
     assert!(
         again.reached_upstream(),
@@ -667,6 +675,26 @@ async fn a_claim_nobody_could_confirm_keeps_its_turn() {
         2,
         "one admission, not a second claim"
     );
+    assert!(
+        waiter.cookie("varco_ticket_portal").is_none(),
+        "the claim is confirmed: its ticket is used"
+    );
+    assert!(
+        waiter.get("/next").await.reached_upstream(),
+        "the pass holds"
+    );
+}
+
+/// Such a pass is good only once Redis confirms its session: with Redis
+/// gone, it is not taken at its word as a confirmed one would be (the
+/// claim may never have been made, and its ticket could claim again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pass_of_an_unconfirmed_claim_is_not_taken_at_its_word() {
+    let mut redis = RedisServer::start();
+    let (_up, _nodes, mut waiter) = a_claim_left_unanswered(&redis).await;
+    redis.kill();
+    let again = waiter.get("/apply").await;
+    assert_eq!(again.status, 503, "{}", again.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,11 @@ pub struct PassClaims {
     /// The lane it was admitted from; empty: the default lane.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub l: String,
+    /// 1: handed out with the "try again" of a claim whose answer never
+    /// came, for the session the claim would have made. Good only once
+    /// the store confirms the session: never taken at its word.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uc: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -397,6 +402,7 @@ impl Claims for PassClaims {
         let f = r.optional_number_at(b",\"f\":")?;
         let re = r.optional_number_at(b",\"re\":")?;
         let l = r.optional_string_at(b",\"l\":")?;
+        let uc = r.optional_number_at(b",\"uc\":")?;
         r.end()?;
         Some(PassClaims {
             iss,
@@ -410,6 +416,7 @@ impl Claims for PassClaims {
             f,
             re,
             l,
+            uc,
         })
     }
 }
@@ -662,6 +669,7 @@ impl PassClaims {
             f: 0,
             re: 0,
             l: String::new(),
+            uc: 0,
         }
     }
 
@@ -933,6 +941,8 @@ mod tests {
             of_a_run.replace(r#","g":12345"#, r#","g":-1"#),
             of_a_run.replace(r#","l":"l""#, ""),
             pass.replace(r#","sid":"#, r#","sid":7,"x":"#),
+            pass.replace('}', r#","uc":1}"#),
+            pass.replace('}', r#","uc":1,"l":"x"}"#),
             "[]".into(),
             "{".into(),
             "".into(),
