@@ -138,8 +138,18 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The first of the request's pass cookies that is genuine and in date
 /// for this room; the store not asked whether its session lives.
 fn signed_pass(room: &Room, headers: &HeaderMap, now_ms: u64) -> Option<PassClaims> {
+    pass_of(room, cookies::each(headers, &room.pass_cookie), now_ms)
+}
+
+/// The first of these pass tokens that verifies for the room.
+pub fn pass_of<'t>(
+    room: &Room,
+    tokens: impl IntoIterator<Item = &'t str>,
+    now_ms: u64,
+) -> Option<PassClaims> {
     let aud = audience("pass", &room.name);
-    cookies::each(headers, &room.pass_cookie)
+    tokens
+        .into_iter()
         .find_map(|token| room.keys.verify::<PassClaims>(token, &aud, now_ms))
 }
 

@@ -430,6 +430,15 @@ impl Gateway {
         } else {
             (Vec::new(), None, false)
         };
+        // A pass the gate did not look at (an exempt path, a bypass, a
+        // login detour, a room not gated now): the portal may still end
+        // its session. Checked only if it does.
+        let unchecked_pass = match pass {
+            None => crate::cookies::each(req.headers(), &room.pass_cookie)
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+            Some(_) => Vec::new(),
+        };
         // Only requests for the portal: one the gate answers (the waiting
         // page, the crowd of a click day) needs no ID to follow there, and
         // would pay for one.
@@ -534,11 +543,18 @@ impl Gateway {
                 self.keep_turn(room, p, &mut resp, secure);
             }
         }
-        let session = pass.as_ref().and_then(|p| p.session_id());
         // The portal ends the session (e.g. after the application was
         // submitted): the slot goes to the next in line at once.
         if let Some(v) = resp.headers_mut().remove(RELEASE_HEADER) {
             if v.as_bytes() == b"1" {
+                let pass = pass.or_else(|| {
+                    gate::pass_of(
+                        room,
+                        unchecked_pass.iter().map(String::as_str),
+                        self.clock.now_ms(),
+                    )
+                });
+                let session = pass.as_ref().and_then(|p| p.session_id());
                 let lane = pass.as_ref().and_then(|p| room.lane(&p.l));
                 if let (Some(sid), Some(lane)) = (session, lane) {
                     let now = self.clock.now_ms();

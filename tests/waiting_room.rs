@@ -600,6 +600,32 @@ async fn the_portal_releases_a_session_and_the_next_gets_in_at_once() {
     assert!(b.get("/").await.reached_upstream());
 }
 
+/// The same when the portal's answer comes on a path the gate lets
+/// through without looking at the pass (an exempt logout page): the
+/// pass the request carried is the session that ends.
+#[tokio::test]
+async fn a_release_on_an_exempt_path_ends_the_session_too() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nexempt_paths = [\"/release\"]",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let pass = a.cookie("varco_pass_portal").unwrap().to_string();
+    assert_eq!(a.get("/release").await.status, 200);
+    assert!(a.cookie("varco_pass_portal").is_none(), "pass cleared");
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    assert!(b.get("/").await.reached_upstream());
+    // A kept copy of the released pass lets nobody in.
+    let mut copy = g.citizen();
+    copy.jar.insert("varco_pass_portal".into(), pass);
+    assert!(!copy.get("/").await.reached_upstream());
+}
+
 #[tokio::test]
 async fn each_mode_behaves() {
     let up = upstream::spawn().await;
