@@ -448,7 +448,8 @@ fn line_start(room: &Room, t: &TicketClaims) -> u64 {
 /// a lane the room still has, and of this run of its queue (one from an
 /// earlier run holds no place in it: it counts as none). A provisional
 /// ticket's place is its block's, wherever the store placed it: in the
-/// state it came back with, whatever the run it was handed out in.
+/// state it came back with, whatever the run it was handed out in; none
+/// once that state is lost too.
 fn held_ticket<'r>(
     room: &'r Room,
     headers: &HeaderMap,
@@ -458,7 +459,11 @@ fn held_ticket<'r>(
     cookies::each(headers, &room.ticket_cookie).find_map(|t| {
         let t = room.keys.verify::<TicketClaims>(t, &aud, now_ms)?;
         let lane = room.lane(&t.l)?;
-        (!t.dg.is_empty() || lane.store.holds_place(t.g)).then_some((t, lane))
+        let holds = match provisional_place(&t) {
+            Some((epoch, _)) => !lane.store.provisional_lost(epoch),
+            None => lane.store.holds_place(t.g),
+        };
+        holds.then_some((t, lane))
     })
 }
 
@@ -471,11 +476,16 @@ fn called(room: &Room, lane: &Lane, ticket: Option<&TicketClaims>) -> bool {
     effective_number(room, lane, t, &view).is_some_and(|n| n <= view.serving && n > view.floor)
 }
 
+/// A provisional ticket's outage and its number in it ("epoch:seq").
+fn provisional_place(t: &TicketClaims) -> Option<(u64, u64)> {
+    let (epoch, seq) = t.dg.split_once(':')?;
+    Some((u64::from_str_radix(epoch, 16).ok()?, seq.parse().ok()?))
+}
+
 /// The place of a ticket in its lane's order, or None before the opening.
 fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView) -> Option<u64> {
-    if let Some((epoch, seq)) = t.dg.split_once(':') {
-        let epoch = u64::from_str_radix(epoch, 16).ok()?;
-        let seq: u64 = seq.parse().ok()?;
+    if !t.dg.is_empty() {
+        let (epoch, seq) = provisional_place(t)?;
         return lane.store.provisional_base(epoch).map(|base| base + seq);
     }
     if t.pre == 0 {

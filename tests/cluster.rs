@@ -1288,6 +1288,37 @@ async fn a_provisional_ticket_is_placed_in_a_redis_that_came_back_empty() {
     assert_eq!(s["state"], "none", "the old state's number 2: {s}");
 }
 
+/// A block placed, and then Redis loses its data again: the block's
+/// place went with it, and its tickets count as none (their holders join
+/// the new line), rather than waiting for a place that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisional_ticket_whose_placed_block_redis_lost_holds_no_place() {
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 1\nsession_idle = \"1h\"", 1, None).await;
+    let g = &nodes[0];
+    assert!(g.citizen().get("/").await.reached_upstream());
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut during = g.citizen();
+    assert!(during.get("/").await.is_waiting_page());
+    let redis = RedisServer::start_on(port);
+    until_recovered(&nodes, 0).await;
+    assert_eq!(during.status("portal").await["ticket"], 1, "placed");
+
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    advance(&nodes, 1000).await;
+    let s = during.status("portal").await;
+    assert_eq!(s["state"], "none", "{s}");
+    assert!(
+        during.get("/").await.reached_upstream(),
+        "a newcomer to the new state, empty: admitted at once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();

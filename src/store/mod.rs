@@ -227,6 +227,11 @@ pub trait RoomStore: Send + Sync + 'static {
     fn provisional_base(&self, _epoch: u64) -> Option<u64> {
         None
     }
+    /// Whether the block of outage `epoch` was placed in a state the
+    /// store has since lost (its data went): its tickets hold no place.
+    fn provisional_lost(&self, _epoch: u64) -> bool {
+        false
+    }
     /// Whether `view` holds the room's counters: at once for a store of
     /// its own; for a shared one, once it has answered this node.
     fn heard(&self) -> bool {

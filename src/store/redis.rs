@@ -191,8 +191,11 @@ pub struct RedisRoom {
     /// state, batches, claimed, sessions, history, provisional: one hash
     /// slot per room.
     keys: [String; 7],
-    /// Where each outage's provisional tickets were placed (epoch -> base).
-    provisional: DashMap<u64, u64>,
+    /// Where each outage's provisional tickets were placed: epoch ->
+    /// (base, the generation of the state it was placed in). One of an
+    /// earlier generation is kept to tell its tickets they lost their
+    /// place (Redis lost its data after placing it).
+    provisional: DashMap<u64, (u64, u64)>,
     lease_key: String,
     nodes_key: String,
     /// The operators' live changes every node follows (a hash: `version`
@@ -391,13 +394,16 @@ impl RedisRoom {
             })
             .collect();
         // A tick's or a view's answer names every block Redis keeps: one
-        // it no longer names was forgotten (its tickets have all expired).
+        // of its state it no longer names was forgotten (its tickets have
+        // all expired).
+        let generation: u64 = generation.parse().unwrap_or_default();
         if matches!(op, "tick" | "view") {
-            self.provisional
-                .retain(|e, _| blocks.iter().any(|(epoch, _)| epoch == e));
+            self.provisional.retain(|e, (_, placed_in)| {
+                *placed_in != generation || blocks.iter().any(|(epoch, _)| epoch == e)
+            });
         }
         for (epoch, base) in blocks {
-            self.provisional.insert(epoch, base);
+            self.provisional.insert(epoch, (base, generation));
         }
         if !lottery_kid.is_empty() {
             self.lottery_kid.replace(&lottery_kid);
@@ -533,7 +539,8 @@ impl RedisRoom {
                 // Before the opening: placed behind the pre-queue at it.
                 Ok(r) if r.0 < 0 => waiting.push(blocks.remove(0)),
                 Ok(r) => {
-                    self.provisional.insert(epoch, r.0 as u64);
+                    self.provisional
+                        .insert(epoch, (r.0 as u64, self.generation()));
                     blocks.remove(0);
                 }
                 Err(e) => {
@@ -947,7 +954,14 @@ impl RoomStore for RedisRoom {
     }
 
     fn provisional_base(&self, epoch: u64) -> Option<u64> {
-        self.provisional.get(&epoch).map(|b| *b)
+        let (base, placed_in) = *self.provisional.get(&epoch)?;
+        (placed_in == self.generation()).then_some(base)
+    }
+
+    fn provisional_lost(&self, epoch: u64) -> bool {
+        self.provisional
+            .get(&epoch)
+            .is_some_and(|b| b.1 != self.generation())
     }
 
     fn lottery_key_id(&self) -> Option<String> {
