@@ -872,10 +872,12 @@ pin_project! {
     }
 }
 
-/// The start of the HTTP/2 connection preface (in clear with prior
-/// knowledge, or inside TLS after ALPN alike): RFC 9113 reserved the
-/// method `PRI` so that no HTTP/1 request starts so.
-const H2_PREFACE: &[u8] = b"PRI ";
+/// The HTTP/2 connection preface (in clear with prior knowledge, or
+/// inside TLS after ALPN alike), whole: what hyper-util's auto server
+/// also compares before it serves HTTP/2. Its first four bytes alone
+/// (`PRI `) would let `PRI /x HTTP/1.1`, served as HTTP/1, out of the
+/// timing of its head.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const SNIFFED: u8 = u8::MAX;
 
 /// Looks at a connection's next bytes for the HTTP/2 preface; a slow client

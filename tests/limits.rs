@@ -152,6 +152,42 @@ async fn idle_keepalive_connection_is_closed() {
     );
 }
 
+/// An HTTP/1 request whose method is `PRI` (the start of the HTTP/2
+/// preface, but not the rest of it) is served as HTTP/1, and its head is
+/// timed as any other's: a trickle of header lines is cut at
+/// `header_read_timeout`, not at the keep-alive's 60 s.
+#[tokio::test]
+async fn a_head_that_begins_as_http2_does_is_still_timed() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"60s\"",
+    ))
+    .await;
+    let mut slow = TcpStream::connect(v.addr).await.unwrap();
+    slow.write_all(b"PRI /x HTTP/1.1\r\nHost: portal\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for i in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if slow
+            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after < Duration::from_secs(8),
+        "the slow head held on for {cut_after:?}"
+    );
+}
+
 /// An idle keep-alive connection lasts `keepalive_timeout`, not the header
 /// timeout: the next request's head is timed from its first byte (hyper
 /// timed it from the end of the last answer, so a balancer keeping
