@@ -119,16 +119,17 @@ impl Gateway {
 /// A Host the portal could read as another than varco routes by: two
 /// Host fields, one out of syntax (`router::valid_host`), or, in HTTP/2,
 /// one naming another than :authority (RFC 9113 8.3.1); without a Host,
-/// an authority out of that syntax.
+/// an authority out of that syntax, or none at all in HTTP/1.1 (RFC 9112
+/// 3.2: a 400, as nginx answers; HTTP/1.0 had no Host).
 fn host_is_ambiguous(req: &Request<Incoming>) -> bool {
     let mut hosts = req.headers().get_all(HOST).iter();
     let Some(host) = hosts.next() else {
         // Routed and forwarded by :authority or the absolute target then;
         // `http` lets userinfo through.
-        return req
-            .uri()
-            .authority()
-            .is_some_and(|a| !crate::router::valid_host(a.as_str().as_bytes()));
+        return match req.uri().authority() {
+            Some(a) => !crate::router::valid_host(a.as_str().as_bytes()),
+            None => req.version() == http::Version::HTTP_11,
+        };
     };
     if hosts.next().is_some() || !crate::router::valid_host(host.as_bytes()) {
         return true;

@@ -35,6 +35,49 @@ async fn get_and_post_reach_the_upstream_with_path_query_and_body() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A portal answer with more header fields than hyper's default 100 (a
+/// page setting many cookies) reaches the client whole, and the upstream
+/// stays in rotation.
+#[tokio::test]
+async fn an_answer_with_many_header_fields_is_passed_on() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    // Read raw: hyper's client has the same limit of 100.
+    let answer = common::client::raw(
+        v.addr,
+        b"GET /many-headers HTTP/1.1\r\nHost: portal\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-many-149: 1"), "{answer}");
+    assert_eq!(up.hits(), 1, "not retried");
+}
+
+/// HTTP/1.1 requires a Host (RFC 9112 3.2): one without is refused with a
+/// 400, as nginx does, rather than routed as host "" (an HTTP/1.0 request
+/// may go without).
+#[tokio::test]
+async fn an_http11_request_without_host_is_a_400() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let answer = common::client::raw(
+        v.addr,
+        b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = common::client::raw(
+        v.addr,
+        b"GET /echo HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(up.hits(), 1, "only the HTTP/1.0 one reached the portal");
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     let up = upstream::spawn().await;

@@ -84,6 +84,11 @@ pub fn build(cfg: &UpstreamConfig, names: &ServerNames) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)
+        // hyper's default is 100 fields: a portal answer with more (many
+        // Set-Cookie, say) was a parse error, counted as a broken
+        // upstream and retried on the others. nginx bounds the head by
+        // size (proxy_buffer_size), not by count.
+        .http1_max_headers(1000)
         .build(Connector::new(connector, cfg, names, cfg.connect_timeout))
 }
 

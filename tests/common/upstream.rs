@@ -235,6 +235,16 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
                 .insert("x-request-id", "portal-7".parse().unwrap());
             r
         }
+        "/many-headers" => {
+            // An answer with 150 header fields (hyper's default limit
+            // is 100).
+            let mut r = text(StatusCode::OK, "{\"upstream\": \"many\"}");
+            for i in 0..150 {
+                let name = http::HeaderName::from_bytes(format!("x-many-{i}").as_bytes()).unwrap();
+                r.headers_mut().insert(name, "1".parse().unwrap());
+            }
+            r
+        }
         "/release" => {
             // The portal ends the session, e.g. after a submitted form.
             let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");
