@@ -25,6 +25,14 @@ fn cluster_config(
     )
 }
 
+/// A room (`room` besides) that opens ten minutes after the nodes'
+/// clock starts, over `redis` with a 3 s lease.
+fn opening_later(redis: &RedisServer, up: std::net::SocketAddr, room: &str) -> String {
+    let opens = common::gated::T0 + 10 * 60_000;
+    let room = format!("{room}\nopens_at = \"{}\"", varco::timefmt::rfc3339(opens));
+    cluster_config(redis, up, &room, "lease = \"3s\"")
+}
+
 async fn nodes(cfg: &str, n: usize) -> Vec<Gated> {
     let mut v = Vec::new();
     for _ in 0..n {
@@ -288,15 +296,10 @@ async fn an_outage_before_the_opening_places_its_tickets_behind_the_prequeue() {
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_with(port, Some(&dir));
     let up = upstream::spawn().await;
-    let opens = common::gated::T0 + 10 * 60_000;
-    let cfg = cluster_config(
+    let cfg = opening_later(
         &redis,
         up.addr,
-        &format!(
-            "max_active = 100\nadmission_per_minute = 60\nopens_at = \"{}\"",
-            varco::timefmt::rfc3339(opens)
-        ),
-        "lease = \"3s\"",
+        "max_active = 100\nadmission_per_minute = 60",
     );
     let nodes = nodes(&cfg, 1).await;
     advance(&nodes, 1000).await;
@@ -1088,16 +1091,7 @@ async fn when_redis_loses_its_last_writes_before_the_opening_no_prequeue_number_
     let port = common::dead_addr().port();
     let mut redis = RedisServer::start_saved(port, &dir);
     let up = upstream::spawn().await;
-    let opens = common::gated::T0 + 10 * 60_000;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        &format!(
-            "max_active = 100\nopens_at = \"{}\"",
-            varco::timefmt::rfc3339(opens)
-        ),
-        "lease = \"3s\"",
-    );
+    let cfg = opening_later(&redis, up.addr, "max_active = 100");
     let nodes = nodes(&cfg, 1).await;
     advance(&nodes, 1000).await;
     let mut early: Vec<Citizen> = (0..3).map(|_| nodes[0].citizen()).collect();

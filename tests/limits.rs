@@ -10,6 +10,24 @@ use common::{room_config, upstream, Varco};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// One header line every 200 ms for 10 s, never finishing the head
+/// (stopping when varco closes); then what varco sent, read for 5 s more.
+async fn trickle_head(slow: &mut TcpStream) -> Vec<u8> {
+    for i in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if slow
+            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    rest
+}
+
 #[tokio::test]
 async fn slow_header_sender_is_cut_off_while_others_are_served() {
     let up = upstream::spawn().await;
@@ -24,22 +42,7 @@ async fn slow_header_sender_is_cut_off_while_others_are_served() {
         .await
         .unwrap();
     let started = Instant::now();
-    let trickle = async {
-        // One header line every 200 ms, never finishing the head.
-        for i in 0..50 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if slow
-                .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
-        rest
-    };
+    let trickle = trickle_head(&mut slow);
     let others = async {
         let mut ok = 0;
         for _ in 0..5 {
@@ -169,18 +172,7 @@ async fn a_head_that_begins_as_http2_does_is_still_timed() {
         .await
         .unwrap();
     let started = Instant::now();
-    for i in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if slow
-            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    trickle_head(&mut slow).await;
     let cut_after = started.elapsed();
     assert!(
         cut_after < Duration::from_secs(8),

@@ -26,40 +26,32 @@ impl RedisServer {
     /// lost (as `appendfsync everysec`, or a replica that was behind).
     #[allow(dead_code)] // not every test file uses it
     pub fn start_saved(port: u16, dir: &std::path::Path) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/test installs it)");
-        let server = RedisServer {
-            child: Some(child),
-            port,
-        };
-        server.wait_ready();
-        server
+        Self::spawn(port, |cmd| {
+            cmd.args(["--appendonly", "no", "--dir"]).arg(dir);
+        })
     }
 
     /// With `dir`, Redis keeps an append-only file there, so a restart on
     /// the same port finds its data again (as a production Redis would).
     pub fn start_with(port: u16, dir: Option<&std::path::Path>) -> RedisServer {
+        Self::spawn(port, |cmd| match dir {
+            Some(d) => {
+                cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                    .arg(d);
+            }
+            None => {
+                cmd.args(["--appendonly", "no"]);
+            }
+        })
+    }
+
+    /// redis-server on `port`, no snapshots unless asked for, with the
+    /// persistence `persist` sets; answers once it is ready.
+    fn spawn(port: u16, persist: impl FnOnce(&mut Command)) -> RedisServer {
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ]);
-        match dir {
-            Some(d) => cmd
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-                .arg(d),
-            None => cmd.args(["--appendonly", "no"]),
-        };
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""]);
+        persist(&mut cmd);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
