@@ -180,9 +180,9 @@ pub struct AdmissionState {
     /// This run of the queue, drawn at random when its counters start
     /// from nothing; tickets carry it, so one from an earlier run (a
     /// start without the snapshot) is not taken for a number of this one.
-    /// A snapshot from before it was kept gets a new one: its tickets
-    /// carry none, and count as of any run.
-    #[serde(default = "new_generation")]
+    /// 0 in a snapshot from before it was kept: the store gives it one
+    /// (its tickets carry none, and count as of any run).
+    #[serde(default)]
     pub generation: u64,
 }
 

@@ -419,6 +419,17 @@ impl MemoryStore {
                 for b in r.state.batches.iter_mut() {
                     b.at_ms += down;
                 }
+                if r.state.generation == 0 {
+                    // A snapshot from before generations were kept: the
+                    // one the crashed run gave it, if its marks say, so
+                    // that run's tickets keep their places.
+                    r.state.generation = crashed
+                        .as_ref()
+                        .and_then(|left| left.rooms.get(&name))
+                        .map(|m| m.generation)
+                        .filter(|g| *g != 0)
+                        .unwrap_or_else(new_generation);
+                }
                 let room = store.new_room(r.state);
                 if let Some(kid) = &r.lottery_kid {
                     room.lottery_kid.replace(kid);
@@ -943,12 +954,26 @@ mod tests {
             .unwrap()
             .remove("generation");
         std::fs::write(&snap, old.to_string()).unwrap();
+        let legacy = std::fs::read(&snap).unwrap();
         let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
         let given = store.room("r", &limits(None), 0).generation();
         assert!(given != 0 && given != generation, "{given}");
         store.close(0).unwrap();
-        let store = MemoryStore::open(Some(snap), 0).unwrap();
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
         assert_eq!(store.room("r", &limits(None), 0).generation(), given);
+        drop(store);
+
+        // The first run after an upgrade crashes before any snapshot of
+        // its own: its marks keep the generation its tickets carry.
+        std::fs::write(&snap, &legacy).unwrap();
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &limits(None), 0);
+        let given = room.generation();
+        number(&room, limits(None), 0).await;
+        drop((room, store));
+        assert_eq!(marks_on_disk(&snap).generation, given);
+        let store = MemoryStore::open(Some(snap), 1_000).unwrap();
+        assert_eq!(store.room("r", &limits(None), 1_000).generation(), given);
     }
 
     /// A snapshot that parses but does not hang together (a hand edit, a
