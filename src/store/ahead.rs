@@ -45,7 +45,8 @@ pub struct Marks {
     /// Exact, so a start after a crash draws the same lottery.
     pub opened_with: Option<u64>,
     /// The queue's generation, for a room the crash kept out of the
-    /// snapshot: its tickets stay good. 0: marks of an older varco.
+    /// snapshot or whose snapshot is from before generations were kept:
+    /// its tickets stay good. 0: marks of an older varco.
     #[serde(default)]
     pub generation: u64,
 }
