@@ -152,7 +152,7 @@ impl RedisStore {
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
             provisional: DashMap::new(),
-            view: Mutex::new((String::new(), RoomView::default())),
+            view: Mutex::new((0, RoomView::default())),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             touched: DashMap::new(),
@@ -210,9 +210,9 @@ pub struct RedisRoom {
     tick_ms: u64,
     script: Arc<Script>,
     lease_script: Arc<Script>,
-    /// The counters as of the last call (at most one tick old), and the
-    /// generation of the room's state they came from.
-    view: Mutex<(String, RoomView)>,
+    /// The generation of the room's state (0: not heard yet), and the
+    /// counters as of the last call (at most one tick old) from it.
+    view: Mutex<(u64, RoomView)>,
     lottery_kid: KeyId,
     /// Sessions this node has seen alive, with their expiry.
     sessions: DashMap<u128, AtomicU64>,
@@ -289,7 +289,7 @@ fn shared_from(fields: std::collections::HashMap<String, String>) -> SharedLive 
 /// line never jumps back, and a reload never skips a claim it is due. A
 /// new generation (the state started again: Redis lost its data) is taken
 /// as it is.
-fn followed_by(seen: &str, had: RoomView, generation: &str, replied: RoomView) -> RoomView {
+fn followed_by(seen: u64, had: RoomView, generation: u64, replied: RoomView) -> RoomView {
     if seen != generation {
         return replied;
     }
@@ -321,9 +321,8 @@ impl RedisRoom {
     /// The generation and counters this node last saw, sent with every
     /// call: a Redis that lost its last writes takes its counters back up
     /// to them (see admission.lua).
-    fn seen(&self) -> (String, RoomView) {
-        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        (v.0.clone(), v.1)
+    fn seen(&self) -> (u64, RoomView) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn call(
@@ -365,13 +364,13 @@ impl RedisRoom {
             abandoned_total: r.10,
             floor: r.11.get(2).and_then(|f| f.parse().ok()).unwrap_or_default(),
         };
-        let generation = r.11.get(1).map(String::as_str).unwrap_or_default();
+        // The time the state started from nothing, in ms (admission.lua's
+        // `gen`); 0: no answer has named one yet.
+        let generation: u64 = r.11.get(1).and_then(|g| g.parse().ok()).unwrap_or_default();
         {
             let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-            v.1 = followed_by(&v.0, v.1, generation, replied);
-            if v.0 != generation {
-                v.0 = generation.to_string();
-            }
+            v.1 = followed_by(v.0, v.1, generation, replied);
+            v.0 = generation;
         }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
         let n_gone: usize = r.11.get(3).and_then(|n| n.parse().ok()).unwrap_or_default();
@@ -396,7 +395,6 @@ impl RedisRoom {
         // A tick's or a view's answer names every block Redis keeps: one
         // of its state it no longer names was forgotten (its tickets have
         // all expired).
-        let generation: u64 = generation.parse().unwrap_or_default();
         if matches!(op, "tick" | "view") {
             self.provisional.retain(|e, (_, placed_in)| {
                 *placed_in != generation || blocks.iter().any(|(epoch, _)| epoch == e)
@@ -927,12 +925,7 @@ impl RoomStore for RedisRoom {
 
     fn heard(&self) -> bool {
         // Every answer carries the state's generation.
-        !self
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .is_empty()
+        self.generation() != 0
     }
 
     fn leads(&self) -> bool {
@@ -940,9 +933,7 @@ impl RoomStore for RedisRoom {
     }
 
     fn generation(&self) -> u64 {
-        // The time the state started from nothing, in ms (admission.lua).
-        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        v.0.parse().unwrap_or_default()
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     fn holds_place(&self, g: u64) -> bool {
@@ -993,11 +984,11 @@ mod tests {
     fn a_late_reply_never_moves_the_line_back() {
         let newer = counters(500, 120, 40);
         let older = counters(480, 100, 45);
-        let v = followed_by("1", newer, "1", older);
+        let v = followed_by(1, newer, 1, older);
         assert_eq!((v.queue, v.serving, v.waiting), (500, 120, 380));
         assert_eq!(v.admitted_total, 120);
         assert_eq!(v.active, 45, "a gauge is taken as replied");
-        let v = followed_by("1", older, "1", newer);
+        let v = followed_by(1, older, 1, newer);
         assert_eq!((v.queue, v.serving, v.waiting), (500, 120, 380));
     }
 
@@ -1005,9 +996,9 @@ mod tests {
     fn a_new_generation_starts_the_view_again() {
         let before = counters(500, 120, 40);
         let started_again = counters(3, 0, 0);
-        let v = followed_by("1796000000000", before, "1796000900000", started_again);
+        let v = followed_by(1_796_000_000_000, before, 1_796_000_900_000, started_again);
         assert_eq!((v.queue, v.serving, v.admitted_total), (3, 0, 0));
-        let first = followed_by("", RoomView::default(), "1796000000000", before);
+        let first = followed_by(0, RoomView::default(), 1_796_000_000_000, before);
         assert_eq!(first.serving, 120);
     }
 }
