@@ -737,8 +737,8 @@ async fn a_get_that_meets_a_closed_kept_alive_connection_goes_again() {
     }
 }
 
-/// A malformed answer on a kept-alive connection is the upstream's
-/// failure, not the race: not sent again, counted.
+/// A malformed answer on a kept-alive connection is not the race: not
+/// sent again, counted as a protocol error.
 #[tokio::test]
 async fn a_broken_answer_on_a_kept_alive_connection_is_not_the_race() {
     let up = answers_then(b"NOT HTTP AT ALL\r\n\r\n").await;
@@ -771,6 +771,75 @@ async fn a_broken_answer_on_a_kept_alive_connection_is_not_the_race() {
         .await,
         Some(1.0)
     );
+}
+
+/// A malformed head is that page's, not the upstream's: every upstream
+/// serving the same page sends the same. A page requested a few times
+/// must not take every upstream out of rotation, nor go to each in turn;
+/// nginx neither counts nor retries `invalid_header`.
+#[tokio::test]
+async fn a_malformed_answer_takes_no_upstream_out_of_rotation() {
+    let (one, two) = (bad_on_one_page().await, bad_on_one_page().await);
+    let v = Varco::start(&room_config(
+        &[one.0, two.0],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
+    ))
+    .await;
+    let hits = || one.1.load(Ordering::SeqCst) + two.1.load(Ordering::SeqCst);
+    for n in 1..=4 {
+        let got = get(&v.url("/bad")).await;
+        assert_eq!(got.status, 502, "{}", got.text());
+        assert_eq!(hits(), n, "sent to one upstream only");
+    }
+    for upstream in [one.0, two.0] {
+        let of = format!("room=\"portal\",upstream=\"{upstream}\"");
+        assert_eq!(
+            client::metric(v.admin, "varco_upstream_up", &of).await,
+            Some(1.0),
+            "{upstream} still in rotation"
+        );
+    }
+    for _ in 0..4 {
+        let got = get(&v.url("/good")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    let mut seen = 0.0;
+    for upstream in [one.0, two.0] {
+        let of = format!("kind=\"protocol\",room=\"portal\",upstream=\"{upstream}\"");
+        seen += client::metric(v.admin, "varco_upstream_errors_total", &of)
+            .await
+            .unwrap_or(0.0);
+    }
+    assert_eq!(seen, 4.0, "each is seen in the metrics");
+}
+
+/// An upstream whose `/bad` answers with a head no parser takes (a field
+/// line without a colon), and every other page well; with its count of
+/// requests for `/bad`.
+async fn bad_on_one_page() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let bad = Arc::new(AtomicUsize::new(0));
+    let counted = bad.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let answer: &[u8] = if head.starts_with(b"GET /bad ") {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        b"HTTP/1.1 200 OK\r\nthis is no field\r\ncontent-length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, bad)
 }
 
 fn closed_on(up: &ClosesKeptAlive) -> usize {

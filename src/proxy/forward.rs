@@ -364,6 +364,22 @@ impl Forwarder {
                             source: e.into(),
                         });
                     }
+                    // A head the upstream got wrong (a bad line, more
+                    // than 1000 fields) belongs to that one answer, and
+                    // any upstream serving the same page sends the same:
+                    // counting it, or sending the request on, let one page
+                    // requested a few times take every upstream out of
+                    // rotation. nginx neither counts nor retries
+                    // `invalid_header` unless told to.
+                    if malformed_answer(&e) {
+                        metrics.protocol_errors.inc();
+                        signal(false);
+                        tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream sent a malformed answer; not counted against it");
+                        return Err(ProxyError::Upstream {
+                            upstream: upstream.label.clone(),
+                            source: e.into(),
+                        });
+                    }
                     let again = idempotent && outgoing.replayable();
                     // The keep-alive race: a connection that had answered
                     // went away with no answer to this one. A malformed or
@@ -565,6 +581,15 @@ fn tls_alert(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Whether the connection went away under a request: hyper saw it end
 /// before an answer, or the socket was reset.
+/// An answer whose head hyper could not read: the upstream's bytes, not
+/// its connection, were wrong.
+fn malformed_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    chain(e).any(|err| {
+        err.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_parse() || h.is_parse_status())
+    })
+}
+
 fn closed_under(e: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     chain(e).any(|err| {
