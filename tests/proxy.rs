@@ -118,6 +118,42 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
     );
 }
 
+/// Trailers reach a client that asks for them, over HTTP/1.1 as over
+/// HTTP/2, without the fields that may not follow a body (RFC 9110 6.5.1)
+/// nor varco's own release, which only a head carries: passed on, it
+/// would say the session ended when it goes on.
+#[tokio::test]
+async fn trailers_pass_filtered_to_a_client_that_asks() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let answer = common::client::raw(
+        v.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: portal\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .to_ascii_lowercase();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.contains("\r\ntrailer: x-checksum\r\n"), "{head}");
+    assert!(body.ends_with("0\r\nx-checksum: abc\r\n\r\n"), "{body:?}");
+
+    let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = client::h2_handshake(tcp).await;
+    let req = Request::get(format!("http://portal:{}/trailers", v.addr.port()))
+        .header("te", "trailers")
+        .body(body::empty())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["trailer"], "x-checksum");
+    let collected = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers over HTTP/2");
+    assert_eq!(collected.to_bytes(), "body");
+    let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["x-checksum"], "{trailers:?}");
+}
+
 #[tokio::test]
 async fn forwarded_headers_from_an_untrusted_client_are_replaced() {
     let up = upstream::spawn().await;

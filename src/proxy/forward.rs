@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
@@ -21,7 +22,9 @@ use tokio::sync::watch;
 
 use super::buffer::{ClientBody, Sendable};
 use super::client::{Answered, SharedClient};
-use super::headers::{is_websocket_upgrade, set_forwarded, strip_hop_by_hop};
+use super::headers::{
+    announced_trailers, filter_trailers, is_websocket_upgrade, set_forwarded, strip_hop_by_hop,
+};
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
 use crate::body::{self, Body, BoxError};
@@ -540,11 +543,29 @@ fn into_client_response(
             if parts.headers.contains_key(TRANSFER_ENCODING) {
                 parts.headers.remove(CONTENT_LENGTH);
             }
+            // `Trailer` goes with the hop-by-hop fields (RFC 2616 had it
+            // there) and comes back for the fields that will follow.
+            let announced = parts
+                .headers
+                .contains_key(TRAILER)
+                .then(|| announced_trailers(&parts.headers))
+                .flatten();
             strip_hop_by_hop(&mut parts.headers);
+            if let Some(names) = announced {
+                parts.headers.insert(TRAILER, names);
+            }
             // An upstream that stops in the middle of its answer must not
             // hold the person's connection and the in-flight slot for ever
             // (nginx's proxy_read_timeout): the answer is cut off.
-            let body = TimedBody::new(incoming, read_timeout);
+            let body = TimedBody::new(incoming, read_timeout).map_frame(|frame| {
+                match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        filter_trailers(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                }
+            });
             Response::from_parts(parts, body::stream(body))
         }
     }

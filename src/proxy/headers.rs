@@ -26,7 +26,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     };
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name) || listed.contains(name))
+        .filter(|name| is_hop_by_hop(name.as_str()) || listed.contains(name))
         .cloned()
         .collect();
     if doomed.is_empty() {
@@ -50,9 +50,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// 7.6.1, with the proxy ones), told by its text: a length and a few bytes
 /// to look at, where comparing `HeaderName`s one by one was most of the
 /// walk.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+fn is_hop_by_hop(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -63,6 +63,54 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authorization"
             | "proxy-authenticate"
     )
+}
+
+/// Fields that may not come as trailers (RFC 9110 6.5.1: those that frame,
+/// route, authorise or set up the message; hyper's HTTP/1.1 list) or that
+/// are not the portal's to pass on there: hop-by-hop ones, and varco's own
+/// release, which is read from the answer's head only. An HTTP/2 client
+/// merging such a trailer into the head would be misled, and one naming
+/// the release would reach the person as if varco had acted on it.
+fn barred_from_trailers(name: &str) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "authorization"
+                | "cache-control"
+                | "content-encoding"
+                | "content-length"
+                | "content-range"
+                | "content-type"
+                | "host"
+                | "max-forwards"
+                | "set-cookie"
+                | crate::gate::RELEASE_HEADER
+        )
+}
+
+/// The upstream's trailers as the client gets them: without the fields
+/// [`barred_from_trailers`] names.
+pub fn filter_trailers(trailers: &mut HeaderMap) {
+    remove_where(trailers, |name| barred_from_trailers(name.as_str()));
+}
+
+/// The answer's `Trailer` (which fields will follow the body), less those
+/// that will not: the value to send on, if any field is left. hyper sends
+/// an HTTP/1.1 client only the trailers it names, and only to one that
+/// asked with `TE: trailers`.
+pub fn announced_trailers(headers: &HeaderMap) -> Option<HeaderValue> {
+    let kept: Vec<String> = headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && !barred_from_trailers(t))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 /// The comma-separated tokens of every `Connection` header, lowercased.
@@ -364,11 +412,39 @@ mod tests {
             header::PROXY_AUTHENTICATE,
         ];
         for name in hop_by_hop {
-            assert!(is_hop_by_hop(&name), "{name}");
+            assert!(is_hop_by_hop(name.as_str()), "{name}");
         }
         for name in ["x-kept", "host", "cookie", "tee", "connections"] {
-            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+            assert!(!is_hop_by_hop(name), "{name}");
         }
+    }
+
+    #[test]
+    fn trailers_keep_only_what_may_follow_a_body() {
+        let mut t = map(&[
+            ("x-checksum", "abc"),
+            ("grpc-status", "0"),
+            ("x-varco-release", "1"),
+            ("set-cookie", "s=1"),
+            ("content-length", "9"),
+            ("connection", "close"),
+        ]);
+        filter_trailers(&mut t);
+        let mut kept: Vec<&str> = t.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["grpc-status", "x-checksum"]);
+
+        let announced = map(&[
+            ("trailer", "X-Checksum, X-Varco-Release"),
+            ("trailer", "set-cookie,grpc-status"),
+        ]);
+        assert_eq!(
+            announced_trailers(&announced).unwrap(),
+            "x-checksum, grpc-status"
+        );
+        let only_barred = map(&[("trailer", "x-varco-release, content-type")]);
+        assert_eq!(announced_trailers(&only_barred), None);
+        assert_eq!(announced_trailers(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -252,6 +252,29 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
                 .insert("x-varco-release", "1".parse().unwrap());
             r
         }
+        "/trailers" => {
+            // A body followed by trailers (sent by hyper only to a
+            // client that asked with `TE: trailers`), some of which a
+            // proxy must not pass on.
+            let mut trailers = http::HeaderMap::new();
+            for (name, value) in [
+                ("x-checksum", "abc"),
+                ("x-varco-release", "1"),
+                ("set-cookie", "t=1"),
+            ] {
+                trailers.insert(name, value.parse().unwrap());
+            }
+            let frames = futures_util::stream::iter([
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"body"))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            let mut r = Response::new(body::stream(http_body_util::StreamBody::new(frames)));
+            r.headers_mut().insert(
+                "trailer",
+                "x-checksum, x-varco-release, set-cookie".parse().unwrap(),
+            );
+            r
+        }
         "/hop" => {
             let mut r = text(StatusCode::OK, "hop");
             let h = r.headers_mut();
