@@ -5,8 +5,9 @@
 //!   the tens of routes a portal has, the scan costs well under a
 //!   microsecond.)
 //! - `headers/*`: what hop-by-hop stripping and X-Forwarded-* cost on a
-//!   browser-sized header set, and what a request's `X-Request-Id` costs
-//!   (made for every request let through to the portal).
+//!   browser-sized header set, what taking varco's cookies out of it
+//!   costs, and what a request's `X-Request-Id` costs (all paid by every
+//!   request let through to the portal).
 //! - `gate/*`: the whole gate for someone turned away, response included:
 //!   a new arrival (a ticket signed, the page rendered) and a reload by
 //!   someone already in line (the ticket verified, the page rendered).
@@ -75,7 +76,7 @@ fn browser_headers() -> HeaderMap {
         ("connection", "keep-alive"),
         (
             "cookie",
-            "citizen=RSSMRA80A01H501U; varco_pass=eyJhbGciOiJIUzI1NiJ9.eyJyb29tIjoicG9ydGFsIn0.sig",
+            "citizen=RSSMRA80A01H501U; varco_pass_portal=eyJhbGciOiJIUzI1NiJ9.eyJyb29tIjoicG9ydGFsIn0.sig",
         ),
         ("upgrade-insecure-requests", "1"),
         ("x-forwarded-for", "203.0.113.9"),
@@ -95,6 +96,33 @@ fn headers(c: &mut Criterion) {
             |mut h| {
                 strip_hop_by_hop(&mut h);
                 set_forwarded(&mut h, peer, false, "https", host.as_ref());
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    // Paid by every request let through to the portal: one with a pass
+    // (every admitted person's) and one with the portal's cookies only.
+    c.bench_function("headers/strip_own_cookies", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                varco::cookies::strip_own(&mut h);
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let mut portal_only = base.clone();
+    portal_only.insert(
+        "cookie",
+        "citizen=RSSMRA80A01H501U; lang=it".parse().unwrap(),
+    );
+    c.bench_function("headers/strip_own_cookies_none", |b| {
+        b.iter_batched(
+            || portal_only.clone(),
+            |mut h| {
+                varco::cookies::strip_own(&mut h);
                 h
             },
             criterion::BatchSize::SmallInput,

@@ -66,6 +66,62 @@ fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
+/// Takes varco's own cookies (every room's tickets and passes) out of the
+/// `Cookie` headers before a request goes to the portal. A pass is a
+/// bearer credential: in a portal's logs (many log the whole header), or
+/// read by its code, whoever saw it could skip the queue, as with the
+/// bypass secret. The portal learns what it needs from `X-Varco-Arrival`.
+pub fn strip_own(headers: &mut HeaderMap) {
+    // Most requests of an admitted person carry a pass: one search per
+    // header finds whether there is anything to do.
+    let finder = memchr::memmem::Finder::new(OWN_PREFIX);
+    if !headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| finder.find(v.as_bytes()).is_some())
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| {
+            let mut out: Vec<u8> = Vec::with_capacity(v.len());
+            for pair in pairs(v.as_bytes()) {
+                let pair = pair.trim_ascii();
+                if pair.is_empty() || is_own(pair) {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.extend_from_slice(b"; ");
+                }
+                out.extend_from_slice(pair);
+            }
+            // Bytes of a header already, joined by "; ".
+            (!out.is_empty())
+                .then(|| HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok())
+                .flatten()
+        })
+        .collect();
+    headers.remove(COOKIE);
+    for v in kept {
+        headers.append(COOKIE, v);
+    }
+}
+
+const OWN_PREFIX: &[u8] = b"varco_";
+
+/// A `name=value` pair of a ticket or a pass, of any room.
+fn is_own(pair: &[u8]) -> bool {
+    let name = pair
+        .split(|b| *b == b'=')
+        .next()
+        .unwrap_or(pair)
+        .trim_ascii();
+    name.strip_prefix(OWN_PREFIX)
+        .is_some_and(|rest| rest.starts_with(b"ticket_") || rest.starts_with(b"pass_"))
+}
+
 /// How a response's cookies are scoped: Secure under HTTPS; sent with
 /// cross-site requests too when the room asks (`cookie_same_site =
 /// "none"`), which browsers accept only with Secure.
@@ -164,5 +220,33 @@ mod tests {
         // the room's cookies stay Lax rather than be dropped.
         let c = set("x", "v", 60, attrs(false, true));
         assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax");
+    }
+
+    #[test]
+    fn own_cookies_are_taken_out_and_the_portals_kept() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            "sid=7; varco_pass_portal=p.q.r;lang=it ; varco_ticket_other=\"t\""
+                .parse()
+                .unwrap(),
+        );
+        h.append(COOKIE, "varco_ticket_portal=x".parse().unwrap());
+        h.append(COOKIE, "varco_pref=dark; varco_passes=2".parse().unwrap());
+        strip_own(&mut h);
+        let left: Vec<&str> = h
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            left,
+            ["sid=7; lang=it", "varco_pref=dark; varco_passes=2"],
+            "only tickets and passes go; a header left empty goes too"
+        );
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "a=1;b=2".parse().unwrap());
+        strip_own(&mut h);
+        assert_eq!(h[COOKIE], "a=1;b=2", "untouched when there is none");
     }
 }

@@ -1301,6 +1301,7 @@ async fn http2_cookie_fields_reach_the_portal_as_one_line() {
     let mut h2 = client::h2_handshake(tcp).await;
     let req = Request::get(format!("http://portal.example.org:{}/echo", v.addr.port()))
         .header("cookie", "lang=it")
+        .header("cookie", "varco_pass_portal=p.q.r")
         .header("cookie", "SESSION=abc")
         .body(body::empty())
         .unwrap();

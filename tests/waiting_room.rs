@@ -626,6 +626,33 @@ async fn a_release_on_an_exempt_path_ends_the_session_too() {
     assert!(!copy.get("/").await.reached_upstream());
 }
 
+/// The portal gets its own cookies, never varco's: a pass in its logs
+/// would let whoever reads them skip the queue, as the bypass secret
+/// would. Every room's tickets and passes are taken out.
+#[tokio::test]
+async fn the_portal_never_sees_varcos_cookies() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    assert!(a.cookie("varco_pass_portal").is_some());
+    a.jar.insert("sid".into(), "7".into());
+    a.jar.insert("varco_ticket_other".into(), "t".into());
+    let got = a.get("/echo").await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    let cookies = got.json()["headers"]["cookie"].clone();
+    let cookies: Vec<&str> = cookies
+        .as_array()
+        .expect("a Cookie reached the portal")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let mut pairs: Vec<&str> = cookies[0].split("; ").collect();
+    pairs.sort();
+    assert_eq!(pairs, ["sid=7"]);
+}
+
 #[tokio::test]
 async fn each_mode_behaves() {
     let up = upstream::spawn().await;

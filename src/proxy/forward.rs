@@ -122,6 +122,7 @@ impl Forwarder {
                 headers.remove(name);
             }
         }
+        crate::cookies::strip_own(&mut headers);
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
         }
