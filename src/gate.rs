@@ -613,7 +613,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                     None
                 } else {
                     let session = new_session(room, r);
-                    let c = match lane.store.claim(n, limits, session, r.now_ms).await {
+                    // A provisional ticket's number is of the run its
+                    // block was placed in, which is the store's as this
+                    // node knows it (else it would have no number).
+                    let run = match provisional_place(t) {
+                        Some(_) => lane.store.generation(),
+                        None => t.g,
+                    };
+                    let c = match lane.store.claim(n, run, limits, session, r.now_ms).await {
                         Ok(c) => c,
                         // The claim may have been made, its answer (and
                         // the question after it) lost: retried, the
@@ -697,6 +704,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                         room.metrics.missed_turns.inc();
                         missed_turn = true;
                     }
+                    // Of a run the store has lost: no turn was missed;
+                    // the holder arrives afresh, as with no ticket.
+                    Some((Claim::OtherRun, _)) => {}
                 }
             }
             // Before the opening's draw: the page says where the

@@ -1037,6 +1037,63 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     }
 }
 
+/// A node that has not heard yet that Redis lost its data still sees the
+/// old run's counters: a ticket of that run it thinks called goes to
+/// claim. Redis, which knows the run, refuses it: its number is a
+/// newcomer's in the new run, whose turn it would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_of_a_lost_run_claims_nobodys_turn_in_the_new_one() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 10\nmode = \"queue_all\"",
+        "lease = \"3s\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let mut old = nodes[1].citizen();
+    assert!(old.get("/").await.is_waiting_page());
+    // Called, on both nodes' views (whichever leads ticks first).
+    advance(&nodes, 1000).await;
+    advance(&nodes, 1000).await;
+
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    assert_eq!(newcomer.status("portal").await["ticket"], 1);
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    // Number 1 of the new run is called; node 1 has not asked since.
+    nodes[0].app.tick().await;
+
+    let got = old.get("/").await;
+    assert!(
+        !got.reached_upstream(),
+        "the old run's number 1 let in on the new run's turn"
+    );
+    assert!(got.is_waiting_page(), "{}", got.text());
+    let s = old.status("portal").await;
+    assert_eq!(s["ticket"], 2, "a new place, behind the newcomer: {s}");
+    assert!(
+        newcomer.get("/").await.reached_upstream(),
+        "the newcomer's turn is still theirs"
+    );
+    let missed = common::client::metric(
+        nodes[1].admin,
+        "varco_missed_turns_total",
+        "room=\"portal\"",
+    )
+    .await;
+    assert_eq!(missed, Some(0.0), "no turn was missed: there was none");
+}
+
 /// Redis comes back without its last writes (a restart from its last
 /// save): the same state, its queue counter behind two tickets already
 /// handed out. The node that saw them raises it again: a newcomer queues

@@ -305,6 +305,9 @@ proptest! {
                         Claim::Expired => {
                             expired.insert(n);
                         }
+                        // The state is one run: only a store tells runs
+                        // apart.
+                        Claim::OtherRun => prop_assert!(false, "{} of another run", n),
                     }
                 }
                 Op::Leave(i) if !active.is_empty() => {

@@ -155,6 +155,10 @@ pub enum Claim {
     Expired,
     /// This ticket already became a pass.
     AlreadyClaimed,
+    /// The number is of another run of the queue than the store's (Redis
+    /// lost its data since the ticket was signed): somebody else's now, or
+    /// a place the new run never gave. The ticket holds none.
+    OtherRun,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -215,9 +215,16 @@ elseif op == 'direct' then
     end
   end
 elseif op == 'claim' then
+  -- ARGV 12 number, 13 session id, 14 its expiry, 15 the run the number
+  -- is of (0 or none: any). A node that has not heard yet that Redis lost
+  -- its data takes a ticket of the lost run for one of this run: its
+  -- number is somebody else's here.
   local n = tonumber(ARGV[12])
+  local run = tonumber(ARGV[15] or '0') or 0
   expire()
-  if n > serving then
+  if run > 0 and run ~= tonumber(gen) then
+    result = 5
+  elseif n > serving then
     result, detail = 2, n - serving
   elseif n <= floor then
     result = 3

@@ -147,10 +147,14 @@ impl RoomStore for MemoryRoom {
     fn claim(
         &self,
         n: u64,
+        generation: u64,
         limits: Limits,
         session: NewSession,
         now_ms: u64,
     ) -> BoxFuture<'_, Result<Claim, StoreError>> {
+        if !self.holds_place(generation) {
+            return future::ready(Ok(Claim::OtherRun)).boxed();
+        }
         let mut state = self.lock();
         let c = state.claim(n, &limits, now_ms);
         if c == Claim::Admitted {
@@ -1045,8 +1049,16 @@ mod tests {
         store.save(10_000).unwrap();
         // Number 1 is called and admitted after the snapshot; then a crash.
         room.tick(l, 11_000).await.unwrap();
+        // A ticket of another run holds no place, and uses none.
+        let other = room.generation() ^ 1;
         assert_eq!(
-            room.claim(1, l, session(7), 11_500).await.unwrap(),
+            room.claim(1, other, l, session(6), 11_500).await.unwrap(),
+            Claim::OtherRun
+        );
+        assert_eq!(
+            room.claim(1, room.generation(), l, session(7), 11_500)
+                .await
+                .unwrap(),
             Claim::Admitted
         );
         drop((room, store));

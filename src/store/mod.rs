@@ -133,9 +133,14 @@ pub trait RoomStore: Send + Sync + 'static {
         session: NewSession,
         now_ms: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+    /// Claims the pass of number `n` of run `generation` (see
+    /// [`RoomStore::generation`]; 0: of any run). The store checks the run
+    /// itself: a node may not have heard yet that a shared store lost its
+    /// data.
     fn claim(
         &self,
         n: u64,
+        generation: u64,
         limits: Limits,
         session: NewSession,
         now_ms: u64,

@@ -635,6 +635,7 @@ impl RoomStore for RedisRoom {
     fn claim(
         &self,
         n: u64,
+        generation: u64,
         limits: Limits,
         session: NewSession,
         now_ms: u64,
@@ -644,6 +645,7 @@ impl RoomStore for RedisRoom {
                 n.to_string(),
                 hex(session.sid),
                 session.expires_ms.to_string(),
+                generation.to_string(),
             ];
             let r = match self.call("claim", &limits, now_ms, &args).await {
                 Ok(r) => r,
@@ -675,6 +677,7 @@ impl RoomStore for RedisRoom {
                     position: r.1 as u64,
                 },
                 3 => Claim::Expired,
+                5 => Claim::OtherRun,
                 _ => Claim::AlreadyClaimed,
             })
         }
