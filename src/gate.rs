@@ -540,7 +540,12 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         let idle = room.config.session_idle.as_millis() as u64;
         let pass = if pass.uc != 0 {
             // The store has the session of a claim whose answer never
-            // came: the claim was made, and its ticket is used.
+            // came: the claim was made, and its ticket is used. Its wait
+            // is counted now, as the claim's answer would have: from the
+            // arrival to the claim, when the pass was signed.
+            room.metrics
+                .wait_seconds
+                .observe(pass.at.saturating_sub(pass.arr) as f64 / 1000.0);
             let pass = PassClaims {
                 uc: 0,
                 ..renewed(room, &pass, r.now_ms)

@@ -666,6 +666,8 @@ async fn a_claim_left_unanswered(redis: &RedisServer) -> (upstream::Upstream, Ve
 async fn a_claim_nobody_could_confirm_keeps_its_turn() {
     let redis = RedisServer::start();
     let (_up, nodes, mut waiter) = a_claim_left_unanswered(&redis).await;
+    let waits = || common::client::metric(nodes[0].admin, "varco_wait_seconds_count", "");
+    let counted = waits().await.unwrap_or(0.0);
     let again = waiter.get("/apply").await;
     assert!(
         again.reached_upstream(),
@@ -685,6 +687,11 @@ async fn a_claim_nobody_could_confirm_keeps_its_turn() {
     assert!(
         waiter.get("/next").await.reached_upstream(),
         "the pass holds"
+    );
+    assert_eq!(
+        waits().await,
+        Some(counted + 1.0),
+        "its wait is counted, once"
     );
 }
 
