@@ -4,6 +4,7 @@
 //! store; the hot path of an admitted person only touches a local session.
 
 pub mod ahead;
+pub mod blocks;
 pub mod memory;
 pub mod redis;
 

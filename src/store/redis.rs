@@ -17,6 +17,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::ConnectionManager;
 use redis::Script;
 
+use super::blocks::Blocks;
 use super::{KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError};
 use crate::room::admission::{Claim, Issued, Limits, Mode};
 
@@ -151,7 +152,8 @@ impl RedisStore {
             nodes_script: self.nodes_script.clone(),
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
-            provisional: DashMap::new(),
+            provisional: Blocks::default(),
+            calls: AtomicU64::new(0),
             view: Mutex::new((0, RoomView::default())),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
@@ -191,11 +193,12 @@ pub struct RedisRoom {
     /// state, batches, claimed, sessions, history, provisional: one hash
     /// slot per room.
     keys: [String; 7],
-    /// Where each outage's provisional tickets were placed: epoch ->
-    /// (base, the generation of the state it was placed in). One of an
+    /// Where each outage's provisional tickets were placed. One of an
     /// earlier generation is kept to tell its tickets they lost their
     /// place (Redis lost its data after placing it).
-    provisional: DashMap<u64, (u64, u64)>,
+    provisional: Blocks,
+    /// Calls sent, in order: which answer was written after which.
+    calls: AtomicU64,
     lease_key: String,
     nodes_key: String,
     /// The operators' live changes every node follows (a hash: `version`
@@ -350,6 +353,7 @@ impl RedisRoom {
             inv.arg(a);
         }
         let mut conn = self.conn.clone();
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let r: Reply = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         let replied = RoomView {
             queue: r.2,
@@ -392,17 +396,9 @@ impl RedisRoom {
                 _ => None,
             })
             .collect();
-        // A tick's or a view's answer names every block Redis keeps: one
-        // of its state it no longer names was forgotten (its tickets have
-        // all expired).
-        if matches!(op, "tick" | "view") {
-            self.provisional.retain(|e, (_, placed_in)| {
-                *placed_in != generation || blocks.iter().any(|(epoch, _)| epoch == e)
-            });
-        }
-        for (epoch, base) in blocks {
-            self.provisional.insert(epoch, (base, generation));
-        }
+        // A tick's or a view's answer names every block Redis keeps.
+        self.provisional
+            .named(&blocks, generation, call, matches!(op, "tick" | "view"));
         if !lottery_kid.is_empty() {
             self.lottery_kid.replace(&lottery_kid);
         }
@@ -536,9 +532,8 @@ impl RedisRoom {
             match self.call("reserve", limits, now_ms, &args).await {
                 // Before the opening: placed behind the pre-queue at it.
                 Ok(r) if r.0 < 0 => waiting.push(blocks.remove(0)),
-                Ok(r) => {
-                    self.provisional
-                        .insert(epoch, (r.0 as u64, self.generation()));
+                // Its answer named the block, as it names every one.
+                Ok(_) => {
                     blocks.remove(0);
                 }
                 Err(e) => {
@@ -948,14 +943,11 @@ impl RoomStore for RedisRoom {
     }
 
     fn provisional_base(&self, epoch: u64) -> Option<u64> {
-        let (base, placed_in) = *self.provisional.get(&epoch)?;
-        (placed_in == self.generation()).then_some(base)
+        self.provisional.base(epoch, self.generation())
     }
 
     fn provisional_lost(&self, epoch: u64) -> bool {
-        self.provisional
-            .get(&epoch)
-            .is_some_and(|b| b.1 != self.generation())
+        self.provisional.lost(epoch, self.generation())
     }
 
     fn lottery_key_id(&self) -> Option<String> {
