@@ -607,6 +607,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // The person's turn came and went while they were away: said on the
     // page of the new ticket.
     let mut missed_turn = false;
+    // A ticket of a run the store has lost: it says nothing true any more.
+    let mut other_run = false;
     if let Some(t) = &ticket {
         let view = lane.store.view();
         match effective_number(room, lane, t, &view) {
@@ -711,7 +713,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                     }
                     // Of a run the store has lost: no turn was missed;
                     // the holder arrives afresh, as with no ticket.
-                    Some((Claim::OtherRun, _)) => {}
+                    Some((Claim::OtherRun, _)) => other_run = true,
                 }
             }
             // Before the opening's draw: the page says where the
@@ -726,7 +728,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // Its turn gone after all (claimed, lapsed meanwhile): no new place
     // while closed.
     if limits.mode == Mode::Closed {
-        return Ok(closed_page(ticket.as_ref()));
+        return Ok(closed_page(ticket.as_ref().filter(|_| !other_run)));
     }
     // A used or lapsed ticket is no ticket: its holder arrives afresh.
     let lane = if ticket.is_some() {

@@ -1101,6 +1101,56 @@ async fn a_ticket_of_a_lost_run_claims_nobodys_turn_in_the_new_one() {
     assert_eq!(missed, Some(0.0), "no turn was missed: there was none");
 }
 
+/// The same on a node whose room is closed: a called turn goes on to its
+/// claim there, and one of the lost run gets the closed page as anyone
+/// new does, not one that shows its old number as a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_of_a_lost_run_gets_the_plain_closed_page() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let open = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 10\nmode = \"queue_all\"",
+        "lease = \"3s\"",
+    );
+    let closed = open.replace("mode = \"queue_all\"", "mode = \"closed\"");
+    // The open node first: it takes the lease and calls the turns.
+    let nodes = vec![Gated::start(&open).await, Gated::start(&closed).await];
+    advance(&nodes, 1000).await;
+    let mut old = nodes[0].citizen();
+    assert!(old.get("/").await.is_waiting_page());
+    advance(&nodes, 1000).await;
+    advance(&nodes, 1000).await;
+
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+
+    let mut there = Citizen::new(nodes[1].addr);
+    there.jar = old.jar.clone();
+    let got = there
+        .request(
+            "GET",
+            "/",
+            varco::body::empty(),
+            &[("accept", "application/json")],
+        )
+        .await;
+    let j = got.json();
+    assert_eq!(j["state"], "closed", "{j}");
+    assert!(j["ticket"].is_null(), "the lost run's number shown: {j}");
+    assert!(newcomer.get("/").await.reached_upstream());
+}
+
 /// Redis comes back without its last writes (a restart from its last
 /// save): the same state, its queue counter behind two tickets already
 /// handed out. The node that saw them raises it again: a newcomer queues
