@@ -72,8 +72,9 @@ fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// read by its code, whoever saw it could skip the queue, as with the
 /// bypass secret. The portal learns what it needs from `X-Varco-Arrival`.
 pub fn strip_own(headers: &mut HeaderMap) {
-    // Most requests of an admitted person carry a pass: one search per
-    // header finds whether there is anything to do.
+    // A request without varco's cookies (an asset, a room without a
+    // gate, the portal's own calls) pays one search per header, and no
+    // header is built again.
     let finder = memchr::memmem::Finder::new(OWN_PREFIX);
     if !headers
         .get_all(COOKIE)

@@ -849,6 +849,40 @@ async fn a_malformed_answer_takes_no_upstream_out_of_rotation() {
     assert_eq!(seen, 4.0, "each is seen in the metrics");
 }
 
+/// An upstream that speaks no HTTP (a wrong port, a TLS server behind
+/// `http://`) is not a page's fault: it is counted and taken out, and a
+/// GET goes on to the next. (This pins the words hyper uses for it.)
+#[tokio::test]
+async fn an_upstream_that_speaks_no_http_is_taken_out() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await.is_some() {
+                    let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    let good = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[ssh, good.addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
+    ))
+    .await;
+    for _ in 0..4 {
+        let got = get(&v.url("/echo")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    let of = format!("room=\"portal\",upstream=\"{ssh}\"");
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", &of).await,
+        Some(0.0)
+    );
+    assert_eq!(good.hits(), 4);
+}
+
 /// An upstream whose `/bad` answers with a head no parser takes (a field
 /// line without a colon), and every other page well; with its count of
 /// requests for `/bad`.
