@@ -974,6 +974,86 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        // Over TLS, closing writes: what the TLS layer still holds, then
+        // its close_notify. A client that stopped reading would hold a
+        // closing connection for ever.
+        let this = self.project();
+        let r = this.inner.poll_shutdown(cx);
+        watch_write(this.stalled, *this.send_timeout, cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A TLS connection whose client stopped reading, closed while its
+    /// TLS layer still holds bytes the socket cannot take: the close
+    /// fails after send_timeout instead of waiting for ever.
+    #[tokio::test]
+    async fn a_close_that_cannot_be_sent_ends_after_send_timeout() {
+        crate::tls::install_crypto_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let private = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], private)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // The client finishes its handshake and then reads nothing.
+        let reader = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tls);
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(server))
+            .accept(tcp)
+            .await
+            .unwrap();
+        // Fill the socket, and the TLS layer behind it.
+        let chunk = vec![0u8; 1 << 20];
+        let filled = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                tls.write_all(&chunk).await.unwrap();
+            }
+        })
+        .await;
+        assert!(filled.is_err(), "the client's socket never filled");
+
+        let mut io = ActivityIo {
+            inner: tls,
+            activity: Arc::new(Activity::new()),
+            send_timeout: Duration::from_millis(300),
+            stalled: None,
+            sniffed: 0,
+        };
+        let closed = tokio::time::timeout(Duration::from_secs(10), io.shutdown()).await;
+        let error = closed
+            .expect("the close waited past send_timeout")
+            .expect_err("nothing could be sent");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        reader.abort();
     }
 }
