@@ -771,7 +771,14 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         Issued::PreQueue(p) => (0, p, String::new()),
         Issued::Provisional { epoch, seq } => (0, 0, format!("{epoch:016x}:{seq}")),
     };
-    let ttl = room.config.ticket_ttl.as_millis() as u64;
+    // A ticket taken before a scheduled opening is good for `ticket_ttl`
+    // from the opening: a place taken days ahead must not lapse before
+    // the line even moves.
+    let until_opening = room
+        .config
+        .opens_at_ms
+        .map_or(0, |opens| opens.saturating_sub(r.now_ms));
+    let ttl = room.config.ticket_ttl.as_millis() as u64 + until_opening;
     let mut claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
     claims.dg = provisional;
     claims.l = room.lane_label(lane).to_string();

@@ -581,6 +581,47 @@ async fn the_identity_provider_can_stand_behind_its_own_room() {
 /// serves first-come-first-served from `at` would otherwise hand its
 /// budget to whoever came at midnight.
 #[tokio::test]
+async fn a_prequeue_ticket_taken_long_before_the_opening_keeps_its_place() {
+    let up = upstream::spawn().await;
+    let opens = T0 + 120 * MIN;
+    let toml = config(
+        up.addr,
+        &format!(
+            "max_active = 100\nadmission_per_minute = 600\nticket_ttl = \"1h\"\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+        "",
+    );
+    let g = Gated::start(&toml).await;
+    let mut early = g.citizen();
+    let first = early.get("/").await;
+    assert!(first.is_waiting_page());
+    assert_eq!(
+        ticket_max_age(&first),
+        Some(3 * 3600),
+        "an hour past the opening"
+    );
+    // Past the ticket's hour, and past the opening's first tick.
+    g.advance(120 * MIN + 1_000).await;
+    let s = early.status("portal").await;
+    assert_eq!(s["state"], "admitted", "the pre-queue place held: {s}");
+    assert!(early.get("/").await.reached_upstream());
+}
+
+/// The Max-Age of the ticket cookie a response sets, in seconds.
+fn ticket_max_age(got: &common::client::Got) -> Option<u64> {
+    got.headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("varco_ticket_portal="))?
+        .split("; ")
+        .find_map(|a| a.strip_prefix("Max-Age="))?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
 async fn the_portal_gets_the_opening_as_a_prequeue_arrival() {
     let up = upstream::spawn().await;
     let opens = T0 + 10 * MIN;
