@@ -176,6 +176,12 @@ fn each_bad_value_names_its_key() {
             "store.snapshot",
         ),
         ("[store]\nlease = \"3\"\n", "store.lease"),
+        // Redis settings without kind = "redis": a cluster of separate
+        // queues, each node admitting its own max_active.
+        ("[store]\nurl = \"redis://10.0.0.9:6379/0\"\n", "store.url"),
+        ("[store]\ntls_ca = \"Cargo.toml\"\n", "store.tls_ca"),
+        ("[store]\nprefix = \"bonus:\"\n", "store.prefix"),
+        ("[store]\nlease = \"30s\"\n", "store.lease"),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
     ];
     for (bad, key) in cases {

@@ -10,7 +10,7 @@ use http::Uri;
 use ipnet::IpNet;
 
 use super::file::{
-    RawAdaptive, RawHealthCheck, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
+    RawAdaptive, RawHealthCheck, RawStore, DEFAULT_ADAPTIVE_STEP_FRACTION, DEFAULT_HEALTH_TIMEOUT,
     DEFAULT_IN_FLIGHT_QUEUE_FACTOR, DEFAULT_SESSION_BURST_SECONDS, MAX_MAX_FAILS, MAX_WEIGHT,
 };
 use super::units::{parse_duration, parse_size};
@@ -451,7 +451,27 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         }
     }
     let kind = match (raw.store.kind.as_str(), &raw.store.url) {
-        ("memory", _) => StoreKind::Memory,
+        ("memory", _) => {
+            // Redis settings with the memory store: most likely a cluster
+            // whose `kind` was forgotten, which would run as that many
+            // separate queues, each node admitting its own max_active.
+            let defaults = RawStore::default();
+            let for_redis = [
+                ("store.url", raw.store.url.is_some()),
+                ("store.tls_ca", raw.store.tls_ca.is_some()),
+                ("store.prefix", raw.store.prefix != defaults.prefix),
+                ("store.lease", raw.store.lease != defaults.lease),
+            ];
+            for (key, set) in for_redis {
+                if set {
+                    p.add(
+                        key,
+                        "is for the Redis store: set store.kind = \"redis\" (the memory store keeps one node's queue)",
+                    );
+                }
+            }
+            StoreKind::Memory
+        }
         ("redis", Some(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             if tls_ca.is_some() && url.starts_with("redis://") {
                 p.add("store.tls_ca", "is for TLS: write the url as rediss://");
