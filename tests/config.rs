@@ -28,6 +28,23 @@ fn defaults_apply() {
     assert!(c.rooms[0].preserve_host);
 }
 
+/// What the checks on a room's paths must not refuse: assets of their
+/// own path exempt beside a gated one, a detour inside the room, a path
+/// with a slash and an escape that is already canonical.
+#[test]
+fn rooms_partly_exempt_are_accepted() {
+    for room in [
+        "paths = [\"/app\", \"/assets\"]\nexempt_paths = [\"/assets/\"]\n",
+        "paths = [\"/app\"]\nexempt_paths = [\"/app/static/\"]\nflow_paths = [\"/app/oidc/callback\"]\n",
+        "paths = [\"/app/\", \"/caf%C3%A8\"]\n",
+    ] {
+        let toml = format!("[secrets]\nephemeral = true\n{ROOM}{room}");
+        if let Err(e) = Config::from_toml(&toml, Path::new(".")) {
+            panic!("refused {room:?}: {e}");
+        }
+    }
+}
+
 #[test]
 fn an_opening_keeps_the_zone_it_was_written_in() {
     let at = |t: &str| {
@@ -393,6 +410,29 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.flow_paths[1]",
         ),
         ("flow_paths = [\"/oidc//cb\"]\n", "rooms.portal.flow_paths[0]"),
+        // With its slash, the room's path still covers all of it.
+        (
+            "paths = [\"/app\"]\nflow_paths = [\"/app/\"]\n",
+            "rooms.portal.flow_paths[0]",
+        ),
+        // Every path of the room exempt: an ungated room.
+        (
+            "paths = [\"/app\"]\nexempt_paths = [\"/app\"]\n",
+            "rooms.portal.exempt_paths",
+        ),
+        (
+            "paths = [\"/app\", \"/assets\"]\nexempt_paths = [\"/assets/\", \"/app/\"]\n",
+            "rooms.portal.exempt_paths",
+        ),
+        // Room paths requests can never be matched on once made canonical.
+        (
+            "paths = [\"/servizi%2Fbonus\"]\n",
+            "rooms.portal.paths[0]",
+        ),
+        ("paths = [\"/a//b\"]\n", "rooms.portal.paths[0]"),
+        ("paths = [\"/a/./b\"]\n", "rooms.portal.paths[0]"),
+        ("paths = [\"/%7Euser\"]\n", "rooms.portal.paths[0]"),
+        ("paths = [\"/app;v=1\"]\n", "rooms.portal.paths[0]"),
         ("flow_paths = [\"oidc\"]\n", "rooms.portal.flow_paths[0]"),
         (
             "page_template = \"/nonexistent/page.html\"\n",

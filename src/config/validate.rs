@@ -657,6 +657,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     key(&format!("paths[{i}]")),
                     format!("\"{path}\" is not a path prefix: it starts with '/' and has no query"),
                 );
+            } else if crate::request_path::normalise(path) != Ok(None)
+                || crate::router::as_matched(path) != path.as_str()
+            {
+                // Requests are matched once made canonical, their escaped
+                // slashes read as slashes: this prefix would match none,
+                // and its traffic would go to another room (an ungated
+                // one, say).
+                p.add(
+                    key(&format!("paths[{i}]")),
+                    format!("\"{path}\" is not a path in canonical form (no `//`, `.` or `..` segments, `;` parameters, escaped or back slashes, escapes of unreserved characters, or lower-case escapes): it would never match; write \"{}\"", crate::router::as_matched(&crate::request_path::normalise(path).ok().flatten().unwrap_or_else(|| path.clone()))),
+                );
             }
             for h in &hosts {
                 if let Some(other) = routes.insert((h.clone(), path.clone()), name.clone()) {
@@ -718,6 +729,18 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             .as_ref()
             .map(|b| parse_bypass(b, "bypass", &key, base, &mut p))
             .unwrap_or_default();
+        // Every path of the room exempt: nobody would meet the gate.
+        if !r.exempt_paths.iter().any(|e| e == "/")
+            && !r.paths.is_empty()
+            && r.paths
+                .iter()
+                .all(|room_path| r.exempt_paths.iter().any(|e| covers(e, room_path)))
+        {
+            p.add(
+                key("exempt_paths"),
+                format!("cover every path of the room ({}): nobody would meet the gate; for a room without a gate, set mode = \"passthrough\"", r.paths.join(", ")),
+            );
+        }
         for (i, e) in r.exempt_paths.iter().enumerate() {
             let at = key(&format!("exempt_paths[{i}]"));
             if e == "/" {
@@ -733,11 +756,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             let at = key(&format!("flow_paths[{i}]"));
             // A detour that covers the whole room lets every ticket holder
             // past the queue (and a closed room) on any path.
-            if let Some(room_path) = r
-                .paths
-                .iter()
-                .find(|room_path| crate::router::prefix_matches(e, room_path))
-            {
+            if let Some(room_path) = r.paths.iter().find(|room_path| covers(e, room_path)) {
                 p.add(
                     at,
                     format!("\"{e}\" covers the room's path \"{room_path}\": every ticket holder would skip the queue; name the login callback itself (e.g. \"/oidc/callback\")"),
@@ -1456,6 +1475,14 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
 
 /// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
 /// as written, if it could not.
+/// Whether a path prefix `e` takes in everything under a room's path:
+/// the path itself or one above it, or the path with its slash (`/app/`
+/// for `/app`, which leaves out only `/app` itself).
+fn covers(e: &str, room_path: &str) -> bool {
+    crate::router::prefix_matches(e, room_path)
+        || e.strip_suffix('/') == Some(room_path.trim_end_matches('/'))
+}
+
 fn prefix_problem(e: &str, kind: &str) -> Option<String> {
     if !e.starts_with('/') {
         Some(format!("\"{e}\" is not a path prefix: it starts with '/'"))
