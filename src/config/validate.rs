@@ -514,6 +514,21 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         snapshot_interval: p.duration("store.snapshot_interval", &raw.store.snapshot_interval),
         tick: p.duration("store.tick", &raw.store.tick),
     };
+    // Ticks and leases are counted in whole milliseconds: below one, a
+    // tick of 0 ms would find a gap at every tick (every claim window
+    // pushed on, no turn ever lapsing), and a lease of 0 ms none to set.
+    if store.tick < MIN_TICK {
+        p.add(
+            "store.tick",
+            format!("must be at least {MIN_TICK:?}: ticks are counted in whole milliseconds, and more often only loads the store"),
+        );
+    }
+    if matches!(store.kind, StoreKind::Redis { .. }) && store.lease < MIN_LEASE {
+        p.add(
+            "store.lease",
+            format!("must be at least {MIN_LEASE:?}: a call to Redis may take up to half a second before it counts as failed"),
+        );
+    }
     // The lease is renewed once a tick: shorter than two ticks, one late
     // tick lets it lapse and the room's counters change hands for nothing.
     if matches!(store.kind, StoreKind::Redis { .. }) && store.lease < store.tick * 2 {
@@ -1482,6 +1497,9 @@ fn covers(e: &str, room_path: &str) -> bool {
     crate::router::prefix_matches(e, room_path)
         || e.strip_suffix('/') == Some(room_path.trim_end_matches('/'))
 }
+
+const MIN_TICK: Duration = Duration::from_millis(10);
+const MIN_LEASE: Duration = Duration::from_secs(1);
 
 fn prefix_problem(e: &str, kind: &str) -> Option<String> {
     if !e.starts_with('/') {
