@@ -45,6 +45,34 @@ fn rooms_partly_exempt_are_accepted() {
     }
 }
 
+/// `check-config` prints the resolved config (the systemd unit runs it
+/// before every start, into the journal): never the Redis password.
+#[test]
+fn the_printed_config_keeps_the_redis_password_out() {
+    let toml = format!(
+        "[secrets]\nephemeral = true\n[store]\nkind = \"redis\"\nurl = \"redis://varco:s3cret-pw@10.0.0.9:6379/0\"\n{ROOM}"
+    );
+    let printed = Config::from_toml(&toml, Path::new(".")).unwrap().to_toml();
+    assert!(!printed.contains("s3cret-pw"), "{printed}");
+    assert!(
+        printed.contains("url = \"redis://varco:***@10.0.0.9:6379/0\""),
+        "{printed}"
+    );
+    let e = errors(&format!(
+        "[store]\nkind = \"redis\"\nurl = \"http://:s3cret-pw@x\"\n{ROOM}"
+    ));
+    assert!(!e.to_string().contains("s3cret-pw"), "{e}");
+    for (url, shown) in [
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("rediss://u:p@w@h/2", "rediss://u:***@h/2"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis://user@h", "redis://user@h"),
+        ("redis://h/0?x=a@b", "redis://h/0?x=a@b"),
+    ] {
+        assert_eq!(varco::config::redacted(url), shown, "{url}");
+    }
+}
+
 #[test]
 fn an_opening_keeps_the_zone_it_was_written_in() {
     let at = |t: &str| {

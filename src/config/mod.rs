@@ -415,9 +415,29 @@ impl Config {
         validate::validate(raw, base)
     }
 
-    /// The resolved config as TOML, every default spelled out.
+    /// The resolved config as TOML, every default spelled out; the Redis
+    /// password left out (`check-config` prints this, to a terminal or a
+    /// journal).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(&self.raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        let mut raw = self.raw.clone();
+        raw.store.url = raw.store.url.as_deref().map(redacted);
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// A URL with the password of its user part written as `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((user, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match user.split_once(':') {
+        Some((name, _)) => format!("{scheme}://{name}:***@{host}{path}"),
+        None => url.to_string(),
     }
 }
 

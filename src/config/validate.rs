@@ -483,7 +483,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         ("redis", Some(url)) => {
-            p.add("store.url", format!("\"{url}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS"));
+            p.add("store.url", format!("\"{}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS", super::redacted(url)));
             StoreKind::Memory
         }
         ("redis", None) => {
