@@ -73,6 +73,28 @@ fn the_printed_config_keeps_the_redis_password_out() {
     }
 }
 
+/// A host written with the root's dot matches requests for it, which
+/// lose theirs before they are matched.
+#[test]
+fn a_host_with_the_roots_dot_matches() {
+    let toml = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\nhosts = [\"Portale.Example.it.\", \"*.example.org.\"]\n";
+    let c = Config::from_toml(toml, Path::new(".")).unwrap();
+    let rooms: Vec<std::sync::Arc<varco::room::Room>> = c
+        .rooms
+        .into_iter()
+        .map(|r| std::sync::Arc::new(varco::room::Room::standalone(r)))
+        .collect();
+    let router = varco::router::Router::new(&rooms);
+    for host in [
+        "portale.example.it",
+        "portale.example.it.",
+        "www.example.org",
+    ] {
+        assert!(router.route(Some(host), "/").is_some(), "{host}");
+    }
+    assert!(router.route(Some("example.it"), "/").is_none());
+}
+
 #[test]
 fn an_opening_keeps_the_zone_it_was_written_in() {
     let at = |t: &str| {

@@ -1119,6 +1119,9 @@ fn parse_upstream(text: &str) -> Result<Uri, String> {
 
 fn parse_host(text: &str) -> Result<HostPattern, String> {
     let t = text.trim().to_ascii_lowercase();
+    // The root's dot (`example.org.`): a request's Host loses it before it
+    // is matched, so written here it would match nothing.
+    let t = t.strip_suffix('.').map(str::to_string).unwrap_or(t);
     let valid = |h: &str| {
         !h.is_empty()
             && h.chars()
