@@ -95,6 +95,22 @@ fn a_host_with_the_roots_dot_matches() {
     assert!(router.route(Some("example.it"), "/").is_none());
 }
 
+/// A value that does not parse is reported once, for what it is: not
+/// judged again on the stand-in the check goes on with.
+#[test]
+fn a_value_that_does_not_parse_is_one_problem() {
+    let e = errors(&format!(
+        "[secrets]\nephemeral = true\n{ROOM}claim_window = \"60\"\n"
+    ));
+    let about: Vec<&str> =
+        e.0.iter()
+            .filter(|p| p.key == "rooms.portal.claim_window")
+            .map(|p| p.reason.as_str())
+            .collect();
+    assert_eq!(about.len(), 1, "{about:?}");
+    assert!(!about[0].contains("at least"), "{about:?}");
+}
+
 #[test]
 fn an_opening_keeps_the_zone_it_was_written_in() {
     let at = |t: &str| {

@@ -38,8 +38,15 @@ struct Problems(Vec<ConfigError>);
 
 impl Problems {
     fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        let key = key.into();
+        // One problem per key: a later check of a key already found wrong
+        // judges the stand-in value the first left (a duration that did
+        // not parse reads as 1 s), not what was written.
+        if self.0.iter().any(|e| e.key == key) {
+            return;
+        }
         self.0.push(ConfigError {
-            key: key.into(),
+            key,
             reason: reason.into(),
         });
     }
