@@ -262,10 +262,6 @@ fn each_bad_value_names_its_key() {
         // Counted in whole milliseconds: 0 ms ticks pushed every claim
         // window on at every tick.
         ("[store]\ntick = \"500us\"\n", "store.tick"),
-        (
-            "[store]\nkind = \"redis\"\nurl = \"redis://x\"\ntick = \"100ms\"\nlease = \"900ms\"\n",
-            "store.lease",
-        ),
         // Redis settings without kind = "redis": a cluster of separate
         // queues, each node admitting its own max_active.
         ("[store]\nurl = \"redis://10.0.0.9:6379/0\"\n", "store.url"),

@@ -523,17 +523,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     };
     // Ticks and leases are counted in whole milliseconds: below one, a
     // tick of 0 ms would find a gap at every tick (every claim window
-    // pushed on, no turn ever lapsing), and a lease of 0 ms none to set.
+    // pushed on, no turn ever lapsing), and a lease of 0 ms none to set
+    // (the lease is at least two ticks, below).
     if store.tick < MIN_TICK {
         p.add(
             "store.tick",
             format!("must be at least {MIN_TICK:?}: ticks are counted in whole milliseconds, and more often only loads the store"),
-        );
-    }
-    if matches!(store.kind, StoreKind::Redis { .. }) && store.lease < MIN_LEASE {
-        p.add(
-            "store.lease",
-            format!("must be at least {MIN_LEASE:?}: a call to Redis may take up to half a second before it counts as failed"),
         );
     }
     // The lease is renewed once a tick: shorter than two ticks, one late
@@ -1509,7 +1504,6 @@ fn covers(e: &str, room_path: &str) -> bool {
 }
 
 const MIN_TICK: Duration = Duration::from_millis(10);
-const MIN_LEASE: Duration = Duration::from_secs(1);
 
 fn prefix_problem(e: &str, kind: &str) -> Option<String> {
     if !e.starts_with('/') {
