@@ -95,6 +95,16 @@ fn a_host_with_the_roots_dot_matches() {
     assert!(router.route(Some("example.it"), "/").is_none());
 }
 
+/// A short admin token is named by the key its tokens came from.
+#[test]
+fn a_short_admin_token_names_where_it_came_from() {
+    std::env::set_var("VARCO_TEST_SHORT_ADMIN", "ops:short");
+    let e = errors(&format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_SHORT_ADMIN\"\n{ROOM}"
+    ));
+    assert!(e.names("admin.tokens_env"), "{e}");
+}
+
 /// A value that does not parse is reported once, for what it is: not
 /// judged again on the stand-in the check goes on with.
 #[test]

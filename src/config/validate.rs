@@ -1485,16 +1485,20 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             ),
         }
     }
+    // Named by where the tokens came from, as the operator wrote it.
+    let source = if a.tokens_file.is_some() {
+        "admin.tokens_file"
+    } else {
+        "admin.tokens_env"
+    };
     for t in &tokens {
         if t.token.len() < 16 {
-            p.add("admin", format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
+            p.add(source, format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
         }
     }
     tokens
 }
 
-/// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
-/// as written, if it could not.
 /// Whether a path prefix `e` takes in everything under a room's path:
 /// the path itself or one above it, or the path with its slash (`/app/`
 /// for `/app`, which leaves out only `/app` itself).
@@ -1503,8 +1507,11 @@ fn covers(e: &str, room_path: &str) -> bool {
         || e.strip_suffix('/') == Some(room_path.trim_end_matches('/'))
 }
 
+/// The shortest admission tick: ticks are counted in whole milliseconds.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
+/// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
+/// as written, if it could not.
 fn prefix_problem(e: &str, kind: &str) -> Option<String> {
     if !e.starts_with('/') {
         Some(format!("\"{e}\" is not a path prefix: it starts with '/'"))
