@@ -70,7 +70,8 @@ fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `Cookie` headers before a request goes to the portal. A pass is a
 /// bearer credential: in a portal's logs (many log the whole header), or
 /// read by its code, whoever saw it could skip the queue, as with the
-/// bypass secret. The portal learns what it needs from `X-Varco-Arrival`.
+/// bypass secret. What the portal may know of the person's place in line
+/// is in `X-Varco-Arrival` (with an arrival key).
 pub fn strip_own(headers: &mut HeaderMap) {
     // A request without varco's cookies (an asset, a room without a
     // gate, the portal's own calls) pays one search per header, and no

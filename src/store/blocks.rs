@@ -69,7 +69,7 @@ mod tests {
         let b = Blocks::default();
         // Call 5 (a view) was written before call 7 (a reserve) placed
         // epoch 0xe at 40; the reserve's answer is taken first.
-        b.named(&[(0xe, 40)], 100, 7, true);
+        b.named(&[(0xe, 40)], 100, 7, false);
         b.named(&[], 100, 5, true);
         assert_eq!(
             b.base(0xe, 100),
