@@ -1044,6 +1044,37 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     }
 }
 
+/// In a `queue_all` room over `nodes` (node 0 leading): a ticket taken on
+/// node `on` and called on both nodes' views; then Redis loses its data,
+/// and node 0 alone hears of it, gives a newcomer the new run's number 1
+/// and calls it. The old ticket's holder and the newcomer.
+async fn a_run_lost_under_a_called_ticket(
+    redis: &RedisServer,
+    nodes: &[Gated],
+    on: usize,
+) -> (Citizen, Citizen) {
+    advance(nodes, 1000).await;
+    let mut old = nodes[on].citizen();
+    assert!(old.get("/").await.is_waiting_page());
+    // Called, on both nodes' views (whichever leads ticks first).
+    advance(nodes, 1000).await;
+    advance(nodes, 1000).await;
+
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    for g in nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    for g in nodes {
+        g.clock.advance_ms(1000);
+    }
+    // Number 1 of the new run is called; node 1 has not asked since.
+    nodes[0].app.tick().await;
+    (old, newcomer)
+}
+
 /// A node that has not heard yet that Redis lost its data still sees the
 /// old run's counters: a ticket of that run it thinks called goes to
 /// claim. Redis, which knows the run, refuses it: its number is a
@@ -1059,26 +1090,8 @@ async fn a_ticket_of_a_lost_run_claims_nobodys_turn_in_the_new_one() {
         "lease = \"3s\"",
     );
     let nodes = nodes(&cfg, 2).await;
-    advance(&nodes, 1000).await;
-    let mut old = nodes[1].citizen();
-    assert!(old.get("/").await.is_waiting_page());
-    // Called, on both nodes' views (whichever leads ticks first).
-    advance(&nodes, 1000).await;
-    advance(&nodes, 1000).await;
-
-    assert_eq!(redis.command("FLUSHALL"), "+OK");
-    for g in &nodes {
-        g.clock.advance_ms(1000);
-    }
-    nodes[0].app.tick().await;
-    let mut newcomer = nodes[0].citizen();
-    assert!(newcomer.get("/").await.is_waiting_page());
+    let (mut old, mut newcomer) = a_run_lost_under_a_called_ticket(&redis, &nodes, 1).await;
     assert_eq!(newcomer.status("portal").await["ticket"], 1);
-    for g in &nodes {
-        g.clock.advance_ms(1000);
-    }
-    // Number 1 of the new run is called; node 1 has not asked since.
-    nodes[0].app.tick().await;
 
     let got = old.get("/").await;
     assert!(
@@ -1117,23 +1130,7 @@ async fn a_ticket_of_a_lost_run_gets_the_plain_closed_page() {
     let closed = open.replace("mode = \"queue_all\"", "mode = \"closed\"");
     // The open node first: it takes the lease and calls the turns.
     let nodes = vec![Gated::start(&open).await, Gated::start(&closed).await];
-    advance(&nodes, 1000).await;
-    let mut old = nodes[0].citizen();
-    assert!(old.get("/").await.is_waiting_page());
-    advance(&nodes, 1000).await;
-    advance(&nodes, 1000).await;
-
-    assert_eq!(redis.command("FLUSHALL"), "+OK");
-    for g in &nodes {
-        g.clock.advance_ms(1000);
-    }
-    nodes[0].app.tick().await;
-    let mut newcomer = nodes[0].citizen();
-    assert!(newcomer.get("/").await.is_waiting_page());
-    for g in &nodes {
-        g.clock.advance_ms(1000);
-    }
-    nodes[0].app.tick().await;
+    let (old, mut newcomer) = a_run_lost_under_a_called_ticket(&redis, &nodes, 0).await;
 
     let mut there = Citizen::new(nodes[1].addr);
     there.jar = old.jar.clone();
