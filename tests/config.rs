@@ -272,6 +272,16 @@ fn each_bad_value_names_its_key() {
         // Counted in whole milliseconds: 0 ms ticks pushed every claim
         // window on at every tick.
         ("[store]\ntick = \"500us\"\n", "store.tick"),
+        // Read as the store reads them at start: no check that passes
+        // before a start that fails.
+        (
+            "[store]\nkind = \"redis\"\nurl = \"rediss://x\"\ntls_ca = \"Cargo.toml\"\n",
+            "store.tls_ca",
+        ),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"redis://x:notaport/0\"\n",
+            "store.url",
+        ),
         // Redis settings without kind = "redis": a cluster of separate
         // queues, each node admitting its own max_active.
         ("[store]\nurl = \"redis://10.0.0.9:6379/0\"\n", "store.url"),

@@ -483,6 +483,22 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             if tls_ca.is_some() && url.starts_with("redis://") {
                 p.add("store.tls_ca", "is for TLS: write the url as rediss://");
             }
+            // Read now as the store will read them at start: a check that
+            // passes must not leave a start that fails.
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                p.add(
+                    "store.url",
+                    format!(
+                        "\"{}\" cannot be read as a Redis URL: {e}",
+                        super::redacted(url)
+                    ),
+                );
+            }
+            if let Some(ca) = tls_ca.as_ref().filter(|ca| ca.is_file()) {
+                if let Err(e) = crate::tls::read_certificates(ca) {
+                    p.add("store.tls_ca", e);
+                }
+            }
             StoreKind::Redis {
                 url: url.clone(),
                 prefix: raw.store.prefix.clone(),
