@@ -546,11 +546,7 @@ fn into_client_response(
             }
             // `Trailer` goes with the hop-by-hop fields (RFC 2616 had it
             // there) and comes back for the fields that will follow.
-            let announced = parts
-                .headers
-                .contains_key(TRAILER)
-                .then(|| announced_trailers(&parts.headers))
-                .flatten();
+            let announced = announced_trailers(&parts.headers);
             strip_hop_by_hop(&mut parts.headers);
             if let Some(names) = announced {
                 parts.headers.insert(TRAILER, names);
