@@ -875,14 +875,7 @@ async fn a_turn_redis_cannot_confirm_gets_a_try_again_with_a_reference() {
         "the page names the same reference: {}",
         got.text()
     );
-    let api = next
-        .request(
-            "GET",
-            "/",
-            varco::body::empty(),
-            &[("accept", "application/json")],
-        )
-        .await;
+    let api = next.get_json("/").await;
     assert_eq!(api.status, 503);
     assert!(
         api.headers.get("refresh").is_none(),
@@ -1134,14 +1127,7 @@ async fn a_ticket_of_a_lost_run_gets_the_plain_closed_page() {
 
     let mut there = Citizen::new(nodes[1].addr);
     there.jar = old.jar.clone();
-    let got = there
-        .request(
-            "GET",
-            "/",
-            varco::body::empty(),
-            &[("accept", "application/json")],
-        )
-        .await;
+    let got = there.get_json("/").await;
     let j = got.json();
     assert_eq!(j["state"], "closed", "{j}");
     assert!(j["ticket"].is_null(), "the lost run's number shown: {j}");

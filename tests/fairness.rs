@@ -22,6 +22,12 @@ const DETOUR_ROOM: &str =
     "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/oidc/callback\"]\nflow_window = \"10m\"";
 const ADMIN: &str = "auditor:let-me-see-the-admission-log";
 
+/// A room of [`config`] that opens at `opens`, with `room` keys.
+fn opening_at(up: std::net::SocketAddr, opens: u64, room: &str) -> String {
+    let at = varco::timefmt::rfc3339(opens);
+    config(up, &format!("{room}\nopens_at = \"{at}\""), "")
+}
+
 /// A room with real keys (so the binary can check receipts offline), the
 /// arrival key the portal shares, and an admin token.
 fn config(up: std::net::SocketAddr, room: &str, top: &str) -> String {
@@ -197,13 +203,10 @@ async fn receipts_verify_and_the_portal_gets_a_signed_arrival() {
 async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
     let up = upstream::spawn().await;
     let opens = T0 + 10 * MIN;
-    let toml = config(
+    let toml = opening_at(
         up.addr,
-        &format!(
-            "max_active = 100\nadmission_per_minute = 60\nopens_at = \"{}\"",
-            varco::timefmt::rfc3339(opens)
-        ),
-        "",
+        opens,
+        "max_active = 100\nadmission_per_minute = 60",
     );
     let g = Gated::start(&toml).await;
     let mut early: Vec<Citizen> = (0..12).map(|_| g.citizen()).collect();
@@ -576,21 +579,17 @@ async fn the_identity_provider_can_stand_behind_its_own_room() {
     assert_eq!(idp.hits(), 1);
 }
 
-/// The portal learns a pre-queue ticket's arrival as the opening: the
-/// draw, not the hour of arrival, orders the pre-queue, and a portal that
-/// serves first-come-first-served from `at` would otherwise hand its
-/// budget to whoever came at midnight.
+/// A pre-queue ticket is good for `ticket_ttl` from the opening, not from
+/// when it was taken: a place taken hours ahead holds until the line
+/// moves.
 #[tokio::test]
 async fn a_prequeue_ticket_taken_long_before_the_opening_keeps_its_place() {
     let up = upstream::spawn().await;
     let opens = T0 + 120 * MIN;
-    let toml = config(
+    let toml = opening_at(
         up.addr,
-        &format!(
-            "max_active = 100\nadmission_per_minute = 600\nticket_ttl = \"1h\"\nopens_at = \"{}\"",
-            varco::timefmt::rfc3339(opens)
-        ),
-        "",
+        opens,
+        "max_active = 100\nadmission_per_minute = 600\nticket_ttl = \"1h\"",
     );
     let g = Gated::start(&toml).await;
     let mut early = g.citizen();
@@ -621,17 +620,18 @@ fn ticket_max_age(got: &common::client::Got) -> Option<u64> {
         .ok()
 }
 
+/// The portal learns a pre-queue ticket's arrival as the opening: the
+/// draw, not the hour of arrival, orders the pre-queue, and a portal that
+/// serves first-come-first-served from `at` would otherwise hand its
+/// budget to whoever came at midnight.
 #[tokio::test]
 async fn the_portal_gets_the_opening_as_a_prequeue_arrival() {
     let up = upstream::spawn().await;
     let opens = T0 + 10 * MIN;
-    let toml = config(
+    let toml = opening_at(
         up.addr,
-        &format!(
-            "max_active = 100\nadmission_per_minute = 600\nopens_at = \"{}\"",
-            varco::timefmt::rfc3339(opens)
-        ),
-        "",
+        opens,
+        "max_active = 100\nadmission_per_minute = 600",
     );
     let g = Gated::start(&toml).await;
     let mut early = g.citizen();

@@ -183,9 +183,7 @@ async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
     assert_eq!(api.status("portal").await["state"], "admitted");
     g.advance(61_000).await; // and api's lapses
     assert_eq!(api.status("portal").await["state"], "none");
-    let got = api
-        .request("GET", "/", body::empty(), &[("accept", "application/json")])
-        .await;
+    let got = api.get_json("/").await;
     assert_eq!(got.status, 429);
     assert_eq!(got.json()["missed_turn"], true, "{}", got.text());
 }
@@ -386,14 +384,7 @@ async fn api_clients_get_json_with_429_and_retry_after() {
     let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
     g.citizen().get("/").await;
     let mut api = g.citizen();
-    let got = api
-        .request(
-            "GET",
-            "/api/x",
-            body::empty(),
-            &[("accept", "application/json")],
-        )
-        .await;
+    let got = api.get_json("/api/x").await;
     assert_eq!(got.status, 429);
     let retry: u64 = got.headers["retry-after"]
         .to_str()
@@ -1749,9 +1740,7 @@ async fn a_short_claim_window_makes_the_page_ask_sooner() {
         .expect("the page says how often it polls");
     // The page waits up to 1.3 times this: two polls inside 20 s.
     assert!((5..=7).contains(&poll), "polls every {poll}s");
-    let got = b
-        .request("GET", "/", body::empty(), &[("accept", "application/json")])
-        .await;
+    let got = b.get_json("/").await;
     assert_eq!(got.status, 429);
     let retry: u64 = got.headers["retry-after"]
         .to_str()

@@ -184,15 +184,19 @@ impl Citizen {
         self.request("GET", path, body::empty(), &[]).await
     }
 
+    /// A GET as an API client sends it (`Accept: application/json`).
+    pub async fn get_json(&mut self, path: &str) -> Got {
+        self.request(
+            "GET",
+            path,
+            body::empty(),
+            &[("accept", "application/json")],
+        )
+        .await
+    }
+
     pub async fn status(&mut self, room: &str) -> serde_json::Value {
-        let got = self
-            .request(
-                "GET",
-                &format!("/.varco/status?room={room}"),
-                body::empty(),
-                &[("accept", "application/json")],
-            )
-            .await;
+        let got = self.get_json(&format!("/.varco/status?room={room}")).await;
         assert_eq!(got.status, 200, "{}", got.text());
         got.json()
     }
