@@ -484,17 +484,27 @@ fn provisional_place(t: &TicketClaims) -> Option<(u64, u64)> {
 
 /// The place of a ticket in its lane's order, or None before the opening.
 fn effective_number(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView) -> Option<u64> {
+    place_in_run(room, lane, t, view).map(|(n, _)| n)
+}
+
+/// A ticket's place with the run of the queue it is a place in: the
+/// ticket's own, or for a provisional ticket the run its block was placed
+/// in, which the store names with the place (else the store's generation,
+/// read again, could be a newer run's than the place).
+fn place_in_run(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView) -> Option<(u64, u64)> {
     if !t.dg.is_empty() {
         let (epoch, seq) = provisional_place(t)?;
-        return lane.store.provisional_base(epoch).map(|base| base + seq);
+        let (base, run) = lane.store.provisional_base(epoch)?;
+        return Some((base + seq, run));
     }
-    if t.pre == 0 {
-        return Some(t.n);
-    }
-    if !view.opened {
+    let n = if t.pre == 0 {
+        t.n
+    } else if view.opened {
+        room.lottery_place(t.pre, view.prequeue)?
+    } else {
         return None;
-    }
-    room.lottery_place(t.pre, view.prequeue)
+    };
+    Some((n, t.g))
 }
 
 /// The store failed the gate: the "try again" page, with a cookie to set
@@ -611,8 +621,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     let mut other_run = false;
     if let Some(t) = &ticket {
         let view = lane.store.view();
-        match effective_number(room, lane, t, &view) {
-            Some(n) => {
+        match place_in_run(room, lane, t, &view) {
+            Some((n, run)) => {
                 // Not yet eligible by the counters in hand: no claim to try.
                 // A reload in line then costs no store round trip (in
                 // cluster mode, none to Redis) and no session id.
@@ -620,13 +630,6 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                     None
                 } else {
                     let session = new_session(room, r);
-                    // A provisional ticket's number is of the run its
-                    // block was placed in, which is the store's as this
-                    // node knows it (else it would have no number).
-                    let run = match provisional_place(t) {
-                        Some(_) => lane.store.generation(),
-                        None => t.g,
-                    };
                     let c = match lane.store.claim(n, run, limits, session, r.now_ms).await {
                         Ok(c) => c,
                         // The claim may have been made, its answer (and

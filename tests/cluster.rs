@@ -1329,6 +1329,7 @@ async fn a_block_of_provisional_tickets_is_forgotten_once_they_all_expire() {
         g.app.room("portal").unwrap().lanes[0]
             .store
             .provisional_base(epoch)
+            .map(|(base, _)| base)
     };
 
     let redis = RedisServer::start_with(port, Some(&dir));

@@ -229,8 +229,9 @@ pub trait RoomStore: Send + Sync + 'static {
         future::ready(Ok(None)).boxed()
     }
     /// Where the block of provisional tickets of outage `epoch` starts in
-    /// the queue, once the store has placed it.
-    fn provisional_base(&self, _epoch: u64) -> Option<u64> {
+    /// the queue, once the store has placed it, with the run it was placed
+    /// in (read once with the place, so the two cannot disagree).
+    fn provisional_base(&self, _epoch: u64) -> Option<(u64, u64)> {
         None
     }
     /// Whether the block of outage `epoch` was placed in a state the

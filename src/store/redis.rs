@@ -942,8 +942,9 @@ impl RoomStore for RedisRoom {
         g == 0 || current == 0 || g >= current
     }
 
-    fn provisional_base(&self, epoch: u64) -> Option<u64> {
-        self.provisional.base(epoch, self.generation())
+    fn provisional_base(&self, epoch: u64) -> Option<(u64, u64)> {
+        let run = self.generation();
+        self.provisional.base(epoch, run).map(|base| (base, run))
     }
 
     fn provisional_lost(&self, epoch: u64) -> bool {
