@@ -242,7 +242,7 @@ async fn open_to_length(
 ) -> std::io::Result<tokio::io::Take<tokio::fs::File>> {
     use tokio::io::AsyncReadExt;
     let file = tokio::fs::File::open(log.path()).await?;
-    let len = log.committed_len()?;
+    let len = log.committed_len();
     Ok(file.take(len))
 }
 

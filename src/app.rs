@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::audit::AuditLog;
+use crate::audit::{self, AuditLog};
 use crate::clock::{self, SharedClock};
 use crate::config::file::RawServer;
 use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind, TlsConfig};
@@ -105,7 +105,7 @@ pub struct App {
     /// The last hour of each room, for the operator page.
     history: History,
     /// The admission log, when `audit.log` is set.
-    audit: Option<AuditLog>,
+    audit: Option<audit::Writer>,
     /// SIGHUP's stream when the caller installed it before saying it
     /// listens; the reload task takes it.
     hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
@@ -230,12 +230,16 @@ impl App {
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
         let audit = match &config.audit_log {
-            Some(path) => Some(AuditLog::open(path, &node_name()).map_err(|e| {
-                AppError::Store(format!("audit.log: cannot open {}: {e}", path.display()))
-            })?),
+            Some(path) => Some(
+                AuditLog::open(path, &node_name())
+                    .and_then(audit::Writer::new)
+                    .map_err(|e| {
+                        AppError::Store(format!("audit.log: cannot open {}: {e}", path.display()))
+                    })?,
+            ),
             None => None,
         };
-        if let (Some(log), Stores::Memory(_)) = (&audit, &stores) {
+        if let (Some(log), Stores::Memory(_)) = (audit.as_ref().map(|w| w.log()), &stores) {
             let routing = routing.load();
             for room in routing.rooms.iter() {
                 for lane in &room.lanes {
@@ -292,31 +296,45 @@ impl App {
     }
 
     pub fn audit(&self) -> Option<&AuditLog> {
-        self.audit.as_ref()
+        self.audit.as_ref().map(|w| w.log())
     }
 
     /// Appends what a room's lane admitted since the last record, if this
     /// node advances it.
-    fn log_admissions(&self, room: &Room, lane: &Lane, now: u64) {
+    async fn log_admissions(&self, room: &Room, lane: &Lane, now: u64) {
         let Some(audit) = &self.audit else { return };
         let line = room.line_name(lane);
-        let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
-        if !lane.store.leads() {
-            led.remove(&line);
-            return;
-        }
-        let serving = lane.store.view().serving;
-        if led.insert(line.clone()) {
-            audit.baseline(&line, serving);
-            return;
-        }
-        match audit.observe(&line, serving, now) {
-            Ok(Some(_)) => self.metrics.audit_records.inc(),
-            Ok(None) => {}
-            Err(e) => {
-                self.metrics.audit_write_errors.inc();
-                tracing::error!(room = %room.name, error = %e, path = %audit.path().display(), "cannot append to the admission log");
+        let serving = {
+            let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
+            if !lane.store.leads() {
+                led.remove(&line);
+                return;
             }
+            let serving = lane.store.view().serving;
+            if !led.contains(&line) {
+                // Tried again next tick if a write holds the log.
+                if audit.baseline(&line, serving) {
+                    led.insert(line);
+                }
+                return;
+            }
+            serving
+        };
+        let path = audit.log().path().display();
+        match audit.observe(&line, serving, now).await {
+            audit::Written::Done(Some(_)) => self.metrics.audit_records.inc(),
+            audit::Written::Done(None) => {}
+            audit::Written::Failed(e) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!(room = %room.name, error = %e, path = %path, "cannot append to the admission log");
+            }
+            audit::Written::Late => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!(room = %room.name, path = %path, wait = ?audit::WRITE_WAIT, "the admission log's disk has not answered a write: admissions go on, and the next record written covers them");
+            }
+            // Counted too: the alert holds for as long as the disk does not
+            // answer.
+            audit::Written::Busy => self.metrics.audit_write_errors.inc(),
         }
     }
 
@@ -634,7 +652,7 @@ impl App {
                     limits.max_active = limits.max_active.map(|_| max);
                 }
                 match self.tick_lane(room, lane, limits, now).await {
-                    Ok(()) => self.log_admissions(room, lane, now),
+                    Ok(()) => self.log_admissions(room, lane, now).await,
                     Err(why) => trouble = Some(why),
                 }
             }

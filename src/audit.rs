@@ -7,13 +7,17 @@
 //!
 //! One JSON object per line. Only the node that advances the counters
 //! (always, alone; the lease holder in a cluster) writes, and each record
-//! is on disk (fsync) before the next tick.
+//! is on disk (fsync) before the next tick, unless the disk takes longer
+//! than [`WRITE_WAIT`]: then the tick goes on, and the record written
+//! next covers what was admitted meanwhile (see [`Writer`]).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -158,31 +162,42 @@ pub struct AuditLog {
     path: PathBuf,
     node: String,
     chain: Mutex<Chain>,
+    /// How long the log is with only whole records in it, kept apart from
+    /// the chain's lock: a reader never waits for a write (on a hung disk,
+    /// for ever).
+    committed: AtomicU64,
 }
 
 impl AuditLog {
     /// Opens (or creates) the log and continues its chain. A last line cut
     /// short by a crash mid-write is dropped (it was never complete, and
     /// the counters it would have logged are logged again); any other
-    /// damage is left for `varco audit verify` to report.
+    /// damage (a line that is not a record, not even UTF-8) is left for
+    /// `varco audit verify` to report: it does not stop a start.
     pub fn open(path: &Path, node: &str) -> std::io::Result<AuditLog> {
         let (mut seq, mut head, mut logged) = (0, GENESIS.to_string(), HashMap::new());
+        let mut whole = 0;
         if path.exists() {
-            let mut text = std::fs::read_to_string(path)?;
-            if !text.is_empty() && !text.ends_with('\n') {
-                let keep = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
-                tracing::warn!(path = %path.display(), "the admission log ends in a partial record (a crash mid-write): dropping it");
-                text.truncate(keep);
-                let f = OpenOptions::new().write(true).open(path)?;
-                f.set_len(keep as u64)?;
-                f.sync_all()?;
-            }
-            for line in text.lines() {
-                if let Ok(r) = serde_json::from_str::<Record>(line) {
+            let mut reader = BufReader::new(File::open(path)?);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let read = reader.read_until(b'\n', &mut line)?;
+                if read == 0 || !line.ends_with(b"\n") {
+                    break;
+                }
+                whole += read as u64;
+                if let Ok(r) = serde_json::from_slice::<Record>(&line) {
                     seq = r.seq;
                     head = r.hash.clone();
                     logged.insert(r.room.clone(), r.to);
                 }
+            }
+            if line.last().is_some_and(|&b| b != b'\n') {
+                tracing::warn!(path = %path.display(), "the admission log ends in a partial record (a crash mid-write): dropping it");
+                let f = OpenOptions::new().write(true).open(path)?;
+                f.set_len(whole)?;
+                f.sync_all()?;
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
@@ -195,6 +210,7 @@ impl AuditLog {
                 head,
                 logged,
             }),
+            committed: AtomicU64::new(whole),
         })
     }
 
@@ -202,12 +218,10 @@ impl AuditLog {
         &self.path
     }
 
-    /// How long the log is with only whole records in it: read under the
-    /// chain's lock, so never in the middle of a record being written or
-    /// taken back.
-    pub fn committed_len(&self) -> std::io::Result<u64> {
-        let c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(c.file.metadata()?.len())
+    /// How long the log is with only whole records in it: never in the
+    /// middle of a record being written or taken back.
+    pub fn committed_len(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
     }
 
     /// Starts counting a room from `serving` without logging: when this
@@ -283,7 +297,128 @@ impl AuditLog {
         c.seq = r.seq;
         c.head = r.hash.clone();
         c.logged.insert(room.to_string(), serving);
+        self.committed
+            .store(before + line.len() as u64, Ordering::Release);
         Ok(Some(r))
+    }
+}
+
+/// How long a tick waits for a record to be on disk before it goes on
+/// without it.
+pub const WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// What became of a tick's record.
+#[derive(Debug)]
+pub enum Written {
+    /// On disk (None: nothing was admitted since the last record).
+    Done(Option<Record>),
+    /// The disk refused it: the next record covers its range.
+    Failed(std::io::Error),
+    /// Not back within the wait (a slow or hung disk): it lands when the
+    /// disk answers, or fails and the next record covers its range.
+    Late,
+    /// An earlier record is still being written: none was tried; the next
+    /// one written covers this range.
+    Busy,
+}
+
+/// The admission log written on a thread of its own. A write and its
+/// fsync take the disk's time, on a hung disk for ever: on an async
+/// worker that would stall every connection the worker serves, and in
+/// the tick every room's admissions. Here the tick waits at most
+/// [`WRITE_WAIT`], and while a write is out tries no other (the records
+/// written later cover the ranges, as after a failed write).
+pub struct Writer {
+    log: Arc<AuditLog>,
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    busy: Arc<AtomicBool>,
+    wait: Duration,
+}
+
+type Job = Box<dyn FnOnce(&AuditLog) + Send>;
+
+impl Writer {
+    pub fn new(log: AuditLog) -> std::io::Result<Writer> {
+        Writer::waiting(log, WRITE_WAIT)
+    }
+
+    fn waiting(log: AuditLog, wait: Duration) -> std::io::Result<Writer> {
+        let log = Arc::new(log);
+        let busy = Arc::new(AtomicBool::new(false));
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (theirs, free) = (log.clone(), busy.clone());
+        // Ends when the writer is dropped (its sender with it). Not joined:
+        // a write hung on the disk must not hold up a shutdown.
+        std::thread::Builder::new()
+            .name("varco-audit".into())
+            .spawn(move || {
+                for job in queue {
+                    let done =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&theirs)));
+                    if done.is_err() {
+                        tracing::error!(
+                            "writing the admission log panicked (a bug: please report it)"
+                        );
+                        free.store(false, Ordering::Release);
+                    }
+                }
+            })?;
+        Ok(Writer {
+            log,
+            jobs: Mutex::new(jobs),
+            busy,
+            wait,
+        })
+    }
+
+    pub fn log(&self) -> &AuditLog {
+        &self.log
+    }
+
+    /// [`AuditLog::baseline`], unless a write is out (it holds the chain):
+    /// false then, to be tried again at the next tick.
+    pub fn baseline(&self, room: &str, serving: u64) -> bool {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.log.baseline(room, serving);
+        self.busy.store(false, Ordering::Release);
+        true
+    }
+
+    /// [`AuditLog::observe`] on the writer's thread, waited for at most
+    /// the writer's wait.
+    pub async fn observe(&self, room: &str, serving: u64, now_ms: u64) -> Written {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Written::Busy;
+        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let (room, busy) = (room.to_string(), self.busy.clone());
+        let job: Job = Box::new(move |log| {
+            let r = log.observe(&room, serving, now_ms);
+            // Free before the answer: the next tick may follow at once.
+            busy.store(false, Ordering::Release);
+            let _ = answer.send(r);
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        if sent.is_err() {
+            self.busy.store(false, Ordering::Release);
+            return Written::Failed(std::io::Error::other(
+                "the admission log's writer has ended",
+            ));
+        }
+        match tokio::time::timeout(self.wait, answered).await {
+            Ok(Ok(Ok(r))) => Written::Done(r),
+            Ok(Ok(Err(e))) => Written::Failed(e),
+            Ok(Err(_)) => Written::Failed(std::io::Error::other(
+                "the admission log's writer failed mid-write",
+            )),
+            Err(_) => Written::Late,
+        }
     }
 }
 
@@ -404,6 +539,79 @@ mod tests {
         assert_eq!((b.seq, b.line), (None, 2));
         // The untouched log is fine.
         assert!(verify(text.as_bytes()).is_ok());
+    }
+
+    /// A disk that does not answer: the tick waits once, then tries no
+    /// write while that one is out; once it lands, the next record covers
+    /// every number admitted meanwhile, and readers never waited.
+    #[tokio::test]
+    // The lock held across the waits is the hung write being tested.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_hung_write_holds_up_no_tick_and_leaves_no_gap() {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("admissions.log");
+        let w = Writer::waiting(
+            AuditLog::open(&path, "n").unwrap(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        assert!(w.baseline("a", 0));
+        assert!(matches!(
+            w.observe("a", 2, 1_000).await,
+            Written::Done(Some(_))
+        ));
+        let first = w.log().committed_len();
+        assert_eq!(first, std::fs::metadata(&path).unwrap().len());
+
+        // The chain held as a hung write would hold it.
+        let hung = w.log.chain.lock().unwrap();
+        let bounded = |f| tokio::time::timeout(Duration::from_secs(5), f);
+        let late = bounded(w.observe("a", 5, 2_000))
+            .await
+            .expect("the wait is bounded");
+        assert!(matches!(late, Written::Late), "{late:?}");
+        let busy = bounded(w.observe("a", 6, 3_000)).await.unwrap();
+        assert!(matches!(busy, Written::Busy), "{busy:?}");
+        assert!(!w.baseline("b", 0), "a baseline waits for the write too");
+        assert_eq!(w.log().committed_len(), first, "read without the chain");
+        drop(hung);
+
+        // The late write lands (the writer does its jobs in order: a
+        // baseline queued after it answers once it has).
+        let (landed, on_disk) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |_| {
+            let _ = landed.send(());
+        });
+        w.jobs.lock().unwrap().send(job).unwrap();
+        on_disk.await.unwrap();
+        let Written::Done(Some(r)) = w.observe("a", 7, 4_000).await else {
+            panic!("the disk answers again");
+        };
+        assert_eq!((r.from, r.to), (6, 7));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ranges: Vec<(u64, u64)> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap())
+            .map(|r| (r.from, r.to))
+            .collect();
+        assert_eq!(ranges, [(1, 2), (3, 5), (6, 7)]);
+        assert_eq!(verify(text.as_bytes()).unwrap().admitted["a"], 7);
+        assert_eq!(w.log().committed_len(), text.len() as u64);
+    }
+
+    /// A log damaged by other hands (a byte that is not UTF-8) still
+    /// opens: the start goes on, and `audit verify` names the damage.
+    #[test]
+    fn a_log_that_is_not_utf8_does_not_stop_a_start() {
+        let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"\xff\xfe not a record\n").unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, "n").unwrap();
+        let r = log.observe("a", 9, 5_000).unwrap().unwrap();
+        assert_eq!((r.seq, r.from, r.to), (2, 6, 9), "the chain goes on");
+        let b = verify(File::open(&path).unwrap()).unwrap_err();
+        assert_eq!(b.line, 2, "{b}");
     }
 
     #[test]

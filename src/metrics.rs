@@ -307,7 +307,7 @@ impl Metrics {
         .expect("valid metric");
         let audit_write_errors = IntCounter::new(
             "varco_audit_write_errors_total",
-            "Admission log records that could not be written durably",
+            "Ticks whose admission log record could not be written durably (failed, or not on disk within 1 s)",
         )
         .expect("valid metric");
         let state_write_errors = counter(
