@@ -109,9 +109,10 @@ pub struct App {
     /// SIGHUP's stream when the caller installed it before saying it
     /// listens; the reload task takes it.
     hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
-    /// Rooms this node advanced at the last tick: a room it starts
-    /// advancing (a lease taken over) is logged from where it stands.
-    audit_led: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Rooms this node advanced at the last tick, with the run of their
+    /// queue then: a room it starts advancing (a lease taken over) is
+    /// logged from where it stands; a new run, from its start.
+    audit_led: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The certificates the public listener presents (`server.tls`); a
     /// reload swaps in the ones its files hold then.
     certificates: Option<Arc<tls::Certificates>>,
@@ -243,7 +244,7 @@ impl App {
             let routing = routing.load();
             for room in routing.rooms.iter() {
                 for lane in &room.lanes {
-                    log.baseline_if_new(&room.line_name(lane), lane.store.view().serving);
+                    log.baseline_at_start(&room.line_name(lane), lane.store.view().serving);
                 }
             }
         }
@@ -254,7 +255,12 @@ impl App {
                 .load()
                 .rooms
                 .iter()
-                .flat_map(|r| r.lanes.iter().map(|l| r.line_name(l)).collect::<Vec<_>>())
+                .flat_map(|r| {
+                    r.lanes
+                        .iter()
+                        .map(|l| (r.line_name(l), l.store.generation()))
+                        .collect::<Vec<_>>()
+                })
                 .collect(),
             Stores::Redis(_) => Default::default(),
         };
@@ -311,12 +317,29 @@ impl App {
                 return;
             }
             let serving = lane.store.view().serving;
-            if !led.contains(&line) {
-                // Tried again next tick if a write holds the log.
-                if audit.baseline(&line, serving) {
-                    led.insert(line);
+            let run = lane.store.generation();
+            match led.get(&line) {
+                None => {
+                    // Tried again next tick if a write holds the log.
+                    if audit.baseline(&line, serving) {
+                        led.insert(line, run);
+                    }
+                    return;
                 }
-                return;
+                // The store lost its data: its counters started again
+                // from nothing, and this tick's admissions are the new
+                // run's first (else logged from the tick's serving on,
+                // as a counter that went back is).
+                Some(&before) if before != run && before != 0 && run != 0 => {
+                    if !audit.baseline(&line, 0) {
+                        return;
+                    }
+                    led.insert(line.clone(), run);
+                }
+                Some(0) => {
+                    led.insert(line.clone(), run);
+                }
+                Some(_) => {}
             }
             serving
         };

@@ -232,11 +232,16 @@ impl AuditLog {
         c.logged.insert(room.to_string(), serving);
     }
 
-    /// As `baseline`, unless the log already follows this room (a restart
-    /// continues from its last record).
-    pub fn baseline_if_new(&self, room: &str, serving: u64) {
+    /// At a start, with the counters the store came back with: a restart
+    /// continues from the log's last record, unless the counters are
+    /// behind it (a start without the snapshot: a new run from nothing;
+    /// a crash since the last snapshot: numbers called again). Then from
+    /// the counters: whoever is called from there is logged, again or
+    /// for the first time, and nobody is left out.
+    pub fn baseline_at_start(&self, room: &str, serving: u64) {
         let mut c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-        c.logged.entry(room.to_string()).or_insert(serving);
+        let logged = c.logged.entry(room.to_string()).or_insert(serving);
+        *logged = (*logged).min(serving);
     }
 
     /// Logs what the room admitted since the last record, if anything.

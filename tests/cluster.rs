@@ -1037,6 +1037,41 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     }
 }
 
+/// Redis loses its data: the leader's first tick of the new run already
+/// admits its first arrivals, and the admission log has them from number
+/// 1 (not from where that tick left the new counters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let dir = fresh_dir("cluster-audit-run");
+    let log = dir.join("admissions.log");
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 100\nadmission_per_minute = 600\nmode = \"queue_all\"",
+        "lease = \"3s\"",
+    ) + &format!("[audit]\nlog = \"{}\"\n", log.display());
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let join = |n: usize| {
+        let g = &nodes[0];
+        async move {
+            for _ in 0..n {
+                assert!(g.citizen().get("/").await.is_waiting_page());
+            }
+        }
+    };
+    join(5).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    join(2).await;
+    advance(&nodes, 1000).await;
+    let ranges = common::logged_ranges(&log);
+    assert_eq!(ranges, [(1, 5), (1, 2)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// In a `queue_all` room over `nodes` (node 0 leading): a ticket taken on
 /// node `on` and called on both nodes' views; then Redis loses its data,
 /// and node 0 alone hears of it, gives a newcomer the new run's number 1

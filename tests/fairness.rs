@@ -286,6 +286,43 @@ async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
     assert!(!ok && out.contains("does NOT match"), "{out}");
 }
 
+/// A start without the snapshot is a new run of the queue, numbered from
+/// 1 again: its first admissions are logged, though the log's last record
+/// went further.
+#[tokio::test]
+async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-audit-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("admissions.log");
+    let _ = std::fs::remove_file(&log);
+    let toml = config(
+        up.addr,
+        "max_active = 100\nadmission_per_minute = 600\nmode = \"queue_all\"",
+        &format!("[audit]\nlog = \"{}\"", log.display()),
+    );
+    for (run, people) in [(1, 5), (2, 2)] {
+        // No tick before they come: the first one admits them.
+        let g = Gated::start(&toml).await;
+        let mut line: Vec<Citizen> = (0..people).map(|_| g.citizen()).collect();
+        for p in line.iter_mut() {
+            assert!(p.get("/").await.is_waiting_page(), "run {run}");
+        }
+        g.advance(1_000).await;
+        for p in line.iter_mut() {
+            assert_eq!(p.status("portal").await["state"], "admitted", "run {run}");
+        }
+        g.stop().await;
+    }
+    let ranges = common::logged_ranges(&log);
+    assert_eq!(ranges.first(), Some(&(1, 5)), "{ranges:?}");
+    assert_eq!(ranges.last(), Some(&(1, 2)), "the new run: {ranges:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let summary = varco::audit::verify(text.as_bytes()).expect("one chain across both runs");
+    assert_eq!(summary.admitted["portal"], 7);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn the_admission_log_is_chained_and_tampering_is_caught() {
     let up = upstream::spawn().await;

@@ -93,3 +93,13 @@ pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+/// The records of an admission log, each as (from, to).
+pub fn logged_ranges(log: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<varco::audit::Record>(l).unwrap())
+        .map(|r| (r.from, r.to))
+        .collect()
+}
