@@ -164,7 +164,10 @@ async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
         let resp = client
             .request(req)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+            // With its causes: hyper-util's own words are only "client
+            // error (Connect)", the reason (refused, no route, a name that
+            // does not resolve) is in its source.
+            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {:#}", anyhow::Error::new(e)))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
