@@ -27,6 +27,14 @@ pub struct Admin {
     ready: Arc<AtomicBool>,
 }
 
+/// The credentials of an `Authorization` header of `scheme`, whose name
+/// is case-insensitive (RFC 9110 11.1: `bearer` is `Bearer`).
+fn with_scheme<'h>(header: &'h str, scheme: &str) -> Option<&'h str> {
+    let (name, credentials) = header.split_once(' ')?;
+    name.eq_ignore_ascii_case(scheme)
+        .then_some(credentials.trim())
+}
+
 impl Admin {
     pub fn new(app: Arc<App>, ready: Arc<AtomicBool>) -> Self {
         Admin { app, ready }
@@ -40,13 +48,13 @@ impl Admin {
     /// other site can make it send, so only a Bearer token changes things.
     fn caller(&self, req: &Request<Incoming>) -> Option<String> {
         let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
-        let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
-            bearer.trim().to_string()
+        let presented = if let Some(bearer) = with_scheme(header, "Bearer") {
+            bearer.to_string()
         } else if req.method() != Method::GET && req.method() != Method::HEAD {
             return None;
         } else {
             use base64::Engine;
-            let encoded = header.strip_prefix("Basic ")?.trim();
+            let encoded = with_scheme(header, "Basic")?;
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .ok()?;

@@ -54,6 +54,13 @@ async fn the_admin_api_needs_a_configured_token() {
     );
     let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
     assert_eq!(got.status, 200);
+    // A scheme's name is case-insensitive (RFC 9110 11.1).
+    let lower = Request::builder()
+        .uri(format!("http://{}/api/rooms", g.admin))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(send(lower).await.status, 200);
     let head = api(&g, "HEAD", "/api/rooms", Some(TOKEN)).await;
     assert_eq!(
         (head.status, head.body.len()),
@@ -562,6 +569,7 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&dead) && err.contains("1 of 2"), "{err}");
+    assert!(err.contains("Connection refused"), "the reason: {err}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains("\"mode\": \"queue\""),
