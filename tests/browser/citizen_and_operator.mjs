@@ -234,6 +234,7 @@ try {
   await until("the no-JavaScript page reaches the portal", async () => (await plain.content()).includes("Portale Bonus"), 60000);
   check(true, "without JavaScript: admitted by the page's own refresh");
   await nojs.close();
+
   await phone.close();
 
   // 8. The operator page: behind the token, live, with the last hour.
@@ -364,6 +365,27 @@ try {
   });
   check(true, "the gate lifted, a page still waiting moves on by itself");
   await later.close();
+
+  // 10. A browser whose JavaScript has no fetch (Safari before 10.1, IE 11)
+  // ignores the noscript refresh: its script reloads the page at each
+  // poll instead, rather than stop at the first one.
+  check((await api("queue_all")).status === 200, "everyone queued again");
+  const old = await browser.newContext({ viewport: { width: 360, height: 740 } });
+  await old.addInitScript(() => {
+    window.fetch = undefined;
+  });
+  const oldTab = await old.newPage();
+  await oldTab.clock.install();
+  await oldTab.goto(VARCO + "/login");
+  check((await oldTab.content()).includes('id="position"'), "without fetch: the waiting page");
+  // Its error, if any, is reported here: the timers' (below) first.
+  const reloaded = oldTab
+    .waitForRequest((r) => r.isNavigationRequest() && new URL(r.url()).pathname === "/login")
+    .catch((e) => e);
+  await oldTab.clock.runFor(60000);
+  const request = await reloaded;
+  check(!(request instanceof Error), "without fetch: the page reloads itself at its poll, as without JavaScript");
+  await old.close();
 } finally {
   await browser.close();
 }
