@@ -898,7 +898,9 @@ pub fn status_for<'a>(
         eta_high_seconds: hi,
         queue_length: view.in_line(),
         prequeue,
-        opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms),
+        // Until the pre-queue is drawn too (the next tick; in cluster
+        // mode, Redis's next answer): a pre-queue page says when.
+        opens_at: room.config.opens_at_ms.filter(|t| *t > now_ms || prequeue),
         opens_offset_s: room.config.opens_at_offset_s,
         updated: now_ms,
         arrived: ticket.map(|t| t.at),

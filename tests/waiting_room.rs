@@ -937,7 +937,21 @@ async fn prequeue_order_is_drawn_by_lot_at_the_opening() {
         assert!(s["position"].is_null(), "no position before the draw: {s}");
     }
     assert_eq!(up.hits(), 0);
-    g.advance(10 * MIN).await; // opening
+    // The time of the opening has come, the draw not yet (at the tick):
+    // still a pre-queue, which still says when it opens.
+    g.clock.advance_ms(10 * MIN);
+    let s = early[0].status("portal").await;
+    assert_eq!(
+        (&s["prequeue"], &s["opens_at"]),
+        (&true.into(), &opens_text.clone().into()),
+        "{s}"
+    );
+    let page = early[0].get("/").await.text();
+    assert!(
+        page.contains(&opens_text[11..16]) && !page.contains(" ? "),
+        "{page}"
+    );
+    g.advance(0).await; // the opening
     let mut late = g.citizen();
     late.get("/").await;
     let mut positions = Vec::new();
