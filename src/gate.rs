@@ -842,10 +842,12 @@ const IN_SESSION: Said = Said {
     it: "Troppe richieste in questa sessione. Attendi un momento e riprova: resti dentro e non perdi il tuo posto.",
 };
 
-/// 429 saying `why`, with Retry-After: `wait`, a second at least.
+/// 429 saying `why`, with Retry-After: `wait` in whole seconds, rounded
+/// up (a client that waits 1 s for a 1.9 s wait is refused again), a
+/// second at least.
 fn too_many(wait: Duration, reader: Reader, why: &Said) -> Response<Body> {
     let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, reader);
-    let secs = wait.as_secs().max(1);
+    let secs = wait.as_micros().div_ceil(1_000_000).max(1) as u64;
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     resp
@@ -973,4 +975,24 @@ pub async fn status(
         now_ms,
         state,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_never_sooner_than_the_limit_allows() {
+        let after = |ms| {
+            too_many(Duration::from_millis(ms), Reader::Program, &FROM_ADDRESS).headers()
+                [http::header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(after(1_900), "2");
+        assert_eq!(after(2_000), "2");
+        assert_eq!(after(2_001), "3");
+        assert_eq!(after(0), "1");
+    }
 }
