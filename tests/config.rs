@@ -465,6 +465,10 @@ fn bad_waiting_room_keys_name_their_keys() {
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
         ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),
+        (
+            "claim_window = \"2m\"\nticket_ttl = \"90s\"\n",
+            "rooms.portal.ticket_ttl",
+        ),
         ("language = \"fr\"\n", "rooms.portal.language"),
         (
             "cookie_same_site = \"strict\"\n",

@@ -811,6 +811,18 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
+        // A ticket called near the end of its life must still be good for
+        // the whole window in which it may claim its turn.
+        let ticket_ttl = p.duration(&key("ticket_ttl"), &r.ticket_ttl);
+        if ticket_ttl < claim_window {
+            p.add(
+                key("ticket_ttl"),
+                format!(
+                    "{} is shorter than claim_window ({}): a ticket called late in its life would expire before its holder could claim the turn. Set it to the longest wait you expect plus claim_window (the default is 24h)",
+                    r.ticket_ttl, r.claim_window
+                ),
+            );
+        }
         // A lapsed pass that may come back hours later is a session that
         // never ends: the windows stay within an hour (and a release is
         // remembered for as long as they last, `Room::ended_memory_ms`).
@@ -940,7 +952,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             max_active: r.max_active,
             session_idle: p.duration(&key("session_idle"), &r.session_idle),
             claim_window,
-            ticket_ttl: p.duration(&key("ticket_ttl"), &r.ticket_ttl),
+            ticket_ttl,
             mode,
             opens_at_ms,
             opens_at_offset_s,
