@@ -1,5 +1,12 @@
 //! Reading varco's cookies from a request and writing them back. A
 //! malformed cookie is simply absent.
+//!
+//! Under HTTPS a cookie's name carries the `__Host-` prefix: browsers
+//! take such a cookie only from this very host (Secure, `Path=/`, no
+//! `Domain`), so a sibling site under the same parent domain cannot set
+//! one to shadow the person's ticket or pass. Both names are read, the
+//! prefixed first: a cookie set over plain HTTP, or before the prefix,
+//! still counts.
 
 use http::header::{HeaderMap, HeaderValue, COOKIE};
 
@@ -11,17 +18,28 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     well_formed(all(headers, name).next()?)
 }
 
-/// Every well-formed cookie called `name`, in the order sent. A browser
-/// sends the cookie of the longest path first, and a sibling subdomain
-/// may set one for the parent domain: a reader that takes the first that
-/// verifies, not merely the first, is not shadowed by such a cookie.
+/// The prefix of a cookie only its own host can set (RFC 6265bis 4.1.3.2).
+pub const HOST_PREFIX: &str = "__Host-";
+
+/// Every well-formed cookie called `name`, `__Host-` ones first, each
+/// kind in the order sent. A browser sends the cookie of the longest path
+/// first, and a sibling subdomain may set one for the parent domain: a
+/// reader that takes the first that verifies, not merely the first, is
+/// not shadowed by such a cookie, and a sibling can set no `__Host-` one.
 pub fn each<'h: 'n, 'n>(
     headers: &'h HeaderMap,
     name: &'n str,
 ) -> impl Iterator<Item = &'h str> + 'n {
-    // A few: each is a signature to check, and a header stuffed with
-    // hundreds would make every request pay for them.
-    all(headers, name).filter_map(well_formed).take(4)
+    // A few of each: each is a signature to check, and a header stuffed
+    // with hundreds would make every request pay for them. A sibling may
+    // fill the unprefixed four; the prefixed ones are this host's.
+    let of = move |host: bool| {
+        either(headers, name)
+            .filter(move |(prefixed, _)| *prefixed == host)
+            .filter_map(|(_, value)| well_formed(value))
+            .take(4)
+    };
+    of(true).chain(of(false))
 }
 
 fn well_formed(value: &[u8]) -> Option<&str> {
@@ -42,15 +60,29 @@ pub fn all<'h: 'n, 'n>(
     headers: &'h HeaderMap,
     name: &'n str,
 ) -> impl Iterator<Item = &'h [u8]> + 'n {
+    either(headers, name).filter_map(|(host, value)| (!host).then_some(value))
+}
+
+/// `all` of `name` and of `__Host-` and `name` together, in the order
+/// sent; true for a prefixed one.
+fn either<'h: 'n, 'n>(
+    headers: &'h HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = (bool, &'h [u8])> + 'n {
     let name = name.as_bytes();
     headers
         .get_all(COOKIE)
         .iter()
         .flat_map(|v| pairs(v.as_bytes()))
         .filter_map(move |pair| {
-            let value = pair.trim_ascii().strip_prefix(name)?.strip_prefix(b"=")?;
+            let pair = pair.trim_ascii();
+            let (host, pair) = match pair.strip_prefix(HOST_PREFIX.as_bytes()) {
+                Some(rest) => (true, rest),
+                None => (false, pair),
+            };
+            let value = pair.strip_prefix(name)?.strip_prefix(b"=")?;
             let value = value.strip_prefix(b"\"").unwrap_or(value);
-            Some(value.strip_suffix(b"\"").unwrap_or(value))
+            Some((host, value.strip_suffix(b"\"").unwrap_or(value)))
         })
 }
 
@@ -113,13 +145,15 @@ pub fn strip_own(headers: &mut HeaderMap) {
 
 const OWN_PREFIX: &[u8] = b"varco_";
 
-/// A `name=value` pair of a ticket or a pass, of any room.
+/// A `name=value` pair of a ticket or a pass, of any room, `__Host-` or
+/// not.
 fn is_own(pair: &[u8]) -> bool {
     let name = pair
         .split(|b| *b == b'=')
         .next()
         .unwrap_or(pair)
         .trim_ascii();
+    let name = name.strip_prefix(HOST_PREFIX.as_bytes()).unwrap_or(name);
     name.strip_prefix(OWN_PREFIX)
         .is_some_and(|rest| rest.starts_with(b"ticket_") || rest.starts_with(b"pass_"))
 }
@@ -135,8 +169,8 @@ pub struct Attrs {
 
 /// A Set-Cookie for one of varco's tokens: HttpOnly (scripts never need
 /// it), SameSite=Lax (survives following a link into the portal; None
-/// when the room asks, under HTTPS), Secure under HTTPS, Path=/ so every
-/// page of the room sees it.
+/// when the room asks, under HTTPS), Secure and named `__Host-` under
+/// HTTPS, Path=/ so every page of the room sees it.
 pub fn set(name: &str, value: &str, max_age_secs: u64, attrs: Attrs) -> HeaderValue {
     set_with(name, max_age_secs, attrs, |out| out.push_str(value))
 }
@@ -150,7 +184,10 @@ pub fn set_with(
     attrs: Attrs,
     value: impl FnOnce(&mut String),
 ) -> HeaderValue {
-    let mut text = String::with_capacity(name.len() + 448);
+    let mut text = String::with_capacity(name.len() + 456);
+    if attrs.secure {
+        text.push_str(HOST_PREFIX);
+    }
     text.push_str(name);
     text.push('=');
     value(&mut text);
@@ -165,9 +202,18 @@ pub fn set_with(
         .unwrap_or_else(|_| HeaderValue::from_static("varco=; Max-Age=0"))
 }
 
-/// A Set-Cookie that deletes `name`.
-pub fn clear(name: &str, attrs: Attrs) -> HeaderValue {
-    set(name, "", 0, attrs)
+/// The Set-Cookies that delete `name`: under HTTPS the `__Host-` one, and
+/// one set without the prefix (over plain HTTP, or by a varco before
+/// it), which would otherwise outlive the ticket or pass it held.
+pub fn clear(name: &str, attrs: Attrs) -> impl Iterator<Item = HeaderValue> {
+    let unprefixed = attrs.secure.then(|| {
+        let plain = Attrs {
+            secure: false,
+            ..attrs
+        };
+        set(name, "", 0, plain)
+    });
+    std::iter::once(set(name, "", 0, attrs)).chain(unprefixed)
 }
 
 #[cfg(test)]
@@ -210,18 +256,51 @@ mod tests {
         assert_eq!(get(&h, "other"), None);
         let attrs = |secure, cross_site| Attrs { secure, cross_site };
         let c = set("x", "v", 60, attrs(true, false));
-        assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure");
-        let c = clear("x", attrs(false, false));
-        assert_eq!(c, "x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+        assert_eq!(
+            c,
+            "__Host-x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
+        );
+        let c: Vec<_> = clear("x", attrs(false, false)).collect();
+        assert_eq!(c, ["x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"]);
+        let c: Vec<_> = clear("x", attrs(true, false)).collect();
+        assert_eq!(
+            c,
+            [
+                "__Host-x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure",
+                "x=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+            ]
+        );
         let c = set("x", "v", 60, attrs(true, true));
         assert_eq!(
             c,
-            "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=None; Secure"
+            "__Host-x=v; Path=/; Max-Age=60; HttpOnly; SameSite=None; Secure"
         );
         // Browsers refuse SameSite=None without Secure: over plain HTTP
         // the room's cookies stay Lax rather than be dropped.
         let c = set("x", "v", 60, attrs(false, true));
         assert_eq!(c, "x=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax");
+    }
+
+    /// A sibling site under the same parent domain fills the unprefixed
+    /// name with cookies of its own (longer paths, sent first): the
+    /// `__Host-` one, which only this host can set, is still read, first.
+    #[test]
+    fn a_host_cookie_is_read_first_whatever_a_sibling_set() {
+        let mut h = HeaderMap::new();
+        let junk = "varco_pass_portal=j.u.k; ".repeat(6);
+        h.append(
+            COOKIE,
+            format!("{junk}__Host-varco_pass_portal=real; varco_pass_portal_x=no")
+                .parse()
+                .unwrap(),
+        );
+        let read: Vec<&str> = each(&h, "varco_pass_portal").collect();
+        assert_eq!(read, ["real", "j.u.k", "j.u.k", "j.u.k", "j.u.k"]);
+        assert_eq!(
+            get(&h, "varco_pass_portal"),
+            Some("j.u.k"),
+            "get: the name alone"
+        );
     }
 
     #[test]
@@ -233,7 +312,12 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        h.append(COOKIE, "varco_ticket_portal=x".parse().unwrap());
+        h.append(
+            COOKIE,
+            "varco_ticket_portal=x; __Host-varco_pass_portal=y; __Host-sid=8"
+                .parse()
+                .unwrap(),
+        );
         h.append(COOKIE, "varco_pref=dark; varco_passes=2".parse().unwrap());
         strip_own(&mut h);
         let left: Vec<&str> = h
@@ -243,7 +327,11 @@ mod tests {
             .collect();
         assert_eq!(
             left,
-            ["sid=7; lang=it", "varco_pref=dark; varco_passes=2"],
+            [
+                "sid=7; lang=it",
+                "__Host-sid=8",
+                "varco_pref=dark; varco_passes=2"
+            ],
             "only tickets and passes go; a header left empty goes too"
         );
         let mut h = HeaderMap::new();

@@ -308,10 +308,11 @@ fn claimed(
     delivery: Option<Delivery>,
 ) -> Gate {
     let pass = new_pass(room, lane, sid, n, line_start(room, t), r.now_ms);
-    let set_cookies = vec![
-        pass_cookie(room, &pass, r.tls),
-        cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)),
-    ];
+    let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
+    set_cookies.extend(cookies::clear(
+        &room.ticket_cookie,
+        room.cookie_attrs(r.tls),
+    ));
     if matches!(*r.method, Method::GET | Method::HEAD) {
         return Gate::Proxy {
             set_cookies,
@@ -561,7 +562,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                 ..renewed(room, &pass, r.now_ms)
             };
             set_cookies.push(pass_cookie(room, &pass, r.tls));
-            set_cookies.push(cookies::clear(
+            set_cookies.extend(cookies::clear(
                 &room.ticket_cookie,
                 room.cookie_attrs(r.tls),
             ));
@@ -747,7 +748,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
             let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
             let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
             if ticket.is_some() {
-                set_cookies.push(cookies::clear(
+                set_cookies.extend(cookies::clear(
                     &room.ticket_cookie,
                     room.cookie_attrs(r.tls),
                 ));

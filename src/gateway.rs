@@ -571,10 +571,9 @@ impl Gateway {
                         room.metrics.store_errors.inc();
                     }
                 }
-                set_cookie(
-                    &mut resp,
-                    cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)),
-                );
+                for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {
+                    set_cookie(&mut resp, clear);
+                }
             }
         }
         let resp = match slot {

@@ -360,7 +360,9 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
         got.lines()
             .find(|l| {
                 l.to_ascii_lowercase()
-                    .starts_with("set-cookie: varco_pass_portal=")
+                    .starts_with("set-cookie: __host-varco_pass_portal=")
+                    || l.to_ascii_lowercase()
+                        .starts_with("set-cookie: varco_pass_portal=")
             })
             .map(str::to_string)
             .unwrap_or_else(|| panic!("no pass: {got}"))
@@ -387,7 +389,8 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
     assert!(got.contains("\"x-forwarded-proto\":[\"https\"]"), "{got}");
     assert!(
         got.lines()
-            .any(|l| l.starts_with("set-cookie: varco_pass_portal=") && l.ends_with("; Secure")),
+            .any(|l| l.starts_with("set-cookie: __Host-varco_pass_portal=")
+                && l.ends_with("; Secure")),
         "{got}"
     );
 }

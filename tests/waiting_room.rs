@@ -1545,6 +1545,78 @@ async fn an_escaped_slash_does_not_walk_out_of_a_gated_room() {
     );
 }
 
+/// Under HTTPS varco's cookies are `__Host-` ones, which a sibling site
+/// under the same parent domain cannot set: the cookies such a site sets
+/// under varco's plain names, sent first, hide neither the ticket nor the
+/// pass; and admission deletes the ticket under both names. The portal
+/// sees none of them.
+#[tokio::test]
+async fn cookies_a_sibling_site_sets_hide_nothing_under_https() {
+    let up = upstream::spawn().await;
+    let cfg =
+        gated_config(up.addr, "max_active = 1") + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let g = Gated::start(&cfg).await;
+    let https = [("x-forwarded-proto", "https")];
+    let mut holder = g.citizen();
+    let got = holder.request("GET", "/", body::empty(), &https).await;
+    assert!(got.reached_upstream());
+    let mut c = g.citizen();
+    let got = c.request("GET", "/", body::empty(), &https).await;
+    assert!(got.is_waiting_page());
+    let set = got.headers["set-cookie"].to_str().unwrap();
+    assert!(set.starts_with("__Host-varco_ticket_portal="), "{set}");
+    let ticket = c.cookie("__Host-varco_ticket_portal").unwrap().to_string();
+    // The sibling's cookies (well formed, signed by nobody) come first.
+    let junk = "varco_ticket_portal=e30.e30.sig; varco_pass_portal=e30.e30.sig; ".repeat(5);
+    let sent = format!("{junk}__Host-varco_ticket_portal={ticket}");
+    let mut bare = Citizen::new(g.addr);
+    let h = [
+        ("x-forwarded-proto", "https"),
+        ("accept", "application/json"),
+        ("cookie", sent.as_str()),
+    ];
+    let s = bare
+        .request("GET", "/.varco/status?room=portal", body::empty(), &h)
+        .await
+        .json();
+    assert_eq!(
+        (&s["state"], &s["position"]),
+        (&"waiting".into(), &1.into()),
+        "{s}"
+    );
+
+    // The slot frees: the turn is claimed through the sibling's cookies,
+    // and the ticket is deleted under both its names.
+    holder
+        .request("GET", "/release", body::empty(), &https)
+        .await;
+    g.advance(1000).await;
+    let mut through = Citizen::new(g.addr);
+    let h = [("x-forwarded-proto", "https"), ("cookie", sent.as_str())];
+    let got = through.request("GET", "/echo", body::empty(), &h).await;
+    assert!(got.reached_upstream(), "{}", got.text());
+    let set: Vec<&str> = got
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(
+        set.iter()
+            .any(|c| c.starts_with("__Host-varco_pass_portal=")),
+        "{set:?}"
+    );
+    for name in ["__Host-varco_ticket_portal=;", "varco_ticket_portal=;"] {
+        assert!(
+            set.iter()
+                .any(|c| c.starts_with(name) && c.contains("Max-Age=0")),
+            "{name} {set:?}"
+        );
+    }
+    let seen = got.json()["headers"]["cookie"].clone();
+    assert!(seen.is_null(), "the portal got {seen}");
+}
+
 /// `cookie_same_site = "none"`: an identity provider's POST back from its
 /// own site carries varco's cookies. Browsers accept that only with
 /// Secure, so over plain HTTP the cookies stay Lax.
@@ -1559,7 +1631,7 @@ async fn a_room_for_a_cross_site_login_sets_cookies_that_cross_sites() {
     let got = a.request("GET", "/", body::empty(), &https).await;
     assert!(got.reached_upstream());
     let pass = got.headers["set-cookie"].to_str().unwrap().to_string();
-    assert!(pass.starts_with("varco_pass_portal="), "{pass}");
+    assert!(pass.starts_with("__Host-varco_pass_portal="), "{pass}");
     assert!(
         pass.ends_with("; HttpOnly; SameSite=None; Secure"),
         "{pass}"
