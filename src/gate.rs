@@ -843,14 +843,11 @@ const IN_SESSION: Said = Said {
     it: "Troppe richieste in questa sessione. Attendi un momento e riprova: resti dentro e non perdi il tuo posto.",
 };
 
-/// 429 saying `why`, with Retry-After: `wait` in whole seconds, rounded
-/// up (a client that waits 1 s for a 1.9 s wait is refused again), a
-/// second at least.
+/// 429 saying `why`, with Retry-After: `wait`.
 fn too_many(wait: Duration, reader: Reader, why: &Said) -> Response<Body> {
     let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, reader);
-    let secs = wait.as_micros().div_ceil(1_000_000).max(1) as u64;
     resp.headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        .insert(http::header::RETRY_AFTER, crate::page::retry_after(wait));
     resp
 }
 

@@ -231,7 +231,7 @@ async fn enter(
     );
     resp.headers_mut().insert(
         http::header::RETRY_AFTER,
-        HeaderValue::from(cap.retry_after().as_secs()),
+        page::retry_after(cap.retry_after()),
     );
     Err(resp)
 }

@@ -11,6 +11,12 @@ use crate::config::Language;
 
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
 
+/// A `Retry-After` for `wait`: whole seconds rounded up (a client that
+/// waits 1 s for a 1.9 s wait is refused again), a second at least.
+pub fn retry_after(wait: std::time::Duration) -> HeaderValue {
+    HeaderValue::from(wait.as_micros().div_ceil(1_000_000).max(1) as u64)
+}
+
 /// The operator page the admin listener serves at `/status`: one file,
 /// no external assets, drawing from `/api/rooms` and `/api/history`.
 pub const OPERATOR_PAGE: &str = include_str!("operator.html");
