@@ -305,9 +305,18 @@ impl App {
         self.audit.as_ref().map(|w| w.log())
     }
 
+    /// Waits until every admission log write the ticks asked for has
+    /// landed (or failed): the log as the ticks left it.
+    pub async fn audit_settled(&self) {
+        if let Some(w) = &self.audit {
+            w.settled().await;
+        }
+    }
+
     /// Appends what a room's lane admitted since the last record, if this
-    /// node advances it.
-    async fn log_admissions(&self, room: &Room, lane: &Lane, now: u64) {
+    /// node advances it. `before`: the lane's run and serving counter as
+    /// this node knew them before the tick.
+    async fn log_admissions(&self, room: &Room, lane: &Lane, before: (u64, u64), now: u64) {
         let Some(audit) = &self.audit else { return };
         let line = room.line_name(lane);
         let serving = {
@@ -316,32 +325,36 @@ impl App {
                 led.remove(&line);
                 return;
             }
-            let serving = lane.store.view().serving;
-            let run = lane.store.generation();
-            match led.get(&line) {
-                None => {
-                    // Tried again next tick if a write holds the log.
-                    if audit.baseline(&line, serving) {
-                        led.insert(line, run);
-                    }
-                    return;
-                }
+            let (run, view) = lane.store.run_and_view();
+            let from = match led.get(&line) {
+                // A lane this node starts advancing (a lease taken over, a
+                // room a reload added): from where it stood before this
+                // tick, so that the tick's own admissions are logged (the
+                // node that led before logged up to about there; a range
+                // may repeat, none is left out). Before this node had
+                // heard the store, where it stood is not known: from now.
+                None if before.0 == 0 => Some(view.serving),
+                None if before.0 == run => Some(before.1),
+                // The run changed under the tick: the new one from its
+                // start.
+                None => Some(0),
                 // The store lost its data: its counters started again
                 // from nothing, and this tick's admissions are the new
                 // run's first (else logged from the tick's serving on,
                 // as a counter that went back is).
-                Some(&before) if before != run && before != 0 && run != 0 => {
-                    if !audit.baseline(&line, 0) {
-                        return;
-                    }
-                    led.insert(line.clone(), run);
+                Some(&was) if was != run && was != 0 && run != 0 => Some(0),
+                Some(_) => None,
+            };
+            // Tried again next tick if a write holds the log.
+            if let Some(from) = from {
+                if !audit.baseline(&line, from) {
+                    return;
                 }
-                Some(0) => {
-                    led.insert(line.clone(), run);
-                }
-                Some(_) => {}
             }
-            serving
+            if run != 0 || !led.contains_key(&line) {
+                led.insert(line.clone(), run);
+            }
+            view.serving
         };
         let path = audit.log().path().display();
         match audit.observe(&line, serving, now).await {
@@ -674,8 +687,12 @@ impl App {
                 if let Some(&max) = for_tick.get(i) {
                     limits.max_active = limits.max_active.map(|_| max);
                 }
+                let (run, view) = lane.store.run_and_view();
                 match self.tick_lane(room, lane, limits, now).await {
-                    Ok(()) => self.log_admissions(room, lane, now).await,
+                    Ok(()) => {
+                        self.log_admissions(room, lane, (run, view.serving), now)
+                            .await
+                    }
                     Err(why) => trouble = Some(why),
                 }
             }

@@ -337,17 +337,12 @@ pub struct Writer {
     log: Arc<AuditLog>,
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     busy: Arc<AtomicBool>,
-    wait: Duration,
 }
 
 type Job = Box<dyn FnOnce(&AuditLog) + Send>;
 
 impl Writer {
     pub fn new(log: AuditLog) -> std::io::Result<Writer> {
-        Writer::waiting(log, WRITE_WAIT)
-    }
-
-    fn waiting(log: AuditLog, wait: Duration) -> std::io::Result<Writer> {
         let log = Arc::new(log);
         let busy = Arc::new(AtomicBool::new(false));
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
@@ -372,7 +367,6 @@ impl Writer {
             log,
             jobs: Mutex::new(jobs),
             busy,
-            wait,
         })
     }
 
@@ -392,8 +386,35 @@ impl Writer {
     }
 
     /// [`AuditLog::observe`] on the writer's thread, waited for at most
-    /// the writer's wait.
+    /// [`WRITE_WAIT`].
     pub async fn observe(&self, room: &str, serving: u64, now_ms: u64) -> Written {
+        self.observe_within(room, serving, now_ms, WRITE_WAIT).await
+    }
+
+    /// Waits until every write asked for before has landed or failed: for
+    /// a reader that wants the log as the ticks left it.
+    pub async fn settled(&self) {
+        let (done, landed) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |_| {
+            let _ = done.send(());
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        if sent.is_ok() {
+            let _ = landed.await;
+        }
+    }
+
+    async fn observe_within(
+        &self,
+        room: &str,
+        serving: u64,
+        now_ms: u64,
+        wait: Duration,
+    ) -> Written {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Written::Busy;
         }
@@ -416,7 +437,7 @@ impl Writer {
                 "the admission log's writer has ended",
             ));
         }
-        match tokio::time::timeout(self.wait, answered).await {
+        match tokio::time::timeout(wait, answered).await {
             Ok(Ok(Ok(r))) => Written::Done(r),
             Ok(Ok(Err(e))) => Written::Failed(e),
             Ok(Err(_)) => Written::Failed(std::io::Error::other(
@@ -555,42 +576,36 @@ mod tests {
     async fn a_hung_write_holds_up_no_tick_and_leaves_no_gap() {
         let dir = tempdir::Dir::new();
         let path = dir.0.join("admissions.log");
-        let w = Writer::waiting(
-            AuditLog::open(&path, "n").unwrap(),
-            Duration::from_millis(50),
-        )
-        .unwrap();
+        let w = Writer::new(AuditLog::open(&path, "n").unwrap()).unwrap();
+        // A disk that answers is waited for, however slow the test's host;
+        // one that hangs, 50 ms.
+        let (answers, hangs) = (Duration::from_secs(60), Duration::from_millis(50));
         assert!(w.baseline("a", 0));
-        assert!(matches!(
-            w.observe("a", 2, 1_000).await,
-            Written::Done(Some(_))
-        ));
+        let done = w.observe_within("a", 2, 1_000, answers).await;
+        assert!(matches!(done, Written::Done(Some(_))), "{done:?}");
         let first = w.log().committed_len();
         assert_eq!(first, std::fs::metadata(&path).unwrap().len());
 
         // The chain held as a hung write would hold it.
         let hung = w.log.chain.lock().unwrap();
         let bounded = |f| tokio::time::timeout(Duration::from_secs(5), f);
-        let late = bounded(w.observe("a", 5, 2_000))
+        let late = bounded(w.observe_within("a", 5, 2_000, hangs))
             .await
             .expect("the wait is bounded");
         assert!(matches!(late, Written::Late), "{late:?}");
-        let busy = bounded(w.observe("a", 6, 3_000)).await.unwrap();
+        let busy = bounded(w.observe_within("a", 6, 3_000, hangs))
+            .await
+            .unwrap();
         assert!(matches!(busy, Written::Busy), "{busy:?}");
         assert!(!w.baseline("b", 0), "a baseline waits for the write too");
         assert_eq!(w.log().committed_len(), first, "read without the chain");
         drop(hung);
 
-        // The late write lands (the writer does its jobs in order: a
-        // baseline queued after it answers once it has).
-        let (landed, on_disk) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |_| {
-            let _ = landed.send(());
-        });
-        w.jobs.lock().unwrap().send(job).unwrap();
-        on_disk.await.unwrap();
-        let Written::Done(Some(r)) = w.observe("a", 7, 4_000).await else {
-            panic!("the disk answers again");
+        // The late write lands.
+        w.settled().await;
+        let next = w.observe_within("a", 7, 4_000, answers).await;
+        let Written::Done(Some(r)) = next else {
+            panic!("the disk answers again: {next:?}");
         };
         assert_eq!((r.from, r.to), (6, 7));
         let text = std::fs::read_to_string(&path).unwrap();

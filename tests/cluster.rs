@@ -1067,8 +1067,65 @@ async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
     assert_eq!(redis.command("FLUSHALL"), "+OK");
     join(2).await;
     advance(&nodes, 1000).await;
+    nodes[0].app.audit_settled().await;
     let ranges = common::logged_ranges(&log);
     assert_eq!(ranges, [(1, 5), (1, 2)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The node that takes the lease over logs from where the room stood
+/// before its first tick as leader: that tick's admissions are in its
+/// log, and the two logs together leave nobody out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let dir = fresh_dir("cluster-audit-lease");
+    let log = |i: usize| dir.join(format!("node{i}.log"));
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let cfg = cluster_config(
+            &redis,
+            up.addr,
+            // Enough a tick of 100 ms to call everyone waiting at once.
+            "max_active = 100\nadmission_per_minute = 60000\nmode = \"queue_all\"",
+            // A lease that lapses in real time, still two ticks long.
+            "lease = \"300ms\"\ntick = \"100ms\"",
+        ) + &format!("[audit]\nlog = \"{}\"\n", log(i).display());
+        nodes.push(Gated::start(&cfg).await);
+    }
+    advance(&nodes, 1000).await;
+    let leader = nodes
+        .iter()
+        .position(|g| g.app.room("portal").unwrap().store.leads())
+        .expect("a leader");
+    let other = 1 - leader;
+    for _ in 0..3 {
+        assert!(nodes[other].citizen().get("/").await.is_waiting_page());
+    }
+    advance(&nodes, 1000).await;
+    nodes[leader].app.audit_settled().await;
+    assert_eq!(common::logged_ranges(&log(leader)), [(1, 3)]);
+
+    let survivor = nodes.remove(other);
+    nodes.pop().unwrap().stop().await;
+    for _ in 0..3 {
+        assert!(survivor.citizen().get("/").await.is_waiting_page());
+    }
+    // The lease lapses in real time; the survivor takes it at a tick, and
+    // calls the three in that same tick.
+    let survivor = [survivor];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !survivor[0].app.room("portal").unwrap().store.leads() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never moved"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        advance(&survivor, 1000).await;
+    }
+    survivor[0].app.audit_settled().await;
+    assert_eq!(common::logged_ranges(&log(other)), [(4, 6)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1581,6 +1638,9 @@ async fn turns_kept_detours_and_the_admission_log_across_nodes() {
 
     // The leader logged the admissions; the other node wrote nothing.
     advance(&nodes, 1000).await;
+    for g in &nodes {
+        g.app.audit_settled().await;
+    }
     let log0 = std::fs::read_to_string(dir.join("node0.log")).unwrap();
     let log1 = std::fs::read_to_string(dir.join("node1.log")).unwrap();
     let summary = varco::audit::verify(log0.as_bytes()).expect("an intact chain");

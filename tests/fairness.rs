@@ -312,6 +312,7 @@ async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
         for p in line.iter_mut() {
             assert_eq!(p.status("portal").await["state"], "admitted", "run {run}");
         }
+        g.app.audit_settled().await;
         g.stop().await;
     }
     let ranges = common::logged_ranges(&log);
@@ -345,6 +346,7 @@ async fn the_admission_log_is_chained_and_tampering_is_caught() {
     for _ in 0..6 {
         g.advance(30_000).await;
     }
+    g.app.audit_settled().await;
     let text = std::fs::read_to_string(&log).unwrap();
     let records: Vec<serde_json::Value> = text
         .lines()

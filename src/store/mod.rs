@@ -209,6 +209,11 @@ pub trait RoomStore: Send + Sync + 'static {
         false
     }
     fn view(&self) -> RoomView;
+    /// [`Self::generation`] and [`Self::view`] read together: a reply
+    /// between two reads could pair one run's counters with another run.
+    fn run_and_view(&self) -> (u64, RoomView) {
+        (self.generation(), self.view())
+    }
     /// Reads the room's counters from the store into [`Self::view`],
     /// advancing nothing: for the checks at start (the memory store's
     /// are restored by then; the shared store's come at the first tick).

@@ -921,6 +921,10 @@ impl RoomStore for RedisRoom {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
+    fn run_and_view(&self) -> (u64, RoomView) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn heard(&self) -> bool {
         // Every answer carries the state's generation.
         self.generation() != 0
