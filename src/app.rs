@@ -429,11 +429,13 @@ impl App {
             },
             Err(e) => Err(e),
         };
-        self.metrics
-            .config_reloads
-            .with_label_values(&[if result.is_ok() { "ok" } else { "refused" }])
-            .inc();
-        let new = result?;
+        let counted = |result| {
+            self.metrics
+                .config_reloads
+                .with_label_values(&[result])
+                .inc()
+        };
+        let new = result.inspect_err(|_| counted("refused"))?;
         // A generated key (ephemeral, or none configured) stays: a new
         // random one would void every ticket and pass in hand.
         let generated = new.raw.secrets.key_file.is_none() && new.raw.secrets.key_env.is_none();
@@ -441,6 +443,9 @@ impl App {
             *keys = new.keys.clone();
         }
         self.apply(new, &keys);
+        // Counted once in force: whoever waits for the count (an operator,
+        // a deployment script) then finds the new config serving.
+        counted("ok");
         Ok(self.routing.load().rooms.len())
     }
 
