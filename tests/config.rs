@@ -73,6 +73,66 @@ fn the_printed_config_keeps_the_redis_password_out() {
     }
 }
 
+/// The Redis URL (and its password) from a file or the environment,
+/// as the other secrets: each source named by its own key when it fails.
+#[test]
+fn the_redis_url_comes_from_a_file_or_the_environment() {
+    use varco::config::StoreKind;
+    let dir = std::env::temp_dir().join(format!("varco-config-url-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("redis-url");
+    std::fs::write(&file, "redis://:s3cret-pw@10.0.0.9:6379/0\n").unwrap();
+    std::env::set_var(
+        "VARCO_TEST_REDIS_URL",
+        "rediss://:s3cret-pw@10.0.0.9:6380/1",
+    );
+    std::env::set_var("VARCO_TEST_NOT_A_URL", "10.0.0.9:6379");
+    let store = |keys: &str| {
+        format!("[secrets]\nephemeral = true\n[store]\nkind = \"redis\"\n{keys}\n{ROOM}")
+    };
+    let url_of = |keys: &str| match Config::from_toml(&store(keys), &dir).unwrap().store.kind {
+        StoreKind::Redis { url, .. } => url,
+        StoreKind::Memory => panic!("not the Redis store"),
+    };
+    assert_eq!(
+        url_of("url_file = \"redis-url\""),
+        "redis://:s3cret-pw@10.0.0.9:6379/0"
+    );
+    assert_eq!(
+        url_of("url_env = \"VARCO_TEST_REDIS_URL\""),
+        "rediss://:s3cret-pw@10.0.0.9:6380/1"
+    );
+    let printed = Config::from_toml(&store("url_file = \"redis-url\""), &dir)
+        .unwrap()
+        .to_toml();
+    assert!(!printed.contains("s3cret-pw"), "{printed}");
+
+    let refused = |keys: &str| match Config::from_toml(&store(keys), &dir) {
+        Ok(_) => panic!("accepted {keys}"),
+        Err(e) => e,
+    };
+    for (keys, key) in [
+        ("url_file = \"missing\"", "store.url_file"),
+        ("url_env = \"VARCO_TEST_UNSET_URL\"", "store.url_env"),
+        ("url_env = \"VARCO_TEST_NOT_A_URL\"", "store.url_env"),
+        (
+            "url = \"redis://h\"\nurl_env = \"VARCO_TEST_REDIS_URL\"",
+            "store.url",
+        ),
+    ] {
+        let e = refused(keys);
+        assert!(e.names(key), "{keys}: {e}");
+        assert_eq!(e.0.len(), 1, "{keys}: one problem: {e}");
+        assert!(!e.to_string().contains("s3cret-pw"), "{e}");
+    }
+    // With the memory store, as `url` is.
+    let e = errors(&format!(
+        "[secrets]\nephemeral = true\n[store]\nurl_env = \"VARCO_TEST_REDIS_URL\"\n{ROOM}"
+    ));
+    assert!(e.names("store.url_env"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A host written with the root's dot matches requests for it, which
 /// lose theirs before they are matched.
 #[test]

@@ -192,6 +192,12 @@ pub struct RawStore {
     /// Redis URL, e.g. "redis://:password@10.0.0.9:6379/0".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// A file holding that URL (its password kept out of the config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<String>,
+    /// An environment variable holding that URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
     /// Prefix of every Redis key varco writes.
     pub prefix: String,
     /// PEM root certificate(s) that sign the Redis server's certificate,
@@ -213,6 +219,8 @@ impl Default for RawStore {
         RawStore {
             kind: "memory".into(),
             url: None,
+            url_file: None,
+            url_env: None,
             prefix: "varco:".into(),
             tls_ca: None,
             lease: DEFAULT_LEASE.into(),

@@ -457,7 +457,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             );
         }
     }
-    let kind = match (raw.store.kind.as_str(), &raw.store.url) {
+    let url = store_url(&raw.store, base, &mut p);
+    let kind = match (raw.store.kind.as_str(), &url) {
         ("memory", _) => {
             // Redis settings with the memory store: most likely a cluster
             // whose `kind` was forgotten, which would run as that many
@@ -465,6 +466,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             let defaults = RawStore::default();
             let for_redis = [
                 ("store.url", raw.store.url.is_some()),
+                ("store.url_file", raw.store.url_file.is_some()),
+                ("store.url_env", raw.store.url_env.is_some()),
                 ("store.tls_ca", raw.store.tls_ca.is_some()),
                 ("store.prefix", raw.store.prefix != defaults.prefix),
                 ("store.lease", raw.store.lease != defaults.lease),
@@ -479,7 +482,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
             StoreKind::Memory
         }
-        ("redis", Some(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+        // Unreadable: said under its own key.
+        ("redis", Err(())) => StoreKind::Memory,
+        ("redis", Ok(Some((url, from))))
+            if url.starts_with("redis://") || url.starts_with("rediss://") =>
+        {
             if tls_ca.is_some() && url.starts_with("redis://") {
                 p.add("store.tls_ca", "is for TLS: write the url as rediss://");
             }
@@ -487,7 +494,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             // passes must not leave a start that fails.
             if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 p.add(
-                    "store.url",
+                    *from,
                     format!(
                         "\"{}\" cannot be read as a Redis URL: {e}",
                         super::redacted(url)
@@ -505,14 +512,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 tls_ca: tls_ca.clone(),
             }
         }
-        ("redis", Some(url)) => {
-            p.add("store.url", format!("\"{}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS", super::redacted(url)));
+        ("redis", Ok(Some((url, from)))) => {
+            p.add(*from, format!("\"{}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS", super::redacted(url)));
             StoreKind::Memory
         }
-        ("redis", None) => {
+        ("redis", Ok(None)) => {
             p.add(
                 "store.url",
-                "store.kind = \"redis\" needs a url, e.g. \"redis://10.0.0.9:6379/0\"",
+                "store.kind = \"redis\" needs a url (or url_file, url_env), e.g. \"redis://10.0.0.9:6379/0\"",
             );
             StoreKind::Memory
         }
@@ -1403,6 +1410,48 @@ fn parse_lanes(
         );
     }
     lanes
+}
+
+/// The Redis URL with the key it came from: `store.url`, or read from
+/// `url_file` or `url_env`, so that its password need not sit in the
+/// config file (trimmed: a file ends in a newline). Err: it was named but
+/// could not be read (said under that key).
+fn store_url(
+    s: &RawStore,
+    base: &Path,
+    p: &mut Problems,
+) -> Result<Option<(String, &'static str)>, ()> {
+    match (&s.url, &s.url_file, &s.url_env) {
+        (None, None, None) => Ok(None),
+        (Some(url), None, None) => Ok(Some((url.clone(), "store.url"))),
+        (None, Some(file), None) => {
+            let path = base.join(file);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(Some((text.trim().to_string(), "store.url_file"))),
+                Err(e) => {
+                    p.add(
+                        "store.url_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    Err(())
+                }
+            }
+        }
+        (None, None, Some(var)) => match std::env::var(var) {
+            Ok(text) => Ok(Some((text.trim().to_string(), "store.url_env"))),
+            Err(_) => {
+                p.add(
+                    "store.url_env",
+                    format!("the environment variable {var} is not set (or not UTF-8)"),
+                );
+                Err(())
+            }
+        },
+        _ => {
+            p.add("store.url", "set one of url, url_file and url_env");
+            Err(())
+        }
+    }
 }
 
 /// The key that signs `X-Varco-Arrival`: base64, at least 32 bytes.
