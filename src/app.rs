@@ -111,7 +111,8 @@ pub struct App {
     hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
     /// Rooms this node advanced at the last tick, with the run of their
     /// queue then: a room it starts advancing (a lease taken over) is
-    /// logged from where it stands; a new run, from its start.
+    /// logged from where it stood before that tick; a new run, from its
+    /// start.
     audit_led: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The certificates the public listener presents (`server.tls`); a
     /// reload swaps in the ones its files hold then.
