@@ -398,14 +398,15 @@ impl Writer {
         let job: Job = Box::new(move |_| {
             let _ = done.send(());
         });
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job);
-        if sent.is_ok() {
+        if self.send(job) {
             let _ = landed.await;
         }
+    }
+
+    /// Hands `job` to the writer's thread; false if it has ended.
+    fn send(&self, job: Job) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.send(job).is_ok()
     }
 
     async fn observe_within(
@@ -426,12 +427,7 @@ impl Writer {
             busy.store(false, Ordering::Release);
             let _ = answer.send(r);
         });
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job);
-        if sent.is_err() {
+        if !self.send(job) {
             self.busy.store(false, Ordering::Release);
             return Written::Failed(std::io::Error::other(
                 "the admission log's writer has ended",
