@@ -133,6 +133,23 @@ fn the_redis_url_comes_from_a_file_or_the_environment() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bypass secret from the environment is trimmed as one from a file
+/// is: made from a file, it ends in a newline no header value can hold.
+#[test]
+fn a_secret_from_the_environment_loses_its_newline() {
+    std::env::set_var("VARCO_TEST_BYPASS_NEWLINE", "a-bypass-secret-0123456789\n");
+    let c = Config::from_toml(
+        &format!(
+            "[secrets]\nephemeral = true\n{ROOM}\
+             bypass = {{ header = \"X-B\", secret_env = \"VARCO_TEST_BYPASS_NEWLINE\" }}\n"
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    let (_, secret) = c.rooms[0].bypass.header.clone().unwrap();
+    assert_eq!(secret, "a-bypass-secret-0123456789");
+}
+
 /// A host written with the root's dot matches requests for it, which
 /// lose theirs before they are matched.
 #[test]

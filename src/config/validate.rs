@@ -1208,7 +1208,11 @@ fn parse_bypass(
                 )
             })
             .ok(),
+        // Trimmed as a file's is: a secret made from a file (`kubectl
+        // create secret --from-file`) ends in a newline, which no header
+        // value can hold, and the bypass would never match.
         (None, Some(v)) => std::env::var(v)
+            .map(|s| s.trim().to_string())
             .map_err(|_| {
                 p.add(
                     key(&format!("{table}.secret_env")),
