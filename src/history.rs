@@ -40,8 +40,19 @@ impl History {
     /// Takes a sample of every room if a step has passed since the last.
     pub fn sample(&self, rooms: &[std::sync::Arc<Room>], now_ms: u64) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.last_ms.is_some_and(|t| now_ms < t + STEP_MS) {
+        if inner
+            .last_ms
+            .is_some_and(|t| (t..t + STEP_MS).contains(&now_ms))
+        {
             return;
+        }
+        // The clock stepped back (NTP, an operator): waiting for it to
+        // pass the last sample again would leave the chart still for as
+        // long as the step. The samples now in its future go instead.
+        if inner.last_ms.is_some_and(|t| now_ms < t) {
+            for series in inner.rooms.values_mut() {
+                series.retain(|s| s.t_ms < now_ms);
+            }
         }
         inner.last_ms = Some(now_ms);
         // A room removed by a reload leaves the chart with it.
@@ -127,6 +138,14 @@ mod tests {
         assert_eq!(s.len(), KEEP, "an hour, no more");
         assert_eq!(s.last().unwrap().t_ms, (KEEP as u64 + 5) * STEP_MS);
         assert_eq!(s[0].rate_per_minute, Some(60.0));
+        // The clock steps back 1.5 steps: sampled at once, the samples
+        // after the new time gone.
+        let last = (KEEP as u64 + 5) * STEP_MS;
+        h.sample(&rooms, last - STEP_MS - STEP_MS / 2);
+        let s = h.series("portal");
+        assert_eq!(s.len(), KEEP - 1);
+        assert_eq!(s.last().unwrap().t_ms, last - STEP_MS - STEP_MS / 2);
+        assert_eq!(s[s.len() - 2].t_ms, last - 2 * STEP_MS);
         // A reload without the room drops its series.
         h.sample(&[], (KEEP as u64 + 6) * STEP_MS);
         assert!(h.series("portal").is_empty());
