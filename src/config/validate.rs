@@ -1199,27 +1199,8 @@ fn parse_bypass(
         })
         .collect();
     let secret = match (&b.secret_file, &b.secret_env) {
-        (Some(f), None) => std::fs::read_to_string(base.join(f))
-            .map(|s| s.trim().to_string())
-            .map_err(|e| {
-                p.add(
-                    key(&format!("{table}.secret_file")),
-                    format!("cannot read {f}: {e}"),
-                )
-            })
-            .ok(),
-        // Trimmed as a file's is: a secret made from a file (`kubectl
-        // create secret --from-file`) ends in a newline, which no header
-        // value can hold, and the bypass would never match.
-        (None, Some(v)) => std::env::var(v)
-            .map(|s| s.trim().to_string())
-            .map_err(|_| {
-                p.add(
-                    key(&format!("{table}.secret_env")),
-                    format!("the environment variable {v} is not set"),
-                )
-            })
-            .ok(),
+        (Some(f), None) => file_value(f, &key(&format!("{table}.secret_file")), base, p),
+        (None, Some(v)) => env_value(v, &key(&format!("{table}.secret_env")), p),
         (Some(_), Some(_)) => {
             p.add(key(table), "set secret_file or secret_env, not both");
             None
@@ -1416,6 +1397,32 @@ fn parse_lanes(
     lanes
 }
 
+/// A secret given in a file (relative to the config), trimmed: a file
+/// ends in a newline, which no header value or URL holds. None, said
+/// under `key`, if it cannot be read.
+fn file_value(file: &str, key: &str, base: &Path, p: &mut Problems) -> Option<String> {
+    let path = base.join(file);
+    std::fs::read_to_string(&path)
+        .map(|text| text.trim().to_string())
+        .map_err(|e| p.add(key, format!("cannot read {}: {e}", path.display())))
+        .ok()
+}
+
+/// A secret given in an environment variable, trimmed as a file's is (a
+/// Kubernetes secret made from a file holds its newline). None, said
+/// under `key`, if it is not set.
+fn env_value(var: &str, key: &str, p: &mut Problems) -> Option<String> {
+    std::env::var(var)
+        .map(|text| text.trim().to_string())
+        .map_err(|_| {
+            p.add(
+                key,
+                format!("the environment variable {var} is not set (or not UTF-8)"),
+            )
+        })
+        .ok()
+}
+
 /// The Redis URL with the key it came from: `store.url`, or read from
 /// `url_file` or `url_env`, so that its password need not sit in the
 /// config file (trimmed: a file ends in a newline). Err: it was named but
@@ -1428,29 +1435,12 @@ fn store_url(
     match (&s.url, &s.url_file, &s.url_env) {
         (None, None, None) => Ok(None),
         (Some(url), None, None) => Ok(Some((url.clone(), "store.url"))),
-        (None, Some(file), None) => {
-            let path = base.join(file);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => Ok(Some((text.trim().to_string(), "store.url_file"))),
-                Err(e) => {
-                    p.add(
-                        "store.url_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    Err(())
-                }
-            }
-        }
-        (None, None, Some(var)) => match std::env::var(var) {
-            Ok(text) => Ok(Some((text.trim().to_string(), "store.url_env"))),
-            Err(_) => {
-                p.add(
-                    "store.url_env",
-                    format!("the environment variable {var} is not set (or not UTF-8)"),
-                );
-                Err(())
-            }
-        },
+        (None, Some(file), None) => file_value(file, "store.url_file", base, p)
+            .map(|url| Some((url, "store.url_file")))
+            .ok_or(()),
+        (None, None, Some(var)) => env_value(var, "store.url_env", p)
+            .map(|url| Some((url, "store.url_env")))
+            .ok_or(()),
         _ => {
             p.add("store.url", "set one of url, url_file and url_env");
             Err(())
@@ -1469,32 +1459,17 @@ fn load_arrival_key(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Opti
             );
             return None;
         }
-        (Some(f), None) => {
-            let path = base.join(f);
-            match std::fs::read_to_string(&path) {
-                Ok(t) => ("secrets.arrival_key_file", t),
-                Err(e) => {
-                    p.add(
-                        "secrets.arrival_key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    return None;
-                }
-            }
-        }
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(t) => ("secrets.arrival_key_env", t),
-            Err(_) => {
-                p.add(
-                    "secrets.arrival_key_env",
-                    format!("the environment variable {var} is not set"),
-                );
-                return None;
-            }
-        },
+        (Some(f), None) => (
+            "secrets.arrival_key_file",
+            file_value(f, "secrets.arrival_key_file", base, p)?,
+        ),
+        (None, Some(var)) => (
+            "secrets.arrival_key_env",
+            env_value(var, "secrets.arrival_key_env", p)?,
+        ),
         (None, None) => return None,
     };
-    let t = text.trim();
+    let t = text.as_str();
     match base64::engine::general_purpose::STANDARD
         .decode(t)
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
