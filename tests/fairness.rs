@@ -286,20 +286,31 @@ async fn the_lottery_is_committed_before_and_revealed_at_the_opening() {
     assert!(!ok && out.contains("does NOT match"), "{out}");
 }
 
+/// A folder of its own for test `name`, the admission log in it (not
+/// there yet), and a room of [`config`] (`room` keys) that writes it.
+fn audited(
+    up: std::net::SocketAddr,
+    name: &str,
+    room: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("varco-audit-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("admissions.log");
+    let _ = std::fs::remove_file(&log);
+    let toml = config(up, room, &format!("[audit]\nlog = \"{}\"", log.display()));
+    (dir, log, toml)
+}
+
 /// A start without the snapshot is a new run of the queue, numbered from
 /// 1 again: its first admissions are logged, though the log's last record
 /// went further.
 #[tokio::test]
 async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-audit-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("admissions.log");
-    let _ = std::fs::remove_file(&log);
-    let toml = config(
+    let (dir, log, toml) = audited(
         up.addr,
+        "run",
         "max_active = 100\nadmission_per_minute = 600\nmode = \"queue_all\"",
-        &format!("[audit]\nlog = \"{}\"", log.display()),
     );
     for (run, people) in [(1, 5), (2, 2)] {
         // No tick before they come: the first one admits them.
@@ -327,14 +338,10 @@ async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
 #[tokio::test]
 async fn the_admission_log_is_chained_and_tampering_is_caught() {
     let up = upstream::spawn().await;
-    let dir = std::env::temp_dir().join(format!("varco-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("admissions.log");
-    let _ = std::fs::remove_file(&log);
-    let toml = config(
+    let (dir, log, toml) = audited(
         up.addr,
+        "chain",
         "max_active = 100\nadmission_per_minute = 2\nmode = \"queue_all\"",
-        &format!("[audit]\nlog = \"{}\"", log.display()),
     );
     let file = write_config("fair-audit", &toml);
     let g = Gated::start(&toml).await;
