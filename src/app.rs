@@ -194,21 +194,20 @@ impl App {
             &|_| None,
         );
         // The memory store's state is restored by now; the shared store's
-        // is read here for the rooms announcing an opening (a node that
-        // cannot reach Redis starts, degraded, and a reload checks then).
+        // is read here, for the rooms announcing an opening and for the
+        // base of the room counters, before anybody comes in (a node that
+        // cannot reach Redis starts, degraded: a reload checks the opening
+        // then, and the counters start from Redis's first answer).
         let now = clock.now_ms();
         if let Stores::Redis(_) = &stores {
             // At once: with Redis away each waits for the store's timeout.
-            let reads = rooms
-                .iter()
-                .filter(|r| r.config.opens_at_ms.is_some_and(|t| t > now))
-                .flat_map(|room| {
-                    room.lanes.iter().map(move |lane| async move {
-                        if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
-                            tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
-                        }
-                    })
-                });
+            let reads = rooms.iter().flat_map(|room| {
+                room.lanes.iter().map(move |lane| async move {
+                    if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
+                        tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
+                    }
+                })
+            });
             futures_util::future::join_all(reads).await;
         }
         let errors: Vec<ConfigError> = rooms
@@ -652,6 +651,7 @@ impl App {
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
         self.routing.store(Arc::new(Routing::new(rooms)));
+        self.metrics.follow_rooms(&self.rooms());
     }
 
     /// One lane's tick; a failure is counted and logged, and said for
@@ -729,6 +729,7 @@ impl App {
             }
         }
         self.history.sample(&self.rooms(), now);
+        self.metrics.follow_rooms(&self.rooms());
         let mut t = self.store_trouble.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_some() && trouble.is_none() {
             tracing::info!("the store answers again");

@@ -34,6 +34,7 @@ pub mod demo;
 pub mod gate;
 pub mod gateway;
 pub mod history;
+pub mod increases;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

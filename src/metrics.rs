@@ -2,6 +2,7 @@
 //! place. Labels are room, upstream, class or kind: never a raw path or a
 //! client address, so cardinality stays bounded on a click day.
 
+use crate::increases::Increases;
 use crate::room::adaptive::{Direction, Reason};
 use crate::router::SharedRouting;
 use prometheus::{
@@ -109,6 +110,8 @@ pub struct Metrics {
     /// No labels: a vec so that a node without a snapshot exports no
     /// series (a 0 would look like a snapshot stale since 1970).
     pub snapshot_written: IntGaugeVec,
+    /// The room counters as this process saw them rise.
+    increases: std::sync::Arc<Increases>,
 }
 
 /// Waits in line: seconds to hours.
@@ -386,6 +389,7 @@ impl Metrics {
             audit_write_errors,
             state_write_errors,
             snapshot_written,
+            increases: Default::default(),
         }
     }
 
@@ -413,9 +417,16 @@ impl Metrics {
     /// Registers the per-room gauges and counters, read from the rooms'
     /// stores at each scrape (so they cost nothing between scrapes).
     pub fn watch_rooms(&self, routing: SharedRouting) {
-        let _ = self
-            .registry
-            .register(Box::new(RoomCollector::new(routing)));
+        self.follow_rooms(&routing.load().rooms);
+        let _ = self.registry.register(Box::new(RoomCollector::new(
+            routing,
+            self.increases.clone(),
+        )));
+    }
+
+    /// Takes in the rooms' totals for their counters (see `increases`).
+    pub fn follow_rooms(&self, rooms: &[std::sync::Arc<crate::room::Room>]) {
+        self.increases.follow(rooms);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -566,6 +577,8 @@ struct RoomCollector {
     upstream_share: prometheus::GaugeVec,
     /// Each upstream of each room: its turns against the others'.
     upstream_weight: IntGaugeVec,
+    /// The room counters as this process saw them rise.
+    increases: std::sync::Arc<Increases>,
     /// One scrape at a time fills the vectors above: the registry lets
     /// two gather at once (two Prometheus servers), and interleaved resets
     /// and fills would report a counter twice or a gauge not at all.
@@ -573,7 +586,7 @@ struct RoomCollector {
 }
 
 impl RoomCollector {
-    fn new(routing: SharedRouting) -> Self {
+    fn new(routing: SharedRouting, increases: std::sync::Arc<Increases>) -> Self {
         let gauge = |name: &'static str, help: &str| {
             let g =
                 prometheus::GaugeVec::new(Opts::new(name, help), &["room"]).expect("valid metric");
@@ -592,6 +605,7 @@ impl RoomCollector {
         };
         RoomCollector {
             routing,
+            increases,
             scraping: std::sync::Mutex::new(()),
             upstream_up: IntGaugeVec::new(
                 Opts::new(
@@ -782,6 +796,7 @@ impl prometheus::core::Collector for RoomCollector {
         self.upstream_share.reset();
         self.upstream_weight.reset();
         let routing = self.routing.load();
+        self.increases.follow(&routing.rooms);
         for room in &routing.rooms {
             let v = room.view();
             let name = room.name.as_str();
@@ -813,11 +828,9 @@ impl prometheus::core::Collector for RoomCollector {
                     if let Some(r) = room.lane_limits(lane).per_minute {
                         set("varco_lane_admission_rate_per_minute", r);
                     }
-                    if lane.store.heard() {
-                        self.lane_admitted
-                            .with_label_values(&labels)
-                            .inc_by(lv.admitted_total);
-                    }
+                    self.lane_admitted
+                        .with_label_values(&labels)
+                        .inc_by(self.increases.of_line(name, &room.line_name(lane)).admitted);
                 }
             }
             self.set("varco_room_queue_length", name, v.in_line() as f64);
@@ -876,15 +889,13 @@ impl prometheus::core::Collector for RoomCollector {
                     .with_label_values(&[name, mode])
                     .set((current == mode) as i64);
             }
-            // Left out, not 0, until the store has answered this node (a
-            // node that just started): the jump to the cluster's count
-            // would read as that many admissions at once.
-            if room.heard() {
-                let c = room.counted();
-                let totals = [c.issued, c.admitted, c.abandoned];
-                for ((_, c), total) in self.counters.iter().zip(totals) {
-                    c.with_label_values(&[name]).inc_by(total);
-                }
+            let c = self.increases.of_room(name);
+            for ((_, counter), total) in
+                self.counters
+                    .iter()
+                    .zip([c.issued, c.admitted, c.abandoned])
+            {
+                counter.with_label_values(&[name]).inc_by(total);
             }
         }
         let mut out = Vec::new();

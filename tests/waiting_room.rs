@@ -1250,6 +1250,51 @@ async fn a_restart_keeps_every_place_and_every_pass() {
     );
 }
 
+/// After a crash the memory store comes back from its last snapshot,
+/// older than the last scrape. Its totals moved back, which Prometheus
+/// takes for a restart and counts whole again: a burst of admissions on
+/// the dashboard. The counters start at 0 with the process instead, and
+/// rise by what happens after it; the totals stay in the admin API.
+#[tokio::test]
+async fn after_a_crash_the_counters_rise_only_by_what_comes_after() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("crash-counters", up.addr, "max_active = 10");
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let come_in = async |g: &Gated, n: usize| {
+        for _ in 0..n {
+            assert!(g.citizen().get("/").await.reached_upstream());
+        }
+    };
+    let admitted = async |g: &Gated| {
+        common::client::metric(g.admin, "varco_admitted_total", "room=\"portal\"").await
+    };
+    come_in(&g, 4).await;
+    g.app.save();
+    let last_snapshot = std::fs::read(dir.join("state.json")).unwrap();
+    come_in(&g, 3).await;
+    assert_eq!(admitted(&g).await, Some(7.0));
+    g.stop().await;
+    // The crash: the state is the last snapshot's, not the one a stop
+    // writes.
+    std::fs::write(dir.join("state.json"), last_snapshot).unwrap();
+
+    let g = Gated::start_at(&cfg, T0 + 5_000, &dir).await;
+    let room = g.app.room("portal").unwrap();
+    assert_eq!(room.view().admitted_total, 4, "the last snapshot's");
+    assert_eq!(
+        admitted(&g).await,
+        Some(0.0),
+        "restored totals are no admissions"
+    );
+    come_in(&g, 2).await;
+    assert_eq!(admitted(&g).await, Some(2.0));
+    assert_eq!(
+        common::client::metric(g.admin, "varco_tickets_issued_total", "room=\"portal\"").await,
+        Some(2.0)
+    );
+    assert_eq!(room.view().admitted_total, 6);
+}
+
 /// A start without the snapshot begins the queue again, and a ticket
 /// from the run before holds no place in it: its number is somebody
 /// else's now. It counts as no ticket, and its holder joins the new line

@@ -241,11 +241,10 @@ impl Room {
     }
 
     /// Tickets issued, people admitted, turns abandoned: across the
-    /// lanes, those reloads removed included. Prometheus counters, so
-    /// never less than they were: a removed lane's counts dropped from
-    /// the sum would read as a restart, and `increase()` would count the
-    /// room's whole history again. A lane brought back counts by its
-    /// store again (which kept its counts), once.
+    /// lanes, those reloads removed included, as the admin API shows
+    /// them (a removed lane's people were admitted all the same). A lane
+    /// brought back counts by its store again (which kept its counts),
+    /// once. Prometheus's counters are `increases`.
     pub fn counted(&self) -> lanes::Counted {
         self.retired_lanes
             .iter()
