@@ -374,6 +374,26 @@ impl App {
         }
     }
 
+    /// One node alone advances every room from the start: a room or lane
+    /// a reload adds (`rooms`, before they take requests) is logged from
+    /// where its counters stand now. From its first tick, those it
+    /// admitted straight away before that would be left out. If a write
+    /// holds the log, the first tick takes the line up instead.
+    fn log_new_lines(&self, rooms: &[Arc<Room>]) {
+        let (Some(audit), Stores::Memory(_)) = (&self.audit, &self.stores) else {
+            return;
+        };
+        let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
+        for room in rooms {
+            for lane in &room.lanes {
+                let line = room.line_name(lane);
+                if !led.contains_key(&line) && audit.begin(&line, lane.store.view().serving) {
+                    led.insert(line, lane.store.generation());
+                }
+            }
+        }
+    }
+
     /// Remembers the file the config came from, for reloads.
     pub fn with_config_path(mut self, path: PathBuf) -> Self {
         self.config_path = Some(path);
@@ -648,6 +668,7 @@ impl App {
                 &self.metrics,
             );
         }
+        self.log_new_lines(&rooms);
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
         self.routing.store(Arc::new(Routing::new(rooms)));

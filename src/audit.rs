@@ -377,10 +377,21 @@ impl Writer {
     /// [`AuditLog::baseline`], unless a write is out (it holds the chain):
     /// false then, to be tried again at the next tick.
     pub fn baseline(&self, room: &str, serving: u64) -> bool {
+        self.unless_busy(|log| log.baseline(room, serving))
+    }
+
+    /// [`AuditLog::baseline_at_start`], for a line this node starts to
+    /// log while it runs (a room a reload adds), unless a write is out:
+    /// false then.
+    pub fn begin(&self, room: &str, serving: u64) -> bool {
+        self.unless_busy(|log| log.baseline_at_start(room, serving))
+    }
+
+    fn unless_busy(&self, f: impl FnOnce(&AuditLog)) -> bool {
         if self.busy.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.log.baseline(room, serving);
+        f(&self.log);
         self.busy.store(false, Ordering::Release);
         true
     }

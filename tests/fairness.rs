@@ -335,6 +335,33 @@ async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A room a reload adds admits its first people straight away, before
+/// its first tick: the log has them too.
+#[tokio::test]
+async fn a_room_a_reload_adds_logs_its_first_admissions() {
+    let up = upstream::spawn().await;
+    let (dir, log, toml) = audited(up.addr, "reload-added", "max_active = 100");
+    let path = dir.join("varco.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let g = Gated::start_file(&path).await;
+    let bonus = format!(
+        "[rooms.bonus]\nupstreams = [\"http://{}\"]\npaths = [\"/bonus\"]\nmax_active = 100\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n",
+        up.addr
+    );
+    std::fs::write(&path, toml + &bonus).unwrap();
+    g.app.reload().await.expect("reload");
+    for _ in 0..3 {
+        assert!(g.citizen().get("/bonus/apply").await.reached_upstream());
+    }
+    g.advance(1_000).await;
+    g.app.audit_settled().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let summary = varco::audit::verify(text.as_bytes()).expect("a chain");
+    assert_eq!(summary.admitted.get("bonus"), Some(&3), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn the_admission_log_is_chained_and_tampering_is_caught() {
     let up = upstream::spawn().await;
