@@ -661,7 +661,7 @@ fn a_gated_room_needs_a_signing_key() {
     let e = errors("[secrets]\nkey_env = \"VARCO_TEST_SHORT_KEY\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
     assert!(
         e.0.iter()
-            .any(|p| p.reason.contains("shorter than 32 bytes")),
+            .any(|p| p.key == "secrets.key_env" && p.reason.contains("shorter than 32 bytes")),
         "{e}"
     );
     std::env::set_var("VARCO_TEST_GOOD_KEYS", "old:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=,new:ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=");
@@ -678,9 +678,29 @@ fn a_gated_room_needs_a_signing_key() {
     let e = errors("[secrets]\nkey_env = \"VARCO_TEST_TWICE_KEYS\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
     assert!(
         e.0.iter()
-            .any(|p| p.reason.contains("\"k1\" is given twice")),
+            .any(|p| p.key == "secrets.key_env" && p.reason.contains("\"k1\" is given twice")),
         "{e}"
     );
+    // A key from the file is named under key_file, not just "secrets".
+    let dir = std::env::temp_dir().join(format!("varco-short-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"c2hvcnQ=\"\n",
+    )
+    .unwrap();
+    let Err(e) = Config::from_toml(
+        "[secrets]\nkey_file = \"keys.toml\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n",
+        &dir,
+    ) else {
+        panic!("a short key accepted");
+    };
+    assert!(
+        e.0.iter()
+            .any(|p| p.key == "secrets.key_file" && p.reason.contains("shorter than 32 bytes")),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1273,7 +1273,11 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| e.to_string()))
         {
-            Ok(kf) => keys.extend(kf.keys.into_iter().map(|k| (k.id, decode(&k.secret)))),
+            Ok(kf) => keys.extend(
+                kf.keys
+                    .into_iter()
+                    .map(|k| ("secrets.key_file", k.id, decode(&k.secret))),
+            ),
             Err(e) => problem(
                 "secrets.key_file",
                 format!("cannot use {}: {e}", path.display()),
@@ -1285,7 +1289,9 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             Ok(v) => {
                 for part in v.split(',').filter(|x| !x.trim().is_empty()) {
                     match part.split_once(':') {
-                        Some((id, secret)) => keys.push((id.trim().to_string(), decode(secret))),
+                        Some((id, secret)) => {
+                            keys.push(("secrets.key_env", id.trim().to_string(), decode(secret)))
+                        }
                         None => problem(
                             "secrets.key_env",
                             format!(
@@ -1303,25 +1309,30 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
     }
     let mut ring = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (id, secret) in keys {
+    // Each problem under the key the entry came from: with key_file and
+    // key_env both set, "secrets" alone would not say where to look.
+    for (from, id, secret) in keys {
         // Verification takes the first key of an id, signing the newest:
         // two keys under one id would reject every token varco signs.
         if !seen.insert(id.clone()) {
             problem(
-                "secrets",
+                from,
                 format!("key id \"{id}\" is given twice (key_file and key_env together?): give each key its own id"),
             );
             continue;
         }
         match secret {
             Ok(b) if b.len() >= 32 => ring.push(crate::room::token::SigningKey { id, secret: b }),
-            Ok(_) => problem("secrets", format!("key \"{id}\" is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`")),
-            Err(_) => problem("secrets", format!("key \"{id}\" is not base64")),
+            Ok(_) => problem(from, format!("key \"{id}\" is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`")),
+            Err(_) => problem(from, format!("key \"{id}\" is not base64")),
         }
     }
     if ring.is_empty() {
-        if s.key_file.is_some() || s.key_env.is_some() {
-            problem("secrets", "no usable key found".into());
+        match (&s.key_file, &s.key_env) {
+            (Some(_), None) => problem("secrets.key_file", "no usable key found".into()),
+            (None, Some(_)) => problem("secrets.key_env", "no usable key found".into()),
+            (Some(_), Some(_)) => problem("secrets", "no usable key found".into()),
+            (None, None) => {}
         }
         return s.ephemeral.then(Keyring::ephemeral);
     }
