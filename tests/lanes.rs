@@ -263,6 +263,45 @@ async fn lanes_admitting_at_once_never_pass_max_active() {
     assert!(room.view().active <= 10);
 }
 
+/// A lane with people waiting is kept its weight's share of `max_active`,
+/// but only out of places nobody holds: a release by the portal, before
+/// the next tick, calls no more than the places free, though the other
+/// lane filled the room while this one was empty.
+#[tokio::test]
+async fn a_release_calls_no_more_than_the_places_free() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(up.addr, "max_active = 10", false)).await;
+    let room = g.app.room("portal").unwrap();
+    let held = || {
+        let v = room.view();
+        v.active + v.reserved
+    };
+    // The citizens' lane is empty: the intermediaries fill 9 places.
+    let mut brokers: Vec<Citizen> = (0..9).map(|_| intermediary(g.addr, SECRET)).collect();
+    for _ in 0..3 {
+        for b in brokers.iter_mut() {
+            b.get("/").await;
+        }
+        g.advance(1000).await;
+    }
+    for b in brokers.iter_mut() {
+        assert!(b.get("/").await.reached_upstream());
+    }
+    let mut first = g.citizen();
+    assert!(first.get("/").await.reached_upstream(), "the tenth place");
+    let mut waiting: Vec<Citizen> = (0..5).map(|_| g.citizen()).collect();
+    for c in waiting.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    g.advance(1000).await;
+    assert_eq!(held(), 10);
+    // The portal ends the first citizen's session: one place is free.
+    assert_eq!(first.get("/release").await.json()["upstream"], "released");
+    assert!(held() <= 10, "max_active passed: {} held", held());
+    let (n, fifo) = called(&mut waiting).await;
+    assert_eq!((n, fifo), (1, true), "the one free place, to the first");
+}
+
 /// A lane's receipt (`portal#intermediaries-1-...`, its `#` sent as `%23`)
 /// and a lane's ticket are checked by the admin API against the lane's own
 /// line, not the default one.
