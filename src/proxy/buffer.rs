@@ -160,7 +160,7 @@ impl RequestBuffer {
         };
         let mut held = Held::new(permit, self.in_use.clone());
         let mut body = body;
-        let mut read: VecDeque<Bytes> = VecDeque::new();
+        let mut read = Gathered::default();
         let mut len: u64 = 0;
         let deadline = tokio::time::Instant::now() + self.within;
         loop {
@@ -175,7 +175,7 @@ impl RequestBuffer {
                 }
                 Err(_) => {
                     self.too_slow.inc();
-                    return Ok(stream(read, Some(held), body));
+                    return Ok(stream(read.parts(), Some(held), body));
                 }
             };
             // Request trailers are not kept (nginx drops them too): no
@@ -184,7 +184,7 @@ impl RequestBuffer {
                 continue;
             };
             len += data.len() as u64;
-            read.push_back(data);
+            read.add(data);
             if len > room {
                 // Only without a declared length: hyper holds a declared
                 // one to its word.
@@ -193,13 +193,17 @@ impl RequestBuffer {
                         limit: self.max_body_size,
                     });
                 }
-                return self.too_large(whole_only, || stream(read, Some(held), body));
+                return self.too_large(whole_only, || stream(read.parts(), Some(held), body));
             }
         }
         held.shrink_to(len);
         self.buffered.inc();
+        let mut read = read.parts();
         let bytes = match read.len() {
             0 => Bytes::new(),
+            // A small body alone keeps a whole buffer (one of gathering,
+            // or hyper's) for a few bytes: copied, cheaply.
+            1 if len < GATHER as u64 => Bytes::copy_from_slice(&read[0]),
             1 => read.pop_front().unwrap_or_default(),
             _ => {
                 let mut whole = BytesMut::with_capacity(len as usize);
@@ -230,6 +234,57 @@ impl RequestBuffer {
         }
         self.too_large.inc();
         Ok(stream())
+    }
+}
+
+/// Frames below this are copied as they are read.
+const SMALL: usize = 4096;
+/// The buffers small frames are copied into.
+const GATHER: usize = 16 * 1024;
+
+/// What was read of a body before it is sent. hyper's frames are slices
+/// of its read buffers: a body sent in frames of a byte each (chunks of
+/// one byte, HTTP/2 DATA frames of one byte) would keep every read buffer
+/// alive, its chunk headers and padding included, and cost a queue entry
+/// a byte: many times the memory counted, which is the body's length.
+/// Small frames are copied together into buffers filled to the last byte;
+/// larger ones, whose framing costs little, are kept as they came.
+#[derive(Default)]
+struct Gathered {
+    parts: VecDeque<Bytes>,
+    small: BytesMut,
+}
+
+impl Gathered {
+    fn add(&mut self, data: Bytes) {
+        if data.len() >= SMALL {
+            self.flush();
+            self.parts.push_back(data);
+            return;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            if self.small.len() == self.small.capacity() {
+                self.flush();
+                self.small = BytesMut::with_capacity(GATHER);
+            }
+            let n = rest.len().min(self.small.capacity() - self.small.len());
+            self.small.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    /// The copied bytes so far as a part; the rest of their buffer goes on
+    /// filling.
+    fn flush(&mut self) {
+        if !self.small.is_empty() {
+            self.parts.push_back(self.small.split().freeze());
+        }
+    }
+
+    fn parts(mut self) -> VecDeque<Bytes> {
+        self.flush();
+        self.parts
     }
 }
 
@@ -414,6 +469,33 @@ mod tests {
 
     fn parts(p: &[&'static [u8]]) -> VecDeque<Bytes> {
         p.iter().map(|b| Bytes::from_static(b)).collect()
+    }
+
+    /// A body in frames of one byte is kept in a few buffers, not one
+    /// part (and one read buffer of hyper's) a byte; larger frames are
+    /// kept as they came; the bytes and their order are as sent.
+    #[test]
+    fn small_frames_are_gathered_into_few_buffers() {
+        let mut g = Gathered::default();
+        let mut sent = Vec::new();
+        for i in 0..200_000u32 {
+            let b = [(i % 251) as u8];
+            sent.extend_from_slice(&b);
+            g.add(Bytes::copy_from_slice(&b));
+        }
+        let big = Bytes::from(vec![7u8; SMALL]);
+        sent.extend_from_slice(&big);
+        g.add(big.clone());
+        g.add(Bytes::from_static(b"end"));
+        sent.extend_from_slice(b"end");
+        let parts = g.parts();
+        assert!(parts.len() <= 200_000 / GATHER + 3, "{} parts", parts.len());
+        assert!(
+            parts.iter().any(|p| p.as_ptr() == big.as_ptr()),
+            "a large frame kept, not copied"
+        );
+        let got: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(got, sent);
     }
 
     #[tokio::test]
