@@ -510,13 +510,16 @@ impl App {
         self.check_running_rooms(new, |next, room| {
             let opens = next.opens_at_ms?;
             let kid = room.store.lottery_key_id()?;
-            let ttl = next.ticket_ttl.as_millis() as u64;
+            // Pre-queue tickets are good until the opening plus the
+            // ticket_ttl they were signed with: a shorter one now does not
+            // shorten theirs.
+            let ttl = next.ticket_ttl.max(room.longest_ticket_ttl).as_millis() as u64;
             let drawn_for = opens.saturating_add(ttl);
             let in_use = now < drawn_for && running.key(&kid).is_some();
             (in_use && new.keys.key(&kid).is_none()).then(|| ConfigError {
                 key: "secrets.key_file".into(),
                 reason: format!(
-                    "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus ticket_ttl)",
+                    "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus the longest ticket_ttl its tickets were signed with)",
                     next.name,
                     crate::timefmt::rfc3339(drawn_for)
                 ),
@@ -1173,7 +1176,8 @@ fn build_rooms(
                 .with_lanes(&store_for)
                 .with_in_flight_of(old(&r.name).as_deref())
                 .with_retired_lanes_of(old(&r.name).as_deref())
-                .with_undelivered_of(old(&r.name).as_deref()),
+                .with_undelivered_of(old(&r.name).as_deref())
+                .with_ticket_ttl_of(old(&r.name).as_deref()),
             )
         })
         .collect()

@@ -867,9 +867,23 @@ async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
         early.status("portal").await["lottery"]["commitment"],
         commitment
     );
-    // Once every pre-queue ticket has expired, it may go.
-    g.advance(10 * 60_000 + 2 * 3_600_000).await;
+    // A shorter ticket_ttl shortens no ticket signed before: after the
+    // opening plus the new one, the key is still needed.
+    std::fs::write(
+        &path,
+        cfg.replace("ticket_ttl = \"2h\"", "ticket_ttl = \"20m\""),
+    )
+    .unwrap();
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    g.advance(10 * 60_000 + 30 * 60_000).await;
     keys(&["k2"]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "tickets of 2h still out: {}", got.text());
+    // Once every pre-queue ticket has expired, it may go.
+    g.advance(2 * 3_600_000 - 30 * 60_000).await;
     let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
     assert_eq!(got.status, 200, "{}", got.text());
     let _ = std::fs::remove_dir_all(&dir);

@@ -91,6 +91,10 @@ pub struct Room {
     /// The counts of lanes reloads removed, by line name: see
     /// [`Room::counted`].
     retired_lanes: Vec<(String, lanes::Counted)>,
+    /// The longest `ticket_ttl` the room's tickets were signed with since
+    /// this process started (a reload may shorten it; the tickets signed
+    /// before keep theirs).
+    pub longest_ticket_ttl: Duration,
     draw: Mutex<Option<Arc<Draw>>>,
     /// The cluster's live changes this room last followed.
     followed: Mutex<SharedLive>,
@@ -179,6 +183,7 @@ impl Room {
             arrival_key: None,
             lanes: vec![default_lane],
             retired_lanes: Vec::new(),
+            longest_ticket_ttl: config.ticket_ttl,
             draw: Mutex::new(None),
             followed: Mutex::new(SharedLive::default()),
             local_changes: AtomicU64::new(0),
@@ -208,6 +213,14 @@ impl Room {
             secure,
             cross_site: self.config.cross_site_cookies,
         }
+    }
+
+    /// Keeps the longest `ticket_ttl` of `old` over a reload.
+    pub fn with_ticket_ttl_of(mut self, old: Option<&Room>) -> Self {
+        if let Some(old) = old {
+            self.longest_ticket_ttl = self.longest_ticket_ttl.max(old.longest_ticket_ttl);
+        }
+        self
     }
 
     /// Carries `old`'s claims not yet delivered over a reload.
