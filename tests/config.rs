@@ -374,6 +374,22 @@ fn each_bad_value_names_its_key() {
 }
 
 #[test]
+fn upstreams_with_a_port_or_an_ipv6_address_are_taken() {
+    for up in [
+        "http://x:8000",
+        "https://x.example",
+        "http://[::1]:8080",
+        "http://[::1]",
+        "http://127.0.0.1:65535",
+    ] {
+        let toml = format!("[rooms.portal]\nupstreams = [\"{up}\"]\n");
+        if let Err(e) = Config::from_toml(&toml, Path::new(".")) {
+            panic!("{up}: {e}");
+        }
+    }
+}
+
+#[test]
 fn bad_rooms_name_their_keys() {
     let cases: &[(&str, &str)] = &[
         ("[rooms.portal]\nupstreams = []\n", "rooms.portal.upstreams"),
@@ -391,6 +407,28 @@ fn bad_rooms_name_their_keys() {
         ),
         (
             "[rooms.portal]\nupstreams = [\"http://x/app\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        // A port the URL parser cannot read would be the scheme's default,
+        // silently; credentials would never be sent.
+        (
+            "[rooms.portal]\nupstreams = [\"http://10.0.0.5:80000\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x:8o80\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x:\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x:0\"]\n",
+            "rooms.portal.upstreams[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://user:pw@x:8000\"]\n",
             "rooms.portal.upstreams[0]",
         ),
         (

@@ -1146,6 +1146,17 @@ fn parse_upstream(text: &str) -> Result<Uri, String> {
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!("\"{text}\" has a path: an upstream is scheme://host:port only; requests keep their own path"));
     }
+    // The URL parser takes any text after the host's colon, and a port it
+    // cannot read is none: the default port's, silently.
+    if authority.as_str().contains('@') {
+        return Err(format!("\"{text}\" holds credentials, which varco would not send: an upstream is scheme://host:port only"));
+    }
+    let after_host = &authority.as_str()[authority.host().len()..];
+    if !after_host.is_empty() && authority.port_u16().is_none_or(|p| p == 0) {
+        return Err(format!(
+            "\"{text}\" has no valid port ({after_host}): write a number from 1 to 65535, or none for the scheme's"
+        ));
+    }
     Uri::builder()
         .scheme(scheme.as_str())
         .authority(authority)
