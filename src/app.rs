@@ -443,6 +443,7 @@ impl App {
             Ok(new) => match self
                 .keeps_drawn_places(&new)
                 .and_then(|()| self.keeps_lottery_keys(&new, &keys))
+                .and_then(|()| self.finds_upstream_tls_in_force(&new))
             {
                 Ok(()) => self.returns_unopened(&new).await.map(|()| new),
                 Err(e) => Err(e),
@@ -525,6 +526,46 @@ impl App {
                 ),
             })
         })
+    }
+
+    /// `upstream.tls_ca` and `upstream.tls_client` wait for a restart,
+    /// like the rest of `[upstream]`. A reload that changes one and brings
+    /// an https upstream not running now would have it verified (or shown
+    /// a certificate) with the running settings: every request to it
+    /// would fail, the room down until a restart. Refused, naming the
+    /// setting; one already running goes on as it did.
+    fn finds_upstream_tls_in_force(&self, new: &Config) -> Result<(), ReloadError> {
+        let (running, next) = (&self.config.raw.upstream, &new.raw.upstream);
+        let Some(setting) = [
+            ("upstream.tls_ca", running.tls_ca != next.tls_ca),
+            ("upstream.tls_client", running.tls_client != next.tls_client),
+        ]
+        .into_iter()
+        .find_map(|(key, changed)| changed.then_some(key)) else {
+            return Ok(());
+        };
+        let https = |u: &http::Uri| u.scheme_str() == Some("https");
+        let in_force: Vec<String> = self
+            .rooms()
+            .iter()
+            .flat_map(|r| r.config.upstreams.iter().filter(|u| https(u)))
+            .map(crate::proxy::upstreams::label)
+            .collect();
+        let errors = new
+            .rooms
+            .iter()
+            .flat_map(|r| r.upstreams.iter().map(move |u| (r, u)))
+            .filter(|(_, u)| https(u) && !in_force.contains(&crate::proxy::upstreams::label(u)))
+            .map(|(r, u)| ConfigError {
+                key: setting.into(),
+                reason: format!(
+                    "changed, and it applies at the next restart, but room {} brings the https upstream {} that would be reached with the running one: restart varco, or reload without that upstream first",
+                    r.name,
+                    crate::proxy::upstreams::label(u)
+                ),
+            })
+            .collect();
+        refused(errors)
     }
 
     /// The reload's refusal for what `check` finds wrong in the rooms of

@@ -1757,6 +1757,37 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
     let _ = std::fs::remove_dir_all(&other);
 }
 
+/// `upstream.tls_ca` applies at a restart: a reload that sets it and
+/// brings an https upstream is refused (the upstream would be verified
+/// without it, every request failing), and the running config goes on.
+#[tokio::test]
+async fn a_reload_that_needs_a_new_upstream_ca_is_refused() {
+    let dir = std::env::temp_dir().join(format!("varco-reload-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls = upstream::spawn_tls(&dir.join("ca.pem")).await;
+    let plain = upstream::spawn().await;
+    let (g, path) = common::gated::Gated::start_written(
+        "reload-ca",
+        &format!("[rooms.portal]\nupstreams = [\"http://{}\"]\n", plain.addr),
+    )
+    .await;
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\ntls_ca = \"{}\"\n[rooms.portal]\nupstreams = [\"https://localhost:{}\"]\npreserve_host = false\n",
+            dir.join("ca.pem").display(),
+            tls.addr.port()
+        ),
+    )
+    .unwrap();
+    let e = g.app.reload().await.expect_err("a CA that is not in force");
+    assert!(e.to_string().contains("upstream.tls_ca"), "{e}");
+    let got = get(&format!("http://{}/echo", g.addr)).await;
+    assert_eq!(got.status, 200, "the running config goes on");
+    assert_eq!((plain.hits(), tls.hits()), (1, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An https upstream reached by its address but certified for a name (a
 /// private network) is checked against the room's `tls_server_name`:
 /// requests and health checks reach it; without the name, or with
