@@ -211,6 +211,11 @@ pub fn set_forwarded(
 /// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
 /// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
 /// and a portal that logs or rate-limits by them would be fooled.
+/// The path a proxy rewrote (IIS's X-Original-URL and X-Rewrite-URL, read
+/// over the request line by Symfony and Zend before their fixes, and by
+/// some IIS rewrite set-ups) is worse from anyone else: varco would gate
+/// the path in the request line, an exempt one, and the portal serve
+/// another, past the queue.
 /// (X-Forwarded-For and -Proto are replaced by varco's own.)
 fn is_claimed_by_a_proxy(name: &str) -> bool {
     matches!(
@@ -219,6 +224,10 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
             | "x-forwarded-host"
             | "x-forwarded-port"
             | "x-forwarded-prefix"
+            | "x-forwarded-uri"
+            | "x-original-url"
+            | "x-original-uri"
+            | "x-rewrite-url"
             | "x-forwarded-server"
             | "x-forwarded-ssl"
             | "x-forwarded-scheme"
@@ -469,8 +478,11 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-real-ip", "6.6.6.6"),
             ("true-client-ip", "6.6.6.6"),
+            ("x-original-url", "/servizi/bonus/apply"),
+            ("x-rewrite-url", "/servizi/bonus/apply"),
         ]);
         h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
+        h.insert("x_original_url", "/servizi/bonus/apply".parse().unwrap());
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
         h.insert("x_request_id", "forged".parse().unwrap());
         h.insert("x_varco_arrival", "replayed".parse().unwrap());
@@ -481,6 +493,12 @@ mod tests {
             "a twin of varco's signed arrival"
         );
         assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
+        assert!(
+            h.get("x-original-url").is_none()
+                && h.get("x-rewrite-url").is_none()
+                && h.get("x_original_url").is_none(),
+            "a path past the gate"
+        );
         assert!(h.get("x_real_ip").is_none() && h.get("x_forwarded_for").is_none());
         assert!(
             h.get("x_request_id").is_none(),
