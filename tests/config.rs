@@ -578,6 +578,7 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.in_flight.queue",
         ),
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
+        ("session_idle = \"5ms\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
         ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),
         (

@@ -818,6 +818,20 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
+        // A typo ("5ms" for "5m") would end every pass between a page and
+        // the requests it makes next (its assets, a form sent): each one
+        // back in the queue, its slot given to the next in line.
+        let session_idle = p.duration(&key("session_idle"), &r.session_idle);
+        if session_idle < MIN_SESSION_IDLE {
+            p.add(
+                key("session_idle"),
+                format!(
+                    "{} is too short: a pass must outlast the pause between one page and the next request; at least {}s (the default is 5m)",
+                    r.session_idle,
+                    MIN_SESSION_IDLE.as_secs()
+                ),
+            );
+        }
         // A ticket called near the end of its life must still be good for
         // the whole window in which it may claim its turn.
         let ticket_ttl = p.duration(&key("ticket_ttl"), &r.ticket_ttl);
@@ -957,7 +971,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 })
                 .or(r.admission_per_minute),
             max_active: r.max_active,
-            session_idle: p.duration(&key("session_idle"), &r.session_idle),
+            session_idle,
             claim_window,
             ticket_ttl,
             mode,
@@ -1126,6 +1140,9 @@ fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
     }
     Ok(roots)
 }
+
+/// The shortest `session_idle` taken.
+const MIN_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn parse_upstream(text: &str) -> Result<Uri, String> {
     let uri: Uri = text
