@@ -536,6 +536,36 @@ async fn a_release_is_remembered_as_long_as_the_pass_could_come_back() {
     );
 }
 
+/// Each return by a login callback renews the pass, and its window: the
+/// returns are counted against `max_reentries`, or one could leave, let
+/// the slot go, and come back past `max_active` again and again.
+#[tokio::test]
+async fn returns_by_a_login_callback_are_counted() {
+    let up = upstream::spawn().await;
+    let room = format!("{DETOUR_ROOM}\nmax_reentries = 1");
+    let g = Gated::start(&config(up.addr, &room, "")).await;
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    let refused = || metric(g.admin, "varco_reentries_refused_total", "");
+    assert_eq!(refused().await, Some(0.0));
+    g.advance(3 * MIN).await;
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
+    assert!(d.get("/oidc/callback?code=1").await.reached_upstream());
+    // e stays, so the room is full when d's pass lapses again.
+    for _ in 0..6 {
+        g.advance(MIN / 2).await;
+        assert!(e.get("/apply").await.reached_upstream());
+    }
+    let got = d.get("/oidc/callback?code=2").await;
+    assert!(
+        !got.reached_upstream() && got.is_waiting_page(),
+        "a second return past max_reentries = 1: {}",
+        got.status
+    );
+    assert_eq!(refused().await, Some(1.0));
+}
+
 #[tokio::test]
 async fn a_login_detour_is_bounded_by_its_window() {
     let up = upstream::spawn().await;

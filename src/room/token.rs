@@ -114,7 +114,7 @@ pub struct PassClaims {
     /// ms; 0: never. Lets them back in at the head of the line.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub f: u64,
-    /// Re-entries after a portal failure already used.
+    /// Re-entries already used (after portal failures and login detours).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub re: u64,
     /// The lane it was admitted from; empty: the default lane.
