@@ -166,6 +166,8 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
 ) {
     let peer = address_text(canonical(peer));
+    // From every peer: a balancer in front passes the client's own on.
+    remove_where(headers, |name| is_a_rewritten_path(name.as_str()));
     if trusted_peer {
         remove_where(headers, is_underscore_twin);
         // As sent, bytes past ASCII too: a line dropped for one of them
@@ -211,11 +213,6 @@ pub fn set_forwarded(
 /// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
 /// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
 /// and a portal that logs or rate-limits by them would be fooled.
-/// The path a proxy rewrote (IIS's X-Original-URL and X-Rewrite-URL, read
-/// over the request line by Symfony and Zend before their fixes, and by
-/// some IIS rewrite set-ups) is worse from anyone else: varco would gate
-/// the path in the request line, an exempt one, and the portal serve
-/// another, past the queue.
 /// (X-Forwarded-For and -Proto are replaced by varco's own.)
 fn is_claimed_by_a_proxy(name: &str) -> bool {
     matches!(
@@ -224,10 +221,6 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
             | "x-forwarded-host"
             | "x-forwarded-port"
             | "x-forwarded-prefix"
-            | "x-forwarded-uri"
-            | "x-original-url"
-            | "x-original-uri"
-            | "x-rewrite-url"
             | "x-forwarded-server"
             | "x-forwarded-ssl"
             | "x-forwarded-scheme"
@@ -240,6 +233,32 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
             | "cf-connecting-ip"
             | "fastly-client-ip"
     )
+}
+
+/// The path a rewriting proxy saw (IIS's X-Original-URL and X-Rewrite-URL,
+/// read over the request line by Symfony and Zend before their fixes, and
+/// by some IIS rewrite set-ups): varco gates the path in the request line,
+/// an exempt one, and the portal would serve this one, past the queue.
+/// Taken from every peer: no proxy in front of varco rewrites for the
+/// portal behind it, and balancers pass the client's copy on.
+fn is_a_rewritten_path(name: &str) -> bool {
+    // Underscores as dashes (the CGI twins), without an allocation a
+    // header on every request.
+    let as_dashes = |want: &str| {
+        name.len() == want.len()
+            && name
+                .bytes()
+                .zip(want.bytes())
+                .all(|(n, w)| n == w || (n == b'_' && w == b'-'))
+    };
+    [
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-forwarded-uri",
+    ]
+    .into_iter()
+    .any(as_dashes)
 }
 
 /// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`, `X_Varco_Arrival`:
@@ -519,7 +538,12 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
+        h.insert("x-original-url", "/servizi/bonus/apply".parse().unwrap());
         set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, "http", None);
+        assert!(
+            h.get("x-original-url").is_none(),
+            "a balancer passes the client's on"
+        );
         assert_eq!(h["x-forwarded-for"], "198.51.100.9, 10.0.0.2");
         assert!(h.get("x_forwarded_for").is_none());
         assert_eq!(h["x-forwarded-proto"], "https");
