@@ -204,7 +204,11 @@ impl App {
             let reads = rooms.iter().flat_map(|room| {
                 room.lanes.iter().map(move |lane| async move {
                     if let Err(e) = lane.store.refresh(room.lane_limits(lane), now).await {
-                        tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
+                        if room.config.opens_at_ms.is_some_and(|t| t > now) {
+                            tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: whether its queue has already opened is checked at the next reload");
+                        } else {
+                            tracing::warn!(room = %room.name, error = %e, "cannot read the room's state at start: its counters start from Redis's first answer");
+                        }
                     }
                 })
             });
@@ -715,6 +719,9 @@ impl App {
         self.log_new_lines(&rooms);
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
+        // The rooms' counters as the old rooms leave them (a lane this
+        // reload removes admitted since the last tick), then the new.
+        self.metrics.follow_rooms(&self.rooms());
         self.routing.store(Arc::new(Routing::new(rooms)));
         self.metrics.follow_rooms(&self.rooms());
     }

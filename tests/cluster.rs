@@ -2131,7 +2131,7 @@ async fn a_new_node_counts_the_clusters_admissions_from_its_start() {
     advance(std::slice::from_ref(&first), 1_000).await;
     assert_eq!(admitted(&first).await, Some(3.0));
     let second = Gated::start(&cfg).await;
-    assert_eq!(admitted(&second).await, Some(0.0), "before Redis answered");
+    assert_eq!(admitted(&second).await, Some(0.0), "at its start");
     let both = [first, second];
     advance(&both, 1_000).await;
     assert_eq!(

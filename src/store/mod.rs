@@ -215,8 +215,9 @@ pub trait RoomStore: Send + Sync + 'static {
         (self.generation(), self.view())
     }
     /// Reads the room's counters from the store into [`Self::view`],
-    /// advancing nothing: for the checks at start (the memory store's
-    /// are restored by then; the shared store's come at the first tick).
+    /// advancing nothing: at start, for the checks and the counters' base
+    /// (the memory store's are restored by then; the shared store's would
+    /// come at the first tick).
     fn refresh(&self, _limits: Limits, _now_ms: u64) -> BoxFuture<'_, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }
