@@ -372,9 +372,8 @@ pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
 
 /// A pass that lapsed, coming back ahead of the queue: on a login detour's
 /// callback within `flow_window` of its expiry, or after the portal failed
-/// the person (within `failure_grace` of the extended session's end); at
-/// most `max_reentries` times in all. None: not such a pass; the usual
-/// gate.
+/// the person (within `failure_grace` of the extended session's end, at
+/// most `max_reentries` times). None: not such a pass; the usual gate.
 async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, StoreError> {
     let c = &room.config;
     let ms = |d: Duration| d.as_millis() as u64;
@@ -401,14 +400,20 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     // The failure extended the session to f + idle + grace; a grace more
     // to come back.
     let failed = pass.f > 0 && r.now_ms <= pass.f + idle + 2 * grace;
-    if !detour && !failed {
-        return Ok(None);
-    }
     // Each return renews the pass, and with it its detour window: without
     // a count, a person could leave, let the slot go to the next in line,
     // and come back past max_active by the callback's path, again and
-    // again. The count is in the pass; an older copy has an older expiry.
-    if pass.re >= c.max_reentries {
+    // again. The counts are in the pass; an older copy has an older
+    // expiry. Each reason has its own: a slow login and a portal failure
+    // on the same click day are both likely.
+    let (used, most) = if detour {
+        (pass.fr, c.max_flow_returns)
+    } else if failed {
+        (pass.re, c.max_reentries)
+    } else {
+        return Ok(None);
+    };
+    if used >= most {
         room.metrics.reentries_refused.inc();
         return Ok(None);
     }
@@ -416,10 +421,11 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         return Ok(None);
     }
     let mut back = renewed(room, &pass, r.now_ms);
-    back.re += 1;
     if detour {
+        back.fr += 1;
         room.metrics.reentries_after_detour.inc();
     } else {
+        back.re += 1;
         room.metrics.reentries_after_failure.inc();
     }
     tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");

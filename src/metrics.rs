@@ -295,7 +295,7 @@ impl Metrics {
         );
         let reentries_refused = counter(
             "varco_reentries_refused_total",
-            "Re-entries (after a portal failure or a login detour) refused because the pass had used its max_reentries",
+            "Re-entries refused because the pass had used its max_reentries (after portal failures) or max_flow_returns (after login detours)",
             &["room"],
         );
         let missed_turns = counter(

@@ -537,6 +537,9 @@ pub struct RawRoom {
     /// Re-entries after portal failures one pass may use (0: none).
     #[serde(default = "default_max_reentries")]
     pub max_reentries: u64,
+    /// Returns by a `flow_paths` callback one pass may use (0: none).
+    #[serde(default = "default_max_flow_returns")]
+    pub max_flow_returns: u64,
     /// Waiting page language when Accept-Language names neither it nor en.
     #[serde(default = "default_language")]
     pub language: String,
@@ -771,6 +774,10 @@ fn default_failure_grace() -> String {
 }
 
 fn default_max_reentries() -> u64 {
+    2
+}
+
+fn default_max_flow_returns() -> u64 {
     2
 }
 

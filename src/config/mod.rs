@@ -185,6 +185,7 @@ pub struct RoomConfig {
     pub flow_window: Duration,
     pub failure_grace: Duration,
     pub max_reentries: u64,
+    pub max_flow_returns: u64,
     pub language: Language,
     /// `cookie_same_site = "none"`: varco's cookies go with cross-site
     /// requests too (under HTTPS only), so an identity provider's POST

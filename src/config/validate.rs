@@ -983,6 +983,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             flow_window,
             failure_grace,
             max_reentries: r.max_reentries,
+            max_flow_returns: r.max_flow_returns,
             language,
             cross_site_cookies,
             page_template,

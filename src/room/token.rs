@@ -114,9 +114,12 @@ pub struct PassClaims {
     /// ms; 0: never. Lets them back in at the head of the line.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub f: u64,
-    /// Re-entries already used (after portal failures and login detours).
+    /// Re-entries after a portal failure already used.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub re: u64,
+    /// Returns by a login callback already used.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fr: u64,
     /// The lane it was admitted from; empty: the default lane.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub l: String,
@@ -401,6 +404,7 @@ impl Claims for PassClaims {
         let arr = r.number_at(b",\"arr\":")?;
         let f = r.optional_number_at(b",\"f\":")?;
         let re = r.optional_number_at(b",\"re\":")?;
+        let fr = r.optional_number_at(b",\"fr\":")?;
         let l = r.optional_string_at(b",\"l\":")?;
         let uc = r.optional_number_at(b",\"uc\":")?;
         r.end()?;
@@ -415,6 +419,7 @@ impl Claims for PassClaims {
             arr,
             f,
             re,
+            fr,
             l,
             uc,
         })
@@ -668,6 +673,7 @@ impl PassClaims {
             arr: now_ms,
             f: 0,
             re: 0,
+            fr: 0,
             l: String::new(),
             uc: 0,
         }
@@ -915,6 +921,9 @@ mod tests {
         let now = 1_800_000_000_000;
         let ticket = serde_json::to_string(&TicketClaims::new("p", 1, 0, now, 9, "/")).unwrap();
         let pass = serde_json::to_string(&PassClaims::new("p", 7, 1, now, 9)).unwrap();
+        let mut returned = PassClaims::new("p", 7, 1, now, 9);
+        (returned.f, returned.re, returned.fr) = (now, 1, 2);
+        let returned = serde_json::to_string(&returned).unwrap();
         let mut of_a_run = TicketClaims::new("p", 1, 0, now, 9, "/");
         (of_a_run.l, of_a_run.g) = ("l".into(), 12_345);
         let of_a_run = serde_json::to_string(&of_a_run).unwrap();
@@ -943,6 +952,8 @@ mod tests {
             pass.replace(r#","sid":"#, r#","sid":7,"x":"#),
             pass.replace('}', r#","uc":1}"#),
             pass.replace('}', r#","uc":1,"l":"x"}"#),
+            returned.clone(),
+            returned.replace(r#","fr":2"#, ""),
             "[]".into(),
             "{".into(),
             "".into(),
