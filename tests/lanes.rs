@@ -302,6 +302,62 @@ async fn a_release_calls_no_more_than_the_places_free() {
     assert_eq!((n, fifo), (1, true), "the one free place, to the first");
 }
 
+/// Lanes kept their shares while another lane holds more than its own
+/// (it filled the room while they were empty): the places still free go
+/// to them by weight, rather than stand empty until that lane drains.
+#[tokio::test]
+async fn shares_kept_beyond_the_room_leave_no_place_empty() {
+    let up = upstream::spawn().await;
+    std::env::set_var("VARCO_TEST_LANE_B", "lane-b-secret-0123456789");
+    std::env::set_var("VARCO_TEST_LANE_C", "lane-c-secret-0123456789");
+    let toml = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n\
+         max_active = 9\nclaim_window = \"10m\"\n\
+         [rooms.portal.lanes.a]\nweight = 0.4\n\
+         [rooms.portal.lanes.b]\nweight = 0.4\nheader = \"X-B\"\nsecret_env = \"VARCO_TEST_LANE_B\"\n\
+         [rooms.portal.lanes.c]\nweight = 0.2\nheader = \"X-C\"\nsecret_env = \"VARCO_TEST_LANE_C\"\n",
+        up.addr
+    );
+    let g = Gated::start(&toml).await;
+    let room = g.app.room("portal").unwrap();
+    let held = || {
+        let v = room.view();
+        v.active + v.reserved
+    };
+    let in_lane = |header: &str, secret: &str| {
+        let mut c = Citizen::new(g.addr);
+        c.headers.push((header.into(), secret.into()));
+        c
+    };
+    // Lane c alone: it fills 6 places.
+    let mut cs: Vec<Citizen> = (0..6)
+        .map(|_| in_lane("x-c", "lane-c-secret-0123456789"))
+        .collect();
+    for _ in 0..3 {
+        for c in cs.iter_mut() {
+            c.get("/").await;
+        }
+        g.advance(1000).await;
+    }
+    for c in cs.iter_mut() {
+        assert!(c.get("/").await.reached_upstream());
+    }
+    // Then a and b, three each: each kept 4 places, 8 with c's 6 for 9.
+    let mut others: Vec<Citizen> = Vec::new();
+    for _ in 0..3 {
+        others.push(g.citizen());
+        others.push(in_lane("x-b", "lane-b-secret-0123456789"));
+    }
+    for c in others.iter_mut() {
+        c.get("/").await;
+    }
+    for _ in 0..3 {
+        g.advance(1000).await;
+    }
+    assert_eq!(held(), 9, "every place in use while people wait");
+}
+
 /// A lane's receipt (`portal#intermediaries-1-...`, its `#` sent as `%23`)
 /// and a lane's ticket are checked by the admin API against the lane's own
 /// line, not the default one.

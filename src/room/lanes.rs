@@ -154,19 +154,31 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
     // share of max_active (rounded down); what a lane leaves unused, the
     // others may fill. Nobody is pre-empted: a lane that filled more while
     // the others were empty keeps its sessions until they end.
-    let held: Vec<u64> = lanes
+    let used: Vec<u64> = views.iter().map(|v| v.active + v.reserved).collect();
+    let mut held: Vec<u64> = lanes
         .iter()
         .zip(&views)
-        .map(|(l, v)| {
-            let used = v.active + v.reserved;
-            match room.max_active {
-                Some(m) if v.waiting > 0 && waiting > 0.0 => {
-                    used.max((m as f64 * l.weight / waiting).floor() as u64)
-                }
-                _ => used,
+        .zip(&used)
+        .map(|((l, v), &used)| match room.max_active {
+            Some(m) if v.waiting > 0 && waiting > 0.0 => {
+                used.max((m as f64 * l.weight / waiting).floor() as u64)
             }
+            _ => used,
         })
         .collect();
+    // Shares kept beyond the room (a lane holds more than its own: it
+    // filled the room while the others were empty) are kept out of the
+    // places free, by weight: kept whole, each lane would count the
+    // others' against itself, and places would stand empty while people
+    // wait until that lane drains.
+    if let Some(m) = room.max_active {
+        if held.iter().sum::<u64>() > m {
+            let free = m.saturating_sub(used.iter().sum());
+            let short: Vec<u64> = held.iter().zip(&used).map(|(h, u)| h - u).collect();
+            let given = within(free, &short, &weights);
+            held = used.iter().zip(given).map(|(u, g)| u + g).collect();
+        }
+    }
     let held_all: u64 = held.iter().sum();
     let parts = room
         .max_active
@@ -198,6 +210,34 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         for_tick.push(now);
     }
     for_tick
+}
+
+/// `free` places split by weight among the lanes `short` of places, none
+/// given more than it is short: what one cannot take goes to the others.
+fn within(free: u64, short: &[u64], weights: &[f64]) -> Vec<u64> {
+    let mut given = vec![0; short.len()];
+    let mut left = free;
+    while left > 0 {
+        let open: Vec<f64> = weights
+            .iter()
+            .zip(short.iter().zip(&given))
+            .map(|(w, (s, g))| if g < s { *w } else { 0.0 })
+            .collect();
+        if open.iter().all(|w| *w <= 0.0) {
+            break;
+        }
+        let mut gave = 0;
+        for (i, part) in split(left, &open).into_iter().enumerate() {
+            let g = part.min(short[i] - given[i]);
+            given[i] += g;
+            gave += g;
+        }
+        if gave == 0 {
+            break;
+        }
+        left -= gave;
+    }
+    given
 }
 
 /// `free` places split by weight, whole places only, adding up to `free`:
@@ -280,7 +320,22 @@ pub fn total(lanes: &[Lane]) -> RoomView {
 
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::{split, within};
+
+    #[test]
+    fn places_within_what_each_lane_is_short_go_to_the_others() {
+        assert_eq!(within(3, &[4, 4, 0], &[0.4, 0.4, 0.2]), [2, 1, 0]);
+        assert_eq!(within(3, &[1, 4, 0], &[0.4, 0.4, 0.2]), [1, 2, 0]);
+        assert_eq!(within(10, &[1, 2, 0], &[0.4, 0.4, 0.2]), [1, 2, 0]);
+        assert_eq!(within(0, &[4, 4, 0], &[0.4, 0.4, 0.2]), [0, 0, 0]);
+        for free in 0..50 {
+            let short = [7, 0, 3, 12];
+            let given = within(free, &short, &[0.1, 0.5, 0.3, 0.1]);
+            let all: u64 = given.iter().sum();
+            assert_eq!(all, free.min(22), "{free}: {given:?}");
+            assert!(given.iter().zip(short).all(|(g, s)| *g <= s), "{given:?}");
+        }
+    }
 
     #[test]
     fn free_places_are_split_whole_and_all_given() {
