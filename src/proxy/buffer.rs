@@ -160,7 +160,7 @@ impl RequestBuffer {
         };
         let mut held = Held::new(permit, self.in_use.clone());
         let mut body = body;
-        let mut read = Gathered::default();
+        let mut read = Gathered::for_room(room);
         let mut len: u64 = 0;
         let deadline = tokio::time::Instant::now() + self.within;
         loop {
@@ -249,14 +249,25 @@ const GATHER: usize = 16 * 1024;
 /// a byte: many times the memory counted, which is the body's length.
 /// Small frames are copied together into buffers filled to the last byte;
 /// larger ones, whose framing costs little, are kept as they came.
-#[derive(Default)]
 struct Gathered {
     parts: VecDeque<Bytes>,
     small: BytesMut,
+    /// What the body may still bring before it streams: a buffer no
+    /// larger (a form of a few bytes takes a few bytes, not a buffer).
+    room: u64,
 }
 
 impl Gathered {
+    fn for_room(room: u64) -> Self {
+        Gathered {
+            parts: VecDeque::new(),
+            small: BytesMut::new(),
+            room,
+        }
+    }
+
     fn add(&mut self, data: Bytes) {
+        self.room = self.room.saturating_sub(data.len() as u64);
         if data.len() >= SMALL {
             self.flush();
             self.parts.push_back(data);
@@ -266,7 +277,8 @@ impl Gathered {
         while !rest.is_empty() {
             if self.small.len() == self.small.capacity() {
                 self.flush();
-                self.small = BytesMut::with_capacity(GATHER);
+                let room = usize::try_from(self.room).unwrap_or(usize::MAX);
+                self.small = BytesMut::with_capacity(GATHER.min(rest.len() + room));
             }
             let n = rest.len().min(self.small.capacity() - self.small.len());
             self.small.extend_from_slice(&rest[..n]);
@@ -476,7 +488,7 @@ mod tests {
     /// kept as they came; the bytes and their order are as sent.
     #[test]
     fn small_frames_are_gathered_into_few_buffers() {
-        let mut g = Gathered::default();
+        let mut g = Gathered::for_room(1 << 20);
         let mut sent = Vec::new();
         for i in 0..200_000u32 {
             let b = [(i % 251) as u8];
@@ -496,6 +508,19 @@ mod tests {
         );
         let got: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
         assert_eq!(got, sent);
+    }
+
+    /// A body of a few bytes, its length declared, takes a buffer of that
+    /// size, not a gathering buffer.
+    #[test]
+    fn a_small_declared_body_takes_its_own_size() {
+        let mut g = Gathered::for_room(10);
+        g.add(Bytes::from_static(b"iban="));
+        assert_eq!(g.small.capacity(), 10);
+        g.add(Bytes::from_static(b"IT001"));
+        let parts = g.parts();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(&parts[0][..], b"iban=IT001");
     }
 
     #[tokio::test]
