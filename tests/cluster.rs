@@ -1314,6 +1314,39 @@ async fn when_redis_loses_its_last_writes_before_the_opening_no_prequeue_number_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Redis comes back from a save taken before the opening (a restart, a
+/// failover to a replica behind), after numbers past it were handed out:
+/// the first call after it opens the queue again from the pre-queue, and
+/// must not hand those numbers out again. (The state hash is set back as
+/// such a save has it, on the same connection: the node's next call is
+/// then an arrival, as it can be after a real restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_the_opening_no_number_after_it_repeats() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = opening_later(&redis, up.addr, "max_active = 100\nmode = \"queue_all\"");
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    for _ in 0..3 {
+        assert!(nodes[0].citizen().get("/").await.is_waiting_page());
+    }
+    advance(&nodes, 10 * 60_000).await;
+    let mut after: Vec<Citizen> = (0..2).map(|_| nodes[0].citizen()).collect();
+    for c in after.iter_mut() {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    assert_eq!(after[1].status("portal").await["ticket"], 5);
+    // As the save before the opening has it: same run, not opened.
+    assert_eq!(
+        redis.command("HSET t:{portal}:state opened 0 queue 0 serving 0 prequeue 3"),
+        ":0"
+    );
+    let mut newcomer = nodes[0].citizen();
+    assert!(newcomer.get("/").await.is_waiting_page());
+    let s = newcomer.status("portal").await;
+    assert_eq!(s["ticket"], 6, "a number already handed out: {s}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     let OverRedis {

@@ -88,6 +88,13 @@ local function maybe_open()
   if opens_at >= 0 and now < opens_at then return end
   opened = '1'
   queue = queue + prequeue
+  -- A Redis back from before the opening (same generation) opens again
+  -- here, below numbers the asking node saw handed out after it: those
+  -- are not handed out twice. (Before the opening a node has seen no
+  -- queue: 0.)
+  if h.gen and ARGV[9] == h.gen then
+    queue = math.max(queue, tonumber(ARGV[10]))
+  end
 end
 local function refill()
   local elapsed = now - refilled
