@@ -180,6 +180,25 @@ fn a_short_admin_token_names_where_it_came_from() {
         "[admin]\ntokens_env = \"VARCO_TEST_SHORT_ADMIN\"\n{ROOM}"
     ));
     assert!(e.names("admin.tokens_env"), "{e}");
+    // With a file of good tokens beside it, still the variable.
+    let dir = std::env::temp_dir().join(format!("varco-admin-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("tokens.toml"),
+        "[[tokens]]\nid = \"ci\"\ntoken = \"a-long-enough-token-0123456789\"\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "[admin]\ntokens_file = \"tokens.toml\"\ntokens_env = \"VARCO_TEST_SHORT_ADMIN\"\n{ROOM}"
+    );
+    let Err(e) = Config::from_toml(&toml, &dir) else {
+        panic!("a short token accepted");
+    };
+    assert!(
+        e.names("admin.tokens_env") && !e.names("admin.tokens_file"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A value that does not parse is reported once, for what it is: not

@@ -1547,9 +1547,14 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| e.to_string()))
         {
-            Ok(tf) => tokens.extend(tf.tokens.into_iter().map(|t| AdminToken {
-                id: t.id,
-                token: t.token,
+            Ok(tf) => tokens.extend(tf.tokens.into_iter().map(|t| {
+                (
+                    "admin.tokens_file",
+                    AdminToken {
+                        id: t.id,
+                        token: t.token,
+                    },
+                )
             })),
             Err(e) => p.add(
                 "admin.tokens_file",
@@ -1562,10 +1567,13 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             Ok(v) => {
                 for part in v.split(',').filter(|x| !x.trim().is_empty()) {
                     match part.split_once(':') {
-                        Some((id, token)) => tokens.push(AdminToken {
-                            id: id.trim().into(),
-                            token: token.trim().into(),
-                        }),
+                        Some((id, token)) => tokens.push((
+                            "admin.tokens_env",
+                            AdminToken {
+                                id: id.trim().into(),
+                                token: token.trim().into(),
+                            },
+                        )),
                         None => p.add(
                             "admin.tokens_env",
                             format!(
@@ -1581,18 +1589,13 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             ),
         }
     }
-    // Named by where the tokens came from, as the operator wrote it.
-    let source = if a.tokens_file.is_some() {
-        "admin.tokens_file"
-    } else {
-        "admin.tokens_env"
-    };
-    for t in &tokens {
+    // Named by where each token came from, as the operator wrote it.
+    for (source, t) in &tokens {
         if t.token.len() < 16 {
-            p.add(source, format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
+            p.add(*source, format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
         }
     }
-    tokens
+    tokens.into_iter().map(|(_, t)| t).collect()
 }
 
 /// Whether a path prefix `e` takes in everything under a room's path:
