@@ -195,10 +195,10 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         lane.rate.store(rate.to_bits(), Ordering::Relaxed);
         // What the other lanes hold (or are kept) is not this lane's; what
         // nobody holds is this lane's in a tick, its weight's part of it
-        // until then. Never more than a tick would give it: a share kept
-        // for a lane is out of the places free, and while the others hold
-        // more than their shares (they filled the room while this lane was
-        // empty) a release would otherwise call the whole share at once.
+        // until then. Never more than a tick would give it: while the
+        // lanes together hold more than max_active (re-entries may pass
+        // it), its own share would still let a release or a direct
+        // admission call past it.
         let (now, until_next) = match (room.max_active, &parts) {
             (Some(m), Some(parts)) => {
                 let now = m.saturating_sub(held_all - own);
