@@ -625,6 +625,28 @@ async fn a_claim_whose_answer_comes_too_late_still_admits() {
     );
 }
 
+/// Redis runs a direct admission but answers after the node stopped
+/// waiting, and the node, beyond its own share, gives the newcomer a
+/// provisional ticket: the session the script made, which nobody holds,
+/// is ended, not left to hold the only slot for `session_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_admission_answered_too_late_leaves_no_slot_taken() {
+    let redis = RedisServer::start();
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
+    // Twice: each node has seen the other (its share of one slot: none).
+    advance(&nodes, 1000).await;
+    advance(&nodes, 1000).await;
+    let busy = keep_busy(&redis, 800).await;
+    let got = nodes[0].citizen().get("/").await;
+    busy.join().unwrap();
+    assert!(got.is_waiting_page(), "{}", got.status);
+    assert_eq!(
+        redis.command("ZCARD t:{portal}:sessions"),
+        ":0",
+        "a session nobody holds takes the slot"
+    );
+}
+
 /// A session used through an outage longer than its idle time still
 /// counts when Redis returns: its node could not report the activity, so
 /// neither the first request Redis answers nor the node's late report may

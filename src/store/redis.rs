@@ -610,12 +610,24 @@ impl RoomStore for RedisRoom {
     ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         async move {
             let args = [hex(session.sid), session.expires_ms.to_string()];
+            let sid = session.sid;
             let r = match self.call("direct", &limits, now_ms, &args).await {
                 Ok(r) => r,
                 // Beyond this node's own share the newcomer takes a
                 // provisional ticket, as when people are waiting: a place
                 // in line rather than an error page to retry.
-                Err(_) => return Ok(self.admit_on_my_own(&limits, session, now_ms)),
+                Err(e) => {
+                    let own = self.admit_on_my_own(&limits, session, now_ms);
+                    // The script may have run and only its answer come too
+                    // late: a session nobody holds once this node refuses,
+                    // keeping a slot for session_idle. Ended (sent after
+                    // the script on the same connection, or again at the
+                    // next tick): a number goes unused, nobody is let in.
+                    if own.is_none() && matches!(e, StoreError::Unanswered(_)) {
+                        let _ = self.end_session(sid, now_ms, super::ENDED_MEMORY_MS).await;
+                    }
+                    return Ok(own);
+                }
             };
             if r.0 > 0 {
                 self.remember(session);
