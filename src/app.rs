@@ -755,6 +755,11 @@ impl App {
                 break;
             }
         }
+        // Redis that did not answer one lane's tick will not answer the
+        // next: the other lanes skip theirs (each would wait the store's
+        // timeout, a tick of many rooms lasting seconds, and /readyz
+        // learning late). The memory store's failures are its own room's.
+        let shared = matches!(self.stores, Stores::Redis(_));
         for room in self.rooms().iter().filter(|r| r.is_gated()) {
             room.adapt(now);
             for (i, lane) in room.lanes.iter().enumerate() {
@@ -764,6 +769,9 @@ impl App {
                 let mut limits = room.lane_limits(lane);
                 if let Some(&max) = for_tick.get(i) {
                     limits.max_active = limits.max_active.map(|_| max);
+                }
+                if trouble.is_some() && shared {
+                    continue;
                 }
                 let (run, view) = lane.store.run_and_view();
                 match self.tick_lane(room, lane, limits, now).await {
@@ -789,6 +797,9 @@ impl App {
                 // People left waiting need no tick: passthrough calls
                 // nobody, and the store keeps their places as they are.
                 if v.active == 0 && v.reserved == 0 {
+                    continue;
+                }
+                if trouble.is_some() && shared {
                     continue;
                 }
                 let limits = Limits {

@@ -647,6 +647,51 @@ async fn a_direct_admission_answered_too_late_leaves_no_slot_taken() {
     );
 }
 
+/// Redis that did not answer one room's tick is not asked for the next
+/// rooms' in the same tick: each would wait the store's timeout. Counted
+/// by the script calls Redis runs once it is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_waits_once_for_a_store_that_does_not_answer() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let mut cfg = cluster_config(&redis, up.addr, "max_active = 5", "");
+    for room in ["b", "c", "d"] {
+        cfg += &format!(
+            "[rooms.{room}]\nupstreams = [\"http://{}\"]\npaths = [\"/{room}\"]\nmax_active = 5\n",
+            up.addr
+        );
+    }
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let mut stats = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut calls = || {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut stats)
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = calls();
+    let busy = keep_busy(&redis, 1_500).await;
+    advance(&nodes, 1000).await;
+    busy.join().unwrap();
+    let during = calls() - before;
+    assert!(
+        during <= 2,
+        "{during} script calls for one tick of a store that did not answer"
+    );
+    // And once it answers, every room ticks again.
+    advance(&nodes, 1000).await;
+    let after = calls() - before - during;
+    assert!(after >= 4, "{during} then {after} script calls");
+}
+
 /// A session used through an outage longer than its idle time still
 /// counts when Redis returns: its node could not report the activity, so
 /// neither the first request Redis answers nor the node's late report may
