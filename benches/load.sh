@@ -90,11 +90,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ORIGIN=$(port); NGX=$(port); NGX_LIMIT=$(port); NGX_PAGE=$(port); VAR=$(port); VADM=$(port)
-VWAIT=$(port); VWADM=$(port); VMEM=$(port); VMADM=$(port)
-VGM=$(port); VGMADM=$(port); VGR=$(port); VGRADM=$(port); REDIS=$(port); VFLOOR=$(port)
-VSNAP=$(port); VSNADM=$(port)
+# Every port at once, each socket held until all are drawn: drawn one at
+# a time, a port let go could be drawn again for another server, and the
+# second to start would find it taken.
+read -r ORIGIN NGX NGX_LIMIT NGX_PAGE VAR VADM VWAIT VWADM VMEM VMADM \
+  VGM VGMADM VGR VGRADM REDIS VFLOOR VSNAP VSNADM \
+  VBEFORE VBADM VBPROXY VBPADM < <(python3 -c '
+import socket
+held = [socket.socket() for _ in range(22)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))')
 
 # A 1 KiB page: the size of a small personalised response.
 head -c 1024 /dev/zero | tr '\0' 'x' > "$work/page.html"
@@ -208,13 +214,11 @@ pids+=("$VWAIT_PID")
 # origin, for an A/B in one run.
 before=(); before_proxy=()
 if [ -n "${BEFORE:-}" ]; then
-  VBEFORE=$(port); VBADM=$(port)
   VBEFORE_PID=$(start_varco before "$(server_block "$VBEFORE" "$VBADM")
 $common
 $gated" "$BEFORE")
   pids+=("$VBEFORE_PID")
   before=(before "$VBEFORE" "$VBEFORE_PID")
-  VBPROXY=$(port); VBPADM=$(port)
   VBPROXY_PID=$(start_varco before-proxy "$(server_block "$VBPROXY" "$VBPADM")
 $common
 $proxied" "$BEFORE")
