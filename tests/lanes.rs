@@ -263,6 +263,20 @@ async fn lanes_admitting_at_once_never_pass_max_active() {
     assert!(room.view().active <= 10);
 }
 
+/// `people` of one lane, the others empty, come in: over three ticks,
+/// until every one of them holds a pass.
+async fn fill(g: &Gated, people: &mut [Citizen]) {
+    for _ in 0..3 {
+        for p in people.iter_mut() {
+            p.get("/").await;
+        }
+        g.advance(1000).await;
+    }
+    for p in people.iter_mut() {
+        assert!(p.get("/").await.reached_upstream());
+    }
+}
+
 /// A lane with people waiting is kept its weight's share of `max_active`,
 /// but only out of places nobody holds: a release by the portal, before
 /// the next tick, calls no more than the places free, though the other
@@ -278,15 +292,7 @@ async fn a_release_calls_no_more_than_the_places_free() {
     };
     // The citizens' lane is empty: the intermediaries fill 9 places.
     let mut brokers: Vec<Citizen> = (0..9).map(|_| intermediary(g.addr, SECRET)).collect();
-    for _ in 0..3 {
-        for b in brokers.iter_mut() {
-            b.get("/").await;
-        }
-        g.advance(1000).await;
-    }
-    for b in brokers.iter_mut() {
-        assert!(b.get("/").await.reached_upstream());
-    }
+    fill(&g, &mut brokers).await;
     let mut first = g.citizen();
     assert!(first.get("/").await.reached_upstream(), "the tenth place");
     let mut waiting: Vec<Citizen> = (0..5).map(|_| g.citizen()).collect();
@@ -334,15 +340,7 @@ async fn shares_kept_beyond_the_room_leave_no_place_empty() {
     let mut cs: Vec<Citizen> = (0..6)
         .map(|_| in_lane("x-c", "lane-c-secret-0123456789"))
         .collect();
-    for _ in 0..3 {
-        for c in cs.iter_mut() {
-            c.get("/").await;
-        }
-        g.advance(1000).await;
-    }
-    for c in cs.iter_mut() {
-        assert!(c.get("/").await.reached_upstream());
-    }
+    fill(&g, &mut cs).await;
     // Then a and b, three each: each kept 4 places, 8 with c's 6 for 9.
     let mut others: Vec<Citizen> = Vec::new();
     for _ in 0..3 {
