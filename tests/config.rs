@@ -428,6 +428,15 @@ fn bad_rooms_name_their_keys() {
             "[rooms.portal]\nupstreams = [\"http://x/app\"]\n",
             "rooms.portal.upstreams[0]",
         ),
+        // Under none of the room's paths: dead config, said.
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\npaths = [\"/bonus\"]\nflow_paths = [\"/oidc/callback\"]\n",
+            "rooms.portal.flow_paths[0]",
+        ),
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\npaths = [\"/bonus\"]\nexempt_paths = [\"/static/\"]\n",
+            "rooms.portal.exempt_paths[0]",
+        ),
         // A port the URL parser cannot read would be the scheme's default,
         // silently; credentials would never be sent.
         (

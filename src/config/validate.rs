@@ -781,9 +781,27 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 format!("cover every path of the room ({}): nobody would meet the gate; for a room without a gate, set mode = \"passthrough\"", r.paths.join(", ")),
             );
         }
+        // An entry under none of the room's paths is never met here: the
+        // request is another room's, or nobody's (a callback that would
+        // be queued, an asset gated, the operator told nothing).
+        let outside = |e: &str| {
+            !r.paths.is_empty()
+                && !r
+                    .paths
+                    .iter()
+                    .any(|room_path| crate::router::prefix_matches(room_path, e))
+        };
+        let not_here = |e: &str| {
+            format!(
+                "\"{e}\" is under none of the room's paths ({}): its requests never reach this room; write it under one of them",
+                r.paths.join(", ")
+            )
+        };
         for (i, e) in r.exempt_paths.iter().enumerate() {
             let at = key(&format!("exempt_paths[{i}]"));
-            if e == "/" {
+            if e.starts_with('/') && outside(e) {
+                p.add(at, not_here(e));
+            } else if e == "/" {
                 p.add(
                     at,
                     "\"/\" exempts every path: for a room without a gate, set mode = \"passthrough\"".to_string(),
@@ -801,6 +819,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     at,
                     format!("\"{e}\" covers the room's path \"{room_path}\": every ticket holder would skip the queue; name the login callback itself (e.g. \"/oidc/callback\")"),
                 );
+            } else if e.starts_with('/') && outside(e) {
+                p.add(at, not_here(e));
             } else if let Some(why) = prefix_problem(e, "flow") {
                 p.add(at, why);
             }
