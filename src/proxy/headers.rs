@@ -241,24 +241,12 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
 /// an exempt one, and the portal would serve this one, past the queue.
 /// Taken from every peer: no proxy in front of varco rewrites for the
 /// portal behind it, and balancers pass the client's copy on.
+/// (Their underscore twins are `is_underscore_twin`'s, from every peer.)
 fn is_a_rewritten_path(name: &str) -> bool {
-    // Underscores as dashes (the CGI twins), without an allocation a
-    // header on every request.
-    let as_dashes = |want: &str| {
-        name.len() == want.len()
-            && name
-                .bytes()
-                .zip(want.bytes())
-                .all(|(n, w)| n == w || (n == b'_' && w == b'-'))
-    };
-    [
-        "x-original-url",
-        "x-original-uri",
-        "x-rewrite-url",
-        "x-forwarded-uri",
-    ]
-    .into_iter()
-    .any(as_dashes)
+    matches!(
+        name,
+        "x-original-url" | "x-original-uri" | "x-rewrite-url" | "x-forwarded-uri"
+    )
 }
 
 /// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`, `X_Varco_Arrival`:
@@ -278,6 +266,7 @@ fn is_underscore_twin(name: &HeaderName) -> bool {
         dashed.as_str(),
         "x-forwarded-for" | "x-forwarded-proto" | "x-request-id" | "x-varco-arrival"
     ) || is_claimed_by_a_proxy(&dashed)
+        || is_a_rewritten_path(&dashed)
 }
 
 fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
