@@ -39,8 +39,12 @@ impl RedisServer {
                 cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
                     .arg(d);
             }
+            // A folder of its own all the same: a replica writes the data
+            // it is sent to `dump.rdb` there, and a Redis started later in
+            // the same folder would load it.
             None => {
-                cmd.args(["--appendonly", "no"]);
+                cmd.args(["--appendonly", "no", "--dir"])
+                    .arg(Self::own_dir(port));
             }
         })
     }
@@ -63,6 +67,14 @@ impl RedisServer {
         };
         server.wait_ready();
         server
+    }
+
+    /// An empty folder for the Redis on `port`, in this test process's.
+    fn own_dir(port: u16) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("varco-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a folder for redis-server");
+        dir
     }
 
     /// A Redis that speaks only TLS, with a certificate for "localhost"
