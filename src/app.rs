@@ -163,6 +163,9 @@ impl App {
         if let Stores::Memory(m) = &stores {
             m.count_marks_errors(metrics.state_write_errors.with_label_values(&["marks"]));
         }
+        if let Stores::Redis(r) = &stores {
+            r.count_replacements(metrics.store_connections_replaced.clone());
+        }
         // /readyz says degraded from the start, not from the first tick.
         let mut trouble = None;
         if let Stores::Redis(redis) = &stores {

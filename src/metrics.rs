@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "varco_request_buffer_limit_bytes",
     "varco_build_info",
     "varco_store_errors_total",
+    "varco_store_connections_replaced_total",
     "varco_config_reloads_total",
     "varco_tls_certificate_expiry_timestamp_seconds",
     "varco_rejected_total",
@@ -89,6 +90,7 @@ pub struct Metrics {
     /// Rooms with `health_check` only.
     pub upstream_health_checks: IntCounterVec,
     pub store_errors: IntCounterVec,
+    pub store_connections_replaced: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// By `cert` file; no series without TLS.
     tls_certificate_expiry: IntGaugeVec,
@@ -237,6 +239,11 @@ impl Metrics {
             "Store operations that failed: ticks, the gate's and the status's questions, operators' changes",
             &["room"],
         );
+        let store_connections_replaced = counter(
+            "varco_store_connections_replaced_total",
+            "Times the connection to Redis was replaced, by reason: unanswered (calls timed out in a row: a connection dropped on the way) or read_only (Redis was demoted to replica); 0 from the start, cluster mode only",
+            &["reason"],
+        );
         let config_reloads = counter(
             "varco_config_reloads_total",
             "Config reloads, by result: ok or refused",
@@ -351,6 +358,7 @@ impl Metrics {
             Box::new(upstream_in_flight.clone()),
             Box::new(upstream_health_checks.clone()),
             Box::new(store_errors.clone()),
+            Box::new(store_connections_replaced.clone()),
             Box::new(config_reloads.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(rejected.clone()),
@@ -374,6 +382,7 @@ impl Metrics {
             upstream_in_flight,
             upstream_health_checks,
             store_errors,
+            store_connections_replaced,
             config_reloads,
             tls_certificate_expiry,
             tls_certificates: Default::default(),

@@ -5,6 +5,7 @@ mod common;
 
 use common::gated::{Citizen, Gated};
 use common::redis::RedisServer;
+use common::relay::Relay;
 use common::upstream;
 
 const KEYS: &str = "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -15,13 +16,17 @@ fn cluster_config(
     room: &str,
     store: &str,
 ) -> String {
+    cluster_config_at(&redis.url(), up, room, store)
+}
+
+/// As `cluster_config`, over the Redis at `url`.
+fn cluster_config_at(url: &str, up: std::net::SocketAddr, room: &str, store: &str) -> String {
     std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
     format!(
         "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
-         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\n{store}\n\
+         [store]\nkind = \"redis\"\nurl = \"{url}\"\nprefix = \"t:\"\n{store}\n\
          [rooms.portal]\nupstreams = [\"http://{up}\"]\n\
-         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n",
-        redis.url()
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n"
     )
 }
 
@@ -1042,6 +1047,93 @@ async fn when_redis_fails_nodes_degrade_without_opening_the_gates_and_recover() 
         5,
         "newcomers queue behind"
     );
+}
+
+/// A node over `relay` for a room of one slot, ticked until it is ready,
+/// and its upstream; someone is in, so the next comes to wait.
+async fn one_slot_over(relay: &Relay) -> (upstream::Upstream, Vec<Gated>) {
+    let up = upstream::spawn().await;
+    let room = "max_active = 1\nsession_idle = \"1m\"";
+    let nodes = nodes(&cluster_config_at(&relay.url(), up.addr, room, ""), 1).await;
+    until_recovered(&nodes, 0).await;
+    let got = nodes[0].citizen().get("/").await;
+    assert!(got.reached_upstream(), "{}: {}", got.status, got.text());
+    (up, nodes)
+}
+
+/// Ticks `node` until its readiness no longer says "ready" (a tick found
+/// Redis away), failing after 15 s.
+async fn until_degraded(nodes: &[Gated]) {
+    let readyz = format!("http://{}/readyz", nodes[0].admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::client::get(&readyz).await.text() == "ready\n" {
+        assert!(std::time::Instant::now() < deadline, "never degraded");
+        advance(nodes, 1000).await;
+    }
+}
+
+async fn replaced(g: &Gated, reason: &str) -> Option<f64> {
+    common::client::metric(
+        g.admin,
+        "varco_store_connections_replaced_total",
+        &format!("reason=\"{reason}\""),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_on_the_way_is_replaced() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let (_up, nodes) = one_slot_over(&relay).await;
+    assert_eq!(replaced(&nodes[0], "unanswered").await, Some(0.0));
+
+    // The network forgets the connection: no reset, no answer, ever.
+    relay.cut();
+    until_degraded(&nodes).await;
+    // A new connection gets through.
+    until_recovered(&nodes, 0).await;
+    assert_eq!(replaced(&nodes[0], "unanswered").await, Some(1.0));
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    assert_eq!(
+        next.status("portal").await["position"],
+        1,
+        "Redis placed the newcomer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_node_leaves_the_demoted_redis() {
+    let old = RedisServer::start();
+    let relay = Relay::to(old.port).await;
+    let (_up, nodes) = one_slot_over(&relay).await;
+
+    // A replica takes the data, is promoted, and the old primary is
+    // demoted; the address (the relay) now leads to the new one.
+    let new = RedisServer::start();
+    new.command(&format!("REPLICAOF 127.0.0.1 {}", old.port));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while new.command("EXISTS t:{portal}:state") != ":1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    new.command("REPLICAOF NO ONE");
+    old.command(&format!("REPLICAOF 127.0.0.1 {}", new.port));
+    relay.send_to(new.port);
+
+    until_degraded(&nodes).await;
+    until_recovered(&nodes, 0).await;
+    assert_eq!(replaced(&nodes[0], "read_only").await, Some(1.0));
+    let mut next = nodes[0].citizen();
+    assert!(
+        next.get("/").await.is_waiting_page(),
+        "the slot is still held"
+    );
+    assert_eq!(next.status("portal").await["position"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -450,6 +450,8 @@ async fn metrics_parse_and_move_with_traffic() {
             "varco_upstream_health_checks_total",
             // Only with store.snapshot (tests/waiting_room.rs).
             "varco_state_snapshot_timestamp_seconds",
+            // Only in cluster mode (tests/cluster.rs).
+            "varco_store_connections_replaced_total",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
         // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).

@@ -5,6 +5,7 @@
 
 pub mod ahead;
 pub mod blocks;
+pub mod link;
 pub mod memory;
 pub mod redis;
 

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt};
-use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::blocks::Blocks;
+use super::link::Link;
 use super::{KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError};
 use crate::room::admission::{Claim, Issued, Limits, Mode};
 
@@ -44,7 +44,7 @@ return 0
 "#;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     node: String,
     lease: Duration,
@@ -63,7 +63,7 @@ pub struct RedisStore {
 impl RedisStore {
     /// Prepares the connection without waiting for Redis: a node starts
     /// (degraded) even while Redis is down, and the connection manager
-    /// reconnects by itself. Short timeouts keep a slow Redis from holding
+    /// reconnects by itself (the link replaces what it cannot see fail). Short timeouts keep a slow Redis from holding
     /// requests: an answer later than this counts as a failure.
     pub async fn connect(
         url: &str,
@@ -90,11 +90,10 @@ impl RedisStore {
             .set_connection_timeout(Some(STORE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("store.url: {e}"))?;
+        let link = Arc::new(Link::new(client, config)?);
         let node = format!("{:032x}", crate::room::token::random_u128());
         Ok(RedisStore {
-            conn,
+            link,
             prefix: prefix.to_string(),
             node,
             lease,
@@ -112,11 +111,14 @@ impl RedisStore {
     /// store away). An error here is not fatal: the node starts degraded
     /// and the connection manager keeps trying.
     pub async fn reach(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)
+        let mut lent = self.link.lend();
+        let r = redis::cmd("PING").query_async::<()>(&mut lent.conn).await;
+        self.link.outcome(&lent, r)
+    }
+
+    /// Counts each time the connection to Redis is replaced.
+    pub fn count_replacements(&self, counter: prometheus::IntCounterVec) {
+        self.link.count_replacements(counter);
     }
 
     /// The room named `name`: the one already made, if any, so a reload
@@ -131,7 +133,7 @@ impl RedisStore {
     fn new_room(&self, name: &str) -> Arc<RedisRoom> {
         let k = |s: &str| format!("{}{{{name}}}:{s}", self.prefix);
         Arc::new(RedisRoom {
-            conn: self.conn.clone(),
+            link: self.link.clone(),
             keys: [
                 k("state"),
                 k("batches"),
@@ -189,7 +191,7 @@ struct Fallback {
 }
 
 pub struct RedisRoom {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     /// state, batches, claimed, sessions, history, provisional: one hash
     /// slot per room.
     keys: [String; 7],
@@ -243,14 +245,6 @@ type Reply = (
     u64,
     Vec<String>,
 );
-
-fn unavailable(e: redis::RedisError) -> StoreError {
-    if e.is_timeout() {
-        StoreError::Unanswered(e.to_string())
-    } else {
-        StoreError::Unavailable(e.to_string())
-    }
-}
 
 /// Drops the shared fields and records the reset under a new version.
 const RESET_LIVE: &str = r#"
@@ -352,9 +346,10 @@ impl RedisRoom {
         for a in args {
             inv.arg(a);
         }
-        let mut conn = self.conn.clone();
+        let mut lent = self.link.lend();
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let r: Reply = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let r = inv.invoke_async(&mut lent.conn).await;
+        let r: Reply = self.link.outcome(&lent, r)?;
         let replied = RoomView {
             queue: r.2,
             serving: r.3,
@@ -693,16 +688,16 @@ impl RoomStore for RedisRoom {
 
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         async move {
-            let mut conn = self.conn.clone();
-            let peers: u64 = self
+            let mut lent = self.link.lend();
+            let r = self
                 .nodes_script
                 .key(&self.nodes_key)
                 .arg(now_ms)
                 .arg(&self.node)
                 .arg(3 * self.lease_ms.max(1000))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .invoke_async(&mut lent.conn)
+                .await;
+            let peers: u64 = self.link.outcome(&lent, r)?;
             self.peers.store(peers.max(1), Ordering::Relaxed);
             // Sessions admitted without Redis first, then activity, so the
             // session count the tick sees is complete and fresh: while
@@ -728,14 +723,15 @@ impl RoomStore for RedisRoom {
             }
             self.sessions
                 .retain(|_, exp| exp.load(Ordering::Relaxed) > now_ms);
-            let held: i64 = self
+            let mut lent = self.link.lend();
+            let r = self
                 .lease_script
                 .key(&self.lease_key)
                 .arg(&self.node)
                 .arg(self.lease_ms)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .invoke_async(&mut lent.conn)
+                .await;
+            let held: i64 = self.link.outcome(&lent, r)?;
             self.holder.store(held == 1, Ordering::Relaxed);
             let op = if held == 1 { "tick" } else { "view" };
             let r = self.call(op, &limits, now_ms, &[]).await?;
@@ -888,42 +884,42 @@ impl RoomStore for RedisRoom {
             ),
         };
         async move {
-            let mut conn = self.conn.clone();
-            redis::pipe()
+            let mut lent = self.link.lend();
+            let r = redis::pipe()
                 .atomic()
                 .hset(&self.live_key, field, value)
                 .ignore()
                 .hincr(&self.live_key, "version", 1)
                 .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+                .query_async::<()>(&mut lent.conn)
+                .await;
+            self.link.outcome(&lent, r)
         }
         .boxed()
     }
 
     fn reset_live(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut lent = self.link.lend();
             // The hash is never deleted: a version that started again at 1
             // could equal one a node already followed.
-            Script::new(RESET_LIVE)
+            let r = Script::new(RESET_LIVE)
                 .key(&self.live_key)
-                .invoke_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+                .invoke_async::<()>(&mut lent.conn)
+                .await;
+            self.link.outcome(&lent, r)
         }
         .boxed()
     }
 
     fn shared_live(&self) -> BoxFuture<'_, Result<Option<SharedLive>, StoreError>> {
         async move {
-            let mut conn = self.conn.clone();
-            let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            let mut lent = self.link.lend();
+            let r = redis::cmd("HGETALL")
                 .arg(&self.live_key)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .query_async(&mut lent.conn)
+                .await;
+            let fields: std::collections::HashMap<String, String> = self.link.outcome(&lent, r)?;
             Ok(Some(shared_from(fields)))
         }
         .boxed()

@@ -6,6 +6,7 @@ pub mod client;
 pub mod gated;
 pub mod process;
 pub mod redis;
+pub mod relay;
 pub mod upstream;
 
 use std::net::SocketAddr;
