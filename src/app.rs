@@ -763,8 +763,12 @@ impl App {
         // timeout, a tick of many rooms lasting seconds, and /readyz
         // learning late). The memory store's failures are its own room's.
         let shared = matches!(self.stores, Stores::Redis(_));
-        for room in self.rooms().iter().filter(|r| r.is_gated()) {
+        // Not only gated rooms: with its rate lifted (`unlimited`), an
+        // adaptive room's in-flight limit still follows the verdicts.
+        for room in self.rooms().iter() {
             room.adapt(now);
+        }
+        for room in self.rooms().iter().filter(|r| r.is_gated()) {
             for (i, lane) in room.lanes.iter().enumerate() {
                 // Shares from the counts as they are after the lanes before
                 // this one ticked: together they never pass max_active.

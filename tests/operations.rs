@@ -195,6 +195,47 @@ async fn rooms_change_live_through_the_api() {
 }
 
 #[tokio::test]
+async fn an_operators_brake_holds_on_an_adaptive_room() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(
+        up.addr,
+        "adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"250ms\", interval = \"1s\" }\n\
+         in_flight = { limit = 8, adaptive = true }",
+    )))
+    .await;
+    let mut c = g.citizen();
+    assert!(c.get("/").await.reached_upstream());
+    let rate = async || {
+        common::client::metric(g.admin, "varco_room_admission_rate_per_minute", "portal").await
+    };
+    let limit =
+        async || common::client::metric(g.admin, "varco_room_in_flight_limit", "portal").await;
+    let braked = api(&g, "POST", "/api/rooms/portal/rate?value=10", Some(TOKEN)).await;
+    assert_eq!(braked.json()["admission_per_minute"], 10.0);
+    // The portal fails: an overload, the cut cannot take the rate up to
+    // min_per_minute.
+    for _ in 0..5 {
+        assert_eq!(c.get("/fail").await.status, 500);
+    }
+    g.advance(1_000).await;
+    assert_eq!(limit().await, Some(5.0), "the verdict was overloaded");
+    assert_eq!(rate().await, Some(10.0), "the brake holds");
+    // With the rate lifted, the cap still follows the verdicts.
+    api(
+        &g,
+        "POST",
+        "/api/rooms/portal/rate?value=unlimited",
+        Some(TOKEN),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(c.get("/fail").await.status, 500);
+    }
+    g.advance(1_000).await;
+    assert_eq!(limit().await, Some(3.0), "cut again by backoff");
+}
+
+#[tokio::test]
 async fn a_bad_reload_is_refused_and_a_good_one_keeps_connections_and_places() {
     let up = upstream::spawn().await;
     let (g, path) = Gated::start_written(

@@ -348,7 +348,8 @@ pub fn next_rate(
                 }
                 _ => c.backoff,
             };
-            ((rate * factor).max(c.min_per_minute), reason)
+            // Never up: an operator's brake under the floor holds.
+            ((rate * factor).max(c.min_per_minute).min(rate), reason)
         }
         // Growing while nobody waits would raise a limit nothing tests.
         Verdict::Healthy if demand => {
@@ -359,7 +360,11 @@ pub fn next_rate(
             } else {
                 c.step_per_minute
             };
-            ((rate + step).min(c.max_per_minute), Reason::Headroom)
+            // Never down: an operator's rate over the ceiling holds.
+            (
+                (rate + step).min(c.max_per_minute.max(rate)),
+                Reason::Headroom,
+            )
         }
         Verdict::Healthy => return None,
     };
@@ -542,6 +547,48 @@ mod tests {
         rate: f64,
     ) -> Option<(f64, Reason)> {
         judge(c, w).and_then(|v| next_rate(c, v, w.percentile(c.percentile), demand, rate, None))
+    }
+
+    #[test]
+    fn an_operators_rate_outside_the_bounds_is_never_moved_the_wrong_way() {
+        let c = config();
+        let slow = Some(Duration::from_secs(2));
+        for reason in [Reason::Latency, Reason::Failures] {
+            assert_eq!(
+                next_rate(&c, Verdict::Overloaded(reason), slow, true, 10.0, None),
+                None,
+                "a brake under min_per_minute is not raised by an overload"
+            );
+        }
+        assert_eq!(
+            next_rate(
+                &c,
+                Verdict::Overloaded(Reason::Latency),
+                slow,
+                true,
+                70.0,
+                None
+            ),
+            Some((60.0, Reason::Latency)),
+            "just over the floor: cut to the floor"
+        );
+        assert_eq!(
+            next_rate(&c, Verdict::Healthy, None, true, 2000.0, None),
+            None,
+            "a rate over max_per_minute is not lowered while healthy"
+        );
+        assert_eq!(
+            next_rate(
+                &c,
+                Verdict::Overloaded(Reason::Failures),
+                None,
+                true,
+                2000.0,
+                None
+            ),
+            Some((1400.0, Reason::Failures)),
+            "...and cut from where it is when overloaded"
+        );
     }
 
     #[test]

@@ -656,7 +656,8 @@ impl Room {
     /// verdict; each change is logged and counted.
     pub fn adapt(&self, now_ms: u64) -> Option<Change> {
         let ctl = self.adaptive.as_ref()?;
-        let rate = self.per_minute()?;
+        // An operator's `unlimited` leaves the rate alone, not the cap.
+        let rate = self.per_minute();
         let verdict = ctl.step(now_ms)?;
         // People waiting are a demand the rate can meet only where the
         // queue is called: paused (or closed, or passthrough), a higher
@@ -678,8 +679,12 @@ impl Room {
                 tracing::info!(room = %self.name, from = limit, to = next, latency_ms, failure_rate = failures, "adaptive in-flight limit {}", if next > limit { "raised" } else { "lowered" });
             }
         }
-        let change = adaptive::next_rate(&ctl.config, verdict, latency, demand, rate, ctl.peak())
-            .map(|(to, reason)| Change {
+        let change = rate
+            .and_then(|rate| {
+                adaptive::next_rate(&ctl.config, verdict, latency, demand, rate, ctl.peak())
+                    .map(|next| (rate, next))
+            })
+            .map(|(rate, (to, reason))| Change {
                 from: rate,
                 to,
                 direction: if to > rate {
