@@ -223,11 +223,12 @@ fn safe_path(p: &str) -> Option<&str> {
         .then_some(p)
 }
 
-/// Where admission lands the person: the page asked for (a GET), else
-/// the page their ticket remembers (a POST is never replayed), else
-/// [`landing`].
+/// Where admission lands the person: the page asked for (a GET of a
+/// page), else the page their ticket remembers (a POST is never
+/// replayed; an image or a script's request is not where to send them),
+/// else [`landing`].
 fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> String {
-    if matches!(*r.method, Method::GET | Method::HEAD) {
+    if matches!(*r.method, Method::GET | Method::HEAD) && is_navigation(r.headers) {
         safe_path(r.path_and_query)
     } else {
         ticket.and_then(|t| safe_path(&t.u))

@@ -475,6 +475,77 @@ async fn a_post_at_its_turn_takes_the_pass_for_the_next_try() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A portal page's script posts a form in the background after the
+/// person's session lapsed (`fetch()` sends `Accept: */*`): the answer
+/// must not be a 200, which the script would take for "sent".
+#[tokio::test]
+async fn a_post_from_a_page_script_without_a_pass_is_not_answered_as_a_success() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let scripts: [&[(&str, &str)]; 2] = [
+        &[
+            ("accept", "*/*"),
+            ("sec-fetch-dest", "empty"),
+            ("sec-fetch-mode", "cors"),
+        ],
+        &[("accept", "*/*"), ("x-requested-with", "XMLHttpRequest")],
+    ];
+    for headers in scripts {
+        let mut c = g.citizen();
+        let got = c
+            .request("POST", "/apply", body::full("iban=IT00"), headers)
+            .await;
+        assert!(!got.reached_upstream());
+        assert_eq!(got.status, 429, "{headers:?}: {}", got.text());
+        assert_eq!(got.json()["state"], "waiting");
+        assert!(got.headers.contains_key("retry-after"));
+    }
+    // The same form posted by the browser itself gets the page.
+    let mut person = g.citizen();
+    let got = person
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[("accept", "*/*"), ("sec-fetch-dest", "document")],
+        )
+        .await;
+    assert!(got.is_waiting_page(), "{}", got.status);
+    assert_eq!(up.hits(), 1);
+}
+
+/// A page's script asks for data in the background and is the first to
+/// meet the gate: the ticket it takes remembers the page the person is
+/// on (its Referer), not the data's address, where admission would land
+/// them on raw JSON.
+#[tokio::test]
+async fn a_scripts_request_is_not_where_admission_lands() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let mut c = g.citizen();
+    let form = format!("http://{}/apply/form", g.addr);
+    let got = c
+        .request(
+            "GET",
+            "/api/profile",
+            body::empty(),
+            &[("sec-fetch-dest", "empty"), ("referer", form.as_str())],
+        )
+        .await;
+    assert_eq!(got.status, 429, "{}", got.text());
+    assert!(c.cookie("varco_ticket_portal").is_some(), "a place taken");
+    let got = c
+        .request("POST", "/apply", body::full("iban=IT00"), &[])
+        .await;
+    assert!(
+        got.text().contains("data-next=\"/apply/form\""),
+        "{}",
+        got.text()
+    );
+}
+
 async fn post_json(c: &mut Citizen) -> common::client::Got {
     let json = [("accept", "application/json")];
     c.request("POST", "/apply", body::full("iban=IT00"), &json)
@@ -557,7 +628,7 @@ async fn the_waiting_page_lands_where_the_person_was_going() {
             ],
         )
         .await;
-    assert!(icon.is_waiting_page());
+    assert_eq!(icon.status, 429, "no page for an image: JSON, not served");
     let got = c
         .request("POST", "/apply", body::full("iban=IT00"), &[])
         .await;

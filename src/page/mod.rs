@@ -21,13 +21,25 @@ pub fn retry_after(wait: std::time::Duration) -> HeaderValue {
 /// no external assets, drawing from `/api/rooms` and `/api/history`.
 pub const OPERATOR_PAGE: &str = include_str!("operator.html");
 
-/// True when the client asked for JSON rather than a page (API clients,
-/// the waiting page's own polling).
+/// True when a program reads the answer rather than a person: the client
+/// asked for JSON (API clients, the waiting page's own polling), or a
+/// page's script sent the request (`Sec-Fetch-Dest` other than a page,
+/// `X-Requested-With: XMLHttpRequest`). Such a request gets a status that
+/// says it was not served (429, 503) with JSON: a `fetch()` that posts a
+/// form in the background would take a waiting page's 200 for success,
+/// and tell the person their application was sent.
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    headers
+    let asked_for_json = headers
         .get(ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"))
+        .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"));
+    let from_a_script = headers
+        .get("sec-fetch-dest")
+        .is_some_and(|d| !matches!(d.as_bytes(), b"document" | b"iframe" | b"frame"))
+        || headers
+            .get("x-requested-with")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"));
+    asked_for_json || from_a_script
 }
 
 /// Who reads an answer varco makes itself: a program (JSON, whose
