@@ -554,7 +554,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                return Ok(Gate::Respond(too_many(wait, r.reader(room), &IN_SESSION)));
+                return Ok(Gate::Respond(too_many_for(r, room, wait, &IN_SESSION)));
             }
         }
         let mut set_cookies = vec![];
@@ -777,7 +777,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
-        return Ok(Gate::Respond(too_many(wait, r.reader(room), &FROM_ADDRESS)));
+        return Ok(Gate::Respond(too_many_for(r, room, wait, &FROM_ADDRESS)));
     }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
@@ -858,6 +858,14 @@ fn too_many(wait: Duration, reader: Reader, why: &Said) -> Response<Body> {
     let mut resp = crate::page::error(http::StatusCode::TOO_MANY_REQUESTS, why, reader);
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, crate::page::retry_after(wait));
+    resp
+}
+
+/// [`too_many`] for a request through the gate: a person's page asks
+/// again by itself.
+fn too_many_for(r: &GateRequest, room: &Room, wait: Duration, why: &Said) -> Response<Body> {
+    let mut resp = too_many(wait, r.reader(room), why);
+    crate::page::refresh_for_a_person(&mut resp, r.method, r.json);
     resp
 }
 

@@ -75,6 +75,7 @@ struct Logged {
 /// Who asked, for a page made after the request has gone to the portal.
 struct Asked<'r> {
     json: bool,
+    method: http::Method,
     accept_language: Option<HeaderValue>,
     room: &'r Room,
 }
@@ -233,6 +234,7 @@ async fn enter(
         http::header::RETRY_AFTER,
         page::retry_after(cap.retry_after()),
     );
+    page::refresh_for_a_person(&mut resp, &asked.method, asked.json);
     Err(resp)
 }
 
@@ -413,15 +415,9 @@ impl Gateway {
                     );
                     resp.headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("10"));
-                    // Browsers ignore Retry-After: a person called as
-                    // Redis blinked would sit on this page, phone down,
-                    // while the claim window ran. Refresh (as a meta
-                    // refresh) asks again; a GET only, no body to lose.
-                    let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
-                    if safe && !json {
-                        resp.headers_mut()
-                            .insert("refresh", HeaderValue::from_static("10"));
-                    }
+                    // A person called as Redis blinked would otherwise sit
+                    // on this page, phone down, while the claim window ran.
+                    page::refresh_for_a_person(&mut resp, req.method(), json);
                     if let Some(cookie) = set_cookie {
                         resp.headers_mut().append(http::header::SET_COOKIE, cookie);
                     }
@@ -453,6 +449,7 @@ impl Gateway {
         // requests never need it.
         let asked = Asked {
             json,
+            method: req.method().clone(),
             accept_language: req.headers().get(ACCEPT_LANGUAGE).cloned(),
             room,
         };

@@ -982,6 +982,11 @@ async fn too_many_tickets_from_one_address_get_429_and_keep_their_ticket() {
             .unwrap()
             >= 1
     );
+    assert_eq!(
+        got.headers.get("refresh"),
+        got.headers.get("retry-after"),
+        "a person's page asks again by itself"
+    );
     assert!(people[5].cookie("varco_ticket_portal").is_none());
     // Someone who already holds a ticket keeps it and its place.
     let got = people[1].get("/").await;

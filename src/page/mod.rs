@@ -42,6 +42,20 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
     asked_for_json || from_a_script
 }
 
+/// For a person's GET or HEAD, a `Refresh` as long as the answer's
+/// `Retry-After`: browsers ignore Retry-After, and a page that says "try
+/// again" left the person to find out when, or to sit on it. Not for a
+/// program (it reads Retry-After), nor for a request with a body (a
+/// refresh would not send it again).
+pub fn refresh_for_a_person(resp: &mut Response<Body>, method: &http::Method, program: bool) {
+    if program || !matches!(*method, http::Method::GET | http::Method::HEAD) {
+        return;
+    }
+    if let Some(after) = resp.headers().get(http::header::RETRY_AFTER).cloned() {
+        resp.headers_mut().insert("refresh", after);
+    }
+}
+
 /// Who reads an answer varco makes itself: a program (JSON, whose
 /// `message` is in English, the API's one language), or a person, in the
 /// language the waiting page would speak to them.
