@@ -213,7 +213,7 @@ async fn enter(
     // An admitted person turned away is a failure of the path to the
     // portal, as adaptive admission sees it.
     if let Some(a) = &room.adaptive {
-        a.signals.send().answer(waited.elapsed(), true);
+        a.signals.refused(waited.elapsed());
     }
     match refused {
         Refused::QueueFull => room.metrics.rejected_in_flight_full.inc(),

@@ -269,8 +269,8 @@ impl Forwarder {
             // only as it was when the request left.
             let sent_ms = room.upstreams.ms_at(started);
             // What adaptive admission learns from: the upstream's latency
-            // (with the wait for an in-flight slot) and its failures,
-            // never the client's.
+            // (and apart, the wait for an in-flight slot) and its
+            // failures, never the client's.
             let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
             let metrics = &room.upstream_metrics[index];
             // Lowered on drop too: a client that goes away (an HTTP/2
@@ -287,7 +287,7 @@ impl Forwarder {
             drop(counted);
             let mut signal = |failed: bool| {
                 if let Some(o) = outstanding.as_mut() {
-                    o.answer(queued + started.elapsed(), failed);
+                    o.answer_queued(queued, started.elapsed(), failed);
                 }
             };
             let outcome = match sent {

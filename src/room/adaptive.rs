@@ -22,6 +22,14 @@
 //! portal is working off its backlog, and a second cut would overshoot
 //! downwards.
 //!
+//! Two windows are kept. The rate is judged on the whole path to the
+//! portal: an admitted person's wait for an `in_flight` slot, and a
+//! refusal by the cap, are the rate's doing (too many people admitted).
+//! An adaptive in-flight limit is judged on the portal's own answers
+//! only: judged on the wait it makes itself, a cut limit made requests
+//! queue, the queueing read as overload, and the limit was cut again and
+//! never grew back, while the portal answered fast.
+//!
 //! Signals are kept per decision: answers to requests sent before the
 //! last change are dropped, so a cut is judged on the load it made, not on
 //! the tail of the load before it. A request still unanswered past the
@@ -58,11 +66,51 @@ fn upper_bound(bucket: usize) -> f64 {
 /// response timeout ends them long before).
 const PENDING_SLOTS: usize = 1024;
 
-/// What the request path reports: lock-free, a few atomic adds a request.
-pub struct Signals {
+/// One window's counts as they come in.
+struct Counts {
     latency: [AtomicU64; BUCKETS],
     answers: AtomicU64,
     failures: AtomicU64,
+}
+
+impl Counts {
+    fn new() -> Self {
+        Counts {
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            answers: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, latency: Duration, failed: bool) {
+        self.latency[bucket_of(latency.as_secs_f64())].fetch_add(1, Ordering::Relaxed);
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn take(&self, overdue: u64) -> Window {
+        Window {
+            answers: self.answers.swap(0, Ordering::Relaxed),
+            failures: self.failures.swap(0, Ordering::Relaxed),
+            overdue,
+            latency: self
+                .latency
+                .iter()
+                .map(|b| b.swap(0, Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+/// What the request path reports: lock-free, a few atomic adds a request.
+pub struct Signals {
+    /// The whole path: the wait for an in-flight slot included, and the
+    /// cap's refusals counted as failures (what the rate is judged on).
+    path: Counts,
+    /// The portal's own answers (what an in-flight limit is judged on).
+    portal: Counts,
     /// Bumped at each change of rate; answers to requests sent under an
     /// older epoch are not counted.
     epoch: AtomicU64,
@@ -90,10 +138,15 @@ pub struct Outstanding<'a> {
 
 impl Outstanding<'_> {
     /// The upstream answered (or failed: 5xx, timeout, connection error)
-    /// after `latency`.
+    /// after `latency`, sent at once.
     pub fn answer(&mut self, latency: Duration, failed: bool) {
+        self.answer_queued(Duration::ZERO, latency, failed);
+    }
+
+    /// The same, sent after waiting `queued` for an in-flight slot.
+    pub fn answer_queued(&mut self, queued: Duration, latency: Duration, failed: bool) {
         if let Some(sent) = self.sent.take() {
-            self.signals.record(sent, latency, failed);
+            self.signals.record(sent, queued, latency, failed);
         }
     }
 }
@@ -163,9 +216,8 @@ impl Signals {
     /// requests are aged.
     pub fn new(target: Duration) -> Self {
         Signals {
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
-            answers: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            path: Counts::new(),
+            portal: Counts::new(),
             epoch: AtomicU64::new(0),
             epoch_ms: AtomicU64::new(0),
             pending: (0..PENDING_SLOTS).map(|_| AtomicI64::new(0)).collect(),
@@ -198,16 +250,19 @@ impl Signals {
         }
     }
 
-    fn record(&self, sent: Sent, latency: Duration, failed: bool) {
+    fn record(&self, sent: Sent, queued: Duration, latency: Duration, failed: bool) {
         self.slot(sent.at_ms).fetch_sub(1, Ordering::Relaxed);
         if sent.epoch != self.epoch.load(Ordering::Relaxed) {
             return;
         }
-        self.latency[bucket_of(latency.as_secs_f64())].fetch_add(1, Ordering::Relaxed);
-        self.answers.fetch_add(1, Ordering::Relaxed);
-        if failed {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
+        self.path.add(queued + latency, failed);
+        self.portal.add(latency, failed);
+    }
+
+    /// An admitted person's request the in-flight cap turned away after
+    /// `waited`: a failure of the path to the portal, none of the portal's.
+    pub fn refused(&self, waited: Duration) {
+        self.path.add(waited, true);
     }
 
     /// Requests sent in this epoch and unanswered after `target`.
@@ -230,18 +285,12 @@ impl Signals {
             .sum()
     }
 
-    /// Everything since the last take, and a fresh start.
-    fn take_at(&self, now_ms: u64, target: Duration) -> Window {
-        Window {
-            answers: self.answers.swap(0, Ordering::Relaxed),
-            failures: self.failures.swap(0, Ordering::Relaxed),
-            overdue: self.overdue_at(now_ms, target),
-            latency: self
-                .latency
-                .iter()
-                .map(|b| b.swap(0, Ordering::Relaxed))
-                .collect(),
-        }
+    /// Everything since the last take, the whole path's and the
+    /// portal's own (the overdue are the portal's in both), and a fresh
+    /// start.
+    fn take_at(&self, now_ms: u64, target: Duration) -> (Window, Window) {
+        let overdue = self.overdue_at(now_ms, target);
+        (self.path.take(overdue), self.portal.take(overdue))
     }
 
     fn new_epoch_at(&self, now_ms: u64) {
@@ -414,6 +463,9 @@ struct State {
     /// overshoot downwards. Comparing with the worst rather than with the
     /// window before keeps the noise of one window from cutting again.
     worst: Option<Duration>,
+    /// The last judged interval's verdict on the portal's own answers,
+    /// for an adaptive in-flight limit; taken once.
+    limit: Option<Verdict>,
 }
 
 /// After a cut for latency, this many intervals pass unjudged: people
@@ -445,10 +497,13 @@ impl Controller {
             _ => {}
         }
         state.decided_ms = Some(now_ms);
-        let window = self
+        let (window, portal) = self
             .signals
             .take_at(self.signals.now_ms(), self.config.target_latency);
         let verdict = judge(&self.config, &window);
+        state.limit = (state.settling == 0)
+            .then(|| judge(&self.config, &portal))
+            .flatten();
         let p = window.percentile(self.config.percentile);
         state.last = window;
         if state.settling > 0 {
@@ -480,6 +535,17 @@ impl Controller {
             None => {}
         }
         verdict
+    }
+
+    /// The verdict on the portal's own answers in the interval the last
+    /// [`Self::step`] judged (none while settling), once: what an
+    /// adaptive in-flight limit follows.
+    pub fn take_limit_verdict(&self) -> Option<Verdict> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limit
+            .take()
     }
 
     /// Where the knee was last seen: the rate at the cut that began the
@@ -632,9 +698,56 @@ mod tests {
         let s = Signals::new(Duration::from_millis(500));
         for (i, ms) in latencies_ms.iter().enumerate() {
             let sent = s.send_at(0);
-            s.record(sent, Duration::from_millis(*ms), (i as u64) < failures);
+            s.record(
+                sent,
+                Duration::ZERO,
+                Duration::from_millis(*ms),
+                (i as u64) < failures,
+            );
         }
-        s.take_at(0, Duration::from_millis(500))
+        s.take_at(0, Duration::from_millis(500)).0
+    }
+
+    #[test]
+    fn the_limit_is_judged_on_the_portals_answers_the_rate_on_the_whole_path() {
+        let ctl = Controller::new(config());
+        // The portal answers in 50 ms; requests waited 2 s for a slot
+        // first, and two more were turned away by the cap.
+        for _ in 0..8 {
+            ctl.signals.send().answer_queued(
+                Duration::from_secs(2),
+                Duration::from_millis(50),
+                false,
+            );
+        }
+        ctl.signals.refused(Duration::from_secs(2));
+        ctl.signals.refused(Duration::from_secs(2));
+        assert_eq!(
+            ctl.step(1_000),
+            Some(Verdict::Overloaded(Reason::Failures)),
+            "too many admitted: the rate is cut"
+        );
+        assert_eq!(
+            ctl.take_limit_verdict(),
+            Some(Verdict::Healthy),
+            "the portal is fast: the limit may grow"
+        );
+        assert_eq!(ctl.take_limit_verdict(), None, "taken once");
+        // The portal itself slow: both see it.
+        ctl.changed(0);
+        for _ in 0..8 {
+            ctl.signals.send().answer(Duration::from_secs(2), false);
+        }
+        assert_eq!(ctl.step(2_000), Some(Verdict::Overloaded(Reason::Latency)));
+        assert_eq!(
+            ctl.take_limit_verdict(),
+            Some(Verdict::Overloaded(Reason::Latency))
+        );
+        // Settling after a cut for latency: neither is judged.
+        ctl.changed(SETTLE_INTERVALS);
+        ctl.signals.send().answer(Duration::from_secs(2), false);
+        assert_eq!(ctl.step(3_000), None);
+        assert_eq!(ctl.take_limit_verdict(), None);
     }
 
     #[test]
@@ -718,18 +831,18 @@ mod tests {
         let s = Signals::new(c.target_latency);
         for _ in 0..20 {
             let sent = s.send_at(0);
-            s.record(sent, Duration::from_millis(50), false);
+            s.record(sent, Duration::ZERO, Duration::from_millis(50), false);
         }
         // Three still out since t=0; at 400 ms they are not yet overdue.
         let _out: Vec<Sent> = (0..3).map(|_| s.send_at(0)).collect();
-        let young = s.take_at(400, c.target_latency);
+        let young = s.take_at(400, c.target_latency).0;
         assert_eq!(young.overdue, 0);
         assert_eq!(
             rate_after(&c, &young, true, 300.0),
             Some((360.0, Reason::Headroom))
         );
         // At 2 s they are: 3 of 3 slow, with no answers at all.
-        let late = s.take_at(2_000, c.target_latency);
+        let late = s.take_at(2_000, c.target_latency).0;
         assert_eq!((late.answers, late.overdue), (0, 3));
         assert_eq!(
             rate_after(&c, &late, true, 300.0),
@@ -737,11 +850,11 @@ mod tests {
         );
         // A request dropped unanswered is forgotten, not overdue forever.
         drop(s.send());
-        assert_eq!(s.take_at(2_000, c.target_latency).overdue, 3);
+        assert_eq!(s.take_at(2_000, c.target_latency).0.overdue, 3);
         // After a change, what was sent before it is no longer this
         // rate's doing.
         s.new_epoch_at(2_000);
-        assert_eq!(s.take_at(4_000, c.target_latency).overdue, 0);
+        assert_eq!(s.take_at(4_000, c.target_latency).0.overdue, 0);
     }
 
     #[test]

@@ -652,13 +652,18 @@ impl Room {
     }
 
     /// One adaptive-admission step (each tick; the controller judges once
-    /// an interval): the rate, and an adaptive in-flight limit, follow the
-    /// verdict; each change is logged and counted.
+    /// an interval): the rate follows the verdict on the whole path, an
+    /// adaptive in-flight limit the verdict on the portal's own answers;
+    /// each change is logged and counted.
     pub fn adapt(&self, now_ms: u64) -> Option<Change> {
         let ctl = self.adaptive.as_ref()?;
         // An operator's `unlimited` leaves the rate alone, not the cap.
         let rate = self.per_minute();
-        let verdict = ctl.step(now_ms)?;
+        let verdict = ctl.step(now_ms);
+        let limit_verdict = ctl.take_limit_verdict();
+        if verdict.is_none() && limit_verdict.is_none() {
+            return None;
+        }
         // People waiting are a demand the rate can meet only where the
         // queue is called: paused (or closed, or passthrough), a higher
         // rate is tested by nobody, and `resume` would start at it.
@@ -666,7 +671,8 @@ impl Room {
         let (latency, failures) = ctl.last_signals();
         let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
         let (mut changed, mut settle) = (false, 0);
-        if let Some(cap) = self.in_flight.as_ref().filter(|c| c.config().adaptive) {
+        let cap = self.in_flight.as_ref().filter(|c| c.config().adaptive);
+        if let Some((cap, verdict)) = cap.zip(limit_verdict) {
             let (limit, ceiling) = (cap.limit(), cap.config().limit);
             let next =
                 adaptive::next_limit(&ctl.config, verdict, cap.take_saturated(), limit, ceiling);
@@ -680,7 +686,8 @@ impl Room {
             }
         }
         let change = rate
-            .and_then(|rate| {
+            .zip(verdict)
+            .and_then(|(rate, verdict)| {
                 adaptive::next_rate(&ctl.config, verdict, latency, demand, rate, ctl.peak())
                     .map(|next| (rate, next))
             })
