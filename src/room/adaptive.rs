@@ -36,7 +36,7 @@
 //! target counts as a slow answer already: an overloaded portal answers
 //! late, and waiting for those answers is what lets a rate overshoot.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -62,9 +62,16 @@ fn upper_bound(bucket: usize) -> f64 {
 }
 
 /// Requests awaiting an answer are counted per slot of send time; the
-/// ring covers this many slots (older ones alias, and the upstream's
-/// response timeout ends them long before).
+/// ring covers this many slots. Each slot holds the number of the slot of
+/// time its count belongs to: a request still unanswered when its slot
+/// comes round again (25.6 s at a 200 ms target, under the default 60 s
+/// response timeout) is not counted as sent in the new one, where it
+/// would be overdue in a period it was not sent in.
 const PENDING_SLOTS: usize = 1024;
+
+/// A pending slot's word: its slot of time above, its count below.
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
 /// One window's counts as they come in.
 struct Counts {
@@ -116,8 +123,8 @@ pub struct Signals {
     epoch: AtomicU64,
     /// When the current epoch began, ms since `origin`.
     epoch_ms: AtomicU64,
-    /// Unanswered requests by slot of send time.
-    pending: Box<[AtomicI64]>,
+    /// Unanswered requests by slot of send time (see [`PENDING_SLOTS`]).
+    pending: Box<[AtomicU64]>,
     slot_ms: u64,
     origin: Instant,
 }
@@ -154,9 +161,7 @@ impl Outstanding<'_> {
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         if let Some(sent) = self.sent.take() {
-            self.signals
-                .slot(sent.at_ms)
-                .fetch_sub(1, Ordering::Relaxed);
+            self.signals.pending_change(sent.at_ms, false);
         }
     }
 }
@@ -220,7 +225,7 @@ impl Signals {
             portal: Counts::new(),
             epoch: AtomicU64::new(0),
             epoch_ms: AtomicU64::new(0),
-            pending: (0..PENDING_SLOTS).map(|_| AtomicI64::new(0)).collect(),
+            pending: (0..PENDING_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             slot_ms: (target.as_millis() as u64 / 8).clamp(1, 1000),
             origin: Instant::now(),
         }
@@ -230,8 +235,37 @@ impl Signals {
         self.origin.elapsed().as_millis() as u64
     }
 
-    fn slot(&self, at_ms: u64) -> &AtomicI64 {
-        &self.pending[(at_ms / self.slot_ms) as usize % PENDING_SLOTS]
+    /// One more (`up`) or one fewer request sent at `at_ms` unanswered.
+    /// One fewer for a slot that has since come round again is nothing:
+    /// that request is no longer counted.
+    fn pending_change(&self, at_ms: u64, up: bool) {
+        let k = at_ms / self.slot_ms;
+        let slot = &self.pending[k as usize % PENDING_SLOTS];
+        let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            let count = if w >> COUNT_BITS == k {
+                w & COUNT_MASK
+            } else {
+                0
+            };
+            let count = if up {
+                (count + 1).min(COUNT_MASK)
+            } else if count == 0 || w >> COUNT_BITS != k {
+                return None;
+            } else {
+                count - 1
+            };
+            Some(k << COUNT_BITS | count)
+        });
+    }
+
+    /// Requests sent in slot of time `k` still unanswered.
+    fn pending_in(&self, k: u64) -> u64 {
+        let w = self.pending[k as usize % PENDING_SLOTS].load(Ordering::Relaxed);
+        if w >> COUNT_BITS == k {
+            w & COUNT_MASK
+        } else {
+            0
+        }
     }
 
     /// A request leaves for the upstream now.
@@ -243,7 +277,7 @@ impl Signals {
     }
 
     fn send_at(&self, at_ms: u64) -> Sent {
-        self.slot(at_ms).fetch_add(1, Ordering::Relaxed);
+        self.pending_change(at_ms, true);
         Sent {
             epoch: self.epoch.load(Ordering::Relaxed),
             at_ms,
@@ -251,7 +285,7 @@ impl Signals {
     }
 
     fn record(&self, sent: Sent, queued: Duration, latency: Duration, failed: bool) {
-        self.slot(sent.at_ms).fetch_sub(1, Ordering::Relaxed);
+        self.pending_change(sent.at_ms, false);
         if sent.epoch != self.epoch.load(Ordering::Relaxed) {
             return;
         }
@@ -276,13 +310,7 @@ impl Signals {
             return 0;
         };
         let first = first.max(last.saturating_sub(PENDING_SLOTS as u64 - 1));
-        (first..=last)
-            .map(|k| {
-                self.pending[k as usize % PENDING_SLOTS]
-                    .load(Ordering::Relaxed)
-                    .max(0) as u64
-            })
-            .sum()
+        (first..=last).map(|k| self.pending_in(k)).sum()
     }
 
     /// Everything since the last take, the whole path's and the
@@ -855,6 +883,25 @@ mod tests {
         // rate's doing.
         s.new_epoch_at(2_000);
         assert_eq!(s.take_at(4_000, c.target_latency).0.overdue, 0);
+    }
+
+    #[test]
+    fn a_request_older_than_the_ring_is_not_overdue_in_a_later_period() {
+        let target = Duration::from_millis(200);
+        let s = Signals::new(target);
+        let hung = s.send_at(0); // a slot of 25 ms: the ring covers 25.6 s
+        s.new_epoch_at(1_000);
+        assert_eq!(s.overdue_at(26_000, target), 0, "sent before the change");
+        let late = s.send_at(25_600); // the hung one's slot, come round
+        assert_eq!(s.overdue_at(26_000, target), 1, "only the one sent now");
+        s.record(hung, Duration::ZERO, Duration::from_secs(30), true);
+        assert_eq!(
+            s.overdue_at(26_000, target),
+            1,
+            "its answer takes no other's count"
+        );
+        s.record(late, Duration::ZERO, Duration::from_secs(1), false);
+        assert_eq!(s.overdue_at(26_000, target), 0);
     }
 
     #[test]
