@@ -705,6 +705,7 @@ impl App {
         }
         for room in &rooms {
             if let Some(old) = self.room(&room.name) {
+                let _ = old.successor.set(Arc::downgrade(room));
                 room.upstreams.keep_taken_out_of(&old.upstreams);
                 room.upstreams.keep_cooldowns_of(&old.upstreams);
                 room.upstreams.keep_rotation_of(&old.upstreams);

@@ -1600,6 +1600,41 @@ async fn a_reload_goes_on_with_the_rotation_where_it_was() {
     assert_eq!(answered, [a.clone(), b.clone(), a, b]);
 }
 
+/// A hung upstream met by a request sent before a reload (a certificate
+/// renewal, say) is cooled down in the rotation the reload put in force:
+/// counted in the old one only, it kept its turns in the new one, and
+/// each request sent there waited its own response timeout.
+#[tokio::test]
+async fn a_failure_seen_across_a_reload_counts_in_the_new_rotation() {
+    let a = upstream::spawn().await;
+    let b = upstream::spawn().await;
+    let toml = room_config(
+        &[a.addr, b.addr],
+        "[upstream]\nresponse_timeout = \"500ms\"\nfail_cooldown = \"1h\"",
+    );
+    let (g, _path) = common::gated::Gated::start_written("failure-reload", &toml).await;
+    let url = format!("http://{}/slow?ms=3000", g.addr);
+    let hung = tokio::spawn(async move { get(&url).await.status });
+    common::client::until(
+        "the request at the first upstream",
+        Duration::from_secs(5),
+        async || a.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1,
+    )
+    .await;
+    g.app.reload().await.expect("reload");
+    assert_eq!(hung.await.unwrap(), 504);
+    let of = format!("upstream=\"{}\"", a.addr);
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_up", &of).await,
+        Some(0.0),
+        "cooled down in the rotation in force"
+    );
+    for _ in 0..2 {
+        let got = get(&format!("http://{}/echo", g.addr)).await;
+        assert_eq!(got.json()["upstream"], b.addr.to_string());
+    }
+}
+
 /// An operator takes an upstream out of rotation (a deploy on that
 /// server): it gets no request until put back, and a reload keeps it out.
 #[tokio::test]

@@ -303,7 +303,7 @@ impl Forwarder {
                     // this, it kept its share of the rotation, and every
                     // request sent to it waited response_timeout for a 504
                     // (nginx counts a timeout as a failure too).
-                    let then = room.upstreams.mark_failed(index);
+                    let then = room.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?timeout, "upstream gave no answer in time; {then}");
                     return Err(ProxyError::Timeout {
                         upstream: upstream.label.clone(),
@@ -317,7 +317,7 @@ impl Forwarder {
                     if let Some(answered) = resp.extensions().get::<Answered>() {
                         answered.mark();
                     }
-                    room.upstreams.mark_healthy(index, sent_ms);
+                    room.mark_healthy(index, sent_ms);
                     metrics.response(resp.status().as_u16());
                     signal(resp.status().is_server_error());
                     metrics
@@ -331,7 +331,7 @@ impl Forwarder {
                 Err(e) if e.is_connect() => {
                     metrics.connect_errors.inc();
                     signal(true);
-                    let then = room.upstreams.mark_failed(index);
+                    let then = room.mark_failed(index);
                     tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the connection; {then}");
                     let error = ProxyError::Unreachable {
                         upstream: upstream.label.clone(),
@@ -361,7 +361,7 @@ impl Forwarder {
                     if tls_alert(&e) {
                         metrics.connect_errors.inc();
                         signal(true);
-                        let then = room.upstreams.mark_failed(index);
+                        let then = room.mark_failed(index);
                         tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); {then}");
                         return Err(ProxyError::Unreachable {
                             upstream: upstream.label.clone(),
@@ -406,7 +406,7 @@ impl Forwarder {
                         "not counted against the upstream (a kept-alive connection closed)".into()
                     } else {
                         signal(true);
-                        room.upstreams.mark_failed(index).to_string()
+                        room.mark_failed(index).to_string()
                     };
                     tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream broke the exchange; {then}");
                     let error = ProxyError::Upstream {

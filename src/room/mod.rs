@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, RoomMetrics, UpstreamMetrics};
 use crate::page::waiting::Template;
 use crate::page::Reader;
 use crate::proxy::in_flight::InFlight;
-use crate::proxy::upstreams::{PassiveHealth, UpstreamPool};
+use crate::proxy::upstreams::{AfterFailure, PassiveHealth, UpstreamPool};
 use crate::store::{LiveChange, RoomStore, SharedLive, StoreError};
 use adaptive::{Change, Controller, Verdict};
 use admission::{Limits, Mode};
@@ -83,6 +83,10 @@ pub struct Room {
     pub in_flight: Option<InFlight>,
     /// Claims whose pass has not reached its holder yet (this node's).
     pub undelivered: undelivered::Undelivered,
+    /// The room a reload put in this one's place: a request under way
+    /// across the reload reports what its upstream did there too, where
+    /// the requests after it go (see [`Room::mark_failed`]).
+    pub successor: std::sync::OnceLock<std::sync::Weak<Room>>,
     /// Signs `X-Varco-Arrival` for the portal, when it has the key.
     pub arrival_key: Option<ring::hmac::Key>,
     /// The room's lines: one (unnamed, on `store`) without lanes; with
@@ -180,6 +184,7 @@ impl Room {
             adaptive: config.adaptive.clone().map(Controller::new),
             in_flight: config.in_flight.map(InFlight::new),
             undelivered: Default::default(),
+            successor: Default::default(),
             arrival_key: None,
             lanes: vec![default_lane],
             retired_lanes: Vec::new(),
@@ -649,6 +654,41 @@ impl Room {
             seed: open.then(|| draw.seed_hex.clone()),
             size: open.then_some(view.prequeue),
         })
+    }
+
+    /// A request to upstream `index` failed (passive health): counted
+    /// here and in the rooms reloads put in this one's place, by address.
+    /// Counted here only, a hung upstream met by a request sent before a
+    /// reload kept its place in the new rotation, and the next requests
+    /// waited their own response timeout there. What the room in force
+    /// did with it is the answer.
+    pub fn mark_failed(&self, index: usize) -> AfterFailure {
+        let here = self.upstreams.mark_failed(index);
+        match self.successor_of(index) {
+            Some((room, i)) => room.mark_failed(i),
+            None => here,
+        }
+    }
+
+    /// A request to upstream `index`, sent at `sent_ms`, was answered:
+    /// here and in the rooms that took this one's place.
+    pub fn mark_healthy(&self, index: usize, sent_ms: u64) {
+        self.upstreams.mark_healthy(index, sent_ms);
+        if let Some((room, i)) = self.successor_of(index) {
+            room.mark_healthy(i, sent_ms);
+        }
+    }
+
+    /// The room in this one's place, and where upstream `index` is in it.
+    fn successor_of(&self, index: usize) -> Option<(Arc<Room>, usize)> {
+        let next = self.successor.get()?.upgrade()?;
+        let label = &self.upstreams.all().get(index)?.label;
+        let i = next
+            .upstreams
+            .all()
+            .iter()
+            .position(|u| &u.label == label)?;
+        Some((next, i))
     }
 
     /// One adaptive-admission step (each tick; the controller judges once
