@@ -519,9 +519,11 @@ impl Controller {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let interval = self.config.interval.as_millis() as u64;
         // A tick may come a little early: a tenth of the interval is
-        // close enough, or the controller would skip every other one.
+        // close enough, or the controller would skip every other one. A
+        // clock stepped back (NTP) is no reason to wait until it passes
+        // the last decision again: overloaded, that would cut nothing.
         match state.decided_ms {
-            Some(t) if now_ms + interval / 10 < t + interval => return None,
+            Some(t) if now_ms >= t && now_ms + interval / 10 < t + interval => return None,
             _ => {}
         }
         state.decided_ms = Some(now_ms);
@@ -776,6 +778,20 @@ mod tests {
         ctl.signals.send().answer(Duration::from_secs(2), false);
         assert_eq!(ctl.step(3_000), None);
         assert_eq!(ctl.take_limit_verdict(), None);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_stop_the_decisions() {
+        let ctl = Controller::new(config());
+        ctl.signals.send().answer(Duration::from_millis(50), false);
+        assert_eq!(ctl.step(600_000), Some(Verdict::Healthy));
+        ctl.signals.send().answer(Duration::from_secs(5), false);
+        assert_eq!(
+            ctl.step(1_000),
+            Some(Verdict::Overloaded(Reason::Latency)),
+            "ten minutes back: judged at once"
+        );
+        assert_eq!(ctl.step(1_500), None, "then once an interval again");
     }
 
     #[test]
