@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::app::App;
+use crate::app::{App, ReloadError};
 use crate::body::{full, Body};
 use crate::listener::{ConnInfo, Handler};
 use crate::page::NO_STORE;
@@ -106,8 +106,16 @@ impl Admin {
     }
 }
 
+/// Compares the SHA-256 digests, byte by byte to the end: the time taken
+/// says nothing of where a guess went wrong, nor of the token's length.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let digest = |v: &[u8]| ring::digest::digest(&ring::digest::SHA256, v);
+    let (a, b) = (digest(a), digest(b));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
@@ -344,10 +352,13 @@ impl Admin {
                     Ok(n) => json_response(StatusCode::OK, json!({ "reloaded": true, "rooms": n })),
                     Err(e) => {
                         tracing::error!(target: "varco::audit", who, error = %e, "reload refused; the running config stays");
-                        json_response(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            json!({ "reloaded": false, "error": e.to_string() }),
-                        )
+                        // 422 for a file with mistakes; nothing wrong with
+                        // the request when there is no file to read.
+                        let status = match e {
+                            ReloadError::NoFile => StatusCode::CONFLICT,
+                            ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                        };
+                        json_response(status, json!({ "reloaded": false, "error": e.to_string() }))
                     }
                 }
             }
@@ -483,7 +494,19 @@ impl Handler for Admin {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decoded;
+    use super::{constant_time_eq, percent_decoded};
+
+    #[test]
+    fn tokens_compare_whole() {
+        let token = b"a-token-of-thirty-two-characters";
+        assert!(constant_time_eq(token, token));
+        assert!(!constant_time_eq(
+            token,
+            b"a-token-of-thirty-two-characterz"
+        ));
+        assert!(!constant_time_eq(token, b"a-token"), "a prefix");
+        assert!(!constant_time_eq(token, b""));
+    }
 
     #[test]
     fn escapes_decode_and_malformed_ones_are_refused() {

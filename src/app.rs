@@ -423,9 +423,6 @@ impl App {
         &self.history
     }
 
-    /// Re-reads the config file and swaps in its rooms. Places in line and
-    /// live sessions stay (the store is kept by room name); open
-    /// connections stay; a bad file changes nothing.
     /// An operator takes an upstream of `room` out of rotation (`out`) or
     /// puts it back, on this node: whether it was out before. Serialised
     /// with reloads, so one under way cannot build its rooms from the
@@ -443,10 +440,17 @@ impl App {
         Ok((room, was))
     }
 
+    /// Re-reads the config file and swaps in its rooms. Places in line and
+    /// live sessions stay (the store is kept by room name); open
+    /// connections stay; a bad file, or none to read, changes nothing
+    /// (and is counted as refused).
     pub async fn reload(&self) -> Result<usize, ReloadError> {
-        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let mut keys = self.reloading.lock().await;
-        let result = match Config::load(path).map_err(ReloadError::from) {
+        let loaded = match &self.config_path {
+            Some(path) => Config::load(path).map_err(ReloadError::from),
+            None => Err(ReloadError::NoFile),
+        };
+        let result = match loaded {
             Ok(new) => match self
                 .keeps_drawn_places(&new)
                 .and_then(|()| self.keeps_lottery_keys(&new, &keys))

@@ -95,6 +95,21 @@ async fn the_admin_api_needs_a_configured_token() {
     assert_eq!(got.json()["rooms"][0]["mode"], "queue", "the mode held");
 }
 
+/// Without a config file (a demo started without one) there is nothing
+/// to reload: said so, not as a file with mistakes, and counted.
+#[tokio::test]
+async fn a_reload_without_a_file_is_refused_and_counted() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 1"))).await;
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 409, "{}", got.text());
+    assert_eq!(got.json()["reloaded"], false);
+    assert_eq!(
+        common::client::metric(g.admin, "varco_config_reloads_total", "result=\"refused\"").await,
+        Some(1.0)
+    );
+}
+
 #[tokio::test]
 async fn rooms_change_live_through_the_api() {
     let up = upstream::spawn().await;
