@@ -201,6 +201,44 @@ fn a_short_admin_token_names_where_it_came_from() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The audit log names who acted by the id of the token presented: a
+/// token without an id, an id for two tokens or a token for two ids is
+/// refused; a token written with spaces around it in the file is read
+/// without them, as a Bearer token arrives.
+#[test]
+fn admin_tokens_each_name_one_person() {
+    let dir = std::env::temp_dir().join(format!("varco-admin-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with = |tokens: &str| {
+        std::fs::write(dir.join("tokens.toml"), tokens).unwrap();
+        Config::from_toml(
+            &format!("[admin]\ntokens_file = \"tokens.toml\"\n{ROOM}"),
+            &dir,
+        )
+    };
+    let entry = |id: &str, token: &str| format!("[[tokens]]\nid = \"{id}\"\ntoken = \"{token}\"\n");
+    let (one, two) = (
+        "a-long-enough-token-0123456789",
+        "another-long-token-9876543210",
+    );
+    for (bad, says) in [
+        (entry("", one), "without an id"),
+        (entry("anna", one) + &entry("anna", two), "names two tokens"),
+        (entry("anna", one) + &entry("ci", one), "share one token"),
+    ] {
+        let Err(e) = with(&bad) else {
+            panic!("accepted: {bad}");
+        };
+        assert!(
+            e.names("admin.tokens_file") && e.to_string().contains(says),
+            "{e}"
+        );
+    }
+    let cfg = with(&entry("anna", &format!("  {one} "))).expect("spaces around a token");
+    assert_eq!(cfg.admin_tokens[0].token, one);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A value that does not parse is reported once, for what it is: not
 /// judged again on the stand-in the check goes on with.
 #[test]

@@ -1567,12 +1567,14 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| e.to_string()))
         {
+            // Trimmed, as the variable's are: a Bearer token arrives
+            // without the spaces around it, and could never match.
             Ok(tf) => tokens.extend(tf.tokens.into_iter().map(|t| {
                 (
                     "admin.tokens_file",
                     AdminToken {
-                        id: t.id,
-                        token: t.token,
+                        id: t.id.trim().into(),
+                        token: t.token.trim().into(),
                     },
                 )
             })),
@@ -1609,10 +1611,37 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             ),
         }
     }
-    // Named by where each token came from, as the operator wrote it.
-    for (source, t) in &tokens {
+    // Named by where each token came from, as the operator wrote it. The
+    // audit log names who acted by the id of the token presented: each
+    // id names one token, each token one id.
+    for (i, (source, t)) in tokens.iter().enumerate() {
         if t.token.len() < 16 {
             p.add(*source, format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
+        }
+        if t.id.is_empty() {
+            p.add(
+                *source,
+                "a token without an id: the audit log names who acted by it",
+            );
+        }
+        let before = &tokens[..i];
+        if !t.id.is_empty() && before.iter().any(|(_, o)| o.id == t.id) {
+            p.add(
+                *source,
+                format!(
+                    "id \"{}\" names two tokens: the audit log could not tell who acted",
+                    t.id
+                ),
+            );
+        }
+        if let Some((_, o)) = before.iter().find(|(_, o)| o.token == t.token) {
+            p.add(
+                *source,
+                format!(
+                    "ids \"{}\" and \"{}\" share one token: each person or tool gets its own",
+                    o.id, t.id
+                ),
+            );
         }
     }
     tokens.into_iter().map(|(_, t)| t).collect()
