@@ -1024,8 +1024,10 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         // while /readyz still said ready: told, and the next tick runs.
         if AssertUnwindSafe(app.tick()).catch_unwind().await.is_err() {
             tracing::error!("an admission tick panicked (a bug: please report it); ticking on");
-            // Not ready while ticks fail: a balancer sends people to
-            // another node rather than to rooms that do not move.
+            // Said on /readyz as "degraded", still 200, as for a store
+            // away: a 503 would take a single node, and everyone admitted
+            // through it, out of the balancer, for rooms that only stop
+            // moving. The operator sees it there and in the log.
             *app.store_trouble.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some("an admission tick panicked".into());
         }
@@ -1246,6 +1248,7 @@ fn build_rooms(
                 .with_arrival_key(config.arrival_key.as_deref())
                 .with_lanes(&store_for)
                 .with_in_flight_of(old(&r.name).as_deref())
+                .with_adaptive_of(old(&r.name).as_deref())
                 .with_retired_lanes_of(old(&r.name).as_deref())
                 .with_undelivered_of(old(&r.name).as_deref())
                 .with_ticket_ttl_of(old(&r.name).as_deref()),

@@ -471,7 +471,7 @@ pub struct Controller {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct State {
     decided_ms: Option<u64>,
     last: Window,
@@ -509,6 +509,24 @@ impl Controller {
             signals: Signals::new(config.target_latency),
             config,
             state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The controller of a room a reload rebuilt, carrying on from `old`'s
+    /// decisions: when it last judged, the intervals still to settle
+    /// after a cut, the knee and the worst of an overload. Started over,
+    /// the first tick judged a window shorter than an interval, a reload
+    /// just after a cut cut again for the same overload, and the climb
+    /// ran through the knee it had found. The signals start afresh:
+    /// requests under way report to the old room's.
+    pub fn continuing(config: AdaptiveConfig, old: &Controller) -> Self {
+        let state = old.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Controller {
+            state: Mutex::new(State {
+                limit: None,
+                ..state
+            }),
+            ..Controller::new(config)
         }
     }
 
@@ -778,6 +796,26 @@ mod tests {
         ctl.signals.send().answer(Duration::from_secs(2), false);
         assert_eq!(ctl.step(3_000), None);
         assert_eq!(ctl.take_limit_verdict(), None);
+    }
+
+    #[test]
+    fn a_controller_rebuilt_by_a_reload_carries_on() {
+        let old = Controller::new(config());
+        old.signals.send().answer(Duration::from_millis(50), false);
+        assert_eq!(old.step(1_000), Some(Verdict::Healthy));
+        let new = Controller::continuing(config(), &old);
+        new.signals.send().answer(Duration::from_millis(50), false);
+        assert_eq!(new.step(1_500), None, "within the interval judged before");
+        assert_eq!(new.step(2_000), Some(Verdict::Healthy));
+        // A cut for latency, then a reload while it settles.
+        new.signals.send().answer(Duration::from_secs(5), false);
+        assert_eq!(new.step(3_000), Some(Verdict::Overloaded(Reason::Latency)));
+        new.cut_from(600.0);
+        new.changed(SETTLE_INTERVALS);
+        let newer = Controller::continuing(config(), &new);
+        newer.signals.send().answer(Duration::from_secs(5), false);
+        assert_eq!(newer.step(4_000), None, "still settling");
+        assert_eq!(newer.peak(), Some(600.0), "the knee kept");
     }
 
     #[test]

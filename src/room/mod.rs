@@ -271,6 +271,16 @@ impl Room {
 
     /// Carries `old`'s in-flight slots over a reload (see
     /// `InFlight::continuing`).
+    /// An adaptive controller carrying on from the one of the room a
+    /// reload replaces (see [`Controller::continuing`]).
+    pub fn with_adaptive_of(mut self, old: Option<&Room>) -> Self {
+        if let (Some(ctl), Some(old_ctl)) = (&self.adaptive, old.and_then(|o| o.adaptive.as_ref()))
+        {
+            self.adaptive = Some(Controller::continuing(ctl.config.clone(), old_ctl));
+        }
+        self
+    }
+
     pub fn with_in_flight_of(mut self, old: Option<&Room>) -> Self {
         if let (Some(config), Some(old_cap)) = (
             self.config.in_flight,
