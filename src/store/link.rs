@@ -11,105 +11,159 @@
 //!   refused with READONLY, for as long as the connection lives.
 //!
 //! Either way the node stayed degraded while a new connection would have
-//! worked. A few unanswered calls in a row on one connection, or one
-//! READONLY, replace it; the next call connects afresh.
+//! worked. A connection with three calls in a row unanswered and no
+//! answer for three timeouts, or one READONLY, is replaced; the next call
+//! connects afresh. At most one replacement a second: an address that
+//! still leads to a replica (a DNS name not yet moved) gets a new try
+//! each second, not one per call.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::StoreError;
 
-/// Calls left unanswered in a row on one connection before it is
-/// replaced: one is a slow Redis, a few with nothing answered between
-/// them (a tick makes one or two calls) is a connection going nowhere.
+/// Calls left unanswered in a row on one connection before it may be
+/// replaced: one is a slow Redis; several at once are one stall.
 const UNANSWERED_BEFORE_REPLACING: u32 = 3;
+
+/// The least time between two replacements.
+const REPLACED_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Link {
     client: redis::Client,
     config: ConnectionManagerConfig,
-    /// The connection and its number: a call's failure counts against the
-    /// connection it was made on, not a newer one.
-    current: RwLock<(u64, ConnectionManager)>,
-    unanswered: AtomicU32,
+    current: RwLock<Arc<Connection>>,
+    /// How long a connection must go without an answer, besides its
+    /// unanswered calls, before it is replaced: three of the store's
+    /// timeouts, so calls that all time out in one stall of Redis do not
+    /// replace a connection that is fine.
+    quiet: Duration,
+    started: Instant,
+    /// When the last replacement was made (ms since `started`; 0: none).
+    replaced_ms: AtomicU64,
     /// `varco_store_connections_replaced_total`, by reason.
     replaced: OnceLock<prometheus::IntCounterVec>,
 }
 
-/// A connection lent for one call, with the number it is known by.
+/// One connection and what it has shown: a call's outcome counts against
+/// the connection it was made on, never a newer one.
+struct Connection {
+    number: u64,
+    conn: ConnectionManager,
+    unanswered: AtomicU32,
+    /// When it last answered, or was made (ms since the link started).
+    answered_ms: AtomicU64,
+}
+
+/// A connection lent for one call.
 pub struct Lent {
     pub conn: ConnectionManager,
-    number: u64,
+    of: Arc<Connection>,
+}
+
+/// Whether Redis refused a write as a replica: READONLY itself, or (before
+/// Redis 7) inside a script's error, whose code is ERR.
+fn read_only(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.to_string().contains("READONLY")
 }
 
 impl Link {
     /// Prepares the connection without connecting: that happens on the
-    /// first call.
-    pub fn new(client: redis::Client, config: ConnectionManagerConfig) -> Result<Link, String> {
+    /// first call. `timeout`: how long one call may take.
+    pub fn new(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        timeout: Duration,
+    ) -> Result<Link, String> {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| format!("store.url: {e}"))?;
         Ok(Link {
             client,
             config,
-            current: RwLock::new((0, conn)),
-            unanswered: AtomicU32::new(0),
+            current: RwLock::new(Arc::new(Connection {
+                number: 0,
+                conn,
+                unanswered: AtomicU32::new(0),
+                answered_ms: AtomicU64::new(0),
+            })),
+            quiet: 3 * timeout,
+            started: Instant::now(),
+            replaced_ms: AtomicU64::new(0),
             replaced: OnceLock::new(),
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     pub fn lend(&self) -> Lent {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let of = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Lent {
-            number: current.0,
-            conn: current.1.clone(),
+            conn: of.conn.clone(),
+            of,
         }
     }
 
     /// The outcome of a call made on `lent`, as the store sees it; keeps
     /// count of what says the connection is of no more use.
     pub fn outcome<T>(&self, lent: &Lent, r: redis::RedisResult<T>) -> Result<T, StoreError> {
+        let of = &lent.of;
         match r {
             Ok(v) => {
-                if lent.number == self.number() {
-                    self.unanswered.store(0, Ordering::Relaxed);
-                }
+                of.unanswered.store(0, Ordering::Relaxed);
+                of.answered_ms.store(self.now_ms(), Ordering::Relaxed);
                 Ok(v)
             }
-            Err(e) => {
-                if e.is_timeout() {
-                    if lent.number == self.number()
-                        && self.unanswered.fetch_add(1, Ordering::Relaxed) + 1
-                            >= UNANSWERED_BEFORE_REPLACING
-                    {
-                        self.replace(lent.number, "unanswered");
-                    }
-                    Err(StoreError::Unanswered(e.to_string()))
-                } else {
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
-                        self.replace(lent.number, "read_only");
-                    }
-                    Err(StoreError::Unavailable(e.to_string()))
+            Err(e) if e.is_timeout() => {
+                let in_a_row = of.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+                let silent_ms = self
+                    .now_ms()
+                    .saturating_sub(of.answered_ms.load(Ordering::Relaxed));
+                if in_a_row >= UNANSWERED_BEFORE_REPLACING
+                    && silent_ms >= self.quiet.as_millis() as u64
+                {
+                    self.replace(of.number, "unanswered");
                 }
+                Err(StoreError::Unanswered(e.to_string()))
+            }
+            Err(e) => {
+                if read_only(&e) {
+                    self.replace(of.number, "read_only");
+                }
+                Err(StoreError::Unavailable(e.to_string()))
             }
         }
     }
 
-    fn number(&self) -> u64 {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).0
-    }
-
     /// Puts a new connection in place of connection `number`, unless it
-    /// was already replaced (by another call that failed on it).
+    /// was already replaced (by another call that failed on it), or the
+    /// last replacement is less than a second old.
     fn replace(&self, number: u64, why: &'static str) {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.0 != number {
+        let now = self.now_ms().max(1);
+        let last = self.replaced_ms.load(Ordering::Relaxed);
+        let paced = last != 0 && now < last + REPLACED_AT_MOST_EVERY.as_millis() as u64;
+        if current.number != number || paced {
             return;
         }
         match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
             Ok(conn) => {
-                *current = (number + 1, conn);
-                self.unanswered.store(0, Ordering::Relaxed);
+                *current = Arc::new(Connection {
+                    number: number + 1,
+                    conn,
+                    unanswered: AtomicU32::new(0),
+                    answered_ms: AtomicU64::new(now),
+                });
+                self.replaced_ms.store(now, Ordering::Relaxed);
                 if let Some(c) = self.replaced.get() {
                     c.with_label_values(&[why]).inc();
                 }
@@ -126,5 +180,34 @@ impl Link {
             counter.with_label_values(&[why]);
         }
         let _ = self.replaced.set(counter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_only_refusal_is_known_inside_a_scripts_error_too() {
+        let plain: redis::RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        )
+            .into();
+        assert!(read_only(&plain));
+        // Redis 6.2: a write refused inside a script comes back as ERR.
+        let scripted: redis::RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "Error running script",
+            "(call to f_0123): @user_script:2: -READONLY You can't write against a read only replica.".to_string(),
+        )
+            .into();
+        assert!(read_only(&scripted), "{scripted}");
+        let other: redis::RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "Error running script",
+        )
+            .into();
+        assert!(!read_only(&other));
     }
 }

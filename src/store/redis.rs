@@ -90,7 +90,7 @@ impl RedisStore {
             .set_connection_timeout(Some(STORE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let link = Arc::new(Link::new(client, config)?);
+        let link = Arc::new(Link::new(client, config, STORE_TIMEOUT)?);
         let node = format!("{:032x}", crate::room::token::random_u128());
         Ok(RedisStore {
             link,
