@@ -554,7 +554,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                return Ok(Gate::Respond(too_many_for(r, room, wait, &IN_SESSION)));
+                return Ok(Gate::Respond(too_many(wait, r.reader(room), &IN_SESSION)));
             }
         }
         let mut set_cookies = vec![];
@@ -861,8 +861,9 @@ fn too_many(wait: Duration, reader: Reader, why: &Said) -> Response<Body> {
     resp
 }
 
-/// [`too_many`] for a request through the gate: a person's page asks
-/// again by itself.
+/// [`too_many`] for someone without a pass: a person's page asks again
+/// by itself (not a pass holder's: it would keep a walked-away person's
+/// session alive).
 fn too_many_for(r: &GateRequest, room: &Room, wait: Duration, why: &Said) -> Response<Body> {
     let mut resp = too_many(wait, r.reader(room), why);
     crate::page::refresh_for_a_person(&mut resp, r.method, r.json);

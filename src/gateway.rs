@@ -75,7 +75,6 @@ struct Logged {
 /// Who asked, for a page made after the request has gone to the portal.
 struct Asked<'r> {
     json: bool,
-    method: http::Method,
     accept_language: Option<HeaderValue>,
     room: &'r Room,
 }
@@ -234,7 +233,10 @@ async fn enter(
         http::header::RETRY_AFTER,
         page::retry_after(cap.retry_after()),
     );
-    page::refresh_for_a_person(&mut resp, &asked.method, asked.json);
+    // No Refresh, unlike the gate's 429: the person holds a pass, and a
+    // page asking again by itself every few seconds would keep the
+    // session of someone who walked away alive, and its place inside
+    // taken, for as long as the cap refuses.
     Err(resp)
 }
 
@@ -449,7 +451,6 @@ impl Gateway {
         // requests never need it.
         let asked = Asked {
             json,
-            method: req.method().clone(),
             accept_language: req.headers().get(ACCEPT_LANGUAGE).cloned(),
             room,
         };
