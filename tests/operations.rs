@@ -248,6 +248,16 @@ async fn an_operators_brake_holds_on_an_adaptive_room() {
     }
     g.advance(1_000).await;
     assert_eq!(limit().await, Some(3.0), "cut again by backoff");
+    // In passthrough the rate is not in force: not cut either, or the
+    // room resumed would start at the floor.
+    api(&g, "POST", "/api/rooms/portal/rate?value=300", Some(TOKEN)).await;
+    api(&g, "POST", "/api/rooms/portal/passthrough", Some(TOKEN)).await;
+    for _ in 0..5 {
+        assert_eq!(c.get("/fail").await.status, 500);
+    }
+    g.advance(1_000).await;
+    assert_eq!(limit().await, Some(2.0), "the cap still follows");
+    assert_eq!(rate().await, Some(300.0), "the rate is left alone");
 }
 
 #[tokio::test]

@@ -707,8 +707,10 @@ impl Room {
     /// each change is logged and counted.
     pub fn adapt(&self, now_ms: u64) -> Option<Change> {
         let ctl = self.adaptive.as_ref()?;
-        // An operator's `unlimited` leaves the rate alone, not the cap.
-        let rate = self.per_minute();
+        // An operator's `unlimited` leaves the rate alone, not the cap; so
+        // does `passthrough`, where the rate is not in force: cut there, a
+        // room resumed would start at the floor, from a false knee.
+        let rate = self.per_minute().filter(|_| self.is_gated());
         let verdict = ctl.step(now_ms);
         let limit_verdict = ctl.take_limit_verdict();
         if verdict.is_none() && limit_verdict.is_none() {
