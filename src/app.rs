@@ -708,8 +708,10 @@ impl App {
             tracing::info!("TLS server names changed: new connections to the upstreams concerned");
         }
         for room in &rooms {
+            *room.in_force.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(room);
             if let Some(old) = self.room(&room.name) {
-                let _ = old.successor.set(Arc::downgrade(room));
+                old.superseded
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 room.upstreams.keep_taken_out_of(&old.upstreams);
                 room.upstreams.keep_cooldowns_of(&old.upstreams);
                 room.upstreams.keep_rotation_of(&old.upstreams);
@@ -1249,6 +1251,7 @@ fn build_rooms(
                 .with_lanes(&store_for)
                 .with_in_flight_of(old(&r.name).as_deref())
                 .with_adaptive_of(old(&r.name).as_deref())
+                .with_in_force_of(old(&r.name).as_deref())
                 .with_retired_lanes_of(old(&r.name).as_deref())
                 .with_undelivered_of(old(&r.name).as_deref())
                 .with_ticket_ttl_of(old(&r.name).as_deref()),

@@ -83,10 +83,14 @@ pub struct Room {
     pub in_flight: Option<InFlight>,
     /// Claims whose pass has not reached its holder yet (this node's).
     pub undelivered: undelivered::Undelivered,
-    /// The room a reload put in this one's place: a request under way
-    /// across the reload reports what its upstream did there too, where
-    /// the requests after it go (see [`Room::mark_failed`]).
-    pub successor: std::sync::OnceLock<std::sync::Weak<Room>>,
+    /// The room of this name in force, shared by every room a reload put
+    /// in this one's place: a request under way across reloads reports
+    /// what its upstream did there too, where the requests after it go
+    /// (see [`Room::mark_failed`]).
+    pub in_force: Arc<Mutex<std::sync::Weak<Room>>>,
+    /// A reload put another room in this one's place: only then is
+    /// `in_force` asked (every answer would otherwise take its lock).
+    pub superseded: std::sync::atomic::AtomicBool,
     /// Signs `X-Varco-Arrival` for the portal, when it has the key.
     pub arrival_key: Option<ring::hmac::Key>,
     /// The room's lines: one (unnamed, on `store`) without lanes; with
@@ -184,7 +188,8 @@ impl Room {
             adaptive: config.adaptive.clone().map(Controller::new),
             in_flight: config.in_flight.map(InFlight::new),
             undelivered: Default::default(),
-            successor: Default::default(),
+            in_force: Default::default(),
+            superseded: Default::default(),
             arrival_key: None,
             lanes: vec![default_lane],
             retired_lanes: Vec::new(),
@@ -277,6 +282,15 @@ impl Room {
         if let (Some(ctl), Some(old_ctl)) = (&self.adaptive, old.and_then(|o| o.adaptive.as_ref()))
         {
             self.adaptive = Some(Controller::continuing(ctl.config.clone(), old_ctl));
+        }
+        self
+    }
+
+    /// Shares the pointer to the room in force with the room a reload
+    /// replaces (and so with every room before it).
+    pub fn with_in_force_of(mut self, old: Option<&Room>) -> Self {
+        if let Some(old) = old {
+            self.in_force = old.in_force.clone();
         }
         self
     }
@@ -667,7 +681,8 @@ impl Room {
     }
 
     /// A request to upstream `index` failed (passive health): counted
-    /// here and in the rooms reloads put in this one's place, by address.
+    /// here and in the room in force, if a reload put another there, by
+    /// address.
     /// Counted here only, a hung upstream met by a request sent before a
     /// reload kept its place in the new rotation, and the next requests
     /// waited their own response timeout there. What the room in force
@@ -675,23 +690,32 @@ impl Room {
     pub fn mark_failed(&self, index: usize) -> AfterFailure {
         let here = self.upstreams.mark_failed(index);
         match self.successor_of(index) {
-            Some((room, i)) => room.mark_failed(i),
+            Some((room, i)) => room.upstreams.mark_failed(i),
             None => here,
         }
     }
 
     /// A request to upstream `index`, sent at `sent_ms`, was answered:
-    /// here and in the rooms that took this one's place.
+    /// here and in the room in force.
     pub fn mark_healthy(&self, index: usize, sent_ms: u64) {
         self.upstreams.mark_healthy(index, sent_ms);
         if let Some((room, i)) = self.successor_of(index) {
-            room.mark_healthy(i, sent_ms);
+            room.upstreams.mark_healthy(i, sent_ms);
         }
     }
 
-    /// The room in this one's place, and where upstream `index` is in it.
+    /// The room in force, when a reload put it in this one's place, and
+    /// where upstream `index` is in it.
     fn successor_of(&self, index: usize) -> Option<(Arc<Room>, usize)> {
-        let next = self.successor.get()?.upgrade()?;
+        if !self.superseded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let next = self
+            .in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
+            .filter(|r| !std::ptr::eq(Arc::as_ptr(r), self))?;
         let label = &self.upstreams.all().get(index)?.label;
         let i = next
             .upstreams
