@@ -274,8 +274,6 @@ impl Room {
             .fold(lanes::Counted::of(&self.view()), |t, (_, c)| t.plus(c))
     }
 
-    /// Carries `old`'s in-flight slots over a reload (see
-    /// `InFlight::continuing`).
     /// An adaptive controller carrying on from the one of the room a
     /// reload replaces (see [`Controller::continuing`]).
     pub fn with_adaptive_of(mut self, old: Option<&Room>) -> Self {
@@ -295,6 +293,8 @@ impl Room {
         self
     }
 
+    /// Carries `old`'s in-flight slots over a reload (see
+    /// `InFlight::continuing`).
     pub fn with_in_flight_of(mut self, old: Option<&Room>) -> Self {
         if let (Some(config), Some(old_cap)) = (
             self.config.in_flight,
