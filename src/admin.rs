@@ -396,53 +396,52 @@ impl Admin {
                 }
             }
             (Method::POST, ["rooms", name, action]) => {
-                let Some(room) = self.app.room(name) else {
+                if self.app.room(name).is_none() {
                     return problem(StatusCode::NOT_FOUND, "no such room");
-                };
-                let value = query_value(&req);
-                let mode = match *action {
-                    "pause" | "drain" => Some(Mode::Paused),
-                    "resume" | "open" => Some(Mode::Queue),
-                    "queue_all" => Some(Mode::QueueAll),
-                    "close" => Some(Mode::Closed),
-                    "passthrough" => Some(Mode::Passthrough),
-                    _ => None,
-                };
-                if let Some(mode) = mode {
-                    let before = room.mode();
-                    let shared = room.change_live(LiveChange::Mode(mode)).await;
-                    tracing::info!(target: "varco::audit", who, room = %room.name, action, from = before.as_str(), to = mode.as_str(), "room mode changed");
-                    return changed(&room, shared);
                 }
-                match *action {
+                let value = query_value(&req);
+                // None: reset, back to the config.
+                let change = match *action {
+                    "pause" | "drain" => Some(LiveChange::Mode(Mode::Paused)),
+                    "resume" | "open" => Some(LiveChange::Mode(Mode::Queue)),
+                    "queue_all" => Some(LiveChange::Mode(Mode::QueueAll)),
+                    "close" => Some(LiveChange::Mode(Mode::Closed)),
+                    "passthrough" => Some(LiveChange::Mode(Mode::Passthrough)),
                     "rate" => match limit_value::<f64>(value) {
-                        Ok(rate) => {
-                            let before = room.per_minute();
-                            let shared = room.change_live(LiveChange::PerMinute(rate)).await;
-                            tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?rate, "admission rate changed");
-                            changed(&room, shared)
-                        }
-                        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+                        Ok(rate) => Some(LiveChange::PerMinute(rate)),
+                        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
                     },
                     "max_active" => match limit_value::<u64>(value) {
-                        Ok(max) => {
-                            let before = room.max_active();
-                            let shared = room.change_live(LiveChange::MaxActive(max)).await;
-                            tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before, to = ?max, "max_active changed");
-                            changed(&room, shared)
-                        }
-                        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+                        Ok(max) => Some(LiveChange::MaxActive(max)),
+                        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
                     },
-                    "reset" => {
-                        let shared = room.reset_live().await;
-                        tracing::info!(target: "varco::audit", who, room = %room.name, action, mode = room.mode().as_str(), admission_per_minute = ?room.per_minute(), max_active = ?room.max_active(), "live changes dropped: back to the config");
-                        changed(&room, shared)
+                    "reset" => None,
+                    _ => {
+                        return problem(
+                            StatusCode::NOT_FOUND,
+                            "actions: pause, resume, queue_all, close, open, drain, passthrough, rate, max_active, reset",
+                        )
                     }
-                    _ => problem(
-                        StatusCode::NOT_FOUND,
-                        "actions: pause, resume, queue_all, close, open, drain, passthrough, rate, max_active, reset",
-                    ),
+                };
+                // A reload removed the room meanwhile.
+                let Some((room, before, shared)) = self.app.change_live(name, change).await else {
+                    return problem(StatusCode::NOT_FOUND, "no such room");
+                };
+                match change {
+                    Some(LiveChange::Mode(mode)) => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, action, from = before.mode.as_str(), to = mode.as_str(), "room mode changed");
+                    }
+                    Some(LiveChange::PerMinute(rate)) => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before.per_minute, to = ?rate, "admission rate changed");
+                    }
+                    Some(LiveChange::MaxActive(max)) => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, action, from = ?before.max_active, to = ?max, "max_active changed");
+                    }
+                    None => {
+                        tracing::info!(target: "varco::audit", who, room = %room.name, action, mode = room.mode().as_str(), admission_per_minute = ?room.per_minute(), max_active = ?room.max_active(), "live changes dropped: back to the config");
+                    }
                 }
+                changed(&room, shared)
             }
             _ => problem(StatusCode::NOT_FOUND, "see README: admin API"),
         }

@@ -36,7 +36,7 @@ use crate::room::{limits_of, Room};
 use crate::router::{Routing, SharedRouting};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
-use crate::store::RoomStore;
+use crate::store::{LiveChange, RoomStore, StoreError};
 use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,13 @@ pub struct App {
     /// The admin API's tokens: a reload swaps them, so a leaked one is
     /// revoked without a restart.
     admin_tokens: ArcSwap<Vec<crate::config::AdminToken>>,
+}
+
+/// A room's live settings before an operator's change, for the audit log.
+pub struct LiveBefore {
+    pub mode: Mode,
+    pub per_minute: Option<f64>,
+    pub max_active: Option<u64>,
 }
 
 /// Why a reload was refused; the old config keeps serving.
@@ -438,6 +445,31 @@ impl App {
         let room = self.room(room).ok_or(NotTakenOut::NoSuchRoom)?;
         let was = room.upstreams.take_out(upstream, out, force)?;
         Ok((room, was))
+    }
+
+    /// An operator's live change to room `name` (`None`: reset, back to
+    /// the config), serialised with reloads: one under way finishes first,
+    /// and the change lands on the room it put in force. Made on the room
+    /// a reload was replacing, it was answered 200 and lost at the swap.
+    /// The room changed, what it had before, and whether the change was
+    /// shared (cluster mode); None when no room has that name any more.
+    pub async fn change_live(
+        &self,
+        name: &str,
+        change: Option<LiveChange>,
+    ) -> Option<(Arc<Room>, LiveBefore, Result<(), StoreError>)> {
+        let _no_reload_meanwhile = self.reloading.lock().await;
+        let room = self.room(name)?;
+        let before = LiveBefore {
+            mode: room.mode(),
+            per_minute: room.per_minute(),
+            max_active: room.max_active(),
+        };
+        let shared = match change {
+            Some(c) => room.change_live(c).await,
+            None => room.reset_live().await,
+        };
+        Some((room, before, shared))
     }
 
     /// Re-reads the config file and swaps in its rooms. Places in line and

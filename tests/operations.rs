@@ -110,6 +110,85 @@ async fn a_reload_without_a_file_is_refused_and_counted() {
     );
 }
 
+/// An operator pauses a room while a reload is under way (a certificate
+/// renewal's hook): the pause waits for the reload and lands on the room
+/// it put in force. Made on the room being replaced, it was answered
+/// "paused" and lost at the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_change_made_during_a_reload_holds_after_it() {
+    let up = upstream::spawn().await;
+    let (g, path) = Gated::start_written(
+        "live-during-reload",
+        &with_admin(&gated_config(up.addr, "max_active = 1")),
+    )
+    .await;
+    // The reload reads the room's page template from a FIFO: it blocks
+    // there, its lock held, until the test writes the template.
+    let fifo = path.with_file_name("page.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(
+        &path,
+        with_admin(&gated_config(
+            up.addr,
+            &format!("max_active = 1\npage_template = \"{}\"", fifo.display()),
+        )),
+    )
+    .unwrap();
+    let app = g.app.clone();
+    let reload = tokio::spawn(async move { app.reload().await.map_err(|e| e.to_string()) });
+    // Its readiness signal: a writer opens a FIFO without waiting only
+    // once a reader has it open (O_NONBLOCK, 0o4000 on Linux).
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut writer = None;
+    common::client::until(
+        "the reload reading the template",
+        Duration::from_secs(5),
+        async || {
+            writer = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(0o4000)
+                .open(&fifo)
+                .ok();
+            writer.is_some()
+        },
+    )
+    .await;
+    let admin = g.admin;
+    let mut pause = tokio::spawn(async move {
+        let url = format!("http://{admin}/api/rooms/portal/pause");
+        let req = Request::builder()
+            .method("POST")
+            .uri(url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body::empty())
+            .unwrap();
+        send(req).await
+    });
+    if let Ok(done) = tokio::time::timeout(Duration::from_secs(2), &mut pause).await {
+        panic!("answered during the reload: {:?}", done.map(|g| g.status));
+    }
+    let mut writer = writer.unwrap();
+    std::io::Write::write_all(
+        &mut writer,
+        varco::page::waiting::DEFAULT_TEMPLATE.as_bytes(),
+    )
+    .unwrap();
+    drop(writer);
+    reload.await.unwrap().expect("reload");
+    let paused = pause.await.unwrap();
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    let state = api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+        .await
+        .json();
+    assert_eq!(state["mode"], "paused", "{state}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[tokio::test]
 async fn rooms_change_live_through_the_api() {
     let up = upstream::spawn().await;
