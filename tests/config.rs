@@ -239,6 +239,34 @@ fn admin_tokens_each_name_one_person() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A host or path given twice is named where it was written, as written;
+/// one another room serves is named with that room.
+#[test]
+fn hosts_and_paths_given_twice_are_named_as_written() {
+    let e = errors(&format!(
+        "{ROOM}hosts = [\"portale.example.it\", \"*.example.org\", \"Portale.example.it\"]\n"
+    ));
+    assert!(e.names("rooms.portal.hosts"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("\"portale.example.it\" is listed twice"),
+        "{e}"
+    );
+    let e = errors(&format!("{ROOM}paths = [\"/bonus\", \"/bonus\"]\n"));
+    assert!(e.names("rooms.portal.paths"), "{e}");
+    assert!(e.to_string().contains("\"/bonus\" is listed twice"), "{e}");
+    let e = errors(&format!(
+        "{ROOM}hosts = [\"*.example.org\"]\n\
+         [rooms.other]\nupstreams = [\"http://127.0.0.1:9002\"]\nhosts = [\"*.example.org\"]\n"
+    ));
+    let text = e.to_string();
+    assert!(
+        text.contains("host \"*.example.org\" and path \"/\" are already served by room"),
+        "{text}"
+    );
+    assert!(!text.contains("Suffix("), "{text}");
+}
+
 /// A value that does not parse is reported once, for what it is: not
 /// judged again on the stand-in the check goes on with.
 #[test]

@@ -331,6 +331,15 @@ impl HostPattern {
         }
     }
 
+    /// The pattern as an operator writes it in `hosts`.
+    pub fn written(&self) -> String {
+        match self {
+            HostPattern::Any => "*".into(),
+            HostPattern::Suffix(s) => format!("*{s}"),
+            HostPattern::Exact(h) => h.clone(),
+        }
+    }
+
     /// More specific patterns win ties between rooms with the same path:
     /// an exact host, then the longest suffix (`*.apply.example.org`
     /// before `*.example.org`, as nginx's `server_name` does), then `*`.

@@ -710,13 +710,21 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 );
             }
             for h in &hosts {
-                if let Some(other) = routes.insert((h.clone(), path.clone()), name.clone()) {
+                let Some(other) = routes.insert((h.clone(), path.clone()), name.clone()) else {
+                    continue;
+                };
+                let written = h.written();
+                if other != *name {
                     p.add(
                         key("paths"),
                         format!(
-                            "host {h:?} and path \"{path}\" are already served by room \"{other}\""
+                            "host \"{written}\" and path \"{path}\" are already served by room \"{other}\""
                         ),
                     );
+                } else if hosts.iter().filter(|o| *o == h).count() > 1 {
+                    p.add(key("hosts"), format!("\"{written}\" is listed twice"));
+                } else {
+                    p.add(key("paths"), format!("\"{path}\" is listed twice"));
                 }
             }
         }
