@@ -579,9 +579,22 @@ impl App {
     /// setting; one already running goes on as it did.
     fn finds_upstream_tls_in_force(&self, new: &Config) -> Result<(), ReloadError> {
         let (running, next) = (&self.config.raw.upstream, &new.raw.upstream);
+        // By what the files hold too: a CA or a certificate renewed under
+        // the same path is read only at a restart as well.
+        let (in_use, read_now) = (&self.config.upstream, &new.upstream);
+        let chain = |c: &Option<crate::config::TlsCertificate>| {
+            c.as_ref().map(|c| c.certified.cert.clone())
+        };
         let Some(setting) = [
-            ("upstream.tls_ca", running.tls_ca != next.tls_ca),
-            ("upstream.tls_client", running.tls_client != next.tls_client),
+            (
+                "upstream.tls_ca",
+                running.tls_ca != next.tls_ca || in_use.tls_roots != read_now.tls_roots,
+            ),
+            (
+                "upstream.tls_client",
+                running.tls_client != next.tls_client
+                    || chain(&in_use.tls_client) != chain(&read_now.tls_client),
+            ),
         ]
         .into_iter()
         .find_map(|(key, changed)| changed.then_some(key)) else {

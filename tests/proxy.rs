@@ -1825,6 +1825,32 @@ async fn a_reload_that_needs_a_new_upstream_ca_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same: a CA file renewed under the same path, read only at a
+/// restart, with a new https upstream that needs it.
+#[tokio::test]
+async fn a_reload_that_needs_a_renewed_upstream_ca_file_is_refused() {
+    let dir = std::env::temp_dir().join(format!("varco-renewed-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    let old = upstream::spawn_tls(&ca).await;
+    let room = |port: u16| {
+        format!(
+            "[upstream]\ntls_ca = \"{}\"\n[rooms.portal]\nupstreams = [\"https://localhost:{port}\"]\npreserve_host = false\n",
+            ca.display()
+        )
+    };
+    let (g, path) = common::gated::Gated::start_written("renewed-ca", &room(old.addr.port())).await;
+    assert_eq!(get(&format!("http://{}/echo", g.addr)).await.status, 200);
+    // Another upstream, whose CA is written over the same file.
+    let new = upstream::spawn_tls(&ca).await;
+    std::fs::write(&path, room(new.addr.port())).unwrap();
+    let e = g.app.reload().await.expect_err("a CA that is not in force");
+    assert!(e.to_string().contains("upstream.tls_ca"), "{e}");
+    assert_eq!(get(&format!("http://{}/echo", g.addr)).await.status, 200);
+    assert_eq!((old.hits(), new.hits()), (2, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An https upstream reached by its address but certified for a name (a
 /// private network) is checked against the room's `tls_server_name`:
 /// requests and health checks reach it; without the name, or with
