@@ -896,8 +896,11 @@ pub fn status_for<'a>(
     let position = n.filter(|_| !eligible).map(|n| n - view.serving);
     let ahead = position.map(|p| p - 1);
     let rate = view.observed_rate;
+    // Paused, nobody is called: the rate from before the pause would
+    // count a wait down to nothing while the line stands still.
+    let paused = room.mode() == Mode::Paused;
     let (eta, lo, hi) = match position {
-        Some(p) if rate > 0.0 => {
+        Some(p) if rate > 0.0 && !paused => {
             let eta = p as f64 / rate;
             (
                 Some(eta as u64),
@@ -925,7 +928,7 @@ pub fn status_for<'a>(
         arrived: ticket.map(|t| t.at),
         // The number in line once known; before that the pre-queue number.
         ticket: n.or(ticket.map(|t| t.pre).filter(|p| *p > 0)),
-        paused: room.mode() == Mode::Paused,
+        paused,
         receipt: ticket.and_then(|t| receipt::text_of(&room.line_name_cow(lane), t, &room.keys)),
         lottery: room.lottery_info(view, now_ms),
         missed_turn: false,

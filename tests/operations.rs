@@ -189,6 +189,41 @@ async fn a_live_change_made_during_a_reload_holds_after_it() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// While a room is paused nobody is called, so no wait can be told: the
+/// estimate from before the pause would count down to nothing.
+#[tokio::test]
+async fn a_paused_room_gives_no_estimate() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    )))
+    .await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let (mut b, mut c) = (g.citizen(), g.citizen());
+    assert!(b.get("/").await.is_waiting_page());
+    assert!(c.get("/").await.is_waiting_page());
+    // The first session ends, b is called: the queue moves, as ticks
+    // within the minute see it.
+    for _ in 0..7 {
+        g.advance(10_000).await;
+    }
+    let s = c.status("portal").await;
+    assert!(
+        s["eta_seconds"].is_u64(),
+        "the queue moved: an estimate {s}"
+    );
+    api(&g, "POST", "/api/rooms/portal/pause", Some(TOKEN)).await;
+    let s = c.status("portal").await;
+    assert_eq!(s["paused"], true, "{s}");
+    assert!(s["eta_seconds"].is_null(), "{s}");
+    let page = c.get("/").await.text();
+    assert!(
+        page.contains("id=\"eta\">non ancora stimabile<"),
+        "nor on the page"
+    );
+}
+
 #[tokio::test]
 async fn rooms_change_live_through_the_api() {
     let up = upstream::spawn().await;
