@@ -208,8 +208,8 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
 /// `Sec-Fetch-Dest` where the browser sends it, else by an Accept that
 /// takes HTML (or none at all: a script or an old browser).
 fn is_navigation(headers: &HeaderMap) -> bool {
-    if let Some(dest) = headers.get("sec-fetch-dest") {
-        return matches!(dest.as_bytes(), b"document" | b"iframe" | b"frame");
+    if let Some(page) = crate::page::loads_a_page(headers) {
+        return page;
     }
     headers
         .get(http::header::ACCEPT)

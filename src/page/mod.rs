@@ -33,13 +33,20 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         .get(ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"));
-    let from_a_script = headers
-        .get("sec-fetch-dest")
-        .is_some_and(|d| !matches!(d.as_bytes(), b"document" | b"iframe" | b"frame"))
+    let from_a_script = loads_a_page(headers) == Some(false)
         || headers
             .get("x-requested-with")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"));
     asked_for_json || from_a_script
+}
+
+/// What `Sec-Fetch-Dest` says of a request, where the browser sends it:
+/// whether it loads a page (a document, or one in a frame) rather than
+/// something for one (an image, a script's request).
+pub fn loads_a_page(headers: &HeaderMap) -> Option<bool> {
+    headers
+        .get("sec-fetch-dest")
+        .map(|d| matches!(d.as_bytes(), b"document" | b"iframe" | b"frame"))
 }
 
 /// For a person's GET or HEAD, a `Refresh` as long as the answer's
