@@ -58,6 +58,23 @@ struct Connection {
     answered_ms: AtomicU64,
 }
 
+impl Connection {
+    /// Connection `number`, made at `now_ms`: it connects on its first call.
+    fn lazy(
+        client: &redis::Client,
+        config: &ConnectionManagerConfig,
+        number: u64,
+        now_ms: u64,
+    ) -> redis::RedisResult<Connection> {
+        Ok(Connection {
+            number,
+            conn: ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            unanswered: AtomicU32::new(0),
+            answered_ms: AtomicU64::new(now_ms),
+        })
+    }
+}
+
 /// A connection lent for one call.
 pub struct Lent {
     pub conn: ConnectionManager,
@@ -79,17 +96,12 @@ impl Link {
         config: ConnectionManagerConfig,
         timeout: Duration,
     ) -> Result<Link, String> {
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|e| format!("store.url: {e}"))?;
+        let first =
+            Connection::lazy(&client, &config, 0, 0).map_err(|e| format!("store.url: {e}"))?;
         Ok(Link {
             client,
             config,
-            current: RwLock::new(Arc::new(Connection {
-                number: 0,
-                conn,
-                unanswered: AtomicU32::new(0),
-                answered_ms: AtomicU64::new(0),
-            })),
+            current: RwLock::new(Arc::new(first)),
             quiet: 3 * timeout,
             started: Instant::now(),
             replaced_ms: AtomicU64::new(0),
@@ -155,14 +167,9 @@ impl Link {
         if current.number != number || paced {
             return;
         }
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(conn) => {
-                *current = Arc::new(Connection {
-                    number: number + 1,
-                    conn,
-                    unanswered: AtomicU32::new(0),
-                    answered_ms: AtomicU64::new(now),
-                });
+        match Connection::lazy(&self.client, &self.config, number + 1, now) {
+            Ok(next) => {
+                *current = Arc::new(next);
                 self.replaced_ms.store(now, Ordering::Relaxed);
                 if let Some(c) = self.replaced.get() {
                     c.with_label_values(&[why]).inc();

@@ -63,8 +63,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// Prepares the connection without waiting for Redis: a node starts
     /// (degraded) even while Redis is down, and the connection manager
-    /// reconnects by itself (the link replaces what it cannot see fail). Short timeouts keep a slow Redis from holding
-    /// requests: an answer later than this counts as a failure.
+    /// reconnects by itself (the link replaces what it cannot see fail).
+    /// Short timeouts keep a slow Redis from holding requests: an answer
+    /// later than this counts as a failure.
     pub async fn connect(
         url: &str,
         prefix: &str,
