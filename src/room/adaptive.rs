@@ -145,7 +145,9 @@ pub struct Outstanding<'a> {
 
 impl Outstanding<'_> {
     /// The upstream answered (or failed: 5xx, timeout, connection error)
-    /// after `latency`, sent at once.
+    /// after `latency`, sent at once (the proxy always says how long it
+    /// waited: [`Self::answer_queued`]).
+    #[cfg(test)]
     pub fn answer(&mut self, latency: Duration, failed: bool) {
         self.answer_queued(Duration::ZERO, latency, failed);
     }

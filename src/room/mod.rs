@@ -761,22 +761,23 @@ impl Room {
                 tracing::info!(room = %self.name, from = limit, to = next, latency_ms, failure_rate = failures, "adaptive in-flight limit {}", if next > limit { "raised" } else { "lowered" });
             }
         }
-        let change = rate
-            .zip(verdict)
-            .and_then(|(rate, verdict)| {
+        let next = match (rate, verdict) {
+            (Some(rate), Some(verdict)) => {
                 adaptive::next_rate(&ctl.config, verdict, latency, demand, rate, ctl.peak())
-                    .map(|next| (rate, next))
-            })
-            .map(|(rate, (to, reason))| Change {
-                from: rate,
-                to,
-                direction: if to > rate {
-                    adaptive::Direction::Increase
-                } else {
-                    adaptive::Direction::Decrease
-                },
-                reason,
-            });
+                    .map(|(to, reason)| (rate, to, reason))
+            }
+            _ => None,
+        };
+        let change = next.map(|(from, to, reason)| Change {
+            from,
+            to,
+            direction: if to > from {
+                adaptive::Direction::Increase
+            } else {
+                adaptive::Direction::Decrease
+            },
+            reason,
+        });
         if let Some(change) = &change {
             self.set_per_minute(Some(change.to));
             self.metrics.adjusted(change.direction, change.reason);
