@@ -125,12 +125,7 @@ async fn a_live_change_made_during_a_reload_holds_after_it() {
     // The reload reads the room's page template from a FIFO: it blocks
     // there, its lock held, until the test writes the template.
     let fifo = path.with_file_name("page.fifo");
-    let _ = std::fs::remove_file(&fifo);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    common::fifo_at(&fifo);
     std::fs::write(
         &path,
         with_admin(&gated_config(

@@ -1166,12 +1166,7 @@ async fn a_first_snapshot_that_hangs_ages_the_time_of_the_last_one() {
     // A FIFO where the write goes first: opening it to write waits for a
     // reader, as a write to a stuck disk waits.
     let fifo = dir.join("state.json.tmp");
-    let _ = std::fs::remove_file(&fifo);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    common::fifo_at(&fifo);
     let stuck = dir.join("stuck.fifo");
     let _unstick = Unstick(vec![fifo.clone(), stuck.clone()]);
     let g = Gated::start_at(&cfg, T0, &dir).await;

@@ -89,6 +89,17 @@ pub fn room_config(upstreams: &[SocketAddr], extra: &str) -> String {
     )
 }
 
+/// A FIFO at `path` (any file there first removed): a test holds varco
+/// in a read or a write of it until the test opens the other end.
+pub fn fifo_at(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
 /// An address nothing listens on (bound, then released).
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
