@@ -212,6 +212,9 @@ struct Strings {
     eta_about: &'static str,
     /// When the turn is less than a minute away.
     eta_soon: &'static str,
+    /// The same two, in hours, for waits over two hours.
+    eta_hours_range: &'static str,
+    eta_hours_about: &'static str,
     updated: &'static str,
     keep_open: &'static str,
     prequeue: &'static str,
@@ -242,6 +245,8 @@ const IT: Strings = Strings {
     eta_range: "tra {lo} e {hi} minuti",
     eta_about: "circa {n} minuti",
     eta_soon: "meno di un minuto",
+    eta_hours_range: "tra {lo} e {hi} ore",
+    eta_hours_about: "circa {n} ore",
     updated: "Ultimo aggiornamento",
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
     prequeue: "Il servizio apre il {day} alle {time} ({zone}). Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
@@ -268,6 +273,8 @@ const EN: Strings = Strings {
     eta_range: "between {lo} and {hi} minutes",
     eta_about: "about {n} minutes",
     eta_soon: "under a minute",
+    eta_hours_range: "between {lo} and {hi} hours",
+    eta_hours_about: "about {n} hours",
     updated: "Last updated",
     keep_open: "Keep this page open: you will get in automatically. Reloading does not lose your place.",
     prequeue: "The service opens on {day} at {time} ({zone}). Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
@@ -291,7 +298,11 @@ fn strings(l: Language) -> &'static Strings {
 }
 
 /// The estimated wait in words, appended: a range of minutes, one figure
-/// when the range collapses, or "under a minute".
+/// when the range collapses, or "under a minute"; in hours once the wait
+/// may pass two hours and is surely over one ("between 150 and 200
+/// minutes" asks people to divide). The low end is never rounded up: a
+/// person told too long a wait may leave and miss the turn.
+/// `waiting.html`'s script says the same from the status answers.
 fn push_minutes_range(out: &mut String, s: &Strings, status: &Status) {
     let (Some(lo), Some(hi)) = (status.eta_low_seconds, status.eta_high_seconds) else {
         out.push_str(s.eta_unknown);
@@ -302,10 +313,20 @@ fn push_minutes_range(out: &mut String, s: &Strings, status: &Status) {
         out.push_str(s.eta_soon);
         return;
     }
-    let (format, figures): (&str, &[(&str, u64)]) = if lo >= hi {
-        (s.eta_about, &[("{n}", hi)])
+    let (lo, hi, about, range) = if hi > 120 && lo >= 60 {
+        (
+            lo / 60,
+            hi.div_ceil(60),
+            s.eta_hours_about,
+            s.eta_hours_range,
+        )
     } else {
-        (s.eta_range, &[("{lo}", lo), ("{hi}", hi)])
+        (lo, hi, s.eta_about, s.eta_range)
+    };
+    let (format, figures): (&str, &[(&str, u64)]) = if lo >= hi {
+        (about, &[("{n}", hi)])
+    } else {
+        (range, &[("{lo}", lo), ("{hi}", hi)])
     };
     // Each format holds its placeholders once, in this order.
     let mut rest = format;
@@ -336,7 +357,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 31] = [
+pub const VARIABLES: [&str; 33] = [
     "lang",
     "title",
     "intro",
@@ -368,6 +389,8 @@ pub const VARIABLES: [&str; 31] = [
     "arrived_time",
     "lottery",
     "situation",
+    "eta_hours_range_format",
+    "eta_hours_about_format",
 ];
 
 enum Part {
@@ -410,6 +433,8 @@ fn language_constant(name: &str, s: &Strings) -> Option<&'static str> {
         "eta_about_format" => s.eta_about,
         "eta_unknown" => s.eta_unknown,
         "eta_soon" => s.eta_soon,
+        "eta_hours_range_format" => s.eta_hours_range,
+        "eta_hours_about_format" => s.eta_hours_about,
         _ => return None,
     })
 }
@@ -556,7 +581,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
     // template already (`language_constant`).
-    let values: [Value; 31] = [
+    let values: [Value; 33] = [
         Value::Baked,
         Value::Baked,
         Value::Baked,
@@ -588,6 +613,8 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         arrived_time,
         Value::Escaped(&lottery),
         Value::Escaped(situation),
+        Value::Baked,
+        Value::Baked,
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.baked[lang_index(lang)] {
@@ -844,6 +871,32 @@ mod tests {
         assert_eq!(eta(&st), "meno di un minuto");
         (st.eta_low_seconds, st.eta_high_seconds) = (None, None);
         assert_eq!(eta(&st), "non ancora stimabile");
+        // Hours once the wait may pass two hours and is surely over one;
+        // the low end rounded down. The browser test checks the page's
+        // script says the same.
+        for (lo, hi, it, en) in [
+            (9600, 14400, "tra 2 e 4 ore", "between 2 and 4 hours"),
+            (10800, 10800, "circa 3 ore", "about 3 hours"),
+            (
+                1800,
+                12000,
+                "tra 30 e 200 minuti",
+                "between 30 and 200 minutes",
+            ),
+            (
+                3600,
+                7200,
+                "tra 60 e 120 minuti",
+                "between 60 and 120 minutes",
+            ),
+            (3600, 7201, "tra 1 e 3 ore", "between 1 and 3 hours"),
+        ] {
+            (st.eta_low_seconds, st.eta_high_seconds) = (Some(lo), Some(hi));
+            assert_eq!(
+                (eta(&st).as_str(), minutes_range(&EN, &st).as_str()),
+                (it, en)
+            );
+        }
     }
 
     #[test]
@@ -866,6 +919,8 @@ mod tests {
                 s.ticket,
                 s.eta_about,
                 s.eta_soon,
+                s.eta_hours_range,
+                s.eta_hours_about,
                 s.receipt,
                 s.arrived,
                 s.lottery_committed,
