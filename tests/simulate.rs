@@ -28,7 +28,19 @@ async fn varco_turns_a_crash_into_a_queue() {
         with.completed, s.citizens,
         "everyone submitted through varco"
     );
-    assert_eq!(with.order_inversions, 0, "admitted out of ticket order");
+    // The order is judged on the people who waited: enough of them, or
+    // the check below proves nothing.
+    assert!(
+        with.ticketed >= s.citizens / 2,
+        "only {} of {} waited in line",
+        with.ticketed,
+        s.citizens
+    );
+    assert_eq!(with.admitted, s.citizens);
+    assert_eq!(with.order_inversions, 0, "let in out of arrival order");
+    // A portal that failed behind varco shows as varco's 502 or 504.
+    assert_eq!(with.gateway_errors, 0, "varco's own 502/504");
+    assert_eq!(with.unanswered, 0, "requests with no answer");
     // Every completed application took three portal answers at least (the
     // page, the login's redirect, the submission): all counted in the 5xx
     // rate's denominator.

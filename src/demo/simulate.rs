@@ -63,15 +63,24 @@ pub struct Outcome {
     pub portal_5xx: u64,
     /// Seconds from arrival to a submitted application, completed only.
     pub done_seconds: Vec<f64>,
-    /// Seconds spent in line (through varco only).
+    /// Seconds from arrival to the portal's first page, for those let in
+    /// (those who gave up are in `citizens - admitted`).
     pub wait_seconds: Vec<f64>,
     /// 503s from varco itself: admitted, but the in-flight cap was full.
     pub busy: u64,
+    /// varco's own 502s and 504s: the portal refused, reset or outwaited
+    /// a request (a portal down shows here, not in `portal_5xx`).
+    pub gateway_errors: u64,
+    /// Requests that got no answer at all (refused, reset, 30 s).
+    pub unanswered: u64,
     /// Responses that named another citizen.
     pub crossed: u64,
-    /// Pairs admitted against ticket order by more than one admission tick.
+    /// Pairs let in against the order of arrival (`out_of_order`).
     pub order_inversions: u64,
+    /// Citizens who reached the portal's first page.
     pub admitted: usize,
+    /// Citizens who held a ticket: waited in line.
+    pub ticketed: usize,
 }
 
 impl Outcome {
@@ -90,9 +99,53 @@ pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    let i = ((s.len() - 1) as f64 * p).round() as usize;
+    // Nearest rank: on a small sample the p99 is its largest value, not
+    // the one before it.
+    let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
     Some(s[i])
 }
+
+/// One citizen's place in the order of arrival, seconds from the start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Place {
+    /// The last ticket they held, for those who waited.
+    pub ticket: Option<u64>,
+    /// When they first asked.
+    pub asked: f64,
+    /// When they reached the portal's first page, if they did.
+    pub admitted: Option<f64>,
+    /// When they stopped trying (done, or out of patience).
+    pub left: f64,
+}
+
+/// Pairs of citizens let in against the order of arrival. One is ahead
+/// of another when they hold an earlier ticket, or asked more than
+/// `tolerance` seconds before the other did (arrivals that close race
+/// each other to the door). The pair counts when the one behind got in
+/// more than `tolerance` earlier, or while the one ahead, never let in,
+/// was still waiting. So the people let straight in, who hold no ticket,
+/// and the people never let in, are judged too: a late arrival let in
+/// past a waiting line is the line jump this looks for.
+pub fn out_of_order(places: &[Place], tolerance: f64) -> u64 {
+    let mut pairs = 0;
+    for a in places {
+        for b in places {
+            let ahead = match (a.ticket, b.ticket) {
+                (Some(x), Some(y)) => x < y,
+                _ => a.asked + tolerance < b.asked,
+            };
+            let Some(b_in) = b.admitted else { continue };
+            if ahead && b_in + tolerance < a.admitted.unwrap_or(a.left) {
+                pairs += 1;
+            }
+        }
+    }
+    pairs
+}
+
+/// Tickets admitted in the same tick claim in the order their pages
+/// poll; arrivals this close race each other to the door.
+const ORDER_TOLERANCE_SECONDS: f64 = 1.5;
 
 struct Person {
     id: String,
@@ -199,11 +252,12 @@ impl Log {
 struct Trace {
     done: Option<f64>,
     waited: Option<f64>,
-    admitted_at: Option<f64>,
-    ticket: Option<u64>,
+    place: Place,
     requests: u64,
     errors_5xx: u64,
     busy: u64,
+    gateway_errors: u64,
+    unanswered: u64,
     crossed: u64,
 }
 
@@ -218,6 +272,10 @@ async fn citizen(
     let patience = s.patience;
     let arrived = start.elapsed().as_secs_f64();
     let mut t = Trace::default();
+    t.place.asked = arrived;
+    // The citizen's own cookie from the first request on, so every page
+    // the portal sends, its home page too, names whom it is for.
+    p.jar.insert("citizen".into(), p.id.clone());
     // Each citizen's own patience, from their own arrival.
     let deadline = Instant::now() + patience;
     let login = format!("citizen={}", p.id);
@@ -231,6 +289,7 @@ async fn citizen(
         let (method, path, form) = steps[step];
         let sent = Instant::now();
         let Some(r) = p.send(method, path, form.map(str::to_string), false).await else {
+            t.unanswered += 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
@@ -252,51 +311,55 @@ async fn citizen(
         if r.status >= 500 {
             if from_portal {
                 t.errors_5xx += 1;
-            } else {
+            } else if r.status == 503 {
                 // varco's own 503: the in-flight cap was full.
                 t.busy += 1;
+            } else {
+                t.gateway_errors += 1;
             }
             // A person hits reload after a second.
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         if through_varco && r.body.contains("id=\"position\"") {
-            // The waiting page: poll the status like the page's script does.
-            if t.ticket.is_none() {
-                let s = p
-                    .send("GET", "/.varco/status?room=portal", None, true)
-                    .await;
-                t.ticket = s
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s.body).ok())
-                    .and_then(|v| v["ticket"].as_u64());
-            }
+            // The waiting page: poll the status like the page's script
+            // does. The ticket is read from every answer: a missed turn
+            // gives a new one, at the back.
+            let mut first = true;
             loop {
-                if Instant::now() >= deadline {
-                    return t;
+                if !first {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(s.poll).await;
                 }
-                tokio::time::sleep(s.poll).await;
-                let s = p
+                first = false;
+                let status = p
                     .send("GET", "/.varco/status?room=portal", None, true)
-                    .await;
-                let admitted = s
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s.body).ok())
-                    .is_some_and(|v| v["state"] == "admitted");
-                if admitted {
+                    .await
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s.body).ok());
+                let Some(v) = status else { continue };
+                if let Some(n) = v["ticket"].as_u64() {
+                    t.place.ticket = Some(n);
+                }
+                if v["state"] == "admitted" {
                     break;
                 }
             }
             continue;
         }
-        if step == 0 && t.admitted_at.is_none() {
+        if !from_portal {
+            // Neither the portal nor the waiting page: not a step done.
+            continue;
+        }
+        if step == 0 && t.place.admitted.is_none() {
             let now = start.elapsed().as_secs_f64();
-            t.admitted_at = Some(now);
+            t.place.admitted = Some(now);
             t.waited = Some(now - arrived);
             log.admitted(now);
         }
-        // Every portal page names its citizen: after login it must be us.
-        if step > 0
-            && from_portal
-            && r.body.contains("data-citizen=")
+        // Every portal page names its citizen, who sent their cookie.
+        if r.body.contains("data-citizen=")
             && !r.body.contains(&format!("data-citizen=\"{}\"", p.id))
         {
             t.crossed += 1;
@@ -308,6 +371,7 @@ async fn citizen(
     if step == steps.len() {
         t.done = Some(start.elapsed().as_secs_f64() - arrived);
     }
+    t.place.left = start.elapsed().as_secs_f64();
     t
 }
 
@@ -338,12 +402,14 @@ async fn crowd(
         citizens: s.citizens,
         ..Default::default()
     };
-    let mut admissions = Vec::new();
+    let mut places = Vec::with_capacity(s.citizens);
     for t in tasks {
         let Ok(t) = t.await else { continue };
         o.portal_requests += t.requests;
         o.portal_5xx += t.errors_5xx;
         o.busy += t.busy;
+        o.gateway_errors += t.gateway_errors;
+        o.unanswered += t.unanswered;
         o.crossed += t.crossed;
         if let Some(d) = t.done {
             o.completed += 1;
@@ -352,23 +418,15 @@ async fn crowd(
         if let Some(w) = t.waited {
             o.wait_seconds.push(w);
         }
-        if let (Some(at), Some(n)) = (t.admitted_at, t.ticket) {
-            admissions.push((n, at));
-        }
-        if t.admitted_at.is_some() {
+        if t.place.admitted.is_some() {
             o.admitted += 1;
         }
-    }
-    // Tickets admitted in the same tick may claim in any order; an
-    // inversion is a later ticket getting in over a second earlier.
-    admissions.sort_by_key(|(n, _)| *n);
-    for (i, (_, at_i)) in admissions.iter().enumerate() {
-        for (_, at_j) in admissions.iter().skip(i + 1) {
-            if *at_i > at_j + 1.5 {
-                o.order_inversions += 1;
-            }
+        if t.place.ticket.is_some() {
+            o.ticketed += 1;
         }
+        places.push(t.place);
     }
+    o.order_inversions = out_of_order(&places, ORDER_TOLERANCE_SECONDS);
     o
 }
 
@@ -651,18 +709,34 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
         secs(percentile(&with.done_seconds, 0.99)),
     ));
     out.push_str(&row(
-        "median wait in line",
-        "-".into(),
+        "varco's own 502/504",
+        without.gateway_errors.to_string(),
+        with.gateway_errors.to_string(),
+    ));
+    out.push_str(&row(
+        "requests never answered",
+        without.unanswered.to_string(),
+        with.unanswered.to_string(),
+    ));
+    out.push_str(&row(
+        "reached the portal",
+        format!("{}/{}", without.admitted, without.citizens),
+        format!("{}/{}", with.admitted, with.citizens),
+    ));
+    // Without varco the wait is for the portal's first page to load.
+    out.push_str(&row(
+        "median wait (of those let in)",
+        secs(percentile(&without.wait_seconds, 0.5)),
         secs(percentile(&with.wait_seconds, 0.5)),
     ));
     out.push_str(&row(
-        "p99 wait in line",
-        "-".into(),
+        "p99 wait (of those let in)",
+        secs(percentile(&without.wait_seconds, 0.99)),
         secs(percentile(&with.wait_seconds, 0.99)),
     ));
     out.push_str(&row(
-        "admitted out of ticket order",
-        "-".into(),
+        "let in out of arrival order",
+        format!("{} pairs", without.order_inversions),
         format!("{} pairs", with.order_inversions),
     ));
     out.push_str(&row(
@@ -671,4 +745,61 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
         with.crossed.to_string(),
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(ticket: Option<u64>, asked: f64, admitted: Option<f64>) -> Place {
+        Place {
+            ticket,
+            asked,
+            admitted,
+            left: 100.0,
+        }
+    }
+
+    #[test]
+    fn arrival_order_counts_the_line_jumps_it_can_see() {
+        let t = ORDER_TOLERANCE_SECONDS;
+        // In ticket order, the same tick in any order: no pair.
+        let fair = [
+            place(Some(1), 0.0, Some(5.0)),
+            place(Some(2), 0.0, Some(4.9)),
+            place(Some(3), 0.1, Some(8.0)),
+        ];
+        assert_eq!(out_of_order(&fair, t), 0);
+        // A later ticket in well before an earlier one.
+        let swapped = [
+            place(Some(1), 0.0, Some(9.0)),
+            place(Some(2), 0.0, Some(5.0)),
+        ];
+        assert_eq!(out_of_order(&swapped, t), 1);
+        // Someone let straight in, with no ticket, long after another
+        // arrived, while that one still waits.
+        let jumped = [place(Some(1), 0.0, Some(20.0)), place(None, 5.0, Some(5.1))];
+        assert_eq!(out_of_order(&jumped, t), 1);
+        // The one ahead is never let in, and leaves after the one behind
+        // got in: a pair; leaving before it: none.
+        let mut stranded = [place(Some(1), 0.0, None), place(Some(2), 0.0, Some(30.0))];
+        assert_eq!(out_of_order(&stranded, t), 1);
+        stranded[0].left = 29.0;
+        assert_eq!(out_of_order(&stranded, t), 0);
+        // Without tickets (no varco): by the time each asked.
+        let bare = [place(None, 0.0, Some(12.0)), place(None, 3.0, Some(4.0))];
+        assert_eq!(out_of_order(&bare, t), 1);
+        let close = [place(None, 0.0, Some(12.0)), place(None, 1.0, Some(4.0))];
+        assert_eq!(out_of_order(&close, t), 0, "arrivals too close to tell");
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=80).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), Some(80.0));
+        assert_eq!(percentile(&v, 0.5), Some(40.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&[7.0], 0.9), Some(7.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
 }
