@@ -39,7 +39,8 @@ enum Command {
         /// Requests the demo portal serves at once before it degrades.
         #[arg(long, default_value_t = 50)]
         capacity: usize,
-        /// Where the demo portal listens (the demo config's upstream).
+        /// Where the demo portal listens. The embedded demo config sends
+        /// there; a config given with --config names its own upstreams.
         #[arg(long, default_value = "127.0.0.1:9001")]
         portal_listen: SocketAddr,
         /// Run only the demo portal, without varco (benchmarks, comparisons).
@@ -84,9 +85,10 @@ enum Command {
     /// and then with varco in front; prints the comparison. With
     /// --compare: a fixed rate too high, one too low, and adaptive.
     Simulate {
-        /// Default 300; 1200 with --compare.
-        #[arg(long)]
-        citizens: Option<usize>,
+        /// Default 300; 1200 with --compare. At most 20000: every citizen
+        /// is a client inside this process.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+        citizens: Option<u64>,
         /// The demo portal's capacity (requests at once before it
         /// degrades). Default 20; 8 with --compare.
         #[arg(long)]
@@ -98,15 +100,15 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         max_active: u64,
         /// Seconds a citizen keeps trying before giving up. Default 90;
-        /// 60 with --compare.
-        #[arg(long)]
+        /// 60 with --compare. At most an hour.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
         patience: Option<u64>,
         /// Compare a fixed rate too high, one too low, and adaptive
         /// admission, all through varco on the same demo portal.
         #[arg(long)]
         compare: bool,
         /// With --compare: write an SVG chart of rate and latency here.
-        #[arg(long)]
+        #[arg(long, requires = "compare")]
         chart: Option<PathBuf>,
     },
 }
@@ -169,7 +171,7 @@ fn main() -> ExitCode {
             };
             let result = if compare {
                 let mut c = varco::demo::compare::CompareSettings::default_for(
-                    citizens.unwrap_or(1200),
+                    citizens.map_or(1200, |n| n as usize),
                     patience.unwrap_or(60),
                 );
                 if let Some(cap) = capacity {
@@ -199,7 +201,7 @@ fn main() -> ExitCode {
                 })
             } else {
                 let settings = varco::demo::simulate::SimSettings {
-                    citizens: citizens.unwrap_or(300),
+                    citizens: citizens.map_or(300, |n| n as usize),
                     capacity: capacity.unwrap_or(20),
                     admission_per_minute: rate,
                     max_active,
@@ -230,7 +232,9 @@ fn main() -> ExitCode {
         } => {
             let cfg = match &config {
                 Some(path) => Config::load(path),
-                None => Config::from_toml(varco::config::DEMO_CONFIG, Path::new(".")),
+                None => {
+                    Config::from_toml(&varco::config::demo_config(portal_listen), Path::new("."))
+                }
             };
             let mut cfg = match cfg {
                 Ok(c) => c,

@@ -309,6 +309,25 @@ fn the_demo_default_is_valid() {
 }
 
 #[test]
+fn the_demo_sends_to_the_portal_where_it_listens() {
+    let at = |addr: &str| {
+        let c = Config::from_toml(
+            &varco::config::demo_config(addr.parse().unwrap()),
+            Path::new("."),
+        )
+        .unwrap();
+        let portal = c.rooms.iter().find(|r| r.name == "portal").unwrap();
+        portal
+            .upstreams
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(at("127.0.0.1:9001"), ["http://127.0.0.1:9001/"]);
+    assert_eq!(at("127.0.0.1:9002"), ["http://127.0.0.1:9002/"]);
+}
+
+#[test]
 fn every_example_is_valid() {
     // The examples read their secrets from the environment.
     std::env::set_var(

@@ -21,6 +21,15 @@ use crate::room::token::Keyring;
 /// The demo default, embedded so `varco demo` needs no file on disk.
 pub const DEMO_CONFIG: &str = include_str!("../../config/varco.toml");
 
+/// The demo config with its portal room sent to `portal` (`varco demo
+/// --portal-listen`), where the embedded file says 127.0.0.1:9001.
+pub fn demo_config(portal: std::net::SocketAddr) -> String {
+    DEMO_CONFIG.replace(
+        "upstreams = [\"http://127.0.0.1:9001\"]",
+        &format!("upstreams = [\"http://{portal}\"]"),
+    )
+}
+
 /// A validated configuration: every value parsed, every default applied.
 #[derive(Debug, Clone)]
 pub struct Config {
