@@ -246,7 +246,7 @@ fn landing(room: &Room, r: &GateRequest) -> String {
         room.config
             .paths
             .iter()
-            .any(|p| crate::router::prefix_matches(p, path))
+            .any(|p| crate::router::on_prefix(p, path))
     };
     let from_referer = r
         .headers

@@ -48,7 +48,7 @@ impl Router {
                 room.config.hosts.iter().flat_map(move |h| {
                     room.config.paths.iter().map(move |p| Route {
                         host: h.clone(),
-                        prefix: p.clone(),
+                        prefix: as_matched(p).into_owned(),
                         room: room.clone(),
                     })
                 })
@@ -116,13 +116,48 @@ pub fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
-/// The path rooms are matched on: without `;parameters`
+/// The path rooms are matched on: `as_read`, then every escape decoded,
+/// as nginx, Tomcat and Go decode before they route: `/caf%C3%A8` and
+/// `/café` (raw UTF-8 is a valid request path too), `/bonus%282024%29`
+/// and `/bonus(2024)` are each one path to the portal, so one room here;
+/// else one spelling reaches another room (ungated, say) and the portal
+/// as the gated room's path. Decoded once, as those servers do (`%252F`
+/// is `%2F`). Escapes that decode to no UTF-8 stay as they are: their raw
+/// bytes are refused before routing. Room paths are matched in this form
+/// too. The portal still gets the path as sent.
+pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
+    let read = as_read(path);
+    if !read.contains('%') {
+        return read;
+    }
+    let bytes = read.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match crate::request_path::escaped_byte(bytes, i).filter(|_| bytes[i] == b'%') {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(decoded) => decoded.into(),
+        Err(_) => read,
+    }
+}
+
+/// The path as servers read its separators: without `;parameters`
 /// (`without_parameters`), and with escaped slashes and backslashes read
 /// as slashes, repeats merged, as nginx, WSGI servers and IIS read them
 /// before they route: `/servizi%2Fbonus/apply` is in `/servizi/bonus`,
 /// or it would reach another room (ungated, say) and the portal as the
-/// bonus room's path. The portal still gets the path as sent.
-pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
+/// bonus room's path.
+pub fn as_read(path: &str) -> std::borrow::Cow<'_, str> {
     let path = without_parameters(path);
     let escaped = |p: &str| {
         p.contains('\\')
@@ -211,6 +246,12 @@ pub fn normalise_host(host: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Whether `path`, as matched (`as_matched`), is under the configured
+/// prefix `written`, matched in the same form.
+pub fn on_prefix(written: &str, path: &str) -> bool {
+    prefix_matches(&as_matched(written), path)
+}
+
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match
 /// whole path segments (of the path as matched: see `as_matched`).
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -234,7 +275,23 @@ mod tests {
             ("/servizi\\bonus/apply", "/servizi/bonus/apply"),
             ("/servizi%2F%2Fbonus", "/servizi/bonus"),
             ("/servizi%2F;x/bonus", "/servizi/bonus"),
-            ("/caf%C3%A8/%2", "/caf%C3%A8/%2"),
+            ("/caf%C3%A8/%2", "/caf\u{e8}/%2"),
+        ] {
+            assert_eq!(as_matched(sent), matched, "{sent}");
+        }
+    }
+
+    /// Every spelling the portal reads as one path is one path here.
+    #[test]
+    fn escapes_are_matched_decoded_once() {
+        for (sent, matched) in [
+            ("/caf%C3%A8/apply", "/caf\u{e8}/apply"),
+            ("/caf\u{e8}/apply", "/caf\u{e8}/apply"),
+            ("/bonus%282024%29/apply", "/bonus(2024)/apply"),
+            ("/a%252F", "/a%2F"),
+            ("/a%25", "/a%"),
+            // No UTF-8 once decoded: as it is.
+            ("/x%FF/y", "/x%FF/y"),
         ] {
             assert_eq!(as_matched(sent), matched, "{sent}");
         }

@@ -265,6 +265,16 @@ fn hosts_and_paths_given_twice_are_named_as_written() {
         "{text}"
     );
     assert!(!text.contains("Suffix("), "{text}");
+    // One path to the portal, however it is spelled: one room's.
+    let e = errors(&format!(
+        "{ROOM}paths = [\"/caf%C3%A8\"]\n\
+         [rooms.other]\nupstreams = [\"http://127.0.0.1:9002\"]\npaths = [\"/caf\u{e8}\"]\n"
+    ));
+    assert!(
+        e.to_string()
+            .contains("path \"/caf%C3%A8\" are already served by room \"other\""),
+        "{e}"
+    );
 }
 
 /// A value that does not parse is reported once, for what it is: not

@@ -1661,6 +1661,46 @@ async fn an_escaped_slash_does_not_walk_out_of_a_gated_room() {
     );
 }
 
+/// A room's path spelled another way (escaped where the config has it
+/// raw, raw UTF-8 where the config has it escaped, an escaped
+/// parenthesis) is the same path to the portal, which decodes before it
+/// routes, so the same room here: not another room's way in.
+#[tokio::test]
+async fn a_room_path_spelled_another_way_is_the_same_room() {
+    let up = upstream::spawn().await;
+    let toml = format!(
+        "[secrets]\nephemeral = true\n\
+         [rooms.bonus]\nupstreams = [\"http://{up}\"]\n\
+         paths = [\"/caf%C3%A8\", \"/universit\u{e0}\", \"/bonus(2024)\"]\n\
+         max_active = 1\nmode = \"queue_all\"\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n\
+         [rooms.main]\nupstreams = [\"http://{up}\"]\n",
+        up = up.addr
+    );
+    let g = Gated::start(&toml).await;
+    assert!(g.citizen().get("/altro").await.reached_upstream());
+    for sneak in [
+        "/caf\u{e8}/apply",
+        "/caf%c3%a8/apply",
+        "/universit%C3%A0/apply",
+        "/bonus%282024%29/apply",
+    ] {
+        let mut c = g.citizen();
+        let got = c.get(sneak).await;
+        assert!(
+            got.is_waiting_page(),
+            "{sneak} skipped the queue: {}",
+            got.text()
+        );
+        assert!(c.cookie("varco_ticket_bonus").is_some(), "{sneak}");
+    }
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the other room's page reached the portal"
+    );
+}
+
 /// Under HTTPS varco's cookies are `__Host-` ones, which a sibling site
 /// under the same parent domain cannot set: the cookies such a site sets
 /// under varco's plain names, sent first, hide neither the ticket nor the

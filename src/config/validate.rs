@@ -698,7 +698,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     format!("\"{path}\" is not a path prefix: it starts with '/' and has no query"),
                 );
             } else if crate::request_path::normalise(path) != Ok(None)
-                || crate::router::as_matched(path) != path.as_str()
+                || crate::router::as_read(path) != path.as_str()
             {
                 // Requests are matched once made canonical, their escaped
                 // slashes read as slashes: this prefix would match none,
@@ -706,11 +706,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 // one, say).
                 p.add(
                     key(&format!("paths[{i}]")),
-                    format!("\"{path}\" is not a path in canonical form (no `//`, `.` or `..` segments, `;` parameters, escaped or back slashes, escapes of unreserved characters, or lower-case escapes): it would never match; write \"{}\"", crate::router::as_matched(&crate::request_path::normalise(path).ok().flatten().unwrap_or_else(|| path.clone()))),
+                    format!("\"{path}\" is not a path in canonical form (no `//`, `.` or `..` segments, `;` parameters, escaped or back slashes, escapes of unreserved characters, or lower-case escapes): it would never match; write \"{}\"", crate::router::as_read(&crate::request_path::normalise(path).ok().flatten().unwrap_or_else(|| path.clone()))),
                 );
             }
             for h in &hosts {
-                let Some(other) = routes.insert((h.clone(), path.clone()), name.clone()) else {
+                // In the form requests are matched in: `/caf%C3%A8` and
+                // `/café` are one path.
+                let matched = crate::router::as_matched(path).into_owned();
+                let Some(other) = routes.insert((h.clone(), matched), name.clone()) else {
                     continue;
                 };
                 let written = h.written();
