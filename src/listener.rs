@@ -197,6 +197,18 @@ impl ListenerSettings {
     }
 }
 
+/// The answer to more headers than `server.max_headers`, as hyper gives
+/// it over HTTP/1.
+fn too_many_headers() -> Response<crate::body::Body> {
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store, private"),
+    );
+    resp
+}
+
 /// How a listener is told to stop: `drain` turning true (or its sender
 /// dropped) ends the accepting and tells open connections to finish what
 /// they are doing; `close`, once the grace is over, ends those left at
@@ -406,22 +418,31 @@ async fn serve_connection<IO, H>(
         sniffed: 0,
     });
     let service_activity = activity.clone();
+    let max_headers = settings.max_headers;
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let handler = handler.clone();
         let busy = service_activity.begin_request();
+        let h2 = req.version() == http::Version::HTTP_2;
+        // HTTP/1's count is hyper's parser's (it answers 431 itself);
+        // HTTP/2 has only a limit in bytes, under which hundreds of tiny
+        // headers fit.
+        let too_many = h2 && req.headers().len() > max_headers;
         // A protocol upgrade may turn into a tunnel that outlives this
         // connection's serving: it takes the connection's hold along.
         if req.headers().contains_key(http::header::UPGRADE) {
             req.extensions_mut().insert(hold.clone());
         }
-        let h2 = req.version() == http::Version::HTTP_2;
         if !h2 && !hyper::body::Body::is_end_stream(req.body()) {
             req.extensions_mut().insert(BodyComing {
                 _busy: Arc::new(service_activity.busy()),
             });
         }
         async move {
-            let resp = handler.handle(req, info).await;
+            let resp = if too_many {
+                too_many_headers()
+            } else {
+                handler.handle(req, info).await
+            };
             // An HTTP/2 connection is idle by its streams alone: one
             // still sending its response body is busy.
             let resp = if h2 {

@@ -91,6 +91,27 @@ async fn oversized_or_too_many_headers_get_431() {
     let resp = raw(v.addr, many.as_bytes(), Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
     assert_eq!(up.hits(), 0);
+
+    // The same count over HTTP/2, where it fits well inside the bytes
+    // allowed; and as many as allowed pass.
+    let tcp = TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = common::client::h2_handshake(tcp).await;
+    for (n, status) in [(40, 431), (19, 200)] {
+        let mut req = http::Request::get(format!("http://portal:{}/", v.addr.port()));
+        for i in 0..n {
+            req = req.header(format!("x-h{i}"), "1");
+        }
+        let resp = h2
+            .send_request(req.body(varco::body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{n} headers over HTTP/2");
+    }
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the request within the count reached the portal"
+    );
 }
 
 /// varco's default header count is hyper's own, which varco then leaves
