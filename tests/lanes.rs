@@ -308,6 +308,43 @@ async fn a_release_calls_no_more_than_the_places_free() {
     assert_eq!((n, fifo), (1, true), "the one free place, to the first");
 }
 
+/// A lane whose share of `max_active` is under one place (0.2 of 4) is
+/// still kept one: the heavier lane ticks first, and once took every
+/// place that freed while it had a line, the light lane never called.
+#[tokio::test]
+async fn a_lane_with_a_share_under_one_place_is_still_called() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(up.addr, "max_active = 4", false)).await;
+    let mut holders: Vec<Citizen> = (0..4).map(|_| g.citizen()).collect();
+    fill(&g, &mut holders).await;
+    let mut citizens: Vec<Citizen> = (0..3).map(|_| g.citizen()).collect();
+    let mut brokers: Vec<Citizen> = (0..2).map(|_| intermediary(g.addr, SECRET)).collect();
+    for c in citizens.iter_mut().chain(brokers.iter_mut()) {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    g.advance(1000).await;
+    assert_eq!(
+        called(&mut citizens).await.0 + called(&mut brokers).await.0,
+        0
+    );
+    // Places free one by one, a tick after each: the intermediaries' lane
+    // gets the first, the citizens' the next ones.
+    for (i, expect) in [(0, (0, 1)), (1, (1, 1)), (2, (2, 1))] {
+        assert_eq!(
+            holders[i].get("/release").await.json()["upstream"],
+            "released"
+        );
+        g.advance(1000).await;
+        let now = (called(&mut citizens).await.0, called(&mut brokers).await.0);
+        assert_eq!(
+            now,
+            expect,
+            "after {} places freed (citizens, intermediaries)",
+            i + 1
+        );
+    }
+}
+
 /// Lanes kept their shares while another lane holds more than its own
 /// (it filled the room while they were empty): the places still free go
 /// to them by weight, rather than stand empty until that lane drains.

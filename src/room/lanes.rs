@@ -151,32 +151,41 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
     let weights: Vec<f64> = lanes.iter().map(|l| l.weight).collect();
     let all: f64 = weights.iter().sum();
     // Under contention each lane with people waiting is kept its weight's
-    // share of max_active (rounded down); what a lane leaves unused, the
+    // share of max_active (`kept`); what a lane leaves unused, the
     // others may fill. Nobody is pre-empted: a lane that filled more while
     // the others were empty keeps its sessions until they end.
     let used: Vec<u64> = views.iter().map(|v| v.active + v.reserved).collect();
-    let mut held: Vec<u64> = lanes
+    let waiting_weights: Vec<f64> = lanes
         .iter()
         .zip(&views)
-        .zip(&used)
-        .map(|((l, v), &used)| match room.max_active {
-            Some(m) if v.waiting > 0 && waiting > 0.0 => {
-                used.max((m as f64 * l.weight / waiting).floor() as u64)
-            }
-            _ => used,
-        })
+        .map(|(l, v)| if v.waiting > 0 { l.weight } else { 0.0 })
         .collect();
+    let kept = match room.max_active {
+        Some(m) if waiting > 0.0 => kept(m, &waiting_weights),
+        _ => vec![0; lanes.len()],
+    };
+    let mut held: Vec<u64> = used.iter().zip(&kept).map(|(u, k)| *u.max(k)).collect();
     // Shares kept beyond the room (a lane holds more than its own: it
     // filled the room while the others were empty) are kept out of the
     // places free, by weight: kept whole, each lane would count the
     // others' against itself, and places would stand empty while people
     // wait until that lane drains.
+    // A lane over its kept share then gets no place back that it frees
+    // (capped at its share): those are owed to the lanes short of theirs,
+    // or a heavier lane, ticking first and refilling at every release,
+    // kept them waiting for as long as it had a line.
+    let mut cap = vec![UNLIMITED; lanes.len()];
     if let Some(m) = room.max_active {
         if held.iter().sum::<u64>() > m {
             let free = m.saturating_sub(used.iter().sum());
             let short: Vec<u64> = held.iter().zip(&used).map(|(h, u)| h - u).collect();
             let given = within(free, &short, &weights);
             held = used.iter().zip(given).map(|(u, g)| u + g).collect();
+            for ((c, u), k) in cap.iter_mut().zip(&used).zip(&kept) {
+                if u > k {
+                    *c = *k;
+                }
+            }
         }
     }
     let held_all: u64 = held.iter().sum();
@@ -201,7 +210,7 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         // admission call past it.
         let (now, until_next) = match (room.max_active, &parts) {
             (Some(m), Some(parts)) => {
-                let now = m.saturating_sub(held_all - own);
+                let now = m.saturating_sub(held_all - own).min(cap[i]);
                 (now, (own + parts[i]).min(now))
             }
             _ => (UNLIMITED, UNLIMITED),
@@ -210,6 +219,31 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         for_tick.push(now);
     }
     for_tick
+}
+
+/// The places of `max_active` kept for each lane with people waiting
+/// (weight above 0): its weight's share in whole places, by largest
+/// remainder, and at least one while there are places enough. Rounded
+/// down alone, a lane whose share is under one place (0.2 of 4) was kept
+/// none: the heavier lane ticks first and takes every place that frees,
+/// and the light lane waited for as long as the other had a line.
+fn kept(max_active: u64, waiting_weights: &[f64]) -> Vec<u64> {
+    let mut kept = split(max_active, waiting_weights);
+    for i in 0..kept.len() {
+        if waiting_weights[i] <= 0.0 || kept[i] > 0 {
+            continue;
+        }
+        // One place from the lane kept the most, while it keeps one.
+        let Some(most) = (0..kept.len()).max_by_key(|&j| (kept[j], std::cmp::Reverse(j))) else {
+            break;
+        };
+        if kept[most] < 2 {
+            break;
+        }
+        kept[most] -= 1;
+        kept[i] += 1;
+    }
+    kept
 }
 
 /// `free` places split by weight among the lanes `short` of places, none
@@ -320,7 +354,30 @@ pub fn total(lanes: &[Lane]) -> RoomView {
 
 #[cfg(test)]
 mod tests {
-    use super::{split, within};
+    use super::{kept, split, within};
+
+    #[test]
+    fn every_lane_waiting_is_kept_a_place_while_there_are_enough() {
+        assert_eq!(kept(4, &[0.8, 0.2]), [3, 1]);
+        assert_eq!(kept(50, &[0.99, 0.01]), [49, 1]);
+        assert_eq!(kept(10, &[0.8, 0.0]), [10, 0], "a lane with nobody waiting");
+        assert_eq!(kept(3, &[0.9, 0.05, 0.05]), [1, 1, 1]);
+        // Fewer places than lanes: what there is, by weight.
+        assert_eq!(kept(1, &[0.8, 0.2]), [1, 0]);
+        for m in 0..60 {
+            for w in [[0.98, 0.01, 0.01], [0.5, 0.0, 0.5], [0.6, 0.3, 0.1]] {
+                let k = kept(m, &w);
+                assert_eq!(k.iter().sum::<u64>(), m, "{m} {w:?} {k:?}");
+                let lanes = w.iter().filter(|w| **w > 0.0).count() as u64;
+                if m >= lanes {
+                    assert!(
+                        k.iter().zip(w).all(|(k, w)| w <= 0.0 || *k > 0),
+                        "{m} {w:?} {k:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn places_within_what_each_lane_is_short_go_to_the_others() {
