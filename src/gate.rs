@@ -26,7 +26,7 @@ use crate::room::receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::undelivered::Delivery;
 use crate::room::Room;
-use crate::store::{Liveness, NewSession, RoomView, StoreError};
+use crate::store::{Adoption, Liveness, NewSession, RoomView, StoreError};
 
 /// The upstream ends a session with this response header.
 pub const RELEASE_HEADER: &str = "x-varco-release";
@@ -153,29 +153,43 @@ pub fn pass_of<'t>(
         .find_map(|token| room.keys.verify::<PassClaims>(token, &aud, now_ms))
 }
 
+/// What the pass a request carries is worth.
+enum Held {
+    /// A live session, renewed in the store.
+    Pass(PassClaims),
+    /// A session lost in a crash whose number the store, set back, has not
+    /// called again: that number is the person's place in line.
+    Place(PassClaims),
+    None,
+}
+
 /// The live pass a request carries, if any, renewed in the store.
-async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims>, StoreError> {
+async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError> {
     let Some(pass) = signed_pass(room, r.headers, r.now_ms) else {
-        return Ok(None);
+        return Ok(Held::None);
     };
     let Some(sid) = pass.session_id() else {
-        return Ok(None);
+        return Ok(Held::None);
     };
     let Some(lane) = room.lane(&pass.l) else {
-        return Ok(None);
+        return Ok(Held::None);
     };
     let idle = room.config.session_idle.as_millis() as u64;
     let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
         Liveness::Dead => {
             let limits = room.lane_limits(lane);
-            let back = lane
+            match lane
                 .store
-                .adopt(sid, pass.n, pass.at, r.now_ms, idle, &limits);
-            if back {
-                room.metrics.reentries_after_crash.inc();
+                .adopt(sid, pass.n, pass.at, r.now_ms, idle, &limits)
+            {
+                Adoption::Taken => {
+                    room.metrics.reentries_after_crash.inc();
+                    true
+                }
+                Adoption::Waits => return Ok(Held::Place(pass)),
+                Adoption::Refused => false,
             }
-            back
         }
         // With the store away, a pass this node has not seen (the person's
         // phone changed network, the balancer sent them here) is taken at
@@ -200,7 +214,41 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Option<PassClaims
             Err(e) => return Err(e),
         },
     };
-    Ok(alive.then_some(pass))
+    Ok(if alive { Held::Pass(pass) } else { Held::None })
+}
+
+/// The place in line of a session lost in a crash, handed back as the
+/// ticket of its number (`Held::Place`): its holder waits ahead of
+/// everyone who came after, and claims it when it is called again, rather
+/// than take a new ticket at the back. The pass, now of no session, goes.
+fn place_back(room: &Room, r: &GateRequest, pass: &PassClaims) -> Option<Gate> {
+    let lane = room.lane(&pass.l)?;
+    let next_url = destination(room, r, None);
+    let ttl = room.config.ticket_ttl.as_millis() as u64;
+    let mut t = TicketClaims::new(&room.name, pass.n, 0, r.now_ms, ttl, &next_url);
+    t.at = pass.arr;
+    t.l = pass.l.clone();
+    t.g = lane.store.generation();
+    let status = status_for(
+        room,
+        lane,
+        Some(&t),
+        &lane.store.view(),
+        r.now_ms,
+        "waiting",
+    );
+    let mut resp = page(
+        room,
+        r,
+        &status,
+        &next_url,
+        Some(ticket_cookie(room, &t, r)),
+    );
+    for c in cookies::clear(&room.pass_cookie, room.cookie_attrs(r.tls)) {
+        resp.headers_mut().append(SET_COOKIE, c);
+    }
+    tracing::info!(room = %room.name, number = pass.n, "a session lost in the crash gets its place in line back");
+    Some(Gate::Respond(resp))
 }
 
 /// Whether a GET is a page the person asked for, not something the
@@ -547,7 +595,15 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
             || signed_pass(room, r.headers, r.now_ms).is_none();
         return Ok(Gate::without_pass(whole_body));
     }
-    if let Some(pass) = live_pass(room, r).await? {
+    let pass = match live_pass(room, r).await? {
+        Held::Pass(pass) => Some(pass),
+        Held::Place(pass) => match place_back(room, r, &pass) {
+            Some(gate) => return Ok(gate),
+            None => None,
+        },
+        Held::None => None,
+    };
+    if let Some(pass) = pass {
         if let (Some(limiter), Some(sid)) = (&room.session_limiter, pass.session_id()) {
             if let Err(not_until) = limiter.check_key(&sid) {
                 room.metrics.rejected_session_limit.inc();

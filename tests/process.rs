@@ -565,6 +565,89 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A crash sets the serving counter back to the last snapshot's. A
+/// person called and admitted since, whose number is not called again at
+/// once (the room is full), gets that number back as their place in line,
+/// ahead of everyone who came after: not a new ticket at the back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_in_a_crash_keeps_its_place_in_line() {
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("crash-place");
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n\
+             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\ntick = \"100ms\"\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\nclaim_window = \"10m\"\n\
+             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start(&cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("state.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Number 1 comes in and leaves; number 2 is called and comes in.
+    let mut first = Citizen::new(p.addr);
+    assert!(first.get("/").await.reached_upstream());
+    let mut second = Citizen::new(p.addr);
+    assert!(second.get("/").await.is_waiting_page());
+    let number = second.status("portal").await["ticket"].as_u64().unwrap();
+    assert_eq!(first.get("/release").await.json()["upstream"], "released");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.status("portal").await["state"] != "admitted" {
+        assert!(std::time::Instant::now() < deadline, "never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(second.get("/").await.reached_upstream(), "called, in");
+    p.signal("KILL");
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = p.child.wait();
+    })
+    .await;
+
+    let p = Process::start(&cfg);
+    let mut second = {
+        let mut c = Citizen::new(p.addr);
+        c.jar = second.jar.clone();
+        c
+    };
+    // Number 1 is called again after the restart and holds the one place
+    // for its claim window: number 2's session has nowhere to go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client::metric(p.admin, "varco_room_reserved_slots", "room=\"portal\"").await != Some(1.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "number 1 never called again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = second.get("/").await;
+    assert!(got.is_waiting_page(), "{}", got.status);
+    assert!(
+        second.cookie("varco_pass_portal").is_none(),
+        "the pass goes"
+    );
+    let s = second.status("portal").await;
+    assert_eq!(
+        (&s["ticket"], &s["position"]),
+        (&number.into(), &1.into()),
+        "its own number, first in line: {s}"
+    );
+    let mut late = Citizen::new(p.addr);
+    assert!(late.get("/").await.is_waiting_page());
+    // Behind, past the numbers the crash may have handed out unseen.
+    let pos = late.status("portal").await["position"].as_u64().unwrap();
+    assert!(pos > 1, "the newcomer is behind: {pos}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A Kubernetes ConfigMap mounted as a folder: `varco.toml` is a symlink
 /// through `..data` to a timestamped folder, and an edit swaps `..data`
 /// and deletes the old folder. A reload reads the file by the path varco

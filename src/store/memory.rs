@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ahead::{self, Ahead, Marks, Wake};
 use super::{
-    read_json, write_atomically, KeyId, Liveness, NewSession, RoomStore, RoomView, StoreError,
+    read_json, write_atomically, Adoption, KeyId, Liveness, NewSession, RoomStore, RoomView,
+    StoreError,
 };
 use crate::room::admission::{new_generation, AdmissionState, Claim, Issued, Limits};
 
@@ -242,9 +243,9 @@ impl RoomStore for MemoryRoom {
         now_ms: u64,
         idle_ms: u64,
         limits: &Limits,
-    ) -> bool {
+    ) -> Adoption {
         let Some((lost_from, restarted)) = self.lost else {
-            return false;
+            return Adoption::Refused;
         };
         // A second of slack: the snapshot's time is read before its
         // sessions are. A session this node knows (even idled out) was
@@ -254,20 +255,25 @@ impl RoomStore for MemoryRoom {
             || self.ended.contains_key(&sid)
             || self.sessions.contains_key(&sid)
         {
-            return false;
+            return Adoption::Refused;
         }
         // The serving counter went back to the snapshot's, so the pass's
         // own number may be called again: then it takes that slot. Else
         // only a free one: its slot may have gone to somebody else (its
         // number called again and lapsed).
         let mut st = self.lock();
-        let own = st.claim(n, limits, now_ms) == Claim::Admitted;
-        if !own
+        let claim = st.claim(n, limits, now_ms);
+        if claim != Claim::Admitted
             && limits
                 .max_active
                 .is_some_and(|max| self.live() + st.reserved() >= max)
         {
-            return false;
+            // Not called again yet: the number is a place in line still,
+            // ahead of everyone who came after it.
+            return match claim {
+                Claim::NotYet { .. } => Adoption::Waits,
+                _ => Adoption::Refused,
+            };
         }
         self.sessions.insert(sid, AtomicU64::new(now_ms + idle_ms));
         drop(st);
@@ -276,7 +282,7 @@ impl RoomStore for MemoryRoom {
             number = n,
             "a session lost in the crash is taken back"
         );
-        true
+        Adoption::Taken
     }
 
     fn view(&self) -> RoomView {
@@ -1069,25 +1075,30 @@ mod tests {
         room.tick(l, 15_000).await.unwrap();
         let idle = 60_000;
         assert!(
-            !room.adopt(1, 1, 2_000, 15_000, idle, &l),
+            room.adopt(1, 1, 2_000, 15_000, idle, &l) == Adoption::Refused,
             "begun before the snapshot: it would be in it"
         );
         assert!(
-            room.adopt(7, 1, 11_500, 15_000, idle, &l),
+            room.adopt(7, 1, 11_500, 15_000, idle, &l) == Adoption::Taken,
             "begun after the snapshot: back, in its own number's slot"
         );
         assert_eq!(room.touch(7, 16_000, idle), Liveness::Alive);
         assert_eq!(room.view().reserved, 0, "its number's slot is taken");
         assert!(
-            !room.adopt(7, 1, 11_500, 16_000, idle, &l),
+            room.adopt(7, 1, 11_500, 16_000, idle, &l) == Adoption::Refused,
             "a session this node knows is not taken back again"
         );
         assert!(
-            !room.adopt(5, 0, 12_000, 16_000, idle, &l),
+            room.adopt(5, 0, 12_000, 16_000, idle, &l) == Adoption::Refused,
             "another only into a free slot (max_active 1)"
         );
+        assert_eq!(
+            room.adopt(9, 2, 12_000, 16_000, idle, &l),
+            Adoption::Waits,
+            "number 2, not called again yet, is a place in line again"
+        );
         assert!(
-            !room.adopt(3, 0, 12_000, 15_000 + idle, idle, &limits_unbounded()),
+            room.adopt(3, 0, 12_000, 15_000 + idle, idle, &limits_unbounded()) == Adoption::Refused,
             "only within one idle time of the start"
         );
         // A clean start knows of no crash: nothing is taken back.
@@ -1095,6 +1106,9 @@ mod tests {
         drop((room, store));
         let store = MemoryStore::open(Some(snap), 21_000).unwrap();
         let room = store.room("r", &limits(None), 21_000);
-        assert!(!room.adopt(4, 0, 20_500, 21_000, idle, &l));
+        assert_eq!(
+            room.adopt(4, 0, 20_500, 21_000, idle, &l),
+            Adoption::Refused
+        );
     }
 }

@@ -127,6 +127,18 @@ pub enum Liveness {
     Unknown,
 }
 
+/// What became of a session lost in a crash (`RoomStore::adopt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// Taken back: the pass lets its holder in again.
+    Taken,
+    /// Its number is ahead of the serving counter the crash set back, and
+    /// no place is free: the number is its holder's place in line again.
+    Waits,
+    /// Not a session lost in the crash, or its place is gone.
+    Refused,
+}
+
 pub trait RoomStore: Send + Sync + 'static {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>>;
     fn admit_directly(
@@ -206,8 +218,8 @@ pub trait RoomStore: Send + Sync + 'static {
         _now_ms: u64,
         _idle_ms: u64,
         _limits: &Limits,
-    ) -> bool {
-        false
+    ) -> Adoption {
+        Adoption::Refused
     }
     fn view(&self) -> RoomView;
     /// [`Self::generation`] and [`Self::view`] read together: a reply
