@@ -191,6 +191,11 @@ pub struct AdmissionState {
 }
 
 /// A queue generation: random, never 0 (0 on a ticket: not known).
+/// How far behind the last refill a clock must be to be taken as stepped
+/// back, not merely another node's or a late tick's. admission.lua says
+/// the same.
+pub const STEPPED_BACK_MS: u64 = 5_000;
+
 pub fn new_generation() -> u64 {
     (crate::room::token::random_u128() as u64).max(1)
 }
@@ -250,6 +255,13 @@ impl AdmissionState {
     }
 
     fn refill(&mut self, limits: &Limits, now_ms: u64) {
+        // Clocks a little apart (nodes, a tick late) count no time twice;
+        // a clock stepped back (NTP, a restore on a host behind) counts
+        // from its new time, or no token came for as long as it went back
+        // and a room with a rate admitted nobody meanwhile.
+        if now_ms + STEPPED_BACK_MS < self.refilled_ms {
+            self.refilled_ms = now_ms;
+        }
         let elapsed = now_ms.saturating_sub(self.refilled_ms);
         self.refilled_ms = self.refilled_ms.max(now_ms);
         if let Some(r) = limits.per_minute {
@@ -456,6 +468,25 @@ mod tests {
         assert_eq!(s.claim(4, &l, 1_000), Claim::AlreadyClaimed);
         // Nobody may jump the line while people wait.
         assert_eq!(s.admit_directly(&l, active, 1_000), None);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_still_refills() {
+        let l = limits(Some(60.0), None);
+        let mut s = AdmissionState::new(&l, 600_000);
+        for _ in 0..100 {
+            s.issue(&l, 600_000);
+        }
+        // NTP takes the clock ten minutes back: a second later, a token.
+        let mut called = 0;
+        for t in 1..=10 {
+            called += s.tick(&l, 0, t * 1_000);
+        }
+        assert!(called >= 9, "{called} called in 10 s at 60 a minute");
+        // A clock a little behind (another node's) counts no time twice.
+        let before = s.tick(&l, 0, 20_000);
+        assert_eq!(s.tick(&l, 0, 19_000), 0);
+        assert!(before <= 10);
     }
 
     #[test]
