@@ -824,7 +824,7 @@ impl App {
             for (i, lane) in room.lanes.iter().enumerate() {
                 // Shares from the counts as they are after the lanes before
                 // this one ticked: together they never pass max_active.
-                let for_tick = lanes::share(&room.lanes, &room.limits());
+                let for_tick = lanes::share(&room.lanes, &room.limits(), Some(i));
                 let mut limits = room.lane_limits(lane);
                 if let Some(&max) = for_tick.get(i) {
                     limits.max_active = limits.max_active.map(|_| max);
@@ -842,7 +842,7 @@ impl App {
                 }
             }
             // The shares until the next tick, from the counts after it.
-            lanes::share(&room.lanes, &room.limits());
+            lanes::share(&room.lanes, &room.limits(), None);
         }
         // A room not gated now (passthrough, or its limits lifted live)
         // may still hold the sessions and called turns of its gated time:

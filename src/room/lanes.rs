@@ -135,9 +135,12 @@ impl Lane {
 /// Between ticks every lane admits on its own (directly, or on a release
 /// by the portal), so the capacity nobody holds is split between the
 /// lanes by weight: together they can never pass `max_active`. A tick is
-/// taken one lane at a time, shares recomputed before each, so the lane
-/// ticking may take all of it.
-pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
+/// taken one lane at a time, shares recomputed before each (`ticking`: the
+/// lane about to tick), so the lane ticking may take all of it; meanwhile
+/// the others admit only into places their own counts already hold, or a
+/// direct admission in another lane, at the moment of that tick, took a
+/// part the tick was taking too.
+pub fn share(lanes: &[Lane], room: &Limits, ticking: Option<usize>) -> Vec<u64> {
     if lanes.len() < 2 {
         return Vec::new();
     }
@@ -211,7 +214,12 @@ pub fn share(lanes: &[Lane], room: &Limits) -> Vec<u64> {
         let (now, until_next) = match (room.max_active, &parts) {
             (Some(m), Some(parts)) => {
                 let now = m.saturating_sub(held_all - own).min(cap[i]);
-                (now, (own + parts[i]).min(now))
+                let until_next = match ticking {
+                    None => own + parts[i],
+                    Some(t) if t == i => now,
+                    Some(_) => *own,
+                };
+                (now, until_next.min(now))
             }
             _ => (UNLIMITED, UNLIMITED),
         };
@@ -354,7 +362,39 @@ pub fn total(lanes: &[Lane]) -> RoomView {
 
 #[cfg(test)]
 mod tests {
-    use super::{kept, split, within};
+    use super::{kept, share, split, within, Lane};
+    use crate::room::admission::{Limits, Mode};
+
+    /// While one lane ticks, the others admit only into what they hold:
+    /// their part of the places free is what the tick is taking.
+    #[test]
+    fn while_one_lane_ticks_the_others_keep_to_what_they_hold() {
+        let room = Limits {
+            per_minute: None,
+            max_active: Some(10),
+            claim_window_ms: 60_000,
+            tick_ms: 1_000,
+            opens_at_ms: None,
+            mode: Mode::Queue,
+            ticket_ttl_ms: 0,
+        };
+        let store = crate::store::memory::MemoryStore::open(None, 0).unwrap();
+        let lanes = [
+            Lane::new(None, store.room("a", &room, 0)),
+            Lane::new(None, store.room("b", &room, 0)),
+        ];
+        let caps = |lanes: &[Lane; 2]| lanes.each_ref().map(|l| l.limits(room).max_active);
+        assert_eq!(share(&lanes, &room, None), [10, 10]);
+        assert_eq!(caps(&lanes), [Some(5), Some(5)], "between ticks: halves");
+        share(&lanes, &room, Some(0));
+        assert_eq!(
+            caps(&lanes),
+            [Some(10), Some(0)],
+            "a ticks: b holds nothing"
+        );
+        share(&lanes, &room, Some(1));
+        assert_eq!(caps(&lanes), [Some(0), Some(10)]);
+    }
 
     #[test]
     fn every_lane_waiting_is_kept_a_place_while_there_are_enough() {

@@ -336,7 +336,7 @@ impl Room {
         }
         // Shares from the start: until the first tick, lanes admitting at
         // once would otherwise each take the whole room.
-        lanes::share(&self.lanes, &self.limits());
+        lanes::share(&self.lanes, &self.limits(), None);
         self
     }
 
