@@ -224,9 +224,16 @@ impl App {
             });
             futures_util::future::join_all(reads).await;
         }
+        // Keys made up at start draw nothing a restart could keep.
+        let generated =
+            config.raw.secrets.key_file.is_none() && config.raw.secrets.key_env.is_none();
         let errors: Vec<ConfigError> = rooms
             .iter()
             .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
+            .chain(rooms.iter().filter(|_| !generated).filter_map(|r| {
+                let kid = r.store.lottery_key_id()?;
+                lottery_key_missing(&r.config, &kid, r.config.ticket_ttl, &config.keys, now)
+            }))
             .collect();
         if !errors.is_empty() {
             return Err(AppError::Config(ConfigErrors(errors)));
@@ -552,22 +559,13 @@ impl App {
         }
         let now = self.clock.now_ms();
         self.check_running_rooms(new, |next, room| {
-            let opens = next.opens_at_ms?;
             let kid = room.store.lottery_key_id()?;
             // Pre-queue tickets are good until the opening plus the
             // ticket_ttl they were signed with: a shorter one now does not
             // shorten theirs.
-            let ttl = next.ticket_ttl.max(room.longest_ticket_ttl).as_millis() as u64;
-            let drawn_for = opens.saturating_add(ttl);
-            let in_use = now < drawn_for && running.key(&kid).is_some();
-            (in_use && new.keys.key(&kid).is_none()).then(|| ConfigError {
-                key: "secrets.key_file".into(),
-                reason: format!(
-                    "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus the longest ticket_ttl its tickets were signed with)",
-                    next.name,
-                    crate::timefmt::rfc3339(drawn_for)
-                ),
-            })
+            let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
+            running.key(&kid)?;
+            lottery_key_missing(next, &kid, ttl, &new.keys, now)
         })
     }
 
@@ -1150,6 +1148,30 @@ fn not_reopened(
         }),
         _ => Ok(()),
     }
+}
+
+/// The error for a room whose pre-queue lottery is drawn with key `kid`
+/// while its draw still matters (until the opening plus `ticket_ttl`),
+/// when `keys` lacks that key: the draw would fall back to another key
+/// (`Room::draw`), its published commitment change, and every pre-queue
+/// place be drawn again.
+fn lottery_key_missing(
+    room: &crate::config::RoomConfig,
+    kid: &str,
+    ticket_ttl: std::time::Duration,
+    keys: &Keyring,
+    now_ms: u64,
+) -> Option<ConfigError> {
+    let opens = room.opens_at_ms?;
+    let drawn_for = opens.saturating_add(ticket_ttl.as_millis() as u64);
+    (now_ms < drawn_for && keys.key(kid).is_none()).then(|| ConfigError {
+        key: "secrets.key_file".into(),
+        reason: format!(
+            "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus the longest ticket_ttl its tickets were signed with)",
+            room.name,
+            crate::timefmt::rfc3339(drawn_for)
+        ),
+    })
 }
 
 /// Serves with the system clock until `shutdown` completes.

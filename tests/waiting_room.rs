@@ -1265,6 +1265,48 @@ async fn a_restart_refuses_an_opening_to_come_for_a_queue_that_has_opened() {
     assert!(dir.join("state.json").exists(), "the snapshot is kept");
 }
 
+/// A restart whose key file lost the key a scheduled opening's lottery is
+/// drawn with is refused while the draw matters, as a reload is: the
+/// draw would fall back to another key, and every pre-queue place would
+/// be drawn again under another published commitment.
+#[tokio::test]
+async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
+    let up = upstream::spawn().await;
+    let opens = varco::timefmt::rfc3339(T0 + 10 * 60_000);
+    let (dir, cfg) = snapshotted_room(
+        "lottery-restart",
+        up.addr,
+        &format!("max_active = 1\nopens_at = \"{opens}\""),
+    );
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    assert!(early.status("portal").await["lottery"]["commitment"].is_string());
+    g.stop().await;
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k2\"\nsecret = \"ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=\"\n",
+    )
+    .unwrap();
+    let start = |at: u64| {
+        let config = varco::config::Config::from_toml(&cfg, &dir).expect("a valid file");
+        varco::app::App::new(
+            config,
+            std::sync::Arc::new(varco::clock::ManualClock::new(at)),
+        )
+    };
+    let err = match start(T0 + 5_000).await {
+        Ok(_) => panic!("started without the lottery's key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("secrets.key_file") && err.contains("\"k1\""),
+        "{err}"
+    );
+    // Once the last pre-queue ticket has expired, the draw matters no more.
+    assert!(start(T0 + 10 * 60_000 + 86_400_000 + 1_000).await.is_ok());
+}
+
 #[tokio::test]
 async fn a_restart_keeps_every_place_and_every_pass() {
     let up = upstream::spawn().await;
