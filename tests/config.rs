@@ -337,6 +337,41 @@ fn the_demo_sends_to_the_portal_where_it_listens() {
     assert_eq!(at("127.0.0.1:9002"), ["http://127.0.0.1:9002/"]);
 }
 
+/// A rotation across a cluster: the new key first goes on every node
+/// `verify_only` (each verifies what any node signs with it), then signs.
+#[test]
+fn a_verify_only_key_verifies_and_never_signs() {
+    let dir = std::env::temp_dir().join(format!("varco-verify-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let load = |keys: &str| {
+        std::fs::write(dir.join("keys.toml"), keys).unwrap();
+        Config::from_toml(
+            &format!("[secrets]\nkey_file = \"keys.toml\"\n{ROOM}"),
+            &dir,
+        )
+    };
+    const K1: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const K2: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let c = load(&format!(
+        "[[keys]]\nid = \"k1\"\nsecret = \"{K1}\"\n\
+         [[keys]]\nid = \" k2 \"\nsecret = \"{K2}\"\nverify_only = true\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.keys.signing_key().id,
+        "k1",
+        "the newest key that may sign"
+    );
+    assert!(c.keys.key("k2").is_some(), "k2 verifies (its id trimmed)");
+    let e = load(&format!(
+        "[[keys]]\nid = \"k1\"\nsecret = \"{K1}\"\nverify_only = true\n"
+    ))
+    .unwrap_err();
+    assert!(e.names("secrets.key_file"), "{e}");
+    assert!(e.to_string().contains("one key must sign"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn every_example_is_valid() {
     // The examples read their secrets from the environment.

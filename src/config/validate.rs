@@ -1327,17 +1327,20 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         struct KeyEntry {
             id: String,
             secret: String,
+            /// Verifies what it signed, signs nothing: the first step of a
+            /// rotation across a cluster, or the last of one.
+            #[serde(default)]
+            verify_only: bool,
         }
         let path = base.join(f);
         match std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| e.to_string()))
         {
-            Ok(kf) => keys.extend(
-                kf.keys
-                    .into_iter()
-                    .map(|k| ("secrets.key_file", k.id, decode(&k.secret))),
-            ),
+            Ok(kf) => keys.extend(kf.keys.into_iter().map(|k| {
+                let id = k.id.trim().to_string();
+                ("secrets.key_file", id, decode(&k.secret), k.verify_only)
+            })),
             Err(e) => problem(
                 "secrets.key_file",
                 format!("cannot use {}: {e}", path.display()),
@@ -1349,9 +1352,12 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             Ok(v) => {
                 for part in v.split(',').filter(|x| !x.trim().is_empty()) {
                     match part.split_once(':') {
-                        Some((id, secret)) => {
-                            keys.push(("secrets.key_env", id.trim().to_string(), decode(secret)))
-                        }
+                        Some((id, secret)) => keys.push((
+                            "secrets.key_env",
+                            id.trim().to_string(),
+                            decode(secret),
+                            false,
+                        )),
                         None => problem(
                             "secrets.key_env",
                             format!(
@@ -1371,7 +1377,8 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
     let mut seen = std::collections::HashSet::new();
     // Each problem under the key the entry came from: with key_file and
     // key_env both set, "secrets" alone would not say where to look.
-    for (from, id, secret) in keys {
+    let mut verify_only = Vec::new();
+    for (from, id, secret, only_verifies) in keys {
         // Verification takes the first key of an id, signing the newest:
         // two keys under one id would reject every token varco signs.
         if !seen.insert(id.clone()) {
@@ -1382,10 +1389,24 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             continue;
         }
         match secret {
-            Ok(b) if b.len() >= 32 => ring.push(crate::room::token::SigningKey { id, secret: b }),
+            Ok(b) if b.len() >= 32 => {
+                let key = crate::room::token::SigningKey { id, secret: b };
+                if only_verifies {
+                    verify_only.push(key);
+                } else {
+                    ring.push(key);
+                }
+            }
             Ok(_) => problem(from, format!("key \"{id}\" is shorter than 32 bytes: make one with `head -c 32 /dev/urandom | base64`")),
             Err(_) => problem(from, format!("key \"{id}\" is not base64")),
         }
+    }
+    if ring.is_empty() && !verify_only.is_empty() {
+        problem(
+            "secrets.key_file",
+            "every key is verify_only: one key must sign".into(),
+        );
+        return None;
     }
     if ring.is_empty() {
         match (&s.key_file, &s.key_env) {
@@ -1402,7 +1423,9 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             "cannot be true when keys are given".into(),
         );
     }
-    Some(Keyring::new(ring))
+    // The keyring's last key signs: the verifying-only ones go first.
+    verify_only.extend(ring);
+    Some(Keyring::new(verify_only))
 }
 
 /// A room's lanes: each a weight and a selector (addresses, a header with
