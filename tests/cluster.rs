@@ -222,6 +222,47 @@ async fn the_rate_holds_across_nodes() {
     assert_eq!(leaders, 1, "exactly one node advances the counters");
 }
 
+/// A session renewed on a node in its last moments, just before the
+/// leader's tick drops it as lapsed, is renewed in Redis at once: the
+/// node's report at its own next tick would bring it back after its slot
+/// went to the next person, and the room would hold max_active + 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_renewed_in_its_last_moment_never_passes_the_cap() {
+    let redis = RedisServer::start();
+    let (_up, nodes) = one_slot(&redis, "", 2).await;
+    advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
+    let mut holder = nodes[1].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut next = nodes[1].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    // 0.3 s before the holder's minute of idle time runs out, a click on
+    // node 1; the leader ticks just after the minute, node 1 after it.
+    advance(&nodes, 59_000).await;
+    let on = |ms: u64| {
+        for g in &nodes {
+            g.clock.advance_ms(ms);
+        }
+    };
+    on(700);
+    assert!(holder.get("/").await.reached_upstream(), "still in");
+    on(400);
+    nodes[0].app.tick().await;
+    nodes[1].app.tick().await;
+    nodes[0].app.tick().await;
+    assert_eq!(
+        next.status("portal").await["state"],
+        "waiting",
+        "the holder's slot is still the holder's"
+    );
+    let v = nodes[0].app.room("portal").unwrap().store.view();
+    assert!(
+        v.active + v.reserved <= 1,
+        "{} live, {} called",
+        v.active,
+        v.reserved
+    );
+}
+
 /// NTP steps every node's clock back ten minutes: the room goes on
 /// calling at its rate from the new time, not after ten minutes of none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -754,7 +754,13 @@ impl RoomStore for RedisRoom {
 
     fn touch(&self, sid: u128, now_ms: u64, idle_ms: u64) -> Liveness {
         match self.sessions.get(&sid) {
-            Some(exp) if exp.load(Ordering::Relaxed) > now_ms => {
+            // Renewed here, the session is told to Redis at this node's
+            // next tick; one about to lapse could be dropped by the
+            // leader's tick before that, its slot given to the next
+            // person, and brought back by the late report: max_active
+            // passed. Within two ticks of lapsing, Redis renews it at
+            // once (`check`), or says it is gone.
+            Some(exp) if exp.load(Ordering::Relaxed) > now_ms + 2 * self.tick_ms => {
                 exp.store(now_ms + idle_ms, Ordering::Relaxed);
                 self.touched.insert(sid, now_ms + idle_ms);
                 Liveness::Alive
