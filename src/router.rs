@@ -122,33 +122,41 @@ pub fn without_parameters(path: &str) -> std::borrow::Cow<'_, str> {
 /// and `/bonus(2024)` are each one path to the portal, so one room here;
 /// else one spelling reaches another room (ungated, say) and the portal
 /// as the gated room's path. Decoded once, as those servers do (`%252F`
-/// is `%2F`). Escapes that decode to no UTF-8 stay as they are: their raw
-/// bytes are refused before routing. Room paths are matched in this form
-/// too. The portal still gets the path as sent.
+/// is `%2F`). An escaped byte that decodes to no UTF-8 stays escaped (in
+/// upper case), alone: raw, such bytes are refused before routing. Room
+/// paths are matched in this form too. The portal still gets the path as
+/// sent.
 pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
     let read = as_read(path);
     if !read.contains('%') {
         return read;
     }
     let bytes = read.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match crate::request_path::escaped_byte(bytes, i).filter(|_| bytes[i] == b'%') {
             Some(b) => {
-                out.push(b);
+                decoded.push(b);
                 i += 3;
             }
             None => {
-                out.push(bytes[i]);
+                decoded.push(bytes[i]);
                 i += 1;
             }
         }
     }
-    match String::from_utf8(out) {
-        Ok(decoded) => decoded.into(),
-        Err(_) => read,
+    // Each byte that decodes to no UTF-8 stays escaped, the rest of the
+    // path decoded all the same: one `%FF` at its end must not keep a
+    // whole path from its room.
+    let mut out = String::with_capacity(decoded.len());
+    for chunk in decoded.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
+    out.into()
 }
 
 /// The path as servers read its separators: without `;parameters`
@@ -290,8 +298,10 @@ mod tests {
             ("/bonus%282024%29/apply", "/bonus(2024)/apply"),
             ("/a%252F", "/a%2F"),
             ("/a%25", "/a%"),
-            // No UTF-8 once decoded: as it is.
+            // No UTF-8 once decoded: that byte as it was, the rest decoded.
             ("/x%FF/y", "/x%FF/y"),
+            ("/bonus%282024%29/apply/%ff", "/bonus(2024)/apply/%FF"),
+            ("/%C3%A8%C3/x", "/\u{e8}%C3/x"),
         ] {
             assert_eq!(as_matched(sent), matched, "{sent}");
         }
