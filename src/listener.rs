@@ -425,8 +425,13 @@ async fn serve_connection<IO, H>(
         let h2 = req.version() == http::Version::HTTP_2;
         // HTTP/1's count is hyper's parser's (it answers 431 itself);
         // HTTP/2 has only a limit in bytes, under which hundreds of tiny
-        // headers fit.
-        let too_many = h2 && req.headers().len() > max_headers;
+        // headers fit. Browsers send each cookie as a field of its own
+        // over HTTP/2 (RFC 9113 8.2.3): they count as the one line they
+        // are over HTTP/1.1.
+        let too_many = h2 && {
+            let cookies = req.headers().get_all(http::header::COOKIE).iter().count();
+            req.headers().len() - cookies.saturating_sub(1) > max_headers
+        };
         // A protocol upgrade may turn into a tunnel that outlives this
         // connection's serving: it takes the connection's hold along.
         if req.headers().contains_key(http::header::UPGRADE) {
