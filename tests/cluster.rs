@@ -263,53 +263,6 @@ async fn a_session_renewed_in_its_last_moment_never_passes_the_cap() {
     );
 }
 
-/// NTP steps every node's clock back ten minutes: the room goes on
-/// calling at its rate from the new time, not after ten minutes of none.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_stepped_back_does_not_stop_the_calls() {
-    let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "admission_per_minute = 60\nmode = \"queue_all\"\nclaim_window = \"5m\"",
-        "lease = \"3s\"",
-    );
-    let nodes = nodes(&cfg, 2).await;
-    let mut people: Vec<Citizen> = (0..40).map(|i| nodes[i % 2].citizen()).collect();
-    for c in people.iter_mut() {
-        assert!(c.get("/").await.is_waiting_page());
-    }
-    let serving = || nodes[1].app.room("portal").unwrap().store.view().serving;
-    // The lease is taken and the line moving.
-    ten_seconds(&nodes).await;
-    let warm = serving();
-    ten_seconds(&nodes).await;
-    let before = serving();
-    assert!(
-        before - warm >= 9,
-        "{} called in 10 s at 60/min",
-        before - warm
-    );
-    for g in &nodes {
-        g.clock
-            .set_ms(varco::clock::Clock::now_ms(&g.clock) - 10 * 60_000);
-    }
-    ten_seconds(&nodes).await;
-    let after = serving() - before;
-    assert!(
-        after >= 9,
-        "{after} called in the 10 s after the clock went back"
-    );
-}
-
-/// Ten ticks a second apart on every node.
-async fn ten_seconds(nodes: &[Gated]) {
-    for _ in 0..10 {
-        advance(nodes, 1000).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
     let redis = RedisServer::start();

@@ -97,9 +97,6 @@ local function maybe_open()
   end
 end
 local function refill()
-  -- A clock stepped back (STEPPED_BACK_MS in admission.rs) counts from
-  -- its new time; one a little behind (another node's) counts no time twice.
-  if now + 5000 < refilled then refilled = now end
   local elapsed = now - refilled
   if elapsed < 0 then elapsed = 0 end
   if now > refilled then refilled = now end
