@@ -37,6 +37,8 @@ fn rooms_partly_exempt_are_accepted() {
         "paths = [\"/app\", \"/assets\"]\nexempt_paths = [\"/assets/\"]\n",
         "paths = [\"/app\"]\nexempt_paths = [\"/app/static/\"]\nflow_paths = [\"/app/oidc/callback\"]\n",
         "paths = [\"/app/\", \"/caf%C3%A8\"]\n",
+        // Exempt as browsers send it, under the room's path written raw.
+        "paths = [\"/caf\u{e8}\"]\nexempt_paths = [\"/caf%C3%A8/static/\"]\n",
     ] {
         let toml = format!("[secrets]\nephemeral = true\n{ROOM}{room}");
         if let Err(e) = Config::from_toml(&toml, Path::new(".")) {
@@ -780,6 +782,11 @@ fn bad_waiting_room_keys_name_their_keys() {
         // With its slash, the room's path still covers all of it.
         (
             "paths = [\"/app\"]\nflow_paths = [\"/app/\"]\n",
+            "rooms.portal.flow_paths[0]",
+        ),
+        // The room's path spelled another way covers it too.
+        (
+            "paths = [\"/caf\u{e8}\"]\nflow_paths = [\"/caf%C3%A8\"]\n",
             "rooms.portal.flow_paths[0]",
         ),
         // Every path of the room exempt: an ungated room.

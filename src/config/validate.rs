@@ -795,12 +795,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         // An entry under none of the room's paths is never met here: the
         // request is another room's, or nobody's (a callback that would
         // be queued, an asset gated, the operator told nothing).
+        // Both as requests are matched (`/caf%C3%A8` is `/café`).
         let outside = |e: &str| {
+            let e = crate::router::as_matched(e);
             !r.paths.is_empty()
                 && !r
                     .paths
                     .iter()
-                    .any(|room_path| crate::router::prefix_matches(room_path, e))
+                    .any(|room_path| crate::router::on_prefix(room_path, &e))
         };
         let not_here = |e: &str| {
             format!(
@@ -1685,7 +1687,12 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
 /// the path itself or one above it, or the path with its slash (`/app/`
 /// for `/app`, which leaves out only `/app` itself).
 fn covers(e: &str, room_path: &str) -> bool {
-    crate::router::prefix_matches(e, room_path)
+    // Both as requests are matched (`/caf%C3%A8` is `/café`).
+    let (e, room_path) = (
+        crate::router::as_matched(e),
+        crate::router::as_matched(room_path),
+    );
+    crate::router::prefix_matches(&e, &room_path)
         || e.strip_suffix('/') == Some(room_path.trim_end_matches('/'))
 }
 
