@@ -205,7 +205,13 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
         // exist, and its ticket was kept to claim again.
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
             Ok(alive) => alive,
-            Err(_) if pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms => {
+            // (Or one this node still holds, which it only asked Redis
+            // about as it was about to lapse.)
+            Err(_)
+                if pass.uc == 0
+                    && (pass.nbf * 1000 + idle > r.now_ms
+                        || lane.store.peek_local(sid, r.now_ms) == Liveness::Alive) =>
+            {
                 room.metrics.store_errors.inc();
                 let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
                 tracing::debug!(room = %room.name, taken, "store away: a recent pass taken at its word");

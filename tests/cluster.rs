@@ -860,6 +860,29 @@ async fn a_session_used_through_a_redis_outage_still_holds_its_slot() {
     assert!(newcomer.get("/").await.is_waiting_page());
 }
 
+/// A session this node holds, asked about in Redis only because it is
+/// about to lapse, is still served when Redis does not answer: its pass
+/// was signed longer than an idle time ago (a pass is signed again only
+/// past half its life), yet it is live here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_about_to_lapse_is_served_through_a_redis_outage() {
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, None);
+    let (_up, nodes) = one_slot(&redis, "", 1).await;
+    advance(&nodes, 1000).await;
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    // Used at 54 s (the pass, good for two minutes, is not signed again),
+    // then idle until 0.3 s before the minute from then runs out.
+    advance(&nodes, 54_000).await;
+    assert!(holder.get("/next").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    redis.kill();
+    nodes[0].clock.advance_ms(58_700);
+    let got = holder.get("/next").await;
+    assert!(got.reached_upstream(), "{}", got.status);
+}
+
 /// Sessions the portal ends while Redis is away free their slots when it
 /// returns: one Redis admitted (whose end could not be sent), and one a
 /// node admitted on its own share, ended through the other node (which

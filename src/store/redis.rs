@@ -758,9 +758,13 @@ impl RoomStore for RedisRoom {
             // next tick; one about to lapse could be dropped by the
             // leader's tick before that, its slot given to the next
             // person, and brought back by the late report: max_active
-            // passed. Within two ticks of lapsing, Redis renews it at
-            // once (`check`), or says it is gone.
-            Some(exp) if exp.load(Ordering::Relaxed) > now_ms + 2 * self.tick_ms => {
+            // passed. Within two ticks of lapsing (a quarter of the idle
+            // time at most, or every request of a room with a long tick
+            // would ask Redis), Redis renews it at once (`check`), or
+            // says it is gone.
+            Some(exp)
+                if exp.load(Ordering::Relaxed) > now_ms + (2 * self.tick_ms).min(idle_ms / 4) =>
+            {
                 exp.store(now_ms + idle_ms, Ordering::Relaxed);
                 self.touched.insert(sid, now_ms + idle_ms);
                 Liveness::Alive
