@@ -1305,6 +1305,17 @@ async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
     );
     // Once the last pre-queue ticket has expired, the draw matters no more.
     assert!(start(T0 + 10 * 60_000 + 86_400_000 + 1_000).await.is_ok());
+    // A key an earlier run made up is in no file to keep: its tickets
+    // went with it, and nothing holds the start back.
+    std::fs::remove_file(dir.join("state.json")).unwrap();
+    let made_up = cfg.replace("key_file = \"keys.toml\"", "ephemeral = true");
+    let g = Gated::start_at(&made_up, T0, &dir).await;
+    assert!(g.citizen().get("/").await.is_waiting_page());
+    g.stop().await;
+    assert!(
+        start(T0 + 5_000).await.is_ok(),
+        "refused over a made-up key"
+    );
 }
 
 #[tokio::test]

@@ -1339,10 +1339,11 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| e.to_string()))
         {
-            Ok(kf) => keys.extend(kf.keys.into_iter().map(|k| {
-                let id = k.id.trim().to_string();
-                ("secrets.key_file", id, decode(&k.secret), k.verify_only)
-            })),
+            Ok(kf) => keys.extend(
+                kf.keys
+                    .into_iter()
+                    .map(|k| ("secrets.key_file", k.id, decode(&k.secret), k.verify_only)),
+            ),
             Err(e) => problem(
                 "secrets.key_file",
                 format!("cannot use {}: {e}", path.display()),
