@@ -235,14 +235,14 @@ fn place_back(room: &Room, r: &GateRequest, pass: &PassClaims) -> Option<Gate> {
     t.at = pass.arr;
     t.l = pass.l.clone();
     t.g = lane.store.generation();
-    let status = status_for(
-        room,
-        lane,
-        Some(&t),
-        &lane.store.view(),
-        r.now_ms,
-        "waiting",
-    );
+    // Closed, the place is kept all the same, on the closed page.
+    let state = if room.lane_limits(lane).mode == Mode::Closed {
+        room.metrics.rejected_closed.inc();
+        "closed"
+    } else {
+        "waiting"
+    };
+    let status = status_for(room, lane, Some(&t), &lane.store.view(), r.now_ms, state);
     let mut resp = page(
         room,
         r,
