@@ -349,7 +349,9 @@ async fn citizen(
             continue;
         }
         if !from_portal {
-            // Neither the portal nor the waiting page: not a step done.
+            // Neither the portal nor the waiting page (a 429, a 400): not
+            // a step done; a person tries again after a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         if step == 0 && t.place.admitted.is_none() {
