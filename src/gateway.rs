@@ -611,14 +611,16 @@ impl Gateway {
 
     /// Whether the person's browser spoke HTTPS: varco's own TLS, or a
     /// trusted load balancer in front that says so. Cookies are then
-    /// marked Secure.
+    /// marked Secure. Of a list (`https, http`: a chain of proxies, each
+    /// adding the scheme it was reached by), the first is the browser's.
+    /// One a client forged there only makes its own cookies stricter.
     fn is_https(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
         conn.tls
             || (conn.forwards(&self.trusted_proxies)
-                && req
-                    .headers()
-                    .get(&X_FORWARDED_PROTO)
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
+                && req.headers().get(&X_FORWARDED_PROTO).is_some_and(|v| {
+                    let first = v.as_bytes().split(|&b| b == b',').next().unwrap_or(b"");
+                    first.trim_ascii().eq_ignore_ascii_case(b"https")
+                }))
     }
 
     async fn own_path(

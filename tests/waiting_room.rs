@@ -1755,6 +1755,38 @@ async fn a_room_path_spelled_another_way_is_the_same_room() {
     );
 }
 
+/// A chain of proxies in front adds a scheme each (`https, http`: the
+/// browser spoke HTTPS to the first, which spoke HTTP to the next): the
+/// first is the browser's, and the cookies are Secure `__Host-` ones.
+#[tokio::test]
+async fn a_chain_of_proxies_saying_https_first_gets_secure_cookies() {
+    let up = upstream::spawn().await;
+    let cfg =
+        gated_config(up.addr, "max_active = 1") + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let g = Gated::start(&cfg).await;
+    for (proto, secure) in [
+        ("https, http", true),
+        ("HTTPS ,http", true),
+        ("http, https", false),
+    ] {
+        let mut c = g.citizen();
+        let got = c
+            .request("GET", "/", body::empty(), &[("x-forwarded-proto", proto)])
+            .await;
+        let set = got.headers["set-cookie"].to_str().unwrap();
+        assert_eq!(
+            (
+                set.starts_with("__Host-varco_pass_portal="),
+                set.contains("; Secure")
+            ),
+            (secure, secure),
+            "{proto}: {set}"
+        );
+        // The one place goes back for the next.
+        assert_eq!(c.get("/release").await.status, 200);
+    }
+}
+
 /// Under HTTPS varco's cookies are `__Host-` ones, which a sibling site
 /// under the same parent domain cannot set: the cookies such a site sets
 /// under varco's plain names, sent first, hide neither the ticket nor the
