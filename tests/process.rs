@@ -464,6 +464,48 @@ async fn json_warnings_name_the_request_a_failed_upstream_met() {
     assert_eq!(warned("upstream failure").as_deref(), Some(id.as_str()));
 }
 
+/// A keyed folder `name` with a config of one room of one slot (`room`
+/// besides) over a snapshot taken at the start and then hourly: a crash
+/// leaves everything since to the marks. Ticks every 100 ms.
+fn one_slot_snapshotted(
+    name: &str,
+    up: std::net::SocketAddr,
+    room: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = keyed_folder(name);
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n\
+             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\ntick = \"100ms\"\n\
+             [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 1\n{room}\n\
+             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n"
+        ),
+    )
+    .unwrap();
+    (dir, cfg)
+}
+
+/// Until the snapshot taken at the start is in `dir`.
+async fn snapshot_taken(dir: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("state.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// kill -9: a crash, no last snapshot; returns once the process is gone.
+async fn killed(mut p: Process) {
+    p.signal("KILL");
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = p.child.wait();
+    })
+    .await;
+}
+
 /// A crash leaves no last snapshot. Kill -9 after a snapshot taken at the
 /// start: everything since is only in the marks written ahead. Nobody's
 /// place goes to somebody else, the order holds, a newcomer queues behind
@@ -471,28 +513,11 @@ async fn json_warnings_name_the_request_a_failed_upstream_met() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_hands_nobodys_place_to_somebody_else() {
     let up = upstream::spawn().await;
-    let dir = keyed_folder("crash");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n\
-             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\n\
-             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
-             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let mut p = Process::start(&cfg);
+    let (dir, cfg) = one_slot_snapshotted("crash", up.addr, "");
+    let p = Process::start(&cfg);
     // The snapshot taken at the start: everything after it is lost in the
     // crash but for the marks.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !dir.join("state.json").exists() {
-        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    snapshot_taken(&dir).await;
     let mut first = Citizen::new(p.addr);
     assert!(
         first.get("/").await.reached_upstream(),
@@ -509,11 +534,7 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
         before.push(c.status("portal").await["position"].as_u64().unwrap());
     }
     assert_eq!(before, [1, 2, 3]);
-    p.signal("KILL");
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = p.child.wait();
-    })
-    .await;
+    killed(p).await;
     assert!(
         std::fs::metadata(dir.join("state.json.marks")).is_ok(),
         "the marks outlive the crash"
@@ -572,26 +593,9 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_lost_in_a_crash_keeps_its_place_in_line() {
     let up = upstream::spawn().await;
-    let dir = keyed_folder("crash-place");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n\
-             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\ntick = \"100ms\"\n\
-             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 1\nclaim_window = \"10m\"\n\
-             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let mut p = Process::start(&cfg);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !dir.join("state.json").exists() {
-        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (dir, cfg) = one_slot_snapshotted("crash-place", up.addr, "claim_window = \"10m\"");
+    let p = Process::start(&cfg);
+    snapshot_taken(&dir).await;
     // Number 1 comes in and leaves; number 2 is called and comes in.
     let mut first = Citizen::new(p.addr);
     assert!(first.get("/").await.reached_upstream());
@@ -605,11 +609,7 @@ async fn a_session_lost_in_a_crash_keeps_its_place_in_line() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(second.get("/").await.reached_upstream(), "called, in");
-    p.signal("KILL");
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = p.child.wait();
-    })
-    .await;
+    killed(p).await;
 
     let p = Process::start(&cfg);
     let mut second = {
