@@ -125,6 +125,8 @@ pub struct App {
     /// The admin API's tokens: a reload swaps them, so a leaked one is
     /// revoked without a restart.
     admin_tokens: ArcSwap<Vec<crate::config::AdminToken>>,
+    /// Ticks begun: which room the next one starts from.
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 /// A room's live settings before an operator's change, for the audit log.
@@ -306,6 +308,7 @@ impl App {
             ))),
             server_names,
             admin_tokens: ArcSwap::from_pointee(config.admin_tokens.clone()),
+            ticks: Default::default(),
             config,
         })
     }
@@ -802,10 +805,24 @@ impl App {
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
         let mut trouble = None;
+        // A room whose tick keeps failing on its own (its state unreadable)
+        // skips the rooms after it in Redis mode (below): each tick starts
+        // from another room, so none is left behind it for good.
+        let rooms = {
+            let mut rooms = self.rooms();
+            let n = rooms.len() as u64;
+            if n > 0 {
+                let first = self
+                    .ticks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                rooms.rotate_left((first % n) as usize);
+            }
+            rooms
+        };
         // Every room, gated or not: an operator may have paused a plain
         // proxy through another node. A store that does not answer for
         // one will not for the next: one wait a tick, not one a room.
-        for room in self.rooms().iter() {
+        for room in rooms.iter() {
             if !room.follow_shared().await {
                 break;
             }
@@ -817,10 +834,10 @@ impl App {
         let shared = matches!(self.stores, Stores::Redis(_));
         // Not only gated rooms: with its rate lifted (`unlimited`), an
         // adaptive room's in-flight limit still follows the verdicts.
-        for room in self.rooms().iter() {
+        for room in rooms.iter() {
             room.adapt(now);
         }
-        for room in self.rooms().iter().filter(|r| r.is_gated()) {
+        for room in rooms.iter().filter(|r| r.is_gated()) {
             for (i, lane) in room.lanes.iter().enumerate() {
                 // Shares from the counts as they are after the lanes before
                 // this one ticked: together they never pass max_active.
@@ -850,7 +867,7 @@ impl App {
         // Redis store would take the ungated time for an outage when the
         // room is gated again, and keep every session of before alive
         // for one more idle time: a room full of people long gone.
-        for room in self.rooms().iter().filter(|r| !r.is_gated()) {
+        for room in rooms.iter().filter(|r| !r.is_gated()) {
             for lane in &room.lanes {
                 let v = lane.store.view();
                 // People left waiting need no tick: passthrough calls

@@ -263,6 +263,39 @@ async fn a_session_renewed_in_its_last_moment_never_passes_the_cap() {
     );
 }
 
+/// A room whose tick keeps failing (its state in Redis unreadable: here a
+/// key of the wrong type) does not stop the rooms after it: the ticks
+/// start from another room each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_tick_keeps_failing_does_not_stop_the_others() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = format!(
+        "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\n\
+         [rooms.a]\nupstreams = [\"http://{up}\"]\npaths = [\"/a\"]\nmax_active = 1\n\
+         [rooms.b]\nupstreams = [\"http://{up}\"]\npaths = [\"/b\"]\nmax_active = 1\n\
+         mode = \"queue_all\"\n\
+         per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n",
+        redis.url(),
+        up = up.addr
+    );
+    std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    let mut waiting = nodes[0].citizen();
+    assert!(waiting.get("/b").await.is_waiting_page());
+    assert!(redis.command("SET t:{a}:state broken").starts_with("+OK"));
+    for _ in 0..4 {
+        advance(&nodes, 1000).await;
+    }
+    assert_eq!(
+        waiting.status("b").await["state"],
+        "admitted",
+        "room b was never ticked after room a failed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_moves_when_its_holder_dies_and_places_survive_restarts() {
     let redis = RedisServer::start();
