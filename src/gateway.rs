@@ -274,6 +274,16 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// The first element of a list header (`https, http`: the one the proxy
+/// nearest the browser wrote), trimmed.
+fn first_element(v: &HeaderValue) -> &[u8] {
+    v.as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or(b"")
+        .trim_ascii()
+}
+
 impl Handler for Gateway {
     async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
@@ -615,12 +625,29 @@ impl Gateway {
     /// adding the scheme it was reached by), the first is the browser's.
     /// One a client forged there only makes its own cookies stricter.
     fn is_https(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
-        conn.tls
-            || (conn.forwards(&self.trusted_proxies)
-                && req.headers().get(&X_FORWARDED_PROTO).is_some_and(|v| {
-                    let first = v.as_bytes().split(|&b| b == b',').next().unwrap_or(b"");
-                    first.trim_ascii().eq_ignore_ascii_case(b"https")
-                }))
+        if conn.tls {
+            return true;
+        }
+        if !conn.forwards(&self.trusted_proxies) {
+            return false;
+        }
+        match req.headers().get(&X_FORWARDED_PROTO) {
+            Some(v) => first_element(v).eq_ignore_ascii_case(b"https"),
+            // RFC 7239's `Forwarded: for=...;proto=https`, from a balancer
+            // that sends only that: its first element's proto.
+            None => req.headers().get(http::header::FORWARDED).is_some_and(|v| {
+                first_element(v).split(|&b| b == b';').any(|pair| {
+                    let pair = pair.trim_ascii();
+                    pair.len() > 6
+                        && pair[..6].eq_ignore_ascii_case(b"proto=")
+                        && pair[6..]
+                            .strip_prefix(b"\"")
+                            .and_then(|p| p.strip_suffix(b"\""))
+                            .unwrap_or(&pair[6..])
+                            .eq_ignore_ascii_case(b"https")
+                })
+            }),
+        }
     }
 
     async fn own_path(

@@ -1748,21 +1748,30 @@ async fn a_room_path_spelled_another_way_is_the_same_room() {
 
 /// A chain of proxies in front adds a scheme each (`https, http`: the
 /// browser spoke HTTPS to the first, which spoke HTTP to the next): the
-/// first is the browser's, and the cookies are Secure `__Host-` ones.
+/// first is the browser's, and the cookies are Secure `__Host-` ones. So
+/// for RFC 7239's `Forwarded` alone.
 #[tokio::test]
 async fn a_chain_of_proxies_saying_https_first_gets_secure_cookies() {
     let up = upstream::spawn().await;
     let cfg =
         gated_config(up.addr, "max_active = 1") + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
     let g = Gated::start(&cfg).await;
-    for (proto, secure) in [
-        ("https, http", true),
-        ("HTTPS ,http", true),
-        ("http, https", false),
+    for (header, proto, secure) in [
+        ("x-forwarded-proto", "https, http", true),
+        ("x-forwarded-proto", "HTTPS ,http", true),
+        ("x-forwarded-proto", "http, https", false),
+        // RFC 7239, from a balancer that sends only that.
+        (
+            "forwarded",
+            "for=192.0.2.60;proto=https, for=10.0.0.1;proto=http",
+            true,
+        ),
+        ("forwarded", "for=192.0.2.60; proto=\"HTTPS\"", true),
+        ("forwarded", "for=192.0.2.60;proto=http", false),
     ] {
         let mut c = g.citizen();
         let got = c
-            .request("GET", "/", body::empty(), &[("x-forwarded-proto", proto)])
+            .request("GET", "/", body::empty(), &[(header, proto)])
             .await;
         let set = got.headers["set-cookie"].to_str().unwrap();
         assert_eq!(
