@@ -227,15 +227,17 @@ impl App {
             futures_util::future::join_all(reads).await;
         }
         // Keys made up at start draw nothing a restart could keep.
-        let generated =
-            config.raw.secrets.key_file.is_none() && config.raw.secrets.key_env.is_none();
+        let generated = config.raw.secrets.keys_made_up();
         let errors: Vec<ConfigError> = rooms
             .iter()
             .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
             .chain(rooms.iter().filter(|_| !generated).filter_map(|r| {
                 // A key made up by an earlier run is in no file to keep:
                 // its tickets went with it.
-                let kid = r.store.lottery_key_id().filter(|k| k != "ephemeral")?;
+                let kid = r
+                    .store
+                    .lottery_key_id()
+                    .filter(|k| k != crate::room::token::EPHEMERAL_KEY_ID)?;
                 lottery_key_missing(&r.config, &kid, r.config.ticket_ttl, &config.keys, now)
             }))
             .collect();
@@ -514,8 +516,7 @@ impl App {
         let new = result.inspect_err(|_| counted("refused"))?;
         // A generated key (ephemeral, or none configured) stays: a new
         // random one would void every ticket and pass in hand.
-        let generated = new.raw.secrets.key_file.is_none() && new.raw.secrets.key_env.is_none();
-        if !generated {
+        if !new.raw.secrets.keys_made_up() {
             *keys = new.keys.clone();
         }
         self.apply(new, &keys);
@@ -558,8 +559,7 @@ impl App {
     /// key the draw would fall back to another (`Room::draw`): the
     /// published commitment changed, every pre-queue place drawn again.
     fn keeps_lottery_keys(&self, new: &Config, running: &Keyring) -> Result<(), ReloadError> {
-        let generated = new.raw.secrets.key_file.is_none() && new.raw.secrets.key_env.is_none();
-        if generated {
+        if new.raw.secrets.keys_made_up() {
             return Ok(());
         }
         let now = self.clock.now_ms();

@@ -78,7 +78,7 @@ pub fn receipt(action: ReceiptAction) -> Outcome {
         Ok(c) => c,
         Err(e) => return fail(format!("{}: {e}", config.display())),
     };
-    if cfg.raw.secrets.key_file.is_none() && cfg.raw.secrets.key_env.is_none() {
+    if cfg.raw.secrets.keys_made_up() {
         return fail("this config's key is made at start and dies with the process: ask the running varco instead (admin API: GET /api/receipts/RECEIPT)");
     }
     match receipt::verify(&cfg.keys, &receipt) {

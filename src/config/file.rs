@@ -184,6 +184,14 @@ pub struct RawSecrets {
     pub arrival_key_env: Option<String>,
 }
 
+impl RawSecrets {
+    /// Whether the keys are made up at start (`ephemeral`, or none given):
+    /// nothing a reload or a restart could keep signs with them.
+    pub fn keys_made_up(&self) -> bool {
+        self.key_file.is_none() && self.key_env.is_none()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {

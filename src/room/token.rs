@@ -39,6 +39,10 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
+/// The id of the key made at start (`secrets.ephemeral`): it lives and
+/// dies with its process.
+pub const EPHEMERAL_KEY_ID: &str = "ephemeral";
+
 /// The keys varco knows; the last one signs.
 #[derive(Clone, Debug)]
 pub struct Keyring {
@@ -168,7 +172,7 @@ impl Keyring {
     /// A fresh random key that lives as long as the process (the demo).
     pub fn ephemeral() -> Self {
         Keyring::new(vec![SigningKey {
-            id: "ephemeral".into(),
+            id: EPHEMERAL_KEY_ID.into(),
             secret: random_bytes::<32>().to_vec(),
         }])
     }
