@@ -265,19 +265,8 @@ async fn open_to_length(
 /// `text` with its `%XX` escapes decoded; None if one is malformed or the
 /// result is not UTF-8.
 fn percent_decoded(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            out.push(crate::request_path::escaped_byte(bytes, i)?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    let (out, whole) = crate::request_path::unescaped(text.as_bytes());
+    whole.then(|| String::from_utf8(out).ok()).flatten()
 }
 
 impl Admin {

@@ -141,6 +141,27 @@ pub fn escaped_byte(text: &[u8], at: usize) -> Option<u8> {
     Some(hi << 4 | lo)
 }
 
+/// `text` with each `%XX` decoded to its byte, a `%` without two hex
+/// digits after it kept as it is; and whether every `%` was an escape.
+pub fn unescaped(text: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(text.len());
+    let mut whole = true;
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'%' {
+            if let Some(b) = escaped_byte(text, i) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            whole = false;
+        }
+        out.push(text[i]);
+        i += 1;
+    }
+    (out, whole)
+}
+
 /// Escapes of unreserved characters decoded, the rest upper-cased.
 fn decode_unreserved(path: &[u8]) -> Result<String, BadPath> {
     let mut out = Vec::with_capacity(path.len());

@@ -131,21 +131,7 @@ pub fn as_matched(path: &str) -> std::borrow::Cow<'_, str> {
     if !read.contains('%') {
         return read;
     }
-    let bytes = read.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match crate::request_path::escaped_byte(bytes, i).filter(|_| bytes[i] == b'%') {
-            Some(b) => {
-                decoded.push(b);
-                i += 3;
-            }
-            None => {
-                decoded.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
+    let (decoded, _) = crate::request_path::unescaped(read.as_bytes());
     // Each byte that decodes to no UTF-8 stays escaped, the rest of the
     // path decoded all the same: one `%FF` at its end must not keep a
     // whole path from its room.
