@@ -190,6 +190,8 @@ pub struct RoomConfig {
     pub opens_at_offset_s: i32,
     pub bypass: Bypass,
     pub exempt_paths: Vec<String>,
+    /// As requests are matched (`router::as_matched`): `/caf%C3%A8` is
+    /// `/café` here.
     pub flow_paths: Vec<String>,
     pub flow_window: Duration,
     pub failure_grace: Duration,

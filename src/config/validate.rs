@@ -1012,7 +1012,13 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             opens_at_offset_s,
             bypass,
             exempt_paths: r.exempt_paths.clone(),
-            flow_paths: r.flow_paths.clone(),
+            // Matched once here in the form requests are, not at every
+            // request of someone in line.
+            flow_paths: r
+                .flow_paths
+                .iter()
+                .map(|f| crate::router::as_matched(f).into_owned())
+                .collect(),
             flow_window,
             failure_grace,
             max_reentries: r.max_reentries,

@@ -424,10 +424,7 @@ impl Room {
     /// (`/oidc/callback` is not `/oidc/callbacks/apply`).
     pub fn is_flow_path(&self, path_and_query: &str) -> bool {
         let path = crate::router::as_matched(path_of(path_and_query));
-        self.config
-            .flow_paths
-            .iter()
-            .any(|f| crate::router::on_prefix(f, &path))
+        on_any(&self.config.flow_paths, &path)
     }
 
     pub fn limits(&self) -> Limits {
