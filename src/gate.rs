@@ -932,8 +932,8 @@ fn too_many_for(r: &GateRequest, room: &Room, wait: Duration, why: &Said) -> Res
     resp
 }
 
-/// Where a ticket stands, honestly: the estimate comes from the rate
-/// actually observed over the last minute, given as a range.
+/// Where a ticket stands, honestly: the estimate comes from the pace the
+/// line actually moved at over the last minute, given as a range.
 pub fn status_for<'a>(
     room: &'a Room,
     lane: &Lane,
@@ -957,7 +957,7 @@ pub fn status_for<'a>(
     };
     let position = n.filter(|_| !eligible).map(|n| n - view.serving);
     let ahead = position.map(|p| p - 1);
-    let rate = view.observed_rate;
+    let rate = view.pace;
     // Paused, nobody is called: the rate from before the pause would
     // count a wait down to nothing while the line stands still.
     let paused = room.mode() == Mode::Paused;

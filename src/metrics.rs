@@ -737,7 +737,7 @@ impl RoomCollector {
                 ),
                 gauge(
                     "varco_room_estimated_wait_seconds",
-                    "Estimated wait for the last in line at the observed rate (absent: unknown)",
+                    "Estimated wait for the last in line at the line's pace (absent: unknown)",
                 ),
             ],
             mode: IntGaugeVec::new(
@@ -858,11 +858,11 @@ impl prometheus::core::Collector for RoomCollector {
                 name,
                 v.observed_rate,
             );
-            if v.observed_rate > 0.0 {
+            if v.pace > 0.0 {
                 self.set(
                     "varco_room_estimated_wait_seconds",
                     name,
-                    v.in_line() as f64 / v.observed_rate,
+                    v.in_line() as f64 / v.pace,
                 );
             }
             if let Some(a) = &room.adaptive {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::gated::{Citizen, Gated};
+use common::gated::{advance_all as advance, Citizen, Gated};
 use common::redis::RedisServer;
 use common::relay::Relay;
 use common::upstream;
@@ -59,24 +59,6 @@ async fn one_slot(redis: &RedisServer, store: &str, n: usize) -> (upstream::Upst
     (up, nodes(&cfg, n).await)
 }
 
-/// Moves every node's clock on and ticks them all (only the leader
-/// advances the counters), at least every 5 s of the clock: a longer
-/// silence is what an outage looks like to the room (see admission.lua's
-/// catch_up), and the turns called before it are kept.
-async fn advance(nodes: &[Gated], ms: u64) {
-    let mut left = ms;
-    while left > 0 {
-        let step = left.min(5_000);
-        left -= step;
-        for g in nodes {
-            g.clock.advance_ms(step);
-        }
-        for g in nodes {
-            g.app.tick().await;
-        }
-    }
-}
-
 /// Ticks the nodes until `node` says it is ready again (Redis answered),
 /// failing after 15 s.
 async fn until_recovered(nodes: &[Gated], node: usize) {
@@ -123,6 +105,21 @@ fn fresh_dir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// admission.lua measures the line's pace as the memory store does: the
+/// wait told after the room filled at once is the line's (see
+/// tests/operations.rs, `the_wait_is_told_from_the_lines_pace_not_the_rooms_filling`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_is_told_from_the_lines_pace_in_cluster_mode_too() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(&redis, up.addr, "max_active = 10", "lease = \"3s\"");
+    let nodes = nodes(&cfg, 1).await;
+    let mut last = common::gated::fill_then_move_one_every_ten_seconds(&nodes).await;
+    let s = last.status("portal").await;
+    assert_eq!(s["position"], 4, "{s}");
+    assert_eq!(s["eta_seconds"], 40, "four places at one per 10 s {s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

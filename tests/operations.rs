@@ -484,6 +484,43 @@ fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> O
         })
 }
 
+/// A room that fills at once admits many more in its first seconds than
+/// its line then moves at: the wait the page, the admin API and the
+/// metrics tell is counted from the line's own pace (one every 10 s
+/// here), not from the admissions of the last minute (14 in 42 s), which
+/// would promise the last in line 11 s instead of 40.
+#[tokio::test]
+async fn the_wait_is_told_from_the_lines_pace_not_the_rooms_filling() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 10"))).await;
+    let mut last =
+        common::gated::fill_then_move_one_every_ten_seconds(std::slice::from_ref(&g)).await;
+    let s = last.status("portal").await;
+    assert_eq!(s["position"], 4, "{s}");
+    assert_eq!(s["eta_seconds"], 40, "four places at one per 10 s {s}");
+    assert_eq!(
+        (s["eta_low_seconds"].clone(), s["eta_high_seconds"].clone()),
+        (32.into(), 60.into()),
+        "{s}"
+    );
+    let state = api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+        .await
+        .json();
+    assert_eq!(state["estimated_wait_seconds"], 40, "{state}");
+    let metrics = scrape(&get(&format!("http://{}/metrics", g.admin)).await.text());
+    assert_eq!(
+        value(
+            &metrics,
+            "varco_room_estimated_wait_seconds",
+            &[("room", "portal")]
+        ),
+        Some(40.0)
+    );
+    // The admissions reported stay the room's: 14 called in about 41 s.
+    let per_minute = state["observed_admissions_per_minute"].as_f64().unwrap();
+    assert!((20.0..=20.5).contains(&per_minute), "{state}");
+}
+
 /// Two Prometheus servers scraping at once each get the true figures: the
 /// room metrics are filled per scrape, one scrape at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,6 +181,14 @@ pub struct AdmissionState {
     pub abandoned_total: u64,
     /// (time, serving) samples over the last minute: the observed rate.
     pub history: VecDeque<(u64, u64)>,
+    /// (time, numbers called since the line formed) at each tick over the
+    /// last minute that found people waiting: the pace of the line, what
+    /// a wait is estimated from. Not
+    /// the observed rate: a room filling admits at once many more than
+    /// its line will ever move at, and a wait counted from that would be
+    /// promised several times too short.
+    #[serde(default)]
+    pub pace: VecDeque<(u64, u64)>,
     /// This run of the queue, drawn at random when its counters start
     /// from nothing; tickets carry it, so one from an earlier run (a
     /// start without the snapshot) is not taken for a number of this one.
@@ -313,15 +321,20 @@ impl AdmissionState {
         self.claimed = self.claimed.split_off(&(floor + 1));
     }
 
-    fn record(&mut self, now_ms: u64) {
-        self.history.push_back((now_ms, self.serving));
-        while self
-            .history
-            .front()
-            .is_some_and(|(t, _)| *t + HISTORY_MS < now_ms)
-        {
-            self.history.pop_front();
+    /// The line's pace: a tick that finds nobody waiting (or nobody
+    /// called, paused) ends it, so the next line's is measured from when
+    /// it forms, not over the quiet or the stop before it.
+    fn record_pace(&mut self, line: bool, called: u64, now_ms: u64) {
+        // A clock stepped back starts it again too: a span measured
+        // backwards says nothing.
+        if !line || self.pace.back().is_some_and(|(t, _)| *t > now_ms) {
+            self.pace.clear();
         }
+        if !line {
+            return;
+        }
+        let before = self.pace.back().map_or(0, |(_, c)| *c);
+        sample(&mut self.pace, before + called, now_ms);
     }
 
     /// One admission tick. Returns how many tickets became eligible.
@@ -330,6 +343,7 @@ impl AdmissionState {
         self.refill(limits, now_ms);
         self.expire_batches(limits, now_ms);
         let mut advanced = 0;
+        let line = limits.mode.admits() && self.opened && self.waiting() > 0;
         if limits.mode.admits() && self.opened {
             advanced = self
                 .waiting()
@@ -348,7 +362,8 @@ impl AdmissionState {
                 }
             }
         }
-        self.record(now_ms);
+        sample(&mut self.history, self.serving, now_ms);
+        self.record_pace(line, advanced, now_ms);
         advanced
     }
 
@@ -423,12 +438,34 @@ impl AdmissionState {
 
     /// Tickets made eligible per second over the last minute.
     pub fn observed_rate(&self) -> f64 {
-        match (self.history.front(), self.history.back()) {
-            (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
-                (s1 - s0) as f64 * 1000.0 / (t1 - t0) as f64
-            }
-            _ => 0.0,
+        per_second(&self.history)
+    }
+
+    /// Numbers called per second from the line, over the last minute it
+    /// stood (see `pace`); 0 until two ticks have seen the line.
+    pub fn pace(&self) -> f64 {
+        per_second(&self.pace)
+    }
+}
+
+/// A (time, count) sample, and those older than a minute dropped.
+fn sample(samples: &mut VecDeque<(u64, u64)>, value: u64, now_ms: u64) {
+    samples.push_back((now_ms, value));
+    while samples
+        .front()
+        .is_some_and(|(t, _)| *t + HISTORY_MS < now_ms)
+    {
+        samples.pop_front();
+    }
+}
+
+/// How fast a count grew over (time, count) samples, per second.
+fn per_second(samples: &VecDeque<(u64, u64)>) -> f64 {
+    match (samples.front(), samples.back()) {
+        (Some((t0, v0)), Some((t1, v1))) if t1 > t0 => {
+            v1.saturating_sub(*v0) as f64 * 1000.0 / (t1 - t0) as f64
         }
+        _ => 0.0,
     }
 }
 
@@ -512,6 +549,43 @@ mod tests {
         );
         let total: u64 = per_minute.iter().sum();
         assert!((36_000 - 10..=36_000 + 10).contains(&total), "{total}");
+    }
+
+    /// The pace is each line's own: measured from the tick that first
+    /// finds it, not over the quiet before it nor a pause in it.
+    #[test]
+    fn the_pace_is_measured_from_when_the_line_formed() {
+        let mut l = limits(Some(60.0), None);
+        let mut s = AdmissionState::new(&l, 0);
+        for sec in 1..=30 {
+            s.tick(&l, 0, sec * 1000);
+        }
+        assert_eq!(s.pace(), 0.0, "no line yet");
+        for _ in 0..100 {
+            s.issue(&l, 30_000);
+        }
+        s.tick(&l, 0, 31_000);
+        assert_eq!(s.pace(), 0.0, "one tick tells no pace");
+        for sec in 32..=40 {
+            s.tick(&l, 0, sec * 1000);
+        }
+        // One a second since the line formed, not 10 over 40 s.
+        assert_eq!(s.pace(), 1.0);
+        assert!(s.observed_rate() < 0.3, "{}", s.observed_rate());
+        l.mode = Mode::Paused;
+        s.tick(&l, 0, 41_000);
+        assert_eq!(s.pace(), 0.0, "paused, the line stands");
+        l.mode = Mode::Queue;
+        for sec in 42..=51 {
+            s.tick(&l, 0, sec * 1000);
+        }
+        // Measured again from the first tick after the pause: 9 in 9 s.
+        assert_eq!(s.pace(), 1.0);
+        // A clock stepped back starts it again rather than span nothing.
+        s.tick(&l, 0, 20_000);
+        assert_eq!(s.pace(), 0.0);
+        s.tick(&l, 0, 22_000);
+        assert!(s.pace() > 0.0);
     }
 
     #[test]

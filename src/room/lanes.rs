@@ -352,6 +352,7 @@ pub fn total(lanes: &[Lane]) -> RoomView {
         t.reserved += v.reserved;
         t.prequeue += v.prequeue;
         t.observed_rate += v.observed_rate;
+        t.pace += v.pace;
         t.admitted_total += v.admitted_total;
         t.abandoned_total += v.abandoned_total;
         t

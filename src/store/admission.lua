@@ -3,7 +3,9 @@
 -- KEYS: 1 state hash, 2 batches list ("at:from:to:claimed"), 3 claimed
 -- zset (score = ticket number), 4 sessions zset (score = expiry ms),
 -- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base),
--- 7 ended sessions zset (score = when to forget them, ms).
+-- 7 ended sessions zset (score = when to forget them, ms), 8 pace list
+-- ("at:called", one per tick that found people waiting, called counted
+-- since the line formed: see AdmissionState::pace).
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
 -- the asking node last saw of the state: 9 its generation ('' : nothing
@@ -11,14 +13,15 @@
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
 -- the state's generation, the floor (numbers at or below it can no
--- longer claim), how many session ids follow, those ids (the
+-- longer claim), the pace (milli per second), how many session ids
+-- follow, those ids (the
 -- sessions a 'touch' found gone), then, for a 'tick', 'view' or
 -- 'reserve' (every node makes one of the first two each tick), the
 -- provisional blocks as a flat epoch, base list}}.
 -- The provisional blocks hash also holds, under '~' .. epoch, when a
 -- block may be forgotten (ms): every ticket of it has expired by then.
 -- A 'tick' drops those past it, so the hash does not grow without end.
-local st, batches, claimed, sess, hist, prov, ended = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local st, batches, claimed, sess, hist, prov, ended, pace = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local per_minute = tonumber(ARGV[3])
@@ -263,8 +266,11 @@ elseif op == 'tick' then
   -- Never back: a node whose clock is behind must not open a gap for the
   -- others (the cluster's clocks are assumed in step, as for sessions).
   ticked = math.max(ticked, now)
-  if (mode == 'queue' or mode == 'queue_all') and opened == '1' then
-    local advanced = math.min(queue - serving, free(), budget())
+  local admits = (mode == 'queue' or mode == 'queue_all') and opened == '1'
+  local line = admits and queue > serving
+  local advanced = 0
+  if admits then
+    advanced = math.min(queue - serving, free(), budget())
     if advanced > 0 then
       redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, 0))
       serving = serving + advanced
@@ -272,13 +278,29 @@ elseif op == 'tick' then
       result = advanced
     end
   end
-  redis.call('RPUSH', hist, string.format('%d:%d', now, serving))
-  while true do
-    local first = redis.call('LINDEX', hist, 0)
-    if not first then break end
-    local t = tonumber(string.match(first, '^(%d+):'))
-    if t + 60000 >= now then break end
-    redis.call('LPOP', hist)
+  local function sample(list, value)
+    redis.call('RPUSH', list, string.format('%d:%d', now, value))
+    while true do
+      local first = redis.call('LINDEX', list, 0)
+      if not first then break end
+      local t = tonumber(string.match(first, '^(%d+):'))
+      if t + 60000 >= now then break end
+      redis.call('LPOP', list)
+    end
+  end
+  sample(hist, serving)
+  -- The line's pace, measured from when it formed (see
+  -- AdmissionState::record_pace); a ticker whose clock is behind the
+  -- last one's starts it again too.
+  local last = redis.call('LINDEX', pace, -1)
+  if not line or (last and tonumber(string.match(last, '^(%d+):')) > now) then
+    redis.call('DEL', pace)
+  end
+  if line then
+    local called = 0
+    last = redis.call('LINDEX', pace, -1)
+    if last then called = tonumber(string.match(last, ':(%d+)$')) end
+    sample(pace, called + advanced)
   end
 elseif op == 'end' then
   -- sid, when-to-forget pairs: one release, or those a node could not
@@ -363,16 +385,17 @@ redis.call('HSET', st,
   'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen))
 if opened_known then redis.call('HSET', st, 'opened', opened) end
 
-local rate = 0
-local first, last = redis.call('LINDEX', hist, 0), redis.call('LINDEX', hist, -1)
-if first and last then
-  local t0, s0 = string.match(first, '^(%d+):(%d+)$')
-  local t1, s1 = string.match(last, '^(%d+):(%d+)$')
-  if tonumber(t1) > tonumber(t0) then
-    rate = math.floor((tonumber(s1) - tonumber(s0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
-  end
+local function per_second_milli(list)
+  local first, last = redis.call('LINDEX', list, 0), redis.call('LINDEX', list, -1)
+  if not (first and last) then return 0 end
+  local t0, v0 = string.match(first, '^(%d+):(%d+)$')
+  local t1, v1 = string.match(last, '^(%d+):(%d+)$')
+  if tonumber(t1) <= tonumber(t0) then return 0 end
+  return math.floor((tonumber(v1) - tonumber(v0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
 end
-local extras = {redis.call('HGET', st, 'lkid') or '', gen, string.format('%d', floor), tostring(#gone)}
+local rate, pace_milli = per_second_milli(hist), per_second_milli(pace)
+local extras = {redis.call('HGET', st, 'lkid') or '', gen, string.format('%d', floor),
+  string.format('%d', pace_milli), tostring(#gone)}
 for _, v in ipairs(gone) do table.insert(extras, v) end
 if op == 'tick' or op == 'view' or op == 'reserve' then
   local blocks = redis.call('HGETALL', prov)

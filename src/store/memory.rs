@@ -305,6 +305,7 @@ impl RoomStore for MemoryRoom {
             opened: s.opened && !unwritten,
             prequeue: s.prequeue,
             observed_rate: s.observed_rate(),
+            pace: s.pace(),
             admitted_total: s.admitted_total,
             abandoned_total: s.abandoned_total,
             floor: s.floor,

@@ -42,6 +42,9 @@ pub struct RoomView {
     pub prequeue: u64,
     /// Admissions per second over the last minute.
     pub observed_rate: f64,
+    /// Numbers called from the line per second, over the last minute it
+    /// stood: what a wait is estimated from (see `AdmissionState::pace`).
+    pub pace: f64,
     pub admitted_total: u64,
     pub abandoned_total: u64,
     /// Numbers at or below this can no longer claim: their turn came and

@@ -143,6 +143,7 @@ impl RedisStore {
                 k("history"),
                 k("provisional"),
                 k("ended"),
+                k("pace"),
             ],
             lease_key: k("lease"),
             nodes_key: k("nodes"),
@@ -193,9 +194,9 @@ struct Fallback {
 
 pub struct RedisRoom {
     link: Arc<Link>,
-    /// state, batches, claimed, sessions, history, provisional: one hash
-    /// slot per room.
-    keys: [String; 7],
+    /// state, batches, claimed, sessions, history, provisional, ended,
+    /// pace: one hash slot per room.
+    keys: [String; 8],
     /// Where each outage's provisional tickets were placed. One of an
     /// earlier generation is kept to tell its tickets they lost their
     /// place (Redis lost its data after placing it).
@@ -230,8 +231,8 @@ pub struct RedisRoom {
 }
 
 /// result, detail, queue, serving, prequeue, opened, active, reserved,
-/// rate (milli/s), admitted, abandoned, [lottery kid, generation, n, n
-/// session ids gone, epoch, base, ...].
+/// rate (milli/s), admitted, abandoned, [lottery kid, generation, floor,
+/// pace (milli/s), n, n session ids gone, epoch, base, ...].
 type Reply = (
     i64,
     i64,
@@ -363,6 +364,12 @@ impl RedisRoom {
             admitted_total: r.9,
             abandoned_total: r.10,
             floor: r.11.get(2).and_then(|f| f.parse().ok()).unwrap_or_default(),
+            pace: r
+                .11
+                .get(3)
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or_default() as f64
+                / 1000.0,
         };
         // The time the state started from nothing, in ms (admission.lua's
         // `gen`); 0: no answer has named one yet.
@@ -373,8 +380,8 @@ impl RedisRoom {
             v.0 = generation;
         }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
-        let n_gone: usize = r.11.get(3).and_then(|n| n.parse().ok()).unwrap_or_default();
-        let gone = r.11.get(4..4 + n_gone).unwrap_or_default();
+        let n_gone: usize = r.11.get(4).and_then(|n| n.parse().ok()).unwrap_or_default();
+        let gone = r.11.get(5..5 + n_gone).unwrap_or_default();
         for sid in gone {
             // The portal ended it through another node: not alive here.
             if let Ok(sid) = u128::from_str_radix(sid, 16) {
@@ -384,7 +391,7 @@ impl RedisRoom {
         }
         let blocks: Vec<(u64, u64)> = r
             .11
-            .get(4 + n_gone..)
+            .get(5 + n_gone..)
             .unwrap_or_default()
             .chunks(2)
             .filter_map(|pair| match pair {

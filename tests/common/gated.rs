@@ -213,6 +213,56 @@ impl Got {
     }
 }
 
+/// Moves every node's clock on and ticks them all (only the leader
+/// advances the counters in cluster mode), at least every 5 s of the
+/// clock: a longer silence is what an outage looks like to a shared room
+/// (see admission.lua's catch_up), and the turns called before it are
+/// kept.
+pub async fn advance_all(nodes: &[Gated], ms: u64) {
+    let mut left = ms;
+    while left > 0 {
+        let step = left.min(5_000);
+        left -= step;
+        for g in nodes {
+            g.clock.advance_ms(step);
+        }
+        for g in nodes {
+            g.app.tick().await;
+        }
+    }
+}
+
+/// Over `nodes` (one room `portal` of `max_active = 10`, the test
+/// upstream's `/release` ending sessions): ten holders fill it at once,
+/// eight more line up, and a holder leaves every 10 s, four times. Checks
+/// that no wait is told before the line has moved (the room filling is
+/// not its pace), and returns the last in line: 4th from the front, the
+/// line having moved at one per 10 s since it formed.
+pub async fn fill_then_move_one_every_ten_seconds(nodes: &[Gated]) -> Citizen {
+    advance_all(nodes, 1000).await;
+    let mut holders: Vec<Citizen> = (0..10).map(|_| nodes[0].citizen()).collect();
+    for h in &mut holders {
+        assert!(h.get("/").await.reached_upstream());
+    }
+    let mut line: Vec<Citizen> = (0..8).map(|_| nodes[0].citizen()).collect();
+    for c in &mut line {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    advance_all(nodes, 1000).await;
+    let last = line.last_mut().unwrap();
+    let s = last.status("portal").await;
+    assert_eq!(s["position"], 8, "{s}");
+    assert!(
+        s["eta_seconds"].is_null(),
+        "the line has not moved: no wait to tell yet {s}"
+    );
+    for h in holders.iter_mut().take(4) {
+        advance_all(nodes, 10_000).await;
+        assert_eq!(h.get("/release").await.status, 200);
+    }
+    line.pop().unwrap()
+}
+
 /// A gated room in front of `up`, with generous per-address limits (every
 /// test citizen comes from 127.0.0.1), plus extra room keys.
 pub fn gated_config(up: SocketAddr, room_keys: &str) -> String {
