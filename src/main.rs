@@ -103,6 +103,12 @@ enum Command {
         /// 60 with --compare. At most an hour.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
         patience: Option<u64>,
+        /// Seconds a citizen spends on each portal page before the next
+        /// step (reading, filling the form in), on average: between none
+        /// and twice this, at random. How long a session holds its slot.
+        /// At most a minute.
+        #[arg(long, default_value_t = 0, conflicts_with = "compare", value_parser = clap::value_parser!(u64).range(0..=60))]
+        think: u64,
         /// Compare a fixed rate too high, one too low, and adaptive
         /// admission, all through varco on the same demo portal.
         #[arg(long)]
@@ -158,6 +164,7 @@ fn main() -> ExitCode {
             rate,
             max_active,
             patience,
+            think,
             compare,
             chart,
         } => {
@@ -206,6 +213,7 @@ fn main() -> ExitCode {
                     admission_per_minute: rate,
                     max_active,
                     patience: std::time::Duration::from_secs(patience.unwrap_or(90)),
+                    think: std::time::Duration::from_secs(think),
                     ..Default::default()
                 };
                 rt.block_on(varco::demo::simulate::run(&settings))

@@ -33,6 +33,11 @@ pub struct SimSettings {
     pub patience: Duration,
     /// How often a waiting citizen's page asks where they stand.
     pub poll: Duration,
+    /// How long a citizen spends on each portal page before the next
+    /// step (reading it, filling the form), on average: each page takes
+    /// between none and twice this, at random, as people differ. With the
+    /// portal's answers, how long a session holds its slot.
+    pub think: Duration,
 }
 
 impl Default for SimSettings {
@@ -47,6 +52,7 @@ impl Default for SimSettings {
             max_active: 20,
             patience: Duration::from_secs(90),
             poll: Duration::from_millis(200),
+            think: Duration::ZERO,
         }
     }
 }
@@ -81,6 +87,36 @@ pub struct Outcome {
     pub admitted: usize,
     /// Citizens who held a ticket: waited in line.
     pub ticketed: usize,
+    /// The waits the waiting page told citizens later let in, each over
+    /// the wait that followed (1: honest; below 1: promised too short).
+    pub told: ToldWaits,
+}
+
+/// How the waits told held up: every one, and each citizen's first.
+#[derive(Debug, Clone, Default)]
+pub struct ToldWaits {
+    pub first_over_waited: Vec<f64>,
+    pub every_over_waited: Vec<f64>,
+    /// How many of every wait told the citizen got in within the range
+    /// of (its high end allowed one poll more: a page learns of its turn
+    /// at a poll).
+    pub every_within_range: usize,
+}
+
+impl ToldWaits {
+    fn add(&mut self, told: &[Told], admitted: f64, poll: f64) {
+        for (i, t) in told.iter().enumerate() {
+            let waited = admitted - t.at;
+            let ratio = t.eta / waited.max(0.001);
+            if i == 0 {
+                self.first_over_waited.push(ratio);
+            }
+            self.every_over_waited.push(ratio);
+            if t.low <= waited && waited <= t.high + poll {
+                self.every_within_range += 1;
+            }
+        }
+    }
 }
 
 impl Outcome {
@@ -248,8 +284,18 @@ impl Log {
     }
 }
 
+/// A wait the waiting page told a citizen, seconds.
+#[derive(Clone, Copy)]
+struct Told {
+    at: f64,
+    eta: f64,
+    low: f64,
+    high: f64,
+}
+
 #[derive(Default)]
 struct Trace {
+    told: Vec<Told>,
     done: Option<f64>,
     waited: Option<f64>,
     place: Place,
@@ -342,6 +388,19 @@ async fn citizen(
                 if let Some(n) = v["ticket"].as_u64() {
                     t.place.ticket = Some(n);
                 }
+                let secs = |k: &str| v[k].as_u64().map(|s| s as f64);
+                if let (Some(eta), Some(low), Some(high)) = (
+                    secs("eta_seconds"),
+                    secs("eta_low_seconds"),
+                    secs("eta_high_seconds"),
+                ) {
+                    t.told.push(Told {
+                        at: start.elapsed().as_secs_f64(),
+                        eta,
+                        low,
+                        high,
+                    });
+                }
                 if v["state"] == "admitted" {
                     break;
                 }
@@ -368,6 +427,10 @@ async fn citizen(
         }
         if (200..400).contains(&r.status) {
             step += 1;
+            if step < steps.len() {
+                let share = (crate::room::token::random_u128() % 1001) as f64 / 500.0;
+                tokio::time::sleep(s.think.mul_f64(share)).await;
+            }
         }
     }
     if step == steps.len() {
@@ -425,6 +488,9 @@ async fn crowd(
         }
         if t.place.ticket.is_some() {
             o.ticketed += 1;
+        }
+        if let Some(admitted) = t.place.admitted {
+            o.told.add(&t.told, admitted, s.poll.as_secs_f64());
         }
         places.push(t.place);
     }
@@ -677,8 +743,9 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
     let secs = |v: Option<f64>| v.map(|x| format!("{x:.1} s")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
     out.push_str(&format!(
-        "click day: {} citizens arriving 200 a second, demo portal capacity {} at {} ms a request (500 past {} ms), varco: {} new sessions/min, max_active {}\n\n",
+        "click day: {} citizens arriving 200 a second, {} s on each page, demo portal capacity {} at {} ms a request (500 past {} ms), varco: {} new sessions/min, max_active {}\n\n",
         s.citizens,
+        s.think.as_secs_f64(),
         s.capacity,
         s.service_time.as_millis(),
         s.service_time.as_millis() * super::portal::PORTAL_TIMEOUT_FACTOR as u128,
@@ -735,6 +802,33 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
         "p99 wait (of those let in)",
         secs(percentile(&without.wait_seconds, 0.99)),
         secs(percentile(&with.wait_seconds, 0.99)),
+    ));
+    // Without varco nobody is told a wait.
+    let median = |v: &[f64]| match percentile(v, 0.5) {
+        Some(m) => format!("{m:.2}"),
+        None => "-".into(),
+    };
+    out.push_str(&row(
+        "first wait told / wait (median)",
+        median(&without.told.first_over_waited),
+        median(&with.told.first_over_waited),
+    ));
+    out.push_str(&row(
+        "every wait told / wait (median)",
+        median(&without.told.every_over_waited),
+        median(&with.told.every_over_waited),
+    ));
+    let within = |o: &Outcome| match o.told.every_over_waited.len() {
+        0 => "-".into(),
+        n => format!(
+            "{:.0}%",
+            100.0 * o.told.every_within_range as f64 / n as f64
+        ),
+    };
+    out.push_str(&row(
+        "waits told that held (in range)",
+        within(without),
+        within(with),
     ));
     out.push_str(&row(
         "let in out of arrival order",
