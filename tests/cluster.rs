@@ -112,14 +112,20 @@ fn fresh_dir(name: &str) -> std::path::PathBuf {
 /// tests/operations.rs, `the_wait_is_told_from_the_lines_pace_not_the_rooms_filling`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wait_is_told_from_the_lines_pace_in_cluster_mode_too() {
-    let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(&redis, up.addr, "max_active = 10", "lease = \"3s\"");
-    let nodes = nodes(&cfg, 1).await;
-    let mut last = common::gated::fill_then_move_one_every_ten_seconds(&nodes).await;
-    let s = last.status("portal").await;
-    assert_eq!(s["position"], 4, "{s}");
-    assert_eq!(s["eta_seconds"], 40, "four places at one per 10 s {s}");
+    for mode in ["queue", "queue_all"] {
+        let redis = RedisServer::start();
+        let up = upstream::spawn().await;
+        let room = format!("max_active = 4\nadmission_per_minute = 120\nmode = \"{mode}\"");
+        let cfg = cluster_config(&redis, up.addr, &room, "lease = \"3s\"");
+        let nodes = nodes(&cfg, 1).await;
+        let mut last = common::gated::fill_then_move_one_every_ten_seconds(&nodes).await;
+        let s = last.status("portal").await;
+        assert_eq!(s["position"], 4, "{mode}: {s}");
+        assert_eq!(
+            s["eta_seconds"], 40,
+            "{mode}: four places at one per 10 s {s}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,6 +189,14 @@ pub struct AdmissionState {
     /// promised several times too short.
     #[serde(default)]
     pub pace: VecDeque<(u64, u64)>,
+    /// When this line first found the room full (its free slots no more
+    /// than it could take): see `record_pace`.
+    #[serde(default)]
+    pub pace_full: Option<u64>,
+    /// The full room has turned over once since, or a minute passed: its
+    /// pace is worth telling.
+    #[serde(default)]
+    pub pace_settled: bool,
     /// This run of the queue, drawn at random when its counters start
     /// from nothing; tickets carry it, so one from an earlier run (a
     /// start without the snapshot) is not taken for a number of this one.
@@ -323,18 +331,51 @@ impl AdmissionState {
 
     /// The line's pace: a tick that finds nobody waiting (or nobody
     /// called, paused) ends it, so the next line's is measured from when
-    /// it forms, not over the quiet or the stop before it.
-    fn record_pace(&mut self, line: bool, called: u64, now_ms: u64) {
+    /// it forms, not over the quiet or the stop before it. `full`: this
+    /// tick's free slots were no more than the line could take. The
+    /// first such tick starts it again, its calls not counted: until
+    /// then the line was filling the room's empty slots, a hundred in a
+    /// second where, full, it moves only as fast as people leave. And
+    /// how fast that is, the first to leave do not tell: the quick ones
+    /// (or, sessions alike, nobody for a while, then everyone): it is
+    /// told once as many have been called as the room holds, or after a
+    /// minute.
+    fn record_pace(
+        &mut self,
+        line: bool,
+        full: bool,
+        called: u64,
+        max_active: Option<u64>,
+        now_ms: u64,
+    ) {
         // A clock stepped back starts it again too: a span measured
-        // backwards says nothing.
-        if !line || self.pace.back().is_some_and(|(t, _)| *t > now_ms) {
+        // backwards says nothing. Not a tick a few ms behind the last: a
+        // tick run at once for a released session can take the lock
+        // before a scheduled one that read the clock earlier.
+        let stepped_back = self
+            .pace
+            .back()
+            .is_some_and(|(t, _)| *t > now_ms + STEPPED_BACK_MS);
+        if !line || stepped_back {
             self.pace.clear();
+            self.pace_full = None;
+            self.pace_settled = false;
         }
         if !line {
             return;
         }
+        let filled = full && self.pace_full.is_none();
+        if filled {
+            self.pace.clear();
+            self.pace_full = Some(now_ms);
+        }
+        let called = if filled { 0 } else { called };
         let before = self.pace.back().map_or(0, |(_, c)| *c);
         sample(&mut self.pace, before + called, now_ms);
+        if let Some(since) = self.pace_full {
+            self.pace_settled |=
+                before + called >= max_active.unwrap_or(0) || now_ms >= since + HISTORY_MS;
+        }
     }
 
     /// One admission tick. Returns how many tickets became eligible.
@@ -344,11 +385,10 @@ impl AdmissionState {
         self.expire_batches(limits, now_ms);
         let mut advanced = 0;
         let line = limits.mode.admits() && self.opened && self.waiting() > 0;
+        let free = self.free(limits, active);
+        let full = limits.max_active.is_some() && free <= self.waiting().min(self.budget(limits));
         if limits.mode.admits() && self.opened {
-            advanced = self
-                .waiting()
-                .min(self.free(limits, active))
-                .min(self.budget(limits));
+            advanced = self.waiting().min(free).min(self.budget(limits));
             if advanced > 0 {
                 self.batches.push_back(Batch {
                     at_ms: now_ms,
@@ -363,7 +403,7 @@ impl AdmissionState {
             }
         }
         sample(&mut self.history, self.serving, now_ms);
-        self.record_pace(line, advanced, now_ms);
+        self.record_pace(line, full, advanced, limits.max_active, now_ms);
         advanced
     }
 
@@ -442,8 +482,12 @@ impl AdmissionState {
     }
 
     /// Numbers called per second from the line, over the last minute it
-    /// stood (see `pace`); 0 until two ticks have seen the line.
+    /// stood (see `pace`); 0 until two ticks have seen the line, and while
+    /// a full room's is not settled (see `record_pace`).
     pub fn pace(&self) -> f64 {
+        if self.pace_full.is_some() && !self.pace_settled {
+            return 0.0;
+        }
         per_second(&self.pace)
     }
 }
@@ -581,11 +625,85 @@ mod tests {
         }
         // Measured again from the first tick after the pause: 9 in 9 s.
         assert_eq!(s.pace(), 1.0);
+        // A tick that read the clock a moment before the last one took
+        // the lock (one run at once for a released session) keeps it.
+        s.tick(&l, 0, 50_990);
+        assert!(s.pace() > 0.9, "{}", s.pace());
         // A clock stepped back starts it again rather than span nothing.
         s.tick(&l, 0, 20_000);
         assert_eq!(s.pace(), 0.0);
         s.tick(&l, 0, 22_000);
         assert!(s.pace() > 0.0);
+    }
+
+    /// A room held back by `max_active` moves as fast as people leave:
+    /// the calls that filled its empty slots are no part of its pace.
+    #[test]
+    fn filling_the_room_is_not_the_lines_pace() {
+        // Five a second: the room fills over two ticks.
+        let l = limits(Some(300.0), Some(10));
+        let mut s = AdmissionState::new(&l, 0);
+        s.tick(&l, 0, 0);
+        for _ in 0..40 {
+            s.issue(&l, 0);
+        }
+        // Everyone called comes in at once: a session each.
+        let mut active = 0;
+        let tick = |s: &mut AdmissionState, active: &mut u64, now: u64| {
+            let called = s.tick(&l, *active, now);
+            for n in s.serving + 1 - called..=s.serving {
+                assert_eq!(s.claim(n, &l, now), Claim::Admitted);
+            }
+            *active += called;
+            called
+        };
+        assert_eq!(tick(&mut s, &mut active, 1_000), 6, "the empty room fills");
+        assert_eq!(tick(&mut s, &mut active, 2_000), 4, "up to max_active");
+        for sec in 3..=10 {
+            tick(&mut s, &mut active, sec * 1000);
+        }
+        assert_eq!(s.pace(), 0.0, "full, and nobody left yet");
+        // One leaves every 2 s from then on.
+        for sec in 11..=30 {
+            if sec % 2 == 0 {
+                active -= 1;
+            }
+            tick(&mut s, &mut active, sec * 1000);
+            if sec == 28 {
+                assert_eq!(s.pace(), 0.0, "9 of the 10 inside replaced: not yet");
+            }
+        }
+        // 10 called in the 28 s since the room was full, not 14.
+        assert_eq!(s.pace(), 10.0 / 28.0);
+        // Counted over ticks after it, the filling would make it 20.
+        assert!(s.observed_rate() > 0.6, "{}", s.observed_rate());
+    }
+
+    /// A full room whose people stay long: its pace is told after a
+    /// minute, even before all inside have been replaced.
+    #[test]
+    fn a_slow_full_rooms_pace_is_told_after_a_minute() {
+        let l = limits(None, Some(100));
+        let mut s = AdmissionState::new(&l, 0);
+        for _ in 0..150 {
+            s.issue(&l, 0);
+        }
+        let mut inside = 0;
+        for sec in 0..=60 {
+            if sec % 10 == 0 && sec > 0 {
+                inside -= 1;
+            }
+            // Everyone called comes in at once.
+            let called = s.tick(&l, inside, sec * 1000);
+            for n in s.serving + 1 - called..=s.serving {
+                assert_eq!(s.claim(n, &l, sec * 1000), Claim::Admitted);
+            }
+            inside += called;
+            if sec == 59 {
+                assert_eq!(s.pace(), 0.0);
+            }
+        }
+        assert_eq!(s.pace(), 0.1, "6 in 60 s");
     }
 
     #[test]

@@ -78,6 +78,9 @@ local ticked = tonumber(h.ticked or string.format('%d', now))
 -- When a node last reported its sessions (its tick's touch, then view or
 -- tick): state written before this field existed counts from its tick.
 local seen = tonumber(h.seen or h.ticked or string.format('%d', now))
+-- When this line first found the room full ('': not yet), and whether
+-- its pace is worth telling since (see AdmissionState::pace_full).
+local pace_full, pace_settled = h.pfull or '', h.psettled or '0'
 
 local function parse(b)
   local at, f, t, c = string.match(b, '^(%d+):(%d+):(%d+):(%d+)$')
@@ -268,9 +271,11 @@ elseif op == 'tick' then
   ticked = math.max(ticked, now)
   local admits = (mode == 'queue' or mode == 'queue_all') and opened == '1'
   local line = admits and queue > serving
+  local slots, tokens_now = free(), budget()
+  local full = max_active >= 0 and slots <= math.min(queue - serving, tokens_now)
   local advanced = 0
   if admits then
-    advanced = math.min(queue - serving, free(), budget())
+    advanced = math.min(queue - serving, slots, tokens_now)
     if advanced > 0 then
       redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, 0))
       serving = serving + advanced
@@ -289,18 +294,29 @@ elseif op == 'tick' then
     end
   end
   sample(hist, serving)
-  -- The line's pace, measured from when it formed (see
-  -- AdmissionState::record_pace); a ticker whose clock is behind the
-  -- last one's starts it again too.
+  -- The line's pace, measured from when it formed, again from when it
+  -- filled the room, and told once the room has turned over or after a
+  -- minute (see AdmissionState::record_pace); a ticker whose clock is
+  -- well behind the last one's (5 s, STEPPED_BACK_MS) starts it again too.
   local last = redis.call('LINDEX', pace, -1)
-  if not line or (last and tonumber(string.match(last, '^(%d+):')) > now) then
+  if not line or (last and tonumber(string.match(last, '^(%d+):')) > now + 5000) then
     redis.call('DEL', pace)
+    pace_full, pace_settled = '', '0'
   end
   if line then
+    local filled = full and pace_full == ''
+    if filled then
+      redis.call('DEL', pace)
+      pace_full = string.format('%d', now)
+    end
     local called = 0
     last = redis.call('LINDEX', pace, -1)
     if last then called = tonumber(string.match(last, ':(%d+)$')) end
-    sample(pace, called + advanced)
+    if not filled then called = called + advanced end
+    sample(pace, called)
+    if pace_full ~= '' and (called >= math.max(max_active, 0) or now >= tonumber(pace_full) + 60000) then
+      pace_settled = '1'
+    end
   end
 elseif op == 'end' then
   -- sid, when-to-forget pairs: one release, or those a node could not
@@ -382,7 +398,8 @@ redis.call('HSET', st,
   'tokens', string.format('%.6f', tokens), 'refilled', string.format('%d', refilled),
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
   'abandoned', string.format('%d', abandoned), 'gen', gen,
-  'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen))
+  'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen),
+  'pfull', pace_full, 'psettled', pace_settled)
 if opened_known then redis.call('HSET', st, 'opened', opened) end
 
 local function per_second_milli(list)
@@ -393,7 +410,8 @@ local function per_second_milli(list)
   if tonumber(t1) <= tonumber(t0) then return 0 end
   return math.floor((tonumber(v1) - tonumber(v0)) * 1000000 / (tonumber(t1) - tonumber(t0)))
 end
-local rate, pace_milli = per_second_milli(hist), per_second_milli(pace)
+local rate, pace_milli = per_second_milli(hist), 0
+if pace_full == '' or pace_settled == '1' then pace_milli = per_second_milli(pace) end
 local extras = {redis.call('HGET', st, 'lkid') or '', gen, string.format('%d', floor),
   string.format('%d', pace_milli), tostring(#gone)}
 for _, v in ipairs(gone) do table.insert(extras, v) end
