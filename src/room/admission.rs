@@ -183,10 +183,9 @@ pub struct AdmissionState {
     pub history: VecDeque<(u64, u64)>,
     /// (time, numbers called since the line formed) at each tick over the
     /// last minute that found people waiting: the pace of the line, what
-    /// a wait is estimated from. Not
-    /// the observed rate: a room filling admits at once many more than
-    /// its line will ever move at, and a wait counted from that would be
-    /// promised several times too short.
+    /// a wait is estimated from. Not the observed rate: a room filling
+    /// admits at once many more than its line will ever move at, and a
+    /// wait counted from that would be promised several times too short.
     #[serde(default)]
     pub pace: VecDeque<(u64, u64)>,
     /// When this line first found the room full (its free slots no more
