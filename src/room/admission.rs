@@ -594,6 +594,17 @@ mod tests {
         assert!((36_000 - 10..=36_000 + 10).contains(&total), "{total}");
     }
 
+    /// One tick, everyone it called coming in at once: a session each,
+    /// counted in `inside`. Returns how many it called.
+    fn tick_and_come_in(s: &mut AdmissionState, l: &Limits, inside: &mut u64, now: u64) -> u64 {
+        let called = s.tick(l, *inside, now);
+        for n in s.serving + 1 - called..=s.serving {
+            assert_eq!(s.claim(n, l, now), Claim::Admitted);
+        }
+        *inside += called;
+        called
+    }
+
     /// The pace is each line's own: measured from the tick that first
     /// finds it, not over the quiet before it nor a pause in it.
     #[test]
@@ -646,20 +657,19 @@ mod tests {
         for _ in 0..40 {
             s.issue(&l, 0);
         }
-        // Everyone called comes in at once: a session each.
         let mut active = 0;
-        let tick = |s: &mut AdmissionState, active: &mut u64, now: u64| {
-            let called = s.tick(&l, *active, now);
-            for n in s.serving + 1 - called..=s.serving {
-                assert_eq!(s.claim(n, &l, now), Claim::Admitted);
-            }
-            *active += called;
-            called
-        };
-        assert_eq!(tick(&mut s, &mut active, 1_000), 6, "the empty room fills");
-        assert_eq!(tick(&mut s, &mut active, 2_000), 4, "up to max_active");
+        assert_eq!(
+            tick_and_come_in(&mut s, &l, &mut active, 1_000),
+            6,
+            "the empty room fills"
+        );
+        assert_eq!(
+            tick_and_come_in(&mut s, &l, &mut active, 2_000),
+            4,
+            "up to max_active"
+        );
         for sec in 3..=10 {
-            tick(&mut s, &mut active, sec * 1000);
+            tick_and_come_in(&mut s, &l, &mut active, sec * 1000);
         }
         assert_eq!(s.pace(), 0.0, "full, and nobody left yet");
         // One leaves every 2 s from then on.
@@ -667,7 +677,7 @@ mod tests {
             if sec % 2 == 0 {
                 active -= 1;
             }
-            tick(&mut s, &mut active, sec * 1000);
+            tick_and_come_in(&mut s, &l, &mut active, sec * 1000);
             if sec == 28 {
                 assert_eq!(s.pace(), 0.0, "9 of the 10 inside replaced: not yet");
             }
@@ -692,12 +702,7 @@ mod tests {
             if sec % 10 == 0 && sec > 0 {
                 inside -= 1;
             }
-            // Everyone called comes in at once.
-            let called = s.tick(&l, inside, sec * 1000);
-            for n in s.serving + 1 - called..=s.serving {
-                assert_eq!(s.claim(n, &l, sec * 1000), Claim::Admitted);
-            }
-            inside += called;
+            tick_and_come_in(&mut s, &l, &mut inside, sec * 1000);
             if sec == 59 {
                 assert_eq!(s.pace(), 0.0);
             }
