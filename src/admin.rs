@@ -162,7 +162,7 @@ pub fn room_state(room: &Room) -> Value {
     let v = room.view();
     let counted = room.counted();
     let per_second = v.observed_rate;
-    let wait = (v.pace > 0.0).then(|| (v.in_line() as f64 / v.pace).round() as u64);
+    let wait = v.estimated_wait().map(|w| w.round() as u64);
     let upstreams: Vec<Value> = room
         .upstreams
         .all()

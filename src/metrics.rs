@@ -858,12 +858,8 @@ impl prometheus::core::Collector for RoomCollector {
                 name,
                 v.observed_rate,
             );
-            if v.pace > 0.0 {
-                self.set(
-                    "varco_room_estimated_wait_seconds",
-                    name,
-                    v.in_line() as f64 / v.pace,
-                );
+            if let Some(wait) = v.estimated_wait() {
+                self.set("varco_room_estimated_wait_seconds", name, wait);
             }
             if let Some(a) = &room.adaptive {
                 let (latency, failures) = a.last_signals();

@@ -63,6 +63,12 @@ impl RoomView {
             self.waiting + self.prequeue
         }
     }
+
+    /// The wait of someone joining now, in seconds, at the line's pace;
+    /// `None` while the pace is not known.
+    pub fn estimated_wait(&self) -> Option<f64> {
+        (self.pace > 0.0).then(|| self.in_line() as f64 / self.pace)
+    }
 }
 
 /// A new session to record together with an admission, so the count of
