@@ -187,6 +187,8 @@ pub fn room_state(room: &Room) -> Value {
         "gated": room.is_gated(),
         "admission_per_minute": room.per_minute(),
         "max_active": room.max_active(),
+        // What holds over the config file until a reset (a reload too).
+        "live_changes": room.live_changes(),
         "queue_length": v.in_line(),
         "active_sessions": v.active,
         "reserved": v.reserved,

@@ -721,16 +721,31 @@ impl App {
             self.clock.now_ms(),
             &|name| self.room(name),
         );
-        // The cluster's shared changes hold across a reload.
+        // An operator's live changes hold across a reload, until a reset.
         for room in &rooms {
             if let Some(old) = self.room(&room.name) {
-                room.follow_as(&old);
+                room.keep_live_changes_of(&old);
+                let held = room.live_changes();
+                if !held.is_empty() {
+                    tracing::warn!(
+                        target: "varco::audit",
+                        room = %room.name,
+                        held = ?held,
+                        mode = room.mode().as_str(),
+                        admission_per_minute = ?room.per_minute(),
+                        max_active = ?room.max_active(),
+                        "live changes hold over the reloaded file until a reset"
+                    );
+                }
             }
         }
         // What adaptive admission learned survives a reload (within the
         // new bounds); starting over would re-probe a portal we know.
         for room in &rooms {
             if let (Some(a), Some(old)) = (&room.adaptive, self.room(&room.name)) {
+                if room.rate_is_held() {
+                    continue;
+                }
                 if let (Some(_), Some(rate)) = (&old.adaptive, old.per_minute()) {
                     room.set_per_minute(Some(
                         rate.clamp(a.config.min_per_minute, a.config.max_per_minute),

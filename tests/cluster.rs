@@ -2233,13 +2233,20 @@ async fn a_live_change_through_one_node_reaches_every_node() {
         live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
         ("queue".to_string(), Some(999.0), Some(3))
     );
-    // A reload keeps what the cluster shares, at once.
+    // A reload keeps what the cluster shares, at once, as it is in force
+    // (the rate moved since, as an adaptive one does).
     let got = api(&nodes[1], "POST", "/api/reload").await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(
         live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
-        ("queue".to_string(), Some(240.0), Some(3)),
+        ("queue".to_string(), Some(999.0), Some(3)),
         "the shared rate and cap, not the file's"
+    );
+    // And the next tick does not take it for a new shared change.
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
+        ("queue".to_string(), Some(999.0), Some(3))
     );
     // Redis loses its data: what is in force stays (a pause would not lift
     // itself), and the next change is followed again.
@@ -2257,7 +2264,7 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     advance(&nodes, 1000).await;
     assert_eq!(
         live(api(&nodes[1], "GET", "/api/rooms/portal").await.json()),
-        ("queue".to_string(), Some(240.0), Some(3))
+        ("queue".to_string(), Some(999.0), Some(3))
     );
 }
 

@@ -455,6 +455,77 @@ async fn a_bad_reload_is_refused_and_a_good_one_keeps_connections_and_places() {
     assert!(m.contains("varco_config_reloads_total{result=\"ok\"} 1"));
 }
 
+#[tokio::test]
+async fn a_reload_keeps_an_operators_live_changes_until_a_reset() {
+    let up = upstream::spawn().await;
+    let file = |limits: &str| with_admin(&gated_config(up.addr, limits));
+    let (g, path) = Gated::start_written(
+        "live-kept",
+        &file("max_active = 5\nadmission_per_minute = 600"),
+    )
+    .await;
+    let state = async || {
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+            .await
+            .json()
+    };
+    api(&g, "POST", "/api/rooms/portal/pause", Some(TOKEN)).await;
+    let braked = api(&g, "POST", "/api/rooms/portal/rate?value=7", Some(TOKEN)).await;
+    assert_eq!(braked.status, 200);
+    assert_eq!(
+        braked.json()["live_changes"],
+        serde_json::json!(["mode", "admission_per_minute"])
+    );
+    // A certificate renewal's reload, with the file's limits changed too:
+    // the brake and the pause hold; max_active, not changed live, is the
+    // file's.
+    std::fs::write(&path, file("max_active = 9\nadmission_per_minute = 900")).unwrap();
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    let s = state().await;
+    assert_eq!(s["mode"], "paused", "{s}");
+    assert_eq!(s["admission_per_minute"], 7.0, "{s}");
+    assert_eq!(s["max_active"], 9, "{s}");
+    assert_eq!(
+        s["live_changes"],
+        serde_json::json!(["mode", "admission_per_minute"])
+    );
+    // A reset goes back to the file, and the next reload keeps to it.
+    api(&g, "POST", "/api/rooms/portal/reset", Some(TOKEN)).await;
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    let s = state().await;
+    assert_eq!(s["mode"], "queue", "{s}");
+    assert_eq!(s["admission_per_minute"], 900.0, "{s}");
+    assert_eq!(s["live_changes"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_operators_brake_under_an_adaptive_floor() {
+    let up = upstream::spawn().await;
+    let (g, _path) = Gated::start_written(
+        "brake-kept",
+        &with_admin(&gated_config(
+            up.addr,
+            "adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"250ms\", interval = \"1s\" }",
+        )),
+    )
+    .await;
+    api(&g, "POST", "/api/rooms/portal/rate?value=10", Some(TOKEN)).await;
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    let s = api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+        .await
+        .json();
+    assert_eq!(s["admission_per_minute"], 10.0, "the brake holds: {s}");
+}
+
 async fn ask(conn: &mut tokio::net::TcpStream, cookie: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let req = format!("GET /echo HTTP/1.1\r\nHost: portal\r\nCookie: {cookie}\r\n\r\n");

@@ -109,7 +109,20 @@ pub struct Room {
     /// Changes made through this node's API, counted: a read of the
     /// shared ones that overlaps one is not applied.
     local_changes: AtomicU64,
+    /// Which of mode, rate and `max_active` an operator set since the
+    /// last reset (through this node's API or, in a cluster, any node's):
+    /// [`HELD_MODE`] and so on. A reload keeps them, as it keeps an
+    /// upstream taken out: a certificate renewal's reload must not lift a
+    /// brake.
+    held: AtomicU8,
 }
+
+/// An operator's mode holds over the config's (see `Room::held`).
+const HELD_MODE: u8 = 1;
+/// An operator's `admission_per_minute` holds.
+const HELD_RATE: u8 = 2;
+/// An operator's `max_active` holds.
+const HELD_MAX_ACTIVE: u8 = 4;
 
 /// The path of a request target, the query aside.
 fn path_of(path_and_query: &str) -> &str {
@@ -197,6 +210,7 @@ impl Room {
             draw: Mutex::new(None),
             followed: Mutex::new(SharedLive::default()),
             local_changes: AtomicU64::new(0),
+            held: AtomicU8::new(0),
             error_template: config
                 .error_template
                 .as_deref()
@@ -468,11 +482,21 @@ impl Room {
     /// of a cluster (an error: it holds on this node only).
     pub async fn change_live(&self, change: LiveChange) -> Result<(), StoreError> {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
-        match change {
-            LiveChange::Mode(m) => self.set_mode(m),
-            LiveChange::PerMinute(r) => self.set_per_minute(r),
-            LiveChange::MaxActive(m) => self.set_max_active(m),
-        }
+        let held = match change {
+            LiveChange::Mode(m) => {
+                self.set_mode(m);
+                HELD_MODE
+            }
+            LiveChange::PerMinute(r) => {
+                self.set_per_minute(r);
+                HELD_RATE
+            }
+            LiveChange::MaxActive(m) => {
+                self.set_max_active(m);
+                HELD_MAX_ACTIVE
+            }
+        };
+        self.held.fetch_or(held, Ordering::SeqCst);
         self.store.share_live(change).await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })
@@ -483,6 +507,7 @@ impl Room {
     pub async fn reset_live(&self) -> Result<(), StoreError> {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
         self.back_to_config();
+        self.held.store(0, Ordering::SeqCst);
         self.store.reset_live().await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })
@@ -530,16 +555,27 @@ impl Room {
         let reset = shared.reset != followed.reset;
         if reset {
             self.back_to_config();
+            self.held.store(0, Ordering::SeqCst);
         }
         let c = &self.config;
+        let hold = |bit: u8, shared: bool| {
+            if shared {
+                self.held.fetch_or(bit, Ordering::SeqCst);
+            } else {
+                self.held.fetch_and(!bit, Ordering::SeqCst);
+            }
+        };
         if reset || shared.mode != followed.mode {
             self.set_mode(shared.mode.unwrap_or(c.mode));
+            hold(HELD_MODE, shared.mode.is_some());
         }
         if reset || shared.per_minute != followed.per_minute {
             self.set_per_minute(shared.per_minute.unwrap_or(c.admission_per_minute));
+            hold(HELD_RATE, shared.per_minute.is_some());
         }
         if reset || shared.max_active != followed.max_active {
             self.set_max_active(shared.max_active.unwrap_or(c.max_active));
+            hold(HELD_MAX_ACTIVE, shared.max_active.is_some());
         }
         tracing::info!(
             room = %self.name,
@@ -553,25 +589,49 @@ impl Room {
         true
     }
 
-    /// A room built by a reload takes over what the room it replaces
-    /// followed, so a shared change holds across the reload without
-    /// waiting for the next tick (or for the store to come back).
-    pub fn follow_as(&self, old: &Room) {
-        let followed = old
+    /// A room built by a reload keeps the live changes of the room it
+    /// replaces, as they are in force there (a rate adaptive admission
+    /// moved since, a change made while Redis was away), until a reset;
+    /// and what it followed of the cluster's, so the next tick applies
+    /// only what changed since.
+    pub fn keep_live_changes_of(&self, old: &Room) {
+        let held = old.held.load(Ordering::SeqCst);
+        if held & HELD_MODE != 0 {
+            self.set_mode(old.mode());
+        }
+        if held & HELD_RATE != 0 {
+            self.set_per_minute(old.per_minute());
+        }
+        if held & HELD_MAX_ACTIVE != 0 {
+            self.set_max_active(old.max_active());
+        }
+        self.held.store(held, Ordering::SeqCst);
+        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = old
             .followed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Some(m) = followed.mode {
-            self.set_mode(m);
-        }
-        if let Some(r) = followed.per_minute {
-            self.set_per_minute(r);
-        }
-        if let Some(m) = followed.max_active {
-            self.set_max_active(m);
-        }
-        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = followed;
+    }
+
+    /// The settings an operator changed live that hold over the config
+    /// file's, by their config names.
+    pub fn live_changes(&self) -> Vec<&'static str> {
+        let held = self.held.load(Ordering::SeqCst);
+        [
+            (HELD_MODE, "mode"),
+            (HELD_RATE, "admission_per_minute"),
+            (HELD_MAX_ACTIVE, "max_active"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| held & bit != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
+
+    /// Whether the rate in force is an operator's (adaptive admission
+    /// then keeps it as it is across a reload, under the floor too).
+    pub fn rate_is_held(&self) -> bool {
+        self.held.load(Ordering::SeqCst) & HELD_RATE != 0
     }
 
     /// How long a session the portal ended must be remembered: as long as
