@@ -634,19 +634,8 @@ impl Gateway {
         match req.headers().get(&X_FORWARDED_PROTO) {
             Some(v) => first_element(v).eq_ignore_ascii_case(b"https"),
             // RFC 7239's `Forwarded: for=...;proto=https`, from a balancer
-            // that sends only that: its first element's proto.
-            None => req.headers().get(http::header::FORWARDED).is_some_and(|v| {
-                first_element(v).split(|&b| b == b';').any(|pair| {
-                    let pair = pair.trim_ascii();
-                    pair.len() > 6
-                        && pair[..6].eq_ignore_ascii_case(b"proto=")
-                        && pair[6..]
-                            .strip_prefix(b"\"")
-                            .and_then(|p| p.strip_suffix(b"\""))
-                            .unwrap_or(&pair[6..])
-                            .eq_ignore_ascii_case(b"https")
-                })
-            }),
+            // that sends only that.
+            None => crate::proxy::headers::forwarded_says_https(req.headers()),
         }
     }
 

@@ -228,6 +228,44 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
 }
 
+/// A balancer passes the client's own `X-Forwarded-Host` and `Forwarded:
+/// host=` on: the portal must not read a host varco did not route and gate
+/// by (another room's, past this one's line). A balancer that sends only
+/// `Forwarded` (HAProxy's `option forwarded`) has its scheme and client
+/// said in the X-Forwarded-* headers too, as varco read them.
+#[tokio::test]
+async fn the_portal_reads_the_host_and_scheme_varco_read() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    ))
+    .await;
+    let req = Request::get(v.url("/echo"))
+        .header("x-forwarded-host", "bonus.example.org")
+        .header(
+            "forwarded",
+            "for=198.51.100.7;proto=https;host=bonus.example.org",
+        )
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    let h = &j["headers"];
+    let host = h["host"][0].as_str().unwrap().to_string();
+    assert_eq!(h["x-forwarded-host"], serde_json::json!([host.clone()]));
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(
+        h["x-forwarded-for"],
+        serde_json::json!(["198.51.100.7, 127.0.0.1"])
+    );
+    assert_eq!(
+        h["forwarded"],
+        serde_json::json!([format!(
+            "for=198.51.100.7;proto=https;host=\"{host}\", for=127.0.0.1"
+        )])
+    );
+}
+
 /// Every request for the portal gets an ID, sent there and back to the
 /// client (one varco made, for a client's own could be anyone's), on
 /// varco's error page for it too, in the page's text and its JSON as a

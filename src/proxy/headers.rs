@@ -155,9 +155,67 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// RFC 7239 `Forwarded`'s elements, one per hop, in order.
+pub fn forwarded_elements(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter(|e| !e.trim_ascii().is_empty())
+}
+
+/// One parameter of a `Forwarded` element (`for`, `proto`, `host`), its
+/// quotes taken off.
+pub fn forwarded_param<'a>(element: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    element.split(|&b| b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        if !pair[..eq]
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+        {
+            return None;
+        }
+        let value = pair[eq + 1..].trim_ascii();
+        Some(
+            value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value),
+        )
+    })
+}
+
+/// Whether a trusted proxy's `Forwarded` says the browser spoke HTTPS:
+/// its first element's `proto`, for a balancer that sends only that
+/// (HAProxy's `option forwarded`).
+pub fn forwarded_says_https(headers: &HeaderMap) -> bool {
+    forwarded_elements(headers)
+        .next()
+        .and_then(|e| forwarded_param(e, "proto"))
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"https"))
+}
+
+/// Each hop's address in a `Forwarded` (`for=`), as an X-Forwarded-For
+/// entry: `unknown` for one that names none (an obfuscated name), so a
+/// walk from the right stops there.
+fn forwarded_hops(headers: &HeaderMap) -> Vec<String> {
+    forwarded_elements(headers)
+        .map(|e| {
+            forwarded_param(e, "for")
+                .and_then(|f| std::str::from_utf8(f).ok())
+                .and_then(hop_address)
+                .map_or_else(|| "unknown".to_string(), address_text)
+        })
+        .collect()
+}
+
 /// Sets X-Forwarded-For, -Proto and -Host. From a trusted proxy, the chain
 /// it sent is kept and the peer appended; from anyone else, whatever the
 /// client claimed is replaced, so nobody can forge an address or scheme.
+/// `X-Forwarded-Host` is always the host varco routed and gated by, and a
+/// trusted proxy's `Forwarded` is written again from what the others say:
+/// a portal reading any of them reads what varco read.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -179,6 +237,14 @@ pub fn set_forwarded(
                 chain.extend_from_slice(b", ");
             }
         }
+        let forwarded = headers.contains_key(header::FORWARDED);
+        if chain.is_empty() && forwarded {
+            // A balancer that sends only RFC 7239's header.
+            for hop in forwarded_hops(headers) {
+                chain.extend_from_slice(hop.as_bytes());
+                chain.extend_from_slice(b", ");
+            }
+        }
         chain.extend_from_slice(peer.as_bytes());
         match HeaderValue::from_bytes(&chain) {
             Ok(v) => {
@@ -189,12 +255,25 @@ pub fn set_forwarded(
             Err(_) => set(headers, X_FORWARDED_FOR, &peer),
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
+            let proto = if proto == "https" || forwarded_says_https(headers) {
+                "https"
+            } else {
+                "http"
+            };
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            if let Some(h) = host {
+        // The client's own, passed on by a balancer, would name a host
+        // varco did not route by: another room's, past this one's line.
+        match host {
+            Some(h) => {
                 headers.insert(X_FORWARDED_HOST, h.clone());
             }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+        if forwarded {
+            rewrite_forwarded(headers);
         }
     } else {
         remove_where(headers, |name| {
@@ -204,6 +283,71 @@ pub fn set_forwarded(
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(h) = host {
             headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+    }
+}
+
+/// A trusted proxy's `Forwarded`, written again from X-Forwarded-For (as
+/// extended), -Proto and -Host, once these are set: its `host=` could be
+/// the client's own, passed on, and its `proto=` and addresses could say
+/// otherwise than the headers varco decides by.
+fn rewrite_forwarded(headers: &mut HeaderMap) {
+    let proto = headers
+        .get(&X_FORWARDED_PROTO)
+        .map(|v| {
+            let first = v.as_bytes().split(|&b| b == b',').next().unwrap_or(b"");
+            if first.trim_ascii().eq_ignore_ascii_case(b"https") {
+                "https"
+            } else {
+                "http"
+            }
+        })
+        .unwrap_or("http");
+    let mut out = String::new();
+    let hops: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter(|hop| !hop.trim_ascii().is_empty())
+        .map(|hop| {
+            match std::str::from_utf8(hop)
+                .ok()
+                .and_then(|h| hop_address(h.trim()))
+            {
+                Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
+                Some(v4) => v4.to_string(),
+                None => "unknown".to_string(),
+            }
+        })
+        .collect();
+    for (i, hop) in hops.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str("for=");
+        out.push_str(hop);
+        if i == 0 {
+            out.push_str(";proto=");
+            out.push_str(proto);
+            // A host that needs no escaping in a quoted string; any other
+            // is left out rather than passed on as sent.
+            if let Some(h) = headers
+                .get(&X_FORWARDED_HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| !h.contains(['"', '\\']))
+            {
+                out.push_str(";host=\"");
+                out.push_str(h);
+                out.push('"');
+            }
+        }
+    }
+    match HeaderValue::from_str(&out) {
+        Ok(v) if !hops.is_empty() => {
+            headers.insert(header::FORWARDED, v);
+        }
+        _ => {
+            headers.remove(header::FORWARDED);
         }
     }
 }
@@ -322,6 +466,16 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
         // Empty elements are no entry (RFC 9110, 5.6.1): `a, b,` is `a, b`.
         .filter(|hop| !hop.trim_ascii().is_empty())
         .collect();
+    // A balancer that sends only RFC 7239's `Forwarded` (HAProxy's
+    // `option forwarded`): its `for=` hops, read the same way, or every
+    // person would share the balancer's per-address budget.
+    let from_forwarded;
+    let hops: Vec<&[u8]> = if hops.is_empty() && headers.contains_key(header::FORWARDED) {
+        from_forwarded = forwarded_hops(headers);
+        from_forwarded.iter().map(|h| h.as_bytes()).collect()
+    } else {
+        hops
+    };
     for hop in hops.into_iter().rev() {
         let Some(ip) = std::str::from_utf8(hop)
             .ok()
@@ -549,6 +703,58 @@ mod tests {
         );
         let outsider = "192.0.2.1".parse().unwrap();
         assert_eq!(client_ip(&h, outsider, &trusted), outsider);
+    }
+
+    #[test]
+    fn a_balancer_sending_only_forwarded_names_the_client() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer = "10.0.0.2".parse().unwrap();
+        let ip = |f: &str| client_ip(&map(&[("forwarded", f)]), peer, &trusted);
+        assert_eq!(
+            ip("for=198.51.100.7;proto=https"),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            ip("for=6.6.6.6, For=\"[2001:db8::7]:4711\", for=10.1.1.1"),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(ip("for=6.6.6.6, for=_hidden"), peer, "unreadable: stop");
+        // X-Forwarded-For, when sent, is the one read.
+        let h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        assert_eq!(
+            client_ip(&h, peer, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_trusted_forwarded_is_written_again_as_varco_reads_it() {
+        let host = HeaderValue::from_static("www.example.org");
+        let mut h = map(&[
+            (
+                "forwarded",
+                "for=198.51.100.7;proto=https;host=bonus.example.org",
+            ),
+            ("forwarded", "for=\"[2001:db8::9]\""),
+            ("x-forwarded-host", "bonus.example.org"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.2".parse().unwrap(),
+            true,
+            "http",
+            Some(&host),
+        );
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7, 2001:db8::9, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "www.example.org");
+        assert_eq!(
+            h["forwarded"],
+            "for=198.51.100.7;proto=https;host=\"www.example.org\", for=\"[2001:db8::9]\", for=10.0.0.2"
+        );
     }
 
     #[test]
