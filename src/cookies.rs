@@ -8,7 +8,7 @@
 //! prefixed first: a cookie set over plain HTTP, or before the prefix,
 //! still counts.
 
-use http::header::{HeaderMap, HeaderValue, COOKIE};
+use http::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
 
 /// The value of the first cookie called `name`, if well-formed: visible
 /// ASCII, not empty, at most 4 KiB. The header is read as bytes, so
@@ -141,6 +141,37 @@ pub fn strip_own(headers: &mut HeaderMap) {
     for v in kept {
         headers.append(COOKIE, v);
     }
+}
+
+/// Takes out of the portal's answer any `Set-Cookie` of varco's own
+/// names: one from another room's upstream on the same host (a CMS at
+/// `/`), or from a portal with a header injection, would delete or
+/// overwrite every visitor's ticket, and with it their place in line.
+pub fn strip_own_set_cookies(headers: &mut HeaderMap) {
+    let finder = memchr::memmem::Finder::new(OWN_PREFIX);
+    if !headers.get_all(SET_COOKIE).iter().any(|v| {
+        finder
+            .find(v.as_bytes())
+            .is_some_and(|_| is_own(first_pair(v)))
+    }) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter(|v| !is_own(first_pair(v)))
+        .cloned()
+        .collect();
+    tracing::debug!("dropped a Set-Cookie of varco's own names from the portal's answer");
+    headers.remove(SET_COOKIE);
+    for v in kept {
+        headers.append(SET_COOKIE, v);
+    }
+}
+
+/// A Set-Cookie's `name=value`, its attributes aside.
+fn first_pair(v: &HeaderValue) -> &[u8] {
+    pairs(v.as_bytes()).next().unwrap_or_default()
 }
 
 const OWN_PREFIX: &[u8] = b"varco_";

@@ -1271,6 +1271,62 @@ async fn an_h2c_upgrade_goes_out_as_an_ordinary_request() {
     assert_eq!(got.json()["headers"]["upgrade"][0], "websocket");
 }
 
+/// The portal sets no cookie of varco's own names through varco: it
+/// would delete every visitor's ticket (their place in line) or overwrite
+/// their pass.
+#[tokio::test]
+async fn the_portal_cannot_set_varcos_cookies() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let got = get(&v.url("/claims-varco-cookies")).await;
+    assert_eq!(got.status, 200);
+    let set: Vec<&str> = got
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|c| c.to_str().unwrap())
+        .collect();
+    assert_eq!(set, ["varco_theme=dark; Path=/", "lang=it; Path=/"]);
+}
+
+/// `Expect: 100-continue` is varco's to answer: the portal gets none,
+/// with a streamed body too. A POST ended at its headers (a chunked `0`)
+/// reaches the portal with `Content-Length: 0`, as RFC 9110 asks of a
+/// POST, not with no length at all.
+#[tokio::test]
+async fn the_portal_gets_no_expect_and_a_length_for_an_empty_post() {
+    let up = upstream::spawn().await;
+    for buffer in ["0", "1MiB"] {
+        let v = Varco::start(&room_config(
+            &[up.addr],
+            &format!("[upstream]\nrequest_buffer = \"{buffer}\""),
+        ))
+        .await;
+        let got = common::client::raw(
+            v.addr,
+            b"POST /echo HTTP/1.1\r\nHost: portal\r\nExpect: 100-continue\r\n\
+              Content-Length: 5\r\nConnection: close\r\n\r\nhello",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(got.contains("\"method\":\"POST\""), "{got}");
+        assert!(!got.contains("\"expect\""), "buffer {buffer}: {got}");
+        let got = common::client::raw(
+            v.addr,
+            b"POST /echo HTTP/1.1\r\nHost: portal\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n0\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        if buffer != "0" {
+            assert!(
+                got.contains("\"content-length\":[\"0\"]"),
+                "buffer {buffer}: {got}"
+            );
+        }
+    }
+}
+
 /// A portal that answers within 300 ms, behind varco streaming every
 /// request body to it as it comes (`request_buffer = "0"`): read whole
 /// by varco first, the portal would wait for nothing.

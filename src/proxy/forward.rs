@@ -168,15 +168,25 @@ impl Forwarder {
             ClientBody::Streaming(_) => coming,
             ClientBody::Whole(_) => None,
         };
+        // varco answered the client's `Expect: 100-continue` itself (hyper
+        // does, when the body is first read), and hyper's client sends the
+        // body without waiting: a promise to wait would only be a strict
+        // portal's 417 (nginx and Envoy clear it too).
+        headers.remove(EXPECT);
         let (mut outgoing, mut taken) = match client_body {
-            ClientBody::Whole(whole) if whole.bytes.is_empty() => (Outgoing::Empty, None),
-            ClientBody::Whole(whole) => {
-                // varco answered the client's `Expect: 100-continue` by
-                // reading the body; the upstream gets it whole, with no
-                // promise to wait for (nginx clears it too).
-                headers.remove(EXPECT);
-                (Outgoing::Whole(Sendable::new(whole)), None)
+            ClientBody::Whole(whole) if whole.bytes.is_empty() => {
+                // A POST ended at its headers (HTTP/2's END_STREAM, a
+                // chunked `0`) says no length; hyper's client adds none for
+                // an empty body, and IIS or a Java stack answers 411
+                // (RFC 9110 8.6: a POST should say `Content-Length: 0`).
+                if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+                    && !headers.contains_key(CONTENT_LENGTH)
+                {
+                    headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+                }
+                (Outgoing::Empty, None)
             }
+            ClientBody::Whole(whole) => (Outgoing::Whole(Sendable::new(whole)), None),
             ClientBody::Streaming(streaming) => {
                 // Without a length, hyper's client sends a GET (or HEAD)
                 // with no body at all unless told it is chunked: the
@@ -517,6 +527,7 @@ fn into_client_response(
         (StatusCode::SWITCHING_PROTOCOLS, Some((client_side, hold))) => {
             let upgrade = parts.headers.get(UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
+            crate::cookies::strip_own_set_cookies(&mut parts.headers);
             if let Some(u) = upgrade {
                 parts
                     .headers
@@ -548,6 +559,7 @@ fn into_client_response(
             // there) and comes back for the fields that will follow.
             let announced = announced_trailers(&parts.headers);
             strip_hop_by_hop(&mut parts.headers);
+            crate::cookies::strip_own_set_cookies(&mut parts.headers);
             if let Some(names) = announced {
                 parts.headers.insert(TRAILER, names);
             }

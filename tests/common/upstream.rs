@@ -275,6 +275,22 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             );
             r
         }
+        "/claims-varco-cookies" => {
+            // Another application on the same host (or a header injection)
+            // setting cookies of varco's names: a ticket deleted, a pass
+            // forged.
+            let mut r = text(StatusCode::OK, "claims");
+            let h = r.headers_mut();
+            for c in [
+                "__Host-varco_ticket_portal=; Max-Age=0; Path=/; Secure",
+                "varco_pass_portal=forged; Path=/",
+                "varco_theme=dark; Path=/",
+                "lang=it; Path=/",
+            ] {
+                h.append("set-cookie", c.parse().unwrap());
+            }
+            r
+        }
         "/hop" => {
             let mut r = text(StatusCode::OK, "hop");
             let h = r.headers_mut();
