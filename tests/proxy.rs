@@ -715,6 +715,12 @@ async fn closes_kept_alive() -> ClosesKeptAlive {
 
 /// As [`closes_kept_alive`], writing `second` before it closes.
 async fn answers_then(second: &'static [u8]) -> ClosesKeptAlive {
+    answers_then_after(second, Duration::ZERO).await
+}
+
+/// As [`answers_then`], holding the second request for `hold` first (a
+/// portal working on it whose worker is then killed).
+async fn answers_then_after(second: &'static [u8], hold: Duration) -> ClosesKeptAlive {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = ClosesKeptAlive {
         addr: l.local_addr().unwrap(),
@@ -737,6 +743,7 @@ async fn answers_then(second: &'static [u8]) -> ClosesKeptAlive {
                     return;
                 }
                 if read_request_head(&mut s).await.is_some() {
+                    tokio::time::sleep(hold).await;
                     closed_on.fetch_add(1, Ordering::SeqCst);
                     let _ = s.write_all(second).await;
                 }
@@ -812,6 +819,41 @@ async fn a_get_that_meets_a_closed_kept_alive_connection_goes_again() {
         assert_eq!(status, 200);
         assert!(statuses.len() < 20, "no POST met a kept-alive connection");
     }
+}
+
+/// A kept-alive connection the portal drops after holding the request a
+/// while (a worker killed at its timeout, a server's write timeout) is no
+/// keep-alive race, which fails as the request goes out: sent again, the
+/// same slow request would run up to four times. It is the upstream's
+/// failure, counted.
+#[tokio::test]
+async fn a_connection_dropped_after_holding_the_request_is_not_the_race() {
+    let up = answers_then_after(b"", Duration::from_secs(1)).await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    while closed_on(&up) == 0 {
+        statuses.push(get(&v.url("/report")).await.status);
+        assert!(
+            statuses.len() < 20,
+            "no request met a kept-alive connection"
+        );
+    }
+    assert_eq!(statuses.last(), Some(&502), "{statuses:?}");
+    assert_eq!(closed_on(&up), 1, "not sent again");
+    let of = "room=\"portal\"";
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_closed_idle_total", of).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", of).await,
+        Some(0.0),
+        "cooled down"
+    );
 }
 
 /// A malformed answer on a kept-alive connection is not the race: not

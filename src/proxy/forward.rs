@@ -62,6 +62,11 @@ impl Outgoing {
 /// pool the upstream closed at once; more would be an upstream that
 /// answers once per connection and then breaks, which is a failure.
 const STALE_TRIES: u32 = 3;
+/// A kept-alive connection closed as the request went out fails within
+/// a round trip; one the portal drops after holding the request longer
+/// than this (a worker killed at its timeout) failed on the request, and
+/// sending it again would run it again.
+const RACE_WITHIN: Duration = Duration::from_millis(300);
 
 /// A response from an upstream, with which one answered (an index into
 /// the room's upstreams).
@@ -398,7 +403,8 @@ impl Forwarder {
                     // The keep-alive race: a connection that had answered
                     // went away with no answer to this one. (A malformed
                     // answer there was no race: it came.)
-                    let race = Answered::before(&e) && closed_under(&e);
+                    let race =
+                        Answered::before(&e) && closed_under(&e) && started.elapsed() < RACE_WITHIN;
                     if race && again && stale_tries < STALE_TRIES {
                         // Not the upstream's failure: no signal, no count
                         // towards a cool-down. Any upstream may take it,
