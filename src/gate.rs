@@ -271,6 +271,19 @@ fn is_navigation(headers: &HeaderMap) -> bool {
         .is_none_or(|a| a.contains("text/html") || a.trim() == "*/*")
 }
 
+/// Whether the browser says the request comes from another site's page
+/// (`Sec-Fetch-Site: cross-site`) and is no top-level navigation: the
+/// answer's SameSite=Lax cookies are not stored then. A link from
+/// another site, followed, is a navigation, and keeps them.
+fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
+    let is = |name: &str, value: &[u8]| headers.get(name).is_some_and(|v| v.as_bytes() == value);
+    is("sec-fetch-site", b"cross-site")
+        && !(is("sec-fetch-mode", b"navigate")
+            && headers
+                .get("sec-fetch-dest")
+                .is_none_or(|d| d.as_bytes() == b"document"))
+}
+
 /// A path the person may be sent back to: local, never `//host`.
 fn safe_path(p: &str) -> Option<&str> {
     (p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') && p.len() <= 1024)
@@ -813,6 +826,22 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         lane
     };
     let limits = room.lane_limits(lane);
+    // Another site's page asking for something of the room (a hot-linked
+    // image, an embedded frame, a script's fetch) keeps no cookie:
+    // browsers store no SameSite=Lax cookie from it. A ticket would be a
+    // place in line nobody holds (called, a slot for a claim window), a
+    // direct admission a session nobody holds (a slot for
+    // `session_idle`): on a popular page linking to the portal's images,
+    // one of each for every view.
+    if !room.cookie_attrs(r.tls).cross_site && keeps_no_lax_cookie(r.headers) {
+        room.metrics.rejected_cross_site.inc();
+        let resp = crate::page::error(
+            http::StatusCode::FORBIDDEN,
+            &FROM_ANOTHER_SITE,
+            r.reader(room),
+        );
+        return Ok(Gate::Respond(resp));
+    }
     // Each view of the counters takes the store's lock: only when needed.
     if safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0 {
         let session = new_session(room, r);
@@ -904,6 +933,11 @@ fn page(
 }
 
 /// Too many requests from one address (tickets, status polls).
+/// A request from another site's page (see [`keeps_no_lax_cookie`]).
+const FROM_ANOTHER_SITE: Said = Said {
+    en: "This service is behind a waiting room: open it from its own address, not from another site's page.",
+    it: "Questo servizio è dietro una sala d'attesa: aprilo dal suo indirizzo, non dalla pagina di un altro sito.",
+};
 const FROM_ADDRESS: Said = Said {
     en: "Too many requests from this address. Your place in line, if you have one, is kept: wait a moment and try again.",
     it: "Troppe richieste dal tuo indirizzo di rete. Il tuo posto in coda, se ne hai uno, è conservato: attendi un momento e riprova.",

@@ -43,6 +43,63 @@ async fn admits_up_to_max_active_then_queues_in_arrival_order() {
     assert_eq!(up.hits(), 6);
 }
 
+/// Another site's page showing the portal's image (or framing it, or
+/// fetching from it) keeps no SameSite=Lax cookie: it gets neither a
+/// session, which would hold a place for `session_idle`, nor a ticket,
+/// which would hold one in line for nobody. A link from another site,
+/// followed, is a navigation and comes in.
+#[tokio::test]
+async fn another_sites_page_takes_no_place_of_the_room() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let from_another_site = |mode: &'static str, dest: &'static str| {
+        [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", mode),
+            ("sec-fetch-dest", dest),
+        ]
+    };
+    for (mode, dest) in [
+        ("no-cors", "image"),
+        ("navigate", "iframe"),
+        ("cors", "empty"),
+    ] {
+        let mut hotlink = g.citizen();
+        let got = hotlink
+            .request(
+                "GET",
+                "/logo.png",
+                body::empty(),
+                &from_another_site(mode, dest),
+            )
+            .await;
+        assert_eq!(got.status, 403, "{mode} {dest}: {}", got.text());
+        assert!(got.headers.get("set-cookie").is_none(), "{mode} {dest}");
+    }
+    assert_eq!(up.hits(), 0);
+    let mut linked = g.citizen();
+    let got = linked
+        .request(
+            "GET",
+            "/apply",
+            body::empty(),
+            &from_another_site("navigate", "document"),
+        )
+        .await;
+    assert!(
+        got.reached_upstream(),
+        "the one place was free: {}",
+        got.text()
+    );
+    let rejected = common::client::metric(
+        g.admin,
+        "varco_rejected_total",
+        "reason=\"cross_site\",room=\"portal\"",
+    )
+    .await;
+    assert_eq!(rejected, Some(3.0));
+}
+
 #[tokio::test]
 async fn sessions_expire_and_the_queue_moves_in_order() {
     let up = upstream::spawn().await;
