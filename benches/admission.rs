@@ -166,6 +166,7 @@ fn page(c: &mut Criterion) {
         lottery: None,
         missed_turn: false,
         claim_window_seconds: 60,
+        unsent: false,
     };
     c.bench_function("page/render_waiting_page", |b| {
         b.iter(|| {

@@ -925,6 +925,18 @@ fn page(
     cookie: Option<HeaderValue>,
 ) -> Response<Body> {
     let lang = waiting::language(r.headers, room.config.language);
+    // A form sent by a person (the page, not a script: a script's gets
+    // the JSON's 429) stops here, unsent.
+    let unsent;
+    let status = if matches!(*r.method, Method::GET | Method::HEAD) || r.json {
+        status
+    } else {
+        unsent = Status {
+            unsent: true,
+            ..status.clone()
+        };
+        &unsent
+    };
     let mut resp = waiting::respond(&room.template, status, lang, next_url, r.json);
     if let Some(c) = cookie {
         resp.headers_mut().append(SET_COOKIE, c);
@@ -1029,6 +1041,7 @@ pub fn status_for<'a>(
         lottery: room.lottery_info(view, now_ms),
         missed_turn: false,
         claim_window_seconds: room.config.claim_window.as_secs(),
+        unsent: false,
     }
 }
 

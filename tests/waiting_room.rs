@@ -470,10 +470,31 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
     let g = Gated::start(&gated_config(up.addr, "max_active = 5")).await;
     let mut bot = g.citizen();
     let got = bot
-        .request("POST", "/apply", body::full("iban=IT00"), &[])
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[("accept-language", "en")],
+        )
         .await;
     assert!(!got.reached_upstream());
     assert!(got.is_waiting_page(), "{}", got.text());
+    // A person's form, met by the waiting page (their session lapsed
+    // while they filled it in), is said not to have been sent.
+    assert!(
+        got.text().contains("The form you sent was NOT received."),
+        "{}",
+        got.text()
+    );
+    let again = bot
+        .request("GET", "/apply", body::empty(), &[("accept-language", "en")])
+        .await;
+    assert!(
+        again.text().contains("Keep this page open"),
+        "{}",
+        again.text()
+    );
+    assert!(!again.text().contains("NOT received"));
     assert_eq!(up.hits(), 0);
     // The POST took a ticket, so it holds a place; once it is called, a
     // newcomer finds nobody waiting and enters, and a POST with a pass

@@ -57,6 +57,12 @@ pub struct Status<'a> {
     /// between polls (not part of the JSON).
     #[serde(skip)]
     pub claim_window_seconds: u64,
+    /// The page answers a form the person sent (a POST after their
+    /// session lapsed): it was not sent on, and the page says so, or they
+    /// would take it for received (not part of the JSON, whose 429 says
+    /// as much to a program).
+    #[serde(skip)]
+    pub unsent: bool,
 }
 
 fn rfc3339<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -202,7 +208,13 @@ fn qvalue(v: &[u8]) -> u16 {
 struct Strings {
     language: Language,
     title: &'static str,
+    title_closed: &'static str,
     intro: &'static str,
+    /// Before a scheduled opening: places are drawn, not by arrival.
+    intro_prequeue: &'static str,
+    intro_closed: &'static str,
+    /// Before the message, when the page answers a form.
+    unsent: &'static str,
     position: &'static str,
     ahead: &'static str,
     eta: &'static str,
@@ -237,7 +249,11 @@ struct Strings {
 const IT: Strings = Strings {
     language: Language::It,
     title: "Sei in coda",
+    title_closed: "Servizio chiuso",
     intro: "Il servizio è molto richiesto in questo momento. Ti faremo entrare appena è il tuo turno, nell'ordine di arrivo.",
+    intro_prequeue: "Il servizio non è ancora aperto. All'apertura entrerai al tuo turno, nell'ordine del sorteggio.",
+    intro_closed: "Il servizio non accetta nuovi accessi in questo momento.",
+    unsent: "Il modulo che hai inviato NON è stato ricevuto. Quando entrerai tornerai alla pagina da cui venivi: invialo di nuovo da lì.",
     position: "Il tuo posto in coda",
     ahead: "Persone davanti a te",
     eta: "Attesa stimata",
@@ -250,7 +266,7 @@ const IT: Strings = Strings {
     updated: "Ultimo aggiornamento",
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
     prequeue: "Il servizio apre il {day} alle {time} ({zone}). Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
-    paused: "L'accesso è sospeso per qualche minuto. Il tuo posto è conservato.",
+    paused: "L'accesso è sospeso per ora. Il tuo posto è conservato: la coda ripartirà da qui.",
     missed_turn: "Il tuo turno era arrivato, ma entro {w} nessuno è tornato su questa pagina per entrare (una scheda chiusa, un telefono in standby), e il posto è passato al successivo. Questo è un nuovo posto in coda: tieni aperta questa pagina per non perderlo.",
     seconds: "{n} secondi",
     minutes: "{n} minuti",
@@ -265,7 +281,11 @@ const IT: Strings = Strings {
 const EN: Strings = Strings {
     language: Language::En,
     title: "You are in line",
+    title_closed: "Service closed",
     intro: "The service is very busy right now. You will be let in as soon as it is your turn, in order of arrival.",
+    intro_prequeue: "The service is not open yet. From the opening you will be let in at your turn, in the order of the draw.",
+    intro_closed: "The service is taking no one new right now.",
+    unsent: "The form you sent was NOT received. When you get in you will be back on the page you came from: send it again there.",
     position: "Your place in line",
     ahead: "People ahead of you",
     eta: "Estimated wait",
@@ -278,7 +298,7 @@ const EN: Strings = Strings {
     updated: "Last updated",
     keep_open: "Keep this page open: you will get in automatically. Reloading does not lose your place.",
     prequeue: "The service opens on {day} at {time} ({zone}). Everyone who arrives before the opening gets a place drawn by lot at the opening: arriving earlier gives no advantage.",
-    paused: "Entry is paused for a few minutes. Your place is kept.",
+    paused: "Entry is paused for now. Your place is kept: the line will move on from here.",
     missed_turn: "Your turn came, but nobody came back to this page to go in within {w} (a closed tab, a phone asleep), and the place went to the next person. This is a new place in line: keep this page open so you do not miss it.",
     seconds: "{n} seconds",
     minutes: "{n} minutes",
@@ -405,7 +425,8 @@ enum Part {
 /// part of the text around them.
 pub struct Template {
     /// The parts for each language, indexed by `lang_index`.
-    baked: [Vec<Part>; 2],
+    /// By language, then situation.
+    baked: [[Vec<Part>; 4]; 2],
     text_len: usize,
 }
 
@@ -416,13 +437,27 @@ fn lang_index(l: Language) -> usize {
     }
 }
 
-/// The value of a variable that depends on the language alone (escaped
-/// when the template is compiled, like every other value).
-fn language_constant(name: &str, s: &Strings) -> Option<&'static str> {
+/// The situations a page is baked for, as [`Status::situation`] names
+/// them: its title and opening line are the situation's.
+const SITUATIONS: [&str; 4] = ["waiting", "prequeue", "paused", "closed"];
+
+fn situation_index(situation: &str) -> usize {
+    SITUATIONS.iter().position(|s| *s == situation).unwrap_or(0)
+}
+
+/// The value of a variable that depends on the language and the
+/// situation alone (escaped when the template is compiled, like every
+/// other value).
+fn language_constant(name: &str, s: &Strings, situation: &str) -> Option<&'static str> {
     Some(match name {
         "lang" => s.language.tag(),
+        "title" if situation == "closed" => s.title_closed,
         "title" => s.title,
-        "intro" => s.intro,
+        "intro" => match situation {
+            "prequeue" => s.intro_prequeue,
+            "closed" => s.intro_closed,
+            _ => s.intro,
+        },
         "label_position" => s.position,
         "label_ahead" => s.ahead,
         "label_eta" => s.eta,
@@ -452,7 +487,7 @@ impl Template {
                 .collect();
         Template {
             text_len: text.len(),
-            baked: [&IT, &EN].map(|s| bake(&parts, s)),
+            baked: [&IT, &EN].map(|s| SITUATIONS.map(|situation| bake(&parts, s, situation))),
         }
     }
 
@@ -464,13 +499,13 @@ impl Template {
 
 /// `parts` with the language's strings written into the text, adjacent
 /// texts joined.
-fn bake(parts: &[Part], s: &Strings) -> Vec<Part> {
+fn bake(parts: &[Part], s: &Strings, situation: &str) -> Vec<Part> {
     let mut baked = Vec::new();
     let mut literal = String::new();
     for part in parts {
         match part {
             Part::Text(t) => literal.push_str(t),
-            Part::Var(i) => match language_constant(VARIABLES[*i], s) {
+            Part::Var(i) => match language_constant(VARIABLES[*i], s, situation) {
                 Some(text) => escape_into(&mut literal, text),
                 None => {
                     if !literal.is_empty() {
@@ -519,6 +554,11 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         s.missed_turn.replace("{w}", &window).into()
     } else {
         s.keep_open.into()
+    };
+    let message: Cow<str> = if status.unsent {
+        format!("{} {message}", s.unsent).into()
+    } else {
+        message
     };
     let poll = status.poll_seconds();
     let lottery: Cow<str> = match &status.lottery {
@@ -617,7 +657,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         Value::Baked,
     ];
     let mut out = String::with_capacity(template.text_len + 512);
-    for part in &template.baked[lang_index(lang)] {
+    for part in &template.baked[lang_index(lang)][situation_index(situation)] {
         match part {
             Part::Text(t) => out.push_str(t),
             Part::Var(i) => match &values[*i] {
@@ -738,6 +778,7 @@ mod tests {
             lottery: None,
             missed_turn: false,
             claim_window_seconds: 60,
+            unsent: false,
         }
     }
 
@@ -755,6 +796,46 @@ mod tests {
         assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 08:00 (UTC)."));
         st.opens_offset_s = -5 * 3600 - 1800;
         assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 02:30 (UTC-05:30)."));
+    }
+
+    #[test]
+    fn the_title_and_opening_line_are_the_situations() {
+        let page = |st: &Status, lang| render(Template::default_template(), st, lang, "/");
+        let mut st = status();
+        for (lang, arrival) in [
+            (Language::En, "order of arrival"),
+            (Language::It, "ordine di arrivo"),
+        ] {
+            assert!(page(&st, lang).contains(arrival));
+        }
+        st.prequeue = true;
+        for (lang, arrival, draw) in [
+            (Language::En, "order of arrival", "in the order of the draw"),
+            (
+                Language::It,
+                "ordine di arrivo",
+                "nell&#39;ordine del sorteggio",
+            ),
+        ] {
+            let p = page(&st, lang);
+            assert!(!p.contains(arrival), "a draw is no order of arrival: {p}");
+            assert!(p.contains(draw), "{p}");
+        }
+        st.prequeue = false;
+        st.state = "closed";
+        let p = page(&st, Language::En);
+        assert!(p.contains("<title>Service closed</title>"), "{p}");
+        assert!(!p.contains("You are in line"), "{p}");
+        st.state = "waiting";
+        st.paused = true;
+        assert!(!page(&st, Language::En).contains("a few minutes"));
+        st.paused = false;
+        st.unsent = true;
+        let p = page(&st, Language::En);
+        assert!(p.contains("The form you sent was NOT received."), "{p}");
+        assert!(p.contains("Keep this page open"), "and what to do now");
+        let json = String::from_utf8(to_json(&st)).unwrap();
+        assert!(!json.contains("unsent"), "{json}");
     }
 
     #[test]

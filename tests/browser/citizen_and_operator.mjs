@@ -155,9 +155,10 @@ try {
   // nor wait so long that a turn's claim window runs out.
   const before = { eta: await tab.textContent("#eta"), updated: await tab.textContent("#updated") };
   let throttled = 0;
+  let refusal = { status: 429, headers: { "retry-after": "1" }, json: { error: "too many requests" } };
   await tab.route("**/.varco/status*", async (route) => {
     throttled++;
-    await route.fulfill({ status: 429, headers: { "retry-after": "1" }, json: { error: "too many requests" } });
+    await route.fulfill(refusal);
   });
   await tab.evaluate(() => (window.__delays = []));
   await until("the page polls into a 429", async () => {
@@ -170,6 +171,17 @@ try {
     (await tab.textContent("#eta")) === before.eta && (await tab.textContent("#updated")) === before.updated,
     "a 429 leaves the figures and their time as they were"
   );
+  // A balancer's maintenance answer in front of varco (503, Retry-After
+  // an hour) does not silence the page past the wait varco itself may ask
+  // for (30 s at most): every turn called meanwhile would be missed.
+  refusal = { status: 503, headers: { "retry-after": "3600" }, body: "maintenance" };
+  await tab.evaluate(() => (window.__delays = []));
+  await until("the page polls into a 503", async () => {
+    await tab.clock.runFor(1000);
+    return throttled >= 2;
+  });
+  const after503 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  check(after503 <= 39000, `after a foreign 503 asking for an hour the page still asks within 30 s +30% (${after503} ms)`);
   await tab.unroute("**/.varco/status*");
 
   // 4d. The script words the estimate as the server's page does
