@@ -39,7 +39,9 @@ use crate::router::SharedRouting;
 pub struct Gateway {
     routing: SharedRouting,
     buffer: RequestBuffer,
-    forwarder: Forwarder,
+    /// Shared with the forwarding a client gave up on (see
+    /// `through_room`).
+    forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     clock: SharedClock,
     trusted_proxies: Vec<IpNet>,
@@ -106,7 +108,7 @@ impl Gateway {
         Gateway {
             routing,
             buffer,
-            forwarder,
+            forwarder: Arc::new(forwarder),
             metrics,
             clock,
             trusted_proxies: settings.trusted_proxies,
@@ -374,7 +376,7 @@ impl Gateway {
     /// The gate (for a gated room), then the upstream.
     async fn through_room(
         &self,
-        room: &Room,
+        room: &Arc<Room>,
         req: Request<Incoming>,
         record: &mut Record,
         json: bool,
@@ -511,39 +513,61 @@ impl Gateway {
             req.extensions_mut()
                 .insert(arrival::Stamp(arrival::header(key, &a)));
         }
-        let (mut resp, upstream, portal_failed) =
+        let (forwarded, slot) = match slot {
+            // The portal goes on with a request whose client gave up (a
+            // reload, a tab closed: the handler is dropped), as PHP, WSGI
+            // or a servlet does: its slot is held until the portal's
+            // answer comes (within `response_timeout`), on a task of its
+            // own, or a crowd pressing reload would pile new requests onto
+            // a portal still busy with the old ones, past the cap.
+            Some(slot) => {
+                let (forwarder, room) = (self.forwarder.clone(), room.clone());
+                let forwarding = tokio::spawn(async move {
+                    let forwarded = forwarder.forward(&room, req, conn, queued).await;
+                    (forwarded, slot)
+                });
+                match forwarding.await {
+                    Ok((forwarded, slot)) => (forwarded, Some(slot)),
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
             // Boxed: the forwarding state machine is the largest part of a
             // request's future, and every request (the waiting page too)
             // would otherwise carry, and copy, its size.
-            match Box::pin(self.forwarder.forward(room, req, conn, queued)).await {
-                Ok(f) => {
-                    let failed = f.response.status().is_server_error();
-                    (f.response, Some(f.upstream), failed)
+            None => (
+                Box::pin(self.forwarder.forward(room, req, conn, queued)).await,
+                None,
+            ),
+        };
+        let (mut resp, upstream, portal_failed) = match forwarded {
+            Ok(f) => {
+                let failed = f.response.status().is_server_error();
+                (f.response, Some(f.upstream), failed)
+            }
+            Err(e) => {
+                let upstream_side = e.side() == Side::Upstream;
+                if upstream_side {
+                    tracing::warn!(
+                        room = %room.name,
+                        error = %e,
+                        request_id = request_id::text(record.id.as_ref()),
+                        "upstream failure"
+                    );
+                } else {
+                    tracing::debug!(room = %room.name, error = %e, "client failure");
                 }
-                Err(e) => {
-                    let upstream_side = e.side() == Side::Upstream;
-                    if upstream_side {
-                        tracing::warn!(
-                            room = %room.name,
-                            error = %e,
-                            request_id = request_id::text(record.id.as_ref()),
-                            "upstream failure"
-                        );
-                    } else {
-                        tracing::debug!(room = %room.name, error = %e, "client failure");
-                    }
-                    (
-                        page::error_with_reference(
-                            e.status(),
-                            e.public_message(),
-                            asked.reader(),
-                            record.id.as_ref(),
-                        ),
-                        None,
-                        upstream_side,
-                    )
-                }
-            };
+                (
+                    page::error_with_reference(
+                        e.status(),
+                        e.public_message(),
+                        asked.reader(),
+                        record.id.as_ref(),
+                    ),
+                    None,
+                    upstream_side,
+                )
+            }
+        };
         for c in set_cookies {
             set_cookie(&mut resp, c);
         }

@@ -244,3 +244,80 @@ fn bad_adaptive_and_in_flight_tables_are_named() {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }
 }
+
+/// A portal that goes on with a request whatever becomes of the
+/// connection it came on (as PHP, WSGI or a Java servlet does): each
+/// request holds it for `work`, then is answered. Counts the requests it
+/// works on at once, and the most it ever did.
+async fn works_on_regardless(
+    work: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (running, peak) = (r.clone(), p.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(work).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, running, peak)
+}
+
+/// A person who gives up on a request (a reload, a tab closed) leaves
+/// the portal working on it: its slot is held until the portal answers.
+/// Freed at once, a crowd pressing reload would pile new requests onto a
+/// portal still busy with the old ones, past the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_on_keeps_its_slot_until_the_portal_answers() {
+    use std::sync::atomic::Ordering;
+    let (addr, running, peak) = works_on_regardless(Duration::from_millis(1500)).await;
+    let g = Gated::start(&gated_config(
+        addr,
+        "in_flight = { limit = 1, wait = \"5s\" }",
+    ))
+    .await;
+    let mut a = g.citizen();
+    let gave_up = tokio::spawn(async move { a.get("/report").await });
+    until("the portal works on the first request", async || {
+        running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    gave_up.abort();
+    let _ = gave_up.await;
+    let mut b = g.citizen();
+    let got = b.get("/report").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        1,
+        "the portal never had more than the cap"
+    );
+}
