@@ -168,7 +168,7 @@ fn main() -> ExitCode {
             compare,
             chart,
         } => {
-            varco::logging::init(false, "warn");
+            let _log = varco::logging::init(false, "warn");
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -295,7 +295,7 @@ fn serve(
     config_path: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
-    varco::logging::init(json, &cfg.log.level);
+    let _log = varco::logging::init(json, &cfg.log.level);
     // One worker: a current-thread runtime, without the cross-thread
     // wake-ups of a one-worker multi-thread pool.
     let mut rt = if cfg.server.workers == 1 {

@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_weight",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
+    "varco_log_lines_dropped_total",
     "varco_request_bodies_total",
     "varco_request_buffer_bytes",
     "varco_request_buffer_limit_bytes",
@@ -79,6 +80,8 @@ pub struct Metrics {
     pub upstream_response_seconds: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    /// Read from the log's writer at each scrape.
+    log_lines_dropped: IntCounter,
     /// By handling: buffered, streamed_large, streamed_memory_full.
     pub request_bodies: IntCounterVec,
     pub request_buffer_bytes: IntGauge,
@@ -170,6 +173,11 @@ impl Metrics {
         let open_connections = IntGauge::new(
             "varco_open_connections",
             "Client connections open on the public listener",
+        )
+        .expect("valid metric");
+        let log_lines_dropped = IntCounter::new(
+            "varco_log_lines_dropped_total",
+            "Log lines dropped because the reader of varco's stderr fell behind by more than the lines held in memory",
         )
         .expect("valid metric");
         let request_buffer_bytes = IntGauge::new(
@@ -352,6 +360,7 @@ impl Metrics {
             Box::new(upstream_response_seconds.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(open_connections.clone()),
+            Box::new(log_lines_dropped.clone()),
             Box::new(request_bodies.clone()),
             Box::new(request_buffer_bytes.clone()),
             Box::new(request_buffer_limit_bytes.clone()),
@@ -376,6 +385,7 @@ impl Metrics {
             upstream_response_seconds,
             upstream_errors,
             open_connections,
+            log_lines_dropped,
             request_bodies,
             request_buffer_bytes,
             request_buffer_limit_bytes,
@@ -443,6 +453,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let dropped = crate::logging::dropped_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -289,6 +289,37 @@ fn run_refuses_a_bad_config() {
     assert!(err.contains("server.surprise"), "{err}");
 }
 
+/// A log reader that stops reading (journald busy, Docker's blocking log
+/// driver, a pipe nobody drains) does not stop varco: its access lines
+/// fill the 64 KiB pipe after a few hundred requests, and the workers
+/// that wrote them would block in `write(2)`, every request with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_does_not_stop_varco() {
+    let up = upstream::spawn().await;
+    // stderr piped, and never read.
+    let p = json_logging("stalled-log", &[up.addr], "");
+    let all = async {
+        for _ in 0..1500 {
+            // Logged with its path: about 500 bytes a line.
+            let got = client::get(&format!("http://{}/{}", p.addr, "x".repeat(200))).await;
+            assert_eq!(got.status, 200);
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .is_ok(),
+        "varco stopped answering once nobody read its log"
+    );
+    let metrics = client::get(&format!("http://{}/metrics", p.admin))
+        .await
+        .text();
+    assert!(
+        metrics.contains("varco_log_lines_dropped_total 0"),
+        "every line held, none dropped: {metrics}"
+    );
+}
+
 /// varco in front of `upstreams`, its logs in JSON on a piped stderr.
 fn json_logging(name: &str, upstreams: &[std::net::SocketAddr], server: &str) -> Process {
     let cfg = write_config(
