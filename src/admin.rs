@@ -440,12 +440,38 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         const PLAIN: &str = "text/plain; charset=utf-8";
         let path = req.uri().path();
-        if path.starts_with("/api/") && !self.app.admin_tokens().is_empty() {
+        if path.starts_with("/api/") && self.app.admin_tokens().is_empty() {
+            // Said as what it is, whatever the method: a 405 "use GET"
+            // sent operators looking for the wrong mistake.
+            return problem(
+                StatusCode::NOT_FOUND,
+                "the admin API is off: set [admin] tokens (or tokens_env) and reload",
+            );
+        }
+        if path.starts_with("/api/") {
             let Some(who) = self.caller(&req) else {
-                let mut r = problem(StatusCode::UNAUTHORIZED, "a bearer token is required");
+                let presented = req.headers().contains_key(AUTHORIZATION);
+                // Who tried, never what they presented: a log is no place
+                // for a token, nor for most of one.
+                tracing::warn!(
+                    target: "varco::audit",
+                    peer = %conn.peer,
+                    method = %req.method(),
+                    path,
+                    presented,
+                    "admin API request refused: no token it knows"
+                );
+                let mut r = problem(
+                    StatusCode::UNAUTHORIZED,
+                    if presented {
+                        "this token is not accepted (a bearer token of [admin] tokens; HTTP Basic for GET only)"
+                    } else {
+                        "a bearer token is required"
+                    },
+                );
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"varco\""),

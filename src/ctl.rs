@@ -153,7 +153,13 @@ pub fn run(
 
 async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
     let (method, path) = action.request();
-    let url = format!("{}{path}", admin.trim_end_matches('/'));
+    // `127.0.0.1:9090`, as `admin_listen` writes it, is meant as http.
+    let base = admin.trim_end_matches('/');
+    let url = if base.contains("://") {
+        format!("{base}{path}")
+    } else {
+        format!("http://{base}{path}")
+    };
     let (status, text) = async {
         let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
         let req = Request::builder()

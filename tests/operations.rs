@@ -38,6 +38,17 @@ async fn the_admin_api_needs_a_configured_token() {
         404,
         "no tokens: no API"
     );
+    // Said as what it is, for a change too (not "use GET").
+    let off = api(&g, "POST", "/api/rooms/portal/pause", Some(TOKEN)).await;
+    assert_eq!(off.status, 404);
+    assert!(
+        off.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("the admin API is off"),
+        "{}",
+        off.text()
+    );
     assert_eq!(
         get(&format!("http://{}/metrics", g.admin)).await.status,
         200
@@ -46,11 +57,15 @@ async fn the_admin_api_needs_a_configured_token() {
 
     let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 1"))).await;
     assert_eq!(api(&g, "GET", "/api/rooms", None).await.status, 401);
-    assert_eq!(
-        api(&g, "GET", "/api/rooms", Some("wrong-token-wrong-token"))
-            .await
-            .status,
-        401
+    let wrong = api(&g, "GET", "/api/rooms", Some("wrong-token-wrong-token")).await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        wrong.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not accepted"),
+        "{}",
+        wrong.text()
     );
     let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
     assert_eq!(got.status, 200);
@@ -803,6 +818,17 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     assert!(
         status.contains("portal") && status.contains("queue"),
         "{status}"
+    );
+    // The address as `admin_listen` writes it, without a scheme.
+    let bare = std::process::Command::new(bin())
+        .args(["ctl", "--admin", &p.admin.to_string(), "status"])
+        .env("VARCO_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        bare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bare.stderr)
     );
     let out = ctl(&["pause", "portal"]);
     assert!(out.contains("\"mode\": \"paused\""), "{out}");
