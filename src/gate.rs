@@ -274,14 +274,24 @@ fn is_navigation(headers: &HeaderMap) -> bool {
 /// Whether the browser says the request comes from another site's page
 /// (`Sec-Fetch-Site: cross-site`) and is no top-level navigation: the
 /// answer's SameSite=Lax cookies are not stored then. A link from
-/// another site, followed, is a navigation, and keeps them.
+/// another site, followed, is a navigation, and keeps them; one a search
+/// page prefetches or prerenders (`Sec-Purpose`, `Purpose`) is not
+/// followed yet, and may never be: the browser asks again when it is.
 fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
     let is = |name: &str, value: &[u8]| headers.get(name).is_some_and(|v| v.as_bytes() == value);
+    let speculative = ["sec-purpose", "purpose"].iter().any(|name| {
+        headers.get(*name).is_some_and(|v| {
+            let v = v.as_bytes();
+            v.windows(8).any(|w| w.eq_ignore_ascii_case(b"prefetch"))
+                || v.windows(9).any(|w| w.eq_ignore_ascii_case(b"prerender"))
+        })
+    });
     is("sec-fetch-site", b"cross-site")
-        && !(is("sec-fetch-mode", b"navigate")
-            && headers
-                .get("sec-fetch-dest")
-                .is_none_or(|d| d.as_bytes() == b"document"))
+        && (speculative
+            || !(is("sec-fetch-mode", b"navigate")
+                && headers
+                    .get("sec-fetch-dest")
+                    .is_none_or(|d| d.as_bytes() == b"document")))
 }
 
 /// A path the person may be sent back to: local, never `//host`.
@@ -833,7 +843,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // direct admission a session nobody holds (a slot for
     // `session_idle`): on a popular page linking to the portal's images,
     // one of each for every view.
-    if !room.cookie_attrs(r.tls).cross_site && keeps_no_lax_cookie(r.headers) {
+    // SameSite=None is written under HTTPS only (plain HTTP gets Lax).
+    let attrs = room.cookie_attrs(r.tls);
+    if !(attrs.cross_site && attrs.secure) && keeps_no_lax_cookie(r.headers) {
         room.metrics.rejected_cross_site.inc();
         let resp = crate::page::error(
             http::StatusCode::FORBIDDEN,
@@ -944,12 +956,12 @@ fn page(
     resp
 }
 
-/// Too many requests from one address (tickets, status polls).
 /// A request from another site's page (see [`keeps_no_lax_cookie`]).
 const FROM_ANOTHER_SITE: Said = Said {
     en: "This service is behind a waiting room: open it from its own address, not from another site's page.",
     it: "Questo servizio è dietro una sala d'attesa: aprilo dal suo indirizzo, non dalla pagina di un altro sito.",
 };
+/// Too many requests from one address (tickets, status polls).
 const FROM_ADDRESS: Said = Said {
     en: "Too many requests from this address. Your place in line, if you have one, is kept: wait a moment and try again.",
     it: "Troppe richieste dal tuo indirizzo di rete. Il tuo posto in coda, se ne hai uno, è conservato: attendi un momento e riprova.",

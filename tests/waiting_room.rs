@@ -76,6 +76,14 @@ async fn another_sites_page_takes_no_place_of_the_room() {
         assert_eq!(got.status, 403, "{mode} {dest}: {}", got.text());
         assert!(got.headers.get("set-cookie").is_none(), "{mode} {dest}");
     }
+    // A search page's prefetch of a link: not followed yet, maybe never.
+    let mut prefetch = g.citizen();
+    let mut headers = from_another_site("navigate", "document").to_vec();
+    headers.push(("sec-purpose", "prefetch"));
+    let got = prefetch
+        .request("GET", "/apply", body::empty(), &headers)
+        .await;
+    assert_eq!(got.status, 403, "a prefetch: {}", got.text());
     assert_eq!(up.hits(), 0);
     let mut linked = g.citizen();
     let got = linked
@@ -97,7 +105,24 @@ async fn another_sites_page_takes_no_place_of_the_room() {
         "reason=\"cross_site\",room=\"portal\"",
     )
     .await;
-    assert_eq!(rejected, Some(3.0));
+    assert_eq!(rejected, Some(4.0));
+    // SameSite=None is written under HTTPS only: over plain HTTP the
+    // cookies are Lax, and a hot-linked image would keep none.
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\ncookie_same_site = \"none\"",
+    ))
+    .await;
+    let got = g
+        .citizen()
+        .request(
+            "GET",
+            "/logo.png",
+            body::empty(),
+            &from_another_site("no-cors", "image"),
+        )
+        .await;
+    assert_eq!(got.status, 403, "{}", got.text());
 }
 
 #[tokio::test]
