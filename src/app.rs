@@ -750,6 +750,7 @@ impl App {
                     room.set_per_minute(Some(
                         rate.clamp(a.config.min_per_minute, a.config.max_per_minute),
                     ));
+                    room.share_between_lanes();
                 }
             }
         }

@@ -483,3 +483,30 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
     g.app.reload().await.expect("reload");
     assert_eq!(counters().await, before, "the lane back counts once");
 }
+
+/// An operator's `max_active`, kept by a reload, is what the lanes share
+/// at once, not the file's until the next tick: lanes admitting at once
+/// after a certificate renewal's reload must not pass the operator's cap.
+#[tokio::test]
+async fn after_a_reload_the_lanes_share_the_operators_cap() {
+    let up = upstream::spawn().await;
+    let toml = lanes_room(up.addr, "max_active = 100", false)
+        .replace("weight = 0.8", "weight = 0.5")
+        .replace("weight = 0.2", "weight = 0.5");
+    let (g, _path) = Gated::start_written("lanes-reload", &toml).await;
+    g.app
+        .change_live("portal", Some(varco::store::LiveChange::MaxActive(Some(4))))
+        .await
+        .unwrap()
+        .2
+        .unwrap();
+    g.app.reload().await.unwrap();
+    let admitted = |got: common::client::Got| usize::from(got.reached_upstream());
+    let mut n = 0;
+    for _ in 0..10 {
+        n += admitted(g.citizen().get("/").await);
+        n += admitted(intermediary(g.addr, SECRET).get("/").await);
+    }
+    assert!(n <= 4, "{n} admitted under the operator's max_active of 4");
+    assert!(n >= 2, "each lane its part: {n}");
+}

@@ -280,6 +280,9 @@ impl Forwarder {
             })?;
 
             let mut started = Instant::now();
+            // `started` moves on to when a streamed body was sent; the
+            // keep-alive race is judged from when the request went out.
+            let sent_at = started;
             // By the pool's clock: an answer tells of the upstream's health
             // only as it was when the request left.
             let sent_ms = room.upstreams.ms_at(started);
@@ -404,7 +407,7 @@ impl Forwarder {
                     // went away with no answer to this one. (A malformed
                     // answer there was no race: it came.)
                     let race =
-                        Answered::before(&e) && closed_under(&e) && started.elapsed() < RACE_WITHIN;
+                        Answered::before(&e) && closed_under(&e) && sent_at.elapsed() < RACE_WITHIN;
                     if race && again && stale_tries < STALE_TRIES {
                         // Not the upstream's failure: no signal, no count
                         // towards a cool-down. Any upstream may take it,

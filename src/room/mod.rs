@@ -595,6 +595,11 @@ impl Room {
     /// and what it followed of the cluster's, so the next tick applies
     /// only what changed since.
     pub fn keep_live_changes_of(&self, old: &Room) {
+        // Under the old room's lock: a tick following the cluster on it
+        // meanwhile changes the values, the bits and what it followed
+        // together, and a copy of one without the others would take a
+        // shared change for followed and never apply it here.
+        let followed = old.followed.lock().unwrap_or_else(|e| e.into_inner());
         let held = old.held.load(Ordering::SeqCst);
         if held & HELD_MODE != 0 {
             self.set_mode(old.mode());
@@ -606,11 +611,16 @@ impl Room {
             self.set_max_active(old.max_active());
         }
         self.held.store(held, Ordering::SeqCst);
-        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = old
-            .followed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = followed.clone();
+        drop(followed);
+        self.share_between_lanes();
+    }
+
+    /// The lanes' shares of the limits in force: again after a change of
+    /// them outside a tick (a reload keeping live changes), or the lanes
+    /// would admit by the file's until the next one.
+    pub fn share_between_lanes(&self) {
+        lanes::share(&self.lanes, &self.limits(), None);
     }
 
     /// The settings an operator changed live that hold over the config
