@@ -194,12 +194,14 @@ pub fn as_read(path: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Whether `host` is a Host (or :authority) varco and the portal can only
-/// read one way: a name of RFC 3986's reg-name characters or an IP
-/// literal in brackets, then at most a port of digits. Anything else
-/// (a second colon, a path, userinfo, bytes past ASCII) is read one way
-/// here and another by the portal (nginx keeps what comes before the
-/// first colon; this router what comes before the last): routed to one
-/// room, served as another, past its gate.
+/// read one way: a name of letters, digits and `-._~` (a DNS name, or an
+/// intranet name with an underscore) or an IP literal in brackets, then
+/// at most a port of digits. Anything else (a second colon, a path,
+/// userinfo, bytes past ASCII, RFC 3986's sub-delims: `a.org,b.org` is
+/// a list to a framework reading X-Forwarded-Host) is read one way here
+/// and another by the portal (nginx keeps what comes before the first
+/// colon; this router what comes before the last): routed to one room,
+/// served as another, past its gate.
 pub fn valid_host(host: &[u8]) -> bool {
     let (name, port) = match host.first() {
         Some(b'[') => {
@@ -226,7 +228,7 @@ pub fn valid_host(host: &[u8]) -> bool {
     };
     let name_ok = name
         .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b));
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
     name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
 }
 
@@ -319,6 +321,9 @@ mod tests {
             "[not-an-ip]",
             "[::1]x",
             "a b",
+            "bonus.example.org,www.example.org",
+            "bonus.example.org;x",
+            "bonus%2eexample.org",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
         }

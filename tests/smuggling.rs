@@ -185,6 +185,8 @@ async fn a_host_read_two_ways_never_passes_the_gate() {
         "bonus.example.org/x",
         "someone@bonus.example.org",
         "bonus.example.org\u{e4}",
+        // A list to Spring or Express reading X-Forwarded-Host.
+        "bonus.example.org,www.example.org",
     ] {
         let resp = send(
             &v,

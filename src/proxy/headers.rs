@@ -186,12 +186,13 @@ pub fn forwarded_param<'a>(element: &'a [u8], name: &str) -> Option<&'a [u8]> {
     })
 }
 
-/// Whether a trusted proxy's `Forwarded` says the browser spoke HTTPS:
-/// its first element's `proto`, for a balancer that sends only that
-/// (HAProxy's `option forwarded`).
+/// Whether a trusted proxy's `Forwarded` says the browser spoke HTTPS,
+/// for a balancer that sends only that (HAProxy's `option forwarded`):
+/// the last element's `proto`, the one the balancer added after any the
+/// client sent.
 pub fn forwarded_says_https(headers: &HeaderMap) -> bool {
     forwarded_elements(headers)
-        .next()
+        .last()
         .and_then(|e| forwarded_param(e, "proto"))
         .is_some_and(|p| p.eq_ignore_ascii_case(b"https"))
 }
@@ -273,7 +274,7 @@ pub fn set_forwarded(
             }
         }
         if forwarded {
-            rewrite_forwarded(headers);
+            rewrite_forwarded(headers, &peer);
         }
     } else {
         remove_where(headers, |name| {
@@ -287,11 +288,12 @@ pub fn set_forwarded(
     }
 }
 
-/// A trusted proxy's `Forwarded`, written again from X-Forwarded-For (as
-/// extended), -Proto and -Host, once these are set: its `host=` could be
-/// the client's own, passed on, and its `proto=` and addresses could say
-/// otherwise than the headers varco decides by.
-fn rewrite_forwarded(headers: &mut HeaderMap) {
+/// A trusted proxy's `Forwarded`, written again once X-Forwarded-Proto
+/// and -Host are set: its own `for=` hops (the balancer's truth, even
+/// where a client's X-Forwarded-For came through beside it) and varco's
+/// peer, the first with the scheme and the host varco decided by. Its
+/// `host=` and `proto=` could be the client's own, passed on.
+fn rewrite_forwarded(headers: &mut HeaderMap, peer: &str) {
     let proto = headers
         .get(&X_FORWARDED_PROTO)
         .map(|v| {
@@ -304,20 +306,14 @@ fn rewrite_forwarded(headers: &mut HeaderMap) {
         })
         .unwrap_or("http");
     let mut out = String::new();
-    let hops: Vec<String> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter(|hop| !hop.trim_ascii().is_empty())
-        .map(|hop| {
-            match std::str::from_utf8(hop)
-                .ok()
-                .and_then(|h| hop_address(h.trim()))
-            {
-                Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
-                Some(v4) => v4.to_string(),
-                None => "unknown".to_string(),
-            }
+    let hops: Vec<String> = forwarded_elements(headers)
+        .map(|e| forwarded_param(e, "for"))
+        .map(|f| f.and_then(|f| std::str::from_utf8(f).ok()).unwrap_or(""))
+        .chain(std::iter::once(peer))
+        .map(|hop| match hop_address(hop.trim()) {
+            Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
+            Some(v4) => v4.to_string(),
+            None => "unknown".to_string(),
         })
         .collect();
     for (i, hop) in hops.iter().enumerate() {
@@ -736,9 +732,9 @@ mod tests {
         let mut h = map(&[
             (
                 "forwarded",
-                "for=198.51.100.7;proto=https;host=bonus.example.org",
+                "for=198.51.100.7;proto=http;host=bonus.example.org",
             ),
-            ("forwarded", "for=\"[2001:db8::9]\""),
+            ("forwarded", "for=\"[2001:db8::9]\";proto=https"),
             ("x-forwarded-host", "bonus.example.org"),
         ]);
         set_forwarded(
@@ -754,6 +750,23 @@ mod tests {
         assert_eq!(
             h["forwarded"],
             "for=198.51.100.7;proto=https;host=\"www.example.org\", for=\"[2001:db8::9]\", for=10.0.0.2"
+        );
+        // A client's X-Forwarded-For passed through beside the balancer's
+        // Forwarded: the balancer's address of the client stays there.
+        let mut h = map(&[
+            ("x-forwarded-for", "10.9.9.9"),
+            ("forwarded", "for=203.0.113.5;proto=https"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.2".parse().unwrap(),
+            true,
+            "http",
+            Some(&host),
+        );
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.5;proto=https;host=\"www.example.org\", for=10.0.0.2"
         );
     }
 
