@@ -4,6 +4,7 @@
 //! page; the request metrics, and one access line per request (written
 //! when the answer's body is done: `access_log`).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,10 @@ use crate::listener::{ConnInfo, Handler};
 use crate::metrics::{status_class, Metrics};
 use crate::page::{self, Reader, Said};
 use crate::proxy::buffer::RequestBuffer;
+use crate::proxy::forward::ClientGone;
 use crate::proxy::headers::X_FORWARDED_PROTO;
 use crate::proxy::in_flight::{InFlight, Refused, Slot};
-use crate::proxy::{Forwarder, Side};
+use crate::proxy::{Forwarder, ProxyError, Side};
 use crate::request_id::{self, RequestIds};
 use crate::request_path;
 use crate::room::arrival;
@@ -278,6 +280,15 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
 
 /// The first element of a list header (`https, http`: the one the proxy
 /// nearest the browser wrote), trimmed.
+/// Says the client gone when dropped (with the handler holding it).
+struct SaysGone(ClientGone);
+
+impl Drop for SaysGone {
+    fn drop(&mut self) {
+        self.0 .0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn first_element(v: &HeaderValue) -> &[u8] {
     v.as_bytes()
         .split(|&b| b == b',')
@@ -521,14 +532,27 @@ impl Gateway {
             // own, or a crowd pressing reload would pile new requests onto
             // a portal still busy with the old ones, past the cap.
             Some(slot) => {
-                let (forwarder, room) = (self.forwarder.clone(), room.clone());
+                let gone = ClientGone(Arc::new(AtomicBool::new(false)));
+                req.extensions_mut().insert(gone.clone());
+                // Dropped with this handler: a client gone before the
+                // request went out (or between two tries) is sent nothing.
+                let _says_gone = SaysGone(gone);
+                let (forwarder, on) = (self.forwarder.clone(), room.clone());
                 let forwarding = tokio::spawn(async move {
-                    let forwarded = forwarder.forward(&room, req, conn, queued).await;
+                    let forwarded = forwarder.forward(&on, req, conn, queued).await;
                     (forwarded, slot)
                 });
                 match forwarding.await {
                     Ok((forwarded, slot)) => (forwarded, Some(slot)),
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: only a runtime shutting down does that.
+                    Err(e) => (
+                        Err(ProxyError::Upstream {
+                            upstream: room.name.clone(),
+                            source: e.into(),
+                        }),
+                        None,
+                    ),
                 }
             }
             // Boxed: the forwarding state machine is the largest part of a

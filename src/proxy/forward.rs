@@ -38,6 +38,18 @@ pub struct Forwarder {
     trusted_proxies: Vec<IpNet>,
 }
 
+/// Set once the client a request is forwarded for has gone away (its
+/// handler dropped), for a forwarding that runs on its own task: what
+/// was sent runs to its answer, but nothing more is sent for nobody.
+#[derive(Clone)]
+pub struct ClientGone(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl ClientGone {
+    fn is_gone(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A request body on its way out.
 enum Outgoing {
     Empty,
@@ -108,6 +120,7 @@ impl Forwarder {
         // A body read whole is no longer coming; a streamed one is until
         // it ends.
         let coming = parts.extensions.remove::<BodyComing>();
+        let gone = parts.extensions.remove::<ClientGone>();
         let client_upgrade = client_upgrade.map(|u| (u, hold));
 
         // HTTP/2 carries the host only in :authority; capture it before the
@@ -232,6 +245,16 @@ impl Forwarder {
         );
         let mut stale_tries = 0;
         loop {
+            // Before the first try and between tries: a client gone
+            // meanwhile is sent nothing (a portal not yet reached does
+            // not work on it).
+            if gone.as_ref().is_some_and(ClientGone::is_gone) {
+                return Err(failed.unwrap_or_else(|| {
+                    ProxyError::ClientBody(
+                        "the client went away before the request was sent".into(),
+                    )
+                }));
+            }
             let Some(index) = room.upstreams.pick(&tried) else {
                 // Every upstream in play was tried (the last try returns
                 // first, unless one was taken out meanwhile), or all are
