@@ -188,11 +188,13 @@ pub fn forwarded_param<'a>(element: &'a [u8], name: &str) -> Option<&'a [u8]> {
 
 /// Whether a trusted proxy's `Forwarded` says the browser spoke HTTPS,
 /// for a balancer that sends only that (HAProxy's `option forwarded`):
-/// the last element's `proto`, the one the balancer added after any the
-/// client sent.
+/// the first element's `proto`, as of `X-Forwarded-Proto`'s list (each
+/// proxy of a chain adds the scheme it was reached by). A client that
+/// writes its own first element there only makes its cookies stricter,
+/// and the portal reads what a chain's `X-Forwarded-Proto` would say.
 pub fn forwarded_says_https(headers: &HeaderMap) -> bool {
     forwarded_elements(headers)
-        .last()
+        .next()
         .and_then(|e| forwarded_param(e, "proto"))
         .is_some_and(|p| p.eq_ignore_ascii_case(b"https"))
 }
@@ -732,9 +734,9 @@ mod tests {
         let mut h = map(&[
             (
                 "forwarded",
-                "for=198.51.100.7;proto=http;host=bonus.example.org",
+                "for=198.51.100.7;proto=https;host=bonus.example.org",
             ),
-            ("forwarded", "for=\"[2001:db8::9]\";proto=https"),
+            ("forwarded", "for=\"[2001:db8::9]\";proto=http"),
             ("x-forwarded-host", "bonus.example.org"),
         ]);
         set_forwarded(
