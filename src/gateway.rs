@@ -278,8 +278,6 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The first element of a list header (`https, http`: the one the proxy
-/// nearest the browser wrote), trimmed.
 /// Says the client gone when dropped (with the handler holding it).
 struct SaysGone(ClientGone);
 
@@ -289,6 +287,8 @@ impl Drop for SaysGone {
     }
 }
 
+/// The first element of a list header (`https, http`: the one the proxy
+/// nearest the browser wrote), trimmed.
 fn first_element(v: &HeaderValue) -> &[u8] {
     v.as_bytes()
         .split(|&b| b == b',')
