@@ -211,7 +211,26 @@ fn status_table(v: &Value) -> String {
             .unwrap_or_default(),
         other => other.to_string(),
     };
+    // What an operator changed live holds over the file, a reload too,
+    // until a reset: marked, or it would read as the file's.
+    let mut any_live = false;
     for r in v["rooms"].as_array().into_iter().flatten() {
+        let mut live = |name: &str| {
+            let held = r["live_changes"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|c| c == name));
+            any_live |= held;
+            if held {
+                "*"
+            } else {
+                ""
+            }
+        };
+        let (mode_live, max_live, rate_live) = (
+            live("mode"),
+            live("max_active"),
+            live("admission_per_minute"),
+        );
         let wait = match r["estimated_wait_seconds"].as_u64() {
             Some(s) => format!("{}m{:02}s", s / 60, s % 60),
             None => "-".into(),
@@ -265,14 +284,17 @@ fn status_table(v: &Value) -> String {
         out.push_str(&format!(
             "{:<16} {:<12} {:>10} {:>10} {:>12} {:>10} {:>12}  {}\n",
             r["name"].as_str().unwrap_or("?"),
-            r["mode"].as_str().unwrap_or("?"),
+            format!("{}{mode_live}", r["mode"].as_str().unwrap_or("?")),
             show(&r["queue_length"]),
             show(&r["active_sessions"]),
-            show(&r["max_active"]),
-            show(&r["admission_per_minute"]),
+            format!("{}{max_live}", show(&r["max_active"])),
+            format!("{}{rate_live}", show(&r["admission_per_minute"])),
             wait,
             rotation
         ));
+    }
+    if any_live {
+        out.push_str("* changed live: holds over the config file, a reload too, until `varco ctl reset ROOM`\n");
     }
     out
 }

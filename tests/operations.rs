@@ -832,6 +832,11 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     );
     let out = ctl(&["pause", "portal"]);
     assert!(out.contains("\"mode\": \"paused\""), "{out}");
+    let status = ctl(&["status"]);
+    assert!(
+        status.contains("paused*") && status.contains("* changed live"),
+        "a live change is marked: {status}"
+    );
     let out = ctl(&["rate", "portal", "1200"]);
     assert!(out.contains("\"admission_per_minute\": 1200"), "{out}");
     let out = ctl(&["reset", "portal"]);
