@@ -279,6 +279,11 @@ fn is_navigation(headers: &HeaderMap) -> bool {
 /// followed yet, and may never be: the browser asks again when it is.
 fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
     let is = |name: &str, value: &[u8]| headers.get(name).is_some_and(|v| v.as_bytes() == value);
+    // Asked first: every new arrival passes here, and nearly none is
+    // cross-site; the rest is read only for those that are.
+    if !is("sec-fetch-site", b"cross-site") {
+        return false;
+    }
     let speculative = ["sec-purpose", "purpose"].iter().any(|name| {
         headers.get(*name).is_some_and(|v| {
             let v = v.as_bytes();
@@ -286,12 +291,11 @@ fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
                 || v.windows(9).any(|w| w.eq_ignore_ascii_case(b"prerender"))
         })
     });
-    is("sec-fetch-site", b"cross-site")
-        && (speculative
-            || !(is("sec-fetch-mode", b"navigate")
-                && headers
-                    .get("sec-fetch-dest")
-                    .is_none_or(|d| d.as_bytes() == b"document")))
+    speculative
+        || !(is("sec-fetch-mode", b"navigate")
+            && headers
+                .get("sec-fetch-dest")
+                .is_none_or(|d| d.as_bytes() == b"document"))
 }
 
 /// A path the person may be sent back to: local, never `//host`.
