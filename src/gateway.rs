@@ -287,16 +287,6 @@ impl Drop for SaysGone {
     }
 }
 
-/// The first element of a list header (`https, http`: the one the proxy
-/// nearest the browser wrote), trimmed.
-fn first_element(v: &HeaderValue) -> &[u8] {
-    v.as_bytes()
-        .split(|&b| b == b',')
-        .next()
-        .unwrap_or(b"")
-        .trim_ascii()
-}
-
 impl Handler for Gateway {
     async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
@@ -680,7 +670,7 @@ impl Gateway {
             return false;
         }
         match req.headers().get(&X_FORWARDED_PROTO) {
-            Some(v) => first_element(v).eq_ignore_ascii_case(b"https"),
+            Some(v) => crate::proxy::headers::first_element(v).eq_ignore_ascii_case(b"https"),
             // RFC 7239's `Forwarded: for=...;proto=https`, from a balancer
             // that sends only that.
             None => crate::proxy::headers::forwarded_says_https(req.headers()),

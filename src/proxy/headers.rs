@@ -199,17 +199,32 @@ pub fn forwarded_says_https(headers: &HeaderMap) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case(b"https"))
 }
 
+/// The first element of a list header (`https, http`: the one the proxy
+/// nearest the browser wrote), trimmed.
+pub fn first_element(v: &HeaderValue) -> &[u8] {
+    v.as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or(b"")
+        .trim_ascii()
+}
+
+/// The address each `Forwarded` element names in `for=`; none for one
+/// that names none (an obfuscated name, `unknown`).
+fn forwarded_addresses(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+    forwarded_elements(headers).map(|e| {
+        forwarded_param(e, "for")
+            .and_then(|f| std::str::from_utf8(f).ok())
+            .and_then(hop_address)
+    })
+}
+
 /// Each hop's address in a `Forwarded` (`for=`), as an X-Forwarded-For
-/// entry: `unknown` for one that names none (an obfuscated name), so a
-/// walk from the right stops there.
+/// entry: `unknown` for one that names none, so a walk from the right
+/// stops there.
 fn forwarded_hops(headers: &HeaderMap) -> Vec<String> {
-    forwarded_elements(headers)
-        .map(|e| {
-            forwarded_param(e, "for")
-                .and_then(|f| std::str::from_utf8(f).ok())
-                .and_then(hop_address)
-                .map_or_else(|| "unknown".to_string(), address_text)
-        })
+    forwarded_addresses(headers)
+        .map(|a| a.map_or_else(|| "unknown".to_string(), address_text))
         .collect()
 }
 
@@ -226,7 +241,8 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let peer = address_text(canonical(peer));
+    let peer_ip = canonical(peer);
+    let peer = address_text(peer_ip);
     // From every peer: a balancer in front passes the client's own on.
     remove_where(headers, |name| is_a_rewritten_path(name.as_str()));
     if trusted_peer {
@@ -276,7 +292,7 @@ pub fn set_forwarded(
             }
         }
         if forwarded {
-            rewrite_forwarded(headers, &peer);
+            rewrite_forwarded(headers, peer_ip);
         }
     } else {
         remove_where(headers, |name| {
@@ -295,24 +311,15 @@ pub fn set_forwarded(
 /// where a client's X-Forwarded-For came through beside it) and varco's
 /// peer, the first with the scheme and the host varco decided by. Its
 /// `host=` and `proto=` could be the client's own, passed on.
-fn rewrite_forwarded(headers: &mut HeaderMap, peer: &str) {
-    let proto = headers
-        .get(&X_FORWARDED_PROTO)
-        .map(|v| {
-            let first = v.as_bytes().split(|&b| b == b',').next().unwrap_or(b"");
-            if first.trim_ascii().eq_ignore_ascii_case(b"https") {
-                "https"
-            } else {
-                "http"
-            }
-        })
-        .unwrap_or("http");
+fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+    let proto = match headers.get(&X_FORWARDED_PROTO).map(first_element) {
+        Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+        _ => "http",
+    };
     let mut out = String::new();
-    let hops: Vec<String> = forwarded_elements(headers)
-        .map(|e| forwarded_param(e, "for"))
-        .map(|f| f.and_then(|f| std::str::from_utf8(f).ok()).unwrap_or(""))
-        .chain(std::iter::once(peer))
-        .map(|hop| match hop_address(hop.trim()) {
+    let hops: Vec<String> = forwarded_addresses(headers)
+        .chain(std::iter::once(Some(peer)))
+        .map(|hop| match hop {
             Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
             Some(v4) => v4.to_string(),
             None => "unknown".to_string(),
