@@ -834,14 +834,7 @@ async fn a_connection_dropped_after_holding_the_request_is_not_the_race() {
         "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
     ))
     .await;
-    let mut statuses = Vec::new();
-    while closed_on(&up) == 0 {
-        statuses.push(get(&v.url("/report")).await.status);
-        assert!(
-            statuses.len() < 20,
-            "no request met a kept-alive connection"
-        );
-    }
+    let statuses = until_one_meets_a_kept_alive_connection(&v, &up, "/report").await;
     assert_eq!(statuses.last(), Some(&502), "{statuses:?}");
     assert_eq!(closed_on(&up), 1, "not sent again");
     let of = "room=\"portal\"";
@@ -866,14 +859,7 @@ async fn a_broken_answer_on_a_kept_alive_connection_is_not_the_race() {
         "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 0",
     ))
     .await;
-    let mut statuses = Vec::new();
-    while closed_on(&up) == 0 {
-        statuses.push(get(&v.url("/again")).await.status);
-        assert!(
-            statuses.len() < 20,
-            "no request met a kept-alive connection"
-        );
-    }
+    let statuses = until_one_meets_a_kept_alive_connection(&v, &up, "/again").await;
     assert_eq!(statuses.last(), Some(&502), "{statuses:?}");
     assert_eq!(closed_on(&up), 1, "not sent again");
     let of = "room=\"portal\"";
@@ -997,6 +983,25 @@ async fn bad_on_one_page() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 
 fn closed_on(up: &ClosesKeptAlive) -> usize {
     up.closed_on.load(Ordering::SeqCst)
+}
+
+/// GETs `path` through `v` until one of them meets a connection `up`
+/// kept alive (the idle connection goes back to the pool as an answer
+/// ends, so a few tries make sure one does): every status, in order.
+async fn until_one_meets_a_kept_alive_connection(
+    v: &Varco,
+    up: &ClosesKeptAlive,
+    path: &str,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    while closed_on(up) == 0 {
+        statuses.push(get(&v.url(path)).await.status);
+        assert!(
+            statuses.len() < 20,
+            "no request met a kept-alive connection"
+        );
+    }
+    statuses
 }
 
 /// A GET that an upstream breaks before any answer goes to the next
