@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use crate::app::{App, ReloadError};
 use crate::body::{full, Body};
 use crate::listener::{ConnInfo, Handler};
-use crate::page::NO_STORE;
 use crate::proxy::upstreams::NotTakenOut;
 use crate::room::admission::Mode;
 use crate::room::Room;
@@ -127,7 +126,7 @@ fn typed(status: StatusCode, content_type: &'static str, body: Body) -> Response
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut().insert(CACHE_CONTROL, NO_STORE);
+    crate::page::mark_own(r.headers_mut());
     r
 }
 

@@ -1597,6 +1597,71 @@ async fn an_operators_template_replaces_the_page() {
         page.contains("{{unknown_var}}"),
         "unknown variables stay as written"
     );
+    assert!(
+        !got.headers.contains_key("content-security-policy"),
+        "varco cannot know what an operator's page loads"
+    );
+    assert_eq!(got.headers["x-content-type-options"], "nosniff");
+}
+
+/// varco's own waiting page runs its own inline script and style and
+/// nothing else; its answers are taken as the type they say.
+#[tokio::test]
+async fn varcos_own_pages_say_what_may_run_in_them() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    g.citizen().get("/").await;
+    let mut c = g.citizen();
+    let got = c.get("/").await;
+    assert!(got.is_waiting_page());
+    let policy = got.headers["content-security-policy"].to_str().unwrap();
+    let page = got.text();
+    let digest_of = |tag: &str| digest_of_inline(&page, tag);
+    // The digests of the page as served, the page's variables filled in.
+    assert!(
+        policy.contains(&format!("script-src 'sha256-{}'", digest_of("script"))),
+        "{policy}"
+    );
+    assert!(
+        policy.contains(&format!("style-src 'sha256-{}'", digest_of("style"))),
+        "{policy}"
+    );
+    assert!(policy.starts_with("default-src 'none';"), "{policy}");
+    assert!(policy.contains("connect-src 'self'"), "the status poll");
+    assert!(policy.contains("frame-ancestors 'self'"), "{policy}");
+    assert!(!policy.contains("unsafe"), "{policy}");
+    assert_eq!(got.headers["x-content-type-options"], "nosniff");
+    assert_eq!(got.headers["referrer-policy"], "same-origin");
+
+    let status = c
+        .request("GET", "/.varco/status?room=portal", body::empty(), &[])
+        .await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.headers["x-content-type-options"], "nosniff");
+    let json = c
+        .request("GET", "/", body::empty(), &[("accept", "application/json")])
+        .await;
+    assert_eq!(json.status, 429);
+    assert_eq!(json.headers["x-content-type-options"], "nosniff");
+    let missing = c.get("/.varco/nowhere").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.headers["x-content-type-options"], "nosniff");
+    let policy = missing.headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'none'"), "{policy}");
+    let style = digest_of_inline(&missing.text(), "style");
+    assert!(
+        policy.contains(&format!("style-src 'sha256-{style}'")),
+        "{policy}"
+    );
+}
+
+/// The CSP digest of the first `<tag>` element's text in `page`.
+fn digest_of_inline(page: &str, tag: &str) -> String {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let start = page.find(&open).unwrap() + open.len();
+    let end = start + page[start..].find(&close).unwrap();
+    let d = ring::digest::digest(&ring::digest::SHA256, &page.as_bytes()[start..end]);
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, d)
 }
 
 /// A room's `error_template` makes varco's own pages for it: the portal
@@ -1640,6 +1705,7 @@ async fn an_operators_error_template_makes_the_rooms_error_pages() {
         page.contains(&format!("this reference: <b>{id}</b>")),
         "{page}"
     );
+    assert!(!failed.headers.contains_key("content-security-policy"));
     // New arrivals from one address: a burst of one ticket, then 429.
     let mut statuses = Vec::new();
     for _ in 0..3 {

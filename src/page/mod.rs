@@ -3,13 +3,64 @@
 
 pub mod waiting;
 
-use http::header::{HeaderValue, ACCEPT, ACCEPT_LANGUAGE, CACHE_CONTROL, CONTENT_TYPE};
+use base64::Engine;
+use http::header::{
+    HeaderValue, ACCEPT, ACCEPT_LANGUAGE, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE,
+    REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::{full, Body};
 use crate::config::Language;
 
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
+
+/// The headers every answer varco writes itself carries: never stored
+/// (see above); read as the type it says it is, so a JSON answer or a
+/// text one is never run as a page (`nosniff`); and the address of a
+/// page that may hold the portal's path and query (an application
+/// number, a fiscal code) is not told to another site a person goes to
+/// from it.
+pub fn mark_own(h: &mut HeaderMap) {
+    h.insert(CACHE_CONTROL, NO_STORE);
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+}
+
+/// The Content-Security-Policy of a page varco wrote all of itself: its
+/// inline scripts and styles by their SHA-256 digests, requests to its
+/// own origin (the status poll) and nothing else. No script injected
+/// into it, nor any other site's, runs in it, and only its own origin
+/// may frame it. An operator's template gets none: varco cannot know
+/// what it loads (its own `<meta http-equiv>` can say).
+pub fn own_page_policy(html: &str) -> HeaderValue {
+    let digests = |tag: &str| {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        let mut out = String::new();
+        let mut rest = html;
+        while let Some(start) = rest.find(&open) {
+            let body = &rest[start + open.len()..];
+            let Some(end) = body.find(&close) else { break };
+            let digest = ring::digest::digest(&ring::digest::SHA256, &body.as_bytes()[..end]);
+            out.push_str(" 'sha256-");
+            out.push_str(&base64::engine::general_purpose::STANDARD.encode(digest));
+            out.push('\'');
+            rest = &body[end..];
+        }
+        if out.is_empty() {
+            " 'none'".to_string()
+        } else {
+            out
+        }
+    };
+    let policy = format!(
+        "default-src 'none'; script-src{}; style-src{}; connect-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'self'",
+        digests("script"),
+        digests("style"),
+    );
+    HeaderValue::try_from(policy).expect("a policy of digests is a valid header value")
+}
 
 /// A `Retry-After` for `wait`: whole seconds rounded up (a client that
 /// waits 1 s for a 1.9 s wait is refused again), a second at least.
@@ -248,6 +299,7 @@ pub fn error_with_reference(
     reference: Option<&HeaderValue>,
 ) -> Response<Body> {
     let reference = reference.and_then(|r| r.to_str().ok());
+    let own_page = matches!(reader, Reader::Person(_, None));
     let (content_type, body) = match reader {
         Reader::Program => ("application/json", error_json(status, said.en, reference)),
         Reader::Person(lang, None) => (
@@ -263,9 +315,20 @@ pub fn error_with_reference(
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(CACHE_CONTROL, NO_STORE);
+    mark_own(h);
+    if own_page {
+        static POLICY: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+        let policy =
+            POLICY.get_or_init(|| own_page_policy(&format!("<style>{ERROR_STYLE}</style>")));
+        h.insert(CONTENT_SECURITY_POLICY, policy.clone());
+    }
     resp
 }
+
+/// The style of varco's own error page, the one inline part its policy
+/// allows.
+const ERROR_STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;\
+padding:0 1rem;line-height:1.5}code{overflow-wrap:anywhere}";
 
 fn error_json(status: StatusCode, message: &str, reference: Option<&str>) -> String {
     let mut v = serde_json::json!({
@@ -320,8 +383,7 @@ fn error_html(status: StatusCode, said: &Said, lang: Language, reference: Option
         "<!doctype html>\n<html lang=\"{lang_tag}\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{code} {heading}</title>\
-<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
-code{{overflow-wrap:anywhere}}</style>\
+<style>{ERROR_STYLE}</style>\
 </head><body><main><h1>{code} {heading}</h1><p>{}</p>{reference}</main></body></html>\n",
         escape(said.in_language(lang)),
     )

@@ -3,11 +3,11 @@
 //! jitter and moves on by itself when the person is admitted; without
 //! JavaScript a meta refresh does the same.
 
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use super::{escape_into, NO_STORE};
+use super::{escape_into, mark_own};
 use crate::body::{full, Body};
 use crate::config::Language;
 
@@ -428,6 +428,8 @@ pub struct Template {
     /// By language, then situation.
     baked: [[Vec<Part>; 4]; 2],
     text_len: usize,
+    /// The page's Content-Security-Policy: varco's own page only.
+    policy: Option<HeaderValue>,
 }
 
 fn lang_index(l: Language) -> usize {
@@ -487,6 +489,7 @@ impl Template {
                 .collect();
         Template {
             text_len: text.len(),
+            policy: (text == DEFAULT_TEMPLATE).then(|| super::own_page_policy(text)),
             baked: [&IT, &EN].map(|s| SITUATIONS.map(|situation| bake(&parts, s, situation))),
         }
     }
@@ -712,8 +715,11 @@ pub fn respond(
     *r.status_mut() = code;
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(CACHE_CONTROL, NO_STORE);
+    mark_own(h);
     h.insert(RETRY_AFTER, seconds(retry));
+    if let (false, Some(policy)) = (json, &template.policy) {
+        h.insert(CONTENT_SECURITY_POLICY, policy.clone());
+    }
     r
 }
 
@@ -746,7 +752,7 @@ pub fn status_json(status: &Status) -> Response<Body> {
     let mut r = Response::new(full(to_json(status)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(CACHE_CONTROL, NO_STORE);
+    mark_own(h);
     h.insert(RETRY_AFTER, seconds(status.poll_seconds()));
     r
 }

@@ -93,6 +93,13 @@ try {
     hasTouch: true,
     locale: "it-IT",
   });
+  // What the page's Content-Security-Policy refuses, as the page sees it.
+  await phone.addInitScript(() => {
+    window.__refused = [];
+    document.addEventListener("securitypolicyviolation", (e) =>
+      window.__refused.push(e.effectiveDirective + " " + (e.blockedURI || "inline"))
+    );
+  });
   const tab = await phone.newPage();
   await tab.clock.install();
   await tab.goto(VARCO + "/login");
@@ -103,8 +110,21 @@ try {
   check(/^\d+$/.test(ticket), `the page shows the ticket number (${ticket})`);
   await tab.screenshot({ path: `${ARTIFACTS}/waiting-360.png`, fullPage: true });
 
-  // 3. Accessibility: axe-core in the page finds nothing serious or critical.
-  await tab.addScriptTag({ content: AXE });
+  // 3. The page's own script and style run under its policy; a script
+  // put into it from outside does not.
+  const styled = await tab.evaluate(() => getComputedStyle(document.querySelector("main")).maxWidth);
+  check(styled !== "none", `the page's own style applies under its policy (max-width ${styled})`);
+  check((await tab.evaluate(() => window.__refused)).length === 0, "nothing of the page's own is refused");
+  await tab.addScriptTag({ content: "window.__injected = 1" }).catch(() => {});
+  check(
+    (await tab.evaluate(() => window.__injected)) === undefined &&
+      (await tab.evaluate(() => window.__refused)).some((r) => r.startsWith("script-src")),
+    "an injected inline script is refused by the page's policy"
+  );
+
+  // Accessibility: axe-core, evaluated from outside the page's policy,
+  // finds nothing serious or critical.
+  await tab.evaluate(AXE);
   const axe = await tab.evaluate(async () => {
     const r = await window.axe.run(document, { resultTypes: ["violations"] });
     return r.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.length }));
