@@ -167,6 +167,7 @@ fn page(c: &mut Criterion) {
         missed_turn: false,
         claim_window_seconds: 60,
         unsent: false,
+        no_cookie: false,
     };
     c.bench_function("page/render_waiting_page", |b| {
         b.iter(|| {

@@ -1058,6 +1058,7 @@ pub fn status_for<'a>(
         missed_turn: false,
         claim_window_seconds: room.config.claim_window.as_secs(),
         unsent: false,
+        no_cookie: false,
     }
 }
 
@@ -1112,14 +1113,11 @@ pub async fn status(
     } else {
         "waiting"
     };
-    waiting::status_json(&status_for(
-        room,
-        lane,
-        ticket.as_ref(),
-        &view,
-        now_ms,
-        state,
-    ))
+    let mut status = status_for(room, lane, ticket.as_ref(), &view, now_ms, state);
+    status.no_cookie = status.state == "none"
+        && cookies::each(headers, &room.ticket_cookie).next().is_none()
+        && cookies::each(headers, &room.pass_cookie).next().is_none();
+    waiting::status_json(&status)
 }
 
 #[cfg(test)]

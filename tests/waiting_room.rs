@@ -1655,6 +1655,34 @@ async fn varcos_own_pages_say_what_may_run_in_them() {
     );
 }
 
+/// The status says when a request carried none of the room's cookies:
+/// the page given a ticket then knows the browser keeps none. A cookie
+/// that came back and is no good (lapsed, tampered) is not that.
+#[tokio::test]
+async fn the_status_tells_a_browser_that_kept_no_cookie() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    g.citizen().get("/").await;
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    let held = c.status("portal").await;
+    assert_eq!(held["state"], "waiting");
+    assert!(held.get("no_cookie").is_none(), "{held}");
+
+    let kept = std::mem::take(&mut c.jar);
+    let bare = c.status("portal").await;
+    assert_eq!(bare["state"], "none");
+    assert_eq!(bare["no_cookie"], true, "{bare}");
+
+    c.jar = kept
+        .into_iter()
+        .map(|(k, v)| (k, v.replace('.', ".x")))
+        .collect();
+    let tampered = c.status("portal").await;
+    assert_eq!(tampered["state"], "none");
+    assert!(tampered.get("no_cookie").is_none(), "{tampered}");
+}
+
 /// The CSP digest of the first `<tag>` element's text in `page`.
 fn digest_of_inline(page: &str, tag: &str) -> String {
     let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));

@@ -63,6 +63,11 @@ pub struct Status<'a> {
     /// as much to a program).
     #[serde(skip)]
     pub unsent: bool,
+    /// No ticket, and the request carried none of the room's cookies at
+    /// all: a page that was given a ticket learns that the browser keeps
+    /// no cookies, and says so rather than take a new place every time.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_cookie: bool,
 }
 
 fn rfc3339<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -244,6 +249,8 @@ struct Strings {
     lottery_committed: &'static str,
     /// "{s}", "{n}", "{c}": seed, pre-queue size, commitment.
     lottery_revealed: &'static str,
+    /// The browser sent back none of the room's cookies.
+    no_cookie: &'static str,
 }
 
 const IT: Strings = Strings {
@@ -276,6 +283,7 @@ const IT: Strings = Strings {
     arrived: "arrivo",
     lottery_committed: "Sorteggio della pre-coda: varco si è impegnato sul seme, di cui questo è lo SHA-256: {c}",
     lottery_revealed: "Sorteggio della pre-coda: seme {s} su {n} biglietti (SHA-256 pubblicato prima: {c}). Verificalo con varco lottery verify.",
+    no_cookie: "Il tuo browser non ha conservato il cookie della coda, e senza di esso il posto non si può tenere. Consenti i cookie per questo sito, poi ricarica la pagina.",
 };
 
 const EN: Strings = Strings {
@@ -308,6 +316,7 @@ const EN: Strings = Strings {
     arrived: "arrived",
     lottery_committed: "Pre-queue draw: varco is bound to a seed whose SHA-256 is {c}",
     lottery_revealed: "Pre-queue draw: seed {s} over {n} tickets (SHA-256 published before: {c}). Check it with varco lottery verify.",
+    no_cookie: "Your browser did not keep the line's cookie, and without it your place cannot be kept. Allow cookies for this site, then reload this page.",
 };
 
 fn strings(l: Language) -> &'static Strings {
@@ -377,7 +386,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 33] = [
+pub const VARIABLES: [&str; 34] = [
     "lang",
     "title",
     "intro",
@@ -411,6 +420,7 @@ pub const VARIABLES: [&str; 33] = [
     "situation",
     "eta_hours_range_format",
     "eta_hours_about_format",
+    "no_cookie_message",
 ];
 
 enum Part {
@@ -472,6 +482,7 @@ fn language_constant(name: &str, s: &Strings, situation: &str) -> Option<&'stati
         "eta_soon" => s.eta_soon,
         "eta_hours_range_format" => s.eta_hours_range,
         "eta_hours_about_format" => s.eta_hours_about,
+        "no_cookie_message" => s.no_cookie,
         _ => return None,
     })
 }
@@ -624,7 +635,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
     // template already (`language_constant`).
-    let values: [Value; 33] = [
+    let values: [Value; 34] = [
         Value::Baked,
         Value::Baked,
         Value::Baked,
@@ -656,6 +667,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         arrived_time,
         Value::Escaped(&lottery),
         Value::Escaped(situation),
+        Value::Baked,
         Value::Baked,
         Value::Baked,
     ];
@@ -785,6 +797,7 @@ mod tests {
             missed_turn: false,
             claim_window_seconds: 60,
             unsent: false,
+            no_cookie: false,
         }
     }
 
@@ -983,6 +996,15 @@ mod tests {
                 (eta(&st).as_str(), minutes_range(&EN, &st).as_str()),
                 (it, en)
             );
+        }
+    }
+
+    /// Operators write their own templates from the README's table.
+    #[test]
+    fn every_variable_is_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        for v in VARIABLES {
+            assert!(readme.contains(&format!("`{{{{{v}}}}}`")), "{v}");
         }
     }
 

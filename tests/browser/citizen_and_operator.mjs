@@ -445,6 +445,28 @@ try {
   const request = await reloaded;
   check(!(request instanceof Error), "without fetch: the page reloads itself at its poll, as without JavaScript");
   await old.close();
+
+  // 11. A browser that keeps no cookies (here: they are cleared once the
+  // page is in) is told so, and the page stops there: reloading would
+  // only take one new place in line after another.
+  const crumbless = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+  const bare = await crumbless.newPage();
+  await bare.clock.install();
+  await bare.goto(VARCO + "/login");
+  check(/^\d+$/.test((await bare.textContent("#ticket")).trim()), "a ticket on the page");
+  await crumbless.clearCookies();
+  let navigations = 0;
+  bare.on("framenavigated", () => navigations++);
+  await until("the page says the browser kept no cookie", async () => {
+    await bare.clock.runFor(5000);
+    return (await bare.textContent("#message")).includes("cookie");
+  });
+  await bare.clock.runFor(120000);
+  check(
+    navigations === 0 && (await bare.textContent("#position")).trim() === "\u2013",
+    `kept no cookie: the page says so and takes no new place (${navigations} reloads)`
+  );
+  await crumbless.close();
 } finally {
   await browser.close();
 }
