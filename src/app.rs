@@ -798,6 +798,7 @@ impl App {
         self.metrics.follow_rooms(&self.rooms());
         self.routing.store(Arc::new(Routing::new(rooms)));
         self.metrics.follow_rooms(&self.rooms());
+        self.metrics.forget_gone(&self.rooms());
     }
 
     /// One lane's tick; a failure is counted and logged, and said for

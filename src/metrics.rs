@@ -451,6 +451,50 @@ impl Metrics {
         self.increases.follow(rooms);
     }
 
+    /// Drops the series of rooms, and of a room's upstreams, that the
+    /// configuration in force no longer has. A room or an upstream a
+    /// reload removed would otherwise be exported, frozen, until the
+    /// next restart: on every dashboard, and in every alert that reads
+    /// it. Series of the rooms and upstreams kept stay as they are (a
+    /// reload resolves the same ones again), and so do those of requests
+    /// no room served (`room="-"`).
+    pub fn forget_gone(&self, rooms: &[std::sync::Arc<crate::room::Room>]) {
+        let room_of = |name: &str| rooms.iter().find(|r| r.name == name);
+        let has_upstream = |room: &crate::room::Room, label: &str| {
+            room.upstreams.all().iter().any(|u| u.label == label)
+        };
+        let kept = |labels: &Labels| match (labels.get("room"), labels.get("upstream")) {
+            (Some(&"-"), _) | (None, _) => true,
+            (Some(room), None) => room_of(room).is_some(),
+            (Some(room), Some(up)) => room_of(room).is_some_and(|r| has_upstream(r, up)),
+        };
+        forget_where(&self.requests, &kept);
+        forget_where(&self.request_seconds, &kept);
+        forget_where(&self.upstream_response_seconds, &kept);
+        forget_where(&self.upstream_errors, &kept);
+        forget_where(&self.upstream_responses, &kept);
+        forget_where(&self.upstream_closed_idle, &kept);
+        forget_where(&self.upstream_in_flight, &kept);
+        forget_where(&self.store_errors, &kept);
+        forget_where(&self.rejected, &kept);
+        forget_where(&self.wait_seconds, &kept);
+        forget_where(&self.adaptive_adjustments, &kept);
+        forget_where(&self.in_flight_wait_seconds, &kept);
+        forget_where(&self.pass_extensions, &kept);
+        forget_where(&self.reentries, &kept);
+        forget_where(&self.reentries_refused, &kept);
+        forget_where(&self.missed_turns, &kept);
+        // Checks that stopped (the room's health_check taken out) would
+        // read as a check that passed once and never ran again.
+        forget_where(&self.upstream_health_checks, &|labels: &Labels| {
+            kept(labels)
+                && labels
+                    .get("room")
+                    .and_then(|room| room_of(room))
+                    .is_some_and(|r| r.config.health_check.is_some())
+        });
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let dropped = crate::logging::dropped_lines();
@@ -461,6 +505,31 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// A series' labels, by name.
+type Labels<'a> = std::collections::HashMap<&'a str, &'a str>;
+
+/// Removes every series of `vec` whose labels `kept` refuses. Prometheus
+/// removes a series only by all its labels: they are read off the
+/// series themselves (once per reload, not on any request's path).
+fn forget_where<B: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<B>,
+    kept: &dyn Fn(&Labels) -> bool,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for series in family.get_metric() {
+            let labels: Labels = series
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if !kept(&labels) {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }
 

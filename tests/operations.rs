@@ -1237,3 +1237,76 @@ async fn a_reload_keeps_the_running_tick() {
     );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// A room or an upstream a reload removes takes its series with it: a
+/// dashboard or an alert would read their last values for ever. Those of
+/// the rooms and upstreams kept go on from where they were.
+#[tokio::test]
+async fn a_reload_takes_away_the_series_of_what_it_removed() {
+    let (one, two, three) = (
+        upstream::spawn().await,
+        upstream::spawn().await,
+        upstream::spawn().await,
+    );
+    let portal = |ups: &str| {
+        format!(
+            "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [{ups}]\n\
+             hosts = [\"portal.example.it\"]\n"
+        )
+    };
+    let both = format!("\"http://{}\", \"http://{}\"", one.addr, two.addr);
+    let other = format!(
+        "[rooms.other]\nupstreams = [\"http://{}\"]\nhosts = [\"other.example.it\"]\n\
+         [rooms.other.health_check]\npath = \"/healthz\"\ninterval = \"1s\"\n",
+        three.addr
+    );
+    let (g, path) = Gated::start_written("forget-series", &(portal(&both) + &other)).await;
+    let mut person = g.citizen();
+    person
+        .headers
+        .push(("host".into(), "portal.example.it".into()));
+    for _ in 0..4 {
+        assert!(person.get("/").await.reached_upstream());
+    }
+    let mut stranger = g.citizen();
+    stranger
+        .headers
+        .push(("host".into(), "other.example.it".into()));
+    assert!(stranger.get("/").await.reached_upstream());
+    let metrics = || async { get(&format!("http://{}/metrics", g.admin)).await.text() };
+    let gone_upstream = format!("upstream=\"{}\"", two.addr);
+    let before = metrics().await;
+    assert!(
+        before
+            .lines()
+            .any(|l| l.starts_with("varco_requests_total{") && l.contains("room=\"other\"")),
+        "{before}"
+    );
+    assert!(
+        before.contains("varco_upstream_health_checks_total{"),
+        "{before}"
+    );
+    assert!(before.contains(&gone_upstream), "{before}");
+    let portal_2xx = [("room", "portal"), ("class", "2xx")];
+    let served = value(&scrape(&before), "varco_requests_total", &portal_2xx);
+    assert_eq!(served, Some(4.0));
+
+    std::fs::write(&path, portal(&format!("\"http://{}\"", one.addr))).unwrap();
+    g.app.reload().await.expect("reload");
+    let after = metrics().await;
+    let stale: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("room=\"other\"") || l.contains(&gone_upstream))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "series of what the reload removed: {stale:?}"
+    );
+    assert_eq!(
+        value(&scrape(&after), "varco_requests_total", &portal_2xx),
+        served,
+        "the kept room's counts go on"
+    );
+    assert!(after.contains(&format!("upstream=\"{}\"", one.addr)));
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -1895,6 +1895,11 @@ async fn a_reload_keeps_the_checks_verdict_and_removing_the_checks_ends_it() {
         Some(1.0),
         "without checks nothing can bring the upstream back: it must start in"
     );
+    assert_eq!(
+        client::metric(g.admin, "varco_upstream_health_checks_total", &of).await,
+        None,
+        "checks that no longer run leave no count behind, frozen"
+    );
 }
 
 /// An upstream across a network varco does not trust is reached over
