@@ -337,11 +337,9 @@ impl Admin {
                 None => problem(StatusCode::NOT_FOUND, "no such room"),
             },
             (Method::POST, ["reload"]) => {
-                tracing::info!(target: "varco::audit", who, action = "reload", "config reload requested");
-                match self.app.reload().await {
+                match self.app.reload_by(who).await {
                     Ok(n) => json_response(StatusCode::OK, json!({ "reloaded": true, "rooms": n })),
                     Err(e) => {
-                        tracing::error!(target: "varco::audit", who, error = %e, "reload refused; the running config stays");
                         // 422 for a file with mistakes; nothing wrong with
                         // the request when there is no file to read.
                         let status = match e {

@@ -486,6 +486,23 @@ impl App {
         Some((room, before, shared))
     }
 
+    /// A reload asked for by `who` (an admin token's id, or `SIGHUP`),
+    /// told on `varco::audit` whatever comes of it: the audit log says
+    /// who changed the config in force, when, and whether it was taken.
+    pub async fn reload_by(&self, who: &str) -> Result<usize, ReloadError> {
+        tracing::info!(target: "varco::audit", who, action = "reload", "config reload requested");
+        let result = self.reload().await;
+        match &result {
+            Ok(rooms) => {
+                tracing::info!(target: "varco::audit", who, action = "reload", rooms, "config reload taken: the new config is in force")
+            }
+            Err(e) => {
+                tracing::error!(target: "varco::audit", who, action = "reload", error = %e, "reload refused; the running config stays")
+            }
+        }
+        result
+    }
+
     /// Re-reads the config file and swaps in its rooms. Places in line and
     /// live sessions stay (the store is kept by room name); open
     /// connections stay; a bad file, or none to read, changes nothing
@@ -1135,14 +1152,13 @@ async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = hup.recv() => {}
             _ = stop.changed() => return,
         }
-        tracing::info!(who = "SIGHUP", "reload requested");
         // A panic would end this loop, and every later SIGHUP go unheard.
-        match AssertUnwindSafe(app.reload()).catch_unwind().await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "reload refused; the running config stays")
-            }
-            Err(_) => tracing::error!("the reload panicked (a bug: please report it)"),
+        if AssertUnwindSafe(app.reload_by("SIGHUP"))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("the reload panicked (a bug: please report it)");
         }
     }
 }

@@ -734,3 +734,53 @@ async fn a_reload_reads_a_configmap_edited_through_its_symlinks() {
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reload by SIGHUP is in the audit log as one through the API is:
+/// who asked (`SIGHUP`), then whether it was taken or refused and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_by_sighup_is_in_the_audit_log() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::spawn().await;
+    let mut p = json_logging("audit-hup", &[up.addr], "");
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, mut audit) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("\"varco::audit\"") {
+                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+            }
+        }
+    });
+    p.signal("HUP");
+    let asked = next(&mut audit).await;
+    assert_eq!(asked["message"], "config reload requested", "{asked}");
+    assert_eq!(asked["who"], "SIGHUP");
+    let taken = next(&mut audit).await;
+    assert_eq!(
+        taken["message"], "config reload taken: the new config is in force",
+        "{taken}"
+    );
+    assert_eq!(taken["who"], "SIGHUP");
+    assert_eq!(taken["rooms"], 1);
+
+    write_config("audit-hup", "[rooms.portal]\nupstreams = []\n");
+    p.signal("HUP");
+    assert_eq!(next(&mut audit).await["who"], "SIGHUP");
+    let refused = next(&mut audit).await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    assert_eq!(refused["who"], "SIGHUP");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rooms.portal.upstreams")),
+        "{refused}"
+    );
+}
+
+/// The next line a reader passes on, within 30 s.
+async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), lines.recv())
+        .await
+        .expect("a line within 30 s")
+        .expect("varco still logging")
+}
