@@ -535,6 +535,101 @@ fn the_weights_panel_shows_what_each_upstream_is_due_and_takes() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// On a cluster every node exports its rooms' figures: each line of a
+/// panel must still be one thing, not one line per node under one name.
+/// Either the query folds the nodes away (aggregating `by` labels other
+/// than `instance`, each named in the legend), or the legend names the
+/// node.
+#[test]
+fn on_a_cluster_each_dashboard_line_is_one_thing() {
+    let dashboard = read_json(&deploy_dir().join("grafana/varco-dashboard.json"));
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        let title = p["title"].as_str().unwrap_or("");
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or("");
+            let legend = t["legendFormat"].as_str().unwrap_or("");
+            if legend.contains("{{instance}}") {
+                continue;
+            }
+            let groups: Vec<Vec<&str>> = expr
+                .split(" by (")
+                .skip(1)
+                .map(|rest| {
+                    rest.split(')')
+                        .next()
+                        .unwrap_or("")
+                        .split(',')
+                        .map(str::trim)
+                        .collect()
+                })
+                .collect();
+            assert!(
+                !groups.is_empty(),
+                "{title}: `{expr}` gives a line per node, all named \"{legend}\""
+            );
+            for label in groups.iter().flatten().filter(|l| **l != "le") {
+                assert_ne!(
+                    *label, "instance",
+                    "{title}: `{expr}` without the node in \"{legend}\""
+                );
+                assert!(
+                    legend.contains(&format!("{{{{{label}}}}}")),
+                    "{title}: lines by {label} all named \"{legend}\""
+                );
+            }
+        }
+    }
+}
+
+/// Two nodes export the same room: its line and its admissions are the
+/// room's, once, not one per node nor their sum (each node reads the
+/// cluster's totals from Redis).
+#[test]
+fn the_rooms_panels_count_a_cluster_once() {
+    let queries = dashboard_queries();
+    let query = |title: &str, refid: &str| {
+        queries
+            .iter()
+            .find(|(t, r, _)| t == title && r == refid)
+            .map(|(_, _, expr)| format!("round(({expr}), 0.001)"))
+            .unwrap_or_else(|| panic!("the panel {title} {refid}"))
+    };
+    let (dir, rules) = recording_rules(
+        "cluster-once",
+        &[
+            ("line".into(), query("Queue length", "A")),
+            (
+                "admitted".into(),
+                query("Admissions per minute vs configured rate", "A"),
+            ),
+        ],
+    );
+    let mut series = String::new();
+    for node in ["a", "b"] {
+        let labels = format!("instance=\"{node}\",room=\"portal\"");
+        series.push_str(&format!(
+            "      - series: 'varco_room_queue_length{{{labels}}}'\n        values: '500x10'\n\
+             \x20     - series: 'varco_admitted_total{{{labels}}}'\n        values: '0+60x10'\n"
+        ));
+    }
+    let expect = |record: &str, value: f64| {
+        format!(
+            "      - eval_time: 5m\n        expr: {record}\n        exp_samples:\n\
+             \x20         - labels: '{record}{{room=\"portal\"}}'\n            value: {value}\n"
+        )
+    };
+    let test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{}{}",
+        rules.display(),
+        expect("line", 500.0),
+        expect("admitted", 60.0),
+    );
+    let path = dir.join("cluster_once_test.yaml");
+    std::fs::write(&path, test).unwrap();
+    promtool("test", &path);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `promtool <what> rules <file>`, which must succeed.
 fn promtool(what: &str, file: &Path) {
     let out = std::process::Command::new("promtool")
