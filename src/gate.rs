@@ -972,7 +972,7 @@ const FROM_ADDRESS: Said = Said {
 };
 /// A pass holder over `per_session`: the session is kept, only this
 /// request is refused.
-const IN_SESSION: Said = Said {
+pub(crate) const IN_SESSION: Said = Said {
     en: "Too many requests in this session. Wait a moment and try again: you keep your place inside.",
     it: "Troppe richieste in questa sessione. Attendi un momento e riprova: resti dentro e non perdi il tuo posto.",
 };

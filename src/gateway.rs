@@ -199,11 +199,12 @@ fn has_unknown_coding(req: &Request<Incoming>) -> bool {
 async fn enter(
     room: &Room,
     cap: &InFlight,
+    session: Option<u128>,
     asked: &Asked<'_>,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
     let waited = Instant::now();
-    let refused = match cap.enter().await {
+    let refused = match cap.enter(session).await {
         Ok(slot) => {
             let w = waited.elapsed();
             if w > Duration::from_millis(1) {
@@ -213,12 +214,30 @@ async fn enter(
         }
         Err(r) => r,
     };
+    if refused == Refused::SessionWaited {
+        // One session over its own share: the portal may have had room
+        // (not a sign for adaptive admission), and it is the sender's to
+        // slow down.
+        room.metrics.rejected_session_in_flight.inc();
+        let mut resp = page::error_with_reference(
+            StatusCode::TOO_MANY_REQUESTS,
+            &crate::gate::IN_SESSION,
+            asked.reader(),
+            reference,
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            page::retry_after(cap.retry_after()),
+        );
+        return Err(resp);
+    }
     // An admitted person turned away is a failure of the path to the
     // portal, as adaptive admission sees it.
     if let Some(a) = &room.adaptive {
         a.signals.refused(waited.elapsed());
     }
     match refused {
+        Refused::SessionWaited => {}
         Refused::QueueFull => room.metrics.rejected_in_flight_full.inc(),
         Refused::Waited => {
             room.metrics.rejected_in_flight_wait.inc();
@@ -492,7 +511,15 @@ impl Gateway {
             }
         };
         let (slot, queued) = match &room.in_flight {
-            Some(cap) => match enter(room, cap, &asked, record.id.as_ref()).await {
+            Some(cap) => match enter(
+                room,
+                cap,
+                pass.as_ref().and_then(|p| p.session_id()),
+                &asked,
+                record.id.as_ref(),
+            )
+            .await
+            {
                 Ok((slot, queued)) => (Some(slot), queued),
                 Err(mut resp) => {
                     // Whatever the gate granted (a new pass) still holds.

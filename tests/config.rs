@@ -737,6 +737,14 @@ fn bad_waiting_room_keys_name_their_keys() {
             "in_flight = { limit = 8, queue = 2305843009213693952 }\n",
             "rooms.portal.in_flight.queue",
         ),
+        (
+            "in_flight = { limit = 8, per_session = 0 }\n",
+            "rooms.portal.in_flight.per_session",
+        ),
+        (
+            "in_flight = { limit = 8, per_session = 9 }\n",
+            "rooms.portal.in_flight.per_session",
+        ),
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
         ("session_idle = \"5ms\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),

@@ -321,3 +321,50 @@ async fn a_request_given_up_on_keeps_its_slot_until_the_portal_answers() {
         "the portal never had more than the cap"
     );
 }
+
+/// With `per_session`, one pass's session holds at most that many slots.
+/// A client that gives its requests up as soon as they go out (each slot
+/// held until the portal answers) waits behind its own, and is refused
+/// as such (429, not the room's 503, and no sign of overload for
+/// adaptive admission), while everyone else admitted walks in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_holds_at_most_its_share_of_the_slots() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "admission_per_minute = 6000\nin_flight = { limit = 3, wait = \"1s\", per_session = 1 }",
+    ))
+    .await;
+    g.advance(1_000).await;
+    let mut script = g.citizen();
+    assert!(script.get("/").await.reached_upstream(), "admitted");
+    let mut copy = g.citizen();
+    copy.jar = script.jar.clone();
+    let given_up = hold(copy, 2_000);
+    until("the request at the upstream", async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    given_up.abort();
+    let again = script.get("/").await;
+    assert_eq!(again.status, 429, "{}", again.text());
+    assert!(again.headers.contains_key("retry-after"));
+    assert!(script.cookie("varco_pass_portal").is_some(), "still inside");
+    assert_eq!(
+        metric(&g, "varco_rejected_total", "reason=\"session_in_flight\"").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&g, "varco_rejected_total", "reason=\"in_flight_wait\"").await,
+        Some(0.0)
+    );
+    let mut other = g.citizen();
+    assert!(other.get("/").await.reached_upstream(), "another walks in");
+    // Once the portal has answered the given-up request, the session's
+    // slot is its own again.
+    until("the given-up request answered", async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(script.get("/").await.reached_upstream());
+}

@@ -666,6 +666,9 @@ pub struct RawInFlight {
     /// in force follows the same signals as the rate.
     #[serde(default)]
     pub adaptive: bool,
+    /// The most slots one pass's session holds at once; none: no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_session: Option<usize>,
 }
 
 fn default_max_error_rate() -> f64 {

@@ -258,6 +258,8 @@ pub struct InFlightConfig {
     pub queue: usize,
     pub wait: Duration,
     pub adaptive: bool,
+    /// The most slots one pass's session holds at once.
+    pub per_session: Option<usize>,
 }
 
 /// Active health checks of a room's upstreams.

@@ -949,6 +949,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             if let Some(q) = f.queue {
                 p.at_most(&key("in_flight.queue"), q, MAX_COUNT, why);
             }
+            if let Some(most) = f.per_session {
+                if most == 0 || most > f.limit {
+                    p.add(
+                        key("in_flight.per_session"),
+                        format!(
+                            "must be from 1 to in_flight.limit ({}) slots one session holds at once",
+                            f.limit
+                        ),
+                    );
+                }
+            }
             InFlightConfig {
                 limit: f.limit.max(1),
                 queue: f
@@ -956,6 +967,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     .unwrap_or(f.limit.saturating_mul(DEFAULT_IN_FLIGHT_QUEUE_FACTOR)),
                 wait: p.duration(&key("in_flight.wait"), &f.wait),
                 adaptive: f.adaptive,
+                per_session: f.per_session,
             }
         });
         let lanes = parse_lanes(&r.lanes, &key, base, &mut p);

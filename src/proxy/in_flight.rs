@@ -2,12 +2,18 @@
 //! its upstreams, counted until the response body ends. A request over
 //! the cap waits, first come first served, in a bounded queue for at most
 //! `wait`; only past that is it refused (503 and Retry-After), and the
-//! person keeps their pass: being admitted is never taken back.
+//! person keeps their pass: being admitted is never taken back. With
+//! `per_session`, one pass's session holds at most that many slots at
+//! once: its further requests wait behind its own, in a line of their
+//! own, so one script (or a client resetting its requests, whose slots
+//! stay held until the portal answers) cannot take the room's slots
+//! from everyone else admitted.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::InFlightConfig;
@@ -26,7 +32,12 @@ pub struct InFlight {
     /// A reload handed the slots to the room's successor: a tick still
     /// running over the old room must not resize them.
     retired: AtomicBool,
+    /// Each session's own slots, with `per_session`: an entry lives while
+    /// one of its slots is held or waited for. Shared across a reload.
+    sessions: Arc<Sessions>,
 }
+
+type Sessions = DashMap<u128, Arc<Semaphore>>;
 
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
@@ -43,12 +54,42 @@ pub enum Refused {
     QueueFull,
     /// It waited `wait` and no slot came free.
     Waited,
+    /// Its session held `per_session` slots for all of `wait`: the room
+    /// may have had slots free (not a sign of an overloaded portal).
+    SessionWaited,
 }
 
 /// A slot held; dropping it frees the slot for the next in the queue.
 pub struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     sizes: Arc<Mutex<Sizes>>,
+    _session: Option<SessionSlot>,
+}
+
+/// One of a session's own slots: its permit goes back before its entry
+/// is looked at (fields drop in order).
+struct SessionSlot {
+    _permit: OwnedSemaphorePermit,
+    _entry: SessionEntry,
+}
+
+/// A session's semaphore, held while one of its slots is held or waited
+/// for; the last to let go takes the entry out of the map.
+struct SessionEntry {
+    own: Arc<Semaphore>,
+    sessions: Arc<Sessions>,
+    id: u128,
+}
+
+impl Drop for SessionEntry {
+    fn drop(&mut self) {
+        // Under the entry's lock, nobody takes the semaphore meanwhile: two
+        // holders (the map and this) mean nobody else holds it, waits for
+        // it or holds one of its permits.
+        self.sessions.remove_if(&self.id, |_, s| {
+            Arc::ptr_eq(s, &self.own) && Arc::strong_count(s) == 2
+        });
+    }
 }
 
 impl Drop for Slot {
@@ -83,6 +124,7 @@ impl InFlight {
             queued: Arc::new(AtomicUsize::new(0)),
             saturated: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            sessions: Arc::new(DashMap::new()),
             config,
         }
     }
@@ -112,6 +154,7 @@ impl InFlight {
             queued: old.queued.clone(),
             saturated: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            sessions: old.sessions.clone(),
             config,
         };
         cap.resize(limit);
@@ -169,17 +212,24 @@ impl InFlight {
         sizes.limit = limit;
     }
 
-    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+    fn slot(&self, permit: OwnedSemaphorePermit, session: Option<SessionSlot>) -> Slot {
         Slot {
             permit: Some(permit),
             sizes: self.sizes.clone(),
+            _session: session,
         }
     }
 
-    /// A slot, at once or after waiting in line.
-    pub async fn enter(&self) -> Result<Slot, Refused> {
+    /// A slot, at once or after waiting in line; `session`, the pass's
+    /// session the request comes on (none for a room not gated).
+    pub async fn enter(&self, session: Option<u128>) -> Result<Slot, Refused> {
+        let started = tokio::time::Instant::now();
+        let own = match (self.config.per_session, session) {
+            (Some(most), Some(id)) => Some(self.session_slot(id, most).await?),
+            _ => None,
+        };
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(self.slot(permit));
+            return Ok(self.slot(permit, own));
         }
         self.saturated.store(true, Ordering::Relaxed);
         let before = self.queued.fetch_add(1, Ordering::Relaxed);
@@ -187,11 +237,46 @@ impl InFlight {
         if before >= self.config.queue {
             return Err(Refused::QueueFull);
         }
-        match tokio::time::timeout(self.config.wait, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(self.slot(permit)),
+        // One `wait` for both lines, the session's and the room's.
+        let left = self.config.wait.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(self.slot(permit, own)),
             // The semaphore is never closed; a timeout is the only refusal.
             _ => Err(Refused::Waited),
         }
+    }
+
+    /// One of the session's `most` slots, waited for (within `wait`)
+    /// behind its own requests, outside the room's queue.
+    async fn session_slot(&self, id: u128, most: usize) -> Result<SessionSlot, Refused> {
+        let own = self
+            .sessions
+            .entry(id)
+            .or_insert_with(|| Arc::new(Semaphore::new(most)))
+            .clone();
+        // Made before the wait: a refusal, or a client gone meanwhile, lets
+        // go of the entry too.
+        let entry = SessionEntry {
+            own: own.clone(),
+            sessions: self.sessions.clone(),
+            id,
+        };
+        let permit = match own.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(self.config.wait, own.acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(Refused::SessionWaited),
+            },
+        };
+        Ok(SessionSlot {
+            _permit: permit,
+            _entry: entry,
+        })
+    }
+
+    /// Sessions holding or waiting for a slot of their own now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// What a refused person is told to wait before trying again.
@@ -210,23 +295,24 @@ mod tests {
             queue,
             wait: Duration::from_millis(wait_ms),
             adaptive: false,
+            per_session: None,
         })
     }
 
     #[tokio::test]
     async fn waits_for_a_slot_then_gets_it() {
         let c = Arc::new(cap(1, 1, 10_000));
-        let held = c.enter().await.unwrap();
+        let held = c.enter(None).await.unwrap();
         assert_eq!(c.in_flight(), 1);
         let waiter = {
             let c = c.clone();
-            tokio::spawn(async move { c.enter().await.map(drop) })
+            tokio::spawn(async move { c.enter(None).await.map(drop) })
         };
         while c.queued() == 0 {
             tokio::task::yield_now().await;
         }
         // The queue (1) is full: the next is refused at once.
-        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        assert_eq!(c.enter(None).await.err(), Some(Refused::QueueFull));
         drop(held);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!((c.in_flight(), c.queued()), (0, 0));
@@ -237,17 +323,17 @@ mod tests {
     #[tokio::test]
     async fn a_reloaded_cap_counts_the_line_of_the_old_one() {
         let old = Arc::new(cap(1, 1, 10_000));
-        let held = old.enter().await.unwrap();
+        let held = old.enter(None).await.unwrap();
         let waiter = {
             let old = old.clone();
-            tokio::spawn(async move { old.enter().await.map(drop) })
+            tokio::spawn(async move { old.enter(None).await.map(drop) })
         };
         while old.queued() == 0 {
             tokio::task::yield_now().await;
         }
         let new = InFlight::continuing(*old.config(), &old);
         assert_eq!(new.queued(), 1);
-        assert_eq!(new.enter().await.err(), Some(Refused::QueueFull));
+        assert_eq!(new.enter(None).await.err(), Some(Refused::QueueFull));
         drop(held);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!((new.in_flight(), new.queued()), (0, 0));
@@ -256,20 +342,20 @@ mod tests {
     #[tokio::test]
     async fn shrinks_as_held_slots_come_back_and_grows_at_once() {
         let c = cap(3, 0, 10);
-        let a = c.enter().await.unwrap();
-        let b = c.enter().await.unwrap();
+        let a = c.enter(None).await.unwrap();
+        let b = c.enter(None).await.unwrap();
         c.resize(1);
         assert_eq!((c.limit(), c.in_flight()), (1, 2));
         drop(a);
         // One of the two held slots is retired; one is still out.
         assert_eq!(c.in_flight(), 1);
-        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        assert_eq!(c.enter(None).await.err(), Some(Refused::QueueFull));
         assert!(c.take_saturated());
         drop(b);
-        let only = c.enter().await.unwrap();
-        assert_eq!(c.enter().await.err(), Some(Refused::QueueFull));
+        let only = c.enter(None).await.unwrap();
+        assert_eq!(c.enter(None).await.err(), Some(Refused::QueueFull));
         c.resize(2);
-        let second = c.enter().await.unwrap();
+        let second = c.enter(None).await.unwrap();
         assert_eq!(c.in_flight(), 2);
         drop((only, second));
         assert_eq!(c.in_flight(), 0);
@@ -278,14 +364,15 @@ mod tests {
     #[tokio::test]
     async fn a_reloaded_cap_counts_the_requests_held_across_it() {
         let old = cap(2, 0, 10);
-        let a = old.enter().await.unwrap();
-        let b = old.enter().await.unwrap();
+        let a = old.enter(None).await.unwrap();
+        let b = old.enter(None).await.unwrap();
         let new = InFlight::continuing(
             InFlightConfig {
                 limit: 3,
                 queue: 0,
                 wait: Duration::from_millis(10),
                 adaptive: false,
+                per_session: None,
             },
             &old,
         );
@@ -293,8 +380,8 @@ mod tests {
         // A tick still adapting the old room changes nothing any more.
         old.resize(1);
         assert_eq!(new.limit(), 3);
-        let c = new.enter().await.unwrap();
-        assert_eq!(new.enter().await.err(), Some(Refused::QueueFull));
+        let c = new.enter(None).await.unwrap();
+        assert_eq!(new.enter(None).await.err(), Some(Refused::QueueFull));
         drop((a, b, c));
         assert_eq!(new.in_flight(), 0);
 
@@ -305,6 +392,7 @@ mod tests {
             queue: 0,
             wait: Duration::from_millis(10),
             adaptive: true,
+            per_session: None,
         };
         let learned = |limit| {
             let cap = InFlight::new(adaptive(8));
@@ -320,11 +408,80 @@ mod tests {
         assert_eq!(InFlight::continuing(fixed, &learned(1)).limit(), 6);
     }
 
+    fn per_session(limit: usize, most: usize, wait_ms: u64) -> Arc<InFlight> {
+        Arc::new(InFlight::new(InFlightConfig {
+            per_session: Some(most),
+            ..*cap(limit, 4, wait_ms).config()
+        }))
+    }
+
+    /// A session at its share waits behind its own requests, outside the
+    /// room's queue, while another session walks in.
+    #[tokio::test]
+    async fn a_session_waits_behind_its_own_and_others_go_in() {
+        let c = per_session(4, 1, 10_000);
+        let held = c.enter(Some(7)).await.unwrap();
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.enter(Some(7)).await.map(drop) })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(c.queued(), 0, "not in the room's queue");
+        let other = c.enter(Some(8)).await.unwrap();
+        let unpassed = c.enter(None).await.unwrap();
+        assert_eq!(c.in_flight(), 3, "the waiting one holds no room slot");
+        drop(held);
+        assert_eq!(second.await.unwrap(), Ok(()));
+        drop((other, unpassed));
+        assert_eq!((c.in_flight(), c.sessions()), (0, 0), "nothing left behind");
+    }
+
+    #[tokio::test]
+    async fn a_session_over_its_share_for_the_whole_wait_is_refused_as_such() {
+        let c = per_session(4, 2, 50);
+        let a = c.enter(Some(1)).await.unwrap();
+        let b = c.enter(Some(1)).await.unwrap();
+        assert_eq!(c.enter(Some(1)).await.err(), Some(Refused::SessionWaited));
+        assert!(!c.take_saturated(), "the room's slots never ran out");
+        drop((a, b));
+        assert_eq!((c.in_flight(), c.sessions()), (0, 0));
+    }
+
+    /// A request given up on while it waits for its session's slot (the
+    /// client gone) leaves no entry behind once the others let go.
+    #[tokio::test]
+    async fn a_waiter_given_up_on_leaves_nothing_behind() {
+        let c = per_session(4, 1, 10_000);
+        let held = c.enter(Some(3)).await.unwrap();
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.enter(Some(3)).await.map(drop) })
+        };
+        tokio::task::yield_now().await;
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(c.sessions(), 1);
+        drop(held);
+        assert_eq!(c.sessions(), 0);
+    }
+
+    /// A reload's cap counts the slots sessions hold across it.
+    #[tokio::test]
+    async fn a_reloaded_cap_counts_the_sessions_slots() {
+        let old = per_session(4, 1, 20);
+        let held = old.enter(Some(5)).await.unwrap();
+        let new = InFlight::continuing(*old.config(), &old);
+        assert_eq!(new.enter(Some(5)).await.err(), Some(Refused::SessionWaited));
+        drop(held);
+        drop(new.enter(Some(5)).await.unwrap());
+        assert_eq!(new.sessions(), 0);
+    }
+
     #[tokio::test]
     async fn gives_up_after_the_wait() {
         let c = cap(1, 4, 50);
-        let _held = c.enter().await.unwrap();
-        assert_eq!(c.enter().await.err(), Some(Refused::Waited));
+        let _held = c.enter(None).await.unwrap();
+        assert_eq!(c.enter(None).await.err(), Some(Refused::Waited));
         assert_eq!(c.queued(), 0);
     }
 }
