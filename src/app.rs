@@ -1020,6 +1020,7 @@ impl App {
                 trusted_proxies: config.server.trusted_proxies.clone(),
                 access_log: config.log.access,
                 request_id: config.server.request_id,
+                request_id_from_proxies: config.server.request_id_from_proxies,
             },
         ));
         let ready = Arc::new(AtomicBool::new(true));

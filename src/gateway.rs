@@ -50,6 +50,10 @@ pub struct Gateway {
     access_log: bool,
     /// `server.request_id`: None when off.
     request_ids: Option<RequestIds>,
+    /// Whether a trusted proxy's ID is kept: not behind a balancer that
+    /// passes the client's on as it came, which would let the client
+    /// choose it.
+    request_id_from_proxies: bool,
 }
 
 /// What the end of a request needs of its start: the access line's
@@ -96,6 +100,8 @@ pub struct Settings {
     pub access_log: bool,
     /// `server.request_id`.
     pub request_id: bool,
+    /// `server.request_id_from_proxies`.
+    pub request_id_from_proxies: bool,
 }
 
 impl Gateway {
@@ -116,6 +122,7 @@ impl Gateway {
             trusted_proxies: settings.trusted_proxies,
             access_log: settings.access_log,
             request_ids: settings.request_id.then(RequestIds::new),
+            request_id_from_proxies: settings.request_id_from_proxies,
         }
     }
 }
@@ -389,8 +396,8 @@ impl Gateway {
     /// The request's ID (a trusted proxy's kept), when IDs are on.
     fn request_id(&self, headers: &http::HeaderMap, conn: ConnInfo) -> Option<HeaderValue> {
         let ids = self.request_ids.as_ref()?;
-        let trusted = conn.forwards(&self.trusted_proxies);
-        Some(ids.choose(headers, trusted))
+        let kept = self.request_id_from_proxies && conn.forwards(&self.trusted_proxies);
+        Some(ids.choose(headers, kept))
     }
 
     /// The gate (for a gated room), then the upstream.

@@ -269,8 +269,9 @@ async fn the_portal_reads_the_host_and_scheme_varco_read() {
 /// Every request for the portal gets an ID, sent there and back to the
 /// client (one varco made, for a client's own could be anyone's), on
 /// varco's error page for it too, in the page's text and its JSON as a
-/// reference for a help desk; a trusted proxy's ID is kept;
-/// `request_id = false` leaves the header alone.
+/// reference for a help desk; a trusted proxy's ID is kept, unless
+/// `request_id_from_proxies = false`; `request_id = false` leaves the
+/// header alone.
 #[tokio::test]
 async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     let up = upstream::spawn().await;
@@ -359,6 +360,21 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     assert_eq!(
         got.json()["headers"]["x-request-id"],
         serde_json::json!(["lb-7f3a-0001"])
+    );
+
+    // A balancer that passes the client's header on as it came: its IDs
+    // are the client's, and are replaced.
+    let passing = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nrequest_id_from_proxies = false",
+    ))
+    .await;
+    let got = send(with_id(passing.url("/echo"), "forged-behind-the-lb")).await;
+    let id = got.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(
+        got.json()["headers"]["x-request-id"],
+        serde_json::json!([id])
     );
 
     let off = Varco::start(&room_config(&[up.addr], "[server]\nrequest_id = false")).await;

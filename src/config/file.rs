@@ -272,6 +272,9 @@ pub struct RawServer {
     pub shutdown_delay: String,
     /// Each request gets an `X-Request-Id` (a trusted proxy's is kept).
     pub request_id: bool,
+    /// A trusted proxy's `X-Request-Id` is kept (false: a balancer that
+    /// passes the client's on as it came).
+    pub request_id_from_proxies: bool,
 }
 
 impl Default for RawServer {
@@ -297,6 +300,7 @@ impl Default for RawServer {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE.into(),
             shutdown_delay: "0s".into(),
             request_id: true,
+            request_id_from_proxies: true,
         }
     }
 }

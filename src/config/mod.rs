@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     /// Each request gets an `X-Request-Id` (a trusted proxy's is kept).
     pub request_id: bool,
+    /// Whether a trusted proxy's `X-Request-Id` is kept.
+    pub request_id_from_proxies: bool,
 }
 
 /// The certificates the public listener presents: the first to a client

@@ -365,6 +365,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             Duration::ZERO
         }),
         request_id: s.request_id,
+        request_id_from_proxies: s.request_id_from_proxies,
     };
 
     let u = &raw.upstream;
