@@ -122,6 +122,33 @@ try {
     "an injected inline script is refused by the page's policy"
   );
 
+  // A poll whose figures are as shown changes nothing in the live
+  // region: a screen reader does not read the same place out again.
+  const same = { state: "waiting", position: 2, ahead: 1, eta_seconds: null, eta_low_seconds: null, eta_high_seconds: null, queue_length: 2 };
+  let sameAnswers = 0;
+  await tab.route("**/.varco/status*", async (route) => {
+    sameAnswers++;
+    await route.fulfill({ headers: { "retry-after": "5" }, json: same });
+  });
+  await until("a poll answered", async () => {
+    await tab.clock.runFor(1000);
+    return sameAnswers >= 1;
+  });
+  await tab.evaluate(() => {
+    window.__said = 0;
+    new MutationObserver((m) => (window.__said += m.length)).observe(document.querySelector(".card"), {
+      subtree: true,
+      childList: true,
+      characterData: true,
+    });
+  });
+  await until("another poll answered", async () => {
+    await tab.clock.runFor(1000);
+    return sameAnswers >= 2;
+  });
+  check((await tab.evaluate(() => window.__said)) === 0, "a poll with the same figures changes nothing a screen reader reads");
+  await tab.unroute("**/.varco/status*");
+
   // Accessibility: axe-core, evaluated from outside the page's policy,
   // finds nothing serious or critical.
   await tab.evaluate(AXE);
@@ -340,6 +367,28 @@ try {
   check(lane !== null && lane.includes("0.2"), `each lane with its weight (${lane})`);
   const points = await op.getAttribute(`${card} figure[data-chart="people"] polyline[data-series="queue_length"]`, "points");
   check(points !== null && points.trim().split(" ").length >= 1, "a chart of the last hour");
+  // A screen reader hears when varco is reached or lost, not every
+  // refresh: the rooms are no live region, and the status line changes
+  // only when the connection does.
+  check((await op.getAttribute("#rooms", "aria-live")) === null, "the rooms redrawn each refresh are not read out");
+  await op.evaluate(() => {
+    window.__said = 0;
+    window.__refreshes = 0;
+    const watch = (id, count) =>
+      new MutationObserver(count).observe(document.getElementById(id), {
+        subtree: true,
+        childList: true,
+        characterData: true,
+        attributes: true,
+      });
+    watch("state", (m) => (window.__said += m.length));
+    watch("updated", () => window.__refreshes++);
+  });
+  await until("two more refreshes", async () => {
+    await op.clock.runFor(2100);
+    return (await op.evaluate(() => window.__refreshes)) >= 2;
+  });
+  check((await op.evaluate(() => window.__said)) === 0, "refreshes while connected say nothing new");
   // Live: the room is paused through the API, and the page shows it.
   const paused = await fetch(ADMIN + "/api/rooms/portal/pause", {
     method: "POST",
