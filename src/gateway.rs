@@ -210,10 +210,11 @@ async fn enter(
     asked: &Asked<'_>,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
-    let waited = Instant::now();
-    let refused = match cap.enter(session).await {
+    // The room's line only: a session waiting behind its own requests
+    // says nothing of the portal's load.
+    let (entered, w) = cap.enter_timed(session).await;
+    let refused = match entered {
         Ok(slot) => {
-            let w = waited.elapsed();
             if w > Duration::from_millis(1) {
                 room.metrics.in_flight_wait_seconds.observe(w.as_secs_f64());
             }
@@ -241,16 +242,14 @@ async fn enter(
     // An admitted person turned away is a failure of the path to the
     // portal, as adaptive admission sees it.
     if let Some(a) = &room.adaptive {
-        a.signals.refused(waited.elapsed());
+        a.signals.refused(w);
     }
     match refused {
         Refused::SessionWaited => {}
         Refused::QueueFull => room.metrics.rejected_in_flight_full.inc(),
         Refused::Waited => {
             room.metrics.rejected_in_flight_wait.inc();
-            room.metrics
-                .in_flight_wait_seconds
-                .observe(waited.elapsed().as_secs_f64());
+            room.metrics.in_flight_wait_seconds.observe(w.as_secs_f64());
         }
     }
     let mut resp = page::error_with_reference(

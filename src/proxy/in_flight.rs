@@ -37,7 +37,13 @@ pub struct InFlight {
     sessions: Arc<Sessions>,
 }
 
-type Sessions = DashMap<u128, Arc<Semaphore>>;
+type Sessions = DashMap<u128, Arc<SessionLine>>;
+
+/// One session's own slots, and how many of its requests wait for one.
+struct SessionLine {
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
@@ -54,8 +60,9 @@ pub enum Refused {
     QueueFull,
     /// It waited `wait` and no slot came free.
     Waited,
-    /// Its session held `per_session` slots for all of `wait`: the room
-    /// may have had slots free (not a sign of an overloaded portal).
+    /// Its session held `per_session` slots for all of `wait`, or as
+    /// many of its requests already waited for one: the room may have
+    /// had slots free (not a sign of an overloaded portal).
     SessionWaited,
 }
 
@@ -73,21 +80,23 @@ struct SessionSlot {
     _entry: SessionEntry,
 }
 
-/// A session's semaphore, held while one of its slots is held or waited
-/// for; the last to let go takes the entry out of the map.
+/// A session's line, held while one of its slots is held or waited for;
+/// the last to let go takes the entry out of the map.
 struct SessionEntry {
-    own: Arc<Semaphore>,
+    line: Option<Arc<SessionLine>>,
     sessions: Arc<Sessions>,
     id: u128,
 }
 
 impl Drop for SessionEntry {
     fn drop(&mut self) {
-        // Under the entry's lock, nobody takes the semaphore meanwhile: two
-        // holders (the map and this) mean nobody else holds it, waits for
-        // it or holds one of its permits.
-        self.sessions.remove_if(&self.id, |_, s| {
-            Arc::ptr_eq(s, &self.own) && Arc::strong_count(s) == 2
+        let mine = self.line.take();
+        // Every clone of a line is made (`session_slot`) and let go (here)
+        // under its entry's lock: once this one is gone, the map's alone
+        // means nobody else holds a slot of it or waits for one.
+        self.sessions.remove_if(&self.id, |_, line| {
+            drop(mine);
+            Arc::strong_count(line) == 1
         });
     }
 }
@@ -223,50 +232,84 @@ impl InFlight {
     /// A slot, at once or after waiting in line; `session`, the pass's
     /// session the request comes on (none for a room not gated).
     pub async fn enter(&self, session: Option<u128>) -> Result<Slot, Refused> {
+        self.enter_timed(session).await.0
+    }
+
+    /// [`enter`](Self::enter), with the time spent in the room's line:
+    /// what the portal's load made the request wait, for adaptive
+    /// admission and `varco_in_flight_wait_seconds` (a session waiting
+    /// behind its own requests says nothing of the portal).
+    pub async fn enter_timed(&self, session: Option<u128>) -> (Result<Slot, Refused>, Duration) {
         let started = tokio::time::Instant::now();
         let own = match (self.config.per_session, session) {
-            (Some(most), Some(id)) => Some(self.session_slot(id, most).await?),
+            (Some(most), Some(id)) => match self.session_slot(id, most).await {
+                Ok(own) => Some(own),
+                Err(refused) => return (Err(refused), Duration::ZERO),
+            },
             _ => None,
         };
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(self.slot(permit, own));
+            return (Ok(self.slot(permit, own)), Duration::ZERO);
         }
         self.saturated.store(true, Ordering::Relaxed);
         let before = self.queued.fetch_add(1, Ordering::Relaxed);
         let _queued = Queued(&self.queued);
         if before >= self.config.queue {
-            return Err(Refused::QueueFull);
+            return (Err(Refused::QueueFull), Duration::ZERO);
         }
         // One `wait` for both lines, the session's and the room's.
+        let in_line = tokio::time::Instant::now();
         let left = self.config.wait.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, self.slots.clone().acquire_owned()).await {
+        let got = match tokio::time::timeout(left, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.slot(permit, own)),
             // The semaphore is never closed; a timeout is the only refusal.
             _ => Err(Refused::Waited),
-        }
+        };
+        (got, in_line.elapsed())
     }
 
     /// One of the session's `most` slots, waited for (within `wait`)
-    /// behind its own requests, outside the room's queue.
+    /// behind its own requests, outside the room's queue; refused at once
+    /// when as many as the room's queue would hold for `most` slots
+    /// already wait (one pass parks no flood of requests).
     async fn session_slot(&self, id: u128, most: usize) -> Result<SessionSlot, Refused> {
-        let own = self
-            .sessions
-            .entry(id)
-            .or_insert_with(|| Arc::new(Semaphore::new(most)))
-            .clone();
         // Made before the wait: a refusal, or a client gone meanwhile, lets
         // go of the entry too.
         let entry = SessionEntry {
-            own: own.clone(),
+            line: Some(
+                self.sessions
+                    .entry(id)
+                    .or_insert_with(|| {
+                        Arc::new(SessionLine {
+                            slots: Arc::new(Semaphore::new(most)),
+                            waiting: AtomicUsize::new(0),
+                        })
+                    })
+                    .clone(),
+            ),
             sessions: self.sessions.clone(),
             id,
         };
-        let permit = match own.clone().try_acquire_owned() {
+        let Some(line) = entry.line.as_deref() else {
+            return Err(Refused::SessionWaited);
+        };
+        let permit = match line.slots.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => match tokio::time::timeout(self.config.wait, own.acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(Refused::SessionWaited),
-            },
+            Err(_) => {
+                let before = line.waiting.fetch_add(1, Ordering::Relaxed);
+                let _waiting = Queued(&line.waiting);
+                if before
+                    >= most.saturating_mul(crate::config::file::DEFAULT_IN_FLIGHT_QUEUE_FACTOR)
+                {
+                    return Err(Refused::SessionWaited);
+                }
+                match tokio::time::timeout(self.config.wait, line.slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Refused::SessionWaited),
+                }
+            }
         };
         Ok(SessionSlot {
             _permit: permit,
@@ -463,6 +506,69 @@ mod tests {
         assert_eq!(c.sessions(), 1);
         drop(held);
         assert_eq!(c.sessions(), 0);
+    }
+
+    /// Time behind the session's own requests is not time in the room's
+    /// line: adaptive admission would read one script's wait as the
+    /// portal's load.
+    #[tokio::test(start_paused = true)]
+    async fn the_room_wait_leaves_out_the_sessions_own() {
+        let c = per_session(4, 1, 10_000);
+        let held = c.enter(Some(9)).await.unwrap();
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.enter_timed(Some(9)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+        let (got, in_room_line) = second.await.unwrap();
+        assert!(got.is_ok());
+        assert_eq!(in_room_line, Duration::ZERO);
+    }
+
+    /// One pass parks no flood: past four waiters for each of its slots
+    /// (the room's queue factor), its next request is refused at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_sessions_line_is_bounded() {
+        let c = per_session(4, 1, 10_000);
+        let _held = c.enter(Some(2)).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let c = c.clone();
+            waiters.push(tokio::spawn(
+                async move { c.enter(Some(2)).await.map(drop) },
+            ));
+            tokio::task::yield_now().await;
+        }
+        let at_once = tokio::time::Instant::now();
+        assert_eq!(c.enter(Some(2)).await.err(), Some(Refused::SessionWaited));
+        assert_eq!(at_once.elapsed(), Duration::ZERO, "refused without waiting");
+        for w in waiters {
+            w.abort();
+        }
+    }
+
+    /// Slots of one session let go at once on two threads: the last to
+    /// go takes the entry out, whichever it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_let_go_together_leave_no_entry() {
+        let c = per_session(64, 8, 10_000);
+        for round in 0..200u128 {
+            let slots: Vec<Slot> =
+                futures_util::future::join_all((0..8).map(|_| c.enter(Some(round % 3))))
+                    .await
+                    .into_iter()
+                    .map(Result::unwrap)
+                    .collect();
+            let drops: Vec<_> = slots
+                .into_iter()
+                .map(|s| tokio::spawn(async move { drop(s) }))
+                .collect();
+            for d in drops {
+                d.await.unwrap();
+            }
+        }
+        assert_eq!((c.in_flight(), c.sessions()), (0, 0));
     }
 
     /// A reload's cap counts the slots sessions hold across it.
