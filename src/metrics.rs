@@ -59,6 +59,7 @@ pub const NAMES: &[&str] = &[
     "varco_room_in_flight",
     "varco_room_in_flight_limit",
     "varco_room_in_flight_queued",
+    "varco_room_in_flight_sessions",
     "varco_pass_extensions_total",
     "varco_reentries_total",
     "varco_reentries_refused_total",
@@ -827,6 +828,10 @@ impl RoomCollector {
                     "Admitted requests waiting for an in-flight slot",
                 ),
                 gauge(
+                    "varco_room_in_flight_sessions",
+                    "Sessions holding or waiting for in-flight slots of their own (with per_session)",
+                ),
+                gauge(
                     "varco_room_estimated_wait_seconds",
                     "Estimated wait for the last in line at the line's pace (absent: unknown)",
                 ),
@@ -978,6 +983,9 @@ impl prometheus::core::Collector for RoomCollector {
                 self.set("varco_room_in_flight", name, f.in_flight() as f64);
                 self.set("varco_room_in_flight_limit", name, f.limit() as f64);
                 self.set("varco_room_in_flight_queued", name, f.queued() as f64);
+                if f.config().per_session.is_some() {
+                    self.set("varco_room_in_flight_sessions", name, f.sessions() as f64);
+                }
             }
             let current = room.mode().as_str();
             for mode in ["queue", "queue_all", "paused", "passthrough", "closed"] {

@@ -346,6 +346,11 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     })
     .await;
     given_up.abort();
+    assert_eq!(
+        metric(&g, "varco_room_in_flight_sessions", "portal").await,
+        Some(1.0),
+        "one session holds a slot of its own"
+    );
     let again = script.get("/").await;
     assert_eq!(again.status, 429, "{}", again.text());
     assert!(again.headers.contains_key("retry-after"));
@@ -367,4 +372,8 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     })
     .await;
     assert!(script.get("/").await.reached_upstream());
+    until("no session holds a slot", async || {
+        metric(&g, "varco_room_in_flight_sessions", "portal").await == Some(0.0)
+    })
+    .await;
 }

@@ -64,8 +64,9 @@ pub struct Status<'a> {
     #[serde(skip)]
     pub unsent: bool,
     /// No ticket, and the request carried none of the room's cookies at
-    /// all: a page that was given a ticket learns that the browser keeps
-    /// no cookies, and says so rather than take a new place every time.
+    /// all: a page that was given a ticket loads afresh once (its cookie
+    /// may have run out with the ticket), and at a second time says the
+    /// browser keeps no cookies rather than take a new place every time.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub no_cookie: bool,
 }
