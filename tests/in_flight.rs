@@ -20,6 +20,14 @@ async fn until(what: &str, cond: impl AsyncFnMut() -> bool) {
     common::client::until(what, Duration::from_secs(5), cond).await
 }
 
+/// Waits (5 s at most) until the upstream holds `n` requests at once.
+async fn at_upstream(up: &upstream::Upstream, n: usize) {
+    until(&format!("{n} requests at the upstream"), async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == n
+    })
+    .await
+}
+
 fn hold(mut c: Citizen, ms: u64) -> tokio::task::JoinHandle<(Citizen, u16)> {
     tokio::spawn(async move {
         let got = c.get(&format!("/slow?ms={ms}")).await;
@@ -45,10 +53,7 @@ async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
     // Two people hold both slots for a moment; a third waits in line and
     // is served when one comes free, not refused.
     let (a, b) = (hold(g.citizen(), 600), hold(g.citizen(), 600));
-    until("two requests at the upstream", async || {
-        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
-    })
-    .await;
+    at_upstream(&up, 2).await;
     let mut c = g.citizen();
     let got = c.get("/").await;
     assert!(got.reached_upstream(), "{} {}", got.status, got.text());
@@ -64,10 +69,7 @@ async fn over_the_cap_requests_wait_then_get_503_and_keep_their_pass() {
     // Now both slots are held for long: one more waits (the queue holds
     // one), and a newcomer finds the queue full.
     let (a, b) = (hold(a, 5000), hold(b, 5000));
-    until("two requests at the upstream", async || {
-        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
-    })
-    .await;
+    at_upstream(&up, 2).await;
     let queued = tokio::spawn(async move {
         let got = c.get("/").await;
         (c, got)
@@ -138,10 +140,7 @@ async fn requests_held_across_a_reload_still_count() {
     let (g, file) = Gated::start_written("in-flight", &cfg).await;
     g.advance(1_000).await;
     let (a, b) = (hold(g.citizen(), 3000), hold(g.citizen(), 3000));
-    until("two requests at the upstream", async || {
-        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
-    })
-    .await;
+    at_upstream(&up, 2).await;
     std::fs::write(&file, cfg.replace("wait = \"1s\"", "wait = \"2s\"")).unwrap();
     g.app.reload().await.expect("reload");
     assert_eq!(
@@ -325,8 +324,9 @@ async fn a_request_given_up_on_keeps_its_slot_until_the_portal_answers() {
 /// With `per_session`, one pass's session holds at most that many slots.
 /// A client that gives its requests up as soon as they go out (each slot
 /// held until the portal answers) waits behind its own, and is refused
-/// as such (429, not the room's 503, and no sign of overload for
-/// adaptive admission), while everyone else admitted walks in.
+/// as such (429, not the room's 503), while everyone else admitted walks
+/// in. (That its wait is not the portal's, for adaptive admission, is
+/// `proxy::in_flight`'s `the_room_wait_leaves_out_the_sessions_own`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_holds_at_most_its_share_of_the_slots() {
     let up = upstream::spawn().await;
@@ -341,10 +341,7 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     let mut copy = g.citizen();
     copy.jar = script.jar.clone();
     let given_up = hold(copy, 2_000);
-    until("the request at the upstream", async || {
-        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1
-    })
-    .await;
+    at_upstream(&up, 1).await;
     given_up.abort();
     assert_eq!(
         metric(&g, "varco_room_in_flight_sessions", "portal").await,
@@ -367,10 +364,7 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     assert!(other.get("/").await.reached_upstream(), "another walks in");
     // Once the portal has answered the given-up request, the session's
     // slot is its own again.
-    until("the given-up request answered", async || {
-        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
-    })
-    .await;
+    at_upstream(&up, 0).await;
     assert!(script.get("/").await.reached_upstream());
     until("no session holds a slot", async || {
         metric(&g, "varco_room_in_flight_sessions", "portal").await == Some(0.0)

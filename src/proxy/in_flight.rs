@@ -347,10 +347,7 @@ mod tests {
         let c = Arc::new(cap(1, 1, 10_000));
         let held = c.enter(None).await.unwrap();
         assert_eq!(c.in_flight(), 1);
-        let waiter = {
-            let c = c.clone();
-            tokio::spawn(async move { c.enter(None).await.map(drop) })
-        };
+        let waiter = waiter(&c, None);
         while c.queued() == 0 {
             tokio::task::yield_now().await;
         }
@@ -367,10 +364,7 @@ mod tests {
     async fn a_reloaded_cap_counts_the_line_of_the_old_one() {
         let old = Arc::new(cap(1, 1, 10_000));
         let held = old.enter(None).await.unwrap();
-        let waiter = {
-            let old = old.clone();
-            tokio::spawn(async move { old.enter(None).await.map(drop) })
-        };
+        let waiter = waiter(&old, None);
         while old.queued() == 0 {
             tokio::task::yield_now().await;
         }
@@ -451,6 +445,16 @@ mod tests {
         assert_eq!(InFlight::continuing(fixed, &learned(1)).limit(), 6);
     }
 
+    /// A request of `session` waiting for its slot on a task of its own;
+    /// it lets the slot go as soon as it has it.
+    fn waiter(
+        c: &Arc<InFlight>,
+        session: Option<u128>,
+    ) -> tokio::task::JoinHandle<Result<(), Refused>> {
+        let c = c.clone();
+        tokio::spawn(async move { c.enter(session).await.map(drop) })
+    }
+
     fn per_session(limit: usize, most: usize, wait_ms: u64) -> Arc<InFlight> {
         Arc::new(InFlight::new(InFlightConfig {
             per_session: Some(most),
@@ -464,10 +468,7 @@ mod tests {
     async fn a_session_waits_behind_its_own_and_others_go_in() {
         let c = per_session(4, 1, 10_000);
         let held = c.enter(Some(7)).await.unwrap();
-        let second = {
-            let c = c.clone();
-            tokio::spawn(async move { c.enter(Some(7)).await.map(drop) })
-        };
+        let second = waiter(&c, Some(7));
         tokio::task::yield_now().await;
         assert_eq!(c.queued(), 0, "not in the room's queue");
         let other = c.enter(Some(8)).await.unwrap();
@@ -496,10 +497,7 @@ mod tests {
     async fn a_waiter_given_up_on_leaves_nothing_behind() {
         let c = per_session(4, 1, 10_000);
         let held = c.enter(Some(3)).await.unwrap();
-        let waiter = {
-            let c = c.clone();
-            tokio::spawn(async move { c.enter(Some(3)).await.map(drop) })
-        };
+        let waiter = waiter(&c, Some(3));
         tokio::task::yield_now().await;
         waiter.abort();
         assert!(waiter.await.unwrap_err().is_cancelled());
@@ -534,10 +532,7 @@ mod tests {
         let _held = c.enter(Some(2)).await.unwrap();
         let mut waiters = Vec::new();
         for _ in 0..4 {
-            let c = c.clone();
-            waiters.push(tokio::spawn(
-                async move { c.enter(Some(2)).await.map(drop) },
-            ));
+            waiters.push(waiter(&c, Some(2)));
             tokio::task::yield_now().await;
         }
         let at_once = tokio::time::Instant::now();
