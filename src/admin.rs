@@ -253,14 +253,18 @@ fn limit_value<T: std::str::FromStr + PartialOrd + Default>(
     }
 }
 
-/// The admission log, to be read up to its last whole record now.
-async fn open_to_length(
-    log: &crate::audit::AuditLog,
-) -> std::io::Result<tokio::io::Take<tokio::fs::File>> {
+/// The admission log, to be read up to its last whole record now. Opened
+/// off the async workers, as every admission log file operation is.
+async fn open_to_length(app: Arc<App>) -> std::io::Result<tokio::io::Take<tokio::fs::File>> {
     use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::open(log.path()).await?;
-    let len = log.committed_len();
-    Ok(file.take(len))
+    let opened = tokio::task::spawn_blocking(move || match app.audit() {
+        Some(log) => log.open_committed(),
+        None => Err(std::io::Error::other("no admission log")),
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    let (file, len) = opened;
+    Ok(tokio::fs::File::from_std(file).take(len))
 }
 
 /// `text` with its `%XX` escapes decoded; None if one is malformed or the
@@ -312,7 +316,7 @@ impl Admin {
                 // the next read's, and none is cut half way. No
                 // Content-Length: a file cut short meanwhile would make it
                 // a lie.
-                Some(log) => match open_to_length(log).await {
+                Some(_) => match open_to_length(self.app.clone()).await {
                     Ok(file) => {
                         use futures_util::TryStreamExt;
                         let frames = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10)

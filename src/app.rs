@@ -109,6 +109,8 @@ pub struct App {
     /// SIGHUP's stream when the caller installed it before saying it
     /// listens; the reload task takes it.
     hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
+    /// SIGUSR1's, likewise, for reopening the admission log.
+    reopen: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
     /// Rooms this node advanced at the last tick, with the run of their
     /// queue then: a room it starts advancing (a lease taken over) is
     /// logged from where it stood before that tick; a new run, from its
@@ -303,6 +305,7 @@ impl App {
             audit,
             audit_led: std::sync::Mutex::new(audit_led),
             hangup: std::sync::Mutex::new(None),
+            reopen: std::sync::Mutex::new(None),
             certificates: config.server.tls.as_ref().map(tls::Certificates::new),
             upstream_client: Arc::new(ArcSwap::from_pointee(client::build(
                 &config.upstream,
@@ -338,6 +341,30 @@ impl App {
     pub async fn audit_settled(&self) {
         if let Some(w) = &self.audit {
             w.settled().await;
+        }
+    }
+
+    /// Reopens the admission log at its path (see [`AuditLog::reopen`]),
+    /// saying what came of it. Returns whether the log is now written at
+    /// its path.
+    pub async fn reopen_audit_log(&self) -> bool {
+        let Some(audit) = &self.audit else {
+            return false;
+        };
+        let path = audit.log().path().display().to_string();
+        match audit.reopen().await {
+            Ok(audit::Reopened::Same) => {
+                tracing::info!(%path, "admission log reopen: still the same file, nothing to do");
+                true
+            }
+            Ok(audit::Reopened::Moved { next }) => {
+                tracing::info!(%path, next_record = next, "admission log reopened: the next record goes to the file now at its path");
+                true
+            }
+            Err(e) => {
+                tracing::error!(%path, error = %e, "cannot reopen the admission log: records go on in the file written so far");
+                false
+            }
         }
     }
 
@@ -1037,6 +1064,9 @@ impl App {
         if self.config_path.is_some() {
             background.spawn(reload_on_sighup(self.clone(), stop_rx.clone()));
         }
+        if self.audit.is_some() {
+            background.spawn(reopen_on_sigusr1(self.clone(), stop_rx.clone()));
+        }
         let settings = ListenerSettings::from_server(&config.server);
         let close = tokio_util::sync::CancellationToken::new();
         let stop = listener::Stop {
@@ -1164,6 +1194,24 @@ async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// SIGUSR1 reopens the admission log, as it makes nginx reopen its logs:
+/// after logrotate renamed it, the records go to a new file at its path.
+async fn reopen_on_sigusr1(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let installed = app.reopen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut usr1) = installed.or_else(|| signal(SignalKind::user_defined1()).ok()) else {
+        tracing::warn!("cannot listen for SIGUSR1: the admission log cannot be reopened");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => {}
+            _ = stop.changed() => return,
+        }
+        app.reopen_audit_log().await;
+    }
+}
+
 async fn snapshot_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(app.config.store.snapshot_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1239,18 +1287,21 @@ pub async fn run(
 
 /// As `run`, remembering `path` so SIGHUP (`hangup`, its handler
 /// installed by the caller before it said it listens) and the admin API
-/// can reload it.
+/// can reload it. `reopen`: SIGUSR1's stream, installed likewise when
+/// the config has an admission log.
 pub async fn run_file(
     config: Config,
     path: PathBuf,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     hangup: tokio::signal::unix::Signal,
+    reopen: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), AppError> {
     let app = App::new(config, clock::system())
         .await?
         .with_config_path(path);
     *app.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
+    *app.reopen.lock().unwrap_or_else(|e| e.into_inner()) = reopen;
     Arc::new(app).serve(listeners, shutdown, true).await
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ impl Record {
 /// Where a chain breaks: the first record that does not follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Break {
+    /// 1-based: which of the files checked.
+    pub file: usize,
     /// 1-based line of the file.
     pub line: usize,
     /// The record's seq, when it could be read.
@@ -87,67 +89,180 @@ pub struct Summary {
     pub head: String,
     /// Per room: tickets admitted, over all records.
     pub admitted: HashMap<String, u64>,
+    /// With [`Verifier::continuing`], a first record past 1: its seq and
+    /// the hash it says came before, to be checked against the file
+    /// before it or a head written down.
+    pub continued_from: Option<(u64, String)>,
+    /// The files (1-based) that begin a new chain (record 1 after later
+    /// ones): varco started with no log at its path.
+    pub new_chains: Vec<usize>,
+    /// The file and line (1-based) where the last file ends in a line
+    /// with no newline: a record being written, or one a crash cut short
+    /// (varco drops it at its next start). Not part of the log (yet), and
+    /// not a break.
+    pub unfinished: Option<(usize, usize)>,
 }
 
 /// Checks a whole log: every line a record, seq 1, 2, 3..., each `prev`
 /// the hash of the one before, each hash right.
 pub fn verify(reader: impl Read) -> Result<Summary, Break> {
-    let mut head = GENESIS.to_string();
-    let mut expected_seq = 1;
-    let mut admitted: HashMap<String, u64> = HashMap::new();
-    for (i, line) in BufReader::new(reader).lines().enumerate() {
-        let line_no = i + 1;
-        let fail = |seq, reason: String| Break {
-            line: line_no,
-            seq,
-            reason,
-        };
-        let line = line.map_err(|e| fail(None, format!("cannot read: {e}")))?;
-        let r: Record =
-            serde_json::from_str(&line).map_err(|e| fail(None, format!("not a record: {e}")))?;
-        if r.seq != expected_seq {
-            return Err(fail(
-                Some(r.seq),
-                format!(
-                    "expected record {expected_seq} here (a record was removed, added or moved)"
-                ),
+    let mut v = Verifier::new();
+    v.file(reader)?;
+    Ok(v.summary())
+}
+
+/// Checks a log kept in several files (rotated), oldest first, as one
+/// chain: each file goes on from the record before it. A later file may
+/// also begin a new chain at record 1 (varco started after a rotation,
+/// with no log at its path), which the summary names.
+pub struct Verifier {
+    head: String,
+    expected_seq: u64,
+    admitted: HashMap<String, u64>,
+    continuing: bool,
+    continued_from: Option<(u64, String)>,
+    new_chains: Vec<usize>,
+    unfinished: Option<(usize, usize)>,
+    records: u64,
+    last_time_ms: u64,
+    files: usize,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Verifier {
+    pub fn new() -> Verifier {
+        Verifier {
+            head: GENESIS.to_string(),
+            expected_seq: 1,
+            admitted: HashMap::new(),
+            continuing: false,
+            continued_from: None,
+            new_chains: Vec::new(),
+            unfinished: None,
+            records: 0,
+            last_time_ms: 0,
+            files: 0,
+        }
+    }
+
+    /// Lets the first file begin past record 1: a rotated file checked
+    /// without the ones before it.
+    pub fn continuing(mut self) -> Verifier {
+        self.continuing = true;
+        self
+    }
+
+    /// Checks the next file. A line left unfinished is only allowed at
+    /// the end of the last file: a next file makes it a break.
+    pub fn file(&mut self, reader: impl Read) -> Result<(), Break> {
+        self.files += 1;
+        let file_no = self.files;
+        let mut reader = BufReader::new(reader);
+        let mut bytes = Vec::new();
+        let mut line_no = 0;
+        loop {
+            bytes.clear();
+            let read = reader.read_until(b'\n', &mut bytes);
+            line_no += 1;
+            let fail = |seq, reason: String| Break {
+                file: file_no,
+                line: line_no,
+                seq,
+                reason,
+            };
+            if let Some((_, line)) = self.unfinished {
+                return Err(fail(
+                    None,
+                    format!("the file before ends in an unfinished line (line {line}), yet the log goes on"),
+                ));
+            }
+            let read = read.map_err(|e| fail(None, format!("cannot read: {e}")))?;
+            if read == 0 {
+                return Ok(());
+            }
+            if !bytes.ends_with(b"\n") {
+                self.unfinished = Some((file_no, line_no));
+                return Ok(());
+            }
+            let r: Record = serde_json::from_slice(&bytes)
+                .map_err(|e| fail(None, format!("not a record: {e}")))?;
+            self.record(r, line_no == 1)
+                .map_err(|(seq, why)| fail(seq, why))?;
+        }
+    }
+
+    fn record(&mut self, r: Record, first_in_file: bool) -> Result<(), (Option<u64>, String)> {
+        let fail = |reason: &str| Err((Some(r.seq), reason.to_string()));
+        if first_in_file && r.seq != self.expected_seq {
+            if r.seq == 1 && r.prev == GENESIS && self.expected_seq > 1 {
+                // A new chain comes after the old one; files given out of
+                // order would otherwise pass as one.
+                if r.time_ms < self.last_time_ms {
+                    return fail("it begins a new chain dated before the record before it: are the files in order, oldest first?");
+                }
+                self.new_chains.push(self.files);
+                self.head = GENESIS.to_string();
+                self.expected_seq = 1;
+            } else if self.expected_seq == 1 && self.continuing {
+                self.continued_from = Some((r.seq, r.prev.clone()));
+                self.head = r.prev.clone();
+                self.expected_seq = r.seq;
+            } else if self.expected_seq == 1 {
+                return fail(&format!(
+                    "expected record 1 here: this log begins with record {}, so the records before it were removed, or are in an earlier (rotated) file: give that file first, or --continues to check this one alone",
+                    r.seq
+                ));
+            }
+        }
+        if r.seq != self.expected_seq {
+            return fail(&format!(
+                "expected record {} here (a record was removed, added or moved)",
+                self.expected_seq
             ));
         }
-        if r.prev != head {
-            return Err(fail(
-                Some(r.seq),
-                "its prev is not the hash of the record before (a record before it was changed or removed)".into(),
-            ));
+        if r.prev != self.head {
+            return fail("its prev is not the hash of the record before (a record before it was changed or removed)");
         }
         if r.digest() != r.hash {
-            return Err(fail(
-                Some(r.seq),
-                "its hash does not match its content (this record was changed)".into(),
-            ));
+            return fail("its hash does not match its content (this record was changed)");
         }
         if r.to < r.from {
-            return Err(fail(Some(r.seq), "its range ends before it starts".into()));
+            return fail("its range ends before it starts");
         }
         // Anyone can write a record whose plain hash checks: a range as
         // wide as u64 must be a break, not an overflow.
-        let total = admitted.entry(r.room.clone()).or_default();
+        let total = self.admitted.entry(r.room.clone()).or_default();
         *total = (r.to - r.from)
             .checked_add(1)
             .and_then(|n| total.checked_add(n))
             .ok_or_else(|| {
-                fail(
+                (
                     Some(r.seq),
-                    "its range is wider than any count of people".into(),
+                    "its range is wider than any count of people".to_string(),
                 )
             })?;
-        head = r.hash;
-        expected_seq += 1;
+        self.head = r.hash;
+        self.expected_seq += 1;
+        self.records += 1;
+        self.last_time_ms = r.time_ms;
+        Ok(())
     }
-    Ok(Summary {
-        records: expected_seq - 1,
-        head,
-        admitted,
-    })
+
+    pub fn summary(self) -> Summary {
+        Summary {
+            records: self.records,
+            head: self.head,
+            admitted: self.admitted,
+            continued_from: self.continued_from,
+            new_chains: self.new_chains,
+            unfinished: self.unfinished,
+        }
+    }
 }
 
 struct Chain {
@@ -158,60 +273,160 @@ struct Chain {
     logged: HashMap<String, u64>,
 }
 
+/// The file at the log's path as a reader finds it: which file (a
+/// rotation puts another there) and how long it is with only whole
+/// records in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    file: (u64, u64),
+    len: u64,
+}
+
 pub struct AuditLog {
     path: PathBuf,
     node: String,
     chain: Mutex<Chain>,
-    /// How long the log is with only whole records in it, kept apart from
-    /// the chain's lock: a reader never waits for a write (on a hung disk,
-    /// for ever).
-    committed: AtomicU64,
+    /// Kept apart from the chain's lock: a reader never waits for a write
+    /// (on a hung disk, for ever).
+    extent: Mutex<Extent>,
+}
+
+/// What an existing log ends with.
+struct End {
+    seq: u64,
+    head: String,
+    logged: HashMap<String, u64>,
+    /// Bytes of whole lines.
+    whole: u64,
+}
+
+/// Reads the log at `path` to its end, dropping a last line cut short by
+/// a crash mid-write (it was never complete, and the counters it would
+/// have logged are logged again). Any other damage (a line that is not a
+/// record, not even UTF-8) is left for `varco audit verify` to report.
+fn read_end(path: &Path) -> std::io::Result<End> {
+    let mut end = End {
+        seq: 0,
+        head: GENESIS.to_string(),
+        logged: HashMap::new(),
+        whole: 0,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(end),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line)?;
+        if read == 0 || !line.ends_with(b"\n") {
+            break;
+        }
+        end.whole += read as u64;
+        if let Ok(r) = serde_json::from_slice::<Record>(&line) {
+            end.seq = r.seq;
+            end.head = r.hash.clone();
+            end.logged.insert(r.room.clone(), r.to);
+        }
+    }
+    if !line.is_empty() {
+        tracing::warn!(path = %path.display(), "the admission log ends in a partial record (a crash mid-write): dropping it");
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(end.whole)?;
+        f.sync_all()?;
+    }
+    Ok(end)
+}
+
+/// Opens the log at `path` for appending, creating it if need be; a new
+/// file's name is made durable too (its folder fsynced), or a crash could
+/// lose the file with every record in it.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let existed = path.exists();
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    if !existed {
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(folder)?.sync_all()?;
+    }
+    Ok(file)
+}
+
+fn identity(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// What [`AuditLog::reopen`] found at the log's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reopened {
+    /// The file written to is still there: nothing to do.
+    Same,
+    /// Another file (a new one, after a rotation): the next record goes
+    /// there, as record `next`, following on from the file before.
+    Moved { next: u64 },
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log and continues its chain. A last line cut
-    /// short by a crash mid-write is dropped (it was never complete, and
-    /// the counters it would have logged are logged again); any other
-    /// damage (a line that is not a record, not even UTF-8) is left for
-    /// `varco audit verify` to report: it does not stop a start.
+    /// Opens (or creates) the log and continues its chain (see
+    /// [`read_end`]): a damaged log does not stop a start.
     pub fn open(path: &Path, node: &str) -> std::io::Result<AuditLog> {
-        let (mut seq, mut head, mut logged) = (0, GENESIS.to_string(), HashMap::new());
-        let mut whole = 0;
-        if path.exists() {
-            let mut reader = BufReader::new(File::open(path)?);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let read = reader.read_until(b'\n', &mut line)?;
-                if read == 0 || !line.ends_with(b"\n") {
-                    break;
-                }
-                whole += read as u64;
-                if let Ok(r) = serde_json::from_slice::<Record>(&line) {
-                    seq = r.seq;
-                    head = r.hash.clone();
-                    logged.insert(r.room.clone(), r.to);
-                }
-            }
-            if line.last().is_some_and(|&b| b != b'\n') {
-                tracing::warn!(path = %path.display(), "the admission log ends in a partial record (a crash mid-write): dropping it");
-                let f = OpenOptions::new().write(true).open(path)?;
-                f.set_len(whole)?;
-                f.sync_all()?;
-            }
-        }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let end = read_end(path)?;
+        let file = open_append(path)?;
+        let extent = Extent {
+            file: identity(&file)?,
+            len: end.whole,
+        };
         Ok(AuditLog {
             path: path.to_path_buf(),
             node: node.to_string(),
             chain: Mutex::new(Chain {
                 file,
-                seq,
-                head,
-                logged,
+                seq: end.seq,
+                head: end.head,
+                logged: end.logged,
             }),
-            committed: AtomicU64::new(whole),
+            extent: Mutex::new(extent),
         })
+    }
+
+    /// Writes on in whatever file is now at the log's path: after a
+    /// rotation (the file renamed, say by logrotate), a new one, created
+    /// if need be, whose first record follows on from the last one in the
+    /// file before, so the files verify as one chain. A file that already
+    /// holds records there is continued as a start would continue it. On
+    /// an error the log goes on in the file it was writing.
+    pub fn reopen(&self) -> std::io::Result<Reopened> {
+        let current = self.extent.lock().unwrap_or_else(|e| e.into_inner()).file;
+        let there = match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.dev(), m.ino()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if there == Some(current) {
+            return Ok(Reopened::Same);
+        }
+        let end = read_end(&self.path)?;
+        let file = open_append(&self.path)?;
+        let extent = Extent {
+            file: identity(&file)?,
+            len: end.whole,
+        };
+        let mut c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        c.file = file;
+        if end.seq > 0 {
+            (c.seq, c.head) = (end.seq, end.head);
+        }
+        *self.extent.lock().unwrap_or_else(|e| e.into_inner()) = extent;
+        Ok(Reopened::Moved { next: c.seq + 1 })
     }
 
     pub fn path(&self) -> &Path {
@@ -221,7 +436,31 @@ impl AuditLog {
     /// How long the log is with only whole records in it: never in the
     /// middle of a record being written or taken back.
     pub fn committed_len(&self) -> u64 {
-        self.committed.load(Ordering::Acquire)
+        self.extent.lock().unwrap_or_else(|e| e.into_inner()).len
+    }
+
+    /// The log as it stands, to its last whole record: the file at its
+    /// path, checked to be the one written to (a rotation between the
+    /// open and the length would otherwise pair one file with the other's
+    /// length, and cut a record in half).
+    pub fn open_committed(&self) -> std::io::Result<(File, u64)> {
+        let written = || *self.extent.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let before = written();
+            let file = File::open(&self.path)?;
+            let found = identity(&file)?;
+            let after = written();
+            if found == after.file {
+                return Ok((file, after.len));
+            }
+            // A reopen between the two: look again.
+            if before != after {
+                continue;
+            }
+            return Err(std::io::Error::other(
+                "the file at the admission log's path is not the one varco writes: rotated, and not reopened yet (SIGUSR1)",
+            ));
+        }
     }
 
     /// Starts counting a room from `serving` without logging: when this
@@ -302,8 +541,7 @@ impl AuditLog {
         c.seq = r.seq;
         c.head = r.hash.clone();
         c.logged.insert(room.to_string(), serving);
-        self.committed
-            .store(before + line.len() as u64, Ordering::Release);
+        self.extent.lock().unwrap_or_else(|e| e.into_inner()).len = before + line.len() as u64;
         Ok(Some(r))
     }
 }
@@ -412,6 +650,23 @@ impl Writer {
         if self.send(job) {
             let _ = landed.await;
         }
+    }
+
+    /// [`AuditLog::reopen`] on the writer's thread, after the writes
+    /// asked for before it (a hung disk holds it up as long as them).
+    pub async fn reopen(&self) -> std::io::Result<Reopened> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |log| {
+            let _ = answer.send(log.reopen());
+        });
+        if !self.send(job) {
+            return Err(std::io::Error::other(
+                "the admission log's writer has ended",
+            ));
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("reopening the admission log failed")))
     }
 
     /// Hands `job` to the writer's thread; false if it has ended.
@@ -647,10 +902,107 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":3,\"room\":\"a\",\"fr").unwrap();
         drop(f);
-        assert!(verify(File::open(&path).unwrap()).is_err());
+        // Not a break: being written, or cut short by a crash.
+        let s = verify(File::open(&path).unwrap()).unwrap();
+        assert_eq!((s.records, s.unfinished), (2, Some((1, 3))));
         let log = AuditLog::open(&path, "n").unwrap();
         log.observe("a", 11, 5_000).unwrap().unwrap();
         let s = verify(File::open(&path).unwrap()).unwrap();
-        assert_eq!((s.records, s.admitted["a"]), (3, 11));
+        assert_eq!((s.records, s.admitted["a"], s.unfinished), (3, 11, None));
+    }
+
+    /// The log rotated as logrotate does (renamed, then varco told): the
+    /// records go on in a new file at the path, and the two files verify
+    /// as one chain; the new one alone, only as a continuation.
+    #[test]
+    fn a_rotated_log_goes_on_in_a_new_file_as_one_chain() {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("admissions.log");
+        let old = dir.0.join("admissions.log.1");
+        let log = AuditLog::open(&path, "n").unwrap();
+        log.baseline("a", 0);
+        log.observe("a", 5, 1_000).unwrap().unwrap();
+        let head = log.observe("a", 9, 2_000).unwrap().unwrap().hash;
+        assert_eq!(log.reopen().unwrap(), Reopened::Same);
+
+        std::fs::rename(&path, &old).unwrap();
+        // Until it is told, varco writes on in the renamed file, and a
+        // reader asking for the log is told why it cannot have it.
+        let r = log.observe("a", 12, 3_000).unwrap().unwrap();
+        assert!(log.open_committed().is_err());
+        std::fs::write(&path, "").unwrap();
+        let e = log.open_committed().unwrap_err();
+        assert!(e.to_string().contains("SIGUSR1"), "{e}");
+
+        assert_eq!(log.reopen().unwrap(), Reopened::Moved { next: 4 });
+        let (_, len) = log.open_committed().unwrap();
+        assert_eq!(len, 0);
+        let next = log.observe("a", 20, 4_000).unwrap().unwrap();
+        assert_eq!((next.seq, next.from, next.to), (4, 13, 20));
+        assert_eq!(next.prev, r.hash);
+        assert_ne!(r.hash, head);
+        let (_, len) = log.open_committed().unwrap();
+        assert_eq!(len, std::fs::metadata(&path).unwrap().len());
+
+        let mut both = Verifier::new();
+        both.file(File::open(&old).unwrap()).unwrap();
+        both.file(File::open(&path).unwrap()).unwrap();
+        let s = both.summary();
+        assert_eq!((s.records, s.admitted["a"]), (4, 20));
+        assert_eq!((s.continued_from, s.new_chains), (None, vec![]));
+
+        let b = verify(File::open(&path).unwrap()).unwrap_err();
+        assert_eq!((b.file, b.line, b.seq), (1, 1, Some(4)), "{b}");
+        assert!(b.reason.contains("--continues"), "{b}");
+        let mut alone = Verifier::new().continuing();
+        alone.file(File::open(&path).unwrap()).unwrap();
+        let s = alone.summary();
+        assert_eq!(s.continued_from, Some((4, r.hash.clone())));
+        assert_eq!((s.records, s.admitted["a"]), (1, 8));
+        // In the wrong order, the chain breaks.
+        let mut swapped = Verifier::new().continuing();
+        swapped.file(File::open(&path).unwrap()).unwrap();
+        let b = swapped.file(File::open(&old).unwrap()).unwrap_err();
+        assert_eq!((b.file, b.line, b.seq), (2, 1, Some(1)), "{b}");
+    }
+
+    /// A start with nothing at the log's path (after a rotation, before a
+    /// record was written) begins a new chain: the files still verify,
+    /// and the summary says where the chain began again. Only at a file's
+    /// start: within a file, a record 1 is a break.
+    #[test]
+    fn a_new_chain_may_begin_only_at_the_start_of_a_file() {
+        let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
+        let old = path.with_extension("log.1");
+        std::fs::rename(&path, &old).unwrap();
+        let log = AuditLog::open(&path, "n").unwrap();
+        log.baseline("a", 5);
+        let r = log.observe("a", 7, 9_000).unwrap().unwrap();
+        assert_eq!((r.seq, r.prev.as_str()), (1, GENESIS));
+        let mut v = Verifier::new();
+        v.file(File::open(&old).unwrap()).unwrap();
+        v.file(File::open(&path).unwrap()).unwrap();
+        let s = v.summary();
+        assert_eq!((s.records, s.new_chains), (2, vec![2]));
+        assert_eq!(s.admitted["a"], 7);
+
+        let joined =
+            std::fs::read_to_string(&old).unwrap() + &std::fs::read_to_string(&path).unwrap();
+        let b = verify(joined.as_bytes()).unwrap_err();
+        assert_eq!((b.line, b.seq), (2, Some(1)), "{b}");
+    }
+
+    /// A line left unfinished is allowed at the very end only.
+    #[test]
+    fn an_unfinished_line_before_another_file_is_a_break() {
+        let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,").unwrap();
+        drop(f);
+        let mut v = Verifier::new();
+        v.file(File::open(&path).unwrap()).unwrap();
+        let b = v.file(&b""[..]).unwrap_err();
+        assert_eq!((b.file, b.line), (2, 1), "{b}");
+        assert!(b.reason.contains("unfinished"), "{b}");
     }
 }

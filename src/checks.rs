@@ -50,8 +50,14 @@ pub enum LotteryAction {
 pub enum AuditAction {
     /// Checks a log's hash chain; names the record where it breaks.
     Verify {
-        /// The log file, or - for standard input.
-        file: String,
+        /// The log file, or - for standard input. A log rotated into
+        /// several files: all of them, oldest first, checked as one chain.
+        #[arg(required = true)]
+        files: Vec<String>,
+        /// Lets the first file begin past record 1: a rotated file checked
+        /// without the files before it.
+        #[arg(long)]
+        continues: bool,
     },
     /// Prints the admission log of a config (checked first) as JSON lines.
     Export {
@@ -135,38 +141,7 @@ pub fn lottery(action: LotteryAction) -> Outcome {
 
 pub fn audit(action: AuditAction) -> Outcome {
     match action {
-        AuditAction::Verify { file } => {
-            let result = if file == "-" {
-                audit::verify(std::io::stdin().lock())
-            } else {
-                match std::fs::File::open(&file) {
-                    Ok(f) => audit::verify(f),
-                    Err(e) => return fail(format!("cannot read {file}: {e}")),
-                }
-            };
-            match result {
-                Ok(s) => {
-                    let mut rooms: Vec<_> = s.admitted.iter().collect();
-                    rooms.sort();
-                    let per_room: Vec<String> =
-                        rooms.iter().map(|(r, n)| format!("{r}: {n}")).collect();
-                    Outcome {
-                        ok: true,
-                        text: format!(
-                            "ok: {} records, chain intact, head {}\nadmitted: {}",
-                            s.records,
-                            s.head,
-                            if per_room.is_empty() {
-                                "none".into()
-                            } else {
-                                per_room.join(", ")
-                            }
-                        ),
-                    }
-                }
-                Err(b) => fail(b.to_string()),
-            }
-        }
+        AuditAction::Verify { files, continues } => verify_files(&files, continues),
         AuditAction::Export { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -178,6 +153,63 @@ pub fn audit(action: AuditAction) -> Outcome {
             export(&path)
         }
     }
+}
+
+/// `varco audit verify`: the files as one chain, oldest first.
+fn verify_files(files: &[String], continues: bool) -> Outcome {
+    let mut v = audit::Verifier::new();
+    if continues {
+        v = v.continuing();
+    }
+    for file in files {
+        let checked = if file == "-" {
+            v.file(std::io::stdin().lock())
+        } else {
+            match std::fs::File::open(file) {
+                Ok(f) => v.file(f),
+                Err(e) => return fail(format!("cannot read {file}: {e}")),
+            }
+        };
+        if let Err(b) = checked {
+            return fail(match files.len() {
+                1 => b.to_string(),
+                _ => format!("{file}: {b}"),
+            });
+        }
+    }
+    let s = v.summary();
+    let name = |n: usize| files.get(n - 1).map_or("-", |f| f.as_str());
+    let mut rooms: Vec<_> = s.admitted.iter().collect();
+    rooms.sort();
+    let per_room: Vec<String> = rooms.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    let mut text = format!(
+        "ok: {} records, chain intact, head {}\nadmitted: {}",
+        s.records,
+        s.head,
+        if per_room.is_empty() {
+            "none".into()
+        } else {
+            per_room.join(", ")
+        }
+    );
+    if let Some((seq, prev)) = &s.continued_from {
+        text.push_str(&format!(
+            "\ncontinues a chain: the first record is {seq}, after a record whose hash is {prev}: check that against the file before it, or a head written down"
+        ));
+    }
+    for &file in &s.new_chains {
+        text.push_str(&format!(
+            "\na new chain begins at {} (record 1: varco started with no log at its path); the records before it are not linked to it",
+            name(file)
+        ));
+    }
+    if let Some((file, line)) = s.unfinished {
+        text.push_str(&format!(
+            "\nnot counted: an unfinished last line, {} line {line} (a record being written, or one a crash cut short, which varco drops at its next start)",
+            name(file)
+        ));
+    }
+    Outcome { ok: true, text }
 }
 
 /// The log, if its chain holds; otherwise where it breaks. Read to its

@@ -337,6 +337,13 @@ fn serve(
             ),
             None => None,
         };
+        let reopen = match cfg.audit_log {
+            Some(_) => Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                    .context("cannot listen for SIGUSR1")?,
+            ),
+            None => None,
+        };
         let scheme = if cfg.server.tls.is_some() {
             "https"
         } else {
@@ -357,7 +364,7 @@ fn serve(
         }
         match (config_path, hangup) {
             (Some(path), Some(hangup)) => {
-                app::run_file(cfg, path, listeners, shutdown, hangup).await?
+                app::run_file(cfg, path, listeners, shutdown, hangup, reopen).await?
             }
             _ => app::run(cfg, listeners, shutdown).await?,
         }

@@ -777,6 +777,101 @@ async fn a_reload_by_sighup_is_in_the_audit_log() {
     );
 }
 
+/// logrotate's way with the admission log: renamed, then SIGUSR1. The
+/// records go on in a new file at the log's path, the two files verify as
+/// one chain, and the new one alone only as a continuation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("rotate");
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n[store]\ntick = \"100ms\"\n\
+             [audit]\nlog = \"admissions.log\"\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 100\n\
+             per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(v["message"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let (log, old) = (dir.join("admissions.log"), dir.join("admissions.log.1"));
+    let records =
+        |path: &std::path::Path| std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    let admitted_and_logged = |path: std::path::PathBuf| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while records(&path) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no record in {path:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
+    admitted_and_logged(log.clone()).await;
+    std::fs::rename(&log, &old).unwrap();
+    p.signal("USR1");
+    loop {
+        let m = next(&mut said).await;
+        if m.starts_with("admission log reopen") {
+            assert!(m.starts_with("admission log reopened"), "{m}");
+            break;
+        }
+    }
+    assert!(log.exists(), "a new file at the log's path");
+    assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
+    admitted_and_logged(log.clone()).await;
+    assert_eq!(
+        records(&old),
+        1,
+        "the first admission stays in the old file"
+    );
+
+    let verify = |args: &[&std::path::Path], continues: bool| {
+        let mut c = Command::new(bin());
+        c.args(["audit", "verify"]);
+        if continues {
+            c.arg("--continues");
+        }
+        let out = c.args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = verify(&[&old, &log], false);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok: 2 records") && out.contains("portal: 2"),
+        "{out}"
+    );
+    let (ok, out) = verify(&[&log], false);
+    assert!(!ok && out.contains("--continues"), "{out}");
+    let (ok, out) = verify(&[&log], true);
+    assert!(ok && out.contains("continues a chain"), "{out}");
+    let (ok, out) = verify(&[&log, &old], false);
+    assert!(!ok, "out of order: {out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The next line a reader passes on, within 30 s.
 async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), lines.recv())
