@@ -853,11 +853,14 @@ impl App {
         lane: &Lane,
         limits: Limits,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, bool)> {
         lane.store.tick(limits, now).await.map(drop).map_err(|e| {
             room.metrics.store_errors.inc();
             tracing::warn!(room = %room.name, lane = %lane.name, error = %e, "admission tick failed");
-            format!("room {}: {e}", room.name)
+            // Refused: the store answered, about this room: the next
+            // rooms' ticks are no slower for it.
+            let answered = matches!(e, StoreError::Refused(_));
+            (format!("room {}: {e}", room.name), answered)
         })
     }
 
@@ -866,9 +869,10 @@ impl App {
     pub async fn tick(&self) {
         let now = self.clock.now_ms();
         let mut trouble = None;
-        // A room whose tick keeps failing on its own (its state unreadable)
-        // skips the rooms after it in Redis mode (below): each tick starts
-        // from another room, so none is left behind it for good.
+        // Whether a failed tick was one Redis did not answer: the rooms
+        // after it skip theirs then (below). Each tick starts from another
+        // room, so none is left behind for good.
+        let mut unanswered = false;
         let rooms = {
             let mut rooms = self.rooms();
             let n = rooms.len() as u64;
@@ -891,7 +895,10 @@ impl App {
         // Redis that did not answer one lane's tick will not answer the
         // next: the other lanes skip theirs (each would wait the store's
         // timeout, a tick of many rooms lasting seconds, and /readyz
-        // learning late). The memory store's failures are its own room's.
+        // learning late). An error it answered about one room's state is
+        // that room's, and quick: the others tick (skipped, each would be
+        // ticked once in so many ticks, and such gaps look like outages to
+        // admission.lua). The memory store's failures are its own room's.
         let shared = matches!(self.stores, Stores::Redis(_));
         // Not only gated rooms: with its rate lifted (`unlimited`), an
         // adaptive room's in-flight limit still follows the verdicts.
@@ -907,7 +914,7 @@ impl App {
                 if let Some(&max) = for_tick.get(i) {
                     limits.max_active = limits.max_active.map(|_| max);
                 }
-                if trouble.is_some() && shared {
+                if unanswered && shared {
                     continue;
                 }
                 let (run, view) = lane.store.run_and_view();
@@ -916,7 +923,10 @@ impl App {
                         self.log_admissions(room, lane, (run, view.serving), now)
                             .await
                     }
-                    Err(why) => trouble = Some(why),
+                    Err((why, answered)) => {
+                        unanswered |= !answered;
+                        trouble = Some(why);
+                    }
                 }
             }
             // The shares until the next tick, from the counts after it.
@@ -936,14 +946,15 @@ impl App {
                 if v.active == 0 && v.reserved == 0 {
                     continue;
                 }
-                if trouble.is_some() && shared {
+                if unanswered && shared {
                     continue;
                 }
                 let limits = Limits {
                     mode: Mode::Passthrough,
                     ..room.lane_limits(lane)
                 };
-                if let Err(why) = self.tick_lane(room, lane, limits, now).await {
+                if let Err((why, answered)) = self.tick_lane(room, lane, limits, now).await {
+                    unanswered |= !answered;
                     trouble = Some(why);
                 }
             }

@@ -1806,6 +1806,156 @@ async fn a_provisional_ticket_whose_placed_block_redis_lost_holds_no_place() {
     );
 }
 
+/// And an error Redis answers about one room's state is that room's: every
+/// other room is ticked at every tick, whichever room the tick starts
+/// from. (Skipped after it, a room would be ticked once in so many ticks,
+/// and such gaps look like outages to admission.lua, which then holds
+/// every session and called turn open longer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_tick_fails_holds_up_no_other_room_at_any_tick() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let rooms: String = ["a", "b", "c"]
+        .iter()
+        .map(|r| {
+            format!(
+                "[rooms.{r}]\nupstreams = [\"http://{}\"]\npaths = [\"/{r}\"]\nmax_active = 1\n",
+                up.addr
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "[secrets]\nkey_env = \"VARCO_TEST_CLUSTER_KEYS\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\n{rooms}",
+        redis.url()
+    );
+    std::env::set_var("VARCO_TEST_CLUSTER_KEYS", KEYS);
+    let nodes = nodes(&cfg, 1).await;
+    advance(&nodes, 1000).await;
+    assert!(redis.command("SET t:{b}:state broken").starts_with("+OK"));
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for tick in 0..3 {
+        advance(&nodes, 1000).await;
+        let now = varco::clock::Clock::now_ms(&nodes[0].clock);
+        for room in ["a", "c"] {
+            let ticked: u64 = redis::cmd("HGET")
+                .arg(format!("t:{{{room}}}:state"))
+                .arg("ticked")
+                .query(&mut c)
+                .unwrap();
+            assert_eq!(ticked, now, "room {room} at tick {tick}");
+        }
+    }
+}
+
+/// A node asking Redis about a session it has not seen (its pass brought
+/// to it) renews it, but never shortens what another node reported: here
+/// the longer life given to a session used through an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_about_a_session_never_shortens_it() {
+    let redis = RedisServer::start();
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
+    advance(&nodes, 1000).await;
+    let mut p = nodes[0].citizen();
+    assert!(p.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = "t:{portal}:sessions";
+    let sessions: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut c)
+        .unwrap();
+    let [(sid, reported)] = sessions.as_slice() else {
+        panic!("one session: {sessions:?}");
+    };
+    let longer = reported + 3_600_000;
+    let _: () = redis::cmd("ZADD")
+        .arg(key)
+        .arg(longer)
+        .arg(sid)
+        .query(&mut c)
+        .unwrap();
+    let mut on_b = nodes[1].citizen();
+    on_b.jar = p.jar.clone();
+    assert!(on_b.get("/next").await.reached_upstream());
+    let now: u64 = redis::cmd("ZSCORE")
+        .arg(key)
+        .arg(sid)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(now, longer);
+}
+
+/// What Redis loses.
+enum Loss {
+    /// Everything: a restart with no save.
+    Data,
+    /// What it wrote since its last save: a restart from it.
+    LastWrites,
+}
+
+/// A person admitted through one node, reading a long form, and their
+/// session then lost in Redis; the form is sent through another node.
+/// The node that admitted them reports every session it holds again once
+/// it sees the loss, so the form reaches the portal (a POST without a
+/// live session never would: a newcomer's body is held back) and the
+/// session holds its slot again.
+async fn a_form_sent_through_another_node_after(loss: Loss, name: &str) {
+    let dir = fresh_dir(name);
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_saved(port, &dir);
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(redis.command("SAVE"), "+OK");
+    let mut p = nodes[0].citizen();
+    assert!(p.get("/").await.reached_upstream());
+    advance(&nodes, 1000).await;
+    let _redis = match loss {
+        Loss::Data => {
+            assert_eq!(redis.command("FLUSHALL"), "+OK");
+            redis
+        }
+        Loss::LastWrites => {
+            redis.kill();
+            RedisServer::start_saved(port, &dir)
+        }
+    };
+    until_recovered(&nodes, 0).await;
+    until_recovered(&nodes, 1).await;
+    // One tick sees the loss, the next reports the sessions.
+    advance(&nodes, 1000).await;
+    let mut on_b = nodes[1].citizen();
+    on_b.jar = p.jar.clone();
+    let sent = on_b
+        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
+        .await;
+    assert!(sent.reached_upstream(), "{} {}", sent.status, sent.text());
+    assert!(
+        nodes[1].citizen().get("/").await.is_waiting_page(),
+        "the session holds the one slot again"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_a_redis_that_lost_its_data() {
+    a_form_sent_through_another_node_after(Loss::Data, "lost-data").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_a_redis_that_lost_its_last_writes() {
+    a_form_sent_through_another_node_after(Loss::LastWrites, "lost-writes").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();

@@ -339,7 +339,9 @@ elseif op == 'peek' then
 elseif op == 'check' then
   local exp = redis.call('ZSCORE', sess, ARGV[12])
   if exp and tonumber(exp) > now then
-    redis.call('ZADD', sess, tonumber(ARGV[13]), ARGV[12])
+    -- Only raised, as every renewal: another node may have reported a
+    -- longer life (a session used through an outage).
+    redis.call('ZADD', sess, 'GT', tonumber(ARGV[13]), ARGV[12])
     result = 1
   end
 elseif op == 'touch' then

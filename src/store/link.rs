@@ -83,6 +83,28 @@ pub struct Lent {
 
 /// Whether Redis refused a write as a replica: READONLY itself, or (before
 /// Redis 7) inside a script's error, whose code is ERR.
+/// An error Redis answered about what it was asked (a key of the wrong
+/// type, a script error, a reply of another shape): quick, and about one
+/// room's state. Not one that says the server cannot serve anyone now.
+fn about_the_request(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    const SERVER_WIDE: [&str; 8] = [
+        "OOM",
+        "MISCONF",
+        "NOAUTH",
+        "BUSY",
+        "NOREPLICAS",
+        "MASTERDOWN",
+        "LOADING",
+        "READONLY",
+    ];
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Extension => !e.code().is_some_and(|c| SERVER_WIDE.contains(&c)),
+        _ => false,
+    }
+}
+
 fn read_only(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         || e.to_string().contains("READONLY")
@@ -146,6 +168,11 @@ impl Link {
                     self.replace(of.number, "unanswered");
                 }
                 Err(StoreError::Unanswered(e.to_string()))
+            }
+            Err(e) if about_the_request(&e) => {
+                of.unanswered.store(0, Ordering::Relaxed);
+                of.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+                Err(StoreError::Refused(e.to_string()))
             }
             Err(e) => {
                 if read_only(&e) {

@@ -22,6 +22,11 @@ pub enum StoreError {
     /// have been done all the same (the shared store runs what it got).
     #[error("store did not answer in time: {0}")]
     Unanswered(String),
+    /// The store answered, with an error about what it was asked (a key
+    /// of the wrong type, a script that failed on one room's state): that
+    /// room's, not the store's as a whole.
+    #[error("store refused: {0}")]
+    Refused(String),
 }
 
 /// How long an ended session is remembered at the least; a room whose

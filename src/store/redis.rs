@@ -158,7 +158,7 @@ impl RedisStore {
             fallback: Mutex::new(Fallback::default()),
             provisional: Blocks::default(),
             calls: AtomicU64::new(0),
-            view: Mutex::new((0, RoomView::default())),
+            view: Mutex::new(Seen::default()),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             touched: DashMap::new(),
@@ -217,9 +217,8 @@ pub struct RedisRoom {
     tick_ms: u64,
     script: Arc<Script>,
     lease_script: Arc<Script>,
-    /// The generation of the room's state (0: not heard yet), and the
-    /// counters as of the last call (at most one tick old) from it.
-    view: Mutex<(u64, RoomView)>,
+    /// The room's state as of the last call (at most one tick old).
+    view: Mutex<Seen>,
     lottery_kid: KeyId,
     /// Sessions this node has seen alive, with their expiry.
     sessions: DashMap<u128, AtomicU64>,
@@ -307,6 +306,46 @@ fn followed_by(seen: u64, had: RoomView, generation: u64, replied: RoomView) -> 
     }
 }
 
+/// What a node has seen of a room's state in Redis.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    /// The state's generation (0: not heard yet).
+    generation: u64,
+    view: RoomView,
+    /// The call whose answer first named this generation.
+    since_call: u64,
+    /// The latest call whose answer was taken, and the admissions it
+    /// counted (as answered: the view keeps the most ever seen).
+    last_call: u64,
+    last_admitted: u64,
+}
+
+/// Takes the answer to call `call` into what the node has seen. An answer
+/// from another generation to a call sent before the one that named the
+/// generation seen is late, from the state before, and is not taken.
+/// Returns whether Redis lost what the node had reported: a new
+/// generation (its data), or, for a later call than any taken, fewer
+/// admissions counted than before (its last writes: a restart from an
+/// older save, a failover to a replica that was behind).
+fn take_reply(seen: &mut Seen, generation: u64, call: u64, replied: RoomView) -> bool {
+    let new_state = seen.generation != 0 && generation != seen.generation;
+    if new_state && call < seen.since_call {
+        return false;
+    }
+    let latest = call > seen.last_call;
+    let lost = new_state
+        || (seen.generation != 0 && latest && replied.admitted_total < seen.last_admitted);
+    seen.view = followed_by(seen.generation, seen.view, generation, replied);
+    if generation != seen.generation {
+        seen.since_call = call;
+    }
+    if latest || new_state {
+        (seen.last_call, seen.last_admitted) = (call, replied.admitted_total);
+    }
+    seen.generation = generation;
+    lost
+}
+
 impl RedisRoom {
     fn lock_fallback(&self) -> std::sync::MutexGuard<'_, Fallback> {
         self.fallback.lock().unwrap_or_else(|e| e.into_inner())
@@ -321,7 +360,8 @@ impl RedisRoom {
     /// call: a Redis that lost its last writes takes its counters back up
     /// to them (see admission.lua).
     fn seen(&self) -> (u64, RoomView) {
-        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+        let s = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        (s.generation, s.view)
     }
 
     async fn call(
@@ -374,10 +414,25 @@ impl RedisRoom {
         // The time the state started from nothing, in ms (admission.lua's
         // `gen`); 0: no answer has named one yet.
         let generation: u64 = r.11.get(1).and_then(|g| g.parse().ok()).unwrap_or_default();
-        {
-            let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-            v.1 = followed_by(v.0, v.1, generation, replied);
-            v.0 = generation;
+        let lost = take_reply(
+            &mut self.view.lock().unwrap_or_else(|e| e.into_inner()),
+            generation,
+            call,
+            replied,
+        );
+        if lost {
+            // Only this node knows which sessions it serves: reported at
+            // its next tick, they count again, and a person it admitted
+            // who turns up at another node is let in there.
+            tracing::warn!(
+                sessions = self.sessions.len(),
+                "Redis lost sessions (its data, or its last writes): reporting every session this node holds again"
+            );
+            for s in self.sessions.iter() {
+                self.touched
+                    .entry(*s.key())
+                    .or_insert(s.value().load(Ordering::Relaxed));
+            }
         }
         let lottery_kid = r.11.first().cloned().unwrap_or_default();
         let n_gone: usize = r.11.get(4).and_then(|n| n.parse().ok()).unwrap_or_default();
@@ -944,11 +999,11 @@ impl RoomStore for RedisRoom {
     }
 
     fn view(&self) -> RoomView {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).1
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).view
     }
 
     fn run_and_view(&self) -> (u64, RoomView) {
-        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+        self.seen()
     }
 
     fn heard(&self) -> bool {
@@ -961,7 +1016,10 @@ impl RoomStore for RedisRoom {
     }
 
     fn generation(&self) -> u64 {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
     }
 
     fn holds_place(&self, g: u64) -> bool {
@@ -1016,6 +1074,36 @@ mod tests {
         assert_eq!(v.active, 45, "a gauge is taken as replied");
         let v = followed_by(1, older, 1, newer);
         assert_eq!((v.queue, v.serving, v.waiting), (500, 120, 380));
+    }
+
+    #[test]
+    fn a_late_answer_from_the_state_before_is_not_taken() {
+        let (old, new) = (1_796_000_000_000, 1_796_000_900_000);
+        let mut seen = Seen::default();
+        assert!(!take_reply(&mut seen, old, 1, counters(500, 120, 40)));
+        assert!(
+            take_reply(&mut seen, new, 3, counters(3, 0, 0)),
+            "Redis lost its data: report every session again"
+        );
+        // Call 2 was sent before call 3 and answered by the old state.
+        assert!(!take_reply(&mut seen, old, 2, counters(501, 121, 40)));
+        assert_eq!((seen.generation, seen.view.queue), (new, 3));
+        assert!(!take_reply(&mut seen, new, 4, counters(4, 1, 1)));
+        assert_eq!(seen.view.serving, 1);
+    }
+
+    #[test]
+    fn fewer_admissions_in_the_same_state_are_lost_writes() {
+        let mut seen = Seen::default();
+        assert!(!take_reply(&mut seen, 7, 1, counters(500, 120, 40)));
+        assert!(!take_reply(&mut seen, 7, 3, counters(510, 125, 40)));
+        // A late answer to an earlier call: not a loss.
+        assert!(!take_reply(&mut seen, 7, 2, counters(505, 122, 40)));
+        // A later call, fewer admissions: Redis came back from a save.
+        assert!(take_reply(&mut seen, 7, 4, counters(510, 110, 30)));
+        assert_eq!(seen.view.serving, 125, "the line never moves back");
+        // Said once: from there, it counts on.
+        assert!(!take_reply(&mut seen, 7, 5, counters(511, 111, 30)));
     }
 
     #[test]
