@@ -26,7 +26,7 @@ use crate::room::receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::undelivered::Delivery;
 use crate::room::Room;
-use crate::store::{Adoption, Liveness, NewSession, RoomView, StoreError};
+use crate::store::{Adoption, Checked, Liveness, NewSession, RoomView, StoreError};
 
 /// The upstream ends a session with this response header.
 pub const RELEASE_HEADER: &str = "x-varco-release";
@@ -204,7 +204,24 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
         // A pass of a claim never confirmed is not: the session may not
         // exist, and its ticket was kept to claim again.
         Liveness::Unknown => match lane.store.check_session(sid, r.now_ms, idle).await {
-            Ok(alive) => alive,
+            Ok(Checked::Alive) => true,
+            Ok(Checked::Ended) => false,
+            // Unheard of, though renewed within an idle time, so it cannot
+            // have lapsed: the store lost it (its data or last writes, with
+            // the node that reported it gone too), or the node that
+            // admitted it on its own share in an outage stopped before
+            // handing it over. Taken at its word, as with the store away,
+            // and reported at the next tick: shutting a person out of the
+            // form they are filling in is worse than a session counted
+            // late (invariant 7).
+            Ok(Checked::Unheard) if pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms => {
+                let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
+                if taken {
+                    tracing::info!(room = %room.name, "a recent pass the store has no session for: taken at its word, and reported");
+                }
+                taken
+            }
+            Ok(Checked::Unheard) => false,
             // (Or one this node still holds, which it only asked Redis
             // about as it was about to lapse.)
             Err(_)
@@ -552,7 +569,7 @@ fn held_ticket<'r>(
         let t = room.keys.verify::<TicketClaims>(t, &aud, now_ms)?;
         let lane = room.lane(&t.l)?;
         let holds = match provisional_place(&t) {
-            Some((epoch, _)) => !lane.store.provisional_lost(epoch),
+            Some((epoch, _)) => !lane.store.provisional_lost(epoch, now_ms),
             None => lane.store.holds_place(t.g),
         };
         holds.then_some((t, lane))

@@ -1956,6 +1956,103 @@ async fn a_session_outlives_a_redis_that_lost_its_last_writes() {
     a_form_sent_through_another_node_after(Loss::LastWrites, "lost-writes").await;
 }
 
+/// The node that handed out provisional tickets stops during the outage
+/// (a restart, a scale-down): their block, in its memory only, will never
+/// be placed. Once every node alive has had time to tick since Redis came
+/// back, another node counts such a ticket as none: its holder takes a
+/// place in the line, instead of waiting, told nothing, until the ticket
+/// expires a day later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisional_ticket_of_a_node_gone_in_the_outage_is_not_stranded() {
+    let dir = fresh_dir("gone-in-outage");
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        mut nodes,
+    } = over_a_redis_to_kill("max_active = 1\nsession_idle = \"1h\"", 2, Some(&dir)).await;
+    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut p = nodes[0].citizen();
+    assert!(p.get("/").await.is_waiting_page());
+    nodes.remove(0).stop().await;
+
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes, 0).await;
+    let mut at_b = nodes[0].citizen();
+    at_b.jar = p.jar.clone();
+    let s = at_b.status("portal").await;
+    assert_eq!(s["state"], "waiting", "its node may still place it: {s}");
+    assert!(s["ticket"].is_null(), "{s}");
+    // Three leases (3 s each) and two ticks.
+    advance(&nodes, 11_000).await;
+    let s = at_b.status("portal").await;
+    assert_eq!(s["state"], "none", "{s}");
+    assert!(at_b.get("/").await.is_waiting_page());
+    let s = at_b.status("portal").await;
+    assert_eq!(s["state"], "waiting", "{s}");
+    assert_eq!(s["ticket"], 2, "the next place in the line: {s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A person a node admitted on its own share while Redis was away, that
+/// node stopping before it could hand the session over: their next
+/// request, through another node once Redis is back, finds no session in
+/// Redis. A pass renewed within an idle time cannot have lapsed, so it is
+/// taken at its word and reported: the form reaches the portal, and the
+/// session counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_admitted_by_a_node_gone_in_the_outage_carries_on() {
+    let dir = fresh_dir("admitted-gone");
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        mut nodes,
+    } = over_a_redis_to_kill("max_active = 10\nsession_idle = \"1h\"", 2, Some(&dir)).await;
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut p = nodes[0].citizen();
+    assert!(p.get("/").await.reached_upstream(), "its own share");
+    nodes.remove(0).stop().await;
+
+    let redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes, 0).await;
+    let mut at_b = nodes[0].citizen();
+    at_b.jar = p.jar.clone();
+    let sent = at_b
+        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
+        .await;
+    assert!(sent.reached_upstream(), "{} {}", sent.status, sent.text());
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        redis.command("ZCARD t:{portal}:sessions"),
+        ":1",
+        "reported, and counted again"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// But a session the portal ended is not taken back: a copy of its pass,
+/// recent as it is, brought to a node that never saw it, gets no further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_ended_pass_is_not_taken_at_its_word() {
+    let redis = RedisServer::start();
+    let (_up, nodes) = one_slot(&redis, "lease = \"3s\"", 2).await;
+    advance(&nodes, 1000).await;
+    let mut owner = nodes[0].citizen();
+    assert!(owner.get("/").await.reached_upstream());
+    let pass = owner.jar.clone();
+    assert_eq!(owner.get("/release").await.status, 200);
+    let mut copy = nodes[1].citizen();
+    copy.jar = pass;
+    let sent = copy
+        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
+        .await;
+    assert!(!sent.reached_upstream(), "{} {}", sent.status, sent.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_a_room_over_tls_to_redis_and_refuse_an_untrusted_one() {
     varco::tls::install_crypto_provider();
@@ -2440,7 +2537,10 @@ async fn a_question_about_a_session_does_not_open_a_scheduled_room() {
     let room = store.room("portal");
     let now = common::gated::T0;
     assert!(!room.peek(42, now).await.unwrap());
-    assert!(!room.check_session(42, now, 60_000).await.unwrap());
+    assert_eq!(
+        room.check_session(42, now, 60_000).await.unwrap(),
+        varco::store::Checked::Unheard
+    );
     room.end_session(42, now, 3_600_000).await.unwrap();
     assert!(
         !room.view().opened,

@@ -343,6 +343,9 @@ elseif op == 'check' then
     -- longer life (a session used through an outage).
     redis.call('ZADD', sess, 'GT', tonumber(ARGV[13]), ARGV[12])
     result = 1
+  elseif redis.call('ZSCORE', ended, ARGV[12]) then
+    -- Ended by the portal: the asking node must not take it back.
+    result = 2
   end
 elseif op == 'touch' then
   -- Batched activity from one node: sid, expiry pairs; only raise expiries.

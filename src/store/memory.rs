@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ahead::{self, Ahead, Marks, Wake};
 use super::{
-    read_json, write_atomically, Adoption, KeyId, Liveness, NewSession, RoomStore, RoomView,
-    StoreError,
+    read_json, write_atomically, Adoption, Checked, KeyId, Liveness, NewSession, RoomStore,
+    RoomView, StoreError,
 };
 use crate::room::admission::{new_generation, AdmissionState, Claim, Issued, Limits};
 
@@ -202,9 +202,16 @@ impl RoomStore for MemoryRoom {
         sid: u128,
         now_ms: u64,
         idle_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        // One node knows every session: the local answer is the answer.
-        future::ready(Ok(self.touch(sid, now_ms, idle_ms) == Liveness::Alive)).boxed()
+    ) -> BoxFuture<'_, Result<Checked, StoreError>> {
+        // One node knows every session: the local answer is the answer
+        // (and `touch` never leaves one unknown, so this is not asked).
+        let alive = self.touch(sid, now_ms, idle_ms) == Liveness::Alive;
+        future::ready(Ok(if alive {
+            Checked::Alive
+        } else {
+            Checked::Unheard
+        }))
+        .boxed()
     }
 
     fn end_session(

@@ -141,6 +141,19 @@ pub enum Liveness {
     Unknown,
 }
 
+/// What the store says of a session a node asked it about
+/// (`RoomStore::check_session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Alive, and renewed.
+    Alive,
+    /// Ended by the portal.
+    Ended,
+    /// Not alive, and not ended: it lapsed, or the store never heard of
+    /// it or lost it (see the gate).
+    Unheard,
+}
+
 /// What became of a session lost in a crash (`RoomStore::adopt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Adoption {
@@ -191,7 +204,7 @@ pub trait RoomStore: Send + Sync + 'static {
         sid: u128,
         now_ms: u64,
         idle_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+    ) -> BoxFuture<'_, Result<Checked, StoreError>>;
     /// Keeps a session the gate took at its pass's word while the store
     /// was away, as one this node saw alive: its next requests ask the
     /// store nothing, and the store hears of it when it answers again
@@ -267,9 +280,10 @@ pub trait RoomStore: Send + Sync + 'static {
     fn provisional_base(&self, _epoch: u64) -> Option<(u64, u64)> {
         None
     }
-    /// Whether the block of outage `epoch` was placed in a state the
-    /// store has since lost (its data went): its tickets hold no place.
-    fn provisional_lost(&self, _epoch: u64) -> bool {
+    /// Whether the tickets of outage `epoch` hold no place: their block
+    /// was placed in a state the store has since lost (its data went), or
+    /// will never be placed (the node that handed them out is gone).
+    fn provisional_lost(&self, _epoch: u64, _now_ms: u64) -> bool {
         false
     }
     /// Whether `view` holds the room's counters: at once for a store of

@@ -18,7 +18,9 @@ use redis::Script;
 
 use super::blocks::Blocks;
 use super::link::Link;
-use super::{KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError};
+use super::{
+    Checked, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError,
+};
 use crate::room::admission::{Claim, Issued, Limits, Mode};
 
 const SCRIPT: &str = include_str!("admission.lua");
@@ -30,7 +32,7 @@ const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 const NODES: &str = r#"
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
 /// Takes or renews the lease: the value is the node's id.
@@ -164,6 +166,7 @@ impl RedisStore {
             touched: DashMap::new(),
             holder: AtomicBool::new(false),
             recovering: tokio::sync::Mutex::new(()),
+            nodes_heard: Mutex::new(NodesHeard::default()),
         })
     }
 }
@@ -211,6 +214,9 @@ pub struct RedisRoom {
     nodes_script: Arc<Script>,
     /// Nodes seen alive recently (at least 1).
     peers: AtomicU64,
+    /// Which nodes those are, and since when this node's ticks have
+    /// heard Redis without a break (see `provisional_lost`).
+    nodes_heard: Mutex<NodesHeard>,
     fallback: Mutex<Fallback>,
     node: String,
     lease_ms: u64,
@@ -306,6 +312,27 @@ fn followed_by(seen: u64, had: RoomView, generation: u64, replied: RoomView) -> 
     }
 }
 
+/// The nodes alive, as this node's last tick heard them from Redis.
+#[derive(Debug, Default)]
+struct NodesHeard {
+    /// When this node's ticks started hearing Redis again (0: its last
+    /// tick did not).
+    since_ms: u64,
+    /// Each live node's mark: the first 32 bits of its id, which the
+    /// epochs of its outages carry.
+    live: Vec<u32>,
+}
+
+/// A node's mark: the first 32 bits of its id (hex).
+fn mark_of(node: &str) -> Option<u32> {
+    u32::from_str_radix(node.get(..8)?, 16).ok()
+}
+
+/// The node that handed out an outage's tickets, from its epoch.
+fn issuer_of(epoch: u64) -> u32 {
+    (epoch >> 32) as u32
+}
+
 /// What a node has seen of a room's state in Redis.
 #[derive(Debug, Default, Clone, Copy)]
 struct Seen {
@@ -349,6 +376,10 @@ fn take_reply(seen: &mut Seen, generation: u64, call: u64, replied: RoomView) ->
 impl RedisRoom {
     fn lock_fallback(&self) -> std::sync::MutexGuard<'_, Fallback> {
         self.fallback.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_nodes_heard(&self) -> std::sync::MutexGuard<'_, NodesHeard> {
+        self.nodes_heard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Is this node the one advancing the serving counter?
@@ -513,7 +544,11 @@ impl RedisRoom {
     fn issue_provisionally(&self) -> Issued {
         let mut f = self.lock_fallback();
         if f.epoch == 0 {
-            f.epoch = (crate::room::token::random_u128() as u64).max(1);
+            // The node's mark, then a random part: another node can tell
+            // whose block it waits for (see `provisional_lost`).
+            let random = (crate::room::token::random_u128() as u32).max(1);
+            let mark = mark_of(&self.node).unwrap_or_default();
+            f.epoch = (u64::from(mark) << 32) | u64::from(random);
         }
         f.issued += 1;
         Issued::Provisional {
@@ -760,8 +795,22 @@ impl RoomStore for RedisRoom {
                 .arg(3 * self.lease_ms.max(1000))
                 .invoke_async(&mut lent.conn)
                 .await;
-            let peers: u64 = self.link.outcome(&lent, r)?;
-            self.peers.store(peers.max(1), Ordering::Relaxed);
+            let live: Vec<String> = match self.link.outcome(&lent, r) {
+                Ok(live) => live,
+                Err(e) => {
+                    self.lock_nodes_heard().since_ms = 0;
+                    return Err(e);
+                }
+            };
+            self.peers
+                .store((live.len() as u64).max(1), Ordering::Relaxed);
+            {
+                let mut heard = self.lock_nodes_heard();
+                if heard.since_ms == 0 {
+                    heard.since_ms = now_ms.max(1);
+                }
+                heard.live = live.iter().filter_map(|n| mark_of(n)).collect();
+            }
             // Sessions admitted without Redis first, then activity, so the
             // session count the tick sees is complete and fresh: while
             // another tick hands them over, this one admits nobody.
@@ -863,18 +912,21 @@ impl RoomStore for RedisRoom {
         sid: u128,
         now_ms: u64,
         idle_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+    ) -> BoxFuture<'_, Result<Checked, StoreError>> {
         async move {
             let limits = inert_limits(self.tick_ms);
             let exp = now_ms + idle_ms;
             let r = self
                 .call("check", &limits, now_ms, &[hex(sid), exp.to_string()])
                 .await;
-            let alive = r?.0 == 1;
-            if alive {
-                self.sessions.insert(sid, AtomicU64::new(exp));
-            }
-            Ok(alive)
+            Ok(match r?.0 {
+                1 => {
+                    self.sessions.insert(sid, AtomicU64::new(exp));
+                    Checked::Alive
+                }
+                2 => Checked::Ended,
+                _ => Checked::Unheard,
+            })
         }
         .boxed()
     }
@@ -1035,8 +1087,29 @@ impl RoomStore for RedisRoom {
         self.provisional.base(epoch, run).map(|base| (base, run))
     }
 
-    fn provisional_lost(&self, epoch: u64) -> bool {
-        self.provisional.lost(epoch, self.generation())
+    fn provisional_lost(&self, epoch: u64, now_ms: u64) -> bool {
+        let generation = self.generation();
+        if self.provisional.lost(epoch, generation) {
+            return true;
+        }
+        if self.provisional.base(epoch, generation).is_some() {
+            return false;
+        }
+        // Not placed, and the node that handed it out gone (restarted, or
+        // scaled away, in the outage: what it handed out was in its
+        // memory only): the block would never be placed, and its holders
+        // would wait, told nothing, until their tickets expire. Judged
+        // only once every node alive has had time to tick since this one
+        // heard Redis again (a node's entry lapses after 3 leases without
+        // a tick; the node placing its blocks at its first tick back).
+        // A node only cut off from Redis is judged gone too: its holders
+        // take a place in the line as it is, ahead of where its block
+        // would go when it comes back.
+        let heard = self.lock_nodes_heard();
+        let settled = 3 * self.lease_ms.max(1000) + 2 * self.tick_ms;
+        heard.since_ms != 0
+            && now_ms.saturating_sub(heard.since_ms) >= settled
+            && !heard.live.contains(&issuer_of(epoch))
     }
 
     fn lottery_key_id(&self) -> Option<String> {
