@@ -119,11 +119,33 @@ fn is_bypass(room: &Room, r: &GateRequest) -> bool {
     }
 }
 
-/// Whether `headers` carry `secret` in `name` (compared in constant time).
+/// Whether `headers` carry `secret` in `name`, in any of its fields
+/// (compared in constant time): a balancer that adds the secret for an
+/// operators' network appends it after whatever the client sent.
 pub(crate) fn carries_secret(headers: &HeaderMap, name: &http::HeaderName, secret: &str) -> bool {
     headers
-        .get(name)
-        .is_some_and(|v| constant_time_eq(v.as_bytes(), secret.as_bytes()))
+        .get_all(name)
+        .iter()
+        .any(|v| constant_time_eq(v.as_bytes(), secret.as_bytes()))
+}
+
+/// Takes the fields of `name` that hold `secret` out of `headers`,
+/// keeping the others in their order: those are the portal's (an
+/// `Authorization` meant for it), the secret is varco's alone.
+pub(crate) fn remove_secret(headers: &mut HeaderMap, name: &http::HeaderName, secret: &str) {
+    if !carries_secret(headers, name, secret) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(name)
+        .iter()
+        .filter(|v| !constant_time_eq(v.as_bytes(), secret.as_bytes()))
+        .cloned()
+        .collect();
+    headers.remove(name);
+    for v in kept {
+        headers.append(name.clone(), v);
+    }
 }
 
 /// Compares without stopping at the first difference, so the time taken

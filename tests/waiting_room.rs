@@ -902,6 +902,26 @@ async fn bypass_by_address_or_secret_header_and_exempt_paths() {
         )
         .await;
     assert_eq!(got.status, 503);
+    // Appended by a balancer after the client's own field: the secret
+    // counts, and only it is taken out.
+    let got = op
+        .request(
+            "GET",
+            "/",
+            body::empty(),
+            &[
+                ("x-varco-bypass", "the-clients-own"),
+                ("x-varco-bypass", "correct-horse-battery-staple"),
+            ],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    let seen: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-varco-bypass"],
+        serde_json::json!(["the-clients-own"]),
+        "{seen}"
+    );
     assert!(g.citizen().get("/static/app.css").await.reached_upstream());
     drop(g);
 

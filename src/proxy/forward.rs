@@ -136,9 +136,7 @@ impl Forwarder {
         // Only the secret itself: a header of that name with another value
         // (an `Authorization` meant for the portal) is the portal's.
         for (name, secret) in room.config.secret_headers() {
-            if crate::gate::carries_secret(&headers, name, secret) {
-                headers.remove(name);
-            }
+            crate::gate::remove_secret(&mut headers, name, secret);
         }
         crate::cookies::strip_own(&mut headers);
         if parts.version == Version::HTTP_2 {

@@ -85,12 +85,13 @@ impl Lane {
         let Some((name, secret)) = &self.selector.header else {
             return false;
         };
+        // Any of its fields, as for the bypass: a balancer appends.
+        if !self.signed {
+            return crate::gate::carries_secret(headers, name, secret);
+        }
         let Some(value) = headers.get(name) else {
             return false;
         };
-        if !self.signed {
-            return crate::gate::constant_time_eq(value.as_bytes(), secret.as_bytes());
-        }
         let Ok(token) = value.to_str() else {
             return false;
         };
@@ -365,6 +366,40 @@ pub fn total(lanes: &[Lane]) -> RoomView {
 mod tests {
     use super::{kept, share, split, within, Lane};
     use crate::room::admission::{Limits, Mode};
+
+    /// An unsigned lane's secret counts in any field of its header, as the
+    /// bypass's does: a balancer that adds it appends it after the
+    /// client's own.
+    #[test]
+    fn a_lane_secret_appended_after_the_clients_field_selects() {
+        let room = Limits {
+            per_minute: None,
+            max_active: Some(10),
+            claim_window_ms: 60_000,
+            tick_ms: 1_000,
+            opens_at_ms: None,
+            mode: Mode::Queue,
+            ticket_ttl_ms: 0,
+        };
+        let store = crate::store::memory::MemoryStore::open(None, 0).unwrap();
+        let name = http::HeaderName::from_static("x-b");
+        let config = crate::config::LaneConfig {
+            name: "b".into(),
+            weight: 0.5,
+            selector: crate::config::Bypass {
+                cidrs: vec![],
+                header: Some((name.clone(), "lane-b-secret".into())),
+            },
+            signed: false,
+        };
+        let lane = Lane::new(Some(&config), store.room("p#b", &room, 0));
+        let ip = std::net::IpAddr::from([192, 0, 2, 1]);
+        let mut headers = http::HeaderMap::new();
+        headers.append(&name, "the-clients-own".parse().unwrap());
+        assert!(!lane.selects("p", &headers, ip));
+        headers.append(&name, "lane-b-secret".parse().unwrap());
+        assert!(lane.selects("p", &headers, ip));
+    }
 
     /// While one lane ticks, the others admit only into what they hold:
     /// their part of the places free is what the tick is taking.
