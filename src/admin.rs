@@ -479,7 +479,23 @@ impl Handler for Admin {
                 );
                 return r;
             };
-            return self.api(req, &who).await;
+            // Reads too (who fetched the admission log, who polled what):
+            // the changes are on `varco::audit` already, but an admin API
+            // answers questions an auditor may ask about later.
+            let started = std::time::Instant::now();
+            let (method, path) = (req.method().clone(), path.to_string());
+            let r = self.api(req, &who).await;
+            tracing::info!(
+                target: "varco::admin",
+                who,
+                peer = %conn.peer,
+                method = %method,
+                path,
+                status = r.status().as_u16(),
+                duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
+                "admin API request"
+            );
+            return r;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());

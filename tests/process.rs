@@ -777,6 +777,70 @@ async fn a_reload_by_sighup_is_in_the_audit_log() {
     );
 }
 
+/// Every admin API request gets a line on `varco::admin`, reads too (who
+/// fetched the admission log, who polled the rooms), naming the token's
+/// id, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_admin_api_request_is_logged_with_who_asked() {
+    use std::io::{BufRead, BufReader};
+    const TOKEN: &str = "admin-log-token-0123456789";
+    std::env::set_var("VARCO_TEST_ADMIN_LOG_TOKENS", format!("anna:{TOKEN}"));
+    let up = upstream::spawn().await;
+    let mut p = json_logging(
+        "admin-log",
+        &[up.addr],
+        "[admin]\ntokens_env = \"VARCO_TEST_ADMIN_LOG_TOKENS\"",
+    );
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, mut admin) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            assert!(!line.contains(TOKEN), "a token in the log: {line}");
+            if line.contains("\"varco::admin\"") {
+                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+            }
+        }
+    });
+    let ask = |path: &str| {
+        Request::get(format!("http://{}{path}", p.admin))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(ask("/api/rooms")).await.status, 200);
+    assert_eq!(send(ask("/api/rooms/nope?x=1")).await.status, 404);
+    let first = next(&mut admin).await;
+    assert_eq!(first["message"], "admin API request", "{first}");
+    assert_eq!(
+        (
+            &first["who"],
+            &first["method"],
+            &first["path"],
+            &first["status"]
+        ),
+        (
+            &"anna".into(),
+            &"GET".into(),
+            &"/api/rooms".into(),
+            &200.into()
+        ),
+        "{first}"
+    );
+    assert!(
+        first["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{first}"
+    );
+    assert!(first["duration_ms"].as_f64().is_some(), "{first}");
+    let second = next(&mut admin).await;
+    assert_eq!(
+        (&second["path"], &second["status"]),
+        (&"/api/rooms/nope".into(), &404.into()),
+        "the path without its query: {second}"
+    );
+}
+
 /// logrotate's way with the admission log: renamed, then SIGUSR1. The
 /// records go on in a new file at the log's path, the two files verify as
 /// one chain, and the new one alone only as a continuation.
