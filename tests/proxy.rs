@@ -1485,6 +1485,37 @@ async fn an_answer_with_chunks_and_a_length_is_taken_by_its_chunks() {
     );
 }
 
+/// An answer whose length is said twice, or as a list of one value
+/// (`Content-Length: 5, 5`, which hyper's client takes, RFC 9110 8.6),
+/// reaches the client with one length: sent on as it came, hyper's server
+/// could not read it back, and the client got an empty reply.
+#[tokio::test]
+async fn an_answer_with_its_length_said_twice_reaches_the_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let answer: &[u8] = if head.contains("/list") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let v = Varco::start(&room_config(&[addr], "")).await;
+    for path in ["/list", "/twice"] {
+        let got = get(&v.url(path)).await;
+        assert_eq!((got.status, got.text().as_str()), (200, "hello"), "{path}");
+        let lengths: Vec<_> = got.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{path}");
+    }
+}
+
 /// A browser may send its cookies over HTTP/2 as separate fields; the
 /// HTTP/1.1 portal gets one Cookie line (RFC 9113 section 8.2.3).
 #[tokio::test]

@@ -547,6 +547,37 @@ pub(crate) fn upstream_uri(base: &Uri, path: Option<&http::uri::PathAndQuery>) -
 
 /// Strips hop-by-hop headers from the upstream's answer, or, for a
 /// switched protocol, joins the two upgraded connections into a tunnel.
+/// A length the upstream said more than once (`5, 5`, or two fields),
+/// which hyper's client took as it agreed, written once: passed on as it
+/// came, hyper's server cannot read it back, and ends the client's
+/// connection with no answer.
+fn one_length(headers: &mut http::HeaderMap) {
+    let fields = headers.get_all(CONTENT_LENGTH);
+    let said_once =
+        fields.iter().count() == 1 && fields.iter().all(|v| !v.as_bytes().contains(&b','));
+    if said_once {
+        return;
+    }
+    if let Some(n) = agreed_length(headers) {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
+/// The one value every Content-Length field and list item says.
+fn agreed_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut agreed = None;
+    for field in headers.get_all(CONTENT_LENGTH) {
+        for item in field.to_str().ok()?.split(',') {
+            let n: u64 = item.trim().parse().ok()?;
+            if agreed.is_some_and(|a| a != n) {
+                return None;
+            }
+            agreed = Some(n);
+        }
+    }
+    agreed
+}
+
 fn into_client_response(
     resp: Response<Incoming>,
     client_upgrade: Option<(OnUpgrade, Option<Arc<ConnectionHold>>)>,
@@ -584,6 +615,8 @@ fn into_client_response(
             // for bytes that never come. As HAProxy: the length goes.
             if parts.headers.contains_key(TRANSFER_ENCODING) {
                 parts.headers.remove(CONTENT_LENGTH);
+            } else {
+                one_length(&mut parts.headers);
             }
             // `Trailer` goes with the hop-by-hop fields (RFC 2616 had it
             // there) and comes back for the fields that will follow.
