@@ -1849,6 +1849,23 @@ async fn a_room_whose_tick_fails_holds_up_no_other_room_at_any_tick() {
             assert_eq!(ticked, now, "room {room} at tick {tick}");
         }
     }
+
+    // The same for the live changes every node follows: room b's
+    // unreadable, room c's are followed at every tick.
+    assert!(redis.command("SET t:{b}:live broken").starts_with("+OK"));
+    let room_c = nodes[0].app.room("c").unwrap();
+    for (version, mode) in [(1, "paused"), (2, "queue"), (3, "paused"), (4, "queue")] {
+        let _: () = redis::cmd("HSET")
+            .arg("t:{c}:live")
+            .arg("version")
+            .arg(version)
+            .arg("mode")
+            .arg(mode)
+            .query(&mut c)
+            .unwrap();
+        advance(&nodes, 1000).await;
+        assert_eq!(room_c.mode().as_str(), mode, "version {version}");
+    }
 }
 
 /// A node asking Redis about a session it has not seen (its pass brought

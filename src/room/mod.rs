@@ -533,7 +533,9 @@ impl Room {
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(room = %self.name, error = %e, "cannot read the cluster's live settings");
-                return false;
+                // An error the store answered about this room's settings
+                // is this room's: the next rooms still ask.
+                return matches!(e, crate::store::StoreError::Refused(_));
             }
         };
         // An operator changed something here while the answer was on its
