@@ -262,7 +262,7 @@ impl App {
         let audit = match &config.audit_log {
             Some(path) => Some(
                 AuditLog::open(path, &node_name())
-                    .and_then(audit::Writer::new)
+                    .and_then(|log| audit::Writer::new(log, metrics.audit_records.clone()))
                     .map_err(|e| {
                         AppError::Store(format!("audit.log: cannot open {}: {e}", path.display()))
                     })?,
@@ -413,8 +413,8 @@ impl App {
         };
         let path = audit.log().path().display();
         match audit.observe(&line, serving, now).await {
-            audit::Written::Done(Some(_)) => self.metrics.audit_records.inc(),
-            audit::Written::Done(None) => {}
+            // Counted by the writer, where a late one is counted too.
+            audit::Written::Done(_) => {}
             audit::Written::Failed(e) => {
                 self.metrics.audit_write_errors.inc();
                 tracing::error!(room = %room.name, error = %e, path = %path, "cannot append to the admission log");

@@ -575,12 +575,15 @@ pub struct Writer {
     log: Arc<AuditLog>,
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     busy: Arc<AtomicBool>,
+    /// Records on disk, counted where they land: one late for its tick
+    /// lands all the same.
+    records: prometheus::IntCounter,
 }
 
 type Job = Box<dyn FnOnce(&AuditLog) + Send>;
 
 impl Writer {
-    pub fn new(log: AuditLog) -> std::io::Result<Writer> {
+    pub fn new(log: AuditLog, records: prometheus::IntCounter) -> std::io::Result<Writer> {
         let log = Arc::new(log);
         let busy = Arc::new(AtomicBool::new(false));
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
@@ -605,6 +608,7 @@ impl Writer {
             log,
             jobs: Mutex::new(jobs),
             busy,
+            records,
         })
     }
 
@@ -686,9 +690,12 @@ impl Writer {
             return Written::Busy;
         }
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let (room, busy) = (room.to_string(), self.busy.clone());
+        let (room, busy, records) = (room.to_string(), self.busy.clone(), self.records.clone());
         let job: Job = Box::new(move |log| {
             let r = log.observe(&room, serving, now_ms);
+            if let Ok(Some(_)) = r {
+                records.inc();
+            }
             // Free before the answer: the next tick may follow at once.
             busy.store(false, Ordering::Release);
             let _ = answer.send(r);
@@ -838,7 +845,8 @@ mod tests {
     async fn a_hung_write_holds_up_no_tick_and_leaves_no_gap() {
         let dir = tempdir::Dir::new();
         let path = dir.0.join("admissions.log");
-        let w = Writer::new(AuditLog::open(&path, "n").unwrap()).unwrap();
+        let records = prometheus::IntCounter::new("records", "records").unwrap();
+        let w = Writer::new(AuditLog::open(&path, "n").unwrap(), records.clone()).unwrap();
         // A disk that answers is waited for, however slow the test's host;
         // one that hangs, 50 ms.
         let (answers, hangs) = (Duration::from_secs(60), Duration::from_millis(50));
@@ -877,6 +885,7 @@ mod tests {
             .map(|r| (r.from, r.to))
             .collect();
         assert_eq!(ranges, [(1, 2), (3, 5), (6, 7)]);
+        assert_eq!(records.get(), 3, "the late record counted too");
         assert_eq!(verify(text.as_bytes()).unwrap().admitted["a"], 7);
         assert_eq!(w.log().committed_len(), text.len() as u64);
     }
