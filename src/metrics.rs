@@ -566,12 +566,20 @@ pub struct RoomMetrics {
     /// Resolved with the room, so the series is there at 0 before the
     /// first failure: a brief outage shows in `increase()`.
     pub store_errors: IntCounter,
-    adjustments: IntCounterVec,
-    room: String,
+    /// An adaptive room's rate changes, resolved with the room as the
+    /// others: at 0 from the start, and never made again by a tick still
+    /// running over a room a reload removed (its series forgotten).
+    /// Increase for headroom; decrease for latency, for failures.
+    adjustments: Option<[IntCounter; 3]>,
 }
 
 impl RoomMetrics {
-    pub fn new(m: &Metrics, room: &str) -> Self {
+    /// `adaptive`: the room's rate is adaptive (see `adjusted`).
+    pub fn new(m: &Metrics, room: &str, adaptive: bool) -> Self {
+        let adjusted = |direction, reason| {
+            m.adaptive_adjustments
+                .with_label_values(&[room, direction, reason])
+        };
         let class = |c| m.requests.with_label_values(&[room, c]);
         let rejected = |reason| m.rejected.with_label_values(&[room, reason]);
         RoomMetrics {
@@ -600,16 +608,25 @@ impl RoomMetrics {
             reentries_refused: m.reentries_refused.with_label_values(&[room]),
             missed_turns: m.missed_turns.with_label_values(&[room]),
             store_errors: m.store_errors.with_label_values(&[room]),
-            adjustments: m.adaptive_adjustments.clone(),
-            room: room.to_string(),
+            adjustments: adaptive.then(|| {
+                [
+                    adjusted("increase", "headroom"),
+                    adjusted("decrease", "latency"),
+                    adjusted("decrease", "failures"),
+                ]
+            }),
         }
     }
 
-    /// Rare (once an interval at most): resolved when it happens.
     pub fn adjusted(&self, direction: Direction, reason: Reason) {
-        self.adjustments
-            .with_label_values(&[&self.room, direction.as_str(), reason.as_str()])
-            .inc();
+        let i = match (direction, reason) {
+            (Direction::Increase, _) => 0,
+            (Direction::Decrease, Reason::Failures) => 2,
+            (Direction::Decrease, _) => 1,
+        };
+        if let Some(a) = &self.adjustments {
+            a[i].inc();
+        }
     }
 
     pub fn observe(&self, status: u16, seconds: f64) {
@@ -1061,5 +1078,37 @@ mod tests {
             .unwrap()
             .as_secs_f64();
         assert!(super::WAIT_BUCKETS.last().is_some_and(|b| *b >= ttl));
+    }
+
+    /// An adaptive room's rate changes are counted from 0, and a change
+    /// made after a reload removed the room (a tick still running over
+    /// it) does not bring its series back.
+    #[test]
+    fn an_adaptive_rooms_changes_start_at_0_and_stay_gone_once_forgotten() {
+        use crate::room::adaptive::{Direction, Reason};
+        let m = super::Metrics::new();
+        let removed = super::RoomMetrics::new(&m, "removed", true);
+        let fixed = super::RoomMetrics::new(&m, "fixed", false);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "varco_adaptive_adjustments_total{direction=\"decrease\",reason=\"latency\",room=\"removed\"} 0"
+            ),
+            "{text}"
+        );
+        let adjustments_of = |text: &str, room: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("varco_adaptive_adjustments_total{"))
+                .filter(|l| l.contains(&format!("room=\"{room}\"")))
+                .count()
+        };
+        assert_eq!(adjustments_of(&text, "removed"), 3, "{text}");
+        assert_eq!(adjustments_of(&text, "fixed"), 0, "not adaptive: {text}");
+        fixed.adjusted(Direction::Increase, Reason::Headroom);
+        m.forget_gone(&[]);
+        removed.adjusted(Direction::Decrease, Reason::Failures);
+        let text = m.render();
+        assert_eq!(adjustments_of(&text, "removed"), 0, "{text}");
+        assert_eq!(adjustments_of(&text, "fixed"), 0, "{text}");
     }
 }

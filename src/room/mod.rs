@@ -181,7 +181,7 @@ impl Room {
             .collect();
         Room {
             name: config.name.clone(),
-            metrics: RoomMetrics::new(metrics, &config.name),
+            metrics: RoomMetrics::new(metrics, &config.name, config.adaptive.is_some()),
             upstream_metrics,
             upstreams,
             store,
