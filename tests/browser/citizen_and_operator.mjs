@@ -102,7 +102,11 @@ try {
   });
   const tab = await phone.newPage();
   await tab.clock.install();
-  await tab.goto(VARCO + "/login");
+  // With a query, as a link from a text message carries one: admission
+  // must land on it whole (its `&` survives the page's HTML, its escapes
+  // are not decoded on the way).
+  const ASKED = "/login?from=sms%20link&lang=it";
+  await tab.goto(VARCO + ASKED);
   const pos = async (p) => (await p.textContent("#position")).trim();
   const ticketOf = async (p) => (await p.textContent("#ticket")).trim();
   check((await pos(tab)) === "2", "the waiting page shows place 2 in line (one waits ahead)");
@@ -300,13 +304,15 @@ try {
     new URL(tab.url()).pathname === "/login" && (await tab.content()).includes("Portale Bonus")
   );
   check((await tab.textContent("h2")).includes("Log in"), "back in view, admitted at once, on the login page first asked for");
+  const landed = new URL(tab.url());
+  check(landed.pathname + landed.search === ASKED, `admitted onto the address asked for, query and all (${landed.pathname + landed.search})`);
   await tab.clock.resume();
   await tab.screenshot({ path: `${ARTIFACTS}/admitted-360.png`, fullPage: true });
 
   // 7. Without JavaScript it still gets through (the page refreshes itself).
   const nojs = await browser.newContext({ javaScriptEnabled: false, viewport: { width: 360, height: 740 } });
   const plain = await nojs.newPage();
-  await plain.goto(VARCO + "/login");
+  await plain.goto(VARCO + "/login?lang=en&from=mail");
   check((await plain.content()).includes('id="position"'), "without JavaScript: the waiting page");
   // The phone fills in the form and submits: the portal releases its slot.
   await tab.fill('input[name="citizen"]', "PHONE3");
@@ -316,7 +322,7 @@ try {
   await tab.click("button");
   await tab.waitForSelector("text=received");
   check(true, "the phone applied through varco; its slot is given back");
-  await plain.waitForURL(/\/login$/, { timeout: 60000 });
+  await plain.waitForURL(/\/login\?lang=en&from=mail$/, { timeout: 60000 });
   await until("the no-JavaScript page reaches the portal", async () => (await plain.content()).includes("Portale Bonus"), 60000);
   check(true, "without JavaScript: admitted by the page's own refresh");
   await nojs.close();
