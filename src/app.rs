@@ -1173,7 +1173,7 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         }
         ticks += 1;
         // About once a minute, forget addresses no limiter is holding back.
-        if ticks % 60 == 0 {
+        if ticks.is_multiple_of(60) {
             for room in app.rooms() {
                 room.forget_idle_addresses();
             }

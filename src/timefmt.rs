@@ -60,7 +60,7 @@ pub fn push_rfc3339(out: &mut String, ms: u64) {
     let mut frac = ms % 1000;
     if frac > 0 {
         let mut width = 3;
-        while frac % 10 == 0 {
+        while frac.is_multiple_of(10) {
             frac /= 10;
             width -= 1;
         }

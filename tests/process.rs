@@ -679,6 +679,75 @@ async fn a_session_lost_in_a_crash_keeps_its_place_in_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A crash after a clean restart, before anyone new came (a line called,
+/// passes claimed): the run's marks are written at its start, so the
+/// next start still knows it crashed, and a pass claimed since the last
+/// snapshot gets its own place back, not the back of the line. (Written
+/// first with the first new number, the marks were missing here, and the
+/// crash passed for a clean stop.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_clean_restart_is_still_a_crash() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = one_slot_snapshotted("crash-after-restart", up.addr, "claim_window = \"10m\"");
+    let mut p = Process::start(&cfg);
+    snapshot_taken(&dir).await;
+    let mut first = Citizen::new(p.addr);
+    assert!(first.get("/").await.reached_upstream());
+    let mut second = Citizen::new(p.addr);
+    assert!(second.get("/").await.is_waiting_page());
+    let number = second.status("portal").await["ticket"].as_u64().unwrap();
+    p.signal("TERM");
+    let _ = tokio::task::spawn_blocking(move || p.child.wait()).await;
+    let marks = dir.join("state.json.marks");
+    assert!(!marks.exists(), "a clean stop leaves no marks");
+    let saved = std::fs::metadata(dir.join("state.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    let p = Process::start(&cfg);
+    // The snapshot taken at the start, before anyone is called (the
+    // store, and its marks, are opened before it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(dir.join("state.json"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        == saved
+    {
+        assert!(std::time::Instant::now() < deadline, "no snapshot at start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(marks.exists(), "the marks are written at the start");
+    let moved = |c: &Citizen, p: &Process| {
+        let mut n = Citizen::new(p.addr);
+        n.jar = c.jar.clone();
+        n
+    };
+    let mut first = moved(&first, &p);
+    let mut second = moved(&second, &p);
+    assert_eq!(first.get("/release").await.json()["upstream"], "released");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.status("portal").await["state"] != "admitted" {
+        assert!(std::time::Instant::now() < deadline, "never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(second.get("/").await.reached_upstream(), "called, in");
+    killed(p).await;
+
+    let p = Process::start(&cfg);
+    let mut second = moved(&second, &p);
+    let got = second.get("/").await;
+    assert!(got.is_waiting_page(), "{}", got.status);
+    let s = second.status("portal").await;
+    assert_eq!(
+        (&s["ticket"], &s["position"]),
+        (&number.into(), &1.into()),
+        "its own number, first in line, not a new one at the back: {s}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A Kubernetes ConfigMap mounted as a folder: `varco.toml` is a symlink
 /// through `..data` to a timestamped folder, and an edit swaps `..data`
 /// and deletes the old folder. A reload reads the file by the path varco

@@ -561,7 +561,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         s.paused.into()
     } else if status.missed_turn {
         let w = status.claim_window_seconds;
-        let window = if w >= 120 && w % 60 == 0 {
+        let window = if w >= 120 && w.is_multiple_of(60) {
             s.minutes.replace("{n}", &(w / 60).to_string())
         } else {
             s.seconds.replace("{n}", &w.to_string())

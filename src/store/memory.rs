@@ -346,6 +346,55 @@ pub struct MemoryStore {
     closed: Mutex<bool>,
     /// Counts marks that could not be written, once the metrics are known.
     marks_errors: std::sync::OnceLock<prometheus::IntCounter>,
+    /// The snapshot's lock (see `hold_snapshot`), held until the store
+    /// is closed or dropped.
+    held: Mutex<Option<std::fs::File>>,
+}
+
+/// Takes the snapshot's lock (`SNAPSHOT.lock`, beside it): a second varco
+/// started on the same snapshot (a copied config, a manual run beside the
+/// service) would number from the same counters, and hand one ticket
+/// number to two people. Released by the system when the process ends,
+/// however it ends.
+fn hold_snapshot(snapshot: &std::path::Path) -> Result<std::fs::File, String> {
+    let mut name = snapshot.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            format!(
+                "store.snapshot: cannot open its lock {}: {e}",
+                path.display()
+            )
+        })?;
+    // A varco still on its way out (a supervisor that starts the next
+    // before the last has quite ended) gets a moment to let go.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(format!(
+                    "store.snapshot: {} is in use by another varco (it holds {}): two would hand out the same ticket numbers",
+                    snapshot.display(),
+                    path.display()
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!(
+                    "store.snapshot: cannot lock {}: {e}",
+                    path.display()
+                ))
+            }
+        }
+    }
 }
 
 /// What `version` a snapshot this varco writes carries.
@@ -393,6 +442,7 @@ impl MemoryStore {
         {
             return Err(format!("store.snapshot: {problem}"));
         }
+        let held = snapshot.as_deref().map(hold_snapshot).transpose()?;
         let snap = match &snapshot {
             Some(path) if path.exists() => Some(read_json::<Snapshot>(path, "snapshot")?),
             _ => None,
@@ -430,6 +480,7 @@ impl MemoryStore {
             lost,
             closed: Mutex::new(false),
             marks_errors: std::sync::OnceLock::new(),
+            held: Mutex::new(held),
         });
         if let Some(snap) = snap {
             let down = now_ms.saturating_sub(snap.saved_ms);
@@ -474,6 +525,17 @@ impl MemoryStore {
             }
         }
         if let (Some(wake), Some(path)) = (&store.wake, marks_path) {
+            // Written now, before anyone is served: a run's marks are what
+            // tells the next start it crashed. Left to the first new number,
+            // a crash before one (a line called, passes claimed, nobody new)
+            // would pass for a clean stop, and every pass claimed since the
+            // last snapshot be refused.
+            write_marks(&store, &path, now_ms, Duration::from_millis(5)).map_err(|e| {
+                format!(
+                    "store.snapshot: cannot write the ticket numbers ahead to {}: {e}",
+                    path.display()
+                )
+            })?;
             let (weak, writer_wake) = (Arc::downgrade(&store), wake.clone());
             std::thread::Builder::new()
                 .name("varco-marks".into())
@@ -615,6 +677,8 @@ impl MemoryStore {
                 _ => {}
             }
         }
+        // Nothing more is written: the next varco may take it.
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(())
     }
 }
@@ -652,28 +716,8 @@ fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_m
         if !woken {
             continue;
         }
-        let rooms: Vec<(String, Arc<MemoryRoom>)> = store
-            .rooms
-            .iter()
-            .map(|r| (r.key().clone(), r.value().clone()))
-            .collect();
-        let now = Instant::now();
-        let plans: Vec<_> = rooms
-            .into_iter()
-            .filter_map(|(name, room)| {
-                let plan = room.ahead.as_ref()?.plan(&room.lock(), now, took);
-                Some((name, room, plan))
-            })
-            .collect();
-        let closed = store.closed.lock().unwrap_or_else(|e| e.into_inner());
-        if *closed {
-            // The last snapshot holds every number handed out; nothing
-            // more is covered (see `close`).
-            continue;
-        }
-        let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
         let started = Instant::now();
-        if let Err(e) = ahead::write(&path, since_ms, marks) {
+        if let Err(e) = write_marks(&store, &path, since_ms, took) {
             // Serving goes on: a stalled queue on a click day is worse
             // than a crash that might come.
             tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead; a crash now could hand a place to two people");
@@ -682,13 +726,47 @@ fn write_ahead(store: Weak<MemoryStore>, wake: Arc<Wake>, path: PathBuf, since_m
             }
         }
         took = started.elapsed();
-        drop(closed);
-        for (_, room, (marks, low_water)) in &plans {
-            if let Some(ahead) = &room.ahead {
-                ahead.now_written(marks, *low_water);
-            }
+    }
+}
+
+/// Writes every room's marks once (`took`: how long the last write took,
+/// for the lead), and tells the rooms what is covered now. Nothing once
+/// the store is closed: the last snapshot holds every number handed out
+/// (see `close`).
+fn write_marks(
+    store: &MemoryStore,
+    path: &std::path::Path,
+    since_ms: u64,
+    took: Duration,
+) -> std::io::Result<()> {
+    let rooms: Vec<(String, Arc<MemoryRoom>)> = store
+        .rooms
+        .iter()
+        .map(|r| (r.key().clone(), r.value().clone()))
+        .collect();
+    let now = Instant::now();
+    let plans: Vec<_> = rooms
+        .into_iter()
+        .filter_map(|(name, room)| {
+            let plan = room.ahead.as_ref()?.plan(&room.lock(), now, took);
+            Some((name, room, plan))
+        })
+        .collect();
+    let closed = store.closed.lock().unwrap_or_else(|e| e.into_inner());
+    if *closed {
+        return Ok(());
+    }
+    let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
+    let written = ahead::write(path, since_ms, marks);
+    drop(closed);
+    // Told even when the write failed: numbering goes on rather than
+    // wait for a disk that may not come back (the caller says so).
+    for (_, room, (marks, low_water)) in &plans {
+        if let Some(ahead) = &room.ahead {
+            ahead.now_written(marks, *low_water);
         }
     }
+    written
 }
 
 #[cfg(test)]
@@ -997,6 +1075,22 @@ mod tests {
     /// A snapshot that parses but does not hang together (a hand edit, a
     /// flipped digit), or of another version, is refused with the file
     /// named and left as it is; so is a snapshot whose folder is missing.
+    #[tokio::test]
+    async fn a_snapshot_in_use_by_another_varco_is_refused() {
+        let snap = folder("in-use");
+        let first = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let err = match MemoryStore::open(Some(snap.clone()), 0) {
+            Ok(_) => panic!("two stores on one snapshot"),
+            Err(e) => e,
+        };
+        assert!(err.contains("in use by another varco"), "{err}");
+        drop(first);
+        assert!(
+            MemoryStore::open(Some(snap), 0).is_ok(),
+            "free once it ends"
+        );
+    }
+
     #[tokio::test]
     async fn a_snapshot_that_does_not_hang_together_is_refused_and_kept() {
         let snap = folder("inconsistent");

@@ -348,8 +348,16 @@ pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io:
         } else {
             dir
         };
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
+        // The rename is durable only once the folder is: a failure here
+        // is the write's (the marks writer would otherwise count numbers
+        // as covered that a power cut could take back). Only a file
+        // system that cannot sync a folder at all is let be.
+        let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        if let Err(e) = synced {
+            use std::io::ErrorKind::{InvalidInput, Unsupported};
+            if !matches!(e.kind(), InvalidInput | Unsupported) {
+                return Err(e);
+            }
         }
     }
     Ok(())
