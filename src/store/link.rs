@@ -81,30 +81,34 @@ pub struct Lent {
     of: Arc<Connection>,
 }
 
-/// Whether Redis refused a write as a replica: READONLY itself, or (before
-/// Redis 7) inside a script's error, whose code is ERR.
 /// An error Redis answered about what it was asked (a key of the wrong
 /// type, a script error, a reply of another shape): quick, and about one
-/// room's state. Not one that says the server cannot serve anyone now.
+/// room's state. Not one that says the server cannot serve anyone now:
+/// a replica's READONLY (which replaces the connection), out of memory,
+/// a failing disk, a busy script; before Redis 7 those come inside a
+/// script's error, whose code is ERR.
 fn about_the_request(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
-    const SERVER_WIDE: [&str; 8] = [
-        "OOM",
-        "MISCONF",
-        "NOAUTH",
-        "BUSY",
-        "NOREPLICAS",
-        "MASTERDOWN",
-        "LOADING",
-        "READONLY",
-    ];
+    const SERVER_WIDE: [&str; 5] = ["OOM", "MISCONF", "NOAUTH", "BUSY", "NOREPLICAS"];
+    if read_only(e) {
+        return false;
+    }
+    let says_server_wide = |text: &str| {
+        SERVER_WIDE
+            .iter()
+            .any(|c| text.starts_with(c) || text.contains(&format!("-{c} ")))
+    };
     match e.kind() {
-        ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::UnexpectedReturnType => {
+            !says_server_wide(&e.to_string())
+        }
         ErrorKind::Extension => !e.code().is_some_and(|c| SERVER_WIDE.contains(&c)),
         _ => false,
     }
 }
 
+/// Whether Redis refused a write as a replica: READONLY itself, or (before
+/// Redis 7) inside a script's error, whose code is ERR.
 fn read_only(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         || e.to_string().contains("READONLY")
@@ -243,5 +247,43 @@ mod tests {
         )
             .into();
         assert!(!read_only(&other));
+        // Not one room's trouble: the connection must still be replaced.
+        assert!(!about_the_request(&plain));
+        assert!(!about_the_request(&scripted), "{scripted}");
+    }
+
+    /// What one room's state makes Redis answer is that room's; what says
+    /// the server cannot serve now is everyone's, in a script's error too.
+    #[test]
+    fn a_rooms_own_error_is_told_from_the_servers() {
+        let script = |detail: &str| -> redis::RedisError {
+            (
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "Error running script",
+                format!("(call to f_0123): @user_script:9: {detail}"),
+            )
+                .into()
+        };
+        let wrong_type = redis::make_extension_error(
+            "WRONGTYPE".into(),
+            Some("Operation against a key holding the wrong kind of value".into()),
+        );
+        assert!(about_the_request(&wrong_type));
+        assert!(about_the_request(&script(
+            "-WRONGTYPE Operation against a key"
+        )));
+        assert!(about_the_request(&script(
+            "attempt to compare nil with number"
+        )));
+        let oom = redis::make_extension_error("OOM".into(), Some("command not allowed".into()));
+        assert!(!about_the_request(&oom));
+        assert!(!about_the_request(&script(
+            "-OOM command not allowed when used memory > 'maxmemory'."
+        )));
+        assert!(!about_the_request(&script(
+            "-MISCONF Redis is configured to save RDB snapshots"
+        )));
+        let io: redis::RedisError = std::io::Error::other("connection reset").into();
+        assert!(!about_the_request(&io));
     }
 }
