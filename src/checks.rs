@@ -223,8 +223,10 @@ fn export(path: &Path) -> Outcome {
         Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
     };
     text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-    match audit::verify(text.as_bytes()) {
-        Ok(_) => Outcome {
+    // After a rotation the file at the path goes on from the one before.
+    let mut v = audit::Verifier::new().continuing();
+    match v.file(text.as_bytes()) {
+        Ok(()) => Outcome {
             ok: true,
             text: text.trim_end().to_string(),
         },
@@ -235,6 +237,31 @@ fn export(path: &Path) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a rotation the file at the log's path begins past record 1:
+    /// it is exported all the same, and a broken one still is not.
+    #[test]
+    fn a_rotated_log_is_exported_from_where_it_goes_on() {
+        let dir = std::env::temp_dir().join(format!("varco-export-rotated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admissions.log");
+        let log = audit::AuditLog::open(&path, "node-a").unwrap();
+        log.baseline("a", 0);
+        log.observe("a", 5, 1_000).unwrap();
+        std::fs::rename(&path, dir.join("admissions.log.1")).unwrap();
+        log.reopen().unwrap();
+        log.observe("a", 9, 2_000).unwrap();
+        log.observe("a", 12, 3_000).unwrap();
+        let out = export(&path);
+        assert!(out.ok, "{}", out.text);
+        assert_eq!(out.text.lines().count(), 2);
+        let edited = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("\"to\":9", "\"to\":8", 1);
+        std::fs::write(&path, edited).unwrap();
+        assert!(!export(&path).ok);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_record_being_written_is_not_exported_nor_a_broken_chain() {
