@@ -878,6 +878,12 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
     };
     assert_eq!(send(ask("/api/rooms")).await.status, 200);
     assert_eq!(send(ask("/api/rooms/nope?x=1")).await.status, 404);
+    // A citizen's ticket, checked for them: a credential, never logged.
+    let ticket = "eyJhbGciOiJIUzI1NiJ9.eyJzZWNyZXQiOnRydWV9.c2lnbmF0dXJlLW9mLWEtdGlja2V0";
+    assert_eq!(
+        send(ask(&format!("/api/receipts/{ticket}"))).await.status,
+        200
+    );
     let first = next(&mut admin).await;
     assert_eq!(first["message"], "admin API request", "{first}");
     assert_eq!(
@@ -908,6 +914,9 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
         (&"/api/rooms/nope".into(), &404.into()),
         "the path without its query: {second}"
     );
+    let third = next(&mut admin).await;
+    assert_eq!(third["path"], "/api/receipts/…", "{third}");
+    assert!(!third.to_string().contains("c2lnbmF0dXJl"), "{third}");
 }
 
 /// logrotate's way with the admission log: renamed, then SIGUSR1. The
