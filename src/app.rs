@@ -109,7 +109,8 @@ pub struct App {
     /// SIGHUP's stream when the caller installed it before saying it
     /// listens; the reload task takes it.
     hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
-    /// SIGUSR1's, likewise, for reopening the admission log.
+    /// SIGUSR1's, likewise, for reopening the admission log (always
+    /// handled: its default action would end varco).
     reopen: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
     /// Rooms this node advanced at the last tick, with the run of their
     /// queue then: a room it starts advancing (a lease taken over) is
@@ -349,6 +350,7 @@ impl App {
     /// its path.
     pub async fn reopen_audit_log(&self) -> bool {
         let Some(audit) = &self.audit else {
+            tracing::info!("SIGUSR1: no admission log (audit.log) to reopen");
             return false;
         };
         let path = audit.log().path().display().to_string();
@@ -1075,9 +1077,7 @@ impl App {
         if self.config_path.is_some() {
             background.spawn(reload_on_sighup(self.clone(), stop_rx.clone()));
         }
-        if self.audit.is_some() {
-            background.spawn(reopen_on_sigusr1(self.clone(), stop_rx.clone()));
-        }
+        background.spawn(reopen_on_sigusr1(self.clone(), stop_rx.clone()));
         let settings = ListenerSettings::from_server(&config.server);
         let close = tokio_util::sync::CancellationToken::new();
         let stop = listener::Stop {
@@ -1298,8 +1298,8 @@ pub async fn run(
 
 /// As `run`, remembering `path` so SIGHUP (`hangup`, its handler
 /// installed by the caller before it said it listens) and the admin API
-/// can reload it. `reopen`: SIGUSR1's stream, installed likewise when
-/// the config has an admission log.
+/// can reload it. `reopen`: SIGUSR1's stream, installed likewise, for
+/// reopening the admission log.
 pub async fn run_file(
     config: Config,
     path: PathBuf,

@@ -356,10 +356,14 @@ fn open_append(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-fn identity(file: &File) -> std::io::Result<(u64, u64)> {
+/// Which file this is (a rotation puts another at the same path).
+fn identity_of(m: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
-    Ok((m.dev(), m.ino()))
+    (m.dev(), m.ino())
+}
+
+fn identity(file: &File) -> std::io::Result<(u64, u64)> {
+    Ok(identity_of(&file.metadata()?))
 }
 
 /// What [`AuditLog::reopen`] found at the log's path.
@@ -404,10 +408,7 @@ impl AuditLog {
     pub fn reopen(&self) -> std::io::Result<Reopened> {
         let current = self.extent.lock().unwrap_or_else(|e| e.into_inner()).file;
         let there = match std::fs::metadata(&self.path) {
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                Some((m.dev(), m.ino()))
-            }
+            Ok(m) => Some(identity_of(&m)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };

@@ -197,6 +197,9 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
         return Ok(Held::None);
     };
     let idle = room.config.session_idle.as_millis() as u64;
+    // Renewed within an idle time, so its session cannot have lapsed; and
+    // not of a claim never confirmed (which may have made no session).
+    let recent = pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms;
     let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
         Liveness::Dead => {
@@ -236,7 +239,7 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
             // and reported at the next tick: shutting a person out of the
             // form they are filling in is worse than a session counted
             // late (invariant 7).
-            Ok(Checked::Unheard) if pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms => {
+            Ok(Checked::Unheard) if recent => {
                 let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);
                 if taken {
                     tracing::info!(room = %room.name, "a recent pass the store has no session for: taken at its word, and reported");
@@ -247,9 +250,9 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
             // (Or one this node still holds, which it only asked Redis
             // about as it was about to lapse.)
             Err(_)
-                if pass.uc == 0
-                    && (pass.nbf * 1000 + idle > r.now_ms
-                        || lane.store.peek_local(sid, r.now_ms) == Liveness::Alive) =>
+                if recent
+                    || (pass.uc == 0
+                        && lane.store.peek_local(sid, r.now_ms) == Liveness::Alive) =>
             {
                 room.metrics.store_errors.inc();
                 let taken = lane.store.take_at_its_word(sid, r.now_ms + idle);

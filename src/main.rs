@@ -337,13 +337,12 @@ fn serve(
             ),
             None => None,
         };
-        let reopen = match cfg.audit_log {
-            Some(_) => Some(
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-                    .context("cannot listen for SIGUSR1")?,
-            ),
-            None => None,
-        };
+        // Always: a logrotate rule left behind after `audit.log` went
+        // from the config must not kill varco (SIGUSR1's default action).
+        let reopen = Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("cannot listen for SIGUSR1")?,
+        );
         let scheme = if cfg.server.tls.is_some() {
             "https"
         } else {

@@ -530,17 +530,20 @@ impl MemoryStore {
             // a crash before one (a line called, passes claimed, nobody new)
             // would pass for a clean stop, and every pass claimed since the
             // last snapshot be refused.
-            write_marks(&store, &path, now_ms, Duration::from_millis(5)).map_err(|e| {
-                format!(
-                    "store.snapshot: cannot write the ticket numbers ahead to {}: {e}",
-                    path.display()
-                )
-            })?;
+            // Failing, it is tried again by the writer (woken below), and
+            // serving goes on, as at any later failure.
+            let first = write_marks(&store, &path, now_ms, Duration::from_millis(5));
+            if let Err(e) = &first {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the ticket numbers ahead at the start; a crash now could pass for a clean stop");
+            }
             let (weak, writer_wake) = (Arc::downgrade(&store), wake.clone());
             std::thread::Builder::new()
                 .name("varco-marks".into())
                 .spawn(move || write_ahead(weak, writer_wake, path, now_ms))
                 .map_err(|e| format!("store.snapshot: cannot start the marks writer: {e}"))?;
+            if first.is_err() {
+                wake.wake();
+            }
         }
         Ok(store)
     }
@@ -1072,9 +1075,8 @@ mod tests {
         assert_eq!(store.room("r", &limits(None), 1_000).generation(), given);
     }
 
-    /// A snapshot that parses but does not hang together (a hand edit, a
-    /// flipped digit), or of another version, is refused with the file
-    /// named and left as it is; so is a snapshot whose folder is missing.
+    /// A second store on a snapshot another holds (a second varco on the
+    /// same file) is refused; once the first ends, it opens.
     #[tokio::test]
     async fn a_snapshot_in_use_by_another_varco_is_refused() {
         let snap = folder("in-use");
@@ -1091,6 +1093,9 @@ mod tests {
         );
     }
 
+    /// A snapshot that parses but does not hang together (a hand edit, a
+    /// flipped digit), or of another version, is refused with the file
+    /// named and left as it is; so is a snapshot whose folder is missing.
     #[tokio::test]
     async fn a_snapshot_that_does_not_hang_together_is_refused_and_kept() {
         let snap = folder("inconsistent");

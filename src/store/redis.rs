@@ -159,7 +159,8 @@ impl RedisStore {
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
             provisional: Blocks::default(),
-            calls: AtomicU64::new(0),
+            // From 1: 0 is what `Seen` holds before any answer.
+            calls: AtomicU64::new(1),
             view: Mutex::new(Seen::default()),
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
