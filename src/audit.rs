@@ -271,6 +271,10 @@ struct Chain {
     head: String,
     /// Per room: the serving counter already logged.
     logged: HashMap<String, u64>,
+    /// A rotation's head is on disk (see `Head`): it goes with the first
+    /// record written after it, or it would outlive its use (a log
+    /// removed by hand would go on from it, hiding what was removed).
+    head_left: bool,
 }
 
 /// The file at the log's path as a reader finds it: which file (a
@@ -340,6 +344,42 @@ fn read_end(path: &Path) -> std::io::Result<End> {
     Ok(end)
 }
 
+/// Where a rotation leaves the chain's head (`LOG.head`), for a start
+/// that finds the new file still empty.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Head {
+    seq: u64,
+    head: String,
+}
+
+fn head_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// The head a rotation left, if any; one that cannot be read is said and
+/// let be (the chain then begins anew, which `verify` names).
+fn read_head(log: &Path) -> Option<Head> {
+    let path = head_path(log);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the head a rotation left; the admission log begins a new chain");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Head>(&text) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the head a rotation left is not one; the admission log begins a new chain");
+            None
+        }
+    }
+}
+
 /// Opens the log at `path` for appending, creating it if need be; a new
 /// file's name is made durable too (its folder fsynced), or a crash could
 /// lose the file with every record in it.
@@ -380,7 +420,16 @@ impl AuditLog {
     /// Opens (or creates) the log and continues its chain (see
     /// [`read_end`]): a damaged log does not stop a start.
     pub fn open(path: &Path, node: &str) -> std::io::Result<AuditLog> {
-        let end = read_end(path)?;
+        let mut end = read_end(path)?;
+        let mut head_left = false;
+        if end.seq == 0 {
+            // Rotated away, with no record written since: the chain goes
+            // on from the head the rotation left, not from nothing.
+            if let Some(left) = read_head(path) {
+                (end.seq, end.head) = (left.seq, left.head);
+                head_left = true;
+            }
+        }
         let file = open_append(path)?;
         let extent = Extent {
             file: identity(&file)?,
@@ -394,6 +443,7 @@ impl AuditLog {
                 seq: end.seq,
                 head: end.head,
                 logged: end.logged,
+                head_left,
             }),
             extent: Mutex::new(extent),
         })
@@ -416,6 +466,18 @@ impl AuditLog {
             return Ok(Reopened::Same);
         }
         let end = read_end(&self.path)?;
+        if end.seq == 0 {
+            // The head goes on disk before the new file is used: a start
+            // before its first record continues the chain from it.
+            let c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+            let left = Head {
+                seq: c.seq,
+                head: c.head.clone(),
+            };
+            drop(c);
+            let bytes = serde_json::to_vec(&left).map_err(std::io::Error::other)?;
+            crate::store::write_atomically(&head_path(&self.path), &bytes)?;
+        }
         let file = open_append(&self.path)?;
         let extent = Extent {
             file: identity(&file)?,
@@ -423,6 +485,7 @@ impl AuditLog {
         };
         let mut c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         c.file = file;
+        c.head_left = end.seq == 0;
         if end.seq > 0 {
             (c.seq, c.head) = (end.seq, end.head);
         }
@@ -542,6 +605,15 @@ impl AuditLog {
         c.seq = r.seq;
         c.head = r.hash.clone();
         c.logged.insert(room.to_string(), serving);
+        if c.head_left {
+            c.head_left = false;
+            match std::fs::remove_file(head_path(&self.path)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(error = %e, "cannot remove the head a rotation left beside the admission log");
+                }
+                _ => {}
+            }
+        }
         self.extent.lock().unwrap_or_else(|e| e.into_inner()).len = before + line.len() as u64;
         Ok(Some(r))
     }
@@ -976,9 +1048,37 @@ mod tests {
         assert_eq!((b.file, b.line, b.seq), (2, 1, Some(1)), "{b}");
     }
 
-    /// A start with nothing at the log's path (after a rotation, before a
-    /// record was written) begins a new chain: the files still verify,
-    /// and the summary says where the chain began again. Only at a file's
+    /// A start after a rotation, before a record was written in the new
+    /// file, goes on from the head the rotation left: the files verify as
+    /// one chain.
+    #[test]
+    fn a_start_after_a_rotation_goes_on_from_the_head_it_left() {
+        let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
+        let old = path.with_extension("log.1");
+        let log = AuditLog::open(&path, "n").unwrap();
+        std::fs::rename(&path, &old).unwrap();
+        assert!(matches!(log.reopen().unwrap(), Reopened::Moved { next: 2 }));
+        drop(log);
+        let log = AuditLog::open(&path, "n").unwrap();
+        log.baseline("a", 5);
+        assert!(head_path(&path).exists());
+        let r = log.observe("a", 7, 9_000).unwrap().unwrap();
+        assert_eq!(r.seq, 2, "the chain goes on");
+        assert!(
+            !head_path(&path).exists(),
+            "used: gone with the first record"
+        );
+        let mut v = Verifier::new();
+        v.file(File::open(&old).unwrap()).unwrap();
+        v.file(File::open(&path).unwrap()).unwrap();
+        let s = v.summary();
+        assert_eq!((s.records, s.new_chains), (2, vec![]));
+        assert_eq!(s.admitted["a"], 7);
+    }
+
+    /// A start with nothing at the log's path and no head left (the log
+    /// removed by hand) begins a new chain: the files still verify, and
+    /// the summary says where the chain began again. Only at a file's
     /// start: within a file, a record 1 is a break.
     #[test]
     fn a_new_chain_may_begin_only_at_the_start_of_a_file() {
