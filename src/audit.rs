@@ -113,8 +113,9 @@ pub fn verify(reader: impl Read) -> Result<Summary, Break> {
 
 /// Checks a log kept in several files (rotated), oldest first, as one
 /// chain: each file goes on from the record before it. A later file may
-/// also begin a new chain at record 1 (varco started after a rotation,
-/// with no log at its path), which the summary names.
+/// also begin a new chain at record 1 (varco started with no log at its
+/// path and no head a rotation left: the log removed by hand), which the
+/// summary names.
 pub struct Verifier {
     head: String,
     expected_seq: u64,
