@@ -1039,6 +1039,7 @@ impl App {
             config.upstream.response_timeout,
             config.server.max_body_size,
             config.server.trusted_proxies.clone(),
+            config.server.client_address_header,
         );
         let buffer = RequestBuffer::new(
             BufferLimits {
@@ -1058,6 +1059,7 @@ impl App {
             self.clock.clone(),
             gateway::Settings {
                 trusted_proxies: config.server.trusted_proxies.clone(),
+                client_header: config.server.client_address_header,
                 access_log: config.log.access,
                 request_id: config.server.request_id,
                 request_id_from_proxies: config.server.request_id_from_proxies,

@@ -47,6 +47,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     clock: SharedClock,
     trusted_proxies: Vec<IpNet>,
+    client_header: crate::proxy::headers::ClientHeader,
     access_log: bool,
     /// `server.request_id`: None when off.
     request_ids: Option<RequestIds>,
@@ -96,6 +97,8 @@ impl Asked<'_> {
 /// What the gateway follows of `[server]` and `[log]`.
 pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
+    /// `server.client_address_header`.
+    pub client_header: crate::proxy::headers::ClientHeader,
     /// `log.access`.
     pub access_log: bool,
     /// `server.request_id`.
@@ -120,6 +123,7 @@ impl Gateway {
             metrics,
             clock,
             trusted_proxies: settings.trusted_proxies,
+            client_header: settings.client_header,
             access_log: settings.access_log,
             request_ids: settings.request_id.then(RequestIds::new),
             request_id_from_proxies: settings.request_id_from_proxies,
@@ -326,7 +330,7 @@ impl Handler for Gateway {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-            client: conn.client(req.headers(), &self.trusted_proxies),
+            client: conn.client(req.headers(), &self.trusted_proxies, self.client_header),
         });
         let mut record = Record {
             started,
@@ -417,7 +421,7 @@ impl Gateway {
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
                 Some(logged) => logged.client,
-                None => conn.client(req.headers(), &self.trusted_proxies),
+                None => conn.client(req.headers(), &self.trusted_proxies, self.client_header),
             };
             match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
                 Ok(Gate::Proxy {
@@ -702,7 +706,15 @@ impl Gateway {
         if !conn.forwards(&self.trusted_proxies) {
             return false;
         }
-        match req.headers().get(&X_FORWARDED_PROTO) {
+        // A balancer that writes `Forwarded` and passes the client's own
+        // X-Forwarded-Proto on: only its word counts.
+        let proto = match self.client_header {
+            crate::proxy::headers::ClientHeader::XForwardedFor => {
+                req.headers().get(&X_FORWARDED_PROTO)
+            }
+            crate::proxy::headers::ClientHeader::Forwarded => None,
+        };
+        match proto {
             Some(v) => crate::proxy::headers::first_element(v).eq_ignore_ascii_case(b"https"),
             // RFC 7239's `Forwarded: for=...;proto=https`, from a balancer
             // that sends only that.
@@ -722,7 +734,8 @@ impl Gateway {
                     .and_then(|name| self.routing.load().room(name).cloned());
                 match room {
                     Some(room) => {
-                        let ip = conn.client(req.headers(), &self.trusted_proxies);
+                        let ip =
+                            conn.client(req.headers(), &self.trusted_proxies, self.client_header);
                         gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
                     }
                     None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),

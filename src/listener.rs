@@ -55,11 +55,16 @@ impl ConnInfo {
 
     /// The client, as every rule sees it: the peer, or whom the trusted
     /// proxies it forwards for name.
-    pub fn client(&self, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    pub fn client(
+        &self,
+        headers: &http::HeaderMap,
+        trusted: &[ipnet::IpNet],
+        from: crate::proxy::headers::ClientHeader,
+    ) -> IpAddr {
         if self.anonymous {
             return self.peer.ip();
         }
-        crate::proxy::headers::client_ip(headers, self.peer.ip(), trusted)
+        crate::proxy::headers::client_ip_from(headers, self.peer.ip(), trusted, from)
     }
 }
 

@@ -413,6 +413,10 @@ fn each_bad_value_names_its_key() {
         ("[server]\nworkers = 5000\n", "server.workers"),
         // Anyone could name any client.
         ("[server]\nproxy_protocol = true\n", "server.proxy_protocol"),
+        (
+            "[server]\nclient_address_header = \"x-real-ip\"\n",
+            "server.client_address_header",
+        ),
         // hyper reserves a slot per header on every request.
         ("[server]\nmax_headers = 1000000\n", "server.max_headers"),
         (

@@ -228,6 +228,52 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
 }
 
+/// A balancer that writes `Forwarded` and passes the client's own
+/// `X-Forwarded-For` on (HAProxy's `option forwarded`): by default varco
+/// reads `X-Forwarded-For` first, and a client naming a bypass range there
+/// skips a closed room. With `client_address_header = "forwarded"` only
+/// the balancer's word counts, and the portal gets it, not the client's.
+#[tokio::test]
+async fn client_address_header_forwarded_reads_only_the_balancers_word() {
+    let up = upstream::spawn().await;
+    let config = |header: &str| {
+        format!(
+            "[secrets]\nephemeral = true\n[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{header}\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmode = \"closed\"\n\
+             bypass = {{ cidrs = [\"10.0.0.0/8\"] }}\n",
+            up.addr
+        )
+    };
+    let ask = |v: &Varco, client: &str| {
+        Request::get(v.url("/echo"))
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-proto", "http")
+            .header("forwarded", format!("for={client};proto=https"))
+            .body(body::empty())
+            .unwrap()
+    };
+    let default = Varco::start(&config("")).await;
+    assert_eq!(
+        send(ask(&default, "198.51.100.7")).await.status,
+        200,
+        "by default the client's X-Forwarded-For is read, as documented"
+    );
+    let v = Varco::start(&config("client_address_header = \"forwarded\"")).await;
+    assert_eq!(
+        send(ask(&v, "198.51.100.7")).await.status,
+        503,
+        "the room is closed to 198.51.100.7, whatever its X-Forwarded-For says"
+    );
+    let got = send(ask(&v, "10.0.0.9")).await;
+    assert_eq!(got.status, 200, "the balancer names an operator");
+    let h = &got.json()["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        serde_json::json!(["10.0.0.9, 127.0.0.1"])
+    );
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
+}
+
 /// A balancer passes the client's own `X-Forwarded-Host` and `Forwarded:
 /// host=` on: the portal must not read a host varco did not route and gate
 /// by (another room's, past this one's line). A balancer that sends only

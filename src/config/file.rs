@@ -250,6 +250,9 @@ pub struct RawServer {
     pub tls: Option<RawTlsList>,
     /// Peers whose X-Forwarded-* headers are believed (load balancers).
     pub trusted_proxies: Vec<String>,
+    /// Which header `trusted_proxies` name the client in:
+    /// `x-forwarded-for` or `forwarded`.
+    pub client_address_header: String,
     /// The public listener expects a PROXY protocol header (v1 or v2)
     /// from each connection, sent by one of `trusted_proxies`.
     pub proxy_protocol: bool,
@@ -285,6 +288,7 @@ impl Default for RawServer {
             workers: 0,
             tls: None,
             trusted_proxies: Vec::new(),
+            client_address_header: "x-forwarded-for".into(),
             proxy_protocol: false,
             assume_https: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,

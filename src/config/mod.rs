@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub workers: usize,
     pub tls: Option<TlsConfig>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Which header a trusted proxy names the client in.
+    pub client_address_header: crate::proxy::headers::ClientHeader,
     /// Each public connection starts with a PROXY protocol header from
     /// one of `trusted_proxies`.
     pub proxy_protocol: bool,

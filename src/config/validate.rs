@@ -366,6 +366,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         }),
         request_id: s.request_id,
         request_id_from_proxies: s.request_id_from_proxies,
+        client_address_header: match s.client_address_header.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => crate::proxy::headers::ClientHeader::XForwardedFor,
+            "forwarded" => crate::proxy::headers::ClientHeader::Forwarded,
+            other => {
+                p.add(
+                    "server.client_address_header",
+                    format!("\"{other}\" is neither \"x-forwarded-for\" nor \"forwarded\""),
+                );
+                crate::proxy::headers::ClientHeader::default()
+            }
+        },
     };
 
     let u = &raw.upstream;

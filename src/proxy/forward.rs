@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::buffer::{ClientBody, Sendable};
 use super::client::{Answered, SharedClient};
 use super::headers::{
-    announced_trailers, filter_trailers, is_websocket_upgrade, set_forwarded, strip_hop_by_hop,
+    announced_trailers, filter_trailers, is_websocket_upgrade, set_forwarded_from, strip_hop_by_hop,
 };
 use super::timeout::{Taken, TimedBody, Watched};
 use super::ProxyError;
@@ -36,6 +36,7 @@ pub struct Forwarder {
     response_timeout: Duration,
     max_body_size: u64,
     trusted_proxies: Vec<IpNet>,
+    client_header: crate::proxy::headers::ClientHeader,
 }
 
 /// Set once the client a request is forwarded for has gone away (its
@@ -93,12 +94,14 @@ impl Forwarder {
         response_timeout: Duration,
         max_body_size: u64,
         trusted_proxies: Vec<IpNet>,
+        client_header: crate::proxy::headers::ClientHeader,
     ) -> Self {
         Forwarder {
             client,
             response_timeout,
             max_body_size,
             trusted_proxies,
+            client_header,
         }
     }
 
@@ -165,7 +168,14 @@ impl Forwarder {
         let request_id = crate::request_id::text(request_id);
         let trusted = conn.forwards(&self.trusted_proxies);
         let proto = if conn.tls { "https" } else { "http" };
-        set_forwarded(&mut headers, conn.peer.ip(), trusted, proto, host.as_ref());
+        set_forwarded_from(
+            &mut headers,
+            conn.peer.ip(),
+            trusted,
+            proto,
+            host.as_ref(),
+            self.client_header,
+        );
         match (&host, room.config.preserve_host) {
             (Some(h), true) => {
                 headers.insert(HOST, h.clone());

@@ -234,6 +234,20 @@ fn forwarded_hops(headers: &HeaderMap) -> Vec<String> {
 /// `X-Forwarded-Host` is always the host varco routed and gated by, and a
 /// trusted proxy's `Forwarded` is written again from what the others say:
 /// a portal reading any of them reads what varco read.
+/// Which header a trusted balancer names the client in
+/// (`server.client_address_header`, as nginx's `real_ip_header`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientHeader {
+    /// `X-Forwarded-For` (and `-Proto`); RFC 7239's `Forwarded` only when
+    /// the balancer sends no `X-Forwarded-For`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239's `Forwarded` alone: a balancer that writes it and passes
+    /// the client's own `X-Forwarded-For` and `-Proto` on as they came
+    /// (HAProxy's `option forwarded`), which are then replaced.
+    Forwarded,
+}
+
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -241,12 +255,36 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
+    set_forwarded_from(
+        headers,
+        peer,
+        trusted_peer,
+        proto,
+        host,
+        ClientHeader::XForwardedFor,
+    )
+}
+
+/// [`set_forwarded`], reading a trusted balancer's word from `from`.
+pub fn set_forwarded_from(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+    from: ClientHeader,
+) {
     let peer_ip = canonical(peer);
     let peer = address_text(peer_ip);
     // From every peer: a balancer in front passes the client's own on.
     remove_where(headers, |name| is_a_rewritten_path(name.as_str()));
     if trusted_peer {
         remove_where(headers, is_underscore_twin);
+        if from == ClientHeader::Forwarded {
+            // The client's own, passed on beside the balancer's word.
+            headers.remove(&X_FORWARDED_FOR);
+            headers.remove(&X_FORWARDED_PROTO);
+        }
         // As sent, bytes past ASCII too: a line dropped for one of them
         // would drop the addresses the proxies added after it.
         let mut chain: Vec<u8> = Vec::new();
@@ -459,18 +497,31 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 /// port (`192.0.2.7:50123`, `[2001:db8::1]:443`), as some load balancers
 /// write them, are read without it.
 pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    client_ip_from(headers, peer, trusted, ClientHeader::XForwardedFor)
+}
+
+/// [`client_ip`], reading a trusted balancer's word from `from`.
+pub fn client_ip_from(
+    headers: &HeaderMap,
+    peer: IpAddr,
+    trusted: &[IpNet],
+    from: ClientHeader,
+) -> IpAddr {
     if !is_trusted(peer, trusted) {
         return canonical(peer);
     }
     // Split as bytes: a byte past ASCII spoils its own entry (where the
     // walk stops), not the line a balancer extended with the real address.
-    let hops: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        // Empty elements are no entry (RFC 9110, 5.6.1): `a, b,` is `a, b`.
-        .filter(|hop| !hop.trim_ascii().is_empty())
-        .collect();
+    let hops: Vec<&[u8]> = match from {
+        ClientHeader::XForwardedFor => headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            // Empty elements are no entry (RFC 9110, 5.6.1): `a, b,` is `a, b`.
+            .filter(|hop| !hop.trim_ascii().is_empty())
+            .collect(),
+        ClientHeader::Forwarded => Vec::new(),
+    };
     // A balancer that sends only RFC 7239's `Forwarded` (HAProxy's
     // `option forwarded`): its `for=` hops, read the same way, or every
     // person would share the balancer's per-address budget.
