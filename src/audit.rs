@@ -721,30 +721,34 @@ impl Writer {
     /// Waits until every write asked for before has landed or failed: for
     /// a reader that wants the log as the ticks left it.
     pub async fn settled(&self) {
-        let (done, landed) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |_| {
-            let _ = done.send(());
-        });
-        if self.send(job) {
-            let _ = landed.await;
-        }
+        self.on_thread(|_| ()).await;
     }
 
     /// [`AuditLog::reopen`] on the writer's thread, after the writes
     /// asked for before it (a hung disk holds it up as long as them).
     pub async fn reopen(&self) -> std::io::Result<Reopened> {
+        self.on_thread(|log| log.reopen()).await.unwrap_or_else(|| {
+            Err(std::io::Error::other(
+                "the admission log's writer has ended, or failed reopening",
+            ))
+        })
+    }
+
+    /// Runs `f` on the writer's thread, after every job asked for before
+    /// it, and waits for its answer; None if the thread has ended (or `f`
+    /// panicked).
+    async fn on_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AuditLog) -> T + Send + 'static,
+    ) -> Option<T> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |log| {
-            let _ = answer.send(log.reopen());
+            let _ = answer.send(f(log));
         });
         if !self.send(job) {
-            return Err(std::io::Error::other(
-                "the admission log's writer has ended",
-            ));
+            return None;
         }
-        answered
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("reopening the admission log failed")))
+        answered.await.ok()
     }
 
     /// Hands `job` to the writer's thread; false if it has ended.
@@ -809,6 +813,13 @@ mod tests {
             }
         }
         (dir, path)
+    }
+
+    /// Bytes put at the end of the log, as other hands (or a write cut
+    /// short) would leave them.
+    fn append(path: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(bytes).unwrap();
     }
 
     mod tempdir {
@@ -969,9 +980,7 @@ mod tests {
     #[test]
     fn a_log_that_is_not_utf8_does_not_stop_a_start() {
         let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"\xff\xfe not a record\n").unwrap();
-        drop(f);
+        append(&path, b"\xff\xfe not a record\n");
         let log = AuditLog::open(&path, "n").unwrap();
         let r = log.observe("a", 9, 5_000).unwrap().unwrap();
         assert_eq!((r.seq, r.from, r.to), (2, 6, 9), "the chain goes on");
@@ -982,9 +991,7 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_dropped_at_open() {
         let (_d, path) = log_with(&[("a", 0), ("a", 5), ("a", 9)]);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"seq\":3,\"room\":\"a\",\"fr").unwrap();
-        drop(f);
+        append(&path, b"{\"seq\":3,\"room\":\"a\",\"fr");
         // Not a break: being written, or cut short by a crash.
         let s = verify(File::open(&path).unwrap()).unwrap();
         assert_eq!((s.records, s.unfinished), (2, Some((1, 3))));
@@ -1107,9 +1114,7 @@ mod tests {
     #[test]
     fn an_unfinished_line_before_another_file_is_a_break() {
         let (_d, path) = log_with(&[("a", 0), ("a", 5)]);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"seq\":2,").unwrap();
-        drop(f);
+        append(&path, b"{\"seq\":2,");
         let mut v = Verifier::new();
         v.file(File::open(&path).unwrap()).unwrap();
         let b = v.file(&b""[..]).unwrap_err();

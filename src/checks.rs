@@ -238,16 +238,23 @@ fn export(path: &Path) -> Outcome {
 mod tests {
     use super::*;
 
-    /// After a rotation the file at the log's path begins past record 1:
-    /// it is exported all the same, and a broken one still is not.
-    #[test]
-    fn a_rotated_log_is_exported_from_where_it_goes_on() {
-        let dir = std::env::temp_dir().join(format!("varco-export-rotated-{}", std::process::id()));
+    /// A folder of its own for test `name`, and an admission log in it
+    /// whose first record admitted room `a`'s 1 to 5.
+    fn logged_to_5(name: &str) -> (std::path::PathBuf, std::path::PathBuf, audit::AuditLog) {
+        let dir = std::env::temp_dir().join(format!("varco-export-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("admissions.log");
         let log = audit::AuditLog::open(&path, "node-a").unwrap();
         log.baseline("a", 0);
         log.observe("a", 5, 1_000).unwrap();
+        (dir, path, log)
+    }
+
+    /// After a rotation the file at the log's path begins past record 1:
+    /// it is exported all the same, and a broken one still is not.
+    #[test]
+    fn a_rotated_log_is_exported_from_where_it_goes_on() {
+        let (dir, path, log) = logged_to_5("rotated");
         std::fs::rename(&path, dir.join("admissions.log.1")).unwrap();
         log.reopen().unwrap();
         log.observe("a", 9, 2_000).unwrap();
@@ -265,12 +272,7 @@ mod tests {
 
     #[test]
     fn a_record_being_written_is_not_exported_nor_a_broken_chain() {
-        let dir = std::env::temp_dir().join(format!("varco-export-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("admissions.log");
-        let log = audit::AuditLog::open(&path, "node-a").unwrap();
-        log.baseline("a", 0);
-        log.observe("a", 5, 1_000).unwrap();
+        let (dir, path, log) = logged_to_5("written");
         log.observe("a", 9, 2_000).unwrap();
         let whole = std::fs::read_to_string(&path).unwrap();
         assert_eq!(whole.lines().count(), 2, "two records: {whole}");

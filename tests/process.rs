@@ -528,6 +528,22 @@ async fn snapshot_taken(dir: &std::path::Path) {
     }
 }
 
+/// The same person (their cookies) at another process, a restart's.
+fn moved(c: &Citizen, p: &Process) -> Citizen {
+    let mut n = Citizen::new(p.addr);
+    n.jar = c.jar.clone();
+    n
+}
+
+/// Until `c`'s turn is called, failing after 10 s.
+async fn until_admitted(c: &mut Citizen) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.status("portal").await["state"] != "admitted" {
+        assert!(std::time::Instant::now() < deadline, "never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// kill -9: a crash, no last snapshot; returns once the process is gone.
 async fn killed(mut p: Process) {
     p.signal("KILL");
@@ -572,13 +588,8 @@ async fn a_crash_hands_nobodys_place_to_somebody_else() {
     );
 
     let p = Process::start(&cfg);
-    let moved = |c: &Citizen| {
-        let mut n = Citizen::new(p.addr);
-        n.jar = c.jar.clone();
-        n
-    };
-    let mut first = moved(&first);
-    let mut line: Vec<Citizen> = line.iter().map(moved).collect();
+    let mut first = moved(&first, &p);
+    let mut line: Vec<Citizen> = line.iter().map(|c| moved(c, &p)).collect();
     let got = first.get("/").await;
     assert!(
         got.reached_upstream(),
@@ -634,20 +645,12 @@ async fn a_session_lost_in_a_crash_keeps_its_place_in_line() {
     assert!(second.get("/").await.is_waiting_page());
     let number = second.status("portal").await["ticket"].as_u64().unwrap();
     assert_eq!(first.get("/release").await.json()["upstream"], "released");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while second.status("portal").await["state"] != "admitted" {
-        assert!(std::time::Instant::now() < deadline, "never called");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_admitted(&mut second).await;
     assert!(second.get("/").await.reached_upstream(), "called, in");
     killed(p).await;
 
     let p = Process::start(&cfg);
-    let mut second = {
-        let mut c = Citizen::new(p.addr);
-        c.jar = second.jar.clone();
-        c
-    };
+    let mut second = moved(&second, &p);
     // Number 1 is called again after the restart and holds the one place
     // for its claim window: number 2's session has nowhere to go.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -719,19 +722,10 @@ async fn a_crash_after_a_clean_restart_is_still_a_crash() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(marks.exists(), "the marks are written at the start");
-    let moved = |c: &Citizen, p: &Process| {
-        let mut n = Citizen::new(p.addr);
-        n.jar = c.jar.clone();
-        n
-    };
     let mut first = moved(&first, &p);
     let mut second = moved(&second, &p);
     assert_eq!(first.get("/release").await.json()["upstream"], "released");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while second.status("portal").await["state"] != "admitted" {
-        assert!(std::time::Instant::now() < deadline, "never called");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_admitted(&mut second).await;
     assert!(second.get("/").await.reached_upstream(), "called, in");
     killed(p).await;
 

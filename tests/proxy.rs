@@ -1500,26 +1500,32 @@ async fn a_paused_upload_is_not_the_portals_delay() {
     );
 }
 
-/// An answer framed both ways (chunked and a Content-Length, the shape of
-/// response smuggling) reaches the client whole, by its chunks.
-#[tokio::test]
-async fn an_answer_with_chunks_and_a_length_is_taken_by_its_chunks() {
+/// An upstream that sends, to each request, the bytes `answer` gives for
+/// its head (a shape hyper's server would never write), then closes.
+async fn answering(answer: fn(&str) -> &'static [u8]) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let _ = read_head(&mut s).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
-                          b\r\nhello world\r\n0\r\n\r\n",
-                    )
-                    .await;
+                let head = read_head(&mut s).await;
+                let _ = s.write_all(answer(&head)).await;
                 let _ = s.shutdown().await;
             });
         }
     });
+    addr
+}
+
+/// An answer framed both ways (chunked and a Content-Length, the shape of
+/// response smuggling) reaches the client whole, by its chunks.
+#[tokio::test]
+async fn an_answer_with_chunks_and_a_length_is_taken_by_its_chunks() {
+    let addr = answering(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
+          b\r\nhello world\r\n0\r\n\r\n"
+    })
+    .await;
     let v = Varco::start(&room_config(&[addr], "")).await;
     let got = get(&v.url("/")).await;
     assert_eq!(got.status, 200);
@@ -1537,22 +1543,14 @@ async fn an_answer_with_chunks_and_a_length_is_taken_by_its_chunks() {
 /// could not read it back, and the client got an empty reply.
 #[tokio::test]
 async fn an_answer_with_its_length_said_twice_reaches_the_client() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let head = read_head(&mut s).await;
-                let answer: &[u8] = if head.contains("/list") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
-                };
-                let _ = s.write_all(answer).await;
-                let _ = s.shutdown().await;
-            });
+    let addr = answering(|head| {
+        if head.contains("/list") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
         }
-    });
+    })
+    .await;
     let v = Varco::start(&room_config(&[addr], "")).await;
     for path in ["/list", "/twice"] {
         let got = get(&v.url(path)).await;

@@ -367,12 +367,9 @@ mod tests {
     use super::{kept, share, split, within, Lane};
     use crate::room::admission::{Limits, Mode};
 
-    /// An unsigned lane's secret counts in any field of its header, as the
-    /// bypass's does: a balancer that adds it appends it after the
-    /// client's own.
-    #[test]
-    fn a_lane_secret_appended_after_the_clients_field_selects() {
-        let room = Limits {
+    /// A room of ten places, no rate.
+    fn ten_places() -> Limits {
+        Limits {
             per_minute: None,
             max_active: Some(10),
             claim_window_ms: 60_000,
@@ -380,7 +377,15 @@ mod tests {
             opens_at_ms: None,
             mode: Mode::Queue,
             ticket_ttl_ms: 0,
-        };
+        }
+    }
+
+    /// An unsigned lane's secret counts in any field of its header, as the
+    /// bypass's does: a balancer that adds it appends it after the
+    /// client's own.
+    #[test]
+    fn a_lane_secret_appended_after_the_clients_field_selects() {
+        let room = ten_places();
         let store = crate::store::memory::MemoryStore::open(None, 0).unwrap();
         let name = http::HeaderName::from_static("x-b");
         let config = crate::config::LaneConfig {
@@ -405,15 +410,7 @@ mod tests {
     /// their part of the places free is what the tick is taking.
     #[test]
     fn while_one_lane_ticks_the_others_keep_to_what_they_hold() {
-        let room = Limits {
-            per_minute: None,
-            max_active: Some(10),
-            claim_window_ms: 60_000,
-            tick_ms: 1_000,
-            opens_at_ms: None,
-            mode: Mode::Queue,
-            ticket_ttl_ms: 0,
-        };
+        let room = ten_places();
         let store = crate::store::memory::MemoryStore::open(None, 0).unwrap();
         let lanes = [
             Lane::new(None, store.room("a", &room, 0)),
