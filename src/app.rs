@@ -1184,44 +1184,61 @@ async fn tick_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 }
 
 /// SIGHUP reloads the config file, as nginx and HAProxy do.
-async fn reload_on_sighup(app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
+async fn reload_on_sighup(app: Arc<App>, stop: watch::Receiver<bool>) {
     let installed = app.hangup.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(mut hup) = installed.or_else(|| signal(SignalKind::hangup()).ok()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload through the admin API");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {}
-            _ = stop.changed() => return,
-        }
-        // A panic would end this loop, and every later SIGHUP go unheard.
-        if AssertUnwindSafe(app.reload_by("SIGHUP"))
-            .catch_unwind()
-            .await
-            .is_err()
-        {
-            tracing::error!("the reload panicked (a bug: please report it)");
-        }
-    }
+    on_signal(
+        installed,
+        tokio::signal::unix::SignalKind::hangup(),
+        "cannot listen for SIGHUP; reload through the admin API",
+        "the reload",
+        stop,
+        || app.reload_by("SIGHUP"),
+    )
+    .await;
 }
 
 /// SIGUSR1 reopens the admission log, as it makes nginx reopen its logs:
 /// after logrotate renamed it, the records go to a new file at its path.
-async fn reopen_on_sigusr1(app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
+async fn reopen_on_sigusr1(app: Arc<App>, stop: watch::Receiver<bool>) {
     let installed = app.reopen.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(mut usr1) = installed.or_else(|| signal(SignalKind::user_defined1()).ok()) else {
-        tracing::warn!("cannot listen for SIGUSR1: the admission log cannot be reopened");
+    on_signal(
+        installed,
+        tokio::signal::unix::SignalKind::user_defined1(),
+        "cannot listen for SIGUSR1: the admission log cannot be reopened",
+        "reopening the admission log",
+        stop,
+        || app.reopen_audit_log(),
+    )
+    .await;
+}
+
+/// Runs `act` at each signal of `kind` (on the stream the caller
+/// installed, if any) until told to stop. A panic in `act` is told and
+/// the loop goes on: ended, every later signal would go unheard, and,
+/// its handler still installed, would not even kill.
+async fn on_signal<F, Fut>(
+    installed: Option<tokio::signal::unix::Signal>,
+    kind: tokio::signal::unix::SignalKind,
+    unheard: &str,
+    what: &str,
+    mut stop: watch::Receiver<bool>,
+    act: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future,
+{
+    let Some(mut signals) = installed.or_else(|| tokio::signal::unix::signal(kind).ok()) else {
+        tracing::warn!("{unheard}");
         return;
     };
     loop {
         tokio::select! {
-            _ = usr1.recv() => {}
+            _ = signals.recv() => {}
             _ = stop.changed() => return,
         }
-        app.reopen_audit_log().await;
+        if AssertUnwindSafe(act()).catch_unwind().await.is_err() {
+            tracing::error!("{what} panicked (a bug: please report it)");
+        }
     }
 }
 
