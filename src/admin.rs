@@ -471,7 +471,7 @@ impl Handler for Admin {
                     target: "varco::audit",
                     peer = %conn.peer,
                     method = %req.method(),
-                    path,
+                    path = logged_path(path),
                     presented,
                     "admin API request refused: no token it knows"
                 );

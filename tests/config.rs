@@ -203,6 +203,88 @@ fn a_short_admin_token_names_where_it_came_from() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A token or secret anyone could guess is refused, however long:
+/// one character or a few, or one piece over and over; and one with a
+/// character a header does not carry as written, which could never match.
+/// Generated ones pass.
+#[test]
+fn guessable_tokens_and_secrets_are_refused() {
+    for (token, says) in [
+        ("0000000000000000000000", "only 1 different"),
+        ("abababababababababab", "only 2 different"),
+        ("changemechangemechangeme", "\"changeme\" over and over"),
+        ("passwordpassword", "\"password\" over and over"),
+        ("a-long-token with-a-space", "a space"),
+        ("pässwörd-sëcret-01234", "past ASCII"),
+        ("x7Qk", "shorter than 16"),
+    ] {
+        std::env::set_var("VARCO_TEST_GUESSABLE_ADMIN", format!("ops:{token}"));
+        let e = errors(&format!(
+            "[admin]\ntokens_env = \"VARCO_TEST_GUESSABLE_ADMIN\"\n{ROOM}"
+        ));
+        assert!(
+            e.names("admin.tokens_env") && e.to_string().contains(says),
+            "{token}: {e}"
+        );
+        assert!(!e.to_string().contains(token), "the token said: {e}");
+        std::env::set_var("VARCO_TEST_GUESSABLE_BYPASS", token);
+        let e = errors(&format!(
+            "{ROOM}bypass = {{ header = \"X-B\", secret_env = \"VARCO_TEST_GUESSABLE_BYPASS\" }}\n"
+        ));
+        assert!(
+            e.names("rooms.portal.bypass") && e.to_string().contains(says),
+            "{token}: {e}"
+        );
+    }
+    for token in [
+        "MDEyMzQ1Njc4OWFiY2RlZjAx",
+        "3f9a0c71e2b48d56",
+        "an-example-token-for-tests",
+    ] {
+        std::env::set_var("VARCO_TEST_GUESSABLE_ADMIN", format!("ops:{token}"));
+        let toml = format!("[admin]\ntokens_env = \"VARCO_TEST_GUESSABLE_ADMIN\"\n{ROOM}");
+        assert!(
+            Config::from_toml(&toml, Path::new(".")).is_ok(),
+            "{token} refused"
+        );
+    }
+}
+
+/// A tokens or keys file toml cannot read is named with the line, not
+/// quoted: the line holds a secret, and the error goes to the journal and
+/// a refused reload's answer.
+#[test]
+fn a_secrets_file_that_does_not_parse_is_not_quoted() {
+    let dir = std::env::temp_dir().join(format!("varco-secret-quote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    const SECRET: &str = "Zq8vN1-a-real-token-3xK";
+    std::fs::write(
+        dir.join("tokens.toml"),
+        format!("[[tokens]]\nid = \"ops\"\ntokne = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        format!("[[keys]]\nid = \"k1\"\nsecret = {SECRET}\n"),
+    )
+    .unwrap();
+    for (toml, key) in [
+        (
+            "[admin]\ntokens_file = \"tokens.toml\"\n",
+            "admin.tokens_file",
+        ),
+        ("[secrets]\nkey_file = \"keys.toml\"\n", "secrets.key_file"),
+    ] {
+        let Err(e) = Config::from_toml(&format!("{toml}{ROOM}"), &dir) else {
+            panic!("accepted: {toml}");
+        };
+        assert!(e.names(key), "{e}");
+        assert!(e.to_string().contains("line 3"), "{e}");
+        assert!(!e.to_string().contains(SECRET), "the secret said: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The audit log names who acted by the id of the token presented: a
 /// token without an id, an id for two tokens or a token for two ids is
 /// refused; a token written with spaces around it in the file is read
@@ -441,6 +523,11 @@ fn each_bad_value_names_its_key() {
         ),
         (
             "[server]\ntrusted_proxies = [\"10.0.0.0/99\"]\n",
+            "server.trusted_proxies[0]",
+        ),
+        // Anyone could name any client.
+        (
+            "[server]\ntrusted_proxies = [\"0.0.0.0/0\"]\n",
             "server.trusted_proxies[0]",
         ),
         (
@@ -834,6 +921,15 @@ fn bad_waiting_room_keys_name_their_keys() {
         ),
         (
             "bypass = { cidrs = [\"nope\"] }\n",
+            "rooms.portal.bypass.cidrs[0]",
+        ),
+        // Everyone let through: the gate taken off by a slip.
+        (
+            "bypass = { cidrs = [\"10.0.0.0/8\", \"0.0.0.0/0\"] }\n",
+            "rooms.portal.bypass.cidrs[1]",
+        ),
+        (
+            "bypass = { cidrs = [\"::/0\"] }\n",
             "rooms.portal.bypass.cidrs[0]",
         ),
         (

@@ -859,7 +859,7 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             assert!(!line.contains(TOKEN), "a token in the log: {line}");
-            if line.contains("\"varco::admin\"") {
+            if line.contains("\"varco::admin\"") || line.contains("request refused") {
                 let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
             }
         }
@@ -911,6 +911,20 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
     let third = next(&mut admin).await;
     assert_eq!(third["path"], "/api/receipts/…", "{third}");
     assert!(!third.to_string().contains("c2lnbmF0dXJl"), "{third}");
+    // Nor when the token is refused: the ticket is the asker's all the
+    // same.
+    let wrong = Request::get(format!("http://{}/api/receipts/{ticket}", p.admin))
+        .header("authorization", "Bearer not-a-token-varco-knows")
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(send(wrong).await.status, 401);
+    let refused = next(&mut admin).await;
+    assert_eq!(
+        refused["message"], "admin API request refused: no token it knows",
+        "{refused}"
+    );
+    assert_eq!(refused["path"], "/api/receipts/…", "{refused}");
+    assert!(!refused.to_string().contains("c2lnbmF0dXJl"), "{refused}");
 }
 
 /// logrotate's way with the admission log: renamed, then SIGUSR1. The

@@ -489,7 +489,7 @@ fn toml_error_key(path: &serde_path_to_error::Path, text: &str, e: &toml::de::Er
         .unwrap_or_else(|| "(syntax)".to_string())
 }
 
-fn location(text: &str, e: &toml::de::Error) -> String {
+pub(crate) fn location(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;

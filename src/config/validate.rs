@@ -1181,14 +1181,26 @@ fn parse_adaptive(
 }
 
 /// A CIDR ("10.0.0.0/8") or a single address ("192.0.2.7").
+/// An address or network that names some machines: `0.0.0.0/0` (or
+/// `::/0`) is refused, for every list it could go in says who is trusted
+/// or let through: as a bypass it takes the room's gate off for everyone,
+/// in `trusted_proxies` it lets anyone name any client (a bypass address,
+/// another's limit).
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
+    let net = text
+        .parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| {
             format!(
                 "\"{text}\" is not an address or CIDR: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""
             )
-        })
+        })?;
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "\"{text}\" covers every address, so it would trust or let through anyone: name the networks meant"
+        ));
+    }
+    Ok(net)
 }
 
 /// The certificates of a PEM file of roots (a private CA).
@@ -1299,13 +1311,8 @@ fn parse_bypass(
         }
         (None, None) => None,
     };
-    if let Some(s) = &secret {
-        if s.len() < 16 {
-            p.add(
-                key(table),
-                "the secret is shorter than 16 characters: anyone could guess it",
-            );
-        }
+    if let Some(problem) = secret.as_deref().and_then(guessable) {
+        p.add(key(table), format!("the secret {problem}"));
     }
     let header = match (&b.header, secret) {
         (Some(h), Some(s)) => match http::HeaderName::from_bytes(h.as_bytes()) {
@@ -1335,6 +1342,59 @@ fn parse_bypass(
         (None, None) => None,
     };
     Bypass { cidrs, header }
+}
+
+/// Why a bypass secret, lane secret or admin token is no secret, if it
+/// is not: short; with a character a header does not carry as written
+/// (a space, a letter past ASCII: `caller` reads a token as ASCII, so
+/// such a token could never match); few different characters
+/// (`0000000000000000`); or one piece said over and over
+/// (`changemechangeme`). A generated one passes: 16 random hex digits
+/// have 5 different ones or more but for a chance of one in two million.
+pub(crate) fn guessable(secret: &str) -> Option<String> {
+    const HOW: &str = "make one with `head -c 24 /dev/urandom | base64`";
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() < 16 {
+        return Some(format!(
+            "is shorter than 16 characters: anyone could guess it; {HOW}"
+        ));
+    }
+    // The character itself is not said: it is part of the secret.
+    if let Some(c) = chars.iter().find(|c| !c.is_ascii_graphic()) {
+        let what = if c.is_ascii() {
+            "a space or a control character"
+        } else {
+            "a character past ASCII"
+        };
+        return Some(format!(
+            "holds {what}: only visible ASCII characters arrive in a header as written; {HOW}"
+        ));
+    }
+    let mut seen = chars.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() < 5 {
+        return Some(format!(
+            "has only {} different characters: anyone could guess it; {HOW}",
+            seen.len()
+        ));
+    }
+    let n = chars.len();
+    if let Some(period) = (1..=n / 2).find(|p| chars[*p..] == chars[..n - p]) {
+        return Some(format!(
+            "is \"{}\" over and over: anyone could guess it; {HOW}",
+            chars[..period].iter().collect::<String>()
+        ));
+    }
+    None
+}
+
+/// A secrets or tokens file that toml cannot read, said without the line
+/// it stopped on: toml's own message quotes that line, which holds a key
+/// or a token, and this goes to the journal, the audit log of a refused
+/// reload and the reload's answer.
+fn secret_file_error(text: &str, e: &toml::de::Error) -> String {
+    e.message().trim().replace('\n', ": ") + &super::location(text, e)
 }
 
 /// The keys that sign tickets and passes, from a file or the environment.
@@ -1367,7 +1427,7 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
         let path = base.join(f);
         match std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
-            .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| e.to_string()))
+            .and_then(|t| toml::from_str::<KeyFile>(&t).map_err(|e| secret_file_error(&t, &e)))
         {
             Ok(kf) => keys.extend(
                 kf.keys
@@ -1632,7 +1692,7 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
         let path = base.join(f);
         match std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
-            .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| e.to_string()))
+            .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| secret_file_error(&t, &e)))
         {
             // Trimmed, as the variable's are: a Bearer token arrives
             // without the spaces around it, and could never match.
@@ -1682,8 +1742,8 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
     // audit log names who acted by the id of the token presented: each
     // id names one token, each token one id.
     for (i, (source, t)) in tokens.iter().enumerate() {
-        if t.token.len() < 16 {
-            p.add(*source, format!("token \"{}\" is shorter than 16 characters: make one with `head -c 24 /dev/urandom | base64`", t.id));
+        if let Some(problem) = guessable(&t.token) {
+            p.add(*source, format!("token \"{}\" {problem}", t.id));
         }
         if t.id.is_empty() {
             p.add(
