@@ -236,6 +236,27 @@ fn guessable_tokens_and_secrets_are_refused() {
             "{token}: {e}"
         );
     }
+    // Every entry's problem at once, though all are under one key.
+    std::env::set_var(
+        "VARCO_TEST_GUESSABLE_ADMIN",
+        "anna:x7Qk,marco:0000000000000000,ci:x7Qk",
+    );
+    let e = errors(&format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_GUESSABLE_ADMIN\"\n{ROOM}"
+    ));
+    for who in [
+        "\"anna\" is shorter",
+        "\"marco\" has only 1",
+        "\"ci\" is shorter",
+        "share one token",
+    ] {
+        assert!(e.to_string().contains(who), "{who}: {e}");
+    }
+    std::env::set_var("VARCO_TEST_SHORT_KEYS", "k1:c2hvcnQ=,k2:dG9vIHNob3J0");
+    let e = errors("[secrets]\nkey_env = \"VARCO_TEST_SHORT_KEYS\"\n[rooms.portal]\nupstreams = [\"http://x\"]\nmax_active = 10\n");
+    for key in ["\"k1\" is shorter", "\"k2\" is shorter"] {
+        assert!(e.to_string().contains(key), "{key}: {e}");
+    }
     for token in [
         "MDEyMzQ1Njc4OWFiY2RlZjAx",
         "3f9a0c71e2b48d56",
@@ -591,6 +612,7 @@ fn each_bad_value_names_its_key() {
         // Counted in whole milliseconds: 0 ms ticks pushed every claim
         // window on at every tick.
         ("[store]\ntick = \"500us\"\n", "store.tick"),
+        ("[store]\ntick = \"6s\"\n", "store.tick"),
         // Read as the store reads them at start: no check that passes
         // before a start that fails.
         (

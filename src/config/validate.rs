@@ -51,6 +51,20 @@ impl Problems {
         });
     }
 
+    /// A problem with one entry of a list the operator wrote under one
+    /// key (the tokens of `tokens_env`, the keys of `key_file`): each
+    /// entry's is said, as every problem is said at once; only a repeat
+    /// is not.
+    fn add_entry(&mut self, key: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        if !self.0.iter().any(|e| e.key == key && e.reason == reason) {
+            self.0.push(ConfigError {
+                key: key.into(),
+                reason,
+            });
+        }
+    }
+
     fn duration(&mut self, key: &str, text: &str) -> Duration {
         match parse_duration(text) {
             Ok(d) if d.is_zero() => {
@@ -564,6 +578,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         p.add(
             "store.tick",
             format!("must be at least {MIN_TICK:?}: ticks are counted in whole milliseconds, and more often only loads the store"),
+        );
+    } else if store.tick > MAX_TICK {
+        p.add(
+            "store.tick",
+            format!("must be at most {MAX_TICK:?}: a tick calls a tick's worth of the rate at once (at \"5m\", five minutes' worth in one go), and turns lapse only at a tick, well past the shortest claim_window (15s)"),
         );
     }
     // The lease is renewed once a tick: shorter than two ticks, one late
@@ -1407,7 +1426,7 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
             .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
     };
     let mut keys = Vec::new();
-    let mut problem = |key: &str, reason: String| p.add(key, reason);
+    let mut problem = |key: &str, reason: String| p.add_entry(key, reason);
     if let Some(f) = &s.key_file {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -1705,7 +1724,7 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
                     },
                 )
             })),
-            Err(e) => p.add(
+            Err(e) => p.add_entry(
                 "admin.tokens_file",
                 format!("cannot use {}: {e}", path.display()),
             ),
@@ -1723,7 +1742,7 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
                                 token: token.trim().into(),
                             },
                         )),
-                        None => p.add(
+                        None => p.add_entry(
                             "admin.tokens_env",
                             format!(
                                 "{var} holds an entry without \"id:\"; write id:token,id:token"
@@ -1732,7 +1751,7 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
                     }
                 }
             }
-            Err(_) => p.add(
+            Err(_) => p.add_entry(
                 "admin.tokens_env",
                 format!("the environment variable {var} is not set"),
             ),
@@ -1743,18 +1762,18 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
     // id names one token, each token one id.
     for (i, (source, t)) in tokens.iter().enumerate() {
         if let Some(problem) = guessable(&t.token) {
-            p.add(*source, format!("token \"{}\" {problem}", t.id));
+            p.add_entry(source, format!("token \"{}\" {problem}", t.id));
         }
         if t.id.is_empty() {
-            p.add(
-                *source,
+            p.add_entry(
+                source,
                 "a token without an id: the audit log names who acted by it",
             );
         }
         let before = &tokens[..i];
         if !t.id.is_empty() && before.iter().any(|(_, o)| o.id == t.id) {
-            p.add(
-                *source,
+            p.add_entry(
+                source,
                 format!(
                     "id \"{}\" names two tokens: the audit log could not tell who acted",
                     t.id
@@ -1762,8 +1781,8 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             );
         }
         if let Some((_, o)) = before.iter().find(|(_, o)| o.token == t.token) {
-            p.add(
-                *source,
+            p.add_entry(
+                source,
                 format!(
                     "ids \"{}\" and \"{}\" share one token: each person or tool gets its own",
                     o.id, t.id
@@ -1789,6 +1808,10 @@ fn covers(e: &str, room_path: &str) -> bool {
 
 /// The shortest admission tick: ticks are counted in whole milliseconds.
 const MIN_TICK: Duration = Duration::from_millis(10);
+
+/// The longest: a third of the shortest claim window, so a turn not
+/// claimed lapses within a third of its window after it ends.
+const MAX_TICK: Duration = Duration::from_secs(5);
 
 /// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
 /// as written, if it could not.
