@@ -352,7 +352,10 @@ impl Admin {
             },
             (Method::POST, ["reload"]) => {
                 match self.app.reload_by(who).await {
-                    Ok(n) => json_response(StatusCode::OK, json!({ "reloaded": true, "rooms": n })),
+                    Ok(r) => json_response(
+                        StatusCode::OK,
+                        json!({ "reloaded": true, "rooms": r.rooms, "restart_needed": r.restart_needed }),
+                    ),
                     Err(e) => {
                         // 422 for a file with mistakes; nothing wrong with
                         // the request when there is no file to read.

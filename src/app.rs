@@ -139,6 +139,18 @@ pub struct LiveBefore {
     pub max_active: Option<u64>,
 }
 
+/// A reload taken.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The rooms now in force.
+    pub rooms: usize,
+    /// The tables (`server`, `upstream`, `log`, `store`, `audit`) that
+    /// differ from the ones varco started with: their changes wait for a
+    /// restart, and an operator who reloaded for them must hear it from
+    /// the reload itself, not find it in the log.
+    pub restart_needed: Vec<&'static str>,
+}
+
 /// Why a reload was refused; the old config keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -518,12 +530,12 @@ impl App {
     /// A reload asked for by `who` (an admin token's id, or `SIGHUP`),
     /// told on `varco::audit` whatever comes of it: the audit log says
     /// who changed the config in force, when, and whether it was taken.
-    pub async fn reload_by(&self, who: &str) -> Result<usize, ReloadError> {
+    pub async fn reload_by(&self, who: &str) -> Result<Reloaded, ReloadError> {
         tracing::info!(target: "varco::audit", who, action = "reload", "config reload requested");
         let result = self.reload().await;
         match &result {
-            Ok(rooms) => {
-                tracing::info!(target: "varco::audit", who, action = "reload", rooms, "config reload taken: the new config is in force")
+            Ok(r) => {
+                tracing::info!(target: "varco::audit", who, action = "reload", rooms = r.rooms, restart_needed = ?r.restart_needed, "config reload taken: the new config is in force")
             }
             Err(e) => {
                 tracing::error!(target: "varco::audit", who, action = "reload", error = %e, "reload refused; the running config stays")
@@ -536,7 +548,7 @@ impl App {
     /// live sessions stay (the store is kept by room name); open
     /// connections stay; a bad file, or none to read, changes nothing
     /// (and is counted as refused).
-    pub async fn reload(&self) -> Result<usize, ReloadError> {
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         let mut keys = self.reloading.lock().await;
         let loaded = match &self.config_path {
             Some(path) => Config::load(path).map_err(ReloadError::from),
@@ -565,11 +577,14 @@ impl App {
         if !new.raw.secrets.keys_made_up() {
             *keys = new.keys.clone();
         }
-        self.apply(new, &keys);
+        let restart_needed = self.apply(new, &keys);
         // Counted once in force: whoever waits for the count (an operator,
         // a deployment script) then finds the new config serving.
         counted("ok");
-        Ok(self.routing.load().rooms.len())
+        Ok(Reloaded {
+            rooms: self.routing.load().rooms.len(),
+            restart_needed,
+        })
     }
 
     /// Refuses a new `opens_at` for a room that has opened: with a
@@ -732,9 +747,11 @@ impl App {
         refused(errors)
     }
 
-    /// Swaps in the rooms of `new`, signing with `keys`.
-    fn apply(&self, new: Config, keys: &Keyring) {
+    /// Swaps in the rooms of `new`, signing with `keys`. Returns the
+    /// tables whose changes wait for a restart.
+    fn apply(&self, new: Config, keys: &Keyring) -> Vec<&'static str> {
         let (old, next) = (&self.config.raw, &new.raw);
+        let mut restart_needed = Vec::new();
         for (table, changed) in [
             ("server", differs_but_certificate(&old.server, &next.server)),
             ("upstream", differs(&old.upstream, &next.upstream)),
@@ -747,6 +764,7 @@ impl App {
                     table,
                     "changes in this table apply at the next restart; rooms, keys and admin tokens apply now"
                 );
+                restart_needed.push(table);
             }
         }
         if **self.admin_tokens.load() != new.admin_tokens {
@@ -845,6 +863,7 @@ impl App {
         self.routing.store(Arc::new(Routing::new(rooms)));
         self.metrics.follow_rooms(&self.rooms());
         self.metrics.forget_gone(&self.rooms());
+        restart_needed
     }
 
     /// One lane's tick; a failure is counted and logged, and said for

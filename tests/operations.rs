@@ -1224,17 +1224,27 @@ async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
 #[tokio::test]
 async fn a_reload_keeps_the_running_tick() {
     let up = upstream::spawn().await;
-    let cfg = gated_config(up.addr, "max_active = 1") + "[store]\ntick = \"5s\"\n";
+    let cfg = with_admin(&gated_config(up.addr, "max_active = 1")) + "[store]\ntick = \"5s\"\n";
     let (g, path) = Gated::start_written("reload-tick", &cfg).await;
     let tick = || g.app.room("portal").unwrap().limits().tick_ms;
     assert_eq!(tick(), 5000);
     std::fs::write(&path, cfg.replace("tick = \"5s\"", "tick = \"1s\"")).unwrap();
-    g.app.reload().await.expect("reload");
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        got.json()["restart_needed"],
+        serde_json::json!(["store"]),
+        "the answer says what waits for a restart"
+    );
     assert_eq!(
         tick(),
         5000,
         "the reloaded room ticks as the running loop does"
     );
+    // Back as it started: nothing waits.
+    std::fs::write(&path, &cfg).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.json()["restart_needed"], serde_json::json!([]));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
