@@ -1066,7 +1066,9 @@ pub fn status_for<'a>(
     // count a wait down to nothing while the line stands still.
     let paused = room.mode() == Mode::Paused;
     let (eta, lo, hi) = match position {
-        Some(p) if rate > 0.0 && !paused => {
+        // Finite: a pace that is not (read from a store that went wrong)
+        // would count every wait down to nothing.
+        Some(p) if rate > 0.0 && rate.is_finite() && !paused => {
             let eta = p as f64 / rate;
             (
                 Some(eta as u64),

@@ -83,12 +83,40 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
     let asked_for_json = headers
         .get(ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"));
+        .is_some_and(prefers_json);
     let from_a_script = loads_a_page(headers) == Some(false)
         || headers
             .get("x-requested-with")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"));
     asked_for_json || from_a_script
+}
+
+/// Whether an Accept value ranks `application/json` above `text/html`
+/// (by their q-values; one not named ranks 0): a client that takes HTML
+/// only at `q=0.1` asked for JSON, and one that names both alike is
+/// taken for a browser.
+fn prefers_json(accept: &str) -> bool {
+    // Nearly every request: a browser's Accept, which names no JSON.
+    if !accept.contains("json") && !accept.contains("JSON") {
+        return false;
+    }
+    let (mut json, mut html) = (0, 0);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or_default().trim();
+        let q = parts
+            .find_map(|p| match p.trim().as_bytes() {
+                [b'q' | b'Q', b'=', v @ ..] => Some(waiting::qvalue(v)),
+                _ => None,
+            })
+            .unwrap_or(1000);
+        if kind.eq_ignore_ascii_case("application/json") {
+            json = json.max(q);
+        } else if kind.eq_ignore_ascii_case("text/html") {
+            html = html.max(q);
+        }
+    }
+    json > html
 }
 
 /// What `Sec-Fetch-Dest` says of a request, where the browser sends it:
@@ -433,6 +461,22 @@ mod tests {
         assert!(wants_json(&h));
         h.insert(ACCEPT, "text/html,application/json;q=0.9".parse().unwrap());
         assert!(!wants_json(&h));
+        // By q-values, not by what is named.
+        for (accept, json) in [
+            ("application/json, text/html;q=0.1", true),
+            ("text/html;q=0, application/json", true),
+            ("APPLICATION/JSON;Q=0.8, */*;q=0.1", true),
+            ("application/json, text/html", false),
+            ("application/json;q=0.5, text/html;q=0.9", false),
+            ("application/json;q=0", false),
+            (
+                "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                false,
+            ),
+        ] {
+            h.insert(ACCEPT, accept.parse().unwrap());
+            assert_eq!(wants_json(&h), json, "{accept}");
+        }
     }
 
     #[test]

@@ -151,8 +151,9 @@ pub fn language_of(accept: Option<&HeaderValue>, default: Language) -> Language 
     for part in accept.as_bytes().split(|b| *b == b',') {
         let mut it = part.split(|b| *b == b';');
         let tag = it.next().unwrap_or_default().trim_ascii();
-        // `it`, `it-CH`, not `ita` or `enm`.
-        if tag.len() > 2 && tag[2] != b'-' {
+        // `it`, `it-CH`, `it_IT` (some in-app browsers and Java
+        // clients), not `ita` or `enm`.
+        if tag.len() > 2 && tag[2] != b'-' && tag[2] != b'_' {
             continue;
         }
         let lang = match tag.get(..2) {
@@ -193,7 +194,7 @@ pub fn language_of(accept: Option<&HeaderValue>, default: Language) -> Language 
 /// An Accept-Language q-value in thousandths (RFC 9110: `0`, `0.` and up
 /// to three digits, or `1`); anything else counts as 1, as an absent one
 /// does.
-fn qvalue(v: &[u8]) -> u16 {
+pub(super) fn qvalue(v: &[u8]) -> u16 {
     let v = v.trim_ascii();
     let fraction = match v {
         [b'0'] => return 0,
@@ -213,6 +214,12 @@ fn qvalue(v: &[u8]) -> u16 {
 
 struct Strings {
     language: Language,
+    /// How the language groups the thousands of a figure, as the page's
+    /// script does with `Intl.NumberFormat` (CLDR): the separator, and
+    /// the smallest figure grouped (Italian leaves four digits whole:
+    /// `1234`, `12.345`).
+    thousands: char,
+    group_from: u64,
     title: &'static str,
     title_closed: &'static str,
     intro: &'static str,
@@ -256,6 +263,8 @@ struct Strings {
 
 const IT: Strings = Strings {
     language: Language::It,
+    thousands: '.',
+    group_from: 10_000,
     title: "Sei in coda",
     title_closed: "Servizio chiuso",
     intro: "Il servizio è molto richiesto in questo momento. Ti faremo entrare appena è il tuo turno, nell'ordine di arrivo.",
@@ -289,6 +298,8 @@ const IT: Strings = Strings {
 
 const EN: Strings = Strings {
     language: Language::En,
+    thousands: ',',
+    group_from: 1_000,
     title: "You are in line",
     title_closed: "Service closed",
     intro: "The service is very busy right now. You will be let in as soon as it is your turn, in order of arrival.",
@@ -330,15 +341,16 @@ fn strings(l: Language) -> &'static Strings {
 /// The estimated wait in words, appended: a range of minutes, one figure
 /// when the range collapses, or "under a minute"; in hours once the wait
 /// may pass two hours and is surely over one ("between 150 and 200
-/// minutes" asks people to divide). The low end is never rounded up: a
-/// person told too long a wait may leave and miss the turn.
+/// minutes" asks people to divide). The low end is rounded down (to a
+/// minute at least): a person told too long a wait may leave and miss
+/// the turn.
 /// `waiting.html`'s script says the same from the status answers.
 fn push_minutes_range(out: &mut String, s: &Strings, status: &Status) {
     let (Some(lo), Some(hi)) = (status.eta_low_seconds, status.eta_high_seconds) else {
         out.push_str(s.eta_unknown);
         return;
     };
-    let (lo, hi) = (lo.div_ceil(60), hi.div_ceil(60).max(1));
+    let (lo, hi) = ((lo / 60).max(1), hi.div_ceil(60).max(1));
     if hi <= 1 {
         out.push_str(s.eta_soon);
         return;
@@ -363,11 +375,30 @@ fn push_minutes_range(out: &mut String, s: &Strings, status: &Status) {
     for &(name, v) in figures {
         if let Some(at) = rest.find(name) {
             out.push_str(&rest[..at]);
-            crate::timefmt::push_number(out, v);
+            push_figure(out, s, v);
             rest = &rest[at + name.len()..];
         }
     }
     out.push_str(rest);
+}
+
+/// A figure a person reads (a place in line, people ahead, a wait), with
+/// its thousands grouped as the language writes them: `12.345` in
+/// Italian, where `12345` reads as a code. Never for a figure a program
+/// reads (a poll's delay) or one to be quoted (a ticket number).
+fn push_figure(out: &mut String, s: &Strings, v: u64) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v);
+    if v < s.group_from {
+        out.push_str(digits);
+        return;
+    }
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(s.thousands);
+        }
+        out.push(d);
+    }
 }
 
 #[cfg(test)]
@@ -387,7 +418,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 34] = [
+pub const VARIABLES: [&str; 35] = [
     "lang",
     "title",
     "intro",
@@ -422,6 +453,7 @@ pub const VARIABLES: [&str; 34] = [
     "eta_hours_range_format",
     "eta_hours_about_format",
     "no_cookie_message",
+    "arrived",
 ];
 
 enum Part {
@@ -585,7 +617,11 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         }) => s
             .lottery_revealed
             .replace("{s}", seed)
-            .replace("{n}", &size.unwrap_or(0).to_string())
+            .replace("{n}", &{
+                let mut n = String::new();
+                push_figure(&mut n, s, size.unwrap_or(0));
+                n
+            })
             .replace("{c}", commitment)
             .into(),
         Some(l) => s.lottery_committed.replace("{c}", &l.commitment).into(),
@@ -608,10 +644,17 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             None => out.push('–'),
         }
     };
-    let position = add(&number(status.position));
-    let ahead = add(&number(status.ahead));
+    let figure = |v: Option<u64>| {
+        move |out: &mut String| match v {
+            Some(n) => push_figure(out, s, n),
+            None => out.push('–'),
+        }
+    };
+    let position = add(&figure(status.position));
+    let ahead = add(&figure(status.ahead));
+    // Quoted, as the receipt has it: not grouped.
     let ticket = add(&number(status.ticket));
-    let queue_length = add(&number(Some(status.queue_length)));
+    let queue_length = add(&figure(Some(status.queue_length)));
     let status_url = add(&|out: &mut String| {
         out.push_str("/.varco/status?room=");
         escape_into(out, status.room);
@@ -625,6 +668,11 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         crate::timefmt::push_time_of_day(out, status.updated);
         out.push_str(" UTC");
     });
+    let arrived = add(&|out: &mut String| {
+        if let Some(a) = status.arrived {
+            crate::timefmt::push_rfc3339(out, a);
+        }
+    });
     let arrived_time = add(&|out: &mut String| {
         if let Some(a) = status.arrived {
             out.push_str(s.arrived);
@@ -636,7 +684,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
     // template already (`language_constant`).
-    let values: [Value; 34] = [
+    let values: [Value; 35] = [
         Value::Baked,
         Value::Baked,
         Value::Baked,
@@ -671,6 +719,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         Value::Baked,
         Value::Baked,
         Value::Baked,
+        arrived,
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.baked[lang_index(lang)][situation_index(situation)] {
@@ -960,13 +1009,56 @@ mod tests {
         assert!(v["arrived"].is_null() && v["opens_at"].is_null());
     }
 
+    /// Grouped as the browser's `Intl.NumberFormat` groups them (the
+    /// browser test checks the script's own figures against these).
+    #[test]
+    fn figures_are_grouped_as_each_language_writes_them() {
+        let figure = |s: &Strings, v| {
+            let mut out = String::new();
+            push_figure(&mut out, s, v);
+            out
+        };
+        for (v, it, en) in [
+            (0, "0", "0"),
+            (999, "999", "999"),
+            (1234, "1234", "1,234"),
+            (9999, "9999", "9,999"),
+            (12345, "12.345", "12,345"),
+            (123456, "123.456", "123,456"),
+            (1234567, "1.234.567", "1,234,567"),
+            (
+                u64::MAX,
+                "18.446.744.073.709.551.615",
+                "18,446,744,073,709,551,615",
+            ),
+        ] {
+            assert_eq!((figure(&IT, v).as_str(), figure(&EN, v).as_str()), (it, en));
+        }
+        let mut st = status();
+        (st.position, st.ahead, st.queue_length, st.ticket) =
+            (Some(12345), Some(12344), 20000, Some(13000));
+        let page = render(Template::default_template(), &st, Language::It, "/");
+        for shown in [
+            ">12.345</dd>",
+            ">12.344</dd>",
+            "<span id=\"ticket\">13000</span>",
+        ] {
+            assert!(page.contains(shown), "{shown} not in the page");
+        }
+        let page = render(Template::default_template(), &st, Language::En, "/");
+        assert!(page.contains(">12,345</dd>"), "English groups with a comma");
+    }
+
     #[test]
     fn the_wait_reads_naturally() {
         let mut st = status();
         let eta = |st: &Status| minutes_range(&IT, st);
         (st.eta_low_seconds, st.eta_high_seconds) = (Some(240), Some(450));
         assert_eq!(eta(&st), "tra 4 e 8 minuti");
+        // 61 s is a minute, not two: the low end rounded down.
         (st.eta_low_seconds, st.eta_high_seconds) = (Some(61), Some(100));
+        assert_eq!(eta(&st), "tra 1 e 2 minuti");
+        (st.eta_low_seconds, st.eta_high_seconds) = (Some(120), Some(120));
         assert_eq!(eta(&st), "circa 2 minuti");
         (st.eta_low_seconds, st.eta_high_seconds) = (Some(10), Some(40));
         assert_eq!(eta(&st), "meno di un minuto");
@@ -1084,6 +1176,8 @@ mod tests {
             "not en, not it"
         );
         assert_eq!(pick(b"it-CH", Language::En), Language::It);
+        assert_eq!(pick(b"it_IT", Language::En), Language::It);
+        assert_eq!(pick(b"en_GB, it;q=0.5", Language::It), Language::En);
         assert_eq!(
             pick(b"fr-CA,\xe9t;q=0.3,en;q=0.3", Language::It),
             Language::En

@@ -92,6 +92,8 @@ try {
     isMobile: true,
     hasTouch: true,
     locale: "it-IT",
+    // Times on the page are the phone's own, not UTC.
+    timezoneId: "Europe/Rome",
   });
   // What the page's Content-Security-Policy refuses, as the page sees it.
   await phone.addInitScript(() => {
@@ -195,7 +197,9 @@ try {
     await tab.clock.runFor(1000);
     return polls >= 1;
   });
-  const delay = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  // The first delay planned is the one in case this poll never ends;
+  // the second, the one its answer asks for.
+  const delay = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[1]));
   check(delay >= 3500 && delay <= 6500, `the next poll follows Retry-After: 5 s +-30% (${delay} ms)`);
   await tab.unroute("**/.varco/status*");
 
@@ -216,7 +220,7 @@ try {
     await tab.clock.runFor(1000);
     return throttled >= 1;
   });
-  const after429 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  const after429 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[1]));
   check(after429 >= 3500 && after429 <= 6500, `after a 429 the page waits as the last status said: 5 s +-30% (${after429} ms)`);
   check(
     (await tab.textContent("#eta")) === before.eta && (await tab.textContent("#updated")) === before.updated,
@@ -231,14 +235,14 @@ try {
     await tab.clock.runFor(1000);
     return throttled >= 2;
   });
-  const after503 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[0]));
+  const after503 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[1]));
   check(after503 <= 39000, `after a foreign 503 asking for an hour the page still asks within 30 s +30% (${after503} ms)`);
   await tab.unroute("**/.varco/status*");
 
   // 4d. The script words the estimate as the server's page does
   // (page::waiting's the_wait_reads_naturally has the same cases): in
   // hours once the wait may pass two hours and is surely over one, the
-  // low end never rounded up. One handler for every case (one unrouted
+  // low end rounded down. One handler for every case (one unrouted
   // while its poll is under way would see the poll handled twice).
   let estimate = null;
   await tab.route("**/.varco/status*", async (route) => {
@@ -252,6 +256,7 @@ try {
     [10800, 10800, "circa 3 ore"],
     [1800, 12000, "tra 30 e 200 minuti"],
     [240, 450, "tra 4 e 8 minuti"],
+    [61, 100, "tra 1 e 2 minuti"],
   ]) {
     estimate = [lo, hi];
     await until(`the page says "${words}"`, async () => {
@@ -261,6 +266,50 @@ try {
     check(true, `an estimate of ${lo}..${hi} s reads "${words}"`);
   }
   await tab.unrouteAll({ behavior: "wait" });
+
+  // 4e. A poll that never ends (a phone's connection dead after a move
+  // from Wi-Fi to mobile data, with no error) does not stop the polling:
+  // the next one goes all the same. Its figures are written as Italian
+  // writes them, by the script as by the server, and its time is the
+  // phone's own, in the page's language.
+  let held = 0;
+  let answered = 0;
+  const big = {
+    state: "waiting",
+    position: 12345,
+    ahead: 12344,
+    eta_seconds: 900,
+    eta_low_seconds: 720,
+    eta_high_seconds: 1350,
+    queue_length: 20000,
+    updated: "2026-12-01T08:00:00Z",
+  };
+  await tab.route("**/.varco/status*", async (route) => {
+    if (held === 0) {
+      held++;
+      return; // never answered
+    }
+    answered++;
+    await route.fulfill({ headers: { "retry-after": "5" }, json: big });
+  });
+  await until("a poll after one that never ended", async () => {
+    await tab.clock.runFor(5000);
+    return answered >= 1;
+  });
+  check(held === 1, "a poll that never ended did not stop the polling");
+  await until("the page shows the answer", async () => (await pos(tab)) === "12.345");
+  check(
+    (await tab.textContent("#ahead")).trim() === "12.344",
+    "figures grouped as Italian writes them (12.345), by the script too"
+  );
+  const localTime = await tab.evaluate(() => new Date("2026-12-01T08:00:00Z").toLocaleTimeString("it"));
+  const updated = (await tab.textContent("#updated")).trim();
+  check(updated === localTime, `the time of the figures is the phone's own, in Italian (${updated})`);
+  check(
+    !(await tab.textContent("#arrived")).includes("UTC"),
+    "the time of arrival too: " + (await tab.textContent("#arrived"))
+  );
+  await tab.unrouteAll({ behavior: "ignoreErrors" });
 
   // The same page at desktop width, for the record.
   const desk = await browser.newContext({ viewport: { width: 1280, height: 800 }, locale: "en-GB" });
