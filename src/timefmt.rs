@@ -71,16 +71,12 @@ pub fn push_rfc3339(out: &mut String, ms: u64) {
 }
 
 /// An opening for people: `ms` in the zone of `offset_s` (the offset the
-/// operator wrote in `opens_at`) as its day (`2026-12-01`), its time
-/// (`09:00`) and the zone (`UTC+01:00`, or `UTC`), so a page need not
-/// leave a citizen to convert from UTC.
-pub fn opening(ms: u64, offset_s: i32) -> (String, String, String) {
+/// operator wrote in `opens_at`) as its day (year, month 1-12, day), its
+/// time (`09:00`) and the zone (`UTC+01:00`, or `UTC`), so a page need
+/// not leave a citizen to convert from UTC. None past year 9999.
+pub fn opening(ms: u64, offset_s: i32) -> Option<((i64, u32, u32), String, String)> {
     let local = (ms / 1000).saturating_add_signed(i64::from(offset_s));
-    let Some((y, mo, d, h, mi, _)) = parts(local) else {
-        return ("?".into(), "?".into(), "UTC".into());
-    };
-    let mut day = String::with_capacity(10);
-    push_date(&mut day, y, mo, d);
+    let (y, mo, d, h, mi, _) = parts(local)?;
     let mut time = String::with_capacity(5);
     push_digits(&mut time, h, 2);
     time.push(':');
@@ -93,7 +89,7 @@ pub fn opening(ms: u64, offset_s: i32) -> (String, String, String) {
         zone.push(':');
         push_digits(&mut zone, u64::from(a % 60), 2);
     }
-    (day, time, zone)
+    Some(((y, mo, d), time, zone))
 }
 
 /// `YYYY-MM-DD`, appended.

@@ -220,6 +220,7 @@ struct Strings {
     /// `1234`, `12.345`).
     thousands: char,
     group_from: u64,
+    months: [&'static str; 12],
     title: &'static str,
     title_closed: &'static str,
     intro: &'static str,
@@ -265,6 +266,10 @@ const IT: Strings = Strings {
     language: Language::It,
     thousands: '.',
     group_from: 10_000,
+    months: [
+        "gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto",
+        "settembre", "ottobre", "novembre", "dicembre",
+    ],
     title: "Sei in coda",
     title_closed: "Servizio chiuso",
     intro: "Il servizio è molto richiesto in questo momento. Ti faremo entrare appena è il tuo turno, nell'ordine di arrivo.",
@@ -300,6 +305,10 @@ const EN: Strings = Strings {
     language: Language::En,
     thousands: ',',
     group_from: 1_000,
+    months: [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September",
+        "October", "November", "December",
+    ],
     title: "You are in line",
     title_closed: "Service closed",
     intro: "The service is very busy right now. You will be let in as soon as it is your turn, in order of arrival.",
@@ -580,8 +589,16 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let message: Cow<str> = if situation == "closed" {
         s.closed.into()
     } else if situation == "prequeue" {
-        let (day, time, zone) = match status.opens_at {
-            Some(t) => crate::timefmt::opening(t, status.opens_offset_s),
+        let (day, time, zone) = match status
+            .opens_at
+            .and_then(|t| crate::timefmt::opening(t, status.opens_offset_s))
+        {
+            // "1 dicembre 2026", as a person writes a date: an ISO
+            // date reads as a code to most.
+            Some(((y, mo, d), time, zone)) => {
+                let month = s.months[(mo as usize).clamp(1, 12) - 1];
+                (format!("{d} {month} {y}"), time, zone)
+            }
             None => ("?".into(), "?".into(), "UTC".into()),
         };
         s.prequeue
@@ -859,12 +876,22 @@ mod tests {
         st.opens_at = Some(1_796_112_000_000);
         st.opens_offset_s = 3600;
         let page = |st: &Status, lang| render(Template::default_template(), st, lang, "/");
-        assert!(page(&st, Language::It).contains("apre il 2026-12-01 alle 09:00 (UTC+01:00)."));
-        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 09:00 (UTC+01:00)."));
+        assert!(page(&st, Language::It).contains("apre il 1 dicembre 2026 alle 09:00 (UTC+01:00)."));
+        assert!(page(&st, Language::En).contains("opens on 1 December 2026 at 09:00 (UTC+01:00)."));
         st.opens_offset_s = 0;
-        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 08:00 (UTC)."));
+        assert!(page(&st, Language::En).contains("opens on 1 December 2026 at 08:00 (UTC)."));
         st.opens_offset_s = -5 * 3600 - 1800;
-        assert!(page(&st, Language::En).contains("opens on 2026-12-01 at 02:30 (UTC-05:30)."));
+        assert!(page(&st, Language::En).contains("opens on 1 December 2026 at 02:30 (UTC-05:30)."));
+        // The day before, in its zone.
+        st.opens_offset_s = -9 * 3600;
+        assert!(
+            page(&st, Language::It).contains("apre il 30 novembre 2026 alle 23:00 (UTC-09:00).")
+        );
+        // Each month by its name.
+        st.opens_offset_s = 0;
+        st.opens_at = Some(1_767_225_600_000); // 2026-01-01T00:00:00Z
+        assert!(page(&st, Language::It).contains("apre il 1 gennaio 2026 alle 00:00"));
+        assert!(page(&st, Language::En).contains("opens on 1 January 2026 at 00:00"));
     }
 
     #[test]
