@@ -767,7 +767,12 @@ impl App {
                 restart_needed.push(table);
             }
         }
-        if **self.admin_tokens.load() != new.admin_tokens {
+        // The demo's token, made at start for a file that names none: a
+        // reload of such a file keeps it, or the operator page and the
+        // API went dark, with no way back but a restart.
+        let made_up = !self.config.raw.admin.names_tokens() && !self.config.admin_tokens.is_empty();
+        let keep_made_up = made_up && !next.admin.names_tokens();
+        if !keep_made_up && **self.admin_tokens.load() != new.admin_tokens {
             let ids: Vec<&str> = new.admin_tokens.iter().map(|t| t.id.as_str()).collect();
             tracing::info!(tokens = ?ids, "admin tokens replaced");
             self.admin_tokens.store(Arc::new(new.admin_tokens.clone()));

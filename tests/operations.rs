@@ -1218,6 +1218,55 @@ async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `varco demo --config FILE` with no `[admin]` makes up a token for the
+/// run: a reload of that file keeps it (the operator page stays open),
+/// and a file that names tokens replaces it.
+#[tokio::test]
+async fn a_reload_keeps_the_demos_made_up_token() {
+    let up = upstream::spawn().await;
+    let cfg = gated_config(up.addr, "max_active = 1");
+    let dir = std::env::temp_dir().join(format!("varco-made-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("varco.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let g = Gated::start_file_edited(&path, |c| {
+        c.admin_tokens.push(varco::config::AdminToken {
+            id: "demo".into(),
+            token: TOKEN.into(),
+        })
+    })
+    .await;
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        api(&g, "GET", "/api/rooms", Some(TOKEN)).await.status,
+        200,
+        "the made-up token still opens the API after a reload"
+    );
+    // A file that names its tokens: those, and the made-up one is gone.
+    std::env::set_var(
+        "VARCO_TEST_MADE_UP_ADMIN",
+        "anna:a-token-from-the-file-0123",
+    );
+    std::fs::write(
+        &path,
+        format!("[admin]\ntokens_env = \"VARCO_TEST_MADE_UP_ADMIN\"\n{cfg}"),
+    )
+    .unwrap();
+    assert_eq!(
+        api(&g, "POST", "/api/reload", Some(TOKEN)).await.status,
+        200
+    );
+    assert_eq!(api(&g, "GET", "/api/rooms", Some(TOKEN)).await.status, 401);
+    assert_eq!(
+        api(&g, "GET", "/api/rooms", Some("a-token-from-the-file-0123"))
+            .await
+            .status,
+        200
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `[store]` changes wait for a restart (a reload says so): the rooms a
 /// reload builds keep the tick the tick loop and the store run with, or
 /// a cluster's script would take each tick's gap for an outage.

@@ -163,6 +163,14 @@ pub struct RawAdmin {
     pub tokens_env: Option<String>,
 }
 
+impl RawAdmin {
+    /// Whether the file says where admin tokens come from: without it, the
+    /// tokens in force were made up at start (`varco demo`), or are none.
+    pub fn names_tokens(&self) -> bool {
+        self.tokens_file.is_some() || self.tokens_env.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSecrets {

@@ -34,7 +34,7 @@ impl Gated {
     }
 
     pub async fn start_at(toml: &str, now_ms: u64, base: &Path) -> Gated {
-        Self::start_with(toml, now_ms, base, None).await
+        Self::start_with(toml, now_ms, base, None, |_| {}).await
     }
 
     /// From `toml` written to `varco.toml` in a fresh folder named after
@@ -49,9 +49,15 @@ impl Gated {
 
     /// From a config file, which the admin API can then reload.
     pub async fn start_file(path: &Path) -> Gated {
+        Self::start_file_edited(path, |_| {}).await
+    }
+
+    /// As `start_file`, the config changed by `edit` once read, as `main`
+    /// changes it (the demo's made-up admin token).
+    pub async fn start_file_edited(path: &Path, edit: impl FnOnce(&mut Config)) -> Gated {
         let toml = std::fs::read_to_string(path).unwrap();
         let base = path.parent().unwrap().to_path_buf();
-        Self::start_with(&toml, T0, &base, Some(path.to_path_buf())).await
+        Self::start_with(&toml, T0, &base, Some(path.to_path_buf()), edit).await
     }
 
     async fn start_with(
@@ -59,9 +65,11 @@ impl Gated {
         now_ms: u64,
         base: &Path,
         file: Option<std::path::PathBuf>,
+        edit: impl FnOnce(&mut Config),
     ) -> Gated {
         let clock = ManualClock::new(now_ms);
         let mut cfg = Config::from_toml(toml, base).unwrap_or_else(|e| panic!("test config: {e}"));
+        edit(&mut cfg);
         cfg.server.listen = "127.0.0.1:0".parse().unwrap();
         cfg.server.admin_listen = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(&cfg.server).await.expect("bind");
