@@ -306,6 +306,41 @@ fn a_secrets_file_that_does_not_parse_is_not_quoted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A zero or a size that refuses every form says what it would do.
+#[test]
+fn a_value_that_would_refuse_everything_says_so() {
+    for (bad, key, says) in [
+        (
+            "[rooms.portal]\nupstreams = [\"http://x\"]\nresponse_timeout = \"0s\"\n".to_string(),
+            "rooms.portal.response_timeout",
+            "every request would be a 504",
+        ),
+        (
+            format!("[upstream]\nrequest_buffer_time = \"0s\"\n{ROOM}"),
+            "upstream.request_buffer_time",
+            "turns buffering off",
+        ),
+        (
+            format!("[server]\nmax_body_size = \"0\"\n{ROOM}"),
+            "server.max_body_size",
+            "\"no limit\" as in nginx",
+        ),
+        (
+            format!("[server]\nmax_body_size = \"100\"\n{ROOM}"),
+            "server.max_body_size",
+            "under 1KiB",
+        ),
+    ] {
+        let e = errors(&bad);
+        assert!(
+            e.0.iter().any(|p| p.key == key && p.reason.contains(says)),
+            "{key}: {e}"
+        );
+    }
+    let small = format!("[server]\nmax_body_size = \"1KiB\"\n{ROOM}");
+    assert!(Config::from_toml(&small, Path::new(".")).is_ok());
+}
+
 /// The audit log names who acted by the id of the token presented: a
 /// token without an id, an id for two tokens or a token for two ids is
 /// refused; a token written with spaces around it in the file is read

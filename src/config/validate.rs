@@ -66,9 +66,14 @@ impl Problems {
     }
 
     fn duration(&mut self, key: &str, text: &str) -> Duration {
+        self.duration_or(key, text, "must be greater than zero")
+    }
+
+    /// As `duration`, with what a zero would do said in its words.
+    fn duration_or(&mut self, key: &str, text: &str, zero: &str) -> Duration {
         match parse_duration(text) {
             Ok(d) if d.is_zero() => {
-                self.add(key, "must be greater than zero");
+                self.add(key, zero);
                 Duration::from_secs(1)
             }
             Ok(d) => d,
@@ -355,6 +360,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         );
     }
     let max_body_size = p.size("server.max_body_size", &s.max_body_size);
+    // nginx's client_max_body_size 0 means no limit; here it would refuse
+    // every form, a login's too, with 413.
+    if max_body_size < MIN_BODY_SIZE && !p.0.iter().any(|e| e.key == "server.max_body_size") {
+        p.add(
+            "server.max_body_size",
+            format!("\"{}\" is under 1KiB: every form, a login's too, would get 413 (0 does not mean \"no limit\" as in nginx: give the largest upload the portal takes)", s.max_body_size),
+        );
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
@@ -403,13 +416,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     }
     let request_buffer = p.size("upstream.request_buffer", &u.request_buffer);
     let request_buffer_memory = p.size("upstream.request_buffer_memory", &u.request_buffer_memory);
-    let request_buffer_time = p.duration("upstream.request_buffer_time", &u.request_buffer_time);
-    if request_buffer_time.is_zero() {
-        p.add(
-            "upstream.request_buffer_time",
-            "must be more than 0s (request_buffer = \"0\" turns buffering off)",
-        );
-    }
+    let request_buffer_time = p.duration_or(
+        "upstream.request_buffer_time",
+        &u.request_buffer_time,
+        "must be more than 0s (request_buffer = \"0\" turns buffering off)",
+    );
     if request_buffer > MAX_REQUEST_BUFFER {
         p.add(
             "upstream.request_buffer",
@@ -674,15 +685,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             written_at.push(i);
         }
         let response_timeout = r.response_timeout.as_ref().map(|t| {
-            let before = p.0.len();
-            let timeout = p.duration(&key("response_timeout"), t);
-            if p.0.len() == before && timeout.is_zero() {
-                p.add(
-                    key("response_timeout"),
-                    "must be more than 0s: every request would be a 504",
-                );
-            }
-            timeout
+            p.duration_or(
+                &key("response_timeout"),
+                t,
+                "must be more than 0s: every request would be a 504",
+            )
         });
         let tls_server_name = r.tls_server_name.as_ref().and_then(|n| {
             // An IPv6 address as written in a URL.
@@ -1805,6 +1812,9 @@ fn covers(e: &str, room_path: &str) -> bool {
     crate::router::prefix_matches(&e, &room_path)
         || e.strip_suffix('/') == Some(room_path.trim_end_matches('/'))
 }
+
+/// The smallest `max_body_size`: a login form's body fits.
+const MIN_BODY_SIZE: u64 = 1 << 10;
 
 /// The shortest admission tick: ticks are counted in whole milliseconds.
 const MIN_TICK: Duration = Duration::from_millis(10);
