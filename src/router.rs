@@ -9,7 +9,10 @@ use crate::room::Room;
 
 struct Route {
     host: HostPattern,
+    /// In the form requests are matched in; in lower case when
+    /// `ignore_case`.
     prefix: String,
+    ignore_case: bool,
     room: Arc<Room>,
 }
 
@@ -45,10 +48,15 @@ impl Router {
         let mut routes: Vec<Route> = rooms
             .iter()
             .flat_map(|room| {
+                let ignore_case = room.config.paths_ignore_case;
                 room.config.hosts.iter().flat_map(move |h| {
                     room.config.paths.iter().map(move |p| Route {
                         host: h.clone(),
-                        prefix: as_matched(p).into_owned(),
+                        prefix: match ignore_case {
+                            true => as_matched(p).to_lowercase(),
+                            false => as_matched(p).into_owned(),
+                        },
+                        ignore_case,
                         room: room.clone(),
                     })
                 })
@@ -67,9 +75,19 @@ impl Router {
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Room>> {
         let host = host.map(normalise_host).unwrap_or_default();
         let path = as_matched(path);
+        // Lowered once, for the first room that ignores case, if any.
+        let lower = std::cell::OnceCell::new();
         self.routes
             .iter()
-            .find(|r| r.host.matches(&host) && prefix_matches(&r.prefix, &path))
+            .find(|r| {
+                r.host.matches(&host)
+                    && match r.ignore_case {
+                        true => {
+                            prefix_matches(&r.prefix, lower.get_or_init(|| path.to_lowercase()))
+                        }
+                        false => prefix_matches(&r.prefix, &path),
+                    }
+            })
             .map(|r| &r.room)
     }
 

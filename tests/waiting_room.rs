@@ -2428,3 +2428,42 @@ async fn a_turn_called_before_a_close_can_still_be_claimed() {
     assert_eq!(newcomer.get("/").await.status, 503);
     assert!(newcomer.cookie("varco_ticket_portal").is_none());
 }
+
+/// In front of a portal that reads paths whatever their case (IIS), a
+/// gated sub-path spelled in capitals is still the gated room's with
+/// `paths_ignore_case`; without it, it goes to the site's `/` room, and
+/// the portal, reading `/bonus`, serves it ungated.
+#[tokio::test]
+async fn paths_ignore_case_keeps_capitals_in_the_gated_room() {
+    let up = upstream::spawn().await;
+    for ignore_case in [true, false] {
+        let cfg = format!(
+            "[secrets]\nephemeral = true\n\
+             [rooms.bonus]\nupstreams = [\"http://{up}\"]\npaths = [\"/Servizi/bonus\"]\n\
+             paths_ignore_case = {ignore_case}\nmode = \"queue_all\"\n\
+             [rooms.site]\nupstreams = [\"http://{up}\"]\n",
+            up = up.addr
+        );
+        let g = Gated::start(&cfg).await;
+        for path in [
+            "/servizi/bonus/apply",
+            "/SERVIZI/BONUS",
+            "/Servizi/Bonus%2Fapply",
+        ] {
+            let got = g.citizen().get(path).await;
+            if ignore_case {
+                assert!(got.is_waiting_page(), "{path}: {}", got.text());
+            } else {
+                assert!(got.reached_upstream(), "{path}: {}", got.text());
+            }
+        }
+        // As written, either way.
+        assert!(g
+            .citizen()
+            .get("/Servizi/bonus/apply")
+            .await
+            .is_waiting_page());
+        // Other paths are the site's.
+        assert!(g.citizen().get("/servizi/other").await.reached_upstream());
+    }
+}

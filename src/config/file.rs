@@ -514,6 +514,10 @@ pub struct RawRoom {
     pub hosts: Vec<String>,
     #[serde(default = "default_paths")]
     pub paths: Vec<String>,
+    /// Match `paths` without regard to case, for a portal that reads
+    /// paths so (IIS, ASP.NET): `/BONUS/apply` is then this room's.
+    #[serde(default)]
+    pub paths_ignore_case: bool,
     /// Send the client's Host to the upstream (true) or the upstream's own
     /// authority (false).
     #[serde(default = "default_true")]

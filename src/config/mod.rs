@@ -175,6 +175,8 @@ pub struct RoomConfig {
     pub weights: Vec<u32>,
     pub hosts: Vec<HostPattern>,
     pub paths: Vec<String>,
+    /// `paths` matched whatever their case (see `RawRoom`).
+    pub paths_ignore_case: bool,
     pub preserve_host: bool,
     /// For its https upstreams: the TLS server name, when not the host of
     /// their URLs.

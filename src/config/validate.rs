@@ -751,6 +751,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 // In the form requests are matched in: `/caf%C3%A8` and
                 // `/café` are one path.
                 let matched = crate::router::as_matched(path).into_owned();
+                // Two rooms' paths that one request would match alike.
+                let matched = if r.paths_ignore_case {
+                    matched.to_lowercase()
+                } else {
+                    matched
+                };
                 let Some(other) = routes.insert((h.clone(), matched), name.clone()) else {
                     continue;
                 };
@@ -1038,6 +1044,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             weights,
             hosts,
             paths: r.paths.clone(),
+            paths_ignore_case: r.paths_ignore_case,
             preserve_host: r.preserve_host,
             tls_server_name,
             response_timeout,
