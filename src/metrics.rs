@@ -479,7 +479,15 @@ impl Metrics {
         forget_where(&self.store_errors, &kept);
         forget_where(&self.rejected, &kept);
         forget_where(&self.wait_seconds, &kept);
-        forget_where(&self.adaptive_adjustments, &kept);
+        // Likewise a room's adaptive admission turned off: its frozen
+        // adjustments would read as a rate that stopped moving.
+        forget_where(&self.adaptive_adjustments, &|labels: &Labels| {
+            kept(labels)
+                && labels
+                    .get("room")
+                    .and_then(|room| room_of(room))
+                    .is_some_and(|r| r.config.adaptive.is_some())
+        });
         forget_where(&self.in_flight_wait_seconds, &kept);
         forget_where(&self.pass_extensions, &kept);
         forget_where(&self.reentries, &kept);

@@ -1369,3 +1369,32 @@ async fn a_reload_takes_away_the_series_of_what_it_removed() {
     assert!(after.contains(&format!("upstream=\"{}\"", one.addr)));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// A reload that turns a room's adaptive admission off takes its
+/// adjustment series away: frozen, they would read as a rate that stopped
+/// moving. Turned back on, they start again at 0.
+#[tokio::test]
+async fn a_reload_that_turns_adaptive_off_takes_its_series() {
+    let up = upstream::spawn().await;
+    let adaptive =
+        "adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"500ms\" }";
+    let with = gated_config(up.addr, adaptive);
+    let without = gated_config(up.addr, "admission_per_minute = 60");
+    let (g, path) = Gated::start_written("adaptive-off", &with).await;
+    let adjustments = || async {
+        get(&format!("http://{}/metrics", g.admin))
+            .await
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("varco_adaptive_adjustments_total{"))
+            .count()
+    };
+    assert_eq!(adjustments().await, 3, "made with the room, at 0");
+    std::fs::write(&path, &without).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(adjustments().await, 0, "adaptive off: its series gone");
+    std::fs::write(&path, &with).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(adjustments().await, 3, "back on: at 0 again");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
