@@ -83,6 +83,7 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// Read from the log's writer at each scrape.
     log_lines_dropped: IntCounter,
+    dropped_lines_counting: std::sync::Mutex<()>,
     /// By handling: buffered, streamed_large, streamed_memory_full.
     pub request_bodies: IntCounterVec,
     pub request_buffer_bytes: IntGauge,
@@ -128,10 +129,12 @@ const WAIT_BUCKETS: &[f64] = &[
     21600.0, 28800.0, 43200.0, 86400.0,
 ];
 
-/// Latency buckets from 5 ms to 60 s: a portal under click-day load lives
-/// in the upper half.
+/// Latency buckets from 5 ms to 5 min: a portal under click-day load lives
+/// in the upper half, and a room's `response_timeout` may be over the
+/// default 60 s (past the last bound, quantiles read every answer as that
+/// bound).
 const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 impl Metrics {
@@ -276,7 +279,7 @@ impl Metrics {
         .expect("valid metric");
         let rejected = counter(
             "varco_rejected_total",
-            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over per_session), closed, in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full)",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over the per-session rate), closed, cross_site (another site's request holding no pass), in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full), session_in_flight (a pass over in_flight.per_session)",
             &["room", "reason"],
         );
         let wait_seconds = HistogramVec::new(
@@ -387,6 +390,7 @@ impl Metrics {
             upstream_errors,
             open_connections,
             log_lines_dropped,
+            dropped_lines_counting: std::sync::Mutex::new(()),
             request_bodies,
             request_buffer_bytes,
             request_buffer_limit_bytes,
@@ -506,10 +510,18 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let dropped = crate::logging::dropped_lines();
-        let counted = self.log_lines_dropped.get();
-        if dropped > counted {
-            self.log_lines_dropped.inc_by(dropped - counted);
+        {
+            // One scrape at a time reads and adds: two Prometheus servers
+            // scraping at once would each add the same difference.
+            let _one = self
+                .dropped_lines_counting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let dropped = crate::logging::dropped_lines();
+            let counted = self.log_lines_dropped.get();
+            if dropped > counted {
+                self.log_lines_dropped.inc_by(dropped - counted);
+            }
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -1086,6 +1098,20 @@ mod tests {
             .unwrap()
             .as_secs_f64();
         assert!(super::WAIT_BUCKETS.last().is_some_and(|b| *b >= ttl));
+    }
+
+    /// An answer that took the default response timeout, or a longer
+    /// one a room sets, falls in a bucket under the last: in `+Inf`,
+    /// quantiles read every slow answer as the last bound.
+    #[test]
+    fn a_timed_out_answer_has_its_bucket() {
+        let timeout =
+            crate::config::units::parse_duration(crate::config::file::DEFAULT_RESPONSE_TIMEOUT)
+                .unwrap()
+                .as_secs_f64();
+        assert!(super::LATENCY_BUCKETS
+            .last()
+            .is_some_and(|b| *b >= 2.0 * timeout));
     }
 
     /// An adaptive room's rate changes are counted from 0, and a change
