@@ -256,8 +256,10 @@ impl RoomStore for MemoryRoom {
         };
         // A second of slack: the snapshot's time is read before its
         // sessions are. A session this node knows (even idled out) was
-        // not lost.
+        // not lost, nor one begun since the restart (this run's own,
+        // lapsed and purged: it comes back as anyone's lapsed pass does).
         if began_ms + 1_000 < lost_from
+            || began_ms >= restarted
             || now_ms >= restarted + idle_ms
             || self.ended.contains_key(&sid)
             || self.sessions.contains_key(&sid)
@@ -1207,6 +1209,10 @@ mod tests {
         assert!(
             room.adopt(3, 0, 12_000, 15_000 + idle, idle, &limits_unbounded()) == Adoption::Refused,
             "only within one idle time of the start"
+        );
+        assert!(
+            room.adopt(11, 0, 15_500, 16_000, idle, &limits_unbounded()) == Adoption::Refused,
+            "begun since the restart: this run's own session, lapsed, is not one lost"
         );
         // A clean start knows of no crash: nothing is taken back.
         store.close(20_000).unwrap();
