@@ -259,6 +259,9 @@ impl App {
         if !errors.is_empty() {
             return Err(AppError::Config(ConfigErrors(errors)));
         }
+        for room in &rooms {
+            warn_if_opened_by_a_past_date(room, now);
+        }
         certificates_in_force(
             &metrics,
             &config,
@@ -859,6 +862,13 @@ impl App {
                 &self.metrics,
             );
         }
+        let now = self.clock.now_ms();
+        for room in &rooms {
+            let before = self.room(&room.name).and_then(|r| r.config.opens_at_ms);
+            if before != room.config.opens_at_ms {
+                warn_if_opened_by_a_past_date(room, now);
+            }
+        }
         self.log_new_lines(&rooms);
         let names: Vec<&str> = rooms.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(rooms = ?names, "config reloaded");
@@ -1277,6 +1287,26 @@ async fn snapshot_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let app = app.clone();
         // File I/O off the async workers.
         let _ = tokio::task::spawn_blocking(move || app.save()).await;
+    }
+}
+
+/// Says so when a room's `opens_at` is already past while nobody has
+/// ever come: the room is open from now, with no pre-queue and no draw.
+/// Right the day after a click day, it is a slip (a year, a month
+/// mistyped) before one: people would be admitted now, not at the time
+/// announced. A warning, not a refusal: a restart after the opening
+/// keeps the date it opened at.
+fn warn_if_opened_by_a_past_date(room: &Room, now_ms: u64) {
+    let Some(t) = room.config.opens_at_ms.filter(|t| *t <= now_ms) else {
+        return;
+    };
+    let view = room.view();
+    if view.queue == 0 && view.prequeue == 0 {
+        tracing::warn!(
+            room = %room.name,
+            opens_at = %crate::timefmt::rfc3339(t),
+            "opens_at is already past and nobody has come yet: the room is open now, with no pre-queue and no draw; if the opening is meant for later, correct the date and reload before anyone comes"
+        );
     }
 }
 

@@ -1029,3 +1029,52 @@ async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
         .expect("a line within 30 s")
         .expect("varco still logging")
 }
+
+/// An `opens_at` already past for a room nobody has come to (a year
+/// mistyped) is said at start: the room opens now, not at the date meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_opening_for_an_empty_room_is_told_at_start() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("past-opening");
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n\
+             [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 10\n\
+             opens_at = \"2025-12-01T09:00:00+01:00\"\n\
+             [rooms.later]\nupstreams = [\"http://{up}\"]\nmax_active = 10\npaths = [\"/later\"]\n\
+             opens_at = \"2099-12-01T09:00:00+01:00\"\n",
+            up = up.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("opens_at is already past") {
+                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+            }
+        }
+    });
+    // Only for the room whose date has passed: every line, up to the
+    // end of the log at the process's stop.
+    let first = next(&mut said).await;
+    p.signal("TERM");
+    let mut told = vec![first];
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(30), said.recv()).await {
+        told.push(line);
+    }
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["room"], "portal", "{}", told[0]);
+    assert_eq!(told[0]["opens_at"], "2025-12-01T08:00:00Z", "{}", told[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
