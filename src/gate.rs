@@ -527,9 +527,10 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     // Each return renews the pass, and with it its detour window: without
     // a count, a person could leave, let the slot go to the next in line,
     // and come back past max_active by the callback's path, again and
-    // again. The counts are in the pass; an older copy has an older
-    // expiry. Each reason has its own: a slow login and a portal failure
-    // on the same click day are both likely.
+    // again. The counts are in the pass, and each return moves the person
+    // to a new session (below), so no copy with a lower count lives on.
+    // Each reason has its own: a slow login and a portal failure on the
+    // same click day are both likely.
     let (used, most) = if detour {
         (pass.fr, c.max_flow_returns)
     } else if failed {
@@ -541,10 +542,29 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         room.metrics.reentries_refused.inc();
         return Ok(None);
     }
+    // Not if the portal ended it.
     if !lane.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
         return Ok(None);
     }
-    let mut back = renewed(room, &pass, r.now_ms);
+    // Back in a new session, the old one ended: a copy of the pass kept
+    // from before this return (its count lower) would otherwise be renewed
+    // as live, count and all, and come back again and again.
+    let new_sid = random_u128();
+    lane.store
+        .end_session(sid, r.now_ms, room.ended_memory_ms())
+        .await?;
+    if !lane
+        .store
+        .restore(new_sid, r.now_ms + idle, r.now_ms)
+        .await?
+    {
+        return Ok(None);
+    }
+    let mut back = PassClaims {
+        sid: format!("{new_sid:032x}"),
+        at: r.now_ms,
+        ..renewed(room, &pass, r.now_ms)
+    };
     if detour {
         back.fr += 1;
         room.metrics.reentries_after_detour.inc();

@@ -568,6 +568,50 @@ async fn returns_by_a_login_callback_are_counted() {
     assert_eq!(refused().await, Some(1.0));
 }
 
+/// The counts of returns are in the pass: a copy kept from before a
+/// return (its count lower) must not come back, nor be renewed as live,
+/// or one could return past `max_flow_returns` again and again, each time
+/// past `max_active`.
+#[tokio::test]
+async fn a_copy_of_the_pass_from_before_a_return_does_not_come_back() {
+    let up = upstream::spawn().await;
+    let room = format!("{DETOUR_ROOM}\nmax_flow_returns = 1\nmax_reentries = 0");
+    let g = Gated::start(&config(up.addr, &room, "")).await;
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    let before = d.jar.clone();
+    // d's session lapses at 1m; its pass, made at 0, is good until 2m.
+    g.advance(3 * MIN / 2).await;
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
+    assert!(d.get("/oidc/callback?code=1").await.reached_upstream());
+    // The copy from before the return, still in date, is no live pass.
+    let mut replay = g.citizen();
+    replay.jar = before.clone();
+    let got = replay.get("/apply").await;
+    assert!(
+        !got.reached_upstream(),
+        "a copy from before the return renewed as live: {}",
+        got.status
+    );
+    // d's own pass, from the return, still is.
+    assert!(d.get("/apply").await.reached_upstream());
+    for _ in 0..6 {
+        g.advance(MIN / 2).await;
+        assert!(e.get("/apply").await.reached_upstream());
+    }
+    // Lapsed again: the old copy (no return counted in it) does not come
+    // back by the callback either.
+    let mut replay = g.citizen();
+    replay.jar = before;
+    let got = replay.get("/oidc/callback?code=2").await;
+    assert!(
+        !got.reached_upstream(),
+        "a copy from before the return came back past max_flow_returns: {}",
+        got.status
+    );
+}
+
 #[tokio::test]
 async fn a_login_detour_is_bounded_by_its_window() {
     let up = upstream::spawn().await;
