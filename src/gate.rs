@@ -542,9 +542,45 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         room.metrics.reentries_refused.inc();
         return Ok(None);
     }
+    // The return of session `sid`, held (as a claim is) until its answer
+    // has reached the person.
+    let returned = format!("{}~{sid:032x}", room.lane_label(lane));
+    let back_in = |new_sid: u128| {
+        let mut back = PassClaims {
+            sid: format!("{new_sid:032x}"),
+            at: r.now_ms,
+            ..renewed(room, &pass, r.now_ms)
+        };
+        if detour {
+            back.fr += 1;
+        } else {
+            back.re += 1;
+        }
+        back
+    };
     // Not if the portal ended it.
     if !lane.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
-        return Ok(None);
+        // Or ended by a return of this node's whose answer (the new pass)
+        // never got there: the connection dropped on a phone's network.
+        // The same request again gets that pass again.
+        let Some((new_sid, delivery)) = room
+            .undelivered
+            .held_for(&returned, pass.n, pass.arr, r.now_ms)
+        else {
+            return Ok(None);
+        };
+        if lane.store.touch(new_sid, r.now_ms, idle) != Liveness::Alive {
+            room.undelivered.forget(&returned, pass.n, pass.arr);
+            return Ok(None);
+        }
+        tracing::info!(room = %room.name, n = pass.n, "a return's pass that never reached its holder sent again");
+        let back = back_in(new_sid);
+        return Ok(Some(Gate::Proxy {
+            set_cookies: vec![pass_cookie(room, &back, r.tls)],
+            pass: Some(back),
+            delivery: Some(delivery),
+            whole_body: false,
+        }));
     }
     // Back in a new session, the old one ended: a copy of the pass kept
     // from before this return (its count lower) would otherwise be renewed
@@ -560,23 +596,25 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     {
         return Ok(None);
     }
-    let mut back = PassClaims {
-        sid: format!("{new_sid:032x}"),
-        at: r.now_ms,
-        ..renewed(room, &pass, r.now_ms)
-    };
     if detour {
-        back.fr += 1;
         room.metrics.reentries_after_detour.inc();
     } else {
-        back.re += 1;
         room.metrics.reentries_after_failure.inc();
     }
     tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");
+    let back = back_in(new_sid);
+    let delivery = room.undelivered.hold(
+        &returned,
+        pass.n,
+        pass.arr,
+        new_sid,
+        r.now_ms,
+        r.now_ms + idle,
+    );
     Ok(Some(Gate::Proxy {
         set_cookies: vec![pass_cookie(room, &back, r.tls)],
         pass: Some(back),
-        delivery: None,
+        delivery,
         whole_body: false,
     }))
 }

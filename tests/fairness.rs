@@ -612,6 +612,57 @@ async fn a_copy_of_the_pass_from_before_a_return_does_not_come_back() {
     );
 }
 
+/// A return whose answer never reached the person (the connection
+/// dropped on a phone's network, the portal slow to answer the login's
+/// callback) does not cost the way back: the same pass again brings the
+/// return's own new pass, as a lost claim's ticket does. Once that
+/// answer has gone out, the old pass brings nothing.
+#[tokio::test]
+async fn a_return_whose_answer_is_lost_is_sent_again() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream::spawn().await;
+    let room =
+        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/slow\"]\nflow_window = \"10m\"";
+    let g = Gated::start(&config(up.addr, room, "")).await;
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    let before = d.jar.clone();
+    // d's session lapses at 1m; its pass, made at 0, is good until 2m.
+    g.advance(3 * MIN / 2).await;
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
+    let pass = d.cookie("varco_pass_portal").unwrap().to_string();
+    let mut tcp = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    let callback = format!(
+        "GET /slow?ms=30000 HTTP/1.1\r\nhost: localhost\r\ncookie: varco_pass_portal={pass}\r\n\r\n"
+    );
+    tcp.write_all(callback.as_bytes()).await.unwrap();
+    let forwarding = async |n: f64| {
+        metric(g.admin, "varco_upstream_in_flight", "room=\"portal\"").await == Some(n)
+    };
+    let wait = std::time::Duration::from_secs(10);
+    common::client::until("the callback at the portal", wait, async || {
+        forwarding(1.0).await
+    })
+    .await;
+    drop(tcp);
+    common::client::until("the callback dropped", wait, async || forwarding(0.0).await).await;
+    // (The portal's slow page says "slow done".)
+    let got = d.get("/slow?ms=1").await;
+    assert_eq!(got.text(), "slow done", "sent to the queue: {}", got.status);
+    assert_ne!(
+        d.cookie("varco_pass_portal").unwrap(),
+        pass,
+        "the return's new pass"
+    );
+    assert!(d.get("/apply").await.reached_upstream());
+    // That answer went out: the pass from before the return brings
+    // nothing now.
+    let mut replay = g.citizen();
+    replay.jar = before;
+    assert_ne!(replay.get("/slow?ms=1").await.text(), "slow done");
+}
+
 #[tokio::test]
 async fn a_login_detour_is_bounded_by_its_window() {
     let up = upstream::spawn().await;
