@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -162,8 +162,8 @@ impl ListenerSettings {
         }
     }
 
-    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut b = auto::Builder::new(TokioExecutor::new());
+    fn http_builder(&self, streams: Streams) -> auto::Builder<Streams> {
+        let mut b = auto::Builder::new(streams);
         let mut h1 = b.http1();
         h1
             // Without a timer, header_read_timeout silently does nothing.
@@ -199,6 +199,27 @@ impl ListenerSettings {
             .keep_alive_interval(self.keepalive_timeout)
             .keep_alive_timeout(self.keepalive_timeout.min(Duration::from_secs(20)));
         b
+    }
+}
+
+/// Where hyper runs each HTTP/2 stream, a task of its own apart from its
+/// connection's: on the listener's tracker, ended at `close` as the
+/// connections are. On tokio's own, a stream could still be admitting
+/// someone after the grace, once the last snapshot is written.
+#[derive(Clone)]
+struct Streams {
+    tracker: TaskTracker,
+    close: CancellationToken,
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.tracker
+            .spawn(self.close.clone().run_until_cancelled_owned(fut));
     }
 }
 
@@ -239,7 +260,10 @@ pub async fn serve<H: Handler>(
         drain: mut shutdown,
         close,
     } = stop;
-    let builder = Arc::new(settings.http_builder());
+    let builder = Arc::new(settings.http_builder(Streams {
+        tracker: tracker.clone(),
+        close: close.clone(),
+    }));
     // Past the cap, connections wait in the kernel's backlog rather than
     // being accepted and starved (HAProxy's maxconn behaviour).
     let slots = Arc::new(Semaphore::new(settings.max_connections));
@@ -400,7 +424,7 @@ async fn from_balancer(
 async fn serve_connection<IO, H>(
     io: IO,
     info: ConnInfo,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<Streams>,
     handler: Arc<H>,
     settings: &ListenerSettings,
     mut shutdown: watch::Receiver<bool>,
