@@ -83,6 +83,14 @@ pub trait Handler: Send + Sync + 'static {
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// How much of a request body an HTTP/2 client may send before varco
+/// reads it: per stream, as nginx's http2_body_preread_size (64k), and
+/// per connection. hyper's 1 MiB each let a client park a mebibyte per
+/// connection in varco, counted in no `request_buffer_memory`, while its
+/// request waits at the gate or for an upstream (10,000 connections: 10
+/// GiB). A body read as it comes opens the window again as it goes.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 /// The request header count hyper allows when it is not told one.
 const HYPER_MAX_HEADERS: usize = 100;
 
@@ -193,6 +201,8 @@ impl ListenerSettings {
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
             .max_header_list_size(self.max_header_size as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             // varco PINGs a client quiet for keepalive_timeout, and closes
             // one that does not answer: the goodbye of an idle connection
             // waits for such an answer, and would otherwise wait for ever.

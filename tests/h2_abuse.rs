@@ -259,3 +259,43 @@ async fn a_reset_stream_leaves_no_upstream_request_counted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client may send no more of a request body than the flow-control
+/// windows varco grants (64 KiB a stream, as nginx, 256 KiB a
+/// connection) before varco reads it: hyper's 1 MiB each let a client
+/// park a mebibyte per connection, counted nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_not_yet_read_is_held_to_the_window() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "[log]\naccess = false")).await;
+    let mut send = attacker(&v).await;
+    let mut bodies = Vec::new();
+    let mut most = 0;
+    for _ in 0..6 {
+        let req = Request::post(format!("http://p:{}/slow?ms=30000", v.addr.port()))
+            .body(())
+            .unwrap();
+        send = send.ready().await.expect("a stream may open");
+        let (_resp, mut body) = send.send_request(req, false).expect("the request goes");
+        body.reserve_capacity(4 << 20);
+        // The capacity granted settles once the server's settings and
+        // window updates are in: what it grants, no data sent yet.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(
+            Duration::from_millis(500),
+            std::future::poll_fn(|cx| body.poll_capacity(cx)),
+        )
+        .await
+        {}
+        most = most.max(body.capacity());
+        bodies.push(body);
+    }
+    let total: usize = bodies.iter().map(|b| b.capacity()).sum();
+    assert!(
+        most > 0 && most <= 64 * 1024,
+        "a stream was granted {most} bytes unread"
+    );
+    assert!(
+        total <= 256 * 1024,
+        "a connection was granted {total} bytes unread"
+    );
+}
