@@ -132,8 +132,12 @@ impl Gateway {
 }
 
 /// A Host the portal could read as another than varco routes by: two
-/// Host fields, one out of syntax (`router::valid_host`), or, in HTTP/2,
-/// one naming another than :authority (RFC 9113 8.3.1); without a Host,
+/// Host fields, one out of syntax (`router::valid_host`), or one naming
+/// another than the request's authority: HTTP/2's :authority (RFC 9113
+/// 8.3.1), or an HTTP/1.1 absolute-form target's, which RFC 9112 3.2.2
+/// says wins over Host (a cache or firewall in front that reads it so
+/// would see another site than varco routes and the portal serves);
+/// without a Host,
 /// an authority out of that syntax, or none at all in HTTP/1.1 (RFC 9112
 /// 3.2: a 400, as nginx answers; HTTP/1.0 had no Host).
 fn host_is_ambiguous(req: &Request<Incoming>) -> bool {
@@ -149,11 +153,11 @@ fn host_is_ambiguous(req: &Request<Incoming>) -> bool {
     if hosts.next().is_some() || !crate::router::valid_host(host.as_bytes()) {
         return true;
     }
-    match (req.version(), req.uri().authority()) {
-        (http::Version::HTTP_2, Some(authority)) => host.to_str().map_or(true, |h| {
+    match req.uri().authority() {
+        Some(authority) => host.to_str().map_or(true, |h| {
             crate::router::normalise_host(h) != crate::router::normalise_host(authority.as_str())
         }),
-        _ => false,
+        None => false,
     }
 }
 
