@@ -545,7 +545,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     // The return of session `sid`, held (as a claim is) until its answer
     // has reached the person.
     let returned = format!("{}~{sid:032x}", room.lane_label(lane));
-    let back_in = |new_sid: u128| {
+    let back_in = |new_sid: u128, delivery: Option<Delivery>| {
         let mut back = PassClaims {
             sid: format!("{new_sid:032x}"),
             at: r.now_ms,
@@ -556,45 +556,65 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         } else {
             back.re += 1;
         }
-        back
-    };
-    // Not if the portal ended it.
-    if !lane.store.restore(sid, r.now_ms + idle, r.now_ms).await? {
-        // Or ended by a return of this node's whose answer (the new pass)
-        // never got there: the connection dropped on a phone's network.
-        // The same request again gets that pass again.
-        let Some((new_sid, delivery)) = room
-            .undelivered
-            .held_for(&returned, pass.n, pass.arr, r.now_ms)
-        else {
-            return Ok(None);
-        };
-        if lane.store.touch(new_sid, r.now_ms, idle) != Liveness::Alive {
-            room.undelivered.forget(&returned, pass.n, pass.arr);
-            return Ok(None);
-        }
-        tracing::info!(room = %room.name, n = pass.n, "a return's pass that never reached its holder sent again");
-        let back = back_in(new_sid);
-        return Ok(Some(Gate::Proxy {
+        Gate::Proxy {
             set_cookies: vec![pass_cookie(room, &back, r.tls)],
             pass: Some(back),
-            delivery: Some(delivery),
+            delivery,
             whole_body: false,
-        }));
-    }
+        }
+    };
     // Back in a new session, the old one ended: a copy of the pass kept
     // from before this return (its count lower) would otherwise be renewed
-    // as live, count and all, and come back again and again.
+    // as live, count and all, and come back again and again. Held first:
+    // the same pass again, in parallel (a page's requests at once) or
+    // after this answer was lost (a phone's network), gets this return's
+    // pass, not a session of its own.
     let new_sid = random_u128();
-    lane.store
-        .end_session(sid, r.now_ms, room.ended_memory_ms())
-        .await?;
-    if !lane
-        .store
-        .restore(new_sid, r.now_ms + idle, r.now_ms)
-        .await?
+    let until = r.now_ms + idle;
+    let delivery = match room
+        .undelivered
+        .hold_first(&returned, pass.n, pass.arr, new_sid, r.now_ms, until)
     {
-        return Ok(None);
+        Ok(delivery) => delivery,
+        Err((held, delivery)) => {
+            tracing::info!(room = %room.name, n = pass.n, "a return already made, its pass sent again");
+            return Ok(Some(back_in(held, Some(delivery))));
+        }
+    };
+    let forget = || room.undelivered.forget(&returned, pass.n, pass.arr);
+    // Not if the portal ended it. Asked as a restore that ends at once:
+    // the old session must not live again, even for a moment, or a
+    // request with its pass sent alongside would be renewed on it.
+    match lane.store.restore(sid, r.now_ms, r.now_ms).await {
+        Ok(true) => {}
+        Ok(false) => {
+            forget();
+            return Ok(None);
+        }
+        Err(e) => {
+            forget();
+            return Err(e);
+        }
+    }
+    match lane.store.restore(new_sid, until, r.now_ms).await {
+        Ok(true) => {}
+        Ok(false) => {
+            forget();
+            return Ok(None);
+        }
+        Err(e) => {
+            forget();
+            return Err(e);
+        }
+    }
+    // The old session's end is best effort: the person is back either way,
+    // and a store away has it sent when it returns.
+    if let Err(e) = lane
+        .store
+        .end_session(sid, r.now_ms, room.ended_memory_ms())
+        .await
+    {
+        tracing::warn!(room = %room.name, error = %e, "a returned session's old one could not be ended yet");
     }
     if detour {
         room.metrics.reentries_after_detour.inc();
@@ -602,21 +622,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         room.metrics.reentries_after_failure.inc();
     }
     tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");
-    let back = back_in(new_sid);
-    let delivery = room.undelivered.hold(
-        &returned,
-        pass.n,
-        pass.arr,
-        new_sid,
-        r.now_ms,
-        r.now_ms + idle,
-    );
-    Ok(Some(Gate::Proxy {
-        set_cookies: vec![pass_cookie(room, &back, r.tls)],
-        pass: Some(back),
-        delivery,
-        whole_body: false,
-    }))
+    Ok(Some(back_in(new_sid, delivery)))
 }
 
 fn new_session(room: &Room, r: &GateRequest) -> NewSession {

@@ -2710,3 +2710,49 @@ async fn a_new_node_counts_the_clusters_admissions_from_its_start() {
     assert_eq!(admitted(&both[0]).await, Some(5.0));
     assert_eq!(admitted(&both[1]).await, Some(2.0));
 }
+
+/// A page's requests sent at once with a lapsed pass on its login
+/// callback's path (each a return): one return, one new session, not one
+/// each holding a slot for nobody. Over Redis, where every store call is
+/// a round trip and the requests interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_sent_at_once_make_one_session() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let room =
+        "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/slow\"]\nflow_window = \"10m\"";
+    let g = Gated::start(&cluster_config(&redis, up.addr, room, "lease = \"3s\"")).await;
+    g.advance(1000).await;
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    // d's session lapses at a tick (a second at a time: a longer gap is
+    // an outage's, which counts against nobody's idle time); its pass is
+    // good until 2m.
+    for _ in 0..85 {
+        g.advance(1000).await;
+    }
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
+    let returns: Vec<_> = (0..8)
+        .map(|i| {
+            let mut copy = Citizen::new(g.addr);
+            copy.jar = d.jar.clone();
+            // Answered slowly, so all are in before any answer is out.
+            tokio::spawn(async move { copy.get(&format!("/slow?ms=500&code={i}")).await })
+        })
+        .collect();
+    let mut passes = std::collections::HashSet::new();
+    for r in returns {
+        let got = r.await.unwrap();
+        assert_eq!(got.text(), "slow done", "{}", got.status);
+        let set = got.headers["set-cookie"].to_str().unwrap().to_string();
+        passes.insert(set.split(';').next().unwrap().to_string());
+    }
+    assert_eq!(passes.len(), 1, "one return's pass for all: {passes:?}");
+    g.advance(1000).await;
+    assert_eq!(
+        g.app.room("portal").unwrap().view().active,
+        2,
+        "e and d's one returned session"
+    );
+}

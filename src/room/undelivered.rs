@@ -80,6 +80,42 @@ impl Undelivered {
         Some(self.delivery(ticket))
     }
 
+    /// As `hold`, unless that ticket holds a claim already (another
+    /// request with it got there first): then `Err` with that claim's
+    /// session and a guard for this answer, which carries its pass too.
+    pub fn hold_first(
+        &self,
+        lane: &str,
+        n: u64,
+        arrived_ms: u64,
+        sid: u128,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Delivery>, (u128, Delivery)> {
+        if self.held.len() >= MAX_HELD {
+            self.held.retain(|_, h| h.until_ms > now_ms);
+        }
+        let ticket = Claimed::of(lane, n, arrived_ms);
+        let full = self.held.len() >= MAX_HELD;
+        match self.held.entry(ticket.clone()) {
+            dashmap::Entry::Occupied(e) if e.get().until_ms > now_ms => {
+                let sid = e.get().sid;
+                drop(e);
+                Err((sid, self.delivery(ticket)))
+            }
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(Held { sid, until_ms });
+                drop(e);
+                Ok(Some(self.delivery(ticket)))
+            }
+            dashmap::Entry::Vacant(_) if full => Ok(None),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Held { sid, until_ms });
+                Ok(Some(self.delivery(ticket)))
+            }
+        }
+    }
+
     /// The session a ticket claimed whose pass has not been delivered, with
     /// a guard for the answer that carries it again.
     pub fn held_for(
