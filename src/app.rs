@@ -774,11 +774,14 @@ impl App {
         // reload of such a file keeps it, or the operator page and the
         // API went dark, with no way back but a restart.
         let made_up = !self.config.raw.admin.names_tokens() && !self.config.admin_tokens.is_empty();
-        let keep_made_up = made_up && !next.admin.names_tokens();
-        if !keep_made_up && **self.admin_tokens.load() != new.admin_tokens {
-            let ids: Vec<&str> = new.admin_tokens.iter().map(|t| t.id.as_str()).collect();
+        let tokens = match made_up && !next.admin.names_tokens() {
+            true => &self.config.admin_tokens,
+            false => &new.admin_tokens,
+        };
+        if **self.admin_tokens.load() != *tokens {
+            let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
             tracing::info!(tokens = ?ids, "admin tokens replaced");
-            self.admin_tokens.store(Arc::new(new.admin_tokens.clone()));
+            self.admin_tokens.store(Arc::new(tokens.clone()));
         }
         if let (Some(served), Some(t)) = (&self.certificates, &new.server.tls) {
             served.replace(t);
@@ -1300,6 +1303,10 @@ fn warn_if_opened_by_a_past_date(room: &Room, now_ms: u64) {
     let Some(t) = room.config.opens_at_ms.filter(|t| *t <= now_ms) else {
         return;
     };
+    // Counters not heard from Redis yet say nothing of who came.
+    if !room.heard() {
+        return;
+    }
     let view = room.view();
     if view.queue == 0 && view.prequeue == 0 {
         tracing::warn!(

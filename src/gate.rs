@@ -366,10 +366,24 @@ fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> S
 /// may be another room, where this room's ticket claims nothing and lapses.
 fn landing(room: &Room, r: &GateRequest) -> String {
     let in_room = |path: &str| {
+        let lower;
+        let path = match room.config.paths_ignore_case {
+            true => {
+                lower = path.to_lowercase();
+                lower.as_str()
+            }
+            false => path,
+        };
         room.config
             .paths
             .iter()
-            .any(|p| crate::router::on_prefix(p, path))
+            .any(|p| match room.config.paths_ignore_case {
+                true => crate::router::prefix_matches(
+                    &crate::router::as_matched(p).to_lowercase(),
+                    path,
+                ),
+                false => crate::router::on_prefix(p, path),
+            })
     };
     let from_referer = r
         .headers

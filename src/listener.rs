@@ -83,14 +83,7 @@ pub trait Handler: Send + Sync + 'static {
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// How much of a request body an HTTP/2 client may send before varco
-/// reads it: per stream, as nginx's http2_body_preread_size (64k), and
-/// per connection. hyper's 1 MiB each let a client park a mebibyte per
-/// connection in varco, counted in no `request_buffer_memory`, while its
-/// request waits at the gate or for an upstream (10,000 connections: 10
-/// GiB). A body read as it comes opens the window again as it goes.
-const H2_STREAM_WINDOW: u32 = 64 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+
 /// The request header count hyper allows when it is not told one.
 const HYPER_MAX_HEADERS: usize = 100;
 
@@ -201,8 +194,16 @@ impl ListenerSettings {
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
             .max_header_list_size(self.max_header_size as u32)
-            .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            // How much of a request body a client may send before varco
+            // reads it: hyper's fixed 1 MiB a stream and a connection let
+            // a client park a mebibyte per connection in varco, counted
+            // in no `request_buffer_memory`, while its request waits at
+            // the gate or for an upstream (10,000 connections: 10 GiB).
+            // Adaptive, the windows start at the protocol's 64 KiB and
+            // grow with what a body read as it comes shows the link can
+            // carry (an upload on a slow, far phone is not held to 64 KiB
+            // a round trip, as a fixed small window would).
+            .adaptive_window(true)
             // varco PINGs a client quiet for keepalive_timeout, and closes
             // one that does not answer: the goodbye of an idle connection
             // waits for such an answer, and would otherwise wait for ever.

@@ -289,12 +289,22 @@ fn a_secrets_file_that_does_not_parse_is_not_quoted() {
         format!("[[keys]]\nid = \"k1\"\nsecret = {SECRET}\n"),
     )
     .unwrap();
+    // A value of the wrong type, which serde quotes.
+    std::fs::write(
+        dir.join("typed.toml"),
+        format!("\n\ntokens = \"{SECRET}\"\n"),
+    )
+    .unwrap();
     for (toml, key) in [
         (
             "[admin]\ntokens_file = \"tokens.toml\"\n",
             "admin.tokens_file",
         ),
         ("[secrets]\nkey_file = \"keys.toml\"\n", "secrets.key_file"),
+        (
+            "[admin]\ntokens_file = \"typed.toml\"\n",
+            "admin.tokens_file",
+        ),
     ] {
         let Err(e) = Config::from_toml(&format!("{toml}{ROOM}"), &dir) else {
             panic!("accepted: {toml}");
@@ -304,6 +314,26 @@ fn a_secrets_file_that_does_not_parse_is_not_quoted() {
         assert!(!e.to_string().contains(SECRET), "the secret said: {e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A room that ignores case and another whose path is the same in
+/// another case would both match one request: refused.
+#[test]
+fn paths_alike_but_for_case_are_refused_where_case_is_ignored() {
+    let rooms = |ignore: bool| {
+        format!(
+            "[rooms.a]\nupstreams = [\"http://x\"]\npaths = [\"/Bonus\"]\n\
+             [rooms.b]\nupstreams = [\"http://x\"]\npaths = [\"/bonus\"]\npaths_ignore_case = {ignore}\n"
+        )
+    };
+    let e = errors(&rooms(true));
+    assert!(
+        e.0.iter()
+            .any(|p| p.key == "rooms.b.paths" && p.reason.contains("in another case")),
+        "{e}"
+    );
+    // Both minding case: two paths, two rooms.
+    assert!(Config::from_toml(&rooms(false), Path::new(".")).is_ok());
 }
 
 /// A zero or a size that refuses every form says what it would do.

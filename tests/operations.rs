@@ -1264,6 +1264,27 @@ async fn a_reload_keeps_the_demos_made_up_token() {
             .status,
         200
     );
+    // The file names none again: the made-up one, and only it.
+    std::fs::write(&path, &cfg).unwrap();
+    assert_eq!(
+        api(
+            &g,
+            "POST",
+            "/api/reload",
+            Some("a-token-from-the-file-0123")
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(api(&g, "GET", "/api/rooms", Some(TOKEN)).await.status, 200);
+    assert_eq!(
+        api(&g, "GET", "/api/rooms", Some("a-token-from-the-file-0123"))
+            .await
+            .status,
+        401,
+        "a token the file no longer names is revoked"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

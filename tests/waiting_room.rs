@@ -698,6 +698,35 @@ async fn a_post_without_a_pass_lands_back_in_its_room() {
     assert_eq!(landing(Some(dotted)).await, "/bonus");
 }
 
+/// With `paths_ignore_case`, a page of the room spelled in capitals is
+/// the room's own: the person lands back on it.
+#[tokio::test]
+async fn a_post_lands_back_on_its_page_in_any_case_where_case_is_ignored() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "paths = [\"/bonus\"]\npaths_ignore_case = true\nmax_active = 1",
+    ))
+    .await;
+    assert!(g.citizen().get("/bonus").await.reached_upstream());
+    let mut c = g.citizen();
+    let form = format!("http://{}/BONUS/Form?step=2", g.addr);
+    let got = c
+        .request(
+            "POST",
+            "/Bonus/submit",
+            body::full("iban=IT00"),
+            &[("referer", form.as_str())],
+        )
+        .await;
+    assert!(got.is_waiting_page(), "{}", got.text());
+    assert!(
+        got.text().contains("data-next=\"/BONUS/Form?step=2\""),
+        "{}",
+        got.text()
+    );
+}
+
 #[tokio::test]
 async fn the_waiting_page_lands_where_the_person_was_going() {
     let up = upstream::spawn().await;

@@ -362,7 +362,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     let max_body_size = p.size("server.max_body_size", &s.max_body_size);
     // nginx's client_max_body_size 0 means no limit; here it would refuse
     // every form, a login's too, with 413.
-    if max_body_size < MIN_BODY_SIZE && !p.0.iter().any(|e| e.key == "server.max_body_size") {
+    // (A size that did not parse reads as 0, and is named already.)
+    if max_body_size < MIN_BODY_SIZE {
         p.add(
             "server.max_body_size",
             format!("\"{}\" is under 1KiB: every form, a login's too, would get 413 (0 does not mean \"no limit\" as in nginx: give the largest upload the portal takes)", s.max_body_size),
@@ -593,7 +594,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     } else if store.tick > MAX_TICK {
         p.add(
             "store.tick",
-            format!("must be at most {MAX_TICK:?}: a tick calls a tick's worth of the rate at once (at \"5m\", five minutes' worth in one go), and turns lapse only at a tick, well past the shortest claim_window (15s)"),
+            format!("must be at most {MAX_TICK:?}: a tick calls a tick's worth of the rate at once (at \"5m\", five minutes' worth in one go), and turns lapse only at a tick: at most a third of the shortest claim_window ({:?})", crate::page::waiting::MIN_CLAIM_WINDOW),
         );
     }
     // The lease is renewed once a tick: shorter than two ticks, one late
@@ -618,6 +619,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     }
     let mut rooms = Vec::new();
     let mut routes: HashMap<(HostPattern, String), String> = HashMap::new();
+    // The same in lower case, with whether the room ignores case.
+    let mut folded: HashMap<(HostPattern, String), (String, bool)> = HashMap::new();
     for (name, r) in &raw.rooms {
         let key = |k: &str| format!("rooms.{name}.{k}");
         if name.is_empty()
@@ -757,6 +760,23 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 } else {
                     matched
                 };
+                // And in any case, where a room ignores it: `/Bonus` as
+                // written in one room is `/bonus` of one that ignores case.
+                let folded_key = (h.clone(), matched.to_lowercase());
+                if let Some((other, other_ignores)) = folded.get(&folded_key) {
+                    if *other != *name && (r.paths_ignore_case || *other_ignores) {
+                        p.add(
+                            key("paths"),
+                            format!(
+                                "host \"{}\" and path \"{path}\" are room \"{other}\"'s too, in another case: with paths_ignore_case a request would match both",
+                                h.written()
+                            ),
+                        );
+                    }
+                }
+                folded
+                    .entry(folded_key)
+                    .or_insert((name.clone(), r.paths_ignore_case));
                 let Some(other) = routes.insert((h.clone(), matched), name.clone()) else {
                     continue;
                 };
@@ -1213,9 +1233,9 @@ fn parse_adaptive(
     }
 }
 
-/// A CIDR ("10.0.0.0/8") or a single address ("192.0.2.7").
-/// An address or network that names some machines: `0.0.0.0/0` (or
-/// `::/0`) is refused, for every list it could go in says who is trusted
+/// A CIDR ("10.0.0.0/8") or a single address ("192.0.2.7") that names
+/// some machines: `0.0.0.0/0` (or `::/0`) is refused, for every list it
+/// could go in says who is trusted
 /// or let through: as a bypass it takes the room's gate off for everyone,
 /// in `trusted_proxies` it lets anyone name any client (a bypass address,
 /// another's limit).
@@ -1427,7 +1447,14 @@ pub(crate) fn guessable(secret: &str) -> Option<String> {
 /// or a token, and this goes to the journal, the audit log of a refused
 /// reload and the reload's answer.
 fn secret_file_error(text: &str, e: &toml::de::Error) -> String {
-    e.message().trim().replace('\n', ": ") + &super::location(text, e)
+    let message = e.message().trim().replace('\n', ": ");
+    // serde quotes a value of the wrong type (`invalid type: string
+    // "Zq8v..."`): the message stops before it.
+    let message = match message.split_once('"') {
+        Some((before, _)) => format!("{}(the value is not shown)", before),
+        None => message,
+    };
+    message + &super::location(text, e)
 }
 
 /// The keys that sign tickets and passes, from a file or the environment.
@@ -1828,7 +1855,8 @@ const MIN_TICK: Duration = Duration::from_millis(10);
 
 /// The longest: a third of the shortest claim window, so a turn not
 /// claimed lapses within a third of its window after it ends.
-const MAX_TICK: Duration = Duration::from_secs(5);
+const MAX_TICK: Duration =
+    Duration::from_secs(crate::page::waiting::MIN_CLAIM_WINDOW.as_secs() / 3);
 
 /// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
 /// as written, if it could not.

@@ -277,7 +277,7 @@ try {
   const big = {
     state: "waiting",
     position: 12345,
-    ahead: 12344,
+    ahead: 1234,
     eta_seconds: 900,
     eta_low_seconds: 720,
     eta_high_seconds: 1350,
@@ -299,8 +299,8 @@ try {
   check(held === 1, "a poll that never ended did not stop the polling");
   await until("the page shows the answer", async () => (await pos(tab)) === "12.345");
   check(
-    (await tab.textContent("#ahead")).trim() === "12.344",
-    "figures grouped as Italian writes them (12.345), by the script too"
+    (await tab.textContent("#ahead")).trim() === "1234",
+    "figures grouped as Italian writes them (12.345, and 1234 whole), by the script as by the server"
   );
   const localTime = await tab.evaluate(() => new Date("2026-12-01T08:00:00Z").toLocaleTimeString("it"));
   const updated = (await tab.textContent("#updated")).trim();
