@@ -366,24 +366,13 @@ fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> S
 /// may be another room, where this room's ticket claims nothing and lapses.
 fn landing(room: &Room, r: &GateRequest) -> String {
     let in_room = |path: &str| {
-        let lower;
-        let path = match room.config.paths_ignore_case {
-            true => {
-                lower = path.to_lowercase();
-                lower.as_str()
-            }
-            false => path,
-        };
+        use crate::router::{as_matched, folded, prefix_matches};
+        let ignore_case = room.config.paths_ignore_case;
+        let path = folded(path.into(), ignore_case);
         room.config
             .paths
             .iter()
-            .any(|p| match room.config.paths_ignore_case {
-                true => crate::router::prefix_matches(
-                    &crate::router::as_matched(p).to_lowercase(),
-                    path,
-                ),
-                false => crate::router::on_prefix(p, path),
-            })
+            .any(|p| prefix_matches(&folded(as_matched(p), ignore_case), &path))
     };
     let from_referer = r
         .headers
@@ -595,30 +584,19 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
             return Ok(Some(back_in(held, Some(delivery))));
         }
     };
-    let forget = || room.undelivered.forget(&returned, pass.n, pass.arr);
     // Not if the portal ended it. Asked as a restore that ends at once:
     // the old session must not live again, even for a moment, or a
-    // request with its pass sent alongside would be renewed on it.
-    match lane.store.restore(sid, r.now_ms, r.now_ms).await {
+    // request with its pass sent alongside would be renewed on it. Then
+    // the new one.
+    let restored = async {
+        Ok(lane.store.restore(sid, r.now_ms, r.now_ms).await?
+            && lane.store.restore(new_sid, until, r.now_ms).await?)
+    };
+    match restored.await {
         Ok(true) => {}
-        Ok(false) => {
-            forget();
-            return Ok(None);
-        }
-        Err(e) => {
-            forget();
-            return Err(e);
-        }
-    }
-    match lane.store.restore(new_sid, until, r.now_ms).await {
-        Ok(true) => {}
-        Ok(false) => {
-            forget();
-            return Ok(None);
-        }
-        Err(e) => {
-            forget();
-            return Err(e);
+        other => {
+            room.undelivered.forget(&returned, pass.n, pass.arr);
+            return other.map(|_| None);
         }
     }
     // The old session's end is best effort: the person is back either way,

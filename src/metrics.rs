@@ -483,14 +483,18 @@ impl Metrics {
         forget_where(&self.store_errors, &kept);
         forget_where(&self.rejected, &kept);
         forget_where(&self.wait_seconds, &kept);
-        // Likewise a room's adaptive admission turned off: its frozen
-        // adjustments would read as a rate that stopped moving.
-        forget_where(&self.adaptive_adjustments, &|labels: &Labels| {
+        // Kept, and only while the room still has what they count.
+        let kept_while = |labels: &Labels, has: &dyn Fn(&crate::room::Room) -> bool| {
             kept(labels)
                 && labels
                     .get("room")
                     .and_then(|room| room_of(room))
-                    .is_some_and(|r| r.config.adaptive.is_some())
+                    .is_some_and(|r| has(r))
+        };
+        // A room's adaptive admission turned off: its frozen adjustments
+        // would read as a rate that stopped moving.
+        forget_where(&self.adaptive_adjustments, &|labels: &Labels| {
+            kept_while(labels, &|r| r.config.adaptive.is_some())
         });
         forget_where(&self.in_flight_wait_seconds, &kept);
         forget_where(&self.pass_extensions, &kept);
@@ -500,11 +504,7 @@ impl Metrics {
         // Checks that stopped (the room's health_check taken out) would
         // read as a check that passed once and never ran again.
         forget_where(&self.upstream_health_checks, &|labels: &Labels| {
-            kept(labels)
-                && labels
-                    .get("room")
-                    .and_then(|room| room_of(room))
-                    .is_some_and(|r| r.config.health_check.is_some())
+            kept_while(labels, &|r| r.config.health_check.is_some())
         });
     }
 

@@ -52,10 +52,7 @@ impl Router {
                 room.config.hosts.iter().flat_map(move |h| {
                     room.config.paths.iter().map(move |p| Route {
                         host: h.clone(),
-                        prefix: match ignore_case {
-                            true => as_matched(p).to_lowercase(),
-                            false => as_matched(p).into_owned(),
-                        },
+                        prefix: folded(as_matched(p), ignore_case).into_owned(),
                         ignore_case,
                         room: room.clone(),
                     })
@@ -264,6 +261,15 @@ pub fn normalise_host(host: &str) -> String {
 /// prefix `written`, matched in the same form.
 pub fn on_prefix(written: &str, path: &str) -> bool {
     prefix_matches(&as_matched(written), path)
+}
+
+/// `path` as a room with `paths_ignore_case` matches it (lowered), else
+/// as it is.
+pub fn folded(path: std::borrow::Cow<'_, str>, ignore_case: bool) -> std::borrow::Cow<'_, str> {
+    match ignore_case {
+        true => path.to_lowercase().into(),
+        false => path,
+    }
 }
 
 /// "/app" covers "/app" and "/app/..." but not "/apple": prefixes match

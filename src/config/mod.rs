@@ -436,9 +436,7 @@ impl Config {
                 let e = e.into_inner();
                 ConfigErrors::one(
                     &toml_error_key(&path, text, &e),
-                    // toml puts what it expected on a second line; the
-                    // report gives each problem one.
-                    e.message().trim().replace('\n', ": ") + &location(text, &e),
+                    one_line(&e) + &location(text, &e),
                 )
             })?;
         validate::validate(raw, base)
@@ -489,6 +487,12 @@ fn toml_error_key(path: &serde_path_to_error::Path, text: &str, e: &toml::de::Er
                 .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_string())
         })
         .unwrap_or_else(|| "(syntax)".to_string())
+}
+
+/// toml's message for `e`: it puts what it expected on a second line; a
+/// report gives each problem one.
+pub(crate) fn one_line(e: &toml::de::Error) -> String {
+    e.message().trim().replace('\n', ": ")
 }
 
 pub(crate) fn location(text: &str, e: &toml::de::Error) -> String {

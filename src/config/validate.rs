@@ -1447,7 +1447,7 @@ pub(crate) fn guessable(secret: &str) -> Option<String> {
 /// or a token, and this goes to the journal, the audit log of a refused
 /// reload and the reload's answer.
 fn secret_file_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', ": ");
+    let message = super::one_line(e);
     // serde quotes a value of the wrong type (`invalid type: string
     // "Zq8v..."`): the message stops before it.
     let message = match message.split_once('"') {

@@ -69,11 +69,8 @@ impl Undelivered {
         now_ms: u64,
         until_ms: u64,
     ) -> Option<Delivery> {
-        if self.held.len() >= MAX_HELD {
-            self.held.retain(|_, h| h.until_ms > now_ms);
-            if self.held.len() >= MAX_HELD {
-                return None;
-            }
+        if !self.has_room(now_ms) {
+            return None;
         }
         let ticket = Claimed::of(lane, n, arrived_ms);
         self.held.insert(ticket.clone(), Held { sid, until_ms });
@@ -92,11 +89,8 @@ impl Undelivered {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<Option<Delivery>, (u128, Delivery)> {
-        if self.held.len() >= MAX_HELD {
-            self.held.retain(|_, h| h.until_ms > now_ms);
-        }
+        let full = !self.has_room(now_ms);
         let ticket = Claimed::of(lane, n, arrived_ms);
-        let full = self.held.len() >= MAX_HELD;
         match self.held.entry(ticket.clone()) {
             dashmap::Entry::Occupied(e) if e.get().until_ms > now_ms => {
                 let sid = e.get().sid;
@@ -114,6 +108,15 @@ impl Undelivered {
                 Ok(Some(self.delivery(ticket)))
             }
         }
+    }
+
+    /// Whether another claim may be held, those past their time dropped
+    /// first when there are `MAX_HELD`.
+    fn has_room(&self, now_ms: u64) -> bool {
+        if self.held.len() >= MAX_HELD {
+            self.held.retain(|_, h| h.until_ms > now_ms);
+        }
+        self.held.len() < MAX_HELD
     }
 
     /// The session a ticket claimed whose pass has not been delivered, with
