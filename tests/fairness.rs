@@ -568,6 +568,18 @@ async fn returns_by_a_login_callback_are_counted() {
     assert_eq!(refused().await, Some(1.0));
 }
 
+/// d, admitted in a room of one slot and an idle time of a minute, whose
+/// session lapsed (its pass, made at 0, still good until 2m), and e, who
+/// took the slot.
+async fn lapsed_and_replaced(g: &Gated) -> (Citizen, Citizen) {
+    let mut d = g.citizen();
+    assert!(d.get("/").await.reached_upstream());
+    g.advance(3 * MIN / 2).await;
+    let mut e = g.citizen();
+    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
+    (d, e)
+}
+
 /// The counts of returns are in the pass: a copy kept from before a
 /// return (its count lower) must not come back, nor be renewed as live,
 /// or one could return past `max_flow_returns` again and again, each time
@@ -577,13 +589,8 @@ async fn a_copy_of_the_pass_from_before_a_return_does_not_come_back() {
     let up = upstream::spawn().await;
     let room = format!("{DETOUR_ROOM}\nmax_flow_returns = 1\nmax_reentries = 0");
     let g = Gated::start(&config(up.addr, &room, "")).await;
-    let mut d = g.citizen();
-    assert!(d.get("/").await.reached_upstream());
+    let (mut d, mut e) = lapsed_and_replaced(&g).await;
     let before = d.jar.clone();
-    // d's session lapses at 1m; its pass, made at 0, is good until 2m.
-    g.advance(3 * MIN / 2).await;
-    let mut e = g.citizen();
-    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
     assert!(d.get("/oidc/callback?code=1").await.reached_upstream());
     // The copy from before the return, still in date, is no live pass.
     let mut replay = g.citizen();
@@ -624,13 +631,8 @@ async fn a_return_whose_answer_is_lost_is_sent_again() {
     let room =
         "max_active = 1\nsession_idle = \"1m\"\nflow_paths = [\"/slow\"]\nflow_window = \"10m\"";
     let g = Gated::start(&config(up.addr, room, "")).await;
-    let mut d = g.citizen();
-    assert!(d.get("/").await.reached_upstream());
+    let (mut d, _e) = lapsed_and_replaced(&g).await;
     let before = d.jar.clone();
-    // d's session lapses at 1m; its pass, made at 0, is good until 2m.
-    g.advance(3 * MIN / 2).await;
-    let mut e = g.citizen();
-    assert!(e.get("/").await.reached_upstream(), "d's slot went on");
     let pass = d.cookie("varco_pass_portal").unwrap().to_string();
     let mut tcp = tokio::net::TcpStream::connect(g.addr).await.unwrap();
     let callback = format!(

@@ -802,18 +802,9 @@ async fn a_reload_reads_a_configmap_edited_through_its_symlinks() {
 /// who asked (`SIGHUP`), then whether it was taken or refused and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_by_sighup_is_in_the_audit_log() {
-    use std::io::{BufRead, BufReader};
     let up = upstream::spawn().await;
     let mut p = json_logging("audit-hup", &[up.addr], "");
-    let stderr = p.child.stderr.take().unwrap();
-    let (tx, mut audit) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("\"varco::audit\"") {
-                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
-            }
-        }
-    });
+    let mut audit = json_lines(&mut p, |line| line.contains("\"varco::audit\""));
     p.signal("HUP");
     let asked = next(&mut audit).await;
     assert_eq!(asked["message"], "config reload requested", "{asked}");
@@ -845,7 +836,6 @@ async fn a_reload_by_sighup_is_in_the_audit_log() {
 /// id, never the token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_admin_api_request_is_logged_with_who_asked() {
-    use std::io::{BufRead, BufReader};
     const TOKEN: &str = "admin-log-token-0123456789";
     std::env::set_var("VARCO_TEST_ADMIN_LOG_TOKENS", format!("anna:{TOKEN}"));
     let up = upstream::spawn().await;
@@ -854,15 +844,9 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
         &[up.addr],
         "[admin]\ntokens_env = \"VARCO_TEST_ADMIN_LOG_TOKENS\"",
     );
-    let stderr = p.child.stderr.take().unwrap();
-    let (tx, mut admin) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            assert!(!line.contains(TOKEN), "a token in the log: {line}");
-            if line.contains("\"varco::admin\"") || line.contains("request refused") {
-                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
-            }
-        }
+    let mut admin = json_lines(&mut p, |line| {
+        assert!(!line.contains(TOKEN), "a token in the log: {line}");
+        line.contains("\"varco::admin\"") || line.contains("request refused")
     });
     let ask = |path: &str| {
         Request::get(format!("http://{}{path}", p.admin))
@@ -932,7 +916,6 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
 /// one chain, and the new one alone only as a continuation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
-    use std::io::{BufRead, BufReader};
     let up = upstream::spawn().await;
     let dir = keyed_folder("rotate");
     let cfg = dir.join("varco.toml");
@@ -953,14 +936,8 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
         &["--log-format", "json"],
         std::process::Stdio::piped(),
     );
-    let stderr = p.child.stderr.take().unwrap();
-    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                let _ = tx.send(v["message"].as_str().unwrap_or_default().to_string());
-            }
-        }
+    let mut said = json_lines(&mut p, |line| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok()
     });
     let (log, old) = (dir.join("admissions.log"), dir.join("admissions.log.1"));
     let records =
@@ -981,7 +958,8 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
     std::fs::rename(&log, &old).unwrap();
     p.signal("USR1");
     loop {
-        let m = next(&mut said).await;
+        let line = next(&mut said).await;
+        let m = line["message"].as_str().unwrap_or_default();
         if m.starts_with("admission log reopen") {
             assert!(m.starts_with("admission log reopened"), "{m}");
             break;
@@ -1022,6 +1000,25 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The process's JSON log lines (`--log-format json`, on stderr) that
+/// `keep` takes, parsed, as they come: read on a thread of their own.
+fn json_lines(
+    p: &mut Process,
+    keep: impl Fn(&str) -> bool + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<serde_json::Value> {
+    use std::io::{BufRead, BufReader};
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if keep(&line) {
+                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+            }
+        }
+    });
+    lines
+}
+
 /// The next line a reader passes on, within 30 s.
 async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), lines.recv())
@@ -1034,7 +1031,6 @@ async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
 /// mistyped) is said at start: the room opens now, not at the date meant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_past_opening_for_an_empty_room_is_told_at_start() {
-    use std::io::{BufRead, BufReader};
     let up = upstream::spawn().await;
     let dir = keyed_folder("past-opening");
     let cfg = dir.join("varco.toml");
@@ -1056,15 +1052,7 @@ async fn a_past_opening_for_an_empty_room_is_told_at_start() {
         &["--log-format", "json"],
         std::process::Stdio::piped(),
     );
-    let stderr = p.child.stderr.take().unwrap();
-    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("opens_at is already past") {
-                let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
-            }
-        }
-    });
+    let mut said = json_lines(&mut p, |line| line.contains("opens_at is already past"));
     // Only for the room whose date has passed: every line, up to the
     // end of the log at the process's stop.
     let first = next(&mut said).await;
