@@ -26,7 +26,7 @@ use crate::room::receipt;
 use crate::room::token::{audience, random_u128, PassClaims, TicketClaims};
 use crate::room::undelivered::Delivery;
 use crate::room::Room;
-use crate::store::{Adoption, Checked, Liveness, NewSession, RoomView, StoreError};
+use crate::store::{Adoption, Checked, HandOver, Liveness, NewSession, RoomView, StoreError};
 
 /// The upstream ends a session with this response header.
 pub const RELEASE_HEADER: &str = "x-varco-release";
@@ -545,76 +545,66 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
         room.metrics.reentries_refused.inc();
         return Ok(None);
     }
-    // The return of session `sid`, held (as a claim is) until its answer
-    // has reached the person.
-    let returned = format!("{}~{sid:032x}", room.lane_label(lane));
-    let back_in = |new_sid: u128, delivery: Option<Delivery>| {
-        let mut back = PassClaims {
-            sid: format!("{new_sid:032x}"),
-            at: r.now_ms,
-            ..renewed(room, &pass, r.now_ms)
-        };
-        if detour {
-            back.fr += 1;
-        } else {
-            back.re += 1;
-        }
-        Gate::Proxy {
-            set_cookies: vec![pass_cookie(room, &back, r.tls)],
-            pass: Some(back),
-            delivery,
-            whole_body: false,
-        }
-    };
     // Back in a new session, the old one ended: a copy of the pass kept
     // from before this return (its count lower) would otherwise be renewed
-    // as live, count and all, and come back again and again. Held first:
-    // the same pass again, in parallel (a page's requests at once) or
-    // after this answer was lost (a phone's network), gets this return's
-    // pass, not a session of its own.
-    let new_sid = random_u128();
-    let until = r.now_ms + idle;
-    let delivery = match room
-        .undelivered
-        .hold_first(&returned, pass.n, pass.arr, new_sid, r.now_ms, until)
-    {
-        Ok(delivery) => delivery,
-        Err((held, delivery)) => {
-            tracing::info!(room = %room.name, n = pass.n, "a return already made, its pass sent again");
-            return Ok(Some(back_in(held, Some(delivery))));
-        }
-    };
-    // Not if the portal ended it. Asked as a restore that ends at once:
-    // the old session must not live again, even for a moment, or a
-    // request with its pass sent alongside would be renewed on it. Then
-    // the new one.
-    let restored = async {
-        Ok(lane.store.restore(sid, r.now_ms, r.now_ms).await?
-            && lane.store.restore(new_sid, until, r.now_ms).await?)
-    };
-    match restored.await {
-        Ok(true) => {}
-        other => {
-            room.undelivered.forget(&returned, pass.n, pass.arr);
-            return other.map(|_| None);
-        }
-    }
-    // The old session's end is best effort: the person is back either way,
-    // and a store away has it sent when it returns.
-    if let Err(e) = lane
+    // as live, count and all, and come back again and again. The new id
+    // is the old one's, hashed: the same pass again, in parallel (a page's
+    // requests at once, through any node) or after this answer was lost
+    // (a phone's network), asks for the same move, and gets this return's
+    // session, not one of its own. Not if the portal ended the old one.
+    let new_sid = returned_sid(sid);
+    let made = lane
         .store
-        .end_session(sid, r.now_ms, room.ended_memory_ms())
-        .await
-    {
-        tracing::warn!(room = %room.name, error = %e, "a returned session's old one could not be ended yet");
+        .hand_over(
+            sid,
+            new_sid,
+            r.now_ms + idle,
+            r.now_ms,
+            room.ended_memory_ms(),
+        )
+        .await?;
+    match made {
+        HandOver::Refused => return Ok(None),
+        HandOver::MadeBefore => {
+            tracing::debug!(room = %room.name, n = pass.n, "a return already made, its pass sent again");
+        }
+        HandOver::Made => {
+            if detour {
+                room.metrics.reentries_after_detour.inc();
+            } else {
+                room.metrics.reentries_after_failure.inc();
+            }
+            tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");
+        }
     }
+    let mut back = PassClaims {
+        sid: format!("{new_sid:032x}"),
+        at: r.now_ms,
+        ..renewed(room, &pass, r.now_ms)
+    };
     if detour {
-        room.metrics.reentries_after_detour.inc();
+        back.fr += 1;
     } else {
-        room.metrics.reentries_after_failure.inc();
+        back.re += 1;
     }
-    tracing::info!(room = %room.name, n = pass.n, reason = if detour { "login_detour" } else { "upstream_failure" }, "a lapsed pass came back ahead of the queue");
-    Ok(Some(back_in(new_sid, delivery)))
+    Ok(Some(Gate::Proxy {
+        set_cookies: vec![pass_cookie(room, &back, r.tls)],
+        pass: Some(back),
+        delivery: None,
+        whole_body: false,
+    }))
+}
+
+/// The session a return of session `old` moves to: the same on every
+/// node and at every ask, so the store knows a return asked again from
+/// a new one (`RoomStore::hand_over`).
+fn returned_sid(old: u128) -> u128 {
+    let mut input = b"varco return ".to_vec();
+    input.extend_from_slice(&old.to_le_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut sid = [0; 16];
+    sid.copy_from_slice(&digest.as_ref()[..16]);
+    u128::from_le_bytes(sid)
 }
 
 fn new_session(room: &Room, r: &GateRequest) -> NewSession {

@@ -623,7 +623,8 @@ async fn a_copy_of_the_pass_from_before_a_return_does_not_come_back() {
 /// dropped on a phone's network, the portal slow to answer the login's
 /// callback) does not cost the way back: the same pass again brings the
 /// return's own new pass, as a lost claim's ticket does. Once that
-/// answer has gone out, the old pass brings nothing.
+/// answer has gone out, the old pass shares the return's one session, as
+/// a copy of its pass would, and makes no other.
 #[tokio::test]
 async fn a_return_whose_answer_is_lost_is_sent_again() {
     use tokio::io::AsyncWriteExt;
@@ -658,11 +659,15 @@ async fn a_return_whose_answer_is_lost_is_sent_again() {
         "the return's new pass"
     );
     assert!(d.get("/apply").await.reached_upstream());
-    // That answer went out: the pass from before the return brings
-    // nothing now.
+    let sid = d.claims("varco_pass_portal").unwrap()["sid"].clone();
     let mut replay = g.citizen();
     replay.jar = before;
-    assert_ne!(replay.get("/slow?ms=1").await.text(), "slow done");
+    let got = replay.get("/slow?ms=1").await;
+    assert_eq!(got.text(), "slow done");
+    assert_eq!(replay.claims("varco_pass_portal").unwrap()["sid"], sid);
+    g.advance(1000).await;
+    let room = g.app.room("portal").unwrap();
+    assert_eq!(room.view().active, 2, "e and d's one returned session");
 }
 
 #[tokio::test]

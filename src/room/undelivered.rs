@@ -77,39 +77,6 @@ impl Undelivered {
         Some(self.delivery(ticket))
     }
 
-    /// As `hold`, unless that ticket holds a claim already (another
-    /// request with it got there first): then `Err` with that claim's
-    /// session and a guard for this answer, which carries its pass too.
-    pub fn hold_first(
-        &self,
-        lane: &str,
-        n: u64,
-        arrived_ms: u64,
-        sid: u128,
-        now_ms: u64,
-        until_ms: u64,
-    ) -> Result<Option<Delivery>, (u128, Delivery)> {
-        let full = !self.has_room(now_ms);
-        let ticket = Claimed::of(lane, n, arrived_ms);
-        match self.held.entry(ticket.clone()) {
-            dashmap::Entry::Occupied(e) if e.get().until_ms > now_ms => {
-                let sid = e.get().sid;
-                drop(e);
-                Err((sid, self.delivery(ticket)))
-            }
-            dashmap::Entry::Occupied(mut e) => {
-                e.insert(Held { sid, until_ms });
-                drop(e);
-                Ok(Some(self.delivery(ticket)))
-            }
-            dashmap::Entry::Vacant(_) if full => Ok(None),
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Held { sid, until_ms });
-                Ok(Some(self.delivery(ticket)))
-            }
-        }
-    }
-
     /// Whether another claim may be held, those past their time dropped
     /// first when there are `MAX_HELD`.
     fn has_room(&self, now_ms: u64) -> bool {

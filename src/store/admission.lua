@@ -45,7 +45,7 @@ local opened = h.opened
 -- one that finds no state (Redis lost its data) must not decide that the
 -- room has opened, or a scheduled room would open at once, its pre-queue
 -- never drawn. The first op that knows the opening decides.
-local knows_opening = not (op == 'peek' or op == 'check' or op == 'end' or op == 'restore')
+local knows_opening = not (op == 'peek' or op == 'check' or op == 'end' or op == 'handover')
 local opened_known = opened ~= nil or knows_opening
 if opened == nil then
   if opens_at < 0 or now >= opens_at then opened = '1' else opened = '0' end
@@ -326,12 +326,24 @@ elseif op == 'end' then
     result = result + redis.call('ZREM', sess, ARGV[i])
     redis.call('ZADD', ended, 'GT', tonumber(ARGV[i + 1]), ARGV[i])
   end
-elseif op == 'restore' then
-  -- A lapsed session back ahead of the queue, unless it was ended.
+elseif op == 'handover' then
+  -- Old sid, new sid, the new one's expiry, when to forget the old one:
+  -- a session back ahead of the queue under a new id, the old one ended
+  -- in the same step; 1. Asked again (the same return through another
+  -- node, or retried), 2 while the new one lives, renewed. 0: the old one
+  -- was ended otherwise (by the portal), or the new one is gone since.
   redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
   if not redis.call('ZSCORE', ended, ARGV[12]) then
-    redis.call('ZADD', sess, 'GT', tonumber(ARGV[13]), ARGV[12])
+    redis.call('ZREM', sess, ARGV[12])
+    redis.call('ZADD', ended, 'GT', tonumber(ARGV[15]), ARGV[12])
+    redis.call('ZADD', sess, 'GT', tonumber(ARGV[14]), ARGV[13])
     result = 1
+  else
+    local exp = redis.call('ZSCORE', sess, ARGV[13])
+    if exp and tonumber(exp) > now then
+      redis.call('ZADD', sess, 'GT', tonumber(ARGV[14]), ARGV[13])
+      result = 2
+    end
   end
 elseif op == 'peek' then
   local exp = redis.call('ZSCORE', sess, ARGV[12])

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ahead::{self, Ahead, Marks, Wake};
 use super::{
-    read_json, write_atomically, Adoption, Checked, KeyId, Liveness, NewSession, RoomStore,
-    RoomView, StoreError,
+    read_json, write_atomically, Adoption, Checked, HandOver, KeyId, Liveness, NewSession,
+    RoomStore, RoomView, StoreError,
 };
 use crate::room::admission::{new_generation, AdmissionState, Claim, Issued, Limits};
 
@@ -224,22 +224,32 @@ impl RoomStore for MemoryRoom {
         future::ready(Ok(self.sessions.remove(&sid).is_some())).boxed()
     }
 
-    fn restore(
+    fn hand_over(
         &self,
-        sid: u128,
+        old: u128,
+        new: u128,
         expires_ms: u64,
-        _now_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        if self.ended.contains_key(&sid) {
-            return future::ready(Ok(false)).boxed();
-        }
-        self.sessions
-            .entry(sid)
-            .and_modify(|e| {
-                e.fetch_max(expires_ms, Ordering::Relaxed);
-            })
-            .or_insert_with(|| AtomicU64::new(expires_ms));
-        future::ready(Ok(true)).boxed()
+        now_ms: u64,
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<HandOver, StoreError>> {
+        // Decided under the end's entry lock: of two asks at once, one
+        // moves the session, the other finds it moved.
+        let made = match self.ended.entry(old) {
+            dashmap::Entry::Occupied(_) => match self.sessions.get(&new) {
+                Some(e) if e.load(Ordering::Relaxed) > now_ms => {
+                    e.fetch_max(expires_ms, Ordering::Relaxed);
+                    HandOver::MadeBefore
+                }
+                _ => HandOver::Refused,
+            },
+            dashmap::Entry::Vacant(v) => {
+                v.insert(now_ms + remember_ms);
+                self.sessions.remove(&old);
+                self.sessions.insert(new, AtomicU64::new(expires_ms));
+                HandOver::Made
+            }
+        };
+        future::ready(Ok(made)).boxed()
     }
 
     fn adopt(
@@ -1223,5 +1233,30 @@ mod tests {
             room.adopt(4, 0, 20_500, 21_000, idle, &l),
             Adoption::Refused
         );
+    }
+
+    #[tokio::test]
+    async fn a_return_moves_a_session_once_and_is_found_made_after() {
+        let store = MemoryStore::open(None, 0).unwrap();
+        let l = limits(None);
+        let room = store.room("r", &l, 0);
+        let ask = |old, new, now| room.hand_over(old, new, now + 60_000, now, 3_600_000);
+        assert_eq!(ask(1, 2, 1_000).await.unwrap(), HandOver::Made);
+        assert_eq!(
+            room.peek_local(1, 1_000),
+            Liveness::Dead,
+            "the old one ended"
+        );
+        assert_eq!(room.peek_local(2, 1_000), Liveness::Alive);
+        // Asked again: found made, the new one renewed.
+        assert_eq!(ask(1, 2, 30_000).await.unwrap(), HandOver::MadeBefore);
+        assert_eq!(room.peek_local(2, 80_000), Liveness::Alive);
+        // Not to another id, nor once the new one has lapsed.
+        assert_eq!(ask(1, 3, 30_000).await.unwrap(), HandOver::Refused);
+        assert_eq!(ask(1, 2, 90_000).await.unwrap(), HandOver::Refused);
+        // Nor a session the portal ended.
+        room.end_session(4, 1_000, 3_600_000).await.unwrap();
+        assert_eq!(ask(4, 5, 2_000).await.unwrap(), HandOver::Refused);
+        assert_eq!(room.peek_local(5, 2_000), Liveness::Dead);
     }
 }

@@ -154,6 +154,18 @@ pub enum Checked {
     Unheard,
 }
 
+/// What the store made of a return (`RoomStore::hand_over`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// The old session moved to the new id now.
+    Made,
+    /// Moved by an earlier ask, the new session still alive: renewed.
+    MadeBefore,
+    /// The old session was ended (by the portal, or moved to a session
+    /// that has ended or lapsed since): nobody comes back on it.
+    Refused,
+}
+
 /// What became of a session lost in a crash (`RoomStore::adopt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Adoption {
@@ -222,16 +234,21 @@ pub trait RoomStore: Send + Sync + 'static {
         now_ms: u64,
         remember_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
-    /// Brings back a session that lapsed (or extends a live one) until
+    /// Moves session `old`, lapsed or live, to a new id `new`, live until
     /// `expires_ms`, ahead of anyone in line: for a person the portal
-    /// failed, or one coming back from a login detour. False when the
-    /// session was ended on purpose.
-    fn restore(
+    /// failed, or one coming back from a login detour. `old` ends in the
+    /// same step (remembered as `end_session` does), so no copy of its
+    /// pass lives again. Asked again with the same ids (a page's requests
+    /// at once, through any node; a retry after a lost answer), the same
+    /// move is found made, and `new` renewed.
+    fn hand_over(
         &self,
-        sid: u128,
+        old: u128,
+        new: u128,
         expires_ms: u64,
         now_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<HandOver, StoreError>>;
     /// Takes back the session `sid` of a valid pass (admitted with
     /// number `n`) this node lost in a crash (begun after its last
     /// snapshot), for one idle time after the start that found the crash,

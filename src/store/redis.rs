@@ -19,7 +19,8 @@ use redis::Script;
 use super::blocks::Blocks;
 use super::link::Link;
 use super::{
-    Checked, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive, StoreError,
+    Checked, HandOver, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive,
+    StoreError,
 };
 use crate::room::admission::{Claim, Issued, Limits, Mode};
 
@@ -975,27 +976,44 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn restore(
+    fn hand_over(
         &self,
-        sid: u128,
+        old: u128,
+        new: u128,
         expires_ms: u64,
         now_ms: u64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        remember_ms: u64,
+    ) -> BoxFuture<'_, Result<HandOver, StoreError>> {
         async move {
             let limits = inert_limits(self.tick_ms);
             let r = self
                 .call(
-                    "restore",
+                    "handover",
                     &limits,
                     now_ms,
-                    &[hex(sid), expires_ms.to_string()],
+                    &[
+                        hex(old),
+                        hex(new),
+                        expires_ms.to_string(),
+                        (now_ms + remember_ms).to_string(),
+                    ],
                 )
                 .await?;
-            let restored = r.0 == 1;
-            if restored {
-                self.sessions.insert(sid, AtomicU64::new(expires_ms));
-            }
-            Ok(restored)
+            let made = match r.0 {
+                1 => HandOver::Made,
+                2 => HandOver::MadeBefore,
+                _ => return Ok(HandOver::Refused),
+            };
+            self.sessions.remove(&old);
+            self.touched.remove(&old);
+            self.lock_fallback().pending.retain(|(s, _)| *s != old);
+            self.sessions
+                .entry(new)
+                .and_modify(|e| {
+                    e.fetch_max(expires_ms, Ordering::Relaxed);
+                })
+                .or_insert_with(|| AtomicU64::new(expires_ms));
+            Ok(made)
         }
         .boxed()
     }
