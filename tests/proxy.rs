@@ -171,12 +171,14 @@ async fn forwarded_headers_from_an_untrusted_client_are_replaced() {
         .header("x-forwarded-prefix", "/admin")
         .header("x_real_ip", "6.6.6.6")
         .header("x_forwarded_for", "6.6.6.6")
+        .header("proxy", "http://6.6.6.6:3128")
         .body(body::empty())
         .unwrap();
     let j = send(req).await.json();
     let h = &j["headers"];
     assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
     for forged in [
+        "proxy",
         "x-real-ip",
         "true-client-ip",
         "x-forwarded-ssl",
@@ -209,9 +211,13 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     ))
     .await;
     let req = Request::get(v.url("/echo"))
+        .header("host", "portal.example.org")
         .header("x-forwarded-for", "198.51.100.7")
         .header("x-forwarded-proto", "https")
         .header("x-real-ip", "198.51.100.7")
+        // The client's own, passed on: its HTTP_PROXY would be anyone's.
+        .header("proxy", "http://6.6.6.6:3128")
+        .header("forwarded", "for=6.6.6.6")
         .body(body::empty())
         .unwrap();
     let j = send(req).await.json();
@@ -219,6 +225,14 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     assert_eq!(
         h["x-forwarded-for"],
         serde_json::json!(["198.51.100.7, 127.0.0.1"])
+    );
+    assert!(h.get("proxy").is_none(), "httpoxy");
+    assert_eq!(
+        h["forwarded"],
+        serde_json::json!([
+            "for=198.51.100.7;proto=https;host=\"portal.example.org\", for=127.0.0.1"
+        ]),
+        "the portal reads the address varco read, in either header"
     );
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
     assert_eq!(

@@ -277,7 +277,9 @@ pub fn set_forwarded_from(
     let peer_ip = canonical(peer);
     let peer = address_text(peer_ip);
     // From every peer: a balancer in front passes the client's own on.
-    remove_where(headers, |name| is_a_rewritten_path(name.as_str()));
+    remove_where(headers, |name| {
+        is_a_rewritten_path(name.as_str()) || is_httpoxy(name.as_str())
+    });
     if trusted_peer {
         remove_where(headers, is_underscore_twin);
         if from == ClientHeader::Forwarded {
@@ -295,7 +297,8 @@ pub fn set_forwarded_from(
             }
         }
         let forwarded = headers.contains_key(header::FORWARDED);
-        if chain.is_empty() && forwarded {
+        let from_xff = !chain.is_empty();
+        if !from_xff && forwarded {
             // A balancer that sends only RFC 7239's header.
             for hop in forwarded_hops(headers) {
                 chain.extend_from_slice(hop.as_bytes());
@@ -330,7 +333,7 @@ pub fn set_forwarded_from(
             }
         }
         if forwarded {
-            rewrite_forwarded(headers, peer_ip);
+            rewrite_forwarded(headers, peer_ip, from_xff);
         }
     } else {
         remove_where(headers, |name| {
@@ -344,19 +347,39 @@ pub fn set_forwarded_from(
     }
 }
 
-/// A trusted proxy's `Forwarded`, written again once X-Forwarded-Proto
-/// and -Host are set: its own `for=` hops (the balancer's truth, even
-/// where a client's X-Forwarded-For came through beside it) and varco's
-/// peer, the first with the scheme and the host varco decided by. Its
-/// `host=` and `proto=` could be the client's own, passed on.
-fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+/// A trusted proxy's `Forwarded`, written again once X-Forwarded-For,
+/// -Proto and -Host are set: the hops varco read the client from (the
+/// X-Forwarded-For chain when the balancer sent one, `from_xff`, else the
+/// `Forwarded` one's own `for=` hops) and varco's peer, the first with the
+/// scheme and the host varco decided by. A balancer that writes
+/// X-Forwarded-For passes a client's `Forwarded` on as it came: its hops,
+/// `host=` and `proto=` could be anyone's.
+fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool) {
     let proto = match headers.get(&X_FORWARDED_PROTO).map(first_element) {
         Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
         _ => "http",
     };
     let mut out = String::new();
-    let hops: Vec<String> = forwarded_addresses(headers)
-        .chain(std::iter::once(Some(peer)))
+    let addresses: Vec<Option<IpAddr>> = if from_xff {
+        // Ends with the peer, appended above.
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter(|hop| !hop.trim_ascii().is_empty())
+            .map(|hop| {
+                std::str::from_utf8(hop)
+                    .ok()
+                    .and_then(|hop| hop_address(hop.trim()))
+            })
+            .collect()
+    } else {
+        forwarded_addresses(headers)
+            .chain(std::iter::once(Some(peer)))
+            .collect()
+    };
+    let hops: Vec<String> = addresses
+        .into_iter()
         .map(|hop| match hop {
             Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
             Some(v4) => v4.to_string(),
@@ -434,6 +457,16 @@ fn is_a_rewritten_path(name: &str) -> bool {
         name,
         "x-original-url" | "x-original-uri" | "x-rewrite-url" | "x-forwarded-uri"
     )
+}
+
+/// `Proxy`, which no HTTP standard defines: a portal served CGI-style
+/// (PHP-FPM, CGI, WSGI under CGI) reads it as `HTTP_PROXY`, which many
+/// HTTP clients take for the proxy of the portal's own outgoing calls (to
+/// the identity provider, a payment service), so one request could send
+/// them through the sender's machine ("httpoxy", CVE-2016-5385 and
+/// others). nginx's and Apache's advice: drop it before the portal.
+fn is_httpoxy(name: &str) -> bool {
+    name == "proxy"
 }
 
 /// `X_Real_IP`, `X_Forwarded_For`, `X_Request_Id`, `X_Varco_Arrival`:
@@ -811,11 +844,13 @@ mod tests {
             h["forwarded"],
             "for=198.51.100.7;proto=https;host=\"www.example.org\", for=\"[2001:db8::9]\", for=10.0.0.2"
         );
-        // A client's X-Forwarded-For passed through beside the balancer's
-        // Forwarded: the balancer's address of the client stays there.
+        // A balancer writing X-Forwarded-For (the default's) passed a
+        // client's Forwarded on: it names the addresses varco read, not
+        // the client's own.
         let mut h = map(&[
-            ("x-forwarded-for", "10.9.9.9"),
-            ("forwarded", "for=203.0.113.5;proto=https"),
+            ("x-forwarded-for", "198.51.100.7, unknown"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
         ]);
         set_forwarded(
             &mut h,
@@ -824,6 +859,25 @@ mod tests {
             "http",
             Some(&host),
         );
+        assert_eq!(
+            h["forwarded"],
+            "for=198.51.100.7;proto=https;host=\"www.example.org\", for=unknown, for=10.0.0.2"
+        );
+        // A balancer writing Forwarded beside a client's X-Forwarded-For
+        // is read in the `forwarded` mode: its hops stay.
+        let mut h = map(&[
+            ("x-forwarded-for", "10.9.9.9"),
+            ("forwarded", "for=203.0.113.5;proto=https"),
+        ]);
+        set_forwarded_from(
+            &mut h,
+            "10.0.0.2".parse().unwrap(),
+            true,
+            "http",
+            Some(&host),
+            ClientHeader::Forwarded,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5, 10.0.0.2");
         assert_eq!(
             h["forwarded"],
             "for=203.0.113.5;proto=https;host=\"www.example.org\", for=10.0.0.2"
