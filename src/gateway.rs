@@ -248,8 +248,10 @@ async fn enter(
         return Err(resp);
     }
     // An admitted person turned away is a failure of the path to the
-    // portal, as adaptive admission sees it.
-    if let Some(a) = &room.adaptive {
+    // portal, as adaptive admission sees it. A request without a pass (an
+    // exempt path, a bypass) is not one: the rate does not bring those,
+    // and a flood of them would cut it for everyone in line.
+    if let (Some(a), Some(_)) = (&room.adaptive, session) {
         a.signals.refused(w);
     }
     match refused {
@@ -545,6 +547,7 @@ impl Gateway {
             },
             None => (None, Duration::ZERO),
         };
+        let judged = pass.is_some().then_some(queued);
         if let (Some(key), Some(p)) = (&room.arrival_key, &pass) {
             let line = room.lane(&p.l).map(|l| room.line_name(l));
             let a = arrival::Arrival {
@@ -570,7 +573,7 @@ impl Gateway {
                 let _says_gone = SaysGone(gone);
                 let (forwarder, on) = (self.forwarder.clone(), room.clone());
                 let forwarding = tokio::spawn(async move {
-                    let forwarded = forwarder.forward(&on, req, conn, queued).await;
+                    let forwarded = forwarder.forward(&on, req, conn, judged).await;
                     (forwarded, slot)
                 });
                 match forwarding.await {
@@ -590,7 +593,7 @@ impl Gateway {
             // request's future, and every request (the waiting page too)
             // would otherwise carry, and copy, its size.
             None => (
-                Box::pin(self.forwarder.forward(room, req, conn, queued)).await,
+                Box::pin(self.forwarder.forward(room, req, conn, judged)).await,
                 None,
             ),
         };

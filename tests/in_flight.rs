@@ -371,3 +371,41 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     })
     .await;
 }
+
+/// Requests the gate lets through without a pass (here an exempt path)
+/// are not brought by the admission rate: the cap turning a flood of
+/// them away, or their slow answers, must not cut the rate for everyone
+/// in line. Anyone can send them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_pass_do_not_steer_adaptive_admission() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1h\"\nexempt_paths = [\"/slow\"]\nadmission_per_minute = 300\n\
+         adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"250ms\", interval = \"1s\" }\n\
+         in_flight = { limit = 1, queue = 1, wait = \"1s\" }",
+    ))
+    .await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    assert!(g.citizen().get("/").await.is_waiting_page());
+    let room = g.app.room("portal").unwrap();
+    let start = room.per_minute().unwrap();
+    // A slow exempt request holds the one slot; more queue and are
+    // turned away.
+    let slow = hold(g.citizen(), 1_500);
+    at_upstream(&up, 1).await;
+    let flood: Vec<_> = (0..4).map(|_| hold(g.citizen(), 1)).collect();
+    let mut refused = 0;
+    for f in flood {
+        if f.await.unwrap().1 == 503 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "the cap turned the flood away: {refused}");
+    g.advance(1_000).await;
+    slow.await.unwrap();
+    g.advance(1_000).await;
+    let now = room.per_minute().unwrap();
+    assert!(now >= start, "the rate was cut from {start} to {now}");
+}

@@ -2385,34 +2385,44 @@ async fn a_pass_holder_over_its_request_budget_gets_429_and_keeps_the_pass() {
     );
 }
 
-/// Adaptive admission does not raise the rate of a paused room: nobody is
-/// admitted there, so the portal's health says nothing of a higher rate,
-/// and `resume` would start at the ceiling.
+/// Adaptive admission raises the rate only where a higher rate is
+/// tested: not in a paused room (nobody is admitted, and `resume` would
+/// start at the ceiling), nor in a full one (the tick admits nobody
+/// whatever the rate, and places freed at once, a cohort idling out or
+/// `max_active` raised, would be filled at a rate nobody tried).
 #[tokio::test]
-async fn a_paused_room_keeps_its_adaptive_rate() {
-    let up = upstream::spawn().await;
-    let g = Gated::start(&gated_config(
-        up.addr,
-        "max_active = 1\nsession_idle = \"1h\"\n\
-         adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"500ms\", interval = \"1s\", step_per_minute = 60 }",
-    ))
-    .await;
-    let mut holder = g.citizen();
-    assert!(holder.get("/").await.reached_upstream());
-    assert!(g.citizen().get("/").await.is_waiting_page());
-    let room = g.app.room("portal").unwrap();
-    let start = room.per_minute();
-    room.change_live(varco::store::LiveChange::Mode(
-        varco::room::admission::Mode::Paused,
-    ))
-    .await
-    .unwrap();
-    // The admitted go on using the portal, quickly answered; people wait.
-    for _ in 0..5 {
-        assert!(holder.get("/echo").await.reached_upstream());
-        g.advance(1000).await;
+async fn adaptive_admission_raises_no_rate_nobody_tests() {
+    for paused in [true, false] {
+        let up = upstream::spawn().await;
+        let g = Gated::start(&gated_config(
+            up.addr,
+            &format!(
+                "max_active = {}\nsession_idle = \"1h\"\n\
+                 adaptive = {{ min_per_minute = 60, max_per_minute = 600, target_latency = \"500ms\", interval = \"1s\", step_per_minute = 60 }}",
+                if paused { 100 } else { 1 }
+            ),
+        ))
+        .await;
+        let mut holder = g.citizen();
+        assert!(holder.get("/").await.reached_upstream());
+        let room = g.app.room("portal").unwrap();
+        let start = room.per_minute();
+        if paused {
+            room.change_live(varco::store::LiveChange::Mode(
+                varco::room::admission::Mode::Paused,
+            ))
+            .await
+            .unwrap();
+        }
+        assert!(g.citizen().get("/").await.is_waiting_page());
+        // The admitted go on using the portal, quickly answered; people
+        // wait.
+        for _ in 0..5 {
+            assert!(holder.get("/echo").await.reached_upstream());
+            g.advance(1000).await;
+        }
+        assert_eq!(room.per_minute(), start, "paused: {paused}");
     }
-    assert_eq!(room.per_minute(), start);
 }
 
 /// A turn called before the room closes is still its holder's: closed

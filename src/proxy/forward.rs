@@ -105,15 +105,18 @@ impl Forwarder {
         }
     }
 
-    /// `queued`: how long the request waited for an in-flight slot; it
-    /// counts in the latency adaptive admission judges, since admitted
-    /// people waited it.
+    /// `judged`: for a request of an admitted person (one with a pass),
+    /// how long it waited for an in-flight slot, which counts in the
+    /// latency adaptive admission judges, since admitted people waited
+    /// it. None: a request the gate let through without a pass (an
+    /// exempt path, a bypass), which the admission rate does not bring:
+    /// left out of what adaptive admission learns.
     pub async fn forward(
         &self,
         room: &Room,
         mut req: Request<ClientBody>,
         conn: ConnInfo,
-        queued: Duration,
+        judged: Option<Duration>,
     ) -> Result<Forwarded, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && is_websocket_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -320,7 +323,11 @@ impl Forwarder {
             // What adaptive admission learns from: the upstream's latency
             // (and apart, the wait for an in-flight slot) and its
             // failures, never the client's.
-            let mut outstanding = room.adaptive.as_ref().map(|a| a.signals.send());
+            let mut outstanding = room
+                .adaptive
+                .as_ref()
+                .zip(judged)
+                .map(|(a, queued)| (a.signals.send(), queued));
             let metrics = &room.upstream_metrics[index];
             // Lowered on drop too: a client that goes away (an HTTP/2
             // reset) drops this future mid-wait.
@@ -335,8 +342,8 @@ impl Forwarder {
                 .await;
             drop(counted);
             let mut signal = |failed: bool| {
-                if let Some(o) = outstanding.as_mut() {
-                    o.answer_queued(queued, started.elapsed(), failed);
+                if let Some((o, queued)) = outstanding.as_mut() {
+                    o.answer_queued(*queued, started.elapsed(), failed);
                 }
             };
             let outcome = match sent {

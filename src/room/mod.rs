@@ -814,8 +814,16 @@ impl Room {
         }
         // People waiting are a demand the rate can meet only where the
         // queue is called: paused (or closed, or passthrough), a higher
-        // rate is tested by nobody, and `resume` would start at it.
-        let demand = self.view().waiting > 0 && matches!(self.mode(), Mode::Queue | Mode::QueueAll);
+        // rate is tested by nobody, and `resume` would start at it. Nor
+        // while the room is full: the tick admits nobody whatever the
+        // rate, and places freed at once (a cohort idling out, a raised
+        // `max_active`) would be filled at a rate nobody tried.
+        let v = self.view();
+        let room_for_more = self
+            .max_active()
+            .is_none_or(|max| v.active + v.reserved < max);
+        let demand =
+            v.waiting > 0 && room_for_more && matches!(self.mode(), Mode::Queue | Mode::QueueAll);
         let (latency, failures) = ctl.last_signals();
         let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
         let (mut changed, mut settle) = (false, 0);
