@@ -1725,6 +1725,42 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_and_comes_bac
     );
 }
 
+/// When the health checks find every upstream down, a request still
+/// probes one (or a pool without checks would never recover), but only
+/// one: going to each in turn, every request would wait out a connect
+/// timeout per upstream (seconds each, to hosts that drop the attempt)
+/// and hold its in-flight slot all that time, where nginx answers "no
+/// live upstreams" at once.
+#[tokio::test]
+async fn a_pool_the_checks_found_all_down_is_probed_once_a_request() {
+    let closed = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dead = [closed(), closed(), closed()];
+    let toml = room_config(&dead, "")
+        + "[rooms.portal.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n";
+    let v = Varco::start(&toml).await;
+    let of = |a: &std::net::SocketAddr| format!("room=\"portal\",upstream=\"{a}\"");
+    for a in &dead {
+        until_metric(v.admin, "varco_upstream_up", &of(a), |up| up == 0.0).await;
+    }
+    let connect_errors = async || {
+        let mut n = 0.0;
+        for a in &dead {
+            let labels = format!("kind=\"connect\",{}", of(a));
+            n += client::metric(v.admin, "varco_upstream_errors_total", &labels)
+                .await
+                .unwrap_or(0.0);
+        }
+        n
+    };
+    let before = connect_errors().await;
+    let got = get(&v.url("/echo")).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(connect_errors().await - before, 1.0, "one probe");
+}
+
 /// `expect_status` narrows what passes: an upstream answering its health
 /// page with 200 fails a check that expects 204, and leaves the rotation.
 #[tokio::test]
@@ -2196,6 +2232,28 @@ async fn an_https_upstream_that_asks_who_calls_is_shown_varcos_certificate() {
         client::metric(v.admin, "varco_upstream_errors_total", &of).await,
         Some(1.0)
     );
+    // So the request goes on to the next upstream, as from any refused
+    // connection: each of two requests (round robin) gets an answer.
+    let plain = upstream::spawn().await;
+    let v = Varco::start_in(
+        &format!(
+            "{}upstreams = [\"https://localhost:{}\", \"http://{}\"]\n",
+            anonymous.split("upstreams").next().unwrap(),
+            up.addr.port(),
+            plain.addr
+        ),
+        &dir,
+    )
+    .await;
+    for _ in 0..2 {
+        let got = get(&v.url("/echo")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+        Some(1.0)
+    );
+    assert_eq!((up.hits(), plain.hits()), (0, 2));
 
     let known = format!(
         "[upstream]\ntls_ca = \"ca.pem\"\ntls_client = {{ cert = \"varco.pem\", key = \"varco-key.pem\" }}\n{room}"

@@ -275,6 +275,11 @@ impl Forwarder {
                     source: "no upstream in rotation: every one is taken out".into(),
                 }));
             };
+            // Every untried one out (found dead, or cooling down after
+            // failures): one probe, then the answer. Going to each in
+            // turn, a request would wait out a connect timeout for each,
+            // holding its in-flight slot all the while.
+            let probe = !room.upstreams.is_healthy(index);
             tried.push(index);
             let upstream = room.upstreams.get(index);
             let uri = upstream_uri(&upstream.base, path.as_ref());
@@ -284,7 +289,7 @@ impl Forwarder {
                 .version(Version::HTTP_11);
             let replayable = outgoing.replayable();
             // Those taken out by an operator are never tried.
-            let last_upstream = tried.len() >= room.upstreams.in_play();
+            let last_upstream = probe || tried.len() >= room.upstreams.in_play();
             let last_try = !replayable || last_upstream;
             let may_go_again =
                 replayable && (!last_upstream || idempotent && stale_tries < STALE_TRIES);
@@ -414,15 +419,22 @@ impl Forwarder {
                     // client certificate (or its lack of one) only after
                     // the handshake, with an alert on the first read: a
                     // refused connection, not a broken exchange.
+                    // It read nothing of the request: the next upstream
+                    // may have it, as after any refused connection.
                     if tls_alert(&e) {
                         metrics.connect_errors.inc();
                         signal(true);
                         let then = room.mark_failed(index);
                         tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); {then}");
-                        return Err(ProxyError::Unreachable {
+                        let error = ProxyError::Unreachable {
                             upstream: upstream.label.clone(),
                             source: e.into(),
-                        });
+                        };
+                        if last_try {
+                            return Err(error);
+                        }
+                        failed = Some(error);
+                        continue;
                     }
                     // A head the upstream got wrong (a bad field line,
                     // more than 1000 fields) belongs to that one answer,
