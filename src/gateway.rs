@@ -211,10 +211,13 @@ fn has_unknown_coding(req: &Request<Incoming>) -> bool {
 
 /// An in-flight slot, or the 503 for a person who is admitted but whose
 /// request found the cap and its queue full.
+/// `admitted`: whether a refusal counts against the rate (see its
+/// caller).
 async fn enter(
     room: &Room,
     cap: &InFlight,
     session: Option<u128>,
+    admitted: bool,
     asked: &Asked<'_>,
     reference: Option<&HeaderValue>,
 ) -> Result<(Slot, Duration), Response<Body>> {
@@ -248,10 +251,8 @@ async fn enter(
         return Err(resp);
     }
     // An admitted person turned away is a failure of the path to the
-    // portal, as adaptive admission sees it. A request without a pass (an
-    // exempt path, a bypass) is not one: the rate does not bring those,
-    // and a flood of them would cut it for everyone in line.
-    if let (Some(a), Some(_)) = (&room.adaptive, session) {
+    // portal, as adaptive admission sees it.
+    if let Some(a) = room.adaptive.as_ref().filter(|_| admitted) {
         a.signals.refused(w);
     }
     match refused {
@@ -422,7 +423,8 @@ impl Gateway {
         let mut req = req;
         // Only varco says where someone stands in line.
         req.headers_mut().remove(&arrival::HEADER);
-        let (set_cookies, pass, whole_body) = if room.is_gated() {
+        let gated = room.is_gated();
+        let (set_cookies, pass, whole_body) = if gated {
             let now = self.clock.now_ms();
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
@@ -526,11 +528,18 @@ impl Gateway {
                 return (resp, None);
             }
         };
+        // What adaptive admission learns from: the admitted people's
+        // requests. In a gated room, not those let through without a pass
+        // (an exempt path, a bypass): the rate does not bring them, and
+        // anyone can send them, so a flood of them would cut it for
+        // everyone in line. In a room not gated, everyone's.
+        let admitted = pass.is_some() || !gated;
         let (slot, queued) = match &room.in_flight {
             Some(cap) => match enter(
                 room,
                 cap,
                 pass.as_ref().and_then(|p| p.session_id()),
+                admitted,
                 &asked,
                 record.id.as_ref(),
             )
@@ -547,7 +556,7 @@ impl Gateway {
             },
             None => (None, Duration::ZERO),
         };
-        let judged = pass.is_some().then_some(queued);
+        let judged = admitted.then_some(queued);
         if let (Some(key), Some(p)) = (&room.arrival_key, &pass) {
             let line = room.lane(&p.l).map(|l| room.line_name(l));
             let a = arrival::Arrival {
