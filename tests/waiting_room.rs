@@ -1297,7 +1297,14 @@ async fn a_snapshot_that_cannot_be_written_is_counted_and_the_queue_goes_on() {
         assert!(c.get("/").await.is_waiting_page());
         assert_eq!(c.status("portal").await["position"], expect);
     }
-    assert!(errors("marks").await >= 1.0, "marks not written, counted");
+    // The marks go to disk from a writer of their own: its failure is
+    // counted once it has tried.
+    common::client::until(
+        "the marks not written, counted",
+        std::time::Duration::from_secs(10),
+        async || errors("marks").await >= 1.0,
+    )
+    .await;
     let before = errors("snapshot").await;
     g.app.save();
     assert_eq!(errors("snapshot").await, before + 1.0);
