@@ -655,19 +655,30 @@ impl Gateway {
                     )
                 });
                 let session = pass.as_ref().and_then(|p| p.session_id());
-                let lane = pass.as_ref().and_then(|p| room.lane(&p.l));
+                let lane = pass.as_ref().map(|p| p.l.clone());
                 if let (Some(sid), Some(lane)) = (session, lane) {
-                    let now = self.clock.now_ms();
-                    let ended = lane
-                        .store
-                        .end_session(sid, now, room.ended_memory_ms())
-                        .await;
-                    let ticked = lane.store.tick(room.lane_limits(lane), now).await;
-                    // Its slot is freed when the store answers again (a
-                    // Redis node sends the end then); the next tick calls
-                    // the next in line.
-                    if ended.is_err() || ticked.is_err() {
-                        room.metrics.store_errors.inc();
+                    let (on, now) = (room.clone(), self.clock.now_ms());
+                    // On a task of its own: the person may be gone before
+                    // the store answers (the tab closed on the receipt),
+                    // and an end dropped midway would hold the slot for
+                    // nobody until it idles out.
+                    let release = tokio::spawn(async move {
+                        let Some(lane) = on.lane(&lane) else {
+                            return;
+                        };
+                        let ended = lane.store.end_session(sid, now, on.ended_memory_ms()).await;
+                        let ticked = lane.store.tick(on.lane_limits(lane), now).await;
+                        // Its slot is freed when the store answers again
+                        // (a Redis node sends the end then); the next tick
+                        // calls the next in line.
+                        if ended.is_err() || ticked.is_err() {
+                            on.metrics.store_errors.inc();
+                        }
+                    });
+                    if let Err(e) = release.await {
+                        if e.is_panic() {
+                            std::panic::resume_unwind(e.into_panic());
+                        }
                     }
                 }
                 for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {

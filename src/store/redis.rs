@@ -197,6 +197,27 @@ struct Fallback {
     ends_to_send: Vec<(u128, u64)>,
 }
 
+/// What a hand-over after an outage (`RedisRoom::recovered`) has yet to
+/// send: put back for the next tick when dropped.
+struct Recovery<'a> {
+    room: &'a RedisRoom,
+    blocks: Vec<(u64, u64)>,
+    pending: Vec<(u128, u64)>,
+    ends: Vec<(u128, u64)>,
+}
+
+impl Drop for Recovery<'_> {
+    fn drop(&mut self) {
+        let mut f = self.room.lock_fallback();
+        // Ahead of any taken since: they are older.
+        let newer = std::mem::replace(&mut f.unplaced, std::mem::take(&mut self.blocks));
+        f.unplaced.extend(newer);
+        let newer = std::mem::replace(&mut f.pending, std::mem::take(&mut self.pending));
+        f.pending.extend(newer);
+        f.ends_to_send.append(&mut self.ends);
+    }
+}
+
 pub struct RedisRoom {
     link: Arc<Link>,
     /// state, batches, claimed, sessions, history, provisional, ended,
@@ -565,7 +586,11 @@ impl RedisRoom {
     /// whose own call failed meanwhile starts a new block of provisional
     /// tickets (or a new list of sessions) for the next tick, rather than
     /// numbering past a block already placed or joining a list already
-    /// cleared. What fails to go over is put back.
+    /// cleared. What fails to go over is put back, and so is what is left
+    /// when the hand-over is dropped midway (the tick of a release whose
+    /// person went away): dropped with it, a block of provisional tickets
+    /// would never be placed, its holders waiting without a place until
+    /// their tickets expire.
     async fn recovered(&self, limits: &Limits, now_ms: u64) -> Result<bool, StoreError> {
         // One hand-over at a time (a release ticks beside the tick loop):
         // two would split the blocks and could place a later outage's
@@ -573,7 +598,7 @@ impl RedisRoom {
         let Ok(_alone) = self.recovering.try_lock() else {
             return Ok(false);
         };
-        let (mut blocks, pending, ends_to_send) = {
+        let mut left = {
             let mut f = self.lock_fallback();
             if !f.degraded
                 && f.issued == 0
@@ -589,33 +614,31 @@ impl RedisRoom {
             }
             f.epoch = 0;
             f.issued = 0;
-            let pending = std::mem::take(&mut f.pending);
-            (blocks, pending, std::mem::take(&mut f.ends_to_send))
-        };
-        let give_back = |blocks: Vec<(u64, u64)>, pending: Vec<(u128, u64)>| {
-            let mut f = self.lock_fallback();
-            f.unplaced.extend(blocks);
-            let newer = std::mem::replace(&mut f.pending, pending);
-            f.pending.extend(newer);
+            Recovery {
+                room: self,
+                blocks,
+                pending: std::mem::take(&mut f.pending),
+                ends: std::mem::take(&mut f.ends_to_send),
+            }
         };
         // Ends first: a session ended here or on another node is not
         // adopted back.
-        if !ends_to_send.is_empty() {
+        if !left.ends.is_empty() {
             // Remembered from now: counted from the release, an outage
             // longer than the memory would have the end forgotten at once.
-            let args: Vec<String> = ends_to_send
+            let args: Vec<String> = left
+                .ends
                 .iter()
                 .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
             let inert = inert_limits(self.tick_ms);
-            if let Err(e) = self.call("end", &inert, now_ms, &args).await {
-                self.lock_fallback().ends_to_send.extend(ends_to_send);
-                give_back(blocks, pending);
-                return Err(e);
-            }
+            self.call("end", &inert, now_ms, &args).await?;
+            left.ends.clear();
         }
-        let mut waiting = Vec::new();
-        while let Some(&(epoch, issued)) = blocks.first() {
+        // Oldest first, as they were taken; those waiting for the
+        // opening stay in `left`, to be placed at a later tick.
+        let mut next = 0;
+        while let Some(&(epoch, issued)) = left.blocks.get(next) {
             // Idempotent per epoch: a retry gets the block placed before.
             // Forgotten once every ticket of it has expired (each within
             // `ticket_ttl` of its issue, before now).
@@ -624,34 +647,25 @@ impl RedisRoom {
                 let forget_at = now_ms + limits.ticket_ttl_ms + crate::room::token::LEEWAY_MS;
                 args.push(forget_at.to_string());
             }
-            match self.call("reserve", limits, now_ms, &args).await {
+            match self.call("reserve", limits, now_ms, &args).await? {
                 // Before the opening: placed behind the pre-queue at it.
-                Ok(r) if r.0 < 0 => waiting.push(blocks.remove(0)),
+                r if r.0 < 0 => next += 1,
                 // Its answer named the block, as it names every one.
-                Ok(_) => {
-                    blocks.remove(0);
-                }
-                Err(e) => {
-                    // Oldest first, as they were taken.
-                    waiting.extend(blocks);
-                    give_back(waiting, pending);
-                    return Err(e);
+                _ => {
+                    left.blocks.remove(next);
                 }
             }
         }
-        if !waiting.is_empty() {
-            self.lock_fallback().unplaced.extend(waiting);
-        }
-        if !pending.is_empty() {
-            let args: Vec<String> = pending
+        if !left.pending.is_empty() {
+            let args: Vec<String> = left
+                .pending
                 .iter()
                 .flat_map(|(sid, exp)| [hex(*sid), exp.to_string()])
                 .collect();
-            if let Err(e) = self.call("adopt", limits, now_ms, &args).await {
-                give_back(Vec::new(), pending);
-                return Err(e);
-            }
+            self.call("adopt", limits, now_ms, &args).await?;
+            left.pending.clear();
         }
+        drop(left);
         let mut f = self.lock_fallback();
         f.degraded = f.issued > 0 || !f.pending.is_empty();
         Ok(true)
