@@ -1735,6 +1735,48 @@ async fn a_block_of_provisional_tickets_is_forgotten_once_they_all_expire() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A reload that shortens `ticket_ttl` while Redis is away does not
+/// shorten the life of the block placed when it returns: its tickets were
+/// signed for the longer time, and their holders keep their place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_outlives_a_reload_that_shortens_ticket_ttl() {
+    let dir = fresh_dir("redis-blocks-reload");
+    let port = common::dead_addr().port();
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    let up = upstream::spawn().await;
+    let file = dir.join("varco.toml");
+    let write = |ttl: &str, redis: &RedisServer| {
+        let room = format!("max_active = 1\nsession_idle = \"1h\"\nticket_ttl = \"{ttl}\"");
+        std::fs::write(
+            &file,
+            cluster_config(redis, up.addr, &room, "lease = \"3s\""),
+        )
+        .unwrap();
+    };
+    write("10m", &redis);
+    let nodes = [Gated::start_file(&file).await];
+    advance(&nodes, 1000).await;
+    let g = &nodes[0];
+    assert!(g.citizen().get("/").await.reached_upstream());
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/").await.is_waiting_page());
+    write("2m", &redis);
+    g.app.reload().await.expect("reload");
+
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes, 0).await;
+    assert_eq!(waiting.status("portal").await["position"], 1);
+    advance(&nodes, 9 * 60_000).await;
+    assert_eq!(
+        waiting.status("portal").await["position"],
+        1,
+        "signed for 10m, its place is kept"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A provisional ticket takes the place its block gets in whatever state
 /// Redis comes back with: one that lost its data too (a new generation),
 /// where a ticket of the old state holds no place, places the block anew.

@@ -446,6 +446,10 @@ impl Room {
             per_minute: self.per_minute(),
             max_active: self.max_active(),
             mode: self.mode(),
+            // A block of provisional tickets is kept until its last one
+            // expires: those signed before a reload that shortened the
+            // time keep theirs.
+            ticket_ttl_ms: self.longest_ticket_ttl.as_millis() as u64,
             ..limits_of(&self.config, self.tick_ms)
         }
     }
