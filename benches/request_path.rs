@@ -94,7 +94,7 @@ fn headers(c: &mut Criterion) {
         b.iter_batched(
             || base.clone(),
             |mut h| {
-                strip_hop_by_hop(&mut h);
+                strip_hop_by_hop(&mut h, true);
                 set_forwarded(&mut h, peer, false, "https", host.as_ref());
                 h
             },

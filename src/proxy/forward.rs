@@ -138,7 +138,7 @@ impl Forwarder {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, true);
         // Only the secret itself: a header of that name with another value
         // (an `Authorization` meant for the portal) is the portal's.
         for (name, secret) in room.config.secret_headers() {
@@ -616,7 +616,7 @@ fn into_client_response(
     match (parts.status, client_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some((client_side, hold))) => {
             let upgrade = parts.headers.get(UPGRADE).cloned();
-            strip_hop_by_hop(&mut parts.headers);
+            strip_hop_by_hop(&mut parts.headers, false);
             crate::cookies::strip_own_set_cookies(&mut parts.headers);
             if let Some(u) = upgrade {
                 parts
@@ -650,7 +650,7 @@ fn into_client_response(
             // `Trailer` goes with the hop-by-hop fields (RFC 2616 had it
             // there) and comes back for the fields that will follow.
             let announced = announced_trailers(&parts.headers);
-            strip_hop_by_hop(&mut parts.headers);
+            strip_hop_by_hop(&mut parts.headers, false);
             crate::cookies::strip_own_set_cookies(&mut parts.headers);
             if let Some(names) = announced {
                 parts.headers.insert(TRAILER, names);

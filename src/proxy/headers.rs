@@ -11,8 +11,9 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Removes hop-by-hop headers and every header `Connection` names. A
-/// request's `TE: trailers` survives, since gRPC needs it end to end.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// request's (`request`) `TE: trailers` survives, since gRPC needs it end
+/// to end; TE is a request's field only, and goes from an answer.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
     // Runs twice per proxied request, and most messages carry none of
     // these or only Connection: the names present are found by one walk
     // over the map, and only they are removed (each removal hashes its
@@ -32,12 +33,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if doomed.is_empty() {
         return;
     }
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let wants_trailers = request
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for name in &doomed {
         headers.remove(name);
     }
@@ -652,10 +654,14 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-kept", "yes"),
         ]);
-        strip_hop_by_hop(&mut h);
+        let mut answer = h.clone();
+        strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
         assert_eq!(h["te"], "trailers");
+        strip_hop_by_hop(&mut answer, false);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert_eq!(answer["x-kept"], "yes");
     }
 
     #[test]
