@@ -552,7 +552,7 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     // requests at once, through any node) or after this answer was lost
     // (a phone's network), asks for the same move, and gets this return's
     // session, not one of its own. Not if the portal ended the old one.
-    let new_sid = returned_sid(sid);
+    let new_sid = returned_sid(sid, detour);
     let made = lane
         .store
         .hand_over(
@@ -597,9 +597,17 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
 
 /// The session a return of session `old` moves to: the same on every
 /// node and at every ask, so the store knows a return asked again from
-/// a new one (`RoomStore::hand_over`).
-fn returned_sid(old: u128) -> u128 {
-    let mut input = b"varco return ".to_vec();
+/// a new one (`RoomStore::hand_over`). Each reason its own: a copy of the
+/// pass kept from before a return after a portal failure, sent on a login
+/// callback's path, would otherwise share that return's session with a
+/// pass counting a detour instead, and its holder keep whichever count
+/// suited the next return.
+fn returned_sid(old: u128, detour: bool) -> u128 {
+    let mut input = if detour {
+        b"varco return after a detour ".to_vec()
+    } else {
+        b"varco return after a failure ".to_vec()
+    };
     input.extend_from_slice(&old.to_le_bytes());
     let digest = ring::digest::digest(&ring::digest::SHA256, &input);
     let mut sid = [0; 16];

@@ -753,6 +753,36 @@ async fn a_portal_failure_does_not_cost_the_turn() {
     );
 }
 
+/// A copy of the pass kept from before a return after a portal failure,
+/// sent on a login callback's path while that return's session lives, is
+/// no second way back: it would share the session with a pass counting a
+/// detour instead of the failure, and its holder could keep whichever
+/// count suited the next return.
+#[tokio::test]
+async fn a_copy_from_before_a_return_is_no_return_for_another_reason() {
+    let up = upstream::spawn().await;
+    let room =
+        format!("{DETOUR_ROOM}\nfailure_grace = \"2m\"\nmax_reentries = 1\nmax_flow_returns = 1");
+    let g = Gated::start(&config(up.addr, &room, "")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    assert_eq!(a.get("/fail").await.status, 500);
+    let mut copy = g.citizen();
+    copy.jar = a.jar.clone();
+    g.advance(3 * MIN + 30_000).await;
+    assert!(
+        a.get("/").await.reached_upstream(),
+        "back after the failure"
+    );
+    let got = copy.get("/oidc/callback?code=1").await;
+    assert!(
+        !got.reached_upstream(),
+        "the copy came back as a detour: {}",
+        got.status
+    );
+    assert!(a.get("/apply").await.reached_upstream());
+}
+
 #[tokio::test]
 async fn the_identity_provider_can_stand_behind_its_own_room() {
     // The portal and, under /idp, the identity provider: each its own

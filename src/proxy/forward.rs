@@ -266,7 +266,7 @@ impl Forwarder {
                     )
                 }));
             }
-            let Some(index) = room.upstreams.pick(&tried) else {
+            let Some((index, probe)) = room.upstreams.pick_or_probe(&tried) else {
                 // Every upstream in play was tried (the last try returns
                 // first, unless one was taken out meanwhile), or all are
                 // taken out.
@@ -275,11 +275,6 @@ impl Forwarder {
                     source: "no upstream in rotation: every one is taken out".into(),
                 }));
             };
-            // Every untried one out (found dead, or cooling down after
-            // failures): one probe, then the answer. Going to each in
-            // turn, a request would wait out a connect timeout for each,
-            // holding its in-flight slot all the while.
-            let probe = !room.upstreams.is_healthy(index);
             tried.push(index);
             let upstream = room.upstreams.get(index);
             let uri = upstream_uri(&upstream.base, path.as_ref());
@@ -288,7 +283,11 @@ impl Forwarder {
                 .uri(uri)
                 .version(Version::HTTP_11);
             let replayable = outgoing.replayable();
-            // Those taken out by an operator are never tried.
+            // Those taken out by an operator are never tried. Every
+            // untried one out (found dead, or cooling down after
+            // failures): one probe, then the answer. Going to each in
+            // turn, a request would wait out a connect timeout for each,
+            // holding its in-flight slot all the while.
             let last_upstream = probe || tried.len() >= room.upstreams.in_play();
             let last_try = !replayable || last_upstream;
             let may_go_again =
@@ -419,18 +418,22 @@ impl Forwarder {
                     // client certificate (or its lack of one) only after
                     // the handshake, with an alert on the first read: a
                     // refused connection, not a broken exchange.
-                    // It read nothing of the request: the next upstream
-                    // may have it, as after any refused connection.
+                    // On a new connection it read nothing of the request:
+                    // the next upstream may have it, as after any refused
+                    // connection. On one that had answered, the alert may
+                    // come after the portal acted on it (a form sent
+                    // twice): the answer is the 502.
                     if tls_alert(&e) {
                         metrics.connect_errors.inc();
                         signal(true);
                         let then = room.mark_failed(index);
                         tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream refused the TLS connection (upstream.tls_client?); {then}");
+                        let fresh = !Answered::before(&e);
                         let error = ProxyError::Unreachable {
                             upstream: upstream.label.clone(),
                             source: e.into(),
                         };
-                        if last_try {
+                        if last_try || !fresh {
                             return Err(error);
                         }
                         failed = Some(error);

@@ -464,6 +464,14 @@ impl UpstreamPool {
         self.pick_at(tried, self.now_ms())
     }
 
+    /// As [`Self::pick`], and whether the one picked is out (every
+    /// untried one is): a probe, judged at the same instant as the pick.
+    pub fn pick_or_probe(&self, tried: &[usize]) -> Option<(usize, bool)> {
+        let now = self.now_ms();
+        self.pick_at(tried, now)
+            .map(|i| (i, !self.is_healthy_at(i, now)))
+    }
+
     fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {
         let n = self.upstreams.len();
         let usable = |j: usize| !tried.contains(&j) && self.is_healthy_at(j, now);

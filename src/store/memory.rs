@@ -243,9 +243,13 @@ impl RoomStore for MemoryRoom {
                 _ => HandOver::Refused,
             },
             dashmap::Entry::Vacant(v) => {
-                v.insert(now_ms + remember_ms);
+                // The new session made before the end is marked: the
+                // mark's insert lets go of the lock, and an ask that found
+                // the old one ended but the new one not yet made would be
+                // refused.
                 self.sessions.remove(&old);
                 self.sessions.insert(new, AtomicU64::new(expires_ms));
+                v.insert(now_ms + remember_ms);
                 HandOver::Made
             }
         };
@@ -1258,5 +1262,42 @@ mod tests {
         room.end_session(4, 1_000, 3_600_000).await.unwrap();
         assert_eq!(ask(4, 5, 2_000).await.unwrap(), HandOver::Refused);
         assert_eq!(room.peek_local(5, 2_000), Liveness::Dead);
+    }
+
+    /// A page's requests with one lapsed pass, at once: each asks for the
+    /// same move, and each is told it is made (now or before), never
+    /// refused in the moment between the old one's end and the new one.
+    #[test]
+    fn returns_asked_at_once_are_each_let_in() {
+        let store = MemoryStore::open(None, 0).unwrap();
+        let l = limits(None);
+        let room = store.room("r", &l, 0);
+        for old in 1..=2_000u128 {
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let asks: Vec<_> = (0..4)
+                .map(|_| {
+                    let (room, start) = (room.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        futures_util::FutureExt::now_or_never(room.hand_over(
+                            old,
+                            old + 1_000_000,
+                            61_000,
+                            1_000,
+                            3_600_000,
+                        ))
+                        .expect("the memory store answers at once")
+                        .unwrap()
+                    })
+                })
+                .collect();
+            let made: Vec<HandOver> = asks.into_iter().map(|a| a.join().unwrap()).collect();
+            assert_eq!(
+                made.iter().filter(|m| **m == HandOver::Made).count(),
+                1,
+                "return {old}: {made:?}"
+            );
+            assert!(!made.contains(&HandOver::Refused), "return {old}: {made:?}");
+        }
     }
 }

@@ -226,7 +226,7 @@ pub trait RoomStore: Send + Sync + 'static {
         true
     }
     /// Ends a session (the portal released it): its slot is free at once,
-    /// and it is remembered as ended for `remember_ms`, so `restore`
+    /// and it is remembered as ended for `remember_ms`, so `hand_over`
     /// cannot bring it back.
     fn end_session(
         &self,
