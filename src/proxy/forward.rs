@@ -105,12 +105,12 @@ impl Forwarder {
         }
     }
 
-    /// `judged`: for a request of an admitted person (one with a pass),
-    /// how long it waited for an in-flight slot, which counts in the
-    /// latency adaptive admission judges, since admitted people waited
-    /// it. None: a request the gate let through without a pass (an
-    /// exempt path, a bypass), which the admission rate does not bring:
-    /// left out of what adaptive admission learns.
+    /// `judged`: for a request adaptive admission learns from (one with a
+    /// pass, or any in a room not gated), how long it waited for an
+    /// in-flight slot, which counts in the latency it judges, since
+    /// admitted people waited it. None: a request a gated room let
+    /// through without a pass (an exempt path, a bypass, a login detour),
+    /// which the admission rate does not bring.
     pub async fn forward(
         &self,
         room: &Room,
