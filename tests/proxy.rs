@@ -212,7 +212,9 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     .await;
     let req = Request::get(v.url("/echo"))
         .header("host", "portal.example.org")
-        .header("x-forwarded-for", "198.51.100.7")
+        // The balancer appended the client's address to what the client
+        // wrote (6.6.6.6).
+        .header("x-forwarded-for", "6.6.6.6, 198.51.100.7")
         .header("x-forwarded-proto", "https")
         .header("x-real-ip", "198.51.100.7")
         // The client's own, passed on: its HTTP_PROXY would be anyone's.
@@ -224,7 +226,7 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     let h = &j["headers"];
     assert_eq!(
         h["x-forwarded-for"],
-        serde_json::json!(["198.51.100.7, 127.0.0.1"])
+        serde_json::json!(["6.6.6.6, 198.51.100.7, 127.0.0.1"])
     );
     assert!(h.get("proxy").is_none(), "httpoxy");
     assert_eq!(
@@ -232,7 +234,7 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
         serde_json::json!([
             "for=198.51.100.7;proto=https;host=\"portal.example.org\", for=127.0.0.1"
         ]),
-        "the portal reads the address varco read, in either header"
+        "the portal reads the address varco read first, in either header"
     );
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
     assert_eq!(

@@ -175,6 +175,7 @@ impl Forwarder {
             &mut headers,
             conn.peer.ip(),
             trusted,
+            &self.trusted_proxies,
             proto,
             host.as_ref(),
             self.client_header,

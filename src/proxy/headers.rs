@@ -261,17 +261,22 @@ pub fn set_forwarded(
         headers,
         peer,
         trusted_peer,
+        &[],
         proto,
         host,
         ClientHeader::XForwardedFor,
     )
 }
 
-/// [`set_forwarded`], reading a trusted balancer's word from `from`.
+/// [`set_forwarded`], reading a trusted balancer's word from `from`;
+/// `trusted`: the proxies before it that varco trusts too
+/// (`server.trusted_proxies`), skipped as varco skips them to find the
+/// client.
 pub fn set_forwarded_from(
     headers: &mut HeaderMap,
     peer: IpAddr,
     trusted_peer: bool,
+    trusted: &[IpNet],
     proto: &'static str,
     host: Option<&HeaderValue>,
     from: ClientHeader,
@@ -335,7 +340,7 @@ pub fn set_forwarded_from(
             }
         }
         if forwarded {
-            rewrite_forwarded(headers, peer_ip, from_xff);
+            rewrite_forwarded(headers, peer_ip, from_xff, trusted);
         }
     } else {
         remove_where(headers, |name| {
@@ -355,8 +360,11 @@ pub fn set_forwarded_from(
 /// `Forwarded` one's own `for=` hops) and varco's peer, the first with the
 /// scheme and the host varco decided by. A balancer that writes
 /// X-Forwarded-For passes a client's `Forwarded` on as it came: its hops,
-/// `host=` and `proto=` could be anyone's.
-fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool) {
+/// `host=` and `proto=` could be anyone's. The hops start at the client
+/// varco found (walking from the right past `trusted` proxies, as
+/// `client_ip_from`): frameworks take the first `for=` as the client, and
+/// what a client wrote on the left of it is its own word.
+fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool, trusted: &[IpNet]) {
     let proto = match headers.get(&X_FORWARDED_PROTO).map(first_element) {
         Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
         _ => "http",
@@ -380,9 +388,20 @@ fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool) {
             .chain(std::iter::once(Some(peer)))
             .collect()
     };
-    let hops: Vec<String> = addresses
-        .into_iter()
-        .map(|hop| match hop {
+    // The peer, last, is trusted (this runs only for a trusted one).
+    let last = addresses.len().saturating_sub(1);
+    let mut first = last;
+    for (i, hop) in addresses.iter().enumerate().rev().skip(1) {
+        match hop {
+            Some(ip) if is_trusted(*ip, trusted) => continue,
+            Some(_) => first = i,
+            None => {}
+        }
+        break;
+    }
+    let hops: Vec<String> = addresses[first..]
+        .iter()
+        .map(|hop| match *hop {
             Some(IpAddr::V6(v6)) => format!("\"[{v6}]\""),
             Some(v4) => v4.to_string(),
             None => "unknown".to_string(),
@@ -836,12 +855,17 @@ mod tests {
             ("forwarded", "for=\"[2001:db8::9]\";proto=http"),
             ("x-forwarded-host", "bonus.example.org"),
         ]);
-        set_forwarded(
+        let mut untrusting = h.clone();
+        // The proxy at 2001:db8::9 trusted too: the client is before it.
+        let trusted = ["2001:db8::/32".parse().unwrap()];
+        set_forwarded_from(
             &mut h,
             "10.0.0.2".parse().unwrap(),
             true,
+            &trusted,
             "http",
             Some(&host),
+            ClientHeader::XForwardedFor,
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 2001:db8::9, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -850,11 +874,23 @@ mod tests {
             h["forwarded"],
             "for=198.51.100.7;proto=https;host=\"www.example.org\", for=\"[2001:db8::9]\", for=10.0.0.2"
         );
+        // Not trusted, it is the client varco reads, and the first hop.
+        set_forwarded(
+            &mut untrusting,
+            "10.0.0.2".parse().unwrap(),
+            true,
+            "http",
+            Some(&host),
+        );
+        assert_eq!(
+            untrusting["forwarded"],
+            "for=\"[2001:db8::9]\";proto=https;host=\"www.example.org\", for=10.0.0.2"
+        );
         // A balancer writing X-Forwarded-For (the default's) passed a
         // client's Forwarded on: it names the addresses varco read, not
-        // the client's own.
+        // the client's own, and none the client wrote on their left.
         let mut h = map(&[
-            ("x-forwarded-for", "198.51.100.7, unknown"),
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=6.6.6.6;proto=https"),
         ]);
@@ -867,8 +903,16 @@ mod tests {
         );
         assert_eq!(
             h["forwarded"],
-            "for=198.51.100.7;proto=https;host=\"www.example.org\", for=unknown, for=10.0.0.2"
+            "for=198.51.100.7;proto=https;host=\"www.example.org\", for=10.0.0.2"
         );
+        // A hop it cannot read ends the walk, as for varco's own reading:
+        // the balancer is the client.
+        let mut h = map(&[
+            ("x-forwarded-for", "198.51.100.7, unknown"),
+            ("forwarded", "for=x"),
+        ]);
+        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, "http", None);
+        assert_eq!(h["forwarded"], "for=10.0.0.2;proto=http");
         // A balancer writing Forwarded beside a client's X-Forwarded-For
         // is read in the `forwarded` mode: its hops stay.
         let mut h = map(&[
@@ -879,6 +923,7 @@ mod tests {
             &mut h,
             "10.0.0.2".parse().unwrap(),
             true,
+            &[],
             "http",
             Some(&host),
             ClientHeader::Forwarded,
