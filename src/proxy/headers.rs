@@ -372,33 +372,17 @@ fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool, trus
     let mut out = String::new();
     let addresses: Vec<Option<IpAddr>> = if from_xff {
         // Ends with the peer, appended above.
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .filter(|hop| !hop.trim_ascii().is_empty())
-            .map(|hop| {
-                std::str::from_utf8(hop)
-                    .ok()
-                    .and_then(|hop| hop_address(hop.trim()))
-            })
-            .collect()
+        xff_entries(headers).map(entry_address).collect()
     } else {
         forwarded_addresses(headers)
             .chain(std::iter::once(Some(peer)))
             .collect()
     };
-    // The peer, last, is trusted (this runs only for a trusted one).
+    // The peer, last, is trusted (this runs only for a trusted one); the
+    // walk found none before it: the peer is the client.
     let last = addresses.len().saturating_sub(1);
-    let mut first = last;
-    for (i, hop) in addresses.iter().enumerate().rev().skip(1) {
-        match hop {
-            Some(ip) if is_trusted(*ip, trusted) => continue,
-            Some(_) => first = i,
-            None => {}
-        }
-        break;
-    }
+    let first = client_hop(addresses[..last].iter().copied(), trusted)
+        .map_or(last, |(right_of_it, _)| last - 1 - right_of_it);
     let hops: Vec<String> = addresses[first..]
         .iter()
         .map(|hop| match *hop {
@@ -564,40 +548,56 @@ pub fn client_ip_from(
     if !is_trusted(peer, trusted) {
         return canonical(peer);
     }
-    // Split as bytes: a byte past ASCII spoils its own entry (where the
-    // walk stops), not the line a balancer extended with the real address.
     let hops: Vec<&[u8]> = match from {
-        ClientHeader::XForwardedFor => headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            // Empty elements are no entry (RFC 9110, 5.6.1): `a, b,` is `a, b`.
-            .filter(|hop| !hop.trim_ascii().is_empty())
-            .collect(),
+        ClientHeader::XForwardedFor => xff_entries(headers).collect(),
         ClientHeader::Forwarded => Vec::new(),
     };
     // A balancer that sends only RFC 7239's `Forwarded` (HAProxy's
     // `option forwarded`): its `for=` hops, read the same way, or every
     // person would share the balancer's per-address budget.
-    let from_forwarded;
-    let hops: Vec<&[u8]> = if hops.is_empty() && headers.contains_key(header::FORWARDED) {
-        from_forwarded = forwarded_hops(headers);
-        from_forwarded.iter().map(|h| h.as_bytes()).collect()
+    let found = if hops.is_empty() && headers.contains_key(header::FORWARDED) {
+        let addresses: Vec<Option<IpAddr>> = forwarded_addresses(headers).collect();
+        client_hop(addresses.into_iter(), trusted)
     } else {
-        hops
+        client_hop(hops.into_iter().map(entry_address), trusted)
     };
-    for hop in hops.into_iter().rev() {
-        let Some(ip) = std::str::from_utf8(hop)
-            .ok()
-            .and_then(|hop| hop_address(hop.trim()))
-        else {
-            break;
-        };
+    found.map_or_else(|| canonical(peer), |(_, ip)| ip)
+}
+
+/// X-Forwarded-For's entries, split as bytes: a byte past ASCII spoils
+/// its own entry (where a walk stops), not the line a balancer extended
+/// with the real address. Empty elements are no entry (RFC 9110, 5.6.1):
+/// `a, b,` is `a, b`.
+fn xff_entries(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter(|hop| !hop.trim_ascii().is_empty())
+}
+
+/// An X-Forwarded-For entry's address; None for one it cannot read.
+fn entry_address(hop: &[u8]) -> Option<IpAddr> {
+    std::str::from_utf8(hop)
+        .ok()
+        .and_then(|hop| hop_address(hop.trim()))
+}
+
+/// Walking `hops` from the right past `trusted` proxies: the client, with
+/// how many hops stand right of it. None: the walk passed them all, or
+/// stopped at one it cannot read (what stands left of that is anyone's
+/// word).
+fn client_hop(
+    hops: impl DoubleEndedIterator<Item = Option<IpAddr>>,
+    trusted: &[IpNet],
+) -> Option<(usize, IpAddr)> {
+    for (right_of_it, hop) in hops.rev().enumerate() {
+        let ip = hop?;
         if !is_trusted(ip, trusted) {
-            return ip;
+            return Some((right_of_it, ip));
         }
     }
-    canonical(peer)
+    None
 }
 
 /// What a per-address limit counts by: an IPv4 address, or an IPv6
