@@ -205,13 +205,13 @@ fn upstreams(c: &mut Criterion) {
     let cfg = Config::from_toml(toml, Path::new(".")).expect("valid");
     let room = Room::standalone(cfg.rooms.into_iter().next().expect("one room"));
     c.bench_function("upstreams/pick_all_in", |b| {
-        b.iter(|| black_box(room.upstreams.pick(black_box(&[]))))
+        b.iter(|| black_box(room.upstreams.pick_or_probe(black_box(&[]))))
     });
     room.upstreams
         .take_out("127.0.0.1:9001", true, true)
         .expect("taken out");
     c.bench_function("upstreams/pick_one_out", |b| {
-        b.iter(|| black_box(room.upstreams.pick(black_box(&[]))))
+        b.iter(|| black_box(room.upstreams.pick_or_probe(black_box(&[]))))
     });
 }
 

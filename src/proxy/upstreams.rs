@@ -459,17 +459,19 @@ impl UpstreamPool {
     /// When every untried one is out, the next untried one anyway (one
     /// merely cooling down after a failed request before one the health
     /// checks found dead): a pool that is all down must still be probed,
-    /// or it never recovers without checks.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        self.pick_at(tried, self.now_ms())
-    }
-
-    /// As [`Self::pick`], and whether the one picked is out (every
-    /// untried one is): a probe, judged at the same instant as the pick.
+    /// or it never recovers without checks. With it, whether the one
+    /// picked is out (every untried one is): a probe, judged at the same
+    /// instant as the pick.
     pub fn pick_or_probe(&self, tried: &[usize]) -> Option<(usize, bool)> {
         let now = self.now_ms();
         self.pick_at(tried, now)
             .map(|i| (i, !self.is_healthy_at(i, now)))
+    }
+
+    /// The upstream [`Self::pick_or_probe`] picks, alone.
+    #[cfg(test)]
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        self.pick_at(tried, self.now_ms())
     }
 
     fn pick_at(&self, tried: &[usize], now: u64) -> Option<usize> {

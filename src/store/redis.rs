@@ -674,6 +674,15 @@ impl RedisRoom {
     fn remember(&self, s: NewSession) {
         self.sessions.insert(s.sid, AtomicU64::new(s.expires_ms));
     }
+
+    /// Drops what this node holds of session `sid`, ended (or moved by a
+    /// return): it lets nobody in here, its activity is not reported, and
+    /// it is not handed over after an outage.
+    fn forget_here(&self, sid: u128) {
+        self.sessions.remove(&sid);
+        self.touched.remove(&sid);
+        self.lock_fallback().pending.retain(|(s, _)| *s != sid);
+    }
 }
 
 /// Limits for script ops that only read or touch sessions (check, end):
@@ -966,9 +975,7 @@ impl RoomStore for RedisRoom {
         remember_ms: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
         async move {
-            self.sessions.remove(&sid);
-            self.touched.remove(&sid);
-            self.lock_fallback().pending.retain(|(s, _)| *s != sid);
+            self.forget_here(sid);
             let limits = inert_limits(self.tick_ms);
             match self
                 .call(
@@ -1018,9 +1025,7 @@ impl RoomStore for RedisRoom {
                 2 => HandOver::MadeBefore,
                 _ => return Ok(HandOver::Refused),
             };
-            self.sessions.remove(&old);
-            self.touched.remove(&old);
-            self.lock_fallback().pending.retain(|(s, _)| *s != old);
+            self.forget_here(old);
             self.sessions
                 .entry(new)
                 .and_modify(|e| {
