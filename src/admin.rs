@@ -5,6 +5,7 @@
 //! and `/status`, the operator page over that API (same tokens).
 //! Every change is logged on target `varco::audit` with the token's id.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::room::admission::Mode;
 use crate::room::Room;
 use crate::store::{LiveChange, StoreError};
 
+#[derive(Clone)]
 pub struct Admin {
     app: Arc<App>,
     ready: Arc<AtomicBool>,
@@ -69,7 +71,7 @@ impl Admin {
 
     /// The operator page: for each room its mode, line, sessions, rates,
     /// wait and upstream health, live, with the last hour drawn.
-    fn operator_page(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn operator_page(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if self.app.admin_tokens().is_empty() {
             return text(
                 StatusCode::NOT_FOUND,
@@ -78,6 +80,11 @@ impl Admin {
             );
         }
         if self.caller(req).is_none() {
+            // A browser's first visit asks without a password, as it
+            // should: only a wrong one is someone guessing.
+            if req.headers().contains_key(AUTHORIZATION) {
+                refused(req, peer);
+            }
             let mut r = text(
                 StatusCode::UNAUTHORIZED,
                 "text/plain; charset=utf-8",
@@ -103,6 +110,19 @@ impl Admin {
         );
         r
     }
+}
+
+/// Told on `varco::audit`: who tried, never what they presented (a log
+/// is no place for a token, nor for most of one).
+fn refused(req: &Request<Incoming>, peer: SocketAddr) {
+    tracing::warn!(
+        target: "varco::audit",
+        %peer,
+        method = %req.method(),
+        path = logged_path(req.uri().path()),
+        presented = req.headers().contains_key(AUTHORIZATION),
+        "admin API request refused: no token it knows"
+    );
 }
 
 /// Compares the SHA-256 digests, byte by byte to the end: the time taken
@@ -448,9 +468,60 @@ impl Admin {
                 }
                 changed(&room, shared)
             }
-            _ => problem(StatusCode::NOT_FOUND, "see README: admin API"),
+            _ => match api_methods(&parts) {
+                Some(allow) => not_allowed(allow),
+                None => problem(StatusCode::NOT_FOUND, "see README: admin API"),
+            },
         }
     }
+
+    /// [`Admin::api`], then its line on `varco::admin`.
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        who: String,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        // Reads too (who fetched the admission log, who polled what):
+        // the changes are on `varco::audit` already, but an admin API
+        // answers questions an auditor may ask about later.
+        let started = std::time::Instant::now();
+        let (method, path) = (req.method().clone(), logged_path(req.uri().path()));
+        let r = self.api(req, &who).await;
+        tracing::info!(
+            target: "varco::admin",
+            who,
+            %peer,
+            method = %method,
+            path,
+            status = r.status().as_u16(),
+            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
+            "admin API request"
+        );
+        r
+    }
+}
+
+/// The methods a route of the admin API answers (for a 405's `Allow`);
+/// None for a path that is no route.
+fn api_methods(parts: &[&str]) -> Option<&'static str> {
+    match parts {
+        ["rooms"] | ["rooms", _] | ["receipts", _] | ["audit"] | ["history"] => Some("GET, HEAD"),
+        ["reload"] | ["rooms", _, _] | ["rooms", _, "upstreams", _, _] => Some("POST"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` RFC 9110 15.5.6 requires: a `GET` of a change
+/// said "no such route" sent operators looking for the wrong mistake.
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("this path answers {allow} only"),
+    );
+    r.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 impl Handler for Admin {
@@ -468,16 +539,7 @@ impl Handler for Admin {
         if path.starts_with("/api/") {
             let Some(who) = self.caller(&req) else {
                 let presented = req.headers().contains_key(AUTHORIZATION);
-                // Who tried, never what they presented: a log is no place
-                // for a token, nor for most of one.
-                tracing::warn!(
-                    target: "varco::audit",
-                    peer = %conn.peer,
-                    method = %req.method(),
-                    path = logged_path(path),
-                    presented,
-                    "admin API request refused: no token it knows"
-                );
+                refused(&req, conn.peer);
                 let mut r = problem(
                     StatusCode::UNAUTHORIZED,
                     if presented {
@@ -492,26 +554,31 @@ impl Handler for Admin {
                 );
                 return r;
             };
-            // Reads too (who fetched the admission log, who polled what):
-            // the changes are on `varco::audit` already, but an admin API
-            // answers questions an auditor may ask about later.
-            let started = std::time::Instant::now();
-            let (method, path) = (req.method().clone(), logged_path(path));
-            let r = self.api(req, &who).await;
-            tracing::info!(
-                target: "varco::admin",
-                who,
-                peer = %conn.peer,
-                method = %method,
-                path,
-                status = r.status().as_u16(),
-                duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-                "admin API request"
-            );
-            return r;
+            // A change runs to its end, audit line included, on a task of
+            // its own: its caller may go away meanwhile (a `ctl
+            // --timeout`, a Ctrl-C, a store slow to answer in cluster
+            // mode), and a change left in force on this node with no line
+            // saying who made it is what the audit log is there to prevent.
+            if req.method() == Method::POST {
+                let (admin, peer) = (self.clone(), conn.peer);
+                let change = tokio::spawn(async move { admin.answer(req, who, peer).await });
+                return match change.await {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: only a runtime shutting down does that.
+                    Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+                };
+            }
+            return self.answer(req, who, conn.peer).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());
+            if !matches!(path, "/metrics" | "/healthz" | "/status" | "/readyz") {
+                return text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into());
+            }
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
         }
         match path {
             "/metrics" => text(
@@ -520,7 +587,7 @@ impl Handler for Admin {
                 self.app.metrics().render(),
             ),
             "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
-            "/status" => self.operator_page(&req),
+            "/status" => self.operator_page(&req, conn.peer),
             // Degraded is still ready: a node without its store keeps
             // serving admitted people, and taking every node out of the
             // load balancer at once would lock everyone out.

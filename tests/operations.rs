@@ -108,6 +108,39 @@ async fn the_admin_api_needs_a_configured_token() {
     assert_eq!(forged.status, 401, "{}", forged.text());
     let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
     assert_eq!(got.json()["rooms"][0]["mode"], "queue", "the mode held");
+
+    // A route asked with the wrong method is said so, with what it takes
+    // (RFC 9110 15.5.6), not as a path that is not there.
+    for (method, path, allow) in [
+        ("GET", "/api/reload", "POST"),
+        ("GET", "/api/rooms/portal/pause", "POST"),
+        (
+            "HEAD",
+            "/api/rooms/portal/upstreams/127.0.0.1:1/out",
+            "POST",
+        ),
+        ("POST", "/api/rooms", "GET, HEAD"),
+        ("DELETE", "/api/rooms/portal", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+    ] {
+        let got = api(&g, method, path, Some(TOKEN)).await;
+        assert_eq!(
+            (
+                got.status,
+                got.headers.get("allow").map(|v| v.to_str().unwrap())
+            ),
+            (405, Some(allow)),
+            "{method} {path}: {}",
+            got.text()
+        );
+    }
+    for (method, path) in [("GET", "/api/nothing"), ("POST", "/nothing")] {
+        let got = api(&g, method, path, Some(TOKEN)).await;
+        assert_eq!(got.status, 404, "{method} {path}: {}", got.text());
+    }
+    let got = api(&g, "GET", "/api/rooms", Some(TOKEN)).await;
+    assert_eq!(got.json()["rooms"][0]["mode"], "queue", "nothing changed");
 }
 
 /// Without a config file (a demo started without one) there is nothing

@@ -909,6 +909,87 @@ async fn each_admin_api_request_is_logged_with_who_asked() {
     );
     assert_eq!(refused["path"], "/api/receipts/…", "{refused}");
     assert!(!refused.to_string().contains("c2lnbmF0dXJl"), "{refused}");
+
+    // The operator page: a browser's first visit asks without a password
+    // (not logged: the next refusal is the wrong password's); a wrong
+    // password is someone guessing, as on the API.
+    let status = |authorization: Option<&str>| {
+        let mut b = Request::get(format!("http://{}/status", p.admin));
+        if let Some(a) = authorization {
+            b = b.header("authorization", a);
+        }
+        b.body(body::empty()).unwrap()
+    };
+    assert_eq!(send(status(None)).await.status, 401);
+    // "anna:not-the-token", as a browser sends it.
+    assert_eq!(
+        send(status(Some("Basic YW5uYTpub3QtdGhlLXRva2Vu")))
+            .await
+            .status,
+        401
+    );
+    let guessed = next(&mut admin).await;
+    assert_eq!(
+        (&guessed["message"], &guessed["path"], &guessed["presented"]),
+        (
+            &"admin API request refused: no token it knows".into(),
+            &"/status".into(),
+            &true.into()
+        ),
+        "{guessed}"
+    );
+}
+
+/// A change whose caller gives up before the answer (a `ctl --timeout`
+/// while Redis stalls) is carried through all the same, and told on
+/// `varco::audit`: a change in force with no line saying who made it is
+/// what the audit log is there to prevent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_caller_gives_up_is_in_the_audit_log() {
+    const TOKEN: &str = "give-up-token-0123456789ab";
+    std::env::set_var("VARCO_TEST_GIVE_UP_TOKENS", format!("anna:{TOKEN}"));
+    std::env::set_var(
+        "VARCO_TEST_GIVE_UP_KEYS",
+        "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+    let up = upstream::spawn().await;
+    let redis = common::redis::RedisServer::start();
+    let mut p = json_logging(
+        "give-up",
+        &[up.addr],
+        &format!(
+            "[admin]\ntokens_env = \"VARCO_TEST_GIVE_UP_TOKENS\"\n\
+             [secrets]\nkey_env = \"VARCO_TEST_GIVE_UP_KEYS\"\n\
+             [store]\nkind = \"redis\"\nurl = \"{}\"\n",
+            redis.url()
+        ),
+    );
+    let mut audit = json_lines(&mut p, |line| line.contains("\"varco::audit\""));
+    let pause = Request::post(format!("http://{}/api/rooms/portal/pause", p.admin))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(body::empty())
+        .unwrap();
+    // Redis stalled: sharing the change waits for the store's timeout,
+    // longer than the caller does.
+    redis.signal("STOP");
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), send(pause)).await;
+    assert!(gave_up.is_err(), "answered before Redis could");
+    let told = next(&mut audit).await;
+    redis.signal("CONT");
+    assert_eq!(
+        (&told["message"], &told["who"], &told["to"]),
+        (
+            &"room mode changed".into(),
+            &"anna".into(),
+            &"paused".into()
+        ),
+        "{told}"
+    );
+    let state = Request::get(format!("http://{}/api/rooms/portal", p.admin))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(send(state).await.json()["mode"], "paused");
 }
 
 /// logrotate's way with the admission log: renamed, then SIGUSR1. The

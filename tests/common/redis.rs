@@ -193,6 +193,20 @@ impl RedisServer {
             .expect("connected_clients in INFO clients")
     }
 
+    /// `kill -SIG` to this Redis: STOP leaves it holding every
+    /// connection unanswered (a Redis stalled by a fork or a slow disk),
+    /// CONT brings it back.
+    #[allow(dead_code)] // not every test file uses it
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("a running redis-server").id();
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} redis-server failed");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
