@@ -1050,6 +1050,12 @@ fn page(
         &unsent
     };
     let mut resp = waiting::respond(&room.template, status, lang, next_url, r.json);
+    // A 200 tells whatever sent the form (a script varco took for a
+    // person, a program asking for `*/*`) that it went through: the
+    // page is shown as well with a 429, as a browser shows any page.
+    if status.unsent && resp.status() == http::StatusCode::OK {
+        *resp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    }
     if let Some(c) = cookie {
         resp.headers_mut().append(SET_COOKIE, c);
     }

@@ -503,7 +503,7 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
         )
         .await;
     assert!(!got.reached_upstream());
-    assert!(got.is_waiting_page(), "{}", got.text());
+    assert!(got.is_page_for_an_unsent_form(), "{}", got.text());
     // A person's form, met by the waiting page (their session lapsed
     // while they filled it in), is said not to have been sent.
     assert!(
@@ -604,6 +604,31 @@ async fn a_post_from_a_page_script_without_a_pass_is_not_answered_as_a_success()
         assert_eq!(got.json()["state"], "waiting");
         assert!(got.headers.contains_key("retry-after"));
     }
+    // A program that names no JSON and sends no `Sec-Fetch-*` (a
+    // server-side integration, an older browser's script) cannot be told
+    // from a person: it gets the page, as a 429 all the same.
+    let mut program = g.citizen();
+    let got = program
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[("accept", "*/*")],
+        )
+        .await;
+    assert!(got.is_page_for_an_unsent_form(), "{}", got.status);
+    // JSON by another name (RFC 6839) is JSON.
+    let mut program = g.citizen();
+    let got = program
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[("accept", "application/vnd.api+json")],
+        )
+        .await;
+    assert_eq!(got.status, 429, "{}", got.text());
+    assert_eq!(got.json()["state"], "waiting");
     // The same form posted by the browser itself gets the page.
     let mut person = g.citizen();
     let got = person
@@ -614,7 +639,7 @@ async fn a_post_from_a_page_script_without_a_pass_is_not_answered_as_a_success()
             &[("accept", "*/*"), ("sec-fetch-dest", "document")],
         )
         .await;
-    assert!(got.is_waiting_page(), "{}", got.status);
+    assert!(got.is_page_for_an_unsent_form(), "{}", got.status);
     assert_eq!(up.hits(), 1);
 }
 
@@ -676,7 +701,7 @@ async fn a_post_without_a_pass_lands_back_in_its_room() {
             let got = c
                 .request("POST", "/bonus/submit", body::full("iban=IT00"), &headers)
                 .await;
-            assert!(got.is_waiting_page(), "{}", got.text());
+            assert!(got.is_page_for_an_unsent_form(), "{}", got.text());
             let text = got.text();
             let next = text.split("data-next=\"").nth(1).expect("data-next");
             next.split('"').next().unwrap().to_string()
@@ -719,7 +744,7 @@ async fn a_post_lands_back_on_its_page_in_any_case_where_case_is_ignored() {
             &[("referer", form.as_str())],
         )
         .await;
-    assert!(got.is_waiting_page(), "{}", got.text());
+    assert!(got.is_page_for_an_unsent_form(), "{}", got.text());
     assert!(
         got.text().contains("data-next=\"/BONUS/Form?step=2\""),
         "{}",

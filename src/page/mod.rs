@@ -97,7 +97,11 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 /// taken for a browser.
 fn prefers_json(accept: &str) -> bool {
     // Nearly every request: a browser's Accept, which names no JSON.
-    if !accept.contains("json") && !accept.contains("JSON") {
+    if !accept
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"json"))
+    {
         return false;
     }
     let (mut json, mut html) = (0, 0);
@@ -110,7 +114,13 @@ fn prefers_json(accept: &str) -> bool {
                 _ => None,
             })
             .unwrap_or(1000);
-        if kind.eq_ignore_ascii_case("application/json") {
+        // `application/vnd.api+json`, `application/problem+json`: JSON
+        // by another name (RFC 6839).
+        let is_json = kind.eq_ignore_ascii_case("application/json")
+            || kind
+                .get(kind.len().saturating_sub(5)..)
+                .is_some_and(|end| end.eq_ignore_ascii_case("+json"));
+        if is_json {
             json = json.max(q);
         } else if kind.eq_ignore_ascii_case("text/html") {
             html = html.max(q);
@@ -469,6 +479,10 @@ mod tests {
             ("application/json, text/html", false),
             ("application/json;q=0.5, text/html;q=0.9", false),
             ("application/json;q=0", false),
+            ("Application/Json", true),
+            ("application/vnd.api+json", true),
+            ("application/problem+JSON, text/html;q=0.5", true),
+            ("text/html, application/ld+json;q=0.5", false),
             (
                 "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
                 false,

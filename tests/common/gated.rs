@@ -229,6 +229,15 @@ impl Got {
     pub fn is_waiting_page(&self) -> bool {
         self.status == 200 && self.text().contains("id=\"position\"")
     }
+
+    /// The waiting page for a form it stopped: a 429 with `Retry-After`,
+    /// never a 200 whatever sent the form could take for "sent".
+    #[allow(dead_code)] // not every test file uses it
+    pub fn is_page_for_an_unsent_form(&self) -> bool {
+        self.status == 429
+            && self.headers.contains_key("retry-after")
+            && self.text().contains("id=\"position\"")
+    }
 }
 
 /// Moves every node's clock on and ticks them all (only the leader
