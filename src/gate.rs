@@ -259,10 +259,23 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
                 tracing::debug!(room = %room.name, taken, "store away: a recent pass taken at its word");
                 taken
             }
+            Err(_) if queued_since(room, r.headers, r.now_ms, &pass) => {
+                room.metrics.store_errors.inc();
+                false
+            }
             Err(e) => return Err(e),
         },
     };
     Ok(if alive { Held::Pass(pass) } else { Held::None })
+}
+
+/// Whether the request holds a ticket taken since `pass` was last
+/// renewed: a live pass is never queued, so the gate then found its
+/// session gone (it idled out; the cookie outlives it). With the store
+/// away that pass is not taken at its word, nor answered "try again" for
+/// the whole outage: the ticket decides, as for anyone in line.
+fn queued_since(room: &Room, headers: &HeaderMap, now_ms: u64, pass: &PassClaims) -> bool {
+    held_ticket(room, headers, now_ms).is_some_and(|(t, _)| t.nbf >= pass.nbf)
 }
 
 /// The place in line of a session lost in a crash, handed back as the
@@ -1181,19 +1194,23 @@ pub async fn status(
         return too_many(wait, Reader::Program, &FROM_ADDRESS);
     }
     let has_pass = match signed_pass(room, headers, now_ms)
-        .and_then(|p| Some((p.session_id()?, room.lane(&p.l)?)))
+        .and_then(|p| Some((p.session_id()?, room.lane(&p.l)?, p)))
     {
         // A pass cookie outlives its session (twice the idle time): only a
         // session still alive is "admitted", or a person whose session
         // lapsed and who queued again would be sent round in a loop. With
-        // the store away, the pass is taken at its word; the gate decides.
-        Some((sid, lane)) => match lane.store.peek_local(sid, now_ms) {
+        // the store away, the pass is taken at its word (unless queued
+        // since: see `queued_since`); the gate decides.
+        Some((sid, lane, pass)) => match lane.store.peek_local(sid, now_ms) {
             Liveness::Alive => true,
             Liveness::Dead => false,
-            Liveness::Unknown => lane.store.peek(sid, now_ms).await.unwrap_or_else(|_| {
-                room.metrics.store_errors.inc();
-                true
-            }),
+            Liveness::Unknown => match lane.store.peek(sid, now_ms).await {
+                Ok(alive) => alive,
+                Err(_) => {
+                    room.metrics.store_errors.inc();
+                    !queued_since(room, headers, now_ms, &pass)
+                }
+            },
         },
         None => false,
     };

@@ -2086,6 +2086,49 @@ async fn a_session_admitted_by_a_node_gone_in_the_outage_carries_on() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A person whose session lapsed and who queued again carries the old
+/// pass beside the ticket (its cookie outlives the session). With Redis
+/// away, a node that never saw that pass cannot ask about it; the ticket,
+/// taken since the pass was last renewed, says the gate found its session
+/// gone: the person waits with their place, on the page and in the
+/// status, instead of a "try again" for as long as Redis is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_older_than_its_holders_ticket_waits_out_a_redis_outage_in_line() {
+    let OverRedis {
+        mut redis,
+        up: _up,
+        nodes,
+        ..
+    } = over_a_redis_to_kill("max_active = 1\nsession_idle = \"1m\"", 2, None).await;
+    let mut person = nodes[0].citizen();
+    assert!(person.get("/").await.reached_upstream());
+    advance(&nodes, 61_000).await; // the session idles out
+    let mut other = nodes[0].citizen();
+    assert!(other.get("/").await.reached_upstream());
+    let queued = person.get("/").await;
+    assert!(queued.is_waiting_page(), "{}", queued.status);
+    assert!(person.cookie("varco_pass_portal").is_some(), "the old pass");
+    advance(&nodes, 1000).await; // every node has seen the counters
+
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut moved = Citizen::new(nodes[1].addr);
+    moved.jar = person.jar.clone();
+    let again = moved.get("/").await;
+    assert!(
+        again.is_waiting_page(),
+        "{}: {}",
+        again.status,
+        again.text()
+    );
+    assert!(
+        again.text().contains("id=\"position\">1<"),
+        "place 1 on the page: {}",
+        again.text()
+    );
+    assert_eq!(moved.status("portal").await["state"], "waiting");
+}
+
 /// But a session the portal ended is not taken back: a copy of its pass,
 /// recent as it is, brought to a node that never saw it, gets no further.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
