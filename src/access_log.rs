@@ -39,13 +39,15 @@ impl Line {
             .user_agent
             .as_ref()
             .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes()));
-        // Strings as `&str`: the text format quotes them (a User-Agent has
-        // spaces), as it quoted the room before.
+        // Strings as `&str`: the text format quotes and escapes them (a
+        // User-Agent has spaces; a path may hold a raw line separator or a
+        // right-to-left override, which would break or reverse the line
+        // in a log viewer).
         tracing::info!(
             target: "varco::access",
             room = self.room.as_str(),
             method = %self.method,
-            path = %self.path,
+            path = self.path.as_str(),
             status = self.status.as_u16(),
             // Whole microseconds: `0.054`, not `0.054450000000000005`.
             duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0,

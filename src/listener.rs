@@ -202,7 +202,10 @@ impl ListenerSettings {
             // Adaptive, the windows start at the protocol's 64 KiB and
             // grow with what a body read as it comes shows the link can
             // carry (an upload on a slow, far phone is not held to 64 KiB
-            // a round trip, as a fixed small window would).
+            // a round trip, as a fixed small window would). The growth is
+            // the client's to drive (a fast body, PINGs answered late), up
+            // to hyper's ceiling of 16 MiB, which hyper offers no setting
+            // for: README's threat table says so.
             .adaptive_window(true)
             // varco PINGs a client quiet for keepalive_timeout, and closes
             // one that does not answer: the goodbye of an idle connection

@@ -408,6 +408,48 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(got.json()["headers"]["x-request-id"][0], id);
 }
 
+/// A path is written escaped in the text log, as the User-Agent is: a
+/// raw line separator or a right-to-left override (which HTTP/1's parser
+/// lets through in a path) would break or reverse a line in a log viewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_logged_escaped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream::spawn().await;
+    let cfg = write_config(
+        "text-log",
+        &room_config(
+            &[up.addr],
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        ),
+    );
+    let mut p = Process::start_with(&cfg, &[], std::process::Stdio::piped());
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        "GET /a\u{2028}b\u{202e}c HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 "), "an answer");
+    use std::io::{BufRead, BufReader};
+    let stderr = p.child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("varco::access"))
+    })
+    .await
+    .unwrap()
+    .expect("an access line");
+    assert!(
+        !line.contains('\u{2028}') && !line.contains('\u{202e}'),
+        "{line:?}"
+    );
+    assert!(line.contains(r"/a\u{2028}b\u{202e}c"), "{line}");
+}
+
 /// Behind a trusted load balancer the access line names the client it
 /// forwards for, as every rule sees them, not the balancer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
