@@ -41,7 +41,11 @@ pub fn own_page_policy(html: &str) -> HeaderValue {
         while let Some(start) = rest.find(&open) {
             let body = &rest[start + open.len()..];
             let Some(end) = body.find(&close) else { break };
-            let digest = ring::digest::digest(&ring::digest::SHA256, &body.as_bytes()[..end]);
+            // A browser's parser turns each CR LF, and each lone CR, into
+            // LF before it hashes (a template saved on Windows, a checkout
+            // with autocrlf): so is the text hashed here.
+            let text = body[..end].replace("\r\n", "\n").replace('\r', "\n");
+            let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
             out.push_str(" 'sha256-");
             out.push_str(&base64::engine::general_purpose::STANDARD.encode(digest));
             out.push('\'');
@@ -50,7 +54,12 @@ pub fn own_page_policy(html: &str) -> HeaderValue {
         if out.is_empty() {
             " 'none'".to_string()
         } else {
-            out
+            // For browsers of CSP level 1 (Safari 9, the last of the
+            // oldest iPads; Edge 12 to 14), which know no digests: without
+            // it the page's script is blocked, and with scripts on, its
+            // <noscript> refresh never runs either, so the page stands
+            // still. Any browser that knows digests ignores it beside them.
+            out + " 'unsafe-inline'"
         }
     };
     let policy = format!(
@@ -462,6 +471,19 @@ pub fn escape_into(out: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hashed as a browser hashes it: after its parser made every CR LF,
+    /// and every lone CR, an LF (a template saved on Windows).
+    #[test]
+    fn a_page_saved_with_crlf_has_the_digests_a_browser_computes() {
+        let lf = own_page_policy("<style>a\nb\nc</style><script>x\ny</script>");
+        let crlf = own_page_policy("<style>a\r\nb\rc</style><script>x\r\ny</script>");
+        assert_eq!(lf, crlf);
+        assert_ne!(
+            lf,
+            own_page_policy("<style>a b c</style><script>x y</script>")
+        );
+    }
 
     #[test]
     fn json_only_when_asked() {
