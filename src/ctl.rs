@@ -110,9 +110,12 @@ pub fn run(
     timeout: std::time::Duration,
     action: Action,
 ) -> anyhow::Result<()> {
-    let token = std::env::var(token_env).map_err(|_| {
-        anyhow::anyhow!("set {token_env} to an admin token (see README: admin API)")
-    })?;
+    // Trimmed, as varco trims the tokens it reads: a file or a Secret
+    // ends with a newline, which no header may hold.
+    let token = std::env::var(token_env)
+        .map_err(|_| anyhow::anyhow!("set {token_env} to an admin token (see README: admin API)"))?
+        .trim()
+        .to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -155,6 +158,11 @@ async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
     let (method, path) = action.request();
     // `127.0.0.1:9090`, as `admin_listen` writes it, is meant as http.
     let base = admin.trim_end_matches('/');
+    if base.contains("://") && !base.starts_with("http://") {
+        anyhow::bail!(
+            "varco ctl speaks plain HTTP, as the admin listener does: give http://HOST:PORT (behind a TLS proxy, run ctl on the proxy's side)"
+        );
+    }
     let url = if base.contains("://") {
         format!("{base}{path}")
     } else {

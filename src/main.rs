@@ -126,6 +126,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(cfg) => {
                 print!("{}", cfg.to_toml());
+                for caution in cfg.cautions() {
+                    eprintln!("{}: warning: {caution}", file.display());
+                }
                 eprintln!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -296,6 +299,9 @@ fn serve(
 ) -> anyhow::Result<()> {
     let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
     let _log = varco::logging::init(json, &cfg.log.level);
+    for caution in cfg.cautions() {
+        tracing::warn!("{caution}");
+    }
     // One worker: a current-thread runtime, without the cross-thread
     // wake-ups of a one-worker multi-thread pool.
     let mut rt = if cfg.server.workers == 1 {

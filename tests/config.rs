@@ -802,6 +802,8 @@ fn bad_rooms_name_their_keys() {
             "[rooms.\"bad name\"]\nupstreams = [\"http://x\"]\n",
             "rooms.bad name",
         ),
+        // The label of requests no room serves, in every per-room metric.
+        ("[rooms.\"-\"]\nupstreams = [\"http://x\"]\n", "rooms.-"),
         (
             "[rooms.a]\nupstreams = [\"http://x\"]\n[rooms.b]\nupstreams = [\"http://y\"]\n",
             "rooms.b.paths",

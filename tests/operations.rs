@@ -852,16 +852,28 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         status.contains("portal") && status.contains("queue"),
         "{status}"
     );
-    // The address as `admin_listen` writes it, without a scheme.
+    // The address as `admin_listen` writes it, without a scheme; the
+    // token with the newline of the file or Secret it came from.
     let bare = std::process::Command::new(bin())
         .args(["ctl", "--admin", &p.admin.to_string(), "status"])
-        .env("VARCO_ADMIN_TOKEN", TOKEN)
+        .env("VARCO_ADMIN_TOKEN", format!("{TOKEN}\n"))
         .output()
         .unwrap();
     assert!(
         bare.status.success(),
         "{}",
         String::from_utf8_lossy(&bare.stderr)
+    );
+    // An https:// address is said to be one ctl cannot speak to.
+    let https = std::process::Command::new(bin())
+        .args(["ctl", "--admin", &format!("https://{}", p.admin), "status"])
+        .env("VARCO_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&https.stderr);
+    assert!(
+        !https.status.success() && said.contains("speaks plain HTTP"),
+        "{said}"
     );
     let out = ctl(&["pause", "portal"]);
     assert!(out.contains("\"mode\": \"paused\""), "{out}");

@@ -255,6 +255,34 @@ fn check_config_prints_the_resolved_config() {
     );
 }
 
+/// An admin listener other hosts can reach, with tokens: allowed (a
+/// private network), but said, as the tokens cross it in clear.
+#[test]
+fn check_config_warns_of_admin_tokens_on_an_open_listener() {
+    std::env::set_var(
+        "VARCO_TEST_OPEN_ADMIN_TOKENS",
+        "anna:open-admin-token-0123456789",
+    );
+    let room = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n";
+    let tokens = "[admin]\ntokens_env = \"VARCO_TEST_OPEN_ADMIN_TOKENS\"\n";
+    let warned = |name: &str, toml: &str| {
+        let out = check_config(&write_config(name, toml));
+        let said = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{said}");
+        said.contains("warning: server.admin_listen: 0.0.0.0:9090 is reachable from other hosts")
+    };
+    let open = "[server]\nadmin_listen = \"0.0.0.0:9090\"\n";
+    assert!(warned("open-admin", &format!("{open}{tokens}{room}")));
+    assert!(
+        !warned("open-admin-no-api", &format!("{open}{room}")),
+        "no tokens, no API"
+    );
+    assert!(
+        !warned("local-admin", &format!("{tokens}{room}")),
+        "loopback"
+    );
+}
+
 #[test]
 fn check_config_names_every_bad_key_and_exits_nonzero() {
     let cfg = write_config(

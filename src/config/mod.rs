@@ -419,6 +419,22 @@ impl ConfigErrors {
 }
 
 impl Config {
+    /// What a config may say but most likely should not: told by
+    /// `check-config` and at start, as warnings (varco still starts).
+    pub fn cautions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let admin = self.server.admin_listen;
+        if !self.admin_tokens.is_empty() && !admin.ip().is_loopback() {
+            out.push(format!(
+                "server.admin_listen: {admin} is reachable from other hosts, and the admin \
+                 API speaks plain HTTP: its bearer tokens cross the network in clear. Keep \
+                 it on a private network (in a container, publish its port on loopback \
+                 only), or reach it through an SSH tunnel"
+            ));
+        }
+        out
+    }
+
     /// Reads, parses and validates a config file. Relative paths inside it
     /// (TLS files) are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

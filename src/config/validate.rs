@@ -632,6 +632,11 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 format!("rooms.{name}"),
                 "a room name uses only letters, digits, '-' and '_' (it is a metric label)",
             );
+        } else if name == "-" {
+            p.add(
+                format!("rooms.{name}"),
+                "\"-\" is the room label of requests no room serves: name the room otherwise",
+            );
         }
         if r.upstreams.is_empty() {
             p.add(
