@@ -1222,10 +1222,13 @@ pub async fn status(
     let ticket = ticket.map(|(t, _)| t);
     let view = lane.store.view();
     // A turn called before the close can still be claimed: "waiting"
-    // then reads "admitted" (see `status_for`), and the page goes on.
-    let state = if room.mode() == Mode::Closed && !called(room, lane, ticket.as_ref()) {
+    // then reads "admitted" (see `status_for`), and the page goes on. A
+    // live pass is let through, closed or not.
+    let state = if has_pass {
+        "admitted"
+    } else if room.mode() == Mode::Closed && !called(room, lane, ticket.as_ref()) {
         "closed"
-    } else if has_pass || !room.is_gated() {
+    } else if !room.is_gated() {
         // A room not gated (passthrough, its limits lifted) lets everyone
         // in: a page still open there moves on.
         "admitted"

@@ -2499,6 +2499,10 @@ async fn a_turn_called_before_a_close_can_still_be_claimed() {
         called.get("/").await.reached_upstream(),
         "the called turn comes in"
     );
+    // In, with a live pass: a page of theirs still open (another tab)
+    // moves on, as the gate lets them through.
+    assert_eq!(called.status("portal").await["state"], "admitted");
+    assert!(called.get("/next").await.reached_upstream());
     // Not yet called: the closed page, the place kept.
     assert_eq!(waiting.status("portal").await["state"], "closed");
     let got = waiting.get("/").await;
