@@ -721,6 +721,21 @@ async fn metrics_parse_and_move_with_traffic() {
         ),
         Some(1.0)
     );
+    // The process's own: files open against the limit (every connection
+    // is one), memory, and the start time that explains a counter reset.
+    let fds = value(&s0, "process_open_fds", &[]).expect("process_open_fds");
+    let max_fds = value(&s0, "process_max_fds", &[]).expect("process_max_fds");
+    assert!(fds >= 3.0 && fds < max_fds, "{fds} of {max_fds}");
+    assert!(value(&s0, "process_resident_memory_bytes", &[]).is_some_and(|b| b > 1e6));
+    let started = value(&s0, "process_start_time_seconds", &[]).expect("a start time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 86_400.0 && started <= now + 1.0,
+        "{started}"
+    );
 
     let mut people: Vec<_> = (0..4).map(|_| g.citizen()).collect();
     for c in people.iter_mut() {
