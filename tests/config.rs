@@ -15,6 +15,59 @@ fn errors(toml: &str) -> varco::config::ConfigErrors {
 
 const ROOM: &str = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n";
 
+/// Keys every node of a cluster shares, from the environment.
+const SHARED_KEYS: &str = "[secrets]\nkey_env = \"VARCO_TEST_SHARED_KEYS\"\n";
+
+fn set_shared_keys() {
+    std::env::set_var(
+        "VARCO_TEST_SHARED_KEYS",
+        "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+}
+
+/// The portal holds a copy of the arrival key: it may not be a key that
+/// signs passes.
+#[test]
+fn the_arrival_key_is_no_signing_key() {
+    set_shared_keys();
+    std::env::set_var(
+        "VARCO_TEST_ARRIVAL_SAME",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+    std::env::set_var(
+        "VARCO_TEST_ARRIVAL_OTHER",
+        "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=",
+    );
+    let with = |var: &str| {
+        format!(
+            "[secrets]\nkey_env = \"VARCO_TEST_SHARED_KEYS\"\narrival_key_env = \"{var}\"\n{ROOM}"
+        )
+    };
+    let e = errors(&with("VARCO_TEST_ARRIVAL_SAME"));
+    assert!(e.names("secrets.arrival_key_env"), "{e}");
+    Config::from_toml(&with("VARCO_TEST_ARRIVAL_OTHER"), Path::new(".")).expect("another key");
+}
+
+/// In cluster mode every node must verify the others' tickets and draw
+/// the same pre-queue order: keys varco makes up (each node its own) are
+/// refused, by the key that asked for them.
+#[test]
+fn cluster_mode_needs_keys_every_node_shares() {
+    set_shared_keys();
+    let redis = "[store]\nkind = \"redis\"\nurl = \"redis://10.0.0.9:6379/0\"\n";
+    let e = errors(&format!("[secrets]\nephemeral = true\n{redis}{ROOM}"));
+    assert!(e.names("secrets.ephemeral"), "{e}");
+    // A room with no limits needs no key; an operator may gate it live.
+    let e = errors(&format!("{redis}{ROOM}"));
+    assert!(e.names("secrets"), "{e}");
+    Config::from_toml(&format!("{SHARED_KEYS}{redis}{ROOM}"), Path::new(".")).expect("shared keys");
+    Config::from_toml(
+        &format!("[secrets]\nephemeral = true\n{ROOM}"),
+        Path::new("."),
+    )
+    .expect("one node may make its keys up");
+}
+
 #[test]
 fn defaults_apply() {
     let c = Config::from_toml(ROOM, Path::new(".")).unwrap();
@@ -51,8 +104,9 @@ fn rooms_partly_exempt_are_accepted() {
 /// before every start, into the journal): never the Redis password.
 #[test]
 fn the_printed_config_keeps_the_redis_password_out() {
+    set_shared_keys();
     let toml = format!(
-        "[secrets]\nephemeral = true\n[store]\nkind = \"redis\"\nurl = \"redis://varco:s3cret-pw@10.0.0.9:6379/0\"\n{ROOM}"
+        "{SHARED_KEYS}[store]\nkind = \"redis\"\nurl = \"redis://varco:s3cret-pw@10.0.0.9:6379/0\"\n{ROOM}"
     );
     let printed = Config::from_toml(&toml, Path::new(".")).unwrap().to_toml();
     assert!(!printed.contains("s3cret-pw"), "{printed}");
@@ -80,6 +134,7 @@ fn the_printed_config_keeps_the_redis_password_out() {
 #[test]
 fn the_redis_url_comes_from_a_file_or_the_environment() {
     use varco::config::StoreKind;
+    set_shared_keys();
     let dir = std::env::temp_dir().join(format!("varco-config-url-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("redis-url");
@@ -89,9 +144,7 @@ fn the_redis_url_comes_from_a_file_or_the_environment() {
         "rediss://:s3cret-pw@10.0.0.9:6380/1",
     );
     std::env::set_var("VARCO_TEST_NOT_A_URL", "10.0.0.9:6379");
-    let store = |keys: &str| {
-        format!("[secrets]\nephemeral = true\n[store]\nkind = \"redis\"\n{keys}\n{ROOM}")
-    };
+    let store = |keys: &str| format!("{SHARED_KEYS}[store]\nkind = \"redis\"\n{keys}\n{ROOM}");
     let url_of = |keys: &str| match Config::from_toml(&store(keys), &dir).unwrap().store.kind {
         StoreKind::Redis { url, .. } => url,
         StoreKind::Memory => panic!("not the Redis store"),

@@ -569,6 +569,17 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             StoreKind::Memory
         }
     };
+    // Made-up keys (`ephemeral`, or a key made for a room that needed
+    // none, then gated live) differ from node to node: a ticket from one
+    // would be no ticket on another, and each node would draw its own
+    // pre-queue order.
+    if kind != StoreKind::Memory && raw.secrets.key_file.is_none() && raw.secrets.key_env.is_none()
+    {
+        p.add(
+            if raw.secrets.ephemeral { "secrets.ephemeral" } else { "secrets" },
+            "cluster mode (store.kind = \"redis\") needs the keys every node shares: set secrets.key_file or secrets.key_env, the same on each node; keys varco makes up differ from node to node, and a ticket from one would be no ticket on another",
+        );
+    }
     if kind != StoreKind::Memory && raw.store.snapshot.is_some() {
         p.add(
             "store.snapshot",
@@ -1130,6 +1141,20 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
     p.in_a_folder("audit.log", audit_log.as_deref(), "the log");
     let arrival_key = load_arrival_key(&raw.secrets, base, &mut p);
+    // The portal holds a copy of the arrival key: were it a signing key,
+    // whoever reads it there could sign passes and skip the line.
+    if let (Some(keys), Some(arrival)) = (&keys, &arrival_key) {
+        if keys.holds_secret(arrival) {
+            p.add(
+                if raw.secrets.arrival_key_file.is_some() {
+                    "secrets.arrival_key_file"
+                } else {
+                    "secrets.arrival_key_env"
+                },
+                "is one of the ticket signing keys: the portal gets a copy of the arrival key, and with it could sign passes; make another (`head -c 32 /dev/urandom | base64`)",
+            );
+        }
+    }
     if p.0.is_empty() {
         let keys = keys.unwrap_or_else(Keyring::ephemeral);
         Ok(Config {

@@ -181,6 +181,11 @@ impl Keyring {
         &self.keys.last().expect("a keyring has at least one key").0
     }
 
+    /// Whether `secret` is one of this keyring's keys.
+    pub fn holds_secret(&self, secret: &[u8]) -> bool {
+        self.keys.iter().any(|(k, _)| k.secret == secret)
+    }
+
     pub fn key(&self, id: &str) -> Option<&SigningKey> {
         self.keys.iter().find(|(k, _)| k.id == id).map(|(k, _)| k)
     }
