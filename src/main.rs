@@ -286,7 +286,12 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("varco: {e:#}");
-            ExitCode::FAILURE
+            // A config that does not fit the saved queue is a bad config,
+            // told as `check-config` and a file with mistakes are.
+            match e.downcast_ref::<varco::app::AppError>() {
+                Some(varco::app::AppError::Config(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -255,6 +255,50 @@ fn check_config_prints_the_resolved_config() {
     );
 }
 
+/// A config refused at start for what the store holds (an opening still
+/// to come over a queue that has opened) exits 2, as any bad config does:
+/// a supervisor or a script tells it from a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_refused_at_start_for_the_saved_queue_exits_2() {
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("refused-at-start");
+    let cfg = dir.join("varco.toml");
+    let first = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+         [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 10\n",
+        up.addr
+    );
+    std::fs::write(&cfg, &first).unwrap();
+    let p = Process::start(&cfg);
+    assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
+    p.signal("TERM");
+    exits_0_with_its_listener_closed(p).await;
+
+    std::fs::write(&cfg, first + "opens_at = \"2099-12-01T09:00:00+01:00\"\n").unwrap();
+    let child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await;
+    let Ok(out) = out else {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("varco started over a queue that has opened");
+    };
+    let out = out.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("rooms.portal.opens_at"), "{said}");
+    assert_eq!(out.status.code(), Some(2), "{said}");
+}
+
 /// An admin listener other hosts can reach, with tokens: allowed (a
 /// private network), but said, as the tokens cross it in clear.
 #[test]
