@@ -645,26 +645,7 @@ impl App {
     /// would fail, the room down until a restart. Refused, naming the
     /// setting; one already running goes on as it did.
     fn finds_upstream_tls_in_force(&self, new: &Config) -> Result<(), ReloadError> {
-        let (running, next) = (&self.config.raw.upstream, &new.raw.upstream);
-        // By what the files hold too: a CA or a certificate renewed under
-        // the same path is read only at a restart as well.
-        let (in_use, read_now) = (&self.config.upstream, &new.upstream);
-        let chain = |c: &Option<crate::config::TlsCertificate>| {
-            c.as_ref().map(|c| c.certified.cert.clone())
-        };
-        let Some(setting) = [
-            (
-                "upstream.tls_ca",
-                running.tls_ca != next.tls_ca || in_use.tls_roots != read_now.tls_roots,
-            ),
-            (
-                "upstream.tls_client",
-                running.tls_client != next.tls_client
-                    || chain(&in_use.tls_client) != chain(&read_now.tls_client),
-            ),
-        ]
-        .into_iter()
-        .find_map(|(key, changed)| changed.then_some(key)) else {
+        let Some(setting) = self.upstream_tls_changed(new) else {
             return Ok(());
         };
         let https = |u: &http::Uri| u.scheme_str() == Some("https");
@@ -689,6 +670,30 @@ impl App {
             })
             .collect();
         refused(errors)
+    }
+
+    /// The first of `upstream.tls_ca` and `upstream.tls_client` that
+    /// `new` changes: by what the files hold too, as a CA or a certificate
+    /// renewed under the same path is read only at a restart as well.
+    fn upstream_tls_changed(&self, new: &Config) -> Option<&'static str> {
+        let (running, next) = (&self.config.raw.upstream, &new.raw.upstream);
+        let (in_use, read_now) = (&self.config.upstream, &new.upstream);
+        let chain = |c: &Option<crate::config::TlsCertificate>| {
+            c.as_ref().map(|c| c.certified.cert.clone())
+        };
+        [
+            (
+                "upstream.tls_ca",
+                running.tls_ca != next.tls_ca || in_use.tls_roots != read_now.tls_roots,
+            ),
+            (
+                "upstream.tls_client",
+                running.tls_client != next.tls_client
+                    || chain(&in_use.tls_client) != chain(&read_now.tls_client),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(key, changed)| changed.then_some(key))
     }
 
     /// The reload's refusal for what `check` finds wrong in the rooms of
@@ -757,9 +762,19 @@ impl App {
         let mut restart_needed = Vec::new();
         for (table, changed) in [
             ("server", differs_but_certificate(&old.server, &next.server)),
-            ("upstream", differs(&old.upstream, &next.upstream)),
+            // Files read again under the same names count as changes: a
+            // renewed client certificate, a rotated Redis password
+            // (`url_file`) is in force only after a restart, and "nothing
+            // waits" would be a lie the certificate's expiry then tells.
+            (
+                "upstream",
+                differs(&old.upstream, &next.upstream) || self.upstream_tls_changed(&new).is_some(),
+            ),
             ("log", differs(&old.log, &next.log)),
-            ("store", differs(&old.store, &next.store)),
+            (
+                "store",
+                differs(&old.store, &next.store) || self.config.store.kind != new.store.kind,
+            ),
             ("audit", differs(&old.audit, &next.audit)),
         ] {
             if changed {

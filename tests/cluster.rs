@@ -2474,6 +2474,35 @@ fn with_admin_api(
     file
 }
 
+/// A Redis password rotated in `url_file` (the same file, new contents)
+/// is taken only at a restart, as every `[store]` change: a reload says
+/// so, rather than "nothing waits" while the node keeps the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_a_redis_url_rewritten_in_its_file_waits_for_a_restart() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let file = with_admin_api("url-file", &redis, up.addr, "max_active = 1");
+    let url_file = file.parent().unwrap().join("redis-url");
+    std::fs::write(&url_file, redis.url() + "\n").unwrap();
+    let cfg = std::fs::read_to_string(&file).unwrap().replace(
+        &format!("url = \"{}\"", redis.url()),
+        "url_file = \"redis-url\"",
+    );
+    assert!(cfg.contains("url_file"), "{cfg}");
+    std::fs::write(&file, &cfg).unwrap();
+    let node = Gated::start_file(&file).await;
+    let reload = || async {
+        let got = api(&node, "POST", "/api/reload").await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        got.json()["restart_needed"].clone()
+    };
+    assert_eq!(reload().await, serde_json::json!([]), "nothing changed");
+    std::fs::write(&url_file, format!("{}1\n", redis.url())).unwrap();
+    assert_eq!(reload().await, serde_json::json!(["store"]));
+    std::fs::write(&url_file, redis.url() + "\n").unwrap();
+    assert_eq!(reload().await, serde_json::json!([]), "back as it runs");
+}
+
 /// An operator's change through any node reaches every node at its next
 /// tick, a node started later too; a reset through any node takes every
 /// node back to its config.
