@@ -400,8 +400,12 @@ $gated")
       taskset -c 1 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no > "$work/redis.out" 2>&1 &
       pids+=($!)
       until redis-cli -p "$REDIS" ping >/dev/null 2>&1; do sleep 0.1; done
+      # Cluster mode takes no made-up key (each node would make its own):
+      # one made here, from the environment, as a cluster's nodes share.
+      VARCO_BENCH_KEYS="bench:$(head -c 32 /dev/urandom | base64)"
+      export VARCO_BENCH_KEYS
       open="[secrets]
-ephemeral = true
+key_env = \"VARCO_BENCH_KEYS\"
 [rooms.origin]
 upstreams = [\"http://127.0.0.1:$ORIGIN\"]
 max_active = 100000000
