@@ -275,7 +275,9 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
 /// away that pass is not taken at its word, nor answered "try again" for
 /// the whole outage: the ticket decides, as for anyone in line.
 fn queued_since(room: &Room, headers: &HeaderMap, now_ms: u64, pass: &PassClaims) -> bool {
-    held_ticket(room, headers, now_ms).is_some_and(|(t, _)| t.nbf >= pass.nbf)
+    // Not a pass of a claim never confirmed: its own ticket is kept
+    // beside it, to claim again.
+    pass.uc == 0 && held_ticket(room, headers, now_ms).is_some_and(|(t, _)| t.nbf > pass.nbf)
 }
 
 /// The place in line of a session lost in a crash, handed back as the
@@ -782,6 +784,19 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         } else {
             pass
         };
+        // A ticket beside a live pass (another tab's request, sent before
+        // the claim's answer came, took one) is a place nobody needs, and
+        // would make the pass look lapsed to `queued_since`: gone.
+        if pass.uc == 0
+            && cookies::each(r.headers, &room.ticket_cookie)
+                .next()
+                .is_some()
+        {
+            set_cookies.extend(cookies::clear(
+                &room.ticket_cookie,
+                room.cookie_attrs(r.tls),
+            ));
+        }
         return Ok(Gate::Proxy {
             set_cookies,
             pass: Some(pass),

@@ -1871,6 +1871,31 @@ async fn status_polls_are_limited_per_address() {
     assert_eq!(codes, [200, 200, 429, 429], "a burst of 8/4 = 2 polls");
 }
 
+/// Two tabs at the moment of a turn: one claims it and gets the pass, the
+/// other's request, sent before that answer came, takes a new ticket. The
+/// browser then holds both; the first request with the live pass clears
+/// the ticket (a place nobody needs, which would make the pass look
+/// lapsed with the store away).
+#[tokio::test]
+async fn a_ticket_beside_a_live_pass_is_cleared() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut person = g.citizen();
+    assert!(person.get("/").await.reached_upstream());
+    let mut other_tab = g.citizen();
+    assert!(other_tab.get("/").await.is_waiting_page());
+    let ticket = other_tab.cookie("varco_ticket_portal").expect("a ticket");
+    person
+        .jar
+        .insert("varco_ticket_portal".into(), ticket.to_string());
+    assert!(person.get("/form").await.reached_upstream());
+    assert!(person.cookie("varco_ticket_portal").is_none(), "cleared");
+    assert!(
+        person.cookie("varco_pass_portal").is_some(),
+        "the pass kept"
+    );
+}
+
 /// A pass is a bearer credential: copied into another browser it lets the
 /// copy in, but it is still one session. It takes no second slot, a third
 /// person still waits, and when the session ends it ends for both.
