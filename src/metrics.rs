@@ -379,15 +379,20 @@ impl Metrics {
             Box::new(tls_certificate_expiry.clone()),
             Box::new(rejected.clone()),
             Box::new(wait_seconds.clone()),
-            // process_open_fds against process_max_fds (a proxy's usual
-            // way to fail on a click day: every connection is a file),
-            // resident memory, CPU, threads, and the start time that
-            // explains a counter's reset: what Prometheus's own client
-            // libraries, nginx's and HAProxy's exporters give.
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // process_open_fds against process_max_fds (a proxy's usual way
+        // to fail on a click day: every connection is a file), resident
+        // memory, CPU, threads, and the start time that explains a
+        // counter's reset: what Prometheus's own client libraries, nginx's
+        // and HAProxy's exporters give. Read from /proc: Linux only.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric names are unique");
         Metrics {
             registry,
             requests,
