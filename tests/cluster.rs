@@ -1987,9 +1987,7 @@ async fn a_form_sent_through_another_node_after(loss: Loss, name: &str) {
     advance(&nodes, 1000).await;
     let mut on_b = nodes[1].citizen();
     on_b.jar = p.jar.clone();
-    let sent = on_b
-        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
-        .await;
+    let sent = on_b.post_form(&[]).await;
     assert!(sent.reached_upstream(), "{} {}", sent.status, sent.text());
     assert!(
         nodes[1].citizen().get("/").await.is_waiting_page(),
@@ -2073,9 +2071,7 @@ async fn a_session_admitted_by_a_node_gone_in_the_outage_carries_on() {
     until_recovered(&nodes, 0).await;
     let mut at_b = nodes[0].citizen();
     at_b.jar = p.jar.clone();
-    let sent = at_b
-        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
-        .await;
+    let sent = at_b.post_form(&[]).await;
     assert!(sent.reached_upstream(), "{} {}", sent.status, sent.text());
     advance(&nodes, 1000).await;
     assert_eq!(
@@ -2142,9 +2138,7 @@ async fn a_copy_of_an_ended_pass_is_not_taken_at_its_word() {
     assert_eq!(owner.get("/release").await.status, 200);
     let mut copy = nodes[1].citizen();
     copy.jar = pass;
-    let sent = copy
-        .request("POST", "/apply", varco::body::full("iban=IT00"), &[])
-        .await;
+    let sent = copy.post_form(&[]).await;
     assert!(!sent.reached_upstream(), "{} {}", sent.status, sent.text());
 }
 

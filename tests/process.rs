@@ -410,8 +410,8 @@ fn json_logging(name: &str, upstreams: &[std::net::SocketAddr], server: &str) ->
     )
 }
 
-/// The process's first `n` access lines, as written and parsed.
-async fn access_lines(p: &mut Process, n: usize) -> Vec<(String, serde_json::Value)> {
+/// The process's first `n` access lines, as written.
+async fn raw_access_lines(p: &mut Process, n: usize) -> Vec<String> {
     use std::io::{BufRead, BufReader};
     let stderr = p.child.stderr.take().unwrap();
     let lines = tokio::task::spawn_blocking(move || {
@@ -426,6 +426,12 @@ async fn access_lines(p: &mut Process, n: usize) -> Vec<(String, serde_json::Val
     .unwrap();
     assert_eq!(lines.len(), n, "{n} access lines: {lines:?}");
     lines
+}
+
+/// The process's first `n` access lines, as written and parsed.
+async fn access_lines(p: &mut Process, n: usize) -> Vec<(String, serde_json::Value)> {
+    raw_access_lines(p, n)
+        .await
         .into_iter()
         .map(|l| {
             let v = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
@@ -504,17 +510,7 @@ async fn a_path_is_logged_escaped() {
     let mut answer = Vec::new();
     conn.read_to_end(&mut answer).await.unwrap();
     assert!(answer.starts_with(b"HTTP/1.1 "), "an answer");
-    use std::io::{BufRead, BufReader};
-    let stderr = p.child.stderr.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains("varco::access"))
-    })
-    .await
-    .unwrap()
-    .expect("an access line");
+    let line = raw_access_lines(&mut p, 1).await.remove(0);
     assert!(
         !line.contains('\u{2028}') && !line.contains('\u{202e}'),
         "{line:?}"

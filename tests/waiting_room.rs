@@ -494,14 +494,7 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
     let up = upstream::spawn().await;
     let g = Gated::start(&gated_config(up.addr, "max_active = 5")).await;
     let mut bot = g.citizen();
-    let got = bot
-        .request(
-            "POST",
-            "/apply",
-            body::full("iban=IT00"),
-            &[("accept-language", "en")],
-        )
-        .await;
+    let got = bot.post_form(&[("accept-language", "en")]).await;
     assert!(!got.reached_upstream());
     assert!(got.is_page_for_an_unsent_form(), "{}", got.text());
     // A person's form, met by the waiting page (their session lapsed
@@ -527,9 +520,7 @@ async fn a_post_without_a_pass_never_reaches_the_upstream() {
     g.advance(1000).await;
     let mut person = g.citizen();
     assert!(person.get("/apply").await.reached_upstream());
-    let got = person
-        .request("POST", "/apply", body::full("iban=IT00"), &[])
-        .await;
+    let got = person.post_form(&[]).await;
     assert!(got.reached_upstream());
     assert_eq!(got.json()["body"], "iban=IT00");
 }
@@ -596,9 +587,7 @@ async fn a_post_from_a_page_script_without_a_pass_is_not_answered_as_a_success()
     ];
     for headers in scripts {
         let mut c = g.citizen();
-        let got = c
-            .request("POST", "/apply", body::full("iban=IT00"), headers)
-            .await;
+        let got = c.post_form(headers).await;
         assert!(!got.reached_upstream());
         assert_eq!(got.status, 429, "{headers:?}: {}", got.text());
         assert_eq!(got.json()["state"], "waiting");
@@ -608,36 +597,19 @@ async fn a_post_from_a_page_script_without_a_pass_is_not_answered_as_a_success()
     // server-side integration, an older browser's script) cannot be told
     // from a person: it gets the page, as a 429 all the same.
     let mut program = g.citizen();
-    let got = program
-        .request(
-            "POST",
-            "/apply",
-            body::full("iban=IT00"),
-            &[("accept", "*/*")],
-        )
-        .await;
+    let got = program.post_form(&[("accept", "*/*")]).await;
     assert!(got.is_page_for_an_unsent_form(), "{}", got.status);
     // JSON by another name (RFC 6839) is JSON.
     let mut program = g.citizen();
     let got = program
-        .request(
-            "POST",
-            "/apply",
-            body::full("iban=IT00"),
-            &[("accept", "application/vnd.api+json")],
-        )
+        .post_form(&[("accept", "application/vnd.api+json")])
         .await;
     assert_eq!(got.status, 429, "{}", got.text());
     assert_eq!(got.json()["state"], "waiting");
     // The same form posted by the browser itself gets the page.
     let mut person = g.citizen();
     let got = person
-        .request(
-            "POST",
-            "/apply",
-            body::full("iban=IT00"),
-            &[("accept", "*/*"), ("sec-fetch-dest", "document")],
-        )
+        .post_form(&[("accept", "*/*"), ("sec-fetch-dest", "document")])
         .await;
     assert!(got.is_page_for_an_unsent_form(), "{}", got.status);
     assert_eq!(up.hits(), 1);
@@ -664,9 +636,7 @@ async fn a_scripts_request_is_not_where_admission_lands() {
         .await;
     assert_eq!(got.status, 429, "{}", got.text());
     assert!(c.cookie("varco_ticket_portal").is_some(), "a place taken");
-    let got = c
-        .request("POST", "/apply", body::full("iban=IT00"), &[])
-        .await;
+    let got = c.post_form(&[]).await;
     assert!(
         got.text().contains("data-next=\"/apply/form\""),
         "{}",
@@ -676,8 +646,7 @@ async fn a_scripts_request_is_not_where_admission_lands() {
 
 async fn post_json(c: &mut Citizen) -> common::client::Got {
     let json = [("accept", "application/json")];
-    c.request("POST", "/apply", body::full("iban=IT00"), &json)
-        .await
+    c.post_form(&json).await
 }
 
 /// A form posted after the session lapsed: the POST is not replayed, so
@@ -786,9 +755,7 @@ async fn the_waiting_page_lands_where_the_person_was_going() {
         )
         .await;
     assert_eq!(icon.status, 429, "no page for an image: JSON, not served");
-    let got = c
-        .request("POST", "/apply", body::full("iban=IT00"), &[])
-        .await;
+    let got = c.post_form(&[]).await;
     assert!(
         got.text().contains("data-next=\"/apply?step=2\""),
         "{}",

@@ -573,8 +573,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     // none, then gated live) differ from node to node: a ticket from one
     // would be no ticket on another, and each node would draw its own
     // pre-queue order.
-    if kind != StoreKind::Memory && raw.secrets.key_file.is_none() && raw.secrets.key_env.is_none()
-    {
+    if kind != StoreKind::Memory && raw.secrets.keys_made_up() {
         p.add(
             if raw.secrets.ephemeral { "secrets.ephemeral" } else { "secrets" },
             "cluster mode (store.kind = \"redis\") needs the keys every node shares: set secrets.key_file or secrets.key_env, the same on each node; keys varco makes up differ from node to node, and a ticket from one would be no ticket on another",

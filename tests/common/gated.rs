@@ -159,6 +159,13 @@ impl Citizen {
         serde_json::from_slice(&json).ok()
     }
 
+    /// A person's application, posted to `/apply` (a form's body, no
+    /// page of varco's in it).
+    pub async fn post_form(&mut self, extra: &[(&str, &str)]) -> Got {
+        self.request("POST", "/apply", varco::body::full("iban=IT00"), extra)
+            .await
+    }
+
     pub async fn request(
         &mut self,
         method: &str,
