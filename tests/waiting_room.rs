@@ -2289,6 +2289,45 @@ async fn a_turn_called_before_a_long_restart_is_still_there_after() {
     assert_eq!(room.view().abandoned_total, 1, "a turn nobody took lapsed");
 }
 
+/// After a stop longer than any pass lives, the sessions saved are of
+/// passes no request can renew: their slots go to the line at once, not
+/// one idle time after the start.
+#[tokio::test]
+async fn slots_of_passes_that_lapsed_during_a_long_stop_go_to_the_line() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room(
+        "overnight",
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
+    );
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut next = g.citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    let jars = [holder.jar.clone(), next.jar.clone()];
+    g.stop().await;
+
+    // Down ten minutes: the holder's pass (two idle times) lapsed meanwhile.
+    let g = Gated::start_at(&cfg, T0 + 10 * MIN, &dir).await;
+    let mut holder = g.citizen();
+    holder.jar = jars[0].clone();
+    let mut next = g.citizen();
+    next.jar = jars[1].clone();
+    assert_eq!(next.status("portal").await["state"], "waiting");
+    g.advance(1_000).await;
+    assert_eq!(
+        next.status("portal").await["state"],
+        "admitted",
+        "the slot of a pass that can no longer come back is held"
+    );
+    assert!(next.get("/apply").await.reached_upstream());
+    assert!(
+        !holder.get("/").await.reached_upstream(),
+        "the lapsed pass came back past max_active"
+    );
+}
+
 #[tokio::test]
 async fn a_pass_the_portal_ended_stays_ended_across_a_restart() {
     let up = upstream::spawn().await;

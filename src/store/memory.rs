@@ -42,6 +42,10 @@ pub struct MemoryRoom {
     /// The state's generation, which never changes in a room's life:
     /// read on every ticket without taking the lock.
     generation: u64,
+    /// The longest idle time a session of this room was given (ms; 0:
+    /// none seen), kept across restarts: what bounds how long a pass
+    /// outlives its session (see [`restored_expiry`]).
+    idle_ms: AtomicU64,
 }
 
 impl MemoryRoom {
@@ -54,7 +58,22 @@ impl MemoryRoom {
             ended: DashMap::new(),
             ahead,
             lost,
+            idle_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Notes a session given `idle_ms`. Read first: the store is on every
+    /// proxied request, and the idle time rarely changes.
+    fn saw_idle(&self, idle_ms: u64) {
+        if self.idle_ms.load(Ordering::Relaxed) < idle_ms {
+            self.idle_ms.fetch_max(idle_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes or renews session `sid` to end at `expires_ms`.
+    fn hold(&self, sid: u128, expires_ms: u64, now_ms: u64) {
+        self.saw_idle(expires_ms.saturating_sub(now_ms));
+        self.sessions.insert(sid, AtomicU64::new(expires_ms));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
@@ -138,8 +157,7 @@ impl RoomStore for MemoryRoom {
         self.durably(limits, now_ms, Ahead::covers_next, move |st| {
             let n = st.admit_directly(&limits, self.live(), now_ms);
             if n.is_some() {
-                self.sessions
-                    .insert(session.sid, AtomicU64::new(session.expires_ms));
+                self.hold(session.sid, session.expires_ms, now_ms);
             }
             Ok(n)
         })
@@ -159,8 +177,7 @@ impl RoomStore for MemoryRoom {
         let mut state = self.lock();
         let c = state.claim(n, &limits, now_ms);
         if c == Claim::Admitted {
-            self.sessions
-                .insert(session.sid, AtomicU64::new(session.expires_ms));
+            self.hold(session.sid, session.expires_ms, now_ms);
         }
         drop(state);
         future::ready(Ok(c)).boxed()
@@ -179,6 +196,7 @@ impl RoomStore for MemoryRoom {
         match self.sessions.get(&sid) {
             Some(exp) if exp.load(Ordering::Relaxed) > now_ms => {
                 exp.store(now_ms + idle_ms, Ordering::Relaxed);
+                self.saw_idle(idle_ms);
                 Liveness::Alive
             }
             _ => Liveness::Dead,
@@ -248,7 +266,7 @@ impl RoomStore for MemoryRoom {
                 // the old one ended but the new one not yet made would be
                 // refused.
                 self.sessions.remove(&old);
-                self.sessions.insert(new, AtomicU64::new(expires_ms));
+                self.hold(new, expires_ms, now_ms);
                 v.insert(now_ms + remember_ms);
                 HandOver::Made
             }
@@ -298,7 +316,7 @@ impl RoomStore for MemoryRoom {
                 _ => Adoption::Refused,
             };
         }
-        self.sessions.insert(sid, AtomicU64::new(now_ms + idle_ms));
+        self.hold(sid, now_ms + idle_ms, now_ms);
         drop(st);
         tracing::info!(
             session = format_args!("{sid:032x}"),
@@ -435,6 +453,28 @@ struct RoomSnapshot {
     /// through a login callback.
     #[serde(default)]
     ended: Vec<(String, u64)>,
+    /// See [`MemoryRoom::idle_ms`]; 0 in a snapshot from before it was
+    /// kept (sessions are then restored in full).
+    #[serde(default)]
+    idle_ms: u64,
+}
+
+/// When a session saved to end at `exp_ms` ends after `down_ms` without
+/// varco: as much later, as no request could renew it meanwhile, but not
+/// past the last moment its pass can be valid. A pass is signed for two
+/// idle times, only as its session is made or renewed, and a session is
+/// last renewed before it ends: so no pass outlives `exp_ms` by more than
+/// two of the longest idle time (`idle_ms`, whatever reloads did to it),
+/// nor a clock skew's leeway more. Past that no request can renew the
+/// session, and left to its full idle time it would hold a slot nobody
+/// can use: after an overnight stop, a full room's every slot for one
+/// idle time. `idle_ms` 0: not known, in full.
+fn restored_expiry(exp_ms: u64, down_ms: u64, idle_ms: u64) -> u64 {
+    let full = exp_ms + down_ms;
+    if idle_ms == 0 {
+        return full;
+    }
+    full.min(exp_ms + 2 * idle_ms + crate::room::token::LEEWAY_MS)
 }
 
 impl MemoryStore {
@@ -446,7 +486,8 @@ impl MemoryStore {
     /// Nobody could come in, nor make a request, while varco was down: the
     /// time between the snapshot and `now_ms` counts against nobody's claim
     /// window and nobody's idle time. A person called just before a crash
-    /// keeps the rest of their window, an admitted person their session.
+    /// keeps the rest of their window, an admitted person their session
+    /// while their pass can still renew it.
     pub fn open(snapshot: Option<PathBuf>, now_ms: u64) -> Result<Arc<Self>, String> {
         // Without its folder every snapshot and mark would fail: the queue
         // would run undurable and a restart would lose every place. Checked
@@ -519,9 +560,11 @@ impl MemoryStore {
                 if let Some(kid) = &r.lottery_kid {
                     room.lottery_kid.replace(kid);
                 }
+                room.saw_idle(r.idle_ms);
                 for (sid, exp) in r.sessions {
                     if let Ok(sid) = u128::from_str_radix(&sid, 16) {
-                        room.sessions.insert(sid, AtomicU64::new(exp + down));
+                        let exp = restored_expiry(exp, down, r.idle_ms);
+                        room.sessions.insert(sid, AtomicU64::new(exp));
                     }
                 }
                 for (sid, until) in r.ended {
@@ -666,6 +709,7 @@ impl MemoryStore {
                         lottery_kid,
                         sessions,
                         ended,
+                        idle_ms: room.idle_ms.load(Ordering::Relaxed),
                     },
                 )
             })
@@ -987,6 +1031,40 @@ mod tests {
         let room = store.room("r", &limits(None), 7_000);
         assert_eq!(number(&room, limits(None), 7_000).await, n + 1);
         assert_eq!(room.generation(), generation);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_a_session_while_its_pass_can_renew_it() {
+        let snap = folder("idle");
+        let l = Limits {
+            mode: Mode::Queue,
+            ..limits(None)
+        };
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        let session = NewSession {
+            sid: 7,
+            expires_ms: 600_000,
+        };
+        assert!(room.admit_directly(l, session, 0).await.unwrap().is_some());
+        // A reload shortened the idle time: the pass signed before it
+        // still lives twenty minutes.
+        assert_eq!(room.touch(7, 1_000, 60_000), Liveness::Alive);
+        store.close(1_000).unwrap();
+        drop((room, store));
+        // Down 200 s: past two of the new idle times, within two of the
+        // old.
+        let store = MemoryStore::open(Some(snap.clone()), 201_000).unwrap();
+        let room = store.room("r", &l, 201_000);
+        assert_eq!(room.peek_local(7, 201_000), Liveness::Alive);
+        store.close(201_000).unwrap();
+        drop((room, store));
+        // Down three hours, with no request in the run between: the
+        // longest idle time was kept, and no pass lives that long.
+        let later = 201_000 + 3 * 3_600_000;
+        let store = MemoryStore::open(Some(snap), later).unwrap();
+        let room = store.room("r", &l, later);
+        assert_eq!(room.peek_local(7, later), Liveness::Dead);
     }
 
     #[tokio::test]
