@@ -714,6 +714,11 @@ fn each_bad_value_names_its_key() {
             "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nlease = \"1s\"\n",
             "store.lease",
         ),
+        // Nobody is admitted for as long after the node holding it dies.
+        (
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nlease = \"2m\"\n",
+            "store.lease",
+        ),
         (
             "[store]\nkind = \"redis\"\nurl = \"http://x\"\n",
             "store.url",
@@ -1301,4 +1306,9 @@ fn a_second_upstream_on_one_host_and_port_names_the_first_where_it_stands() {
         e.to_string().contains("same host and port as upstreams[1]"),
         "{e}"
     );
+    // A host name in another case is the same server.
+    let e = errors(
+        "[rooms.portal]\nupstreams = [\"http://portal.internal\", \"http://Portal.Internal:80\"]\n",
+    );
+    assert!(e.names("rooms.portal.upstreams[1]"), "{e}");
 }

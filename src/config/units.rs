@@ -24,8 +24,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The longest duration any key accepts.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest duration any key accepts: ten of humantime's years (365.25
+/// days each), so that "10y" itself is in.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// Formats a duration the way the config file accepts it.
 pub fn format_duration(d: Duration) -> String {
@@ -76,6 +77,12 @@ mod tests {
             .unwrap_err()
             .contains("ten years"));
         assert!(parse_duration("3650d").is_ok());
+        // "At most ten years", as README says, written the shortest way.
+        assert_eq!(
+            parse_duration("10y").unwrap(),
+            Duration::from_secs(10 * 31_557_600)
+        );
+        assert!(parse_duration("10y 1s").unwrap_err().contains("ten years"));
         assert_eq!(format_duration(Duration::from_secs(90)), "1m 30s");
     }
 

@@ -617,6 +617,13 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 store.tick
             ),
         );
+    } else if store.lease > MAX_LEASE {
+        // A node that dies holding it stops the line for as long: nobody
+        // is called, no turn lapses, until another node takes over.
+        p.add(
+            "store.lease",
+            format!("must be at most {MAX_LEASE:?}: when the node holding it dies, nobody is admitted until it lapses"),
+        );
     }
     let keys = load_keys(&raw.secrets, base, &mut p);
     let admin_tokens = load_admin_tokens(&raw.admin, base, &mut p);
@@ -677,8 +684,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 continue;
             }
             // One server, one line in the metrics and one health verdict.
+            // Host names are one in any case (as DNS has them).
             if let Some(j) = upstreams.iter().position(|o| {
-                crate::proxy::upstreams::label(o) == crate::proxy::upstreams::label(&uri)
+                crate::proxy::upstreams::label(o)
+                    .eq_ignore_ascii_case(&crate::proxy::upstreams::label(&uri))
             }) {
                 p.add(
                     &at,
@@ -1886,6 +1895,10 @@ const MIN_TICK: Duration = Duration::from_millis(10);
 /// claimed lapses within a third of its window after it ends.
 const MAX_TICK: Duration =
     Duration::from_secs(crate::page::waiting::MIN_CLAIM_WINDOW.as_secs() / 3);
+
+/// The longest `store.lease`: how long a line may stand still after the
+/// node advancing it dies.
+const MAX_LEASE: Duration = Duration::from_secs(60);
 
 /// Why an `exempt_paths` or `flow_paths` entry (`kind`) could not match
 /// as written, if it could not.
