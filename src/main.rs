@@ -37,7 +37,7 @@ enum Command {
     /// Start the demo portal and varco in front of it.
     Demo {
         /// Requests the demo portal serves at once before it degrades.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = at_least_one)]
         capacity: usize,
         /// Where the demo portal listens. The embedded demo config sends
         /// there; a config given with --config names its own upstreams.
@@ -61,7 +61,7 @@ enum Command {
         token_env: String,
         /// How long each listener may take to answer ("10s"): a node that
         /// accepts but never answers must not keep the others untold.
-        #[arg(long, default_value = "10s", value_parser = varco::config::units::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = some_time)]
         timeout: std::time::Duration,
         #[command(subcommand)]
         action: varco::ctl::Action,
@@ -91,13 +91,13 @@ enum Command {
         citizens: Option<u64>,
         /// The demo portal's capacity (requests at once before it
         /// degrades). Default 20; 8 with --compare.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         capacity: Option<usize>,
-        /// varco's admission rate for the run.
-        #[arg(long, default_value_t = 1200)]
+        /// varco's admission rate for the run, new sessions a minute.
+        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(1..))]
         rate: u32,
         /// varco's max_active for the run.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         max_active: u64,
         /// Seconds a citizen keeps trying before giving up. Default 90;
         /// 60 with --compare. At most an hour.
@@ -117,6 +117,25 @@ enum Command {
         #[arg(long, requires = "compare")]
         chart: Option<PathBuf>,
     },
+}
+
+/// A count of at least one: a portal of capacity 0 serves nobody, and the
+/// comparison would say nothing.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration longer than none: a timeout of 0 gives up on every node
+/// before asking it.
+fn some_time(text: &str) -> Result<std::time::Duration, String> {
+    match varco::config::units::parse_duration(text)? {
+        d if d.is_zero() => Err("must be longer than 0s".into()),
+        d => Ok(d),
+    }
 }
 
 fn main() -> ExitCode {

@@ -361,6 +361,34 @@ fn run_refuses_a_bad_config() {
     assert!(err.contains("server.surprise"), "{err}");
 }
 
+/// Numbers on the command line that would make a run say nothing (a
+/// simulation at rate 0 ran its whole "without varco" half first, then
+/// failed) are refused before anything starts, naming the flag.
+#[test]
+fn command_line_numbers_that_mean_nothing_are_refused_at_once() {
+    for args in [
+        &["simulate", "--rate", "0"][..],
+        &["simulate", "--max-active", "0"],
+        &["simulate", "--capacity", "0"],
+        &["demo", "--capacity", "0"],
+        &["ctl", "--timeout", "0s", "status"],
+    ] {
+        let out = Command::new(bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(args[1]), "the flag is named: {args:?}: {err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} began: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 /// A log reader that stops reading (journald busy, Docker's blocking log
 /// driver, a pipe nobody drains) does not stop varco: its access lines
 /// fill the 64 KiB pipe after a few hundred requests, and the workers
