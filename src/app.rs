@@ -1147,7 +1147,10 @@ impl App {
             settings.clone(),
             stop.clone(),
             connections.clone(),
-            Some(self.metrics.open_connections.clone()),
+            Some(listener::Counters {
+                open: self.metrics.open_connections.clone(),
+                dropped: self.metrics.connections_dropped.clone(),
+            }),
         ));
         let private = tokio::spawn(listener::serve(
             listeners.admin,

@@ -259,6 +259,50 @@ pub struct Stop {
     pub close: CancellationToken,
 }
 
+/// What a listener counts (the public one only).
+#[derive(Clone)]
+pub struct Counters {
+    /// `varco_open_connections`.
+    pub open: prometheus::IntGauge,
+    /// `varco_connections_dropped_total`, by reason.
+    pub dropped: prometheus::IntCounterVec,
+}
+
+/// Why a connection was closed before any request was read: the label of
+/// `varco_connections_dropped_total`.
+#[derive(Clone, Copy)]
+pub enum Dropped {
+    /// Over `max_connections_per_ip`.
+    PerAddress,
+    /// Its PROXY header missing, bad or late, or from a peer that may not
+    /// send one.
+    ProxyHeader,
+    /// Its TLS handshake failed or timed out.
+    TlsHandshake,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 3] = [
+        Dropped::PerAddress,
+        Dropped::ProxyHeader,
+        Dropped::TlsHandshake,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::PerAddress => "per_address",
+            Dropped::ProxyHeader => "proxy_header",
+            Dropped::TlsHandshake => "tls_handshake",
+        }
+    }
+}
+
+fn count_dropped(counters: &Option<Counters>, why: Dropped) {
+    if let Some(c) = counters {
+        c.dropped.with_label_values(&[why.label()]).inc();
+    }
+}
+
 /// Accepts until `stop.drain` turns true, then returns; connections
 /// already open are told to drain and tracked by `tracker`.
 pub async fn serve<H: Handler>(
@@ -268,7 +312,7 @@ pub async fn serve<H: Handler>(
     settings: ListenerSettings,
     stop: Stop,
     tracker: TaskTracker,
-    open_connections: Option<prometheus::IntGauge>,
+    counters: Option<Counters>,
 ) {
     let Stop {
         drain: mut shutdown,
@@ -305,6 +349,7 @@ pub async fn serve<H: Handler>(
         let held = if settings.proxy_protocol {
             if !crate::proxy::headers::is_trusted(peer.ip(), &settings.exempt) {
                 tracing::debug!(%peer, "not a trusted proxy: no PROXY header accepted from it");
+                count_dropped(&counters, Dropped::ProxyHeader);
                 continue;
             }
             None
@@ -315,6 +360,7 @@ pub async fn serve<H: Handler>(
                     // Over its share: closed at once, so one address cannot
                     // take the connection slots everyone else needs.
                     tracing::debug!(%peer, "too many connections from this address");
+                    count_dropped(&counters, Dropped::PerAddress);
                     drop(stream);
                     continue;
                 }
@@ -327,7 +373,7 @@ pub async fn serve<H: Handler>(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let settings = settings.clone();
-        let gauge = open_connections.clone();
+        let counters = counters.clone();
         let tasks = tracker.clone();
         let close = close.clone();
         // Past the grace, a connection (its TLS handshake, its PROXY
@@ -345,15 +391,20 @@ pub async fn serve<H: Handler>(
                     held,
                 ),
                 None => match from_balancer(&mut stream, peer, &per_ip, &settings).await {
-                    Some(x) => x,
-                    None => return,
+                    Ok(x) => x,
+                    Err(why) => {
+                        count_dropped(&counters, why);
+                        return;
+                    }
                 },
             };
             let peer = info.peer;
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
-                _open: gauge.map(crate::metrics::Counted::new),
+                _open: counters
+                    .as_ref()
+                    .map(|c| crate::metrics::Counted::new(c.open.clone())),
                 tracker: tasks,
                 close,
                 activity: Arc::new(Activity::new()),
@@ -379,8 +430,14 @@ pub async fn serve<H: Handler>(
                             )
                             .await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            count_dropped(&counters, Dropped::TlsHandshake);
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            count_dropped(&counters, Dropped::TlsHandshake);
+                        }
                     }
                 }
             }
@@ -390,15 +447,15 @@ pub async fn serve<H: Handler>(
 
 /// The connection as a balancer's PROXY header tells it (the client it
 /// names, or the balancer itself for its own checks; whether the client
-/// spoke TLS to it), and the client's share of connections; None when the
-/// header is missing, bad or late, or the client is over its share: the
-/// connection is then closed.
+/// spoke TLS to it), and the client's share of connections; why not when
+/// the header is missing, bad or late, or the client is over its share:
+/// the connection is then closed.
 async fn from_balancer(
     stream: &mut tokio::net::TcpStream,
     balancer: SocketAddr,
     per_ip: &Arc<DashMap<IpAddr, usize>>,
     settings: &ListenerSettings,
-) -> Option<(ConnInfo, PerIp)> {
+) -> Result<(ConnInfo, PerIp), Dropped> {
     let read = tokio::time::timeout(
         settings.header_read_timeout,
         crate::proxy_header::read(stream),
@@ -419,18 +476,18 @@ async fn from_balancer(
         },
         Ok(Err(e)) => {
             tracing::debug!(peer = %balancer, error = %e, "PROXY header refused");
-            return None;
+            return Err(Dropped::ProxyHeader);
         }
         Err(_) => {
             tracing::debug!(peer = %balancer, "no PROXY header within header_read_timeout");
-            return None;
+            return Err(Dropped::ProxyHeader);
         }
     };
     match PerIp::take(per_ip, info.peer.ip(), settings) {
-        Some(held) => Some((info, held)),
+        Some(held) => Ok((info, held)),
         None => {
             tracing::debug!(peer = %info.peer, "too many connections from this address");
-            None
+            Err(Dropped::PerAddress)
         }
     }
 }

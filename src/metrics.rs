@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "varco_upstream_weight",
     "varco_upstream_health_checks_total",
     "varco_open_connections",
+    "varco_connections_dropped_total",
     "varco_log_lines_dropped_total",
     "varco_request_bodies_total",
     "varco_request_buffer_bytes",
@@ -81,6 +82,8 @@ pub struct Metrics {
     pub upstream_response_seconds: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    /// By `crate::listener::Dropped`.
+    pub connections_dropped: IntCounterVec,
     /// Read from the log's writer at each scrape.
     log_lines_dropped: IntCounter,
     dropped_lines_counting: std::sync::Mutex<()>,
@@ -179,6 +182,18 @@ impl Metrics {
             "Client connections open on the public listener",
         )
         .expect("valid metric");
+        let connections_dropped = IntCounterVec::new(
+            Opts::new(
+                "varco_connections_dropped_total",
+                "Client connections closed before any request was read, by reason: per_address (over server.max_connections_per_ip), proxy_header (a PROXY header missing, bad or late, or from a peer not in trusted_proxies), tls_handshake (failed or timed out)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        // At 0 from the start, so an alert on increase() sees the first.
+        for why in crate::listener::Dropped::ALL {
+            connections_dropped.with_label_values(&[why.label()]);
+        }
         let log_lines_dropped = IntCounter::new(
             "varco_log_lines_dropped_total",
             "Log lines dropped because the reader of varco's stderr fell behind by more than the lines held in memory",
@@ -364,6 +379,7 @@ impl Metrics {
             Box::new(upstream_response_seconds.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(open_connections.clone()),
+            Box::new(connections_dropped.clone()),
             Box::new(log_lines_dropped.clone()),
             Box::new(request_bodies.clone()),
             Box::new(request_buffer_bytes.clone()),
@@ -400,6 +416,7 @@ impl Metrics {
             upstream_response_seconds,
             upstream_errors,
             open_connections,
+            connections_dropped,
             log_lines_dropped,
             dropped_lines_counting: std::sync::Mutex::new(()),
             request_bodies,

@@ -380,6 +380,17 @@ async fn one_address_cannot_take_every_connection() {
         "served past the per-address limit: {}",
         String::from_utf8_lossy(&buf)
     );
+    // ...and counted, for the operator's alert (carrier NAT).
+    let dropped = |reason: &'static str| async move {
+        common::client::metric(
+            v.admin,
+            "varco_connections_dropped_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .await
+    };
+    assert_eq!(dropped("per_address").await, Some(1.0));
+    assert_eq!(dropped("proxy_header").await, Some(0.0));
     // ...while another address is served.
     let (_c, rc) = ask(connect_from([127, 0, 0, 2], v.addr).await).await;
     assert_eq!(rc, "HTTP/1.1 200");

@@ -645,6 +645,16 @@ async fn the_client_is_the_one_a_balancers_proxy_header_names() {
     bytes.extend_from_slice(request);
     assert_eq!(raw(v.addr, &bytes, Duration::from_secs(5)).await, "");
     assert_eq!(up.hits(), hits);
+    // Counted: a balancer left out of trusted_proxies shows there.
+    assert_eq!(
+        common::client::metric(
+            v.admin,
+            "varco_connections_dropped_total",
+            "reason=\"proxy_header\""
+        )
+        .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

@@ -192,6 +192,16 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     .await;
     assert!(r.is_ok(), "connection without a handshake kept open");
     assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    // Both counted, for the operator.
+    assert_eq!(
+        client::metric(
+            v.admin,
+            "varco_connections_dropped_total",
+            "reason=\"tls_handshake\""
+        )
+        .await,
+        Some(2.0)
+    );
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
