@@ -169,6 +169,18 @@ pub fn strip_own_set_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the portal's answer tells the browser to delete every cookie
+/// of the site (`Clear-Site-Data: "cookies"` or `"*"`): varco's pass and
+/// tickets go with the portal's own. Browsers take only the quoted,
+/// lower-case values, and only over HTTPS (the caller's to know).
+pub fn clears_site_cookies(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::HeaderName::from_static("clear-site-data"))
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|d| matches!(d.trim_ascii(), b"\"cookies\"" | b"\"*\""))
+}
+
 /// A Set-Cookie's `name=value`, its attributes aside.
 fn first_pair(v: &HeaderValue) -> &[u8] {
     pairs(v.as_bytes()).next().unwrap_or_default()
@@ -250,6 +262,23 @@ pub fn clear(name: &str, attrs: Attrs) -> impl Iterator<Item = HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clear_site_data_that_deletes_cookies() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("clear-site-data", HeaderValue::from_str(v).unwrap());
+            clears_site_cookies(&h)
+        };
+        assert!(with("\"cookies\""));
+        assert!(with("\"cache\", \"cookies\""));
+        assert!(with("\"*\""));
+        assert!(!with("\"cache\", \"storage\""));
+        // As browsers read it: quoted and lower case only.
+        assert!(!with("cookies"));
+        assert!(!with("\"Cookies\""));
+        assert!(!clears_site_cookies(&HeaderMap::new()));
+    }
 
     #[test]
     fn finds_cookies_and_ignores_garbage() {

@@ -644,46 +644,52 @@ impl Gateway {
             }
         }
         // The portal ends the session (e.g. after the application was
-        // submitted): the slot goes to the next in line at once.
-        if let Some(v) = resp.headers_mut().remove(RELEASE_HEADER) {
-            if v.as_bytes() == b"1" {
-                let pass = pass.or_else(|| {
-                    gate::pass_of(
-                        room,
-                        unchecked_pass.iter().map(String::as_str),
-                        self.clock.now_ms(),
-                    )
+        // submitted): the slot goes to the next in line at once. So does
+        // a logout page that has the browser delete the site's cookies
+        // (over HTTPS, where browsers obey it): the pass is gone with
+        // them, and its session would hold the slot until it idles out.
+        let released = resp
+            .headers_mut()
+            .remove(RELEASE_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1")
+            || (secure && cookies::clears_site_cookies(resp.headers()));
+        if released {
+            let pass = pass.or_else(|| {
+                gate::pass_of(
+                    room,
+                    unchecked_pass.iter().map(String::as_str),
+                    self.clock.now_ms(),
+                )
+            });
+            let session = pass.as_ref().and_then(|p| p.session_id());
+            let lane = pass.as_ref().map(|p| p.l.clone());
+            if let (Some(sid), Some(lane)) = (session, lane) {
+                let (on, now) = (room.clone(), self.clock.now_ms());
+                // On a task of its own: the person may be gone before
+                // the store answers (the tab closed on the receipt),
+                // and an end dropped midway would hold the slot for
+                // nobody until it idles out.
+                let release = tokio::spawn(async move {
+                    let Some(lane) = on.lane(&lane) else {
+                        return;
+                    };
+                    let ended = lane.store.end_session(sid, now, on.ended_memory_ms()).await;
+                    let ticked = lane.store.tick(on.lane_limits(lane), now).await;
+                    // Its slot is freed when the store answers again
+                    // (a Redis node sends the end then); the next tick
+                    // calls the next in line.
+                    if ended.is_err() || ticked.is_err() {
+                        on.metrics.store_errors.inc();
+                    }
                 });
-                let session = pass.as_ref().and_then(|p| p.session_id());
-                let lane = pass.as_ref().map(|p| p.l.clone());
-                if let (Some(sid), Some(lane)) = (session, lane) {
-                    let (on, now) = (room.clone(), self.clock.now_ms());
-                    // On a task of its own: the person may be gone before
-                    // the store answers (the tab closed on the receipt),
-                    // and an end dropped midway would hold the slot for
-                    // nobody until it idles out.
-                    let release = tokio::spawn(async move {
-                        let Some(lane) = on.lane(&lane) else {
-                            return;
-                        };
-                        let ended = lane.store.end_session(sid, now, on.ended_memory_ms()).await;
-                        let ticked = lane.store.tick(on.lane_limits(lane), now).await;
-                        // Its slot is freed when the store answers again
-                        // (a Redis node sends the end then); the next tick
-                        // calls the next in line.
-                        if ended.is_err() || ticked.is_err() {
-                            on.metrics.store_errors.inc();
-                        }
-                    });
-                    if let Err(e) = release.await {
-                        if e.is_panic() {
-                            std::panic::resume_unwind(e.into_panic());
-                        }
+                if let Err(e) = release.await {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
                     }
                 }
-                for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {
-                    set_cookie(&mut resp, clear);
-                }
+            }
+            for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {
+                set_cookie(&mut resp, clear);
             }
         }
         let resp = match slot {

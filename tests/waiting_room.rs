@@ -786,6 +786,43 @@ async fn the_portal_releases_a_session_and_the_next_gets_in_at_once() {
     assert!(b.get("/").await.reached_upstream());
 }
 
+/// A logout page that has the browser delete the site's cookies
+/// (`Clear-Site-Data: "cookies"`) deletes varco's pass with them: its slot
+/// goes to the next in line at once, as on a release, not when the
+/// session idles out. Over plain HTTP browsers ignore the header, and the
+/// pass lives on.
+#[tokio::test]
+async fn a_logout_that_clears_the_sites_cookies_frees_the_slot() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(
+        &(gated_config(up.addr, "max_active = 1")
+            + "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"),
+    )
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    // Over plain HTTP: nothing happens to the pass.
+    let got = a.get("/logout").await;
+    assert!(got.reached_upstream());
+    assert_eq!(b.status("portal").await["state"], "waiting");
+    assert!(a.get("/").await.reached_upstream(), "the pass still works");
+    // Over HTTPS (the balancer says so): the browser deletes the pass.
+    a.headers.push(("x-forwarded-proto".into(), "https".into()));
+    let got = a.get("/logout").await;
+    assert!(got.reached_upstream());
+    assert!(
+        got.headers.get("clear-site-data").is_some(),
+        "the portal's header goes to the browser"
+    );
+    assert_eq!(
+        b.status("portal").await["state"],
+        "admitted",
+        "the slot of a deleted pass is held"
+    );
+}
+
 /// The same when the portal's answer comes on a path the gate lets
 /// through without looking at the pass (an exempt logout page): the
 /// pass the request carried is the session that ends.

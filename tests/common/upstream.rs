@@ -252,6 +252,13 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
                 .insert("x-varco-release", "1".parse().unwrap());
             r
         }
+        "/logout" => {
+            // A logout page that has the browser delete the site's data.
+            let mut r = text(StatusCode::OK, "{\"upstream\": \"logged out\"}");
+            r.headers_mut()
+                .insert("clear-site-data", "\"cache\", \"cookies\"".parse().unwrap());
+            r
+        }
         "/trailers" => {
             // A body followed by trailers (sent by hyper only to a
             // client that asked with `TE: trailers`), some of which a
