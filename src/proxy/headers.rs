@@ -426,9 +426,10 @@ fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool, trus
 /// Headers that only a proxy in front of the portal may set: the client's
 /// address, scheme, port or path prefix as the portal's frameworks read
 /// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
-/// Spring's X-Forwarded-Prefix...). From anyone else they are forgeries,
-/// and a portal that logs or rate-limits by them would be fooled.
-/// (X-Forwarded-For and -Proto are replaced by varco's own.)
+/// Spring's X-Forwarded-Prefix, PHP's HTTP_CLIENT_IP read before
+/// X-Forwarded-For by the usual "real IP" snippet...). From anyone else
+/// they are forgeries, and a portal that logs or rate-limits by them would
+/// be fooled. (X-Forwarded-For and -Proto are replaced by varco's own.)
 fn is_claimed_by_a_proxy(name: &str) -> bool {
     matches!(
         name,
@@ -439,10 +440,13 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
             | "x-forwarded-server"
             | "x-forwarded-ssl"
             | "x-forwarded-scheme"
+            | "x-forwarded"
+            | "forwarded-for"
             | "x-url-scheme"
             | "front-end-https"
             | "x-real-ip"
             | "x-client-ip"
+            | "client-ip"
             | "true-client-ip"
             | "x-cluster-client-ip"
             | "cf-connecting-ip"
@@ -454,13 +458,17 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
 /// read over the request line by Symfony and Zend before their fixes, and
 /// by some IIS rewrite set-ups): varco gates the path in the request line,
 /// an exempt one, and the portal would serve this one, past the queue.
+/// So is X-Script-Name, from which the "reverse proxied" middleware of
+/// Flask and other WSGI portals sets SCRIPT_NAME and cuts that prefix
+/// off the path: `/static/apply` with `X-Script-Name: /static` is
+/// gated as an exempt asset and served as `/apply`.
 /// Taken from every peer: no proxy in front of varco rewrites for the
 /// portal behind it, and balancers pass the client's copy on.
 /// (Their underscore twins are `is_underscore_twin`'s, from every peer.)
 fn is_a_rewritten_path(name: &str) -> bool {
     matches!(
         name,
-        "x-original-url" | "x-original-uri" | "x-rewrite-url" | "x-forwarded-uri"
+        "x-original-url" | "x-original-uri" | "x-rewrite-url" | "x-forwarded-uri" | "x-script-name"
     )
 }
 
@@ -756,8 +764,13 @@ mod tests {
             ("true-client-ip", "6.6.6.6"),
             ("x-original-url", "/servizi/bonus/apply"),
             ("x-rewrite-url", "/servizi/bonus/apply"),
+            ("x-script-name", "/static"),
+            ("client-ip", "6.6.6.6"),
+            ("x-forwarded", "for=6.6.6.6"),
+            ("forwarded-for", "6.6.6.6"),
         ]);
         h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
+        h.insert("x_script_name", "/static".parse().unwrap());
         h.insert("x_original_url", "/servizi/bonus/apply".parse().unwrap());
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
         h.insert("x_request_id", "forged".parse().unwrap());
@@ -769,6 +782,16 @@ mod tests {
             "a twin of varco's signed arrival"
         );
         assert!(h.get("x-real-ip").is_none() && h.get("true-client-ip").is_none());
+        assert!(
+            h.get("client-ip").is_none()
+                && h.get("x-forwarded").is_none()
+                && h.get("forwarded-for").is_none(),
+            "PHP's HTTP_CLIENT_IP and the rest"
+        );
+        assert!(
+            h.get("x-script-name").is_none() && h.get("x_script_name").is_none(),
+            "a prefix a WSGI portal cuts off the path gated"
+        );
         assert!(
             h.get("x-original-url").is_none()
                 && h.get("x-rewrite-url").is_none()
@@ -796,9 +819,10 @@ mod tests {
         ]);
         h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
         h.insert("x-original-url", "/servizi/bonus/apply".parse().unwrap());
+        h.insert("x-script-name", "/static".parse().unwrap());
         set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, "http", None);
         assert!(
-            h.get("x-original-url").is_none(),
+            h.get("x-original-url").is_none() && h.get("x-script-name").is_none(),
             "a balancer passes the client's on"
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.9, 10.0.0.2");
