@@ -182,7 +182,11 @@ impl Link {
                 if read_only(&e) {
                     self.replace(of.number, "read_only");
                 }
-                Err(StoreError::Unavailable(e.to_string()))
+                if answer_lost(&e) {
+                    Err(StoreError::Unanswered(e.to_string()))
+                } else {
+                    Err(StoreError::Unavailable(e.to_string()))
+                }
             }
         }
     }
@@ -221,9 +225,41 @@ impl Link {
     }
 }
 
+/// Whether the connection went while the call may have been on it (a
+/// primary that crashed mid-script, a reset on the way): Redis may have
+/// run it and only its answer be lost, as after a timeout. redis-rs says
+/// the same of a call made on a connection already gone (a broken pipe):
+/// taken as maybe done too, which costs the caller only the check it
+/// makes after a late answer. A refused connection ran nothing.
+fn answer_lost(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() && !e.is_connection_refusal()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_that_went_mid_call_may_have_run_it() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::BrokenPipe,
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::UnexpectedEof,
+        ] {
+            assert!(answer_lost(&Error::from(kind).into()), "{kind:?}");
+        }
+        assert!(!answer_lost(
+            &Error::from(ErrorKind::ConnectionRefused).into()
+        ));
+        let refused: redis::RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "Error running script",
+        )
+            .into();
+        assert!(!answer_lost(&refused));
+    }
 
     #[test]
     fn a_read_only_refusal_is_known_inside_a_scripts_error_too() {
