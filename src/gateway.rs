@@ -191,24 +191,6 @@ const NO_SUCH_ROOM: Said = Said {
     it: "Questa sala d'attesa non esiste.",
 };
 
-/// A transfer coding besides HTTP/1.1's chunked (`gzip, chunked`): hyper
-/// takes the chunks off and leaves the rest, which would reach the
-/// portal as a plain body it reads as sent. Refused (501), as nginx does;
-/// an empty element beside chunked too (strict: no client sends one).
-fn has_unknown_coding(req: &Request<Incoming>) -> bool {
-    let mut codings = req
-        .headers()
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii);
-    match (codings.next(), codings.next()) {
-        (None, _) => false,
-        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
-        _ => true,
-    }
-}
-
 /// An in-flight slot, or the 503 for a person who is admitted but whose
 /// request found the cap and its queue full.
 /// `admitted`: whether a refusal counts against the rate (see its
@@ -351,7 +333,7 @@ impl Handler for Gateway {
             Ok(()) if host_is_ambiguous(&req) => {
                 Some((StatusCode::BAD_REQUEST, &MALFORMED, "ambiguous Host".into()))
             }
-            Ok(()) if has_unknown_coding(&req) => Some((
+            Ok(()) if crate::proxy::headers::has_unknown_coding(req.headers()) => Some((
                 StatusCode::NOT_IMPLEMENTED,
                 &UNKNOWN_CODING,
                 "a transfer coding besides chunked".into(),

@@ -1006,6 +1006,55 @@ async fn a_malformed_answer_takes_no_upstream_out_of_rotation() {
     assert_eq!(seen, 4.0, "each is seen in the metrics");
 }
 
+/// An answer in a transfer coding besides chunked (`gzip, chunked`):
+/// hyper takes the chunks off, and the field goes as hop-by-hop, so the
+/// client would read gzip bytes as the page. A 502 (as nginx), counted as
+/// a protocol error, the upstream left in rotation; `chunked` alone and
+/// in any case is served.
+#[tokio::test]
+async fn an_answer_in_a_coding_besides_chunked_is_a_502() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let coding = if head.starts_with(b"GET /gzip-chunked ") {
+                        "gzip, chunked"
+                    } else if head.starts_with(b"GET /twice ") {
+                        "chunked, chunked"
+                    } else {
+                        "Chunked"
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let v = Varco::start(&room_config(
+        &[addr],
+        "[upstream]\nfail_cooldown = \"1h\"\nmax_fails = 1",
+    ))
+    .await;
+    for path in ["/gzip-chunked", "/twice"] {
+        let got = get(&v.url(path)).await;
+        assert_eq!(got.status, 502, "{path}: {}", got.text());
+    }
+    let got = get(&v.url("/plain")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "hello");
+    let of = format!("kind=\"protocol\",room=\"portal\",upstream=\"{addr}\"");
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+        Some(2.0)
+    );
+}
+
 /// An upstream that speaks no HTTP (a wrong port, a TLS server behind
 /// `http://`) is not a page's fault: it is counted and taken out, and a
 /// GET goes on to the next. (This pins the words hyper uses for it.)

@@ -374,6 +374,22 @@ impl Forwarder {
                 Some(r) => r,
             };
             match outcome {
+                // Coded bytes the client would read as plain ones (see
+                // `has_unknown_coding`): that page's fault, as a malformed
+                // head is, neither counted nor sent elsewhere.
+                Ok(resp) if super::headers::has_unknown_coding(resp.headers()) => {
+                    if let Some(answered) = resp.extensions().get::<Answered>() {
+                        answered.mark();
+                    }
+                    metrics.protocol_errors.inc();
+                    signal(false);
+                    let coding = resp.headers().get(TRANSFER_ENCODING).cloned();
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?coding, "upstream answered with a transfer coding besides chunked; not counted against it");
+                    return Err(ProxyError::Upstream {
+                        upstream: upstream.label.clone(),
+                        source: "a transfer coding besides chunked".into(),
+                    });
+                }
                 Ok(resp) => {
                     if let Some(answered) = resp.extensions().get::<Answered>() {
                         answered.mark();

@@ -423,6 +423,24 @@ fn rewrite_forwarded(headers: &mut HeaderMap, peer: IpAddr, from_xff: bool, trus
     }
 }
 
+/// Whether a message's `Transfer-Encoding` is anything but `chunked`
+/// alone (gzip, chunked; chunked twice; an empty element). hyper takes
+/// the chunks off and leaves the rest, and the field goes as hop-by-hop:
+/// the receiver would read coded bytes as plain ones. Refused both ways,
+/// as nginx does: a request with 501, an answer with 502.
+pub fn has_unknown_coding(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        _ => true,
+    }
+}
+
 /// Headers that only a proxy in front of the portal may set: the client's
 /// address, scheme, port or path prefix as the portal's frameworks read
 /// them (nginx's X-Real-IP, CDNs' client-IP headers, Rails' X-Forwarded-Ssl,
