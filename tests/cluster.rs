@@ -990,7 +990,9 @@ async fn a_pass_taken_at_its_word_is_reported_by_the_node_that_took_it() {
 
     let _redis = RedisServer::start_on(port);
     until_recovered(&nodes, 0).await;
-    advance(&nodes, 1000).await;
+    // A Redis without the data (a new one): nobody is admitted until the
+    // nodes have reported their sessions again (three ticks).
+    advance(&nodes, 3000).await;
     // Newcomers take what Redis says is free: one slot, not two.
     let mut newcomers = 0;
     while nodes[0].citizen().get("/").await.reached_upstream() {
@@ -1248,7 +1250,8 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     );
     let nodes = nodes(&cfg, 2).await;
     advance(&nodes, 1000).await;
-    assert!(nodes[0].citizen().get("/").await.reached_upstream());
+    let mut first = nodes[0].citizen();
+    assert!(first.get("/").await.reached_upstream());
     let mut line: Vec<Citizen> = (0..5).map(|i| nodes[i % 2].citizen()).collect();
     for c in line.iter_mut() {
         assert!(c.get("/").await.is_waiting_page());
@@ -1265,10 +1268,13 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
         g.clock.advance_ms(1000);
     }
     nodes[0].app.tick().await;
+    // The new state is empty, but the room is not: the first person's
+    // session, on node 0, is not reported to it yet. Nobody is admitted
+    // until it is, rather than a second person into a room of one.
     let mut newcomer = nodes[0].citizen();
     assert!(
-        newcomer.get("/").await.reached_upstream(),
-        "the new state is empty: admitted at once"
+        newcomer.get("/").await.is_waiting_page(),
+        "admitted into a full room: its session was lost with the state"
     );
     let mut next = nodes[0].citizen();
     assert!(next.get("/").await.is_waiting_page());
@@ -1279,26 +1285,37 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
         s["state"], "waiting",
         "a ticket of a state node 1 has not heard of yet holds its place there: {s}"
     );
-    advance(&nodes, 1000).await;
+    // Past the hold, the first person's session (reported again) still
+    // fills the room.
+    advance(&nodes, 5000).await;
     for (i, g) in nodes.iter().enumerate() {
         let mut c = Citizen::new(g.addr);
         c.jar = line[0].jar.clone();
         let s = c.status("portal").await;
-        assert_eq!(s["queue_length"], 1, "node {i} follows the new state: {s}");
+        assert_eq!(s["queue_length"], 2, "node {i} follows the new state: {s}");
         // Its number 1 is the newcomer's now.
         assert_eq!(
             s["state"], "none",
             "node {i}: a ticket of the lost state holds no place: {s}"
         );
+        c.jar = newcomer.jar.clone();
+        let s = c.status("portal").await;
+        assert_eq!(s["state"], "waiting", "node {i}: the room is full: {s}");
+        assert_eq!(s["position"], 1, "node {i}: {s}");
         c.jar = next.jar.clone();
         let s = c.status("portal").await;
-        assert_eq!(s["position"], 1, "node {i}: {s}");
+        assert_eq!(s["position"], 2, "node {i}: {s}");
     }
+    // The first person's session ends: the newcomer's turn.
+    assert_eq!(first.get("/release").await.status, 200);
+    advance(&nodes, 1000).await;
+    assert!(newcomer.get("/").await.reached_upstream());
 }
 
-/// Redis loses its data: the leader's first tick of the new run already
-/// admits its first arrivals, and the admission log has them from number
-/// 1 (not from where that tick left the new counters).
+/// Redis loses its data: the leader's first tick of the new run past the
+/// hold for the nodes' sessions admits its first arrivals, and the
+/// admission log has them from number 1 (not from where that tick left
+/// the new counters).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
     let redis = RedisServer::start();
@@ -1325,7 +1342,7 @@ async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
     advance(&nodes, 1000).await;
     assert_eq!(redis.command("FLUSHALL"), "+OK");
     join(2).await;
-    advance(&nodes, 1000).await;
+    advance(&nodes, 3000).await;
     nodes[0].app.audit_settled().await;
     let ranges = common::logged_ranges(&log);
     assert_eq!(ranges, [(1, 5), (1, 2)]);
@@ -1402,7 +1419,8 @@ async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
 /// In a `queue_all` room over `nodes` (node 0 leading): a ticket taken on
 /// node `on` and called on both nodes' views; then Redis loses its data,
 /// and node 0 alone hears of it, gives a newcomer the new run's number 1
-/// and calls it. The old ticket's holder and the newcomer.
+/// and calls it once the hold for the nodes' sessions (three ticks) is
+/// over. The old ticket's holder and the newcomer.
 async fn a_run_lost_under_a_called_ticket(
     redis: &RedisServer,
     nodes: &[Gated],
@@ -1423,7 +1441,7 @@ async fn a_run_lost_under_a_called_ticket(
     let mut newcomer = nodes[0].citizen();
     assert!(newcomer.get("/").await.is_waiting_page());
     for g in nodes {
-        g.clock.advance_ms(1000);
+        g.clock.advance_ms(3000);
     }
     // Number 1 of the new run is called; node 1 has not asked since.
     nodes[0].app.tick().await;
@@ -1835,9 +1853,15 @@ async fn a_provisional_ticket_whose_placed_block_redis_lost_holds_no_place() {
     advance(&nodes, 1000).await;
     let s = during.status("portal").await;
     assert_eq!(s["state"], "none", "{s}");
-    assert!(
-        during.get("/").await.reached_upstream(),
-        "a newcomer to the new state, empty: admitted at once"
+    // A newcomer to the new state, which the first person's session
+    // fills once the node has reported it again: in line, first.
+    assert!(during.get("/").await.is_waiting_page());
+    advance(&nodes, 5000).await;
+    let s = during.status("portal").await;
+    assert_eq!(
+        (&s["state"], &s["position"]),
+        (&"waiting".into(), &1.into()),
+        "{s}"
     );
 }
 

@@ -59,6 +59,16 @@ local abandoned = tonumber(h.abandoned or '0')
 -- started again (Redis lost its data), so nodes take the new ones as they
 -- are instead of keeping the higher ones they had seen.
 local gen = h.gen or string.format('%d', now)
+-- Until when nobody is admitted (ms) after Redis lost its data: the
+-- sessions are gone with it, and each node reports its own again only at
+-- the tick after it hears of the loss (its next reply names the new
+-- generation). Until then a room that looks empty may be full, and
+-- admitting into it would put up to another max_active on the portal.
+-- Three ticks cover a node that ticked just before the loss. Set when a
+-- node that saw the lost state finds none: a node that never saw one
+-- cannot tell a loss from a first start.
+local hold = tonumber(h.hold or '0')
+if not h.gen and ARGV[9] ~= '' and ARGV[9] ~= '0' then hold = now + 3 * tick_ms end
 -- Redis that lost its last writes (a restart from an older save, a
 -- failover to a replica that was behind) comes back with the same
 -- generation and counters behind numbers already handed out. The first
@@ -184,6 +194,7 @@ local function active()
 end
 local function free()
   if max_active < 0 then return INF end
+  if now < hold then return 0 end
   return max_active - active() - reserved()
 end
 local function budget()
@@ -416,7 +427,7 @@ redis.call('HSET', st,
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
   'abandoned', string.format('%d', abandoned), 'gen', gen,
   'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen),
-  'pfull', pace_full, 'psettled', pace_settled)
+  'pfull', pace_full, 'psettled', pace_settled, 'hold', string.format('%d', hold))
 if opened_known then redis.call('HSET', st, 'opened', opened) end
 
 local function per_second_milli(list)
