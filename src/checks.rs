@@ -218,17 +218,19 @@ fn verify_files(files: &[String], continues: bool) -> Outcome {
 /// is not part of the log yet, as varco itself drops such a line when it
 /// opens the log again.
 fn export(path: &Path) -> Outcome {
-    let mut text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    // Bytes, not text: a line that is not UTF-8 is the verifier's to
+    // name, with its number, as `audit verify` does.
+    let mut bytes = match std::fs::read(path) {
+        Ok(b) => b,
         Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
     };
-    text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    bytes.truncate(bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1));
     // After a rotation the file at the path goes on from the one before.
     let mut v = audit::Verifier::new().continuing();
-    match v.file(text.as_bytes()) {
+    match v.file(bytes.as_slice()) {
         Ok(()) => Outcome {
             ok: true,
-            text: text.trim_end().to_string(),
+            text: String::from_utf8_lossy(&bytes).trim_end().to_string(),
         },
         Err(b) => fail(format!("{}: {b}", path.display())),
     }
@@ -267,6 +269,24 @@ mod tests {
             .replacen("\"to\":9", "\"to\":8", 1);
         std::fs::write(&path, edited).unwrap();
         assert!(!export(&path).ok);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A line that is not UTF-8 is named, with its number, as `audit
+    /// verify` names it.
+    #[test]
+    fn a_line_that_is_not_text_is_named() {
+        let (dir, path, _log) = logged_to_5("bytes");
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"\xff\n").unwrap();
+        drop(f);
+        let out = export(&path);
+        assert!(!out.ok);
+        assert!(out.text.contains("line 2"), "{}", out.text);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -199,19 +199,11 @@ fn main() -> ExitCode {
                 }
             };
             let result = if compare {
-                let mut c = varco::demo::compare::CompareSettings::default_for(
+                let c = varco::demo::compare::CompareSettings::default_for(
                     citizens.map_or(1200, |n| n as usize),
                     patience.unwrap_or(60),
+                    capacity.unwrap_or(8),
                 );
-                if let Some(cap) = capacity {
-                    c = varco::demo::compare::CompareSettings {
-                        sim: varco::demo::simulate::SimSettings {
-                            capacity: cap,
-                            ..c.sim
-                        },
-                        ..c
-                    };
-                }
                 rt.block_on(varco::demo::compare::run(&c)).and_then(|runs| {
                     print!("{}", varco::demo::compare::report(&c, &runs));
                     match chart {

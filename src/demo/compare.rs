@@ -23,12 +23,15 @@ impl CompareSettings {
             / (self.sim.service_time.as_secs_f64() * REQUESTS_PER_APPLICATION as f64)
     }
 
-    /// A portal whose knee is 800 a minute: capacity 8, 200 ms a request;
-    /// the fixed rates at three times and three tenths of it.
-    pub fn default_for(citizens: usize, seconds: u64) -> Self {
+    /// A portal of `capacity` requests at once, 200 ms a request (at 8,
+    /// the default, its knee is 800 a minute); the fixed rates at three
+    /// times and three tenths of its knee, adaptive's ceiling at five:
+    /// worked out from the capacity, or another one would make "too high"
+    /// a rate below the knee.
+    pub fn default_for(citizens: usize, seconds: u64, capacity: usize) -> Self {
         let sim = SimSettings {
             citizens,
-            capacity: 8,
+            capacity,
             service_time: Duration::from_millis(200),
             patience: Duration::from_secs(seconds),
             poll: Duration::from_secs(1),
@@ -141,4 +144,20 @@ pub fn report(c: &CompareSettings, runs: &[(String, Run)]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rates_are_worked_out_from_the_portals_capacity() {
+        for capacity in [1, 8, 100] {
+            let c = CompareSettings::default_for(100, 60, capacity);
+            let knee = c.knee_per_minute();
+            assert!(c.too_high_per_minute > knee, "{capacity}: {c:?}");
+            assert!(c.too_low_per_minute < knee, "{capacity}: {c:?}");
+            assert!(c.adaptive_max_per_minute > knee, "{capacity}: {c:?}");
+        }
+    }
 }

@@ -469,7 +469,13 @@ async fn crowd(
     };
     let mut places = Vec::with_capacity(s.citizens);
     for t in tasks {
-        let Ok(t) = t.await else { continue };
+        // A citizen that panicked is a bug of the simulation's own: not
+        // a citizen quietly left out of the table.
+        let t = match t.await {
+            Ok(t) => t,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => continue,
+        };
         o.portal_requests += t.requests;
         o.portal_5xx += t.errors_5xx;
         o.busy += t.busy;
@@ -634,7 +640,13 @@ pub async fn through_varco(
     let rates = sampler.await.unwrap_or_default();
     let plan = changer.await.unwrap_or_default();
     let _ = stop_tx.send(());
-    let _ = varco.await;
+    // A varco that failed makes a table of nothing let in: an error to
+    // report (and a non-zero exit), not a run to compare.
+    match varco.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(format!("varco stopped with an error: {e}")),
+        Err(e) => return Err(format!("varco failed: {e}")),
+    }
     drop(portal);
     Ok(Run {
         outcome,
