@@ -506,10 +506,40 @@ pub fn renewed(room: &Room, pass: &PassClaims, now_ms: u64) -> PassClaims {
 }
 
 pub fn pass_cookie(room: &Room, claims: &PassClaims, tls: bool) -> HeaderValue {
-    let max_age = (claims.exp * 1000).saturating_sub(claims.nbf * 1000) / 1000;
+    // The browser deletes a cookie whose Max-Age ran out, and never sends
+    // it again: one that ran out with the token could never come back
+    // from a login detour or a portal failure (`come_back`), which takes
+    // a token lapsed by up to those windows. So the cookie outlives the
+    // token by them; the token's `exp` and the store still decide.
+    let lived = (claims.exp * 1000).saturating_sub(claims.nbf * 1000);
+    let max_age = (lived + returns_horizon_ms(room)) / 1000;
     cookies::set_with(&room.pass_cookie, max_age, room.cookie_attrs(tls), |out| {
         room.keys.sign_into(claims, out)
     })
+}
+
+/// How long after its token's expiry a pass can still come back
+/// (`come_back`): by a login detour's callback within `flow_window`, or
+/// after a portal failure within two `failure_grace` (the failure's own
+/// extension, then a grace to come back), in a room that allows either;
+/// with the clock skew tokens are checked with. 0: it never comes back.
+fn returns_horizon_ms(room: &Room) -> u64 {
+    let c = &room.config;
+    let ms = |d: Duration| d.as_millis() as u64;
+    let detour = if c.flow_paths.is_empty() || c.max_flow_returns == 0 {
+        0
+    } else {
+        ms(c.flow_window)
+    };
+    let failure = if c.max_reentries == 0 {
+        0
+    } else {
+        2 * ms(c.failure_grace)
+    };
+    match detour.max(failure) {
+        0 => 0,
+        most => most + crate::room::token::LEEWAY_MS,
+    }
 }
 
 /// A pass that lapsed, coming back ahead of the queue: on a login detour's

@@ -104,8 +104,13 @@ impl Gated {
         self.app.tick().await;
     }
 
+    /// A person whose browser keeps time by this varco's clock: a cookie
+    /// whose `Max-Age` ran out is not sent, as a browser deletes it.
     pub fn citizen(&self) -> Citizen {
-        Citizen::new(self.addr)
+        Citizen {
+            clock: Some(self.clock.clone()),
+            ..Citizen::new(self.addr)
+        }
     }
 
     /// Graceful stop (which also saves the snapshot).
@@ -133,6 +138,12 @@ pub struct Citizen {
     client: Http1,
     pub jar: HashMap<String, String>,
     pub headers: Vec<(String, String)>,
+    /// The browser's clock (the varco's it was made for): with it, each
+    /// cookie set with a `Max-Age` is dropped once that has run out.
+    clock: Option<ManualClock>,
+    /// When each such cookie runs out (ms); a cookie put in the jar by
+    /// hand has none.
+    expires: HashMap<String, u64>,
 }
 
 impl Citizen {
@@ -142,6 +153,8 @@ impl Citizen {
             client: client::http1(),
             jar: HashMap::new(),
             headers: Vec::new(),
+            clock: None,
+            expires: HashMap::new(),
         }
     }
 
@@ -176,6 +189,20 @@ impl Citizen {
         let mut b = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
+        if let Some(clock) = &self.clock {
+            use varco::clock::Clock;
+            let now = clock.now_ms();
+            let gone: Vec<String> = self
+                .expires
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                self.jar.remove(&k);
+                self.expires.remove(&k);
+            }
+        }
         if !self.jar.is_empty() {
             let c: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
             b = b.header("cookie", c.join("; "));
@@ -196,10 +223,26 @@ impl Citizen {
             let text = sc.to_str().unwrap();
             let (kv, attrs) = text.split_once(';').unwrap_or((text, ""));
             let (k, v) = kv.split_once('=').unwrap();
-            if attrs.contains("Max-Age=0") {
+            let max_age = attrs.split(';').find_map(|a| {
+                a.trim()
+                    .strip_prefix("Max-Age=")
+                    .and_then(|s| s.parse::<u64>().ok())
+            });
+            if max_age == Some(0) {
                 self.jar.remove(k);
+                self.expires.remove(k);
             } else {
                 self.jar.insert(k.to_string(), v.to_string());
+                match (max_age, &self.clock) {
+                    (Some(secs), Some(clock)) => {
+                        use varco::clock::Clock;
+                        self.expires
+                            .insert(k.to_string(), clock.now_ms() + secs * 1000);
+                    }
+                    _ => {
+                        self.expires.remove(k);
+                    }
+                }
             }
         }
         got
