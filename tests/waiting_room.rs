@@ -2326,6 +2326,32 @@ async fn a_turn_called_before_a_long_restart_is_still_there_after() {
     assert_eq!(room.view().abandoned_total, 1, "a turn nobody took lapsed");
 }
 
+/// A clock stepped back (NTP after a drift; or, in a cluster, a node
+/// behind the one that signed) makes passes and tickets signed in the
+/// last seconds look as if from the future: they still count, or a form
+/// goes back to the line and a place in it is lost.
+#[tokio::test]
+async fn a_clock_stepped_back_keeps_every_pass_and_place() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    g.advance(20_000).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    g.clock.set_ms(T0 + 10_000);
+    assert!(
+        a.post_form(&[]).await.reached_upstream(),
+        "a form sent back to the line"
+    );
+    let s = b.status("portal").await;
+    assert_eq!(
+        (&s["state"], &s["position"]),
+        (&"waiting".into(), &1.into()),
+        "{s}"
+    );
+}
+
 /// After a stop longer than any pass lives, the sessions saved are of
 /// passes no request can renew: their slots go to the line at once, not
 /// one idle time after the start.

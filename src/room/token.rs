@@ -20,10 +20,18 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// Clock skew tolerated between nodes when checking `exp` and `nbf`
-/// (jsonwebtoken's default is 60 s; a pass that outlives its idle timeout
-/// by a minute is too generous for a waiting room).
+/// Clock skew tolerated between nodes when checking `exp` (jsonwebtoken's
+/// default is 60 s; a pass that outlives its idle timeout by a minute is
+/// too generous for a waiting room).
 pub const LEEWAY_MS: u64 = 5_000;
+
+/// Clock skew tolerated when checking `nbf`: jsonwebtoken's minute. Only
+/// varco signs its tokens, so one "from the future" is one signed by a
+/// clock ahead of this one (another node's, or this one's before NTP
+/// stepped it back), not a forgery; at `exp`'s 5 s a step back of 10 s
+/// made every pass and ticket signed in those 10 s no pass and no ticket:
+/// a form sent back to the line, a place lost.
+pub const NBF_LEEWAY_MS: u64 = 60_000;
 const ISSUER: &str = "varco";
 
 /// One signing key with its id.
@@ -271,7 +279,7 @@ impl Keyring {
         grace_ms: u64,
     ) -> Option<T> {
         let (c, _) = self.decode::<T>(token, |a| a == aud)?;
-        if c.exp_ms() + LEEWAY_MS + grace_ms <= now_ms || c.nbf_ms() > now_ms + LEEWAY_MS {
+        if c.exp_ms() + LEEWAY_MS + grace_ms <= now_ms || c.nbf_ms() > now_ms + NBF_LEEWAY_MS {
             return None;
         }
         Some(c)
@@ -884,8 +892,13 @@ mod tests {
             .verify::<TicketClaims>(&token, &aud, now + 60_000 + LEEWAY_MS)
             .is_none());
         assert!(k
-            .verify::<TicketClaims>(&token, &aud, now - 60_000)
+            .verify::<TicketClaims>(&token, &aud, now - NBF_LEEWAY_MS - 1_000)
             .is_none());
+        // Signed by a clock up to a minute ahead: another node's, or this
+        // one's before it was stepped back.
+        assert!(k
+            .verify::<TicketClaims>(&token, &aud, now - 30_000)
+            .is_some());
         let mut parts: Vec<String> = token.split('.').map(String::from).collect();
         let forged = TicketClaims::new("portal", 0, 0, now, 60_000, "/");
         parts[1] = base64::Engine::encode(
