@@ -1012,6 +1012,17 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         );
         return Ok(Gate::Respond(resp));
     }
+    // A direct admission is a new session as a ticket is a new place: both
+    // within the address's share. Else a script without a cookie jar, in
+    // a quiet hour, took a session a request (the whole rate, every
+    // slot), each kept for session_idle.
+    if let Err(not_until) = room.ticket_limiter.check_key(&limit_key(r.client_ip)) {
+        room.metrics.rejected_ip_limit.inc();
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Ok(Gate::Respond(too_many_for(r, room, wait, &FROM_ADDRESS)));
+    }
     // Each view of the counters takes the store's lock: only when needed.
     if safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0 {
         let session = new_session(room, r);
@@ -1033,13 +1044,6 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         }
     }
 
-    if let Err(not_until) = room.ticket_limiter.check_key(&limit_key(r.client_ip)) {
-        room.metrics.rejected_ip_limit.inc();
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
-        return Ok(Gate::Respond(too_many_for(r, room, wait, &FROM_ADDRESS)));
-    }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
         Issued::Number(n) => (n, 0, String::new()),
