@@ -578,18 +578,18 @@ async fn come_back(room: &Room, r: &GateRequest<'_>) -> Result<Option<Gate>, Sto
     // again. The counts are in the pass, and each return moves the person
     // to a new session (below), so no copy with a lower count lives on.
     // Each reason has its own: a slow login and a portal failure on the
-    // same click day are both likely.
-    let (used, most) = if detour {
-        (pass.fr, c.max_flow_returns)
-    } else if failed {
-        (pass.re, c.max_reentries)
+    // same click day are both likely, and a callback's returns used up
+    // leave the failure's to use.
+    let detour = if detour && pass.fr < c.max_flow_returns {
+        true
+    } else if failed && pass.re < c.max_reentries {
+        false
     } else {
+        if detour || failed {
+            room.metrics.reentries_refused.inc();
+        }
         return Ok(None);
     };
-    if used >= most {
-        room.metrics.reentries_refused.inc();
-        return Ok(None);
-    }
     // Back in a new session, the old one ended: a copy of the pass kept
     // from before this return (its count lower) would otherwise be renewed
     // as live, count and all, and come back again and again. The new id

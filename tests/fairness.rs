@@ -753,6 +753,41 @@ async fn a_portal_failure_does_not_cost_the_turn() {
     );
 }
 
+/// Each reason to come back has its own count: a person failed by the
+/// portal whose first request after is a login callback, in a room that
+/// allows no callback returns, comes back for the failure.
+#[tokio::test]
+async fn a_callback_whose_returns_are_used_up_comes_back_for_a_failure() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nfailure_grace = \"2m\"\nmax_reentries = 1\n\
+         flow_paths = [\"/oidc/callback\"]\nmax_flow_returns = 0",
+        "",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    assert_eq!(a.get("/fail").await.status, 500);
+    g.advance(3 * MIN + 30_000).await;
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    assert!(
+        a.get("/oidc/callback?code=1").await.reached_upstream(),
+        "sent to the line: the callback's count, used up, stood for both"
+    );
+    assert_eq!(
+        metric(
+            g.admin,
+            "varco_reentries_total",
+            "reason=\"upstream_failure\""
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
 /// A copy of the pass kept from before a return after a portal failure,
 /// sent on a login callback's path while that return's session lives, is
 /// no second way back: it would share the session with a pass counting a
