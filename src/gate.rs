@@ -865,7 +865,13 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         Gate::Respond(page(room, r, &status, &next_url, None))
     };
     if limits.mode == Mode::Closed && !called(room, lane, ticket.as_ref()) {
-        return Ok(closed_page(ticket.as_ref()));
+        // Past its claim window too, as in an open room: the claim was
+        // made, its session holds a slot, and only the answer was lost.
+        let again = ticket.as_ref().and_then(|t| {
+            let n = effective_number(room, lane, t, &lane.store.view())?;
+            resend(room, lane, r, n, t)
+        });
+        return Ok(again.unwrap_or_else(|| closed_page(ticket.as_ref())));
     }
 
     // The person's turn came and went while they were away: said on the

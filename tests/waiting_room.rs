@@ -311,9 +311,22 @@ async fn a_lost_claim_is_kept_past_the_claim_window() {
     lost_claim(61_000).await;
 }
 
-/// A claim whose connection is dropped while the portal thinks; the
-/// person comes back `later_ms` after.
+/// The same in a room closed since, past the claim window: the turn was
+/// claimed before the close, and its pass is the person's, as a pass that
+/// reached them would be.
+#[tokio::test]
+async fn a_lost_claim_is_kept_in_a_room_closed_since() {
+    lost_claim_in(61_000, true).await;
+}
+
 async fn lost_claim(later_ms: u64) {
+    lost_claim_in(later_ms, false).await;
+}
+
+/// A claim whose connection is dropped while the portal thinks; the
+/// person comes back `later_ms` after (the room closed meanwhile, and a
+/// tick past, if `closed`).
+async fn lost_claim_in(later_ms: u64, closed: bool) {
     use tokio::io::AsyncWriteExt;
     let up = upstream::spawn().await;
     let g = Gated::start(&gated_config(
@@ -349,7 +362,17 @@ async fn lost_claim(later_ms: u64) {
     // varco sees the person gone and drops the request: no answer left
     // to deliver the pass.
     common::client::until("the claim dropped", wait, async || forwarding(0.0).await).await;
-    g.clock.advance_ms(later_ms);
+    if closed {
+        let room = g.app.room("portal").unwrap();
+        room.change_live(varco::store::LiveChange::Mode(
+            varco::room::admission::Mode::Closed,
+        ))
+        .await
+        .unwrap();
+        g.advance(later_ms).await;
+    } else {
+        g.clock.advance_ms(later_ms);
+    }
 
     let got = b.get("/").await;
     assert!(got.reached_upstream(), "sent to the back: {}", got.status);
@@ -362,7 +385,12 @@ async fn lost_claim(later_ms: u64) {
     // The pass reached b: a copy of the ticket admits nobody.
     let mut replay = g.citizen();
     replay.jar.insert("varco_ticket_portal".into(), ticket);
-    assert!(replay.get("/").await.is_waiting_page());
+    let got = replay.get("/").await;
+    if closed {
+        assert_eq!(got.status, 503, "the closed page");
+    } else {
+        assert!(got.is_waiting_page());
+    }
 }
 
 #[tokio::test]
