@@ -560,6 +560,7 @@ impl App {
         let result = match loaded {
             Ok(new) => match self
                 .keeps_drawn_places(&new)
+                .and_then(|()| self.keeps_lanes_in_use(&new))
                 .and_then(|()| self.keeps_lottery_keys(&new, &keys))
                 .and_then(|()| self.finds_upstream_tls_in_force(&new))
             {
@@ -613,6 +614,31 @@ impl App {
                 });
             }
             not_reopened(&next.name, next.opens_at_ms, &view, now).err()
+        })
+    }
+
+    /// Refuses a config without a lane that still holds people: their
+    /// passes and tickets name it, and a token of a lane the room no
+    /// longer has counts as none (`Room::lane`): every pass in it sent
+    /// back to the line mid-flow, every place in it lost. Emptied first
+    /// (its selector pointed at nobody, its people admitted and gone), it
+    /// may go.
+    fn keeps_lanes_in_use(&self, new: &Config) -> Result<(), ReloadError> {
+        self.check_running_rooms(new, |next, room| {
+            room.lanes.iter().skip(1).find_map(|lane| {
+                let kept = next
+                    .lanes
+                    .iter()
+                    .any(|l| !l.is_default() && l.name == lane.name);
+                let view = lane.store.view();
+                (!kept && (view.active > 0 || view.waiting > 0)).then(|| ConfigError {
+                    key: format!("rooms.{}.lanes.{}", next.name, lane.name),
+                    reason: format!(
+                        "the lane still holds {} live sessions and {} people waiting, whose passes and tickets name it: without it they count as none (sent back to the line mid-flow, their places lost). Keep it, selecting nobody into it (a header nobody sends), until it is empty",
+                        view.active, view.waiting
+                    ),
+                })
+            })
         })
     }
 

@@ -466,14 +466,32 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
         .await
         .unwrap();
     assert!(in_lane >= 1.0, "the lane admitted someone: {in_lane}");
-    let before = counters().await;
-    assert_eq!(before[0], 8.0, "{before:?}");
 
     let without = with
         .split("[rooms.portal.lanes.intermediaries]")
         .next()
         .unwrap();
     std::fs::write(&file, without).unwrap();
+    // Not while it holds people: their passes and tickets name it.
+    let refused = g.app.reload().await.expect_err("a lane in use removed");
+    assert!(
+        refused
+            .to_string()
+            .contains("rooms.portal.lanes.intermediaries"),
+        "{refused}"
+    );
+    let mut broker = brokers.pop().unwrap();
+    assert!(
+        broker.get("/").await.reached_upstream(),
+        "an intermediary sent back to the line by a reload"
+    );
+    // Emptied (every session idle past session_idle, every turn past its
+    // claim window), it may go.
+    for _ in 0..12 {
+        g.advance(60_000).await;
+    }
+    let before = counters().await;
+    assert_eq!(before[0], 8.0, "{before:?}");
     g.app.reload().await.expect("reload");
     assert_eq!(counters().await, before, "the removed lane still counts");
     // And across a reload that keeps it removed.
