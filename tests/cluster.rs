@@ -991,8 +991,8 @@ async fn a_pass_taken_at_its_word_is_reported_by_the_node_that_took_it() {
     let _redis = RedisServer::start_on(port);
     until_recovered(&nodes, 0).await;
     // A Redis without the data (a new one): nobody is admitted until the
-    // nodes have reported their sessions again (three ticks).
-    advance(&nodes, 3000).await;
+    // nodes have reported their sessions again (five seconds).
+    advance(&nodes, 5000).await;
     // Newcomers take what Redis says is free: one slot, not two.
     let mut newcomers = 0;
     while nodes[0].citizen().get("/").await.reached_upstream() {
@@ -1287,7 +1287,7 @@ async fn when_redis_loses_its_data_the_nodes_take_its_new_counters_and_tickets()
     );
     // Past the hold, the first person's session (reported again) still
     // fills the room.
-    advance(&nodes, 5000).await;
+    advance(&nodes, 6000).await;
     for (i, g) in nodes.iter().enumerate() {
         let mut c = Citizen::new(g.addr);
         c.jar = line[0].jar.clone();
@@ -1342,7 +1342,7 @@ async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
     advance(&nodes, 1000).await;
     assert_eq!(redis.command("FLUSHALL"), "+OK");
     join(2).await;
-    advance(&nodes, 3000).await;
+    advance(&nodes, 5000).await;
     nodes[0].app.audit_settled().await;
     let ranges = common::logged_ranges(&log);
     assert_eq!(ranges, [(1, 5), (1, 2)]);
@@ -1419,7 +1419,7 @@ async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
 /// In a `queue_all` room over `nodes` (node 0 leading): a ticket taken on
 /// node `on` and called on both nodes' views; then Redis loses its data,
 /// and node 0 alone hears of it, gives a newcomer the new run's number 1
-/// and calls it once the hold for the nodes' sessions (three ticks) is
+/// and calls it once the hold for the nodes' sessions (five seconds) is
 /// over. The old ticket's holder and the newcomer.
 async fn a_run_lost_under_a_called_ticket(
     redis: &RedisServer,
@@ -1441,7 +1441,7 @@ async fn a_run_lost_under_a_called_ticket(
     let mut newcomer = nodes[0].citizen();
     assert!(newcomer.get("/").await.is_waiting_page());
     for g in nodes {
-        g.clock.advance_ms(3000);
+        g.clock.advance_ms(5000);
     }
     // Number 1 of the new run is called; node 1 has not asked since.
     nodes[0].app.tick().await;
@@ -1856,7 +1856,7 @@ async fn a_provisional_ticket_whose_placed_block_redis_lost_holds_no_place() {
     // A newcomer to the new state, which the first person's session
     // fills once the node has reported it again: in line, first.
     assert!(during.get("/").await.is_waiting_page());
-    advance(&nodes, 5000).await;
+    advance(&nodes, 6000).await;
     let s = during.status("portal").await;
     assert_eq!(
         (&s["state"], &s["position"]),

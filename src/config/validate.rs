@@ -617,7 +617,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 store.tick
             ),
         );
-    } else if store.lease > MAX_LEASE {
+    } else if matches!(store.kind, StoreKind::Redis { .. }) && store.lease > MAX_LEASE {
         // A node that dies holding it stops the line for as long: nobody
         // is called, no turn lapses, until another node takes over.
         p.add(

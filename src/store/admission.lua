@@ -64,11 +64,16 @@ local gen = h.gen or string.format('%d', now)
 -- the tick after it hears of the loss (its next reply names the new
 -- generation). Until then a room that looks empty may be full, and
 -- admitting into it would put up to another max_active on the portal.
--- Three ticks cover a node that ticked just before the loss. Set when a
--- node that saw the lost state finds none: a node that never saw one
--- cannot tell a loss from a first start.
+-- Three ticks cover a node that ticked just before the loss; five
+-- seconds at least, a node whose connection broke with the loss (a
+-- Redis restarted) getting back to it (a timeout, a reconnection, one
+-- replacement a second) whatever the tick. Set when a node that saw the
+-- lost state finds none: a node that never saw one cannot tell a loss
+-- from a first start.
 local hold = tonumber(h.hold or '0')
-if not h.gen and ARGV[9] ~= '' and ARGV[9] ~= '0' then hold = now + 3 * tick_ms end
+if not h.gen and ARGV[9] ~= '' and ARGV[9] ~= '0' then
+  hold = now + math.max(3 * tick_ms, 5000)
+end
 -- Redis that lost its last writes (a restart from an older save, a
 -- failover to a replica that was behind) comes back with the same
 -- generation and counters behind numbers already handed out. The first
