@@ -1348,6 +1348,10 @@ async fn websocket_upgrade_is_tunnelled() {
     let (mut s, head) = open_websocket(v.addr).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "the handshake reaches the client: {head}"
+    );
     s.write_all(b"hello through the gate").await.unwrap();
     let mut echo = [0u8; 22];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
@@ -1357,13 +1361,47 @@ async fn websocket_upgrade_is_tunnelled() {
     assert_eq!(&echo, b"hello through the gate");
 }
 
+/// A page tricked into answering 101 (no `Sec-WebSocket-Accept` for the
+/// client's key) opens no tunnel: it would be a raw pipe to the portal,
+/// past the in-flight cap and the pass's life.
+#[tokio::test]
+async fn a_101_that_is_no_websocket_handshake_opens_no_tunnel() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let (mut s, head) = open_websocket_at(v.addr, "/ws?no-accept").await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    // Whatever follows is no tunnel: the connection reads it as HTTP.
+    let _ = s.write_all(b"hello through the gate").await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("hello through the gate"),
+        "echoed through a tunnel"
+    );
+    let of = format!("kind=\"protocol\",room=\"portal\",upstream=\"{}\"", up.addr);
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+        Some(1.0)
+    );
+}
+
 /// A raw connection that asks for a WebSocket at the test upstream's
 /// echoing `/ws`, and the head of the answer.
 async fn open_websocket(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    open_websocket_at(addr, "/ws").await
+}
+
+async fn open_websocket_at(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (tokio::net::TcpStream, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: portal\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();

@@ -121,6 +121,9 @@ impl Forwarder {
         let upgrade = req.version() == Version::HTTP_11 && is_websocket_upgrade(req.headers());
         let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, client_body) = req.into_parts();
+        let websocket_key = upgrade
+            .then(|| parts.headers.get(http::header::SEC_WEBSOCKET_KEY).cloned())
+            .flatten();
         // The connection's hold, for a tunnel to take along.
         let hold = parts.extensions.remove::<Arc<ConnectionHold>>();
         // A body read whole is no longer coming; a streamed one is until
@@ -377,6 +380,25 @@ impl Forwarder {
                 // Coded bytes the client would read as plain ones (see
                 // `has_unknown_coding`): that page's fault, as a malformed
                 // head is, neither counted nor sent elsewhere.
+                // A 101 that is not the WebSocket handshake asked for: no
+                // tunnel (see `accepts_websocket`). A page's fault, as
+                // above: not counted, not sent elsewhere.
+                Ok(resp)
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && client_upgrade.is_some()
+                        && !super::headers::accepts_websocket(
+                            resp.headers(),
+                            websocket_key.as_ref(),
+                        ) =>
+                {
+                    metrics.protocol_errors.inc();
+                    signal(false);
+                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, "upstream answered 101 without the WebSocket handshake asked for; no tunnel, not counted against it");
+                    return Err(ProxyError::Upstream {
+                        upstream: upstream.label.clone(),
+                        source: "a 101 that is not the WebSocket handshake asked for".into(),
+                    });
+                }
                 Ok(resp) if super::headers::has_unknown_coding(resp.headers()) => {
                     if let Some(answered) = resp.extensions().get::<Answered>() {
                         answered.mark();

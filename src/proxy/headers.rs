@@ -144,6 +144,33 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
             })
 }
 
+/// Whether a 101 answer is the WebSocket handshake the client asked for
+/// (RFC 6455 4.2.2): `Upgrade: websocket`, and `Sec-WebSocket-Accept` the
+/// client's key hashed with the protocol's GUID, which only a server that
+/// read the key as a WebSocket's can send. Else the tunnel varco would
+/// open is a raw pipe to the portal (a page tricked into answering 101),
+/// for requests past the in-flight cap, after the pass has ended.
+pub fn accepts_websocket(answer: &HeaderMap, key: Option<&http::HeaderValue>) -> bool {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let Some(key) = key else {
+        return false;
+    };
+    let upgrade = answer
+        .get(header::UPGRADE)
+        .is_some_and(|u| u.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes().trim_ascii());
+    ctx.update(GUID);
+    let expected = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+    };
+    upgrade
+        && answer
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .is_some_and(|a| a.as_bytes().trim_ascii() == expected.as_bytes())
+}
+
 pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
     let peer = canonical(peer);
     trusted.iter().any(|net| net.contains(&peer))
@@ -685,6 +712,25 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_websocket_handshake_is_the_one_the_key_asked_for() {
+        // RFC 6455's own example.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let answer = |upgrade: &str, accept: &str| {
+            map(&[("upgrade", upgrade), ("sec-websocket-accept", accept)])
+        };
+        let right = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        assert!(accepts_websocket(&answer("websocket", right), Some(&key)));
+        assert!(accepts_websocket(&answer("WebSocket", right), Some(&key)));
+        assert!(!accepts_websocket(&answer("h2c", right), Some(&key)));
+        assert!(!accepts_websocket(&answer("websocket", "AAAA"), Some(&key)));
+        assert!(!accepts_websocket(
+            &map(&[("upgrade", "websocket")]),
+            Some(&key)
+        ));
+        assert!(!accepts_websocket(&answer("websocket", right), None));
     }
 
     #[test]

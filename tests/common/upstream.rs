@@ -310,6 +310,19 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             r
         }
         "/ws" => {
+            // The handshake's answer to the client's key (RFC 6455), or,
+            // with `?no-accept`, none: a page that answers 101 to anything.
+            let accept = (req.uri().query() != Some("no-accept"))
+                .then(|| req.headers().get("sec-websocket-key").cloned())
+                .flatten()
+                .map(|key| {
+                    use base64::Engine;
+                    let mut ctx =
+                        ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+                    ctx.update(key.as_bytes());
+                    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+                    base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+                });
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(up) = on.await {
@@ -328,6 +341,10 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
                 .insert("upgrade", "websocket".parse().unwrap());
             r.headers_mut()
                 .insert("connection", "upgrade".parse().unwrap());
+            if let Some(accept) = accept {
+                r.headers_mut()
+                    .insert("sec-websocket-accept", accept.parse().unwrap());
+            }
             r
         }
         _ => {
