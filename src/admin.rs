@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::app::{App, ReloadError};
+use crate::app::{App, LiveBefore, ReloadError};
 use crate::body::{full, Body};
 use crate::listener::{ConnInfo, Handler};
 use crate::proxy::upstreams::NotTakenOut;
@@ -448,11 +448,7 @@ impl Admin {
                         )
                     }
                 };
-                // A reload removed the room meanwhile.
-                let Some((room, before, shared)) = self.app.change_live(name, change).await else {
-                    return problem(StatusCode::NOT_FOUND, "no such room");
-                };
-                match change {
+                let told = |room: &Room, before: &LiveBefore| match change {
                     Some(LiveChange::Mode(mode)) => {
                         tracing::info!(target: "varco::audit", who, room = %room.name, action, from = before.mode.as_str(), to = mode.as_str(), "room mode changed");
                     }
@@ -465,7 +461,11 @@ impl Admin {
                     None => {
                         tracing::info!(target: "varco::audit", who, room = %room.name, action, mode = room.mode().as_str(), admission_per_minute = ?room.per_minute(), max_active = ?room.max_active(), "live changes dropped: back to the config");
                     }
-                }
+                };
+                // A reload removed the room meanwhile.
+                let Some((room, _, shared)) = self.app.change_live(name, change, told).await else {
+                    return problem(StatusCode::NOT_FOUND, "no such room");
+                };
                 changed(&room, shared)
             }
             _ => match api_methods(&parts) {

@@ -509,12 +509,17 @@ impl App {
     /// the config), serialised with reloads: one under way finishes first,
     /// and the change lands on the room it put in force. Made on the room
     /// a reload was replacing, it was answered 200 and lost at the swap.
+    /// `in_force` is called once the change is in force on this node,
+    /// before it is shared: the audit line is written then, so a Redis
+    /// that stalls the sharing (and a shutdown meanwhile) cannot leave a
+    /// change in force that no line names.
     /// The room changed, what it had before, and whether the change was
     /// shared (cluster mode); None when no room has that name any more.
     pub async fn change_live(
         &self,
         name: &str,
         change: Option<LiveChange>,
+        in_force: impl FnOnce(&Room, &LiveBefore),
     ) -> Option<(Arc<Room>, LiveBefore, Result<(), StoreError>)> {
         let _no_reload_meanwhile = self.reloading.lock().await;
         let room = self.room(name)?;
@@ -523,9 +528,14 @@ impl App {
             per_minute: room.per_minute(),
             max_active: room.max_active(),
         };
+        match change {
+            Some(c) => room.apply_live(c),
+            None => room.apply_reset(),
+        }
+        in_force(&room, &before);
         let shared = match change {
-            Some(c) => room.change_live(c).await,
-            None => room.reset_live().await,
+            Some(c) => room.share_live(c).await,
+            None => room.share_reset().await,
         };
         Some((room, before, shared))
     }

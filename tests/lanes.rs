@@ -513,7 +513,11 @@ async fn after_a_reload_the_lanes_share_the_operators_cap() {
         .replace("weight = 0.2", "weight = 0.5");
     let (g, _path) = Gated::start_written("lanes-reload", &toml).await;
     g.app
-        .change_live("portal", Some(varco::store::LiveChange::MaxActive(Some(4))))
+        .change_live(
+            "portal",
+            Some(varco::store::LiveChange::MaxActive(Some(4))),
+            |_, _| {},
+        )
         .await
         .unwrap()
         .2

@@ -1103,15 +1103,26 @@ async fn a_change_whose_caller_gives_up_is_in_the_audit_log() {
         ),
     );
     let mut audit = json_lines(&mut p, |line| line.contains("\"varco::audit\""));
-    let pause = Request::post(format!("http://{}/api/rooms/portal/pause", p.admin))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(body::empty())
-        .unwrap();
     // Redis stalled: sharing the change waits for the store's timeout,
-    // longer than the caller does.
+    // longer than the caller does. The request is written whole first:
+    // a caller that gave up before it was even sent asked nothing.
     redis.signal("STOP");
-    let gave_up = tokio::time::timeout(Duration::from_millis(100), send(pause)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut caller = tokio::net::TcpStream::connect(p.admin).await.unwrap();
+    caller
+        .write_all(
+            format!(
+                "POST /api/rooms/portal/pause HTTP/1.1\r\nhost: varco\r\n\
+                 authorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), caller.read(&mut answer)).await;
     assert!(gave_up.is_err(), "answered before Redis could");
+    drop(caller);
     let told = next(&mut audit).await;
     redis.signal("CONT");
     assert_eq!(

@@ -485,6 +485,12 @@ impl Room {
     /// An operator's change: here at once, and shared with every node
     /// of a cluster (an error: it holds on this node only).
     pub async fn change_live(&self, change: LiveChange) -> Result<(), StoreError> {
+        self.apply_live(change);
+        self.share_live(change).await
+    }
+
+    /// The change in force on this node.
+    pub fn apply_live(&self, change: LiveChange) {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
         let held = match change {
             LiveChange::Mode(m) => {
@@ -501,6 +507,10 @@ impl Room {
             }
         };
         self.held.fetch_or(held, Ordering::SeqCst);
+    }
+
+    /// The change told to the other nodes (cluster mode).
+    pub async fn share_live(&self, change: LiveChange) -> Result<(), StoreError> {
         self.store.share_live(change).await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })
@@ -509,9 +519,19 @@ impl Room {
     /// Back to the config's mode, rate and `max_active`, here and (in a
     /// cluster) on every node.
     pub async fn reset_live(&self) -> Result<(), StoreError> {
+        self.apply_reset();
+        self.share_reset().await
+    }
+
+    /// Back to the config's on this node.
+    pub fn apply_reset(&self) {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
         self.back_to_config();
         self.held.store(0, Ordering::SeqCst);
+    }
+
+    /// The reset told to the other nodes (cluster mode).
+    pub async fn share_reset(&self) -> Result<(), StoreError> {
         self.store.reset_live().await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })
