@@ -377,44 +377,21 @@ impl Forwarder {
                 Some(r) => r,
             };
             match outcome {
-                // Coded bytes the client would read as plain ones (see
-                // `has_unknown_coding`): that page's fault, as a malformed
-                // head is, neither counted nor sent elsewhere.
-                // A 101 that is not the WebSocket handshake asked for: no
-                // tunnel (see `accepts_websocket`). A page's fault, as
-                // above: not counted, not sent elsewhere.
-                Ok(resp)
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        && client_upgrade.is_some()
-                        && !super::headers::accepts_websocket(
-                            resp.headers(),
-                            websocket_key.as_ref(),
-                        ) =>
-                {
-                    metrics.protocol_errors.inc();
-                    signal(false);
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, "upstream answered 101 without the WebSocket handshake asked for; no tunnel, not counted against it");
-                    return Err(ProxyError::Upstream {
-                        upstream: upstream.label.clone(),
-                        source: "a 101 that is not the WebSocket handshake asked for".into(),
-                    });
-                }
-                Ok(resp) if super::headers::has_unknown_coding(resp.headers()) => {
-                    if let Some(answered) = resp.extensions().get::<Answered>() {
-                        answered.mark();
-                    }
-                    metrics.protocol_errors.inc();
-                    signal(false);
-                    let coding = resp.headers().get(TRANSFER_ENCODING).cloned();
-                    tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, ?coding, "upstream answered with a transfer coding besides chunked; not counted against it");
-                    return Err(ProxyError::Upstream {
-                        upstream: upstream.label.clone(),
-                        source: "a transfer coding besides chunked".into(),
-                    });
-                }
                 Ok(resp) => {
                     if let Some(answered) = resp.extensions().get::<Answered>() {
                         answered.mark();
+                    }
+                    // That page's fault, as a malformed head is: neither
+                    // counted against the upstream nor sent elsewhere.
+                    let upgrading = client_upgrade.is_some();
+                    if let Some(fault) = answer_fault(&resp, upgrading, websocket_key.as_ref()) {
+                        metrics.protocol_errors.inc();
+                        signal(false);
+                        tracing::warn!(room = %room.name, upstream = %upstream.label, request_id, fault, coding = ?resp.headers().get(TRANSFER_ENCODING), "upstream answer refused; not counted against it");
+                        return Err(ProxyError::Upstream {
+                            upstream: upstream.label.clone(),
+                            source: fault.into(),
+                        });
                     }
                     room.mark_healthy(index, sent_ms);
                     metrics.response(resp.status().as_u16());
@@ -741,6 +718,27 @@ fn tls_alert(e: &(dyn std::error::Error + 'static)) -> bool {
         let tls = err.downcast_ref::<rustls::Error>().or(inner);
         matches!(tls, Some(rustls::Error::AlertReceived(_)))
     })
+}
+
+/// Why an answer hyper took is still not one to pass on, if it is not:
+/// coded bytes the client would read as plain ones (`has_unknown_coding`),
+/// or a 101 to a WebSocket upgrade that is not the handshake asked for
+/// (`accepts_websocket`: the tunnel would be a raw pipe to the portal).
+fn answer_fault(
+    resp: &Response<Incoming>,
+    upgrading: bool,
+    websocket_key: Option<&HeaderValue>,
+) -> Option<&'static str> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && upgrading
+        && !super::headers::accepts_websocket(resp.headers(), websocket_key)
+    {
+        Some("a 101 that is not the WebSocket handshake asked for")
+    } else if super::headers::has_unknown_coding(resp.headers()) {
+        Some("a transfer coding besides chunked")
+    } else {
+        None
+    }
 }
 
 /// An answer that is HTTP but whose head hyper could not take: a field
