@@ -433,6 +433,19 @@ fn resend(room: &Room, lane: &Lane, r: &GateRequest, n: u64, t: &TicketClaims) -
     Some(claimed(room, lane, r, sid, n, t, Some(delivery)))
 }
 
+/// Whether [`resend`] would send ticket `t`'s pass again, touching
+/// nothing: a status poll says "admitted" where a reload would be let
+/// in, or the page (and a program) would be told "closed" or "none"
+/// while its turn is held for it.
+fn resends(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView, now_ms: u64) -> bool {
+    effective_number(room, lane, t, view)
+        .and_then(|n| {
+            room.undelivered
+                .holds(room.lane_label(lane), n, t.at, now_ms)
+        })
+        .is_some_and(|sid| lane.store.peek_local(sid, now_ms) == Liveness::Alive)
+}
+
 /// Hands session `sid`'s pass to ticket `t` (number `n`), the ticket
 /// cleared. A GET or HEAD goes on to the portal with it. Any other
 /// request's body never reaches the portal on a ticket: it is answered
@@ -1279,7 +1292,11 @@ pub async fn status(
     // A turn called before the close can still be claimed: "waiting"
     // then reads "admitted" (see `status_for`), and the page goes on. A
     // live pass is let through, closed or not.
-    let state = if has_pass {
+    let state = if has_pass
+        || ticket
+            .as_ref()
+            .is_some_and(|t| resends(room, lane, t, &view, now_ms))
+    {
         "admitted"
     } else if room.mode() == Mode::Closed && !called(room, lane, ticket.as_ref()) {
         "closed"

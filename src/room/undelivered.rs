@@ -104,6 +104,13 @@ impl Undelivered {
         Some((held.sid, self.delivery(ticket)))
     }
 
+    /// The session held for a ticket, touching nothing: what a status
+    /// poll reads to say whether a reload would bring the pass again.
+    pub fn holds(&self, lane: &str, n: u64, arrived_ms: u64, now_ms: u64) -> Option<u128> {
+        let held = *self.held.get(&Claimed::of(lane, n, arrived_ms))?;
+        (held.until_ms > now_ms).then_some(held.sid)
+    }
+
     /// Drops a hold whose session is gone: its pass would let nobody in.
     pub fn forget(&self, lane: &str, n: u64, arrived_ms: u64) {
         self.held.remove(&Claimed::of(lane, n, arrived_ms));
@@ -178,6 +185,7 @@ mod tests {
     async fn a_pass_is_held_until_its_answer_ends() {
         let u = Undelivered::default();
         let d = u.hold("", 7, 1_000, 42, 2_000, 62_000).unwrap();
+        assert_eq!(u.holds("", 7, 1_000, 3_000), Some(42));
         let (sid, again) = u.held_for("", 7, 1_000, 3_000).expect("held");
         assert_eq!(sid, 42);
         assert!(u.held_for("", 7, 999, 3_000).is_none(), "another ticket");
