@@ -189,6 +189,7 @@ impl App {
         }
         if let Stores::Redis(r) = &stores {
             r.count_replacements(metrics.store_connections_replaced.clone());
+            r.watch_clock(clock.clone(), metrics.store_clock_offset.clone());
         }
         // /readyz says degraded from the start, not from the first tick.
         let mut trouble = None;

@@ -33,6 +33,7 @@ pub const NAMES: &[&str] = &[
     "varco_build_info",
     "varco_store_errors_total",
     "varco_store_connections_replaced_total",
+    "varco_store_clock_offset_seconds",
     "varco_config_reloads_total",
     "varco_tls_certificate_expiry_timestamp_seconds",
     "varco_rejected_total",
@@ -99,6 +100,8 @@ pub struct Metrics {
     pub upstream_health_checks: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub store_connections_replaced: IntCounterVec,
+    /// No labels; no series until a tick measured it (cluster mode).
+    pub store_clock_offset: prometheus::GaugeVec,
     pub config_reloads: IntCounterVec,
     /// By `cert` file; no series without TLS.
     tls_certificate_expiry: IntGaugeVec,
@@ -274,6 +277,14 @@ impl Metrics {
             "Times the connection to Redis was replaced, by reason: unanswered (calls timed out in a row: a connection dropped on the way) or read_only (Redis was demoted to replica); 0 from the start, cluster mode only",
             &["reason"],
         );
+        let store_clock_offset = prometheus::GaugeVec::new(
+            Opts::new(
+                "varco_store_clock_offset_seconds",
+                "This node's clock minus Redis's, measured at each tick (positive: ahead); cluster mode only. Sessions, claim windows and the admission rate are counted on the nodes' clocks, and passes checked across nodes with 5 s of leeway",
+            ),
+            &[],
+        )
+        .expect("valid metric");
         let config_reloads = counter(
             "varco_config_reloads_total",
             "Config reloads, by result: ok or refused",
@@ -391,6 +402,7 @@ impl Metrics {
             Box::new(upstream_health_checks.clone()),
             Box::new(store_errors.clone()),
             Box::new(store_connections_replaced.clone()),
+            Box::new(store_clock_offset.clone()),
             Box::new(config_reloads.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(rejected.clone()),
@@ -429,6 +441,7 @@ impl Metrics {
             upstream_health_checks,
             store_errors,
             store_connections_replaced,
+            store_clock_offset,
             config_reloads,
             tls_certificate_expiry,
             tls_certificates: Default::default(),

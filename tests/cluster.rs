@@ -2899,3 +2899,30 @@ async fn returns_sent_at_once(n: usize) {
         );
     }
 }
+
+/// A node whose clock is off from the others' is seen, on the metric and
+/// in the log: the cluster counts sessions and windows on the nodes'
+/// clocks, and nothing else says why `max_active` was passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_off_is_measured_against_redis() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(&redis, up.addr, "max_active = 1", "");
+    let now = varco::clock::system().now_ms();
+    let in_step = Gated::start_at(&cfg, now, std::path::Path::new(".")).await;
+    let behind = Gated::start_at(&cfg, now - 600_000, std::path::Path::new(".")).await;
+    let offset = async |g: &Gated| {
+        common::client::metric(g.admin, "varco_store_clock_offset_seconds", "").await
+    };
+    assert_eq!(offset(&in_step).await, None, "no series before a measure");
+    in_step.app.tick().await;
+    behind.app.tick().await;
+    let (in_step, behind) = (
+        offset(&in_step).await.unwrap(),
+        offset(&behind).await.unwrap(),
+    );
+    // Both clocks stand still, and real time moves on from `now` through
+    // the test: a few seconds at most on a loaded machine.
+    assert!((-10.0..=1.0).contains(&in_step), "{in_step}");
+    assert!((-610.0..=-599.0).contains(&behind), "{behind}");
+}

@@ -811,6 +811,7 @@ async fn metrics_parse_and_move_with_traffic() {
             "varco_state_snapshot_timestamp_seconds",
             // Only in cluster mode (tests/cluster.rs).
             "varco_store_connections_replaced_total",
+            "varco_store_clock_offset_seconds",
         ];
         // Only for rooms with adaptive admission or an in-flight cap
         // (checked in tests/in_flight.rs), or with lanes (tests/lanes.rs).

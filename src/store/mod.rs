@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod link;
 pub mod memory;
 pub mod redis;
+pub mod skew;
 
 use futures_util::future::{self, BoxFuture, FutureExt};
 use serde::Serialize;

@@ -18,6 +18,7 @@ use redis::Script;
 
 use super::blocks::Blocks;
 use super::link::Link;
+use super::skew::Skew;
 use super::{
     Checked, HandOver, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive,
     StoreError,
@@ -29,11 +30,12 @@ const SCRIPT: &str = include_str!("admission.lua");
 /// How long one Redis call may take before the node treats Redis as down.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Records this node as alive and counts the nodes seen within a window.
+/// Records this node as alive and counts the nodes seen within a window;
+/// with Redis's clock, which the node's is measured against.
 const NODES: &str = r#"
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {redis.call('ZRANGE', KEYS[1], 0, -1), redis.call('TIME')}
 "#;
 
 /// Takes or renews the lease: the value is the node's id.
@@ -57,6 +59,8 @@ pub struct RedisStore {
     script: Arc<Script>,
     lease_script: Arc<Script>,
     nodes_script: Arc<Script>,
+    /// This node's clock against Redis's, measured at the rooms' ticks.
+    skew: Arc<Skew>,
     /// Each room's node-side state (session cache, the view, and while
     /// Redis is away the outage budget and provisional tickets), kept by
     /// name across reloads, as the memory store keeps its rooms.
@@ -105,6 +109,7 @@ impl RedisStore {
             script: Arc::new(Script::new(SCRIPT)),
             lease_script: Arc::new(Script::new(LEASE)),
             nodes_script: Arc::new(Script::new(NODES)),
+            skew: Arc::default(),
             rooms: DashMap::new(),
         })
     }
@@ -118,6 +123,12 @@ impl RedisStore {
         let mut lent = self.link.lend();
         let r = redis::cmd("PING").query_async::<()>(&mut lent.conn).await;
         self.link.outcome(&lent, r)
+    }
+
+    /// Measures `clock` against Redis's at each tick, into `gauge`
+    /// (`varco_store_clock_offset_seconds`).
+    pub fn watch_clock(&self, clock: crate::clock::SharedClock, gauge: prometheus::GaugeVec) {
+        self.skew.watch(clock, gauge);
     }
 
     /// Counts each time the connection to Redis is replaced.
@@ -157,6 +168,7 @@ impl RedisStore {
             script: self.script.clone(),
             lease_script: self.lease_script.clone(),
             nodes_script: self.nodes_script.clone(),
+            skew: self.skew.clone(),
             peers: AtomicU64::new(1),
             fallback: Mutex::new(Fallback::default()),
             provisional: Blocks::default(),
@@ -235,6 +247,7 @@ pub struct RedisRoom {
     /// and the fields set).
     live_key: String,
     nodes_script: Arc<Script>,
+    skew: Arc<Skew>,
     /// Nodes seen alive recently (at least 1).
     peers: AtomicU64,
     /// Which nodes those are, and since when this node's ticks have
@@ -812,6 +825,7 @@ impl RoomStore for RedisRoom {
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         async move {
             let mut lent = self.link.lend();
+            let asking = self.skew.asking();
             let r = self
                 .nodes_script
                 .key(&self.nodes_key)
@@ -821,7 +835,13 @@ impl RoomStore for RedisRoom {
                 .invoke_async(&mut lent.conn)
                 .await;
             let live: Vec<String> = match self.link.outcome(&lent, r) {
-                Ok(live) => live,
+                Ok((live, time)) => {
+                    let time: Vec<String> = time;
+                    if let Some((asked_ms, at)) = asking {
+                        self.skew.measure(&time, asked_ms, at.elapsed());
+                    }
+                    live
+                }
                 Err(e) => {
                     self.lock_nodes_heard().since_ms = 0;
                     return Err(e);
