@@ -892,6 +892,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     let mut missed_turn = false;
     // A ticket of a run the store has lost: it says nothing true any more.
     let mut other_run = false;
+    // Claimed already, its turn not over: see the closed page below.
+    let mut used = false;
     if let Some(t) = &ticket {
         let view = lane.store.view();
         match place_in_run(room, lane, t, &view) {
@@ -979,6 +981,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                         if let Some(gate) = resend(room, lane, r, n, t) {
                             return Ok(gate);
                         }
+                        used = true;
                     }
                     Some((Claim::Expired, _)) => {
                         if let Some(gate) = resend(room, lane, r, n, t) {
@@ -1004,7 +1007,16 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // Its turn gone after all (claimed, lapsed meanwhile): no new place
     // while closed.
     if limits.mode == Mode::Closed {
-        return Ok(closed_page(ticket.as_ref().filter(|_| !other_run)));
+        let mut closed = closed_page(ticket.as_ref().filter(|_| !other_run));
+        // A used ticket whose claim window is still open reads "admitted"
+        // to the status poll (which cannot know it was used), and the
+        // page would reload into this answer at each poll: it goes.
+        if let (true, Gate::Respond(resp)) = (used, &mut closed) {
+            for c in cookies::clear(&room.ticket_cookie, room.cookie_attrs(r.tls)) {
+                resp.headers_mut().append(SET_COOKIE, c);
+            }
+        }
+        return Ok(closed);
     }
     // A used or lapsed ticket is no ticket: its holder arrives afresh.
     let lane = if ticket.is_some() {

@@ -2702,3 +2702,45 @@ async fn paths_ignore_case_keeps_capitals_in_the_gated_room() {
         assert!(g.citizen().get("/servizi/other").await.reached_upstream());
     }
 }
+
+/// In a room closed since, a used ticket whose claim window is still
+/// open (a copy, a second tab) gets the closed page and loses the ticket:
+/// kept, the status poll (which cannot know it was used) said "admitted",
+/// and the page reloaded into the closed page at every poll.
+#[tokio::test]
+async fn a_used_ticket_in_a_closed_room_sends_no_page_round_in_a_loop() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"60s\"",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let ticket = b.cookie("varco_ticket_portal").unwrap().to_string();
+    assert_eq!(a.get("/release").await.status, 200);
+    g.advance(1_000).await;
+    assert!(b.get("/").await.reached_upstream());
+    let room = g.app.room("portal").unwrap();
+    room.change_live(varco::store::LiveChange::Mode(
+        varco::room::admission::Mode::Closed,
+    ))
+    .await
+    .unwrap();
+    let mut copy = g.citizen();
+    copy.jar.insert("varco_ticket_portal".into(), ticket);
+    assert_eq!(
+        copy.status("portal").await["state"],
+        "admitted",
+        "not knowable yet"
+    );
+    assert_eq!(copy.get("/").await.status, 503, "the closed page");
+    assert_eq!(copy.status("portal").await["state"], "closed");
+    assert_eq!(
+        up.hits(),
+        3,
+        "a's visit and release, b's claim: not the copy"
+    );
+}
