@@ -386,6 +386,38 @@ impl App {
         }
     }
 
+    /// The admission log's last records, at a clean stop: whoever was let
+    /// in since the last tick (directly, in a room with room to spare, or
+    /// while the connections drained) is otherwise in no record, or, once
+    /// restarted from the snapshot, in one with the restart's time.
+    /// Bounded: a disk that hangs must not hold the exit past the
+    /// supervisor's patience, and the snapshot written after this.
+    async fn log_last(&self) {
+        if self.audit.is_none() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let rooms = self.rooms();
+        let last = async {
+            for room in rooms.iter().filter(|r| r.is_gated()) {
+                for lane in room.lanes.iter() {
+                    let (run, view) = lane.store.run_and_view();
+                    self.log_admissions(room, lane, (run, view.serving), now)
+                        .await;
+                }
+            }
+            self.audit_settled().await;
+        };
+        if tokio::time::timeout(2 * audit::WRITE_WAIT, last)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "the admission log's last records are not on disk: the disk does not answer"
+            );
+        }
+    }
+
     /// Appends what a room's lane admitted since the last record, if this
     /// node advances it. `before`: the lane's run and serving counter as
     /// this node knew them before the tick.
@@ -1239,6 +1271,7 @@ impl App {
             admin_connections.wait().await;
         }
         background.wait().await;
+        self.log_last().await;
         self.save_last();
         tracing::info!("stopped");
         Ok(())

@@ -335,6 +335,28 @@ async fn a_new_run_after_a_restart_is_logged_from_its_first_number() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// People let in since the last tick (straight away, in a room with
+/// room to spare) are logged at a clean stop: no later tick would log
+/// them, and a restart from the snapshot would give them its own time.
+#[tokio::test]
+async fn admissions_since_the_last_tick_are_logged_at_a_clean_stop() {
+    let up = upstream::spawn().await;
+    let (dir, log, toml) = audited(up.addr, "stop", "max_active = 100");
+    let g = Gated::start(&toml).await;
+    g.advance(1_000).await;
+    for _ in 0..3 {
+        assert!(g.citizen().get("/").await.reached_upstream());
+    }
+    g.clock.advance_ms(2_000);
+    g.stop().await;
+    let ranges = common::logged_ranges(&log);
+    assert_eq!(ranges, [(1, 3)]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first: varco::audit::Record = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first.time_ms, T0 + 3_000, "the stop's time");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A room a reload adds admits its first people straight away, before
 /// its first tick: the log has them too.
 #[tokio::test]
