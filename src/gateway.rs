@@ -470,6 +470,19 @@ impl Gateway {
                 .collect::<Vec<_>>(),
             Some(_) => Vec::new(),
         };
+        // The cookies sent, where there are other rooms: their passes
+        // (all `Path=/` on this host) go too when a logout page clears
+        // the site's cookies. A header value's clone is a count, not a
+        // copy.
+        let sent_cookies: Vec<HeaderValue> = if self.routing.load().rooms.len() > 1 {
+            req.headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Only requests for the portal: one the gate answers (the waiting
         // page, the crowd of a click day) needs no ID to follow there, and
         // would pay for one.
@@ -630,48 +643,38 @@ impl Gateway {
         // a logout page that has the browser delete the site's cookies
         // (over HTTPS, where browsers obey it): the pass is gone with
         // them, and its session would hold the slot until it idles out.
-        let released = resp
+        let by_portal = resp
             .headers_mut()
             .remove(RELEASE_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1")
-            || (secure && cookies::clears_site_cookies(resp.headers()));
-        if released {
-            let pass = pass.or_else(|| {
-                gate::pass_of(
-                    room,
-                    unchecked_pass.iter().map(String::as_str),
-                    self.clock.now_ms(),
-                )
-            });
-            let session = pass.as_ref().and_then(|p| p.session_id());
-            let lane = pass.as_ref().map(|p| p.l.clone());
-            if let (Some(sid), Some(lane)) = (session, lane) {
-                let (on, now) = (room.clone(), self.clock.now_ms());
-                // On a task of its own: the person may be gone before
-                // the store answers (the tab closed on the receipt),
-                // and an end dropped midway would hold the slot for
-                // nobody until it idles out.
-                let release = tokio::spawn(async move {
-                    let Some(lane) = on.lane(&lane) else {
-                        return;
-                    };
-                    let ended = lane.store.end_session(sid, now, on.ended_memory_ms()).await;
-                    let ticked = lane.store.tick(on.lane_limits(lane), now).await;
-                    // Its slot is freed when the store answers again
-                    // (a Redis node sends the end then); the next tick
-                    // calls the next in line.
-                    if ended.is_err() || ticked.is_err() {
-                        on.metrics.store_errors.inc();
-                    }
-                });
-                if let Err(e) = release.await {
-                    if e.is_panic() {
-                        std::panic::resume_unwind(e.into_panic());
-                    }
-                }
+            .is_some_and(|v| v.as_bytes() == b"1");
+        let cleared = secure && cookies::clears_site_cookies(resp.headers());
+        if by_portal || cleared {
+            let now = self.clock.now_ms();
+            let pass = pass
+                .or_else(|| gate::pass_of(room, unchecked_pass.iter().map(String::as_str), now));
+            if let Some(p) = &pass {
+                end_session(room.clone(), p, now).await;
             }
             for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {
                 set_cookie(&mut resp, clear);
+            }
+        }
+        // The browser deletes the other rooms' passes it sent as well
+        // (Clear-Site-Data's cookies are the whole site's): their
+        // sessions go with them. Not for `X-Varco-Release`, which is the
+        // portal's word about its own room.
+        if cleared && !sent_cookies.is_empty() {
+            let mut sent = http::HeaderMap::new();
+            for v in sent_cookies {
+                sent.append(http::header::COOKIE, v);
+            }
+            let now = self.clock.now_ms();
+            let routing = self.routing.load();
+            for other in routing.rooms.iter().filter(|r| r.name != room.name) {
+                if let Some(p) = gate::pass_of(other, cookies::each(&sent, &other.pass_cookie), now)
+                {
+                    end_session(other.clone(), &p, now).await;
+                }
             }
         }
         let resp = match slot {
@@ -810,6 +813,37 @@ impl Gateway {
                 resp.map(|body| line.on_end_of(body))
             }
             None => resp,
+        }
+    }
+}
+
+/// Ends `pass`'s session in `room`, and ticks its lane so the slot goes
+/// to the next in line at once. On a task of its own: the person may be
+/// gone before the store answers (the tab closed on the receipt), and an
+/// end dropped midway would hold the slot for nobody until it idles out.
+async fn end_session(room: Arc<Room>, pass: &PassClaims, now: u64) {
+    let Some(sid) = pass.session_id() else {
+        return;
+    };
+    let lane = pass.l.clone();
+    let release = tokio::spawn(async move {
+        let Some(lane) = room.lane(&lane) else {
+            return;
+        };
+        let ended = lane
+            .store
+            .end_session(sid, now, room.ended_memory_ms())
+            .await;
+        let ticked = lane.store.tick(room.lane_limits(lane), now).await;
+        // Its slot is freed when the store answers again (a Redis node
+        // sends the end then); the next tick calls the next in line.
+        if ended.is_err() || ticked.is_err() {
+            room.metrics.store_errors.inc();
+        }
+    });
+    if let Err(e) = release.await {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
         }
     }
 }

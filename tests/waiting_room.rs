@@ -853,6 +853,42 @@ async fn a_logout_that_clears_the_sites_cookies_frees_the_slot() {
     );
 }
 
+/// The browser deletes every room's pass of the site on such a logout,
+/// not only the room whose page it was: each of their sessions ends. A
+/// portal's `X-Varco-Release` stays its own room's.
+#[tokio::test]
+async fn a_logout_that_clears_the_sites_cookies_frees_every_rooms_slot() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(
+        &(gated_config(up.addr, "paths = [\"/bonus\"]\nmax_active = 1")
+            + &format!(
+                "[rooms.main]\nupstreams = [\"http://{}\"]\nmax_active = 1\n\
+                 [server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+                up.addr
+            )),
+    )
+    .await;
+    let mut a = g.citizen();
+    a.headers.push(("x-forwarded-proto".into(), "https".into()));
+    assert!(a.get("/bonus").await.reached_upstream());
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/bonus").await.is_waiting_page());
+    assert!(a.get("/release").await.reached_upstream());
+    g.advance(1_000).await;
+    assert_eq!(
+        b.status("portal").await["state"],
+        "waiting",
+        "another room's release is its own"
+    );
+    assert!(a.get("/logout").await.reached_upstream());
+    assert_eq!(
+        b.status("portal").await["state"],
+        "admitted",
+        "the slot of the other room's deleted pass is held"
+    );
+}
+
 /// The same when the portal's answer comes on a path the gate lets
 /// through without looking at the pass (an exempt logout page): the
 /// pass the request carried is the session that ends.
