@@ -652,7 +652,7 @@ impl Gateway {
             let now = self.clock.now_ms();
             let pass = pass
                 .or_else(|| gate::pass_of(room, unchecked_pass.iter().map(String::as_str), now));
-            if let Some(p) = &pass {
+            if let Some(p) = pass {
                 end_session(room.clone(), p, now).await;
             }
             for clear in cookies::clear(&room.pass_cookie, room.cookie_attrs(secure)) {
@@ -670,12 +670,17 @@ impl Gateway {
             }
             let now = self.clock.now_ms();
             let routing = self.routing.load();
-            for other in routing.rooms.iter().filter(|r| r.name != room.name) {
-                if let Some(p) = gate::pass_of(other, cookies::each(&sent, &other.pass_cookie), now)
-                {
-                    end_session(other.clone(), &p, now).await;
-                }
-            }
+            // At once: with the store slow, one after the other would
+            // hold the logout's answer a store wait per room.
+            let ends = routing
+                .rooms
+                .iter()
+                .filter(|r| r.name != room.name)
+                .filter_map(|other| {
+                    let pass = gate::pass_of(other, cookies::each(&sent, &other.pass_cookie), now)?;
+                    Some(end_session(other.clone(), pass, now))
+                });
+            futures_util::future::join_all(ends).await;
         }
         let resp = match slot {
             // The slot is held until the response body has been sent.
@@ -821,7 +826,7 @@ impl Gateway {
 /// to the next in line at once. On a task of its own: the person may be
 /// gone before the store answers (the tab closed on the receipt), and an
 /// end dropped midway would hold the slot for nobody until it idles out.
-async fn end_session(room: Arc<Room>, pass: &PassClaims, now: u64) {
+async fn end_session(room: Arc<Room>, pass: PassClaims, now: u64) {
     let Some(sid) = pass.session_id() else {
         return;
     };
