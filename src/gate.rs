@@ -438,7 +438,10 @@ fn resend(room: &Room, lane: &Lane, r: &GateRequest, n: u64, t: &TicketClaims) -
 /// in, or the page (and a program) would be told "closed" or "none"
 /// while its turn is held for it.
 fn resends(room: &Room, lane: &Lane, t: &TicketClaims, view: &RoomView, now_ms: u64) -> bool {
+    // Most polls are of people still waiting, whose turn (and so any
+    // claim of it) has not come: no look-up for them.
     effective_number(room, lane, t, view)
+        .filter(|n| *n <= view.serving)
         .and_then(|n| {
             room.undelivered
                 .holds(room.lane_label(lane), n, t.at, now_ms)
