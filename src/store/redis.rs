@@ -832,11 +832,10 @@ impl RoomStore for RedisRoom {
                 .arg(now_ms)
                 .arg(&self.node)
                 .arg(3 * self.lease_ms.max(1000))
-                .invoke_async(&mut lent.conn)
+                .invoke_async::<(Vec<String>, Vec<String>)>(&mut lent.conn)
                 .await;
-            let live: Vec<String> = match self.link.outcome(&lent, r) {
+            let live = match self.link.outcome(&lent, r) {
                 Ok((live, time)) => {
-                    let time: Vec<String> = time;
                     if let Some((asked_ms, at)) = asking {
                         self.skew.measure(&time, asked_ms, at.elapsed());
                     }
