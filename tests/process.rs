@@ -1104,8 +1104,9 @@ async fn a_change_whose_caller_gives_up_is_in_the_audit_log() {
         ),
     );
     let mut audit = json_lines(&mut p, |line| line.contains("\"varco::audit\""));
-    // Redis stalled: sharing the change waits for the store's timeout.
-    // The caller gives up only once varco has the change in hand (its
+    // Redis stalled: sharing the change waits for the store's timeout
+    // (500 ms), so the answer is normally still out when the caller
+    // gives up. It gives up only once varco has the change in hand (its
     // line is the sign): one that gave up before varco even read its
     // request asked nothing, and on a loaded machine that can be after
     // any fixed wait.
