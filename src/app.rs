@@ -430,13 +430,30 @@ impl App {
     async fn log_admissions(&self, room: &Room, lane: &Lane, before: (u64, u64), now: u64) {
         let Some(audit) = &self.audit else { return };
         let line = room.line_name(lane);
-        let serving = {
+        // A lane this node starts advancing in a cluster: where the node
+        // that led it had logged up to. Its own view of the counters
+        // already holds what every node let in straight away since, which
+        // would be in no one's log.
+        let newly_led = lane.store.leads()
+            && !self
+                .audit_led
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&line);
+        let handed = if newly_led {
+            lane.store.audited().await.ok().flatten()
+        } else {
+            None
+        };
+        let (run, serving) = {
             let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
             if !lane.store.leads() {
                 led.remove(&line);
                 return;
             }
             let (run, view) = lane.store.run_and_view();
+            let handed_to = handed.filter(|(r, _)| *r == run).map(|(_, to)| to);
+            let from_here = |serving: u64| handed_to.map_or(serving, |to| to.min(serving));
             let from = match led.get(&line) {
                 // A lane this node starts advancing (a lease taken over, a
                 // room a reload added): from where it stood before this
@@ -444,8 +461,8 @@ impl App {
                 // node that led before logged up to about there; a range
                 // may repeat, none is left out). Before this node had
                 // heard the store, where it stood is not known: from now.
-                None if before.0 == 0 => Some(view.serving),
-                None if before.0 == run => Some(before.1),
+                None if before.0 == 0 => Some(from_here(view.serving)),
+                None if before.0 == run => Some(from_here(before.1)),
                 // The run changed under the tick: the new one from its
                 // start.
                 None => Some(0),
@@ -465,12 +482,19 @@ impl App {
             if run != 0 || !led.contains_key(&line) {
                 led.insert(line.clone(), run);
             }
-            view.serving
+            (run, view.serving)
         };
         let path = audit.log().path().display();
         match audit.observe(&line, serving, now).await {
             // Counted by the writer, where a late one is counted too.
-            audit::Written::Done(_) => {}
+            audit::Written::Done(Some(record)) => {
+                // Counted, not logged: the next record's tries again, and a
+                // lease moving meanwhile costs a range logged twice.
+                if lane.store.set_audited(run, record.to).await.is_err() {
+                    room.metrics.store_errors.inc();
+                }
+            }
+            audit::Written::Done(None) => {}
             audit::Written::Failed(e) => {
                 self.metrics.audit_write_errors.inc();
                 tracing::error!(room = %room.name, error = %e, path = %path, "cannot append to the admission log");

@@ -1416,6 +1416,59 @@ async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same in a room that lets people in straight away: those another
+/// node let in after the old leader's last record, while the lease
+/// lapsed, are in the new leader's log, though its own view of the
+/// counters already counted them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_logs_who_came_in_straight_away_meanwhile() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let dir = fresh_dir("cluster-audit-direct");
+    let log = |i: usize| dir.join(format!("node{i}.log"));
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let cfg = cluster_config(
+            &redis,
+            up.addr,
+            "max_active = 100\nadmission_per_minute = 60000",
+            "lease = \"300ms\"\ntick = \"100ms\"",
+        ) + &format!("[audit]\nlog = \"{}\"\n", log(i).display());
+        nodes.push(Gated::start(&cfg).await);
+    }
+    advance(&nodes, 1000).await;
+    let leader = nodes
+        .iter()
+        .position(|g| g.app.room("portal").unwrap().store.leads())
+        .expect("a leader");
+    let other = 1 - leader;
+    for _ in 0..3 {
+        assert!(nodes[other].citizen().get("/").await.reached_upstream());
+    }
+    advance(&nodes, 1000).await;
+    nodes[leader].app.audit_settled().await;
+    assert_eq!(common::logged_ranges(&log(leader)), [(1, 3)]);
+
+    let survivor = nodes.remove(other);
+    nodes.pop().unwrap().stop().await;
+    for _ in 0..3 {
+        assert!(survivor.citizen().get("/").await.reached_upstream());
+    }
+    let survivor = [survivor];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !survivor[0].app.room("portal").unwrap().store.leads() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never moved"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        advance(&survivor, 1000).await;
+    }
+    survivor[0].app.audit_settled().await;
+    assert_eq!(common::logged_ranges(&log(other)), [(4, 6)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// In a `queue_all` room over `nodes` (node 0 leading): a ticket taken on
 /// node `on` and called on both nodes' views; then Redis loses its data,
 /// and node 0 alone hears of it, gives a newcomer the new run's number 1

@@ -304,6 +304,19 @@ pub trait RoomStore: Send + Sync + 'static {
     fn provisional_lost(&self, _epoch: u64, _now_ms: u64) -> bool {
         false
     }
+    /// Where the admission log of the node that advances the counters
+    /// has recorded them up to: the run and the last number in a record
+    /// on disk. Kept in a shared store, so that a node taking the lease
+    /// over logs from there: what other nodes let in straight away since
+    /// its last record is in no one's log otherwise. None: one node alone,
+    /// which keeps its own.
+    fn audited(&self) -> BoxFuture<'_, Result<Option<(u64, u64)>, StoreError>> {
+        future::ready(Ok(None)).boxed()
+    }
+    /// Records [`Self::audited`], once the record is on disk.
+    fn set_audited(&self, _run: u64, _to: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
     /// Whether `view` holds the room's counters: at once for a store of
     /// its own; for a shared one, once it has answered this node.
     fn heard(&self) -> bool {

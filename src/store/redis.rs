@@ -162,6 +162,7 @@ impl RedisStore {
             lease_key: k("lease"),
             nodes_key: k("nodes"),
             live_key: k("live"),
+            audited_key: k("audited"),
             node: self.node.clone(),
             lease_ms: self.lease.as_millis() as u64,
             tick_ms: self.tick_ms,
@@ -246,6 +247,8 @@ pub struct RedisRoom {
     /// The operators' live changes every node follows (a hash: `version`
     /// and the fields set).
     live_key: String,
+    /// "run:to": how far the leader's admission log has recorded.
+    audited_key: String,
     nodes_script: Arc<Script>,
     skew: Arc<Skew>,
     /// Nodes seen alive recently (at least 1).
@@ -1052,6 +1055,38 @@ impl RoomStore for RedisRoom {
                 })
                 .or_insert_with(|| AtomicU64::new(expires_ms));
             Ok(made)
+        }
+        .boxed()
+    }
+
+    fn audited(&self) -> BoxFuture<'_, Result<Option<(u64, u64)>, StoreError>> {
+        async move {
+            let mut lent = self.link.lend();
+            let r = redis::cmd("GET")
+                .arg(&self.audited_key)
+                .query_async::<Option<String>>(&mut lent.conn)
+                .await;
+            let mark = self.link.outcome(&lent, r)?;
+            Ok(mark.and_then(|m| {
+                let (run, to) = m.split_once(':')?;
+                Some((run.parse().ok()?, to.parse().ok()?))
+            }))
+        }
+        .boxed()
+    }
+
+    fn set_audited(&self, run: u64, to: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let mut lent = self.link.lend();
+            // Plainly set: one written late by a leader that lost the
+            // lease is behind, and costs a range logged twice, never one
+            // left out.
+            let r = redis::cmd("SET")
+                .arg(&self.audited_key)
+                .arg(format!("{run}:{to}"))
+                .query_async::<()>(&mut lent.conn)
+                .await;
+            self.link.outcome(&lent, r)
         }
         .boxed()
     }
