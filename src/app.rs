@@ -398,6 +398,7 @@ impl App {
         }
         let now = self.clock.now_ms();
         let rooms = self.rooms();
+        let mut marks = Vec::new();
         let last = async {
             // A write still out (the last tick's, late) would have each
             // lane's record refused as busy.
@@ -408,8 +409,12 @@ impl App {
             for room in rooms.iter().filter(|r| r.is_gated()) {
                 for lane in room.lanes.iter() {
                     let (run, view) = lane.store.run_and_view();
-                    self.log_admissions(room, lane, (run, view.serving), now)
-                        .await;
+                    if let Some(mark) = self
+                        .log_admissions(room, lane, (run, view.serving), now)
+                        .await
+                    {
+                        marks.push((room, lane, mark));
+                    }
                 }
             }
             self.audit_settled().await;
@@ -422,13 +427,29 @@ impl App {
                 "the admission log's last records are not on disk: the disk does not answer"
             );
         }
+        // Apart from the disk's wait, and together: a Redis slow to
+        // answer costs one store wait, not one a lane, and a mark not
+        // shared only has the next leader log a range again.
+        let shared = marks
+            .into_iter()
+            .map(|(room, lane, mark)| Self::mark_audited(room, lane, mark));
+        let _ =
+            tokio::time::timeout(audit::WRITE_WAIT, futures_util::future::join_all(shared)).await;
     }
 
     /// Appends what a room's lane admitted since the last record, if this
     /// node advances it. `before`: the lane's run and serving counter as
     /// this node knew them before the tick.
-    async fn log_admissions(&self, room: &Room, lane: &Lane, before: (u64, u64), now: u64) {
-        let Some(audit) = &self.audit else { return };
+    /// Returns the lane's run and the last number of a record it wrote,
+    /// for [`Self::mark_audited`].
+    async fn log_admissions(
+        &self,
+        room: &Room,
+        lane: &Lane,
+        before: (u64, u64),
+        now: u64,
+    ) -> Option<(u64, u64)> {
+        let audit = self.audit.as_ref()?;
         let line = room.line_name(lane);
         // A lane this node starts advancing in a cluster: where the node
         // that led it had logged up to. Its own view of the counters
@@ -440,8 +461,18 @@ impl App {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(&line);
+        // Unread, the mark would be taken as none, and the line begun
+        // from this node's view for good: asked again next tick instead
+        // (the mark is never above the view, so that tick covers this
+        // one's admissions too).
         let handed = if newly_led {
-            lane.store.audited().await.ok().flatten()
+            match lane.store.audited().await {
+                Ok(mark) => mark,
+                Err(_) => {
+                    room.metrics.store_errors.inc();
+                    return None;
+                }
+            }
         } else {
             None
         };
@@ -449,7 +480,12 @@ impl App {
             let mut led = self.audit_led.lock().unwrap_or_else(|e| e.into_inner());
             if !lane.store.leads() {
                 led.remove(&line);
-                return;
+                return None;
+            }
+            // Led since the look above (a tick run alongside): the mark
+            // was not read, and the next tick begins the line.
+            if !newly_led && !led.contains_key(&line) {
+                return None;
             }
             let (run, view) = lane.store.run_and_view();
             let handed_to = handed.filter(|(r, _)| *r == run).map(|(_, to)| to);
@@ -476,7 +512,7 @@ impl App {
             // Tried again next tick if a write holds the log.
             if let Some(from) = from {
                 if !audit.baseline(&line, from) {
-                    return;
+                    return None;
                 }
             }
             if run != 0 || !led.contains_key(&line) {
@@ -487,13 +523,7 @@ impl App {
         let path = audit.log().path().display();
         match audit.observe(&line, serving, now).await {
             // Counted by the writer, where a late one is counted too.
-            audit::Written::Done(Some(record)) => {
-                // Counted, not logged: the next record's tries again, and a
-                // lease moving meanwhile costs a range logged twice.
-                if lane.store.set_audited(run, record.to).await.is_err() {
-                    room.metrics.store_errors.inc();
-                }
-            }
+            audit::Written::Done(Some(record)) => return Some((run, record.to)),
             audit::Written::Done(None) => {}
             audit::Written::Failed(e) => {
                 self.metrics.audit_write_errors.inc();
@@ -506,6 +536,17 @@ impl App {
             // Counted too: the alert holds for as long as the disk does not
             // answer.
             audit::Written::Busy => self.metrics.audit_write_errors.inc(),
+        }
+        None
+    }
+
+    /// Tells the shared store how far this node's admission log has
+    /// recorded `lane` (cluster mode: see [`RoomStore::audited`]).
+    /// Counted, not logged, when it fails: the next record's tries again,
+    /// and a lease moving meanwhile costs a range logged twice.
+    async fn mark_audited(room: &Room, lane: &Lane, (run, to): (u64, u64)) {
+        if lane.store.set_audited(run, to).await.is_err() {
+            room.metrics.store_errors.inc();
         }
     }
 
@@ -1073,8 +1114,12 @@ impl App {
                 let (run, view) = lane.store.run_and_view();
                 match self.tick_lane(room, lane, limits, now).await {
                     Ok(()) => {
-                        self.log_admissions(room, lane, (run, view.serving), now)
+                        if let Some(mark) = self
+                            .log_admissions(room, lane, (run, view.serving), now)
                             .await
+                        {
+                            Self::mark_audited(room, lane, mark).await;
+                        }
                     }
                     Err((why, answered)) => {
                         unanswered |= !answered;

@@ -2988,3 +2988,49 @@ async fn a_node_whose_clock_is_off_is_measured_against_redis() {
     assert!(within(in_step, 0), "{in_step}: {before}..{after}");
     assert!(within(behind, -600_000), "{behind}: {before}..{after}");
 }
+
+/// The admission log's mark in Redis moves only forward, and only in the
+/// run the room's state is in: a late write from a leader that lost the
+/// lease, or from before Redis lost its data, would have the next leader
+/// log from too far on.
+#[tokio::test]
+async fn the_admission_logs_mark_never_goes_back_nor_to_another_run() {
+    use varco::room::admission::{Limits, Mode};
+    use varco::store::RoomStore;
+    let redis = RedisServer::start();
+    let store = varco::store::redis::RedisStore::connect(
+        &redis.url(),
+        "t:",
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(1),
+        None,
+    )
+    .await
+    .unwrap();
+    let room = store.room("portal");
+    assert_eq!(room.audited().await.unwrap(), None);
+    let limits = Limits {
+        per_minute: None,
+        max_active: None,
+        claim_window_ms: 60_000,
+        tick_ms: 1_000,
+        opens_at_ms: None,
+        mode: Mode::Queue,
+        ticket_ttl_ms: 86_400_000,
+    };
+    room.refresh(limits, common::gated::T0).await.unwrap();
+    let run = room.generation();
+    assert_ne!(run, 0, "the state's run is known");
+    room.set_audited(run, 5).await.unwrap();
+    assert_eq!(room.audited().await.unwrap(), Some((run, 5)));
+    room.set_audited(run, 3).await.unwrap();
+    assert_eq!(room.audited().await.unwrap(), Some((run, 5)), "not back");
+    room.set_audited(run + 1, 9).await.unwrap();
+    assert_eq!(
+        room.audited().await.unwrap(),
+        Some((run, 5)),
+        "not another run's"
+    );
+    room.set_audited(run, 8).await.unwrap();
+    assert_eq!(room.audited().await.unwrap(), Some((run, 8)));
+}

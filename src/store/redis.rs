@@ -38,6 +38,21 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARG
 return {redis.call('ZRANGE', KEYS[1], 0, -1), redis.call('TIME')}
 "#;
 
+/// Sets how far the leader's admission log has recorded the room, "run:to":
+/// only in the run the state is in (a late write of a run Redis has since
+/// lost would hide the current mark) and never back within one (a late
+/// write of a leader that lost the lease).
+const SET_AUDITED: &str = r#"
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 0 end
+local cur = redis.call('GET', KEYS[2])
+if cur then
+  local run, to = string.match(cur, '^(%d+):(%d+)$')
+  if run == ARGV[1] and tonumber(to) >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2])
+return 1
+"#;
+
 /// Takes or renews the lease: the value is the node's id.
 const LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -1078,13 +1093,12 @@ impl RoomStore for RedisRoom {
     fn set_audited(&self, run: u64, to: u64) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let mut lent = self.link.lend();
-            // Plainly set: one written late by a leader that lost the
-            // lease is behind, and costs a range logged twice, never one
-            // left out.
-            let r = redis::cmd("SET")
-                .arg(&self.audited_key)
-                .arg(format!("{run}:{to}"))
-                .query_async::<()>(&mut lent.conn)
+            let r = Script::new(SET_AUDITED)
+                .key(&self.keys[0])
+                .key(&self.audited_key)
+                .arg(run)
+                .arg(to)
+                .invoke_async::<()>(&mut lent.conn)
                 .await;
             self.link.outcome(&lent, r)
         }
