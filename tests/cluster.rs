@@ -1365,55 +1365,7 @@ async fn a_run_redis_starts_again_is_logged_from_its_first_number() {
 /// log, and the two logs together leave nobody out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
-    let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let dir = fresh_dir("cluster-audit-lease");
-    let log = |i: usize| dir.join(format!("node{i}.log"));
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let cfg = cluster_config(
-            &redis,
-            up.addr,
-            // Enough a tick of 100 ms to call everyone waiting at once.
-            "max_active = 100\nadmission_per_minute = 60000\nmode = \"queue_all\"",
-            // A lease that lapses in real time, still two ticks long.
-            "lease = \"300ms\"\ntick = \"100ms\"",
-        ) + &format!("[audit]\nlog = \"{}\"\n", log(i).display());
-        nodes.push(Gated::start(&cfg).await);
-    }
-    advance(&nodes, 1000).await;
-    let leader = nodes
-        .iter()
-        .position(|g| g.app.room("portal").unwrap().store.leads())
-        .expect("a leader");
-    let other = 1 - leader;
-    for _ in 0..3 {
-        assert!(nodes[other].citizen().get("/").await.is_waiting_page());
-    }
-    advance(&nodes, 1000).await;
-    nodes[leader].app.audit_settled().await;
-    assert_eq!(common::logged_ranges(&log(leader)), [(1, 3)]);
-
-    let survivor = nodes.remove(other);
-    nodes.pop().unwrap().stop().await;
-    for _ in 0..3 {
-        assert!(survivor.citizen().get("/").await.is_waiting_page());
-    }
-    // The lease lapses in real time; the survivor takes it at a tick, and
-    // calls the three in that same tick.
-    let survivor = [survivor];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !survivor[0].app.room("portal").unwrap().store.leads() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease never moved"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        advance(&survivor, 1000).await;
-    }
-    survivor[0].app.audit_settled().await;
-    assert_eq!(common::logged_ranges(&log(other)), [(4, 6)]);
-    let _ = std::fs::remove_dir_all(&dir);
+    lease_handover_logged("cluster-audit-lease", false).await;
 }
 
 /// The same in a room that lets people in straight away: those another
@@ -1422,20 +1374,43 @@ async fn a_lease_taken_over_logs_the_new_leaders_first_admissions() {
 /// counters already counted them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_taken_over_logs_who_came_in_straight_away_meanwhile() {
+    lease_handover_logged("cluster-audit-direct", true).await;
+}
+
+/// Two nodes, each with its admission log: three people come to the node
+/// that does not lead, and the leader logs them (1 to 3); it stops, three
+/// more come to the survivor, which takes the lease over in real time:
+/// its log has them (4 to 6). `straight_in`: a room that lets them in at
+/// once (else `queue_all`, and a tick calls them).
+async fn lease_handover_logged(name: &str, straight_in: bool) {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    let dir = fresh_dir("cluster-audit-direct");
+    let dir = fresh_dir(name);
     let log = |i: usize| dir.join(format!("node{i}.log"));
+    // Enough a tick of 100 ms to call everyone waiting at once.
+    let room = if straight_in {
+        "max_active = 100\nadmission_per_minute = 60000"
+    } else {
+        "max_active = 100\nadmission_per_minute = 60000\nmode = \"queue_all\""
+    };
     let mut nodes = Vec::new();
     for i in 0..2 {
         let cfg = cluster_config(
             &redis,
             up.addr,
-            "max_active = 100\nadmission_per_minute = 60000",
+            room,
+            // A lease that lapses in real time, still two ticks long.
             "lease = \"300ms\"\ntick = \"100ms\"",
         ) + &format!("[audit]\nlog = \"{}\"\n", log(i).display());
         nodes.push(Gated::start(&cfg).await);
     }
+    let came = |got: common::client::Got| {
+        if straight_in {
+            got.reached_upstream()
+        } else {
+            got.is_waiting_page()
+        }
+    };
     advance(&nodes, 1000).await;
     let leader = nodes
         .iter()
@@ -1443,7 +1418,7 @@ async fn a_lease_taken_over_logs_who_came_in_straight_away_meanwhile() {
         .expect("a leader");
     let other = 1 - leader;
     for _ in 0..3 {
-        assert!(nodes[other].citizen().get("/").await.reached_upstream());
+        assert!(came(nodes[other].citizen().get("/").await));
     }
     advance(&nodes, 1000).await;
     nodes[leader].app.audit_settled().await;
@@ -1452,8 +1427,10 @@ async fn a_lease_taken_over_logs_who_came_in_straight_away_meanwhile() {
     let survivor = nodes.remove(other);
     nodes.pop().unwrap().stop().await;
     for _ in 0..3 {
-        assert!(survivor.citizen().get("/").await.reached_upstream());
+        assert!(came(survivor.citizen().get("/").await));
     }
+    // The lease lapses in real time; the survivor takes it at a tick (and
+    // in `queue_all` calls the three in that same tick).
     let survivor = [survivor];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !survivor[0].app.room("portal").unwrap().store.leads() {
