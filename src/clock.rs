@@ -8,6 +8,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the unix epoch.
     fn now_ms(&self) -> u64;
+
+    /// A test's simulated time, which every node of a test cluster is set
+    /// to alike and Redis's own clock does not follow: a cluster node
+    /// sends it to Redis as it is, not moved onto Redis's clock.
+    fn simulated(&self) -> bool {
+        false
+    }
 }
 
 pub type SharedClock = Arc<dyn Clock>;
@@ -44,6 +51,10 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
+    }
+
+    fn simulated(&self) -> bool {
+        true
     }
 }
 

@@ -2966,6 +2966,53 @@ async fn a_node_whose_clock_is_off_is_measured_against_redis() {
     assert!(within(behind, -600_000), "{behind}: {before}..{after}");
 }
 
+/// Every node counts on Redis's clock, not its own: a node whose clock is
+/// off had its sessions lapse early in Redis (behind) or dropped the
+/// others' early (ahead), and a room of one let a second person in.
+#[tokio::test]
+async fn a_node_whose_clock_is_off_still_keeps_max_active() {
+    struct Off(i64);
+    impl varco::clock::Clock for Off {
+        fn now_ms(&self) -> u64 {
+            varco::clock::system()
+                .now_ms()
+                .saturating_add_signed(self.0)
+        }
+    }
+    for offset in [-600_000, 600_000] {
+        let redis = RedisServer::start();
+        let up = upstream::spawn().await;
+        let room = "max_active = 1\nsession_idle = \"5m\"";
+        let cfg = cluster_config(&redis, up.addr, room, "");
+        let in_step = Gated::start_on(&cfg, varco::clock::system()).await;
+        let off = Gated::start_on(&cfg, std::sync::Arc::new(Off(offset))).await;
+        // The first session ends, in a node's count, five minutes after
+        // the earlier clock's now: the later clock is past it.
+        let (early, late) = if offset < 0 {
+            (&off, &in_step)
+        } else {
+            (&in_step, &off)
+        };
+        off.app.tick().await;
+        in_step.app.tick().await;
+        let mut first = Citizen::new(early.addr);
+        assert!(first.get("/").await.reached_upstream(), "{offset}");
+        off.app.tick().await;
+        in_step.app.tick().await;
+        let mut second = Citizen::new(late.addr);
+        assert!(
+            second.get("/").await.is_waiting_page(),
+            "{offset}: the one slot is taken"
+        );
+        assert_eq!(second.status("portal").await["position"], 1, "{offset}");
+        for g in [&off, &in_step] {
+            g.app.tick().await;
+            let v = g.app.room("portal").unwrap().store.view();
+            assert_eq!((v.active, v.serving), (1, 1), "{offset}");
+        }
+    }
+}
+
 /// The admission log's mark in Redis moves only forward, and only in the
 /// run the room's state is in: a late write from a leader that lost the
 /// lease, or from before Redis lost its data, would have the next leader

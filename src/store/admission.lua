@@ -6,6 +6,9 @@
 -- 7 ended sessions zset (score = when to forget them, ms), 8 pace list
 -- ("at:called", one per tick that found people waiting, called counted
 -- since the line formed: see AdmissionState::pace).
+-- Every time in it (now, expiries, when to forget) is on Redis's clock:
+-- each node moves its own onto it (src/store/skew.rs), but for its first
+-- tick's worth of calls, before its first measure.
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
 -- the asking node last saw of the state: 9 its generation ('' : nothing

@@ -1,12 +1,14 @@
 //! How far this node's clock is from Redis's. A cluster counts sessions,
-//! claim windows and the admission rate on the times its nodes give, and
+//! claim windows and the admission rate on the times its nodes send, and
 //! every node checks the tokens the others signed with seconds of
-//! leeway: a node whose clock is off lets more people in than
-//! `max_active`, holds turns open, or sends passes back to the line, and
-//! nothing else says why. Measured at each tick against Redis's `TIME`,
-//! exported, and logged when it goes past [`WARN_MS`].
+//! leeway: a node whose clock is off would let more people in than
+//! `max_active` and hold turns open, and sends passes back to the line,
+//! and nothing else says why. Measured at each tick against Redis's `TIME`,
+//! exported, logged when it goes past [`WARN_MS`], and taken off every
+//! time the node sends to Redis ([`Skew::shared_ms`]): the cluster counts
+//! on one clock, Redis's.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,8 @@ pub struct Skew {
     watched: OnceLock<(SharedClock, prometheus::GaugeVec)>,
     /// Said and not yet back in step: one line each way, not one a tick.
     warned: AtomicBool,
+    /// The last offset measured, ms (0 until the first).
+    offset: AtomicI64,
 }
 
 impl Skew {
@@ -44,13 +48,14 @@ impl Skew {
     /// node's clock minus Redis's, in ms (positive: the node is ahead).
     pub fn measure(&self, time: &[String], asked_ms: u64, took: Duration) -> Option<i64> {
         let offset = offset_ms(redis_ms(time)?, asked_ms, took);
+        self.offset.store(offset, Ordering::Relaxed);
         if let Some((_, g)) = self.watched.get() {
             g.with_label_values::<&str>(&[]).set(offset as f64 / 1000.0);
         }
         match self.crossed(offset) {
             Some(true) => tracing::warn!(
                 offset_ms = offset,
-                "this node's clock is {} s {} Redis's: sessions, claim windows and the admission rate are counted on the nodes' clocks, and passes checked across nodes with 5 s of leeway; keep every node's clock in step (chrony, systemd-timesyncd)",
+                "this node's clock is {} s {} Redis's: its times go to Redis corrected, but the other nodes check the tickets and passes it signs with 5 s of leeway; keep every node's clock in step (chrony, systemd-timesyncd)",
                 offset.abs() as f64 / 1000.0,
                 if offset > 0 { "ahead of" } else { "behind" }
             ),
@@ -60,6 +65,23 @@ impl Skew {
             None => {}
         }
         Some(offset)
+    }
+
+    /// `node_ms`, a time on this node's clock, on Redis's: what the node
+    /// sends to Redis (its now, a session's expiry, when to forget an
+    /// end). Counted on every node's own clock, a node minutes behind
+    /// had its sessions lapse early in Redis and one ahead dropped the
+    /// others' early, both lifting `max_active`; a node ahead pushed
+    /// claim windows on. Corrected by the last measure (a tick old at
+    /// most; within half a call's round trip). As it is before the first
+    /// measure, and on a test's simulated clock.
+    pub fn shared_ms(&self, node_ms: u64) -> u64 {
+        match self.watched.get() {
+            Some((clock, _)) if !clock.simulated() => {
+                node_ms.saturating_add_signed(-self.offset.load(Ordering::Relaxed))
+            }
+            _ => node_ms,
+        }
     }
 
     /// Whether `offset` went past [`WARN_MS`] (true) or came back within
@@ -139,6 +161,41 @@ mod tests {
             s.measure(&["x".into(), "0".into()], 1_000, Duration::ZERO),
             None
         );
+    }
+
+    struct Behind;
+
+    impl crate::clock::Clock for Behind {
+        fn now_ms(&self) -> u64 {
+            1_000_000
+        }
+    }
+
+    fn gauge() -> prometheus::GaugeVec {
+        prometheus::GaugeVec::new(prometheus::Opts::new("g", "g"), &[]).unwrap()
+    }
+
+    #[test]
+    fn times_sent_to_redis_are_on_rediss_clock_once_measured() {
+        let s = Skew::default();
+        assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not watched");
+        s.watch(std::sync::Arc::new(Behind), gauge());
+        assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not measured yet");
+        s.measure(&time(1_600, 0), 1_000_000, Duration::ZERO);
+        assert_eq!(s.shared_ms(1_000_000), 1_600_000);
+        assert_eq!(s.shared_ms(1_300_000), 1_900_000, "an expiry");
+        s.measure(&time(400, 0), 1_000_000, Duration::ZERO);
+        assert_eq!(s.shared_ms(1_000_000), 400_000, "ahead");
+        assert_eq!(s.shared_ms(100), 0, "never below the epoch");
+    }
+
+    #[test]
+    fn a_simulated_clocks_times_go_as_they_are() {
+        let s = Skew::default();
+        let clock = crate::clock::ManualClock::new(1_000_000);
+        s.watch(std::sync::Arc::new(clock), gauge());
+        s.measure(&time(1_600, 0), 1_000_000, Duration::ZERO);
+        assert_eq!(s.shared_ms(1_000_000), 1_000_000);
     }
 
     #[test]

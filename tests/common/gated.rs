@@ -34,7 +34,14 @@ impl Gated {
     }
 
     pub async fn start_at(toml: &str, now_ms: u64, base: &Path) -> Gated {
-        Self::start_with(toml, now_ms, base, None, |_| {}).await
+        Self::start_with(toml, now_ms, base, None, |_| {}, None).await
+    }
+
+    /// On `clock`, a real one, which the test does not drive: `clock`
+    /// and `advance` here move a manual clock the app does not read.
+    pub async fn start_on(toml: &str, clock: varco::clock::SharedClock) -> Gated {
+        let now_ms = clock.now_ms();
+        Self::start_with(toml, now_ms, Path::new("."), None, |_| {}, Some(clock)).await
     }
 
     /// From `toml` written to `varco.toml` in a fresh folder named after
@@ -57,15 +64,17 @@ impl Gated {
     pub async fn start_file_edited(path: &Path, edit: impl FnOnce(&mut Config)) -> Gated {
         let toml = std::fs::read_to_string(path).unwrap();
         let base = path.parent().unwrap().to_path_buf();
-        Self::start_with(&toml, T0, &base, Some(path.to_path_buf()), edit).await
+        Self::start_with(&toml, T0, &base, Some(path.to_path_buf()), edit, None).await
     }
 
+    /// On a manual clock from `now_ms`, the app's own unless `real`.
     async fn start_with(
         toml: &str,
         now_ms: u64,
         base: &Path,
         file: Option<std::path::PathBuf>,
         edit: impl FnOnce(&mut Config),
+        real: Option<varco::clock::SharedClock>,
     ) -> Gated {
         let clock = ManualClock::new(now_ms);
         let mut cfg = Config::from_toml(toml, base).unwrap_or_else(|e| panic!("test config: {e}"));
@@ -75,7 +84,8 @@ impl Gated {
         let listeners = Listeners::bind(&cfg.server).await.expect("bind");
         let addr = listeners.proxy_addr();
         let admin = listeners.admin_addr();
-        let mut app = App::new(cfg, Arc::new(clock.clone())).await.expect("app");
+        let app_clock = real.unwrap_or_else(|| Arc::new(clock.clone()));
+        let mut app = App::new(cfg, app_clock).await.expect("app");
         if let Some(f) = file {
             app = app.with_config_path(f);
         }
