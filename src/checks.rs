@@ -59,6 +59,15 @@ pub enum AuditAction {
         #[arg(long)]
         continues: bool,
     },
+    /// Checks that several logs together (a cluster's nodes', each
+    /// checked alone as a chain) record every number each room called:
+    /// exit 1 naming each range in no record.
+    Ranges {
+        /// Every node's log files, in any order (merged by time); a
+        /// rotated log's files each on their own.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
     /// Prints the admission log of a config (checked first) as JSON lines.
     Export {
         #[arg(long, short)]
@@ -142,6 +151,7 @@ pub fn lottery(action: LotteryAction) -> Outcome {
 pub fn audit(action: AuditAction) -> Outcome {
     match action {
         AuditAction::Verify { files, continues } => verify_files(&files, continues),
+        AuditAction::Ranges { files } => ranges_files(&files),
         AuditAction::Export { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -212,6 +222,97 @@ fn verify_files(files: &[String], continues: bool) -> Outcome {
     Outcome { ok: true, text }
 }
 
+/// `varco audit ranges`: the files' records merged per room, each file's
+/// chain checked on its own first (as a continuation: a rotated file
+/// begins past record 1). A last line not ended is not part of a log yet.
+fn ranges_files(files: &[String]) -> Outcome {
+    use audit::ranges::{self, Finding, Placed};
+    let mut placed = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => return fail(format!("cannot read {file}: {e}")),
+        };
+        if let Err(b) = audit::Verifier::new().continuing().file(bytes.as_slice()) {
+            return fail(format!("{file}: {b}"));
+        }
+        for (n, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            match serde_json::from_slice(line) {
+                Ok(record) => placed.push(Placed {
+                    file: i + 1,
+                    line: n + 1,
+                    record,
+                }),
+                Err(e) => return fail(format!("{file} line {}: not a record: {e}", n + 1)),
+            }
+        }
+    }
+    let whence: std::collections::HashMap<(usize, usize), (String, String)> = placed
+        .iter()
+        .map(|p| {
+            let r = &p.record;
+            ((p.file, p.line), (r.node.clone(), r.time.clone()))
+        })
+        .collect();
+    let at = |(file, line): (usize, usize)| {
+        let (node, time) = &whence[&(file, line)];
+        format!("{} line {line} ({node}, {time})", files[file - 1])
+    };
+    let c = ranges::merge(placed);
+    let gaps = c.gaps();
+    let mut text = if gaps == 0 {
+        format!(
+            "ok: every number called is in a record ({} files merged)",
+            files.len()
+        )
+    } else {
+        let ranges = if gaps == 1 { "range" } else { "ranges" };
+        format!("{gaps} {ranges} called and in no record")
+    };
+    for f in &c.findings {
+        text.push('\n');
+        text.push_str(&match f {
+            Finding::Gap {
+                room,
+                from,
+                to,
+                before,
+                after,
+            } => format!(
+                "{room}: {from} to {to} are in no record: called after {} and before {}",
+                at(*before),
+                at(*after)
+            ),
+            Finding::Back {
+                room,
+                back_to,
+                past,
+                at: here,
+            } => format!(
+                "{room}: {} goes back to {back_to} after {past}: a new run (a start without the snapshot, a Redis that lost its data) or numbers called again after a crash; nobody is left out",
+                at(*here)
+            ),
+        });
+    }
+    for (room, r) in &c.rooms {
+        let nodes: Vec<&str> = r.nodes.iter().map(String::as_str).collect();
+        text.push_str(&format!(
+            "\n{room}: {} to {} in {} records, by {}",
+            r.first,
+            r.last,
+            r.records,
+            nodes.join(", ")
+        ));
+    }
+    Outcome {
+        ok: gaps == 0,
+        text,
+    }
+}
+
 /// The log, if its chain holds; otherwise where it breaks. Read to its
 /// last whole line: a running varco may be writing the next record (or
 /// undoing one it could not make durable), and a line it has not ended
@@ -250,6 +351,68 @@ mod tests {
         log.baseline("a", 0);
         log.observe("a", 5, 1_000).unwrap();
         (dir, path, log)
+    }
+
+    /// Two nodes' logs, the second taking over at `from`: together they
+    /// cover the room only if it follows on from the first's last.
+    #[test]
+    fn two_nodes_logs_are_merged_and_a_range_in_neither_is_named() {
+        let dir = std::env::temp_dir().join(format!("varco-ranges-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let two = |name: &str, from: u64| {
+            let (one, two) = (
+                dir.join(format!("{name}-1.log")),
+                dir.join(format!("{name}-2.log")),
+            );
+            let a = audit::AuditLog::open(&one, "node-a").unwrap();
+            a.baseline("a", 0);
+            a.observe("a", 5, 1_000).unwrap();
+            a.observe("a", 9, 2_000).unwrap();
+            let b = audit::AuditLog::open(&two, "node-b").unwrap();
+            b.baseline("a", from - 1);
+            b.observe("a", from + 3, 3_000).unwrap();
+            // Given newest first: merged by time.
+            let files = [two, one].map(|p| p.display().to_string());
+            (ranges_files(&files), files)
+        };
+        let (out, _) = two("handed-over", 10);
+        assert!(out.ok, "{}", out.text);
+        assert!(
+            out.text
+                .contains("a: 1 to 13 in 3 records, by node-a, node-b"),
+            "{}",
+            out.text
+        );
+
+        let (out, files) = two("gap", 12);
+        assert!(!out.ok, "{}", out.text);
+        let named = format!(
+            "a: 10 to 11 are in no record: called after {} line 2 (node-a, {}) and before {} line 1 (node-b, {})",
+            files[1],
+            crate::timefmt::rfc3339(2_000),
+            files[0],
+            crate::timefmt::rfc3339(3_000)
+        );
+        assert!(out.text.contains(&named), "{}", out.text);
+
+        let (out, _) = two("again", 3);
+        assert!(out.ok, "numbers again leave nobody out: {}", out.text);
+        assert!(out.text.contains("goes back to 3 after 9"), "{}", out.text);
+
+        // Each file's chain is checked: an edited range is no merge.
+        let edited =
+            std::fs::read_to_string(&files[1])
+                .unwrap()
+                .replacen("\"to\":9", "\"to\":11", 1);
+        std::fs::write(&files[1], edited).unwrap();
+        let out = ranges_files(&files);
+        assert!(
+            !out.ok && out.text.contains("hash does not match"),
+            "{}",
+            out.text
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// After a rotation the file at the log's path begins past record 1:

@@ -1443,6 +1443,20 @@ async fn lease_handover_logged(name: &str, straight_in: bool) {
     }
     survivor[0].app.audit_settled().await;
     assert_eq!(common::logged_ranges(&log(other)), [(4, 6)]);
+    // One more after the handover: the two logs, merged, leave nobody
+    // out (4 to 6 missing would be a gap before 7).
+    assert!(came(survivor[0].citizen().get("/").await));
+    advance(&survivor, 1000).await;
+    survivor[0].app.audit_settled().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_varco"))
+        .args(["audit", "ranges"])
+        .args([log(0), log(1)])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("portal: 1 to 7 in 3 records"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
