@@ -390,6 +390,44 @@ fn paths_alike_but_for_case_are_refused_where_case_is_ignored() {
 }
 
 /// A zero or a size that refuses every form says what it would do.
+/// A mistyped variable in an operator's template would show its braces
+/// to every person in line: refused, naming the key, the name and what
+/// it most likely meant. Braces around anything but a plain name (an
+/// inline script's own) are text.
+#[test]
+fn a_templates_unknown_variable_is_refused_with_what_it_meant() {
+    let dir = std::env::temp_dir().join(format!("varco-templates-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("page.html"),
+        "<p>{{postion}} {{ ahead }} <script>x = `{{ a + b }}`</script>",
+    )
+    .unwrap();
+    std::fs::write(dir.join("error.html"), "<h1>{{stauts}} {{frobnicate}}</h1>").unwrap();
+    std::fs::write(dir.join("good.html"), "<p>{{position}} {{ a + b }}</p>").unwrap();
+    let toml = format!("{ROOM}page_template = \"page.html\"\nerror_template = \"error.html\"\n");
+    let e = match Config::from_toml(&toml, &dir) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("rooms.portal.page_template: {{postion}} is no variable of this page (did you mean {{position}}?)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("rooms.portal.error_template: {{stauts}} is no variable of this page (did you mean {{status}}?)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("{{frobnicate}} is no variable of this page:"),
+        "{e}"
+    );
+    assert!(!e.contains("ahead") && !e.contains("a + b"), "{e}");
+    let toml = format!("{ROOM}page_template = \"good.html\"\n");
+    Config::from_toml(&toml, &dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_value_that_would_refuse_everything_says_so() {
     for (bad, key, says) in [

@@ -1009,6 +1009,33 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         };
         let page_template = read("page_template", &r.page_template);
         let error_template = read("error_template", &r.error_template);
+        let templates = [
+            (
+                "page_template",
+                &page_template,
+                &crate::page::waiting::VARIABLES[..],
+            ),
+            (
+                "error_template",
+                &error_template,
+                &crate::page::error_variable_names()[..],
+            ),
+        ];
+        for (name, text, known) in templates {
+            let unknown = text
+                .as_deref()
+                .map(|t| crate::page::unknown_variables(t, known))
+                .unwrap_or_default();
+            for v in unknown {
+                let hint = crate::page::meant(&v, known)
+                    .map(|k| format!(" (did you mean {{{{{k}}}}}?)"))
+                    .unwrap_or_default();
+                p.add_entry(
+                    &key(name),
+                    format!("{{{{{v}}}}} is no variable of this page{hint}: every person would see it as written; the README lists the variables, and &#123;&#123;{v}}}}} in the file shows the braces"),
+                );
+            }
+        }
         if r.per_ip.tickets_per_minute == 0 {
             p.add(key("per_ip.tickets_per_minute"), "must be at least 1");
         }

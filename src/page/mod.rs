@@ -198,7 +198,8 @@ impl<'a> Reader<'a> {
 
 /// An operator's own error page (a room's `error_template`): each
 /// `{{name}}` is replaced by its value, HTML-escaped; an unknown name is
-/// left as written, as in the waiting page's template.
+/// left as written, as in the waiting page's template (the config refuses
+/// a plain one: [`unknown_variables`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct ErrorTemplate {
     parts: Vec<Piece<ErrorVar>>,
@@ -215,7 +216,7 @@ enum Piece<T> {
 /// template and the error pages' alike: `lookup` says which names are
 /// variables; any other `{{...}}`, and a `{{` never closed, stays as
 /// written.
-fn cut_template<T>(text: &str, lookup: impl Fn(&str) -> Option<T>) -> Vec<Piece<T>> {
+fn cut_template<T>(text: &str, mut lookup: impl FnMut(&str) -> Option<T>) -> Vec<Piece<T>> {
     let mut parts = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
@@ -241,6 +242,35 @@ fn cut_template<T>(text: &str, lookup: impl Fn(&str) -> Option<T>) -> Vec<Piece<
     parts
 }
 
+/// The plain `{{name}}`s of an operator's template that name none of
+/// `known`, each once: a typo would show its braces to every person in
+/// line, so the config refuses it. Only a plain name counts (letters,
+/// digits, `_`): `{{ a + b }}` and the like stay text, as an inline
+/// script's own templates may need.
+pub fn unknown_variables(text: &str, known: &[&str]) -> Vec<String> {
+    let mut unknown: Vec<String> = Vec::new();
+    cut_template(text, |name| {
+        let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if plain && !known.contains(&name) && !unknown.iter().any(|u| u == name) {
+            unknown.push(name.to_string());
+        }
+        None::<()>
+    });
+    unknown
+}
+
+/// The variable of `known` a mistyped `name` most likely meant: within
+/// two edits, or a third of the name for a long one.
+pub fn meant(name: &str, known: &[&'static str]) -> Option<&'static str> {
+    let within = (name.len() / 3).max(2);
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(name, k), *k))
+        .filter(|(d, _)| *d <= within)
+        .min()
+        .map(|(_, k)| k)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ErrorVar {
     Lang,
@@ -261,6 +291,11 @@ const ERROR_VARIABLES: [(&str, ErrorVar); 6] = [
     ("reference_label", ErrorVar::ReferenceLabel),
     ("reference", ErrorVar::Reference),
 ];
+
+/// The names an error template may use.
+pub fn error_variable_names() -> [&'static str; 6] {
+    ERROR_VARIABLES.map(|(n, _)| n)
+}
 
 impl ErrorTemplate {
     pub fn compile(text: &str) -> ErrorTemplate {
@@ -471,6 +506,19 @@ pub fn escape_into(out: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_templates_unknown_plain_names_are_found_once_and_what_they_meant() {
+        let known = ["position", "ahead", "lang"];
+        let text = "{{postion}} {{ ahead }} {{x1}} {{ a + b }} {{}} {{postion}} {{lang";
+        assert_eq!(unknown_variables(text, &known), ["postion", "x1"]);
+        assert_eq!(meant("postion", &known), Some("position"));
+        assert_eq!(meant("x1", &known), None);
+        assert_eq!(
+            unknown_variables(waiting::DEFAULT_TEMPLATE, &waiting::VARIABLES),
+            Vec::<String>::new()
+        );
+    }
 
     /// Hashed as a browser hashes it: after its parser made every CR LF,
     /// and every lone CR, an LF (a template saved on Windows).

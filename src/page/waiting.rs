@@ -530,7 +530,8 @@ fn language_constant(name: &str, s: &Strings, situation: &str) -> Option<&'stati
 }
 
 impl Template {
-    /// Unknown `{{names}}` stay in the page as written.
+    /// Unknown `{{names}}` stay in the page as written (the config
+    /// refuses a plain one: [`super::unknown_variables`]).
     pub fn compile(text: &str) -> Template {
         let parts: Vec<Part> =
             super::cut_template(text, |name| VARIABLES.iter().position(|v| *v == name))
