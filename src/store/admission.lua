@@ -7,8 +7,9 @@
 -- ("at:called", one per tick that found people waiting, called counted
 -- since the line formed: see AdmissionState::pace).
 -- Every time in it (now, expiries, when to forget) is on Redis's clock:
--- each node moves its own onto it (src/store/skew.rs), but for its first
--- tick's worth of calls, before its first measure.
+-- each node moves its own onto it (src/store/skew.rs), measured at its
+-- start and at each tick. (A node that could not reach Redis at its start
+-- sends its own until its first tick does.)
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
 -- the asking node last saw of the state: 9 its generation ('' : nothing
@@ -285,8 +286,9 @@ elseif op == 'tick' then
   -- when max_active asks how many live (a room without one would keep
   -- every session it ever admitted, in a Redis that must not evict).
   redis.call('ZREMRANGEBYSCORE', sess, '-inf', now)
-  -- Never back: a node whose clock is behind must not open a gap for the
-  -- others (the cluster's clocks are assumed in step, as for sessions).
+  -- Never back: a node whose time is behind (half a call's round trip
+  -- from the measure, or not measured yet) must not open a gap for the
+  -- others.
   ticked = math.max(ticked, now)
   local admits = (mode == 'queue' or mode == 'queue_all') and opened == '1'
   local line = admits and queue > serving

@@ -133,15 +133,26 @@ impl RedisStore {
     /// just after the node starts would otherwise wait for the connection
     /// inside the store's timeout (and on a busy host get the 503 of a
     /// store away). An error here is not fatal: the node starts degraded
-    /// and the connection manager keeps trying.
+    /// and the connection manager keeps trying. Its answer is Redis's
+    /// clock, measured as at a tick: the reads at start and the requests
+    /// before the first tick go on Redis's clock too (a node started
+    /// minutes ahead would otherwise run the others' sessions out).
     pub async fn reach(&self) -> Result<(), StoreError> {
         let mut lent = self.link.lend();
-        let r = redis::cmd("PING").query_async::<()>(&mut lent.conn).await;
-        self.link.outcome(&lent, r)
+        let asking = self.skew.asking();
+        let r = redis::cmd("TIME")
+            .query_async::<Vec<String>>(&mut lent.conn)
+            .await;
+        let time = self.link.outcome(&lent, r)?;
+        if let Some((asked_ms, at)) = asking {
+            self.skew.measure(&time, asked_ms, at, at.elapsed());
+        }
+        Ok(())
     }
 
-    /// Measures `clock` against Redis's at each tick, into `gauge`
-    /// (`varco_store_clock_offset_seconds`).
+    /// Measures `clock` against Redis's at the start and at each tick,
+    /// into `gauge` (`varco_store_clock_offset_seconds`); must come
+    /// before [`RedisStore::reach`].
     pub fn watch_clock(&self, clock: crate::clock::SharedClock, gauge: prometheus::GaugeVec) {
         self.skew.watch(clock, gauge);
     }
@@ -862,7 +873,7 @@ impl RoomStore for RedisRoom {
             let live = match self.link.outcome(&lent, r) {
                 Ok((live, time)) => {
                     if let Some((asked_ms, at)) = asking {
-                        self.skew.measure(&time, asked_ms, at.elapsed());
+                        self.skew.measure(&time, asked_ms, at, at.elapsed());
                     }
                     live
                 }

@@ -8,8 +8,8 @@
 //! time the node sends to Redis ([`Skew::shared_ms`]): the cluster counts
 //! on one clock, Redis's.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::SharedClock;
@@ -24,8 +24,10 @@ pub struct Skew {
     watched: OnceLock<(SharedClock, prometheus::GaugeVec)>,
     /// Said and not yet back in step: one line each way, not one a tick.
     warned: AtomicBool,
-    /// The last offset measured, ms (0 until the first).
-    offset: AtomicI64,
+    /// Redis's time at the last measure (ms), and when that was on this
+    /// host's monotonic clock: Redis's now, from then on, is that plus
+    /// the time gone since, whatever the node's clock does meanwhile.
+    redis_at: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Skew {
@@ -44,11 +46,20 @@ impl Skew {
     }
 
     /// Redis's `TIME` answer (seconds, microseconds), against the node's
-    /// `asked_ms` when the call went and `took` for the round trip: the
-    /// node's clock minus Redis's, in ms (positive: the node is ahead).
-    pub fn measure(&self, time: &[String], asked_ms: u64, took: Duration) -> Option<i64> {
-        let offset = offset_ms(redis_ms(time)?, asked_ms, took);
-        self.offset.store(offset, Ordering::Relaxed);
+    /// `asked_ms` when the call went (at `asked_at`) and `took` for the
+    /// round trip: the node's clock minus Redis's, in ms (positive: the
+    /// node is ahead).
+    pub fn measure(
+        &self,
+        time: &[String],
+        asked_ms: u64,
+        asked_at: Instant,
+        took: Duration,
+    ) -> Option<i64> {
+        let redis = redis_ms(time)?;
+        let offset = offset_ms(redis, asked_ms, took);
+        *self.redis_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((redis, asked_at + took / 2));
         if let Some((_, g)) = self.watched.get() {
             g.with_label_values::<&str>(&[]).set(offset as f64 / 1000.0);
         }
@@ -72,13 +83,22 @@ impl Skew {
     /// end). Counted on every node's own clock, a node minutes behind
     /// had its sessions lapse early in Redis and one ahead dropped the
     /// others' early, both lifting `max_active`; a node ahead pushed
-    /// claim windows on. Corrected by the last measure (a tick old at
-    /// most; within half a call's round trip). As it is before the first
-    /// measure, and on a test's simulated clock.
+    /// claim windows on. Redis's now is the last measure (at the start,
+    /// then each tick; within half a call's round trip) moved on by the
+    /// monotonic clock, so a step of the node's clock between measures
+    /// changes nothing; `node_ms` keeps its distance from the node's now
+    /// (an expiry `session_idle` ahead stays so). As it is before the
+    /// first measure, and on a test's simulated clock.
     pub fn shared_ms(&self, node_ms: u64) -> u64 {
-        match self.watched.get() {
-            Some((clock, _)) if !clock.simulated() => {
-                node_ms.saturating_add_signed(-self.offset.load(Ordering::Relaxed))
+        let Some((clock, _)) = self.watched.get() else {
+            return node_ms;
+        };
+        let measured = *self.redis_at.lock().unwrap_or_else(|e| e.into_inner());
+        match measured {
+            Some((redis_ms, at)) if !clock.simulated() => {
+                let redis_now = redis_ms + at.elapsed().as_millis() as u64;
+                let ahead = node_ms as i64 - clock.now_ms() as i64;
+                redis_now.saturating_add_signed(ahead)
             }
             _ => node_ms,
         }
@@ -127,25 +147,33 @@ mod tests {
         let s = Skew::default();
         let at = |ms: u64| time(ms / 1000, (ms % 1000) * 1000 + 999);
         assert_eq!(
-            s.measure(&at(1_000_000), 1_000_000, Duration::ZERO),
+            s.measure(&at(1_000_000), 1_000_000, Instant::now(), Duration::ZERO),
             Some(0)
         );
         assert_eq!(
-            s.measure(&at(1_000_050), 1_000_000, Duration::from_millis(100)),
+            s.measure(
+                &at(1_000_050),
+                1_000_000,
+                Instant::now(),
+                Duration::from_millis(100)
+            ),
             Some(0),
             "read half way through a 100 ms call"
         );
         assert_eq!(
-            s.measure(&at(1_600_000), 1_000_000, Duration::ZERO),
+            s.measure(&at(1_600_000), 1_000_000, Instant::now(), Duration::ZERO),
             Some(-600_000),
             "ten minutes behind"
         );
         assert_eq!(
-            s.measure(&at(1_000_000), 1_002_500, Duration::ZERO),
+            s.measure(&at(1_000_000), 1_002_500, Instant::now(), Duration::ZERO),
             Some(2_500),
             "ahead"
         );
-        assert_eq!(s.measure(&["1".into()], 1_000, Duration::ZERO), None);
+        assert_eq!(
+            s.measure(&["1".into()], 1_000, Instant::now(), Duration::ZERO),
+            None
+        );
         assert_eq!(
             s.measure(
                 &time(1, 2)
@@ -153,21 +181,28 @@ mod tests {
                     .chain(["3".into()])
                     .collect::<Vec<_>>(),
                 1_000,
+                Instant::now(),
                 Duration::ZERO
             ),
             None
         );
         assert_eq!(
-            s.measure(&["x".into(), "0".into()], 1_000, Duration::ZERO),
+            s.measure(
+                &["x".into(), "0".into()],
+                1_000,
+                Instant::now(),
+                Duration::ZERO
+            ),
             None
         );
     }
 
-    struct Behind;
+    /// A node's clock the test sets, real (not simulated).
+    struct Set(std::sync::atomic::AtomicU64);
 
-    impl crate::clock::Clock for Behind {
+    impl crate::clock::Clock for Set {
         fn now_ms(&self) -> u64 {
-            1_000_000
+            self.0.load(Ordering::Relaxed)
         }
     }
 
@@ -175,18 +210,30 @@ mod tests {
         prometheus::GaugeVec::new(prometheus::Opts::new("g", "g"), &[]).unwrap()
     }
 
+    /// `got` is `want` moved on by the time the test took since the
+    /// measure (Redis's clock runs on): well under a second.
+    fn about(got: u64, want: u64) -> bool {
+        (want..want + 1_000).contains(&got)
+    }
+
     #[test]
     fn times_sent_to_redis_are_on_rediss_clock_once_measured() {
         let s = Skew::default();
         assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not watched");
-        s.watch(std::sync::Arc::new(Behind), gauge());
+        let clock = std::sync::Arc::new(Set(1_000_000.into()));
+        s.watch(clock.clone(), gauge());
         assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not measured yet");
-        s.measure(&time(1_600, 0), 1_000_000, Duration::ZERO);
-        assert_eq!(s.shared_ms(1_000_000), 1_600_000);
-        assert_eq!(s.shared_ms(1_300_000), 1_900_000, "an expiry");
-        s.measure(&time(400, 0), 1_000_000, Duration::ZERO);
-        assert_eq!(s.shared_ms(1_000_000), 400_000, "ahead");
-        assert_eq!(s.shared_ms(100), 0, "never below the epoch");
+        s.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
+        assert!(about(s.shared_ms(1_000_000), 1_600_000));
+        assert!(about(s.shared_ms(1_300_000), 1_900_000), "an expiry");
+        // The node's clock stepped ten minutes on before the next measure:
+        // Redis's now, and an expiry from the node's now, are as they were.
+        clock.0.store(1_600_000, Ordering::Relaxed);
+        assert!(about(s.shared_ms(1_600_000), 1_600_000), "a step");
+        assert!(about(s.shared_ms(1_900_000), 1_900_000));
+        s.measure(&time(400, 0), 1_600_000, Instant::now(), Duration::ZERO);
+        assert!(about(s.shared_ms(1_600_000), 400_000), "ahead");
+        assert!(s.shared_ms(100) < 1_000, "never below the epoch");
     }
 
     #[test]
@@ -194,7 +241,7 @@ mod tests {
         let s = Skew::default();
         let clock = crate::clock::ManualClock::new(1_000_000);
         s.watch(std::sync::Arc::new(clock), gauge());
-        s.measure(&time(1_600, 0), 1_000_000, Duration::ZERO);
+        s.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
         assert_eq!(s.shared_ms(1_000_000), 1_000_000);
     }
 
