@@ -262,6 +262,12 @@ fn ranges_files(files: &[String]) -> Outcome {
         format!("{} line {line} ({node}, {time})", files[file - 1])
     };
     let c = ranges::merge(placed);
+    if c.rooms.is_empty() {
+        return fail(format!(
+            "no records in the {} files given: nothing to check",
+            files.len()
+        ));
+    }
     let gaps = c.gaps();
     let mut text = if gaps == 0 {
         format!(
@@ -292,7 +298,7 @@ fn ranges_files(files: &[String]) -> Outcome {
                 past,
                 at: here,
             } => format!(
-                "{room}: {} goes back to {back_to} after {past}: a new run (a start without the snapshot, a Redis that lost its data) or numbers called again after a crash; nobody is left out",
+                "{room}: {} goes back to {back_to} after {past}: a new run (a start without the snapshot, a Redis that lost its data), numbers called again after a crash, or a lease handover logged from a little before; nobody is left out",
                 at(*here)
             ),
         });
@@ -412,6 +418,12 @@ mod tests {
             "{}",
             out.text
         );
+
+        // Nothing recorded is nothing shown: no "ok".
+        let empty = dir.join("empty.log");
+        std::fs::write(&empty, "").unwrap();
+        let out = ranges_files(&[empty.display().to_string()]);
+        assert!(!out.ok && out.text.contains("no records"), "{}", out.text);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -32,8 +32,9 @@ pub enum Finding {
     },
     /// The record at `at` begins at `back_to`, after numbers up to
     /// `past` were recorded: a new run (a start without the snapshot, a
-    /// Redis that lost its data), or numbers called again after a crash.
-    /// Nobody is left out; said so an auditor knows why counts repeat.
+    /// Redis that lost its data: back to 1), numbers called again after
+    /// a crash, or a lease handover logged from a little before. Nobody
+    /// is left out; said so an auditor knows why counts repeat.
     Back {
         room: String,
         back_to: u64,
@@ -67,20 +68,36 @@ impl Coverage {
     }
 }
 
-/// Merges `records` by room, in time order (the records of one node's
-/// tick before another's; at the same millisecond, by number), and walks
-/// each room's ranges. The nodes' clocks must be in step: a handover
-/// logged by a clock behind the last leader's reads as a gap followed by
-/// a repeat.
-pub fn merge(mut records: Vec<Placed>) -> Coverage {
-    records.sort_by(|a, b| {
-        let key = |p: &Placed| (p.record.time_ms, p.record.from, p.record.to);
-        a.record.room.cmp(&b.record.room).then(key(a).cmp(&key(b)))
+/// Merges `records` (each file's in the order read) by room, in time
+/// order, and walks each room's ranges. A file keeps its own order: a
+/// record is placed by the latest time of its file so far, so a node's
+/// clock stepped back does not move its later records before its earlier
+/// ones (at the same time, by number). Across files the nodes' clocks
+/// must be in step: a handover logged by a clock behind the last
+/// leader's by more than the time between their records reads as a gap
+/// followed by a repeat.
+pub fn merge(records: Vec<Placed>) -> Coverage {
+    let mut latest: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut keyed: Vec<(u64, Placed)> = records
+        .into_iter()
+        .map(|p| {
+            let t = latest.entry(p.file).or_default();
+            *t = (*t).max(p.record.time_ms);
+            (*t, p)
+        })
+        .collect();
+    keyed.sort_by(|(ta, a), (tb, b)| {
+        let key = |t: u64, p: &Placed| (t, p.record.from, p.file, p.line);
+        a.record
+            .room
+            .cmp(&b.record.room)
+            .then(key(*ta, a).cmp(&key(*tb, b)))
     });
     let mut c = Coverage::default();
-    // Per room: the next number expected, and where the last record was.
-    let mut next: BTreeMap<String, (u64, (usize, usize))> = BTreeMap::new();
-    for p in records {
+    // Per room: the highest number recorded in this run, and where the
+    // last record was.
+    let mut high: BTreeMap<String, (u64, (usize, usize))> = BTreeMap::new();
+    for (_, p) in keyed {
         let r = &p.record;
         let at = (p.file, p.line);
         let room = c.rooms.entry(r.room.clone()).or_default();
@@ -90,25 +107,31 @@ pub fn merge(mut records: Vec<Placed>) -> Coverage {
         room.records += 1;
         room.last = r.to;
         room.nodes.insert(r.node.clone());
-        if let Some(&(expected, before)) = next.get(&r.room) {
-            if r.from > expected {
+        let mut top = r.to;
+        if let Some(&(seen, before)) = high.get(&r.room) {
+            if r.from > seen.saturating_add(1) {
                 c.findings.push(Finding::Gap {
                     room: r.room.clone(),
-                    from: expected,
+                    from: seen + 1,
                     to: r.from - 1,
                     before,
                     after: at,
                 });
-            } else if r.from < expected {
+            } else if r.from <= seen {
                 c.findings.push(Finding::Back {
                     room: r.room.clone(),
                     back_to: r.from,
-                    past: expected - 1,
+                    past: seen,
                     at,
                 });
+                // Numbers start again at 1 in a new run; otherwise a
+                // range within the ones recorded leaves them recorded.
+                if r.from > 1 {
+                    top = top.max(seen);
+                }
             }
         }
-        next.insert(r.room.clone(), (r.to.saturating_add(1), at));
+        high.insert(r.room.clone(), (top, at));
     }
     c
 }
@@ -167,6 +190,39 @@ mod tests {
             }]
         );
         assert_eq!(c.gaps(), 1);
+    }
+
+    /// A node's clock stepped back: its later record reads earlier, and
+    /// stays after the one before it in its file.
+    #[test]
+    fn a_files_own_order_holds_when_its_clock_stepped_back() {
+        let c = merge(vec![
+            placed(1, 1, "a", 1, 3, 5_000),
+            placed(1, 2, "a", 4, 6, 2_000),
+            placed(2, 1, "a", 7, 9, 6_000),
+        ]);
+        assert_eq!(c.findings, []);
+        assert_eq!(c.rooms["a"].last, 9);
+    }
+
+    /// A handover logged from a little before the last leader's last
+    /// record: the overlap is said, and the numbers after it are no gap.
+    #[test]
+    fn an_overlap_inside_what_was_recorded_leaves_no_false_gap() {
+        let c = merge(vec![
+            placed(1, 1, "a", 1, 10, 1_000),
+            placed(2, 1, "a", 5, 7, 2_000),
+            placed(2, 2, "a", 11, 12, 3_000),
+        ]);
+        assert_eq!(
+            c.findings,
+            [Finding::Back {
+                room: "a".into(),
+                back_to: 5,
+                past: 10,
+                at: (2, 1),
+            }]
+        );
     }
 
     #[test]
