@@ -1032,7 +1032,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     .unwrap_or_default();
                 p.add_entry(
                     &key(name),
-                    format!("{{{{{v}}}}} is no variable of this page{hint}: every person would see it as written; the README lists the variables, and &#123;&#123;{v}}}}} in the file shows the braces"),
+                    format!("{{{{{v}}}}} is no variable of this page{hint}: every person would see it as written; the README lists the variables, and in the page's text &#123;&#123;{v}}}}} shows the braces"),
                 );
             }
         }

@@ -245,11 +245,12 @@ fn cut_template<T>(text: &str, mut lookup: impl FnMut(&str) -> Option<T>) -> Vec
 /// The plain `{{name}}`s of an operator's template that name none of
 /// `known`, each once: a typo would show its braces to every person in
 /// line, so the config refuses it. Only a plain name counts (letters,
-/// digits, `_`): `{{ a + b }}` and the like stay text, as an inline
-/// script's own templates may need.
+/// digits, `_`): `{{ a + b }}` and the like stay text. Nor inside a
+/// `<script>` or `<style>`: a client-side template there (`{{ user }}`)
+/// is the page's own, and HTML's `&#123;` would not hide it.
 pub fn unknown_variables(text: &str, known: &[&str]) -> Vec<String> {
     let mut unknown: Vec<String> = Vec::new();
-    cut_template(text, |name| {
+    cut_template(&outside_scripts(text), |name| {
         let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if plain && !known.contains(&name) && !unknown.iter().any(|u| u == name) {
             unknown.push(name.to_string());
@@ -257,6 +258,30 @@ pub fn unknown_variables(text: &str, known: &[&str]) -> Vec<String> {
         None::<()>
     });
     unknown
+}
+
+/// `text` without what its `<script>` and `<style>` elements hold (an
+/// element never closed: to the end).
+fn outside_scripts(text: &str) -> String {
+    // ASCII lowering keeps every byte where it was.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    loop {
+        let next = ["<script", "<style"]
+            .into_iter()
+            .filter_map(|tag| lower[at..].find(tag).map(|i| (at + i, tag)))
+            .min();
+        let Some((start, tag)) = next else {
+            out.push_str(&text[at..]);
+            return out;
+        };
+        out.push_str(&text[at..start]);
+        match lower[start..].find(&format!("</{}", &tag[1..])) {
+            Some(end) => at = start + end,
+            None => return out,
+        }
+    }
 }
 
 /// The variable of `known` a mistyped `name` most likely meant: within
@@ -510,8 +535,14 @@ mod tests {
     #[test]
     fn a_templates_unknown_plain_names_are_found_once_and_what_they_meant() {
         let known = ["position", "ahead", "lang"];
-        let text = "{{postion}} {{ ahead }} {{x1}} {{ a + b }} {{}} {{postion}} {{lang";
-        assert_eq!(unknown_variables(text, &known), ["postion", "x1"]);
+        let text = "{{postion}} {{ ahead }} {{x1}} {{ a + b }} {{}} {{postion}} \
+            <SCRIPT type=\"text/x-template\">{{ user }}</script> {{x2}} \
+            <style>{{css}}</style> {{lang";
+        assert_eq!(unknown_variables(text, &known), ["postion", "x1", "x2"]);
+        assert_eq!(
+            unknown_variables("a <script>{{ user }}", &known),
+            Vec::<String>::new()
+        );
         assert_eq!(meant("postion", &known), Some("position"));
         assert_eq!(meant("x1", &known), None);
         assert_eq!(
