@@ -1205,6 +1205,89 @@ async fn a_connection_dropped_on_the_way_is_replaced() {
     );
 }
 
+/// A ticket whose answer from Redis never came (Redis slower than the
+/// node's timeout) is handed out provisionally, and placed when Redis
+/// answers; the number Redis had taken for it meanwhile is nobody's. It
+/// is given back: called, it holds no slot for the claim window, and the
+/// next person is called in its stead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_whose_answer_was_lost_holds_no_slot() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    let room = "max_active = 2\nmode = \"queue_all\"";
+    let nodes = nodes(&cluster_config_at(&relay.url(), up.addr, room, ""), 1).await;
+    until_recovered(&nodes, 0).await;
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut queue = || -> u64 {
+        redis::cmd("HGET")
+            .arg("t:{portal}:state")
+            .arg("queue")
+            .query(&mut c)
+            .unwrap()
+    };
+    assert_eq!(queue(), 0);
+
+    relay.cut_replies();
+    let mut lost = nodes[0].citizen();
+    assert!(lost.get("/").await.is_waiting_page());
+    assert_eq!(queue(), 1, "Redis took a number for it, unanswered");
+    until_recovered(&nodes, 0).await;
+    advance(&nodes, 1000).await;
+    // Its holder has its place, the block's: number 2, called.
+    assert_eq!(lost.status("portal").await["state"], "admitted");
+    let v = nodes[0].app.room("portal").unwrap().store.view();
+    assert_eq!((v.serving, v.reserved), (2, 1), "number 1 holds nothing");
+
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    advance(&nodes, 1000).await;
+    assert_eq!(next.status("portal").await["state"], "admitted");
+    assert!(lost.get("/").await.reached_upstream());
+    assert!(next.get("/").await.reached_upstream());
+}
+
+/// As above, the lost number called (by another node) before its node
+/// hears from Redis again: given back then, it counts as claimed in its
+/// batch, and its slot is free at once rather than after the claim
+/// window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_number_called_before_it_is_given_back_frees_its_slot() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    let room = "max_active = 2\nmode = \"queue_all\"";
+    let nodes = vec![
+        Gated::start(&cluster_config(&redis, up.addr, room, "")).await,
+        Gated::start(&cluster_config_at(&relay.url(), up.addr, room, "")).await,
+    ];
+    advance(&nodes, 1000).await;
+    assert!(nodes[0].app.room("portal").unwrap().store.leads());
+
+    relay.cut_replies();
+    let mut lost = nodes[1].citizen();
+    assert!(lost.get("/").await.is_waiting_page());
+    // The leader calls number 1, which nobody holds.
+    for g in &nodes {
+        g.clock.advance_ms(1000);
+    }
+    nodes[0].app.tick().await;
+    let view = || nodes[0].app.room("portal").unwrap().store.view();
+    assert_eq!((view().serving, view().reserved), (1, 1));
+    until_recovered(&nodes, 1).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(lost.status("portal").await["state"], "admitted");
+    assert_eq!(
+        (view().serving, view().reserved),
+        (2, 1),
+        "number 1 holds nothing"
+    );
+    assert!(lost.get("/").await.reached_upstream());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_a_node_leaves_the_demoted_redis() {
     let old = RedisServer::start();

@@ -5,7 +5,10 @@
 -- 5 history list ("at:serving"), 6 provisional blocks hash (epoch -> base),
 -- 7 ended sessions zset (score = when to forget them, ms), 8 pace list
 -- ("at:called", one per tick that found people waiting, called counted
--- since the line formed: see AdmissionState::pace).
+-- since the line formed: see AdmissionState::pace), 9 numbers given back
+-- before they were called (zset, score = the number: see 'void'); for
+-- 'issue' and 'void' only, 10.. one key per issue ("gen:number", for
+-- five minutes), named by the node that asked.
 -- Every time in it (now, expiries, when to forget) is on Redis's clock:
 -- each node moves its own onto it (src/store/skew.rs), measured at its
 -- start and at each tick. (A node that could not reach Redis at its start
@@ -25,7 +28,7 @@
 -- The provisional blocks hash also holds, under '~' .. epoch, when a
 -- block may be forgotten (ms): every ticket of it has expired by then.
 -- A 'tick' drops those past it, so the hash does not grow without end.
-local st, batches, claimed, sess, hist, prov, ended, pace = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local st, batches, claimed, sess, hist, prov, ended, pace, void = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local per_minute = tonumber(ARGV[3])
@@ -218,6 +221,11 @@ if op == 'issue' then
   if opened == '1' then
     queue = queue + 1
     result, detail = 1, queue
+    -- Kept a while under the node's name for this issue: should the
+    -- answer be lost, the node gives the number back ('void').
+    if KEYS[10] then
+      redis.call('SET', KEYS[10], gen .. ':' .. string.format('%d', queue), 'PX', 300000)
+    end
   else
     prequeue = prequeue + 1
     result, detail = 2, prequeue
@@ -298,7 +306,12 @@ elseif op == 'tick' then
   if admits then
     advanced = math.min(queue - serving, slots, tokens_now)
     if advanced > 0 then
-      redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, 0))
+      -- Numbers given back are nobody's: counted as claimed, they hold
+      -- no slot for the claim window.
+      local given = redis.call('ZRANGEBYSCORE', void, serving + 1, serving + advanced)
+      for _, v in ipairs(given) do redis.call('ZADD', claimed, v, v) end
+      redis.call('ZREMRANGEBYSCORE', void, '-inf', serving + advanced)
+      redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, #given))
       serving = serving + advanced
       if per_minute >= 0 then tokens = tokens - advanced end
       result = advanced
@@ -421,6 +434,36 @@ elseif op == 'reserve' then
     end
   end
   result = base and tonumber(base) or -1
+elseif op == 'void' then
+  -- Issues whose answers never reached the node that asked (Redis slower
+  -- than its timeout), which gave a provisional ticket instead: their
+  -- numbers are nobody's. Not called yet, each waits in the void set for
+  -- the tick that calls it; called, it counts as claimed in its batch
+  -- now. Either way it holds no slot for the claim window. Counted: how
+  -- many were found (an issue that never ran, or of another run, is not).
+  for k = 10, #KEYS do
+    local v = redis.call('GET', KEYS[k])
+    if v then
+      redis.call('DEL', KEYS[k])
+      local g, n = string.match(v, '^(%d+):(%d+)$')
+      n = tonumber(n)
+      if g == gen and n and n > floor and not redis.call('ZSCORE', claimed, n) then
+        if n > serving then
+          redis.call('ZADD', void, n, n)
+        else
+          for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
+            local at, f, t, c = parse(b)
+            if f <= n and n <= t then
+              redis.call('LSET', batches, i - 1, fmt(at, f, t, c + 1))
+              redis.call('ZADD', claimed, n, n)
+              break
+            end
+          end
+        end
+        result = result + 1
+      end
+    end
+  end
 elseif op == 'lottery' then
   redis.call('HSETNX', st, 'lkid', ARGV[12])
 end

@@ -30,6 +30,10 @@ const SCRIPT: &str = include_str!("admission.lua");
 /// How long one Redis call may take before the node treats Redis as down.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Lost issues given back per call: a burst of timeouts is many, and one
+/// script runs alone in Redis.
+const VOIDS_PER_CALL: usize = 200;
+
 /// Records this node as alive and counts the nodes seen within a window;
 /// with Redis's clock, which the node's is measured against.
 const NODES: &str = r#"
@@ -184,7 +188,9 @@ impl RedisStore {
                 k("provisional"),
                 k("ended"),
                 k("pace"),
+                k("void"),
             ],
+            issued_prefix: k("issued:"),
             lease_key: k("lease"),
             nodes_key: k("nodes"),
             live_key: k("live"),
@@ -234,6 +240,11 @@ struct Fallback {
     /// returns, not after `session_idle`. In memory only: a node restarted
     /// in the outage forgets them, and they idle out.
     ends_to_send: Vec<(u128, u64)>,
+    /// The keys of issues whose answers never came (Redis slower than the
+    /// timeout): each may have taken a number nobody holds, given back
+    /// at the next tick ('void'), or it would be called and hold a slot
+    /// for the claim window. In memory only, as the ends.
+    lost_issues: Vec<String>,
 }
 
 /// What a hand-over after an outage (`RedisRoom::recovered`) has yet to
@@ -243,6 +254,7 @@ struct Recovery<'a> {
     blocks: Vec<(u64, u64)>,
     pending: Vec<(u128, u64)>,
     ends: Vec<(u128, u64)>,
+    lost_issues: Vec<String>,
 }
 
 impl Drop for Recovery<'_> {
@@ -254,14 +266,18 @@ impl Drop for Recovery<'_> {
         let newer = std::mem::replace(&mut f.pending, std::mem::take(&mut self.pending));
         f.pending.extend(newer);
         f.ends_to_send.append(&mut self.ends);
+        f.lost_issues.append(&mut self.lost_issues);
     }
 }
 
 pub struct RedisRoom {
     link: Arc<Link>,
     /// state, batches, claimed, sessions, history, provisional, ended,
-    /// pace: one hash slot per room.
-    keys: [String; 8],
+    /// pace, void: one hash slot per room.
+    keys: [String; 9],
+    /// Each issue's key begins so (the rest: a random id), in the room's
+    /// hash slot: see admission.lua's 'void'.
+    issued_prefix: String,
     /// Where each outage's provisional tickets were placed. One of an
     /// earlier generation is kept to tell its tickets they lost their
     /// place (Redis lost its data after placing it).
@@ -473,8 +489,21 @@ impl RedisRoom {
         now_ms: u64,
         args: &[String],
     ) -> Result<Reply, StoreError> {
+        self.call_keyed(op, limits, now_ms, args, &[]).await
+    }
+
+    /// As [`Self::call`], with `extra` keys after the room's (an issue's
+    /// own: see admission.lua's 'void').
+    async fn call_keyed(
+        &self,
+        op: &str,
+        limits: &Limits,
+        now_ms: u64,
+        args: &[String],
+        extra: &[String],
+    ) -> Result<Reply, StoreError> {
         let mut inv = self.script.prepare_invoke();
-        for k in &self.keys {
+        for k in self.keys.iter().chain(extra) {
             inv.key(k);
         }
         inv.arg(op)
@@ -653,6 +682,7 @@ impl RedisRoom {
                 && f.unplaced.is_empty()
                 && f.ends_to_send.is_empty()
                 && f.pending.is_empty()
+                && f.lost_issues.is_empty()
             {
                 return Ok(true);
             }
@@ -667,6 +697,7 @@ impl RedisRoom {
                 blocks,
                 pending: std::mem::take(&mut f.pending),
                 ends: std::mem::take(&mut f.ends_to_send),
+                lost_issues: std::mem::take(&mut f.lost_issues),
             }
         };
         // Ends first: a session ended here or on another node is not
@@ -682,6 +713,25 @@ impl RedisRoom {
             let inert = inert_limits(self.tick_ms);
             self.call("end", &inert, now_ms, &args).await?;
             left.ends.clear();
+        }
+        // Before any block is placed: a number given back is called
+        // ahead of them, holding nothing.
+        while !left.lost_issues.is_empty() {
+            let keys: Vec<String> = left
+                .lost_issues
+                .iter()
+                .take(VOIDS_PER_CALL)
+                .cloned()
+                .collect();
+            let inert = inert_limits(self.tick_ms);
+            let r = self.call_keyed("void", &inert, now_ms, &[], &keys).await?;
+            if r.0 > 0 {
+                tracing::info!(
+                    given_back = r.0,
+                    "gave back the numbers of tickets whose answers were lost (provisional tickets were handed out instead)"
+                );
+            }
+            left.lost_issues.drain(..keys.len());
         }
         // Oldest first, as they were taken; those waiting for the
         // opening stay in `left`, to be placed at a later tick.
@@ -756,9 +806,24 @@ fn hex(sid: u128) -> String {
 impl RoomStore for RedisRoom {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
         async move {
-            let r = match self.call("issue", &limits, now_ms, &[]).await {
+            let key = format!(
+                "{}{:016x}",
+                self.issued_prefix,
+                crate::room::token::random_u128() as u64
+            );
+            let r = match self
+                .call_keyed("issue", &limits, now_ms, &[], std::slice::from_ref(&key))
+                .await
+            {
                 Ok(r) => r,
-                Err(_) => return Ok(self.issue_provisionally()),
+                Err(e) => {
+                    // The script may have run: its number, nobody's, is
+                    // given back once Redis answers.
+                    if matches!(e, StoreError::Unanswered(_)) {
+                        self.lock_fallback().lost_issues.push(key);
+                    }
+                    return Ok(self.issue_provisionally());
+                }
             };
             Ok(if r.0 == 2 {
                 Issued::PreQueue(r.1 as u64)
