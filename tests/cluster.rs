@@ -1205,18 +1205,20 @@ async fn a_connection_dropped_on_the_way_is_replaced() {
     );
 }
 
-/// A ticket whose answer from Redis never came (Redis slower than the
-/// node's timeout) is handed out provisionally, and placed when Redis
-/// answers; the number Redis had taken for it meanwhile is nobody's. It
-/// is given back: called, it holds no slot for the claim window, and the
-/// next person is called in its stead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_number_whose_answer_was_lost_holds_no_slot() {
-    let redis = RedisServer::start();
-    let relay = Relay::to(redis.port).await;
-    let up = upstream::spawn().await;
-    let room = "max_active = 2\nmode = \"queue_all\"";
-    let nodes = nodes(&cluster_config_at(&relay.url(), up.addr, room, ""), 1).await;
+/// Over a relay to `redis`, one node for a `queue_all` room with `room`:
+/// a person arrives while Redis's answers are lost (Redis slower than the
+/// node's timeout), and is handed a provisional ticket; Redis, which ran
+/// the issue, took number 1 for it, which nobody holds. Then the answers
+/// come again, and the node ticks until it hears Redis. The node, and the
+/// person, whose ticket was placed after number 1.
+async fn an_answer_lost(
+    redis: &RedisServer,
+    relay: &Relay,
+    up: std::net::SocketAddr,
+    room: &str,
+) -> (Vec<Gated>, Citizen) {
+    let room = format!("{room}\nmode = \"queue_all\"");
+    let nodes = nodes(&cluster_config_at(&relay.url(), up, &room, ""), 1).await;
     until_recovered(&nodes, 0).await;
     let mut c = redis::Client::open(redis.url())
         .unwrap()
@@ -1230,13 +1232,24 @@ async fn a_number_whose_answer_was_lost_holds_no_slot() {
             .unwrap()
     };
     assert_eq!(queue(), 0);
-
     relay.cut_replies();
     let mut lost = nodes[0].citizen();
     assert!(lost.get("/").await.is_waiting_page());
     assert_eq!(queue(), 1, "Redis took a number for it, unanswered");
     until_recovered(&nodes, 0).await;
     advance(&nodes, 1000).await;
+    (nodes, lost)
+}
+
+/// The number of a ticket whose answer was lost is given back: called, it
+/// holds no slot for the claim window, and the next person is called in
+/// its stead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_whose_answer_was_lost_holds_no_slot() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    let (nodes, mut lost) = an_answer_lost(&redis, &relay, up.addr, "max_active = 2").await;
     // Its holder has its place, the block's: number 2, called.
     assert_eq!(lost.status("portal").await["state"], "admitted");
     let v = nodes[0].app.room("portal").unwrap().store.view();
@@ -1248,6 +1261,46 @@ async fn a_number_whose_answer_was_lost_holds_no_slot() {
     assert_eq!(next.status("portal").await["state"], "admitted");
     assert!(lost.get("/").await.reached_upstream());
     assert!(next.get("/").await.reached_upstream());
+}
+
+/// Nor any of the rate: with one call's worth of it, the number given
+/// back is called past and the person behind it called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_whose_answer_was_lost_costs_no_rate() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    // One token to start with, and next to none after.
+    let room = "admission_per_minute = 0.01";
+    let (nodes, mut lost) = an_answer_lost(&redis, &relay, up.addr, room).await;
+    assert_eq!(lost.status("portal").await["state"], "admitted");
+    let v = nodes[0].app.room("portal").unwrap().store.view();
+    assert_eq!((v.serving, v.reserved), (2, 1));
+}
+
+/// Giving back a lost answer's number decides nothing about the opening:
+/// sent first after Redis lost its data, before a scheduled opening, it
+/// opened the room at once, the pre-queue never drawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_given_back_after_a_data_loss_does_not_open_the_room() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * 60_000;
+    let room = format!("opens_at = \"{}\"", varco::timefmt::rfc3339(opens));
+    let nodes = nodes(&cluster_config_at(&relay.url(), up.addr, &room, ""), 1).await;
+    until_recovered(&nodes, 0).await;
+    relay.cut_replies();
+    let mut lost = nodes[0].citizen();
+    assert!(lost.get("/").await.is_waiting_page());
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    until_recovered(&nodes, 0).await;
+    advance(&nodes, 1000).await;
+    assert!(!nodes[0].app.room("portal").unwrap().store.view().opened);
+    let mut next = nodes[0].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    let s = next.status("portal").await;
+    assert_eq!(s["prequeue"], true, "a ticket for the draw: {s}");
 }
 
 /// As above, the lost number called (by another node) before its node

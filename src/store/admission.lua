@@ -52,7 +52,8 @@ local opened = h.opened
 -- one that finds no state (Redis lost its data) must not decide that the
 -- room has opened, or a scheduled room would open at once, its pre-queue
 -- never drawn. The first op that knows the opening decides.
-local knows_opening = not (op == 'peek' or op == 'check' or op == 'end' or op == 'handover')
+local knows_opening = not (op == 'peek' or op == 'check' or op == 'end' or op == 'handover'
+  or op == 'void')
 local opened_known = opened ~= nil or knows_opening
 if opened == nil then
   if opens_at < 0 or now >= opens_at then opened = '1' else opened = '0' end
@@ -304,17 +305,26 @@ elseif op == 'tick' then
   local full = max_active >= 0 and slots <= math.min(queue - serving, tokens_now)
   local advanced = 0
   if admits then
-    advanced = math.min(queue - serving, slots, tokens_now)
+    -- People to call, and the numbers that calls: numbers given back
+    -- ('void') are nobody's, called past at no cost in rate or slots
+    -- (counted as claimed, they hold nothing for the claim window).
+    local want = math.min(queue - serving, slots, tokens_now)
+    local people, to, given = 0, serving, 0
+    while want > 0 and people < want and to < queue do
+      local hi = math.min(queue, to + (want - people))
+      local found = redis.call('ZRANGEBYSCORE', void, to + 1, hi)
+      for _, v in ipairs(found) do redis.call('ZADD', claimed, v, v) end
+      given = given + #found
+      people = people + (hi - to) - #found
+      to = hi
+    end
+    advanced = to - serving
     if advanced > 0 then
-      -- Numbers given back are nobody's: counted as claimed, they hold
-      -- no slot for the claim window.
-      local given = redis.call('ZRANGEBYSCORE', void, serving + 1, serving + advanced)
-      for _, v in ipairs(given) do redis.call('ZADD', claimed, v, v) end
-      redis.call('ZREMRANGEBYSCORE', void, '-inf', serving + advanced)
-      redis.call('RPUSH', batches, fmt(now, serving + 1, serving + advanced, #given))
-      serving = serving + advanced
-      if per_minute >= 0 then tokens = tokens - advanced end
-      result = advanced
+      redis.call('ZREMRANGEBYSCORE', void, '-inf', to)
+      redis.call('RPUSH', batches, fmt(now, serving + 1, to, given))
+      serving = to
+      if per_minute >= 0 then tokens = tokens - people end
+      result = people
     end
   end
   local function sample(list, value)
@@ -450,17 +460,18 @@ elseif op == 'void' then
       if g == gen and n and n > floor and not redis.call('ZSCORE', claimed, n) then
         if n > serving then
           redis.call('ZADD', void, n, n)
+          result = result + 1
         else
           for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
             local at, f, t, c = parse(b)
             if f <= n and n <= t then
               redis.call('LSET', batches, i - 1, fmt(at, f, t, c + 1))
               redis.call('ZADD', claimed, n, n)
+              result = result + 1
               break
             end
           end
         end
-        result = result + 1
       end
     end
   end

@@ -30,9 +30,15 @@ const SCRIPT: &str = include_str!("admission.lua");
 /// How long one Redis call may take before the node treats Redis as down.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Lost issues given back per call: a burst of timeouts is many, and one
-/// script runs alone in Redis.
+/// Lost issues given back per call, and per tick: a burst of timeouts is
+/// many, one script runs alone in Redis, and the rest of the tick (the
+/// lease's renewal) waits behind them; what is left goes at the next.
 const VOIDS_PER_CALL: usize = 200;
+const VOIDS_PER_TICK: usize = 1_000;
+
+/// How long Redis keeps an issue's key (admission.lua's `PX`): a lost
+/// answer older than this has nothing left to give back.
+const ISSUE_KEPT: Duration = Duration::from_secs(300);
 
 /// Records this node as alive and counts the nodes seen within a window;
 /// with Redis's clock, which the node's is measured against.
@@ -143,6 +149,11 @@ impl RedisStore {
     /// minutes ahead would otherwise run the others' sessions out).
     pub async fn reach(&self) -> Result<(), StoreError> {
         let mut lent = self.link.lend();
+        // Connected first: a round trip that opens the connection would
+        // count its setup against the measure.
+        let r = redis::cmd("PING").query_async::<()>(&mut lent.conn).await;
+        self.link.outcome(&lent, r)?;
+        let mut lent = self.link.lend();
         let asking = self.skew.asking();
         let r = redis::cmd("TIME")
             .query_async::<Vec<String>>(&mut lent.conn)
@@ -243,8 +254,10 @@ struct Fallback {
     /// The keys of issues whose answers never came (Redis slower than the
     /// timeout): each may have taken a number nobody holds, given back
     /// at the next tick ('void'), or it would be called and hold a slot
-    /// for the claim window. In memory only, as the ends.
-    lost_issues: Vec<String>,
+    /// for the claim window. With when each was lost: Redis keeps an
+    /// issue's key [`ISSUE_KEPT`], and one older is not sent. In memory
+    /// only, as the ends.
+    lost_issues: Vec<(String, std::time::Instant)>,
 }
 
 /// What a hand-over after an outage (`RedisRoom::recovered`) has yet to
@@ -254,7 +267,7 @@ struct Recovery<'a> {
     blocks: Vec<(u64, u64)>,
     pending: Vec<(u128, u64)>,
     ends: Vec<(u128, u64)>,
-    lost_issues: Vec<String>,
+    lost_issues: Vec<(String, std::time::Instant)>,
 }
 
 impl Drop for Recovery<'_> {
@@ -716,13 +729,17 @@ impl RedisRoom {
         }
         // Before any block is placed: a number given back is called
         // ahead of them, holding nothing.
-        while !left.lost_issues.is_empty() {
+        left.lost_issues
+            .retain(|(_, lost)| lost.elapsed() < ISSUE_KEPT);
+        let mut sent = 0;
+        while !left.lost_issues.is_empty() && sent < VOIDS_PER_TICK {
             let keys: Vec<String> = left
                 .lost_issues
                 .iter()
                 .take(VOIDS_PER_CALL)
-                .cloned()
+                .map(|(k, _)| k.clone())
                 .collect();
+            sent += keys.len();
             let inert = inert_limits(self.tick_ms);
             let r = self.call_keyed("void", &inert, now_ms, &[], &keys).await?;
             if r.0 > 0 {
@@ -820,7 +837,9 @@ impl RoomStore for RedisRoom {
                     // The script may have run: its number, nobody's, is
                     // given back once Redis answers.
                     if matches!(e, StoreError::Unanswered(_)) {
-                        self.lock_fallback().lost_issues.push(key);
+                        self.lock_fallback()
+                            .lost_issues
+                            .push((key, std::time::Instant::now()));
                     }
                     return Ok(self.issue_provisionally());
                 }

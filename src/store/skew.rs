@@ -8,8 +8,8 @@
 //! time the node sends to Redis ([`Skew::shared_ms`]): the cluster counts
 //! on one clock, Redis's.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::clock::SharedClock;
@@ -24,10 +24,12 @@ pub struct Skew {
     watched: OnceLock<(SharedClock, prometheus::GaugeVec)>,
     /// Said and not yet back in step: one line each way, not one a tick.
     warned: AtomicBool,
-    /// Redis's time at the last measure (ms), and when that was on this
-    /// host's monotonic clock: Redis's now, from then on, is that plus
-    /// the time gone since, whatever the node's clock does meanwhile.
-    redis_at: Mutex<Option<(u64, Instant)>>,
+    /// The host's monotonic clock from the first measure on, and
+    /// Redis's time (ms) at that origin as the last measure puts it:
+    /// Redis's now is that plus the time gone since, whatever the node's
+    /// clock does meanwhile. No lock: read for every time sent.
+    origin: OnceLock<Instant>,
+    redis_at_origin: AtomicI64,
 }
 
 impl Skew {
@@ -58,8 +60,10 @@ impl Skew {
     ) -> Option<i64> {
         let redis = redis_ms(time)?;
         let offset = offset_ms(redis, asked_ms, took);
-        *self.redis_at.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((redis, asked_at + took / 2));
+        let origin = *self.origin.get_or_init(|| asked_at);
+        let since = (asked_at + took / 2).saturating_duration_since(origin);
+        self.redis_at_origin
+            .store(redis as i64 - since.as_millis() as i64, Ordering::Relaxed);
         if let Some((_, g)) = self.watched.get() {
             g.with_label_values::<&str>(&[]).set(offset as f64 / 1000.0);
         }
@@ -90,18 +94,16 @@ impl Skew {
     /// (an expiry `session_idle` ahead stays so). As it is before the
     /// first measure, and on a test's simulated clock.
     pub fn shared_ms(&self, node_ms: u64) -> u64 {
-        let Some((clock, _)) = self.watched.get() else {
+        let (Some((clock, _)), Some(origin)) = (self.watched.get(), self.origin.get()) else {
             return node_ms;
         };
-        let measured = *self.redis_at.lock().unwrap_or_else(|e| e.into_inner());
-        match measured {
-            Some((redis_ms, at)) if !clock.simulated() => {
-                let redis_now = redis_ms + at.elapsed().as_millis() as u64;
-                let ahead = node_ms as i64 - clock.now_ms() as i64;
-                redis_now.saturating_add_signed(ahead)
-            }
-            _ => node_ms,
+        if clock.simulated() {
+            return node_ms;
         }
+        let redis_now =
+            self.redis_at_origin.load(Ordering::Relaxed) + origin.elapsed().as_millis() as i64;
+        let ahead = node_ms as i64 - clock.now_ms() as i64;
+        (redis_now + ahead).max(0) as u64
     }
 
     /// Whether `offset` went past [`WARN_MS`] (true) or came back within
