@@ -6,7 +6,7 @@
 //! far on) is in none of them, and no chain breaks. Merged by time per
 //! room, the ranges must follow on: a number in no record is a gap.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::Record;
 
@@ -68,70 +68,78 @@ impl Coverage {
     }
 }
 
-/// Merges `records` (each file's in the order read) by room, in time
-/// order, and walks each room's ranges. A file keeps its own order: a
-/// record is placed by the latest time of its file so far, so a node's
-/// clock stepped back does not move its later records before its earlier
-/// ones (at the same time, by number). Across files the nodes' clocks
-/// must be in step: a handover logged by a clock behind the last
+/// Merges `records` by room, in time order, and walks each room's
+/// ranges. Each file keeps its own order (a k-way merge of the files, a
+/// record placed by the latest time of its file so far): a node's clock
+/// stepped back, or two records in the same millisecond, move none of a
+/// file's records before its earlier ones. Across files the nodes'
+/// clocks must be in step: a handover logged by a clock behind the last
 /// leader's by more than the time between their records reads as a gap
 /// followed by a repeat.
-pub fn merge(records: Vec<Placed>) -> Coverage {
+pub fn merge(mut records: Vec<Placed>) -> Coverage {
+    records.sort_by_key(|p| (p.file, p.line));
     let mut latest: BTreeMap<usize, u64> = BTreeMap::new();
-    let mut keyed: Vec<(u64, Placed)> = records
-        .into_iter()
-        .map(|p| {
-            let t = latest.entry(p.file).or_default();
-            *t = (*t).max(p.record.time_ms);
-            (*t, p)
-        })
-        .collect();
-    keyed.sort_by(|(ta, a), (tb, b)| {
-        let key = |t: u64, p: &Placed| (t, p.record.from, p.file, p.line);
-        a.record
-            .room
-            .cmp(&b.record.room)
-            .then(key(*ta, a).cmp(&key(*tb, b)))
-    });
+    let mut rooms: BTreeMap<String, BTreeMap<usize, VecDeque<(u64, Placed)>>> = BTreeMap::new();
+    for p in records {
+        let t = latest.entry(p.file).or_default();
+        *t = (*t).max(p.record.time_ms);
+        let t = *t;
+        rooms
+            .entry(p.record.room.clone())
+            .or_default()
+            .entry(p.file)
+            .or_default()
+            .push_back((t, p));
+    }
     let mut c = Coverage::default();
-    // Per room: the highest number recorded in this run, and where the
-    // last record was.
-    let mut high: BTreeMap<String, (u64, (usize, usize))> = BTreeMap::new();
-    for (_, p) in keyed {
-        let r = &p.record;
-        let at = (p.file, p.line);
-        let room = c.rooms.entry(r.room.clone()).or_default();
-        if room.records == 0 {
-            room.first = r.from;
-        }
-        room.records += 1;
-        room.last = r.to;
-        room.nodes.insert(r.node.clone());
-        let mut top = r.to;
-        if let Some(&(seen, before)) = high.get(&r.room) {
-            if r.from > seen.saturating_add(1) {
-                c.findings.push(Finding::Gap {
-                    room: r.room.clone(),
-                    from: seen + 1,
-                    to: r.from - 1,
-                    before,
-                    after: at,
-                });
-            } else if r.from <= seen {
-                c.findings.push(Finding::Back {
-                    room: r.room.clone(),
-                    back_to: r.from,
-                    past: seen,
-                    at,
-                });
-                // Numbers start again at 1 in a new run; otherwise a
-                // range within the ones recorded leaves them recorded.
-                if r.from > 1 {
-                    top = top.max(seen);
+    for (name, mut files) in rooms {
+        let room = c.rooms.entry(name.clone()).or_default();
+        // The highest number recorded in this run, and where the last
+        // record was.
+        let mut high: Option<(u64, (usize, usize))> = None;
+        loop {
+            let first = files
+                .iter()
+                .filter_map(|(f, q)| q.front().map(|(t, p)| (*t, p.record.from, *f)))
+                .min();
+            let Some((_, _, file)) = first else { break };
+            let Some((_, p)) = files.get_mut(&file).and_then(VecDeque::pop_front) else {
+                break;
+            };
+            let r = &p.record;
+            let at = (p.file, p.line);
+            if room.records == 0 {
+                room.first = r.from;
+            }
+            room.records += 1;
+            room.last = r.to;
+            room.nodes.insert(r.node.clone());
+            let mut top = r.to;
+            if let Some((seen, before)) = high {
+                if r.from > seen.saturating_add(1) {
+                    c.findings.push(Finding::Gap {
+                        room: name.clone(),
+                        from: seen + 1,
+                        to: r.from - 1,
+                        before,
+                        after: at,
+                    });
+                } else if r.from <= seen {
+                    c.findings.push(Finding::Back {
+                        room: name.clone(),
+                        back_to: r.from,
+                        past: seen,
+                        at,
+                    });
+                    // Numbers start again at 1 in a new run; otherwise a
+                    // range within the ones recorded leaves them recorded.
+                    if r.from > 1 {
+                        top = top.max(seen);
+                    }
                 }
             }
+            high = Some((top, at));
         }
-        high.insert(r.room.clone(), (top, at));
     }
     c
 }
@@ -203,6 +211,27 @@ mod tests {
         ]);
         assert_eq!(c.findings, []);
         assert_eq!(c.rooms["a"].last, 9);
+    }
+
+    /// A new run right after a clock stepped back: the file's order, not
+    /// the numbers, decides.
+    #[test]
+    fn a_new_run_after_a_step_back_keeps_the_files_order() {
+        let c = merge(vec![
+            placed(1, 1, "a", 1, 3, 5_000),
+            placed(1, 2, "a", 4, 6, 2_000),
+            placed(1, 3, "a", 1, 2, 3_000),
+            placed(1, 4, "a", 3, 3, 6_000),
+        ]);
+        assert_eq!(
+            c.findings,
+            [Finding::Back {
+                room: "a".into(),
+                back_to: 1,
+                past: 6,
+                at: (1, 3),
+            }]
+        );
     }
 
     /// A handover logged from a little before the last leader's last
