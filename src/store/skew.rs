@@ -3,10 +3,10 @@
 //! every node checks the tokens the others signed with seconds of
 //! leeway: a node whose clock is off would let more people in than
 //! `max_active` and hold turns open, and sends passes back to the line,
-//! and nothing else says why. Measured at each tick against Redis's `TIME`,
-//! exported, logged when it goes past [`WARN_MS`], and taken off every
-//! time the node sends to Redis ([`Skew::shared_ms`]): the cluster counts
-//! on one clock, Redis's.
+//! and nothing else says why. Measured at the start and at each tick
+//! against Redis's `TIME`, exported, logged when it goes past
+//! [`WARN_MS`], and taken off every time the node sends to Redis
+//! ([`Skew::shared_ms`]): the cluster counts on one clock, Redis's.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::OnceLock;
