@@ -745,10 +745,7 @@ async fn a_tick_waits_once_for_a_store_that_does_not_answer() {
     }
     let nodes = nodes(&cfg, 1).await;
     advance(&nodes, 1000).await;
-    let mut stats = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut stats = redis.connection();
     let mut calls = || {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
@@ -1220,10 +1217,7 @@ async fn an_answer_lost(
     let room = format!("{room}\nmode = \"queue_all\"");
     let nodes = nodes(&cluster_config_at(&relay.url(), up, &room, ""), 1).await;
     until_recovered(&nodes, 0).await;
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     let mut queue = || -> u64 {
         redis::cmd("HGET")
             .arg("t:{portal}:state")
@@ -1721,10 +1715,7 @@ async fn when_redis_loses_its_last_writes_no_number_is_handed_out_twice() {
 
     redis.kill();
     let redis = RedisServer::start_saved(port, &dir);
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     let queue: String = redis::cmd("HGET")
         .arg("t:{portal}:state")
         .arg("queue")
@@ -2072,10 +2063,7 @@ async fn a_room_whose_tick_fails_holds_up_no_other_room_at_any_tick() {
     let nodes = nodes(&cfg, 1).await;
     advance(&nodes, 1000).await;
     assert!(redis.command("SET t:{b}:state broken").starts_with("+OK"));
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     for tick in 0..3 {
         advance(&nodes, 1000).await;
         let now = varco::clock::Clock::now_ms(&nodes[0].clock);
@@ -2118,10 +2106,7 @@ async fn asking_about_a_session_never_shortens_it() {
     let mut p = nodes[0].citizen();
     assert!(p.get("/").await.reached_upstream());
     advance(&nodes, 1000).await;
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     let key = "t:{portal}:sessions";
     let sessions: Vec<(String, u64)> = redis::cmd("ZRANGE")
         .arg(key)
@@ -2837,6 +2822,20 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     );
 }
 
+/// A store over `redis` with no node around it (prefix "t:", a 3 s lease,
+/// a 1 s tick), for a test that calls the room's store itself.
+async fn bare_store(redis: &RedisServer) -> varco::store::redis::RedisStore {
+    varco::store::redis::RedisStore::connect(
+        &redis.url(),
+        "t:",
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(1),
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 /// Questions about one session (a status poll with a pass, a release, a
 /// pass coming back) are sent without the room's opening: one that finds
 /// no state in Redis (Redis lost its data before a scheduled opening)
@@ -2847,15 +2846,7 @@ async fn a_question_about_a_session_does_not_open_a_scheduled_room() {
     use varco::room::admission::{Issued, Limits, Mode};
     use varco::store::RoomStore;
     let redis = RedisServer::start();
-    let store = varco::store::redis::RedisStore::connect(
-        &redis.url(),
-        "t:",
-        std::time::Duration::from_secs(3),
-        std::time::Duration::from_secs(1),
-        None,
-    )
-    .await
-    .unwrap();
+    let store = bare_store(&redis).await;
     let room = store.room("portal");
     let now = common::gated::T0;
     assert!(!room.peek(42, now).await.unwrap());
@@ -3212,10 +3203,7 @@ async fn a_step_of_a_nodes_clock_between_ticks_puts_no_time_ahead_in_redis() {
     node.app.tick().await;
     clock.step_to(600_000);
     assert!(Citizen::new(node.addr).get("/").await.reached_upstream());
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
     // A second's leeway for the measure's error (half a round trip), on a
     // busy host; the step is ten minutes.
@@ -3250,15 +3238,7 @@ async fn the_admission_logs_mark_never_goes_back_nor_to_another_run() {
     use varco::room::admission::{Limits, Mode};
     use varco::store::RoomStore;
     let redis = RedisServer::start();
-    let store = varco::store::redis::RedisStore::connect(
-        &redis.url(),
-        "t:",
-        std::time::Duration::from_secs(3),
-        std::time::Duration::from_secs(1),
-        None,
-    )
-    .await
-    .unwrap();
+    let store = bare_store(&redis).await;
     let room = store.room("portal");
     assert_eq!(room.audited().await.unwrap(), None);
     let limits = Limits {

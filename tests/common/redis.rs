@@ -134,6 +134,16 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// A client connection of the test's own, to read or set what the
+    /// nodes keep.
+    #[allow(dead_code)] // not every test file uses it
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     /// Waits until the server answers PING (its readiness signal).
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
