@@ -129,6 +129,8 @@ pub struct Verifier {
     records: u64,
     last_time_ms: u64,
     files: usize,
+    /// With [`Verifier::keeping`]: each record checked, with its line.
+    kept: Option<Vec<(usize, Record)>>,
 }
 
 impl Default for Verifier {
@@ -150,7 +152,20 @@ impl Verifier {
             records: 0,
             last_time_ms: 0,
             files: 0,
+            kept: None,
         }
+    }
+
+    /// Keeps each record checked, with its line, for [`Verifier::kept`].
+    pub fn keeping(mut self) -> Verifier {
+        self.kept = Some(Vec::new());
+        self
+    }
+
+    /// The records kept (see [`Verifier::keeping`]): whole lines only, as
+    /// checked.
+    pub fn kept(self) -> Vec<(usize, Record)> {
+        self.kept.unwrap_or_default()
     }
 
     /// Lets the first file begin past record 1: a rotated file checked
@@ -194,8 +209,12 @@ impl Verifier {
             }
             let r: Record = serde_json::from_slice(&bytes)
                 .map_err(|e| fail(None, format!("not a record: {e}")))?;
+            let keep = self.kept.is_some().then(|| r.clone());
             self.record(r, line_no == 1)
                 .map_err(|(seq, why)| fail(seq, why))?;
+            if let (Some(kept), Some(r)) = (self.kept.as_mut(), keep) {
+                kept.push((line_no, r));
+            }
         }
     }
 

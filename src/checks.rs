@@ -223,32 +223,26 @@ fn verify_files(files: &[String], continues: bool) -> Outcome {
 }
 
 /// `varco audit ranges`: the files' records merged per room, each file's
-/// chain checked on its own first (as a continuation: a rotated file
-/// begins past record 1). A last line not ended is not part of a log yet.
+/// chain checked on its own (as a continuation: a rotated file begins
+/// past record 1), its records as checked (a last line not ended is not
+/// part of a log yet).
 fn ranges_files(files: &[String]) -> Outcome {
     use audit::ranges::{self, Finding, Placed};
     let mut placed = Vec::new();
     for (i, file) in files.iter().enumerate() {
-        let bytes = match std::fs::read(file) {
-            Ok(b) => b,
+        let reader = match std::fs::File::open(file) {
+            Ok(f) => f,
             Err(e) => return fail(format!("cannot read {file}: {e}")),
         };
-        if let Err(b) = audit::Verifier::new().continuing().file(bytes.as_slice()) {
+        let mut v = audit::Verifier::new().continuing().keeping();
+        if let Err(b) = v.file(reader) {
             return fail(format!("{file}: {b}"));
         }
-        for (n, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
-            if !line.ends_with(b"\n") {
-                break;
-            }
-            match serde_json::from_slice(line) {
-                Ok(record) => placed.push(Placed {
-                    file: i + 1,
-                    line: n + 1,
-                    record,
-                }),
-                Err(e) => return fail(format!("{file} line {}: not a record: {e}", n + 1)),
-            }
-        }
+        placed.extend(v.kept().into_iter().map(|(line, record)| Placed {
+            file: i + 1,
+            line,
+            record,
+        }));
     }
     let whence: std::collections::HashMap<(usize, usize), (String, String)> = placed
         .iter()
