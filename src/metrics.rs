@@ -280,7 +280,7 @@ impl Metrics {
         let store_clock_offset = prometheus::GaugeVec::new(
             Opts::new(
                 "varco_store_clock_offset_seconds",
-                "This node's clock minus Redis's, measured at the start and at each tick (positive: ahead); cluster mode only. Times sent to Redis are corrected by it; the tickets and passes a node signs are checked by the others with 5 s of leeway",
+                "This node's clock minus Redis's, measured at the start and at each tick (positive: ahead); cluster mode only. The node runs on Redis's clock, its own moved by this (what it sends, signs and checks); its log lines keep its own",
             ),
             &[],
         )

@@ -3266,3 +3266,49 @@ async fn the_admission_logs_mark_never_goes_back_nor_to_another_run() {
     room.set_audited(run, 8).await.unwrap();
     assert_eq!(room.audited().await.unwrap(), Some((run, 8)));
 }
+
+/// Every node signs and checks tickets and passes on Redis's clock: a
+/// node twenty minutes behind took an in-step node's pass for one not
+/// yet good (a minute of leeway) and its ticket for none, and one twenty
+/// minutes ahead took the pass for lapsed; either sent an admitted
+/// person back to the line, where the one slot was theirs already. So
+/// did an in-step node with the passes a node off signed.
+#[tokio::test]
+async fn a_pass_and_a_ticket_hold_on_a_node_whose_clock_is_off() {
+    for (offset, signed_off) in [
+        (-1_200_000, false),
+        (1_200_000, false),
+        (-1_200_000, true),
+        (1_200_000, true),
+    ] {
+        let case = format!("offset {offset}, signed by the node off: {signed_off}");
+        let redis = RedisServer::start();
+        let up = upstream::spawn().await;
+        let room = "max_active = 1\nsession_idle = \"5m\"";
+        let cfg = cluster_config(&redis, up.addr, room, "");
+        let in_step = Gated::start_on(&cfg, varco::clock::system()).await;
+        let off = Gated::start_on(&cfg, Off::by(offset)).await;
+        let (from, to) = if signed_off {
+            (&off, &in_step)
+        } else {
+            (&in_step, &off)
+        };
+        let mut admitted = Citizen::new(from.addr);
+        assert!(admitted.get("/").await.reached_upstream(), "{case}");
+        let mut waiting = Citizen::new(from.addr);
+        assert!(waiting.get("/").await.is_waiting_page(), "{case}");
+        let mut moved = Citizen::new(to.addr);
+        moved.jar = admitted.jar.clone();
+        assert!(
+            moved.get("/").await.reached_upstream(),
+            "{case}: the pass holds on the other node"
+        );
+        let mut moved = Citizen::new(to.addr);
+        moved.jar = waiting.jar.clone();
+        assert_eq!(
+            moved.status("portal").await["position"],
+            1,
+            "{case}: the ticket holds its place on the other node"
+        );
+    }
+}

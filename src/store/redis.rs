@@ -18,7 +18,7 @@ use redis::Script;
 
 use super::blocks::Blocks;
 use super::link::Link;
-use super::skew::Skew;
+use super::skew::{RedisClock, Skew};
 use super::{
     Checked, HandOver, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive,
     StoreError,
@@ -166,10 +166,19 @@ impl RedisStore {
     }
 
     /// Measures `clock` against Redis's at the start and at each tick,
-    /// into `gauge` (`varco_store_clock_offset_seconds`); must come
-    /// before [`RedisStore::reach`].
-    pub fn watch_clock(&self, clock: crate::clock::SharedClock, gauge: prometheus::GaugeVec) {
-        self.skew.watch(clock, gauge);
+    /// into `gauge` (`varco_store_clock_offset_seconds`), and gives back
+    /// the clock the node is to run on: Redis's (see [`RedisClock`]).
+    /// Must come before [`RedisStore::reach`].
+    pub fn watch_clock(
+        &self,
+        clock: crate::clock::SharedClock,
+        gauge: prometheus::GaugeVec,
+    ) -> crate::clock::SharedClock {
+        self.skew.watch(clock.clone(), gauge);
+        Arc::new(RedisClock {
+            node: clock,
+            skew: self.skew.clone(),
+        })
     }
 
     /// Counts each time the connection to Redis is replaced.
@@ -489,12 +498,6 @@ impl RedisRoom {
         (s.generation, s.view)
     }
 
-    /// `node_ms` on Redis's clock: every time sent to Redis goes through
-    /// here (see [`Skew::shared_ms`]).
-    fn at(&self, node_ms: u64) -> u64 {
-        self.skew.shared_ms(node_ms)
-    }
-
     async fn call(
         &self,
         op: &str,
@@ -520,7 +523,7 @@ impl RedisRoom {
             inv.key(k);
         }
         inv.arg(op)
-            .arg(self.at(now_ms))
+            .arg(now_ms)
             .arg(limit_text(limits.per_minute))
             .arg(limit_text(limits.max_active.map(|m| m as f64)))
             .arg(limits.claim_window_ms)
@@ -721,7 +724,7 @@ impl RedisRoom {
             let args: Vec<String> = left
                 .ends
                 .iter()
-                .flat_map(|(sid, remember)| [hex(*sid), self.at(now_ms + remember).to_string()])
+                .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
             let inert = inert_limits(self.tick_ms);
             self.call("end", &inert, now_ms, &args).await?;
@@ -759,8 +762,7 @@ impl RedisRoom {
             // `ticket_ttl` of its issue, before now).
             let mut args = vec![format!("{epoch:016x}"), issued.to_string()];
             if limits.ticket_ttl_ms > 0 {
-                let forget_at =
-                    self.at(now_ms + limits.ticket_ttl_ms + crate::room::token::LEEWAY_MS);
+                let forget_at = now_ms + limits.ticket_ttl_ms + crate::room::token::LEEWAY_MS;
                 args.push(forget_at.to_string());
             }
             match self.call("reserve", limits, now_ms, &args).await? {
@@ -776,7 +778,7 @@ impl RedisRoom {
             let args: Vec<String> = left
                 .pending
                 .iter()
-                .flat_map(|(sid, exp)| [hex(*sid), self.at(*exp).to_string()])
+                .flat_map(|(sid, exp)| [hex(*sid), exp.to_string()])
                 .collect();
             self.call("adopt", limits, now_ms, &args).await?;
             left.pending.clear();
@@ -860,7 +862,7 @@ impl RoomStore for RedisRoom {
         now_ms: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         async move {
-            let args = [hex(session.sid), self.at(session.expires_ms).to_string()];
+            let args = [hex(session.sid), session.expires_ms.to_string()];
             let sid = session.sid;
             let r = match self.call("direct", &limits, now_ms, &args).await {
                 Ok(r) => r,
@@ -902,7 +904,7 @@ impl RoomStore for RedisRoom {
             let args = [
                 n.to_string(),
                 hex(session.sid),
-                self.at(session.expires_ms).to_string(),
+                session.expires_ms.to_string(),
                 generation.to_string(),
             ];
             let r = match self.call("claim", &limits, now_ms, &args).await {
@@ -949,7 +951,7 @@ impl RoomStore for RedisRoom {
             let r = self
                 .nodes_script
                 .key(&self.nodes_key)
-                .arg(self.at(now_ms))
+                .arg(now_ms)
                 .arg(&self.node)
                 .arg(3 * self.lease_ms.max(1000))
                 .invoke_async::<(Vec<String>, Vec<String>)>(&mut lent.conn)
@@ -990,7 +992,7 @@ impl RoomStore for RedisRoom {
                 let mut args = Vec::with_capacity(touched.len() * 2);
                 for (sid, exp) in &touched {
                     args.push(hex(*sid));
-                    args.push(self.at(*exp).to_string());
+                    args.push(exp.to_string());
                 }
                 self.call("touch", &limits, now_ms, &args).await?;
                 for (sid, exp) in touched {
@@ -1081,12 +1083,7 @@ impl RoomStore for RedisRoom {
             let limits = inert_limits(self.tick_ms);
             let exp = now_ms + idle_ms;
             let r = self
-                .call(
-                    "check",
-                    &limits,
-                    now_ms,
-                    &[hex(sid), self.at(exp).to_string()],
-                )
+                .call("check", &limits, now_ms, &[hex(sid), exp.to_string()])
                 .await;
             Ok(match r?.0 {
                 1 => {
@@ -1126,7 +1123,7 @@ impl RoomStore for RedisRoom {
                     "end",
                     &limits,
                     now_ms,
-                    &[hex(sid), self.at(now_ms + remember_ms).to_string()],
+                    &[hex(sid), (now_ms + remember_ms).to_string()],
                 )
                 .await
             {
@@ -1159,8 +1156,8 @@ impl RoomStore for RedisRoom {
                     &[
                         hex(old),
                         hex(new),
-                        self.at(expires_ms).to_string(),
-                        self.at(now_ms + remember_ms).to_string(),
+                        expires_ms.to_string(),
+                        (now_ms + remember_ms).to_string(),
                     ],
                 )
                 .await?;

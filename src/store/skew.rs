@@ -2,20 +2,21 @@
 //! claim windows and the admission rate on the times its nodes send, and
 //! every node checks the tokens the others signed with seconds of
 //! leeway: a node whose clock is off would let more people in than
-//! `max_active` and hold turns open, and sends passes back to the line,
+//! `max_active` and hold turns open, and send passes back to the line,
 //! and nothing else says why. Measured at the start and at each tick
 //! against Redis's `TIME`, exported, logged when it goes past
-//! [`WARN_MS`], and taken off every time the node sends to Redis
-//! ([`Skew::shared_ms`]): the cluster counts on one clock, Redis's.
+//! [`WARN_MS`], and the node runs on Redis's clock ([`RedisClock`]): the
+//! times it sends, the tokens it signs and checks, its opening hours and
+//! its audit records are all on one clock, the whole cluster's.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::clock::SharedClock;
+use crate::clock::{Clock, SharedClock};
 
-/// Past this, said in the log: NTP keeps clocks within milliseconds, and a
-/// second is a fifth of the leeway a token's expiry has across nodes.
+/// Past this, said in the log: NTP keeps clocks within milliseconds, so
+/// a second off is a time sync that failed, on the node or Redis's host.
 pub const WARN_MS: i64 = 1_000;
 
 #[derive(Default)]
@@ -70,7 +71,7 @@ impl Skew {
         match self.crossed(offset) {
             Some(true) => tracing::warn!(
                 offset_ms = offset,
-                "this node's clock is {} s {} Redis's: its times go to Redis corrected, but the other nodes check the tickets and passes it signs with 5 s of leeway; keep every node's clock in step (chrony, systemd-timesyncd)",
+                "this node's clock is {} s {} Redis's: it runs on Redis's clock, but its log lines keep its own, and when every node is off alike it is Redis's host that is off (and every room's opening with it); keep every node's clock, and Redis's host's, in step (chrony, systemd-timesyncd)",
                 offset.abs() as f64 / 1000.0,
                 if offset > 0 { "ahead of" } else { "behind" }
             ),
@@ -82,28 +83,21 @@ impl Skew {
         Some(offset)
     }
 
-    /// `node_ms`, a time on this node's clock, on Redis's: what the node
-    /// sends to Redis (its now, a session's expiry, when to forget an
-    /// end). Counted on every node's own clock, a node minutes behind
-    /// had its sessions lapse early in Redis and one ahead dropped the
-    /// others' early, both lifting `max_active`; a node ahead pushed
-    /// claim windows on. Redis's now is the last measure (at the start,
-    /// then each tick; within half a call's round trip) moved on by the
-    /// monotonic clock, so a step of the node's clock between measures
-    /// changes nothing; `node_ms` keeps its distance from the node's now
-    /// (an expiry `session_idle` ahead stays so). As it is before the
-    /// first measure, and on a test's simulated clock.
-    pub fn shared_ms(&self, node_ms: u64) -> u64 {
+    /// Redis's now: the last measure (at the start, then each tick;
+    /// within half a call's round trip) moved on by the monotonic clock,
+    /// so a step of the node's clock between measures changes nothing.
+    /// None before the first measure, and on a test's simulated clock
+    /// (every node of a test cluster is set to it alike).
+    pub fn redis_now_ms(&self) -> Option<u64> {
         let (Some((clock, _)), Some(origin)) = (self.watched.get(), self.origin.get()) else {
-            return node_ms;
+            return None;
         };
         if clock.simulated() {
-            return node_ms;
+            return None;
         }
-        let redis_now =
+        let now =
             self.redis_at_origin.load(Ordering::Relaxed) + origin.elapsed().as_millis() as i64;
-        let ahead = node_ms as i64 - clock.now_ms() as i64;
-        (redis_now + ahead).max(0) as u64
+        Some(now.max(0) as u64)
     }
 
     /// Whether `offset` went past [`WARN_MS`] (true) or came back within
@@ -118,6 +112,26 @@ impl Skew {
         } else {
             None
         }
+    }
+}
+
+/// The clock a cluster node runs on: Redis's, as [`Skew`] last measured
+/// it; the node's own until Redis first answers (a node that starts with
+/// Redis away signs on its own clock until then).
+pub struct RedisClock {
+    pub node: SharedClock,
+    pub skew: std::sync::Arc<Skew>,
+}
+
+impl Clock for RedisClock {
+    fn now_ms(&self) -> u64 {
+        self.skew
+            .redis_now_ms()
+            .unwrap_or_else(|| self.node.now_ms())
+    }
+
+    fn simulated(&self) -> bool {
+        self.node.simulated()
     }
 }
 
@@ -218,33 +232,45 @@ mod tests {
         (want..want + 1_000).contains(&got)
     }
 
-    #[test]
-    fn times_sent_to_redis_are_on_rediss_clock_once_measured() {
-        let s = Skew::default();
-        assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not watched");
-        let clock = std::sync::Arc::new(Set(1_000_000.into()));
-        s.watch(clock.clone(), gauge());
-        assert_eq!(s.shared_ms(1_000_000), 1_000_000, "not measured yet");
-        s.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
-        assert!(about(s.shared_ms(1_000_000), 1_600_000));
-        assert!(about(s.shared_ms(1_300_000), 1_900_000), "an expiry");
-        // The node's clock stepped ten minutes on before the next measure:
-        // Redis's now, and an expiry from the node's now, are as they were.
-        clock.0.store(1_600_000, Ordering::Relaxed);
-        assert!(about(s.shared_ms(1_600_000), 1_600_000), "a step");
-        assert!(about(s.shared_ms(1_900_000), 1_900_000));
-        s.measure(&time(400, 0), 1_600_000, Instant::now(), Duration::ZERO);
-        assert!(about(s.shared_ms(1_600_000), 400_000), "ahead");
-        assert!(s.shared_ms(100) < 1_000, "never below the epoch");
+    fn redis_clock(node: crate::clock::SharedClock) -> (RedisClock, std::sync::Arc<Skew>) {
+        let skew = std::sync::Arc::new(Skew::default());
+        skew.watch(node.clone(), gauge());
+        let clock = RedisClock {
+            node,
+            skew: skew.clone(),
+        };
+        (clock, skew)
     }
 
     #[test]
-    fn a_simulated_clocks_times_go_as_they_are() {
-        let s = Skew::default();
-        let clock = crate::clock::ManualClock::new(1_000_000);
-        s.watch(std::sync::Arc::new(clock), gauge());
-        s.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
-        assert_eq!(s.shared_ms(1_000_000), 1_000_000);
+    fn a_node_runs_on_rediss_clock_once_measured() {
+        let node = std::sync::Arc::new(Set(1_000_000.into()));
+        let (clock, skew) = redis_clock(node.clone());
+        assert_eq!(clock.now_ms(), 1_000_000, "not measured yet: its own");
+        skew.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
+        assert!(about(clock.now_ms(), 1_600_000));
+        // The node's clock stepped ten minutes on before the next measure:
+        // Redis's now is as it was.
+        node.0.store(1_600_000, Ordering::Relaxed);
+        assert!(about(clock.now_ms(), 1_600_000), "a step");
+        skew.measure(&time(400, 0), 1_600_000, Instant::now(), Duration::ZERO);
+        assert!(about(clock.now_ms(), 400_000), "ahead");
+        skew.measure(
+            &time(0, 0),
+            1_600_000,
+            Instant::now(),
+            Duration::from_secs(1),
+        );
+        assert!(clock.now_ms() < 1_000, "never below the epoch");
+    }
+
+    #[test]
+    fn a_simulated_clock_is_run_on_as_it_is() {
+        let node = crate::clock::ManualClock::new(1_000_000);
+        let (clock, skew) = redis_clock(std::sync::Arc::new(node));
+        skew.measure(&time(1_600, 0), 1_000_000, Instant::now(), Duration::ZERO);
+        assert_eq!(clock.now_ms(), 1_000_000);
+        assert!(clock.simulated());
     }
 
     #[test]
