@@ -814,6 +814,33 @@ fn upstreams_with_a_port_or_an_ipv6_address_are_taken() {
     }
 }
 
+/// An upstream of another scheme is told what varco speaks, not asked for
+/// a scheme it has ("http://ftp://x" was the advice).
+#[test]
+fn an_upstream_of_another_scheme_is_told_which_varco_speaks() {
+    let e = Config::from_toml(
+        "[rooms.portal]\nupstreams = [\"ftp://x.example\"]\n",
+        Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("varco speaks http:// and https:// to upstreams, not ftp://"),
+        "{e}"
+    );
+    assert!(!e.contains("needs a scheme"), "{e}");
+    let e = Config::from_toml(
+        "[rooms.portal]\nupstreams = [\"127.0.0.1:9001\"]\n",
+        Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("needs a scheme: write e.g. \"http://127.0.0.1:9001\""),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_rooms_name_their_keys() {
     let cases: &[(&str, &str)] = &[

@@ -1344,7 +1344,12 @@ fn parse_upstream(text: &str) -> Result<Uri, String> {
         .map_err(|_| format!("\"{text}\" is not a URL: write e.g. \"http://127.0.0.1:9001\""))?;
     let scheme = match uri.scheme_str() {
         Some(s @ ("http" | "https")) => s.to_string(),
-        _ => {
+        Some(other) => {
+            return Err(format!(
+                "\"{text}\": varco speaks http:// and https:// to upstreams, not {other}://"
+            ))
+        }
+        None => {
             return Err(format!(
                 "\"{text}\" needs a scheme: write e.g. \"http://{text}\""
             ))
