@@ -1066,6 +1066,13 @@ impl App {
     /// One admission tick for every gated room, and for a room not gated
     /// that still holds sessions.
     pub async fn tick(&self) {
+        // A node started with Redis away runs on its own clock until
+        // Redis answers: measured first, so this tick's time is Redis's.
+        if let Stores::Redis(r) = &self.stores {
+            if !r.clock_ready() {
+                let _ = r.reach().await;
+            }
+        }
         let now = self.clock.now_ms();
         let mut trouble = None;
         // Whether a failed tick was one Redis did not answer: the rooms

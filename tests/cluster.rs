@@ -3312,3 +3312,115 @@ async fn a_pass_and_a_ticket_hold_on_a_node_whose_clock_is_off() {
         );
     }
 }
+
+/// A node started with Redis away runs on its own clock until Redis first
+/// answers, and sends Redis no time of it: a request's between Redis's
+/// return and the node's next tick goes to the node's own share, and that
+/// tick measures first. Sent as the node's own, its time stood the room's
+/// refill ahead by as much as the node's clock is (nobody in for as long)
+/// and the sessions' ends with it. (Less than the minute a ticket's start
+/// is checked with: the provisional ticket signed before the measure is
+/// on the node's clock, and one further ahead would be no ticket.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_with_redis_away_sends_it_no_time_of_its_own() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(common::dead_addr().port()).await;
+    let up = upstream::spawn().await;
+    let room = "admission_per_minute = 6000\nsession_idle = \"5m\"";
+    let cfg = cluster_config_at(&relay.url(), up.addr, room, "");
+    let node = Gated::start_on(&cfg, Off::by(50_000)).await;
+    node.app.tick().await;
+    relay.send_to(redis.port);
+    let mut early = Citizen::new(node.addr);
+    assert!(
+        early.get("/").await.is_waiting_page(),
+        "a provisional ticket"
+    );
+    let mut c = redis.connection();
+    let refilled = |c: &mut redis::Connection| -> Option<u64> {
+        redis::cmd("HGET")
+            .arg("t:{portal}:state")
+            .arg("refilled")
+            .query(c)
+            .unwrap()
+    };
+    assert_eq!(refilled(&mut c), None, "nothing sent before the tick");
+    until_recovered(std::slice::from_ref(&node), 0).await;
+    // Placed, called and in.
+    node.app.tick().await;
+    assert!(early.get("/").await.reached_upstream());
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+    // A second's leeway for the measure's error; the offset is fifty
+    // seconds.
+    let redis_now = secs * 1000 + micros / 1000 + 1000;
+    let refilled = refilled(&mut c).expect("the state written");
+    assert!(refilled <= redis_now, "{refilled} > {redis_now}");
+    let sessions: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg("t:{portal}:sessions")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut c)
+        .unwrap();
+    assert!(!sessions.is_empty());
+    for (sid, exp) in &sessions {
+        assert!(
+            *exp <= redis_now + 300_000,
+            "{sid}: {exp} > {redis_now} + 5 m"
+        );
+    }
+}
+
+/// What a node started with Redis away put by for Redis meanwhile (a
+/// session taken at its pass's word) goes to Redis moved onto Redis's
+/// clock at the first measure: as the node's own, twenty minutes ahead,
+/// it held a slot twenty minutes past its end.
+#[tokio::test]
+async fn what_a_node_put_by_before_redis_answered_goes_on_rediss_clock() {
+    use varco::room::admission::{Limits, Mode};
+    use varco::store::RoomStore;
+    let redis = RedisServer::start();
+    let relay = Relay::to(common::dead_addr().port()).await;
+    let store = varco::store::redis::RedisStore::connect(
+        &relay.url(),
+        "t:",
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(1),
+        None,
+    )
+    .await
+    .unwrap();
+    let gauge = prometheus::GaugeVec::new(prometheus::Opts::new("g", "g"), &[]).unwrap();
+    let clock = store.watch_clock(Off::by(1_200_000), gauge);
+    assert!(store.reach().await.is_err());
+    assert!(!store.clock_ready());
+    let room = store.room("portal");
+    let node_now = clock.now_ms();
+    assert!(room.take_at_its_word(7, node_now + 300_000));
+    relay.send_to(redis.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while store.reach().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "Redis never answered");
+    }
+    assert!(clock.now_ms() + 600_000 < node_now, "on Redis's clock");
+    let limits = Limits {
+        per_minute: None,
+        max_active: None,
+        claim_window_ms: 60_000,
+        tick_ms: 1_000,
+        opens_at_ms: None,
+        mode: Mode::Queue,
+        ticket_ttl_ms: 86_400_000,
+    };
+    room.tick(limits, clock.now_ms()).await.unwrap();
+    let mut c = redis.connection();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+    let redis_now = secs * 1000 + micros / 1000 + 1000;
+    let exp: Option<u64> = redis::cmd("ZSCORE")
+        .arg("t:{portal}:sessions")
+        .arg(format!("{:032x}", 7))
+        .query(&mut c)
+        .unwrap();
+    let exp = exp.expect("the session reported");
+    assert!(exp <= redis_now + 300_000, "{exp} > {redis_now} + 5 m");
+}

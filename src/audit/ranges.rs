@@ -72,10 +72,10 @@ impl Coverage {
 /// ranges. Each file keeps its own order (a k-way merge of the files, a
 /// record placed by the latest time of its file so far): a node's clock
 /// stepped back, or two records in the same millisecond, move none of a
-/// file's records before its earlier ones. Across files the nodes'
-/// clocks must be in step: a handover logged by a clock behind the last
-/// leader's by more than the time between their records reads as a gap
-/// followed by a repeat.
+/// file's records before its earlier ones. Across files the times must
+/// be on one clock (a cluster's nodes write Redis's): a handover logged
+/// by a clock behind the last leader's by more than the time between
+/// their records reads as a gap followed by a repeat.
 pub fn merge(mut records: Vec<Placed>) -> Coverage {
     records.sort_by_key(|p| (p.file, p.line));
     let mut latest: BTreeMap<usize, u64> = BTreeMap::new();

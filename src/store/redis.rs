@@ -159,10 +159,25 @@ impl RedisStore {
             .query_async::<Vec<String>>(&mut lent.conn)
             .await;
         let time = self.link.outcome(&lent, r)?;
+        let first = !self.skew.ready();
         if let Some((asked_ms, at)) = asking {
-            self.skew.measure(&time, asked_ms, at, at.elapsed());
+            let offset = self.skew.measure(&time, asked_ms, at, at.elapsed());
+            // What the node put by for Redis while on its own clock goes
+            // to Redis on Redis's (the node's clock jumps here, by its
+            // offset).
+            if let Some(offset) = offset.filter(|_| first && self.skew.ready()) {
+                for room in self.rooms.iter() {
+                    room.onto_rediss_clock(offset);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Whether the node runs on Redis's clock yet (see [`Skew::ready`]):
+    /// until then, [`RedisStore::reach`] comes before each tick.
+    pub fn clock_ready(&self) -> bool {
+        self.skew.ready()
     }
 
     /// Measures `clock` against Redis's at the start and at each tick,
@@ -498,6 +513,41 @@ impl RedisRoom {
         (s.generation, s.view)
     }
 
+    /// Refuses, as Redis away, until the node runs on Redis's clock: a
+    /// node started with Redis away and its clock off would send times
+    /// off by as much (a room opened early, sessions shifted). The next
+    /// tick measures first; until then, the node's own share serves.
+    fn clock_ready(&self) -> Result<(), StoreError> {
+        if self.skew.ready() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "Redis has not answered since this node started: its clock is not measured yet"
+                    .into(),
+            ))
+        }
+    }
+
+    /// The times this node put by for Redis while on its own clock (off
+    /// by `offset_ms`, positive ahead), moved onto Redis's: session
+    /// expiries to report and the own share's refill. Called once, at the
+    /// first measure.
+    fn onto_rediss_clock(&self, offset_ms: i64) {
+        let moved = |t: u64| t.saturating_add_signed(-offset_ms);
+        for mut e in self.touched.iter_mut() {
+            *e.value_mut() = moved(*e.value());
+        }
+        for e in self.sessions.iter() {
+            let exp = e.value();
+            exp.store(moved(exp.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        let mut f = self.lock_fallback();
+        for (_, exp) in &mut f.pending {
+            *exp = moved(*exp);
+        }
+        f.refilled_ms = moved(f.refilled_ms);
+    }
+
     async fn call(
         &self,
         op: &str,
@@ -518,6 +568,7 @@ impl RedisRoom {
         args: &[String],
         extra: &[String],
     ) -> Result<Reply, StoreError> {
+        self.clock_ready()?;
         let mut inv = self.script.prepare_invoke();
         for k in self.keys.iter().chain(extra) {
             inv.key(k);
@@ -946,6 +997,7 @@ impl RoomStore for RedisRoom {
 
     fn tick(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         async move {
+            self.clock_ready()?;
             let mut lent = self.link.lend();
             let asking = self.skew.asking();
             let r = self

@@ -28,9 +28,12 @@ pub struct Skew {
     /// The host's monotonic clock from the first measure on, and
     /// Redis's time (ms) at that origin as the last measure puts it:
     /// Redis's now is that plus the time gone since, whatever the node's
-    /// clock does meanwhile. No lock: read for every time sent.
+    /// clock does meanwhile. No lock: read at every read of the clock.
     origin: OnceLock<Instant>,
     redis_at_origin: AtomicI64,
+    /// Set once `redis_at_origin` holds a measure (after it, so a read
+    /// never takes the origin without its time: 1970).
+    measured: AtomicBool,
 }
 
 impl Skew {
@@ -65,6 +68,7 @@ impl Skew {
         let since = (asked_at + took / 2).saturating_duration_since(origin);
         self.redis_at_origin
             .store(redis as i64 - since.as_millis() as i64, Ordering::Relaxed);
+        self.measured.store(true, Ordering::Release);
         if let Some((_, g)) = self.watched.get() {
             g.with_label_values::<&str>(&[]).set(offset as f64 / 1000.0);
         }
@@ -89,15 +93,26 @@ impl Skew {
     /// None before the first measure, and on a test's simulated clock
     /// (every node of a test cluster is set to it alike).
     pub fn redis_now_ms(&self) -> Option<u64> {
-        let (Some((clock, _)), Some(origin)) = (self.watched.get(), self.origin.get()) else {
-            return None;
-        };
-        if clock.simulated() {
+        let (clock, _) = self.watched.get()?;
+        if clock.simulated() || !self.measured.load(Ordering::Acquire) {
             return None;
         }
+        let origin = self.origin.get()?;
         let now =
             self.redis_at_origin.load(Ordering::Relaxed) + origin.elapsed().as_millis() as i64;
         Some(now.max(0) as u64)
+    }
+
+    /// Whether the node's clock is Redis's yet: false from `watch` to the
+    /// first measure, while the node runs on its own (a node started with
+    /// Redis away). Until then it sends Redis no time: any would be off by
+    /// as much as its clock is. True unwatched (nothing to measure), and
+    /// on a test's simulated clock (run on as it is).
+    pub fn ready(&self) -> bool {
+        match self.watched.get() {
+            Some((clock, _)) => clock.simulated() || self.measured.load(Ordering::Acquire),
+            None => true,
+        }
     }
 
     /// Whether `offset` went past [`WARN_MS`] (true) or came back within
