@@ -99,6 +99,10 @@ pub struct LotteryInfo {
 /// soonest polls, jitter included, and some margin for a slow phone.
 pub const MIN_CLAIM_WINDOW: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The longest a pre-queue page waits between polls, long before the
+/// opening.
+const PREQUEUE_POLL_MAX_S: u64 = 300;
+
 impl Status<'_> {
     /// What the page's message says: `closed`, `prequeue`, `paused` or
     /// `waiting` (a missed turn's note is a waiting page's). The script
@@ -122,12 +126,26 @@ impl Status<'_> {
     /// two polls fall inside the window and an estimate that was too long
     /// (or a rate raised meanwhile) cannot call and lapse an open page's
     /// turn.
+    ///
+    /// Before a scheduled opening, half the time left, up to 5 minutes:
+    /// no turn can come before it, and a pre-queue taken days ahead, at
+    /// one poll every 20 s, was thousands of status answers a second,
+    /// each signing a receipt, for nothing. Half, so the page (at most 1.3
+    /// times that later) still asks before the opening, and at 20 s from
+    /// 40 s before it.
     pub fn poll_seconds(&self) -> u64 {
         let cap = (self.claim_window_seconds * 10 / 26).clamp(5, 30);
+        let usual = cap.min(20);
         match (self.state, self.eta_seconds) {
             ("admitted", _) => 1,
+            _ if self.prequeue => {
+                let left_s = self
+                    .opens_at
+                    .map_or(0, |t| t.saturating_sub(self.updated) / 1000);
+                (left_s / 2).clamp(usual, PREQUEUE_POLL_MAX_S)
+            }
             (_, Some(eta)) => (eta / 4).clamp(5, cap),
-            _ => cap.min(20),
+            _ => usual,
         }
     }
 }
@@ -1247,6 +1265,43 @@ mod tests {
         assert!(s.poll_seconds() >= 5);
         s.eta_seconds = None;
         assert!(s.poll_seconds() >= 5);
+    }
+
+    #[test]
+    fn a_prequeue_page_asks_seldom_long_before_the_opening_and_never_past_it() {
+        let mut s = status();
+        s.state = "waiting";
+        s.prequeue = true;
+        s.eta_seconds = None;
+        s.updated = 1_796_112_000_000;
+        for window in [15, 60, 300] {
+            s.claim_window_seconds = window;
+            let usual = (window * 10 / 26).clamp(5, 30).min(20);
+            for left_s in [0, 10, 40, 41, 100, 600, 3_600, 3 * 86_400] {
+                s.opens_at = Some(s.updated + left_s * 1000);
+                let poll = s.poll_seconds();
+                assert!(poll >= usual, "{window}s window, {left_s}s left: {poll}");
+                assert!(poll <= 300, "{left_s}s left: {poll}");
+                // The page waits up to 1.3 times the delay: it still asks
+                // before the opening while that is further than the usual
+                // delay.
+                if left_s >= 2 * usual {
+                    assert!(poll as f64 * 1.3 < left_s as f64, "{left_s}s left: {poll}");
+                }
+            }
+        }
+        s.claim_window_seconds = 60;
+        s.opens_at = Some(s.updated + 3 * 86_400_000);
+        assert_eq!(s.poll_seconds(), 300, "days ahead");
+        s.opens_at = Some(s.updated + 600_000);
+        assert_eq!(s.poll_seconds(), 300);
+        s.opens_at = Some(s.updated + 100_000);
+        assert_eq!(s.poll_seconds(), 50);
+        s.opens_at = Some(s.updated + 10_000);
+        assert_eq!(s.poll_seconds(), 20, "as near the opening as ever");
+        s.prequeue = false;
+        s.opens_at = None;
+        assert_eq!(s.poll_seconds(), 20, "not a pre-queue: as ever");
     }
 
     #[test]
