@@ -305,7 +305,7 @@ const IT: Strings = Strings {
     eta_hours_about: "circa {n} ore",
     updated: "Ultimo aggiornamento",
     keep_open: "Tieni aperta questa pagina: entrerai automaticamente. Ricaricarla non ti fa perdere il posto.",
-    prequeue: "Il servizio apre il {day} alle {time} ({zone}). Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
+    prequeue: "Il servizio apre {day} alle {time} ({zone}). Chi arriva prima dell'apertura riceve un posto estratto a sorte all'apertura: arrivare prima non dà vantaggi.",
     paused: "L'accesso è sospeso per ora. Il tuo posto è conservato: la coda ripartirà da qui.",
     missed_turn: "Il tuo turno era arrivato, ma entro {w} nessuno è tornato su questa pagina per entrare (una scheda chiusa, un telefono in standby), e il posto è passato al successivo. Questo è un nuovo posto in coda: tieni aperta questa pagina per non perderlo.",
     seconds: "{n} secondi",
@@ -612,11 +612,18 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             .opens_at
             .and_then(|t| crate::timefmt::opening(t, status.opens_offset_s))
         {
-            // "1 dicembre 2026", as a person writes a date: an ISO
-            // date reads as a code to most.
+            // "1 December 2026", as a person writes a date: an ISO
+            // date reads as a code to most. Italian puts the article in
+            // it, as it is said: "il 1º", "l'8", "l'11", "il 30".
             Some(((y, mo, d), time, zone)) => {
                 let month = s.months[(mo as usize).clamp(1, 12) - 1];
-                (format!("{d} {month} {y}"), time, zone)
+                let day = match (lang, d) {
+                    (Language::En, _) => format!("{d} {month} {y}"),
+                    (Language::It, 1) => format!("il 1º {month} {y}"),
+                    (Language::It, 8 | 11) => format!("l'{d} {month} {y}"),
+                    (Language::It, _) => format!("il {d} {month} {y}"),
+                };
+                (day, time, zone)
             }
             None => ("?".into(), "?".into(), "UTC".into()),
         };
@@ -895,7 +902,9 @@ mod tests {
         st.opens_at = Some(1_796_112_000_000);
         st.opens_offset_s = 3600;
         let page = |st: &Status, lang| render(Template::default_template(), st, lang, "/");
-        assert!(page(&st, Language::It).contains("apre il 1 dicembre 2026 alle 09:00 (UTC+01:00)."));
+        assert!(
+            page(&st, Language::It).contains("apre il 1º dicembre 2026 alle 09:00 (UTC+01:00).")
+        );
         assert!(page(&st, Language::En).contains("opens on 1 December 2026 at 09:00 (UTC+01:00)."));
         st.opens_offset_s = 0;
         assert!(page(&st, Language::En).contains("opens on 1 December 2026 at 08:00 (UTC)."));
@@ -909,8 +918,23 @@ mod tests {
         // Each month by its name.
         st.opens_offset_s = 0;
         st.opens_at = Some(1_767_225_600_000); // 2026-01-01T00:00:00Z
-        assert!(page(&st, Language::It).contains("apre il 1 gennaio 2026 alle 00:00"));
+        assert!(page(&st, Language::It).contains("apre il 1º gennaio 2026 alle 00:00"));
         assert!(page(&st, Language::En).contains("opens on 1 January 2026 at 00:00"));
+        // The article as it is said: "l'8", "l'11" ("il 8" is not Italian).
+        for (day, it) in [
+            (8, "l&#39;8 gennaio"),
+            (11, "l&#39;11 gennaio"),
+            (2, "il 2 gennaio"),
+        ] {
+            st.opens_at = Some(1_767_225_600_000 + (day - 1) * 86_400_000);
+            let text = page(&st, Language::It);
+            assert!(
+                text.contains(&format!("apre {it} 2026 alle 00:00")),
+                "{day}"
+            );
+            let en = format!("opens on {day} January 2026");
+            assert!(page(&st, Language::En).contains(&en), "{day}");
+        }
     }
 
     #[test]
