@@ -433,6 +433,12 @@ impl Admin {
                     "close" => Some(LiveChange::Mode(Mode::Closed)),
                     "passthrough" => Some(LiveChange::Mode(Mode::Passthrough)),
                     "rate" => match limit_value::<f64>(value) {
+                        Ok(Some(rate)) if rate > crate::room::admission::MAX_PER_MINUTE => {
+                            return problem(
+                                StatusCode::BAD_REQUEST,
+                                "value must be at most 1000000000 new sessions per minute",
+                            )
+                        }
                         Ok(rate) => Some(LiveChange::PerMinute(rate)),
                         Err(e) => return problem(StatusCode::BAD_REQUEST, e),
                     },

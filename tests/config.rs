@@ -1015,6 +1015,16 @@ fn bad_waiting_room_keys_name_their_keys() {
             "admission_per_minute = -5\n",
             "rooms.portal.admission_per_minute",
         ),
+        // Its burst overflowed to infinity, which the snapshot cannot
+        // hold: the next start lost the line.
+        (
+            "admission_per_minute = 1e306\n",
+            "rooms.portal.admission_per_minute",
+        ),
+        (
+            "adaptive = { min_per_minute = 60, max_per_minute = 1e306, target_latency = \"100ms\" }\n",
+            "rooms.portal.adaptive.max_per_minute",
+        ),
         ("max_active = 0\n", "rooms.portal.max_active"),
         // NaN bounds once panicked before the error was told.
         (

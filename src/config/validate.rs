@@ -15,7 +15,7 @@ use super::file::{
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
-use crate::room::admission::Mode;
+use crate::room::admission::{Mode, MAX_PER_MINUTE};
 use crate::room::token::Keyring;
 
 /// hyper refuses a read buffer below 8 KiB, and nothing sane needs more
@@ -820,10 +820,10 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         if let Some(rate) = r.admission_per_minute {
-            if !(rate > 0.0 && rate.is_finite()) {
+            if !(rate > 0.0 && rate <= MAX_PER_MINUTE) {
                 p.add(
                     key("admission_per_minute"),
-                    "must be a positive number of new sessions per minute",
+                    "must be a positive number of new sessions per minute, at most 1000000000",
                 );
             }
         }
@@ -1215,17 +1215,17 @@ fn parse_adaptive(
     key: &dyn Fn(&str) -> String,
     p: &mut Problems,
 ) -> AdaptiveConfig {
-    let positive = |x: f64| x > 0.0 && x.is_finite();
+    let positive = |x: f64| x > 0.0 && x <= MAX_PER_MINUTE;
     if !positive(a.min_per_minute) {
         p.add(
             key("adaptive.min_per_minute"),
-            "must be a positive number of new sessions per minute",
+            "must be a positive number of new sessions per minute, at most 1000000000",
         );
     }
     if !positive(a.max_per_minute) || a.max_per_minute < a.min_per_minute {
         p.add(
             key("adaptive.max_per_minute"),
-            "must be a number of new sessions per minute at least min_per_minute",
+            "must be a number of new sessions per minute at least min_per_minute, at most 1000000000",
         );
     }
     if let Some(s) = start {

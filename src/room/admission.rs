@@ -85,6 +85,13 @@ impl Mode {
     }
 }
 
+/// The highest rate a room takes, new sessions a minute (16 million a
+/// second, past any portal): far above it the token bucket's burst, a
+/// tick's worth, overflowed to infinity, which the snapshot writes as
+/// null and the next start cannot read back (every place in line lost
+/// with it).
+pub const MAX_PER_MINUTE: f64 = 1e9;
+
 /// A room's limits as the admission rules need them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
