@@ -212,6 +212,7 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
                     room.metrics.reentries_after_crash.inc();
                     true
                 }
+                Adoption::Alive => true,
                 Adoption::Waits => return Ok(Held::Place(pass)),
                 Adoption::Refused => false,
             }

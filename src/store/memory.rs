@@ -287,14 +287,12 @@ impl RoomStore for MemoryRoom {
             return Adoption::Refused;
         };
         // A second of slack: the snapshot's time is read before its
-        // sessions are. A session this node knows (even idled out) was
-        // not lost, nor one begun since the restart (this run's own,
+        // sessions are. Not one begun since the restart (this run's own,
         // lapsed and purged: it comes back as anyone's lapsed pass does).
         if began_ms + 1_000 < lost_from
             || began_ms >= restarted
             || now_ms >= restarted + idle_ms
             || self.ended.contains_key(&sid)
-            || self.sessions.contains_key(&sid)
         {
             return Adoption::Refused;
         }
@@ -303,6 +301,15 @@ impl RoomStore for MemoryRoom {
         // only a free one: its slot may have gone to somebody else (its
         // number called again and lapsed).
         let mut st = self.lock();
+        // Known here: taken back by a request of the same pass that got
+        // the lock first (a page and its assets at once: this one, turned
+        // away, took its holder out of the portal mid-form), or idled out
+        // since, which was not lost. Under the lock, as the taking is.
+        match self.peek_local(sid, now_ms) {
+            Liveness::Alive => return Adoption::Alive,
+            _ if self.sessions.contains_key(&sid) => return Adoption::Refused,
+            _ => {}
+        }
         let claim = st.claim(n, limits, now_ms);
         if claim != Claim::Admitted
             && limits
@@ -1285,10 +1292,12 @@ mod tests {
         );
         assert_eq!(room.touch(7, 16_000, idle), Liveness::Alive);
         assert_eq!(room.view().reserved, 0, "its number's slot is taken");
-        assert!(
-            room.adopt(7, 1, 11_500, 16_000, idle, &l) == Adoption::Refused,
-            "a session this node knows is not taken back again"
+        assert_eq!(
+            room.adopt(7, 1, 11_500, 16_000, idle, &l),
+            Adoption::Alive,
+            "taken back already (a request of the same pass at once): alive, not taken again"
         );
+        assert_eq!(room.view().active, 1, "counted once");
         assert!(
             room.adopt(5, 0, 12_000, 16_000, idle, &l) == Adoption::Refused,
             "another only into a free slot (max_active 1)"

@@ -172,6 +172,9 @@ pub enum HandOver {
 pub enum Adoption {
     /// Taken back: the pass lets its holder in again.
     Taken,
+    /// Taken back already, by a request of the same pass at once (a page
+    /// and its assets): alive, and counted once.
+    Alive,
     /// Its number is ahead of the serving counter the crash set back, and
     /// no place is free: the number is its holder's place in line again.
     Waits,
