@@ -750,11 +750,15 @@ impl App {
                     .iter()
                     .any(|l| !l.is_default() && l.name == lane.name);
                 let view = lane.store.view();
-                (!kept && (view.active > 0 || view.waiting > 0)).then(|| ConfigError {
+                // Called and not yet in, or drawn at the opening: neither
+                // is waiting, and each one's ticket names the lane.
+                let prequeue = if view.opened { 0 } else { view.prequeue };
+                let held = view.active + view.waiting + view.reserved + prequeue;
+                (!kept && held > 0).then(|| ConfigError {
                     key: format!("rooms.{}.lanes.{}", next.name, lane.name),
                     reason: format!(
-                        "the lane still holds {} live sessions and {} people waiting, whose passes and tickets name it: without it they count as none (sent back to the line mid-flow, their places lost). Keep it, selecting nobody into it (a header nobody sends), until it is empty",
-                        view.active, view.waiting
+                        "the lane still holds {} live sessions, {} people called and not yet in, {} waiting and {} in its pre-queue, whose passes and tickets name it: without it they count as none (sent back to the line mid-flow, their places lost). Keep it, selecting nobody into it (a header nobody sends), until it is empty",
+                        view.active, view.reserved, view.waiting, prequeue
                     ),
                 })
             })

@@ -502,6 +502,59 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
     assert_eq!(counters().await, before, "the lane back counts once");
 }
 
+/// Nor while a lane holds people called and not yet in, or a pre-queue:
+/// neither is "waiting" (the called have left the line; the pre-queue is
+/// no line before the draw), and each one's ticket names the lane. Taken,
+/// the reload sent the called to the back of another lane, their turn
+/// gone, and the pre-queue with them.
+#[tokio::test]
+async fn a_lane_with_people_called_or_in_its_prequeue_is_not_removed() {
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 600_000;
+    for prequeue in [false, true] {
+        let room = if prequeue {
+            format!(
+                "{SIXTY_A_MINUTE}\nopens_at = \"{}\"",
+                varco::timefmt::rfc3339(opens)
+            )
+        } else {
+            SIXTY_A_MINUTE.to_string()
+        };
+        let with = lanes_room(up.addr, &room, false);
+        let (g, file) = Gated::start_written(&format!("lane-called-{prequeue}"), &with).await;
+        let mut broker = intermediary(g.addr, SECRET);
+        assert!(broker.get("/").await.is_waiting_page());
+        if !prequeue {
+            g.advance(1000).await;
+            assert_eq!(broker.status("portal").await["state"], "admitted");
+        }
+        let v = g.app.room("portal").unwrap().lanes[1].store.view();
+        assert_eq!((v.active, v.waiting), (0, 0), "{prequeue}: {v:?}");
+        let without = with
+            .split("[rooms.portal.lanes.intermediaries]")
+            .next()
+            .unwrap();
+        std::fs::write(&file, without).unwrap();
+        let refused = g.app.reload().await.expect_err("a lane in use removed");
+        assert!(
+            refused
+                .to_string()
+                .contains("rooms.portal.lanes.intermediaries"),
+            "{refused}"
+        );
+        if prequeue {
+            g.clock.set_ms(opens);
+            for _ in 0..3 {
+                g.advance(1000).await;
+            }
+        }
+        assert!(
+            broker.get("/").await.reached_upstream(),
+            "{prequeue}: the turn kept"
+        );
+    }
+}
+
 /// An operator's `max_active`, kept by a reload, is what the lanes share
 /// at once, not the file's until the next tick: lanes admitting at once
 /// after a certificate renewal's reload must not pass the operator's cap.
