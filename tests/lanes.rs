@@ -557,6 +557,37 @@ async fn a_lane_with_people_called_or_in_its_prequeue_is_not_removed() {
 
 /// An operator's `max_active`, kept by a reload, is what the lanes share
 /// at once, not the file's until the next tick: lanes admitting at once
+/// An operator's change is what the lanes share from the next request,
+/// not from the next tick: `max_active` cut from 100 to 4 during an
+/// overload let each lane go on admitting its half of 100 for up to a
+/// tick (`store.tick`, up to 5 s).
+#[tokio::test]
+async fn the_lanes_share_an_operators_change_at_once() {
+    let up = upstream::spawn().await;
+    let toml = lanes_room(up.addr, "max_active = 100", false)
+        .replace("weight = 0.8", "weight = 0.5")
+        .replace("weight = 0.2", "weight = 0.5");
+    let g = Gated::start(&toml).await;
+    g.app
+        .change_live(
+            "portal",
+            Some(varco::store::LiveChange::MaxActive(Some(4))),
+            |_, _| {},
+        )
+        .await
+        .unwrap()
+        .2
+        .unwrap();
+    let admitted = |got: common::client::Got| usize::from(got.reached_upstream());
+    let mut n = 0;
+    for _ in 0..10 {
+        n += admitted(g.citizen().get("/").await);
+        n += admitted(intermediary(g.addr, SECRET).get("/").await);
+    }
+    assert!(n <= 4, "{n} admitted under the operator's max_active of 4");
+    assert!(n >= 2, "each lane its part: {n}");
+}
+
 /// after a certificate renewal's reload must not pass the operator's cap.
 #[tokio::test]
 async fn after_a_reload_the_lanes_share_the_operators_cap() {

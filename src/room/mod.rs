@@ -507,6 +507,7 @@ impl Room {
             }
         };
         self.held.fetch_or(held, Ordering::SeqCst);
+        self.share_between_lanes();
     }
 
     /// The change told to the other nodes (cluster mode).
@@ -528,6 +529,7 @@ impl Room {
         self.local_changes.fetch_add(1, Ordering::SeqCst);
         self.back_to_config();
         self.held.store(0, Ordering::SeqCst);
+        self.share_between_lanes();
     }
 
     /// The reset told to the other nodes (cluster mode).
@@ -603,6 +605,7 @@ impl Room {
             self.set_max_active(shared.max_active.unwrap_or(c.max_active));
             hold(HELD_MAX_ACTIVE, shared.max_active.is_some());
         }
+        self.share_between_lanes();
         tracing::info!(
             room = %self.name,
             version = %shared.version,
@@ -643,8 +646,9 @@ impl Room {
     }
 
     /// The lanes' shares of the limits in force: again after a change of
-    /// them outside a tick (a reload keeping live changes), or the lanes
-    /// would admit by the file's until the next one.
+    /// them outside a tick (an operator's, here or through another node,
+    /// or a reload keeping them), or the lanes would admit by the old
+    /// ones until the next.
     pub fn share_between_lanes(&self) {
         lanes::share(&self.lanes, &self.limits(), None);
     }
