@@ -886,9 +886,15 @@ impl App {
                         let room = redis.room(&line);
                         match room.refresh(limits_of(next, tick), now).await {
                             Ok(()) => Some(room.view()),
+                            // Not taken unchecked: a queue that had opened
+                            // would admit before the time the page tells,
+                            // and the next start refuse this very file.
                             Err(e) => {
-                                tracing::warn!(room = %next.name, error = %e, "cannot read the room's state: whether its queue has already opened is not checked");
-                                None
+                                errors.push(ConfigError {
+                                    key: format!("rooms.{}.opens_at", next.name),
+                                    reason: format!("cannot check whether the queue the store keeps for this room has already opened ({e}): reload again once the store answers"),
+                                });
+                                break;
                             }
                         }
                     }

@@ -3424,3 +3424,38 @@ async fn what_a_node_put_by_before_redis_answered_goes_on_rediss_clock() {
     let exp = exp.expect("the session reported");
     assert!(exp <= redis_now + 300_000, "{exp} > {redis_now} + 5 m");
 }
+
+/// A reload that brings a room with an opening still to come is refused
+/// while Redis does not answer, naming the key: whether the queue Redis
+/// keeps for that name has opened (the room removed by an earlier reload,
+/// its queue open) cannot be checked. Taken unchecked, that queue admitted
+/// before the time the page tells, and the next start refused the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_with_an_opening_is_not_added_unchecked_while_redis_is_away() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(redis.port).await;
+    let up = upstream::spawn().await;
+    let cfg = cluster_config_at(&relay.url(), up.addr, "", "");
+    let (node, file) = Gated::start_written("opening-unchecked", &cfg).await;
+    let opens = varco::timefmt::rfc3339(common::gated::T0 + 600_000);
+    let more = format!(
+        "{cfg}[rooms.later]\nupstreams = [\"http://{}\"]\npaths = [\"/later\"]\nopens_at = \"{opens}\"\n",
+        up.addr
+    );
+    std::fs::write(&file, &more).unwrap();
+    relay.send_to(common::dead_addr().port());
+    relay.cut();
+    let refused = node.app.reload().await.expect_err("taken unchecked");
+    assert!(
+        refused.to_string().contains("rooms.later.opens_at"),
+        "{refused}"
+    );
+    assert!(node.app.room("later").is_none());
+    relay.send_to(redis.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while let Err(e) = node.app.reload().await {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        node.advance(1000).await;
+    }
+    assert!(node.app.room("later").is_some(), "checked, and taken");
+}
