@@ -569,18 +569,27 @@ impl Room {
         if self.local_changes.load(Ordering::SeqCst) != before {
             return true;
         }
+        if shared.version.is_empty() {
+            let was = std::mem::take(&mut *self.followed.lock().unwrap_or_else(|e| e.into_inner()));
+            if was == shared {
+                return true;
+            }
+            // The hash is gone with Redis's data: keep what is in force
+            // (a pause must not lift itself), and follow what comes next.
+            // And put it back: a node started from now on reads only the
+            // store, and came up with the file's mode and limits (a
+            // rolling restart after the loss lifted the pause).
+            tracing::warn!(room = %self.name, "the cluster's live settings are gone from the store; keeping the ones in force, and putting them back");
+            self.put_back_held(was.version.parse().unwrap_or(0)).await;
+            return true;
+        }
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
         if *followed == shared {
             return true;
         }
-        if shared.version.is_empty() {
-            // The hash is gone with Redis's data: keep what is in force
-            // (a pause must not lift itself), and follow what comes next.
-            tracing::warn!(room = %self.name, "the cluster's live settings are gone from the store; keeping the ones in force");
-            *followed = SharedLive::default();
-            return true;
-        }
-        let reset = shared.reset != followed.reset;
+        // A reset is one the store names: a hash put back after Redis lost
+        // its data names none, and is no reset.
+        let reset = !shared.reset.is_empty() && shared.reset != followed.reset;
         if reset {
             self.back_to_config();
             self.held.store(0, Ordering::SeqCst);
@@ -616,6 +625,30 @@ impl Room {
         );
         *followed = shared;
         true
+    }
+
+    /// The live changes this node holds, told to the store again (after
+    /// it lost them). Every node that held them does so, alike.
+    async fn put_back_held(&self, followed_version: u64) {
+        let held = self.held.load(Ordering::SeqCst);
+        let changes: Vec<LiveChange> = [
+            (HELD_MODE, LiveChange::Mode(self.mode())),
+            (HELD_RATE, LiveChange::PerMinute(self.per_minute())),
+            (HELD_MAX_ACTIVE, LiveChange::MaxActive(self.max_active())),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| held & bit != 0)
+        .map(|(_, change)| change)
+        .collect();
+        if changes.is_empty() {
+            return;
+        }
+        // At once: a node reading the fields one by one would take those
+        // not there yet for dropped, and go back to its file's for a tick.
+        if let Err(e) = self.store.put_back_live(&changes, followed_version).await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(room = %self.name, error = %e, "cannot put the live settings back into the store: a node started meanwhile runs on its file's");
+        }
     }
 
     /// A room built by a reload keeps the live changes of the room it

@@ -287,6 +287,18 @@ pub trait RoomStore: Send + Sync + 'static {
     fn share_live(&self, _change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }
+    /// Puts back the changes a node holds after the store lost them, at
+    /// once (a node reading them one by one would take those not there
+    /// yet for dropped), with a version past `above`, the last this node
+    /// followed: versions keep moving up across the loss, so a node that
+    /// never saw it takes no new reset for one it followed.
+    fn put_back_live(
+        &self,
+        _changes: &[LiveChange],
+        _above: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
     /// Drops every shared change: each node goes back to its config.
     fn reset_live(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()

@@ -372,12 +372,38 @@ type Reply = (
 );
 
 /// Drops the shared fields and records the reset under a new version.
+/// KEYS[1] the live hash; ARGV[1] the version to pass, then field,
+/// value pairs.
+const PUT_BACK_LIVE: &str = r#"
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+local above = tonumber(ARGV[1])
+if v <= above then
+  redis.call('HSET', KEYS[1], 'version', string.format('%d', above + 1))
+end
+return 0
+"#;
+
 const RESET_LIVE: &str = r#"
 redis.call('HDEL', KEYS[1], 'mode', 'rate', 'max_active')
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'reset', v)
 return 0
 "#;
+
+/// A live change as the field of the live hash it sets.
+fn live_field(change: LiveChange) -> (&'static str, String) {
+    match change {
+        LiveChange::Mode(m) => ("mode", m.as_str().to_string()),
+        LiveChange::PerMinute(r) => ("rate", limit_text(r)),
+        LiveChange::MaxActive(m) => (
+            "max_active",
+            m.map(|v| v.to_string()).unwrap_or_else(|| "-1".into()),
+        ),
+    }
+}
 
 /// `-1` is unlimited, as in the admission script's arguments.
 fn limit_text(v: Option<f64>) -> String {
@@ -1262,14 +1288,7 @@ impl RoomStore for RedisRoom {
     }
 
     fn share_live(&self, change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
-        let (field, value) = match change {
-            LiveChange::Mode(m) => ("mode", m.as_str().to_string()),
-            LiveChange::PerMinute(r) => ("rate", limit_text(r)),
-            LiveChange::MaxActive(m) => (
-                "max_active",
-                m.map(|v| v.to_string()).unwrap_or_else(|| "-1".into()),
-            ),
-        };
+        let (field, value) = live_field(change);
         async move {
             let mut lent = self.link.lend();
             let r = redis::pipe()
@@ -1280,6 +1299,26 @@ impl RoomStore for RedisRoom {
                 .ignore()
                 .query_async::<()>(&mut lent.conn)
                 .await;
+            self.link.outcome(&lent, r)
+        }
+        .boxed()
+    }
+
+    fn put_back_live(
+        &self,
+        changes: &[LiveChange],
+        above: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let fields: Vec<(&'static str, String)> = changes.iter().map(|c| live_field(*c)).collect();
+        async move {
+            let script = Script::new(PUT_BACK_LIVE);
+            let mut inv = script.key(&self.live_key);
+            inv.arg(above);
+            for (field, value) in &fields {
+                inv.arg(*field).arg(value);
+            }
+            let mut lent = self.link.lend();
+            let r = inv.invoke_async::<()>(&mut lent.conn).await;
             self.link.outcome(&lent, r)
         }
         .boxed()
