@@ -2815,6 +2815,15 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     };
     let before = version().expect("shared");
     assert_eq!(redis.command("FLUSHALL"), "+OK");
+    // Node 1 first: it puts back the rate the operator shared, not the one
+    // in force there (its own, as an adaptive one).
+    nodes[1].app.tick().await;
+    let rate: Option<String> = redis::cmd("HGET")
+        .arg("t:{portal}:live")
+        .arg("rate")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(rate.as_deref(), Some("240"));
     advance(&nodes, 1000).await;
     // Put back past the version the nodes followed: one that never saw
     // the loss takes no later reset for one it followed.

@@ -570,17 +570,24 @@ impl Room {
             return true;
         }
         if shared.version.is_empty() {
-            let was = std::mem::take(&mut *self.followed.lock().unwrap_or_else(|e| e.into_inner()));
+            let was = self
+                .followed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if was == shared {
                 return true;
             }
             // The hash is gone with Redis's data: keep what is in force
             // (a pause must not lift itself), and follow what comes next.
-            // And put it back: a node started from now on reads only the
-            // store, and came up with the file's mode and limits (a
-            // rolling restart after the loss lifted the pause).
+            // And put back what the cluster shared: a node started from
+            // now on reads only the store, and came up with the file's
+            // mode and limits (a rolling restart after the loss lifted
+            // the pause). Until it is back, at each tick.
             tracing::warn!(room = %self.name, "the cluster's live settings are gone from the store; keeping the ones in force, and putting them back");
-            self.put_back_held(was.version.parse().unwrap_or(0)).await;
+            if !self.put_back(&was).await {
+                *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = SharedLive::default();
+            }
             return true;
         }
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
@@ -627,28 +634,33 @@ impl Room {
         true
     }
 
-    /// The live changes this node holds, told to the store again (after
-    /// it lost them). Every node that held them does so, alike.
-    async fn put_back_held(&self, followed_version: u64) {
-        let held = self.held.load(Ordering::SeqCst);
+    /// The changes the cluster shared (`was`, as this node last followed
+    /// them) told to the store again after it lost them, unless a node
+    /// did first or an operator changed something since. Shared values,
+    /// not the ones in force here: a rate adaptive admission moved on
+    /// this node is its own. False: nothing to put back.
+    async fn put_back(&self, was: &SharedLive) -> bool {
         let changes: Vec<LiveChange> = [
-            (HELD_MODE, LiveChange::Mode(self.mode())),
-            (HELD_RATE, LiveChange::PerMinute(self.per_minute())),
-            (HELD_MAX_ACTIVE, LiveChange::MaxActive(self.max_active())),
+            was.mode.map(LiveChange::Mode),
+            was.per_minute.map(LiveChange::PerMinute),
+            was.max_active.map(LiveChange::MaxActive),
         ]
         .into_iter()
-        .filter(|(bit, _)| held & bit != 0)
-        .map(|(_, change)| change)
+        .flatten()
         .collect();
         if changes.is_empty() {
-            return;
+            return false;
         }
         // At once: a node reading the fields one by one would take those
         // not there yet for dropped, and go back to its file's for a tick.
-        if let Err(e) = self.store.put_back_live(&changes, followed_version).await {
+        // Past the version followed: versions keep moving up across the
+        // loss. Tried again next tick if this fails.
+        let above = was.version.parse().unwrap_or(0);
+        if let Err(e) = self.store.put_back_live(&changes, above).await {
             self.metrics.store_errors.inc();
-            tracing::warn!(room = %self.name, error = %e, "cannot put the live settings back into the store: a node started meanwhile runs on its file's");
+            tracing::warn!(room = %self.name, error = %e, "cannot put the live settings back into the store yet: a node started meanwhile runs on its file's");
         }
+        true
     }
 
     /// A room built by a reload keeps the live changes of the room it

@@ -287,11 +287,12 @@ pub trait RoomStore: Send + Sync + 'static {
     fn share_live(&self, _change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }
-    /// Puts back the changes a node holds after the store lost them, at
-    /// once (a node reading them one by one would take those not there
-    /// yet for dropped), with a version past `above`, the last this node
-    /// followed: versions keep moving up across the loss, so a node that
-    /// never saw it takes no new reset for one it followed.
+    /// Puts back the changes the cluster shared after the store lost
+    /// them, at once (a node reading them one by one would take those not
+    /// there yet for dropped), with a version past `above`, the last this
+    /// node followed: versions keep moving up across the loss. Nothing if
+    /// the store holds shared changes again (put back by another node, or
+    /// an operator's since).
     fn put_back_live(
         &self,
         _changes: &[LiveChange],

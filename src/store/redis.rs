@@ -373,8 +373,12 @@ type Reply = (
 
 /// Drops the shared fields and records the reset under a new version.
 /// KEYS[1] the live hash; ARGV[1] the version to pass, then field,
-/// value pairs.
+/// value pairs. Only into an empty hash: another node put it back first,
+/// or an operator changed something since the loss, which stands.
 const PUT_BACK_LIVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
