@@ -732,6 +732,27 @@ impl App {
                     ),
                 });
             }
+            // Before the opening a pre-queue page asks seldom (up to every
+            // 5 minutes, 1.3 times that with its jitter): an opening
+            // brought nearer than that would call places whose pages have
+            // not asked since, and let their turns lapse.
+            let earliest = now + crate::page::waiting::PREQUEUE_POLL_MAX_S * 1_300;
+            let brought = match (room.config.opens_at_ms, next.opens_at_ms) {
+                (Some(was), Some(new)) => new < was && new < earliest,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if !view.opened && view.prequeue > 0 && brought {
+                return Some(ConfigError {
+                    key: format!("rooms.{}.opens_at", next.name),
+                    reason: format!(
+                        "{} people wait in the pre-queue, and their pages ask only every few minutes before the opening: brought nearer than {} (or removed), it would call places whose pages have not asked since, and their turns would lapse. Bring it to {} or later",
+                        view.prequeue,
+                        crate::timefmt::rfc3339(earliest),
+                        crate::timefmt::rfc3339(earliest)
+                    ),
+                });
+            }
             not_reopened(&next.name, next.opens_at_ms, &view, now).err()
         })
     }

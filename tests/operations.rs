@@ -1092,6 +1092,46 @@ async fn a_reload_cannot_move_the_opening_of_a_drawn_prequeue() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// Before the opening, a pre-queue page asks up to every 5 minutes: an
+/// opening brought nearer than a page's longest wait (or removed) is
+/// refused, naming the key, as it would call places whose pages have not
+/// asked since; one brought nearer but still past it, or moved later, is
+/// the operator's to choose.
+#[tokio::test]
+async fn a_reload_cannot_bring_a_prequeues_opening_nearer_than_its_pages_ask() {
+    let up = upstream::spawn().await;
+    let room = |opens: Option<u64>| {
+        let opening = opens
+            .map(|t| format!("opens_at = \"{}\"", varco::timefmt::rfc3339(t)))
+            .unwrap_or_default();
+        with_admin(&gated_config(
+            up.addr,
+            &format!("max_active = 1\nadmission_per_minute = 60\n{opening}"),
+        ))
+    };
+    let t0 = common::gated::T0;
+    let (g, path) = Gated::start_written("opening-nearer", &room(Some(t0 + 3_600_000))).await;
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    assert_eq!(early.status("portal").await["state"], "waiting");
+    for nearer in [Some(t0 + 60_000), None] {
+        std::fs::write(&path, room(nearer)).unwrap();
+        let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+        assert_eq!(got.status, 422, "{nearer:?}: {}", got.text());
+        let err = got.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            err.contains("rooms.portal.opens_at") && err.contains("pre-queue"),
+            "{err}"
+        );
+    }
+    for fine in [t0 + 1_800_000, t0 + 7_200_000] {
+        std::fs::write(&path, room(Some(fine))).unwrap();
+        let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+        assert_eq!(got.status, 200, "{fine}: {}", got.text());
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 /// The room of the opening tests: one slot, a minute's rate, `extra`.
 fn one_slot_room(up: std::net::SocketAddr, extra: &str) -> String {
     with_admin(&gated_config(

@@ -101,7 +101,7 @@ pub const MIN_CLAIM_WINDOW: std::time::Duration = std::time::Duration::from_secs
 
 /// The longest a pre-queue page waits between polls, long before the
 /// opening.
-const PREQUEUE_POLL_MAX_S: u64 = 300;
+pub const PREQUEUE_POLL_MAX_S: u64 = 300;
 
 impl Status<'_> {
     /// What the page's message says: `closed`, `prequeue`, `paused` or
