@@ -555,8 +555,6 @@ async fn a_lane_with_people_called_or_in_its_prequeue_is_not_removed() {
     }
 }
 
-/// An operator's `max_active`, kept by a reload, is what the lanes share
-/// at once, not the file's until the next tick: lanes admitting at once
 /// An operator's change is what the lanes share from the next request,
 /// not from the next tick: `max_active` cut from 100 to 4 during an
 /// overload let each lane go on admitting its half of 100 for up to a
@@ -588,6 +586,8 @@ async fn the_lanes_share_an_operators_change_at_once() {
     assert!(n >= 2, "each lane its part: {n}");
 }
 
+/// An operator's `max_active`, kept by a reload, is what the lanes share
+/// at once, not the file's until the next tick: lanes admitting at once
 /// after a certificate renewal's reload must not pass the operator's cap.
 #[tokio::test]
 async fn after_a_reload_the_lanes_share_the_operators_cap() {

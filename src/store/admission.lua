@@ -11,8 +11,8 @@
 -- five minutes), named by the node that asked.
 -- Every time in it (now, expiries, when to forget) is on Redis's clock:
 -- each node runs on it (src/store/skew.rs), measured at its start and at
--- each tick. (A node that could not reach Redis at its start sends it
--- nothing until a tick has measured it.)
+-- each tick. (A node that could not reach Redis at its start calls this
+-- script only once a tick has measured it.)
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
 -- the asking node last saw of the state: 9 its generation ('' : nothing
