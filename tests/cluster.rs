@@ -3160,6 +3160,24 @@ impl varco::clock::Clock for Off {
     }
 }
 
+/// Redis's time (ms), and a second's leeway for a node's measure of it
+/// (half a round trip, on a busy host): no time a node sent may pass it.
+fn redis_now_with_leeway(c: &mut redis::Connection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(c).unwrap();
+    secs * 1000 + micros / 1000 + 1000
+}
+
+/// The portal room's sessions in Redis, each with when it ends (ms).
+fn sessions_in_redis(c: &mut redis::Connection) -> Vec<(String, u64)> {
+    redis::cmd("ZRANGE")
+        .arg("t:{portal}:sessions")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(c)
+        .unwrap()
+}
+
 /// Every node counts on Redis's clock, not its own: a node whose clock is
 /// off had its sessions lapse early in Redis (behind) or dropped the
 /// others' early (ahead), and a room of one let a second person in.
@@ -3236,23 +3254,15 @@ async fn a_step_of_a_nodes_clock_between_ticks_puts_no_time_ahead_in_redis() {
     clock.step_to(600_000);
     assert!(Citizen::new(node.addr).get("/").await.reached_upstream());
     let mut c = redis.connection();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
-    // A second's leeway for the measure's error (half a round trip), on a
-    // busy host; the step is ten minutes.
-    let redis_now = secs * 1000 + micros / 1000 + 1000;
+    // The step is ten minutes.
+    let redis_now = redis_now_with_leeway(&mut c);
     let refilled: u64 = redis::cmd("HGET")
         .arg("t:{portal}:state")
         .arg("refilled")
         .query(&mut c)
         .unwrap();
     assert!(refilled <= redis_now, "{refilled} > {redis_now}");
-    let sessions: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("t:{portal}:sessions")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query(&mut c)
-        .unwrap();
+    let sessions = sessions_in_redis(&mut c);
     assert_eq!(sessions.len(), 1);
     assert!(
         sessions[0].1 <= redis_now + 300_000,
@@ -3381,19 +3391,11 @@ async fn a_node_started_with_redis_away_sends_it_no_time_of_its_own() {
     // Placed, called and in.
     node.app.tick().await;
     assert!(early.get("/").await.reached_upstream());
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
-    // A second's leeway for the measure's error; the offset is fifty
-    // seconds.
-    let redis_now = secs * 1000 + micros / 1000 + 1000;
+    // The offset is fifty seconds.
+    let redis_now = redis_now_with_leeway(&mut c);
     let refilled = refilled(&mut c).expect("the state written");
     assert!(refilled <= redis_now, "{refilled} > {redis_now}");
-    let sessions: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("t:{portal}:sessions")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query(&mut c)
-        .unwrap();
+    let sessions = sessions_in_redis(&mut c);
     assert!(!sessions.is_empty());
     for (sid, exp) in &sessions {
         assert!(
@@ -3446,8 +3448,7 @@ async fn what_a_node_put_by_before_redis_answered_goes_on_rediss_clock() {
     };
     room.tick(limits, clock.now_ms()).await.unwrap();
     let mut c = redis.connection();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
-    let redis_now = secs * 1000 + micros / 1000 + 1000;
+    let redis_now = redis_now_with_leeway(&mut c);
     let exp: Option<u64> = redis::cmd("ZSCORE")
         .arg("t:{portal}:sessions")
         .arg(format!("{:032x}", 7))

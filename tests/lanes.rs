@@ -429,6 +429,23 @@ async fn a_lane_receipt_is_checked_through_the_admin_api() {
     }
 }
 
+/// Writes `with` without its intermediaries' lane to `file` (there for
+/// the test's next reload) and reloads: refused, naming the lane.
+async fn removing_the_lane_is_refused(g: &Gated, file: &std::path::Path, with: &str) {
+    let without = with
+        .split("[rooms.portal.lanes.intermediaries]")
+        .next()
+        .unwrap();
+    std::fs::write(file, without).unwrap();
+    let refused = g.app.reload().await.expect_err("a lane in use removed");
+    assert!(
+        refused
+            .to_string()
+            .contains("rooms.portal.lanes.intermediaries"),
+        "{refused}"
+    );
+}
+
 /// A reload that removes a lane keeps the room's counters going up: they
 /// add the lanes up, and a drop would read to Prometheus as a restart
 /// (`rate()` and `increase()` counting the whole total again). The lane
@@ -467,19 +484,8 @@ async fn removing_a_lane_never_moves_the_room_counters_back() {
         .unwrap();
     assert!(in_lane >= 1.0, "the lane admitted someone: {in_lane}");
 
-    let without = with
-        .split("[rooms.portal.lanes.intermediaries]")
-        .next()
-        .unwrap();
-    std::fs::write(&file, without).unwrap();
     // Not while it holds people: their passes and tickets name it.
-    let refused = g.app.reload().await.expect_err("a lane in use removed");
-    assert!(
-        refused
-            .to_string()
-            .contains("rooms.portal.lanes.intermediaries"),
-        "{refused}"
-    );
+    removing_the_lane_is_refused(&g, &file, &with).await;
     let mut broker = brokers.pop().unwrap();
     assert!(
         broker.get("/").await.reached_upstream(),
@@ -530,18 +536,7 @@ async fn a_lane_with_people_called_or_in_its_prequeue_is_not_removed() {
         }
         let v = g.app.room("portal").unwrap().lanes[1].store.view();
         assert_eq!((v.active, v.waiting), (0, 0), "{prequeue}: {v:?}");
-        let without = with
-            .split("[rooms.portal.lanes.intermediaries]")
-            .next()
-            .unwrap();
-        std::fs::write(&file, without).unwrap();
-        let refused = g.app.reload().await.expect_err("a lane in use removed");
-        assert!(
-            refused
-                .to_string()
-                .contains("rooms.portal.lanes.intermediaries"),
-            "{refused}"
-        );
+        removing_the_lane_is_refused(&g, &file, &with).await;
         if prequeue {
             g.clock.set_ms(opens);
             for _ in 0..3 {
