@@ -2854,11 +2854,30 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     );
 }
 
+/// A room's limits with none set: a queue, a minute's claim window, a
+/// second's tick, a day's tickets; for a test that calls the store itself.
+fn unlimited_queue() -> varco::room::admission::Limits {
+    varco::room::admission::Limits {
+        per_minute: None,
+        max_active: None,
+        claim_window_ms: 60_000,
+        tick_ms: 1_000,
+        opens_at_ms: None,
+        mode: varco::room::admission::Mode::Queue,
+        ticket_ttl_ms: 86_400_000,
+    }
+}
+
 /// A store over `redis` with no node around it (prefix "t:", a 3 s lease,
 /// a 1 s tick), for a test that calls the room's store itself.
 async fn bare_store(redis: &RedisServer) -> varco::store::redis::RedisStore {
+    bare_store_at(&redis.url()).await
+}
+
+/// As `bare_store`, over the Redis at `url` (a relay's).
+async fn bare_store_at(url: &str) -> varco::store::redis::RedisStore {
     varco::store::redis::RedisStore::connect(
-        &redis.url(),
+        url,
         "t:",
         std::time::Duration::from_secs(3),
         std::time::Duration::from_secs(1),
@@ -3178,18 +3197,25 @@ fn sessions_in_redis(c: &mut redis::Connection) -> Vec<(String, u64)> {
         .unwrap()
 }
 
+/// Over a Redis of their own, for a room of one (`session_idle` 5 m): a
+/// node on the system clock, and one whose clock is `offset` ms off.
+async fn in_step_and_off(offset: i64) -> (RedisServer, upstream::Upstream, Gated, Gated) {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let room = "max_active = 1\nsession_idle = \"5m\"";
+    let cfg = cluster_config(&redis, up.addr, room, "");
+    let in_step = Gated::start_on(&cfg, varco::clock::system()).await;
+    let off = Gated::start_on(&cfg, Off::by(offset)).await;
+    (redis, up, in_step, off)
+}
+
 /// Every node counts on Redis's clock, not its own: a node whose clock is
 /// off had its sessions lapse early in Redis (behind) or dropped the
 /// others' early (ahead), and a room of one let a second person in.
 #[tokio::test]
 async fn a_node_whose_clock_is_off_still_keeps_max_active() {
     for offset in [-600_000, 600_000] {
-        let redis = RedisServer::start();
-        let up = upstream::spawn().await;
-        let room = "max_active = 1\nsession_idle = \"5m\"";
-        let cfg = cluster_config(&redis, up.addr, room, "");
-        let in_step = Gated::start_on(&cfg, varco::clock::system()).await;
-        let off = Gated::start_on(&cfg, Off::by(offset)).await;
+        let (_redis, _up, in_step, off) = in_step_and_off(offset).await;
         // The first session ends, in a node's count, five minutes after
         // the earlier clock's now: the later clock is past it.
         let (early, late) = if offset < 0 {
@@ -3277,21 +3303,12 @@ async fn a_step_of_a_nodes_clock_between_ticks_puts_no_time_ahead_in_redis() {
 /// log from too far on.
 #[tokio::test]
 async fn the_admission_logs_mark_never_goes_back_nor_to_another_run() {
-    use varco::room::admission::{Limits, Mode};
     use varco::store::RoomStore;
     let redis = RedisServer::start();
     let store = bare_store(&redis).await;
     let room = store.room("portal");
     assert_eq!(room.audited().await.unwrap(), None);
-    let limits = Limits {
-        per_minute: None,
-        max_active: None,
-        claim_window_ms: 60_000,
-        tick_ms: 1_000,
-        opens_at_ms: None,
-        mode: Mode::Queue,
-        ticket_ttl_ms: 86_400_000,
-    };
+    let limits = unlimited_queue();
     room.refresh(limits, common::gated::T0).await.unwrap();
     let run = room.generation();
     assert_ne!(run, 0, "the state's run is known");
@@ -3324,12 +3341,7 @@ async fn a_pass_and_a_ticket_hold_on_a_node_whose_clock_is_off() {
         (1_200_000, true),
     ] {
         let case = format!("offset {offset}, signed by the node off: {signed_off}");
-        let redis = RedisServer::start();
-        let up = upstream::spawn().await;
-        let room = "max_active = 1\nsession_idle = \"5m\"";
-        let cfg = cluster_config(&redis, up.addr, room, "");
-        let in_step = Gated::start_on(&cfg, varco::clock::system()).await;
-        let off = Gated::start_on(&cfg, Off::by(offset)).await;
+        let (_redis, _up, in_step, off) = in_step_and_off(offset).await;
         let (from, to) = if signed_off {
             (&off, &in_step)
         } else {
@@ -3411,19 +3423,10 @@ async fn a_node_started_with_redis_away_sends_it_no_time_of_its_own() {
 /// it held a slot twenty minutes past its end.
 #[tokio::test]
 async fn what_a_node_put_by_before_redis_answered_goes_on_rediss_clock() {
-    use varco::room::admission::{Limits, Mode};
     use varco::store::RoomStore;
     let redis = RedisServer::start();
     let relay = Relay::to(common::dead_addr().port()).await;
-    let store = varco::store::redis::RedisStore::connect(
-        &relay.url(),
-        "t:",
-        std::time::Duration::from_secs(3),
-        std::time::Duration::from_secs(1),
-        None,
-    )
-    .await
-    .unwrap();
+    let store = bare_store_at(&relay.url()).await;
     let gauge = prometheus::GaugeVec::new(prometheus::Opts::new("g", "g"), &[]).unwrap();
     let clock = store.watch_clock(Off::by(1_200_000), gauge);
     assert!(store.reach().await.is_err());
@@ -3437,15 +3440,7 @@ async fn what_a_node_put_by_before_redis_answered_goes_on_rediss_clock() {
         assert!(std::time::Instant::now() < deadline, "Redis never answered");
     }
     assert!(clock.now_ms() + 600_000 < node_now, "on Redis's clock");
-    let limits = Limits {
-        per_minute: None,
-        max_active: None,
-        claim_window_ms: 60_000,
-        tick_ms: 1_000,
-        opens_at_ms: None,
-        mode: Mode::Queue,
-        ticket_ttl_ms: 86_400_000,
-    };
+    let limits = unlimited_queue();
     room.tick(limits, clock.now_ms()).await.unwrap();
     let mut c = redis.connection();
     let redis_now = redis_now_with_leeway(&mut c);
