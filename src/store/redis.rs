@@ -416,7 +416,14 @@ fn limit_text(v: Option<f64>) -> String {
 
 fn limit_of(text: &str) -> Option<Option<f64>> {
     let v: f64 = text.parse().ok()?;
-    Some((v >= 0.0).then_some(v))
+    if v < 0.0 {
+        return Some(None);
+    }
+    // A rate no node of this version takes (none, not a number, past
+    // MAX_PER_MINUTE: an older node's, in a rolling upgrade) is left to
+    // each node's config, as a field that does not parse: past the bound
+    // the token bucket overflowed, and the snapshot with it.
+    (v > 0.0 && v <= crate::room::admission::MAX_PER_MINUTE).then_some(Some(v))
 }
 
 /// The shared live changes from their hash; a field that does not parse
@@ -1429,6 +1436,16 @@ impl RoomStore for RedisRoom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_rate_is_taken_only_within_what_a_node_takes() {
+        assert_eq!(limit_of("240"), Some(Some(240.0)));
+        assert_eq!(limit_of("0.5"), Some(Some(0.5)));
+        assert_eq!(limit_of("-1"), Some(None), "unlimited");
+        for out in ["1e306", "inf", "NaN", "0", "x"] {
+            assert_eq!(limit_of(out), None, "{out}: left to the config");
+        }
+    }
 
     fn counters(queue: u64, serving: u64, active: u64) -> RoomView {
         RoomView {
