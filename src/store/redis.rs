@@ -804,6 +804,9 @@ impl RedisRoom {
                 lost_issues: std::mem::take(&mut f.lost_issues),
             }
         };
+        // Ends and given-back numbers decide no admission: sent with
+        // limits that move nothing.
+        let inert = inert_limits(self.tick_ms);
         // Ends first: a session ended here or on another node is not
         // adopted back.
         if !left.ends.is_empty() {
@@ -814,7 +817,6 @@ impl RedisRoom {
                 .iter()
                 .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
-            let inert = inert_limits(self.tick_ms);
             self.call("end", &inert, now_ms, &args).await?;
             left.ends.clear();
         }
@@ -831,7 +833,6 @@ impl RedisRoom {
                 .map(|(k, _)| k.clone())
                 .collect();
             sent += keys.len();
-            let inert = inert_limits(self.tick_ms);
             let r = self.call_keyed("void", &inert, now_ms, &[], &keys).await?;
             if r.0 > 0 {
                 tracing::info!(
