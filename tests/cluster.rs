@@ -2854,6 +2854,27 @@ async fn a_live_change_through_one_node_reaches_every_node() {
     );
 }
 
+/// A reset is told from one a node followed by more than its version:
+/// after Redis lost its data the versions start again, and a node that
+/// missed the loss (a change made through another node at once) took a
+/// reset of a number it had followed for that one, and went on with the
+/// shared changes the reset dropped.
+#[tokio::test]
+async fn a_reset_after_a_data_loss_is_not_taken_for_one_followed_before() {
+    use varco::store::RoomStore;
+    let redis = RedisServer::start();
+    let store = bare_store(&redis).await;
+    let room = store.room("portal");
+    room.reset_live().await.unwrap();
+    let before = room.shared_live().await.unwrap().expect("reset");
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    room.reset_live().await.unwrap();
+    let after = room.shared_live().await.unwrap().expect("reset");
+    assert_eq!(after.version, before.version, "the versions started again");
+    assert!(!after.reset.is_empty());
+    assert_ne!(after.reset, before.reset, "yet the resets differ");
+}
+
 /// A room's limits with none set: a queue, a minute's claim window, a
 /// second's tick, a day's tickets; for a test that calls the store itself.
 fn unlimited_queue() -> varco::room::admission::Limits {

@@ -120,13 +120,14 @@ pub enum LiveChange {
 
 /// The live changes every node of a cluster follows, as the store holds
 /// them: each field an operator set through any node since the last
-/// reset, a version that only ever moves up, and the version of the last
-/// reset.
+/// reset, a version that only ever moves up (within one life of Redis's
+/// data), and the name of the last reset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SharedLive {
     /// Empty: nothing ever shared.
     pub version: String,
-    /// Empty: never reset.
+    /// The last reset's name (its version and a random word); empty:
+    /// never reset.
     pub reset: String,
     pub mode: Option<Mode>,
     pub per_minute: Option<Option<f64>>,

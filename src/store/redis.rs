@@ -371,7 +371,7 @@ type Reply = (
     Vec<String>,
 );
 
-/// Drops the shared fields and records the reset under a new version.
+/// Puts the shared fields back after Redis lost them, under a new version.
 /// KEYS[1] the live hash; ARGV[1] the version to pass, then field,
 /// value pairs. Only into an empty hash: another node put it back first,
 /// or an operator changed something since the loss, which stands.
@@ -390,10 +390,14 @@ end
 return 0
 "#;
 
+/// Drops the shared fields and names the reset by its version and
+/// ARGV[1], a random word: after Redis lost its data the versions start
+/// again, and a reset named by its version alone could reuse the name of
+/// one a node followed before the loss, which would miss it.
 const RESET_LIVE: &str = r#"
 redis.call('HDEL', KEYS[1], 'mode', 'rate', 'max_active')
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'reset', v)
+redis.call('HSET', KEYS[1], 'reset', v .. ':' .. ARGV[1])
 return 0
 "#;
 
@@ -1341,8 +1345,10 @@ impl RoomStore for RedisRoom {
             let mut lent = self.link.lend();
             // The hash is never deleted: a version that started again at 1
             // could equal one a node already followed.
+            let name = format!("{:016x}", crate::room::token::random_u128() as u64);
             let r = Script::new(RESET_LIVE)
                 .key(&self.live_key)
+                .arg(name)
                 .invoke_async::<()>(&mut lent.conn)
                 .await;
             self.link.outcome(&lent, r)
