@@ -101,6 +101,13 @@ fn push_date(out: &mut String, y: i64, mo: u32, d: u32) {
     push_digits(out, u64::from(d), 2);
 }
 
+/// The day of `ms`, `YYYY-MM-DD` (UTC), appended. Nothing past year 9999.
+pub fn push_day(out: &mut String, ms: u64) {
+    if let Some((y, mo, d, ..)) = parts(ms / 1000) {
+        push_date(out, y, mo, d);
+    }
+}
+
 /// The time of day of `ms`, `HH:MM:SS` (UTC), appended.
 pub fn push_time_of_day(out: &mut String, ms: u64) {
     let s = ms / 1000 % 86_400;

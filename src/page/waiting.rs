@@ -716,10 +716,16 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
             crate::timefmt::push_rfc3339(out, a);
         }
     });
+    // A place in a pre-queue may be taken days before the opening: its
+    // time alone would read as today's.
     let arrived_time = add(&|out: &mut String| {
         if let Some(a) = status.arrived {
             out.push_str(s.arrived);
             out.push(' ');
+            if a / 86_400_000 != status.updated / 86_400_000 {
+                crate::timefmt::push_day(out, a);
+                out.push(' ');
+            }
             crate::timefmt::push_time_of_day(out, a);
             out.push_str(" UTC");
         }
@@ -895,6 +901,19 @@ mod tests {
     }
 
     #[test]
+    fn an_arrival_on_another_day_is_told_with_its_day() {
+        let mut st = status();
+        // 2026-11-29T07:55:00Z, a pre-queue place taken two days before.
+        st.arrived = Some(1_796_111_700_000 - 2 * 86_400_000);
+        let html = render(Template::default_template(), &st, Language::En, "/");
+        assert!(
+            html.contains(">arrived 2026-11-29 07:55:00 UTC<"),
+            "{}",
+            &html[html.find("id=\"arrived\"").unwrap()..][..80]
+        );
+    }
+
+    #[test]
     fn the_opening_is_told_in_the_zone_it_was_set_in() {
         let mut st = status();
         st.prequeue = true;
@@ -1018,7 +1037,11 @@ mod tests {
                 "receipt shown"
             );
             assert!(html.contains(">K7QX9M2A<"), "receipt code shown");
-            assert!(html.contains("07:55:00 UTC"), "arrival shown");
+            assert!(html.contains(" 07:55:00 UTC"), "arrival shown");
+            assert!(
+                !html.contains("2026-12-01 07:55"),
+                "today's without its day"
+            );
             assert!(
                 html.contains(r#"datetime="2026-12-01T08:00:00Z">08:00:00 UTC<"#),
                 "last update shown"
