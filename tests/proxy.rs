@@ -242,6 +242,36 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
         serde_json::json!(["198.51.100.7"]),
         "a trusted proxy's own X-Real-IP is kept"
     );
+
+    // A client's `Connection`, passed on by the balancer, naming the
+    // headers it says the client in: as hop-by-hop, they would go, and
+    // the portal would read the balancer as the client.
+    let req = Request::get(v.url("/echo"))
+        .header(
+            "connection",
+            "keep-alive, X-Forwarded-For, x-real-ip, forwarded, x-forwarded-proto",
+        )
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-real-ip", "198.51.100.7")
+        .header("forwarded", "for=198.51.100.7;proto=https")
+        .body(body::empty())
+        .unwrap();
+    let j = send(req).await.json();
+    let h = &j["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        serde_json::json!(["198.51.100.7, 127.0.0.1"]),
+        "{h}"
+    );
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(h["x-real-ip"], serde_json::json!(["198.51.100.7"]));
+    assert!(
+        h["forwarded"][0]
+            .as_str()
+            .is_some_and(|f| f.starts_with("for=198.51.100.7;proto=https")),
+        "{h}"
+    );
 }
 
 /// A balancer that writes `Forwarded` and passes the client's own
