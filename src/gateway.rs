@@ -299,6 +299,67 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
 /// Says the client gone when dropped (with the handler holding it).
 struct SaysGone(ClientGone);
 
+/// Whether the portal's answer ends the person's session: an
+/// `X-Varco-Release: 1` in any of its fields, or any item of one (a
+/// framework may fold two into `1, 1`, or add a `1` after another's
+/// `0`). Every field goes: the client never sees one.
+fn released(headers: &mut http::HeaderMap) -> bool {
+    let http::header::Entry::Occupied(fields) = headers.entry(RELEASE_HEADER) else {
+        return false;
+    };
+    let mut said = false;
+    for v in fields.remove_entry_mult().1 {
+        said |= v
+            .as_bytes()
+            .split(|b| *b == b',')
+            .any(|item| item.trim_ascii() == b"1");
+    }
+    said
+}
+
+/// A request forwarded on a task of its own (it holds an `in_flight`
+/// slot), as long as its handler waits for it. Dropped before the answer
+/// came (the client gone: a tab closed on a slow final submit), it still
+/// ends the session the answer releases, or the slot would be held until
+/// the session idled out, when the portal said to give it to the next in
+/// line at once. Only the portal's release: a logout's `Clear-Site-Data`
+/// never reached the browser, which keeps its cookies.
+struct Forwarding {
+    task: Option<
+        tokio::task::JoinHandle<(Result<crate::proxy::forward::Forwarded, ProxyError>, Slot)>,
+    >,
+    room: Arc<Room>,
+    pass: Option<PassClaims>,
+    unchecked_pass: Vec<String>,
+    clock: SharedClock,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (room, pass, clock) = (self.room.clone(), self.pass.take(), self.clock.clone());
+        let unchecked = std::mem::take(&mut self.unchecked_pass);
+        runtime.spawn(async move {
+            let Ok((Ok(mut forwarded), _slot)) = task.await else {
+                return;
+            };
+            if released(forwarded.response.headers_mut()) {
+                let now = clock.now_ms();
+                let pass = pass
+                    .or_else(|| gate::pass_of(&room, unchecked.iter().map(String::as_str), now));
+                if let Some(p) = pass {
+                    end_session(room, p, now).await;
+                }
+            }
+        });
+    }
+}
+
 impl Drop for SaysGone {
     fn drop(&mut self) {
         self.0 .0.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -576,11 +637,21 @@ impl Gateway {
                 // request went out (or between two tries) is sent nothing.
                 let _says_gone = SaysGone(gone);
                 let (forwarder, on) = (self.forwarder.clone(), room.clone());
-                let forwarding = tokio::spawn(async move {
+                let mut forwarding = Forwarding {
+                    task: None,
+                    room: room.clone(),
+                    pass: pass.clone(),
+                    unchecked_pass: unchecked_pass.clone(),
+                    clock: self.clock.clone(),
+                };
+                let task = forwarding.task.insert(tokio::spawn(async move {
                     let forwarded = forwarder.forward(&on, req, conn, judged).await;
                     (forwarded, slot)
-                });
-                match forwarding.await {
+                }));
+                let done = task.await;
+                // Answered while the handler waits: handled below.
+                forwarding.task = None;
+                match done {
                     Ok((forwarded, slot)) => (forwarded, Some(slot)),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // Cancelled: only a runtime shutting down does that.
@@ -643,10 +714,7 @@ impl Gateway {
         // a logout page that has the browser delete the site's cookies
         // (over HTTPS, where browsers obey it): the pass is gone with
         // them, and its session would hold the slot until it idles out.
-        let by_portal = resp
-            .headers_mut()
-            .remove(RELEASE_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1");
+        let by_portal = released(resp.headers_mut());
         let cleared = secure && cookies::clears_site_cookies(resp.headers());
         if by_portal || cleared {
             let now = self.clock.now_ms();

@@ -321,6 +321,33 @@ async fn a_request_given_up_on_keeps_its_slot_until_the_portal_answers() {
     );
 }
 
+/// A person who closes the tab on a slow final submit: the portal's
+/// answer releases the session all the same, and the slot goes to the
+/// next in line at once, not when the session idles out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_nobody_waited_for_still_ends_the_session() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nin_flight = { limit = 4 }",
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let submit = tokio::spawn(async move { a.get("/release?ms=500").await });
+    at_upstream(&up, 1).await;
+    submit.abort();
+    let _ = submit.await;
+    // No clock movement: only the release ticks.
+    until("the next in line is called", async || {
+        b.status("portal").await["state"] == "admitted"
+    })
+    .await;
+    assert!(b.get("/").await.reached_upstream());
+}
+
 /// With `per_session`, one pass's session holds at most that many slots.
 /// A client that gives its requests up as soon as they go out (each slot
 /// held until the portal answers) waits behind its own, and is refused

@@ -816,6 +816,29 @@ async fn the_portal_releases_a_session_and_the_next_gets_in_at_once() {
     assert!(b.get("/").await.reached_upstream());
 }
 
+/// A release in any field of the header, or any item of one: a `0`
+/// sent before it, or two folded into one field by a framework.
+#[tokio::test]
+async fn a_release_among_other_values_ends_the_session() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    assert!(b.get("/").await.is_waiting_page());
+    let got = a.get("/release?values=0").await;
+    assert!(got.headers.get("x-varco-release").is_none(), "stripped");
+    assert_eq!(b.status("portal").await["state"], "waiting", "a 0 is none");
+    let got = a.get("/release?values=0.1").await;
+    assert!(got.headers.get("x-varco-release").is_none(), "every field");
+    assert_eq!(b.status("portal").await["state"], "admitted");
+    assert!(b.get("/").await.reached_upstream());
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    assert_eq!(b.get("/release?values=0,%201").await.status, 200);
+    assert_eq!(c.status("portal").await["state"], "admitted");
+}
+
 /// A logout page that has the browser delete the site's cookies
 /// (`Clear-Site-Data: "cookies"`) deletes varco's pass with them: its slot
 /// goes to the next in line at once, as on a release, not when the

@@ -152,6 +152,15 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A query parameter as text (`%20` a space).
+fn query_text(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .map(|v| v.replace("%20", " "))
+}
+
 async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_string();
     match path.as_str() {
@@ -246,10 +255,18 @@ async fn handle(mut req: Request<Incoming>, me: SocketAddr) -> Response<Body> {
             r
         }
         "/release" => {
-            // The portal ends the session, e.g. after a submitted form.
+            // The portal ends the session, e.g. after a submitted form:
+            // after `ms` (a slow submit), with the fields `values` names,
+            // split at `.` (default one field, `1`).
+            if let Some(ms) = query(&req, "ms") {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let values = query_text(&req, "values").unwrap_or_else(|| "1".into());
             let mut r = text(StatusCode::OK, "{\"upstream\": \"released\"}");
-            r.headers_mut()
-                .insert("x-varco-release", "1".parse().unwrap());
+            for v in values.split('.') {
+                r.headers_mut()
+                    .append("x-varco-release", v.parse().unwrap());
+            }
             r
         }
         "/logout" => {
