@@ -605,13 +605,18 @@ async fn serve_connection<IO, H>(
             // Whether the connection speaks HTTP/2 is known only once its
             // first bytes are read: until then, it is timed as HTTP/1.
             _ = stall_check.tick() => {
+                // Closed without a word, as by hyper's own timer (and
+                // nginx). Over HTTP/2 the first request only (its head
+                // is not timed after that: `Activity::read`): a
+                // connection that sent its preface, and then pings or a
+                // head never finished, asks nothing, as an HTTP/1 one
+                // that sends no whole head, and was kept for the
+                // keep-alive.
+                if activity.head_overdue(settings.header_read_timeout) {
+                    tracing::debug!(peer = %info.peer, "no whole request head within header_read_timeout: connection closed");
+                    return;
+                }
                 if !activity.by_streams.load(Ordering::Relaxed) {
-                    // Closed without a word, as by hyper's own timer (and
-                    // nginx).
-                    if activity.head_overdue(settings.header_read_timeout) {
-                        tracing::debug!(peer = %info.peer, "no whole request head within header_read_timeout: connection closed");
-                        return;
-                    }
                     continue;
                 }
                 if activity.stream_stalled(settings.send_timeout) {

@@ -560,6 +560,24 @@ async fn an_http2_connection_that_only_pings_is_closed_when_idle() {
     assert_eq!(up.hits(), 0);
 }
 
+/// An HTTP/2 connection that asks nothing (its preface, then only pings)
+/// is closed at `header_read_timeout`, as an HTTP/1 one that sends no
+/// whole head, not kept for `keepalive_timeout`.
+#[tokio::test]
+async fn an_http2_connection_that_asks_nothing_is_closed_at_the_header_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"60s\"",
+    ))
+    .await;
+    let kept = pinger(&v, true)
+        .await
+        .expect("an HTTP/2 connection that asked nothing stayed open 10 s");
+    assert!(kept >= Duration::from_millis(900), "closed after {kept:?}");
+    assert_eq!(up.hits(), 0);
+}
+
 /// An HTTP/2 response still being sent keeps its connection busy: the
 /// portal trickles it out for longer than the idle timeout, and the
 /// client then asks again on the same connection.
