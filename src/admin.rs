@@ -443,8 +443,16 @@ impl Admin {
                         Err(e) => return problem(StatusCode::BAD_REQUEST, e),
                     },
                     "max_active" => match limit_value::<u64>(value) {
-                        Ok(max) => Some(LiveChange::MaxActive(max)),
-                        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+                        Ok(max) if max.is_none_or(|m| m <= crate::room::admission::MAX_ACTIVE) => {
+                            Some(LiveChange::MaxActive(max))
+                        }
+                        // "1.5" too: a cap counts whole sessions.
+                        Ok(_) | Err(_) => {
+                            return problem(
+                                StatusCode::BAD_REQUEST,
+                                "value must be a whole number of sessions from 1 to 1000000000, or \"unlimited\"",
+                            )
+                        }
                     },
                     "reset" => None,
                     _ => {

@@ -1026,6 +1026,7 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.adaptive.max_per_minute",
         ),
         ("max_active = 0\n", "rooms.portal.max_active"),
+        ("max_active = 1000000001\n", "rooms.portal.max_active"),
         // NaN bounds once panicked before the error was told.
         (
             "adaptive = { min_per_minute = nan, max_per_minute = 600, target_latency = \"100ms\" }\n",

@@ -285,8 +285,28 @@ async fn rooms_change_live_through_the_api() {
     )
     .await;
     assert_eq!(got.json()["max_active"], 2);
+    // u64::MAX is the room's own mark for "no cap": taken as a cap, it
+    // made none. A cap counts whole sessions.
+    for bad in ["0", "-1", "1.5", "1000000001", "18446744073709551615"] {
+        let got = api(
+            &g,
+            "POST",
+            &format!("/api/rooms/portal/max_active?value={bad}"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(got.status, 400, "max_active {bad}");
+        assert!(got.text().contains("whole number"), "{}", got.text());
+    }
     g.advance(1000).await;
     assert!(second.get("/").await.reached_upstream());
+    assert_eq!(
+        api(&g, "GET", "/api/rooms/portal", Some(TOKEN))
+            .await
+            .json()["max_active"],
+        2,
+        "a refused value changes nothing"
+    );
 
     // Pause: nobody new enters even with room to spare.
     api(

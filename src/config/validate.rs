@@ -15,7 +15,7 @@ use super::file::{
 };
 use super::units::{parse_duration, parse_size};
 use super::*;
-use crate::room::admission::{Mode, MAX_PER_MINUTE};
+use crate::room::admission::{Mode, MAX_ACTIVE, MAX_PER_MINUTE};
 use crate::room::token::Keyring;
 
 /// hyper refuses a read buffer below 8 KiB, and nothing sane needs more
@@ -831,6 +831,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             p.add(
                 key("max_active"),
                 "must be at least 1 (use mode = \"closed\" to admit nobody)",
+            );
+        }
+        if r.max_active.is_some_and(|m| m > MAX_ACTIVE) {
+            p.add(
+                key("max_active"),
+                "must be at most 1000000000 sessions (leave it out for no cap)",
             );
         }
         let mode = Mode::parse(&r.mode).unwrap_or_else(|| {

@@ -92,6 +92,12 @@ impl Mode {
 /// with it).
 pub const MAX_PER_MINUTE: f64 = 1e9;
 
+/// The highest `max_active` a room takes (a thousand times any portal's):
+/// past it a value from the admin API could reach the room's mark for
+/// "unlimited" (`u64::MAX`) and turn a cap into none, and in cluster
+/// mode Redis's scripts count in doubles, exact only below 2^53.
+pub const MAX_ACTIVE: u64 = 1_000_000_000;
+
 /// A room's limits as the admission rules need them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {

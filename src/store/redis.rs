@@ -440,7 +440,11 @@ fn shared_from(fields: std::collections::HashMap<String, String>) -> SharedLive 
         per_minute: fields.get("rate").and_then(|r| limit_of(r)),
         max_active: fields.get("max_active").and_then(|m| match m.as_str() {
             "-1" => Some(None),
-            m => m.parse().ok().map(Some),
+            m => m
+                .parse()
+                .ok()
+                .filter(|m| (1..=crate::room::admission::MAX_ACTIVE).contains(m))
+                .map(Some),
         }),
     }
 }
@@ -1451,6 +1455,17 @@ mod tests {
         assert_eq!(limit_of("-1"), Some(None), "unlimited");
         for out in ["1e306", "inf", "NaN", "0", "x"] {
             assert_eq!(limit_of(out), None, "{out}: left to the config");
+        }
+    }
+
+    #[test]
+    fn a_shared_cap_is_taken_only_within_what_a_node_takes() {
+        let cap =
+            |v: &str| shared_from([("max_active".to_string(), v.to_string())].into()).max_active;
+        assert_eq!(cap("5"), Some(Some(5)));
+        assert_eq!(cap("-1"), Some(None), "unlimited");
+        for out in ["0", "1000000001", "18446744073709551615", "x"] {
+            assert_eq!(cap(out), None, "{out}: left to the config");
         }
     }
 
