@@ -34,6 +34,12 @@ impl Line {
         body::on_end(body, bodiless, move |e| self.write(e.bytes, e.completed))
     }
 
+    /// The line of a request whose client left before it was answered:
+    /// nothing went out.
+    pub fn write_unanswered(&self) {
+        self.write(0, false);
+    }
+
     fn write(&self, bytes: u64, completed: bool) {
         let user_agent = self
             .user_agent

@@ -68,6 +68,58 @@ struct Record {
     id: Option<HeaderValue>,
     /// A claimed pass on its way: spent once the answer has gone out.
     delivery: Option<Delivery>,
+    /// The room the request was routed to, once it is.
+    room: Option<Arc<Room>>,
+    /// Answered (`Gateway::finish`): its line and counts go with the
+    /// answer's body.
+    answered: bool,
+}
+
+/// nginx's status for a request whose client closed the connection
+/// before the answer was ready.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Record {
+    /// A request whose handler is dropped before it answers: the client
+    /// left (a reload, a tab closed, a stream reset) while it waited at
+    /// the gate, for its body, for a slot or for the portal. It still
+    /// gets its access line and its count, as nginx logs a 499: on a
+    /// click day the reloads are many, and without them varco's figures
+    /// would part from the portal's, which served them all the same.
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+        if let Some(room) = &self.room {
+            room.metrics
+                .observe(CLIENT_CLOSED, self.started.elapsed().as_secs_f64());
+        }
+        if let Some(Logged {
+            method,
+            path,
+            user_agent,
+            client,
+        }) = self.logged.take()
+        {
+            access_log::Line {
+                started: self.started,
+                room: self
+                    .room
+                    .as_ref()
+                    .map_or("-", |r| r.name.as_str())
+                    .to_string(),
+                method,
+                path,
+                user_agent,
+                status,
+                upstream: None,
+                client,
+                request_id: self.id.take(),
+            }
+            .write_unanswered();
+        }
+    }
 }
 
 /// The request's part of its access line.
@@ -388,6 +440,8 @@ impl Handler for Gateway {
             conn,
             id: None,
             delivery: None,
+            room: None,
+            answered: false,
         };
         let refused = match canonical {
             Err(e) => Some((StatusCode::BAD_REQUEST, &MALFORMED, e.to_string())),
@@ -437,6 +491,7 @@ impl Handler for Gateway {
             return self.finish(record, resp, "-", None);
         };
 
+        record.room = Some(room.clone());
         let (resp, upstream) = self.through_room(&room, req, &mut record, json).await;
         room.metrics
             .observe(resp.status().as_u16(), started.elapsed().as_secs_f64());
@@ -849,11 +904,12 @@ impl Gateway {
     /// Every answer's last step: its request ID, and the access line.
     fn finish(
         &self,
-        record: Record,
+        mut record: Record,
         mut resp: Response<Body>,
         room: &str,
         upstream: Option<&str>,
     ) -> Response<Body> {
+        record.answered = true;
         if let Some(id) = &record.id {
             // A portal that answers with an ID (this one, or its own) is
             // left to say it.
@@ -861,11 +917,11 @@ impl Gateway {
                 .entry(request_id::HEADER)
                 .or_insert_with(|| id.clone());
         }
-        if let Some(delivery) = record.delivery {
+        if let Some(delivery) = record.delivery.take() {
             let status = resp.status();
             resp = resp.map(|body| delivery.on_end_of(body, status));
         }
-        match record.logged {
+        match record.logged.take() {
             Some(Logged {
                 method,
                 path,
@@ -881,7 +937,7 @@ impl Gateway {
                     status: resp.status(),
                     upstream: upstream.map(str::to_string),
                     client,
-                    request_id: record.id,
+                    request_id: record.id.take(),
                 };
                 resp.map(|body| line.on_end_of(body))
             }

@@ -149,7 +149,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "varco_requests_total",
-                "Requests answered, by room and status class",
+                "Requests answered, by room and status class (a room's request whose client left before its answer: 4xx, nginx's 499)",
             ),
             &["room", "class"],
         )

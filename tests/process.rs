@@ -597,6 +597,40 @@ async fn the_access_line_of_a_download_cut_short_says_so() {
     assert!(bytes > 0 && bytes < total, "{line}");
 }
 
+/// A request whose client leaves before its answer is ready (a reload
+/// while the portal is slow) gets its access line, as nginx's 499, and
+/// its count: on a click day the reloads are many, and varco's figures
+/// would otherwise part from the portal's, which served them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_left_unanswered_is_logged_as_499() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let up = upstream::spawn().await;
+    let mut p = json_logging("json-log-left", &[up.addr], "");
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: p\r\n\r\n")
+        .await
+        .unwrap();
+    client::until(
+        "the portal has the request",
+        Duration::from_secs(5),
+        async || up.in_flight.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    drop(s);
+    let lines = tokio::time::timeout(Duration::from_secs(10), access_lines(&mut p, 1))
+        .await
+        .expect("an access line for the request its client left");
+    let (line, v) = &lines[0];
+    assert_eq!(v["status"], 499, "{line}");
+    assert_eq!(v["completed"], false, "{line}");
+    assert_eq!(v["path"], "/slow", "{line}");
+    assert_eq!(
+        client::metric(p.admin, "varco_requests_total", "class=\"4xx\"").await,
+        Some(1.0)
+    );
+}
+
 /// A portal that fails a request: the warnings an operator reads (the
 /// upstream cooling down, the failure) name the same request ID as the
 /// error page the person holds.
