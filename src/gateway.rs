@@ -60,7 +60,7 @@ pub struct Gateway {
 /// What the end of a request needs of its start: the access line's
 /// fields, and the request ID once the request is let through to the
 /// portal.
-struct Record {
+struct Record<'g> {
     started: Instant,
     /// What the access line needs, when access lines are written.
     logged: Option<Logged>,
@@ -70,6 +70,8 @@ struct Record {
     delivery: Option<Delivery>,
     /// The room the request was routed to, once it is.
     room: Option<Arc<Room>>,
+    /// Where a request routed to no room is counted.
+    metrics: &'g Metrics,
     /// Answered (`Gateway::finish`): its line and counts go with the
     /// answer's body.
     answered: bool,
@@ -79,21 +81,28 @@ struct Record {
 /// before the answer was ready.
 const CLIENT_CLOSED: u16 = 499;
 
-impl Drop for Record {
+impl Drop for Record<'_> {
     /// A request whose handler is dropped before it answers: the client
     /// left (a reload, a tab closed, a stream reset) while it waited at
-    /// the gate, for its body, for a slot or for the portal. It still
-    /// gets its access line and its count, as nginx logs a 499: on a
-    /// click day the reloads are many, and without them varco's figures
-    /// would part from the portal's, which served them all the same.
+    /// the gate, for its body, for a slot or for the portal; or varco
+    /// closed its connection (a shutdown's grace over). It still gets its
+    /// access line and its count, as nginx logs a 499: on a click day
+    /// the reloads are many, and without them varco's figures would part
+    /// from the portal's, which served them all the same. Not its time:
+    /// the histogram is the time to an answer's headers, and none went
+    /// out.
     fn drop(&mut self) {
         if self.answered {
             return;
         }
         let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
-        if let Some(room) = &self.room {
-            room.metrics
-                .observe(CLIENT_CLOSED, self.started.elapsed().as_secs_f64());
+        match &self.room {
+            Some(room) => room.metrics.count(CLIENT_CLOSED),
+            None => self
+                .metrics
+                .requests
+                .with_label_values(&["-", status_class(CLIENT_CLOSED)])
+                .inc(),
         }
         if let Some(Logged {
             method,
@@ -356,16 +365,17 @@ struct SaysGone(ClientGone);
 /// framework may fold two into `1, 1`, or add a `1` after another's
 /// `0`). Every field goes: the client never sees one.
 fn released(headers: &mut http::HeaderMap) -> bool {
-    let http::header::Entry::Occupied(fields) = headers.entry(RELEASE_HEADER) else {
+    // Looked up first: `entry` may grow a full map, and nearly every
+    // answer has none.
+    if !headers.contains_key(RELEASE_HEADER) {
         return false;
-    };
-    let mut said = false;
-    for v in fields.remove_entry_mult().1 {
-        said |= v
-            .as_bytes()
-            .split(|b| *b == b',')
-            .any(|item| item.trim_ascii() == b"1");
     }
+    let said = headers.get_all(RELEASE_HEADER).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|item| item.trim_ascii() == b"1")
+    });
+    headers.remove(RELEASE_HEADER);
     said
 }
 
@@ -441,6 +451,7 @@ impl Handler for Gateway {
             id: None,
             delivery: None,
             room: None,
+            metrics: &self.metrics,
             answered: false,
         };
         let refused = match canonical {
@@ -513,7 +524,7 @@ impl Gateway {
         &self,
         room: &Arc<Room>,
         req: Request<Incoming>,
-        record: &mut Record,
+        record: &mut Record<'_>,
         json: bool,
     ) -> (Response<Body>, Option<usize>) {
         let conn = record.conn;
@@ -522,7 +533,7 @@ impl Gateway {
         // Only varco says where someone stands in line.
         req.headers_mut().remove(&arrival::HEADER);
         let gated = room.is_gated();
-        let (set_cookies, pass, whole_body) = if gated {
+        let (set_cookies, mut pass, whole_body) = if gated {
             let now = self.clock.now_ms();
             // Found once per request: the access line's, when it is kept.
             let ip = match &record.logged {
@@ -580,7 +591,7 @@ impl Gateway {
         // A pass the gate did not look at (an exempt path, a bypass, a
         // login detour, a room not gated now): the portal may still end
         // its session. Checked only if it does.
-        let unchecked_pass = match pass {
+        let mut unchecked_pass = match pass {
             None => crate::cookies::each(req.headers(), &room.pass_cookie)
                 .map(str::to_owned)
                 .collect::<Vec<_>>(),
@@ -692,11 +703,13 @@ impl Gateway {
                 // request went out (or between two tries) is sent nothing.
                 let _says_gone = SaysGone(gone);
                 let (forwarder, on) = (self.forwarder.clone(), room.clone());
+                // Lent to the wait, and taken back once answered: no copy
+                // of them per request.
                 let mut forwarding = Forwarding {
                     task: None,
                     room: room.clone(),
-                    pass: pass.clone(),
-                    unchecked_pass: unchecked_pass.clone(),
+                    pass: pass.take(),
+                    unchecked_pass: std::mem::take(&mut unchecked_pass),
                     clock: self.clock.clone(),
                 };
                 let task = forwarding.task.insert(tokio::spawn(async move {
@@ -706,6 +719,8 @@ impl Gateway {
                 let done = task.await;
                 // Answered while the handler waits: handled below.
                 forwarding.task = None;
+                pass = forwarding.pass.take();
+                unchecked_pass = std::mem::take(&mut forwarding.unchecked_pass);
                 match done {
                     Ok((forwarded, slot)) => (forwarded, Some(slot)),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -904,7 +919,7 @@ impl Gateway {
     /// Every answer's last step: its request ID, and the access line.
     fn finish(
         &self,
-        mut record: Record,
+        mut record: Record<'_>,
         mut resp: Response<Body>,
         room: &str,
         upstream: Option<&str>,

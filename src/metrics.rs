@@ -691,9 +691,15 @@ impl RoomMetrics {
     }
 
     pub fn observe(&self, status: u16, seconds: f64) {
+        self.count(status);
+        self.request_seconds.observe(seconds);
+    }
+
+    /// A request counted without its time: one whose client left before
+    /// its answer was ready had no time to its response headers.
+    pub fn count(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
-        self.request_seconds.observe(seconds);
     }
 }
 

@@ -336,10 +336,19 @@ async fn a_release_nobody_waited_for_still_ends_the_session() {
     assert!(a.get("/").await.reached_upstream());
     let mut b = g.citizen();
     assert!(b.get("/").await.is_waiting_page());
-    let submit = tokio::spawn(async move { a.get("/release?ms=500").await });
+    let submit = tokio::spawn(async move { a.get("/release?ms=1500").await });
     at_upstream(&up, 1).await;
     submit.abort();
     let _ = submit.await;
+    until("varco sees the client gone", async || {
+        metric(&g, "varco_requests_total", "class=\"4xx\",room=\"portal\"").await == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "before the portal's answer"
+    );
     // No clock movement: only the release ticks.
     until("the next in line is called", async || {
         b.status("portal").await["state"] == "admitted"

@@ -629,6 +629,11 @@ async fn a_request_its_client_left_unanswered_is_logged_as_499() {
         client::metric(p.admin, "varco_requests_total", "class=\"4xx\"").await,
         Some(1.0)
     );
+    // No answer's headers went out: no time to them.
+    assert_eq!(
+        client::metric(p.admin, "varco_request_duration_seconds_count", "").await,
+        Some(0.0)
+    );
 }
 
 /// A portal that fails a request: the warnings an operator reads (the
