@@ -584,6 +584,7 @@ async fn serve_connection<IO, H>(
         conn.as_mut().graceful_shutdown();
     }
     let mut drain_began = Instant::now();
+    let mut told_overdue = false;
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -613,6 +614,19 @@ async fn serve_connection<IO, H>(
                 // that sends no whole head, and was kept for the
                 // keep-alive.
                 if activity.head_overdue(settings.header_read_timeout) {
+                    // HTTP/2 is told first (GOAWAY): a request the client
+                    // sends as the connection closes is then known as not
+                    // taken, and safe to send again; a tick later the
+                    // connection is closed whatever the client does.
+                    if activity.by_streams.load(Ordering::Relaxed) && !told_overdue {
+                        told_overdue = true;
+                        if !draining {
+                            draining = true;
+                            drain_began = Instant::now();
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        continue;
+                    }
                     tracing::debug!(peer = %info.peer, "no whole request head within header_read_timeout: connection closed");
                     return;
                 }

@@ -578,6 +578,55 @@ async fn an_http2_connection_that_asks_nothing_is_closed_at_the_header_timeout()
     assert_eq!(up.hits(), 0);
 }
 
+/// The header timeout is an HTTP/2 connection's first request's only:
+/// one served, then idle past it (well within the keep-alive), still
+/// takes the next request, and a first request whose body takes longer
+/// than it (its head came whole) is not cut.
+#[tokio::test]
+async fn an_http2_connection_that_asked_outlasts_the_header_timeout() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"30s\"",
+    ))
+    .await;
+    let tcp = TcpStream::connect(v.addr).await.unwrap();
+    let mut h2 = common::client::h2_handshake(tcp).await;
+    let (sending, parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+    let frames = futures_util::stream::unfold(parts, |mut parts| async move {
+        let part = parts.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(part)),
+            parts,
+        ))
+    });
+    let upload = http::Request::post(format!("http://portal:{}/echo", v.addr.port()))
+        .body(varco::body::stream(http_body_util::StreamBody::new(frames)))
+        .unwrap();
+    let answer = tokio::spawn(h2.send_request(upload));
+    sending
+        .send(bytes::Bytes::from_static(b"first half, "))
+        .await
+        .unwrap();
+    // Past the header timeout, the body not whole yet: the time that
+    // passes is what is tested.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sending
+        .send(bytes::Bytes::from_static(b"second half"))
+        .await
+        .unwrap();
+    drop(sending);
+    let resp = answer.await.unwrap().expect("the upload answered");
+    assert_eq!(resp.status(), 200);
+    // Idle past the header timeout, then asked again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = http::Request::get(format!("http://portal:{}/echo", v.addr.port()))
+        .body(varco::body::empty())
+        .unwrap();
+    let resp = h2.send_request(again).await.expect("asked again");
+    assert_eq!(resp.status(), 200);
+}
+
 /// An HTTP/2 response still being sent keeps its connection busy: the
 /// portal trickles it out for longer than the idle timeout, and the
 /// client then asks again on the same connection.
