@@ -249,8 +249,9 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     let req = Request::get(v.url("/echo"))
         .header(
             "connection",
-            "keep-alive, X-Forwarded-For, x-real-ip, forwarded, x-forwarded-proto",
+            "keep-alive, X-Forwarded-For, x-real-ip, forwarded, x-forwarded-proto, cf-connecting-ip",
         )
+        .header("cf-connecting-ip", "198.51.100.7")
         .header("x-forwarded-for", "198.51.100.7")
         .header("x-forwarded-proto", "https")
         .header("x-real-ip", "198.51.100.7")
@@ -266,6 +267,7 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     );
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
     assert_eq!(h["x-real-ip"], serde_json::json!(["198.51.100.7"]));
+    assert_eq!(h["cf-connecting-ip"], serde_json::json!(["198.51.100.7"]));
     assert!(
         h["forwarded"][0]
             .as_str()

@@ -54,12 +54,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
 }
 
 /// A header that names the client or how it came, as a balancer writes
-/// it, by its name in lower case.
+/// it (those a trusted one's are passed on in), by its name in lower case.
 fn says_the_client(name: &str) -> bool {
-    matches!(
-        name,
-        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
-    )
+    matches!(name, "x-forwarded-for" | "x-forwarded-proto") || is_claimed_by_a_proxy(name)
 }
 
 /// A header that describes one connection, never the message (RFC 9110
