@@ -228,7 +228,7 @@ fi
 
 wait_port() {
   for _ in $(seq 1 100); do
-    if curl -sS -o /dev/null "http://127.0.0.1:$1/"; then return 0; fi
+    if curl -s -o /dev/null "http://127.0.0.1:$1/"; then return 0; fi
     sleep 0.1
   done
   echo "nothing answers on port $1; the servers' output:" >&2

@@ -442,12 +442,15 @@ impl Admin {
                         Ok(rate) => Some(LiveChange::PerMinute(rate)),
                         Err(e) => return problem(StatusCode::BAD_REQUEST, e),
                     },
-                    "max_active" => match limit_value::<u64>(value) {
-                        Ok(max) if max.is_none_or(|m| m <= crate::room::admission::MAX_ACTIVE) => {
+                    "max_active" => match (value.is_none(), limit_value::<u64>(value)) {
+                        (_, Ok(max))
+                            if max.is_none_or(|m| m <= crate::room::admission::MAX_ACTIVE) =>
+                        {
                             Some(LiveChange::MaxActive(max))
                         }
+                        (true, Err(e)) => return problem(StatusCode::BAD_REQUEST, e),
                         // "1.5" too: a cap counts whole sessions.
-                        Ok(_) | Err(_) => {
+                        (false, _) | (true, Ok(_)) => {
                             return problem(
                                 StatusCode::BAD_REQUEST,
                                 "value must be a whole number of sessions from 1 to 1000000000, or \"unlimited\"",

@@ -298,6 +298,9 @@ async fn rooms_change_live_through_the_api() {
         assert_eq!(got.status, 400, "max_active {bad}");
         assert!(got.text().contains("whole number"), "{}", got.text());
     }
+    let got = api(&g, "POST", "/api/rooms/portal/max_active", Some(TOKEN)).await;
+    assert_eq!(got.status, 400);
+    assert!(got.text().contains("give ?value=N"), "{}", got.text());
     g.advance(1000).await;
     assert!(second.get("/").await.reached_upstream());
     assert_eq!(
