@@ -48,6 +48,7 @@ pub const NAMES: &[&str] = &[
     "varco_room_observed_admissions_per_second",
     "varco_room_estimated_wait_seconds",
     "varco_room_mode",
+    "varco_room_leader",
     "varco_tickets_issued_total",
     "varco_admitted_total",
     "varco_abandoned_total",
@@ -880,6 +881,10 @@ impl RoomCollector {
                     "Admissions per second over the last minute",
                 ),
                 gauge(
+                    "varco_room_leader",
+                    "1 on the node that advances the room's serving counter (every node of its own alone; in a cluster, the holder of the room's lease, whose adaptive rate is the one in force), else 0",
+                ),
+                gauge(
                     "varco_adaptive_latency_seconds",
                     "Adaptive admission: the upstream latency percentile over the last interval (absent: no answers)",
                 ),
@@ -1027,6 +1032,8 @@ impl prometheus::core::Collector for RoomCollector {
             self.set("varco_room_queue_counter", name, v.queue as f64);
             self.set("varco_room_serving_counter", name, v.serving as f64);
             self.set("varco_room_reserved_slots", name, v.reserved as f64);
+            let leads = room.store.leads();
+            self.set("varco_room_leader", name, if leads { 1.0 } else { 0.0 });
             if let Some(r) = room.per_minute() {
                 self.set("varco_room_admission_rate_per_minute", name, r);
             }

@@ -223,6 +223,16 @@ async fn the_rate_holds_across_nodes() {
         .filter(|g| g.app.room("portal").unwrap().store.leads())
         .count();
     assert_eq!(leaders, 1, "exactly one node advances the counters");
+    let mut exported = Vec::new();
+    for g in &nodes {
+        let leads = common::client::metric(g.admin, "varco_room_leader", "room=\"portal\"").await;
+        exported.push(leads.expect("exported by every node"));
+    }
+    assert_eq!(
+        exported.iter().sum::<f64>(),
+        1.0,
+        "varco_room_leader names that node: {exported:?}"
+    );
 }
 
 /// A session renewed on a node in its last moments, just before the
