@@ -226,14 +226,23 @@ struct Streams {
     close: CancellationToken,
 }
 
+tokio::task_local! {
+    /// The HTTP/2 stream a task serves: cancelled, the stream alone ends
+    /// (hyper resets it), the connection and its other streams go on.
+    static STREAM: CancellationToken;
+}
+
 impl<F> hyper::rt::Executor<F> for Streams
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        self.tracker
-            .spawn(self.close.clone().run_until_cancelled_owned(fut));
+        let stream = self.close.child_token();
+        let ended = stream.clone();
+        self.tracker.spawn(STREAM.scope(stream, async move {
+            ended.run_until_cancelled_owned(fut).await
+        }));
     }
 }
 
@@ -572,8 +581,8 @@ async fn serve_connection<IO, H>(
     let idle = idle_expired(activity.clone(), settings.keepalive_timeout);
     tokio::pin!(idle);
     // HTTP/2's send_timeout: a stream parked on a client that never opens
-    // its window. Closing the connection (as a blocked write does) drops
-    // its streams, their upstream requests and their in-flight slots.
+    // its window. Ending it (hyper resets it) drops its upstream request
+    // and its in-flight slot; the connection's other streams go on.
     // HTTP/1's header_read_timeout: a head begun and not whole.
     let every = (settings.send_timeout.min(settings.header_read_timeout) / 4)
         .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -633,7 +642,7 @@ async fn serve_connection<IO, H>(
                 if !activity.by_streams.load(Ordering::Relaxed) {
                     continue;
                 }
-                if activity.stream_stalled(settings.send_timeout) {
+                if activity.end_stalled_streams(settings.send_timeout) {
                     tracing::debug!(peer = %info.peer, "an HTTP/2 client took no data of a response within send_timeout: connection closed");
                     return;
                 }
@@ -754,8 +763,10 @@ struct Activity {
 /// window takes the last: a client that never opens it leaves the body
 /// parked, holding its in-flight slot and its upstream request, while the
 /// socket (no bytes to write) never looks stalled.
+/// With the stream's own end (`STREAM`), so a stream parked past
+/// `send_timeout` ends alone.
 #[derive(Default)]
-struct Park(AtomicU64);
+struct Park(AtomicU64, Option<CancellationToken>);
 
 impl Activity {
     fn new() -> Self {
@@ -777,24 +788,36 @@ impl Activity {
     }
 
     fn park(&self) -> Arc<Park> {
-        let park = Arc::new(Park::default());
+        let stream = STREAM.try_with(CancellationToken::clone).ok();
+        let park = Arc::new(Park(AtomicU64::new(0), stream));
         let mut parks = self.parks.lock().unwrap_or_else(|e| e.into_inner());
         parks.retain(|p| p.strong_count() > 0);
         parks.push(Arc::downgrade(&park));
         park
     }
 
-    /// Whether some HTTP/2 response body has waited `timeout` for the
-    /// client to take a frame.
-    fn stream_stalled(&self, timeout: Duration) -> bool {
+    /// Ends each HTTP/2 stream whose response body has waited `timeout`
+    /// for the client to take a frame (nginx's send_timeout, per stream):
+    /// a download paused in one tab must not cut the form another tab is
+    /// sending on the same connection. True when one cannot be ended
+    /// alone: the connection must go.
+    fn end_stalled_streams(&self, timeout: Duration) -> bool {
         let now = self.now_ms();
         let limit = timeout.as_millis() as u64;
         let mut parks = self.parks.lock().unwrap_or_else(|e| e.into_inner());
         parks.retain(|p| p.strong_count() > 0);
-        parks.iter().filter_map(|p| p.upgrade()).any(|p| {
+        let mut whole = false;
+        for p in parks.iter().filter_map(|p| p.upgrade()) {
             let since = p.0.load(Ordering::Relaxed);
-            since != 0 && now.saturating_sub(since - 1) >= limit
-        })
+            if since == 0 || now.saturating_sub(since - 1) < limit {
+                continue;
+            }
+            match &p.1 {
+                Some(stream) => stream.cancel(),
+                None => whole = true,
+            }
+        }
+        whole
     }
 
     fn touch(&self) {

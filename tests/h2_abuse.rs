@@ -140,25 +140,58 @@ async fn concurrent_streams_are_capped() {
     drop(held);
 }
 
-/// A client that never opens its flow-control window: the response's body
-/// parks in hyper and the socket has nothing to write, so no blocked write
-/// can time out; the stream's own `send_timeout` closes the connection,
-/// and with it the upstream request and any in-flight slot.
+/// A client that never opens its flow-control window again for one
+/// stream (a download paused in one tab): the response's body parks in
+/// hyper and the socket has nothing to write, so no blocked write can
+/// time out; the stream's own `send_timeout` resets that stream (as
+/// nginx does), and with it the upstream request and any in-flight
+/// slot, while the connection's other streams go on: the form another
+/// tab sends on the same connection is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_whose_window_never_opens_is_cut_off() {
+async fn a_stream_whose_window_never_opens_is_reset_alone() {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(
         &[up.addr],
         "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
     ))
     .await;
-    // No window is ever given.
-    let (_body, ended) = ask_and_never_read(&v, 0, "/download?bytes=100000000").await;
-    let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
+    let (mut send, ended) = client_with_window(&v, 16 * 1024).await;
+    let ask = |path: &str| {
+        Request::get(format!("http://p:{}{path}", v.addr.port()))
+            .body(())
+            .unwrap()
+    };
+    let (download, _) = send
+        .send_request(ask("/download?bytes=100000000"), true)
+        .unwrap();
+    let mut download = download.await.expect("the download's head").into_body();
+    // Held by the portal past send_timeout, on the same connection.
+    let (form, _) = send.send_request(ask("/slow?ms=2500"), true).unwrap();
+    // What came is read, the window never given back: the stream parks.
+    let reset = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match download.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("a stream parked on a closed window held on");
     assert!(
-        closed.is_ok(),
-        "a stream parked on a closed window held its connection"
+        reset.as_ref().is_some_and(|e| e.reason().is_some()),
+        "the download was reset: {reset:?}"
     );
+    let form = form.await.expect("the other stream answered");
+    assert_eq!(form.status(), 200);
+    assert!(!ended.is_finished(), "the connection goes on");
+    common::client::until(
+        "the download's upstream request dropped",
+        Duration::from_secs(5),
+        async || common::client::metric(v.admin, "varco_upstream_in_flight", "").await == Some(0.0),
+    )
+    .await;
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
 }
 
