@@ -1079,6 +1079,25 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         }
     }
 
+    // Something a page shows or runs (an image, a script, a style sheet;
+    // the browser says so), with no place of its own: a page's assets
+    // loaded in parallel after its ticket lapsed, or an exempt page's,
+    // each took a number, and the browser kept only the last cookie. The
+    // others were places nobody held, each holding a slot for the claim
+    // window when called. The page itself takes the place. (A script's
+    // own request, and a client that says nothing of it, an API client,
+    // take one as ever.)
+    if crate::page::loads_for_a_page(r.headers) {
+        room.metrics.rejected_not_a_page.inc();
+        let mut resp = crate::page::error(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            &NOT_A_PAGE,
+            r.reader(room),
+        );
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Ok(Gate::Respond(resp));
+    }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
         Issued::Number(n) => (n, 0, String::new()),
@@ -1163,6 +1182,11 @@ fn page(
 const FROM_ANOTHER_SITE: Said = Said {
     en: "This service is behind a waiting room: open it from its own address, not from another site's page.",
     it: "Questo servizio è dietro una sala d'attesa: aprilo dal suo indirizzo, non dalla pagina di un altro sito.",
+};
+/// Something a page loads, holding no place: the page takes it.
+const NOT_A_PAGE: Said = Said {
+    en: "This service is behind a waiting room: opening its page takes your place in line.",
+    it: "Questo servizio è dietro una sala d'attesa: aprendo la sua pagina prendi il tuo posto in coda.",
 };
 /// Too many requests from one address (tickets, status polls).
 const FROM_ADDRESS: Said = Said {

@@ -306,7 +306,7 @@ impl Metrics {
         .expect("valid metric");
         let rejected = counter(
             "varco_rejected_total",
-            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over the per-session rate), closed, cross_site (another site's request holding no pass), in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full), session_in_flight (a pass over in_flight.per_session)",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over the per-session rate), closed, cross_site (another site's request holding no pass), not_a_page (an image, script or style sheet a page loads, holding no place while people wait: it takes none), in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full), session_in_flight (a pass over in_flight.per_session)",
             &["room", "reason"],
         );
         let wait_seconds = HistogramVec::new(
@@ -614,6 +614,7 @@ pub struct RoomMetrics {
     pub rejected_session_limit: IntCounter,
     pub rejected_closed: IntCounter,
     pub rejected_cross_site: IntCounter,
+    pub rejected_not_a_page: IntCounter,
     pub rejected_in_flight_full: IntCounter,
     pub rejected_in_flight_wait: IntCounter,
     pub rejected_session_in_flight: IntCounter,
@@ -658,6 +659,7 @@ impl RoomMetrics {
             rejected_session_limit: rejected("session_limit"),
             rejected_closed: rejected("closed"),
             rejected_cross_site: rejected("cross_site"),
+            rejected_not_a_page: rejected("not_a_page"),
             rejected_in_flight_full: rejected("in_flight_full"),
             rejected_in_flight_wait: rejected("in_flight_wait"),
             rejected_session_in_flight: rejected("session_in_flight"),

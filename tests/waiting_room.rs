@@ -816,6 +816,61 @@ async fn the_portal_releases_a_session_and_the_next_gets_in_at_once() {
     assert!(b.get("/").await.reached_upstream());
 }
 
+/// What a page shows or runs (the browser says so in `Sec-Fetch-Dest`),
+/// holding no place while people wait, takes none: a page's assets
+/// loaded in parallel after its ticket lapsed, or an exempt page's, each
+/// took a number, and the browser kept one cookie; the rest were places
+/// nobody held. The page itself takes the place; a script's own request
+/// (`a_scripts_request_is_not_where_admission_lands`) and an API client,
+/// which says nothing of it, as ever.
+#[tokio::test]
+async fn what_a_page_loads_takes_no_place_in_line() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut b = g.citizen();
+    for dest in ["image", "script", "style"] {
+        let got = b
+            .request(
+                "GET",
+                "/logo.png",
+                varco::body::empty(),
+                &[("sec-fetch-dest", dest)],
+            )
+            .await;
+        assert_eq!(got.status, 503, "{dest}: {}", got.text());
+        assert!(got.headers.contains_key("retry-after"));
+        assert!(got.headers.get("set-cookie").is_none(), "{dest}: no ticket");
+    }
+    assert_eq!(
+        b.status("portal").await["queue_length"],
+        0,
+        "no place taken"
+    );
+    assert_eq!(
+        common::client::metric(g.admin, "varco_rejected_total", "reason=\"not_a_page\"").await,
+        Some(3.0)
+    );
+    let got = b
+        .request(
+            "GET",
+            "/",
+            varco::body::empty(),
+            &[("sec-fetch-dest", "document")],
+        )
+        .await;
+    assert!(got.is_waiting_page(), "the page takes the place");
+    assert_eq!(b.status("portal").await["queue_length"], 1);
+    let mut api = g.citizen();
+    assert_eq!(
+        api.get_json("/api/apply").await.status,
+        429,
+        "an API client queues"
+    );
+    assert_eq!(api.status("portal").await["queue_length"], 2);
+}
+
 /// A release in any field of the header, or any item of one: a `0`
 /// sent before it, or two folded into one field by a framework.
 #[tokio::test]

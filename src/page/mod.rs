@@ -147,6 +147,16 @@ pub fn loads_a_page(headers: &HeaderMap) -> Option<bool> {
         .map(|d| matches!(d.as_bytes(), b"document" | b"iframe" | b"frame"))
 }
 
+/// Whether the browser says the request fetches something a page shows
+/// or runs (an image, a script, a style sheet, a font): neither a page
+/// nor a script's own request (`empty`, which may stand for the person:
+/// a page's background request that meets the gate first).
+pub fn loads_for_a_page(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-dest")
+        .is_some_and(|d| !matches!(d.as_bytes(), b"document" | b"iframe" | b"frame" | b"empty"))
+}
+
 /// For a person's GET or HEAD, a `Refresh` as long as the answer's
 /// `Retry-After`: browsers ignore Retry-After, and a page that says "try
 /// again" left the person to find out when, or to sit on it. Not for a
