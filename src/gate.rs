@@ -1047,6 +1047,13 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         );
         return Ok(Gate::Respond(resp));
     }
+    // Each view of the counters takes the store's lock: only when needed.
+    let direct = safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0;
+    // Asked before the address's share is charged: a page's assets would
+    // use it up, and the person's own page then be refused.
+    if !direct && crate::page::loads_for_a_page(r.headers) {
+        return Ok(not_a_page(room, r));
+    }
     // A direct admission is a new session as a ticket is a new place: both
     // within the address's share. Else a script without a cookie jar, in
     // a quiet hour, took a session a request (the whole rate, every
@@ -1058,8 +1065,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         ));
         return Ok(Gate::Respond(too_many_for(r, room, wait, &FROM_ADDRESS)));
     }
-    // Each view of the counters takes the store's lock: only when needed.
-    if safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0 {
+    if direct {
         let session = new_session(room, r);
         if let Some(n) = lane.store.admit_directly(limits, session, r.now_ms).await? {
             let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
@@ -1079,24 +1085,10 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         }
     }
 
-    // Something a page shows or runs (an image, a script, a style sheet;
-    // the browser says so), with no place of its own: a page's assets
-    // loaded in parallel after its ticket lapsed, or an exempt page's,
-    // each took a number, and the browser kept only the last cookie. The
-    // others were places nobody held, each holding a slot for the claim
-    // window when called. The page itself takes the place. (A script's
-    // own request, and a client that says nothing of it, an API client,
-    // take one as ever.)
+    // Not let in straight away after all (the room full, the rate used):
+    // a place, which an asset does not take either.
     if crate::page::loads_for_a_page(r.headers) {
-        room.metrics.rejected_not_a_page.inc();
-        let mut resp = crate::page::error(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            &NOT_A_PAGE,
-            r.reader(room),
-        );
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return Ok(Gate::Respond(resp));
+        return Ok(not_a_page(room, r));
     }
     let issued = lane.store.issue(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
@@ -1133,6 +1125,26 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         &next_url,
         Some(cookie),
     )))
+}
+
+/// The answer to something a page shows or runs (an image, a script, a
+/// style sheet; the browser says so) that would take a place in line: a
+/// page's assets loaded in parallel after its ticket lapsed, or an
+/// exempt page's, each took a number, and the browser kept only the last
+/// cookie; the others were places nobody held, each holding a slot for
+/// the claim window when called. The page itself takes the place (and a
+/// script's own request, and a client that says nothing of it, an API
+/// client, as ever).
+fn not_a_page(room: &Room, r: &GateRequest) -> Gate {
+    room.metrics.rejected_not_a_page.inc();
+    let mut resp = crate::page::error(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        &NOT_A_PAGE,
+        r.reader(room),
+    );
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    Gate::Respond(resp)
 }
 
 fn ticket_cookie(room: &Room, t: &TicketClaims, r: &GateRequest) -> HeaderValue {

@@ -871,6 +871,50 @@ async fn what_a_page_loads_takes_no_place_in_line() {
     assert_eq!(api.status("portal").await["queue_length"], 2);
 }
 
+/// While people wait, the assets a page loads are not charged to the
+/// address's share of new places: a page of them would use it up, and
+/// the person's own page, the one that takes the place, be refused.
+#[tokio::test]
+async fn assets_do_not_use_up_the_addresss_share() {
+    let up = upstream::spawn().await;
+    // A burst of three: the one let in first, one in line, and the page
+    // below.
+    let g = Gated::start(&format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\n\
+         per_ip = {{ tickets_per_minute = 12, status_per_minute = 1000000 }}\nmax_active = 1\n",
+        up.addr
+    ))
+    .await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    assert!(g.citizen().get("/").await.is_waiting_page());
+    let mut b = g.citizen();
+    for _ in 0..5 {
+        let got = b
+            .request(
+                "GET",
+                "/app.js",
+                varco::body::empty(),
+                &[("sec-fetch-dest", "script")],
+            )
+            .await;
+        assert_eq!(got.status, 503, "{}", got.text());
+    }
+    let got = b
+        .request(
+            "GET",
+            "/",
+            varco::body::empty(),
+            &[("sec-fetch-dest", "document")],
+        )
+        .await;
+    assert!(got.is_waiting_page(), "{} {}", got.status, got.text());
+    assert_eq!(
+        common::client::metric(g.admin, "varco_rejected_total", "reason=\"ip_limit\"").await,
+        Some(0.0)
+    );
+}
+
 /// A release in any field of the header, or any item of one: a `0`
 /// sent before it, or two folded into one field by a framework.
 #[tokio::test]

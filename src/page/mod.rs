@@ -148,13 +148,18 @@ pub fn loads_a_page(headers: &HeaderMap) -> Option<bool> {
 }
 
 /// Whether the browser says the request fetches something a page shows
-/// or runs (an image, a script, a style sheet, a font): neither a page
-/// nor a script's own request (`empty`, which may stand for the person:
-/// a page's background request that meets the gate first).
+/// or runs: an image, a script, a style sheet, a font, a media file.
+/// Not a page (a document, a frame, an embedded object), nor a script's
+/// own request (`empty`, `websocket`: it may stand for the person, a
+/// page's background request that meets the gate first), nor anything
+/// the browser names otherwise.
 pub fn loads_for_a_page(headers: &HeaderMap) -> bool {
-    headers
-        .get("sec-fetch-dest")
-        .is_some_and(|d| !matches!(d.as_bytes(), b"document" | b"iframe" | b"frame" | b"empty"))
+    headers.get("sec-fetch-dest").is_some_and(|d| {
+        matches!(
+            d.as_bytes(),
+            b"image" | b"script" | b"style" | b"font" | b"audio" | b"video" | b"track"
+        )
+    })
 }
 
 /// For a person's GET or HEAD, a `Refresh` as long as the answer's
