@@ -799,25 +799,42 @@ impl Activity {
     /// Ends each HTTP/2 stream whose response body has waited `timeout`
     /// for the client to take a frame (nginx's send_timeout, per stream):
     /// a download paused in one tab must not cut the form another tab is
-    /// sending on the same connection. True when one cannot be ended
-    /// alone: the connection must go.
+    /// sending on the same connection. True when the connection must go:
+    /// a stream cannot be ended alone, or every stream in flight is
+    /// stalled (a client that takes nothing at all would otherwise open
+    /// stream after stream, each an upstream request held for `timeout`,
+    /// on a connection that never ends).
     fn end_stalled_streams(&self, timeout: Duration) -> bool {
         let now = self.now_ms();
         let limit = timeout.as_millis() as u64;
         let mut parks = self.parks.lock().unwrap_or_else(|e| e.into_inner());
         parks.retain(|p| p.strong_count() > 0);
-        let mut whole = false;
-        for p in parks.iter().filter_map(|p| p.upgrade()) {
-            let since = p.0.load(Ordering::Relaxed);
-            if since == 0 || now.saturating_sub(since - 1) < limit {
-                continue;
-            }
-            match &p.1 {
-                Some(stream) => stream.cancel(),
-                None => whole = true,
+        let stalled: Vec<Arc<Park>> = parks
+            .iter()
+            .filter_map(|p| p.upgrade())
+            .filter(|p| {
+                let since = p.0.load(Ordering::Relaxed);
+                since != 0 && now.saturating_sub(since - 1) >= limit
+            })
+            .collect();
+        if stalled.is_empty() {
+            return false;
+        }
+        if stalled.len() >= self.in_flight.load(Ordering::Relaxed)
+            || stalled.iter().any(|p| p.1.is_none())
+        {
+            return true;
+        }
+        for p in &stalled {
+            if let Some(stream) = &p.1 {
+                stream.cancel();
             }
         }
-        whole
+        tracing::debug!(
+            streams = stalled.len(),
+            "HTTP/2 streams whose client took no data within send_timeout: reset"
+        );
+        false
     }
 
     fn touch(&self) {

@@ -195,6 +195,29 @@ async fn a_stream_whose_window_never_opens_is_reset_alone() {
     assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
 }
 
+/// A client that takes nothing at all: every stream in flight stalled.
+/// Reset one by one, it could open stream after stream on a connection
+/// that never ends, each an upstream request held for `send_timeout`:
+/// the connection is closed, and with it the upstream request and any
+/// in-flight slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_every_stream_is_stalled_is_cut_off() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\nsend_timeout = \"1s\"\nkeepalive_timeout = \"60s\"\n[log]\naccess = false",
+    ))
+    .await;
+    // No window is ever given.
+    let (_body, ended) = ask_and_never_read(&v, 0, "/download?bytes=100000000").await;
+    let closed = tokio::time::timeout(Duration::from_secs(15), ended).await;
+    assert!(
+        closed.is_ok(),
+        "a connection whose only stream parked on a closed window held on"
+    );
+    assert_eq!(get(&v.url("/echo")).await.status, 200, "others are served");
+}
+
 /// A small answer hyper took whole (the body gone, the stream no longer
 /// counted) but could not send, the client's window at a byte: once the
 /// connection idles out and drains, what is left is data the client never
