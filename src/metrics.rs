@@ -306,7 +306,7 @@ impl Metrics {
         .expect("valid metric");
         let rejected = counter(
             "varco_rejected_total",
-            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over the per-session rate), closed, cross_site (another site's request holding no pass), not_a_page (an image, script or style sheet a page loads, holding no place while people wait: it takes none), in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full), session_in_flight (a pass over in_flight.per_session)",
+            "Requests turned away, by reason: ip_limit (new tickets), status_ip_limit (polls), session_limit (a pass holder over the per-session rate), closed, cross_site (another site's request holding no pass), not_a_page (an image, script, style sheet, font or media file a page loads, holding no place and not let in straight away: it takes none), in_flight_full and in_flight_wait (admitted, but the in-flight cap and its queue were full), session_in_flight (a pass over in_flight.per_session)",
             &["room", "reason"],
         );
         let wait_seconds = HistogramVec::new(
@@ -884,7 +884,7 @@ impl RoomCollector {
                 ),
                 gauge(
                     "varco_room_leader",
-                    "1 on the node that advances the room's serving counter (every node of its own alone; in a cluster, the holder of the room's lease, whose adaptive rate is the one in force), else 0",
+                    "1 on the node that advances the room's serving counter (every node with a store of its own; in a cluster, the holder of the room's lease, whose adaptive rate is the one in force, while it renews it), else 0 (in a cluster, before Redis answers, and once a lease it could not renew has lapsed)",
                 ),
                 gauge(
                     "varco_adaptive_latency_seconds",
@@ -1034,7 +1034,7 @@ impl prometheus::core::Collector for RoomCollector {
             self.set("varco_room_queue_counter", name, v.queue as f64);
             self.set("varco_room_serving_counter", name, v.serving as f64);
             self.set("varco_room_reserved_slots", name, v.reserved as f64);
-            let leads = room.store.leads();
+            let leads = room.store.leads_now();
             self.set("varco_room_leader", name, if leads { 1.0 } else { 0.0 });
             if let Some(r) = room.per_minute() {
                 self.set("varco_room_admission_rate_per_minute", name, r);

@@ -235,6 +235,45 @@ async fn the_rate_holds_across_nodes() {
     );
 }
 
+/// A leader cut off from Redis cannot renew its lease, which another node
+/// takes once it lapses: it no longer says it leads (`varco_room_leader`)
+/// once the lease would have lapsed, or two nodes would say so, and the
+/// floor alert fire on the one whose rate is not in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_redis_stops_saying_it_leads() {
+    let mut redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "admission_per_minute = 60",
+        // A lease that lapses in real time, still two ticks long.
+        "lease = \"300ms\"\ntick = \"100ms\"",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await;
+    let leader = nodes
+        .iter()
+        .position(|g| g.app.room("portal").unwrap().store.leads())
+        .expect("a leader");
+    let says = async |g: &Gated| {
+        common::client::metric(g.admin, "varco_room_leader", "room=\"portal\"").await
+    };
+    assert_eq!(says(&nodes[leader]).await, Some(1.0));
+    redis.kill();
+    advance(&nodes, 1000).await;
+    common::client::until(
+        "the cut-off leader no longer says it leads",
+        std::time::Duration::from_secs(5),
+        async || says(&nodes[leader]).await == Some(0.0),
+    )
+    .await;
+    assert!(
+        nodes[leader].app.room("portal").unwrap().store.leads(),
+        "its last word from Redis was the lease: what the metric no longer trusts"
+    );
+}
+
 /// A session renewed on a node in its last moments, just before the
 /// leader's tick drops it as lapsed, is renewed in Redis at once: the
 /// node's report at its own next tick would bring it back after its slot

@@ -343,6 +343,12 @@ pub trait RoomStore: Send + Sync + 'static {
     fn leads(&self) -> bool {
         true
     }
+    /// `leads`, as far as this node can tell now, for operators: a node
+    /// cut off from the shared store no longer knows it holds the lease,
+    /// which another node takes once it lapses.
+    fn leads_now(&self) -> bool {
+        self.leads()
+    }
     /// The run of the room's queue this store holds, which every ticket
     /// carries: its counters started from nothing then (a first start, a
     /// start without the snapshot, a shared store that lost its data).

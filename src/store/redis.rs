@@ -247,6 +247,7 @@ impl RedisStore {
             sessions: DashMap::new(),
             touched: DashMap::new(),
             holder: AtomicBool::new(false),
+            renewed: Mutex::new(None),
             recovering: tokio::sync::Mutex::new(()),
             nodes_heard: Mutex::new(NodesHeard::default()),
         })
@@ -349,6 +350,9 @@ pub struct RedisRoom {
     /// Sessions renewed here since the last tick (sent in one batch).
     touched: DashMap<u128, u64>,
     holder: AtomicBool,
+    /// When this node last renewed the lease: past `lease_ms`, another
+    /// node may hold it, whatever `holder` last said.
+    renewed: Mutex<Option<std::time::Instant>>,
     /// Held while what was done without Redis is handed over.
     recovering: tokio::sync::Mutex<()>,
 }
@@ -1109,6 +1113,10 @@ impl RoomStore for RedisRoom {
                 .await;
             let held: i64 = self.link.outcome(&lent, r)?;
             self.holder.store(held == 1, Ordering::Relaxed);
+            if held == 1 {
+                *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::time::Instant::now());
+            }
             let op = if held == 1 { "tick" } else { "view" };
             let r = self.call(op, &limits, now_ms, &[]).await?;
             // The first node to draw a lottery records which key drew it,
@@ -1388,6 +1396,16 @@ impl RoomStore for RedisRoom {
 
     fn leads(&self) -> bool {
         self.holds_lease()
+    }
+
+    fn leads_now(&self) -> bool {
+        let lease = std::time::Duration::from_millis(self.lease_ms);
+        self.holds_lease()
+            && self
+                .renewed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < lease)
     }
 
     fn generation(&self) -> u64 {
