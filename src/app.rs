@@ -1320,6 +1320,9 @@ impl App {
         }
         background.spawn(reopen_on_sigusr1(self.clone(), stop_rx.clone()));
         let settings = ListenerSettings::from_server(&config.server);
+        self.metrics
+            .max_connections
+            .set(i64::try_from(settings.max_connections).unwrap_or(i64::MAX));
         let close = tokio_util::sync::CancellationToken::new();
         let stop = listener::Stop {
             drain: stop_rx.clone(),

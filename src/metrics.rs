@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "varco_request_bodies_total",
     "varco_request_buffer_bytes",
     "varco_request_buffer_limit_bytes",
+    "varco_max_connections",
     "varco_build_info",
     "varco_store_errors_total",
     "varco_store_connections_replaced_total",
@@ -93,6 +94,7 @@ pub struct Metrics {
     pub request_bodies: IntCounterVec,
     pub request_buffer_bytes: IntGauge,
     pub request_buffer_limit_bytes: IntGauge,
+    pub max_connections: IntGauge,
     pub build_info: IntGaugeVec,
     pub upstream_responses: IntCounterVec,
     pub upstream_closed_idle: IntCounterVec,
@@ -211,6 +213,11 @@ impl Metrics {
         let request_buffer_limit_bytes = IntGauge::new(
             "varco_request_buffer_limit_bytes",
             "upstream.request_buffer_memory: the most request bodies read whole may hold together",
+        )
+        .expect("valid metric");
+        let max_connections = IntGauge::new(
+            "varco_max_connections",
+            "server.max_connections: the client connections the public listener holds at once (more wait in the backlog)",
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
@@ -396,6 +403,7 @@ impl Metrics {
             Box::new(request_bodies.clone()),
             Box::new(request_buffer_bytes.clone()),
             Box::new(request_buffer_limit_bytes.clone()),
+            Box::new(max_connections.clone()),
             Box::new(build_info.clone()),
             Box::new(upstream_responses.clone()),
             Box::new(upstream_closed_idle.clone()),
@@ -435,6 +443,7 @@ impl Metrics {
             request_bodies,
             request_buffer_bytes,
             request_buffer_limit_bytes,
+            max_connections,
             build_info,
             upstream_responses,
             upstream_closed_idle,

@@ -272,6 +272,11 @@ async fn a_silent_connection_is_closed_at_the_header_timeout() {
 async fn connections_past_the_cap_wait_instead_of_being_served() {
     let up = upstream::spawn().await;
     let v = Varco::start(&room_config(&[up.addr], "[server]\nmax_connections = 1")).await;
+    assert_eq!(
+        common::client::metric(v.admin, "varco_max_connections", "").await,
+        Some(1.0),
+        "the cap, beside varco_open_connections"
+    );
     // The first connection holds the only slot.
     let mut first = TcpStream::connect(v.addr).await.unwrap();
     first
