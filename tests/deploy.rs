@@ -383,6 +383,40 @@ fn the_kubernetes_config_is_valid_and_matches_the_deployment() {
         deployment.display()
     );
 
+    // The NetworkPolicy selects these pods, and lets in the ports they
+    // name: a label or a port name that drifted would shut the public
+    // port, or leave the admin one open to every pod.
+    let policy_file = k8s.join("networkpolicy.yaml");
+    let policy = &yaml_documents(&policy_file)[0];
+    let pod_labels = &deploy[0]["spec"]["template"]["metadata"]["labels"];
+    let selected = policy
+        .pointer("/spec/podSelector/matchLabels")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("{}: no podSelector", policy_file.display()));
+    assert!(
+        !selected.is_empty() && selected.iter().all(|(k, v)| &pod_labels[k] == v),
+        "{}: its podSelector {selected:?} does not select the pods of {} ({pod_labels})",
+        policy_file.display(),
+        deployment.display()
+    );
+    let let_in: Vec<&str> = policy["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| rule["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| p["port"].as_str())
+        .collect();
+    assert_eq!(let_in, ["http", "admin"], "{}", policy_file.display());
+    for name in let_in {
+        port(name);
+    }
+    let admin_rule = &policy["spec"]["ingress"][1];
+    assert!(
+        admin_rule["from"].as_array().is_some_and(|f| !f.is_empty()),
+        "{}: the admin port is let in from anywhere",
+        policy_file.display()
+    );
+
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_array()
         .into_iter()
