@@ -45,6 +45,9 @@ pub struct Gateway {
     /// `through_room`).
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    /// `varco_request_duration_seconds` of room `-` (varco's own paths,
+    /// the status polls of a click day among them), found once.
+    own_seconds: prometheus::Histogram,
     clock: SharedClock,
     trusted_proxies: Vec<IpNet>,
     client_header: crate::proxy::headers::ClientHeader,
@@ -181,6 +184,7 @@ impl Gateway {
             routing,
             buffer,
             forwarder: Arc::new(forwarder),
+            own_seconds: metrics.request_seconds.with_label_values(&["-"]),
             metrics,
             clock,
             trusted_proxies: settings.trusted_proxies,
@@ -470,19 +474,13 @@ impl Handler for Gateway {
             tracing::debug!(error = %e, "request refused");
             let reader = Reader::of(req.headers(), json, Language::En);
             let resp = page::error(code, said, reader);
-            self.metrics
-                .requests
-                .with_label_values(&["-", status_class(code.as_u16())])
-                .inc();
+            self.count_own(code.as_u16(), started);
             return self.finish(record, resp, "-", None);
         }
 
         if req.uri().path().starts_with("/.varco/") {
             let resp = self.own_path(&req, conn, json).await;
-            self.metrics
-                .requests
-                .with_label_values(&["-", status_class(resp.status().as_u16())])
-                .inc();
+            self.count_own(resp.status().as_u16(), started);
             return self.finish(record, resp, "-", None);
         }
 
@@ -495,10 +493,7 @@ impl Handler for Gateway {
         let Some(room) = room else {
             let reader = Reader::of(req.headers(), json, Language::En);
             let resp = page::error(StatusCode::NOT_FOUND, &page::NOTHING_HERE, reader);
-            self.metrics
-                .requests
-                .with_label_values(&["-", status_class(404)])
-                .inc();
+            self.count_own(404, started);
             return self.finish(record, resp, "-", None);
         };
 
@@ -512,6 +507,16 @@ impl Handler for Gateway {
 }
 
 impl Gateway {
+    /// A request of no room (room `-`: varco's own paths, a refused or
+    /// unrouted request), counted and timed as a room's are.
+    fn count_own(&self, status: u16, started: Instant) {
+        self.metrics
+            .requests
+            .with_label_values(&["-", status_class(status)])
+            .inc();
+        self.own_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
     /// The request's ID (a trusted proxy's kept), when IDs are on.
     fn request_id(&self, headers: &http::HeaderMap, conn: ConnInfo) -> Option<HeaderValue> {
         let ids = self.request_ids.as_ref()?;

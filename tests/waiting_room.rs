@@ -915,6 +915,28 @@ async fn assets_do_not_use_up_the_addresss_share() {
     );
 }
 
+/// The status polls, the bulk of a click day's requests, are timed as a
+/// room's requests are (room `-`): a slow answer to them shows.
+#[tokio::test]
+async fn the_status_polls_are_timed() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    for _ in 0..3 {
+        a.status("portal").await;
+    }
+    assert_eq!(
+        common::client::metric(
+            g.admin,
+            "varco_request_duration_seconds_count",
+            "room=\"-\""
+        )
+        .await,
+        Some(3.0)
+    );
+}
+
 /// A release in any field of the header, or any item of one: a `0`
 /// sent before it, or two folded into one field by a framework.
 #[tokio::test]
