@@ -99,39 +99,54 @@ impl Drop for Record<'_> {
             return;
         }
         let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
-        match &self.room {
+        let room = self.room.take();
+        match &room {
             Some(room) => room.metrics.count(CLIENT_CLOSED),
-            None => self
-                .metrics
-                .requests
-                .with_label_values(&["-", status_class(CLIENT_CLOSED)])
-                .inc(),
+            None => count_no_room(self.metrics, CLIENT_CLOSED),
         }
-        if let Some(Logged {
+        let name = room.as_ref().map_or("-", |r| r.name.as_str());
+        if let Some(line) = self.line(name, status, None) {
+            line.write_unanswered();
+        }
+    }
+}
+
+impl Record<'_> {
+    /// The access line, when lines are written: taken once, by the answer
+    /// or by the request's end without one.
+    fn line(
+        &mut self,
+        room: &str,
+        status: StatusCode,
+        upstream: Option<&str>,
+    ) -> Option<access_log::Line> {
+        let Logged {
             method,
             path,
             user_agent,
             client,
-        }) = self.logged.take()
-        {
-            access_log::Line {
-                started: self.started,
-                room: self
-                    .room
-                    .as_ref()
-                    .map_or("-", |r| r.name.as_str())
-                    .to_string(),
-                method,
-                path,
-                user_agent,
-                status,
-                upstream: None,
-                client,
-                request_id: self.id.take(),
-            }
-            .write_unanswered();
-        }
+        } = self.logged.take()?;
+        Some(access_log::Line {
+            started: self.started,
+            room: room.to_string(),
+            method,
+            path,
+            user_agent,
+            status,
+            upstream: upstream.map(str::to_string),
+            client,
+            request_id: self.id.take(),
+        })
     }
+}
+
+/// A request of no room (room `-`: varco's own paths, a refused or
+/// unrouted request), counted as a room's are.
+fn count_no_room(metrics: &Metrics, status: u16) {
+    metrics
+        .requests
+        .with_label_values(&["-", status_class(status)])
+        .inc();
 }
 
 /// The request's part of its access line.
@@ -510,10 +525,7 @@ impl Gateway {
     /// A request of no room (room `-`: varco's own paths, a refused or
     /// unrouted request), counted and timed as a room's are.
     fn count_own(&self, status: u16, started: Instant) {
-        self.metrics
-            .requests
-            .with_label_values(&["-", status_class(status)])
-            .inc();
+        count_no_room(&self.metrics, status);
         self.own_seconds.observe(started.elapsed().as_secs_f64());
     }
 
@@ -941,26 +953,8 @@ impl Gateway {
             let status = resp.status();
             resp = resp.map(|body| delivery.on_end_of(body, status));
         }
-        match record.logged.take() {
-            Some(Logged {
-                method,
-                path,
-                user_agent,
-                client,
-            }) => {
-                let line = access_log::Line {
-                    started: record.started,
-                    room: room.to_string(),
-                    method,
-                    path,
-                    user_agent,
-                    status: resp.status(),
-                    upstream: upstream.map(str::to_string),
-                    client,
-                    request_id: record.id.take(),
-                };
-                resp.map(|body| line.on_end_of(body))
-            }
+        match record.line(room, resp.status(), upstream) {
+            Some(line) => resp.map(|body| line.on_end_of(body)),
             None => resp,
         }
     }
