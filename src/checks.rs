@@ -281,11 +281,17 @@ fn ranges_files(files: &[String]) -> Outcome {
                 to,
                 before,
                 after,
-            } => format!(
-                "{room}: {from} to {to} are in no record: called after {} and before {}",
-                at(*before),
-                at(*after)
-            ),
+            } => match before {
+                Some(before) => format!(
+                    "{room}: {from} to {to} are in no record: called after {} and before {}",
+                    at(*before),
+                    at(*after)
+                ),
+                None => format!(
+                    "{room}: {from} to {to} are in no record: called before the room's first record, {} (a file before it not given, or a log begun mid-run)",
+                    at(*after)
+                ),
+            },
             Finding::Back {
                 room,
                 back_to,
@@ -391,6 +397,16 @@ mod tests {
             "a: 10 to 11 are in no record: called after {} line 2 (node-a, {}) and before {} line 1 (node-b, {})",
             files[1],
             crate::timefmt::rfc3339(2_000),
+            files[0],
+            crate::timefmt::rfc3339(3_000)
+        );
+        assert!(out.text.contains(&named), "{}", out.text);
+        // The second node's log alone: the numbers before its first
+        // record are in none of the files given.
+        let out = ranges_files(&files[..1]);
+        assert!(!out.ok, "{}", out.text);
+        let named = format!(
+            "a: 1 to 11 are in no record: called before the room's first record, {} line 1 (node-b, {})",
             files[0],
             crate::timefmt::rfc3339(3_000)
         );

@@ -22,12 +22,15 @@ pub struct Placed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
     /// `from..=to` are in no record: called between `before` and `after`
-    /// (their files and lines), and logged by no node.
+    /// (their files and lines), and logged by no node. No `before`: the
+    /// room's first record begins past 1 (every run numbers from 1), so
+    /// the numbers before it are in none of the files given (an earlier
+    /// file left out, a log begun mid-run or with its first lines cut).
     Gap {
         room: String,
         from: u64,
         to: u64,
-        before: (usize, usize),
+        before: Option<(usize, usize)>,
         after: (usize, usize),
     },
     /// The record at `at` begins at `back_to`, after numbers up to
@@ -115,27 +118,27 @@ pub fn merge(mut records: Vec<Placed>) -> Coverage {
             room.last = r.to;
             room.nodes.insert(r.node.clone());
             let mut top = r.to;
-            if let Some((seen, before)) = high {
-                if r.from > seen.saturating_add(1) {
-                    c.findings.push(Finding::Gap {
-                        room: name.clone(),
-                        from: seen + 1,
-                        to: r.from - 1,
-                        before,
-                        after: at,
-                    });
-                } else if r.from <= seen {
-                    c.findings.push(Finding::Back {
-                        room: name.clone(),
-                        back_to: r.from,
-                        past: seen,
-                        at,
-                    });
-                    // Numbers start again at 1 in a new run; otherwise a
-                    // range within the ones recorded leaves them recorded.
-                    if r.from > 1 {
-                        top = top.max(seen);
-                    }
+            // Before the first record, as if one had recorded up to 0.
+            let (seen, before) = high.map_or((0, None), |(seen, at)| (seen, Some(at)));
+            if r.from > seen.saturating_add(1) {
+                c.findings.push(Finding::Gap {
+                    room: name.clone(),
+                    from: seen + 1,
+                    to: r.from - 1,
+                    before,
+                    after: at,
+                });
+            } else if r.from <= seen {
+                c.findings.push(Finding::Back {
+                    room: name.clone(),
+                    back_to: r.from,
+                    past: seen,
+                    at,
+                });
+                // Numbers start again at 1 in a new run; otherwise a
+                // range within the ones recorded leaves them recorded.
+                if r.from > 1 {
+                    top = top.max(seen);
                 }
             }
             high = Some((top, at));
@@ -193,11 +196,31 @@ mod tests {
                 room: "a".into(),
                 from: 4,
                 to: 6,
-                before: (1, 1),
+                before: Some((1, 1)),
                 after: (2, 1),
             }]
         );
         assert_eq!(c.gaps(), 1);
+    }
+
+    /// Every run numbers from 1: a room whose first record begins later
+    /// was called before any file given recorded it.
+    #[test]
+    fn numbers_before_the_first_record_are_a_gap() {
+        let c = merge(vec![
+            placed(1, 1, "a", 5, 9, 1_000),
+            placed(1, 2, "b", 1, 2, 1_000),
+        ]);
+        assert_eq!(
+            c.findings,
+            [Finding::Gap {
+                room: "a".into(),
+                from: 1,
+                to: 4,
+                before: None,
+                after: (1, 1),
+            }]
+        );
     }
 
     /// A node's clock stepped back: its later record reads earlier, and
