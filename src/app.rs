@@ -680,6 +680,7 @@ impl App {
             Ok(new) => match self
                 .keeps_drawn_places(&new)
                 .and_then(|()| self.keeps_lanes_in_use(&new))
+                .and_then(|()| keeps_key_secrets(&new, &keys))
                 .and_then(|()| self.keeps_lottery_keys(&new, &keys))
                 .and_then(|()| self.finds_upstream_tls_in_force(&new))
             {
@@ -698,6 +699,12 @@ impl App {
         // A generated key (ephemeral, or none configured) stays: a new
         // random one would void every ticket and pass in hand.
         if !new.raw.secrets.keys_made_up() {
+            let ids = |k: &Keyring| k.ids().map(str::to_string).collect::<Vec<_>>();
+            let (was, now) = (ids(&keys), ids(&new.keys));
+            if was != now {
+                let removed: Vec<&String> = was.iter().filter(|id| !now.contains(id)).collect();
+                tracing::info!(target: "varco::audit", in_force = ?now, removed = ?removed, signs = %new.keys.signing_key().id, "signing keys replaced: what a removed key signed counts as no token");
+            }
             *keys = new.keys.clone();
         }
         let restart_needed = self.apply(new, &keys);
@@ -1549,6 +1556,39 @@ fn not_reopened(
         }),
         _ => Ok(()),
     }
+}
+
+/// Refuses a key file that gives a key id in force another secret: every
+/// ticket, pass and receipt code signed under that id would stop
+/// verifying (every place lost, every session sent back to the line
+/// mid-flow) while the store still counts them, and a lottery drawn with
+/// it would be drawn again. Tokens are voided on purpose by removing the
+/// id; a new secret goes under a new id.
+fn keeps_key_secrets(new: &Config, running: &Keyring) -> Result<(), ReloadError> {
+    if new.raw.secrets.keys_made_up() {
+        return Ok(());
+    }
+    let source = if new.raw.secrets.key_file.is_some() {
+        "secrets.key_file"
+    } else {
+        "secrets.key_env"
+    };
+    let errors = running
+        .ids()
+        .filter(|id| {
+            let (Some(was), Some(now)) = (running.key(id), new.keys.key(id)) else {
+                return false;
+            };
+            !crate::gate::constant_time_eq(&was.secret, &now.secret)
+        })
+        .map(|id| ConfigError {
+            key: source.into(),
+            reason: format!(
+                "key id \"{id}\" now holds another secret: every ticket, pass and receipt it signed would stop verifying (places lost, people sent back to the line mid-flow). Give the new secret a new id, listed last so it signs, and keep \"{id}\" until what it signed has lapsed; to void what it signed, remove it"
+            ),
+        })
+        .collect();
+    refused(errors)
 }
 
 /// The error for a room whose pre-queue lottery is drawn with key `kid`

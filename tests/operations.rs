@@ -1262,6 +1262,49 @@ async fn a_reload_revokes_an_admin_token_taken_off_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key file that gives a key id in force another secret is refused:
+/// every ticket and pass signed under it would count as none.
+#[tokio::test]
+async fn a_reload_refuses_a_key_id_given_another_secret() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-key-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    const A: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const B: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let keys = |pairs: &[(&str, &str)]| {
+        let text: String = pairs
+            .iter()
+            .map(|(id, secret)| format!("[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n"))
+            .collect();
+        std::fs::write(dir.join("keys.toml"), text).unwrap();
+    };
+    keys(&[("k1", A)]);
+    let cfg = with_admin(&gated_config(up.addr, "max_active = 1")).replace(
+        "[secrets]\nephemeral = true",
+        "[secrets]\nkey_file = \"keys.toml\"",
+    );
+    let (g, path) = Gated::start_written("key-secret", &cfg).await;
+    assert_eq!(path.parent().unwrap(), dir);
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    // The same id, another secret: refused, naming the key file and id.
+    keys(&[("k1", B)]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("secrets.key_file") && err.contains("\"k1\" now holds another secret"),
+        "{err}"
+    );
+    assert!(holder.get("/").await.reached_upstream(), "the pass holds");
+    // The new secret under a new id: taken, and the pass still holds.
+    keys(&[("k1", A), ("k2", B)]);
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(holder.get("/").await.reached_upstream());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key rotation that drops the key a scheduled opening's lottery is
 /// drawn with is refused while the draw matters: its commitment is
 /// published, and every pre-queue place is computed from it until the

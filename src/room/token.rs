@@ -194,6 +194,11 @@ impl Keyring {
         self.keys.iter().any(|(k, _)| k.secret == secret)
     }
 
+    /// The ids of the keys, oldest first (the last signs).
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(k, _)| k.id.as_str())
+    }
+
     pub fn key(&self, id: &str) -> Option<&SigningKey> {
         self.keys.iter().find(|(k, _)| k.id == id).map(|(k, _)| k)
     }
