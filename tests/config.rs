@@ -118,6 +118,15 @@ fn the_printed_config_keeps_the_redis_password_out() {
         "[store]\nkind = \"redis\"\nurl = \"http://:s3cret-pw@x\"\n{ROOM}"
     ));
     assert!(!e.to_string().contains("s3cret-pw"), "{e}");
+    // A password with a `/` (as base64 makes them) not percent-encoded:
+    // the URL does not parse, and its error shows none of it.
+    let e = errors(&format!(
+        "[store]\nkind = \"redis\"\nurl = \"redis://:Zq8v/Lk3+pw=@10.0.0.9:6379/0\"\n{ROOM}"
+    ));
+    assert!(e.names("store.url"), "{e}");
+    let text = e.to_string();
+    assert!(!text.contains("Zq8v") && !text.contains("Lk3"), "{text}");
+    assert!(text.contains("redis://***@10.0.0.9:6379/0"), "{text}");
     for (url, shown) in [
         ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
         ("rediss://u:p@w@h/2", "rediss://u:***@h/2"),

@@ -484,6 +484,20 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// A URL that did not parse, for an error: everything before its last
+/// `@` written as `***`. Where its user part ends cannot be told (a
+/// password holding `/`, `?` or `#`, not percent-encoded, is what made
+/// it fail), so none of it is shown.
+pub fn masked(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_string(),
+    }
+}
+
 /// Names the key a parse error is about: the path serde followed, down to
 /// the field of an inline table in an array (`rooms.portal.upstreams[0].url`);
 /// when the file itself is broken (no path yet), the table the error stands

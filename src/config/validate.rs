@@ -534,8 +534,8 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                 p.add(
                     *from,
                     format!(
-                        "\"{}\" cannot be read as a Redis URL: {e}",
-                        super::redacted(url)
+                        "\"{}\" cannot be read as a Redis URL: {e} (a password holding / ? # or @ is written percent-encoded: %2F %3F %23 %40)",
+                        super::masked(url)
                     ),
                 );
             }
@@ -551,7 +551,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         ("redis", Ok(Some((url, from)))) => {
-            p.add(*from, format!("\"{}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS", super::redacted(url)));
+            p.add(*from, format!("\"{}\" is not a Redis URL: write e.g. \"redis://10.0.0.9:6379/0\" or \"rediss://\" for TLS", super::masked(url)));
             StoreKind::Memory
         }
         ("redis", Ok(None)) => {
