@@ -251,10 +251,8 @@ where
 fn too_many_headers() -> Response<crate::body::Body> {
     let mut resp = Response::new(crate::body::empty());
     *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-    resp.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store, private"),
-    );
+    resp.headers_mut()
+        .insert(http::header::CACHE_CONTROL, crate::page::OWN_CACHE_CONTROL);
     resp
 }
 

@@ -17,7 +17,10 @@ async fn unreachable_upstream_is_502_with_a_page_or_json() {
         .to_str()
         .unwrap()
         .starts_with("text/html"));
-    assert_eq!(got.headers["cache-control"], "no-store, private");
+    assert_eq!(
+        got.headers["cache-control"],
+        "no-store, private, no-transform"
+    );
     assert!(got.text().contains("502"));
 
     let got = send(

@@ -1251,7 +1251,10 @@ async fn unknown_host_gets_404_from_varco() {
         .unwrap();
     let got = send(req).await;
     assert_eq!(got.status, 404);
-    assert_eq!(got.headers["cache-control"], "no-store, private");
+    assert_eq!(
+        got.headers["cache-control"],
+        "no-store, private, no-transform"
+    );
     assert_eq!(up.hits(), 0);
 }
 

@@ -25,7 +25,10 @@ async fn admits_up_to_max_active_then_queues_in_arrival_order() {
             assert!(c.cookie("varco_pass_portal").is_some());
         } else {
             assert!(got.is_waiting_page(), "citizen {i} waits");
-            assert_eq!(got.headers["cache-control"], "no-store, private");
+            assert_eq!(
+                got.headers["cache-control"],
+                "no-store, private, no-transform"
+            );
             assert!(c.cookie("varco_ticket_portal").is_some());
         }
     }
@@ -2077,7 +2080,10 @@ async fn status_polls_are_limited_per_address() {
         codes.push(got.status);
         if got.status == 429 {
             assert!(got.headers.contains_key("retry-after"));
-            assert_eq!(got.headers["cache-control"], "no-store, private");
+            assert_eq!(
+                got.headers["cache-control"],
+                "no-store, private, no-transform"
+            );
         }
     }
     assert_eq!(codes, [200, 200, 429, 429], "a burst of 8/4 = 2 polls");

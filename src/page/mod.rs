@@ -15,6 +15,15 @@ use crate::config::Language;
 
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
 
+/// What varco's own answers carry: never stored (above), and never
+/// rewritten by a proxy or CDN in front (`no-transform`): an optimiser
+/// that retypes or minifies the waiting page's script breaks the digest
+/// its Content-Security-Policy allows, and the script never runs; with
+/// scripts on, its `<noscript>` refresh does not either, and the page
+/// would show the same place for ever.
+pub const OWN_CACHE_CONTROL: HeaderValue =
+    HeaderValue::from_static("no-store, private, no-transform");
+
 /// The headers every answer varco writes itself carries: never stored
 /// (see above); read as the type it says it is, so a JSON answer or a
 /// text one is never run as a page (`nosniff`); and the address of a
@@ -22,7 +31,7 @@ pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store, private");
 /// number, a fiscal code) is not told to another site a person goes to
 /// from it.
 pub fn mark_own(h: &mut HeaderMap) {
-    h.insert(CACHE_CONTROL, NO_STORE);
+    h.insert(CACHE_CONTROL, OWN_CACHE_CONTROL);
     h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(REFERRER_POLICY, HeaderValue::from_static("same-origin"));
 }
@@ -636,7 +645,10 @@ mod tests {
             &SAID,
             Reader::Person(Language::En, None),
         );
-        assert_eq!(r.headers()[CACHE_CONTROL], "no-store, private");
+        assert_eq!(
+            r.headers()[CACHE_CONTROL],
+            "no-store, private, no-transform"
+        );
         assert_eq!(r.status(), 502);
         let html = error_html(StatusCode::BAD_GATEWAY, &SAID, Language::En, None);
         assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
