@@ -191,7 +191,10 @@ impl Certificates {
         let mut server = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // http/1.0 too, as nginx: rustls ends a handshake whose client
+        // offers no protocol in this list (`curl --http1.0` offers only
+        // that one), and hyper serves HTTP/1.0.
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         // Stateless resumption, as nginx's default tickets: without, only
         // the last 256 sessions (two per connection) could resume, and on
         // a click day nearly every phone that reconnects pays a full

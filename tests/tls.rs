@@ -111,6 +111,11 @@ async fn http1_over_tls_still_works() {
     let got = echo_over_http1(tls).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["headers"]["x-forwarded-proto"][0], "https");
+    // A client that offers only http/1.0 (`curl --http1.0`) is served,
+    // not refused at the handshake.
+    let (tls, proto) = tls_connect(v.addr, &pki.ca_der, &[b"http/1.0"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"http/1.0"[..]));
+    assert_eq!(echo_over_http1(tls).await.status, 200);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
