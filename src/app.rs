@@ -263,6 +263,7 @@ impl App {
             }))
             .collect();
         if !errors.is_empty() {
+            stores.abandon();
             return Err(AppError::Config(ConfigErrors(errors)));
         }
         for room in &rooms {
@@ -282,13 +283,18 @@ impl App {
         metrics.watch_rooms(routing.clone());
         let keys = config.keys.clone();
         let audit = match &config.audit_log {
-            Some(path) => Some(
-                AuditLog::open(path, &node_name())
-                    .and_then(|log| audit::Writer::new(log, metrics.audit_records.clone()))
-                    .map_err(|e| {
-                        AppError::Store(format!("audit.log: cannot open {}: {e}", path.display()))
-                    })?,
-            ),
+            Some(path) => match AuditLog::open(path, &node_name())
+                .and_then(|log| audit::Writer::new(log, metrics.audit_records.clone()))
+            {
+                Ok(writer) => Some(writer),
+                Err(e) => {
+                    stores.abandon();
+                    return Err(AppError::Store(format!(
+                        "audit.log: cannot open {}: {e}",
+                        path.display()
+                    )));
+                }
+            },
             None => None,
         };
         if let (Some(log), Stores::Memory(_)) = (audit.as_ref().map(|w| w.log()), &stores) {
@@ -1322,7 +1328,12 @@ impl App {
         if config.store.snapshot.is_some() {
             background.spawn(snapshot_loop(self.clone(), stop_rx.clone()));
         }
-        if self.config_path.is_some() {
+        let hangup_installed = self
+            .hangup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if self.config_path.is_some() || hangup_installed {
             background.spawn(reload_on_sighup(self.clone(), stop_rx.clone()));
         }
         background.spawn(reopen_on_sigusr1(self.clone(), stop_rx.clone()));
@@ -1625,24 +1636,24 @@ pub async fn run(
     app.serve(listeners, shutdown, true).await
 }
 
-/// As `run`, remembering `path` so SIGHUP (`hangup`, its handler
-/// installed by the caller before it said it listens) and the admin API
-/// can reload it. `reopen`: SIGUSR1's stream, installed likewise, for
-/// reopening the admission log.
-pub async fn run_file(
+/// The app `varco run` and `varco demo` serve, with the system clock:
+/// `path`, if any, is what SIGHUP and the admin API reload; `hangup`
+/// and `reopen` are SIGHUP's and SIGUSR1's streams, installed by the
+/// caller before it said it listens (a SIGHUP without a file is told
+/// and counted as refused, not the default action that kills).
+pub async fn prepare(
     config: Config,
-    path: PathBuf,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
+    path: Option<PathBuf>,
     hangup: tokio::signal::unix::Signal,
     reopen: Option<tokio::signal::unix::Signal>,
-) -> Result<(), AppError> {
-    let app = App::new(config, clock::system())
-        .await?
-        .with_config_path(path);
+) -> Result<Arc<App>, AppError> {
+    let mut app = App::new(config, clock::system()).await?;
+    if let Some(path) = path {
+        app = app.with_config_path(path);
+    }
     *app.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
     *app.reopen.lock().unwrap_or_else(|e| e.into_inner()) = reopen;
-    Arc::new(app).serve(listeners, shutdown, true).await
+    Ok(Arc::new(app))
 }
 
 /// A reload refused for `errors`, if there are any.
@@ -1714,6 +1725,15 @@ fn node_name() -> String {
 enum Stores {
     Memory(Arc<MemoryStore>),
     Redis(Arc<RedisStore>),
+}
+
+impl Stores {
+    /// A start refused after the store opened: see `MemoryStore::abandon`.
+    fn abandon(&self) {
+        if let Stores::Memory(m) = self {
+            m.abandon();
+        }
+    }
 }
 
 /// A room per config table; each keeps its store (places, sessions) by

@@ -352,19 +352,21 @@ fn serve(
         // Before the line below: a signal sent as soon as it appears must
         // find varco's handlers, not the default action that kills.
         let shutdown = shutdown_signal()?;
-        let hangup = match config_path {
-            Some(_) => Some(
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                    .context("cannot listen for SIGHUP")?,
-            ),
-            None => None,
-        };
+        // Always: without a file a SIGHUP reloads nothing (it is told
+        // and counted as refused), where its default action would kill
+        // varco and lose the queue of a demo run without `--config`.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP")?;
         // Always: a logrotate rule left behind after `audit.log` went
         // from the config must not kill varco (SIGUSR1's default action).
         let reopen = Some(
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
                 .context("cannot listen for SIGUSR1")?,
         );
+        // Built before the line below: a start refused for the saved
+        // queue (or an admission log it cannot open) must not have said
+        // it listens first.
+        let app = app::prepare(cfg.clone(), config_path, hangup, reopen).await?;
         let scheme = if cfg.server.tls.is_some() {
             "https"
         } else {
@@ -383,12 +385,7 @@ fn serve(
                 listeners.proxy_addr()
             );
         }
-        match (config_path, hangup) {
-            (Some(path), Some(hangup)) => {
-                app::run_file(cfg, path, listeners, shutdown, hangup, reopen).await?
-            }
-            _ => app::run(cfg, listeners, shutdown).await?,
-        }
+        app.serve(listeners, shutdown, true).await?;
         Ok(())
     })
 }

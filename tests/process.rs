@@ -148,6 +148,32 @@ fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path:
     cfg
 }
 
+/// `varco demo` without `--config` has no file to reload: a SIGHUP is
+/// told and counted as refused, and the demo goes on with its queue
+/// (SIGHUP's default action would kill it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_without_a_file_lives_through_a_sighup() {
+    let p = Process::demo();
+    p.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused =
+            client::metric(p.admin, "varco_config_reloads_total", "result=\"refused\"").await;
+        if refused == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the SIGHUP was not counted as a refused reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = Citizen::new(p.addr).get("/").await;
+    assert!(got.status < 500, "the demo still serves: {}", got.status);
+    p.signal("TERM");
+    exits_0_with_its_listener_closed(p).await;
+}
+
 /// Scripts signal varco as soon as it says it listens: the signal must
 /// find varco's handlers, not the default action, which kills, even while
 /// varco is still reading its snapshot back. A SIGHUP then reloads, and a
@@ -275,11 +301,15 @@ async fn a_config_refused_at_start_for_the_saved_queue_exits_2() {
     p.signal("TERM");
     exits_0_with_its_listener_closed(p).await;
 
-    std::fs::write(&cfg, first + "opens_at = \"2099-12-01T09:00:00+01:00\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        first.clone() + "opens_at = \"2099-12-01T09:00:00+01:00\"\n",
+    )
+    .unwrap();
     let child = Command::new(bin())
         .args(["run", "--config"])
         .arg(&cfg)
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -297,6 +327,26 @@ async fn a_config_refused_at_start_for_the_saved_queue_exits_2() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("rooms.portal.opens_at"), "{said}");
     assert_eq!(out.status.code(), Some(2), "{said}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !printed.contains("varco listening"),
+        "said it listens, then refused: {printed}"
+    );
+    // It served nobody: its marks are gone, and the next start (the
+    // file mended) finds a clean stop, not a crash.
+    assert!(!dir.join("state.json.marks").exists());
+    std::fs::write(&cfg, &first).unwrap();
+    let mut p = Process::start_with(&cfg, &[], std::process::Stdio::piped());
+    let stderr = p.child.stderr.take().unwrap();
+    p.signal("TERM");
+    let said = tokio::task::spawn_blocking(move || std::io::read_to_string(stderr).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !said.contains("stopped without its last snapshot"),
+        "{said}"
+    );
+    exits_0_with_its_listener_closed(p).await;
 }
 
 /// An admin listener other hosts can reach, with tokens: allowed (a

@@ -390,6 +390,9 @@ pub struct MemoryStore {
     /// The snapshot's lock (see `hold_snapshot`), held until the store
     /// is closed or dropped.
     held: Mutex<Option<std::fs::File>>,
+    /// The marks file this start found (a crashed run's), as it was: put
+    /// back by [`MemoryStore::abandon`].
+    found_marks: Option<Vec<u8>>,
 }
 
 /// Takes the snapshot's lock (`SNAPSHOT.lock`, beside it): a second varco
@@ -533,6 +536,10 @@ impl MemoryStore {
             Some(p) => ahead::read(p)?,
             None => None,
         };
+        let found_marks = match (&crashed, &marks_path) {
+            (Some(_), Some(p)) => std::fs::read(p).ok(),
+            _ => None,
+        };
         let lost = crashed.as_ref().map(|left| {
             let saved_ms = snap.as_ref().map_or(0, |s| s.saved_ms);
             (saved_ms.max(left.since_ms), now_ms)
@@ -545,6 +552,7 @@ impl MemoryStore {
             closed: Mutex::new(false),
             marks_errors: std::sync::OnceLock::new(),
             held: Mutex::new(held),
+            found_marks,
         });
         if let Some(snap) = snap {
             let down = now_ms.saturating_sub(snap.saved_ms);
@@ -753,6 +761,36 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// A start refused after the store opened (a config that does not
+    /// fit the saved queue, an admission log that cannot be opened): it
+    /// served nobody, and leaves what it found. Its own marks would tell
+    /// the next start of a crash (burning numbers ahead for nobody, in a
+    /// pre-queue blanks in the draw) and, over a crashed run's, move that
+    /// crash's window to this start: passes begun in it refused. So the
+    /// marks go, or the crashed run's are put back. No snapshot is
+    /// written: the one on disk is what was found.
+    pub fn abandon(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        *closed = true;
+        if let Some(path) = &self.snapshot {
+            let marks = ahead::path_for(path);
+            let undone = match &self.found_marks {
+                Some(bytes) => super::write_atomically(&marks, bytes),
+                None => match std::fs::remove_file(&marks) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = undone {
+                tracing::error!(path = %marks.display(), error = %e, "cannot put back the marks this refused start found; the next start may take it for a crash");
+            }
+        }
+        drop(closed);
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
 /// The marks writer: wakes when a room runs low, writes every room's marks
 /// in one file, and lets the waiting hand out their numbers. Ends with the
 /// store.
@@ -889,6 +927,37 @@ mod tests {
             Issued::Number(n) | Issued::PreQueue(n) => n,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A start refused after the store opened leaves what it found: after
+    /// a clean stop, no crash for the next start and no numbers burnt;
+    /// after a crash, that crash and its window.
+    #[tokio::test]
+    async fn a_refused_start_leaves_the_marks_it_found() {
+        let snap = folder("refused");
+        let l = limits(None);
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for _ in 0..3 {
+            number(&room, l, 0).await;
+        }
+        store.close(1_000).unwrap();
+        drop((room, store));
+        MemoryStore::open(Some(snap.clone()), 2_000)
+            .unwrap()
+            .abandon();
+        let store = MemoryStore::open(Some(snap.clone()), 3_000).unwrap();
+        assert_eq!(store.lost, None, "no crash to see");
+        let room = store.room("r", &l, 3_000);
+        assert_eq!(number(&room, l, 3_000).await, 4, "no number burnt");
+        // A crash, then a refused start: the next start sees the crash,
+        // from when the crashed run began.
+        drop((room, store));
+        MemoryStore::open(Some(snap.clone()), 4_000)
+            .unwrap()
+            .abandon();
+        let store = MemoryStore::open(Some(snap.clone()), 5_000).unwrap();
+        assert_eq!(store.lost, Some((3_000, 5_000)));
     }
 
     #[tokio::test]

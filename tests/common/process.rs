@@ -34,7 +34,7 @@ impl Process {
     /// As `start`, with extra arguments and a chosen stderr (piped to read
     /// the logs).
     pub fn start_with(config: &Path, extra: &[&str], stderr: Stdio) -> Process {
-        let mut child = Command::new(bin())
+        let child = Command::new(bin())
             .args(extra)
             .args(["run", "--config"])
             .arg(config)
@@ -42,12 +42,34 @@ impl Process {
             .stderr(stderr)
             .spawn()
             .expect("spawn varco");
+        Self::ready(child)
+    }
+
+    /// `varco demo` on its embedded default (its fixed ports: 8080, 9090
+    /// and the portal's 9001), waiting for its readiness line.
+    pub fn demo() -> Process {
+        let child = Command::new(bin())
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn varco");
+        Self::ready(child)
+    }
+
+    /// Waits for `child`'s readiness line on stdout (lines before it,
+    /// such as the demo's operator page, passed over).
+    fn ready(mut child: Child) -> Process {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let line = lines
-            .next()
-            .expect("varco printed nothing")
-            .expect("stdout readable");
+            .by_ref()
+            .map(|l| l.expect("stdout readable"))
+            .find(|l| l.starts_with("varco listening"))
+            .expect("varco never said it listens");
+        // Read on to the end: a line printed later into a closed pipe
+        // would fail varco's print.
+        std::thread::spawn(move || lines.for_each(drop));
         // "varco listening on http://A (admin http://B)"
         let addrs: Vec<SocketAddr> = line
             .split([' ', '(', ')'])
