@@ -686,6 +686,7 @@ impl App {
             Ok(new) => match self
                 .keeps_drawn_places(&new)
                 .and_then(|()| self.keeps_lanes_in_use(&new))
+                .and_then(|()| self.keeps_rooms_in_use(&new))
                 .and_then(|()| keeps_key_secrets(&new, &keys))
                 .and_then(|()| self.keeps_lottery_keys(&new, &keys))
                 .and_then(|()| self.finds_upstream_tls_in_force(&new))
@@ -797,6 +798,37 @@ impl App {
                 })
             })
         })
+    }
+
+    /// Refuses a config without a room (removed, or renamed) that still
+    /// holds live sessions or people called, or people in line while it
+    /// is open: their passes and tickets name it, so they would be sent
+    /// back to the line mid-flow and lose their places, and a room under
+    /// the new name would let in up to its `max_active` beside the
+    /// sessions the portal still serves. Closed (`mode = "closed"`: its
+    /// line told it is closed), it may go once its sessions have ended.
+    fn keeps_rooms_in_use(&self, new: &Config) -> Result<(), ReloadError> {
+        let errors = self
+            .rooms()
+            .iter()
+            .filter(|room| !new.rooms.iter().any(|r| r.name == room.name))
+            .filter_map(|room| {
+                let (mut inside, mut in_line) = (0, 0);
+                for lane in &room.lanes {
+                    let view = lane.store.view();
+                    inside += view.active + view.reserved;
+                    in_line += view.in_line();
+                }
+                let closed = room.mode() == Mode::Closed;
+                (inside > 0 || (!closed && in_line > 0)).then(|| ConfigError {
+                    key: format!("rooms.{}", room.name),
+                    reason: format!(
+                        "the room still holds {inside} live sessions and people called, and {in_line} in line, whose passes and tickets name it: removed or renamed, they would be sent back to the line mid-flow and lose their places, and a room under another name would let in up to its max_active beside them. Close it (mode = \"closed\", or varco ctl close), and remove it once its sessions have ended"
+                    ),
+                })
+            })
+            .collect();
+        refused(errors)
     }
 
     /// Refuses a key file without the key a room's pre-queue lottery is
