@@ -367,12 +367,33 @@ fn safe_path(p: &str) -> Option<&str> {
 /// replayed; an image or a script's request is not where to send them),
 /// else [`landing`].
 fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> String {
-    if matches!(*r.method, Method::GET | Method::HEAD) && is_navigation(r.headers) {
+    let path = if matches!(*r.method, Method::GET | Method::HEAD) && is_navigation(r.headers) {
         safe_path(r.path_and_query)
     } else {
         ticket.and_then(|t| safe_path(&t.u))
+    };
+    match path {
+        Some(p) => quotes_encoded(p),
+        None => quotes_encoded(&landing(room, r)),
     }
-    .map_or_else(|| landing(room, r), str::to_string)
+}
+
+/// `path` with what HTML or a script reads as its own (quotes, angle
+/// brackets, backtick, braces) percent-encoded, as browsers send them in
+/// a query: an operator's page may put `{{next_url}}` in an event
+/// handler's attribute, where the entity `&#39;` is decoded back to a
+/// quote before the script runs, and a path holding `');alert(1);('`
+/// would run. The portal reads `%27` as `'`.
+fn quotes_encoded(path: &str) -> String {
+    const ENCODED: &[u8] = b"'\"<>`{}";
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match u8::try_from(c) {
+            Ok(b) if ENCODED.contains(&b) => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// Where admission lands someone with no page to remember: a form posted

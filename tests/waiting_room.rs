@@ -1899,6 +1899,42 @@ async fn an_operators_template_replaces_the_page() {
     assert_eq!(got.headers["x-content-type-options"], "nosniff");
 }
 
+/// In an operator's template, a script's or style's `{{name}}` is left
+/// as written (the page's own client-side template), and the address
+/// first asked for, put in an event handler, cannot close its quotes.
+#[tokio::test]
+async fn an_operators_template_fills_nothing_in_its_scripts() {
+    let up = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-template-js-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("page.html"),
+        "<!doctype html><html lang=\"{{lang}}\"><title>{{title}}</title>\
+         <script type=\"text/x-template\">var n=\"{{next_url}}\"; {{ title }}</script>\
+         <style>/* {{room}} */</style>\
+         <button onclick=\"location.replace('{{next_url}}')\">{{position}}</button></html>",
+    )
+    .unwrap();
+    let cfg = gated_config(up.addr, "max_active = 1\npage_template = \"page.html\"");
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    g.citizen().get("/").await;
+    let mut c = g.citizen();
+    let got = c.get("/x');alert(1);('").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let page = got.text();
+    assert!(
+        page.contains("var n=\"{{next_url}}\"; {{ title }}</script>"),
+        "{page}"
+    );
+    assert!(page.contains("/* {{room}} */"), "{page}");
+    assert!(
+        page.contains("location.replace('/x%27);alert(1);(%27')"),
+        "{page}"
+    );
+    assert!(!page.contains("&#39;);alert"), "{page}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// varco's own waiting page runs its own inline script and style and
 /// nothing else; its answers are taken as the type they say.
 #[tokio::test]

@@ -287,9 +287,20 @@ pub fn unknown_variables(text: &str, known: &[&str]) -> Vec<String> {
 /// `text` without what its `<script>` and `<style>` elements hold (an
 /// element never closed: to the end).
 fn outside_scripts(text: &str) -> String {
+    script_regions(text)
+        .into_iter()
+        .filter(|(inside, _)| !inside)
+        .map(|(_, piece)| piece)
+        .collect()
+}
+
+/// `text` cut where a `<script>` or `<style>` element begins and ends,
+/// in order: `(true, piece)` from its opening tag to its closing one
+/// (which is outside again), to the end if it is never closed.
+fn script_regions(text: &str) -> Vec<(bool, &str)> {
     // ASCII lowering keeps every byte where it was.
     let lower = text.to_ascii_lowercase();
-    let mut out = String::with_capacity(text.len());
+    let mut regions = Vec::new();
     let mut at = 0;
     loop {
         let next = ["<script", "<style"]
@@ -297,15 +308,40 @@ fn outside_scripts(text: &str) -> String {
             .filter_map(|tag| lower[at..].find(tag).map(|i| (at + i, tag)))
             .min();
         let Some((start, tag)) = next else {
-            out.push_str(&text[at..]);
-            return out;
+            regions.push((false, &text[at..]));
+            return regions;
         };
-        out.push_str(&text[at..start]);
+        regions.push((false, &text[at..start]));
         match lower[start..].find(&format!("</{}", &tag[1..])) {
-            Some(end) => at = start + end,
-            None => return out,
+            Some(end) => {
+                regions.push((true, &text[start..start + end]));
+                at = start + end;
+            }
+            None => {
+                regions.push((true, &text[start..]));
+                return regions;
+            }
         }
     }
+}
+
+/// As [`cut_template`], leaving what is inside a `<script>` or `<style>`
+/// as written: a client-side template's `{{ title }}` there is the
+/// page's own, and an HTML-escaped value in a script would be read with
+/// its entities (`&amp;` in a URL) and nothing escaped for a script.
+fn cut_template_outside_scripts<T>(
+    text: &str,
+    mut lookup: impl FnMut(&str) -> Option<T>,
+) -> Vec<Piece<T>> {
+    let mut parts = Vec::new();
+    for (inside, piece) in script_regions(text) {
+        if inside {
+            parts.push(Piece::Text(piece.to_string()));
+        } else {
+            parts.extend(cut_template(piece, &mut lookup));
+        }
+    }
+    parts
 }
 
 /// The variable of `known` a mistyped `name` most likely meant: within
@@ -349,7 +385,7 @@ pub fn error_variable_names() -> [&'static str; 6] {
 impl ErrorTemplate {
     pub fn compile(text: &str) -> ErrorTemplate {
         ErrorTemplate {
-            parts: cut_template(text, |name| {
+            parts: cut_template_outside_scripts(text, |name| {
                 ERROR_VARIABLES
                     .iter()
                     .find(|(n, _)| *n == name)

@@ -551,14 +551,15 @@ impl Template {
     /// Unknown `{{names}}` stay in the page as written (the config
     /// refuses a plain one: [`super::unknown_variables`]).
     pub fn compile(text: &str) -> Template {
-        let parts: Vec<Part> =
-            super::cut_template(text, |name| VARIABLES.iter().position(|v| *v == name))
-                .into_iter()
-                .map(|p| match p {
-                    super::Piece::Text(t) => Part::Text(t.into()),
-                    super::Piece::Var(i) => Part::Var(i),
-                })
-                .collect();
+        let parts: Vec<Part> = super::cut_template_outside_scripts(text, |name| {
+            VARIABLES.iter().position(|v| *v == name)
+        })
+        .into_iter()
+        .map(|p| match p {
+            super::Piece::Text(t) => Part::Text(t.into()),
+            super::Piece::Var(i) => Part::Var(i),
+        })
+        .collect();
         Template {
             text_len: text.len(),
             policy: (text == DEFAULT_TEMPLATE).then(|| super::own_page_policy(text)),
