@@ -329,6 +329,19 @@ impl AdmissionState {
     }
 
     fn expire_batches(&mut self, limits: &Limits, now_ms: u64) {
+        // A clock stepped back (NTP, a snapshot restored on a host
+        // behind) would hold each turn called for its claim window plus
+        // the step, its slot with it: a full room admitting nobody for
+        // as long. Their windows run from now instead.
+        if self
+            .batches
+            .back()
+            .is_some_and(|b| b.at_ms > now_ms + STEPPED_BACK_MS)
+        {
+            for b in self.batches.iter_mut() {
+                b.at_ms = b.at_ms.min(now_ms);
+            }
+        }
         while let Some(b) = self.batches.front() {
             if b.at_ms + limits.claim_window_ms > now_ms {
                 break;
@@ -580,6 +593,21 @@ mod tests {
         // A tick a little late counts no time twice.
         s.tick(&l, 0, 20_000);
         assert_eq!(s.tick(&l, 0, 19_000), 0);
+    }
+
+    /// Turns called before the clock stepped back lapse one claim window
+    /// after the step, not after the window and the step.
+    #[test]
+    fn a_clock_stepped_back_holds_no_turn_longer() {
+        let l = limits(None, Some(1));
+        let mut s = AdmissionState::new(&l, 600_000);
+        s.issue(&l, 600_000);
+        s.issue(&l, 600_000);
+        assert_eq!(s.tick(&l, 0, 601_000), 1);
+        // Ten minutes back: number 1's slot is held for its window...
+        assert_eq!(s.tick(&l, 0, 62_000), 0);
+        // ...from the step on, and then number 2 is called.
+        assert_eq!(s.tick(&l, 0, 122_000), 1);
     }
 
     #[test]
