@@ -195,6 +195,10 @@ struct Reply {
     body: String,
 }
 
+/// How long a citizen waits for a whole answer before counting it as
+/// none.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Person {
     fn new(id: String, base: String) -> Self {
         Person {
@@ -229,13 +233,14 @@ impl Person {
             }
             None => body::empty(),
         };
-        let resp = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.client.request(b.body(body).ok()?),
-        )
-        .await
-        .ok()?
-        .ok()?;
+        // One deadline for the headers and the body: an answer whose body
+        // stalls (a Content-Length never met) would hold this citizen,
+        // and the run waiting for every citizen, for ever.
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let resp = tokio::time::timeout_at(deadline, self.client.request(b.body(body).ok()?))
+            .await
+            .ok()?
+            .ok()?;
         for sc in resp.headers().get_all("set-cookie") {
             let Ok(text) = sc.to_str() else { continue };
             let (kv, attrs) = text.split_once(';').unwrap_or((text, ""));
@@ -248,7 +253,11 @@ impl Person {
             }
         }
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+        let bytes = tokio::time::timeout_at(deadline, resp.into_body().collect())
+            .await
+            .ok()?
+            .ok()?
+            .to_bytes();
         Some(Reply {
             status,
             body: String::from_utf8_lossy(&bytes).into_owned(),
@@ -677,9 +686,12 @@ async fn sample_rate(
         else {
             continue;
         };
-        let Ok(bytes) = resp.into_body().collect().await.map(|b| b.to_bytes()) else {
+        let Ok(Ok(bytes)) =
+            tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect()).await
+        else {
             continue;
         };
+        let bytes = bytes.to_bytes();
         let text = String::from_utf8_lossy(&bytes);
         if let Some(v) = metric_value(&text, "varco_room_admission_rate_per_minute") {
             out.push((start.elapsed().as_secs_f64(), v));
@@ -858,6 +870,33 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer whose body never comes whole is no answer, in time: it
+    /// must not hold the citizen, and the run, for ever.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_whose_body_never_ends_is_none() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+                .await
+                .unwrap();
+            // Open, and silent.
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+        let mut p = Person::new("1".into(), format!("http://{addr}"));
+        let got = tokio::time::timeout(ANSWER_TIMEOUT * 2, p.send("GET", "/", None, false)).await;
+        assert!(
+            matches!(got, Ok(None)),
+            "{:?}",
+            got.map(|r| r.map(|r| r.status))
+        );
+    }
 
     fn place(ticket: Option<u64>, asked: f64, admitted: Option<f64>) -> Place {
         Place {
