@@ -81,6 +81,10 @@ struct MarksFile {
     version: u32,
     /// When the process that wrote them started, unix ms.
     since_ms: u64,
+    /// The crashes before it whose lost sessions may still come back:
+    /// (from, restarted), unix ms (see `MemoryStore::lost`).
+    #[serde(default)]
+    lost: Vec<(u64, u64)>,
     rooms: HashMap<String, Marks>,
 }
 
@@ -94,6 +98,7 @@ pub fn path_for(snapshot: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Left {
     pub since_ms: u64,
+    pub lost: Vec<(u64, u64)>,
     pub rooms: HashMap<String, Marks>,
 }
 
@@ -112,6 +117,7 @@ pub fn read(path: &Path) -> Result<Option<Left>, String> {
     }
     Ok(Some(Left {
         since_ms: f.since_ms,
+        lost: f.lost,
         rooms: f.rooms,
     }))
 }
@@ -344,10 +350,16 @@ impl Ahead {
 }
 
 /// Writes every room's marks: to a temporary file, synced, renamed.
-pub fn write(path: &Path, since_ms: u64, rooms: HashMap<String, Marks>) -> std::io::Result<()> {
+pub fn write(
+    path: &Path,
+    since_ms: u64,
+    lost: &[(u64, u64)],
+    rooms: HashMap<String, Marks>,
+) -> std::io::Result<()> {
     let f = MarksFile {
         version: 1,
         since_ms,
+        lost: lost.to_vec(),
         rooms,
     };
     let bytes = serde_json::to_vec(&f).map_err(std::io::Error::other)?;

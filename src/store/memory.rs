@@ -36,9 +36,8 @@ pub struct MemoryRoom {
     /// The numbers on disk ahead of those handed out; none without a
     /// snapshot file (nothing survives a restart then anyway).
     ahead: Option<Ahead>,
-    /// After a crash: (sessions begun from then on were lost with it, the
-    /// start that found them lost), both unix ms.
-    lost: Option<(u64, u64)>,
+    /// See [`MemoryStore::lost`].
+    lost: Lost,
     /// The state's generation, which never changes in a room's life:
     /// read on every ticket without taking the lock.
     generation: u64,
@@ -49,7 +48,7 @@ pub struct MemoryRoom {
 }
 
 impl MemoryRoom {
-    fn new(state: AdmissionState, ahead: Option<Ahead>, lost: Option<(u64, u64)>) -> Self {
+    fn new(state: AdmissionState, ahead: Option<Ahead>, lost: Lost) -> Self {
         MemoryRoom {
             generation: state.generation,
             state: Mutex::new(state),
@@ -283,17 +282,16 @@ impl RoomStore for MemoryRoom {
         idle_ms: u64,
         limits: &Limits,
     ) -> Adoption {
-        let Some((lost_from, restarted)) = self.lost else {
-            return Adoption::Refused;
-        };
-        // A second of slack: the snapshot's time is read before its
-        // sessions are. Not one begun since the restart (this run's own,
-        // lapsed and purged: it comes back as anyone's lapsed pass does).
-        if began_ms + 1_000 < lost_from
-            || began_ms >= restarted
-            || now_ms >= restarted + idle_ms
-            || self.ended.contains_key(&sid)
-        {
+        // Slack: the snapshot's time is read before its sessions are,
+        // and a session let in straight away is stamped before its wait
+        // for the marks (up to WRITE_AHEAD_WAIT). Not one begun since a
+        // restart (that run's own, lapsed and purged: it comes back as
+        // anyone's lapsed pass does).
+        let slack = 1_000 + WRITE_AHEAD_WAIT.as_millis() as u64;
+        let lost_in_one = self.lost.iter().any(|&(lost_from, restarted)| {
+            began_ms + slack >= lost_from && began_ms < restarted && now_ms < restarted + idle_ms
+        });
+        if !lost_in_one || self.ended.contains_key(&sid) {
             return Adoption::Refused;
         }
         // The serving counter went back to the snapshot's, so the pass's
@@ -379,8 +377,8 @@ pub struct MemoryStore {
     snapshot: Option<PathBuf>,
     /// Wakes the thread that writes numbers ahead (with a snapshot file).
     wake: Option<Arc<Wake>>,
-    /// See [`MemoryRoom::lost`].
-    lost: Option<(u64, u64)>,
+    /// See [`Lost`].
+    lost: Lost,
     /// True once the last snapshot is written: no more marks (their
     /// absence tells the next start that this one stopped cleanly). Held
     /// while the marks are written, so none land after they are removed.
@@ -441,6 +439,22 @@ fn hold_snapshot(snapshot: &std::path::Path) -> Result<std::fs::File, String> {
     }
 }
 
+/// The crashes whose lost sessions may still be taken back: for each,
+/// (sessions begun from then on were lost with it, the start that found
+/// them lost), unix ms. Kept in the snapshot and the marks, so a second
+/// crash (a crash loop on a click day) does not refuse those the first
+/// one lost: each crash its own window, not one from the first to the
+/// last (a later run's own sessions, lapsed, are not taken back).
+type Lost = Arc<[(u64, u64)]>;
+
+/// How long a crash's window is kept: a pass lives at most twice its
+/// session's idle time, and the window itself closes one idle time after
+/// its restart; a day covers any idle time a portal asks for.
+const LOST_KEPT_MS: u64 = 86_400_000;
+
+/// At most this many crashes' windows are kept, the latest.
+const LOST_KEPT: usize = 32;
+
 /// What `version` a snapshot this varco writes carries.
 const SNAPSHOT_VERSION: u32 = 1;
 
@@ -448,6 +462,9 @@ const SNAPSHOT_VERSION: u32 = 1;
 struct Snapshot {
     version: u32,
     saved_ms: u64,
+    /// See [`Lost`].
+    #[serde(default)]
+    lost: Vec<(u64, u64)>,
     rooms: HashMap<String, RoomSnapshot>,
 }
 
@@ -540,10 +557,19 @@ impl MemoryStore {
             (Some(_), Some(p)) => std::fs::read(p).ok(),
             _ => None,
         };
-        let lost = crashed.as_ref().map(|left| {
+        let mut lost: Vec<(u64, u64)> = snap
+            .iter()
+            .flat_map(|s| s.lost.iter().copied())
+            .chain(crashed.iter().flat_map(|left| left.lost.iter().copied()))
+            .collect();
+        if let Some(left) = &crashed {
             let saved_ms = snap.as_ref().map_or(0, |s| s.saved_ms);
-            (saved_ms.max(left.since_ms), now_ms)
-        });
+            lost.push((saved_ms.max(left.since_ms), now_ms));
+        }
+        lost.retain(|&(_, restarted)| restarted + LOST_KEPT_MS > now_ms);
+        lost.sort_unstable();
+        lost.dedup();
+        let lost: Lost = lost[lost.len().saturating_sub(LOST_KEPT)..].into();
         let store = Arc::new(MemoryStore {
             rooms: DashMap::new(),
             wake: snapshot.is_some().then(|| Arc::new(Wake::default())),
@@ -633,7 +659,7 @@ impl MemoryStore {
             a.restored(&state);
             a
         });
-        MemoryRoom::new(state, ahead, self.lost)
+        MemoryRoom::new(state, ahead, self.lost.clone())
     }
 
     /// Raises a room's counters to the marks a crash left.
@@ -732,6 +758,7 @@ impl MemoryStore {
         let snap = Snapshot {
             version: SNAPSHOT_VERSION,
             saved_ms: now_ms,
+            lost: self.lost.to_vec(),
             rooms,
         };
         let bytes = serde_json::to_vec(&snap).map_err(std::io::Error::other)?;
@@ -865,7 +892,7 @@ fn write_marks(
         return Ok(());
     }
     let marks = plans.iter().map(|(n, _, (m, _))| (n.clone(), *m)).collect();
-    let written = ahead::write(path, since_ms, marks);
+    let written = ahead::write(path, since_ms, &store.lost, marks);
     drop(closed);
     // Told even when the write failed: numbering goes on rather than
     // wait for a disk that may not come back (the caller says so).
@@ -947,7 +974,7 @@ mod tests {
             .unwrap()
             .abandon();
         let store = MemoryStore::open(Some(snap.clone()), 3_000).unwrap();
-        assert_eq!(store.lost, None, "no crash to see");
+        assert!(store.lost.is_empty(), "no crash to see");
         let room = store.room("r", &l, 3_000);
         assert_eq!(number(&room, l, 3_000).await, 4, "no number burnt");
         // A crash, then a refused start: the next start sees the crash,
@@ -957,7 +984,42 @@ mod tests {
             .unwrap()
             .abandon();
         let store = MemoryStore::open(Some(snap.clone()), 5_000).unwrap();
-        assert_eq!(store.lost, Some((3_000, 5_000)));
+        assert_eq!(store.lost[..], [(3_000, 5_000)]);
+    }
+
+    /// A crash loop: a pass lost in the first crash is still taken back
+    /// after the second, within one idle time of the first restart; one
+    /// the second run began and lost before its own snapshot (lapsed or
+    /// ended, not in it) is not.
+    #[tokio::test]
+    async fn a_second_crash_keeps_the_first_ones_window() {
+        let l = limits(None);
+        let snap = folder("twice");
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        number(&room, l, 0).await;
+        store.save(10_000).unwrap();
+        room.tick(l, 11_000).await.unwrap();
+        let claimed = room.claim(1, room.generation(), l, session(7), 11_500);
+        assert_eq!(claimed.await.unwrap(), Claim::Admitted);
+        drop((room, store));
+        // The second run: a snapshot, then a crash before anybody asks.
+        let store = MemoryStore::open(Some(snap.clone()), 15_000).unwrap();
+        store.room("r", &l, 15_000);
+        store.save(19_000).unwrap();
+        drop(store);
+        let store = MemoryStore::open(Some(snap), 20_000).unwrap();
+        let room = store.room("r", &l, 20_000);
+        room.tick(l, 20_000).await.unwrap();
+        assert_eq!(store.lost[..], [(10_000, 15_000), (19_000, 20_000)]);
+        assert_eq!(
+            room.adopt(7, 1, 11_500, 21_000, 60_000, &l),
+            Adoption::Taken
+        );
+        assert_eq!(
+            room.adopt(8, 0, 15_500, 21_000, 60_000, &limits_unbounded()),
+            Adoption::Refused
+        );
     }
 
     #[tokio::test]
@@ -1019,7 +1081,7 @@ mod tests {
         let room = MemoryRoom::new(
             AdmissionState::new(&limits(None), 0),
             Some(Ahead::new(Arc::new(Wake::default()))),
-            None,
+            Lost::default(),
         );
         let t0 = tokio::time::Instant::now();
         assert_eq!(number(&room, limits(None), 0).await, 1);
@@ -1047,7 +1109,7 @@ mod tests {
         let room = Arc::new(MemoryRoom::new(
             AdmissionState::new(&l, 0),
             Some(Ahead::new(Arc::new(Wake::default()))),
-            None,
+            Lost::default(),
         ));
         // The pre-queue's numbers, covered by a write (by hand: no writer).
         let ahead = room.ahead.as_ref().unwrap();
