@@ -46,6 +46,13 @@ enum Command {
         /// Run only the demo portal, without varco (benchmarks, comparisons).
         #[arg(long)]
         portal_only: bool,
+        /// Where varco's public listener binds, instead of the config's
+        /// (the embedded default's 127.0.0.1:8080 taken by something else).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where the admin listener binds, instead of the config's.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
         /// A config to use instead of the embedded demo default.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -231,11 +238,17 @@ fn main() -> ExitCode {
                     ..Default::default()
                 };
                 rt.block_on(varco::demo::simulate::run(&settings))
-                    .map(|(without, with)| {
+                    .and_then(|(without, with)| {
                         print!(
                             "{}",
                             varco::demo::simulate::report(&settings, &without, &with)
-                        )
+                        );
+                        let broken = varco::demo::simulate::broken_promises(&with);
+                        if broken.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!("with varco, {}", broken.join("; ")))
+                        }
                     })
             };
             match result {
@@ -250,6 +263,8 @@ fn main() -> ExitCode {
             capacity,
             portal_listen,
             portal_only,
+            listen,
+            admin_listen,
             config,
         } => {
             let cfg = match &config {
@@ -265,6 +280,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(addr) = listen {
+                cfg.server.listen = addr;
+            }
+            if let Some(addr) = admin_listen {
+                cfg.server.admin_listen = addr;
+            }
             // The demo has no token file: one made now opens the operator
             // page (and the API) for this run only.
             if cfg.admin_tokens.is_empty() {

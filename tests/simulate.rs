@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use varco::demo::simulate::{report, run, SimSettings};
+use varco::demo::simulate::{broken_promises, report, run, SimSettings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varco_turns_a_crash_into_a_queue() {
@@ -52,4 +52,9 @@ async fn varco_turns_a_crash_into_a_queue() {
     );
     assert_eq!(with.crossed, 0);
     assert_eq!(without.crossed, 0);
+    assert_eq!(broken_promises(&with), Vec::<String>::new());
+    assert!(
+        !broken_promises(&without).is_empty(),
+        "the bare portal's 5xx are told"
+    );
 }

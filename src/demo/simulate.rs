@@ -763,6 +763,30 @@ pub async fn run(s: &SimSettings) -> Result<(Outcome, Outcome), String> {
 }
 
 /// The comparison as a table.
+/// What varco promises a click day and the run with it did not keep: a
+/// portal 5xx, someone let in against the order of arrival, a response
+/// for another citizen. `varco simulate` exits 1 naming each, so a
+/// script or CI running it fails.
+pub fn broken_promises(with: &Outcome) -> Vec<String> {
+    let mut broken = Vec::new();
+    if with.portal_5xx > 0 {
+        broken.push(format!(
+            "the portal answered {} requests with a 5xx behind varco",
+            with.portal_5xx
+        ));
+    }
+    if with.order_inversions > 0 {
+        broken.push(format!(
+            "{} pairs were let in against the order of arrival",
+            with.order_inversions
+        ));
+    }
+    if with.crossed > 0 {
+        broken.push(format!("{} responses named another citizen", with.crossed));
+    }
+    broken
+}
+
 pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
     let secs = |v: Option<f64>| v.map(|x| format!("{x:.1} s")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
@@ -800,6 +824,11 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
         "p99 time to submit",
         secs(percentile(&without.done_seconds, 0.99)),
         secs(percentile(&with.done_seconds, 0.99)),
+    ));
+    out.push_str(&row(
+        "varco's own 503 (in-flight cap)",
+        without.busy.to_string(),
+        with.busy.to_string(),
     ));
     out.push_str(&row(
         "varco's own 502/504",
@@ -870,6 +899,27 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_broken_promise_is_named() {
+        assert!(broken_promises(&Outcome::default()).is_empty());
+        let broken = broken_promises(&Outcome {
+            portal_5xx: 2,
+            crossed: 1,
+            ..Outcome::default()
+        });
+        assert_eq!(broken.len(), 2, "{broken:?}");
+        assert!(broken[0].contains("2 requests with a 5xx"), "{broken:?}");
+        assert!(
+            broken[1].contains("1 responses named another"),
+            "{broken:?}"
+        );
+        let broken = broken_promises(&Outcome {
+            order_inversions: 3,
+            ..Outcome::default()
+        });
+        assert!(broken[0].contains("3 pairs"), "{broken:?}");
+    }
 
     /// An answer whose body never comes whole is no answer, in time: it
     /// must not hold the citizen, and the run, for ever.

@@ -45,11 +45,22 @@ impl Process {
         Self::ready(child)
     }
 
-    /// `varco demo` on its embedded default (its fixed ports: 8080, 9090
-    /// and the portal's 9001), waiting for its readiness line.
+    /// `varco demo` on its embedded default, on ports of its own (the
+    /// portal's found free first), waiting for its readiness line.
     pub fn demo() -> Process {
+        let portal = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
         let child = Command::new(bin())
-            .arg("demo")
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--portal-listen")
+            .arg(portal.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
