@@ -783,6 +783,9 @@ fn each_bad_value_names_its_key() {
         // window on at every tick.
         ("[store]\ntick = \"500us\"\n", "store.tick"),
         ("[store]\ntick = \"6s\"\n", "store.tick"),
+        // Each snapshot fsyncs the whole queue: one after another, the
+        // disk does nothing else.
+        ("[store]\nsnapshot_interval = \"1ms\"\n", "store.snapshot_interval"),
         // Read as the store reads them at start: no check that passes
         // before a start that fails.
         (

@@ -607,6 +607,12 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             format!("must be at most {MAX_TICK:?}: a tick calls a tick's worth of the rate at once (at \"5m\", five minutes' worth in one go), and turns lapse only at a tick: at most a third of the shortest claim_window ({:?})", crate::page::waiting::MIN_CLAIM_WINDOW),
         );
     }
+    if store.snapshot_interval < MIN_SNAPSHOT_INTERVAL {
+        p.add(
+            "store.snapshot_interval",
+            format!("must be at least {MIN_SNAPSHOT_INTERVAL:?}: each snapshot writes and fsyncs the whole queue (every live session), and shorter, one follows another with no pause, the disk busy for nothing; the numbers handed out between two are kept by the marks written ahead"),
+        );
+    }
     // The lease is renewed once a tick: shorter than two ticks, one late
     // tick lets it lapse and the room's counters change hands for nothing.
     if matches!(store.kind, StoreKind::Redis { .. }) && store.lease < store.tick * 2 {
@@ -1925,6 +1931,9 @@ fn covers(e: &str, room_path: &str) -> bool {
 
 /// The smallest `max_body_size`: a login form's body fits.
 const MIN_BODY_SIZE: u64 = 1 << 10;
+
+/// The shortest time between two snapshots.
+const MIN_SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The shortest admission tick: ticks are counted in whole milliseconds.
 const MIN_TICK: Duration = Duration::from_millis(10);
