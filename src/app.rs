@@ -784,6 +784,12 @@ impl App {
                     .lanes
                     .iter()
                     .any(|l| !l.is_default() && l.name == lane.name);
+                if !kept && !lane.store.heard() {
+                    return Some(ConfigError {
+                        key: format!("rooms.{}.lanes.{}", next.name, lane.name),
+                        reason: "whether the lane still holds people cannot be told: the store has not answered since the start. Reload again once it does".into(),
+                    });
+                }
                 let view = lane.store.view();
                 // Called and not yet in, or drawn at the opening: neither
                 // is waiting, and each one's ticket names the lane.
@@ -806,24 +812,43 @@ impl App {
     /// back to the line mid-flow and lose their places, and a room under
     /// the new name would let in up to its `max_active` beside the
     /// sessions the portal still serves. Closed (`mode = "closed"`: its
-    /// line told it is closed), it may go once its sessions have ended.
+    /// line told it is closed), or not gated (in `passthrough`, or
+    /// without limits: nobody in its line is ever called, and everyone
+    /// gets in), it may go once its sessions have ended. In a cluster,
+    /// a room this node has not heard from the store since its start is
+    /// not taken for empty.
     fn keeps_rooms_in_use(&self, new: &Config) -> Result<(), ReloadError> {
         let errors = self
             .rooms()
             .iter()
             .filter(|room| !new.rooms.iter().any(|r| r.name == room.name))
             .filter_map(|room| {
+                let key = format!("rooms.{}", room.name);
+                if !room.heard() {
+                    return Some(ConfigError {
+                        key,
+                        reason: "whether the room still holds people cannot be told: the store has not answered since the start. Reload again once it does".into(),
+                    });
+                }
                 let (mut inside, mut in_line) = (0, 0);
                 for lane in &room.lanes {
                     let view = lane.store.view();
                     inside += view.active + view.reserved;
                     in_line += view.in_line();
                 }
-                let closed = room.mode() == Mode::Closed;
-                (inside > 0 || (!closed && in_line > 0)).then(|| ConfigError {
-                    key: format!("rooms.{}", room.name),
+                let calls = room.is_gated() && room.mode() != Mode::Closed;
+                if !calls {
+                    in_line = 0;
+                }
+                (inside > 0 || in_line > 0).then(|| ConfigError {
+                    key,
                     reason: format!(
-                        "the room still holds {inside} live sessions and people called, and {in_line} in line, whose passes and tickets name it: removed or renamed, they would be sent back to the line mid-flow and lose their places, and a room under another name would let in up to its max_active beside them. Close it (mode = \"closed\", or varco ctl close), and remove it once its sessions have ended"
+                        "the room still holds {inside} live sessions and people called, and {in_line} in line, whose passes and tickets name it: removed or renamed, they would be sent back to the line mid-flow and lose their places, and a room under another name would let in up to its max_active beside them. {}remove it once its sessions have ended",
+                        if calls {
+                            "Close it first (mode = \"closed\", or varco ctl close), and "
+                        } else {
+                            "Keep it until its sessions have ended (session_idle after their last request): "
+                        }
                     ),
                 })
             })

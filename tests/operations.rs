@@ -1298,6 +1298,33 @@ async fn a_reload_refuses_to_drop_a_room_that_holds_people() {
     assert_eq!(got.status, 200, "{}", got.text());
 }
 
+/// A room turned into a plain proxy calls nobody from its line: once
+/// its sessions have ended it may go, people still in line or not.
+#[tokio::test]
+async fn a_room_in_passthrough_may_go_once_its_sessions_end() {
+    let up = upstream::spawn().await;
+    let cfg = with_admin(&gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"",
+    ));
+    let (g, path) = Gated::start_written("room-passthrough", &cfg).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    assert!(g.citizen().get("/").await.is_waiting_page());
+    let got = api(&g, "POST", "/api/rooms/portal/passthrough", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    std::fs::write(&path, cfg.replace("[rooms.portal]", "[rooms.portale]")).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 422, "a session inside: {}", got.text());
+    let err = got.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("Keep it until its sessions have ended"),
+        "{err}"
+    );
+    g.advance(2 * 60_000).await;
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+}
+
 /// A key file that gives a key id in force another secret is refused:
 /// every ticket and pass signed under it would count as none.
 #[tokio::test]
