@@ -305,7 +305,7 @@ fn script_regions(text: &str) -> Vec<(bool, &str)> {
     loop {
         let next = ["<script", "<style"]
             .into_iter()
-            .filter_map(|tag| lower[at..].find(tag).map(|i| (at + i, tag)))
+            .filter_map(|tag| tag_at(&lower, at, tag).map(|i| (i, tag)))
             .min();
         let Some((start, tag)) = next else {
             regions.push((false, &text[at..]));
@@ -322,6 +322,19 @@ fn script_regions(text: &str) -> Vec<(bool, &str)> {
                 return regions;
             }
         }
+    }
+}
+
+/// Where the element `tag` (`<script`) opens in `lower` from `at`: the
+/// name whole (`<style-box>`, a custom element, is another one).
+fn tag_at(lower: &str, mut at: usize, tag: &str) -> Option<usize> {
+    loop {
+        let i = at + lower[at..].find(tag)?;
+        let after = lower.as_bytes().get(i + tag.len());
+        if after.is_none_or(|b| b.is_ascii_whitespace() || *b == b'>' || *b == b'/') {
+            return Some(i);
+        }
+        at = i + tag.len();
     }
 }
 
@@ -602,6 +615,11 @@ mod tests {
         assert_eq!(
             unknown_variables("a <script>{{ user }}", &known),
             Vec::<String>::new()
+        );
+        // A custom element whose name begins as one is no script.
+        assert_eq!(
+            unknown_variables("<style-box>{{postion}}</style-box>", &known),
+            ["postion"]
         );
         assert_eq!(meant("postion", &known), Some("position"));
         assert_eq!(meant("x1", &known), None);
