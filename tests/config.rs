@@ -127,6 +127,12 @@ fn the_printed_config_keeps_the_redis_password_out() {
     let text = e.to_string();
     assert!(!text.contains("Zq8v") && !text.contains("Lk3"), "{text}");
     assert!(text.contains("redis://***@10.0.0.9:6379/0"), "{text}");
+    // No scheme at all: the part before the `@` is not shown either.
+    let e = errors(&format!(
+        "[store]\nkind = \"redis\"\nurl = \"default:S3cret@10.0.0.9:6379\"\n{ROOM}"
+    ));
+    assert!(e.names("store.url"), "{e}");
+    assert!(!e.to_string().contains("S3cret"), "{e}");
     for (url, shown) in [
         ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
         ("rediss://u:p@w@h/2", "rediss://u:***@h/2"),

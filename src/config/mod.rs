@@ -489,11 +489,14 @@ pub fn redacted(url: &str) -> String {
 /// password holding `/`, `?` or `#`, not percent-encoded, is what made
 /// it fail), so none of it is shown.
 pub fn masked(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        // Without a scheme (`user:pw@host`, `redis:/:pw@host`) the part
+        // before the last `@` may be a password all the same.
+        None => (String::new(), url),
     };
     match rest.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://***@{host}"),
+        Some((_, host)) => format!("{scheme}***@{host}"),
         None => url.to_string(),
     }
 }
