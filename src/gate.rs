@@ -356,9 +356,16 @@ fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
                 .is_none_or(|d| d.as_bytes() == b"document"))
 }
 
+/// The longest path a ticket remembers: with the rest of the ticket it
+/// stays within a cookie's 4 KiB.
+const LONGEST_REMEMBERED: usize = 1024;
+
 /// A path the person may be sent back to: local, never `//host`.
 fn safe_path(p: &str) -> Option<&str> {
-    (p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') && p.len() <= 1024)
+    (p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.contains('\\')
+        && p.len() <= LONGEST_REMEMBERED)
         .then_some(p)
 }
 
@@ -372,9 +379,11 @@ fn destination(room: &Room, r: &GateRequest, ticket: Option<&TicketClaims>) -> S
     } else {
         ticket.and_then(|t| safe_path(&t.u))
     };
-    match path {
-        Some(p) => quotes_encoded(p),
-        None => quotes_encoded(&landing(room, r)),
+    // Encoded, a path of quotes grows threefold: past the longest a
+    // ticket keeps, it is not remembered.
+    match path.map(quotes_encoded) {
+        Some(p) if p.len() <= LONGEST_REMEMBERED => p,
+        _ => quotes_encoded(&landing(room, r)),
     }
 }
 
