@@ -348,7 +348,11 @@ async fn enter(
 fn set_cookie(resp: &mut Response<Body>, cookie: HeaderValue) {
     let h = resp.headers_mut();
     h.append(SET_COOKIE, cookie);
-    h.insert(CACHE_CONTROL, page::NO_STORE);
+    // varco's own page (a 502 to someone just let in) keeps its own,
+    // which also says no-transform.
+    if h.get(CACHE_CONTROL) != Some(&page::OWN_CACHE_CONTROL) {
+        h.insert(CACHE_CONTROL, page::NO_STORE);
+    }
     // An HTTP/1.0 cache reads Expires, not Cache-Control; CDNs and nginx
     // read their own headers instead of it (RFC 9213, Akamai's
     // Edge-Control, Fastly's and Varnish's Surrogate-Control, nginx's

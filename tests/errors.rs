@@ -39,6 +39,25 @@ async fn unreachable_upstream_is_502_with_a_page_or_json() {
     assert!(m.contains("kind=\"connect\""), "{m}");
 }
 
+/// varco's own page that carries a pass (a 502 to someone just let in)
+/// keeps its own Cache-Control, no-transform and all.
+#[tokio::test]
+async fn an_error_page_with_a_pass_keeps_its_own_cache_control() {
+    let toml = room_config(&[dead_addr()], "[secrets]\nephemeral = true") + "max_active = 5\n";
+    let v = Varco::start(&toml).await;
+    let got = send(Request::get(v.url("/")).body(body::empty()).unwrap()).await;
+    assert_eq!(got.status, 502);
+    assert!(
+        got.headers.contains_key("set-cookie"),
+        "a pass: {:?}",
+        got.headers
+    );
+    assert_eq!(
+        got.headers["cache-control"],
+        "no-store, private, no-transform"
+    );
+}
+
 #[tokio::test]
 async fn slow_upstream_is_504_after_the_response_timeout() {
     let up = upstream::spawn().await;
