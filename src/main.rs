@@ -395,17 +395,25 @@ fn serve(
         };
         // Tests and scripts wait for this line: it is printed once both
         // listeners accept.
-        println!(
+        // Not println!: with its reader gone (a wrapper that read one
+        // line, `| head -1`) it would panic, and the queue's store, open
+        // now, would be left as after a crash.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(
+            out,
             "varco listening on {scheme}://{} (admin http://{})",
             listeners.proxy_addr(),
             listeners.admin_addr()
         );
         if is_demo {
-            println!(
+            let _ = writeln!(
+                out,
                 "open {scheme}://{}/ in a browser: the demo portal is behind varco",
                 listeners.proxy_addr()
             );
         }
+        let _ = out.flush();
         app.serve(listeners, shutdown, true).await?;
         Ok(())
     })

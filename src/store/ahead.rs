@@ -100,6 +100,8 @@ pub struct Left {
     pub since_ms: u64,
     pub lost: Vec<(u64, u64)>,
     pub rooms: HashMap<String, Marks>,
+    /// The file as read: what a start refused puts back.
+    pub bytes: Vec<u8>,
 }
 
 /// Reads the marks a crash left, if it did (a clean stop removes them).
@@ -107,7 +109,7 @@ pub fn read(path: &Path) -> Result<Option<Left>, String> {
     if !path.exists() {
         return Ok(None);
     }
-    let f: MarksFile = super::read_json(path, "marks file")?;
+    let (f, bytes): (MarksFile, _) = super::read_json_bytes(path, "marks file")?;
     if f.version != 1 {
         return Err(format!(
             "store.snapshot: {} is marks version {}, this varco reads version 1",
@@ -119,6 +121,7 @@ pub fn read(path: &Path) -> Result<Option<Left>, String> {
         since_ms: f.since_ms,
         lost: f.lost,
         rooms: f.rooms,
+        bytes,
     }))
 }
 

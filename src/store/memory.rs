@@ -553,10 +553,7 @@ impl MemoryStore {
             Some(p) => ahead::read(p)?,
             None => None,
         };
-        let found_marks = match (&crashed, &marks_path) {
-            (Some(_), Some(p)) => std::fs::read(p).ok(),
-            _ => None,
-        };
+        let found_marks = crashed.as_ref().map(|left| left.bytes.clone());
         let mut lost: Vec<(u64, u64)> = snap
             .iter()
             .flat_map(|s| s.lost.iter().copied())
@@ -640,7 +637,10 @@ impl MemoryStore {
             std::thread::Builder::new()
                 .name("varco-marks".into())
                 .spawn(move || write_ahead(weak, writer_wake, path, now_ms))
-                .map_err(|e| format!("store.snapshot: cannot start the marks writer: {e}"))?;
+                .map_err(|e| {
+                    store.abandon();
+                    format!("store.snapshot: cannot start the marks writer: {e}")
+                })?;
             if first.is_err() {
                 wake.wake();
             }

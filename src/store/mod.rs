@@ -373,14 +373,23 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
     what: &str,
 ) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
+    read_json_bytes(path, what).map(|(value, _)| value)
+}
+
+/// As [`read_json`], with the bytes it was read from.
+pub(crate) fn read_json_bytes<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<(T, Vec<u8>), String> {
+    let bytes = std::fs::read(path)
         .map_err(|e| format!("store.snapshot: cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| {
+    let value = serde_json::from_slice(&bytes).map_err(|e| {
         format!(
             "store.snapshot: {} is not a varco {what}: {e}",
             path.display()
         )
-    })
+    })?;
+    Ok((value, bytes))
 }
 
 /// Writes `bytes` to `path` so that a crash mid-write leaves the previous
