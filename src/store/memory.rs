@@ -20,7 +20,9 @@ use super::{
     read_json, write_atomically, Adoption, Checked, HandOver, KeyId, Liveness, NewSession,
     RoomStore, RoomView, StoreError,
 };
-use crate::room::admission::{new_generation, AdmissionState, Claim, Issued, Limits};
+use crate::room::admission::{
+    new_generation, AdmissionState, Claim, Issued, Limits, STEPPED_BACK_MS,
+};
 
 /// How long an arrival waits for its number to be written ahead before it
 /// is handed out anyway.
@@ -82,8 +84,20 @@ impl MemoryRoom {
     }
 
     fn purge(&self, now_ms: u64) -> u64 {
-        self.sessions
-            .retain(|_, exp| exp.load(Ordering::Relaxed) > now_ms);
+        // A clock stepped back (NTP, a restore on a host behind) leaves
+        // expiries further ahead than any idle time gives: everyone who
+        // left would hold a slot for idle time plus the step, a full
+        // room admitting nobody for as long. Past twice the longest idle
+        // time (a restored session's bound), they run from now.
+        let idle = self.idle_ms.load(Ordering::Relaxed);
+        let latest = now_ms + 2 * idle + STEPPED_BACK_MS;
+        self.sessions.retain(|_, exp| {
+            let e = exp.load(Ordering::Relaxed);
+            if idle > 0 && e > latest {
+                exp.store(now_ms + idle, Ordering::Relaxed);
+            }
+            e > now_ms
+        });
         self.ended.retain(|_, until| *until > now_ms);
         self.sessions.len() as u64
     }
@@ -1020,6 +1034,16 @@ mod tests {
             room.adopt(8, 0, 15_500, 21_000, 60_000, &limits_unbounded()),
             Adoption::Refused
         );
+    }
+
+    /// After the clock stepped back ten minutes, a session idles out one
+    /// idle time from the step, not one idle time and the step.
+    #[test]
+    fn a_clock_stepped_back_holds_no_session_longer() {
+        let room = MemoryRoom::new(AdmissionState::new(&limits(None), 0), None, Lost::default());
+        room.hold(7, 660_000, 600_000);
+        assert_eq!(room.purge(1_000), 1, "alive after the step");
+        assert_eq!(room.purge(62_000), 0, "gone one idle time after it");
     }
 
     #[tokio::test]
