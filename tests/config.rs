@@ -1406,3 +1406,33 @@ fn a_second_upstream_on_one_host_and_port_names_the_first_where_it_stands() {
     );
     assert!(e.names("rooms.portal.upstreams[1]"), "{e}");
 }
+
+/// A key file every user of the machine may read is said at start (a
+/// caution, not an error: a container has no other users).
+#[test]
+fn a_secret_file_anyone_may_read_is_told() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("varco-config-mode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    let cfg = dir.join("varco.toml");
+    std::fs::write(&cfg, format!("[secrets]\nkey_file = \"keys.toml\"\n{ROOM}")).unwrap();
+    let told = |mode: u32| {
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(mode)).unwrap();
+        Config::load(&cfg).unwrap().cautions()
+    };
+    let cautions = told(0o644);
+    assert!(
+        cautions.iter().any(|c| c.starts_with("secrets.key_file:")
+            && c.contains("readable by every user")
+            && c.contains("mode 644")),
+        "{cautions:?}"
+    );
+    assert_eq!(told(0o640), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -48,6 +48,9 @@ pub struct Config {
     pub arrival_key: Option<Vec<u8>>,
     /// The file as read, with defaults filled in: what `check-config` prints.
     pub raw: RawConfig,
+    /// The files holding secrets, each with the key that names it: see
+    /// [`Config::cautions`].
+    pub secret_files: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -431,6 +434,28 @@ impl Config {
                  it on a private network (in a container, publish its port on loopback \
                  only), or reach it through an SSH tunnel"
             ));
+        }
+        for (key, path) in &self.secret_files {
+            use std::os::unix::fs::PermissionsExt;
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                out.push(format!(
+                    "{key}: {} is readable by every user of this machine (mode {mode:o}): \
+                     whoever reads it can {}. Make it readable by varco only \
+                     (chmod 600, or 640 with varco's group)",
+                    path.display(),
+                    match key.as_str() {
+                        "secrets.key_file" => "sign passes and skip the line",
+                        "admin.tokens_file" => "pause, open or reload the rooms",
+                        "store.url_file" => "reach the cluster's Redis",
+                        "secrets.arrival_key_file" => "sign arrivals for the portal",
+                        _ => "pose as this site",
+                    }
+                ));
+            }
         }
         out
     }

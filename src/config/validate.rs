@@ -1204,7 +1204,23 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     }
     if p.0.is_empty() {
         let keys = keys.unwrap_or_else(Keyring::ephemeral);
+        let named = [
+            ("secrets.key_file", &raw.secrets.key_file),
+            ("admin.tokens_file", &raw.admin.tokens_file),
+            ("secrets.arrival_key_file", &raw.secrets.arrival_key_file),
+            ("store.url_file", &raw.store.url_file),
+        ];
+        let secret_files = named
+            .into_iter()
+            .filter_map(|(key, file)| Some((key.to_string(), base.join(file.as_ref()?))))
+            .chain(server.tls.iter().flat_map(|t| {
+                t.certificates
+                    .iter()
+                    .map(|c| ("server.tls.key".to_string(), c.key.clone()))
+            }))
+            .collect();
         Ok(Config {
+            secret_files,
             server,
             upstream,
             log,
