@@ -636,11 +636,8 @@ impl AuditLog {
         c.logged.insert(room.to_string(), serving);
         if c.head_left {
             c.head_left = false;
-            match std::fs::remove_file(head_path(&self.path)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::warn!(error = %e, "cannot remove the head a rotation left beside the admission log");
-                }
-                _ => {}
+            if let Err(e) = crate::store::remove_if_present(&head_path(&self.path)) {
+                tracing::warn!(error = %e, "cannot remove the head a rotation left beside the admission log");
             }
         }
         self.extent.lock().unwrap_or_else(|e| e.into_inner()).len = before + line.len() as u64;

@@ -791,10 +791,7 @@ impl MemoryStore {
         }
         self.save(now_ms)?;
         if let Some(path) = &self.snapshot {
-            match std::fs::remove_file(ahead::path_for(path)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            super::remove_if_present(&ahead::path_for(path))?;
         }
         // Nothing more is written: the next varco may take it.
         self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -818,10 +815,7 @@ impl MemoryStore {
             let marks = ahead::path_for(path);
             let undone = match &self.found_marks {
                 Some(bytes) => super::write_atomically(&marks, bytes),
-                None => match std::fs::remove_file(&marks) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                },
+                None => super::remove_if_present(&marks),
             };
             if let Err(e) = undone {
                 tracing::error!(path = %marks.display(), error = %e, "cannot put back the marks this refused start found; the next start may take it for a crash");

@@ -392,6 +392,14 @@ pub(crate) fn read_json_bytes<T: serde::de::DeserializeOwned>(
     Ok((value, bytes))
 }
 
+/// Removes the file at `path`; one already gone is no error.
+pub(crate) fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `path` so that a crash mid-write leaves the previous
 /// file whole: to `path.tmp`, synced, renamed over, the folder synced.
 pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
