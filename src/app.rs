@@ -785,10 +785,10 @@ impl App {
                     .iter()
                     .any(|l| !l.is_default() && l.name == lane.name);
                 if !kept && !lane.store.heard() {
-                    return Some(ConfigError {
-                        key: format!("rooms.{}.lanes.{}", next.name, lane.name),
-                        reason: "whether the lane still holds people cannot be told: the store has not answered since the start. Reload again once it does".into(),
-                    });
+                    return Some(not_heard(
+                        format!("rooms.{}.lanes.{}", next.name, lane.name),
+                        "lane",
+                    ));
                 }
                 let view = lane.store.view();
                 // Called and not yet in, or drawn at the opening: neither
@@ -825,10 +825,7 @@ impl App {
             .filter_map(|room| {
                 let key = format!("rooms.{}", room.name);
                 if !room.heard() {
-                    return Some(ConfigError {
-                        key,
-                        reason: "whether the room still holds people cannot be told: the store has not answered since the start. Reload again once it does".into(),
-                    });
+                    return Some(not_heard(key, "room"));
                 }
                 let (mut inside, mut in_line) = (0, 0);
                 for lane in &room.lanes {
@@ -1623,6 +1620,16 @@ fn not_reopened(
             ),
         }),
         _ => Ok(()),
+    }
+}
+
+/// The refusal of a reload that would remove `what` (a room, a lane)
+/// this node has not heard from the shared store since its start: its
+/// view reads as empty whatever Redis holds.
+fn not_heard(key: String, what: &str) -> ConfigError {
+    ConfigError {
+        key,
+        reason: format!("whether the {what} still holds people cannot be told: the store has not answered since the start. Reload again once it does"),
     }
 }
 

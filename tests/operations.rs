@@ -1264,21 +1264,28 @@ async fn a_reload_revokes_an_admin_token_taken_off_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A room renamed (or removed) while it holds people is refused: its
-/// passes and tickets name it. Closed, it may go once its sessions end.
-#[tokio::test]
-async fn a_reload_refuses_to_drop_a_room_that_holds_people() {
+/// A room `portal` of one slot and one-minute sessions, a person inside
+/// (returned) and one waiting; its file then renames it `portale`, not
+/// reloaded yet. The upstream is returned to be kept.
+async fn a_full_room_renamed(name: &str) -> (upstream::Upstream, Gated, common::gated::Citizen) {
     let up = upstream::spawn().await;
     let cfg = with_admin(&gated_config(
         up.addr,
         "max_active = 1\nsession_idle = \"1m\"",
     ));
-    let (g, path) = Gated::start_written("room-in-use", &cfg).await;
+    let (g, path) = Gated::start_written(name, &cfg).await;
     let mut holder = g.citizen();
     assert!(holder.get("/").await.reached_upstream());
-    let mut waiting = g.citizen();
-    assert!(waiting.get("/").await.is_waiting_page());
+    assert!(g.citizen().get("/").await.is_waiting_page());
     std::fs::write(&path, cfg.replace("[rooms.portal]", "[rooms.portale]")).unwrap();
+    (up, g, holder)
+}
+
+/// A room renamed (or removed) while it holds people is refused: its
+/// passes and tickets name it. Closed, it may go once its sessions end.
+#[tokio::test]
+async fn a_reload_refuses_to_drop_a_room_that_holds_people() {
+    let (_up, g, mut holder) = a_full_room_renamed("room-in-use").await;
     let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
     assert_eq!(got.status, 422, "{}", got.text());
     let err = got.json()["error"].as_str().unwrap().to_string();
@@ -1302,17 +1309,9 @@ async fn a_reload_refuses_to_drop_a_room_that_holds_people() {
 /// its sessions have ended it may go, people still in line or not.
 #[tokio::test]
 async fn a_room_in_passthrough_may_go_once_its_sessions_end() {
-    let up = upstream::spawn().await;
-    let cfg = with_admin(&gated_config(
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-    ));
-    let (g, path) = Gated::start_written("room-passthrough", &cfg).await;
-    assert!(g.citizen().get("/").await.reached_upstream());
-    assert!(g.citizen().get("/").await.is_waiting_page());
+    let (_up, g, _holder) = a_full_room_renamed("room-passthrough").await;
     let got = api(&g, "POST", "/api/rooms/portal/passthrough", Some(TOKEN)).await;
     assert_eq!(got.status, 200, "{}", got.text());
-    std::fs::write(&path, cfg.replace("[rooms.portal]", "[rooms.portale]")).unwrap();
     let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
     assert_eq!(got.status, 422, "a session inside: {}", got.text());
     let err = got.json()["error"].as_str().unwrap().to_string();
