@@ -70,6 +70,7 @@ fn limits() -> Limits {
         opens_at_ms: None,
         mode: Mode::Queue,
         ticket_ttl_ms: 86_400_000,
+        session_idle_ms: 300_000,
     }
 }
 

@@ -199,7 +199,12 @@ async fn live_pass(room: &Room, r: &GateRequest<'_>) -> Result<Held, StoreError>
     let idle = room.config.session_idle.as_millis() as u64;
     // Renewed within an idle time, so its session cannot have lapsed; and
     // not of a claim never confirmed (which may have made no session).
-    let recent = pass.uc == 0 && pass.nbf * 1000 + idle > r.now_ms;
+    // Not one renewed ahead of now: the clock stepped back since, and its
+    // session, idle from the step, may have lapsed and its slot be taken.
+    let renewed_ms = pass.nbf * 1000;
+    let recent = pass.uc == 0
+        && renewed_ms + idle > r.now_ms
+        && renewed_ms <= r.now_ms + crate::room::admission::STEPPED_BACK_MS;
     let alive = match lane.store.touch(sid, r.now_ms, idle) {
         Liveness::Alive => true,
         Liveness::Dead => {

@@ -582,6 +582,98 @@ async fn a_node_whose_clock_runs_ahead_does_not_hold_turns_open() {
     assert!(next.get("/").await.reached_upstream());
 }
 
+/// Sets every node's clock `ms` back: Redis's host's clock stepped back
+/// (NTP, a failover to a replica on a host behind), which every node
+/// runs on.
+fn step_back(nodes: &[Gated], ms: u64) {
+    use varco::clock::Clock;
+    for g in nodes {
+        g.clock.set_ms(g.clock.now_ms() - ms);
+    }
+}
+
+/// Ticks `nodes` a second at a time until `citizen` is called, at most
+/// `seconds` times.
+async fn until_called(nodes: &[Gated], citizen: &mut Citizen, seconds: u32) {
+    for _ in 0..seconds {
+        advance(nodes, 1000).await;
+        if citizen.status("portal").await["state"] == "admitted" {
+            return;
+        }
+    }
+}
+
+/// After the clock stepped back 50 s (within the minute a token's `nbf`
+/// is allowed), a session stamped before the step with 15 s to live
+/// lapses 15 s after it, in Redis and on the node that let it in: the
+/// next person is called, and the one who left is not let back in beside
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_holds_no_session_longer() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"15s\"",
+        "",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut next = nodes[1].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    step_back(&nodes, 50_000);
+    until_called(&nodes, &mut next, 30).await;
+    assert_eq!(
+        next.status("portal").await["state"],
+        "admitted",
+        "the holder's idle time ran from before the step"
+    );
+    assert!(next.get("/").await.reached_upstream());
+    assert!(
+        !holder.get("/").await.reached_upstream(),
+        "the holder's node took its lapsed pass for live"
+    );
+}
+
+/// After the clock stepped back 50 s, a turn called before the step
+/// lapses one claim window after it, and a room's rate refills from the
+/// step: the next person is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_holds_no_turn_and_no_token_longer() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(
+        &redis,
+        up.addr,
+        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"15s\"\n\
+         admission_per_minute = 6",
+        "",
+    );
+    let nodes = nodes(&cfg, 2).await;
+    advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
+    let mut holder = nodes[0].citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    let mut leaver = nodes[1].citizen();
+    assert!(leaver.get("/").await.is_waiting_page());
+    let mut next = nodes[1].citizen();
+    assert!(next.get("/").await.is_waiting_page());
+    // The holder's session lapses; the leaver is called, and never comes.
+    until_called(&nodes, &mut leaver, 72).await;
+    assert_eq!(leaver.status("portal").await["state"], "admitted");
+    step_back(&nodes, 50_000);
+    // 15 s of window; six a minute refill the token in 9 s.
+    until_called(&nodes, &mut next, 30).await;
+    assert_eq!(
+        next.status("portal").await["state"],
+        "admitted",
+        "the leaver's turn, or the rate, held past the step"
+    );
+    assert!(next.get("/").await.reached_upstream());
+}
+
 /// With a slow tick, questions asked between two ticks (a status page
 /// asking about a session another node made) are not taken for the end of
 /// an outage: a session idle past `session_idle` lapses on time.
@@ -2935,6 +3027,7 @@ fn unlimited_queue() -> varco::room::admission::Limits {
         opens_at_ms: None,
         mode: varco::room::admission::Mode::Queue,
         ticket_ttl_ms: 86_400_000,
+        session_idle_ms: 300_000,
     }
 }
 
@@ -2988,6 +3081,7 @@ async fn a_question_about_a_session_does_not_open_a_scheduled_room() {
         opens_at_ms: Some(now + 3_600_000),
         mode: Mode::Queue,
         ticket_ttl_ms: 86_400_000,
+        session_idle_ms: 300_000,
     };
     assert_eq!(room.issue(limits, now).await.unwrap(), Issued::PreQueue(1));
     let opening = now + 3_600_000;

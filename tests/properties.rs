@@ -261,6 +261,7 @@ proptest! {
             opens_at_ms: None,
             mode: Mode::Queue,
             ticket_ttl_ms: 86_400_000,
+            session_idle_ms: 300_000,
         };
         let mut now = NOW;
         let mut s = AdmissionState::new(&limits, now);

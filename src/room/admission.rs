@@ -113,6 +113,10 @@ pub struct Limits {
     /// How long a ticket stays valid: what the shared store keeps a block
     /// of provisional tickets for. 0: not known (a block is kept).
     pub ticket_ttl_ms: u64,
+    /// How long a session lives without a request: what tells an expiry
+    /// stamped before the clock stepped back from one stamped since, in
+    /// the shared store. 0: not known.
+    pub session_idle_ms: u64,
 }
 
 impl Limits {
@@ -551,6 +555,7 @@ mod tests {
             opens_at_ms: None,
             mode: Mode::Queue,
             ticket_ttl_ms: 86_400_000,
+            session_idle_ms: 300_000,
         }
     }
 

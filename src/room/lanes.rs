@@ -377,6 +377,7 @@ mod tests {
             opens_at_ms: None,
             mode: Mode::Queue,
             ticket_ttl_ms: 0,
+            session_idle_ms: 300_000,
         }
     }
 

@@ -43,6 +43,7 @@ pub fn limits_of(config: &RoomConfig, tick_ms: u64) -> Limits {
         opens_at_ms: config.opens_at_ms,
         mode: config.mode,
         ticket_ttl_ms: config.ticket_ttl.as_millis() as u64,
+        session_idle_ms: config.session_idle.as_millis() as u64,
     }
 }
 

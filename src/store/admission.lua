@@ -16,7 +16,8 @@
 -- ARGV: 1 op, 2 now ms, 3 per_minute (< 0: none), 4 max_active (< 0: none),
 -- 5 claim_window ms, 6 tick ms, 7 opens_at ms (< 0: none), 8 mode, what
 -- the asking node last saw of the state: 9 its generation ('' : nothing
--- yet), 10 queue, 11 pre-queue; 12.. op args.
+-- yet), 10 queue, 11 pre-queue; 12.. op args ('tick': 12 the room's
+-- session_idle ms, 0 or none: not known).
 -- Returns {result, detail, queue, serving, prequeue, opened, active,
 -- reserved, rate (milli per second), admitted, abandoned, {lottery kid,
 -- the state's generation, the floor (numbers at or below it can no
@@ -38,6 +39,9 @@ local tick_ms = tonumber(ARGV[6])
 local opens_at = tonumber(ARGV[7])
 local mode = ARGV[8]
 local INF = 1e300
+-- A time this far ahead of now was stamped before the clock stepped
+-- back (STEPPED_BACK_MS in src/room/admission.rs).
+local STEPPED_BACK = 5000
 
 local raw = redis.call('HGETALL', st)
 local h = {}
@@ -98,6 +102,22 @@ if h.gen and ARGV[9] == h.gen then
 end
 -- When a node last ticked this room (or an op caught up after a gap).
 local ticked = tonumber(h.ticked or string.format('%d', now))
+-- A clock stepped back (Redis's host's, which every node runs on: NTP,
+-- a failover to a replica on a host behind) leaves each time stamped
+-- before it ahead of now: a called turn would hold its slot for its
+-- claim window plus the step, a session for its idle time plus the
+-- step, no token would come, and a full room would admit nobody for as
+-- long (the memory store mends the same: AdmissionState, MemoryRoom's
+-- purge). The ticker finds the step by its own last tick, and the
+-- sessions are mended at each tick until the clock is back where it was
+-- ('stepped'): a node that has not measured the step yet may still send
+-- a time from before it. Only then: out of a step, an expiry far ahead
+-- is another node's longer session_idle (a config being rolled out).
+local stepped = tonumber(h.stepped or '0')
+if op == 'tick' and ticked > now + STEPPED_BACK then
+  stepped = math.max(stepped, ticked)
+  ticked = now
+end
 -- When a node last reported its sessions (its tick's touch, then view or
 -- tick): state written before this field existed counts from its tick.
 local seen = tonumber(h.seen or h.ticked or string.format('%d', now))
@@ -126,6 +146,7 @@ local function maybe_open()
   end
 end
 local function refill()
+  if now + STEPPED_BACK < refilled then refilled = now end
   local elapsed = now - refilled
   if elapsed < 0 then elapsed = 0 end
   if now > refilled then refilled = now end
@@ -215,6 +236,35 @@ local function budget()
   return math.floor(math.max(tokens, 0))
 end
 
+-- See 'stepped' above. Turns and the admission history by their own
+-- times, as AdmissionState does: a node's time is never that far ahead
+-- of the ticker's on one clock.
+local function mend_step_back()
+  local last = redis.call('LINDEX', batches, -1)
+  if last and parse(last) > now + STEPPED_BACK then
+    for i, b in ipairs(redis.call('LRANGE', batches, 0, -1)) do
+      local at, f, t, c = parse(b)
+      if at > now then redis.call('LSET', batches, i - 1, fmt(now, f, t, c)) end
+    end
+  end
+  last = redis.call('LINDEX', hist, -1)
+  if last and tonumber(string.match(last, '^(%d+):')) > now + STEPPED_BACK then
+    redis.call('DEL', hist)
+  end
+  if stepped == 0 then return end
+  if now >= stepped then
+    stepped = 0
+    return
+  end
+  local idle = tonumber(ARGV[12] or '0') or 0
+  if idle <= 0 then return end
+  local late = redis.call('ZRANGEBYSCORE', sess,
+    '(' .. string.format('%d', now + 2 * idle + STEPPED_BACK), '+inf')
+  for _, s in ipairs(late) do
+    redis.call('ZADD', sess, string.format('%d', now + idle), s)
+  end
+end
+
 local result, detail = 0, 0
 local gone = {}
 if op == 'issue' then
@@ -288,6 +338,7 @@ elseif op == 'claim' then
   end
 elseif op == 'tick' then
   maybe_open()
+  mend_step_back()
   refill()
   expire()
   redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
@@ -343,7 +394,7 @@ elseif op == 'tick' then
   -- minute (see AdmissionState::record_pace); a ticker whose clock is
   -- well behind the last one's (5 s, STEPPED_BACK_MS) starts it again too.
   local last = redis.call('LINDEX', pace, -1)
-  if not line or (last and tonumber(string.match(last, '^(%d+):')) > now + 5000) then
+  if not line or (last and tonumber(string.match(last, '^(%d+):')) > now + STEPPED_BACK) then
     redis.call('DEL', pace)
     pace_full, pace_settled = '', '0'
   end
@@ -491,7 +542,8 @@ redis.call('HSET', st,
   'floor', string.format('%d', floor), 'admitted', string.format('%d', admitted),
   'abandoned', string.format('%d', abandoned), 'gen', gen,
   'ticked', string.format('%d', ticked), 'seen', string.format('%d', seen),
-  'pfull', pace_full, 'psettled', pace_settled, 'hold', string.format('%d', hold))
+  'pfull', pace_full, 'psettled', pace_settled, 'hold', string.format('%d', hold),
+  'stepped', string.format('%d', stepped))
 if opened_known then redis.call('HSET', st, 'opened', opened) end
 
 local function per_second_milli(list)

@@ -926,6 +926,7 @@ mod tests {
             opens_at_ms,
             mode: Mode::QueueAll,
             ticket_ttl_ms: 86_400_000,
+            session_idle_ms: 300_000,
         }
     }
 

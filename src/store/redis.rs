@@ -23,7 +23,7 @@ use super::{
     Checked, HandOver, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive,
     StoreError,
 };
-use crate::room::admission::{Claim, Issued, Limits, Mode};
+use crate::room::admission::{Claim, Issued, Limits, Mode, STEPPED_BACK_MS};
 
 const SCRIPT: &str = include_str!("admission.lua");
 
@@ -246,6 +246,7 @@ impl RedisStore {
             lottery_kid: KeyId::default(),
             sessions: DashMap::new(),
             touched: DashMap::new(),
+            latest_tick_ms: AtomicU64::new(0),
             holder: AtomicBool::new(false),
             renewed: Mutex::new(None),
             recovering: tokio::sync::Mutex::new(()),
@@ -349,6 +350,9 @@ pub struct RedisRoom {
     sessions: DashMap<u128, AtomicU64>,
     /// Sessions renewed here since the last tick (sent in one batch).
     touched: DashMap<u128, u64>,
+    /// The furthest time a tick of this node ran at: one well behind it
+    /// is a clock stepped back (see `mend_step_back`).
+    latest_tick_ms: AtomicU64,
     holder: AtomicBool,
     /// When this node last renewed the lease: past `lease_ms`, another
     /// node may hold it, whatever `holder` last said.
@@ -541,6 +545,32 @@ fn take_reply(seen: &mut Seen, generation: u64, call: u64, replied: RoomView) ->
 }
 
 impl RedisRoom {
+    /// A clock stepped back (Redis's host's: every node runs on it) left
+    /// this node's sessions stamped before the step: each would be taken
+    /// for live here for its idle time plus the step, while Redis lets it
+    /// lapse one idle time from the step (admission.lua), and its holder,
+    /// back meanwhile, would be let in beside whoever took the slot. Until
+    /// the clock is back where it was, an expiry further ahead than twice
+    /// the idle time (the memory store's bound) runs from now.
+    fn mend_step_back(&self, limits: &Limits, now_ms: u64) {
+        let latest = self.latest_tick_ms.fetch_max(now_ms, Ordering::Relaxed);
+        let idle = limits.session_idle_ms;
+        if idle == 0 || now_ms + STEPPED_BACK_MS >= latest {
+            return;
+        }
+        let bound = now_ms + 2 * idle + STEPPED_BACK_MS;
+        for e in self.sessions.iter() {
+            if e.value().load(Ordering::Relaxed) > bound {
+                e.value().store(now_ms + idle, Ordering::Relaxed);
+            }
+        }
+        for mut e in self.touched.iter_mut() {
+            if *e.value() > bound {
+                *e.value_mut() = now_ms + idle;
+            }
+        }
+    }
+
     fn lock_fallback(&self) -> std::sync::MutexGuard<'_, Fallback> {
         self.fallback.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -916,6 +946,7 @@ fn inert_limits(tick_ms: u64) -> Limits {
         opens_at_ms: None,
         mode: crate::room::admission::Mode::Queue,
         ticket_ttl_ms: 0,
+        session_idle_ms: 0,
     }
 }
 
@@ -1085,6 +1116,7 @@ impl RoomStore for RedisRoom {
             if !self.recovered(&limits, now_ms).await? {
                 return Ok(0);
             }
+            self.mend_step_back(&limits, now_ms);
             let touched: Vec<(u128, u64)> = self
                 .touched
                 .iter()
@@ -1118,7 +1150,8 @@ impl RoomStore for RedisRoom {
                     Some(std::time::Instant::now());
             }
             let op = if held == 1 { "tick" } else { "view" };
-            let r = self.call(op, &limits, now_ms, &[]).await?;
+            let idle = limits.session_idle_ms.to_string();
+            let r = self.call(op, &limits, now_ms, &[idle]).await?;
             // The first node to draw a lottery records which key drew it,
             // so every node draws the same order.
             if r.11.first().is_none_or(|k| k.is_empty()) {
