@@ -104,6 +104,39 @@ async fn the_rate_is_split_by_weight_and_each_lane_is_fifo() {
     assert!(seen["headers"].get("x-intermediary").is_none(), "{seen}");
 }
 
+/// A lane whose tick empties its line does not hand the time it was paid
+/// for to the lanes ticking after it: with a citizen coming every two
+/// seconds and a long line of intermediaries, the room calls its 60 a
+/// minute, not the citizens' share and then the whole rate again.
+#[tokio::test]
+async fn a_lane_emptied_by_its_tick_pays_no_time_twice() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&lanes_room(up.addr, SIXTY_A_MINUTE, false)).await;
+    let mut brokers: Vec<Citizen> = (0..130).map(|_| intermediary(g.addr, SECRET)).collect();
+    for b in brokers.iter_mut() {
+        assert!(b.get("/").await.is_waiting_page());
+    }
+    let mut citizens = Vec::new();
+    for t in 1..=120 {
+        if t % 2 == 0 {
+            let mut c = g.citizen();
+            assert!(c.get("/").await.is_waiting_page());
+            citizens.push(c);
+        }
+        g.advance(1000).await;
+    }
+    let (c, _) = called(&mut citizens).await;
+    let (b, _) = called(&mut brokers).await;
+    assert!(
+        c + b <= 125,
+        "two minutes at 60 a minute: {c} citizens and {b} intermediaries called"
+    );
+    assert!(
+        c >= 55,
+        "the citizens, within their share, wait no longer: {c}"
+    );
+}
+
 #[tokio::test]
 async fn an_empty_lane_gives_its_share_to_the_others() {
     let up = upstream::spawn().await;

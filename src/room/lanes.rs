@@ -141,6 +141,12 @@ impl Lane {
 /// the others admit only into places their own counts already hold, or a
 /// direct admission in another lane, at the moment of that tick, took a
 /// part the tick was taking too.
+///
+/// The rate's shares are set before the first lane ticks and between
+/// ticks, never between lanes: each lane's tick is paid the time since its
+/// last at the share in force, so one recomputed after a lane emptied its
+/// line (the others' share grows to the whole rate) paid that same time
+/// twice, and the room admitted up to 1.8 times its rate.
 pub fn share(lanes: &[Lane], room: &Limits, ticking: Option<usize>) -> Vec<u64> {
     if lanes.len() < 2 {
         return Vec::new();
@@ -205,7 +211,9 @@ pub fn share(lanes: &[Lane], room: &Limits, ticking: Option<usize>) -> Vec<u64> 
             Some(_) => 0.0,
             None => f64::NAN,
         };
-        lane.rate.store(rate.to_bits(), Ordering::Relaxed);
+        if ticking.is_none_or(|t| t == 0) {
+            lane.rate.store(rate.to_bits(), Ordering::Relaxed);
+        }
         // What the other lanes hold (or are kept) is not this lane's; what
         // nobody holds is this lane's in a tick, its weight's part of it
         // until then. Never more than a tick would give it: while the
