@@ -62,7 +62,10 @@ impl ConnInfo {
         from: crate::proxy::headers::ClientHeader,
     ) -> IpAddr {
         if self.anonymous {
-            return self.peer.ip();
+            // As every other way through: on a dual-stack listener the
+            // balancer's IPv4 address comes mapped, and IPv4 ranges
+            // (bypass, lanes) would miss it.
+            return crate::proxy::headers::canonical(self.peer.ip());
         }
         crate::proxy::headers::client_ip_from(headers, self.peer.ip(), trusted, from)
     }
@@ -1174,6 +1177,25 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
+
+    /// A connection a PROXY header left unnamed is its balancer's, read
+    /// as IPv4 when a dual-stack listener gives it mapped, as every
+    /// other client address is.
+    #[test]
+    fn an_unnamed_client_on_a_dual_stack_listener_is_read_as_ipv4() {
+        let conn = ConnInfo {
+            peer: "[::ffff:10.0.0.7]:443".parse().unwrap(),
+            tls: false,
+            anonymous: true,
+        };
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = conn.client(
+            &http::HeaderMap::new(),
+            &trusted,
+            crate::proxy::headers::ClientHeader::default(),
+        );
+        assert_eq!(ip, "10.0.0.7".parse::<IpAddr>().unwrap());
+    }
 
     /// A TLS connection whose client stopped reading, closed while its
     /// TLS layer still holds bytes the socket cannot take: the close

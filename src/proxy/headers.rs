@@ -188,7 +188,7 @@ pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
 }
 
 /// An IPv4 peer on a dual-stack socket arrives as `::ffff:a.b.c.d`.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
