@@ -889,7 +889,7 @@ impl RoomCollector {
                 ),
                 gauge(
                     "varco_room_observed_admissions_per_second",
-                    "Admissions per second over the last minute",
+                    "Turns given per second over the last minute (tickets called and direct admissions, claimed or not)",
                 ),
                 gauge(
                     "varco_room_leader",

@@ -1078,6 +1078,12 @@ fn bad_waiting_room_keys_name_their_keys() {
             "rooms.portal.in_flight.per_session",
         ),
         ("session_idle = \"5\"\n", "rooms.portal.session_idle"),
+        // Two weights this large added up to infinity.
+        (
+            "[rooms.portal.lanes.a]\nweight = 1e300\n\
+             [rooms.portal.lanes.b]\nweight = 1e300\ncidrs = [\"10.0.0.0/8\"]\n",
+            "rooms.portal.lanes.a.weight",
+        ),
         ("session_idle = \"5ms\"\n", "rooms.portal.session_idle"),
         ("claim_window = \"never\"\n", "rooms.portal.claim_window"),
         ("claim_window = \"10s\"\n", "rooms.portal.claim_window"),

@@ -1364,6 +1364,9 @@ fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
 }
 
 /// The shortest `session_idle` taken.
+/// Lanes' weights are relative: no room needs one a million times
+/// another's.
+const MAX_LANE_WEIGHT: f64 = 1_000_000.0;
 const MIN_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn parse_upstream(text: &str) -> Result<Uri, String> {
@@ -1701,10 +1704,12 @@ fn parse_lanes(
                 "a lane's name is letters, digits, '-' and '_' (it is a metric label)",
             );
         }
-        if !(l.weight > 0.0 && l.weight.is_finite()) {
+        // Relative shares: the weights are added up, and two of 1e308
+        // made infinity, every lane's share of the rate 0.
+        if !(l.weight > 0.0 && l.weight <= MAX_LANE_WEIGHT) {
             p.add(
                 key(&format!("{table}.weight")),
-                "must be a positive share of the room's rate, e.g. 0.2",
+                format!("must be a positive share of the room's rate, e.g. 0.2, at most {MAX_LANE_WEIGHT}"),
             );
         }
         let selector = parse_bypass(
