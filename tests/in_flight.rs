@@ -408,6 +408,48 @@ async fn one_session_holds_at_most_its_share_of_the_slots() {
     .await;
 }
 
+/// An upload at the pace of the person's line is not the portal's
+/// slowness: while its body is still coming in, the request is not
+/// counted as waiting for the portal's answer, so it cuts nobody's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_steer_adaptive_admission() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream::spawn().await;
+    let room = gated_config(
+        up.addr,
+        "max_active = 1\nsession_idle = \"1h\"\nadmission_per_minute = 300\n\
+         adaptive = { min_per_minute = 60, max_per_minute = 600, target_latency = \"250ms\", interval = \"1s\" }",
+    );
+    let g = Gated::start(&format!("[upstream]\nrequest_buffer = \"0\"\n{room}")).await;
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    assert!(g.citizen().get("/").await.is_waiting_page());
+    let room = g.app.room("portal").unwrap();
+    let start = room.per_minute().unwrap();
+    let cookies: Vec<String> = holder.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut s = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: portal\r\nCookie: {}\r\nContent-Length: 10\r\n\r\nx",
+        cookies.join("; ")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    at_upstream(&up, 1).await;
+    // The person's line goes quiet past the target latency, over three
+    // of the controller's intervals (the waits are on the real clock,
+    // which the pending requests are timed on; the intervals on the
+    // test's).
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        g.advance(1_000).await;
+    }
+    let now = room.per_minute().unwrap();
+    assert!(now >= start, "the rate was cut from {start} to {now}");
+    s.write_all(b"xxxxxxxxx").await.unwrap();
+    let mut answer = vec![0u8; 12];
+    s.read_exact(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
 /// Requests the gate lets through without a pass (here an exempt path)
 /// are not brought by the admission rate: the cap turning a flood of
 /// them away, or their slow answers, must not cut the rate for everyone

@@ -1648,6 +1648,40 @@ async fn a_paused_upload_is_not_the_portals_delay() {
     );
 }
 
+/// A portal worker that gives up on an upload its person paused (ended
+/// at its own read timeout, as gunicorn's are) closes the connection
+/// without an answer: the person's delay, a 408, not the upstream's
+/// failure.
+#[tokio::test]
+async fn an_upstream_giving_up_on_a_paused_upload_is_not_its_failure() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_head(&mut s).await;
+                // The worker's own read timeout, shorter than varco's
+                // body_read_timeout: what is tested.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                drop(s);
+            });
+        }
+    });
+    let v = Varco::start(&room_config(&[addr], "[upstream]\nrequest_buffer = \"0\"")).await;
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: portal\r\nContent-Length: 10\r\n\r\nxxxxx")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    let of = format!("room=\"portal\",upstream=\"{addr}\"");
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_up", &of).await,
+        Some(1.0),
+        "not cooled down"
+    );
+}
+
 /// An upstream that sends, to each request, the bytes `answer` gives for
 /// its head (a shape hyper's server would never write), then closes.
 async fn answering(answer: fn(&str) -> &'static [u8]) -> std::net::SocketAddr {

@@ -75,6 +75,11 @@ impl Outgoing {
 /// pool the upstream closed at once; more would be an upstream that
 /// answers once per connection and then breaks, which is a failure.
 const STALE_TRIES: u32 = 3;
+/// An upload the person had paused this long when the upstream broke
+/// the exchange was what the upstream gave up on: a crash in a shorter
+/// pause, one a person's line makes all the time, is still the
+/// upstream's.
+const PAUSED_UPLOAD: Duration = Duration::from_secs(1);
 /// A kept-alive connection closed as the request went out fails within
 /// a round trip; one the portal drops after holding the request longer
 /// than this (a worker killed at its timeout) failed on the request, and
@@ -330,12 +335,18 @@ impl Forwarder {
             let sent_ms = room.upstreams.ms_at(started);
             // What adaptive admission learns from: the upstream's latency
             // (and apart, the wait for an in-flight slot) and its
-            // failures, never the client's.
-            let mut outstanding = room
-                .adaptive
-                .as_ref()
-                .zip(judged)
-                .map(|(a, queued)| (a.signals.send(), queued));
+            // failures, never the client's. A body still coming in is the
+            // person's pace: the request waits for the portal's answer
+            // (and may be overdue) only once the body went out.
+            let mut outstanding = room.adaptive.as_ref().zip(judged).map(|(a, queued)| {
+                let o = match taken {
+                    Some(_) => a.signals.send_with_body(),
+                    None => a.signals.send(),
+                };
+                (o, queued)
+            });
+            // What the upstream had of the body when it failed.
+            let body_taken = taken.clone();
             let metrics = &room.upstream_metrics[index];
             // Lowered on drop too: a client that goes away (an HTTP/2
             // reset) drops this future mid-wait.
@@ -346,6 +357,11 @@ impl Forwarder {
                     taken.take(),
                     timeout,
                     &mut started,
+                    || {
+                        if let Some((o, _)) = outstanding.as_mut() {
+                            o.body_sent();
+                        }
+                    },
                 )
                 .await;
             drop(counted);
@@ -429,6 +445,19 @@ impl Forwarder {
                     }
                     if has_source::<ClientBodyError>(&e) {
                         return Err(ProxyError::ClientBody(e.into()));
+                    }
+                    // The upstream gave up on a body the person had paused
+                    // (a portal worker ended at its own read timeout): the
+                    // person's delay, as `body_read_timeout` would have
+                    // called it. Counted against the upstream, one stalled
+                    // upload took it out of rotation and told adaptive
+                    // admission the portal was failing.
+                    if body_taken.as_ref().is_some_and(|t| {
+                        matches!(*t.borrow(), Taken::AwaitingClient(_, since)
+                            if since.elapsed() >= PAUSED_UPLOAD)
+                    }) {
+                        tracing::info!(room = %room.name, upstream = %upstream.label, request_id, error = %e, "upstream gave up on an upload the person had paused; not counted against it");
+                        return Err(ProxyError::BodyTimeout);
                     }
                     // Under TLS 1.3 an https upstream refuses varco's
                     // client certificate (or its lack of one) only after
@@ -529,6 +558,7 @@ impl Forwarder {
         taken: Option<watch::Receiver<Taken>>,
         timeout: Duration,
         started: &mut Instant,
+        body_sent: impl FnOnce(),
     ) -> Option<F::Output> {
         let mut request = std::pin::pin!(request);
         if let Some(mut taken) = taken {
@@ -537,7 +567,7 @@ impl Forwarder {
                 if state == Taken::All {
                     break;
                 }
-                let client_owes = matches!(state, Taken::AwaitingClient(_));
+                let client_owes = matches!(state, Taken::AwaitingClient(..));
                 let changed = async {
                     if client_owes {
                         Ok(taken.changed().await)
@@ -559,6 +589,7 @@ impl Forwarder {
                 }
             }
             *started = Instant::now();
+            body_sent();
         }
         tokio::time::timeout(timeout, request).await.ok()
     }

@@ -105,8 +105,9 @@ pub enum Taken {
     /// This many parts so far.
     Parts(u64),
     /// This many, and the upstream asked for the next, which the client
-    /// has not sent yet: the wait is the client's, not the upstream's.
-    AwaitingClient(u64),
+    /// has not sent yet (since then): the wait is the client's, not the
+    /// upstream's.
+    AwaitingClient(u64, std::time::Instant),
     All,
 }
 
@@ -145,7 +146,7 @@ impl<B: Body> Body for Watched<B> {
                 this.taken.send_replace(Taken::All);
             }
             Poll::Ready(Some(Ok(_))) => this.taken.send_modify(|t| {
-                if let Taken::Parts(n) | Taken::AwaitingClient(n) = *t {
+                if let Taken::Parts(n) | Taken::AwaitingClient(n, _) = *t {
                     *t = Taken::Parts(n + 1);
                 }
             }),
@@ -153,7 +154,7 @@ impl<B: Body> Body for Watched<B> {
             Poll::Pending => {
                 this.taken.send_if_modified(|t| match *t {
                     Taken::Parts(n) => {
-                        *t = Taken::AwaitingClient(n);
+                        *t = Taken::AwaitingClient(n, std::time::Instant::now());
                         true
                     }
                     _ => false,

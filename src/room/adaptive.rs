@@ -134,6 +134,9 @@ pub struct Signals {
 pub struct Sent {
     epoch: u64,
     at_ms: u64,
+    /// Counted among the unanswered (see `overdue_at`): not while its
+    /// body is still coming in from the person.
+    pending: bool,
 }
 
 /// A request awaiting the upstream's answer. Dropped unanswered (the
@@ -152,6 +155,17 @@ impl Outstanding<'_> {
         self.answer_queued(Duration::ZERO, latency, failed);
     }
 
+    /// The request's body went out whole (or failed): from now on it
+    /// waits for the portal.
+    pub fn body_sent(&mut self) {
+        if let Some(sent) = self.sent.as_mut().filter(|s| !s.pending) {
+            let now = self.signals.now_ms();
+            self.signals.pending_change(now, true);
+            sent.at_ms = now;
+            sent.pending = true;
+        }
+    }
+
     /// The same, sent after waiting `queued` for an in-flight slot.
     pub fn answer_queued(&mut self, queued: Duration, latency: Duration, failed: bool) {
         if let Some(sent) = self.sent.take() {
@@ -162,7 +176,7 @@ impl Outstanding<'_> {
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        if let Some(sent) = self.sent.take() {
+        if let Some(sent) = self.sent.take().filter(|s| s.pending) {
             self.signals.pending_change(sent.at_ms, false);
         }
     }
@@ -278,16 +292,35 @@ impl Signals {
         }
     }
 
+    /// A request with a body leaves for the upstream now: it waits for
+    /// the portal's answer, and may be overdue, only from
+    /// [`Outstanding::body_sent`] on. An upload at the pace of the
+    /// person's line is not the portal's slowness; counted, ten slow
+    /// uploads in a hundred requests cut the rate by `backoff`.
+    pub fn send_with_body(&self) -> Outstanding<'_> {
+        Outstanding {
+            signals: self,
+            sent: Some(Sent {
+                epoch: self.epoch.load(Ordering::Relaxed),
+                at_ms: self.now_ms(),
+                pending: false,
+            }),
+        }
+    }
+
     fn send_at(&self, at_ms: u64) -> Sent {
         self.pending_change(at_ms, true);
         Sent {
             epoch: self.epoch.load(Ordering::Relaxed),
             at_ms,
+            pending: true,
         }
     }
 
     fn record(&self, sent: Sent, queued: Duration, latency: Duration, failed: bool) {
-        self.pending_change(sent.at_ms, false);
+        if sent.pending {
+            self.pending_change(sent.at_ms, false);
+        }
         if sent.epoch != self.epoch.load(Ordering::Relaxed) {
             return;
         }
