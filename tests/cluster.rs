@@ -2827,6 +2827,40 @@ async fn a_reload_says_a_redis_url_rewritten_in_its_file_waits_for_a_restart() {
     assert_eq!(reload().await, serde_json::json!([]), "back as it runs");
 }
 
+/// An operator's change that reaches Redis after it lost its data, before
+/// any node put the cluster's live settings back, puts them back with it:
+/// a pause does not lift a lowered max_active on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_just_after_redis_lost_its_data_keeps_the_others() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let file = with_admin_api(
+        "live-lost",
+        &redis,
+        up.addr,
+        "max_active = 5\nadmission_per_minute = 600",
+    );
+    let nodes = vec![
+        Gated::start_file(&file).await,
+        Gated::start_file(&file).await,
+    ];
+    let got = api(&nodes[0], "POST", "/api/rooms/portal/max_active?value=1").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    advance(&nodes, 1000).await;
+    assert_eq!(redis.command("FLUSHALL"), "+OK");
+    let got = api(&nodes[0], "POST", "/api/rooms/portal/pause").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    advance(&nodes, 1000).await;
+    for g in &nodes {
+        let v = api(g, "GET", "/api/rooms/portal").await.json();
+        assert_eq!(
+            (v["mode"].as_str(), v["max_active"].as_u64()),
+            (Some("paused"), Some(1)),
+            "the brake held"
+        );
+    }
+}
+
 /// An operator's change through any node reaches every node at its next
 /// tick, a node started later too; a reset through any node takes every
 /// node back to its config.

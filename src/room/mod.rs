@@ -33,6 +33,18 @@ use adaptive::{Change, Controller, Verdict};
 use admission::{Limits, Mode};
 use token::Keyring;
 
+/// The changes `shared` holds, one each.
+fn shared_changes(shared: &SharedLive) -> Vec<LiveChange> {
+    [
+        shared.mode.map(LiveChange::Mode),
+        shared.per_minute.map(LiveChange::PerMinute),
+        shared.max_active.map(LiveChange::MaxActive),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// A room's config as the admission rules read it.
 pub fn limits_of(config: &RoomConfig, tick_ms: u64) -> Limits {
     Limits {
@@ -511,11 +523,21 @@ impl Room {
         self.share_between_lanes();
     }
 
-    /// The change told to the other nodes (cluster mode).
+    /// The change told to the other nodes (cluster mode), with what this
+    /// node followed of the others in case Redis just lost them.
     pub async fn share_live(&self, change: LiveChange) -> Result<(), StoreError> {
-        self.store.share_live(change).await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })
+        let was = self
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let above = was.version.parse().unwrap_or(0);
+        self.store
+            .share_live(change, &shared_changes(&was), above)
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
     }
 
     /// Back to the config's mode, rate and `max_active`, here and (in a
@@ -641,14 +663,7 @@ impl Room {
     /// not the ones in force here: a rate adaptive admission moved on
     /// this node is its own. False: nothing to put back.
     async fn put_back(&self, was: &SharedLive) -> bool {
-        let changes: Vec<LiveChange> = [
-            was.mode.map(LiveChange::Mode),
-            was.per_minute.map(LiveChange::PerMinute),
-            was.max_active.map(LiveChange::MaxActive),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let changes = shared_changes(was);
         if changes.is_empty() {
             return false;
         }

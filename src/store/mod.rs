@@ -284,8 +284,16 @@ pub trait RoomStore: Send + Sync + 'static {
         future::ready(Ok(())).boxed()
     }
     /// Shares an operator's change with every node (cluster mode); one
-    /// node has nobody to tell.
-    fn share_live(&self, _change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
+    /// node has nobody to tell. `others`: what this node last followed of
+    /// the cluster's other changes (as of version `above`), put in first
+    /// if the store lost them and nobody has put them back yet (see
+    /// [`Self::put_back_live`]).
+    fn share_live(
+        &self,
+        _change: LiveChange,
+        _others: &[LiveChange],
+        _above: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }
     /// Puts back the changes the cluster shared after the store lost

@@ -398,6 +398,24 @@ end
 return 0
 "#;
 
+/// Shares one live change. KEYS[1] the live hash; ARGV[1] the version the
+/// asking node last followed, ARGV[2], ARGV[3] the change's field and
+/// value, then the other field, value pairs that node followed. Those go
+/// in first while the hash is gone (Redis lost its data) and no node has
+/// put it back yet: the change alone would tell every node that the
+/// other brakes were dropped, and they would go back to their files'.
+const SHARE_LIVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 and #ARGV > 3 then
+  for i = 4, #ARGV, 2 do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+  redis.call('HSET', KEYS[1], 'version', ARGV[1])
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+return 0
+"#;
+
 /// Drops the shared fields and names the reset by its version and
 /// ARGV[1], a random word: after Redis lost its data the versions start
 /// again, and a reset named by its version alone could reuse the name of
@@ -1348,18 +1366,27 @@ impl RoomStore for RedisRoom {
         .boxed()
     }
 
-    fn share_live(&self, change: LiveChange) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn share_live(
+        &self,
+        change: LiveChange,
+        others: &[LiveChange],
+        above: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         let (field, value) = live_field(change);
+        let others: Vec<(&'static str, String)> = others
+            .iter()
+            .map(|c| live_field(*c))
+            .filter(|(f, _)| *f != field)
+            .collect();
         async move {
+            let script = Script::new(SHARE_LIVE);
+            let mut inv = script.key(&self.live_key);
+            inv.arg(above).arg(field).arg(value);
+            for (f, v) in &others {
+                inv.arg(*f).arg(v);
+            }
             let mut lent = self.link.lend();
-            let r = redis::pipe()
-                .atomic()
-                .hset(&self.live_key, field, value)
-                .ignore()
-                .hincr(&self.live_key, "version", 1)
-                .ignore()
-                .query_async::<()>(&mut lent.conn)
-                .await;
+            let r = inv.invoke_async::<()>(&mut lent.conn).await;
             self.link.outcome(&lent, r)
         }
         .boxed()
