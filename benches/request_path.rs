@@ -163,6 +163,7 @@ fn gate(c: &mut Criterion) {
         path_and_query: "/apply?step=1",
         host: Some("portal.example.org"),
         client_ip: "198.51.100.4".parse().unwrap(),
+        client_named: true,
         tls: true,
         json: false,
         now_ms: now,

@@ -73,15 +73,28 @@ pub struct GateRequest<'a> {
     /// The authority asked for (Host, or HTTP/2's :authority).
     pub host: Option<&'a str>,
     pub client_ip: IpAddr,
+    /// Whether `client_ip` is the person's: not the balancer standing in
+    /// for someone a PROXY header left unnamed (see [`ranges_ip`]).
+    pub client_named: bool,
     pub tls: bool,
     pub json: bool,
     pub now_ms: u64,
+}
+
+/// The address that ranges (`bypass`, lanes) are matched against:
+/// none for a client a PROXY header left unnamed. Its address is the
+/// balancer's, most often in the very internal range a bypass names,
+/// while its bytes are anyone's (a balancer sends UNKNOWN for traffic
+/// it cannot name).
+pub fn ranges_ip(client_ip: IpAddr, named: bool) -> Option<IpAddr> {
+    named.then_some(client_ip)
 }
 
 impl<'a> GateRequest<'a> {
     pub fn of(
         req: &'a Request<Incoming>,
         client_ip: IpAddr,
+        client_named: bool,
         tls: bool,
         json: bool,
         now_ms: u64,
@@ -96,6 +109,7 @@ impl<'a> GateRequest<'a> {
                 .unwrap_or("/"),
             host: crate::gateway::host_of(req),
             client_ip,
+            client_named,
             tls,
             json,
             now_ms,
@@ -110,8 +124,10 @@ impl<'a> GateRequest<'a> {
 
 fn is_bypass(room: &Room, r: &GateRequest) -> bool {
     let b = &room.config.bypass;
-    if b.cidrs.iter().any(|n| n.contains(&r.client_ip)) {
-        return true;
+    if let Some(ip) = ranges_ip(r.client_ip, r.client_named) {
+        if b.cidrs.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
     }
     match &b.header {
         Some((name, secret)) => carries_secret(r.headers, name, secret),
@@ -894,7 +910,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // A ticket keeps its lane; a new arrival joins the lane it selects.
     let lane = match &ticket {
         Some((_, lane)) => *lane,
-        None => room.lane_for(r.headers, r.client_ip),
+        None => room.lane_for(r.headers, ranges_ip(r.client_ip, r.client_named)),
     };
     let ticket = ticket.map(|(t, _)| t);
     let limits = room.lane_limits(lane);
@@ -1059,7 +1075,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     }
     // A used or lapsed ticket is no ticket: its holder arrives afresh.
     let lane = if ticket.is_some() {
-        room.lane_for(r.headers, r.client_ip)
+        room.lane_for(r.headers, ranges_ip(r.client_ip, r.client_named))
     } else {
         lane
     };
@@ -1339,6 +1355,7 @@ pub async fn status(
     room: &Room,
     headers: &HeaderMap,
     client_ip: IpAddr,
+    client_named: bool,
     now_ms: u64,
 ) -> Response<Body> {
     if let Err(not_until) = room.status_limiter.check_key(&limit_key(client_ip)) {
@@ -1372,7 +1389,7 @@ pub async fn status(
     let ticket = held_ticket(room, headers, now_ms);
     let lane = match &ticket {
         Some((_, lane)) => *lane,
-        None => room.lane_for(headers, client_ip),
+        None => room.lane_for(headers, ranges_ip(client_ip, client_named)),
     };
     let ticket = ticket.map(|(t, _)| t);
     let view = lane.store.view();

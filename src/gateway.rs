@@ -561,7 +561,8 @@ impl Gateway {
                 Some(logged) => logged.client,
                 None => conn.client(req.headers(), &self.trusted_proxies, self.client_header),
             };
-            match gate::admit(room, &GateRequest::of(&req, ip, secure, json, now)).await {
+            let named = conn.names_client();
+            match gate::admit(room, &GateRequest::of(&req, ip, named, secure, json, now)).await {
                 Ok(Gate::Proxy {
                     set_cookies,
                     pass,
@@ -918,7 +919,8 @@ impl Gateway {
                     Some(room) => {
                         let ip =
                             conn.client(req.headers(), &self.trusted_proxies, self.client_header);
-                        gate::status(&room, req.headers(), ip, self.clock.now_ms()).await
+                        let named = conn.names_client();
+                        gate::status(&room, req.headers(), ip, named, self.clock.now_ms()).await
                     }
                     None => page::error(StatusCode::NOT_FOUND, &NO_SUCH_ROOM, Reader::Program),
                 }

@@ -53,6 +53,12 @@ impl ConnInfo {
         !self.anonymous && crate::proxy::headers::is_trusted(self.peer.ip(), trusted)
     }
 
+    /// Whether [`Self::client`] is the person's address, not a balancer's
+    /// standing in for someone a PROXY header left unnamed.
+    pub fn names_client(&self) -> bool {
+        !self.anonymous
+    }
+
     /// The client, as every rule sees it: the peer, or whom the trusted
     /// proxies it forwards for name.
     pub fn client(

@@ -543,6 +543,39 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
     );
 }
 
+/// A connection a PROXY header left unnamed matches no `bypass` range,
+/// though its address, the balancer's, is in it: its bytes are anyone's.
+/// A named client in the range is let through.
+#[tokio::test]
+async fn an_unnamed_client_matches_no_bypass_range() {
+    use common::client::{proxy_v2, raw};
+    use std::time::Duration;
+    let up = upstream::spawn().await;
+    let v = Varco::start(
+        &(room_config(
+            &[up.addr],
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
+             [secrets]\nephemeral = true",
+        ) + "mode = \"queue_all\"\nmax_active = 5\nbypass = { cidrs = [\"127.0.0.0/8\"] }\n"),
+    )
+    .await;
+    let ask = |header: Vec<u8>| async move {
+        let mut bytes = header;
+        bytes.extend_from_slice(b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n");
+        raw(v.addr, &bytes, Duration::from_secs(5)).await
+    };
+    let named = ask(b"PROXY TCP4 127.0.0.5 10.0.0.1 50123 443\r\n".to_vec()).await;
+    assert!(named.contains("\"upstream\""), "{named}");
+    for header in [
+        b"PROXY UNKNOWN\r\n".to_vec(),
+        proxy_v2(0, "198.51.100.9:1".parse().unwrap()),
+    ] {
+        let got = ask(header).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(!got.contains("\"upstream\""), "let past the line: {got}");
+    }
+}
+
 #[tokio::test]
 async fn the_client_is_the_one_a_balancers_proxy_header_names() {
     use common::client::{proxy_v2, raw};

@@ -78,8 +78,8 @@ impl Lane {
     }
 
     /// Does this request belong here? (Never asked of the default lane.)
-    pub fn selects(&self, room: &str, headers: &HeaderMap, ip: IpAddr) -> bool {
-        if self.selector.cidrs.iter().any(|n| n.contains(&ip)) {
+    pub fn selects(&self, room: &str, headers: &HeaderMap, ip: Option<IpAddr>) -> bool {
+        if ip.is_some_and(|ip| self.selector.cidrs.iter().any(|n| n.contains(&ip))) {
             return true;
         }
         let Some((name, secret)) = &self.selector.header else {
@@ -407,7 +407,7 @@ mod tests {
             signed: false,
         };
         let lane = Lane::new(Some(&config), store.room("p#b", &room, 0));
-        let ip = std::net::IpAddr::from([192, 0, 2, 1]);
+        let ip = Some(std::net::IpAddr::from([192, 0, 2, 1]));
         let mut headers = http::HeaderMap::new();
         headers.append(&name, "the-clients-own".parse().unwrap());
         assert!(!lane.selects("p", &headers, ip));

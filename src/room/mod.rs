@@ -367,8 +367,8 @@ impl Room {
         self
     }
 
-    /// The lane a new arrival joins.
-    pub fn lane_for(&self, headers: &http::HeaderMap, ip: IpAddr) -> &lanes::Lane {
+    /// The lane a new arrival joins (`ip`: none to match ranges against).
+    pub fn lane_for(&self, headers: &http::HeaderMap, ip: Option<IpAddr>) -> &lanes::Lane {
         self.lanes
             .iter()
             .skip(1)
