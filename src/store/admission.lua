@@ -102,6 +102,9 @@ if h.gen and ARGV[9] == h.gen then
 end
 -- When a node last ticked this room (or an op caught up after a gap).
 local ticked = tonumber(h.ticked or string.format('%d', now))
+-- When a node last reported its sessions (its tick's touch, then view or
+-- tick): state written before this field existed counts from its tick.
+local seen = tonumber(h.seen or h.ticked or string.format('%d', now))
 -- A clock stepped back (Redis's host's, which every node runs on: NTP,
 -- a failover to a replica on a host behind) leaves each time stamped
 -- before it ahead of now: a called turn would hold its slot for its
@@ -117,10 +120,12 @@ local stepped = tonumber(h.stepped or '0')
 if op == 'tick' and ticked > now + STEPPED_BACK then
   stepped = math.max(stepped, ticked)
   ticked = now
+  -- Or an outage during the step would not be told from the gap
+  -- between reports (catch_up), and sessions would lapse in it; and a
+  -- hold after a loss would last the step longer.
+  seen = math.min(seen, now)
+  hold = math.min(hold, now + math.max(3 * tick_ms, 5000))
 end
--- When a node last reported its sessions (its tick's touch, then view or
--- tick): state written before this field existed counts from its tick.
-local seen = tonumber(h.seen or h.ticked or string.format('%d', now))
 -- When this line first found the room full ('': not yet), and whether
 -- its pace is worth telling since (see AdmissionState::pace_full).
 local pace_full, pace_settled = h.pfull or '', h.psettled or '0'
