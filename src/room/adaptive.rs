@@ -156,13 +156,17 @@ impl Outstanding<'_> {
     }
 
     /// The request's body went out whole (or failed): from now on it
-    /// waits for the portal.
+    /// waits for the portal, under the rate in force now (its answer
+    /// tells of that one).
     pub fn body_sent(&mut self) {
         if let Some(sent) = self.sent.as_mut().filter(|s| !s.pending) {
             let now = self.signals.now_ms();
             self.signals.pending_change(now, true);
-            sent.at_ms = now;
-            sent.pending = true;
+            *sent = Sent {
+                epoch: self.signals.epoch.load(Ordering::Relaxed),
+                at_ms: now,
+                pending: true,
+            };
         }
     }
 
