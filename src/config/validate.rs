@@ -1363,10 +1363,10 @@ fn read_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
     Ok(roots)
 }
 
-/// The shortest `session_idle` taken.
-/// Lanes' weights are relative: no room needs one a million times
-/// another's.
+/// The largest lane weight taken: weights are added up, and two of
+/// 1e308 made infinity (every lane's share of the rate 0).
 const MAX_LANE_WEIGHT: f64 = 1_000_000.0;
+/// The shortest `session_idle` taken.
 const MIN_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn parse_upstream(text: &str) -> Result<Uri, String> {
@@ -1704,8 +1704,6 @@ fn parse_lanes(
                 "a lane's name is letters, digits, '-' and '_' (it is a metric label)",
             );
         }
-        // Relative shares: the weights are added up, and two of 1e308
-        // made infinity, every lane's share of the rate 0.
         if !(l.weight > 0.0 && l.weight <= MAX_LANE_WEIGHT) {
             p.add(
                 key(&format!("{table}.weight")),
