@@ -2827,6 +2827,27 @@ async fn a_reload_says_a_redis_url_rewritten_in_its_file_waits_for_a_restart() {
     assert_eq!(reload().await, serde_json::json!([]), "back as it runs");
 }
 
+/// Two nodes over `redis` started from one file with the admin API (see
+/// `with_admin_api`), for a room of five places at 600 a minute; and the
+/// file, for a node started later.
+async fn two_nodes_with_the_api(
+    name: &str,
+    redis: &RedisServer,
+    up: std::net::SocketAddr,
+) -> (std::path::PathBuf, Vec<Gated>) {
+    let file = with_admin_api(
+        name,
+        redis,
+        up,
+        "max_active = 5\nadmission_per_minute = 600",
+    );
+    let nodes = vec![
+        Gated::start_file(&file).await,
+        Gated::start_file(&file).await,
+    ];
+    (file, nodes)
+}
+
 /// An operator's change that reaches Redis after it lost its data, before
 /// any node put the cluster's live settings back, puts them back with it:
 /// a pause does not lift a lowered max_active on every node.
@@ -2834,16 +2855,7 @@ async fn a_reload_says_a_redis_url_rewritten_in_its_file_waits_for_a_restart() {
 async fn a_change_just_after_redis_lost_its_data_keeps_the_others() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    let file = with_admin_api(
-        "live-lost",
-        &redis,
-        up.addr,
-        "max_active = 5\nadmission_per_minute = 600",
-    );
-    let nodes = vec![
-        Gated::start_file(&file).await,
-        Gated::start_file(&file).await,
-    ];
+    let (_, nodes) = two_nodes_with_the_api("live-lost", &redis, up.addr).await;
     let got = api(&nodes[0], "POST", "/api/rooms/portal/max_active?value=1").await;
     assert_eq!(got.status, 200, "{}", got.text());
     advance(&nodes, 1000).await;
@@ -2868,16 +2880,7 @@ async fn a_change_just_after_redis_lost_its_data_keeps_the_others() {
 async fn a_live_change_through_one_node_reaches_every_node() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    let file = with_admin_api(
-        "live",
-        &redis,
-        up.addr,
-        "max_active = 5\nadmission_per_minute = 600",
-    );
-    let nodes = vec![
-        Gated::start_file(&file).await,
-        Gated::start_file(&file).await,
-    ];
+    let (file, nodes) = two_nodes_with_the_api("live", &redis, up.addr).await;
     let live = |v: serde_json::Value| {
         (
             v["mode"].as_str().unwrap_or_default().to_string(),

@@ -480,6 +480,22 @@ async fn every_request_gets_an_id_for_the_portal_and_the_client() {
     );
 }
 
+/// varco behind a PROXY-protocol balancer on 127.0.0.0/8 (`server`: more
+/// `[server]` keys), with a key of its own, for one room over `up` with
+/// the keys `room`.
+async fn behind_a_proxy_balancer(up: std::net::SocketAddr, server: &str, room: &str) -> Varco {
+    Varco::start(
+        &(room_config(
+            &[up],
+            &format!(
+                "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
+                 {server}[secrets]\nephemeral = true"
+            ),
+        ) + room),
+    )
+    .await
+}
+
 /// Behind a TCP load balancer that speaks the PROXY protocol, the client
 /// is the one its header names (v1 or v2), for the forwarded headers as
 /// for every per-address rule; its own checks (LOCAL) are its own; a
@@ -493,14 +509,7 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
     use common::client::{proxy_v2, proxy_v2_tls, raw};
     use std::time::Duration;
     let up = upstream::spawn().await;
-    let v = Varco::start(
-        &(room_config(
-            &[up.addr],
-            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
-             [secrets]\nephemeral = true",
-        ) + "max_active = 5\n"),
-    )
-    .await;
+    let v = behind_a_proxy_balancer(up.addr, "", "max_active = 5\n").await;
     let pass = |header: Vec<u8>| async move {
         let mut bytes = header;
         bytes.extend_from_slice(b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n");
@@ -523,14 +532,7 @@ async fn a_balancer_that_ended_tls_gets_secure_cookies() {
 
     // A balancer that ends TLS without saying so (an AWS NLB TLS
     // listener): the operator says it.
-    let v = Varco::start(
-        &(room_config(
-            &[up.addr],
-            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
-             assume_https = true\n[secrets]\nephemeral = true",
-        ) + "max_active = 5\n"),
-    )
-    .await;
+    let v = behind_a_proxy_balancer(up.addr, "assume_https = true\n", "max_active = 5\n").await;
     let mut bytes = proxy_v2(1, "198.51.100.9:40000".parse().unwrap());
     bytes.extend_from_slice(b"GET /echo HTTP/1.1\r\nhost: portal\r\nconnection: close\r\n\r\n");
     let got = raw(v.addr, &bytes, Duration::from_secs(5)).await;
@@ -551,12 +553,10 @@ async fn an_unnamed_client_matches_no_bypass_range() {
     use common::client::{proxy_v2, raw};
     use std::time::Duration;
     let up = upstream::spawn().await;
-    let v = Varco::start(
-        &(room_config(
-            &[up.addr],
-            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\n\
-             [secrets]\nephemeral = true",
-        ) + "mode = \"queue_all\"\nmax_active = 5\nbypass = { cidrs = [\"127.0.0.0/8\"] }\n"),
+    let v = behind_a_proxy_balancer(
+        up.addr,
+        "",
+        "mode = \"queue_all\"\nmax_active = 5\nbypass = { cidrs = [\"127.0.0.0/8\"] }\n",
     )
     .await;
     let ask = |header: Vec<u8>| async move {
