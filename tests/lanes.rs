@@ -137,6 +137,63 @@ async fn a_lane_emptied_by_its_tick_pays_no_time_twice() {
     );
 }
 
+/// `cfg` with a key shared by every node and its store in `redis`.
+fn over_redis(cfg: &str, redis: &RedisServer) -> String {
+    std::env::set_var(
+        "VARCO_TEST_LANE_KEYS",
+        "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+    cfg.replace(
+        "[secrets]\nephemeral = true\n",
+        &format!(
+            "[secrets]\nkey_env = \"VARCO_TEST_LANE_KEYS\"\n[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"lanes:\"\nlease = \"3s\"\n",
+            redis.url()
+        ),
+    )
+}
+
+/// In a room that lets people in straight away, a lane with nobody
+/// waiting has no share of the rate until its next tick. A citizen who
+/// comes between two ticks, and finds no token, costs the lane none of
+/// the time before: the room calls its rate, in memory and over Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_woken_between_ticks_is_paid_its_whole_tick() {
+    let up = upstream::spawn().await;
+    let room = "admission_per_minute = 60\nmax_active = 1000\nclaim_window = \"10m\"";
+    let cfg = lanes_room(up.addr, room, false);
+    calls_its_rate_with_citizens_between_ticks(&Gated::start(&cfg).await).await;
+    let redis = RedisServer::start();
+    calls_its_rate_with_citizens_between_ticks(&Gated::start(&over_redis(&cfg, &redis)).await)
+        .await;
+}
+
+/// 130 intermediaries waiting, then a citizen every two seconds, half
+/// way between two ticks: two minutes call 60 a minute.
+async fn calls_its_rate_with_citizens_between_ticks(g: &Gated) {
+    let mut brokers: Vec<Citizen> = (0..130).map(|_| intermediary(g.addr, SECRET)).collect();
+    for b in brokers.iter_mut() {
+        b.get("/").await;
+    }
+    let mut citizens = Vec::new();
+    for t in 1..=120 {
+        if t % 2 == 0 {
+            g.clock.advance_ms(500);
+            let mut c = g.citizen();
+            c.get("/").await;
+            citizens.push(c);
+            g.advance(500).await;
+        } else {
+            g.advance(1000).await;
+        }
+    }
+    let (c, _) = called(&mut citizens).await;
+    let (b, _) = called(&mut brokers).await;
+    assert!(
+        (114..=125).contains(&(c + b)),
+        "two minutes at 60 a minute: {c} citizens and {b} intermediaries called"
+    );
+}
+
 #[tokio::test]
 async fn an_empty_lane_gives_its_share_to_the_others() {
     let up = upstream::spawn().await;
@@ -219,22 +276,7 @@ async fn lanes_share_one_max_active_and_a_signed_header_chooses_one() {
 async fn lanes_hold_across_a_cluster() {
     let redis = RedisServer::start();
     let up = upstream::spawn().await;
-    std::env::set_var(
-        "VARCO_TEST_LANE_KEYS",
-        "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-    );
-    let cfg = lanes_room(
-        up.addr,
-        SIXTY_A_MINUTE,
-        false,
-    )
-    .replace(
-        "[secrets]\nephemeral = true\n",
-        &format!(
-            "[secrets]\nkey_env = \"VARCO_TEST_LANE_KEYS\"\n[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"lanes:\"\nlease = \"3s\"\n",
-            redis.url()
-        ),
-    );
+    let cfg = over_redis(&lanes_room(up.addr, SIXTY_A_MINUTE, false), &redis);
     let nodes = [Gated::start(&cfg).await, Gated::start(&cfg).await];
     let mut citizens: Vec<Citizen> = (0..40).map(|i| nodes[i % 2].citizen()).collect();
     let mut brokers: Vec<Citizen> = (0..20)

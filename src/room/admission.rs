@@ -455,7 +455,14 @@ impl AdmissionState {
         if limits.mode != Mode::Queue || !self.opened || self.waiting() > 0 {
             return None;
         }
-        self.refill(limits, now_ms);
+        // A lane at no share of the rate until the next tick (nobody
+        // waiting in it, people waiting in another) keeps its mark: that
+        // tick's shares pay every lane the time since. Moved on here, the
+        // time before the try was paid to nobody, and a room with lanes
+        // called up to a fifth under its rate.
+        if limits.per_minute != Some(0.0) {
+            self.refill(limits, now_ms);
+        }
         self.expire_batches(limits, now_ms);
         if self.free(limits, active) == 0 || self.budget(limits) == 0 {
             return None;

@@ -289,7 +289,8 @@ if op == 'issue' then
 elseif op == 'direct' then
   maybe_open()
   if mode == 'queue' and opened == '1' and queue == serving then
-    refill()
+    -- A lane at no share keeps its mark (AdmissionState::admit_directly).
+    if per_minute ~= 0 then refill() end
     expire()
     if free() > 0 and budget() > 0 then
       if per_minute >= 0 then tokens = tokens - 1 end
