@@ -238,10 +238,13 @@ try {
   // Back in view within a 429's Retry-After, the page does not ask at
   // once: a phone switched between apps asked on every return, past the
   // limit that had just answered it. Once the wait is over it does. The
-  // clock holds still (past the last 429's wait) but for the test.
-  refusal = { status: 429, headers: { "retry-after": "3" }, json: { error: "too many requests" } };
+  // clock holds still (past the last 429's wait) but for the test, and
+  // the page's timers wait their longest: none fires in between.
   await tab.clock.pauseAt((await tab.evaluate(() => Date.now())) + 1100);
+  refusal = { status: 429, headers: { "retry-after": "3" }, json: { error: "too many requests" } };
   await tab.evaluate(() => {
+    window.__random = Math.random;
+    Math.random = () => 0.999;
     window.__delays = [];
     document.dispatchEvent(new Event("visibilitychange"));
   });
@@ -254,6 +257,7 @@ try {
   await tab.evaluate(() => document.dispatchEvent(new Event("visibilitychange")));
   await until("the page asks once the wait is over", async () => throttled > refused);
   check(throttled === refused + 1, `back in view within Retry-After, no poll at once (${throttled - refused} polls, not 1)`);
+  await tab.evaluate(() => (Math.random = window.__random));
   await tab.clock.resume();
   // A balancer's maintenance answer in front of varco (503, Retry-After
   // an hour) does not silence the page past the wait varco itself may ask
