@@ -91,6 +91,11 @@ pub fn ranges_ip(client_ip: IpAddr, named: bool) -> Option<IpAddr> {
 }
 
 impl<'a> GateRequest<'a> {
+    /// The address ranges are matched against (see [`ranges_ip`]).
+    fn ranges_ip(&self) -> Option<IpAddr> {
+        ranges_ip(self.client_ip, self.client_named)
+    }
+
     pub fn of(
         req: &'a Request<Incoming>,
         client_ip: IpAddr,
@@ -124,7 +129,7 @@ impl<'a> GateRequest<'a> {
 
 fn is_bypass(room: &Room, r: &GateRequest) -> bool {
     let b = &room.config.bypass;
-    if let Some(ip) = ranges_ip(r.client_ip, r.client_named) {
+    if let Some(ip) = r.ranges_ip() {
         if b.cidrs.iter().any(|n| n.contains(&ip)) {
             return true;
         }
@@ -910,7 +915,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     // A ticket keeps its lane; a new arrival joins the lane it selects.
     let lane = match &ticket {
         Some((_, lane)) => *lane,
-        None => room.lane_for(r.headers, ranges_ip(r.client_ip, r.client_named)),
+        None => room.lane_for(r.headers, r.ranges_ip()),
     };
     let ticket = ticket.map(|(t, _)| t);
     let limits = room.lane_limits(lane);
@@ -1075,7 +1080,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     }
     // A used or lapsed ticket is no ticket: its holder arrives afresh.
     let lane = if ticket.is_some() {
-        room.lane_for(r.headers, ranges_ip(r.client_ip, r.client_named))
+        room.lane_for(r.headers, r.ranges_ip())
     } else {
         lane
     };

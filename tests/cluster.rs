@@ -46,17 +46,23 @@ async fn nodes(cfg: &str, n: usize) -> Vec<Gated> {
     v
 }
 
+/// `n` nodes over `redis` (with `store` settings) for a room with the
+/// keys `room`, and its upstream.
+async fn room_over(
+    redis: &RedisServer,
+    room: &str,
+    store: &str,
+    n: usize,
+) -> (upstream::Upstream, Vec<Gated>) {
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(redis, up.addr, room, store);
+    (up, nodes(&cfg, n).await)
+}
+
 /// `n` nodes over `redis` (with `store` settings) for a room of one slot
 /// whose sessions lapse after a minute idle, and its upstream.
 async fn one_slot(redis: &RedisServer, store: &str, n: usize) -> (upstream::Upstream, Vec<Gated>) {
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"",
-        store,
-    );
-    (up, nodes(&cfg, n).await)
+    room_over(redis, "max_active = 1\nsession_idle = \"1m\"", store, n).await
 }
 
 /// Ticks the nodes until `node` says it is ready again (Redis answered),
@@ -543,14 +549,8 @@ async fn a_turn_called_before_a_long_redis_outage_is_still_there_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_clock_runs_ahead_does_not_hold_turns_open() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"15s\"",
-        "",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let room = "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"15s\"";
+    let (_up, nodes) = room_over(&redis, room, "", 2).await;
     advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
     nodes[1].clock.advance_ms(10_000);
     let mut holder = nodes[0].citizen();
@@ -611,14 +611,8 @@ async fn until_called(nodes: &[Gated], citizen: &mut Citizen, seconds: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_stepped_back_holds_no_session_longer() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"15s\"",
-        "",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let room = "max_active = 1\nsession_idle = \"15s\"";
+    let (_up, nodes) = room_over(&redis, room, "", 2).await;
     advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());
@@ -644,15 +638,9 @@ async fn a_clock_stepped_back_holds_no_session_longer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_stepped_back_holds_no_turn_and_no_token_longer() {
     let redis = RedisServer::start();
-    let up = upstream::spawn().await;
-    let cfg = cluster_config(
-        &redis,
-        up.addr,
-        "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"15s\"\n\
-         admission_per_minute = 6",
-        "",
-    );
-    let nodes = nodes(&cfg, 2).await;
+    let room = "max_active = 1\nsession_idle = \"1m\"\nclaim_window = \"15s\"\n\
+                admission_per_minute = 6";
+    let (_up, nodes) = room_over(&redis, room, "", 2).await;
     advance(&nodes, 1000).await; // node 0 ticks first: it holds the lease
     let mut holder = nodes[0].citizen();
     assert!(holder.get("/").await.reached_upstream());

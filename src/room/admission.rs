@@ -222,12 +222,22 @@ pub struct AdmissionState {
     pub generation: u64,
 }
 
-/// How far behind the last refill the clock must be to be taken as
-/// stepped back, not merely a tick that ran late. The memory store's
-/// alone: in cluster mode every node gives its own time, and a reset on
-/// a clock behind would let a node ahead count the gap again at every
-/// call (admission.lua keeps the latest time any node gave).
+/// How far behind a time already seen the clock must be to be taken as
+/// stepped back, not merely a tick that ran late. In cluster mode only
+/// against the same node's own times (admission.lua: the ticker's last
+/// tick; `RedisRoom`: this node's): every node gives its own time, and a
+/// reset against another's, a little ahead, would let a node ahead count
+/// the gap again at every call.
 pub const STEPPED_BACK_MS: u64 = 5_000;
+
+/// A session's expiry stamped before the clock stepped back: further
+/// ahead of `now_ms` than twice the idle time (a restored session's
+/// bound), it runs one idle time from now instead. None: as it was, or
+/// `idle_ms` not known (0). admission.lua's `mend_step_back` has the
+/// same bound.
+pub fn expiry_after_step_back(expiry_ms: u64, now_ms: u64, idle_ms: u64) -> Option<u64> {
+    (idle_ms > 0 && expiry_ms > now_ms + 2 * idle_ms + STEPPED_BACK_MS).then_some(now_ms + idle_ms)
+}
 
 /// A queue generation: random, never 0 (0 on a ticket: not known).
 pub fn new_generation() -> u64 {

@@ -21,7 +21,7 @@ use super::{
     RoomStore, RoomView, StoreError,
 };
 use crate::room::admission::{
-    new_generation, AdmissionState, Claim, Issued, Limits, STEPPED_BACK_MS,
+    expiry_after_step_back, new_generation, AdmissionState, Claim, Issued, Limits,
 };
 
 /// How long an arrival waits for its number to be written ahead before it
@@ -90,11 +90,10 @@ impl MemoryRoom {
         // room admitting nobody for as long. Past twice the longest idle
         // time (a restored session's bound), they run from now.
         let idle = self.idle_ms.load(Ordering::Relaxed);
-        let latest = now_ms + 2 * idle + STEPPED_BACK_MS;
         self.sessions.retain(|_, exp| {
             let e = exp.load(Ordering::Relaxed);
-            if idle > 0 && e > latest {
-                exp.store(now_ms + idle, Ordering::Relaxed);
+            if let Some(mended) = expiry_after_step_back(e, now_ms, idle) {
+                exp.store(mended, Ordering::Relaxed);
             }
             e > now_ms
         });

@@ -23,7 +23,9 @@ use super::{
     Checked, HandOver, KeyId, LiveChange, Liveness, NewSession, RoomStore, RoomView, SharedLive,
     StoreError,
 };
-use crate::room::admission::{Claim, Issued, Limits, Mode, STEPPED_BACK_MS};
+use crate::room::admission::{
+    expiry_after_step_back, Claim, Issued, Limits, Mode, STEPPED_BACK_MS,
+};
 
 const SCRIPT: &str = include_str!("admission.lua");
 
@@ -568,23 +570,23 @@ impl RedisRoom {
     /// for live here for its idle time plus the step, while Redis lets it
     /// lapse one idle time from the step (admission.lua), and its holder,
     /// back meanwhile, would be let in beside whoever took the slot. Until
-    /// the clock is back where it was, an expiry further ahead than twice
-    /// the idle time (the memory store's bound) runs from now.
+    /// the clock is back where it was, such an expiry runs from now
+    /// (`expiry_after_step_back`).
     fn mend_step_back(&self, limits: &Limits, now_ms: u64) {
         let latest = self.latest_tick_ms.fetch_max(now_ms, Ordering::Relaxed);
         let idle = limits.session_idle_ms;
         if idle == 0 || now_ms + STEPPED_BACK_MS >= latest {
             return;
         }
-        let bound = now_ms + 2 * idle + STEPPED_BACK_MS;
         for e in self.sessions.iter() {
-            if e.value().load(Ordering::Relaxed) > bound {
-                e.value().store(now_ms + idle, Ordering::Relaxed);
+            let exp = e.value().load(Ordering::Relaxed);
+            if let Some(mended) = expiry_after_step_back(exp, now_ms, idle) {
+                e.value().store(mended, Ordering::Relaxed);
             }
         }
         for mut e in self.touched.iter_mut() {
-            if *e.value() > bound {
-                *e.value_mut() = now_ms + idle;
+            if let Some(mended) = expiry_after_step_back(*e.value(), now_ms, idle) {
+                *e.value_mut() = mended;
             }
         }
     }
