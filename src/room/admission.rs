@@ -429,11 +429,14 @@ impl AdmissionState {
         if limits.mode.admits() && self.opened {
             advanced = self.waiting().min(free).min(self.budget(limits));
             if advanced > 0 {
+                let (from, to) = (self.serving + 1, self.serving + advanced);
                 self.batches.push_back(Batch {
                     at_ms: now_ms,
-                    from: self.serving + 1,
-                    to: self.serving + advanced,
-                    claimed: 0,
+                    from,
+                    to,
+                    // A pass taken back after a crash before its number
+                    // was called again claimed it ahead.
+                    claimed: self.claimed.range(from..=to).count() as u64,
                 });
                 self.serving += advanced;
                 if limits.per_minute.is_some() {

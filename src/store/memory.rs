@@ -334,6 +334,11 @@ impl RoomStore for MemoryRoom {
                 _ => Adoption::Refused,
             };
         }
+        if let Claim::NotYet { .. } = claim {
+            // Taken before its number is called again: marked claimed, or
+            // a copy of its ticket claimed it then, a second session.
+            st.claimed.insert(n);
+        }
         self.hold(sid, now_ms + idle_ms, now_ms);
         drop(st);
         tracing::info!(
@@ -739,16 +744,21 @@ impl MemoryStore {
             .iter()
             .map(|r| {
                 let room = r.value();
-                let state = room.lock().clone();
-                let sessions = room
+                // The sessions are read under the counters' lock, as a
+                // claim writes both: read after, a claim between the two
+                // was a session whose number was not marked claimed, and
+                // after a crash a copy of its ticket claimed it again.
+                let st = room.lock();
+                let state = st.clone();
+                let live: Vec<(u128, u64)> = room
                     .sessions
                     .iter()
-                    .map(|s| {
-                        (
-                            format!("{:032x}", s.key()),
-                            s.value().load(Ordering::Relaxed),
-                        )
-                    })
+                    .map(|s| (*s.key(), s.value().load(Ordering::Relaxed)))
+                    .collect();
+                drop(st);
+                let sessions = live
+                    .into_iter()
+                    .map(|(sid, exp)| (format!("{sid:032x}"), exp))
                     .collect();
                 let ended = room
                     .ended
@@ -1473,6 +1483,46 @@ mod tests {
             room.adopt(4, 0, 20_500, 21_000, idle, &l),
             Adoption::Refused
         );
+    }
+
+    #[tokio::test]
+    async fn a_pass_taken_back_before_its_number_is_called_leaves_no_claim_to_it() {
+        let snap = folder("adopt_ahead");
+        let l = limits_unbounded();
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for _ in 0..3 {
+            number(&room, l, 0).await;
+        }
+        store.save(10_000).unwrap();
+        // Called and claimed after the snapshot; then a crash.
+        room.tick(l, 11_000).await.unwrap();
+        for n in 1..=3 {
+            let c = room.claim(n, room.generation(), l, session(n as u128), 11_500);
+            assert_eq!(c.await.unwrap(), Claim::Admitted);
+        }
+        drop((room, store));
+
+        let store = MemoryStore::open(Some(snap), 15_000).unwrap();
+        let room = store.room("r", &l, 15_000);
+        // Taken back into a room with room before the line is called again.
+        assert_eq!(
+            room.adopt(3, 3, 11_500, 15_000, 60_000, &l),
+            Adoption::Taken
+        );
+        room.tick(l, 16_000).await.unwrap();
+        assert_eq!(
+            room.claim(3, room.generation(), l, session(30), 16_500)
+                .await
+                .unwrap(),
+            Claim::AlreadyClaimed,
+            "a copy of its ticket makes no second session"
+        );
+        // Every number called again (those written ahead too) is owed a
+        // slot but 3.
+        let v = room.view();
+        assert!(v.serving >= 3, "{v:?}");
+        assert_eq!(v.reserved, v.serving - 1, "3 is owed no slot: {v:?}");
     }
 
     #[tokio::test]
