@@ -106,7 +106,7 @@ pub struct Left {
 
 /// Reads the marks a crash left, if it did (a clean stop removes them).
 pub fn read(path: &Path) -> Result<Option<Left>, String> {
-    if !path.exists() {
+    if !super::present(path, "marks file")? {
         return Ok(None);
     }
     let (f, bytes): (MarksFile, _) = super::read_json_bytes(path, "marks file")?;

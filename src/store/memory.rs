@@ -546,7 +546,9 @@ impl MemoryStore {
         }
         let held = snapshot.as_deref().map(hold_snapshot).transpose()?;
         let snap = match &snapshot {
-            Some(path) if path.exists() => Some(read_json::<Snapshot>(path, "snapshot")?),
+            Some(path) if super::present(path, "snapshot")? => {
+                Some(read_json::<Snapshot>(path, "snapshot")?)
+            }
             _ => None,
         };
         if let (Some(snap), Some(path)) = (&snap, &snapshot) {
@@ -558,7 +560,19 @@ impl MemoryStore {
                 ));
             }
             for (name, r) in &snap.rooms {
-                r.state.check().map_err(|e| {
+                // A session dropped for a bad id was somebody let in, sent
+                // back to the line without a word.
+                let bad_id = r
+                    .sessions
+                    .iter()
+                    .chain(&r.ended)
+                    .map(|(sid, _)| sid)
+                    .find(|sid| u128::from_str_radix(sid, 16).is_err());
+                let checked = match bad_id {
+                    Some(sid) => Err(format!("session id {sid:?} is not hex")),
+                    None => r.state.check(),
+                };
+                checked.map_err(|e| {
                     format!(
                         "store.snapshot: {}: room \"{name}\": {e}; the file is left as it is",
                         path.display()
@@ -617,6 +631,7 @@ impl MemoryStore {
                     room.lottery_kid.replace(kid);
                 }
                 room.saw_idle(r.idle_ms);
+                // Ids checked above.
                 for (sid, exp) in r.sessions {
                     if let Ok(sid) = u128::from_str_radix(&sid, 16) {
                         let exp = restored_expiry(exp, down, r.idle_ms);
@@ -1402,12 +1417,49 @@ mod tests {
             "batch 1..=2 (claimed 3)",
         );
         refused(&|v| v["version"] = 2.into(), "is version 2");
+        refused(
+            &|v| v["rooms"]["r"]["sessions"] = serde_json::json!([["0g", 5]]),
+            "room \"r\": session id \"0g\" is not hex",
+        );
+        refused(
+            &|v| v["rooms"]["r"]["ended"] = serde_json::json!([["x1", 5]]),
+            "session id \"x1\" is not hex",
+        );
         std::fs::write(&snap, good.to_string()).unwrap();
         assert!(MemoryStore::open(Some(snap.clone()), 1_000).is_ok());
 
         let lost = snap.parent().unwrap().join("gone").join("state.json");
         let err = MemoryStore::open(Some(lost), 0).err().expect("no folder");
         assert!(err.contains("is not a directory"), "{err}");
+
+        // A link to a snapshot on a volume not mounted is no first start,
+        // nor is a link to one there: a save would replace the link.
+        for target in [snap.clone(), snap.with_file_name("not-mounted.json")] {
+            let link = snap.with_file_name("linked.json");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let err = MemoryStore::open(Some(link.clone()), 1_000)
+                .err()
+                .expect("a link is refused");
+            assert!(
+                err.starts_with("store.snapshot: the snapshot ") && err.contains("is a link to"),
+                "{err}"
+            );
+            assert!(std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+        let marks = ahead::path_for(&snap);
+        let _ = std::fs::remove_file(&marks);
+        std::os::unix::fs::symlink(snap.with_file_name("gone.marks"), &marks).unwrap();
+        let err = MemoryStore::open(Some(snap.clone()), 1_000)
+            .err()
+            .expect("marks that are a link to nothing");
+        assert!(
+            err.contains("the marks file") && err.contains("not there"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

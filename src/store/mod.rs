@@ -384,6 +384,36 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     read_json_bytes(path, what).map(|(value, _)| value)
 }
 
+/// Whether a state file is there to read. A link is refused: a link to
+/// nothing (a volume not mounted) read as a first start voided every
+/// ticket of the run before, and a save (a new file renamed over the old)
+/// replaced a good link with a file of its own, off the volume it named.
+/// A path that cannot be looked at is an error too, not a first start.
+pub(crate) fn present(path: &std::path::Path, what: &str) -> Result<bool, String> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!(
+            "store.snapshot: cannot look at the {what} {}: {e}",
+            path.display()
+        )),
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "store.snapshot: the {what} {} is a link{}; set store.snapshot to the file \
+             itself (a link to its folder is fine): a save renames a new file over the \
+             path, which would replace the link",
+            path.display(),
+            match std::fs::read_link(path) {
+                Ok(to) if path.try_exists().unwrap_or(false) => format!(" to {}", to.display()),
+                Ok(to) => format!(
+                    " to {}, which is not there (a volume not mounted?)",
+                    to.display()
+                ),
+                Err(_) => String::new(),
+            }
+        )),
+        Ok(_) => Ok(true),
+    }
+}
+
 /// As [`read_json`], with the bytes it was read from.
 pub(crate) fn read_json_bytes<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
