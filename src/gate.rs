@@ -382,6 +382,16 @@ fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
                 .is_none_or(|d| d.as_bytes() == b"document"))
 }
 
+/// A form sent from another site's page (`Sec-Fetch-Site: cross-site`,
+/// a method other than GET or HEAD): the browser sent no Lax cookie with
+/// it (see [`keeps_no_lax_cookie`] for what it then keeps).
+fn posted_from_another_site(method: &Method, headers: &HeaderMap) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD)
+        && headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"cross-site")
+}
+
 /// The longest path a ticket remembers: with the rest of the ticket it
 /// stays within a cookie's 4 KiB.
 const LONGEST_REMEMBERED: usize = 1024;
@@ -1103,6 +1113,27 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         );
         return Ok(Gate::Respond(resp));
     }
+    // A form another site's page posts (anyone's form, or an identity
+    // provider's SAML or `form_post` answer) comes without the person's
+    // Lax cookies, yet browsers keep a cookie its answer sets: a new
+    // ticket there replaced the person's own, and their place, even a
+    // turn come, went to the back of the line. The form is not sent
+    // either way; a GET of the room's page carries the cookies, and finds
+    // the person's place, or their pass.
+    if !(attrs.cross_site && attrs.secure)
+        && ticket.is_none()
+        && posted_from_another_site(r.method, r.headers)
+    {
+        let mut resp = crate::page::error(
+            http::StatusCode::SEE_OTHER,
+            &POSTED_FROM_ANOTHER_SITE,
+            r.reader(room),
+        );
+        let to = HeaderValue::try_from(destination(room, r, None))
+            .unwrap_or(HeaderValue::from_static("/"));
+        resp.headers_mut().insert(http::header::LOCATION, to);
+        return Ok(Gate::Respond(resp));
+    }
     // Each view of the counters takes the store's lock: only when needed.
     let direct = safe_get && limits.mode == Mode::Queue && lane.store.view().waiting == 0;
     // Asked before the address's share is charged: a page's assets would
@@ -1250,6 +1281,11 @@ fn page(
 const FROM_ANOTHER_SITE: Said = Said {
     en: "This service is behind a waiting room: open it from its own address, not from another site's page.",
     it: "Questo servizio è dietro una sala d'attesa: aprilo dal suo indirizzo, non dalla pagina di un altro sito.",
+};
+/// A form from another site's page: sent on to the room's page.
+const POSTED_FROM_ANOTHER_SITE: Said = Said {
+    en: "This service is behind a waiting room: your form was not sent. Its page shows your place in line.",
+    it: "Questo servizio è dietro una sala d'attesa: il modulo non è stato inviato. La sua pagina mostra il tuo posto in coda.",
 };
 /// Something a page loads, holding no place: the page takes it.
 const NOT_A_PAGE: Said = Said {

@@ -128,6 +128,65 @@ async fn another_sites_page_takes_no_place_of_the_room() {
     assert_eq!(got.status, 403, "{}", got.text());
 }
 
+/// A form another site's page posts comes without the person's
+/// SameSite=Lax cookies (browsers send none with a cross-site POST), yet
+/// a cookie its answer sets is kept: a new ticket there replaced the
+/// person's own, and sent them to the back of the line. It is a 303 to
+/// the room's page now, which a GET reaches with the cookies.
+#[tokio::test]
+async fn a_form_posted_from_another_site_keeps_the_persons_place() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(up.addr, "max_active = 1")).await;
+    let mut inside = g.citizen();
+    assert!(inside.get("/home").await.reached_upstream());
+    let mut waiting = g.citizen();
+    assert!(waiting.get("/home").await.is_waiting_page());
+    // Their browser posts a form from another site: none of its cookies go.
+    let mut posting = g.citizen();
+    let got = posting
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+        )
+        .await;
+    assert_eq!(got.status, 303, "{}", got.text());
+    assert_eq!(got.headers["location"], "/");
+    assert!(got.headers.get("set-cookie").is_none(), "{:?}", got.headers);
+    assert_eq!(
+        got.headers["cache-control"],
+        "no-store, private, no-transform"
+    );
+    // The GET it leads to, with the cookies: the same place (the ticket
+    // remembers the new page).
+    let page = waiting.get("/").await;
+    assert!(page.is_waiting_page(), "{}", page.text());
+    let s = waiting.status("portal").await;
+    assert_eq!(
+        (s["position"].as_u64(), s["queue_length"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    // The same form from the portal's own page waits for its turn, with a ticket.
+    let got = posting
+        .request(
+            "POST",
+            "/apply",
+            body::full("iban=IT00"),
+            &[("sec-fetch-site", "same-origin")],
+        )
+        .await;
+    assert_eq!(got.status, 429, "{}", got.text());
+    assert!(posting.cookie("varco_ticket_portal").is_some());
+    assert_eq!(up.hits(), 1);
+}
+
 #[tokio::test]
 async fn sessions_expire_and_the_queue_moves_in_order() {
     let up = upstream::spawn().await;
