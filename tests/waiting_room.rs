@@ -1198,6 +1198,45 @@ async fn each_mode_behaves() {
     assert_eq!(up.hits(), before + 3);
 }
 
+/// One room's bypass secret reaches no room's portal: a balancer adding
+/// it to all its staff's traffic sends it to every room.
+#[tokio::test]
+async fn a_rooms_bypass_secret_reaches_no_other_rooms_portal() {
+    let up = upstream::spawn().await;
+    let cms = upstream::spawn().await;
+    let dir = std::env::temp_dir().join(format!("varco-bypass-rooms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bypass.secret"), "correct-horse-battery-staple\n").unwrap();
+    let cfg = format!(
+        "[secrets]\nephemeral = true\n[rooms.portal]\nupstreams = [\"http://{}\"]\n\
+         paths = [\"/apply\"]\nmax_active = 1\n\
+         bypass = {{ header = \"X-Staff\", secret_file = \"bypass.secret\" }}\n\
+         [rooms.cms]\nupstreams = [\"http://{}\"]\npaths = [\"/\"]\n",
+        up.addr, cms.addr
+    );
+    let g = Gated::start_at(&cfg, common::gated::T0, &dir).await;
+    let got = g
+        .citizen()
+        .request(
+            "GET",
+            "/news",
+            body::empty(),
+            &[
+                ("x-staff", "correct-horse-battery-staple"),
+                ("x-staff", "the-cms-own"),
+            ],
+        )
+        .await;
+    assert!(got.reached_upstream(), "{}", got.status);
+    assert_eq!(cms.hits(), 1);
+    let seen: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-staff"],
+        serde_json::json!(["the-cms-own"]),
+        "{seen}"
+    );
+}
+
 #[tokio::test]
 async fn bypass_by_address_or_secret_header_and_exempt_paths() {
     let up = upstream::spawn().await;

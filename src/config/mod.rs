@@ -226,6 +226,9 @@ pub struct RoomConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// Empty: one queue. Otherwise every lane, the default one included.
     pub lanes: Vec<LaneConfig>,
+    /// The other rooms' secret headers: a balancer that adds one room's
+    /// bypass header to all its traffic sends it to every room's portal.
+    pub other_rooms_secrets: Vec<(http::HeaderName, String)>,
 }
 
 /// A lane: a FIFO line of its own with a share of the room's rate.
@@ -295,6 +298,11 @@ impl RoomConfig {
     /// show it to whoever reads those. (A signed lane's token expires and
     /// is the portal's to hand out.)
     pub fn secret_headers(&self) -> impl Iterator<Item = &(http::HeaderName, String)> {
+        self.own_secret_headers().chain(&self.other_rooms_secrets)
+    }
+
+    /// This room's own (see [`RoomConfig::secret_headers`]).
+    pub fn own_secret_headers(&self) -> impl Iterator<Item = &(http::HeaderName, String)> {
         let lanes = self.lanes.iter().filter(|l| !l.signed).map(|l| &l.selector);
         std::iter::once(&self.bypass)
             .chain(lanes)

@@ -1174,6 +1174,7 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             in_flight,
             health_check,
             lanes,
+            other_rooms_secrets: Vec::new(),
         };
         if room.is_gated() && keys.is_none() {
             p.add(
@@ -1184,6 +1185,18 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
         rooms.push(room);
     }
     same_server_names(&rooms, &mut p);
+    let secrets: Vec<Vec<(http::HeaderName, String)>> = rooms
+        .iter()
+        .map(|r| r.own_secret_headers().cloned().collect())
+        .collect();
+    for (i, room) in rooms.iter_mut().enumerate() {
+        room.other_rooms_secrets = secrets
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, s)| s.iter().cloned())
+            .collect();
+    }
 
     let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
     p.in_a_folder("audit.log", audit_log.as_deref(), "the log");
