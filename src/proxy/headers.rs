@@ -485,7 +485,11 @@ pub fn has_unknown_coding(headers: &HeaderMap) -> bool {
 /// Spring's X-Forwarded-Prefix, PHP's HTTP_CLIENT_IP read before
 /// X-Forwarded-For by the usual "real IP" snippet...). From anyone else
 /// they are forgeries, and a portal that logs or rate-limits by them would
-/// be fooled. (X-Forwarded-For and -Proto are replaced by varco's own.)
+/// be fooled. So are the client certificate a TLS-terminating proxy
+/// checked (Envoy's XFCC, nginx's and Traefik's, IIS ARR's, AWS's): varco
+/// asks for none, and a portal that signs people in by a smart card's
+/// certificate would take the client's word for whose it is. (X-Forwarded-For
+/// and -Proto are replaced by varco's own.)
 fn is_claimed_by_a_proxy(name: &str) -> bool {
     matches!(
         name,
@@ -507,6 +511,24 @@ fn is_claimed_by_a_proxy(name: &str) -> bool {
             | "x-cluster-client-ip"
             | "cf-connecting-ip"
             | "fastly-client-ip"
+            | "x-original-host"
+            | "x-host"
+            | "x-forwarded-client-cert"
+            | "x-forwarded-tls-client-cert"
+            | "x-forwarded-tls-client-cert-info"
+            | "x-ssl-client-cert"
+            | "x-ssl-cert"
+            | "ssl-client-cert"
+            | "x-client-cert"
+            | "x-client-verify"
+            | "x-ssl-client-verify"
+            | "ssl-client-verify"
+            | "x-client-dn"
+            | "x-ssl-client-dn"
+            | "x-ssl-client-s-dn"
+            | "x-arr-ssl"
+            | "x-arr-clientcert"
+            | "x-amzn-mtls-clientcert"
     )
 }
 
@@ -843,6 +865,13 @@ mod tests {
             ("client-ip", "6.6.6.6"),
             ("x-forwarded", "for=6.6.6.6"),
             ("forwarded-for", "6.6.6.6"),
+            (
+                "x-forwarded-client-cert",
+                "Hash=ab;Subject=\"CN=someone else\"",
+            ),
+            ("x-ssl-client-cert", "-----BEGIN CERTIFICATE-----"),
+            ("x-arr-clientcert", "MIIB"),
+            ("x-original-host", "other.example"),
         ]);
         h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
         h.insert("x_script_name", "/static".parse().unwrap());
@@ -863,6 +892,14 @@ mod tests {
                 && h.get("forwarded-for").is_none(),
             "PHP's HTTP_CLIENT_IP and the rest"
         );
+        for cert in [
+            "x-forwarded-client-cert",
+            "x-ssl-client-cert",
+            "x-arr-clientcert",
+            "x-original-host",
+        ] {
+            assert!(h.get(cert).is_none(), "{cert}");
+        }
         assert!(
             h.get("x-script-name").is_none() && h.get("x_script_name").is_none(),
             "a prefix a WSGI portal cuts off the path gated"
