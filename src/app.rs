@@ -735,6 +735,14 @@ impl App {
             if next.opens_at_ms == room.config.opens_at_ms {
                 return None;
             }
+            // Unheard, the view reads as a queue that never opened,
+            // whatever Redis holds: an opening moved past checks.
+            if !room.heard() {
+                return Some(unheard(
+                    format!("rooms.{}.opens_at", next.name),
+                    "whether the queue has opened, and has a pre-queue drawn,",
+                ));
+            }
             let view = room.view();
             let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
             if drawn {
@@ -865,7 +873,22 @@ impl App {
         }
         let now = self.clock.now_ms();
         self.check_running_rooms(new, |next, room| {
-            let kid = room.store.lottery_key_id()?;
+            let Some(kid) = room.store.lottery_key_id() else {
+                // Unheard, the key the cluster drew with is not known
+                // here: any key the file drops may be it.
+                let dropped = (!room.heard())
+                    .then(|| {
+                        let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
+                        running
+                            .ids()
+                            .find(|id| lottery_key_missing(next, id, ttl, &new.keys, now).is_some())
+                    })
+                    .flatten()?;
+                return Some(unheard(
+                    "secrets.key_file".into(),
+                    &format!("whether key \"{dropped}\", which the file drops, draws room {}'s pre-queue lottery", next.name),
+                ));
+            };
             // Pre-queue tickets are good until the opening plus the
             // ticket_ttl they were signed with: a shorter one now does not
             // shorten theirs.
@@ -1627,9 +1650,15 @@ fn not_reopened(
 /// this node has not heard from the shared store since its start: its
 /// view reads as empty whatever Redis holds.
 fn not_heard(key: String, what: &str) -> ConfigError {
+    unheard(key, &format!("whether the {what} still holds people"))
+}
+
+/// The refusal of a reload whose check needs what this node has not
+/// heard from the shared store since its start: `whether` it cannot tell.
+fn unheard(key: String, whether: &str) -> ConfigError {
     ConfigError {
         key,
-        reason: format!("whether the {what} still holds people cannot be told: the store has not answered since the start. Reload again once it does"),
+        reason: format!("{whether} cannot be told: the store has not answered since the start. Reload again once it does"),
     }
 }
 

@@ -3676,3 +3676,56 @@ async fn a_room_with_an_opening_is_not_added_unchecked_while_redis_is_away() {
     }
     assert!(node.app.room("later").is_some(), "checked, and taken");
 }
+
+/// A node that has not heard from Redis since its start reads its rooms
+/// as queues that never opened and drew no lottery: a reload that moves
+/// an opening, or drops a key that may draw the lottery, cannot be
+/// checked, and is refused, naming the key, until Redis answers. Taken
+/// unchecked, a cluster's open queue went on admitting before the new
+/// time its page announced, and this node drew the pre-queue's places
+/// apart from the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_an_opening_or_drops_a_key_waits_for_redis() {
+    let redis = RedisServer::start();
+    let relay = Relay::to(common::dead_addr().port()).await;
+    let up = upstream::spawn().await;
+    let opens = |min: u64| {
+        let at = varco::timefmt::rfc3339(common::gated::T0 + min * 60_000);
+        format!("opens_at = \"{at}\"")
+    };
+    let cfg = cluster_config_at(&relay.url(), up.addr, &opens(10), "");
+    let (node, file) = Gated::start_written("unheard-reload", &cfg).await;
+    std::env::set_var(
+        "VARCO_TEST_UNHEARD_KEYS",
+        "k2:ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=",
+    );
+    let later = cfg.replace(&opens(10), &opens(20));
+    for (edited, key) in [
+        (later.clone(), "rooms.portal.opens_at"),
+        (
+            cfg.replace("VARCO_TEST_CLUSTER_KEYS", "VARCO_TEST_UNHEARD_KEYS"),
+            "secrets.key_file",
+        ),
+    ] {
+        std::fs::write(&file, &edited).unwrap();
+        let said = node
+            .app
+            .reload()
+            .await
+            .expect_err("taken unchecked")
+            .to_string();
+        assert!(
+            said.contains(key) && said.contains("has not answered since the start"),
+            "{said}"
+        );
+    }
+    // Heard, the opening is checked against what Redis holds: nothing
+    // opened, nobody in the pre-queue; it may move.
+    std::fs::write(&file, &later).unwrap();
+    relay.send_to(redis.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while let Err(e) = node.app.reload().await {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        node.advance(1000).await;
+    }
+}
