@@ -706,13 +706,22 @@ impl App {
         // A generated key (ephemeral, or none configured) stays: a new
         // random one would void every ticket and pass in hand.
         if !new.raw.secrets.keys_made_up() {
+            // The key made up at start, when none was configured, goes on
+            // verifying until the restart: a room gated live before the
+            // key file came signed passes with it, and the file cannot
+            // list it, so its holders would all be sent back to the line.
+            let made_up = crate::room::token::EPHEMERAL_KEY_ID;
+            let next = match keys.key(made_up) {
+                Some(k) if new.keys.key(made_up).is_none() => new.keys.verifying_also(k),
+                _ => new.keys.clone(),
+            };
             let ids = |k: &Keyring| k.ids().map(str::to_string).collect::<Vec<_>>();
-            let (was, now) = (ids(&keys), ids(&new.keys));
+            let (was, now) = (ids(&keys), ids(&next));
             if was != now {
                 let removed: Vec<&String> = was.iter().filter(|id| !now.contains(id)).collect();
-                tracing::info!(target: "varco::audit", in_force = ?now, removed = ?removed, signs = %new.keys.signing_key().id, "signing keys replaced: what a removed key signed counts as no token");
+                tracing::info!(target: "varco::audit", in_force = ?now, removed = ?removed, signs = %next.signing_key().id, "signing keys replaced: what a removed key signed counts as no token");
             }
-            *keys = new.keys.clone();
+            *keys = next;
         }
         let restart_needed = self.apply(new, &keys);
         // Counted once in force: whoever waits for the count (an operator,

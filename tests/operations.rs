@@ -1367,6 +1367,62 @@ async fn a_reload_refuses_a_key_id_given_another_secret() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A room gated live on a varco started with no key (a key made up at
+/// start signs its passes) keeps its people when a key file comes by a
+/// reload: the file signs from then on, the made-up key verifies what it
+/// signed until the restart.
+#[tokio::test]
+async fn a_key_file_brought_by_a_reload_keeps_the_made_up_keys_passes() {
+    let up = upstream::spawn().await;
+    let cfg = with_admin(&format!(
+        "[rooms.portal]\nupstreams = [\"http://{}\"]\n",
+        up.addr
+    ));
+    let (g, path) = Gated::start_written("made-up-key", &cfg).await;
+    let dir = path.parent().unwrap().to_path_buf();
+    let got = api(
+        &g,
+        "POST",
+        "/api/rooms/portal/max_active?value=1",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let mut holder = g.citizen();
+    assert!(holder.get("/").await.reached_upstream());
+    assert!(holder.cookie("varco_pass_portal").is_some());
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    std::fs::write(&path, format!("[secrets]\nkey_file = \"keys.toml\"\n{cfg}")).unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(
+        holder.get("/form").await.reached_upstream(),
+        "the pass the made-up key signed holds"
+    );
+    // New passes are the file's key's.
+    let mut next = g.citizen();
+    g.advance(60_000).await;
+    let got = next.get("/").await;
+    assert!(got.is_waiting_page(), "{}", got.text());
+    let ticket = next.cookie("varco_ticket_portal").expect("a ticket");
+    let header = ticket.split('.').next().unwrap();
+    use base64::Engine;
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    assert!(
+        String::from_utf8(header)
+            .unwrap()
+            .contains("\"kid\":\"k1\""),
+        "signed with the file's key"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key rotation that drops the key a scheduled opening's lottery is
 /// drawn with is refused while the draw matters: its commitment is
 /// published, and every pre-queue place is computed from it until the

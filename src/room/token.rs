@@ -185,6 +185,14 @@ impl Keyring {
         }])
     }
 
+    /// This keyring, with `older` verifying too (not signing).
+    pub fn verifying_also(&self, older: &SigningKey) -> Keyring {
+        let keys = std::iter::once(older.clone())
+            .chain(self.keys.iter().map(|(k, _)| k.clone()))
+            .collect();
+        Keyring::new(keys)
+    }
+
     pub fn signing_key(&self) -> &SigningKey {
         &self.keys.last().expect("a keyring has at least one key").0
     }
