@@ -703,6 +703,11 @@ impl App {
                 .inc()
         };
         let new = result.inspect_err(|_| counted("refused"))?;
+        // A file the reload brings (a key file, a lane's secret) is
+        // looked at as one the start read is.
+        for caution in new.cautions() {
+            tracing::warn!("{caution}");
+        }
         // A generated key (ephemeral, or none configured) stays: a new
         // random one would void every ticket and pass in hand.
         if !new.raw.secrets.keys_made_up() {

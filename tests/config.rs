@@ -1440,5 +1440,39 @@ fn a_secret_file_anyone_may_read_is_told() {
         "{cautions:?}"
     );
     assert_eq!(told(0o640), Vec::<String>::new());
+    let cautions = told(0o602);
+    assert!(
+        cautions.iter().any(|c| c.starts_with("secrets.key_file:")
+            && c.contains("writable by every user")
+            && c.contains("next reload")),
+        "{cautions:?}"
+    );
+    // A room's bypass secret and a lane's are secrets too.
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(dir.join("staff.secret"), "correct-horse-battery-staple\n").unwrap();
+    std::fs::write(dir.join("lane.secret"), "battery-staple-correct-horse\n").unwrap();
+    for f in ["staff.secret", "lane.secret"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::write(
+        &cfg,
+        "[secrets]\nkey_file = \"keys.toml\"\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9\"]\n\
+         max_active = 10\nbypass = { header = \"X-Staff\", secret_file = \"staff.secret\" }\n\
+         [rooms.portal.lanes.partners]\nweight = 1\nheader = \"X-Partner\"\nsecret_file = \"lane.secret\"\n\
+         [rooms.portal.lanes.public]\nweight = 1\n",
+    )
+    .unwrap();
+    let cautions = Config::load(&cfg).unwrap().cautions();
+    for key in [
+        "rooms.portal.bypass.secret_file:",
+        "rooms.portal.lanes.partners.secret_file:",
+    ] {
+        assert!(
+            cautions
+                .iter()
+                .any(|c| c.starts_with(key) && c.contains("skip the line")),
+            "{key} {cautions:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

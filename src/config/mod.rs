@@ -431,7 +431,8 @@ impl ConfigErrors {
 
 impl Config {
     /// What a config may say but most likely should not: told by
-    /// `check-config` and at start, as warnings (varco still starts).
+    /// `check-config`, at start and at a reload taken, as warnings
+    /// (varco still starts, the reload is still taken).
     pub fn cautions(&self) -> Vec<String> {
         let mut out = Vec::new();
         let admin = self.server.admin_listen;
@@ -449,19 +450,30 @@ impl Config {
                 continue;
             };
             let mode = meta.permissions().mode() & 0o777;
+            let can = match key.as_str() {
+                "secrets.key_file" => "sign passes and skip the line",
+                "admin.tokens_file" => "pause, open or reload the rooms",
+                "store.url_file" => "reach the cluster's Redis",
+                "secrets.arrival_key_file" => "sign arrivals for the portal",
+                "upstream.tls_client.key" => "pose as varco to the portal",
+                k if k.ends_with(".secret_file") => "skip the line or choose a lane",
+                _ => "pose as this site",
+            };
             if mode & 0o004 != 0 {
                 out.push(format!(
                     "{key}: {} is readable by every user of this machine (mode {mode:o}): \
-                     whoever reads it can {}. Make it readable by varco only \
+                     whoever reads it can {can}. Make it readable by varco only \
                      (chmod 600, or 640 with varco's group)",
                     path.display(),
-                    match key.as_str() {
-                        "secrets.key_file" => "sign passes and skip the line",
-                        "admin.tokens_file" => "pause, open or reload the rooms",
-                        "store.url_file" => "reach the cluster's Redis",
-                        "secrets.arrival_key_file" => "sign arrivals for the portal",
-                        _ => "pose as this site",
-                    }
+                ));
+            } else if mode & 0o002 != 0 {
+                // Read again at each reload: what anyone writes there is
+                // in force at the next one (a certificate renewal's hook).
+                out.push(format!(
+                    "{key}: {} is writable by every user of this machine (mode {mode:o}): \
+                     whoever writes it can put their own in it, in force at the next \
+                     reload. Make it writable by its owner only (chmod 600)",
+                    path.display(),
                 ));
             }
         }

@@ -1223,9 +1223,31 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
             ("secrets.arrival_key_file", &raw.secrets.arrival_key_file),
             ("store.url_file", &raw.store.url_file),
         ];
+        let rooms_secret_files = raw.rooms.iter().flat_map(|(name, r)| {
+            let bypass = r
+                .bypass
+                .as_ref()
+                .and_then(|b| b.secret_file.as_ref())
+                .map(|f| (format!("rooms.{name}.bypass.secret_file"), base.join(f)));
+            let lanes = r.lanes.iter().filter_map(move |(lane, l)| {
+                let f = l.secret_file.as_ref()?;
+                Some((
+                    format!("rooms.{name}.lanes.{lane}.secret_file"),
+                    base.join(f),
+                ))
+            });
+            bypass.into_iter().chain(lanes)
+        });
         let secret_files = named
             .into_iter()
             .filter_map(|(key, file)| Some((key.to_string(), base.join(file.as_ref()?))))
+            .chain(rooms_secret_files)
+            .chain(
+                raw.upstream
+                    .tls_client
+                    .iter()
+                    .map(|t| ("upstream.tls_client.key".to_string(), base.join(&t.key))),
+            )
             .chain(server.tls.iter().flat_map(|t| {
                 t.certificates
                     .iter()
