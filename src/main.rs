@@ -101,10 +101,11 @@ enum Command {
         #[arg(long, value_parser = at_least_one)]
         capacity: Option<usize>,
         /// varco's admission rate for the run, new sessions a minute.
-        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(1..))]
+        /// At most 1000000000, as in a config.
+        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
         rate: u32,
-        /// varco's max_active for the run.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        /// varco's max_active for the run. At most 1000000000.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
         max_active: u64,
         /// Seconds a citizen keeps trying before giving up. Default 90;
         /// 60 with --compare. At most an hour.

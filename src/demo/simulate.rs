@@ -148,6 +148,10 @@ pub struct Place {
     pub ticket: Option<u64>,
     /// When they first asked.
     pub asked: f64,
+    /// When the first answer came back (infinite: none ever did). By
+    /// then they had their place: anyone who first asked later arrived
+    /// later.
+    pub answered: f64,
     /// When they reached the portal's first page, if they did.
     pub admitted: Option<f64>,
     /// When they stopped trying (done, or out of patience).
@@ -155,21 +159,22 @@ pub struct Place {
 }
 
 /// Pairs of citizens let in against the order of arrival. One is ahead
-/// of another when they hold an earlier ticket, or asked more than
-/// `tolerance` seconds before the other did (arrivals that close race
-/// each other to the door). The pair counts when the one behind got in
-/// more than `tolerance` earlier, or while the one ahead, never let in,
-/// was still waiting. So the people let straight in, who hold no ticket,
-/// and the people never let in, are judged too: a late arrival let in
-/// past a waiting line is the line jump this looks for.
+/// of another when their first answer came back before the other first
+/// asked: they had their place (a ticket, or the portal's page) before
+/// the other arrived. That order is the simulation's own, not varco's
+/// ticket numbers, which a varco numbering out of order would pass;
+/// arrivals whose first requests overlap race each other to the door,
+/// and are not judged. The pair counts when the one behind got in more
+/// than `tolerance` earlier (tickets called in one tick claim in the
+/// order their pages poll), or while the one ahead, never let in, was
+/// still waiting. So the people let straight in and the people never
+/// let in are judged too: a late arrival let in past a waiting line is
+/// the line jump this looks for.
 pub fn out_of_order(places: &[Place], tolerance: f64) -> u64 {
     let mut pairs = 0;
     for a in places {
         for b in places {
-            let ahead = match (a.ticket, b.ticket) {
-                (Some(x), Some(y)) => x < y,
-                _ => a.asked + tolerance < b.asked,
-            };
+            let ahead = a.answered < b.asked;
             let Some(b_in) = b.admitted else { continue };
             if ahead && b_in + tolerance < a.admitted.unwrap_or(a.left) {
                 pairs += 1;
@@ -328,6 +333,7 @@ async fn citizen(
     let arrived = start.elapsed().as_secs_f64();
     let mut t = Trace::default();
     t.place.asked = arrived;
+    t.place.answered = f64::INFINITY;
     // The citizen's own cookie from the first request on, so every page
     // the portal sends, its home page too, names whom it is for.
     p.jar.insert("citizen".into(), p.id.clone());
@@ -348,6 +354,9 @@ async fn citizen(
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
+        if t.place.answered.is_infinite() {
+            t.place.answered = start.elapsed().as_secs_f64();
+        }
         // The portal's pages, its error page, and its redirects (a login
         // answers 303 with no body; varco itself never redirects).
         let from_portal = r.body.contains("Portale Bonus")
@@ -603,12 +612,16 @@ pub async fn through_varco(
 ) -> Result<Run, String> {
     let portal = start_portal(s).await.map_err(|e| e.to_string())?;
     let portal_addr = portal.addr;
+    // Above the longest a citizen spends on a page (twice `think`): a
+    // session that lapsed on the way sent its holder back to the line,
+    // at the back, and read as a line jump.
+    let idle = (2 * s.think.as_secs() + 30).max(30);
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          max_connections_per_ip = 0\n\
          [log]\naccess = false\nlevel = \"warn\"\n[secrets]\nephemeral = true\n\
          [rooms.portal]\nupstreams = [\"http://{portal_addr}\"]\n\
-         session_idle = \"30s\"\nclaim_window = \"30s\"\n\
+         session_idle = \"{idle}s\"\nclaim_window = \"30s\"\n\
          per_ip = {{ tickets_per_minute = 1000000, status_per_minute = 1000000 }}\n{room}\n"
     );
     let cfg = Config::from_toml(&toml, Path::new(".")).map_err(|e| e.to_string())?;
@@ -784,6 +797,17 @@ pub fn broken_promises(with: &Outcome) -> Vec<String> {
     if with.crossed > 0 {
         broken.push(format!("{} responses named another citizen", with.crossed));
     }
+    // A portal that refuses, resets or outwaits varco shows here, not in
+    // its own 5xx: the citizen saw an error all the same.
+    if with.gateway_errors > 0 {
+        broken.push(format!(
+            "varco answered {} requests with 502 or 504 (the portal refused, reset or outwaited them)",
+            with.gateway_errors
+        ));
+    }
+    if with.unanswered > 0 {
+        broken.push(format!("{} requests got no answer", with.unanswered));
+    }
     broken
 }
 
@@ -916,9 +940,16 @@ mod tests {
         );
         let broken = broken_promises(&Outcome {
             order_inversions: 3,
+            gateway_errors: 4,
+            unanswered: 5,
             ..Outcome::default()
         });
         assert!(broken[0].contains("3 pairs"), "{broken:?}");
+        assert!(
+            broken[1].contains("4 requests with 502 or 504"),
+            "{broken:?}"
+        );
+        assert!(broken[2].contains("5 requests got no answer"), "{broken:?}");
     }
 
     /// An answer whose body never comes whole is no answer, in time: it
@@ -948,10 +979,12 @@ mod tests {
         );
     }
 
+    /// Asked at `asked`, answered 10 ms later.
     fn place(ticket: Option<u64>, asked: f64, admitted: Option<f64>) -> Place {
         Place {
             ticket,
             asked,
+            answered: asked + 0.01,
             admitted,
             left: 100.0,
         }
@@ -960,34 +993,40 @@ mod tests {
     #[test]
     fn arrival_order_counts_the_line_jumps_it_can_see() {
         let t = ORDER_TOLERANCE_SECONDS;
-        // In ticket order, the same tick in any order: no pair.
+        // In order of arrival, one tick's in any order: no pair.
         let fair = [
             place(Some(1), 0.0, Some(5.0)),
             place(Some(2), 0.0, Some(4.9)),
             place(Some(3), 0.1, Some(8.0)),
         ];
         assert_eq!(out_of_order(&fair, t), 0);
-        // A later ticket in well before an earlier one.
+        // A later arrival in well before an earlier one, whatever the
+        // ticket numbers say (a varco numbering out of order).
         let swapped = [
-            place(Some(1), 0.0, Some(9.0)),
-            place(Some(2), 0.0, Some(5.0)),
+            place(Some(2), 0.0, Some(9.0)),
+            place(Some(1), 0.25, Some(5.0)),
         ];
         assert_eq!(out_of_order(&swapped, t), 1);
-        // Someone let straight in, with no ticket, long after another
+        // Someone let straight in, with no ticket, after another
         // arrived, while that one still waits.
-        let jumped = [place(Some(1), 0.0, Some(20.0)), place(None, 5.0, Some(5.1))];
+        let jumped = [place(Some(1), 0.0, Some(20.0)), place(None, 0.5, Some(0.6))];
         assert_eq!(out_of_order(&jumped, t), 1);
         // The one ahead is never let in, and leaves after the one behind
         // got in: a pair; leaving before it: none.
-        let mut stranded = [place(Some(1), 0.0, None), place(Some(2), 0.0, Some(30.0))];
+        let mut stranded = [place(Some(1), 0.0, None), place(Some(2), 0.25, Some(30.0))];
         assert_eq!(out_of_order(&stranded, t), 1);
         stranded[0].left = 29.0;
         assert_eq!(out_of_order(&stranded, t), 0);
-        // Without tickets (no varco): by the time each asked.
-        let bare = [place(None, 0.0, Some(12.0)), place(None, 3.0, Some(4.0))];
+        // Without tickets (no varco) alike.
+        let bare = [place(None, 0.0, Some(12.0)), place(None, 0.25, Some(4.0))];
         assert_eq!(out_of_order(&bare, t), 1);
-        let close = [place(None, 0.0, Some(12.0)), place(None, 1.0, Some(4.0))];
+        // Asked before the other's first answer came back: a race.
+        let mut close = [place(None, 0.0, Some(12.0)), place(None, 0.25, Some(4.0))];
+        close[0].answered = 0.3;
         assert_eq!(out_of_order(&close, t), 0, "arrivals too close to tell");
+        // Never answered: ahead of nobody.
+        close[0].answered = f64::INFINITY;
+        assert_eq!(out_of_order(&close, t), 0);
     }
 
     #[test]
