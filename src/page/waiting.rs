@@ -120,6 +120,14 @@ impl Status<'_> {
         }
     }
 
+    /// The longest a page in line may wait between polls (see
+    /// [`Status::poll_seconds`]): the page holds a failed poll's wait to
+    /// it, whatever the refusal asked, or a page that polls seldom (a
+    /// pre-queue's, before the opening) slept through its turn.
+    pub fn poll_cap_seconds(&self) -> u64 {
+        (self.claim_window_seconds * 10 / 26).clamp(5, 30)
+    }
+
     /// Seconds the page should wait before asking again: sooner when the
     /// turn is near, never under 5 (a stampede), at most 30, and at most
     /// the claim window over 2.6: the page waits up to 1.3 times this, so
@@ -134,7 +142,7 @@ impl Status<'_> {
     /// times that later) still asks before the opening, and at 20 s from
     /// 40 s before it.
     pub fn poll_seconds(&self) -> u64 {
-        let cap = (self.claim_window_seconds * 10 / 26).clamp(5, 30);
+        let cap = self.poll_cap_seconds();
         let usual = cap.min(20);
         match (self.state, self.eta_seconds) {
             ("admitted", _) => 1,
@@ -445,7 +453,7 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.
-pub const VARIABLES: [&str; 35] = [
+pub const VARIABLES: [&str; 36] = [
     "lang",
     "title",
     "intro",
@@ -481,6 +489,7 @@ pub const VARIABLES: [&str; 35] = [
     "eta_hours_about_format",
     "no_cookie_message",
     "arrived",
+    "poll_cap_seconds",
 ];
 
 enum Part {
@@ -706,6 +715,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let poll_text = add(&number(Some(poll)));
     // Without JavaScript: reload a little later than the script would.
     let refresh = add(&number(Some(poll + 5)));
+    let poll_cap = add(&number(Some(status.poll_cap_seconds())));
     let updated = add(&|out: &mut String| crate::timefmt::push_rfc3339(out, status.updated));
     // "12:00:59 UTC": readable; the script shows local time instead.
     let updated_time = add(&|out: &mut String| {
@@ -734,7 +744,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
     let eta = add(&|out: &mut String| push_minutes_range(out, s, status));
     // Indexed like VARIABLES; the language's own strings are in the baked
     // template already (`language_constant`).
-    let values: [Value; 35] = [
+    let values: [Value; 36] = [
         Value::Baked,
         Value::Baked,
         Value::Baked,
@@ -770,6 +780,7 @@ pub fn render(template: &Template, status: &Status, lang: Language, next_url: &s
         Value::Baked,
         Value::Baked,
         arrived,
+        poll_cap,
     ];
     let mut out = String::with_capacity(template.text_len + 512);
     for part in &template.baked[lang_index(lang)][situation_index(situation)] {

@@ -272,6 +272,39 @@ try {
   const after503 = await until("the page plans its next poll", () => tab.evaluate(() => window.__delays[1]));
   check(after503 <= 39000, `after a foreign 503 asking for an hour the page still asks within 30 s +30% (${after503} ms)`);
   await tab.unroute("**/.varco/status*");
+  // A page that asks seldom (a pre-queue place taken long before the
+  // opening: up to every 5 minutes) and is refused holds the wait to
+  // what a page in line may wait, not to its own first one: refused at
+  // the opening, it slept through its turn's claim window. Its timers
+  // wait their shortest; its first poll is the only one in the stretch
+  // the clock runs.
+  const early = await phone.newPage();
+  await early.addInitScript(() => {
+    Math.random = () => 0;
+    const set = window.setTimeout;
+    window.__delays = [];
+    window.setTimeout = (f, ms) => (window.__delays.push(ms), set(f, ms));
+  });
+  await early.route("**/login*", async (route) => {
+    const r = await route.fetch();
+    const html = (await r.text()).replace(/data-poll="\d+"/, 'data-poll="300"');
+    await route.fulfill({ response: r, body: html });
+  });
+  let earlyRefused = 0;
+  await early.route("**/.varco/status*", async (route) => {
+    earlyRefused++;
+    await route.fulfill(refusal);
+  });
+  await early.goto(VARCO + "/login");
+  const cap = +(await early.getAttribute("#varco", "data-poll-cap"));
+  check(cap >= 5 && cap <= 30, `the page knows the longest a page in line waits (${cap} s)`);
+  await early.clock.runFor(211000);
+  await until("the seldom page polls into the 503", async () => earlyRefused >= 1);
+  const afterLong = await until("it plans its next poll", () =>
+    early.evaluate(() => window.__delays.length >= 3 && window.__delays[window.__delays.length - 1])
+  );
+  check(afterLong <= cap * 1300, `a page polling every 300 s, refused, asks again within ${cap} s +30%, not 300 (${afterLong} ms)`);
+  await early.close();
 
   // 4d. The script words the estimate as the server's page does
   // (page::waiting's the_wait_reads_naturally has the same cases): in
