@@ -271,6 +271,32 @@ fn a_short_admin_token_names_where_it_came_from() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A token source that holds no token is refused: the admin API, and
+/// `/api/reload` with it, would be off without a word.
+#[test]
+fn an_admin_token_source_without_a_token_is_refused() {
+    std::env::set_var("VARCO_TEST_EMPTY_ADMIN", " , ");
+    let e = errors(&format!(
+        "[admin]\ntokens_env = \"VARCO_TEST_EMPTY_ADMIN\"\n{ROOM}"
+    ));
+    assert!(
+        e.names("admin.tokens_env") && e.to_string().contains("holds no token"),
+        "{e}"
+    );
+    let dir = std::env::temp_dir().join(format!("varco-no-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokens.toml"), "tokens = []\n").unwrap();
+    let toml = format!("[admin]\ntokens_file = \"tokens.toml\"\n{ROOM}");
+    let Err(e) = Config::from_toml(&toml, &dir) else {
+        panic!("a file without a token accepted");
+    };
+    assert!(
+        e.names("admin.tokens_file") && e.to_string().contains("holds no token"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A token or secret anyone could guess is refused, however long:
 /// one character or a few, or one piece over and over; and one with a
 /// character a header does not carry as written, which could never match.

@@ -1890,6 +1890,16 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<TokenFile>(&t).map_err(|e| secret_file_error(&t, &e)))
         {
+            // A source named but empty turns the admin API off without a
+            // word, and with it `/api/reload`: said, as an empty key
+            // source is.
+            Ok(tf) if tf.tokens.is_empty() => p.add_entry(
+                "admin.tokens_file",
+                format!(
+                    "{} holds no token: the admin API would be off; add a [[tokens]] entry, or remove admin.tokens_file",
+                    path.display()
+                ),
+            ),
             // Trimmed, as the variable's are: a Bearer token arrives
             // without the spaces around it, and could never match.
             Ok(tf) => tokens.extend(tf.tokens.into_iter().map(|t| {
@@ -1909,6 +1919,12 @@ fn load_admin_tokens(a: &file::RawAdmin, base: &Path, p: &mut Problems) -> Vec<A
     }
     if let Some(var) = &a.tokens_env {
         match std::env::var(var) {
+            Ok(v) if v.split(',').all(|x| x.trim().is_empty()) => p.add_entry(
+                "admin.tokens_env",
+                format!(
+                    "{var} holds no token: the admin API would be off; write id:token,id:token, or remove admin.tokens_env"
+                ),
+            ),
             Ok(v) => {
                 for part in v.split(',').filter(|x| !x.trim().is_empty()) {
                     match part.split_once(':') {
