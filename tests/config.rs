@@ -694,6 +694,21 @@ fn every_example_is_valid() {
     assert!(n >= 1);
 }
 
+/// Listeners on one port but on addresses that do not meet are fine.
+#[test]
+fn listeners_on_one_port_and_addresses_apart_are_taken() {
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "[::1]:8080"),
+        ("0.0.0.0:8080", "0.0.0.0:9090"),
+    ] {
+        let toml = format!("[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{ROOM}");
+        if let Err(e) = Config::from_toml(&toml, Path::new(".")) {
+            panic!("{listen} and {admin}: {e}");
+        }
+    }
+}
+
 #[test]
 fn each_bad_value_names_its_key() {
     let cases: &[(&str, &str)] = &[
@@ -702,6 +717,17 @@ fn each_bad_value_names_its_key() {
             "[server]\nadmin_listen = \"127.0.0.1:8080\"\n",
             "server.admin_listen",
         ),
+        // On every address: the admin listener's would not bind.
+        (
+            "[server]\nlisten = \"0.0.0.0:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n",
+            "server.admin_listen",
+        ),
+        (
+            "[server]\nlisten = \"[::]:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n",
+            "server.admin_listen",
+        ),
+        ("[audit]\nlog = \"\"\n", "audit.log"),
+        ("[audit]\nlog = \"/tmp\"\n", "audit.log"),
         ("[server]\nmax_connections = 0\n", "server.max_connections"),
         ("[server]\nmax_headers = 0\n", "server.max_headers"),
         // Above tokio's semaphore limit: the listeners panicked at start.

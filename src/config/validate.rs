@@ -263,13 +263,24 @@ pub fn folder_missing(file: &Path, what: &str) -> Option<String> {
     })
 }
 
+/// Whether two listeners would take the same port: the same address, or
+/// one on every address of a family the other's is in (`[::]` takes
+/// IPv4 too, as varco binds it dual-stack). Caught here, `check-config`
+/// passed a file whose start then failed to bind.
+fn listens_on_the_same(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let takes = |wide: std::net::SocketAddr, other: std::net::SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || takes(a, b) || takes(b, a))
+}
+
 pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
     let mut p = Problems(Vec::new());
     let s = &raw.server;
 
     let listen = p.addr("server.listen", &s.listen);
     let admin_listen = p.addr("server.admin_listen", &s.admin_listen);
-    if listen == admin_listen && listen.port() != 0 {
+    if listens_on_the_same(listen, admin_listen) {
         p.add(
             "server.admin_listen",
             format!("must differ from server.listen ({listen}): the admin API needs its own port"),
@@ -1200,6 +1211,14 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
 
     let audit_log = raw.audit.log.as_ref().map(|l| base.join(l));
     p.in_a_folder("audit.log", audit_log.as_deref(), "the log");
+    if raw.audit.log.as_ref().is_some_and(|l| l.trim().is_empty()) {
+        p.add("audit.log", "is empty: name the log's file");
+    } else if let Some(l) = audit_log.as_deref().filter(|l| l.is_dir()) {
+        p.add(
+            "audit.log",
+            format!("{} is a folder: name a file in it", l.display()),
+        );
+    }
     let arrival_key = load_arrival_key(&raw.secrets, base, &mut p);
     // The portal holds a copy of the arrival key: were it a signing key,
     // whoever reads it there could sign passes and skip the line.
