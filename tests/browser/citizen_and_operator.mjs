@@ -331,7 +331,28 @@ try {
       return (await tab.textContent("#eta")).trim() === words;
     });
     check(true, `an estimate of ${lo}..${hi} s reads "${words}"`);
+    // Said to a screen reader once, in a sentence with its labels; the
+    // figures themselves are no live region.
+    const said = await tab.textContent("#said");
+    check(said.includes("posto in coda") && said.endsWith(words), `a screen reader is told "${said}"`);
   }
+  check((await tab.getAttribute(".card", "aria-live")) === null, "the figures, changing at every poll, are not read out each time");
+  // A place moved on with the same wording: nothing more is said.
+  const saidBefore = await tab.textContent("#said");
+  let moved = 0;
+  await tab.unrouteAll({ behavior: "wait" });
+  await tab.route("**/.varco/status*", async (route) => {
+    const r = await route.fetch();
+    const s = await r.json();
+    [s.position, s.ahead, s.eta_low_seconds, s.eta_seconds, s.eta_high_seconds] = [90 - moved, 89 - moved, 61, 100, 100];
+    moved++;
+    await route.fulfill({ response: r, json: s });
+  });
+  await until("the place moves on twice", async () => {
+    await tab.clock.runFor(5000);
+    return moved >= 3 && (await tab.textContent("#position")).trim() !== "90";
+  });
+  check((await tab.textContent("#said")) === saidBefore, "a place moved on, the wait worded the same: nothing said");
   await tab.unrouteAll({ behavior: "wait" });
 
   // 4e. A poll that never ends (a phone's connection dead after a move
