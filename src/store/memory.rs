@@ -615,6 +615,16 @@ impl MemoryStore {
                 for b in r.state.batches.iter_mut() {
                     b.at_ms += down;
                 }
+                // The line's pace and the observed rate go on from where
+                // they were: measured across the stop, they read as a line
+                // that stood still, and the page told a wait too long
+                // for a minute.
+                for (at, _) in r.state.history.iter_mut().chain(r.state.pace.iter_mut()) {
+                    *at += down;
+                }
+                if let Some(at) = r.state.pace_full.as_mut() {
+                    *at += down;
+                }
                 if r.state.generation == 0 {
                     // A snapshot from before generations were kept: the
                     // one the crashed run gave it, if its marks say, so
@@ -1575,6 +1585,38 @@ mod tests {
         let v = room.view();
         assert!(v.serving >= 3, "{v:?}");
         assert_eq!(v.reserved, v.serving - 1, "3 is owed no slot: {v:?}");
+    }
+
+    /// A restart's stop counts against nobody: the line's pace, which the
+    /// waiting page's estimate is drawn from, is the pace before it.
+    #[tokio::test]
+    async fn the_lines_pace_goes_on_across_a_restart() {
+        let snap = folder("pace");
+        let l = Limits {
+            per_minute: Some(600.0),
+            ..limits_unbounded()
+        };
+        let store = MemoryStore::open(Some(snap.clone()), 0).unwrap();
+        let room = store.room("r", &l, 0);
+        for _ in 0..200 {
+            number(&room, l, 0).await;
+        }
+        for t in 1..=5 {
+            room.tick(l, t * 1_000).await.unwrap();
+        }
+        let before = room.view().pace;
+        assert!(before > 5.0, "{before}");
+        store.close(5_000).unwrap();
+        drop((room, store));
+
+        let store = MemoryStore::open(Some(snap), 35_000).unwrap();
+        let room = store.room("r", &l, 35_000);
+        room.tick(l, 36_000).await.unwrap();
+        let after = room.view().pace;
+        assert!(
+            after >= 0.9 * before,
+            "{after} after a 30 s stop, {before} before"
+        );
     }
 
     #[tokio::test]
