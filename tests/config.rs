@@ -694,6 +694,27 @@ fn every_example_is_valid() {
     assert!(n >= 1);
 }
 
+/// A timeout of a few milliseconds is most likely a unit mistyped: told.
+#[test]
+fn a_timeout_of_milliseconds_is_told() {
+    let toml = "[upstream]\nconnect_timeout = \"5ms\"\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n\
+         in_flight = { limit = 8, wait = \"3ms\" }\n";
+    let cautions = Config::from_toml(toml, Path::new(".")).unwrap().cautions();
+    for key in [
+        "upstream.connect_timeout: 5 ms",
+        "rooms.portal.in_flight.wait: 3 ms",
+    ] {
+        assert!(
+            cautions
+                .iter()
+                .any(|c| c.starts_with(key) && c.contains("did you mean")),
+            "{key}: {cautions:?}"
+        );
+    }
+    let plain = Config::from_toml(ROOM, Path::new(".")).unwrap().cautions();
+    assert!(plain.is_empty(), "{plain:?}");
+}
+
 /// Listeners on one port but on addresses that do not meet are fine.
 #[test]
 fn listeners_on_one_port_and_addresses_apart_are_taken() {

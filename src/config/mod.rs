@@ -429,6 +429,9 @@ impl ConfigErrors {
     }
 }
 
+/// Below this a timeout is most likely a unit mistyped (`"5ms"`).
+const SHORTEST_LIKELY_TIMEOUT: Duration = Duration::from_millis(50);
+
 impl Config {
     /// What a config may say but most likely should not: told by
     /// `check-config`, at start and at a reload taken, as warnings
@@ -443,6 +446,47 @@ impl Config {
                  it on a private network (in a container, publish its port on loopback \
                  only), or reach it through an SSH tunnel"
             ));
+        }
+        // A typo of a unit ("5ms" for "5m") takes a portal offline: every
+        // connection or answer "too slow", the upstreams cooled down. A
+        // timeout that short is possible on one machine, so told, not
+        // refused.
+        let rooms = self.rooms.iter().flat_map(|r| {
+            let name = &r.name;
+            r.response_timeout
+                .map(|t| (format!("rooms.{name}.response_timeout"), t))
+                .into_iter()
+                .chain(
+                    r.in_flight
+                        .as_ref()
+                        .map(|f| (format!("rooms.{name}.in_flight.wait"), f.wait)),
+                )
+        });
+        let timeouts = [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.send_timeout", self.server.send_timeout),
+            (
+                "server.tls_handshake_timeout",
+                self.server.tls_handshake_timeout,
+            ),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+        ]
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t))
+        .chain(rooms);
+        for (key, t) in timeouts {
+            if t < SHORTEST_LIKELY_TIMEOUT {
+                out.push(format!(
+                    "{key}: {} ms is shorter than any network answers in: did you mean \
+                     minutes (\"m\") or seconds (\"s\")?",
+                    t.as_millis()
+                ));
+            }
         }
         for (key, path) in &self.secret_files {
             use std::os::unix::fs::PermissionsExt;
