@@ -273,11 +273,11 @@ try {
   check(after503 <= 39000, `after a foreign 503 asking for an hour the page still asks within 30 s +30% (${after503} ms)`);
   await tab.unroute("**/.varco/status*");
   // A page that asks seldom (a pre-queue place taken long before the
-  // opening: up to every 5 minutes) and is refused holds the wait to
-  // what a page in line may wait, not to its own first one: refused at
-  // the opening, it slept through its turn's claim window. Its timers
-  // wait their shortest; its first poll is the only one in the stretch
-  // the clock runs.
+  // opening: up to every 5 minutes, half the time left) and is refused
+  // keeps asking seldom while no turn can come, and closes in as the
+  // opening nears; told by then to ask every 5 s, refused, it waits no
+  // longer than a page in line may: it slept through its turn's claim
+  // window. Its timers wait their shortest (0.7 times the delay).
   const early = await phone.newPage();
   await early.addInitScript(() => {
     Math.random = () => 0;
@@ -290,20 +290,33 @@ try {
     const html = (await r.text()).replace(/data-poll="\d+"/, 'data-poll="300"');
     await route.fulfill({ response: r, body: html });
   });
-  let earlyRefused = 0;
+  let earlyPolls = 0;
   await early.route("**/.varco/status*", async (route) => {
-    earlyRefused++;
+    earlyPolls++;
+    if (earlyPolls === 2) {
+      const r = await route.fetch();
+      return route.fulfill({ response: r, headers: { ...r.headers(), "retry-after": "5" }, json: await r.json() });
+    }
     await route.fulfill(refusal);
   });
   await early.goto(VARCO + "/login");
   const cap = +(await early.getAttribute("#varco", "data-poll-cap"));
   check(cap >= 5 && cap <= 30, `the page knows the longest a page in line waits (${cap} s)`);
+  const planned = (n) =>
+    until(`the seldom page plans its poll after answer ${n}`, () =>
+      early.evaluate((n) => window.__delays.length >= 1 + 2 * n && window.__delays[2 * n], n)
+    );
   await early.clock.runFor(211000);
-  await until("the seldom page polls into the 503", async () => earlyRefused >= 1);
-  const afterLong = await until("it plans its next poll", () =>
-    early.evaluate(() => window.__delays.length >= 3 && window.__delays[window.__delays.length - 1])
+  const farOff = await planned(1);
+  check(
+    farOff >= 100000 && farOff <= 300000 * 0.7,
+    `refused 210 s into a 300 s poll (the opening 600 s off or more), it asks again in half what is left (${farOff} ms)`
   );
-  check(afterLong <= cap * 1300, `a page polling every 300 s, refused, asks again within ${cap} s +30%, not 300 (${afterLong} ms)`);
+  await early.clock.runFor(farOff + 500);
+  await planned(2);
+  await early.clock.runFor(4000);
+  const near = await planned(3);
+  check(near <= cap * 1300, `told to ask every 5 s, then refused, it asks again within ${cap} s +30%, not 300 (${near} ms)`);
   await early.close();
 
   // 4d. The script words the estimate as the server's page does
