@@ -899,7 +899,7 @@ impl App {
                     })
                     .flatten()?;
                 return Some(unheard(
-                    "secrets.key_file".into(),
+                    key_source(new).into(),
                     &format!("whether key \"{dropped}\", which the file drops, draws room {}'s pre-queue lottery", next.name),
                 ));
             };
@@ -908,7 +908,10 @@ impl App {
             // shorten theirs.
             let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
             running.key(&kid)?;
-            lottery_key_missing(next, &kid, ttl, &new.keys, now)
+            lottery_key_missing(next, &kid, ttl, &new.keys, now).map(|e| ConfigError {
+                key: key_source(new).into(),
+                ..e
+            })
         })
     }
 
@@ -1686,11 +1689,7 @@ fn keeps_key_secrets(new: &Config, running: &Keyring) -> Result<(), ReloadError>
     if new.raw.secrets.keys_made_up() {
         return Ok(());
     }
-    let source = if new.raw.secrets.key_file.is_some() {
-        "secrets.key_file"
-    } else {
-        "secrets.key_env"
-    };
+    let source = key_source(new);
     let errors = running
         .ids()
         .filter(|id| {
@@ -1707,6 +1706,15 @@ fn keeps_key_secrets(new: &Config, running: &Keyring) -> Result<(), ReloadError>
         })
         .collect();
     refused(errors)
+}
+
+/// Where a config's keys come from, to name in a refusal.
+fn key_source(config: &Config) -> &'static str {
+    if config.raw.secrets.key_file.is_some() {
+        "secrets.key_file"
+    } else {
+        "secrets.key_env"
+    }
 }
 
 /// The error for a room whose pre-queue lottery is drawn with key `kid`

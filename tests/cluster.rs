@@ -3704,7 +3704,7 @@ async fn a_reload_that_moves_an_opening_or_drops_a_key_waits_for_redis() {
         (later.clone(), "rooms.portal.opens_at"),
         (
             cfg.replace("VARCO_TEST_CLUSTER_KEYS", "VARCO_TEST_UNHEARD_KEYS"),
-            "secrets.key_file",
+            "secrets.key_env",
         ),
     ] {
         std::fs::write(&file, &edited).unwrap();

@@ -698,11 +698,13 @@ fn every_example_is_valid() {
 #[test]
 fn a_timeout_of_milliseconds_is_told() {
     let toml = "[upstream]\nconnect_timeout = \"5ms\"\n[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n\
-         in_flight = { limit = 8, wait = \"3ms\" }\n";
+         in_flight = { limit = 8, wait = \"3ms\" }\n\
+         health_check = { path = \"/healthz\", timeout = \"5ms\" }\n";
     let cautions = Config::from_toml(toml, Path::new(".")).unwrap().cautions();
     for key in [
         "upstream.connect_timeout: 5 ms",
         "rooms.portal.in_flight.wait: 3 ms",
+        "rooms.portal.health_check.timeout: 5 ms",
     ] {
         assert!(
             cautions
@@ -713,6 +715,23 @@ fn a_timeout_of_milliseconds_is_told() {
     }
     let plain = Config::from_toml(ROOM, Path::new(".")).unwrap().cautions();
     assert!(plain.is_empty(), "{plain:?}");
+}
+
+/// The id of the key varco makes up is its own: a listed key of that
+/// name would be kept by a reload after its removal from the file.
+#[test]
+fn the_made_up_keys_id_is_refused() {
+    std::env::set_var(
+        "VARCO_TEST_EPHEMERAL_ID",
+        "ephemeral:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    );
+    let e = errors(&format!(
+        "[secrets]\nkey_env = \"VARCO_TEST_EPHEMERAL_ID\"\n{ROOM}"
+    ));
+    assert!(
+        e.names("secrets.key_env") && e.to_string().contains("varco makes up"),
+        "{e}"
+    );
 }
 
 /// Listeners on one port but on addresses that do not meet are fine.

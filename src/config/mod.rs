@@ -461,6 +461,11 @@ impl Config {
                         .as_ref()
                         .map(|f| (format!("rooms.{name}.in_flight.wait"), f.wait)),
                 )
+                .chain(
+                    r.health_check
+                        .as_ref()
+                        .map(|h| (format!("rooms.{name}.health_check.timeout"), h.timeout)),
+                )
         });
         let timeouts = [
             (
@@ -482,8 +487,8 @@ impl Config {
         for (key, t) in timeouts {
             if t < SHORTEST_LIKELY_TIMEOUT {
                 out.push(format!(
-                    "{key}: {} ms is shorter than any network answers in: did you mean \
-                     minutes (\"m\") or seconds (\"s\")?",
+                    "{key}: {} ms: did you mean minutes (\"m\") or seconds (\"s\")? A \
+                     unit mistyped there fails every request, or every check",
                     t.as_millis()
                 ));
             }

@@ -1687,6 +1687,16 @@ fn load_keys(s: &file::RawSecrets, base: &Path, p: &mut Problems) -> Option<Keyr
     // key_env both set, "secrets" alone would not say where to look.
     let mut verify_only = Vec::new();
     for (from, id, secret, only_verifies) in keys {
+        // A reload keeps the key varco made up at start, by this id (see
+        // `App::reload`): a listed key of that name would outlive its
+        // removal from the file.
+        if id == crate::room::token::EPHEMERAL_KEY_ID {
+            problem(
+                from,
+                format!("key id \"{id}\" is the name of the key varco makes up when none is given: give this key another id"),
+            );
+            continue;
+        }
         // Verification takes the first key of an id, signing the newest:
         // two keys under one id would reject every token varco signs.
         if !seen.insert(id.clone()) {

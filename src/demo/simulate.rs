@@ -354,9 +354,6 @@ async fn citizen(
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
-        if t.place.answered.is_infinite() {
-            t.place.answered = start.elapsed().as_secs_f64();
-        }
         // The portal's pages, its error page, and its redirects (a login
         // answers 303 with no body; varco itself never redirects).
         let from_portal = r.body.contains("Portale Bonus")
@@ -364,6 +361,12 @@ async fn citizen(
             || (300..400).contains(&r.status);
         if from_portal {
             t.requests += 1;
+        }
+        // A place: a ticket (the waiting page) or the portal's page. An
+        // error (varco's 503, a 502, the portal's 500) gave none yet.
+        let placed = (from_portal && r.status < 500) || r.body.contains("id=\"position\"");
+        if placed && t.place.answered.is_infinite() {
+            t.place.answered = start.elapsed().as_secs_f64();
         }
         if from_portal {
             log.hit(Hit {

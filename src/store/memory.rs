@@ -334,9 +334,11 @@ impl RoomStore for MemoryRoom {
                 _ => Adoption::Refused,
             };
         }
-        if let Claim::NotYet { .. } = claim {
+        if let (Claim::NotYet { .. }, true) = (claim, n <= st.queue) {
             // Taken before its number is called again: marked claimed, or
-            // a copy of its ticket claimed it then, a second session.
+            // a copy of its ticket claimed it then, a second session. (A
+            // number past the queue, handed out without its mark on disk
+            // before the crash, is the next newcomer's: not theirs to lose.)
             st.claimed.insert(n);
         }
         self.hold(sid, now_ms + idle_ms, now_ms);
@@ -1585,6 +1587,22 @@ mod tests {
         let v = room.view();
         assert!(v.serving >= 3, "{v:?}");
         assert_eq!(v.reserved, v.serving - 1, "3 is owed no slot: {v:?}");
+        // A number past the queue (handed out before the crash without
+        // its mark on disk) is the next newcomer's: not marked claimed.
+        let past = v.queue + 2;
+        assert_eq!(
+            room.adopt(40, past, 11_500, 16_500, 60_000, &l),
+            Adoption::Taken
+        );
+        while number(&room, l, 16_500).await < past {}
+        room.tick(l, 17_000).await.unwrap();
+        assert_eq!(
+            room.claim(past, room.generation(), l, session(41), 17_500)
+                .await
+                .unwrap(),
+            Claim::Admitted,
+            "the newcomer holding {past} comes in"
+        );
     }
 
     /// A restart's stop counts against nobody: the line's pace, which the
