@@ -887,12 +887,15 @@ impl App {
         }
         let now = self.clock.now_ms();
         self.check_running_rooms(new, |next, room| {
+            // Pre-queue tickets are good until the opening plus the
+            // ticket_ttl they were signed with: a shorter one now does not
+            // shorten theirs.
+            let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
             let Some(kid) = room.store.lottery_key_id() else {
                 // Unheard, the key the cluster drew with is not known
                 // here: any key the file drops may be it.
                 let dropped = (!room.heard())
                     .then(|| {
-                        let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
                         running
                             .ids()
                             .find(|id| lottery_key_missing(next, id, ttl, &new.keys, now).is_some())
@@ -903,10 +906,6 @@ impl App {
                     &format!("whether key \"{dropped}\", which the file drops, draws room {}'s pre-queue lottery", next.name),
                 ));
             };
-            // Pre-queue tickets are good until the opening plus the
-            // ticket_ttl they were signed with: a shorter one now does not
-            // shorten theirs.
-            let ttl = next.ticket_ttl.max(room.longest_ticket_ttl);
             running.key(&kid)?;
             lottery_key_missing(next, &kid, ttl, &new.keys, now).map(|e| ConfigError {
                 key: key_source(new).into(),

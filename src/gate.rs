@@ -365,7 +365,7 @@ fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
     let is = |name: &str, value: &[u8]| headers.get(name).is_some_and(|v| v.as_bytes() == value);
     // Asked first: every new arrival passes here, and nearly none is
     // cross-site; the rest is read only for those that are.
-    if !is("sec-fetch-site", b"cross-site") {
+    if !from_another_site(headers) {
         return false;
     }
     let speculative = ["sec-purpose", "purpose"].iter().any(|name| {
@@ -386,10 +386,15 @@ fn keeps_no_lax_cookie(headers: &HeaderMap) -> bool {
 /// a method other than GET or HEAD): the browser sent no Lax cookie with
 /// it (see [`keeps_no_lax_cookie`] for what it then keeps).
 fn posted_from_another_site(method: &Method, headers: &HeaderMap) -> bool {
-    !matches!(*method, Method::GET | Method::HEAD)
-        && headers
-            .get("sec-fetch-site")
-            .is_some_and(|v| v.as_bytes() == b"cross-site")
+    !matches!(*method, Method::GET | Method::HEAD) && from_another_site(headers)
+}
+
+/// `Sec-Fetch-Site: cross-site`: the browser says another site's page
+/// sent the request.
+fn from_another_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
 }
 
 /// The longest path a ticket remembers: with the rest of the ticket it
