@@ -450,6 +450,13 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 /// back-forward cache, or online, because browsers hold a hidden page's
 /// timers back for a minute or more while its turn comes and the claim
 /// window runs; the poll pending then is cancelled, so two never chain.
+/// What must outlive a reload (it loads afresh at most once a minute,
+/// and at most once for a missing cookie) is kept in the tab's
+/// `sessionStorage`, or where it may keep nothing there (an Android
+/// WebView keeps no DOM storage unless its app allows it) in the tab's
+/// `window.name`: without either, a page whose ticket lapsed stayed
+/// stale for as long as it was open. A `window.name` that is not varco's
+/// is the portal's and left alone; varco's is emptied when the turn comes.
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.

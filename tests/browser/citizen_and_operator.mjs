@@ -656,68 +656,93 @@ try {
   check(!(request instanceof Error), "without fetch: the page reloads itself at its poll, as without JavaScript");
   await old.close();
 
+  // A browser whose pages may keep nothing in sessionStorage (an app's
+  // WebView with DOM storage off): what the page remembers across a
+  // reload must be kept elsewhere.
+  const walledOff = async (context) =>
+    context.addInitScript(() => {
+      Object.defineProperty(window, "sessionStorage", {
+        get() {
+          throw new DOMException("The operation is insecure.", "SecurityError");
+        },
+      });
+    });
+
   // 11. A ticket whose cookie is gone (it ran out, or was cleared): the
-  // page loads afresh once, and holds a new ticket.
-  const cleared = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
-  const lapsed = await cleared.newPage();
-  await lapsed.clock.install();
-  await lapsed.goto(VARCO + "/login");
-  const firstTicket = (await lapsed.textContent("#ticket")).trim();
-  check(/^\d+$/.test(firstTicket), "a ticket on the page");
-  await cleared.clearCookies();
-  await until("the page takes a new ticket", async () => {
-    await lapsed.clock.runFor(5000);
-    const now = (await lapsed.textContent("#ticket").catch(() => "")).trim();
-    return /^\d+$/.test(now) && now !== firstTicket;
-  });
-  check(!(await lapsed.textContent("#message")).includes("cookie"), "a cookie gone once: a new place, not a warning");
-  await cleared.close();
+  // page loads afresh once, and holds a new ticket; with sessionStorage
+  // or without.
+  for (const walled of [false, true]) {
+    const cleared = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+    if (walled) await walledOff(cleared);
+    const how = walled ? " (no sessionStorage)" : "";
+    const lapsed = await cleared.newPage();
+    await lapsed.clock.install();
+    await lapsed.goto(VARCO + "/login");
+    const firstTicket = (await lapsed.textContent("#ticket")).trim();
+    check(/^\d+$/.test(firstTicket), "a ticket on the page" + how);
+    await cleared.clearCookies();
+    await until("the page takes a new ticket" + how, async () => {
+      await lapsed.clock.runFor(5000);
+      const now = (await lapsed.textContent("#ticket").catch(() => "")).trim();
+      return /^\d+$/.test(now) && now !== firstTicket;
+    });
+    check(
+      !(await lapsed.textContent("#message")).includes("cookie"),
+      "a cookie gone once: a new place, not a warning" + how
+    );
+    await cleared.close();
+  }
 
   // 12. A browser that keeps no cookies at all (here: every Set-Cookie is
   // taken off on the way) is told so after one fresh load, and the page
   // stops there: reloading would only take one new place after another.
-  const crumbless = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
-  await crumbless.route("**/login", async (route) => {
-    const asked = route.request();
-    const r = await fetch(asked.url(), { headers: await asked.allHeaders(), redirect: "manual" });
-    const headers = Object.fromEntries([...r.headers].filter(([k]) => k !== "set-cookie"));
-    await route.fulfill({ status: r.status, headers, body: Buffer.from(await r.arrayBuffer()) });
-  });
-  const bare = await crumbless.newPage();
-  await bare.clock.install();
-  await bare.goto(VARCO + "/login");
-  check(/^\d+$/.test((await bare.textContent("#ticket")).trim()), "a ticket on the page, its cookie not kept");
-  let navigations = 0;
-  bare.on("framenavigated", () => navigations++);
-  // Polls answered, not only sent: the page decides on each answer, which
-  // comes in real time, after the fake clock has run on.
-  let polled = 0;
-  bare.on("requestfinished", (r) => {
-    if (r.url().includes("/.varco/status")) polled++;
-  });
-  await until("the page says the browser kept no cookie", async () => {
-    await bare.clock.runFor(5000);
-    return ((await bare.textContent("#message").catch(() => "")) || "").includes("cookie");
-  });
-  const kept = (await bare.textContent("#ticket")).trim();
-  // Past the minute within which a page loads afresh at most once, and
-  // two polls answered there: a page that loaded afresh again took one
-  // more place, and another, a minute apart, for as long as it was open.
-  await bare.clock.runFor(65000);
-  for (let i = 0; i < 2; i++) {
-    const before = polled;
-    await until("a poll answered", async () => {
-      await bare.clock.runFor(5000);
-      return polled > before;
+  // With sessionStorage or without.
+  for (const walled of [false, true]) {
+    const how = walled ? " (no sessionStorage)" : "";
+    const crumbless = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+    if (walled) await walledOff(crumbless);
+    await crumbless.route("**/login", async (route) => {
+      const asked = route.request();
+      const r = await fetch(asked.url(), { headers: await asked.allHeaders(), redirect: "manual" });
+      const headers = Object.fromEntries([...r.headers].filter(([k]) => k !== "set-cookie"));
+      await route.fulfill({ status: r.status, headers, body: Buffer.from(await r.arrayBuffer()) });
     });
+    const bare = await crumbless.newPage();
+    await bare.clock.install();
+    await bare.goto(VARCO + "/login");
+    check(/^\d+$/.test((await bare.textContent("#ticket")).trim()), "a ticket on the page, its cookie not kept");
+    let navigations = 0;
+    bare.on("framenavigated", () => navigations++);
+    // Polls answered, not only sent: the page decides on each answer, which
+    // comes in real time, after the fake clock has run on.
+    let polled = 0;
+    bare.on("requestfinished", (r) => {
+      if (r.url().includes("/.varco/status")) polled++;
+    });
+    await until("the page says the browser kept no cookie", async () => {
+      await bare.clock.runFor(5000);
+      return ((await bare.textContent("#message").catch(() => "")) || "").includes("cookie");
+    });
+    const kept = (await bare.textContent("#ticket")).trim();
+    // Past the minute within which a page loads afresh at most once, and
+    // two polls answered there: a page that loaded afresh again took one
+    // more place, and another, a minute apart, for as long as it was open.
+    await bare.clock.runFor(65000);
+    for (let i = 0; i < 2; i++) {
+      const before = polled;
+      await until("a poll answered", async () => {
+        await bare.clock.runFor(5000);
+        return polled > before;
+      });
+    }
+    check(
+      navigations === 1 &&
+        (await bare.textContent("#ticket")).trim() === kept &&
+        (await bare.textContent("#position")).trim() === "\u2013",
+      `kept no cookie: the page says so after one fresh load and takes no more places (${navigations} loads)${how}`
+    );
+    await crumbless.close();
   }
-  check(
-    navigations === 1 &&
-      (await bare.textContent("#ticket")).trim() === kept &&
-      (await bare.textContent("#position")).trim() === "\u2013",
-    `kept no cookie: the page says so after one fresh load and takes no more places (${navigations} loads)`
-  );
-  await crumbless.close();
 } finally {
   await browser.close();
 }
