@@ -974,16 +974,30 @@ async fn end_session(room: Arc<Room>, pass: PassClaims, now: u64) {
     let Some(sid) = pass.session_id() else {
         return;
     };
-    let lane = pass.l.clone();
+    let name = pass.l.clone();
     let release = tokio::spawn(async move {
-        let Some(lane) = room.lane(&lane) else {
+        let Some(lane) = room.lane(&name) else {
             return;
         };
         let ended = lane
             .store
             .end_session(sid, now, room.ended_memory_ms())
             .await;
-        let ticked = lane.store.tick(room.lane_limits(lane), now).await;
+        // The tick by the limits in force now: a request routed before a
+        // reload (a slow submit) would call by the old `max_active` and
+        // mode, past the brake an operator just put on. And none in a
+        // room not gated now (limits lifted live): unlimited, a tick
+        // calls the whole line, whose turns a room gated again would
+        // then honour, all at once, past its `max_active`.
+        let current = room.now_in_force();
+        let ticked = match current.lane(&name) {
+            Some(lane) if current.is_gated() => lane
+                .store
+                .tick(current.lane_limits(lane), now)
+                .await
+                .map(drop),
+            _ => Ok(()),
+        };
         // Its slot is freed when the store answers again (a Redis node
         // sends the end then); the next tick calls the next in line.
         if ended.is_err() || ticked.is_err() {

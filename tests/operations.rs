@@ -1706,3 +1706,70 @@ async fn a_reload_that_turns_adaptive_off_takes_its_series() {
     assert_eq!(adjustments().await, 3, "back on: at 0 again");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// A portal's release in a room whose limits were lifted live calls
+/// nobody: unlimited, its tick called the whole line, and the room gated
+/// again let each of those turns in at once, past its `max_active`.
+#[tokio::test]
+async fn a_release_while_the_limits_are_lifted_calls_nobody() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&with_admin(&gated_config(up.addr, "max_active = 1"))).await;
+    let mut a = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    let mut line: Vec<_> = (0..3).map(|_| g.citizen()).collect();
+    for c in &mut line {
+        assert!(c.get("/").await.is_waiting_page());
+    }
+    let limit = |value: &'static str| {
+        let g = &g;
+        async move {
+            let path = format!("/api/rooms/portal/max_active?value={value}");
+            api(g, "POST", &path, Some(TOKEN)).await.status
+        }
+    };
+    assert_eq!(limit("unlimited").await, 200);
+    assert!(a.get("/release").await.reached_upstream());
+    assert!(a.cookie("varco_pass_portal").is_none(), "the session ended");
+    assert_eq!(limit("1").await, 200);
+    g.advance(1000).await;
+    let mut inside = 0;
+    for c in &mut line {
+        if c.get("/").await.reached_upstream() {
+            inside += 1;
+        }
+    }
+    assert_eq!(inside, 1, "one slot free, one person in");
+}
+
+/// A release on a request routed before a reload calls by the limits the
+/// reload brought: by the old ones, it refilled the slot a lowered
+/// `max_active` took away.
+#[tokio::test]
+async fn a_release_under_way_across_a_reload_calls_by_the_new_limits() {
+    let up = upstream::spawn().await;
+    let (g, path) =
+        Gated::start_written("release-reload", &gated_config(up.addr, "max_active = 2")).await;
+    let mut a = g.citizen();
+    let mut b = g.citizen();
+    assert!(a.get("/").await.reached_upstream());
+    assert!(b.get("/").await.reached_upstream());
+    let mut c = g.citizen();
+    assert!(c.get("/").await.is_waiting_page());
+    // A slow submit, at the portal when the reload comes.
+    let submit = tokio::spawn(async move { a.get("/release?ms=3000").await.status });
+    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    std::fs::write(&path, gated_config(up.addr, "max_active = 1")).unwrap();
+    g.app.reload().await.expect("reload");
+    assert_eq!(submit.await.unwrap(), 200);
+    assert_eq!(
+        c.status("portal").await["state"],
+        "waiting",
+        "the one slot is b's"
+    );
+    g.advance(1000).await;
+    assert!(c.get("/").await.is_waiting_page());
+    assert!(b.get("/").await.reached_upstream());
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -865,6 +865,19 @@ impl Room {
         }
     }
 
+    /// The room of this name in force now: this one, or the one a reload
+    /// put in its place (a request routed before the reload ends there).
+    pub fn now_in_force(self: &Arc<Self>) -> Arc<Room> {
+        if !self.superseded.load(Ordering::Relaxed) {
+            return self.clone();
+        }
+        self.in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
+            .unwrap_or_else(|| self.clone())
+    }
+
     /// The room in force, when a reload put it in this one's place, and
     /// where upstream `index` is in it.
     fn successor_of(&self, index: usize) -> Option<(Arc<Room>, usize)> {
