@@ -1593,8 +1593,14 @@ async fn on_signal<F, Fut>(
             _ = signals.recv() => {}
             _ = stop.changed() => return,
         }
-        if AssertUnwindSafe(act()).catch_unwind().await.is_err() {
-            tracing::error!("{what} panicked (a bug: please report it)");
+        // A stop ends the wait too: a reopen queued behind a write hung
+        // on the disk (an NFS share gone) waits for ever, and the
+        // shutdown waits for this loop before the last snapshot.
+        tokio::select! {
+            acted = AssertUnwindSafe(act()).catch_unwind() => if acted.is_err() {
+                tracing::error!("{what} panicked (a bug: please report it)");
+            },
+            _ = stop.changed() => return,
         }
     }
 }

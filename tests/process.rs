@@ -1333,6 +1333,75 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A SIGUSR1 whose reopen hangs on the disk (here: a named pipe at the
+/// log's path, which nobody writes) holds up no shutdown: varco waited
+/// for the reopen before its last snapshot, until the supervisor's kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("reopen-hung");
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n[store]\ntick = \"100ms\"\n\
+             [audit]\nlog = \"admissions.log\"\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 100\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start(&cfg);
+    let log = dir.join("admissions.log");
+    assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&log, dir.join("admissions.log.1")).unwrap();
+    let made = Command::new("mkfifo").arg(&log).status().unwrap();
+    assert!(made.success());
+    p.signal("USR1");
+    // Open for writing without waiting, it succeeds once varco opens it
+    // to read (Linux's O_NONBLOCK): then held open, never written, varco's
+    // read of it waits for ever, as on a disk that stopped answering.
+    const O_NONBLOCK: i32 = 0o4000;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _held = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&log)
+        {
+            Ok(f) => break f,
+            Err(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the reopen never came"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    p.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 15 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The process's JSON log lines (`--log-format json`, on stderr) that
 /// `keep` takes, parsed, as they come: read on a thread of their own.
 fn json_lines(
