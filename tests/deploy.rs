@@ -691,12 +691,83 @@ fn the_rules_fire_on_a_cluster_s_series() {
     );
 }
 
-/// The cluster variant: its varco.toml validates with the Redis store,
-/// keeps no snapshot, and its Deployment runs several replicas that mount
-/// no state volume.
+/// The env of a pod's first container, by name: its literal value, or
+/// "SECRET/KEY" for one taken from a Secret.
+fn container_env(doc: &Value, file: &Path) -> Vec<(String, String)> {
+    let env = doc
+        .pointer("/spec/template/spec/containers/0/env")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("{}: the container has no env", file.display()));
+    env.iter()
+        .map(|e| {
+            let name = str_at(e, "/name", file).to_string();
+            let value = match e.pointer("/valueFrom/secretKeyRef") {
+                Some(r) => format!("{}/{}", str_at(r, "/name", file), str_at(r, "/key", file)),
+                None => str_at(e, "/value", file).to_string(),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// The cluster variant: its varco.toml validates with the Redis store
+/// (its URL made from the password the Redis asks for), keeps no
+/// snapshot, and its Deployment runs several replicas that mount no
+/// state volume. The Redis asks for a password and lets only varco's
+/// pods in: whoever writes to it runs the waiting room.
 #[test]
 fn the_kubernetes_cluster_variant_uses_redis_and_several_replicas() {
     let dir = deploy_dir().join("kubernetes/cluster");
+    let deployment = dir.join("deployment.yaml");
+    let doc = &yaml_documents(&deployment)[0];
+    let env = container_env(doc, &deployment);
+    let of = |name: &str| {
+        env.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{}: no {name} in the env", deployment.display()))
+    };
+    let password = of("VARCO_REDIS_PASSWORD");
+    let url = of("VARCO_REDIS_URL").replace("$(VARCO_REDIS_PASSWORD)", "0123abcd");
+    assert!(url.contains(":0123abcd@"), "{url}");
+    std::env::set_var("VARCO_REDIS_URL", &url);
+
+    let redis = dir.join("redis.yaml");
+    let docs = yaml_documents(&redis);
+    let set = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .expect("a Redis StatefulSet");
+    let redis_env = container_env(set, &redis);
+    assert!(
+        redis_env
+            .iter()
+            .any(|(n, v)| n == "REDIS_PASSWORD" && *v == password),
+        "{}: Redis's password is not varco's ({password}): {redis_env:?}",
+        redis.display()
+    );
+    let command = set["spec"]["template"]["spec"]["containers"][0]["command"].to_string();
+    assert!(
+        command.contains("--requirepass \\\"$REDIS_PASSWORD\\\""),
+        "{}: Redis asks for no password: {command}",
+        redis.display()
+    );
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .unwrap_or_else(|| panic!("{}: no NetworkPolicy for Redis", redis.display()));
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "varco-redis"
+    );
+    let from = &policy["spec"]["ingress"];
+    assert_eq!(from.as_array().map(Vec::len), Some(1), "{from}");
+    assert_eq!(
+        from[0]["from"],
+        serde_json::json!([{ "podSelector": { "matchLabels": { "app.kubernetes.io/name": "varco" } } }]),
+        "only varco's pods"
+    );
+
     let configmap = dir.join("configmap.yaml");
     let toml = str_at(
         &yaml_documents(&configmap)[0],
@@ -715,14 +786,12 @@ fn the_kubernetes_cluster_variant_uses_redis_and_several_replicas() {
         .unwrap_or_else(|e| panic!("{}: varco.toml is not valid:\n{e}", configmap.display()));
     let _ = std::fs::remove_dir_all(&tmp);
     assert!(
-        matches!(config.store.kind, varco::config::StoreKind::Redis { .. }),
-        "{}: cluster mode needs the redis store",
+        matches!(&config.store.kind, varco::config::StoreKind::Redis { url: u, .. } if *u == url),
+        "{}: cluster mode needs the redis store, at the URL with the password",
         configmap.display()
     );
     assert!(config.store.snapshot.is_none());
 
-    let deployment = dir.join("deployment.yaml");
-    let doc = &yaml_documents(&deployment)[0];
     let replicas = doc
         .pointer("/spec/replicas")
         .and_then(Value::as_u64)
@@ -737,7 +806,6 @@ fn the_kubernetes_cluster_variant_uses_redis_and_several_replicas() {
         "{}: cluster nodes keep no local state",
         deployment.display()
     );
-    let redis = dir.join("redis.yaml");
     assert!(
         read(&redis).contains("--appendonly"),
         "{}: Redis must persist",
