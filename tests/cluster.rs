@@ -1973,6 +1973,73 @@ async fn without_redis_each_node_admits_only_its_share_of_what_was_free() {
     );
 }
 
+/// How many of 8 newcomers `g` lets in while Redis is away.
+async fn let_in_on_its_own(g: &Gated) -> usize {
+    let mut mine = 0;
+    for _ in 0..8 {
+        if g.citizen().get("/").await.reached_upstream() {
+            mine += 1;
+        }
+    }
+    mine
+}
+
+/// A node back first from an outage longer than three leases finds the
+/// other nodes' marks gone until they tick again. Should Redis go away
+/// again at once, its share of the free slots is still half of them, not
+/// all: by its own count, each node back first took the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_first_from_an_outage_takes_no_more_than_its_share() {
+    let dir = fresh_dir("back-first");
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 10\nsession_idle = \"1h\"", 2, Some(&dir)).await;
+    for g in &nodes {
+        assert!(g.citizen().get("/").await.reached_upstream());
+    }
+    advance(&nodes, 1000).await;
+    redis.kill();
+    advance(&nodes, 12_000).await;
+    let mut redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes[..1], 0).await;
+    redis.kill();
+    advance(&nodes[..1], 1000).await;
+    assert_eq!(
+        let_in_on_its_own(&nodes[0]).await,
+        4,
+        "half of the 8 slots free"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Redis back empty, then gone again before the nodes reported their
+/// sessions anew: its counts say nobody is in. A node's share is still
+/// of the slots free before the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_taken_just_after_a_data_loss_counts_the_sessions_before_it() {
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 11\nsession_idle = \"1h\"", 2, None).await;
+    for g in &nodes {
+        assert!(g.citizen().get("/").await.reached_upstream());
+    }
+    advance(&nodes, 1000).await;
+    redis.kill();
+    advance(&nodes, 1000).await;
+    let mut redis = RedisServer::start_on(port);
+    until_recovered(&nodes[..1], 0).await;
+    redis.kill();
+    advance(&nodes[..1], 1000).await;
+    // 9 slots were free: 4 each (not 5 of an empty room's 11).
+    assert_eq!(let_in_on_its_own(&nodes[0]).await, 4);
+}
+
 /// Without Redis a node admits newcomers on its own share only while
 /// nobody waits on a provisional ticket from it: once someone does, a
 /// newcomer whose token refilled meanwhile queues behind them.

@@ -286,6 +286,12 @@ struct Fallback {
     /// issue's key [`ISSUE_KEPT`], and one older is not sent. In memory
     /// only, as the ends.
     lost_issues: Vec<(String, std::time::Instant)>,
+    /// After Redis lost sessions (its data, or its last writes): the
+    /// slots taken when it was last seen whole, and until when the nodes
+    /// may not all have reported theirs again (admission.lua's `hold`).
+    /// Until an answer after that, a share counts at least those taken:
+    /// the new counts say the room is empty while it may still be full.
+    taken_before_loss: Option<(u64, u64)>,
 }
 
 /// What a hand-over after an outage (`RedisRoom::recovered`) has yet to
@@ -711,12 +717,24 @@ impl RedisRoom {
         // The time the state started from nothing, in ms (admission.lua's
         // `gen`); 0: no answer has named one yet.
         let generation: u64 = r.11.get(1).and_then(|g| g.parse().ok()).unwrap_or_default();
-        let lost = take_reply(
-            &mut self.view.lock().unwrap_or_else(|e| e.into_inner()),
-            generation,
-            call,
-            replied,
-        );
+        let (lost, taken_before) = {
+            let mut seen = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = seen.view.active + seen.view.reserved;
+            (take_reply(&mut seen, generation, call, replied), taken)
+        };
+        {
+            let mut f = self.lock_fallback();
+            if lost {
+                let hold = now_ms + (3 * self.tick_ms).max(5_000);
+                let taken = f.taken_before_loss.map_or(0, |(t, _)| t).max(taken_before);
+                f.taken_before_loss = Some((taken, hold));
+            } else if f
+                .taken_before_loss
+                .is_some_and(|(_, until)| now_ms >= until)
+            {
+                f.taken_before_loss = None;
+            }
+        }
         if lost {
             // Only this node knows which sessions it serves: reported at
             // its next tick, they count again, and a person it admitted
@@ -782,7 +800,8 @@ impl RedisRoom {
             f.refilled_ms = now_ms;
         }
         if let Some(max) = limits.max_active {
-            let share = max.saturating_sub(v.active + v.reserved) / peers;
+            let taken = f.taken_before_loss.map_or(0, |(t, _)| t);
+            let share = max.saturating_sub((v.active + v.reserved).max(taken)) / peers;
             if f.admitted >= share {
                 return None;
             }
@@ -1121,14 +1140,26 @@ impl RoomStore for RedisRoom {
                     return Err(e);
                 }
             };
-            self.peers
-                .store((live.len() as u64).max(1), Ordering::Relaxed);
             {
                 let mut heard = self.lock_nodes_heard();
                 if heard.since_ms == 0 {
                     heard.since_ms = now_ms.max(1);
                 }
                 heard.live = live.iter().filter_map(|n| mark_of(n)).collect();
+                // Back from an outage longer than the window, this node
+                // finds the others' marks gone until each ticks again: by
+                // its count alone, a share of the free slots taken should
+                // Redis go at once would be the whole of them, each node
+                // back first taking it. The larger count holds for a
+                // window after it heard Redis again.
+                let seen = (live.len() as u64).max(1);
+                let settling =
+                    now_ms < heard.since_ms + 3 * self.lease_ms.max(1000) + 2 * self.tick_ms;
+                let before = self.peers.load(Ordering::Relaxed);
+                self.peers.store(
+                    if settling { seen.max(before) } else { seen },
+                    Ordering::Relaxed,
+                );
             }
             // Sessions admitted without Redis first, then activity, so the
             // session count the tick sees is complete and fresh: while
