@@ -1090,6 +1090,52 @@ async fn sessions_ended_while_redis_is_away_free_their_slots_when_it_returns() {
     );
 }
 
+/// More ends than one call hands over (200), sent in several when Redis
+/// returns: each of their slots is free. (In one call, an outage's worth
+/// ran past the store's timeout and was sent again at every tick.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_ended_while_redis_is_away_are_handed_over_in_parts() {
+    let dir = fresh_dir("redis-many-ended");
+    let OverRedis {
+        mut redis,
+        port,
+        up: _up,
+        nodes,
+    } = over_a_redis_to_kill("max_active = 500\nsession_idle = \"1h\"", 1, Some(&dir)).await;
+    // Their cookies only: each citizen's own connection, kept, would pass
+    // the connections one address may hold.
+    let mut people = Vec::new();
+    for _ in 0..250 {
+        let mut c = nodes[0].citizen();
+        assert!(c.get("/").await.reached_upstream());
+        people.push(c.jar.clone());
+    }
+    advance(&nodes, 1000).await;
+    assert_eq!(nodes[0].app.room("portal").unwrap().view().active, 250);
+    redis.kill();
+    advance(&nodes, 1000).await;
+    // At once, a hundred at a time: each waits out the store's timeout.
+    for part in people.chunks(100) {
+        let releases = part.iter().map(|jar| {
+            let mut c = nodes[0].citizen();
+            c.jar = jar.clone();
+            async move { c.get("/release").await.status }
+        });
+        for status in futures_util::future::join_all(releases).await {
+            assert_eq!(status, 200);
+        }
+    }
+    let _redis = RedisServer::start_with(port, Some(&dir));
+    until_recovered(&nodes, 0).await;
+    advance(&nodes, 1000).await;
+    assert_eq!(
+        nodes[0].app.room("portal").unwrap().view().active,
+        0,
+        "ended sessions still hold slots"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A pass a node took at its word while Redis was away is kept as seen
 /// there: when Redis returns, that node reports the session, so the person
 /// carries on even if the node that admitted them (on its own share, in

@@ -38,6 +38,17 @@ const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 const VOIDS_PER_CALL: usize = 200;
 const VOIDS_PER_TICK: usize = 1_000;
 
+/// Ends handed over per call after an outage: in one call, an outage's
+/// worth (one per newcomer whose admission went unanswered) ran longer
+/// than the store's timeout, was sent again at every tick, and kept the
+/// node from ever getting past its hand-over.
+const ENDS_PER_CALL: usize = 200;
+
+/// The most ends a node keeps for Redis's return; one past them is
+/// dropped, and its session, if Redis has one, idles out (a slot held
+/// longer, none given twice). 100,000 is 500 calls at the return.
+const ENDS_KEPT: usize = 100_000;
+
 /// How long Redis keeps an issue's key (admission.lua's `PX`): a lost
 /// answer older than this has nothing left to give back.
 const ISSUE_KEPT: Duration = Duration::from_secs(300);
@@ -278,7 +289,7 @@ struct Fallback {
     /// remember the end once sent): their slots are freed when it
     /// returns, not after `session_idle`. In memory only: a node restarted
     /// in the outage forgets them, and they idle out.
-    ends_to_send: Vec<(u128, u64)>,
+    ends_to_send: std::collections::HashMap<u128, u64>,
     /// The keys of issues whose answers never came (Redis slower than the
     /// timeout): each may have taken a number nobody holds, given back
     /// at the next tick ('void'), or it would be called and hold a slot
@@ -292,6 +303,16 @@ struct Fallback {
     /// Until an answer after that, a share counts at least those taken:
     /// the new counts say the room is empty while it may still be full.
     taken_before_loss: Option<(u64, u64)>,
+}
+
+impl Fallback {
+    /// Keeps an end for Redis's return, within [`ENDS_KEPT`].
+    fn keep_end(&mut self, sid: u128, remember_ms: u64) {
+        if self.ends_to_send.len() < ENDS_KEPT || self.ends_to_send.contains_key(&sid) {
+            let kept = self.ends_to_send.entry(sid).or_insert(remember_ms);
+            *kept = (*kept).max(remember_ms);
+        }
+    }
 }
 
 /// What a hand-over after an outage (`RedisRoom::recovered`) has yet to
@@ -312,7 +333,9 @@ impl Drop for Recovery<'_> {
         f.unplaced.extend(newer);
         let newer = std::mem::replace(&mut f.pending, std::mem::take(&mut self.pending));
         f.pending.extend(newer);
-        f.ends_to_send.append(&mut self.ends);
+        for (sid, remember) in self.ends.drain(..) {
+            f.keep_end(sid, remember);
+        }
         f.lost_issues.append(&mut self.lost_issues);
     }
 }
@@ -881,7 +904,7 @@ impl RedisRoom {
                 room: self,
                 blocks,
                 pending: std::mem::take(&mut f.pending),
-                ends: std::mem::take(&mut f.ends_to_send),
+                ends: f.ends_to_send.drain().collect(),
                 lost_issues: std::mem::take(&mut f.lost_issues),
             }
         };
@@ -890,16 +913,16 @@ impl RedisRoom {
         let inert = inert_limits(self.tick_ms);
         // Ends first: a session ended here or on another node is not
         // adopted back.
-        if !left.ends.is_empty() {
+        while !left.ends.is_empty() {
             // Remembered from now: counted from the release, an outage
             // longer than the memory would have the end forgotten at once.
-            let args: Vec<String> = left
-                .ends
+            let chunk = left.ends.len().min(ENDS_PER_CALL);
+            let args: Vec<String> = left.ends[..chunk]
                 .iter()
                 .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
                 .collect();
             self.call("end", &inert, now_ms, &args).await?;
-            left.ends.clear();
+            left.ends.drain(..chunk);
         }
         // Before any block is placed: a number given back is called
         // ahead of them, holding nothing.
@@ -1290,7 +1313,7 @@ impl RoomStore for RedisRoom {
     fn take_at_its_word(&self, sid: u128, expires_ms: u64) -> bool {
         // Ended here in this outage: a copy of its pass is not let in.
         let f = self.lock_fallback();
-        if f.ends_to_send.iter().any(|(s, _)| *s == sid) {
+        if f.ends_to_send.contains_key(&sid) {
             return false;
         }
         drop(f);
@@ -1320,7 +1343,7 @@ impl RoomStore for RedisRoom {
                 Ok(r) => Ok(r.0 == 1),
                 Err(e) => {
                     // Sent again when Redis answers (the next tick).
-                    self.lock_fallback().ends_to_send.push((sid, remember_ms));
+                    self.lock_fallback().keep_end(sid, remember_ms);
                     Err(e)
                 }
             }
