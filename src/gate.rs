@@ -1182,7 +1182,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     if crate::page::loads_for_a_page(r.headers) {
         return Ok(not_a_page(room, r));
     }
-    let issued = lane.store.issue(limits, r.now_ms).await?;
+    let (issued, run) = lane.store.issue_in_run(limits, r.now_ms).await?;
     let (n, pre, provisional) = match issued {
         Issued::Number(n) => (n, 0, String::new()),
         Issued::PreQueue(p) => (0, p, String::new()),
@@ -1199,7 +1199,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     let mut claims = TicketClaims::new(&room.name, n, pre, r.now_ms, ttl, &next_url);
     claims.dg = provisional;
     claims.l = room.lane_label(lane).to_string();
-    claims.g = lane.store.generation();
+    claims.g = run;
     let cookie = ticket_cookie(room, &claims, r);
     let mut status = status_for(
         room,

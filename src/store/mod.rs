@@ -185,6 +185,21 @@ pub enum Adoption {
 
 pub trait RoomStore: Send + Sync + 'static {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>>;
+    /// As `issue`, with the run (`generation`) its place belongs to, as
+    /// the ticket is signed with: read apart, a run Redis started
+    /// meanwhile named a number of the run before, which then claimed
+    /// somebody else's turn in the new one.
+    fn issue_in_run(
+        &self,
+        limits: Limits,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<(Issued, u64), StoreError>> {
+        async move {
+            let issued = self.issue(limits, now_ms).await?;
+            Ok((issued, self.generation()))
+        }
+        .boxed()
+    }
     fn admit_directly(
         &self,
         limits: Limits,

@@ -1018,6 +1018,14 @@ fn hex(sid: u128) -> String {
 
 impl RoomStore for RedisRoom {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
+        async move { Ok(self.issue_in_run(limits, now_ms).await?.0) }.boxed()
+    }
+
+    fn issue_in_run(
+        &self,
+        limits: Limits,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<(Issued, u64), StoreError>> {
         async move {
             let key = format!(
                 "{}{:016x}",
@@ -1037,13 +1045,16 @@ impl RoomStore for RedisRoom {
                             .lost_issues
                             .push((key, std::time::Instant::now()));
                     }
-                    return Ok(self.issue_provisionally());
+                    return Ok((self.issue_provisionally(), self.generation()));
                 }
             };
+            // The run that answered, which the view may no longer name
+            // (a late answer of a run Redis lost, or one taken since).
+            let run = r.11.get(1).and_then(|g| g.parse().ok()).unwrap_or_default();
             Ok(if r.0 == 2 {
-                Issued::PreQueue(r.1 as u64)
+                (Issued::PreQueue(r.1 as u64), run)
             } else {
-                Issued::Number(r.1 as u64)
+                (Issued::Number(r.1 as u64), run)
             })
         }
         .boxed()
