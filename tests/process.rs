@@ -1402,6 +1402,63 @@ async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An https upstream that refuses varco's client certificate (TLS 1.3:
+/// after the handshake, the request's body already written): a form
+/// sent there gets its 502, and the warning names that upstream, not
+/// the next one, which was never asked (it was named, as "the request
+/// body went to an upstream that failed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_refused_by_an_upstreams_tls_is_that_upstreams_failure() {
+    let dir = keyed_folder("mtls-form");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let someone = rcgen::CertificateParams::new(vec!["someone.example.it".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let strict = upstream::spawn_tls_for(&dir.join("ca.pem"), Some(someone.der())).await;
+    let plain = upstream::spawn().await;
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n[upstream]\ntls_ca = \"ca.pem\"\n\
+             [rooms.portal]\nupstreams = [\"https://localhost:{}\", \"http://{}\"]\n",
+            strict.addr.port(),
+            plain.addr
+        ),
+    )
+    .unwrap();
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let mut failures = json_lines(&mut p, |line| line.contains("upstream failure"));
+    // Round robin: one of the two goes to the strict upstream first.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let form = Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/echo", p.addr))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body::full("name=Anna"))
+            .unwrap();
+        statuses.push(send(form).await.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 502]);
+    let warned = next(&mut failures).await;
+    let error = warned["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("localhost:{}", strict.addr.port()))
+            && !error.contains(&plain.addr.to_string()),
+        "{warned}"
+    );
+    assert_eq!(strict.hits(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The process's JSON log lines (`--log-format json`, on stderr) that
 /// `keep` takes, parsed, as they come: read on a thread of their own.
 fn json_lines(

@@ -465,7 +465,11 @@ impl Forwarder {
                     // refused connection, not a broken exchange.
                     // On a new connection it read nothing of the request:
                     // the next upstream may have it, as after any refused
-                    // connection. On one that had answered, the alert may
+                    // connection, unless its body went out with it (hyper
+                    // writes it before it reads the alert, and a body
+                    // read whole is let go of once written): then the 502
+                    // is this upstream's, not one of the next that never
+                    // had it. On one that had answered, the alert may
                     // come after the portal acted on it (a form sent
                     // twice): the answer is the 502.
                     if tls_alert(&e) {
@@ -478,7 +482,7 @@ impl Forwarder {
                             upstream: upstream.label.clone(),
                             source: e.into(),
                         };
-                        if last_try || !fresh {
+                        if last_try || !fresh || !outgoing.replayable() {
                             return Err(error);
                         }
                         failed = Some(error);
