@@ -2517,3 +2517,39 @@ async fn a_tls_handshake_that_never_ends_is_a_failed_connection() {
     );
     assert_eq!(good.hits(), 1);
 }
+
+/// A host that drops the packets of new connections (here: a listener
+/// whose backlog is full, never accepted) is a failed connection at
+/// `connect_timeout`, and the request goes on to the next upstream, even
+/// under a shorter `response_timeout`, which counts from the connection:
+/// timed from the start, each request sent there was a 504.
+#[tokio::test]
+async fn a_host_that_drops_packets_fails_at_connect_timeout_under_any_response_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(0).unwrap();
+    let addr = silent.local_addr().unwrap();
+    let knock = || {
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+    };
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) = knock().await {
+        queued.push(s);
+        assert!(queued.len() < 10, "the backlog never filled");
+    }
+    let good = upstream::spawn().await;
+    let toml = format!(
+        "[upstream]\nconnect_timeout = \"1s\"\nresponse_timeout = \"200ms\"\n[rooms.portal]\nupstreams = [\"http://{addr}\", \"http://{}\"]\n",
+        good.addr
+    );
+    let v = Varco::start(&toml).await;
+    for _ in 0..2 {
+        let got = get(&v.url("/echo")).await;
+        assert_eq!(got.status, 200, "the next upstream answers: {}", got.text());
+    }
+    assert_eq!(good.hits(), 2);
+    drop(silent);
+}

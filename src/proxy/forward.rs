@@ -321,10 +321,12 @@ impl Forwarder {
                 },
                 Outgoing::Streaming(b) => b.take().unwrap_or_else(body::empty),
             };
-            let upstream_req = builder.body(body).map_err(|e| ProxyError::Upstream {
+            let mut upstream_req = builder.body(body).map_err(|e| ProxyError::Upstream {
                 upstream: upstream.label.clone(),
                 source: e.into(),
             })?;
+            let connected =
+                hyper_util::client::legacy::connect::capture_connection(&mut upstream_req);
 
             let mut started = Instant::now();
             // `started` moves on to when a streamed body was sent; the
@@ -354,6 +356,7 @@ impl Forwarder {
             let sent = self
                 .answer(
                     client.request(upstream_req),
+                    connected,
                     taken.take(),
                     timeout,
                     &mut started,
@@ -559,12 +562,22 @@ impl Forwarder {
     async fn answer<F: Future>(
         &self,
         request: F,
+        mut connected: hyper_util::client::legacy::connect::CaptureConnection,
         taken: Option<watch::Receiver<Taken>>,
         timeout: Duration,
         started: &mut Instant,
         body_sent: impl FnOnce(),
     ) -> Option<F::Output> {
         let mut request = std::pin::pin!(request);
+        // The connection first (one kept alive, or one made within
+        // `connect_timeout`, which the connector bounds): timed from the
+        // start, a host that drops packets was a 504 at a shorter
+        // `response_timeout`, never going on to the next upstream as a
+        // failed connection does.
+        tokio::select! {
+            answer = &mut request => return Some(answer),
+            _ = connected.wait_for_connection_metadata() => {}
+        }
         if let Some(mut taken) = taken {
             loop {
                 let state = *taken.borrow_and_update();
