@@ -3,6 +3,7 @@
 //! `varco lottery verify`, `varco audit verify` and `varco audit export`.
 //! Each returns what to print and whether the check passed.
 
+use std::io::Write;
 use std::path::Path;
 
 use clap::Subcommand;
@@ -148,7 +149,10 @@ pub fn lottery(action: LotteryAction) -> Outcome {
     }
 }
 
-pub fn audit(action: AuditAction) -> Outcome {
+/// `varco audit`; `export` writes the log to `out` (the text is then
+/// empty), streamed: a log of a busy day is hundreds of MB. A reader that
+/// stops reading (`| head`) ends it, as it ends `cat`.
+pub fn audit(action: AuditAction, out: &mut impl Write) -> Outcome {
     match action {
         AuditAction::Verify { files, continues } => verify_files(&files, continues),
         AuditAction::Ranges { files } => ranges_files(&files),
@@ -160,7 +164,21 @@ pub fn audit(action: AuditAction) -> Outcome {
             let Some(path) = cfg.audit_log else {
                 return fail("this config has no audit.log");
             };
-            export(&path)
+            let mut log = match export(&path) {
+                Ok(log) => log,
+                Err(e) => return fail(e),
+            };
+            match log.write_to(out) {
+                Ok(()) => Outcome {
+                    ok: true,
+                    text: String::new(),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Outcome {
+                    ok: true,
+                    text: String::new(),
+                },
+                Err(e) => fail(format!("cannot write the log out: {e}")),
+            }
         }
     }
 }
@@ -319,33 +337,99 @@ fn ranges_files(files: &[String]) -> Outcome {
     }
 }
 
+/// A log whose chain holds, to be written out as it was checked: the
+/// first `len` bytes of the file opened (the same file after a rotation
+/// renamed it meanwhile).
+struct Exported {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl Exported {
+    fn write_to(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        use std::io::{Read, Seek};
+        self.file.rewind()?;
+        std::io::copy(&mut (&self.file).take(self.len), out)?;
+        out.flush()
+    }
+}
+
 /// The log, if its chain holds; otherwise where it breaks. Read to its
 /// last whole line: a running varco may be writing the next record (or
 /// undoing one it could not make durable), and a line it has not ended
 /// is not part of the log yet, as varco itself drops such a line when it
-/// opens the log again.
-fn export(path: &Path) -> Outcome {
+/// opens the log again. Read as it goes, never whole in memory.
+fn export(path: &Path) -> Result<Exported, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = whole_lines(&file).map_err(cannot)?;
     // Bytes, not text: a line that is not UTF-8 is the verifier's to
-    // name, with its number, as `audit verify` does.
-    let mut bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
-    };
-    bytes.truncate(bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1));
-    // After a rotation the file at the path goes on from the one before.
+    // name, with its number, as `audit verify` does. After a rotation
+    // the file at the path goes on from the one before.
     let mut v = audit::Verifier::new().continuing();
-    match v.file(bytes.as_slice()) {
-        Ok(()) => Outcome {
-            ok: true,
-            text: String::from_utf8_lossy(&bytes).trim_end().to_string(),
-        },
-        Err(b) => fail(format!("{}: {b}", path.display())),
+    v.file((&file).take(len))
+        .map_err(|b| format!("{}: {b}", path.display()))?;
+    Ok(Exported { file, len })
+}
+
+/// How many bytes of `file` end with its last line feed (0: none).
+fn whole_lines(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut end = file.metadata()?.len();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let from = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - from) as usize];
+        file.read_exact_at(part, from)?;
+        if let Some(i) = part.iter().rposition(|b| *b == b'\n') {
+            return Ok(from + i as u64 + 1);
+        }
+        end = from;
     }
+    Ok(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log `export` writes out, as text; or where its chain breaks.
+    fn exported(path: &Path) -> Outcome {
+        match export(path) {
+            Ok(mut log) => {
+                let mut out = Vec::new();
+                log.write_to(&mut out).unwrap();
+                Outcome {
+                    ok: true,
+                    text: String::from_utf8(out).unwrap(),
+                }
+            }
+            Err(e) => fail(e),
+        }
+    }
+
+    /// Longer than the chunk a last line feed is looked for in: found
+    /// in the chunk before, and a piece of a record after it left out.
+    #[test]
+    fn a_log_past_one_chunk_is_exported_to_its_last_whole_line() {
+        let (dir, path, log) = logged_to_5("long");
+        for (i, serving) in (6..2_000).enumerate() {
+            log.observe("a", serving, 2_000 + i as u64).unwrap();
+        }
+        let whole = std::fs::read_to_string(&path).unwrap();
+        assert!(whole.len() > 128 * 1024, "{}", whole.len());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&[b'x'; 70 * 1024]).unwrap();
+        drop(f);
+        let out = exported(&path);
+        assert!(out.ok, "{}", out.text);
+        assert_eq!(out.text, whole);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A folder of its own for test `name`, and an admission log in it
     /// whose first record admitted room `a`'s 1 to 5.
@@ -446,14 +530,14 @@ mod tests {
         log.reopen().unwrap();
         log.observe("a", 9, 2_000).unwrap();
         log.observe("a", 12, 3_000).unwrap();
-        let out = export(&path);
+        let out = exported(&path);
         assert!(out.ok, "{}", out.text);
         assert_eq!(out.text.lines().count(), 2);
         let edited = std::fs::read_to_string(&path)
             .unwrap()
             .replacen("\"to\":9", "\"to\":8", 1);
         std::fs::write(&path, edited).unwrap();
-        assert!(!export(&path).ok);
+        assert!(!exported(&path).ok);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -469,7 +553,7 @@ mod tests {
             .unwrap();
         f.write_all(b"\xff\n").unwrap();
         drop(f);
-        let out = export(&path);
+        let out = exported(&path);
         assert!(!out.ok);
         assert!(out.text.contains("line 2"), "{}", out.text);
         let _ = std::fs::remove_dir_all(&dir);
@@ -489,9 +573,9 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"seq\":3,\"room\":\"a\",\"fr").unwrap();
         drop(f);
-        let out = export(&path);
+        let out = exported(&path);
         assert!(out.ok, "{}", out.text);
-        assert_eq!(out.text, whole.trim_end());
+        assert_eq!(out.text, whole);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -181,7 +181,9 @@ fn main() -> ExitCode {
         }
         Command::Receipt { action } => checked(varco::checks::receipt(action)),
         Command::Lottery { action } => checked(varco::checks::lottery(action)),
-        Command::Audit { action } => checked(varco::checks::audit(action)),
+        Command::Audit { action } => {
+            checked(varco::checks::audit(action, &mut std::io::stdout().lock()))
+        }
         Command::Ctl {
             admin,
             token_env,
@@ -448,7 +450,11 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// it did not (exit 1).
 fn checked(o: varco::checks::Outcome) -> ExitCode {
     if o.ok {
-        println!("{}", o.text);
+        // Not println!, which panics at a reader gone (`| head`).
+        if !o.text.is_empty() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{}", o.text);
+        }
         ExitCode::SUCCESS
     } else {
         eprintln!("{}", o.text);

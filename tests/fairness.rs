@@ -384,6 +384,45 @@ async fn a_room_a_reload_adds_logs_its_first_admissions() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `audit export` into a reader that stops early (`| head -1`) ends
+/// quietly, exit 0, as `cat` does: it panicked ("failed printing to
+/// stdout"), exit 101, after reading the whole log into memory twice.
+#[test]
+fn an_export_read_only_in_part_ends_quietly() {
+    use std::io::BufRead;
+    let (dir, log, toml) = audited(
+        "127.0.0.1:9".parse().unwrap(),
+        "export-head",
+        "max_active = 1",
+    );
+    // More than a pipe holds (64 KiB): the writes after the reader left
+    // fail.
+    let written = varco::audit::AuditLog::open(&log, "node-a").unwrap();
+    written.baseline("portal", 0);
+    for serving in 1..2_000 {
+        written.observe("portal", serving, T0 + serving).unwrap();
+    }
+    drop(written);
+    assert!(std::fs::metadata(&log).unwrap().len() > 256 * 1024);
+    let file = write_config("fair-export-head", &toml);
+    let mut child = Command::new(bin())
+        .args(["audit", "export", "--config", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("{\"seq\":1,"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {said}", out.status);
+    assert!(!said.contains("panicked"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn the_admission_log_is_chained_and_tampering_is_caught() {
     let up = upstream::spawn().await;
