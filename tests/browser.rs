@@ -65,8 +65,9 @@ async fn a_citizen_and_an_operator_in_chromium() {
              per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n\
              [rooms.portal.health_check]\npath = \"/healthz\"\nslow_start = \"1h\"\n\
              [rooms.portal.lanes.citizens]\nweight = 0.8\n\
-             [rooms.portal.lanes.partners]\nweight = 0.2\ncidrs = [\"192.0.2.0/24\"]\n",
-            portal.addr
+             [rooms.portal.lanes.partners]\nweight = 0.2\ncidrs = [\"192.0.2.0/24\"]\n\
+             [rooms.plain]\nupstreams = [\"http://{}\"]\nmax_active = 100\npaths = [\"/plain/\"]\n",
+            portal.addr, portal.addr
         ),
         &tmp,
     )

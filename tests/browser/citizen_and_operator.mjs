@@ -528,6 +528,12 @@ try {
   check(lane !== null && lane.includes("0.2"), `each lane with its weight (${lane})`);
   const points = await op.getAttribute(`${card} figure[data-chart="people"] polyline[data-series="queue_length"]`, "points");
   check(points !== null && points.trim().split(" ").length >= 1, "a chart of the last hour");
+  // A room without a rate (unlimited) draws no rate line at 0.
+  const noRate = 'section[data-room="plain"]';
+  const unlimited = await op.getAttribute(`${noRate} figure[data-chart="rate"] polyline[data-series="rate_per_minute"]`, "points");
+  check(unlimited !== null && unlimited.trim() === "", `no rate line for a room without a rate (${unlimited})`);
+  const legend = await op.textContent(`${noRate} figure[data-chart="rate"] .legend`);
+  check(legend.includes("rate /min: unlimited"), `the legend says the rate is unlimited (${legend})`);
   // A screen reader hears when varco is reached or lost, not every
   // refresh: the rooms are no live region, and the status line changes
   // only when the connection does.
