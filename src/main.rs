@@ -101,11 +101,13 @@ enum Command {
         #[arg(long, value_parser = at_least_one)]
         capacity: Option<usize>,
         /// varco's admission rate for the run, new sessions a minute.
-        /// At most 1000000000, as in a config.
-        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
+        /// At most 1000000000, as in a config. Not with --compare, which
+        /// runs plans of its own.
+        #[arg(long, default_value_t = 1200, conflicts_with = "compare", value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
         rate: u32,
-        /// varco's max_active for the run. At most 1000000000.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        /// varco's max_active for the run. At most 1000000000. Not with
+        /// --compare.
+        #[arg(long, default_value_t = 20, conflicts_with = "compare", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
         max_active: u64,
         /// Seconds a citizen keeps trying before giving up. Default 90;
         /// 60 with --compare. At most an hour.
@@ -290,13 +292,12 @@ fn main() -> ExitCode {
                 cfg.server.admin_listen = addr;
             }
             // The demo has no token file: one made now opens the operator
-            // page (and the API) for this run only.
-            if cfg.admin_tokens.is_empty() {
+            // page (and the API) for this run only; told once the admin
+            // listener has its port (`--admin-listen 127.0.0.1:0`).
+            let mut password = None;
+            if cfg.admin_tokens.is_empty() && !portal_only {
                 let token = format!("{:032x}", varco::room::token::random_u128());
-                println!(
-                    "operator page: http://{}/status (any user name; password {token})",
-                    cfg.server.admin_listen
-                );
+                password = Some(token.clone());
                 cfg.admin_tokens.push(varco::config::AdminToken {
                     id: "demo".into(),
                     token,
@@ -309,7 +310,12 @@ fn main() -> ExitCode {
             exit(serve(
                 cfg,
                 cli.log_format,
-                Some((portal_listen, portal, portal_only)),
+                Some(Demo {
+                    portal_listen,
+                    portal,
+                    portal_only,
+                    password,
+                }),
                 config,
             ))
         }
@@ -331,10 +337,19 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// What `varco demo` adds to a run: its portal, and the operator page's
+/// password made for the run.
+struct Demo {
+    portal_listen: SocketAddr,
+    portal: PortalSettings,
+    portal_only: bool,
+    password: Option<String>,
+}
+
 fn serve(
     cfg: Config,
     log_format: Option<String>,
-    demo: Option<(SocketAddr, PortalSettings, bool)>,
+    demo: Option<Demo>,
     config_path: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let json = log_format.map(|f| f == "json").unwrap_or(cfg.log.json);
@@ -357,11 +372,18 @@ fn serve(
         .build()
         .context("cannot start the runtime")?;
     let is_demo = demo.is_some();
+    let password = demo.as_ref().and_then(|d| d.password.clone());
     rt.block_on(async move {
         // The portal serves as long as this handle lives: to the end.
         let mut _portal = None;
-        if let Some((addr, settings, portal_only)) = demo {
-            let portal = start_portal(addr, settings.clone()).await?;
+        if let Some(Demo {
+            portal_listen,
+            portal: settings,
+            portal_only,
+            ..
+        }) = demo
+        {
+            let portal = start_portal(portal_listen, settings.clone()).await?;
             if portal_only {
                 println!(
                     "demo portal listening on http://{} (capacity {})",
@@ -414,6 +436,13 @@ fn serve(
                 out,
                 "open {scheme}://{}/ in a browser: the demo portal is behind varco",
                 listeners.proxy_addr()
+            );
+        }
+        if let Some(token) = password {
+            let _ = writeln!(
+                out,
+                "operator page: http://{}/status (any user name; password {token})",
+                listeners.admin_addr()
             );
         }
         let _ = out.flush();

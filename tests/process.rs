@@ -148,6 +148,78 @@ fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path:
     cfg
 }
 
+/// The demo tells the operator page's address once the admin listener
+/// has its port (it said `:0` when asked for one of any), with the
+/// password that opens it; `--portal-only` runs no varco and tells none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_tells_the_operator_page_where_it_is() {
+    use std::io::{BufRead, BufReader};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .to_string()
+    };
+    let mut child = Command::new(bin())
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--portal-listen", &free()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let told = loop {
+        let line = lines.next().expect("a line").unwrap();
+        if let Some(rest) = line.strip_prefix("operator page: http://") {
+            break rest.to_string();
+        }
+        said.push(line);
+    };
+    let admin = said
+        .iter()
+        .find_map(|l| l.split("(admin http://").nth(1))
+        .map(|a| a.trim_end_matches(')').to_string())
+        .expect("the readiness line first");
+    let (addr, rest) = told.split_once("/status").unwrap();
+    assert_eq!(addr, admin, "{told}");
+    let password = rest
+        .rsplit("password ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("wall:{password}"));
+    let page = Request::get(format!("http://{addr}/status"))
+        .header("authorization", format!("Basic {basic}"))
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(send(page).await.status, 200, "{told}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let mut portal = Command::new(bin())
+        .args(["demo", "--portal-only", "--portal-listen", &free()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(portal.stdout.take().unwrap())
+        .lines()
+        .next()
+        .expect("a line")
+        .unwrap();
+    assert!(first.starts_with("demo portal listening"), "{first}");
+    let _ = portal.kill();
+    let _ = portal.wait();
+}
+
 /// `varco demo` without `--config` has no file to reload: a SIGHUP is
 /// told and counted as refused, and the demo goes on with its queue
 /// (SIGHUP's default action would kill it).
@@ -420,6 +492,10 @@ fn command_line_numbers_that_mean_nothing_are_refused_at_once() {
         &["simulate", "--rate", "0"][..],
         &["simulate", "--max-active", "0"],
         &["simulate", "--capacity", "0"],
+        // --compare runs plans of its own: a rate or cap given with it
+        // went unused, and the run seemed to have tested them.
+        &["simulate", "--compare", "--rate", "100"],
+        &["simulate", "--compare", "--max-active", "5"],
         &["demo", "--capacity", "0"],
         &["ctl", "--timeout", "0s", "status"],
     ] {
