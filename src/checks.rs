@@ -350,7 +350,16 @@ impl Exported {
         use std::io::{Read, Seek};
         self.file.rewind()?;
         std::io::copy(&mut (&self.file).take(self.len), out)?;
-        out.flush()
+        out.flush()?;
+        // Only appended to, what was checked is what went out; shorter,
+        // varco took a record back (a write it could not make durable)
+        // meanwhile, and what went out may not be what was checked.
+        if self.file.metadata()?.len() < self.len {
+            return Err(std::io::Error::other(
+                "the log was cut back while it was exported (a record varco could not make durable): export it again",
+            ));
+        }
+        Ok(())
     }
 }
 

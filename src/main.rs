@@ -479,10 +479,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// it did not (exit 1).
 fn checked(o: varco::checks::Outcome) -> ExitCode {
     if o.ok {
-        // Not println!, which panics at a reader gone (`| head`).
+        // Not println!, which panics at a reader gone (`| head`): that
+        // ends it quietly; a write that fails otherwise (a full disk)
+        // is no answer given, and a report file left empty must not pass.
         if !o.text.is_empty() {
             use std::io::Write;
-            let _ = writeln!(std::io::stdout().lock(), "{}", o.text);
+            if let Err(e) = writeln!(std::io::stdout().lock(), "{}", o.text) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("varco: cannot write the answer out: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
         ExitCode::SUCCESS
     } else {

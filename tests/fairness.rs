@@ -420,6 +420,25 @@ fn an_export_read_only_in_part_ends_quietly() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {said}", out.status);
     assert!(!said.contains("panicked"), "{said}");
+    // A write that fails otherwise (here: a full disk) is no answer: a
+    // script's report left empty must not pass.
+    for args in [
+        &["audit", "verify", log.to_str().unwrap()][..],
+        &["audit", "export", "--config", file.to_str().unwrap()],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(bin())
+            .args(args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(said.contains("cannot write"), "{args:?}: {said}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
