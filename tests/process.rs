@@ -153,30 +153,26 @@ fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path:
 /// password that opens it; `--portal-only` runs no varco and tells none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_tells_the_operator_page_where_it_is() {
-    use std::io::{BufRead, BufReader};
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()
             .to_string()
     };
-    let mut child = Command::new(bin())
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--portal-listen", &free()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut demo = Spoken::spawn(
+        Command::new(bin())
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--portal-listen", &free()]),
+    );
     let mut said = Vec::new();
     let told = loop {
-        let line = lines.next().expect("a line").unwrap();
+        let line = demo.line();
         if let Some(rest) = line.strip_prefix("operator page: http://") {
             break rest.to_string();
         }
@@ -201,23 +197,56 @@ async fn the_demo_tells_the_operator_page_where_it_is() {
         .body(body::empty())
         .unwrap();
     assert_eq!(send(page).await.status, 200, "{told}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(demo);
 
-    let mut portal = Command::new(bin())
-        .args(["demo", "--portal-only", "--portal-listen", &free()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = BufReader::new(portal.stdout.take().unwrap())
-        .lines()
-        .next()
-        .expect("a line")
-        .unwrap();
+    let mut portal = Spoken::spawn(Command::new(bin()).args([
+        "demo",
+        "--portal-only",
+        "--portal-listen",
+        &free(),
+    ]));
+    let first = portal.line();
     assert!(first.starts_with("demo portal listening"), "{first}");
-    let _ = portal.kill();
-    let _ = portal.wait();
+}
+
+/// A child process whose stdout lines are read as they come (on a thread
+/// of their own), killed when dropped, a failed test's too.
+struct Spoken {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Spoken {
+    fn spawn(command: &mut Command) -> Spoken {
+        use std::io::{BufRead, BufReader};
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Spoken { child, lines }
+    }
+
+    /// The next line, within 30 s.
+    fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a line within 30 s")
+    }
+}
+
+impl Drop for Spoken {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `varco demo` without `--config` has no file to reload: a SIGHUP is

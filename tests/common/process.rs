@@ -69,7 +69,7 @@ impl Process {
     }
 
     /// Waits for `child`'s readiness line on stdout (lines before it,
-    /// such as the demo's operator page, passed over).
+    /// if any, passed over; the lines after it are read and dropped).
     fn ready(mut child: Child) -> Process {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
