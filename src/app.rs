@@ -1600,7 +1600,12 @@ async fn on_signal<F, Fut>(
             acted = AssertUnwindSafe(act()).catch_unwind() => if acted.is_err() {
                 tracing::error!("{what} panicked (a bug: please report it)");
             },
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // Said, as its start was: a reload asked for has no
+                // outcome line otherwise.
+                tracing::warn!("{what} left unfinished: varco is stopping");
+                return;
+            }
         }
     }
 }

@@ -1458,7 +1458,12 @@ async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
         ),
     )
     .unwrap();
-    let mut p = Process::start(&cfg);
+    let mut p = Process::start_with(
+        &cfg,
+        &["--log-format", "json"],
+        std::process::Stdio::piped(),
+    );
+    let mut unfinished = json_lines(&mut p, |line| line.contains("left unfinished"));
     let log = dir.join("admissions.log");
     assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1504,6 +1509,11 @@ async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
+    // Said, as the reopen's start was.
+    assert_eq!(
+        next(&mut unfinished).await["message"],
+        "reopening the admission log left unfinished: varco is stopping"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
