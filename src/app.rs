@@ -1418,8 +1418,13 @@ impl App {
         if auto_tick {
             background.spawn(tick_loop(self.clone(), stop_rx.clone()));
         }
+        // Snapshots go on through the drain, which lasts up to
+        // `shutdown_grace`: the claims and releases of the requests still
+        // open are in them should the supervisor kill varco before the
+        // last one.
+        let (drained_tx, drained_rx) = watch::channel(false);
         if config.store.snapshot.is_some() {
-            background.spawn(snapshot_loop(self.clone(), stop_rx.clone()));
+            background.spawn(snapshot_loop(self.clone(), drained_rx));
         }
         let hangup_installed = self
             .hangup
@@ -1502,6 +1507,7 @@ impl App {
             connections.wait().await;
             admin_connections.wait().await;
         }
+        let _ = drained_tx.send(true);
         background.wait().await;
         self.log_last().await;
         self.save_last();

@@ -1581,6 +1581,69 @@ async fn a_form_refused_by_an_upstreams_tls_is_that_upstreams_failure() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Snapshots go on while varco drains (up to `shutdown_grace`): a session
+/// the portal ended during the drain is out of the next one. They stopped
+/// at the drain's start, and a supervisor's kill before its end restored
+/// the queue as it was then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_on_while_varco_drains() {
+    let up = upstream::spawn().await;
+    let dir = keyed_folder("drain-snapshots");
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"60s\"\n\
+             [secrets]\nkey_file = \"keys.toml\"\n\
+             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"100ms\"\ntick = \"100ms\"\n\
+             [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 10\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let p = Process::start(&cfg);
+    let state = dir.join("state.json");
+    let sessions = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["rooms"]["portal"]["sessions"].as_array().map(Vec::len))
+    };
+    let (mut a, mut b) = (Citizen::new(p.addr), Citizen::new(p.addr));
+    assert!(a.get("/").await.reached_upstream());
+    assert!(b.get("/").await.reached_upstream());
+    let until = |n: usize, what: &'static str| {
+        let sessions = &sessions;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sessions() != Some(n) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: {:?}",
+                    sessions()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(2, "both sessions in a snapshot").await;
+    // b's request holds the drain open; a's submit, under way when the
+    // drain begins, ends a's session during it.
+    let held = tokio::spawn(async move { b.get("/slow?ms=30000").await.status });
+    let submit = tokio::spawn(async move { a.get("/release?ms=1500").await.status });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "both at the portal");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.signal("TERM");
+    assert_eq!(submit.await.unwrap(), 200);
+    until(1, "the session ended during the drain out of a snapshot").await;
+    drop(p);
+    held.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The process's JSON log lines (`--log-format json`, on stderr) that
 /// `keep` takes, parsed, as they come: read on a thread of their own.
 fn json_lines(
