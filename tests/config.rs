@@ -717,6 +717,33 @@ fn a_timeout_of_milliseconds_is_told() {
     assert!(plain.is_empty(), "{plain:?}");
 }
 
+/// A claim window or an idle time of hours is most likely a unit
+/// mistyped ("60m" for "60s"): told, not refused.
+#[test]
+fn windows_of_hours_are_told() {
+    let toml = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n\
+         claim_window = \"60m\"\nsession_idle = \"13h\"\nticket_ttl = \"48h\"\n";
+    let cautions = Config::from_toml(toml, Path::new(".")).unwrap().cautions();
+    for key in [
+        "rooms.portal.claim_window: 60 min",
+        "rooms.portal.session_idle: 13 h",
+    ] {
+        assert!(
+            cautions
+                .iter()
+                .any(|c| c.starts_with(key) && c.contains("did you mean")),
+            "{key}: {cautions:?}"
+        );
+    }
+    // A few minutes, as the README advises for phones: nothing said.
+    let phones = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n\
+         claim_window = \"5m\"\nsession_idle = \"30m\"\n";
+    let plain = Config::from_toml(phones, Path::new("."))
+        .unwrap()
+        .cautions();
+    assert!(plain.is_empty(), "{plain:?}");
+}
+
 /// The id of the key varco makes up is its own: a listed key of that
 /// name would be kept by a reload after its removal from the file.
 #[test]

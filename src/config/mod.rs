@@ -432,6 +432,11 @@ impl ConfigErrors {
 /// Below this a timeout is most likely a unit mistyped (`"5ms"`).
 const SHORTEST_LIKELY_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// Above these a room's windows are most likely a unit mistyped
+/// (`"60m"` for `"60s"`, `"5h"` for `"5m"`).
+const LONGEST_LIKELY_CLAIM_WINDOW: Duration = Duration::from_secs(30 * 60);
+const LONGEST_LIKELY_SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
+
 impl Config {
     /// What a config may say but most likely should not: told by
     /// `check-config`, at start and at a reload taken, as warnings
@@ -490,6 +495,24 @@ impl Config {
                     "{key}: {} ms: did you mean minutes (\"m\") or seconds (\"s\")? A \
                      unit mistyped there fails every request, or every check",
                     t.as_millis()
+                ));
+            }
+        }
+        // The other way round: "60m" for "60s" holds each turn nobody
+        // takes (the person left) an hour, and the line crawls; "5h" for
+        // "5m" each pass left open. Possible on purpose, so told.
+        for r in &self.rooms {
+            let name = &r.name;
+            if r.claim_window > LONGEST_LIKELY_CLAIM_WINDOW {
+                out.push(format!(
+                    "rooms.{name}.claim_window: {} min: each turn called and not taken (the                      person left) holds its slot that long before the next in line is called;                      did you mean seconds (\"s\")? A few minutes keeps the turns of people on                      phones who looked away",
+                    r.claim_window.as_secs() / 60
+                ));
+            }
+            if r.session_idle > LONGEST_LIKELY_SESSION_IDLE {
+                out.push(format!(
+                    "rooms.{name}.session_idle: {} h: a pass nobody uses (a tab left open, a                      person gone) holds its slot that long; did you mean minutes (\"m\")?",
+                    r.session_idle.as_secs() / 3600
                 ));
             }
         }
