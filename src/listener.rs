@@ -397,6 +397,11 @@ pub async fn serve<H: Handler>(
         // must not admit anyone after the last snapshot is written.
         tracker.spawn(close.clone().run_until_cancelled_owned(async move {
             let mut stream = stream;
+            // Open from the accept: a connection still sending its PROXY
+            // header holds a slot too (VarcoConnectionsNearLimit).
+            let open = counters
+                .as_ref()
+                .map(|c| crate::metrics::Counted::new(c.open.clone()));
             let (mut info, held) = match held {
                 Some(held) => (
                     ConnInfo {
@@ -418,9 +423,7 @@ pub async fn serve<H: Handler>(
             let hold = Arc::new(ConnectionHold {
                 _permit: permit,
                 _per_ip: held,
-                _open: counters
-                    .as_ref()
-                    .map(|c| crate::metrics::Counted::new(c.open.clone())),
+                _open: open,
                 tracker: tasks,
                 close,
                 activity: Arc::new(Activity::new()),

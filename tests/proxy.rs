@@ -2553,3 +2553,36 @@ async fn a_host_that_drops_packets_fails_at_connect_timeout_under_any_response_t
     assert_eq!(good.hits(), 2);
     drop(silent);
 }
+
+/// A connection still sending its PROXY header holds a slot, and counts
+/// in `varco_open_connections` (what `VarcoConnectionsNearLimit` reads):
+/// it counted only once the header was read.
+#[tokio::test]
+async fn a_connection_sending_its_proxy_header_counts_as_open() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(
+        &[up.addr],
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\nheader_read_timeout = \"30s\"",
+    ))
+    .await;
+    let open = || client::metric(v.admin, "varco_open_connections", "");
+    assert_eq!(open().await, Some(0.0));
+    // Half a header, and nothing more.
+    let mut balancer = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    balancer.write_all(b"PROXY TCP4 198.51").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open().await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not counted: {:?}",
+            open().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(balancer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open().await != Some(0.0) {
+        assert!(std::time::Instant::now() < deadline, "still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
