@@ -724,6 +724,8 @@ fn windows_of_hours_are_told() {
     let toml = "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\n\
          claim_window = \"60m\"\nsession_idle = \"13h\"\nticket_ttl = \"48h\"\n";
     let cautions = Config::from_toml(toml, Path::new(".")).unwrap().cautions();
+    // One line each, words apart by one space.
+    assert!(cautions.iter().all(|c| !c.contains("  ")), "{cautions:?}");
     for key in [
         "rooms.portal.claim_window: 60 min",
         "rooms.portal.session_idle: 13 h",

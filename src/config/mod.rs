@@ -505,13 +505,17 @@ impl Config {
             let name = &r.name;
             if r.claim_window > LONGEST_LIKELY_CLAIM_WINDOW {
                 out.push(format!(
-                    "rooms.{name}.claim_window: {} min: each turn called and not taken (the                      person left) holds its slot that long before the next in line is called;                      did you mean seconds (\"s\")? A few minutes keeps the turns of people on                      phones who looked away",
+                    "rooms.{name}.claim_window: {} min: each turn called and not taken (the \
+                     person left) holds its slot that long before the next in line is called; \
+                     did you mean seconds (\"s\")? A few minutes keeps the turns of people on \
+                     phones who looked away",
                     r.claim_window.as_secs() / 60
                 ));
             }
             if r.session_idle > LONGEST_LIKELY_SESSION_IDLE {
                 out.push(format!(
-                    "rooms.{name}.session_idle: {} h: a pass nobody uses (a tab left open, a                      person gone) holds its slot that long; did you mean minutes (\"m\")?",
+                    "rooms.{name}.session_idle: {} h: a pass nobody uses (a tab left open, a \
+                     person gone) holds its slot that long; did you mean minutes (\"m\")?",
                     r.session_idle.as_secs() / 3600
                 ));
             }
