@@ -169,15 +169,13 @@ pub fn audit(action: AuditAction, out: &mut impl Write) -> Outcome {
                 Err(e) => return fail(e),
             };
             match log.write_to(out) {
-                Ok(()) => Outcome {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    fail(format!("cannot write the log out: {e}"))
+                }
+                _ => Outcome {
                     ok: true,
                     text: String::new(),
                 },
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Outcome {
-                    ok: true,
-                    text: String::new(),
-                },
-                Err(e) => fail(format!("cannot write the log out: {e}")),
             }
         }
     }

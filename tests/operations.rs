@@ -184,21 +184,10 @@ async fn a_live_change_made_during_a_reload_holds_after_it() {
     .unwrap();
     let app = g.app.clone();
     let reload = tokio::spawn(async move { app.reload().await.map_err(|e| e.to_string()) });
-    // Its readiness signal: a writer opens a FIFO without waiting only
-    // once a reader has it open (O_NONBLOCK, 0o4000 on Linux).
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut writer = None;
-    common::client::until(
+    let writer = common::fifo_writer_once_read(
+        &fifo,
         "the reload reading the template",
         Duration::from_secs(5),
-        async || {
-            writer = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(0o4000)
-                .open(&fifo)
-                .ok();
-            writer.is_some()
-        },
     )
     .await;
     let admin = g.admin;
@@ -215,7 +204,7 @@ async fn a_live_change_made_during_a_reload_holds_after_it() {
     if let Ok(done) = tokio::time::timeout(Duration::from_secs(2), &mut pause).await {
         panic!("answered during the reload: {:?}", done.map(|g| g.status));
     }
-    let mut writer = writer.unwrap();
+    let mut writer = writer;
     std::io::Write::write_all(
         &mut writer,
         varco::page::waiting::DEFAULT_TEMPLATE.as_bytes(),
@@ -1757,9 +1746,12 @@ async fn a_release_under_way_across_a_reload_calls_by_the_new_limits() {
     assert!(c.get("/").await.is_waiting_page());
     // A slow submit, at the portal when the reload comes.
     let submit = tokio::spawn(async move { a.get("/release?ms=3000").await.status });
-    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::client::until(
+        "the submit at the portal",
+        Duration::from_secs(5),
+        async || up.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0,
+    )
+    .await;
     std::fs::write(&path, gated_config(up.addr, "max_active = 1")).unwrap();
     g.app.reload().await.expect("reload");
     assert_eq!(submit.await.unwrap(), 200);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::client::{self, get, send};
 use common::gated::Citizen;
-use common::process::{bin, write_config, Process};
+use common::process::{bin, demo_command, write_config, Process};
 use common::{room_config, upstream};
 use http::Request;
 use http_body_util::BodyExt;
@@ -159,17 +159,7 @@ async fn the_demo_tells_the_operator_page_where_it_is() {
             .unwrap()
             .to_string()
     };
-    let mut demo = Spoken::spawn(
-        Command::new(bin())
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--portal-listen", &free()]),
-    );
+    let mut demo = Spoken::spawn(&mut demo_command());
     let mut said = Vec::new();
     let told = loop {
         let line = demo.line();
@@ -1443,7 +1433,6 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
 /// for the reopen before its last snapshot, until the supervisor's kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
-    use std::os::unix::fs::OpenOptionsExt;
     let up = upstream::spawn().await;
     let dir = keyed_folder("reopen-hung");
     let cfg = dir.join("varco.toml");
@@ -1466,48 +1455,28 @@ async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
     let mut unfinished = json_lines(&mut p, |line| line.contains("left unfinished"));
     let log = dir.join("admissions.log");
     assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    client::until("a record", Duration::from_secs(10), async || {
+        std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) > 0
+    })
+    .await;
     std::fs::rename(&log, dir.join("admissions.log.1")).unwrap();
-    let made = Command::new("mkfifo").arg(&log).status().unwrap();
-    assert!(made.success());
+    common::fifo_at(&log);
     p.signal("USR1");
-    // Open for writing without waiting, it succeeds once varco opens it
-    // to read (Linux's O_NONBLOCK): then held open, never written, varco's
-    // read of it waits for ever, as on a disk that stopped answering.
-    const O_NONBLOCK: i32 = 0o4000;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let _held = loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(O_NONBLOCK)
-            .open(&log)
-        {
-            Ok(f) => break f,
-            Err(_) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the reopen never came"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    // Held open, never written: varco's read of it waits for ever, as on
+    // a disk that stopped answering.
+    let _held = common::fifo_writer_once_read(&log, "the reopen", Duration::from_secs(10)).await;
     p.signal("TERM");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running 15 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut status = None;
+    client::until(
+        "an exit within 15 s of SIGTERM",
+        Duration::from_secs(15),
+        async || {
+            status = p.child.try_wait().unwrap();
+            status.is_some()
+        },
+    )
+    .await;
+    let status = status.unwrap();
     assert_eq!(status.code(), Some(0));
     // Said, as the reopen's start was.
     assert_eq!(
@@ -1612,33 +1581,25 @@ async fn snapshots_go_on_while_varco_drains() {
     let (mut a, mut b) = (Citizen::new(p.addr), Citizen::new(p.addr));
     assert!(a.get("/").await.reached_upstream());
     assert!(b.get("/").await.reached_upstream());
-    let until = |n: usize, what: &'static str| {
-        let sessions = &sessions;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while sessions() != Some(n) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{what}: {:?}",
-                    sessions()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    until(2, "both sessions in a snapshot").await;
+    let within = Duration::from_secs(10);
+    client::until("both sessions in a snapshot", within, async || {
+        sessions() == Some(2)
+    })
+    .await;
     // b's request holds the drain open; a's submit, under way when the
     // drain begins, ends a's session during it.
     let held = tokio::spawn(async move { b.get("/slow?ms=30000").await.status });
     let submit = tokio::spawn(async move { a.get("/release?ms=1500").await.status });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while up.in_flight.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        assert!(std::time::Instant::now() < deadline, "both at the portal");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    client::until("both at the portal", within, async || {
+        up.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
     p.signal("TERM");
     assert_eq!(submit.await.unwrap(), 200);
-    until(1, "the session ended during the drain out of a snapshot").await;
+    client::until("the ended session out of a snapshot", within, async || {
+        sessions() == Some(1)
+    })
+    .await;
     drop(p);
     held.abort();
     let _ = std::fs::remove_dir_all(&dir);

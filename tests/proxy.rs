@@ -2570,19 +2570,11 @@ async fn a_connection_sending_its_proxy_header_counts_as_open() {
     // Half a header, and nothing more.
     let mut balancer = tokio::net::TcpStream::connect(v.addr).await.unwrap();
     balancer.write_all(b"PROXY TCP4 198.51").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while open().await != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not counted: {:?}",
-            open().await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let within = Duration::from_secs(5);
+    client::until("counted", within, async || open().await == Some(1.0)).await;
     drop(balancer);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while open().await != Some(0.0) {
-        assert!(std::time::Instant::now() < deadline, "still counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    client::until("no longer counted", within, async || {
+        open().await == Some(0.0)
+    })
+    .await;
 }

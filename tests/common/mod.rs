@@ -100,6 +100,30 @@ pub fn fifo_at(path: &Path) {
     assert!(made.success(), "mkfifo {}", path.display());
 }
 
+/// The writing end of FIFO `path`, once varco has it open to read: opened
+/// without waiting (O_NONBLOCK, 0o4000 on Linux), a FIFO's writer fails
+/// until a reader has it, so this is the readiness signal of varco's read;
+/// held and never written, that read then waits for ever. Fails after
+/// `within`.
+pub async fn fifo_writer_once_read(
+    path: &Path,
+    what: &str,
+    within: std::time::Duration,
+) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut writer = None;
+    client::until(what, within, async || {
+        writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(0o4000)
+            .open(path)
+            .ok();
+        writer.is_some()
+    })
+    .await;
+    writer.unwrap()
+}
+
 /// An address nothing listens on (bound, then released).
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

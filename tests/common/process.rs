@@ -16,6 +16,26 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_varco")
 }
 
+/// `varco demo` on its embedded default, on ports of its own (the
+/// portal's found free first).
+pub fn demo_command() -> Command {
+    let portal = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut command = Command::new(bin());
+    command
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--portal-listen")
+        .arg(portal.to_string());
+    command
+}
+
 /// Writes `toml` to a fresh file and returns its path.
 pub fn write_config(name: &str, toml: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("varco-test-{}", std::process::id()));
@@ -45,22 +65,10 @@ impl Process {
         Self::ready(child)
     }
 
-    /// `varco demo` on its embedded default, on ports of its own (the
-    /// portal's found free first), waiting for its readiness line.
+    /// `varco demo` on its embedded default, on ports of its own,
+    /// waiting for its readiness line.
     pub fn demo() -> Process {
-        let portal = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
-        let child = Command::new(bin())
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--portal-listen")
-            .arg(portal.to_string())
+        let child = demo_command()
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
