@@ -109,6 +109,21 @@ fn keyed_folder(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Writes `dir`'s `varco.toml`: both listeners on ports of their own,
+/// `server` more of `[server]`, the folder's key, then `rest`.
+fn keyed_config(dir: &std::path::Path, server: &str, rest: &str) -> std::path::PathBuf {
+    let cfg = dir.join("varco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\
+             [secrets]\nkey_file = \"keys.toml\"\n{rest}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// A folder with a key and a snapshot of `sessions` live sessions: a
 /// start that takes a while to read them back, after the readiness line.
 fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path::PathBuf {
@@ -135,17 +150,14 @@ fn slow_start(name: &str, up: std::net::SocketAddr, sessions: u64) -> std::path:
         ),
     )
     .unwrap();
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+    keyed_config(
+        &dir,
+        "",
+        &format!(
+            "[store]\nsnapshot = \"state.json\"\n\
              [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 10000000\n"
         ),
     )
-    .unwrap();
-    cfg
 }
 
 /// The demo tells the operator page's address once the admin listener
@@ -379,24 +391,22 @@ fn check_config_prints_the_resolved_config() {
 async fn a_config_refused_at_start_for_the_saved_queue_exits_2() {
     let up = upstream::spawn().await;
     let dir = keyed_folder("refused-at-start");
-    let cfg = dir.join("varco.toml");
     let first = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [secrets]\nkey_file = \"keys.toml\"\n[store]\nsnapshot = \"state.json\"\n\
+        "[store]\nsnapshot = \"state.json\"\n\
          [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 10\n",
         up.addr
     );
-    std::fs::write(&cfg, &first).unwrap();
+    let cfg = keyed_config(&dir, "", &first);
     let p = Process::start(&cfg);
     assert!(Citizen::new(p.addr).get("/").await.reached_upstream());
     p.signal("TERM");
     exits_0_with_its_listener_closed(p).await;
 
-    std::fs::write(
-        &cfg,
-        first.clone() + "opens_at = \"2099-12-01T09:00:00+01:00\"\n",
-    )
-    .unwrap();
+    keyed_config(
+        &dir,
+        "",
+        &(first.clone() + "opens_at = \"2099-12-01T09:00:00+01:00\"\n"),
+    );
     let child = Command::new(bin())
         .args(["run", "--config"])
         .arg(&cfg)
@@ -426,7 +436,7 @@ async fn a_config_refused_at_start_for_the_saved_queue_exits_2() {
     // It served nobody: its marks are gone, and the next start (the
     // file mended) finds a clean stop, not a crash.
     assert!(!dir.join("state.json.marks").exists());
-    std::fs::write(&cfg, &first).unwrap();
+    keyed_config(&dir, "", &first);
     let mut p = Process::start_with(&cfg, &[], std::process::Stdio::piped());
     let stderr = p.child.stderr.take().unwrap();
     p.signal("TERM");
@@ -826,18 +836,15 @@ fn one_slot_snapshotted(
     room: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = keyed_folder(name);
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n\
-             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\ntick = \"100ms\"\n\
+    let cfg = keyed_config(
+        &dir,
+        "",
+        &format!(
+            "[store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"1h\"\ntick = \"100ms\"\n\
              [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 1\n{room}\n\
              per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n"
         ),
-    )
-    .unwrap();
+    );
     (dir, cfg)
 }
 
@@ -1346,19 +1353,17 @@ async fn a_change_whose_caller_gives_up_is_in_the_audit_log() {
 async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
     let up = upstream::spawn().await;
     let dir = keyed_folder("rotate");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n[store]\ntick = \"100ms\"\n\
+    let cfg = keyed_config(
+        &dir,
+        "",
+        &format!(
+            "[store]\ntick = \"100ms\"\n\
              [audit]\nlog = \"admissions.log\"\n\
              [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 100\n\
              per_ip = {{ tickets_per_minute = 100000, status_per_minute = 100000 }}\n",
             up.addr
         ),
-    )
-    .unwrap();
+    );
     let mut p = Process::start_with(
         &cfg,
         &["--log-format", "json"],
@@ -1435,18 +1440,16 @@ async fn sigusr1_reopens_the_admission_log_after_a_rotation() {
 async fn a_reopen_hung_on_the_disk_holds_up_no_shutdown() {
     let up = upstream::spawn().await;
     let dir = keyed_folder("reopen-hung");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n[store]\ntick = \"100ms\"\n\
+    let cfg = keyed_config(
+        &dir,
+        "shutdown_grace = \"1s\"\n",
+        &format!(
+            "[store]\ntick = \"100ms\"\n\
              [audit]\nlog = \"admissions.log\"\n\
              [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 100\n",
             up.addr
         ),
-    )
-    .unwrap();
+    );
     let mut p = Process::start_with(
         &cfg,
         &["--log-format", "json"],
@@ -1501,18 +1504,16 @@ async fn a_form_refused_by_an_upstreams_tls_is_that_upstreams_failure() {
         .unwrap();
     let strict = upstream::spawn_tls_for(&dir.join("ca.pem"), Some(someone.der())).await;
     let plain = upstream::spawn().await;
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n[upstream]\ntls_ca = \"ca.pem\"\nmax_fails = 0\n\
+    let cfg = keyed_config(
+        &dir,
+        "",
+        &format!(
+            "[upstream]\ntls_ca = \"ca.pem\"\nmax_fails = 0\n\
              [rooms.portal]\nupstreams = [\"https://localhost:{}\", \"http://{}\"]\n",
             strict.addr.port(),
             plain.addr
         ),
-    )
-    .unwrap();
+    );
     let mut p = Process::start_with(
         &cfg,
         &["--log-format", "json"],
@@ -1558,18 +1559,15 @@ async fn a_form_refused_by_an_upstreams_tls_is_that_upstreams_failure() {
 async fn snapshots_go_on_while_varco_drains() {
     let up = upstream::spawn().await;
     let dir = keyed_folder("drain-snapshots");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"60s\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n\
-             [store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"100ms\"\ntick = \"100ms\"\n\
+    let cfg = keyed_config(
+        &dir,
+        "shutdown_grace = \"60s\"\n",
+        &format!(
+            "[store]\nsnapshot = \"state.json\"\nsnapshot_interval = \"100ms\"\ntick = \"100ms\"\n\
              [rooms.portal]\nupstreams = [\"http://{}\"]\nmax_active = 10\n",
             up.addr
         ),
-    )
-    .unwrap();
+    );
     let p = Process::start(&cfg);
     let state = dir.join("state.json");
     let sessions = || {
@@ -1638,20 +1636,17 @@ async fn next<T>(lines: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
 async fn a_past_opening_for_an_empty_room_is_told_at_start() {
     let up = upstream::spawn().await;
     let dir = keyed_folder("past-opening");
-    let cfg = dir.join("varco.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [secrets]\nkey_file = \"keys.toml\"\n\
-             [rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 10\n\
+    let cfg = keyed_config(
+        &dir,
+        "",
+        &format!(
+            "[rooms.portal]\nupstreams = [\"http://{up}\"]\nmax_active = 10\n\
              opens_at = \"2025-12-01T09:00:00+01:00\"\n\
              [rooms.later]\nupstreams = [\"http://{up}\"]\nmax_active = 10\npaths = [\"/later\"]\n\
              opens_at = \"2099-12-01T09:00:00+01:00\"\n",
             up = up.addr
         ),
-    )
-    .unwrap();
+    );
     let mut p = Process::start_with(
         &cfg,
         &["--log-format", "json"],
