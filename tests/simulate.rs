@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use varco::demo::simulate::{broken_promises, report, run, SimSettings};
+use varco::demo::simulate::{broken_promises, report, run, through_varco, SimSettings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varco_turns_a_crash_into_a_queue() {
@@ -56,5 +56,28 @@ async fn varco_turns_a_crash_into_a_queue() {
     assert!(
         !broken_promises(&without).is_empty(),
         "the bare portal's 5xx are told"
+    );
+}
+
+/// A gate that lets nobody in fails the run, however quietly it does it:
+/// varco's own 503s (here a closed room's) are refusals, not an
+/// in-flight cap's, and a crowd of which nobody reached the portal is a
+/// broken promise. The run exited 0 with "0/20 reached the portal".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_lets_nobody_in_fails_the_run() {
+    let s = SimSettings {
+        citizens: 20,
+        patience: Duration::from_secs(3),
+        ..SimSettings::default()
+    };
+    let run = through_varco(&s, "mode = \"closed\"", &[]).await.unwrap();
+    let with = run.outcome;
+    assert_eq!(with.admitted, 0);
+    assert!(with.refused >= 20, "{} refusals", with.refused);
+    let broken = broken_promises(&with);
+    assert!(
+        broken.iter().any(|b| b.contains("refusal of its own"))
+            && broken.iter().any(|b| b == "nobody reached the portal"),
+        "{broken:?}"
     );
 }

@@ -72,8 +72,13 @@ pub struct Outcome {
     /// Seconds from arrival to the portal's first page, for those let in
     /// (those who gave up are in `citizens - admitted`).
     pub wait_seconds: Vec<f64>,
-    /// 503s from varco itself: admitted, but the in-flight cap was full.
-    pub busy: u64,
+    /// varco's own answers that were neither its waiting page, nor a
+    /// portal page it relayed, nor a 502 or 504: a 4xx (a refusal, a
+    /// request it found bad) or a 503 (its store failing, the room
+    /// closed; or the in-flight cap full, where a room has one). The
+    /// rooms `varco simulate` runs have no cap and per-IP limits nobody
+    /// meets: there each is a failure.
+    pub refused: u64,
     /// varco's own 502s and 504s: the portal refused, reset or outwaited
     /// a request (a portal down shows here, not in `portal_5xx`).
     pub gateway_errors: u64,
@@ -315,7 +320,7 @@ struct Trace {
     place: Place,
     requests: u64,
     errors_5xx: u64,
-    busy: u64,
+    refused: u64,
     gateway_errors: u64,
     unanswered: u64,
     crossed: u64,
@@ -378,11 +383,10 @@ async fn citizen(
         if r.status >= 500 {
             if from_portal {
                 t.errors_5xx += 1;
-            } else if r.status == 503 {
-                // varco's own 503: the in-flight cap was full.
-                t.busy += 1;
-            } else {
+            } else if r.status == 502 || r.status == 504 {
                 t.gateway_errors += 1;
+            } else {
+                t.refused += 1;
             }
             // A person hits reload after a second.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -401,11 +405,22 @@ async fn citizen(
                     tokio::time::sleep(s.poll).await;
                 }
                 first = false;
-                let status = p
+                let Some(answer) = p
                     .send("GET", "/.varco/status?room=portal", None, true)
                     .await
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s.body).ok());
-                let Some(v) = status else { continue };
+                else {
+                    t.unanswered += 1;
+                    continue;
+                };
+                let Some(v) = serde_json::from_str::<serde_json::Value>(&answer.body)
+                    .ok()
+                    .filter(|v| v["state"].is_string())
+                else {
+                    // Not the status (an error page, a refusal): the
+                    // page's script would show nothing new.
+                    t.refused += 1;
+                    continue;
+                };
                 if let Some(n) = v["ticket"].as_u64() {
                     t.place.ticket = Some(n);
                 }
@@ -431,6 +446,7 @@ async fn citizen(
         if !from_portal {
             // Neither the portal nor the waiting page (a 429, a 400): not
             // a step done; a person tries again after a second.
+            t.refused += 1;
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
@@ -499,7 +515,7 @@ async fn crowd(
         };
         o.portal_requests += t.requests;
         o.portal_5xx += t.errors_5xx;
-        o.busy += t.busy;
+        o.refused += t.refused;
         o.gateway_errors += t.gateway_errors;
         o.unanswered += t.unanswered;
         o.crossed += t.crossed;
@@ -811,6 +827,17 @@ pub fn broken_promises(with: &Outcome) -> Vec<String> {
     if with.unanswered > 0 {
         broken.push(format!("{} requests got no answer", with.unanswered));
     }
+    if with.refused > 0 {
+        broken.push(format!(
+            "varco answered {} requests with a refusal of its own (a 4xx or a 503)",
+            with.refused
+        ));
+    }
+    // A crowd that ran out of patience with nobody let in: the gate
+    // failed, however quietly it did.
+    if with.citizens > 0 && with.admitted == 0 {
+        broken.push("nobody reached the portal".to_string());
+    }
     broken
 }
 
@@ -853,9 +880,9 @@ pub fn report(s: &SimSettings, without: &Outcome, with: &Outcome) -> String {
         secs(percentile(&with.done_seconds, 0.99)),
     ));
     out.push_str(&row(
-        "varco's own 503 (in-flight cap)",
-        without.busy.to_string(),
-        with.busy.to_string(),
+        "varco's own refusals (4xx, 503)",
+        without.refused.to_string(),
+        with.refused.to_string(),
     ));
     out.push_str(&row(
         "varco's own 502/504",
@@ -945,6 +972,7 @@ mod tests {
             order_inversions: 3,
             gateway_errors: 4,
             unanswered: 5,
+            refused: 6,
             ..Outcome::default()
         });
         assert!(broken[0].contains("3 pairs"), "{broken:?}");
@@ -953,6 +981,22 @@ mod tests {
             "{broken:?}"
         );
         assert!(broken[2].contains("5 requests got no answer"), "{broken:?}");
+        assert!(
+            broken[3].contains("6 requests with a refusal"),
+            "{broken:?}"
+        );
+        // A crowd of which nobody got in, with no error counted.
+        let broken = broken_promises(&Outcome {
+            citizens: 10,
+            ..Outcome::default()
+        });
+        assert_eq!(broken, ["nobody reached the portal"]);
+        let some_in = Outcome {
+            citizens: 10,
+            admitted: 1,
+            ..Outcome::default()
+        };
+        assert!(broken_promises(&some_in).is_empty());
     }
 
     /// An answer whose body never comes whole is no answer, in time: it
