@@ -249,7 +249,7 @@ impl App {
         }
         // Keys made up at start draw nothing a restart could keep.
         let generated = config.raw.secrets.keys_made_up();
-        let errors: Vec<ConfigError> = rooms
+        let mut errors: Vec<ConfigError> = rooms
             .iter()
             .filter_map(|r| not_reopened(&r.name, r.config.opens_at_ms, &r.view(), now).err())
             .chain(rooms.iter().filter(|_| !generated).filter_map(|r| {
@@ -262,6 +262,9 @@ impl App {
                 lottery_key_missing(&r.config, &kid, r.config.ticket_ttl, &config.keys, now)
             }))
             .collect();
+        if let Stores::Memory(m) = &stores {
+            errors.extend(restored_queue_kept(m, &config, &rooms, now));
+        }
         if !errors.is_empty() {
             stores.abandon();
             return Err(AppError::Config(ConfigErrors(errors)));
@@ -758,38 +761,8 @@ impl App {
                 ));
             }
             let view = room.view();
-            let drawn = room.config.opens_at_ms.is_some() && view.opened && view.prequeue > 0;
-            if drawn {
-                return Some(ConfigError {
-                    key: format!("rooms.{}.opens_at", next.name),
-                    reason: format!(
-                        "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value",
-                        view.prequeue
-                    ),
-                });
-            }
-            // Before the opening a pre-queue page asks seldom (up to every
-            // 5 minutes, 1.3 times that with its jitter): an opening
-            // brought nearer than that would call places whose pages have
-            // not asked since, and let their turns lapse.
-            let earliest = now + crate::page::waiting::PREQUEUE_POLL_MAX_S * 1_300;
-            let brought = match (room.config.opens_at_ms, next.opens_at_ms) {
-                (Some(was), Some(new)) => new < was && new < earliest,
-                (Some(_), None) => true,
-                _ => false,
-            };
-            if !view.opened && view.prequeue > 0 && brought {
-                return Some(ConfigError {
-                    key: format!("rooms.{}.opens_at", next.name),
-                    reason: format!(
-                        "{} people wait in the pre-queue, and their pages ask only every few minutes before the opening: brought nearer than {} (or removed), it would call places whose pages have not asked since, and their turns would lapse. Bring it to {} or later",
-                        view.prequeue,
-                        crate::timefmt::rfc3339(earliest),
-                        crate::timefmt::rfc3339(earliest)
-                    ),
-                });
-            }
-            not_reopened(&next.name, next.opens_at_ms, &view, now).err()
+            drawn_places_kept(room.config.opens_at_ms, next, &view, now)
+                .or_else(|| not_reopened(&next.name, next.opens_at_ms, &view, now).err())
         })
     }
 
@@ -1660,6 +1633,111 @@ fn warn_if_opened_by_a_past_date(room: &Room, now_ms: u64) {
 /// not hold back a queue that has opened. Left alone, people would be
 /// admitted before the time the waiting page announces; refused, the
 /// operator hears it when setting the date, not on the day.
+/// Refuses `next`'s opening where the queue was run for opening `was`
+/// and its pre-queue places are drawn from it (the opening is part of
+/// the lottery's seed): any other opening would draw them again once the
+/// room has opened; before, one brought nearer than a pre-queue page's
+/// slowest poll would call places whose pages have not asked since.
+fn drawn_places_kept(
+    was: Option<u64>,
+    next: &crate::config::RoomConfig,
+    view: &crate::store::RoomView,
+    now: u64,
+) -> Option<ConfigError> {
+    if next.opens_at_ms == was {
+        return None;
+    }
+    if was.is_some() && view.opened && view.prequeue > 0 {
+        return Some(ConfigError {
+            key: format!("rooms.{}.opens_at", next.name),
+            reason: format!(
+                "the room has opened and its {} pre-queue tickets have their places drawn; a new opening would draw them again. Keep the old value ({})",
+                view.prequeue,
+                was.map(crate::timefmt::rfc3339).unwrap_or_default()
+            ),
+        });
+    }
+    // Before the opening a pre-queue page asks seldom (up to every 5
+    // minutes, 1.3 times that with its jitter).
+    let earliest = now + crate::page::waiting::PREQUEUE_POLL_MAX_S * 1_300;
+    let brought = match (was, next.opens_at_ms) {
+        (Some(was), Some(new)) => new < was && new < earliest,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    (!view.opened && view.prequeue > 0 && brought).then(|| ConfigError {
+        key: format!("rooms.{}.opens_at", next.name),
+        reason: format!(
+            "{} people wait in the pre-queue, and their pages ask only every few minutes before the opening: brought nearer than {} (or removed), it would call places whose pages have not asked since, and their turns would lapse. Bring it to {} or later",
+            view.prequeue,
+            crate::timefmt::rfc3339(earliest),
+            crate::timefmt::rfc3339(earliest)
+        ),
+    })
+}
+
+/// What a start restoring the queue refuses of the config for rooms the
+/// snapshot holds, as a reload would: an opening other than the one the
+/// queue was run for (see `drawn_places_kept`), and a room or lane the
+/// config no longer has (renamed, or removed) that still holds live
+/// sessions or people called. Rooms and lanes left out holding only a
+/// line are told; empty ones are forgotten, and leave the snapshot.
+fn restored_queue_kept(
+    memory: &MemoryStore,
+    config: &Config,
+    rooms: &[Arc<Room>],
+    now: u64,
+) -> Vec<ConfigError> {
+    let mut errors: Vec<ConfigError> = rooms
+        .iter()
+        .filter_map(|room| {
+            let was = room.lanes.iter().find_map(|lane| {
+                let name = lane_store_name(&room.config, &lane.name);
+                memory.existing(&name)?.opening_ms()
+            })?;
+            drawn_places_kept(Some(was), &room.config, &room.view(), now)
+        })
+        .collect();
+    let kept: std::collections::HashSet<String> = config
+        .rooms
+        .iter()
+        .flat_map(|r| {
+            std::iter::once(r.name.clone())
+                .chain(r.lanes.iter().map(|l| lanes::Lane::store_name(&r.name, l)))
+        })
+        .collect();
+    for (name, view) in memory.others(&kept) {
+        let key = match name.split_once('#') {
+            Some((room, lane)) => format!("rooms.{room}.lanes.{lane}"),
+            None => format!("rooms.{name}"),
+        };
+        let inside = view.active + view.reserved;
+        if inside > 0 {
+            errors.push(ConfigError {
+                key,
+                reason: format!(
+                    "the snapshot holds {inside} live sessions and people called in it, and {} in line, whose passes and tickets name it: renamed or removed while varco was stopped, they would be sent back to the line mid-flow and lose their places, and a room under another name would let in up to its max_active beside them. Keep it (closed, if nobody more is to come in) until its sessions have ended, then remove it with a reload",
+                    view.in_line()
+                ),
+            });
+        } else if view.in_line() > 0 {
+            tracing::warn!(%key, in_line = view.in_line(), "the snapshot holds people in line here, but the config has no such room or lane: their places are kept in the store, and wait for it to come back");
+        } else {
+            memory.forget(&name);
+        }
+    }
+    errors
+}
+
+/// The store's name of room `room`'s lane `lane` ("" for the default).
+fn lane_store_name(room: &crate::config::RoomConfig, lane: &str) -> String {
+    room.lanes
+        .iter()
+        .find(|l| l.name == lane)
+        .map(|l| lanes::Lane::store_name(&room.name, l))
+        .unwrap_or_else(|| room.name.clone())
+}
+
 fn not_reopened(
     room: &str,
     opens_at_ms: Option<u64>,

@@ -1814,6 +1814,106 @@ async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
     );
 }
 
+/// Starts varco on `toml` (paths from `dir`) at `now`, and stops it at
+/// once: what a restart makes of the snapshot there.
+async fn restart(toml: &str, dir: &std::path::Path, now: u64) -> Result<(), String> {
+    let config = varco::config::Config::from_toml(toml, dir).expect("a valid file");
+    varco::app::App::new(
+        config,
+        std::sync::Arc::new(varco::clock::ManualClock::new(now)),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// A restart under another opening is refused once the pre-queue's
+/// places are drawn from the one the queue opened at, as a reload is:
+/// the opening is part of the lottery's seed, and every place would be
+/// drawn again. Before the opening, one brought nearer than a pre-queue
+/// page's slowest poll, or removed, is refused too. Restarts took all of
+/// these.
+#[tokio::test]
+async fn a_restart_under_another_opening_keeps_the_drawn_places() {
+    let up = upstream::spawn().await;
+    let opening = T0 + 60 * 60_000;
+    let at = |ms: u64| format!("opens_at = \"{}\"", varco::timefmt::rfc3339(ms));
+    let (dir, cfg) = snapshotted_room(
+        "opening-restart",
+        up.addr,
+        &format!("max_active = 1\n{}", at(opening)),
+    );
+    let moved = |to: &str| cfg.replace(&at(opening), to);
+    let g = Gated::start_at(&cfg, T0, &dir).await;
+    for _ in 0..2 {
+        assert!(g.citizen().get("/").await.is_waiting_page());
+    }
+    g.stop().await;
+    for nearer in [at(T0 + 2 * 60_000), String::new()] {
+        let err = restart(&moved(&nearer), &dir, T0 + 60_000)
+            .await
+            .expect_err("an opening brought nearer");
+        assert!(
+            err.contains("rooms.portal.opens_at") && err.contains("2 people wait in the pre-queue"),
+            "{err}"
+        );
+    }
+    // The opening, under the file it was set for.
+    let g = Gated::start_at(&cfg, opening, &dir).await;
+    g.advance(1_000).await;
+    let view = g.app.room("portal").unwrap().view();
+    assert!(view.opened && view.prequeue == 2, "{view:?}");
+    g.stop().await;
+    for other in [at(opening - 5 * 60_000), String::new()] {
+        let err = restart(&moved(&other), &dir, opening + 5_000)
+            .await
+            .expect_err("another opening after the draw");
+        assert!(
+            err.contains("rooms.portal.opens_at")
+                && err.contains("2 pre-queue tickets have their places drawn"),
+            "{err}"
+        );
+    }
+    restart(&cfg, &dir, opening + 5_000).await.unwrap();
+}
+
+/// A restart whose config no longer has a room (renamed, or removed)
+/// holding live sessions is refused, as a reload is: its people would be
+/// sent back to the line mid-flow, and a room under the new name would
+/// let in its max_active beside them. An empty one leaves the snapshot.
+/// Restarts took the first silently, and kept the second for ever.
+#[tokio::test]
+async fn a_restart_without_a_room_in_use_is_refused() {
+    let up = upstream::spawn().await;
+    let (dir, cfg) = snapshotted_room("renamed-restart", up.addr, "max_active = 2");
+    let with_spare = format!(
+        "{cfg}[rooms.spare]\nupstreams = [\"http://{}\"]\npaths = [\"/spare\"]\nmax_active = 2\n",
+        up.addr
+    );
+    let g = Gated::start_at(&with_spare, T0, &dir).await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    g.stop().await;
+    let err = restart(
+        &with_spare.replace("[rooms.portal]", "[rooms.bonus]"),
+        &dir,
+        T0 + 1_000,
+    )
+    .await
+    .expect_err("a room renamed under its live sessions");
+    assert!(
+        err.contains("rooms.portal: ") && err.contains("1 live sessions"),
+        "{err}"
+    );
+    let g = Gated::start_at(&cfg, T0 + 2_000, &dir).await;
+    g.stop().await;
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    assert!(
+        saved["rooms"]["portal"].is_object() && saved["rooms"].get("spare").is_none(),
+        "{saved}"
+    );
+}
+
 #[tokio::test]
 async fn a_restart_keeps_every_place_and_every_pass() {
     let up = upstream::spawn().await;

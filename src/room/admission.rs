@@ -220,6 +220,13 @@ pub struct AdmissionState {
     /// (its tickets carry none, and count as of any run).
     #[serde(default)]
     pub generation: u64,
+    /// The scheduled opening this queue was last run for before it
+    /// opened, and so opened at: part of the pre-queue lottery's seed. A
+    /// restart under another `opens_at` would draw every pre-queue place
+    /// again; kept so the start can refuse it, as a reload does. `None`:
+    /// no opening, or a snapshot from before it was kept.
+    #[serde(default)]
+    pub opening_ms: Option<u64>,
 }
 
 /// How far behind a time already seen the clock must be to be taken as
@@ -253,6 +260,7 @@ impl AdmissionState {
             tokens: limits.burst().min(1.0),
             refilled_ms: now_ms,
             generation: new_generation(),
+            opening_ms: limits.opens_at_ms,
             ..Default::default()
         }
     }
@@ -328,7 +336,11 @@ impl AdmissionState {
 
     /// Opens the room if its time has come; true when it opened now.
     pub fn maybe_open(&mut self, limits: &Limits, now_ms: u64) -> bool {
-        if self.opened || limits.opens_at_ms.is_some_and(|t| now_ms < t) {
+        if self.opened {
+            return false;
+        }
+        self.opening_ms = limits.opens_at_ms;
+        if limits.opens_at_ms.is_some_and(|t| now_ms < t) {
             return false;
         }
         self.open();

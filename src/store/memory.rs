@@ -77,6 +77,12 @@ impl MemoryRoom {
         self.sessions.insert(sid, AtomicU64::new(expires_ms));
     }
 
+    /// The opening this room's queue was last run for before it opened
+    /// (see [`AdmissionState::opening_ms`]).
+    pub fn opening_ms(&self) -> Option<u64> {
+        self.lock().opening_ms
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
         // A panic while holding the lock cannot leave the counters half
         // updated in a way worse than losing them: keep serving.
@@ -749,6 +755,25 @@ impl MemoryStore {
     /// it), without making one.
     pub fn existing(&self, name: &str) -> Option<Arc<MemoryRoom>> {
         self.rooms.get(name).map(|r| r.clone())
+    }
+
+    /// The rooms (and lanes, `room#lane`) held here that `kept` does not
+    /// name, with what each holds: after a start, those the snapshot
+    /// restored that the config no longer has.
+    pub fn others(&self, kept: &std::collections::HashSet<String>) -> Vec<(String, RoomView)> {
+        let mut others: Vec<(String, RoomView)> = self
+            .rooms
+            .iter()
+            .filter(|r| !kept.contains(r.key()))
+            .map(|r| (r.key().clone(), r.value().view()))
+            .collect();
+        others.sort_by(|a, b| a.0.cmp(&b.0));
+        others
+    }
+
+    /// Drops room `name`'s state: it is in no snapshot from now on.
+    pub fn forget(&self, name: &str) {
+        self.rooms.remove(name);
     }
 
     /// The room's store, created fresh unless a snapshot restored it.
