@@ -133,6 +133,15 @@ fn the_printed_config_keeps_the_redis_password_out() {
     ));
     assert!(e.names("store.url"), "{e}");
     assert!(!e.to_string().contains("S3cret"), "{e}");
+    // A password alone (a variable meant to hold just it), and one in a
+    // query (redis+unix's `?pass=`): refused, and not shown.
+    for url in ["S3cretPw", "redis+unix:///run/redis.sock?pass=S3cretPw"] {
+        let e = errors(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"{url}\"\n{ROOM}"
+        ));
+        assert!(e.names("store.url"), "{e}");
+        assert!(!e.to_string().contains("S3cret"), "{e}");
+    }
     for (url, shown) in [
         ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
         ("rediss://u:p@w@h/2", "rediss://u:***@h/2"),

@@ -609,16 +609,27 @@ pub fn redacted(url: &str) -> String {
 /// `@` written as `***`. Where its user part ends cannot be told (a
 /// password holding `/`, `?` or `#`, not percent-encoded, is what made
 /// it fail), so none of it is shown.
+///
+/// A value with neither a scheme nor an `@` is not shown at all: most
+/// likely a password alone (`url_env` naming the variable that holds
+/// just the password, as Helm charts make them). A query is not shown
+/// either: `redis+unix://` URLs carry the password there (`?pass=`).
 pub fn masked(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+    let Some((scheme, rest)) = url.split_once("://") else {
         // Without a scheme (`user:pw@host`, `redis:/:pw@host`) the part
         // before the last `@` may be a password all the same.
-        None => (String::new(), url),
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => format!("*** ({} characters, not shown)", url.chars().count()),
+        };
     };
-    match rest.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}***@{host}"),
-        None => url.to_string(),
+    let rest = match rest.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => rest.to_string(),
+    };
+    match rest.split_once('?') {
+        Some((before, _)) => format!("{scheme}://{before}?***"),
+        None => format!("{scheme}://{rest}"),
     }
 }
 
