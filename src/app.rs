@@ -259,7 +259,13 @@ impl App {
                     .store
                     .lottery_key_id()
                     .filter(|k| k != crate::room::token::EPHEMERAL_KEY_ID)?;
-                lottery_key_missing(&r.config, &kid, r.config.ticket_ttl, &config.keys, now)
+                lottery_key_missing(
+                    &r.config,
+                    &kid,
+                    r.config.ticket_ttl,
+                    (&config.keys, key_source(&config)),
+                    now,
+                )
             }))
             .collect();
         if let Stores::Memory(m) = &stores {
@@ -871,7 +877,10 @@ impl App {
                     .then(|| {
                         running
                             .ids()
-                            .find(|id| lottery_key_missing(next, id, ttl, &new.keys, now).is_some())
+                            .find(|id| {
+                                lottery_key_missing(next, id, ttl, (&new.keys, key_source(new)), now)
+                                    .is_some()
+                            })
                     })
                     .flatten()?;
                 return Some(unheard(
@@ -880,10 +889,12 @@ impl App {
                 ));
             };
             running.key(&kid)?;
-            lottery_key_missing(next, &kid, ttl, &new.keys, now).map(|e| ConfigError {
-                key: key_source(new).into(),
-                ..e
-            })
+            // A key made up at start goes on verifying, and drawing, when
+            // a reload brings a key file (`reload`), which cannot list it.
+            if kid == crate::room::token::EPHEMERAL_KEY_ID {
+                return None;
+            }
+            lottery_key_missing(next, &kid, ttl, (&new.keys, key_source(new)), now)
         })
     }
 
@@ -1820,15 +1831,16 @@ fn lottery_key_missing(
     room: &crate::config::RoomConfig,
     kid: &str,
     ticket_ttl: std::time::Duration,
-    keys: &Keyring,
+    keys: (&Keyring, &'static str),
     now_ms: u64,
 ) -> Option<ConfigError> {
+    let (keys, source) = keys;
     let opens = room.opens_at_ms?;
     let drawn_for = opens.saturating_add(ticket_ttl.as_millis() as u64);
     (now_ms < drawn_for && keys.key(kid).is_none()).then(|| ConfigError {
-        key: "secrets.key_file".into(),
+        key: source.into(),
         reason: format!(
-            "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it in the file until {} (the opening plus the longest ticket_ttl its tickets were signed with)",
+            "key \"{kid}\" draws room {}'s pre-queue lottery, whose commitment is published: without it every pre-queue place would be drawn again. Keep it among the keys until {} (the opening plus the longest ticket_ttl its tickets were signed with)",
             room.name,
             crate::timefmt::rfc3339(drawn_for)
         ),

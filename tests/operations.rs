@@ -1494,6 +1494,52 @@ async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A lottery drawn with a key made up at start (`ephemeral = true`) is
+/// kept when a reload brings a key file: the made-up key goes on
+/// verifying and drawing. The reload was refused, asking the file to
+/// keep a key id no file can hold, and only a restart (every ticket
+/// lost) got out of it.
+#[tokio::test]
+async fn a_reload_from_a_made_up_key_to_a_file_keeps_the_lottery() {
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * 60_000;
+    let cfg = with_admin(&gated_config(
+        up.addr,
+        &format!(
+            "max_active = 100\nopens_at = \"{}\"",
+            varco::timefmt::rfc3339(opens)
+        ),
+    ));
+    let (g, path) = Gated::start_written("lottery-made-up", &cfg).await;
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    let commitment = early.status("portal").await["lottery"]["commitment"].clone();
+    assert!(commitment.is_string());
+    let dir = path.parent().unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        cfg.replace(
+            "[secrets]\nephemeral = true",
+            "[secrets]\nkey_file = \"keys.toml\"",
+        ),
+    )
+    .unwrap();
+    let got = api(&g, "POST", "/api/reload", Some(TOKEN)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        early.status("portal").await["lottery"]["commitment"],
+        commitment
+    );
+    // The ticket signed with the made-up key still holds its place.
+    assert_eq!(early.status("portal").await["state"], "waiting");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `varco demo --config FILE` with no `[admin]` makes up a token for the
 /// run: a reload of that file keeps it (the operator page stays open),
 /// and a file that names tokens replaces it.

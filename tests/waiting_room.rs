@@ -1784,23 +1784,33 @@ async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
         "[[keys]]\nid = \"k2\"\nsecret = \"ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=\"\n",
     )
     .unwrap();
-    let start = |at: u64| {
-        let config = varco::config::Config::from_toml(&cfg, &dir).expect("a valid file");
-        varco::app::App::new(
-            config,
-            std::sync::Arc::new(varco::clock::ManualClock::new(at)),
-        )
-    };
-    let err = match start(T0 + 5_000).await {
-        Ok(_) => panic!("started without the lottery's key"),
-        Err(e) => e.to_string(),
-    };
+    let err = restart(&cfg, &dir, T0 + 5_000)
+        .await
+        .expect_err("started without the lottery's key");
     assert!(
         err.contains("secrets.key_file") && err.contains("\"k1\""),
         "{err}"
     );
+    // Keys from the environment: the error names where they come from.
+    std::env::set_var(
+        "VARCO_TEST_LOTTERY_KEYS",
+        "k2:ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=",
+    );
+    let from_env = cfg.replace(
+        "key_file = \"keys.toml\"",
+        "key_env = \"VARCO_TEST_LOTTERY_KEYS\"",
+    );
+    let err = restart(&from_env, &dir, T0 + 5_000)
+        .await
+        .expect_err("started without the lottery's key");
+    assert!(
+        err.contains("secrets.key_env") && err.contains("\"k1\""),
+        "{err}"
+    );
     // Once the last pre-queue ticket has expired, the draw matters no more.
-    assert!(start(T0 + 10 * 60_000 + 86_400_000 + 1_000).await.is_ok());
+    assert!(restart(&cfg, &dir, T0 + 10 * 60_000 + 86_400_000 + 1_000)
+        .await
+        .is_ok());
     // A key an earlier run made up is in no file to keep: its tickets
     // went with it, and nothing holds the start back.
     std::fs::remove_file(dir.join("state.json")).unwrap();
@@ -1809,7 +1819,7 @@ async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
     assert!(g.citizen().get("/").await.is_waiting_page());
     g.stop().await;
     assert!(
-        start(T0 + 5_000).await.is_ok(),
+        restart(&cfg, &dir, T0 + 5_000).await.is_ok(),
         "refused over a made-up key"
     );
 }
