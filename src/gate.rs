@@ -1062,7 +1062,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                         if let Some(gate) = resend(room, lane, r, n, t) {
                             return Ok(gate);
                         }
-                        room.metrics.missed_turns.inc();
+                        // Counted once its holder is back in (below): a
+                        // retry refused meanwhile keeps the lapsed ticket,
+                        // and would count it again at each.
                         missed_turn = true;
                     }
                     // Of a run the store has lost: no turn was missed;
@@ -1160,6 +1162,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
     if direct {
         let session = new_session(room, r);
         if let Some(n) = lane.store.admit_directly(limits, session, r.now_ms).await? {
+            if missed_turn {
+                room.metrics.missed_turns.inc();
+            }
             let pass = new_pass(room, lane, session.sid, n, r.now_ms, r.now_ms);
             let mut set_cookies = vec![pass_cookie(room, &pass, r.tls)];
             if ticket.is_some() {
@@ -1210,6 +1215,9 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
         "waiting",
     );
     status.missed_turn = missed_turn;
+    if missed_turn {
+        room.metrics.missed_turns.inc();
+    }
     Ok(Gate::Respond(page(
         room,
         r,

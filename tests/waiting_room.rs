@@ -257,6 +257,46 @@ async fn rate_limits_new_sessions_per_minute_in_order() {
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
 }
 
+/// A missed turn is counted once, when its holder is back in: the
+/// requests refused meanwhile with the lapsed ticket (here the page's
+/// images, which take no place) each counted one more.
+#[tokio::test]
+async fn a_missed_turn_is_counted_once_whatever_was_refused_before() {
+    let up = upstream::spawn().await;
+    let g = Gated::start(&gated_config(
+        up.addr,
+        "max_active = 1\nclaim_window = \"15s\"\nsession_idle = \"1m\"",
+    ))
+    .await;
+    assert!(g.citizen().get("/").await.reached_upstream());
+    let mut leaver = g.citizen();
+    assert!(leaver.get("/").await.is_waiting_page());
+    g.advance(61_000).await;
+    assert_eq!(leaver.status("portal").await["state"], "admitted");
+    // Two more behind: one called next, one still waiting, so nobody is
+    // let in straight away.
+    for _ in 0..2 {
+        assert!(g.citizen().get("/").await.is_waiting_page());
+    }
+    g.advance(16_000).await;
+    assert_eq!(leaver.status("portal").await["state"], "none");
+    for _ in 0..3 {
+        let got = leaver
+            .request(
+                "GET",
+                "/logo.png",
+                body::empty(),
+                &[("sec-fetch-dest", "image")],
+            )
+            .await;
+        assert_eq!(got.status, 503);
+    }
+    let missed = || common::client::metric(g.admin, "varco_missed_turns_total", "room=\"portal\"");
+    assert_eq!(missed().await, Some(0.0));
+    assert!(leaver.get("/").await.is_waiting_page());
+    assert_eq!(missed().await, Some(1.0));
+}
+
 #[tokio::test]
 async fn an_abandoned_eligible_ticket_gives_its_slot_back() {
     let up = upstream::spawn().await;
