@@ -457,6 +457,10 @@ fn minutes_range(s: &Strings, status: &Status) -> String {
 /// `window.name`: without either, a page whose ticket lapsed stayed
 /// stale for as long as it was open. A `window.name` that is not varco's
 /// is the portal's and left alone; varco's is emptied when the turn comes.
+/// Where neither may be used, in the page's own memory: a reload within
+/// the minute is then not known, but it is only one a poll (a fresh page
+/// finds its ticket again, or its new situation); not for a missing
+/// cookie, which would take a new place at every poll: said at once.
 pub const DEFAULT_TEMPLATE: &str = include_str!("waiting.html");
 
 /// Every variable a template may use, in the order `render` fills them.

@@ -603,6 +603,23 @@ try {
   check(opAxe.length === 0, "axe-core: no serious or critical violation on the operator page " + opAxe.join(", "));
   await ops.close();
 
+  // A browser whose pages may keep nothing in sessionStorage (an app's
+  // WebView with DOM storage off): what the page remembers across a
+  // reload must be kept elsewhere.
+  // "named": and the portal keeps its own tab id in window.name (as
+  // Vaadin does), which the page must leave alone.
+  const walledOff = async (context, walled) =>
+    context.addInitScript((named) => {
+      Object.defineProperty(window, "sessionStorage", {
+        get() {
+          throw new DOMException("The operation is insecure.", "SecurityError");
+        },
+      });
+      if (named && !window.name) window.name = "portal-tab-42";
+    }, walled === "named");
+  const walledHow = (walled) =>
+    walled === "named" ? " (no sessionStorage, window.name the portal's)" : walled ? " (no sessionStorage)" : "";
+
   // 9. A page left open follows the room: the message of a pause goes
   // when admission resumes; a page from a closed room (no ticket) takes
   // its place when the room opens; a page still waiting when the gate is
@@ -625,18 +642,27 @@ try {
   });
   check(true, "resumed, the open page's message is no longer the pause's");
   check((await api("close")).status === 200, "the room closed");
-  const stranger = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
-  const shut = await stranger.newPage();
-  await shut.clock.install();
-  const closedAnswer = await shut.goto(VARCO + "/apply");
-  check(closedAnswer.status() === 503, "a newcomer to a closed room gets the closed page");
+  // Also where the page can remember nothing across a load (it loads
+  // afresh once all the same).
+  const strangers = [];
+  for (const walled of [false, "named"]) {
+    const stranger = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
+    if (walled) await walledOff(stranger, walled);
+    const shut = await stranger.newPage();
+    await shut.clock.install();
+    const closedAnswer = await shut.goto(VARCO + "/apply");
+    check(closedAnswer.status() === 503, "a newcomer to a closed room gets the closed page" + walledHow(walled));
+    strangers.push([stranger, shut, walledHow(walled)]);
+  }
   check((await api("open")).status === 200, "the room opened");
-  await until("the closed page takes a place", async () => {
-    await shut.clock.runFor(31000);
-    return /^\d+$/.test((await shut.textContent("#ticket")).trim());
-  });
-  check(true, "opened, the page left open from the closed room holds a ticket");
-  await stranger.close();
+  for (const [stranger, shut, how] of strangers) {
+    await until("the closed page takes a place" + how, async () => {
+      await shut.clock.runFor(31000);
+      return /^\d+$/.test((await shut.textContent("#ticket")).trim());
+    });
+    check(true, "opened, the page left open from the closed room holds a ticket" + how);
+    await stranger.close();
+  }
   check((await api("passthrough")).status === 200, "the gate lifted");
   await until("the waiting page moves on to the portal", async () => {
     await page.clock.runFor(31000);
@@ -666,25 +692,13 @@ try {
   check(!(request instanceof Error), "without fetch: the page reloads itself at its poll, as without JavaScript");
   await old.close();
 
-  // A browser whose pages may keep nothing in sessionStorage (an app's
-  // WebView with DOM storage off): what the page remembers across a
-  // reload must be kept elsewhere.
-  const walledOff = async (context) =>
-    context.addInitScript(() => {
-      Object.defineProperty(window, "sessionStorage", {
-        get() {
-          throw new DOMException("The operation is insecure.", "SecurityError");
-        },
-      });
-    });
-
   // 11. A ticket whose cookie is gone (it ran out, or was cleared): the
   // page loads afresh once, and holds a new ticket; with sessionStorage
   // or without.
   for (const walled of [false, true]) {
     const cleared = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
-    if (walled) await walledOff(cleared);
-    const how = walled ? " (no sessionStorage)" : "";
+    if (walled) await walledOff(cleared, walled);
+    const how = walledHow(walled);
     const lapsed = await cleared.newPage();
     await lapsed.clock.install();
     await lapsed.goto(VARCO + "/login");
@@ -707,10 +721,10 @@ try {
   // taken off on the way) is told so after one fresh load, and the page
   // stops there: reloading would only take one new place after another.
   // With sessionStorage or without.
-  for (const walled of [false, true]) {
-    const how = walled ? " (no sessionStorage)" : "";
+  for (const walled of [false, true, "named"]) {
+    const how = walledHow(walled);
     const crumbless = await browser.newContext({ viewport: { width: 360, height: 740 }, locale: "en-GB" });
-    if (walled) await walledOff(crumbless);
+    if (walled) await walledOff(crumbless, walled);
     await crumbless.route("**/login", async (route) => {
       const asked = route.request();
       const r = await fetch(asked.url(), { headers: await asked.allHeaders(), redirect: "manual" });
@@ -745,8 +759,13 @@ try {
         return polled > before;
       });
     }
+    // With nowhere to remember a fresh load, the page says so at once,
+    // and leaves the portal's window.name as it was.
+    if (walled === "named") {
+      check((await bare.evaluate(() => window.name)) === "portal-tab-42", "the portal's window.name left alone");
+    }
     check(
-      navigations === 1 &&
+      navigations === (walled === "named" ? 0 : 1) &&
         (await bare.textContent("#ticket")).trim() === kept &&
         (await bare.textContent("#position")).trim() === "\u2013",
       `kept no cookie: the page says so after one fresh load and takes no more places (${navigations} loads)${how}`
