@@ -734,7 +734,7 @@ fn windows_of_hours_are_told() {
          claim_window = \"60m\"\nsession_idle = \"13h\"\nticket_ttl = \"48h\"\n";
     let cautions = Config::from_toml(toml, Path::new(".")).unwrap().cautions();
     // One line each, words apart by one space.
-    assert!(cautions.iter().all(|c| !c.contains("  ")), "{cautions:?}");
+    assert!(cautions_in_one_line(&cautions), "{cautions:?}");
     for key in [
         "rooms.portal.claim_window: 60 min",
         "rooms.portal.session_idle: 13 h",
@@ -753,6 +753,42 @@ fn windows_of_hours_are_told() {
         .unwrap()
         .cautions();
     assert!(plain.is_empty(), "{plain:?}");
+}
+
+/// A waiting-page template that keeps the script but not what it reads
+/// for a refused poll (`data-poll-cap`) or for screen readers (`#said`)
+/// is told; the default page, copied, is not.
+#[test]
+fn a_template_missing_what_its_script_reads_is_told() {
+    let dir = std::env::temp_dir().join(format!("varco-template-told-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml =
+        "[rooms.portal]\nupstreams = [\"http://127.0.0.1:9001\"]\npage_template = \"page.html\"\n";
+    let told = |page: &str| {
+        std::fs::write(dir.join("page.html"), page).unwrap();
+        Config::from_toml(toml, &dir).unwrap().cautions()
+    };
+    let bare = told(
+        "<html lang=\"{{lang}}\"><main id=\"varco\" data-poll=\"{{poll_seconds}}\">{{position}}</main></html>",
+    );
+    assert!(cautions_in_one_line(&bare), "{bare:?}");
+    for what in ["data-poll-cap", "id=\"said\""] {
+        assert!(
+            bare.iter()
+                .any(|c| c.starts_with("rooms.portal.page_template:") && c.contains(what)),
+            "{what}: {bare:?}"
+        );
+    }
+    let copy = told(varco::page::waiting::DEFAULT_TEMPLATE);
+    assert!(copy.is_empty(), "{copy:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each caution one line, words one space apart.
+fn cautions_in_one_line(cautions: &[String]) -> bool {
+    cautions
+        .iter()
+        .all(|c| !c.contains("  ") && !c.contains('\n'))
 }
 
 /// The id of the key varco makes up is its own: a listed key of that
