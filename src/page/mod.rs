@@ -296,7 +296,10 @@ fn outside_scripts(text: &str) -> String {
 
 /// `text` cut where a `<script>` or `<style>` element begins and ends,
 /// in order: `(true, piece)` from its opening tag to its closing one
-/// (which is outside again), to the end if it is never closed.
+/// (which is outside again), to the end if it is never closed. A tag in
+/// an HTML comment (`<!-- the <script> we dropped -->`) opens nothing: it
+/// took every variable after it, to the next `</script`, out of the
+/// page, and out of the config's check.
 fn script_regions(text: &str) -> Vec<(bool, &str)> {
     // ASCII lowering keeps every byte where it was.
     let lower = text.to_ascii_lowercase();
@@ -307,6 +310,16 @@ fn script_regions(text: &str) -> Vec<(bool, &str)> {
             .into_iter()
             .filter_map(|tag| tag_at(&lower, at, tag).map(|i| (i, tag)))
             .min();
+        let comment = lower[at..].find("<!--").map(|i| at + i);
+        if let Some(c) = comment.filter(|c| next.is_none_or(|(start, _)| *c < start)) {
+            // Unclosed, a comment runs to the end, as a browser reads it.
+            let end = lower[c + 4..]
+                .find("-->")
+                .map_or(text.len(), |e| c + 4 + e + 3);
+            regions.push((false, &text[at..end]));
+            at = end;
+            continue;
+        }
         let Some((start, tag)) = next else {
             regions.push((false, &text[at..]));
             return regions;
@@ -620,6 +633,15 @@ mod tests {
         assert_eq!(
             unknown_variables("<style-box>{{postion}}</style-box>", &known),
             ["postion"]
+        );
+        // Nor is a tag in a comment; a script after one still is.
+        assert_eq!(
+            unknown_variables(
+                "<!-- we dropped the <script> for analytics --> {{postion}} \
+                 <!----><script>{{ user }}</script> {{x3}} <!-- <style>",
+                &known
+            ),
+            ["postion", "x3"]
         );
         assert_eq!(meant("postion", &known), Some("position"));
         assert_eq!(meant("x1", &known), None);
