@@ -1036,16 +1036,7 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
                             None => view,
                         };
                         let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
-                        // Re-sign only when the destination changed, and
-                        // only for a page the person went to: the icon or
-                        // an image the browser fetched meanwhile is not
-                        // where a form posted later should land.
-                        let cookie = (safe_get && t.u != next_url && is_navigation(r.headers))
-                            .then(|| {
-                                let mut t = t.clone();
-                                t.u = next_url.clone();
-                                ticket_cookie(room, &t, r)
-                            });
+                        let cookie = headed_elsewhere(room, r, t, safe_get, &next_url);
                         return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
                     }
                     // Used or lapsed: this ticket admits nobody any more,
@@ -1076,7 +1067,8 @@ pub async fn admit(room: &Room, r: &GateRequest<'_>) -> Result<Gate, Failure> {
             // pre-queue stands.
             None => {
                 let status = status_for(room, lane, Some(t), &view, r.now_ms, "waiting");
-                return Ok(Gate::Respond(page(room, r, &status, &next_url, None)));
+                let cookie = headed_elsewhere(room, r, t, safe_get, &next_url);
+                return Ok(Gate::Respond(page(room, r, &status, &next_url, cookie)));
             }
         }
     }
@@ -1255,6 +1247,24 @@ fn ticket_cookie(room: &Room, t: &TicketClaims, r: &GateRequest) -> HeaderValue 
         room.cookie_attrs(r.tls),
         |out| room.keys.sign_into(t, out),
     )
+}
+
+/// Ticket `t` signed again to land on `next_url`, where a person held in
+/// line went to another page: only when the destination changed, and
+/// only for a page the person went to (the icon or an image the browser
+/// fetched meanwhile is not where a form posted later should land).
+fn headed_elsewhere(
+    room: &Room,
+    r: &GateRequest,
+    t: &TicketClaims,
+    safe_get: bool,
+    next_url: &str,
+) -> Option<HeaderValue> {
+    (safe_get && t.u != next_url && is_navigation(r.headers)).then(|| {
+        let mut t = t.clone();
+        t.u = next_url.to_string();
+        ticket_cookie(room, &t, r)
+    })
 }
 
 fn page(

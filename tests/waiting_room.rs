@@ -1864,6 +1864,36 @@ async fn a_restart_keeps_the_key_of_a_lottery_in_use() {
     );
 }
 
+/// A pre-queue ticket follows its holder to the last page asked for, as
+/// a ticket in line does: a form posted later, and the turn, land there.
+/// It kept the first page for good; an image fetched meanwhile does not
+/// move it.
+#[tokio::test]
+async fn a_prequeue_ticket_lands_on_the_last_page_asked_for() {
+    let up = upstream::spawn().await;
+    let opens = varco::timefmt::rfc3339(T0 + 10 * 60_000);
+    let g = Gated::start(&gated_config(
+        up.addr,
+        &format!("max_active = 1\nopens_at = \"{opens}\""),
+    ))
+    .await;
+    let mut early = g.citizen();
+    assert!(early.get("/").await.is_waiting_page());
+    let landing = |c: &Citizen| c.claims("varco_ticket_portal").unwrap()["u"].clone();
+    assert_eq!(landing(&early), "/");
+    assert!(early.get("/domanda").await.is_waiting_page());
+    assert_eq!(landing(&early), "/domanda");
+    early
+        .request(
+            "GET",
+            "/logo.png",
+            body::empty(),
+            &[("sec-fetch-dest", "image")],
+        )
+        .await;
+    assert_eq!(landing(&early), "/domanda");
+}
+
 /// Starts varco on `toml` (paths from `dir`) at `now`, and stops it at
 /// once: what a restart makes of the snapshot there.
 async fn restart(toml: &str, dir: &std::path::Path, now: u64) -> Result<(), String> {
