@@ -172,6 +172,7 @@ impl App {
                 url,
                 prefix,
                 tls_ca,
+                ..
             } => Stores::Redis(Arc::new(
                 RedisStore::connect(
                     url,

@@ -153,6 +153,35 @@ fn the_printed_config_keeps_the_redis_password_out() {
     }
 }
 
+/// A Redis CA renewed under the same path reads as a change of the
+/// store (what a reload names as waiting for a restart: the store reads
+/// it only as it starts), as a renewed upstream CA does; read again
+/// unchanged, as none.
+#[test]
+fn a_redis_ca_renewed_under_its_path_is_a_change() {
+    set_shared_keys();
+    let dir = std::env::temp_dir().join(format!("varco-config-redis-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("redis-ca.pem"), cert.pem()).unwrap();
+    };
+    let toml = format!(
+        "{SHARED_KEYS}[store]\nkind = \"redis\"\nurl = \"rediss://10.0.0.9:6380/0\"\ntls_ca = \"redis-ca.pem\"\n{ROOM}"
+    );
+    let read = || Config::from_toml(&toml, &dir).unwrap().store.kind;
+    ca("ca-2026.example.it");
+    let running = read();
+    assert_eq!(read(), running, "the same file read again");
+    ca("ca-2027.example.it");
+    assert_ne!(read(), running, "renewed under the same path");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The Redis URL (and its password) from a file or the environment,
 /// as the other secrets: each source named by its own key when it fails.
 #[test]

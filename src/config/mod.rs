@@ -156,6 +156,11 @@ pub enum StoreKind {
         prefix: String,
         /// PEM roots for rediss://; None: the system's roots.
         tls_ca: Option<PathBuf>,
+        /// A digest of the certificates `tls_ca` held when read: a CA
+        /// renewed under the same path is a change of `[store]`, which a
+        /// reload names as waiting for a restart (the store reads it
+        /// only as it starts), as a renewed `upstream.tls_ca` is.
+        tls_ca_read: Option<Vec<u8>>,
     },
 }
 

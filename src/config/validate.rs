@@ -550,15 +550,24 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     ),
                 );
             }
+            let mut tls_ca_read = None;
             if let Some(ca) = tls_ca.as_ref().filter(|ca| ca.is_file()) {
-                if let Err(e) = crate::tls::read_certificates(ca) {
-                    p.add("store.tls_ca", e);
+                match crate::tls::read_certificates(ca) {
+                    Ok(certs) => {
+                        let mut sum = ring::digest::Context::new(&ring::digest::SHA256);
+                        for c in &certs {
+                            sum.update(c.as_ref());
+                        }
+                        tls_ca_read = Some(sum.finish().as_ref().to_vec());
+                    }
+                    Err(e) => p.add("store.tls_ca", e),
                 }
             }
             StoreKind::Redis {
                 url: url.clone(),
                 prefix: raw.store.prefix.clone(),
                 tls_ca: tls_ca.clone(),
+                tls_ca_read,
             }
         }
         ("redis", Ok(Some((url, from)))) => {
