@@ -976,22 +976,40 @@ impl App {
     /// (removed by an earlier reload, or renamed back) whose queue has
     /// opened: its state outlived it in the store, and the restart
     /// `App::new` checks would refuse what this reload let in, after a
-    /// day of admitting before the time the page announces.
+    /// day of admitting before the time the page announces. On one node,
+    /// also an opening other than the one its queue was run for, with
+    /// its pre-queue drawn (see `drawn_places_kept`), as a start would.
     async fn returns_unopened(&self, new: &Config) -> Result<(), ReloadError> {
         let now = self.clock.now_ms();
         let tick = self.config.store.tick.as_millis() as u64;
         let mut errors = Vec::new();
-        for next in &new.rooms {
-            if self.room(&next.name).is_some() || next.opens_at_ms.is_none_or(|t| t <= now) {
-                continue;
-            }
-            let lines = std::iter::once(next.name.clone()).chain(
+        let lines = |next: &crate::config::RoomConfig| {
+            std::iter::once(next.name.clone()).chain(
                 next.lanes
                     .iter()
                     .filter(|l| !l.is_default())
-                    .map(|l| lanes::Lane::store_name(&next.name, l)),
-            );
-            for line in lines {
+                    .map(|l| lanes::Lane::store_name(&next.name, l))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        for next in &new.rooms {
+            if self.room(&next.name).is_some() {
+                continue;
+            }
+            if let Stores::Memory(m) = &self.stores {
+                let drawn = lines(next).find_map(|line| {
+                    let kept = m.existing(&line)?;
+                    drawn_places_kept(kept.opening_ms(), next, &kept.view(), now)
+                });
+                if let Some(e) = drawn {
+                    errors.push(e);
+                    continue;
+                }
+            }
+            if next.opens_at_ms.is_none_or(|t| t <= now) {
+                continue;
+            }
+            for line in lines(next) {
                 let view = match &self.stores {
                     Stores::Memory(m) => m.existing(&line).map(|r| r.view()),
                     Stores::Redis(redis) => {
@@ -1718,7 +1736,7 @@ fn restored_queue_kept(
                 .chain(r.lanes.iter().map(|l| lanes::Lane::store_name(&r.name, l)))
         })
         .collect();
-    for (name, view) in memory.others(&kept) {
+    for (name, view) in memory.others(&kept, now) {
         let key = match name.split_once('#') {
             Some((room, lane)) => format!("rooms.{room}.lanes.{lane}"),
             None => format!("rooms.{name}"),

@@ -1494,6 +1494,60 @@ async fn a_reload_keeps_the_key_of_a_lottery_in_use() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A room brought back by a reload (removed by an earlier one once
+/// closed and empty) is held to the opening its queue was run for, as a
+/// start from the snapshot is: with its pre-queue drawn, another opening
+/// (or none) would draw every place again. The reload took it, and the
+/// next restart refused the file it was running.
+#[tokio::test]
+async fn a_room_brought_back_keeps_the_opening_of_its_draw() {
+    let up = upstream::spawn().await;
+    let opens = common::gated::T0 + 10 * 60_000;
+    let opening = format!("opens_at = \"{}\"", varco::timefmt::rfc3339(opens));
+    let other = format!(
+        "[rooms.other]\nupstreams = [\"http://{}\"]\npaths = [\"/other\"]\n",
+        up.addr
+    );
+    let cfg = with_admin(&gated_config(
+        up.addr,
+        &format!("max_active = 1\n{opening}"),
+    )) + &other;
+    let (g, path) = Gated::start_written("brought-back-drawn", &cfg).await;
+    for _ in 0..2 {
+        assert!(g.citizen().get("/").await.is_waiting_page());
+    }
+    g.advance(10 * 60_000 + 1_000).await;
+    assert_eq!(
+        api(&g, "POST", "/api/rooms/portal/close", Some(TOKEN))
+            .await
+            .status,
+        200
+    );
+    // The turn called at the opening lapses; closed, nobody else is.
+    g.advance(61_000).await;
+    let reload = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        api(&g, "POST", "/api/reload", Some(TOKEN))
+    };
+    let without = with_admin("[secrets]\nephemeral = true\n") + &other;
+    let got = reload(without).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    for back in [
+        cfg.replace(&opening, ""),
+        cfg.replace(&opening, "opens_at = \"2026-01-01T09:00:00+01:00\""),
+    ] {
+        let got = reload(back).await;
+        assert_eq!(got.status, 422, "{}", got.text());
+        let err = got.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            err.contains("rooms.portal.opens_at") && err.contains("places drawn"),
+            "{err}"
+        );
+    }
+    let got = reload(cfg.clone()).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+}
+
 /// A lottery drawn with a key made up at start (`ephemeral = true`) is
 /// kept when a reload brings a key file: the made-up key goes on
 /// verifying and drawing. The reload was refused, asking the file to

@@ -1992,6 +1992,15 @@ async fn a_restart_without_a_room_in_use_is_refused() {
         saved["rooms"]["portal"].is_object() && saved["rooms"].get("spare").is_none(),
         "{saved}"
     );
+    // An hour later its sessions have ended, restored or not: renamed
+    // then, the room holds nobody, and the start goes ahead.
+    restart(
+        &with_spare.replace("[rooms.portal]", "[rooms.bonus]"),
+        &dir,
+        T0 + 3_600_000,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

@@ -758,14 +758,23 @@ impl MemoryStore {
     }
 
     /// The rooms (and lanes, `room#lane`) held here that `kept` does not
-    /// name, with what each holds: after a start, those the snapshot
-    /// restored that the config no longer has.
-    pub fn others(&self, kept: &std::collections::HashSet<String>) -> Vec<(String, RoomView)> {
+    /// name, with what each holds at `now_ms`: after a start, those the
+    /// snapshot restored that the config no longer has. Their sessions
+    /// ended by then are let go first (nothing ticks them): restored,
+    /// they still count until a tick.
+    pub fn others(
+        &self,
+        kept: &std::collections::HashSet<String>,
+        now_ms: u64,
+    ) -> Vec<(String, RoomView)> {
         let mut others: Vec<(String, RoomView)> = self
             .rooms
             .iter()
             .filter(|r| !kept.contains(r.key()))
-            .map(|r| (r.key().clone(), r.value().view()))
+            .map(|r| {
+                r.value().purge(now_ms);
+                (r.key().clone(), r.value().view())
+            })
             .collect();
         others.sort_by(|a, b| a.0.cmp(&b.0));
         others
