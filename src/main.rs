@@ -203,6 +203,11 @@ fn main() -> ExitCode {
             chart,
         } => {
             let _log = varco::logging::init(false, "warn");
+            let crowd = citizens.map_or(if compare { 1200 } else { 300 }, |n| n as usize);
+            if let Err(e) = varco::demo::simulate::make_room_for(crowd) {
+                eprintln!("varco simulate: {e}");
+                return ExitCode::FAILURE;
+            }
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -212,7 +217,7 @@ fn main() -> ExitCode {
             };
             let result = if compare {
                 let c = varco::demo::compare::CompareSettings::default_for(
-                    citizens.map_or(1200, |n| n as usize),
+                    crowd,
                     patience.unwrap_or(60),
                     capacity.unwrap_or(8),
                 );
@@ -234,7 +239,7 @@ fn main() -> ExitCode {
                 })
             } else {
                 let settings = varco::demo::simulate::SimSettings {
-                    citizens: citizens.map_or(300, |n| n as usize),
+                    citizens: crowd,
                     capacity: capacity.unwrap_or(20),
                     admission_per_minute: rate,
                     max_active,

@@ -1666,3 +1666,37 @@ async fn a_past_opening_for_an_empty_room_is_told_at_start() {
     assert_eq!(told[0]["opens_at"], "2025-12-01T08:00:00Z", "{}", told[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `varco simulate` under a shell's small open-files limit raises it as
+/// far as the hard limit allows, and runs: every citizen is a client
+/// inside the process, and the crowd failed on the run's own limit, the
+/// table blaming varco. Past the hard limit it says what to raise.
+#[test]
+fn simulate_makes_room_for_its_crowd_or_says_what_to_raise() {
+    let simulate = |limits: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit {limits} && exec \"$0\" simulate --citizens 100 --capacity 100 \
+                 --rate 1000000 --max-active 100 --patience 20"
+            ))
+            .arg(bin())
+            .output()
+            .unwrap()
+    };
+    let small = simulate("-Sn 128");
+    let said = String::from_utf8_lossy(&small.stderr);
+    assert!(small.status.success(), "{said}");
+    assert!(
+        String::from_utf8_lossy(&small.stdout).contains("100/100"),
+        "{}",
+        String::from_utf8_lossy(&small.stdout)
+    );
+    let capped = simulate("-n 128");
+    let said = String::from_utf8_lossy(&capped.stderr);
+    assert_eq!(capped.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("need about 712 open files") && said.contains("ulimit"),
+        "{said}"
+    );
+}

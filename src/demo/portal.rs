@@ -319,7 +319,13 @@ pub fn spawn(
         listener,
         None,
         portal.clone(),
-        crate::listener::ListenerSettings::default(),
+        // A portal's own limit is not varco's to set: the crowd of
+        // `varco simulate` without varco (up to 20,000, each on its own
+        // connection) meets the portal's capacity, not a connection cap.
+        crate::listener::ListenerSettings {
+            max_connections: 100_000,
+            ..Default::default()
+        },
         crate::listener::Stop {
             drain: rx,
             close: tokio_util::sync::CancellationToken::new(),

@@ -635,9 +635,12 @@ pub async fn through_varco(
     // session that lapsed on the way sent its holder back to the line,
     // at the back, and read as a line jump.
     let idle = (2 * s.think.as_secs() + 30).max(30);
+    // Every citizen waits on a connection of its own: the default cap
+    // would hold the crowd past 10,000 in the backlog, counted as varco's.
+    let connections = (s.citizens + 1_000).max(crate::config::file::DEFAULT_MAX_CONNECTIONS);
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         max_connections_per_ip = 0\n\
+         max_connections_per_ip = 0\nmax_connections = {connections}\n\
          [log]\naccess = false\nlevel = \"warn\"\n[secrets]\nephemeral = true\n\
          [rooms.portal]\nupstreams = [\"http://{portal_addr}\"]\n\
          session_idle = \"{idle}s\"\nclaim_window = \"30s\"\n\
@@ -772,6 +775,42 @@ fn timeline(log: &Log, rates: &[(f64, f64)], plan: &[(f64, usize)], seconds: f64
             }
         })
         .collect()
+}
+
+/// Open files a run of `citizens` needs in this one process: each one
+/// waiting holds a connection to varco (its end and varco's), or to the
+/// portal without varco (the same two), beside varco's own to the portal
+/// and the process's files.
+pub fn files_needed(citizens: usize) -> u64 {
+    2 * citizens as u64 + 512
+}
+
+/// Raises this process's soft limit of open files to what `citizens`
+/// need, as far as the hard limit allows (a shell's 1024 would otherwise
+/// fail connections, and the table would blame varco for the run's own
+/// limit); an error says what to raise when it cannot.
+pub fn make_room_for(citizens: usize) -> Result<(), String> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let need = files_needed(citizens);
+    // None: no limit.
+    let may = |l: Rlimit| l.current.unwrap_or(u64::MAX);
+    let limit = getrlimit(Resource::Nofile);
+    if may(limit) < need {
+        let raised = Rlimit {
+            current: Some(need.min(limit.maximum.unwrap_or(u64::MAX))),
+            maximum: limit.maximum,
+        };
+        // Refused, the check below says so.
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+    let now = may(getrlimit(Resource::Nofile));
+    if now >= need {
+        return Ok(());
+    }
+    Err(format!(
+        "{citizens} citizens need about {need} open files (two for each: every citizen is a client inside this process), and it may open {now} (ulimit -n, the hard limit {}): raise it (ulimit -Hn {need}; LimitNOFILE), or ask for fewer citizens",
+        limit.maximum.map_or("none".to_string(), |m| m.to_string())
+    ))
 }
 
 /// Runs both halves and returns (without varco, with varco).
