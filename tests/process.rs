@@ -1696,7 +1696,7 @@ fn simulate_makes_room_for_its_crowd_or_says_what_to_raise() {
     let said = String::from_utf8_lossy(&capped.stderr);
     assert_eq!(capped.status.code(), Some(1), "{said}");
     assert!(
-        said.contains("need about 712 open files") && said.contains("ulimit"),
+        said.contains("need about 264 open files") && said.contains("ulimit"),
         "{said}"
     );
 }

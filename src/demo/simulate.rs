@@ -777,30 +777,32 @@ fn timeline(log: &Log, rates: &[(f64, f64)], plan: &[(f64, usize)], seconds: f64
         .collect()
 }
 
-/// Open files a run of `citizens` needs in this one process: each one
-/// waiting holds a connection to varco (its end and varco's), or to the
-/// portal without varco (the same two), beside varco's own to the portal
-/// and the process's files.
+/// The fewest open files a run of `citizens` needs in this one process:
+/// each one waiting holds a connection to varco (its end and varco's),
+/// or to the portal without varco (the same two), and a few are the
+/// process's own. varco's connections to the portal come on top, as
+/// many as requests in flight: what the hard limit leaves is for them.
 pub fn files_needed(citizens: usize) -> u64 {
-    2 * citizens as u64 + 512
+    2 * citizens as u64 + 64
 }
 
-/// Raises this process's soft limit of open files to what `citizens`
-/// need, as far as the hard limit allows (a shell's 1024 would otherwise
-/// fail connections, and the table would blame varco for the run's own
-/// limit); an error says what to raise when it cannot.
+/// Raises this process's soft limit of open files to its hard limit, as
+/// Go's runtime does (a shell's 1024 failed the crowd's connections, and
+/// the table blamed varco for the run's own limit); an error says what
+/// to raise when even that is below what `citizens` need.
 pub fn make_room_for(citizens: usize) -> Result<(), String> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let need = files_needed(citizens);
     // None: no limit.
     let may = |l: Rlimit| l.current.unwrap_or(u64::MAX);
     let limit = getrlimit(Resource::Nofile);
-    if may(limit) < need {
+    if limit.current != limit.maximum {
         let raised = Rlimit {
-            current: Some(need.min(limit.maximum.unwrap_or(u64::MAX))),
+            current: limit.maximum,
             maximum: limit.maximum,
         };
-        // Refused, the check below says so.
+        // Refused (a system cap below an unlimited hard limit), the
+        // check below says what is left.
         let _ = setrlimit(Resource::Nofile, raised);
     }
     let now = may(getrlimit(Resource::Nofile));
