@@ -1657,12 +1657,6 @@ fn warn_if_opened_by_a_past_date(room: &Room, now_ms: u64) {
     }
 }
 
-/// An opening still to come for a queue that has already opened. A
-/// queue opens once: its pre-queue takes the first places, so a second
-/// opening has no places to draw, and the rules (and the Lua script) do
-/// not hold back a queue that has opened. Left alone, people would be
-/// admitted before the time the waiting page announces; refused, the
-/// operator hears it when setting the date, not on the day.
 /// Refuses `next`'s opening where the queue was run for opening `was`
 /// and its pre-queue places are drawn from it (the opening is part of
 /// the lottery's seed): any other opening would draw them again once the
@@ -1768,6 +1762,12 @@ fn lane_store_name(room: &crate::config::RoomConfig, lane: &str) -> String {
         .unwrap_or_else(|| room.name.clone())
 }
 
+/// An opening still to come for a queue that has already opened. A
+/// queue opens once: its pre-queue takes the first places, so a second
+/// opening has no places to draw, and the rules (and the Lua script) do
+/// not hold back a queue that has opened. Left alone, people would be
+/// admitted before the time the waiting page announces; refused, the
+/// operator hears it when setting the date, not on the day.
 fn not_reopened(
     room: &str,
     opens_at_ms: Option<u64>,
