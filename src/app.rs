@@ -172,7 +172,6 @@ impl App {
                 url,
                 prefix,
                 tls_ca,
-                ..
             } => Stores::Redis(Arc::new(
                 RedisStore::connect(
                     url,

@@ -45,8 +45,14 @@ pub fn read_certificate(
 /// The certificates of a PEM file, at least one: a chain to present, or
 /// roots to trust (`upstream.tls_ca`).
 pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    certificates_in(&pem, path)
+}
+
+/// The certificates of `pem`, read from `path`, at least one.
+pub fn certificates_in(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.map(|c| c.into_owned()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
     if certs.is_empty() {

@@ -154,13 +154,12 @@ pub enum StoreKind {
     Redis {
         url: String,
         prefix: String,
-        /// PEM roots for rediss://; None: the system's roots.
-        tls_ca: Option<PathBuf>,
-        /// A digest of the certificates `tls_ca` held when read: a CA
-        /// renewed under the same path is a change of `[store]`, which a
-        /// reload names as waiting for a restart (the store reads it
-        /// only as it starts), as a renewed `upstream.tls_ca` is.
-        tls_ca_read: Option<Vec<u8>>,
+        /// The PEM roots `store.tls_ca` held when read, for rediss://;
+        /// None: the system's roots. Read once: the store connects with
+        /// these, and a CA renewed under the same path is a change of
+        /// `[store]`, which a reload names as waiting for a restart, as a
+        /// renewed `upstream.tls_ca` is.
+        tls_ca: Option<Vec<u8>>,
     },
 }
 

@@ -550,24 +550,16 @@ pub fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
                     ),
                 );
             }
-            let mut tls_ca_read = None;
-            if let Some(ca) = tls_ca.as_ref().filter(|ca| ca.is_file()) {
-                match crate::tls::read_certificates(ca) {
-                    Ok(certs) => {
-                        let mut sum = ring::digest::Context::new(&ring::digest::SHA256);
-                        for c in &certs {
-                            sum.update(c.as_ref());
-                        }
-                        tls_ca_read = Some(sum.finish().as_ref().to_vec());
-                    }
-                    Err(e) => p.add("store.tls_ca", e),
-                }
-            }
+            let tls_ca = tls_ca.as_ref().filter(|ca| ca.is_file()).and_then(|ca| {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("cannot read {}: {e}", ca.display()))
+                    .and_then(|pem| crate::tls::certificates_in(&pem, ca).map(|_| pem));
+                pem.map_err(|e| p.add("store.tls_ca", e)).ok()
+            });
             StoreKind::Redis {
                 url: url.clone(),
                 prefix: raw.store.prefix.clone(),
-                tls_ca: tls_ca.clone(),
-                tls_ca_read,
+                tls_ca,
             }
         }
         ("redis", Ok(Some((url, from)))) => {

@@ -116,16 +116,14 @@ impl RedisStore {
         prefix: &str,
         lease: Duration,
         tick: Duration,
-        tls_ca: Option<&std::path::Path>,
+        tls_ca: Option<&[u8]>,
     ) -> Result<Self, String> {
         let client = match tls_ca {
             None => redis::Client::open(url),
-            Some(ca) => {
-                let root = std::fs::read(ca)
-                    .map_err(|e| format!("store.tls_ca: cannot read {}: {e}", ca.display()))?;
+            Some(pem) => {
                 let certs = redis::TlsCertificates {
                     client_tls: None,
-                    root_cert: Some(root),
+                    root_cert: Some(pem.to_vec()),
                 };
                 redis::Client::build_with_tls(url, certs)
             }
