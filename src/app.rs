@@ -982,21 +982,12 @@ impl App {
         let now = self.clock.now_ms();
         let tick = self.config.store.tick.as_millis() as u64;
         let mut errors = Vec::new();
-        let lines = |next: &crate::config::RoomConfig| {
-            std::iter::once(next.name.clone()).chain(
-                next.lanes
-                    .iter()
-                    .filter(|l| !l.is_default())
-                    .map(|l| lanes::Lane::store_name(&next.name, l))
-                    .collect::<Vec<_>>(),
-            )
-        };
         for next in &new.rooms {
             if self.room(&next.name).is_some() {
                 continue;
             }
             if let Stores::Memory(m) = &self.stores {
-                let drawn = lines(next).find_map(|line| {
+                let drawn = Lane::store_names(next).into_iter().find_map(|line| {
                     let kept = m.existing(&line)?;
                     drawn_places_kept(kept.opening_ms(), next, &kept.view(), now)
                 });
@@ -1008,7 +999,7 @@ impl App {
             if next.opens_at_ms.is_none_or(|t| t <= now) {
                 continue;
             }
-            for line in lines(next) {
+            for line in Lane::store_names(next) {
                 let view = match &self.stores {
                     Stores::Memory(m) => m.existing(&line).map(|r| r.view()),
                     Stores::Redis(redis) => {
@@ -1714,21 +1705,14 @@ fn restored_queue_kept(
     let mut errors: Vec<ConfigError> = rooms
         .iter()
         .filter_map(|room| {
-            let was = room.lanes.iter().find_map(|lane| {
-                let name = lane_store_name(&room.config, &lane.name);
-                memory.existing(&name)?.opening_ms()
-            })?;
+            let was = Lane::store_names(&room.config)
+                .into_iter()
+                .find_map(|name| memory.existing(&name)?.opening_ms())?;
             drawn_places_kept(Some(was), &room.config, &room.view(), now)
         })
         .collect();
-    let kept: std::collections::HashSet<String> = config
-        .rooms
-        .iter()
-        .flat_map(|r| {
-            std::iter::once(r.name.clone())
-                .chain(r.lanes.iter().map(|l| lanes::Lane::store_name(&r.name, l)))
-        })
-        .collect();
+    let kept: std::collections::HashSet<String> =
+        config.rooms.iter().flat_map(Lane::store_names).collect();
     for (name, view) in memory.others(&kept, now) {
         let key = match name.split_once('#') {
             Some((room, lane)) => format!("rooms.{room}.lanes.{lane}"),
@@ -1750,15 +1734,6 @@ fn restored_queue_kept(
         }
     }
     errors
-}
-
-/// The store's name of room `room`'s lane `lane` ("" for the default).
-fn lane_store_name(room: &crate::config::RoomConfig, lane: &str) -> String {
-    room.lanes
-        .iter()
-        .find(|l| l.name == lane)
-        .map(|l| lanes::Lane::store_name(&room.name, l))
-        .unwrap_or_else(|| room.name.clone())
 }
 
 /// An opening still to come for a queue that has already opened. A

@@ -73,6 +73,19 @@ impl Lane {
         }
     }
 
+    /// The store's names of `room`'s lines: its own (the default lane's)
+    /// and `room#lane` for each other lane.
+    pub fn store_names(room: &crate::config::RoomConfig) -> Vec<String> {
+        std::iter::once(room.name.clone())
+            .chain(
+                room.lanes
+                    .iter()
+                    .filter(|l| !l.is_default())
+                    .map(|l| Self::store_name(&room.name, l)),
+            )
+            .collect()
+    }
+
     pub fn is_default(&self) -> bool {
         self.selector.cidrs.is_empty() && self.selector.header.is_none()
     }
