@@ -523,6 +523,30 @@ impl Config {
                     r.session_idle.as_secs() / 3600
                 ));
             }
+            // A template that keeps the page's script without what it
+            // reads for a refused poll and for screen readers: legal, and
+            // worse.
+            let Some(t) = r.page_template.as_deref() else {
+                continue;
+            };
+            if !t.contains("id=\"varco\"") {
+                continue;
+            }
+            if !t.contains("data-poll-cap=") {
+                out.push(format!(
+                    "rooms.{name}.page_template: keeps the page's script but not \
+                     data-poll-cap=\"{{{{poll_cap_seconds}}}}\" on <main>: after a refused \
+                     poll the page then waits up to 39 s, and a turn called meanwhile may \
+                     lapse within the claim window"
+                ));
+            }
+            if !t.contains("id=\"said\"") {
+                out.push(format!(
+                    "rooms.{name}.page_template: keeps the page's script but no element \
+                     id=\"said\" (aria-live): a screen reader hears no update of the place \
+                     or the wait"
+                ));
+            }
         }
         for (key, path) in &self.secret_files {
             use std::os::unix::fs::PermissionsExt;
@@ -554,33 +578,6 @@ impl Config {
                      whoever writes it can put their own in it, in force at the next \
                      reload. Make it writable by its owner only (chmod 600)",
                     path.display(),
-                ));
-            }
-        }
-        // A template that keeps the page's script without what it reads
-        // for a refused poll and for screen readers: legal, and worse.
-        for r in &self.rooms {
-            let Some(t) = r.page_template.as_deref() else {
-                continue;
-            };
-            if !t.contains("id=\"varco\"") {
-                continue;
-            }
-            if !t.contains("data-poll-cap=") {
-                out.push(format!(
-                    "rooms.{}.page_template: keeps the page's script but not \
-                     data-poll-cap=\"{{{{poll_cap_seconds}}}}\" on <main>: after a refused \
-                     poll the page then waits up to 39 s, and a turn called meanwhile may \
-                     lapse within the claim window",
-                    r.name
-                ));
-            }
-            if !t.contains("id=\"said\"") {
-                out.push(format!(
-                    "rooms.{}.page_template: keeps the page's script but no element \
-                     id=\"said\" (aria-live): a screen reader hears no update of the place \
-                     or the wait",
-                    r.name
                 ));
             }
         }
