@@ -21,7 +21,9 @@ use crate::admin::Admin;
 use crate::audit::{self, AuditLog};
 use crate::clock::{self, SharedClock};
 use crate::config::file::RawServer;
-use crate::config::{Config, ConfigError, ConfigErrors, ServerConfig, StoreKind, TlsConfig};
+use crate::config::{
+    AdminToken, Config, ConfigError, ConfigErrors, ServerConfig, StoreKind, TlsConfig,
+};
 use crate::gateway::{self, Gateway};
 use crate::history::History;
 use crate::listener::{self, ListenerSettings};
@@ -1068,9 +1070,30 @@ impl App {
             true => &self.config.admin_tokens,
             false => &new.admin_tokens,
         };
-        if **self.admin_tokens.load() != *tokens {
-            let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
-            tracing::info!(tokens = ?ids, "admin tokens replaced");
+        let was = self.admin_tokens.load_full();
+        if *was != *tokens {
+            // Who may change the rooms, from when: the audit log's first
+            // question after a token leaked, and revoking by a reload is
+            // the answer the README gives.
+            let id = |t: &AdminToken| t.id.clone();
+            let find = |from: &[AdminToken], id: &str| from.iter().position(|t| t.id == id);
+            let in_force: Vec<String> = tokens.iter().map(id).collect();
+            let added: Vec<String> = tokens
+                .iter()
+                .filter(|t| find(&was, &t.id).is_none())
+                .map(id)
+                .collect();
+            let removed: Vec<String> = was
+                .iter()
+                .filter(|t| find(tokens, &t.id).is_none())
+                .map(id)
+                .collect();
+            let changed: Vec<String> = tokens
+                .iter()
+                .filter(|t| find(&was, &t.id).is_some_and(|i| was[i].token != t.token))
+                .map(id)
+                .collect();
+            tracing::info!(target: "varco::audit", in_force = ?in_force, added = ?added, removed = ?removed, changed = ?changed, "admin tokens replaced");
             self.admin_tokens.store(Arc::new(tokens.clone()));
         }
         if let (Some(served), Some(t)) = (&self.certificates, &new.server.tls) {

@@ -1160,6 +1160,64 @@ async fn a_reload_by_sighup_is_in_the_audit_log() {
     );
 }
 
+/// Who may change the rooms is in the audit log: a token given, revoked
+/// or changed by a reload of `tokens_file` is told on `varco::audit`, by
+/// id, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_given_and_revoked_are_in_the_audit_log() {
+    const ANNA: &str = "anna-token-0123456789-abcdef";
+    const BRUNO: &str = "bruno-token-0123456789-abcdef";
+    const ANNA_NEW: &str = "anna-new-token-0123456789-abcdef";
+    let tokens = std::env::temp_dir()
+        .join(format!("varco-test-{}", std::process::id()))
+        .join("audit-tokens-list.toml");
+    std::fs::create_dir_all(tokens.parent().unwrap()).unwrap();
+    let write = |list: &[(&str, &str)]| {
+        let text: String = list
+            .iter()
+            .map(|(id, token)| format!("[[tokens]]\nid = \"{id}\"\ntoken = \"{token}\"\n"))
+            .collect();
+        std::fs::write(&tokens, text).unwrap();
+    };
+    write(&[("anna", ANNA)]);
+    let up = upstream::spawn().await;
+    let mut p = json_logging(
+        "audit-tokens",
+        &[up.addr],
+        &format!("[admin]\ntokens_file = \"{}\"", tokens.display()),
+    );
+    let mut audit = json_lines(&mut p, |line| {
+        assert!(
+            ![ANNA, BRUNO, ANNA_NEW].iter().any(|t| line.contains(t)),
+            "a token in the log: {line}"
+        );
+        line.contains("\"varco::audit\"")
+    });
+    let told = async |audit: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>| {
+        p.signal("HUP");
+        assert_eq!(next(audit).await["message"], "config reload requested");
+        let line = next(audit).await;
+        assert_eq!(line["message"], "admin tokens replaced", "{line}");
+        let taken = next(audit).await;
+        assert_eq!(
+            taken["message"], "config reload taken: the new config is in force",
+            "{taken}"
+        );
+        line
+    };
+    write(&[("anna", ANNA), ("bruno", BRUNO)]);
+    let line = told(&mut audit).await;
+    assert_eq!(line["in_force"], "[\"anna\", \"bruno\"]", "{line}");
+    assert_eq!(line["added"], "[\"bruno\"]", "{line}");
+    assert_eq!(line["removed"], "[]", "{line}");
+    // Anna's leaked: a new token under her id, Bruno's revoked.
+    write(&[("anna", ANNA_NEW)]);
+    let line = told(&mut audit).await;
+    assert_eq!(line["removed"], "[\"bruno\"]", "{line}");
+    assert_eq!(line["changed"], "[\"anna\"]", "{line}");
+    assert_eq!(line["added"], "[]", "{line}");
+}
+
 /// Every admin API request gets a line on `varco::admin`, reads too (who
 /// fetched the admission log, who polled the rooms), naming the token's
 /// id, never the token.
