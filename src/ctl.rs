@@ -94,6 +94,17 @@ impl Action {
             Action::Reload => ("POST", "/api/reload".into()),
         }
     }
+
+    /// Whether `v` is what the admin API answers this action with: a
+    /// refusal's `error`, or the rooms, the room changed, the reload.
+    fn answered_in(&self, v: &Value, success: bool) -> bool {
+        match (success, self) {
+            (false, _) => v.get("error").is_some(),
+            (true, Action::Status) => v["rooms"].is_array(),
+            (true, Action::Reload) => v["reloaded"] == Value::Bool(true),
+            (true, _) => v["name"].is_string() && v["mode"].is_string(),
+        }
+    }
 }
 
 /// An upstream's label in a path: an IPv6 address's brackets escaped.
@@ -168,7 +179,7 @@ async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
     } else {
         format!("http://{base}{path}")
     };
-    let (status, text) = async {
+    let (status, kind, text) = async {
         let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
         let req = Request::builder()
             .method(method)
@@ -183,13 +194,35 @@ async fn one(admin: &str, token: &str, action: &Action) -> anyhow::Result<()> {
             // does not resolve) is in its source.
             .map_err(|e| anyhow::anyhow!("cannot reach {url}: {:#}", anyhow::Error::new(e)))?;
         let status = resp.status();
+        let kind = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no Content-Type")
+            .to_string();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        anyhow::Ok((status, kind, String::from_utf8_lossy(&bytes).into_owned()))
     }
     .await?;
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    // Only the admin API answers in its own JSON: the public listener
+    // given by mistake answers a waiting page, or the portal its own 200,
+    // and a script's `varco ctl pause portal && notify` would report a
+    // pause nobody made.
+    let v = match kind.starts_with("application/json") {
+        true => serde_json::from_str::<Value>(&text).ok(),
+        false => None,
+    };
+    let Some(v) = v.filter(|v| action.answered_in(v, status.is_success())) else {
+        anyhow::bail!(
+            "{status} ({kind}), not an answer of varco's admin API: is this the admin listener (`server.admin_listen`)?"
+        );
+    };
     if !status.is_success() {
-        anyhow::bail!("{status}: {}", v.get("error").unwrap_or(&v));
+        // A refused reload's reasons, a key a line, as lines.
+        match &v["error"] {
+            Value::String(e) => anyhow::bail!("{status}: {}", e.trim_end()),
+            e => anyhow::bail!("{status}: {e}"),
+        }
     }
     match action {
         Action::Status => print!("{}", status_table(&v)),

@@ -905,6 +905,21 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         !https.status.success() && said.contains("speaks plain HTTP"),
         "{said}"
     );
+    // The public listener given for the admin one answers with the gate
+    // or the portal: not taken for a change made.
+    for args in [&["status"][..], &["pause", "portal"]] {
+        let public = std::process::Command::new(bin())
+            .args(["ctl", "--admin", &p.addr.to_string()])
+            .args(args)
+            .env("VARCO_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&public.stderr);
+        assert!(
+            !public.status.success() && said.contains("not an answer of varco's admin API"),
+            "{args:?}: {said}"
+        );
+    }
     let out = ctl(&["pause", "portal"]);
     assert!(out.contains("\"mode\": \"paused\""), "{out}");
     let status = ctl(&["status"]);
@@ -1039,6 +1054,19 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(refused, "the bad reload was counted as refused");
+    // Its reasons, by ctl, a key a line as the log has them.
+    let out = std::process::Command::new(bin())
+        .args(["ctl", "--admin", &p.admin.to_string(), "reload"])
+        .env("VARCO_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && said.contains("422")
+            && said.contains("\n  - rooms.portal.upstreams"),
+        "{said}"
+    );
     assert!(
         ctl(&["status"]).contains(" 7 "),
         "the old config keeps serving"
