@@ -1453,6 +1453,22 @@ async fn a_101_that_is_no_websocket_handshake_opens_no_tunnel() {
     );
 }
 
+/// A 101 to a request that asked for no upgrade is the portal's fault, a
+/// 502 with a reference, as one to a WebSocket handshake that does not
+/// answer it: passed on, the citizen got a 101 with no tunnel behind it.
+#[tokio::test]
+async fn a_101_to_a_plain_request_is_a_502() {
+    let up = upstream::spawn().await;
+    let v = Varco::start(&room_config(&[up.addr], "")).await;
+    let r = client::get(&format!("http://{}/ws?no-accept", v.addr)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let of = format!("kind=\"protocol\",room=\"portal\",upstream=\"{}\"", up.addr);
+    assert_eq!(
+        client::metric(v.admin, "varco_upstream_errors_total", &of).await,
+        Some(1.0)
+    );
+}
+
 /// A raw connection that asks for a WebSocket at the test upstream's
 /// echoing `/ws`, and the head of the answer.
 async fn open_websocket(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {

@@ -770,15 +770,19 @@ fn tls_alert(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Why an answer hyper took is still not one to pass on, if it is not:
 /// coded bytes the client would read as plain ones (`has_unknown_coding`),
-/// or a 101 to a WebSocket upgrade that is not the handshake asked for
-/// (`accepts_websocket`: the tunnel would be a raw pipe to the portal).
+/// a 101 to a WebSocket upgrade that is not the handshake asked for
+/// (`accepts_websocket`: the tunnel would be a raw pipe to the portal),
+/// or a 101 to a request that asked for no upgrade (hyper takes any 101
+/// for one: the citizen got a 101 with no tunnel behind it, and a
+/// connection closed).
 fn answer_fault(
     resp: &Response<Incoming>,
     upgrading: bool,
     websocket_key: Option<&HeaderValue>,
 ) -> Option<&'static str> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && upgrading
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrading {
+        Some("a 101 to a request that asked for no upgrade")
+    } else if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && !super::headers::accepts_websocket(resp.headers(), websocket_key)
     {
         Some("a 101 that is not the WebSocket handshake asked for")
