@@ -2021,6 +2021,33 @@ async fn a_health_check_expecting_another_status_takes_the_upstream_out() {
     );
 }
 
+/// A checked page may answer with as many header fields as a citizen's
+/// request may get back through varco (1000): with hyper's 100, a page
+/// setting many cookies failed every check, and took every upstream out.
+#[tokio::test]
+async fn a_checked_page_with_many_header_fields_passes() {
+    let up = upstream::spawn().await;
+    let toml = room_config(&[up.addr], "")
+        + "[rooms.portal.health_check]\npath = \"/many-headers\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n";
+    let v = Varco::start(&toml).await;
+    let checks = |result: &str| {
+        let labels = format!(
+            "result=\"{result}\",room=\"portal\",upstream=\"{}\"",
+            up.addr
+        );
+        async move {
+            client::metric(v.admin, "varco_upstream_health_checks_total", &labels)
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    client::until("three checks", Duration::from_secs(10), async || {
+        checks("passed").await + checks("failed").await >= 3.0
+    })
+    .await;
+    assert_eq!(checks("failed").await, 0.0);
+}
+
 /// With `slow_start`, an upstream the checks bring back gets a growing
 /// share of the requests, not its full share at once.
 #[tokio::test]

@@ -74,6 +74,13 @@ impl ResolveServerName for ServerNames {
     }
 }
 
+/// The most header fields an upstream's answer may have. hyper's default
+/// is 100: a portal answer with more (many Set-Cookie, say) was a parse
+/// error, counted as a broken upstream and retried on the others, and a
+/// health check of that page failed. nginx bounds the head by size
+/// (proxy_buffer_size), not by count.
+pub const ANSWER_FIELDS: usize = 1000;
+
 pub fn build(cfg: &UpstreamConfig, names: &ServerNames) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -84,11 +91,7 @@ pub fn build(cfg: &UpstreamConfig, names: &ServerNames) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)
-        // hyper's default is 100 fields: a portal answer with more (many
-        // Set-Cookie, say) was a parse error, counted as a broken
-        // upstream and retried on the others. nginx bounds the head by
-        // size (proxy_buffer_size), not by count.
-        .http1_max_headers(1000)
+        .http1_max_headers(ANSWER_FIELDS)
         .build(Connector::new(connector, cfg, names, cfg.connect_timeout))
 }
 
@@ -109,11 +112,17 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connector {
     pub fn new(
-        http: HttpConnector,
+        mut http: HttpConnector,
         cfg: &UpstreamConfig,
         names: &ServerNames,
         limit: Duration,
     ) -> Connector {
+        // hyper then gives each of a name's addresses its part of the
+        // limit and moves on to the next: without it, an address that
+        // drops SYNs (one server of a DNS round robin powered off) took
+        // the whole limit, the next never tried, and the whole name
+        // cooled down or failed its checks.
+        http.set_connect_timeout(Some(limit));
         Connector {
             inner: with_tls(http, cfg, names),
             limit,

@@ -72,6 +72,7 @@ fn checker(
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
+        .http1_max_headers(client::ANSWER_FIELDS)
         .build(client::Connector::new(
             connector,
             upstream,
