@@ -3599,6 +3599,43 @@ async fn a_step_of_a_nodes_clock_between_ticks_puts_no_time_ahead_in_redis() {
     );
 }
 
+/// A ticket of a run of the memory store (a node moved to cluster mode,
+/// its keys kept) holds no place in Redis's line, as one of another run
+/// of the memory store holds none in it: its holder takes a place at
+/// once, not its old number as a place in the new line (and the back of
+/// it once that number is called).
+#[tokio::test]
+async fn a_ticket_of_the_memory_store_holds_no_place_in_redis() {
+    let redis = RedisServer::start();
+    let up = upstream::spawn().await;
+    let cfg = cluster_config(&redis, up.addr, "max_active = 1", "");
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"t:\"\n\n",
+        redis.url()
+    );
+    assert_eq!(cfg.matches(&store).count(), 1);
+    let single = Gated::start(&cfg.replace(&store, "")).await;
+    assert!(single.citizen().get("/").await.reached_upstream());
+    let mut last = single.citizen();
+    for _ in 0..5 {
+        last = single.citizen();
+        assert!(last.get("/").await.is_waiting_page());
+    }
+    assert_eq!(last.status("portal").await["position"], 5);
+    single.stop().await;
+
+    let node = Gated::start(&cfg).await;
+    assert!(node.citizen().get("/").await.reached_upstream());
+    let mut moved = node.citizen();
+    moved.jar = last.jar.clone();
+    assert!(moved.get("/").await.is_waiting_page());
+    assert_eq!(
+        moved.status("portal").await["position"],
+        1,
+        "the one in line, not the memory run's fifth"
+    );
+}
+
 /// The admission log's mark in Redis moves only forward, and only in the
 /// run the room's state is in: a late write from a leader that lost the
 /// lease, or from before Redis lost its data, would have the next leader

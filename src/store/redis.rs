@@ -1014,6 +1014,11 @@ fn hex(sid: u128) -> String {
     format!("{sid:032x}")
 }
 
+/// How far ahead of a node's run a ticket's can be and still be Redis's
+/// (`holds_place`): a century of ms. A random u64 falls in it once in
+/// six million.
+const RUN_AHEAD_MS: u64 = 100 * 365 * 24 * 3_600_000;
+
 impl RoomStore for RedisRoom {
     fn issue(&self, limits: Limits, now_ms: u64) -> BoxFuture<'_, Result<Issued, StoreError>> {
         async move { Ok(self.issue_in_run(limits, now_ms).await?.0) }.boxed()
@@ -1544,8 +1549,13 @@ impl RoomStore for RedisRoom {
         // A later generation than this node's is one another node heard
         // of first (Redis lost its data, and this node has not asked it
         // since): the ticket is of the new run, not of an earlier one.
+        // Redis numbers a run by the time it began, in ms; a number ahead
+        // by more than any Redis lives is no run of Redis's: the memory
+        // store's are random, and a ticket of one (a node moved to
+        // cluster mode with its keys) was shown its old number as a
+        // place in the new line, and sent to the back once called.
         let current = self.generation();
-        g == 0 || current == 0 || g >= current
+        g == 0 || current == 0 || (current..current.saturating_add(RUN_AHEAD_MS)).contains(&g)
     }
 
     fn provisional_base(&self, epoch: u64) -> Option<(u64, u64)> {
