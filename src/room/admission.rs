@@ -553,8 +553,17 @@ impl AdmissionState {
     }
 }
 
-/// A (time, count) sample, and those older than a minute dropped.
+/// A (time, count) sample, and those older than a minute dropped; all
+/// of them after a clock stepped back: a span measured backwards said
+/// nothing for minutes (the rate read 0), then minutes of progress over
+/// seconds (hundreds of times the rate), on the operator's dashboard.
 fn sample(samples: &mut VecDeque<(u64, u64)>, value: u64, now_ms: u64) {
+    if samples
+        .back()
+        .is_some_and(|(t, _)| *t > now_ms + STEPPED_BACK_MS)
+    {
+        samples.clear();
+    }
     samples.push_back((now_ms, value));
     while samples
         .front()
@@ -630,6 +639,34 @@ mod tests {
         // A tick a little late counts no time twice.
         s.tick(&l, 0, 20_000);
         assert_eq!(s.tick(&l, 0, 19_000), 0);
+    }
+
+    /// The rate seen over the last minute is the rate the room admits at
+    /// right after the clock stepped back, not 0 for minutes, then a
+    /// surge.
+    #[test]
+    fn a_clock_stepped_back_keeps_the_observed_rate() {
+        let l = limits(Some(600.0), None);
+        let mut s = AdmissionState::new(&l, 600_000);
+        for _ in 0..10_000 {
+            s.issue(&l, 600_000);
+        }
+        for t in 601..=660 {
+            s.tick(&l, 0, t * 1_000);
+        }
+        assert!(
+            (s.observed_rate() - 10.0).abs() < 0.5,
+            "{}",
+            s.observed_rate()
+        );
+        // Five minutes back.
+        for t in 361..=420 {
+            s.tick(&l, 0, t * 1_000);
+            if t >= 363 {
+                let rate = s.observed_rate();
+                assert!((rate - 10.0).abs() < 1.0, "{rate} a second at {t} s");
+            }
+        }
     }
 
     /// Turns called before the clock stepped back lapse one claim window
