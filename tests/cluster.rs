@@ -839,7 +839,8 @@ async fn a_claim_whose_answer_comes_too_late_still_admits() {
 /// Redis runs a direct admission but answers after the node stopped
 /// waiting, and the node, beyond its own share, gives the newcomer a
 /// provisional ticket: the session the script made, which nobody holds,
-/// is ended, not left to hold the only slot for `session_idle`.
+/// is ended at the next tick, not left to hold the only slot for
+/// `session_idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_admission_answered_too_late_leaves_no_slot_taken() {
     let redis = RedisServer::start();
@@ -851,6 +852,14 @@ async fn a_direct_admission_answered_too_late_leaves_no_slot_taken() {
     let got = nodes[0].citizen().get("/").await;
     busy.join().unwrap();
     assert!(got.is_waiting_page(), "{}", got.status);
+    // The script, queued behind the busy one, made the session.
+    common::client::until(
+        "the session made",
+        std::time::Duration::from_secs(5),
+        async || redis.command("ZCARD t:{portal}:sessions") == ":1",
+    )
+    .await;
+    advance(&nodes, 1000).await;
     assert_eq!(
         redis.command("ZCARD t:{portal}:sessions"),
         ":0",

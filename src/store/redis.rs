@@ -288,6 +288,13 @@ struct Fallback {
     /// returns, not after `session_idle`. In memory only: a node restarted
     /// in the outage forgets them, and they idle out.
     ends_to_send: std::collections::HashMap<u128, u64>,
+    /// Sessions a direct admission may have made though this node refused
+    /// it (its answer lost: `admit_directly`): nobody holds them. Ended
+    /// at the next tick Redis answers, after the portal's ends and
+    /// within their own [`ENDS_KEPT`]: in an outage of timeouts every
+    /// newcomer leaves one, and sharing the portal's room they pushed
+    /// its releases out within the hour.
+    unheld: Vec<(u128, u64)>,
     /// The keys of issues whose answers never came (Redis slower than the
     /// timeout): each may have taken a number nobody holds, given back
     /// at the next tick ('void'), or it would be called and hold a slot
@@ -304,6 +311,26 @@ struct Fallback {
 }
 
 impl Fallback {
+    /// Keeps a session nobody holds to end, within [`ENDS_KEPT`].
+    fn keep_unheld(&mut self, sid: u128, remember_ms: u64) {
+        if self.unheld.len() < ENDS_KEPT {
+            self.unheld.push((sid, remember_ms));
+        }
+    }
+
+    /// Keeps a lost issue's key for Redis's return: within [`ENDS_KEPT`],
+    /// those older than [`ISSUE_KEPT`] let go first (Redis has forgotten
+    /// them), so an outage of timeouts does not grow it without end.
+    fn keep_lost_issue(&mut self, key: String) {
+        if self.lost_issues.len() >= ENDS_KEPT {
+            self.lost_issues
+                .retain(|(_, lost)| lost.elapsed() < ISSUE_KEPT);
+        }
+        if self.lost_issues.len() < ENDS_KEPT {
+            self.lost_issues.push((key, std::time::Instant::now()));
+        }
+    }
+
     /// Keeps an end for Redis's return, within [`ENDS_KEPT`].
     fn keep_end(&mut self, sid: u128, remember_ms: u64) {
         if self.ends_to_send.len() < ENDS_KEPT || self.ends_to_send.contains_key(&sid) {
@@ -320,6 +347,7 @@ struct Recovery<'a> {
     blocks: Vec<(u64, u64)>,
     pending: Vec<(u128, u64)>,
     ends: Vec<(u128, u64)>,
+    unheld: Vec<(u128, u64)>,
     lost_issues: Vec<(String, std::time::Instant)>,
 }
 
@@ -334,6 +362,7 @@ impl Drop for Recovery<'_> {
         for (sid, remember) in self.ends.drain(..) {
             f.keep_end(sid, remember);
         }
+        f.unheld.append(&mut self.unheld);
         f.lost_issues.append(&mut self.lost_issues);
     }
 }
@@ -887,6 +916,7 @@ impl RedisRoom {
                 && f.issued == 0
                 && f.unplaced.is_empty()
                 && f.ends_to_send.is_empty()
+                && f.unheld.is_empty()
                 && f.pending.is_empty()
                 && f.lost_issues.is_empty()
             {
@@ -903,6 +933,7 @@ impl RedisRoom {
                 blocks,
                 pending: std::mem::take(&mut f.pending),
                 ends: f.ends_to_send.drain().collect(),
+                unheld: std::mem::take(&mut f.unheld),
                 lost_issues: std::mem::take(&mut f.lost_issues),
             }
         };
@@ -910,17 +941,19 @@ impl RedisRoom {
         // limits that move nothing.
         let inert = inert_limits(self.tick_ms);
         // Ends first: a session ended here or on another node is not
-        // adopted back.
-        while !left.ends.is_empty() {
-            // Remembered from now: counted from the release, an outage
-            // longer than the memory would have the end forgotten at once.
-            let chunk = left.ends.len().min(ENDS_PER_CALL);
-            let args: Vec<String> = left.ends[..chunk]
-                .iter()
-                .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
-                .collect();
-            self.call("end", &inert, now_ms, &args).await?;
-            left.ends.drain(..chunk);
+        // adopted back. The portal's, then those nobody holds.
+        for ends in [&mut left.ends, &mut left.unheld] {
+            while !ends.is_empty() {
+                // Remembered from now: counted from the release, an outage
+                // longer than the memory would have the end forgotten at once.
+                let chunk = ends.len().min(ENDS_PER_CALL);
+                let args: Vec<String> = ends[..chunk]
+                    .iter()
+                    .flat_map(|(sid, remember)| [hex(*sid), (now_ms + remember).to_string()])
+                    .collect();
+                self.call("end", &inert, now_ms, &args).await?;
+                ends.drain(..chunk);
+            }
         }
         // Before any block is placed: a number given back is called
         // ahead of them, holding nothing.
@@ -1044,9 +1077,7 @@ impl RoomStore for RedisRoom {
                     // The script may have run: its number, nobody's, is
                     // given back once Redis answers.
                     if matches!(e, StoreError::Unanswered(_)) {
-                        self.lock_fallback()
-                            .lost_issues
-                            .push((key, std::time::Instant::now()));
+                        self.lock_fallback().keep_lost_issue(key);
                     }
                     return Ok((self.issue_provisionally(), self.generation()));
                 }
@@ -1081,11 +1112,14 @@ impl RoomStore for RedisRoom {
                     let own = self.admit_on_my_own(&limits, session, now_ms);
                     // The script may have run and only its answer come too
                     // late: a session nobody holds once this node refuses,
-                    // keeping a slot for session_idle. Ended (sent after
-                    // the script on the same connection, or again at the
-                    // next tick): a number goes unused, nobody is let in.
+                    // keeping a slot for session_idle. Ended at the next
+                    // tick Redis answers (after the script, which went
+                    // first): a number goes unused, nobody is let in. Not
+                    // here: in an outage of timeouts each newcomer waited
+                    // for a second call that could not be answered either.
                     if own.is_none() && matches!(e, StoreError::Unanswered(_)) {
-                        let _ = self.end_session(sid, now_ms, super::ENDED_MEMORY_MS).await;
+                        self.lock_fallback()
+                            .keep_unheld(sid, super::ENDED_MEMORY_MS);
                     }
                     return Ok(own);
                 }
