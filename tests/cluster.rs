@@ -3645,6 +3645,38 @@ async fn a_ticket_of_the_memory_store_holds_no_place_in_redis() {
     );
 }
 
+/// A direct admission for a session already ended makes none: the end
+/// of a session a node refused (its answer lost) can overtake the script
+/// on a connection made since, and the session, made after its end,
+/// would hold a slot nobody holds for `session_idle`.
+#[tokio::test]
+async fn a_direct_admission_after_its_end_makes_no_session() {
+    use varco::store::{NewSession, RoomStore};
+    let redis = RedisServer::start();
+    let store = bare_store(&redis).await;
+    let room = store.room("portal");
+    let limits = unlimited_queue();
+    let now = common::gated::T0;
+    room.refresh(limits, now).await.unwrap();
+    let session = |sid| NewSession {
+        sid,
+        expires_ms: now + 300_000,
+    };
+    room.end_session(7, now, 60_000).await.unwrap();
+    assert_eq!(
+        room.admit_directly(limits, session(7), now).await.unwrap(),
+        None
+    );
+    assert_eq!(redis.command("ZCARD t:{portal}:sessions"), ":0");
+    assert!(
+        room.admit_directly(limits, session(8), now)
+            .await
+            .unwrap()
+            .is_some(),
+        "another session is let in"
+    );
+}
+
 /// The admission log's mark in Redis moves only forward, and only in the
 /// run the room's state is in: a late write from a leader that lost the
 /// lease, or from before Redis lost its data, would have the next leader

@@ -288,7 +288,11 @@ if op == 'issue' then
   end
 elseif op == 'direct' then
   maybe_open()
-  if mode == 'queue' and opened == '1' and queue == serving then
+  -- A session ended already is one the asking node refused, its answer
+  -- lost, and the end overtook the script (sent again on a connection
+  -- made since): made now, nobody would hold it, nor end it again.
+  if mode == 'queue' and opened == '1' and queue == serving
+    and not redis.call('ZSCORE', ended, ARGV[12]) then
     -- A lane at no share keeps its mark (AdmissionState::admit_directly).
     if per_minute ~= 0 then refill() end
     expire()

@@ -1113,8 +1113,9 @@ impl RoomStore for RedisRoom {
                     // The script may have run and only its answer come too
                     // late: a session nobody holds once this node refuses,
                     // keeping a slot for session_idle. Ended at the next
-                    // tick Redis answers (after the script, which went
-                    // first): a number goes unused, nobody is let in. Not
+                    // tick Redis answers (a script that runs after its end,
+                    // sent on a connection lost since, makes no session):
+                    // a number goes unused, nobody is let in. Not
                     // here: in an outage of timeouts each newcomer waited
                     // for a second call that could not be answered either.
                     if own.is_none() && matches!(e, StoreError::Unanswered(_)) {
