@@ -877,6 +877,15 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    // ctl as is, its failures too: to `admin`, a list.
+    let fan = |admin: &str, args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["ctl", "--admin", admin])
+            .args(args)
+            .env("VARCO_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    };
     let status = ctl(&["status"]);
     assert!(
         status.contains("portal") && status.contains("queue"),
@@ -895,11 +904,7 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
         String::from_utf8_lossy(&bare.stderr)
     );
     // An https:// address is said to be one ctl cannot speak to.
-    let https = std::process::Command::new(bin())
-        .args(["ctl", "--admin", &format!("https://{}", p.admin), "status"])
-        .env("VARCO_ADMIN_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let https = fan(&format!("https://{}", p.admin), &["status"]);
     let said = String::from_utf8_lossy(&https.stderr);
     assert!(
         !https.status.success() && said.contains("speaks plain HTTP"),
@@ -908,12 +913,7 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     // The public listener given for the admin one answers with the gate
     // or the portal: not taken for a change made.
     for args in [&["status"][..], &["pause", "portal"]] {
-        let public = std::process::Command::new(bin())
-            .args(["ctl", "--admin", &p.addr.to_string()])
-            .args(args)
-            .env("VARCO_ADMIN_TOKEN", TOKEN)
-            .output()
-            .unwrap();
+        let public = fan(&p.addr.to_string(), args);
         let said = String::from_utf8_lossy(&public.stderr);
         assert!(
             !public.status.success() && said.contains("not an answer of varco's admin API"),
@@ -937,12 +937,7 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     ctl(&["pause", "portal"]);
     let upstream = up.addr.to_string();
     // The room's only upstream: taken out only when meant.
-    let refused = std::process::Command::new(bin())
-        .args(["ctl", "--admin", &format!("http://{}", p.admin)])
-        .args(["upstream-out", "portal", &upstream])
-        .env("VARCO_ADMIN_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let refused = fan(&p.admin.to_string(), &["upstream-out", "portal", &upstream]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("last upstream"),
@@ -965,14 +960,6 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     let second = Process::start(&write_config("ctl-second", &cfg_text(5)));
     let dead = format!("http://{}", common::dead_addr());
     let both = format!("http://{},http://{}", p.admin, second.admin);
-    let fan = |admin: &str, args: &[&str]| {
-        std::process::Command::new(bin())
-            .args(["ctl", "--admin", admin])
-            .args(args)
-            .env("VARCO_ADMIN_TOKEN", TOKEN)
-            .output()
-            .unwrap()
-    };
     let out = fan(&both, &["close", "portal"]);
     assert!(
         out.status.success(),
@@ -1055,11 +1042,7 @@ fn ctl_talks_to_a_running_varco_and_sighup_reloads() {
     }
     assert!(refused, "the bad reload was counted as refused");
     // Its reasons, by ctl, a key a line as the log has them.
-    let out = std::process::Command::new(bin())
-        .args(["ctl", "--admin", &p.admin.to_string(), "reload"])
-        .env("VARCO_ADMIN_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let out = fan(&p.admin.to_string(), &["reload"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
