@@ -320,14 +320,16 @@ impl Fallback {
 
     /// Keeps a lost issue's key for Redis's return: within [`ENDS_KEPT`],
     /// those older than [`ISSUE_KEPT`] let go first (Redis has forgotten
-    /// them), so an outage of timeouts does not grow it without end.
-    fn keep_lost_issue(&mut self, key: String) {
-        if self.lost_issues.len() >= ENDS_KEPT {
-            self.lost_issues
-                .retain(|(_, lost)| lost.elapsed() < ISSUE_KEPT);
+    /// them), so an outage of timeouts does not grow it without end. The
+    /// oldest first: looked through only when it can be let go, not at
+    /// each arrival of a full list.
+    fn keep_lost_issue(&mut self, key: String, lost: std::time::Instant) {
+        let forgotten = |l: &(String, std::time::Instant)| l.1.elapsed() >= ISSUE_KEPT;
+        if self.lost_issues.len() >= ENDS_KEPT && self.lost_issues.first().is_some_and(forgotten) {
+            self.lost_issues.retain(|l| !forgotten(l));
         }
         if self.lost_issues.len() < ENDS_KEPT {
-            self.lost_issues.push((key, std::time::Instant::now()));
+            self.lost_issues.push((key, lost));
         }
     }
 
@@ -362,8 +364,15 @@ impl Drop for Recovery<'_> {
         for (sid, remember) in self.ends.drain(..) {
             f.keep_end(sid, remember);
         }
-        f.unheld.append(&mut self.unheld);
-        f.lost_issues.append(&mut self.lost_issues);
+        // Ahead of any kept since, and within the same bounds.
+        let newer = std::mem::replace(&mut f.unheld, std::mem::take(&mut self.unheld));
+        for (sid, remember) in newer {
+            f.keep_unheld(sid, remember);
+        }
+        let newer = std::mem::replace(&mut f.lost_issues, std::mem::take(&mut self.lost_issues));
+        for (key, lost) in newer {
+            f.keep_lost_issue(key, lost);
+        }
     }
 }
 
@@ -1077,7 +1086,8 @@ impl RoomStore for RedisRoom {
                     // The script may have run: its number, nobody's, is
                     // given back once Redis answers.
                     if matches!(e, StoreError::Unanswered(_)) {
-                        self.lock_fallback().keep_lost_issue(key);
+                        self.lock_fallback()
+                            .keep_lost_issue(key, std::time::Instant::now());
                     }
                     return Ok((self.issue_provisionally(), self.generation()));
                 }
@@ -1635,6 +1645,33 @@ impl RoomStore for RedisRoom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outage of timeouts keeps at most [`ENDS_KEPT`] sessions nobody
+    /// holds and lost issues' keys, whatever the arrivals; the issues
+    /// Redis has forgotten make way for new ones.
+    #[test]
+    fn what_an_outage_keeps_for_redis_is_bounded() {
+        let mut f = Fallback::default();
+        for sid in 0..ENDS_KEPT as u128 + 10 {
+            f.keep_unheld(sid, 1);
+        }
+        assert_eq!(f.unheld.len(), ENDS_KEPT);
+        let now = std::time::Instant::now();
+        let Some(forgotten) = now.checked_sub(ISSUE_KEPT + Duration::from_secs(1)) else {
+            return; // A machine up for less than ISSUE_KEPT.
+        };
+        for i in 0..ENDS_KEPT + 10 {
+            f.keep_lost_issue(format!("k{i}"), now);
+        }
+        assert_eq!(f.lost_issues.len(), ENDS_KEPT);
+        f.lost_issues.clear();
+        for i in 0..ENDS_KEPT {
+            f.keep_lost_issue(format!("old{i}"), forgotten);
+        }
+        f.keep_lost_issue("new".into(), now);
+        assert_eq!(f.lost_issues.len(), 1);
+        assert_eq!(f.lost_issues[0].0, "new");
+    }
 
     #[test]
     fn a_shared_rate_is_taken_only_within_what_a_node_takes() {
