@@ -53,6 +53,12 @@ const ENDS_KEPT: usize = 100_000;
 /// answer older than this has nothing left to give back.
 const ISSUE_KEPT: Duration = Duration::from_secs(300);
 
+/// Whether Redis has forgotten the key of an issue whose answer was lost
+/// at `lost`: nothing is left to give back.
+fn forgotten(lost: &(String, std::time::Instant)) -> bool {
+    lost.1.elapsed() >= ISSUE_KEPT
+}
+
 /// Records this node as alive and counts the nodes seen within a window;
 /// with Redis's clock, which the node's is measured against.
 const NODES: &str = r#"
@@ -324,7 +330,6 @@ impl Fallback {
     /// oldest first: looked through only when it can be let go, not at
     /// each arrival of a full list.
     fn keep_lost_issue(&mut self, key: String, lost: std::time::Instant) {
-        let forgotten = |l: &(String, std::time::Instant)| l.1.elapsed() >= ISSUE_KEPT;
         if self.lost_issues.len() >= ENDS_KEPT && self.lost_issues.first().is_some_and(forgotten) {
             self.lost_issues.retain(|l| !forgotten(l));
         }
@@ -966,8 +971,7 @@ impl RedisRoom {
         }
         // Before any block is placed: a number given back is called
         // ahead of them, holding nothing.
-        left.lost_issues
-            .retain(|(_, lost)| lost.elapsed() < ISSUE_KEPT);
+        left.lost_issues.retain(|l| !forgotten(l));
         let mut sent = 0;
         while !left.lost_issues.is_empty() && sent < VOIDS_PER_TICK {
             let keys: Vec<String> = left
