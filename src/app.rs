@@ -1076,21 +1076,13 @@ impl App {
             // question after a token leaked, and revoking by a reload is
             // the answer the README gives.
             let id = |t: &AdminToken| t.id.clone();
-            let find = |from: &[AdminToken], id: &str| from.iter().position(|t| t.id == id);
+            let named = |from: &[AdminToken], t: &AdminToken| from.iter().any(|w| w.id == t.id);
             let in_force: Vec<String> = tokens.iter().map(id).collect();
-            let added: Vec<String> = tokens
-                .iter()
-                .filter(|t| find(&was, &t.id).is_none())
-                .map(id)
-                .collect();
-            let removed: Vec<String> = was
-                .iter()
-                .filter(|t| find(tokens, &t.id).is_none())
-                .map(id)
-                .collect();
+            let added: Vec<String> = tokens.iter().filter(|t| !named(&was, t)).map(id).collect();
+            let removed: Vec<String> = was.iter().filter(|t| !named(tokens, t)).map(id).collect();
             let changed: Vec<String> = tokens
                 .iter()
-                .filter(|t| find(&was, &t.id).is_some_and(|i| was[i].token != t.token))
+                .filter(|t| was.iter().any(|w| w.id == t.id && w.token != t.token))
                 .map(id)
                 .collect();
             tracing::info!(target: "varco::audit", in_force = ?in_force, added = ?added, removed = ?removed, changed = ?changed, "admin tokens replaced");
